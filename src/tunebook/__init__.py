@@ -1,0 +1,23 @@
+"""tunebook: tune Triton kernels once, remember every result in a book, serve with zero benchmarking.
+
+>>> import tunebook
+>>> tunebook.stats()["benchmarked"] >= 0
+True
+
+Public surface: :func:`autotune` (a drop-in for ``triton.autotune``), :class:`Autotuner`,
+:func:`stats`, :func:`reset_stats`, :class:`Book`, and ``Config`` (Triton's, re-exported).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._autotuner import Autotuner, __version__, autotune
+from ._book import Book
+from ._compat import Config
+from ._stats import reset as reset_stats
+from ._stats import stats
+
+logging.getLogger("tunebook").addHandler(logging.NullHandler())
+
+__all__ = ["Autotuner", "Book", "Config", "__version__", "autotune", "reset_stats", "stats"]

@@ -1,0 +1,144 @@
+"""Book files on disk: safe reads, atomic merge-on-write under a lock.
+
+Contract (relied on by every caller, tested in tests/test_book_files.py):
+
+* **Reads never raise.** A missing file is empty; a corrupt, truncated, foreign, oversized
+  or newer-format file is skipped with one warning per file per process.
+* **Writes are atomic.** The new content goes to a temp file in the same directory, is
+  flushed and fsynced, then ``os.replace``-d over the old one, and the directory is
+  fsynced: a reader sees the old file or the new one, never a torn one, even across a
+  crash or SIGKILL.
+* **Writes merge.** Under an exclusive lock (``<file>.lock``, released by the OS if the
+  holder dies) the writer re-reads the file and merges its news over it, so concurrent
+  processes never lose each other's entries. What is already on disk stands.
+* **Writes fail soft.** A read-only or vanished directory, a full disk or a lock held too
+  long: the error is logged once per directory and the caller carries on; nothing on
+  disk is lost. A corrupt file about to be replaced is first kept aside as
+  ``<file>.corrupt-<time>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .records import BookFormatError, Document
+
+log = logging.getLogger("tunebook")
+
+MAX_BOOK_BYTES = 64 * 1024 * 1024  # a book of 10^5 results is ~20 MB; anything far larger is not ours
+LOCK_TIMEOUT_S = 30.0
+
+_warned: set[str] = set()
+
+
+def warn_once(tag: str, message: str, *args: object) -> None:
+    if tag in _warned:
+        return
+    _warned.add(tag)
+    log.warning(message, *args)
+
+
+def read_document(path: Path) -> Document | None:
+    """The book at ``path``, or None if it is missing or unusable (warned once)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if size > MAX_BOOK_BYTES:
+        warn_once(
+            f"read:{path}",
+            "tunebook: skipping book %s: %d bytes is over the %d-byte limit for a book file",
+            path,
+            size,
+            MAX_BOOK_BYTES,
+        )
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+        return Document.from_json(json.loads(text))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, BookFormatError, RecursionError) as exc:
+        warn_once(
+            f"read:{path}",
+            "tunebook: skipping book %s: %s. The kernel still runs; delete or replace the file to "
+            "silence this warning.",
+            path,
+            exc,
+        )
+        return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that no reader ever sees a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_for_merge(path: Path) -> Document | None:
+    """Like read_document, but a corrupt file is moved aside rather than overwritten."""
+    if not path.exists():
+        return None
+    doc = read_document(path)
+    if doc is None:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+            log.warning("tunebook: kept the unreadable book %s aside as %s", path, aside)
+    return doc
+
+
+def merge_write(path: Path, news: Document) -> Document | None:
+    """Merge ``news`` into the book at ``path`` and return what is on disk afterwards.
+
+    Returns None when nothing could be written (the reason is logged once).
+    """
+    from filelock import FileLock, Timeout  # deferred: keeps `import tunebook` light
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
+            merged = news.merged_over(_read_for_merge(path))
+            atomic_write_text(path, merged.dumps())
+            return merged
+    except Timeout:
+        warn_once(
+            f"write:{path}",
+            "tunebook: could not lock %s within %.0f s; this result is kept in memory only",
+            path,
+            LOCK_TIMEOUT_S,
+        )
+    except OSError as exc:
+        warn_once(
+            f"write:{path.parent}",
+            "tunebook: cannot write to book directory %s (%s); tuning results of this process are "
+            "kept in memory only. Point TUNEBOOK_DIR at a writable directory to remember them.",
+            path.parent,
+            exc,
+        )
+    return None

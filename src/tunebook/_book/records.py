@@ -1,0 +1,273 @@
+"""The book's records and its JSON schema (version 1; docs/book-format.md is the reference).
+
+One document per (kernel, platform)::
+
+    {"format": "tunebook-book", "version": 1,
+     "kernel":   {"name": "...", "hash": "<sha256 of source+deps>", "key": ["M", "N"]},
+     "platform": {"backend": "cuda", "device": "NVIDIA H200", "arch": "90", ...},
+     "entries":  {"[4096,4096,\\"torch.float16\\"]": {
+         "key": [4096, 4096, "torch.float16"],
+         "results": {"<config id>": {"config": {...}, "ms": [0.41, 0.40, 0.42], "error": null,
+                                     "at": "2026-11-21T05:00:00Z"}},
+         "winner": "<config id>", "tuning_seconds": 6.1, "tuned_at": "...", "updated_at": "...",
+         "tunebook": "0.1.0"}}}
+
+Records are immutable; merging builds new ones. Parsing validates every field and raises
+:class:`BookFormatError`, which the file layer turns into one warning and a skipped file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+FORMAT = "tunebook-book"
+VERSION = 1
+
+
+class BookFormatError(ValueError):
+    """A document that is not a readable tunebook book of this version."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --------------------------------------------------------------------- configs
+
+
+def _json_scalar(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def config_record(kwargs: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """A Config as stored: its meta-parameters under "kwargs", its compiler options beside."""
+    record: dict[str, Any] = {"kwargs": {k: _json_scalar(kwargs[k]) for k in sorted(kwargs)}}
+    for name in sorted(options):
+        record[name] = _json_scalar(options[name])
+    return record
+
+
+def config_id(record: Mapping[str, Any]) -> str:
+    """A stable, readable id: ``BLOCK_M=64,BLOCK_N=32|num_stages=3,num_warps=4``."""
+    kwargs = record.get("kwargs", {})
+    meta = ",".join(f"{k}={json.dumps(kwargs[k])}" for k in sorted(kwargs))
+    opts = ",".join(f"{k}={json.dumps(record[k])}" for k in sorted(record) if k != "kwargs")
+    return f"{meta}|{opts}"
+
+
+# --------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured config for one key: a timing in ms [median, p20, p80], or a failure."""
+
+    config: dict[str, Any]
+    ms: tuple[float, float, float] | None
+    error: str | None = None
+    at: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.ms is not None and math.isfinite(self.ms[0])
+
+    @property
+    def median(self) -> float:
+        return self.ms[0] if self.ok and self.ms is not None else math.inf
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "ms": list(self.ms) if self.ms else None, "error": self.error, "at": self.at}
+
+    @staticmethod
+    def from_json(data: Any, where: str) -> Result:
+        if not isinstance(data, dict):
+            raise BookFormatError(f"{where}: expected an object, found {type(data).__name__}")
+        config = data.get("config")
+        if not isinstance(config, dict) or not isinstance(config.get("kwargs"), dict):
+            raise BookFormatError(f"{where}: 'config' must be an object with a 'kwargs' object")
+        ms = data.get("ms")
+        error = data.get("error")
+        if ms is not None:
+            if (
+                not isinstance(ms, list)
+                or len(ms) != 3
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in ms)
+                or not all(v >= 0 for v in ms)
+            ):
+                raise BookFormatError(f"{where}: 'ms' must be [median, p20, p80] of non-negative numbers")
+            ms = (float(ms[0]), float(ms[1]), float(ms[2]))
+        if error is not None and not isinstance(error, str):
+            raise BookFormatError(f"{where}: 'error' must be a string or null")
+        if ms is None and error is None:
+            raise BookFormatError(f"{where}: a result needs a timing ('ms') or a failure reason ('error')")
+        at = data.get("at", "")
+        return Result(config=config, ms=ms, error=error, at=at if isinstance(at, str) else "")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Everything measured for one key of one kernel on one platform."""
+
+    key: tuple[Any, ...]
+    results: dict[str, Result] = field(default_factory=dict)
+    tuning_seconds: float = 0.0
+    tuned_at: str = ""
+    updated_at: str = ""
+    tunebook: str = ""
+
+    def best(self, allowed: Iterable[str] | None = None) -> str | None:
+        """The fastest successful config id (among ``allowed``, in its order on ties)."""
+        ids = list(allowed) if allowed is not None else sorted(self.results)
+        best_id, best_ms = None, math.inf
+        for cid in ids:
+            result = self.results.get(cid)
+            if result is not None and result.median < best_ms:
+                best_id, best_ms = cid, result.median
+        return best_id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": list(self.key),
+            "results": {cid: self.results[cid].to_json() for cid in sorted(self.results)},
+            "winner": self.best(),
+            "tuning_seconds": round(self.tuning_seconds, 6),
+            "tuned_at": self.tuned_at,
+            "updated_at": self.updated_at,
+            "tunebook": self.tunebook,
+        }
+
+    @staticmethod
+    def from_json(data: Any, where: str) -> Entry:
+        if not isinstance(data, dict):
+            raise BookFormatError(f"{where}: expected an object, found {type(data).__name__}")
+        key = data.get("key")
+        results = data.get("results")
+        if not isinstance(key, list):
+            raise BookFormatError(f"{where}: 'key' must be a list")
+        if not isinstance(results, dict):
+            raise BookFormatError(f"{where}: 'results' must be an object")
+        parsed = {}
+        for cid, raw in results.items():
+            result = Result.from_json(raw, f"{where}.results[{cid!r}]")
+            if config_id(result.config) != cid:
+                raise BookFormatError(f"{where}: result id {cid!r} does not match its config")
+            parsed[cid] = result
+        seconds = data.get("tuning_seconds", 0.0)
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+            raise BookFormatError(f"{where}: 'tuning_seconds' must be a non-negative number")
+
+        def text(name: str) -> str:
+            value = data.get(name, "")
+            return value if isinstance(value, str) else ""
+
+        return Entry(
+            key=tuple(key),
+            results=parsed,
+            tuning_seconds=float(seconds),
+            tuned_at=text("tuned_at"),
+            updated_at=text("updated_at"),
+            tunebook=text("tunebook"),
+        )
+
+    def merged_over(self, base: Entry | None) -> Entry:
+        """This entry's news added to ``base``, which stands where both measured a config.
+
+        "Base stands" is what makes every process of a host serve the same winner: the
+        first measurement persisted for (key, config) is the one everybody reads.
+        """
+        if base is None:
+            return self
+        results = dict(self.results)
+        results.update(base.results)
+        added = any(cid not in base.results for cid in self.results)
+        return replace(
+            base,
+            results=results,
+            tuning_seconds=base.tuning_seconds + (self.tuning_seconds if added else 0.0),
+            tuned_at=min(filter(None, (base.tuned_at, self.tuned_at)), default=""),
+            updated_at=max(base.updated_at, self.updated_at),
+        )
+
+
+@dataclass(frozen=True)
+class Document:
+    """One book file: a kernel's entries on one platform."""
+
+    kernel: dict[str, Any]
+    platform: dict[str, Any]
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "kernel": self.kernel,
+            "platform": self.platform,
+            "entries": {k: self.entries[k].to_json() for k in sorted(self.entries)},
+        }
+
+    def dumps(self) -> str:
+        """Deterministic, diff-friendly JSON: one line per result, sorted everywhere."""
+
+        def one(value: Any) -> str:
+            return json.dumps(value, sort_keys=True, allow_nan=False)
+
+        data = self.to_json()
+        lines = ["{", f' "format": {one(FORMAT)},', f' "version": {VERSION},']
+        lines.append(f' "kernel": {one(data["kernel"])},')
+        lines.append(f' "platform": {one(data["platform"])},')
+        entries = data["entries"]
+        if not entries:
+            lines.append(' "entries": {}')
+        else:
+            lines.append(' "entries": {')
+            for i, (key_text, entry) in enumerate(entries.items()):
+                head = {k: v for k, v in entry.items() if k != "results"}
+                lines.append(f"  {one(key_text)}: {one(head)[:-1]}, \"results\": {{")
+                results = list(entry["results"].items())
+                for j, (cid, result) in enumerate(results):
+                    sep = "," if j < len(results) - 1 else ""
+                    lines.append(f"   {one(cid)}: {one(result)}{sep}")
+                lines.append("  }}" + ("," if i < len(entries) - 1 else ""))
+            lines.append(" }")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def from_json(data: Any) -> Document:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BookFormatError("not a tunebook book (no \"format\": \"tunebook-book\" field)")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BookFormatError("the 'version' field is missing or not an integer")
+        if version > VERSION:
+            raise BookFormatError(
+                f"written by a newer tunebook (book format {version}; this tunebook reads up to {VERSION}); "
+                "upgrade tunebook to use it"
+            )
+        if version < 1:
+            raise BookFormatError(f"unknown book format version {version}")
+        kernel, platform, entries = data.get("kernel"), data.get("platform"), data.get("entries")
+        if not isinstance(kernel, dict) or not isinstance(kernel.get("hash"), str):
+            raise BookFormatError("'kernel' must be an object with a 'hash' string")
+        if not isinstance(platform, dict):
+            raise BookFormatError("'platform' must be an object")
+        if not isinstance(entries, dict):
+            raise BookFormatError("'entries' must be an object")
+        parsed = {k: Entry.from_json(v, f"entries[{k!r}]") for k, v in entries.items()}
+        return Document(kernel=kernel, platform=platform, entries=parsed)
+
+    def merged_over(self, base: Document | None) -> Document:
+        if base is None:
+            return self
+        entries = dict(base.entries)
+        for k, entry in self.entries.items():
+            entries[k] = entry.merged_over(base.entries.get(k))
+        return replace(base, entries=entries)

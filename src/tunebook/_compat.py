@@ -1,0 +1,212 @@
+"""The one module that touches Triton's internals.
+
+Triton moves its internals between minor versions (triton-dejavu stopped importing on 3.6
+because two private names moved). Everything tunebook needs from Triton beyond the
+documented ``triton.jit`` / ``triton.Config`` / ``triton.testing`` surface is reached from
+here, so supporting a new Triton release means editing this file alone. Supported: 3.4+.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import platform
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import triton
+from triton.runtime.jit import JITFunction, KernelInterface
+
+from . import _settings
+
+__all__ = [
+    "CONFIG_OPTION_FIELDS",
+    "Config",
+    "KernelInterface",
+    "base_function",
+    "config_options",
+    "default_benchmarker",
+    "device_identity",
+    "is_jit_function",
+    "is_unrunnable_config_error",
+    "jitted_python_function",
+    "triton_version",
+]
+
+Config = triton.Config
+TRITON_VERSION: str = triton.__version__
+
+# Config fields beyond the kernel's own meta-parameters, in the order this Triton
+# release's Config.all_kwargs() emits them (3.4-3.9: num_warps, num_ctas,
+# num_stages, maxnreg, ir_override). Read from a live Config so new fields are seen.
+CONFIG_OPTION_FIELDS: tuple[str, ...] = tuple(
+    name
+    for name in inspect.signature(Config.__init__).parameters
+    if name not in ("self", "kwargs", "pre_hook")
+)
+
+
+def triton_version() -> str:
+    return TRITON_VERSION
+
+
+def interpreting() -> bool:
+    """Whether triton.jit builds interpreter functions (TRITON_INTERPRET=1)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return _settings.interpreting()
+
+
+@functools.cache
+def _jit_types() -> tuple[type, ...]:
+    types: list[type] = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        types.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover - every supported Triton has it
+        pass
+    return tuple(types)
+
+
+def is_jit_function(obj: Any) -> bool:
+    """A ``@triton.jit`` function, compiled or interpreted."""
+    return isinstance(obj, _jit_types())
+
+
+def jitted_python_function(obj: Any) -> Callable[..., Any] | None:
+    """The Python function behind a jit function, or None if ``obj`` is not one."""
+    if is_jit_function(obj):
+        fn = getattr(obj, "fn", None)
+        if inspect.isfunction(fn):
+            return fn
+    return None
+
+
+def base_function(fn: Any) -> Callable[..., Any]:
+    """Peel Autotuner / Heuristics / JITFunction layers down to the Python function."""
+    seen = 0
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+        seen += 1
+        if seen > 64:  # a cycle would be a bug in some wrapper; fail loudly, not forever
+            raise TypeError(f"cannot find the Python function inside {fn!r}")
+    return fn
+
+
+def innermost_jit(fn: Any) -> Any:
+    """The JITFunction (or InterpretedFunction) under any stack of wrappers."""
+    while not is_jit_function(fn):
+        fn = fn.fn
+    return fn
+
+
+def config_options(config: Any) -> dict[str, Any]:
+    """The Config's compiler options (num_warps, num_stages, ...), Nones left out."""
+    return {name: getattr(config, name) for name in CONFIG_OPTION_FIELDS if getattr(config, name, None) is not None}
+
+
+def unrunnable_config_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this config cannot run here", which Triton's autotuner skips."""
+    from triton.compiler.errors import CompilationError, CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources
+
+    errors: list[type[BaseException]] = [OutOfResources, CompileTimeAssertionFailure, CompilationError]
+    try:
+        from triton.runtime.errors import PTXASError
+
+        errors.append(PTXASError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def is_unrunnable_config_error(exc: BaseException) -> bool:
+    return isinstance(exc, unrunnable_config_errors())
+
+
+def default_benchmarker() -> Callable[..., Any]:
+    """The active backend's benchmark function (do_bench on CUDA and HIP)."""
+    from triton.runtime.driver import driver
+
+    try:
+        return driver.active.get_benchmarker()
+    except (AttributeError, NotImplementedError):  # pragma: no cover - older/foreign backends
+        from triton.testing import do_bench
+
+        return do_bench
+
+
+def cudagraph_benchmarker(rep: int | None) -> Callable[..., Any]:
+    from triton.testing import do_bench_cudagraph
+
+    def bench(kernel_call: Callable[[], Any], quantiles: Any) -> Any:
+        return do_bench_cudagraph(kernel_call, rep=rep if rep is not None else 100, quantiles=quantiles)
+
+    return bench
+
+
+def timed_benchmarker(warmup: int | None, rep: int | None) -> Callable[..., Any]:
+    from triton.testing import do_bench
+
+    def bench(kernel_call: Callable[[], Any], quantiles: Any) -> Any:
+        return do_bench(
+            kernel_call,
+            warmup=warmup if warmup is not None else 25,
+            rep=rep if rep is not None else 100,
+            quantiles=quantiles,
+        )
+
+    return bench
+
+
+def device_identity() -> dict[str, Any]:
+    """Who is computing: enough to tell an H100 PCIe from an H100 SXM, or sm_80 from gfx942.
+
+    Under the interpreter the "device" is this CPU; interpreter timings say nothing about
+    any GPU, so they live under their own platform.
+    """
+    if interpreting():
+        return {
+            "backend": "interpreter",
+            "device": platform.processor() or platform.machine() or "cpu",
+            "arch": platform.machine(),
+            "runtime": f"python {sys.version_info.major}.{sys.version_info.minor}",
+        }
+    from triton.runtime.driver import driver
+
+    target = driver.active.get_current_target()
+    backend = str(target.backend)
+    arch = str(target.arch)
+    ident: dict[str, Any] = {"backend": backend, "device": "unknown", "arch": arch, "runtime": "unknown"}
+    try:  # torch names the device; Triton's driver does not
+        import torch
+
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        ident["device"] = props.name
+        ident["sm_count"] = props.multi_processor_count
+        if backend == "hip":
+            ident["runtime"] = f"rocm {torch.version.hip}"
+            ident["arch"] = getattr(props, "gcnArchName", arch)
+        else:
+            ident["runtime"] = f"cuda {torch.version.cuda}"
+    except Exception:  # pragma: no cover - a GPU without torch: keep what the driver told
+        pass
+    return ident
+
+
+def kernel_source(fn: Callable[..., Any]) -> str:
+    """The kernel's source from its ``def`` on, without decorators or indentation."""
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        # Defined in a REPL or exec: no file to read. The bytecode still identifies it.
+        code = fn.__code__
+        return f"<no source>{code.co_code.hex()}{code.co_consts!r}{code.co_names!r}"
+    src = textwrap.dedent(src)
+    start = src.find("def ")
+    return src[start:] if start >= 0 else src

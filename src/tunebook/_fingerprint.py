@@ -1,0 +1,173 @@
+"""Identity: which kernel, on which platform, for which key.
+
+A remembered timing is only as good as the match between who measured it and who asks.
+
+* **Kernel** — a hash of the kernel's source and, recursively, of every ``@triton.jit``
+  function and constant global it refers to. Line numbers are not part of it (Triton's own
+  cache key includes them), so moving a kernel down its file keeps its results; editing
+  the kernel or a helper it calls starts afresh.
+* **Platform** — GPU model name (an H100 PCIe and an H100 SXM differ), arch, runtime,
+  Triton version and the timer used. The interpreter is a platform of its own.
+* **Key** — the values of the ``key`` arguments plus the dtypes of all tensor arguments,
+  exactly as ``triton.autotune`` builds it.
+
+>>> canonical_key_text([4096, 128, "torch.float16"])
+'[4096,128,"torch.float16"]'
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import _compat
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _closure_vars(fn: Callable[..., Any]) -> dict[str, Any]:
+    if not getattr(fn, "__closure__", None):
+        return {}
+    names = fn.__code__.co_freevars
+    out = {}
+    for name, cell in zip(names, fn.__closure__ or ()):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:  # empty cell
+            continue
+    return out
+
+
+def _referenced(tree: ast.AST) -> set[tuple[str, ...]]:
+    """Dotted names a function body refers to: ``helper`` or ``mod.helper``."""
+    found: set[tuple[str, ...]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.add((node.id,))
+        elif isinstance(node, ast.Attribute):
+            parts: list[str] = []
+            cur: ast.AST = node
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name):
+                parts.append(cur.id)
+                found.add(tuple(reversed(parts)))
+    return found
+
+
+def _resolve(path: tuple[str, ...], scope: dict[str, Any]) -> Any:
+    if path[0] not in scope:
+        return None
+    obj = scope[path[0]]
+    for attr in path[1:]:
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return None
+    return obj
+
+
+_TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
+
+
+def kernel_hash(kernel: Any) -> str:
+    """Hash of the kernel's source and its jitted dependencies, independent of line numbers."""
+    parts: list[str] = []
+    seen: set[int] = set()
+
+    def feed(fn: Callable[..., Any]) -> None:
+        if id(fn) in seen:
+            return
+        seen.add(id(fn))
+        src = _TRAILING_WS.sub("", _compat.kernel_source(fn))
+        parts.append(src)
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            return
+        scope = {**getattr(fn, "__globals__", {}), **_closure_vars(fn)}
+        deps: list[tuple[str, Callable[..., Any]]] = []
+        consts: list[str] = []
+        for path in sorted(_referenced(tree)):
+            obj = _resolve(path, scope)
+            inner = _compat.jitted_python_function(obj)
+            if inner is not None:
+                deps.append((".".join(path), inner))
+            elif len(path) == 1 and _is_constant(obj):
+                # A global constant baked into the kernel at compile time changes its code.
+                consts.append(f"{path[0]}={_constant_repr(obj)}")
+        parts.append(";".join(consts))
+        for _, dep in deps:
+            feed(dep)
+
+    feed(_compat.base_function(kernel))
+    return _digest("\n\x00".join(parts))
+
+
+def _is_constant(obj: Any) -> bool:
+    if isinstance(obj, bool | int | float | str):
+        return True
+    return type(obj).__name__ == "constexpr"
+
+
+def _constant_repr(obj: Any) -> str:
+    value = getattr(obj, "value", obj) if type(obj).__name__ == "constexpr" else obj
+    return repr(value)
+
+
+def kernel_name(kernel: Any) -> str:
+    fn = _compat.base_function(kernel)
+    return getattr(fn, "__qualname__", getattr(fn, "__name__", "kernel"))
+
+
+def platform_fingerprint(timer: str) -> dict[str, Any]:
+    """Everything that decides whether a timing measured elsewhere applies here."""
+    return {**_compat.device_identity(), "triton": _compat.triton_version(), "timer": timer}
+
+
+def platform_id(fingerprint: dict[str, Any]) -> str:
+    return _digest(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")))[:16]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "x"
+
+
+def platform_slug(fingerprint: dict[str, Any]) -> str:
+    """A short human-readable name for file names, e.g. ``NVIDIA-H200-sm90``."""
+    if fingerprint.get("backend") == "interpreter":
+        return f"interpreter-{_slug(str(fingerprint.get('arch', 'cpu')))}"
+    device = _slug(str(fingerprint.get("device", "unknown")))[:40]
+    arch = _slug(str(fingerprint.get("arch", "")))[:16]
+    return f"{device}-{arch}" if arch and arch not in device else device
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def json_key_value(value: Any) -> Any:
+    """A key element as stored: JSON scalars as they are, anything else as its str()."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def canonical_key(
+    arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    """The key as ``triton.autotune`` builds it: key-argument values, then tensor dtypes."""
+    all_args = {**dict(zip(arg_names, args)), **kwargs}
+    named = {k: v for k, v in all_args.items() if k in arg_names}
+    key: list[Any] = [named[k] for k in key_names if k in named]
+    key.extend(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+    return tuple(key)
+
+
+def canonical_key_text(key: Sequence[Any]) -> str:
+    return json.dumps([json_key_value(v) for v in key], separators=(",", ":"))

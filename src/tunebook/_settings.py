@@ -1,0 +1,87 @@
+"""Every environment variable tunebook reads, declared once, typed, with its default.
+
+Values are read when asked for, never cached at import, so a test or a launcher can
+change the environment before the first kernel call and have it honoured.
+
+>>> import os, tunebook._settings as s
+>>> os.environ["TUNEBOOK_MODE"] = "serve"
+>>> s.mode()
+'serve'
+>>> del os.environ["TUNEBOOK_MODE"]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Mode = Literal["tune", "serve", "off"]
+MODES: tuple[Mode, ...] = ("tune", "serve", "off")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    doc: str
+
+    def raw(self) -> str:
+        value = os.environ.get(self.name, "")
+        return value if value.strip() else self.default
+
+
+TUNEBOOK_DIR = Setting(
+    "TUNEBOOK_DIR", "", "Writable book directory. Default: the user cache dir, e.g. ~/.cache/tunebook."
+)
+TUNEBOOK_PATH = Setting(
+    "TUNEBOOK_PATH", "", "Extra read-only book directories, os.pathsep-separated, consulted after TUNEBOOK_DIR."
+)
+TUNEBOOK_MODE = Setting(
+    "TUNEBOOK_MODE",
+    "tune",
+    "What an unseen key does: tune (benchmark and remember), serve (never benchmark), off (no book).",
+)
+TRITON_PRINT_AUTOTUNING = Setting(
+    "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
+)
+TRITON_INTERPRET = Setting("TRITON_INTERPRET", "0", "Triton's own switch: run kernels in the CPU interpreter.")
+
+ALL: tuple[Setting, ...] = (TUNEBOOK_DIR, TUNEBOOK_PATH, TUNEBOOK_MODE, TRITON_PRINT_AUTOTUNING, TRITON_INTERPRET)
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def book_dir() -> Path:
+    """The writable book directory."""
+    raw = TUNEBOOK_DIR.raw()
+    if raw:
+        return Path(raw).expanduser()
+    import platformdirs  # deferred: only needed when the default is used
+
+    return Path(platformdirs.user_cache_dir("tunebook", appauthor=False))
+
+
+def book_path() -> list[Path]:
+    """The read-only book directories from TUNEBOOK_PATH, in order."""
+    return [Path(p).expanduser() for p in TUNEBOOK_PATH.raw().split(os.pathsep) if p.strip()]
+
+
+def mode() -> Mode:
+    """The policy for unseen keys; an unknown value is an error that names the valid ones."""
+    value = TUNEBOOK_MODE.raw().strip().lower()
+    if value not in MODES:
+        raise ValueError(
+            f"TUNEBOOK_MODE={value!r} is not a mode tunebook knows; expected one of {', '.join(MODES)}. "
+            "Unset it to use the default, 'tune'."
+        )
+    return value  # type: ignore[return-value]
+
+
+def print_autotuning() -> bool:
+    return TRITON_PRINT_AUTOTUNING.raw().strip().lower() in _TRUE
+
+
+def interpreting() -> bool:
+    return TRITON_INTERPRET.raw().strip().lower() in _TRUE

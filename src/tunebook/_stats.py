@@ -1,0 +1,69 @@
+"""Process-wide counters behind :func:`tunebook.stats`.
+
+The hit path only bumps an int on its own autotuner (the cheapest thing Python can do);
+``stats()`` adds them up over the live autotuners.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+_lock = threading.Lock()
+_totals = {"misses": 0, "benchmarked": 0, "failures": 0, "tuning_seconds": 0.0, "book_hits": 0}
+_tuners: weakref.WeakSet[Any] = weakref.WeakSet()
+_retired_hits = 0
+_retired_fallbacks = 0
+
+
+def register(tuner: Any) -> None:
+    with _lock:
+        _tuners.add(tuner)
+        weakref.finalize(tuner, _retire, tuner._hit_counter, tuner._fallback_counter)
+
+
+def _retire(hits: list[int], fallbacks: list[int]) -> None:
+    global _retired_hits, _retired_fallbacks
+    with _lock:
+        _retired_hits += hits[0]
+        _retired_fallbacks += fallbacks[0]
+
+
+def add(name: str, amount: float = 1) -> None:
+    with _lock:
+        _totals[name] += amount
+
+
+def stats() -> dict[str, float]:
+    """Counters for this process.
+
+    * ``hits`` — calls answered by a config measured for their key (in memory or in the book).
+    * ``misses`` — keys the book could not fully answer when first seen.
+    * ``benchmarked`` — configs timed in this process.
+    * ``fallbacks`` — calls served in ``serve`` mode with a config not measured for their key.
+    * ``failures`` — configs that failed to compile or run while tuning (recorded, never retried).
+    * ``tuning_seconds`` — wall time spent benchmarking.
+    * ``book_hits`` — keys answered from the book without benchmarking.
+
+    >>> import tunebook
+    >>> sorted(tunebook.stats())[:3]
+    ['benchmarked', 'book_hits', 'failures']
+    """
+    with _lock:
+        tuners = list(_tuners)
+        hits = _retired_hits + sum(t._hit_counter[0] for t in tuners)
+        fallbacks = _retired_fallbacks + sum(t._fallback_counter[0] for t in tuners)
+        return {**_totals, "hits": hits, "fallbacks": fallbacks}
+
+
+def reset() -> None:
+    """Zero every counter (tests and benchmarks call this between phases)."""
+    global _retired_hits, _retired_fallbacks
+    with _lock:
+        for k in _totals:
+            _totals[k] = 0.0 if k == "tuning_seconds" else 0
+        _retired_hits = _retired_fallbacks = 0
+        for t in list(_tuners):
+            t._hit_counter[0] = 0
+            t._fallback_counter[0] = 0
