@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 
 from ._autotuner import Autotuner, __version__, autotune
-from ._book import Book
+from ._book import Book, BookWarning
 from ._compat import Config
 from ._stats import reset as reset_stats
 from ._stats import stats
 
 logging.getLogger("tunebook").addHandler(logging.NullHandler())
 
-__all__ = ["Autotuner", "Book", "Config", "__version__", "autotune", "reset_stats", "stats"]
+__all__ = ["Autotuner", "Book", "BookWarning", "Config", "__version__", "autotune", "reset_stats", "stats"]

@@ -176,9 +176,7 @@ def device_identity() -> dict[str, Any]:
             "arch": platform.machine(),
             "runtime": f"python {sys.version_info.major}.{sys.version_info.minor}",
         }
-    from triton.runtime.driver import driver
-
-    target = driver.active.get_current_target()
+    target = current_target()
     backend = str(target.backend)
     arch = str(target.arch)
     ident: dict[str, Any] = {"backend": backend, "device": "unknown", "arch": arch, "runtime": "unknown"}
@@ -197,6 +195,13 @@ def device_identity() -> dict[str, Any]:
     except Exception:  # pragma: no cover - a GPU without torch: keep what the driver told
         pass
     return ident
+
+
+def current_target() -> Any:
+    """The active GPU's target (backend, arch, warp_size), from Triton's driver."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_target()
 
 
 def kernel_source(fn: Callable[..., Any]) -> str:

@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from .records import BookFormatError, Document
@@ -37,11 +38,21 @@ LOCK_TIMEOUT_S = 30.0
 _warned: set[str] = set()
 
 
+class BookWarning(UserWarning):
+    """A book could not be read or written; the kernel call went on regardless."""
+
+
 def warn_once(tag: str, message: str, *args: object) -> None:
+    """Report a book problem once per process: to the "tunebook" logger and as a BookWarning.
+
+    The warning makes the problem visible in applications that configure no logging
+    (the logger has only a NullHandler); ``warnings.filterwarnings`` silences it.
+    """
     if tag in _warned:
         return
     _warned.add(tag)
     log.warning(message, *args)
+    warnings.warn(message % args, BookWarning, stacklevel=2)
 
 
 def read_document(path: Path) -> Document | None:

@@ -1,0 +1,223 @@
+"""A book shared by a fleet, kept in Redis (optional extra: ``pip install 'tunebook[redis]'``).
+
+One Redis hash per book file, at ``tunebook:book:<file name>``: the field ``meta`` holds
+the document's ``{"kernel": ..., "platform": ...}`` and every other field is one entry,
+named by its key text and holding the entry's JSON exactly as a book file holds it.
+
+Contract:
+
+* **Never raises to the caller, never stalls it.** Every Redis error or timeout (connect
+  and read timeouts default to 50 ms) makes ``fetch`` / ``merge`` return None; the first
+  failure of an outage is logged once (logger ``"tunebook"``), and the store then does not
+  touch the network for ``retry_after_s`` (a circuit breaker), so a dead Redis costs a
+  kernel call a clock read, not a timeout. After that the next call probes again and, if
+  Redis answers, the store resumes and logs that it did.
+* **Merges are atomic on the server and lose nothing.** ``merge`` runs an optimistic
+  transaction (WATCH the hash, read it, merge in Python with :meth:`Document.merged_over`,
+  MULTI/EXEC the changed fields) and retries when another writer got in between, so the
+  rule is the one a book file follows: what is already stored stands per (key, config id).
+* **What is read is validated** like a book file (:meth:`Document.from_json`); a stored
+  document that does not validate is skipped with one warning, and the next merge keeps it
+  aside under ``<hash key>:corrupt-<time>`` rather than merging into it.
+* **Thread- and process-safe.** redis-py's connection pool is thread-safe and resets itself
+  in a forked child; the breaker's state is guarded by a lock.
+
+Example (needs a running redis-server)::
+
+    store = RedisStore("redis://127.0.0.1:6379/0")
+    store.merge("add--abc--cuda--def.json", doc)   # -> the stored document, or None
+    store.fetch("add--abc--cuda--def.json")        # -> Document | None
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .records import FORMAT, VERSION, BookFormatError, Document
+
+log = logging.getLogger("tunebook")
+
+INSTALL_HINT = "pip install 'tunebook[redis]'"
+KEY_PREFIX = "tunebook:book:"
+_META = "meta"
+# Optimistic transactions retry when another writer touched the same book meanwhile; fleet
+# writes are rare (one per newly tuned key), so a few tries settle all but pathological races.
+_MAX_TRIES = 64
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.backoff
+        import redis.retry
+    except ImportError as exc:
+        raise ImportError(
+            "tunebook's shared fleet book (TUNEBOOK_REDIS_URL) needs redis-py, which is not installed. "
+            f"Install it with:\n    {INSTALL_HINT}"
+        ) from exc
+    return redis
+
+
+class RedisStore:
+    """Book files kept in Redis, shared by every process that points at the same server.
+
+    ``clock`` exists for tests of the breaker; it must be monotonic.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 0.05,
+        read_timeout: float = 0.05,
+        retry_after_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        redis = _import_redis()  # the only exception the store lets out: a missing extra
+        self.url = url
+        self.retry_after_s = retry_after_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open_until: float | None = None  # breaker open (Redis deemed down) until then
+        self._warned: set[str] = set()
+        # Connection-level failures open the breaker; a server that answers with an error
+        # (a wrong type at our key, a read-only replica) is up, and only this call fails.
+        self._down: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._watch_error: type[BaseException] = redis.WatchError
+        try:
+            self._client: Any = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=read_timeout,
+                # redis-py retries with backoff by default; the breaker is our retry policy,
+                # and a kernel call must never wait out someone else's backoff.
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+                retry_on_timeout=False,
+            )
+        except ValueError as exc:  # a malformed URL: this store stays off, the kernel runs on
+            self._client = None
+            self._warn("url", "tunebook: ignoring the Redis book at %r: %s", url, exc)
+
+    # ------------------------------------------------------------------ public
+
+    def fetch(self, file_name: str) -> Document | None:
+        """The stored document for ``file_name``; None if absent, unreadable or Redis is down."""
+        return self._guarded(lambda client: self._load(client.hgetall(KEY_PREFIX + file_name), file_name))
+
+    def merge(self, file_name: str, doc: Document) -> Document | None:
+        """Merge ``doc`` into the stored one (stored results stand); return the result or None."""
+        return self._guarded(lambda client: self._merge(client, KEY_PREFIX + file_name, file_name, doc))
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open (Redis failed less than ``retry_after_s`` ago)."""
+        with self._lock:
+            return self._client is not None and (self._open_until is None or self._clock() >= self._open_until)
+
+    # ------------------------------------------------------------------ breaker
+
+    def _guarded(self, call: Callable[[Any], Document | None]) -> Document | None:
+        with self._lock:
+            if self._client is None:
+                return None
+            was_open = self._open_until is not None
+            if was_open and self._clock() < self._open_until:  # type: ignore[operator]
+                return None
+        try:
+            result = call(self._client)
+        except self._down as exc:
+            with self._lock:
+                first = self._open_until is None
+                self._open_until = self._clock() + self.retry_after_s
+            if first:
+                log.warning(
+                    "tunebook: the Redis book at %s is unreachable (%s: %s); carrying on with the local "
+                    "book and trying Redis again every %.0f s",
+                    self.url,
+                    type(exc).__name__,
+                    exc,
+                    self.retry_after_s,
+                )
+            else:
+                log.debug("tunebook: the Redis book at %s is still unreachable: %s", self.url, exc)
+            return None
+        except Exception as exc:  # the contract: nothing from the shared book reaches a kernel call
+            self._warn(
+                f"error:{type(exc).__name__}",
+                "tunebook: the Redis book at %s failed (%s: %s); carrying on with the local book",
+                self.url,
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        if was_open:
+            with self._lock:
+                self._open_until = None
+            log.info("tunebook: the Redis book at %s is reachable again", self.url)
+        return result
+
+    def _warn(self, tag: str, message: str, *args: object) -> None:
+        if tag not in self._warned:
+            self._warned.add(tag)
+            log.warning(message, *args)
+
+    # ------------------------------------------------------------------ documents
+
+    def _load(self, fields: dict[bytes, bytes], file_name: str) -> Document | None:
+        """A stored hash as a validated Document; None if empty or unreadable (warned once)."""
+        if not fields:
+            return None
+        try:
+            meta = json.loads(fields.get(_META.encode(), b"null"))
+            if not isinstance(meta, dict):
+                raise BookFormatError("the 'meta' field is missing or not an object")
+            entries = {
+                name.decode("utf-8"): json.loads(value) for name, value in fields.items() if name != _META.encode()
+            }
+            return Document.from_json(
+                {"format": FORMAT, "version": VERSION, "kernel": meta.get("kernel"),
+                 "platform": meta.get("platform"), "entries": entries}
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, BookFormatError, RecursionError) as exc:
+            self._warn(
+                f"read:{file_name}", "tunebook: skipping the Redis book %s at %s: %s", file_name, self.url, exc
+            )
+            return None
+
+    def _merge(self, client: Any, key: str, file_name: str, news: Document) -> Document | None:
+        for _ in range(_MAX_TRIES):
+            with client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)
+                    fields = pipe.hgetall(key)
+                    stored = self._load(fields, file_name)
+                    merged = news.merged_over(stored)
+                    pipe.multi()
+                    if fields and stored is None:
+                        # Unreadable: keep it for a human, as the file layer does, and start afresh.
+                        pipe.rename(key, f"{key}:corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+                    changed = {k: merged.entries[k] for k in news.entries}
+                    mapping = {k: json.dumps(e.to_json(), sort_keys=True, allow_nan=False) for k, e in changed.items()}
+                    if stored is None:
+                        mapping[_META] = json.dumps(
+                            {"kernel": merged.kernel, "platform": merged.platform}, sort_keys=True, allow_nan=False
+                        )
+                    if mapping:
+                        pipe.hset(key, mapping=mapping)
+                    pipe.execute()
+                    return merged
+                except self._watch_error:
+                    time.sleep(random.uniform(0, 0.002))  # de-synchronise the writers that collided
+        self._warn(
+            f"contended:{file_name}",
+            "tunebook: gave up merging into the Redis book %s after %d contended tries; the result stays local",
+            file_name,
+            _MAX_TRIES,
+        )
+        return None

@@ -1,0 +1,46 @@
+"""The ``tunebook`` command group: one small module per command, registered here."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .._autotuner import __version__
+from . import diff, explain, merge, prune, report, show, vllm
+
+
+def _configure_logging(verbose: int) -> None:
+    """The CLI is the one place that installs a handler on the ``tunebook`` logger."""
+    logger = logging.getLogger("tunebook")
+    for old in [h for h in logger.handlers if getattr(h, "tunebook_cli", False)]:
+        logger.removeHandler(old)  # run twice in one process (tests): one handler, current stderr
+    handler = logging.StreamHandler()
+    handler.tunebook_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tunebook")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Inspect and manage tunebook books: the remembered results of @tunebook.autotune.
+
+    BOOK arguments are a book directory or one book .json file; when omitted they default to
+    the writable book directory (TUNEBOOK_DIR, else the user cache dir).
+    """
+    _configure_logging(verbose)
+
+
+cli.add_command(show.command)
+cli.add_command(explain.command)
+cli.add_command(merge.command)
+cli.add_command(diff.command)
+cli.add_command(vllm.export_command)
+cli.add_command(vllm.import_command)
+cli.add_command(prune.command)
+cli.add_command(report.command)
+# `tunebook tune` (offline tuning) belongs here: a module `tune.py` exposing `command`,
+# registered with `cli.add_command(tune.command)`.

@@ -1,0 +1,114 @@
+"""Reading books for the command line: a directory or one file, with reasons for what is skipped.
+
+The library's reader warns once and moves on, which is right inside a kernel call; a
+person at a terminal wants to see every skipped file and why, so the CLI reads files
+itself with the same parser (``Document.from_json``) and keeps the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._book.files import MAX_BOOK_BYTES
+from .._book.layers import KernelIdentity, book_file_name
+from .._book.records import BookFormatError, Document
+from .._fingerprint import platform_id, platform_slug
+
+
+@dataclass(frozen=True)
+class Page:
+    """One readable book file: a kernel on a platform."""
+
+    path: Path
+    doc: Document
+
+    @property
+    def kernel_name(self) -> str:
+        return str(self.doc.kernel.get("name", "?"))
+
+    @property
+    def identity(self) -> KernelIdentity:
+        return identity_of(self.doc)
+
+    @property
+    def platform_id(self) -> str:
+        return platform_id_of(self.doc.platform)
+
+    @property
+    def platform_label(self) -> str:
+        return platform_label(self.doc.platform)
+
+    @property
+    def canonical_name(self) -> str:
+        """The file name tunebook itself would give this page (inputs may have been renamed)."""
+        return canonical_file_name(self.doc)
+
+
+@dataclass
+class Loaded:
+    """What a BOOK argument held: readable pages, skipped files with reasons, leftovers."""
+
+    source: Path
+    pages: list[Page] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)
+
+
+def identity_of(doc: Document) -> KernelIdentity:
+    key = doc.kernel.get("key", [])
+    return KernelIdentity(str(doc.kernel.get("name", "kernel")), str(doc.kernel["hash"]),
+                          tuple(str(k) for k in key) if isinstance(key, list) else ())
+
+
+def platform_id_of(platform: dict[str, Any]) -> str:
+    """The platform's id as the autotuner computes it: a hash of the fingerprint without "id"."""
+    return platform_id({k: v for k, v in platform.items() if k != "id"})
+
+
+def platform_label(platform: dict[str, Any]) -> str:
+    """``NVIDIA-H200-90 (triton 3.6.0, timer events)``: enough for a person to tell platforms apart."""
+    fp = {k: v for k, v in platform.items() if k != "id"}
+    extras = [f"{k} {fp[k]}" for k in ("triton", "timer") if fp.get(k)]
+    slug = platform_slug(fp)
+    return f"{slug} ({', '.join(extras)})" if extras else slug
+
+
+def canonical_file_name(doc: Document) -> str:
+    fp = {k: v for k, v in doc.platform.items() if k != "id"}
+    return book_file_name(identity_of(doc), platform_slug(fp), platform_id(fp))
+
+
+def parse_file(path: Path) -> tuple[Document | None, str | None]:
+    """(document, None) or (None, why it cannot be read)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_BOOK_BYTES:
+            return None, f"{size} bytes is over the {MAX_BOOK_BYTES}-byte limit for a book file"
+        return Document.from_json(json.loads(path.read_text(encoding="utf-8"))), None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, BookFormatError, RecursionError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def load(source: Path) -> Loaded:
+    """Every book file under ``source`` (a directory, not recursive) or ``source`` itself."""
+    loaded = Loaded(source)
+    if source.is_file():
+        candidates = [source]
+    elif source.is_dir():
+        candidates = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".json")
+        loaded.leftovers = sorted(p for p in source.iterdir() if ".json.corrupt-" in p.name)
+    else:
+        raise FileNotFoundError(
+            f"no book at {source}: it is neither a directory nor a file. Pass a book directory "
+            "(e.g. the TUNEBOOK_DIR of the machine that tuned) or one book .json file."
+        )
+    for path in candidates:
+        doc, why = parse_file(path)
+        if doc is None:
+            loaded.skipped.append((path, why or "unreadable"))
+        else:
+            loaded.pages.append(Page(path, doc))
+    return loaded

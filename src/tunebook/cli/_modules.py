@@ -1,0 +1,62 @@
+"""Finding a program's tunebook kernels: import a module, collect its Autotuner objects."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import click
+
+from .._autotuner import Autotuner
+
+
+def import_module(spec: str) -> ModuleType:
+    """Import ``pkg.mod`` (from the current directory too) or a ``path/to/file.py``."""
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise click.ClickException(f"no Python file at {path}; pass MODULE or path/to/file.py")
+        name = path.stem
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise click.ClickException(f"cannot import {path} as a Python module")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.parent))  # its sibling imports resolve as when run directly
+        module_spec.loader.exec_module(module)
+        return module
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # `tunebook explain mymod:kern` from the project dir
+    try:
+        return importlib.import_module(spec)
+    except ImportError as exc:
+        raise click.ClickException(
+            f"cannot import module {spec!r}: {exc}. Run from the directory that holds it, or set PYTHONPATH."
+        ) from None
+
+
+def autotuners(module: ModuleType) -> dict[str, Autotuner]:
+    """The module's global tunebook Autotuner objects, by attribute name."""
+    return {name: obj for name, obj in sorted(vars(module).items()) if isinstance(obj, Autotuner)}
+
+
+def resolve_kernel(target: str) -> tuple[str, Autotuner]:
+    """``MODULE:KERNEL`` -> (attribute name, the Autotuner), with errors that list what exists."""
+    module_spec, sep, attr = target.rpartition(":")
+    if not sep or not module_spec or not attr:
+        raise click.BadParameter(f"expected MODULE:KERNEL (e.g. mypkg.ops:matmul_kernel), found {target!r}")
+    module = import_module(module_spec)
+    found = autotuners(module)
+    obj = getattr(module, attr, None)
+    if isinstance(obj, Autotuner):
+        return attr, obj
+    listing = ", ".join(found) or "none"
+    if obj is None:
+        raise click.ClickException(f"module {module_spec} has no attribute {attr!r}; its tunebook kernels: {listing}")
+    raise click.ClickException(
+        f"{module_spec}:{attr} is a {type(obj).__name__}, not a @tunebook.autotune kernel; "
+        f"its tunebook kernels: {listing}"
+    )

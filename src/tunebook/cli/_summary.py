@@ -1,0 +1,115 @@
+"""What an entry says, in numbers people compare: winner, reference, speed-up, failures.
+
+**The reference config.** The book does not know which config the kernel author listed
+first (results are stored by config id, not in declared order), and recording it would
+only describe one config list of one version. So the speed-up is measured against a
+reference that needs nothing beyond the timings: the **median config** — sort the
+successful configs of the key by their median time and take the middle one (the slower
+of the two middle ones for an even count). It is what an untuned pick from the same
+config list costs typically; ``--reference slowest`` takes the worst one instead.
+
+**Imported entries** (platform timer ``imported:<format>``, see ``vllm.py``) carry a
+declared winner and no timing: their times and speed-ups are reported as absent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .._book.records import Document, Entry
+
+Reference = Literal["median", "slowest"]
+REFERENCES: tuple[Reference, ...] = ("median", "slowest")
+
+
+def is_imported(doc: Document) -> bool:
+    return str(doc.platform.get("timer", "")).startswith("imported:")
+
+
+@dataclass(frozen=True)
+class KeySummary:
+    """One key of one page, summarised."""
+
+    key: list[Any]
+    winner: str | None
+    winner_config: dict[str, Any] | None
+    winner_ms: float | None
+    reference: str | None
+    reference_ms: float | None
+    configs: int
+    failures: list[tuple[str, str]]
+    imported: bool
+
+    @property
+    def speedup(self) -> float | None:
+        if self.winner_ms is None or self.reference_ms is None or self.winner_ms <= 0:
+            return None
+        return self.reference_ms / self.winner_ms
+
+    def to_json(self, reference_rule: Reference) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "winner": self.winner,
+            "winner_config": self.winner_config,
+            "winner_ms": self.winner_ms,
+            "reference": {"rule": reference_rule, "config": self.reference, "ms": self.reference_ms},
+            "speedup": round(self.speedup, 6) if self.speedup is not None else None,
+            "configs": self.configs,
+            "failed": len(self.failures),
+            "failures": [{"config": cid, "error": err} for cid, err in self.failures],
+            "imported": self.imported,
+        }
+
+
+def summarise(entry: Entry, imported: bool, reference: Reference = "median") -> KeySummary:
+    winner = entry.best()
+    ok = sorted((r.median, cid) for cid, r in entry.results.items() if r.ok)
+    failures = sorted((cid, r.error or "no timing") for cid, r in entry.results.items() if not r.ok)
+    ref_id = ref_ms = None
+    if ok and not imported:
+        ref_ms, ref_id = ok[-1] if reference == "slowest" else ok[len(ok) // 2]
+    best = entry.results.get(winner) if winner is not None else None
+    return KeySummary(
+        key=list(entry.key),
+        winner=winner,
+        winner_config=best.config if best is not None else None,
+        winner_ms=best.median if best is not None and not imported else None,
+        reference=ref_id,
+        reference_ms=ref_ms,
+        configs=len(entry.results),
+        failures=failures,
+        imported=imported,
+    )
+
+
+def summarise_page(doc: Document, reference: Reference = "median") -> list[KeySummary]:
+    """Every key of ``doc``, in the book's (sorted key text) order."""
+    imported = is_imported(doc)
+    return [summarise(doc.entries[k], imported, reference) for k in sorted(doc.entries)]
+
+
+def short_config(config: dict[str, Any] | None) -> str:
+    """``BLOCK=64 w4 s3``: a config in a table cell."""
+    if config is None:
+        return "-"
+    parts = [f"{k}={json.dumps(v)}" for k, v in sorted(config.get("kwargs", {}).items())]
+    abbrev = {"num_warps": "w", "num_stages": "s", "num_ctas": "ctas", "maxnreg": "maxnreg"}
+    for name in sorted(config):
+        if name == "kwargs" or config[name] is None:
+            continue
+        if name == "num_ctas" and config[name] == 1:
+            continue  # the default on every GPU: noise in a table
+        parts.append(f"{abbrev.get(name, name + '=')}{config[name]}")
+    return " ".join(parts)
+
+
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.4g}"
+
+
+def fmt_key(key: list[Any]) -> str:
+    return json.dumps(key, separators=(",", ":"))

@@ -1,0 +1,170 @@
+"""``tunebook explain MODULE:KERNEL``: why this process does (not) find its results in a book.
+
+A kernel finds its results only in the file of its exact identity: the same kernel source
+hash and key names (the kernel id), on the same platform fingerprint (backend, device,
+arch, runtime, Triton version, timer). This command computes that identity the way the
+autotuner does in this process and compares it, field by field, with every book file of a
+kernel of the same name (or the same source, if it was renamed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+
+from .._autotuner import Autotuner
+from .._book.layers import Book, KernelIdentity, book_file_name
+from .._fingerprint import platform_fingerprint, platform_id, platform_slug
+from ._common import echo_json, err, out, parse_assignments
+from ._load import Page, load
+from ._modules import resolve_kernel
+from ._summary import fmt_key
+
+LABELS = {
+    "name": "kernel name",
+    "hash": "kernel source hash",
+    "key": "key names",
+    "backend": "backend",
+    "device": "GPU device",
+    "arch": "arch",
+    "runtime": "runtime (CUDA/ROCm/Python)",
+    "sm_count": "SM count",
+    "triton": "Triton version",
+    "timer": "timer",
+}
+
+HINTS = {
+    "hash": "the kernel or a jitted helper or constant it uses was edited since the book was tuned; re-tune "
+            "(or ship the book tuned from this source)",
+    "key": "the autotune key= list changed; re-tune",
+    "triton": "tuned with another Triton version; re-tune with this one, or pin the Triton the book was tuned with",
+    "device": "tuned on another GPU model; tune on this one or ship a book from one",
+    "timer": "tuned with another timer (do_bench=, use_cuda_graph=, warmup/rep, or the interpreter)",
+    "runtime": "tuned under another CUDA/ROCm runtime",
+}
+
+
+def identity_here(tuner: Autotuner) -> tuple[KernelIdentity, dict[str, Any], str]:
+    """(kernel identity, platform fingerprint, platform id) exactly as ``Autotuner.page()`` builds them."""
+    _, timer_id = tuner._ensure_timer()
+    fingerprint = platform_fingerprint(timer_id)
+    return tuner._kernel_identity(), fingerprint, platform_id(fingerprint)
+
+
+def differences(page: Page, ident: KernelIdentity, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every identity field in which ``page`` differs from this process."""
+    found = []
+    book_kernel = {"name": page.kernel_name, "hash": page.doc.kernel.get("hash"),
+                   "key": list(page.doc.kernel.get("key", []))}
+    here_kernel = {"name": ident.name, "hash": ident.source_hash, "key": list(ident.key)}
+    book_platform = {k: v for k, v in page.doc.platform.items() if k != "id"}
+    for book_side, here_side in ((book_kernel, here_kernel), (book_platform, fingerprint)):
+        for name in sorted(set(book_side) | set(here_side), key=lambda n: (n not in LABELS, n)):
+            if book_side.get(name) != here_side.get(name):
+                found.append({"field": name, "label": LABELS.get(name, name), "book": book_side.get(name),
+                              "here": here_side.get(name), "hint": HINTS.get(name)})
+    return found
+
+
+def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_limit: int) -> dict[str, Any]:
+    ident, fingerprint, pid = identity_here(tuner)
+    expected = book_file_name(ident, platform_slug(fingerprint), pid)
+    files, skipped = [], []
+    for directory in directories:
+        if not directory.exists():
+            continue
+        loaded = load(directory)
+        skipped += [{"path": str(p), "reason": why} for p, why in loaded.skipped]
+        for page in loaded.pages:
+            if page.kernel_name != ident.name and page.doc.kernel.get("hash") != ident.source_hash:
+                continue
+            diffs = differences(page, ident, fingerprint)
+            keys = [page.doc.entries[k].key for k in sorted(page.doc.entries)]
+            files.append({
+                "path": str(page.path),
+                "match": not [d for d in diffs if d["field"] != "name"] and page.kernel_name == ident.name,
+                "differences": diffs,
+                "keys": [list(k) for k in keys[:key_limit]],
+                "key_count": len(keys),
+            })
+    return {
+        "target": target,
+        "kernel": ident.to_json(),
+        "platform": {**fingerprint, "id": pid},
+        "expected_file": expected,
+        "directories": [str(d) for d in directories],
+        "files": files,
+        "skipped": skipped,
+        "verdict": "hit" if any(f["match"] for f in files) else "miss",
+    }
+
+
+def _print(data: dict[str, Any]) -> None:
+    console = out()
+    k, p = data["kernel"], data["platform"]
+    console.print(f"[bold]{escape(data['target'])}[/] in this process:")
+    console.print(f"  kernel  {escape(k['name'])}  id {k['id']}  source hash {k['hash'][:16]}…  "
+                  f"key ({', '.join(k['key'])}) + argument dtypes")
+    plat = "  ".join(f"{n}={v}" for n, v in p.items() if n != "id")
+    console.print(f"  platform  {escape(plat)}  id {p['id']}")
+    console.print(f"  reads  {escape(data['expected_file'])}")
+    console.print(f"  in  {escape(', '.join(data['directories']) or '(no book directory)')}")
+    console.print()
+    if not data["files"]:
+        console.print(f"[red]miss[/]: no book file of a kernel named {escape(k['name'])} (or of the same source) "
+                      "in these directories. Tune it here (TUNEBOOK_MODE=tune), or ship a book tuned on this "
+                      "platform and point TUNEBOOK_PATH or autotune(books=...) at it.")
+        return
+    for f in data["files"]:
+        head = "[green]match[/]" if f["match"] else "[red]differs[/]"
+        console.print(f"{head}  {escape(f['path'])}  ({f['key_count']} keys)")
+        for d in f["differences"]:
+            console.print(f"    {d['label']}: book {escape(repr(d['book']))}, here {escape(repr(d['here']))}")
+            if d["hint"]:
+                console.print(f"      [dim]{escape(d['hint'])}[/]")
+        shown = ", ".join(fmt_key(key) for key in f["keys"])
+        more = f" … and {f['key_count'] - len(f['keys'])} more" if f["key_count"] > len(f["keys"]) else ""
+        console.print(f"    keys: {escape(shown) or '(none)'}{more}")
+    if data["verdict"] == "hit":
+        console.print("\n[green]A book file matches this process[/]: a call hits when its key (the key "
+                      "values and argument dtypes listed above) is in it and every config is measured.")
+    else:
+        console.print("\n[red]No book file matches this process[/]: every call misses. Fix the differences "
+                      "above, or tune on this platform.")
+
+
+@click.command("explain")
+@click.argument("target", metavar="MODULE:KERNEL")
+@click.argument("book", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--keys", "key_limit", default=20, show_default=True, help="List at most this many keys per file.")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
+              help="Set an environment variable before importing the module (e.g. TRITON_INTERPRET=1).")
+def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: tuple[str, ...]) -> None:
+    """Why MODULE:KERNEL misses (or hits) the book in this process.
+
+    Imports MODULE, finds the @tunebook.autotune kernel KERNEL, computes its identity here
+    (kernel source hash, key names, platform fingerprint) and compares it field by field with
+    every book file of a kernel of that name. Without BOOK, looks where the kernel itself
+    looks: TUNEBOOK_DIR, the kernel's books=, then TUNEBOOK_PATH.
+    """
+    os.environ.update(parse_assignments(env, "--env"))
+    _, tuner = resolve_kernel(target)
+    if book is not None:
+        directories = [book]
+    else:
+        layers = Book.from_env(tuner._books)
+        directories = ([layers.directory] if layers.directory is not None else []) + list(layers.readonly)
+    data = explain_data(target, tuner, directories, key_limit)
+    if as_json:
+        echo_json(data)
+    else:
+        for skipped in data["skipped"]:
+            err().print(f"[yellow]skipped[/] {escape(skipped['path'])}: {escape(skipped['reason'])}")
+        _print(data)
+    if data["verdict"] == "miss":
+        raise SystemExit(1)

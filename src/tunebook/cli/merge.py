@@ -1,0 +1,126 @@
+"""``tunebook merge``: combine books from many machines into one, decided by measurement.
+
+**The rule.** Files are grouped by their identity — kernel name, kernel id (source hash
++ key names) and platform id — not by their file names. Within a group, entries are
+united per key and results per config. Where two books hold a result for the same (key,
+config), the better measurement stands:
+
+1. a successful timing beats a failure (the config demonstrably runs on this platform; a
+   failure elsewhere may have been a transient one, such as memory held by a neighbour);
+2. between two timings, the smaller median stands — noise on a GPU only ever adds time;
+3. remaining ties (and two failures) go to the smaller (ms, error, at, config) in JSON
+   order, so that the choice never depends on the order of the inputs.
+
+Entry bookkeeping: ``tuned_at`` is the earliest, ``updated_at`` and ``tunebook`` the
+latest, ``tuning_seconds`` the largest (merging a book with itself must not double it).
+
+Every choice is a minimum under a total order, so merging is commutative, associative
+and idempotent: ``merge(A, B)`` and ``merge(B, A)`` write byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from .._book.records import Document, Entry, Result
+from ._common import load_or_fail, out, warn_skipped, write_document
+from ._load import canonical_file_name, identity_of, platform_id_of
+
+
+def _rank(result: Result) -> tuple[object, ...]:
+    """Smaller is better; a total order over results (see the module docstring)."""
+    return (
+        0 if result.ok else 1,
+        result.median if result.ok else 0.0,
+        json.dumps(result.to_json(), sort_keys=True),
+    )
+
+
+def merge_entries(a: Entry, b: Entry) -> Entry:
+    results = dict(a.results)
+    for cid, result in b.results.items():
+        mine = results.get(cid)
+        if mine is None or _rank(result) < _rank(mine):
+            results[cid] = result
+    return Entry(
+        key=min(a.key, b.key, key=lambda k: json.dumps(list(k))),
+        results=results,
+        tuning_seconds=max(a.tuning_seconds, b.tuning_seconds),
+        tuned_at=min(filter(None, (a.tuned_at, b.tuned_at)), default=""),
+        updated_at=max(a.updated_at, b.updated_at),
+        tunebook=max(a.tunebook, b.tunebook),
+    )
+
+
+def merge_documents(a: Document, b: Document) -> Document:
+    """``a`` and ``b`` are of one (kernel, platform); the result does not depend on their order."""
+    entries = dict(a.entries)
+    for key_text, entry in b.entries.items():
+        entries[key_text] = merge_entries(entries[key_text], entry) if key_text in entries else entry
+
+    def canonical(value: dict[str, object]) -> str:
+        return json.dumps(value, sort_keys=True)
+
+    kernel = min(a.kernel, b.kernel, key=canonical)
+    platform = min(a.platform, b.platform, key=canonical)
+    return replace(a, kernel=kernel, platform=platform, entries=entries)
+
+
+def group_key(doc: Document) -> tuple[str, str, str]:
+    ident = identity_of(doc)
+    return (ident.name, ident.id, platform_id_of(doc.platform))
+
+
+def merge_all(docs: Iterable[Document]) -> dict[str, Document]:
+    """Merged documents by the file name tunebook gives each (kernel, platform)."""
+    groups: dict[tuple[str, str, str], Document] = {}
+    for doc in docs:
+        gk = group_key(doc)
+        groups[gk] = merge_documents(groups[gk], doc) if gk in groups else doc
+    return {canonical_file_name(doc): doc for doc in groups.values()}
+
+
+def write_merged(directory: Path, merged: dict[str, Document]) -> list[Path]:
+    """Write each document atomically (see ``write_document``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in sorted(merged):
+        write_document(directory / name, merged[name])
+        written.append(directory / name)
+    return written
+
+
+@click.command("merge")
+@click.argument("books", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Directory to write the merged book to; book files already in it take part in the merge.")
+@click.option("--dry-run", is_flag=True, help="Say what would be written; write nothing.")
+def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
+    """Merge BOOKS (directories or files, e.g. from several machines) into the directory OUTPUT.
+
+    Results for the same kernel, platform, key and config are decided by measurement: a
+    success beats a failure, then the smaller median time stands. The output does not depend
+    on the order of the inputs.
+    """
+    docs: list[Document] = []
+    sources = list(books)
+    if output.is_dir():
+        sources.append(output)  # merging into a live book keeps what it already has
+    for source in sources:
+        loaded = load_or_fail(source)
+        warn_skipped(loaded)
+        docs += [page.doc for page in loaded.pages]
+    merged = merge_all(docs)
+    console = out()
+    if dry_run:
+        for name in sorted(merged):
+            console.print(f"would write {output / name} ({len(merged[name].entries)} keys)")
+        return
+    for path in write_merged(output, merged):
+        console.print(f"wrote {path} ({len(merged[path.name].entries)} keys)")
+    console.print(f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}")

@@ -1,0 +1,71 @@
+"""``tunebook prune``: drop book files of kernel versions a program no longer has.
+
+Editing a kernel (or a jitted helper it calls) changes its source hash and so its kernel
+id; the old results stay in files nobody reads again. Given the modules that define the
+kernels as they are now, prune deletes the files of the same kernel names whose kernel id
+is not a current one, and the ``.corrupt-*`` copies the library kept aside. Kernels of
+other names, imported pages (``tunebook import``) and unreadable files are left alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from ._common import book_argument, load_or_fail, out, warn_skipped
+from ._modules import autotuners, import_module
+from ._summary import is_imported
+
+
+def current_ids(modules: tuple[str, ...]) -> dict[str, set[str]]:
+    """Kernel name -> the kernel ids its @tunebook.autotune objects have in this process."""
+    ids: dict[str, set[str]] = {}
+    for spec in modules:
+        found = autotuners(import_module(spec))
+        if not found:
+            raise click.ClickException(f"module {spec} defines no @tunebook.autotune kernel at module level; "
+                                       "--keep names the modules whose kernels are current")
+        for tuner in found.values():
+            ident = tuner._kernel_identity()
+            ids.setdefault(ident.name, set()).add(ident.id)
+    return ids
+
+
+@click.command("prune")
+@book_argument
+@click.option("--keep", "keep", multiple=True, required=True, metavar="MODULE",
+              help="A module (or path/to/file.py) whose tunebook kernels are current (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; delete nothing.")
+def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
+    """Delete BOOK files of old versions of the kernels defined in the --keep modules.
+
+    A file is dropped when its kernel name is one of those kernels' names and its kernel id
+    (source hash + key names) is not the one this process computes. `.corrupt-*` leftovers
+    are dropped too.
+    """
+    ids = current_ids(keep)
+    loaded = load_or_fail(book)
+    warn_skipped(loaded)
+    doomed: list[tuple[Path, str]] = []
+    kept = 0
+    for page in loaded.pages:
+        current = ids.get(page.kernel_name)
+        if current is None or is_imported(page.doc):
+            continue
+        if page.identity.id in current:
+            kept += 1
+        else:
+            doomed.append((page.path, f"old version of {page.kernel_name} (kernel id {page.identity.id}; "
+                                      f"current {', '.join(sorted(current))})"))
+    doomed += [(path, "unreadable book kept aside by an earlier write") for path in loaded.leftovers]
+    console = out()
+    verb = "would drop" if dry_run else "dropped"
+    for path, why in doomed:
+        if not dry_run:
+            path.unlink(missing_ok=True)
+            Path(str(path) + ".lock").unlink(missing_ok=True)  # its lock file has no owner left
+        console.print(f"{verb} {escape(str(path))}: {escape(why)}")
+    console.print(f"{verb} {len(doomed)} files; kept {kept} current files of {len(ids)} kernels"
+                  f"{'' if not dry_run else ' (dry run: nothing deleted)'}")

@@ -1,0 +1,94 @@
+"""``tunebook show``: what a book holds, per kernel and platform: winners, timings, failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from ._common import book_argument, echo_json, load_or_fail, out, warn_skipped
+from ._load import Loaded, Page
+from ._summary import REFERENCES, Reference, fmt_key, fmt_ms, short_config, summarise_page
+
+JSON_FORMAT = "tunebook-show"
+JSON_VERSION = 1
+
+
+def show_json(loaded: Loaded, pages: list[Page], reference: Reference) -> dict[str, Any]:
+    """The ``--json`` document (shape documented in docs/cli.md; bump JSON_VERSION on change)."""
+    return {
+        "format": JSON_FORMAT,
+        "version": JSON_VERSION,
+        "book": str(loaded.source),
+        "files": [
+            {
+                "path": str(page.path),
+                "kernel": {**page.doc.kernel, "id": page.identity.id},
+                "platform": {**page.doc.platform, "id": page.platform_id},
+                "entries": [s.to_json(reference) for s in summarise_page(page.doc, reference)],
+            }
+            for page in pages
+        ],
+        "skipped": [{"path": str(p), "reason": why} for p, why in loaded.skipped],
+        "leftovers": [str(p) for p in loaded.leftovers],
+    }
+
+
+def _table(page: Page, reference: Reference, failures: bool) -> Table:
+    doc = page.doc
+    key_names = ", ".join(map(str, doc.kernel.get("key", []))) or "-"
+    title = (f"[bold]{page.kernel_name}[/] [dim]{page.identity.id}[/]  on  [bold]{page.platform_label}[/]"
+             f"\n[dim]{page.path.name} · key ({key_names}) + argument dtypes[/]")
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("key", overflow="fold")
+    table.add_column("winner", overflow="fold")
+    table.add_column("ms", justify="right")
+    table.add_column(f"{reference} ms", justify="right")
+    table.add_column("speed-up", justify="right")
+    table.add_column("configs", justify="right")
+    table.add_column("failed", justify="right")
+    for s in summarise_page(doc, reference):
+        speed = f"{s.speedup:.2f}x" if s.speedup is not None else ("imported" if s.imported else "-")
+        table.add_row(fmt_key(s.key), short_config(s.winner_config), fmt_ms(s.winner_ms),
+                      fmt_ms(s.reference_ms), speed, str(s.configs), str(len(s.failures)))
+        if failures:
+            for cid, error in s.failures:
+                reason = escape(error.splitlines()[0][:200]) if error else "no reason recorded"
+                table.add_row("", f"[red]failed[/] {escape(cid)}: [dim]{reason}[/]", "", "", "", "", "")
+    return table
+
+
+@click.command("show")
+@book_argument
+@click.option("--kernel", "kernels", multiple=True, metavar="NAME", help="Only this kernel (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (see docs/cli.md).")
+@click.option("--reference", type=click.Choice(REFERENCES), default="median", show_default=True,
+              help="Config the speed-up is measured against: the median config of the key, or the slowest.")
+@click.option("--failures/--no-failures", default=True, show_default=True,
+              help="List failed configs with their reasons under each key.")
+def command(book: Path | None, kernels: tuple[str, ...], as_json: bool, reference: Reference,
+            failures: bool) -> None:
+    """Kernels, platforms, keys, winners, timings and failures in BOOK.
+
+    The speed-up column is the reference config's time over the winner's: the book does not
+    store the declared config order, so the reference is the median config of that key
+    (see --reference).
+    """
+    loaded = load_or_fail(book)
+    pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
+    if as_json:
+        echo_json(show_json(loaded, pages, reference))
+        return
+    warn_skipped(loaded)
+    console = out()
+    if not pages:
+        what = f"no book files for kernel {', '.join(kernels)}" if kernels else "no book files"
+        console.print(f"{what} in {loaded.source}")
+    for page in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label, p.path.name)):
+        console.print(_table(page, reference, failures))
+        console.print()
+    for path in loaded.leftovers:
+        console.print(f"[yellow]leftover[/] {path} (an unreadable book kept aside; `tunebook prune` removes it)")

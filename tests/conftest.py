@@ -1,0 +1,62 @@
+"""Test set-up: every test runs kernels on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is imported, so it is set here, at the top.
+Each test gets its own empty book directory and fresh counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.pop("TUNEBOOK_PATH", None)
+os.environ.pop("TUNEBOOK_MODE", None)
+os.environ.pop("TRITON_PRINT_AUTOTUNING", None)
+
+import pytest  # noqa: E402
+
+import tunebook  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh writable book for every test; counters zeroed."""
+    directory = tmp_path / "book"
+    monkeypatch.setenv("TUNEBOOK_DIR", str(directory))
+    monkeypatch.delenv("TUNEBOOK_PATH", raising=False)
+    monkeypatch.delenv("TUNEBOOK_MODE", raising=False)
+    tunebook.reset_stats()
+    from tunebook._book import files
+
+    files._warned.clear()
+    return directory
+
+
+def book_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.json"))
+
+
+def run_python(code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+               timeout: float = 300) -> dict:
+    """Run ``code`` in a new Python process; it must print one JSON object as its last line."""
+    full_env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(TESTS), str(cwd or TESTS), os.environ.get("PYTHONPATH", "")])}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"child failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    result["_stderr"] = proc.stderr
+    result["_stdout"] = proc.stdout
+    return result

@@ -1,0 +1,183 @@
+"""The book on disk: bad files never break a kernel call, writers never lose each other's work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TESTS, book_files
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+
+import tunebook
+from tunebook._book import Document, Entry, Result, config_id, config_record, merge_write, read_document
+
+
+def tuned_add(replay: Replay | None = None):
+    replay = replay or Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    return tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
+        add_kernel
+    ), replay
+
+
+def call(kernel, n: int = 300) -> None:
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    torch.testing.assert_close(out, x + y)
+
+
+def make_book(book_dir: Path) -> Path:
+    kernel, _ = tuned_add()
+    call(kernel)
+    (path,) = book_files(book_dir)
+    return path
+
+
+BAD_CONTENTS = {
+    "corrupt": b"{ this is not json",
+    "truncated": None,  # filled in from a real book
+    "empty": b"",
+    "binary": bytes(range(256)) * 4,
+    "foreign": json.dumps({"some": "other tool's cache"}).encode(),
+    "newer": None,
+    "wrong-types": None,
+    "deep-nesting": b"[" * 100000 + b"]" * 100000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CONTENTS))
+def test_unusable_book_file_is_skipped_with_one_warning(kind, book_dir, caplog):
+    path = make_book(book_dir)
+    good = path.read_text()
+    data = BAD_CONTENTS[kind]
+    if kind == "truncated":
+        data = good[: len(good) // 2].encode()
+    elif kind == "newer":
+        doc = json.loads(good)
+        doc["version"] = 99
+        data = json.dumps(doc).encode()
+    elif kind == "wrong-types":
+        doc = json.loads(good)
+        entry = next(iter(doc["entries"].values()))
+        next(iter(entry["results"].values()))["ms"] = "fast"
+        data = json.dumps(doc).encode()
+    path.write_bytes(data)
+    tunebook.reset_stats()
+
+    kernel, replay = tuned_add()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(kernel)  # no exception: the kernel runs, tuned afresh
+        call(kernel, 301)
+    book_warnings = [w for w in caught if issubclass(w.category, tunebook.BookWarning)]
+    assert len(book_warnings) == 1, [str(w.message) for w in caught]
+    message = str(book_warnings[0].message)
+    assert str(path) in message
+    if kind == "newer":
+        assert "newer tunebook" in message and "upgrade" in message
+    assert tunebook.stats()["benchmarked"] == 6
+    # The unreadable file was kept aside, not destroyed, and a good book replaced it.
+    aside = list(book_dir.glob("*.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == data
+    assert read_document(path) is not None
+
+
+def test_oversized_book_is_not_read(book_dir, monkeypatch):
+    path = make_book(book_dir)
+    from tunebook._book import files
+
+    monkeypatch.setattr(files, "MAX_BOOK_BYTES", path.stat().st_size - 1)
+    with pytest.warns(tunebook.BookWarning, match="over the .*limit"):
+        assert read_document(path) is None
+
+
+def test_a_book_of_another_kernel_version_under_the_right_name_is_ignored(book_dir):
+    path = make_book(book_dir)
+    doc = json.loads(path.read_text())
+    doc["kernel"]["hash"] = "0" * 64
+    path.write_text(json.dumps(doc))
+    tunebook.reset_stats()
+    kernel, _ = tuned_add()
+    with pytest.warns(tunebook.BookWarning, match="another kernel version"):
+        call(kernel)
+    assert tunebook.stats()["benchmarked"] == 3
+
+
+def _result(block: int, ms: float | None, error: str | None = None) -> tuple[str, Result]:
+    record = config_record({"BLOCK": block}, {"num_warps": 4})
+    return config_id(record), Result(record, (ms, ms, ms) if ms is not None else None, error, "t")
+
+
+def _doc(entries: dict[str, Entry]) -> Document:
+    return Document(kernel={"hash": "h", "name": "k"}, platform={"device": "d"}, entries=entries)
+
+
+def test_merge_write_keeps_what_is_on_disk_and_adds_the_rest(tmp_path):
+    path = tmp_path / "b.json"
+    a = dict([_result(32, 1.0), _result(64, 2.0)])
+    merge_write(path, _doc({"[1]": Entry((1,), a)}))
+    b = dict([_result(64, 0.5), _result(128, 3.0, None)])
+    merged = merge_write(path, _doc({"[1]": Entry((1,), b), "[2]": Entry((2,), b)}))
+    assert merged is not None
+    on_disk = read_document(path)
+    assert on_disk == merged
+    one = on_disk.entries["[1]"]
+    assert sorted(one.results) == sorted({*a, *b})
+    assert one.results[_result(64, 0)[0]].ms == (2.0, 2.0, 2.0)  # the first persisted measurement stands
+    assert set(on_disk.entries) == {"[1]", "[2]"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_written_books_are_deterministic(tmp_path):
+    entries = {"[1]": Entry((1,), dict([_result(32, 1.0), _result(64, 2.0)]))}
+    merge_write(tmp_path / "a.json", _doc(entries))
+    merge_write(tmp_path / "b.json", _doc(dict(reversed(list(entries.items())))))
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+WRITER = """
+import json, os, sys, time
+import torch, triton, tunebook
+from kernels import Replay, add_kernel, grid_1d, vectors
+replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+kernel = tunebook.autotune([triton.Config({"BLOCK": b}) for b in (32, 64, 128)], key=["n"],
+                           do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
+go = sys.argv[1]
+while not os.path.exists(go):
+    time.sleep(0.001)
+for n in json.loads(sys.argv[2]):
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    assert torch.allclose(out, x + y)
+print(json.dumps(tunebook.stats()))
+"""
+
+
+def test_concurrent_processes_tuning_different_keys_all_end_up_in_the_book(book_dir, tmp_path):
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    key_sets = [list(range(100 + i, 160, 4)) for i in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(go), json.dumps(keys)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for keys in key_sets
+    ]
+    time.sleep(3)  # let every process import and wait at the start line
+    go.touch()
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["benchmarked"] == 3 * 15
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    assert doc is not None
+    expected = {n for keys in key_sets for n in keys}
+    assert {e.key[0] for e in doc.entries.values()} == expected
+    assert all(len(e.results) == 3 for e in doc.entries.values())

@@ -1,0 +1,316 @@
+"""tunebook.autotune accepts everything triton.autotune accepts and behaves the same.
+
+Every test runs real kernels in Triton's CPU interpreter and checks their output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from kernels import (
+    Replay,
+    accumulate_kernel,
+    add_kernel,
+    block_configs,
+    grid_1d,
+    matmul_kernel,
+    sum_kernel,
+    vectors,
+)
+
+import tunebook
+
+
+def make_add(configs=None, **options):
+    return tunebook.autotune(configs or block_configs(32, 64, 128), key=["n"], **options)(add_kernel)
+
+
+def test_tunes_runs_and_exposes_triton_attributes():
+    kernel = make_add()
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    torch.testing.assert_close(out, x + y)
+    key = (300, "torch.float32", "torch.float32", "torch.float32")
+    assert list(kernel.cache) == [key]
+    assert kernel.best_config is kernel.cache[key]
+    assert kernel.best_config in kernel.configs
+    assert set(kernel.configs_timings) == set(kernel.configs)
+    assert all(len(t) == 3 and t[0] > 0 for t in kernel.configs_timings.values())
+    assert kernel.bench_time > 0
+    assert kernel.keys == ["n"] and kernel.arg_names == ["x_ptr", "y_ptr", "out_ptr", "n", "BLOCK"]
+    assert tunebook.stats()["benchmarked"] == 3
+
+
+def test_key_is_tritons_key_and_dtype_changes_retune():
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    kernel = make_add(do_bench=replay, pre_hook=replay.pre_hook)
+    x, y, out = vectors(200)
+    kernel[grid_1d(200)](x, y, out, 200)
+    kernel[grid_1d(200)](x, y, out, 200)  # same key: no benchmarking
+    assert replay.measured == [32, 64, 128]
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+    xd, yd, od = x.double(), y.double(), out.double()
+    kernel[grid_1d(200)](xd, yd, od, 200)  # new dtype -> new key, as in Triton
+    torch.testing.assert_close(od, xd + yd)
+    assert len(replay.measured) == 6
+    assert (200, "torch.float64", "torch.float64", "torch.float64") in kernel.cache
+    kernel[grid_1d(201)](x, y, out, 201)
+    assert len(kernel.cache) == 3
+
+
+def test_grid_tuple_and_keyword_arguments():
+    kernel = make_add()
+    x, y, out = vectors(256)
+    kernel[(4,)](x, y, out_ptr=out, n=256)  # BLOCK>=64 covers 256 with 4 programs
+    if kernel.best_config.kwargs["BLOCK"] >= 64:
+        torch.testing.assert_close(out, x + y)
+    out2 = torch.empty_like(out)
+    kernel[grid_1d(256)](x_ptr=x, y_ptr=y, out_ptr=out2, n=256)  # all keywords: same key, a hit
+    torch.testing.assert_close(out2, x + y)
+    assert len(kernel.cache) == 1
+
+
+def test_config_option_fields_are_passed_through():
+    configs = [triton.Config({"BLOCK": 64}, num_warps=2, num_stages=2), triton.Config({"BLOCK": 32}, num_warps=8)]
+    kernel = make_add(configs)
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    torch.testing.assert_close(out, x + y)
+
+
+def test_single_config_never_benchmarks():
+    kernel = make_add(block_configs(64))
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    torch.testing.assert_close(out, x + y)
+    assert tunebook.stats()["benchmarked"] == 0
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_no_configs_means_default_config():
+    kernel = tunebook.autotune([], key=["n"])(
+        triton.heuristics({"BLOCK": lambda args: 128})(add_kernel)
+    )
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    torch.testing.assert_close(out, x + y)
+
+
+def test_unknown_key_name_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'size'.*add_kernel\(x_ptr, y_ptr, out_ptr, n, BLOCK\)"):
+        tunebook.autotune(block_configs(32), key=["size"])(add_kernel)
+
+
+def test_conflicting_meta_parameter_is_rejected():
+    kernel = make_add()
+    x, y, out = vectors(64)
+    with pytest.raises(ValueError, match="Conflicting meta-parameters: BLOCK"):
+        kernel[grid_1d(64)](x, y, out, 64, BLOCK=32)
+
+
+def test_prune_configs_by_early_prune_perf_model_and_top_k():
+    seen: dict[str, object] = {}
+
+    def early(configs, named_args, **kwargs):
+        seen["named_args"] = sorted(named_args)
+        return [c for c in configs if c.kwargs["BLOCK"] <= 128]
+
+    def perf_model(**kwargs):
+        seen.setdefault("perf_calls", 0)
+        seen["perf_calls"] += 1  # type: ignore[operator]
+        return {32: 3.0, 64: 1.0, 128: 2.0}[kwargs["BLOCK"]]
+
+    replay = Replay({32: 1.0, 64: 5.0, 128: 4.0, 256: 0.1})
+    kernel = make_add(
+        block_configs(32, 64, 128, 256),
+        prune_configs_by={"early_config_prune": early, "perf_model": perf_model, "top_k": 2},
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+    )
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    torch.testing.assert_close(out, x + y)
+    assert seen["named_args"] == ["n", "out_ptr", "x_ptr", "y_ptr"]
+    assert sorted(replay.measured) == [64, 128]  # 256 pruned early, 32 predicted slowest
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+    assert set(c.kwargs["BLOCK"] for c in kernel.configs_timings) == {64, 128}
+
+
+def test_top_k_fraction_keeps_at_least_one():
+    kernel = make_add(prune_configs_by={"perf_model": lambda **kw: kw["BLOCK"], "top_k": 0.1})
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    assert kernel.best_config.kwargs == {"BLOCK": 32}
+    assert tunebook.stats()["benchmarked"] == 0  # one config left: nothing to measure
+
+
+def test_early_prune_returning_nothing_is_an_error():
+    kernel = make_add(prune_configs_by={"early_config_prune": lambda c, a, **k: []})
+    x, y, out = vectors(64)
+    with pytest.raises(ValueError, match="at least one config"):
+        kernel[grid_1d(64)](x, y, out, 64)
+
+
+def test_reset_to_zero_gives_the_right_sum_after_tuning():
+    kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"], reset_to_zero=["out_ptr"])(sum_kernel)
+    x = torch.arange(100, dtype=torch.float32)
+    out = torch.zeros(1)
+    kernel[grid_1d(100)](x, out, 100)
+    assert out.item() == pytest.approx(x.sum().item())  # benchmarking runs did not pile up
+
+
+def test_without_reset_to_zero_benchmark_runs_accumulate():
+    # The control for the test above: the same kernel without the option is wrong.
+    kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"])(sum_kernel)
+    x = torch.arange(100, dtype=torch.float32)
+    out = torch.zeros(1)
+    kernel[grid_1d(100)](x, out, 100)
+    assert out.item() > x.sum().item()
+
+
+def test_restore_value_keeps_in_place_updates_single():
+    kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"], restore_value=["acc_ptr"])(accumulate_kernel)
+    x = torch.ones(50)
+    acc = torch.arange(50, dtype=torch.float32)
+    expected = acc + x
+    kernel[grid_1d(50)](x, acc, 50)
+    torch.testing.assert_close(acc, expected)
+
+
+def test_user_pre_and_post_hooks_wrap_every_benchmark_run():
+    events: list[str] = []
+    kernel = make_add(
+        pre_hook=lambda nargs, reset_only=False: events.append("reset" if reset_only else "pre"),
+        post_hook=lambda nargs, exception: events.append("post" if exception is None else "error"),
+    )
+    x, y, out = vectors(64)
+    kernel[grid_1d(64)](x, y, out, 64)
+    pres, posts = events.count("pre"), events.count("post")
+    assert pres == posts and pres >= 3 * 2  # each config: a warm-up and timed runs
+    assert events[-1] == "reset"  # Triton calls pre_hook(reset_only=True) after tuning
+    n = len(events)
+    kernel[grid_1d(64)](x, y, out, 64)
+    assert len(events) == n  # hooks belong to benchmarking, not to served calls
+
+
+def test_config_pre_hook_runs_when_benchmarking_and_serving():
+    calls: list[int] = []
+
+    def hook(nargs):
+        calls.append(nargs["BLOCK"])
+        nargs["out_ptr"].fill_(0.0)
+
+    configs = [triton.Config({"BLOCK": 32}, pre_hook=hook), triton.Config({"BLOCK": 64}, pre_hook=hook)]
+    kernel = make_add(configs)
+    x, y, out = vectors(64)
+    kernel[grid_1d(64)](x, y, out, 64)
+    torch.testing.assert_close(out, x + y)
+    before = len(calls)
+    kernel[grid_1d(64)](x, y, out, 64)
+    assert len(calls) == before + 1 and calls[-1] == kernel.best_config.kwargs["BLOCK"]
+
+
+def test_warmup_rep_and_cuda_graph_options_are_accepted_on_the_interpreter():
+    for options in ({"warmup": 5, "rep": 20}, {"use_cuda_graph": True}):
+        kernel = make_add(**options)
+        x, y, out = vectors(80)
+        kernel[grid_1d(80)](x, y, out, 80)
+        torch.testing.assert_close(out, x + y)
+
+
+def test_custom_do_bench_decides_the_winner():
+    replay = Replay({32: 0.5, 64: 0.7, 128: 0.2})
+    kernel = make_add(do_bench=replay, pre_hook=replay.pre_hook)
+    x, y, out = vectors(500)
+    kernel[grid_1d(500)](x, y, out, 500)
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+    assert kernel.configs_timings[kernel.best_config][0] == pytest.approx(0.2)
+
+
+def test_failing_configs_are_recorded_and_skipped():
+    replay = Replay({32: 0.5, 128: 0.9})  # BLOCK=64 "fails"
+    kernel = make_add(do_bench=replay, pre_hook=replay.pre_hook)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    torch.testing.assert_close(out, x + y)
+    assert kernel.best_config.kwargs == {"BLOCK": 32}
+    failed = [c for c, t in kernel.configs_timings.items() if math.isinf(t[0])]
+    assert [c.kwargs["BLOCK"] for c in failed] == [64]
+    assert tunebook.stats()["failures"] == 1
+
+
+def test_a_bug_in_the_call_raises_instead_of_being_remembered(book_dir):
+    kernel = make_add()
+    x, y, _ = vectors(64)
+    with pytest.raises(Exception):  # noqa: B017 - any error the interpreter raises for a bad pointer
+        kernel[grid_1d(64)](x, y, "not a tensor", 64)
+    assert not list(book_dir.glob("*.json"))
+
+
+def test_heuristics_above_autotune():
+    kernel = triton.heuristics({"BLOCK": lambda args: 64})(
+        tunebook.autotune([triton.Config({}, num_warps=2), triton.Config({}, num_warps=4)], key=["n"])(add_kernel)
+    )
+    x, y, out = vectors(200)
+    kernel[grid_1d(200)](x, y, out, 200)
+    torch.testing.assert_close(out, x + y)
+
+
+def test_autotune_above_heuristics():
+    @tunebook.autotune(block_configs(32, 64), key=["n"])
+    @triton.heuristics({"EVEN": lambda args: args["n"] % args["BLOCK"] == 0})
+    @triton.jit
+    def add_even(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        if EVEN:
+            tl.store(out_ptr + offs, tl.load(x_ptr + offs) + tl.load(y_ptr + offs))
+        else:
+            mask = offs < n
+            tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+    for n in (128, 100):
+        x, y, out = vectors(n)
+        add_even[grid_1d(n)](x, y, out, n)
+        torch.testing.assert_close(out, x + y)
+
+
+def test_matmul_with_three_key_arguments():
+    kernel = tunebook.autotune(
+        [
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=2),
+        ],
+        key=["M", "N", "K"],
+    )(matmul_kernel)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(40, 24, generator=g), torch.randn(24, 36, generator=g)
+    c = torch.empty(40, 36)
+
+    def grid(meta):
+        return (triton.cdiv(40, meta["BLOCK_M"]), triton.cdiv(36, meta["BLOCK_N"]))
+
+    kernel[grid](a, b, c, 40, 36, 24, *a.stride(), *b.stride(), *c.stride())
+    torch.testing.assert_close(c, a @ b, rtol=1e-3, atol=1e-3)
+    assert list(kernel.cache)[0][:3] == (40, 36, 24)
+
+
+@pytest.mark.skipif(not hasattr(add_kernel, "warmup"), reason="this Triton's interpreter has no warmup()")
+def test_warmup_compiles_every_candidate():
+    kernel = make_add()
+    x, y, out = vectors(64)
+    results = kernel.warmup(x, y, out, 64, grid=(1,))
+    assert len(results) == 3
+
+
+def test_mode_off_benchmarks_like_triton_and_writes_nothing(book_dir, monkeypatch):
+    monkeypatch.setenv("TUNEBOOK_MODE", "off")
+    kernel = make_add()
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    torch.testing.assert_close(out, x + y)
+    assert tunebook.stats()["benchmarked"] == 3
+    assert not book_dir.exists() or not list(book_dir.iterdir())

@@ -1,0 +1,119 @@
+"""TUNEBOOK_MODE: tune (default), serve (never benchmark), off (no book); stats and printing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import book_files
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+
+import tunebook
+
+
+def tuned_add(table=None):
+    replay = Replay(table or {32: 3.0, 64: 1.0, 128: 2.0})
+    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
+        add_kernel
+    )
+    return kernel, replay
+
+
+def call(kernel, n: int, dtype=torch.float32) -> None:
+    x, y, out = (t.to(dtype) for t in vectors(n))
+    kernel[grid_1d(n)](x, y, out, n)
+    torch.testing.assert_close(out, x + y)
+
+
+def test_serve_mode_never_benchmarks_and_uses_the_nearest_key(monkeypatch, caplog):
+    near, far = Replay({32: 3.0, 64: 1.0, 128: 2.0}), Replay({32: 0.1, 64: 1.0, 128: 2.0})
+    for replay, n in ((near, 1000), (far, 16)):
+        kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay,
+                                   pre_hook=replay.pre_hook)(add_kernel)
+        call(kernel, n)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    kernel, replay = tuned_add()
+    with caplog.at_level(logging.WARNING, logger="tunebook"):
+        call(kernel, 900)  # log2 distance to 1000 is tiny, to 16 large
+        call(kernel, 900)
+    assert replay.measured == []
+    assert kernel.best_config.kwargs == {"BLOCK": 64}  # the winner remembered for n=1000
+    s = tunebook.stats()
+    assert s["benchmarked"] == 0 and s["misses"] == 1 and s["fallbacks"] == 2 and s["hits"] == 0
+    assert sum("not in the book" in r.message for r in caplog.records) == 1  # logged once per key
+    call(kernel, 20)
+    assert kernel.best_config.kwargs == {"BLOCK": 32}  # nearest is now n=16
+
+
+def test_serve_mode_with_an_empty_book_serves_the_first_config(monkeypatch, book_dir):
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel, replay = tuned_add()
+    call(kernel, 500)
+    assert kernel.best_config.kwargs == {"BLOCK": 32}
+    assert replay.measured == [] and tunebook.stats()["fallbacks"] == 1
+    assert not book_files(book_dir)
+
+
+def test_serve_mode_does_not_match_keys_of_another_dtype(monkeypatch):
+    kernel, _ = tuned_add({32: 3.0, 64: 1.0, 128: 2.0})
+    call(kernel, 1000, torch.float64)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel, replay = tuned_add()
+    call(kernel, 1000, torch.float32)
+    assert kernel.best_config.kwargs == {"BLOCK": 32}  # no float32 entry: first config
+
+
+def test_serve_mode_answers_remembered_keys_as_hits(monkeypatch):
+    kernel, _ = tuned_add()
+    call(kernel, 300)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    kernel, replay = tuned_add()
+    call(kernel, 300)
+    call(kernel, 300)
+    s = tunebook.stats()
+    assert s["hits"] == 2 and s["book_hits"] == 1 and s["fallbacks"] == 0 and s["misses"] == 0
+
+
+def test_unknown_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TUNEBOOK_MODE", "fast")
+    kernel, _ = tuned_add()
+    with pytest.raises(ValueError, match="TUNEBOOK_MODE='fast'.*tune, serve, off"):
+        call(kernel, 64)
+
+
+def test_stats_count_hits_misses_and_tuning_time():
+    kernel, _ = tuned_add()
+    call(kernel, 100)
+    for _ in range(5):
+        call(kernel, 100)
+    s = tunebook.stats()
+    assert s["misses"] == 1 and s["benchmarked"] == 3 and s["hits"] == 5 and s["fallbacks"] == 0
+    assert s["tuning_seconds"] > 0
+    assert {"hits", "misses", "benchmarked", "fallbacks", "tuning_seconds"} <= set(s)
+
+
+def test_print_autotuning_reports_tuning_and_book_hits(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
+    kernel, _ = tuned_add()
+    call(kernel, 100)
+    out = capsys.readouterr().out
+    assert "Triton autotuning for function add_kernel" in out
+    assert "best config selected: BLOCK: 64" in out and "3 of 3 configs benchmarked" in out
+    kernel, _ = tuned_add()
+    call(kernel, 100)
+    out = capsys.readouterr().out
+    assert "remembered in the book" in out and "0 of 3 configs benchmarked" in out
+
+
+def test_nothing_printed_by_default(capsys):
+    kernel, _ = tuned_add()
+    call(kernel, 100)
+    assert capsys.readouterr().out == ""
+
+
+def test_logger_is_quiet_by_default():
+    logger = logging.getLogger("tunebook")
+    assert any(isinstance(h, logging.NullHandler) for h in logger.handlers)

@@ -1,0 +1,208 @@
+"""What a book remembers across real processes, and when it must forget.
+
+Each test writes a small kernel module into a temp directory, then runs fresh Python
+processes that import it and call the kernel, and reads their counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import book_files, run_python
+
+KERNEL_MODULE = """
+import triton
+import triton.language as tl
+{padding}
+
+@triton.jit
+def _combine(a, b):
+    return a {op} b
+
+
+@triton.jit
+def add_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    {body}
+"""
+DEFAULT_BODY = "tl.store(out_ptr + offs, _combine(tl.load(x_ptr + offs, mask=mask), tl.load(y_ptr + offs, mask=mask)), mask=mask)"
+
+CHILD = """
+import json, os, sys
+import torch, triton
+import tunebook
+from kernels import Replay, grid_1d, vectors
+import userkern
+
+blocks = json.loads(os.environ.get("BLOCKS", "[32, 64, 128]"))
+table = {int(k): v for k, v in json.loads(os.environ.get("TABLE", '{"32": 3.0, "64": 1.0, "128": 2.0, "256": 0.5}')).items()}
+replay = Replay(table)
+hooked = os.environ.get("HOOKED") == "1"
+hook_calls = []
+def config_hook(nargs):
+    hook_calls.append(nargs["BLOCK"])
+configs = [triton.Config({"BLOCK": b}, pre_hook=config_hook if hooked else None) for b in blocks]
+extra = {}
+if os.environ.get("SHIPPED"):
+    extra["books"] = [os.environ["SHIPPED"]]
+kernel = tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=replay.pre_hook, **extra)(userkern.add_kernel)
+op = os.environ.get("OP", "+")
+for n in json.loads(os.environ.get("NS", "[300]")):
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    expected = x + y if op == "+" else x * y
+    assert torch.allclose(out, expected), "wrong output"
+print(json.dumps({**tunebook.stats(), "best": kernel.best_config.kwargs["BLOCK"], "measured": replay.measured,
+                  "hook_calls": hook_calls}))
+"""
+
+
+def write_kernel(directory: Path, *, op: str = "+", padding: str = "", body: str = DEFAULT_BODY) -> None:
+    (directory / "userkern.py").write_text(KERNEL_MODULE.format(op=op, padding=padding, body=body))
+
+
+def child(directory: Path, **env: object) -> dict:
+    return run_python(CHILD, cwd=directory, env={k: str(v) for k, v in env.items()})
+
+
+@pytest.fixture
+def kdir(tmp_path: Path) -> Path:
+    d = tmp_path / "mod"
+    d.mkdir()
+    write_kernel(d)
+    return d
+
+
+def test_new_process_benchmarks_nothing_for_a_remembered_key(kdir, book_dir):
+    first = child(kdir)
+    assert first["benchmarked"] == 3 and first["misses"] == 1 and first["best"] == 64
+    second = child(kdir)
+    assert second["benchmarked"] == 0 and second["measured"] == []
+    assert second["book_hits"] == 1 and second["hits"] == 1 and second["misses"] == 0
+    assert second["best"] == 64
+    (path,) = book_files(book_dir)
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "tunebook-book" and doc["version"] == 1
+    (entry,) = doc["entries"].values()
+    assert len(entry["results"]) == 3 and entry["winner"].startswith("BLOCK=64|")
+
+
+def test_adding_a_config_measures_only_that_config(kdir):
+    child(kdir)
+    grown = child(kdir, BLOCKS="[32, 64, 128, 256]")
+    assert grown["measured"] == [256] and grown["benchmarked"] == 1
+    assert grown["best"] == 256  # the table makes the new config the fastest
+    again = child(kdir, BLOCKS="[32, 64, 128, 256]")
+    assert again["benchmarked"] == 0 and again["best"] == 256
+    # Going back to the old list serves the old winner, still without benchmarking.
+    back = child(kdir)
+    assert back["benchmarked"] == 0 and back["best"] == 64
+
+
+def test_a_different_winner_in_a_new_list_is_chosen_among_declared_configs(kdir):
+    child(kdir, BLOCKS="[32, 64, 128, 256]")
+    subset = child(kdir, BLOCKS="[32, 128]")
+    assert subset["benchmarked"] == 0 and subset["best"] == 128
+
+
+def test_changing_the_kernel_source_starts_afresh(kdir, book_dir):
+    child(kdir)
+    write_kernel(kdir, op="*")
+    changed = child(kdir, OP="*")
+    assert changed["benchmarked"] == 3
+    assert len(book_files(book_dir)) == 2  # the old version's file is left for `tunebook prune`
+
+
+def test_changing_a_called_jit_helper_starts_afresh(kdir):
+    child(kdir)
+    write_kernel(kdir, op="*")  # only _combine changes; add_kernel's own text is identical
+    assert child(kdir, OP="*")["benchmarked"] == 3
+
+
+def test_moving_the_kernel_down_its_file_keeps_its_results(kdir):
+    child(kdir)
+    write_kernel(kdir, padding="\n\n# a comment that moves every line down\nUNUSED = 1\n\n\n")
+    moved = child(kdir)
+    assert moved["benchmarked"] == 0 and moved["best"] == 64
+
+
+def test_configs_with_their_own_pre_hook_are_remembered(kdir):
+    first = child(kdir, HOOKED=1)
+    assert first["benchmarked"] == 3
+    second = child(kdir, HOOKED=1)
+    assert second["benchmarked"] == 0
+    assert second["hook_calls"] == [64]  # the declared config's hook ran for the served call
+
+
+def test_shipped_read_only_book_on_tunebook_path(kdir, tmp_path):
+    shipped = tmp_path / "shipped"
+    child(kdir, TUNEBOOK_DIR=shipped)
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    local = tmp_path / "local"
+    served = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=f"{tmp_path / 'nothing'}{os.pathsep}{shipped}")
+    assert served["benchmarked"] == 0 and served["best"] == 64
+    # A key the shipped book lacks is tuned into the writable book, never into the shipped one.
+    more = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=shipped, NS="[300, 500]")
+    assert more["benchmarked"] == 3
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    assert len(book_files(local)) == 1
+
+
+def test_shipped_book_given_with_the_books_option(kdir, tmp_path):
+    shipped = tmp_path / "shipped"
+    child(kdir, TUNEBOOK_DIR=shipped)
+    served = child(kdir, TUNEBOOK_DIR=tmp_path / "local", SHIPPED=shipped)
+    assert served["benchmarked"] == 0 and served["best"] == 64
+
+
+def test_local_results_complete_a_shipped_book(kdir, tmp_path):
+    shipped = tmp_path / "shipped"
+    child(kdir, TUNEBOOK_DIR=shipped)
+    local = tmp_path / "local"
+    grown = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=shipped, BLOCKS="[32, 64, 128, 256]")
+    assert grown["measured"] == [256]
+    # The writable book now holds all four results, so it stands on its own.
+    alone = child(kdir, TUNEBOOK_DIR=local, BLOCKS="[32, 64, 128, 256]")
+    assert alone["benchmarked"] == 0 and alone["best"] == 256
+
+
+@contextlib.contextmanager
+def read_only(directory: Path):
+    """Make ``directory`` and its files unwritable, also for root (who ignores permissions)."""
+    paths = [directory, *directory.iterdir()]
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", *map(str, paths)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+    else:
+        for p in paths:
+            p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        try:
+            yield
+        finally:
+            for p in paths:
+                p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_read_only_book_directory_works_and_writes_nothing(kdir, tmp_path):
+    ro = tmp_path / "ro"
+    child(kdir, TUNEBOOK_DIR=ro)  # tune while writable
+    before = {p.name: p.read_bytes() for p in ro.iterdir()}
+    with read_only(ro):
+        with pytest.raises(OSError):
+            (ro / "probe").write_text("x")  # the directory really is read-only
+        result = child(kdir, TUNEBOOK_DIR=ro, NS="[300, 700]")
+    assert result["book_hits"] == 1  # n=300 remembered
+    assert result["benchmarked"] == 3  # n=700 tuned, kept in memory
+    assert {p.name: p.read_bytes() for p in ro.iterdir()} == before
+    assert result["_stderr"].count("cannot write to book directory") == 1
+    assert "Traceback" not in result["_stderr"]
