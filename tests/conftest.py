@@ -18,9 +18,9 @@ os.environ.pop("TUNEBOOK_PATH", None)
 os.environ.pop("TUNEBOOK_MODE", None)
 os.environ.pop("TRITON_PRINT_AUTOTUNING", None)
 
-import pytest  # noqa: E402
+import pytest
 
-import tunebook  # noqa: E402
+import tunebook
 
 TESTS = Path(__file__).resolve().parent
 
@@ -43,18 +43,28 @@ def book_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.json"))
 
 
-def run_python(code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None,
-               timeout: float = 300) -> dict:
+def run_python(
+    code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
+) -> dict:
     """Run ``code`` in a new Python process; it must print one JSON object as its last line."""
-    full_env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(TESTS), str(cwd or TESTS), os.environ.get("PYTHONPATH", "")])}
+    full_env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(cwd or TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
     full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
     )
     if proc.returncode != 0:
-        raise AssertionError(f"child failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+        raise AssertionError(
+            f"child failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+        )
     last = proc.stdout.strip().splitlines()[-1]
     result = json.loads(last)
     result["_stderr"] = proc.stderr

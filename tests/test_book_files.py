@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TESTS, book_files
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 import tunebook
+from conftest import TESTS, book_files
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import Document, Entry, Result, config_id, config_record, merge_write, read_document
 
 
 def tuned_add(replay: Replay | None = None):
     replay = replay or Replay({32: 3.0, 64: 1.0, 128: 2.0})
-    return tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
-        add_kernel
-    ), replay
+    return tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel), replay
 
 
 def call(kernel, n: int = 300) -> None:
@@ -71,7 +71,7 @@ def test_unusable_book_file_is_skipped_with_one_warning(kind, book_dir, caplog):
     path.write_bytes(data)
     tunebook.reset_stats()
 
-    kernel, replay = tuned_add()
+    kernel, _ = tuned_add()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         call(kernel)  # no exception: the kernel runs, tuned afresh
@@ -165,8 +165,13 @@ def test_concurrent_processes_tuning_different_keys_all_end_up_in_the_book(book_
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     key_sets = [list(range(100 + i, 160, 4)) for i in range(4)]
     procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(go), json.dumps(keys)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(WRITER), str(go), json.dumps(keys)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for keys in key_sets
     ]
     time.sleep(3)  # let every process import and wait at the start line

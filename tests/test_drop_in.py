@@ -11,6 +11,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
+import tunebook
 from kernels import (
     Replay,
     accumulate_kernel,
@@ -21,8 +23,6 @@ from kernels import (
     sum_kernel,
     vectors,
 )
-
-import tunebook
 
 
 def make_add(configs=None, **options):
@@ -75,7 +75,10 @@ def test_grid_tuple_and_keyword_arguments():
 
 
 def test_config_option_fields_are_passed_through():
-    configs = [triton.Config({"BLOCK": 64}, num_warps=2, num_stages=2), triton.Config({"BLOCK": 32}, num_warps=8)]
+    configs = [
+        triton.Config({"BLOCK": 64}, num_warps=2, num_stages=2),
+        triton.Config({"BLOCK": 32}, num_warps=8),
+    ]
     kernel = make_add(configs)
     x, y, out = vectors(100)
     kernel[grid_1d(100)](x, y, out, 100)
@@ -92,9 +95,7 @@ def test_single_config_never_benchmarks():
 
 
 def test_no_configs_means_default_config():
-    kernel = tunebook.autotune([], key=["n"])(
-        triton.heuristics({"BLOCK": lambda args: 128})(add_kernel)
-    )
+    kernel = tunebook.autotune([], key=["n"])(triton.heuristics({"BLOCK": lambda args: 128})(add_kernel))
     x, y, out = vectors(100)
     kernel[grid_1d(100)](x, y, out, 100)
     torch.testing.assert_close(out, x + y)
@@ -173,7 +174,9 @@ def test_without_reset_to_zero_benchmark_runs_accumulate():
 
 
 def test_restore_value_keeps_in_place_updates_single():
-    kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"], restore_value=["acc_ptr"])(accumulate_kernel)
+    kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"], restore_value=["acc_ptr"])(
+        accumulate_kernel
+    )
     x = torch.ones(50)
     acc = torch.arange(50, dtype=torch.float32)
     expected = acc + x
@@ -253,7 +256,9 @@ def test_a_bug_in_the_call_raises_instead_of_being_remembered(book_dir):
 
 def test_heuristics_above_autotune():
     kernel = triton.heuristics({"BLOCK": lambda args: 64})(
-        tunebook.autotune([triton.Config({}, num_warps=2), triton.Config({}, num_warps=4)], key=["n"])(add_kernel)
+        tunebook.autotune([triton.Config({}, num_warps=2), triton.Config({}, num_warps=4)], key=["n"])(
+            add_kernel
+        )
     )
     x, y, out = vectors(200)
     kernel[grid_1d(200)](x, y, out, 200)
@@ -270,7 +275,9 @@ def test_autotune_above_heuristics():
             tl.store(out_ptr + offs, tl.load(x_ptr + offs) + tl.load(y_ptr + offs))
         else:
             mask = offs < n
-            tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+            tl.store(
+                out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask
+            )
 
     for n in (128, 100):
         x, y, out = vectors(n)
@@ -295,7 +302,7 @@ def test_matmul_with_three_key_arguments():
 
     kernel[grid](a, b, c, 40, 36, 24, *a.stride(), *b.stride(), *c.stride())
     torch.testing.assert_close(c, a @ b, rtol=1e-3, atol=1e-3)
-    assert list(kernel.cache)[0][:3] == (40, 36, 24)
+    assert next(iter(kernel.cache))[:3] == (40, 36, 24)
 
 
 @pytest.mark.skipif(not hasattr(add_kernel, "warmup"), reason="this Triton's interpreter has no warmup()")
@@ -314,3 +321,24 @@ def test_mode_off_benchmarks_like_triton_and_writes_nothing(book_dir, monkeypatc
     torch.testing.assert_close(out, x + y)
     assert tunebook.stats()["benchmarked"] == 3
     assert not book_dir.exists() or not list(book_dir.iterdir())
+
+
+def test_hit_path_serves_each_key_its_own_config():
+    replay = Replay({32: 1.0, 64: 2.0, 128: 3.0})
+    kernel = make_add(do_bench=replay, pre_hook=replay.pre_hook)
+    x, y, out = vectors(256)
+    kernel[grid_1d(256)](x, y, out, 256)  # tuned: BLOCK=32 wins
+    replay.table = {32: 3.0, 64: 2.0, 128: 1.0}
+    xd, yd, od = x.double(), y.double(), out.double()
+    kernel[grid_1d(256)](xd, yd, od, 256)  # new dtype, tuned: BLOCK=128 wins
+    measured = len(replay.measured)
+    for _ in range(3):
+        for args, block in (((x, y, out, 256), 32), ((xd, yd, od, 256), 128)):
+            args[2].fill_(float("nan"))
+            kernel[grid_1d(256)](*args)
+            assert kernel.best_config.kwargs == {"BLOCK": block}
+            torch.testing.assert_close(args[2], args[0] + args[1])
+            kernel[grid_1d(256)](args[0], args[1], out_ptr=args[2], n=256)  # the keyword path
+            assert kernel.best_config.kwargs == {"BLOCK": block}
+    assert len(replay.measured) == measured
+    assert tunebook.stats()["hits"] == 12

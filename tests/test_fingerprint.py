@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import triton
-from kernels import add_kernel, scale_kernel
 
+from kernels import add_kernel, scale_kernel
 from tunebook import _compat, _fingerprint
 
 SOURCE = """

@@ -6,17 +6,17 @@ import logging
 
 import pytest
 import torch
-from conftest import book_files
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 import tunebook
+from conftest import book_files
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 
 def tuned_add(table=None):
     replay = Replay(table or {32: 3.0, 64: 1.0, 128: 2.0})
-    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
-        add_kernel
-    )
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel)
     return kernel, replay
 
 
@@ -29,8 +29,9 @@ def call(kernel, n: int, dtype=torch.float32) -> None:
 def test_serve_mode_never_benchmarks_and_uses_the_nearest_key(monkeypatch, caplog):
     near, far = Replay({32: 3.0, 64: 1.0, 128: 2.0}), Replay({32: 0.1, 64: 1.0, 128: 2.0})
     for replay, n in ((near, 1000), (far, 16)):
-        kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay,
-                                   pre_hook=replay.pre_hook)(add_kernel)
+        kernel = tunebook.autotune(
+            block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+        )(add_kernel)
         call(kernel, n)
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     tunebook.reset_stats()
@@ -60,7 +61,7 @@ def test_serve_mode_does_not_match_keys_of_another_dtype(monkeypatch):
     kernel, _ = tuned_add({32: 3.0, 64: 1.0, 128: 2.0})
     call(kernel, 1000, torch.float64)
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
-    kernel, replay = tuned_add()
+    kernel, _ = tuned_add()
     call(kernel, 1000, torch.float32)
     assert kernel.best_config.kwargs == {"BLOCK": 32}  # no float32 entry: first config
 
@@ -70,7 +71,7 @@ def test_serve_mode_answers_remembered_keys_as_hits(monkeypatch):
     call(kernel, 300)
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     tunebook.reset_stats()
-    kernel, replay = tuned_add()
+    kernel, _ = tuned_add()
     call(kernel, 300)
     call(kernel, 300)
     s = tunebook.stats()
@@ -80,7 +81,7 @@ def test_serve_mode_answers_remembered_keys_as_hits(monkeypatch):
 def test_unknown_mode_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TUNEBOOK_MODE", "fast")
     kernel, _ = tuned_add()
-    with pytest.raises(ValueError, match="TUNEBOOK_MODE='fast'.*tune, serve, off"):
+    with pytest.raises(ValueError, match=r"TUNEBOOK_MODE='fast'.*tune, serve, off"):
         call(kernel, 64)
 
 

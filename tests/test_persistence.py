@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import book_files, run_python
 
 KERNEL_MODULE = """
@@ -32,7 +33,10 @@ def add_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     {body}
 """
-DEFAULT_BODY = "tl.store(out_ptr + offs, _combine(tl.load(x_ptr + offs, mask=mask), tl.load(y_ptr + offs, mask=mask)), mask=mask)"
+DEFAULT_BODY = (
+    "tl.store(out_ptr + offs, _combine(tl.load(x_ptr + offs, mask=mask), "
+    "tl.load(y_ptr + offs, mask=mask)), mask=mask)"
+)
 
 CHILD = """
 import json, os, sys
@@ -42,7 +46,8 @@ from kernels import Replay, grid_1d, vectors
 import userkern
 
 blocks = json.loads(os.environ.get("BLOCKS", "[32, 64, 128]"))
-table = {int(k): v for k, v in json.loads(os.environ.get("TABLE", '{"32": 3.0, "64": 1.0, "128": 2.0, "256": 0.5}')).items()}
+TABLE = '{"32": 3.0, "64": 1.0, "128": 2.0, "256": 0.5}'
+table = {int(k): v for k, v in json.loads(os.environ.get("TABLE", TABLE)).items()}
 replay = Replay(table)
 hooked = os.environ.get("HOOKED") == "1"
 hook_calls = []
@@ -52,7 +57,8 @@ configs = [triton.Config({"BLOCK": b}, pre_hook=config_hook if hooked else None)
 extra = {}
 if os.environ.get("SHIPPED"):
     extra["books"] = [os.environ["SHIPPED"]]
-kernel = tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=replay.pre_hook, **extra)(userkern.add_kernel)
+tune = tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=replay.pre_hook, **extra)
+kernel = tune(userkern.add_kernel)
 op = os.environ.get("OP", "+")
 for n in json.loads(os.environ.get("NS", "[300]")):
     x, y, out = vectors(n)

@@ -14,24 +14,23 @@ The call path has two speeds:
 
 from __future__ import annotations
 
-import keyword
+import contextlib
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _bench, _compat, _fingerprint, _settings, _stats
+from . import _bench, _compat, _fingerprint, _launch, _settings, _stats
 from ._book import Book, Entry, KernelIdentity, Page, Result, config_id, config_record, now_iso
 
 log = logging.getLogger("tunebook")
 
 __version__ = "0.1.0"
 
-_HOST = socket.gethostname()
+_FastEntry = tuple[_launch.Launcher, Any, list[int], dict[str, Any]]
 
 
 class Autotuner(_compat.KernelInterface):
@@ -61,7 +60,9 @@ class Autotuner(_compat.KernelInterface):
         books: Sequence[str | Path] = (),
         name: str | None = None,
     ) -> None:
-        self.configs: list[Any] = list(configs) if configs else [_compat.Config({}, num_warps=4, num_stages=3)]
+        self.configs: list[Any] = (
+            list(configs) if configs else [_compat.Config({}, num_warps=4, num_stages=3)]
+        )
         self.keys = list(key)
         self.arg_names = list(arg_names)
         self.cache: dict[tuple[Any, ...], Any] = {}
@@ -73,8 +74,11 @@ class Autotuner(_compat.KernelInterface):
         self.base_fn = _compat.base_function(fn)
         self.reset_to_zero = list(reset_to_zero or [])
         self.restore_value = list(restore_value or [])
-        for what, names in (("key", self.keys), ("reset_to_zero", self.reset_to_zero),
-                            ("restore_value", self.restore_value)):
+        for what, names in (
+            ("key", self.keys),
+            ("reset_to_zero", self.reset_to_zero),
+            ("restore_value", self.restore_value),
+        ):
             unknown = [n for n in names if n not in self.arg_names]
             if unknown:
                 raise ValueError(
@@ -110,9 +114,15 @@ class Autotuner(_compat.KernelInterface):
         self._page: Page | None = None
         self._timer: Callable[..., Any] | None = None
         self._timer_id: str | None = None
-        # fast key -> (launch kwargs, config, the counter this call bumps: hits or fallbacks)
-        self._fast: dict[tuple[Any, ...], tuple[dict[str, Any], Any, list[int]]] = {}
-        self._fast_key: Callable[..., tuple[Any, ...]] | None = None
+        # Hit-path tables: key tuple -> (launcher, config, the counter the call bumps: hits
+        # or fallbacks, launch kwargs). _fast_pos serves calls with positional arguments
+        # only (the common case, keyed by index); _fast serves any call (keyed by binding).
+        self._fast: dict[tuple[Any, ...], _FastEntry] = {}
+        self._fast_pos: dict[tuple[Any, ...], _FastEntry] = {}
+        self._bind_key: Callable[..., tuple[Any, ...]] | None = None
+        self._pos_key: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
+        self._pos_key_tried = False
+        self._launchers: dict[int, _launch.Launcher] = {}
         self._hit_counter = [0]
         self._fallback_counter = [0]
         self._fallback_keys: set[tuple[Any, ...]] = set()
@@ -120,12 +130,15 @@ class Autotuner(_compat.KernelInterface):
         _stats.register(self)
         if len(self.configs) == 1:
             only = self.configs[0]
-            self._fast_key = _constant_key
-            self._fast[()] = (only.all_kwargs(), only, self._hit_counter)
+            self._bind_key, self._pos_key, self._pos_key_tried = _constant_key, _constant_key, True
+            entry = (self._launcher(only), only, self._hit_counter, only.all_kwargs())
+            self._fast[()] = self._fast_pos[()] = entry
 
     # ----------------------------------------------------------------- hooks (as Triton)
 
-    def _install_hooks(self, pre_hook: Callable[..., Any] | None, post_hook: Callable[..., Any] | None) -> None:
+    def _install_hooks(
+        self, pre_hook: Callable[..., Any] | None, post_hook: Callable[..., Any] | None
+    ) -> None:
         self.restore_copies: dict[str, Any] = {}
         self.user_defined_pre_hook = pre_hook is not None
         self.user_defined_post_hook = post_hook is not None
@@ -161,23 +174,36 @@ class Autotuner(_compat.KernelInterface):
     # ------------------------------------------------------------------------ launching
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
-        run = self.run
-        return lambda *args, **kwargs: run(*args, grid=grid, warmup=False, **kwargs)
+        # The common hit (positional arguments, no config pre_hook) is served right here
+        # by generated code; anything else goes through run().
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            if not kwargs:
+                try:
+                    launcher, config, counter, _ = self._fast_pos[self._pos_key(args)]  # type: ignore[misc]
+                except (KeyError, AttributeError, IndexError, TypeError):
+                    pass
+                else:
+                    if config.pre_hook is None:
+                        counter[0] += 1
+                        self.best_config = config
+                        return launcher(self.fn.run, args, grid, False)
+            return self.run(*args, grid=grid, warmup=False, **kwargs)
+
+        return launch
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
-        fast_key = self._fast_key
-        if fast_key is not None:
-            try:
-                config_kwargs, config, counter = self._fast[fast_key(*args, **kwargs)]
-            except (KeyError, AttributeError, TypeError):
-                pass
-            else:
-                counter[0] += 1
-                self.best_config = config
-                if config.pre_hook is not None:
-                    config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config_kwargs})
-                return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
-        return self._slow_run(args, kwargs, grid, warmup)
+        """Launch (Triton's KernelInterface entry point; ``triton.heuristics`` calls this)."""
+        try:
+            launcher, config, counter, config_kwargs = self._fast[self._bind_key(*args, **kwargs)]  # type: ignore[misc]
+        except (KeyError, AttributeError, TypeError):
+            return self._slow_run(args, kwargs, grid, warmup)
+        counter[0] += 1
+        self.best_config = config
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config_kwargs})
+        if kwargs:
+            return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
+        return launcher(self.fn.run, args, grid, warmup)
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         with self._lock:
@@ -210,14 +236,30 @@ class Autotuner(_compat.KernelInterface):
     def _counter_for(self, key: tuple[Any, ...]) -> list[int]:
         return self._fallback_counter if key in self._fallback_keys else self._hit_counter
 
-    def _remember_fast(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: tuple[Any, ...], config: Any) -> None:
-        if self._fast_key is None:
-            self._fast_key = _make_fast_key(self.arg_names, self.keys, args, kwargs)
-        try:
-            fk = self._fast_key(*args, **kwargs)
-        except (AttributeError, TypeError):
-            return  # this call's argument kinds differ from the first call's: stays on the slow path
-        self._fast[fk] = (config.all_kwargs(), config, self._counter_for(key))
+    def _launcher(self, config: Any) -> _launch.Launcher:
+        launcher = self._launchers.get(id(config))
+        if launcher is None:
+            launcher = self._launchers[id(config)] = _launch.config_launcher(config.all_kwargs())
+        return launcher
+
+    def _remember_fast(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], key: tuple[Any, ...], config: Any
+    ) -> None:
+        entry = (self._launcher(config), config, self._counter_for(key), config.all_kwargs())
+        if self._bind_key is None:
+            self._bind_key = _launch.binding_key(self.arg_names, self.keys, args, kwargs)
+        # A call whose argument kinds differ from those the key functions were generated
+        # for (a tensor where there was None, ...) raises here and stays on the slow path.
+        with contextlib.suppress(AttributeError, IndexError, TypeError):
+            self._fast[self._bind_key(*args, **kwargs)] = entry
+        if kwargs:
+            return
+        if not self._pos_key_tried:
+            self._pos_key_tried = True
+            self._pos_key = _launch.positional_key(self.arg_names, self.keys, args)
+        if self._pos_key is not None:
+            with contextlib.suppress(AttributeError, IndexError, TypeError):
+                self._fast_pos[self._pos_key(args)] = entry
 
     def warmup(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Compile every candidate config for these arguments (as Triton's Autotuner.warmup)."""
@@ -245,7 +287,9 @@ class Autotuner(_compat.KernelInterface):
             if isinstance(top_k, float) and top_k <= 1.0:
                 top_k = max(1, int(len(pruned) * top_k))
             elif not isinstance(top_k, int):
-                raise TypeError("Error while pruning configs, top_k must be either 1) a float <= 1.0 or 2) an int")
+                raise TypeError(
+                    "Error while pruning configs, top_k must be either 1) a float <= 1.0 or 2) an int"
+                )
             if len(pruned) > top_k:
                 est = {cfg: self.perf_model(**nargs, **kwargs, **cfg.all_kwargs()) for cfg in pruned}
                 pruned = sorted(est, key=lambda c: est[c])[:top_k]
@@ -407,13 +451,19 @@ class Autotuner(_compat.KernelInterface):
                 try:
                     self.post_hook(full_nargs, exception=exc)
                 finally:
-                    raise  # noqa: B012 - the kernel's exception is the one to report
+                    raise
             self.post_hook(full_nargs, exception=None)
 
         return timer(kernel_call, quantiles=_bench.QUANTILES)
 
     def _fallback(
-        self, key: tuple[Any, ...], key_text: str, pruned: list[Any], ids: list[str], entry: Entry | None, page: Page
+        self,
+        key: tuple[Any, ...],
+        key_text: str,
+        pruned: list[Any],
+        ids: list[str],
+        entry: Entry | None,
+        page: Page,
     ) -> Any:
         """``serve`` mode: a config with zero benchmarking, from the nearest remembered key."""
         self._fallback_keys.add(key)
@@ -457,40 +507,6 @@ class Autotuner(_compat.KernelInterface):
 
 def _constant_key(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     return ()
-
-
-def _make_fast_key(
-    arg_names: list[str], key_names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Callable[..., tuple[Any, ...]]:
-    """Generate ``f(*args, **kwargs) -> tuple`` specialised to this kernel's signature.
-
-    The tuple holds the key values and the dtypes of the arguments that were tensors in the
-    first call. Python binds positional and keyword arguments itself, so the hit path costs
-    one call and a few attribute reads. A later call whose tensor argument is not a tensor
-    raises AttributeError and takes the slow path, which is always exact.
-    """
-    bound = {**dict(zip(arg_names, args)), **kwargs}
-    safe = all(n.isidentifier() and not keyword.iskeyword(n) for n in arg_names)
-    if not safe:  # pragma: no cover - Triton kernels have identifier argument names
-        return lambda *a, **k: _fingerprint.canonical_key(arg_names, key_names, a, k)
-    params = ", ".join(f"{n}=_MISSING" for n in arg_names)
-    elems = [n for n in key_names]
-    elems += [f"{n}.dtype" for n in arg_names if hasattr(bound.get(n), "dtype")]
-    body = "(" + "".join(f"{e}, " for e in elems) + ")"
-    src = f"def _fast_key({params}, **_extra):\n    return {body}\n"
-    namespace: dict[str, Any] = {"_MISSING": _MISSING}
-    exec(compile(src, "<tunebook fast key>", "exec"), namespace)
-    return namespace["_fast_key"]
-
-
-class _Missing:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
 
 
 def _nearest_entry(key: tuple[Any, ...], entries: Any, ids: list[str]) -> Entry | None:

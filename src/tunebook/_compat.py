@@ -106,7 +106,11 @@ def innermost_jit(fn: Any) -> Any:
 
 def config_options(config: Any) -> dict[str, Any]:
     """The Config's compiler options (num_warps, num_stages, ...), Nones left out."""
-    return {name: getattr(config, name) for name in CONFIG_OPTION_FIELDS if getattr(config, name, None) is not None}
+    return {
+        name: getattr(config, name)
+        for name in CONFIG_OPTION_FIELDS
+        if getattr(config, name, None) is not None
+    }
 
 
 def unrunnable_config_errors() -> tuple[type[BaseException], ...]:

@@ -36,7 +36,9 @@ TUNEBOOK_DIR = Setting(
     "TUNEBOOK_DIR", "", "Writable book directory. Default: the user cache dir, e.g. ~/.cache/tunebook."
 )
 TUNEBOOK_PATH = Setting(
-    "TUNEBOOK_PATH", "", "Extra read-only book directories, os.pathsep-separated, consulted after TUNEBOOK_DIR."
+    "TUNEBOOK_PATH",
+    "",
+    "Extra read-only book directories, os.pathsep-separated, consulted after TUNEBOOK_DIR.",
 )
 TUNEBOOK_MODE = Setting(
     "TUNEBOOK_MODE",
@@ -46,9 +48,17 @@ TUNEBOOK_MODE = Setting(
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
-TRITON_INTERPRET = Setting("TRITON_INTERPRET", "0", "Triton's own switch: run kernels in the CPU interpreter.")
+TRITON_INTERPRET = Setting(
+    "TRITON_INTERPRET", "0", "Triton's own switch: run kernels in the CPU interpreter."
+)
 
-ALL: tuple[Setting, ...] = (TUNEBOOK_DIR, TUNEBOOK_PATH, TUNEBOOK_MODE, TRITON_PRINT_AUTOTUNING, TRITON_INTERPRET)
+ALL: tuple[Setting, ...] = (
+    TUNEBOOK_DIR,
+    TUNEBOOK_PATH,
+    TUNEBOOK_MODE,
+    TRITON_PRINT_AUTOTUNING,
+    TRITON_INTERPRET,
+)
 
 _TRUE = {"1", "true", "yes", "on"}
 

@@ -96,7 +96,9 @@ class Page:
         if doc is not None and doc.kernel.get("hash") != self.kernel.source_hash:
             from .files import warn_once
 
-            warn_once(f"read:{path}", "tunebook: skipping book %s: it belongs to another kernel version", path)
+            warn_once(
+                f"read:{path}", "tunebook: skipping book %s: it belongs to another kernel version", path
+            )
             return None
         return doc
 
@@ -121,7 +123,9 @@ class Page:
     def _set_writable(self, writable: dict[str, Entry]) -> None:
         entries = dict(self._readonly_entries)
         for k, entry in writable.items():
-            entries[k] = self._readonly_entries[k].merged_over(entry) if k in self._readonly_entries else entry
+            entries[k] = (
+                self._readonly_entries[k].merged_over(entry) if k in self._readonly_entries else entry
+            )
         self.entries = entries
 
     def get(self, key_text: str) -> Entry | None:

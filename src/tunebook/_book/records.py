@@ -83,7 +83,12 @@ class Result:
         return self.ms[0] if self.ok and self.ms is not None else math.inf
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "ms": list(self.ms) if self.ms else None, "error": self.error, "at": self.at}
+        return {
+            "config": self.config,
+            "ms": list(self.ms) if self.ms else None,
+            "error": self.error,
+            "at": self.at,
+        }
 
     @staticmethod
     def from_json(data: Any, where: str) -> Result:
@@ -230,7 +235,7 @@ class Document:
             lines.append(' "entries": {')
             for i, (key_text, entry) in enumerate(entries.items()):
                 head = {k: v for k, v in entry.items() if k != "results"}
-                lines.append(f"  {one(key_text)}: {one(head)[:-1]}, \"results\": {{")
+                lines.append(f'  {one(key_text)}: {one(head)[:-1]}, "results": {{')
                 results = list(entry["results"].items())
                 for j, (cid, result) in enumerate(results):
                     sep = "," if j < len(results) - 1 else ""
@@ -243,7 +248,7 @@ class Document:
     @staticmethod
     def from_json(data: Any) -> Document:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise BookFormatError("not a tunebook book (no \"format\": \"tunebook-book\" field)")
+            raise BookFormatError('not a tunebook book (no "format": "tunebook-book" field)')
         version = data.get("version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise BookFormatError("the 'version' field is missing or not an integer")

@@ -1,0 +1,1 @@
+"""The tunebook demo: ``python -m tunebook.demo``. See __main__.py."""

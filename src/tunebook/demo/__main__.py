@@ -1,0 +1,135 @@
+"""Tune a GEMM in one process, run it again in a new one, show that nothing was re-benchmarked.
+
+    python -m tunebook.demo [--book DIR]
+
+On a machine without a GPU the kernels run in Triton's CPU interpreter
+(TRITON_INTERPRET=1 is set for you); on a GPU they run as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "The demo needs PyTorch: pip install torch (on a CPU-only machine: pip install torch==2.13.0)"
+        )
+    return bool(torch.cuda.is_available())
+
+
+def _child() -> None:
+    """One process: call the tuned GEMM once, report what it cost."""
+    import torch
+
+    import tunebook
+    from tunebook.demo.matmul import _matmul_kernel, gemm_configs, matmul, small_configs
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        configs = gemm_configs(block_m=(64, 128), block_n=(64, 128), block_k=(64,), stages=(3, 4), warps=(4,))
+        size, dtype, device = (2048, 2048, 2048), torch.float16, "cuda"
+    else:
+        configs, size, dtype, device = small_configs(), (64, 48, 32), torch.float32, "cpu"
+    kernel = tunebook.autotune(configs, key=["M", "N", "K"])(_matmul_kernel)
+    M, N, K = size
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(M, K, device=device, dtype=dtype, generator=g)
+    b = torch.randn(K, N, device=device, dtype=dtype, generator=g)
+    if on_gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    c = matmul(kernel, a, b)
+    if on_gpu:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    ref = (a.float() @ b.float()).to(dtype)
+    tol = 2e-2 if dtype == torch.float16 else 1e-4
+    error = float(((c.float() - ref.float()).norm() / ref.float().norm()).item())
+    print(
+        json.dumps(
+            {
+                **tunebook.stats(),
+                "seconds": seconds,
+                "configs": len(configs),
+                "winner": " ".join(f"{k}={v}" for k, v in kernel.best_config.kwargs.items())
+                + f" num_warps={kernel.best_config.num_warps} num_stages={kernel.best_config.num_stages}",
+                "error": error,
+                "correct": error < tol,
+            }
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tunebook.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--book", type=Path, help="book directory to use (default: a new temporary one)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child()
+        return 0
+
+    on_gpu = _has_gpu()
+    import triton
+
+    env = dict(os.environ)
+    if not on_gpu:
+        env["TRITON_INTERPRET"] = "1"
+    book = args.book or Path(tempfile.mkdtemp(prefix="tunebook-demo-"))
+    env["TUNEBOOK_DIR"] = str(book)
+    where = "GPU" if on_gpu else "CPU, Triton interpreter (TRITON_INTERPRET=1)"
+    print(f"tunebook demo on {where}; triton {triton.__version__}; book: {book}")
+
+    runs = []
+    for label in ("process 1 (tunes)", "process 2 (remembers)"):
+        print(f"  running {label} ...", flush=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunebook.demo", "--child"], env=env, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            print(f"{label} failed (exit code {proc.returncode}); its error output is above.")
+            return 1
+        runs.append((label, json.loads(proc.stdout.strip().splitlines()[-1])))
+
+    print()
+    print(f"  {'':24}{'benchmarked':>14}{'first call':>13}  {'correct':8}winner")
+    for label, r in runs:
+        print(
+            f"  {label:24}{r['benchmarked']:>6} of {r['configs']:<6}{r['seconds']:>11.3f} s  "
+            f"{'yes' if r['correct'] else 'NO':8}{r['winner']}"
+        )
+    files = sorted(book.glob("*.json"))
+    print(f"\n  the book: {len(files)} file(s) in {book}")
+    for f in files:
+        doc = json.loads(f.read_text())
+        print(
+            f"    {f.name}: {len(doc['entries'])} key(s), "
+            f"{sum(len(e['results']) for e in doc['entries'].values())} measured config(s)"
+        )
+    second = runs[1][1]
+    ok = second["benchmarked"] == 0 and second["book_hits"] == 1 and all(r["correct"] for _, r in runs)
+    print(
+        "\n  "
+        + (
+            "OK: the second process benchmarked nothing and ran the remembered winner."
+            if ok
+            else "UNEXPECTED: see the table above."
+        )
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
