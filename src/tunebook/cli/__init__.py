@@ -21,8 +21,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         import click  # noqa: F401
         import rich  # noqa: F401
     except ImportError as exc:
-        print(f"tunebook: the command line needs the optional 'cli' extra ({exc.name} is missing):",
-              file=sys.stderr)
+        print(
+            f"tunebook: the command line needs the optional 'cli' extra ({exc.name} is missing):",
+            file=sys.stderr,
+        )
         print(INSTALL_LINE, file=sys.stderr)
         raise SystemExit(1) from None
     from ._app import cli

@@ -7,7 +7,7 @@ import logging
 import click
 
 from .._autotuner import __version__
-from . import diff, explain, merge, prune, report, show, vllm
+from . import diff, explain, export_vllm, import_vllm, merge, prune, report, show
 
 
 def _configure_logging(verbose: int) -> None:
@@ -38,8 +38,8 @@ cli.add_command(show.command)
 cli.add_command(explain.command)
 cli.add_command(merge.command)
 cli.add_command(diff.command)
-cli.add_command(vllm.export_command)
-cli.add_command(vllm.import_command)
+cli.add_command(export_vllm.command)
+cli.add_command(import_vllm.command)
 cli.add_command(prune.command)
 cli.add_command(report.command)
 # `tunebook tune` (offline tuning) belongs here: a module `tune.py` exposing `command`,

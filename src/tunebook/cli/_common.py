@@ -18,6 +18,12 @@ from ._load import Loaded, load
 book_argument = click.argument("book", required=False, type=click.Path(path_type=Path))
 
 
+def output_option(help: str, *, directory: bool = True, required: bool = True) -> Any:
+    """``-o/--output``: a directory (merge, export, import) or a file (report)."""
+    kind = click.Path(path_type=Path, file_okay=not directory, dir_okay=directory)
+    return click.option("-o", "--output", "output", required=required, default=None, type=kind, help=help)
+
+
 def resolve_book(book: Path | None) -> Path:
     """The BOOK argument, or the writable book directory (``TUNEBOOK_DIR``) when omitted."""
     return book if book is not None else _settings.book_dir()

@@ -59,8 +59,11 @@ class Loaded:
 
 def identity_of(doc: Document) -> KernelIdentity:
     key = doc.kernel.get("key", [])
-    return KernelIdentity(str(doc.kernel.get("name", "kernel")), str(doc.kernel["hash"]),
-                          tuple(str(k) for k in key) if isinstance(key, list) else ())
+    return KernelIdentity(
+        str(doc.kernel.get("name", "kernel")),
+        str(doc.kernel["hash"]),
+        tuple(str(k) for k in key) if isinstance(key, list) else (),
+    )
 
 
 def platform_id_of(platform: dict[str, Any]) -> str:

@@ -55,7 +55,9 @@ def resolve_kernel(target: str) -> tuple[str, Autotuner]:
         return attr, obj
     listing = ", ".join(found) or "none"
     if obj is None:
-        raise click.ClickException(f"module {module_spec} has no attribute {attr!r}; its tunebook kernels: {listing}")
+        raise click.ClickException(
+            f"module {module_spec} has no attribute {attr!r}; its tunebook kernels: {listing}"
+        )
     raise click.ClickException(
         f"{module_spec}:{attr} is a {type(obj).__name__}, not a @tunebook.autotune kernel; "
         f"its tunebook kernels: {listing}"

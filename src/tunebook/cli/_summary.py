@@ -8,7 +8,7 @@ successful configs of the key by their median time and take the middle one (the 
 of the two middle ones for an even count). It is what an untuned pick from the same
 config list costs typically; ``--reference slowest`` takes the worst one instead.
 
-**Imported entries** (platform timer ``imported:<format>``, see ``vllm.py``) carry a
+**Imported entries** (platform timer ``imported:<format>``, see ``_vllm_format``) carry a
 declared winner and no timing: their times and speed-ups are reported as absent.
 """
 
@@ -84,10 +84,22 @@ def summarise(entry: Entry, imported: bool, reference: Reference = "median") -> 
     )
 
 
+def key_order(key: Any) -> tuple[Any, ...]:
+    """Sort keys as people read them: 100 before 1000, numbers before text."""
+    return tuple(
+        (0, float(v), "") if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0.0, str(v))
+        for v in key
+    )
+
+
+def sorted_entries(doc: Document) -> list[Entry]:
+    return sorted(doc.entries.values(), key=lambda e: key_order(e.key))
+
+
 def summarise_page(doc: Document, reference: Reference = "median") -> list[KeySummary]:
-    """Every key of ``doc``, in the book's (sorted key text) order."""
+    """Every key of ``doc``, in natural key order."""
     imported = is_imported(doc)
-    return [summarise(doc.entries[k], imported, reference) for k in sorted(doc.entries)]
+    return [summarise(entry, imported, reference) for entry in sorted_entries(doc)]
 
 
 def short_config(config: dict[str, Any] | None) -> str:

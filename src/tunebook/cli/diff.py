@@ -23,8 +23,13 @@ JSON_VERSION = 1
 
 
 def _page_ref(page: Page) -> dict[str, Any]:
-    return {"kernel": page.kernel_name, "kernel_id": page.identity.id, "platform": page.platform_label,
-            "platform_id": page.platform_id, "path": str(page.path)}
+    return {
+        "kernel": page.kernel_name,
+        "kernel_id": page.identity.id,
+        "platform": page.platform_label,
+        "platform_id": page.platform_id,
+        "path": str(page.path),
+    }
 
 
 def diff_pages(a: Page, b: Page, threshold: float) -> dict[str, Any]:
@@ -35,22 +40,47 @@ def diff_pages(a: Page, b: Page, threshold: float) -> dict[str, Any]:
         x, y = ea[key_text], eb[key_text]
         wx, wy = x.best(), y.best()
         if wx != wy:
-            winners.append({
-                "key": list(x.key),
-                "a": {"winner": wx, "ms": x.results[wx].median if wx else None,
-                      "config": x.results[wx].config if wx else None},
-                "b": {"winner": wy, "ms": y.results[wy].median if wy else None,
-                      "config": y.results[wy].config if wy else None},
-            })
+            winners.append(
+                {
+                    "key": list(x.key),
+                    "a": {
+                        "winner": wx,
+                        "ms": x.results[wx].median if wx else None,
+                        "config": x.results[wx].config if wx else None,
+                    },
+                    "b": {
+                        "winner": wy,
+                        "ms": y.results[wy].median if wy else None,
+                        "config": y.results[wy].config if wy else None,
+                    },
+                }
+            )
         for cid in sorted(x.results.keys() & y.results.keys()):
             rx, ry = x.results[cid], y.results[cid]
             if rx.ok != ry.ok:
-                timings.append({"key": list(x.key), "config": cid, "a_ms": rx.ms and rx.median,
-                                "b_ms": ry.ms and ry.median, "ratio": None,
-                                "a_error": rx.error, "b_error": ry.error})
+                timings.append(
+                    {
+                        "key": list(x.key),
+                        "config": cid,
+                        "a_ms": rx.ms and rx.median,
+                        "b_ms": ry.ms and ry.median,
+                        "ratio": None,
+                        "a_error": rx.error,
+                        "b_error": ry.error,
+                    }
+                )
             elif rx.ok and rx.median > 0 and abs(ry.median / rx.median - 1) > threshold:
-                timings.append({"key": list(x.key), "config": cid, "a_ms": rx.median, "b_ms": ry.median,
-                                "ratio": round(ry.median / rx.median, 6), "a_error": None, "b_error": None})
+                timings.append(
+                    {
+                        "key": list(x.key),
+                        "config": cid,
+                        "a_ms": rx.median,
+                        "b_ms": ry.median,
+                        "ratio": round(ry.median / rx.median, 6),
+                        "a_error": None,
+                        "b_error": None,
+                    }
+                )
     return {
         "a": _page_ref(a),
         "b": _page_ref(b),
@@ -76,11 +106,18 @@ def _index(pages: list[Page], with_platform: bool) -> dict[tuple[str, ...], Page
 def _select_platform(pages: list[Page], wanted: str) -> list[Page]:
     """Pages whose platform id starts with, or whose label or device contains, ``wanted``."""
     w = wanted.lower()
-    return [p for p in pages if p.platform_id.startswith(w) or w in p.platform_label.lower()
-            or w in str(p.doc.platform.get("device", "")).lower()]
+    return [
+        p
+        for p in pages
+        if p.platform_id.startswith(w)
+        or w in p.platform_label.lower()
+        or w in str(p.doc.platform.get("device", "")).lower()
+    ]
 
 
-def diff_data(a_pages: list[Page], b_pages: list[Page], by_platform: bool, threshold: float) -> dict[str, Any]:
+def diff_data(
+    a_pages: list[Page], b_pages: list[Page], by_platform: bool, threshold: float
+) -> dict[str, Any]:
     ia, ib = _index(a_pages, not by_platform), _index(b_pages, not by_platform)
     pairs = [diff_pages(ia[k], ib[k], threshold) for k in sorted(ia.keys() & ib.keys())]
     data = {
@@ -99,24 +136,32 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
     console = out()
     for side, name in (("only_a", name_a), ("only_b", name_b)):
         for ref in data[side]:
-            console.print(f"only in {escape(name)}: {escape(ref['kernel'])} [dim]{ref['kernel_id']}[/] on "
-                          f"{escape(ref['platform'])}")
+            console.print(
+                f"only in {escape(name)}: {escape(ref['kernel'])} [dim]{ref['kernel_id']}[/] on "
+                f"{escape(ref['platform'])}"
+            )
     for pair in data["pages"]:
         a, b = pair["a"], pair["b"]
-        where = a["platform"] if a["platform_id"] == b["platform_id"] else f"{a['platform']} vs {b['platform']}"
+        where = (
+            a["platform"] if a["platform_id"] == b["platform_id"] else f"{a['platform']} vs {b['platform']}"
+        )
         console.print(f"\n[bold]{escape(a['kernel'])}[/] [dim]{a['kernel_id']}[/] on {escape(where)}")
         for key in pair["keys_only_a"]:
             console.print(f"  key {escape(fmt_key(key))} only in {escape(name_a)}")
         for key in pair["keys_only_b"]:
             console.print(f"  key {escape(fmt_key(key))} only in {escape(name_b)}")
         for w in pair["winner_changed"]:
-            console.print(f"  key {escape(fmt_key(w['key']))}: winner {escape(short_config(w['a']['config']))} "
-                          f"({fmt_ms(w['a']['ms'])} ms) -> {escape(short_config(w['b']['config']))} "
-                          f"({fmt_ms(w['b']['ms'])} ms)")
+            console.print(
+                f"  key {escape(fmt_key(w['key']))}: winner {escape(short_config(w['a']['config']))} "
+                f"({fmt_ms(w['a']['ms'])} ms) -> {escape(short_config(w['b']['config']))} "
+                f"({fmt_ms(w['b']['ms'])} ms)"
+            )
         for t in pair["timing_changed"]:
             change = f"x{t['ratio']:.3g}" if t["ratio"] is not None else "ran / failed"
-            console.print(f"  key {escape(fmt_key(t['key']))} config {escape(t['config'])}: "
-                          f"{fmt_ms(t['a_ms'])} -> {fmt_ms(t['b_ms'])} ms ({change})")
+            console.print(
+                f"  key {escape(fmt_key(t['key']))} config {escape(t['config'])}: "
+                f"{fmt_ms(t['a_ms'])} -> {fmt_ms(t['b_ms'])} ms ({change})"
+            )
     if not data["differ"]:
         console.print(f"no differences ({data['unchanged']} kernel pages compared)")
 
@@ -124,20 +169,33 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
 @click.command("diff")
 @click.argument("a", required=False, type=click.Path(path_type=Path))
 @click.argument("b", required=False, type=click.Path(path_type=Path))
-@click.option("--platform", "platforms", multiple=True, metavar="X",
-              help="Twice: compare two platforms of one book (A, default TUNEBOOK_DIR). X matches a platform "
-                   "id prefix, or a substring of its device name or label.")
-@click.option("--threshold", default=0.05, show_default=True,
-              help="Report a config's time change only above this relative change (0.05 = 5%).")
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    metavar="X",
+    help="Twice: compare two platforms of one book (A, default TUNEBOOK_DIR). X matches a platform "
+    "id prefix, or a substring of its device name or label.",
+)
+@click.option(
+    "--threshold",
+    default=0.05,
+    show_default=True,
+    help="Report a config's time change only above this relative change (0.05 = 5%).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def command(a: Path | None, b: Path | None, platforms: tuple[str, ...], threshold: float, as_json: bool) -> None:
+def command(
+    a: Path | None, b: Path | None, platforms: tuple[str, ...], threshold: float, as_json: bool
+) -> None:
     """What differs between books A and B, or between two platforms (--platform X --platform Y) of one book.
 
     Exit status: 0 when nothing differs, 1 when something does.
     """
     if platforms:
         if len(platforms) != 2 or b is not None:
-            raise click.UsageError("compare platforms with exactly two --platform options and at most one BOOK")
+            raise click.UsageError(
+                "compare platforms with exactly two --platform options and at most one BOOK"
+            )
         loaded = load_or_fail(a)
         warn_skipped(loaded)
         sides = []

@@ -39,9 +39,10 @@ LABELS = {
 
 HINTS = {
     "hash": "the kernel or a jitted helper or constant it uses was edited since the book was tuned; re-tune "
-            "(or ship the book tuned from this source)",
+    "(or ship the book tuned from this source)",
     "key": "the autotune key= list changed; re-tune",
-    "triton": "tuned with another Triton version; re-tune with this one, or pin the Triton the book was tuned with",
+    "triton": "tuned with another Triton version; re-tune with this one, or pin the Triton the book was "
+    "tuned with",
     "device": "tuned on another GPU model; tune on this one or ship a book from one",
     "timer": "tuned with another timer (do_bench=, use_cuda_graph=, warmup/rep, or the interpreter)",
     "runtime": "tuned under another CUDA/ROCm runtime",
@@ -50,23 +51,39 @@ HINTS = {
 
 def identity_here(tuner: Autotuner) -> tuple[KernelIdentity, dict[str, Any], str]:
     """(kernel identity, platform fingerprint, platform id) exactly as ``Autotuner.page()`` builds them."""
-    _, timer_id = tuner._ensure_timer()
-    fingerprint = platform_fingerprint(timer_id)
+    try:
+        _, timer_id = tuner._ensure_timer()
+        fingerprint = platform_fingerprint(timer_id)
+    except RuntimeError as exc:  # Triton found no GPU driver
+        raise click.ClickException(
+            f"cannot tell this process's platform: {str(exc).rstrip('.')}. On a machine without a GPU, "
+            "explain the interpreter platform with TRITON_INTERPRET=1 (or --env TRITON_INTERPRET=1)."
+        ) from None
     return tuner._kernel_identity(), fingerprint, platform_id(fingerprint)
 
 
 def differences(page: Page, ident: KernelIdentity, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
     """Every identity field in which ``page`` differs from this process."""
     found = []
-    book_kernel = {"name": page.kernel_name, "hash": page.doc.kernel.get("hash"),
-                   "key": list(page.doc.kernel.get("key", []))}
+    book_kernel = {
+        "name": page.kernel_name,
+        "hash": page.doc.kernel.get("hash"),
+        "key": list(page.doc.kernel.get("key", [])),
+    }
     here_kernel = {"name": ident.name, "hash": ident.source_hash, "key": list(ident.key)}
     book_platform = {k: v for k, v in page.doc.platform.items() if k != "id"}
     for book_side, here_side in ((book_kernel, here_kernel), (book_platform, fingerprint)):
         for name in sorted(set(book_side) | set(here_side), key=lambda n: (n not in LABELS, n)):
             if book_side.get(name) != here_side.get(name):
-                found.append({"field": name, "label": LABELS.get(name, name), "book": book_side.get(name),
-                              "here": here_side.get(name), "hint": HINTS.get(name)})
+                found.append(
+                    {
+                        "field": name,
+                        "label": LABELS.get(name, name),
+                        "book": book_side.get(name),
+                        "here": here_side.get(name),
+                        "hint": HINTS.get(name),
+                    }
+                )
     return found
 
 
@@ -84,13 +101,16 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
                 continue
             diffs = differences(page, ident, fingerprint)
             keys = [page.doc.entries[k].key for k in sorted(page.doc.entries)]
-            files.append({
-                "path": str(page.path),
-                "match": not [d for d in diffs if d["field"] != "name"] and page.kernel_name == ident.name,
-                "differences": diffs,
-                "keys": [list(k) for k in keys[:key_limit]],
-                "key_count": len(keys),
-            })
+            files.append(
+                {
+                    "path": str(page.path),
+                    "match": not [d for d in diffs if d["field"] != "name"]
+                    and page.kernel_name == ident.name,
+                    "differences": diffs,
+                    "keys": [list(k) for k in keys[:key_limit]],
+                    "key_count": len(keys),
+                }
+            )
     return {
         "target": target,
         "kernel": ident.to_json(),
@@ -107,17 +127,21 @@ def _print(data: dict[str, Any]) -> None:
     console = out()
     k, p = data["kernel"], data["platform"]
     console.print(f"[bold]{escape(data['target'])}[/] in this process:")
-    console.print(f"  kernel  {escape(k['name'])}  id {k['id']}  source hash {k['hash'][:16]}…  "
-                  f"key ({', '.join(k['key'])}) + argument dtypes")
+    console.print(
+        f"  kernel  {escape(k['name'])}  id {k['id']}  source hash {k['hash'][:16]}…  "
+        f"key ({', '.join(k['key'])}) + argument dtypes"
+    )
     plat = "  ".join(f"{n}={v}" for n, v in p.items() if n != "id")
     console.print(f"  platform  {escape(plat)}  id {p['id']}")
     console.print(f"  reads  {escape(data['expected_file'])}")
     console.print(f"  in  {escape(', '.join(data['directories']) or '(no book directory)')}")
     console.print()
     if not data["files"]:
-        console.print(f"[red]miss[/]: no book file of a kernel named {escape(k['name'])} (or of the same source) "
-                      "in these directories. Tune it here (TUNEBOOK_MODE=tune), or ship a book tuned on this "
-                      "platform and point TUNEBOOK_PATH or autotune(books=...) at it.")
+        console.print(
+            f"[red]miss[/]: no book file of a kernel named {escape(k['name'])} (or of the same source) "
+            "in these directories. Tune it here (TUNEBOOK_MODE=tune), or ship a book tuned on this "
+            "platform and point TUNEBOOK_PATH or autotune(books=...) at it."
+        )
         return
     for f in data["files"]:
         head = "[green]match[/]" if f["match"] else "[red]differs[/]"
@@ -130,20 +154,31 @@ def _print(data: dict[str, Any]) -> None:
         more = f" … and {f['key_count'] - len(f['keys'])} more" if f["key_count"] > len(f["keys"]) else ""
         console.print(f"    keys: {escape(shown) or '(none)'}{more}")
     if data["verdict"] == "hit":
-        console.print("\n[green]A book file matches this process[/]: a call hits when its key (the key "
-                      "values and argument dtypes listed above) is in it and every config is measured.")
+        console.print(
+            "\n[green]A book file matches this process[/]: a call hits when its key (the key "
+            "values and argument dtypes listed above) is in it and every config is measured."
+        )
     else:
-        console.print("\n[red]No book file matches this process[/]: every call misses. Fix the differences "
-                      "above, or tune on this platform.")
+        console.print(
+            "\n[red]No book file matches this process[/]: every call misses. Fix the differences "
+            "above, or tune on this platform."
+        )
 
 
 @click.command("explain")
 @click.argument("target", metavar="MODULE:KERNEL")
 @click.argument("book", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--keys", "key_limit", default=20, show_default=True, help="List at most this many keys per file.")
-@click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
-              help="Set an environment variable before importing the module (e.g. TRITON_INTERPRET=1).")
+@click.option(
+    "--keys", "key_limit", default=20, show_default=True, help="List at most this many keys per file."
+)
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set an environment variable before importing the module (e.g. TRITON_INTERPRET=1).",
+)
 def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: tuple[str, ...]) -> None:
     """Why MODULE:KERNEL misses (or hits) the book in this process.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 
 from .._book.records import Document, Entry, Result
-from ._common import load_or_fail, out, warn_skipped, write_document
+from ._common import load_or_fail, out, output_option, warn_skipped, write_document
 from ._load import canonical_file_name, identity_of, platform_id_of
 
 
@@ -97,8 +97,7 @@ def write_merged(directory: Path, merged: dict[str, Document]) -> list[Path]:
 
 @click.command("merge")
 @click.argument("books", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Directory to write the merged book to; book files already in it take part in the merge.")
+@output_option("Directory to write the merged book to; book files already in it take part in the merge.")
 @click.option("--dry-run", is_flag=True, help="Say what would be written; write nothing.")
 def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
     """Merge BOOKS (directories or files, e.g. from several machines) into the directory OUTPUT.
@@ -123,4 +122,6 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
         return
     for path in write_merged(output, merged):
         console.print(f"wrote {path} ({len(merged[path.name].entries)} keys)")
-    console.print(f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}")
+    console.print(
+        f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}"
+    )

@@ -25,8 +25,10 @@ def current_ids(modules: tuple[str, ...]) -> dict[str, set[str]]:
     for spec in modules:
         found = autotuners(import_module(spec))
         if not found:
-            raise click.ClickException(f"module {spec} defines no @tunebook.autotune kernel at module level; "
-                                       "--keep names the modules whose kernels are current")
+            raise click.ClickException(
+                f"module {spec} defines no @tunebook.autotune kernel at module level; "
+                "--keep names the modules whose kernels are current"
+            )
         for tuner in found.values():
             ident = tuner._kernel_identity()
             ids.setdefault(ident.name, set()).add(ident.id)
@@ -35,8 +37,14 @@ def current_ids(modules: tuple[str, ...]) -> dict[str, set[str]]:
 
 @click.command("prune")
 @book_argument
-@click.option("--keep", "keep", multiple=True, required=True, metavar="MODULE",
-              help="A module (or path/to/file.py) whose tunebook kernels are current (repeatable).")
+@click.option(
+    "--keep",
+    "keep",
+    multiple=True,
+    required=True,
+    metavar="MODULE",
+    help="A module (or path/to/file.py) whose tunebook kernels are current (repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; delete nothing.")
 def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     """Delete BOOK files of old versions of the kernels defined in the --keep modules.
@@ -57,8 +65,13 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
         if page.identity.id in current:
             kept += 1
         else:
-            doomed.append((page.path, f"old version of {page.kernel_name} (kernel id {page.identity.id}; "
-                                      f"current {', '.join(sorted(current))})"))
+            doomed.append(
+                (
+                    page.path,
+                    f"old version of {page.kernel_name} (kernel id {page.identity.id}; "
+                    f"current {', '.join(sorted(current))})",
+                )
+            )
     doomed += [(path, "unreadable book kept aside by an earlier write") for path in loaded.leftovers]
     console = out()
     verb = "would drop" if dry_run else "dropped"
@@ -67,5 +80,7 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
             path.unlink(missing_ok=True)
             Path(str(path) + ".lock").unlink(missing_ok=True)  # its lock file has no owner left
         console.print(f"{verb} {escape(str(path))}: {escape(why)}")
-    console.print(f"{verb} {len(doomed)} files; kept {kept} current files of {len(ids)} kernels"
-                  f"{'' if not dry_run else ' (dry run: nothing deleted)'}")
+    console.print(
+        f"{verb} {len(doomed)} files; kept {kept} current files of {len(ids)} kernels"
+        f"{'' if not dry_run else ' (dry run: nothing deleted)'}"
+    )

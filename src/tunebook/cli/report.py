@@ -20,16 +20,18 @@ import click
 
 from .._autotuner import __version__
 from .._book.files import atomic_write_text
-from ._common import book_argument, load_or_fail, out, warn_skipped
+from ._common import book_argument, load_or_fail, out, output_option, warn_skipped
 from ._load import Page
-from ._summary import KeySummary, fmt_key, fmt_ms, short_config, summarise_page
+from ._summary import KeySummary, fmt_key, fmt_ms, short_config, sorted_entries, summarise_page
 
 INSTALL_LINE = "pip install 'tunebook[report]'"
 MAX_CONFIG_ROWS = 60  # more rows than this make an unreadable heatmap; the fastest are kept
+MAX_ANNOTATED_CELLS = 400
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-top: 1px solid #ccc; padding-top: 1em; }
+h1 { font-size: 1.5em; }
+h2 { font-size: 1.2em; margin-top: 2em; border-top: 1px solid #ccc; padding-top: 1em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
 td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; } th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -65,14 +67,29 @@ def tuned_vs_reference(plt: Any, summaries: list[KeySummary]) -> str | None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 3), 3.6))
     xs = range(len(rows))
     width = 0.4
-    ax.bar([x - width / 2 for x in xs], [s.reference_ms for s in rows], width, label="median config",
-           color="#bbbbbb")
-    ax.bar([x + width / 2 for x in xs], [s.winner_ms for s in rows], width, label="tuned (winner)",
-           color="#2b7bba")
-    for x, s in zip(xs, rows):
+    ax.bar(
+        [x - width / 2 for x in xs],
+        [s.reference_ms for s in rows],
+        width,
+        label="median config",
+        color="#bbbbbb",
+    )
+    ax.bar(
+        [x + width / 2 for x in xs],
+        [s.winner_ms for s in rows],
+        width,
+        label="tuned (winner)",
+        color="#2b7bba",
+    )
+    for x, s in enumerate(rows):
         if s.speedup is not None:
-            ax.annotate(f"{s.speedup:.2f}x", (x, max(s.reference_ms or 0, s.winner_ms or 0)), ha="center",
-                        va="bottom", fontsize=8)
+            ax.annotate(
+                f"{s.speedup:.2f}x",
+                (x, max(s.reference_ms or 0, s.winner_ms or 0)),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
     ax.set_xticks(list(xs), [_short_key(s.key) for s in rows], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("median time (ms)")
     ax.set_title("tuned vs median config, per key")
@@ -82,7 +99,7 @@ def tuned_vs_reference(plt: Any, summaries: list[KeySummary]) -> str | None:
 
 def landscape(plt: Any, page: Page) -> str | None:
     """Heatmap: configs (rows) x keys (columns), time relative to the key's winner."""
-    entries = [page.doc.entries[k] for k in sorted(page.doc.entries)]
+    entries = sorted_entries(page.doc)
     configs = sorted({cid for e in entries for cid in e.results})
     if len(entries) == 0 or len(configs) < 2:
         return None
@@ -108,12 +125,25 @@ def landscape(plt: Any, page: Page) -> str | None:
 
     data = np.ma.masked_invalid(np.array(grid, dtype=float))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(entries) + 4), max(2.5, 0.28 * len(configs) + 1.5)))
-    cmap = plt.get_cmap("viridis_r").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis_r").with_extremes(bad="#dddddd")
     vmax = float(min(np.nanmax(np.array(grid, dtype=float)), 4.0)) if data.count() else 2.0
     image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=1.0, vmax=max(vmax, 1.01))
-    ax.set_xticks(range(len(entries)), [_short_key(list(e.key)) for e in entries], rotation=45, ha="right",
-                  fontsize=7)
+    if len(configs) * len(entries) <= MAX_ANNOTATED_CELLS:  # numbers beat colours when they fit
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if not math.isnan(value):
+                    ax.text(
+                        j,
+                        i,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if value > (vmax + 1) / 2 else "black",
+                    )
+    ax.set_xticks(
+        range(len(entries)), [_short_key(list(e.key)) for e in entries], rotation=45, ha="right", fontsize=7
+    )
     labels = [short_config(_config_of(page, cid)) for cid in configs]
     ax.set_yticks(range(len(configs)), labels, fontsize=7)
     fig.colorbar(image, ax=ax, label="time / winner's time (grey: failed or not measured)")
@@ -137,6 +167,7 @@ def _short_key(key: list[Any]) -> str:
 
 def _page_html(plt: Any, page: Page) -> str:
     summaries = summarise_page(page.doc)
+    key_names = ", ".join(map(str, page.doc.kernel.get("key", [])))
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(fmt_key(s.key))}</td><td>{esc(short_config(s.winner_config))}</td>"
@@ -148,19 +179,23 @@ def _page_html(plt: Any, page: Page) -> str:
     parts = [
         f"<section class='page'><h2>{esc(page.kernel_name)} <span class='dim'>{page.identity.id}</span> on "
         f"{esc(page.platform_label)}</h2>",
-        f"<p class='dim'>{esc(page.path.name)} · key ({esc(', '.join(map(str, page.doc.kernel.get('key', []))))})"
-        f" + argument dtypes · {len(summaries)} keys</p>",
+        f"<p class='dim'>{esc(page.path.name)} · key ({esc(key_names)}) + argument dtypes · "
+        f"{len(summaries)} keys</p>",
         "<table><tr><th>key</th><th>winner</th><th>ms</th><th>median config ms</th><th>speed-up</th>"
         f"<th>configs</th><th>failed</th></tr>{rows}</table>",
     ]
-    for title, png in (("tuned vs median config", tuned_vs_reference(plt, summaries)),
-                       ("config landscape", landscape(plt, page))):
+    for title, png in (
+        ("tuned vs median config", tuned_vs_reference(plt, summaries)),
+        ("config landscape", landscape(plt, page)),
+    ):
         if png is not None:
             parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'>")
     failures = [(s.key, cid, e) for s in summaries for cid, e in s.failures]
     if failures:
-        items = "".join(f"<li>{esc(fmt_key(k))} {esc(cid)}: <span class='dim'>{esc(e[:300])}</span></li>"
-                        for k, cid, e in failures[:200])
+        items = "".join(
+            f"<li>{esc(fmt_key(k))} {esc(cid)}: <span class='dim'>{esc(e[:300])}</span></li>"
+            for k, cid, e in failures[:200]
+        )
         parts.append(f"<details><summary>{len(failures)} failed configs</summary><ul>{items}</ul></details>")
     parts.append("</section>")
     return "\n".join(parts)
@@ -168,20 +203,22 @@ def _page_html(plt: Any, page: Page) -> str:
 
 def render(pages: list[Page], source: Path) -> str:
     plt = _pyplot()
-    body = "\n".join(_page_html(plt, p) for p in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label)))
+    body = "\n".join(
+        _page_html(plt, p) for p in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label))
+    )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>tunebook report: {html.escape(str(source))}</title><style>{_CSS}</style></head><body>\n"
-        f"<h1>tunebook report</h1><p class='dim'>book {html.escape(str(source))} · {len(pages)} kernel pages · "
-        f"tunebook {__version__} · speed-ups are against each key's median config</p>\n"
+        f"<h1>tunebook report</h1><p class='dim'>book {html.escape(str(source))} · "
+        f"{len(pages)} kernel pages · tunebook {__version__} · "
+        "speed-ups are against each key's median config</p>\n"
         f"{body or '<p>This book has no readable files.</p>'}\n</body></html>\n"
     )
 
 
 @click.command("report")
 @book_argument
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="HTML file to write.")
+@output_option("HTML file to write.", directory=False)
 @click.option("--kernel", "kernels", multiple=True, metavar="NAME", help="Only this kernel (repeatable).")
 def command(book: Path | None, output: Path, kernels: tuple[str, ...]) -> None:
     """Write an HTML report of BOOK with embedded plots: tuned vs median config, config landscape."""

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ._common import book_argument, echo_json, load_or_fail, out, warn_skipped
 from ._load import Loaded, Page
-from ._summary import REFERENCES, Reference, fmt_key, fmt_ms, short_config, summarise_page
+from ._summary import REFERENCES, KeySummary, Reference, fmt_key, fmt_ms, short_config, summarise_page
 
 JSON_FORMAT = "tunebook-show"
 JSON_VERSION = 1
@@ -37,40 +38,69 @@ def show_json(loaded: Loaded, pages: list[Page], reference: Reference) -> dict[s
     }
 
 
-def _table(page: Page, reference: Reference, failures: bool) -> Table:
+def _table(page: Page, summaries: list[KeySummary], reference: Reference) -> Table:
     doc = page.doc
     key_names = ", ".join(map(str, doc.kernel.get("key", []))) or "-"
-    title = (f"[bold]{page.kernel_name}[/] [dim]{page.identity.id}[/]  on  [bold]{page.platform_label}[/]"
-             f"\n[dim]{page.path.name} · key ({key_names}) + argument dtypes[/]")
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("key", overflow="fold")
-    table.add_column("winner", overflow="fold")
-    table.add_column("ms", justify="right")
-    table.add_column(f"{reference} ms", justify="right")
-    table.add_column("speed-up", justify="right")
-    table.add_column("configs", justify="right")
-    table.add_column("failed", justify="right")
-    for s in summarise_page(doc, reference):
+    title = (
+        f"[bold]{escape(page.kernel_name)}[/] [dim]{page.identity.id}[/]  on  "
+        f"[bold]{escape(page.platform_label)}[/]"
+        f"\n[dim]{escape(page.path.name)} · key ({escape(key_names)}) + argument dtypes[/]"
+    )
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("key", "left"),
+        ("winner", "left"),
+        ("ms", "right"),
+        (f"{reference} ms", "right"),
+        ("speed-up", "right"),
+        ("configs", "right"),
+        ("failed", "right"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for s in summaries:
         speed = f"{s.speedup:.2f}x" if s.speedup is not None else ("imported" if s.imported else "-")
-        table.add_row(fmt_key(s.key), short_config(s.winner_config), fmt_ms(s.winner_ms),
-                      fmt_ms(s.reference_ms), speed, str(s.configs), str(len(s.failures)))
-        if failures:
-            for cid, error in s.failures:
-                reason = escape(error.splitlines()[0][:200]) if error else "no reason recorded"
-                table.add_row("", f"[red]failed[/] {escape(cid)}: [dim]{reason}[/]", "", "", "", "", "")
+        table.add_row(
+            escape(fmt_key(s.key)),
+            escape(short_config(s.winner_config)),
+            fmt_ms(s.winner_ms),
+            fmt_ms(s.reference_ms),
+            speed,
+            str(s.configs),
+            str(len(s.failures)),
+        )
     return table
+
+
+def _print_failures(console: Console, summaries: list[KeySummary]) -> None:
+    """One unwrapped line per failure: reasons are long and people grep them."""
+    for s in summaries:
+        for cid, error in s.failures:
+            reason = error.splitlines()[0] if error else "no reason recorded"
+            console.print(
+                f"  [red]failed[/] {escape(fmt_key(s.key))} {escape(cid)}: {escape(reason)}", soft_wrap=True
+            )
 
 
 @click.command("show")
 @book_argument
 @click.option("--kernel", "kernels", multiple=True, metavar="NAME", help="Only this kernel (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (see docs/cli.md).")
-@click.option("--reference", type=click.Choice(REFERENCES), default="median", show_default=True,
-              help="Config the speed-up is measured against: the median config of the key, or the slowest.")
-@click.option("--failures/--no-failures", default=True, show_default=True,
-              help="List failed configs with their reasons under each key.")
-def command(book: Path | None, kernels: tuple[str, ...], as_json: bool, reference: Reference,
-            failures: bool) -> None:
+@click.option(
+    "--reference",
+    type=click.Choice(REFERENCES),
+    default="median",
+    show_default=True,
+    help="Config the speed-up is measured against: the median config of the key, or the slowest.",
+)
+@click.option(
+    "--failures/--no-failures",
+    default=True,
+    show_default=True,
+    help="List failed configs with their reasons under each key.",
+)
+def command(
+    book: Path | None, kernels: tuple[str, ...], as_json: bool, reference: Reference, failures: bool
+) -> None:
     """Kernels, platforms, keys, winners, timings and failures in BOOK.
 
     The speed-up column is the reference config's time over the winner's: the book does not
@@ -88,7 +118,13 @@ def command(book: Path | None, kernels: tuple[str, ...], as_json: bool, referenc
         what = f"no book files for kernel {', '.join(kernels)}" if kernels else "no book files"
         console.print(f"{what} in {loaded.source}")
     for page in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label, p.path.name)):
-        console.print(_table(page, reference, failures))
+        summaries = summarise_page(page.doc, reference)
+        console.print(_table(page, summaries, reference))
+        if failures:
+            _print_failures(console, summaries)
         console.print()
     for path in loaded.leftovers:
-        console.print(f"[yellow]leftover[/] {path} (an unreadable book kept aside; `tunebook prune` removes it)")
+        console.print(
+            f"[yellow]leftover[/] {escape(str(path))} (an unreadable book kept aside; "
+            "`tunebook prune` removes it)"
+        )

@@ -1,0 +1,102 @@
+"""``tunebook export/import --format vllm``: vLLM's tuned fused-MoE config files.
+
+vLLM reads ``E={E},N={N},device_name={device}[,dtype={dtype}][,block_shape=[n,k]].json``
+holding ``{"<M>": {"BLOCK_SIZE_M": .., "BLOCK_SIZE_N": .., "BLOCK_SIZE_K": ..,
+"GROUP_SIZE_M": .., "num_warps": .., "num_stages": ..}, ...}`` and picks the entry of the
+nearest batch size M. ``device`` is torch's device name with spaces as ``_`` (any H200
+variant is ``NVIDIA_H200``).
+
+**The mapping rule.** A book knows its kernel's key argument names (``kernel.key``); the
+stored key is those values followed by the argument dtypes. Every vLLM field is bound to
+a book name, by ``--map VLLM=BOOK`` or else by inference (case-insensitive):
+
+* key fields, looked up among the key names: ``M`` <- M, num_tokens, batch_size;
+  ``E`` <- E, num_experts; ``N`` <- N; ``dtype`` <- dtype (optional); ``block_shape`` <-
+  block_shape (optional);
+* config fields, looked up among the config's kwargs and options: ``BLOCK_SIZE_M`` <-
+  BLOCK_SIZE_M, BLOCK_M; likewise N and K; ``GROUP_SIZE_M`` <- GROUP_SIZE_M, GROUP_M;
+  ``num_warps``, ``num_stages`` <- the config's options.
+
+``--const VLLM=VALUE`` supplies a field the kernel does not have (``--const E=8`` for a
+dense kernel, ``--const GROUP_SIZE_M=1``). A field neither bound nor given is an error
+naming it and the two fixes. Key positions bound to no field (another size, the dtypes)
+must not make two entries collide on one (file, M): that is an error naming the position
+that differs and the ``--where`` filter that picks one.
+
+**Imports** carry a declared winner and no timing, which schema version 1 cannot say
+directly. Until it can (see docs/cli.md, "Imported results"), an import is written as its
+own platform (``"backend": "imported"``, ``"timer": "imported:vllm"``; timers are part of
+the platform, so imported and measured results never share a file and are never merged
+or compared as timings) with one result per key whose ``ms`` is ``[0, 0, 0]``: with one
+result per key, the value ranks nothing, and ``show``/``report`` print "imported" instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    "M": ("M", "num_tokens", "batch_size"),
+    "E": ("E", "num_experts"),
+    "N": ("N",),
+    "dtype": ("dtype",),
+    "block_shape": ("block_shape",),
+}
+OPTIONAL_KEY_FIELDS = ("dtype", "block_shape")
+CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
+    "BLOCK_SIZE_M": ("BLOCK_SIZE_M", "BLOCK_M"),
+    "BLOCK_SIZE_N": ("BLOCK_SIZE_N", "BLOCK_N"),
+    "BLOCK_SIZE_K": ("BLOCK_SIZE_K", "BLOCK_K"),
+    "GROUP_SIZE_M": ("GROUP_SIZE_M", "GROUP_M"),
+    "num_warps": ("num_warps",),
+    "num_stages": ("num_stages",),
+}
+COMPILER_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+IMPORT_TIMER = "imported:vllm"
+IMPORT_HASH = "imported:vllm"
+
+NAME_PATTERN = re.compile(
+    r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+?)"
+    r"(?:,dtype=(?P<dtype>[^,]+?))?(?:,block_shape=\[(?P<block>[\d, ]*)\])?(?P<rest>,[^/]*)?\.json$"
+)
+
+
+def scalar(text: str) -> Any:
+    """``"8"`` -> 8, ``"true"`` -> True, anything else stays a string."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, int | float | bool) or value is None else text
+
+
+def vllm_device_name(device: str) -> str:
+    """As vLLM names the device in file names."""
+    name = device.replace(" ", "_")
+    return "NVIDIA_H200" if "H200" in name.split("_") else name
+
+
+def vllm_file_name(E: Any, N: Any, device: str, dtype: Any = None, block_shape: Any = None) -> str:
+    dtype_part = f",dtype={dtype}" if dtype else ""
+    shape = block_shape_list(block_shape)
+    shape_part = f",block_shape=[{','.join(map(str, shape))}]" if shape and all(shape) else ""
+    return f"E={E},N={N},device_name={vllm_device_name(device)}{dtype_part}{shape_part}.json"
+
+
+def block_shape_list(value: Any) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(v) for v in re.findall(r"\d+", str(value))]
+
+
+def lookup(names: Sequence[str], candidates: Sequence[str]) -> str | None:
+    lowered = {n.lower(): n for n in names}
+    for candidate in candidates:
+        if candidate.lower() in lowered:
+            return lowered[candidate.lower()]
+    return None

@@ -1,0 +1,247 @@
+"""``tunebook export --format vllm``: a book's winners as vLLM tuned-config files.
+
+The format and the mapping rule are described in ``_vllm_format`` and docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .._book.files import atomic_write_text
+from ._common import load_or_fail, out, output_option, parse_assignments, warn_skipped
+from ._load import Page
+from ._summary import key_order
+from ._vllm_format import (
+    CONFIG_FIELDS,
+    KEY_FIELDS,
+    OPTIONAL_KEY_FIELDS,
+    lookup,
+    scalar,
+    vllm_file_name,
+)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where each vLLM field comes from: a key position, a config name, or a constant."""
+
+    key_positions: dict[str, int]
+    config_names: dict[str, str]
+    constants: dict[str, Any]
+
+
+def bind(
+    key_names: list[str],
+    config_names: set[str],
+    mapping: dict[str, str],
+    constants: dict[str, Any],
+    kernel: str,
+) -> Binding:
+    """Bind every vLLM field or raise an error that lists what is missing and how to supply it."""
+    positions: dict[str, int] = {}
+    missing_keys: list[str] = []
+    for field, candidates in KEY_FIELDS.items():
+        if field in constants:
+            continue
+        name = mapping.get(field) or lookup(key_names, candidates)
+        if name is not None and name in key_names:
+            positions[field] = key_names.index(name)
+        elif field in mapping:
+            raise click.UsageError(
+                f"--map {field}={mapping[field]}: {kernel} has no key argument "
+                f"{mapping[field]!r}; its key names are {key_names}"
+            )
+        elif field not in OPTIONAL_KEY_FIELDS:
+            missing_keys.append(field)
+    names: dict[str, str] = {}
+    missing_params: list[str] = []
+    for field, candidates in CONFIG_FIELDS.items():
+        if field in constants:
+            continue
+        name = mapping.get(field) or lookup(sorted(config_names), candidates)
+        if name is not None and name in config_names:
+            names[field] = name
+        elif field in mapping:
+            raise click.UsageError(
+                f"--map {field}={mapping[field]}: {kernel}'s configs have no "
+                f"{mapping[field]!r}; they have {sorted(config_names)}"
+            )
+        else:
+            missing_params.append(field)
+    if missing_keys or missing_params:
+        found = []
+        if missing_keys:
+            found.append(f"key field(s) {', '.join(missing_keys)} among the key names {key_names}")
+        if missing_params:
+            found.append(
+                f"config field(s) {', '.join(missing_params)} among the config parameters "
+                f"{sorted(config_names)}"
+            )
+        raise click.ClickException(
+            f"kernel {kernel} does not fit vLLM's fused-MoE config format: no {'; no '.join(found)}. "
+            "Name the book's field with --map VLLM=BOOK (e.g. --map M=num_tokens --map BLOCK_SIZE_M=BLOCK), "
+            "or give a constant with --const VLLM=VALUE (e.g. --const GROUP_SIZE_M=1)."
+        )
+    return Binding(positions, names, constants)
+
+
+def _config_value(config: dict[str, Any], name: str) -> Any:
+    return config["kwargs"][name] if name in config.get("kwargs", {}) else config.get(name)
+
+
+def _matches(key: list[Any], key_names: list[str], where: dict[str, str]) -> bool:
+    for name, wanted in where.items():
+        index = (
+            int(name[1:]) if name.startswith("#") else key_names.index(name) if name in key_names else None
+        )
+        if index is None or index >= len(key):
+            raise click.UsageError(
+                f"--where {name}=...: no such key name or position; key names {key_names} "
+                f"(positions after them, #{len(key_names)} on, are argument dtypes)"
+            )
+        if str(key[index]) != wanted:
+            return False
+    return True
+
+
+def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """{file name: {M: config}} for vLLM, or an error naming the collision."""
+    files: dict[str, dict[int | str, dict[str, Any]]] = {}
+    origin: dict[tuple[str, Any], tuple[Page, list[Any]]] = {}
+    for page in pages:
+        key_names = [str(k) for k in page.doc.kernel.get("key", [])]
+        device = str(page.doc.platform.get("vllm_device_name") or page.doc.platform.get("device", "unknown"))
+        for key_text in sorted(page.doc.entries):
+            entry = page.doc.entries[key_text]
+            key = list(entry.key)
+            winner = entry.best()
+            if winner is None or not _matches(key, key_names, where):
+                continue
+            field = {f: key[i] for f, i in binding.key_positions.items()}
+            field.update({f: binding.constants[f] for f in KEY_FIELDS if f in binding.constants})
+            name = vllm_file_name(
+                field["E"], field["N"], device, field.get("dtype"), field.get("block_shape")
+            )
+            m = field["M"]
+            if (name, m) in origin:
+                other_page, other_key = origin[(name, m)]
+                differ = [
+                    f"#{i}" + (f" ({key_names[i]})" if i < len(key_names) else " (argument dtype)")
+                    for i in range(min(len(key), len(other_key)))
+                    if key[i] != other_key[i]
+                ]
+                raise click.ClickException(
+                    f"two book entries map to M={m} in {name}: key {other_key} ({other_page.path.name}) and "
+                    f"key {key} ({page.path.name}); they differ at {', '.join(differ) or 'their platform'}. "
+                    "Pick one with --where NAME=VALUE (or --where '#POSITION=VALUE'), or --platform."
+                )
+            origin[(name, m)] = (page, key)
+            config = entry.results[winner].config
+            out_config = {f: _config_value(config, n) for f, n in binding.config_names.items()}
+            out_config.update({f: v for f, v in binding.constants.items() if f not in KEY_FIELDS})
+            files.setdefault(name, {})[m] = {
+                f: out_config[f] for f in (*CONFIG_FIELDS, *sorted(out_config)) if f in out_config
+            }
+    return {name: {str(m): table[m] for m in sorted(table, key=_m_order)} for name, table in files.items()}
+
+
+def _m_order(m: Any) -> tuple[Any, ...]:
+    return key_order([m])
+
+
+@click.command("export")
+@click.argument("book", required=False, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["vllm"]), required=True, help="Target format.")
+@output_option("Directory to write the config files to (e.g. VLLM_TUNED_CONFIG_FOLDER).")
+@click.option("--kernel", required=True, metavar="NAME", help="The kernel's name in the book.")
+@click.option(
+    "--map",
+    "mapping",
+    multiple=True,
+    metavar="VLLM=BOOK",
+    help="Bind a vLLM field to a key name or config parameter of the kernel (repeatable).",
+)
+@click.option(
+    "--const",
+    "constants",
+    multiple=True,
+    metavar="VLLM=VALUE",
+    help="A constant for a vLLM field the kernel lacks (repeatable).",
+)
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Only keys whose key argument NAME (or position #i) has this value (repeatable).",
+)
+@click.option(
+    "--platform",
+    "platform",
+    default=None,
+    metavar="X",
+    help="Only platforms whose id starts with X or whose device contains X.",
+)
+def command(
+    book: Path | None,
+    fmt: str,
+    output: Path,
+    kernel: str,
+    mapping: tuple[str, ...],
+    constants: tuple[str, ...],
+    where: tuple[str, ...],
+    platform: str | None,
+) -> None:
+    """Write the winners of kernel NAME in BOOK as vLLM tuned-config files into OUTPUT.
+
+    One file per (E, N, device[, dtype][, block_shape]), keyed by batch size M. See
+    docs/cli.md for how key names and config parameters are bound to vLLM's fields.
+    """
+    loaded = load_or_fail(book)
+    warn_skipped(loaded)
+    pages = [p for p in loaded.pages if p.kernel_name == kernel]
+    if platform:
+        pages = [
+            p
+            for p in pages
+            if p.platform_id.startswith(platform)
+            or platform.lower() in str(p.doc.platform.get("device", "")).lower()
+        ]
+    if not pages:
+        names = sorted({p.kernel_name for p in loaded.pages})
+        raise click.ClickException(
+            f"no book file for kernel {kernel!r}{' on ' + platform if platform else ''} "
+            f"in {loaded.source}; kernels there: {', '.join(names) or 'none'}"
+        )
+    consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
+    maps = parse_assignments(mapping, "--map")
+    unknown = sorted(set(maps) - set(KEY_FIELDS) - set(CONFIG_FIELDS))
+    if unknown:
+        raise click.UsageError(
+            f"--map names unknown vLLM fields {unknown}; vLLM fields are {[*KEY_FIELDS, *CONFIG_FIELDS]}"
+        )
+    key_sets = {tuple(str(k) for k in p.doc.kernel.get("key", [])) for p in pages}
+    if len(key_sets) != 1:
+        raise click.ClickException(
+            f"book files of {kernel} have different key names {sorted(key_sets)}; "
+            "remove the old kernel versions with `tunebook prune` or select with --platform"
+        )
+    config_names: set[str] = set()
+    for page in pages:
+        for entry in page.doc.entries.values():
+            for result in entry.results.values():
+                config_names |= set(result.config.get("kwargs", {})) | (set(result.config) - {"kwargs"})
+    binding = bind(list(next(iter(key_sets))), config_names, maps, consts, kernel)
+    files = export_pages(pages, binding, parse_assignments(where, "--where"))
+    if not files:
+        raise click.ClickException(f"no key of {kernel} with a successful config matched; nothing written")
+    output.mkdir(parents=True, exist_ok=True)
+    console = out()
+    for name in sorted(files):
+        atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
+        console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")

@@ -1,0 +1,164 @@
+"""``tunebook import --format vllm``: vLLM tuned-config files as imported book entries.
+
+How imports are represented in book format version 1 is described in ``_vllm_format``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .._autotuner import __version__
+from .._book.layers import KernelIdentity, book_file_name
+from .._book.records import Document, Entry, Result, config_id, config_record
+from .._fingerprint import canonical_key_text, platform_id, platform_slug
+from ._common import out, output_option, parse_assignments, resolve_book, write_document
+from ._load import load
+from ._vllm_format import (
+    COMPILER_OPTIONS,
+    IMPORT_HASH,
+    IMPORT_TIMER,
+    KEY_FIELDS,
+    NAME_PATTERN,
+    OPTIONAL_KEY_FIELDS,
+    block_shape_list,
+    scalar,
+)
+
+
+def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(fields from the file name, {M: config}) or a ClickException saying what is wrong."""
+    match = NAME_PATTERN.match(path.name)
+    if match is None:
+        raise click.ClickException(
+            f"{path.name} is not a vLLM config file name; expected "
+            "E=<int>,N=<int>,device_name=<name>[,dtype=<str>][,block_shape=[<int>,<int>]].json"
+        )
+    if match["rest"]:
+        raise click.ClickException(
+            f"{path.name}: unsupported name part {match['rest']!r} (tunebook imports "
+            "E, N, device_name, dtype and block_shape)"
+        )
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise click.ClickException(f"{path}: expected an object of batch size -> config object")
+    block = block_shape_list(match["block"]) if match["block"] is not None else None
+    fields = {
+        "E": int(match["E"]),
+        "N": int(match["N"]),
+        "device": match["device"],
+        "dtype": match["dtype"],
+        "block_shape": f"[{','.join(map(str, block))}]" if block else None,
+    }
+    return fields, table
+
+
+def imported_page(
+    kernel: str, key_names: list[str], device_name: str, entries: dict[str, Entry]
+) -> tuple[str, Document]:
+    """(file name, document) for imported entries of one device."""
+    ident = KernelIdentity(kernel, IMPORT_HASH, tuple(key_names))
+    platform = {
+        "backend": "imported",
+        "device": device_name.replace("_", " "),
+        "vllm_device_name": device_name,
+        "timer": IMPORT_TIMER,
+    }
+    pid = platform_id(platform)
+    doc = Document(kernel=ident.to_json(), platform={**platform, "id": pid}, entries=entries)
+    return book_file_name(ident, platform_slug(platform), pid), doc
+
+
+@click.command("import")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--format", "fmt", type=click.Choice(["vllm"]), required=True, help="Source format.")
+@click.option("--kernel", required=True, metavar="NAME", help="The kernel name to file the configs under.")
+@output_option("Book directory to write to (default: TUNEBOOK_DIR).", required=False)
+@click.option(
+    "--key",
+    "key_names",
+    default=None,
+    metavar="NAMES",
+    help="The kernel's key names, comma-separated (default: E,N,M plus dtype/block_shape when the "
+    "files have them).",
+)
+@click.option(
+    "--map",
+    "mapping",
+    multiple=True,
+    metavar="VLLM=BOOK",
+    help="Store a vLLM field under another key name or config parameter (repeatable).",
+)
+@click.option(
+    "--const",
+    "constants",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Value for a key name the files do not give (repeatable).",
+)
+def command(
+    files: tuple[Path, ...],
+    fmt: str,
+    kernel: str,
+    output: Path | None,
+    key_names: str | None,
+    mapping: tuple[str, ...],
+    constants: tuple[str, ...],
+) -> None:
+    """Turn vLLM tuned-config FILES into book entries of kernel NAME, marked as imported.
+
+    Imported entries form their own platform ("timer": "imported:vllm"): they are never
+    mistaken for measurements here. Re-importing a file replaces its entries.
+    """
+    maps = parse_assignments(mapping, "--map")
+    consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
+    parsed = [(path, *parse_vllm_file(path)) for path in files]
+    if key_names:
+        names = [n.strip() for n in key_names.split(",") if n.strip()]
+    else:
+        names = ["E", "N", "M"] + [
+            f for f in OPTIONAL_KEY_FIELDS if any(fields[f] for _, fields, _ in parsed)
+        ]
+        names = [maps.get(n, n) for n in names]
+    by_device: dict[str, dict[str, Entry]] = {}
+    for path, fields, table in parsed:
+        for m_text, vllm_config in table.items():
+            values = {**fields, "M": scalar(m_text)}
+            by_book_name = {maps.get(f, f): values[f] for f in KEY_FIELDS if f in values}
+            by_book_name.update(consts)
+            missing = [n for n in names if n not in by_book_name]
+            if missing:
+                raise click.ClickException(
+                    f"{path.name}: no value for key name(s) {missing}; the files give E, N, M, dtype and "
+                    "block_shape: bind one with --map VLLM=NAME or give a constant with --const NAME=VALUE"
+                )
+            key = [by_book_name[n] for n in names]
+            renamed = {maps.get(k, k): v for k, v in vllm_config.items()}
+            record = config_record(
+                {k: v for k, v in renamed.items() if k not in COMPILER_OPTIONS},
+                {k: v for k, v in renamed.items() if k in COMPILER_OPTIONS},
+            )
+            result = Result(config=record, ms=(0.0, 0.0, 0.0), error=None, at="")
+            entry = Entry(key=tuple(key), results={config_id(record): result}, tunebook=__version__)
+            by_device.setdefault(fields["device"], {})[canonical_key_text(key)] = entry
+    directory = resolve_book(output)
+    directory.mkdir(parents=True, exist_ok=True)
+    console = out()
+    for device in sorted(by_device):
+        name, doc = imported_page(kernel, names, device, by_device[device])
+        path = directory / name
+        existing = load(path).pages if path.exists() else []
+        if path.exists() and not existing:
+            raise click.ClickException(f"{path} exists but is not a readable book; move it away and re-run")
+        if existing:  # re-import replaces the imported keys, keeps the others
+            doc = Document(doc.kernel, doc.platform, {**existing[0].doc.entries, **doc.entries})
+        write_document(path, doc)
+        console.print(f"wrote {path} ({len(by_device[device])} keys imported, key names {names})")

@@ -1,0 +1,582 @@
+"""The ``tunebook`` command line, on books made by really tuning kernels in the interpreter.
+
+Books with a second platform (another GPU, another Triton) are written as Documents
+directly: this machine can only measure the interpreter platform.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+click = pytest.importorskip("click")
+pytest.importorskip("rich")
+from click.testing import CliRunner  # noqa: E402
+
+import tunebook  # noqa: E402
+from conftest import TESTS, book_files  # noqa: E402
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors  # noqa: E402
+from tunebook._book import Document, Entry, Result, config_id, config_record, read_document  # noqa: E402
+from tunebook.cli._app import cli  # noqa: E402
+from tunebook.cli._load import canonical_file_name  # noqa: E402
+
+TABLE = {32: 3.0, 64: 1.0, 128: 2.0, 256: 0.5}  # BLOCK=512 is missing: it fails with a reason
+SIZES = (100, 1000, 5000)
+MODULE_SOURCE = """
+import tunebook
+from kernels import Replay, add_kernel, block_configs
+
+replay = Replay({TABLE!r})
+add = tunebook.autotune(configs=block_configs(32, 64, 128, 256, 512, num_warps=4), key=["n"],
+                        pre_hook=replay.pre_hook, do_bench=replay)(add_kernel)
+not_a_kernel = 3
+"""
+
+
+def tune_add(sizes: tuple[int, ...] = SIZES) -> tunebook.Autotuner:
+    """Really tune add_kernel (5 configs, one failing) for ``sizes``; the book is TUNEBOOK_DIR."""
+    replay = Replay(TABLE)
+    kernel = tunebook.autotune(
+        configs=block_configs(32, 64, 128, 256, 512, num_warps=4),
+        key=["n"],
+        pre_hook=replay.pre_hook,
+        do_bench=replay,
+    )(add_kernel)
+    for n in sizes:
+        x, y, out = vectors(n)
+        kernel[grid_1d(n)](x, y, out, n)
+    return kernel
+
+
+def invoke(*args: Any, ok: bool | None = True) -> Any:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok is True:
+        assert result.exit_code == 0, result.output
+    elif ok is False:
+        assert result.exit_code != 0, result.output
+    return result
+
+
+def the_doc(directory: Path) -> Document:
+    (path,) = book_files(directory)
+    doc = read_document(path)
+    assert doc is not None
+    return doc
+
+
+def write_doc(directory: Path, doc: Document) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / canonical_file_name(doc)
+    path.write_text(doc.dumps())
+    return path
+
+
+def result(kwargs: dict[str, Any], ms: float | None, error: str | None = None, **options: Any) -> Result:
+    record = config_record(kwargs, {"num_ctas": 1, "num_stages": 3, "num_warps": 4, **options})
+    return Result(
+        record, (ms, ms * 0.99, ms * 1.01) if ms is not None else None, error, "2026-01-01T00:00:00Z"
+    )
+
+
+def entry(key: list[Any], results: list[Result]) -> Entry:
+    return Entry(
+        tuple(key),
+        {config_id(r.config): r for r in results},
+        1.0,
+        "2026-01-01T00:00:00Z",
+        "2026-01-01T00:00:00Z",
+        "0.1.0",
+    )
+
+
+def h200(doc: Document) -> Document:
+    """The same kernel's page moved to another platform."""
+    platform = {
+        "backend": "cuda",
+        "device": "NVIDIA H200",
+        "arch": "90",
+        "runtime": "cuda 13.0",
+        "triton": "3.6.0",
+        "timer": "events",
+        "sm_count": 132,
+    }
+    return replace(doc, platform=platform)
+
+
+def module_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mykernels.py"
+    path.write_text(MODULE_SOURCE.replace("{TABLE!r}", repr(TABLE)))
+    return path
+
+
+def python_m_tunebook(*args: Any, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "tunebook", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def test_without_click_the_entry_point_prints_the_install_line() -> None:
+    code = "import sys; sys.modules['click'] = None; from tunebook.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "pip install 'tunebook[cli]'" in proc.stderr.splitlines()
+
+
+def test_import_tunebook_does_not_import_the_cli_dependencies() -> None:
+    code = (
+        "import sys, tunebook; print(sorted(m for m in ('click', 'rich', 'matplotlib') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_python_m_tunebook_shows_a_tuned_book(book_dir: Path) -> None:
+    tune_add()
+    proc = python_m_tunebook("show", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["format"] == "tunebook-show" and data["book"] == str(book_dir)
+    assert [e["key"][0] for e in data["files"][0]["entries"]] == list(SIZES)
+
+
+# ------------------------------------------------------------------------------------ show
+
+
+def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path) -> None:
+    tune_add()
+    data = json.loads(invoke("show", "--json").stdout)
+    assert data["version"] == 1 and data["skipped"] == [] and data["leftovers"] == []
+    (page,) = data["files"]
+    assert page["kernel"]["name"] == "add_kernel" and page["kernel"]["key"] == ["n"]
+    assert page["platform"]["backend"] == "interpreter" and page["platform"]["timer"] == "custom:Replay"
+    for item, n in zip(page["entries"], SIZES, strict=True):
+        assert item["key"] == [n, "torch.float32", "torch.float32", "torch.float32"]
+        assert item["winner_config"]["kwargs"] == {"BLOCK": 256}
+        assert item["winner_ms"] == 0.5
+        # successful medians 0.5, 1, 2, 3: the median config is the slower middle one, 2 ms
+        assert item["reference"] == {
+            "rule": "median",
+            "config": config_id(result({"BLOCK": 128}, 1).config),
+            "ms": 2.0,
+        }
+        assert item["speedup"] == 4.0
+        assert item["configs"] == 5 and item["failed"] == 1
+        assert "no timing recorded for BLOCK=512" in item["failures"][0]["error"]
+    slowest = json.loads(invoke("show", "--json", "--reference", "slowest").stdout)
+    assert slowest["files"][0]["entries"][0]["speedup"] == 6.0
+
+
+def test_show_table_for_people_and_filters(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    text = invoke("show").stdout
+    assert "add_kernel" in text and "BLOCK=256" in text and "4.00x" in text
+    assert "failed" in text and "no timing recorded for BLOCK=512" in text
+    assert "[100," in text and text.index("[100,") < text.index("[1000,") < text.index("[5000,")
+    single = invoke("show", book_files(book_dir)[0], "--no-failures").stdout
+    assert "4.00x" in single and "no timing recorded" not in single
+    assert "no book files for kernel other" in invoke("show", "--kernel", "other").stdout
+
+
+def test_show_reports_unreadable_files_and_leftovers(book_dir: Path) -> None:
+    tune_add()
+    (book_dir / "broken.json").write_text("{not json")
+    (book_dir / "x.json.corrupt-20260101T000000-1").write_text("junk")
+    result_ = invoke("show")
+    assert "skipped" in result_.output and "broken.json" in result_.output
+    assert "leftover" in result_.stdout
+    data = json.loads(invoke("show", "--json").stdout)
+    assert [Path(s["path"]).name for s in data["skipped"]] == ["broken.json"]
+    assert len(data["leftovers"]) == 1
+
+
+def test_show_a_missing_book_is_a_clear_error(tmp_path: Path) -> None:
+    res = invoke("show", tmp_path / "nope", ok=False)
+    assert "no book at" in res.output and "Traceback" not in res.output
+
+
+# ----------------------------------------------------------------------------------- explain
+
+
+def test_explain_finds_the_matching_file(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    data = json.loads(invoke("explain", f"{module_file(tmp_path)}:add", "--json").stdout)
+    assert data["verdict"] == "hit"
+    (f,) = data["files"]
+    assert f["match"] and f["differences"] == [] and f["key_count"] == 3
+    assert Path(f["path"]).name == data["expected_file"]
+    assert data["platform"]["backend"] == "interpreter"
+
+
+def test_explain_names_each_identity_field_that_differs(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    doc = the_doc(book_dir)
+    for path in book_files(book_dir):
+        path.unlink()
+    other = replace(
+        doc,
+        kernel={**doc.kernel, "hash": "0" * 64},
+        platform={**doc.platform, "triton": "3.1.0", "timer": "events"},
+    )
+    write_doc(book_dir, other)
+    res = invoke("explain", f"{module_file(tmp_path)}:add", ok=False)
+    assert res.exit_code == 1
+    text = res.stdout
+    assert "differs" in text and "kernel source hash" in text
+    assert (
+        "Triton version: book '3.1.0', here" in text and "timer: book 'events', here 'custom:Replay'" in text
+    )
+    assert "every call misses" in text
+    data = json.loads(invoke("explain", f"{module_file(tmp_path)}:add", "--json", ok=False).stdout)
+    assert {d["field"] for d in data["files"][0]["differences"]} == {"hash", "triton", "timer"}
+
+
+def test_explain_errors_name_what_exists(tmp_path: Path) -> None:
+    path = module_file(tmp_path)
+    assert "its tunebook kernels: add" in invoke("explain", f"{path}:nope", ok=False).output
+    assert (
+        "is a int, not a @tunebook.autotune kernel"
+        in invoke("explain", f"{path}:not_a_kernel", ok=False).output
+    )
+    assert "expected MODULE:KERNEL" in invoke("explain", "justamodule", ok=False).output
+
+
+def test_explain_in_a_subprocess_by_module_name(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    module_file(tmp_path)
+    proc = python_m_tunebook("explain", "mykernels:add", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "match" in proc.stdout and "add_kernel" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------ merge
+
+
+def _two_books(book_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A: really tuned. B: the same page from another machine, plus a page on an H200."""
+    tune_add()
+    doc = the_doc(book_dir)
+    k100 = next(k for k, e in doc.entries.items() if e.key[0] == 100)
+    mine = doc.entries[k100]
+    theirs = entry(
+        list(mine.key),
+        [
+            result({"BLOCK": 64}, 0.2),  # faster than A's 1.0: stands, and becomes the winner
+            result({"BLOCK": 256}, 0.9),  # slower than A's 0.5: A's stands
+            result({"BLOCK": 512}, 0.7),  # ran here, failed in A: the success stands
+            result({"BLOCK": 32}, None, "OutOfResources: shared memory"),  # failed here, ran in A: A's stands
+        ],
+    )
+    new_key = entry([7000, "torch.float32", "torch.float32", "torch.float32"], [result({"BLOCK": 128}, 1.5)])
+    b_doc = replace(doc, entries={k100: theirs, "[7000]": new_key})
+    b_doc = Document.from_json(json.loads(b_doc.dumps()))  # key text as the library writes it
+    b = tmp_path / "b"
+    write_doc(b, b_doc)
+    write_doc(b, h200(b_doc))
+    return book_dir, b
+
+
+def test_merge_decides_by_measurement_and_is_order_independent(book_dir: Path, tmp_path: Path) -> None:
+    a, b = _two_books(book_dir, tmp_path)
+    invoke("merge", a, b, "-o", tmp_path / "ab")
+    invoke("merge", b, a, "-o", tmp_path / "ba")
+    ab, ba = book_files(tmp_path / "ab"), book_files(tmp_path / "ba")
+    assert [p.name for p in ab] == [p.name for p in ba] and len(ab) == 2
+    for x, y in zip(ab, ba, strict=True):
+        assert x.read_bytes() == y.read_bytes()
+    merged = next(read_document(p) for p in ab if "interpreter" in p.name)
+    assert merged is not None
+    e100 = next(e for e in merged.entries.values() if e.key[0] == 100)
+    ms = {r.config["kwargs"]["BLOCK"]: (r.ms[0] if r.ms else r.error) for r in e100.results.values()}
+    assert ms == {32: 3.0, 64: 0.2, 128: 2.0, 256: 0.5, 512: 0.7}
+    assert e100.results[e100.best()].config["kwargs"] == {"BLOCK": 64}
+    assert sorted(e.key[0] for e in merged.entries.values()) == [100, 1000, 5000, 7000]
+
+
+def test_merge_is_idempotent_and_merges_into_an_existing_output(book_dir: Path, tmp_path: Path) -> None:
+    a, b = _two_books(book_dir, tmp_path)
+    out = tmp_path / "out"
+    invoke("merge", a, "-o", out)
+    assert [p.read_text() for p in book_files(out)] == [the_doc(a).dumps()]
+    invoke("merge", a, "-o", out)  # again: nothing changes
+    assert [p.read_text() for p in book_files(out)] == [the_doc(a).dumps()]
+    invoke("merge", b, "-o", out)  # what OUT holds takes part
+    invoke("merge", a, b, "-o", tmp_path / "direct")
+    assert [p.read_bytes() for p in book_files(out)] == [
+        p.read_bytes() for p in book_files(tmp_path / "direct")
+    ]
+
+
+def test_merge_in_a_subprocess(book_dir: Path, tmp_path: Path) -> None:
+    a, b = _two_books(book_dir, tmp_path)
+    proc = python_m_tunebook("merge", a, b, "-o", tmp_path / "sub")
+    assert proc.returncode == 0, proc.stderr
+    invoke("merge", b, a, "-o", tmp_path / "inproc")
+    assert [p.read_bytes() for p in book_files(tmp_path / "sub")] == [
+        p.read_bytes() for p in book_files(tmp_path / "inproc")
+    ]
+
+
+# ------------------------------------------------------------------------------------- diff
+
+
+def test_diff_between_books(book_dir: Path, tmp_path: Path) -> None:
+    a, b = _two_books(book_dir, tmp_path)
+    res = invoke("diff", a, b, "--json", ok=False)
+    assert res.exit_code == 1
+    data = json.loads(res.stdout)
+    assert data["differ"] and data["only_a"] == []
+    assert [r["platform"] for r in data["only_b"]] == ["NVIDIA-H200-90 (triton 3.6.0, timer events)"]
+    (page,) = data["pages"]
+    assert [k[0] for k in page["keys_only_a"]] == [1000, 5000] and [k[0] for k in page["keys_only_b"]] == [
+        7000
+    ]
+    (changed,) = page["winner_changed"]
+    assert changed["a"]["config"]["kwargs"] == {"BLOCK": 256} and changed["b"]["config"]["kwargs"] == {
+        "BLOCK": 64
+    }
+    by_block = {json.loads(t["config"].split("|")[0].split("=")[1]): t for t in page["timing_changed"]}
+    assert by_block[64]["ratio"] == 0.2 and by_block[256]["ratio"] == 1.8
+    assert by_block[512]["ratio"] is None and "no timing recorded" in by_block[512]["a_error"]
+    text = invoke("diff", a, b, ok=False).stdout
+    assert "only in" in text and "winner BLOCK=256" in text and "-> BLOCK=64" in text
+    same = invoke("diff", a, a)
+    assert "no differences" in same.stdout
+
+
+def test_diff_between_two_platforms_of_one_book(book_dir: Path, tmp_path: Path) -> None:
+    _, b = _two_books(book_dir, tmp_path)
+    data = json.loads(invoke("diff", b, "--platform", "interpreter", "--platform", "H200", "--json").stdout)
+    assert data["differ"] is False and data["unchanged"] == 1  # the same entries on both
+    invoke("merge", book_dir, b, "-o", tmp_path / "m")
+    data = json.loads(
+        invoke("diff", tmp_path / "m", "--platform", "x86", "--platform", "h200", "--json", ok=False).stdout
+    )
+    (page,) = data["pages"]
+    assert page["a"]["platform_id"] != page["b"]["platform_id"]
+    assert [k[0] for k in page["keys_only_a"]] == [1000, 5000]
+    res = invoke("diff", b, "--platform", "nothing-like-it", "--platform", "H200", ok=False)
+    assert "matches no platform" in res.output and "NVIDIA-H200" in res.output
+
+
+# ------------------------------------------------------------------------------- vLLM format
+
+
+def _moe_doc(extra_k: bool = False) -> Document:
+    """A fused-MoE-style kernel tuned on an H100: key (num_tokens, N, E[, K]), BLOCK_M/N/K, GROUP_M."""
+    names = ["num_tokens", "N", "E"] + (["K"] if extra_k else [])
+    entries = {}
+    for m, (bm, warps) in {1: (16, 4), 64: (64, 4), 1024: (128, 8)}.items():
+        for k in [4096, 2048] if extra_k else [None]:
+            key = [m, 14336, 8] + ([k] if k else []) + ["torch.bfloat16"]
+            results = [
+                result({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, 0.1, num_warps=warps),
+                result({"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 1}, 0.9),
+            ]
+            entries[json.dumps(key, separators=(",", ":"))] = entry(key, results)
+    platform = {
+        "backend": "cuda",
+        "device": "NVIDIA H100 80GB HBM3",
+        "arch": "90",
+        "runtime": "cuda 12.8",
+        "triton": "3.6.0",
+        "timer": "events",
+    }
+    return Document({"name": "fused_moe_kernel", "hash": "ab" * 32, "key": names}, platform, entries)
+
+
+EXPECTED_VLLM = {
+    "1": {
+        "BLOCK_SIZE_M": 16,
+        "BLOCK_SIZE_N": 64,
+        "BLOCK_SIZE_K": 128,
+        "GROUP_SIZE_M": 8,
+        "num_warps": 4,
+        "num_stages": 3,
+    },
+    "64": {
+        "BLOCK_SIZE_M": 64,
+        "BLOCK_SIZE_N": 64,
+        "BLOCK_SIZE_K": 128,
+        "GROUP_SIZE_M": 8,
+        "num_warps": 4,
+        "num_stages": 3,
+    },
+    "1024": {
+        "BLOCK_SIZE_M": 128,
+        "BLOCK_SIZE_N": 64,
+        "BLOCK_SIZE_K": 128,
+        "GROUP_SIZE_M": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    },
+}
+VLLM_NAME = "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json"
+
+
+def export_moe_args(tmp_path: Path) -> list[Any]:
+    """``tunebook export`` of the MoE kernel from tmp_path/book to tmp_path/out."""
+    book, out = tmp_path / "book", tmp_path / "out"
+    return ["export", "--format", "vllm", book, "-o", out, "--kernel", "fused_moe_kernel"]
+
+
+def test_export_vllm_infers_the_mapping(tmp_path: Path) -> None:
+    write_doc(tmp_path / "book", _moe_doc())
+    invoke(
+        "export",
+        "--format",
+        "vllm",
+        tmp_path / "book",
+        "-o",
+        tmp_path / "vllm",
+        "--kernel",
+        "fused_moe_kernel",
+    )
+    (path,) = (tmp_path / "vllm").iterdir()
+    assert path.name == VLLM_NAME
+    text = path.read_text()
+    assert json.loads(text) == EXPECTED_VLLM
+    assert list(json.loads(text)) == ["1", "64", "1024"]  # batch sizes in numeric order
+
+
+def test_export_vllm_with_explicit_map_dtype_and_block_shape(tmp_path: Path) -> None:
+    doc = _moe_doc()
+    doc = replace(doc, kernel={**doc.kernel, "key": ["tokens", "N", "E"]})
+    write_doc(tmp_path / "book", doc)
+    common = export_moe_args(tmp_path)
+    res = invoke(*common, ok=False)
+    assert (
+        "no key field(s) M among the key names ['tokens', 'N', 'E']" in res.output and "--map" in res.output
+    )
+    invoke(*common, "--map", "M=tokens", "--const", "dtype=fp8_w8a8", "--const", "block_shape=[128,128]")
+    (path,) = (tmp_path / "out").iterdir()
+    assert (
+        path.name == "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
+    )
+
+
+def test_export_vllm_refuses_kernels_that_do_not_fit(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    res = invoke("export", "--format", "vllm", "-o", tmp_path / "out", "--kernel", "add_kernel", ok=False)
+    assert "does not fit vLLM's fused-MoE config format" in res.output
+    assert "key field(s) M, E" in res.output and "BLOCK_SIZE_M" in res.output and "--const" in res.output
+    assert not (tmp_path / "out").exists()
+    res = invoke("export", "--format", "vllm", "-o", tmp_path / "out", "--kernel", "nope", ok=False)
+    assert "kernels there: add_kernel" in res.output
+
+
+def test_export_vllm_collisions_name_the_differing_key_and_the_filter(tmp_path: Path) -> None:
+    write_doc(tmp_path / "book", _moe_doc(extra_k=True))
+    common = export_moe_args(tmp_path)
+    res = invoke(*common, ok=False)
+    assert "differ at #3 (K)" in res.output and "--where" in res.output
+    invoke(*common, "--where", "K=4096")
+    assert json.loads((tmp_path / "out" / VLLM_NAME).read_text()) == EXPECTED_VLLM
+
+
+def test_import_vllm_round_trips_and_is_marked_imported(tmp_path: Path) -> None:
+    write_doc(tmp_path / "book", _moe_doc())
+    invoke(
+        "export", "--format", "vllm", tmp_path / "book", "-o", tmp_path / "v1", "--kernel", "fused_moe_kernel"
+    )
+    invoke(
+        "import", "--format", "vllm", tmp_path / "v1" / VLLM_NAME, "--kernel", "moe", "-o", tmp_path / "imp"
+    )
+    doc = the_doc(tmp_path / "imp")
+    assert doc.platform["timer"] == "imported:vllm" and doc.platform["device"] == "NVIDIA H100 80GB HBM3"
+    assert doc.kernel["key"] == ["E", "N", "M"]
+    assert sorted(e.key for e in doc.entries.values()) == [(8, 14336, 1), (8, 14336, 64), (8, 14336, 1024)]
+    show = json.loads(invoke("show", tmp_path / "imp", "--json").stdout)
+    assert all(
+        e["imported"] and e["winner_ms"] is None and e["speedup"] is None for e in show["files"][0]["entries"]
+    )
+    assert "imported" in invoke("show", tmp_path / "imp").stdout
+    invoke("export", "--format", "vllm", tmp_path / "imp", "-o", tmp_path / "v2", "--kernel", "moe")
+    assert (tmp_path / "v2" / VLLM_NAME).read_bytes() == (tmp_path / "v1" / VLLM_NAME).read_bytes()
+    # re-importing a changed file replaces its entries instead of adding a second winner
+    changed = json.loads((tmp_path / "v1" / VLLM_NAME).read_text())
+    changed["64"]["BLOCK_SIZE_M"] = 32
+    (tmp_path / "v1" / VLLM_NAME).write_text(json.dumps(changed))
+    invoke(
+        "import", "--format", "vllm", tmp_path / "v1" / VLLM_NAME, "--kernel", "moe", "-o", tmp_path / "imp"
+    )
+    e64 = next(e for e in the_doc(tmp_path / "imp").entries.values() if e.key[2] == 64)
+    assert [r.config["kwargs"]["BLOCK_SIZE_M"] for r in e64.results.values()] == [32]
+
+
+def test_import_vllm_rejects_foreign_file_names(tmp_path: Path) -> None:
+    bad = tmp_path / "tuned.json"
+    bad.write_text("{}")
+    res = invoke("import", "--format", "vllm", bad, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert "not a vLLM config file name" in res.output and "E=<int>,N=<int>" in res.output
+
+
+# ------------------------------------------------------------------------------------ prune
+
+
+def test_prune_drops_old_kernel_versions_and_corrupt_leftovers(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    current = book_files(book_dir)[0]
+    doc = the_doc(book_dir)
+    old = write_doc(book_dir, replace(doc, kernel={**doc.kernel, "hash": "1" * 64}))
+    other = write_doc(book_dir, replace(doc, kernel={**doc.kernel, "name": "other_kernel", "hash": "2" * 64}))
+    leftover = book_dir / f"{current.name}.corrupt-20260101T000000-1"
+    leftover.write_text("junk")
+    module = module_file(tmp_path)
+    dry = invoke("prune", "--keep", module, "--dry-run").stdout
+    assert f"would drop {old}" in dry and str(leftover) in dry and "dry run" in dry
+    assert old.exists() and leftover.exists()
+    text = invoke("prune", "--keep", module).stdout
+    assert "dropped 2 files" in text and "old version of add_kernel" in text
+    assert current.exists() and other.exists() and not old.exists() and not leftover.exists()
+
+
+def test_prune_needs_modules_with_kernels(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_mod.py"
+    empty.write_text("x = 1\n")
+    assert "defines no @tunebook.autotune kernel" in invoke("prune", "--keep", empty, ok=False).output
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def test_report_writes_html_with_decodable_pngs(book_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    _, b = _two_books(book_dir, tmp_path)
+    invoke("merge", book_dir, b, "-o", tmp_path / "m")
+    out = tmp_path / "report.html"
+    invoke("report", tmp_path / "m", "-o", out)
+    html = out.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert html.count("<section class='page'>") == 2 and "add_kernel" in html and "NVIDIA-H200" in html
+    assert "<table>" in html and "no timing recorded" in html
+    images = [chunk.split("'", 1)[0] for chunk in html.split("src='data:image/png;base64,")[1:]]
+    assert len(images) == 4  # per page: tuned vs median config, config landscape
+    for data in images:
+        png = base64.b64decode(data, validate=True)
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
