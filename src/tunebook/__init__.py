@@ -15,9 +15,23 @@ import logging
 from ._autotuner import Autotuner, __version__, autotune
 from ._book import Book, BookWarning
 from ._compat import Config
+from ._search import Budget, strategy_names
+from ._space import Space
 from ._stats import reset as reset_stats
 from ._stats import stats
 
 logging.getLogger("tunebook").addHandler(logging.NullHandler())
 
-__all__ = ["Autotuner", "Book", "BookWarning", "Config", "__version__", "autotune", "reset_stats", "stats"]
+__all__ = [
+    "Autotuner",
+    "Book",
+    "BookWarning",
+    "Budget",
+    "Config",
+    "Space",
+    "__version__",
+    "autotune",
+    "reset_stats",
+    "stats",
+    "strategy_names",
+]

@@ -15,16 +15,23 @@ The call path has two speeds:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
 import threading
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import _bench, _compat, _fingerprint, _launch, _settings, _stats
+from . import _compat, _fingerprint, _launch, _settings, _stats
+from ._bench import QUANTILES, Timers, choose_timers
 from ._book import Book, Entry, KernelIdentity, Page, Result, config_id, config_record, now_iso
+from ._progress import Progress
+from ._search import SMALL_SPACE, Budget, strategy_names
+from ._space import Space
+from ._tuner import KeyTuning, tune_key
 
 log = logging.getLogger("tunebook")
 
@@ -59,9 +66,21 @@ class Autotuner(_compat.KernelInterface):
         *,
         books: Sequence[str | Path] = (),
         name: str | None = None,
+        strategy: str = "auto",
+        max_configs: int | None = None,
+        max_seconds: float | None = None,
+        seed: int = 0,
+        compile_workers: int | None = None,
+        adaptive: bool = True,
     ) -> None:
+        # A Space is enumerated per key (its argument constraints depend on the call).
+        self.space: Space | None = configs if isinstance(configs, Space) else None
         self.configs: list[Any] = (
-            list(configs) if configs else [_compat.Config({}, num_warps=4, num_stages=3)]
+            []
+            if self.space is not None
+            else list(configs)
+            if configs
+            else [_compat.Config({}, num_warps=4, num_stages=3)]
         )
         self.keys = list(key)
         self.arg_names = list(arg_names)
@@ -95,6 +114,16 @@ class Autotuner(_compat.KernelInterface):
         self._user_do_bench = do_bench
         self._books = tuple(books)
         self._name = name
+        if strategy != "auto" and strategy not in strategy_names():
+            raise ValueError(
+                f"tunebook.autotune: unknown strategy {strategy!r}; choose one of "
+                f"{', '.join(['auto', *strategy_names()])}"
+            )
+        self.strategy = strategy
+        self.budget = Budget(max_configs=max_configs, max_seconds=max_seconds)
+        self.seed = seed
+        self.compile_workers = compile_workers if compile_workers is not None else (os.cpu_count() or 1)
+        self.adaptive = adaptive
 
         # Configs as the book names them; equal ids get a #n suffix so each stays distinct.
         self._config_ids: dict[int, str] = {}
@@ -109,10 +138,11 @@ class Autotuner(_compat.KernelInterface):
             self._config_ids[id(cfg)] = cid
             self._configs_by_id[cid] = cfg
         self._records = {id(c): config_record(c.kwargs, _compat.config_options(c)) for c in self.configs}
+        self._space_configs: dict[str, Any] = {}  # config id -> the one Config object made for it
 
         self._lock = threading.RLock()
         self._page: Page | None = None
-        self._timer: Callable[..., Any] | None = None
+        self._timers: Timers | None = None
         self._timer_id: str | None = None
         # Hit-path tables: key tuple -> (launcher, config, the counter the call bumps: hits
         # or fallbacks, launch kwargs). _fast_pos serves calls with positional arguments
@@ -128,7 +158,7 @@ class Autotuner(_compat.KernelInterface):
         self._fallback_keys: set[tuple[Any, ...]] = set()
         self._announced: set[tuple[Any, ...]] = set()
         _stats.register(self)
-        if len(self.configs) == 1:
+        if self.space is None and len(self.configs) == 1:
             only = self.configs[0]
             self._bind_key, self._pos_key, self._pos_key_tried = _constant_key, _constant_key, True
             entry = (self._launcher(only), only, self._hit_counter, only.all_kwargs())
@@ -210,7 +240,7 @@ class Autotuner(_compat.KernelInterface):
             self.nargs = dict(zip(self.arg_names, args))
             try:
                 key = _fingerprint.canonical_key(self.arg_names, self.keys, args, kwargs)
-                if len(self.configs) == 1:
+                if self.space is None and len(self.configs) == 1:
                     config = self.configs[0]
                 else:
                     config = self.cache.get(key)
@@ -265,18 +295,22 @@ class Autotuner(_compat.KernelInterface):
         """Compile every candidate config for these arguments (as Triton's Autotuner.warmup)."""
         self.nargs = dict(zip(self.arg_names, args))
         try:
-            return [self.fn.warmup(*args, **kwargs, **cfg.all_kwargs()) for cfg in self.prune_configs(kwargs)]
+            candidates = self._candidates(kwargs)
+            return [
+                self.fn.warmup(*args, **kwargs, **cfg.all_kwargs())
+                for cfg in self.prune_configs(kwargs, candidates)
+            ]
         finally:
             self.nargs = None
 
     # ------------------------------------------------------------------------ pruning
 
-    def prune_configs(self, kwargs: dict[str, Any]) -> list[Any]:
+    def prune_configs(self, kwargs: dict[str, Any], configs: list[Any] | None = None) -> list[Any]:
         """Triton's pruning: ``early_config_prune``, then the top-k of ``perf_model``."""
-        pruned = self.configs
+        pruned = self.configs if configs is None else configs
         nargs = self.nargs or {}
         if self.early_config_prune:
-            pruned = self.early_config_prune(self.configs, nargs, **kwargs)
+            pruned = self.early_config_prune(pruned, nargs, **kwargs)
             if not pruned:
                 raise ValueError(
                     "tunebook.autotune: early_config_prune returned no configs for this call; it must "
@@ -301,23 +335,34 @@ class Autotuner(_compat.KernelInterface):
         name = self._name or _fingerprint.kernel_name(self.fn)
         return KernelIdentity(name, _fingerprint.kernel_hash(self.fn), tuple(self.keys))
 
-    def _ensure_timer(self) -> tuple[Callable[..., Any], str]:
-        if self._timer is None or self._timer_id is None:
-            factory, timer_id = _bench.choose_timer(
-                self._user_do_bench, self.num_warmups, self.num_reps, self.use_cuda_graph
+    def _ensure_timers(self) -> Timers:
+        if self._timers is None:
+            factory, timer_id = choose_timers(
+                self._user_do_bench, self.num_warmups, self.num_reps, self.use_cuda_graph, self.adaptive
             )
-            self._timer, self._timer_id = factory(), timer_id
-        return self._timer, self._timer_id
+            self._timers, self._timer_id = factory(), timer_id
+        return self._timers
+
+    def _timer_name(self) -> str:
+        if self._timer_id is None:
+            _, self._timer_id = choose_timers(
+                self._user_do_bench, self.num_warmups, self.num_reps, self.use_cuda_graph, self.adaptive
+            )
+        return self._timer_id
+
+    def _ensure_timer(self) -> tuple[Callable[..., Any], str]:
+        """(the full timer, its id): kept for the CLI and for Triton's ``do_bench`` attribute."""
+        timers = self._ensure_timers()
+        return timers.full, timers.id
 
     @property
     def do_bench(self) -> Callable[..., Any]:
-        return self._ensure_timer()[0]
+        return self._ensure_timers().full
 
     def page(self) -> Page:
         """This kernel's page of the book for this platform (loaded on first use)."""
         if self._page is None:
-            _, timer_id = self._ensure_timer()
-            platform = _fingerprint.platform_fingerprint(timer_id)
+            platform = _fingerprint.platform_fingerprint(self._timer_name())
             pid = _fingerprint.platform_id(platform)
             book = Book.from_env(self._books)
             self._page = book.open(
@@ -325,40 +370,178 @@ class Autotuner(_compat.KernelInterface):
             )
         return self._page
 
+    def _identify(self, config: Any) -> str:
+        cid = self._config_ids.get(id(config))
+        if cid is None:  # a Space candidate: ids are computed once per config object
+            record = config_record(config.kwargs, _compat.config_options(config))
+            cid = config_id(record)
+            self._config_ids[id(config)] = cid
+            self._configs_by_id[cid] = config
+            self._records[id(config)] = record
+        return cid
+
+    def _candidates(self, kwargs: dict[str, Any]) -> list[Any]:
+        """The configs for this call: the declared list, or the Space's feasible configs."""
+        if self.space is None:
+            return self.configs
+        platform = self.page().platform
+        named = {**(self.nargs or {}), **kwargs}
+        out = []
+        for candidate in self.space.candidates(platform=platform, args=named):
+            record = config_record(
+                {k: v for k, v in candidate.items() if k not in self.space.option_names},
+                {k: v for k, v in candidate.items() if k in self.space.option_names},
+            )
+            cid = config_id(record)
+            config = self._space_configs.get(cid)
+            if config is None:
+                config = self._space_configs[cid] = self.space.to_config(candidate)
+            out.append(config)
+        if not out:
+            raise ValueError(
+                f"tunebook.autotune: the Space of {self.base_fn.__name__} has no feasible config for "
+                "this call "
+                f"({', '.join(f'{k}={v!r}' for k, v in named.items() if not hasattr(v, 'dtype'))}); "
+                "loosen its constraints or arg_constraints."
+            )
+        return out
+
     def _decide(self, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any) -> Any:
-        pruned = self.prune_configs(kwargs)
+        pruned = self.prune_configs(kwargs, self._candidates(kwargs))
         if len(pruned) == 1:
             self.cache[key] = pruned[0]
             return pruned[0]
         mode = _settings.mode()
-        ids = [self._config_ids[id(c)] for c in pruned]
+        ids = [self._identify(c) for c in pruned]
         key_text = _fingerprint.canonical_key_text(key)
+        page = self.page() if mode != "off" else None
+        entry = page.get(key_text) if page is not None else None
 
-        if mode == "off":
-            entry = self._measure(pruned, ids, args, kwargs, grid, key, known=None)
-            return self._settle(key, pruned, ids, entry, source="tuned")
+        if page is not None:
+            missing = [cid for cid in ids if entry is None or cid not in entry.results]
+            if missing and mode == "tune":
+                page.refresh()  # another process may have tuned this key meanwhile
+                entry = page.get(key_text)
+                missing = [cid for cid in ids if entry is None or cid not in entry.results]
+            if entry is not None and (not missing or self._search_done(entry, ids)):
+                _stats.add("book_hits")
+                self._hit_counter[0] += 1
+                return self._settle(key, pruned, ids, entry, source="book")
+            _stats.add("misses")
+            if mode == "serve":
+                return self._fallback(key, pruned, ids, entry, page)
 
-        page = self.page()
-        entry = page.get(key_text)
-        missing = [i for i, cid in enumerate(ids) if entry is None or cid not in entry.results]
-        if missing and mode == "tune":
-            page.refresh()  # another process may have tuned this key meanwhile
-            entry = page.get(key_text)
-            missing = [i for i, cid in enumerate(ids) if entry is None or cid not in entry.results]
-        if not missing and entry is not None:
-            _stats.add("book_hits")
-            self._hit_counter[0] += 1
-            return self._settle(key, pruned, ids, entry, source="book")
+        outcome = self._tune(key, key_text, pruned, ids, entry, page, args, kwargs, grid)
+        self.bench_time = outcome.seconds
+        _stats.add("benchmarked", outcome.measured)
+        _stats.add("tuning_seconds", outcome.seconds)
+        _stats.add("failures", outcome.failures)
+        return self._settle(key, pruned, ids, outcome.entry, source="tuned", benchmarked=outcome.measured)
 
-        _stats.add("misses")
-        if mode == "serve":
-            return self._fallback(key, key_text, pruned, ids, entry, page)
+    def _search_done(self, entry: Entry, ids: list[str]) -> bool:
+        """Whether a budgeted search already ran for this key (it need not measure everything)."""
+        if self.budget.unlimited and len(ids) <= SMALL_SPACE:
+            return False
+        measured = sum(1 for cid in ids if cid in entry.results)
+        cap = self._effective_budget(len(ids)).max_configs
+        return bool(entry.chosen) and cap is not None and measured >= min(cap, len(ids))
 
-        todo = [pruned[i] for i in missing]
-        todo_ids = [ids[i] for i in missing]
-        measured = self._measure(todo, todo_ids, args, kwargs, grid, key, known=entry)
-        stored = page.record(key_text, measured)
-        return self._settle(key, pruned, ids, stored, source="tuned", benchmarked=len(todo))
+    def _effective_budget(self, n: int) -> Budget:
+        """The user's budget, or for a large space a default: 10% of it, 64 to 500 configs."""
+        if not self.budget.unlimited or n <= SMALL_SPACE:
+            return self.budget
+        return Budget(max_configs=min(n, max(SMALL_SPACE, min(500, n // 10))))
+
+    def _hints(self, key: tuple[Any, ...], ids: list[str], page: Page | None) -> list[int]:
+        """Candidate indices of the winners of the nearest remembered keys, nearest first."""
+        if page is None:
+            return []
+        index = {cid: i for i, cid in enumerate(ids)}
+        ranked = sorted(
+            (d, n, e)
+            for n, e in enumerate(page.entries.values())
+            if (d := _key_distance(key, e.key)) < math.inf and e.key != tuple(_json_key(key))
+        )
+        hints: list[int] = []
+        for _, _, e in ranked[:4]:
+            best = e.best(ids)
+            if best is not None and index[best] not in hints:
+                hints.append(index[best])
+        for e in page.sibling_winners(key):
+            best = e.best(ids)
+            if best is not None and index[best] not in hints:
+                hints.append(index[best])
+        return hints
+
+    def _tune(
+        self,
+        key: tuple[Any, ...],
+        key_text: str,
+        pruned: list[Any],
+        ids: list[str],
+        entry: Entry | None,
+        page: Page | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        grid: Any,
+    ) -> Any:
+        stored_key = tuple(_json_key(key))
+        state = {"seconds": 0.0, "entry": entry}
+
+        def persist(fresh: dict[str, Result], chosen: str, seconds: float) -> Entry:
+            stamp = now_iso()
+            previous = state["entry"]
+            # Carry what is known for the key (e.g. from a shipped read-only book) into the
+            # writable book, so that it stands on its own.
+            news = Entry(
+                key=stored_key,
+                results={**(previous.results if previous is not None else {}), **fresh},
+                tuning_seconds=seconds - state["seconds"],
+                tuned_at=previous.tuned_at if previous is not None and previous.tuned_at else stamp,
+                updated_at=stamp,
+                tunebook=__version__,
+                chosen=chosen,
+            )
+            state["seconds"] = seconds
+            if page is None:  # mode off: remember in this call only
+                merged = replace(
+                    news.merged_over(previous), chosen=chosen or (previous.chosen if previous else "")
+                )
+            else:
+                merged = page.record(key_text, news)
+            state["entry"] = merged
+            return merged
+
+        precompile = None
+        if not _compat.interpreting() and self.compile_workers > 1:
+
+            def precompile(configs: list[Any]) -> None:
+                _compat.precompile(
+                    [functools.partial(self._warmup_one, args, kwargs, grid, c) for c in configs],
+                    self.compile_workers,
+                )
+
+        timers = self._ensure_timers()
+        job = KeyTuning(
+            configs=pruned,
+            ids=ids,
+            records=[self._records[id(c)] for c in pruned],
+            known=entry,
+            timers=timers,
+            bench=lambda timer, cfg: self._bench(timer, args, kwargs, grid, cfg),
+            persist=persist,
+            is_unexpected=lambda exc: not _compat.is_unrunnable_config_error(exc),
+            precompile=precompile,
+            strategy=self.strategy,
+            budget=self._effective_budget(len(pruned)),
+            hints=self._hints(key, ids, page),
+            seed=self.seed,
+            progress=Progress(self.base_fn.__name__, key),
+        )
+        return tune_key(job)
+
+    def _warmup_one(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, config: Any) -> Any:
+        return self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
 
     def _settle(
         self,
@@ -382,52 +565,6 @@ class Autotuner(_compat.KernelInterface):
             self.pre_hook(full_nargs, reset_only=True)
         self._announce(key, config, source, benchmarked, len(pruned))
         return config
-
-    def _measure(
-        self,
-        configs: list[Any],
-        ids: list[str],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        grid: Any,
-        key: tuple[Any, ...],
-        known: Entry | None,
-    ) -> Entry:
-        """Benchmark ``configs`` and return ``known`` plus the new results."""
-        timer, _ = self._ensure_timer()
-        results = dict(known.results) if known is not None else {}
-        fresh: dict[str, Result] = {}
-        unexpected: list[BaseException] = []
-        start = time.perf_counter()
-        for cfg, cid in zip(configs, ids):
-            try:
-                ms = _bench.as_triple(self._bench(timer, args, kwargs, grid, cfg))
-                fresh[cid] = Result(self._records[id(cfg)], ms, None, now_iso())
-            except Exception as exc:  # a config that cannot run is data, not a crash
-                reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
-                if not _compat.is_unrunnable_config_error(exc):
-                    unexpected.append(exc)
-                log.info("tunebook: %s config %s failed: %s", self.base_fn.__name__, cid, reason)
-                fresh[cid] = Result(self._records[id(cfg)], None, reason, now_iso())
-        elapsed = time.perf_counter() - start
-        self.bench_time = elapsed
-        _stats.add("benchmarked", len(configs))
-        _stats.add("tuning_seconds", elapsed)
-        _stats.add("failures", sum(1 for r in fresh.values() if not r.ok))
-        if unexpected and not any(r.ok for r in (*results.values(), *fresh.values())):
-            # Every config failed and not for resource reasons: a bug in the call, not in a
-            # config. Surface it and remember nothing, so fixing the call is enough.
-            raise unexpected[0]
-        results.update(fresh)
-        stamp = now_iso()
-        return Entry(
-            key=tuple(_fingerprint.json_key_value(v) for v in key),
-            results=results,
-            tuning_seconds=elapsed,
-            tuned_at=known.tuned_at if known is not None and known.tuned_at else stamp,
-            updated_at=stamp,
-            tunebook=__version__,
-        )
 
     def _bench(
         self, timer: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, config: Any
@@ -454,12 +591,11 @@ class Autotuner(_compat.KernelInterface):
                     raise
             self.post_hook(full_nargs, exception=None)
 
-        return timer(kernel_call, quantiles=_bench.QUANTILES)
+        return timer(kernel_call, quantiles=QUANTILES)
 
     def _fallback(
         self,
         key: tuple[Any, ...],
-        key_text: str,
         pruned: list[Any],
         ids: list[str],
         entry: Entry | None,
@@ -505,6 +641,10 @@ class Autotuner(_compat.KernelInterface):
             )
 
 
+def _json_key(key: Sequence[Any]) -> list[Any]:
+    return [_fingerprint.json_key_value(v) for v in key]
+
+
 def _constant_key(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     return ()
 
@@ -548,6 +688,12 @@ def autotune(
     *,
     books: Sequence[str | Path] = (),
     name: str | None = None,
+    strategy: str = "auto",
+    max_configs: int | None = None,
+    max_seconds: float | None = None,
+    seed: int = 0,
+    compile_workers: int | None = None,
+    adaptive: bool = True,
 ) -> Callable[[Any], Autotuner]:
     """Decorator for auto-tuning a ``triton.jit`` function, remembering results in a book.
 
@@ -560,6 +706,18 @@ def autotune(
     * ``books`` — read-only book directories shipped with the application, consulted after
       ``TUNEBOOK_DIR`` and before ``TUNEBOOK_PATH``.
     * ``name`` — the kernel's name in the book (default: the function's qualified name).
+    * ``strategy`` — which configs to measure for a new key: ``"auto"`` (default: every
+      config of a list of up to 64, else a model-based or neighbour search), ``"exhaustive"``,
+      ``"random"``, ``"bayes"`` (needs ``tunebook[optuna]``) or ``"neighbors"``.
+    * ``max_configs`` / ``max_seconds`` — the budget per key (default: none for lists of up
+      to 64 configs; 10% of a larger space, between 64 and 500 configs).
+    * ``seed`` — for the random and model-based strategies.
+    * ``compile_workers`` — threads compiling candidates ahead of measurement (default: the
+      CPU count; Triton >= 3.5).
+    * ``adaptive`` — screen every candidate with a short measurement and measure only the
+      contenders in full (default True; a user ``do_bench`` is never adaptive).
+
+    ``configs`` may also be a :class:`tunebook.Space`, a declarative config space.
 
     Example (runs on a CPU with ``TRITON_INTERPRET=1``)::
 
@@ -591,6 +749,12 @@ def autotune(
             do_bench=do_bench,
             books=books,
             name=name,
+            strategy=strategy,
+            max_configs=max_configs,
+            max_seconds=max_seconds,
+            seed=seed,
+            compile_workers=compile_workers,
+            adaptive=adaptive,
         )
 
     return decorator

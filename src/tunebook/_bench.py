@@ -7,7 +7,9 @@ fingerprint: timings taken by different methods are not compared with each other
 * ``events``      — the backend's ``do_bench`` (GPU events, L2 flushed between runs).
 * ``cuda-graph``  — ``do_bench_cudagraph``: launch overhead removed.
 * ``wallclock``   — the CPU interpreter, where no GPU timer exists.
-* ``custom:<name>`` — a user ``do_bench=`` callable.
+* ``custom:<name>`` — a user ``do_bench=`` callable (never adaptive: it decides alone).
+
+Triton's default ``do_bench`` flushes the L2 cache between runs; so do the quick timers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import _compat
@@ -66,17 +69,53 @@ def as_triple(value: Any) -> tuple[float, float, float]:
     return (values[0], values[0], values[0])
 
 
-def choose_timer(
-    do_bench: Timer | None, warmup: int | None, rep: int | None, use_cuda_graph: bool
-) -> tuple[Callable[[], Timer], str]:
-    """(a factory for the timer, the timer's id). The factory defers touching the GPU driver."""
+# Adaptive benchmarking: every candidate gets a short screening measurement; only the
+# contenders are measured in full. Milliseconds of warm-up and of timed repetitions.
+QUICK_MS = (2, 10)
+FULL_MS = (25, 100)
+
+
+@dataclass(frozen=True)
+class Timers:
+    """A quick and a full timer of one method; ``adaptive`` is False when they are the same."""
+
+    quick: Timer
+    full: Timer
+    id: str
+    adaptive: bool
+
+
+def choose_timers(
+    do_bench: Timer | None, warmup: int | None, rep: int | None, use_cuda_graph: bool, adaptive: bool = True
+) -> tuple[Callable[[], Timers], str]:
+    """(a factory for the timers, their id). The factory defers touching the GPU driver."""
     if do_bench is not None:
         name = getattr(do_bench, "__qualname__", type(do_bench).__name__)
-        return (lambda: do_bench), f"custom:{name}"
+        return (lambda: Timers(do_bench, do_bench, f"custom:{name}", False)), f"custom:{name}"
     if _compat.interpreting():
-        return (lambda: wallclock_bench), "wallclock"
+
+        def quick(kernel_call: Callable[[], Any], quantiles: Any = QUANTILES) -> list[float]:
+            return wallclock_bench(kernel_call, quantiles, min_reps=1, max_reps=2, budget_s=0.02)
+
+        return (
+            lambda: Timers(quick if adaptive else wallclock_bench, wallclock_bench, "wallclock", adaptive)
+        ), ("wallclock")
+    full_warmup = warmup if warmup is not None else FULL_MS[0]
+    full_rep = rep if rep is not None else FULL_MS[1]
+    quick_warmup, quick_rep = min(QUICK_MS[0], full_warmup), min(QUICK_MS[1], full_rep)
     if use_cuda_graph:
-        return (lambda: _compat.cudagraph_benchmarker(rep)), "cuda-graph"
-    if warmup is not None or rep is not None:
-        return (lambda: _compat.timed_benchmarker(warmup, rep)), "events"
-    return _compat.default_benchmarker, "events"
+
+        def make_graph() -> Timers:
+            full = _compat.cudagraph_benchmarker(full_rep)
+            return Timers(
+                _compat.cudagraph_benchmarker(quick_rep) if adaptive else full, full, "cuda-graph", adaptive
+            )
+
+        return make_graph, "cuda-graph"
+
+    def make_events() -> Timers:
+        full = _compat.timed_benchmarker(full_warmup, full_rep)
+        quick = _compat.timed_benchmarker(quick_warmup, quick_rep) if adaptive else full
+        return Timers(quick, full, "events", adaptive)
+
+    return make_events, "events"

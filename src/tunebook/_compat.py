@@ -219,3 +219,38 @@ def kernel_source(fn: Callable[..., Any]) -> str:
     src = textwrap.dedent(src)
     start = src.find("def ")
     return src[start:] if start >= 0 else src
+
+
+def async_compile_available() -> bool:
+    """Whether this Triton can compile in a thread pool (AsyncCompileMode, Triton >= 3.5)."""
+    try:
+        from triton.runtime import _async_compile  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def precompile(launches: list[Callable[[], Any]], workers: int) -> int:
+    """Compile the kernels that ``launches`` would run, ``workers`` at a time; return how many.
+
+    Each launch must call the kernel with ``warmup=True`` (compile, don't run). Triton's
+    AsyncCompileMode runs the compiler in a thread pool (its passes and ptxas run without
+    the GIL) and fills both the in-memory and the on-disk compile cache. Compile errors
+    are ignored here: the config fails again when it is measured, and is recorded then.
+    Without AsyncCompileMode (Triton 3.4) nothing is compiled ahead.
+    """
+    if not launches or workers < 2 or not async_compile_available():
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    submitted = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for launch in launches:
+            try:
+                launch()
+                submitted += 1
+            except Exception:
+                continue
+    return submitted

@@ -45,6 +45,11 @@ TUNEBOOK_MODE = Setting(
     "tune",
     "What an unseen key does: tune (benchmark and remember), serve (never benchmark), off (no book).",
 )
+TUNEBOOK_PROGRESS = Setting(
+    "TUNEBOOK_PROGRESS",
+    "auto",
+    "Progress lines on stderr while tuning: 1, 0, or auto (when stderr is a terminal).",
+)
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
@@ -87,6 +92,16 @@ def mode() -> Mode:
             "Unset it to use the default, 'tune'."
         )
     return value  # type: ignore[return-value]
+
+
+def progress() -> str:
+    """'1' (always), '0' (never) or 'auto' (when stderr is a terminal)."""
+    value = TUNEBOOK_PROGRESS.raw().strip().lower()
+    if value in _TRUE:
+        return "1"
+    if value in {"0", "false", "no", "off"}:
+        return "0"
+    return "auto"
 
 
 def print_autotuning() -> bool:

@@ -53,11 +53,21 @@ ArgConstraint = Callable[[Candidate, Mapping[str, Any]], bool]
 
 # Config option fields some Triton release has had. A space naming one the installed Triton
 # lacks would silently pass it to the kernel as a meta-parameter; refuse it instead.
-_OPTION_NAMES_ANY_RELEASE = frozenset({
-    "num_warps", "num_ctas", "num_stages", "maxnreg", "ir_override",
-    "num_buffers_warp_spec", "num_consumer_groups", "reg_dec_producer", "reg_inc_consumer",
-    "enable_warp_specialization", "enable_persistent",
-})
+_OPTION_NAMES_ANY_RELEASE = frozenset(
+    {
+        "num_warps",
+        "num_ctas",
+        "num_stages",
+        "maxnreg",
+        "ir_override",
+        "num_buffers_warp_spec",
+        "num_consumer_groups",
+        "reg_dec_producer",
+        "reg_inc_consumer",
+        "enable_warp_specialization",
+        "enable_persistent",
+    }
+)
 
 
 class SpaceError(ValueError):
@@ -72,7 +82,8 @@ def _check_option_name(name: str) -> None:
         raise SpaceError(
             f"Space: {name!r} is a Config option of other Triton releases, but this Triton "
             f"({_compat.triton_version()}) has no such field. Valid option names: {valid}. "
-            f"Remove {name!r}, or, if it is your kernel's own meta-parameter, pass it as meta={{{name!r}: [...]}}."
+            f"Remove {name!r}, or, if it is your kernel's own meta-parameter, "
+            f"pass it as meta={{{name!r}: [...]}}."
         )
     # A lowercase name one typo away from an option ("num_warp") is almost surely that option.
     close = difflib.get_close_matches(name, _compat.CONFIG_OPTION_FIELDS, n=1, cutoff=0.8)
@@ -91,7 +102,9 @@ def _values(name: str, raw: Any) -> tuple[Any, ...]:
         )
     values = tuple(raw)
     if not values:
-        raise SpaceError(f"Space: {name}= is empty; give it at least one value (an empty space tunes nothing).")
+        raise SpaceError(
+            f"Space: {name}= is empty; give it at least one value (an empty space tunes nothing)."
+        )
     seen: set[Any] = set()
     for v in values:
         try:
@@ -158,12 +171,17 @@ class Space:
         if clash:
             raise SpaceError(
                 f"Space: meta= holds {', '.join(clash)}, which Triton's Config takes as an option; "
-                f"pass {'it' if len(clash) == 1 else 'them'} as keyword parameter{'s' * (len(clash) != 1)} instead."
+                f"pass {'it' if len(clash) == 1 else 'them'} as keyword "
+                f"parameter{'s' * (len(clash) != 1)} instead."
             )
         both = sorted(set(params) & set(meta or {}))
         if both:
-            raise SpaceError(f"Space: {', '.join(both)} given both as a parameter and in meta=; give each once.")
-        self._params: dict[str, tuple[Any, ...]] = {n: _values(n, v) for n, v in {**params, **(meta or {})}.items()}
+            raise SpaceError(
+                f"Space: {', '.join(both)} given both as a parameter and in meta=; give each once."
+            )
+        self._params: dict[str, tuple[Any, ...]] = {
+            n: _values(n, v) for n, v in {**params, **(meta or {})}.items()
+        }
         self._raw: dict[str, Any] = {**params, **(meta or {})}
         self._options = frozenset(params) & frozenset(_compat.CONFIG_OPTION_FIELDS)
         for what, funcs in (("constraints", constraints), ("arg_constraints", arg_constraints)):
@@ -259,7 +277,9 @@ class Space:
         if self.constraints:
             notes.append(f"{len(self.constraints)} constraint{'s' * (len(self.constraints) != 1)}")
         if self.arg_constraints:
-            notes.append(f"{len(self.arg_constraints)} arg constraint{'s' * (len(self.arg_constraints) != 1)}")
+            notes.append(
+                f"{len(self.arg_constraints)} arg constraint{'s' * (len(self.arg_constraints) != 1)}"
+            )
         return f"Space({', '.join(shown)}; {', '.join(notes)})"
 
     # ------------------------------------------------------------- selections

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import _settings
 from .files import merge_write, read_document
-from .records import Document, Entry
+from .records import Document, Entry, _json_scalar
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,30 @@ class Page:
                 self._readonly_entries[k].merged_over(entry) if k in self._readonly_entries else entry
             )
         self.entries = entries
+
+    def sibling_winners(self, key: Sequence[Any]) -> list[Entry]:
+        """Entries for this exact key of the same kernel on other platforms, in any layer.
+
+        Their winners are good first guesses for a search here (the best config moves
+        less between GPUs than between shapes).
+        """
+        found: list[Entry] = []
+        key_text = json.dumps([_json_scalar(v) for v in key], separators=(",", ":"))
+        directories = ([self.book.directory] if self.book.directory is not None else []) + list(
+            self.book.readonly
+        )
+        for directory in directories:
+            try:
+                paths = sorted(directory.glob(f"*--{self.kernel.id}--*.json"))
+            except OSError:
+                continue
+            for path in paths:
+                if path.name == self.file_name:
+                    continue
+                doc = self._read(path)
+                if doc is not None and key_text in doc.entries:
+                    found.append(doc.entries[key_text])
+        return found
 
     def get(self, key_text: str) -> Entry | None:
         return self.entries.get(key_text)

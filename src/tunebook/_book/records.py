@@ -65,14 +65,24 @@ def config_id(record: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------- records
 
 
+# Within this fraction of the fastest median, a config chosen earlier for a key (stored as
+# Entry.chosen) keeps its place: re-measuring near-equal configs must not flip the winner.
+TIE_TOLERANCE = 0.02
+
+
 @dataclass(frozen=True)
 class Result:
-    """One measured config for one key: a timing in ms [median, p20, p80], or a failure."""
+    """One measured config for one key: a timing in ms [median, p20, p80], or a failure.
+
+    ``quick`` marks a short screening measurement (adaptive benchmarking measures every
+    candidate briefly, then only the contenders in full); a full one supersedes it.
+    """
 
     config: dict[str, Any]
     ms: tuple[float, float, float] | None
     error: str | None = None
     at: str = ""
+    quick: bool = False
 
     @property
     def ok(self) -> bool:
@@ -83,12 +93,15 @@ class Result:
         return self.ms[0] if self.ok and self.ms is not None else math.inf
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "config": self.config,
             "ms": list(self.ms) if self.ms else None,
             "error": self.error,
             "at": self.at,
         }
+        if self.quick:
+            data["quick"] = True
+        return data
 
     @staticmethod
     def from_json(data: Any, where: str) -> Result:
@@ -113,7 +126,10 @@ class Result:
         if ms is None and error is None:
             raise BookFormatError(f"{where}: a result needs a timing ('ms') or a failure reason ('error')")
         at = data.get("at", "")
-        return Result(config=config, ms=ms, error=error, at=at if isinstance(at, str) else "")
+        quick = data.get("quick", False)
+        if not isinstance(quick, bool):
+            raise BookFormatError(f"{where}: 'quick' must be true or false")
+        return Result(config=config, ms=ms, error=error, at=at if isinstance(at, str) else "", quick=quick)
 
 
 @dataclass(frozen=True)
@@ -126,15 +142,30 @@ class Entry:
     tuned_at: str = ""
     updated_at: str = ""
     tunebook: str = ""
+    chosen: str = ""
 
     def best(self, allowed: Iterable[str] | None = None) -> str | None:
-        """The fastest successful config id (among ``allowed``, in its order on ties)."""
+        """The winner among ``allowed`` (default: all results).
+
+        The fastest successful config (the earlier in ``allowed`` on equal times), unless
+        the config recorded as ``chosen`` is allowed and within TIE_TOLERANCE of it: then
+        the chosen one, so that the same book gives the same winner run after run.
+        """
         ids = list(allowed) if allowed is not None else sorted(self.results)
         best_id, best_ms = None, math.inf
         for cid in ids:
             result = self.results.get(cid)
             if result is not None and result.median < best_ms:
                 best_id, best_ms = cid, result.median
+        chosen = self.results.get(self.chosen) if self.chosen else None
+        if (
+            best_id is not None
+            and chosen is not None
+            and chosen.ok
+            and self.chosen in ids
+            and chosen.median <= best_ms * (1 + TIE_TOLERANCE)
+        ):
+            return self.chosen
         return best_id
 
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +177,7 @@ class Entry:
             "tuned_at": self.tuned_at,
             "updated_at": self.updated_at,
             "tunebook": self.tunebook,
+            **({"chosen": self.chosen} if self.chosen else {}),
         }
 
     @staticmethod
@@ -179,6 +211,7 @@ class Entry:
             tuned_at=text("tuned_at"),
             updated_at=text("updated_at"),
             tunebook=text("tunebook"),
+            chosen=text("chosen"),
         )
 
     def merged_over(self, base: Entry | None) -> Entry:
@@ -190,11 +223,16 @@ class Entry:
         if base is None:
             return self
         results = dict(self.results)
-        results.update(base.results)
-        added = any(cid not in base.results for cid in self.results)
+        for cid, result in base.results.items():
+            mine = results.get(cid)
+            # A full measurement replaces a quick one; otherwise what is stored stands.
+            if mine is None or not (result.quick and not mine.quick):
+                results[cid] = result
+        added = any(cid not in base.results or results[cid] is not base.results[cid] for cid in self.results)
         return replace(
             base,
             results=results,
+            chosen=base.chosen or self.chosen,
             tuning_seconds=base.tuning_seconds + (self.tuning_seconds if added else 0.0),
             tuned_at=min(filter(None, (base.tuned_at, self.tuned_at)), default=""),
             updated_at=max(base.updated_at, self.updated_at),

@@ -49,7 +49,9 @@ class Strategy:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, candidates: Sequence[Mapping[str, Any]], *, seed: int = 0, hints: Sequence[int] = ()) -> None:
+    def __init__(
+        self, candidates: Sequence[Mapping[str, Any]], *, seed: int = 0, hints: Sequence[int] = ()
+    ) -> None:
         self.candidates = candidates
         self.seed = seed
         bad = [h for h in hints if not isinstance(h, int) or not 0 <= h < len(candidates)]
@@ -84,7 +86,7 @@ class Strategy:
             more = self._propose(n - len(picks))
             for i in more:
                 if not (isinstance(i, int) and 0 <= i < len(self.candidates)) or not self.fresh(i):
-                    raise RuntimeError(f"strategy {self.name!r} proposed {i!r}, which is not a fresh index (a bug)")
+                    raise RuntimeError(f"strategy {self.name!r} proposed {i!r}, not a fresh index (a bug)")
                 self.pending.add(i)
             picks.extend(more)
         return picks
@@ -93,7 +95,7 @@ class Strategy:
         if not (isinstance(index, int) and 0 <= index < len(self.candidates)):
             raise IndexError(f"tell: {index!r} is not an index into the {len(self.candidates)} candidates")
         if index in self.results:
-            raise ValueError(f"tell: candidate {index} was already told ({self.results[index]} ms); each is told once")
+            raise ValueError(f"tell: candidate {index} was already told ({self.results[index]} ms)")
         value = clean_ms(ms)
         self.results[index] = value
         self.pending.discard(index)

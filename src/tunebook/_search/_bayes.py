@@ -66,8 +66,12 @@ class Bayes(Strategy):
                 )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # multivariate / constant_liar are "experimental"
+            # 48 expected-improvement candidates (Optuna's default: 24) reached 1.03x the best
+            # in half the configs on the synthetic GEMM tables: a discrete space rewards a
+            # greedier pick among the model's samples.
             sampler = optuna.samplers.TPESampler(
-                seed=self.seed, multivariate=True, constant_liar=True, warn_independent_sampling=False
+                seed=self.seed, multivariate=True, constant_liar=True, n_ei_candidates=48,
+                warn_independent_sampling=False,
             )
         with self._quiet():
             self._study = optuna.create_study(direction="minimize", sampler=sampler)

@@ -15,9 +15,11 @@ Tables let strategies be replayed offline (Kernel Tuner calls it simulation mode
 
 ``config`` is a flat candidate dict (meta-parameters and Config options side by side, as
 ``Space.candidates()`` yields them); ``ms`` is the median in milliseconds, or null for a
-config that failed, with the reason in ``error``. Other keys are kept but not read.
+config that failed, with the reason in ``error``; ``spread`` (optional) is [p20, p80] in ms.
+Other keys are ignored.
 
->>> t = Table("k", {"N": 8}, {"backend": "cuda"}, (TableRow({"B": 16}, 2.0), TableRow({"B": 32}, None, "OOR")))
+>>> rows = (TableRow({"B": 16}, 2.0), TableRow({"B": 32}, None, "OOR"))
+>>> t = Table("k", {"N": 8}, {"backend": "cuda"}, rows)
 >>> t.best(), t.measure()([0, 1])
 ((0, 2.0), {0: 2.0, 1: inf})
 >>> Table.from_json(t.to_json()) == t
@@ -44,11 +46,13 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class TableRow:
-    """One config and its median time in ms (None: it failed, ``error`` says why)."""
+    """One config and its median time in ms (None: it failed, ``error`` says why);
+    ``spread`` is the (p20, p80) of the timing when the measurer kept it."""
 
     config: dict[str, Any]
     ms: float | None
     error: str | None = None
+    spread: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,12 @@ class Table:
         if self.space is not None:
             doc["space"] = self.space
         doc["results"] = [
-            {"config": r.config, "ms": r.ms, **({"error": r.error} if r.error is not None else {})}
+            {
+                "config": r.config,
+                "ms": r.ms,
+                **({"error": r.error} if r.error is not None else {}),
+                **({"spread": list(r.spread)} if r.spread is not None else {}),
+            }
             for r in self.rows
         ]
         return doc
@@ -108,7 +117,11 @@ class Table:
                 ms is None or (isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0)
             ):
                 raise ValueError(f"{where}: results[{k}] needs a 'config' object and 'ms' >= 0 or null")
-            rows.append(TableRow(raw["config"], None if ms is None else float(ms), raw.get("error")))
+            spread = raw.get("spread")
+            if not (isinstance(spread, list) and len(spread) == 2):
+                spread = None
+            spread = (float(spread[0]), float(spread[1])) if spread else None
+            rows.append(TableRow(raw["config"], None if ms is None else float(ms), raw.get("error"), spread))
         return Table(
             kernel=str(doc.get("kernel", "")),
             shape=dict(doc.get("shape", {})),

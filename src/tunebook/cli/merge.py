@@ -36,6 +36,7 @@ def _rank(result: Result) -> tuple[object, ...]:
     """Smaller is better; a total order over results (see the module docstring)."""
     return (
         0 if result.ok else 1,
+        1 if result.quick else 0,  # a full measurement is better evidence than a screening one
         result.median if result.ok else 0.0,
         json.dumps(result.to_json(), sort_keys=True),
     )
@@ -54,7 +55,16 @@ def merge_entries(a: Entry, b: Entry) -> Entry:
         tuned_at=min(filter(None, (a.tuned_at, b.tuned_at)), default=""),
         updated_at=max(a.updated_at, b.updated_at),
         tunebook=max(a.tunebook, b.tunebook),
+        chosen=_merged_choice(a.chosen, b.chosen, results),
     )
+
+
+def _merged_choice(a: str, b: str, results: dict[str, Result]) -> str:
+    """Both books' tie-aware choices: the measurably faster one, then the smaller id."""
+    candidates = [c for c in {a, b} if c and c in results]
+    if not candidates:
+        return ""
+    return min(candidates, key=lambda c: (results[c].median, c))
 
 
 def merge_documents(a: Document, b: Document) -> Document:

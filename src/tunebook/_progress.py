@@ -1,0 +1,58 @@
+"""Progress of a long tuning, on stderr: kernel, key, configs measured, best so far.
+
+Shown when ``TUNEBOOK_PROGRESS=1``, or by default (``auto``) when stderr is a terminal and
+the tuning has run for more than a second; never when ``TUNEBOOK_PROGRESS=0``. Every
+update is also logged at DEBUG level to the "tunebook" logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+from . import _settings
+
+log = logging.getLogger("tunebook")
+
+
+class Progress:
+    def __init__(self, kernel: str, key: Any, *, interval_s: float = 0.5) -> None:
+        self.kernel, self.key = kernel, key
+        self.start = time.monotonic()
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._shown = False
+        mode = _settings.progress()
+        self._enabled = mode == "1" or (mode == "auto" and sys.stderr.isatty())
+        self._always = mode == "1"
+
+    def line(self, done: int, total: int, best_ms: float, phase: str = "") -> str:
+        best = f"{best_ms:.4g} ms" if math.isfinite(best_ms) else "-"
+        elapsed = time.monotonic() - self.start
+        extra = f" {phase}" if phase else ""
+        where = f"{self.kernel} {list(self.key)}"
+        return f"tunebook: {where}: {done}/{total} configs, best {best}, {elapsed:.1f}s{extra}"
+
+    def update(self, done: int, total: int, best_ms: float, phase: str = "") -> None:
+        text = self.line(done, total, best_ms, phase)
+        log.debug("%s", text)
+        now = time.monotonic()
+        if not self._enabled or now - self._last < self.interval_s:
+            return
+        if not self._always and now - self.start < 1.0:
+            return
+        self._last = now
+        self._shown = True
+        end = "\r" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(text + end)
+        sys.stderr.flush()
+
+    def close(self, done: int, total: int, best_ms: float) -> None:
+        text = self.line(done, total, best_ms, "done")
+        log.info("%s", text)
+        if self._shown or (self._always and self._enabled):
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()

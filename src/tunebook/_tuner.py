@@ -1,0 +1,189 @@
+"""Tuning one key: which candidates to measure, how, and which one wins.
+
+    strategy proposes a batch ─► compile the batch ahead, in parallel ─► quick measurement
+      ▲                                                                   │ persisted at once
+      └───────────── told the results ◄───────────────────────────────────┘
+    then: full measurement of the contenders ─► tie-aware choice ─► persisted
+
+* **Resumable.** Every batch is persisted as soon as it is measured; a run killed halfway
+  starts again from the book's results for the key (``known``), which are never re-measured.
+* **Failures are data.** A config that fails to compile or run is stored with its reason
+  and never retried for the key.
+* **Adaptive.** With a GPU timer, candidates get a short screening measurement; only those
+  within CONTENDER_MARGIN of the best are measured in full (successive halving in one step).
+* **Tie-aware.** Among contenders within measurement noise of the fastest, the winner of a
+  neighbouring key (a hint) is preferred, so that similar keys get the same config and the
+  same book gives the same winner run after run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._bench import Timers, as_triple
+from ._book import Entry, Result, now_iso
+from ._book.records import TIE_TOLERANCE
+from ._progress import Progress
+from ._search import Budget, choose_strategy, search
+
+# Contenders: successful configs whose quick median is within this fraction of the best.
+CONTENDER_MARGIN = 0.10
+MAX_CONTENDERS = 8
+# Persist measured results after this many configs, or this many seconds, whichever first.
+SAVE_EVERY = 4
+SAVE_EVERY_S = 1.0
+
+
+@dataclass
+class KeyTuning:
+    """Everything the tuning of one key needs from its autotuner."""
+
+    configs: Sequence[Any]
+    ids: Sequence[str]
+    records: Sequence[dict[str, Any]]
+    known: Entry | None
+    timers: Timers
+    bench: Callable[[Callable[..., Any], Any], Any]  # (timer, config) -> timing; raises on failure
+    persist: Callable[[dict[str, Result], str, float], Entry]  # (new results, chosen, seconds)
+    is_unexpected: Callable[[BaseException], bool]
+    precompile: Callable[[list[Any]], None] | None = None
+    strategy: str = "auto"
+    budget: Budget = field(default_factory=Budget)
+    hints: Sequence[int] = ()
+    seed: int = 0
+    progress: Progress | None = None
+
+
+@dataclass
+class Outcome:
+    entry: Entry
+    measured: int  # configs timed in this call
+    failures: int
+    seconds: float
+    unexpected: list[BaseException]
+
+
+def tune_key(job: KeyTuning) -> Outcome:
+    start = time.perf_counter()
+    n = len(job.configs)
+    results: dict[str, Result] = dict(job.known.results) if job.known is not None else {}
+    known = {i: results[cid].median for i, cid in enumerate(job.ids) if cid in results}
+    unexpected: list[BaseException] = []
+    measured = failures = 0
+    entry = job.known
+
+    def time_one(i: int, timer: Callable[..., Any], quick: bool) -> Result:
+        nonlocal failures
+        try:
+            ms = as_triple(job.bench(timer, job.configs[i]))
+            return Result(job.records[i], ms, None, now_iso(), quick=quick)
+        except Exception as exc:  # a config that cannot run is data, not a crash
+            if job.is_unexpected(exc):
+                unexpected.append(exc)
+            failures += 1
+            reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
+            return Result(job.records[i], None, reason, now_iso())
+
+    def save(fresh: dict[str, Result]) -> None:
+        nonlocal entry
+        if unexpected and not any(r.ok for r in (*results.values(), *fresh.values())):
+            # Every config so far failed, and not for resource reasons: most likely a bug
+            # in the call rather than in the configs. Persist nothing; raise it.
+            raise unexpected[0]
+        results.update(fresh)
+        entry = job.persist(fresh, "", time.perf_counter() - start)
+
+    def measure(batch: list[int]) -> dict[int, float]:
+        nonlocal measured
+        if job.precompile is not None:
+            job.precompile([job.configs[i] for i in batch])
+        out: dict[int, float] = {}
+        pending: dict[str, Result] = {}
+        last_save = time.perf_counter()
+        for i in batch:
+            result = time_one(i, job.timers.quick, job.timers.adaptive)
+            pending[job.ids[i]] = result
+            out[i] = result.median
+            measured += 1
+            # Persist as we go (a killed run loses at most this much), but not after every
+            # config: each save is a locked, fsynced file write.
+            if len(pending) >= SAVE_EVERY or time.perf_counter() - last_save > SAVE_EVERY_S:
+                save(pending)
+                pending, last_save = {}, time.perf_counter()
+        if pending:
+            save(pending)
+        return out
+
+    def on_progress(done: int, total: int, best_ms: float) -> None:
+        if job.progress is not None:
+            job.progress.update(done, total, best_ms)
+
+    name = choose_strategy(n, job.budget, job.hints) if job.strategy == "auto" else job.strategy
+    workers_batch = n if name == "exhaustive" else 16
+    found = search(
+        [_flat(r) for r in job.records],
+        measure,
+        strategy=name,
+        budget=job.budget,
+        known=known,
+        hints=job.hints,
+        seed=job.seed,
+        on_progress=on_progress,
+        batch_size=max(1, workers_batch),
+    )
+
+    # Full measurement of the contenders that so far only have a quick one.
+    timings = {i: results[job.ids[i]].median for i in range(n) if job.ids[i] in results}
+    best_ms = min(timings.values(), default=math.inf)
+    contenders = sorted((ms, i) for i, ms in timings.items() if ms <= best_ms * (1 + CONTENDER_MARGIN))
+    contenders = contenders[:MAX_CONTENDERS]
+    to_confirm = [i for _, i in contenders if results[job.ids[i]].quick]
+    if to_confirm:
+        if job.progress is not None:
+            job.progress.update(
+                len(timings), len(timings), best_ms, f"confirming {len(to_confirm)} contenders"
+            )
+        fresh = {job.ids[i]: time_one(i, job.timers.full, False) for i in to_confirm}
+        save(fresh)
+
+    chosen = _tie_aware_choice(results, job.ids, job.hints)
+    seconds = time.perf_counter() - start
+    if entry is None or chosen or measured:
+        entry = job.persist({}, chosen or "", seconds)
+    if job.progress is not None:
+        final = min((r.median for r in results.values()), default=math.inf)
+        job.progress.close(len(results), n, final)
+    del found
+    return Outcome(entry, measured, failures, seconds, unexpected)
+
+
+def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config as one flat dict of parameters, for the strategies."""
+    return {**record.get("kwargs", {}), **{k: v for k, v in record.items() if k != "kwargs"}}
+
+
+def _tie_aware_choice(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> str | None:
+    """The fastest config, unless a hinted one is within TIE_TOLERANCE of it.
+
+    The same tolerance decides at read time (Entry.best), so the process that tuned and
+    every process that reads the book agree.
+    """
+    ok = [(results[cid].median, k, cid) for k, cid in enumerate(ids) if cid in results and results[cid].ok]
+    if not ok:
+        return None
+    best_ms, _, best_id = min(ok)
+    noise = TIE_TOLERANCE
+    for h in hints:
+        cid = ids[h] if 0 <= h < len(ids) else None
+        if (
+            cid is not None
+            and cid in results
+            and results[cid].ok
+            and results[cid].median <= best_ms * (1 + noise)
+        ):
+            return cid
+    return best_id

@@ -1,0 +1,226 @@
+"""Tuning a key through the autotuner: spaces, strategies, budgets, adaptive timing,
+resumption, failures and tie-aware choice, on real kernels in the CPU interpreter."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+import triton
+from conftest import book_files
+from kernels import add_kernel, grid_1d, vectors
+
+import tunebook
+from tunebook._book import read_document
+
+
+class Landscape:
+    """A ``do_bench`` that runs each candidate once and reports ``f(config)`` ms.
+
+    Pass ``landscape.pre_hook`` as the autotuner's pre_hook so it knows the config.
+    ``fail`` lists configs (as dicts) that raise like a config out of resources;
+    ``stop_after`` raises KeyboardInterrupt after that many measurements (a kill).
+    """
+
+    def __init__(self, f, fail=(), stop_after: int | None = None) -> None:
+        self.f, self.fail, self.stop_after = f, list(fail), stop_after
+        self.measured: list[tuple[int, int]] = []
+        self._now: dict[str, Any] = {}
+
+    def pre_hook(self, nargs: dict[str, Any], reset_only: bool = False) -> None:
+        self._now = nargs
+
+    def __call__(self, kernel_call, quantiles=None):
+        if self.stop_after is not None and len(self.measured) >= self.stop_after:
+            raise KeyboardInterrupt("killed")
+        kernel_call()
+        cfg = {"BLOCK": self._now["BLOCK"], "num_warps": self._now["num_warps"]}
+        self.measured.append((cfg["BLOCK"], cfg["num_warps"]))
+        if cfg in self.fail:
+            raise RuntimeError(f"config {cfg} cannot run")
+        ms = self.f(cfg)
+        return [ms, ms * 0.995, ms * 1.005]
+
+
+def bowl(cfg: dict[str, int]) -> float:
+    """A smooth landscape with its minimum at BLOCK=128, num_warps=4."""
+    return 1.0 + (math.log2(cfg["BLOCK"]) - 7) ** 2 * 0.3 + (math.log2(cfg["num_warps"]) - 2) ** 2 * 0.2
+
+
+SPACE = tunebook.Space(BLOCK=[16, 32, 64, 128, 256, 512], num_warps=[1, 2, 4, 8])
+
+
+def tuned(space_or_configs, landscape: Landscape, **options):
+    return tunebook.autotune(
+        space_or_configs, key=["n"], do_bench=landscape, pre_hook=landscape.pre_hook, **options
+    )(add_kernel)
+
+
+def call(kernel, n: int = 300) -> None:
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    torch.testing.assert_close(out, x + y)
+
+
+def entry_of(book_dir, n: int = 300):
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    return next(e for e in doc.entries.values() if e.key[0] == n)
+
+
+def test_a_space_is_tuned_exhaustively_when_small(book_dir):
+    land = Landscape(bowl)
+    kernel = tuned(SPACE, land)
+    call(kernel)
+    assert len(land.measured) == len(SPACE) == 24
+    assert kernel.best_config.kwargs == {"BLOCK": 128} and kernel.best_config.num_warps == 4
+    assert len(entry_of(book_dir).results) == 24
+
+
+def test_space_arg_constraints_see_the_call(book_dir):
+    land = Landscape(bowl)
+    space = tunebook.Space(
+        BLOCK=[16, 32, 64, 128, 256, 512], num_warps=[1, 2, 4, 8], arg_constraints=[lambda c, a: c["BLOCK"] <= a["n"]]
+    )
+    kernel = tuned(space, land)
+    call(kernel, 100)
+    assert {b for b, _ in land.measured} == {16, 32, 64}
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+
+
+@pytest.mark.parametrize("strategy", ["random", "neighbors", "exhaustive"])
+def test_budget_caps_configs_measured_per_key(strategy, book_dir):
+    land = Landscape(bowl)
+    kernel = tuned(SPACE, land, strategy=strategy, max_configs=7)
+    call(kernel)
+    assert len(land.measured) == 7
+    assert len(set(land.measured)) == 7  # never the same config twice
+    assert tunebook.stats()["benchmarked"] == 7
+    # A new process with the same budget finds the search done: nothing measured again.
+    again = Landscape(bowl)
+    call(tuned(SPACE, again, strategy=strategy, max_configs=7))
+    assert again.measured == []
+
+
+def test_random_strategy_is_seeded(tmp_path, monkeypatch):
+    runs = []
+    for i in range(2):
+        monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / f"b{i}"))
+        land = Landscape(bowl)
+        call(tuned(SPACE, land, strategy="random", max_configs=6, seed=3))
+        runs.append(land.measured)
+    assert runs[0] == runs[1]
+
+
+def test_a_killed_tuning_resumes_without_remeasuring(book_dir):
+    killed = Landscape(bowl, stop_after=10)
+    with pytest.raises(KeyboardInterrupt):
+        call(tuned(SPACE, killed))
+    persisted = entry_of(book_dir).results
+    assert 8 <= len(persisted) <= 10  # persisted batch by batch, as measured
+    resumed = Landscape(bowl)
+    kernel = tuned(SPACE, resumed)
+    call(kernel)
+    done = {(r.config["kwargs"]["BLOCK"], r.config["num_warps"]) for r in persisted.values()}
+    assert not done & set(resumed.measured)
+    assert len(resumed.measured) == 24 - len(persisted)
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+
+
+def test_failures_are_recorded_with_their_reason_and_never_retried(book_dir):
+    bad = [{"BLOCK": 512, "num_warps": 8}, {"BLOCK": 16, "num_warps": 1}]
+    land = Landscape(bowl, fail=bad)
+    call(tuned(SPACE, land))
+    entry = entry_of(book_dir)
+    failed = {cid: r for cid, r in entry.results.items() if not r.ok}
+    assert len(failed) == 2 and all("cannot run" in r.error for r in failed.values())
+    again = Landscape(bowl, fail=bad)
+    call(tuned(SPACE, again, max_configs=None), 301)  # another key measures them, this one never again
+    call(tuned(SPACE, Landscape(bowl, fail=bad)))
+    assert tunebook.stats()["failures"] == 4
+
+
+def test_adaptive_timing_confirms_contenders_in_full(book_dir):
+    # The interpreter's wall clock is adaptive too: a 1-2 run screen, then full runs.
+    kernel = tunebook.autotune(SPACE, key=["n"])(add_kernel)
+    call(kernel, 64)
+    entry = entry_of(book_dir, 64)
+    quick = [r for r in entry.results.values() if r.quick]
+    full = [r for r in entry.results.values() if not r.quick and r.ok]
+    assert quick and 1 <= len(full) <= 8
+    best = entry.best()
+    assert not entry.results[best].quick  # the winner was measured in full
+
+
+def test_not_adaptive_measures_everything_in_full(book_dir):
+    call(tunebook.autotune(SPACE, key=["n"], adaptive=False)(add_kernel), 64)
+    assert not any(r.quick for r in entry_of(book_dir, 64).results.values())
+
+
+def test_tie_aware_choice_prefers_the_neighbouring_keys_winner(book_dir):
+    # Two configs within 1% of each other; the neighbouring key chose the slower one.
+    def near_tie(n):
+        def f(cfg):
+            if (cfg["BLOCK"], cfg["num_warps"]) == (64, 4):
+                return 1.00 if n == 300 else 0.99
+            if (cfg["BLOCK"], cfg["num_warps"]) == (128, 4):
+                return 0.99 if n == 300 else 1.00
+            return 5.0
+
+        return f
+
+    first = tuned(SPACE, Landscape(near_tie(1000)))
+    call(first, 1000)
+    assert first.best_config.kwargs == {"BLOCK": 64}
+    second = tuned(SPACE, Landscape(near_tie(300)))
+    call(second, 300)
+    assert second.best_config.kwargs == {"BLOCK": 64}  # 1% slower, but the neighbour's winner
+    entry = entry_of(book_dir, 300)
+    assert entry.chosen.startswith("BLOCK=64|")
+    # A later process reads the same choice from the book.
+    third = tuned(SPACE, Landscape(near_tie(300)))
+    call(third, 300)
+    assert third.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_neighbors_starts_from_the_nearest_keys_winner(book_dir):
+    big = tunebook.Space(BLOCK=[16, 32, 64, 128, 256, 512, 1024, 2048], num_warps=[1, 2, 4, 8, 16, 32])
+    call(tuned(big, Landscape(bowl), max_configs=None, strategy="exhaustive"), 1000)
+    land = Landscape(bowl)
+    kernel = tuned(big, land, strategy="neighbors", max_configs=10)
+    call(kernel, 900)
+    assert land.measured[0] == (128, 4)  # the hint comes first
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+
+
+def test_default_budget_for_a_large_space_is_a_tenth(book_dir):
+    big = tunebook.Space(BLOCK=[16, 32, 64, 128, 256, 512, 1024, 2048], num_warps=[1, 2, 4, 8, 16, 32, 64, 128],
+                         num_stages=[1, 2, 3, 4, 5])
+    assert len(big) == 320
+    land = Landscape(bowl)
+    call(tuned(big, land, strategy="random"))
+    assert len(land.measured) == 64  # max(64, 320 // 10)
+
+
+def test_progress_is_shown_when_asked(monkeypatch, capsys):
+    monkeypatch.setenv("TUNEBOOK_PROGRESS", "1")
+    call(tuned(SPACE, Landscape(bowl)))
+    err = capsys.readouterr().err
+    assert "tunebook: add_kernel [300" in err and "24/24 configs" in err and "done" in err
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown strategy 'genetic'.*exhaustive"):
+        tuned(SPACE, Landscape(bowl), strategy="genetic")
+
+
+def test_a_plain_config_list_still_works_with_strategies(book_dir):
+    configs = [triton.Config({"BLOCK": b}, num_warps=w) for b in (32, 64, 128) for w in (2, 4)]
+    land = Landscape(bowl)
+    kernel = tuned(configs, land, strategy="random", max_configs=3, seed=1)
+    call(kernel)
+    assert len(land.measured) == 3
+    assert json.loads(book_files(book_dir)[0].read_text())["format"] == "tunebook-book"
