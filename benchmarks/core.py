@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--child", nargs="*")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hot-only", action="store_true", help="only measurement 1 (host time per call)")
     args = parser.parse_args()
     if args.child is not None:
         kind, *rest = args.child
@@ -233,6 +234,15 @@ def main() -> None:
         print(f"[{name}] {json.dumps({k: v for k, v in r.items() if k != 'samples'})}", flush=True)
         return r
 
+    if args.hot_only:
+        hot = step("hot path", ["hot"])
+        (args.out / "core_hot.json").write_text(json.dumps({**results, "hot_path": hot}, indent=1))
+        print("\n=== host time per call on a hit:", results["gpu"], "| triton", results["triton"])
+        for k, v in hot["us_per_call"].items():
+            print(f"  {k:28s} {v:7.2f} us")
+        for k, v in hot["ratios"].items():
+            print(f"  ratio {k:36s} {v:5.3f}")
+        return
     # Prepare: cold tuning fills the compile cache, the book, and Triton's results cache.
     cold_tb = step("cold tune tunebook (48)", ["first", "tunebook", "48"])
     cold_tr = step("cold tune triton cache_results (48)", ["first", "triton_cache", "48"])

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 import triton
-from conftest import book_files
-from kernels import add_kernel, grid_1d, vectors
 
 import tunebook
+from conftest import book_files
+from kernels import add_kernel, grid_1d, vectors
 from tunebook._book import read_document
 
 
@@ -83,7 +83,9 @@ def test_a_space_is_tuned_exhaustively_when_small(book_dir):
 def test_space_arg_constraints_see_the_call(book_dir):
     land = Landscape(bowl)
     space = tunebook.Space(
-        BLOCK=[16, 32, 64, 128, 256, 512], num_warps=[1, 2, 4, 8], arg_constraints=[lambda c, a: c["BLOCK"] <= a["n"]]
+        BLOCK=[16, 32, 64, 128, 256, 512],
+        num_warps=[1, 2, 4, 8],
+        arg_constraints=[lambda c, a: c["BLOCK"] <= a["n"]],
     )
     kernel = tuned(space, land)
     call(kernel, 100)
@@ -197,8 +199,11 @@ def test_neighbors_starts_from_the_nearest_keys_winner(book_dir):
 
 
 def test_default_budget_for_a_large_space_is_a_tenth(book_dir):
-    big = tunebook.Space(BLOCK=[16, 32, 64, 128, 256, 512, 1024, 2048], num_warps=[1, 2, 4, 8, 16, 32, 64, 128],
-                         num_stages=[1, 2, 3, 4, 5])
+    big = tunebook.Space(
+        BLOCK=[16, 32, 64, 128, 256, 512, 1024, 2048],
+        num_warps=[1, 2, 4, 8, 16, 32, 64, 128],
+        num_stages=[1, 2, 3, 4, 5],
+    )
     assert len(big) == 320
     land = Landscape(bowl)
     call(tuned(big, land, strategy="random"))
@@ -213,7 +218,7 @@ def test_progress_is_shown_when_asked(monkeypatch, capsys):
 
 
 def test_unknown_strategy_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown strategy 'genetic'.*exhaustive"):
+    with pytest.raises(ValueError, match=r"unknown strategy .genetic.*exhaustive"):
         tuned(SPACE, Landscape(bowl), strategy="genetic")
 
 

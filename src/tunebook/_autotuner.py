@@ -216,7 +216,7 @@ class Autotuner(_compat.KernelInterface):
                     if config.pre_hook is None:
                         counter[0] += 1
                         self.best_config = config
-                        return launcher(self.fn.run, args, grid, False)
+                        return launcher(args, grid)
             return self.run(*args, grid=grid, warmup=False, **kwargs)
 
         return launch
@@ -231,9 +231,9 @@ class Autotuner(_compat.KernelInterface):
         self.best_config = config
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config_kwargs})
-        if kwargs:
+        if kwargs or warmup:
             return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
-        return launcher(self.fn.run, args, grid, warmup)
+        return launcher(args, grid)
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         with self._lock:
@@ -269,7 +269,7 @@ class Autotuner(_compat.KernelInterface):
     def _launcher(self, config: Any) -> _launch.Launcher:
         launcher = self._launchers.get(id(config))
         if launcher is None:
-            launcher = self._launchers[id(config)] = _launch.config_launcher(config.all_kwargs())
+            launcher = self._launchers[id(config)] = _launch.config_launcher(self.fn.run, config.all_kwargs())
         return launcher
 
     def _remember_fast(

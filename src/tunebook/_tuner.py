@@ -80,6 +80,11 @@ def tune_key(job: KeyTuning) -> Outcome:
         nonlocal failures
         try:
             ms = as_triple(job.bench(timer, job.configs[i]))
+            if not all(math.isfinite(v) and v >= 0 for v in ms):
+                # A timer's inf or nan means the config did not run (Triton's do_bench and
+                # autotuner use inf that way); it is not a time to compare.
+                failures += 1
+                return Result(job.records[i], None, f"no valid timing: {list(ms)}", now_iso())
             return Result(job.records[i], ms, None, now_iso(), quick=quick)
         except Exception as exc:  # a config that cannot run is data, not a crash
             if job.is_unexpected(exc):

@@ -22,13 +22,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-from .records import BookFormatError, Document
+from .records import FORMAT, VERSION, BookFormatError, Document
 
 log = logging.getLogger("tunebook")
 
@@ -55,6 +57,22 @@ def warn_once(tag: str, message: str, *args: object) -> None:
     warnings.warn(message % args, BookWarning, stacklevel=2)
 
 
+def _reject_constant(name: str) -> Any:
+    raise BookFormatError(f"{name} is not a number a book may hold")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BookFormatError(f"{text} is out of range for a timing")
+    return value
+
+
+def strict_loads(text: str) -> Any:
+    """JSON as the standard defines it: no NaN or Infinity, no float that overflows to inf."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def read_document(path: Path) -> Document | None:
     """The book at ``path``, or None if it is missing or unusable (warned once)."""
     try:
@@ -72,10 +90,10 @@ def read_document(path: Path) -> Document | None:
         return None
     try:
         text = path.read_text(encoding="utf-8")
-        return Document.from_json(json.loads(text))
+        return Document.from_json(strict_loads(text))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, BookFormatError, RecursionError) as exc:
+    except (OSError, ValueError, OverflowError, RecursionError) as exc:  # BookFormatError, JSON errors too
         warn_once(
             f"read:{path}",
             "tunebook: skipping book %s: %s. The kernel still runs; delete or replace the file to "
@@ -111,17 +129,52 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+class _NewerBook(Exception):
+    """The book on disk was written by a newer tunebook: it is not ours to replace."""
+
+
+def _newer_format(text: str) -> bool:
+    try:
+        data = strict_loads(text)
+    except (ValueError, OverflowError, RecursionError):
+        return False
+    version = data.get("version") if isinstance(data, dict) else None
+    return (
+        isinstance(data, dict)
+        and data.get("format") == FORMAT
+        and isinstance(version, int)
+        and not isinstance(version, bool)
+        and version > VERSION
+    )
+
+
 def _read_for_merge(path: Path) -> Document | None:
-    """Like read_document, but a corrupt file is moved aside rather than overwritten."""
+    """Like read_document, but a corrupt file is moved aside rather than overwritten.
+
+    A book of a newer format is neither moved nor overwritten: an older tunebook sharing
+    the directory must not destroy a newer one's results.
+    """
     if not path.exists():
         return None
     doc = read_document(path)
     if doc is None:
+        try:
+            if path.stat().st_size <= MAX_BOOK_BYTES and _newer_format(path.read_text(encoding="utf-8")):
+                raise _NewerBook(path)
+        except (OSError, UnicodeDecodeError):
+            pass
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         with contextlib.suppress(OSError):
             os.replace(path, aside)
             log.warning("tunebook: kept the unreadable book %s aside as %s", path, aside)
     return doc
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Temp files of this book seen while holding its lock belong to writers that died."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def merge_write(path: Path, news: Document) -> Document | None:
@@ -134,9 +187,17 @@ def merge_write(path: Path, news: Document) -> Document | None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
+            _remove_stale_temp_files(path)
             merged = news.merged_over(_read_for_merge(path))
             atomic_write_text(path, merged.dumps())
             return merged
+    except _NewerBook:
+        warn_once(
+            f"write:{path}",
+            "tunebook: %s was written by a newer tunebook; leaving it as it is (results of this "
+            "process are kept in memory only). Upgrade tunebook to share it.",
+            path,
+        )
     except Timeout:
         warn_once(
             f"write:{path}",
@@ -144,7 +205,7 @@ def merge_write(path: Path, news: Document) -> Document | None:
             path,
             LOCK_TIMEOUT_S,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
         warn_once(
             f"write:{path.parent}",
             "tunebook: cannot write to book directory %s (%s); tuning results of this process are "

@@ -88,6 +88,7 @@ class Page:
                 for k, entry in doc.entries.items():
                     self._readonly_entries[k] = entry.merged_over(self._readonly_entries.get(k))
         self._stamp: tuple[int, int] | None = None
+        self._unsaved: dict[str, Entry] = {}
         self.entries: dict[str, Entry] = {}
         self.refresh(force=True)
 
@@ -160,12 +161,18 @@ class Page:
 
         If the directory cannot be written, the entry is kept in memory for this process.
         """
-        news = Document(kernel=self.kernel.to_json(), platform=self.platform, entries={key_text: entry})
+        # Entries whose earlier write failed (full disk, vanished directory) go along, so
+        # they reach the disk once it accepts writes again.
+        entries = dict(self._unsaved)
+        entries[key_text] = entry.merged_over(entries.get(key_text)) if key_text in entries else entry
+        news = Document(kernel=self.kernel.to_json(), platform=self.platform, entries=entries)
         merged = merge_write(self.path, news) if self.path is not None else None
         if merged is None:
+            self._unsaved = entries
             current = self.entries.get(key_text)
             self.entries[key_text] = entry.merged_over(current)
         else:
+            self._unsaved = {}
             self._stamp = self._file_stamp()
             self._set_writable(merged.entries)
         return self.entries[key_text]

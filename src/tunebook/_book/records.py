@@ -46,6 +46,24 @@ def _json_scalar(value: Any) -> Any:
     return str(value)
 
 
+def _is_json_scalar(value: Any) -> bool:
+    """A value a config may hold in a book: a JSON scalar, and a finite one if a number."""
+    if value is None or isinstance(value, bool | str):
+        return True
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def config_record(kwargs: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     """A Config as stored: its meta-parameters under "kwargs", its compiler options beside."""
     record: dict[str, Any] = {"kwargs": {k: _json_scalar(kwargs[k]) for k in sorted(kwargs)}}
@@ -110,16 +128,21 @@ class Result:
         config = data.get("config")
         if not isinstance(config, dict) or not isinstance(config.get("kwargs"), dict):
             raise BookFormatError(f"{where}: 'config' must be an object with a 'kwargs' object")
+        values = [*config["kwargs"].values(), *(v for k, v in config.items() if k != "kwargs")]
+        if not all(_is_json_scalar(v) for v in values):
+            raise BookFormatError(f"{where}: config values must be strings, finite numbers, booleans or null")
         ms = data.get("ms")
         error = data.get("error")
         if ms is not None:
             if (
                 not isinstance(ms, list)
                 or len(ms) != 3
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in ms)
+                or not all(_finite_number(v) for v in ms)
                 or not all(v >= 0 for v in ms)
             ):
-                raise BookFormatError(f"{where}: 'ms' must be [median, p20, p80] of non-negative numbers")
+                raise BookFormatError(
+                    f"{where}: 'ms' must be [median, p20, p80] of finite non-negative numbers"
+                )
             ms = (float(ms[0]), float(ms[1]), float(ms[2]))
         if error is not None and not isinstance(error, str):
             raise BookFormatError(f"{where}: 'error' must be a string or null")
@@ -197,8 +220,10 @@ class Entry:
                 raise BookFormatError(f"{where}: result id {cid!r} does not match its config")
             parsed[cid] = result
         seconds = data.get("tuning_seconds", 0.0)
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
-            raise BookFormatError(f"{where}: 'tuning_seconds' must be a non-negative number")
+        if not _finite_number(seconds) or seconds < 0:
+            raise BookFormatError(f"{where}: 'tuning_seconds' must be a finite non-negative number")
+        if not all(_is_json_scalar(v) for v in key):
+            raise BookFormatError(f"{where}: 'key' values must be strings, finite numbers, booleans or null")
 
         def text(name: str) -> str:
             value = data.get(name, "")

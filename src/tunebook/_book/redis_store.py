@@ -64,6 +64,15 @@ def _import_redis() -> Any:
     return redis
 
 
+def _no_constant(name: str) -> Any:
+    raise BookFormatError(f"{name} is not a JSON number")
+
+
+def _loads(raw: bytes) -> Any:
+    """Strict JSON: NaN and Infinity (which json.loads accepts) could never be written back."""
+    return json.loads(raw, parse_constant=_no_constant)
+
+
 class RedisStore:
     """Book files kept in Redis, shared by every process that points at the same server.
 
@@ -86,6 +95,7 @@ class RedisStore:
         self._lock = threading.Lock()
         self._open_until: float | None = None  # breaker open (Redis deemed down) until then
         self._warned: set[str] = set()
+        self.conflicts = 0  # merges retried because another writer got in first (for reports)
         # Connection-level failures open the breaker; a server that answers with an error
         # (a wrong type at our key, a read-only replica) is up, and only this call fails.
         self._down: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -118,7 +128,9 @@ class RedisStore:
     def available(self) -> bool:
         """False while the breaker is open (Redis failed less than ``retry_after_s`` ago)."""
         with self._lock:
-            return self._client is not None and (self._open_until is None or self._clock() >= self._open_until)
+            return self._client is not None and (
+                self._open_until is None or self._clock() >= self._open_until
+            )
 
     # ------------------------------------------------------------------ breaker
 
@@ -174,19 +186,32 @@ class RedisStore:
         if not fields:
             return None
         try:
-            meta = json.loads(fields.get(_META.encode(), b"null"))
+            meta = _loads(fields.get(_META.encode(), b"null"))
             if not isinstance(meta, dict):
                 raise BookFormatError("the 'meta' field is missing or not an object")
             entries = {
-                name.decode("utf-8"): json.loads(value) for name, value in fields.items() if name != _META.encode()
+                name.decode("utf-8"): _loads(value)
+                for name, value in fields.items()
+                if name != _META.encode()
             }
             return Document.from_json(
-                {"format": FORMAT, "version": VERSION, "kernel": meta.get("kernel"),
-                 "platform": meta.get("platform"), "entries": entries}
+                {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "kernel": meta.get("kernel"),
+                    "platform": meta.get("platform"),
+                    "entries": entries,
+                }
             )
-        except (UnicodeDecodeError, json.JSONDecodeError, BookFormatError, RecursionError) as exc:
+        # ValueError covers BookFormatError, bad JSON and bad UTF-8; OverflowError an integer
+        # beyond float range in a timing.
+        except (ValueError, OverflowError, RecursionError) as exc:
             self._warn(
-                f"read:{file_name}", "tunebook: skipping the Redis book %s at %s: %s", file_name, self.url, exc
+                f"read:{file_name}",
+                "tunebook: skipping the Redis book %s at %s: %s",
+                file_name,
+                self.url,
+                exc,
             )
             return None
 
@@ -203,20 +228,27 @@ class RedisStore:
                         # Unreadable: keep it for a human, as the file layer does, and start afresh.
                         pipe.rename(key, f"{key}:corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
                     changed = {k: merged.entries[k] for k in news.entries}
-                    mapping = {k: json.dumps(e.to_json(), sort_keys=True, allow_nan=False) for k, e in changed.items()}
+                    mapping = {
+                        k: json.dumps(e.to_json(), sort_keys=True, allow_nan=False)
+                        for k, e in changed.items()
+                    }
                     if stored is None:
                         mapping[_META] = json.dumps(
-                            {"kernel": merged.kernel, "platform": merged.platform}, sort_keys=True, allow_nan=False
+                            {"kernel": merged.kernel, "platform": merged.platform},
+                            sort_keys=True,
+                            allow_nan=False,
                         )
                     if mapping:
                         pipe.hset(key, mapping=mapping)
                     pipe.execute()
                     return merged
                 except self._watch_error:
+                    self.conflicts += 1
                     time.sleep(random.uniform(0, 0.002))  # de-synchronise the writers that collided
         self._warn(
             f"contended:{file_name}",
-            "tunebook: gave up merging into the Redis book %s after %d contended tries; the result stays local",
+            "tunebook: gave up merging into the Redis book %s after %d contended tries; "
+            "the result stays in the local book",
             file_name,
             _MAX_TRIES,
         )

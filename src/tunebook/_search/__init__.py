@@ -10,7 +10,7 @@ replayed offline.
 >>> r = search([{"B": b} for b in range(12)], lambda batch: {i: times[i] for i in batch},
 ...            strategy="neighbors", hints=[1])
 >>> r.best, r.stopped, len(r.measured)
-(4, 'converged', 7)
+(4, 'converged', 8)
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from ._base import Strategy, register_strategy
 from ._encoding import Encoding
 
 _RANDOM_STARTS = 4
+# Configs this close to the best are climbed from too (relative).
+SLACK = 0.10
 
 
 @register_strategy
@@ -49,9 +51,13 @@ class Neighbors(Strategy):
         if best is None:
             # Every start failed: keep drawing at random until one runs.
             return [i for i in self._order if self.fresh(i)][:n]
+        # Widen step by step: one step from the best, then one step from every config
+        # within SLACK of it (noise and plateaus hide the way down), then two steps.
+        best_ms = self.results[best]
+        beam = sorted((ms, i) for i, ms in self.results.items() if ms <= best_ms * (1 + SLACK))
         for radius in (1, 2):
-            picks = [i for i in self._encoding.neighbors(best, radius) if self.fresh(i)][:n]
-            if picks:
-                return picks
+            for _, origin in beam:
+                picks = [i for i in self._encoding.neighbors(origin, radius) if self.fresh(i)][:n]
+                if picks:
+                    return picks
         return []
-

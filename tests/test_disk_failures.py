@@ -1,0 +1,176 @@
+"""A full disk or a vanished book directory never fails a kernel call or loses the book.
+
+ENOSPC is injected where a real full disk reports it: part-way through writing the temp
+file, or at its fsync (delayed allocation). For each condition: the kernel call returns
+the right answer, the error is logged once, the book file on disk is byte-for-byte what it
+was, no temp file is left behind, and writing resumes once the condition clears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tunebook
+from conftest import book_files
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from tunebook._book import BookWarning, read_document
+
+TABLE = {16: 0.3, 32: 0.2, 64: 0.25}
+
+
+def _tuner() -> Any:
+    replay = Replay(TABLE)
+    return tunebook.autotune(block_configs(*TABLE), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
+        add_kernel
+    )
+
+
+def _call(tuner: Any, n: int) -> None:
+    x, y, out = vectors(n, seed=n)
+    tuner[grid_1d(n)](x, y, out, n)
+    assert bool((out == x + y).all()), "the kernel call returned a wrong answer"
+
+
+def _keys_on_disk(directory: Path) -> set[int]:
+    keys: set[int] = set()
+    for path in book_files(directory):
+        doc = read_document(path)
+        assert doc is not None, f"{path} does not parse"
+        keys |= {entry.key[0] for entry in doc.entries.values()}
+    return keys
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tunebook" and r.levelno >= logging.WARNING]
+
+
+def _book_warnings(recwarn: pytest.WarningsRecorder) -> list[str]:
+    return [str(w.message) for w in recwarn if issubclass(w.category, BookWarning)]
+
+
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _FillsUp:
+    """A text file handle that writes half of what it is given, then reports a full disk."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def __enter__(self) -> _FillsUp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+
+    def write(self, text: str) -> int:
+        self._handle.write(text[: len(text) // 2])
+        self._handle.flush()
+        raise _no_space()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def _in(directory: Path, fd: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(os.readlink(f"/proc/self/fd/{fd}")).parent == directory.resolve()
+    return True  # no /proc: every fdopen during the injection is the book's
+
+
+@contextlib.contextmanager
+def _disk_full(where: str, directory: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    with monkeypatch.context() as patch:
+        if where == "write":
+            real_fdopen = os.fdopen
+
+            def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+                handle = real_fdopen(fd, *args, **kwargs)
+                return _FillsUp(handle) if _in(directory, fd) else handle
+
+            patch.setattr(os, "fdopen", fdopen)
+        else:
+            real_fsync = os.fsync
+
+            def fsync(fd: int) -> None:
+                if _in(directory, fd):  # the temp file; the directory itself is its own parent
+                    raise _no_space()
+                real_fsync(fd)
+
+            patch.setattr(os, "fsync", fsync)
+        yield
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_full_disk(
+    where: str,
+    book_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    recwarn: pytest.WarningsRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    tuner = _tuner()
+    _call(tuner, 64)
+    (path,) = book_files(book_dir)
+    before = path.read_bytes()
+
+    with _disk_full(where, book_dir, monkeypatch):
+        _call(tuner, 96)
+        _call(tuner, 128)
+        _call(tuner, 96)  # remembered in memory meanwhile
+        assert path.read_bytes() == before, "a failed write changed the book"
+
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "No space left on device" in warnings[0]
+    assert len(_book_warnings(recwarn)) == 1
+    assert not [p.name for p in book_dir.iterdir() if p.name.endswith(".tmp")], "a temp file was left behind"
+    assert _keys_on_disk(book_dir) == {64}
+
+    _call(tuner, 160)  # the disk has room again: what was tuned meanwhile is written too
+    assert _keys_on_disk(book_dir) == {64, 96, 128, 160}
+    assert len(_warnings(caplog)) == 1
+
+
+def test_directory_vanishes_between_calls(book_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    tuner = _tuner()
+    _call(tuner, 64)
+    shutil.rmtree(book_dir)
+
+    _call(tuner, 96)  # the next write recreates the directory
+    _call(tuner, 64)  # and what this process tuned before is still served
+    assert _keys_on_disk(book_dir) == {96}
+    assert _warnings(caplog) == []
+
+
+def test_directory_replaced_by_a_file(
+    book_dir: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    tuner = _tuner()
+    _call(tuner, 64)
+    shutil.rmtree(book_dir)
+    book_dir.write_text("not a directory")  # cannot be recreated while this is here
+
+    _call(tuner, 96)
+    _call(tuner, 128)
+    _call(tuner, 64)
+    assert len(_warnings(caplog)) == 1, _warnings(caplog)
+    assert len(_book_warnings(recwarn)) == 1
+    assert book_dir.read_text() == "not a directory"
+
+    book_dir.unlink()
+    _call(tuner, 160)  # writable again: the keys tuned while it was not are written too
+    assert _keys_on_disk(book_dir) == {96, 128, 160}
