@@ -1,8 +1,9 @@
 """The shared fleet book on a REAL redis-server: merges, fall-back, recovery, concurrency.
 
-The fixture starts ``redis-server`` on a free port of 127.0.0.1 without persistence. When
-redis-server or redis-py is missing the tests FAIL with the fix, unless TUNEBOOK_SKIP_REDIS=1
-says to skip them (CI installs both: see docs/reliability.md).
+The ``server`` fixture (tests/redis_fixture.py) starts ``redis-server`` on a free port of
+127.0.0.1 without persistence. When redis-server or redis-py is missing the tests FAIL with
+the fix, unless TUNEBOOK_SKIP_REDIS=1 says to skip them (CI installs both: see
+docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -12,46 +13,17 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from conftest import TESTS
-from helpers_reliability import SKIP_REDIS_ENV, RedisServer
+from helpers_reliability import RedisServer
+from redis_fixture import Clock, redis_server  # noqa: F401  (the `server` fixture)
+from redis_fixture import tunebook_warnings as _warnings
 from tunebook._book import Document, Entry, Result, config_id, config_record
 from tunebook._book.redis_store import INSTALL_HINT, KEY_PREFIX, RedisStore
 
 FILE = "add_kernel--0123456789abcdef--cpu--fedcba9876543210.json"
-
-
-def _require(what: str, fix: str) -> None:
-    if os.environ.get(SKIP_REDIS_ENV) == "1":
-        pytest.skip(f"{what} is missing and {SKIP_REDIS_ENV}=1")
-    pytest.fail(f"{what} is missing: {fix}, or set {SKIP_REDIS_ENV}=1 to skip the Redis tests", pytrace=False)
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        _require("redis-py", INSTALL_HINT)
-    if RedisServer.executable() is None:
-        _require("redis-server", "apt-get install -y redis-server")
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-class Clock:
-    """A monotonic clock the test moves by hand, so the breaker is tested without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _doc(
@@ -67,10 +39,6 @@ def _doc(
         {"backend": "cpu", "id": "p"},
         {json.dumps([key, "torch.float32"]): entry},
     )
-
-
-def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "tunebook" and r.levelno >= logging.WARNING]
 
 
 # --------------------------------------------------------------------------- the extra

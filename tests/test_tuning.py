@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import tunebook
 from conftest import book_files
@@ -229,3 +230,61 @@ def test_a_plain_config_list_still_works_with_strategies(book_dir):
     call(kernel)
     assert len(land.measured) == 3
     assert json.loads(book_files(book_dir)[0].read_text())["format"] == "tunebook-book"
+
+
+@triton.jit
+def _add_wrong_at_128(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + y, except that the BLOCK=128 variant computes x - y (a config-only bug)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    y = tl.load(y_ptr + offs, mask=mask)
+    if BLOCK == 128:
+        tl.store(out_ptr + offs, x - y, mask=mask)
+    else:
+        tl.store(out_ptr + offs, x + y, mask=mask)
+
+
+def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
+    from kernels import Replay, block_configs
+
+    fast_and_wrong = {32: 3.0, 64: 2.0, 128: 1.0}
+    replay = Replay(fast_and_wrong)
+    unchecked = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+    )(_add_wrong_at_128)
+    x, y, out = vectors(300)
+    unchecked[grid_1d(300)](x, y, out, 300)
+    assert unchecked.best_config.kwargs == {"BLOCK": 128}  # the control: speed alone picks it
+
+    replay = Replay(fast_and_wrong)
+    checked = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook, check=True
+    )(_add_wrong_at_128)
+    x, y, out = vectors(301)
+    checked[grid_1d(301)](x, y, out, 301)
+    torch.testing.assert_close(out, x + y)
+    assert checked.best_config.kwargs == {"BLOCK": 64}
+    entry = entry_of(book_dir, 301)
+    (wrong,) = [r for r in entry.results.values() if not r.ok]
+    assert wrong.config["kwargs"] == {"BLOCK": 128} and wrong.error.startswith(
+        "WrongResult: wrong result: out_ptr"
+    )
+
+
+def test_check_with_an_in_place_kernel_keeps_the_callers_inputs(book_dir):
+    from kernels import accumulate_kernel, block_configs
+
+    kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"], restore_value=["acc_ptr"], check=True)(
+        accumulate_kernel
+    )
+    x, acc = torch.ones(50), torch.arange(50, dtype=torch.float32)
+    expected = acc + x
+    kernel[grid_1d(50)](x, acc, 50)
+    torch.testing.assert_close(acc, expected)
+    assert all(r.ok for r in entry_of(book_dir, 50).results.values())
+
+
+def test_check_rejects_unknown_options():
+    with pytest.raises(ValueError, match="check= takes rtol, atol, ignore and max_bytes; found tolerance"):
+        tunebook.autotune(SPACE, key=["n"], check={"tolerance": 1})(add_kernel)

@@ -14,6 +14,7 @@ import logging
 
 from ._autotuner import Autotuner, __version__, autotune
 from ._book import Book, BookWarning
+from ._buckets import Bucket, bucket, next_power_of_2
 from ._compat import Config
 from ._search import Budget, strategy_names
 from ._space import Space
@@ -26,11 +27,14 @@ __all__ = [
     "Autotuner",
     "Book",
     "BookWarning",
+    "Bucket",
     "Budget",
     "Config",
     "Space",
     "__version__",
     "autotune",
+    "bucket",
+    "next_power_of_2",
     "reset_stats",
     "stats",
     "strategy_names",

@@ -15,17 +15,20 @@ The call path has two speeds:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import _compat, _fingerprint, _launch, _settings, _stats
+from . import _buckets, _calls, _compat, _fingerprint, _launch, _misses, _settings, _stats, _worker
 from ._bench import QUANTILES, Timers, choose_timers
 from ._book import Book, Entry, KernelIdentity, Page, Result, config_id, config_record, now_iso
 from ._progress import Progress
@@ -72,6 +75,11 @@ class Autotuner(_compat.KernelInterface):
         seed: int = 0,
         compile_workers: int | None = None,
         adaptive: bool = True,
+        fallback: Callable[[tuple[Any, ...], list[Any]], Any] | None = None,
+        inputs: Callable[[dict[str, Any]], Any] | None = None,
+        isolate: bool = False,
+        isolate_timeout: float = 300.0,
+        check: bool | dict[str, Any] = False,
     ) -> None:
         # A Space is enumerated per key (its argument constraints depend on the call).
         self.space: Space | None = configs if isinstance(configs, Space) else None
@@ -82,7 +90,8 @@ class Autotuner(_compat.KernelInterface):
             if configs
             else [_compat.Config({}, num_warps=4, num_stages=3)]
         )
-        self.keys = list(key)
+        self.keys = list(key)  # str names; a tunebook.bucket(...) is a str that also buckets
+        self._buckets = _buckets.bucketers(self.keys)
         self.arg_names = list(arg_names)
         self.cache: dict[tuple[Any, ...], Any] = {}
         self.configs_timings: dict[Any, list[float]] | None = None
@@ -124,6 +133,21 @@ class Autotuner(_compat.KernelInterface):
         self.seed = seed
         self.compile_workers = compile_workers if compile_workers is not None else (os.cpu_count() or 1)
         self.adaptive = adaptive
+        self.fallback = fallback
+        self.inputs = inputs
+        self.isolate = isolate
+        self.isolate_timeout = isolate_timeout
+        self._check: dict[str, Any] | None = {} if check is True else dict(check) if check else None
+        unknown = set(self._check or {}) - {"rtol", "atol", "ignore", "max_bytes"}
+        if unknown:
+            raise ValueError(
+                "tunebook.autotune: check= takes rtol, atol, ignore and max_bytes; "
+                f"found {', '.join(sorted(unknown))}"
+            )
+        # Set by a tuning worker process to announce each candidate before it runs.
+        self._on_candidate: Callable[[str, dict[str, Any], str, list[Any]], None] | None = None
+        self._meta_index: tuple[tuple[str, ...], dict[tuple[Any, ...], str], int] | None = None
+        self._defined_in: str | None = None  # the module autotune(...) was applied in
 
         # Configs as the book names them; equal ids get a #n suffix so each stays distinct.
         self._config_ids: dict[int, str] = {}
@@ -239,7 +263,7 @@ class Autotuner(_compat.KernelInterface):
         with self._lock:
             self.nargs = dict(zip(self.arg_names, args))
             try:
-                key = _fingerprint.canonical_key(self.arg_names, self.keys, args, kwargs)
+                key = _fingerprint.canonical_key(self.arg_names, self.keys, args, kwargs, self._buckets)
                 if self.space is None and len(self.configs) == 1:
                     config = self.configs[0]
                 else:
@@ -333,7 +357,7 @@ class Autotuner(_compat.KernelInterface):
 
     def _kernel_identity(self) -> KernelIdentity:
         name = self._name or _fingerprint.kernel_name(self.fn)
-        return KernelIdentity(name, _fingerprint.kernel_hash(self.fn), tuple(self.keys))
+        return KernelIdentity(name, _fingerprint.kernel_hash(self.fn), _buckets.identity(self.keys))
 
     def _ensure_timers(self) -> Timers:
         if self._timers is None:
@@ -429,7 +453,9 @@ class Autotuner(_compat.KernelInterface):
                 return self._settle(key, pruned, ids, entry, source="book")
             _stats.add("misses")
             if mode == "serve":
-                return self._fallback(key, pruned, ids, entry, page)
+                config = self._fallback(key, pruned, ids, entry, page)
+                self._record_miss(key, key_text, pruned, ids, page, args, kwargs, grid)
+                return config
 
         outcome = self._tune(key, key_text, pruned, ids, entry, page, args, kwargs, grid)
         self.bench_time = outcome.seconds
@@ -521,24 +547,171 @@ class Autotuner(_compat.KernelInterface):
                     self.compile_workers,
                 )
 
+        if self.isolate and page is not None:
+            return self._tune_isolated(key, key_text, pruned, ids, page, args, kwargs, grid)
+        announce = self._on_candidate
+        records = [self._records[id(c)] for c in pruned]
         timers = self._ensure_timers()
+        bench = self._checked_bench(args, kwargs, grid, pruned)
         job = KeyTuning(
             configs=pruned,
             ids=ids,
-            records=[self._records[id(c)] for c in pruned],
+            records=records,
             known=entry,
             timers=timers,
-            bench=lambda timer, cfg: self._bench(timer, args, kwargs, grid, cfg),
+            bench=bench,
             persist=persist,
-            is_unexpected=lambda exc: not _compat.is_unrunnable_config_error(exc),
+            is_unexpected=lambda exc: (
+                not isinstance(exc, WrongResult) and not _compat.is_unrunnable_config_error(exc)
+            ),
             precompile=precompile,
             strategy=self.strategy,
             budget=self._effective_budget(len(pruned)),
             hints=self._hints(key, ids, page),
             seed=self.seed,
             progress=Progress(self.base_fn.__name__, key),
+            on_candidate=(
+                (lambda i: announce(ids[i], records[i], key_text, _json_key(key)))
+                if announce is not None
+                else None
+            ),
         )
-        return tune_key(job)
+        try:
+            return tune_key(job)
+        finally:
+            restore = getattr(bench, "restore", None)
+            if restore is not None:
+                restore()  # the caller's own launch sees its original inputs
+
+    def _checked_bench(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, pruned: list[Any]
+    ) -> Callable[[Callable[..., Any], Any], Any]:
+        """The benchmark function for a key; with ``check=``, each config's output is first
+        compared with the reference config's on the same inputs (a mismatch is a failure)."""
+        if self._check is None:
+            return lambda timer, cfg: self._bench(timer, args, kwargs, grid, cfg)
+        from ._check import OutputCheck
+
+        checker = OutputCheck(args, kwargs, names=self.arg_names, **self._check)
+        state: dict[str, Any] = {"reference": None, "checked": set()}
+
+        def run_once(config: Any) -> None:
+            self._run_once(args, kwargs, grid, config)
+
+        def ensure_reference() -> None:
+            if state["reference"] is not None:
+                return
+            for candidate in pruned:  # the first config that runs is the reference
+                try:
+                    checker.reference(lambda c=candidate: run_once(c))
+                except Exception:  # it fails again when measured, and is recorded then
+                    continue
+                state["reference"] = candidate
+                return
+            state["reference"] = False
+
+        def bench(timer: Callable[..., Any], cfg: Any) -> Any:
+            ensure_reference()
+            if state["reference"] is not False and id(cfg) not in state["checked"]:
+                state["checked"].add(id(cfg))
+                reason = checker.check(lambda: run_once(cfg))
+                if reason is not None:
+                    raise WrongResult(reason)
+            return self._bench(timer, args, kwargs, grid, cfg)
+
+        bench.restore = checker.restore  # type: ignore[attr-defined]
+        return bench
+
+    def _run_once(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, config: Any) -> None:
+        """One launch of ``config`` for result checking: no restore_value post_hook, which would
+        undo the very output that is being compared (the check restores inputs itself)."""
+        current = dict(kwargs, **config.all_kwargs())
+        full_nargs = {**(self.nargs or {}), **current}
+        if config.pre_hook:
+            config.pre_hook(full_nargs)
+        if self.user_defined_pre_hook:
+            self.pre_hook(full_nargs)
+        else:
+            self.pre_hook(full_nargs, reset_only=True)
+        self.fn.run(*args, grid=grid, warmup=False, **current)
+        if self.user_defined_post_hook:
+            self.post_hook(full_nargs, exception=None)
+
+    def _tune_isolated(
+        self,
+        key: tuple[Any, ...],
+        key_text: str,
+        pruned: list[Any],
+        ids: list[str],
+        page: Page,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        grid: Any,
+    ) -> Any:
+        """Tune this key in a worker process: a config that crashes or hangs takes down only
+        the worker, is recorded as failed, and the worker is restarted."""
+        module, attr = self._import_path()
+        grids = _calls.evaluate_grids(grid, self.nargs or {}, kwargs, dict(zip(ids, pruned)))
+        job = {
+            "module": module,
+            "attr": attr,
+            "key_text": key_text,
+            "call": _calls.describe_call(args, kwargs, grids),
+            "key": dict(zip([str(k) for k in self.keys], key)),
+        }
+        devices = _compat.current_device_ids()
+        start = time.perf_counter()
+        reports = _worker.run_jobs(
+            [job],
+            lambda event, reason: record_crash(
+                page, event["key_text"], event["key"], event["cid"], event["config"], reason
+            ),
+            timeout_s=self.isolate_timeout,
+            devices=devices,
+        )
+        report = reports[0]
+        page.refresh(force=True)
+        entry = page.get(key_text)
+        if entry is None or entry.best(ids) is None:
+            raise RuntimeError(
+                f"tunebook: isolated tuning of {self.base_fn.__name__} key {list(key)} found no config "
+                f"that runs: {report.reason or 'every config failed'}; `tunebook show` lists each "
+                "config's reason"
+            )
+        return _IsolatedOutcome(entry, report.benchmarked, len(report.crashed), time.perf_counter() - start)
+
+    def _import_path(self) -> tuple[str, str]:
+        """(module, attribute) under which a worker process can import this kernel."""
+        base_module = getattr(self.base_fn, "__module__", None)
+        for module_name in dict.fromkeys(m for m in (self._defined_in, base_module) if m and m != "__main__"):
+            module = sys.modules.get(module_name)
+            for attr, obj in list(vars(module).items()) if module is not None else ():
+                # Follow .fn only through Triton's kernel wrappers (heuristics over us).
+                inner = obj
+                while isinstance(inner, _compat.KernelInterface) and inner is not self:
+                    inner = getattr(inner, "fn", None)
+                if inner is self:
+                    return module_name, attr
+        raise ValueError(
+            f"tunebook.autotune(isolate=True): {self.base_fn.__name__} must be a global of an importable "
+            f"module for a worker process to load it (it was defined in {self._defined_in or '__main__'!r}); "
+            "move the kernel into a module, or tune without isolate=True"
+        )
+
+    def _identify_meta(self, meta: dict[str, Any]) -> str | None:
+        """A config id with the meta-parameters of this launch (to look up a recorded grid).
+
+        A grid callable sees the kernel's parameters, never num_warps/num_stages, so configs
+        that differ only in those launch with the same grid: any of them will do.
+        """
+        if self._meta_index is None or self._meta_index[2] != len(self._configs_by_id):
+            names = tuple(sorted({n for c in self._configs_by_id.values() for n in c.kwargs}))
+            index: dict[tuple[Any, ...], str] = {}
+            for cid, c in self._configs_by_id.items():
+                index.setdefault(tuple(c.kwargs.get(n) for n in names), cid)
+            self._meta_index = (names, index, len(self._configs_by_id))
+        names, index, _ = self._meta_index
+        return index.get(tuple(meta.get(n) for n in names))
 
     def _warmup_one(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, config: Any) -> Any:
         return self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
@@ -601,11 +774,34 @@ class Autotuner(_compat.KernelInterface):
         entry: Entry | None,
         page: Page,
     ) -> Any:
-        """``serve`` mode: a config with zero benchmarking, from the nearest remembered key."""
+        """``serve`` mode: a config with zero benchmarking.
+
+        In order: the user's ``fallback=``; the best of the configs already measured for this
+        key; the winner of the nearest remembered key; the first config.
+        """
         self._fallback_keys.add(key)
         self._fallback_counter[0] += 1
-        chosen = entry.best(ids) if entry is not None else None
-        how = "its own partial results"
+        chosen: str | None = None
+        how = ""
+        if self.fallback is not None:
+            picked = self.fallback(key, list(pruned))
+            if picked is not None:
+                chosen = next((cid for cid, c in zip(ids, pruned) if c is picked), None)
+                if chosen is None:
+                    record = config_record(picked.kwargs, _compat.config_options(picked))
+                    chosen = config_id(record) if config_id(record) in ids else None
+                if chosen is None:
+                    log.warning(
+                        "tunebook: %s: fallback= returned %s, which is not one of the kernel's configs "
+                        "for this call; ignoring it",
+                        self.base_fn.__name__,
+                        picked,
+                    )
+                else:
+                    how = "the config chosen by fallback="
+        if chosen is None and entry is not None:
+            chosen = entry.best(ids)
+            how = "the best of its own partial results"
         if chosen is None:
             neighbour = _nearest_entry(key, page.entries.values(), ids)
             if neighbour is not None:
@@ -623,6 +819,27 @@ class Autotuner(_compat.KernelInterface):
         self.cache[key] = config
         return config
 
+    def _record_miss(
+        self,
+        key: tuple[Any, ...],
+        key_text: str,
+        pruned: list[Any],
+        ids: list[str],
+        page: Page,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        grid: Any,
+    ) -> None:
+        """Remember the miss and how to replay the call, off the request path."""
+        grids = _calls.evaluate_grids(grid, self.nargs or {}, kwargs, dict(zip(ids, pruned)))
+        call = _calls.describe_call(args, kwargs, grids)
+        if _calls.validate(call, "call") is not None:
+            call = None  # e.g. a scalar the JSON schema cannot hold: count the miss anyway
+        entry = Entry(
+            key=tuple(_json_key(key)), misses=1, call=call, updated_at=now_iso(), tunebook=__version__
+        )
+        _misses.submit(page, key_text, entry)
+
     def _announce(self, key: tuple[Any, ...], config: Any, source: str, benchmarked: int, total: int) -> None:
         if not _settings.print_autotuning() or key in self._announced:
             return
@@ -639,6 +856,26 @@ class Autotuner(_compat.KernelInterface):
                 f"finished after {self.bench_time:.2f}s,\nbest config selected: {config};\n"
                 f"tunebook: {benchmarked} of {total} configs benchmarked, the rest remembered in the book"
             )
+
+
+class WrongResult(Exception):
+    """A candidate config computed a different answer than the reference config."""
+
+
+@dataclasses.dataclass
+class _IsolatedOutcome:
+    entry: Entry
+    measured: int
+    failures: int
+    seconds: float
+
+
+def record_crash(
+    page: Page, key_text: str, key: Sequence[Any], cid: str, record: dict[str, Any], reason: str
+) -> None:
+    """Persist that config ``cid`` took its worker down for this key (never retried)."""
+    result = Result(record, None, reason[:2000], now_iso())
+    page.record(key_text, Entry(key=tuple(_json_key(key)), results={cid: result}, updated_at=now_iso()))
 
 
 def _json_key(key: Sequence[Any]) -> list[Any]:
@@ -694,6 +931,11 @@ def autotune(
     seed: int = 0,
     compile_workers: int | None = None,
     adaptive: bool = True,
+    fallback: Callable[[tuple[Any, ...], list[Any]], Any] | None = None,
+    inputs: Callable[[dict[str, Any]], Any] | None = None,
+    isolate: bool = False,
+    isolate_timeout: float = 300.0,
+    check: bool | dict[str, Any] = False,
 ) -> Callable[[Any], Autotuner]:
     """Decorator for auto-tuning a ``triton.jit`` function, remembering results in a book.
 
@@ -717,7 +959,27 @@ def autotune(
     * ``adaptive`` — screen every candidate with a short measurement and measure only the
       contenders in full (default True; a user ``do_bench`` is never adaptive).
 
-    ``configs`` may also be a :class:`tunebook.Space`, a declarative config space.
+    * ``fallback`` — ``fallback(key, configs) -> config`` picks the config for a key the book
+      lacks in ``serve`` mode (default: the nearest remembered key's winner).
+    * ``inputs`` — ``inputs(description) -> (grid, args, kwargs)`` rebuilds a call for offline
+      tuning (``tunebook tune``) when random tensors of the recorded layout will not do
+      (index tables, block tables). ``description`` has the recorded ``call`` (or None) and
+      the ``key`` as a dict; return ``grid=None`` to use the recorded grids.
+
+    * ``isolate`` — measure a new key's candidates in a worker process: a config that
+      crashes (illegal memory access, device-side assert) or hangs (``isolate_timeout``
+      seconds without progress) is recorded as failed and tuning goes on; this process and
+      its CUDA context are never touched. The kernel must be a global of an importable
+      module; the worker measures on inputs rebuilt from the call (see ``inputs``).
+
+    * ``check`` — compare every candidate's outputs with those of the first config that
+      runs (the reference), on the same inputs, restored between runs; a config that
+      computes a different answer is recorded as failed ("wrong result: ..."). ``True`` or
+      a dict of ``rtol``, ``atol``, ``ignore`` (argument names), ``max_bytes``; see
+      docs/result-checking.md.
+
+    ``configs`` may also be a :class:`tunebook.Space`, a declarative config space, and a
+    ``key`` name may be a :func:`tunebook.bucket` to bucket its values.
 
     Example (runs on a CPU with ``TRITON_INTERPRET=1``)::
 
@@ -733,7 +995,7 @@ def autotune(
     """
 
     def decorator(fn: Any) -> Autotuner:
-        return Autotuner(
+        tuner = Autotuner(
             fn,
             fn.arg_names,
             configs,
@@ -755,6 +1017,14 @@ def autotune(
             seed=seed,
             compile_workers=compile_workers,
             adaptive=adaptive,
+            fallback=fallback,
+            inputs=inputs,
+            isolate=isolate,
+            isolate_timeout=isolate_timeout,
+            check=check,
         )
+        # Where a worker process can import this kernel from (isolate=True, tunebook tune).
+        tuner._defined_in = sys._getframe(1).f_globals.get("__name__")
+        return tuner
 
     return decorator

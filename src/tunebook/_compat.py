@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import platform
 import sys
 import textwrap
@@ -206,6 +207,23 @@ def current_target() -> Any:
     from triton.runtime.driver import driver
 
     return driver.active.get_current_target()
+
+
+def current_device_ids() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES for a worker that must use the GPU this process is using."""
+    if interpreting():
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.cuda.current_device()
+            # Indices are relative to this process's own CUDA_VISIBLE_DEVICES, if it has one.
+            visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            return [visible[index] if index < len(visible) else str(index)]
+    except Exception:  # pragma: no cover - no torch or no driver
+        pass
+    return None
 
 
 def kernel_source(fn: Callable[..., Any]) -> str:

@@ -21,7 +21,7 @@ import ast
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _compat
@@ -159,12 +159,19 @@ def json_key_value(value: Any) -> Any:
 
 
 def canonical_key(
-    arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any], kwargs: dict[str, Any]
+    arg_names: Sequence[str],
+    key_names: Sequence[str],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    buckets: Mapping[str, Callable[[Any], Any]] | None = None,
 ) -> tuple[Any, ...]:
-    """The key as ``triton.autotune`` builds it: key-argument values, then tensor dtypes."""
+    """The key as ``triton.autotune`` builds it: key-argument values (bucketed where
+    declared), then tensor dtypes."""
     all_args = {**dict(zip(arg_names, args)), **kwargs}
     named = {k: v for k, v in all_args.items() if k in arg_names}
-    key: list[Any] = [named[k] for k in key_names if k in named]
+    key: list[Any] = [
+        buckets[k](named[k]) if buckets and k in buckets else named[k] for k in key_names if k in named
+    ]
     key.extend(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
     return tuple(key)
 

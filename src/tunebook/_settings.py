@@ -50,6 +50,11 @@ TUNEBOOK_PROGRESS = Setting(
     "auto",
     "Progress lines on stderr while tuning: 1, 0, or auto (when stderr is a terminal).",
 )
+TUNEBOOK_REDIS_URL = Setting(
+    "TUNEBOOK_REDIS_URL",
+    "",
+    "A Redis server holding a book shared by a fleet (redis://host:port/db); needs tunebook[redis].",
+)
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
@@ -61,6 +66,8 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_DIR,
     TUNEBOOK_PATH,
     TUNEBOOK_MODE,
+    TUNEBOOK_PROGRESS,
+    TUNEBOOK_REDIS_URL,
     TRITON_PRINT_AUTOTUNING,
     TRITON_INTERPRET,
 )
@@ -81,6 +88,11 @@ def book_dir() -> Path:
 def book_path() -> list[Path]:
     """The read-only book directories from TUNEBOOK_PATH, in order."""
     return [Path(p).expanduser() for p in TUNEBOOK_PATH.raw().split(os.pathsep) if p.strip()]
+
+
+def redis_url() -> str | None:
+    """The shared fleet book's Redis URL, or None when TUNEBOOK_REDIS_URL is unset or blank."""
+    return TUNEBOOK_REDIS_URL.raw().strip() or None
 
 
 def mode() -> Mode:

@@ -56,6 +56,7 @@ class KeyTuning:
     hints: Sequence[int] = ()
     seed: int = 0
     progress: Progress | None = None
+    on_candidate: Callable[[int], None] | None = None  # told before each measurement (workers)
 
 
 @dataclass
@@ -78,6 +79,8 @@ def tune_key(job: KeyTuning) -> Outcome:
 
     def time_one(i: int, timer: Callable[..., Any], quick: bool) -> Result:
         nonlocal failures
+        if job.on_candidate is not None:
+            job.on_candidate(i)
         try:
             ms = as_triple(job.bench(timer, job.configs[i]))
             if not all(math.isfinite(v) and v >= 0 for v in ms):
@@ -116,7 +119,10 @@ def tune_key(job: KeyTuning) -> Outcome:
             measured += 1
             # Persist as we go (a killed run loses at most this much), but not after every
             # config: each save is a locked, fsynced file write.
-            if len(pending) >= SAVE_EVERY or time.perf_counter() - last_save > SAVE_EVERY_S:
+            # In a worker (on_candidate set) every result is saved at once: the next
+            # candidate may take the process down.
+            every = 1 if job.on_candidate is not None else SAVE_EVERY
+            if len(pending) >= every or time.perf_counter() - last_save > SAVE_EVERY_S:
                 save(pending)
                 pending, last_save = {}, time.perf_counter()
         if pending:

@@ -166,6 +166,10 @@ class Entry:
     updated_at: str = ""
     tunebook: str = ""
     chosen: str = ""
+    # A recorded miss: how often serve mode met this key without results, and a replayable
+    # description of the call (see tunebook._calls) so that it can be tuned offline.
+    misses: int = 0
+    call: dict[str, Any] | None = None
 
     def best(self, allowed: Iterable[str] | None = None) -> str | None:
         """The winner among ``allowed`` (default: all results).
@@ -201,6 +205,8 @@ class Entry:
             "updated_at": self.updated_at,
             "tunebook": self.tunebook,
             **({"chosen": self.chosen} if self.chosen else {}),
+            **({"misses": self.misses} if self.misses else {}),
+            **({"call": self.call} if self.call is not None else {}),
         }
 
     @staticmethod
@@ -224,6 +230,16 @@ class Entry:
             raise BookFormatError(f"{where}: 'tuning_seconds' must be a finite non-negative number")
         if not all(_is_json_scalar(v) for v in key):
             raise BookFormatError(f"{where}: 'key' values must be strings, finite numbers, booleans or null")
+        misses = data.get("misses", 0)
+        if not isinstance(misses, int) or isinstance(misses, bool) or not 0 <= misses < 1 << 62:
+            raise BookFormatError(f"{where}: 'misses' must be a non-negative integer")
+        call = data.get("call")
+        if call is not None:
+            from .._calls import validate  # deferred: _calls is only needed for recorded misses
+
+            reason = validate(call, f"{where}.call")
+            if reason:
+                raise BookFormatError(reason)
 
         def text(name: str) -> str:
             value = data.get(name, "")
@@ -237,6 +253,8 @@ class Entry:
             updated_at=text("updated_at"),
             tunebook=text("tunebook"),
             chosen=text("chosen"),
+            misses=misses,
+            call=call,
         )
 
     def merged_over(self, base: Entry | None) -> Entry:
@@ -258,6 +276,8 @@ class Entry:
             base,
             results=results,
             chosen=base.chosen or self.chosen,
+            misses=base.misses + self.misses,
+            call=base.call if base.call is not None else self.call,
             tuning_seconds=base.tuning_seconds + (self.tuning_seconds if added else 0.0),
             tuned_at=min(filter(None, (base.tuned_at, self.tuned_at)), default=""),
             updated_at=max(base.updated_at, self.updated_at),

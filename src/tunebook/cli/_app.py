@@ -7,7 +7,7 @@ import logging
 import click
 
 from .._autotuner import __version__
-from . import diff, explain, export_vllm, import_vllm, merge, prune, report, show
+from . import diff, explain, export_vllm, import_vllm, merge, prune, report, show, tune
 
 
 def _configure_logging(verbose: int) -> None:
@@ -42,5 +42,4 @@ cli.add_command(export_vllm.command)
 cli.add_command(import_vllm.command)
 cli.add_command(prune.command)
 cli.add_command(report.command)
-# `tunebook tune` (offline tuning) belongs here: a module `tune.py` exposing `command`,
-# registered with `cli.add_command(tune.command)`.
+cli.add_command(tune.command)

@@ -1,0 +1,207 @@
+"""Replayable descriptions of kernel calls, so a key can be tuned without the application.
+
+A *call description* is plain JSON stored with a recorded miss::
+
+    {"args": [{"tensor": {"shape": [4096, 4096], "stride": [4096, 1], "dtype": "torch.float16",
+                          "device": "cuda"}},
+              {"value": 4096}, {"none": true}, ...],
+     "kwargs": {"ACTIVATION": {"value": "relu"}},
+     "grids": {"<config id>": [256, 1, 1], ...}}
+
+Tensors are described by shape, strides, dtype and device type, never by contents; scalars
+by value. ``grids`` holds the launch grid every candidate config would have used (the
+grid callable is evaluated at miss time), since the callable itself cannot be stored.
+
+Rebuilding (``build_args``) makes tensors of that layout filled with random values
+(floats) or zeros (integers and bools). A kernel whose arguments need valid contents
+(index tables, block tables) registers an ``inputs=`` factory with the autotuner; it
+receives the description and returns ``(args, kwargs)``.
+
+Descriptions come from books, which are untrusted: ``validate`` bounds every size and
+accepts only the shapes above, and rebuilding never evaluates anything from them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+MAX_DIMS = 8
+MAX_ARGS = 256
+MAX_GRIDS = 4096
+MAX_ELEMENTS = 1 << 34  # 16 Gi elements: larger than any single tensor a GPU holds today
+
+
+def _scalar(value: Any) -> bool:
+    if value is None or isinstance(value, bool | str):
+        return True
+    if isinstance(value, int):
+        return abs(value) < 1 << 63
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def describe_value(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {"none": True}
+    if hasattr(value, "shape") and hasattr(value, "stride") and hasattr(value, "dtype"):
+        device = getattr(value, "device", None)
+        return {
+            "tensor": {
+                "shape": [int(d) for d in value.shape],
+                "stride": [int(s) for s in value.stride()],
+                "dtype": str(value.dtype),
+                "device": getattr(device, "type", str(device)) if device is not None else "cpu",
+            }
+        }
+    if _scalar(value):
+        return {"value": value}
+    return {"opaque": type(value).__name__}  # replayable only through an inputs= factory
+
+
+def describe_call(
+    args: Sequence[Any], kwargs: Mapping[str, Any], grids: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, Any]:
+    desc: dict[str, Any] = {
+        "args": [describe_value(a) for a in args],
+        "kwargs": {k: describe_value(v) for k, v in kwargs.items()},
+    }
+    if grids:
+        desc["grids"] = {cid: [int(x) for x in g] for cid, g in grids.items()}
+    return desc
+
+
+def evaluate_grids(
+    grid: Any, nargs: Mapping[str, Any], kwargs: Mapping[str, Any], configs: Mapping[str, Any]
+) -> dict[str, list[int]]:
+    """The grid each candidate would launch with; {} if the grid cannot be evaluated."""
+    out: dict[str, list[int]] = {}
+    for cid, config in list(configs.items())[:MAX_GRIDS]:
+        try:
+            g = grid({**nargs, **kwargs, **config.all_kwargs()}) if callable(grid) else grid
+            dims = [int(x) for x in g]
+        except Exception:  # a grid that depends on something we cannot see: not replayable
+            return {}
+        out[cid] = dims + [1] * (3 - len(dims))
+    return out
+
+
+def validate(desc: Any, where: str) -> str | None:
+    """Why ``desc`` is not a call description we can rebuild, or None if it is."""
+    if not isinstance(desc, dict):
+        return f"{where}: must be an object"
+    args, kwargs = desc.get("args"), desc.get("kwargs", {})
+    if not isinstance(args, list) or len(args) > MAX_ARGS:
+        return f"{where}: 'args' must be a list of at most {MAX_ARGS} values"
+    if not isinstance(kwargs, dict) or len(kwargs) > MAX_ARGS or not all(isinstance(k, str) for k in kwargs):
+        return f"{where}: 'kwargs' must be an object of at most {MAX_ARGS} values"
+    for i, item in enumerate([*args, *kwargs.values()]):
+        reason = _validate_value(item)
+        if reason:
+            return f"{where}: argument {i}: {reason}"
+    grids = desc.get("grids", {})
+    if not isinstance(grids, dict) or len(grids) > MAX_GRIDS:
+        return f"{where}: 'grids' must be an object of at most {MAX_GRIDS} grids"
+    for g in grids.values():
+        if not (
+            isinstance(g, list)
+            and 1 <= len(g) <= 3
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31 for x in g)
+        ):
+            return f"{where}: each grid must be 1 to 3 non-negative integers"
+    return None
+
+
+def _validate_value(item: Any) -> str | None:
+    if not isinstance(item, dict) or len(item) != 1:
+        return "must be an object with one of 'tensor', 'value', 'none', 'opaque'"
+    ((kind, body),) = item.items()
+    if kind == "none":
+        return None if body is True else "'none' must be true"
+    if kind == "value":
+        return None if _scalar(body) else "'value' must be a JSON scalar"
+    if kind == "opaque":
+        return None if isinstance(body, str) and len(body) < 200 else "'opaque' must be a short string"
+    if kind != "tensor" or not isinstance(body, dict):
+        return f"unknown kind {kind!r}"
+    shape, stride = body.get("shape"), body.get("stride")
+    if not (isinstance(shape, list) and isinstance(stride, list) and len(shape) == len(stride) <= MAX_DIMS):
+        return "a tensor needs 'shape' and 'stride' lists of equal length (at most 8)"
+    if not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in [*shape, *stride]
+    ):
+        return "shapes and strides must be non-negative integers"
+    if math.prod(shape) > MAX_ELEMENTS:
+        return "the tensor is larger than any tunebook will allocate"
+    if not isinstance(body.get("dtype"), str) or not str(body["dtype"]).startswith("torch."):
+        return "'dtype' must name a torch dtype"
+    if not isinstance(body.get("device", "cpu"), str):
+        return "'device' must be a string"
+    return None
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in a call description")
+    return dtype
+
+
+def build_value(item: Mapping[str, Any], device: str | None, generator: Any) -> Any:
+    ((kind, body),) = item.items()
+    if kind == "none":
+        return None
+    if kind == "value":
+        return body
+    if kind == "opaque":
+        raise ValueError(
+            f"an argument of type {body} cannot be rebuilt from a description; register an inputs= "
+            "factory with the autotuner to build this kernel's arguments"
+        )
+    import torch
+
+    dtype = _torch_dtype(body["dtype"])
+    where = device or body.get("device", "cpu")
+    shape, stride = tuple(body["shape"]), tuple(body["stride"])
+    t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
+    if dtype.is_floating_point:
+        # Random, not zeros: zeros run faster than real data on some GPUs.
+        t.copy_(torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype))
+    else:
+        t.zero_()
+    return t
+
+
+def build_args(
+    desc: Mapping[str, Any], *, device: str | None = None, seed: int = 0
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Fresh arguments laid out as described (see the module docstring)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    args = tuple(build_value(a, device, generator) for a in desc["args"])
+    kwargs = {k: build_value(v, device, generator) for k, v in desc.get("kwargs", {}).items()}
+    return args, kwargs
+
+
+def grid_from(
+    desc: Mapping[str, Any], identify: Callable[[Mapping[str, Any]], str | None]
+) -> Callable[..., Any]:
+    """A grid callable that looks up the recorded grid of the config being launched."""
+    grids = {cid: tuple(g) for cid, g in desc.get("grids", {}).items()}
+    # Configs that share meta-parameters (differing only in num_warps, num_stages...) share
+    # a grid: the grid callable never sees those options.
+    by_meta = {cid.split("|", 1)[0]: g for cid, g in grids.items()}
+
+    def grid(meta: Mapping[str, Any]) -> tuple[int, ...]:
+        cid = identify(meta)
+        found = grids.get(cid) if cid is not None else None
+        if found is None and cid is not None:
+            found = by_meta.get(cid.split("|", 1)[0])
+        if found is None:
+            raise KeyError(f"no recorded grid for config {cid}; the call was recorded with other configs")
+        return found
+
+    return grid

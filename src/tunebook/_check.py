@@ -1,0 +1,363 @@
+"""Result checking: every candidate config must compute what a reference config computes.
+
+A config that runs fast but writes the wrong answer (a mask bug that only one block size
+hits, a race that only one ``num_warps`` exposes) would otherwise win the tuning and be
+remembered. :class:`OutputCheck` runs each candidate once on the same inputs as a
+reference run and compares every tensor argument afterwards.
+
+Contract:
+
+* **Same inputs for every run.** The tensor arguments are snapshotted on construction;
+  :meth:`OutputCheck.reference` and :meth:`OutputCheck.check` copy the snapshot back in
+  place before their run and again after it, so in-place kernels (``acc += x``), atomics
+  into an output and scratch buffers all start from the caller's values every time, and
+  the runs between (timing) cannot leak into the next check.
+* **What is compared**: every tensor argument (positional or keyword, not nested in tuples)
+  except those named in ``ignore``: outputs, and inputs too, since a config that writes
+  out of bounds into an input is as wrong as one that miscomputes its output.
+* **Equality**: integers and bool exactly; floating point within
+  ``atol * max|ref| + rtol * |ref|`` per element (``max|ref|``: the largest finite
+  magnitude in the reference's value of that argument), tolerances per dtype
+  (:data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`); NaN equals NaN at the same place and
+  nothing else; an infinity equals only the same infinity.
+* **Memory**: the snapshot holds a copy of every tensor argument, on its device (the
+  arguments' memory, twice over), and the reference keeps a copy of each argument its
+  run changed (the outputs). Construction refuses with :class:`SnapshotTooLarge` when the
+  snapshot alone would exceed ``max_bytes``.
+* **Not thread-safe**: one OutputCheck belongs to one tuning, which the autotuner
+  already serializes.
+
+Example (runs on a CPU; ``run`` stands for launching one config of a kernel)::
+
+    >>> import torch
+    >>> x, out = torch.arange(4.0), torch.zeros(4)
+    >>> check = OutputCheck((x, out), {}, names=["x", "out"])
+    >>> check.reference(lambda: torch.add(x, 1, out=out))
+    >>> check.check(lambda: torch.add(x, 1, out=out)) is None
+    True
+    >>> print(check.check(lambda: torch.sub(x, 1, out=out)))  # doctest: +NORMALIZE_WHITESPACE
+    wrong result: out differs from the reference config in 4 of 4 elements
+    (max abs error 2, tolerance 0.008 + 0.002*|ref|, first at index (0,))
+    >>> check.restore(); out.tolist()
+    [0.0, 0.0, 0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Floating tolerances by dtype name. A candidate may sum in another order than the
+# reference (split-K, atomics), so outputs of reductions legitimately differ by more than
+# a rounding of the output dtype. Measured on an H200 (docs/result-checking.md): a fp32
+# GEMM through TF32 ``tl.dot`` with one accumulator is itself 0.08% (K = 65536) to 0.3%
+# (K = 2^20) of max|C| off the exact product, and a split-K config differs from it by as
+# much; 2e-3 covers that up to K = 2^20. fp16/bf16 outputs add their own rounding (one ulp
+# is 2^-10 ~ 1e-3 and 2^-7 ~ 8e-3 relative). The bugs the check exists for (a wrong op, a
+# tail left unwritten, a wrong offset) are off by the size of the values themselves.
+DEFAULT_RTOL: Mapping[str, float] = {
+    "float16": 1e-2,
+    "bfloat16": 2e-2,
+    "float32": 2e-3,
+    "float64": 1e-7,
+    "float8_e4m3fn": 0.25,  # 3 mantissa bits: one ulp is 0.125 relative
+    "float8_e4m3fnuz": 0.25,
+    "float8_e5m2": 0.5,  # 2 mantissa bits: one ulp is 0.25 relative
+    "float8_e5m2fnuz": 0.5,
+}
+# The absolute part is in units of the argument's largest finite |ref|: a GEMM element is a
+# sum of products, and the rounding error of another summation order scales with the size
+# of those products, not with the element, which cancellation can bring near zero. Scaled
+# so, one tolerance serves outputs of any magnitude, and a kernel whose outputs are all
+# tiny (softmax over a large vocabulary) cannot pass by writing zeros.
+DEFAULT_ATOL: Mapping[str, float] = dict(DEFAULT_RTOL)
+# Beyond this many bytes of snapshot, OutputCheck refuses (the snapshot lives on the
+# arguments' device, next to them).
+DEFAULT_MAX_BYTES = 4 << 30
+# Elements compared at a time, so that the comparison's fp32 temporaries stay a few
+# hundred MB whatever the size of the argument.
+_CHUNK = 1 << 24
+
+Tolerance = float | Mapping[Any, float]
+
+
+class SnapshotTooLarge(ValueError):
+    """The tensor arguments are too large to snapshot within ``max_bytes``."""
+
+
+@dataclass
+class _Arg:
+    """One distinct tensor argument: where it lives and what it held."""
+
+    names: list[str]  # more than one when the same tensor is passed twice
+    tensor: Any
+    target: Any  # what is snapshotted and restored: the tensor, or its whole storage span
+    snapshot: Any
+    expected: Any = None  # after the reference run; None: the reference left it unchanged
+
+    @property
+    def label(self) -> str:
+        return " and ".join(self.names)
+
+    def original(self) -> Any:
+        """The snapshot seen through the argument's own shape and strides."""
+        if self.target is self.tensor:
+            return self.snapshot
+        return self.snapshot.as_strided(self.tensor.size(), self.tensor.stride(), 0)
+
+
+class OutputCheck:
+    """Runs configs on the same inputs and tells which ones disagree with a reference.
+
+    ``args`` and ``kwargs`` are the kernel call's arguments (the same objects the runs
+    launch with: restoring is in place). ``names`` are the kernel's argument names, for
+    the reasons (default ``argument 0``, ``argument 1``...). ``rtol`` and ``atol`` replace
+    the defaults: one float for every floating dtype, or a mapping from dtype (a
+    ``torch.dtype`` or its name, ``"float16"``) to float, merged over the defaults.
+    ``ignore`` names arguments not to compare (scratch buffers, locks, outputs that are
+    legitimately different per config such as the order of ties); they are still restored.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        names: Sequence[str] | None = None,
+        rtol: Tolerance | None = None,
+        atol: Tolerance | None = None,
+        ignore: Collection[str] = (),
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        import torch
+
+        self._rtol = _tolerances(DEFAULT_RTOL, rtol, "rtol")
+        self._atol = _tolerances(DEFAULT_ATOL, atol, "atol")
+        self._ignore = frozenset(ignore)
+        self._has_reference = False
+        positional = list(names or ())
+        positional += [f"argument {i}" for i in range(len(positional), len(args))]
+        named = [*zip(positional, args), *kwargs.items()]
+        # The same tensor passed twice (out aliasing an input) is snapshotted once.
+        distinct: dict[tuple[Any, ...], list[str]] = {}
+        tensors: dict[tuple[Any, ...], Any] = {}
+        for name, value in named:
+            if isinstance(value, torch.Tensor) and value.numel() > 0:
+                identity = (value.device, value.data_ptr(), value.dtype, value.size(), value.stride())
+                distinct.setdefault(identity, []).append(name)
+                tensors.setdefault(identity, value)
+        targets = {k: _restorable(t) for k, t in tensors.items()}
+        self.nbytes = sum(t.numel() * t.element_size() for t in targets.values())
+        if self.nbytes > max_bytes:
+            sizes = [(t.numel() * t.element_size(), " and ".join(distinct[k])) for k, t in targets.items()]
+            largest = sorted(sizes, reverse=True)[:3]
+            raise SnapshotTooLarge(
+                f"tunebook: result checking needs a snapshot of the kernel's tensor arguments of "
+                f"{_size(self.nbytes)} ({', '.join(f'{n} {_size(b)}' for b, n in largest)}), more than "
+                f"max_bytes={_size(max_bytes)}; the snapshot lives on the arguments' device. Raise the limit "
+                "(check={'max_bytes': ...}), tune on smaller inputs of the same key, or set check=False."
+            )
+        with torch.no_grad():
+            self._args = [_Arg(distinct[k], tensors[k], targets[k], targets[k].clone()) for k in tensors]
+
+    @property
+    def names(self) -> list[str]:
+        """The labels of the snapshotted tensor arguments, in argument order."""
+        return [a.label for a in self._args]
+
+    def restore(self) -> None:
+        """Put the caller's original values back into every tensor argument, in place."""
+        import torch
+
+        with torch.no_grad():
+            for arg in self._args:
+                arg.target.copy_(arg.snapshot)
+
+    def reference(self, run: Callable[[], Any]) -> None:
+        """Run the reference once on the original inputs and keep what it changed.
+
+        ``run`` launches the reference config (or any callable writing the same outputs,
+        e.g. a PyTorch implementation). If it raises, the inputs are restored and the
+        exception propagates; no reference is set.
+        """
+        import torch
+
+        self.restore()
+        try:
+            run()
+            with torch.no_grad():
+                changed = [
+                    None if _same(arg.tensor, arg.original()) else arg.tensor.clone() for arg in self._args
+                ]
+        finally:
+            self.restore()
+        for arg, expected in zip(self._args, changed):
+            arg.expected = expected
+        self._has_reference = True
+
+    def check(self, run: Callable[[], Any]) -> str | None:
+        """Run a candidate once on the original inputs; None if it matches, else why not.
+
+        If ``run`` raises, the inputs are restored and the exception propagates (a config
+        that cannot run is the caller's failure to record, not a wrong result).
+        """
+        import torch
+
+        if not self._has_reference:
+            raise RuntimeError(
+                "tunebook: OutputCheck.check() was called before reference(); run the reference "
+                "config first, through reference(run)."
+            )
+        self.restore()
+        try:
+            run()
+            with torch.no_grad():
+                for arg in self._args:
+                    if all(n in self._ignore for n in arg.names):
+                        continue
+                    expected = arg.expected if arg.expected is not None else arg.original()
+                    reason = self._compare(arg.label, arg.tensor, expected)
+                    if reason is not None:
+                        return reason
+            return None
+        finally:
+            self.restore()
+
+    def _compare(self, label: str, got: Any, ref: Any) -> str | None:
+        import torch
+
+        shape = tuple(got.size())
+        dtype = got.dtype
+        if dtype.is_complex:
+            shape += (2,)
+            got, ref = torch.view_as_real(got), torch.view_as_real(ref)
+            dtype = got.dtype
+        got, ref = got.reshape(-1), ref.reshape(-1)
+        exact = not dtype.is_floating_point
+        name = _dtype_name(dtype)
+        rtol = 0.0 if exact else self._rtol.get(name, self._rtol.get("*", _fallback(dtype)))
+        atol = 0.0 if exact else self._atol.get(name, self._atol.get("*", _fallback(dtype)))
+        wide = torch.float64 if dtype == torch.float64 or exact else torch.float32
+        if not exact:
+            # atol is relative to the largest finite reference value (see DEFAULT_ATOL); the
+            # floor keeps an all-zero reference from demanding more than exact zeros.
+            scale = float(torch.finfo(dtype).tiny)
+            for start in range(0, ref.numel(), _CHUNK):
+                r = ref[start : start + _CHUNK].to(wide).abs()
+                r = r[torch.isfinite(r)]
+                if r.numel():
+                    scale = max(scale, float(r.max()))
+            atol *= scale
+        bad = 0
+        nan_bad = 0
+        max_err = -1.0  # over the mismatches with no NaN on either side
+        first = -1
+        for start in range(0, got.numel(), _CHUNK):
+            g, r = got[start : start + _CHUNK], ref[start : start + _CHUNK]
+            if exact:
+                # Compared in their own dtype: int64 beyond 2**53 does not survive float64.
+                wrong = g != r
+                err = (g.to(wide) - r.to(wide)).abs()
+            else:
+                g, r = g.to(wide), r.to(wide)
+                err = (g - r).abs()
+                both_nan = torch.isnan(g) & torch.isnan(r)
+                # g == r covers equal infinities; an infinite reference would make the
+                # tolerance infinite, so only finite references get one.
+                close = torch.isfinite(r) & (err <= atol + rtol * r.abs())
+                wrong = ~((g == r) | both_nan | close)
+                nan_bad += int((wrong & (torch.isnan(g) | torch.isnan(r))).sum())
+            count = int(wrong.sum())
+            if count:
+                if first < 0:
+                    first = start + int(wrong.nonzero()[0, 0])
+                bad += count
+                errs = err[wrong & ~torch.isnan(err)]
+                if errs.numel():
+                    max_err = max(max_err, float(errs.max()))
+        if not bad:
+            return None
+        parts = [f"max abs error {max_err:.3g}"] if max_err >= 0 else []
+        parts.append(f"tolerance {'exact' if exact else f'{atol:.3g} + {rtol:.3g}*|ref|'}")
+        if nan_bad:
+            parts.append(f"{nan_bad} of them NaN on one side only")
+        parts.append(f"first at index {_unravel(first, shape)}")
+        return (
+            f"wrong result: {label} differs from the reference config in {bad} of {got.numel()} elements "
+            f"({', '.join(parts)})"
+        )
+
+
+def _restorable(t: Any) -> Any:
+    """What to snapshot and copy back for ``t``: itself, or the span of storage it covers.
+
+    ``copy_`` into a tensor whose elements share memory (a stride-0 ``expand``) is refused
+    by PyTorch, so such an argument is restored through a flat view of the storage span
+    its elements occupy. The test below is a cheap sufficient condition for no overlap.
+    """
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz > 1)
+    reach = 1
+    for stride, size in dims:
+        if stride < reach:
+            span = 1 + sum((sz - 1) * st for st, sz in zip(t.stride(), t.size()))
+            return t.as_strided((span,), (1,), t.storage_offset())
+        reach = stride * size
+    return t
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bit-for-bit equal but for NaN payloads: did the run leave this tensor as it was?"""
+    import torch
+
+    if a.dtype.is_complex:
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if not a.dtype.is_floating_point:
+        return bool(torch.equal(a, b))
+    if a.element_size() < 2:  # float8 has no comparison operators
+        a, b = a.float(), b.float()
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def _tolerances(defaults: Mapping[str, float], given: Tolerance | None, what: str) -> dict[str, float]:
+    """The tolerance table by dtype name; "*" holds a single float given for every dtype."""
+    if given is None:
+        return dict(defaults)
+    pairs = [("*", given)] if isinstance(given, int | float) else list(given.items())
+    # A "*" entry stands for every dtype, so the defaults do not outrank it.
+    out = {} if any(k == "*" for k, _ in pairs) else dict(defaults)
+    for dtype, value in pairs:
+        name = dtype.removeprefix("torch.") if isinstance(dtype, str) else _dtype_name(dtype)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ValueError(
+                f"tunebook: check {what} for {name} is {value!r}; give a number >= 0 "
+                f"(one for every dtype, or a mapping such as {{torch.float16: 1e-2}})."
+            )
+        out[name] = float(value)
+    return out
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fallback(dtype: Any) -> float:
+    """For a floating dtype with no entry: about as many ulps as the defaults allow fp16."""
+    import torch
+
+    return 10 * float(torch.finfo(dtype).eps)
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+def _size(nbytes: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.1f} {unit}"
+    return f"{nbytes} B"

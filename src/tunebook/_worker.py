@@ -1,0 +1,327 @@
+"""Tuning in worker processes: offline (``tunebook tune``) and isolated (``isolate=True``).
+
+A *job* tunes one key of one kernel: ``{"module", "attr", "key_text", "call", "key"}``.
+The worker (``python -m tunebook.worker JOBFILE``) imports the kernel by module and
+attribute, rebuilds the call (the kernel's ``inputs=`` factory, else tensors of the
+recorded layout and the recorded grids), and calls the kernel in ``tune`` mode, which
+measures and persists as usual. It prints one JSON line per event on stdout:
+
+    {"event": "job", "index": 3}
+    {"event": "candidate", "index": 3, "key_text": "...", "key": [...], "cid": "...", "config": {...}}
+    {"event": "done", "index": 3, "benchmarked": 48, "seconds": 3.1}
+    {"event": "error", "index": 3, "reason": "..."}
+
+The supervisor (``run_jobs``) starts workers, follows their events, and when a worker
+dies (illegal memory access, device-side assert, segfault) or stays silent past the
+timeout (a hang), records the candidate it was measuring as failed — with the reason — in
+the book, starts a new worker, and carries on with the remaining jobs. The config is never
+retried, and the caller's process and CUDA context are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+# ------------------------------------------------------------------- inside the worker
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _locate(module: str, attr: str) -> Any:
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """(grid, args, kwargs) for a job, through the kernel's inputs= factory or the recording."""
+    from . import _calls
+
+    call = job.get("call")
+    grid = None
+    if tuner.inputs is not None:
+        grid, args, kwargs = tuner.inputs({"call": call, "key": job.get("key", {})})
+        if grid is not None:
+            return grid, tuple(args), dict(kwargs)
+    elif call is None:
+        raise ValueError(
+            f"{job['module']}:{job['attr']} has no recorded call for this key and no inputs= factory; "
+            "register inputs= with tunebook.autotune to tune declared keys"
+        )
+    else:
+        args, kwargs = _calls.build_args(call, device=_default_device())
+    if call is None or not call.get("grids"):
+        raise ValueError("no launch grid: the recorded call has no grids and inputs= returned grid=None")
+    return _calls.grid_from(call, tuner._identify_meta), tuple(args), dict(kwargs)
+
+
+def _default_device() -> str | None:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def worker_main(job_file: str) -> int:
+    os.environ["TUNEBOOK_MODE"] = "tune"
+    spec = json.loads(Path(job_file).read_text())
+    import tunebook
+
+    for job in spec["jobs"]:
+        index = job["index"]
+        _emit({"event": "job", "index": index})
+        try:
+            tuner = _locate(job["module"], job["attr"])
+            tuner.isolate = False  # this process is the isolation: tune here
+            tuner._on_candidate = lambda cid, record, key_text, key, i=index: _emit(
+                {
+                    "event": "candidate",
+                    "index": i,
+                    "key_text": key_text,
+                    "key": key,
+                    "cid": cid,
+                    "config": record,
+                }
+            )
+            grid, args, kwargs = rebuild_call(tuner, job)
+            before = tunebook.stats()["benchmarked"]
+            start = time.perf_counter()
+            tuner[grid](*args, **kwargs)
+            _sync()
+            _emit(
+                {
+                    "event": "done",
+                    "index": index,
+                    "benchmarked": tunebook.stats()["benchmarked"] - before,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+        except Exception as exc:  # one bad job must not stop the others
+            _emit(
+                {
+                    "event": "error",
+                    "index": index,
+                    "reason": f"{type(exc).__name__}: {exc}",
+                    "trace": traceback.format_exc(limit=5),
+                }
+            )
+    return 0
+
+
+def _sync() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ------------------------------------------------------------------- the supervisor
+
+
+@dataclass
+class JobReport:
+    index: int
+    status: str = "pending"  # pending | running | done | error
+    benchmarked: int = 0
+    crashed: list[str] = field(default_factory=list)  # config ids recorded as failed by us
+    reason: str = ""
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run_jobs(
+    jobs: Sequence[dict[str, Any]],
+    record_failure: Callable[[dict[str, Any], str], None],
+    *,
+    workers: int = 1,
+    devices: Sequence[str] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
+    on_event: Callable[[int, dict[str, Any]], None] | None = None,
+    max_restarts: int = 100,
+) -> dict[int, JobReport]:
+    """Run ``jobs`` over ``workers`` processes; return a report per job index.
+
+    ``record_failure(candidate_event, reason)`` persists the candidate that took its worker
+    down (the event has the key's ``key_text`` and ``key``, the ``cid`` and its ``config``).
+    ``devices`` (one per worker) sets CUDA_VISIBLE_DEVICES for each.
+    """
+    jobs = [{**job, "index": i} for i, job in enumerate(jobs)]
+    reports = {job["index"]: JobReport(job["index"]) for job in jobs}
+    queues = [jobs[w::workers] for w in range(max(1, workers))]
+    lock = threading.Lock()
+
+    def supervise(slot: int, queue: list[dict[str, Any]]) -> None:
+        restarts = 0
+        while queue and restarts <= max_restarts:
+            remaining = _run_one_worker(
+                slot, queue, reports, record_failure, devices, timeout_s, env, on_event, lock
+            )
+            if remaining and remaining == queue:
+                restarts += 1  # no progress at all: count it, so a broken setup cannot loop forever
+            queue = remaining
+        for job in queue:
+            reports[job["index"]].status = "error"
+            reports[job["index"]].reason = reports[job["index"]].reason or "worker kept failing"
+
+    threads = [
+        threading.Thread(target=supervise, args=(i, q), daemon=True) for i, q in enumerate(queues) if q
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return reports
+
+
+def _run_one_worker(
+    slot: int,
+    queue: list[dict[str, Any]],
+    reports: dict[int, JobReport],
+    record_failure: Callable[[dict[str, Any], str], None],
+    devices: Sequence[str] | None,
+    timeout_s: float,
+    env: Mapping[str, str] | None,
+    on_event: Callable[[int, dict[str, Any]], None] | None,
+    lock: threading.Lock,
+) -> list[dict[str, Any]]:
+    """One worker process over ``queue``; returns the jobs still to do if it died."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump({"jobs": queue}, fh)
+        job_file = fh.name
+    child_env = {**os.environ, **(env or {}), "TUNEBOOK_MODE": "tune", "TUNEBOOK_PROGRESS": "0"}
+    if devices:
+        child_env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunebook.worker", job_file],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env,
+        start_new_session=True,
+    )
+    current: dict[str, Any] = {}
+    finished: set[int] = set()
+    last_event = [time.monotonic()]
+    stderr_tail: list[str] = []
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr_tail.append(line)
+            del stderr_tail[:-20]
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the kernel's own prints
+            last_event[0] = time.monotonic()
+            index = event.get("index")
+            if index not in reports:
+                continue
+            with lock:
+                report = reports[index]
+                kind = event.get("event")
+                if kind == "job":
+                    report.status = "running"
+                    current.clear()
+                    current["index"] = index
+                elif kind == "candidate":
+                    current.clear()
+                    current.update(event)
+                elif kind == "done":
+                    report.status, report.benchmarked = "done", int(event.get("benchmarked", 0))
+                    finished.add(index)
+                    current.clear()
+                elif kind == "error":
+                    report.status, report.reason = "error", str(event.get("reason", ""))
+                    finished.add(index)
+                    current.clear()
+            if on_event is not None:
+                on_event(slot, event)
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    timed_out = False
+    while proc.poll() is None:
+        time.sleep(0.05)
+        if time.monotonic() - last_event[0] > timeout_s:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
+    reader.join(timeout=5)
+    os.unlink(job_file)
+
+    remaining = [job for job in queue if job["index"] not in finished]
+    if not remaining:
+        return []
+    with lock:
+        if "cid" in current:
+            index = current["index"]
+            reason = (
+                f"timed out: no progress for {timeout_s:.0f} s (a hang), worker killed"
+                if timed_out
+                else f"the worker process died while running this config ({_describe_exit(proc.returncode)})"
+            )
+            detail = "".join(stderr_tail).strip().splitlines()[-1:] if stderr_tail else []
+            if detail and not timed_out:
+                reason += f": {detail[0][:300]}"
+            record_failure(dict(current), reason)
+            reports[index].crashed.append(current["cid"])
+            if on_event is not None:
+                on_event(slot, {"event": "crash", "index": index, "cid": current["cid"], "reason": reason})
+        elif remaining:
+            # Died outside any candidate (an import error, a broken inputs= factory...): the
+            # first unfinished job takes the blame, so the queue always moves on.
+            index = remaining[0]["index"]
+            reports[index].status = "error"
+            tail = "".join(stderr_tail).strip()[-500:]
+            reports[
+                index
+            ].reason = f"worker died ({_describe_exit(proc.returncode)}) before measuring: {tail}"
+            if on_event is not None:
+                on_event(slot, {"event": "error", "index": index, "reason": reports[index].reason})
+            remaining = remaining[1:]
+    return remaining
+

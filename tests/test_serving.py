@@ -1,0 +1,268 @@
+"""Serving without stalls: bucketing, fallback=, recorded misses, offline `tunebook tune`,
+and crash-isolated tuning in worker processes (real kernels, CPU interpreter)."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from click.testing import CliRunner
+
+import tunebook
+from conftest import TESTS, book_files, run_python
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from tunebook import _misses
+from tunebook._book import read_document
+from tunebook.cli import _app
+
+MODULE = """
+import os, signal, time
+import torch, triton, tunebook
+from kernels import add_kernel, grid_1d
+
+BAD = os.environ.get("SERVEKERN_BAD", "")
+
+def _crash(nargs):
+    os.kill(os.getpid(), signal.SIGSEGV)  # what an illegal memory access does to a process
+
+def _hang(nargs):
+    time.sleep(3600)
+
+def inputs(description):
+    n = description["key"]["n"] if description["call"] is None else description["call"]["args"][3]["value"]
+    x, y = torch.randn(n), torch.randn(n)
+    return grid_1d(n), (x, y, torch.empty(n), n), {}
+
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": 32}),
+     triton.Config({"BLOCK": 64}, pre_hook=_crash if "crash" in BAD else None),
+     triton.Config({"BLOCK": 128}, pre_hook=_hang if "hang" in BAD else None)],
+    key=[tunebook.bucket("n", "pow2")],
+    inputs=inputs if os.environ.get("SERVEKERN_INPUTS") else None,
+    isolate=bool(os.environ.get("SERVEKERN_ISOLATE")),
+    isolate_timeout=float(os.environ.get("SERVEKERN_TIMEOUT", "60")),
+)(add_kernel)
+"""
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def servekern(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Write the kernel module; worker processes find it (and tests/kernels.py) on PYTHONPATH."""
+    directory = tmp_path / "mods"
+    directory.mkdir()
+    name = f"servekern_{os.getpid()}_{next(_names)}"
+    (directory / f"{name}.py").write_text(MODULE)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), str(directory), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.syspath_prepend(str(directory))
+
+    def load(**env: str):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    load.name = name  # type: ignore[attr-defined]
+    load.dir = directory  # type: ignore[attr-defined]
+    return load
+
+
+def call(kernel, n: int) -> None:
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    torch.testing.assert_close(out, x + y)
+
+
+def only_doc(book_dir: Path):
+    (path,) = book_files(book_dir)
+    return read_document(path)
+
+
+def test_bucketed_key_tunes_once_per_bucket(book_dir):
+    replay = Replay({32: 2.0, 64: 1.0, 128: 3.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128),
+        key=[tunebook.bucket("n", "pow2")],
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+    )(add_kernel)
+    for n in (100, 120, 128, 65):
+        call(kernel, n)  # all in the bucket of 128
+    assert len(replay.measured) == 3
+    call(kernel, 129)  # bucket 256
+    assert len(replay.measured) == 6
+    doc = only_doc(book_dir)
+    assert sorted(e.key[0] for e in doc.entries.values()) == [128, 256]
+    assert doc.kernel["key"] == ["n|pow2"]
+
+
+def test_bucket_edges_and_a_new_bucketing_is_a_new_page(book_dir):
+    replay = Replay({32: 2.0, 64: 1.0, 128: 3.0})
+    edges = tunebook.autotune(
+        block_configs(32, 64, 128),
+        key=[tunebook.bucket("n", [64, 512])],
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+    )(add_kernel)
+    for n in (10, 64, 65, 400, 5000):
+        call(edges, n)
+    assert len(replay.measured) == 6  # buckets 64 and 512
+    call(
+        tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
+            add_kernel
+        ),
+        64,
+    )
+    assert len(book_files(book_dir)) == 2
+
+
+def test_fallback_callable_is_used_in_serve_mode(monkeypatch, caplog):
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    seen = []
+
+    def pick(key, configs):
+        seen.append((key, len(configs)))
+        return configs[2]
+
+    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], fallback=pick)(add_kernel)
+    call(kernel, 300)
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+    assert seen == [((300, "torch.float32", "torch.float32", "torch.float32"), 3)]
+    assert tunebook.stats()["benchmarked"] == 0
+
+    stray = tunebook.autotune(
+        block_configs(32, 64), key=["n"], fallback=lambda k, c: triton.Config({"BLOCK": 7})
+    )(add_kernel)
+    with caplog.at_level(logging.WARNING, logger="tunebook"):
+        call(stray, 300)
+    assert stray.best_config.kwargs == {"BLOCK": 32}  # the stray config is never launched
+    assert any("not one of the kernel's configs" in r.message for r in caplog.records)
+
+
+def test_serve_mode_records_replayable_misses(monkeypatch, book_dir):
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
+    call(kernel, 300)
+    call(kernel, 300)  # served from memory: recorded once
+    tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)  # another process, same miss:
+    again = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
+    call(again, 300)
+    assert _misses.flush()
+    (entry,) = only_doc(book_dir).entries.values()
+    assert entry.misses == 2 and not entry.results
+    call_desc = entry.call
+    x = call_desc["args"][0]["tensor"]
+    assert x == {"shape": [300], "stride": [1], "dtype": "torch.float32", "device": "cpu"}
+    assert call_desc["args"][3] == {"value": 300}
+    grids = sorted(tuple(g) for g in call_desc["grids"].values())
+    assert grids == [(3, 1, 1), (5, 1, 1), (10, 1, 1)]  # cdiv(300, 128), cdiv(300, 64), cdiv(300, 32)
+
+
+def test_tune_misses_offline_then_serve_without_fallback(servekern, monkeypatch, book_dir):
+    module = servekern(TUNEBOOK_MODE="serve")
+    call(module.add, 300)
+    call(module.add, 1000)
+    assert _misses.flush()
+    runner = CliRunner()
+    result = runner.invoke(_app.cli, ["tune", "--misses", servekern.name], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 key(s) tuned" in result.output
+    doc = only_doc(book_dir)
+    assert all(e.chosen and len(e.results) == 3 for e in doc.entries.values())
+    # Interrupted or not, running it again finds nothing left to do.
+    again = runner.invoke(_app.cli, ["tune", "--misses", servekern.name], catch_exceptions=False)
+    assert "nothing to tune" in again.output
+    served = run_python(
+        f"""
+        import json, tunebook, torch
+        from kernels import grid_1d, vectors
+        import {servekern.name} as m
+        for n in (300, 1000, 999):
+            x, y, out = vectors(n)
+            m.add[grid_1d(n)](x, y, out, n)
+            assert torch.allclose(out, x + y)
+        print(json.dumps(tunebook.stats()))
+        """,
+        env={"TUNEBOOK_MODE": "serve"},
+        cwd=servekern.dir,
+    )
+    assert served["fallbacks"] == 0 and served["benchmarked"] == 0 and served["hits"] == 3
+
+
+def test_tune_declared_keys_needs_and_uses_inputs(servekern, book_dir):
+    servekern()
+    runner = CliRunner()
+    missing = runner.invoke(_app.cli, ["tune", f"{servekern.name}:add", "--keys", "n=256"])
+    assert missing.exit_code != 0 and "no inputs= factory" in missing.output
+    servekern(SERVEKERN_INPUTS="1")
+    ok = runner.invoke(
+        _app.cli,
+        ["tune", f"{servekern.name}:add", "--keys", "n=256", "--keys", "n=2000"],
+        catch_exceptions=False,
+    )
+    assert ok.exit_code == 0, ok.output
+    keys = sorted(e.key[0] for e in only_doc(book_dir).entries.values())
+    assert keys == [256, 2048]  # bucketed as the kernel declares
+
+
+def test_crashing_and_hanging_configs_are_recorded_and_tuning_goes_on(servekern, book_dir):
+    module = servekern(TUNEBOOK_MODE="serve", SERVEKERN_BAD="crash,hang")
+    call(module.add, 300)
+    assert _misses.flush()
+    result = CliRunner().invoke(
+        _app.cli, ["tune", "--misses", servekern.name, "--timeout", "8"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    (entry,) = only_doc(book_dir).entries.values()
+    reasons = {r.config["kwargs"]["BLOCK"]: r.error for r in entry.results.values()}
+    assert reasons[32] is None
+    assert "died" in reasons[64] and "SIGSEGV" in reasons[64]
+    assert "timed out" in reasons[128]
+    assert entry.best().startswith("BLOCK=32|")
+    assert "2 config(s) recorded as crashed or hung" in result.output
+
+
+def test_isolate_option_keeps_the_calling_process_alive(servekern, book_dir):
+    module = servekern(SERVEKERN_BAD="crash,hang", SERVEKERN_ISOLATE="1", SERVEKERN_TIMEOUT="8")
+    call(module.add, 200)  # would kill this test process without isolation
+    assert module.add.best_config.kwargs == {"BLOCK": 32}
+    (entry,) = only_doc(book_dir).entries.values()
+    assert sum(1 for r in entry.results.values() if not r.ok) == 2
+    call(module.add, 200)  # remembered: no worker this time
+    assert module.add.best_config.kwargs == {"BLOCK": 32}
+
+
+def test_isolate_needs_an_importable_kernel():
+    kernel = tunebook.autotune(block_configs(32, 64), key=["n"], isolate=True)(add_kernel)
+    with pytest.raises(ValueError, match="importable module"):
+        call(kernel, 100)
+
+
+def test_the_first_persisted_winner_stands_for_every_process(book_dir, monkeypatch):
+    """Two processes tune one key at once; whoever persists second adopts the first's winner."""
+    a_replay, b_replay = Replay({32: 1.0, 64: 2.0, 128: 3.0}), Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    a = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=a_replay, pre_hook=a_replay.pre_hook
+    )(add_kernel)
+    b = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=b_replay, pre_hook=b_replay.pre_hook
+    )(add_kernel)
+    call(b, 64)  # b's page is open; it has not seen key 300
+    call(a, 300)  # a tunes 300 and persists first
+    # b started measuring 300 before a's write landed: it does not see it until it persists.
+    monkeypatch.setattr(type(b.page()), "refresh", lambda self, force=False: None)
+    call(b, 300)
+    assert len(b_replay.measured) == 6  # b really measured the key itself
+    assert a.best_config.kwargs == b.best_config.kwargs == {"BLOCK": 32}
+    (entry,) = [e for e in only_doc(book_dir).entries.values() if e.key[0] == 300]
+    assert entry.results[entry.best()].median == 1.0  # a's measurements stand on disk
