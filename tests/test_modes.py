@@ -54,7 +54,13 @@ def test_serve_mode_with_an_empty_book_serves_the_first_config(monkeypatch, book
     call(kernel, 500)
     assert kernel.best_config.kwargs == {"BLOCK": 32}
     assert replay.measured == [] and tunebook.stats()["fallbacks"] == 1
-    assert not book_files(book_dir)
+    from tunebook import _misses
+    from tunebook._book import read_document
+
+    assert _misses.flush()
+    (path,) = book_files(book_dir)  # the miss is recorded, with no result: nothing was measured
+    (entry,) = read_document(path).entries.values()
+    assert entry.misses == 1 and entry.results == {}
 
 
 def test_serve_mode_does_not_match_keys_of_another_dtype(monkeypatch):

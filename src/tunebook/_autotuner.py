@@ -293,7 +293,9 @@ class Autotuner(_compat.KernelInterface):
     def _launcher(self, config: Any) -> _launch.Launcher:
         launcher = self._launchers.get(id(config))
         if launcher is None:
-            launcher = self._launchers[id(config)] = _launch.config_launcher(self.fn.run, config.all_kwargs())
+            launcher = self._launchers[id(config)] = _launch.config_launcher(
+                self.fn.run, config.all_kwargs(), _compat.launch_option_defaults()
+            )
         return launcher
 
     def _remember_fast(
@@ -443,8 +445,8 @@ class Autotuner(_compat.KernelInterface):
 
         if page is not None:
             missing = [cid for cid in ids if entry is None or cid not in entry.results]
-            if missing and mode == "tune":
-                page.refresh()  # another process may have tuned this key meanwhile
+            if missing:
+                page.refresh()  # another process (or host, through Redis) may have tuned it meanwhile
                 entry = page.get(key_text)
                 missing = [cid for cid in ids if entry is None or cid not in entry.results]
             if entry is not None and (not missing or self._search_done(entry, ids)):

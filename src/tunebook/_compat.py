@@ -209,6 +209,34 @@ def current_target() -> Any:
     return driver.active.get_current_target()
 
 
+_OPTION_DEFAULTS: dict[str, Any] | None = None
+
+
+def launch_option_defaults() -> dict[str, Any]:
+    """The active backend's own defaults for num_warps / num_stages / num_ctas.
+
+    A launch option equal to the backend's default can be left out of the launch: the JIT
+    derives the same options (and so the same compiled kernel) with less work per call.
+    """
+    global _OPTION_DEFAULTS
+    if _OPTION_DEFAULTS is None:
+        defaults: dict[str, Any] = {"num_ctas": 1}  # every backend of 3.4-3.9
+        if not interpreting():
+            try:
+                from triton.compiler.compiler import make_backend
+
+                options = make_backend(current_target()).parse_options({})
+                defaults = {
+                    name: getattr(options, name)
+                    for name in ("num_warps", "num_stages", "num_ctas")
+                    if isinstance(getattr(options, name, None), int)
+                }
+            except Exception:  # a backend we cannot ask: keep the one default we know
+                pass
+        _OPTION_DEFAULTS = defaults
+    return _OPTION_DEFAULTS
+
+
 def current_device_ids() -> list[str] | None:
     """CUDA_VISIBLE_DEVICES for a worker that must use the GPU this process is using."""
     if interpreting():

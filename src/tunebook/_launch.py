@@ -80,14 +80,16 @@ def binding_key(
     return _compile(src, "binding_key", {"_MISSING": MISSING})
 
 
-# Launch options whose value here equals the default of every Triton backend (3.4-3.9,
-# CUDA and HIP); leaving them out compiles the same kernel and saves the JIT some work.
-_BACKEND_DEFAULTS = {"num_ctas": 1}
+def config_launcher(
+    run: Callable[..., Any], config_kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> Launcher:
+    """``f(args, grid)`` calling ``run(*args, grid=grid, warmup=False, K=V, ...)``.
 
-
-def config_launcher(run: Callable[..., Any], config_kwargs: Mapping[str, Any]) -> Launcher:
-    """``f(args, grid)`` calling ``run(*args, grid=grid, warmup=False, K=V, ...)``."""
-    kwargs = {k: v for k, v in config_kwargs.items() if _BACKEND_DEFAULTS.get(k, MISSING) != v}
+    Launch options equal to the backend's own ``defaults`` are left out: the JIT derives the
+    same options, so the same kernel, with less work per call.
+    """
+    defaults = defaults or {}
+    kwargs = {k: v for k, v in config_kwargs.items() if defaults.get(k, MISSING) != v}
     names = list(kwargs)
     if not _identifiers(names) or {"grid", "warmup", "run", "args"} & set(names):
         return lambda args, grid: run(*args, grid=grid, warmup=False, **kwargs)
