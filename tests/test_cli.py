@@ -175,15 +175,23 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
         assert item["key"] == [n, "torch.float32", "torch.float32", "torch.float32"]
         assert item["winner_config"]["kwargs"] == {"BLOCK": 256}
         assert item["winner_ms"] == 0.5
-        # successful medians 0.5, 1, 2, 3: the median config is the slower middle one, 2 ms
+        # the default reference is the first declared config (BLOCK=32, 3 ms), recorded at tuning
         assert item["reference"] == {
-            "rule": "median",
-            "config": config_id(result({"BLOCK": 128}, 1).config),
-            "ms": 2.0,
+            "rule": "first",
+            "config": config_id(result({"BLOCK": 32}, 1).config),
+            "ms": 3.0,
         }
-        assert item["speedup"] == 4.0
+        assert item["speedup"] == 6.0
         assert item["configs"] == 5 and item["failed"] == 1
         assert "no timing recorded for BLOCK=512" in item["failures"][0]["error"]
+    # successful medians 0.5, 1, 2, 3: the median config is the slower middle one, 2 ms
+    median = json.loads(invoke("show", "--json", "--reference", "median").stdout)["files"][0]["entries"][0]
+    assert median["reference"] == {
+        "rule": "median",
+        "config": config_id(result({"BLOCK": 128}, 1).config),
+        "ms": 2.0,
+    }
+    assert median["speedup"] == 4.0
     slowest = json.loads(invoke("show", "--json", "--reference", "slowest").stdout)
     assert slowest["files"][0]["entries"][0]["speedup"] == 6.0
 
@@ -191,11 +199,11 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
 def test_show_table_for_people_and_filters(book_dir: Path, tmp_path: Path) -> None:
     tune_add()
     text = invoke("show").stdout
-    assert "add_kernel" in text and "BLOCK=256" in text and "4.00x" in text
+    assert "add_kernel" in text and "BLOCK=256" in text and "6.00x" in text and "first ms" in text
     assert "failed" in text and "no timing recorded for BLOCK=512" in text
     assert "[100," in text and text.index("[100,") < text.index("[1000,") < text.index("[5000,")
     single = invoke("show", book_files(book_dir)[0], "--no-failures").stdout
-    assert "4.00x" in single and "no timing recorded" not in single
+    assert "6.00x" in single and "no timing recorded" not in single
     assert "no book files for kernel other" in invoke("show", "--kernel", "other").stdout
 
 

@@ -529,6 +529,7 @@ class Autotuner(_compat.KernelInterface):
                 updated_at=stamp,
                 tunebook=__version__,
                 chosen=chosen,
+                first=ids[0],
             )
             state["seconds"] = seconds
             if page is None:  # mode off: remember in this call only

@@ -170,6 +170,9 @@ class Entry:
     # description of the call (see tunebook._calls) so that it can be tuned offline.
     misses: int = 0
     call: dict[str, Any] | None = None
+    # The id of the first candidate config when the key was tuned: the kernel's default, the
+    # config an untuned kernel would run (what `tunebook show` measures speed-ups against).
+    first: str = ""
 
     def best(self, allowed: Iterable[str] | None = None) -> str | None:
         """The winner among ``allowed`` (default: all results).
@@ -206,6 +209,7 @@ class Entry:
             "tunebook": self.tunebook,
             **({"chosen": self.chosen} if self.chosen else {}),
             **({"misses": self.misses} if self.misses else {}),
+            **({"first": self.first} if self.first else {}),
             **({"call": self.call} if self.call is not None else {}),
         }
 
@@ -255,6 +259,7 @@ class Entry:
             chosen=text("chosen"),
             misses=misses,
             call=call,
+            first=text("first"),
         )
 
     def merged_over(self, base: Entry | None) -> Entry:
@@ -278,6 +283,7 @@ class Entry:
             chosen=base.chosen or self.chosen,
             misses=base.misses + self.misses,
             call=base.call if base.call is not None else self.call,
+            first=base.first or self.first,
             tuning_seconds=base.tuning_seconds + (self.tuning_seconds if added else 0.0),
             tuned_at=min(filter(None, (base.tuned_at, self.tuned_at)), default=""),
             updated_at=max(base.updated_at, self.updated_at),

@@ -1,12 +1,12 @@
 """What an entry says, in numbers people compare: winner, reference, speed-up, failures.
 
-**The reference config.** The book does not know which config the kernel author listed
-first (results are stored by config id, not in declared order), and recording it would
-only describe one config list of one version. So the speed-up is measured against a
-reference that needs nothing beyond the timings: the **median config** — sort the
-successful configs of the key by their median time and take the middle one (the slower
-of the two middle ones for an even count). It is what an untuned pick from the same
-config list costs typically; ``--reference slowest`` takes the worst one instead.
+**The reference config.** By default (``first``) the speed-up is measured against the
+config the kernel author listed first — the one an untuned kernel runs — which the
+autotuner records with each key it tunes (``Entry.first``). Where that config was not
+measured (an older or merged book, a failed first config), the key falls back to the
+**median config**: sort the successful configs by median time and take the middle one
+(the slower of the two middle ones for an even count); the reference's ``rule`` says which
+was used. ``--reference median`` and ``--reference slowest`` choose those rules for every key.
 
 **Imported entries** (platform timer ``imported:<format>``, see ``_vllm_format``) carry a
 declared winner and no timing: their times and speed-ups are reported as absent.
@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from .._book.records import Document, Entry
 
-Reference = Literal["median", "slowest"]
-REFERENCES: tuple[Reference, ...] = ("median", "slowest")
+Reference = Literal["first", "median", "slowest"]
+REFERENCES: tuple[Reference, ...] = ("first", "median", "slowest")
 
 
 def is_imported(doc: Document) -> bool:
@@ -38,6 +38,7 @@ class KeySummary:
     winner_ms: float | None
     reference: str | None
     reference_ms: float | None
+    reference_rule: str
     configs: int
     failures: list[tuple[str, str]]
     imported: bool
@@ -48,13 +49,13 @@ class KeySummary:
             return None
         return self.reference_ms / self.winner_ms
 
-    def to_json(self, reference_rule: Reference) -> dict[str, Any]:
+    def to_json(self, reference_rule: Reference | None = None) -> dict[str, Any]:
         return {
             "key": self.key,
             "winner": self.winner,
             "winner_config": self.winner_config,
             "winner_ms": self.winner_ms,
-            "reference": {"rule": reference_rule, "config": self.reference, "ms": self.reference_ms},
+            "reference": {"rule": self.reference_rule, "config": self.reference, "ms": self.reference_ms},
             "speedup": round(self.speedup, 6) if self.speedup is not None else None,
             "configs": self.configs,
             "failed": len(self.failures),
@@ -63,13 +64,20 @@ class KeySummary:
         }
 
 
-def summarise(entry: Entry, imported: bool, reference: Reference = "median") -> KeySummary:
+def summarise(entry: Entry, imported: bool, reference: Reference = "first") -> KeySummary:
     winner = entry.best()
     ok = sorted((r.median, cid) for cid, r in entry.results.items() if r.ok)
     failures = sorted((cid, r.error or "no timing") for cid, r in entry.results.items() if not r.ok)
     ref_id = ref_ms = None
-    if ok and not imported:
-        ref_ms, ref_id = ok[-1] if reference == "slowest" else ok[len(ok) // 2]
+    rule: str = reference
+    first = entry.results.get(entry.first) if entry.first else None
+    if reference == "first":
+        if first is not None and first.ok and not imported:
+            ref_ms, ref_id = first.median, entry.first
+        else:
+            rule = "median"
+    if ok and not imported and ref_id is None:
+        ref_ms, ref_id = ok[-1] if rule == "slowest" else ok[len(ok) // 2]
     best = entry.results.get(winner) if winner is not None else None
     return KeySummary(
         key=list(entry.key),
@@ -78,6 +86,7 @@ def summarise(entry: Entry, imported: bool, reference: Reference = "median") -> 
         winner_ms=best.median if best is not None and not imported else None,
         reference=ref_id,
         reference_ms=ref_ms,
+        reference_rule=rule,
         configs=len(entry.results),
         failures=failures,
         imported=imported,
@@ -96,7 +105,7 @@ def sorted_entries(doc: Document) -> list[Entry]:
     return sorted(doc.entries.values(), key=lambda e: key_order(e.key))
 
 
-def summarise_page(doc: Document, reference: Reference = "median") -> list[KeySummary]:
+def summarise_page(doc: Document, reference: Reference = "first") -> list[KeySummary]:
     """Every key of ``doc``, in natural key order."""
     imported = is_imported(doc)
     return [summarise(entry, imported, reference) for entry in sorted_entries(doc)]

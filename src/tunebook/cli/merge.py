@@ -56,7 +56,15 @@ def merge_entries(a: Entry, b: Entry) -> Entry:
         updated_at=max(a.updated_at, b.updated_at),
         tunebook=max(a.tunebook, b.tunebook),
         chosen=_merged_choice(a.chosen, b.chosen, results),
+        # The same book merged twice must not change: counts take the larger, not the sum.
+        misses=max(a.misses, b.misses),
+        call=min((c for c in (a.call, b.call) if c is not None), key=_canonical, default=None),
+        first=min(filter(None, (a.first, b.first)), default=""),
     )
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _merged_choice(a: str, b: str, results: dict[str, Result]) -> str:

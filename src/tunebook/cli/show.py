@@ -51,7 +51,7 @@ def _table(page: Page, summaries: list[KeySummary], reference: Reference) -> Tab
         ("key", "left"),
         ("winner", "left"),
         ("ms", "right"),
-        (f"{reference} ms", "right"),
+        ("first ms" if reference == "first" else f"{reference} ms", "right"),
         ("speed-up", "right"),
         ("configs", "right"),
         ("failed", "right"),
@@ -88,9 +88,10 @@ def _print_failures(console: Console, summaries: list[KeySummary]) -> None:
 @click.option(
     "--reference",
     type=click.Choice(REFERENCES),
-    default="median",
+    default="first",
     show_default=True,
-    help="Config the speed-up is measured against: the median config of the key, or the slowest.",
+    help="Config the speed-up is measured against: the first (default) config, recorded when the key "
+    "was tuned (the median config where it was not measured), the median config, or the slowest.",
 )
 @click.option(
     "--failures/--no-failures",
@@ -103,9 +104,8 @@ def command(
 ) -> None:
     """Kernels, platforms, keys, winners, timings and failures in BOOK.
 
-    The speed-up column is the reference config's time over the winner's: the book does not
-    store the declared config order, so the reference is the median config of that key
-    (see --reference).
+    The speed-up column is the reference config's time over the winner's: by default the
+    kernel's first (default) config, as recorded when the key was tuned (see --reference).
     """
     loaded = load_or_fail(book)
     pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
