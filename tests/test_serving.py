@@ -35,6 +35,10 @@ def _crash(nargs):
 def _hang(nargs):
     time.sleep(3600)
 
+def _sticky(nargs):
+    # What torch raises after an illegal memory access: the process lives, its CUDA context not.
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
 def inputs(description):
     n = description["key"]["n"] if description["call"] is None else description["call"]["args"][3]["value"]
     x, y = torch.randn(n), torch.randn(n)
@@ -42,7 +46,7 @@ def inputs(description):
 
 add = tunebook.autotune(
     [triton.Config({"BLOCK": 32}),
-     triton.Config({"BLOCK": 64}, pre_hook=_crash if "crash" in BAD else None),
+     triton.Config({"BLOCK": 64}, pre_hook={"crash": _crash, "sticky": _sticky}.get(BAD.split(",")[0])),
      triton.Config({"BLOCK": 128}, pre_hook=_hang if "hang" in BAD else None)],
     key=[tunebook.bucket("n", "pow2")],
     inputs=inputs if os.environ.get("SERVEKERN_INPUTS") else None,
@@ -230,6 +234,20 @@ def test_crashing_and_hanging_configs_are_recorded_and_tuning_goes_on(servekern,
     assert "timed out" in reasons[128]
     assert entry.best().startswith("BLOCK=32|")
     assert "2 config(s) recorded as crashed or hung" in result.output
+
+
+def test_a_config_that_poisons_the_gpu_context_restarts_the_worker(servekern, book_dir):
+    module = servekern(TUNEBOOK_MODE="serve", SERVEKERN_BAD="sticky")
+    call(module.add, 300)
+    assert _misses.flush()
+    result = CliRunner().invoke(_app.cli, ["tune", "--misses", servekern.name], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (entry,) = only_doc(book_dir).entries.values()
+    reasons = {r.config["kwargs"]["BLOCK"]: r.error for r in entry.results.values()}
+    # The real reason is kept (not "worker died"), and the configs after it ran in a fresh worker.
+    assert "illegal memory access" in reasons[64]
+    assert reasons[32] is None and reasons[128] is None
+    assert "exit code 3" in result.output
 
 
 def test_isolate_option_keeps_the_calling_process_alive(servekern, book_dir):

@@ -146,6 +146,7 @@ class Autotuner(_compat.KernelInterface):
             )
         # Set by a tuning worker process to announce each candidate before it runs.
         self._on_candidate: Callable[[str, dict[str, Any], str, list[Any]], None] | None = None
+        self._after_result: Callable[[str, Result], None] | None = None
         self._meta_index: tuple[tuple[str, ...], dict[tuple[Any, ...], str], int] | None = None
         self._defined_in: str | None = None  # the module autotune(...) was applied in
 
@@ -576,6 +577,11 @@ class Autotuner(_compat.KernelInterface):
             on_candidate=(
                 (lambda i: announce(ids[i], records[i], key_text, _json_key(key)))
                 if announce is not None
+                else None
+            ),
+            after_result=(
+                (lambda i, result: after(ids[i], result))
+                if (after := self._after_result) is not None
                 else None
             ),
         )

@@ -237,6 +237,35 @@ def launch_option_defaults() -> dict[str, Any]:
     return _OPTION_DEFAULTS
 
 
+# Errors after which a CUDA context cannot launch anything again (they are "sticky").
+_STICKY_GPU_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "an illegal address",
+)
+
+
+def gpu_context_broken(error: BaseException | None = None) -> str | None:
+    """Why this process's GPU context can no longer run kernels, or None if it can."""
+    if error is not None and any(p in str(error).lower() for p in _STICKY_GPU_ERRORS):
+        return str(error)
+    if interpreting():
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.empty(1, device="cuda").add_(1)
+            torch.cuda.synchronize()
+    except Exception as exc:  # the probe itself fails: the context is gone
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def current_device_ids() -> list[str] | None:
     """CUDA_VISIBLE_DEVICES for a worker that must use the GPU this process is using."""
     if interpreting():

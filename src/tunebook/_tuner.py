@@ -57,6 +57,7 @@ class KeyTuning:
     seed: int = 0
     progress: Progress | None = None
     on_candidate: Callable[[int], None] | None = None  # told before each measurement (workers)
+    after_result: Callable[[int, Result], None] | None = None  # told after each result is saved
 
 
 @dataclass
@@ -125,6 +126,8 @@ def tune_key(job: KeyTuning) -> Outcome:
             if len(pending) >= every or time.perf_counter() - last_save > SAVE_EVERY_S:
                 save(pending)
                 pending, last_save = {}, time.perf_counter()
+            if job.after_result is not None:
+                job.after_result(i, result)
         if pending:
             save(pending)
         return out

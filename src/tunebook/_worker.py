@@ -96,6 +96,7 @@ def worker_main(job_file: str) -> int:
         try:
             tuner = _locate(job["module"], job["attr"])
             tuner.isolate = False  # this process is the isolation: tune here
+            tuner._after_result = _exit_if_gpu_broken
             tuner._on_candidate = lambda cid, record, key_text, key, i=index: _emit(
                 {
                     "event": "candidate",
@@ -129,6 +130,23 @@ def worker_main(job_file: str) -> int:
                 }
             )
     return 0
+
+
+def _exit_if_gpu_broken(cid: str, result: Any) -> None:
+    """After a failed config: if it left the CUDA context unusable (an illegal memory
+    access or a device-side assert poisons it for every later launch), end this worker.
+    The failure is already persisted with its real reason; the supervisor starts a fresh
+    worker, which resumes without retrying the config."""
+    if result.ok:
+        return
+    from . import _compat
+
+    broken = _compat.gpu_context_broken(RuntimeError(result.error or ""))
+    if broken is not None:
+        sys.stdout.flush()
+        sys.stderr.write(f"tunebook worker: GPU context unusable after {cid}: {broken}\n")
+        sys.stderr.flush()
+        os._exit(3)
 
 
 def _sync() -> None:
@@ -324,4 +342,3 @@ def _run_one_worker(
                 on_event(slot, {"event": "error", "index": index, "reason": reports[index].reason})
             remaining = remaining[1:]
     return remaining
-
