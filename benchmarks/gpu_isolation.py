@@ -56,8 +56,8 @@ copy = tunebook.autotune(
 )(_copy_kernel)
 
 from tunebook.demo.matmul import _matmul_kernel, gemm_configs
-gemm = tunebook.autotune(gemm_configs(block_m=(64, 128), block_n=(64, 128), block_k=(64,), stages=(3, 4), warps=(4,)),
-                         key=["M", "N", "K"])(_matmul_kernel)
+CONFIGS = gemm_configs(block_m=(64, 128), block_n=(64, 128), block_k=(64,), stages=(3, 4), warps=(4,))
+gemm = tunebook.autotune(CONFIGS, key=["M", "N", "K"])(_matmul_kernel)
 '''
 
 
@@ -71,7 +71,9 @@ def run(code: str, env: dict[str, str]) -> dict:
 ISOLATE = """
 import json, torch, triton, tunebook, gpukern
 n = 1 << 20
-x = torch.randn(n, device="cuda"); out = torch.empty_like(x); flag = torch.zeros(1, device="cuda", dtype=torch.int32)
+x = torch.randn(n, device="cuda")
+out = torch.empty_like(x)
+flag = torch.zeros(1, device="cuda", dtype=torch.int32)
 t0 = __import__("time").perf_counter()
 gpukern.copy[lambda m: (triton.cdiv(n, m["BLOCK"]),)](x, flag, out, n)
 torch.cuda.synchronize()
@@ -89,7 +91,8 @@ SERVE = """
 import json, torch, tunebook, gpukern
 from tunebook.demo.matmul import matmul
 for m in json.loads(__import__("os").environ["MS"]):
-    a = torch.randn(m, 2048, device="cuda", dtype=torch.float16); b = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+    a = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
+    b = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
     c = matmul(gpukern.gemm, a, b)
     assert torch.allclose(c.float(), a.float() @ b.float(), rtol=2e-2, atol=2e-1)
 tunebook._misses.flush()
