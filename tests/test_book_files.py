@@ -190,3 +190,12 @@ def test_concurrent_processes_tuning_different_keys_all_end_up_in_the_book(book_
     expected = {n for keys in key_sets for n in keys}
     assert {e.key[0] for e in doc.entries.values()} == expected
     assert all(len(e.results) == 3 for e in doc.entries.values())
+
+
+def test_book_files_are_readable_by_others_as_the_umask_allows(book_dir):
+    old = os.umask(0o022)
+    try:
+        path = make_book(book_dir)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600

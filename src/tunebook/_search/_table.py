@@ -28,15 +28,15 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .._book.files import atomic_write_text
 
 __all__ = ["FORMAT", "VERSION", "Table", "TableRow"]
 
@@ -142,19 +142,5 @@ class Table:
         head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items())
         lines = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in results)
         text = f'{{\n{head},\n "results": [\n{lines}\n ]\n}}\n'
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a table is for sharing
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(Path(path), text)
 
