@@ -54,3 +54,8 @@ class Clock:
 def tunebook_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The messages the "tunebook" logger issued at WARNING or above."""
     return [r.getMessage() for r in caplog.records if r.name == "tunebook" and r.levelno >= logging.WARNING]
+
+
+# Timeouts for test stores: these tests are about merging and falling back, not about the
+# 50 ms production default, which a loaded 2-core CI machine can miss on a local server.
+PATIENT = {"connect_timeout": 2.0, "read_timeout": 2.0}

@@ -154,6 +154,7 @@ replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
 kernel = tunebook.autotune([triton.Config({"BLOCK": b}) for b in (32, 64, 128)], key=["n"],
                            do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
 go = sys.argv[1]
+open(go + "." + sys.argv[3], "w").close()  # ready: imported and waiting at the start line
 while not os.path.exists(go):
     time.sleep(0.001)
 for n in json.loads(sys.argv[2]):
@@ -170,16 +171,19 @@ def test_concurrent_processes_tuning_different_keys_all_end_up_in_the_book(book_
     key_sets = [list(range(100 + i, 160, 4)) for i in range(4)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(WRITER), str(go), json.dumps(keys)],
+            [sys.executable, "-c", textwrap.dedent(WRITER), str(go), json.dumps(keys), str(i)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for keys in key_sets
+        for i, keys in enumerate(key_sets)
     ]
-    time.sleep(3)  # let every process import and wait at the start line
-    go.touch()
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"go.{i}").exists() for i in range(len(key_sets))):
+        assert time.monotonic() < deadline, "the writers never reached the start line"
+        time.sleep(0.01)
+    go.touch()  # all start their first key at the same moment
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

@@ -16,18 +16,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pytest
+# click, rich and matplotlib come with tunebook[test]: a missing one is a failure, not a skip.
+import rich  # noqa: F401
+from click.testing import CliRunner
 
-click = pytest.importorskip("click")
-pytest.importorskip("rich")
-from click.testing import CliRunner  # noqa: E402
-
-import tunebook  # noqa: E402
-from conftest import TESTS, book_files  # noqa: E402
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors  # noqa: E402
-from tunebook._book import Document, Entry, Result, config_id, config_record, read_document  # noqa: E402
-from tunebook.cli._app import cli  # noqa: E402
-from tunebook.cli._load import canonical_file_name  # noqa: E402
+import tunebook
+from conftest import TESTS, book_files
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from tunebook._book import Document, Entry, Result, config_id, config_record, read_document
+from tunebook.cli._app import cli
+from tunebook.cli._load import canonical_file_name
 
 TABLE = {32: 3.0, 64: 1.0, 128: 2.0, 256: 0.5}  # BLOCK=512 is missing: it fails with a reason
 SIZES = (100, 1000, 5000)
@@ -570,7 +568,7 @@ def test_prune_needs_modules_with_kernels(tmp_path: Path) -> None:
 
 
 def test_report_writes_html_with_decodable_pngs(book_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    import matplotlib
     import matplotlib.image
 
     _, b = _two_books(book_dir, tmp_path)

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import TESTS
 from helpers_reliability import RedisServer
-from redis_fixture import Clock, redis_server  # noqa: F401  (the `server` fixture)
+from redis_fixture import PATIENT, Clock, redis_server  # noqa: F401  (the `server` fixture)
 from redis_fixture import tunebook_warnings as _warnings
 from tunebook._book import Document, Entry, Result, config_id, config_record
 from tunebook._book.redis_store import INSTALL_HINT, KEY_PREFIX, RedisStore
@@ -55,7 +55,8 @@ def test_import_is_lazy_and_a_missing_extra_names_the_fix(monkeypatch: pytest.Mo
 
 
 def test_a_malformed_url_leaves_the_store_off(caplog: pytest.LogCaptureFixture) -> None:
-    pytest.importorskip("redis")
+    import redis  # noqa: F401 - tunebook[redis], part of tunebook[test]: missing is a failure
+
     caplog.set_level(logging.WARNING, logger="tunebook")
     store = RedisStore("nonsense://where")
     assert store.fetch(FILE) is None
@@ -67,7 +68,7 @@ def test_a_malformed_url_leaves_the_store_off(caplog: pytest.LogCaptureFixture) 
 
 
 def test_merge_then_fetch(server: RedisServer) -> None:
-    store = RedisStore(server.url)
+    store = RedisStore(server.url, **PATIENT)
     assert store.fetch(FILE) is None
     doc = _doc(64, {16: 1.0, 32: 0.5})
     merged = store.merge(FILE, doc)
@@ -77,7 +78,7 @@ def test_merge_then_fetch(server: RedisServer) -> None:
 
 
 def test_what_is_stored_stands_as_in_a_book_file(server: RedisServer) -> None:
-    store = RedisStore(server.url)
+    store = RedisStore(server.url, **PATIENT)
     first = _doc(64, {16: 1.0}, seconds=2.0, stamp="2026-11-21T05:00:00Z")
     later = _doc(64, {16: 9.0, 32: 0.5}, seconds=3.0, stamp="2026-11-22T05:00:00Z")
     other_key = _doc(128, {16: 0.7})
@@ -100,7 +101,7 @@ def test_an_unreadable_stored_book_is_skipped_then_kept_aside(
     caplog.set_level(logging.WARNING, logger="tunebook")
     raw = redis.Redis.from_url(server.url)
     raw.hset(KEY_PREFIX + FILE, mapping={"meta": "{not json", "[64]": "[]"})
-    store = RedisStore(server.url)
+    store = RedisStore(server.url, **PATIENT)
     assert store.fetch(FILE) is None
     doc = _doc(64, {16: 1.0})
     merged = store.merge(FILE, doc)
@@ -115,7 +116,7 @@ def test_a_key_of_another_type_fails_the_call_not_the_store(server: RedisServer)
     import redis
 
     redis.Redis.from_url(server.url).set(KEY_PREFIX + FILE, "a string, not a hash")
-    store = RedisStore(server.url)
+    store = RedisStore(server.url, **PATIENT)
     assert store.fetch(FILE) is None
     assert store.available  # the server answered: no outage, no breaker
 
@@ -127,7 +128,7 @@ def _store_with_one_entry(server: RedisServer, caplog: pytest.LogCaptureFixture)
     """A store on a hand-moved clock, its book holding key 64, logs captured from INFO up."""
     caplog.set_level(logging.INFO, logger="tunebook")
     clock = Clock()
-    store = RedisStore(server.url, retry_after_s=5.0, clock=clock)
+    store = RedisStore(server.url, retry_after_s=5.0, clock=clock, **PATIENT)
     assert store.merge(FILE, _doc(64, {16: 1.0})) is not None
     return store, clock
 
@@ -146,7 +147,7 @@ def test_falls_back_while_redis_is_down_and_resumes_after_it_returns(
     assert len(_warnings(caplog)) == 1, _warnings(caplog)
 
     server.start()  # empty: no persistence
-    assert RedisStore(server.url).merge(FILE, doc) is not None  # another process writes meanwhile
+    assert RedisStore(server.url, **PATIENT).merge(FILE, doc) is not None  # another process writes meanwhile
     clock.now += 4.9
     assert store.fetch(FILE) is None  # the breaker is still open: the network is not touched
 
@@ -223,7 +224,7 @@ def test_concurrent_merges_from_processes_lose_nothing(server: RedisServer) -> N
         assert child.returncode == 0, err
     reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
-    fetched = RedisStore(server.url).fetch(FILE)
+    fetched = RedisStore(server.url, **PATIENT).fetch(FILE)
     assert fetched is not None
     keys = {e.key[0] for e in fetched.entries.values()}
     assert keys == {64} | {10_000 * (me + 1) + i for me in range(processes) for i in range(merges)}

@@ -23,7 +23,7 @@ import tunebook
 from conftest import book_files, run_python
 from helpers_reliability import RedisServer
 from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
-from redis_fixture import Clock, redis_server  # noqa: F401  (the `server` fixture)
+from redis_fixture import PATIENT, Clock, redis_server  # noqa: F401  (the `server` fixture)
 from redis_fixture import tunebook_warnings as _warnings
 from tunebook._book import BookWarning, Document, Entry, KernelIdentity, Result, layers, read_document
 from tunebook._book.layers import Book
@@ -71,6 +71,7 @@ def _host(book: Path, url: str, ns: list[int], blocks: list[int] | None = None, 
             "TABLE": json.dumps(TABLE),
             "BLOCKS": json.dumps(blocks or [16, 32, 64]),
             "NS": json.dumps(ns),
+            "PATIENT_REDIS": "1",
             **env,
         },
     )
@@ -123,7 +124,7 @@ def test_writes_from_many_hosts_all_reach_redis(server: RedisServer, tmp_path: P
     def one(i: int) -> dict:
         # Every host tunes one key all of them tune, with its own config list, and 2 of its own.
         ns = [1000, 100 + i, 200 + i]
-        return _host(tmp_path / f"host-{i}", server.url, ns, shared_blocks[i], PATIENT_REDIS="1")
+        return _host(tmp_path / f"host-{i}", server.url, ns, shared_blocks[i])
 
     with ThreadPoolExecutor(hosts) as pool:
         reports = list(pool.map(one, range(hosts)))
@@ -172,7 +173,7 @@ class Spy:
 def fleet(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[RedisStore, Clock]]:
     """TUNEBOOK_REDIS_URL set, and this process's store for it on a hand-moved clock."""
     clock = Clock()
-    store = RedisStore(server.url, retry_after_s=5.0, clock=clock)
+    store = RedisStore(server.url, retry_after_s=5.0, clock=clock, **PATIENT)
     monkeypatch.setenv("TUNEBOOK_REDIS_URL", server.url)
     monkeypatch.setitem(layers._shared_stores, (os.getpid(), server.url), store)
     yield store, clock
@@ -289,7 +290,7 @@ def _entry(n: int, blocks: dict[int, float]) -> tuple[str, Entry]:
 
 def test_a_page_with_no_writable_directory(server: RedisServer) -> None:
     kernel = KernelIdentity("k", "hash-1", ("n",))
-    store = RedisStore(server.url)
+    store = RedisStore(server.url, **PATIENT)
     one = Book(None, shared=store).open(kernel, {"backend": "cpu"}, "cpu", "p1")
     key, entry = _entry(64, {16: 1.0})
     assert one.record(key, entry).results == entry.results
@@ -302,7 +303,7 @@ def test_the_local_book_stands_over_redis_and_redis_over_shipped_books(
     server: RedisServer, tmp_path: Path
 ) -> None:
     kernel = KernelIdentity("k", "hash-1", ("n",))
-    store = RedisStore(server.url)
+    store = RedisStore(server.url, **PATIENT)
     local, shipped = tmp_path / "local", tmp_path / "shipped"
     key, _ = _entry(64, {})
     for where, ms in ((local, 1.0), (shipped, 3.0)):
@@ -323,7 +324,7 @@ def test_the_local_book_stands_over_redis_and_redis_over_shipped_books(
 def test_a_stored_book_of_another_kernel_version_is_ignored(
     server: RedisServer, tmp_path: Path, recwarn: pytest.WarningsRecorder
 ) -> None:
-    store = RedisStore(server.url)
+    store = RedisStore(server.url, **PATIENT)
     kernel = KernelIdentity("k", "hash-1", ("n",))
     page = Book(tmp_path / "a", shared=store).open(kernel, {"backend": "cpu"}, "cpu", "p1")
     key, entry = _entry(64, {16: 1.0})
