@@ -344,3 +344,56 @@ def test_hit_path_serves_each_key_its_own_config():
             assert kernel.best_config.kwargs == {"BLOCK": block}
     assert len(replay.measured) == measured
     assert tunebook.stats()["hits"] == 12
+
+
+def test_concurrent_first_calls_benchmark_each_key_once():
+    """Threads that miss the same keys at once: each key is tuned once, every call served.
+
+    Triton's interpreter is not thread-safe, so the kernel here is a stand-in with the same
+    interface (the GPU JIT's launches are thread-safe)."""
+    import threading
+    import time
+
+    from triton.runtime.jit import KernelInterface
+
+    class Launches(KernelInterface):
+        fn = add_kernel
+        arg_names = add_kernel.arg_names
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def run(self, *args, grid, warmup, **kwargs):
+            time.sleep(0.001)  # long enough for the threads to overlap
+            self.seen.append((args[3], kwargs["BLOCK"]))
+
+    timings = {32: 3.0, 64: 1.0, 128: 2.0}
+    measured: list[int] = []
+
+    def bench(kernel_call, quantiles=None):
+        kernel_call()
+        block = fake.seen[-1][1]
+        measured.append(block)
+        return [timings[block]] * 3
+
+    fake = Launches()
+    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=bench)(fake)
+    barrier = threading.Barrier(8)
+
+    def work(n: int) -> None:
+        barrier.wait()
+        for _ in range(5):
+            kernel[(1,)](None, None, None, n)
+
+    threads = [threading.Thread(target=work, args=(300 if i % 2 else 500,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(measured) == [32, 32, 64, 64, 128, 128]  # 2 keys x 3 configs, once each
+    from collections import Counter
+
+    launches = Counter(block for _, block in fake.seen)
+    # 40 served calls, all with the winner; the other configs ran only when benchmarked.
+    assert launches == {64: 40 + 2, 32: 2, 128: 2}
+    assert tunebook.stats()["misses"] == 2
