@@ -397,3 +397,42 @@ def test_concurrent_first_calls_benchmark_each_key_once():
     # 40 served calls, all with the winner; the other configs ran only when benchmarked.
     assert launches == {64: 40 + 2, 32: 2, 128: 2}
     assert tunebook.stats()["misses"] == 2
+
+
+@triton.jit
+def _add_optional(x_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x (+ b when b is given): b_ptr is an optional pointer."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    if b_ptr is not None:
+        x += tl.load(b_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, x, mask=mask)
+
+
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_the_hit_path_never_serves_a_config_across_dtypes(by_keyword):
+    """An optional pointer: None, then fp16, then fp32. Triton's key differs each time (the
+    dtypes of tensor arguments); the fp32 call may only use BLOCK <= 64 (its pruning says so)."""
+
+    def prune(configs, nargs, **kwargs):
+        b = nargs.get("b_ptr", kwargs.get("b_ptr"))
+        small = b is not None and b.dtype == torch.float32
+        return [c for c in configs if not small or c.kwargs["BLOCK"] <= 64]
+
+    replay = Replay({32: 3.0, 64: 2.0, 256: 1.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 256),
+        key=["n"],
+        prune_configs_by={"early_config_prune": prune},
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+    )(_add_optional)
+    x, out = torch.randn(300), torch.empty(300)
+    for b, block in ((None, 256), (torch.randn(300).half(), 256), (torch.randn(300), 64), (None, 256)):
+        if by_keyword:
+            kernel[grid_1d(300)](x, out_ptr=out, b_ptr=b, n=300)
+        else:
+            kernel[grid_1d(300)](x, b, out, 300)
+        assert kernel.best_config.kwargs == {"BLOCK": block}
+        torch.testing.assert_close(out, x if b is None else x + b.float())

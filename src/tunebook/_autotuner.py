@@ -177,6 +177,7 @@ class Autotuner(_compat.KernelInterface):
         self._bind_key: Callable[..., tuple[Any, ...]] | None = None
         self._pos_key: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
         self._pos_key_tried = False
+        self._tensor_slots: frozenset[str] = frozenset()
         self._launchers: dict[int, _launch.Launcher] = {}
         self._hit_counter = [0]
         self._fallback_counter = [0]
@@ -303,10 +304,15 @@ class Autotuner(_compat.KernelInterface):
         self, args: tuple[Any, ...], kwargs: dict[str, Any], key: tuple[Any, ...], config: Any
     ) -> None:
         entry = (self._launcher(config), config, self._counter_for(key), config.all_kwargs())
+        slots = _launch.tensor_slots(self.arg_names, args, kwargs)
         if self._bind_key is None:
             self._bind_key = _launch.binding_key(self.arg_names, self.keys, args, kwargs)
-        # A call whose argument kinds differ from those the key functions were generated
-        # for (a tensor where there was None, ...) raises here and stays on the slow path.
+            self._tensor_slots = slots
+        # The key functions read dtypes where the first call had tensors. A call with tensors
+        # elsewhere would key the same as one without them: it is never entered, and stays on
+        # the slow path, which builds Triton's key from scratch.
+        if slots != self._tensor_slots:
+            return
         with contextlib.suppress(AttributeError, IndexError, TypeError):
             self._fast[self._bind_key(*args, **kwargs)] = entry
         if kwargs:

@@ -45,37 +45,57 @@ class _Missing:
 MISSING = _Missing()
 
 
+def tensor_slots(arg_names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any]) -> frozenset[str]:
+    """The argument names that hold a tensor (anything with a dtype) in this call."""
+    bound = {**dict(zip(arg_names, args)), **kwargs}
+    return frozenset(n for n, v in bound.items() if hasattr(v, "dtype"))
+
+
 def positional_key(
     arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any]
 ) -> Callable[[tuple[Any, ...]], tuple[Any, ...]] | None:
     """``f(args) -> tuple`` for calls that pass exactly ``len(args)`` positional arguments.
 
-    The tuple starts with the argument count, so a call laid out differently never matches.
-    Returns None when a key argument is not among the positional ones.
+    The tuple holds the key values, the dtype of every argument that was a tensor when the
+    function was generated, and the class of every other argument: a call with another
+    argument count raises IndexError, a call with a non-tensor in a tensor slot raises
+    AttributeError, and a call with a tensor (or None) where a scalar was yields another
+    class, hence another key. Returns None when a key argument is not positional.
     """
     count = len(args)
     position = {name: i for i, name in enumerate(arg_names[:count])}
     if any(k not in position for k in key_names if k in arg_names):
         return None
-    elems = ["len(a)"] + [f"a[{position[k]}]" for k in key_names if k in position]
-    elems += [f"a[{i}].dtype" for i, value in enumerate(args) if hasattr(value, "dtype")]
-    src = f"def positional_key(a):\n    return ({', '.join(elems)},)\n"
+    keyed = {position[k] for k in key_names if k in position}
+    elems = [f"a[{position[k]}]" for k in key_names if k in position]
+    for i, value in enumerate(args):
+        if hasattr(value, "dtype"):
+            elems.append(f"a[{i}].dtype")
+        elif i not in keyed:
+            elems.append(f"a[{i}].__class__")
+    src = (
+        f"def positional_key(a):\n"
+        f"    if len(a) != {count}:\n"
+        f"        raise IndexError('another argument layout')\n"
+        f"    return ({', '.join(elems)},)\n"
+    )
     return _compile(src, "positional_key", {})
 
 
 def binding_key(
     arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> Callable[..., tuple[Any, ...]]:
-    """``f(*args, **kwargs) -> tuple``: key values and the dtypes of this call's tensor arguments.
+    """``f(*args, **kwargs) -> tuple``: like ``positional_key``, for any way of passing them.
 
-    Python binds positional and keyword arguments itself. A later call whose tensor
-    argument is not a tensor raises AttributeError and takes the slow path.
+    Python binds positional and keyword arguments itself: key values, the dtypes of the
+    arguments that were tensors at generation, the class of every other argument.
     """
     if not _identifiers(arg_names):  # pragma: no cover - Triton kernels have identifier argument names
         return lambda *a, **k: _fingerprint.canonical_key(arg_names, key_names, a, k)
-    bound = {**dict(zip(arg_names, args)), **kwargs}
+    tensors = tensor_slots(arg_names, args, kwargs)
     params = ", ".join(f"{n}=_MISSING" for n in arg_names)
-    elems = list(key_names) + [f"{n}.dtype" for n in arg_names if hasattr(bound.get(n), "dtype")]
+    elems = list(key_names)
+    elems += [f"{n}.dtype" if n in tensors else f"{n}.__class__" for n in arg_names if n not in key_names]
     src = f"def binding_key({params}, **_extra):\n    return ({''.join(e + ', ' for e in elems)})\n"
     return _compile(src, "binding_key", {"_MISSING": MISSING})
 
