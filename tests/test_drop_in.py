@@ -436,3 +436,28 @@ def test_the_hit_path_never_serves_a_config_across_dtypes(by_keyword):
             kernel[grid_1d(300)](x, b, out, 300)
         assert kernel.best_config.kwargs == {"BLOCK": block}
         torch.testing.assert_close(out, x if b is None else x + b.float())
+
+
+def test_duplicate_configs_share_one_book_entry(book_dir):
+    from tunebook._book import read_document
+
+    configs = block_configs(64, 128, 64)  # Triton accepts duplicates; so must the book
+    kernel = make_add(configs)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    torch.testing.assert_close(out, x + y)
+    (path,) = book_dir.glob("*.json")
+    doc = read_document(path)
+    assert doc is not None and len(next(iter(doc.entries.values())).results) == 2
+    tunebook.reset_stats()
+    make_add(configs)[grid_1d(300)](x, y, out, 300)  # a new autotuner reads it back
+    assert tunebook.stats()["book_hits"] == 1 and tunebook.stats()["benchmarked"] == 0
+    assert not list(book_dir.glob("*.corrupt-*"))
+
+
+def test_reset_to_zero_argument_passed_by_keyword():
+    kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"], reset_to_zero=["out_ptr"])(sum_kernel)
+    x = torch.arange(100, dtype=torch.float32)
+    out = torch.zeros(1)
+    kernel[grid_1d(100)](x, out_ptr=out, n=100)
+    assert out.item() == pytest.approx(x.sum().item())

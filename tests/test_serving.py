@@ -285,3 +285,21 @@ def test_the_first_persisted_winner_stands_for_every_process(book_dir, monkeypat
     assert a.best_config.kwargs == b.best_config.kwargs == {"BLOCK": 32}
     (entry,) = [e for e in only_doc(book_dir).entries.values() if e.key[0] == 300]
     assert entry.results[entry.best()].median == 1.0  # a's measurements stand on disk
+
+
+def test_a_bucket_never_serves_a_config_the_calls_own_constraints_exclude(book_dir):
+    from test_tuning import Landscape
+
+    land = Landscape(lambda cfg: 1000.0 / cfg["BLOCK"])  # bigger blocks are faster
+    space = tunebook.Space(
+        BLOCK=[32, 64, 256, 1024], num_warps=[4], arg_constraints=[lambda c, a: c["BLOCK"] <= a["n"]]
+    )
+    kernel = tunebook.autotune(
+        space, key=[tunebook.bucket("n", [128, 4096])], do_bench=land, pre_hook=land.pre_hook
+    )(add_kernel)
+    call(kernel, 4000)
+    assert kernel.best_config.kwargs == {"BLOCK": 1024}
+    call(kernel, 300)  # same bucket (4096), but BLOCK must stay <= 300 for this call
+    assert kernel.best_config.kwargs == {"BLOCK": 256}
+    call(kernel, 4000)
+    assert kernel.best_config.kwargs == {"BLOCK": 1024}

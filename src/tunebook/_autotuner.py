@@ -150,18 +150,15 @@ class Autotuner(_compat.KernelInterface):
         self._meta_index: tuple[tuple[str, ...], dict[tuple[Any, ...], str], int] | None = None
         self._defined_in: str | None = None  # the module autotune(...) was applied in
 
-        # Configs as the book names them; equal ids get a #n suffix so each stays distinct.
+        # Configs as the book names them. Configs equal in every launch parameter (a list
+        # with duplicates, or two that differ only in their pre_hook) share one id: the first
+        # declared stands for them, as it would win Triton's tie, and is the one measured.
         self._config_ids: dict[int, str] = {}
         self._configs_by_id: dict[str, Any] = {}
         for cfg in self.configs:
-            record = config_record(cfg.kwargs, _compat.config_options(cfg))
-            cid = config_id(record)
-            n = 1
-            while cid in self._configs_by_id:
-                n += 1
-                cid = f"{config_id(record)}#{n}"
+            cid = config_id(config_record(cfg.kwargs, _compat.config_options(cfg)))
             self._config_ids[id(cfg)] = cid
-            self._configs_by_id[cid] = cfg
+            self._configs_by_id.setdefault(cid, cfg)
         self._records = {id(c): config_record(c.kwargs, _compat.config_options(c)) for c in self.configs}
         self._space_configs: dict[str, Any] = {}  # config id -> the one Config object made for it
 
@@ -178,6 +175,7 @@ class Autotuner(_compat.KernelInterface):
         self._pos_key: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
         self._pos_key_tried = False
         self._tensor_slots: frozenset[str] = frozenset()
+        self._call_kwargs: dict[str, Any] = {}
         self._launchers: dict[int, _launch.Launcher] = {}
         self._hit_counter = [0]
         self._fallback_counter = [0]
@@ -264,30 +262,45 @@ class Autotuner(_compat.KernelInterface):
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         with self._lock:
             self.nargs = dict(zip(self.arg_names, args))
+            self._call_kwargs = kwargs
             try:
                 key = _fingerprint.canonical_key(self.arg_names, self.keys, args, kwargs, self._buckets)
                 if self.space is None and len(self.configs) == 1:
                     config = self.configs[0]
                 else:
                     config = self.cache.get(key)
+                    if config is not None and not self._allowed_for_call(config, kwargs):
+                        config = None  # chosen in this bucket for a call this one's constraints differ from
                     if config is None:
                         config = self._decide(key, args, kwargs, grid)
                     else:
                         self._counter_for(key)[0] += 1
-                    self._remember_fast(args, kwargs, key, config)
-                self.best_config = config
-                config_kwargs = config.all_kwargs()
                 conflicts = kwargs.keys() & config.kwargs.keys()
                 if conflicts:
                     raise ValueError(
                         f"Conflicting meta-parameters: {', '.join(sorted(conflicts))}. Make sure that you "
                         "don't re-define auto-tuned symbols."
                     )
+                if self.space is not None or len(self.configs) > 1:
+                    self._remember_fast(args, kwargs, key, config)
+                self.best_config = config
+                config_kwargs = config.all_kwargs()
                 if config.pre_hook is not None:
                     config.pre_hook({**self.nargs, **kwargs, **config_kwargs})
             finally:
                 self.nargs = None
+                self._call_kwargs = {}
         return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
+
+    def _allowed_for_call(self, config: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether ``config``, cached for this call's key, is among this call's own candidates.
+
+        Only bucketing can make them differ: calls with different values share a bucketed
+        key, while a Space's argument constraints and Triton's pruning see the values."""
+        if not self._buckets or (self.space is None and not self.early_config_prune and not self.perf_model):
+            return True
+        allowed = {self._identify(c) for c in self.prune_configs(kwargs, self._candidates(kwargs))}
+        return self._identify(config) in allowed
 
     def _counter_for(self, key: tuple[Any, ...]) -> list[int]:
         return self._fallback_counter if key in self._fallback_keys else self._hit_counter
@@ -440,7 +453,12 @@ class Autotuner(_compat.KernelInterface):
         return out
 
     def _decide(self, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any) -> Any:
-        pruned = self.prune_configs(kwargs, self._candidates(kwargs))
+        pruned = list(
+            {
+                self._identify(c): self._configs_by_id[self._identify(c)]
+                for c in self.prune_configs(kwargs, self._candidates(kwargs))
+            }.values()
+        )
         if len(pruned) == 1:
             self.cache[key] = pruned[0]
             return pruned[0]
@@ -749,7 +767,8 @@ class Autotuner(_compat.KernelInterface):
             for cfg, cid in zip(pruned, ids)
         }
         if source == "tuned":
-            full_nargs = {**(self.nargs or {}), **config.all_kwargs()}
+            # As Triton: reset_to_zero arguments are zeroed after benchmarking, keyword ones too.
+            full_nargs = {**(self.nargs or {}), **self._call_kwargs, **config.all_kwargs()}
             self.pre_hook(full_nargs, reset_only=True)
         self._announce(key, config, source, benchmarked, len(pruned))
         return config
