@@ -82,7 +82,7 @@ def test_unusable_book_file_is_skipped_with_one_warning(kind, book_dir, caplog):
         # A newer tunebook's book is neither read nor replaced: one warning for each.
         assert len(book_warnings) == 2, book_warnings
         assert "newer tunebook" in book_warnings[0] and "upgrade" in book_warnings[0]
-        assert "leaving it as it is" in book_warnings[1]
+        assert "leaving" in book_warnings[1] and "as it is" in book_warnings[1]
         assert path.read_bytes() == data and not list(book_dir.glob("*.corrupt-*"))
         return
     assert len(book_warnings) == 1, book_warnings
@@ -91,6 +91,19 @@ def test_unusable_book_file_is_skipped_with_one_warning(kind, book_dir, caplog):
     aside = list(book_dir.glob("*.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == data
     assert read_document(path) is not None
+
+
+def test_an_oversized_book_is_neither_read_nor_replaced(book_dir, monkeypatch):
+    path = make_book(book_dir)
+    before = path.read_bytes()
+    from tunebook._book import files
+
+    monkeypatch.setattr(files, "MAX_BOOK_BYTES", len(before) - 1)
+    kernel, _ = tuned_add()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tunebook.BookWarning)
+        call(kernel, 301)  # tuned; the write is refused rather than displacing the big book
+    assert path.read_bytes() == before and not list(book_dir.glob("*.corrupt-*"))
 
 
 def test_oversized_book_is_not_read(book_dir, monkeypatch):

@@ -248,7 +248,7 @@ def test_a_config_that_poisons_the_gpu_context_restarts_the_worker(servekern, bo
     # The real reason is kept (not "worker died"), and the configs after it ran in a fresh worker.
     assert "illegal memory access" in reasons[64]
     assert reasons[32] is None and reasons[128] is None
-    assert "exit code 3" in result.output
+    assert "restarted" in result.output and "exit code 3" in result.output
 
 
 def test_isolate_option_keeps_the_calling_process_alive(servekern, book_dir):
@@ -303,3 +303,28 @@ def test_a_bucket_never_serves_a_config_the_calls_own_constraints_exclude(book_d
     assert kernel.best_config.kwargs == {"BLOCK": 256}
     call(kernel, 4000)
     assert kernel.best_config.kwargs == {"BLOCK": 1024}
+
+
+def test_isolate_works_when_the_book_cannot_be_written(servekern, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TUNEBOOK_DIR", str(blocker / "book"))  # cannot be created
+    module = servekern(SERVEKERN_ISOLATE="1")
+    with pytest.warns(tunebook.BookWarning, match="cannot write"):
+        call(module.add, 200)  # the worker's results come back over its pipe
+    assert module.add.best_config.kwargs["BLOCK"] in (32, 64, 128)
+    call(module.add, 200)  # remembered in memory: no second worker
+
+
+def test_call_descriptions_from_a_book_are_bounded():
+    from tunebook._calls import validate
+
+    def tensor(shape, stride):
+        return {"tensor": {"shape": shape, "stride": stride, "dtype": "torch.float16", "device": "cuda"}}
+
+    assert validate({"args": [tensor([4096, 4096], [4096, 1])], "kwargs": {}}, "c") is None
+    # 2 elements, but a stride that would make building it allocate 8 TiB
+    assert "larger than" in validate({"args": [tensor([2, 1], [2**40 - 1, 1])], "kwargs": {}}, "c")
+    many = [tensor([2**33], [1])] * 3  # each allowed, together too much
+    assert "together" in validate({"args": many, "kwargs": {}}, "c")
+    assert "unknown kind" in validate({"args": [{"code": "import os"}], "kwargs": {}}, "c")

@@ -108,6 +108,21 @@ def test_budget_caps_configs_measured_per_key(strategy, book_dir):
     assert again.measured == []
 
 
+def test_a_time_budget_is_spent_once_per_key(book_dir):
+    import time
+
+    def slow(cfg):
+        time.sleep(0.01)
+        return bowl(cfg)
+
+    first = Landscape(slow)
+    call(tuned(SPACE, first, strategy="random", max_seconds=0.05))
+    assert 1 <= len(first.measured) < 24
+    again = Landscape(slow)
+    call(tuned(SPACE, again, strategy="random", max_seconds=0.05))
+    assert again.measured == []  # the search for this key is done; the book answers
+
+
 def test_random_strategy_is_seeded(tmp_path, monkeypatch):
     runs = []
     for i in range(2):

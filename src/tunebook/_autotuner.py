@@ -30,7 +30,17 @@ from typing import Any
 
 from . import _buckets, _calls, _compat, _fingerprint, _launch, _misses, _settings, _stats, _worker
 from ._bench import QUANTILES, Timers, choose_timers
-from ._book import Book, Entry, KernelIdentity, Page, Result, config_id, config_record, now_iso
+from ._book import (
+    Book,
+    BookFormatError,
+    Entry,
+    KernelIdentity,
+    Page,
+    Result,
+    config_id,
+    config_record,
+    now_iso,
+)
 from ._progress import Progress
 from ._search import SMALL_SPACE, Budget, strategy_names
 from ._space import Space
@@ -497,7 +507,9 @@ class Autotuner(_compat.KernelInterface):
             return False
         measured = sum(1 for cid in ids if cid in entry.results)
         cap = self._effective_budget(len(ids)).max_configs
-        return bool(entry.chosen) and cap is not None and measured >= min(cap, len(ids))
+        # A search ends with a choice; with a time budget alone (no cap on configs) that
+        # choice is final, or every new process would spend its time budget again.
+        return bool(entry.chosen) and (cap is None or measured >= min(cap, len(ids)))
 
     def _effective_budget(self, n: int) -> Budget:
         """The user's budget, or for a large space a default: 10% of it, 64 to 500 configs."""
@@ -694,6 +706,13 @@ class Autotuner(_compat.KernelInterface):
         }
         devices = _compat.current_device_ids()
         start = time.perf_counter()
+        results: dict[str, Result] = {}
+
+        def collect(slot: int, event: dict[str, Any]) -> None:
+            if event.get("event") == "result" and event.get("key_text") == key_text:
+                with contextlib.suppress(BookFormatError, KeyError):
+                    results[event["cid"]] = Result.from_json(event["result"], "worker result")
+
         reports = _worker.run_jobs(
             [job],
             lambda event, reason: record_crash(
@@ -701,9 +720,14 @@ class Autotuner(_compat.KernelInterface):
             ),
             timeout_s=self.isolate_timeout,
             devices=devices,
+            on_event=collect,
         )
         report = reports[0]
         page.refresh(force=True)
+        # The worker's results, also when it could not write them (a read-only book): kept
+        # in this process's page, written if this process can.
+        if results:
+            page.record(key_text, Entry(key=tuple(_json_key(key)), results=results, updated_at=now_iso()))
         entry = page.get(key_text)
         if entry is None or entry.best(ids) is None:
             raise RuntimeError(

@@ -95,10 +95,16 @@ def validate(desc: Any, where: str) -> str | None:
         return f"{where}: 'args' must be a list of at most {MAX_ARGS} values"
     if not isinstance(kwargs, dict) or len(kwargs) > MAX_ARGS or not all(isinstance(k, str) for k in kwargs):
         return f"{where}: 'kwargs' must be an object of at most {MAX_ARGS} values"
+    total = 0
     for i, item in enumerate([*args, *kwargs.values()]):
         reason = _validate_value(item)
         if reason:
             return f"{where}: argument {i}: {reason}"
+        body = item.get("tensor") if isinstance(item, dict) else None
+        if body is not None and 0 not in body["shape"]:
+            total += 1 + sum((d - 1) * st for d, st in zip(body["shape"], body["stride"]))
+    if total > MAX_ELEMENTS:
+        return f"{where}: its tensors together are larger than any tunebook will allocate"
     grids = desc.get("grids", {})
     if not isinstance(grids, dict) or len(grids) > MAX_GRIDS:
         return f"{where}: 'grids' must be an object of at most {MAX_GRIDS} grids"
@@ -131,7 +137,10 @@ def _validate_value(item: Any) -> str | None:
         isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in [*shape, *stride]
     ):
         return "shapes and strides must be non-negative integers"
-    if math.prod(shape) > MAX_ELEMENTS:
+    # What building it allocates is its storage span, which strides can make far larger
+    # than its element count.
+    span = 0 if 0 in shape else 1 + sum((d - 1) * st for d, st in zip(shape, stride))
+    if math.prod(shape) > MAX_ELEMENTS or span > MAX_ELEMENTS:
         return "the tensor is larger than any tunebook will allocate"
     if not isinstance(body.get("dtype"), str) or not str(body["dtype"]).startswith("torch."):
         return "'dtype' must name a torch dtype"
@@ -186,6 +195,11 @@ def build_args(
     return args, kwargs
 
 
+class NoRecordedGrid(KeyError):
+    """A config the recorded call has no grid for: it cannot be replayed, which says nothing
+    about the config itself (it is skipped, not recorded as failed)."""
+
+
 def grid_from(
     desc: Mapping[str, Any], identify: Callable[[Mapping[str, Any]], str | None]
 ) -> Callable[..., Any]:
@@ -201,7 +215,9 @@ def grid_from(
         if found is None and cid is not None:
             found = by_meta.get(cid.split("|", 1)[0])
         if found is None:
-            raise KeyError(f"no recorded grid for config {cid}; the call was recorded with other configs")
+            raise NoRecordedGrid(
+                f"no recorded grid for config {cid}; the call was recorded with other configs"
+            )
         return found
 
     return grid

@@ -27,6 +27,7 @@ from typing import Any
 from ._bench import Timers, as_triple
 from ._book import Entry, Result, now_iso
 from ._book.records import TIE_TOLERANCE
+from ._calls import NoRecordedGrid
 from ._progress import Progress
 from ._search import Budget, choose_strategy, search
 
@@ -78,7 +79,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     measured = failures = 0
     entry = job.known
 
-    def time_one(i: int, timer: Callable[..., Any], quick: bool) -> Result:
+    def time_one(i: int, timer: Callable[..., Any], quick: bool) -> Result | None:
         nonlocal failures
         if job.on_candidate is not None:
             job.on_candidate(i)
@@ -90,6 +91,8 @@ def tune_key(job: KeyTuning) -> Outcome:
                 failures += 1
                 return Result(job.records[i], None, f"no valid timing: {list(ms)}", now_iso())
             return Result(job.records[i], ms, None, now_iso(), quick=quick)
+        except NoRecordedGrid:
+            return None  # a replay without this config's grid: skipped, not a failure of the config
         except Exception as exc:  # a config that cannot run is data, not a crash
             if job.is_unexpected(exc):
                 unexpected.append(exc)
@@ -115,6 +118,9 @@ def tune_key(job: KeyTuning) -> Outcome:
         last_save = time.perf_counter()
         for i in batch:
             result = time_one(i, job.timers.quick, job.timers.adaptive)
+            if result is None:
+                out[i] = math.inf
+                continue
             pending[job.ids[i]] = result
             out[i] = result.median
             measured += 1
@@ -161,8 +167,8 @@ def tune_key(job: KeyTuning) -> Outcome:
             job.progress.update(
                 len(timings), len(timings), best_ms, f"confirming {len(to_confirm)} contenders"
             )
-        fresh = {job.ids[i]: time_one(i, job.timers.full, False) for i in to_confirm}
-        save(fresh)
+        confirmed = {job.ids[i]: time_one(i, job.timers.full, False) for i in to_confirm}
+        save({cid: r for cid, r in confirmed.items() if r is not None})
 
     chosen = _tie_aware_choice(results, job.ids, job.hints)
     seconds = time.perf_counter() - start

@@ -20,6 +20,7 @@ retried, and the caller's process and CUDA context are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,17 +97,30 @@ def worker_main(job_file: str) -> int:
         try:
             tuner = _locate(job["module"], job["attr"])
             tuner.isolate = False  # this process is the isolation: tune here
-            tuner._after_result = _exit_if_gpu_broken
-            tuner._on_candidate = lambda cid, record, key_text, key, i=index: _emit(
-                {
-                    "event": "candidate",
-                    "index": i,
-                    "key_text": key_text,
-                    "key": key,
-                    "cid": cid,
-                    "config": record,
-                }
-            )
+            where: dict[str, Any] = {}
+
+            def announce(
+                cid: str, record: Any, key_text: str, key: Any, i: int = index, where: dict[str, Any] = where
+            ) -> None:
+                where.update(key_text=key_text, key=key)
+                _emit(
+                    {
+                        "event": "candidate",
+                        "index": i,
+                        "key_text": key_text,
+                        "key": key,
+                        "cid": cid,
+                        "config": record,
+                    }
+                )
+
+            def report(cid: str, result: Any, i: int = index, where: dict[str, Any] = where) -> None:
+                # The parent keeps every result too: its book may be one this worker cannot write.
+                _emit({"event": "result", "index": i, **where, "cid": cid, "result": result.to_json()})
+                _exit_if_gpu_broken(cid, result)
+
+            tuner._on_candidate = announce
+            tuner._after_result = report
             grid, args, kwargs = rebuild_call(tuner, job)
             before = tunebook.stats()["benchmarked"]
             start = time.perf_counter()
@@ -255,6 +269,7 @@ def _run_one_worker(
     )
     current: dict[str, Any] = {}
     finished: set[int] = set()
+    progressed = [False]  # a result was reported: a later death is not the job's fault
     last_event = [time.monotonic()]
     stderr_tail: list[str] = []
 
@@ -287,8 +302,12 @@ def _run_one_worker(
                 elif kind == "candidate":
                     current.clear()
                     current.update(event)
+                elif kind == "result":
+                    current.clear()  # measured: a death from here on is not this config's fault
+                    progressed[0] = True
                 elif kind == "done":
-                    report.status, report.benchmarked = "done", int(event.get("benchmarked", 0))
+                    report.status = "done"
+                    report.benchmarked += int(event.get("benchmarked", 0))  # over restarts
                     finished.add(index)
                     current.clear()
                 elif kind == "error":
@@ -301,15 +320,23 @@ def _run_one_worker(
     reader = threading.Thread(target=read_stdout, daemon=True)
     reader.start()
     timed_out = False
-    while proc.poll() is None:
-        time.sleep(0.05)
-        if time.monotonic() - last_event[0] > timeout_s:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.05)
+            if time.monotonic() - last_event[0] > timeout_s:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+    finally:
+        # Interrupted (Ctrl-C) or done: never leave a worker running on the GPU, or its file.
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            break
+        with contextlib.suppress(OSError):
+            os.unlink(job_file)
     reader.join(timeout=5)
-    os.unlink(job_file)
 
     remaining = [job for job in queue if job["index"] not in finished]
     if not remaining:
@@ -329,9 +356,11 @@ def _run_one_worker(
             reports[index].crashed.append(current["cid"])
             if on_event is not None:
                 on_event(slot, {"event": "crash", "index": index, "cid": current["cid"], "reason": reason})
-        elif remaining:
-            # Died outside any candidate (an import error, a broken inputs= factory...): the
-            # first unfinished job takes the blame, so the queue always moves on.
+        elif remaining and not progressed[0]:
+            # Died before measuring anything (an import error, a broken inputs= factory...):
+            # the first unfinished job takes the blame, so the queue always moves on. (After
+            # progress, e.g. a worker that ended itself after a config broke its CUDA context,
+            # the next worker simply resumes.)
             index = remaining[0]["index"]
             reports[index].status = "error"
             tail = "".join(stderr_tail).strip()[-500:]
@@ -341,4 +370,15 @@ def _run_one_worker(
             if on_event is not None:
                 on_event(slot, {"event": "error", "index": index, "reason": reports[index].reason})
             remaining = remaining[1:]
+        elif on_event is not None:
+            tail = "".join(stderr_tail).strip().splitlines()[-1:] if stderr_tail else []
+            on_event(
+                slot,
+                {
+                    "event": "restart",
+                    "index": remaining[0]["index"],
+                    "reason": f"worker ended ({_describe_exit(proc.returncode)}): "
+                    + (tail[0][:300] if tail else ""),
+                },
+            )
     return remaining

@@ -167,11 +167,21 @@ def _read_for_merge(path: Path) -> Document | None:
         return None
     doc = read_document(path)
     if doc is None:
+        # Only a file whose content is broken may be replaced. One that is too large to read
+        # here, that could not be read just now (EIO, EMFILE), or that a newer tunebook wrote
+        # is left alone: this process's results stay in memory instead.
         try:
-            if path.stat().st_size <= MAX_BOOK_BYTES and _newer_format(path.read_text(encoding="utf-8")):
+            if path.stat().st_size > MAX_BOOK_BYTES:
                 raise _NewerBook(path)
-        except (OSError, UnicodeDecodeError):
-            pass
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _NewerBook(path) from exc
+        if _newer_format(text):
+            raise _NewerBook(path)
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         with contextlib.suppress(OSError):
             os.replace(path, aside)
@@ -203,8 +213,8 @@ def merge_write(path: Path, news: Document) -> Document | None:
     except _NewerBook:
         warn_once(
             f"write:{path}",
-            "tunebook: %s was written by a newer tunebook; leaving it as it is (results of this "
-            "process are kept in memory only). Upgrade tunebook to share it.",
+            "tunebook: leaving %s as it is (written by a newer tunebook, too large, or unreadable "
+            "just now); results of this process are kept in memory only",
             path,
         )
     except Timeout:

@@ -156,7 +156,7 @@ class Page:
             if doc is not None:
                 for k, entry in doc.entries.items():
                     self._readonly_entries[k] = entry.merged_over(self._readonly_entries.get(k))
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._file_entries: dict[str, Entry] = {}  # the writable file as last read or written
         self._unsaved: dict[str, Entry] = {}  # recorded, but the writable file refused them
         # The Redis book as last fetched or merged into. Kept here as well as copied into
@@ -178,14 +178,14 @@ class Page:
         warn_once(f"read:{where}", "tunebook: skipping book %s: it belongs to another kernel version", where)
         return False
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> tuple[int, int, int] | None:
         if self.path is None:
             return None
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)  # os.replace gives every write a new inode
 
     def refresh(self, force: bool = False) -> None:
         """Catch up with other processes: before tuning a key this page lacks.

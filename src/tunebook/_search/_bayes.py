@@ -61,7 +61,8 @@ class Bayes(Strategy):
             size = len(enc.levels[name])
             if size > 1:
                 self._dists[name] = (
-                    dist.IntDistribution(0, size - 1) if enc.ordered[name]
+                    dist.IntDistribution(0, size - 1)
+                    if enc.ordered[name]
                     else dist.CategoricalDistribution(tuple(range(size)))
                 )
         with warnings.catch_warnings():
@@ -70,7 +71,10 @@ class Bayes(Strategy):
             # in half the configs on the synthetic GEMM tables: a discrete space rewards a
             # greedier pick among the model's samples.
             sampler = optuna.samplers.TPESampler(
-                seed=self.seed, multivariate=True, constant_liar=True, n_ei_candidates=48,
+                seed=self.seed,
+                multivariate=True,
+                constant_liar=True,
+                n_ei_candidates=48,
                 warn_independent_sampling=False,
             )
         with self._quiet():

@@ -66,14 +66,14 @@ class Encoding:
         size = len(self.levels[self.names[k]])
         if not self.ordered[self.names[k]]:
             for lv in self._steps(k, code[k], 1):
-                hit = self.index.get((*code[:k], lv, *code[k + 1:]))
+                hit = self.index.get((*code[:k], lv, *code[k + 1 :]))
                 if hit is not None:
                     yield hit
             return
         for direction in (-1, 1):
             lv = code[k] + direction
             while 0 <= lv < size:
-                hit = self.index.get((*code[:k], lv, *code[k + 1:]))
+                hit = self.index.get((*code[:k], lv, *code[k + 1 :]))
                 if hit is not None:
                     yield hit
                     break
@@ -90,7 +90,7 @@ class Encoding:
         elif radius == 2:
             for k in range(len(self.names)):
                 for lv in self._steps(k, code[k], 2):
-                    self._add(found, (*code[:k], lv, *code[k + 1:]))
+                    self._add(found, (*code[:k], lv, *code[k + 1 :]))
                 for q in range(k + 1, len(self.names)):
                     for lk in self._steps(k, code[k], 1):
                         for lq in self._steps(q, code[q], 1):

@@ -143,4 +143,3 @@ class Table:
         lines = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in results)
         text = f'{{\n{head},\n "results": [\n{lines}\n ]\n}}\n'
         atomic_write_text(Path(path), text)
-

@@ -195,6 +195,8 @@ def _run_with_progress(
                 )
             elif kind == "crash":
                 progress.console.print(f"[yellow]worker {slot}[/yellow]: {event['cid']}: {event['reason']}")
+            elif kind == "restart":
+                progress.console.print(f"[yellow]worker {slot} restarted[/yellow]: {event['reason']}")
 
         return run_jobs(
             jobs,
