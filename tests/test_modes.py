@@ -124,3 +124,21 @@ def test_nothing_printed_by_default(capsys):
 def test_logger_is_quiet_by_default():
     logger = logging.getLogger("tunebook")
     assert any(isinstance(h, logging.NullHandler) for h in logger.handlers)
+
+
+def test_a_finalizer_may_run_while_the_stats_lock_is_held():
+    """Garbage collection can run an autotuner's finalizer (_retire) inside any allocation,
+    also one made in register() while the counters' lock is held (seen hanging a test run)."""
+    import threading
+
+    from tunebook import _stats
+
+    done = threading.Event()
+
+    def inside_lock() -> None:
+        with _stats._lock:
+            _stats._retire([0], [0])
+        done.set()
+
+    threading.Thread(target=inside_lock, daemon=True).start()
+    assert done.wait(5), "the stats lock is not reentrant: a finalizer would deadlock"

@@ -10,7 +10,9 @@ import threading
 import weakref
 from typing import Any
 
-_lock = threading.Lock()
+# Reentrant: a finalizer (_retire) can run inside any allocation, by garbage collection,
+# including one made while this thread already holds the lock.
+_lock = threading.RLock()
 _totals = {"misses": 0, "benchmarked": 0, "failures": 0, "tuning_seconds": 0.0, "book_hits": 0}
 _tuners: weakref.WeakSet[Any] = weakref.WeakSet()
 _retired_hits = 0
@@ -18,9 +20,9 @@ _retired_fallbacks = 0
 
 
 def register(tuner: Any) -> None:
+    weakref.finalize(tuner, _retire, tuner._hit_counter, tuner._fallback_counter)
     with _lock:
         _tuners.add(tuner)
-        weakref.finalize(tuner, _retire, tuner._hit_counter, tuner._fallback_counter)
 
 
 def _retire(hits: list[int], fallbacks: list[int]) -> None:
