@@ -57,6 +57,19 @@ def sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def add_wrong_at_128_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + y, except that the BLOCK=128 variant computes x - y (a config-only bug)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    y = tl.load(y_ptr + offs, mask=mask)
+    if BLOCK == 128:
+        tl.store(out_ptr + offs, x - y, mask=mask)
+    else:
+        tl.store(out_ptr + offs, x + y, mask=mask)
+
+
+@triton.jit
 def matmul_kernel(
     a_ptr,
     b_ptr,

@@ -12,24 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import accumulate_kernel, add_kernel, grid_1d, matmul_kernel, sum_kernel, vectors
+from kernels import (
+    accumulate_kernel,
+    add_kernel,
+    add_wrong_at_128_kernel,
+    grid_1d,
+    matmul_kernel,
+    sum_kernel,
+    vectors,
+)
 from tunebook._check import DEFAULT_MAX_BYTES, OutputCheck, SnapshotTooLarge
 
 ADD_NAMES = ["x_ptr", "y_ptr", "out_ptr", "n"]
-
-
-@triton.jit
-def _add_wrong_at_128_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out = x + y, except that the BLOCK=128 variant computes x - y (a config-only bug)."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask)
-    y = tl.load(y_ptr + offs, mask=mask)
-    if BLOCK == 128:
-        tl.store(out_ptr + offs, x - y, mask=mask)
-    else:
-        tl.store(out_ptr + offs, x + y, mask=mask)
 
 
 @triton.jit
@@ -77,9 +71,9 @@ def test_a_config_only_bug_is_caught_and_named() -> None:
     n = 300
     x, y, out = vectors(n)
     check = OutputCheck((x, y, out, n), {}, names=ADD_NAMES)
-    check.reference(launch(_add_wrong_at_128_kernel, n, x, y, out, BLOCK=64))
-    assert check.check(launch(_add_wrong_at_128_kernel, n, x, y, out, BLOCK=32)) is None
-    reason = check.check(launch(_add_wrong_at_128_kernel, n, x, y, out, BLOCK=128))
+    check.reference(launch(add_wrong_at_128_kernel, n, x, y, out, BLOCK=64))
+    assert check.check(launch(add_wrong_at_128_kernel, n, x, y, out, BLOCK=32)) is None
+    reason = check.check(launch(add_wrong_at_128_kernel, n, x, y, out, BLOCK=128))
     assert reason is not None
     assert reason.startswith("wrong result: out_ptr differs from the reference config in ")
     # x - y is within tolerance of x + y only where |y| is tiny.
@@ -105,8 +99,8 @@ def test_a_buggy_reference_makes_every_correct_candidate_disagree() -> None:
     n = 300
     x, y, out = vectors(n)
     check = OutputCheck((x, y, out, n), {}, names=ADD_NAMES)
-    check.reference(launch(_add_wrong_at_128_kernel, n, x, y, out, BLOCK=128))
-    assert check.check(launch(_add_wrong_at_128_kernel, n, x, y, out, BLOCK=64)) is not None
+    check.reference(launch(add_wrong_at_128_kernel, n, x, y, out, BLOCK=128))
+    assert check.check(launch(add_wrong_at_128_kernel, n, x, y, out, BLOCK=64)) is not None
 
 
 def test_in_place_kernel_sees_the_original_accumulator_every_run() -> None:

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 import tunebook
 from conftest import book_files
-from kernels import add_kernel, grid_1d, vectors
+from kernels import add_kernel, add_wrong_at_128_kernel, grid_1d, vectors
 from tunebook._book import read_document
 
 
@@ -266,19 +265,6 @@ def test_a_plain_config_list_still_works_with_strategies(book_dir):
     assert json.loads(book_files(book_dir)[0].read_text())["format"] == "tunebook-book"
 
 
-@triton.jit
-def _add_wrong_at_128(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out = x + y, except that the BLOCK=128 variant computes x - y (a config-only bug)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask)
-    y = tl.load(y_ptr + offs, mask=mask)
-    if BLOCK == 128:
-        tl.store(out_ptr + offs, x - y, mask=mask)
-    else:
-        tl.store(out_ptr + offs, x + y, mask=mask)
-
-
 def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
     from kernels import Replay, block_configs
 
@@ -286,7 +272,7 @@ def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
     replay = Replay(fast_and_wrong)
     unchecked = tunebook.autotune(
         block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
-    )(_add_wrong_at_128)
+    )(add_wrong_at_128_kernel)
     x, y, out = vectors(300)
     unchecked[grid_1d(300)](x, y, out, 300)
     assert unchecked.best_config.kwargs == {"BLOCK": 128}  # the control: speed alone picks it
@@ -294,7 +280,7 @@ def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
     replay = Replay(fast_and_wrong)
     checked = tunebook.autotune(
         block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook, check=True
-    )(_add_wrong_at_128)
+    )(add_wrong_at_128_kernel)
     x, y, out = vectors(301)
     checked[grid_1d(301)](x, y, out, 301)
     torch.testing.assert_close(out, x + y)

@@ -15,7 +15,6 @@ The call path has two speeds:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -23,12 +22,12 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import _buckets, _calls, _compat, _fingerprint, _launch, _misses, _settings, _stats, _worker
+from . import _buckets, _calls, _compat, _fingerprint, _launch, _misses, _settings, _stats
 from ._bench import QUANTILES, Timers, choose_timers
 from ._book import (
     Book,
@@ -44,7 +43,7 @@ from ._book import (
 from ._progress import Progress
 from ._search import SMALL_SPACE, Budget, strategy_names
 from ._space import Space
-from ._tuner import KeyTuning, tune_key
+from ._tuner import KeyTuning, Outcome, tune_key
 
 log = logging.getLogger("tunebook")
 
@@ -175,7 +174,6 @@ class Autotuner(_compat.KernelInterface):
         self._lock = threading.RLock()
         self._page: Page | None = None
         self._timers: Timers | None = None
-        self._timer_id: str | None = None
         # Hit-path tables: key tuple -> (launcher, config, the counter the call bumps: hits
         # or fallbacks, launch kwargs). _fast_pos serves calls with positional arguments
         # only (the common case, keyed by index); _fast serves any call (keyed by binding).
@@ -391,25 +389,20 @@ class Autotuner(_compat.KernelInterface):
         name = self._name or _fingerprint.kernel_name(self.fn)
         return KernelIdentity(name, _fingerprint.kernel_hash(self.fn), _buckets.identity(self.keys))
 
+    @functools.cached_property
+    def _timer_choice(self) -> tuple[Callable[[], Timers], str]:
+        """(a factory for the timers, their id); the factory may touch the GPU driver, the id not."""
+        return choose_timers(
+            self._user_do_bench, self.num_warmups, self.num_reps, self.use_cuda_graph, self.adaptive
+        )
+
     def _ensure_timers(self) -> Timers:
         if self._timers is None:
-            factory, timer_id = choose_timers(
-                self._user_do_bench, self.num_warmups, self.num_reps, self.use_cuda_graph, self.adaptive
-            )
-            self._timers, self._timer_id = factory(), timer_id
+            self._timers = self._timer_choice[0]()
         return self._timers
 
     def _timer_name(self) -> str:
-        if self._timer_id is None:
-            _, self._timer_id = choose_timers(
-                self._user_do_bench, self.num_warmups, self.num_reps, self.use_cuda_graph, self.adaptive
-            )
-        return self._timer_id
-
-    def _ensure_timer(self) -> tuple[Callable[..., Any], str]:
-        """(the full timer, its id): kept for the CLI and for Triton's ``do_bench`` attribute."""
-        timers = self._ensure_timers()
-        return timers.full, timers.id
+        return self._timer_choice[1]
 
     @property
     def do_bench(self) -> Callable[..., Any]:
@@ -463,12 +456,12 @@ class Autotuner(_compat.KernelInterface):
         return out
 
     def _decide(self, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any) -> Any:
-        pruned = list(
-            {
-                self._identify(c): self._configs_by_id[self._identify(c)]
-                for c in self.prune_configs(kwargs, self._candidates(kwargs))
-            }.values()
-        )
+        # Configs equal in every launch parameter are one candidate: the first declared.
+        by_id: dict[str, Any] = {}
+        for c in self.prune_configs(kwargs, self._candidates(kwargs)):
+            cid = self._identify(c)
+            by_id.setdefault(cid, self._configs_by_id[cid])
+        pruned = list(by_id.values())
         if len(pruned) == 1:
             self.cache[key] = pruned[0]
             return pruned[0]
@@ -522,17 +515,8 @@ class Autotuner(_compat.KernelInterface):
         if page is None:
             return []
         index = {cid: i for i, cid in enumerate(ids)}
-        ranked = sorted(
-            (d, n, e)
-            for n, e in enumerate(page.entries.values())
-            if (d := _key_distance(key, e.key)) < math.inf and e.key != tuple(_json_key(key))
-        )
         hints: list[int] = []
-        for _, _, e in ranked[:4]:
-            best = e.best(ids)
-            if best is not None and index[best] not in hints:
-                hints.append(index[best])
-        for e in page.sibling_winners(key):
+        for e in [*_nearest_entries(key, page.entries.values())[:4], *page.sibling_winners(key)]:
             best = e.best(ids)
             if best is not None and index[best] not in hints:
                 hints.append(index[best])
@@ -704,6 +688,8 @@ class Autotuner(_compat.KernelInterface):
             "call": _calls.describe_call(args, kwargs, grids),
             "key": dict(zip([str(k) for k in self.keys], key)),
         }
+        from . import _worker  # only isolation needs it
+
         devices = _compat.current_device_ids()
         start = time.perf_counter()
         results: dict[str, Result] = {}
@@ -735,7 +721,7 @@ class Autotuner(_compat.KernelInterface):
                 f"that runs: {report.reason or 'every config failed'}; `tunebook show` lists each "
                 "config's reason"
             )
-        return _IsolatedOutcome(entry, report.benchmarked, len(report.crashed), time.perf_counter() - start)
+        return Outcome(entry, report.benchmarked, len(report.crashed), time.perf_counter() - start)
 
     def _import_path(self) -> tuple[str, str]:
         """(module, attribute) under which a worker process can import this kernel."""
@@ -861,7 +847,7 @@ class Autotuner(_compat.KernelInterface):
             chosen = entry.best(ids)
             how = "the best of its own partial results"
         if chosen is None:
-            neighbour = _nearest_entry(key, page.entries.values(), ids)
+            neighbour = next((e for e in _nearest_entries(key, page.entries.values()) if e.best(ids)), None)
             if neighbour is not None:
                 chosen = neighbour.best(ids)
                 how = f"the winner of the nearest remembered key {list(neighbour.key)}"
@@ -920,14 +906,6 @@ class WrongResult(Exception):
     """A candidate config computed a different answer than the reference config."""
 
 
-@dataclasses.dataclass
-class _IsolatedOutcome:
-    entry: Entry
-    measured: int
-    failures: int
-    seconds: float
-
-
 def record_crash(
     page: Page, key_text: str, key: Sequence[Any], cid: str, record: dict[str, Any], reason: str
 ) -> None:
@@ -944,14 +922,16 @@ def _constant_key(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
     return ()
 
 
-def _nearest_entry(key: tuple[Any, ...], entries: Any, ids: list[str]) -> Entry | None:
-    """The remembered entry closest to ``key``: log-distance over numbers, exact elsewhere."""
-    best, best_d = None, math.inf
-    for entry in entries:
-        d = _key_distance(key, entry.key)
-        if d < best_d and entry.best(ids) is not None:
-            best, best_d = entry, d
-    return best
+def _nearest_entries(key: Sequence[Any], entries: Iterable[Entry]) -> list[Entry]:
+    """Other remembered keys comparable with ``key`` (same dtypes and non-numeric values),
+    nearest first: log-distance over the numeric values, ties in book order."""
+    own = _json_key(key)
+    ranked = [
+        (d, n, e)
+        for n, e in enumerate(entries)
+        if list(e.key) != own and (d := _key_distance(key, e.key)) < math.inf
+    ]
+    return [e for _, _, e in sorted(ranked, key=lambda t: t[:2])]
 
 
 def _key_distance(a: Sequence[Any], b: Sequence[Any]) -> float:

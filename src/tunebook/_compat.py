@@ -28,7 +28,6 @@ __all__ = [
     "KernelInterface",
     "base_function",
     "config_options",
-    "default_benchmarker",
     "device_identity",
     "is_jit_function",
     "is_unrunnable_config_error",
@@ -98,13 +97,6 @@ def base_function(fn: Any) -> Callable[..., Any]:
     return fn
 
 
-def innermost_jit(fn: Any) -> Any:
-    """The JITFunction (or InterpretedFunction) under any stack of wrappers."""
-    while not is_jit_function(fn):
-        fn = fn.fn
-    return fn
-
-
 def config_options(config: Any) -> dict[str, Any]:
     """The Config's compiler options (num_warps, num_stages, ...), Nones left out."""
     return {
@@ -131,18 +123,6 @@ def unrunnable_config_errors() -> tuple[type[BaseException], ...]:
 
 def is_unrunnable_config_error(exc: BaseException) -> bool:
     return isinstance(exc, unrunnable_config_errors())
-
-
-def default_benchmarker() -> Callable[..., Any]:
-    """The active backend's benchmark function (do_bench on CUDA and HIP)."""
-    from triton.runtime.driver import driver
-
-    try:
-        return driver.active.get_benchmarker()
-    except (AttributeError, NotImplementedError):  # pragma: no cover - older/foreign backends
-        from triton.testing import do_bench
-
-        return do_bench
 
 
 def cudagraph_benchmarker(rep: int | None) -> Callable[..., Any]:

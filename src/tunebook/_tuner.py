@@ -67,7 +67,6 @@ class Outcome:
     measured: int  # configs timed in this call
     failures: int
     seconds: float
-    unexpected: list[BaseException]
 
 
 def tune_key(job: KeyTuning) -> Outcome:
@@ -143,8 +142,8 @@ def tune_key(job: KeyTuning) -> Outcome:
             job.progress.update(done, total, best_ms)
 
     name = choose_strategy(n, job.budget, job.hints) if job.strategy == "auto" else job.strategy
-    workers_batch = n if name == "exhaustive" else 16
-    found = search(
+    # An exhaustive search is one batch: every candidate compiles in parallel up front.
+    search(
         [_flat(r) for r in job.records],
         measure,
         strategy=name,
@@ -153,7 +152,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         hints=job.hints,
         seed=job.seed,
         on_progress=on_progress,
-        batch_size=max(1, workers_batch),
+        batch_size=n if name == "exhaustive" else 16,
     )
 
     # Full measurement of the contenders that so far only have a quick one.
@@ -177,8 +176,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     if job.progress is not None:
         final = min((r.median for r in results.values()), default=math.inf)
         job.progress.close(len(results), n, final)
-    del found
-    return Outcome(entry, measured, failures, seconds, unexpected)
+    return Outcome(entry, measured, failures, seconds)
 
 
 def _flat(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -138,8 +138,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-class _NewerBook(Exception):
-    """The book on disk was written by a newer tunebook: it is not ours to replace."""
+class _LeaveAlone(Exception):
+    """The book on disk is not ours to replace: a newer tunebook's, too large, or unreadable now."""
 
 
 def _newer_format(text: str) -> bool:
@@ -172,16 +172,16 @@ def _read_for_merge(path: Path) -> Document | None:
         # is left alone: this process's results stay in memory instead.
         try:
             if path.stat().st_size > MAX_BOOK_BYTES:
-                raise _NewerBook(path)
+                raise _LeaveAlone(path)
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             text = ""
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _NewerBook(path) from exc
+            raise _LeaveAlone(path) from exc
         if _newer_format(text):
-            raise _NewerBook(path)
+            raise _LeaveAlone(path)
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         with contextlib.suppress(OSError):
             os.replace(path, aside)
@@ -210,7 +210,7 @@ def merge_write(path: Path, news: Document) -> Document | None:
             merged = news.merged_over(_read_for_merge(path))
             atomic_write_text(path, merged.dumps())
             return merged
-    except _NewerBook:
+    except _LeaveAlone:
         warn_once(
             f"write:{path}",
             "tunebook: leaving %s as it is (written by a newer tunebook, too large, or unreadable "

@@ -52,7 +52,7 @@ HINTS = {
 def identity_here(tuner: Autotuner) -> tuple[KernelIdentity, dict[str, Any], str]:
     """(kernel identity, platform fingerprint, platform id) exactly as ``Autotuner.page()`` builds them."""
     try:
-        _, timer_id = tuner._ensure_timer()
+        timer_id = tuner._timer_name()
         fingerprint = platform_fingerprint(timer_id)
     except RuntimeError as exc:  # Triton found no GPU driver
         raise click.ClickException(
