@@ -56,9 +56,22 @@ from tunebook._space import Space  # noqa: E402
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C[M, N] = A[M, K] @ B[K, N]: one BLOCK_M x BLOCK_N tile of C per program, programs
     ordered in groups of GROUP_M tile-rows so neighbouring programs reuse B tiles in L2."""
@@ -145,8 +158,12 @@ def _softmax_args(s: dict[str, int]) -> tuple[Any, ...]:
 MATMUL = Bench(
     name="matmul",
     space=Space(
-        BLOCK_M=[32, 64, 128, 256], BLOCK_N=[32, 64, 128, 256], BLOCK_K=[32, 64, 128], GROUP_M=[1, 8],
-        num_warps=[2, 4, 8], num_stages=[2, 3, 4, 5],
+        BLOCK_M=[32, 64, 128, 256],
+        BLOCK_N=[32, 64, 128, 256],
+        BLOCK_K=[32, 64, 128],
+        GROUP_M=[1, 8],
+        num_warps=[2, 4, 8],
+        num_stages=[2, 3, 4, 5],
         # Beyond 512 fp32 accumulators a thread the kernel spills hopelessly; not worth compiling.
         constraints=[lambda c: c["BLOCK_M"] * c["BLOCK_N"] <= 512 * 32 * c["num_warps"]],
     ),
@@ -167,8 +184,10 @@ MATMUL = Bench(
 SOFTMAX = Bench(
     name="softmax",
     space=Space(
-        BLOCK_M=[1, 2, 4, 8, 16], BLOCK_N=[256, 512, 1024, 2048, 4096, 8192, 16384],
-        num_warps=[1, 2, 4, 8, 16, 32], num_stages=[1, 2, 3, 4],
+        BLOCK_M=[1, 2, 4, 8, 16],
+        BLOCK_N=[256, 512, 1024, 2048, 4096, 8192, 16384],
+        num_warps=[1, 2, 4, 8, 16, 32],
+        num_stages=[1, 2, 3, 4],
         constraints=[
             lambda c: c["BLOCK_M"] * c["BLOCK_N"] <= 16384,  # fp32 tile held in registers
             lambda c: c["BLOCK_M"] * c["BLOCK_N"] >= 32 * c["num_warps"],  # no idle threads
@@ -268,8 +287,14 @@ def _close(bench: Bench, out: torch.Tensor, ref: torch.Tensor, shape: dict[str, 
     return None if err <= tol else f"wrong result: max abs error {err:.3g} > {tol:.3g}"
 
 
-def measure_table(bench: Bench, shape: dict[str, int], cands: list[dict[str, Any]],
-                  compile_errors: dict[int, str], warmup: int, rep: int) -> list[TableRow]:
+def measure_table(
+    bench: Bench,
+    shape: dict[str, int],
+    cands: list[dict[str, Any]],
+    compile_errors: dict[int, str],
+    warmup: int,
+    rep: int,
+) -> list[TableRow]:
     from triton.testing import do_bench
 
     args, out, ref = make_inputs(bench, shape)
@@ -281,8 +306,12 @@ def measure_table(bench: Bench, shape: dict[str, int], cands: list[dict[str, Any
         meta, options = split(bench, cand)
         grid = bench.grid(shape, meta)
 
-        def call(meta: dict[str, Any] = meta, options: dict[str, Any] = options, grid: Any = grid,
-                 args: tuple[Any, ...] = args) -> None:
+        def call(
+            meta: dict[str, Any] = meta,
+            options: dict[str, Any] = options,
+            grid: Any = grid,
+            args: tuple[Any, ...] = args,
+        ) -> None:
             bench.kernel[grid](*args, **meta, **options)
 
         try:
@@ -307,7 +336,6 @@ def measure_table(bench: Bench, shape: dict[str, int], cands: list[dict[str, Any
     del args, out, ref
     torch.cuda.empty_cache()
     return rows
-
 
 
 # ----------------------------------------------------------------------------- main
@@ -335,12 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from tunebook._fingerprint import platform_fingerprint
 
-        platform = platform_fingerprint(f"triton.testing.do_bench median, L2 flushed, "
-                                        f"warmup={opts.warmup}ms rep={opts.rep}ms")
+        platform = platform_fingerprint(
+            f"triton.testing.do_bench median, L2 flushed, warmup={opts.warmup}ms rep={opts.rep}ms"
+        )
     cands = {}
     for bench in benches:
-        chosen = (bench.space.sample(opts.max_configs, seed=0) if opts.max_configs
-                  else bench.space.candidates(platform))
+        chosen = (
+            bench.space.sample(opts.max_configs, seed=0)
+            if opts.max_configs
+            else bench.space.candidates(platform)
+        )
         cands[bench.name] = chosen
         print(f"{bench.name}: {len(chosen)} configs of {bench.space!r}", flush=True)
 
@@ -382,10 +414,22 @@ def main(argv: list[str] | None = None) -> int:
         amount, unit = bench.work(shape)
         rate = f"{amount / (ms / 1e3):.0f} {unit}" if math.isfinite(ms) else "-"
         best_cfg = ",".join(f"{k}={v}" for k, v in rows[best].config.items()) if best >= 0 else "-"
-        summary.append((bench.name, shape_text(shape), str(len(rows)), str(failed),
-                        f"{ms:.4f}" if math.isfinite(ms) else "-", rate, best_cfg))
-        print(f"  {path.name}: {len(rows)} configs, {failed} failed, best {ms:.4f} ms "
-              f"({last_cost[bench.name]:.0f}s)", flush=True)
+        summary.append(
+            (
+                bench.name,
+                shape_text(shape),
+                str(len(rows)),
+                str(failed),
+                f"{ms:.4f}" if math.isfinite(ms) else "-",
+                rate,
+                best_cfg,
+            )
+        )
+        print(
+            f"  {path.name}: {len(rows)} configs, {failed} failed, best {ms:.4f} ms "
+            f"({last_cost[bench.name]:.0f}s)",
+            flush=True,
+        )
 
     header = ("kernel", "shape", "configs", "failed", "best ms", "rate", "best config")
     widths = [max(len(r[k]) for r in [header, *summary]) for k in range(len(header))]

@@ -52,7 +52,7 @@ import triton
 import tunebook
 from helpers_reliability import RedisServer
 from kernels import Replay, add_kernel, vectors
-from tunebook._book import layers
+from tunebook._book import redis_store
 
 BLOCKS = (16, 32, 64)
 N = 1024  # the remembered key
@@ -121,7 +121,7 @@ def main() -> None:
             os.environ["TUNEBOOK_DIR"] = os.path.join(book, "with-redis")
             kernel = make_kernel()
             miss(kernel, N)
-            store = layers.shared_store(server.url)
+            store = redis_store.shared_store(server.url)
             assert store is not None and store.fetch(kernel.page().file_name) is not None
             report["up"] = per_call_us(kernel, args.batches, args.calls)
 

@@ -180,7 +180,9 @@ def run_one(table: Table, strategy: str, seed: int, hints: list[int]) -> dict[st
         "ratio_at": {f"{b:.2f}": ratio_at(replay.ratios, math.ceil(b * n)) for b in BUDGETS},
         "final_ratio": replay.ratios[-1] if replay.ratios else math.inf,
         "cpu_s_per_proposal": per_proposal,
-        "est_gpu_s_to_target": None if reach is None else {
+        "est_gpu_s_to_target": None
+        if reach is None
+        else {
             "cold": reach * (COLD_SECONDS / TUNED_CONFIGS + per_proposal),
             "warm": reach * (WARM_SECONDS / TUNED_CONFIGS + per_proposal),
         },
@@ -200,8 +202,11 @@ def summarize(runs: list[dict[str, Any]], sizes: dict[str, int], condition: str)
     for kernel in sorted(sizes):
         random_ratios: dict[str, float] = {}
         for strategy in ("random", "exhaustive", "bayes", "neighbors"):
-            mine = [r for r in runs if r["kernel"] == kernel and r["strategy"] == strategy
-                    and r["condition"] == condition]
+            mine = [
+                r
+                for r in runs
+                if r["kernel"] == kernel and r["strategy"] == strategy and r["condition"] == condition
+            ]
             fracs = [r["fraction_to_target"] or 1.0 for r in mine]
             at = {b: [r["ratio_at"][b] for r in mine] for b in mine[0]["ratio_at"]}
             row: dict[str, Any] = {
@@ -220,10 +225,12 @@ def summarize(runs: list[dict[str, Any]], sizes: dict[str, int], condition: str)
             for cache, seconds in (("cold", COLD_SECONDS), ("warm", WARM_SECONDS)):
                 # Same fallback as the fraction: a run that never got there measures everything.
                 per_config = seconds / TUNED_CONFIGS
-                row[f"est_gpu_s_{cache}_geomean"] = geomean([
-                    (r["configs_to_target"] or sizes[kernel]) * (per_config + r["cpu_s_per_proposal"])
-                    for r in mine
-                ])
+                row[f"est_gpu_s_{cache}_geomean"] = geomean(
+                    [
+                        (r["configs_to_target"] or sizes[kernel]) * (per_config + r["cpu_s_per_proposal"])
+                        for r in mine
+                    ]
+                )
             if strategy == "random":
                 random_ratios = {b: row[f"ratio_at_{b}_geomean"] for b in at}
             elif strategy in ("bayes", "neighbors"):
@@ -266,22 +273,31 @@ def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path) -> None:
     import numpy as np
 
     # Distinct dashes too: with hints most medians sit on 1.0 together.
-    styles = {"random": ("tab:gray", "-", 3.5), "bayes": ("tab:blue", "--", 2.2),
-              "neighbors": ("tab:orange", "-", 1.6)}
+    styles = {
+        "random": ("tab:gray", "-", 3.5),
+        "bayes": ("tab:blue", "--", 2.2),
+        "neighbors": ("tab:orange", "-", 1.6),
+    }
     kernels = sorted(sizes)
     conditions = CONDITIONS[::-1]
     fig, axes = plt.subplots(
         len(conditions), len(kernels), figsize=(6.5 * len(kernels), 4.4 * len(conditions)), squeeze=False
     )
-    panels = [(ax, c, k) for row, c in zip(axes, conditions, strict=True)
-              for ax, k in zip(row, kernels, strict=True)]
+    panels = [
+        (ax, c, k)
+        for row, c in zip(axes, conditions, strict=True)
+        for ax, k in zip(row, kernels, strict=True)
+    ]
     for ax, condition, kernel in panels:
         n = sizes[kernel]
         width = math.ceil(BAYES_CAP * n)
         x = np.arange(1, width + 1)
         for strategy, (color, dash, lw) in styles.items():
-            traces = [r["trace"] for r in runs
-                      if r["kernel"] == kernel and r["strategy"] == strategy and r["condition"] == condition]
+            traces = [
+                r["trace"]
+                for r in runs
+                if r["kernel"] == kernel and r["strategy"] == strategy and r["condition"] == condition
+            ]
             # A search that stopped keeps its best: the line shows what a user would have.
             grid = np.array([[ratio_at(t, k) for k in x] for t in traces])
             ax.fill_between(x, grid.min(axis=0), grid.max(axis=0), color=color, alpha=0.13, lw=0)
@@ -289,8 +305,9 @@ def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path) -> None:
         ax.axhline(TARGET, color="black", ls="--", lw=1, label=f"{TARGET}x the best")
         for b in BUDGETS:
             ax.axvline(math.ceil(b * n), color="black", ls=":", lw=0.9)
-            ax.text(math.ceil(b * n), 0.98, f" {b:.0%}", fontsize=10, va="top",
-                    transform=ax.get_xaxis_transform())
+            ax.text(
+                math.ceil(b * n), 0.98, f" {b:.0%}", fontsize=10, va="top", transform=ax.get_xaxis_transform()
+            )
         ax.set_xscale("log")
         ax.set_xlim(1, width)
         ax.set_ylim(0.99, 1.6)
@@ -326,8 +343,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             for strategy in STRATEGIES:
                 for seed in SEEDS:
                     run = run_one(table, strategy, seed, hints)
-                    runs.append({"condition": condition, "table": name, "kernel": table.kernel,
-                                 "shape": table.shape, "hints": hints, **run})
+                    runs.append(
+                        {
+                            "condition": condition,
+                            "table": name,
+                            "kernel": table.kernel,
+                            "shape": table.shape,
+                            "hints": hints,
+                            **run,
+                        }
+                    )
                     print(
                         f"{condition:<10} {name:<38} {strategy:<10} seed {seed}: 1.03x after "
                         f"{run['configs_to_target'] or '-':>4} configs, @10% {run['ratio_at']['0.10']:.3f}, "
@@ -346,16 +371,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "target_ratio": TARGET,
         "budgets": BUDGETS,
         "bayes_stop": f"reached {TARGET}x and >= {max(BUDGETS):.0%} of the space measured, "
-                      f"or {BAYES_CAP:.0%} of it",
+        f"or {BAYES_CAP:.0%} of it",
         "per_config_cost_estimate": {
             "source": "benchmarks/tuning_speed.py on an H200: 48 configs of a 4096^3 GEMM tuned in "
-                      f"{COLD_SECONDS} s (cold compile cache), {WARM_SECONDS} s (warm)",
+            f"{COLD_SECONDS} s (cold compile cache), {WARM_SECONDS} s (warm)",
             "cold_s": COLD_SECONDS / TUNED_CONFIGS,
             "warm_s": WARM_SECONDS / TUNED_CONFIGS,
         },
-        "tables": {name: {"kernel": t.kernel, "shape": t.shape, "configs": len(t.rows),
-                          "failed": sum(r.ms is None for r in t.rows), "best_ms": t.best()[1],
-                          "best_config": t.rows[t.best()[0]].config} for name, t in tables.items()},
+        "tables": {
+            name: {
+                "kernel": t.kernel,
+                "shape": t.shape,
+                "configs": len(t.rows),
+                "failed": sum(r.ms is None for r in t.rows),
+                "best_ms": t.best()[1],
+                "best_config": t.rows[t.best()[0]].config,
+            }
+            for name, t in tables.items()
+        },
         "summary": summaries,
         "runs": runs,
     }

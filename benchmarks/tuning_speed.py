@@ -48,12 +48,17 @@ def child(variant: str, size: int) -> None:
     seconds = time.perf_counter() - start
     ref = a.float() @ b.float()
     best = kernel.best_config
-    print(json.dumps({
-        "variant": variant, "seconds": seconds,
-        "rel_err": float(((c.float() - ref).norm() / ref.norm()).item()),
-        "best": {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages},
-        "stats": tunebook.stats(),
-    }))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "seconds": seconds,
+                "rel_err": float(((c.float() - ref).norm() / ref.norm()).item()),
+                "best": {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages},
+                "stats": tunebook.stats(),
+            }
+        )
+    )
 
 
 def quality(configs_json: str, size: int) -> None:
@@ -107,30 +112,49 @@ def main() -> None:
     for variant in ("triton", "tunebook"):
         cache = work / f"cache-{variant}"
         for phase in ["cold"] + ["warm"] * args.warm_repeats:
-            env = {**base_env, "TRITON_CACHE_DIR": str(cache),
-                   "TUNEBOOK_DIR": str(work / f"book-{variant}-{phase}-{len(log)}")}
+            env = {
+                **base_env,
+                "TRITON_CACHE_DIR": str(cache),
+                "TUNEBOOK_DIR": str(work / f"book-{variant}-{phase}-{len(log)}"),
+            }
             r = run(["--size", str(args.size), "--child", variant], env)
             rows[variant][phase].append(r["seconds"])
             chosen[variant] = r["best"]
             log.append({"phase": phase, **r})
-            print(f"[{variant} {phase}] {r['seconds']:.2f} s best={r['best']} "
-                  f"benchmarked={r['stats']['benchmarked']}", flush=True)
-    q = run(["--size", str(args.size), "--child", "quality", json.dumps(chosen)],
-            {**base_env, "TRITON_CACHE_DIR": str(work / "cache-tunebook")})
+            print(
+                f"[{variant} {phase}] {r['seconds']:.2f} s best={r['best']} "
+                f"benchmarked={r['stats']['benchmarked']}",
+                flush=True,
+            )
+    q = run(
+        ["--size", str(args.size), "--child", "quality", json.dumps(chosen)],
+        {**base_env, "TRITON_CACHE_DIR": str(work / "cache-tunebook")},
+    )
     result = {
-        "gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "size": args.size, "cpus": os.cpu_count(),
-        "seconds": rows, "chosen": chosen, "kernel_ms": q, "log": log,
+        "gpu": torch.cuda.get_device_name(),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "size": args.size,
+        "cpus": os.cpu_count(),
+        "seconds": rows,
+        "chosen": chosen,
+        "kernel_ms": q,
+        "log": log,
     }
     (args.out / "tuning_speed.json").write_text(json.dumps(result, indent=1))
-    print(f"\n=== tuning one new key, 48-config GEMM {args.size}^3 fp16: {result['gpu']} | triton "
-          f"{result['triton']} | torch {result['torch']} | {result['date']} | {result['cpus']} CPUs")
+    print(
+        f"\n=== tuning one new key, 48-config GEMM {args.size}^3 fp16: {result['gpu']} | triton "
+        f"{result['triton']} | torch {result['torch']} | {result['date']} | {result['cpus']} CPUs"
+    )
     for phase in ("cold", "warm"):
         tb, tr = statistics.median(rows["tunebook"][phase]), statistics.median(rows["triton"][phase])
         print(f"  {phase:5s} cache: tunebook {tb:6.2f} s   triton.autotune {tr:6.2f} s   ratio {tb / tr:.3f}")
     ratio = q["tunebook"] / q["triton"]
-    print(f"  chosen config kernel time: tunebook {q['tunebook']:.4f} ms  triton {q['triton']:.4f} ms  "
-          f"ratio {ratio:.4f}")
+    print(
+        f"  chosen config kernel time: tunebook {q['tunebook']:.4f} ms  triton {q['triton']:.4f} ms  "
+        f"ratio {ratio:.4f}"
+    )
     print(f"  tunebook chose {chosen['tunebook']}\n  triton chose   {chosen['triton']}")
 
 

@@ -33,9 +33,9 @@ def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("TUNEBOOK_PATH", raising=False)
     monkeypatch.delenv("TUNEBOOK_MODE", raising=False)
     tunebook.reset_stats()
-    from tunebook._book import files
+    from tunebook import _warnings
 
-    files._warned.clear()
+    _warnings.forget()
     return directory
 
 

@@ -10,6 +10,7 @@ import triton
 
 from kernels import add_kernel, scale_kernel
 from tunebook import _compat, _fingerprint
+from tunebook._jsonio import key_text
 
 SOURCE = """
 import triton
@@ -61,7 +62,7 @@ def test_canonical_key_matches_tritons_rule():
     x = torch.empty(3, dtype=torch.float16)
     key = _fingerprint.canonical_key(["x", "y", "n", "m"], ["m", "n"], (x, 5), {"n": 7, "m": 9})
     assert key == (9, 7, "torch.float16")
-    assert _fingerprint.canonical_key_text(key) == '[9,7,"torch.float16"]'
+    assert key_text(key) == '[9,7,"torch.float16"]'
 
 
 def test_interpreter_platform_is_its_own():

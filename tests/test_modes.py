@@ -84,9 +84,16 @@ def test_serve_mode_answers_remembered_keys_as_hits(monkeypatch):
     assert s["hits"] == 2 and s["book_hits"] == 1 and s["fallbacks"] == 0 and s["misses"] == 0
 
 
-def test_unknown_mode_is_a_clear_error(monkeypatch):
+def test_unknown_mode_is_a_clear_error_when_the_kernel_is_decorated(monkeypatch):
+    # A server fails at start-up (decoration), not at its first request.
     monkeypatch.setenv("TUNEBOOK_MODE", "fast")
+    with pytest.raises(tunebook.ConfigurationError, match=r"TUNEBOOK_MODE='fast'.*tune, serve, off"):
+        tuned_add()
+
+
+def test_unknown_mode_set_after_decoration_is_a_clear_error_at_the_call(monkeypatch):
     kernel, _ = tuned_add()
+    monkeypatch.setenv("TUNEBOOK_MODE", "fast")
     with pytest.raises(ValueError, match=r"TUNEBOOK_MODE='fast'.*tune, serve, off"):
         call(kernel, 64)
 

@@ -25,8 +25,16 @@ from helpers_reliability import RedisServer
 from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from redis_fixture import PATIENT, Clock, redis_server  # noqa: F401  (the `server` fixture)
 from redis_fixture import tunebook_warnings as _warnings
-from tunebook._book import BookWarning, Document, Entry, KernelIdentity, Result, layers, read_document
-from tunebook._book.layers import Book
+from tunebook._book import (
+    Book,
+    BookWarning,
+    Document,
+    Entry,
+    KernelIdentity,
+    Result,
+    read_document,
+    redis_store,
+)
 from tunebook._book.redis_store import RedisStore
 
 TABLE = {16: 0.3, 32: 0.2, 64: 0.25, 128: 0.4, 256: 0.5, 512: 0.6}
@@ -36,14 +44,14 @@ CHILD = """
 import json, os
 import tunebook
 from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
-from tunebook._book import layers
+from tunebook._book import redis_store
 from tunebook._book.redis_store import RedisStore
 
 if os.environ.get("PATIENT_REDIS") == "1":
     # Several interpreters on a small CPU can keep a local Redis from answering within
     # the default 50 ms; this test is about merging, not about timeouts.
     url = os.environ["TUNEBOOK_REDIS_URL"]
-    layers._shared_stores[(os.getpid(), url)] = RedisStore(url, connect_timeout=5.0, read_timeout=5.0)
+    redis_store._shared_stores[(os.getpid(), url)] = RedisStore(url, connect_timeout=5.0, read_timeout=5.0)
 
 table = {int(k): v for k, v in json.loads(os.environ["TABLE"]).items()}
 replay = Replay(table)
@@ -175,7 +183,7 @@ def fleet(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     clock = Clock()
     store = RedisStore(server.url, retry_after_s=5.0, clock=clock, **PATIENT)
     monkeypatch.setenv("TUNEBOOK_REDIS_URL", server.url)
-    monkeypatch.setitem(layers._shared_stores, (os.getpid(), server.url), store)
+    monkeypatch.setitem(redis_store._shared_stores, (os.getpid(), server.url), store)
     yield store, clock
 
 
@@ -341,7 +349,7 @@ def test_without_redis_py_the_book_warns_once_and_carries_on(
     url = "redis://127.0.0.1:1/0"
     monkeypatch.setenv("TUNEBOOK_REDIS_URL", url)
     monkeypatch.setitem(sys.modules, "redis", None)
-    monkeypatch.delitem(layers._shared_stores, (os.getpid(), url), raising=False)
+    monkeypatch.delitem(redis_store._shared_stores, (os.getpid(), url), raising=False)
     try:
         assert Book.from_env().shared is None
         assert Book.from_env().shared is None
@@ -351,7 +359,7 @@ def test_without_redis_py_the_book_warns_once_and_carries_on(
         _call(tuner, 100)
         assert sorted(replay.measured) == [16, 32, 64]
     finally:
-        layers._shared_stores.pop((os.getpid(), url), None)
+        redis_store._shared_stores.pop((os.getpid(), url), None)
 
 
 def test_no_url_no_shared_layer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,8 +33,10 @@ def test_size_iteration_order_and_configs():
     configs = list(space)
     assert all(isinstance(c, triton.Config) for c in configs)
     expected = list(itertools.product([32, 64, 128], [32, 64, 128], [32, 64], [4, 8], range(2, 6)))
-    got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-           for c in configs]
+    got = [
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+        for c in configs
+    ]
     assert got == expected
     # Options are Config fields, never meta-parameters.
     assert set(configs[0].kwargs) == {"BLOCK_M", "BLOCK_N", "BLOCK_K"}
@@ -153,8 +155,9 @@ def test_a_hundred_thousand_configs_stay_cheap():
         return c["A"] % 2 == 0
 
     # 10 * 10 * 10 * 10 * 10 = 10^5 points.
-    space = Space(A=range(10), B=range(10), C=range(10), D=range(10), num_stages=range(10),
-                  constraints=[constraint])
+    space = Space(
+        A=range(10), B=range(10), C=range(10), D=range(10), num_stages=range(10), constraints=[constraint]
+    )
     assert space.size == 100_000
     # Sampling a few draws a few, not the product.
     assert len(space.sample(50, seed=0)) == 50
@@ -167,7 +170,8 @@ def test_a_hundred_thousand_configs_stay_cheap():
     calls.clear()
     assert len(space) == 50_000 and calls == []  # cached: compact indices, not dicts
     assert space._feasible is not None and space._feasible.itemsize <= 4
-    unconstrained = Space(A=range(100), B=range(100), C=range(10),
-                          num_warps=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+    unconstrained = Space(
+        A=range(100), B=range(100), C=range(10), num_warps=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    )
     assert len(unconstrained) == 1_000_000 and unconstrained._feasible is None
     assert len(unconstrained.sample(5, seed=3)) == 5

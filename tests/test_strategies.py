@@ -94,8 +94,14 @@ def test_tables_are_present_and_well_formed():
 def test_budget_in_configs_and_no_duplicates(strategy, name):
     table = TABLES[name]
     measure = Recorder(table)
-    result = search(table.candidates(), measure, strategy=strategy, budget=Budget(max_configs=40),
-                    hints=hints_for(name) if strategy == "neighbors" else (), seed=1)
+    result = search(
+        table.candidates(),
+        measure,
+        strategy=strategy,
+        budget=Budget(max_configs=40),
+        hints=hints_for(name) if strategy == "neighbors" else (),
+        seed=1,
+    )
     assert_no_duplicates(measure.calls)
     assert list(result.measured) == measure.calls
     assert len(result.measured) <= 40
@@ -111,8 +117,9 @@ def test_seeding_is_reproducible(strategy):
     table = TABLES[sorted(TABLES)[0]]
 
     def run(seed):
-        return search(table.candidates(), Recorder(table), strategy=strategy,
-                      budget=Budget(max_configs=30), seed=seed).measured
+        return search(
+            table.candidates(), Recorder(table), strategy=strategy, budget=Budget(max_configs=30), seed=seed
+        ).measured
 
     assert run(3) == run(3)
     assert run(3) != run(4)
@@ -151,8 +158,15 @@ def test_resumes_after_a_kill_without_remeasuring(strategy, kill_after):
         search(table.candidates(), first, strategy=strategy, budget=budget, hints=hints, seed=5)
     assert len(first.persisted) == kill_after
     second = Recorder(table)
-    resumed = search(table.candidates(), second, strategy=strategy, budget=budget, hints=hints, seed=5,
-                     known=first.persisted)
+    resumed = search(
+        table.candidates(),
+        second,
+        strategy=strategy,
+        budget=budget,
+        hints=hints,
+        seed=5,
+        known=first.persisted,
+    )
     assert not set(second.calls) & set(first.persisted), "a known result was measured again"
     assert_no_duplicates(second.calls)
     assert set(resumed.timings) == set(first.persisted) | set(second.calls)
@@ -249,7 +263,7 @@ def test_auto_without_optuna_is_random_and_bayes_says_how_to_install(monkeypatch
     assert choose_strategy(5000, Budget(max_configs=200)) == "random"
     with pytest.raises(ImportError) as info:
         make_strategy("bayes", [{"B": 1}, {"B": 2}])
-    assert "pip install 'tunebook[optuna]'" in str(info.value).splitlines()
+    assert "pip install 'tunebook[optuna]'" in [line.strip() for line in str(info.value).splitlines()]
 
 
 def test_bayes_never_measures_outside_a_constrained_candidate_list():
@@ -274,9 +288,16 @@ def test_progress_and_time_budget():
         now[0] += 1.0  # each batch "takes" a second
         return {i: table.timings()[i] for i in batch}
 
-    result = search(table.candidates(), measure, strategy="random", budget=Budget(max_seconds=3.5),
-                    known={0: 9.0}, batch_size=5, clock=lambda: now[0],
-                    on_progress=lambda done, total, best: seen.append((done, total, best)))
+    result = search(
+        table.candidates(),
+        measure,
+        strategy="random",
+        budget=Budget(max_seconds=3.5),
+        known={0: 9.0},
+        batch_size=5,
+        clock=lambda: now[0],
+        on_progress=lambda done, total, best: seen.append((done, total, best)),
+    )
     assert result.stopped == "max_seconds" and len(result.measured) == 20
     assert [d for d, _, _ in seen] == [6, 11, 16, 21]
     assert all(total == len(table.rows) for _, total, _ in seen)

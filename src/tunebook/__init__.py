@@ -5,32 +5,56 @@
 True
 
 Public surface: :func:`autotune` (a drop-in for ``triton.autotune``), :class:`Autotuner`,
-:func:`stats`, :func:`reset_stats`, :class:`Book`, and ``Config`` (Triton's, re-exported).
+:class:`Space` and :func:`bucket` (config spaces and bucketed keys), :func:`stats` and
+:func:`reset_stats`, :class:`Book`, the errors (:class:`TunebookError` and its family,
+:class:`BookWarning`), and ``Config`` (Triton's, re-exported).
 """
 
 from __future__ import annotations
 
-import logging
+import logging as _logging
 
-from ._autotuner import Autotuner, __version__, autotune
-from ._book import Book, BookWarning
+from ._autotuner import Autotuner, autotune
+from ._book import Book
 from ._buckets import Bucket, bucket, next_power_of_2
 from ._compat import Config
+from ._errors import (
+    BookFormatError,
+    BookWarning,
+    ConfigurationError,
+    MissingDependency,
+    NoRecordedGrid,
+    SnapshotTooLarge,
+    SpaceError,
+    TunebookError,
+    TuningFailed,
+    WrongResult,
+)
 from ._search import Budget, strategy_names
 from ._space import Space
 from ._stats import reset as reset_stats
 from ._stats import stats
+from ._version import __version__
 
-logging.getLogger("tunebook").addHandler(logging.NullHandler())
+_logging.getLogger("tunebook").addHandler(_logging.NullHandler())
 
 __all__ = [
     "Autotuner",
     "Book",
+    "BookFormatError",
     "BookWarning",
     "Bucket",
     "Budget",
     "Config",
+    "ConfigurationError",
+    "MissingDependency",
+    "NoRecordedGrid",
+    "SnapshotTooLarge",
     "Space",
+    "SpaceError",
+    "TunebookError",
+    "TuningFailed",
+    "WrongResult",
     "__version__",
     "autotune",
     "bucket",
@@ -39,3 +63,7 @@ __all__ = [
     "stats",
     "strategy_names",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -27,18 +27,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._errors import NoRecordedGrid
+from ._jsonio import is_scalar
+
 MAX_DIMS = 8
 MAX_ARGS = 256
 MAX_GRIDS = 4096
 MAX_ELEMENTS = 1 << 34  # 16 Gi elements: larger than any single tensor a GPU holds today
-
-
-def _scalar(value: Any) -> bool:
-    if value is None or isinstance(value, bool | str):
-        return True
-    if isinstance(value, int):
-        return abs(value) < 1 << 63
-    return isinstance(value, float) and math.isfinite(value)
 
 
 def describe_value(value: Any) -> dict[str, Any]:
@@ -54,7 +49,7 @@ def describe_value(value: Any) -> dict[str, Any]:
                 "device": getattr(device, "type", str(device)) if device is not None else "cpu",
             }
         }
-    if _scalar(value):
+    if is_scalar(value):
         return {"value": value}
     return {"opaque": type(value).__name__}  # replayable only through an inputs= factory
 
@@ -125,7 +120,7 @@ def _validate_value(item: Any) -> str | None:
     if kind == "none":
         return None if body is True else "'none' must be true"
     if kind == "value":
-        return None if _scalar(body) else "'value' must be a JSON scalar"
+        return None if is_scalar(body) else "'value' must be a JSON scalar"
     if kind == "opaque":
         return None if isinstance(body, str) and len(body) < 200 else "'opaque' must be a short string"
     if kind != "tensor" or not isinstance(body, dict):
@@ -193,11 +188,6 @@ def build_args(
     args = tuple(build_value(a, device, generator) for a in desc["args"])
     kwargs = {k: build_value(v, device, generator) for k, v in desc.get("kwargs", {}).items()}
     return args, kwargs
-
-
-class NoRecordedGrid(KeyError):
-    """A config the recorded call has no grid for: it cannot be replayed, which says nothing
-    about the config itself (it is skipped, not recorded as failed)."""
 
 
 def grid_from(

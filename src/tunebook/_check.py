@@ -48,6 +48,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._errors import SnapshotTooLarge, WrongResult
+
 # Floating tolerances by dtype name. A candidate may sum in another order than the
 # reference (split-K, atomics), so outputs of reductions legitimately differ by more than
 # a rounding of the output dtype. Measured on an H200 (docs/result-checking.md): a fp32
@@ -80,10 +82,6 @@ DEFAULT_MAX_BYTES = 4 << 30
 _CHUNK = 1 << 24
 
 Tolerance = float | Mapping[Any, float]
-
-
-class SnapshotTooLarge(ValueError):
-    """The tensor arguments are too large to snapshot within ``max_bytes``."""
 
 
 @dataclass
@@ -361,3 +359,54 @@ def _size(nbytes: int) -> str:
         if nbytes >= factor:
             return f"{nbytes / factor:.1f} {unit}"
     return f"{nbytes} B"
+
+
+class CheckedBench:
+    """Benchmarking with ``check=``: before a config is timed the first time, its output is
+    compared with the reference config's on the same inputs; a mismatch raises
+    :class:`~tunebook.WrongResult`, which the tuning loop records as that config's failure.
+
+    The reference is the first candidate that runs. ``bench(timer, config)`` times with
+    ``timer`` and the launch ``timed(config)`` returns; ``restore()`` puts the caller's
+    inputs back afterwards, so its own launch sees what it passed.
+    """
+
+    def __init__(
+        self,
+        checker: OutputCheck,
+        candidates: Sequence[Any],
+        run_once: Callable[[Any], None],
+        timed: Callable[[Any], Callable[[], None]],
+        quantiles: Sequence[float],
+    ) -> None:
+        self._checker = checker
+        self._candidates = list(candidates)
+        self._run_once = run_once
+        self._timed = timed
+        self._quantiles = quantiles
+        self._reference: Any = None  # None: not chosen yet; False: no candidate runs at all
+        self._checked: set[int] = set()
+
+    def _ensure_reference(self) -> None:
+        if self._reference is not None:
+            return
+        for candidate in self._candidates:
+            try:
+                self._checker.reference(lambda c=candidate: self._run_once(c))
+            except Exception:  # it fails again when measured, and is recorded then
+                continue
+            self._reference = candidate
+            return
+        self._reference = False
+
+    def __call__(self, timer: Callable[..., Any], config: Any) -> Any:
+        self._ensure_reference()
+        if self._reference is not False and id(config) not in self._checked:
+            self._checked.add(id(config))
+            reason = self._checker.check(lambda: self._run_once(config))
+            if reason is not None:
+                raise WrongResult(reason)
+        return timer(self._timed(config), quantiles=self._quantiles)
+
+    def restore(self) -> None:
+        self._checker.restore()

@@ -24,15 +24,29 @@ from . import _settings
 
 __all__ = [
     "CONFIG_OPTION_FIELDS",
+    "TRITON_VERSION",
     "Config",
     "KernelInterface",
+    "async_compile_available",
     "base_function",
     "config_options",
+    "cudagraph_benchmarker",
+    "current_device_ids",
+    "current_target",
     "device_identity",
+    "gpu_context_broken",
+    "heuristic_names",
+    "interpreting",
     "is_jit_function",
     "is_unrunnable_config_error",
     "jitted_python_function",
+    "kernel_source",
+    "launch_option_defaults",
+    "local_gpu_ids",
+    "precompile",
+    "timed_benchmarker",
     "triton_version",
+    "unrunnable_config_errors",
 ]
 
 Config = triton.Config
@@ -95,6 +109,19 @@ def base_function(fn: Any) -> Callable[..., Any]:
         if seen > 64:  # a cycle would be a bug in some wrapper; fail loudly, not forever
             raise TypeError(f"cannot find the Python function inside {fn!r}")
     return fn
+
+
+def heuristic_names(fn: Any) -> set[str]:
+    """Argument names computed by ``triton.heuristics`` layers wrapped around the kernel ``fn``."""
+    names: set[str] = set()
+    seen = 0
+    while not inspect.isfunction(fn) and seen < 64:
+        values = getattr(fn, "values", None)
+        if isinstance(values, dict):
+            names.update(str(k) for k in values)
+        fn = getattr(fn, "fn", None)
+        seen += 1
+    return names
 
 
 def config_options(config: Any) -> dict[str, Any]:
@@ -246,6 +273,25 @@ def gpu_context_broken(error: BaseException | None = None) -> str | None:
     return None
 
 
+def _visible_devices() -> list[str]:
+    return [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+
+
+def local_gpu_ids() -> list[str]:
+    """Every GPU of this machine this process may use, as CUDA_VISIBLE_DEVICES names them
+    (one worker each in ``tunebook tune``); none under the interpreter."""
+    if interpreting():
+        return []
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return []
+    visible = _visible_devices()
+    return [visible[i] if i < len(visible) else str(i) for i in range(count)]
+
+
 def current_device_ids() -> list[str] | None:
     """CUDA_VISIBLE_DEVICES for a worker that must use the GPU this process is using."""
     if interpreting():
@@ -256,7 +302,7 @@ def current_device_ids() -> list[str] | None:
         if torch.cuda.is_available():
             index = torch.cuda.current_device()
             # Indices are relative to this process's own CUDA_VISIBLE_DEVICES, if it has one.
-            visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            visible = _visible_devices()
             return [visible[index] if index < len(visible) else str(index)]
     except Exception:  # pragma: no cover - no torch or no driver
         pass

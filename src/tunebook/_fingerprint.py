@@ -11,8 +11,8 @@ A remembered timing is only as good as the match between who measured it and who
 * **Key** — the values of the ``key`` arguments plus the dtypes of all tensor arguments,
   exactly as ``triton.autotune`` builds it.
 
->>> canonical_key_text([4096, 128, "torch.float16"])
-'[4096,128,"torch.float16"]'
+>>> platform_slug({"backend": "cuda", "device": "NVIDIA H200", "arch": "90"})
+'NVIDIA-H200-90'
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import _compat
+from ._book import KernelIdentity, book_file_name
+from ._jsonio import slug
 
 
 def _digest(text: str) -> str:
@@ -126,6 +129,26 @@ def kernel_name(kernel: Any) -> str:
     return getattr(fn, "__qualname__", getattr(fn, "__name__", "kernel"))
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who asks the book: a kernel on a platform, and the name of the page they share."""
+
+    kernel: KernelIdentity
+    platform: dict[str, Any]  # the fingerprint, without its id
+    platform_id: str
+    slug: str  # the platform's readable name in file names
+
+    @property
+    def file_name(self) -> str:
+        return book_file_name(self.kernel, self.slug, self.platform_id)
+
+
+def identify(kernel: KernelIdentity, timer: str) -> Identity:
+    """The identity of ``kernel`` on this machine's platform, timed by ``timer``."""
+    platform = platform_fingerprint(timer)
+    return Identity(kernel, platform, platform_id(platform), platform_slug(platform))
+
+
 def platform_fingerprint(timer: str) -> dict[str, Any]:
     """Everything that decides whether a timing measured elsewhere applies here."""
     return {**_compat.device_identity(), "triton": _compat.triton_version(), "timer": timer}
@@ -135,27 +158,16 @@ def platform_id(fingerprint: dict[str, Any]) -> str:
     return _digest(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")))[:16]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "x"
-
-
 def platform_slug(fingerprint: dict[str, Any]) -> str:
     """A short human-readable name for file names, e.g. ``NVIDIA-H200-sm90``."""
     if fingerprint.get("backend") == "interpreter":
-        return f"interpreter-{_slug(str(fingerprint.get('arch', 'cpu')))}"
-    device = _slug(str(fingerprint.get("device", "unknown")))[:40]
-    arch = _slug(str(fingerprint.get("arch", "")))[:16]
+        return f"interpreter-{slug(str(fingerprint.get('arch', 'cpu')))}"
+    device = slug(str(fingerprint.get("device", "unknown")), 40)
+    arch = slug(str(fingerprint.get("arch", "")), 16, "")
     return f"{device}-{arch}" if arch and arch not in device else device
 
 
 # ---------------------------------------------------------------------------- keys
-
-
-def json_key_value(value: Any) -> Any:
-    """A key element as stored: JSON scalars as they are, anything else as its str()."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def canonical_key(
@@ -174,7 +186,3 @@ def canonical_key(
     ]
     key.extend(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
     return tuple(key)
-
-
-def canonical_key_text(key: Sequence[Any]) -> str:
-    return json.dumps([json_key_value(v) for v in key], separators=(",", ":"))

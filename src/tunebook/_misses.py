@@ -1,6 +1,8 @@
 """Recording serve-mode misses without stalling the request that met them.
 
-A miss is written to the book (a locked, fsynced file write) by one background thread;
+:func:`record` describes the call (tensor layouts, scalar values, and the grid every
+candidate would launch with), so that ``tunebook tune --misses`` can replay it offline. A
+miss is written to the book (a locked, fsynced file write) by one background thread;
 the kernel call only puts it on a queue. Entries for the same key are coalesced while
 they wait. At interpreter exit the queue is flushed for at most FLUSH_TIMEOUT_S.
 """
@@ -11,11 +13,16 @@ import atexit
 import logging
 import queue
 import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import _calls
 from ._book import Page
 from ._book.files import merge_write
-from ._book.records import Document, Entry
+from ._book.records import Document, Entry, now_iso
+from ._call import Call
+from ._jsonio import stored_key
+from ._version import __version__
 
 log = logging.getLogger("tunebook")
 
@@ -24,6 +31,19 @@ FLUSH_TIMEOUT_S = 5.0
 _queue: queue.Queue[tuple[Any, str, Document] | None] = queue.Queue()
 _thread: threading.Thread | None = None
 _lock = threading.Lock()
+
+
+def record(page: Page, key: Sequence[Any], key_text: str, call: Call, candidates: Mapping[str, Any]) -> None:
+    """Remember that ``key`` missed, and how to replay ``call``; returns at once.
+
+    ``candidates`` maps each candidate's config id to its Config (for the grids).
+    """
+    grids = _calls.evaluate_grids(call.grid, call.nargs, call.kwargs, candidates)
+    description: dict[str, Any] | None = _calls.describe_call(call.args, call.kwargs, grids)
+    if _calls.validate(description, "call") is not None:
+        description = None  # e.g. a scalar the JSON schema cannot hold: count the miss anyway
+    entry = Entry(key=stored_key(key), misses=1, call=description, updated_at=now_iso(), tunebook=__version__)
+    submit(page, key_text, entry)
 
 
 def submit(page: Page, key_text: str, entry: Entry) -> None:

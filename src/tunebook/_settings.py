@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ._errors import ConfigurationError
+
 Mode = Literal["tune", "serve", "off"]
 MODES: tuple[Mode, ...] = ("tune", "serve", "off")
 
@@ -99,7 +101,7 @@ def mode() -> Mode:
     """The policy for unseen keys; an unknown value is an error that names the valid ones."""
     value = TUNEBOOK_MODE.raw().strip().lower()
     if value not in MODES:
-        raise ValueError(
+        raise ConfigurationError(
             f"TUNEBOOK_MODE={value!r} is not a mode tunebook knows; expected one of {', '.join(MODES)}. "
             "Unset it to use the default, 'tune'."
         )

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import _compat
+from ._errors import SpaceError
 
 __all__ = ["Space", "SpaceError"]
 
@@ -68,10 +69,6 @@ _OPTION_NAMES_ANY_RELEASE = frozenset(
         "enable_persistent",
     }
 )
-
-
-class SpaceError(ValueError):
-    """A space that cannot be built or a candidate that does not belong to it."""
 
 
 def _check_option_name(name: str) -> None:

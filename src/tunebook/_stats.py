@@ -14,15 +14,29 @@ from typing import Any
 # including one made while this thread already holds the lock.
 _lock = threading.RLock()
 _totals = {"misses": 0, "benchmarked": 0, "failures": 0, "tuning_seconds": 0.0, "book_hits": 0}
-_tuners: weakref.WeakSet[Any] = weakref.WeakSet()
+_counters: weakref.WeakSet[Counters] = weakref.WeakSet()
 _retired_hits = 0
 _retired_fallbacks = 0
 
 
-def register(tuner: Any) -> None:
-    weakref.finalize(tuner, _retire, tuner._hit_counter, tuner._fallback_counter)
+class Counters:
+    """One autotuner's hit and fallback counts. Each is a one-element list, so that the hit
+    path bumps ``counter[0]`` on a list it already holds (see _hits.Hit)."""
+
+    __slots__ = ("__weakref__", "fallbacks", "hits")
+
+    def __init__(self) -> None:
+        self.hits = [0]
+        self.fallbacks = [0]
+
+
+def register(owner: Any) -> Counters:
+    """Counters for ``owner`` (an autotuner), added to :func:`stats` while it lives and after."""
+    counters = Counters()
+    weakref.finalize(owner, _retire, counters.hits, counters.fallbacks)
     with _lock:
-        _tuners.add(tuner)
+        _counters.add(counters)
+    return counters
 
 
 def _retire(hits: list[int], fallbacks: list[int]) -> None:
@@ -53,9 +67,9 @@ def stats() -> dict[str, float]:
     ['benchmarked', 'book_hits', 'failures']
     """
     with _lock:
-        tuners = list(_tuners)
-        hits = _retired_hits + sum(t._hit_counter[0] for t in tuners)
-        fallbacks = _retired_fallbacks + sum(t._fallback_counter[0] for t in tuners)
+        live = list(_counters)
+        hits = _retired_hits + sum(c.hits[0] for c in live)
+        fallbacks = _retired_fallbacks + sum(c.fallbacks[0] for c in live)
         return {**_totals, "hits": hits, "fallbacks": fallbacks}
 
 
@@ -66,6 +80,6 @@ def reset() -> None:
         for k in _totals:
             _totals[k] = 0.0 if k == "tuning_seconds" else 0
         _retired_hits = _retired_fallbacks = 0
-        for t in list(_tuners):
-            t._hit_counter[0] = 0
-            t._fallback_counter[0] = 0
+        for c in list(_counters):
+            c.hits[0] = 0
+            c.fallbacks[0] = 0

@@ -18,18 +18,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from ._bench import Timers, as_triple
-from ._book import Entry, Result, now_iso
+from ._book import Entry, Page, Result, now_iso
 from ._book.records import TIE_TOLERANCE
-from ._calls import NoRecordedGrid
+from ._errors import NoRecordedGrid
+from ._jsonio import stored_key
 from ._progress import Progress
 from ._search import Budget, choose_strategy, search
+from ._version import __version__
 
 # Contenders: successful configs whose quick median is within this fraction of the best.
 CONTENDER_MARGIN = 0.10
@@ -43,6 +46,8 @@ SAVE_EVERY_S = 1.0
 class KeyTuning:
     """Everything the tuning of one key needs from its autotuner."""
 
+    key_text: str
+    key: Sequence[Any]
     configs: Sequence[Any]
     ids: Sequence[str]
     records: Sequence[dict[str, Any]]
@@ -57,8 +62,69 @@ class KeyTuning:
     hints: Sequence[int] = ()
     seed: int = 0
     progress: Progress | None = None
-    on_candidate: Callable[[int], None] | None = None  # told before each measurement (workers)
-    after_result: Callable[[int, Result], None] | None = None  # told after each result is saved
+
+
+class Observer(Protocol):
+    """Told about each candidate of every tuning in this process (a worker process reports them
+    to its supervisor, which blames the candidate that was running if the process dies)."""
+
+    def candidate(self, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any]) -> None: ...
+
+    def result(self, key_text: str, key: Sequence[Any], cid: str, result: Result) -> None: ...
+
+
+_observer: Observer | None = None
+
+
+@contextlib.contextmanager
+def observed(observer: Observer) -> Iterator[None]:
+    """Tell ``observer`` about every candidate measured in this process meanwhile."""
+    global _observer
+    previous, _observer = _observer, observer
+    try:
+        yield
+    finally:
+        _observer = previous
+
+
+class Persist:
+    """The persist step of one key: record news in the book, return the entry as it now stands.
+
+    What is known for the key (e.g. from a shipped read-only book) is carried into the
+    writable book, so that it stands on its own. With no page (``TUNEBOOK_MODE=off``) results
+    are remembered for this call only.
+    """
+
+    def __init__(self, page: Page | None, key_text: str, key: Sequence[Any], first: str, known: Entry | None):
+        self.page = page
+        self.key_text = key_text
+        self.key = stored_key(key)
+        self.first = first
+        self.entry = known
+        self._seconds = 0.0
+
+    def __call__(self, fresh: dict[str, Result], chosen: str, seconds: float) -> Entry:
+        stamp = now_iso()
+        previous = self.entry
+        news = Entry(
+            key=self.key,
+            results={**(previous.results if previous is not None else {}), **fresh},
+            tuning_seconds=seconds - self._seconds,
+            tuned_at=previous.tuned_at if previous is not None and previous.tuned_at else stamp,
+            updated_at=stamp,
+            tunebook=__version__,
+            chosen=chosen,
+            first=self.first,
+        )
+        self._seconds = seconds
+        if self.page is None:
+            merged = replace(
+                news.merged_over(previous), chosen=chosen or (previous.chosen if previous else "")
+            )
+        else:
+            merged = self.page.record(self.key_text, news)
+        self.entry = merged
+        return merged
 
 
 @dataclass
@@ -80,8 +146,8 @@ def tune_key(job: KeyTuning) -> Outcome:
 
     def time_one(i: int, timer: Callable[..., Any], quick: bool) -> Result | None:
         nonlocal failures
-        if job.on_candidate is not None:
-            job.on_candidate(i)
+        if _observer is not None:
+            _observer.candidate(job.key_text, job.key, job.ids[i], job.records[i])
         try:
             ms = as_triple(job.bench(timer, job.configs[i]))
             if not all(math.isfinite(v) and v >= 0 for v in ms):
@@ -125,14 +191,14 @@ def tune_key(job: KeyTuning) -> Outcome:
             measured += 1
             # Persist as we go (a killed run loses at most this much), but not after every
             # config: each save is a locked, fsynced file write.
-            # In a worker (on_candidate set) every result is saved at once: the next
-            # candidate may take the process down.
-            every = 1 if job.on_candidate is not None else SAVE_EVERY
+            # In a worker (observed) every result is saved at once: the next candidate may
+            # take the process down.
+            every = 1 if _observer is not None else SAVE_EVERY
             if len(pending) >= every or time.perf_counter() - last_save > SAVE_EVERY_S:
                 save(pending)
                 pending, last_save = {}, time.perf_counter()
-            if job.after_result is not None:
-                job.after_result(i, result)
+            if _observer is not None:
+                _observer.result(job.key_text, job.key, job.ids[i], result)
         if pending:
             save(pending)
         return out

@@ -26,8 +26,13 @@ SPACE = Space(
     num_stages=[1, 2, 3, 4, 5],
 )
 SHAPES = [(4096, 4096, 4096), (512, 4096, 4096), (64, 8192, 8192), (16384, 1024, 2048)]
-PLATFORM = {"backend": "synthetic", "device": "model of an H100", "arch": "90", "triton": "n/a",
-            "timer": "synthetic"}
+PLATFORM = {
+    "backend": "synthetic",
+    "device": "model of an H100",
+    "arch": "90",
+    "triton": "n/a",
+    "timer": "synthetic",
+}
 SMS = 132
 SMEM_LIMIT = 232448
 PEAK_TFLOPS = 700.0
@@ -38,8 +43,10 @@ def model_ms(c: dict, m: int, n: int, k: int) -> float | str:
     bm, bn, bk, warps, stages = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]
     smem = (bm + bn) * bk * 2 * max(stages - 1, 1)
     if smem > SMEM_LIMIT:
-        return (f"OutOfResources: out of resource: shared memory, Required: {smem}, Hardware limit: "
-                f"{SMEM_LIMIT}. Reducing block sizes or `num_stages` may help.")
+        return (
+            f"OutOfResources: out of resource: shared memory, Required: {smem}, Hardware limit: "
+            f"{SMEM_LIMIT}. Reducing block sizes or `num_stages` may help."
+        )
     tiles = math.ceil(m / bm) * math.ceil(n / bn)
     per_sm = max(1, min(4, SMEM_LIMIT // smem, 64 // warps))
     waves = math.ceil(tiles / (SMS * per_sm))
@@ -82,8 +89,10 @@ def main() -> None:
         table.dump(path)
         best, ms = table.best()
         fails = sum(r.ms is None for r in table.rows)
-        print(f"{path.name}: {len(table.rows)} configs, {fails} failed, "
-              f"best {ms:.4f} ms {table.rows[best].config}")
+        print(
+            f"{path.name}: {len(table.rows)} configs, {fails} failed, "
+            f"best {ms:.4f} ms {table.rows[best].config}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""Where results live. See records.py for the schema, files.py for the on-disk contract."""
+"""Where results live: the schema (records.py), files on disk (files.py), the store interface
+and its directory store (stores.py), the Redis fleet store (redis_store.py), and the book and
+its pages composed over those stores (pages.py)."""
 
-from .files import BookWarning, atomic_write_text, merge_write, read_document
-from .layers import Book, KernelIdentity, Page, book_file_name
-from .records import BookFormatError, Document, Entry, Result, config_id, config_record, now_iso
+from .._errors import BookFormatError, BookWarning
+from .files import atomic_write_text, merge_write, read_book_file, read_document
+from .pages import Book, KernelIdentity, Page, book_file_name
+from .records import Document, Entry, Result, config_id, config_record, now_iso
+from .stores import BookStore, DirectoryStore
 
 __all__ = [
     "Book",
     "BookFormatError",
+    "BookStore",
     "BookWarning",
+    "DirectoryStore",
     "Document",
     "Entry",
     "KernelIdentity",
@@ -19,5 +25,6 @@ __all__ = [
     "config_record",
     "merge_write",
     "now_iso",
+    "read_book_file",
     "read_document",
 ]

@@ -20,88 +20,58 @@ Contract (relied on by every caller, tested in tests/test_book_files.py):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import FORMAT, VERSION, BookFormatError, Document
+from .._errors import BookFormatError, BookWarning
+from .._jsonio import strict_loads
+from .._warnings import warn_once
+from .records import FORMAT, VERSION, Document
 
 log = logging.getLogger("tunebook")
 
 MAX_BOOK_BYTES = 64 * 1024 * 1024  # a book of 10^5 results is ~20 MB; anything far larger is not ours
 LOCK_TIMEOUT_S = 30.0
 
-_warned: set[str] = set()
+__all__ = ["BookWarning", "atomic_write_text", "merge_write", "read_book_file", "read_document"]
 
 
-class BookWarning(UserWarning):
-    """A book could not be read or written; the kernel call went on regardless."""
+def read_book_file(path: Path) -> tuple[Document | None, str | None]:
+    """(the book at ``path``, None), or (None, why it cannot be used); never raises.
 
-
-def warn_once(tag: str, message: str, *args: object) -> None:
-    """Report a book problem once per process: to the "tunebook" logger and as a BookWarning.
-
-    The warning makes the problem visible in applications that configure no logging
-    (the logger has only a NullHandler); ``warnings.filterwarnings`` silences it.
+    A missing file is (None, None). The one strict reader: the autotuner warns with the
+    reason once, the command line shows it.
     """
-    if tag in _warned:
-        return
-    _warned.add(tag)
-    log.warning(message, *args)
-    warnings.warn(message % args, BookWarning, stacklevel=2)
-
-
-def _reject_constant(name: str) -> Any:
-    raise BookFormatError(f"{name} is not a number a book may hold")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise BookFormatError(f"{text} is out of range for a timing")
-    return value
-
-
-def strict_loads(text: str) -> Any:
-    """JSON as the standard defines it: no NaN or Infinity, no float that overflows to inf."""
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None, None
+    if size > MAX_BOOK_BYTES:
+        return None, f"{size} bytes is over the {MAX_BOOK_BYTES}-byte limit for a book file"
+    try:
+        return Document.from_json(strict_loads(path.read_text(encoding="utf-8"))), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, OverflowError, RecursionError) as exc:  # BookFormatError, JSON errors too
+        return None, f"{type(exc).__name__}: {exc}" if not isinstance(exc, BookFormatError) else str(exc)
 
 
 def read_document(path: Path) -> Document | None:
     """The book at ``path``, or None if it is missing or unusable (warned once)."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return None
-    if size > MAX_BOOK_BYTES:
-        warn_once(
-            f"read:{path}",
-            "tunebook: skipping book %s: %d bytes is over the %d-byte limit for a book file",
-            path,
-            size,
-            MAX_BOOK_BYTES,
-        )
-        return None
-    try:
-        text = path.read_text(encoding="utf-8")
-        return Document.from_json(strict_loads(text))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, OverflowError, RecursionError) as exc:  # BookFormatError, JSON errors too
+    doc, reason = read_book_file(path)
+    if reason is not None:
         warn_once(
             f"read:{path}",
             "tunebook: skipping book %s: %s. The kernel still runs; delete or replace the file to "
             "silence this warning.",
             path,
-            exc,
+            reason,
         )
-        return None
+    return doc
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -157,8 +127,16 @@ def _newer_format(text: str) -> bool:
     )
 
 
-def _read_for_merge(path: Path) -> Document | None:
-    """Like read_document, but a corrupt file is moved aside rather than overwritten.
+def _keep_aside(path: Path, why: str) -> None:
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.replace(path, aside)
+        log.warning("tunebook: kept the %s book %s aside as %s", why, path, aside)
+
+
+def _read_for_merge(path: Path, kernel_hash: Any) -> Document | None:
+    """Like read_document, but a corrupt file is moved aside rather than overwritten, and so
+    is one of another kernel under this kernel's name (it would serve foreign results).
 
     A book of a newer format is neither moved nor overwritten: an older tunebook sharing
     the directory must not destroy a newer one's results.
@@ -166,6 +144,9 @@ def _read_for_merge(path: Path) -> Document | None:
     if not path.exists():
         return None
     doc = read_document(path)
+    if doc is not None and doc.kernel.get("hash") != kernel_hash:
+        _keep_aside(path, "foreign")
+        return None
     if doc is None:
         # Only a file whose content is broken may be replaced. One that is too large to read
         # here, that could not be read just now (EIO, EMFILE), or that a newer tunebook wrote
@@ -182,10 +163,7 @@ def _read_for_merge(path: Path) -> Document | None:
             raise _LeaveAlone(path) from exc
         if _newer_format(text):
             raise _LeaveAlone(path)
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-        with contextlib.suppress(OSError):
-            os.replace(path, aside)
-            log.warning("tunebook: kept the unreadable book %s aside as %s", path, aside)
+        _keep_aside(path, "corrupt")
     return doc
 
 
@@ -207,7 +185,7 @@ def merge_write(path: Path, news: Document) -> Document | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
             _remove_stale_temp_files(path)
-            merged = news.merged_over(_read_for_merge(path))
+            merged = news.merged_over(_read_for_merge(path, news.kernel.get("hash")))
             atomic_write_text(path, merged.dumps())
             return merged
     except _LeaveAlone:

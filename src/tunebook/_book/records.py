@@ -25,12 +25,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from .._errors import BookFormatError
+from .._jsonio import as_scalar, is_number, is_scalar
+
 FORMAT = "tunebook-book"
 VERSION = 1
-
-
-class BookFormatError(ValueError):
-    """A document that is not a readable tunebook book of this version."""
 
 
 def now_iso() -> str:
@@ -40,35 +39,11 @@ def now_iso() -> str:
 # --------------------------------------------------------------------- configs
 
 
-def _json_scalar(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-def _is_json_scalar(value: Any) -> bool:
-    """A value a config may hold in a book: a JSON scalar, and a finite one if a number."""
-    if value is None or isinstance(value, bool | str):
-        return True
-    if isinstance(value, int):
-        return True
-    return isinstance(value, float) and math.isfinite(value)
-
-
-def _finite_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def config_record(kwargs: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     """A Config as stored: its meta-parameters under "kwargs", its compiler options beside."""
-    record: dict[str, Any] = {"kwargs": {k: _json_scalar(kwargs[k]) for k in sorted(kwargs)}}
+    record: dict[str, Any] = {"kwargs": {k: as_scalar(kwargs[k]) for k in sorted(kwargs)}}
     for name in sorted(options):
-        record[name] = _json_scalar(options[name])
+        record[name] = as_scalar(options[name])
     return record
 
 
@@ -129,7 +104,7 @@ class Result:
         if not isinstance(config, dict) or not isinstance(config.get("kwargs"), dict):
             raise BookFormatError(f"{where}: 'config' must be an object with a 'kwargs' object")
         values = [*config["kwargs"].values(), *(v for k, v in config.items() if k != "kwargs")]
-        if not all(_is_json_scalar(v) for v in values):
+        if not all(is_scalar(v) for v in values):
             raise BookFormatError(f"{where}: config values must be strings, finite numbers, booleans or null")
         ms = data.get("ms")
         error = data.get("error")
@@ -137,7 +112,7 @@ class Result:
             if (
                 not isinstance(ms, list)
                 or len(ms) != 3
-                or not all(_finite_number(v) for v in ms)
+                or not all(is_number(v) for v in ms)
                 or not all(v >= 0 for v in ms)
             ):
                 raise BookFormatError(
@@ -230,9 +205,9 @@ class Entry:
                 raise BookFormatError(f"{where}: result id {cid!r} does not match its config")
             parsed[cid] = result
         seconds = data.get("tuning_seconds", 0.0)
-        if not _finite_number(seconds) or seconds < 0:
+        if not is_number(seconds) or seconds < 0:
             raise BookFormatError(f"{where}: 'tuning_seconds' must be a finite non-negative number")
-        if not all(_is_json_scalar(v) for v in key):
+        if not all(is_scalar(v) for v in key):
             raise BookFormatError(f"{where}: 'key' values must be strings, finite numbers, booleans or null")
         misses = data.get("misses", 0)
         if not isinstance(misses, int) or isinstance(misses, bool) or not 0 <= misses < 1 << 62:

@@ -31,19 +31,25 @@ Example (needs a running redis-server)::
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .records import FORMAT, VERSION, BookFormatError, Document
+from .._errors import BookFormatError
+from .._jsonio import strict_loads
+from .._optional import install_line, require
+from .._warnings import warn_once
+from .records import FORMAT, VERSION, Document
 
 log = logging.getLogger("tunebook")
 
-INSTALL_HINT = "pip install 'tunebook[redis]'"
+INSTALL_HINT = install_line("redis")
 KEY_PREFIX = "tunebook:book:"
 _META = "meta"
 # Optimistic transactions retry when another writer touched the same book meanwhile; fleet
@@ -52,25 +58,40 @@ _MAX_TRIES = 64
 
 
 def _import_redis() -> Any:
-    try:
-        import redis
-        import redis.backoff
-        import redis.retry
-    except ImportError as exc:
-        raise ImportError(
-            "tunebook's shared fleet book (TUNEBOOK_REDIS_URL) needs redis-py, which is not installed. "
-            f"Install it with:\n    {INSTALL_HINT}"
-        ) from exc
+    redis = require("redis", feature="tunebook's shared fleet book (TUNEBOOK_REDIS_URL)", extra="redis")
+    importlib.import_module("redis.backoff")
+    importlib.import_module("redis.retry")
     return redis
 
 
-def _no_constant(name: str) -> Any:
-    raise BookFormatError(f"{name} is not a JSON number")
+# One store per (process, URL): every page of a process shares its connection pool and,
+# above all, its breaker, so an outage is detected, logged and waited out once, not once
+# per kernel. Keyed by pid too, so a forked child builds its own instead of inheriting
+# a lock or breaker state from its parent.
+_shared_stores: dict[tuple[int, str], RedisStore | None] = {}
+_shared_lock = threading.Lock()
 
 
-def _loads(raw: bytes) -> Any:
-    """Strict JSON: NaN and Infinity (which json.loads accepts) could never be written back."""
-    return json.loads(raw, parse_constant=_no_constant)
+def shared_store(url: str) -> RedisStore | None:
+    """This process's store for the Redis book at ``url``; None if redis-py is missing.
+
+    A missing redis-py is reported once (with the ``pip install`` line) and the book goes
+    on without its shared layer: a deployment mistake must not fail kernel calls.
+    """
+    cache_key = (os.getpid(), url)
+    with _shared_lock:
+        if cache_key not in _shared_stores:
+            try:
+                _shared_stores[cache_key] = RedisStore(url)
+            except ImportError as exc:
+                warn_once(
+                    f"redis-import:{url}",
+                    "tunebook: TUNEBOOK_REDIS_URL is set but the shared book cannot be used: %s "
+                    "Carrying on with the local book only.",
+                    exc,
+                )
+                _shared_stores[cache_key] = None
+        return _shared_stores[cache_key]
 
 
 class RedisStore:
@@ -94,7 +115,6 @@ class RedisStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._open_until: float | None = None  # breaker open (Redis deemed down) until then
-        self._warned: set[str] = set()
         self.conflicts = 0  # merges retried because another writer got in first (for reports)
         # Connection-level failures open the breaker; a server that answers with an error
         # (a wrong type at our key, a read-only replica) is up, and only this call fails.
@@ -175,9 +195,9 @@ class RedisStore:
         return result
 
     def _warn(self, tag: str, message: str, *args: object) -> None:
-        if tag not in self._warned:
-            self._warned.add(tag)
-            log.warning(message, *args)
+        # Logged, not a BookWarning: the fleet book is an optional layer, and its outages
+        # are reported by the breaker (once per outage) already.
+        warn_once(f"redis:{self.url}:{tag}", message, *args, warn=False)
 
     # ------------------------------------------------------------------ documents
 
@@ -186,11 +206,11 @@ class RedisStore:
         if not fields:
             return None
         try:
-            meta = _loads(fields.get(_META.encode(), b"null"))
+            meta = strict_loads(fields.get(_META.encode(), b"null"))
             if not isinstance(meta, dict):
                 raise BookFormatError("the 'meta' field is missing or not an object")
             entries = {
-                name.decode("utf-8"): _loads(value)
+                name.decode("utf-8"): strict_loads(value)
                 for name, value in fields.items()
                 if name != _META.encode()
             }

@@ -27,23 +27,22 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from .._optional import require
 from ._base import Strategy, register_strategy
 from ._encoding import Encoding
 
+BAYES_HINT = "or choose strategy='random' or 'neighbors'."
+
 _MAX_TRIES = 32
-_INSTALL = "pip install 'tunebook[optuna]'"
 
 
 def import_optuna() -> Any:
-    try:
-        import optuna
-    except ImportError as exc:
-        raise ImportError(
-            "the 'bayes' search strategy needs Optuna, which is not installed. Install it with:\n"
-            f"{_INSTALL}\n"
-            "or choose strategy='random' or 'neighbors'."
-        ) from exc
-    return optuna
+    return require(
+        "optuna",
+        feature="the 'bayes' search strategy",
+        extra="optuna",
+        hint=BAYES_HINT,
+    )
 
 
 @register_strategy

@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._optional import available
 from ._base import Strategy, clean_ms, make_strategy
 
 __all__ = ["SMALL_SPACE", "Budget", "SearchResult", "choose_strategy", "search"]
@@ -73,7 +73,7 @@ class SearchResult:
 
 
 def _optuna_installed() -> bool:
-    return importlib.util.find_spec("optuna") is not None
+    return available("optuna")
 
 
 def choose_strategy(n_candidates: int, budget: Budget = Budget(), hints: Sequence[int] = ()) -> str:

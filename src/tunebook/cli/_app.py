@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from .._autotuner import __version__
+from .._version import __version__
 from . import diff, explain, export_vllm, import_vllm, merge, prune, report, show, tune
 
 

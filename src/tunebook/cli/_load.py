@@ -7,14 +7,11 @@ itself with the same parser (``Document.from_json``) and keeps the reason.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._book.files import MAX_BOOK_BYTES
-from .._book.layers import KernelIdentity, book_file_name
-from .._book.records import BookFormatError, Document
+from .._book import Document, KernelIdentity, book_file_name, read_book_file
 from .._fingerprint import platform_id, platform_slug
 
 
@@ -86,13 +83,10 @@ def canonical_file_name(doc: Document) -> str:
 
 def parse_file(path: Path) -> tuple[Document | None, str | None]:
     """(document, None) or (None, why it cannot be read)."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_BOOK_BYTES:
-            return None, f"{size} bytes is over the {MAX_BOOK_BYTES}-byte limit for a book file"
-        return Document.from_json(json.loads(path.read_text(encoding="utf-8"))), None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, BookFormatError, RecursionError) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+    doc, why = read_book_file(path)  # the library's own strict reader
+    if doc is None and why is None:
+        why = "the file vanished while it was being read"
+    return doc, why
 
 
 def load(source: Path) -> Loaded:

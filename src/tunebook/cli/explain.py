@@ -17,8 +17,8 @@ import click
 from rich.markup import escape
 
 from .._autotuner import Autotuner
-from .._book.layers import Book, KernelIdentity, book_file_name
-from .._fingerprint import platform_fingerprint, platform_id, platform_slug
+from .._book import Book, KernelIdentity, book_file_name
+from .._fingerprint import platform_slug
 from ._common import echo_json, err, out, parse_assignments
 from ._load import Page, load
 from ._modules import resolve_kernel
@@ -52,14 +52,13 @@ HINTS = {
 def identity_here(tuner: Autotuner) -> tuple[KernelIdentity, dict[str, Any], str]:
     """(kernel identity, platform fingerprint, platform id) exactly as ``Autotuner.page()`` builds them."""
     try:
-        timer_id = tuner._timer_name()
-        fingerprint = platform_fingerprint(timer_id)
+        ident = tuner.identity()
     except RuntimeError as exc:  # Triton found no GPU driver
         raise click.ClickException(
             f"cannot tell this process's platform: {str(exc).rstrip('.')}. On a machine without a GPU, "
             "explain the interpreter platform with TRITON_INTERPRET=1 (or --env TRITON_INTERPRET=1)."
         ) from None
-    return tuner._kernel_identity(), fingerprint, platform_id(fingerprint)
+    return ident.kernel, ident.platform, ident.platform_id
 
 
 def differences(page: Page, ident: KernelIdentity, fingerprint: dict[str, Any]) -> list[dict[str, Any]]:
@@ -192,7 +191,7 @@ def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: 
     if book is not None:
         directories = [book]
     else:
-        layers = Book.from_env(tuner._books)
+        layers = Book.from_env(tuner.options.books)
         directories = ([layers.directory] if layers.directory is not None else []) + list(layers.readonly)
     data = explain_data(target, tuner, directories, key_limit)
     if as_json:

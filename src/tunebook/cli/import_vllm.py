@@ -11,10 +11,11 @@ from typing import Any
 
 import click
 
-from .._autotuner import __version__
-from .._book.layers import KernelIdentity, book_file_name
+from .._book import KernelIdentity, book_file_name
 from .._book.records import Document, Entry, Result, config_id, config_record
-from .._fingerprint import canonical_key_text, platform_id, platform_slug
+from .._fingerprint import platform_id, platform_slug
+from .._jsonio import key_text
+from .._version import __version__
 from ._common import out, output_option, parse_assignments, resolve_book, write_document
 from ._load import load
 from ._vllm_format import (
@@ -148,7 +149,7 @@ def command(
             )
             result = Result(config=record, ms=(0.0, 0.0, 0.0), error=None, at="")
             entry = Entry(key=tuple(key), results={config_id(record): result}, tunebook=__version__)
-            by_device.setdefault(fields["device"], {})[canonical_key_text(key)] = entry
+            by_device.setdefault(fields["device"], {})[key_text(key)] = entry
     directory = resolve_book(output)
     directory.mkdir(parents=True, exist_ok=True)
     console = out()

@@ -30,7 +30,7 @@ def current_ids(modules: tuple[str, ...]) -> dict[str, set[str]]:
                 "--keep names the modules whose kernels are current"
             )
         for tuner in found.values():
-            ident = tuner._kernel_identity()
+            ident = tuner.identity().kernel
             ids.setdefault(ident.name, set()).add(ident.id)
     return ids
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
-from .._autotuner import __version__
 from .._book.files import atomic_write_text
+from .._version import __version__
 from ._common import book_argument, load_or_fail, out, output_option, warn_skipped
 from ._load import Page
 from ._summary import KeySummary, fmt_key, fmt_ms, short_config, sorted_entries, summarise_page

@@ -12,29 +12,16 @@ restarted.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
 
-from .._autotuner import Autotuner, record_crash
+from .. import _compat
+from .._autotuner import Autotuner
 from .._calls import validate
-from .._worker import DEFAULT_TIMEOUT_S, run_jobs
+from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
 from ._common import err, out, parse_assignments
 from ._modules import autotuners, import_module, resolve_kernel
-
-
-def _gpu_devices() -> list[str]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return []
-    try:
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        return []
-    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return [visible[i] if i < len(visible) else str(i) for i in range(count)]
 
 
 def _pending(tuner: Autotuner) -> list[tuple[str, Any]]:
@@ -120,7 +107,7 @@ def command(
         module_name = targets[0].rpartition(":")[0]
         module_name = import_module(module_name).__name__
         tuners[(module_name, attr)] = tuner
-        if tuner.inputs is None:
+        if tuner.options.inputs is None:
             raise click.ClickException(
                 f"{targets[0]} has no inputs= factory, so tunebook cannot build its arguments from key "
                 "values; "
@@ -137,7 +124,7 @@ def command(
     if not jobs:
         out().print("nothing to tune: no recorded misses without results" if misses else "no keys given")
         return
-    devices = _gpu_devices()
+    devices = _compat.local_gpu_ids()
     n_workers = workers or max(1, len(devices))
     out().print(
         f"tuning {len(jobs)} key(s) with {n_workers} worker(s)"

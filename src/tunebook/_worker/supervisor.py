@@ -1,7 +1,7 @@
-"""Tuning in worker processes: offline (``tunebook tune``) and isolated (``isolate=True``).
+"""The supervisor of tuning worker processes (``tunebook tune`` and ``isolate=True``).
 
 A *job* tunes one key of one kernel: ``{"module", "attr", "key_text", "call", "key"}``.
-The worker (``python -m tunebook.worker JOBFILE``) imports the kernel by module and
+The worker (``python -m tunebook._worker JOBFILE``, child.py) imports the kernel by module and
 attribute, rebuilds the call (the kernel's ``inputs=`` factory, else tensors of the
 recorded layout and the recorded grids), and calls the kernel in ``tune`` mode, which
 measures and persists as usual. It prints one JSON line per event on stdout:
@@ -29,148 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 DEFAULT_TIMEOUT_S = 300.0
-
-
-# ------------------------------------------------------------------- inside the worker
-
-
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
-
-
-def _locate(module: str, attr: str) -> Any:
-    import importlib
-
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    """(grid, args, kwargs) for a job, through the kernel's inputs= factory or the recording."""
-    from . import _calls
-
-    call = job.get("call")
-    grid = None
-    if tuner.inputs is not None:
-        grid, args, kwargs = tuner.inputs({"call": call, "key": job.get("key", {})})
-        if grid is not None:
-            return grid, tuple(args), dict(kwargs)
-    elif call is None:
-        raise ValueError(
-            f"{job['module']}:{job['attr']} has no recorded call for this key and no inputs= factory; "
-            "register inputs= with tunebook.autotune to tune declared keys"
-        )
-    else:
-        args, kwargs = _calls.build_args(call, device=_default_device())
-    if call is None or not call.get("grids"):
-        raise ValueError("no launch grid: the recorded call has no grids and inputs= returned grid=None")
-    return _calls.grid_from(call, tuner._identify_meta), tuple(args), dict(kwargs)
-
-
-def _default_device() -> str | None:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else None
-    except ImportError:  # pragma: no cover
-        return None
-
-
-def worker_main(job_file: str) -> int:
-    os.environ["TUNEBOOK_MODE"] = "tune"
-    spec = json.loads(Path(job_file).read_text())
-    import tunebook
-
-    for job in spec["jobs"]:
-        index = job["index"]
-        _emit({"event": "job", "index": index})
-        try:
-            tuner = _locate(job["module"], job["attr"])
-            tuner.isolate = False  # this process is the isolation: tune here
-            where: dict[str, Any] = {}
-
-            def announce(
-                cid: str, record: Any, key_text: str, key: Any, i: int = index, where: dict[str, Any] = where
-            ) -> None:
-                where.update(key_text=key_text, key=key)
-                _emit(
-                    {
-                        "event": "candidate",
-                        "index": i,
-                        "key_text": key_text,
-                        "key": key,
-                        "cid": cid,
-                        "config": record,
-                    }
-                )
-
-            def report(cid: str, result: Any, i: int = index, where: dict[str, Any] = where) -> None:
-                # The parent keeps every result too: its book may be one this worker cannot write.
-                _emit({"event": "result", "index": i, **where, "cid": cid, "result": result.to_json()})
-                _exit_if_gpu_broken(cid, result)
-
-            tuner._on_candidate = announce
-            tuner._after_result = report
-            grid, args, kwargs = rebuild_call(tuner, job)
-            before = tunebook.stats()["benchmarked"]
-            start = time.perf_counter()
-            tuner[grid](*args, **kwargs)
-            _sync()
-            _emit(
-                {
-                    "event": "done",
-                    "index": index,
-                    "benchmarked": tunebook.stats()["benchmarked"] - before,
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-        except Exception as exc:  # one bad job must not stop the others
-            _emit(
-                {
-                    "event": "error",
-                    "index": index,
-                    "reason": f"{type(exc).__name__}: {exc}",
-                    "trace": traceback.format_exc(limit=5),
-                }
-            )
-    return 0
-
-
-def _exit_if_gpu_broken(cid: str, result: Any) -> None:
-    """After a failed config: if it left the CUDA context unusable (an illegal memory
-    access or a device-side assert poisons it for every later launch), end this worker.
-    The failure is already persisted with its real reason; the supervisor starts a fresh
-    worker, which resumes without retrying the config."""
-    if result.ok:
-        return
-    from . import _compat
-
-    broken = _compat.gpu_context_broken(RuntimeError(result.error or ""))
-    if broken is not None:
-        sys.stdout.flush()
-        sys.stderr.write(f"tunebook worker: GPU context unusable after {cid}: {broken}\n")
-        sys.stderr.flush()
-        os._exit(3)
-
-
-def _sync() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 # ------------------------------------------------------------------- the supervisor
@@ -260,7 +123,7 @@ def _run_one_worker(
     if devices:
         child_env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tunebook.worker", job_file],
+        [sys.executable, "-m", "tunebook._worker", job_file],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

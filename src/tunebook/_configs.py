@@ -1,0 +1,101 @@
+"""Config identity: how the book names a ``triton.Config``, and back.
+
+A config's id is its launch parameters as text (``BLOCK_M=64,BLOCK_N=32|num_stages=3,num_warps=4``),
+so the same config has the same id in every process, on every machine, in every book.
+Configs equal in every launch parameter (a list with duplicates, or two that differ only in
+their ``pre_hook``) share one id: the first declared stands for them, as it would win
+Triton's tie, and it is the one measured. A Space's candidates get one Config object per
+id, made on first sight and reused, so that ids are computed once per object.
+
+>>> import triton
+>>> same = [triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 64}, num_warps=4)]
+>>> index = ConfigIndex(same)
+>>> [index.id_of(c) for c in index.configs]
+['BLOCK=64|num_warps=4', 'BLOCK=64|num_warps=4']
+>>> len(index.unique(index.configs))
+1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import _compat
+from ._book import config_id, config_record
+
+if TYPE_CHECKING:
+    from ._space import Space
+
+
+class ConfigIndex:
+    """Ids, stored records and Config objects of one kernel's configs (declared or from a Space).
+
+    Not thread-safe on its own; the autotuner uses it under its lock (the hit path never does).
+    """
+
+    def __init__(self, configs: Sequence[Any]) -> None:
+        self.configs = list(configs)
+        self._ids: dict[int, str] = {}  # id(Config) -> config id
+        self._records: dict[int, dict[str, Any]] = {}  # id(Config) -> stored record
+        self._by_id: dict[str, Any] = {}  # config id -> the Config that stands for it
+        self._space_configs: dict[str, Any] = {}  # config id -> the one Config made for a Space point
+        self._meta: tuple[tuple[str, ...], dict[tuple[Any, ...], str], int] | None = None
+        for config in self.configs:
+            self.id_of(config)
+
+    def id_of(self, config: Any) -> str:
+        """The config's id (computed once per Config object)."""
+        cid = self._ids.get(id(config))
+        if cid is None:
+            record = config_record(config.kwargs, _compat.config_options(config))
+            cid = config_id(record)
+            self._ids[id(config)] = cid
+            self._records[id(config)] = record
+            self._by_id.setdefault(cid, config)
+        return cid
+
+    def record_of(self, config: Any) -> dict[str, Any]:
+        """The config as a book stores it."""
+        self.id_of(config)
+        return self._records[id(config)]
+
+    def config(self, cid: str) -> Any:
+        """The Config that stands for ``cid`` (KeyError for an id never seen)."""
+        return self._by_id[cid]
+
+    def unique(self, configs: Iterable[Any]) -> list[Any]:
+        """``configs`` without repeats of an id, each id represented by the config that stands for it."""
+        out: dict[str, Any] = {}
+        for config in configs:
+            cid = self.id_of(config)
+            out.setdefault(cid, self._by_id[cid])
+        return list(out.values())
+
+    def from_space(self, space: Space, candidate: Mapping[str, Any]) -> Any:
+        """The one Config object for a Space candidate."""
+        record = config_record(
+            {k: v for k, v in candidate.items() if k not in space.option_names},
+            {k: v for k, v in candidate.items() if k in space.option_names},
+        )
+        cid = config_id(record)
+        config = self._space_configs.get(cid)
+        if config is None:
+            config = self._space_configs[cid] = space.to_config(candidate)
+            self.id_of(config)
+        return config
+
+    def id_for_meta(self, meta: Mapping[str, Any]) -> str | None:
+        """A config id with the meta-parameters of this launch (to look up a recorded grid).
+
+        A grid callable sees the kernel's parameters, never num_warps/num_stages, so configs
+        that differ only in those launch with the same grid: any of them will do.
+        """
+        if self._meta is None or self._meta[2] != len(self._by_id):
+            names = tuple(sorted({n for c in self._by_id.values() for n in c.kwargs}))
+            index: dict[tuple[Any, ...], str] = {}
+            for cid, c in self._by_id.items():
+                index.setdefault(tuple(c.kwargs.get(n) for n in names), cid)
+            self._meta = (names, index, len(self._by_id))
+        names, index, _ = self._meta
+        return index.get(tuple(meta.get(n) for n in names))

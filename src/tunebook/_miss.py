@@ -1,0 +1,220 @@
+"""What happens on a miss: a key the autotuner has not decided in this process.
+
+    candidates (pruned, one per config id)
+        │
+        ▼
+    the page of the book ─► every candidate measured, or the search done ─► answer from the book
+        │ (refreshed first: another process or host may have tuned it meanwhile)
+        ▼ otherwise, by TUNEBOOK_MODE (the rule: _policy.py)
+    tune  → measure what the book lacks, persist as it goes (_tuner.py; isolate=True: _worker/)
+    serve → fallback= / own partial results / nearest key / first config, and record the miss
+    off   → measure everything, remember nothing
+
+:func:`resolve` returns a :class:`Resolution`; the autotuner settles it (its cache, its
+``configs_timings``, Triton's post-tuning reset) under its lock. Nothing here runs on a hit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _compat, _misses, _policy, _settings, _stats
+from ._bench import QUANTILES
+from ._book import Entry, Page, config_id, config_record
+from ._call import Call
+from ._errors import WrongResult
+from ._jsonio import key_text as _key_text
+from ._jsonio import stored_key
+from ._progress import Progress
+from ._tuner import KeyTuning, Outcome, Persist, tune_key
+
+if TYPE_CHECKING:
+    from ._autotuner import Autotuner
+
+log = logging.getLogger("tunebook")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How a miss was answered: the config id (None: the first candidate), from where
+    ("book", "tuned" or "served"), the key's entry afterwards, and what it cost."""
+
+    cid: str | None
+    source: str
+    entry: Entry | None
+    benchmarked: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Miss:
+    """One key to answer: who asks, for which call, among which candidates (one per config id)."""
+
+    tuner: Autotuner
+    call: Call
+    key: tuple[Any, ...]
+    text: str  # the key as the book names it
+    candidates: list[Any]
+    ids: list[str]
+
+    @property
+    def by_id(self) -> dict[str, Any]:
+        return dict(zip(self.ids, self.candidates))
+
+
+def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequence[Any]) -> Resolution:
+    """Answer a miss of ``key`` among ``candidates`` (see the module docstring)."""
+    miss = Miss(
+        tuner, call, key, _key_text(key), list(candidates), [tuner.config_index.id_of(c) for c in candidates]
+    )
+    mode = _settings.mode()
+    budget = tuner.options.budget
+    page = tuner.page() if mode != "off" else None
+    entry = page.get(miss.text) if page is not None else None
+    if page is not None:
+        if entry is None or not _policy.answered(entry, miss.ids, budget):
+            page.refresh()  # another process (or host, through Redis) may have tuned it meanwhile
+            entry = page.get(miss.text)
+        if _policy.decide(entry, miss.ids, mode, budget) == "book":
+            _stats.add("book_hits")
+            return Resolution(entry.best(miss.ids) if entry is not None else None, "book", entry)
+        _stats.add("misses")
+        if mode == "serve":
+            return _serve(miss, entry, page)
+    outcome = _tune(miss, entry, page)
+    _stats.add("benchmarked", outcome.measured)
+    _stats.add("tuning_seconds", outcome.seconds)
+    _stats.add("failures", outcome.failures)
+    return Resolution(outcome.entry.best(miss.ids), "tuned", outcome.entry, outcome.measured, outcome.seconds)
+
+
+def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
+    """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
+    picked = _user_fallback(miss)
+    cid, how = _policy.serve_choice(miss.ids, entry, _policy.nearest(miss.key, page.entries.values()), picked)
+    log.warning(
+        "tunebook: %s key %s is not in the book; serving %s without benchmarking (TUNEBOOK_MODE=serve)",
+        miss.tuner.label,
+        list(miss.key),
+        how,
+    )
+    _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
+    return Resolution(cid, "served", entry)
+
+
+def _user_fallback(miss: Miss) -> str | None:
+    """The id of the config the user's ``fallback=`` picks, if it is one of the candidates."""
+    fallback = miss.tuner.options.fallback
+    if fallback is None:
+        return None
+    picked = fallback(miss.key, list(miss.candidates))
+    if picked is None:
+        return None
+    chosen = next((cid for cid, c in zip(miss.ids, miss.candidates) if c is picked), None)
+    if chosen is None:
+        cid = config_id(config_record(picked.kwargs, _compat.config_options(picked)))
+        chosen = cid if cid in miss.ids else None
+    if chosen is None:
+        log.warning(
+            "tunebook: %s: fallback= returned %s, which is not one of the kernel's configs for this call; "
+            "ignoring it",
+            miss.tuner.label,
+            picked,
+        )
+    return chosen
+
+
+def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
+    tuner, options = miss.tuner, miss.tuner.options
+    if options.isolate and page is not None:
+        from . import _worker  # only isolation needs it
+
+        if not _worker.inside_worker():
+            return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
+    near = _policy.nearest(miss.key, page.entries.values()) if page is not None else []
+    hints = _policy.hints(miss.ids, near, page.sibling_winners(miss.key)) if page is not None else []
+    bench = _bench_function(tuner, miss.call, miss.candidates)
+    job = KeyTuning(
+        key_text=miss.text,
+        key=stored_key(miss.key),
+        configs=miss.candidates,
+        ids=miss.ids,
+        records=[tuner.config_index.record_of(c) for c in miss.candidates],
+        known=entry,
+        timers=tuner.timers(),
+        bench=bench,
+        persist=Persist(page, miss.text, miss.key, miss.ids[0], entry),
+        is_unexpected=lambda exc: (
+            not isinstance(exc, WrongResult) and not _compat.is_unrunnable_config_error(exc)
+        ),
+        precompile=_precompiler(tuner, miss.call),
+        strategy=options.strategy,
+        budget=_policy.effective_budget(options.budget, len(miss.candidates)),
+        hints=hints,
+        seed=options.seed,
+        progress=Progress(tuner.label, miss.key),
+    )
+    try:
+        return tune_key(job)
+    finally:
+        restore = getattr(bench, "restore", None)
+        if restore is not None:
+            restore()  # the caller's own launch sees its original inputs
+
+
+def _bench_function(
+    tuner: Autotuner, call: Call, candidates: Sequence[Any]
+) -> Callable[[Callable[..., Any], Any], Any]:
+    """``bench(timer, config) -> timing`` for one key, checked against a reference with ``check=``."""
+    run = tuner.fn.run
+    if tuner.options.check is None:
+        return lambda timer, config: timer(tuner.hooks.timed_launch(run, call, config), quantiles=QUANTILES)
+    from ._check import CheckedBench, OutputCheck
+
+    checker = OutputCheck(call.args, call.kwargs, names=tuner.arg_names, **tuner.options.check)
+    return CheckedBench(
+        checker,
+        candidates,
+        run_once=lambda config: tuner.hooks.check_launch(run, call, config),
+        timed=lambda config: tuner.hooks.timed_launch(run, call, config),
+        quantiles=QUANTILES,
+    )
+
+
+def _precompiler(tuner: Autotuner, call: Call) -> Callable[[list[Any]], None] | None:
+    """Compiles a batch of candidates ahead of measurement, in a thread pool (GPU only)."""
+    workers = tuner.options.compile_workers
+    if _compat.interpreting() or workers <= 1:
+        return None
+
+    def warm(config: Any) -> Any:
+        return tuner.fn.run(*call.args, grid=call.grid, warmup=True, **call.launch_kwargs(config))
+
+    def precompile(configs: list[Any]) -> None:
+        _compat.precompile([functools.partial(warm, c) for c in configs], workers)
+
+    return precompile
+
+
+def announce(tuner: Autotuner, key: tuple[Any, ...], config: Any, resolution: Resolution, total: int) -> None:
+    """Triton's TRITON_PRINT_AUTOTUNING line for a key (once per key and process)."""
+    if resolution.source == "book":
+        print(
+            f"tunebook: {tuner.label} key {key}: best config {config} remembered in the book; "
+            f"0 of {total} configs benchmarked"
+        )
+        return
+    measured = len(resolution.entry.results) if resolution.entry is not None else 0
+    known = max(0, measured - resolution.benchmarked)
+    unmeasured = max(0, total - measured)
+    print(
+        f"Triton autotuning for function {tuner.label},\nwith key as {key},\n"
+        f"finished after {resolution.seconds:.2f}s,\nbest config selected: {config};\n"
+        f"tunebook: {resolution.benchmarked} of {total} configs benchmarked now, "
+        f"{known} remembered in the book"
+        + (f", {unmeasured} not measured (search budget)" if unmeasured else "")
+    )

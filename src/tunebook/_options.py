@@ -1,0 +1,107 @@
+"""tunebook's own options of ``autotune``, declared once and validated once.
+
+The public :func:`tunebook.autotune` keeps its explicit, documented signature (users and
+IDEs read it); it only builds an :class:`Options`. Everything after that passes this one
+record around. A mistake is reported when the kernel is decorated, so that a server fails
+at start-up rather than at its first request.
+
+>>> Options(strategy="random", max_configs=50).budget.max_configs
+50
+>>> Options(strategy="nosuch")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+tunebook._errors.ConfigurationError: tunebook.autotune: unknown strategy 'nosuch'; choose one of auto, ...
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigurationError
+from ._optional import check as check_installed
+from ._search import Budget, strategy_names
+from ._search._bayes import BAYES_HINT
+
+CHECK_FIELDS = ("rtol", "atol", "ignore", "max_bytes")
+
+
+@dataclass(frozen=True)
+class Options:
+    """One field per tunebook option of ``autotune`` (docs: :func:`tunebook.autotune`)."""
+
+    books: tuple[Path, ...] = ()  # read-only book directories, after TUNEBOOK_DIR, before TUNEBOOK_PATH
+    name: str | None = None  # the kernel's name in the book (default: its qualified name)
+    strategy: str = "auto"  # which configs a new key measures
+    max_configs: int | None = None  # budget per key, in configs
+    max_seconds: float | None = None  # budget per key, in seconds
+    seed: int = 0  # for the random and model-based strategies
+    compile_workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # precompile threads
+    adaptive: bool = True  # screen briefly, measure only the contenders in full
+    fallback: Callable[[tuple[Any, ...], list[Any]], Any] | None = None  # serve mode's pick
+    inputs: Callable[[dict[str, Any]], Any] | None = None  # rebuilds a call for offline tuning
+    isolate: bool = False  # measure new keys in a worker process
+    isolate_timeout: float = 300.0  # seconds without progress before a candidate counts as hung
+    check: Mapping[str, Any] | None = None  # result checking: None (off) or its settings
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "books", tuple(Path(p) for p in self.books))
+        if self.strategy != "auto" and self.strategy not in strategy_names():
+            raise ConfigurationError(
+                f"tunebook.autotune: unknown strategy {self.strategy!r}; choose one of "
+                f"{', '.join(['auto', *strategy_names()])}"
+            )
+        if self.strategy == "bayes":  # the install line now, rather than at a first call
+            check_installed("optuna", feature="the 'bayes' search strategy", extra="optuna", hint=BAYES_HINT)
+        for label, value in (("max_configs", self.max_configs), ("max_seconds", self.max_seconds)):
+            if value is not None and (isinstance(value, bool) or not value > 0):
+                raise ConfigurationError(
+                    f"tunebook.autotune: {label}= must be a positive number or None; found {value!r}"
+                )
+        if isinstance(self.compile_workers, bool) or not (
+            isinstance(self.compile_workers, int) and self.compile_workers >= 1
+        ):
+            raise ConfigurationError(
+                f"tunebook.autotune: compile_workers= must be an integer >= 1; found {self.compile_workers!r}"
+            )
+        if not self.isolate_timeout > 0:
+            raise ConfigurationError(
+                "tunebook.autotune: isolate_timeout= must be positive seconds; "
+                f"found {self.isolate_timeout!r}"
+            )
+        for label, fn in (("fallback", self.fallback), ("inputs", self.inputs)):
+            if fn is not None and not callable(fn):
+                raise ConfigurationError(
+                    f"tunebook.autotune: {label}= must be a callable or None; found {type(fn).__name__}"
+                )
+        if self.check is not None:
+            unknown = set(self.check) - set(CHECK_FIELDS)
+            if unknown:
+                raise ConfigurationError(
+                    f"tunebook.autotune: check= takes {', '.join(CHECK_FIELDS[:-1])} and {CHECK_FIELDS[-1]}; "
+                    f"found {', '.join(sorted(unknown))}"
+                )
+
+    @staticmethod
+    def normalize_check(check: bool | Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """``check=`` as users write it (True, False or a dict) as this record holds it."""
+        if check is True:
+            return {}
+        return dict(check) if check else None
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(max_configs=self.max_configs, max_seconds=self.max_seconds)
+
+
+def from_arguments(arguments: Mapping[str, Any]) -> Options:
+    """An Options from ``autotune``'s arguments as users write them (``locals()`` of the call):
+    each field is taken by name, ``check=True``/``False`` and ``compile_workers=None`` normalized."""
+    values = {f.name: arguments[f.name] for f in fields(Options) if f.name in arguments}
+    values["check"] = Options.normalize_check(values.get("check"))
+    if values.get("compile_workers") is None:
+        values.pop("compile_workers", None)
+    return Options(**values)

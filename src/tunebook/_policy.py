@@ -1,0 +1,133 @@
+"""What a miss does: the rule, as pure functions over book entries (no I/O, no logging).
+
+A key is answered from the book when every candidate config has a result there, or when a
+budgeted search already ran for it and ended with a choice. Otherwise ``TUNEBOOK_MODE``
+decides: ``tune`` measures what the book lacks; ``serve`` answers at once with the best
+config it can justify without measuring (the user's ``fallback=``, the key's own partial
+results, the winner of the nearest remembered key, the first config, in that order);
+``off`` measures every candidate and remembers nothing.
+
+>>> from tunebook._book import Entry, Result
+>>> ok = lambda ms: Result({"kwargs": {}}, (ms, ms, ms))
+>>> tuned = Entry(key=(1024,), results={"a": ok(2.0), "b": ok(1.0)})
+>>> decide(tuned, ["a", "b"], "serve", Budget()), decide(None, ["a", "b"], "serve", Budget())
+('book', 'serve')
+>>> serve_choice(["a", "b"], None, nearest=[tuned])
+('b', 'the winner of the nearest remembered key [1024]')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from ._book import Entry
+from ._jsonio import as_scalar, stored_key
+from ._search import SMALL_SPACE, Budget
+
+Decision = Literal["book", "tune", "serve"]
+
+# How many of the nearest remembered keys seed a search of a new key.
+NEAREST_HINTS = 4
+
+
+def decide(entry: Entry | None, ids: Sequence[str], mode: str, budget: Budget) -> Decision:
+    """``book`` (answered without measuring), ``tune`` or ``serve`` for a key with candidates ``ids``."""
+    if mode != "off" and entry is not None and answered(entry, ids, budget):
+        return "book"
+    return "serve" if mode == "serve" else "tune"
+
+
+def answered(entry: Entry, ids: Sequence[str], budget: Budget) -> bool:
+    """Whether the book answers this key: every candidate measured, or the search done."""
+    return all(cid in entry.results for cid in ids) or search_done(entry, ids, budget)
+
+
+def effective_budget(budget: Budget, n: int) -> Budget:
+    """The user's budget, or for a space of more than SMALL_SPACE configs without one: 10% of
+    it, between 64 and 500 configs.
+
+    >>> effective_budget(Budget(), 48).unlimited, effective_budget(Budget(), 5000).max_configs
+    (True, 500)
+    """
+    if not budget.unlimited or n <= SMALL_SPACE:
+        return budget
+    return Budget(max_configs=min(n, max(SMALL_SPACE, min(500, n // 10))))
+
+
+def search_done(entry: Entry, ids: Sequence[str], budget: Budget) -> bool:
+    """Whether a budgeted search already ran for this key (it need not measure everything).
+
+    A search ends with a choice; with a time budget alone (no cap on configs) that choice
+    is final, or every new process would spend its time budget again.
+    """
+    if budget.unlimited and len(ids) <= SMALL_SPACE:
+        return False
+    measured = sum(1 for cid in ids if cid in entry.results)
+    cap = effective_budget(budget, len(ids)).max_configs
+    return bool(entry.chosen) and (cap is None or measured >= min(cap, len(ids)))
+
+
+def key_distance(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """How far apart two keys are: the sum of log2-distances of their numeric elements;
+    infinite if they differ in length or in any non-numeric element (a dtype, a string).
+
+    >>> key_distance([1024, "fp16"], [4096, "fp16"]) < key_distance([1024, "fp16"], [1 << 20, "fp16"])
+    True
+    >>> key_distance([1024, "fp16"], [1024, "bf16"])
+    inf
+    """
+    if len(a) != len(b):
+        return math.inf
+    total = 0.0
+    for x, y in zip(a, b):
+        x, y = as_scalar(x), as_scalar(y)
+        numeric = isinstance(x, int | float) and isinstance(y, int | float)
+        if numeric and not isinstance(x, bool) and not isinstance(y, bool):
+            total += abs(math.log2(abs(x) + 1) - math.log2(abs(y) + 1))
+        elif x != y:
+            return math.inf
+    return total
+
+
+def nearest(key: Sequence[Any], entries: Iterable[Entry]) -> list[Entry]:
+    """Other remembered keys comparable with ``key``, nearest first (ties in book order)."""
+    own = stored_key(key)
+    ranked = [
+        (d, n, e)
+        for n, e in enumerate(entries)
+        if tuple(e.key) != own and (d := key_distance(key, e.key)) < math.inf
+    ]
+    return [e for _, _, e in sorted(ranked, key=lambda t: t[:2])]
+
+
+def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] = ()) -> list[int]:
+    """Candidate indices of the winners of the nearest keys (the first NEAREST_HINTS) and of
+    the same key on other platforms, in that order, without repeats."""
+    index = {cid: i for i, cid in enumerate(ids)}
+    out: list[int] = []
+    for e in [*near[:NEAREST_HINTS], *siblings]:
+        best = e.best(ids)
+        if best is not None and index[best] not in out:
+            out.append(index[best])
+    return out
+
+
+def serve_choice(
+    ids: Sequence[str], entry: Entry | None, nearest: Sequence[Entry], picked: str | None = None
+) -> tuple[str | None, str]:
+    """(config id, how it was chosen) for ``serve`` mode; None means the first candidate.
+
+    ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``.
+    """
+    if picked is not None and picked in ids:
+        return picked, "the config chosen by fallback="
+    own = entry.best(ids) if entry is not None else None
+    if own is not None:
+        return own, "the best of its own partial results"
+    for other in nearest:
+        best = other.best(ids)
+        if best is not None:
+            return best, f"the winner of the nearest remembered key {list(other.key)}"
+    return None, "the first config (nothing remembered for this kernel on this platform)"

@@ -1,0 +1,66 @@
+"""Reporting a problem once per process, where the user can see it.
+
+Book problems never raise into a kernel call; they are reported once, to the "tunebook"
+logger and as a :class:`~tunebook.BookWarning`, so that applications that configure no
+logging (the logger has only a NullHandler) still see them, and
+``warnings.filterwarnings("ignore", category=tunebook.BookWarning)`` silences them.
+
+The warning points at the user's line that made the kernel call, not at tunebook's or
+Triton's own frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+
+from ._errors import BookWarning
+
+log = logging.getLogger("tunebook")
+
+_warned: set[str] = set()
+_lock = threading.Lock()
+_OWN_DIRS: tuple[str, ...] = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _own_dirs() -> tuple[str, ...]:
+    global _OWN_DIRS
+    if len(_OWN_DIRS) == 1:
+        triton = sys.modules.get("triton")
+        where = getattr(triton, "__file__", None)
+        if where:
+            _OWN_DIRS = (*_OWN_DIRS, os.path.dirname(os.path.abspath(where)) + os.sep)
+    return _OWN_DIRS
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside tunebook and Triton, for warn_once's caller."""
+    own = _own_dirs()
+    frame = sys._getframe(2)  # the caller of warn_once
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(own):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+def warn_once(tag: str, message: str, *args: object, warn: bool = True) -> bool:
+    """Log ``message % args`` as a warning once per ``tag`` per process (and, with ``warn``,
+    issue it as a BookWarning at the user's frame). Returns whether it was reported now."""
+    with _lock:
+        if tag in _warned:
+            return False
+        _warned.add(tag)
+    log.warning(message, *args)
+    if warn:
+        warnings.warn(message % args if args else message, BookWarning, stacklevel=_user_stacklevel())
+    return True
+
+
+def forget() -> None:
+    """Report everything again (tests start each case with a clean slate)."""
+    with _lock:
+        _warned.clear()

@@ -1,0 +1,175 @@
+"""Inside a tuning worker process: ``python -m tunebook._worker JOBFILE``.
+
+A job tunes one key of one kernel: ``{"module", "attr", "key_text", "call", "key"}``. The
+worker imports the kernel by module and attribute, rebuilds the call (the kernel's
+``inputs=`` factory, else tensors of the recorded layout and the recorded grids), and calls
+the kernel in ``tune`` mode, which measures and persists as usual, here (the worker *is* the
+isolation). It prints one JSON line per event on stdout, which the supervisor follows:
+
+    {"event": "job", "index": 3}
+    {"event": "candidate", "index": 3, "key_text": "...", "key": [...], "cid": "...", "config": {...}}
+    {"event": "result", "index": 3, "key_text": "...", "key": [...], "cid": "...", "result": {...}}
+    {"event": "done", "index": 3, "benchmarked": 48, "seconds": 3.1}
+    {"event": "error", "index": 3, "reason": "..."}
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+_inside = False
+
+
+def inside_worker() -> bool:
+    """Whether this process is a tuning worker (which tunes in process, never isolated again)."""
+    return _inside
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _locate(module: str, attr: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """(grid, args, kwargs) for a job, through the kernel's inputs= factory or the recording."""
+    from .. import _calls
+
+    call = job.get("call")
+    inputs = tuner.options.inputs
+    if inputs is not None:
+        grid, args, kwargs = inputs({"call": call, "key": job.get("key", {})})
+        if grid is not None:
+            return grid, tuple(args), dict(kwargs)
+    elif call is None:
+        raise ValueError(
+            f"{job['module']}:{job['attr']} has no recorded call for this key and no inputs= factory; "
+            "register inputs= with tunebook.autotune to tune declared keys"
+        )
+    else:
+        args, kwargs = _calls.build_args(call, device=_default_device())
+    if call is None or not call.get("grids"):
+        raise ValueError("no launch grid: the recorded call has no grids and inputs= returned grid=None")
+    return _calls.grid_from(call, tuner.config_index.id_for_meta), tuple(args), dict(kwargs)
+
+
+def _default_device() -> str | None:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    except ImportError:  # pragma: no cover
+        return None
+
+
+class _Reporter:
+    """Reports each candidate and result of the current job to the supervisor."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def candidate(self, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any]) -> None:
+        _emit(
+            {
+                "event": "candidate",
+                "index": self.index,
+                "key_text": key_text,
+                "key": list(key),
+                "cid": cid,
+                "config": dict(record),
+            }
+        )
+
+    def result(self, key_text: str, key: Sequence[Any], cid: str, result: Any) -> None:
+        # The parent keeps every result too: its book may be one this worker cannot write.
+        _emit(
+            {
+                "event": "result",
+                "index": self.index,
+                "key_text": key_text,
+                "key": list(key),
+                "cid": cid,
+                "result": result.to_json(),
+            }
+        )
+        _exit_if_gpu_broken(cid, result)
+
+
+def worker_main(job_file: str) -> int:
+    global _inside
+    _inside = True
+    os.environ["TUNEBOOK_MODE"] = "tune"
+    spec = json.loads(Path(job_file).read_text())
+    import tunebook
+    from tunebook import _tuner
+
+    for job in spec["jobs"]:
+        index = job["index"]
+        _emit({"event": "job", "index": index})
+        try:
+            tuner = _locate(job["module"], job["attr"])
+            grid, args, kwargs = rebuild_call(tuner, job)
+            before = tunebook.stats()["benchmarked"]
+            start = time.perf_counter()
+            with _tuner.observed(_Reporter(index)):
+                tuner[grid](*args, **kwargs)
+            _sync()
+            _emit(
+                {
+                    "event": "done",
+                    "index": index,
+                    "benchmarked": tunebook.stats()["benchmarked"] - before,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+        except Exception as exc:  # one bad job must not stop the others
+            _emit(
+                {
+                    "event": "error",
+                    "index": index,
+                    "reason": f"{type(exc).__name__}: {exc}",
+                    "trace": traceback.format_exc(limit=5),
+                }
+            )
+    return 0
+
+
+def _exit_if_gpu_broken(cid: str, result: Any) -> None:
+    """After a failed config: if it left the CUDA context unusable (an illegal memory
+    access or a device-side assert poisons it for every later launch), end this worker.
+    The failure is already persisted with its real reason; the supervisor starts a fresh
+    worker, which resumes without retrying the config."""
+    if result.ok:
+        return
+    from .. import _compat
+
+    broken = _compat.gpu_context_broken(RuntimeError(result.error or ""))
+    if broken is not None:
+        sys.stdout.flush()
+        sys.stderr.write(f"tunebook worker: GPU context unusable after {cid}: {broken}\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+
+def _sync() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except ImportError:  # pragma: no cover
+        pass

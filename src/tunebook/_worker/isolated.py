@@ -1,0 +1,100 @@
+"""``isolate=True``: one key of an autotuner, tuned in a worker process.
+
+A config that crashes (illegal memory access, device-side assert) or hangs takes down
+only the worker; it is recorded as failed with its reason, the worker is restarted, and
+this process and its CUDA context are never touched. The worker rebuilds the call from
+its description (or the kernel's ``inputs=``), so the kernel must be a global of an
+importable module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .. import _calls, _compat
+from .._book import Entry, Page, Result, now_iso
+from .._call import Call
+from .._errors import BookFormatError, TuningFailed
+from .._jsonio import stored_key
+from .._tuner import Outcome
+from .supervisor import run_jobs
+
+if TYPE_CHECKING:
+    from .._autotuner import Autotuner
+
+
+def record_crash(
+    page: Page, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any], reason: str
+) -> None:
+    """Persist that config ``cid`` took its worker down for this key (never retried)."""
+    result = Result(dict(record), None, reason[:2000], now_iso())
+    page.record(key_text, Entry(key=stored_key(key), results={cid: result}, updated_at=now_iso()))
+
+
+def import_path(tuner: Autotuner) -> tuple[str, str]:
+    """(module, attribute) under which a worker process can import ``tuner``."""
+    base_module = getattr(tuner.base_fn, "__module__", None)
+    for module_name in dict.fromkeys(m for m in (tuner.defined_in, base_module) if m and m != "__main__"):
+        module = sys.modules.get(module_name)
+        for attr, obj in list(vars(module).items()) if module is not None else ():
+            # Follow .fn only through Triton's kernel wrappers (heuristics over us).
+            inner = obj
+            while isinstance(inner, _compat.KernelInterface) and inner is not tuner:
+                inner = getattr(inner, "fn", None)
+            if inner is tuner:
+                return module_name, attr
+    raise ValueError(
+        f"tunebook.autotune(isolate=True): {tuner.base_fn.__name__} must be a global of an importable "
+        f"module for a worker process to load it (it was defined in {tuner.defined_in or '__main__'!r}); "
+        "move the kernel into a module, or tune without isolate=True"
+    )
+
+
+def tune_isolated(
+    tuner: Autotuner, call: Call, key: Sequence[Any], key_text: str, candidates: Mapping[str, Any], page: Page
+) -> Outcome:
+    """Tune one key in a worker process; ``candidates`` maps config ids to Configs."""
+    module, attr = import_path(tuner)
+    grids = _calls.evaluate_grids(call.grid, call.nargs, call.kwargs, candidates)
+    job = {
+        "module": module,
+        "attr": attr,
+        "key_text": key_text,
+        "call": _calls.describe_call(call.args, call.kwargs, grids),
+        "key": dict(zip([str(k) for k in tuner.keys], key)),
+    }
+    start = time.perf_counter()
+    results: dict[str, Result] = {}
+
+    def collect(slot: int, event: dict[str, Any]) -> None:
+        if event.get("event") == "result" and event.get("key_text") == key_text:
+            with contextlib.suppress(BookFormatError, KeyError):
+                results[event["cid"]] = Result.from_json(event["result"], "worker result")
+
+    reports = run_jobs(
+        [job],
+        lambda event, reason: record_crash(
+            page, event["key_text"], event["key"], event["cid"], event["config"], reason
+        ),
+        timeout_s=tuner.options.isolate_timeout,
+        devices=_compat.current_device_ids(),
+        on_event=collect,
+    )
+    report = reports[0]
+    page.refresh(force=True)
+    # The worker's results, also when it could not write them (a read-only book): kept
+    # in this process's page, written if this process can.
+    if results:
+        page.record(key_text, Entry(key=stored_key(key), results=results, updated_at=now_iso()))
+    entry = page.get(key_text)
+    if entry is None or entry.best(list(candidates)) is None:
+        raise TuningFailed(
+            f"tunebook: isolated tuning of {tuner.label} key {list(key)} found no config "
+            f"that runs: {report.reason or 'every config failed'}; `tunebook show` lists each "
+            "config's reason"
+        )
+    return Outcome(entry, report.benchmarked, len(report.crashed), time.perf_counter() - start)
