@@ -178,6 +178,7 @@ print(json.dumps(tunebook.stats()))
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_tuning_different_keys_all_end_up_in_the_book(book_dir, tmp_path):
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(TESTS)}

@@ -21,7 +21,7 @@ from kernels import (
     sum_kernel,
     vectors,
 )
-from tunebook._check import DEFAULT_MAX_BYTES, OutputCheck, SnapshotTooLarge
+from tunebook._check import OutputCheck, SnapshotTooLarge
 
 ADD_NAMES = ["x_ptr", "y_ptr", "out_ptr", "n"]
 
@@ -292,7 +292,7 @@ def test_a_run_that_raises_restores_and_propagates() -> None:
     assert torch.equal(out, torch.zeros(3))
 
 
-def test_snapshot_larger_than_max_bytes_is_refused_with_the_fix() -> None:
+def test_snapshot_larger_than_max_bytes_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     big = torch.zeros(1000)  # 4000 bytes
     small = torch.zeros(10)
     with pytest.raises(SnapshotTooLarge) as info:
@@ -302,4 +302,7 @@ def test_snapshot_larger_than_max_bytes_is_refused_with_the_fix() -> None:
     assert "check={'max_bytes': ...}" in message and "check=False" in message
     assert isinstance(info.value, ValueError)
     assert OutputCheck((big, small), {}, max_bytes=4040).nbytes == 4040
-    assert DEFAULT_MAX_BYTES == 4 << 30
+    assert OutputCheck((big, small), {}).nbytes == 4040  # well under the default
+    monkeypatch.setattr("tunebook._check.DEFAULT_MAX_BYTES", 1024)  # the default is what applies
+    with pytest.raises(SnapshotTooLarge, match=r"max_bytes=1\.0 KiB"):
+        OutputCheck((big, small), {})

@@ -16,6 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 # click, rich and matplotlib come with tunebook[test]: a missing one is a failure, not a skip.
 import rich  # noqa: F401
 from click.testing import CliRunner
@@ -268,6 +270,7 @@ def test_explain_errors_name_what_exists(tmp_path: Path) -> None:
     assert "expected MODULE:KERNEL" in invoke("explain", "justamodule", ok=False).output
 
 
+@pytest.mark.slow
 def test_explain_in_a_subprocess_by_module_name(book_dir: Path, tmp_path: Path) -> None:
     tune_add()
     module_file(tmp_path)

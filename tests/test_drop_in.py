@@ -75,15 +75,30 @@ def test_grid_tuple_and_keyword_arguments():
     assert len(kernel.cache) == 1
 
 
-def test_config_option_fields_are_passed_through():
+def test_config_option_fields_are_passed_through(monkeypatch):
+    # The interpreter ignores num_warps and num_stages, so the output cannot tell: look at
+    # what reaches the launch, while tuning and on hits.
+    launched = []
+    real_run = add_kernel.run
+
+    def recording_run(*args, **kwargs):
+        launched.append((kwargs["BLOCK"], kwargs.get("num_warps"), kwargs.get("num_stages")))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(add_kernel, "run", recording_run)
     configs = [
         triton.Config({"BLOCK": 64}, num_warps=2, num_stages=2),
-        triton.Config({"BLOCK": 32}, num_warps=8),
+        triton.Config({"BLOCK": 32}, num_warps=8, num_stages=5),
     ]
-    kernel = make_add(configs)
+    replay = Replay({64: 1.0, 32: 2.0})
+    kernel = make_add(configs, do_bench=replay, pre_hook=replay.pre_hook)
     x, y, out = vectors(100)
     kernel[grid_1d(100)](x, y, out, 100)
     torch.testing.assert_close(out, x + y)
+    assert {(64, 2, 2), (32, 8, 5)} <= set(launched)  # both measured with their own options
+    launched.clear()
+    kernel[grid_1d(100)](x, y, out, 100)  # a hit
+    assert launched == [(64, 2, 2)]
 
 
 def test_single_config_never_benchmarks():

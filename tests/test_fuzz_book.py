@@ -168,6 +168,7 @@ def near_books(draw: st.DrawFn) -> Any:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::tunebook._book.BookWarning")
 @FUZZ
 @given(st.one_of(near_books(), json_values))
@@ -179,6 +180,7 @@ def test_from_json_returns_a_document_or_raises_book_format_error(data: Any) -> 
     assert isinstance(doc, Document)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::tunebook._book.BookWarning")
 @FUZZ
 @given(near_books())

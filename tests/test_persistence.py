@@ -86,6 +86,7 @@ def kdir(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_new_process_benchmarks_nothing_for_a_remembered_key(kdir, book_dir):
     first = child(kdir)
     assert first["benchmarked"] == 3 and first["misses"] == 1 and first["best"] == 64
@@ -100,6 +101,7 @@ def test_new_process_benchmarks_nothing_for_a_remembered_key(kdir, book_dir):
     assert len(entry["results"]) == 3 and entry["winner"].startswith("BLOCK=64|")
 
 
+@pytest.mark.slow
 def test_adding_a_config_measures_only_that_config(kdir):
     child(kdir)
     grown = child(kdir, BLOCKS="[32, 64, 128, 256]")
@@ -112,12 +114,14 @@ def test_adding_a_config_measures_only_that_config(kdir):
     assert back["benchmarked"] == 0 and back["best"] == 64
 
 
+@pytest.mark.slow
 def test_a_different_winner_in_a_new_list_is_chosen_among_declared_configs(kdir):
     child(kdir, BLOCKS="[32, 64, 128, 256]")
     subset = child(kdir, BLOCKS="[32, 128]")
     assert subset["benchmarked"] == 0 and subset["best"] == 128
 
 
+@pytest.mark.slow
 def test_changing_the_kernel_source_starts_afresh(kdir, book_dir):
     child(kdir)
     write_kernel(kdir, op="*")
@@ -126,12 +130,14 @@ def test_changing_the_kernel_source_starts_afresh(kdir, book_dir):
     assert len(book_files(book_dir)) == 2  # the old version's file is left for `tunebook prune`
 
 
+@pytest.mark.slow
 def test_changing_a_called_jit_helper_starts_afresh(kdir):
     child(kdir)
     write_kernel(kdir, op="*")  # only _combine changes; add_kernel's own text is identical
     assert child(kdir, OP="*")["benchmarked"] == 3
 
 
+@pytest.mark.slow
 def test_moving_the_kernel_down_its_file_keeps_its_results(kdir):
     child(kdir)
     write_kernel(kdir, padding="\n\n# a comment that moves every line down\nUNUSED = 1\n\n\n")
@@ -139,6 +145,7 @@ def test_moving_the_kernel_down_its_file_keeps_its_results(kdir):
     assert moved["benchmarked"] == 0 and moved["best"] == 64
 
 
+@pytest.mark.slow
 def test_configs_with_their_own_pre_hook_are_remembered(kdir):
     first = child(kdir, HOOKED=1)
     assert first["benchmarked"] == 3
@@ -147,6 +154,7 @@ def test_configs_with_their_own_pre_hook_are_remembered(kdir):
     assert second["hook_calls"] == [64]  # the declared config's hook ran for the served call
 
 
+@pytest.mark.slow
 def test_shipped_read_only_book_on_tunebook_path(kdir, tmp_path):
     shipped = tmp_path / "shipped"
     child(kdir, TUNEBOOK_DIR=shipped)
@@ -161,6 +169,7 @@ def test_shipped_read_only_book_on_tunebook_path(kdir, tmp_path):
     assert len(book_files(local)) == 1
 
 
+@pytest.mark.slow
 def test_shipped_book_given_with_the_books_option(kdir, tmp_path):
     shipped = tmp_path / "shipped"
     child(kdir, TUNEBOOK_DIR=shipped)
@@ -168,6 +177,7 @@ def test_shipped_book_given_with_the_books_option(kdir, tmp_path):
     assert served["benchmarked"] == 0 and served["best"] == 64
 
 
+@pytest.mark.slow
 def test_local_results_complete_a_shipped_book(kdir, tmp_path):
     shipped = tmp_path / "shipped"
     child(kdir, TUNEBOOK_DIR=shipped)
@@ -199,6 +209,7 @@ def read_only(directory: Path):
                 p.chmod(p.stat().st_mode | stat.S_IWUSR)
 
 
+@pytest.mark.slow
 def test_read_only_book_directory_works_and_writes_nothing(kdir, tmp_path):
     ro = tmp_path / "ro"
     child(kdir, TUNEBOOK_DIR=ro)  # tune while writable

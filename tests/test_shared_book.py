@@ -104,6 +104,7 @@ def _local_keys(directory: Path) -> set[int]:
 # --------------------------------------------------------------------------- across hosts
 
 
+@pytest.mark.slow
 def test_a_key_tuned_on_one_host_is_served_by_another(server: RedisServer, tmp_path: Path) -> None:
     first = _host(tmp_path / "host-a", server.url, [500])
     assert first["right"] and sorted(first["measured"]) == [16, 32, 64] and first["best"] == WINNER
@@ -118,6 +119,7 @@ def test_a_key_tuned_on_one_host_is_served_by_another(server: RedisServer, tmp_p
     assert third["benchmarked"] == 0 and third["best"] == WINNER
 
 
+@pytest.mark.slow
 def test_a_host_measures_only_the_configs_the_fleet_lacks(server: RedisServer, tmp_path: Path) -> None:
     _host(tmp_path / "host-a", server.url, [500], blocks=[16, 32, 64])
     grown = _host(tmp_path / "host-b", server.url, [500], blocks=[16, 32, 64, 128])
@@ -125,6 +127,7 @@ def test_a_host_measures_only_the_configs_the_fleet_lacks(server: RedisServer, t
     assert _stored_keys(server.url, grown["file"]) == {500: {16, 32, 64, 128}}
 
 
+@pytest.mark.slow
 def test_writes_from_many_hosts_all_reach_redis(server: RedisServer, tmp_path: Path) -> None:
     hosts = 4
     shared_blocks = {i: [16, 32, 2 ** (i + 6)] for i in range(hosts)}  # 64, 128, 256, 512
@@ -146,6 +149,7 @@ def test_writes_from_many_hosts_all_reach_redis(server: RedisServer, tmp_path: P
         assert {1000, 100 + i, 200 + i} <= _local_keys(tmp_path / f"host-{i}")
 
 
+@pytest.mark.slow
 def test_a_miss_fetches_what_another_host_tuned_meanwhile(
     server: RedisServer, fleet: tuple[RedisStore, Clock], tmp_path: Path, book_dir: Path
 ) -> None:

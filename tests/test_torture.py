@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import tunebook
 from conftest import TESTS, book_files
 from helpers_reliability import KILL_POINTS, TABLE
@@ -133,6 +135,7 @@ def _handle(child: Child, line: bytes) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_concurrent_tuning_with_kills_loses_nothing(book_dir: Path, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     logs = tmp_path / "logs"

@@ -41,7 +41,7 @@ from ._version import __version__
 __all__ = ["Autotuner", "__version__", "autotune"]
 
 
-class _Cache(dict):  # type: ignore[type-arg]
+class _Cache(dict):
     """``Autotuner.cache``: Triton's key -> the config a call of that key runs.
 
     The autotuner writes every decision here, as Triton does (for a bucketed key whose
@@ -125,7 +125,7 @@ class Autotuner(_compat.KernelInterface):
         self.configs: list[Any] = (
             []
             if self.space is not None
-            else list(configs)  # type: ignore[arg-type]
+            else list(configs)
             if configs
             else [_compat.Config({}, num_warps=4, num_stages=3)]
         )

@@ -44,6 +44,7 @@ Example (runs on a CPU; ``run`` stands for launching one config of a kernel)::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +127,7 @@ class OutputCheck:
         rtol: Tolerance | None = None,
         atol: Tolerance | None = None,
         ignore: Collection[str] = (),
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int | None = None,
     ) -> None:
         import torch
 
@@ -147,6 +148,7 @@ class OutputCheck:
                 tensors.setdefault(identity, value)
         targets = {k: _restorable(t) for k, t in tensors.items()}
         self.nbytes = sum(t.numel() * t.element_size() for t in targets.values())
+        max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         if self.nbytes > max_bytes:
             sizes = [(t.numel() * t.element_size(), " and ".join(distinct[k])) for k, t in targets.items()]
             largest = sorted(sizes, reverse=True)[:3]
@@ -392,7 +394,7 @@ class CheckedBench:
             return
         for candidate in self._candidates:
             try:
-                self._checker.reference(lambda c=candidate: self._run_once(c))
+                self._checker.reference(functools.partial(self._run_once, candidate))
             except Exception:  # it fails again when measured, and is recorded then
                 continue
             self._reference = candidate

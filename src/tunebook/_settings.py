@@ -105,7 +105,7 @@ def mode() -> Mode:
             f"TUNEBOOK_MODE={value!r} is not a mode tunebook knows; expected one of {', '.join(MODES)}. "
             "Unset it to use the default, 'tune'."
         )
-    return value  # type: ignore[return-value]
+    return value
 
 
 def progress() -> str:

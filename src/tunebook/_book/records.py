@@ -86,7 +86,7 @@ class Result:
         return self.ms[0] if self.ok and self.ms is not None else math.inf
 
     def to_json(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
             "config": self.config,
             "ms": list(self.ms) if self.ms else None,
             "error": self.error,

@@ -49,7 +49,7 @@ def import_optuna() -> Any:
 class Bayes(Strategy):
     name = "bayes"
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         optuna = self._optuna = import_optuna()
         self._encoding = enc = Encoding(self.candidates)

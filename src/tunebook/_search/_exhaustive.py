@@ -17,7 +17,7 @@ from ._base import Strategy, register_strategy
 class Exhaustive(Strategy):
     name = "exhaustive"
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._cursor = 0  # every index before it is told or pending
 

@@ -35,7 +35,7 @@ SLACK = 0.10
 class Neighbors(Strategy):
     name = "neighbors"
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._encoding = Encoding(self.candidates)
         self._order = list(range(len(self.candidates)))

@@ -21,7 +21,7 @@ from ._base import Strategy, register_strategy
 class RandomSearch(Strategy):
     name = "random"
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._order = list(range(len(self.candidates)))
         random.Random(self.seed).shuffle(self._order)

@@ -234,14 +234,14 @@ def _run_one_worker(
                 on_event(slot, {"event": "error", "index": index, "reason": reports[index].reason})
             remaining = remaining[1:]
         elif on_event is not None:
-            tail = "".join(stderr_tail).strip().splitlines()[-1:] if stderr_tail else []
+            last = "".join(stderr_tail).strip().splitlines()[-1:] if stderr_tail else []
             on_event(
                 slot,
                 {
                     "event": "restart",
                     "index": remaining[0]["index"],
                     "reason": f"worker ended ({_describe_exit(proc.returncode)}): "
-                    + (tail[0][:300] if tail else ""),
+                    + (last[0][:300] if last else ""),
                 },
             )
     return remaining

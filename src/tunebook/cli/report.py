@@ -118,8 +118,9 @@ def landscape(plt: Any, page: Page) -> str | None:
         row = []
         for e in entries:
             best, result = e.best(), e.results.get(cid)
-            ok = best is not None and result is not None and result.ok and e.results[best].median > 0
-            row.append(result.median / e.results[best].median if ok else math.nan)
+            fastest = e.results.get(best) if best is not None else None
+            ok = fastest is not None and result is not None and result.ok and fastest.median > 0
+            row.append(result.median / fastest.median if ok and result and fastest else math.nan)
         grid.append(row)
     import numpy as np
 

@@ -172,7 +172,7 @@ def _run_with_progress(
         seen: set[int] = set()
 
         def on_event(slot: int, event: dict[str, Any]) -> None:
-            kind, index = event.get("event"), event.get("index")
+            kind, index = event.get("event"), int(event.get("index", -1))
             if kind in ("done", "error") and index not in seen:
                 seen.add(index)
                 progress.advance(task)

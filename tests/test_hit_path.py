@@ -1,0 +1,187 @@
+"""The hit path: what a call pays once its key is known, and that it serves what the slow path would.
+
+The tables a hit reads live in one object (``tunebook._hits.HitTable``). These tests pin
+them: after one miss the slow path is made to raise, and calls must still launch, with the
+right output and ``best_config``; with the tables cleared the slow path must serve the very
+same configs. The generated key and launcher functions are tested on their own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+import tunebook
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from tunebook import _launch
+
+
+def _slow_path_forbidden(kernel, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the slow path ran for a call the hit tables should serve")
+
+    monkeypatch.setattr(kernel, "_slow_run", refuse)
+
+
+def _table_kernel(table=None):
+    replay = Replay(table or {32: 3.0, 64: 1.0, 128: 2.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel)
+    return kernel, replay
+
+
+def test_after_one_miss_positional_calls_never_take_the_slow_path(monkeypatch):
+    kernel, _ = _table_kernel()
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+    _slow_path_forbidden(kernel, monkeypatch)
+    for seed in range(3):
+        x, y, out = vectors(300, seed=seed)
+        kernel.best_config = None
+        kernel[grid_1d(300)](x, y, out, 300)
+        torch.testing.assert_close(out, x + y)
+        assert kernel.best_config.kwargs == {"BLOCK": 64}
+    assert tunebook.stats()["hits"] == 3
+
+
+def test_after_one_keyword_miss_keyword_calls_never_take_the_slow_path(monkeypatch):
+    kernel, _ = _table_kernel()
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out_ptr=out, n=300)
+    _slow_path_forbidden(kernel, monkeypatch)
+    for seed in range(3):
+        x, y, out = vectors(300, seed=seed)
+        kernel[grid_1d(300)](x, y, out_ptr=out, n=300)
+        torch.testing.assert_close(out, x + y)
+        assert kernel.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_the_positional_table_is_what_serves_positional_hits(monkeypatch):
+    # Without the positional table the call must fall to run(), which still serves it from
+    # the binding table; without both it must reach the slow path: the tables are what serve.
+    kernel, _ = _table_kernel()
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    kernel._hits.by_position.clear()
+    _slow_path_forbidden(kernel, monkeypatch)
+    kernel[grid_1d(300)](x, y, out, 300)  # served by the binding table
+    kernel._hits.by_binding.clear()
+    with pytest.raises(AssertionError, match="slow path ran"):
+        kernel[grid_1d(300)](x, y, out, 300)
+
+
+def test_a_new_value_of_the_key_is_a_miss_again():
+    kernel, replay = _table_kernel()
+    for n in (300, 300, 500, 300, 500):
+        x, y, out = vectors(n)
+        kernel[grid_1d(n)](x, y, out, n)
+        torch.testing.assert_close(out, x + y)
+    assert sorted(replay.measured) == [32, 32, 64, 64, 128, 128]  # each key once (hints first)
+
+
+def _bucketed_space_kernel():
+    # The issue's reproduction: within one bucket, calls allow different candidates.
+    times = {32: 4.0, 64: 3.0, 256: 2.0, 1024: 1.0}
+    replay = Replay(times)
+    space = tunebook.Space(BLOCK=[32, 64, 256, 1024], arg_constraints=[lambda c, a: c["BLOCK"] <= a["n"]])
+    kernel = tunebook.autotune(
+        space, key=[tunebook.bucket("n", [128, 4096])], do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel)
+    return kernel
+
+
+def _served_block(kernel, n):
+    x, y, out = vectors(n, seed=n)
+    kernel[grid_1d(n)](x, y, out, n)
+    torch.testing.assert_close(out, x + y)
+    return kernel.best_config.kwargs["BLOCK"]
+
+
+def test_within_a_bucket_the_fast_and_the_slow_path_serve_the_same_config():
+    kernel = _bucketed_space_kernel()
+    fast = [_served_block(kernel, n) for n in (4000, 300, 4000, 300)]
+    assert fast == [1024, 256, 1024, 256]
+    kernel._hits.clear()  # every call now takes the slow path
+    slow = [_served_block(kernel, n) for n in (4000, 300, 4000, 300)]
+    assert slow == fast
+
+
+def test_writing_cache_overrules_the_decision_as_in_triton():
+    kernel, _ = _table_kernel()
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    key = next(iter(kernel.cache))
+    assert kernel.cache[key].kwargs == {"BLOCK": 64}
+    forced = kernel.configs[2]
+    kernel.cache[key] = forced
+    kernel[grid_1d(300)](x, y, out, 300)
+    torch.testing.assert_close(out, x + y)
+    assert kernel.best_config is forced
+    del kernel.cache[key]  # decided again, from the book: nothing is measured
+    before = tunebook.stats()["benchmarked"]
+    kernel[grid_1d(300)](x, y, out, 300)
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+    assert tunebook.stats()["benchmarked"] == before
+
+
+def test_a_missing_key_argument_is_named_before_tuning():
+    kernel, replay = _table_kernel()
+    x, y, out = vectors(300)
+    with pytest.raises(TypeError, match=r"missing required argument 'n'") as info:
+        kernel[grid_1d(300)](x, y, out)
+    assert replay.measured == []
+    assert info.value.__context__ is None and info.value.__cause__ is None
+
+
+def test_an_error_of_a_first_launch_chains_nothing():
+    kernel, _ = _table_kernel()
+    x, y, out = vectors(300)
+    with pytest.raises(ValueError, match="Conflicting meta-parameters") as info:
+        kernel[grid_1d(300)](x, y, out, 300, BLOCK=64)
+    assert info.value.__context__ is None
+
+
+# ------------------------------------------------------------ generated functions
+
+
+def test_positional_key_reads_values_dtypes_and_classes_by_index():
+    x = torch.zeros(4, dtype=torch.float16)
+    key = _launch.positional_key(["x", "n", "scale"], ["n"], (x, 7, 0.5))
+    assert key((x, 7, 0.5)) == (7, torch.float16, float)
+    assert key((x.float(), 9, 0.5)) == (9, torch.float32, float)
+    assert key((x, 7, None)) != key((x, 7, 0.5))  # None where a float was: another key
+    with pytest.raises(IndexError):
+        key((x, 7))  # another argument count
+    with pytest.raises(AttributeError):
+        key((3, 7, 0.5))  # a scalar where a tensor was
+
+
+def test_positional_key_is_none_when_a_key_argument_is_passed_by_keyword():
+    assert _launch.positional_key(["x", "n"], ["n"], (torch.zeros(1),)) is None
+
+
+def test_binding_key_binds_positional_and_keyword_arguments_alike():
+    x = torch.zeros(4, dtype=torch.float16)
+    key = _launch.binding_key(["x", "n", "scale"], ["n"], (x,), {"n": 7, "scale": 0.5})
+    assert key(x, 7, 0.5) == key(x, n=7, scale=0.5) == key(x=x, n=7, scale=0.5)
+    assert key(x, 8, 0.5) != key(x, 7, 0.5)
+    assert key(x, 7) != key(x, 7, 0.5)  # a missing argument keys as missing
+
+
+def test_config_launcher_passes_meta_parameters_and_leaves_out_defaults():
+    seen = []
+
+    def run(*args, **kwargs):
+        seen.append((args, kwargs))
+
+    config = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=3)
+    launch = _launch.config_launcher(run, config.all_kwargs(), {"num_warps": 4, "num_ctas": 1})
+    launch((1, 2), "GRID")
+    ((args, kwargs),) = seen
+    assert args == (1, 2)
+    assert kwargs["grid"] == "GRID" and kwargs["warmup"] is False
+    assert kwargs["BLOCK"] == 64 and kwargs["num_stages"] == 3
+    assert "num_warps" not in kwargs  # equal to the backend's default: the JIT derives the same

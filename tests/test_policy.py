@@ -1,0 +1,97 @@
+"""The miss rule (``tunebook._policy``): pure functions over book entries, no kernel needed."""
+
+from __future__ import annotations
+
+import math
+
+from tunebook._book import Entry, Result
+from tunebook._policy import (
+    answered,
+    decide,
+    effective_budget,
+    hints,
+    key_distance,
+    nearest,
+    search_done,
+    serve_choice,
+)
+from tunebook._search import Budget
+
+IDS = ["a", "b", "c"]
+
+
+def ok(ms: float) -> Result:
+    return Result({"kwargs": {}}, (ms, ms, ms))
+
+
+def failed() -> Result:
+    return Result({"kwargs": {}}, None, "OutOfResources")
+
+
+def entry(key: tuple, chosen: str = "", **results: Result) -> Entry:
+    return Entry(key=key, results=dict(results), chosen=chosen)
+
+
+def test_a_fully_measured_key_is_answered_by_the_book_in_every_mode_but_off():
+    full = entry((1024, "fp16"), a=ok(3.0), b=ok(1.0), c=failed())
+    for mode in ("tune", "serve"):
+        assert decide(full, IDS, mode, Budget()) == "book"
+    assert decide(full, IDS, "off", Budget()) == "tune"  # off: measure, remember nothing
+
+
+def test_a_partly_measured_key_is_tuned_or_served_by_mode():
+    partial = entry((1024, "fp16"), a=ok(3.0))
+    assert decide(partial, IDS, "tune", Budget()) == "tune"
+    assert decide(partial, IDS, "serve", Budget()) == "serve"
+    assert decide(None, IDS, "serve", Budget()) == "serve"
+
+
+def test_a_budgeted_search_that_ended_with_a_choice_answers_the_key():
+    ids = [f"c{i}" for i in range(1000)]
+    measured = {cid: ok(1.0 + i) for i, cid in enumerate(ids[:100])}
+    done = Entry(key=(1,), results=measured, chosen="c0")
+    assert effective_budget(Budget(), 1000).max_configs == 100
+    assert search_done(done, ids, Budget()) and answered(done, ids, Budget())
+    assert not search_done(Entry(key=(1,), results=measured), ids, Budget())  # no choice: not done
+    assert not search_done(done, ids, Budget(max_configs=200))  # a larger budget: more to measure
+    assert search_done(done, ids, Budget(max_seconds=5.0))  # time budget alone: the choice is final
+
+
+def test_serve_chain_in_order_user_own_results_nearest_first_config():
+    own = entry((1024, "fp16"), b=ok(2.0), a=ok(1.5))
+    near = entry((2048, "fp16"), c=ok(0.1))
+    far = entry((1 << 20, "fp16"), b=ok(0.1))
+    assert serve_choice(IDS, own, [near, far], picked="c")[0] == "c"
+    assert serve_choice(IDS, own, [near, far], picked="zzz")[0] == "a"  # not a candidate: ignored
+    assert serve_choice(IDS, own, [near, far]) == ("a", "the best of its own partial results")
+    assert serve_choice(IDS, None, [near, far])[0] == "c"
+    assert serve_choice(IDS, entry((1024, "fp16"), a=failed()), [far])[0] == "b"  # own results all failed
+    assert serve_choice(IDS, None, []) == (
+        None,
+        "the first config (nothing remembered for this kernel on this platform)",
+    )
+
+
+def test_nearest_keys_rank_by_log_distance_and_never_cross_dtypes():
+    key = (1000, "torch.float16")
+    entries = [
+        entry((1 << 20, "torch.float16")),
+        entry((1024, "torch.bfloat16")),
+        entry((4096, "torch.float16")),
+        entry((1024, "torch.float16")),
+        entry((1000, "torch.float16")),  # the key itself
+    ]
+    assert [e.key for e in nearest(key, entries)] == [
+        (1024, "torch.float16"),
+        (4096, "torch.float16"),
+        (1 << 20, "torch.float16"),
+    ]
+    assert key_distance([1, "x"], [1, "x", 2]) == math.inf
+
+
+def test_hints_are_the_winners_of_the_nearest_keys_then_other_platforms_without_repeats():
+    near = [entry((1,), a=ok(2.0), b=ok(1.0)), entry((2,), b=ok(1.0)), entry((3,), c=ok(1.0))]
+    sibling = [entry((0,), a=ok(1.0))]
+    assert hints(IDS, near, sibling) == [1, 2, 0]
+    many = [entry((i,), c=ok(1.0)) for i in range(3)] + [entry((9,), a=ok(1.0))] + [entry((10,), b=ok(1.0))]
+    assert hints(IDS, many) == [2, 0]  # only the first four nearest keys count
