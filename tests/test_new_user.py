@@ -1,0 +1,96 @@
+"""What a new user meets first (issue 9's core items): messages that fit, and where they point."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import tunebook
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+
+
+def test_print_autotuning_under_a_budget_says_what_nobody_measured(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
+    replay = Replay({16: 3.0, 32: 2.0, 64: 1.0})
+    space = tunebook.Space(BLOCK=[16, 32, 64], num_warps=list(range(1, 23)))  # 66 configs
+    kernel = tunebook.autotune(
+        space, key=["n"], strategy="random", max_configs=6, do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel)
+    x, y, out = vectors(200)
+    kernel[grid_1d(200)](x, y, out, 200)
+    torch.testing.assert_close(out, x + y)
+    printed = capsys.readouterr().out
+    assert (
+        "6 of 66 configs benchmarked now, 0 remembered in the book, 60 not measured (search budget)"
+        in printed
+    )
+    assert "the rest remembered" not in printed
+
+
+def test_a_book_warning_points_at_the_users_line_not_at_tunebook(book_dir):
+    kernel = tunebook.autotune(block_configs(32, 64), key=["n"], name="broken_book_kernel")(add_kernel)
+    path = book_dir / kernel.identity().file_name
+    book_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("{ not json")
+    x, y, out = vectors(100)
+    with pytest.warns(tunebook.BookWarning) as caught:
+        kernel[grid_1d(100)](x, y, out, 100)
+    assert caught[0].filename == __file__, caught[0].filename
+
+
+def test_dir_of_the_package_shows_its_public_surface_only():
+    names = dir(tunebook)
+    assert "autotune" in names and "TunebookError" in names
+    assert "annotations" not in names and "logging" not in names
+    assert set(names) == set(tunebook.__all__)
+
+
+def test_log_messages_name_the_kernel_by_its_name_option(monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tunebook.autotune(block_configs(32, 64), key=["n"], name="mylib.fused_add")(add_kernel)
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    torch.testing.assert_close(out, x + y)
+    messages = [r.getMessage() for r in caplog.records if r.name == "tunebook"]
+    assert any("mylib.fused_add key" in m for m in messages), messages
+    assert not any("add_kernel key" in m for m in messages)
+
+
+def test_every_option_mistake_is_reported_at_decoration():
+    for bad in (
+        {"strategy": "fastest"},
+        {"max_configs": 0},
+        {"max_seconds": -1.0},
+        {"check": {"rtl": 1}},
+        {"isolate_timeout": 0},
+        {"compile_workers": 0},
+        {"fallback": 3},
+    ):
+        with pytest.raises(tunebook.ConfigurationError):
+            tunebook.autotune(block_configs(32, 64), key=["n"], **bad)
+
+
+def test_bayes_without_optuna_is_reported_at_decoration_with_the_install_line(monkeypatch):
+    monkeypatch.setattr("tunebook._optional.available", lambda module: module != "optuna")
+    with pytest.raises(tunebook.MissingDependency, match=r"pip install 'tunebook\[optuna\]'"):
+        tunebook.autotune(block_configs(32, 64), key=["n"], strategy="bayes")
+    assert isinstance(tunebook.MissingDependency("x"), ImportError)
+
+
+def test_a_served_key_follows_a_cache_entry_the_caller_writes(monkeypatch):
+    replay = Replay({32: 3.0, 64: 1.0})
+    kernel = tunebook.autotune(block_configs(32, 64), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
+        add_kernel
+    )
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)  # served (first config), not tuned
+    (key,) = kernel.cache
+    kernel.cache[key] = kernel.configs[1]
+    kernel[grid_1d(100)](x, y, out, 100)
+    torch.testing.assert_close(out, x + y)
+    assert kernel.best_config is kernel.configs[1]
+    assert replay.measured == []
