@@ -586,3 +586,18 @@ def test_report_writes_html_with_decodable_pngs(book_dir: Path, tmp_path: Path) 
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
         pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+
+
+# ------------------------------------------------------------------------- required options
+
+
+def test_output_is_required_where_documented(book_dir: Path, tmp_path: Path) -> None:
+    """click >= 8.2 skips the required check of an option declared with an explicit default=None."""
+    tune_add()
+    for args in (
+        ["merge", book_dir],
+        ["export", "--format", "vllm", "--kernel", "add_kernel"],
+        ["report", book_dir],
+    ):
+        res = invoke(*args, ok=False)
+        assert res.exit_code == 2 and "Missing option '-o' / '--output'" in res.output, res.output

@@ -21,7 +21,9 @@ book_argument = click.argument("book", required=False, type=click.Path(path_type
 def output_option(help: str, *, directory: bool = True, required: bool = True) -> Any:
     """``-o/--output``: a directory (merge, export, import) or a file (report)."""
     kind = click.Path(path_type=Path, file_okay=not directory, dir_okay=directory)
-    return click.option("-o", "--output", "output", required=required, default=None, type=kind, help=help)
+    # No explicit default: since click 8.2 an option declared with default=None is never
+    # "missing", so required=True would let a run without -o through as output=None.
+    return click.option("-o", "--output", "output", required=required, type=kind, help=help)
 
 
 def resolve_book(book: Path | None) -> Path:
