@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,58 @@ def output_option(help: str, *, directory: bool = True, required: bool = True) -
     # No explicit default: since click 8.2 an option declared with default=None is never
     # "missing", so required=True would let a run without -o through as output=None.
     return click.option("-o", "--output", "output", required=required, type=kind, help=help)
+
+
+# What a person can do about an OSError, by errno; the command adds its own fix where it has one.
+_OS_FIXES = {
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions (and chattr attributes) of that path",
+    errno.EROFS: "the file system is mounted read-only; use a path on a writable one",
+    errno.ENOSPC: "the disk is full; free some space and run it again",
+    errno.EDQUOT: "the disk quota is used up; free some space and run it again",
+    errno.ENOENT: "check that the path exists",
+    errno.ENOTDIR: "a part of that path is a file, not a directory",
+    errno.EISDIR: "that path is a directory; give a file",
+}
+
+
+def os_error_text(exc: OSError) -> str:
+    """``/path: Permission denied``: the path and the reason, without Python's errno noise."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+    return f"{where}: {reason}"
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError no command anticipated: the path, the reason and what to do."""
+    fix = _OS_FIXES.get(exc.errno or 0, "check that path and run the command again")
+    return f"{os_error_text(exc)}; {fix}"
+
+
+def existing_parent(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: the directory whose permissions matter."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+@contextlib.contextmanager
+def writing(what: Path, fix: str) -> Iterator[None]:
+    """Turn an OSError while writing ``what`` into one line: the path, the reason, ``fix``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # stdout closed by `| head`: click ends quietly
+        # Temp and lock files beside ``what`` are ours, not the person's: name only ``what``.
+        target = what.absolute()
+        failed = Path(exc.filename).absolute() if exc.filename is not None else target
+        ours = failed in (target, target.parent) or failed.parent in (target, target.parent)
+        reason = (exc.strerror or str(exc)) if ours else os_error_text(exc)
+        raise click.ClickException(f"cannot write {what}: {reason}. {fix}") from None
 
 
 def resolve_book(book: Path | None) -> Path:

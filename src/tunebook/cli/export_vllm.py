@@ -13,7 +13,15 @@ from typing import Any
 import click
 
 from .._book.files import atomic_write_text
-from ._common import load_or_fail, out, output_option, parse_assignments, warn_skipped
+from ._common import (
+    existing_parent,
+    load_or_fail,
+    out,
+    output_option,
+    parse_assignments,
+    warn_skipped,
+    writing,
+)
 from ._load import Page
 from ._summary import key_order
 from ._vllm_format import (
@@ -240,8 +248,9 @@ def command(
     files = export_pages(pages, binding, parse_assignments(where, "--where"))
     if not files:
         raise click.ClickException(f"no key of {kernel} with a successful config matched; nothing written")
-    output.mkdir(parents=True, exist_ok=True)
     console = out()
-    for name in sorted(files):
-        atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
-        console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")
+    with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
+        output.mkdir(parents=True, exist_ok=True)
+        for name in sorted(files):
+            atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
+            console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")

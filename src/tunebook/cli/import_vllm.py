@@ -15,7 +15,15 @@ from .._autotuner import __version__
 from .._book.layers import KernelIdentity, book_file_name
 from .._book.records import Document, Entry, Result, config_id, config_record
 from .._fingerprint import canonical_key_text, platform_id, platform_slug
-from ._common import out, output_option, parse_assignments, resolve_book, write_document
+from ._common import (
+    existing_parent,
+    out,
+    output_option,
+    parse_assignments,
+    resolve_book,
+    write_document,
+    writing,
+)
 from ._load import load
 from ._vllm_format import (
     COMPILER_OPTIONS,
@@ -150,6 +158,18 @@ def command(
             entry = Entry(key=tuple(key), results={config_id(record): result}, tunebook=__version__)
             by_device.setdefault(fields["device"], {})[canonical_key_text(key)] = entry
     directory = resolve_book(output)
+    fix = (
+        f"Choose a writable book directory with -o, or make {existing_parent(directory)} writable."
+        if output is not None
+        else "Pass a writable book directory with -o, or point TUNEBOOK_DIR at one."
+    )
+    with writing(directory, fix):
+        _write_imports(directory, kernel, names, by_device)
+
+
+def _write_imports(
+    directory: Path, kernel: str, names: list[str], by_device: dict[str, dict[str, Entry]]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     console = out()
     for device in sorted(by_device):

@@ -20,7 +20,7 @@ import click
 
 from .._autotuner import __version__
 from .._book.files import atomic_write_text
-from ._common import book_argument, load_or_fail, out, output_option, warn_skipped
+from ._common import book_argument, existing_parent, load_or_fail, out, output_option, warn_skipped, writing
 from ._load import Page
 from ._summary import KeySummary, fmt_key, fmt_ms, short_config, sorted_entries, summarise_page
 
@@ -226,6 +226,7 @@ def command(book: Path | None, output: Path, kernels: tuple[str, ...]) -> None:
     warn_skipped(loaded)
     pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
     text = render(pages, loaded.source)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, text)
+    with writing(output, f"Choose another file with -o, or make {existing_parent(output.parent)} writable."):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, text)
     out().print(f"wrote {output} ({len(pages)} kernel pages)")

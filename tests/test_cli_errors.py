@@ -1,0 +1,65 @@
+"""The command line's answers to a person's mistakes and to a hostile file system.
+
+Every error is one line that names the path or value, says what was expected and how to
+fix it, and exits non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from test_cli import _moe_doc, invoke, module_file, the_doc, tune_add, write_doc
+from test_persistence import read_only
+
+
+def one_error_line(res: object, *needles: str) -> str:
+    """The single line a failed command printed; it names every needle."""
+    output = res.output  # type: ignore[attr-defined]
+    assert res.exit_code == 1, output  # type: ignore[attr-defined]
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    for needle in needles:
+        assert needle in lines[0], output
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- file system
+
+
+def test_writing_into_a_read_only_directory_is_one_line(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    write_doc(tmp_path / "moe", _moe_doc())
+    invoke(
+        "export", "--format", "vllm", tmp_path / "moe", "-o", tmp_path / "v", "--kernel", "fused_moe_kernel"
+    )
+    (vllm_file,) = (tmp_path / "v").iterdir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro):
+        for args in (
+            ["merge", book_dir, "-o", ro],
+            ["merge", book_dir, "-o", ro / "sub"],
+            ["import", "--format", "vllm", vllm_file, "--kernel", "moe", "-o", ro],
+            ["export", "--format", "vllm", tmp_path / "moe", "-o", ro, "--kernel", "fused_moe_kernel"],
+            ["report", book_dir, "-o", ro / "report.html"],
+            ["report", book_dir, "-o", ro / "sub" / "report.html"],
+        ):
+            line = one_error_line(invoke(*args, ok=None), str(ro), "-o")
+            assert "cannot write" in line
+
+
+def test_reading_and_deleting_errors_are_one_line(book_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    tune_add()
+    doc = the_doc(book_dir)
+    old = write_doc(book_dir, replace(doc, kernel={**doc.kernel, "hash": "1" * 64}))
+    with read_only(book_dir):
+        one_error_line(invoke("prune", "--keep", module_file(tmp_path), ok=None), str(old), "permissions")
+    assert old.exists()
+
+    def refuse(self: Path) -> object:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    one_error_line(invoke("show", book_dir, ok=None), f"{book_dir}: Permission denied", "permissions")
