@@ -63,3 +63,21 @@ def test_reading_and_deleting_errors_are_one_line(book_dir: Path, tmp_path: Path
 
     monkeypatch.setattr(Path, "iterdir", refuse)
     one_error_line(invoke("show", book_dir, ok=None), f"{book_dir}: Permission denied", "permissions")
+
+
+# ------------------------------------------------------------------------------- options
+
+
+def test_numeric_options_are_range_checked(book_dir: Path, tmp_path: Path) -> None:
+    module = module_file(tmp_path)
+    for args, option, expected in (
+        (["tune", "--misses", module, "--workers", "-3"], "--workers", "x>=1"),
+        (["tune", "--misses", module, "--workers", "0"], "--workers", "x>=1"),
+        (["tune", "--misses", module, "--timeout", "-1"], "--timeout", "x>0"),
+        (["tune", "--misses", module, "--timeout", "0"], "--timeout", "x>0"),
+        (["diff", book_dir, book_dir, "--threshold", "-1"], "--threshold", "x>=0"),
+        (["explain", f"{module}:add", "--keys", "-1"], "--keys", "x>=0"),
+    ):
+        res = invoke(*args, ok=None)
+        assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, res.output
+        assert expected in res.output, res.output

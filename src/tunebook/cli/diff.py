@@ -179,6 +179,7 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
 )
 @click.option(
     "--threshold",
+    type=click.FloatRange(min=0),
     default=0.05,
     show_default=True,
     help="Report a config's time change only above this relative change (0.05 = 5%).",

@@ -170,7 +170,12 @@ def _print(data: dict[str, Any]) -> None:
 @click.argument("book", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
-    "--keys", "key_limit", default=20, show_default=True, help="List at most this many keys per file."
+    "--keys",
+    "key_limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="List at most this many keys per file.",
 )
 @click.option(
     "--env",

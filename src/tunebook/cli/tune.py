@@ -75,11 +75,14 @@ def _key_values(tuner: Autotuner, text: str) -> dict[str, Any]:
     "--keys", "keys", multiple=True, help="With MODULE:KERNEL, a key to tune: NAME=VALUE,... (repeatable)."
 )
 @click.option(
-    "--workers", type=int, default=None, help="Worker processes (default: one per local GPU, else 1)."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes, at least 1 (default: one per local GPU, else 1).",
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_TIMEOUT_S,
     show_default=True,
     help="Seconds without progress before a candidate counts as hung.",
