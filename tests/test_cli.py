@@ -202,7 +202,7 @@ def test_show_table_for_people_and_filters(book_dir: Path, tmp_path: Path) -> No
     assert "[100," in text and text.index("[100,") < text.index("[1000,") < text.index("[5000,")
     single = invoke("show", book_files(book_dir)[0], "--no-failures").stdout
     assert "6.00x" in single and "no timing recorded" not in single
-    assert "no book files for kernel other" in invoke("show", "--kernel", "other").stdout
+    assert "no book file for kernel other" in invoke("show", "--kernel", "other", ok=False).output
 
 
 def test_show_reports_unreadable_files_and_leftovers(book_dir: Path) -> None:

@@ -81,3 +81,55 @@ def test_numeric_options_are_range_checked(book_dir: Path, tmp_path: Path) -> No
         res = invoke(*args, ok=None)
         assert res.exit_code == 2 and f"Invalid value for '{option}'" in res.output, res.output
         assert expected in res.output, res.output
+
+
+# -------------------------------------------------------------- nothing there, or nothing matched
+
+
+def test_show_and_report_fail_when_nothing_matches_and_list_what_exists(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    tune_add()
+    for args in (["show", "--kernel", "nosuch"], ["show", "--json", "--kernel", "nosuch"]):
+        one_error_line(invoke(*args, ok=None), "no book file for kernel nosuch", "kernels there: add_kernel")
+    report = tmp_path / "r.html"
+    res = invoke("report", "-o", report, "--kernel", "nosuch", ok=None)
+    assert res.exit_code == 1 and "kernels there: add_kernel" in res.output and not report.exists()
+    res = invoke("export", "--format", "vllm", "-o", tmp_path / "v", "--kernel", "nosuch", ok=None)
+    assert res.exit_code == 1 and "kernels there: add_kernel" in res.output
+
+
+def test_show_fails_on_files_that_are_not_books(tmp_path: Path) -> None:
+    junk = tmp_path / "notes.json"
+    junk.write_text('{"hello": "world"}')
+    res = invoke("show", junk, ok=None)
+    assert res.exit_code == 1 and "no readable book file" in res.output and "notes.json" in res.output
+    only_corrupt = tmp_path / "corrupt"
+    only_corrupt.mkdir()
+    (only_corrupt / "x.json").write_text("{not json")
+    for args in (["show", only_corrupt], ["show", "--json", only_corrupt]):
+        res = invoke(*args, ok=None)
+        assert res.exit_code == 1 and "no readable book file" in res.output and "x.json" in res.output
+
+
+def test_before_anything_is_tuned_show_says_so_and_where_it_looked(book_dir: Path, monkeypatch) -> None:
+    line = one_error_line(invoke("show", ok=None), "nothing tuned yet", str(book_dir), "TUNEBOOK_DIR")
+    assert "neither a directory nor a file" not in line
+    monkeypatch.delenv("TUNEBOOK_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(book_dir.parent / "cache"))
+    one_error_line(
+        invoke("show", ok=None), "nothing tuned yet", str(book_dir.parent / "cache"), "TUNEBOOK_DIR"
+    )
+
+
+def test_explain_says_a_given_book_is_missing(tmp_path: Path) -> None:
+    one_error_line(
+        invoke("explain", f"{module_file(tmp_path)}:add", tmp_path / "nonexistent", ok=None),
+        f"no book at {tmp_path / 'nonexistent'}",
+        "no such file or directory",
+    )
+
+
+def test_tune_misses_with_a_kernel_target_says_what_misses_takes(tmp_path: Path) -> None:
+    res = invoke("tune", "--misses", f"{module_file(tmp_path)}:add", ok=None)
+    assert res.exit_code == 2 and "--misses takes modules" in res.output and "--keys" in res.output

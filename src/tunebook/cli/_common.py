@@ -6,7 +6,7 @@ import contextlib
 import errno
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from rich.console import Console
 from .. import _settings
 from .._book.files import LOCK_TIMEOUT_S, atomic_write_text
 from .._book.records import Document
-from ._load import Loaded, load
+from ._load import Loaded, Page, load
 
 book_argument = click.argument("book", required=False, type=click.Path(path_type=Path))
 
@@ -86,12 +86,60 @@ def resolve_book(book: Path | None) -> Path:
     return book if book is not None else _settings.book_dir()
 
 
+def missing_book(source: Path, given: bool) -> click.ClickException:
+    """The error for a BOOK that does not exist: a typo, or the default before any tuning."""
+    if given:
+        return click.ClickException(
+            f"no book at {source}: no such file or directory. Pass a book directory (e.g. the "
+            "TUNEBOOK_DIR of the machine that tuned) or one book .json file."
+        )
+    where = (
+        "TUNEBOOK_DIR points there"
+        if _settings.TUNEBOOK_DIR.raw()
+        else "the default book directory; set TUNEBOOK_DIR to use another"
+    )
+    return click.ClickException(
+        f"nothing tuned yet: no book at {source} ({where}). A @tunebook.autotune kernel writes "
+        "it when it first tunes; or pass a BOOK directory or file."
+    )
+
+
 def load_or_fail(book: Path | None) -> Loaded:
     """Load a book, turning a missing path into a one-line error instead of a traceback."""
+    source = resolve_book(book)
+    if not source.exists():
+        raise missing_book(source, given=book is not None)
     try:
-        return load(resolve_book(book))
-    except FileNotFoundError as exc:
+        return load(source)
+    except FileNotFoundError as exc:  # neither a directory nor a regular file (a socket, a FIFO)
         raise click.ClickException(str(exc)) from None
+
+
+def select_pages(loaded: Loaded, kernels: Sequence[str] = ()) -> list[Page]:
+    """The pages of ``kernels`` (all without a filter), or an error listing what the book holds.
+
+    Nothing to show is a failure for every command: a script must not read an empty
+    report, table or export as success.
+    """
+    pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
+    if pages:
+        return pages
+    if loaded.pages:
+        names = sorted({p.kernel_name for p in loaded.pages})
+        raise click.ClickException(
+            f"no book file for kernel {', '.join(kernels)} in {loaded.source}; "
+            f"kernels there: {', '.join(names)}"
+        )
+    if loaded.skipped:
+        reasons = "; ".join(f"{path.name}: {why.splitlines()[0]}" for path, why in loaded.skipped[:3])
+        more = f"; and {len(loaded.skipped) - 3} more" if len(loaded.skipped) > 3 else ""
+        raise click.ClickException(
+            f"no readable book file in {loaded.source} ({len(loaded.skipped)} skipped: {reasons}{more})"
+        )
+    raise click.ClickException(
+        f"nothing tuned yet: {loaded.source} holds no book files (*.json). A @tunebook.autotune kernel "
+        "writes them when it first tunes."
+    )
 
 
 def out() -> Console:

@@ -19,7 +19,7 @@ from rich.markup import escape
 from .._autotuner import Autotuner
 from .._book.layers import Book, KernelIdentity, book_file_name
 from .._fingerprint import platform_fingerprint, platform_id, platform_slug
-from ._common import echo_json, err, out, parse_assignments
+from ._common import echo_json, err, missing_book, out, parse_assignments
 from ._load import Page, load
 from ._modules import resolve_kernel
 from ._summary import fmt_key
@@ -134,7 +134,8 @@ def _print(data: dict[str, Any]) -> None:
     plat = "  ".join(f"{n}={v}" for n, v in p.items() if n != "id")
     console.print(f"  platform  {escape(plat)}  id {p['id']}")
     console.print(f"  reads  {escape(data['expected_file'])}")
-    console.print(f"  in  {escape(', '.join(data['directories']) or '(no book directory)')}")
+    where = [d if Path(d).exists() else f"{d} (does not exist)" for d in data["directories"]]
+    console.print(f"  in  {escape(', '.join(where) or '(no book directory)')}")
     console.print()
     if not data["files"]:
         console.print(
@@ -192,6 +193,8 @@ def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: 
     every book file of a kernel of that name. Without BOOK, looks where the kernel itself
     looks: TUNEBOOK_DIR, the kernel's books=, then TUNEBOOK_PATH.
     """
+    if book is not None and not book.exists():  # before the import, which may take seconds (torch)
+        raise missing_book(book, given=True)
     os.environ.update(parse_assignments(env, "--env"))
     _, tuner = resolve_kernel(target)
     if book is not None:

@@ -19,6 +19,7 @@ from ._common import (
     out,
     output_option,
     parse_assignments,
+    select_pages,
     warn_skipped,
     writing,
 )
@@ -211,8 +212,8 @@ def command(
     docs/cli.md for how key names and config parameters are bound to vLLM's fields.
     """
     loaded = load_or_fail(book)
+    pages = select_pages(loaded, (kernel,))
     warn_skipped(loaded)
-    pages = [p for p in loaded.pages if p.kernel_name == kernel]
     if platform:
         pages = [
             p
@@ -221,10 +222,12 @@ def command(
             or platform.lower() in str(p.doc.platform.get("device", "")).lower()
         ]
     if not pages:
-        names = sorted({p.kernel_name for p in loaded.pages})
+        platforms = sorted(
+            {f"{p.platform_id} {p.platform_label}" for p in loaded.pages if p.kernel_name == kernel}
+        )
         raise click.ClickException(
-            f"no book file for kernel {kernel!r}{' on ' + platform if platform else ''} "
-            f"in {loaded.source}; kernels there: {', '.join(names) or 'none'}"
+            f"no book file for kernel {kernel} on a platform matching {platform!r} in {loaded.source}; "
+            f"its platforms there: {'; '.join(platforms)}"
         )
     consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
     maps = parse_assignments(mapping, "--map")

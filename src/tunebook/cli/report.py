@@ -20,7 +20,16 @@ import click
 
 from .._autotuner import __version__
 from .._book.files import atomic_write_text
-from ._common import book_argument, existing_parent, load_or_fail, out, output_option, warn_skipped, writing
+from ._common import (
+    book_argument,
+    existing_parent,
+    load_or_fail,
+    out,
+    output_option,
+    select_pages,
+    warn_skipped,
+    writing,
+)
 from ._load import Page
 from ._summary import KeySummary, fmt_key, fmt_ms, short_config, sorted_entries, summarise_page
 
@@ -223,8 +232,8 @@ def render(pages: list[Page], source: Path) -> str:
 def command(book: Path | None, output: Path, kernels: tuple[str, ...]) -> None:
     """Write an HTML report of BOOK with embedded plots: tuned vs median config, config landscape."""
     loaded = load_or_fail(book)
+    pages = select_pages(loaded, kernels)
     warn_skipped(loaded)
-    pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
     text = render(pages, loaded.source)
     with writing(output, f"Choose another file with -o, or make {existing_parent(output.parent)} writable."):
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._common import book_argument, echo_json, load_or_fail, out, warn_skipped
+from ._common import book_argument, echo_json, load_or_fail, out, select_pages, warn_skipped
 from ._load import Loaded, Page
 from ._summary import REFERENCES, KeySummary, Reference, fmt_key, fmt_ms, short_config, summarise_page
 
@@ -108,15 +108,13 @@ def command(
     kernel's first (default) config, as recorded when the key was tuned (see --reference).
     """
     loaded = load_or_fail(book)
-    pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
+    pages = select_pages(loaded, kernels)  # an error naming the skipped files when none is readable
+    if not as_json:
+        warn_skipped(loaded)
     if as_json:
         echo_json(show_json(loaded, pages, reference))
         return
-    warn_skipped(loaded)
     console = out()
-    if not pages:
-        what = f"no book files for kernel {', '.join(kernels)}" if kernels else "no book files"
-        console.print(f"{what} in {loaded.source}")
     for page in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label, p.path.name)):
         summaries = summarise_page(page.doc, reference)
         console.print(_table(page, summaries, reference))

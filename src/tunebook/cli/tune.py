@@ -48,6 +48,12 @@ def _pending(tuner: Autotuner) -> list[tuple[str, Any]]:
     ]
 
 
+def _looks_like_kernel(target: str) -> bool:
+    """``pkg.mod:kernel`` or ``file.py:kernel`` (but not a Windows drive, ``C:\\...``)."""
+    module, sep, attr = target.rpartition(":")
+    return bool(sep) and len(module) > 1 and attr.isidentifier()
+
+
 def _key_values(tuner: Autotuner, text: str) -> dict[str, Any]:
     values = parse_assignments((text,), "--keys")
     names = [str(k) for k in tuner.keys]
@@ -102,6 +108,13 @@ def command(
     if misses == bool(keys):
         raise click.UsageError("give either --misses MODULE ... or MODULE:KERNEL --keys NAME=VALUE,...")
     if misses:
+        kernels = [t for t in targets if _looks_like_kernel(t)]
+        if kernels:
+            raise click.UsageError(
+                f"--misses takes modules (e.g. myapp.kernels), found {kernels[0]!r}: it tunes the recorded "
+                "misses of every kernel of a module. To tune keys of one kernel: MODULE:KERNEL --keys "
+                "NAME=VALUE,..."
+            )
         for target in targets:
             module = import_module(target)
             for attr, tuner in autotuners(module).items():
