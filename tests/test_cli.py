@@ -178,6 +178,7 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
             "rule": "first",
             "config": config_id(result({"BLOCK": 32}, 1).config),
             "ms": 3.0,
+            "note": None,
         }
         assert item["speedup"] == 6.0
         assert item["configs"] == 5 and item["failed"] == 1
@@ -188,6 +189,7 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
         "rule": "median",
         "config": config_id(result({"BLOCK": 128}, 1).config),
         "ms": 2.0,
+        "note": None,
     }
     assert median["speedup"] == 4.0
     slowest = json.loads(invoke("show", "--json", "--reference", "slowest").stdout)
@@ -197,7 +199,7 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
 def test_show_table_for_people_and_filters(book_dir: Path, tmp_path: Path) -> None:
     tune_add()
     text = invoke("show").stdout
-    assert "add_kernel" in text and "BLOCK=256" in text and "6.00x" in text and "first ms" in text
+    assert "add_kernel" in text and "BLOCK=256" in text and "6.00x" in text and "first config" in text
     assert "failed" in text and "no timing recorded for BLOCK=512" in text
     assert "[100," in text and text.index("[100,") < text.index("[1000,") < text.index("[5000,")
     single = invoke("show", book_files(book_dir)[0], "--no-failures").stdout

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from ._common import echo_json, load_or_fail, out, warn_skipped
 from ._load import Page
-from ._summary import fmt_key, fmt_ms, short_config
+from ._summary import fmt_key, fmt_time, short_config
 
 JSON_FORMAT = "tunebook-diff"
 JSON_VERSION = 1
@@ -153,14 +153,14 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
         for w in pair["winner_changed"]:
             console.print(
                 f"  key {escape(fmt_key(w['key']))}: winner {escape(short_config(w['a']['config']))} "
-                f"({fmt_ms(w['a']['ms'])} ms) -> {escape(short_config(w['b']['config']))} "
-                f"({fmt_ms(w['b']['ms'])} ms)"
+                f"({fmt_time(w['a']['ms'])}) -> {escape(short_config(w['b']['config']))} "
+                f"({fmt_time(w['b']['ms'])})"
             )
         for t in pair["timing_changed"]:
             change = f"x{t['ratio']:.3g}" if t["ratio"] is not None else "ran / failed"
             console.print(
                 f"  key {escape(fmt_key(t['key']))} config {escape(t['config'])}: "
-                f"{fmt_ms(t['a_ms'])} -> {fmt_ms(t['b_ms'])} ms ({change})"
+                f"{fmt_time(t['a_ms'])} -> {fmt_time(t['b_ms'])} ({change})"
             )
     if not data["differ"]:
         console.print(f"no differences ({data['unchanged']} kernel pages compared)")

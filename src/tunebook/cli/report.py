@@ -1,7 +1,8 @@
 """``tunebook report``: one self-contained HTML page with plots, for people reviewing a book.
 
-Per kernel page: a table of winners; "tuned vs reference" (the winner's time and the
-median config's time, per key — see _summary for why the median config); and the config
+Per kernel page: a table of winners; "tuned vs first config" (the winner's time and the
+reference config's time per key: the first config, the one the kernel runs untuned, or
+where it has no timing the median config, hatched — see _summary); and the config
 landscape, a heatmap of every config's time relative to the key's winner (grey: failed or
 not measured). Plots are PNGs embedded as base64, so the page can be mailed or archived.
 Needs matplotlib (``pip install 'tunebook[report]'``), imported only by this command.
@@ -31,7 +32,17 @@ from ._common import (
     writing,
 )
 from ._load import Page
-from ._summary import KeySummary, fmt_key, fmt_ms, short_config, sorted_entries, summarise_page
+from ._summary import (
+    KeySummary,
+    fmt_key,
+    fmt_time,
+    reference_cell,
+    reference_header,
+    reference_notes,
+    short_config,
+    sorted_entries,
+    summarise_page,
+)
 
 INSTALL_LINE = "pip install 'tunebook[report]'"
 MAX_CONFIG_ROWS = 60  # more rows than this make an unreadable heatmap; the fastest are kept
@@ -76,13 +87,18 @@ def tuned_vs_reference(plt: Any, summaries: list[KeySummary]) -> str | None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 3), 3.6))
     xs = range(len(rows))
     width = 0.4
-    ax.bar(
+    bars = ax.bar(
         [x - width / 2 for x in xs],
         [s.reference_ms for s in rows],
         width,
-        label="median config",
+        label="first config (untuned)",
         color="#bbbbbb",
     )
+    fallback = [bar for bar, s in zip(bars, rows) if s.reference_note is not None]
+    for bar in fallback:
+        bar.set_hatch("//")
+    if fallback:  # a legend entry for the hatched bars only when there are some
+        fallback[0].set_label("median config (first config has no timing)")
     ax.bar(
         [x + width / 2 for x in xs],
         [s.winner_ms for s in rows],
@@ -101,7 +117,7 @@ def tuned_vs_reference(plt: Any, summaries: list[KeySummary]) -> str | None:
             )
     ax.set_xticks(list(xs), [_short_key(s.key) for s in rows], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("median time (ms)")
-    ax.set_title("tuned vs median config, per key")
+    ax.set_title("tuned vs first config, per key")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -180,8 +196,8 @@ def _page_html(plt: Any, page: Page) -> str:
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(fmt_key(s.key))}</td><td>{esc(short_config(s.winner_config))}</td>"
-        f"<td class='num'>{fmt_ms(s.winner_ms)}</td><td class='num'>{fmt_ms(s.reference_ms)}</td>"
-        f"<td class='num'>{f'{s.speedup:.2f}x' if s.speedup is not None else '-'}</td>"
+        f"<td class='num'>{fmt_time(s.winner_ms)}</td><td class='num'>{esc(reference_cell(s))}</td>"
+        f"<td class='num'>{_speedup_cell(s)}</td>"
         f"<td class='num'>{s.configs}</td><td class='num'>{len(s.failures)}</td></tr>"
         for s in summaries
     )
@@ -190,11 +206,13 @@ def _page_html(plt: Any, page: Page) -> str:
         f"{esc(page.platform_label)}</h2>",
         f"<p class='dim'>{esc(page.path.name)} · key ({esc(key_names)}) + argument dtypes · "
         f"{len(summaries)} keys</p>",
-        "<table><tr><th>key</th><th>winner</th><th>ms</th><th>median config ms</th><th>speed-up</th>"
+        "<table><tr><th>key</th><th>winner</th><th>time</th>"
+        f"<th>{reference_header('first')}</th><th>speed-up</th>"
         f"<th>configs</th><th>failed</th></tr>{rows}</table>",
+        *(f"<p class='dim'>{esc(note)}</p>" for note in reference_notes(summaries)),
     ]
     for title, png in (
-        ("tuned vs median config", tuned_vs_reference(plt, summaries)),
+        ("tuned vs first config", tuned_vs_reference(plt, summaries)),
         ("config landscape", landscape(plt, page)),
     ):
         if png is not None:
@@ -210,6 +228,12 @@ def _page_html(plt: Any, page: Page) -> str:
     return "\n".join(parts)
 
 
+def _speedup_cell(s: KeySummary) -> str:
+    if s.speedup is not None:
+        return f"{s.speedup:.2f}x"
+    return "imported" if s.imported else "-"
+
+
 def render(pages: list[Page], source: Path) -> str:
     plt = _pyplot()
     body = "\n".join(
@@ -220,7 +244,8 @@ def render(pages: list[Page], source: Path) -> str:
         f"<title>tunebook report: {html.escape(str(source))}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>tunebook report</h1><p class='dim'>book {html.escape(str(source))} · "
         f"{len(pages)} kernel pages · tunebook {__version__} · "
-        "speed-ups are against each key's median config</p>\n"
+        "speed-ups are against each key's first config, the one the kernel runs untuned "
+        "(labelled median where it has no timing: the median measured config instead)</p>\n"
         f"{body or '<p>This book has no readable files.</p>'}\n</body></html>\n"
     )
 
@@ -230,7 +255,7 @@ def render(pages: list[Page], source: Path) -> str:
 @output_option("HTML file to write.", directory=False)
 @click.option("--kernel", "kernels", multiple=True, metavar="NAME", help="Only this kernel (repeatable).")
 def command(book: Path | None, output: Path, kernels: tuple[str, ...]) -> None:
-    """Write an HTML report of BOOK with embedded plots: tuned vs median config, config landscape."""
+    """Write an HTML report of BOOK with embedded plots: tuned vs first config, config landscape."""
     loaded = load_or_fail(book)
     pages = select_pages(loaded, kernels)
     warn_skipped(loaded)
