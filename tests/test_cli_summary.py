@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from test_cli import entry, invoke, result, the_doc, tune_add, write_doc
+from test_cli import entry, invoke, module_file, result, the_doc, tune_add, write_doc
 from tunebook._book import Document, config_id
 
 FIRST_FAILED = {"BLOCK": 32}
@@ -66,3 +66,47 @@ def the_doc_of(book_dir: Path, ms_by_block: dict[int, float]) -> Document:
         {"backend": "cuda", "device": "NVIDIA H200", "arch": "90", "triton": "3.6.0", "timer": "events"},
         {json.dumps(list(e.key), separators=(",", ":")): e},
     )
+
+
+def _book_with_a_recorded_miss(book_dir: Path) -> tuple[Document, Document]:
+    """(tuned, tuned + key 7000 met 3 times by serve mode and never tuned), the latter in the book."""
+    tune_add()
+    tuned = the_doc(book_dir)
+    miss = replace(entry([7000, "torch.float32", "torch.float32", "torch.float32"], []), misses=3)
+    with_miss = replace(tuned, entries={**tuned.entries, "[7000]": miss})
+    with_miss = Document.from_json(json.loads(with_miss.dumps()))
+    write_doc(book_dir, with_miss)
+    return tuned, with_miss
+
+
+def test_recorded_misses_are_shown_as_such_everywhere(book_dir: Path, tmp_path: Path) -> None:
+    tuned, _ = _book_with_a_recorded_miss(book_dir)
+    hint = "recorded miss: run `tunebook tune --misses"
+
+    text = invoke("show").stdout
+    row = next(line for line in text.splitlines() if "[7000," in line)
+    assert "recorded miss" in row and "3 calls" in row
+    assert hint in text
+    entries = json.loads(invoke("show", "--json").stdout)["files"][0]["entries"]
+    by_n = {e["key"][0]: e for e in entries}
+    assert by_n[7000]["misses"] == 3 and by_n[7000]["recorded_miss"] is True
+    assert by_n[100]["misses"] == 0 and by_n[100]["recorded_miss"] is False
+
+    write_doc(tmp_path / "tuned", tuned)
+    text = invoke("diff", book_dir, tmp_path / "tuned", ok=False).stdout
+    line = next(line for line in text.splitlines() if "[7000," in line)
+    assert "recorded miss" in line and hint in text
+    data = json.loads(invoke("diff", book_dir, tmp_path / "tuned", "--json", ok=False).stdout)
+    assert [k[0] for k in data["pages"][0]["recorded_misses_a"]] == [7000]
+
+    module = module_file(tmp_path)
+    res = invoke("explain", f"{module}:add")
+    assert f"recorded miss: run `tunebook tune --misses {module}`" in res.stdout
+    assert "[7000," in next(line for line in res.stdout.splitlines() if "recorded miss" in line)
+    data = json.loads(invoke("explain", f"{module}:add", "--json").stdout)
+    assert [k[0] for k in data["files"][0]["recorded_misses"]] == [7000]
+
+    report = tmp_path / "r.html"
+    invoke("report", "-o", report)
+    html = report.read_text()
+    assert "recorded miss (3 calls)" in html and "tunebook tune --misses" in html

@@ -11,6 +11,9 @@ measured (a budgeted search skipped it), or is not recorded (a book from before 
 recorded it). ``--reference median`` and ``--reference slowest`` choose those rules for
 every key.
 
+**Recorded misses** (entries that serve mode met ``misses`` times and that have no results
+yet) are shown as such, with the command that tunes them (:func:`miss_hint`).
+
 **Imported entries** (platform timer ``imported:<format>``, see ``_vllm_format``) carry a
 declared winner and no timing: their times and speed-ups are reported as absent.
 """
@@ -46,6 +49,11 @@ class KeySummary:
     configs: int
     failures: list[tuple[str, str]]
     imported: bool
+    misses: int  # calls serve mode met without results
+
+    @property
+    def recorded_miss(self) -> bool:
+        return self.misses > 0 and self.configs == 0
 
     @property
     def speedup(self) -> float | None:
@@ -70,6 +78,8 @@ class KeySummary:
             "failed": len(self.failures),
             "failures": [{"config": cid, "error": err} for cid, err in self.failures],
             "imported": self.imported,
+            "misses": self.misses,
+            "recorded_miss": self.recorded_miss,
         }
 
 
@@ -100,7 +110,33 @@ def summarise(entry: Entry, imported: bool, reference: Reference = "first") -> K
         configs=len(entry.results),
         failures=failures,
         imported=imported,
+        misses=entry.misses,
     )
+
+
+def is_recorded_miss(entry: Entry) -> bool:
+    """Serve mode met this key and nothing has been measured for it yet."""
+    return entry.misses > 0 and not entry.results
+
+
+def miss_hint(module: str = "MODULE") -> str:
+    """What to do about recorded misses, said the same way by every command."""
+    return f"recorded miss: run `tunebook tune --misses {module}`"
+
+
+def winner_cell(summary: KeySummary) -> str:
+    """The winner as a table cell; a recorded miss says so instead of ``-``."""
+    if summary.recorded_miss:
+        return f"recorded miss ({summary.misses} call{'s' if summary.misses != 1 else ''})"
+    return short_config(summary.winner_config)
+
+
+def misses_line(summaries: list[KeySummary], kernel: str) -> str | None:
+    """The line under a table that has recorded misses: how many, and the command to tune them."""
+    n = sum(s.recorded_miss for s in summaries)
+    if not n:
+        return None
+    return f"{n} key(s) without results; {miss_hint()} (MODULE: the module that defines {kernel})"
 
 
 def _why_not_first(entry: Entry) -> str:

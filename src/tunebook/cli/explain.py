@@ -22,7 +22,7 @@ from .._fingerprint import platform_fingerprint, platform_id, platform_slug
 from ._common import echo_json, err, missing_book, out, parse_assignments
 from ._load import Page, load
 from ._modules import resolve_kernel
-from ._summary import fmt_key
+from ._summary import fmt_key, is_recorded_miss, miss_hint
 
 LABELS = {
     "name": "kernel name",
@@ -101,6 +101,11 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
                 continue
             diffs = differences(page, ident, fingerprint)
             keys = [page.doc.entries[k].key for k in sorted(page.doc.entries)]
+            missed = [
+                page.doc.entries[k].key
+                for k in sorted(page.doc.entries)
+                if is_recorded_miss(page.doc.entries[k])
+            ]
             files.append(
                 {
                     "path": str(page.path),
@@ -109,6 +114,8 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
                     "differences": diffs,
                     "keys": [list(k) for k in keys[:key_limit]],
                     "key_count": len(keys),
+                    "recorded_misses": [list(k) for k in missed[:key_limit]],
+                    "recorded_miss_count": len(missed),
                 }
             )
     return {
@@ -121,6 +128,12 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
         "skipped": skipped,
         "verdict": "hit" if any(f["match"] for f in files) else "miss",
     }
+
+
+def _key_list(keys: list[list[Any]], count: int) -> str:
+    shown = ", ".join(fmt_key(key) for key in keys)
+    more = f" … and {count - len(keys)} more" if count > len(keys) else ""
+    return f"{escape(shown) or '(none)'}{more}"
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -151,9 +164,16 @@ def _print(data: dict[str, Any]) -> None:
             console.print(f"    {d['label']}: book {escape(repr(d['book']))}, here {escape(repr(d['here']))}")
             if d["hint"]:
                 console.print(f"      [dim]{escape(d['hint'])}[/]")
-        shown = ", ".join(fmt_key(key) for key in f["keys"])
-        more = f" … and {f['key_count'] - len(f['keys'])} more" if f["key_count"] > len(f["keys"]) else ""
-        console.print(f"    keys: {escape(shown) or '(none)'}{more}")
+        missed = {fmt_key(k) for k in f["recorded_misses"]}
+        tuned = [k for k in f["keys"] if fmt_key(k) not in missed]
+        console.print(f"    keys: {_key_list(tuned, f['key_count'] - f['recorded_miss_count'])}")
+        if f["recorded_miss_count"]:
+            console.print(
+                "    recorded misses (serve mode met them; no results yet): "
+                f"{_key_list(f['recorded_misses'], f['recorded_miss_count'])}"
+            )
+            module = data["target"].rpartition(":")[0]
+            console.print(f"      [yellow]{escape(miss_hint(module))}[/]")
     if data["verdict"] == "hit":
         console.print(
             "\n[green]A book file matches this process[/]: a call hits when its key (the key "

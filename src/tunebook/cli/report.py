@@ -36,12 +36,14 @@ from ._summary import (
     KeySummary,
     fmt_key,
     fmt_time,
+    misses_line,
     reference_cell,
     reference_header,
     reference_notes,
     short_config,
     sorted_entries,
     summarise_page,
+    winner_cell,
 )
 
 INSTALL_LINE = "pip install 'tunebook[report]'"
@@ -55,7 +57,7 @@ h2 { font-size: 1.2em; margin-top: 2em; border-top: 1px solid #ccc; padding-top:
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
 td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; } th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.dim { color: #777; } img { max-width: 100%; display: block; margin: 0.5em 0; }
+.dim { color: #777; } .miss { color: #a60; } img { max-width: 100%; display: block; margin: 0.5em 0; }
 """
 
 
@@ -195,7 +197,7 @@ def _page_html(plt: Any, page: Page) -> str:
     key_names = ", ".join(map(str, page.doc.kernel.get("key", [])))
     esc = html.escape
     rows = "".join(
-        f"<tr><td>{esc(fmt_key(s.key))}</td><td>{esc(short_config(s.winner_config))}</td>"
+        f"<tr><td>{esc(fmt_key(s.key))}</td><td>{esc(winner_cell(s))}</td>"
         f"<td class='num'>{fmt_time(s.winner_ms)}</td><td class='num'>{esc(reference_cell(s))}</td>"
         f"<td class='num'>{_speedup_cell(s)}</td>"
         f"<td class='num'>{s.configs}</td><td class='num'>{len(s.failures)}</td></tr>"
@@ -210,6 +212,7 @@ def _page_html(plt: Any, page: Page) -> str:
         f"<th>{reference_header('first')}</th><th>speed-up</th>"
         f"<th>configs</th><th>failed</th></tr>{rows}</table>",
         *(f"<p class='dim'>{esc(note)}</p>" for note in reference_notes(summaries)),
+        *(f"<p class='miss'>{esc(line)}</p>" for line in [misses_line(summaries, page.kernel_name)] if line),
     ]
     for title, png in (
         ("tuned vs first config", tuned_vs_reference(plt, summaries)),

@@ -18,11 +18,12 @@ from ._summary import (
     Reference,
     fmt_key,
     fmt_time,
+    misses_line,
     reference_cell,
     reference_header,
     reference_notes,
-    short_config,
     summarise_page,
+    winner_cell,
 )
 
 JSON_FORMAT = "tunebook-show"
@@ -72,7 +73,7 @@ def _table(page: Page, summaries: list[KeySummary], reference: Reference) -> Tab
         speed = f"{s.speedup:.2f}x" if s.speedup is not None else ("imported" if s.imported else "-")
         table.add_row(
             escape(fmt_key(s.key)),
-            escape(short_config(s.winner_config)),
+            escape(winner_cell(s)),
             fmt_time(s.winner_ms),
             reference_cell(s),
             speed,
@@ -131,6 +132,8 @@ def command(
         console.print(_table(page, summaries, reference))
         for note in reference_notes(summaries):
             console.print(f"  [dim]{escape(note)}[/]", soft_wrap=True)
+        if (line := misses_line(summaries, page.kernel_name)) is not None:
+            console.print(f"  [yellow]{escape(line)}[/]", soft_wrap=True)
         if failures:
             _print_failures(console, summaries)
         console.print()
