@@ -133,3 +133,25 @@ def test_explain_says_a_given_book_is_missing(tmp_path: Path) -> None:
 def test_tune_misses_with_a_kernel_target_says_what_misses_takes(tmp_path: Path) -> None:
     res = invoke("tune", "--misses", f"{module_file(tmp_path)}:add", ok=None)
     assert res.exit_code == 2 and "--misses takes modules" in res.output and "--keys" in res.output
+
+
+# ----------------------------------------------------------------------------- vLLM export
+
+
+def test_export_refuses_file_names_its_own_import_rejects(tmp_path: Path) -> None:
+    doc = _moe_doc()
+    dense = replace(doc, kernel={**doc.kernel, "key": ["num_tokens", "N", "E_unused"]})
+    write_doc(tmp_path / "book", dense)
+    common = ["export", "--format", "vllm", tmp_path / "book", "-o", tmp_path / "out", "--kernel"]
+    common.append("fused_moe_kernel")
+    res = invoke(*common, "--const", "E=eight", ok=None)
+    assert res.exit_code == 2 and "--const E=eight" in res.output and "integer" in res.output, res.output
+    res = invoke(*common, "--const", "E=8", "--const", "dtype=fp8,w8a8", ok=None)
+    assert res.exit_code == 1 and "dtype" in res.output and "','" in res.output, res.output
+    res = invoke(*common, "--const", "E=8", "--const", "GROUP_SIZE_M=big", ok=None)
+    assert res.exit_code == 2 and "--const GROUP_SIZE_M=big" in res.output, res.output
+    assert not (tmp_path / "out").exists()
+    # what it does write, its import reads back
+    invoke(*common, "--const", "E=8", "--const", "dtype=fp8_w8a8")
+    (written,) = (tmp_path / "out").iterdir()
+    invoke("import", "--format", "vllm", written, "--kernel", "moe", "-o", tmp_path / "back")

@@ -27,10 +27,15 @@ from ._load import Page
 from ._summary import key_order
 from ._vllm_format import (
     CONFIG_FIELDS,
+    INTEGER_FIELDS,
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
+    is_integer,
     lookup,
+    name_problems,
+    parse_name,
     scalar,
+    vllm_device_name,
     vllm_file_name,
 )
 
@@ -136,6 +141,7 @@ def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> 
             name = vllm_file_name(
                 field["E"], field["N"], device, field.get("dtype"), field.get("block_shape")
             )
+            _check_name(name, field, device, key, page)
             m = field["M"]
             if (name, m) in origin:
                 other_page, other_key = origin[(name, m)]
@@ -157,6 +163,23 @@ def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> 
                 f: out_config[f] for f in (*CONFIG_FIELDS, *sorted(out_config)) if f in out_config
             }
     return {name: {str(m): table[m] for m in sorted(table, key=_m_order)} for name, table in files.items()}
+
+
+def _check_name(name: str, field: dict[str, Any], device: str, key: list[Any], page: Page) -> None:
+    """Refuse, before anything is written, a file name that vLLM (and our import) would not read."""
+    problems = name_problems(field, vllm_device_name(device))
+    parsed, problem = parse_name(name)
+    if not problems and parsed is not None:
+        wanted = {"E": field["E"], "N": field["N"], "dtype": field.get("dtype") or None}
+        problems = [f"{f}={v!r} reads back as {parsed[f]!r}" for f, v in wanted.items() if parsed[f] != v]
+    elif not problems:
+        problems = [str(problem)]
+    if problems:
+        raise click.ClickException(
+            f"key {key} of {page.path.name} cannot become a vLLM config file: {'; '.join(problems)} "
+            f"(file name {name!r}). vLLM reads E, N and M as integers and splits names at ','; fix the "
+            "value with --const or --map, or leave the key out with --where."
+        )
 
 
 def _m_order(m: Any) -> tuple[Any, ...]:
@@ -230,6 +253,11 @@ def command(
             f"its platforms there: {'; '.join(platforms)}"
         )
     consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
+    for name, value in consts.items():
+        if name in INTEGER_FIELDS and not is_integer(value):
+            raise click.BadParameter(
+                f"vLLM reads {name} as an integer; found {value!r}", param_hint=f"--const {name}={value}"
+            )
     maps = parse_assignments(mapping, "--map")
     unknown = sorted(set(maps) - set(KEY_FIELDS) - set(CONFIG_FIELDS))
     if unknown:
