@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from test_cli import _moe_doc, invoke, module_file, the_doc, tune_add, write_doc
+from test_cli import _moe_doc, invoke, module_file, python_m_tunebook, the_doc, tune_add, write_doc
 from test_persistence import read_only
 
 
@@ -155,3 +155,15 @@ def test_export_refuses_file_names_its_own_import_rejects(tmp_path: Path) -> Non
     invoke(*common, "--const", "E=8", "--const", "dtype=fp8_w8a8")
     (written,) = (tmp_path / "out").iterdir()
     invoke("import", "--format", "vllm", written, "--kernel", "moe", "-o", tmp_path / "back")
+
+
+def test_messages_off_a_terminal_are_not_wrapped(book_dir: Path, tmp_path: Path) -> None:
+    """A log file or CI output is read and copied from: a wrapped line splits the path."""
+    tune_add()
+    corrupt = book_dir / ("a-long-file-name-" * 6 + ".json")
+    corrupt.write_text("{not json")
+    proc = python_m_tunebook("show", book_dir)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if "skipped" in line]
+    assert str(corrupt) in line and "JSONDecodeError" in line
+    assert all(len(line) < 250 for line in proc.stdout.splitlines()[3:])  # tables are as wide as they need

@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 from rich.console import Console
@@ -142,13 +142,24 @@ def select_pages(loaded: Loaded, kernels: Sequence[str] = ()) -> list[Page]:
     )
 
 
+# Off a terminal (a log file, a pipe, CI) nothing is wrapped: a wrapped line splits the
+# paths and commands people copy out of it. Rich would otherwise wrap at 80 columns.
+_UNWRAPPED = 1 << 16
+
+
+def _console(stream: TextIO, stderr: bool) -> Console:
+    tty = stream.isatty()
+    return Console(stderr=stderr, highlight=False, soft_wrap=stderr, width=None if tty else _UNWRAPPED)
+
+
 def out() -> Console:
     """People's output: rich on stdout, plain text when stdout is not a terminal."""
-    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+    return _console(sys.stdout, stderr=False)
 
 
 def err() -> Console:
-    return Console(stderr=True, highlight=False)
+    """Messages on stderr; soft-wrapped lines on a terminal, so paths copy whole."""
+    return _console(sys.stderr, stderr=True)
 
 
 def echo_json(data: Any) -> None:
