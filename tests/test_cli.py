@@ -582,7 +582,8 @@ def test_report_writes_html_with_decodable_pngs(book_dir: Path, tmp_path: Path) 
     assert html.count("<section class='page'>") == 2 and "add_kernel" in html and "NVIDIA-H200" in html
     assert "<table>" in html and "no timing recorded" in html
     images = [chunk.split("'", 1)[0] for chunk in html.split("src='data:image/png;base64,")[1:]]
-    assert len(images) == 4  # per page: tuned vs median config, config landscape
+    assert len(images) == 2  # per page: tuned vs first config (the config landscape is a table)
+    assert html.count("<table class='heat'>") == 2
     for data in images:
         png = base64.b64decode(data, validate=True)
         assert png.startswith(b"\x89PNG\r\n\x1a\n")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -63,6 +65,31 @@ def existing_parent(path: Path) -> Path:
         if candidate.exists():
             return candidate
     return path
+
+
+def write_problem(directory: Path) -> str | None:
+    """Why files could not be written into ``directory`` (None: they can).
+
+    >>> import tempfile
+    >>> write_problem(Path(tempfile.mkdtemp())) is None
+    True
+
+    An existing directory is probed with a real file, which catches what permission bits
+    do not say (a read-only mount, an immutable directory, root's writes). A directory yet
+    to be created needs a writable nearest ancestor.
+    """
+    target = existing_parent(directory)
+    if not target.is_dir():
+        return f"{target} is not a directory"
+    if target != directory:
+        return None if os.access(target, os.W_OK | os.X_OK) else f"cannot create it in {target}"
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tunebook-probe-")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 @contextlib.contextmanager

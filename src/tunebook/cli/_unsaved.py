@@ -8,8 +8,6 @@ when the run ends, writes what is missing into the book if it can, and otherwise
 ``tunebook-unsaved-<time>`` directory that the command names, laid out as a book, so that
 ``tunebook merge DIR -o BOOK`` puts them where they belong.
 
-    >>> book_problem(Path(tempfile.mkdtemp())) is None
-    True
 """
 
 from __future__ import annotations
@@ -25,28 +23,7 @@ from typing import Any
 from .._autotuner import __version__
 from .._book import BookWarning, Document, Entry, Page, Result, atomic_write_text, merge_write, read_document
 from .._book.records import now_iso
-from ._common import existing_parent
-
-
-def book_problem(directory: Path) -> str | None:
-    """Why results could not be written into ``directory`` (None: they can).
-
-    An existing directory is probed with a real file, which catches what permission bits
-    do not say (a read-only mount, an immutable directory, root's writes). A directory yet
-    to be created needs a writable nearest ancestor.
-    """
-    target = existing_parent(directory)
-    if not target.is_dir():
-        return f"{target} is not a directory"
-    if target != directory:
-        return None if os.access(target, os.W_OK | os.X_OK) else f"cannot create it in {target}"
-    try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tunebook-probe-")
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    os.close(fd)
-    os.unlink(probe)
-    return None
+from ._common import write_problem
 
 
 @dataclass
@@ -111,7 +88,7 @@ def save_to_book(lost: dict[int, Entry], received: Received, pages: dict[tuple[s
     long by another process, say). Failures stay silent here: the caller checks again."""
     for target, doc in _documents(lost, received, pages).items():
         path = pages[target].path
-        if path is not None and book_problem(path.parent) is None:
+        if path is not None and write_problem(path.parent) is None:
             with warnings.catch_warnings():  # the caller reports the outcome itself
                 warnings.simplefilter("ignore", BookWarning)
                 merge_write(path, doc)
@@ -120,7 +97,7 @@ def save_to_book(lost: dict[int, Entry], received: Received, pages: dict[tuple[s
 def save_aside(lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page]) -> Path:
     """Write the lost results as a book in ``./tunebook-unsaved-<time>`` (else the temp dir)."""
     name = f"tunebook-unsaved-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    parent = Path.cwd() if book_problem(Path.cwd()) is None else Path(tempfile.gettempdir())
+    parent = Path.cwd() if write_problem(Path.cwd()) is None else Path(tempfile.gettempdir())
     directory = parent / name
     directory.mkdir(parents=True)
     for target, doc in _documents(lost, received, pages).items():

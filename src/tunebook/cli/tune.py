@@ -31,9 +31,9 @@ from .._autotuner import Autotuner, record_crash
 from .._book import Result
 from .._calls import validate
 from .._worker import DEFAULT_TIMEOUT_S, run_jobs
-from ._common import err, existing_parent, out, parse_assignments, writing
+from ._common import err, existing_parent, out, parse_assignments, write_problem, writing
 from ._modules import autotuners, import_module, resolve_kernel
-from ._unsaved import Received, book_problem, save_aside, save_to_book
+from ._unsaved import Received, save_aside, save_to_book
 
 
 def _gpu_devices() -> list[str]:
@@ -117,7 +117,7 @@ def command(
     """Tune recorded misses (--misses MODULE ...) or declared keys (MODULE:KERNEL --keys ...) offline."""
     _check_targets(targets, misses, keys)
     book = _settings.book_dir()
-    problem = book_problem(book)  # before importing anything: results must have somewhere to go
+    problem = write_problem(book)  # before importing anything: results must have somewhere to go
     if problem is not None:
         raise click.ClickException(
             f"cannot write the book at {book} ({problem}), so tuning results would be lost. Point "
@@ -259,7 +259,7 @@ def _report_lost(
     lost: dict[int, Any], received: Received, pages: dict[tuple[str, str], Any], book: Path
 ) -> None:
     count = sum(len(entry.results) for entry in lost.values())
-    why = book_problem(book) or "the book refused the write"
+    why = write_problem(book) or "the book refused the write"
     with writing(
         Path.cwd(), "Results were measured but could not be kept; free space or permissions and re-run."
     ):
