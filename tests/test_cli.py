@@ -563,7 +563,9 @@ def test_prune_drops_old_kernel_versions_and_corrupt_leftovers(book_dir: Path, t
 def test_prune_needs_modules_with_kernels(tmp_path: Path) -> None:
     empty = tmp_path / "empty_mod.py"
     empty.write_text("x = 1\n")
-    assert "defines no @tunebook.autotune kernel" in invoke("prune", "--keep", empty, ok=False).output
+    assert (
+        "defines no @tunebook.autotune kernel" in invoke("prune", tmp_path, "--keep", empty, ok=False).output
+    )
 
 
 # ----------------------------------------------------------------------------------- report

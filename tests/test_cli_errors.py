@@ -167,3 +167,26 @@ def test_messages_off_a_terminal_are_not_wrapped(book_dir: Path, tmp_path: Path)
     (line,) = [line for line in proc.stderr.splitlines() if "skipped" in line]
     assert str(corrupt) in line and "JSONDecodeError" in line
     assert all(len(line) < 250 for line in proc.stdout.splitlines()[3:])  # tables are as wide as they need
+
+
+# ------------------------------------------------------------------- cheap checks come first
+
+
+def test_book_arguments_are_checked_before_the_module_is_imported(tmp_path: Path) -> None:
+    """Importing a user's module imports torch (seconds): a mistyped BOOK must fail at once."""
+    marker = tmp_path / "imported"
+    module = tmp_path / "slow_mod.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    missing = tmp_path / "nope"
+    one_error_line(invoke("prune", missing, "--keep", module, ok=None), f"no book at {missing}")
+    one_error_line(invoke("explain", f"{module}:k", missing, ok=None), f"no book at {missing}")
+    assert not marker.exists()
+
+
+def test_a_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
+    module = tmp_path / "broken_mod.py"
+    module.write_text("import math\n\nraise ValueError('no GPU here')\n")
+    line = one_error_line(
+        invoke("explain", f"{module}:k", ok=None), "ValueError: no GPU here", "broken_mod.py:3"
+    )
+    assert "python" in line  # how to see the whole traceback
