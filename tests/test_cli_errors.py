@@ -190,3 +190,21 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
         invoke("explain", f"{module}:k", ok=None), "ValueError: no GPU here", "broken_mod.py:3"
     )
     assert "python" in line  # how to see the whole traceback
+
+
+def test_a_book_file_locked_by_another_process_is_one_line(
+    book_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from filelock import FileLock
+
+    from tunebook.cli import _common
+
+    tune_add()
+    invoke("merge", book_dir, "-o", tmp_path / "out")
+    (path,) = (tmp_path / "out").glob("*.json")
+    monkeypatch.setattr(_common, "LOCK_TIMEOUT_S", 0.1)
+    with FileLock(str(path) + ".lock"):  # a tuning run holding it
+        line = one_error_line(
+            invoke("merge", book_dir, "-o", tmp_path / "out", ok=None), "could not be acquired"
+        )
+    assert "Another process holds it" in line and "writable" not in line

@@ -53,8 +53,15 @@ def os_error_text(exc: OSError) -> str:
     return f"{where}: {reason}"
 
 
+def _lock_timeout(exc: OSError) -> bool:
+    """filelock's Timeout is an OSError (a TimeoutError) without an errno."""
+    return isinstance(exc, TimeoutError) and exc.errno is None
+
+
 def os_error_line(exc: OSError) -> str:
     """One line for an OSError no command anticipated: the path, the reason and what to do."""
+    if _lock_timeout(exc):
+        return f"{exc} Another process holds it (a tuning run, a merge); run this again when it is done"
     fix = _OS_FIXES.get(exc.errno or 0, "check that path and run the command again")
     return f"{os_error_text(exc)}; {fix}"
 
@@ -70,13 +77,13 @@ def existing_parent(path: Path) -> Path:
 def write_problem(directory: Path) -> str | None:
     """Why files could not be written into ``directory`` (None: they can).
 
-    >>> import tempfile
-    >>> write_problem(Path(tempfile.mkdtemp())) is None
-    True
-
     An existing directory is probed with a real file, which catches what permission bits
     do not say (a read-only mount, an immutable directory, root's writes). A directory yet
     to be created needs a writable nearest ancestor.
+
+    >>> import tempfile
+    >>> write_problem(Path(tempfile.mkdtemp())) is None
+    True
     """
     target = existing_parent(directory)
     if not target.is_dir():
@@ -100,6 +107,8 @@ def writing(what: Path, fix: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             raise  # stdout closed by `| head`: click ends quietly
+        if _lock_timeout(exc):  # a lock, not the file system: "make it writable" would mislead
+            raise click.ClickException(f"cannot write {what}: {os_error_line(exc)}") from None
         # Temp and lock files beside ``what`` are ours, not the person's: name only ``what``.
         target = what.absolute()
         failed = Path(exc.filename).absolute() if exc.filename is not None else target
