@@ -7,7 +7,6 @@ memory, which ends with it. Each worker also sends every result to ``tunebook tu
 when the run ends, writes what is missing into the book if it can, and otherwise into a
 ``tunebook-unsaved-<time>`` directory that the command names, laid out as a book, so that
 ``tunebook merge DIR -o BOOK`` puts them where they belong.
-
 """
 
 from __future__ import annotations
@@ -21,8 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from .._autotuner import __version__
-from .._book import BookWarning, Document, Entry, Page, Result, atomic_write_text, merge_write, read_document
-from .._book.records import now_iso
+from .._book import (
+    BookWarning,
+    Document,
+    Entry,
+    Page,
+    Result,
+    atomic_write_text,
+    merge_write,
+    now_iso,
+    read_document,
+)
 from ._common import write_problem
 
 

@@ -28,10 +28,10 @@ from rich.markup import escape
 
 from .. import _settings
 from .._autotuner import Autotuner, record_crash
-from .._book import Result
+from .._book import Entry, Page, Result, now_iso
 from .._calls import validate
 from .._worker import DEFAULT_TIMEOUT_S, run_jobs
-from ._common import err, existing_parent, out, parse_assignments, write_problem, writing
+from ._common import err, existing_parent, os_error_text, out, parse_assignments, write_problem
 from ._modules import autotuners, import_module, resolve_kernel
 from ._unsaved import Received, save_aside, save_to_book
 
@@ -213,7 +213,10 @@ def _tune(
         page = pages[target[event["index"]]]
         record_crash(page, event["key_text"], event["key"], event["cid"], event["config"], reason)
         received.add(
-            event["index"], target[event["index"]], event, Result(event["config"], None, reason[:2000])
+            event["index"],
+            target[event["index"]],
+            event,
+            Result(event["config"], None, reason[:2000], now_iso()),
         )
 
     def on_result(event: dict[str, Any]) -> None:
@@ -246,7 +249,7 @@ def _tune(
         raise SystemExit(1)
 
 
-def _keep(received: Received, pages: dict[tuple[str, str], Any]) -> dict[int, Any]:
+def _keep(received: Received, pages: dict[tuple[str, str], Page]) -> dict[int, Entry]:
     """Write what the book lacks into it if it takes writes now; return what it still lacks."""
     lost = received.missing(pages)
     if lost:
@@ -256,14 +259,18 @@ def _keep(received: Received, pages: dict[tuple[str, str], Any]) -> dict[int, An
 
 
 def _report_lost(
-    lost: dict[int, Any], received: Received, pages: dict[tuple[str, str], Any], book: Path
+    lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page], book: Path
 ) -> None:
     count = sum(len(entry.results) for entry in lost.values())
     why = write_problem(book) or "the book refused the write"
-    with writing(
-        Path.cwd(), "Results were measured but could not be kept; free space or permissions and re-run."
-    ):
+    try:
         kept = save_aside(lost, received, pages)
+    except OSError as exc:
+        raise click.ClickException(
+            f"{count} result(s) of {len(lost)} key(s) could not be written to the book at {book} ({why}), "
+            f"nor kept aside ({os_error_text(exc)}). Free some space or fix the permissions, then run "
+            "tunebook tune again."
+        ) from None
     err().print(
         f"[red]not saved[/red]: {count} result(s) of {len(lost)} key(s) could not be written to the book at "
         f"{escape(str(book))} ({escape(why)}). They are kept in {escape(str(kept))}; once the book is "
