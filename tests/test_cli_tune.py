@@ -69,6 +69,9 @@ def test_an_unwritable_book_is_refused_before_tuning(kernel_module: str, book_di
     assert "cannot write" in res.output and str(book_dir) in res.output and "TUNEBOOK_DIR" in res.output
     assert "done" not in res.output and "Traceback" not in res.output
     assert book_files(book_dir) == []
+    with read_only(book_dir):  # a dry run lists the jobs, then says why the real run would stop
+        dry = invoke("tune", f"{kernel_module}:add", "--keys", "n=256", "--dry-run", ok=None)
+    assert dry.exit_code == 1 and "would tune 1 key(s)" in dry.output and "cannot write" in dry.output
 
 
 def test_results_a_book_refuses_midway_are_kept_and_named(

@@ -118,11 +118,12 @@ def command(
     _check_targets(targets, misses, keys)
     book = _settings.book_dir()
     problem = write_problem(book)  # before importing anything: results must have somewhere to go
-    if problem is not None:
-        raise click.ClickException(
-            f"cannot write the book at {book} ({problem}), so tuning results would be lost. Point "
-            f"TUNEBOOK_DIR at a writable directory, or make {existing_parent(book)} writable."
-        )
+    refusal = click.ClickException(
+        f"cannot write the book at {book} ({problem}), so tuning results would be lost. Point "
+        f"TUNEBOOK_DIR at a writable directory, or make {existing_parent(book)} writable."
+    )
+    if problem is not None and not dry_run:
+        raise refusal
     tuners: dict[tuple[str, str], Autotuner] = {}
     jobs = _miss_jobs(targets, tuners) if misses else _key_jobs(targets[0], keys, tuners)
     for job in jobs:
@@ -141,6 +142,8 @@ def command(
     if dry_run:
         for job in jobs:
             out().print(f"  {job['module']}:{job['attr']} {job['key_text']}")
+        if problem is not None:  # what the real run would stop on
+            raise refusal
         return
     _tune(jobs, tuners, book, n_workers, devices, timeout)
 
