@@ -180,6 +180,7 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
             "rule": "first",
             "config": config_id(result({"BLOCK": 32}, 1).config),
             "ms": 3.0,
+            "note": None,
         }
         assert item["speedup"] == 6.0
         assert item["configs"] == 5 and item["failed"] == 1
@@ -190,6 +191,7 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
         "rule": "median",
         "config": config_id(result({"BLOCK": 128}, 1).config),
         "ms": 2.0,
+        "note": None,
     }
     assert median["speedup"] == 4.0
     slowest = json.loads(invoke("show", "--json", "--reference", "slowest").stdout)
@@ -199,12 +201,12 @@ def test_show_json_reports_winners_reference_speedup_and_failures(book_dir: Path
 def test_show_table_for_people_and_filters(book_dir: Path, tmp_path: Path) -> None:
     tune_add()
     text = invoke("show").stdout
-    assert "add_kernel" in text and "BLOCK=256" in text and "6.00x" in text and "first ms" in text
+    assert "add_kernel" in text and "BLOCK=256" in text and "6.00x" in text and "first config" in text
     assert "failed" in text and "no timing recorded for BLOCK=512" in text
     assert "[100," in text and text.index("[100,") < text.index("[1000,") < text.index("[5000,")
     single = invoke("show", book_files(book_dir)[0], "--no-failures").stdout
     assert "6.00x" in single and "no timing recorded" not in single
-    assert "no book files for kernel other" in invoke("show", "--kernel", "other").stdout
+    assert "no book file for kernel other" in invoke("show", "--kernel", "other", ok=False).output
 
 
 def test_show_reports_unreadable_files_and_leftovers(book_dir: Path) -> None:
@@ -564,7 +566,9 @@ def test_prune_drops_old_kernel_versions_and_corrupt_leftovers(book_dir: Path, t
 def test_prune_needs_modules_with_kernels(tmp_path: Path) -> None:
     empty = tmp_path / "empty_mod.py"
     empty.write_text("x = 1\n")
-    assert "defines no @tunebook.autotune kernel" in invoke("prune", "--keep", empty, ok=False).output
+    assert (
+        "defines no @tunebook.autotune kernel" in invoke("prune", tmp_path, "--keep", empty, ok=False).output
+    )
 
 
 # ----------------------------------------------------------------------------------- report
@@ -583,9 +587,25 @@ def test_report_writes_html_with_decodable_pngs(book_dir: Path, tmp_path: Path) 
     assert html.count("<section class='page'>") == 2 and "add_kernel" in html and "NVIDIA-H200" in html
     assert "<table>" in html and "no timing recorded" in html
     images = [chunk.split("'", 1)[0] for chunk in html.split("src='data:image/png;base64,")[1:]]
-    assert len(images) == 4  # per page: tuned vs median config, config landscape
+    assert len(images) == 2  # per page: tuned vs first config (the config landscape is a table)
+    assert html.count("<table class='heat'>") == 2
     for data in images:
         png = base64.b64decode(data, validate=True)
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
         pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+
+
+# ------------------------------------------------------------------------- required options
+
+
+def test_output_is_required_where_documented(book_dir: Path, tmp_path: Path) -> None:
+    """click >= 8.2 skips the required check of an option declared with an explicit default=None."""
+    tune_add()
+    for args in (
+        ["merge", book_dir],
+        ["export", "--format", "vllm", "--kernel", "add_kernel"],
+        ["report", book_dir],
+    ):
+        res = invoke(*args, ok=False)
+        assert res.exit_code == 2 and "Missing option '-o' / '--output'" in res.output, res.output

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+from typing import Any
 
 import click
 
 from .._version import __version__
 from . import diff, explain, export_vllm, import_vllm, merge, prune, report, show, tune
+from ._common import os_error_line
 
 
 def _configure_logging(verbose: int) -> None:
@@ -22,7 +25,19 @@ def _configure_logging(verbose: int) -> None:
     logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Group(click.Group):
+    """The command group; an OSError no command anticipated is one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise  # stdout closed by `| head`: click ends quietly
+            raise click.ClickException(os_error_line(exc)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tunebook")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 from rich.console import Console
@@ -13,7 +18,7 @@ from rich.console import Console
 from .. import _settings
 from .._book.files import LOCK_TIMEOUT_S, atomic_write_text
 from .._book.records import Document
-from ._load import Loaded, load
+from ._load import Loaded, Page, load
 
 book_argument = click.argument("book", required=False, type=click.Path(path_type=Path))
 
@@ -21,7 +26,95 @@ book_argument = click.argument("book", required=False, type=click.Path(path_type
 def output_option(help: str, *, directory: bool = True, required: bool = True) -> Any:
     """``-o/--output``: a directory (merge, export, import) or a file (report)."""
     kind = click.Path(path_type=Path, file_okay=not directory, dir_okay=directory)
-    return click.option("-o", "--output", "output", required=required, default=None, type=kind, help=help)
+    # No explicit default: since click 8.2 an option declared with default=None is never
+    # "missing", so required=True would let a run without -o through as output=None.
+    return click.option("-o", "--output", "output", required=required, type=kind, help=help)
+
+
+# What a person can do about an OSError, by errno; the command adds its own fix where it has one.
+_OS_FIXES = {
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions (and chattr attributes) of that path",
+    errno.EROFS: "the file system is mounted read-only; use a path on a writable one",
+    errno.ENOSPC: "the disk is full; free some space and run it again",
+    errno.EDQUOT: "the disk quota is used up; free some space and run it again",
+    errno.ENOENT: "check that the path exists",
+    errno.ENOTDIR: "a part of that path is a file, not a directory",
+    errno.EISDIR: "that path is a directory; give a file",
+}
+
+
+def os_error_text(exc: OSError) -> str:
+    """``/path: Permission denied``: the path and the reason, without Python's errno noise."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return reason
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+    return f"{where}: {reason}"
+
+
+def _lock_timeout(exc: OSError) -> bool:
+    """filelock's Timeout is an OSError (a TimeoutError) without an errno."""
+    return isinstance(exc, TimeoutError) and exc.errno is None
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError no command anticipated: the path, the reason and what to do."""
+    if _lock_timeout(exc):
+        return f"{exc} Another process holds it (a tuning run, a merge); run this again when it is done"
+    fix = _OS_FIXES.get(exc.errno or 0, "check that path and run the command again")
+    return f"{os_error_text(exc)}; {fix}"
+
+
+def existing_parent(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: the directory whose permissions matter."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def write_problem(directory: Path) -> str | None:
+    """Why files could not be written into ``directory`` (None: they can).
+
+    An existing directory is probed with a real file, which catches what permission bits
+    do not say (a read-only mount, an immutable directory, root's writes). A directory yet
+    to be created needs a writable nearest ancestor.
+
+    >>> import tempfile
+    >>> write_problem(Path(tempfile.mkdtemp())) is None
+    True
+    """
+    target = existing_parent(directory)
+    if not target.is_dir():
+        return f"{target} is not a directory"
+    if target != directory:
+        return None if os.access(target, os.W_OK | os.X_OK) else f"cannot create it in {target}"
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tunebook-probe-")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+@contextlib.contextmanager
+def writing(what: Path, fix: str) -> Iterator[None]:
+    """Turn an OSError while writing ``what`` into one line: the path, the reason, ``fix``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # stdout closed by `| head`: click ends quietly
+        if _lock_timeout(exc):  # a lock, not the file system: "make it writable" would mislead
+            raise click.ClickException(f"cannot write {what}: {os_error_line(exc)}") from None
+        # Temp and lock files beside ``what`` are ours, not the person's: name only ``what``.
+        target = what.absolute()
+        failed = Path(exc.filename).absolute() if exc.filename is not None else target
+        ours = failed in (target, target.parent) or failed.parent in (target, target.parent)
+        reason = (exc.strerror or str(exc)) if ours else os_error_text(exc)
+        raise click.ClickException(f"cannot write {what}: {reason}. {fix}") from None
 
 
 def resolve_book(book: Path | None) -> Path:
@@ -29,21 +122,80 @@ def resolve_book(book: Path | None) -> Path:
     return book if book is not None else _settings.book_dir()
 
 
+def missing_book(source: Path, given: bool) -> click.ClickException:
+    """The error for a BOOK that does not exist: a typo, or the default before any tuning."""
+    if given:
+        return click.ClickException(
+            f"no book at {source}: no such file or directory. Pass a book directory (e.g. the "
+            "TUNEBOOK_DIR of the machine that tuned) or one book .json file."
+        )
+    where = (
+        "TUNEBOOK_DIR points there"
+        if _settings.TUNEBOOK_DIR.raw()
+        else "the default book directory; set TUNEBOOK_DIR to use another"
+    )
+    return click.ClickException(
+        f"nothing tuned yet: no book at {source} ({where}). A @tunebook.autotune kernel writes "
+        "it when it first tunes; or pass a BOOK directory or file."
+    )
+
+
 def load_or_fail(book: Path | None) -> Loaded:
     """Load a book, turning a missing path into a one-line error instead of a traceback."""
+    source = resolve_book(book)
+    if not source.exists():
+        raise missing_book(source, given=book is not None)
     try:
-        return load(resolve_book(book))
-    except FileNotFoundError as exc:
+        return load(source)
+    except FileNotFoundError as exc:  # neither a directory nor a regular file (a socket, a FIFO)
         raise click.ClickException(str(exc)) from None
+
+
+def select_pages(loaded: Loaded, kernels: Sequence[str] = ()) -> list[Page]:
+    """The pages of ``kernels`` (all without a filter), or an error listing what the book holds.
+
+    Nothing to show is a failure for every command: a script must not read an empty
+    report, table or export as success.
+    """
+    pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
+    if pages:
+        return pages
+    if loaded.pages:
+        names = sorted({p.kernel_name for p in loaded.pages})
+        raise click.ClickException(
+            f"no book file for kernel {', '.join(kernels)} in {loaded.source}; "
+            f"kernels there: {', '.join(names)}"
+        )
+    if loaded.skipped:
+        reasons = "; ".join(f"{path.name}: {why.splitlines()[0]}" for path, why in loaded.skipped[:3])
+        more = f"; and {len(loaded.skipped) - 3} more" if len(loaded.skipped) > 3 else ""
+        raise click.ClickException(
+            f"no readable book file in {loaded.source} ({len(loaded.skipped)} skipped: {reasons}{more})"
+        )
+    raise click.ClickException(
+        f"nothing tuned yet: {loaded.source} holds no book files (*.json). A @tunebook.autotune kernel "
+        "writes them when it first tunes."
+    )
+
+
+# Off a terminal (a log file, a pipe, CI) nothing is wrapped: a wrapped line splits the
+# paths and commands people copy out of it. Rich would otherwise wrap at 80 columns.
+_UNWRAPPED = 1 << 16
+
+
+def _console(stream: TextIO, stderr: bool) -> Console:
+    tty = stream.isatty()
+    return Console(stderr=stderr, highlight=False, soft_wrap=stderr, width=None if tty else _UNWRAPPED)
 
 
 def out() -> Console:
     """People's output: rich on stdout, plain text when stdout is not a terminal."""
-    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+    return _console(sys.stdout, stderr=False)
 
 
 def err() -> Console:
-    return Console(stderr=True, highlight=False)
+    """Messages on stderr; soft-wrapped lines on a terminal, so paths copy whole."""
+    return _console(sys.stderr, stderr=True)
 
 
 def echo_json(data: Any) -> None:

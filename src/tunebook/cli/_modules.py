@@ -5,16 +5,38 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 
 import click
 
 from .._autotuner import Autotuner
+from ._common import err
 
 
 def import_module(spec: str) -> ModuleType:
-    """Import ``pkg.mod`` (from the current directory too) or a ``path/to/file.py``."""
+    """Import ``pkg.mod`` (from the current directory too) or a ``path/to/file.py``.
+
+    An error raised by the module itself is one line naming the exception and where it was
+    raised, with the command that shows the whole traceback.
+    """
+    # Importing a module of kernels imports torch and triton: seconds. Say so on a terminal.
+    with err().status(f"importing {spec} ...", spinner="dots"):
+        try:
+            return _import(spec)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            run = f"python {spec}" if spec.endswith(".py") else f"python -c 'import {spec}'"
+            raise click.ClickException(
+                f"importing {spec} raised {type(exc).__name__}: {exc} (at {Path(frame.filename).name}:"
+                f"{frame.lineno}). Run `{run}` to see the whole traceback."
+            ) from None
+
+
+def _import(spec: str) -> ModuleType:
     if spec.endswith(".py") or "/" in spec or "\\" in spec:
         path = Path(spec).resolve()
         if not path.is_file():
@@ -32,7 +54,9 @@ def import_module(spec: str) -> ModuleType:
         sys.path.insert(0, str(Path.cwd()))  # `tunebook explain mymod:kern` from the project dir
     try:
         return importlib.import_module(spec)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (spec == exc.name or spec.startswith(exc.name + ".")):
+            raise  # the module was found; something it imports was not
         raise click.ClickException(
             f"cannot import module {spec!r}: {exc}. Run from the directory that holds it, or set PYTHONPATH."
         ) from None

@@ -1,12 +1,18 @@
 """What an entry says, in numbers people compare: winner, reference, speed-up, failures.
 
-**The reference config.** By default (``first``) the speed-up is measured against the
-config the kernel author listed first — the one an untuned kernel runs — which the
-autotuner records with each key it tunes (``Entry.first``). Where that config was not
-measured (an older or merged book, a failed first config), the key falls back to the
-**median config**: sort the successful configs by median time and take the middle one
-(the slower of the two middle ones for an even count); the reference's ``rule`` says which
-was used. ``--reference median`` and ``--reference slowest`` choose those rules for every key.
+**The reference config** (one rule, named the same in ``show``, ``--json``, the report and
+docs/cli.md). By default (``first``) the speed-up is measured against the **first
+config**: the one the kernel runs untuned (the first config it lists, or the first point of
+its Space), which the autotuner records with each key it tunes (``Entry.first``). Where the
+first config has no timing, the key falls back to the **median config** — sort the
+successful configs by median time and take the middle one (the slower of the two middle
+ones for an even count) — and says why in ``note``: the first config failed, was not
+measured (a budgeted search skipped it), or is not recorded (a book from before tunebook
+recorded it). ``--reference median`` and ``--reference slowest`` choose those rules for
+every key.
+
+**Recorded misses** (entries that serve mode met ``misses`` times and that have no results
+yet) are shown as such, with the command that tunes them (:func:`miss_hint`).
 
 **Imported entries** (platform timer ``imported:<format>``, see ``_vllm_format``) carry a
 declared winner and no timing: their times and speed-ups are reported as absent.
@@ -39,9 +45,15 @@ class KeySummary:
     reference: str | None
     reference_ms: float | None
     reference_rule: str
+    reference_note: str | None  # why the first config could not be the reference, if it could not
     configs: int
     failures: list[tuple[str, str]]
     imported: bool
+    misses: int  # calls serve mode met without results
+
+    @property
+    def recorded_miss(self) -> bool:
+        return self.misses > 0 and self.configs == 0
 
     @property
     def speedup(self) -> float | None:
@@ -49,18 +61,25 @@ class KeySummary:
             return None
         return self.reference_ms / self.winner_ms
 
-    def to_json(self, reference_rule: Reference | None = None) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key,
             "winner": self.winner,
             "winner_config": self.winner_config,
             "winner_ms": self.winner_ms,
-            "reference": {"rule": self.reference_rule, "config": self.reference, "ms": self.reference_ms},
+            "reference": {
+                "rule": self.reference_rule,
+                "config": self.reference,
+                "ms": self.reference_ms,
+                "note": self.reference_note,
+            },
             "speedup": round(self.speedup, 6) if self.speedup is not None else None,
             "configs": self.configs,
             "failed": len(self.failures),
             "failures": [{"config": cid, "error": err} for cid, err in self.failures],
             "imported": self.imported,
+            "misses": self.misses,
+            "recorded_miss": self.recorded_miss,
         }
 
 
@@ -68,14 +87,14 @@ def summarise(entry: Entry, imported: bool, reference: Reference = "first") -> K
     winner = entry.best()
     ok = sorted((r.median, cid) for cid, r in entry.results.items() if r.ok)
     failures = sorted((cid, r.error or "no timing") for cid, r in entry.results.items() if not r.ok)
-    ref_id = ref_ms = None
+    ref_id = ref_ms = note = None
     rule: str = reference
     first = entry.results.get(entry.first) if entry.first else None
-    if reference == "first":
-        if first is not None and first.ok and not imported:
+    if reference == "first" and ok and not imported:
+        if first is not None and first.ok:
             ref_ms, ref_id = first.median, entry.first
         else:
-            rule = "median"
+            rule, note = "median", _why_not_first(entry)
     if ok and not imported and ref_id is None:
         ref_ms, ref_id = ok[-1] if rule == "slowest" else ok[len(ok) // 2]
     best = entry.results.get(winner) if winner is not None else None
@@ -87,10 +106,68 @@ def summarise(entry: Entry, imported: bool, reference: Reference = "first") -> K
         reference=ref_id,
         reference_ms=ref_ms,
         reference_rule=rule,
+        reference_note=note,
         configs=len(entry.results),
         failures=failures,
         imported=imported,
+        misses=entry.misses,
     )
+
+
+def is_recorded_miss(entry: Entry) -> bool:
+    """Serve mode met this key and nothing has been measured for it yet."""
+    return entry.misses > 0 and not entry.results
+
+
+def miss_hint(module: str = "MODULE") -> str:
+    """What to do about recorded misses, said the same way by every command."""
+    return f"recorded miss: run `tunebook tune --misses {module}`"
+
+
+def winner_cell(summary: KeySummary) -> str:
+    """The winner as a table cell; a recorded miss says so instead of ``-``."""
+    if summary.recorded_miss:
+        return f"recorded miss ({summary.misses} call{'s' if summary.misses != 1 else ''})"
+    return short_config(summary.winner_config)
+
+
+def misses_line(summaries: list[KeySummary], kernel: str) -> str | None:
+    """The line under a table that has recorded misses: how many, and the command to tune them."""
+    n = sum(s.recorded_miss for s in summaries)
+    if not n:
+        return None
+    return f"{n} key(s) without results; {miss_hint()} (MODULE: the module that defines {kernel})"
+
+
+def _why_not_first(entry: Entry) -> str:
+    if not entry.first:
+        return "the first config is not recorded"
+    if entry.first in entry.results:
+        return "the first config failed"
+    return "the first config was not measured"
+
+
+def reference_header(reference: Reference) -> str:
+    """The reference column's name: ``first config``, ``median config`` or ``slowest config``."""
+    return f"{reference} config"
+
+
+def reference_cell(summary: KeySummary) -> str:
+    """The reference time, labelled with the rule where the first config could not be used."""
+    time = fmt_time(summary.reference_ms)
+    return f"{time} median" if summary.reference_note is not None else time
+
+
+def reference_notes(summaries: list[KeySummary]) -> list[str]:
+    """One line per reason a key fell back to the median config, for under a table."""
+    counts: dict[str, int] = {}
+    for s in summaries:
+        if s.reference_note is not None:
+            counts[s.reference_note] = counts.get(s.reference_note, 0) + 1
+    return [
+        f"median: {note} for {n} key(s); their reference is the median measured config"
+        for note, n in sorted(counts.items())
+    ]
 
 
 def key_order(key: Any) -> tuple[Any, ...]:
@@ -126,10 +203,17 @@ def short_config(config: dict[str, Any] | None) -> str:
     return " ".join(parts)
 
 
-def fmt_ms(ms: float | None) -> str:
+def fmt_time(ms: float | None) -> str:
+    """A time in milliseconds as people read it: ``412 µs``, ``3.00 ms``, ``10.1 s``."""
     if ms is None:
         return "-"
-    return f"{ms:.4g}"
+    value, unit = ms * 1e6, "ns"
+    for larger in ("µs", "ms", "s"):
+        if value < 999.5:  # would still round to 3 digits in this unit
+            break
+        value, unit = value / 1e3, larger
+    text = f"{value:#.3g}".rstrip(".") if value < 999.5 else f"{value:.0f}"
+    return f"{text} {unit}"
 
 
 def fmt_key(key: list[Any]) -> str:

@@ -54,6 +54,8 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
     "num_warps": ("num_warps",),
     "num_stages": ("num_stages",),
 }
+# vLLM reads these as integers: a file name or config holding anything else is unreadable to it.
+INTEGER_FIELDS = ("E", "N", "M", *CONFIG_FIELDS)
 COMPILER_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 IMPORT_TIMER = "imported:vllm"
 IMPORT_HASH = "imported:vllm"
@@ -62,6 +64,42 @@ NAME_PATTERN = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+?)"
     r"(?:,dtype=(?P<dtype>[^,]+?))?(?:,block_shape=\[(?P<block>[\d, ]*)\])?(?P<rest>,[^/]*)?\.json$"
 )
+
+
+def parse_name(name: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(fields of a vLLM config file name, None), or (None, what is wrong with it)."""
+    match = NAME_PATTERN.match(name)
+    if match is None:
+        return None, (
+            "not a vLLM config file name; expected "
+            "E=<int>,N=<int>,device_name=<name>[,dtype=<str>][,block_shape=[<int>,<int>]].json"
+        )
+    if match["rest"]:
+        return None, (
+            f"unsupported name part {match['rest']!r} (tunebook imports "
+            "E, N, device_name, dtype and block_shape)"
+        )
+    block = block_shape_list(match["block"]) if match["block"] is not None else None
+    return {
+        "E": int(match["E"]),
+        "N": int(match["N"]),
+        "device": match["device"],
+        "dtype": match["dtype"],
+        "block_shape": f"[{','.join(map(str, block))}]" if block else None,
+    }, None
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def name_problems(fields: dict[str, Any], device: str) -> list[str]:
+    """Why a file named from ``fields`` (E, N, M, dtype) and ``device`` would not read back."""
+    problems = [f"{f}={fields[f]!r} is not an integer" for f in ("E", "N", "M") if not is_integer(fields[f])]
+    for name, value in (("dtype", fields.get("dtype")), ("device name", device)):
+        if value and ("," in str(value) or "/" in str(value)):
+            problems.append(f"{name} {value!r} contains ',' or '/'")
+    return problems
 
 
 def scalar(text: str) -> Any:

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from ._common import echo_json, load_or_fail, out, warn_skipped
 from ._load import Page
-from ._summary import fmt_key, fmt_ms, short_config
+from ._summary import fmt_key, fmt_time, is_recorded_miss, miss_hint, short_config
 
 JSON_FORMAT = "tunebook-diff"
 JSON_VERSION = 1
@@ -86,6 +86,8 @@ def diff_pages(a: Page, b: Page, threshold: float) -> dict[str, Any]:
         "b": _page_ref(b),
         "keys_only_a": [list(ea[k].key) for k in sorted(ea.keys() - eb.keys())],
         "keys_only_b": [list(eb[k].key) for k in sorted(eb.keys() - ea.keys())],
+        "recorded_misses_a": [list(e.key) for _, e in sorted(ea.items()) if is_recorded_miss(e)],
+        "recorded_misses_b": [list(e.key) for _, e in sorted(eb.items()) if is_recorded_miss(e)],
         "winner_changed": winners,
         "timing_changed": timings,
     }
@@ -132,8 +134,15 @@ def diff_data(
     return data
 
 
+def _winner_text(side: dict[str, Any], missed: bool) -> str:
+    if missed:
+        return "recorded miss (no results)"
+    return f"{short_config(side['config'])} ({fmt_time(side['ms'])})"
+
+
 def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
     console = out()
+    any_miss = False
     for side, name in (("only_a", name_a), ("only_b", name_b)):
         for ref in data[side]:
             console.print(
@@ -146,22 +155,27 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
             a["platform"] if a["platform_id"] == b["platform_id"] else f"{a['platform']} vs {b['platform']}"
         )
         console.print(f"\n[bold]{escape(a['kernel'])}[/] [dim]{a['kernel_id']}[/] on {escape(where)}")
-        for key in pair["keys_only_a"]:
-            console.print(f"  key {escape(fmt_key(key))} only in {escape(name_a)}")
-        for key in pair["keys_only_b"]:
-            console.print(f"  key {escape(fmt_key(key))} only in {escape(name_b)}")
+        missed = {side: {fmt_key(k) for k in pair[f"recorded_misses_{side}"]} for side in ("a", "b")}
+        any_miss = any_miss or bool(missed["a"] or missed["b"])
+        for side, name in (("a", name_a), ("b", name_b)):
+            for key in pair[f"keys_only_{side}"]:
+                text = fmt_key(key)
+                what = " (a recorded miss: no results)" if text in missed[side] else ""
+                console.print(f"  key {escape(text)} only in {escape(name)}{what}")
         for w in pair["winner_changed"]:
+            text = fmt_key(w["key"])
             console.print(
-                f"  key {escape(fmt_key(w['key']))}: winner {escape(short_config(w['a']['config']))} "
-                f"({fmt_ms(w['a']['ms'])} ms) -> {escape(short_config(w['b']['config']))} "
-                f"({fmt_ms(w['b']['ms'])} ms)"
+                f"  key {escape(text)}: winner {escape(_winner_text(w['a'], text in missed['a']))} -> "
+                f"{escape(_winner_text(w['b'], text in missed['b']))}"
             )
         for t in pair["timing_changed"]:
             change = f"x{t['ratio']:.3g}" if t["ratio"] is not None else "ran / failed"
             console.print(
                 f"  key {escape(fmt_key(t['key']))} config {escape(t['config'])}: "
-                f"{fmt_ms(t['a_ms'])} -> {fmt_ms(t['b_ms'])} ms ({change})"
+                f"{fmt_time(t['a_ms'])} -> {fmt_time(t['b_ms'])} ({change})"
             )
+    if any_miss:
+        console.print(f"\n{escape(miss_hint())} (MODULE: the module that defines the kernel)")
     if not data["differ"]:
         console.print(f"no differences ({data['unchanged']} kernel pages compared)")
 
@@ -179,6 +193,7 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
 )
 @click.option(
     "--threshold",
+    type=click.FloatRange(min=0),
     default=0.05,
     show_default=True,
     help="Report a config's time change only above this relative change (0.05 = 5%).",

@@ -19,10 +19,10 @@ from rich.markup import escape
 from .._autotuner import Autotuner
 from .._book import Book, KernelIdentity, book_file_name
 from .._fingerprint import platform_slug
-from ._common import echo_json, err, out, parse_assignments
+from ._common import echo_json, err, missing_book, out, parse_assignments
 from ._load import Page, load
 from ._modules import resolve_kernel
-from ._summary import fmt_key
+from ._summary import fmt_key, is_recorded_miss, miss_hint
 
 LABELS = {
     "name": "kernel name",
@@ -100,6 +100,11 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
                 continue
             diffs = differences(page, ident, fingerprint)
             keys = [page.doc.entries[k].key for k in sorted(page.doc.entries)]
+            missed = [
+                page.doc.entries[k].key
+                for k in sorted(page.doc.entries)
+                if is_recorded_miss(page.doc.entries[k])
+            ]
             files.append(
                 {
                     "path": str(page.path),
@@ -108,6 +113,8 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
                     "differences": diffs,
                     "keys": [list(k) for k in keys[:key_limit]],
                     "key_count": len(keys),
+                    "recorded_misses": [list(k) for k in missed[:key_limit]],
+                    "recorded_miss_count": len(missed),
                 }
             )
     return {
@@ -122,6 +129,12 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
     }
 
 
+def _key_list(keys: list[list[Any]], count: int) -> str:
+    shown = ", ".join(fmt_key(key) for key in keys)
+    more = f" … and {count - len(keys)} more" if count > len(keys) else ""
+    return f"{escape(shown) or '(none)'}{more}"
+
+
 def _print(data: dict[str, Any]) -> None:
     console = out()
     k, p = data["kernel"], data["platform"]
@@ -133,7 +146,8 @@ def _print(data: dict[str, Any]) -> None:
     plat = "  ".join(f"{n}={v}" for n, v in p.items() if n != "id")
     console.print(f"  platform  {escape(plat)}  id {p['id']}")
     console.print(f"  reads  {escape(data['expected_file'])}")
-    console.print(f"  in  {escape(', '.join(data['directories']) or '(no book directory)')}")
+    where = [d if Path(d).exists() else f"{d} (does not exist)" for d in data["directories"]]
+    console.print(f"  in  {escape(', '.join(where) or '(no book directory)')}")
     console.print()
     if not data["files"]:
         console.print(
@@ -149,9 +163,16 @@ def _print(data: dict[str, Any]) -> None:
             console.print(f"    {d['label']}: book {escape(repr(d['book']))}, here {escape(repr(d['here']))}")
             if d["hint"]:
                 console.print(f"      [dim]{escape(d['hint'])}[/]")
-        shown = ", ".join(fmt_key(key) for key in f["keys"])
-        more = f" … and {f['key_count'] - len(f['keys'])} more" if f["key_count"] > len(f["keys"]) else ""
-        console.print(f"    keys: {escape(shown) or '(none)'}{more}")
+        missed = {fmt_key(k) for k in f["recorded_misses"]}
+        tuned = [k for k in f["keys"] if fmt_key(k) not in missed]
+        console.print(f"    keys: {_key_list(tuned, f['key_count'] - f['recorded_miss_count'])}")
+        if f["recorded_miss_count"]:
+            console.print(
+                "    recorded misses (serve mode met them; no results yet): "
+                f"{_key_list(f['recorded_misses'], f['recorded_miss_count'])}"
+            )
+            module = data["target"].rpartition(":")[0]
+            console.print(f"      [yellow]{escape(miss_hint(module))}[/]")
     if data["verdict"] == "hit":
         console.print(
             "\n[green]A book file matches this process[/]: a call hits when its key (the key "
@@ -169,7 +190,12 @@ def _print(data: dict[str, Any]) -> None:
 @click.argument("book", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
-    "--keys", "key_limit", default=20, show_default=True, help="List at most this many keys per file."
+    "--keys",
+    "key_limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="List at most this many keys per file.",
 )
 @click.option(
     "--env",
@@ -186,6 +212,8 @@ def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: 
     every book file of a kernel of that name. Without BOOK, looks where the kernel itself
     looks: TUNEBOOK_DIR, the kernel's books=, then TUNEBOOK_PATH.
     """
+    if book is not None and not book.exists():  # before the import, which may take seconds (torch)
+        raise missing_book(book, given=True)
     os.environ.update(parse_assignments(env, "--env"))
     _, tuner = resolve_kernel(target)
     if book is not None:

@@ -13,15 +13,29 @@ from typing import Any
 import click
 
 from .._book.files import atomic_write_text
-from ._common import load_or_fail, out, output_option, parse_assignments, warn_skipped
+from ._common import (
+    existing_parent,
+    load_or_fail,
+    out,
+    output_option,
+    parse_assignments,
+    select_pages,
+    warn_skipped,
+    writing,
+)
 from ._load import Page
 from ._summary import key_order
 from ._vllm_format import (
     CONFIG_FIELDS,
+    INTEGER_FIELDS,
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
+    is_integer,
     lookup,
+    name_problems,
+    parse_name,
     scalar,
+    vllm_device_name,
     vllm_file_name,
 )
 
@@ -127,6 +141,7 @@ def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> 
             name = vllm_file_name(
                 field["E"], field["N"], device, field.get("dtype"), field.get("block_shape")
             )
+            _check_name(name, field, device, key, page)
             m = field["M"]
             if (name, m) in origin:
                 other_page, other_key = origin[(name, m)]
@@ -148,6 +163,23 @@ def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> 
                 f: out_config[f] for f in (*CONFIG_FIELDS, *sorted(out_config)) if f in out_config
             }
     return {name: {str(m): table[m] for m in sorted(table, key=_m_order)} for name, table in files.items()}
+
+
+def _check_name(name: str, field: dict[str, Any], device: str, key: list[Any], page: Page) -> None:
+    """Refuse, before anything is written, a file name that vLLM (and our import) would not read."""
+    problems = name_problems(field, vllm_device_name(device))
+    parsed, problem = parse_name(name)
+    if not problems and parsed is not None:
+        wanted = {"E": field["E"], "N": field["N"], "dtype": field.get("dtype") or None}
+        problems = [f"{f}={v!r} reads back as {parsed[f]!r}" for f, v in wanted.items() if parsed[f] != v]
+    elif not problems:
+        problems = [str(problem)]
+    if problems:
+        raise click.ClickException(
+            f"key {key} of {page.path.name} cannot become a vLLM config file: {'; '.join(problems)} "
+            f"(file name {name!r}). vLLM reads E, N and M as integers and splits names at ','; fix the "
+            "value with --const or --map, or leave the key out with --where."
+        )
 
 
 def _m_order(m: Any) -> tuple[Any, ...]:
@@ -203,8 +235,8 @@ def command(
     docs/cli.md for how key names and config parameters are bound to vLLM's fields.
     """
     loaded = load_or_fail(book)
+    pages = select_pages(loaded, (kernel,))
     warn_skipped(loaded)
-    pages = [p for p in loaded.pages if p.kernel_name == kernel]
     if platform:
         pages = [
             p
@@ -213,12 +245,19 @@ def command(
             or platform.lower() in str(p.doc.platform.get("device", "")).lower()
         ]
     if not pages:
-        names = sorted({p.kernel_name for p in loaded.pages})
+        platforms = sorted(
+            {f"{p.platform_id} {p.platform_label}" for p in loaded.pages if p.kernel_name == kernel}
+        )
         raise click.ClickException(
-            f"no book file for kernel {kernel!r}{' on ' + platform if platform else ''} "
-            f"in {loaded.source}; kernels there: {', '.join(names) or 'none'}"
+            f"no book file for kernel {kernel} on a platform matching {platform!r} in {loaded.source}; "
+            f"its platforms there: {'; '.join(platforms)}"
         )
     consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
+    for name, value in consts.items():
+        if name in INTEGER_FIELDS and not is_integer(value):
+            raise click.BadParameter(
+                f"vLLM reads {name} as an integer; found {value!r}", param_hint=f"--const {name}={value}"
+            )
     maps = parse_assignments(mapping, "--map")
     unknown = sorted(set(maps) - set(KEY_FIELDS) - set(CONFIG_FIELDS))
     if unknown:
@@ -240,8 +279,9 @@ def command(
     files = export_pages(pages, binding, parse_assignments(where, "--where"))
     if not files:
         raise click.ClickException(f"no key of {kernel} with a successful config matched; nothing written")
-    output.mkdir(parents=True, exist_ok=True)
     console = out()
-    for name in sorted(files):
-        atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
-        console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")
+    with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
+        output.mkdir(parents=True, exist_ok=True)
+        for name in sorted(files):
+            atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
+            console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")

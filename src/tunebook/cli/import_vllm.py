@@ -16,47 +16,38 @@ from .._book.records import Document, Entry, Result, config_id, config_record
 from .._fingerprint import platform_id, platform_slug
 from .._jsonio import key_text
 from .._version import __version__
-from ._common import out, output_option, parse_assignments, resolve_book, write_document
+from ._common import (
+    existing_parent,
+    out,
+    output_option,
+    parse_assignments,
+    resolve_book,
+    write_document,
+    writing,
+)
 from ._load import load
 from ._vllm_format import (
     COMPILER_OPTIONS,
     IMPORT_HASH,
     IMPORT_TIMER,
     KEY_FIELDS,
-    NAME_PATTERN,
     OPTIONAL_KEY_FIELDS,
-    block_shape_list,
+    parse_name,
     scalar,
 )
 
 
 def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(fields from the file name, {M: config}) or a ClickException saying what is wrong."""
-    match = NAME_PATTERN.match(path.name)
-    if match is None:
-        raise click.ClickException(
-            f"{path.name} is not a vLLM config file name; expected "
-            "E=<int>,N=<int>,device_name=<name>[,dtype=<str>][,block_shape=[<int>,<int>]].json"
-        )
-    if match["rest"]:
-        raise click.ClickException(
-            f"{path.name}: unsupported name part {match['rest']!r} (tunebook imports "
-            "E, N, device_name, dtype and block_shape)"
-        )
+    fields, problem = parse_name(path.name)
+    if fields is None:
+        raise click.ClickException(f"{path.name}: {problem}")
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from None
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise click.ClickException(f"{path}: expected an object of batch size -> config object")
-    block = block_shape_list(match["block"]) if match["block"] is not None else None
-    fields = {
-        "E": int(match["E"]),
-        "N": int(match["N"]),
-        "device": match["device"],
-        "dtype": match["dtype"],
-        "block_shape": f"[{','.join(map(str, block))}]" if block else None,
-    }
     return fields, table
 
 
@@ -151,6 +142,18 @@ def command(
             entry = Entry(key=tuple(key), results={config_id(record): result}, tunebook=__version__)
             by_device.setdefault(fields["device"], {})[key_text(key)] = entry
     directory = resolve_book(output)
+    fix = (
+        f"Choose a writable book directory with -o, or make {existing_parent(directory)} writable."
+        if output is not None
+        else "Pass a writable book directory with -o, or point TUNEBOOK_DIR at one."
+    )
+    with writing(directory, fix):
+        _write_imports(directory, kernel, names, by_device)
+
+
+def _write_imports(
+    directory: Path, kernel: str, names: list[str], by_device: dict[str, dict[str, Entry]]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     console = out()
     for device in sorted(by_device):

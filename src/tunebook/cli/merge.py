@@ -21,14 +21,14 @@ and idempotent: ``merge(A, B)`` and ``merge(B, A)`` write byte-identical files.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from .._book.records import Document, Entry, Result
-from ._common import load_or_fail, out, output_option, warn_skipped, write_document
+from ._common import existing_parent, load_or_fail, out, output_option, warn_skipped, write_document, writing
 from ._load import canonical_file_name, identity_of, platform_id_of
 
 
@@ -103,14 +103,12 @@ def merge_all(docs: Iterable[Document]) -> dict[str, Document]:
     return {canonical_file_name(doc): doc for doc in groups.values()}
 
 
-def write_merged(directory: Path, merged: dict[str, Document]) -> list[Path]:
-    """Write each document atomically (see ``write_document``)."""
+def write_merged(directory: Path, merged: dict[str, Document]) -> Iterator[Path]:
+    """Write each document atomically (see ``write_document``), yielding each path once written."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
     for name in sorted(merged):
         write_document(directory / name, merged[name])
-        written.append(directory / name)
-    return written
+        yield directory / name
 
 
 @click.command("merge")
@@ -138,8 +136,9 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
         for name in sorted(merged):
             console.print(f"would write {output / name} ({len(merged[name].entries)} keys)")
         return
-    for path in write_merged(output, merged):
-        console.print(f"wrote {path} ({len(merged[path.name].entries)} keys)")
+    with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
+        for path in write_merged(output, merged):
+            console.print(f"wrote {path} ({len(merged[path.name].entries)} keys)")
     console.print(
         f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}"
     )

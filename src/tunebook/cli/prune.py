@@ -53,8 +53,8 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     (source hash + key names) is not the one this process computes. `.corrupt-*` leftovers
     are dropped too.
     """
+    loaded = load_or_fail(book)  # before the imports, which take seconds (torch)
     ids = current_ids(keep)
-    loaded = load_or_fail(book)
     warn_skipped(loaded)
     doomed: list[tuple[Path, str]] = []
     kept = 0

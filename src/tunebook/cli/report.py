@@ -1,179 +1,119 @@
 """``tunebook report``: one self-contained HTML page with plots, for people reviewing a book.
 
-Per kernel page: a table of winners; "tuned vs reference" (the winner's time and the
-median config's time, per key — see _summary for why the median config); and the config
+Per kernel page: a table of winners; "tuned vs first config" (the winner's time and the
+reference config's time per key: the first config, the one the kernel runs untuned, or
+where it has no timing the median config, hatched — see _summary); and the config
 landscape, a heatmap of every config's time relative to the key's winner (grey: failed or
-not measured). Plots are PNGs embedded as base64, so the page can be mailed or archived.
-Needs matplotlib (``pip install 'tunebook[report]'``), imported only by this command.
+not measured). Plots are PNGs embedded as base64, so the page can be mailed or archived;
+they are shown at their natural size (see _plots).
+
+Pages are rendered in parallel processes (a figure costs ~0.2 s of one core; a book of 50
+kernels would otherwise take tens of seconds), with progress on stderr. Needs matplotlib
+(``pip install 'tunebook[report]'``), imported only by this command.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import math
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
 
 import click
 
 from .._book.files import atomic_write_text
 from .._version import __version__
-from ._common import book_argument, load_or_fail, out, output_option, warn_skipped
+from ._common import (
+    book_argument,
+    err,
+    existing_parent,
+    load_or_fail,
+    out,
+    output_option,
+    select_pages,
+    warn_skipped,
+    write_problem,
+    writing,
+)
 from ._load import Page
-from ._summary import KeySummary, fmt_key, fmt_ms, short_config, sorted_entries, summarise_page
+from ._plots import MAX_CONFIG_ROWS, Plot, landscape, tuned_vs_reference
+from ._summary import (
+    KeySummary,
+    fmt_key,
+    fmt_time,
+    misses_line,
+    reference_cell,
+    reference_header,
+    reference_notes,
+    summarise_page,
+    winner_cell,
+)
 
 INSTALL_LINE = "pip install 'tunebook[report]'"
-MAX_CONFIG_ROWS = 60  # more rows than this make an unreadable heatmap; the fastest are kept
-MAX_ANNOTATED_CELLS = 400
+# Below this many pages, starting worker processes (each imports tunebook and matplotlib,
+# ~1 s) costs more than it saves.
+MIN_PAGES_IN_PARALLEL = 8
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
 h1 { font-size: 1.5em; }
 h2 { font-size: 1.2em; margin-top: 2em; border-top: 1px solid #ccc; padding-top: 1em; }
+h3 { font-size: 1em; margin: 1.2em 0 0.2em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
 td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; } th { background: #f4f4f4; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.dim { color: #777; } img { max-width: 100%; display: block; margin: 0.5em 0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th { white-space: nowrap; }
+.dim { color: #777; } .miss { color: #a60; }
+.plot { overflow-x: auto; margin: 0.3em 0 1em; }
+.plot img { max-width: none; display: block; }
+table.heat { font-size: 0.8em; margin: 0; } table.heat td { text-align: right; min-width: 3.2em; }
+table.heat td, table.heat th { padding: 2px 5px; }
+table.heat th { white-space: nowrap; font-weight: normal; } table.heat td.dk { color: #fff; }
+table.heat tr:first-child th { white-space: normal; vertical-align: bottom; }
+table.heat td.na, .scale .na { background: #ddd; }
+.scale { display: flex; gap: 0.6em; align-items: center; font-size: 0.8em; margin: 0.3em 0; }
+.scale .bar { width: 12em; height: 1em; } .scale .na { padding: 0 0.5em; }
 """
 
 
-def _pyplot() -> Any:
+def _check_matplotlib() -> None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise click.ClickException(f"the report needs matplotlib; install it with:\n{INSTALL_LINE}") from None
-    matplotlib.use("Agg")  # no display needed, and never a GUI window from a CLI
-    import matplotlib.pyplot as plt
-
-    return plt
+        raise click.ClickException(f"the report needs matplotlib; install it with: {INSTALL_LINE}") from None
 
 
-def _png(fig: Any) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    fig.clf()
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def tuned_vs_reference(plt: Any, summaries: list[KeySummary]) -> str | None:
-    rows = [s for s in summaries if s.winner_ms is not None and s.reference_ms is not None]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 3), 3.6))
-    xs = range(len(rows))
-    width = 0.4
-    ax.bar(
-        [x - width / 2 for x in xs],
-        [s.reference_ms for s in rows],
-        width,
-        label="median config",
-        color="#bbbbbb",
+def _img(title: str, caption: str, plot: Plot | None) -> str:
+    if plot is None:
+        return ""
+    esc = html.escape
+    return (
+        f"<h3>{esc(title)}</h3><p class='dim'>{esc(caption)}</p><div class='plot'><img alt='{esc(title)}' "
+        f"width='{plot.width}' height='{plot.height}' src='data:image/png;base64,{plot.png}'></div>"
     )
-    ax.bar(
-        [x + width / 2 for x in xs],
-        [s.winner_ms for s in rows],
-        width,
-        label="tuned (winner)",
-        color="#2b7bba",
+
+
+def _heatmap(table: str | None) -> str:
+    if table is None:
+        return ""
+    return (
+        "<h3>config landscape</h3><p class='dim'>Every config's time relative to the key's winner "
+        f"(1.00 = the winner), fastest overall on top (at most {MAX_CONFIG_ROWS} configs).</p>"
+        f"<div class='plot'>{table}</div>"
     )
-    for x, s in enumerate(rows):
-        if s.speedup is not None:
-            ax.annotate(
-                f"{s.speedup:.2f}x",
-                (x, max(s.reference_ms or 0, s.winner_ms or 0)),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-    ax.set_xticks(list(xs), [_short_key(s.key) for s in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("median time (ms)")
-    ax.set_title("tuned vs median config, per key")
-    ax.legend(fontsize=8)
-    return _png(fig)
 
 
-def landscape(plt: Any, page: Page) -> str | None:
-    """Heatmap: configs (rows) x keys (columns), time relative to the key's winner."""
-    entries = sorted_entries(page.doc)
-    configs = sorted({cid for e in entries for cid in e.results})
-    if len(entries) == 0 or len(configs) < 2:
-        return None
-
-    def score(cid: str) -> float:  # geometric mean of relative time: the overall fastest on top
-        logs = []
-        for e in entries:
-            best, result = e.best(), e.results.get(cid)
-            if best is not None and result is not None and result.ok and e.results[best].median > 0:
-                logs.append(math.log(result.median / e.results[best].median))
-        return math.exp(sum(logs) / len(logs)) if logs else math.inf
-
-    configs = sorted(configs, key=lambda c: (score(c), c))[:MAX_CONFIG_ROWS]
-    grid = []
-    for cid in configs:
-        row = []
-        for e in entries:
-            best, result = e.best(), e.results.get(cid)
-            fastest = e.results.get(best) if best is not None else None
-            ok = fastest is not None and result is not None and result.ok and fastest.median > 0
-            row.append(result.median / fastest.median if ok and result and fastest else math.nan)
-        grid.append(row)
-    import numpy as np
-
-    data = np.ma.masked_invalid(np.array(grid, dtype=float))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(entries) + 4), max(2.5, 0.28 * len(configs) + 1.5)))
-    cmap = plt.get_cmap("viridis_r").with_extremes(bad="#dddddd")
-    vmax = float(min(np.nanmax(np.array(grid, dtype=float)), 4.0)) if data.count() else 2.0
-    image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=1.0, vmax=max(vmax, 1.01))
-    if len(configs) * len(entries) <= MAX_ANNOTATED_CELLS:  # numbers beat colours when they fit
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                if not math.isnan(value):
-                    ax.text(
-                        j,
-                        i,
-                        f"{value:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="white" if value > (vmax + 1) / 2 else "black",
-                    )
-    ax.set_xticks(
-        range(len(entries)), [_short_key(list(e.key)) for e in entries], rotation=45, ha="right", fontsize=7
-    )
-    labels = [short_config(_config_of(page, cid)) for cid in configs]
-    ax.set_yticks(range(len(configs)), labels, fontsize=7)
-    fig.colorbar(image, ax=ax, label="time / winner's time (grey: failed or not measured)")
-    ax.set_title("config landscape")
-    return _png(fig)
-
-
-def _config_of(page: Page, cid: str) -> dict[str, Any]:
-    for entry in page.doc.entries.values():
-        if cid in entry.results:
-            return entry.results[cid].config
-    return {}
-
-
-def _short_key(key: list[Any]) -> str:
-    """The key without its dtype tail when every dtype is the same: labels stay readable."""
-    dtypes = [v for v in key if isinstance(v, str) and v.startswith("torch.")]
-    shown = [v for v in key if v not in dtypes] if len(set(dtypes)) <= 1 else key
-    return fmt_key(shown) if shown else fmt_key(key)
-
-
-def _page_html(plt: Any, page: Page) -> str:
+def page_section(page: Page) -> str:
+    """One kernel page's section of the report (run in a worker process: a pure function)."""
     summaries = summarise_page(page.doc)
     key_names = ", ".join(map(str, page.doc.kernel.get("key", [])))
     esc = html.escape
     rows = "".join(
-        f"<tr><td>{esc(fmt_key(s.key))}</td><td>{esc(short_config(s.winner_config))}</td>"
-        f"<td class='num'>{fmt_ms(s.winner_ms)}</td><td class='num'>{fmt_ms(s.reference_ms)}</td>"
-        f"<td class='num'>{f'{s.speedup:.2f}x' if s.speedup is not None else '-'}</td>"
+        f"<tr><td>{esc(fmt_key(s.key))}</td><td>{esc(winner_cell(s))}</td>"
+        f"<td class='num'>{fmt_time(s.winner_ms)}</td><td class='num'>{esc(reference_cell(s))}</td>"
+        f"<td class='num'>{_speedup_cell(s)}</td>"
         f"<td class='num'>{s.configs}</td><td class='num'>{len(s.failures)}</td></tr>"
         for s in summaries
     )
@@ -182,15 +122,18 @@ def _page_html(plt: Any, page: Page) -> str:
         f"{esc(page.platform_label)}</h2>",
         f"<p class='dim'>{esc(page.path.name)} · key ({esc(key_names)}) + argument dtypes · "
         f"{len(summaries)} keys</p>",
-        "<table><tr><th>key</th><th>winner</th><th>ms</th><th>median config ms</th><th>speed-up</th>"
+        "<table><tr><th>key</th><th>winner</th><th>time</th>"
+        f"<th>{reference_header('first')}</th><th>speed-up</th>"
         f"<th>configs</th><th>failed</th></tr>{rows}</table>",
+        *(f"<p class='dim'>{esc(note)}</p>" for note in reference_notes(summaries)),
+        *(f"<p class='miss'>{esc(line)}</p>" for line in [misses_line(summaries, page.kernel_name)] if line),
+        _img(
+            "tuned vs first config",
+            "Per key: the first config's median time (what the kernel runs untuned) and the winner's.",
+            tuned_vs_reference(summaries),
+        ),
+        _heatmap(landscape(page)),
     ]
-    for title, png in (
-        ("tuned vs median config", tuned_vs_reference(plt, summaries)),
-        ("config landscape", landscape(plt, page)),
-    ):
-        if png is not None:
-            parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'>")
     failures = [(s.key, cid, e) for s in summaries for cid, e in s.failures]
     if failures:
         items = "".join(
@@ -199,21 +142,52 @@ def _page_html(plt: Any, page: Page) -> str:
         )
         parts.append(f"<details><summary>{len(failures)} failed configs</summary><ul>{items}</ul></details>")
     parts.append("</section>")
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p)
 
 
-def render(pages: list[Page], source: Path) -> str:
-    plt = _pyplot()
-    body = "\n".join(
-        _page_html(plt, p) for p in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label))
-    )
+def _speedup_cell(s: KeySummary) -> str:
+    if s.speedup is not None:
+        return f"{s.speedup:.2f}x"
+    return "imported" if s.imported else "-"
+
+
+def render_sections(pages: list[Page], workers: int, advance: Callable[[], None] = lambda: None) -> list[str]:
+    """Every page's section, in the order of ``pages``; in ``workers`` processes when above 1."""
+    if workers <= 1 or len(pages) < MIN_PAGES_IN_PARALLEL:
+        sections = []
+        for page in pages:
+            sections.append(page_section(page))
+            advance()
+        return sections
+    # spawn, not fork: the parent may hold threads (the progress display) and fork would copy them.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(page_section, page): i for i, page in enumerate(pages)}
+        done: dict[int, str] = {}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            advance()
+    return [done[i] for i in range(len(pages))]
+
+
+def render(pages: list[Page], source: Path, workers: int = 1) -> str:
+    """The whole HTML page, with progress on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    _check_matplotlib()
+    ordered = sorted(pages, key=lambda p: (p.kernel_name, p.platform_label))
+    with Progress(
+        TextColumn("rendering plots"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err()
+    ) as progress:
+        task = progress.add_task("", total=len(ordered))
+        body = "\n".join(render_sections(ordered, workers, lambda: progress.advance(task)))
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>tunebook report: {html.escape(str(source))}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>tunebook report</h1><p class='dim'>book {html.escape(str(source))} · "
         f"{len(pages)} kernel pages · tunebook {__version__} · "
-        "speed-ups are against each key's median config</p>\n"
-        f"{body or '<p>This book has no readable files.</p>'}\n</body></html>\n"
+        "speed-ups are against each key's first config, the one the kernel runs untuned "
+        "(labelled median where it has no timing: the median measured config instead)</p>\n"
+        f"{body}\n</body></html>\n"
     )
 
 
@@ -221,12 +195,24 @@ def render(pages: list[Page], source: Path) -> str:
 @book_argument
 @output_option("HTML file to write.", directory=False)
 @click.option("--kernel", "kernels", multiple=True, metavar="NAME", help="Only this kernel (repeatable).")
-def command(book: Path | None, output: Path, kernels: tuple[str, ...]) -> None:
-    """Write an HTML report of BOOK with embedded plots: tuned vs median config, config landscape."""
+@click.option(
+    "--jobs",
+    "jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes rendering plots (default: one per CPU core, at most 8).",
+)
+def command(book: Path | None, output: Path, kernels: tuple[str, ...], jobs: int | None) -> None:
+    """Write an HTML report of BOOK with embedded plots: tuned vs first config, config landscape."""
     loaded = load_or_fail(book)
+    pages = select_pages(loaded, kernels)
     warn_skipped(loaded)
-    pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
-    text = render(pages, loaded.source)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, text)
+    fix = f"Choose another file with -o, or make {existing_parent(output.parent)} writable."
+    problem = write_problem(output.parent)  # before rendering, which takes a while
+    if problem is not None:
+        raise click.ClickException(f"cannot write {output}: {problem}. {fix}")
+    text = render(pages, loaded.source, jobs or min(8, os.cpu_count() or 1))
+    with writing(output, fix):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, text)
     out().print(f"wrote {output} ({len(pages)} kernel pages)")

@@ -10,9 +10,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._common import book_argument, echo_json, load_or_fail, out, warn_skipped
+from ._common import book_argument, echo_json, load_or_fail, out, select_pages, warn_skipped
 from ._load import Loaded, Page
-from ._summary import REFERENCES, KeySummary, Reference, fmt_key, fmt_ms, short_config, summarise_page
+from ._summary import (
+    REFERENCES,
+    KeySummary,
+    Reference,
+    fmt_key,
+    fmt_time,
+    misses_line,
+    reference_cell,
+    reference_header,
+    reference_notes,
+    summarise_page,
+    winner_cell,
+)
 
 JSON_FORMAT = "tunebook-show"
 JSON_VERSION = 1
@@ -29,7 +41,7 @@ def show_json(loaded: Loaded, pages: list[Page], reference: Reference) -> dict[s
                 "path": str(page.path),
                 "kernel": {**page.doc.kernel, "id": page.identity.id},
                 "platform": {**page.doc.platform, "id": page.platform_id},
-                "entries": [s.to_json(reference) for s in summarise_page(page.doc, reference)],
+                "entries": [s.to_json() for s in summarise_page(page.doc, reference)],
             }
             for page in pages
         ],
@@ -50,8 +62,8 @@ def _table(page: Page, summaries: list[KeySummary], reference: Reference) -> Tab
     for name, justify in (
         ("key", "left"),
         ("winner", "left"),
-        ("ms", "right"),
-        ("first ms" if reference == "first" else f"{reference} ms", "right"),
+        ("time", "right"),
+        (reference_header(reference), "right"),
         ("speed-up", "right"),
         ("configs", "right"),
         ("failed", "right"),
@@ -61,9 +73,9 @@ def _table(page: Page, summaries: list[KeySummary], reference: Reference) -> Tab
         speed = f"{s.speedup:.2f}x" if s.speedup is not None else ("imported" if s.imported else "-")
         table.add_row(
             escape(fmt_key(s.key)),
-            escape(short_config(s.winner_config)),
-            fmt_ms(s.winner_ms),
-            fmt_ms(s.reference_ms),
+            escape(winner_cell(s)),
+            fmt_time(s.winner_ms),
+            reference_cell(s),
             speed,
             str(s.configs),
             str(len(s.failures)),
@@ -90,8 +102,8 @@ def _print_failures(console: Console, summaries: list[KeySummary]) -> None:
     type=click.Choice(REFERENCES),
     default="first",
     show_default=True,
-    help="Config the speed-up is measured against: the first (default) config, recorded when the key "
-    "was tuned (the median config where it was not measured), the median config, or the slowest.",
+    help="Config the speed-up is measured against: the first config (the one the kernel runs untuned; "
+    "where it has no timing, the median config, labelled so), the median config, or the slowest.",
 )
 @click.option(
     "--failures/--no-failures",
@@ -105,21 +117,23 @@ def command(
     """Kernels, platforms, keys, winners, timings and failures in BOOK.
 
     The speed-up column is the reference config's time over the winner's: by default the
-    kernel's first (default) config, as recorded when the key was tuned (see --reference).
+    first config, the one the kernel runs untuned (see --reference).
     """
     loaded = load_or_fail(book)
-    pages = [p for p in loaded.pages if not kernels or p.kernel_name in kernels]
+    pages = select_pages(loaded, kernels)  # an error naming the skipped files when none is readable
+    if not as_json:
+        warn_skipped(loaded)
     if as_json:
         echo_json(show_json(loaded, pages, reference))
         return
-    warn_skipped(loaded)
     console = out()
-    if not pages:
-        what = f"no book files for kernel {', '.join(kernels)}" if kernels else "no book files"
-        console.print(f"{what} in {loaded.source}")
     for page in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label, p.path.name)):
         summaries = summarise_page(page.doc, reference)
         console.print(_table(page, summaries, reference))
+        for note in reference_notes(summaries):
+            console.print(f"  [dim]{escape(note)}[/]", soft_wrap=True)
+        if (line := misses_line(summaries, page.kernel_name)) is not None:
+            console.print(f"  [yellow]{escape(line)}[/]", soft_wrap=True)
         if failures:
             _print_failures(console, summaries)
         console.print()

@@ -8,20 +8,31 @@ worker tunes in ``tune`` mode and persists as it measures, so an interrupted run
 where it stopped when started again. Every candidate runs in a worker: a config that
 crashes or hangs (``--timeout``) is recorded as failed with its reason, and the worker is
 restarted.
+
+It never reports success for work it lost: it refuses to start when the book cannot be
+written, and when the book refuses results midway (workers write it themselves, and the
+library's writes fail soft), the results the workers also sent here are written into the
+book if it takes them now, else kept in a directory the error names (see ``_unsaved``),
+and the exit status is 1. Ctrl-C keeps what was received the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
-from .. import _compat
+from .. import _compat, _settings
 from .._autotuner import Autotuner
+from .._book import Entry, Page, Result, now_iso
 from .._calls import validate
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
-from ._common import err, out, parse_assignments
+from ._common import err, existing_parent, os_error_text, out, parse_assignments, write_problem
 from ._modules import autotuners, import_module, resolve_kernel
+from ._unsaved import Received, save_aside, save_to_book
 
 
 def _pending(tuner: Autotuner) -> list[tuple[str, Any]]:
@@ -33,6 +44,12 @@ def _pending(tuner: Autotuner) -> list[tuple[str, Any]]:
         for key_text, entry in sorted(page.entries.items())
         if entry.misses and entry.call is not None and not entry.chosen
     ]
+
+
+def _looks_like_kernel(target: str) -> bool:
+    """``pkg.mod:kernel`` or ``file.py:kernel`` (but not a Windows drive, ``C:\\...``)."""
+    module, sep, attr = target.rpartition(":")
+    return bool(sep) and len(module) > 1 and attr.isidentifier()
 
 
 def _key_values(tuner: Autotuner, text: str) -> dict[str, Any]:
@@ -62,11 +79,14 @@ def _key_values(tuner: Autotuner, text: str) -> dict[str, Any]:
     "--keys", "keys", multiple=True, help="With MODULE:KERNEL, a key to tune: NAME=VALUE,... (repeatable)."
 )
 @click.option(
-    "--workers", type=int, default=None, help="Worker processes (default: one per local GPU, else 1)."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes, at least 1 (default: one per local GPU, else 1).",
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_TIMEOUT_S,
     show_default=True,
     help="Seconds without progress before a candidate counts as hung.",
@@ -81,42 +101,17 @@ def command(
     dry_run: bool,
 ) -> None:
     """Tune recorded misses (--misses MODULE ...) or declared keys (MODULE:KERNEL --keys ...) offline."""
-    jobs: list[dict[str, Any]] = []
+    _check_targets(targets, misses, keys)
+    book = _settings.book_dir()
+    problem = write_problem(book)  # before importing anything: results must have somewhere to go
+    refusal = click.ClickException(
+        f"cannot write the book at {book} ({problem}), so tuning results would be lost. Point "
+        f"TUNEBOOK_DIR at a writable directory, or make {existing_parent(book)} writable."
+    )
+    if problem is not None and not dry_run:
+        raise refusal
     tuners: dict[tuple[str, str], Autotuner] = {}
-    if misses == bool(keys):
-        raise click.UsageError("give either --misses MODULE ... or MODULE:KERNEL --keys NAME=VALUE,...")
-    if misses:
-        for target in targets:
-            module = import_module(target)
-            for attr, tuner in autotuners(module).items():
-                tuners[(module.__name__, attr)] = tuner
-                for key_text, entry in _pending(tuner):
-                    jobs.append(
-                        {
-                            "module": module.__name__,
-                            "attr": attr,
-                            "key_text": key_text,
-                            "call": entry.call,
-                            "key": dict(zip(map(str, tuner.keys), entry.key)),
-                        }
-                    )
-    else:
-        if len(targets) != 1:
-            raise click.UsageError("--keys tunes one kernel: give exactly one MODULE:KERNEL")
-        attr, tuner = resolve_kernel(targets[0])
-        module_name = targets[0].rpartition(":")[0]
-        module_name = import_module(module_name).__name__
-        tuners[(module_name, attr)] = tuner
-        if tuner.options.inputs is None:
-            raise click.ClickException(
-                f"{targets[0]} has no inputs= factory, so tunebook cannot build its arguments from key "
-                "values; "
-                "add inputs=... to its tunebook.autotune(...) (see docs/guide.md), or tune recorded misses "
-                "with --misses"
-            )
-        for text in keys:
-            values = _key_values(tuner, text)
-            jobs.append({"module": module_name, "attr": attr, "key_text": text, "call": None, "key": values})
+    jobs = _miss_jobs(targets, tuners) if misses else _key_jobs(targets[0], keys, tuners)
     for job in jobs:
         if job["call"] is not None and validate(job["call"], "call") is not None:
             raise click.ClickException(f"the recorded call for {job['key_text']} is not replayable")
@@ -127,36 +122,158 @@ def command(
     devices = _compat.local_gpu_ids()
     n_workers = workers or max(1, len(devices))
     out().print(
-        f"tuning {len(jobs)} key(s) with {n_workers} worker(s)"
+        f"{'would tune' if dry_run else 'tuning'} {len(jobs)} key(s) with {n_workers} worker(s)"
         + (f" on GPU(s) {', '.join(devices)}" if devices else "")
     )
     if dry_run:
         for job in jobs:
             out().print(f"  {job['module']}:{job['attr']} {job['key_text']}")
+        if problem is not None:  # what the real run would stop on
+            raise refusal
         return
+    _tune(jobs, tuners, book, n_workers, devices, timeout)
+
+
+def _check_targets(targets: tuple[str, ...], misses: bool, keys: tuple[str, ...]) -> None:
+    if misses == bool(keys):
+        raise click.UsageError("give either --misses MODULE ... or MODULE:KERNEL --keys NAME=VALUE,...")
+    kernels = [t for t in targets if _looks_like_kernel(t)]
+    if misses and kernels:
+        raise click.UsageError(
+            f"--misses takes modules (e.g. myapp.kernels), found {kernels[0]!r}: it tunes the recorded "
+            "misses of every kernel of a module. To tune keys of one kernel: MODULE:KERNEL --keys "
+            "NAME=VALUE,..."
+        )
+    if keys and len(targets) != 1:
+        raise click.UsageError("--keys tunes one kernel: give exactly one MODULE:KERNEL")
+
+
+def _miss_jobs(targets: tuple[str, ...], tuners: dict[tuple[str, str], Autotuner]) -> list[dict[str, Any]]:
+    jobs = []
+    for target in targets:
+        module = import_module(target)
+        for attr, tuner in autotuners(module).items():
+            tuners[(module.__name__, attr)] = tuner
+            for key_text, entry in _pending(tuner):
+                jobs.append(
+                    {
+                        "module": module.__name__,
+                        "attr": attr,
+                        "key_text": key_text,
+                        "call": entry.call,
+                        "key": dict(zip(map(str, tuner.keys), entry.key)),
+                    }
+                )
+    return jobs
+
+
+def _key_jobs(
+    target: str, keys: tuple[str, ...], tuners: dict[tuple[str, str], Autotuner]
+) -> list[dict[str, Any]]:
+    attr, tuner = resolve_kernel(target)
+    module_name = import_module(target.rpartition(":")[0]).__name__
+    tuners[(module_name, attr)] = tuner
+    if tuner.options.inputs is None:
+        raise click.ClickException(
+            f"{target} has no inputs= factory, so tunebook cannot build its arguments from key values; "
+            "add inputs=... to its tunebook.autotune(...) (see docs/guide.md), or tune recorded misses "
+            "with --misses"
+        )
+    return [
+        {"module": module_name, "attr": attr, "key_text": text, "call": None, "key": _key_values(tuner, text)}
+        for text in keys
+    ]
+
+
+def _tune(
+    jobs: list[dict[str, Any]],
+    tuners: dict[tuple[str, str], Autotuner],
+    book: Path,
+    workers: int,
+    devices: list[str],
+    timeout: float,
+) -> None:
+    """Run the jobs, then make sure every result reached the book (or a file named on stderr)."""
+    target = [(job["module"], job["attr"]) for job in jobs]
+    pages = {t: tuner.page() for t, tuner in tuners.items()}
+    received = Received()
 
     def record_failure(event: dict[str, Any], reason: str) -> None:
-        job = jobs[event["index"]]
-        page = tuners[(job["module"], job["attr"])].page()
+        page = pages[target[event["index"]]]
         record_crash(page, event["key_text"], event["key"], event["cid"], event["config"], reason)
+        received.add(
+            event["index"],
+            target[event["index"]],
+            event,
+            Result(event["config"], None, reason[:2000], now_iso()),
+        )
 
-    reports = _run_with_progress(jobs, record_failure, n_workers, devices, timeout)
+    def on_result(event: dict[str, Any]) -> None:
+        received.add(
+            event["index"], target[event["index"]], event, Result.from_json(event["result"], "result")
+        )
+
+    try:
+        reports = _run_with_progress(jobs, record_failure, on_result, workers, devices, timeout)
+    except KeyboardInterrupt:
+        if lost := _keep(received, pages):
+            _report_lost(lost, received, pages, book)
+        raise
+    lost = _keep(received, pages)
     failed = [r for r in reports.values() if r.status != "done"]
+    tuned = [r for r in reports.values() if r.status == "done" and r.index not in lost]
     crashed = sum(len(r.crashed) for r in reports.values())
     out().print(
-        f"done: {len(reports) - len(failed)} of {len(reports)} key(s) tuned, "
+        f"done: {len(tuned)} of {len(reports)} key(s) tuned, "
         f"{sum(r.benchmarked for r in reports.values())} config(s) measured, "
         f"{crashed} config(s) recorded as crashed or hung"
     )
     for r in failed:
         job = jobs[r.index]
-        err().print(f"[red]failed[/red] {job['module']}:{job['attr']} {job['key_text']}: {r.reason}")
-    if failed:
+        what = f"{job['module']}:{job['attr']} {job['key_text']}"
+        err().print(f"[red]failed[/red] {escape(what)}: {escape(r.reason)}")
+    if lost:
+        _report_lost(lost, received, pages, book)
+    if failed or lost:
         raise SystemExit(1)
 
 
+def _keep(received: Received, pages: dict[tuple[str, str], Page]) -> dict[int, Entry]:
+    """Write what the book lacks into it if it takes writes now; return what it still lacks."""
+    lost = received.missing(pages)
+    if lost:
+        save_to_book(lost, received, pages)
+        lost = received.missing(pages)
+    return lost
+
+
+def _report_lost(
+    lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page], book: Path
+) -> None:
+    count = sum(len(entry.results) for entry in lost.values())
+    why = write_problem(book) or "the book refused the write"
+    try:
+        kept = save_aside(lost, received, pages)
+    except OSError as exc:
+        raise click.ClickException(
+            f"{count} result(s) of {len(lost)} key(s) could not be written to the book at {book} ({why}), "
+            f"nor kept aside ({os_error_text(exc)}). Free some space or fix the permissions, then run "
+            "tunebook tune again."
+        ) from None
+    err().print(
+        f"[red]not saved[/red]: {count} result(s) of {len(lost)} key(s) could not be written to the book at "
+        f"{escape(str(book))} ({escape(why)}). They are kept in {escape(str(kept))}; once the book is "
+        f"writable, run: tunebook merge {escape(str(kept))} -o {escape(str(book))}"
+    )
+
+
 def _run_with_progress(
-    jobs: list[dict[str, Any]], record_failure: Any, workers: int, devices: list[str], timeout: float
+    jobs: list[dict[str, Any]],
+    record_failure: Callable[[dict[str, Any], str], None],
+    on_result: Callable[[dict[str, Any]], None],
+    workers: int,
+    devices: list[str],
+    timeout: float,
 ) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -164,22 +281,30 @@ def _run_with_progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]}"),
         TimeElapsedColumn(),
         console=err(),
         transient=False,
     ) as progress:
-        task = progress.add_task("keys tuned", total=len(jobs))
-        seen: set[int] = set()
+        # The bar counts keys tuned; keys that failed are counted beside it, never as progress.
+        task = progress.add_task("keys tuned", total=len(jobs), failed="")
+        finished: set[int] = set()
 
         def on_event(slot: int, event: dict[str, Any]) -> None:
             kind, index = event.get("event"), int(event.get("index", -1))
-            if kind in ("done", "error") and index not in seen:
-                seen.add(index)
-                progress.advance(task)
+            if kind in ("done", "error") and index not in finished:
+                finished.add(index)
+                if kind == "done":
+                    progress.advance(task)
+                else:
+                    failed = len(finished) - int(progress.tasks[0].completed)
+                    progress.update(task, failed=f"{failed} failed")
+            elif kind == "result" and "key_text" in event:
+                on_result(event)
             elif kind == "candidate":
-                progress.update(
-                    task, description=f"worker {slot}: {jobs[index]['attr']} {jobs[index]['key_text'][:40]}"
-                )
+                job = jobs[index]
+                where = f"worker {slot}: {job['attr']} {job['key_text'][:40]}"
+                progress.update(task, description=f"keys tuned ({where})")
             elif kind == "crash":
                 progress.console.print(f"[yellow]worker {slot}[/yellow]: {event['cid']}: {event['reason']}")
             elif kind == "restart":

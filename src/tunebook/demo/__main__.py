@@ -2,6 +2,8 @@
 
     python -m tunebook.demo [--book DIR]
 
+Without --book the book is a temporary directory, removed when the demo ends.
+
 On a machine without a GPU the kernels run in Triton's CPU interpreter
 (TRITON_INTERPRET=1 is set for you); on a GPU they run as they are.
 """
@@ -81,15 +83,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     on_gpu = _has_gpu()
+    if args.book is not None:
+        return _demo(args.book, on_gpu, kept=True)
+    with tempfile.TemporaryDirectory(prefix="tunebook-demo-") as tmp:
+        return _demo(Path(tmp), on_gpu, kept=False)
+
+
+def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
+    """Tune in one process, remember in a second; 0 when the second benchmarked nothing."""
     import triton
 
     env = dict(os.environ)
     if not on_gpu:
         env["TRITON_INTERPRET"] = "1"
-    book = args.book or Path(tempfile.mkdtemp(prefix="tunebook-demo-"))
     env["TUNEBOOK_DIR"] = str(book)
     where = "GPU" if on_gpu else "CPU, Triton interpreter (TRITON_INTERPRET=1)"
-    print(f"tunebook demo on {where}; triton {triton.__version__}; book: {book}")
+    what = "" if kept else " (temporary: removed at the end; --book DIR keeps one)"
+    print(f"tunebook demo on {where}; triton {triton.__version__}; book: {book}{what}")
 
     runs = []
     for label in ("process 1 (tunes)", "process 2 (remembers)"):
@@ -128,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             else "UNEXPECTED: see the table above."
         )
     )
+    if not kept:
+        print(f"  (the temporary book {book} is removed now; run with --book DIR to keep it)")
     return 0 if ok else 1
 
 

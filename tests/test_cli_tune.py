@@ -1,0 +1,106 @@
+"""`tunebook tune` never reports success for work it lost: an unwritable book is refused up
+front, and results a book refuses midway are kept in a file the message names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import book_files
+from test_cli import invoke
+from test_persistence import read_only
+from test_serving import servekern  # noqa: F401  (a fixture)
+from tunebook._book import read_document
+
+MODULE = """
+import os, subprocess
+import torch, triton, tunebook
+from kernels import add_kernel, grid_1d
+
+def _lock_book(nargs):
+    # The book becomes unwritable while the worker measures (a full disk, a remount).
+    book = os.environ["TUNEBOOK_DIR"]
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", book], check=True)
+    else:
+        os.chmod(book, 0o555)
+
+def inputs(description):
+    n = description["key"]["n"]
+    if n == 13:
+        raise ValueError("no inputs for n=13")
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": 32}, pre_hook=_lock_book if os.environ.get("LOCK_BOOK") else None),
+     triton.Config({"BLOCK": 64})],
+    key=["n"],
+    inputs=inputs,
+)(add_kernel)
+"""
+
+
+@pytest.fixture
+def kernel_module(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module with a kernel whose inputs= factory lets `tune --keys` build its calls; it sits
+    beside servekern's, where worker processes find it."""
+    mods = request.getfixturevalue("servekern")
+    name = f"{mods.name}_tune"
+    (mods.dir / f"{name}.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)  # where a run that could not save leaves its results
+    return name
+
+
+def unlock(directory: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+    else:
+        directory.chmod(0o755)
+
+
+def test_an_unwritable_book_is_refused_before_tuning(kernel_module: str, book_dir: Path) -> None:
+    book_dir.mkdir()
+    with read_only(book_dir):
+        res = invoke("tune", f"{kernel_module}:add", "--keys", "n=256", ok=None)
+    assert res.exit_code == 1, res.output
+    assert "cannot write" in res.output and str(book_dir) in res.output and "TUNEBOOK_DIR" in res.output
+    assert "done" not in res.output and "Traceback" not in res.output
+    assert book_files(book_dir) == []
+    with read_only(book_dir):  # a dry run lists the jobs, then says why the real run would stop
+        dry = invoke("tune", f"{kernel_module}:add", "--keys", "n=256", "--dry-run", ok=None)
+    assert dry.exit_code == 1 and "would tune 1 key(s)" in dry.output and "cannot write" in dry.output
+
+
+def test_results_a_book_refuses_midway_are_kept_and_named(
+    kernel_module: str, book_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    book_dir.mkdir()
+    monkeypatch.setenv("LOCK_BOOK", "1")
+    try:
+        res = invoke("tune", f"{kernel_module}:add", "--keys", "n=256", ok=None)
+    finally:
+        unlock(book_dir)
+    assert res.exit_code == 1, res.output
+    assert "1 of 1 key(s) tuned" not in res.output
+    assert "2 result(s)" in res.output and "could not be written" in res.output
+    (kept,) = tmp_path.glob("tunebook-unsaved-*")
+    assert str(kept) in res.output and f"tunebook merge {kept} -o {book_dir}" in res.output
+    assert book_files(book_dir) == []
+    invoke("merge", kept, "-o", book_dir)  # the command the message gives
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    assert sorted(r.config["kwargs"]["BLOCK"] for r in entry.results.values() if r.ok) == [32, 64]
+
+
+def test_progress_counts_failed_keys_apart_and_dry_run_says_would(kernel_module: str, book_dir: Path) -> None:
+    dry = invoke("tune", f"{kernel_module}:add", "--keys", "n=256", "--keys", "n=13", "--dry-run")
+    assert "would tune 2 key(s)" in dry.output and "tuning" not in dry.output
+    res = invoke("tune", f"{kernel_module}:add", "--keys", "n=256", "--keys", "n=13", ok=None)
+    assert res.exit_code == 1, res.output
+    assert "1/2" in res.output and "1 failed" in res.output and "2/2" not in res.output
+    assert "1 of 2 key(s) tuned" in res.output and "no inputs for n=13" in res.output
