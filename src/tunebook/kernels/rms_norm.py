@@ -44,11 +44,10 @@ def _feasible(cfg: dict[str, Any]) -> bool:
 
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
-    n = args["N"]
-    one_pass = triton.next_power_of_2(n)
-    if cfg["BLOCK_N"] > one_pass:
-        return False  # only masked-off lanes beyond the one-pass block
-    if cfg["BLOCK_N"] == one_pass and cfg["num_stages"] != 1:
+    one_pass = triton.next_power_of_2(args["N"])
+    if cfg["BLOCK_N"] > max(one_pass, 64):
+        return False  # only masked-off lanes beyond the one-pass block (the smallest block always fits)
+    if cfg["BLOCK_N"] >= one_pass and cfg["num_stages"] != 1:
         return False  # no loop: num_stages changes nothing
     if cfg["BLOCK_N"] < min(one_pass, 256):
         return False  # a loop of tiny blocks: all overhead

@@ -60,15 +60,19 @@ def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
     if cfg["BLOCK_H"] > triton.next_power_of_2(max(args["NQ"], args["NK"])):
         return False  # only masked-off heads
     total = _tiles(args["NQ"], cfg["BLOCK_H"]) + _tiles(args["NK"], cfg["BLOCK_H"])
-    if cfg["HEAD_TILES"] > 1 and cfg["HEAD_TILES"] // 2 >= total:
-        return False  # launches the same programs as a smaller HEAD_TILES
+    smaller = [h for h in HEAD_TILES if h < cfg["HEAD_TILES"]]
+    if smaller and max(smaller) >= total:
+        return False  # a smaller HEAD_TILES already puts every tile in one program
     return cfg["BLOCK_T"] <= c.bucket_of(args["n_tokens"])
 
+
+# 64: every tile of a token block in one program, as vLLM's CUDA kernel walks all heads.
+HEAD_TILES = [1, 2, 4, 64]
 
 SPACE = tunebook.Space(
     BLOCK_T=[1, 2, 4, 8, 16],
     BLOCK_H=[1, 2, 4, 8, 16, 32],
-    HEAD_TILES=[1, 2, 4, 64],  # 64: every tile of a token block in one program (vLLM's CUDA kernel)
+    HEAD_TILES=HEAD_TILES,
     num_warps=[1, 2, 4, 8],
     num_stages=[1, 2],
     constraints=[_feasible],

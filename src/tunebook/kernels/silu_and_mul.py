@@ -39,8 +39,8 @@ def _feasible(cfg: dict[str, Any]) -> bool:
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
     span, row = cfg["BLOCK_D"] * cfg["LOOP"], triton.next_power_of_2(args["D"])
-    if span > row:
-        return False  # masked-off work beyond the padded row
+    if span > max(row, 64):
+        return False  # masked-off work beyond the padded row (the smallest block always fits)
     if cfg["ROWS"] > 1 and span < row:
         return False  # rows are grouped to fill a program that a short row cannot; a long one can
     return cfg["ROWS"] <= c.bucket_of(args["n_rows"])
