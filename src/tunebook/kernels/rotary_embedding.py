@@ -229,6 +229,28 @@ def rotary_embedding(
     return _rotary_embedding(q, k, positions, cos_sin_cache, style, rotary_dim, head_size, out)
 
 
+def cos_sin_cache(
+    rotary_dim: int,
+    max_position: int,
+    base: float = 10000.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Any = None,
+) -> torch.Tensor:
+    """The ``[max_position, rotary_dim]`` cache :func:`rotary_embedding` reads, as vLLM
+    builds it: ``cos`` then ``sin`` of ``p * base^(-2i / rotary_dim)`` for ``i < rotary_dim/2``
+    (angles computed in float64, then converted to ``dtype``).
+
+    >>> cos_sin_cache(4, 3)[:, :2]  # cos; position 0 is angle 0
+    tensor([[ 1.0000,  1.0000],
+            [ 0.5403,  0.9999],
+            [-0.4161,  0.9998]])
+    """
+    inv_freq = base ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype=dtype, device=device)
+
+
 def _heads_view(name: str, t: torch.Tensor, n_tokens: int, head_size: int) -> torch.Tensor:
     """``t`` as ``[tokens, heads, head_size]`` with a contiguous last dimension."""
     if t.dim() == 3:
