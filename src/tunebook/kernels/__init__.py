@@ -31,6 +31,13 @@ reach a module's private kernel with ``from tunebook.kernels.rms_norm import _rm
 
 from __future__ import annotations
 
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # torch is not a dependency of tunebook; the pack needs it
+    raise ImportError(
+        "tunebook.kernels needs PyTorch: pip install torch (on a CPU-only machine: pip install torch==2.13.0)"
+    ) from exc
+
 from ._common import BOOKS_DIR
 from .rms_norm import rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding

@@ -73,6 +73,7 @@ class Workload:
     tensors: dict[str, torch.Tensor]
     run: Callable[[dict[str, int] | None], Any]
     bytes: int  # read and written, each byte once
+    key: dict[str, Any]  # the kernel's key values, by name (what hand_picked() takes)
     models: list[str] = field(default_factory=list)
 
     @property
@@ -106,6 +107,7 @@ def workload(
             )
 
         moved = (4 if fused else 2) * tokens * n * e + n * e
+        key = {"n_rows": tokens, "N": n, "HAS_RESIDUAL": fused}
     elif op == "silu_and_mul":
         d = shape["d"]
         t = {"x": randn(tokens, 2 * d), "out": torch.empty(tokens, d, dtype=dtype, device=device)}
@@ -114,6 +116,7 @@ def workload(
             return _silu_and_mul(t["x"], t["out"], config)
 
         moved = 3 * tokens * d * e
+        key = {"n_rows": tokens, "D": d}
     elif op == "rotary_embedding":
         n_q, n_kv, hs = shape["n_q"], shape["n_kv"], shape["head_size"]
         t = {
@@ -133,9 +136,10 @@ def workload(
 
         # q and k read and written, each token's position and cos/sin row read once
         moved = 2 * tokens * (n_q + n_kv) * hs * e + tokens * (8 + hs * e)
+        key = {"n_tokens": tokens, "NQ": n_q, "NK": n_kv, "HEAD_SIZE": hs, "ROTARY_DIM": hs, "IS_NEOX": True}
     else:
         raise ValueError(f"unknown op {op!r}; the pack's ops are {', '.join(OPS)}")
-    return Workload(op, dict(shape), tokens, dtype, t, run, moved)
+    return Workload(op, dict(shape), tokens, dtype, t, run, moved, key)
 
 
 @dataclass(frozen=True)
