@@ -53,17 +53,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import _models
 
     try:
-        models = _models.select_models(args.models)
+        unknown = [d for d in args.dtypes.split(",") if d not in _models.DTYPES]
+        if unknown:
+            raise ValueError(f"unknown dtype(s) {', '.join(unknown)}; known: {', '.join(_models.DTYPES)}")
         dtypes = [_models.DTYPES[d] for d in args.dtypes.split(",")]
-    except (KeyError, ValueError) as exc:
-        print(f"error: {exc}; dtypes are {', '.join(_models.DTYPES)}", file=sys.stderr)
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(_models.TOKENS)
+        jobs = _models.plan(args.ops.split(","), _models.select_models(args.models), tokens, dtypes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(_models.TOKENS)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not args.dry_run:
         print("error: no GPU; set TRITON_INTERPRET=1 to tune for Triton's CPU interpreter", file=sys.stderr)
         return 2
-    jobs = _models.plan(args.ops.split(","), models, tokens, dtypes)
     print(f"{len(jobs)} calls on {device} into {os.environ['TUNEBOOK_DIR']}", flush=True)
     start = time.perf_counter()
     for i, job in enumerate(jobs, 1):
@@ -79,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elapsed = time.perf_counter() - start
         print(f"[{i}/{len(jobs)} {elapsed:7.1f}s] {w.label}: {measured} configs measured", flush=True)
         del w
+    if args.dry_run:
+        return 0
     stats = tunebook.stats()
     print(
         f"done: {stats['benchmarked']} configs measured, {stats['book_hits']} keys already in the book, "

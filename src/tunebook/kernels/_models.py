@@ -4,6 +4,9 @@
 ``plan(...)`` lists every (op, shape, dtype, token count); each builds a :class:`Workload`:
 the op's inputs and preallocated outputs on a device, a ``run(config)`` that launches it
 (the tuned config when ``config`` is None), and the bytes it must move at the least.
+
+An op takes part through one entry of :data:`OPS`: a function giving its shapes in a
+model, and one building a call of it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import torch
 from .rms_norm import _rms_norm
 from .rotary_embedding import _rotary_embedding, cos_sin_cache
 from .silu_and_mul import _silu_and_mul
-
-OPS = ("rms_norm", "silu_and_mul", "rotary_embedding")
 
 
 @dataclass(frozen=True)
@@ -45,23 +46,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_POSITION = 8192
 
 
-def shapes(op: str, models: Sequence[Model] = MODELS) -> dict[tuple[tuple[str, Any], ...], list[str]]:
-    """The distinct shapes of ``op`` over ``models`` -> the models that have each."""
-    out: dict[tuple[tuple[str, Any], ...], list[str]] = {}
-    for m in models:
-        if op == "rms_norm":
-            found = [(("hidden", m.hidden), ("residual", r)) for r in (False, True)]
-        elif op == "silu_and_mul":
-            found = [(("d", m.intermediate),)]
-        elif op == "rotary_embedding":
-            found = [(("n_q", m.n_q_heads), ("n_kv", m.n_kv_heads), ("head_size", m.head_size))]
-        else:
-            raise ValueError(f"unknown op {op!r}; the pack's ops are {', '.join(OPS)}")
-        for shape in found:
-            out.setdefault(shape, []).append(m.name)
-    return out
-
-
 @dataclass
 class Workload:
     """One call of an op: its inputs and outputs, and how to launch it."""
@@ -82,64 +66,129 @@ class Workload:
         return f"{self.op}[{dims}] tokens={self.tokens} {str(self.dtype).removeprefix('torch.')}"
 
 
+@dataclass(frozen=True)
+class Maker:
+    """Makes a workload's tensors: seeded random inputs and empty outputs, on one device."""
+
+    dtype: torch.dtype
+    device: Any
+    gen: torch.Generator
+
+    def randn(self, *size: int) -> torch.Tensor:
+        return torch.randn(size, generator=self.gen).to(dtype=self.dtype, device=self.device)
+
+    def empty(self, *size: int) -> torch.Tensor:
+        return torch.empty(size, dtype=self.dtype, device=self.device)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+# ------------------------------------------------------------------ the ops
+# Per op: its shapes in a model; and for one call its tensors, a launcher, the bytes it
+# moves and its kernel's key values.
+
+Run = Callable[[dict[str, int] | None], Any]
+Built = tuple[dict[str, torch.Tensor], Run, int, dict[str, Any]]
+
+
+def _rms_norm_shapes(m: Model) -> list[dict[str, Any]]:
+    return [{"hidden": m.hidden, "residual": r} for r in (False, True)]
+
+
+def _rms_norm_build(make: Maker, shape: dict[str, Any], tokens: int) -> Built:
+    n, fused = shape["hidden"], shape["residual"]
+    t = {"x": make.randn(tokens, n), "weight": make.randn(n), "out": make.empty(tokens, n)}
+    if fused:
+        t["residual"], t["residual_out"] = make.randn(tokens, n), make.empty(tokens, n)
+
+    def run(config: dict[str, int] | None) -> Any:
+        return _rms_norm(
+            t["x"], t["weight"], 1e-6, t.get("residual"), t["out"], t.get("residual_out"), config
+        )
+
+    moved = ((4 if fused else 2) * tokens + 1) * n * make.itemsize
+    return t, run, moved, {"n_rows": tokens, "N": n, "HAS_RESIDUAL": fused}
+
+
+def _silu_and_mul_shapes(m: Model) -> list[dict[str, Any]]:
+    return [{"d": m.intermediate}]
+
+
+def _silu_and_mul_build(make: Maker, shape: dict[str, Any], tokens: int) -> Built:
+    d = shape["d"]
+    t = {"x": make.randn(tokens, 2 * d), "out": make.empty(tokens, d)}
+
+    def run(config: dict[str, int] | None) -> Any:
+        return _silu_and_mul(t["x"], t["out"], config)
+
+    return t, run, 3 * tokens * d * make.itemsize, {"n_rows": tokens, "D": d}
+
+
+def _rotary_embedding_shapes(m: Model) -> list[dict[str, Any]]:
+    return [{"n_q": m.n_q_heads, "n_kv": m.n_kv_heads, "head_size": m.head_size}]
+
+
+def _rotary_embedding_build(make: Maker, shape: dict[str, Any], tokens: int) -> Built:
+    n_q, n_kv, hs = shape["n_q"], shape["n_kv"], shape["head_size"]
+    t = {
+        "q": make.randn(tokens, n_q * hs),
+        "k": make.randn(tokens, n_kv * hs),
+        "positions": torch.randint(0, MAX_POSITION, (tokens,), generator=make.gen).to(make.device),
+        "cos_sin_cache": cos_sin_cache(hs, MAX_POSITION, dtype=make.dtype, device=make.device),
+        "q_out": make.empty(tokens, n_q * hs),
+        "k_out": make.empty(tokens, n_kv * hs),
+    }
+
+    def run(config: dict[str, int] | None) -> Any:
+        out = (t["q_out"], t["k_out"])
+        return _rotary_embedding(
+            t["q"], t["k"], t["positions"], t["cos_sin_cache"], "neox", None, hs, out, config
+        )
+
+    # q and k read and written; each token's position and cos/sin row read once
+    moved = 2 * tokens * (n_q + n_kv) * hs * make.itemsize + tokens * (8 + hs * make.itemsize)
+    key = {"n_tokens": tokens, "NQ": n_q, "NK": n_kv, "HEAD_SIZE": hs, "ROTARY_DIM": hs, "IS_NEOX": True}
+    return t, run, moved, key
+
+
+OPS: dict[
+    str, tuple[Callable[[Model], list[dict[str, Any]]], Callable[[Maker, dict[str, Any], int], Built]]
+] = {
+    "rms_norm": (_rms_norm_shapes, _rms_norm_build),
+    "silu_and_mul": (_silu_and_mul_shapes, _silu_and_mul_build),
+    "rotary_embedding": (_rotary_embedding_shapes, _rotary_embedding_build),
+}
+
+
+def _op(
+    op: str,
+) -> tuple[Callable[[Model], list[dict[str, Any]]], Callable[[Maker, dict[str, Any], int], Built]]:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; the pack's ops are {', '.join(OPS)}")
+    return OPS[op]
+
+
+# ------------------------------------------------------------------ plans
+
+
+def shapes(op: str, models: Sequence[Model] = MODELS) -> dict[tuple[tuple[str, Any], ...], list[str]]:
+    """The distinct shapes of ``op`` over ``models`` -> the models that have each."""
+    out: dict[tuple[tuple[str, Any], ...], list[str]] = {}
+    for m in models:
+        for shape in _op(op)[0](m):
+            out.setdefault(tuple(shape.items()), []).append(m.name)
+    return out
+
+
 def workload(
     op: str, shape: dict[str, Any], tokens: int, dtype: torch.dtype, device: Any, seed: int = 0
 ) -> Workload:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def randn(*size: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(size, generator=gen).to(dtype=dt, device=device)
-
-    e = torch.empty((), dtype=dtype).element_size()
-    if op == "rms_norm":
-        n, fused = shape["hidden"], shape["residual"]
-        t = {
-            "x": randn(tokens, n),
-            "weight": randn(n),
-            "out": torch.empty(tokens, n, dtype=dtype, device=device),
-        }
-        if fused:
-            t["residual"], t["residual_out"] = randn(tokens, n), torch.empty_like(t["out"])
-
-        def run(config: dict[str, int] | None) -> Any:
-            return _rms_norm(
-                t["x"], t["weight"], 1e-6, t.get("residual"), t["out"], t.get("residual_out"), config
-            )
-
-        moved = (4 if fused else 2) * tokens * n * e + n * e
-        key = {"n_rows": tokens, "N": n, "HAS_RESIDUAL": fused}
-    elif op == "silu_and_mul":
-        d = shape["d"]
-        t = {"x": randn(tokens, 2 * d), "out": torch.empty(tokens, d, dtype=dtype, device=device)}
-
-        def run(config: dict[str, int] | None) -> Any:
-            return _silu_and_mul(t["x"], t["out"], config)
-
-        moved = 3 * tokens * d * e
-        key = {"n_rows": tokens, "D": d}
-    elif op == "rotary_embedding":
-        n_q, n_kv, hs = shape["n_q"], shape["n_kv"], shape["head_size"]
-        t = {
-            "q": randn(tokens, n_q * hs),
-            "k": randn(tokens, n_kv * hs),
-            "positions": torch.randint(0, MAX_POSITION, (tokens,), generator=gen).to(device),
-            "cos_sin_cache": cos_sin_cache(hs, MAX_POSITION, dtype=dtype, device=device),
-            "q_out": torch.empty(tokens, n_q * hs, dtype=dtype, device=device),
-            "k_out": torch.empty(tokens, n_kv * hs, dtype=dtype, device=device),
-        }
-
-        def run(config: dict[str, int] | None) -> Any:
-            out = (t["q_out"], t["k_out"])
-            return _rotary_embedding(
-                t["q"], t["k"], t["positions"], t["cos_sin_cache"], "neox", None, hs, out, config
-            )
-
-        # q and k read and written, each token's position and cos/sin row read once
-        moved = 2 * tokens * (n_q + n_kv) * hs * e + tokens * (8 + hs * e)
-        key = {"n_tokens": tokens, "NQ": n_q, "NK": n_kv, "HEAD_SIZE": hs, "ROTARY_DIM": hs, "IS_NEOX": True}
-    else:
-        raise ValueError(f"unknown op {op!r}; the pack's ops are {', '.join(OPS)}")
-    return Workload(op, dict(shape), tokens, dtype, t, run, moved, key)
+    """``op`` on fresh inputs of ``shape`` with ``tokens`` tokens (seeded), on ``device``."""
+    make = Maker(dtype, device, torch.Generator(device="cpu").manual_seed(seed))
+    tensors, run, moved, key = _op(op)[1](make, shape, tokens)
+    return Workload(op, dict(shape), tokens, dtype, tensors, run, moved, key)
 
 
 @dataclass(frozen=True)
@@ -159,7 +208,7 @@ class Planned:
 
 
 def plan(
-    ops: Sequence[str] = OPS,
+    ops: Sequence[str] = tuple(OPS),
     models: Sequence[Model] = MODELS,
     tokens: Sequence[int] = TOKENS,
     dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
