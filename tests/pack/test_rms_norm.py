@@ -54,6 +54,7 @@ def test_new_tensors_by_default(gen) -> None:  # type: ignore[no-untyped-def]
     assert y.shape == y2.shape == h.shape == x.shape
     assert_close(y, reference(x, w))
     assert_close(h, x.double() + r.double(), "h")
+    assert_close(rms_norm(x[0, 0], w), reference(x[0, 0], w))  # one vector, no row dimension
 
 
 def test_mixed_dtypes(gen) -> None:  # type: ignore[no-untyped-def]

@@ -45,6 +45,7 @@ def test_new_tensor_by_default(gen) -> None:  # type: ignore[no-untyped-def]
     y = silu_and_mul(x)
     assert y.shape == (2, 3, 32) and y.dtype == torch.bfloat16
     assert_close(y, reference(x))
+    assert_close(silu_and_mul(x[0, 0]), reference(x[0, 0]))  # one vector, no row dimension
 
 
 def test_strided_rows(gen) -> None:  # type: ignore[no-untyped-def]

@@ -7,9 +7,11 @@ set in one place:
 * ``books=[BOOKS_DIR]`` — the books shipped inside the package (read-only);
 * ``name="tunebook.kernels.<op>"`` — the kernel's name in the book (file names read
   ``tunebook-kernels-<op>--...json``);
-* ``use_cuda_graph=True`` — these kernels run for 2-30 us; timed one launch at a time their
-  medians are launch noise (DESIGN.md: one RMSNorm config read 5.1-14.1 us across five
-  samples on an H200), so candidates are timed as CUDA-graph replays of many launches;
+* ``use_cuda_graph=True``, ``rep=20`` — these kernels run for 2-30 us; timed one launch at
+  a time their medians are launch noise (DESIGN.md: one RMSNorm config read 5.1-14.1 us
+  across five samples on an H200), so candidates are timed as CUDA-graph replays of many
+  launches. 20 ms of launches per sample (Triton's own default for graphs; tunebook's is
+  100 ms) is thousands of launches here, and measures each contender in a fifth of the time;
 * ``fallback=`` — in ``serve`` mode, a key the book lacks runs the op's hand-picked config
   (Liger-Kernel's rule), not whatever config happens to come first in the space.
 """
@@ -138,6 +140,7 @@ def autotune(
     return tunebook.autotune(
         configs=space,
         key=list(key),
+        rep=20,
         use_cuda_graph=True,
         books=[BOOKS_DIR],
         name=f"tunebook.kernels.{op}",
