@@ -87,6 +87,9 @@ def test_slices_of_a_fused_qkv(gen) -> None:  # type: ignore[no-untyped-def]
     check(q.view(tokens, n_q, hs), k.view(tokens, n_k, hs), positions, cache)
     heads_first = randn(gen, n_q, tokens, hs).transpose(0, 1)  # token stride hs, head stride tokens * hs
     check(heads_first, randn(gen, tokens, n_k, hs), positions, cache)
+    # A strided last dimension (a transposed buffer) is copied, in either layout.
+    check(randn(gen, n_q * hs, tokens).t(), randn(gen, n_k * hs, tokens).t(), positions, cache, head_size=hs)
+    check(randn(gen, hs, n_q, tokens).permute(2, 1, 0), randn(gen, tokens, n_k, hs), positions, cache)
     buf = poisoned((tokens, 2 * (n_q + n_k) * hs), torch.bfloat16)
     out = (buf[:, : n_q * hs], buf[:, n_q * hs : (n_q + n_k) * hs])
     q_out, k_out = rotary_embedding(q, k, positions, cache, head_size=hs, out=out)

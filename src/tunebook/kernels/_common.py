@@ -216,7 +216,7 @@ def check_out(
             )
 
 
-def rows_view(op: str, name: str, t: torch.Tensor, width: int) -> torch.Tensor:
+def rows_view(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t`` as 2-D rows of ``width`` elements, each row contiguous, without copying when
     its layout allows (strided rows are fine; a strided last dimension is copied)."""
     rows = t.reshape(-1, width)

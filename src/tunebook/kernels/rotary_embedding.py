@@ -251,14 +251,11 @@ def cos_sin_cache(
     return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype=dtype, device=device)
 
 
-def _heads_view(name: str, t: torch.Tensor, n_tokens: int, head_size: int) -> torch.Tensor:
-    """``t`` as ``[tokens, heads, head_size]`` with a contiguous last dimension."""
-    if t.dim() == 3:
-        return t if t.stride(2) == 1 or head_size == 1 else t.contiguous()
-    try:
-        return t.view(n_tokens, t.shape[1] // head_size, head_size)
-    except RuntimeError:  # a layout that cannot be split without copying
-        return t.reshape(n_tokens, t.shape[1] // head_size, head_size)
+def _heads_view(t: torch.Tensor, n_tokens: int, head_size: int) -> torch.Tensor:
+    """``t`` as ``[tokens, heads, head_size]`` with a contiguous last dimension (a view when
+    the layout allows, e.g. strided tokens; a copy otherwise)."""
+    view = t if t.dim() == 3 else t.reshape(n_tokens, t.shape[1] // head_size, head_size)
+    return view if view.stride(2) == 1 or head_size == 1 else view.contiguous()
 
 
 def _out_view(name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -392,8 +389,8 @@ def _rotary_embedding(
     n_tokens = positions.shape[0]
     if n_tokens == 0:
         return q_out, k_out
-    q3 = _heads_view("q", q, n_tokens, head_size)
-    k3 = _heads_view("k", k, n_tokens, head_size)
+    q3 = _heads_view(q, n_tokens, head_size)
+    k3 = _heads_view(k, n_tokens, head_size)
     qo3 = _out_view("out[0]", q_out, q3)
     ko3 = _out_view("out[1]", k_out, k3)
     cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()

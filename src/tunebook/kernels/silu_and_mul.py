@@ -126,7 +126,7 @@ def _silu_and_mul(
         c.check_out(_OP, "out", out, shape, x.dtype, {"x": x})
     if out.numel() == 0:
         return out
-    x2 = c.rows_view(_OP, "x", x, 2 * d)
+    x2 = c.rows_view(x, 2 * d)
     y2 = c.out_rows(_OP, "out", out, d)
     n_rows = x2.shape[0]
     args = (x2, x2.stride(0), y2, y2.stride(0), n_rows, d)
