@@ -1,0 +1,151 @@
+"""Timing microsecond kernels: CUDA-graph replays, variants interleaved, medians with spread.
+
+A decode-time kernel runs for 2-30 us; timed one launch at a time, launch overhead and
+clock noise are as large as the kernel (DESIGN.md: one RMSNorm config read 5.1-14.1 us
+across five samples on an H200). So:
+
+* each variant's ``launches`` calls are captured in one CUDA graph, and a sample is one
+  replay timed with CUDA events, divided by ``launches``: the GPU time per call, with no
+  host launch cost (as in a server that replays CUDA graphs);
+* samples of all variants are interleaved (A, B, C, A, B, C, ...) for ``rounds`` rounds, so
+  clock and thermal drift hit every variant alike;
+* each variant reports its median and its p20/p80 over rounds; a ratio between two
+  variants is the median of the per-round ratios.
+
+The L2 cache is not flushed between launches: in a server an op's inputs were written by
+the kernel just before it, so small inputs are L2-resident there as here. Inputs larger
+than L2 (50 MB on an H200) stream from HBM either way.
+
+Without a GPU (``--dry-run`` under ``TRITON_INTERPRET=1``) the same code runs with a
+wall-clock timer and no graphs, so the scripts are checked end to end on a CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Series:
+    """Per-call times of one variant, one sample per round (microseconds)."""
+
+    us: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.us)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.us)
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    def summary(self) -> dict[str, float]:
+        return {"median_us": self.median, "p20_us": self.quantile(0.2), "p80_us": self.quantile(0.8)}
+
+
+def ratio(a: Series, b: Series) -> float:
+    """Median over rounds of a's time / b's time (paired: same round, adjacent samples)."""
+    return statistics.median(x / y for x, y in zip(a.us, b.us))
+
+
+class GraphTimer:
+    """Times a callable as replays of a CUDA graph holding ``launches`` calls of it."""
+
+    def __init__(self, launches: int = 50) -> None:
+        self.launches = launches
+
+    def prepare(self, fn: Callable[[], object]) -> Callable[[], float]:
+        """Warm ``fn`` up, capture it; returns a sampler giving one per-call time in us."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream, as PyTorch advises
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(self.launches):
+                fn()
+        graph.replay()  # first replay uploads the graph
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def sample() -> float:
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e3 / self.launches
+
+        sample.graph = graph  # type: ignore[attr-defined]  # keep it (and its memory pool) alive
+        return sample
+
+
+class WallTimer:
+    """The CPU stand-in (Triton's interpreter): ``launches`` calls on the host clock."""
+
+    def __init__(self, launches: int = 2) -> None:
+        self.launches = launches
+
+    def prepare(self, fn: Callable[[], object]) -> Callable[[], float]:
+        fn()
+
+        def sample() -> float:
+            t0 = time.perf_counter()
+            for _ in range(self.launches):
+                fn()
+            return (time.perf_counter() - t0) * 1e6 / self.launches
+
+        return sample
+
+
+Timer = GraphTimer | WallTimer
+
+
+def interleaved(
+    timer: Timer, variants: dict[str, Callable[[], object]], rounds: int
+) -> tuple[dict[str, Series], dict[str, str]]:
+    """Sample every variant once per round, in turn. Returns the series and, for variants
+    that could not be captured (e.g. torch.compile failing on this PyTorch), the reason."""
+    samplers: dict[str, Callable[[], float]] = {}
+    errors: dict[str, str] = {}
+    for name, fn in variants.items():
+        try:
+            samplers[name] = timer.prepare(fn)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            errors[name] = f"{type(exc).__name__}: {first}"[:300]
+    series = {name: Series() for name in samplers}
+    for _ in range(rounds):
+        for name, sample in samplers.items():
+            series[name].us.append(sample())
+    return series, errors
+
+
+def copy_bandwidth(timer: Timer, nbytes: int, rounds: int) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    device = "cuda" if isinstance(timer, GraphTimer) else "cpu"
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    series, _ = interleaved(timer, {"copy": lambda: dst.copy_(src)}, rounds)
+    return 2 * nbytes / (series["copy"].median * 1e-6) / 1e9
+
+
+def gbps(nbytes: int, us: float) -> float:
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned text: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

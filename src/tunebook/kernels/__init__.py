@@ -1,0 +1,52 @@
+"""``tunebook.kernels``: LLM-serving ops as Triton kernels tuned through tunebook.
+
+Ops (one module each, Liger-Kernel's layout; docs/kernels.md has the math, keys and spaces):
+
+* :func:`rms_norm` — RMSNorm over the last dimension, optionally fused with the residual add.
+* :func:`silu_and_mul` — SwiGLU's ``silu(x[..., :d]) * x[..., d:]``.
+* :func:`rotary_embedding` — RoPE of queries and keys (neox or gptj style, partial rotary);
+  :func:`cos_sin_cache` builds the table it reads.
+
+Every kernel is tuned per key (the token count bucketed onto 1, 2, 4, ..., 8192; the other
+sizes exactly; the dtypes) and remembered in a book. Books tuned on the GPUs we measured
+ship read-only in the package, in ``tunebook/kernels/books/`` (:data:`BOOKS_DIR`): with
+``TUNEBOOK_MODE=serve`` a key they hold runs its tuned config with zero benchmarking, and
+a key they lack runs the op's hand-picked config. This package imports torch; ``import
+tunebook`` alone does not import it.
+
+Example (on a CPU too, with ``TRITON_INTERPRET=1``)::
+
+    import torch
+    from tunebook.kernels import cos_sin_cache, rms_norm, rotary_embedding, silu_and_mul
+
+    x = torch.randn(4, 64)
+    y, h = rms_norm(x, torch.ones(64), eps=1e-6, residual=torch.zeros(4, 64))
+    gated = silu_and_mul(torch.randn(4, 2 * 96))                    # [4, 96]
+    cache = cos_sin_cache(rotary_dim=16, max_position=128)
+    q, k = rotary_embedding(torch.randn(4, 2, 16), torch.randn(4, 1, 16), torch.arange(4), cache)
+
+Each op's function has its module's name (``tunebook.kernels.rms_norm`` is the function);
+reach a module's private kernel with ``from tunebook.kernels.rms_norm import _rms_norm_kernel``.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # torch is not a dependency of tunebook; the pack needs it
+    raise ImportError(
+        "tunebook.kernels needs PyTorch: pip install torch (on a CPU-only machine: pip install torch==2.13.0)"
+    ) from exc
+
+from ._common import BOOKS_DIR
+from .rms_norm import rms_norm
+from .rotary_embedding import cos_sin_cache, rotary_embedding
+from .silu_and_mul import silu_and_mul
+
+__all__ = [
+    "BOOKS_DIR",
+    "cos_sin_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+]

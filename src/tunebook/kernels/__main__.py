@@ -1,0 +1,95 @@
+"""``python -m tunebook.kernels tune``: tune the pack's books for this GPU.
+
+    python -m tunebook.kernels tune --out src/tunebook/kernels/books     # every op, model, token count
+    python -m tunebook.kernels tune --out DIR --ops rms_norm --models llama-3-8b --tokens 1,64,8192
+    python -m tunebook.kernels tune --out DIR --dry-run                  # list the keys, tune nothing
+
+Each (op shape, token count, dtype) of the models in ``tunebook.kernels._models`` is called
+once in ``tune`` mode with ``TUNEBOOK_DIR=--out``: every key the book lacks is tuned and
+written there as it is measured, so an interrupted run resumes where it stopped. Copy the
+resulting files into ``src/tunebook/kernels/books/`` to ship them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tunebook.kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tune = sub.add_parser("tune", help="tune the pack's kernels over model shapes into a book directory")
+    tune.add_argument("--out", required=True, help="book directory to write (becomes TUNEBOOK_DIR)")
+    tune.add_argument("--ops", default="rms_norm,silu_and_mul,rotary_embedding", help="comma-separated ops")
+    tune.add_argument("--models", default=None, help="comma-separated model names (default: all)")
+    tune.add_argument("--tokens", default=None, help="comma-separated token counts (default: 1,2,4,...,8192)")
+    tune.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32 (default: bf16)")
+    tune.add_argument(
+        "--max-configs", type=int, default=None, help="configs measured per key (default: tunebook's, 10%%)"
+    )
+    tune.add_argument("--dry-run", action="store_true", help="list the keys, tune nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    os.environ["TUNEBOOK_DIR"] = os.path.abspath(args.out)
+    os.environ["TUNEBOOK_MODE"] = "tune"
+    budget = str(args.max_configs) if args.max_configs is not None else ""
+    if budget != os.environ.get("TUNEBOOK_KERNELS_MAX_CONFIGS", ""):
+        # The budget is fixed when the kernels are decorated, and `python -m` imported the
+        # package (and decorated them) before this ran: start again with it set.
+        os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = budget
+        os.execv(sys.executable, [sys.executable, "-m", "tunebook.kernels", *(argv or sys.argv[1:])])
+
+    import torch
+
+    import tunebook
+
+    from . import _models
+
+    try:
+        unknown = [d for d in args.dtypes.split(",") if d not in _models.DTYPES]
+        if unknown:
+            raise ValueError(f"unknown dtype(s) {', '.join(unknown)}; known: {', '.join(_models.DTYPES)}")
+        dtypes = [_models.DTYPES[d] for d in args.dtypes.split(",")]
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(_models.TOKENS)
+        jobs = _models.plan(args.ops.split(","), _models.select_models(args.models), tokens, dtypes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not args.dry_run:
+        print("error: no GPU; set TRITON_INTERPRET=1 to tune for Triton's CPU interpreter", file=sys.stderr)
+        return 2
+    print(f"{len(jobs)} calls on {device} into {os.environ['TUNEBOOK_DIR']}", flush=True)
+    start = time.perf_counter()
+    for i, job in enumerate(jobs, 1):
+        if args.dry_run:
+            print(f"  {job.op} {dict(job.shape)} tokens={job.tokens} {job.dtype}  ({', '.join(job.models)})")
+            continue
+        w = job.build(device)  # one at a time: the largest inputs take ~0.5 GB
+        before = tunebook.stats()["benchmarked"]
+        w.run(None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        measured = tunebook.stats()["benchmarked"] - before
+        elapsed = time.perf_counter() - start
+        print(f"[{i}/{len(jobs)} {elapsed:7.1f}s] {w.label}: {measured} configs measured", flush=True)
+        del w
+    if args.dry_run:
+        return 0
+    stats = tunebook.stats()
+    print(
+        f"done: {stats['benchmarked']} configs measured, {stats['book_hits']} keys already in the book, "
+        f"{stats['tuning_seconds']:.1f} s tuning"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

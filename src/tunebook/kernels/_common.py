@@ -1,0 +1,240 @@
+"""What every op of the pack shares: where its books live, how token counts are bucketed,
+how its kernels are named in a book, and the checks its wrappers make.
+
+Each op module decorates its kernels through :func:`autotune`, so the options below are
+set in one place:
+
+* ``books=[BOOKS_DIR]`` — the books shipped inside the package (read-only);
+* ``name="tunebook.kernels.<op>"`` — the kernel's name in the book (file names read
+  ``tunebook-kernels-<op>--...json``);
+* ``use_cuda_graph=True``, ``rep=20`` — these kernels run for 2-30 us; timed one launch at
+  a time their medians are launch noise (DESIGN.md: one RMSNorm config read 5.1-14.1 us
+  across five samples on an H200), so candidates are timed as CUDA-graph replays of many
+  launches. 20 ms of launches per sample (Triton's own default for graphs; tunebook's is
+  100 ms) is thousands of launches here, and measures each contender in a fifth of the time;
+* ``fallback=`` — in ``serve`` mode, a key the book lacks runs the op's hand-picked config
+  (Liger-Kernel's rule), not whatever config happens to come first in the space.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+import tunebook
+
+BOOKS_DIR = Path(__file__).resolve().parent / "books"
+
+# Token (row) counts a server sees are bucketed onto powers of two: a bucket covers
+# (2^(k-1), 2^k] and is tuned once. The edges stop at 8192, not at infinity as "pow2"
+# would: every larger batch (long chunked prefills) maps onto the 8192 bucket, so a book
+# tuned over 1..8192 answers every token count. For these memory-bound kernels the best
+# config stops changing long before that: 8192 rows are ~60 waves of programs on a 132-SM
+# GPU.
+TOKEN_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(14))  # 1, 2, 4, ..., 8192
+
+# Pack-wide tuning budget (configs measured per key). Read when the op modules are
+# imported, since autotune options are fixed when a kernel is decorated. Unset: tunebook's
+# default for large spaces (10% of the candidates, 64 to 500). A book tuned with a smaller
+# budget than the one a later process uses looks unfinished to it: ship books tuned with
+# the default.
+MAX_CONFIGS_ENV = "TUNEBOOK_KERNELS_MAX_CONFIGS"
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# How many tile elements each thread may hold. Past ~32 fp32 values per thread Triton
+# spills registers; below 2, lanes idle (or load 2-byte scalars), so more warps than that
+# only add configs to time. One warp is always allowed: a tiny tile has nothing better.
+MAX_PER_THREAD = 32
+MIN_PER_THREAD = 2
+
+
+def token_bucket(name: str) -> tunebook.Bucket:
+    """A key name whose values are bucketed onto :data:`TOKEN_BUCKETS`."""
+    return tunebook.bucket(name, TOKEN_BUCKETS)
+
+
+_BUCKET = token_bucket("n")
+
+
+def bucket_of(n: int) -> int:
+    """The bucket edge a token count maps to (what arg constraints compare against, so that
+    every call in a bucket has the same candidates).
+
+    >>> bucket_of(1), bucket_of(3), bucket_of(8192), bucket_of(100_000)
+    (1, 4, 8192, 8192)
+    """
+    return int(_BUCKET.apply(n))
+
+
+def threads_fit(elements: int, num_warps: int) -> bool:
+    """Whether a tile of ``elements`` suits ``num_warps`` warps (see MAX_PER_THREAD).
+
+    >>> threads_fit(4096, 8), threads_fit(4096, 1), threads_fit(64, 4), threads_fit(64, 1)
+    (True, False, False, True)
+    """
+    per_thread = elements / (32 * num_warps)
+    return per_thread <= MAX_PER_THREAD and (num_warps == 1 or per_thread >= MIN_PER_THREAD)
+
+
+def liger_num_warps(block: int) -> int:
+    """Liger-Kernel's (and Unsloth's) ``calculate_settings`` rule for a one-row block."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def max_configs() -> int | None:
+    raw = os.environ.get(MAX_CONFIGS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{MAX_CONFIGS_ENV}={raw!r}: expected a positive integer, or unset it") from None
+    if value < 1:
+        raise ValueError(f"{MAX_CONFIGS_ENV}={raw!r}: expected a positive integer, or unset it")
+    return value
+
+
+def closest_config(configs: Sequence[Any], preferred: Mapping[str, int]) -> Any:
+    """The config nearest to ``preferred`` (log2 distance summed over its parameters).
+
+    The preferred config is usually among the candidates; where a constraint removed it
+    (e.g. a tiny test shape), the nearest feasible one stands in. Ties go to the earlier.
+    """
+
+    def distance(config: Any) -> float:
+        values = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        return sum(abs(math.log2(max(values[k], 1)) - math.log2(max(v, 1))) for k, v in preferred.items())
+
+    return min(configs, key=distance)
+
+
+def autotune(
+    op: str,
+    space: tunebook.Space,
+    key: Sequence[str],
+    hand_picked: Callable[[dict[str, Any]], Mapping[str, int]],
+) -> Callable[[Any], tunebook.Autotuner]:
+    """``tunebook.autotune`` with the pack's options (module docstring).
+
+    ``hand_picked(named_key) -> config dict`` is the op's conventional config for a key
+    (``named_key`` maps the key's argument names to the call's values); ``serve`` mode
+    falls back to it.
+    """
+    names = [str(k) for k in key]
+
+    def fallback(key_values: tuple[Any, ...], configs: list[Any]) -> Any:
+        return closest_config(configs, hand_picked(dict(zip(names, key_values))))
+
+    return tunebook.autotune(
+        configs=space,
+        key=list(key),
+        rep=20,
+        use_cuda_graph=True,
+        books=[BOOKS_DIR],
+        name=f"tunebook.kernels.{op}",
+        max_configs=max_configs(),
+        fallback=fallback,
+    )
+
+
+# ----------------------------------------------------------------------- input checks
+
+
+def fail(op: str, what: str) -> NoReturn:
+    raise ValueError(f"tunebook.kernels.{op}: {what}")
+
+
+def check_float(op: str, name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor; found {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        fail(op, f"{name} must be float16, bfloat16 or float32; found {t.dtype}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    present = {n: t for n, t in tensors.items() if t is not None}
+    devices = {str(t.device) for t in present.values()}
+    if len(devices) > 1:
+        found = ", ".join(f"{n} on {t.device}" for n, t in present.items())
+        fail(op, f"all tensors must be on one device; found {found}")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the memory ``t`` may touch."""
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    start = t.data_ptr()
+    return (start, start + extent * t.element_size())
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory, decided as ATen decides it for in-place ops:
+    certainly when they start at the same address or when both are contiguous and their
+    byte ranges meet; strided views whose ranges interleave (two column slices of one
+    buffer) are given the benefit of the doubt, since an exact check costs a pass over
+    their elements."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.data_ptr() == b.data_ptr():
+        return True
+    (lo_a, hi_a), (lo_b, hi_b) = _span(a), _span(b)
+    return lo_a < hi_b and lo_b < hi_a and a.is_contiguous() and b.is_contiguous()
+
+
+def check_out(
+    op: str, name: str, out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, inputs: Mapping[str, Any]
+) -> None:
+    """``out`` must have the result's shape and dtype and share no memory with an input.
+
+    In-place updates are refused because tuning reruns the kernel on the call's own
+    arguments: an in-place update would be applied once per measurement.
+    """
+    if not isinstance(out, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor; found {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        fail(
+            op,
+            f"{name} must have shape {tuple(shape)} and dtype {dtype}; found {tuple(out.shape)} {out.dtype}",
+        )
+    for other_name, other in inputs.items():
+        if isinstance(other, torch.Tensor) and may_overlap(out, other):
+            fail(
+                op,
+                f"{name} shares memory with {other_name}; in-place updates are not supported (tuning "
+                "reruns the kernel on the same arguments). Pass a separate tensor, or none.",
+            )
+
+
+def rows_view(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as 2-D rows of ``width`` elements, each row contiguous, without copying when
+    its layout allows (strided rows are fine; a strided last dimension is copied)."""
+    rows = t.reshape(-1, width)
+    if width > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def out_rows(op: str, name: str, out: torch.Tensor, width: int) -> torch.Tensor:
+    """An output as 2-D rows, always a view: the kernel must write into ``out`` itself."""
+    try:
+        rows = out.view(-1, width)
+    except RuntimeError:
+        rows = None
+    if rows is None or (width > 1 and rows.stride(1) != 1):
+        fail(
+            op,
+            f"{name} must be viewable as rows of {width} contiguous elements (stride {tuple(out.stride())} "
+            "is not); pass a contiguous tensor",
+        )
+    return rows  # type: ignore[return-value]

@@ -1,0 +1,58 @@
+"""The kernel benchmarks run end to end on a CPU (--dry-run: Triton's interpreter, tiny
+shapes, a 2-config tuning budget), so they do not rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels"
+WORKLOADS = {"rms_norm": 4, "silu_and_mul": 2, "rotary_embedding": 2}  # SmolLM2 shapes x 2 token counts
+
+
+@pytest.mark.slow  # three processes, ~15 s
+def test_every_script_dry_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "TUNEBOOK_MODE": "tune"}
+    env.pop("TRITON_INTERPRET", None)  # --dry-run must set it itself
+    procs = {
+        op: subprocess.Popen(
+            [sys.executable, str(SCRIPTS / f"{op}.py"), "--dry-run", "--out", str(tmp_path / op)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for op in WORKLOADS
+    }  # in parallel: each is mostly interpreter start-up
+    for op, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{op}: {stderr}"
+        assert stdout.rstrip().splitlines()[-1].startswith("(ratios > 1: tunebook faster"), stdout
+        doc = json.loads((tmp_path / op / f"{op}.json").read_text())
+        assert doc["meta"]["op"] == op and doc["meta"]["copy_gbps"] > 0
+        results = doc["results"]
+        assert len(results) == WORKLOADS[op]
+        for r in results:
+            assert set(r["timings"]) == {"tunebook", "hand-picked", "eager"}, r["errors"]
+            assert r["max_rel_error_vs_eager"] < 2**-5, r["label"]
+            assert r["tuning"]["configs_benchmarked"] == 2 or r["tuning"]["from_book"]
+            assert all(len(s) == 3 for s in r["samples_us"].values())
+        assert list((tmp_path / op / "book").glob("*.json")), "the tuning was not written to OUT/book"
+
+
+def test_a_script_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = str(SCRIPTS / "silu_and_mul.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0 and "run with --dry-run" in proc.stderr

@@ -1,0 +1,74 @@
+"""The pack's tune path end to end, as a user ships a book: ``python -m tunebook.kernels
+tune`` tunes every op's key for a model into a book (a 2-config budget: the interpreter
+takes ~0.1 s a config); a process serving from that book read-only, and one tuning with it
+as its own book, benchmark nothing and run the same configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_python
+
+# Every op of the pack on SmolLM2-135M's shapes, one token: the same calls the tune
+# command makes. Prints the counters and each kernel's config as the last line.
+CALL_EACH_OP = """
+import json, tunebook
+from tunebook.kernels import _models
+from tunebook.kernels.rms_norm import _rms_norm_kernel
+from tunebook.kernels.rotary_embedding import _rotary_embedding_kernel
+from tunebook.kernels.silu_and_mul import _silu_and_mul_kernel
+
+chosen = []
+for job in _models.plan(models=_models.select_models("smollm2-135m"), tokens=[1]):
+    job.build("cpu").run(None)
+    kernel = {"rms_norm": _rms_norm_kernel, "silu_and_mul": _silu_and_mul_kernel,
+              "rotary_embedding": _rotary_embedding_kernel}[job.op]
+    chosen.append(str(kernel.best_config))
+print(json.dumps({**tunebook.stats(), "chosen": chosen}))
+"""
+
+
+def test_tune_command_then_serve_from_the_book(book_dir: Path, tmp_path: Path) -> None:
+    budget = {"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
+    command = [
+        "tune",
+        "--out",
+        str(book_dir),
+        "--models",
+        "smollm2-135m",
+        "--tokens",
+        "1",
+        "--max-configs",
+        "2",
+    ]
+    tune = subprocess.run(
+        [sys.executable, "-m", "tunebook.kernels", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **budget, "TRITON_INTERPRET": "1"},
+        timeout=300,
+    )
+    assert tune.returncode == 0, tune.stderr
+    assert "done: 8 configs measured" in tune.stdout, tune.stdout  # 2 for each of 4 keys
+    names = sorted(p.name.split("--")[0] for p in book_dir.glob("*.json"))
+    assert names == [
+        "tunebook-kernels-rms_norm",
+        "tunebook-kernels-rotary_embedding",
+        "tunebook-kernels-silu_and_mul",
+    ]
+    books = [json.loads(p.read_text()) for p in book_dir.glob("*.json")]
+    assert sum(len(b["entries"]) for b in books) == 4, books
+
+    # As the package ships its books: read-only, in serve mode.
+    env = {**budget, "TUNEBOOK_DIR": str(tmp_path / "empty"), "TUNEBOOK_PATH": str(book_dir)}
+    shipped = run_python(CALL_EACH_OP, env={**env, "TUNEBOOK_MODE": "serve"})
+    assert shipped["benchmarked"] == 0 and shipped["fallbacks"] == 0 and shipped["book_hits"] == 4, shipped
+
+    # As the writable book of a process in tune mode.
+    tuned = run_python(CALL_EACH_OP, env={**budget, "TUNEBOOK_DIR": str(book_dir), "TUNEBOOK_MODE": "tune"})
+    assert tuned["benchmarked"] == 0 and tuned["book_hits"] == 4, tuned
+    assert tuned["chosen"] == shipped["chosen"]
