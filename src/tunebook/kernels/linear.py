@@ -39,6 +39,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -317,8 +318,8 @@ def linear(
     N, K = weight.shape
     lead = x.shape[:-1]
     y = out if out is not None else torch.empty((*lead, N), dtype=x.dtype, device=x.device)
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)
     if M == 0 or N == 0:
         return y
     y2 = y.view(M, N)
