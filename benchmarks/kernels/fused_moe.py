@@ -73,6 +73,23 @@ def nearest_entry(table: dict[int, dict[str, Any]], m: int) -> dict[str, Any]:
     return table[min(table, key=lambda k: abs(k - m))]
 
 
+def check_vllm_rule(shapes: dict[str, tuple[int, int, int, int]], ms: list[int]) -> dict[str, Any]:
+    """Where vllm is importable, compare ``vllm_default_config`` with vLLM's own rule."""
+    from tunebook.kernels.fused_moe import vllm_default_config
+
+    try:
+        from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
+    except Exception as exc:  # vllm is not a dependency: usually absent
+        return {"checked": False, "why": f"{type(exc).__name__}: {exc}"[:200]}
+    differ = []
+    for E, H, inter, k in shapes.values():
+        for m in ms:
+            ours, theirs = vllm_default_config(m, E, inter, H, k), get_default_config(m, E, inter, H, k, None)
+            if any(theirs.get(key, value) != value for key, value in ours.items()):
+                differ.append({"M": m, "E": E, "N": inter, "K": H, "ours": ours, "vllm": theirs})
+    return {"checked": True, "differ": differ}
+
+
 def make_inputs(T: int, E: int, H: int, inter: int, k: int, device: str) -> tuple[Any, ...]:
     import torch
 
@@ -204,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run and table_dir is None:
             table_dir = dry_tables(Path(tempfile.mkdtemp()))
         tables = load_vllm_tables(table_dir) if table_dir else {}
+        ms = [1, 3] if args.dry_run else [int(v) for v in args.m.split(",")]
+        result["vllm_rule_check"] = check_vllm_rule(shapes(args), ms)
         result["rows"] = rows = measure(args, device, tables)
         names = sorted({v for r in rows for v in r if isinstance(r[v], dict)}, key=_variant_order)
         table_rows = [

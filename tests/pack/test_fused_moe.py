@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from gemm_reference import assert_close, generator, poisoned, randn
+from gemm_reference import MOE_TOL, assert_close, generator, poisoned, randn
 
 import tunebook
 from conftest import run_python
@@ -27,8 +27,6 @@ from tunebook.kernels.fused_moe import (
 
 moe_mod = importlib.import_module("tunebook.kernels.fused_moe")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-# The intermediate h is rounded to x's dtype between the GEMMs, as vLLM's is.
-MOE_TOL = {torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3), torch.float32: (1e-5, 1e-5)}
 
 
 @pytest.fixture(autouse=True)
