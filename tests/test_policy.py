@@ -57,6 +57,17 @@ def test_a_budgeted_search_that_ended_with_a_choice_answers_the_key():
     assert search_done(done, ids, Budget(max_seconds=5.0))  # time budget alone: the choice is final
 
 
+def test_serve_mode_serves_a_finished_search_whatever_its_budget():
+    ids = [f"c{i}" for i in range(1000)]
+    converged = Entry(key=(1,), results={cid: ok(1.0 + i) for i, cid in enumerate(ids[:12])}, chosen="c0")
+    assert decide(converged, ids, "serve", Budget()) == "book"  # 12 measured, the budget says 100
+    assert decide(converged, ids, "tune", Budget()) == "tune"  # tuning may go on: resumes from the 12
+    unfinished = Entry(key=(1,), results=converged.results)
+    assert decide(unfinished, ids, "serve", Budget()) == "serve"
+    elsewhere = Entry(key=(1,), results=converged.results, chosen="c0")
+    assert decide(elsewhere, ids[1:], "serve", Budget()) == "serve"  # its choice is not allowed here
+
+
 def test_serve_chain_in_order_user_own_results_nearest_first_config():
     own = entry((1024, "fp16"), b=ok(2.0), a=ok(1.5))
     near = entry((2048, "fp16"), c=ok(0.1))

@@ -1,7 +1,9 @@
 """What a miss does: the rule, as pure functions over book entries (no I/O, no logging).
 
 A key is answered from the book when every candidate config has a result there, or when a
-budgeted search already ran for it and ended with a choice. Otherwise ``TUNEBOOK_MODE``
+budgeted search already ran for it and ended with a choice (in ``serve`` mode, any search
+that ended with a choice: a book tuned with another budget, or a search that converged
+early, still serves its tuned config). Otherwise ``TUNEBOOK_MODE``
 decides: ``tune`` measures what the book lacks; ``serve`` answers at once with the best
 config it can justify without measuring (the user's ``fallback=``, the key's own partial
 results, the winner of the nearest remembered key, the first config, in that order);
@@ -34,9 +36,16 @@ NEAREST_HINTS = 4
 
 def decide(entry: Entry | None, ids: Sequence[str], mode: str, budget: Budget) -> Decision:
     """``book`` (answered without measuring), ``tune`` or ``serve`` for a key with candidates ``ids``."""
-    if mode != "off" and entry is not None and answered(entry, ids, budget):
-        return "book"
+    if mode != "off" and entry is not None:
+        if answered(entry, ids, budget) or (mode == "serve" and chosen_among(entry, ids)):
+            return "book"
     return "serve" if mode == "serve" else "tune"
+
+
+def chosen_among(entry: Entry, ids: Sequence[str]) -> bool:
+    """Whether a search of this key ended with a choice that runs and is one of ``ids``."""
+    result = entry.results.get(entry.chosen) if entry.chosen else None
+    return result is not None and result.ok and entry.chosen in ids
 
 
 def answered(entry: Entry, ids: Sequence[str], budget: Budget) -> bool:

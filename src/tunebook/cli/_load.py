@@ -96,7 +96,9 @@ def load(source: Path) -> Loaded:
         candidates = [source]
     elif source.is_dir():
         candidates = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".json")
-        loaded.leftovers = sorted(p for p in source.iterdir() if ".json.corrupt-" in p.name or ".json.foreign-" in p.name)
+        loaded.leftovers = sorted(
+            p for p in source.iterdir() if ".json.corrupt-" in p.name or ".json.foreign-" in p.name
+        )
     else:
         raise FileNotFoundError(
             f"no book at {source}: it is neither a directory nor a file. Pass a book directory "

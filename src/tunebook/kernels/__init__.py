@@ -6,6 +6,9 @@ Ops (one module each, Liger-Kernel's layout; docs/kernels.md has the math, keys 
 * :func:`silu_and_mul` — SwiGLU's ``silu(x[..., :d]) * x[..., d:]``.
 * :func:`rotary_embedding` — RoPE of queries and keys (neox or gptj style, partial rotary);
   :func:`cos_sin_cache` builds the table it reads.
+* :func:`linear` — ``x @ weight.T (+ bias)``, decode (split-K) to prefill sizes.
+* :func:`fused_moe` — top-k routed experts: grouped GEMM, SiLU-and-mul, grouped GEMM,
+  weighted sum.
 
 Every kernel is tuned per key (the token count bucketed onto 1, 2, 4, ..., 8192; the other
 sizes exactly; the dtypes) and remembered in a book. Books tuned on the GPUs we measured
@@ -31,21 +34,28 @@ reach a module's private kernel with ``from tunebook.kernels.rms_norm import _rm
 
 from __future__ import annotations
 
-try:
-    import torch  # noqa: F401
-except ImportError as exc:  # torch is not a dependency of tunebook; the pack needs it
-    raise ImportError(
-        "tunebook.kernels needs PyTorch: pip install torch (on a CPU-only machine: pip install torch==2.13.0)"
-    ) from exc
+from .._optional import require
 
-from ._common import BOOKS_DIR
-from .rms_norm import rms_norm
-from .rotary_embedding import cos_sin_cache, rotary_embedding
-from .silu_and_mul import silu_and_mul
+# torch is not a dependency of tunebook itself; the pack needs it (the [kernels] extra).
+require(
+    "torch",
+    feature="tunebook.kernels",
+    extra="kernels",
+    hint="On a machine without a GPU, install PyTorch's CPU build first (e.g. pip install torch==2.13.0).",
+)
+
+from ._common import BOOKS_DIR  # noqa: E402  (after the check: these import torch)
+from .fused_moe import fused_moe  # noqa: E402
+from .linear import linear  # noqa: E402
+from .rms_norm import rms_norm  # noqa: E402
+from .rotary_embedding import cos_sin_cache, rotary_embedding  # noqa: E402
+from .silu_and_mul import silu_and_mul  # noqa: E402
 
 __all__ = [
     "BOOKS_DIR",
     "cos_sin_cache",
+    "fused_moe",
+    "linear",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",

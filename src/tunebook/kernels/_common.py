@@ -237,4 +237,4 @@ def out_rows(op: str, name: str, out: torch.Tensor, width: int) -> torch.Tensor:
             f"{name} must be viewable as rows of {width} contiguous elements (stride {tuple(out.stride())} "
             "is not); pass a contiguous tensor",
         )
-    return rows  # type: ignore[return-value]
+    return rows

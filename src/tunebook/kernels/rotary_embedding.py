@@ -274,7 +274,7 @@ def _out_view(name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             f"{name} must have a contiguous last dimension (strides {tuple(t.stride())}); pass a "
             "contiguous tensor",
         )
-    return view  # type: ignore[return-value]
+    return view
 
 
 def _check_shapes(
@@ -349,7 +349,7 @@ def _check_shapes(
             f"rotary_dim={rotary_dim} but cos_sin_cache has {width} columns (cos and sin, "
             f"rotary_dim/2 each); build the cache with rotary_dim columns",
         )
-    if width < 2 or width % 2 or width > head_size:  # type: ignore[operator]
+    if width < 2 or width % 2 or width > head_size:
         c.fail(
             _OP,
             f"rotary_dim (cos_sin_cache's width) must be even and in [2, head_size={head_size}]; "
@@ -357,7 +357,7 @@ def _check_shapes(
         )
     if q.shape[1] == 0 or k.shape[1] == 0:
         c.fail(_OP, f"q and k need at least one head; found shapes {tuple(q.shape)} and {tuple(k.shape)}")
-    return head_size, width  # type: ignore[return-value]
+    return head_size, width
 
 
 def _rotary_embedding(

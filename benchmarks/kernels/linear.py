@@ -1,0 +1,175 @@
+"""Benchmark and book-tuning driver for tunebook.kernels.linear (bf16), on LLM layer shapes.
+
+Variants at every (layer, M): ``tunebook`` (the book's config; serve mode by default),
+``rule`` (the serve-mode default rule, what runs without a book), ``fixed`` (the Triton
+tutorial's hand-picked 128x256x64 tile, GROUP_M=8, 3 stages, 8 warps) and ``cublas``
+(``torch.nn.functional.linear``). Reported: microseconds per call (median, p20, p80 of CUDA
+graph replays interleaved across variants), TFLOP/s and the ratio to cuBLAS. Each launch in
+a graph reads its own copy of the weight (up to 256 MB of copies), so decode shapes are
+measured with cold weights, as a forward pass meets them.
+
+    python benchmarks/kernels/linear.py --book-dir books/ --tune              # tune the book keys
+    python benchmarks/kernels/linear.py --book-dir books/ --out results/      # then measure
+    python benchmarks/kernels/linear.py --dry-run --out /tmp/lin              # CPU, tiny shapes
+
+``--tune`` tunes ``--tune-m`` batch sizes (default 1, 16, 128, 2048) of every layer into
+``--book-dir`` (TUNEBOOK_MODE=tune); later sizes of a layer start from the winners of the
+sizes already tuned (the ``neighbors`` strategy), so they cost a fraction of the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+from _gemm_timing import (
+    Variant,
+    common_parser,
+    print_table,
+    start,
+    time_variants,
+    write_result,
+)
+
+# (name, N, K) per layer; TP shards split N (qkv, gate_up) or K (o, down).
+MODELS: dict[str, list[tuple[str, int, int]]] = {
+    "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
+    "llama3-70b-tp4": [
+        ("qkv", 2560, 8192),
+        ("o", 8192, 2048),
+        ("gate_up", 14336, 8192),
+        ("down", 8192, 7168),
+    ],
+    "llama3-70b-tp8": [("qkv", 1280, 8192), ("o", 8192, 1024), ("gate_up", 7168, 8192), ("down", 8192, 3584)],
+    "qwen2.5-7b": [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944)],
+    "smollm2-135m": [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)],
+}
+DRY_MODELS = {"tiny": [("qkv", 40, 24), ("down", 24, 72)]}
+M_VALUES = [2**i for i in range(14)]  # 1 .. 8192
+TUNE_M = [1, 16, 128, 2048]
+FIXED = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3)
+COPY_BYTES = 256 << 20
+VARIANTS = ("tunebook", "rule", "fixed", "cublas")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_parser(__doc__, "linear", M_VALUES, TUNE_M)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    return p.parse_args(argv)
+
+
+def layers(args: argparse.Namespace) -> list[tuple[str, str, int, int]]:
+    models = DRY_MODELS if args.dry_run else {m: MODELS[m] for m in args.models.split(",")}
+    return [(model, name, n, k) for model, shapes in models.items() for name, n, k in shapes]
+
+
+def make_inputs(M: int, N: int, K: int, copies: int, device: str) -> tuple[Any, list[Any]]:
+    import torch
+
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    ws = [torch.randn(N, K, device=device, dtype=torch.bfloat16) * K**-0.5 for _ in range(copies)]
+    return x, ws
+
+
+def cycling(ws: list[Any], call: Any) -> Any:
+    """A call that reads the next weight copy each time (the copies defeat the L2 cache)."""
+    state = {"i": 0}
+
+    def run() -> Any:
+        w = ws[state["i"] % len(ws)]
+        state["i"] += 1
+        return call(w)
+
+    return run
+
+
+def tune(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+    """The book-tuning driver: every layer at each --tune-m, smallest M first (hints flow up)."""
+    import importlib
+
+    import tunebook
+    from tunebook.kernels.linear import linear
+
+    if args.dry_run:  # the interpreter times ~0.1 s a config: tune a token amount
+        importlib.import_module("tunebook.kernels.linear")._linear_kernel.budget = tunebook.Budget(
+            max_configs=2
+        )
+    done = []
+    for m in sorted(int(v) for v in args.tune_m.split(",")):
+        for model, name, n, k in layers(args):
+            x, ws = make_inputs(m, n, k, 1, device)
+            before, t0 = tunebook.stats(), time.perf_counter()
+            linear(x, ws[0])
+            after = tunebook.stats()
+            row = {"model": model, "layer": name, "M": m, "N": n, "K": k}
+            row["benchmarked"] = after["benchmarked"] - before["benchmarked"]
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            done.append(row)
+            print(
+                f"tuned {model}/{name} M={m}: {row['benchmarked']} configs in {row['seconds']} s", flush=True
+            )
+    return done
+
+
+def measure(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    import tunebook
+    from tunebook.kernels.linear import default_linear_config, linear
+
+    rows = []
+    ms = [int(v) for v in args.m.split(",")] if not args.dry_run else [1, 3]
+    for model, name, n, k in layers(args):
+        copies = 1 if args.dry_run else max(1, min(64, math.ceil(COPY_BYTES / (n * k * 2))))
+        for m in ms:
+            x, ws = make_inputs(m, n, k, copies, device)
+            rule = default_linear_config(m, n, k)
+            fallbacks = tunebook.stats()["fallbacks"]
+            variants = {
+                "tunebook": Variant(cycling(ws, lambda w, x=x: linear(x, w))),
+                "rule": Variant(cycling(ws, lambda w, x=x, c=rule: linear(x, w, config=c))),
+                "fixed": Variant(cycling(ws, lambda w, x=x: linear(x, w, config=FIXED))),
+                "cublas": Variant(cycling(ws, lambda w, x=x: F.linear(x, w))),
+            }
+            ref = F.linear(x.float(), ws[0].float())
+            err = (linear(x, ws[0]).float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+            served_from_book = tunebook.stats()["fallbacks"] == fallbacks
+            timings = time_variants(variants, repeats=2 if args.dry_run else args.repeats)
+            flops = 2.0 * m * n * k
+            row = {"model": model, "layer": name, "M": m, "N": n, "K": k, "rel_err": err}
+            row["from_book"] = served_from_book
+            for v, t in timings.items():
+                row[v] = {**t, "tflops": flops / (t["us"] * 1e-6) / 1e12}
+            row["vs_cublas"] = timings["cublas"]["us"] / timings["tunebook"]["us"]
+            rows.append(row)
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device, result = start(args)
+    if args.tune:
+        result["tuned"] = table = tune(args, device)
+        columns = ["model", "layer", "M", "N", "K", "benchmarked", "seconds"]
+    else:
+        result["rows"] = rows = measure(args, device)
+        table = [
+            {"model": r["model"], "layer": r["layer"], "M": r["M"]}
+            | {f"{v}_us": f"{r[v]['us']:.1f}" for v in VARIANTS}
+            | {"TFLOP/s": f"{r['tunebook']['tflops']:.1f}", "x cuBLAS": f"{r['vs_cublas']:.2f}"}
+            for r in rows
+        ]
+        columns = ["model", "layer", "M", *(f"{v}_us" for v in VARIANTS), "TFLOP/s", "x cuBLAS"]
+    write_result(args, "linear", result)
+    print("microseconds per call" if not args.tune else "tuning")
+    print_table(table, columns)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""What the GEMM kernels of the pack (``linear``, ``fused_moe``) share.
+
+* where their shipped books live and how they are named in a book,
+* the serving batch sizes their keys are bucketed to,
+* the static limits their config spaces respect (shared memory, accumulator registers),
+* ``nearest_config``: the declared config closest to a wanted one, which is how a
+  hand-written rule (the serve-mode fallback, vLLM's default) becomes a config of the Space,
+* per-device scratch buffers that are allocated once and reused across calls.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import triton
+import triton.language as tl
+
+from .._compat import interpreting
+from ._common import TOKEN_BUCKETS, bucket_of
+
+# The pack's books, names and serving buckets (_common.py): every power of two from decode
+# to a long prefill; M=3 -> 4, M=100 -> 128, everything above 8192 shares 8192.
+M_EDGES: tuple[int, ...] = TOKEN_BUCKETS
+NAME_PREFIX = "tunebook.kernels."
+
+# Per-block shared memory an sm_90 (H100/H200) block may use; smaller GPUs reject the
+# largest tiles at compile time, which the tuner records as a failure and never retries.
+SMEM_BYTES = 232_448
+# A thread's accumulator share: more than 128 fp32 values per thread spills registers.
+MAX_ACC_PER_THREAD = 128
+
+
+def dot_mode(dtype: Any, fp32_precision: str = "ieee") -> str:
+    """How ``mma`` multiplies tiles of ``dtype``: "native", "ieee" (exact fp32) or "upcast".
+
+    "upcast" exists for the CPU interpreter only: its ``tl.dot`` multiplies bf16 tiles as
+    their raw 16-bit integers (Triton 3.4-3.9), so there bf16 tiles are widened to fp32 first.
+    """
+    name = str(dtype)
+    if name == "torch.float32":
+        return "ieee" if fp32_precision == "ieee" else "native"
+    if name == "torch.bfloat16" and interpreting():
+        return "upcast"
+    return "native"
+
+
+@triton.jit
+def mma(a, b, acc, DOT: tl.constexpr):
+    """acc += a @ b, the products as ``dot_mode`` chose."""
+    if DOT == "ieee":
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT == "upcast":
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def bucket_m(m: int) -> int:
+    """The M bucket edge a batch of ``m`` tokens is tuned and served under."""
+    return bucket_of(m)
+
+
+def pow2_at_least(value: int) -> int:
+    """The smallest power of two >= ``value`` (1 for values <= 1)."""
+    return 1 if value <= 1 else 1 << (int(value) - 1).bit_length()
+
+
+def smem_estimate(block_m: int, block_n: int, block_k: int, num_stages: int, elem_bytes: int = 2) -> int:
+    """Bytes of shared memory a pipelined tile loop holds: one A and one B tile per stage."""
+    return num_stages * (block_m * block_k + block_k * block_n) * elem_bytes
+
+
+def acc_per_thread(block_m: int, block_n: int, num_warps: int) -> float:
+    return block_m * block_n / (32 * num_warps)
+
+
+def _distance(candidate: Mapping[str, Any], wanted: Mapping[str, Any]) -> float:
+    """Log2 distance over the numeric parameters both name; a missing one counts as far."""
+    total = 0.0
+    for name, want in wanted.items():
+        have = candidate.get(name)
+        if have is None:
+            total += 8.0
+        elif isinstance(want, int | float) and isinstance(have, int | float) and want > 0 and have > 0:
+            total += abs(math.log2(have) - math.log2(want))
+        elif have != want:
+            total += 8.0
+    return total
+
+
+def config_values(config: Any) -> dict[str, Any]:
+    """A triton.Config (or a plain dict) as one flat dict of meta-parameters and options."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def nearest_config(configs: Iterable[Any], wanted: Mapping[str, Any]) -> Any:
+    """The config among ``configs`` closest to ``wanted`` (first declared wins ties).
+
+    >>> nearest_config([{"B": 16}, {"B": 64}, {"B": 256}], {"B": 100})
+    {'B': 64}
+    """
+    best, best_d = None, math.inf
+    for config in configs:
+        d = _distance(config_values(config), wanted)
+        if d < best_d:
+            best, best_d = config, d
+    return best
+
+
+class Scratch:
+    """Per-device buffers reused across calls, grown on demand, never shrunk.
+
+    Callers on one device share them: two launches that use the same buffer must not run
+    concurrently on different CUDA streams. Inside a CUDA graph, run the largest shape once
+    before capture so that no buffer grows during the capture.
+    """
+
+    def __init__(self, name: str, zeroed: bool) -> None:
+        self.name = name
+        self.zeroed = zeroed
+        self._buffers: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, device: Any, numel: int, dtype: Any) -> Any:
+        import torch
+
+        key = (device, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            with self._lock:
+                buf = self._buffers.get(key)
+                if buf is None or buf.numel() < numel:
+                    size = pow2_at_least(max(numel, 1024))
+                    alloc = torch.zeros if self.zeroed else torch.empty
+                    buf = self._buffers[key] = alloc(size, dtype=dtype, device=device)
+        return buf

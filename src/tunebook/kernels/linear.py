@@ -1,0 +1,365 @@
+"""``linear``: y = x @ weight.T (+ bias), as ``torch.nn.functional.linear`` computes it.
+
+Shapes: ``x`` is ``[..., K]`` (leading dims flattened to ``M`` rows), ``weight`` is ``[N, K]``
+as ``torch.nn.Linear`` keeps it, ``bias`` is ``[N]``; ``y`` is ``[..., N]`` in x's dtype::
+
+    y[m, n] = sum_k x[m, k] * weight[n, k]  (+ bias[n])
+
+bf16 and fp16 multiply on tensor cores and accumulate in fp32. fp32 inputs are allowed too:
+``fp32_precision="ieee"`` (default; exact fp32 products, like torch's default matmul) or
+``"tf32"`` (tensor-core tf32 products, ~1e-3 relative error, much faster).
+
+One kernel serves decode and prefill. Each program computes one ``BLOCK_M x BLOCK_N`` tile of
+y, walking K in ``BLOCK_K`` steps, programs ordered in groups of ``GROUP_M`` tile-rows so that
+neighbours reuse weight tiles from L2. ``tl.dot`` needs tiles of at least 16 rows, so a decode
+batch of M=1..15 pads within its tile (masked loads, masked stores). Decode is bound by reading
+the weight once; with few tiles of y (M small, N a few thousand) there are too few programs to
+keep every SM streaming, so ``SPLIT_K`` programs share one tile's K range:
+
+* each writes its fp32 partial tile to a workspace ``[SPLIT_K, M, N]``,
+* then bumps the tile's arrival counter (an acq_rel atomic after a block barrier, so its
+  partial is visible first); the program that arrives last sums the ``SPLIT_K`` partials in
+  split order (deterministic: the same bits whichever program arrives last), adds the bias,
+  stores y and resets the counter to zero for the next launch.
+
+One launch, no zeroing pass, no second reduction kernel: the tuner's timing of a split-K
+config is the whole cost of that config. The counters and workspace are per-device buffers
+reused across calls (see ``_gemm_common.Scratch``): two split-K launches must not run at the
+same time on two streams of one device.
+
+The tuning key is ``[bucket(M, 1, 2, 4, ..., 8192), N, K]`` plus the dtypes: a server sees
+every batch size, the book holds one entry per power of two, and N, K name the layer.
+
+>>> import torch
+>>> x, w = torch.randn(3, 64), torch.randn(40, 64)
+>>> y = linear(x, w)                              # doctest: +SKIP
+>>> torch.allclose(y, x @ w.T, atol=1e-4)         # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import triton
+import triton.language as tl
+
+import tunebook
+
+from ._common import BOOKS_DIR, max_configs
+from ._gemm_common import (
+    M_EDGES,
+    MAX_ACC_PER_THREAD,
+    NAME_PREFIX,
+    SMEM_BYTES,
+    Scratch,
+    acc_per_thread,
+    bucket_m,
+    dot_mode,
+    mma,
+    nearest_config,
+    pow2_at_least,
+    smem_estimate,
+)
+
+__all__ = ["default_linear_config", "linear", "linear_space"]
+
+META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
+SPLIT_K_MAX_M = 64  # above this many rows there are enough tiles of y to fill the GPU
+SPLIT_K_MAX_WS = 1 << 17  # SPLIT_K * N at most: caps the fp32 workspace at 32 MiB (M=64)
+MIN_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+
+_workspace = Scratch("linear.workspace", zeroed=False)
+_counters = Scratch("linear.counters", zeroed=True)  # kept at zero between launches
+
+
+def max_split_k(M: int, N: int, K: int) -> int:
+    """The largest SPLIT_K a call may use (1: no split-K): decode-sized M, K long enough."""
+    if M > SPLIT_K_MAX_M:
+        return 1
+    split = 1
+    while split < 16 and 2 * split * MIN_BLOCK["BLOCK_K"] <= K and 2 * split * N <= SPLIT_K_MAX_WS:
+        split *= 2
+    return split
+
+
+def _fits(c: Mapping[str, Any]) -> bool:
+    """Static limits: shared memory, accumulator registers, enough work per warp."""
+    if smem_estimate(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"]) > SMEM_BYTES:
+        return False
+    if acc_per_thread(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) > MAX_ACC_PER_THREAD:
+        return False
+    if c["BLOCK_M"] * c["BLOCK_N"] < 256 * c["num_warps"]:  # idle warps
+        return False
+    return c["SPLIT_K"] == 1 or c["BLOCK_M"] <= SPLIT_K_MAX_M
+
+
+def _fits_call(c: Mapping[str, Any], args: Mapping[str, Any]) -> bool:
+    """Per call: no tile dimension beyond what the problem fills, split-K only where allowed."""
+    M, N, K = bucket_m(args["M"]), args["N"], args["K"]
+    if c["BLOCK_M"] > max(MIN_BLOCK["BLOCK_M"], pow2_at_least(M)):
+        return False
+    if c["BLOCK_N"] > max(MIN_BLOCK["BLOCK_N"], pow2_at_least(N)):
+        return False
+    if c["BLOCK_K"] > max(MIN_BLOCK["BLOCK_K"], pow2_at_least(K)):
+        return False
+    if c["GROUP_M"] > 1 and triton.cdiv(M, c["BLOCK_M"]) == 1:  # a no-op: same as GROUP_M=1
+        return False
+    split = c["SPLIT_K"]
+    if split > 1 and (split > max_split_k(M, N, K) or split * c["BLOCK_K"] > K):
+        return False
+    # Pipelining deeper than the loop is long only costs shared memory.
+    steps = triton.cdiv(triton.cdiv(K, c["BLOCK_K"]), split)
+    return c["num_stages"] <= max(2, steps + 1)
+
+
+def linear_space() -> tunebook.Space:
+    """The config space: block sizes, grouping, split-K, warps and pipeline depth."""
+    return tunebook.Space(
+        BLOCK_M=[16, 32, 64, 128, 256],
+        BLOCK_N=[32, 64, 128, 256],
+        BLOCK_K=[32, 64, 128, 256],
+        GROUP_M=[1, 8],
+        SPLIT_K=[1, 2, 4, 8, 16],
+        num_warps=[2, 4, 8],
+        num_stages=[2, 3, 4, 5],
+        constraints=[_fits],
+        arg_constraints=[_fits_call],
+    )
+
+
+def default_linear_config(M: int, N: int, K: int) -> dict[str, int]:
+    """A hand-written rule: what serve mode launches for a key no book holds.
+
+    Decode tiles are 16 rows high and split K until ~2 programs per SM of an H100-class GPU
+    stream the weight; prefill uses the Triton tutorial's 128x128x64 tile.
+    """
+    if M <= SPLIT_K_MAX_M:
+        block_m = max(16, min(64, pow2_at_least(M)))
+        block_n = 64
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        split = 1
+        while split < max_split_k(M, N, K) and tiles * split < 264:
+            split *= 2
+        return {
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+            "BLOCK_K": 128,
+            "GROUP_M": 1,
+            "SPLIT_K": split,
+            "num_warps": 4,
+            "num_stages": 4,
+        }
+    return {
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "SPLIT_K": 1,
+        "num_warps": 4,
+        "num_stages": 4,
+    }
+
+
+def _fallback(key: tuple[Any, ...], configs: list[Any]) -> Any:
+    M, N, K = key[0], key[1], key[2]
+    return nearest_config(configs, default_linear_config(M, N, K))
+
+
+@triton.jit
+def _linear_epilogue(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@tunebook.autotune(
+    configs=linear_space(),
+    key=[tunebook.bucket("M", list(M_EDGES)), "N", "K"],
+    name=NAME_PREFIX + "linear",
+    books=[BOOKS_DIR],
+    max_configs=max_configs(),
+    fallback=_fallback,
+)
+@triton.jit
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    ws_ptr,
+    lock_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % per_group) % rows_in_group
+    tile_n = (pid % per_group) // rows_in_group
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps per split
+    k_first = pid_k * steps * BLOCK_K
+    # Wrapping rows/cols keeps every load in bounds (small M reads row 0 again); stores mask.
+    x_tile = x_ptr + (rows % M)[:, None] * stride_xm + (k_first + ks)[None, :] * stride_xk
+    w_tile = w_ptr + (cols % N)[None, :] * stride_wn + (k_first + ks)[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, steps):
+        k_left = K - k_first - step * BLOCK_K
+        a = tl.load(x_tile, mask=ks[None, :] < k_left, other=0.0)
+        b = tl.load(w_tile, mask=ks[:, None] < k_left, other=0.0)
+        acc = mma(a, b, acc, DOT)
+        x_tile += BLOCK_K * stride_xk
+        w_tile += BLOCK_K * stride_wk
+
+    if SPLIT_K == 1:
+        _linear_epilogue(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, stride_yn, HAS_BIAS)
+    else:
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        at = rows[:, None] * N + cols[None, :]
+        tl.store(ws_ptr + pid_k * M * N + at, acc, mask=inside)
+        # Every thread's partial is stored before the (single-thread) release below.
+        tl.debug_barrier()
+        lock = lock_ptr + tile_m * tiles_n + tile_n
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                # .cg reads L2, where the other programs' partials are, not a stale L1.
+                total += tl.load(ws_ptr + s * M * N + at, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock, 0)
+            _linear_epilogue(total, b_ptr, y_ptr, rows, cols, M, N, stride_ym, stride_yn, HAS_BIAS)
+
+
+_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
+
+
+def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> None:
+    import torch
+
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"linear: x and weight must be torch tensors; found {type(x).__name__}, {type(weight).__name__}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"linear: weight must be [N, K] (2-D); found shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: x must be [..., K] with K = weight.shape[1] = {weight.shape[1]}; "
+            f"found x of shape {tuple(x.shape)}"
+        )
+    if str(x.dtype) not in _DTYPES:
+        raise TypeError(f"linear: x must be bfloat16, float16 or float32; found {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"linear: weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one.")
+    if weight.device != x.device:
+        raise ValueError(f"linear: x is on {x.device} but weight is on {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(
+                f"linear: bias must be [N]=[{weight.shape[0]}] of dtype {x.dtype} on {x.device}; found "
+                f"shape {tuple(bias.shape)}, dtype {bias.dtype}, device {bias.device}"
+            )
+    if out is not None:
+        want = (*x.shape[:-1], weight.shape[0])
+        if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(
+                f"linear: out must be {list(want)} of dtype {x.dtype} on {x.device}; found "
+                f"{list(out.shape)}, {out.dtype}, {out.device}"
+            )
+    if fp32_precision not in ("ieee", "tf32"):
+        raise ValueError(f"linear: fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}")
+
+
+def linear(
+    x: Any,
+    weight: Any,
+    bias: Any = None,
+    *,
+    out: Any = None,
+    fp32_precision: str = "ieee",
+    config: Mapping[str, int] | None = None,
+) -> Any:
+    """``y = x @ weight.T (+ bias)``; see the module docstring.
+
+    ``x`` may be non-contiguous: a 2-D x is read through its strides, higher ranks are
+    flattened with ``reshape`` (a copy only when the leading dims cannot be viewed as one).
+    ``weight`` may have any strides (``w.T`` of a ``[K, N]`` tensor works without a copy).
+    ``out`` receives the result (any strides whose leading dims can be viewed as one).
+    ``config`` launches one explicit config (``BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps,
+    num_stages``) instead of the book's, for benchmarks and tests.
+    """
+    import torch
+
+    _check(x, weight, bias, out, fp32_precision)
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    y = out if out is not None else torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)
+    if M == 0 or N == 0:
+        return y
+    y2 = y.view(M, N)
+    if K == 0:  # an empty sum: nothing to launch
+        y2.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y2))
+        return y
+    split = max_split_k(M, N, K) if config is None else int(config["SPLIT_K"])
+    # Always real fp32/int32 buffers (tiny when unused): the key's dtypes never change.
+    ws = _workspace.get(x.device, split * M * N if split > 1 else 1, torch.float32)
+    tiles = triton.cdiv(M, MIN_BLOCK["BLOCK_M"]) * triton.cdiv(N, MIN_BLOCK["BLOCK_N"])
+    locks = _counters.get(x.device, tiles if split > 1 else 1, torch.int32)
+    args = (
+        x2,
+        weight,
+        bias if bias is not None else weight,  # never read: a tensor keeps the key's dtypes fixed
+        y2,
+        ws,
+        locks,
+        M,
+        N,
+        K,
+        x2.stride(0),
+        x2.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        y2.stride(0),
+        y2.stride(1),
+        bias is not None,
+        dot_mode(x.dtype, fp32_precision),
+    )
+
+    def grid(meta: Mapping[str, Any]) -> tuple[int, int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    if config is None:
+        _linear_kernel[grid](*args)
+    else:
+        meta = {k: int(config[k]) for k in META}
+        _linear_kernel.fn[grid](
+            *args, **meta, num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"])
+        )
+    return y
