@@ -149,12 +149,17 @@ def test_errors_say_what_was_expected(change, message):
 
 def test_vllm_default_rule_and_table_mapping():
     # Mixtral-8x7B (E=8, I=14336, H=4096, top-2): decode, mid and prefill batches.
+    # vLLM 0.33's rule, as read in its wheel (get_default_config, 16-bit weights, CUDA).
     assert vllm_default_config(1, 8, 14336, 4096, 2) == dict(
-        BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3
+        BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4
+    )
+    assert vllm_default_config(96, 8, 14336, 4096, 2) == dict(
+        BLOCK_SIZE_M=32, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4, num_stages=3
     )
     big = vllm_default_config(4096, 8, 14336, 4096, 2)
-    assert big["BLOCK_SIZE_M"] == 128 and big["BLOCK_SIZE_N"] == 256 and big["GROUP_SIZE_M"] == 16
-    assert big["num_warps"] == 8 and big["num_stages"] == 2  # 3 stages would exceed ~200 KB
+    assert big == dict(
+        BLOCK_SIZE_M=128, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=16, num_warps=8, num_stages=3
+    )
     mapped, dropped = vllm_config_to_kernel(
         {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "waves_per_eu": 0}
     )

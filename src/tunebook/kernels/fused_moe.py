@@ -120,30 +120,29 @@ def moe_space(gemm: int) -> tunebook.Space:
 def vllm_default_config(
     M: int, E: int, N: int, K: int, topk: int, dtype: Any = None, block_shape: Any = None
 ) -> dict[str, int]:
-    """vLLM's fused-MoE config when no table matches (``get_default_config``, unquantized).
+    """vLLM 0.33's fused-MoE config when no table matches (``get_default_config``), for 16-bit
+    weights on CUDA: the rule as read in the vllm 0.33.0 wheel, written here so that the
+    benchmarks can compare against it without vLLM installed.
 
-    Re-implemented from vLLM's rule: ``M`` tokens, ``E`` experts, ``N`` the intermediate size
-    (``w2.shape[2]``), ``K`` the hidden size, ``topk``; ``dtype`` None (16-bit), "float32" or a
-    torch dtype. Block heights grow with M, widths with M and N, and the pipeline is trimmed
-    to fit ~200 KB of shared memory.
+    ``M`` tokens, ``E`` experts, ``N`` the intermediate size (``w2.shape[2]``), ``K`` the hidden
+    size, ``topk``. Tiles grow with M: BLOCK_SIZE_M 16 / 32 / 64 / 128 up to 32 / 96 / 512 /
+    more tokens; BLOCK_SIZE_N 64 up to 64 tokens, else 128; BLOCK_SIZE_K 128 up to 64 tokens,
+    else 64; GROUP_SIZE_M 16 where an expert gets more than 128 tokens on average (M // E),
+    else 1; 4 warps up to 128 tokens, else 8; 4 pipeline stages up to 32 tokens, else 3. (N,
+    K and topk do not enter the 16-bit rule.)
 
-    >>> vllm_default_config(1, 8, 14336, 4096, 2)["BLOCK_SIZE_M"]
-    16
+    >>> sorted(vllm_default_config(1, 8, 14336, 4096, 2).items())  # doctest: +NORMALIZE_WHITESPACE
+    [('BLOCK_SIZE_K', 128), ('BLOCK_SIZE_M', 16), ('BLOCK_SIZE_N', 64), ('GROUP_SIZE_M', 1),
+     ('num_stages', 4), ('num_warps', 4)]
     """
     if block_shape is not None:
         raise NotImplementedError("vllm_default_config: block-quantized (fp8) configs are not modelled")
     block_m = 16 if M <= 32 else 32 if M <= 96 else 64 if M <= 512 else 128
-    if N >= 4096:
-        block_n = 128 if M <= 128 else 256
-    else:
-        block_n = 64 if M <= 64 else 128
-    block_k = 128 if K >= 4096 or M <= 64 else 64
-    tokens_per_expert = (M * topk) // max(E, 1)
-    group_m = 16 if tokens_per_expert > 128 else 8 if tokens_per_expert > 32 else 1
-    num_warps = 4 if block_m * block_n < 8192 else 8
-    num_stages = 3
-    while num_stages > 2 and smem_estimate(block_m, block_n, block_k, num_stages) > 200_000:
-        num_stages -= 1
+    block_n = 64 if M <= 64 else 128
+    block_k = 128 if M <= 64 else 64
+    group_m = 16 if M // max(E, 1) > 128 else 1
+    num_warps = 4 if M <= 128 else 8
+    num_stages = 4 if M <= 32 else 3
     return {
         "BLOCK_SIZE_M": block_m,
         "BLOCK_SIZE_N": block_n,
