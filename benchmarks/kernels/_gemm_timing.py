@@ -151,6 +151,8 @@ def setup_env(args: argparse.Namespace) -> None:
     """Before triton is imported: the interpreter for a dry run, the book, the mode."""
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
+        # The interpreter times ~0.1 s a config: a dry run tunes a token amount.
+        os.environ.setdefault("TUNEBOOK_KERNELS_MAX_CONFIGS", "2")
     if args.book_dir:
         os.environ["TUNEBOOK_DIR"] = str(args.book_dir)
     os.environ["TUNEBOOK_MODE"] = "tune" if args.tune else args.mode

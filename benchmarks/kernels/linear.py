@@ -88,15 +88,10 @@ def cycling(ws: list[Any], call: Any) -> Any:
 
 def tune(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     """The book-tuning driver: every layer at each --tune-m, smallest M first (hints flow up)."""
-    import importlib
 
     import tunebook
     from tunebook.kernels.linear import linear
 
-    if args.dry_run:  # the interpreter times ~0.1 s a config: tune a token amount
-        importlib.import_module("tunebook.kernels.linear")._linear_kernel.budget = tunebook.Budget(
-            max_configs=2
-        )
     done = []
     for m in sorted(int(v) for v in args.tune_m.split(",")):
         for model, name, n, k in layers(args):

@@ -1,0 +1,105 @@
+"""Does a fresh process answer every shipped key from the books, with zero benchmarking?
+
+Calls every op of the pack on the shapes and token counts the shipped books were tuned
+for (books/README.md), in ``TUNEBOOK_MODE=serve`` with an empty ``TUNEBOOK_DIR``, so only
+the read-only books inside the package can answer; prints, per op, the calls made, the
+configs benchmarked, the fallbacks and the keys answered from the book. On the GPU the
+books were tuned on, benchmarked and fallbacks must both be 0.
+
+    python benchmarks/kernels/serve_check.py [--out DIR] [--dry-run]
+
+``--dry-run`` runs the same calls on the CPU interpreter on tiny shapes (no shipped book
+matches that platform: everything falls back; it checks the script, not the books).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TOKENS = (1, 16, 256, 4096)
+ELEMENTWISE_MODELS = "llama-3-8b,smollm2-135m"
+LINEAR = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+MIXTRAL = (8, 4096, 14336, 2)  # experts, hidden, intermediate, top-k
+
+
+def calls(dry_run: bool, device: str) -> list[tuple[str, Any]]:
+    """(op, a no-argument call) for every shipped key."""
+    import torch
+
+    from tunebook.kernels import _models
+    from tunebook.kernels.fused_moe import fused_moe
+    from tunebook.kernels.linear import linear
+
+    tokens = (1, 3) if dry_run else TOKENS
+    models = _models.select_models("smollm2-135m" if dry_run else ELEMENTWISE_MODELS)
+    out: list[tuple[str, Any]] = []
+    for planned in _models.plan(("rms_norm", "silu_and_mul", "rotary_embedding"), models, tokens):
+        work = planned.build(device)
+        out.append((planned.op, lambda w=work: w.run(None)))
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape: int) -> Any:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)
+
+    layers = {"tiny": (40, 24)} if dry_run else LINEAR
+    for m in tokens:
+        for n, k in layers.values():
+            x, w = randn(m, k), randn(n, k) * k**-0.5
+            out.append(("linear", lambda x=x, w=w: linear(x, w)))
+    e, h, inter, top_k = (4, 24, 40, 2) if dry_run else MIXTRAL
+    for m in tokens:
+        x, w13, w2 = randn(m, h), randn(e, 2 * inter, h) * h**-0.5, randn(e, h, inter) * inter**-0.5
+        weights, ids = torch.topk(torch.randn(m, e, generator=g).softmax(-1), top_k)
+        args = (x, w13, w2, weights.to(device), ids.to(device))
+        out.append(("fused_moe", lambda a=args: fused_moe(*a)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes")
+    args = p.parse_args(argv)
+    os.environ["TUNEBOOK_MODE"] = "serve"
+    os.environ["TUNEBOOK_DIR"] = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
+    os.environ.pop("TUNEBOOK_PATH", None)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    import tunebook
+
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    rows: dict[str, dict[str, Any]] = {}
+    for op, call in calls(args.dry_run, device):
+        before = tunebook.stats()
+        call()
+        after = tunebook.stats()
+        row = rows.setdefault(op, {"op": op, "calls": 0, "benchmarked": 0, "fallbacks": 0, "book_hits": 0})
+        row["calls"] += 1
+        for name in ("benchmarked", "fallbacks", "book_hits"):
+            row[name] += int(after[name] - before[name])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
+        "rows": list(rows.values()),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_check.json").write_text(json.dumps(result, indent=1))
+    print(f"serve mode, books only, {result['device']}:")
+    print(f"{'op':18s} {'calls':>6s} {'benchmarked':>12s} {'fallbacks':>10s} {'book hits':>10s}")
+    for r in rows.values():
+        counts = f"{r['calls']:6d} {r['benchmarked']:12d} {r['fallbacks']:10d} {r['book_hits']:10d}"
+        print(f"{r['op']:18s} {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
