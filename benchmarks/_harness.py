@@ -271,8 +271,8 @@ def table(
 ) -> str:
     """A fixed-width text table that is also a Markdown table: a header line, a rule, a line
     per row. Floats are written with ``floats`` (one format, or one a column), None as "-",
-    anything else with ``str``; a column of numbers (and Nones) is right-aligned, any other
-    left-aligned. Raises ValueError for a row of the wrong length."""
+    anything else with ``str`` and its "|" escaped; a column of numbers (and Nones) is
+    right-aligned, any other left-aligned. Raises ValueError for a row of the wrong length."""
     formats = [floats] * len(columns) if isinstance(floats, str) else list(floats)
     if len(formats) != len(columns):
         raise ValueError(f"table: {len(formats)} float formats for {len(columns)} columns")
@@ -300,7 +300,7 @@ def _cell(value: object, floats: str) -> str:
         return "-"
     if isinstance(value, float):
         return format(value, floats)
-    return str(value)
+    return str(value).replace("|", "\\|")
 
 
 # --------------------------------------------------------------------------- timing
