@@ -7,9 +7,10 @@ benchmarks/X.py`` puts this folder first on ``sys.path``). Importing it puts the
 not. Nothing here imports torch or triton before a function needs them: a script may still set
 TRITON_INTERPRET after importing this module.
 
-CPU mode: every script can run end to end on a CPU through Triton's interpreter
-(TRITON_INTERPRET=1), with tiny sizes and one repeat. Its timings are wall-clock stand-ins,
-and everything that records a timing here says so (``platform_header()["timings"]``,
+CPU mode: every script runs end to end on a CPU in seconds (tests/test_benchmarks.py runs each
+one so); those that launch kernels do it through Triton's interpreter (TRITON_INTERPRET=1,
+``--interpret``), with tiny sizes and one repeat. Their timings are wall-clock stand-ins, and
+everything that records a timing here says so (``platform_header()["timings"]``,
 ``Timing.method``), so that no one mistakes one for a measurement.
 
     >>> percentiles([4.0, 1.0, 3.0, 2.0], (0, 50, 100))

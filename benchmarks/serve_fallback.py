@@ -43,7 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -287,7 +287,7 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def time_configs(calls: dict[int, Callable[[], Any]], spec: dict[str, Any]) -> harness.Timing:
+def time_configs(calls: Mapping[int, Callable[[], Any]], spec: dict[str, Any]) -> harness.Timing:
     """Every config of one key, rounds interleaved and alternated, with the timer asked for."""
     if spec["timer"] == "graph":
         launches = 1 if spec["interpret"] else 100  # the interpreter takes milliseconds a launch

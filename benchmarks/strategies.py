@@ -329,7 +329,7 @@ def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path, shapes: 
                 if r["kernel"] == kernel and r["strategy"] == strategy and r["condition"] == condition
             ]
             # A search that stopped keeps its best: the line shows what a user would have.
-            grid = np.array([[ratio_at(t, k) for k in x] for t in traces])
+            grid = np.array([[ratio_at(t, int(k)) for k in x] for t in traces])
             ax.fill_between(x, grid.min(axis=0), grid.max(axis=0), color=color, alpha=0.13, lw=0)
             ax.plot(x, np.median(grid, axis=0), color=color, ls=dash, lw=lw, label=f"{strategy}: median")
         ax.axhline(TARGET, color="black", ls="--", lw=1, label=f"{TARGET}x the best")
@@ -365,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few seconds: see the module docstring")
     args = parser.parse_args(argv)
     tables = load_tables(args.tables)
-    seeds, bayes_cap = SEEDS, None
+    seeds: tuple[int, ...] = SEEDS
+    bayes_cap: int | None = None
     if args.quick:
         kernels = {t.kernel for t in tables.values()}
         kept = {n for k in kernels for n in sorted(n for n, t in tables.items() if t.kernel == k)[:2]}

@@ -102,7 +102,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tunebook-speed-"))
     base_env = harness.child_env(interpret=args.interpret)
     rows: dict[str, dict[str, list[float]]] = {v: {"cold": [], "warm": []} for v in ("tunebook", "triton")}
-    log = []
+    log: list[dict[str, Any]] = []
     chosen = {}
     for variant in ("triton", "tunebook"):
         cache = work / f"cache-{variant}"
