@@ -9,26 +9,35 @@
    process answers every key with 0 fallbacks and 0 configs benchmarked.
 
     python benchmarks/gpu_isolation.py [--out DIR]
+    python benchmarks/gpu_isolation.py --interpret --out /tmp/iso   # CPU mode, ~30 s
 
 Needs CUDA GPUs (2 or more to exercise several workers). Prints a summary last and writes
-DIR/gpu_isolation.json.
+DIR/gpu_isolation.json (default $OUT or ./bench-out). ``--interpret`` runs both parts on
+the CPU through Triton's interpreter (1024 elements, the 4 small GEMM configs, 2 keys, one
+worker, a hang timeout of 10 s): there the illegal access kills the worker with SIGSEGV
+instead of a CUDA error, the device-side assert is left out (the interpreter never runs
+``tl.device_assert``) and no CUDA context is checked; it checks the script and tunebook's
+isolation, not a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+import _harness as harness
 
+# The children learn CPU mode from TRITON_INTERPRET, which harness.child_env sets explicitly.
 MODULE = '''
-import torch, triton, triton.language as tl, tunebook
+import os, torch, triton, triton.language as tl, tunebook
+CPU = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if CPU else "cuda"
 
 @triton.jit(debug=True)
 def _copy_kernel(x_ptr, flag_ptr, out_ptr, n, BLOCK: tl.constexpr, MODE: tl.constexpr):
@@ -48,38 +57,41 @@ def _copy_kernel(x_ptr, flag_ptr, out_ptr, n, BLOCK: tl.constexpr, MODE: tl.cons
         x = tl.load(x_ptr + offs, mask=mask)
     tl.store(out_ptr + offs, x, mask=mask)
 
+# Triton's interpreter never runs tl.device_assert: in CPU mode MODE 2 would be a plain copy.
+MODES = (0, 1, 3, 0) if CPU else (0, 1, 2, 3, 0)
 copy = tunebook.autotune(
-    [triton.Config({"BLOCK": 256, "MODE": 0}), triton.Config({"BLOCK": 1024, "MODE": 1}),
-     triton.Config({"BLOCK": 1024, "MODE": 2}), triton.Config({"BLOCK": 1024, "MODE": 3}),
-     triton.Config({"BLOCK": 1024, "MODE": 0})],
-    key=["n"], isolate=True, isolate_timeout=30,
+    [triton.Config({"BLOCK": 1024 if i else 256, "MODE": mode}) for i, mode in enumerate(MODES)],
+    key=["n"], isolate=True, isolate_timeout=10 if CPU else 30,
 )(_copy_kernel)
 
-from tunebook.demo.matmul import _matmul_kernel, gemm_configs
-CONFIGS = gemm_configs(block_m=(64, 128), block_n=(64, 128), block_k=(64,), stages=(3, 4), warps=(4,))
+from tunebook.demo.matmul import _matmul_kernel, gemm_configs, small_configs
+CONFIGS = small_configs() if CPU else gemm_configs(
+    block_m=(64, 128), block_n=(64, 128), block_k=(64,), stages=(3, 4), warps=(4,)
+)
 gemm = tunebook.autotune(CONFIGS, key=["M", "N", "K"])(_matmul_kernel)
+DTYPE = torch.float32 if CPU else torch.float16
+NK = 32 if CPU else 2048  # N = K of the GEMM
+
+
+def sync():
+    if not CPU:
+        torch.cuda.synchronize()
 '''
-
-
-def run(code: str, env: dict[str, str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=500)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 ISOLATE = """
 import json, torch, triton, tunebook, gpukern
-n = 1 << 20
-x = torch.randn(n, device="cuda")
+from gpukern import DEVICE
+n = 1 << 10 if gpukern.CPU else 1 << 20
+x = torch.randn(n, device=DEVICE)
 out = torch.empty_like(x)
-flag = torch.zeros(1, device="cuda", dtype=torch.int32)
+flag = torch.zeros(1, device=DEVICE, dtype=torch.int32)
 t0 = __import__("time").perf_counter()
 gpukern.copy[lambda m: (triton.cdiv(n, m["BLOCK"]),)](x, flag, out, n)
-torch.cuda.synchronize()
+gpukern.sync()
 seconds = __import__("time").perf_counter() - t0
 ok = bool(torch.equal(out, x))
-healthy = float((torch.ones(4, device="cuda") * 2).sum().item()) == 8.0  # the context still works
+healthy = float((torch.ones(4, device=DEVICE) * 2).sum().item()) == 8.0  # the context still works
 page = gpukern.copy.page(); page.refresh(force=True)
 entry = next(iter(page.entries.values()))
 print(json.dumps({"correct": ok, "healthy": healthy, "seconds": seconds,
@@ -89,10 +101,11 @@ print(json.dumps({"correct": ok, "healthy": healthy, "seconds": seconds,
 
 SERVE = """
 import json, torch, tunebook, gpukern
+from gpukern import DEVICE, DTYPE, NK
 from tunebook.demo.matmul import matmul
 for m in json.loads(__import__("os").environ["MS"]):
-    a = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
-    b = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+    a = torch.randn(m, NK, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(NK, NK, device=DEVICE, dtype=DTYPE)
     c = matmul(gpukern.gemm, a, b)
     assert torch.allclose(c.float(), a.float() @ b.float(), rtol=2e-2, atol=2e-1)
 tunebook._misses.flush()
@@ -102,30 +115,32 @@ print(json.dumps(tunebook.stats()))
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    harness.add_out_argument(parser)
+    parser.add_argument("--interpret", action="store_true", help="CPU mode: Triton's interpreter, tiny sizes")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    import torch
+    out_dir = harness.out_dir(args.out)
 
     work = Path(tempfile.mkdtemp(prefix="tunebook-gpuiso-"))
     (work / "gpukern.py").write_text(MODULE)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{work}{os.pathsep}{SRC}",
-        "TUNEBOOK_DIR": str(work / "book"),
-        "TRITON_CACHE_DIR": str(work / "cache"),
-    }
-    env.pop("TRITON_INTERPRET", None)
-    out: dict = {"gpus": torch.cuda.device_count(), "gpu": torch.cuda.get_device_name()}
+    env = harness.child_env(interpret=args.interpret, scratch=work, path=[work])
+    out: dict[str, Any] = harness.platform_header(interpret=args.interpret)
+    if args.interpret:
+        out["gpus"] = 0
+    else:
+        import torch
 
-    iso = run(ISOLATE, env)
+        out["gpus"] = torch.cuda.device_count()
+
+    iso = harness.run_child(["-c", ISOLATE], env=env, timeout=500)
     out["isolate"] = iso
     print(f"[isolate] {json.dumps(iso)}", flush=True)
 
-    ms = [3, 24, 100, 300, 700, 1500, 3000, 5000]
-    served = run(SERVE, {**env, "TUNEBOOK_MODE": "serve", "MS": json.dumps(ms)})
+    ms = [3, 24] if args.interpret else [3, 24, 100, 300, 700, 1500, 3000, 5000]
+    serve_env = {**env, "TUNEBOOK_MODE": "serve", "MS": json.dumps(ms)}
+    served = harness.run_child(["-c", SERVE], env=serve_env, timeout=500)
     print(f"[serve, untuned] {json.dumps(served)}", flush=True)
     t0 = time.perf_counter()
+    # Not run_child: the CLI prints no JSON, and its exit status is a result here.
     tune = subprocess.run(
         [sys.executable, "-m", "tunebook", "tune", "--misses", "gpukern"],
         env=env,
@@ -136,7 +151,7 @@ def main() -> None:
     )
     tune_s = time.perf_counter() - t0
     print(tune.stdout[-2000:], tune.stderr[-2000:], flush=True)
-    again = run(SERVE, {**env, "TUNEBOOK_MODE": "serve", "MS": json.dumps(ms)})
+    again = harness.run_child(["-c", SERVE], env=serve_env, timeout=500)
     print(f"[serve, after tune] {json.dumps(again)}", flush=True)
     out.update(
         {
@@ -147,15 +162,16 @@ def main() -> None:
             "serve_after": again,
         }
     )
-    (args.out / "gpu_isolation.json").write_text(json.dumps(out, indent=1))
+    (out_dir / "gpu_isolation.json").write_text(json.dumps(out, indent=1))
 
-    print(f"\n=== {out['gpus']} x {out['gpu']}")
+    gpus = f"{out['gpus']} x " if out["gpus"] else ""
+    print(f"\n=== {gpus}{harness.header_line(out)}")
     print(
         f"isolate=True: correct={iso['correct']} context healthy={iso['healthy']} best={iso['best']} "
         f"in {iso['seconds']:.1f} s"
     )
-    for cid, err in sorted(iso["results"].items()):
-        print(f"  {cid[:60]:60s} {'ok' if err is None else err[:110]}")
+    rows = [(cid[:60], "ok" if err is None else err[:110]) for cid, err in sorted(iso["results"].items())]
+    print(harness.table(rows, ("config", "recorded")))
     print(
         f"tunebook tune --misses: rc={tune.returncode}, {tune_s:.1f} s for {len(ms)} keys; serve afterwards: "
         f"fallbacks={again['fallbacks']} benchmarked={again['benchmarked']} hits={again['hits']}"

@@ -22,6 +22,8 @@ Usage (one H100/H200, Triton 3.6, torch 2.11; about 6-8 minutes with the default
     python benchmarks/measure_tables.py --out "$OUT"
     python benchmarks/measure_tables.py --max-configs 24 --shapes 2     # a one-minute smoke run
     python benchmarks/measure_tables.py --dry-run --out /tmp/tables     # CPU: spaces and files only
+
+Tables go to ``--out`` (default $OUT or ./bench-out).
 """
 
 from __future__ import annotations
@@ -35,21 +37,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import tunebook  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(ROOT / "src"))
+import _harness as harness  # first: it puts the checkout's src/ on sys.path
+import torch
+import triton
+import triton.language as tl
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from tunebook._search import Table, TableRow  # noqa: E402
-from tunebook._space import Space  # noqa: E402
+from tunebook._search import Table, TableRow
+from tunebook._space import Space
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -343,7 +339,7 @@ def measure_table(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "tables"), help="directory (default: $OUT)")
+    harness.add_out_argument(parser)
     parser.add_argument("--kernels", default="matmul,softmax", help="comma-separated: matmul,softmax")
     parser.add_argument("--shapes", type=int, default=6, help="first N shapes of each kernel")
     parser.add_argument("--max-configs", type=int, default=0, help="a seeded sample of N configs (0: all)")
@@ -354,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="no GPU: enumerate and write empty tables")
     opts = parser.parse_args(argv)
     start = time.monotonic()
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = harness.out_dir(opts.out)
     benches = [BENCHES[name] for name in opts.kernels.split(",")]
 
     if opts.dry_run:
@@ -386,11 +381,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Interleave kernels so that a deadline leaves tables of both.
     order = [(b, s) for k in range(opts.shapes) for b in benches if k < len(b.shapes) for s in [b.shapes[k]]]
-    summary, last_cost = [], {}
+    summary: list[list[object]] = []
+    last_cost: dict[str, float] = {}
     for bench, shape in order:
         elapsed = time.monotonic() - start
         if elapsed + last_cost.get(bench.name, 0.0) > opts.deadline:
-            summary.append((bench.name, shape_text(shape), "skipped: deadline", "", "", "", ""))
+            summary.append([bench.name, shape_text(shape), None, None, None, None, "skipped: deadline"])
             continue
         t0 = time.monotonic()
         errs = {i: e for (n, i), e in compile_errors.items() if n == bench.name}
@@ -412,30 +408,19 @@ def main(argv: list[str] | None = None) -> int:
         best, ms = table.best()
         failed = sum(r.ms is None for r in rows)
         amount, unit = bench.work(shape)
-        rate = f"{amount / (ms / 1e3):.0f} {unit}" if math.isfinite(ms) else "-"
-        best_cfg = ",".join(f"{k}={v}" for k, v in rows[best].config.items()) if best >= 0 else "-"
-        summary.append(
-            (
-                bench.name,
-                shape_text(shape),
-                str(len(rows)),
-                str(failed),
-                f"{ms:.4f}" if math.isfinite(ms) else "-",
-                rate,
-                best_cfg,
-            )
-        )
+        rate = f"{amount / (ms / 1e3):.0f} {unit}" if math.isfinite(ms) else None
+        best_cfg = ",".join(f"{k}={v}" for k, v in rows[best].config.items()) if best >= 0 else None
+        best_ms = ms if math.isfinite(ms) else None
+        summary.append([bench.name, shape_text(shape), len(rows), failed, best_ms, rate, best_cfg])
         print(
             f"  {path.name}: {len(rows)} configs, {failed} failed, best {ms:.4f} ms "
             f"({last_cost[bench.name]:.0f}s)",
             flush=True,
         )
 
-    header = ("kernel", "shape", "configs", "failed", "best ms", "rate", "best config")
-    widths = [max(len(r[k]) for r in [header, *summary]) for k in range(len(header))]
     print(f"\nsummary ({time.monotonic() - start:.0f}s in all, tables in {out}):")
-    for row in [header, *summary]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    columns = ("kernel", "shape", "configs", "failed", "best ms", "rate", "best config")
+    print(harness.table(summary, columns, floats=".4f"))
     return 0
 
 

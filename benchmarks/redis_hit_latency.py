@@ -19,10 +19,13 @@ free port of 127.0.0.1 (needs ``redis-server`` on PATH and ``pip install 'tunebo
 
 ::
 
-    python benchmarks/redis_hit_latency.py [--batches 400] [--calls 1000]
+    python benchmarks/redis_hit_latency.py [--batches 400] [--calls 1000] [--out DIR]
+    python benchmarks/redis_hit_latency.py --batches 5 --calls 20 --out /tmp/hit   # ~10 s
 
 Each phase runs ``batches`` timed loops of ``calls`` calls; it prints the p10, median and
-p90 over batches of the per-call time in microseconds, as one JSON object, and a table.
+p90 over batches of the per-call time in microseconds (interpolated between ranks), as one
+JSON object, also written to DIR/redis_hit_latency.json (default $OUT or ./bench-out), and
+a table. The breaker's 5 s retry interval is waited out once, whatever the sizes.
 The comparison uses the p10: other work on the machine only ever adds time to a batch, so
 the low decile is what the code costs, while the median moves with the machine's load
 (printed too: ``loadavg``).
@@ -34,18 +37,18 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
+
+import _harness as harness
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("TUNEBOOK_REDIS_URL", None)
 os.environ.pop("TUNEBOOK_PATH", None)
 os.environ.pop("TUNEBOOK_MODE", None)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(harness.TESTS))
 
 import triton
 
@@ -84,12 +87,8 @@ def per_call_us(kernel: Any, batches: int, calls: int) -> dict[str, float]:
             kernel[grid](x, y, out, N)
         samples.append((time.perf_counter() - t0) / calls * 1e6)
     assert tunebook.stats()["hits"] - hits_before == (batches + 1) * calls, "some calls were not hits"
-    samples.sort()
-    return {
-        "p10_us": round(samples[len(samples) // 10], 3),
-        "median_us": round(statistics.median(samples), 3),
-        "p90_us": round(samples[(9 * len(samples)) // 10], 3),
-    }
+    p = harness.percentiles(samples, (10, 50, 90))
+    return {"p10_us": round(p["p10"], 3), "median_us": round(p["p50"], 3), "p90_us": round(p["p90"], 3)}
 
 
 def miss(kernel: Any, n: int) -> None:
@@ -104,7 +103,9 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, default=400)
     parser.add_argument("--calls", type=int, default=1000)
+    harness.add_out_argument(parser)
     args = parser.parse_args()
+    out = harness.out_dir(args.out)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
     report: dict[str, Any] = {"batches": args.batches, "calls_per_batch": args.calls}
 
@@ -149,11 +150,15 @@ def main() -> None:
         report[f"down_minus_up_{stat}_us"] = round(
             report["down"][f"{stat}_us"] - report["up"][f"{stat}_us"], 3
         )
+    (out / "redis_hit_latency.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
-    print("\n| phase | p10 us/call | median | p90 |\n| --- | --- | --- | --- |")
-    for phase in ("no_redis", "up", "down", "down_probe_due", "up_again"):
-        r = report[phase]
-        print(f"| {phase} | {r['p10_us']:.3f} | {r['median_us']:.3f} | {r['p90_us']:.3f} |")
+    phases = ("no_redis", "up", "down", "down_probe_due", "up_again")
+    rows = [
+        [phase, report[phase]["p10_us"], report[phase]["median_us"], report[phase]["p90_us"]]
+        for phase in phases
+    ]
+    print()
+    print(harness.table(rows, ("phase", "p10 us/call", "median", "p90")))
     print(
         f"\ndown - up: {report['down_minus_up_p10_us']:+.3f} us per call at p10, "
         f"{report['down_minus_up_median_us']:+.3f} at the median (requirement: <= 1 us); "

@@ -3,9 +3,12 @@
 Starts its own redis-server on a free port of 127.0.0.1 (needs ``redis-server`` on PATH and
 ``pip install 'tunebook[redis]'``)::
 
-    python benchmarks/redis_latency.py [--entries 64] [--calls 2000]
+    python benchmarks/redis_latency.py [--entries 64] [--calls 2000] [--out DIR]
+    python benchmarks/redis_latency.py --entries 4 --calls 20 --out /tmp/redis   # a few seconds
 
-Prints one JSON object: microseconds per call (median, p90, p99, max) for each condition.
+Prints one JSON object, microseconds per call (median, p90, p99, max; percentiles
+interpolated between ranks) for each condition, then a table; writes the object to
+DIR/redis_latency.json (default $OUT or ./bench-out).
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import _harness as harness
+
+sys.path.insert(0, str(harness.TESTS))
 from helpers_reliability import RedisServer
 from tunebook._book import Document, Entry, Result, config_id, config_record
 from tunebook._book.redis_store import RedisStore
@@ -51,13 +54,13 @@ def timed(call: Callable[[], Any], calls: int) -> dict[str, float]:
         t0 = time.perf_counter()
         call()
         times.append((time.perf_counter() - t0) * 1e6)
-    times.sort()
+    p = harness.percentiles(times, (50, 90, 99, 100))
     return {
         "calls": calls,
-        "median_us": round(statistics.median(times), 1),
-        "p90_us": round(times[int(0.9 * (len(times) - 1))], 1),
-        "p99_us": round(times[int(0.99 * (len(times) - 1))], 1),
-        "max_us": round(times[-1], 1),
+        "median_us": round(p["p50"], 1),
+        "p90_us": round(p["p90"], 1),
+        "p99_us": round(p["p99"], 1),
+        "max_us": round(p["p100"], 1),
     }
 
 
@@ -65,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--entries", type=int, default=64)
     parser.add_argument("--calls", type=int, default=2000)
+    harness.add_out_argument(parser)
     args = parser.parse_args()
+    out = harness.out_dir(args.out)
     logging.getLogger("tunebook").addHandler(logging.NullHandler())
 
     server = RedisServer()
@@ -97,7 +102,14 @@ def main() -> None:
         report["down_every_call_probes"] = timed(lambda: probing.fetch(FILE), max(args.calls // 10, 10))
     finally:
         server.stop()
+    (out / "redis_latency.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
+    rows = [
+        [name, *(r[k] for k in ("calls", "median_us", "p90_us", "p99_us", "max_us"))]
+        for name, r in report.items()
+        if isinstance(r, dict)
+    ]
+    print(harness.table(rows, ("condition", "calls", "median us", "p90", "p99", "max"), floats=".1f"))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,14 @@ N = 4096, fp16):
     python benchmarks/serve_fallback.py [--out DIR] [--keys 50] [--rounds 5] [--options JSON]
 
 Needs one CUDA GPU (about 4-5 minutes on an H200). ``--interpret`` runs the same flow on
-the CPU through Triton's interpreter with tiny sizes (its timings mean nothing):
+the CPU through Triton's interpreter with tiny sizes and one round (its timings are
+wall-clock stand-ins and mean nothing):
 
     python benchmarks/serve_fallback.py --interpret --out /tmp/sf
+
+Step 3 times with ``do_bench`` by default; ``--timer graph`` times instead with CUDA graphs
+of many launches (``harness.time_launches``), which suits the microsecond kernels of the
+smallest keys better.
 
 ``--options '{"...": ...}'`` passes extra keyword arguments to ``tunebook.autotune`` for
 steps 1 and 2 (the ground truth is always tuned per exact key, without them). Prints a
@@ -33,23 +38,20 @@ import functools
 import itertools
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import _harness as harness
 import triton
 import triton.language as tl
 
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
 KERNELS = ("gemm", "rmsnorm")
 VARIANTS = ("tunebook", "vllm", "first")
 TARGET_MEDIAN, TARGET_WORST = 1.05, 1.25
@@ -68,7 +70,7 @@ class Sizes:
 
 
 GPU = Sizes(tuple(4**i for i in range(8)), 16384, 4096, 50, "float16", "cuda")
-CPU = Sizes((1, 4, 16, 64), 64, 32, 4, "float32", "cpu")
+CPU = Sizes((1, 4, 16), 16, 32, 2, "float32", "cpu")
 
 
 # --------------------------------------------------------------------------- the memory-bound kernel
@@ -193,13 +195,6 @@ def check(out: Any, ref: Any, dtype: str, what: str) -> float:
     return err
 
 
-def sync(sizes: Sizes) -> None:
-    if sizes.device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def progress(text: str) -> None:
     """A line on stderr, flushed: a child's stdout carries only its JSON result, and its
     stderr is the parent's stdout, so progress, the table and any traceback arrive in one
@@ -225,10 +220,10 @@ def child_calls(spec: dict[str, Any]) -> dict[str, Any]:
         seconds: dict[str, float] = {}
         rel_err = None
         for m in spec["keys"]:
-            sync(sizes)
+            harness.synchronize()
             t0 = time.perf_counter()
             result = work.launch(kernel, m, {})
-            sync(sizes)
+            harness.synchronize()
             seconds[str(m)] = time.perf_counter() - t0
             chosen[str(m)] = config_index(work.configs, kernel.best_config)
             if m == max(spec["keys"]):
@@ -251,10 +246,10 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
     """Time every distinct config a key was given, round by round, in one process.
 
     A variant that picked the tuned config shares its timing, so its ratio is exactly 1.
+    Rounds alternate the order, so that no config always runs right after another.
     """
     sizes = Sizes(**spec["sizes"])
-    timer = make_timer(sizes, spec["warmup_ms"], spec["rep_ms"])
-    out: dict[str, Any] = {"platform": platform(sizes)}
+    out: dict[str, Any] = {"platform": harness.platform_header(interpret=spec["interpret"])}
     for name in KERNELS:
         work = workload(name, sizes, spec["interpret"])
         rows = []
@@ -267,13 +262,12 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
                     check(
                         work.launch(work.jit, m, meta), work.reference(m), sizes.dtype, f"{name} M={m} #{i}"
                     )
-            samples: dict[int, list[float]] = {i: [] for i in unique}
-            for r in range(spec["rounds"]):
-                # Alternate the order so that no config always runs right after another.
-                for i in unique if r % 2 == 0 else unique[::-1]:
-                    meta = describe(work.configs[i])
-                    samples[i].append(timer(functools.partial(work.launch, work.jit, m, meta)))
-            ms = {i: statistics.median(v) for i, v in samples.items()}
+            calls = {
+                i: functools.partial(work.launch, work.jit, m, describe(work.configs[i])) for i in unique
+            }
+            timing = time_configs(calls, spec)
+            out["timer"] = timing.method
+            samples, ms = timing.ms, timing.medians()
             tuned = ms[picks["tuned"]]
             ratios = {v: ms[picks[v]] / tuned for v in VARIANTS}
             rows.append(
@@ -293,34 +287,14 @@ def child_time(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_timer(sizes: Sizes, warmup_ms: float, rep_ms: float) -> Callable[[Callable[[], Any]], float]:
-    if sizes.device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-    # The interpreter has no GPU timer; a host clock keeps the code path the same.
-    def wall(fn: Callable[[], Any]) -> float:
-        fn()
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(runs)
-
-    return wall
-
-
-def platform(sizes: Sizes) -> dict[str, Any]:
-    import torch
-
-    return {
-        "gpu": torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (TRITON_INTERPRET=1)",
-        "triton": triton.__version__,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+def time_configs(calls: Mapping[int, Callable[[], Any]], spec: dict[str, Any]) -> harness.Timing:
+    """Every config of one key, rounds interleaved and alternated, with the timer asked for."""
+    if spec["timer"] == "graph":
+        launches = 1 if spec["interpret"] else 100  # the interpreter takes milliseconds a launch
+        return harness.time_launches(calls, rounds=spec["rounds"], launches=launches, alternate=True)
+    return harness.do_bench_times(
+        calls, rounds=spec["rounds"], warmup_ms=spec["warmup_ms"], rep_ms=spec["rep_ms"], alternate=True
+    )
 
 
 # --------------------------------------------------------------------------- driver
@@ -345,23 +319,14 @@ def vllm_pick(m: int, grid_winners: dict[int, int]) -> int:
     return grid_winners[min(sorted(grid_winners), key=lambda t: abs(t - m))]
 
 
-def run_child(phase: str, spec: dict[str, Any], env: dict[str, str], work: Path, out: Path) -> dict[str, Any]:
+def run_phase(phase: str, spec: dict[str, Any], env: dict[str, str], work: Path, out: Path) -> dict[str, Any]:
     """Run one phase in a new process; its result is also kept in ``out`` at once, so that a
     run stopped by a time limit still returns what the finished phases found."""
     spec_file = work / f"spec-{phase}.json"
     spec_file.write_text(json.dumps({**spec, "phase": phase}))
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", phase, "--spec", str(spec_file)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=sys.stdout,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {phase} failed (exit {proc.returncode}); stdout:\n{proc.stdout}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = [__file__, "--child", phase, "--spec", str(spec_file)]
+    result = harness.run_child(argv, env=env, timeout=600, echo_stderr=True)
     (out / f"serve_fallback-{phase}.json").write_text(json.dumps(result, indent=1))
     print(f"[{phase}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     return result
@@ -383,12 +348,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
-    parser.add_argument("--interpret", action="store_true", help="CPU interpreter, tiny sizes")
+    harness.add_out_argument(parser)
+    parser.add_argument("--interpret", action="store_true", help="CPU interpreter, tiny sizes, one round")
     parser.add_argument("--options", default="{}", help="JSON: extra tunebook.autotune kwargs for steps 1-2")
-    parser.add_argument("--keys", type=int, help="how many untuned keys (default: 50; 4 with --interpret)")
+    parser.add_argument("--keys", type=int, help="how many untuned keys (default: 50; 2 with --interpret)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=5, help="do_bench runs per config and key")
+    parser.add_argument("--rounds", type=int, help="timed runs per config and key (default 5; CPU mode 1)")
+    parser.add_argument(
+        "--timer", choices=("do_bench", "graph"), default="do_bench", help="how step 3 times (see above)"
+    )
     parser.add_argument("--rep-ms", type=float, default=40.0)
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -403,45 +371,41 @@ def main() -> int:
     if args.keys is not None:
         sizes = replace(sizes, untuned=args.keys)
     options = json.loads(args.options)
-    args.out.mkdir(parents=True, exist_ok=True)
+    rounds = args.rounds or (1 if args.interpret else 5)
+    out = harness.out_dir(args.out)
     work = Path(tempfile.mkdtemp(prefix="tunebook-serve-fallback-"))
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = harness.child_env(
+        interpret=args.interpret,
         # One compile cache for every child: only the first keys compile.
-        "TRITON_CACHE_DIR": str(work / "triton-cache"),
-        "TUNEBOOK_PROGRESS": "0",
-    }
-    env.pop("TUNEBOOK_PATH", None)  # no shipped book may answer for the grid
-    if args.interpret:
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
+        TRITON_CACHE_DIR=str(work / "triton-cache"),
+        TUNEBOOK_PROGRESS="0",
+        TUNEBOOK_PATH=None,  # no shipped book may answer for the grid
+    )
     keys = untuned_keys(sizes, args.seed)
     base = {"sizes": sizes.__dict__, "interpret": args.interpret}
     sparse_book, truth_book = str(work / "book-sparse"), str(work / "book-truth")
     print(f"grid {list(sizes.grid)}; {len(keys)} untuned keys {keys}; work dir {work}", flush=True)
 
-    grid = run_child(
+    grid = run_phase(
         "grid",
         {**base, "keys": list(sizes.grid), "options": options},
         {**env, "TUNEBOOK_MODE": "tune", "TUNEBOOK_DIR": sparse_book},
         work,
-        args.out,
+        out,
     )
-    serve = run_child(
+    serve = run_phase(
         "serve",
         {**base, "keys": keys, "options": options},
         {**env, "TUNEBOOK_MODE": "serve", "TUNEBOOK_DIR": sparse_book},
         work,
-        args.out,
+        out,
     )
-    truth = run_child(
+    truth = run_phase(
         "truth",
         {**base, "keys": keys, "options": {}},
         {**env, "TUNEBOOK_MODE": "tune", "TUNEBOOK_DIR": truth_book},
         work,
-        args.out,
+        out,
     )
     picks: dict[str, dict[str, dict[str, int]]] = {}
     for name in KERNELS:
@@ -458,19 +422,21 @@ def main() -> int:
     timing_spec = {
         **base,
         "picks": picks,
-        "rounds": args.rounds,
+        "rounds": rounds,
+        "timer": args.timer,
         "rep_ms": args.rep_ms,
         "warmup_ms": args.warmup_ms,
     }
-    timed = run_child("time", timing_spec, env, work, args.out)
+    timed = run_phase("time", timing_spec, env, work, out)
 
     results: dict[str, Any] = {
         **timed["platform"],
+        "timer": timed["timer"],
         "sizes": sizes.__dict__,
         "seed": args.seed,
         "options": options,
         "untuned_keys": keys,
-        "rounds": args.rounds,
+        "rounds": rounds,
         "rep_ms": args.rep_ms,
         "kernels": {},
     }
@@ -492,34 +458,29 @@ def main() -> int:
             "keys": timed[name],
             "summary": summarize(timed[name]),
         }
-    path = args.out / "serve_fallback.json"
+    path = out / "serve_fallback.json"
     path.write_text(json.dumps(results, indent=1))
 
-    print(
-        f"\n=== serve-mode fallbacks: {results['gpu']} | triton {results['triton']} | torch "
-        f"{results['torch']} | {results['date']}"
-    )
+    print(f"\n=== serve-mode fallbacks: {harness.header_line(results)}")
     print(
         f"grid M = {list(sizes.grid)}, N = {sizes.n}, {sizes.dtype}; {len(keys)} untuned keys "
-        f"(seed {args.seed}); time ratio to the tuned config, median of {args.rounds} runs"
+        f"(seed {args.seed}); time ratio to the tuned config, median of {rounds} runs ({results['timer']})"
     )
-    print(f"  {'kernel':8s} {'rule':9s} {'median':>7s} {'worst':>7s} {'at M':>6s} {'= tuned':>8s}")
+    rows: list[list[object]] = []
+    verdicts = []
     for name in KERNELS:
         k = results["kernels"][name]
         for v in VARIANTS:
             s = k["summary"][v]
-            print(
-                f"  {name:8s} {v:9s} {s['median']:7.3f} {s['worst']:7.3f} {s['worst_M']:6d} "
-                f"{s['same_as_tuned']:4d}/{len(keys)}"
-            )
+            rows.append([name, v, s["median"], s["worst"], s["worst_M"], f"{s['same_as_tuned']}/{len(keys)}"])
         s = k["summary"]["tunebook"]
         met = (
             k["serve_stats"]["benchmarked"] == 0
             and s["median"] <= TARGET_MEDIAN
             and s["worst"] <= TARGET_WORST
         )
-        print(
-            f"  {name:8s} serve mode benchmarked {k['serve_stats']['benchmarked']:g} configs, "
+        verdicts.append(
+            f"{name}: serve mode benchmarked {k['serve_stats']['benchmarked']:g} configs, "
             f"{k['serve_stats']['misses']:g} misses; targets (0, median <= {TARGET_MEDIAN}, "
             f"worst <= {TARGET_WORST}): {'met' if met else 'NOT met'}"
         )
@@ -527,7 +488,11 @@ def main() -> int:
         if exact:
             # Two untuned keys that the book treats as one (key bucketing) share a tuning, so
             # the later one's "tuned" config was measured for another M.
-            print(f"  {name:8s} warning: {exact:g} ground-truth keys were answered from the book, not tuned")
+            verdicts.append(
+                f"{name}: warning: {exact:g} ground-truth keys were answered from the book, not tuned"
+            )
+    print(harness.table(rows, ("kernel", "rule", "median", "worst", "at M", "= tuned")))
+    print("\n".join(verdicts))
     print(f"full results: {path}")
     if failed:
         print("FAIL: serve mode benchmarked configs; it must never benchmark")

@@ -25,9 +25,13 @@ of the space (so the equal-budget ratios are exact), or at 30% of the space, whi
 first. The others run until they stop by themselves (random and exhaustive: the whole space).
 
     python benchmarks/strategies.py [--tables DIR] [--out DIR]
+    python benchmarks/strategies.py --quick --out /tmp/strategies   # a few seconds
 
 Prints a summary table last; writes OUT/strategies.json (every raw number) and
-OUT/strategies.png (best-found ratio against configs measured). About a minute on 2 cores.
+OUT/strategies.png (best-found ratio against configs measured); OUT defaults to
+benchmarks/results, where the published run lives. About a minute on 2 cores. ``--quick``
+checks the script end to end in seconds (seed 0, two tables a kernel, bayes stopped after
+10 configs): its numbers are not the benchmark's, and its results say so.
 """
 
 from __future__ import annotations
@@ -36,16 +40,16 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
+import _harness as harness  # first: it puts the checkout's src/ on sys.path
 
-from tunebook._search import Budget, Table, search  # noqa: E402
+from tunebook._search import Budget, Table, search
+
+HERE = Path(__file__).resolve().parent
 
 STRATEGIES = ("exhaustive", "random", "bayes", "neighbors")
 CONDITIONS = ("no hints", "book hints")  # the brief's measurement is "book hints"
@@ -53,6 +57,10 @@ SEEDS = (0, 1, 2)
 TARGET = 1.03
 BUDGETS = (0.05, 0.10)
 BAYES_CAP = 0.30
+QUICK_BAYES_CONFIGS = 10
+QUICK_NOTE = (
+    "--quick: seed 0, two tables a kernel, bayes stopped after 10 configs; not the benchmark's numbers"
+)
 # Issue 3's goals for the model-based/local strategies.
 GOAL_FRACTION = 0.10
 GOAL_WORST = 1.08
@@ -148,13 +156,15 @@ def ratio_at(ratios: Sequence[float], configs: int) -> float:
     return ratios[min(configs, len(ratios)) - 1]
 
 
-def run_one(table: Table, strategy: str, seed: int, hints: list[int]) -> dict[str, Any]:
+def run_one(
+    table: Table, strategy: str, seed: int, hints: list[int], bayes_cap: int | None = None
+) -> dict[str, Any]:
     n = len(table.rows)
     floor = math.ceil(max(BUDGETS) * n)
     budget = Budget()
     stop: Callable[[list[float]], bool] | None = None
     if strategy == "bayes":
-        budget = Budget(max_configs=math.ceil(BAYES_CAP * n))
+        budget = Budget(max_configs=bayes_cap or math.ceil(BAYES_CAP * n))
         stop = lambda ratios: len(ratios) >= floor and reached_at(ratios) is not None  # noqa: E731
     replay = Replay(table, stop)
     start = time.perf_counter()
@@ -243,28 +253,48 @@ def summarize(runs: list[dict[str, Any]], sizes: dict[str, int], condition: str)
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{rows[0]['condition']}: geometric means (gm) and worst cases over 6 shapes x 3 seeds")
-    head = (
-        f"{'kernel':<8} {'strategy':<10} {'reached':>7} {'frac->1.03 gm':>13} {'worst':>6} "
-        f"{'@5% gm':>7} {'@10% gm':>7} {'@10% worst':>10} {'cpu ms/prop':>11} "
-        f"{'est s cold':>10} {'est s warm':>10}  targets: <=10% | @10% worst<=1.08 | beats random @5% | @10%"
+def print_table(rows: list[dict[str, Any]], shapes: int, seeds: int) -> None:
+    print(
+        f"\n{rows[0]['condition']}: geometric means (gm) and worst cases over {shapes} shapes x {seeds} seeds"
     )
-    print(head)
-    print("-" * len(head))
+    print("targets: <=10% / @10% worst<=1.08 / beats random @5% / @10%")
+    lines = []
     for r in rows:
         targets = r.get("targets")
-        verdict = " | ".join("yes" if ok else "NO" for ok in targets.values()) if targets else ""
-        print(
-            f"{r['kernel']:<8} {r['strategy']:<10} {r['reached']:>3}/{r['runs']:<3} "
-            f"{100 * r['fraction_geomean']:>12.1f}% {100 * r['fraction_worst']:>5.0f}% "
-            f"{r['ratio_at_0.05_geomean']:>7.3f} {r['ratio_at_0.10_geomean']:>7.3f} "
-            f"{r['ratio_at_0.10_worst']:>10.3f} {r['cpu_ms_per_proposal']:>11.2f} "
-            f"{r['est_gpu_s_cold_geomean']:>10.2f} {r['est_gpu_s_warm_geomean']:>10.2f}  {verdict}"
+        lines.append(
+            [
+                r["kernel"],
+                r["strategy"],
+                f"{r['reached']}/{r['runs']}",
+                100 * r["fraction_geomean"],
+                100 * r["fraction_worst"],
+                r["ratio_at_0.05_geomean"],
+                r["ratio_at_0.10_geomean"],
+                r["ratio_at_0.10_worst"],
+                r["cpu_ms_per_proposal"],
+                r["est_gpu_s_cold_geomean"],
+                r["est_gpu_s_warm_geomean"],
+                " / ".join("yes" if ok else "NO" for ok in targets.values()) if targets else "",
+            ]
         )
+    columns = (
+        "kernel",
+        "strategy",
+        "reached",
+        "% to 1.03 gm",
+        "worst %",
+        "@5% gm",
+        "@10% gm",
+        "@10% worst",
+        "cpu ms/prop",
+        "est s cold",
+        "est s warm",
+        "targets",
+    )
+    print(harness.table(lines, columns, floats=[""] * 3 + [".1f", ".0f"] + [".3f"] * 3 + [".2f"] * 4))
 
 
-def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path) -> None:
+def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path, shapes: int, seeds: int) -> None:
     """One panel per kernel (columns) and hint condition (rows)."""
     import matplotlib
 
@@ -299,7 +329,7 @@ def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path) -> None:
                 if r["kernel"] == kernel and r["strategy"] == strategy and r["condition"] == condition
             ]
             # A search that stopped keeps its best: the line shows what a user would have.
-            grid = np.array([[ratio_at(t, k) for k in x] for t in traces])
+            grid = np.array([[ratio_at(t, int(k)) for k in x] for t in traces])
             ax.fill_between(x, grid.min(axis=0), grid.max(axis=0), color=color, alpha=0.13, lw=0)
             ax.plot(x, np.median(grid, axis=0), color=color, ls=dash, lw=lw, label=f"{strategy}: median")
         ax.axhline(TARGET, color="black", ls="--", lw=1, label=f"{TARGET}x the best")
@@ -319,7 +349,7 @@ def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10, frameon=False)
     fig.suptitle(
-        "Search strategies replayed on NVIDIA H200 timing tables (6 shapes x 3 seeds per panel)\n"
+        f"Search strategies replayed on NVIDIA H200 timing tables ({shapes} shapes x {seeds} seeds a panel)\n"
         "line: median; band: min-max; a search that stopped keeps its best (bayes stops at 1.03x after 10%)",
         fontsize=11,
     )
@@ -330,19 +360,28 @@ def plot(runs: list[dict[str, Any]], sizes: dict[str, int], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tables", type=Path, default=HERE.parent / "tests" / "data" / "tables")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--tables", type=Path, default=harness.TESTS / "data" / "tables")
+    harness.add_out_argument(parser, default=HERE / "results")
+    parser.add_argument("--quick", action="store_true", help="a few seconds: see the module docstring")
     args = parser.parse_args(argv)
     tables = load_tables(args.tables)
+    seeds: tuple[int, ...] = SEEDS
+    bayes_cap: int | None = None
+    if args.quick:
+        kernels = {t.kernel for t in tables.values()}
+        kept = {n for k in kernels for n in sorted(n for n, t in tables.items() if t.kernel == k)[:2]}
+        tables = {n: t for n, t in tables.items() if n in kept}
+        seeds, bayes_cap = (0,), QUICK_BAYES_CONFIGS
     sizes = {t.kernel: len(t.rows) for t in tables.values()}
+    shapes = max(sum(t.kernel == k for t in tables.values()) for k in sizes)
 
     runs: list[dict[str, Any]] = []
     for condition in CONDITIONS:
         for name, table in tables.items():
             hints = book_hints(name, tables) if condition == "book hints" else []
             for strategy in STRATEGIES:
-                for seed in SEEDS:
-                    run = run_one(table, strategy, seed, hints)
+                for seed in seeds:
+                    run = run_one(table, strategy, seed, hints, bayes_cap)
                     runs.append(
                         {
                             "condition": condition,
@@ -362,11 +401,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     )
 
     summaries = {c: summarize(runs, sizes, c) for c in CONDITIONS}
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = harness.out_dir(args.out)
     platform = next(iter(tables.values())).platform
     doc = {
         "benchmark": "issue 3, measurement 2: search strategies replayed on measured timing tables",
-        "command": "python benchmarks/strategies.py",
+        "command": "python benchmarks/strategies.py" + (" --quick" if args.quick else ""),
+        **({"quick": QUICK_NOTE} if args.quick else {}),
         "platform_of_tables": platform,
         "target_ratio": TARGET,
         "budgets": BUDGETS,
@@ -395,11 +435,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     # One run per line: the traces would otherwise put a number on every line (about 1 MB).
     head = json.dumps({**doc, "runs": []}, indent=1)[: -len('"runs": []\n}')]
     runs_text = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in runs)
-    (args.out / "strategies.json").write_text(f'{head}"runs": [\n{runs_text}\n ]\n}}\n', encoding="utf-8")
-    plot(runs, sizes, args.out / "strategies.png")
-    print(f"\nwrote {args.out / 'strategies.json'} and {args.out / 'strategies.png'}\n")
+    (out / "strategies.json").write_text(f'{head}"runs": [\n{runs_text}\n ]\n}}\n', encoding="utf-8")
+    plot(runs, sizes, out / "strategies.png", shapes, len(seeds))
+    print(f"\nwrote {out / 'strategies.json'} and {out / 'strategies.png'}\n")
+    if args.quick:
+        print(f"!!! {QUICK_NOTE}")
     for condition in CONDITIONS:  # the brief's measurement, "book hints", last
-        print_table(summaries[condition])
+        print_table(summaries[condition], shapes, len(seeds))
 
 
 if __name__ == "__main__":

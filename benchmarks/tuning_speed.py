@@ -6,8 +6,13 @@ the cold run filled; the book is empty, so the key is new). Then the quality che
 two chosen configs timed side by side with do_bench (median of long runs, alternated).
 
     python benchmarks/tuning_speed.py [--out DIR] [--size 4096]
+    python benchmarks/tuning_speed.py --interpret --out /tmp/speed   # CPU mode, ~15 s
 
-Needs one CUDA GPU. Prints a table last; writes DIR/tuning_speed.json.
+Needs one CUDA GPU. Prints a table last; writes DIR/tuning_speed.json (default $OUT or
+./bench-out). ``--interpret`` runs the same flow on the CPU through Triton's interpreter (a
+32^3 float32 GEMM, the 4 small configs, one warm repeat, one quality round): it checks the
+script, its timings are stand-ins. There, triton.autotune times with tunebook's wall-clock
+timer, since Triton's own needs a GPU (``harness.triton_autotune``).
 """
 
 from __future__ import annotations
@@ -16,35 +21,34 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
+import _harness as harness
 
 
 def child(variant: str, size: int) -> None:
     import torch
-    import triton
 
     import tunebook
-    from tunebook.demo.matmul import _matmul_kernel, gemm_configs, matmul
+    from tunebook.demo.matmul import _matmul_kernel, gemm_configs, matmul, small_configs
 
-    configs = gemm_configs()
+    cpu = harness.interpreting()
+    configs = small_configs() if cpu else gemm_configs()
     if variant == "tunebook":
         kernel = tunebook.autotune(configs, key=["M", "N", "K"])(_matmul_kernel)
     else:
-        kernel = triton.autotune(configs, key=["M", "N", "K"])(_matmul_kernel)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.randn(size, size, device="cuda", dtype=torch.float16, generator=g)
-    b = torch.randn(size, size, device="cuda", dtype=torch.float16, generator=g)
-    torch.cuda.synchronize()
+        kernel = harness.triton_autotune(configs, ["M", "N", "K"])(_matmul_kernel)
+    dtype = torch.float32 if cpu else torch.float16
+    g = torch.Generator(device=harness.device()).manual_seed(0)
+    a = torch.randn(size, size, device=harness.device(), dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=harness.device(), dtype=dtype, generator=g)
+    harness.synchronize()
     start = time.perf_counter()
     c = matmul(kernel, a, b)
-    torch.cuda.synchronize()
+    harness.synchronize()
     seconds = time.perf_counter() - start
     ref = a.float() @ b.float()
     best = kernel.best_config
@@ -61,63 +65,54 @@ def child(variant: str, size: int) -> None:
     )
 
 
-def quality(configs_json: str, size: int) -> None:
+def quality(configs_json: str, size: int, rounds: int) -> None:
+    """The two chosen configs timed side by side, rounds alternated (A, B, A, B, ...)."""
     import torch
-    from triton.testing import do_bench
 
     from tunebook.demo.matmul import _matmul_kernel, matmul
 
     chosen = json.loads(configs_json)
-    a = torch.randn(size, size, device="cuda", dtype=torch.float16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.float16)
-    times: dict[str, list[float]] = {k: [] for k in chosen}
-    for _ in range(5):
-        for name, meta in chosen.items():
-            times[name].append(do_bench(lambda m=meta: matmul(_matmul_kernel, a, b, **m), warmup=50, rep=300))
-    print(json.dumps({k: statistics.median(v) for k, v in times.items()} | {"samples": times}))
-
-
-def run(args: list[str], env: dict[str, str]) -> dict:
-    cmd = [sys.executable, __file__, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    dtype = torch.float32 if harness.interpreting() else torch.float16
+    a = torch.randn(size, size, device=harness.device(), dtype=dtype)
+    b = torch.randn(size, size, device=harness.device(), dtype=dtype)
+    calls = {name: (lambda m=meta: matmul(_matmul_kernel, a, b, **m)) for name, meta in chosen.items()}
+    # do_bench's default "mean", as this benchmark has always measured it.
+    timing = harness.do_bench_times(calls, rounds=rounds, warmup_ms=50, rep_ms=300, return_mode="mean")
+    print(json.dumps(timing.medians() | {"samples": timing.ms, "timer": timing.method}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
-    parser.add_argument("--size", type=int, default=4096)
+    harness.add_out_argument(parser)
+    parser.add_argument("--size", type=int, help="M = N = K (default 4096; CPU mode 32)")
     parser.add_argument("--child", nargs="*")
-    parser.add_argument("--warm-repeats", type=int, default=2)
+    parser.add_argument("--warm-repeats", type=int, help="default 2; CPU mode 1")
+    parser.add_argument("--interpret", action="store_true", help="CPU mode: Triton's interpreter, tiny sizes")
     args = parser.parse_args()
+    size = args.size or (32 if args.interpret else 4096)
     if args.child is not None:
         if args.child[0] == "quality":
-            quality(args.child[1], args.size)
+            quality(args.child[1], size, int(args.child[2]))
         else:
-            child(args.child[0], args.size)
+            child(args.child[0], size)
         return
 
-    import torch
-    import triton
-
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = harness.out_dir(args.out)
+    warm_repeats = args.warm_repeats or (1 if args.interpret else 2)
     work = Path(tempfile.mkdtemp(prefix="tunebook-speed-"))
-    base_env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    base_env.pop("TRITON_INTERPRET", None)
+    base_env = harness.child_env(interpret=args.interpret)
     rows: dict[str, dict[str, list[float]]] = {v: {"cold": [], "warm": []} for v in ("tunebook", "triton")}
-    log = []
+    log: list[dict[str, Any]] = []
     chosen = {}
     for variant in ("triton", "tunebook"):
         cache = work / f"cache-{variant}"
-        for phase in ["cold"] + ["warm"] * args.warm_repeats:
+        for phase in ["cold"] + ["warm"] * warm_repeats:
             env = {
                 **base_env,
                 "TRITON_CACHE_DIR": str(cache),
                 "TUNEBOOK_DIR": str(work / f"book-{variant}-{phase}-{len(log)}"),
             }
-            r = run(["--size", str(args.size), "--child", variant], env)
+            r = harness.run_child([__file__, "--size", str(size), "--child", variant], env=env)
             rows[variant][phase].append(r["seconds"])
             chosen[variant] = r["best"]
             log.append({"phase": phase, **r})
@@ -126,36 +121,37 @@ def main() -> None:
                 f"benchmarked={r['stats']['benchmarked']}",
                 flush=True,
             )
-    q = run(
-        ["--size", str(args.size), "--child", "quality", json.dumps(chosen)],
-        {**base_env, "TRITON_CACHE_DIR": str(work / "cache-tunebook")},
+    quality_rounds = 1 if args.interpret else 5
+    q = harness.run_child(
+        [__file__, "--size", str(size), "--child", "quality", json.dumps(chosen), str(quality_rounds)],
+        env={**base_env, "TRITON_CACHE_DIR": str(work / "cache-tunebook")},
     )
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "triton": triton.__version__,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "size": args.size,
+    result: dict[str, Any] = {
+        **harness.platform_header(interpret=args.interpret),
+        "size": size,
         "cpus": os.cpu_count(),
         "seconds": rows,
         "chosen": chosen,
         "kernel_ms": q,
         "log": log,
     }
-    (args.out / "tuning_speed.json").write_text(json.dumps(result, indent=1))
+    if args.interpret:
+        result["cpu_mode"] = harness.CPU_TRITON_NOTE
+    (out / "tuning_speed.json").write_text(json.dumps(result, indent=1))
+    what = f"{size}^3 float32, 4 small configs" if args.interpret else f"{size}^3 fp16, 48 configs"
     print(
-        f"\n=== tuning one new key, 48-config GEMM {args.size}^3 fp16: {result['gpu']} | triton "
-        f"{result['triton']} | torch {result['torch']} | {result['date']} | {result['cpus']} CPUs"
+        f"\n=== tuning one new key of a GEMM ({what}), {result['cpus']} CPUs: {harness.header_line(result)}"
     )
+    table = []
     for phase in ("cold", "warm"):
         tb, tr = statistics.median(rows["tunebook"][phase]), statistics.median(rows["triton"][phase])
-        print(f"  {phase:5s} cache: tunebook {tb:6.2f} s   triton.autotune {tr:6.2f} s   ratio {tb / tr:.3f}")
-    ratio = q["tunebook"] / q["triton"]
+        table.append([f"{phase} compile cache", tb, tr, tb / tr])
+    print(harness.table(table, ("wall time to tune, s", "tunebook", "triton.autotune", "ratio")))
     print(
-        f"  chosen config kernel time: tunebook {q['tunebook']:.4f} ms  triton {q['triton']:.4f} ms  "
-        f"ratio {ratio:.4f}"
+        f"chosen config kernel time ({q['timer']}): tunebook {q['tunebook']:.4f} ms, triton "
+        f"{q['triton']:.4f} ms, ratio {q['tunebook'] / q['triton']:.4f}"
     )
-    print(f"  tunebook chose {chosen['tunebook']}\n  triton chose   {chosen['triton']}")
+    print(f"tunebook chose {chosen['tunebook']}\ntriton chose   {chosen['triton']}")
 
 
 if __name__ == "__main__":

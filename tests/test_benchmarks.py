@@ -1,0 +1,274 @@
+"""The benchmark scripts run end to end, and the harness they share keeps its promises.
+
+Each script is started as a user would start it, ``python benchmarks/X.py <CPU mode> --out
+DIR``, in a new process without TRITON_INTERPRET: it must exit 0 and write its results with
+every top-level field of the results file it published in ``benchmarks/results/`` (the record
+BENCHMARKS.md quotes), so that a refactor cannot break a script, or the fields, silently.
+
+CPU modes: ``--interpret`` (core, tuning_speed, serve_fallback, gpu_isolation: Triton's
+interpreter, tiny sizes, one repeat), ``--dry-run`` (measure_tables), ``--quick``
+(strategies), small ``--calls`` (the Redis benchmarks, CPU measurements already). No timing
+is asserted: CPU-mode timings are stand-ins, and the results say so. What only a GPU runs
+(CUDA graphs and events, do_bench, Triton's results cache) is not reached here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers_reliability import RedisServer
+from redis_fixture import require
+from tunebook._book.redis_store import INSTALL_HINT
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+
+
+def _load_harness() -> Any:
+    """benchmarks/_harness.py, loaded by path: benchmarks/ on sys.path would put modules
+    named ``core`` and ``strategies`` in front of every test."""
+    spec = importlib.util.spec_from_file_location("_harness", BENCHMARKS / "_harness.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_harness"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+
+
+def run_benchmark(tmp_path: Path, script: str, *args: str, timeout: float = 300) -> Path:
+    """Run ``python benchmarks/<script> *args --out DIR`` from an empty directory; the DIR."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+def results(path: Path, published: str | tuple[str, ...]) -> dict[str, Any]:
+    """The JSON at ``path``; it must have every top-level field of the published results file
+    ``published`` (under benchmarks/results/), or the fields listed."""
+    doc = json.loads(path.read_text())
+    expected = set(json.loads((RESULTS / published).read_text()) if isinstance(published, str) else published)
+    assert expected <= set(doc), f"{path.name} lacks {sorted(expected - set(doc))}"
+    return doc
+
+
+def assert_cpu_mode(doc: dict[str, Any]) -> None:
+    assert doc["gpu"] == harness.CPU_DEVICE_NAME and doc["timings"] == harness.STAND_IN
+
+
+@pytest.fixture
+def redis_tools() -> None:
+    """What the Redis benchmarks need (they start their own server): fail with the fix, or
+    skip with TUNEBOOK_SKIP_REDIS=1, as the Redis tests do."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        require("redis-py", INSTALL_HINT)
+    if RedisServer.executable() is None:
+        require("redis-server", "apt-get install -y redis-server")
+
+
+# --------------------------------------------------------------------------- the scripts
+
+
+def test_measure_tables_dry_run_writes_every_table(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "measure_tables.py", "--dry-run")
+    assert len(list(out.glob("*.json"))) == 12
+    published = ROOT / "tests" / "data" / "tables" / "matmul-M16-N8192-K4096-NVIDIA-H200.json"
+    doc = results(out / "matmul-M16-N8192-K4096-none.json", tuple(json.loads(published.read_text())))
+    assert doc["platform"]["backend"] == "dry-run"
+
+
+def test_strategies_quick(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "strategies.py", "--quick")
+    doc = results(out / "strategies.json", "strategies.json")
+    assert "not the benchmark's numbers" in doc["quick"]
+    assert (out / "strategies.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_core_interpret(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "core.py", "--interpret")
+    doc = results(out / "core.json", "core-h200.json")
+    assert_cpu_mode(doc)
+    # Behaviour, not timing: a remembered key benchmarks nothing, one added config exactly one.
+    assert doc["first_call_tunebook_benchmarked"] == [0]
+    assert doc["add_config"]["tunebook_benchmarked"] == 1
+
+
+@pytest.mark.slow
+def test_core_hot_only_interpret(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "core.py", "--interpret", "--hot-only")
+    assert_cpu_mode(results(out / "core_hot.json", "core_hot-h200.json"))
+
+
+@pytest.mark.slow
+def test_tuning_speed_interpret(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "tuning_speed.py", "--interpret")
+    doc = results(out / "tuning_speed.json", "tuning_speed-h200.json")
+    assert_cpu_mode(doc)
+    assert doc["kernel_ms"]["timer"] == harness.STAND_IN
+
+
+@pytest.mark.slow
+def test_serve_fallback_interpret(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "serve_fallback.py", "--interpret")
+    doc = results(out / "serve_fallback.json", "serve_fallback-h200.json")
+    assert_cpu_mode(doc)
+    assert doc["timer"] == harness.STAND_IN
+    assert {k["serve_stats"]["benchmarked"] for k in doc["kernels"].values()} == {0}
+    for phase in ("grid", "serve", "truth", "time"):
+        assert (out / f"serve_fallback-{phase}.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_isolation_interpret(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "gpu_isolation.py", "--interpret")
+    doc = results(out / "gpu_isolation.json", "gpu_isolation-2xh200.json")
+    assert_cpu_mode(doc)
+    assert doc["isolate"]["correct"] and doc["tune_rc"] == 0
+    errors = {cid.split("|")[0]: err for cid, err in doc["isolate"]["results"].items()}
+    assert "SIGSEGV" in errors["BLOCK=1024,MODE=1"] and "timed out" in errors["BLOCK=1024,MODE=3"]
+    assert doc["serve_after"]["fallbacks"] == 0
+
+
+REDIS_LATENCY = ("entries", "results", "document_bytes", "up_fetch", "hung_first_call", "down_breaker_open")
+
+
+def test_redis_latency(tmp_path: Path, redis_tools: None) -> None:
+    out = run_benchmark(tmp_path, "redis_latency.py", "--entries", "4", "--calls", "20")
+    doc = results(out / "redis_latency.json", REDIS_LATENCY)
+    assert set(doc["up_fetch"]) == {"calls", "median_us", "p90_us", "p99_us", "max_us"}
+
+
+@pytest.mark.slow  # waits out the breaker's 5 s retry interval
+def test_redis_hit_latency(tmp_path: Path, redis_tools: None) -> None:
+    out = run_benchmark(tmp_path, "redis_hit_latency.py", "--batches", "5", "--calls", "20")
+    phases = ("no_redis", "up", "down", "down_probe_due", "up_again", "down_minus_up_p10_us")
+    doc = results(out / "redis_hit_latency.json", phases)
+    assert set(doc["up"]) == {"p10_us", "median_us", "p90_us"}
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def test_harness_doctests() -> None:
+    import doctest
+
+    failed, attempted = doctest.testmod(harness, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert attempted and not failed
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    import statistics
+
+    for samples in ([3.0], [5.0, 1.0], [4.0, 9.0, 1.0, 7.0, 2.0, 8.0]):
+        p = harness.percentiles(samples, (0, 50, 100))
+        assert (p["p0"], p["p50"], p["p100"]) == (min(samples), statistics.median(samples), max(samples))
+    assert harness.percentiles(range(11), (10, 90, 99.5)) == {"p10": 1.0, "p90": 9.0, "p99.5": 9.95}
+    with pytest.raises(ValueError, match="no samples"):
+        harness.percentiles([])
+    with pytest.raises(ValueError, match=r"outside 0\.\.100"):
+        harness.percentiles([1.0], (101,))
+    with pytest.raises(ValueError, match="equal"):
+        harness.median_ratio([1.0, 2.0], [1.0])
+
+
+def test_table_aligns_columns_escapes_pipes_and_checks_rows() -> None:
+    text = harness.table([["a|b", 1.0, None], ["c", 22.5, 3]], ("name", "ms", "n"), floats=["", ".1f", ""])
+    assert text.splitlines() == [
+        "| name | ms   | n   |",
+        "| ---- | ---- | --- |",
+        "| a\\|b |  1.0 |   - |",
+        "| c    | 22.5 |   3 |",
+    ]
+    with pytest.raises(ValueError, match="expected 2"):
+        harness.table([["only one"]], ("a", "b"))
+
+
+def test_interleave_takes_rounds_in_turn() -> None:
+    order: list[str] = []
+
+    def measure(name: str) -> float:
+        order.append(name)
+        return 1.0
+
+    samples = harness.interleave({"A": "A", "B": "B", "C": "C"}, 2, measure)
+    assert order == ["A", "B", "C", "A", "B", "C"] and samples == {k: [1.0, 1.0] for k in "ABC"}
+
+
+def test_child_env_is_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = harness.child_env(interpret=False, scratch=tmp_path, path=[tmp_path / "mod"], TUNEBOOK_MODE="serve")
+    assert "TRITON_INTERPRET" not in env and env["TUNEBOOK_MODE"] == "serve"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(harness.SRC), str(tmp_path / "mod"), "/elsewhere"]
+    assert env["TUNEBOOK_DIR"] == str(tmp_path / "book")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "triton-cache")
+
+
+def test_run_child_failures_carry_both_streams() -> None:
+    crash = "import sys; print('partial'); sys.exit('broken: ' + 'here')"
+    with pytest.raises(harness.ChildFailed, match=r"(?s)exit 1.*partial.*broken: here"):
+        harness.run_child(["-c", crash], env=os.environ)
+    with pytest.raises(harness.ChildFailed, match=r"(?s)not a JSON object.*\[1, 2\]"):
+        harness.run_child(["-c", "print([1, 2])"], env=os.environ)
+    with pytest.raises(harness.ChildFailed, match=r"(?s)ran past 1 s.*started"):
+        hang = "import time; print('started', flush=True); time.sleep(30)"
+        harness.run_child(["-c", hang], env=os.environ, timeout=1)
+
+
+def test_cpu_mode_timers_are_labelled_stand_ins() -> None:
+    # conftest.py sets TRITON_INTERPRET=1 for the test process: CPU mode.
+    calls = {"a": 0, "b": 0}
+
+    def call(name: str) -> Any:
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    variants = {name: call(name) for name in calls}
+    launched = harness.time_launches(variants, rounds=3, launches=4, warmup=2)
+    assert launched.method == harness.STAND_IN and calls == {"a": 14, "b": 14}
+    assert {k: len(v) for k, v in launched.ms.items()} == {"a": 3, "b": 3}
+    benched = harness.do_bench_times(variants, rounds=2, warmup_ms=1, rep_ms=1)
+    assert benched.method == harness.STAND_IN and set(benched.medians()) == {"a", "b"}
+
+
+def test_platform_header_in_cpu_mode() -> None:
+    header = harness.platform_header(interpret=True)
+    assert set(header) == {"date", "gpu", "triton", "torch", "python", "cuda", "timings"}
+    assert_cpu_mode(header)
+    assert "NOT a measurement" in harness.header_line(header)
+
+
+def test_out_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    monkeypatch.setenv("OUT", str(tmp_path / "from-env"))
+    parser = argparse.ArgumentParser()
+    harness.add_out_argument(parser)
+    out = harness.out_dir(parser.parse_args([]).out)
+    assert out == tmp_path / "from-env" and out.is_dir()
+    monkeypatch.delenv("OUT")
+    parser = argparse.ArgumentParser()
+    harness.add_out_argument(parser)
+    assert parser.parse_args([]).out == Path("bench-out")
