@@ -12,21 +12,21 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-INSTALL_LINE = "pip install 'tunebook[cli]'"
+from .._optional import available, install_line
+
+INSTALL_LINE = install_line("cli")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line (the ``tunebook`` entry point and ``python -m tunebook``)."""
-    try:
-        import click  # noqa: F401
-        import rich  # noqa: F401
-    except ImportError as exc:
+    missing = [name for name in ("click", "rich") if not available(name)]
+    if missing:
         print(
-            f"tunebook: the command line needs the optional 'cli' extra ({exc.name} is missing):",
+            f"tunebook: the command line needs the optional 'cli' extra ({missing[0]} is missing):",
             file=sys.stderr,
         )
         print(INSTALL_LINE, file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(1)
     from ._app import cli
 
     cli.main(args=list(argv) if argv is not None else None, prog_name="tunebook")

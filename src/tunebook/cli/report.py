@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 
 from .._book.files import atomic_write_text
+from .._optional import available, install_line
 from .._version import __version__
 from ._common import (
     book_argument,
@@ -51,7 +52,7 @@ from ._summary import (
     winner_cell,
 )
 
-INSTALL_LINE = "pip install 'tunebook[report]'"
+INSTALL_LINE = install_line("report")
 # Below this many pages, starting worker processes (each imports tunebook and matplotlib,
 # ~1 s) costs more than it saves.
 MIN_PAGES_IN_PARALLEL = 8
@@ -79,10 +80,8 @@ table.heat td.na, .scale .na { background: #ddd; }
 
 
 def _check_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise click.ClickException(f"the report needs matplotlib; install it with: {INSTALL_LINE}") from None
+    if not available("matplotlib"):
+        raise click.ClickException(f"the report needs matplotlib; install it with: {INSTALL_LINE}")
 
 
 def _img(title: str, caption: str, plot: Plot | None) -> str:

@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import tunebook
 
+    from .._compat import interpreting
     from . import _models
 
     try:
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not args.dry_run:
+    if device == "cpu" and not interpreting() and not args.dry_run:
         print("error: no GPU; set TRITON_INTERPRET=1 to tune for Triton's CPU interpreter", file=sys.stderr)
         return 2
     print(f"{len(jobs)} calls on {device} into {os.environ['TUNEBOOK_DIR']}", flush=True)
