@@ -272,3 +272,14 @@ def test_out_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parser = argparse.ArgumentParser()
     harness.add_out_argument(parser)
     assert parser.parse_args([]).out == Path("bench-out")
+
+
+@pytest.mark.slow
+def test_distributed_cpu_mode_agrees_across_ranks(tmp_path: Path) -> None:
+    out = run_benchmark(tmp_path, "distributed.py", "--interpret")
+    doc = results(
+        out / "distributed.json", ("disagreements", "wall_s", "group_vs_alone", "benchmarked", "keys")
+    )
+    assert_cpu_mode(doc)
+    assert doc["disagreements"]["group"] == []  # the group's ranks launch one config per key
+    assert sum(doc["benchmarked"]["group"]) < sum(doc["benchmarked"]["alone"])  # the work was split

@@ -502,6 +502,7 @@ def autotune(
     isolate: bool = False,
     isolate_timeout: float = 300.0,
     check: bool | dict[str, Any] = False,
+    group: Any = None,
 ) -> Callable[[Any], Autotuner]:
     """Decorator for auto-tuning a ``triton.jit`` function, remembering results in a book.
 
@@ -544,6 +545,11 @@ def autotune(
       computes a different answer is recorded as failed ("wrong result: ..."). ``True`` or
       a dict of ``rtol``, ``atol``, ``ignore`` (argument names), ``max_bytes``; see
       docs/result-checking.md.
+
+    * ``group`` — a ``torch.distributed`` process group (``TUNEBOOK_DISTRIBUTED=1``: the
+      default group) whose ranks tune each new key together: they split the candidates, one
+      rank chooses and writes the book, and every rank launches the same config. Keys only
+      some ranks reach never hang the job (docs/distributed.md).
 
     ``configs`` may also be a :class:`tunebook.Space`, a declarative config space, and a
     ``key`` name may be a :func:`tunebook.bucket` to bucket its values. Options are checked

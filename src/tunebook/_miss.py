@@ -19,10 +19,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import _compat, _misses, _policy, _settings, _stats
+from . import _compat, _distributed, _misses, _policy, _settings, _stats
 from ._bench import QUANTILES
 from ._book import Entry, Page, config_id, config_record
 from ._call import Call
@@ -137,13 +137,44 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
             return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
     near = _policy.nearest(miss.key, page.entries.values()) if page is not None else []
     hints = _policy.hints(miss.ids, near, page.sibling_winners(miss.key)) if page is not None else []
-    bench = _bench_function(tuner, miss.call, miss.candidates)
+    team = _distributed.team(options.group) if page is not None else None
+    if team is not None and page is not None:
+        from . import _collective  # only jobs that tune together need it
+
+        return _collective.tune_together(
+            team,
+            page,
+            miss.key,
+            miss.text,
+            miss.ids,
+            hints,
+            entry,
+            lambda share: _tune_some(miss, entry, None, hints, share),
+        )
+    return _tune_some(miss, entry, page, hints, list(range(len(miss.candidates))))
+
+
+def _tune_some(
+    miss: Miss, entry: Entry | None, page: Page | None, hints: list[int], indices: list[int]
+) -> Outcome:
+    """Tune the candidates at ``indices`` (all of them, or this rank's share in a group), persisting
+    in ``page`` (None: remembered for this call only, e.g. a share another rank writes)."""
+    tuner, options = miss.tuner, miss.tuner.options
+    configs = [miss.candidates[i] for i in indices]
+    ids = [miss.ids[i] for i in indices]
+    local = {g: k for k, g in enumerate(indices)}
+    budget = _policy.effective_budget(options.budget, len(miss.candidates))
+    if budget.max_configs is not None and len(indices) < len(miss.candidates):
+        # A share of the candidates gets its share of the budget.
+        share = -(-budget.max_configs * len(indices) // len(miss.candidates))
+        budget = replace(budget, max_configs=max(1, share))
+    bench = _bench_function(tuner, miss.call, configs)
     job = KeyTuning(
         key_text=miss.text,
         key=stored_key(miss.key),
-        configs=miss.candidates,
-        ids=miss.ids,
-        records=[tuner.config_index.record_of(c) for c in miss.candidates],
+        configs=configs,
+        ids=ids,
+        records=[tuner.config_index.record_of(c) for c in configs],
         known=entry,
         timers=tuner.timers(),
         bench=bench,
@@ -153,17 +184,21 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
         ),
         precompile=_precompiler(tuner, miss.call),
         strategy=options.strategy,
-        budget=_policy.effective_budget(options.budget, len(miss.candidates)),
-        hints=hints,
+        budget=budget,
+        hints=[local[h] for h in hints if h in local],
         seed=options.seed,
         progress=Progress(tuner.label, miss.key),
     )
     try:
-        return tune_key(job)
+        outcome = tune_key(job)
     finally:
         restore = getattr(bench, "restore", None)
         if restore is not None:
             restore()  # the caller's own launch sees its original inputs
+    if len(indices) == len(miss.candidates):
+        return outcome
+    mine = {cid: r for cid, r in outcome.entry.results.items() if cid in set(ids)}
+    return replace(outcome, entry=replace(outcome.entry, results=mine))
 
 
 def _bench_function(

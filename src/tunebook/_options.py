@@ -46,6 +46,7 @@ class Options:
     isolate: bool = False  # measure new keys in a worker process
     isolate_timeout: float = 300.0  # seconds without progress before a candidate counts as hung
     check: Mapping[str, Any] | None = None  # result checking: None (off) or its settings
+    group: Any = None  # a torch.distributed ProcessGroup whose ranks tune each key together
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "books", tuple(Path(p) for p in self.books))

@@ -57,6 +57,21 @@ TUNEBOOK_REDIS_URL = Setting(
     "",
     "A Redis server holding a book shared by a fleet (redis://host:port/db); needs tunebook[redis].",
 )
+TUNEBOOK_DISTRIBUTED = Setting(
+    "TUNEBOOK_DISTRIBUTED",
+    "0",
+    "1: kernels without group= tune collectively in the default group of an initialized torch.distributed.",
+)
+TUNEBOOK_DISTRIBUTED_JOIN_S = Setting(
+    "TUNEBOOK_DISTRIBUTED_JOIN_S",
+    "5",
+    "Seconds the first rank to miss a key waits for the others before tuning with those that came.",
+)
+TUNEBOOK_DISTRIBUTED_WAIT_S = Setting(
+    "TUNEBOOK_DISTRIBUTED_WAIT_S",
+    "900",
+    "Seconds a rank waits for the group's decision on a key before it tunes alone (a dead or hung rank).",
+)
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
@@ -70,6 +85,9 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_MODE,
     TUNEBOOK_PROGRESS,
     TUNEBOOK_REDIS_URL,
+    TUNEBOOK_DISTRIBUTED,
+    TUNEBOOK_DISTRIBUTED_JOIN_S,
+    TUNEBOOK_DISTRIBUTED_WAIT_S,
     TRITON_PRINT_AUTOTUNING,
     TRITON_INTERPRET,
 )
@@ -116,6 +134,33 @@ def progress() -> str:
     if value in {"0", "false", "no", "off"}:
         return "0"
     return "auto"
+
+
+def distributed() -> bool:
+    """Whether kernels without ``group=`` tune in torch.distributed's default group."""
+    return TUNEBOOK_DISTRIBUTED.raw().strip().lower() in _TRUE
+
+
+def _seconds(setting: Setting) -> float:
+    raw = setting.raw().strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigurationError(
+            f"{setting.name}={raw!r} is not a number of seconds; expected a positive number, e.g. "
+            f"{setting.default}. Unset it to use the default."
+        )
+    return value
+
+
+def distributed_join_s() -> float:
+    return _seconds(TUNEBOOK_DISTRIBUTED_JOIN_S)
+
+
+def distributed_wait_s() -> float:
+    return _seconds(TUNEBOOK_DISTRIBUTED_WAIT_S)
 
 
 def print_autotuning() -> bool:

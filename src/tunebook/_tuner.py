@@ -235,7 +235,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         confirmed = {job.ids[i]: time_one(i, job.timers.full, False) for i in to_confirm}
         save({cid: r for cid, r in confirmed.items() if r is not None})
 
-    chosen = _tie_aware_choice(results, job.ids, job.hints)
+    chosen = tie_aware_choice(results, job.ids, job.hints)
     seconds = time.perf_counter() - start
     if entry is None or chosen or measured:
         entry = job.persist({}, chosen or "", seconds)
@@ -250,7 +250,7 @@ def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
     return {**record.get("kwargs", {}), **{k: v for k, v in record.items() if k != "kwargs"}}
 
 
-def _tie_aware_choice(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> str | None:
+def tie_aware_choice(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> str | None:
     """The fastest config, unless a hinted one is within TIE_TOLERANCE of it.
 
     The same tolerance decides at read time (Entry.best), so the process that tuned and

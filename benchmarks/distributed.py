@@ -1,0 +1,214 @@
+"""Issue 16: the same winner on every rank, and the tuning work split across ranks.
+
+The pack's RMSNorm kernel (near-tied configs: it is memory-bound) over many new keys, in a
+group of ``--world`` processes, one GPU each (NCCL); three phases, each in a fresh group and
+a fresh book per rank:
+
+1. ``triton.autotune`` over the same candidates: every rank tunes every key itself;
+2. tunebook, every rank alone (no group): every rank tunes every key itself;
+3. tunebook in the group (``TUNEBOOK_DISTRIBUTED=1``): the ranks split the candidates and
+   one rank decides.
+
+Reports the keys whose winners differ between ranks (phases 1 and 3; tunebook's target is 0)
+and the tuning wall time of phase 3 against phase 2 (target at most 0.6 on 2 GPUs).
+
+    python benchmarks/distributed.py --out DIR [--world 2]     # 2 GPUs
+    python benchmarks/distributed.py --interpret --out DIR     # CPU: gloo, the interpreter, 2 keys
+
+Prints a table last; writes DIR/distributed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _harness as harness
+
+HIDDEN = (1024, 2048, 5120, 6144, 7168)  # sizes the shipped books do not hold: every key is new
+TOKENS = (1, 8, 32, 128, 512)
+CPU_KEYS = ((48, 1), (80, 3))
+
+
+def _keys(interpret: bool) -> list[tuple[int, int]]:
+    return list(CPU_KEYS) if interpret else [(h, t) for h in HIDDEN for t in TOKENS]
+
+
+def _triton_kernel() -> Any:
+    """The pack's RMSNorm jit function under triton.autotune: every statically feasible config
+    of its Space, cut per call by the Space's own argument constraints (as tunebook does)."""
+    import triton
+
+    module = importlib.import_module("tunebook.kernels.rms_norm")  # the module, not the function
+    tuned = module._rms_norm_kernel
+    space = tuned.space
+
+    def candidate(config: Any) -> dict[str, Any]:
+        return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    def prune(configs: list[Any], named: dict[str, Any], **kwargs: Any) -> list[Any]:
+        args = {**named, **kwargs}
+        return [c for c in configs if all(rule(candidate(c), args) for rule in space.arg_constraints)]
+
+    configs = [space.to_config(c) for c in space.candidates()]
+    kernel = triton.autotune(
+        configs, key=[str(k) for k in tuned.keys], prune_configs_by={"early_config_prune": prune}
+    )(tuned.fn)
+    if harness.interpreting():
+        from tunebook._bench import wallclock_bench
+
+        kernel = triton.autotune(
+            configs,
+            key=[str(k) for k in tuned.keys],
+            prune_configs_by={"early_config_prune": prune},
+            do_bench=wallclock_bench,
+        )(tuned.fn)
+    return kernel
+
+
+def child(phase: str) -> None:
+    """One rank of one phase: tune every key, report the winners and the wall time."""
+    import torch
+    import torch.distributed as dist
+
+    interpret = harness.interpreting()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD"])
+    dist.init_process_group(
+        "gloo" if interpret else "nccl", init_method=os.environ["INIT"], rank=rank, world_size=world
+    )
+    module = importlib.import_module("tunebook.kernels.rms_norm")  # the module, not the function
+    kernel = _triton_kernel() if phase == "triton" else module._rms_norm_kernel
+    if phase == "triton":
+        module._rms_norm_kernel = kernel  # the op's wrapper launches whatever the module holds
+    device = harness.device()
+    winners: dict[str, Any] = {}
+    dist.barrier()
+    start = time.perf_counter()
+    for hidden, tokens in _keys(interpret):
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
+        module.rms_norm(x, w, 1e-6)
+        best = kernel.best_config
+        winners[f"{hidden}x{tokens}"] = {
+            **best.kwargs,
+            "num_warps": best.num_warps,
+            "num_stages": best.num_stages,
+        }
+    harness.synchronize()
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    import tunebook
+
+    print(
+        json.dumps(
+            {
+                "rank": rank,
+                "phase": phase,
+                "winners": winners,
+                "seconds": seconds,
+                "benchmarked": tunebook.stats()["benchmarked"],
+            }
+        ),
+        flush=True,
+    )
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_phase(phase: str, world: int, interpret: bool, scratch: Path) -> list[dict[str, Any]]:
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = []
+    for rank in range(world):
+        overrides: dict[str, str | None] = {
+            "RANK": str(rank),
+            "WORLD": str(world),
+            "INIT": init,
+            "TUNEBOOK_DIR": str(scratch / f"{phase}-book-{rank}"),
+            "TUNEBOOK_PATH": None,
+            "TUNEBOOK_MODE": "tune",
+            "TUNEBOOK_DISTRIBUTED": "1" if phase == "group" else None,
+            "TUNEBOOK_PROGRESS": "0",
+        }
+        if not interpret:
+            overrides["CUDA_VISIBLE_DEVICES"] = str(rank)
+        env = harness.child_env(interpret=interpret, **overrides)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--child", phase],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise harness.ChildFailed(f"phase {phase} rank failed:\n{out}\n{err}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def disagreements(ranks: list[dict[str, Any]]) -> list[str]:
+    """Keys whose winner is not the same on every rank."""
+    keys = ranks[0]["winners"]
+    return [k for k in keys if any(r["winners"][k] != ranks[0]["winners"][k] for r in ranks[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    harness.add_out_argument(parser)
+    parser.add_argument("--world", type=int, default=2, help="processes (one GPU each)")
+    parser.add_argument("--interpret", action="store_true", help="CPU: gloo, Triton's interpreter, 2 keys")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    out = harness.out_dir(args.out)
+    scratch = Path(tempfile.mkdtemp(prefix="tunebook-distributed-"))
+    phases = {p: run_phase(p, args.world, args.interpret, scratch) for p in ("triton", "alone", "group")}
+    wall = {p: max(r["seconds"] for r in ranks) for p, ranks in phases.items()}
+    result = {
+        **harness.platform_header(interpret=args.interpret),
+        "world": args.world,
+        "keys": len(_keys(args.interpret)),
+        "disagreements": {p: disagreements(ranks) for p, ranks in phases.items()},
+        "wall_s": wall,
+        "group_vs_alone": wall["group"] / wall["alone"],
+        "benchmarked": {p: [r["benchmarked"] for r in ranks] for p, ranks in phases.items()},
+        "phases": phases,
+    }
+    (out / "distributed.json").write_text(json.dumps(result, indent=1))
+    print(harness.header_line(result))
+    rows = [
+        (p, len(result["disagreements"][p]), wall[p], "/".join(map(str, result["benchmarked"][p])))
+        for p in ("triton", "alone", "group")
+    ]
+    print(
+        harness.table(rows, ("phase", "keys where ranks differ", "tuning wall s", "configs timed per rank"))
+    )
+    print(
+        f"group / alone wall time: {result['group_vs_alone']:.2f} (target <= 0.6), over {result['keys']} keys"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The one door to torch.distributed: which group a kernel tunes in, and that group's store.
+
+Ranks are coordinated through the process group's key-value store (the TCPStore that
+``init_process_group`` made, or the FileStore or HashStore it was given), never through
+collectives: a collective that only some ranks reach hangs the job, while every wait on the
+store here has a deadline. It works alike under NCCL and gloo, and needs nothing beyond
+torch.distributed. torch is imported only when a kernel has ``group=`` or
+``TUNEBOOK_DISTRIBUTED=1`` is set.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from . import _settings
+from ._errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Team:
+    """This process's place in the group a miss is resolved in."""
+
+    rank: int  # in the group
+    world: int  # ranks in the group
+    store: Any  # a torch.distributed.Store shared by the group's ranks
+
+
+def team(group: Any) -> Team | None:
+    """The group a miss is resolved in, or None to tune alone.
+
+    ``group`` is the kernel's ``group=`` (a ProcessGroup); without it, the default group when
+    ``TUNEBOOK_DISTRIBUTED=1`` and torch.distributed is initialized. A group of one rank is
+    tuning alone.
+    """
+    if group is None and not _settings.distributed():
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ConfigurationError(
+                "tunebook.autotune(group=...): torch.distributed is not initialized in this process; "
+                "call torch.distributed.init_process_group(...) before the kernel's first call"
+            )
+        return None  # TUNEBOOK_DISTRIBUTED=1 in a process that is not part of a job
+    pg = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(pg)
+    if world <= 1:
+        return None
+    return Team(dist.get_rank(pg), world, _store_of(pg))
+
+
+def _store_of(pg: Any) -> Any:
+    # torch keeps each group's store in a private table; both names have existed since torch 2.0.
+    from torch.distributed import distributed_c10d as c10d
+
+    if pg is c10d.GroupMember.WORLD or pg is None:
+        return c10d._get_default_store()
+    return c10d._get_process_group_store(pg)
+
+
+def wait(store: Any, keys: list[str], seconds: float) -> bool:
+    """Whether every key exists within ``seconds`` (never longer)."""
+    try:
+        store.wait(keys, datetime.timedelta(seconds=max(seconds, 0.001)))
+    except Exception:  # DistStoreError / RuntimeError on a timeout, depending on the torch version
+        return False
+    return True
