@@ -93,7 +93,10 @@ def child(phase: str) -> None:
     winners: dict[str, Any] = {}
     dist.barrier()
     start = time.perf_counter()
-    for hidden, tokens in _keys(interpret):
+    keys = _keys(interpret)
+    if phase == "triton" and os.environ.get("TRITON_KEYS"):
+        keys = keys[: int(os.environ["TRITON_KEYS"])]  # triton.autotune times every config in full: slow
+    for hidden, tokens in keys:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
         w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
         module.rms_norm(x, w, 1e-6)
@@ -129,7 +132,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_phase(phase: str, world: int, interpret: bool, scratch: Path) -> list[dict[str, Any]]:
+def run_phase(
+    phase: str, world: int, interpret: bool, scratch: Path, triton_keys: int | None = None
+) -> list[dict[str, Any]]:
     init = f"tcp://127.0.0.1:{_free_port()}"
     procs = []
     for rank in range(world):
@@ -142,6 +147,7 @@ def run_phase(phase: str, world: int, interpret: bool, scratch: Path) -> list[di
             "TUNEBOOK_MODE": "tune",
             "TUNEBOOK_DISTRIBUTED": "1" if phase == "group" else None,
             "TUNEBOOK_PROGRESS": "0",
+            "TRITON_KEYS": str(triton_keys) if triton_keys else None,
         }
         if not interpret:
             overrides["CUDA_VISIBLE_DEVICES"] = str(rank)
@@ -166,7 +172,7 @@ def run_phase(phase: str, world: int, interpret: bool, scratch: Path) -> list[di
 
 def disagreements(ranks: list[dict[str, Any]]) -> list[str]:
     """Keys whose winner is not the same on every rank."""
-    keys = ranks[0]["winners"]
+    keys = ranks[0]["winners"]  # the keys this phase ran
     return [k for k in keys if any(r["winners"][k] != ranks[0]["winners"][k] for r in ranks[1:])]
 
 
@@ -177,6 +183,9 @@ def main() -> None:
     harness.add_out_argument(parser)
     parser.add_argument("--world", type=int, default=2, help="processes (one GPU each)")
     parser.add_argument("--interpret", action="store_true", help="CPU: gloo, Triton's interpreter, 2 keys")
+    parser.add_argument(
+        "--triton-keys", type=int, default=None, help="only the first N keys for triton.autotune (it is slow)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -187,7 +196,7 @@ def main() -> None:
     header = harness.platform_header(interpret=args.interpret)
     phases: dict[str, list[dict[str, Any]]] = {}
     for phase in ("group", "alone", "triton"):  # the measurement that matters most first
-        phases[phase] = run_phase(phase, args.world, args.interpret, scratch)
+        phases[phase] = run_phase(phase, args.world, args.interpret, scratch, args.triton_keys)
         result = summary(header, args.world, args.interpret, phases)
         (out / "distributed.json").write_text(json.dumps(result, indent=1))  # kept if a later phase dies
         print(
