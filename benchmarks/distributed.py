@@ -143,6 +143,10 @@ def run_phase(
             "WORLD": str(world),
             "INIT": init,
             "TUNEBOOK_DIR": str(scratch / f"{phase}-book-{rank}"),
+            # Every phase compiles from cold: with a shared compile cache the phases after the
+            # first would find the first phase's kernels compiled, and their wall times would
+            # not compare (the first run on 2 x H200 made exactly that mistake).
+            "TRITON_CACHE_DIR": str(scratch / f"{phase}-triton-cache-{rank}"),
             "TUNEBOOK_PATH": None,
             "TUNEBOOK_MODE": "tune",
             "TUNEBOOK_DISTRIBUTED": "1" if phase == "group" else None,
