@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from ._errors import WrongResult
 from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
 from ._progress import Progress
-from ._tuner import KeyTuning, Outcome, Persist, tune_key
+from ._tuner import MAX_CONTENDERS, KeyTuning, Outcome, Persist, tune_key
 
 if TYPE_CHECKING:
     from ._autotuner import Autotuner
@@ -164,10 +165,11 @@ def _tune_some(
     ids = [miss.ids[i] for i in indices]
     local = {g: k for k, g in enumerate(indices)}
     budget = _policy.effective_budget(options.budget, len(miss.candidates))
-    if budget.max_configs is not None and len(indices) < len(miss.candidates):
-        # A share of the candidates gets its share of the budget.
-        share = -(-budget.max_configs * len(indices) // len(miss.candidates))
-        budget = replace(budget, max_configs=max(1, share))
+    fraction = len(indices) / len(miss.candidates)
+    if budget.max_configs is not None and fraction < 1:
+        # A share of the candidates gets its share of the budget, and of the full measurements
+        # of contenders: together the group measures what one rank alone would.
+        budget = replace(budget, max_configs=max(1, math.ceil(budget.max_configs * fraction)))
     bench = _bench_function(tuner, miss.call, configs)
     job = KeyTuning(
         key_text=miss.text,
@@ -188,6 +190,7 @@ def _tune_some(
         hints=[local[h] for h in hints if h in local],
         seed=options.seed,
         progress=Progress(tuner.label, miss.key),
+        max_contenders=max(1, math.ceil(MAX_CONTENDERS * fraction)),
     )
     try:
         outcome = tune_key(job)

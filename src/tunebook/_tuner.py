@@ -62,6 +62,7 @@ class KeyTuning:
     hints: Sequence[int] = ()
     seed: int = 0
     progress: Progress | None = None
+    max_contenders: int = MAX_CONTENDERS  # a rank tuning a share of a group's candidates confirms fewer
 
 
 class Observer(Protocol):
@@ -225,7 +226,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     timings = {i: results[job.ids[i]].median for i in range(n) if job.ids[i] in results}
     best_ms = min(timings.values(), default=math.inf)
     contenders = sorted((ms, i) for i, ms in timings.items() if ms <= best_ms * (1 + CONTENDER_MARGIN))
-    contenders = contenders[:MAX_CONTENDERS]
+    contenders = contenders[: job.max_contenders]
     to_confirm = [i for _, i in contenders if results[job.ids[i]].quick]
     if to_confirm:
         if job.progress is not None:
