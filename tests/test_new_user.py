@@ -94,3 +94,15 @@ def test_a_served_key_follows_a_cache_entry_the_caller_writes(monkeypatch):
     torch.testing.assert_close(out, x + y)
     assert kernel.best_config is kernel.configs[1]
     assert replay.measured == []
+
+
+def test_a_book_directory_that_is_a_file_is_named_as_such(tmp_path, monkeypatch):
+    a_file = tmp_path / "book.json"
+    a_file.write_text("{}")
+    monkeypatch.setenv("TUNEBOOK_DIR", str(a_file))
+    kernel = tunebook.autotune(block_configs(32, 64), key=["n"])(add_kernel)
+    x, y, out = vectors(100)
+    with pytest.warns(tunebook.BookWarning, match="is a file, not a directory") as caught:
+        kernel[grid_1d(100)](x, y, out, 100)
+    torch.testing.assert_close(out, x + y)
+    assert "Errno" not in str(caught[0].message)

@@ -208,6 +208,15 @@ def merge_write(path: Path, news: Document) -> Document | None:
             "tunebook: cannot write to book directory %s (%s); tuning results of this process are "
             "kept in memory only. Point TUNEBOOK_DIR at a writable directory to remember them.",
             path.parent,
-            exc,
+            _why_not_writable(path.parent, exc),
         )
     return None
+
+
+def _why_not_writable(directory: Path, exc: BaseException) -> str:
+    """The reason a book directory cannot be written, in words that fit the situation."""
+    for part in (directory, *directory.parents):
+        if part.exists() and not part.is_dir():
+            where = "it" if part == directory else f"{part}, a part of its path,"
+            return f"{where} is a file, not a directory"
+    return str(exc)
