@@ -69,3 +69,44 @@ def test_tune_command_lists_the_attention_keys(
     assert len(decode) == 11 and not any("context': 32768} tokens=256" in line for line in decode)
     assert sum("varlen_attention" in line for line in lines) == 5
     assert sum("reshape_and_cache" in line for line in lines) == 4
+
+
+def test_offline_tuning_rebuilds_meaningful_calls() -> None:
+    """``tunebook tune`` rebuilds a call from a key (and the recorded call's layout, whose
+    index tensors would be all zeros): the attention kernels' ``inputs=`` factories give
+    real lengths, shuffled block tables and distinct slots, and the calls compute right."""
+    import torch
+
+    from tunebook.kernels.paged_attention_decode import _paged_attention_decode_kernel
+    from tunebook.kernels.reshape_and_cache import _reshape_and_cache_kernel
+    from tunebook.kernels.varlen_attention import _varlen_attention_kernel
+
+    from .attention_reference import attention
+
+    key = {"batch": 2, "max_context_len": 20, "NQ": 2, "NK": 1, "HEAD_SIZE": 16, "PAGE": 16}
+    grid, args, kwargs = _paged_attention_decode_kernel.options.inputs({"call": None, "key": key})
+    q, k_cache, v_cache, table, lens, out = args[0], args[3], args[7], args[11], args[13], args[14]
+    assert q.dtype == torch.bfloat16 and lens.tolist() == [20, 20]
+    assert sorted(table.flatten().tolist()) == list(range(4))
+    _paged_attention_decode_kernel[grid](*args, **kwargs)
+    t = torch.arange(20)
+    for b in range(2):
+        blocks = table[b, t // 16].long()
+        expected = attention(q[b : b + 1], k_cache[blocks, t % 16], v_cache[blocks, t % 16], causal=False)
+        torch.testing.assert_close(out[b].double(), expected[0], atol=2**-6, rtol=2**-6)
+
+    fp16_call = {"args": [{"tensor": {"shape": [12, 2, 16], "dtype": "torch.float16"}}]}
+    key = {"max_seqlen_q": 8, "max_seqlen_k": 24, "NQ": 2, "NK": 1, "HEAD_SIZE": 16, "CAUSAL": True}
+    key |= {"HAS_PREFIX": True, "PAGE": 16}
+    grid, args, kwargs = _varlen_attention_kernel.options.inputs({"call": fp16_call, "key": key})
+    assert args[0].shape == (12, 2, 16) and args[0].dtype == torch.float16
+    assert args[12].tolist() == [0, 8, 10, 12] and args[24].tolist() == [16, 16, 16]  # cu_seqlens, prefixes
+    _varlen_attention_kernel[grid](*args, **kwargs)
+    assert torch.isfinite(args[9]).all()
+
+    key = {"n_tokens": 5, "NK": 1, "HEAD_SIZE": 16}
+    grid, args, kwargs = _reshape_and_cache_kernel.options.inputs({"call": None, "key": key})
+    slots = args[14]
+    assert len(set(slots.tolist())) == 5
+    _reshape_and_cache_kernel[grid](*args, **kwargs)
+    assert torch.equal(args[6].view(-1, 1, 16)[slots], args[0])

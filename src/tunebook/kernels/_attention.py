@@ -133,6 +133,33 @@ def softmax_scale(scale: float | None, head_size: int) -> float:
     return float(head_size) ** -0.5 if scale is None else float(scale)
 
 
+# ----------------------------------------------------------------------- offline tuning
+
+
+def recorded_dtype(call: Any, arg: str, kernel: Any) -> torch.dtype:
+    """The dtype of argument ``arg`` in a recorded call description (``tunebook._calls``),
+    bfloat16 when there is none (keys declared on the command line). Descriptions come from
+    books, which are untrusted: only the pack's float dtypes are accepted.
+
+    >>> from tunebook.kernels.paged_attention_decode import _paged_attention_decode_kernel as kernel
+    >>> recorded_dtype({"args": [{"tensor": {"dtype": "torch.float16"}}]}, "q_ptr", kernel)
+    torch.float16
+    >>> recorded_dtype(None, "q_ptr", kernel), recorded_dtype({"args": [{"value": 3}]}, "q_ptr", kernel)
+    (torch.bfloat16, torch.bfloat16)
+    """
+    names = list(getattr(kernel, "fn", kernel).arg_names)
+    try:
+        text = call["args"][names.index(arg)]["tensor"]["dtype"]
+    except (TypeError, KeyError, IndexError, ValueError):
+        return torch.bfloat16
+    by_name = {str(d): d for d in c.FLOAT_DTYPES}
+    return by_name.get(text, torch.bfloat16)
+
+
+def tuning_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # ----------------------------------------------------------------------- the tile loop
 
 

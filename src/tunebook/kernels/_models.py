@@ -248,9 +248,11 @@ def _varlen_attention_shapes(m: Model) -> list[dict[str, Any]]:
 
 
 def _varlen_attention_build(make: Maker, shape: dict[str, Any], tokens: int) -> BuiltWithFlops:
-    """Causal prefill of ``tokens`` packed tokens in sequences of mixed lengths (up to
-    ``seqlen``), each on top of ``prefix`` tokens in the paged cache (none when 0)."""
+    """Prefill of ``tokens`` packed tokens in sequences of mixed lengths (up to ``seqlen``),
+    each on top of ``prefix`` tokens in the paged cache (none when 0); causal unless the
+    shape says ``"causal": False``."""
     n_q, n_kv, hs, prefix = (shape[k] for k in ("n_q", "n_kv", "head_size", "prefix"))
+    causal = shape.get("causal", True)
     lengths = mixed_lengths(shape["seqlen"], tokens)
     batch = len(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=make.device)
@@ -273,21 +275,22 @@ def _varlen_attention_build(make: Maker, shape: dict[str, Any], tokens: int) -> 
         q, k, v, out = t["q"], t["k"], t["v"], t["out"]
         kc, vc, table, lens = (t.get(n) for n in ("k_cache", "v_cache", "block_table", "prefix_lens"))
         return _varlen_attention(
-            q, k, v, cu, cu, True, None, longest, longest + prefix, kc, vc, table, lens, out, config
+            q, k, v, cu, cu, causal, None, longest, longest + prefix, kc, vc, table, lens, out, config
         )
 
     moved = (
         2 * n_q + 2 * n_kv
     ) * tokens * hs * make.itemsize + 2 * batch * prefix * n_kv * hs * make.itemsize
-    # Each row sees its prefix and the rows up to itself: two products of head_size per key.
-    pairs = sum(n * (n + 1) // 2 + n * prefix for n in lengths)
+    # Each row sees its prefix and the rows up to itself (all rows without causal): two
+    # products of head_size per key.
+    pairs = sum((n * (n + 1) // 2 if causal else n * n) + n * prefix for n in lengths)
     key = {
         "max_seqlen_q": longest,
         "max_seqlen_k": longest + prefix,
         "NQ": n_q,
         "NK": n_kv,
         "HEAD_SIZE": hs,
-        "CAUSAL": True,
+        "CAUSAL": causal,
         "HAS_PREFIX": bool(prefix),
         "PAGE": PAGE if prefix else 0,
     }

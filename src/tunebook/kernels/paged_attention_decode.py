@@ -118,6 +118,7 @@ def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     SPACE,
     key=[c.token_bucket("batch"), a.context_bucket("max_context_len"), "NQ", "NK", "HEAD_SIZE", "PAGE"],
     hand_picked=hand_picked,
+    inputs=lambda description: _inputs(description),
 )
 @triton.jit(do_not_specialize=["batch", "max_context_len"])
 def _paged_attention_decode_kernel(
@@ -320,6 +321,29 @@ def _paged_attention_decode(
             f"max_context_len={max_context_len} is more than the block table holds ({block_table.shape[1]} "
             f"blocks of {page} tokens); widen the table",
         )
+    grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)
+    if config is None:
+        _paged_attention_decode_kernel[grid](*args)
+    else:
+        _paged_attention_decode_kernel.fn[grid(config)](*args, **config)
+    return out
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None,
+    max_context_len: int,
+    out: torch.Tensor,
+    config: dict[str, int] | None,
+) -> tuple[Any, tuple[Any, ...]]:
+    """The kernel's grid and arguments for checked inputs (the workspace sized for the
+    largest SPLITS the call allows, or ``config``'s)."""
+    batch, n_q, head_size = q.shape
+    n_kv, page = k_cache.shape[2], k_cache.shape[1]
     table = a.rows_contiguous(block_table)
     block_g = a.dot_floor(n_q // n_kv)
     block_d = a.dot_floor(head_size)
@@ -344,8 +368,22 @@ def _paged_attention_decode(
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (batch, n_kv, meta["SPLITS"])
 
-    if config is None:
-        _paged_attention_decode_kernel[grid](*args)
-    else:
-        _paged_attention_decode_kernel.fn[grid(config)](*args, **config)
-    return out
+    return grid, args
+
+
+def _inputs(description: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A call of the key's shape for offline tuning (``tunebook tune``): ``batch`` sequences
+    of ``max_context_len`` tokens in shuffled blocks, as the benchmarks build them (a
+    recorded call's layout alone would give zero lengths and an all-zero block table)."""
+    from . import _models
+
+    key = description["key"]
+    shape = {"n_q": key["NQ"], "n_kv": key["NK"], "head_size": key["HEAD_SIZE"], "page": key["PAGE"]}
+    dtype = a.recorded_dtype(description.get("call"), "q_ptr", _paged_attention_decode_kernel)
+    w = _models.workload(
+        _OP, {**shape, "context": key["max_context_len"]}, key["batch"], dtype, a.tuning_device()
+    )
+    t = w.tensors
+    tensors = (t["q"], t["k_cache"], t["v_cache"], t["block_table"], t["context_lens"])
+    grid, args = _launch(*tensors, None, key["max_context_len"], t["out"], None)
+    return grid, args, {}

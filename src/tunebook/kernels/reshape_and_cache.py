@@ -59,7 +59,13 @@ def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     return {"BLOCK_T": 1, "BLOCK_H": triton.next_power_of_2(key["NK"]), "num_warps": 4}
 
 
-@c.autotune(_OP, SPACE, key=[c.token_bucket("n_tokens"), "NK", "HEAD_SIZE"], hand_picked=hand_picked)
+@c.autotune(
+    _OP,
+    SPACE,
+    key=[c.token_bucket("n_tokens"), "NK", "HEAD_SIZE"],
+    hand_picked=hand_picked,
+    inputs=lambda description: _inputs(description),
+)
 @triton.jit(do_not_specialize=["n_tokens"])
 def _reshape_and_cache_kernel(
     key_ptr,
@@ -143,7 +149,7 @@ def _reshape_and_cache(
             f"{tuple(value.shape)} {value.dtype}",
         )
     n_tokens, n_kv, head_size = key.shape
-    page = a.check_cache(_OP, k_cache, v_cache, n_kv, head_size, key.dtype)
+    a.check_cache(_OP, k_cache, v_cache, n_kv, head_size, key.dtype)
     a.check_index(_OP, "slot_mapping", slot_mapping, 1)
     if slot_mapping.shape[0] != n_tokens:
         c.fail(
@@ -158,17 +164,44 @@ def _reshape_and_cache(
                 c.fail(_OP, f"{name} shares memory with the cache it is written into; pass a separate tensor")
     if n_tokens == 0 or head_size == 0:
         return
+    grid, args = _launch(key, value, k_cache, v_cache, slot_mapping)
+    if config is None:
+        _reshape_and_cache_kernel[grid](*args)
+    else:
+        _reshape_and_cache_kernel.fn[grid(config)](*args, **config)
+
+
+def _launch(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[Any, tuple[Any, ...]]:
+    """The kernel's grid and arguments for checked inputs."""
+    n_tokens, n_kv, head_size = key.shape
     slots = a.rows_contiguous(slot_mapping)
     args = (
         *(key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1)),
         *(k_cache, *k_cache.stride()[:3], v_cache, *v_cache.stride()[:3]),
-        *(slots, n_tokens, n_kv, head_size, page, triton.next_power_of_2(head_size)),
+        *(slots, n_tokens, n_kv, head_size, k_cache.shape[1], triton.next_power_of_2(head_size)),
     )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(n_kv, meta["BLOCK_H"]))
 
-    if config is None:
-        _reshape_and_cache_kernel[grid](*args)
-    else:
-        _reshape_and_cache_kernel.fn[grid(config)](*args, **config)
+    return grid, args
+
+
+def _inputs(description: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A call of the key's shape for offline tuning (``tunebook tune``): ``n_tokens``
+    tokens written into shuffled blocks of 16, as the benchmarks build them (a recorded
+    call's layout alone would send every token to slot 0)."""
+    from . import _models
+
+    key = description["key"]
+    shape = {"n_kv": key["NK"], "head_size": key["HEAD_SIZE"], "page": _models.PAGE}
+    dtype = a.recorded_dtype(description.get("call"), "key_ptr", _reshape_and_cache_kernel)
+    t = _models.workload(_OP, shape, key["n_tokens"], dtype, a.tuning_device()).tensors
+    grid, args = _launch(t["key"], t["value"], t["k_cache"], t["v_cache"], t["slot_mapping"])
+    return grid, args, {}

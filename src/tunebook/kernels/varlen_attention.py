@@ -107,6 +107,7 @@ def hand_picked(key: dict[str, Any]) -> dict[str, int]:
         "PAGE",
     ],
     hand_picked=hand_picked,
+    inputs=lambda description: _inputs(description),
 )
 @triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k"])
 def _varlen_attention_kernel(
@@ -275,8 +276,8 @@ def varlen_attention(
     )  # fmt: skip
 
 
-def _check(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, paged: tuple[Any, Any, Any, Any]) -> int:
-    """Validate the inputs; returns the block size (0 without a prefix)."""
+def _check(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, paged: tuple[Any, Any, Any, Any]) -> None:
+    """Validate the inputs (the paged prefix's four tensors all given, or none)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         a.check_heads(_OP, name, t)
     if k.shape != v.shape or k.shape[2] != q.shape[2] or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -305,8 +306,8 @@ def _check(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, paged: tuple[Any, Any, 
         k_cache=k_cache, v_cache=v_cache, block_table=block_table, prefix_lens=prefix_lens,
     )  # fmt: skip
     if not all(given):
-        return 0
-    page = a.check_cache(_OP, k_cache, v_cache, k.shape[1], q.shape[2], q.dtype)
+        return
+    a.check_cache(_OP, k_cache, v_cache, k.shape[1], q.shape[2], q.dtype)
     a.check_index(_OP, "block_table", block_table, 2)
     a.check_index(_OP, "prefix_lens", prefix_lens, 1)
     batch = cu_q.shape[0] - 1
@@ -316,7 +317,6 @@ def _check(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, paged: tuple[Any, Any, 
             f"block_table and prefix_lens must have one row per sequence ({batch}); found "
             f"{tuple(block_table.shape)} and {tuple(prefix_lens.shape)}",
         )
-    return page
 
 
 def _varlen_attention(
@@ -338,7 +338,7 @@ def _varlen_attention(
 ) -> torch.Tensor:
     """:func:`varlen_attention`, launched with ``config`` (BLOCK_M, BLOCK_N, num_warps,
     num_stages) instead of the tuned one when given: tests and benchmarks use it."""
-    page = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, (k_cache, v_cache, block_table, prefix_lens))
+    _check(q, k, v, cu_seqlens_q, cu_seqlens_k, (k_cache, v_cache, block_table, prefix_lens))
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     else:
@@ -357,22 +357,52 @@ def _varlen_attention(
         )  # waits for the GPU
     if max_seqlen_q <= 0:
         return out
+    paged = None
+    if k_cache is not None and v_cache is not None and block_table is not None and prefix_lens is not None:
+        paged = (k_cache, v_cache, block_table, prefix_lens)
+    grid, args = _launch(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, max_seqlen_q, max_seqlen_k, paged, out
+    )
+    if config is None:
+        _varlen_attention_kernel[grid](*args)
+    else:
+        _varlen_attention_kernel.fn[grid(config)](*args, **config)
+    return out
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    out: torch.Tensor,
+) -> tuple[Any, tuple[Any, ...]]:
+    """The kernel's grid and arguments for checked inputs; ``paged``: the caches, block
+    table and prefix lengths, or None."""
     n_q, n_kv, head_size = q.shape[1], k.shape[1], q.shape[2]
-    if page:
-        kc, vc, table, prefix = k_cache, v_cache, a.rows_contiguous(block_table), prefix_lens  # type: ignore[arg-type]
-        cache_strides: tuple[int, ...] = (*kc.stride()[:3], *vc.stride()[:3])  # type: ignore[union-attr]
+    batch = cu_seqlens_q.shape[0] - 1
+    if paged is not None:
+        kc, vc, table, prefix = paged
+        table = a.rows_contiguous(table)
+        page = kc.shape[1]
+        cache_args = (kc, *kc.stride()[:3], vc, *vc.stride()[:3], table, table.stride(0), prefix)
     else:  # never read: HAS_PREFIX is off
-        kc, vc, table, prefix = k, v, cu_seqlens_q, cu_seqlens_q
-        cache_strides = (0, 0, 0, 0, 0, 0)
+        page = 0
+        cache_args = (k, 0, 0, 0, v, 0, 0, 0, cu_seqlens_q, 0, cu_seqlens_q)
     args = (
         *(q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1)),
         *(out, out.stride(0), out.stride(1), cu_seqlens_q, cu_seqlens_k),
-        *(kc, *cache_strides[:3], vc, *cache_strides[3:]),
-        *(table, table.stride(0) if page else 0, prefix),
+        *cache_args,
         a.softmax_scale(scale, head_size) * a.LOG2E,
         int(max_seqlen_q),
         max(int(max_seqlen_k), 1),
-        *(n_q, n_kv, head_size, bool(causal), bool(page), page),
+        *(n_q, n_kv, head_size, bool(causal), paged is not None, page),
         a.dot_floor(head_size),
         dot_mode(q.dtype),
     )
@@ -380,8 +410,36 @@ def _varlen_attention(
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (triton.cdiv(int(max_seqlen_q), meta["BLOCK_M"]), n_q, batch)
 
-    if config is None:
-        _varlen_attention_kernel[grid](*args)
-    else:
-        _varlen_attention_kernel.fn[grid(config)](*args, **config)
-    return out
+    return grid, args
+
+
+def _inputs(description: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A call of the key's shape for offline tuning (``tunebook tune``): as many tokens as
+    the recorded call had (8192 without one), packed in sequences of mixed lengths up to
+    ``max_seqlen_q``, each on a prefix of ``max_seqlen_k - max_seqlen_q`` cached tokens if
+    the key has one, as the benchmarks build them (a recorded call's layout alone would give
+    all-zero offsets and block tables)."""
+    from . import _models
+
+    key, call = description["key"], description.get("call")
+    longest = int(key["max_seqlen_q"])
+    try:
+        tokens = int(call["args"][0]["tensor"]["shape"][0])  # type: ignore[index]
+    except (TypeError, KeyError, IndexError, ValueError):
+        tokens = max(longest, _models.PREFILL_TOKENS[0])
+    shape = {
+        "n_q": key["NQ"],
+        "n_kv": key["NK"],
+        "head_size": key["HEAD_SIZE"],
+        "seqlen": longest,
+        "prefix": max(int(key["max_seqlen_k"]) - longest, 1) if key["HAS_PREFIX"] else 0,
+        "causal": bool(key["CAUSAL"]),
+    }
+    dtype = a.recorded_dtype(call, "q_ptr", _varlen_attention_kernel)
+    t = _models.workload(_OP, shape, max(tokens, 1), dtype, a.tuning_device()).tensors
+    cu = t["cu_seqlens"]
+    paged = (t["k_cache"], t["v_cache"], t["block_table"], t["prefix_lens"]) if shape["prefix"] else None
+    grid, args = _launch(
+        t["q"], t["k"], t["v"], cu, cu, shape["causal"], None, longest, key["max_seqlen_k"], paged, t["out"]
+    )
+    return grid, args, {}
