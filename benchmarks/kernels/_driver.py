@@ -109,24 +109,95 @@ def _compiled(fn: Callable[..., Any], cache: dict[Any, Any]) -> Callable[..., An
     return cache[fn]
 
 
+class Session:
+    """One benchmark run of an op, shared by the pack's benchmark loops: the environment set
+    before Triton is imported, the op's module and kernel, the copy ceiling measured first,
+    the results file (rewritten after every workload, so a deadline or a crash leaves what
+    was measured), the deadline, and the header and the closing table."""
+
+    def __init__(
+        self, op: str, opts: argparse.Namespace, timer: _timing.Timer, argv: Sequence[str] | None
+    ) -> None:
+        _setup_env(opts)
+        import triton
+
+        self.op, self.opts = op, opts
+        self.module = importlib.import_module(f"tunebook.kernels.{op}")
+        self.kernel = getattr(self.module, f"_{op}_kernel")
+        self.out_dir = Path(opts.out)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.monotonic()
+        self.device = "cpu" if opts.dry_run else "cuda"
+        rounds = max(opts.rounds // 3, 3)
+        self.copy_gbps = _timing.copy_bandwidth(timer, (16 if opts.dry_run else 1024) << 20, rounds)
+        self.meta: dict[str, Any] = {
+            "op": op,
+            "device": "cpu (Triton interpreter)" if opts.dry_run else torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+            "mode": opts.mode,
+            "book": os.environ["TUNEBOOK_DIR"],
+            "rounds": opts.rounds,
+            "copy_gbps": self.copy_gbps,
+            "argv": list(argv if argv is not None else sys.argv[1:]),
+        }
+        self.results: list[dict[str, Any]] = []
+        device, book = self.meta["device"], self.meta["book"]
+        print(f"{op}: {device}, device copy {self.copy_gbps:.0f} GB/s; book {book}", flush=True)
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / f"{self.op}.json"
+
+    def run(
+        self,
+        jobs: Sequence[tuple[dict[str, Any], int, Callable[[], Any]]],
+        measure: Callable[[Any], dict[str, Any]],
+        line: Callable[[dict[str, Any]], str],
+    ) -> None:
+        """Measure each ``(shape, tokens, build)`` job's workload (built one at a time: the
+        largest take gigabytes) until the deadline, which skips the rest."""
+        last_cost = 0.0
+        for shape, tokens, build in jobs:
+            if time.monotonic() - self.start + last_cost > self.opts.deadline:
+                self.results.append({"shape": dict(shape), "tokens": tokens, "skipped": "deadline"})
+                continue
+            t0 = time.monotonic()
+            w = build()
+            self.results.append(measure(w))
+            del w
+            print(
+                f"  {self.results[-1]['label']}: {line(self.results[-1])} ({time.monotonic() - t0:.1f}s)",
+                flush=True,
+            )
+            last_cost = time.monotonic() - t0
+            _write(self.path, self.meta, self.results)
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+
+    def finish(self, summary: Callable[[list[dict[str, Any]]], str]) -> int:
+        import tunebook
+
+        self.meta["seconds"] = time.monotonic() - self.start
+        self.meta["stats"] = tunebook.stats()
+        _write(self.path, self.meta, self.results)
+        print(f"\n{self.op} on {self.meta['device']} ({self.meta['seconds']:.0f}s; {self.path}):")
+        print(summary(self.results))
+        return 0
+
+
 def main(op: str, reference: Callable[[Any], Reference], argv: Sequence[str] | None = None) -> int:
     """Run the benchmark of ``op``; ``reference(workload)`` gives its PyTorch reference."""
     opts = _parse(op, argv)
-    _setup_env(opts)
-    import triton
-
-    import tunebook
-    from tunebook.kernels import _models
-
-    module = importlib.import_module(f"tunebook.kernels.{op}")
-    kernel = getattr(module, f"_{op}_kernel")
-    out_dir = Path(opts.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
     timer: _timing.Timer = (
         _timing.WallTimer(opts.launches) if opts.dry_run else _timing.GraphTimer(opts.launches)
     )
-    device = "cpu" if opts.dry_run else "cuda"
+    session = Session(op, opts, timer, argv)
+    from tunebook.kernels import _models
+
+    session.meta["launches_per_graph"] = opts.launches
     if not opts.no_compile:
         # Dynamo recompiles a function whose token count changed once with that dimension
         # dynamic (automatic dynamic shapes), as vLLM compiles: one graph per (shape, dtype)
@@ -134,48 +205,22 @@ def main(op: str, reference: Callable[[Any], Reference], argv: Sequence[str] | N
         torch._dynamo.config.cache_size_limit = 256
         if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
             torch._dynamo.config.accumulated_cache_size_limit = 4096
-
-    copy_gbps = _timing.copy_bandwidth(timer, (16 if opts.dry_run else 1024) << 20, max(opts.rounds // 3, 3))
-    meta = {
-        "op": op,
-        "device": "cpu (Triton interpreter)" if opts.dry_run else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-        "mode": opts.mode,
-        "book": os.environ["TUNEBOOK_DIR"],
-        "launches_per_graph": opts.launches,
-        "rounds": opts.rounds,
-        "copy_gbps": copy_gbps,
-        "argv": list(argv if argv is not None else sys.argv[1:]),
-    }
-    print(f"{op}: {meta['device']}, device copy {copy_gbps:.0f} GB/s; book {meta['book']}", flush=True)
     models = _models.select_models(opts.models)
-    tokens = [int(t) for t in opts.tokens.split(",")] if opts.tokens else list(_models.TOKENS)
+    tokens = [int(t) for t in opts.tokens.split(",")] if opts.tokens else None  # None: the op's own
     dtypes = [_models.DTYPES[d] for d in opts.dtypes.split(",")]
     compiled: dict[Any, Any] = {}
-    results: list[dict[str, Any]] = []
-    last_cost = 0.0
-    for job in _models.plan([op], models, tokens, dtypes):
-        if time.monotonic() - start + last_cost > opts.deadline:
-            results.append({"shape": dict(job.shape), "tokens": job.tokens, "skipped": "deadline"})
-            continue
-        t0 = time.monotonic()
-        w = job.build(device)
-        results.append(_measure(w, opts, timer, module, kernel, reference, compiled, copy_gbps))
-        del w
-        print(f"  {results[-1]['label']}: {_line(results[-1])} ({time.monotonic() - t0:.1f}s)", flush=True)
-        last_cost = time.monotonic() - t0
-        _write(out_dir / f"{op}.json", meta, results)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    meta["seconds"] = time.monotonic() - start
-    meta["stats"] = tunebook.stats()
-    _write(out_dir / f"{op}.json", meta, results)
-    print(f"\n{op} on {meta['device']} ({meta['seconds']:.0f}s; {out_dir / f'{op}.json'}):")
-    print(_summary(results, copy_gbps))
-    return 0
+    jobs = [
+        (dict(job.shape), job.tokens, lambda job=job: job.build(session.device))
+        for job in _models.plan([op], models, tokens, dtypes)
+    ]
+
+    def measure(w: Any) -> dict[str, Any]:
+        return _measure(
+            w, opts, timer, session.module, session.kernel, reference, compiled, session.copy_gbps
+        )
+
+    session.run(jobs, measure, _line)
+    return session.finish(lambda results: _summary(results, session.copy_gbps))
 
 
 def _measure(
@@ -220,15 +265,21 @@ def _measure(
         }
         for name, s in series.items()
     }
-    ratios = (
-        {
-            f"{name}/tunebook": _timing.ratio(s, series["tunebook"])
-            for name, s in series.items()
-            if name != "tunebook"
-        }
-        if "tunebook" in series
-        else {}
-    )
+    return {
+        **_record(w, tuned, hand, before, after, t0),
+        "max_rel_error_vs_eager": error,
+        "timings": timings,
+        "ratios": _ratios(series),
+        "errors": errors,
+        "samples_us": {name: s.us for name, s in series.items()},
+    }
+
+
+def _record(
+    w: Any, tuned: dict[str, Any], hand: Any, before: dict[str, Any], after: dict[str, Any], t0: float
+) -> dict[str, Any]:
+    """A result's description: the workload, both configs, and how the key was decided
+    (``before``/``after``: tunebook.stats() around the first call, made at ``t0``)."""
     return {
         "label": w.label,
         "op": w.op,
@@ -245,12 +296,15 @@ def _measure(
             "fallback": after["fallbacks"] > before["fallbacks"],
             "seconds": time.perf_counter() - t0,
         },
-        "max_rel_error_vs_eager": error,
-        "timings": timings,
-        "ratios": ratios,
-        "errors": errors,
-        "samples_us": {name: s.us for name, s in series.items()},
     }
+
+
+def _ratios(series: dict[str, _timing.Series]) -> dict[str, float]:
+    """Each variant's time over tunebook's (median of per-round ratios)."""
+    if "tunebook" not in series:
+        return {}
+    tb = series["tunebook"]
+    return {f"{n}/tunebook": _timing.ratio(s, tb) for n, s in series.items() if n != "tunebook"}
 
 
 def _line(r: dict[str, Any]) -> str:

@@ -24,11 +24,22 @@ from typing import Any
 
 TOKENS = (1, 16, 256, 4096)
 ELEMENTWISE_MODELS = "llama-3-8b,smollm2-135m"
+# The attention ops at their own default token counts and shapes (tunebook.kernels._models:
+# decode batches 1, 16, 64, 256 x contexts 512, 8k, 32k; prefill 8192 packed tokens; cache
+# writes of 1 to 4096 tokens), by default on every head layout of the pack's models
+# (Mixtral shares Llama-3-8B's); --attention-models narrows it to the layouts shipped.
+ATTENTION_OPS = ("reshape_and_cache", "paged_attention_decode", "varlen_attention")
+ATTENTION_MODELS = "llama-3-8b,llama-3-70b-tp4,llama-3-70b-tp8,qwen2.5-7b,smollm2-135m"
+DRY_ATTENTION = {  # tiny shapes for the interpreter
+    "reshape_and_cache": ({"n_kv": 1, "head_size": 16, "page": 16}, 3),
+    "paged_attention_decode": ({"n_q": 2, "n_kv": 1, "head_size": 16, "page": 16, "context": 40}, 2),
+    "varlen_attention": ({"n_q": 2, "n_kv": 1, "head_size": 16, "seqlen": 20, "prefix": 18}, 24),
+}
 LINEAR = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 MIXTRAL = (8, 4096, 14336, 2)  # experts, hidden, intermediate, top-k
 
 
-def calls(dry_run: bool, device: str) -> list[tuple[str, Any]]:
+def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) -> list[tuple[str, Any]]:
     """(op, a no-argument call) for every shipped key."""
     import torch
 
@@ -58,6 +69,20 @@ def calls(dry_run: bool, device: str) -> list[tuple[str, Any]]:
         weights, ids = torch.topk(torch.randn(m, e, generator=g).softmax(-1), top_k)
         args = (x, w13, w2, weights.to(device), ids.to(device))
         out.append(("fused_moe", lambda a=args: fused_moe(*a)))
+    # Built when called, one at a time: a decode workload's cache takes up to 8.6 GB.
+    if dry_run:
+        for op, (shape, n) in DRY_ATTENTION.items():
+            out.append(
+                (
+                    op,
+                    lambda op=op, shape=shape, n=n: _models.workload(
+                        op, shape, n, torch.bfloat16, device
+                    ).run(None),
+                )
+            )
+    else:
+        for planned in _models.plan(ATTENTION_OPS, _models.select_models(attention_models)):
+            out.append((planned.op, lambda p=planned: p.build(device).run(None)))
     return out
 
 
@@ -65,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes")
+    p.add_argument("--attention-models", default=ATTENTION_MODELS, help="head layouts of the attention ops")
     args = p.parse_args(argv)
     os.environ["TUNEBOOK_MODE"] = "serve"
     os.environ["TUNEBOOK_DIR"] = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
@@ -77,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     rows: dict[str, dict[str, Any]] = {}
-    for op, call in calls(args.dry_run, device):
+    for op, call in calls(args.dry_run, device, args.attention_models):
         before = tunebook.stats()
         call()
         after = tunebook.stats()
@@ -94,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_check.json").write_text(json.dumps(result, indent=1))
     print(f"serve mode, books only, {result['device']}:")
-    print(f"{'op':18s} {'calls':>6s} {'benchmarked':>12s} {'fallbacks':>10s} {'book hits':>10s}")
+    print(f"{'op':24s} {'calls':>6s} {'benchmarked':>12s} {'fallbacks':>10s} {'book hits':>10s}")
     for r in rows.values():
         counts = f"{r['calls']:6d} {r['benchmarked']:12d} {r['fallbacks']:10d} {r['book_hits']:10d}"
-        print(f"{r['op']:18s} {counts}")
+        print(f"{r['op']:24s} {counts}")
     return 0
 
 

@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels"
-WORKLOADS = {"rms_norm": 4, "silu_and_mul": 2, "rotary_embedding": 2}  # SmolLM2 shapes x 2 token counts
+WORKLOADS = {
+    "rms_norm": 4,
+    "silu_and_mul": 2,
+    "rotary_embedding": 2,
+    "reshape_and_cache": 2,
+}  # SmolLM2 x 2 token counts
 
 
-@pytest.mark.slow  # three processes, ~15 s
+@pytest.mark.slow  # four processes, ~15 s
 def test_every_script_dry_runs(tmp_path: Path) -> None:
     env = {**os.environ, "TUNEBOOK_MODE": "tune"}
     env.pop("TRITON_INTERPRET", None)  # --dry-run must set it itself

@@ -23,7 +23,8 @@ from tunebook.kernels.rotary_embedding import _rotary_embedding_kernel
 from tunebook.kernels.silu_and_mul import _silu_and_mul_kernel
 
 chosen = []
-for job in _models.plan(models=_models.select_models("smollm2-135m"), tokens=[1]):
+ops = ("rms_norm", "silu_and_mul", "rotary_embedding")
+for job in _models.plan(ops, models=_models.select_models("smollm2-135m"), tokens=[1]):
     job.build("cpu").run(None)
     kernel = {"rms_norm": _rms_norm_kernel, "silu_and_mul": _silu_and_mul_kernel,
               "rotary_embedding": _rotary_embedding_kernel}[job.op]
@@ -38,6 +39,8 @@ def test_tune_command_then_serve_from_the_book(book_dir: Path, tmp_path: Path) -
         "tune",
         "--out",
         str(book_dir),
+        "--ops",
+        "rms_norm,silu_and_mul,rotary_embedding",
         "--models",
         "smollm2-135m",
         "--tokens",

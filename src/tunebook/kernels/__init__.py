@@ -9,6 +9,11 @@ Ops (one module each, Liger-Kernel's layout; docs/kernels.md has the math, keys 
 * :func:`linear` — ``x @ weight.T (+ bias)``, decode (split-K) to prefill sizes.
 * :func:`fused_moe` — top-k routed experts: grouped GEMM, SiLU-and-mul, grouped GEMM,
   weighted sum.
+* :func:`paged_attention_decode` — one query token per sequence over a paged KV cache
+  (GQA, split-KV flash-decoding chosen by the tuner).
+* :func:`varlen_attention` — packed causal prefill (GQA), optionally on top of a prefix in
+  the paged KV cache (chunked prefill, prefix caching).
+* :func:`reshape_and_cache` — write new tokens' keys and values into the paged KV cache.
 
 Every kernel is tuned per key (the token count bucketed onto 1, 2, 4, ..., 8192; the other
 sizes exactly; the dtypes) and remembered in a book. Books tuned on the GPUs we measured
@@ -47,16 +52,22 @@ require(
 from ._common import BOOKS_DIR  # noqa: E402  (after the check: these import torch)
 from .fused_moe import fused_moe  # noqa: E402
 from .linear import linear  # noqa: E402
+from .paged_attention_decode import paged_attention_decode  # noqa: E402
+from .reshape_and_cache import reshape_and_cache  # noqa: E402
 from .rms_norm import rms_norm  # noqa: E402
 from .rotary_embedding import cos_sin_cache, rotary_embedding  # noqa: E402
 from .silu_and_mul import silu_and_mul  # noqa: E402
+from .varlen_attention import varlen_attention  # noqa: E402
 
 __all__ = [
     "BOOKS_DIR",
     "cos_sin_cache",
     "fused_moe",
     "linear",
+    "paged_attention_decode",
+    "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
     "silu_and_mul",
+    "varlen_attention",
 ]

@@ -7,7 +7,10 @@
 Each (op shape, token count, dtype) of the models in ``tunebook.kernels._models`` is called
 once in ``tune`` mode with ``TUNEBOOK_DIR=--out``: every key the book lacks is tuned and
 written there as it is measured, so an interrupted run resumes where it stopped. Copy the
-resulting files into ``src/tunebook/kernels/books/`` to ship them.
+resulting files into ``src/tunebook/kernels/books/`` to ship them. Token counts default to
+each op's own: 1..8192 for the elementwise ops, 1, 16, 256 and 4096 for the cache write,
+batch sizes 1, 16, 64 and 256 for decode attention (its context lengths, 512, 8192 and
+32768, are part of its shapes), 8192 packed tokens for prefill attention.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     tune = sub.add_parser("tune", help="tune the pack's kernels over model shapes into a book directory")
     tune.add_argument("--out", required=True, help="book directory to write (becomes TUNEBOOK_DIR)")
-    tune.add_argument("--ops", default="rms_norm,silu_and_mul,rotary_embedding", help="comma-separated ops")
+    tune.add_argument("--ops", default=None, help="comma-separated ops (default: all of them)")
     tune.add_argument("--models", default=None, help="comma-separated model names (default: all)")
-    tune.add_argument("--tokens", default=None, help="comma-separated token counts (default: 1,2,4,...,8192)")
+    tune.add_argument(
+        "--tokens",
+        default=None,
+        help="comma-separated token counts (decode: batch sizes; default: each op's own)",
+    )
     tune.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32 (default: bf16)")
     tune.add_argument(
         "--max-configs", type=int, default=None, help="configs measured per key (default: tunebook's, 10%%)"
@@ -58,8 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"unknown dtype(s) {', '.join(unknown)}; known: {', '.join(_models.DTYPES)}")
         dtypes = [_models.DTYPES[d] for d in args.dtypes.split(",")]
-        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(_models.TOKENS)
-        jobs = _models.plan(args.ops.split(","), _models.select_models(args.models), tokens, dtypes)
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
+        ops = args.ops.split(",") if args.ops else list(_models.OPS)
+        jobs = _models.plan(ops, _models.select_models(args.models), tokens, dtypes)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

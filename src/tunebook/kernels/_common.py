@@ -125,12 +125,14 @@ def autotune(
     space: tunebook.Space,
     key: Sequence[str],
     hand_picked: Callable[[dict[str, Any]], Mapping[str, int]],
+    inputs: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Callable[[Any], tunebook.Autotuner]:
     """``tunebook.autotune`` with the pack's options (module docstring).
 
     ``hand_picked(named_key) -> config dict`` is the op's conventional config for a key
     (``named_key`` maps the key's argument names to the call's values); ``serve`` mode
-    falls back to it.
+    falls back to it. ``inputs`` rebuilds a call for offline tuning where random tensors of
+    the recorded layout would not do (block tables, lengths): ``tunebook.autotune``'s.
     """
     names = [str(k) for k in key]
 
@@ -146,6 +148,7 @@ def autotune(
         name=f"tunebook.kernels.{op}",
         max_configs=max_configs(),
         fallback=fallback,
+        inputs=inputs,
     )
 
 

@@ -5,8 +5,10 @@
 the op's inputs and preallocated outputs on a device, a ``run(config)`` that launches it
 (the tuned config when ``config`` is None), and the bytes it must move at the least.
 
-An op takes part through one entry of :data:`OPS`: a function giving its shapes in a
-model, and one building a call of it.
+An op takes part through one entry of :data:`OPS` (an :class:`Op`): a function giving its
+shapes in a model, one building a call of it, and the token counts it is tuned at by
+default. For decode attention the "token count" is the batch (one token per sequence) and
+the context length is part of the shape.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from typing import Any
 
 import torch
 
+from .paged_attention_decode import _paged_attention_decode
+from .reshape_and_cache import _reshape_and_cache
 from .rms_norm import _rms_norm
 from .rotary_embedding import _rotary_embedding, cos_sin_cache
 from .silu_and_mul import _silu_and_mul
+from .varlen_attention import _varlen_attention
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,20 @@ MODELS: tuple[Model, ...] = (
 TOKENS: tuple[int, ...] = tuple(2**i for i in range(14))  # 1 .. 8192: one per token bucket
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_POSITION = 8192
+PAGE = 16  # KV-cache block size (tokens per block), vLLM's default
+# Decode attention: batch sizes and context lengths tuned by default (keys of the book;
+# a bucket in between is served by the nearest tuned one), at most DECODE_MAX_TOKENS cached
+# tokens per call (8.6 GB of bf16 K/V for 8 KV heads of 128: one layer's cache for 256
+# sequences of 8k, or 64 of 32k). 11 keys per head layout.
+DECODE_BATCHES: tuple[int, ...] = (1, 16, 64, 256)
+DECODE_CONTEXTS: tuple[int, ...] = (512, 8192, 32768)
+DECODE_MAX_TOKENS = 1 << 21
+# Cache writes: a decode step writes one token per sequence, a prefill thousands.
+CACHE_TOKENS: tuple[int, ...] = (1, 16, 256, 4096)
+# Prefill: packed tokens per call, and (longest sequence, cached prefix) pairs: whole
+# prompts of 512 to 8192 tokens, and chunks of 512 and 2048 on top of a cached prefix.
+PREFILL_TOKENS: tuple[int, ...] = (8192,)
+PREFILL_SHAPES: tuple[tuple[int, int], ...] = ((512, 0), (2048, 0), (8192, 0), (512, 3584), (2048, 6144))
 
 
 @dataclass
@@ -59,6 +78,7 @@ class Workload:
     bytes: int  # read and written, each byte once
     key: dict[str, Any]  # the kernel's key values, by name (what hand_picked() takes)
     models: list[str] = field(default_factory=list)
+    flops: int = 0  # floating-point operations of the math (attention), 0 where bytes are the measure
 
     @property
     def label(self) -> str:
@@ -80,6 +100,17 @@ class Maker:
     def empty(self, *size: int) -> torch.Tensor:
         return torch.empty(size, dtype=self.dtype, device=self.device)
 
+    def randn_on_device(self, *size: int) -> torch.Tensor:
+        """Like :meth:`randn`, drawn on the device itself (seeded from ``gen``): a KV cache of
+        gigabytes takes milliseconds there and minutes on the host."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
+        device_gen = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn(size, generator=device_gen, device=self.device, dtype=self.dtype)
+
+    def permutation(self, n: int) -> torch.Tensor:
+        """``0 .. n-1`` shuffled, int32, on the device (block ids in no particular order)."""
+        return torch.randperm(n, generator=self.gen).to(device=self.device, dtype=torch.int32)
+
     @property
     def itemsize(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
@@ -90,7 +121,8 @@ class Maker:
 # moves and its kernel's key values.
 
 Run = Callable[[dict[str, int] | None], Any]
-Built = tuple[dict[str, torch.Tensor], Run, int, dict[str, Any]]
+Built = tuple[dict[str, torch.Tensor], Run, int, dict[str, Any]]  # tensors, launcher, bytes, key
+BuiltWithFlops = tuple[dict[str, torch.Tensor], Run, int, dict[str, Any], int]  # ... and flops
 
 
 def _rms_norm_shapes(m: Model) -> list[dict[str, Any]]:
@@ -153,18 +185,176 @@ def _rotary_embedding_build(make: Maker, shape: dict[str, Any], tokens: int) -> 
     return t, run, moved, key
 
 
-OPS: dict[
-    str, tuple[Callable[[Model], list[dict[str, Any]]], Callable[[Maker, dict[str, Any], int], Built]]
-] = {
-    "rms_norm": (_rms_norm_shapes, _rms_norm_build),
-    "silu_and_mul": (_silu_and_mul_shapes, _silu_and_mul_build),
-    "rotary_embedding": (_rotary_embedding_shapes, _rotary_embedding_build),
+def _attention_shapes(m: Model) -> dict[str, Any]:
+    return {"n_q": m.n_q_heads, "n_kv": m.n_kv_heads, "head_size": m.head_size}
+
+
+def _paged_attention_decode_shapes(m: Model) -> list[dict[str, Any]]:
+    return [{**_attention_shapes(m), "page": PAGE, "context": n} for n in DECODE_CONTEXTS]
+
+
+def _paged_attention_decode_fits(shape: dict[str, Any], batch: int) -> bool:
+    return batch * shape["context"] <= DECODE_MAX_TOKENS
+
+
+def _paged_attention_decode_build(make: Maker, shape: dict[str, Any], batch: int) -> Built:
+    """``batch`` sequences of ``context`` cached tokens each, their blocks shuffled."""
+    n_q, n_kv, hs, page, context = (shape[k] for k in ("n_q", "n_kv", "head_size", "page", "context"))
+    per_seq = -(-context // page)
+    t = {
+        "q": make.randn(batch, n_q, hs),
+        "k_cache": make.randn_on_device(batch * per_seq, page, n_kv, hs),
+        "v_cache": make.randn_on_device(batch * per_seq, page, n_kv, hs),
+        "block_table": make.permutation(batch * per_seq).view(batch, per_seq),
+        "context_lens": torch.full((batch,), context, dtype=torch.int32, device=make.device),
+        "out": make.empty(batch, n_q, hs),
+    }
+
+    def run(config: dict[str, int] | None) -> Any:
+        return _paged_attention_decode(
+            t["q"],
+            t["k_cache"],
+            t["v_cache"],
+            t["block_table"],
+            t["context_lens"],
+            None,
+            context,
+            t["out"],
+            config,
+        )
+
+    kv = 2 * batch * context * n_kv * hs * make.itemsize
+    moved = kv + 2 * batch * n_q * hs * make.itemsize + batch * per_seq * 4
+    key = {"batch": batch, "max_context_len": context, "NQ": n_q, "NK": n_kv, "HEAD_SIZE": hs, "PAGE": page}
+    return t, run, moved, key
+
+
+def mixed_lengths(longest: int, tokens: int) -> list[int]:
+    """Sequence lengths that pack ``tokens`` tokens: ``longest``, a quarter, a half and three
+    quarters of it, in turn, the last one cut short.
+
+    >>> mixed_lengths(8, 30), mixed_lengths(512, 100)
+    ([8, 2, 4, 6, 8, 2], [100])
+    """
+    lengths: list[int] = []
+    pattern = [longest, longest // 4, longest // 2, 3 * longest // 4]
+    while sum(lengths) < tokens:
+        lengths.append(min(max(1, pattern[len(lengths) % 4]), tokens - sum(lengths)))
+    return lengths
+
+
+def _varlen_attention_shapes(m: Model) -> list[dict[str, Any]]:
+    return [{**_attention_shapes(m), "seqlen": n, "prefix": p} for n, p in PREFILL_SHAPES]
+
+
+def _varlen_attention_build(make: Maker, shape: dict[str, Any], tokens: int) -> BuiltWithFlops:
+    """Prefill of ``tokens`` packed tokens in sequences of mixed lengths (up to ``seqlen``),
+    each on top of ``prefix`` tokens in the paged cache (none when 0); causal unless the
+    shape says ``"causal": False``."""
+    n_q, n_kv, hs, prefix = (shape[k] for k in ("n_q", "n_kv", "head_size", "prefix"))
+    causal = shape.get("causal", True)
+    lengths = mixed_lengths(shape["seqlen"], tokens)
+    batch = len(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=make.device)
+    t = {
+        "q": make.randn_on_device(tokens, n_q, hs),
+        "k": make.randn_on_device(tokens, n_kv, hs),
+        "v": make.randn_on_device(tokens, n_kv, hs),
+        "cu_seqlens": cu,
+        "out": make.empty(tokens, n_q, hs),
+    }
+    if prefix:
+        per_seq = -(-prefix // PAGE)
+        t["k_cache"] = make.randn_on_device(batch * per_seq, PAGE, n_kv, hs)
+        t["v_cache"] = make.randn_on_device(batch * per_seq, PAGE, n_kv, hs)
+        t["block_table"] = make.permutation(batch * per_seq).view(batch, per_seq)
+        t["prefix_lens"] = torch.full((batch,), prefix, dtype=torch.int32, device=make.device)
+    longest = max(lengths)
+
+    def run(config: dict[str, int] | None) -> Any:
+        q, k, v, out = t["q"], t["k"], t["v"], t["out"]
+        kc, vc, table, lens = (t.get(n) for n in ("k_cache", "v_cache", "block_table", "prefix_lens"))
+        return _varlen_attention(
+            q, k, v, cu, cu, causal, None, longest, longest + prefix, kc, vc, table, lens, out, config
+        )
+
+    moved = (
+        2 * n_q + 2 * n_kv
+    ) * tokens * hs * make.itemsize + 2 * batch * prefix * n_kv * hs * make.itemsize
+    # Each row sees its prefix and the rows up to itself (all rows without causal): two
+    # products of head_size per key.
+    pairs = sum((n * (n + 1) // 2 if causal else n * n) + n * prefix for n in lengths)
+    key = {
+        "max_seqlen_q": longest,
+        "max_seqlen_k": longest + prefix,
+        "NQ": n_q,
+        "NK": n_kv,
+        "HEAD_SIZE": hs,
+        "CAUSAL": causal,
+        "HAS_PREFIX": bool(prefix),
+        "PAGE": PAGE if prefix else 0,
+    }
+    return t, run, moved, key, 4 * pairs * hs * n_q
+
+
+def _reshape_and_cache_shapes(m: Model) -> list[dict[str, Any]]:
+    return [{"n_kv": m.n_kv_heads, "head_size": m.head_size, "page": PAGE}]
+
+
+def _reshape_and_cache_build(make: Maker, shape: dict[str, Any], tokens: int) -> Built:
+    """``tokens`` new tokens written into shuffled blocks of a zeroed cache twice their size."""
+    n_kv, hs, page = shape["n_kv"], shape["head_size"], shape["page"]
+    blocks = 2 * -(-tokens // page)
+    order = make.permutation(blocks).long()
+    pos = torch.arange(tokens, device=make.device)
+    t = {
+        "key": make.randn(tokens, n_kv, hs),
+        "value": make.randn(tokens, n_kv, hs),
+        "k_cache": torch.zeros(blocks, page, n_kv, hs, dtype=make.dtype, device=make.device),
+        "v_cache": torch.zeros(blocks, page, n_kv, hs, dtype=make.dtype, device=make.device),
+        "slot_mapping": order[pos // page] * page + pos % page,
+    }
+
+    def run(config: dict[str, int] | None) -> Any:
+        _reshape_and_cache(t["key"], t["value"], t["k_cache"], t["v_cache"], t["slot_mapping"], config)
+        return t["k_cache"], t["v_cache"]
+
+    moved = 4 * tokens * n_kv * hs * make.itemsize + 8 * tokens
+    return t, run, moved, {"n_tokens": tokens, "NK": n_kv, "HEAD_SIZE": hs}
+
+
+Shapes = Callable[[Model], list[dict[str, Any]]]
+Build = Callable[[Maker, dict[str, Any], int], Built | BuiltWithFlops]
+
+
+@dataclass(frozen=True)
+class Op:
+    """How an op takes part: its shapes in a model, how one call is built, the token counts
+    it is tuned at unless told otherwise, and which (shape, token count) pairs are worth a
+    call at all."""
+
+    shapes: Shapes
+    build: Build
+    tokens: tuple[int, ...] = TOKENS
+    fits: Callable[[dict[str, Any], int], bool] = lambda shape, tokens: True
+
+
+OPS: dict[str, Op] = {
+    "rms_norm": Op(_rms_norm_shapes, _rms_norm_build),
+    "silu_and_mul": Op(_silu_and_mul_shapes, _silu_and_mul_build),
+    "rotary_embedding": Op(_rotary_embedding_shapes, _rotary_embedding_build),
+    "reshape_and_cache": Op(_reshape_and_cache_shapes, _reshape_and_cache_build, CACHE_TOKENS),
+    "paged_attention_decode": Op(
+        _paged_attention_decode_shapes,
+        _paged_attention_decode_build,
+        DECODE_BATCHES,
+        _paged_attention_decode_fits,
+    ),
+    "varlen_attention": Op(_varlen_attention_shapes, _varlen_attention_build, PREFILL_TOKENS),
 }
 
 
-def _op(
-    op: str,
-) -> tuple[Callable[[Model], list[dict[str, Any]]], Callable[[Maker, dict[str, Any], int], Built]]:
+def _op(op: str) -> Op:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; the pack's ops are {', '.join(OPS)}")
     return OPS[op]
@@ -177,7 +367,7 @@ def shapes(op: str, models: Sequence[Model] = MODELS) -> dict[tuple[tuple[str, A
     """The distinct shapes of ``op`` over ``models`` -> the models that have each."""
     out: dict[tuple[tuple[str, Any], ...], list[str]] = {}
     for m in models:
-        for shape in _op(op)[0](m):
+        for shape in _op(op).shapes(m):
             out.setdefault(tuple(shape.items()), []).append(m.name)
     return out
 
@@ -187,8 +377,8 @@ def workload(
 ) -> Workload:
     """``op`` on fresh inputs of ``shape`` with ``tokens`` tokens (seeded), on ``device``."""
     make = Maker(dtype, device, torch.Generator(device="cpu").manual_seed(seed))
-    tensors, run, moved, key = _op(op)[1](make, shape, tokens)
-    return Workload(op, dict(shape), tokens, dtype, tensors, run, moved, key)
+    tensors, run, moved, key, *flops = _op(op).build(make, shape, tokens)
+    return Workload(op, dict(shape), tokens, dtype, tensors, run, moved, key, flops=sum(flops))
 
 
 @dataclass(frozen=True)
@@ -210,16 +400,19 @@ class Planned:
 def plan(
     ops: Sequence[str] = tuple(OPS),
     models: Sequence[Model] = MODELS,
-    tokens: Sequence[int] = TOKENS,
+    tokens: Sequence[int] | None = None,
     dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
 ) -> list[Planned]:
-    """Every (op, shape, dtype, token count) over ``models``, in that nesting order."""
+    """Every (op, shape, dtype, token count) over ``models``, in that nesting order; token
+    counts are each op's own (:attr:`Op.tokens`) unless given, and pairs an op does not
+    call (:attr:`Op.fits`) are left out."""
     return [
         Planned(op, shape, n, dtype, tuple(names))
         for op in ops
         for shape, names in shapes(op, models).items()
         for dtype in dtypes
-        for n in tokens
+        for n in (_op(op).tokens if tokens is None else tokens)
+        if _op(op).fits(dict(shape), n)
     ]
 
 

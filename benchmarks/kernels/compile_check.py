@@ -1,0 +1,177 @@
+"""Compile the attention kernels for an NVIDIA GPU without one: does each build, and what
+does ptxas say about its registers, spills and shared memory?
+
+Triton's interpreter runs the kernels' logic on a CPU but never compiles them, so code that
+the GPU compiler rejects (a layout it cannot lower, a tile ``tl.dot`` refuses) and configs
+that spill registers only show up on a GPU. This compiles chosen configs to a cubin with the
+ptxas bundled in Triton's wheel, marking pointers and strides 16-divisible as a launch
+specializes them (without that, loads are not vectorized and the register counts mislead),
+and reads the resource usage with cuobjdump.
+
+    python benchmarks/kernels/compile_check.py                 # a few configs per kernel, sm_90
+    python benchmarks/kernels/compile_check.py --arch 80 --kernels decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled JIT functions, not interpreted ones
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# (layout, kernel meta-parameters, num_warps, num_stages) to compile, per kernel.
+DECODE = [
+    ((32, 8, 128), {"BLOCK_N": 16, "SPLITS": 16}, 4, 3),  # the hand-picked launch
+    ((32, 8, 128), {"BLOCK_N": 64, "SPLITS": 1}, 4, 2),
+    ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 8}, 8, 1),
+    ((9, 3, 64), {"BLOCK_N": 256, "SPLITS": 4}, 8, 2),
+]
+VARLEN = [
+    (
+        (32, 8, 128),
+        {"BLOCK_M": 128, "BLOCK_N": 128, "CAUSAL": True, "HAS_PREFIX": False},
+        8,
+        1,
+    ),  # hand-picked
+    ((32, 8, 128), {"BLOCK_M": 128, "BLOCK_N": 64, "CAUSAL": True, "HAS_PREFIX": True}, 8, 3),
+    ((32, 8, 128), {"BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": True, "HAS_PREFIX": False}, 4, 3),
+    ((9, 3, 64), {"BLOCK_M": 64, "BLOCK_N": 32, "CAUSAL": False, "HAS_PREFIX": True}, 4, 2),
+]
+CACHE = [((8, 128), {"BLOCK_T": 1, "BLOCK_H": 8}, 4, 1), ((3, 64), {"BLOCK_T": 4, "BLOCK_H": 2}, 1, 1)]
+
+
+def compile_one(
+    jit: Any,
+    pointer_types: dict[str, str],
+    consts: dict[str, Any],
+    num_warps: int,
+    num_stages: int,
+    arch: int,
+) -> tuple[float, Any]:
+    """Compile ``jit`` with ``consts`` fixed; other arguments are i32 (fp32 for the softmax
+    scale) unless ``pointer_types`` names them."""
+    signature = {}
+    for name in jit.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = pointer_types.get(name, "fp32" if name == "qk_scale" else "i32")
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(jit.arg_names)
+        if name not in consts and (signature[name].startswith("*") or "stride" in name)
+    }
+    target = GPUTarget("cuda", arch, 32)
+    options = triton.compiler.make_backend(target).parse_options(
+        {"num_warps": num_warps, "num_stages": num_stages}
+    )
+    t0 = time.perf_counter()
+    kernel = triton.compile(
+        ASTSource(jit, signature, constexprs=consts, attrs=attrs), target=target, options=options.__dict__
+    )
+    return time.perf_counter() - t0, kernel
+
+
+def usage(kernel: Any) -> dict[str, int]:
+    """Registers, spill (stack) bytes and static shared memory from cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"(REG|STACK):(\d+)", text))
+    return {"registers": int(found.get("REG", -1)), "spill_bytes": int(found.get("STACK", -1))}
+
+
+def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    nq, nk, hs = layout
+    return {
+        "NQ": nq,
+        "NK": nk,
+        "HEAD_SIZE": hs,
+        "PAGE": 16,
+        "BLOCK_G": 16,
+        "BLOCK_D": hs,
+        "DOT": "native",
+        **meta,
+    }
+
+
+def _varlen(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    nq, nk, hs = layout
+    paged = meta["HAS_PREFIX"]
+    return {
+        "NQ": nq,
+        "NK": nk,
+        "HEAD_SIZE": hs,
+        "PAGE": 16 if paged else 0,
+        "BLOCK_D": hs,
+        "DOT": "native",
+        **meta,
+    }
+
+
+def _cache(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    nk, hs = layout
+    return {"NK": nk, "HEAD_SIZE": hs, "PAGE": 16, "BLOCK_D": hs, **meta}
+
+
+def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., dict[str, Any]]]]:
+    from tunebook.kernels.paged_attention_decode import _paged_attention_decode_kernel
+    from tunebook.kernels.reshape_and_cache import _reshape_and_cache_kernel
+    from tunebook.kernels.varlen_attention import _varlen_attention_kernel
+
+    bf16 = "*bf16"
+    decode_ptrs = {"q_ptr": bf16, "k_cache_ptr": bf16, "v_cache_ptr": bf16, "out_ptr": bf16}
+    decode_ptrs |= {
+        "ws_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        "table_ptr": "*i32",
+        "lens_ptr": "*i32",
+        "lock_ptr": "*i32",
+    }
+    varlen_ptrs = {n: bf16 for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "kc_ptr", "vc_ptr")}
+    varlen_ptrs |= {n: "*i32" for n in ("cu_q_ptr", "cu_k_ptr", "table_ptr", "prefix_ptr")}
+    cache_ptrs = {n: bf16 for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")} | {
+        "slot_ptr": "*i64"
+    }
+    return {
+        "decode": (_paged_attention_decode_kernel.fn, decode_ptrs, DECODE, _decode),
+        "varlen": (_varlen_attention_kernel.fn, varlen_ptrs, VARLEN, _varlen),
+        "cache": (_reshape_and_cache_kernel.fn, cache_ptrs, CACHE, _cache),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    p.add_argument("--kernels", default="decode,varlen,cache", help="comma-separated: decode, varlen, cache")
+    p.add_argument("--first", action="store_true", help="only the first config of each kernel")
+    args = p.parse_args(argv)
+    table = kernels()
+    print(f"sm_{args.arch}, Triton {triton.__version__}")
+    for name in args.kernels.split(","):
+        jit, pointers, configs, consts_of = table[name]
+        for layout, meta, warps, stages in configs[:1] if args.first else configs:
+            seconds, kernel = compile_one(jit, pointers, consts_of(layout, meta), warps, stages, args.arch)
+            found = usage(kernel)
+            print(
+                f"{name:7s} {layout} {meta} warps={warps} stages={stages}: {found['registers']} registers, "
+                f"{found['spill_bytes']} spill bytes, {kernel.metadata.shared} B shared, {seconds:.1f} s"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Decode attention over a paged KV cache: one query token per sequence, grouped-query heads.
+
+For sequence ``b`` with ``L = context_lens[b]`` cached tokens, query head ``h`` and its KV
+head ``h // (NQ / NK)``, in fp32::
+
+    s_t   = scale * q[b, h] . K[b, t, h // G]          t < L        (G = NQ / NK)
+    out[b, h] = sum_t softmax(s)_t V[b, t, h // G]                  (0 when L = 0)
+
+where token ``t`` of sequence ``b`` is ``cache[block_table[b, t // block_size], t %
+block_size]`` (the layout is in ``_attention``). A sequence with ``L <= 0`` reads nothing
+and gets a zero output (an unused batch slot, e.g. padding up to a CUDA graph's batch
+size); block-table entries past ``cdiv(L, block_size)`` are never read and may hold
+anything (-1 included).
+
+Kernel: a program takes one (sequence, KV head, split): the ``G`` query heads that share
+the KV head ride in one tile (padded to 16 rows for ``tl.dot``), so each key and value is
+read from memory once per sequence, not once per query head. Its keys are walked in tiles
+of ``BLOCK_N`` through the block table. **Split-KV (flash-decoding):** with ``SPLITS > 1``
+a sequence's tiles are dealt into ``SPLITS`` contiguous ranges read by as many programs,
+which fills the GPU when a few long sequences would leave most SMs idle. Each split stores
+its normalized partial output and log-sum-exp in a workspace and bumps the (sequence, KV
+head) arrival counter (after a block barrier, with an acq_rel atomic); the program that
+arrives last merges the splits in split order (``out = sum_s w_s o_s / sum_s w_s``,
+``w_s = exp2(lse_s - max lse)``: the same bits whichever arrives last), stores the output
+and resets the counter. One launch, no second reduction kernel: the tuner times a split
+config at its whole cost, and chooses ``SPLITS`` per key like any other parameter.
+
+The key: the batch size bucketed onto serving batch sizes, the longest context bucketed
+onto powers of two (``max_context_len``), query heads, KV heads, head size and block size
+exactly, and the dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+import tunebook
+
+from . import _attention as a
+from . import _common as c
+from ._attention import NO_SCORE, attend_tiles, normalized
+from ._gemm_common import SMEM_BYTES, Scratch, dot_mode
+
+_OP = "paged_attention_decode"
+
+# A split config launches batch * NK * SPLITS programs; past ~15 waves on a 132-SM GPU more
+# splits only add partial outputs to merge. It also caps the workspace (fp32, G rows of
+# BLOCK_D per program) at 2048 * G * BLOCK_D * 4 bytes: 4 MiB for Llama-3-8B's layout.
+MAX_SPLIT_PROGRAMS = 2048
+# Elements of a K (or V) tile each thread holds: more spills registers, fewer idles lanes.
+MAX_TILE_PER_THREAD = 64
+MIN_TILE_PER_THREAD = 8
+SPLITS = [1, 2, 4, 8, 16, 32, 64]
+
+_workspace = Scratch("paged_attention_decode.workspace", zeroed=False)
+_lse = Scratch("paged_attention_decode.lse", zeroed=False)
+_counters = Scratch("paged_attention_decode.counters", zeroed=True)  # kept at zero between launches
+
+
+def max_splits(batch: int, n_kv: int, context: int) -> int:
+    """The largest SPLITS a call may use: each split gets one 16-key tile at least, and the
+    launch stays within MAX_SPLIT_PROGRAMS programs (batch and context as bucketed)."""
+    best = 1
+    for s in SPLITS:
+        if c.bucket_of(batch) * n_kv * s <= MAX_SPLIT_PROGRAMS and a.context_of(context) >= 16 * s:
+            best = s
+    return best
+
+
+def _feasible(cfg: dict[str, Any]) -> bool:
+    return cfg["num_stages"] == 1 or cfg["BLOCK_N"] >= 16
+
+
+def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
+    block_d = triton.next_power_of_2(args["HEAD_SIZE"])
+    per_thread = cfg["BLOCK_N"] * block_d / (32 * cfg["num_warps"])
+    if not MIN_TILE_PER_THREAD <= per_thread <= MAX_TILE_PER_THREAD:
+        return False
+    context = a.context_of(args["max_context_len"])
+    if cfg["BLOCK_N"] > context:
+        return False  # a tile longer than every sequence: masked-off keys
+    splits = cfg["SPLITS"]
+    if splits > max_splits(args["batch"], args["NK"], args["max_context_len"]):
+        return False
+    if splits > 1 and context < splits * cfg["BLOCK_N"]:
+        return False  # splits without a whole tile to read
+    tiles = context // (splits * cfg["BLOCK_N"])
+    if cfg["num_stages"] > 1 and tiles < 2:
+        return False  # a loop of one tile has nothing to pipeline
+    elem = 4 if args["k_cache_ptr"].dtype == torch.float32 else 2
+    return cfg["num_stages"] * 2 * cfg["BLOCK_N"] * block_d * elem <= SMEM_BYTES
+
+
+SPACE = tunebook.Space(
+    BLOCK_N=[16, 32, 64, 128, 256],
+    SPLITS=SPLITS,
+    num_warps=[1, 2, 4, 8],
+    num_stages=[1, 2, 3, 4],
+    constraints=[_feasible],
+    arg_constraints=[_fits_call],
+)
+
+
+def hand_picked(key: dict[str, Any]) -> dict[str, int]:
+    """vLLM's Triton attention backend at decode (``unified_attention``): 16-key tiles, 16
+    softmax segments when fewer than 128 (sequence, KV head) programs would run and one
+    otherwise, Triton's default 4 warps and 3 stages."""
+    splits = 16 if key["batch"] * key["NK"] <= 128 else 1
+    return {"BLOCK_N": 16, "SPLITS": splits, "num_warps": 4, "num_stages": 3}
+
+
+@c.autotune(
+    _OP,
+    SPACE,
+    key=[c.token_bucket("batch"), a.context_bucket("max_context_len"), "NQ", "NK", "HEAD_SIZE", "PAGE"],
+    hand_picked=hand_picked,
+    inputs=lambda description: _inputs(description),
+)
+@triton.jit(do_not_specialize=["batch", "max_context_len"])
+def _paged_attention_decode_kernel(
+    q_ptr,
+    q_stride_b,
+    q_stride_h,
+    k_cache_ptr,
+    k_stride_b,
+    k_stride_s,
+    k_stride_h,
+    v_cache_ptr,
+    v_stride_b,
+    v_stride_s,
+    v_stride_h,
+    table_ptr,
+    table_stride,
+    lens_ptr,
+    out_ptr,
+    out_stride_b,
+    out_stride_h,
+    ws_ptr,
+    lse_ptr,
+    lock_ptr,
+    qk_scale,
+    batch,
+    max_context_len,
+    NQ: tl.constexpr,
+    NK: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    G: tl.constexpr = NQ // NK
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < G
+    d_mask = d < HEAD_SIZE
+    heads = kv_head * G + g
+    q = tl.load(
+        q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    context = tl.maximum(tl.load(lens_ptr + seq), 0)
+    # Splits take whole tiles, so every tile but a sequence's last is full.
+    per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(context, lo + per_split)
+    full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    table_row = table_ptr + seq.to(tl.int64) * table_stride
+    k_base = k_cache_ptr + kv_head * k_stride_h
+    v_base = v_cache_ptr + kv_head * v_stride_h
+    # Whole tiles without masks, then the ragged last one.
+    acc, m_i, l_i = attend_tiles(
+        acc, m_i, l_i, q, g, lo, full, hi, 0,
+        k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, qk_scale, d, d_mask,
+        BLOCK_G, BLOCK_N, False, False, True, PAGE, DOT,
+    )  # fmt: skip
+    acc, m_i, l_i = attend_tiles(
+        acc, m_i, l_i, q, g, full, hi, hi, 0,
+        k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, qk_scale, d, d_mask,
+        BLOCK_G, BLOCK_N, True, False, True, PAGE, DOT,
+    )  # fmt: skip
+    out_rows = out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLITS == 1:
+        tl.store(out_rows, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        first = (seq * NK + kv_head) * SPLITS
+        part = ws_ptr + ((first + split) * G + g[:, None]) * BLOCK_D + d[None, :]
+        tl.store(part, normalized(acc, l_i), mask=g_mask[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), NO_SCORE)
+        tl.store(lse_ptr + (first + split) * G + g, lse, mask=g_mask)
+        # Every thread's partial is stored before the (single-thread) release below.
+        tl.debug_barrier()
+        lock = lock_ptr + seq * NK + kv_head
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            s = tl.arange(0, SPLITS)
+            # .cg reads L2, where the other programs' partials are, not a stale L1.
+            lses = tl.load(
+                lse_ptr + (first + s[:, None]) * G + g[None, :],
+                mask=g_mask[None, :],
+                other=NO_SCORE,
+                cache_modifier=".cg",
+            )
+            top = tl.max(lses, 0)
+            total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            weight = tl.zeros([BLOCK_G], dtype=tl.float32)
+            for i in range(SPLITS):
+                lse_i = tl.load(
+                    lse_ptr + (first + i) * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg"
+                )
+                w = tl.exp2(lse_i - top)
+                o_i = tl.load(
+                    ws_ptr + ((first + i) * G + g[:, None]) * BLOCK_D + d[None, :],
+                    mask=g_mask[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                total += w[:, None] * o_i
+                weight += w
+            tl.store(out_rows, (total / weight[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock, 0)
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    max_context_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence over its paged KV cache.
+
+    ``q``: ``[batch, NQ, head_size]`` float16/bfloat16/float32 (batch and head strides
+    free). ``k_cache``/``v_cache``: ``[num_blocks, block_size, NK, head_size]``, ``q``'s
+    dtype, last dimension contiguous. ``block_table``: ``[batch, max_blocks]`` int32/int64.
+    ``context_lens``: ``[batch]`` int32/int64, the tokens each sequence attends to (its new
+    token's K/V already written, e.g. by ``reshape_and_cache``). ``scale``: defaults to
+    ``head_size ** -0.5``. ``max_context_len``: the longest context (an upper bound is
+    fine): part of the tuning key; when omitted it is read from ``context_lens``, which
+    waits for the GPU (pass it in a server, and always inside a CUDA graph capture).
+    Returns ``[batch, NQ, head_size]`` in ``q``'s dtype (or ``out``).
+
+    >>> import torch
+    >>> from tunebook.kernels import paged_attention_decode
+    >>> k_cache, v_cache = torch.randn(4, 16, 1, 64), torch.randn(4, 16, 1, 64)
+    >>> q, table = torch.randn(2, 2, 64), torch.tensor([[3, 0], [1, 2]])
+    >>> out = paged_attention_decode(q, k_cache, v_cache, table, torch.tensor([20, 0]), max_context_len=20)
+    >>> k = torch.cat([k_cache[3], k_cache[0, :4]])[:, 0]               # sequence 0's 20 tokens
+    >>> v = torch.cat([v_cache[3], v_cache[0, :4]])[:, 0]
+    >>> ref = torch.softmax(q[0] @ k.T / 8, dim=-1) @ v
+    >>> torch.allclose(out[0], ref, atol=1e-4), bool(out[1].eq(0).all())   # an empty slot reads 0
+    (True, True)
+    """
+    return _paged_attention_decode(
+        q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out
+    )
+
+
+def _paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None,
+    max_context_len: int | None,
+    out: torch.Tensor | None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """:func:`paged_attention_decode`, launched with ``config`` (BLOCK_N, SPLITS,
+    num_warps, num_stages) instead of the tuned one when given: tests and benchmarks use it."""
+    a.check_heads(_OP, "q", q)
+    batch, n_q, head_size = q.shape
+    n_kv = k_cache.shape[2] if k_cache.dim() == 4 else -1
+    a.check_gqa(_OP, n_q, n_kv)
+    page = a.check_cache(_OP, k_cache, v_cache, n_kv, head_size, q.dtype)
+    a.check_index(_OP, "block_table", block_table, 2)
+    a.check_index(_OP, "context_lens", context_lens, 1)
+    if block_table.shape[0] != batch or context_lens.shape[0] != batch:
+        c.fail(
+            _OP,
+            f"block_table and context_lens must have one row per sequence ({batch}); found "
+            f"{tuple(block_table.shape)} and {tuple(context_lens.shape)}",
+        )
+    c.check_same_device(
+        _OP, q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, context_lens=context_lens
+    )
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        c.check_out(_OP, "out", out, q.shape, q.dtype, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
+        if head_size > 1 and out.stride(2) != 1:
+            c.fail(_OP, f"out's last dimension must be contiguous; found strides {tuple(out.stride())}")
+    if batch == 0 or head_size == 0:
+        return out
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())  # waits for the GPU
+    max_context_len = max(int(max_context_len), 1)
+    capacity = block_table.shape[1] * page
+    if max_context_len > capacity:
+        c.fail(
+            _OP,
+            f"max_context_len={max_context_len} is more than the block table holds ({block_table.shape[1]} "
+            f"blocks of {page} tokens); widen the table",
+        )
+    grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)
+    if config is None:
+        _paged_attention_decode_kernel[grid](*args)
+    else:
+        _paged_attention_decode_kernel.fn[grid(config)](*args, **config)
+    return out
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None,
+    max_context_len: int,
+    out: torch.Tensor,
+    config: dict[str, int] | None,
+) -> tuple[Any, tuple[Any, ...]]:
+    """The kernel's grid and arguments for checked inputs (the workspace sized for the
+    largest SPLITS the call allows, or ``config``'s)."""
+    batch, n_q, head_size = q.shape
+    n_kv, page = k_cache.shape[2], k_cache.shape[1]
+    table = a.rows_contiguous(block_table)
+    block_g = a.dot_floor(n_q // n_kv)
+    block_d = a.dot_floor(head_size)
+    splits = max_splits(batch, n_kv, max_context_len) if config is None else int(config["SPLITS"])
+    partials = batch * n_kv * splits * (n_q // n_kv) if splits > 1 else 1
+    ws = _workspace.get(q.device, partials * block_d, torch.float32)
+    lse = _lse.get(q.device, partials, torch.float32)
+    locks = _counters.get(q.device, batch * n_kv if splits > 1 else 1, torch.int32)
+    args = (
+        *(q, q.stride(0), q.stride(1)),
+        *(k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
+        *(v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+        *(table, table.stride(0), context_lens),
+        *(out, out.stride(0), out.stride(1)),
+        *(ws, lse, locks),
+        a.softmax_scale(scale, head_size) * a.LOG2E,
+        batch,
+        max_context_len,
+        *(n_q, n_kv, head_size, page, block_g, block_d, dot_mode(q.dtype)),
+    )
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return (batch, n_kv, meta["SPLITS"])
+
+    return grid, args
+
+
+def _inputs(description: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A call of the key's shape for offline tuning (``tunebook tune``): ``batch`` sequences
+    of ``max_context_len`` tokens in shuffled blocks, as the benchmarks build them (a
+    recorded call's layout alone would give zero lengths and an all-zero block table)."""
+    from . import _models
+
+    key = description["key"]
+    shape = {"n_q": key["NQ"], "n_kv": key["NK"], "head_size": key["HEAD_SIZE"], "page": key["PAGE"]}
+    dtype = a.recorded_dtype(description.get("call"), "q_ptr", _paged_attention_decode_kernel)
+    w = _models.workload(
+        _OP, {**shape, "context": key["max_context_len"]}, key["batch"], dtype, a.tuning_device()
+    )
+    t = w.tensors
+    tensors = (t["q"], t["k_cache"], t["v_cache"], t["block_table"], t["context_lens"])
+    grid, args = _launch(*tensors, None, key["max_context_len"], t["out"], None)
+    return grid, args, {}

@@ -1,0 +1,187 @@
+"""paged_attention_decode against SDPA (float64) on the CPU interpreter: contexts of 1,
+block_size - 1, block_size, block_size + 1, 0 and longer ones in one batch, blocks out of
+order, GQA ratios 1, 4 and 8, head sizes 64 and 128, split-KV on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tunebook
+from tunebook.kernels import paged_attention_decode, reshape_and_cache
+from tunebook.kernels.paged_attention_decode import (
+    SPACE,
+    _paged_attention_decode,
+    _paged_attention_decode_kernel,
+    hand_picked,
+    max_splits,
+)
+
+from .attention_reference import PagedCache, attention, paged_cache
+from .packutil import assert_close, poisoned, randn
+
+PAGE = 16
+LENS = [1, PAGE - 1, PAGE, PAGE + 1, 0, 70]  # 0: an unused batch slot
+
+
+def reference(q: torch.Tensor, cache: PagedCache, scale: float | None = None) -> torch.Tensor:
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        k, v = cache.keys(b)
+        qb = q[b : b + 1] if scale is None else q[b : b + 1] * (scale * q.shape[2] ** 0.5)
+        out[b] = attention(qb, k, v, causal=False)[0]
+    return out
+
+
+def check(q, cache, *, config=None, max_context_len=None, scale=None):  # type: ignore[no-untyped-def]
+    """Run into a poisoned output and compare; the inputs are left untouched."""
+    before = [t.clone() for t in (q, cache.k_cache, cache.v_cache, cache.block_table)]
+    lens = torch.tensor(cache.lens, dtype=torch.int32)
+    out = poisoned(q.shape, q.dtype)
+    got = _paged_attention_decode(
+        q, cache.k_cache, cache.v_cache, cache.block_table, lens, scale, max_context_len, out, config
+    )
+    assert got is out
+    assert_close(out, reference(q, cache, scale))
+    after = [q, cache.k_cache, cache.v_cache, cache.block_table]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input was modified"
+
+
+@pytest.mark.parametrize(
+    ("n_q", "n_kv", "head_size", "dtype"),
+    [
+        (2, 2, 64, torch.float32),  # GQA ratio 1
+        (8, 2, 128, torch.bfloat16),  # ratio 4
+        (8, 1, 64, torch.float16),  # ratio 8
+    ],
+    ids=["mha-64-fp32", "gqa4-128-bf16", "gqa8-64-fp16"],
+)
+def test_mixed_contexts_match_sdpa(gen, n_q, n_kv, head_size, dtype) -> None:  # type: ignore[no-untyped-def]
+    """In serve mode without a book: the hand-picked launch, split-KV (8 splits here)."""
+    cache = paged_cache(gen, LENS, PAGE, n_kv, head_size, dtype)
+    check(randn(gen, len(LENS), n_q, head_size, dtype=dtype), cache, max_context_len=max(LENS))
+    assert _paged_attention_decode_kernel.best_config.kwargs["SPLITS"] > 1
+    assert tunebook.stats()["benchmarked"] == 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"BLOCK_N": 16, "SPLITS": 1, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 32, "SPLITS": 2, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 16, "SPLITS": 4, "num_warps": 2, "num_stages": 2},
+        {"BLOCK_N": 64, "SPLITS": 1, "num_warps": 8, "num_stages": 1},
+    ],
+    ids=lambda c: f"n{c['BLOCK_N']}-s{c['SPLITS']}",
+)
+def test_config_sweep(gen, config) -> None:  # type: ignore[no-untyped-def]
+    """Tiles shorter and longer than a block, one split and several (some splits with no
+    keys at all for the short sequences), all compute the same."""
+    lens = [1, PAGE + 1, 0, 70]
+    cache = paged_cache(gen, lens, PAGE, 2, 64, torch.bfloat16)
+    check(randn(gen, len(lens), 4, 64, dtype=torch.bfloat16), cache, config=config)
+
+
+def test_splits_are_in_the_space_and_chosen_per_key() -> None:
+    """SPLITS is a tuned parameter, not a threshold: long contexts at small batches offer
+    many, large batches one."""
+    args = {
+        "NQ": 32,
+        "NK": 8,
+        "HEAD_SIZE": 128,
+        "PAGE": 16,
+        "k_cache_ptr": torch.empty(0, dtype=torch.bfloat16),
+    }
+    long_few = SPACE.candidates(args={**args, "batch": 1, "max_context_len": 32768})
+    many_short = SPACE.candidates(args={**args, "batch": 256, "max_context_len": 512})
+    assert {c["SPLITS"] for c in long_few} == {1, 2, 4, 8, 16, 32, 64}
+    assert {c["SPLITS"] for c in many_short} == {1}
+    assert max_splits(1, 8, 32768) == 64 and max_splits(256, 8, 512) == 1
+
+
+def test_serve_mode_runs_the_hand_picked_config(gen) -> None:  # type: ignore[no-untyped-def]
+    cache = paged_cache(gen, [300], PAGE, 1, 64, torch.bfloat16)
+    paged_attention_decode(
+        randn(gen, 1, 4, 64, dtype=torch.bfloat16),
+        cache.k_cache,
+        cache.v_cache,
+        cache.block_table,
+        torch.tensor(cache.lens),
+        max_context_len=300,
+    )
+    cfg = _paged_attention_decode_kernel.best_config
+    picked = hand_picked({"batch": 1, "NK": 1})
+    assert {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} == picked
+    assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 1
+
+
+def test_scale_strided_query_and_computed_max_len(gen) -> None:  # type: ignore[no-untyped-def]
+    """q as a slice of a fused QKV output (strided batch and heads), an explicit scale, and
+    max_context_len read from context_lens when omitted."""
+    lens = [5, 33]
+    cache = paged_cache(gen, lens, PAGE, 2, 64, torch.float32)
+    qkv = randn(gen, 2, 4 + 2 + 2, 64)
+    check(qkv[:, :4], cache, scale=0.05)
+
+
+def test_sees_tokens_written_by_reshape_and_cache(gen) -> None:  # type: ignore[no-untyped-def]
+    """A decode step as a server runs it: write the new token's K/V into its slot, then
+    attend over the context that now includes it."""
+    cache = paged_cache(gen, [PAGE], PAGE, 2, 64, torch.float32)  # one full block, spare ones
+    new_block = next(b for b in range(cache.k_cache.shape[0]) if b not in cache.block_table)
+    cache.block_table[0, 1] = new_block
+    key, value = randn(gen, 1, 2, 64), randn(gen, 1, 2, 64)
+    reshape_and_cache(key, value, cache.k_cache, cache.v_cache, torch.tensor([new_block * PAGE]))
+    cache.lens = [PAGE + 1]
+    k, v = cache.keys(0)
+    assert torch.equal(k[-1], key[0]) and torch.equal(v[-1], value[0])
+    check(randn(gen, 1, 4, 64), cache)
+
+
+def test_empty_batch_launches_nothing(gen) -> None:  # type: ignore[no-untyped-def]
+    k_cache = randn(gen, 2, PAGE, 1, 64)
+    table = torch.zeros(0, 4, dtype=torch.int32)
+    out = paged_attention_decode(
+        randn(gen, 0, 2, 64), k_cache, k_cache, table, torch.zeros(0, dtype=torch.int32)
+    )
+    assert out.shape == (0, 2, 64)
+    assert tunebook.stats()["misses"] == 0
+
+
+def _call(**changes):  # type: ignore[no-untyped-def]
+    max_context_len = changes.pop("max_context_len", 4)
+    g = torch.Generator().manual_seed(0)
+    args = {
+        "q": randn(g, 2, 4, 64),
+        "k_cache": randn(g, 3, PAGE, 2, 64),
+        "v_cache": randn(g, 3, PAGE, 2, 64),
+        "block_table": torch.zeros(2, 2, dtype=torch.int32),
+        "context_lens": torch.tensor([3, 4], dtype=torch.int32),
+    }
+    args.update(changes)
+    return paged_attention_decode(**args, max_context_len=max_context_len)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"q": torch.zeros(2, 3, 64)}, r"positive multiple of KV heads .* found 3 and 2"),
+        ({"q": torch.zeros(2, 4, 64, dtype=torch.int32)}, "q must be float16, bfloat16 or float32"),
+        ({"k_cache": torch.zeros(3, PAGE, 2, 32)}, "k_cache and v_cache must have one shape"),
+        (
+            {"k_cache": torch.zeros(3, PAGE, 2, 32), "v_cache": torch.zeros(3, PAGE, 2, 32)},
+            r"\[num_blocks, block_size, 2, 64\] \(num_kv_heads, head_size\); found \(3, 16, 2, 32\)",
+        ),
+        (
+            {"v_cache": torch.zeros(3, PAGE, 2, 64, dtype=torch.float16)},
+            "v_cache must have the queries' dtype",
+        ),
+        ({"block_table": torch.zeros(2, 2)}, "block_table must be a 2-D int32 or int64 tensor"),
+        ({"context_lens": torch.tensor([3], dtype=torch.int32)}, "one row per sequence"),
+        ({"max_context_len": 40}, "more than the block table holds"),
+        ({"q": torch.zeros(2, 64, 4).transpose(1, 2)}, "last dimension must be contiguous"),
+    ],
+)
+def test_rejects_bad_inputs(changes, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        _call(**changes)
