@@ -57,6 +57,12 @@ TUNEBOOK_REDIS_URL = Setting(
     "",
     "A Redis server holding a book shared by a fleet (redis://host:port/db); needs tunebook[redis].",
 )
+TUNEBOOK_PATCH = Setting(
+    "TUNEBOOK_PATCH",
+    "",
+    "1: apply tunebook.patch() as each process imports Triton, where `tunebook install-hook` installed "
+    "the start-up hook (read by _hook.py itself, which runs before tunebook can be imported).",
+)
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
@@ -70,6 +76,7 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_MODE,
     TUNEBOOK_PROGRESS,
     TUNEBOOK_REDIS_URL,
+    TUNEBOOK_PATCH,
     TRITON_PRINT_AUTOTUNING,
     TRITON_INTERPRET,
 )

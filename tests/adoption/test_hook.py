@@ -43,6 +43,12 @@ def python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_the_variable_is_the_one_settings_declares() -> None:
+    from tunebook import _settings
+
+    assert _hook.VARIABLE == _settings.TUNEBOOK_PATCH.name  # _hook.py cannot import it: it runs first
+
+
 def test_install_and_uninstall_from_the_command_line(tmp_path: Path) -> None:
     runner = CliRunner()
     installed = runner.invoke(cli, ["install-hook", "--dir", str(tmp_path)])
