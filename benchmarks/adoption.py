@@ -22,7 +22,9 @@ DIR/adoption.json (default $OUT or ./bench-out). ``--interpret`` runs the flow o
 through Triton's interpreter with tiny shapes and the ops that run there (no GatedDeltaNet,
 no fused MoE); there Triton's variants time with a host clock (Triton's own timer needs a
 GPU) and Triton's results cache is off (its interpreter does not support it): it checks
-the script, its timings are stand-ins.
+the script, its timings are stand-ins. Last, the host time a call of a remembered key
+costs each kind of autotuner, with a launch that does nothing (Python overhead only; a
+measurement in CPU mode too).
 """
 
 from __future__ import annotations
@@ -173,6 +175,63 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------------- host time a call
+
+
+def host_overhead() -> None:
+    """Microseconds of host time per call of a remembered key, on a kernel whose launch does
+    nothing (Python overhead only, the same on any machine class): Triton's autotuner and a
+    subclass of it; tunebook's decorated autotuner; both of Triton's, adopted by the patch."""
+    import timeit
+
+    import torch
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    import tunebook
+
+    def body(x: Any, n: int, BLOCK: int) -> None:
+        pass
+
+    class NoOp:  # a jit function as an autotuner sees one; its launch does nothing
+        arg_names = ["x", "n", "BLOCK"]
+        fn = staticmethod(body)
+
+        def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+            return None
+
+    class Subclass(Autotuner):  # as fla-core's CachedAutotuner: its own run, then Triton's
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            return super().run(*args, **kwargs)
+
+    kernel = NoOp()
+    configs = [triton.Config({"BLOCK": b}) for b in (32, 64)]
+
+    def bench(kernel_call: Any, quantiles: Any = None) -> list[float]:
+        return [1.0, 1.0, 1.0]
+
+    def triton_autotuner(cls: type) -> Any:
+        return cls(kernel, kernel.arg_names, configs, ["n"], None, None, do_bench=bench)
+
+    x = torch.empty(4)
+
+    def per_call(tuner: Any) -> float:
+        launch = tuner[(1,)]
+        launch(x, 8)  # the key is decided here
+        calls = 20000
+        return min(timeit.repeat(lambda: launch(x, 8), number=calls, repeat=5)) / calls * 1e6
+
+    us = {
+        "triton": per_call(triton_autotuner(Autotuner)),
+        "triton subclass": per_call(triton_autotuner(Subclass)),
+        "tunebook decorated": per_call(tunebook.autotune(configs, key=["n"], do_bench=bench)(kernel)),
+    }
+    tunebook.patch()
+    us["triton, adopted"] = per_call(triton_autotuner(Autotuner))
+    us["triton subclass, adopted"] = per_call(triton_autotuner(Subclass))
+    print(json.dumps(us))
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -216,7 +275,8 @@ def run_library(library: str, variants: list[str], interpret: bool, work: Path) 
         runs[variant] = []
         for process in (1, 2):
             outputs = scratch / f"outputs-{process}.pt"
-            r = harness.run_child([__file__, "--child", library, variant, str(outputs)], env=env, timeout=3600)
+            argv = [__file__, "--child", library, variant, str(outputs)]
+            r = harness.run_child(argv, env=env, timeout=3600)
             r["outputs"] = str(outputs)
             runs[variant].append(r)
             benchmarked = r.get("stats", {}).get("benchmarked", r["triton_benchmarked"])
@@ -260,11 +320,14 @@ def main() -> None:
     harness.add_out_argument(parser)
     parser.add_argument("--library", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--interpret", action="store_true", help="CPU mode: Triton's interpreter, tiny shapes")
+    parser.add_argument("--interpret", action="store_true", help="CPU mode: the interpreter, tiny shapes")
     parser.add_argument("--child", nargs=3, metavar=("LIBRARY", "VARIANT", "OUTPUTS"))
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child[0], args.child[1], Path(args.child[2]))
+        if args.child[0] == "host-overhead":
+            host_overhead()
+        else:
+            child(args.child[0], args.child[1], Path(args.child[2]))
         return
     out = harness.out_dir(args.out)
     work = Path(tempfile.mkdtemp(prefix="tunebook-adoption-"))
@@ -278,12 +341,18 @@ def main() -> None:
     result["versions"] = {name: metadata.version(name) for name in ("fla-core", "liger-kernel")}
     for library in args.library:
         result["libraries"][library] = run_library(library, args.variants, args.interpret, work)
+    result["host_us_per_call"] = harness.run_child(
+        [__file__, "--child", "host-overhead", "-", "-"],
+        env=harness.child_env(interpret=args.interpret, scratch=work / "overhead", TUNEBOOK_PATCH=None),
+    )
     if args.interpret:
         result["cpu_mode"] = harness.CPU_TRITON_NOTE
     (out / "adoption.json").write_text(json.dumps(result, indent=1))
     print(f"\n=== unmodified libraries under tunebook.patch(): {harness.header_line(result)}")
     for library in args.library:
         print_table(library, result["libraries"][library], args.variants)
+    print("\n--- host time per call of a remembered key, no-op launch (Python overhead only)")
+    print(harness.table(list(result["host_us_per_call"].items()), ("autotuner", "us per call")))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def test_gpu_isolation_interpret(tmp_path: Path) -> None:
     assert doc["serve_after"]["fallbacks"] == 0
 
 
-ADOPTION = ("date", "gpu", "triton", "torch", "timings", "libraries", "variants", "versions")
+ADOPTION = ("date", "gpu", "triton", "timings", "libraries", "variants", "versions", "host_us_per_call")
 
 
 @pytest.mark.slow
@@ -168,6 +168,13 @@ def test_adoption_interpret(tmp_path: Path) -> None:
     assert all(op["identical"] for op in fla["checks"]["tunebook_process_2_vs_1"].values())
     first, second = fla["runs"]["triton"]
     assert first["triton_benchmarked"] == second["triton_benchmarked"] > 0  # Triton tunes again
+    assert set(doc["host_us_per_call"]) == {
+        "triton",
+        "triton subclass",
+        "tunebook decorated",
+        "triton, adopted",
+        "triton subclass, adopted",
+    }
 
 
 REDIS_LATENCY = ("entries", "results", "document_bytes", "up_fetch", "hung_first_call", "down_breaker_open")
