@@ -100,9 +100,11 @@ class Autotuner(_compat.TritonAutotuner):
     are serialized per kernel; hits take no lock.
 
     A subclass of Triton's ``Autotuner``, so that libraries that check
-    ``isinstance(fn, triton.runtime.Autotuner)`` accept it; Triton's ``__init__`` is not
-    called (every attribute it sets is set here, with its meaning), and every method that
-    Triton's tuning path uses is overridden.
+    ``isinstance(fn, triton.runtime.Autotuner)`` accept it. Triton's ``__init__`` is not
+    called (every attribute it sets is set here, with its meaning: calling it would
+    validate, warn and install hooks of its own), and every entry to Triton's tuning path
+    (``run``, ``prune_configs``, ``warmup``, ``do_bench``) is overridden, so Triton's own
+    tuning never runs.
     """
 
     def __init__(
