@@ -152,6 +152,31 @@ def test_gpu_isolation_interpret(tmp_path: Path) -> None:
     assert doc["serve_after"]["fallbacks"] == 0
 
 
+ADOPTION = ("date", "gpu", "triton", "timings", "libraries", "variants", "versions", "host_us_per_call")
+
+
+@pytest.mark.slow
+def test_adoption_interpret(tmp_path: Path) -> None:
+    pytest.importorskip("fla", reason="fla-core is installed by the test extra")
+    out = run_benchmark(
+        tmp_path, "adoption.py", "--interpret", "--library", "fla", "--variants", "tunebook", "triton"
+    )
+    doc = results(out / "adoption.json", ADOPTION)
+    assert_cpu_mode(doc)
+    fla = doc["libraries"]["fla"]
+    assert fla["checks"]["tunebook_process_2_benchmarked"] == 0
+    assert all(op["identical"] for op in fla["checks"]["tunebook_process_2_vs_1"].values())
+    first, second = fla["runs"]["triton"]
+    assert first["triton_benchmarked"] == second["triton_benchmarked"] > 0  # Triton tunes again
+    assert set(doc["host_us_per_call"]) == {
+        "triton",
+        "triton subclass",
+        "tunebook decorated",
+        "triton, adopted",
+        "triton subclass, adopted",
+    }
+
+
 REDIS_LATENCY = ("entries", "results", "document_bytes", "up_fetch", "hung_first_call", "down_breaker_open")
 
 

@@ -157,6 +157,19 @@ def test_prune_configs_by_early_prune_perf_model_and_top_k():
     assert set(c.kwargs["BLOCK"] for c in kernel.configs_timings) == {64, 128}
 
 
+def test_config_ids_follow_objects_not_addresses():
+    # Pruners that build new Config objects on every call (gemlite's) free the last call's
+    # objects; a new one at a freed one's address must not inherit its id, or tuning would
+    # measure, and run, configs the pruner rejected.
+    from tunebook._configs import ConfigIndex
+
+    index = ConfigIndex(block_configs(16))
+    for i in range(200):  # each round's Configs are freed before the next round makes its own
+        blocks = (16, 32, 64, 128) if i % 2 else (128, 64, 32, 16)
+        ids = [index.id_of(triton.Config({"BLOCK": b})) for b in blocks]
+        assert [cid.split("|")[0] for cid in ids] == [f"BLOCK={b}" for b in blocks]
+
+
 def test_top_k_fraction_keeps_at_least_one():
     kernel = make_add(prune_configs_by={"perf_model": lambda **kw: kw["BLOCK"], "top_k": 0.1})
     x, y, out = vectors(100)

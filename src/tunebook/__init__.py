@@ -5,6 +5,7 @@
 True
 
 Public surface: :func:`autotune` (a drop-in for ``triton.autotune``), :class:`Autotuner`,
+:func:`patch` and :func:`unpatch` (every ``triton.autotune`` kernel of the process remembers),
 :class:`Space` and :func:`bucket` (config spaces and bucketed keys), :func:`stats` and
 :func:`reset_stats`, :class:`Book`, the errors (:class:`TunebookError` and its family,
 :class:`BookWarning`), and ``Config`` (Triton's, re-exported).
@@ -24,12 +25,14 @@ from ._errors import (
     ConfigurationError,
     MissingDependency,
     NoRecordedGrid,
+    PatchWarning,
     SnapshotTooLarge,
     SpaceError,
     TunebookError,
     TuningFailed,
     WrongResult,
 )
+from ._patch import patch, unpatch
 from ._search import Budget, strategy_names
 from ._space import Space
 from ._stats import reset as reset_stats
@@ -49,6 +52,7 @@ __all__ = [
     "ConfigurationError",
     "MissingDependency",
     "NoRecordedGrid",
+    "PatchWarning",
     "SnapshotTooLarge",
     "Space",
     "SpaceError",
@@ -59,9 +63,11 @@ __all__ = [
     "autotune",
     "bucket",
     "next_power_of_2",
+    "patch",
     "reset_stats",
     "stats",
     "strategy_names",
+    "unpatch",
 ]
 
 

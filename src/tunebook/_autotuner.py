@@ -90,14 +90,21 @@ class _Cache(dict):
         self._changed(keys)
 
 
-class Autotuner(_compat.KernelInterface):
+class Autotuner(_compat.TritonAutotuner):
     """Drop-in for ``triton.runtime.autotuner.Autotuner`` that remembers in a book.
 
     Same constructor order and the same public attributes (``cache``, ``best_config``,
     ``configs_timings``, ``bench_time``, ``configs``, ``keys``, ``arg_names``, ``fn``,
-    ``nargs``, ``pre_hook``, ``post_hook``, ``do_bench``); tunebook's options are the
-    keyword-only ``options``. Thread-safe: concurrent misses are serialized per kernel;
-    hits take no lock.
+    ``base_fn``, ``nargs``, ``pre_hook``, ``post_hook``, ``do_bench``, ``cache_results``);
+    tunebook's options are the keyword-only ``options``. Thread-safe: concurrent misses
+    are serialized per kernel; hits take no lock.
+
+    A subclass of Triton's ``Autotuner``, so that libraries that check
+    ``isinstance(fn, triton.runtime.Autotuner)`` accept it. Triton's ``__init__`` is not
+    called (every attribute it sets is set here, with its meaning: calling it would
+    validate, warn and install hooks of its own), and every entry to Triton's tuning path
+    (``run``, ``prune_configs``, ``warmup``, ``do_bench``) is overridden, so Triton's own
+    tuning never runs.
     """
 
     def __init__(
@@ -115,10 +122,12 @@ class Autotuner(_compat.KernelInterface):
         rep: int | None = None,
         use_cuda_graph: bool = False,
         do_bench: Callable[..., Any] | None = None,
+        cache_results: bool = False,
         *,
         options: Options | None = None,
     ) -> None:
         self.options = options if options is not None else Options()
+        self.cache_results = cache_results  # accepted as Triton's; the book subsumes Triton's disk cache
         _settings.mode()  # an unknown TUNEBOOK_MODE is an error now, not at the first request
         # A Space is enumerated per call (its argument constraints depend on the call).
         self.space: Space | None = configs if isinstance(configs, Space) else None
@@ -488,6 +497,7 @@ def autotune(
     rep: int | None = None,
     use_cuda_graph: bool = False,
     do_bench: Callable[..., Any] | None = None,
+    cache_results: bool = False,
     *,
     books: Sequence[str | Path] = (),
     name: str | None = None,
@@ -509,6 +519,11 @@ def autotune(
     Takes everything ``triton.autotune`` takes, in the same order, and behaves the same,
     except that every measured (config, timing) is persisted and a later process with the
     same kernel, platform and key benchmarks nothing.
+
+    ``cache_results`` (Triton's switch for its own on-disk cache of timings) is accepted
+    and kept as the attribute of that name, and changes nothing: the book already
+    remembers every result, also for configs with a ``pre_hook`` (which Triton's cache
+    refuses). ``TUNEBOOK_MODE=off`` is the switch that stops remembering.
 
     Keyword-only additions:
 
@@ -585,6 +600,7 @@ def autotune(
             rep=rep,
             use_cuda_graph=use_cuda_graph,
             do_bench=do_bench,
+            cache_results=cache_results,
             options=options,
         )
         # Where a worker process can import this kernel from (isolate=True, tunebook tune).

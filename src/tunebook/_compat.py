@@ -18,16 +18,22 @@ from collections.abc import Callable
 from typing import Any
 
 import triton
+import triton.runtime.autotuner as _triton_autotuner
 from triton.runtime.jit import JITFunction, KernelInterface
 
 from . import _settings
 
 __all__ = [
+    "AUTOTUNE_HOMES",
     "CONFIG_OPTION_FIELDS",
+    "TRITON_AUTOTUNE",
+    "TRITON_TUNING_STEPS",
     "TRITON_VERSION",
     "Config",
     "KernelInterface",
+    "TritonAutotuner",
     "async_compile_available",
+    "autotuner_settings",
     "base_function",
     "config_options",
     "cudagraph_benchmarker",
@@ -60,6 +66,42 @@ CONFIG_OPTION_FIELDS: tuple[str, ...] = tuple(
     for name in inspect.signature(Config.__init__).parameters
     if name not in ("self", "kwargs", "pre_hook")
 )
+
+
+# Triton's Autotuner class and its decorator, as Triton defines them (tunebook.patch replaces
+# the decorator under every name it has, and serves the class's instances; see _patch.py).
+TritonAutotuner: type = _triton_autotuner.Autotuner
+TRITON_AUTOTUNE: Callable[..., Any] = _triton_autotuner.autotune
+# The modules that export ``autotune`` (3.4-3.9): ``triton.autotune``, ``triton.runtime.autotune``
+# and ``triton.runtime.autotuner.autotune``.
+AUTOTUNE_HOMES: tuple[str, ...] = ("triton", "triton.runtime", "triton.runtime.autotuner")
+# The methods of Triton's Autotuner that time configs on its own tuning path (3.4-3.9). A
+# subclass that overrides one of them tunes in a way tunebook's tuner would not reproduce.
+TRITON_TUNING_STEPS: tuple[str, ...] = ("_bench", "check_disk_cache", "do_bench")
+
+
+def autotuner_settings(tuner: Any) -> dict[str, Any]:
+    """The timing and pruning arguments a Triton ``Autotuner`` was built with, read back from
+    its attributes (as tunebook's ``Autotuner`` takes them).
+
+    Triton turns ``warmup`` / ``rep`` / ``use_cuda_graph`` into a ``do_bench`` of its own
+    (``_do_bench``); that one is left out, since tunebook builds the same timer from them.
+    """
+    warmup = getattr(tuner, "num_warmups", None)
+    rep = getattr(tuner, "num_reps", None)
+    graph = bool(getattr(tuner, "use_cuda_graph", False))
+    own_timer = warmup is not None or rep is not None or graph
+    return {
+        "prune_configs_by": {
+            "perf_model": getattr(tuner, "perf_model", None),
+            "top_k": getattr(tuner, "configs_top_k", 1.0),
+            "early_config_prune": getattr(tuner, "early_config_prune", None),
+        },
+        "warmup": warmup,
+        "rep": rep,
+        "use_cuda_graph": graph,
+        "do_bench": None if own_timer else getattr(tuner, "_do_bench", None),
+    }
 
 
 def triton_version() -> str:

@@ -18,6 +18,7 @@ True
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +37,9 @@ class ConfigIndex:
 
     def __init__(self, configs: Sequence[Any]) -> None:
         self.configs = list(configs)
-        self._ids: dict[int, str] = {}  # id(Config) -> config id
-        self._records: dict[int, dict[str, Any]] = {}  # id(Config) -> stored record
+        # id(Config) -> (the Config, weakly; its id; its stored record). The reference tells a
+        # live object from a new one at a freed one's address (pruners build new Configs per call).
+        self._known: dict[int, tuple[weakref.ref[Any], str, dict[str, Any]]] = {}
         self._by_id: dict[str, Any] = {}  # config id -> the Config that stands for it
         self._space_configs: dict[str, Any] = {}  # config id -> the one Config made for a Space point
         self._meta: tuple[tuple[str, ...], dict[tuple[Any, ...], str], int] | None = None
@@ -46,19 +48,19 @@ class ConfigIndex:
 
     def id_of(self, config: Any) -> str:
         """The config's id (computed once per Config object)."""
-        cid = self._ids.get(id(config))
-        if cid is None:
-            record = config_record(config.kwargs, _compat.config_options(config))
-            cid = config_id(record)
-            self._ids[id(config)] = cid
-            self._records[id(config)] = record
-            self._by_id.setdefault(cid, config)
-        return cid
+        return self._entry(config)[1]
 
     def record_of(self, config: Any) -> dict[str, Any]:
         """The config as a book stores it."""
-        self.id_of(config)
-        return self._records[id(config)]
+        return self._entry(config)[2]
+
+    def _entry(self, config: Any) -> tuple[weakref.ref[Any], str, dict[str, Any]]:
+        known = self._known.get(id(config))
+        if known is None or known[0]() is not config:
+            record = config_record(config.kwargs, _compat.config_options(config))
+            known = self._known[id(config)] = (weakref.ref(config), config_id(record), record)
+            self._by_id.setdefault(known[1], config)
+        return known
 
     def config(self, cid: str) -> Any:
         """The Config that stands for ``cid`` (KeyError for an id never seen)."""

@@ -13,6 +13,7 @@
     └── NoRecordedGrid (KeyError)        a replayed call has no grid for a config
 
     BookWarning (UserWarning)            a book could not be read or written; the call went on
+    PatchWarning (UserWarning)           tunebook.patch() left a Triton autotuner to Triton
 
 Errors that reach a kernel call are the user's to fix (a bad option, a missing extra, a
 call that no config can run); problems with books never raise into a kernel call, they
@@ -70,12 +71,18 @@ class BookWarning(UserWarning):
     """A book could not be read or written; the kernel call went on regardless."""
 
 
+class PatchWarning(UserWarning):
+    """``tunebook.patch()`` could not serve a Triton autotuner (a subclass that times configs
+    its own way, or one tunebook could not be built from): it keeps Triton's behaviour."""
+
+
 __all__ = [
     "BookFormatError",
     "BookWarning",
     "ConfigurationError",
     "MissingDependency",
     "NoRecordedGrid",
+    "PatchWarning",
     "SnapshotTooLarge",
     "SpaceError",
     "TunebookError",

@@ -72,6 +72,12 @@ TUNEBOOK_DISTRIBUTED_WAIT_S = Setting(
     "900",
     "Seconds a rank waits for the group's decision on a key before it tunes alone (a dead or hung rank).",
 )
+TUNEBOOK_PATCH = Setting(
+    "TUNEBOOK_PATCH",
+    "",
+    "1: apply tunebook.patch() as each process imports Triton, where `tunebook install-hook` installed "
+    "the start-up hook (read by _hook.py itself, which runs before tunebook can be imported).",
+)
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
@@ -88,6 +94,7 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_DISTRIBUTED,
     TUNEBOOK_DISTRIBUTED_JOIN_S,
     TUNEBOOK_DISTRIBUTED_WAIT_S,
+    TUNEBOOK_PATCH,
     TRITON_PRINT_AUTOTUNING,
     TRITON_INTERPRET,
 )

@@ -47,16 +47,18 @@ def _user_stacklevel() -> int:
     return level
 
 
-def warn_once(tag: str, message: str, *args: object, warn: bool = True) -> bool:
+def warn_once(
+    tag: str, message: str, *args: object, warn: bool = True, category: type[Warning] = BookWarning
+) -> bool:
     """Log ``message % args`` as a warning once per ``tag`` per process (and, with ``warn``,
-    issue it as a BookWarning at the user's frame). Returns whether it was reported now."""
+    issue it as a ``category`` warning at the user's frame). Returns whether it was reported now."""
     with _lock:
         if tag in _warned:
             return False
         _warned.add(tag)
     log.warning(message, *args)
     if warn:
-        warnings.warn(message % args if args else message, BookWarning, stacklevel=_user_stacklevel())
+        warnings.warn(message % args if args else message, category, stacklevel=_user_stacklevel())
     return True
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .._version import __version__
-from . import diff, explain, export_vllm, import_vllm, merge, prune, report, show, tune
+from . import diff, explain, export_vllm, hook, import_vllm, merge, prune, report, show, tune
 from ._common import os_error_line
 
 
@@ -58,3 +58,5 @@ cli.add_command(import_vllm.command)
 cli.add_command(prune.command)
 cli.add_command(report.command)
 cli.add_command(tune.command)
+cli.add_command(hook.install_command)
+cli.add_command(hook.uninstall_command)
