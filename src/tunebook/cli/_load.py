@@ -7,6 +7,7 @@ itself with the same parser (``Document.from_json``) and keeps the reason.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,15 @@ def parse_file(path: Path) -> tuple[Document | None, str | None]:
 def load(source: Path) -> Loaded:
     """Every book file under ``source`` (a directory, not recursive) or ``source`` itself."""
     loaded = Loaded(source)
-    if source.is_file():
-        candidates = [source]
-    elif source.is_dir():
-        candidates = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".json")
+    if source.is_dir():
+        # Every *.json name, whatever it is: a FIFO, a device or a dangling link under a book's
+        # name is reported with its reason by the strict reader, never opened blindly.
+        candidates = sorted(p for p in source.iterdir() if p.suffix == ".json" and not p.is_dir())
         loaded.leftovers = sorted(
             p for p in source.iterdir() if ".json.corrupt-" in p.name or ".json.foreign-" in p.name
         )
+    elif os.path.lexists(source):
+        candidates = [source]
     else:
         raise FileNotFoundError(
             f"no book at {source}: it is neither a directory nor a file. Pass a book directory "
