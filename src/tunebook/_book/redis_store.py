@@ -7,7 +7,11 @@ named by its key text and holding the entry's JSON exactly as a book file holds 
 Contract:
 
 * **Never raises to the caller, never stalls it.** Every Redis error or timeout (connect
-  and read timeouts default to 50 ms) makes ``fetch`` / ``merge`` return None; the first
+  and read timeouts default to 50 ms) makes ``fetch`` / ``merge`` return None. Each call
+  is bounded as a whole, not per socket read: at most ``request_timeout`` seconds (default
+  0.25) and ``max_reply_bytes`` received (default: a book file's limit), so a peer that
+  keeps sending (an endless reply, a huge value trickled in) costs a bounded wait and
+  bounded memory, and counts as an outage. The first
   failure of an outage is logged once (logger ``"tunebook"``), and the store then does not
   touch the network for ``retry_after_s`` (a circuit breaker), so a dead Redis costs a
   kernel call a clock read, not a timeout. After that the next call probes again and, if
@@ -45,6 +49,7 @@ from .._errors import BookFormatError
 from .._jsonio import strict_loads
 from .._optional import install_line, require
 from .._warnings import warn_once
+from .files import MAX_BOOK_BYTES
 from .records import FORMAT, VERSION, Document
 
 log = logging.getLogger("tunebook")
@@ -62,6 +67,73 @@ def _import_redis() -> Any:
     importlib.import_module("redis.backoff")
     importlib.import_module("redis.retry")
     return redis
+
+
+# ----------------------------------------------------------------------- budgets
+#
+# redis-py's socket_timeout bounds each read, not a request: a peer that sends a byte every
+# 40 ms, or an endless reply, keeps a call waiting (150 s and 2.5 GB were seen). So every
+# store call runs under a budget of time and bytes, kept per thread, which the sockets of
+# this store's connections charge on every read.
+
+_budget = threading.local()
+
+
+class _OverBudget(OSError):
+    """A reply ran past the call's byte budget: redis-py drops the connection (ConnectionError)."""
+
+
+def _charge(received: int) -> None:
+    left = getattr(_budget, "bytes_left", None)
+    if left is not None:
+        _budget.bytes_left = left - received
+        if _budget.bytes_left < 0:
+            raise _OverBudget(f"the reply ran past {_budget.bytes_limit} bytes; not a book")
+
+
+class _BudgetSocket:
+    """A connected socket whose reads stop at the calling thread's deadline and byte budget."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def _arm(self) -> None:
+        deadline = getattr(_budget, "deadline", None)
+        if deadline is None:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request ran past its time budget")  # socket.timeout, to redis-py
+        self._sock.settimeout(remaining if self._timeout is None else min(self._timeout, remaining))
+
+    def recv(self, *args: Any) -> bytes:
+        self._arm()
+        data: bytes = self._sock.recv(*args)
+        _charge(len(data))
+        return data
+
+    def recv_into(self, *args: Any) -> int:
+        self._arm()
+        n: int = self._sock.recv_into(*args)
+        _charge(n)
+        return n
+
+
+def _budgeted(connection_class: type) -> type:
+    """``connection_class`` whose sockets charge the calling thread's budget."""
+
+    def _connect(self: Any) -> Any:
+        return _BudgetSocket(connection_class._connect(self))
+
+    return type(f"Budgeted{connection_class.__name__}", (connection_class,), {"_connect": _connect})
 
 
 # One store per (process, URL): every page of a process shares its connection pool and,
@@ -106,12 +178,16 @@ class RedisStore:
         *,
         connect_timeout: float = 0.05,
         read_timeout: float = 0.05,
+        request_timeout: float = 0.25,
+        max_reply_bytes: int = MAX_BOOK_BYTES,
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         redis = _import_redis()  # the only exception the store lets out: a missing extra
         self.url = url
         self.retry_after_s = retry_after_s
+        self.request_timeout = max(request_timeout, connect_timeout, read_timeout)
+        self.max_reply_bytes = max_reply_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._open_until: float | None = None  # breaker open (Redis deemed down) until then
@@ -130,6 +206,8 @@ class RedisStore:
                 retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
                 retry_on_timeout=False,
             )
+            pool = self._client.connection_pool
+            pool.connection_class = _budgeted(pool.connection_class)
         except ValueError as exc:  # a malformed URL: this store stays off, the kernel runs on
             self._client = None
             self._warn("url", "tunebook: ignoring the Redis book at %r: %s", url, exc)
@@ -162,6 +240,8 @@ class RedisStore:
             if was_open and self._clock() < self._open_until:  # type: ignore[operator]
                 return None
         try:
+            _budget.deadline = time.monotonic() + self.request_timeout
+            _budget.bytes_left = _budget.bytes_limit = self.max_reply_bytes
             result = call(self._client)
         except self._down as exc:
             with self._lock:
@@ -188,6 +268,8 @@ class RedisStore:
                 exc,
             )
             return None
+        finally:
+            _budget.deadline = _budget.bytes_left = None
         if was_open:
             with self._lock:
                 self._open_until = None
