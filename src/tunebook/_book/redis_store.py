@@ -127,7 +127,7 @@ class _BudgetSocket:
         return n
 
 
-def _budgeted(connection_class: type) -> type:
+def _budgeted(connection_class: Any) -> type:
     """``connection_class`` whose sockets charge the calling thread's budget."""
 
     def _connect(self: Any) -> Any:
