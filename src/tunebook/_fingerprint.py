@@ -4,9 +4,9 @@ A remembered timing is only as good as the match between who measured it and who
 
 * **Kernel** — a hash of the kernel's source and, recursively, of every ``@triton.jit``
   function and constant global it refers to (names that resolve to globals in its scope:
-  a parameter or local never brings in a global of the same name). Line numbers are not part of it (Triton's own
-  cache key includes them), so moving a kernel down its file keeps its results; editing
-  the kernel or a helper it calls starts afresh.
+  a parameter or local never brings in a global of the same name). Line numbers are not
+  part of it (Triton's own cache key includes them), so moving a kernel down its file
+  keeps its results; editing the kernel or a helper it calls starts afresh.
 * **Platform** — GPU model name (an H100 PCIe and an H100 SXM differ), arch, runtime,
   Triton version and the timer used. The interpreter is a platform of its own.
 * **Key** — the values of the ``key`` arguments plus the dtypes of all tensor arguments,
