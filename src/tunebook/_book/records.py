@@ -241,15 +241,20 @@ class Entry:
         """This entry's news added to ``base``, which stands where both measured a config.
 
         "Base stands" is what makes every process of a host serve the same winner: the
-        first measurement persisted for (key, config) is the one everybody reads.
+        first measurement persisted for (key, config) is the one everybody reads, and once
+        a search of the key has ended (``chosen``), no later write changes a result.
         """
         if base is None:
             return self
         results = dict(self.results)
+        # A full measurement replaces a quick one until a search of the key has ended with a
+        # choice (``chosen`` stored): from then on the results it decided on stand as they
+        # are, or a process confirming its own contenders later would overturn the winner
+        # that the processes which already decided now serve.
+        open_search = not base.chosen
         for cid, result in base.results.items():
             mine = results.get(cid)
-            # A full measurement replaces a quick one; otherwise what is stored stands.
-            if mine is None or not (result.quick and not mine.quick):
+            if mine is None or not (open_search and result.quick and not mine.quick):
                 results[cid] = result
         added = any(cid not in base.results or results[cid] is not base.results[cid] for cid in self.results)
         return replace(
