@@ -200,15 +200,20 @@ def _precompiler(tuner: Autotuner, call: Call) -> Callable[[list[Any]], None] | 
     return precompile
 
 
-def announce(tuner: Autotuner, key: tuple[Any, ...], config: Any, resolution: Resolution, total: int) -> None:
-    """Triton's TRITON_PRINT_AUTOTUNING line for a key (once per key and process)."""
+def announce(
+    tuner: Autotuner, key: tuple[Any, ...], config: Any, resolution: Resolution, ids: Sequence[str]
+) -> None:
+    """Triton's TRITON_PRINT_AUTOTUNING line for a key (once per key and process), counting
+    only the configs the kernel declares (``ids``): a book's results for others are ignored."""
+    total = len(ids)
     if resolution.source == "book":
         print(
             f"tunebook: {tuner.label} key {key}: best config {config} remembered in the book; "
             f"0 of {total} configs benchmarked"
         )
         return
-    measured = len(resolution.entry.results) if resolution.entry is not None else 0
+    results = resolution.entry.results if resolution.entry is not None else {}
+    measured = sum(1 for cid in ids if cid in results)
     known = max(0, measured - resolution.benchmarked)
     unmeasured = max(0, total - measured)
     print(
