@@ -262,7 +262,7 @@ def test_a_plain_config_list_still_works_with_strategies(book_dir):
     kernel = tuned(configs, land, strategy="random", max_configs=3, seed=1)
     call(kernel)
     assert len(land.measured) == 3
-    assert json.loads(book_files(book_dir)[0].read_text())["format"] == "tunebook-book"
+    assert json.loads((book_files(book_dir)[0] / "page.json").read_text())["format"] == "tunebook-page"
 
 
 def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):

@@ -95,7 +95,7 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
 def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
     picked = _user_fallback(miss)
-    cid, how = _policy.serve_choice(miss.ids, entry, _policy.nearest(miss.key, page.entries.values()), picked)
+    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked)
     log.warning(
         "tunebook: %s key %s is not in the book; serving %s without benchmarking (TUNEBOOK_MODE=serve)",
         miss.tuner.label,
@@ -104,6 +104,17 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     )
     _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
     return Resolution(cid, "served", entry)
+
+
+def _near(miss: Miss, page: Page) -> list[Entry]:
+    """The remembered keys nearest to the miss's, nearest first: ranked by their names (every
+    key's text, asked once per page), then only the nearest few are read."""
+    texts = _policy.nearest_texts(miss.key, page.keys())[:NEAR_READ]
+    return _policy.nearest(miss.key, page.lookup(texts))
+
+
+# How many of the nearest keys a miss reads: enough for the hints and a serve-mode fallback.
+NEAR_READ = 16
 
 
 def _user_fallback(miss: Miss) -> str | None:
@@ -135,7 +146,7 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
 
         if not _worker.inside_worker():
             return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
-    near = _policy.nearest(miss.key, page.entries.values()) if page is not None else []
+    near = _near(miss, page) if page is not None else []
     hints = _policy.hints(miss.ids, near, page.sibling_winners(miss.key)) if page is not None else []
     bench = _bench_function(tuner, miss.call, miss.candidates)
     job = KeyTuning(

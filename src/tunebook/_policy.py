@@ -20,6 +20,7 @@ results, the winner of the nearest remembered key, the first config, in that ord
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -109,6 +110,24 @@ def nearest(key: Sequence[Any], entries: Iterable[Entry]) -> list[Entry]:
         if tuple(e.key) != own and (d := key_distance(key, e.key)) < math.inf
     ]
     return [e for _, _, e in sorted(ranked, key=lambda t: t[:2])]
+
+
+def nearest_texts(key: Sequence[Any], texts: Iterable[str]) -> list[str]:
+    """Key texts (as a book names keys) of keys comparable with ``key``, nearest first.
+
+    >>> nearest_texts([1000, "fp16"], ['[4096,"fp16"]', '[1024,"fp16"]', '[1024,"bf16"]', 'junk'])
+    ['[1024,"fp16"]', '[4096,"fp16"]']
+    """
+    own = list(stored_key(key))
+    ranked = []
+    for text in texts:
+        try:
+            other = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(other, list) and other != own and (d := key_distance(key, other)) < math.inf:
+            ranked.append((d, text))
+    return [t for _, t in sorted(ranked)]
 
 
 def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] = ()) -> list[int]:

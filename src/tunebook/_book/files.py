@@ -126,8 +126,11 @@ def read_book_file(path: Path) -> tuple[Document | None, str | None]:
     """(the book at ``path``, None), or (None, why it cannot be used); never raises.
 
     A missing file is (None, None). The one strict reader: the autotuner warns with the
-    reason once, the command line shows it.
+    reason once, the command line shows it. A format-2 page directory (pagedir.py) is read
+    whole, with the first reason any of its files gave.
     """
+    if path.is_dir() and not path.is_symlink():
+        return _read_page_dir(path)
     try:
         raw = read_regular_file(path, MAX_BOOK_BYTES)
     except Unusable as exc:
@@ -135,6 +138,13 @@ def read_book_file(path: Path) -> tuple[Document | None, str | None]:
     if raw is None:
         return None, None
     return _parse(raw)
+
+
+def _read_page_dir(path: Path) -> tuple[Document | None, str | None]:
+    from .stores import DirectoryStore  # deferred: stores builds on this module
+
+    doc = DirectoryStore(path.parent, writable=False).fetch(path.name + ".json")  # warns per file skipped
+    return (doc, None) if doc is not None else (None, f"{path} is a directory without a readable page.json")
 
 
 def _parse(raw: bytes) -> tuple[Document | None, str | None]:
@@ -177,9 +187,20 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that no reader ever sees a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_text(path: Path, text: str, *, tmp: Path | None = None) -> None:
+    """Replace ``path`` with ``text`` so that no reader ever sees a partial file.
+
+    The temp file is ``tmp`` when given (on the same file system; created, never followed
+    if it is a link), else a new name beside ``path``.
+    """
+    if tmp is None:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    else:
+        flags = (
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
+        fd, tmp_name = os.open(tmp, flags, 0o600), str(tmp)
+    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -289,11 +310,16 @@ def merge_write(path: Path, news: Document) -> Document | None:
             LOCK_TIMEOUT_S,
         )
     except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
-        warn_once(
-            f"write:{path.parent}",
-            "tunebook: cannot write to book directory %s (%s); tuning results of this process are "
-            "kept in memory only. Point TUNEBOOK_DIR at a writable directory to remember them.",
-            path.parent,
-            exc,
-        )
+        warn_write_failure(path.parent, exc)
     return None
+
+
+def warn_write_failure(directory: Path, exc: BaseException) -> None:
+    """Report, once per directory, that results stay in memory because writing failed."""
+    warn_once(
+        f"write:{directory}",
+        "tunebook: cannot write to book directory %s (%s); tuning results of this process are "
+        "kept in memory only. Point TUNEBOOK_DIR at a writable directory to remember them.",
+        directory,
+        exc,
+    )

@@ -270,13 +270,34 @@ class Entry:
         )
 
 
+def check_format(data: Any, fmt: str, oldest: int, newest: int) -> None:
+    """Raise BookFormatError unless ``data`` is an object of format ``fmt`` with a version
+    this tunebook reads (``oldest`` to ``newest``); a newer one says to upgrade."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise BookFormatError(f'not a tunebook book (no "format": "{fmt}" field)')
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BookFormatError("the 'version' field is missing or not an integer")
+    if version > newest:
+        raise BookFormatError(
+            f"written by a newer tunebook (book format {version}; this tunebook reads up to {newest}); "
+            "upgrade tunebook to use it"
+        )
+    if version < oldest:
+        raise BookFormatError(f"unknown book format version {version}")
+
+
 @dataclass(frozen=True)
 class Document:
-    """One book file: a kernel's entries on one platform."""
+    """A kernel's entries on one platform (a page of the book), or some of them.
+
+    ``index``: every key text the store holds, when it was asked for (``fetch(name, keys=())``).
+    """
 
     kernel: dict[str, Any]
     platform: dict[str, Any]
     entries: dict[str, Entry] = field(default_factory=dict)
+    index: frozenset[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -316,18 +337,7 @@ class Document:
 
     @staticmethod
     def from_json(data: Any) -> Document:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise BookFormatError('not a tunebook book (no "format": "tunebook-book" field)')
-        version = data.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise BookFormatError("the 'version' field is missing or not an integer")
-        if version > VERSION:
-            raise BookFormatError(
-                f"written by a newer tunebook (book format {version}; this tunebook reads up to {VERSION}); "
-                "upgrade tunebook to use it"
-            )
-        if version < 1:
-            raise BookFormatError(f"unknown book format version {version}")
+        check_format(data, FORMAT, 1, VERSION)
         kernel, platform, entries = data.get("kernel"), data.get("platform"), data.get("entries")
         if not isinstance(kernel, dict) or not isinstance(kernel.get("hash"), str):
             raise BookFormatError("'kernel' must be an object with a 'hash' string")

@@ -2,7 +2,9 @@
 
 One Redis hash per book file, at ``tunebook:book:<file name>``: the field ``meta`` holds
 the document's ``{"kernel": ..., "platform": ...}`` and every other field is one entry,
-named by its key text and holding the entry's JSON exactly as a book file holds it.
+named by its key text and holding the entry's JSON exactly as a book file holds it. A
+request reads and writes the fields of the keys it is about (HMGET, HSET), so it costs
+one key's bytes whatever the size of the book.
 
 Contract:
 
@@ -42,7 +44,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from typing import Any
 
 from .._errors import BookFormatError
@@ -214,9 +217,11 @@ class RedisStore:
 
     # ------------------------------------------------------------------ public
 
-    def fetch(self, file_name: str) -> Document | None:
-        """The stored document for ``file_name``; None if absent, unreadable or Redis is down."""
-        return self._guarded(lambda client: self._load(client.hgetall(KEY_PREFIX + file_name), file_name))
+    def fetch(self, file_name: str, keys: Collection[str] | None = None) -> Document | None:
+        """The stored document for ``file_name`` (only ``keys``, when given; ``keys=()``: its
+        index); None if absent, unreadable or Redis is down. One request: HGETALL, HMGET of
+        the keys and ``meta``, or HKEYS and ``meta``."""
+        return self._guarded(lambda client: self._read(client, KEY_PREFIX + file_name, file_name, keys))
 
     def merge(self, file_name: str, doc: Document) -> Document | None:
         """Merge ``doc`` into the stored one (stored results stand); return the result or None."""
@@ -283,6 +288,28 @@ class RedisStore:
 
     # ------------------------------------------------------------------ documents
 
+    def _read(self, client: Any, key: str, file_name: str, keys: Collection[str] | None) -> Document | None:
+        if keys is None:
+            return self._load(client.hgetall(key), file_name)
+        if not keys:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.hget(key, _META)
+                pipe.hkeys(key)
+                meta, names = pipe.execute()
+            doc = self._load({_META.encode(): meta} if meta is not None else {}, file_name)
+            if doc is None:
+                return None
+            index = frozenset(n.decode("utf-8", "replace") for n in names if n != _META.encode())
+            return Document(doc.kernel, doc.platform, {}, index)
+        return self._load(self._fields(client, key, keys), file_name)
+
+    @staticmethod
+    def _fields(client: Any, key: str, keys: Collection[str]) -> dict[bytes, bytes]:
+        """``meta`` and the fields of ``keys`` that are stored, as HGETALL would give them."""
+        names = [_META, *keys]
+        values = client.hmget(key, names)
+        return {n.encode(): v for n, v in zip(names, values) if v is not None}
+
     def _load(self, fields: dict[bytes, bytes], file_name: str) -> Document | None:
         """A stored hash as a validated Document; None if empty or unreadable (warned once)."""
         if not fields:
@@ -322,7 +349,7 @@ class RedisStore:
             with client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(key)
-                    fields = pipe.hgetall(key)
+                    fields = self._fields(pipe, key, news.entries)  # the touched keys only
                     stored = self._load(fields, file_name)
                     merged = news.merged_over(stored)
                     pipe.multi()
@@ -343,7 +370,7 @@ class RedisStore:
                     if mapping:
                         pipe.hset(key, mapping=mapping)
                     pipe.execute()
-                    return merged
+                    return replace(merged, entries=changed)
                 except self._watch_error:
                     self.conflicts += 1
                     time.sleep(random.uniform(0, 0.002))  # de-synchronise the writers that collided
