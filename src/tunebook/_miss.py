@@ -74,10 +74,11 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     mode = _settings.mode()
     budget = tuner.options.budget
     page = tuner.page() if mode != "off" else None
-    entry = page.get(miss.text) if page is not None else None
+    entry = page.get(miss.text, miss.ids) if page is not None else None
     if page is not None:
         if entry is None or not _policy.answered(entry, miss.ids, budget):
-            page.refresh()  # another process (or host, through Redis) may have tuned it meanwhile
+            # another process (or host, through Redis) may have tuned it meanwhile
+            page.refresh(miss.text, declared=miss.ids)
             entry = page.get(miss.text)
         if _policy.decide(entry, miss.ids, mode, budget) == "book":
             _stats.add("book_hits")

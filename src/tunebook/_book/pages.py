@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,12 @@ def _adds_to(entry: Entry, base: Entry | None) -> bool:
         cid not in base.results or (base.results[cid].quick and not result.quick)
         for cid, result in entry.results.items()
     )
+
+
+def _only(entry: Entry, declared: Collection[str]) -> Entry:
+    """``entry`` with the results of ``declared`` config ids only."""
+    results = {cid: r for cid, r in entry.results.items() if cid in declared}
+    return replace(entry, results=results, chosen=entry.chosen if entry.chosen in results else "")
 
 
 @dataclass
@@ -207,10 +213,14 @@ class Page:
         """The writable directory's store, if the book has one."""
         return next((layer.store for layer in self.layers if layer.role == "local"), None)
 
-    def get(self, key_text: str) -> Entry | None:
-        """The key's entry over every layer (read from the stores the first time it is asked)."""
+    def get(self, key_text: str, declared: Collection[str] | None = None) -> Entry | None:
+        """The key's entry over every layer (read from the stores the first time it is asked).
+
+        ``declared``: the config ids the kernel declares; only their results are copied from
+        a shared layer into the local one (see :meth:`refresh`).
+        """
         if key_text not in self._asked:
-            self.refresh(key_text)
+            self.refresh(key_text, declared=declared)
         return self.entries.get(key_text)
 
     def lookup(self, texts: Sequence[str]) -> list[Entry]:
@@ -220,17 +230,21 @@ class Page:
             self._sync(missing)
         return [self.entries[t] for t in texts if t in self.entries]
 
-    def refresh(self, key_text: str | None = None, force: bool = False) -> None:
+    def refresh(
+        self, key_text: str | None = None, force: bool = False, declared: Collection[str] | None = None
+    ) -> None:
         """Catch up with other processes and hosts on ``key_text`` (before tuning it), or on
-        every key asked so far. What the shared layers add is copied into the local one.
-        ``force`` is accepted for compatibility: changes are always seen."""
-        self._sync([key_text] if key_text is not None else sorted(self._asked))
+        every key asked so far. What the shared layers add is copied into the local one, of
+        ``declared`` configs only when they are given (a fleet's results for configs this
+        kernel does not declare are no business of this host's book). ``force`` is accepted
+        for compatibility: changes are always seen."""
+        self._sync([key_text] if key_text is not None else sorted(self._asked), declared)
 
-    def _sync(self, texts: list[str]) -> None:
+    def _sync(self, texts: list[str], declared: Collection[str] | None = None) -> None:
         self._asked.update(texts)
         for layer in self.layers:
             layer.sync(self.file_name, texts, self)
-        self._copy_shared_to_local(texts)
+        self._copy_shared_to_local(texts, declared)
         self._compose(texts)
 
     def keys(self, fresh: bool = False) -> set[str]:
@@ -241,7 +255,7 @@ class Page:
             found |= layer.keys(self.file_name, self, fresh)
         return found
 
-    def _copy_shared_to_local(self, texts: Sequence[str]) -> None:
+    def _copy_shared_to_local(self, texts: Sequence[str], declared: Collection[str] | None) -> None:
         local = next((layer for layer in self.layers if layer.role == "local"), None)
         if local is None:
             return
@@ -251,6 +265,8 @@ class Page:
                 continue
             for k in texts:
                 entry = layer.entries.get(k)
+                if entry is not None and declared is not None:
+                    entry = _only(entry, declared)
                 if entry is not None and _adds_to(entry, local.entries.get(k)):
                     news[k] = news[k].merged_over(entry) if k in news else entry
         if news:
