@@ -135,7 +135,7 @@ def entries(size: int, records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_local(directory: Path, fmt: int, size: int) -> str:
     """A book of ``size`` keys in ``directory`` (format 1: one file; 2: a page directory)."""
-    from tunebook._book import Document, pagedir
+    from tunebook._book import Document
 
     kernel, platform, name, records = make_kernel_identity()
     docs = entries(size, records)
@@ -143,6 +143,8 @@ def write_local(directory: Path, fmt: int, size: int) -> str:
     if fmt == 1:
         (directory / name).write_text(Document(kernel, platform, docs).dumps())
         return f"{(directory / name).stat().st_size / 1e6:.1f} MB in one file"
+    from tunebook._book import pagedir  # format 2 (the baseline's tunebook predates it)
+
     meta = {"kernel": kernel, "platform": platform}
     page = directory / pagedir.page_dir_name(name)
     pagedir.ensure_page(page, meta)

@@ -1,9 +1,16 @@
-"""Book files on disk: safe reads, atomic merge-on-write under a lock.
+"""Book files on disk: the bounded reader, atomic writes, and format 1 (one file per page).
 
-Contract (relied on by every caller, tested in tests/test_book_files.py):
+Format 2 (a directory per page, a file per key; what tunebook writes) is pagedir.py, built
+on the reader and the atomic write here. Format 1 is still read everywhere; its
+merge-on-write (``merge_write``) is kept for tools that write single files.
 
-* **Reads never raise.** A missing file is empty; a corrupt, truncated, foreign, oversized
-  or newer-format file is skipped with one warning per file per process.
+Contract (relied on by every caller, tested in tests/test_book_files.py and
+tests/test_hostile_files.py):
+
+* **Reads never raise, never wait, never read without limit.** A missing file is empty;
+  a corrupt, truncated, foreign, oversized or newer-format file is skipped with one
+  warning per file per process; anything but a regular file (a FIFO, a device, a dangling
+  or looping link) is reported, never opened blindly (``read_regular_file``).
 * **Writes are atomic.** The new content goes to a temp file in the same directory, is
   flushed and fsynced, then ``os.replace``-d over the old one, and the directory is
   fsynced: a reader sees the old file or the new one, never a torn one, even across a
