@@ -89,7 +89,10 @@ def key_text_of(file_name: str) -> str | None:
     """The key text a key's file name says; None for a hashed name (read the file) or no key."""
     if not file_name.endswith(".json") or file_name.startswith(("#", ".")) or file_name == PAGE_FILE:
         return None
-    return "[" + urllib.parse.unquote(file_name[: -len(".json")].replace("'", "%22")) + "]"
+    inner = file_name[: -len(".json")]
+    if "%" not in inner:  # the usual name: nothing was percent-encoded, only " written '
+        return "[" + inner.replace("'", '"') + "]"
+    return "[" + urllib.parse.unquote(inner.replace("'", "%22")) + "]"
 
 
 # --------------------------------------------------------------------------- reading
