@@ -134,6 +134,10 @@ def test_a_book_of_another_kernel_version_under_the_right_name_is_ignored(book_d
     with pytest.warns(tunebook.BookWarning, match="another kernel version"):
         call(kernel)
     assert tunebook.stats()["benchmarked"] == 3
+    # Never merged into (issue 10 item 9): the foreign page is kept aside, whole, and ours is new.
+    (aside,) = book_dir.glob("*.foreign-*")
+    assert json.loads((aside / "page.json").read_text())["kernel"]["hash"] == "0" * 64
+    assert json.loads(page.read_text())["kernel"]["hash"] != "0" * 64
 
 
 def _result(block: int, ms: float | None, error: str | None = None) -> tuple[str, Result]:
