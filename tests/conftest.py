@@ -40,7 +40,42 @@ def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def book_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.json"))
+    """The book's pages: format-1 files and format-2 page directories (read_document reads both)."""
+    return sorted(p for p in directory.glob("*") if p.suffix == ".json" or (p / "page.json").is_file())
+
+
+def as_format1(page: Path) -> Path:
+    """Rewrite a format-2 page directory as the format-1 file of the same page (what older
+    tunebooks wrote, and still read); returns the file."""
+    import shutil
+
+    from tunebook._book import read_document
+
+    doc = read_document(page)
+    assert doc is not None, page
+    path = page.with_name(page.name + ".json")
+    path.write_text(doc.dumps())
+    shutil.rmtree(page)
+    return path
+
+
+def page_files(page: Path) -> dict[str, bytes]:
+    """The visible files of a format-2 page (page.json and one per key), by name."""
+    return {p.name: p.read_bytes() for p in sorted(page.glob("*.json"))}
+
+
+def book_bytes(path: Path) -> object:
+    """What a page holds on disk, to compare: a format-1 file's bytes, a page's visible files."""
+    return page_files(path) if path.is_dir() else path.read_bytes()
+
+
+def remove_page(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def run_python(

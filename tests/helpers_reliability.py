@@ -116,15 +116,15 @@ def _emit(**event: Any) -> None:
 def _install_handshakes(book: Path) -> None:
     """Stop the writer at each KILL_POINT until the parent answers "go" (or kills it there).
 
-    Test-only: wraps the two OS calls atomic_write_text makes around its critical steps
-    (``tempfile.mkstemp`` right after the lock is taken and the book re-read, ``os.fsync``
-    of the temp file before ``os.replace``, and of the directory after it), so that a kill
-    lands inside a write deterministically instead of by luck of timing.
+    Test-only: wraps the OS calls atomic_write_text makes around its critical steps (the
+    ``os.open`` of its temp file in the page's ``.tunebook/tmp/``, right after the key's
+    lock is taken and its file re-read; ``os.fsync`` of the temp file before ``os.replace``,
+    and of the directory after it), so that a kill lands inside a write deterministically
+    instead of by luck of timing.
     """
     import stat
-    import tempfile
 
-    real_mkstemp, real_fsync = tempfile.mkstemp, os.fsync
+    real_open, real_fsync = os.open, os.fsync
     writing = [False]
 
     def point(name: str) -> None:
@@ -132,11 +132,12 @@ def _install_handshakes(book: Path) -> None:
         if sys.stdin.readline().strip() != "go":
             os._exit(3)
 
-    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
-        if Path(kwargs.get("dir") or ".").resolve() == book:
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        where = Path(path)
+        if where.suffix == ".tmp" and book in where.resolve().parents:
             writing[0] = True
             point("locked")
-        return real_mkstemp(*args, **kwargs)
+        return real_open(path, flags, *args, **kwargs)
 
     def fsync(fd: int) -> None:
         if writing[0]:
@@ -145,7 +146,7 @@ def _install_handshakes(book: Path) -> None:
             point("replaced" if is_dir else "temp-written")
         real_fsync(fd)
 
-    tempfile.mkstemp = mkstemp  # type: ignore[assignment]
+    os.open = open_  # type: ignore[assignment]
     os.fsync = fsync
 
 
@@ -156,7 +157,7 @@ def torture_child() -> None:
 
     import tunebook
     from kernels import Replay, add_kernel, block_configs, grid_1d, scale_kernel, vectors
-    from tunebook._book import read_document
+    from tunebook._book import DirectoryStore
 
     book = Path(os.environ["TUNEBOOK_DIR"]).resolve()
     book.mkdir(parents=True, exist_ok=True)
@@ -182,9 +183,8 @@ def torture_child() -> None:
             _emit(ev="wrong-answer", kernel=name, n=n)
             continue
         # Read the book back: only what is on disk now counts as persisted.
-        path = tuners[name].page().path
-        assert path is not None
-        doc = read_document(path)
+        page = tuners[name].page()
+        doc = DirectoryStore(book).fetch(page.file_name)
         found = [(k, e) for k, e in (doc.entries.items() if doc else ()) if e.key and e.key[0] == n]
         if len(found) != 1 or len(found[0][1].results) != len(TABLE):
             _emit(ev="not-persisted", kernel=name, n=n)
@@ -192,7 +192,7 @@ def torture_child() -> None:
         key_text, entry = found[0]
         _emit(
             ev="persisted",
-            file=path.name,
+            file=page.file_name,
             key=key_text,
             results={cid: list(r.ms or ()) for cid, r in entry.results.items()},
         )

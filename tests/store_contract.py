@@ -45,6 +45,21 @@ class StoreKind:
     spec: str
 
 
+def _plant_files(books: Path, raw: bytes) -> None:
+    """Garbage where a directory keeps FILE: as a format-1 file, and as its page's page.json."""
+    page = books / FILE.removesuffix(".json")
+    page.mkdir(parents=True, exist_ok=True)
+    (books / FILE).write_bytes(raw)
+    (page / "page.json").write_bytes(raw)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every regular file under ``directory``, by relative path: what a store left on disk."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
 def directory_kind(root: Path) -> StoreKind:
     from tunebook._book import DirectoryStore
 
@@ -57,7 +72,7 @@ def directory_kind(root: Path) -> StoreKind:
         broken=lambda: DirectoryStore(
             blocked / "books"
         ),  # under a regular file: never writable, even as root
-        plant=lambda raw: (books.mkdir(parents=True, exist_ok=True), (books / FILE).write_bytes(raw))[-1],
+        plant=lambda raw: _plant_files(books, raw),
         child="from tunebook._book import DirectoryStore\nstore = DirectoryStore({spec!r})",
         spec=str(books),
     )

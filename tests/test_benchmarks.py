@@ -194,6 +194,20 @@ def test_redis_hit_latency(tmp_path: Path, redis_tools: None) -> None:
     assert set(doc["up"]) == {"p10_us", "median_us", "p90_us"}
 
 
+BOOK_SCALE_ROW = ("store", "format", "keys", "first_call_ms", "hit_us", "miss_ms", "rss_mb", "book_hits")
+
+
+@pytest.mark.slow  # makes and measures a book on each store, in new processes (~15 s)
+def test_book_scale_quick(tmp_path: Path, redis_tools: None) -> None:
+    out = run_benchmark(tmp_path, "book_scale.py", "--quick")
+    doc = results(out / "book_scale.json", "book_scale-cpu.json")
+    assert [r["store"] for r in doc["rows"]] == ["local", "redis"]
+    for row in doc["rows"]:
+        assert set(BOOK_SCALE_ROW) <= set(row)
+        assert row["book_hits"] == 1 and row["benchmarked"] == 5  # the first call hit, the miss tuned
+    assert doc["rows"][0]["show_outcome"] == doc["rows"][0]["report_outcome"] == "ok"
+
+
 # --------------------------------------------------------------------------- the harness
 
 

@@ -23,9 +23,10 @@ import rich  # noqa: F401
 from click.testing import CliRunner
 
 import tunebook
-from conftest import TESTS, book_files
+from conftest import TESTS, book_bytes, book_files, remove_page
 from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import Document, Entry, Result, config_id, config_record, read_document
+from tunebook._jsonio import key_text
 from tunebook.cli._app import cli
 from tunebook.cli._load import canonical_file_name
 
@@ -243,7 +244,7 @@ def test_explain_names_each_identity_field_that_differs(book_dir: Path, tmp_path
     tune_add()
     doc = the_doc(book_dir)
     for path in book_files(book_dir):
-        path.unlink()
+        remove_page(path)
     other = replace(
         doc,
         kernel={**doc.kernel, "hash": "0" * 64},
@@ -300,7 +301,7 @@ def _two_books(book_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
         ],
     )
     new_key = entry([7000, "torch.float32", "torch.float32", "torch.float32"], [result({"BLOCK": 128}, 1.5)])
-    b_doc = replace(doc, entries={k100: theirs, "[7000]": new_key})
+    b_doc = replace(doc, entries={k100: theirs, key_text(new_key.key): new_key})  # a key's name is its key
     b_doc = Document.from_json(json.loads(b_doc.dumps()))  # key text as the library writes it
     b = tmp_path / "b"
     write_doc(b, b_doc)
@@ -315,7 +316,7 @@ def test_merge_decides_by_measurement_and_is_order_independent(book_dir: Path, t
     ab, ba = book_files(tmp_path / "ab"), book_files(tmp_path / "ba")
     assert [p.name for p in ab] == [p.name for p in ba] and len(ab) == 2
     for x, y in zip(ab, ba, strict=True):
-        assert x.read_bytes() == y.read_bytes()
+        assert book_bytes(x) == book_bytes(y)
     merged = next(read_document(p) for p in ab if "interpreter" in p.name)
     assert merged is not None
     e100 = next(e for e in merged.entries.values() if e.key[0] == 100)
@@ -329,14 +330,14 @@ def test_merge_is_idempotent_and_merges_into_an_existing_output(book_dir: Path, 
     a, b = _two_books(book_dir, tmp_path)
     out = tmp_path / "out"
     invoke("merge", a, "-o", out)
-    assert [p.read_text() for p in book_files(out)] == [the_doc(a).dumps()]
+    assert [the_doc(out).dumps()] == [the_doc(a).dumps()]
+    written = [book_bytes(p) for p in book_files(out)]
     invoke("merge", a, "-o", out)  # again: nothing changes
-    assert [p.read_text() for p in book_files(out)] == [the_doc(a).dumps()]
+    assert [book_bytes(p) for p in book_files(out)] == written
     invoke("merge", b, "-o", out)  # what OUT holds takes part
     invoke("merge", a, b, "-o", tmp_path / "direct")
-    assert [p.read_bytes() for p in book_files(out)] == [
-        p.read_bytes() for p in book_files(tmp_path / "direct")
-    ]
+    direct = [book_bytes(p) for p in book_files(tmp_path / "direct")]
+    assert [book_bytes(p) for p in book_files(out)] == direct
 
 
 def test_merge_in_a_subprocess(book_dir: Path, tmp_path: Path) -> None:
@@ -344,8 +345,8 @@ def test_merge_in_a_subprocess(book_dir: Path, tmp_path: Path) -> None:
     proc = python_m_tunebook("merge", a, b, "-o", tmp_path / "sub")
     assert proc.returncode == 0, proc.stderr
     invoke("merge", b, a, "-o", tmp_path / "inproc")
-    assert [p.read_bytes() for p in book_files(tmp_path / "sub")] == [
-        p.read_bytes() for p in book_files(tmp_path / "inproc")
+    assert [book_bytes(p) for p in book_files(tmp_path / "sub")] == [
+        book_bytes(p) for p in book_files(tmp_path / "inproc")
     ]
 
 

@@ -6,6 +6,7 @@ fix it, and exits non-zero; never a traceback.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -201,10 +202,85 @@ def test_a_book_file_locked_by_another_process_is_one_line(
 
     tune_add()
     invoke("merge", book_dir, "-o", tmp_path / "out")
-    (path,) = (tmp_path / "out").glob("*.json")
+    lock = sorted((tmp_path / "out").glob("*/.tunebook/locks/*.lock"))[0]
     monkeypatch.setattr(_common, "LOCK_TIMEOUT_S", 0.1)
-    with FileLock(str(path) + ".lock"):  # a tuning run holding it
+    with FileLock(str(lock)):  # a tuning run writing that key
         line = one_error_line(
             invoke("merge", book_dir, "-o", tmp_path / "out", ok=None), "could not be acquired"
         )
     assert "Another process holds it" in line and "writable" not in line
+
+
+# ----------------------------------------------------------------------------- hostile books
+
+
+def _hostile_books(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory with a good book plus one file holding a 5,000-digit integer, and another
+    whose platform holds NaN; the good book's path."""
+    books = tmp_path / "hostile"
+    good = write_doc(books, _moe_doc())
+    text = good.read_text()
+    (books / "huge-int.json").write_text(text.replace('"arch": "90"', '"arch": ' + "9" * 5000, 1))
+    (books / "nan-platform.json").write_text(text.replace('"arch": "90"', '"arch": NaN', 1))
+    os.mkfifo(books / "fifo.json")
+    os.symlink("/dev/zero", books / "zero.json")
+    return books, good
+
+
+def test_every_command_skips_hostile_files_with_their_reason(tmp_path: Path) -> None:
+    books, good = _hostile_books(tmp_path)
+    for args in (["show", books], ["show", "--json", books], ["diff", books, good.parent]):
+        res = invoke(*args, ok=None)
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    res = invoke("show", books)
+    for name, reason in (
+        ("huge-int.json", "beyond 64 bits"),
+        ("nan-platform.json", "NaN"),
+        ("fifo.json", "named pipe"),
+        ("zero.json", "character device"),
+    ):
+        assert name in res.output and reason in res.output, (name, res.output)
+    merged = tmp_path / "merged"
+    res = invoke("merge", books, "-o", merged, ok=None)
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    report = tmp_path / "r.html"
+    invoke("report", books, "-o", report)
+    invoke(
+        "export",
+        "--format",
+        "vllm",
+        books,
+        "-o",
+        tmp_path / "v",
+        "--kernel",
+        "fused_moe_kernel",
+        "--const",
+        "E=8",
+    )
+
+
+def test_export_never_writes_outside_its_output_directory(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for device in ("../escape/NVIDIA", "/etc/x", "a" * 300, "NVIDIA\x00H200", ".."):
+        doc = _moe_doc()
+        doc = replace(doc, platform={**doc.platform, "device": device})
+        books = tmp_path / f"b{abs(hash(device))}"
+        write_doc(books, doc)
+        (tmp_path / "escape").mkdir(exist_ok=True)
+        res = invoke(
+            "export",
+            "--format",
+            "vllm",
+            books,
+            "-o",
+            out,
+            "--kernel",
+            "fused_moe_kernel",
+            "--const",
+            "E=8",
+            ok=None,
+        )
+        assert "Traceback" not in res.output, (device, res.output)
+        assert not list((tmp_path / "escape").iterdir()), device
+        written = [p for p in tmp_path.rglob("E=*") if p.is_file()]
+        assert all(p.parent == out for p in written), (device, written)

@@ -127,3 +127,35 @@ def test_the_report_reads_well_in_a_browser_at_1280x900(book_dir: Path, tmp_path
     chromium(f"--screenshot={screenshot}", report.as_uri())
     assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
     print(f"report screenshot at 1280x900: {screenshot}")
+
+
+def test_a_large_page_draws_a_bounded_sample_of_its_keys(tmp_path: Path) -> None:
+    """The report costs what it draws: 500 keys give 200 table rows and 60 plotted keys."""
+    from test_cli import entry, invoke, result, write_doc
+    from tunebook._book import Document
+    from tunebook._jsonio import key_text
+    from tunebook.cli.report import MAX_KEYS_DRAWN, MAX_TABLE_ROWS
+
+    entries = {}
+    for n in range(500):
+        key = [1024 + n, "torch.float16"]
+        entries[key_text(key)] = entry(
+            key, [result({"BLOCK": 64}, 1.0 + n / 1000), result({"BLOCK": 128}, 2.0)]
+        )
+    platform = {
+        "backend": "cuda",
+        "device": "NVIDIA H200",
+        "arch": "90",
+        "triton": "3.6.0",
+        "timer": "events",
+    }
+    write_doc(
+        tmp_path / "book", Document({"name": "big", "hash": "cd" * 32, "key": ["n"]}, platform, entries)
+    )
+    report = tmp_path / "r.html"
+    invoke("report", tmp_path / "book", "-o", report)
+    text = report.read_text()
+    assert f"{MAX_TABLE_ROWS} of 500 keys shown" in text and "500 keys" in text
+    heat = text[text.index("<table class='heat'>") :]
+    first_row = heat[: heat.index("</tr>")]
+    assert first_row.count("<th>") == MAX_KEYS_DRAWN + 1  # the corner and one column a drawn key

@@ -109,3 +109,12 @@ def test_config_record_and_id_cover_every_option_field():
     assert config_id(record) == "BLOCK=64,EVEN=true|maxnreg=128,num_ctas=1,num_stages=2,num_warps=8"
     other = triton.Config({"BLOCK": 64, "EVEN": True}, num_warps=4, num_stages=2, maxnreg=128)
     assert config_id(config_record(other.kwargs, _compat.config_options(other))) != config_id(record)
+
+
+def test_globals_that_share_a_name_with_a_parameter_or_local_are_not_part_of_the_hash(tmp_path):
+    """Only names that resolve to globals in the kernel's scope may enter the hash: a module's
+    ``n = 1`` beside a kernel parameter ``n`` must not give a new kernel id when it becomes 2."""
+    base = _fingerprint.kernel_hash(load(tmp_path, "k_shadow_1", pad="n = 1\noffs = 1\nx_ptr = 'a'"))
+    other = _fingerprint.kernel_hash(load(tmp_path, "k_shadow_2", pad="n = 2\noffs = 7\nx_ptr = 'b'"))
+    assert other == base
+    assert _fingerprint.kernel_hash(load(tmp_path, "k_shadow_3", pad="n = 2", scale=3)) != base

@@ -149,3 +149,21 @@ def test_a_finalizer_may_run_while_the_stats_lock_is_held():
 
     threading.Thread(target=inside_lock, daemon=True).start()
     assert done.wait(5), "the stats lock is not reentrant: a finalizer would deadlock"
+
+
+def test_the_tuning_log_counts_only_the_configs_the_kernel_declares(monkeypatch, capsys):
+    """Results of configs the kernel no longer declares are not counted as remembered (issue
+    10 item 11: "8/6 configs")."""
+    from kernels import Replay, add_kernel, block_configs
+
+    replay = Replay({16: 5.0, 32: 3.0, 64: 1.0, 128: 2.0, 256: 4.0})
+    old = tunebook.autotune(
+        block_configs(16, 32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+    )
+    call(old(add_kernel), 100)
+    monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
+    capsys.readouterr()
+    new = tunebook.autotune(block_configs(64, 256), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)
+    call(new(add_kernel), 100)
+    out = capsys.readouterr().out
+    assert "1 of 2 configs benchmarked now, 1 remembered in the book" in out, out

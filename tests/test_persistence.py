@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import book_files, run_python
+from store_contract import snapshot
 
 KERNEL_MODULE = """
 import triton
@@ -94,10 +95,12 @@ def test_new_process_benchmarks_nothing_for_a_remembered_key(kdir, book_dir):
     assert second["benchmarked"] == 0 and second["measured"] == []
     assert second["book_hits"] == 1 and second["hits"] == 1 and second["misses"] == 0
     assert second["best"] == 64
-    (path,) = book_files(book_dir)
-    doc = json.loads(path.read_text())
-    assert doc["format"] == "tunebook-book" and doc["version"] == 1
-    (entry,) = doc["entries"].values()
+    (page,) = book_files(book_dir)
+    meta = json.loads((page / "page.json").read_text())
+    assert meta["format"] == "tunebook-page" and meta["version"] == 2
+    (key_file,) = (p for p in page.glob("*.json") if p.name != "page.json")
+    entry = json.loads(key_file.read_text())
+    assert entry["format"] == "tunebook-entry" and entry["version"] == 2
     assert len(entry["results"]) == 3 and entry["winner"].startswith("BLOCK=64|")
 
 
@@ -158,14 +161,14 @@ def test_configs_with_their_own_pre_hook_are_remembered(kdir):
 def test_shipped_read_only_book_on_tunebook_path(kdir, tmp_path):
     shipped = tmp_path / "shipped"
     child(kdir, TUNEBOOK_DIR=shipped)
-    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    before = snapshot(shipped)
     local = tmp_path / "local"
     served = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=f"{tmp_path / 'nothing'}{os.pathsep}{shipped}")
     assert served["benchmarked"] == 0 and served["best"] == 64
     # A key the shipped book lacks is tuned into the writable book, never into the shipped one.
     more = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=shipped, NS="[300, 500]")
     assert more["benchmarked"] == 3
-    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    assert snapshot(shipped) == before
     assert len(book_files(local)) == 1
 
 
@@ -191,8 +194,8 @@ def test_local_results_complete_a_shipped_book(kdir, tmp_path):
 
 @contextlib.contextmanager
 def read_only(directory: Path):
-    """Make ``directory`` and its files unwritable, also for root (who ignores permissions)."""
-    paths = [directory, *directory.iterdir()]
+    """Make ``directory`` and everything in it unwritable, also for root (who ignores permissions)."""
+    paths = [directory, *directory.rglob("*")]
     if os.geteuid() == 0:
         subprocess.run(["chattr", "+i", *map(str, paths)], check=True)
         try:
@@ -213,13 +216,13 @@ def read_only(directory: Path):
 def test_read_only_book_directory_works_and_writes_nothing(kdir, tmp_path):
     ro = tmp_path / "ro"
     child(kdir, TUNEBOOK_DIR=ro)  # tune while writable
-    before = {p.name: p.read_bytes() for p in ro.iterdir()}
+    before = snapshot(ro)
     with read_only(ro):
         with pytest.raises(OSError):
             (ro / "probe").write_text("x")  # the directory really is read-only
         result = child(kdir, TUNEBOOK_DIR=ro, NS="[300, 700]")
     assert result["book_hits"] == 1  # n=300 remembered
     assert result["benchmarked"] == 3  # n=700 tuned, kept in memory
-    assert {p.name: p.read_bytes() for p in ro.iterdir()} == before
+    assert snapshot(ro) == before
     assert result["_stderr"].count("cannot write to book directory") == 1
     assert "Traceback" not in result["_stderr"]

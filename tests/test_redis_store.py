@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -127,3 +128,68 @@ def test_a_hung_server_times_out_instead_of_stalling(
     fetched = store.fetch(FILE)
     assert fetched is not None and len(fetched.entries) == 1
     assert len(_warnings(caplog)) == 1
+
+
+# --------------------------------------------------------------------------- hostile peers
+
+
+class _FloodingPeer:
+    """A TCP peer that answers every connection with one reply that never ends: a bulk string
+    announced as 1 GB, sent as fast as possible (``pace_s`` = 0) or steadily, a chunk every
+    ``pace_s`` seconds (so that no single socket read ever times out)."""
+
+    def __init__(self, pace_s: float, chunk: int) -> None:
+        import socket
+        import threading
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.server.getsockname()[1]}/0"
+        self.pace_s, self.chunk, self.stop = pace_s, chunk, threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._flood, args=(conn,), daemon=True).start()
+
+    def _flood(self, conn: Any) -> None:
+        import time
+
+        with conn:
+            try:
+                conn.sendall(b"$1073741824\r\n")
+                while not self.stop.is_set():
+                    conn.sendall(b"x" * self.chunk)
+                    if self.pace_s:
+                        time.sleep(self.pace_s)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.close()
+
+
+@pytest.mark.parametrize("pace_s, chunk", [(0.0, 1 << 20), (0.01, 4096)], ids=["endless", "steady"])
+def test_a_peer_that_keeps_sending_costs_a_bounded_wait_and_bounded_memory(pace_s: float, chunk: int) -> None:
+    import resource
+    import time
+
+    peer = _FloodingPeer(pace_s, chunk)
+    try:
+        store = RedisStore(peer.url, max_reply_bytes=8 << 20)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for call in (lambda: store.fetch(FILE), lambda: store.merge(FILE, _doc(64, {16: 1.0}))):
+            t0 = time.monotonic()
+            assert call() is None
+            assert time.monotonic() - t0 < 1.0
+            store._open_until = None  # close the breaker: the next call meets the peer again
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grown_mb < 100, f"the process grew by {grown_mb:.0f} MB"
+    finally:
+        peer.close()

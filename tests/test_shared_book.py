@@ -369,3 +369,22 @@ def test_without_redis_py_the_book_warns_once_and_carries_on(
 def test_no_url_no_shared_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TUNEBOOK_REDIS_URL", raising=False)
     assert Book.from_env().shared is None
+
+
+def test_only_declared_configs_are_copied_from_the_fleet_into_the_local_book(
+    server: RedisServer, fleet: tuple[RedisStore, Clock], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host with a longer config list put BLOCK=128 into the fleet's key; a host that does
+    not declare it serves the key from Redis and keeps only its own configs' results locally
+    (issue 10 item 11)."""
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "wide-host"))
+    _call(_tuner((16, 32, 64, 128))[0], 300)
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "narrow-host"))
+    tuner, replay = _tuner()
+    _call(tuner, 300)
+    assert replay.measured == []  # served from the fleet's book
+    (path,) = book_files(tmp_path / "narrow-host")
+    doc = read_document(path)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    assert sorted(r.config["kwargs"]["BLOCK"] for r in entry.results.values()) == [16, 32, 64]

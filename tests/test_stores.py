@@ -21,7 +21,7 @@ import pytest
 from conftest import TESTS
 from helpers_reliability import RedisServer
 from redis_fixture import redis_server  # noqa: F401  (the `server` fixture)
-from store_contract import FILE, StoreKind, directory_kind, doc, redis_kind
+from store_contract import FILE, StoreKind, directory_kind, doc, redis_kind, snapshot
 from tunebook._book import BookStore, DirectoryStore
 
 
@@ -94,12 +94,12 @@ def test_a_store_that_cannot_write_returns_none_and_raises_nothing(kind: StoreKi
 def test_a_read_only_directory_reads_what_is_there_and_writes_nothing(tmp_path: Path) -> None:
     news = doc(64, {16: 1.0})
     assert DirectoryStore(tmp_path).merge(FILE, news) is not None
-    before = (tmp_path / FILE).read_bytes()
+    before = snapshot(tmp_path)
     shipped = DirectoryStore(tmp_path, writable=False)
     fetched = shipped.fetch(FILE)
     assert fetched is not None and fetched.dumps() == news.dumps()
     assert shipped.merge(FILE, doc(128, {16: 1.0})) is None
-    assert (tmp_path / FILE).read_bytes() == before
+    assert snapshot(tmp_path) == before
 
 
 CHILD = """

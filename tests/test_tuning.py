@@ -262,7 +262,7 @@ def test_a_plain_config_list_still_works_with_strategies(book_dir):
     kernel = tuned(configs, land, strategy="random", max_configs=3, seed=1)
     call(kernel)
     assert len(land.measured) == 3
-    assert json.loads(book_files(book_dir)[0].read_text())["format"] == "tunebook-book"
+    assert json.loads((book_files(book_dir)[0] / "page.json").read_text())["format"] == "tunebook-page"
 
 
 def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
@@ -308,3 +308,55 @@ def test_check_with_an_in_place_kernel_keeps_the_callers_inputs(book_dir):
 def test_check_rejects_unknown_options():
     with pytest.raises(ValueError, match="check= takes rtol, atol, ignore and max_bytes; found tolerance"):
         tunebook.autotune(SPACE, key=["n"], check={"tolerance": 1})(add_kernel)
+
+
+def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, monkeypatch):
+    """Two tuners of one key, their writes interleaved deterministically (issue 10 item 8):
+    A screens first and decides on its full measurements of its contenders; B screens after
+    (A's screen stands), finds another contender from its own screen and confirms it in
+    full only after A decided. B's full measurement must not overturn the decision A
+    serves: A, B and a later process serve the same config."""
+    import threading
+
+    from tunebook import _bench
+
+    screens = {"A": {32: 1.0, 64: 1.05, 128: 1.5}, "B": {32: 1.5, 64: 1.5, 128: 1.0}}
+    fulls = {"A": {32: 1.0, 64: 1.05, 128: 1.5}, "B": {32: 1.5, 64: 1.5, 128: 0.5}}
+    a_screened, b_screened, a_done = threading.Event(), threading.Event(), threading.Event()
+    now: dict[str, int] = {}
+
+    def clock(kernel_call, quantiles=None, *, min_reps=3, max_reps=10, budget_s=0.2):
+        me = threading.current_thread().name
+        kernel_call()
+        full = min_reps != 1
+        if me == "B" and not full:
+            assert a_screened.wait(60)
+        if full and me == "A" and not a_screened.is_set():
+            a_screened.set()
+            assert b_screened.wait(60)
+        if full and me == "B" and not b_screened.is_set():
+            b_screened.set()
+            assert a_done.wait(60)
+        ms = (fulls if full else screens)[me][now[me]]
+        return [ms, ms, ms]
+
+    def hook(me: str):
+        def pre_hook(nargs: dict[str, Any], reset_only: bool = False) -> None:
+            if not reset_only:
+                now[me] = nargs["BLOCK"]
+
+        return pre_hook
+
+    monkeypatch.setattr(_bench, "wallclock_bench", clock)
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (32, 64, 128)]
+    kernels = {me: tunebook.autotune(configs, key=["n"], pre_hook=hook(me))(add_kernel) for me in "AB"}
+    threads = {me: threading.Thread(target=call, args=(kernels[me], 64), name=me) for me in "AB"}
+    for thread in threads.values():
+        thread.start()
+    threads["A"].join(120)
+    a_done.set()
+    threads["B"].join(120)
+    served = {me: kernels[me].best_config.kwargs["BLOCK"] for me in "AB"}
+    later = tunebook.autotune(configs, key=["n"])(add_kernel)
+    call(later, 64)
+    assert served == {"A": 32, "B": 32} and later.best_config.kwargs["BLOCK"] == 32, served

@@ -338,7 +338,7 @@ class Autotuner(_compat.TritonAutotuner):
             self.counters.hits[0] += 1
         if _settings.print_autotuning() and key not in self._announced:
             self._announced.add(key)
-            _miss.announce(self, key, config, resolution, len(candidates))
+            _miss.announce(self, key, config, resolution, [self.config_index.id_of(c) for c in candidates])
         return config, self.counters.hits
 
     def _overruled(self, keys: list[Any]) -> None:

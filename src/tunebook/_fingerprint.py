@@ -3,9 +3,10 @@
 A remembered timing is only as good as the match between who measured it and who asks.
 
 * **Kernel** — a hash of the kernel's source and, recursively, of every ``@triton.jit``
-  function and constant global it refers to. Line numbers are not part of it (Triton's own
-  cache key includes them), so moving a kernel down its file keeps its results; editing
-  the kernel or a helper it calls starts afresh.
+  function and constant global it refers to (names that resolve to globals in its scope:
+  a parameter or local never brings in a global of the same name). Line numbers are not
+  part of it (Triton's own cache key includes them), so moving a kernel down its file
+  keeps its results; editing the kernel or a helper it calls starts afresh.
 * **Platform** — GPU model name (an H100 PCIe and an H100 SXM differ), arch, runtime,
   Triton version and the timer used. The interpreter is a platform of its own.
 * **Key** — the values of the ``key`` arguments plus the dtypes of all tensor arguments,
@@ -21,6 +22,7 @@ import ast
 import hashlib
 import json
 import re
+import symtable
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +67,32 @@ def _referenced(tree: ast.AST) -> set[tuple[str, ...]]:
     return found
 
 
+def _outer_names(src: str) -> set[str] | None:
+    """Names the function in ``src`` takes from outside itself: its globals (and closure
+    variables, which look global in its source alone), those of the scopes nested in it,
+    and what its signature refers to (annotations, defaults). None if it cannot be told.
+
+    A parameter or local that shares a name with a module global is not one of them: a
+    module's ``n = 2`` beside a kernel parameter ``n`` must not change the kernel's id.
+    """
+    try:
+        module = symtable.symtable(src, "<kernel>", "exec")
+    except (SyntaxError, ValueError):
+        return None
+    functions = [t for t in module.get_children() if t.get_type() == "function"]
+    if not functions:
+        return None
+    names = {s.get_name() for s in module.get_symbols() if s.is_referenced()}
+
+    def walk(table: symtable.SymbolTable) -> None:
+        names.update(s.get_name() for s in table.get_symbols() if s.is_global())
+        for child in table.get_children():
+            walk(child)
+
+    walk(functions[0])
+    return names
+
+
 def _resolve(path: tuple[str, ...], scope: dict[str, Any]) -> Any:
     if path[0] not in scope:
         return None
@@ -95,9 +123,12 @@ def kernel_hash(kernel: Any) -> str:
         except SyntaxError:
             return
         scope = {**getattr(fn, "__globals__", {}), **_closure_vars(fn)}
+        outer = _outer_names(src)
         deps: list[tuple[str, Callable[..., Any]]] = []
         consts: list[str] = []
         for path in sorted(_referenced(tree)):
+            if outer is not None and path[0] not in outer:
+                continue  # a parameter or local, whatever a global of that name holds
             obj = _resolve(path, scope)
             inner = _compat.jitted_python_function(obj)
             if inner is not None:

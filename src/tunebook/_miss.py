@@ -75,10 +75,11 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     mode = _settings.mode()
     budget = tuner.options.budget
     page = tuner.page() if mode != "off" else None
-    entry = page.get(miss.text) if page is not None else None
+    entry = page.get(miss.text, miss.ids) if page is not None else None
     if page is not None:
         if entry is None or not _policy.answered(entry, miss.ids, budget):
-            page.refresh()  # another process (or host, through Redis) may have tuned it meanwhile
+            # another process (or host, through Redis) may have tuned it meanwhile
+            page.refresh(miss.text, declared=miss.ids)
             entry = page.get(miss.text)
         if _policy.decide(entry, miss.ids, mode, budget) == "book":
             _stats.add("book_hits")
@@ -96,7 +97,7 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
 def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
     picked = _user_fallback(miss)
-    cid, how = _policy.serve_choice(miss.ids, entry, _policy.nearest(miss.key, page.entries.values()), picked)
+    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked)
     log.warning(
         "tunebook: %s key %s is not in the book; serving %s without benchmarking (TUNEBOOK_MODE=serve)",
         miss.tuner.label,
@@ -105,6 +106,17 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     )
     _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
     return Resolution(cid, "served", entry)
+
+
+def _near(miss: Miss, page: Page) -> list[Entry]:
+    """The remembered keys nearest to the miss's, nearest first: ranked by their names (every
+    key's text, asked once per page), then only the nearest few are read."""
+    texts = _policy.nearest_texts(miss.key, page.keys())[:NEAR_READ]
+    return _policy.nearest(miss.key, page.lookup(texts))
+
+
+# How many of the nearest keys a miss reads: enough for the hints and a serve-mode fallback.
+NEAR_READ = 16
 
 
 def _user_fallback(miss: Miss) -> str | None:
@@ -136,7 +148,7 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
 
         if not _worker.inside_worker():
             return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
-    near = _policy.nearest(miss.key, page.entries.values()) if page is not None else []
+    near = _near(miss, page) if page is not None else []
     hints = _policy.hints(miss.ids, near, page.sibling_winners(miss.key)) if page is not None else []
     team = _distributed.team(options.group) if page is not None else None
     if team is not None and page is not None:
@@ -238,15 +250,20 @@ def _precompiler(tuner: Autotuner, call: Call) -> Callable[[list[Any]], None] | 
     return precompile
 
 
-def announce(tuner: Autotuner, key: tuple[Any, ...], config: Any, resolution: Resolution, total: int) -> None:
-    """Triton's TRITON_PRINT_AUTOTUNING line for a key (once per key and process)."""
+def announce(
+    tuner: Autotuner, key: tuple[Any, ...], config: Any, resolution: Resolution, ids: Sequence[str]
+) -> None:
+    """Triton's TRITON_PRINT_AUTOTUNING line for a key (once per key and process), counting
+    only the configs the kernel declares (``ids``): a book's results for others are ignored."""
+    total = len(ids)
     if resolution.source == "book":
         print(
             f"tunebook: {tuner.label} key {key}: best config {config} remembered in the book; "
             f"0 of {total} configs benchmarked"
         )
         return
-    measured = len(resolution.entry.results) if resolution.entry is not None else 0
+    results = resolution.entry.results if resolution.entry is not None else {}
+    measured = sum(1 for cid in ids if cid in results)
     known = max(0, measured - resolution.benchmarked)
     unmeasured = max(0, total - measured)
     print(

@@ -18,7 +18,6 @@ from typing import Any
 
 from . import _calls
 from ._book import Page
-from ._book.files import merge_write
 from ._book.records import Document, Entry, now_iso
 from ._call import Call
 from ._jsonio import stored_key
@@ -48,11 +47,12 @@ def record(page: Page, key: Sequence[Any], key_text: str, call: Call, candidates
 
 def submit(page: Page, key_text: str, entry: Entry) -> None:
     """Queue ``entry`` (a miss) for the writable book of ``page``; returns at once."""
-    if page.path is None:
+    store = page.local
+    if store is None:
         return
     doc = Document(kernel=page.kernel.to_json(), platform=page.platform, entries={key_text: entry})
     _ensure_thread()
-    _queue.put((page.path, key_text, doc))
+    _queue.put((store, page.file_name, doc))
 
 
 def _ensure_thread() -> None:
@@ -69,11 +69,11 @@ def _run() -> None:
         if item is None:
             _queue.task_done()
             return
-        path, _, doc = item
+        store, name, doc = item
         try:
-            merge_write(path, doc)  # logs its own failures once; never raises OSError
+            store.merge(name, doc)  # logs its own failures once; never raises
         except Exception:  # a miss record must never take the process down
-            log.exception("tunebook: could not record a miss in %s", path)
+            log.exception("tunebook: could not record a miss in %s of %r", name, store)
         finally:
             _queue.task_done()
 

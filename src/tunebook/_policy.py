@@ -20,6 +20,7 @@ results, the winner of the nearest remembered key, the first config, in that ord
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -109,6 +110,46 @@ def nearest(key: Sequence[Any], entries: Iterable[Entry]) -> list[Entry]:
         if tuple(e.key) != own and (d := key_distance(key, e.key)) < math.inf
     ]
     return [e for _, _, e in sorted(ranked, key=lambda t: t[:2])]
+
+
+def nearest_texts(key: Sequence[Any], texts: Iterable[str]) -> list[str]:
+    """Key texts (as a book names keys) of keys comparable with ``key``, nearest first.
+
+    >>> nearest_texts([1000, "fp16"], ['[4096,"fp16"]', '[1024,"fp16"]', '[1024,"bf16"]', 'junk'])
+    ['[1024,"fp16"]', '[4096,"fp16"]']
+    """
+    own = list(stored_key(key))
+    logs = [_log2(v) for v in own]
+    names = [t for t in texts if t.startswith("[") and t.endswith("]")]
+    try:  # one parse for the whole page (a 40,000-key page costs one pass over its names)
+        parsed = json.loads("[" + ",".join(names) + "]")
+    except ValueError:
+        parsed = []
+        for text in names:
+            try:
+                parsed.append(json.loads(text))
+            except ValueError:
+                parsed.append(None)
+    ranked = []
+    for text, other in zip(names, parsed):
+        if not isinstance(other, list) or len(other) != len(own) or other == own:
+            continue
+        total = 0.0
+        for x, lx, y in zip(own, logs, other):
+            if lx is not None and (type(y) is int or type(y) is float):  # a book's keys are JSON scalars
+                total += abs(lx - math.log2(abs(y) + 1))
+            elif x != y:
+                break
+        else:
+            ranked.append((total, text))
+    return [t for _, t in sorted(ranked)]
+
+
+def _log2(value: Any) -> float | None:
+    """log2(|value| + 1) of a number (not a bool), as key_distance measures; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return math.log2(abs(value) + 1)
 
 
 def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] = ()) -> list[int]:

@@ -5,13 +5,13 @@ as its own book, benchmark nothing and run the same configs."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_python
+from conftest import book_files, run_python
+from tunebook._book import read_document
 
 # Every op of the pack on SmolLM2-135M's shapes, one token: the same calls the tune
 # command makes. Prints the counters and each kernel's config as the last line.
@@ -57,14 +57,14 @@ def test_tune_command_then_serve_from_the_book(book_dir: Path, tmp_path: Path) -
     )
     assert tune.returncode == 0, tune.stderr
     assert "done: 8 configs measured" in tune.stdout, tune.stdout  # 2 for each of 4 keys
-    names = sorted(p.name.split("--")[0] for p in book_dir.glob("*.json"))
+    names = sorted(p.name.split("--")[0] for p in book_files(book_dir))
     assert names == [
         "tunebook-kernels-rms_norm",
         "tunebook-kernels-rotary_embedding",
         "tunebook-kernels-silu_and_mul",
     ]
-    books = [json.loads(p.read_text()) for p in book_dir.glob("*.json")]
-    assert sum(len(b["entries"]) for b in books) == 4, books
+    books = [read_document(p) for p in book_files(book_dir)]
+    assert sum(len(b.entries) for b in books if b is not None) == 4, books
 
     # As the package ships its books: read-only, in serve mode.
     env = {**budget, "TUNEBOOK_DIR": str(tmp_path / "empty"), "TUNEBOOK_PATH": str(book_dir)}

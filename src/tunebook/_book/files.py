@@ -1,9 +1,16 @@
-"""Book files on disk: safe reads, atomic merge-on-write under a lock.
+"""Book files on disk: the bounded reader, atomic writes, and format 1 (one file per page).
 
-Contract (relied on by every caller, tested in tests/test_book_files.py):
+Format 2 (a directory per page, a file per key; what tunebook writes) is pagedir.py, built
+on the reader and the atomic write here. Format 1 is still read everywhere; its
+merge-on-write (``merge_write``) is kept for tools that write single files.
 
-* **Reads never raise.** A missing file is empty; a corrupt, truncated, foreign, oversized
-  or newer-format file is skipped with one warning per file per process.
+Contract (relied on by every caller, tested in tests/test_book_files.py and
+tests/test_hostile_files.py):
+
+* **Reads never raise, never wait, never read without limit.** A missing file is empty;
+  a corrupt, truncated, foreign, oversized or newer-format file is skipped with one
+  warning per file per process; anything but a regular file (a FIFO, a device, a dangling
+  or looping link) is reported, never opened blindly (``read_regular_file``).
 * **Writes are atomic.** The new content goes to a temp file in the same directory, is
   flushed and fsynced, then ``os.replace``-d over the old one, and the directory is
   fsynced: a reader sees the old file or the new one, never a torn one, even across a
@@ -20,8 +27,10 @@ Contract (relied on by every caller, tested in tests/test_book_files.py):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -40,29 +49,126 @@ LOCK_TIMEOUT_S = 30.0
 __all__ = ["BookWarning", "atomic_write_text", "merge_write", "read_book_file", "read_document"]
 
 
+class Unusable(Exception):
+    """What is at a book path cannot be used as a book; the message says why, for a person.
+
+    ``replaceable``: nothing there can be a book (a FIFO, a device, a dangling link), so a
+    writer may move it aside; otherwise (too large, unreadable just now) it is left alone.
+    """
+
+    def __init__(self, reason: str, *, replaceable: bool = False) -> None:
+        super().__init__(reason)
+        self.replaceable = replaceable
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_regular_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of the regular file at ``path`` (symbolic links followed), or None if nothing
+    is there; raises :class:`Unusable` with the reason for anything else.
+
+    Never waits and never reads more than ``limit`` + 1 bytes, whatever is planted at the
+    path: only a regular file is opened (a FIFO would block ``open``, a device would be read
+    without end; ``st_size`` is 0 for both), it is opened non-blocking in case it was swapped
+    for one after the check, and the read stops at the limit whatever the size claimed.
+    A dangling or looping symbolic link is reported, not taken for a missing file.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise Unusable(
+                f"it is a symbolic link to {os.readlink(path)!r}, which does not exist", replaceable=True
+            ) from None
+        return None
+    except NotADirectoryError:  # the directory itself is a file now: nothing is there
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Unusable("it is a symbolic link that loops (ELOOP)", replaceable=True) from None
+        raise Unusable(f"it cannot be examined ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Unusable(f"it is {_kind_of(st.st_mode)}, not a regular file", replaceable=True)
+    if st.st_size > limit:
+        raise Unusable(f"{st.st_size} bytes is over the {limit}-byte limit for a book file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise Unusable(f"it cannot be opened ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # swapped between the stat and the open
+            raise Unusable(f"it is {_kind_of(mode)}, not a regular file", replaceable=True)
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise Unusable(f"it holds more than the {limit}-byte limit for a book file")
+    except OSError as exc:
+        raise Unusable(f"it could not be read just now ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
 def read_book_file(path: Path) -> tuple[Document | None, str | None]:
     """(the book at ``path``, None), or (None, why it cannot be used); never raises.
 
     A missing file is (None, None). The one strict reader: the autotuner warns with the
-    reason once, the command line shows it.
+    reason once, the command line shows it. A format-2 page directory (pagedir.py) is read
+    whole, with the first reason any of its files gave.
     """
+    if path.is_dir() and not path.is_symlink():
+        return _read_page_dir(path)
     try:
-        size = path.stat().st_size
-    except OSError:
+        raw = read_regular_file(path, MAX_BOOK_BYTES)
+    except Unusable as exc:
+        return None, str(exc)
+    if raw is None:
         return None, None
-    if size > MAX_BOOK_BYTES:
-        return None, f"{size} bytes is over the {MAX_BOOK_BYTES}-byte limit for a book file"
+    return _parse(raw)
+
+
+def _read_page_dir(path: Path) -> tuple[Document | None, str | None]:
+    from .stores import DirectoryStore  # deferred: stores builds on this module
+
+    doc = DirectoryStore(path.parent, writable=False).fetch(path.name + ".json")  # warns per file skipped
+    return (doc, None) if doc is not None else (None, f"{path} is a directory without a readable page.json")
+
+
+def _parse(raw: bytes) -> tuple[Document | None, str | None]:
     try:
-        return Document.from_json(strict_loads(path.read_text(encoding="utf-8"))), None
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError, OverflowError, RecursionError) as exc:  # BookFormatError, JSON errors too
+        return Document.from_json(strict_loads(raw.decode("utf-8"))), None
+    except (ValueError, OverflowError, RecursionError) as exc:  # BookFormatError, JSON and UTF-8 errors too
         return None, f"{type(exc).__name__}: {exc}" if not isinstance(exc, BookFormatError) else str(exc)
 
 
 def read_document(path: Path) -> Document | None:
     """The book at ``path``, or None if it is missing or unusable (warned once)."""
     doc, reason = read_book_file(path)
+    _warn_unusable(path, reason)
+    return doc
+
+
+def _warn_unusable(path: Path, reason: str | None) -> None:
     if reason is not None:
         warn_once(
             f"read:{path}",
@@ -71,7 +177,6 @@ def read_document(path: Path) -> Document | None:
             path,
             reason,
         )
-    return doc
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -89,9 +194,20 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that no reader ever sees a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_text(path: Path, text: str, *, tmp: Path | None = None) -> None:
+    """Replace ``path`` with ``text`` so that no reader ever sees a partial file.
+
+    The temp file is ``tmp`` when given (on the same file system; created, never followed
+    if it is a link), else a new name beside ``path``.
+    """
+    if tmp is None:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    else:
+        flags = (
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
+        fd, tmp_name = os.open(tmp, flags, 0o600), str(tmp)
+    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -109,14 +225,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class _LeaveAlone(Exception):
-    """The book on disk is not ours to replace: a newer tunebook's, too large, or unreadable now."""
+    """The book on disk is not ours to replace; the message says why (a newer tunebook's,
+    too large, unreadable just now)."""
 
 
-def _newer_format(text: str) -> bool:
-    try:
-        data = strict_loads(text)
-    except (ValueError, OverflowError, RecursionError):
-        return False
+def _newer_format(data: Any) -> bool:
     version = data.get("version") if isinstance(data, dict) else None
     return (
         isinstance(data, dict)
@@ -136,33 +249,34 @@ def _keep_aside(path: Path, why: str) -> None:
 
 def _read_for_merge(path: Path, kernel_hash: Any) -> Document | None:
     """Like read_document, but a corrupt file is moved aside rather than overwritten, and so
-    is one of another kernel under this kernel's name (it would serve foreign results).
+    is one of another kernel under this kernel's name (it would serve foreign results), and
+    anything at the name that cannot be a book (a FIFO, a device, a dangling link).
 
-    A book of a newer format is neither moved nor overwritten: an older tunebook sharing
-    the directory must not destroy a newer one's results.
+    A book of a newer format, one too large to read here, or one that could not be read just
+    now (EIO, EMFILE) is neither moved nor overwritten (raises _LeaveAlone): an older
+    tunebook sharing the directory must not destroy a newer one's results.
     """
-    if not path.exists():
+    try:
+        raw = read_regular_file(path, MAX_BOOK_BYTES)
+    except Unusable as exc:
+        if not exc.replaceable:
+            raise _LeaveAlone(str(exc)) from None
+        _keep_aside(path, "corrupt")
         return None
-    doc = read_document(path)
+    if raw is None:
+        return None
+    doc, reason = _parse(raw)
+    _warn_unusable(path, reason)
     if doc is not None and doc.kernel.get("hash") != kernel_hash:
         _keep_aside(path, "foreign")
         return None
     if doc is None:
-        # Only a file whose content is broken may be replaced. One that is too large to read
-        # here, that could not be read just now (EIO, EMFILE), or that a newer tunebook wrote
-        # is left alone: this process's results stay in memory instead.
         try:
-            if path.stat().st_size > MAX_BOOK_BYTES:
-                raise _LeaveAlone(path)
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            text = ""
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _LeaveAlone(path) from exc
-        if _newer_format(text):
-            raise _LeaveAlone(path)
+            data = strict_loads(raw.decode("utf-8"))
+        except (ValueError, OverflowError, RecursionError):
+            data = None
+        if _newer_format(data):
+            raise _LeaveAlone(f"it was written by a newer tunebook (book format {data['version']})")
         _keep_aside(path, "corrupt")
     return doc
 
@@ -188,12 +302,12 @@ def merge_write(path: Path, news: Document) -> Document | None:
             merged = news.merged_over(_read_for_merge(path, news.kernel.get("hash")))
             atomic_write_text(path, merged.dumps())
             return merged
-    except _LeaveAlone:
+    except _LeaveAlone as exc:
         warn_once(
             f"write:{path}",
-            "tunebook: leaving %s as it is (written by a newer tunebook, too large, or unreadable "
-            "just now); results of this process are kept in memory only",
+            "tunebook: leaving %s as it is: %s; results of this process are kept in memory only",
             path,
+            exc,
         )
     except Timeout:
         warn_once(
@@ -203,14 +317,19 @@ def merge_write(path: Path, news: Document) -> Document | None:
             LOCK_TIMEOUT_S,
         )
     except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
-        warn_once(
-            f"write:{path.parent}",
-            "tunebook: cannot write to book directory %s (%s); tuning results of this process are "
-            "kept in memory only. Point TUNEBOOK_DIR at a writable directory to remember them.",
-            path.parent,
-            _why_not_writable(path.parent, exc),
-        )
+        warn_write_failure(path.parent, exc)
     return None
+
+
+def warn_write_failure(directory: Path, exc: BaseException) -> None:
+    """Report, once per directory, that results stay in memory because writing failed."""
+    warn_once(
+        f"write:{directory}",
+        "tunebook: cannot write to book directory %s (%s); tuning results of this process are "
+        "kept in memory only. Point TUNEBOOK_DIR at a writable directory to remember them.",
+        directory,
+        _why_not_writable(directory, exc),
+    )
 
 
 def _why_not_writable(directory: Path, exc: BaseException) -> str:

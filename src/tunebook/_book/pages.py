@@ -10,9 +10,11 @@ them refuses is kept in memory and sent along with its next write. What the page
 from Redis is copied into the writable directory, so the local book stands on its own when
 Redis is gone. A page that was tuned from a shipped book's results carries them along.
 
-Stores are consulted when a page opens, on a miss that is about to tune
-(:meth:`Page.refresh`) and when a result is recorded (:meth:`Page.record`); never on a
-hit, which the autotuner answers from memory.
+Stores are consulted key by key: the first time a key is asked (:meth:`Page.get`), on a
+miss that is about to tune (:meth:`Page.refresh`) and when a result is recorded
+(:meth:`Page.record`), each time for that key only; the names of every key a store holds
+are asked once per page, for nearest-key searches (:meth:`Page.keys`). Never on a hit,
+which the autotuner answers from memory. Opening a page reads nothing.
 
 Thread safety: a Page is used under its autotuner's lock; Book is immutable; the Redis
 store is shared per process and thread-safe itself.
@@ -22,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from .. import _settings
 from .._jsonio import key_text as _key_text
 from .._jsonio import slug
 from .._warnings import warn_once
-from .files import read_document
+from .pagedir import page_dir_name
 from .records import Document, Entry
 from .stores import BookStore, DirectoryStore
 
@@ -68,9 +70,16 @@ def _adds_to(entry: Entry, base: Entry | None) -> bool:
     )
 
 
+def _only(entry: Entry, declared: Collection[str]) -> Entry:
+    """``entry`` with the results of ``declared`` config ids only."""
+    results = {cid: r for cid, r in entry.results.items() if cid in declared}
+    return replace(entry, results=results, chosen=entry.chosen if entry.chosen in results else "")
+
+
 @dataclass
 class Layer:
-    """One store of a page, with what it held when last asked, and what it has yet to accept.
+    """One store of a page, with what it held for the keys asked so far, and what it has yet
+    to accept.
 
     ``role``: "local" (the writable directory: what shared layers add is copied into it),
     "shared" (a fleet's store, written too), or "shipped" (read-only).
@@ -80,6 +89,7 @@ class Layer:
     role: str
     entries: dict[str, Entry] = field(default_factory=dict)
     pending: dict[str, Entry] = field(default_factory=dict)
+    index: frozenset[str] | None = None
 
     @property
     def writable(self) -> bool:
@@ -90,6 +100,8 @@ class Layer:
         pending = dict(self.pending)
         for k, entry in news.items():
             pending[k] = entry.merged_over(pending[k]) if k in pending else entry
+        if not pending:
+            return True
         stored = self.store.merge(name, page.document(pending))
         if stored is None:
             self.pending = pending
@@ -98,18 +110,29 @@ class Layer:
         self._take(stored, page)
         return True
 
-    def sync(self, name: str, page: Page) -> None:
-        """Catch up with the store: send what it refused before, else fetch."""
+    def sync(self, name: str, keys: Collection[str], page: Page) -> None:
+        """Catch up with the store on ``keys``: send what it refused before, then fetch them."""
         if self.pending:
             self.push(name, {}, page)
-            return
-        stored = self.store.fetch(name)
+        stored = self.store.fetch(name, keys)
         if stored is not None:  # None: nothing there, or unusable now; what was read before stays valid
             self._take(stored, page)
 
+    def keys(self, name: str, page: Page, fresh: bool = False) -> frozenset[str]:
+        """Every key text the store holds (names only; asked once per page unless ``fresh``)."""
+        if self.index is None or fresh:
+            stored = self.store.fetch(name, ())
+            ok = (
+                stored is not None and stored.index is not None and page.same_kernel(stored, repr(self.store))
+            )
+            self.index = (
+                stored.index if ok and stored is not None and stored.index is not None else frozenset()
+            )
+        return self.index | self.entries.keys() | self.pending.keys()
+
     def _take(self, stored: Document, page: Page) -> None:
         if page.same_kernel(stored, f"{self.store!r} {page.file_name}"):
-            self.entries = dict(stored.entries)
+            self.entries.update(stored.entries)
 
 
 class Book:
@@ -158,11 +181,12 @@ class Book:
 
 
 class Page:
-    """One kernel on one platform, merged over the book's layers.
+    """One kernel on one platform, merged over the book's layers, key by key.
 
-    ``entries`` is what the autotuner reads: per key, the union of the layers' results,
-    the earlier layer standing per config. It changes only when the page opens,
-    :meth:`refresh` or :meth:`record` is called; :meth:`get` never does I/O.
+    ``entries`` holds, per key asked so far, the union of the layers' results, the earlier
+    layer standing per config. A key is read from the stores the first time it is asked
+    (:meth:`get`), again before it is tuned (:meth:`refresh`) and when a result is recorded
+    (:meth:`record`): each time that key only, never the whole book. A hit never gets here.
     """
 
     def __init__(self, book: Book, kernel: KernelIdentity, platform: dict[str, Any], file_name: str) -> None:
@@ -173,7 +197,7 @@ class Page:
         self.path = book.directory / file_name if book.directory is not None else None
         self.layers = [Layer(store, role) for role, store in book.stores()]
         self.entries: dict[str, Entry] = {}
-        self.refresh()
+        self._asked: set[str] = set()
 
     def same_kernel(self, doc: Document, where: str) -> bool:
         if doc.kernel.get("hash") == self.kernel.source_hash:
@@ -184,19 +208,54 @@ class Page:
     def document(self, entries: Mapping[str, Entry]) -> Document:
         return Document(kernel=self.kernel.to_json(), platform=self.platform, entries=dict(entries))
 
-    def refresh(self, force: bool = False) -> None:
-        """Catch up with other processes and hosts: before tuning a key this page lacks.
+    @property
+    def local(self) -> BookStore | None:
+        """The writable directory's store, if the book has one."""
+        return next((layer.store for layer in self.layers if layer.role == "local"), None)
 
-        Every layer is asked again (a directory re-reads its file only if it changed; a
-        server whose breaker is open costs nothing); what the shared layers add is copied
-        into the local one. ``force`` is accepted for compatibility: changes are always seen.
+    def get(self, key_text: str, declared: Collection[str] | None = None) -> Entry | None:
+        """The key's entry over every layer (read from the stores the first time it is asked).
+
+        ``declared``: the config ids the kernel declares; only their results are copied from
+        a shared layer into the local one (see :meth:`refresh`).
         """
-        for layer in self.layers:
-            layer.sync(self.file_name, self)
-        self._copy_shared_to_local()
-        self._compose()
+        if key_text not in self._asked:
+            self.refresh(key_text, declared=declared)
+        return self.entries.get(key_text)
 
-    def _copy_shared_to_local(self) -> None:
+    def lookup(self, texts: Sequence[str]) -> list[Entry]:
+        """The entries of ``texts`` that some layer holds, in that order (one fetch per layer)."""
+        missing = [t for t in texts if t not in self._asked]
+        if missing:
+            self._sync(missing)
+        return [self.entries[t] for t in texts if t in self.entries]
+
+    def refresh(
+        self, key_text: str | None = None, force: bool = False, declared: Collection[str] | None = None
+    ) -> None:
+        """Catch up with other processes and hosts on ``key_text`` (before tuning it), or on
+        every key asked so far. What the shared layers add is copied into the local one, of
+        ``declared`` configs only when they are given (a fleet's results for configs this
+        kernel does not declare are no business of this host's book). ``force`` is accepted
+        for compatibility: changes are always seen."""
+        self._sync([key_text] if key_text is not None else sorted(self._asked), declared)
+
+    def _sync(self, texts: list[str], declared: Collection[str] | None = None) -> None:
+        self._asked.update(texts)
+        for layer in self.layers:
+            layer.sync(self.file_name, texts, self)
+        self._copy_shared_to_local(texts, declared)
+        self._compose(texts)
+
+    def keys(self, fresh: bool = False) -> set[str]:
+        """Every key text any layer holds (names only). Each store is asked once per page, as
+        nearest-key hints need no more; ``fresh`` asks again (the command line's listings)."""
+        found: set[str] = set(self.entries)
+        for layer in self.layers:
+            found |= layer.keys(self.file_name, self, fresh)
+        return found
+
+    def _copy_shared_to_local(self, texts: Sequence[str], declared: Collection[str] | None) -> None:
         local = next((layer for layer in self.layers if layer.role == "local"), None)
         if local is None:
             return
@@ -204,26 +263,27 @@ class Page:
         for layer in self.layers:
             if layer.role != "shared":
                 continue
-            for k, entry in layer.entries.items():
-                if _adds_to(entry, local.entries.get(k)):
+            for k in texts:
+                entry = layer.entries.get(k)
+                if entry is not None and declared is not None:
+                    entry = _only(entry, declared)
+                if entry is not None and _adds_to(entry, local.entries.get(k)):
                     news[k] = news[k].merged_over(entry) if k in news else entry
         if news:
             local.push(self.file_name, news, self)
 
-    def _compose(self) -> None:
-        """Rebuild ``entries``: each layer over the ones after it, per config."""
-        entries: dict[str, Entry] = {}
-        for layer in reversed(self.layers):
-            mine = dict(layer.entries)
-            for k, entry in layer.pending.items():
-                mine[k] = entry.merged_over(mine.get(k))
-            for k, entry in mine.items():
-                below = entries.get(k)
-                entries[k] = below.merged_over(entry) if below is not None else entry  # upper layer stands
-        self.entries = entries
-
-    def get(self, key_text: str) -> Entry | None:
-        return self.entries.get(key_text)
+    def _compose(self, texts: Sequence[str]) -> None:
+        """Rebuild ``entries`` of ``texts``: each layer over the ones after it, per config."""
+        for k in texts:
+            composed: Entry | None = None
+            for layer in reversed(self.layers):
+                mine = layer.entries.get(k)
+                if k in layer.pending:
+                    mine = layer.pending[k].merged_over(mine)
+                if mine is not None:
+                    composed = composed.merged_over(mine) if composed is not None else mine  # upper stands
+            if composed is not None:
+                self.entries[k] = composed
 
     def record(self, key_text: str, entry: Entry) -> Entry:
         """Persist ``entry`` in every writable layer; return the entry as it now stands.
@@ -231,30 +291,33 @@ class Page:
         Each store merges it over what it holds (what is stored stands per config). What a
         store refuses is kept for this process and sent along with its next write.
         """
+        self._asked.add(key_text)
         for layer in self.layers:
             if layer.writable:
                 layer.push(self.file_name, {key_text: entry}, self)
-        self._compose()
+        self._compose([key_text])
         return self.entries.get(key_text, entry)
 
     def sibling_winners(self, key: Sequence[Any]) -> list[Entry]:
         """Entries for this exact key of the same kernel on other platforms, in any directory.
 
         Their winners are good first guesses for a search here (the best config moves
-        less between GPUs than between shapes). The Redis book is not searched: that
-        would mean a SCAN over the fleet's keys on a miss.
+        less between GPUs than between shapes). Each sibling page is asked for this key
+        only. The Redis book is not searched: that would mean a SCAN over the fleet's keys.
         """
         found: list[Entry] = []
         text = _key_text(key)
+        own = page_dir_name(self.file_name)
         for directory in self.book.directories():
             try:
-                paths = sorted(directory.glob(f"*--{self.kernel.id}--*.json"))
+                names = sorted({page_dir_name(p.name) for p in directory.glob(f"*--{self.kernel.id}--*")})
             except OSError:
                 continue
-            for path in paths:
-                if path.name == self.file_name:
+            store = DirectoryStore(directory, writable=False)
+            for name in names:
+                if name == own or "." in name:  # ourselves; .corrupt-/.foreign- leftovers
                     continue
-                doc = read_document(path)
-                if doc is not None and self.same_kernel(doc, str(path)) and text in doc.entries:
+                doc = store.fetch(name + ".json", [text])
+                if doc is not None and self.same_kernel(doc, str(directory / name)) and text in doc.entries:
                     found.append(doc.entries[text])
         return found

@@ -241,15 +241,20 @@ class Entry:
         """This entry's news added to ``base``, which stands where both measured a config.
 
         "Base stands" is what makes every process of a host serve the same winner: the
-        first measurement persisted for (key, config) is the one everybody reads.
+        first measurement persisted for (key, config) is the one everybody reads, and once
+        a search of the key has ended (``chosen``), no later write changes a result.
         """
         if base is None:
             return self
         results = dict(self.results)
+        # A full measurement replaces a quick one until a search of the key has ended with a
+        # choice (``chosen`` stored): from then on the results it decided on stand as they
+        # are, or a process confirming its own contenders later would overturn the winner
+        # that the processes which already decided now serve.
+        open_search = not base.chosen
         for cid, result in base.results.items():
             mine = results.get(cid)
-            # A full measurement replaces a quick one; otherwise what is stored stands.
-            if mine is None or not (result.quick and not mine.quick):
+            if mine is None or not (open_search and result.quick and not mine.quick):
                 results[cid] = result
         added = any(cid not in base.results or results[cid] is not base.results[cid] for cid in self.results)
         return replace(
@@ -265,13 +270,34 @@ class Entry:
         )
 
 
+def check_format(data: Any, fmt: str, oldest: int, newest: int) -> None:
+    """Raise BookFormatError unless ``data`` is an object of format ``fmt`` with a version
+    this tunebook reads (``oldest`` to ``newest``); a newer one says to upgrade."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise BookFormatError(f'not a tunebook book (no "format": "{fmt}" field)')
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BookFormatError("the 'version' field is missing or not an integer")
+    if version > newest:
+        raise BookFormatError(
+            f"written by a newer tunebook (book format {version}; this tunebook reads up to {newest}); "
+            "upgrade tunebook to use it"
+        )
+    if version < oldest:
+        raise BookFormatError(f"unknown book format version {version}")
+
+
 @dataclass(frozen=True)
 class Document:
-    """One book file: a kernel's entries on one platform."""
+    """A kernel's entries on one platform (a page of the book), or some of them.
+
+    ``index``: every key text the store holds, when it was asked for (``fetch(name, keys=())``).
+    """
 
     kernel: dict[str, Any]
     platform: dict[str, Any]
     entries: dict[str, Entry] = field(default_factory=dict)
+    index: frozenset[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -311,18 +337,7 @@ class Document:
 
     @staticmethod
     def from_json(data: Any) -> Document:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise BookFormatError('not a tunebook book (no "format": "tunebook-book" field)')
-        version = data.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise BookFormatError("the 'version' field is missing or not an integer")
-        if version > VERSION:
-            raise BookFormatError(
-                f"written by a newer tunebook (book format {version}; this tunebook reads up to {VERSION}); "
-                "upgrade tunebook to use it"
-            )
-        if version < 1:
-            raise BookFormatError(f"unknown book format version {version}")
+        check_format(data, FORMAT, 1, VERSION)
         kernel, platform, entries = data.get("kernel"), data.get("platform"), data.get("entries")
         if not isinstance(kernel, dict) or not isinstance(kernel.get("hash"), str):
             raise BookFormatError("'kernel' must be an object with a 'hash' string")

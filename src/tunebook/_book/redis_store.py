@@ -2,12 +2,18 @@
 
 One Redis hash per book file, at ``tunebook:book:<file name>``: the field ``meta`` holds
 the document's ``{"kernel": ..., "platform": ...}`` and every other field is one entry,
-named by its key text and holding the entry's JSON exactly as a book file holds it.
+named by its key text and holding the entry's JSON exactly as a book file holds it. A
+request reads and writes the fields of the keys it is about (HMGET, HSET), so it costs
+one key's bytes whatever the size of the book.
 
 Contract:
 
 * **Never raises to the caller, never stalls it.** Every Redis error or timeout (connect
-  and read timeouts default to 50 ms) makes ``fetch`` / ``merge`` return None; the first
+  and read timeouts default to 50 ms) makes ``fetch`` / ``merge`` return None. Each call
+  is bounded as a whole, not per socket read: at most ``request_timeout`` seconds (default
+  0.25) and ``max_reply_bytes`` received (default: a book file's limit), so a peer that
+  keeps sending (an endless reply, a huge value trickled in) costs a bounded wait and
+  bounded memory, and counts as an outage. The first
   failure of an outage is logged once (logger ``"tunebook"``), and the store then does not
   touch the network for ``retry_after_s`` (a circuit breaker), so a dead Redis costs a
   kernel call a clock read, not a timeout. After that the next call probes again and, if
@@ -38,13 +44,15 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from typing import Any
 
 from .._errors import BookFormatError
 from .._jsonio import strict_loads
 from .._optional import install_line, require
 from .._warnings import warn_once
+from .files import MAX_BOOK_BYTES
 from .records import FORMAT, VERSION, Document
 
 log = logging.getLogger("tunebook")
@@ -62,6 +70,73 @@ def _import_redis() -> Any:
     importlib.import_module("redis.backoff")
     importlib.import_module("redis.retry")
     return redis
+
+
+# ----------------------------------------------------------------------- budgets
+#
+# redis-py's socket_timeout bounds each read, not a request: a peer that sends a byte every
+# 40 ms, or an endless reply, keeps a call waiting (150 s and 2.5 GB were seen). So every
+# store call runs under a budget of time and bytes, kept per thread, which the sockets of
+# this store's connections charge on every read.
+
+_budget = threading.local()
+
+
+class _OverBudget(OSError):
+    """A reply ran past the call's byte budget: redis-py drops the connection (ConnectionError)."""
+
+
+def _charge(received: int) -> None:
+    left = getattr(_budget, "bytes_left", None)
+    if left is not None:
+        _budget.bytes_left = left - received
+        if _budget.bytes_left < 0:
+            raise _OverBudget(f"the reply ran past {_budget.bytes_limit} bytes; not a book")
+
+
+class _BudgetSocket:
+    """A connected socket whose reads stop at the calling thread's deadline and byte budget."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def _arm(self) -> None:
+        deadline = getattr(_budget, "deadline", None)
+        if deadline is None:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request ran past its time budget")  # socket.timeout, to redis-py
+        self._sock.settimeout(remaining if self._timeout is None else min(self._timeout, remaining))
+
+    def recv(self, *args: Any) -> bytes:
+        self._arm()
+        data: bytes = self._sock.recv(*args)
+        _charge(len(data))
+        return data
+
+    def recv_into(self, *args: Any) -> int:
+        self._arm()
+        n: int = self._sock.recv_into(*args)
+        _charge(n)
+        return n
+
+
+def _budgeted(connection_class: Any) -> type:
+    """``connection_class`` whose sockets charge the calling thread's budget."""
+
+    def _connect(self: Any) -> Any:
+        return _BudgetSocket(connection_class._connect(self))
+
+    return type(f"Budgeted{connection_class.__name__}", (connection_class,), {"_connect": _connect})
 
 
 # One store per (process, URL): every page of a process shares its connection pool and,
@@ -106,12 +181,16 @@ class RedisStore:
         *,
         connect_timeout: float = 0.05,
         read_timeout: float = 0.05,
+        request_timeout: float = 0.25,
+        max_reply_bytes: int = MAX_BOOK_BYTES,
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         redis = _import_redis()  # the only exception the store lets out: a missing extra
         self.url = url
         self.retry_after_s = retry_after_s
+        self.request_timeout = max(request_timeout, connect_timeout, read_timeout)
+        self.max_reply_bytes = max_reply_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._open_until: float | None = None  # breaker open (Redis deemed down) until then
@@ -130,15 +209,19 @@ class RedisStore:
                 retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
                 retry_on_timeout=False,
             )
+            pool = self._client.connection_pool
+            pool.connection_class = _budgeted(pool.connection_class)
         except ValueError as exc:  # a malformed URL: this store stays off, the kernel runs on
             self._client = None
             self._warn("url", "tunebook: ignoring the Redis book at %r: %s", url, exc)
 
     # ------------------------------------------------------------------ public
 
-    def fetch(self, file_name: str) -> Document | None:
-        """The stored document for ``file_name``; None if absent, unreadable or Redis is down."""
-        return self._guarded(lambda client: self._load(client.hgetall(KEY_PREFIX + file_name), file_name))
+    def fetch(self, file_name: str, keys: Collection[str] | None = None) -> Document | None:
+        """The stored document for ``file_name`` (only ``keys``, when given; ``keys=()``: its
+        index); None if absent, unreadable or Redis is down. One request: HGETALL, HMGET of
+        the keys and ``meta``, or HKEYS and ``meta``."""
+        return self._guarded(lambda client: self._read(client, KEY_PREFIX + file_name, file_name, keys))
 
     def merge(self, file_name: str, doc: Document) -> Document | None:
         """Merge ``doc`` into the stored one (stored results stand); return the result or None."""
@@ -162,6 +245,8 @@ class RedisStore:
             if was_open and self._clock() < self._open_until:  # type: ignore[operator]
                 return None
         try:
+            _budget.deadline = time.monotonic() + self.request_timeout
+            _budget.bytes_left = _budget.bytes_limit = self.max_reply_bytes
             result = call(self._client)
         except self._down as exc:
             with self._lock:
@@ -188,6 +273,8 @@ class RedisStore:
                 exc,
             )
             return None
+        finally:
+            _budget.deadline = _budget.bytes_left = None
         if was_open:
             with self._lock:
                 self._open_until = None
@@ -200,6 +287,28 @@ class RedisStore:
         warn_once(f"redis:{self.url}:{tag}", message, *args, warn=False)
 
     # ------------------------------------------------------------------ documents
+
+    def _read(self, client: Any, key: str, file_name: str, keys: Collection[str] | None) -> Document | None:
+        if keys is None:
+            return self._load(client.hgetall(key), file_name)
+        if not keys:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.hget(key, _META)
+                pipe.hkeys(key)
+                meta, names = pipe.execute()
+            doc = self._load({_META.encode(): meta} if meta is not None else {}, file_name)
+            if doc is None:
+                return None
+            index = frozenset(n.decode("utf-8", "replace") for n in names if n != _META.encode())
+            return Document(doc.kernel, doc.platform, {}, index)
+        return self._load(self._fields(client, key, keys), file_name)
+
+    @staticmethod
+    def _fields(client: Any, key: str, keys: Collection[str]) -> dict[bytes, bytes]:
+        """``meta`` and the fields of ``keys`` that are stored, as HGETALL would give them."""
+        names = [_META, *keys]
+        values = client.hmget(key, names)
+        return {n.encode(): v for n, v in zip(names, values) if v is not None}
 
     def _load(self, fields: dict[bytes, bytes], file_name: str) -> Document | None:
         """A stored hash as a validated Document; None if empty or unreadable (warned once)."""
@@ -240,7 +349,7 @@ class RedisStore:
             with client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(key)
-                    fields = pipe.hgetall(key)
+                    fields = self._fields(pipe, key, news.entries)  # the touched keys only
                     stored = self._load(fields, file_name)
                     merged = news.merged_over(stored)
                     pipe.multi()
@@ -261,7 +370,7 @@ class RedisStore:
                     if mapping:
                         pipe.hset(key, mapping=mapping)
                     pipe.execute()
-                    return merged
+                    return replace(merged, entries=changed)
                 except self._watch_error:
                     self.conflicts += 1
                     time.sleep(random.uniform(0, 0.002))  # de-synchronise the writers that collided

@@ -7,11 +7,14 @@ them in one loop and knows nothing else about them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .files import merge_write, read_document
-from .records import Document
+from .._warnings import warn_once
+from . import pagedir
+from .files import read_document, warn_write_failure
+from .records import Document, Entry
 
 
 @runtime_checkable
@@ -22,33 +25,45 @@ class BookStore(Protocol):
 
     * **What is stored stands, per key and config.** ``merge`` adds the news of a document
       to the stored one by :meth:`Document.merged_over`: a (key, config) result already
-      stored is kept over a new one (a full measurement replaces a quick one), so every
-      process that reads the store serves the same winner.
-    * **Never raises into a kernel call.** A missing, unreadable, foreign or oversized
-      document, an unreachable server, a read-only or full disk: ``fetch`` returns None and
-      ``merge`` returns None ("could not write"); the store reports the cause once.
+      stored is kept over a new one (a full measurement replaces a quick one while the key
+      is undecided), so every process that reads the store serves the same winner.
+    * **A request costs what it asks for.** ``fetch(name, keys)`` reads those keys only,
+      ``merge`` reads and writes the keys of its document only: a kernel call never pays
+      for the size of the book. ``fetch(name)`` (every key) is for tools.
+    * **Never raises into a kernel call, never makes it wait long.** A missing, unreadable,
+      foreign or oversized document, an unreachable or hostile server, a read-only or full
+      disk, a lock another process holds: ``fetch`` returns None and ``merge`` returns None
+      ("could not write"), or keeps the news where it is not lost; the cause is reported once.
     * **Safe across threads and processes.** Concurrent merges from many processes (and
-      hosts, for a server) lose nothing; a reader never sees a torn document.
-    * ``merge`` answers with the whole stored document after the merge, as ``fetch`` would.
+      hosts, for a server) lose nothing; a reader never sees a torn entry.
     """
 
-    def fetch(self, name: str) -> Document | None:
-        """The stored document called ``name``, or None if there is none or it is unusable."""
+    def fetch(self, name: str, keys: Collection[str] | None = None) -> Document | None:
+        """The stored document ``name``, or None if there is none or it is unusable.
+
+        ``keys``: only those keys' entries (the ones stored); ``keys=()``: no entries, and
+        ``index`` set to every key text stored (names only, for nearest-key searches).
+        """
         ...
 
     def merge(self, name: str, doc: Document) -> Document | None:
-        """Merge ``doc`` into the stored document ``name``; the result, or None if not written."""
+        """Merge ``doc`` into the stored document ``name``; the stored entries of ``doc``'s
+        keys afterwards, as ``fetch(name, doc.entries)`` would return them, or None if not written.
+        """
         ...
 
 
 class DirectoryStore:
-    """Book files in one directory, one JSON file per document (``<name>``).
+    """Book pages in one directory: format 2 (a directory per page, a file per key; see
+    pagedir.py), and format 1 files (one JSON file per page) read as they are.
 
-    Meets the contract through the file layer (files.py): strict reads that warn once and
-    skip what they cannot use, atomic replacement, merge-on-write under a file lock. A
-    read-only store (``writable=False``, for books shipped with an application) never
-    writes. ``fetch`` re-reads a file only when its (mtime, size, inode) stamp changed, so
-    a refresh of an unchanged book costs one ``stat``.
+    Meets the contract through pagedir.py: one key's file read or written per key asked,
+    under that key's lock for one small write, with news left in the page's pending/ when
+    the lock is busy; strict reads that warn once and skip what they cannot use. A page
+    also present as a format-1 file is the union of both, the file's results standing (it
+    is the older). Writes always go to format 2. A read-only store (``writable=False``, for
+    books shipped with an application) never writes. A format-1 file is re-read only when
+    its (mtime, size, inode) stamp changed.
 
     >>> import tempfile
     >>> store = DirectoryStore(Path(tempfile.mkdtemp()))
@@ -71,11 +86,12 @@ class DirectoryStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)  # os.replace gives every write a new inode
 
-    def fetch(self, name: str) -> Document | None:
+    def _format1(self, name: str) -> Document | None:
+        """The page's format-1 file, if any (cached while it is unchanged)."""
         stamp = self._stamp(name)
         if stamp is None:
             self._seen.pop(name, None)
-            return None
+            return read_document(self.directory / name)  # None; warns of a dangling or looping link
         seen = self._seen.get(name)
         if seen is not None and seen[0] == stamp:
             return seen[1]
@@ -83,12 +99,61 @@ class DirectoryStore:
         self._seen[name] = (stamp, doc)
         return doc
 
+    def fetch(self, name: str, keys: Collection[str] | None = None) -> Document | None:
+        directory = self.directory / pagedir.page_dir_name(name)
+        meta = pagedir.read_meta(directory)
+        old = self._format1(name)
+        if old is not None and meta is not None and old.kernel.get("hash") != meta["kernel"].get("hash"):
+            old = None  # a stale file of another kernel version beside the page: the page stands
+        if meta is not None:
+            kernel, platform = meta["kernel"], meta["platform"]
+        elif old is not None:
+            kernel, platform = old.kernel, old.platform
+        else:
+            return None
+        index = None
+        if keys is None:
+            entries = pagedir.read_all(directory, meta) if meta is not None else {}
+        elif not keys:
+            entries = {}
+            found = pagedir.list_keys(directory, meta) if meta is not None else set()
+            index = frozenset(found | set(old.entries if old is not None else ()))
+        else:
+            entries = pagedir.read_keys(directory, meta, keys) if meta is not None else {}
+        return Document(kernel, platform, _under(entries, old, keys), index)
+
     def merge(self, name: str, doc: Document) -> Document | None:
         if not self.writable:
             return None
-        merged = merge_write(self.directory / name, doc)
-        if merged is not None:
-            stamp = self._stamp(name)
-            if stamp is not None:
-                self._seen[name] = (stamp, merged)
-        return merged
+        directory = self.directory / pagedir.page_dir_name(name)
+        try:
+            merged = pagedir.merge_entries(
+                directory, {"kernel": doc.kernel, "platform": doc.platform}, doc.entries
+            )
+        except pagedir.LeaveAlone as exc:
+            warn_once(
+                f"write:{directory}",
+                "tunebook: leaving %s as it is: %s; results of this process are kept in memory only",
+                directory,
+                exc,
+            )
+            return None
+        except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
+            warn_write_failure(self.directory, exc)
+            return None
+        old = self._format1(name)
+        if old is not None and old.kernel.get("hash") != doc.kernel.get("hash"):
+            old = None
+        return Document(doc.kernel, doc.platform, _under(merged, old, doc.entries))
+
+
+def _under(entries: dict[str, Entry], old: Document | None, keys: Collection[str] | None) -> dict[str, Entry]:
+    """``entries`` with a format-1 file's entries of the same keys standing under them."""
+    if old is None:
+        return entries
+    out = dict(entries)
+    for text in old.entries if keys is None else keys:
+        below = old.entries.get(text)
+        if below is not None:
+            out[text] = out[text].merged_over(below) if text in out else below
+    return out

@@ -85,7 +85,7 @@ def tune_isolated(
         on_event=collect,
     )
     report = reports[0]
-    page.refresh(force=True)
+    page.refresh(key_text)
     # The worker's results, also when it could not write them (a read-only book): kept
     # in this process's page, written if this process can.
     if results:

@@ -16,7 +16,8 @@ import click
 from rich.console import Console
 
 from .. import _settings
-from .._book.files import LOCK_TIMEOUT_S, atomic_write_text
+from .._book import pagedir
+from .._book.files import LOCK_TIMEOUT_S
 from .._book.records import Document
 from ._load import Loaded, Page, load
 
@@ -222,12 +223,16 @@ def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def write_document(path: Path, doc: Document) -> None:
-    """Replace ``path`` with ``doc`` atomically, under the lock a tuning process takes.
+    """Make the page that ``path`` names (a format-1 file name) hold exactly ``doc``, written
+    in format 2: each key's file replaced atomically, keys not in ``doc`` removed, and a
+    format-1 file at ``path`` removed once its page is written (this is how a book of
+    format 1 is rewritten in format 2: ``tunebook merge OLD -o NEW``).
 
     Unlike the library's merge-on-write, the CLI has already decided the full content
     (by measurement, or by replacing imported keys), so what is on disk does not stand.
     """
-    from filelock import FileLock  # deferred like the library's writer
-
-    with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
-        atomic_write_text(path, doc.dumps())
+    directory = path.parent / pagedir.page_dir_name(path.name)
+    meta = {"kernel": doc.kernel, "platform": doc.platform}
+    pagedir.replace_page(directory, meta, doc.entries, LOCK_TIMEOUT_S)
+    if path.is_file() and not path.is_symlink():
+        path.unlink()

@@ -7,11 +7,21 @@ itself with the same parser (``Document.from_json``) and keeps the reason.
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._book import Document, KernelIdentity, book_file_name, read_book_file
+from .._book import (
+    BookWarning,
+    DirectoryStore,
+    Document,
+    KernelIdentity,
+    book_file_name,
+    pagedir,
+    read_book_file,
+)
 from .._fingerprint import platform_id, platform_slug
 
 
@@ -89,16 +99,42 @@ def parse_file(path: Path) -> tuple[Document | None, str | None]:
     return doc, why
 
 
+def parse_page(directory: Path) -> tuple[Document | None, list[tuple[Path, str]]]:
+    """A format-2 page directory (with a format-1 file of the same name beside it, if any):
+    (the whole document or None, every file skipped with its reason)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BookWarning)
+        doc = DirectoryStore(directory.parent, writable=False).fetch(directory.name + ".json")
+    skipped = [(directory, str(w.message)) for w in caught if issubclass(w.category, BookWarning)]
+    if doc is None and not skipped:
+        skipped.append((directory, f"no readable {pagedir.PAGE_FILE} in it"))
+    return doc, skipped
+
+
+def _is_page_dir(path: Path) -> bool:
+    return path.is_dir() and (path / pagedir.PAGE_FILE).exists()
+
+
 def load(source: Path) -> Loaded:
-    """Every book file under ``source`` (a directory, not recursive) or ``source`` itself."""
+    """Every book page under ``source`` (a book directory, not recursive: format-1 files and
+    format-2 page directories), or ``source`` itself (one file or one page directory)."""
     loaded = Loaded(source)
-    if source.is_file():
-        candidates = [source]
+    pages: list[Path] = []
+    if _is_page_dir(source):
+        pages = [source]
+        candidates: list[Path] = []
     elif source.is_dir():
-        candidates = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".json")
-        loaded.leftovers = sorted(
-            p for p in source.iterdir() if ".json.corrupt-" in p.name or ".json.foreign-" in p.name
+        entries = list(source.iterdir())
+        pages = sorted(p for p in entries if "." not in p.name and _is_page_dir(p))
+        paged = {p.name + ".json" for p in pages}
+        # Every *.json name, whatever it is: a FIFO, a device or a dangling link under a book's
+        # name is reported with its reason by the strict reader, never opened blindly.
+        candidates = sorted(
+            p for p in entries if p.suffix == ".json" and not p.is_dir() and p.name not in paged
         )
+        loaded.leftovers = sorted(p for p in entries if ".corrupt-" in p.name or ".foreign-" in p.name)
+    elif os.path.lexists(source):
+        candidates = [source]
     else:
         raise FileNotFoundError(
             f"no book at {source}: it is neither a directory nor a file. Pass a book directory "
@@ -110,4 +146,9 @@ def load(source: Path) -> Loaded:
             loaded.skipped.append((path, why or "unreadable"))
         else:
             loaded.pages.append(Page(path, doc))
+    for directory in pages:
+        doc, skipped = parse_page(directory)
+        loaded.skipped += skipped
+        if doc is not None:
+            loaded.pages.append(Page(directory, doc))
     return loaded

@@ -161,11 +161,13 @@ def _colour(t: float) -> str:
     return "#" + "".join(f"{c:02x}" for c in mix)
 
 
-def landscape(page: Page) -> str | None:
-    """Heatmap as an HTML table: configs (rows, the overall fastest on top) x keys, each cell
-    the config's time relative to the key's winner. A table, not a picture: its numbers are
-    text at the page's size at any zoom, and it costs nothing to draw."""
-    entries = sorted_entries(page.doc)
+def landscape(page: Page, keys: list[Any] | None = None) -> str | None:
+    """Heatmap as an HTML table: configs (rows, the overall fastest on top) x keys (``keys``,
+    default every key), each cell the config's time relative to the key's winner. A table,
+    not a picture: its numbers are text at the page's size at any zoom, and it costs nothing
+    to draw."""
+    wanted = None if keys is None else {tuple(k) for k in keys}
+    entries = [e for e in sorted_entries(page.doc) if wanted is None or tuple(e.key) in wanted]
     configs = sorted({cid for e in entries for cid in e.results})
     if len(entries) == 0 or len(configs) < 2:
         return None

@@ -21,14 +21,13 @@ from typing import Any
 
 from .._book import (
     BookWarning,
+    DirectoryStore,
     Document,
     Entry,
     Page,
     Result,
     atomic_write_text,
-    merge_write,
     now_iso,
-    read_document,
 )
 from .._version import __version__
 from ._common import write_problem
@@ -61,7 +60,7 @@ class Received:
         for index, keyed in sorted(self.by_job.items()):
             if keyed.target not in on_disk:
                 path = pages[keyed.target].path
-                doc = read_document(path) if path is not None else None
+                doc = DirectoryStore(path.parent).fetch(path.name) if path is not None else None
                 on_disk[keyed.target] = doc.entries if doc is not None else {}
             stored = on_disk[keyed.target].get(keyed.key_text)
             absent = {
@@ -99,7 +98,7 @@ def save_to_book(lost: dict[int, Entry], received: Received, pages: dict[tuple[s
         if path is not None and write_problem(path.parent) is None:
             with warnings.catch_warnings():  # the caller reports the outcome itself
                 warnings.simplefilter("ignore", BookWarning)
-                merge_write(path, doc)
+                DirectoryStore(path.parent).merge(path.name, doc)
 
 
 def save_aside(lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page]) -> Path:

@@ -97,9 +97,19 @@ def name_problems(fields: dict[str, Any], device: str) -> list[str]:
     """Why a file named from ``fields`` (E, N, M, dtype) and ``device`` would not read back."""
     problems = [f"{f}={fields[f]!r} is not an integer" for f in ("E", "N", "M") if not is_integer(fields[f])]
     for name, value in (("dtype", fields.get("dtype")), ("device name", device)):
-        if value and ("," in str(value) or "/" in str(value)):
-            problems.append(f"{name} {value!r} contains ',' or '/'")
+        if value and (any(c in str(value) for c in ",/\\") or _UNPRINTABLE.search(str(value))):
+            problems.append(f"{name} {value!r} contains ',', '/', '\\' or a control character")
+    if str(device).strip(".") == "":
+        problems.append(f"device name {device!r} is empty or dots only")
+    # A book's device name is untrusted text: the file name it makes must be one short path
+    # component, written inside the output directory and nowhere else.
+    length = len(f"E={fields['E']},N={fields['N']},device_name={device},dtype={fields.get('dtype')}".encode())
+    if length > 200:
+        problems.append(f"the file name would be {length} bytes long (file systems allow 255)")
     return problems
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def scalar(text: str) -> Any:

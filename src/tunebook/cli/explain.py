@@ -17,7 +17,7 @@ import click
 from rich.markup import escape
 
 from .._autotuner import Autotuner
-from .._book import Book, KernelIdentity, book_file_name
+from .._book import Book, KernelIdentity, book_file_name, pagedir
 from .._fingerprint import platform_slug
 from ._common import echo_json, err, missing_book, out, parse_assignments
 from ._load import Page, load
@@ -88,7 +88,7 @@ def differences(page: Page, ident: KernelIdentity, fingerprint: dict[str, Any]) 
 
 def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_limit: int) -> dict[str, Any]:
     ident, fingerprint, pid = identity_here(tuner)
-    expected = book_file_name(ident, platform_slug(fingerprint), pid)
+    expected = pagedir.page_dir_name(book_file_name(ident, platform_slug(fingerprint), pid))
     files, skipped = [], []
     for directory in directories:
         if not directory.exists():

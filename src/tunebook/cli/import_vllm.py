@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .._book import KernelIdentity, book_file_name
+from .._book import KernelIdentity, book_file_name, pagedir
 from .._book.records import Document, Entry, Result, config_id, config_record
 from .._fingerprint import platform_id, platform_slug
 from .._jsonio import key_text
@@ -159,10 +159,12 @@ def _write_imports(
     for device in sorted(by_device):
         name, doc = imported_page(kernel, names, device, by_device[device])
         path = directory / name
-        existing = load(path).pages if path.exists() else []
-        if path.exists() and not existing:
-            raise click.ClickException(f"{path} exists but is not a readable book; move it away and re-run")
+        page_dir = directory / pagedir.page_dir_name(name)
+        there = page_dir if page_dir.exists() else path
+        existing = load(there).pages if there.exists() else []
+        if there.exists() and not existing:
+            raise click.ClickException(f"{there} exists but is not a readable book; move it away and re-run")
         if existing:  # re-import replaces the imported keys, keeps the others
             doc = Document(doc.kernel, doc.platform, {**existing[0].doc.entries, **doc.entries})
         write_document(path, doc)
-        console.print(f"wrote {path} ({len(by_device[device])} keys imported, key names {names})")
+        console.print(f"wrote {page_dir} ({len(by_device[device])} keys imported, key names {names})")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import click
 
+from .._book import pagedir
 from .._book.records import Document, Entry, Result
 from ._common import existing_parent, load_or_fail, out, output_option, warn_skipped, write_document, writing
 from ._load import canonical_file_name, identity_of, platform_id_of
@@ -108,7 +109,7 @@ def write_merged(directory: Path, merged: dict[str, Document]) -> Iterator[Path]
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(merged):
         write_document(directory / name, merged[name])
-        yield directory / name
+        yield directory / pagedir.page_dir_name(name)
 
 
 @click.command("merge")
@@ -138,7 +139,7 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
         return
     with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
         for path in write_merged(output, merged):
-            console.print(f"wrote {path} ({len(merged[path.name].entries)} keys)")
+            console.print(f"wrote {path} ({len(merged[path.name + '.json'].entries)} keys)")
     console.print(
         f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}"
     )

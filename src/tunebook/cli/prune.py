@@ -9,6 +9,7 @@ other names, imported pages (``tunebook import``) and unreadable files are left 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import click
@@ -77,8 +78,11 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     verb = "would drop" if dry_run else "dropped"
     for path, why in doomed:
         if not dry_run:
-            path.unlink(missing_ok=True)
-            Path(str(path) + ".lock").unlink(missing_ok=True)  # its lock file has no owner left
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)  # a format-2 page, its locks and pending news
+            else:
+                path.unlink(missing_ok=True)
+                Path(str(path) + ".lock").unlink(missing_ok=True)  # its lock file has no owner left
         console.print(f"{verb} {escape(str(path))}: {escape(why)}")
     console.print(
         f"{verb} {len(doomed)} files; kept {kept} current files of {len(ids)} kernels"

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -53,6 +54,7 @@ from ._summary import (
 )
 
 INSTALL_LINE = install_line("report")
+T = TypeVar("T")
 # Below this many pages, starting worker processes (each imports tunebook and matplotlib,
 # ~1 s) costs more than it saves.
 MIN_PAGES_IN_PARALLEL = 8
@@ -104,11 +106,39 @@ def _heatmap(table: str | None) -> str:
     )
 
 
+# What a page's section draws at most, whatever the book's size: the report costs what it
+# draws (a 40,000-key page took 12 min and 16.9 GB when every key was drawn). Keys beyond
+# these are sampled evenly over the page's key order, and the section says so.
+MAX_TABLE_ROWS = 200
+MAX_KEYS_DRAWN = 60
+
+
+def evenly(items: list[T], limit: int) -> list[T]:
+    """At most ``limit`` of ``items``, evenly spaced, first and last included.
+
+    >>> evenly(list(range(10)), 4)
+    [0, 3, 6, 9]
+    """
+    if len(items) <= limit:
+        return items
+    if limit <= 1:
+        return items[:limit]
+    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
+
+
 def page_section(page: Page) -> str:
     """One kernel page's section of the report (run in a worker process: a pure function)."""
-    summaries = summarise_page(page.doc)
+    everything = summarise_page(page.doc)
+    summaries = evenly(everything, MAX_TABLE_ROWS)
+    drawn = evenly(everything, MAX_KEYS_DRAWN)
     key_names = ", ".join(map(str, page.doc.kernel.get("key", [])))
     esc = html.escape
+    sampled = (
+        f"<p class='dim'>{len(summaries)} of {len(everything)} keys shown, evenly spaced in key order "
+        f"({len(drawn)} in the plots); <code>tunebook show --json</code> lists every key.</p>"
+        if len(summaries) < len(everything)
+        else ""
+    )
     rows = "".join(
         f"<tr><td>{esc(fmt_key(s.key))}</td><td>{esc(winner_cell(s))}</td>"
         f"<td class='num'>{fmt_time(s.winner_ms)}</td><td class='num'>{esc(reference_cell(s))}</td>"
@@ -120,7 +150,8 @@ def page_section(page: Page) -> str:
         f"<section class='page'><h2>{esc(page.kernel_name)} <span class='dim'>{page.identity.id}</span> on "
         f"{esc(page.platform_label)}</h2>",
         f"<p class='dim'>{esc(page.path.name)} · key ({esc(key_names)}) + argument dtypes · "
-        f"{len(summaries)} keys</p>",
+        f"{len(everything)} keys</p>",
+        sampled,
         "<table><tr><th>key</th><th>winner</th><th>time</th>"
         f"<th>{reference_header('first')}</th><th>speed-up</th>"
         f"<th>configs</th><th>failed</th></tr>{rows}</table>",
@@ -129,11 +160,11 @@ def page_section(page: Page) -> str:
         _img(
             "tuned vs first config",
             "Per key: the first config's median time (what the kernel runs untuned) and the winner's.",
-            tuned_vs_reference(summaries),
+            tuned_vs_reference(drawn),
         ),
-        _heatmap(landscape(page)),
+        _heatmap(landscape(page, [s.key for s in drawn])),
     ]
-    failures = [(s.key, cid, e) for s in summaries for cid, e in s.failures]
+    failures = [(s.key, cid, e) for s in everything for cid, e in s.failures]
     if failures:
         items = "".join(
             f"<li>{esc(fmt_key(k))} {esc(cid)}: <span class='dim'>{esc(e[:300])}</span></li>"

@@ -38,11 +38,13 @@ from ._unsaved import Received, save_aside, save_to_book
 def _pending(tuner: Autotuner) -> list[tuple[str, Any]]:
     """Recorded misses of this kernel on this platform that no tuning has finished."""
     page = tuner.page()
-    page.refresh(force=True)
+    texts = sorted(page.keys(fresh=True))  # every key: the command line may read the whole book
+    page.refresh()  # and what it read of them before
+    page.lookup(texts)
     return [
-        (key_text, entry)
-        for key_text, entry in sorted(page.entries.items())
-        if entry.misses and entry.call is not None and not entry.chosen
+        (text, entry)
+        for text, entry in ((t, page.entries.get(t)) for t in texts)
+        if entry is not None and entry.misses and entry.call is not None and not entry.chosen
     ]
 
 

@@ -1,0 +1,419 @@
+"""Book pages on disk, format 2: one directory per page, one small file per key.
+
+::
+
+    <book dir>/<page name>/              <kernel>--<kernel id>--<platform>--<platform id>
+        page.json                        {"format": "tunebook-page", "version": 2, "kernel", "platform"}
+        <key name>.json                  one entry: {"format": "tunebook-entry", "version": 2,
+                                           "kernel": <kernel hash>, "platform": <platform id>, <entry>}
+        .tunebook/locks/<key name>.lock  a writer's lock on one key, held for one small write
+        .tunebook/pending/<key name>.<time>-<pid>-<n>.json
+                                         news a writer could not fold in while the lock was busy
+        .tunebook/tmp/                   writes in progress
+
+A key's name is its key text, readable and reversible: ``[4096,128,"torch.float16"]`` is
+``4096,128,'torch.float16'.json`` (brackets dropped, ``"`` written ``'``, anything outside
+``[A-Za-z0-9,._+=@-]`` percent-encoded); a name that would pass 200 bytes is ``#<sha256>.json``.
+
+Contract (tests/test_stores.py, tests/test_book_scale.py):
+
+* **Reading one key costs one key.** A hit never reads; a miss reads its key's file (and
+  the page's, a few hundred bytes), never the page's other keys.
+* **No writer waits on another for long, and nothing is lost.** A write takes the lock of
+  its key only, for one read and one atomic write of that key (~1 ms). If the lock is busy
+  for ``KEY_LOCK_WAIT_S`` (a holder stopped by SIGSTOP, a debugger, a frozen container),
+  the writer leaves its news in ``.tunebook/pending/`` instead and returns at once;
+  readers fold pending news in (what the key's file holds stands over it), and the next
+  writer that holds the lock writes it into the key's file and deletes it.
+* **Every file read is checked**: strict JSON, bounded size, a regular file only, and it
+  must be this page's (kernel hash, platform id, and the key its name says), else it is
+  skipped with one warning.
+* Writes are atomic (temp, fsync, rename, directory fsync) and fail soft, as format 1's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import stat
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .._errors import BookFormatError
+from .._jsonio import key_text as text_of
+from .._jsonio import strict_loads
+from .._warnings import warn_once
+from .files import Unusable, atomic_write_text, log, read_regular_file
+from .records import Entry, check_format
+
+PAGE_FORMAT = "tunebook-page"
+ENTRY_FORMAT = "tunebook-entry"
+VERSION = 2
+PAGE_FILE = "page.json"
+HIDDEN = ".tunebook"
+MAX_ENTRY_BYTES = 16 * 1024 * 1024  # one key; an entry of 10^4 results is ~2 MB
+MAX_PAGE_BYTES = 1024 * 1024
+KEY_LOCK_WAIT_S = 0.2  # a key's write holds its lock ~1 ms; past this the news goes to pending/
+_SAFE = ",.-_+=@"
+_counter = itertools.count()
+
+
+def page_dir_name(file_name: str) -> str:
+    """The directory of the page a format-1 file name names: the name without ``.json``."""
+    return file_name[: -len(".json")] if file_name.endswith(".json") else file_name
+
+
+def key_file_name(key_text: str) -> str:
+    """The file name of a key (see the module docstring).
+
+    >>> key_file_name('[4096,128,"torch.float16"]')
+    "4096,128,'torch.float16'.json"
+    >>> key_text_of(key_file_name('[4096,128,"torch.float16"]'))
+    '[4096,128,"torch.float16"]'
+    """
+    inner = key_text[1:-1] if key_text.startswith("[") and key_text.endswith("]") else key_text
+    name = urllib.parse.quote(inner, safe=_SAFE).replace("%22", "'") + ".json"
+    if len(name.encode()) > 200 or name.startswith(".") or name == PAGE_FILE:
+        return "#" + hashlib.sha256(key_text.encode()).hexdigest()[:40] + ".json"
+    return name
+
+
+def key_text_of(file_name: str) -> str | None:
+    """The key text a key's file name says; None for a hashed name (read the file) or no key."""
+    if not file_name.endswith(".json") or file_name.startswith(("#", ".")) or file_name == PAGE_FILE:
+        return None
+    inner = file_name[: -len(".json")]
+    if "%" not in inner:  # the usual name: nothing was percent-encoded, only " written '
+        return "[" + inner.replace("'", '"') + "]"
+    return "[" + urllib.parse.unquote(inner.replace("'", "%22")) + "]"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _load(path: Path, limit: int) -> Any:
+    """The JSON at ``path``; None if absent; raises Unusable or a ValueError with the reason."""
+    raw = read_regular_file(path, limit)
+    return None if raw is None else strict_loads(raw.decode("utf-8"))
+
+
+def _warn(path: Path, reason: object) -> None:
+    warn_once(
+        f"read:{path}",
+        "tunebook: skipping book %s: %s. The kernel still runs; delete or replace the file to silence "
+        "this warning.",
+        path,
+        reason,
+    )
+
+
+def read_meta(directory: Path) -> dict[str, Any] | None:
+    """The page's ``{"kernel", "platform"}``; None if there is no page or it is unusable (warned)."""
+    path = directory / PAGE_FILE
+    try:
+        data = _load(path, MAX_PAGE_BYTES)
+        if data is None:
+            return None
+        check_format(data, PAGE_FORMAT, VERSION, VERSION)
+        kernel, platform = data.get("kernel"), data.get("platform")
+        if not isinstance(kernel, dict) or not isinstance(kernel.get("hash"), str):
+            raise BookFormatError("'kernel' must be an object with a 'hash' string")
+        if not isinstance(platform, dict):
+            raise BookFormatError("'platform' must be an object")
+        return {"kernel": kernel, "platform": platform}
+    except (Unusable, ValueError, OverflowError, RecursionError) as exc:
+        _warn(path, exc)
+        return None
+
+
+def _entry_of(path: Path, meta: Mapping[str, Any], key_text: str | None) -> tuple[str, Entry] | None:
+    """(key text, entry) of one key file of this page; None if absent or unusable (warned)."""
+    try:
+        data = _load(path, MAX_ENTRY_BYTES)
+        if data is None:
+            return None
+        check_format(data, ENTRY_FORMAT, VERSION, VERSION)
+        if data.get("kernel") != meta["kernel"]["hash"]:
+            raise BookFormatError("it belongs to another kernel version")
+        if data.get("platform") != meta["platform"].get("id", ""):
+            raise BookFormatError("it belongs to another platform")
+        entry = Entry.from_json(data, path.name)
+        actual = text_of(entry.key)
+        if key_text is not None and _parsed(key_text) != list(entry.key):
+            raise BookFormatError(f"it holds key {actual}, not the key {key_text} its name says")
+        return key_text or actual, entry
+    except (Unusable, ValueError, OverflowError, RecursionError) as exc:
+        _warn(path, exc)
+        return None
+
+
+def _parsed(key_text: str) -> Any:
+    try:
+        return json.loads(key_text)
+    except ValueError:
+        return None
+
+
+def _stem(name: str) -> str:
+    return name[: -len(".json")]
+
+
+def _pending(directory: Path, name: str) -> list[Path]:
+    try:
+        names = os.listdir(directory / HIDDEN / "pending")
+    except OSError:
+        return []
+    stem = _stem(name) + "."
+    return [
+        directory / HIDDEN / "pending" / n
+        for n in sorted(names)
+        if n.startswith(stem) and n.endswith(".json")
+    ]
+
+
+def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry | None:
+    """The page's entry for ``key_text``: its file with pending news folded under it."""
+    return _read_key(directory, meta, key_text, _pending(directory, key_file_name(key_text)))
+
+
+def _read_key(directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]) -> Entry | None:
+    name = key_file_name(key_text)
+    found = _entry_of(directory / name, meta, key_text)
+    entry = found[1] if found is not None else None
+    for path in pending:
+        news = _entry_of(path, meta, key_text)
+        if news is not None:
+            entry = news[1].merged_over(entry)  # what the key's file holds stands
+    return entry
+
+
+def read_keys(directory: Path, meta: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Entry]:
+    found = {}
+    for text in keys:
+        entry = read_key(directory, meta, text)
+        if entry is not None:
+            found[text] = entry
+    return found
+
+
+def list_keys(directory: Path, meta: Mapping[str, Any]) -> set[str]:
+    """Every key text the page holds (names only; a hashed name's file is read)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return set()
+    texts: set[str] = set()
+    for name in names:
+        if not name.endswith(".json") or name == PAGE_FILE or name.startswith("."):
+            continue
+        text = key_text_of(name)
+        if text is None:
+            found = _entry_of(directory / name, meta, None)
+            if found is not None:
+                texts.add(found[0])
+        else:
+            texts.add(text)
+    texts.update(_pending_keys(directory, meta))
+    return texts
+
+
+def _pending_keys(directory: Path, meta: Mapping[str, Any]) -> set[str]:
+    try:
+        names = os.listdir(directory / HIDDEN / "pending")
+    except OSError:
+        return set()
+    found = (_entry_of(directory / HIDDEN / "pending" / n, meta, None) for n in names if n.endswith(".json"))
+    return {f[0] for f in found if f is not None}
+
+
+def read_all(directory: Path, meta: Mapping[str, Any]) -> dict[str, Entry]:
+    """Every entry of the page (O(page): for the command line and tools, never a kernel call)."""
+    return read_keys(directory, meta, sorted(list_keys(directory, meta)))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def entry_text(entry: Entry, meta: Mapping[str, Any]) -> str:
+    """One key's file: format, version, whose it is, then the entry, one line per result."""
+    data = entry.to_json()
+    head = {
+        "format": ENTRY_FORMAT,
+        "version": VERSION,
+        "kernel": meta["kernel"]["hash"],
+        "platform": meta["platform"].get("id", ""),
+        **{k: v for k, v in data.items() if k != "results"},
+    }
+    lines = ["{" + json.dumps(head, sort_keys=True, allow_nan=False)[1:-1] + ', "results": {']
+    results = list(data["results"].items())
+    for i, (cid, result) in enumerate(results):
+        sep = "," if i < len(results) - 1 else ""
+        lines.append(f" {json.dumps(cid)}: {json.dumps(result, sort_keys=True, allow_nan=False)}{sep}")
+    lines.append("}}")
+    return "\n".join(lines) + "\n"
+
+
+class LeaveAlone(OSError):
+    """A file that is not this tunebook's to replace (a newer tunebook's, too large, unreadable
+    just now); the message says which."""
+
+
+def _make_room(path: Path, fmt: str) -> None:
+    """Before ``path``, which exists but cannot be used, is replaced: leave a file we must not
+    replace (raise LeaveAlone: a newer tunebook's, too large, unreadable just now), else keep
+    it aside as ``<name>.corrupt-<time>-<pid>`` (out of the *.json namespace) for a person."""
+    try:
+        data = _load(path, MAX_ENTRY_BYTES)
+    except Unusable as exc:
+        if not exc.replaceable:
+            raise LeaveAlone(f"{path}: {exc}") from None
+        data = None
+    except (ValueError, OverflowError, RecursionError):
+        data = None
+    version = data.get("version") if isinstance(data, dict) and data.get("format") == fmt else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise LeaveAlone(f"{path} was written by a newer tunebook (book format {version})")
+    _keep_aside(path)
+
+
+def _keep_aside(path: Path) -> None:
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.replace(path, aside)
+        log.warning("tunebook: kept the unreadable book file %s aside as %s", path, aside)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def _hidden(directory: Path, sub: str) -> Path:
+    """``.tunebook/<sub>`` of a page, created; refuses one planted as a symbolic link."""
+    hidden = directory / HIDDEN
+    for path in (hidden, hidden / sub):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise NotADirectoryError(f"{path} is not a directory (a link or a file was planted there)")
+    return hidden / sub
+
+
+def _write(path: Path, text: str, tmp_dir: Path) -> None:
+    """Atomically replace ``path``; the temp file lives in the page's hidden tmp/ directory."""
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}-{next(_counter)}.tmp"
+    try:
+        atomic_write_text(path, text, tmp=tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
+    """Create the page (its directory and page.json) unless it is there for this kernel.
+
+    A page of another kernel under this name is kept aside, as format 1 keeps such a file.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    present = read_meta(directory)
+    if present is None and os.path.lexists(directory / PAGE_FILE):
+        _make_room(directory / PAGE_FILE, PAGE_FORMAT)
+    if present is not None and present["kernel"].get("hash") == meta["kernel"]["hash"]:
+        return
+    if present is not None:
+        aside = directory.with_name(
+            f"{directory.name}.foreign-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        )
+        with contextlib.suppress(OSError):
+            os.replace(directory, aside)
+            log.warning("tunebook: kept the foreign book %s aside as %s", directory, aside)
+        directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(
+        {"format": PAGE_FORMAT, "version": VERSION, "kernel": meta["kernel"], "platform": meta["platform"]},
+        sort_keys=True,
+        allow_nan=False,
+        indent=1,
+    )
+    _write(directory / PAGE_FILE, text + "\n", _hidden(directory, "tmp"))
+
+
+def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Entry) -> Entry:
+    """Merge ``news`` into the key's file (what it holds stands); the entry as it now stands.
+
+    Holds the key's lock for one read and one write; if another process holds it past
+    KEY_LOCK_WAIT_S, the news goes to pending/ and the reader's view is returned at once.
+    Raises OSError when nothing could be written.
+    """
+    from filelock import FileLock, Timeout  # deferred: keeps `import tunebook` light
+
+    name = key_file_name(key_text)
+    lock = FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=KEY_LOCK_WAIT_S)
+    try:
+        with lock:
+            for stale in _hidden(directory, "tmp").glob(f"{glob_escape(name)}.*.tmp"):
+                with contextlib.suppress(OSError):  # a writer of this key died mid-write
+                    stale.unlink()
+            if os.path.lexists(directory / name) and _entry_of(directory / name, meta, key_text) is None:
+                _make_room(directory / name, ENTRY_FORMAT)
+            # Pending news that appears while this writer reads was visible before this write
+            # is: fold it in too (it stands under this news), so that no reader sees a value
+            # of it that this write then overturns. Left: news pending during the write itself.
+            for _ in range(3):
+                folded = _pending(directory, name)
+                stored = _read_key(directory, meta, key_text, folded)
+                if _pending(directory, name) == folded:
+                    break
+            merged = news.merged_over(stored)
+            _write(directory / name, entry_text(merged, meta), _hidden(directory, "tmp"))
+            for path in folded:  # now in the key's file
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            return merged
+    except Timeout:
+        pending = _hidden(directory, "pending")
+        stamp = f"{time.time_ns()}-{os.getpid()}-{next(_counter)}"
+        _write(
+            pending / f"{name[: -len('.json')]}.{stamp}.json",
+            entry_text(news, meta),
+            _hidden(directory, "tmp"),
+        )
+        stored = read_key(directory, meta, key_text)
+        return stored if stored is not None else news
+
+
+def merge_entries(directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry]) -> dict[str, Entry]:
+    """``merge_key`` for each entry; the entries as they now stand. Raises OSError."""
+    ensure_page(directory, meta)
+    return {text: merge_key(directory, meta, text, entry) for text, entry in entries.items()}
+
+
+def replace_page(
+    directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry], lock_wait_s: float
+) -> None:
+    """Make the page hold exactly ``entries`` (the command line's writes: it has decided the
+    content). Each key's file is replaced atomically under its lock (filelock's Timeout, a
+    TimeoutError, past ``lock_wait_s``); keys not in ``entries`` are removed."""
+    from filelock import FileLock
+
+    ensure_page(directory, meta)
+    tmp = _hidden(directory, "tmp")
+    keep = set()
+    for text, entry in entries.items():
+        name = key_file_name(text)
+        keep.add(name)
+        with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
+            _write(directory / name, entry_text(entry, meta), tmp)
+    for name in os.listdir(directory):
+        if name.endswith(".json") and name != PAGE_FILE and name not in keep:
+            with contextlib.suppress(OSError):
+                (directory / name).unlink()
+    for path in (directory / HIDDEN / "pending").glob("*.json"):
+        with contextlib.suppress(OSError):
+            path.unlink()

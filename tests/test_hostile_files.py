@@ -1,0 +1,147 @@
+"""Hostile file-system objects at book paths: no kernel call may hang, crash or read without limit.
+
+Planted where a kernel reads (its own book file, a book on TUNEBOOK_PATH, a file matching
+its sibling pattern ``*--<kernel id>--*.json``): a symbolic link to ``/dev/zero`` or
+``/dev/urandom`` (``st_size`` is 0, the content endless), a FIFO (``open`` blocks until a
+writer comes), a dangling and a looping symbolic link. Every call must answer right within
+seconds, in ``tune`` and ``serve`` mode, and the warning must name what was found.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunebook
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from tunebook._book.files import Unusable, read_regular_file
+
+DEADLINE_S = 60.0  # a tuning of 3 configs in the interpreter takes about a second
+
+PLANTS: dict[str, Callable[[Path], None]] = {
+    "dev-zero": lambda p: os.symlink("/dev/zero", p),
+    "dev-urandom": lambda p: os.symlink("/dev/urandom", p),
+    "fifo": lambda p: os.mkfifo(p),
+    "dangling-link": lambda p: os.symlink(p.with_name("nowhere.json"), p),
+    "looping-link": lambda p: os.symlink(p.name, p),
+}
+REASONS = {
+    "dev-zero": "character device",
+    "dev-urandom": "character device",
+    "fifo": "named pipe",
+    "dangling-link": "does not exist",
+    "looping-link": "loops",
+}
+
+
+def _kernel() -> tunebook.Autotuner:
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    configs = block_configs(32, 64, 128)
+    return tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
+
+
+def _call_within_deadline(kernel: tunebook.Autotuner, fifos: list[Path]) -> list[str]:
+    """Call ``kernel`` in a thread; fail (and unblock any FIFO) if it does not return in time."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                n = 300
+                x, y, out = vectors(n)
+                kernel[grid_1d(n)](x, y, out, n)
+                torch.testing.assert_close(out, x + y)
+            outcome["warnings"] = [
+                str(w.message) for w in caught if issubclass(w.category, tunebook.BookWarning)
+            ]
+        except BaseException as exc:  # reported by the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(DEADLINE_S)
+    if thread.is_alive():
+        for fifo in fifos:  # let the stuck open() return, so the thread can end
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        pytest.fail(f"the kernel call did not return within {DEADLINE_S:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["warnings"]  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("mode", ["tune", "serve"])
+@pytest.mark.parametrize("where", ["own", "readonly", "sibling"])
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_a_hostile_object_at_a_book_path_never_hangs_or_crashes_a_call(
+    plant: str, where: str, mode: str, book_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNEBOOK_MODE", mode)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setenv("TUNEBOOK_PATH", str(shipped))
+    kernel = _kernel()
+    ident = kernel.identity()
+    if where == "own":
+        path = book_dir / ident.file_name
+    elif where == "readonly":
+        path = shipped / ident.file_name
+    else:
+        path = book_dir / f"add_kernel--{ident.kernel.id}--other-gpu--0123456789abcdef.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PLANTS[plant](path)
+
+    found = _call_within_deadline(kernel, [path] if plant == "fifo" else [])
+
+    if where != "sibling" or mode == "tune":  # siblings are read for hints, on a tune-mode miss only
+        assert any(str(path) in w and REASONS[plant] in w for w in found), found
+    if mode == "tune":
+        assert tunebook.stats()["benchmarked"] == 3
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_the_reader_refuses_what_is_not_a_regular_file_and_names_it(plant: str, tmp_path: Path) -> None:
+    path = tmp_path / "book.json"
+    PLANTS[plant](path)
+    with pytest.raises(Unusable, match=REASONS[plant]):
+        read_regular_file(path, 1 << 20)
+
+
+def test_the_reader_stops_at_its_limit_whatever_the_size_claims(tmp_path: Path) -> None:
+    path = tmp_path / "book.json"
+    path.write_bytes(b"x" * 100)
+    assert read_regular_file(path, 100) == b"x" * 100
+    with pytest.raises(Unusable, match="over the 99-byte limit"):
+        read_regular_file(path, 99)
+    assert read_regular_file(tmp_path / "missing.json", 10) is None
+
+
+def test_a_symlink_planted_at_the_lock_path_is_refused_and_its_target_kept(tmp_path: Path) -> None:
+    """filelock < 3.20.1 opened the planted link with O_TRUNC: its target became 0 bytes."""
+    from store_contract import FILE, doc
+    from tunebook._book import DirectoryStore, merge_write, pagedir
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    books = tmp_path / "books"
+    news = doc(64, {16: 1.0})
+    (text,) = news.entries
+    key_lock = books / FILE.removesuffix(".json") / pagedir.HIDDEN / "locks"
+    key_lock /= pagedir.key_file_name(text).removesuffix(".json") + ".lock"
+    for lock in (books / (FILE + ".lock"), key_lock):  # format 1's lock, a key's lock in format 2
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(precious, lock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tunebook.BookWarning)
+        merge_write(books / FILE, news)  # refused, never through the link
+        DirectoryStore(books).merge(FILE, news)  # the key's lock refused: the news goes to pending/
+    assert precious.read_text() == "keep me"
