@@ -22,38 +22,54 @@ from typing import Any
 
 from .._worker.session import WorkerFailed, WorkerSession
 
-# Environment variables holding paths: meaningful on the driver's node only.
+# Variables each node sets for itself (Ray sets the GPU an actor may use, and its threads).
+NODE_VARIABLES = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+# tunebook's and Triton's variables that hold paths: meaningful on the driver's node only.
 PATH_VARIABLES = frozenset(
-    {"TUNEBOOK_DIR", "TUNEBOOK_PATH", "PYTHONPATH", "TRITON_CACHE_DIR", "TRITON_HOME", "TRITON_DUMP_DIR"}
+    {"TUNEBOOK_DIR", "TUNEBOOK_PATH", "TRITON_CACHE_DIR", "TRITON_HOME", "TRITON_DUMP_DIR"}
 )
 
 
 def forwarded_environment(environ: Mapping[str, str], cwd: str) -> dict[str, str]:
-    """The driver's settings its workers need: every ``TUNEBOOK_*`` and ``TRITON_*`` variable
-    and ``PYTHONPATH`` (with the driver's directory, where kernel modules are often found).
+    """The driver's environment as its workers get it: all of it, but for what each node sets
+    itself (``NODE_VARIABLES``, ``RAY_*``), with the driver's directory on ``PYTHONPATH``
+    (where kernel modules are often found). :func:`for_node` narrows it for other nodes.
 
-    >>> sorted(forwarded_environment({"TUNEBOOK_DIR": "/b", "HOME": "/root"}, "/src"))
-    ['PYTHONPATH', 'TUNEBOOK_DIR']
+    >>> env = forwarded_environment({"TUNEBOOK_DIR": "/b", "CUDA_VISIBLE_DEVICES": "3"}, "/src")
+    >>> sorted(env), env["PYTHONPATH"]
+    (['PYTHONPATH', 'TUNEBOOK_DIR'], '/src')
     """
-    env = {k: v for k, v in environ.items() if k.startswith(("TUNEBOOK_", "TRITON_"))}
+    env = {k: v for k, v in environ.items() if k not in NODE_VARIABLES and not k.startswith("RAY_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (environ.get("PYTHONPATH", ""), cwd) if p)
     return env
+
+
+def for_node(env: Mapping[str, str], same_node: bool) -> dict[str, str]:
+    """On the driver's node, the whole forwarded environment (as ``tunebook tune``'s workers
+    inherit it); on another, only tunebook's and Triton's settings that are not paths.
+
+    >>> for_node({"TUNEBOOK_DIR": "/b", "TUNEBOOK_REDIS_URL": "redis://h", "HOME": "/root"}, False)
+    {'TUNEBOOK_REDIS_URL': 'redis://h'}
+    """
+    if same_node:
+        return dict(env)
+    return {
+        k: v for k, v in env.items() if k.startswith(("TUNEBOOK_", "TRITON_")) and k not in PATH_VARIABLES
+    }
 
 
 class SweepActor:
     """Measures units on one GPU through an isolated worker process (see the module docstring).
 
-    ``env`` is the driver's environment (:func:`forwarded_environment`); its path variables
-    apply only where the actor shares the driver's node, whose files they name.
+    ``env`` is the driver's environment (:func:`forwarded_environment`), of which an actor on
+    another node takes only tunebook's and Triton's settings (:func:`for_node`).
     """
 
     def __init__(self, env: Mapping[str, str], driver_node: str, timeout_s: float) -> None:
         import ray
 
         self.node = ray.get_runtime_context().get_node_id()
-        here = self.node == driver_node
-        mine = {k: v for k, v in env.items() if here or k not in PATH_VARIABLES}
-        self.session = WorkerSession(mine, timeout_s)
+        self.session = WorkerSession(for_node(env, self.node == driver_node), timeout_s)
 
     def ready(self) -> dict[str, Any]:
         """Start the worker: its device (the platform it measures on), node and host."""

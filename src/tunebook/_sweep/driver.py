@@ -39,6 +39,9 @@ from .schedule import KeySearch, Plan, Sweep, Unit
 
 log = logging.getLogger("tunebook")
 
+# How long a worker outlives its actor at most (it checks its parent every 0.2 s), with margin.
+ORPHAN_EXIT_S = 1.0
+
 
 class SweepError(TunebookError):
     """A sweep that cannot start: no GPUs in the cluster, mixed GPU models, no worker starts."""
@@ -438,6 +441,9 @@ class _Driver:
             f"lost the GPU worker on {slot.info.get('host', '?')} GPU {slot.info.get('gpu', '?')} "
             f"({reason}); {len(units)} unit(s) go out again"
         )
+        # Its worker ends within a fraction of a second of it (child.py), persisting the config in
+        # hand if it had finished it: read the book after that, or that config is measured again.
+        time.sleep(ORPHAN_EXIT_S)
         for lost in units:
             key = sweep.keys[lost.key]
             known = None

@@ -223,8 +223,8 @@ class Sweep:
         picks = key.strategy.ask(min(self.unit_size, room))
         if not picks:
             key.converged = not key.strategy.pending
-            self._advance(key)
-            return None
+            self._advance(key)  # converged: on to the confirmations, which may go out now
+            return key.queued.pop(0) if key.queued else None
         if key.started is None:
             key.started = now
         return self._unit(key.number, "measure", [key.plan.ids[i] for i in picks])

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 _inside = False
+# Held while a result is persisted and reported: a worker whose parent is gone ends between
+# two results, never halfway through telling one (which a driver would then measure again).
+reporting = threading.Lock()
 
 
 def inside_worker() -> bool:
@@ -124,8 +127,9 @@ def _end_with_parent() -> None:
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(4)
+            time.sleep(0.2)
+        with reporting:
+            os._exit(4)
 
     threading.Thread(target=watch, daemon=True, name="tunebook-parent-watch").start()
 

@@ -152,7 +152,7 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
     """Time the configs ``cids`` of the request's key, one result event each."""
     from .._miss import _bench_function, _precompiler, unexpected_failure
     from .._tuner import time_candidate
-    from .child import exit_if_gpu_broken
+    from .child import exit_if_gpu_broken, reporting
 
     ctx = context(request["job"])
     by_id = ctx.by_id()
@@ -185,18 +185,19 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
             emit({"event": "candidate", **where, "config": record_})
             result, exc = time_candidate(bench, timer, config, record_, quick)
             unexpected = exc is not None and unexpected_failure(exc)
-            if result is not None:
-                ok_known = ok_known or result.ok
-                if ok_known or not unexpected:
-                    _persist(page, ctx.key_text, key, cid, result)
-            emit(
-                {
-                    "event": "result",
-                    **where,
-                    "result": result.to_json() if result is not None else None,
-                    "unexpected": unexpected,
-                }
-            )
+            with reporting:
+                if result is not None:
+                    ok_known = ok_known or result.ok
+                    if ok_known or not unexpected:
+                        _persist(page, ctx.key_text, key, cid, result)
+                emit(
+                    {
+                        "event": "result",
+                        **where,
+                        "result": result.to_json() if result is not None else None,
+                        "unexpected": unexpected,
+                    }
+                )
             if result is not None:
                 exit_if_gpu_broken(cid, result)
     finally:
