@@ -144,7 +144,12 @@ def test_a_key_the_book_answers_hands_out_nothing():
     known = Entry(key=(1,), results={"B=0": ok(1.0), "B=1": ok(2.0)})
     sweep, recorder = planned_sweep([plan_of(times)], known=[known])
     assert sweep.finished and sweep.keys[0].answered and sweep.keys[0].chosen == "B=0"
-    assert recorder.results == {}
+    # Measured to the end by a run stopped before it decided: the decision is written, nothing measured.
+    assert recorder.chosen == {0: "B=0"} and not any(recorder.results.values())
+    tied = {"B=0": ok(1.0), "B=1": ok(1.01)}  # the chosen config keeps its place within 2%
+    decided = Entry(key=(1,), results=tied, chosen="B=1")
+    sweep, recorder = planned_sweep([plan_of(times)], known=[decided])
+    assert sweep.finished and sweep.keys[0].chosen == "B=1" and recorder.chosen == {}
 
 
 def test_a_lost_unit_goes_out_again_with_only_what_the_book_still_lacks():

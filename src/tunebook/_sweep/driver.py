@@ -22,11 +22,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._book import Book, Entry, KernelIdentity, Page, Result, now_iso
@@ -38,6 +39,11 @@ from .actor import SweepActor, forwarded_environment
 from .schedule import KeySearch, Plan, Sweep, Unit
 
 log = logging.getLogger("tunebook")
+
+_RUNS = itertools.count()  # sweeps driven by this process (actor names must be unique)
+
+# The driver writes the book at most this often (every result is written: later ones in one go).
+FLUSH_S = 0.5
 
 # How long a worker outlives its actor at most (it checks its parent every 0.2 s), with margin.
 ORPHAN_EXIT_S = 1.0
@@ -246,7 +252,10 @@ class _Driver:
         self.report = SweepReport()
         self.seen: dict[tuple[str, str, str], int] = {}  # (page, key) -> key number that has it
         self.replacements = 0
+        self.run_id = next(_RUNS)
         self.first_result: float | None = None
+        self.unwritten: dict[Page, dict[str, Entry]] = {}
+        self.flushed = 0.0
         self.sweep: Sweep | None = None
 
     # ------------------------------------------------------------------ actors
@@ -257,9 +266,8 @@ class _Driver:
             opts["num_gpus"] = 1
         else:
             opts["resources"] = {self.options.resource: 1}
-        actor = self.remote.options(name=f"tunebook-sweep-{os.getpid()}-{number}", **opts).remote(
-            self.env, self.node, self.options.timeout_s
-        )
+        name = f"tunebook-sweep-{os.getpid()}-{self.run_id}-{number}"  # tests find the actors by name
+        actor = self.remote.options(name=name, **opts).remote(self.env, self.node, self.options.timeout_s)
         self.starting[actor.ready.remote()] = actor
 
     def _start(self) -> list[str]:
@@ -312,6 +320,8 @@ class _Driver:
         return groups
 
     def stop(self) -> None:
+        """Write what is unwritten (also on Ctrl-C), end every actor (their workers follow)."""
+        self._flush(force=True)
         for actor in [*self.slots, *self.starting.values()]:
             try:
                 self.ray.kill(actor)
@@ -345,9 +355,11 @@ class _Driver:
                     self._started(ref, groups)
                 elif ref in where and where[ref].actor in self.slots:
                     self._arrived(ref, where[ref], sweep)
+            self._flush()
             if self.on_progress is not None and time.monotonic() - last_progress > 0.25:
                 self.on_progress(self.progress())
                 last_progress = time.monotonic()
+        self._flush(force=True)
         if self.on_progress is not None:
             self.on_progress(self.progress())
         self.report.seconds = time.monotonic() - start
@@ -459,6 +471,7 @@ class _Driver:
     # ------------------------------------------------------------------ persisting, reporting
 
     def _persist(self, key: KeySearch, fresh: dict[str, Result], chosen: str | None, seconds: float) -> None:
+        """Queue news for the book; :meth:`_flush` writes them (at once for a decision)."""
         plan = key.plan
         assert plan is not None
         page = self.pages.of(key)
@@ -475,10 +488,25 @@ class _Driver:
             chosen=chosen or "",
             first=plan.ids[0] if plan.ids else "",
         )
-        page.record(plan.key_text, entry)
+        news = self.unwritten.setdefault(page, {})
+        before = news.get(plan.key_text)
+        news[plan.key_text] = entry.merged_over(before) if before is not None else entry
+        if chosen is not None:
+            news[plan.key_text] = replace(news[plan.key_text], chosen=chosen)
         if self.on_result is not None:
             for cid, result in fresh.items():
                 self.on_result(self.jobs[key.job], page, plan.key_text, cid, plan.key, result)
+
+    def _flush(self, force: bool = False) -> None:
+        """Write what arrived since the last write, one write per page. Each write of a page
+        rewrites its file (merge-on-write), so a driver taking results from many GPUs writes
+        at most every FLUSH_S: the more results arrive, the more each write carries."""
+        if not self.unwritten or (not force and time.monotonic() - self.flushed < FLUSH_S):
+            return
+        unwritten, self.unwritten = self.unwritten, {}
+        for page, entries in unwritten.items():
+            page.record_many(entries)
+        self.flushed = time.monotonic()
 
     def progress(self) -> SweepProgress:
         sweep = self.sweep

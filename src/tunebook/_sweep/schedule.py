@@ -241,9 +241,13 @@ class Sweep:
         if same_as is not None:
             key.state, key.answered, key.reason = "done", True, f"the same key as job {same_as}"
             return
-        if _policy.decide(known, plan.ids, "tune", plan.budget) == "book":
+        if known is not None and _policy.decide(known, plan.ids, "tune", plan.budget) == "book":
             key.state, key.answered = "done", True
-            key.chosen = known.best(plan.ids) if known is not None else None
+            key.chosen = known.best(plan.ids)
+            if not known.chosen:  # measured to the end by a run that was stopped before deciding
+                key.chosen = tie_aware_choice(known.results, plan.ids, plan.hints)
+                if key.chosen is not None:
+                    self.persist(key, {}, key.chosen, 0.0)
             return
         strategy = make_strategy(
             plan.strategy, [_flat(r) for r in plan.records], seed=plan.seed, hints=plan.hints

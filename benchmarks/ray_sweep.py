@@ -1,0 +1,298 @@
+"""Issue 15: a tuning sweep over every GPU of a Ray cluster, against one GPU and against a
+static assignment of whole keys to GPUs (vLLM's ``benchmark_moe.py``).
+
+The pack's linear (GEMM) kernel under its own Space (``_sweep_linear.py``), over keys whose
+costs differ (decode to prefill, a Llama-3-8B-like layer and its MLP), a seeded random
+search of ``--configs`` configs per key (the same configs in every phase), three phases in
+one Ray cluster, each with a fresh book and a cold Triton compile cache:
+
+1. ``ray_1gpu``: ``tunebook.tune_on_ray`` on one GPU;
+2. ``ray_dynamic``: on ``--gpus`` GPUs: the dynamic queue, units of ``--unit-size`` configs;
+3. ``static``: whole keys assigned round-robin to the GPUs up front, each GPU sweeping its
+   own keys (one ``tune_on_ray(gpus=1)`` per GPU, all at once), as ``benchmark_moe.py``
+   assigns batch sizes to its actors.
+
+Reports each phase's wall time, ``speedup`` (1 GPU over dynamic; target >= 1.8 on 2 GPUs),
+``dynamic_vs_static`` and whether the phases chose the same winners. Then ``simulate``: the
+sweep's own scheduler (``tunebook._sweep.schedule``) driven by simulated GPUs from 1 to 256,
+with unit times drawn around the per-config time measured here, and the driver's book
+write measured on this disk, to show where a cluster of 64+ GPUs stops scaling.
+
+    python benchmarks/ray_sweep.py --out DIR                  # every local GPU (2), ray installed
+    python benchmarks/ray_sweep.py --interpret --out DIR      # CPU: interpreter, 2 stand-in GPUs
+
+Prints a table last; writes DIR/ray_sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import _harness as harness
+
+BENCH = Path(__file__).resolve().parent
+# (M, N, K): decode and prefill of a 4096-wide layer and its 14336-wide MLP; 5 keys on 2 GPUs
+# cannot be split evenly by whole keys, and prefill keys cost more per config than decode.
+GPU_KEYS = [(1, 4096, 4096), (16, 4096, 4096), (256, 14336, 4096), (2048, 4096, 4096), (8192, 4096, 14336)]
+CPU_KEYS = [(16, 64, 64), (32, 64, 64), (16, 32, 64)]
+CPU_RESOURCE = "tb_gpu"  # the custom resource that stands for a GPU in CPU mode
+
+
+def _keys(args: argparse.Namespace) -> list[dict[str, int]]:
+    return [{"M": m, "N": n, "K": k} for m, n, k in (CPU_KEYS if args.interpret else GPU_KEYS)]
+
+
+def _fresh(work: Path, name: str) -> None:
+    """A fresh book and a cold compile cache for a phase (the workers inherit both)."""
+    os.environ["TUNEBOOK_DIR"] = str(work / name / "book")
+    os.environ["TRITON_CACHE_DIR"] = str(work / name / "triton-cache")
+
+
+def _summary(reports: list[Any], wall: float) -> dict[str, Any]:
+    keys = [k for report in reports for k in report.keys]
+    return {
+        "wall_s": wall,
+        "measured": sum(r.measured for r in reports),
+        "failed_keys": [k.key_text for k in keys if k.state != "done"],
+        "crashed": sum(len(r.crashed) for r in reports),
+        "winners": {k.key_text: k.chosen for k in keys},
+        "gpus": [g for r in reports for g in r.groups.items()],
+    }
+
+
+def run_phases(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import _sweep_linear
+
+    import tunebook
+
+    keys = _keys(args)
+    common = {"unit_size": args.unit_size, "resource": CPU_RESOURCE if args.interpret else "GPU"}
+    phases: dict[str, Any] = {}
+
+    def sweep(name: str, parts: list[list[dict[str, int]]], gpus: int) -> None:
+        _fresh(work, name)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(parts)) as pool:
+            runs = [
+                pool.submit(tunebook.tune_on_ray, _sweep_linear.sweep_linear, part, gpus=gpus, **common)
+                for part in parts
+            ]
+            reports = [run.result() for run in runs]
+        phases[name] = _summary(reports, time.perf_counter() - start)
+        print(f"[{name}] {json.dumps(phases[name])}", flush=True)
+
+    sweep("ray_1gpu", [keys], 1)
+    sweep("ray_dynamic", [keys], args.gpus)
+    sweep("static", [keys[g :: args.gpus] for g in range(args.gpus)], 1)
+    return phases
+
+
+def measure_book_write(work: Path, sizes: tuple[int, ...]) -> dict[str, float]:
+    """Milliseconds for the driver to record one unit (8 results) into a page already holding
+    ``size`` keys of 100 results each, on this disk (the merge-on-write rewrites the file)."""
+    from tunebook._book import Book, Entry, KernelIdentity, Result, config_id
+
+    kernel = KernelIdentity("write_probe", "0" * 16, ("M",))
+    out: dict[str, float] = {}
+    for size in sizes:
+        directory = work / f"write-{size}"
+        page = Book(directory).open(kernel, {"id": "probe"}, "probe", "probe")
+
+        def entry(key: int, first: int, count: int) -> Entry:
+            records = [{"kwargs": {"B": c}, "num_warps": 4} for c in range(first, first + count)]
+            results = {config_id(r): Result(r, (1.0, 1.0, 1.0)) for r in records}
+            return Entry(key=(key,), results=results)
+
+        page.record_many({f"[{key}]": entry(key, 0, 100) for key in range(size)})
+        start = time.perf_counter()
+        for unit in range(5):
+            page.record("[0]", entry(0, 100 + 8 * unit, 8))
+        out[str(size)] = (time.perf_counter() - start) / 5 * 1e3
+    return out
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(
+    config_s: float, write_ms: float, keys: int, configs: int, unit_size: int
+) -> list[dict[str, Any]]:
+    """The sweep's scheduler with simulated GPUs: a unit takes ``unit_size`` configs of
+    ``config_s`` seconds (x0.5-1.5 at random, x3 for every fourth key); the driver takes one
+    result at a time and spends ``write_ms`` on it (the book write), and a GPU gets its next
+    unit only then (no prefetch, where the real driver keeps two units per GPU: pessimistic).
+    Per GPU count: the wall time, the GPUs' busy fraction, the driver's load, and the wall
+    time of a static assignment of whole keys (round-robin, as benchmark_moe.py)."""
+    from tunebook._book import Result
+    from tunebook._search import Budget
+    from tunebook._sweep.schedule import Plan, Sweep
+
+    rng = random.Random(0)
+    ok = Result({"kwargs": {}}, (1.0, 1.0, 1.0))
+    plan = Plan(
+        key=(0,),
+        key_text="",
+        ids=[f"c{i}" for i in range(configs)],
+        records=[{"kwargs": {"c": i}} for i in range(configs)],
+        strategy="random",
+        budget=Budget(max_configs=configs),
+    )
+    weight = [3.0 if k % 4 == 0 else 1.0 for k in range(keys)]
+    rows = []
+    for gpus in (1, 2, 8, 64, 128, 256):
+        clock = _Clock()
+        sweep = Sweep(keys, ["gpu"], lambda *a: None, unit_size=unit_size, clock=clock)
+        free = [0.0] * gpus  # when each GPU is free
+        running: dict[int, tuple[float, Any]] = {}  # gpu -> (done at, unit)
+        busy = driver_free = driver_busy = 0.0
+        while not sweep.finished:
+            for g in range(gpus):
+                if g in running:
+                    continue
+                unit = sweep.next_unit("gpu")
+                if unit is None:
+                    break  # nothing to hand out until a result comes back
+                cost = 0.05 if unit.kind == "plan" else config_s * weight[unit.key] * len(unit.cids)
+                cost *= rng.uniform(0.5, 1.5)
+                free[g] = max(free[g], clock.now) + cost
+                busy += cost
+                running[g] = (free[g], unit)
+            g = min(running, key=lambda gpu: running[gpu][0])
+            done_at, unit = running.pop(g)
+            driver_free = max(done_at, driver_free) + write_ms / 1e3  # one result at a time
+            driver_busy += write_ms / 1e3
+            clock.now = driver_free
+            if unit.kind == "plan":
+                sweep.planned(unit, plan, None)
+            else:
+                sweep.measured(unit, {cid: (ok, False) for cid in unit.cids})
+        static = max(sum(config_s * weight[k] * configs for k in range(g, keys, gpus)) for g in range(gpus))
+        rows.append(
+            {
+                "gpus": gpus,
+                "wall_s": clock.now,
+                "busy": busy / (clock.now * gpus),
+                "driver_load": driver_busy / clock.now,
+                "static_wall_s": static,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    harness.add_out_argument(parser)
+    parser.add_argument(
+        "--interpret", action="store_true", help="CPU: the interpreter, 2 stand-in GPUs, tiny"
+    )
+    parser.add_argument("--gpus", type=int, default=2, help="GPUs of the dynamic phase (default 2)")
+    parser.add_argument("--configs", type=int, default=None, help="configs per key (default 100; CPU: 4)")
+    parser.add_argument("--unit-size", type=int, default=8, help="configs per unit (default 8)")
+    args = parser.parse_args()
+    out_dir = harness.out_dir(args.out)
+    configs = args.configs or (4 if args.interpret else 100)
+    work = Path(tempfile.mkdtemp(prefix="tunebook-raysweep-"))
+    # Before Ray starts (its workers take this environment) and before triton is imported.
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["RAY_SWEEP_DTYPE"] = "float32"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["RAY_SWEEP_CONFIGS"] = str(configs)
+    os.environ["TUNEBOOK_PROGRESS"] = "0"
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(BENCH), str(harness.SRC), os.environ.get("PYTHONPATH", "")) if p
+    )
+    import ray
+
+    if args.interpret:
+        ray.init(
+            num_cpus=2, resources={CPU_RESOURCE: args.gpus}, include_dashboard=False, log_to_driver=False
+        )
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    out: dict[str, Any] = harness.platform_header(interpret=args.interpret)
+    try:
+        out.update(
+            {
+                "keys": _keys(args),
+                "configs_per_key": configs,
+                "unit_size": args.unit_size,
+                "gpus": args.gpus,
+                "cluster": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
+            }
+        )
+        phases = run_phases(args, work)
+    finally:
+        ray.shutdown()
+    out["phases"] = phases
+    one, dynamic, static = (phases[p]["wall_s"] for p in ("ray_1gpu", "ray_dynamic", "static"))
+    out["speedup"] = one / dynamic
+    out["dynamic_vs_static"] = static / dynamic
+    winners = [phases[p]["winners"] for p in phases]
+    out["same_winners"] = sum(all(w.get(k) == winners[0][k] for w in winners) for k in winners[0])
+    measured = phases["ray_1gpu"]["measured"]
+    config_s = one / max(1, measured)  # one GPU's wall time per config, start-up included
+    out["book_write_ms"] = measure_book_write(work, (10, 30) if args.interpret else (10, 100, 1000))
+    write_ms = max(out["book_write_ms"].values())
+    keys = 10 if args.interpret else 200
+    out["simulate"] = {
+        "config_s": config_s,
+        "write_ms": write_ms,
+        "keys": keys,
+        "configs_per_key": configs,
+        "rows": simulate(config_s, write_ms, keys, configs, args.unit_size),
+    }
+    (out_dir / "ray_sweep.json").write_text(json.dumps(out, indent=1))
+
+    print(f"\n=== {harness.header_line(out)}")
+    rows = [
+        (name, f"{p['wall_s']:.1f}", p["measured"], len(p["failed_keys"]), _gpus(p["gpus"]))
+        for name, p in phases.items()
+    ]
+    print(harness.table(rows, ("phase", "wall s", "configs measured", "failed keys", "GPUs")))
+    print(
+        f"speedup of {args.gpus} GPUs over 1: {out['speedup']:.2f}x; dynamic queue over static keys: "
+        f"{out['dynamic_vs_static']:.2f}x; same winner in every phase: {out['same_winners']} of "
+        f"{len(out['keys'])} keys"
+    )
+    print(f"book write of one unit, by keys in the page: {json.dumps(out['book_write_ms'])} ms")
+    sim = out["simulate"]
+    print(
+        f"simulated: {sim['keys']} keys x {configs} configs, {sim['config_s']:.2f} s per config, "
+        f"{sim['write_ms']:.1f} ms per book write"
+    )
+    cells = [
+        (
+            r["gpus"],
+            f"{r['wall_s']:.0f}",
+            f"{r['busy']:.2f}",
+            f"{r['driver_load']:.2f}",
+            f"{r['static_wall_s']:.0f}",
+        )
+        for r in sim["rows"]
+    ]
+    print(harness.table(cells, ("GPUs", "wall s", "GPU busy", "driver load", "static wall s")))
+
+
+def _gpus(groups: list[Any]) -> str:
+    return ", ".join(f"{n} x {g}" for g, n in groups)
+
+
+if __name__ == "__main__":
+    main()
