@@ -130,14 +130,18 @@ class _Clock:
 def simulate(
     config_s: float, write_ms: float, keys: int, configs: int, unit_size: int
 ) -> list[dict[str, Any]]:
-    """The sweep's scheduler with simulated GPUs: a unit takes ``unit_size`` configs of
-    ``config_s`` seconds (x0.5-1.5 at random, x3 for every fourth key); the driver takes one
-    result at a time and spends ``write_ms`` on it (the book write), and a GPU gets its next
-    unit only then (no prefetch, where the real driver keeps two units per GPU: pessimistic).
-    Per GPU count: the wall time, the GPUs' busy fraction, the driver's load, and the wall
-    time of a static assignment of whole keys (round-robin, as benchmark_moe.py)."""
+    """The sweep's scheduler driven by simulated GPUs, as the driver drives it.
+
+    A unit takes ``unit_size`` configs of ``config_s`` seconds (x0.5-1.5 at random, x3 for
+    every fourth key, whose shapes are larger). Each GPU holds two units (one running, one
+    queued: it never waits for the driver between them); the driver takes one result at a
+    time and, at most every ``FLUSH_S``, writes the book for ``write_ms`` (the cost of the
+    largest page), handing out nothing meanwhile. Per GPU count: the wall time, the GPUs'
+    busy fraction, the driver's share of time spent writing, and the wall time of a static
+    assignment of whole keys to GPUs (round-robin, as benchmark_moe.py)."""
     from tunebook._book import Result
     from tunebook._search import Budget
+    from tunebook._sweep.driver import FLUSH_S
     from tunebook._sweep.schedule import Plan, Sweep
 
     rng = random.Random(0)
@@ -151,41 +155,48 @@ def simulate(
         budget=Budget(max_configs=configs),
     )
     weight = [3.0 if k % 4 == 0 else 1.0 for k in range(keys)]
+
+    def cost(unit: Any) -> float:
+        if unit.kind == "plan":
+            return 0.05
+        return config_s * weight[unit.key] * len(unit.cids) * rng.uniform(0.5, 1.5)
+
     rows = []
     for gpus in (1, 2, 8, 64, 128, 256):
         clock = _Clock()
         sweep = Sweep(keys, ["gpu"], lambda *a: None, unit_size=unit_size, clock=clock)
-        free = [0.0] * gpus  # when each GPU is free
+        queued: list[list[Any]] = [[] for _ in range(gpus)]
         running: dict[int, tuple[float, Any]] = {}  # gpu -> (done at, unit)
-        busy = driver_free = driver_busy = 0.0
+        writing = last_write = 0.0
         while not sweep.finished:
-            for g in range(gpus):
-                if g in running:
-                    continue
-                unit = sweep.next_unit("gpu")
-                if unit is None:
-                    break  # nothing to hand out until a result comes back
-                cost = 0.05 if unit.kind == "plan" else config_s * weight[unit.key] * len(unit.cids)
-                cost *= rng.uniform(0.5, 1.5)
-                free[g] = max(free[g], clock.now) + cost
-                busy += cost
-                running[g] = (free[g], unit)
+            for g in range(gpus):  # the driver tops every GPU up to two units
+                while len(queued[g]) + (g in running) < 2 and (unit := sweep.next_unit("gpu")) is not None:
+                    queued[g].append(unit)
+                if g not in running and queued[g]:
+                    unit = queued[g].pop(0)
+                    running[g] = (clock.now + cost(unit), unit)
             g = min(running, key=lambda gpu: running[gpu][0])
             done_at, unit = running.pop(g)
-            driver_free = max(done_at, driver_free) + write_ms / 1e3  # one result at a time
-            driver_busy += write_ms / 1e3
-            clock.now = driver_free
+            if queued[g]:  # the GPU goes on with its queued unit at once
+                following = queued[g].pop(0)
+                running[g] = (done_at + cost(following), following)
+            clock.now = max(clock.now, done_at)
             if unit.kind == "plan":
                 sweep.planned(unit, plan, None)
             else:
                 sweep.measured(unit, {cid: (ok, False) for cid in unit.cids})
+            if clock.now - last_write >= FLUSH_S:
+                clock.now += write_ms / 1e3
+                writing += write_ms / 1e3
+                last_write = clock.now
         static = max(sum(config_s * weight[k] * configs for k in range(g, keys, gpus)) for g in range(gpus))
+        work = sum(config_s * w * configs for w in weight)
         rows.append(
             {
                 "gpus": gpus,
                 "wall_s": clock.now,
-                "busy": busy / (clock.now * gpus),
-                "driver_load": driver_busy / clock.now,
+                "busy": work / (clock.now * gpus),
+                "driver_writing": writing / clock.now,
                 "static_wall_s": static,
             }
         )
@@ -282,12 +293,12 @@ def main() -> None:
             r["gpus"],
             f"{r['wall_s']:.0f}",
             f"{r['busy']:.2f}",
-            f"{r['driver_load']:.2f}",
+            f"{r['driver_writing']:.2f}",
             f"{r['static_wall_s']:.0f}",
         )
         for r in sim["rows"]
     ]
-    print(harness.table(cells, ("GPUs", "wall s", "GPU busy", "driver load", "static wall s")))
+    print(harness.table(cells, ("GPUs", "wall s", "GPU busy", "driver writing", "static wall s")))
 
 
 def _gpus(groups: list[Any]) -> str:

@@ -264,6 +264,8 @@ class _Driver:
         opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
         if self.options.resource == "GPU":
             opts["num_gpus"] = 1
+        elif self.options.resource == "CPU":  # the interpreter on a machine without GPUs
+            opts["num_cpus"] = 1
         else:
             opts["resources"] = {self.options.resource: 1}
         name = f"tunebook-sweep-{os.getpid()}-{self.run_id}-{number}"  # tests find the actors by name
@@ -420,7 +422,8 @@ class _Driver:
             crashed = results.get(cid, (None, False))[0]
             reason = (crashed.error or "") if crashed is not None else ""
             self.report.crashed.append(f"{key.plan.key_text if key.plan else ''} {cid}: {reason}")
-            self.say(f"{slot.info.get('host', '')} GPU {slot.info.get('gpu', '')}: {cid}: {reason}")
+            key_text = key.plan.key_text if key.plan else ""
+            self.say(f"{_where(slot)}: {key_text[:40]} {cid}: {reason}")
         sweep.measured(unit, results, error=value.get("error"), seconds=float(value.get("seconds", 0.0)))
 
     def _planned(self, unit: Unit, value: Mapping[str, Any], sweep: Sweep) -> None:
@@ -449,10 +452,7 @@ class _Driver:
         self.slots.pop(slot.actor, None)
         units = [unit, *slot.out.values()]
         slot.out.clear()
-        self.say(
-            f"lost the GPU worker on {slot.info.get('host', '?')} GPU {slot.info.get('gpu', '?')} "
-            f"({reason}); {len(units)} unit(s) go out again"
-        )
+        self.say(f"lost the GPU worker on {_where(slot)} ({reason}); {len(units)} unit(s) go out again")
         # Its worker ends within a fraction of a second of it (child.py), persisting the config in
         # hand if it had finished it: read the book after that, or that config is measured again.
         time.sleep(ORPHAN_EXIT_S)
@@ -547,6 +547,11 @@ class _Driver:
             reason=key.reason,
             answered=key.answered,
         )
+
+
+def _where(slot: _Slot) -> str:
+    gpu = slot.info.get("gpu", "")
+    return f"{slot.info.get('host', '?')}" + (f" GPU {gpu}" if gpu else "")
 
 
 def _short(exc: BaseException) -> str:
