@@ -209,6 +209,14 @@ def test_the_time_budget_runs_from_the_keys_first_unit_across_workers():
     assert sweep.next_unit("gpu") is None
     sweep.measured(first, {cid: (ok(1.0), False) for cid in first.cids})
     assert sweep.finished
+    # Its last unit back before the time is up, the key must still end once it is up.
+    now[0] = 0.0
+    sweep, recorder = planned_sweep([plan_of(times, budget=Budget(max_seconds=10.0))], clock=lambda: now[0])
+    unit = sweep.next_unit("gpu")
+    assert unit is not None
+    sweep.measured(unit, {cid: (ok(1.0), False) for cid in unit.cids})
+    now[0] = 11.0
+    assert sweep.next_unit("gpu") is None and sweep.finished and recorder.chosen[0] == "B=0"
 
 
 def test_several_gpu_models_are_refused_unless_asked_with_what_to_do():

@@ -215,15 +215,12 @@ class Sweep:
             return None  # the call may be broken: wait for the units out before going on
         now = self.clock()
         seconds = key.plan.budget.max_seconds
-        if seconds is not None and key.started is not None and now - key.started >= seconds:
-            return None
+        over_time = seconds is not None and key.started is not None and now - key.started >= seconds
         room = key.cap() - len(key.strategy.results) - len(key.strategy.pending)
-        if key.converged or room <= 0:
-            return None
-        picks = key.strategy.ask(min(self.unit_size, room))
+        picks = [] if over_time or key.converged or room <= 0 else key.strategy.ask(min(self.unit_size, room))
         if not picks:
-            key.converged = not key.strategy.pending
-            self._advance(key)  # converged: on to the confirmations, which may go out now
+            key.converged = key.converged or (room > 0 and not over_time and not key.strategy.pending)
+            self._advance(key)  # the search may be over: on to the confirmations, which may go out now
             return key.queued.pop(0) if key.queued else None
         if key.started is None:
             key.started = now
