@@ -68,31 +68,48 @@ def _summary(reports: list[Any], wall: float) -> dict[str, Any]:
     }
 
 
-def run_phases(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+PHASES = ("ray_1gpu", "ray_dynamic", "static")
+
+
+def run_phase(args: argparse.Namespace, work: Path, name: str) -> dict[str, Any]:
+    """One phase (see the module docstring), in a fresh book and compile cache."""
     import _sweep_linear
 
     import tunebook
 
     keys = _keys(args)
+    parts, gpus = {
+        "ray_1gpu": ([keys], 1),
+        "ray_dynamic": ([keys], args.gpus),
+        "static": ([keys[g :: args.gpus] for g in range(args.gpus)], 1),
+    }[name]
     common = {"unit_size": args.unit_size, "resource": CPU_RESOURCE if args.interpret else "GPU"}
-    phases: dict[str, Any] = {}
+    _fresh(work, name)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(parts)) as pool:  # static: one sweep of one GPU per part, at once
+        runs = [
+            pool.submit(tunebook.tune_on_ray, _sweep_linear.sweep_linear, part, gpus=gpus, **common)
+            for part in parts
+        ]
+        reports = [run.result() for run in runs]
+    phase = _summary(reports, time.perf_counter() - start)
+    phase["gpus_used"] = gpus * len(parts)
+    print(f"[{name}] {json.dumps(phase)}", flush=True)
+    return phase
 
-    def sweep(name: str, parts: list[list[dict[str, int]]], gpus: int) -> None:
-        _fresh(work, name)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(len(parts)) as pool:
-            runs = [
-                pool.submit(tunebook.tune_on_ray, _sweep_linear.sweep_linear, part, gpus=gpus, **common)
-                for part in parts
-            ]
-            reports = [run.result() for run in runs]
-        phases[name] = _summary(reports, time.perf_counter() - start)
-        print(f"[{name}] {json.dumps(phases[name])}", flush=True)
 
-    sweep("ray_1gpu", [keys], 1)
-    sweep("ray_dynamic", [keys], args.gpus)
-    sweep("static", [keys[g :: args.gpus] for g in range(args.gpus)], 1)
-    return phases
+def conclude(out: dict[str, Any]) -> None:
+    """The ratios, where both phases ran."""
+    phases = out["phases"]
+    wall = {name: p["wall_s"] for name, p in phases.items()}
+    out["speedup"] = (
+        wall["ray_1gpu"] / wall["ray_dynamic"] if {"ray_1gpu", "ray_dynamic"} <= set(wall) else None
+    )
+    out["dynamic_vs_static"] = (
+        wall["static"] / wall["ray_dynamic"] if {"static", "ray_dynamic"} <= set(wall) else None
+    )
+    winners = [p["winners"] for p in phases.values()]
+    out["same_winners"] = sum(all(w.get(k) == winners[0][k] for w in winners) for k in winners[0])
 
 
 def measure_book_write(work: Path, sizes: tuple[int, ...]) -> dict[str, float]:
@@ -135,8 +152,8 @@ def simulate(
     A unit takes ``unit_size`` configs of ``config_s`` seconds (x0.5-1.5 at random, x3 for
     every fourth key, whose shapes are larger). Each GPU holds two units (one running, one
     queued: it never waits for the driver between them); the driver takes one result at a
-    time and, at most every ``FLUSH_S``, writes the book for ``write_ms`` (the cost of the
-    largest page), handing out nothing meanwhile. Per GPU count: the wall time, the GPUs'
+    time and writes the book for ``write_ms`` (the cost of the largest page) at most every
+    ``FLUSH_S`` or twice ``write_ms``, handing out nothing meanwhile. Per GPU count: the wall time, the GPUs'
     busy fraction, the driver's share of time spent writing, and the wall time of a static
     assignment of whole keys to GPUs (round-robin, as benchmark_moe.py)."""
     from tunebook._book import Result
@@ -185,7 +202,7 @@ def simulate(
                 sweep.planned(unit, plan, None)
             else:
                 sweep.measured(unit, {cid: (ok, False) for cid in unit.cids})
-            if clock.now - last_write >= FLUSH_S:
+            if clock.now - last_write >= max(FLUSH_S, 2 * write_ms / 1e3):  # as the driver
                 clock.now += write_ms / 1e3
                 writing += write_ms / 1e3
                 last_write = clock.now
@@ -214,7 +231,13 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=2, help="GPUs of the dynamic phase (default 2)")
     parser.add_argument("--configs", type=int, default=None, help="configs per key (default 100; CPU: 4)")
     parser.add_argument("--unit-size", type=int, default=8, help="configs per unit (default 8)")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)} (default: all)"
+    )
     args = parser.parse_args()
+    unknown = set(args.phases.split(",")) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; expected some of {', '.join(PHASES)}")
     out_dir = harness.out_dir(args.out)
     configs = args.configs or (4 if args.interpret else 100)
     work = Path(tempfile.mkdtemp(prefix="tunebook-raysweep-"))
@@ -238,28 +261,23 @@ def main() -> None:
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
     out: dict[str, Any] = harness.platform_header(interpret=args.interpret)
+    out.update(
+        {"keys": _keys(args), "configs_per_key": configs, "unit_size": args.unit_size, "gpus": args.gpus}
+    )
+    out["phases"] = {}
+    result = out_dir / "ray_sweep.json"
     try:
-        out.update(
-            {
-                "keys": _keys(args),
-                "configs_per_key": configs,
-                "unit_size": args.unit_size,
-                "gpus": args.gpus,
-                "cluster": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
-            }
-        )
-        phases = run_phases(args, work)
+        out["cluster"] = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+        for name in args.phases.split(","):
+            out["phases"][name] = run_phase(args, work, name)
+            conclude(out)
+            result.write_text(json.dumps(out, indent=1))  # a run cut short keeps what it measured
     finally:
         ray.shutdown()
-    out["phases"] = phases
-    one, dynamic, static = (phases[p]["wall_s"] for p in ("ray_1gpu", "ray_dynamic", "static"))
-    out["speedup"] = one / dynamic
-    out["dynamic_vs_static"] = static / dynamic
-    winners = [phases[p]["winners"] for p in phases]
-    out["same_winners"] = sum(all(w.get(k) == winners[0][k] for w in winners) for k in winners[0])
-    measured = phases["ray_1gpu"]["measured"]
-    config_s = one / max(1, measured)  # one GPU's wall time per config, start-up included
-    out["book_write_ms"] = measure_book_write(work, (10, 30) if args.interpret else (10, 100, 1000))
+    phases = out["phases"]
+    first = next(iter(phases.values()))
+    config_s = first["wall_s"] * first["gpus_used"] / max(1, first["measured"])  # start-up included
+    out["book_write_ms"] = measure_book_write(work, (10, 30) if args.interpret else (10, 100, 300))
     write_ms = max(out["book_write_ms"].values())
     keys = 10 if args.interpret else 200
     out["simulate"] = {
@@ -269,7 +287,7 @@ def main() -> None:
         "configs_per_key": configs,
         "rows": simulate(config_s, write_ms, keys, configs, args.unit_size),
     }
-    (out_dir / "ray_sweep.json").write_text(json.dumps(out, indent=1))
+    result.write_text(json.dumps(out, indent=1))
 
     print(f"\n=== {harness.header_line(out)}")
     rows = [
@@ -277,11 +295,11 @@ def main() -> None:
         for name, p in phases.items()
     ]
     print(harness.table(rows, ("phase", "wall s", "configs measured", "failed keys", "GPUs")))
-    print(
-        f"speedup of {args.gpus} GPUs over 1: {out['speedup']:.2f}x; dynamic queue over static keys: "
-        f"{out['dynamic_vs_static']:.2f}x; same winner in every phase: {out['same_winners']} of "
-        f"{len(out['keys'])} keys"
-    )
+    if out["speedup"] is not None:
+        print(f"speedup of {args.gpus} GPUs over 1: {out['speedup']:.2f}x")
+    if out["dynamic_vs_static"] is not None:
+        print(f"dynamic queue over static keys: {out['dynamic_vs_static']:.2f}x")
+    print(f"same winner in every phase: {out['same_winners']} of {len(out['keys'])} keys")
     print(f"book write of one unit, by keys in the page: {json.dumps(out['book_write_ms'])} ms")
     sim = out["simulate"]
     print(

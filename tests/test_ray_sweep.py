@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TESTS, book_files
+from redis_fixture import PATIENT, redis_server  # noqa: F401  (the `server` fixture)
 from test_cli import invoke
 from tunebook._book import read_document
 
@@ -141,10 +142,14 @@ def test_a_sweep_on_ray_records_what_tune_records_a_crashing_config_included(
 
 
 @pytest.mark.slow
-def test_a_lost_actor_costs_only_the_units_it_held(cluster, raykern, monkeypatch, book_dir):
+def test_a_lost_actor_costs_only_the_units_it_held(cluster, raykern, monkeypatch, book_dir, server):
     import tunebook
+    from tunebook._book import redis_store
 
     monkeypatch.setenv("RAYKERN_SLOW", "0.15")
+    monkeypatch.setenv("TUNEBOOK_REDIS_URL", server.url)  # the fleet book gets every result too
+    patient = redis_store.RedisStore(server.url, **PATIENT)
+    monkeypatch.setitem(redis_store._shared_stores, (os.getpid(), server.url), patient)
     module = __import__(raykern["name"])
     killed: list[str] = []
 
@@ -167,10 +172,14 @@ def test_a_lost_actor_costs_only_the_units_it_held(cluster, raykern, monkeypatch
     counts = measured(raykern["log"])
     assert set(counts) == {(n, b) for n in KEYS for b in BLOCKS}  # nothing lost
     assert set(counts.values()) == {1}, counts  # nothing measured twice
-    assert all(
-        len(e.results) == len(BLOCKS) and e.chosen.startswith("BLOCK=128|")
-        for e in entries(book_dir).values()
-    )
+    local = entries(book_dir)
+    assert all(len(e.results) == len(BLOCKS) and e.chosen.startswith("BLOCK=128|") for e in local.values())
+    (path,) = book_files(book_dir)
+    fleet = patient.fetch(path.name)
+    assert fleet is not None
+    assert {e.key[0]: (len(e.results), e.chosen) for e in fleet.entries.values()} == {
+        n: (len(BLOCKS), e.chosen) for n, e in local.items()
+    }
 
 
 @pytest.mark.slow

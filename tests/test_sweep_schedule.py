@@ -161,6 +161,7 @@ def test_a_lost_unit_goes_out_again_with_only_what_the_book_still_lacks():
     sweep.lost(unit, "ActorDiedError", Entry(key=(1,), results={"B=0": ok(1.0)}))
     again = sweep.next_unit("gpu")
     assert again is not None and again.cids == ("B=1", "B=2", "B=3") and again.losses == 1
+    assert list(recorder.results[0]) == ["B=0"]  # written by the driver too: Redis has it then
     for _ in range(MAX_LOSSES - 1):
         sweep.lost(again, "node gone")
         again = sweep.next_unit("gpu") or again

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -256,6 +257,7 @@ class _Driver:
         self.first_result: float | None = None
         self.unwritten: dict[Page, dict[str, Entry]] = {}
         self.flushed = 0.0
+        self.flush_gap = FLUSH_S
         self.sweep: Sweep | None = None
 
     # ------------------------------------------------------------------ actors
@@ -322,15 +324,25 @@ class _Driver:
         return groups
 
     def stop(self) -> None:
-        """Write what is unwritten (also on Ctrl-C), end every actor (their workers follow)."""
+        """Write what is unwritten (also on Ctrl-C), end every actor and its worker, and fold
+        the journals of this node's workers into the book (they hold nothing new by then, at
+        the end of a sweep; after Ctrl-C, what they finished that did not reach us)."""
         self._flush(force=True)
+        closing = [slot.actor.close.remote() for slot in self.slots.values()]
+        with contextlib.suppress(Exception):
+            self.ray.wait(closing, num_returns=len(closing), timeout=15)
         for actor in [*self.slots, *self.starting.values()]:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 self.ray.kill(actor)
-            except Exception:  # already gone
-                pass
         self.slots.clear()
         self.starting.clear()
+        self._fold()
+
+    def _fold(self) -> None:
+        from .. import _settings
+        from .._worker.journal import fold
+
+        fold(_settings.book_dir())
 
     # ------------------------------------------------------------------ the loop
 
@@ -453,9 +465,10 @@ class _Driver:
         units = [unit, *slot.out.values()]
         slot.out.clear()
         self.say(f"lost the GPU worker on {_where(slot)} ({reason}); {len(units)} unit(s) go out again")
-        # Its worker ends within a fraction of a second of it (child.py), persisting the config in
-        # hand if it had finished it: read the book after that, or that config is measured again.
+        # Its worker ends within a fraction of a second of it (child.py), between two results;
+        # then its journal holds every result it finished, and goes into the book here.
         time.sleep(ORPHAN_EXIT_S)
+        self._fold()
         for lost in units:
             key = sweep.keys[lost.key]
             known = None
@@ -500,13 +513,17 @@ class _Driver:
     def _flush(self, force: bool = False) -> None:
         """Write what arrived since the last write, one write per page. Each write of a page
         rewrites its file (merge-on-write), so a driver taking results from many GPUs writes
-        at most every FLUSH_S: the more results arrive, the more each write carries."""
-        if not self.unwritten or (not force and time.monotonic() - self.flushed < FLUSH_S):
+        at most every FLUSH_S, or twice as long as the last write took (a large page): the
+        more results arrive, the more each write carries, and the driver spends at most a
+        third of its time writing."""
+        if not self.unwritten or (not force and time.monotonic() - self.flushed < self.flush_gap):
             return
+        start = time.monotonic()
         unwritten, self.unwritten = self.unwritten, {}
         for page, entries in unwritten.items():
             page.record_many(entries)
         self.flushed = time.monotonic()
+        self.flush_gap = max(FLUSH_S, 2 * (self.flushed - start))
 
     def progress(self) -> SweepProgress:
         sweep = self.sweep

@@ -309,10 +309,12 @@ class Sweep:
                 key.queued.append(replace(unit, losses=unit.losses + 1))
             return
         stored = known.results if known is not None else {}
-        done = {cid: (stored[cid], False) for cid in unit.cids if cid in stored}
-        for cid, (result, _) in done.items():
+        done = {cid: stored[cid] for cid in unit.cids if cid in stored}
+        for cid, result in done.items():
             key.results[cid] = result
             self._tell(key, cid, result.median)
+        if done:  # the lost worker's journal reached this node's book only: on to every layer
+            self.persist(key, done, None, 0.0)
         rest = tuple(cid for cid in unit.cids if cid not in stored)
         if rest and unit.losses + 1 >= MAX_LOSSES:
             why = f"not measured: its worker was lost {MAX_LOSSES} times while it was in the unit ({reason})"

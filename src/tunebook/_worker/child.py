@@ -180,9 +180,10 @@ def serve_main() -> int:
     takes the next one.
     """
     _become_worker()
-    from .. import _compat
-    from . import units
+    from .. import _compat, _settings
+    from . import journal, units
 
+    journal.fold(_settings.book_dir())  # what the worker before this one measured, into the book
     _emit({"event": "ready", "device": {**_compat.device_identity(), "triton": _compat.triton_version()}})
     for line in sys.stdin:
         if not line.strip():

@@ -23,11 +23,11 @@ and the worker answers with JSON lines on stdout, ending each request with ``don
   strategy and the hints are the autotuner's own; a config is timed by the same function
   as in ``tune_key`` (quick, or ``full`` for a contender), checked against the key's first
   config that runs when the kernel has ``check=``.
-* **Persisted here first.** Each result is written into this worker's book at once (the
-  next config may take the process down), as every tuning worker does; the driver writes
-  it into its own book when it arrives. A failure that points at the call rather than the
-  config (``unexpected``) is not written while the key has no config that ran
-  (``ok_known``), as in ``tune_key``.
+* **Kept here first.** Each result is appended to this worker's journal at once (the next
+  config may take the process down; ``journal.py``), which the next worker folds into its
+  book; the driver writes it into its own book when it arrives. A failure that points at
+  the call rather than the config (``unexpected``) is not kept while the key has no config
+  that ran (``ok_known``), as in ``tune_key``.
 * **Crashes are the supervisor's.** A config that kills the process is blamed by the
   session that runs this worker (``session.py``), which records it through ``record`` in
   the next worker.
@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._book import Entry, Result, now_iso
+from .._book import Result, now_iso
 from .._jsonio import key_text as _key_text
 from .._jsonio import stored_key
 
@@ -175,7 +175,7 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
     timers = tuner.timers()
     full = bool(request.get("full"))
     timer, quick = (timers.full, False) if full else (timers.quick, timers.adaptive)
-    page = tuner.page()
+    page = _page_spec(tuner.page())
     key = list(stored_key(ctx.key))
     ok_known = bool(request.get("ok_known"))
     try:
@@ -207,11 +207,26 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
 
 
 def record(request: Mapping[str, Any]) -> None:
-    """Persist the failure of a config that took the previous worker down."""
+    """Keep the failure of a config that took the previous worker down."""
     ctx = context(request["job"])
     result = Result(dict(request["config"]), None, str(request["reason"])[:2000], now_iso())
-    _persist(ctx.tuner.page(), ctx.key_text, list(stored_key(ctx.key)), request["cid"], result)
+    page = _page_spec(ctx.tuner.page())
+    _persist(page, ctx.key_text, list(stored_key(ctx.key)), request["cid"], result)
 
 
-def _persist(page: Any, key_text: str, key: list[Any], cid: str, result: Result) -> None:
-    page.record(key_text, Entry(key=tuple(key), results={cid: result}, updated_at=now_iso()))
+_journal: Any = None
+
+
+def _persist(page: Mapping[str, Any], key_text: str, key: list[Any], cid: str, result: Result) -> None:
+    global _journal
+    if _journal is None:
+        from .. import _settings
+        from .journal import Journal
+
+        _journal = Journal(_settings.book_dir())
+    _journal.append(page, key_text, key, cid, result)
+
+
+def _page_spec(page: Any) -> dict[str, Any]:
+    """What a journal line says of its page: enough to write it into a book."""
+    return {"file": page.file_name, "kernel": page.kernel.to_json(), "platform": dict(page.platform)}
