@@ -19,9 +19,11 @@ with unit times drawn around the per-config time measured here, and the driver's
 write measured on this disk, to show where a cluster of 64+ GPUs stops scaling.
 
     python benchmarks/ray_sweep.py --out DIR                  # every local GPU (2), ray installed
+    python benchmarks/ray_sweep.py --out DIR --phases ray_1gpu   # one phase (a short GPU session)
     python benchmarks/ray_sweep.py --interpret --out DIR      # CPU: interpreter, 2 stand-in GPUs
 
-Prints a table last; writes DIR/ray_sweep.json.
+Prints a table last; writes DIR/ray_sweep.json after every phase (a run cut short keeps
+what it measured).
 """
 
 from __future__ import annotations

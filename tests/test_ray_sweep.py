@@ -205,9 +205,11 @@ def test_a_killed_driver_loses_nothing_and_its_successor_measures_nothing_twice(
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     # Ray ends the dead driver's actors, and their workers end with them.
-    while any(a.startswith(f"tunebook-sweep-{driver.pid}-") for a in ray.util.list_named_actors(True)):
+    alive = ray.util.list_named_actors(all_namespaces=True)  # its actors live in its namespace
+    while any(a["name"].startswith(f"tunebook-sweep-{driver.pid}-") for a in alive):
         assert time.monotonic() < deadline, "the killed driver's actors are still alive"
         time.sleep(0.2)
+        alive = ray.util.list_named_actors(all_namespaces=True)
     time.sleep(1.0)
     before = sum(measured(raykern["log"]).values())
     assert 6 <= before < len(KEYS) * len(BLOCKS)
