@@ -234,6 +234,13 @@ def test_without_ray_the_command_says_how_to_install_it(monkeypatch, raykern):
         tunebook.tune_on_ray([], keys=None)
 
 
+def test_ray_options_need_ray_and_workers_do_not_go_with_it(raykern):
+    alone = invoke("tune", f"{raykern['name']}:add", "--keys", "n=100", "--gpus", "2", ok=False)
+    assert "need --ray" in alone.output
+    both = invoke("tune", f"{raykern['name']}:add", "--keys", "n=100", "--ray", "--workers", "2", ok=False)
+    assert "--gpus N" in both.output
+
+
 def test_ray_takes_an_optional_address_and_never_swallows_the_kernel():
     from tunebook.cli.tune import _ray_address
 

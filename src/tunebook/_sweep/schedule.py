@@ -54,6 +54,7 @@ loop owns a Sweep.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -97,6 +98,11 @@ class Plan:
     seed: int = 0
     budget: Budget = field(default_factory=Budget)
     page: Mapping[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def positions(self) -> dict[str, int]:
+        """Config id -> its index among the candidates."""
+        return {cid: i for i, cid in enumerate(self.ids)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plan:
@@ -145,7 +151,7 @@ class KeySearch:
 
     def index(self, cid: str) -> int:
         assert self.plan is not None
-        return list(self.plan.ids).index(cid)
+        return self.plan.positions[cid]
 
     def cap(self) -> int:
         """How many candidates the search may have results for (the budget's configs)."""

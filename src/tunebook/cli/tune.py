@@ -125,7 +125,13 @@ def command(
 ) -> None:
     """Tune recorded misses (--misses MODULE ...) or declared keys (MODULE:KERNEL --keys ...) offline,
     on this machine's GPUs or (--ray) every GPU of a Ray cluster."""
+    if ray_address is None and (gpus or each_model or gpu_model or unit_size != 8 or ray_resource != "GPU"):
+        raise click.UsageError("--gpus, --unit-size, --each-model, --gpu-model and --ray-resource need --ray")
     if ray_address is not None:
+        if workers is not None:
+            raise click.UsageError(
+                "--workers is for this machine's GPUs; with --ray, --gpus N limits the GPUs"
+            )
         ray_address, targets = _ray_address(ray_address, targets)
         from ._tune_ray import check_ray
 
