@@ -257,8 +257,13 @@ def main() -> None:
     import ray
 
     if args.interpret:
+        resources = {CPU_RESOURCE: args.gpus}
         ray.init(
-            num_cpus=2, resources={CPU_RESOURCE: args.gpus}, include_dashboard=False, log_to_driver=False
+            num_cpus=2,
+            resources=resources,
+            object_store_memory=100 * 2**20,
+            include_dashboard=False,
+            log_to_driver=False,
         )
     else:
         ray.init(include_dashboard=False, log_to_driver=False)

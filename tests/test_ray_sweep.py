@@ -62,7 +62,13 @@ add = tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=pre_hook, 
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster for the module: 2 CPUs, and 2 of the resource that stands for a GPU."""
-    ray.init(num_cpus=2, resources={RESOURCE: 2}, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        resources={RESOURCE: 2},
+        object_store_memory=100 * 2**20,  # results are small: no GBs of shared memory for them
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
