@@ -5,8 +5,8 @@ DIR``, in a new process without TRITON_INTERPRET: it must exit 0 and write its r
 every top-level field of the results file it published in ``benchmarks/results/`` (the record
 BENCHMARKS.md quotes), so that a refactor cannot break a script, or the fields, silently.
 
-CPU modes: ``--interpret`` (core, tuning_speed, serve_fallback, gpu_isolation: Triton's
-interpreter, tiny sizes, one repeat), ``--dry-run`` (measure_tables), ``--quick``
+CPU modes: ``--interpret`` (core, tuning_speed, serve_fallback, gpu_isolation, distributed,
+ray_sweep: Triton's interpreter, tiny sizes, one repeat), ``--dry-run`` (measure_tables), ``--quick``
 (strategies), small ``--calls`` (the Redis benchmarks, CPU measurements already). No timing
 is asserted: CPU-mode timings are stand-ins, and the results say so. What only a GPU runs
 (CUDA graphs and events, do_bench, Triton's results cache) is not reached here.
@@ -322,3 +322,19 @@ def test_distributed_cpu_mode_agrees_across_ranks(tmp_path: Path) -> None:
     assert_cpu_mode(doc)
     assert doc["disagreements"]["group"] == []  # the group's ranks launch one config per key
     assert sum(doc["benchmarked"]["group"]) < sum(doc["benchmarked"]["alone"])  # the work was split
+
+
+@pytest.mark.slow
+def test_ray_sweep_cpu_mode_runs_every_phase(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    out = run_benchmark(tmp_path, "ray_sweep.py", "--interpret")
+    doc = results(
+        out / "ray_sweep.json",
+        ("phases", "speedup", "dynamic_vs_static", "same_winners", "book_write_ms", "simulate"),
+    )
+    assert_cpu_mode(doc)
+    assert set(doc["phases"]) == {"ray_1gpu", "ray_dynamic", "static"}
+    for phase in doc["phases"].values():  # every phase tuned every key, the same configs
+        assert phase["failed_keys"] == [] and len(phase["winners"]) == len(doc["keys"])
+    assert [n for _, n in doc["phases"]["ray_dynamic"]["gpus"]] == [2]
+    assert [r["gpus"] for r in doc["simulate"]["rows"]] == [1, 2, 8, 64, 128, 256]

@@ -7,8 +7,9 @@ True
 Public surface: :func:`autotune` (a drop-in for ``triton.autotune``), :class:`Autotuner`,
 :func:`patch` and :func:`unpatch` (every ``triton.autotune`` kernel of the process remembers),
 :class:`Space` and :func:`bucket` (config spaces and bucketed keys), :func:`stats` and
-:func:`reset_stats`, :class:`Book`, the errors (:class:`TunebookError` and its family,
-:class:`BookWarning`), and ``Config`` (Triton's, re-exported).
+:func:`reset_stats`, :class:`Book`, :func:`tune_on_ray` (a sweep over every GPU of a Ray
+cluster), the errors (:class:`TunebookError` and its family, :class:`BookWarning`), and
+``Config`` (Triton's, re-exported).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ._search import Budget, strategy_names
 from ._space import Space
 from ._stats import reset as reset_stats
 from ._stats import stats
+from ._sweep import tune_on_ray
 from ._version import __version__
 
 _logging.getLogger("tunebook").addHandler(_logging.NullHandler())
@@ -67,6 +69,7 @@ __all__ = [
     "reset_stats",
     "stats",
     "strategy_names",
+    "tune_on_ray",
     "unpatch",
 ]
 

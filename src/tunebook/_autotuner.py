@@ -387,6 +387,16 @@ class Autotuner(_compat.TritonAutotuner):
                 )
         return self.config_index.unique(self.prune_configs(call.kwargs, configs))
 
+    def key_and_candidates(self, call: Call) -> tuple[tuple[Any, ...], list[Any]]:
+        """(Triton's key, the candidates) of ``call``, as a miss of it sees them: for a sweep
+        that measures a key's candidates in other processes (``tunebook._sweep``)."""
+        with self._lock:
+            self.nargs = call.nargs
+            try:
+                return self._key(call), self._candidates(call)
+            finally:
+                self.nargs = None
+
     def _allowed(self, call: Call, config: Any) -> bool:
         allowed = {self.config_index.id_of(c) for c in self._candidates(call)}
         return self.config_index.id_of(config) in allowed

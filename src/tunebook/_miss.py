@@ -193,9 +193,7 @@ def _tune_some(
         timers=tuner.timers(),
         bench=bench,
         persist=Persist(page, miss.text, miss.key, miss.ids[0], entry),
-        is_unexpected=lambda exc: (
-            not isinstance(exc, WrongResult) and not _compat.is_unrunnable_config_error(exc)
-        ),
+        is_unexpected=unexpected_failure,
         precompile=_precompiler(tuner, miss.call),
         strategy=options.strategy,
         budget=budget,
@@ -214,6 +212,12 @@ def _tune_some(
         return outcome
     mine = {cid: r for cid, r in outcome.entry.results.items() if cid in set(ids)}
     return replace(outcome, entry=replace(outcome.entry, results=mine))
+
+
+def unexpected_failure(exc: BaseException) -> bool:
+    """Whether a config's exception points at the call rather than the config: neither a wrong
+    result (``check=``) nor one of the backend's errors for a config that cannot run."""
+    return not isinstance(exc, WrongResult) and not _compat.is_unrunnable_config_error(exc)
 
 
 def _bench_function(

@@ -149,22 +149,12 @@ def tune_key(job: KeyTuning) -> Outcome:
         nonlocal failures
         if _observer is not None:
             _observer.candidate(job.key_text, job.key, job.ids[i], job.records[i])
-        try:
-            ms = as_triple(job.bench(timer, job.configs[i]))
-            if not all(math.isfinite(v) and v >= 0 for v in ms):
-                # A timer's inf or nan means the config did not run (Triton's do_bench and
-                # autotuner use inf that way); it is not a time to compare.
-                failures += 1
-                return Result(job.records[i], None, f"no valid timing: {list(ms)}", now_iso())
-            return Result(job.records[i], ms, None, now_iso(), quick=quick)
-        except NoRecordedGrid:
-            return None  # a replay without this config's grid: skipped, not a failure of the config
-        except Exception as exc:  # a config that cannot run is data, not a crash
-            if job.is_unexpected(exc):
-                unexpected.append(exc)
+        result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
+        if exc is not None and job.is_unexpected(exc):
+            unexpected.append(exc)
+        if result is not None and not result.ok:
             failures += 1
-            reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
-            return Result(job.records[i], None, reason, now_iso())
+        return result
 
     def save(fresh: dict[str, Result]) -> None:
         nonlocal entry
@@ -244,6 +234,31 @@ def tune_key(job: KeyTuning) -> Outcome:
         final = min((r.median for r in results.values()), default=math.inf)
         job.progress.close(len(results), n, final)
     return Outcome(entry, measured, failures, seconds)
+
+
+def time_candidate(
+    bench: Callable[[Callable[..., Any], Any], Any],
+    timer: Callable[..., Any],
+    config: Any,
+    record: Mapping[str, Any],
+    quick: bool,
+) -> tuple[Result | None, Exception | None]:
+    """Time one config: (its result, the exception it raised if it failed by raising).
+
+    The result is None for a replay without this config's grid (skipped, not a failure).
+    A config that cannot run is data, not a crash: its result carries the reason.
+    """
+    try:
+        ms = as_triple(bench(timer, config))
+    except NoRecordedGrid:
+        return None, None
+    except Exception as exc:
+        return Result(dict(record), None, f"{type(exc).__name__}: {exc}".strip()[:2000], now_iso()), exc
+    if not all(math.isfinite(v) and v >= 0 for v in ms):
+        # A timer's inf or nan means the config did not run (Triton's do_bench and
+        # autotuner use inf that way); it is not a time to compare.
+        return Result(dict(record), None, f"no valid timing: {list(ms)}", now_iso()), None
+    return Result(dict(record), ms, None, now_iso(), quick=quick), None
 
 
 def _flat(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -291,12 +291,17 @@ class Page:
         Each store merges it over what it holds (what is stored stands per config). What a
         store refuses is kept for this process and sent along with its next write.
         """
-        self._asked.add(key_text)
+        self.record_many({key_text: entry})
+        return self.entries.get(key_text, entry)
+
+    def record_many(self, entries: Mapping[str, Entry]) -> None:
+        """:meth:`record` for several keys in one request per layer (a sweep's driver gathers
+        what arrived meanwhile)."""
+        self._asked.update(entries)
         for layer in self.layers:
             if layer.writable:
-                layer.push(self.file_name, {key_text: entry}, self)
-        self._compose([key_text])
-        return self.entries.get(key_text, entry)
+                layer.push(self.file_name, entries, self)
+        self._compose(list(entries))
 
     def sibling_winners(self, key: Sequence[Any]) -> list[Entry]:
         """Entries for this exact key of the same kernel on other platforms, in any directory.

@@ -5,6 +5,11 @@
 * ``child.py`` — the worker process itself (``python -m tunebook._worker JOBFILE``).
 * ``isolated.py`` — :func:`tune_isolated`: one key of an ``isolate=True`` autotuner, tuned
   in a worker; :func:`record_crash`, the failure record the supervisor's callers write.
+* ``session.py`` — :class:`~.session.WorkerSession`: one long-lived worker
+  (``python -m tunebook._worker --serve``) measuring unit after unit of a sweep
+  (``units.py``: plan a key, measure some of its configs, record a crash), restarted when a
+  config takes it down; ``journal.py``: each such worker's results, kept before they are
+  reported.
 """
 
 from .child import inside_worker

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 _inside = False
+# Held while a result is persisted and reported: a worker whose parent is gone ends between
+# two results, never halfway through telling one (which a driver would then measure again).
+reporting = threading.Lock()
 
 
 def inside_worker() -> bool:
@@ -38,7 +42,7 @@ def _emit(event: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _locate(module: str, attr: str) -> Any:
+def locate(module: str, attr: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
@@ -106,13 +110,32 @@ class _Reporter:
                 "result": result.to_json(),
             }
         )
-        _exit_if_gpu_broken(cid, result)
+        exit_if_gpu_broken(cid, result)
 
 
-def worker_main(job_file: str) -> int:
+def _become_worker() -> None:
     global _inside
     _inside = True
     os.environ["TUNEBOOK_MODE"] = "tune"
+    _end_with_parent()
+
+
+def _end_with_parent() -> None:
+    """Exit when the process that started this worker is gone (killed with SIGKILL, or a Ray
+    actor whose node went away): an orphan would measure on, and write a book, for nobody."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        with reporting:
+            os._exit(4)
+
+    threading.Thread(target=watch, daemon=True, name="tunebook-parent-watch").start()
+
+
+def worker_main(job_file: str) -> int:
+    _become_worker()
     spec = json.loads(Path(job_file).read_text())
     import tunebook
     from tunebook import _tuner
@@ -121,7 +144,7 @@ def worker_main(job_file: str) -> int:
         index = job["index"]
         _emit({"event": "job", "index": index})
         try:
-            tuner = _locate(job["module"], job["attr"])
+            tuner = locate(job["module"], job["attr"])
             grid, args, kwargs = rebuild_call(tuner, job)
             before = tunebook.stats()["benchmarked"]
             start = time.perf_counter()
@@ -148,7 +171,39 @@ def worker_main(job_file: str) -> int:
     return 0
 
 
-def _exit_if_gpu_broken(cid: str, result: Any) -> None:
+def serve_main() -> int:
+    """``python -m tunebook._worker --serve``: answer requests from stdin until it closes.
+
+    First line out: ``{"event": "ready", "device": {...}}``, the platform this worker measures
+    on (without the timer, which is the kernel's). Then one request per line in, its events
+    out (see ``units.py``); a request that raises ends in an ``error`` event, and the worker
+    takes the next one.
+    """
+    _become_worker()
+    from .. import _compat, _settings
+    from . import journal, units
+
+    journal.fold(_settings.book_dir())  # what the worker before this one measured, into the book
+    _emit({"event": "ready", "device": {**_compat.device_identity(), "triton": _compat.triton_version()}})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        try:
+            units.handle(request, _emit)
+        except Exception as exc:
+            _emit(
+                {
+                    "event": "error",
+                    "id": request.get("id"),
+                    "reason": f"{type(exc).__name__}: {exc}",
+                    "trace": traceback.format_exc(limit=5),
+                }
+            )
+    return 0
+
+
+def exit_if_gpu_broken(cid: str, result: Any) -> None:
     """After a failed config: if it left the CUDA context unusable (an illegal memory
     access or a device-side assert poisons it for every later launch), end this worker.
     The failure is already persisted with its real reason; the supervisor starts a fresh

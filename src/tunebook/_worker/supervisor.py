@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ class JobReport:
     reason: str = ""
 
 
-def _describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
     if code is None:
         return "no exit code"
     if code < 0:
@@ -57,6 +57,24 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def events_of(stream: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON events of a worker's stdout; other lines (the kernel's own prints) are skipped."""
+    for line in stream:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            yield event
+
+
+def keep_tail(stream: Iterable[str] | None, tail: list[str], lines: int = 20) -> None:
+    """Keep the last ``lines`` lines of a worker's stderr in ``tail`` (its last words)."""
+    for line in stream or ():
+        tail.append(line)
+        del tail[:-lines]
 
 
 def run_jobs(
@@ -136,21 +154,11 @@ def _run_one_worker(
     last_event = [time.monotonic()]
     stderr_tail: list[str] = []
 
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            stderr_tail.append(line)
-            del stderr_tail[:-20]
-
-    threading.Thread(target=read_stderr, daemon=True).start()
+    threading.Thread(target=keep_tail, args=(proc.stderr, stderr_tail), daemon=True).start()
 
     def read_stdout() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the kernel's own prints
+        for event in events_of(proc.stdout):
             last_event[0] = time.monotonic()
             index = event.get("index")
             if index not in reports:
@@ -210,7 +218,7 @@ def _run_one_worker(
             reason = (
                 f"timed out: no progress for {timeout_s:.0f} s (a hang), worker killed"
                 if timed_out
-                else f"the worker process died while running this config ({_describe_exit(proc.returncode)})"
+                else f"the worker process died while running this config ({describe_exit(proc.returncode)})"
             )
             detail = "".join(stderr_tail).strip().splitlines()[-1:] if stderr_tail else []
             if detail and not timed_out:
@@ -227,9 +235,7 @@ def _run_one_worker(
             index = remaining[0]["index"]
             reports[index].status = "error"
             tail = "".join(stderr_tail).strip()[-500:]
-            reports[
-                index
-            ].reason = f"worker died ({_describe_exit(proc.returncode)}) before measuring: {tail}"
+            reports[index].reason = f"worker died ({describe_exit(proc.returncode)}) before measuring: {tail}"
             if on_event is not None:
                 on_event(slot, {"event": "error", "index": index, "reason": reports[index].reason})
             remaining = remaining[1:]
@@ -240,7 +246,7 @@ def _run_one_worker(
                 {
                     "event": "restart",
                     "index": remaining[0]["index"],
-                    "reason": f"worker ended ({_describe_exit(proc.returncode)}): "
+                    "reason": f"worker ended ({describe_exit(proc.returncode)}): "
                     + (last[0][:300] if last else ""),
                 },
             )

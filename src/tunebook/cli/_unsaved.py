@@ -37,7 +37,7 @@ from ._common import write_problem
 class KeyResults:
     """The results workers reported for one key of one kernel."""
 
-    target: tuple[str, str]  # (module, attr) of the kernel
+    target: tuple[str, ...]  # (module, attr) of the kernel; with --ray, its page file too
     key_text: str
     key: list[Any]
     results: dict[str, Result] = field(default_factory=dict)
@@ -49,13 +49,13 @@ class Received:
 
     by_job: dict[int, KeyResults] = field(default_factory=dict)
 
-    def add(self, index: int, target: tuple[str, str], event: dict[str, Any], result: Result) -> None:
+    def add(self, index: int, target: tuple[str, ...], event: dict[str, Any], result: Result) -> None:
         keyed = self.by_job.setdefault(index, KeyResults(target, event["key_text"], list(event["key"])))
         keyed.results[event["cid"]] = result
 
-    def missing(self, pages: dict[tuple[str, str], Page]) -> dict[int, Entry]:
+    def missing(self, pages: dict[tuple[str, ...], Page]) -> dict[int, Entry]:
         """Per job, the results the book file on disk does not hold (as an entry to write)."""
-        on_disk: dict[tuple[str, str], dict[str, Entry]] = {}
+        on_disk: dict[tuple[str, ...], dict[str, Entry]] = {}
         lost: dict[int, Entry] = {}
         for index, keyed in sorted(self.by_job.items()):
             if keyed.target not in on_disk:
@@ -75,10 +75,10 @@ class Received:
 
 
 def _documents(
-    lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page]
-) -> dict[tuple[str, str], Document]:
+    lost: dict[int, Entry], received: Received, pages: dict[tuple[str, ...], Page]
+) -> dict[tuple[str, ...], Document]:
     """The lost entries as one document per kernel page."""
-    docs: dict[tuple[str, str], Document] = {}
+    docs: dict[tuple[str, ...], Document] = {}
     for index, entry in lost.items():
         keyed = received.by_job[index]
         page = pages[keyed.target]
@@ -90,7 +90,7 @@ def _documents(
     return docs
 
 
-def save_to_book(lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page]) -> None:
+def save_to_book(lost: dict[int, Entry], received: Received, pages: dict[tuple[str, ...], Page]) -> None:
     """Write what the workers could not into the book, if it takes writes now (a lock held too
     long by another process, say). Failures stay silent here: the caller checks again."""
     for target, doc in _documents(lost, received, pages).items():
@@ -101,7 +101,7 @@ def save_to_book(lost: dict[int, Entry], received: Received, pages: dict[tuple[s
                 DirectoryStore(path.parent).merge(path.name, doc)
 
 
-def save_aside(lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page]) -> Path:
+def save_aside(lost: dict[int, Entry], received: Received, pages: dict[tuple[str, ...], Page]) -> Path:
     """Write the lost results as a book in ``./tunebook-unsaved-<time>`` (else the temp dir)."""
     name = f"tunebook-unsaved-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     parent = Path.cwd() if write_problem(Path.cwd()) is None else Path(tempfile.gettempdir())

@@ -2,6 +2,7 @@
 
     tunebook tune --misses MODULE [MODULE ...]        # every recorded miss of those kernels
     tunebook tune MODULE:KERNEL --keys M=16,N=4096,K=4096 [--keys ...]
+    tunebook tune ... --ray [ADDRESS]                 # every GPU of a Ray cluster (_tune_ray.py)
 
 Jobs are spread over one worker process per local GPU (``--workers`` to change); each
 worker tunes in ``tune`` mode and persists as it measures, so an interrupted run resumes
@@ -29,23 +30,11 @@ from .. import _compat, _settings
 from .._autotuner import Autotuner
 from .._book import Entry, Page, Result, now_iso
 from .._calls import validate
+from .._sweep.jobs import key_jobs, miss_jobs
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
 from ._common import err, existing_parent, os_error_text, out, parse_assignments, write_problem
 from ._modules import autotuners, import_module, resolve_kernel
 from ._unsaved import Received, save_aside, save_to_book
-
-
-def _pending(tuner: Autotuner) -> list[tuple[str, Any]]:
-    """Recorded misses of this kernel on this platform that no tuning has finished."""
-    page = tuner.page()
-    texts = sorted(page.keys(fresh=True))  # every key: the command line may read the whole book
-    page.refresh()  # and what it read of them before
-    page.lookup(texts)
-    return [
-        (text, entry)
-        for text, entry in ((t, page.entries.get(t)) for t in texts)
-        if entry is not None and entry.misses and entry.call is not None and not entry.chosen
-    ]
 
 
 def _looks_like_kernel(target: str) -> bool:
@@ -94,6 +83,32 @@ def _key_values(tuner: Autotuner, text: str) -> dict[str, Any]:
     help="Seconds without progress before a candidate counts as hung.",
 )
 @click.option("--dry-run", is_flag=True, help="List the jobs, tune nothing.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Tune on every GPU of a Ray cluster: ADDRESS (host:port, ray://..., auto), else RAY_ADDRESS, "
+    "else a local one started for the run. Needs tunebook[ray].",
+)
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="--ray: use at most this many GPUs.")
+@click.option(
+    "--unit-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="--ray: configs per unit of work handed to a GPU.",
+)
+@click.option("--each-model", is_flag=True, help="--ray: on a cluster of several GPU models, tune on each.")
+@click.option("--gpu-model", default=None, help="--ray: on a cluster of several GPU models, use this one.")
+@click.option(
+    "--ray-resource",
+    default="GPU",
+    show_default=True,
+    help="--ray: the Ray resource one worker takes (a custom resource that stands for a GPU).",
+)
 def command(
     targets: tuple[str, ...],
     misses: bool,
@@ -101,8 +116,26 @@ def command(
     workers: int | None,
     timeout: float,
     dry_run: bool,
+    ray_address: str | None,
+    gpus: int | None,
+    unit_size: int,
+    each_model: bool,
+    gpu_model: str | None,
+    ray_resource: str,
 ) -> None:
-    """Tune recorded misses (--misses MODULE ...) or declared keys (MODULE:KERNEL --keys ...) offline."""
+    """Tune recorded misses (--misses MODULE ...) or declared keys (MODULE:KERNEL --keys ...) offline,
+    on this machine's GPUs or (--ray) every GPU of a Ray cluster."""
+    if ray_address is None and (gpus or each_model or gpu_model or unit_size != 8 or ray_resource != "GPU"):
+        raise click.UsageError("--gpus, --unit-size, --each-model, --gpu-model and --ray-resource need --ray")
+    if ray_address is not None:
+        if workers is not None:
+            raise click.UsageError(
+                "--workers is for this machine's GPUs; with --ray, --gpus N limits the GPUs"
+            )
+        ray_address, targets = _ray_address(ray_address, targets)
+        from ._tune_ray import check_ray
+
+        check_ray()  # before importing the kernels: the missing extra is the first thing to fix
     _check_targets(targets, misses, keys)
     book = _settings.book_dir()
     problem = write_problem(book)  # before importing anything: results must have somewhere to go
@@ -121,6 +154,25 @@ def command(
     if not jobs:
         out().print("nothing to tune: no recorded misses without results" if misses else "no keys given")
         return
+    if ray_address is not None:
+        from .._sweep.driver import SweepOptions
+        from ._tune_ray import run_on_ray
+
+        out().print(f"{'would tune' if dry_run else 'tuning'} {len(jobs)} key(s) on a Ray cluster")
+        if dry_run:
+            _list_jobs(jobs, problem, refusal)
+            return
+        options = SweepOptions(
+            address=ray_address or None,
+            gpus=gpus,
+            resource=ray_resource,
+            unit_size=unit_size,
+            timeout_s=timeout,
+            each_model=each_model,
+            gpu_model=gpu_model,
+        )
+        run_on_ray(jobs, book, options)
+        return
     devices = _compat.local_gpu_ids()
     n_workers = workers or max(1, len(devices))
     out().print(
@@ -128,12 +180,25 @@ def command(
         + (f" on GPU(s) {', '.join(devices)}" if devices else "")
     )
     if dry_run:
-        for job in jobs:
-            out().print(f"  {job['module']}:{job['attr']} {job['key_text']}")
-        if problem is not None:  # what the real run would stop on
-            raise refusal
+        _list_jobs(jobs, problem, refusal)
         return
     _tune(jobs, tuners, book, n_workers, devices, timeout)
+
+
+def _list_jobs(jobs: list[dict[str, Any]], problem: str | None, refusal: click.ClickException) -> None:
+    for job in jobs:
+        out().print(f"  {job['module']}:{job['attr']} {job['key_text']}")
+    if problem is not None:  # what the real run would stop on
+        raise refusal
+
+
+def _ray_address(value: str, targets: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """``--ray`` takes an optional ADDRESS, so ``--ray mypkg.ops:matmul`` would read the kernel as
+    one: a value that is not an address (auto, local, ray://..., host:port) is a target."""
+    host, sep, port = value.rpartition(":")
+    if not value or value in ("auto", "local") or "://" in value or (sep and host and port.isdigit()):
+        return value, targets
+    return "", (value, *targets)
 
 
 def _check_targets(targets: tuple[str, ...], misses: bool, keys: tuple[str, ...]) -> None:
@@ -156,16 +221,7 @@ def _miss_jobs(targets: tuple[str, ...], tuners: dict[tuple[str, str], Autotuner
         module = import_module(target)
         for attr, tuner in autotuners(module).items():
             tuners[(module.__name__, attr)] = tuner
-            for key_text, entry in _pending(tuner):
-                jobs.append(
-                    {
-                        "module": module.__name__,
-                        "attr": attr,
-                        "key_text": key_text,
-                        "call": entry.call,
-                        "key": dict(zip(map(str, tuner.keys), entry.key)),
-                    }
-                )
+            jobs += miss_jobs(module.__name__, attr, tuner)
     return jobs
 
 
@@ -175,16 +231,10 @@ def _key_jobs(
     attr, tuner = resolve_kernel(target)
     module_name = import_module(target.rpartition(":")[0]).__name__
     tuners[(module_name, attr)] = tuner
-    if tuner.options.inputs is None:
-        raise click.ClickException(
-            f"{target} has no inputs= factory, so tunebook cannot build its arguments from key values; "
-            "add inputs=... to its tunebook.autotune(...) (see docs/guide.md), or tune recorded misses "
-            "with --misses"
-        )
-    return [
-        {"module": module_name, "attr": attr, "key_text": text, "call": None, "key": _key_values(tuner, text)}
-        for text in keys
-    ]
+    try:
+        return key_jobs(module_name, attr, tuner, [(text, _key_values(tuner, text)) for text in keys])
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _tune(
@@ -197,7 +247,7 @@ def _tune(
 ) -> None:
     """Run the jobs, then make sure every result reached the book (or a file named on stderr)."""
     target = [(job["module"], job["attr"]) for job in jobs]
-    pages = {t: tuner.page() for t, tuner in tuners.items()}
+    pages: dict[tuple[str, ...], Page] = {t: tuner.page() for t, tuner in tuners.items()}
     received = Received()
 
     def record_failure(event: dict[str, Any], reason: str) -> None:
@@ -240,7 +290,7 @@ def _tune(
         raise SystemExit(1)
 
 
-def _keep(received: Received, pages: dict[tuple[str, str], Page]) -> dict[int, Entry]:
+def _keep(received: Received, pages: dict[tuple[str, ...], Page]) -> dict[int, Entry]:
     """Write what the book lacks into it if it takes writes now; return what it still lacks."""
     lost = received.missing(pages)
     if lost:
@@ -250,7 +300,7 @@ def _keep(received: Received, pages: dict[tuple[str, str], Page]) -> dict[int, E
 
 
 def _report_lost(
-    lost: dict[int, Entry], received: Received, pages: dict[tuple[str, str], Page], book: Path
+    lost: dict[int, Entry], received: Received, pages: dict[tuple[str, ...], Page], book: Path
 ) -> None:
     count = sum(len(entry.results) for entry in lost.values())
     why = write_problem(book) or "the book refused the write"

@@ -1,0 +1,576 @@
+"""The driver of a sweep on Ray: actors, the queue, results persisted as they arrive.
+
+    jobs ─► Sweep (schedule.py) ─► units ─► one SweepActor per GPU (actor.py)
+                 ▲                              │ isolated worker process (_worker/session.py)
+                 └──── results, persisted ◄─────┘ in the driver's book (and Redis), as they come
+
+* **Connect.** An initialized Ray is used as it is; else ``address`` (or ``RAY_ADDRESS``)
+  is joined; else a local cluster is started and shut down at the end.
+* **One actor per GPU** (``resource``: ``GPU``, or a custom resource that stands for one),
+  at most ``gpus``. Each reports the device its worker measures on; actors are grouped by
+  it. Several GPU models are refused unless ``each_model`` (every key tuned once per
+  model, one book page per model) or ``gpu_model`` (only that model's GPUs are used).
+* **A dynamic queue.** Every actor holds at most ``depth`` units (one measuring, one
+  waiting), so no GPU idles while another has work, and a lost actor costs at most those,
+  which go out again (:meth:`Sweep.lost`); a lost actor is replaced while replacements last.
+* **Persisted as they arrive,** in the page of the platform they were measured on (the
+  plan names it), through ``Page.record``: the writable directory and the Redis book when
+  ``TUNEBOOK_REDIS_URL`` is set. The worker has written each result into its own book
+  first, so a driver killed between the two loses nothing on its node; a driver started
+  again tells every stored result to the strategies before asking for more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .._book import Book, Entry, KernelIdentity, Page, Result, now_iso
+from .._errors import BookFormatError, TunebookError
+from .._optional import require
+from .._version import __version__
+from .._worker import DEFAULT_TIMEOUT_S
+from .actor import SweepActor, forwarded_environment
+from .schedule import KeySearch, Plan, Sweep, Unit
+
+log = logging.getLogger("tunebook")
+
+_RUNS = itertools.count()  # sweeps driven by this process (actor names must be unique)
+
+# The driver writes the book at most this often (every result is written: later ones in one go).
+FLUSH_S = 0.5
+
+# How long a worker outlives its actor at most (it checks its parent every 0.2 s), with margin.
+ORPHAN_EXIT_S = 1.0
+
+
+class SweepError(TunebookError):
+    """A sweep that cannot start: no GPUs in the cluster, mixed GPU models, no worker starts."""
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep runs (the ``--ray`` options of ``tunebook tune``)."""
+
+    address: str | None = None  # a Ray address; None: RAY_ADDRESS, else a local cluster
+    gpus: int | None = None  # at most this many actors (default: every GPU of the cluster)
+    resource: str = "GPU"  # the Ray resource one actor takes one of
+    unit_size: int = 8  # configs per unit
+    timeout_s: float = DEFAULT_TIMEOUT_S  # seconds without progress before a config counts as hung
+    each_model: bool = False  # several GPU models: tune every key on each (one page per model)
+    gpu_model: str | None = None  # several GPU models: use only this one
+    depth: int = 2  # units an actor holds: one measuring, one waiting
+    runtime_env: Mapping[str, Any] | None = None  # for a cluster started or joined here
+    start_timeout_s: float = 600.0  # how long to wait for the actors to start
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """Where a sweep stands: what ``tunebook tune --ray`` shows."""
+
+    keys_done: int
+    keys_failed: int
+    keys_total: int
+    configs_measured: int  # in this run
+    configs_left: int | None  # an estimate (None before any key is planned)
+    gpus_busy: int
+    gpus: int
+    eta_s: float | None
+    crashed: int
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    """How one key (of one job, on one GPU model) ended."""
+
+    job: int
+    group: str
+    key_text: str
+    state: str  # done | failed
+    measured: int
+    chosen: str | None
+    reason: str = ""
+    answered: bool = False  # the book had it already
+
+
+@dataclass
+class SweepReport:
+    """What a sweep did: per key, and in all."""
+
+    keys: list[KeyReport] = field(default_factory=list)
+    groups: dict[str, int] = field(default_factory=dict)  # GPU model -> actors
+    crashed: list[str] = field(default_factory=list)  # "key_text cid: reason"
+    seconds: float = 0.0
+
+    @property
+    def measured(self) -> int:
+        return sum(k.measured for k in self.keys)
+
+    @property
+    def failed(self) -> list[KeyReport]:
+        return [k for k in self.keys if k.state != "done"]
+
+
+OnResult = Callable[[dict[str, Any], Page, str, str, Sequence[Any], Result], None]
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    group: str
+    info: dict[str, Any]
+    out: dict[Any, Unit] = field(default_factory=dict)
+
+
+def group_name(device: Mapping[str, Any]) -> str:
+    """A GPU model as the sweep groups actors: name, arch, runtime and Triton version.
+
+    >>> group_name({"device": "NVIDIA H200", "arch": "90", "runtime": "cuda 12.8", "triton": "3.6.0"})
+    'NVIDIA H200 (arch 90, cuda 12.8, triton 3.6.0)'
+    """
+    return (
+        f"{device.get('device', 'unknown')} (arch {device.get('arch', '?')}, "
+        f"{device.get('runtime', '?')}, triton {device.get('triton', '?')})"
+    )
+
+
+def choose_groups(counts: Mapping[str, int], each_model: bool, gpu_model: str | None) -> list[str]:
+    """The GPU models a sweep tunes on, or :class:`SweepError` saying why not and what to do.
+
+    >>> choose_groups({"H200 (arch 90)": 2}, False, None)
+    ['H200 (arch 90)']
+    >>> choose_groups({"H200 (arch 90)": 2, "H100 (arch 90)": 4}, False, "H100")
+    ['H100 (arch 90)']
+    """
+    names = sorted(counts)
+    if gpu_model is not None:
+        picked = [g for g in names if g == gpu_model or g.startswith(gpu_model + " (")]
+        if not picked:
+            raise SweepError(
+                f"no GPU of model {gpu_model!r} in the cluster; it has {_listing(counts)}. Pass one of "
+                "those names to --gpu-model."
+            )
+        return picked
+    if len(names) > 1 and not each_model:
+        raise SweepError(
+            f"the cluster has GPUs of {len(names)} models: {_listing(counts)}. A timing on one model says "
+            "nothing about another, so a sweep does not mix them. Tune every key once per model (one "
+            "book page each) with --each-model (each_model=True), or on one model with "
+            "--gpu-model NAME (gpu_model=NAME)."
+        )
+    return names
+
+
+def _listing(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} x {g}" for g, n in sorted(counts.items()))
+
+
+class _Pages:
+    """The driver's book pages, one per (kernel books, page file), opened once."""
+
+    def __init__(self, jobs: Sequence[Mapping[str, Any]]) -> None:
+        self.jobs = jobs
+        self.pages: dict[tuple[tuple[str, ...], str], Page] = {}
+
+    def of(self, key: KeySearch) -> Page:
+        assert key.plan is not None
+        books = tuple(str(b) for b in self.jobs[key.job].get("books", ()))
+        spec = key.plan.page
+        kernel = spec["kernel"]
+        identity = KernelIdentity(str(kernel["name"]), str(kernel["hash"]), tuple(kernel["key"]))
+        book = Book.from_env(books)
+        name = (books, _file_name(identity, spec))
+        if name not in self.pages:
+            self.pages[name] = book.open(
+                identity, dict(spec["platform"]), str(spec["slug"]), str(spec["platform_id"])
+            )
+        return self.pages[name]
+
+
+def _file_name(identity: KernelIdentity, spec: Mapping[str, Any]) -> str:
+    from .._book import book_file_name
+
+    return book_file_name(identity, str(spec["slug"]), str(spec["platform_id"]))
+
+
+def run_sweep(
+    jobs: Sequence[dict[str, Any]],
+    options: SweepOptions = SweepOptions(),
+    *,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+    on_result: OnResult | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> SweepReport:
+    """Tune ``jobs`` (``tunebook tune``'s: module, attr, key_text, call, key; ``books``
+    optional) over every GPU of a Ray cluster; see the module docstring.
+
+    ``on_result(job, page, key_text, cid, key, result)`` sees every result persisted;
+    ``on_event(text)`` lines worth showing (a crashed config, a lost actor).
+    """
+    ray = require("ray", feature="tuning on a Ray cluster (--ray)", extra="ray")
+    started_here = False
+    if not ray.is_initialized():
+        address = options.address or os.environ.get("RAY_ADDRESS") or None
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if options.runtime_env:
+            kwargs["runtime_env"] = dict(options.runtime_env)
+        ray.init(address=address, **kwargs)
+        started_here = address is None
+    driver = _Driver(ray, jobs, options, on_progress, on_result, on_event)
+    try:
+        return driver.run()
+    finally:
+        driver.stop()
+        if started_here:
+            ray.shutdown()
+
+
+class _Driver:
+    def __init__(
+        self,
+        ray: Any,
+        jobs: Sequence[dict[str, Any]],
+        options: SweepOptions,
+        on_progress: Callable[[SweepProgress], None] | None,
+        on_result: OnResult | None,
+        on_event: Callable[[str], None] | None,
+    ) -> None:
+        self.ray, self.jobs, self.options = ray, jobs, options
+        self.on_progress, self.on_result = on_progress, on_result
+        self.say = on_event or (lambda text: log.warning("tunebook: %s", text))
+        self.remote = ray.remote(SweepActor)
+        self.env = forwarded_environment(os.environ, os.getcwd())
+        self.node = ray.get_runtime_context().get_node_id()
+        self.slots: dict[Any, _Slot] = {}  # by the actor's ready() ref's actor
+        self.starting: dict[Any, Any] = {}  # ready() ref -> actor
+        self.pages = _Pages(jobs)
+        self.report = SweepReport()
+        self.seen: dict[tuple[str, str, str], int] = {}  # (page, key) -> key number that has it
+        self.replacements = 0
+        self.run_id = next(_RUNS)
+        self.first_result: float | None = None
+        self.unwritten: dict[Page, dict[str, Entry]] = {}
+        self.flushed = 0.0
+        self.flush_gap = FLUSH_S
+        self.sweep: Sweep | None = None
+
+    # ------------------------------------------------------------------ actors
+
+    def _new_actor(self, number: int) -> None:
+        opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
+        if self.options.resource == "GPU":
+            opts["num_gpus"] = 1
+        elif self.options.resource == "CPU":  # the interpreter on a machine without GPUs
+            opts["num_cpus"] = 1
+        else:
+            opts["resources"] = {self.options.resource: 1}
+        name = f"tunebook-sweep-{os.getpid()}-{self.run_id}-{number}"  # tests find the actors by name
+        actor = self.remote.options(name=name, **opts).remote(self.env, self.node, self.options.timeout_s)
+        self.starting[actor.ready.remote()] = actor
+
+    def _start(self) -> list[str]:
+        ray, options = self.ray, self.options
+        total = int(ray.cluster_resources().get(options.resource, 0))
+        if total < 1:
+            raise SweepError(
+                f"the Ray cluster has no {options.resource!r} resource ({ray.cluster_resources()}): "
+                "start its nodes with GPUs (or declare them: ray start --resources), or pass --ray "
+                "the address of a cluster that has them."
+            )
+        for number in range(min(total, options.gpus or total)):
+            self._new_actor(number)
+        deadline = time.monotonic() + options.start_timeout_s
+        ready: list[tuple[Any, dict[str, Any]]] = []
+        problems: list[str] = []
+        while self.starting and time.monotonic() < deadline:
+            done, _ = ray.wait(list(self.starting), num_returns=1, timeout=1.0)
+            for ref in done:
+                actor = self.starting.pop(ref)
+                try:
+                    ready.append((actor, ray.get(ref)))
+                except Exception as exc:
+                    problems.append(_short(exc))
+                    ray.kill(actor)
+        for actor in self.starting.values():  # never placed: the cluster had less than it said
+            ray.kill(actor)
+        self.starting.clear()
+        if not ready:
+            raise SweepError(
+                "no GPU worker started"
+                + (f": {problems[0]}" if problems else f" within {options.start_timeout_s:.0f} s")
+            )
+        counts: dict[str, int] = {}
+        for _, info in ready:
+            counts[group_name(info["device"])] = counts.get(group_name(info["device"]), 0) + 1
+        try:
+            groups = choose_groups(counts, options.each_model, options.gpu_model)
+        except SweepError:
+            for actor, _ in ready:
+                ray.kill(actor)
+            raise
+        for actor, info in ready:
+            group = group_name(info["device"])
+            if group in groups:
+                self.slots[actor] = _Slot(actor, group, info)
+            else:
+                ray.kill(actor)
+        self.report.groups = {g: counts[g] for g in groups}
+        return groups
+
+    def stop(self) -> None:
+        """Write what is unwritten (also on Ctrl-C), end every actor and its worker, and fold
+        the journals of this node's workers into the book (they hold nothing new by then, at
+        the end of a sweep; after Ctrl-C, what they finished that did not reach us)."""
+        self._flush(force=True)
+        closing = [slot.actor.close.remote() for slot in self.slots.values()]
+        with contextlib.suppress(Exception):
+            self.ray.wait(closing, num_returns=len(closing), timeout=15)
+        for actor in [*self.slots, *self.starting.values()]:
+            with contextlib.suppress(Exception):  # already gone
+                self.ray.kill(actor)
+        self.slots.clear()
+        self.starting.clear()
+        self._fold()
+
+    def _fold(self) -> None:
+        from .. import _settings
+        from .._worker.journal import fold
+
+        fold(_settings.book_dir())
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> SweepReport:
+        start = time.monotonic()
+        groups = self._start()
+        sweep = self.sweep = Sweep(len(self.jobs), groups, self._persist, unit_size=self.options.unit_size)
+        last_progress = 0.0
+        while not sweep.finished:
+            self._hand_out(sweep)
+            where = {ref: slot for slot in self.slots.values() for ref in slot.out}
+            refs = [*where, *self.starting]
+            if not refs:
+                for key in sweep.keys:
+                    if not key.finished:
+                        key.state, key.reason = "failed", "no GPU of its model is left in the cluster"
+                break
+            done, rest = self.ray.wait(refs, num_returns=1, timeout=0.5)
+            if done and rest:
+                more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+                done += more
+            for ref in done:
+                if ref in self.starting:
+                    self._started(ref, groups)
+                elif ref in where and where[ref].actor in self.slots:
+                    self._arrived(ref, where[ref], sweep)
+            self._flush()
+            if self.on_progress is not None and time.monotonic() - last_progress > 0.25:
+                self.on_progress(self.progress())
+                last_progress = time.monotonic()
+        self._flush(force=True)
+        if self.on_progress is not None:
+            self.on_progress(self.progress())
+        self.report.seconds = time.monotonic() - start
+        self.report.keys = [self._key_report(k) for k in sweep.keys]
+        return self.report
+
+    def _hand_out(self, sweep: Sweep) -> None:
+        for slot in self.slots.values():
+            while len(slot.out) < self.options.depth:
+                unit = sweep.next_unit(slot.group)
+                if unit is None:
+                    break
+                key = sweep.keys[unit.key]
+                job = self.jobs[key.job]
+                if unit.kind == "plan":
+                    ref = slot.actor.plan.remote(job)
+                else:
+                    ref = slot.actor.measure.remote(job, list(unit.cids), unit.full, key.any_ok)
+                slot.out[ref] = unit
+
+    def _started(self, ref: Any, groups: Sequence[str]) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            info = self.ray.get(ref)
+        except Exception as exc:
+            self.say(f"a replacement GPU worker did not start: {_short(exc)}")
+            self.ray.kill(actor)
+            return
+        group = group_name(info["device"])
+        if group not in groups:
+            self.ray.kill(actor)
+            return
+        self.slots[actor] = _Slot(actor, group, info)
+
+    def _arrived(self, ref: Any, slot: _Slot, sweep: Sweep) -> None:
+        unit = slot.out.pop(ref)
+        try:
+            value = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
+            self._lost(slot, unit, sweep, _short(exc))
+            return
+        except Exception as exc:  # the actor's method raised: a bug, not the config's doing
+            sweep.failed(unit, f"the GPU worker failed: {_short(exc)}")
+            return
+        if unit.kind == "plan":
+            self._planned(unit, value, sweep)
+            return
+        results: dict[str, tuple[Result | None, bool]] = {}
+        for cid, item in value.get("results", {}).items():
+            raw = item.get("result")
+            try:
+                result = Result.from_json(raw, f"result of {cid}") if raw is not None else None
+            except BookFormatError as exc:
+                result = Result(dict(raw.get("config", {})), None, f"unreadable result: {exc}", now_iso())
+            results[cid] = (result, bool(item.get("unexpected")))
+        key = sweep.keys[unit.key]
+        for cid in value.get("crashed", []):
+            crashed = results.get(cid, (None, False))[0]
+            reason = (crashed.error or "") if crashed is not None else ""
+            self.report.crashed.append(f"{key.plan.key_text if key.plan else ''} {cid}: {reason}")
+            key_text = key.plan.key_text if key.plan else ""
+            self.say(f"{_where(slot)}: {key_text[:40]} {cid}: {reason}")
+        sweep.measured(unit, results, error=value.get("error"), seconds=float(value.get("seconds", 0.0)))
+
+    def _planned(self, unit: Unit, value: Mapping[str, Any], sweep: Sweep) -> None:
+        if "error" in value:
+            sweep.failed(unit, f"could not rebuild the call: {value['error']}")
+            return
+        key = sweep.keys[unit.key]
+        plan = Plan.from_json(value["plan"])
+        key.plan = plan
+        page = self.pages.of(key)
+        page.refresh()
+        known = page.get(plan.key_text)
+        theirs = value["plan"].get("known")
+        if theirs is not None:  # what the planning worker's own book holds (another node's)
+            try:
+                known = page.record(plan.key_text, Entry.from_json(theirs, "the worker's book"))
+            except BookFormatError:
+                pass
+        name = (page.file_name, plan.key_text, key.group)
+        twin = self.seen.setdefault(name, key.number)
+        same_as = sweep.keys[twin].job if twin != key.number else None  # bucketed keys: tuned once
+        sweep.planned(unit, plan, known, same_as=same_as)
+
+    def _lost(self, slot: _Slot, unit: Unit, sweep: Sweep, reason: str) -> None:
+        """The actor is gone: its units go out again, and a new actor takes its place."""
+        self.slots.pop(slot.actor, None)
+        units = [unit, *slot.out.values()]
+        slot.out.clear()
+        self.say(f"lost the GPU worker on {_where(slot)} ({reason}); {len(units)} unit(s) go out again")
+        # Its worker ends within a fraction of a second of it (child.py), between two results;
+        # then its journal holds every result it finished, and goes into the book here.
+        time.sleep(ORPHAN_EXIT_S)
+        self._fold()
+        for lost in units:
+            key = sweep.keys[lost.key]
+            known = None
+            if key.plan is not None:
+                page = self.pages.of(key)
+                page.refresh()  # the worker wrote what it measured before it went
+                known = page.get(key.plan.key_text)
+            sweep.lost(lost, reason, known)
+        if self.replacements < 2 * max(1, sum(self.report.groups.values())):
+            self.replacements += 1
+            self._new_actor(1000 + self.replacements)
+
+    # ------------------------------------------------------------------ persisting, reporting
+
+    def _persist(self, key: KeySearch, fresh: dict[str, Result], chosen: str | None, seconds: float) -> None:
+        """Queue news for the book; :meth:`_flush` writes them (at once for a decision)."""
+        plan = key.plan
+        assert plan is not None
+        page = self.pages.of(key)
+        stamp = now_iso()
+        if fresh and self.first_result is None:
+            self.first_result = time.monotonic()
+        entry = Entry(
+            key=plan.key,
+            results=fresh,
+            tuning_seconds=seconds,
+            tuned_at=stamp,
+            updated_at=stamp,
+            tunebook=__version__,
+            chosen=chosen or "",
+            first=plan.ids[0] if plan.ids else "",
+        )
+        news = self.unwritten.setdefault(page, {})
+        before = news.get(plan.key_text)
+        news[plan.key_text] = entry.merged_over(before) if before is not None else entry
+        if chosen is not None:
+            news[plan.key_text] = replace(news[plan.key_text], chosen=chosen)
+        if self.on_result is not None:
+            for cid, result in fresh.items():
+                self.on_result(self.jobs[key.job], page, plan.key_text, cid, plan.key, result)
+
+    def _flush(self, force: bool = False) -> None:
+        """Write what arrived since the last write, one write per page. Each write of a page
+        rewrites its file (merge-on-write), so a driver taking results from many GPUs writes
+        at most every FLUSH_S, or twice as long as the last write took (a large page): the
+        more results arrive, the more each write carries, and the driver spends at most a
+        third of its time writing."""
+        if not self.unwritten or (not force and time.monotonic() - self.flushed < self.flush_gap):
+            return
+        start = time.monotonic()
+        unwritten, self.unwritten = self.unwritten, {}
+        for page, entries in unwritten.items():
+            page.record_many(entries)
+        self.flushed = time.monotonic()
+        self.flush_gap = max(FLUSH_S, 2 * (self.flushed - start))
+
+    def progress(self) -> SweepProgress:
+        sweep = self.sweep
+        assert sweep is not None
+        keys = sweep.keys
+        measured = sum(k.measured for k in keys)
+        planned = [k for k in keys if k.strategy is not None]
+        unplanned = sum(1 for k in keys if k.plan is None and not k.finished)
+        left: int | None = None
+        if planned:
+            average = sum(k.cap() for k in planned) / len(planned)
+            left = sum(k.remaining() for k in keys) + round(average * unplanned)
+        eta = None
+        if left is not None and self.first_result is not None and measured:
+            rate = measured / max(1e-6, time.monotonic() - self.first_result)
+            eta = left / rate
+        return SweepProgress(
+            keys_done=sum(1 for k in keys if k.state == "done"),
+            keys_failed=sum(1 for k in keys if k.state == "failed"),
+            keys_total=len(keys),
+            configs_measured=measured,
+            configs_left=left,
+            gpus_busy=sum(1 for s in self.slots.values() if s.out),
+            gpus=len(self.slots),
+            eta_s=eta,
+            crashed=len(self.report.crashed),
+        )
+
+    def _key_report(self, key: KeySearch) -> KeyReport:
+        job = self.jobs[key.job]
+        return KeyReport(
+            job=key.job,
+            group=key.group,
+            key_text=key.plan.key_text if key.plan is not None else str(job.get("key_text", "")),
+            state="done" if key.state == "done" else "failed",
+            measured=key.measured,
+            chosen=key.chosen,
+            reason=key.reason,
+            answered=key.answered,
+        )
+
+
+def _where(slot: _Slot) -> str:
+    gpu = slot.info.get("gpu", "")
+    return f"{slot.info.get('host', '?')}" + (f" GPU {gpu}" if gpu else "")
+
+
+def _short(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"

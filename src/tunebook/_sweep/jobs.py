@@ -1,0 +1,66 @@
+"""The jobs a tuning run hands its workers: one key of one kernel each.
+
+A job is ``{"module", "attr", "key_text", "call", "key"}`` (``_worker/supervisor.py``), plus
+``books`` (the kernel's ``books=``) for a sweep's driver. ``tunebook tune`` and
+:func:`tunebook.tune_on_ray` build them here: a kernel's recorded misses, or declared keys
+that its ``inputs=`` factory turns into calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._autotuner import Autotuner
+
+
+def pending(tuner: Autotuner) -> list[tuple[str, Any]]:
+    """Recorded misses of this kernel on this platform that no tuning has finished."""
+    page = tuner.page()
+    texts = sorted(page.keys(fresh=True))  # every key: a tuning run may read the whole book
+    page.refresh()  # and what it read of them before
+    page.lookup(texts)
+    return [
+        (text, entry)
+        for text, entry in ((t, page.entries.get(t)) for t in texts)
+        if entry is not None and entry.misses and entry.call is not None and not entry.chosen
+    ]
+
+
+def miss_jobs(module: str, attr: str, tuner: Autotuner) -> list[dict[str, Any]]:
+    """A job per recorded miss of ``tuner`` (imported as ``module:attr`` by workers)."""
+    return [
+        {
+            "module": module,
+            "attr": attr,
+            "key_text": key_text,
+            "call": entry.call,
+            "key": dict(zip(map(str, tuner.keys), entry.key)),
+            "books": [str(b) for b in tuner.options.books],
+        }
+        for key_text, entry in pending(tuner)
+    ]
+
+
+def key_jobs(
+    module: str, attr: str, tuner: Autotuner, keys: Sequence[tuple[str, Mapping[str, Any]]]
+) -> list[dict[str, Any]]:
+    """A job per declared key, given as (text, values by key name); needs ``inputs=``."""
+    if tuner.options.inputs is None:
+        raise ValueError(
+            f"{module}:{attr} has no inputs= factory, so tunebook cannot build its arguments from key "
+            "values; add inputs=... to its tunebook.autotune(...) (see docs/guide.md), or tune its "
+            "recorded misses instead (tunebook tune --misses)"
+        )
+    return [
+        {
+            "module": module,
+            "attr": attr,
+            "key_text": text,
+            "call": None,
+            "key": dict(values),
+            "books": [str(b) for b in tuner.options.books],
+        }
+        for text, values in keys
+    ]

@@ -1,0 +1,232 @@
+"""What a long-lived worker (``python -m tunebook._worker --serve``) does with one request.
+
+A sweep (``tunebook._sweep``) plans each key once, then hands its candidates out in small
+units to many workers; each request is one JSON line on the worker's stdin:
+
+    {"op": "plan", "id": 1, "job": {...}}
+    {"op": "measure", "id": 2, "job": {...}, "cids": ["BLOCK=64|..."], "full": false, "ok_known": true}
+    {"op": "record", "id": 3, "job": {...}, "key": [...], "key_text": "...", "cid": "...",
+     "config": {...}, "reason": "..."}
+
+and the worker answers with JSON lines on stdout, ending each request with ``done`` or
+``error``:
+
+    {"event": "plan", "id": 1, "plan": {...}}            (see :func:`plan`)
+    {"event": "candidate", "id": 2, "key_text": ..., "key": [...], "cid": ..., "config": {...}}
+    {"event": "result", "id": 2, "key_text": ..., "key": [...], "cid": ..., "result": {...},
+     "unexpected": false}                                (result None: skipped, no recorded grid)
+    {"event": "done", "id": 2}
+    {"event": "error", "id": 2, "reason": "..."}
+
+* **Measured as a miss would measure.** The call is rebuilt as ``tunebook tune`` rebuilds it
+  (the kernel's ``inputs=``, else the recorded layout); candidates, ids, the budget, the
+  strategy and the hints are the autotuner's own; a config is timed by the same function
+  as in ``tune_key`` (quick, or ``full`` for a contender), checked against the key's first
+  config that runs when the kernel has ``check=``.
+* **Kept here first.** Each result is appended to this worker's journal at once (the next
+  config may take the process down; ``journal.py``), which the next worker folds into its
+  book; the driver writes it into its own book when it arrives. A failure that points at
+  the call rather than the config (``unexpected``) is not kept while the key has no config
+  that ran (``ok_known``), as in ``tune_key``.
+* **Crashes are the supervisor's.** A config that kills the process is blamed by the
+  session that runs this worker (``session.py``), which records it through ``record`` in
+  the next worker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._book import Result, now_iso
+from .._jsonio import key_text as _key_text
+from .._jsonio import stored_key
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class KeyContext:
+    """One key's rebuilt call and candidates in this worker, kept for the key's next units."""
+
+    tuner: Any
+    call: Any
+    key: tuple[Any, ...]
+    key_text: str
+    candidates: list[Any]
+    ids: list[str]
+
+    def by_id(self) -> dict[str, Any]:
+        return dict(zip(self.ids, self.candidates))
+
+
+_CONTEXTS: OrderedDict[str, KeyContext] = OrderedDict()
+_KEEP = 4  # keys whose inputs stay allocated: a worker usually takes units of few keys at a time
+
+
+def context(job: Mapping[str, Any]) -> KeyContext:
+    """The key's call and candidates, rebuilt once per key and kept for its next units."""
+    from .._call import Call
+    from .child import locate, rebuild_call
+
+    name = json.dumps([job["module"], job["attr"], job.get("call"), job.get("key")], sort_keys=True)
+    if name in _CONTEXTS:
+        _CONTEXTS.move_to_end(name)
+        return _CONTEXTS[name]
+    tuner = locate(job["module"], job["attr"])
+    grid, args, kwargs = rebuild_call(tuner, job)
+    call = Call.bind(tuner.arg_names, args, kwargs, grid)
+    key, candidates = tuner.key_and_candidates(call)
+    candidates = list(candidates)
+    ctx = KeyContext(
+        tuner, call, key, _key_text(key), candidates, [tuner.config_index.id_of(c) for c in candidates]
+    )
+    _CONTEXTS[name] = ctx
+    while len(_CONTEXTS) > _KEEP:
+        _CONTEXTS.popitem(last=False)
+    return ctx
+
+
+def handle(request: Mapping[str, Any], emit: Emit) -> None:
+    """Answer one request (see the module docstring); exceptions are the caller's to report."""
+    op, rid = request.get("op"), request.get("id")
+    if op == "plan":
+        emit({"event": "plan", "id": rid, "plan": plan(request["job"])})
+    elif op == "measure":
+        measure(request, emit)
+    elif op == "record":
+        record(request)
+    else:
+        raise ValueError(f"unknown request {op!r}; expected plan, measure or record")
+    emit({"event": "done", "id": rid})
+
+
+def plan(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What the driver needs to search one key on this worker's platform.
+
+    ``key``/``key_text`` (the book's), ``ids`` and ``records`` of the candidates in order,
+    ``hints`` (indices), the ``strategy`` name (``auto`` resolved), ``seed``, ``budget``
+    ([max_configs, max_seconds], the effective one), ``adaptive`` (quick then full
+    measurements), ``page`` (kernel, platform, slug and platform id: the book page results
+    go to) and ``known`` (this worker's book's entry for the key, or None).
+    """
+    from .. import _policy
+    from .._search import choose_strategy
+
+    ctx = context(job)
+    tuner = ctx.tuner
+    ident = tuner.identity()
+    page = tuner.page()
+    page.refresh()
+    entry = page.get(ctx.key_text)
+    near = _policy.nearest(ctx.key, page.entries.values())
+    hints = _policy.hints(ctx.ids, near, page.sibling_winners(ctx.key))
+    budget = _policy.effective_budget(tuner.options.budget, len(ctx.ids))
+    strategy = tuner.options.strategy
+    if strategy == "auto":
+        strategy = choose_strategy(len(ctx.ids), budget, hints)
+    return {
+        "key": list(stored_key(ctx.key)),
+        "key_text": ctx.key_text,
+        "ids": ctx.ids,
+        "records": [tuner.config_index.record_of(c) for c in ctx.candidates],
+        "hints": list(hints),
+        "strategy": strategy,
+        "seed": tuner.options.seed,
+        "budget": [budget.max_configs, budget.max_seconds],
+        "adaptive": tuner.timers().adaptive,
+        "page": {
+            "kernel": ident.kernel.to_json(),
+            "platform": {**ident.platform, "id": ident.platform_id},
+            "slug": ident.slug,
+            "platform_id": ident.platform_id,
+        },
+        "known": entry.to_json() if entry is not None else None,
+    }
+
+
+def measure(request: Mapping[str, Any], emit: Emit) -> None:
+    """Time the configs ``cids`` of the request's key, one result event each."""
+    from .._miss import _bench_function, _precompiler, unexpected_failure
+    from .._tuner import time_candidate
+    from .child import exit_if_gpu_broken, reporting
+
+    ctx = context(request["job"])
+    by_id = ctx.by_id()
+    cids = list(request["cids"])
+    foreign = [cid for cid in cids if cid not in by_id]
+    if foreign:
+        raise ValueError(
+            f"{len(foreign)} config(s) of this unit are not candidates of key {ctx.key_text} here (e.g. "
+            f"{foreign[0]}): the driver planned the key with other configs. Run the same tunebook and "
+            "kernel code on every node."
+        )
+    tuner, rid = ctx.tuner, request["id"]
+    configs = [by_id[cid] for cid in cids]
+    # Every candidate in the key's order, so that check= takes the key's first config that runs
+    # as its reference, as a tuning in one process does.
+    bench = _bench_function(tuner, ctx.call, ctx.candidates)
+    precompile = _precompiler(tuner, ctx.call)
+    if precompile is not None:
+        precompile(configs)
+    timers = tuner.timers()
+    full = bool(request.get("full"))
+    timer, quick = (timers.full, False) if full else (timers.quick, timers.adaptive)
+    page = _page_spec(tuner.page())
+    key = list(stored_key(ctx.key))
+    ok_known = bool(request.get("ok_known"))
+    try:
+        for cid, config in zip(cids, configs):
+            record_ = tuner.config_index.record_of(config)
+            where = {"id": rid, "key_text": ctx.key_text, "key": key, "cid": cid}
+            emit({"event": "candidate", **where, "config": record_})
+            result, exc = time_candidate(bench, timer, config, record_, quick)
+            unexpected = exc is not None and unexpected_failure(exc)
+            with reporting:
+                if result is not None:
+                    ok_known = ok_known or result.ok
+                    if ok_known or not unexpected:
+                        _persist(page, ctx.key_text, key, cid, result)
+                emit(
+                    {
+                        "event": "result",
+                        **where,
+                        "result": result.to_json() if result is not None else None,
+                        "unexpected": unexpected,
+                    }
+                )
+            if result is not None:
+                exit_if_gpu_broken(cid, result)
+    finally:
+        restore = getattr(bench, "restore", None)
+        if restore is not None:
+            restore()
+
+
+def record(request: Mapping[str, Any]) -> None:
+    """Keep the failure of a config that took the previous worker down."""
+    ctx = context(request["job"])
+    result = Result(dict(request["config"]), None, str(request["reason"])[:2000], now_iso())
+    page = _page_spec(ctx.tuner.page())
+    _persist(page, ctx.key_text, list(stored_key(ctx.key)), request["cid"], result)
+
+
+_journal: Any = None
+
+
+def _persist(page: Mapping[str, Any], key_text: str, key: list[Any], cid: str, result: Result) -> None:
+    global _journal
+    if _journal is None:
+        from .. import _settings
+        from .journal import Journal
+
+        _journal = Journal(_settings.book_dir())
+    _journal.append(page, key_text, key, cid, result)
+
+
+def _page_spec(page: Any) -> dict[str, Any]:
+    """What a journal line says of its page: enough to write it into a book."""
+    return {"file": page.file_name, "kernel": page.kernel.to_json(), "platform": dict(page.platform)}

@@ -1,0 +1,258 @@
+"""`tunebook tune --ray` and tunebook.tune_on_ray on a real local Ray cluster: two "GPUs" declared
+as a custom resource, kernels on the interpreter, one isolated worker process per actor.
+
+The cluster is started once for the module (Ray takes seconds to start) with 2 CPUs, as CI
+has. The kernel's do_bench replays a table (so winners are decided by the table, not by
+the CPU clock) and appends "n BLOCK" to a log at the end of every completed measurement:
+the log shows what was measured, how often, across runs and killed processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, book_files
+from redis_fixture import PATIENT, redis_server  # noqa: F401  (the `server` fixture)
+from test_cli import invoke
+from tunebook._book import read_document
+
+ray = pytest.importorskip("ray")
+
+RESOURCE = "tb_gpu"
+BLOCKS = [16, 32, 64, 128, 256, 512]
+KEYS = [100, 200, 300, 400]
+
+MODULE = """
+import os, signal, time
+import torch, triton, tunebook
+from kernels import Replay, add_kernel, grid_1d
+
+class Logged(Replay):
+    def __call__(self, kernel_call, quantiles=None):
+        ms = super().__call__(kernel_call, quantiles)
+        time.sleep(float(os.environ.get("RAYKERN_SLOW", "0")))
+        with open(os.environ["RAYKERN_LOG"], "a") as log:
+            log.write(f"{self._current['n']} {self._current['BLOCK']}\\n")
+        return ms
+
+replay = Logged({b: 1.0 + abs(b - 128) / 100 for b in BLOCKS})
+
+def pre_hook(nargs, reset_only=False):
+    if nargs["BLOCK"] == int(os.environ.get("RAYKERN_CRASH", "0")):
+        os.kill(os.getpid(), signal.SIGSEGV)  # what an illegal memory access does to a process
+    replay.pre_hook(nargs)
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+configs = [triton.Config({"BLOCK": b}) for b in BLOCKS]
+add = tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=pre_hook, inputs=inputs)(add_kernel)
+""".replace("BLOCKS", repr(BLOCKS))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module: 2 CPUs, and 2 of the resource that stands for a GPU."""
+    ray.init(
+        num_cpus=2,
+        resources={RESOURCE: 2},
+        object_store_memory=100 * 2**20,  # results are small: no GBs of shared memory for them
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def raykern(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The kernel module, importable here and by the workers; its measurement log."""
+    directory = tmp_path / "mods"
+    directory.mkdir()
+    name = f"raykern_{os.getpid()}_{len(list(tmp_path.parent.iterdir()))}"
+    (directory / f"{name}.py").write_text(MODULE)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), str(directory), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.syspath_prepend(str(directory))
+    log = tmp_path / "measured.log"
+    monkeypatch.setenv("RAYKERN_LOG", str(log))
+    monkeypatch.chdir(tmp_path)
+    return {"name": name, "dir": directory, "log": log}
+
+
+def keys_args(keys: list[int] = KEYS) -> list[str]:
+    return [arg for n in keys for arg in ("--keys", f"n={n}")]
+
+
+def measured(log: Path) -> Counter:
+    return Counter(tuple(map(int, line.split())) for line in log.read_text().splitlines() if line.strip())
+
+
+def entries(book: Path) -> dict:
+    (path,) = book_files(book)
+    doc = read_document(path)
+    assert doc is not None
+    return {e.key[0]: e for e in doc.entries.values()}
+
+
+def summary(entry) -> dict:
+    """What a tuning decided for a key: each config's timing or failure, and the winner."""
+    results = {
+        r.config["kwargs"]["BLOCK"]: (r.ms if r.ok else ("failed", "SIGSEGV" in (r.error or "")))
+        for r in entry.results.values()
+    }
+    return {"results": results, "winner": entry.best(), "chosen": entry.chosen}
+
+
+@pytest.mark.slow
+def test_a_sweep_on_ray_records_what_tune_records_a_crashing_config_included(
+    cluster, raykern, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("RAYKERN_CRASH", "64")  # BLOCK=64 takes its worker down, on every key
+    target = f"{raykern['name']}:add"
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "alone"))
+    alone = invoke("tune", target, *keys_args())
+    assert "4 config(s) recorded as crashed or hung" in alone.output
+    raykern["log"].unlink()
+
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "ray"))
+    swept = invoke("tune", target, *keys_args(), "--ray", "--ray-resource", RESOURCE, "--unit-size", "2")
+    assert "done: 4 of 4 key(s) tuned on 2 x" in swept.output, swept.output
+    assert "4 config(s) recorded as crashed or hung" in swept.output
+    assert "GPUs" in swept.output and "keys 4 of 4" in swept.output  # the progress line
+    counts = measured(raykern["log"])
+    assert set(counts) == {(n, b) for n in KEYS for b in BLOCKS if b != 64}
+    assert set(counts.values()) == {1}  # each config once; the crashing one never completes
+
+    ours, theirs = entries(tmp_path / "ray"), entries(tmp_path / "alone")
+    assert sorted(ours) == sorted(theirs) == KEYS
+    for n in KEYS:
+        assert summary(ours[n]) == summary(theirs[n])
+        assert summary(ours[n])["results"][64] == ("failed", True)
+        assert ours[n].best().startswith("BLOCK=128|")
+
+    again = invoke("tune", target, *keys_args(), "--ray", "--ray-resource", RESOURCE)
+    assert "done: 4 of 4 key(s) tuned" in again.output and "0 config(s) measured" in again.output
+
+
+@pytest.mark.slow
+def test_a_lost_actor_costs_only_the_units_it_held(cluster, raykern, monkeypatch, book_dir, server):
+    import tunebook
+    from tunebook._book import redis_store
+
+    monkeypatch.setenv("RAYKERN_SLOW", "0.15")
+    monkeypatch.setenv("TUNEBOOK_REDIS_URL", server.url)  # the fleet book gets every result too
+    patient = redis_store.RedisStore(server.url, **PATIENT)
+    monkeypatch.setitem(redis_store._shared_stores, (os.getpid(), server.url), patient)
+    module = __import__(raykern["name"])
+    killed: list[str] = []
+
+    def kill_one_actor(progress) -> None:
+        if killed or progress.configs_measured < 4:
+            return
+        mine = [a for a in ray.util.list_named_actors() if a.startswith(f"tunebook-sweep-{os.getpid()}-")]
+        ray.kill(ray.get_actor(mine[0]))
+        killed.append(mine[0])
+
+    report = tunebook.tune_on_ray(
+        module.add,
+        [{"n": n} for n in KEYS],
+        resource=RESOURCE,
+        unit_size=3,
+        on_progress=kill_one_actor,
+    )
+    assert killed, "the sweep ended before an actor could be killed"
+    assert [k.state for k in report.keys] == ["done"] * 4, report.keys
+    counts = measured(raykern["log"])
+    assert set(counts) == {(n, b) for n in KEYS for b in BLOCKS}  # nothing lost
+    assert set(counts.values()) == {1}, counts  # nothing measured twice
+    local = entries(book_dir)
+    assert all(len(e.results) == len(BLOCKS) and e.chosen.startswith("BLOCK=128|") for e in local.values())
+    (path,) = book_files(book_dir)
+    fleet = patient.fetch(path.name + ".json")  # the page's name; on disk (format 2) its directory
+    assert fleet is not None
+    assert {e.key[0]: (len(e.results), e.chosen) for e in fleet.entries.values()} == {
+        n: (len(BLOCKS), e.chosen) for n, e in local.items()
+    }
+
+
+@pytest.mark.slow
+def test_a_killed_driver_loses_nothing_and_its_successor_measures_nothing_twice(
+    cluster, raykern, monkeypatch, book_dir
+):
+    monkeypatch.setenv("RAYKERN_SLOW", "0.15")
+    command = [
+        sys.executable,
+        "-c",
+        "from tunebook.cli import main; main()",
+        "tune",
+        f"{raykern['name']}:add",
+    ]
+    command += [*keys_args(), "--ray", cluster, "--ray-resource", RESOURCE, "--unit-size", "2"]
+    driver = subprocess.Popen(command, cwd=raykern["dir"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if raykern["log"].exists() and len(measured(raykern["log"])) >= 6:
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, driver.communicate()[0].decode()[-3000:]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # Ray ends the dead driver's actors, and their workers end with them.
+    alive = ray.util.list_named_actors(all_namespaces=True)  # its actors live in its namespace
+    while any(a["name"].startswith(f"tunebook-sweep-{driver.pid}-") for a in alive):
+        assert time.monotonic() < deadline, "the killed driver's actors are still alive"
+        time.sleep(0.2)
+        alive = ray.util.list_named_actors(all_namespaces=True)
+    time.sleep(1.0)
+    before = sum(measured(raykern["log"]).values())
+    assert 6 <= before < len(KEYS) * len(BLOCKS)
+
+    resumed = invoke("tune", f"{raykern['name']}:add", *keys_args(), "--ray", "--ray-resource", RESOURCE)
+    assert "done: 4 of 4 key(s) tuned" in resumed.output, resumed.output
+    counts = measured(raykern["log"])
+    assert set(counts) == {(n, b) for n in KEYS for b in BLOCKS}
+    assert set(counts.values()) == {1}, counts
+    assert all(e.chosen.startswith("BLOCK=128|") for e in entries(book_dir).values())
+
+
+def test_without_ray_the_command_says_how_to_install_it(monkeypatch, raykern):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    monkeypatch.setattr("tunebook._optional.available", lambda module: module != "ray")
+    res = invoke("tune", f"{raykern['name']}:add", "--keys", "n=100", "--ray", ok=None)
+    assert res.exit_code == 1
+    assert "pip install 'tunebook[ray]'" in res.output and "Traceback" not in res.output
+    import tunebook
+
+    with pytest.raises(tunebook.MissingDependency, match=r"pip install 'tunebook\[ray\]'"):
+        tunebook.tune_on_ray([], keys=None)
+
+
+def test_ray_options_need_ray_and_workers_do_not_go_with_it(raykern):
+    alone = invoke("tune", f"{raykern['name']}:add", "--keys", "n=100", "--gpus", "2", ok=False)
+    assert "need --ray" in alone.output
+    both = invoke("tune", f"{raykern['name']}:add", "--keys", "n=100", "--ray", "--workers", "2", ok=False)
+    assert "--gpus N" in both.output
+
+
+def test_ray_takes_an_optional_address_and_never_swallows_the_kernel():
+    from tunebook.cli.tune import _ray_address
+
+    assert _ray_address("", ("m:k",)) == ("", ("m:k",))
+    assert _ray_address("10.0.0.1:6379", ("m:k",)) == ("10.0.0.1:6379", ("m:k",))
+    assert _ray_address("ray://head:10001", ()) == ("ray://head:10001", ())
+    assert _ray_address("auto", ()) == ("auto", ())
+    assert _ray_address("mypkg.ops:matmul", ()) == ("", ("mypkg.ops:matmul",))
+    assert _ray_address("mypkg.ops", ("other",)) == ("", ("mypkg.ops", "other"))

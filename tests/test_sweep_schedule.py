@@ -1,0 +1,245 @@
+"""The sweep's queue (tunebook._sweep.schedule), in milliseconds: several workers ask for units
+at once, results come back in any order, workers are lost; every rule of a key's tuning in
+one process (budget, early stop, nothing measured twice, failures as data, contenders
+confirmed, the tie-aware choice) still holds."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from tunebook._book import Entry, Result
+from tunebook._search import Budget, search
+from tunebook._sweep.driver import SweepError, choose_groups
+from tunebook._sweep.schedule import MAX_LOSSES, Plan, Sweep, Unit
+from tunebook._tuner import tie_aware_choice
+
+
+def ok(ms: float, quick: bool = False) -> Result:
+    return Result({"kwargs": {}}, (ms, ms, ms), None, "", quick=quick)
+
+
+def failed(reason: str = "OutOfResources: shared memory") -> Result:
+    return Result({"kwargs": {}}, None, reason, "")
+
+
+def plan_of(times: list[float], strategy: str = "exhaustive", budget: Budget | None = None, **kw) -> Plan:
+    ids = [f"B={i}" for i in range(len(times))]
+    records = [{"kwargs": {"B": i}} for i in range(len(times))]
+    budget = budget or Budget()
+    return Plan(key=(1,), key_text="[1]", ids=ids, records=records, strategy=strategy, budget=budget, **kw)
+
+
+class Recorder:
+    """The driver's persist step: what was written, per key number."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, dict[str, Result]] = {}
+        self.chosen: dict[int, str | None] = {}
+
+    def __call__(self, key, fresh, chosen, seconds) -> None:
+        self.results.setdefault(key.number, {}).update(fresh)
+        if chosen is not None or not fresh:
+            self.chosen[key.number] = chosen
+
+
+def planned_sweep(plans: list[Plan], unit_size: int = 2, known=None, clock=None) -> tuple[Sweep, Recorder]:
+    recorder = Recorder()
+    kwargs = {"clock": clock} if clock is not None else {}
+    sweep = Sweep(len(plans), ["gpu"], recorder, unit_size=unit_size, **kwargs)
+    units = [sweep.next_unit("gpu") for _ in plans]  # a key yields nothing until its plan is back
+    for number, (unit, plan) in enumerate(zip(units, plans)):
+        assert unit is not None and unit.kind == "plan" and unit.key == number
+        sweep.planned(unit, plan, known[number] if known else None)
+    return sweep, recorder
+
+
+def drain(sweep: Sweep, tables: list[list[float]], workers: int = 3, seed: int = 0) -> list[str]:
+    """Run the sweep with ``workers`` that each hold a unit and answer in a random order."""
+    rng = random.Random(seed)
+    out: list[Unit] = []
+    measured: list[str] = []
+    while not sweep.finished:
+        while len(out) < workers and (unit := sweep.next_unit("gpu")) is not None:
+            out.append(unit)
+        assert out, "nothing handed out, yet the sweep is not finished"
+        unit = out.pop(rng.randrange(len(out)))
+        key = sweep.keys[unit.key]
+        table = tables[unit.key]
+        results = {}
+        for cid in unit.cids:
+            ms = table[key.index(cid)]
+            measured.append(f"{unit.key}:{cid}{':full' if unit.full else ''}")
+            results[cid] = (ok(ms, quick=not unit.full) if math.isfinite(ms) else failed(), False)
+        sweep.measured(unit, results)
+    return measured
+
+
+@pytest.mark.parametrize("strategy", ["exhaustive", "random", "neighbors"])
+def test_a_key_searched_by_several_workers_measures_what_one_process_would(strategy):
+    rng = random.Random(7)
+    times = [rng.uniform(1, 10) for _ in range(40)]
+    budget = Budget(max_configs=25)
+    plan = plan_of(times, strategy, budget, hints=[3])
+    sweep, recorder = planned_sweep([plan], unit_size=3)
+    measured = drain(sweep, [times], workers=4)
+    quick = [m for m in measured if not m.endswith(":full")]
+    assert len(quick) == len(set(quick)) <= 25  # nothing twice, the budget across workers
+    alone = search(
+        [{"B": i} for i in range(40)],
+        lambda batch: {i: times[i] for i in batch},
+        strategy=strategy,
+        budget=budget,
+        hints=[3],
+    )
+    if strategy != "neighbors":  # neighbors climbs in smaller steps here; same rule, other path
+        assert {m.split(":")[1] for m in quick} == {plan.ids[i] for i in alone.measured}
+    else:
+        assert len(quick) <= len(times)
+    results = recorder.results[0]
+    best = min((r.median, cid) for cid, r in results.items())[1]
+    assert recorder.chosen[0] == best == tie_aware_choice(results, plan.ids, plan.hints)
+
+
+def test_contenders_with_only_a_quick_measurement_are_confirmed_in_full_then_the_key_is_decided():
+    times = [5.0, 1.0, 1.05, 3.0, 1.08, 9.0]  # 1.0, 1.05, 1.08 are within the 10% margin
+    sweep, recorder = planned_sweep([plan_of(times)], unit_size=2)
+    measured = drain(sweep, [times], workers=2)
+    full = sorted(m for m in measured if m.endswith(":full"))
+    assert full == ["0:B=1:full", "0:B=2:full", "0:B=4:full"]
+    assert not any(r.quick for cid, r in recorder.results[0].items() if f"0:{cid}:full" in full)
+    assert recorder.chosen[0] == "B=1"
+
+
+def test_units_go_to_the_earliest_key_that_has_one_and_later_keys_fill_in():
+    times = [1.0, 2.0, 3.0, 4.0]
+    sweep, _ = planned_sweep([plan_of(times), plan_of(times)], unit_size=2)
+    first = [sweep.next_unit("gpu") for _ in range(3)]
+    assert [u.key for u in first if u is not None] == [0, 0, 1]  # key 0 has two units, then key 1
+    assert sweep.next_unit("other-gpu-model") is None  # units stay within their GPU model
+
+
+def test_a_strategy_that_waits_for_results_hands_out_nothing_until_they_come():
+    times = [float(i + 1) for i in range(20)]
+    sweep, _ = planned_sweep([plan_of(times, "neighbors", hints=[10])], unit_size=8)
+    unit = sweep.next_unit("gpu")
+    assert unit is not None and unit.cids == ("B=10",)  # the hint first, alone
+    assert sweep.next_unit("gpu") is None  # neighbors climbs only from measured points
+    sweep.measured(unit, {"B=10": (ok(11.0), False)})
+    assert sweep.next_unit("gpu") is not None
+
+
+def test_known_results_are_told_first_and_never_handed_out():
+    times = [1.0, 2.0, 3.0, 4.0]
+    known = Entry(key=(1,), results={"B=0": ok(1.0), "B=2": failed()})
+    sweep, _ = planned_sweep([plan_of(times)], unit_size=8, known=[known])
+    unit = sweep.next_unit("gpu")
+    assert unit is not None and unit.cids == ("B=1", "B=3")
+
+
+def test_a_key_the_book_answers_hands_out_nothing():
+    times = [1.0, 2.0]
+    known = Entry(key=(1,), results={"B=0": ok(1.0), "B=1": ok(2.0)})
+    sweep, recorder = planned_sweep([plan_of(times)], known=[known])
+    assert sweep.finished and sweep.keys[0].answered and sweep.keys[0].chosen == "B=0"
+    # Measured to the end by a run stopped before it decided: the decision is written, nothing measured.
+    assert recorder.chosen == {0: "B=0"} and not any(recorder.results.values())
+    tied = {"B=0": ok(1.0), "B=1": ok(1.01)}  # the chosen config keeps its place within 2%
+    decided = Entry(key=(1,), results=tied, chosen="B=1")
+    sweep, recorder = planned_sweep([plan_of(times)], known=[decided])
+    assert sweep.finished and sweep.keys[0].chosen == "B=1" and recorder.chosen == {}
+
+
+def test_a_lost_unit_goes_out_again_with_only_what_the_book_still_lacks():
+    times = [1.0, 2.0, 3.0, 4.0]
+    sweep, recorder = planned_sweep([plan_of(times)], unit_size=4)
+    unit = sweep.next_unit("gpu")
+    assert unit is not None
+    # The worker wrote B=0 into the book before its actor was lost.
+    sweep.lost(unit, "ActorDiedError", Entry(key=(1,), results={"B=0": ok(1.0)}))
+    again = sweep.next_unit("gpu")
+    assert again is not None and again.cids == ("B=1", "B=2", "B=3") and again.losses == 1
+    assert list(recorder.results[0]) == ["B=0"]  # written by the driver too: Redis has it then
+    for _ in range(MAX_LOSSES - 1):
+        sweep.lost(again, "node gone")
+        again = sweep.next_unit("gpu") or again
+    assert sweep.finished
+    lost = {cid: r for cid, r in recorder.results[0].items() if not r.ok}
+    assert sorted(lost) == ["B=1", "B=2", "B=3"]
+    assert all("worker was lost 3 times" in r.error and "node gone" in r.error for r in lost.values())
+    assert recorder.chosen[0] == "B=0"
+
+
+def test_a_broken_call_fails_the_key_and_persists_nothing():
+    times = [1.0, 2.0, 3.0, 4.0]
+    sweep, recorder = planned_sweep([plan_of(times)], unit_size=2)
+    a, b = sweep.next_unit("gpu"), sweep.next_unit("gpu")
+    assert a is not None and b is not None
+    bug = failed("TypeError: add_kernel() got an unexpected keyword argument 'x'")
+    sweep.measured(a, {cid: (bug, True) for cid in a.cids})
+    assert sweep.next_unit("gpu") is None  # no new unit while the call may be broken
+    sweep.measured(b, {cid: (bug, True) for cid in b.cids})
+    assert sweep.keys[0].state == "failed" and "unexpected keyword" in sweep.keys[0].reason
+    assert recorder.results == {}
+
+
+def test_an_unexpected_failure_is_kept_once_another_config_of_the_key_runs():
+    times = [1.0, 2.0, 3.0, 4.0]
+    sweep, recorder = planned_sweep([plan_of(times)], unit_size=2)
+    a, b = sweep.next_unit("gpu"), sweep.next_unit("gpu")
+    assert a is not None and b is not None
+    odd = failed("ValueError: something only this config hits")
+    sweep.measured(a, {cid: (odd, True) for cid in a.cids})
+    sweep.measured(b, {cid: (ok(2.0), False) for cid in b.cids})
+    drain(sweep, [times])
+    assert sweep.keys[0].state == "done"
+    assert set(recorder.results[0]) == {"B=0", "B=1", "B=2", "B=3"}
+
+
+def test_the_time_budget_runs_from_the_keys_first_unit_across_workers():
+    now = [0.0]
+    times = [float(i + 1) for i in range(30)]
+    sweep, _ = planned_sweep(
+        [plan_of(times, budget=Budget(max_seconds=10.0))], unit_size=2, clock=lambda: now[0]
+    )
+    first = sweep.next_unit("gpu")
+    assert first is not None
+    now[0] = 11.0
+    assert sweep.next_unit("gpu") is None
+    sweep.measured(first, {cid: (ok(1.0), False) for cid in first.cids})
+    assert sweep.finished
+    # Its last unit back before the time is up, the key must still end once it is up.
+    now[0] = 0.0
+    sweep, recorder = planned_sweep([plan_of(times, budget=Budget(max_seconds=10.0))], clock=lambda: now[0])
+    unit = sweep.next_unit("gpu")
+    assert unit is not None
+    sweep.measured(unit, {cid: (ok(1.0), False) for cid in unit.cids})
+    now[0] = 11.0
+    assert sweep.next_unit("gpu") is None and sweep.finished and recorder.chosen[0] == "B=0"
+
+
+def test_several_gpu_models_are_refused_unless_asked_with_what_to_do():
+    counts = {"NVIDIA H200 (arch 90)": 2, "NVIDIA H100 80GB HBM3 (arch 90)": 4}
+    with pytest.raises(SweepError) as refused:
+        choose_groups(counts, each_model=False, gpu_model=None)
+    message = str(refused.value)
+    assert "2 models" in message and "2 x NVIDIA H200" in message and "4 x NVIDIA H100" in message
+    assert "--each-model" in message and "--gpu-model" in message
+    assert choose_groups(counts, each_model=True, gpu_model=None) == sorted(counts)
+    assert choose_groups(counts, each_model=False, gpu_model="NVIDIA H200") == ["NVIDIA H200 (arch 90)"]
+    with pytest.raises(SweepError, match="no GPU of model 'A100'"):
+        choose_groups(counts, each_model=False, gpu_model="A100")
+
+
+def test_each_gpu_model_gets_its_own_search_of_every_key():
+    recorder = Recorder()
+    sweep = Sweep(2, ["H100", "H200"], recorder, unit_size=4)
+    units = [sweep.next_unit(g) for g in ("H100", "H200", "H100", "H200")]
+    assert [(u.kind, sweep.keys[u.key].job, sweep.keys[u.key].group) for u in units if u] == [
+        ("plan", 0, "H100"),
+        ("plan", 0, "H200"),
+        ("plan", 1, "H100"),
+        ("plan", 1, "H200"),
+    ]

@@ -1,0 +1,78 @@
+"""The long-lived isolated worker a sweep's actor relays to (tunebook._worker.session): one
+process measures unit after unit; a config that crashes it, hangs it or poisons its GPU
+context is recorded as that config's failure and the rest of the unit is measured in a new
+worker; the next worker folds the journal of the one before into the book."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, book_files
+from tunebook._book import read_document
+from tunebook._worker.session import WorkerSession
+
+MODULE = """
+import os, signal, time
+import torch, triton, tunebook
+from kernels import add_kernel, grid_1d
+
+def _crash(nargs):
+    os.kill(os.getpid(), signal.SIGSEGV)  # what an illegal memory access does to a process
+
+def _sticky(nargs):
+    # What torch raises after an illegal memory access: the process lives, its CUDA context not.
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+def _hang(nargs):
+    time.sleep(3600)
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32}, pre_hook=_crash),
+     triton.Config({"BLOCK": 64}, pre_hook=_sticky), triton.Config({"BLOCK": 128}, pre_hook=_hang),
+     triton.Config({"BLOCK": 256})],
+    key=["n"],
+    inputs=inputs,
+)(add_kernel)
+"""
+
+
+@pytest.mark.slow
+def test_one_worker_serves_units_and_survives_every_kind_of_bad_config(
+    tmp_path: Path, book_dir: Path
+) -> None:
+    (tmp_path / "sesskern.py").write_text(MODULE)
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(tmp_path)]), "TUNEBOOK_DIR": str(book_dir)}
+    session = WorkerSession(env, timeout_s=8)
+    try:
+        assert session.start()["backend"] == "interpreter"
+        job = {"module": "sesskern", "attr": "add", "key_text": "n=300", "call": None, "key": {"n": 300}}
+        plan = session.plan(job)
+        assert plan["strategy"] == "exhaustive" and len(plan["ids"]) == 5
+        out = session.measure(job, plan["ids"])
+        errors = {cid.split("|")[0]: item["result"]["error"] for cid, item in out.results.items()}
+        assert errors["BLOCK=16"] is None and errors["BLOCK=256"] is None
+        assert "died" in errors["BLOCK=32"] and "SIGSEGV" in errors["BLOCK=32"]
+        assert "illegal memory access" in errors["BLOCK=64"]  # the real reason, then a new worker
+        assert "timed out" in errors["BLOCK=128"]
+        assert sorted(c.split("|")[0] for c in out.crashed) == ["BLOCK=128", "BLOCK=32"]
+        assert out.error is None and out.restarts == 3
+        again = session.measure(job, plan["ids"][:1], full=True)  # the same worker, the next unit
+        assert again.restarts == 0 and again.results[plan["ids"][0]]["result"]["ms"] is not None
+    finally:
+        session.close()
+    # What the killed workers finished was in their journals: the next worker folded it.
+    successor = WorkerSession(env, timeout_s=8)
+    successor.start()
+    successor.close()
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    assert len(entry.results) == 5
