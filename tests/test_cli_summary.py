@@ -4,9 +4,11 @@ times, and recorded misses; named the same way in each."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from conftest import book_files
 from test_cli import entry, invoke, module_file, result, the_doc, tune_add, write_doc
 from tunebook._book import Document, config_id
 
@@ -22,8 +24,8 @@ def _book_with_a_failed_first_config(book_dir: Path) -> Document:
     first = config_id(result(FIRST_FAILED, 1).config)
     results = {**broken.results, first: replace(broken.results[first], ms=None, error="OutOfResources: smem")}
     doc = replace(doc, entries={**doc.entries, k1000: replace(broken, results=results)})
-    for path in book_dir.glob("*.json"):
-        path.unlink()
+    for path in book_files(book_dir):  # the tuned page, replaced by the doctored one
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     write_doc(book_dir, doc)
     return doc
 

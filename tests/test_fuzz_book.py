@@ -306,3 +306,13 @@ def test_undeclared_stored_configs_are_never_launched(
     for kwargs in launched:
         assert {k: v for k, v in kwargs.items() if k in declared[0]} in declared, kwargs
         assert "EVIL" not in kwargs and "maxnreg" not in kwargs and not math.isclose(kwargs["BLOCK"], 7)
+
+
+def test_a_page_whose_identity_json_cannot_write_back_is_refused() -> None:
+    # Python's parser reads Infinity and NaN; a strict writer refuses them. Such a page would
+    # be read and then fail every write (found by the fuzzer above).
+    for where in ("kernel", "platform"):
+        data = json.loads(_valid_book_bytes())
+        data[where]["extra"] = [float("inf")]
+        with pytest.raises(BookFormatError, match=f"'{where}' holds a value JSON cannot write"):
+            Document.from_json(data)

@@ -51,7 +51,7 @@ from .._jsonio import key_text as text_of
 from .._jsonio import strict_loads
 from .._warnings import warn_once
 from .files import Unusable, atomic_write_text, log, read_regular_file
-from .records import Entry, check_format
+from .records import Entry, check_format, check_identity
 
 PAGE_FORMAT = "tunebook-page"
 ENTRY_FORMAT = "tunebook-entry"
@@ -123,10 +123,7 @@ def read_meta(directory: Path) -> dict[str, Any] | None:
             return None
         check_format(data, PAGE_FORMAT, VERSION, VERSION)
         kernel, platform = data.get("kernel"), data.get("platform")
-        if not isinstance(kernel, dict) or not isinstance(kernel.get("hash"), str):
-            raise BookFormatError("'kernel' must be an object with a 'hash' string")
-        if not isinstance(platform, dict):
-            raise BookFormatError("'platform' must be an object")
+        check_identity(kernel, platform)
         return {"kernel": kernel, "platform": platform}
     except (Unusable, ValueError, OverflowError, RecursionError) as exc:
         _warn(path, exc)

@@ -339,10 +339,7 @@ class Document:
     def from_json(data: Any) -> Document:
         check_format(data, FORMAT, 1, VERSION)
         kernel, platform, entries = data.get("kernel"), data.get("platform"), data.get("entries")
-        if not isinstance(kernel, dict) or not isinstance(kernel.get("hash"), str):
-            raise BookFormatError("'kernel' must be an object with a 'hash' string")
-        if not isinstance(platform, dict):
-            raise BookFormatError("'platform' must be an object")
+        check_identity(kernel, platform)
         if not isinstance(entries, dict):
             raise BookFormatError("'entries' must be an object")
         parsed = {k: Entry.from_json(v, f"entries[{k!r}]") for k, v in entries.items()}
@@ -355,3 +352,18 @@ class Document:
         for k, entry in self.entries.items():
             entries[k] = entry.merged_over(base.entries.get(k))
         return replace(base, entries=entries)
+
+
+def check_identity(kernel: Any, platform: Any) -> None:
+    """Raise BookFormatError unless a page's ``kernel`` and ``platform`` are what a page holds:
+    objects (the kernel's with its ``hash``) that JSON can write back (no NaN or infinity, which
+    Python's parser accepts and a strict writer refuses: such a page would read and never write)."""
+    if not isinstance(kernel, dict) or not isinstance(kernel.get("hash"), str):
+        raise BookFormatError("'kernel' must be an object with a 'hash' string")
+    if not isinstance(platform, dict):
+        raise BookFormatError("'platform' must be an object")
+    for name, value in (("kernel", kernel), ("platform", platform)):
+        try:
+            json.dumps(value, allow_nan=False)
+        except (ValueError, TypeError) as exc:
+            raise BookFormatError(f"'{name}' holds a value JSON cannot write ({exc})") from None
