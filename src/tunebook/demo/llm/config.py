@@ -104,4 +104,21 @@ LLAMA3_8B = ModelConfig(
     eos_id=128009,
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SMOLLM2_135M, LLAMA3_8B)}
+# Test shapes: small enough that Triton's CPU interpreter runs a step in a fraction of a
+# second (random weights only).
+TINY = ModelConfig(
+    name="tiny",
+    vocab=512,
+    hidden=64,
+    layers=2,
+    n_q_heads=4,
+    n_kv_heads=2,
+    head_size=16,
+    intermediate=128,
+    rope_theta=10000.0,
+    rms_eps=1e-5,
+    tied=False,
+    max_position=2048,
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SMOLLM2_135M, LLAMA3_8B, TINY)}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -103,6 +104,7 @@ class Engine:
         )
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps = {"prefill": 0, "decode": 0}
+        self.decode_batches: Counter[int] = Counter()  # decode steps by batch size
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -161,6 +163,8 @@ class Engine:
             tokens = sample(logits, [r.params for r in batch], self.generator, [r.generator for r in batch])
             new = tokens.tolist()  # waits for the GPU: the next step needs these tokens
         self.steps[kind] += 1
+        if kind == "decode":
+            self.decode_batches[len(batch)] += 1
         for request, token in zip(batch, new):
             self._advance(request, int(token))
         return True

