@@ -250,4 +250,7 @@ class Engine:
             "cuda_graphs": self.cuda_graphs,
             "max_model_len": self.max_model_len,
             "cache_blocks": self.cache.num_blocks,
+            "free_blocks": self.cache.allocator.free_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
         }
