@@ -22,7 +22,8 @@ Phases (one run: every ratio comes from samples of the same process or machine s
   start to the first token, and the request's own time to first token, with the shipped
   books (``serve`` mode), with in-process tuning at the first call as ``triton.autotune``
   does it (``TUNEBOOK_MODE=off``: no book read or written, every key measured when first
-  met), and with fixed configs (``--ops fixed``); configs benchmarked in each.
+  met, ``--ttft-configs`` configs per key, 48 by default), and with fixed configs
+  (``--ops fixed``); configs benchmarked in each.
 * ``http``: a server under a bounded load from a local client: ``--streams`` concurrent
   streaming chat requests for ``--seconds``: requests/s, tokens/s, p50/p99 time to first
   token, failures.
@@ -67,12 +68,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per variant")
     p.add_argument("--warmup", type=int, default=16, help="decode steps before timing (graph capture)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decode variants")
+    p.add_argument("--ttft-configs", type=int, default=48, help="ttft: configs tuned per key in-process")
     p.add_argument("--streams", type=int, default=64, help="http: concurrent streams")
     p.add_argument("--seconds", type=float, default=60.0, help="http: load duration")
     args = p.parse_args(argv)
     if args.dry_run:
         args.batches, args.models, args.prompt_len, args.steps, args.warmup = "1,2", "tiny", 8, 2, 1
-        args.rounds, args.streams, args.seconds = 1, 2, 4.0
+        args.rounds, args.streams, args.seconds, args.ttft_configs = 1, 2, 4.0, 2
     return args
 
 
@@ -303,10 +305,11 @@ def _stats(port: int) -> dict[str, Any]:
 def phase_ttft(args: argparse.Namespace) -> list[dict[str, Any]]:
     variants = {
         "books": ([], {"TUNEBOOK_MODE": "serve"}),
-        # On the interpreter, two configs a key: the whole space would take many minutes.
+        # Tuned at the first call with a bounded list per kernel, as a triton.autotune of
+        # --ttft-configs configs would be (the whole spaces would take far longer).
         "in_process_tuning": (
             [],
-            {"TUNEBOOK_MODE": "off", **({"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"} if args.dry_run else {})},
+            {"TUNEBOOK_MODE": "off", "TUNEBOOK_KERNELS_MAX_CONFIGS": str(args.ttft_configs)},
         ),
         "fixed": (["--ops", "fixed"], {"TUNEBOOK_MODE": "serve"}),
     }
