@@ -3,6 +3,7 @@ continuous batching, stop conditions and sampling on a tiny random model."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ PROMPTS = [
 ]
 
 
-def tiny_engine(ops: str = "torch", **kwargs: Any) -> Engine:
+def tiny_engine(ops: Any = "torch", **kwargs: Any) -> Engine:
     """The tiny random model; PyTorch ops where a test is about the engine, not the kernels
     (the interpreter's kernels take a second a step even here)."""
     weights = random_weights(TINY, torch.float32, "cpu", seed=1)
@@ -127,6 +128,7 @@ def test_tokenizer_and_chat_template_from_gguf_metadata(smollm2: Any) -> None:
 # ------------------------------------------------------------------ the engine's behaviour
 
 
+@pytest.mark.slow  # ~5 s: every kernel of the pack in the interpreter, a few steps
 def test_triton_and_torch_engines_agree_on_the_tiny_model() -> None:
     """Prefill and decode steps through every kernel of the pack, batched, ragged."""
     prompts = [[5, 6, 7], [9] * 20, [1, 2]]
@@ -195,3 +197,31 @@ def test_a_request_waits_for_cache_and_abort_frees_it() -> None:
     assert big.finish_reason == "abort" and small.output and engine.scheduler.running == [small]
     with pytest.raises(ValueError, match="max_model_len"):
         engine.submit([1] * 128, SamplingParams(max_tokens=1))
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on() -> None:
+    from tunebook.demo.llm.ops import TorchOps
+
+    class Flaky(TorchOps):
+        fail = True
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if Flaky.fail:
+                Flaky.fail = False
+                raise RuntimeError("injected")
+            return super().silu_and_mul(x)
+
+    engine = tiny_engine(Flaky())  # type: ignore[arg-type]
+    engine.start()
+    try:
+        failed = engine.submit([1, 2], SamplingParams(max_tokens=2))
+        deadline = time.monotonic() + 30
+        while not failed.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert failed.finish_reason == "error" and "injected" in repr(engine.error)
+        later = engine.submit([1, 2], SamplingParams(max_tokens=2, ignore_eos=True))
+        while not later.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert later.finish_reason == "length" and len(later.output) == 2
+    finally:
+        engine.stop()

@@ -235,7 +235,7 @@ class Engine:
 
     def _fail_all(self) -> None:
         for request in [*self.scheduler.running, *list(self.scheduler.waiting)]:
-            self.scheduler.finish(request, "abort")
+            self.scheduler.finish(request, "error")
             self._notify(request, [], "")
         self.scheduler.waiting.clear()
 

@@ -39,7 +39,7 @@ from typing import Any
 from .kv_cache import BlockAllocator, blocks_for
 from .sampling import SamplingParams
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 _ids = itertools.count()
 
 

@@ -13,7 +13,8 @@ Endpoints (the subset of OpenAI's API a chat client needs):
 
 A request the server cannot serve is answered with OpenAI's error object: 400 for a
 malformed body or a field out of range (the message names the field, what was expected
-and what was found), 404 for a model it does not serve; never a crash. Streams are
+and what was found), 404 for a model it does not serve, 500 if the engine failed a step
+(its error is logged; the engine goes on with the next requests); never a crash. Streams are
 server-sent events ending with ``data: [DONE]``. Every request goes to one engine whose
 loop runs on a background thread, so concurrent requests share decode steps. A client
 that disconnects (mid-stream or while waiting) has its request aborted and its cache
@@ -89,19 +90,35 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
     raise BadRequest(f"'stop' must be a string or a list of up to 4 strings; found {stop!r}", "stop")
 
 
+# Fields this server does not implement, and the values that ask for nothing.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "tools": (None,),
+    "functions": (None,),
+    "logit_bias": (None,),
+}
+
+
 def sampling_params(body: Mapping[str, Any], max_tokens: int) -> SamplingParams:
     """The request's sampling fields, checked (``max_tokens`` already resolved)."""
     n = _integer(body, "n", 1, 1)
     if n != 1:
         raise BadRequest(f"'n' must be 1 (one choice per request) on this server; found {n}", "n")
-    for unsupported in ("logprobs", "echo", "best_of", "tools", "functions", "logit_bias"):
-        value = body.get(unsupported)
-        if value not in (None, False, 1) or (unsupported in ("tools", "functions") and value):
-            raise BadRequest(f"'{unsupported}' is not supported by this server; leave it out", unsupported)
+    for name, allowed in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value not in allowed and not (value == {} or value == []):
+            raise BadRequest(
+                f"'{name}' is not supported by this server; leave it out (found {value!r})", name
+            )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+        # top_p = 0 keeps the most likely token alone, as a tiny nucleus does.
+        top_p=max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-9),
         seed=_integer(body, "seed", None, 0),
         stop=_stop(body),
     )
@@ -228,13 +245,20 @@ class Front:
         }
 
 
+class EngineFailed(Exception):
+    """The engine failed a step and ended every request in it (its error is logged)."""
+
+
 async def _updates(request: Request, queue: asyncio.Queue[Any], engine: Engine) -> AsyncIterator[str]:
-    """The request's text deltas until it finishes; aborts it if the consumer goes away."""
+    """The request's text deltas until it finishes; aborts it if the consumer goes away.
+    Raises EngineFailed if the engine ended it with an error."""
     try:
         while True:
             delta, reason = await queue.get()
             if delta:
                 yield delta
+            if reason == "error":
+                raise EngineFailed(f"the engine failed while generating: {engine.error!r}")
             if reason is not None:
                 return
     finally:
@@ -309,9 +333,12 @@ def create_app(engine: Engine, model_id: str) -> Any:
         if stream:
 
             async def events() -> AsyncIterator[str]:
-                async for delta in _updates(req, queue, engine):
-                    yield _sse({**head, "choices": [choice(delta, None)]})
-                yield _sse({**head, "choices": [choice("", _finish(req))]})
+                try:
+                    async for delta in _updates(req, queue, engine):
+                        yield _sse({**head, "choices": [choice(delta, None)]})
+                    yield _sse({**head, "choices": [choice("", _finish(req))]})
+                except EngineFailed as exc:
+                    yield _sse(error_body(str(exc), None, 500))
                 yield _sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -338,9 +365,12 @@ def create_app(engine: Engine, model_id: str) -> Any:
 
             async def events() -> AsyncIterator[str]:
                 yield _sse(delta({"role": "assistant", "content": ""}, None))
-                async for text in _updates(req, queue, engine):
-                    yield _sse(delta({"content": text}, None))
-                yield _sse(delta({}, _finish(req)))
+                try:
+                    async for text in _updates(req, queue, engine):
+                        yield _sse(delta({"content": text}, None))
+                    yield _sse(delta({}, _finish(req)))
+                except EngineFailed as exc:
+                    yield _sse(error_body(str(exc), None, 500))
                 yield _sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -355,6 +385,8 @@ def create_app(engine: Engine, model_id: str) -> Any:
                 return await endpoint(request)
             except BadRequest as exc:
                 return JSONResponse(error_body(exc.message, exc.param, exc.status), status_code=exc.status)
+            except EngineFailed as exc:
+                return JSONResponse(error_body(str(exc), None, 500), status_code=500)
 
         return handle
 
