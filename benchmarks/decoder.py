@@ -22,8 +22,9 @@ Phases (one run: every ratio comes from samples of the same process or machine s
   start to the first token, and the request's own time to first token, with the shipped
   books (``serve`` mode), with in-process tuning at the first call as ``triton.autotune``
   does it (``TUNEBOOK_MODE=off``: no book read or written, every key measured when first
-  met, ``--ttft-configs`` configs per key, 48 by default), and with fixed configs
-  (``--ops fixed``); configs benchmarked in each.
+  met, ``--ttft-configs`` configs per key, 8 by default: its cost grows with the list),
+  and with fixed configs (``--ops fixed``); configs benchmarked in each. These servers
+  take one sequence of up to 512 tokens.
 * ``http``: a server under a bounded load from a local client: ``--streams`` concurrent
   streaming chat requests for ``--seconds``: requests/s, tokens/s, p50/p99 time to first
   token, failures.
@@ -68,7 +69,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per variant")
     p.add_argument("--warmup", type=int, default=16, help="decode steps before timing (graph capture)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decode variants")
-    p.add_argument("--ttft-configs", type=int, default=48, help="ttft: configs tuned per key in-process")
+    p.add_argument("--ttft-configs", type=int, default=8, help="ttft: configs tuned per key in-process")
     p.add_argument("--streams", type=int, default=64, help="http: concurrent streams")
     p.add_argument("--seconds", type=float, default=60.0, help="http: load duration")
     args = p.parse_args(argv)
@@ -145,8 +146,9 @@ def _copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * 10 / (time.perf_counter() - t0)
 
 
-def _hf_step_ms(weights: Any, batch: int, args: argparse.Namespace) -> float | None:
-    """HF transformers' eager ``generate``: ms per new token step, or None without transformers."""
+def _hf_model(weights: Any) -> Any:
+    """transformers' LlamaForCausalLM of the weights' shapes and dtype (its own random
+    weights: for speed only), or None without transformers."""
     try:
         import torch
         import transformers  # noqa: F401
@@ -155,7 +157,13 @@ def _hf_step_ms(weights: Any, batch: int, args: argparse.Namespace) -> float | N
     from tunebook.demo.llm.reference import hf_model
 
     with torch.device(weights.device):
-        model = hf_model(weights.config).to(weights.dtype)  # its own random weights: speed only
+        return hf_model(weights.config).to(weights.dtype)
+
+
+def _hf_step_ms(model: Any, weights: Any, batch: int, args: argparse.Namespace) -> float:
+    """HF transformers' eager ``generate``: ms per new token step."""
+    import torch
+
     ids = torch.randint(0, 1000, (batch, args.prompt_len), device=weights.device)
     new = max(args.steps // 4, 2)
     with torch.no_grad():
@@ -164,7 +172,6 @@ def _hf_step_ms(weights: Any, batch: int, args: argparse.Namespace) -> float | N
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         harness.synchronize()
-    del model
     return (time.perf_counter() - t0) * 1e3 / new
 
 
@@ -178,6 +185,7 @@ def phase_decode(args: argparse.Namespace, variants: tuple[str, ...], with_hf: b
     for model in args.models.split(","):
         weights, tokenizer, kind = _weights(model, dtype, device)
         roofline_ms = weights.nbytes() / bandwidth * 1e3
+        hf = _hf_model(weights) if with_hf and not args.dry_run else None
         for batch in (int(b) for b in args.batches.split(",")):
             max_len = args.prompt_len + args.warmup + args.steps + 8
             engines = {ops: _engine(weights, tokenizer, ops, batch, max_len) for ops in variants}
@@ -196,13 +204,13 @@ def phase_decode(args: argparse.Namespace, variants: tuple[str, ...], with_hf: b
                 row[f"{ops}_ms"] = statistics.median(ms)
                 row[f"{ops}_tokens_per_s"] = batch / statistics.median(ms) * 1e3
                 row[f"{ops}_samples_ms"] = ms
-            if with_hf and not args.dry_run:
-                row["hf_generate_ms"] = _hf_step_ms(weights, batch, args)
+            if hf is not None:
+                row["hf_generate_ms"] = _hf_step_ms(hf, weights, batch, args)
             del engines
             torch.cuda.empty_cache() if device == "cuda" else None
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("samples_ms")}), flush=True)
-        del weights
+        del weights, hf
     return rows
 
 
@@ -319,7 +327,9 @@ def phase_ttft(args: argparse.Namespace) -> list[dict[str, Any]]:
         env = harness.child_env(interpret=args.dry_run, TUNEBOOK_PATH=None, **overrides)
         env["TUNEBOOK_DIR"] = str(args.out / f"ttft-book-{name}")  # empty: only the shipped books
         t0 = time.perf_counter()
-        process = _server(args, port, extra, env)
+        # One sequence, 512 tokens: the first decode step runs (and, in-process, tunes) the
+        # kernels of two batch sizes (1, and the split-K warm-up's 64), not eight.
+        process = _server(args, port, [*extra, "--max-batch", "1", "--max-model-len", "512"], env)
         try:
             _wait(port, process)
             ready = time.perf_counter() - t0

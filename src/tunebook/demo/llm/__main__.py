@@ -75,6 +75,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     _model_arguments(srv)
     tune = sub.add_parser("tune", help="tune every kernel key the server meets, into a book directory")
     tune.add_argument("--out", required=True, help="book directory (TUNEBOOK_DIR)")
+    tune.add_argument("--batches", default=None, help="decode batch sizes, e.g. 1,8,32,64 (default: all)")
+    tune.add_argument("--contexts", default=None, help="decode context buckets, e.g. 256 (default: all)")
+    tune.add_argument("--prefills", default=None, help="prefill token counts (default: 1, 2, 4, ... max)")
+    tune.add_argument("--max-configs", type=int, default=None, help="configs measured per key")
     _model_arguments(tune)
     return parser.parse_args(argv)
 
@@ -140,29 +144,32 @@ def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
 
 
 def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
-    """Every key a serving engine meets: prefills of 1..max_model_len tokens (powers of
-    two), and decode steps at every padded batch size and context bucket."""
+    """Every key a serving engine meets (or the batches, contexts and prefills asked for):
+    prefills of 1..max_model_len tokens (powers of two), and decode steps at every padded
+    batch size and context bucket, run in ``tune`` mode into ``--out``."""
     import tunebook
 
     from .kv_cache import blocks_for
 
     os.environ["TUNEBOOK_DIR"] = os.path.abspath(args.out)
+    if args.max_configs is not None:  # read when the kernels are decorated: not yet imported
+        os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = str(args.max_configs)
     engine, model_id = build_engine(args, on_gpu)
-    runner, start = engine.runner, time.perf_counter()
-    n = 1
-    while n <= engine.max_model_len:
-        engine.generate([[0] * min(n, engine.max_model_len - 1)], _one_token())
-        n *= 2
-    buckets = []
-    bucket = runner.bucket(1)
-    while bucket <= runner.bucket(engine.max_model_len):
-        buckets.append(bucket)
-        bucket *= 2
-    blocks = list(range(1, blocks_for(runner.bucket(engine.max_model_len), engine.cache.block_size) + 1))
-    for batch in runner.sizes:
-        for bucket in buckets:
-            context = min(bucket, engine.max_model_len)
-            runner.cuda_graphs = False  # eager: tune here, capture nothing
+    runner, start, top = engine.runner, time.perf_counter(), engine.max_model_len
+
+    def sizes(text: str | None, default: list[int]) -> list[int]:
+        return [int(x) for x in text.split(",")] if text else default
+
+    powers = [2**i for i in range(top.bit_length()) if 2**i < top]
+    for n in sizes(args.prefills, powers):
+        engine.generate([[0] * min(n, top - 1)], _one_token())
+    print(f"[{time.perf_counter() - start:7.1f} s] prefills: {tunebook.stats()}", flush=True)
+    buckets = sorted({runner.bucket(b) for b in [*powers, top]})
+    blocks = list(range(1, blocks_for(runner.bucket(top), engine.cache.block_size) + 1))
+    runner.cuda_graphs = False  # eager: tune here, capture nothing
+    for batch in sizes(args.batches, runner.sizes):
+        for bucket in sizes(args.contexts, buckets):
+            context = min(bucket, top)
             runner.step([0] * batch, [context - 1] * batch, [blocks] * batch)
         print(f"[{time.perf_counter() - start:7.1f} s] batch {batch}: {tunebook.stats()}", flush=True)
     print(f"done: {model_id}, books in {os.environ['TUNEBOOK_DIR']}: {tunebook.stats()}")
