@@ -46,3 +46,27 @@ def test_messages_text_parts_and_roles() -> None:
         with pytest.raises(BadRequest) as err:
             _messages({"messages": bad})
         assert err.value.param == "messages"
+
+
+def test_text_stream_equals_decoding_everything_and_cutting_at_the_first_stop() -> None:
+    """Incremental detokenization with held-back stop prefixes, against the naive rule, on
+    random UTF-8 split at random token boundaries."""
+    import random
+
+    from tunebook.demo.llm.tokenizer import ByteTokenizer, TextStream
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", "E", "N", "D", "é", "漢", " "]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        stops = rng.choice([[], ["END"], ["ab", "漢a"], ["é"]])
+        data = list(text.encode())
+        stream, out, i = TextStream(ByteTokenizer(), stops), "", 0
+        while i < len(data) and not stream.stopped:
+            n = rng.randrange(1, 4)
+            out += stream.push(data[i : i + n])
+            i += n
+        out += stream.finish()
+        cut = min([text.find(s) for s in stops if s in text] or [len(text)])
+        assert out == text[:cut], (text, stops, out)
+        assert stream.stopped == (cut < len(text))

@@ -166,6 +166,9 @@ class ByteTokenizer:
 class TextStream:
     """Text deltas of a growing sequence of generated ids, cut at the first stop string.
 
+    Decoding is incremental (vLLM's way): each push decodes only the ids since the last
+    complete character, so a step costs the same at token 2000 as at token 2.
+
     >>> s = TextStream(ByteTokenizer(), stop=["END"])
     >>> s.push([72, 105]), s.push([195]), s.push([169, 32]), s.push(list(b"xEND more")), s.stopped
     ('Hi', '', 'é ', 'x', True)
@@ -176,26 +179,40 @@ class TextStream:
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""  # what has been handed out
+        self.pending = ""  # decoded, held back (a possible start of a stop string)
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to the last complete text, _seen
+        self._read = 0
+        self._seen = ""
 
     def push(self, ids: Sequence[int]) -> str:
         """Add new ids; return the text they complete (maybe empty)."""
         if self.stopped:
             return ""
         self.ids.extend(ids)
-        full = self.tokenizer.decode(self.ids)
+        full = self.tokenizer.decode(self.ids[self._prefix :])
+        if full.endswith("\ufffd") or len(full) <= len(self._seen):
+            return ""  # half a character: wait for the rest of its bytes
+        self.pending += full[len(self._seen) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self._seen = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        return self._release()
+
+    def _release(self) -> str:
         for s in self.stop:
-            at = full.find(s, max(0, len(self.text) - len(s) + 1))
+            window = self.text[len(self.text) - len(s) + 1 :] if len(s) > 1 else ""
+            at = (window + self.pending).find(s)
             if at >= 0:
                 self.stopped = True
-                full = full[:at]
-        if not self.stopped:
-            if full.endswith("\ufffd"):
-                return ""  # half a character: wait for the rest of its bytes
-            # Hold back a tail that could be the start of a stop string.
-            hold = max((_overlap(full, s) for s in self.stop), default=0)
-            full = full[: len(full) - hold]
-        delta = full[len(self.text) :] if full.startswith(self.text) else ""
+                delta = (window + self.pending)[len(window) : max(at, len(window))]
+                # A stop string that began in text already handed out ends the text there.
+                self.text += delta
+                self.pending = ""
+                return delta
+        hold = max((_overlap(self.text + self.pending, s) for s in self.stop), default=0)
+        hold = min(hold, len(self.pending))
+        delta = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(delta) :]
         self.text += delta
         return delta
 
@@ -203,8 +220,7 @@ class TextStream:
         """The text held back at the end (a partial stop string that never completed)."""
         if self.stopped:
             return ""
-        full = self.tokenizer.decode(self.ids)
-        delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        delta, self.pending = self.pending, ""
         self.text += delta
         return delta
 
