@@ -338,3 +338,20 @@ def test_ray_sweep_cpu_mode_runs_every_phase(tmp_path: Path) -> None:
         assert phase["failed_keys"] == [] and len(phase["winners"]) == len(doc["keys"])
     assert [n for _, n in doc["phases"]["ray_dynamic"]["gpus"]] == [2]
     assert [r["gpus"] for r in doc["simulate"]["rows"]] == [1, 2, 8, 64, 128, 256]
+
+
+@pytest.mark.slow
+def test_decoder_dry_run(tmp_path: Path) -> None:
+    """The LLM engine's benchmark on the tiny model (the GPU-only ``check`` phase is the
+    engine tests' comparison with transformers, tests/llm): every phase runs and writes
+    its fields; the fresh server with the books benchmarks nothing, in-process tuning does."""
+    phases = "decode,tuned,ttft,http"
+    out = run_benchmark(tmp_path, "decoder.py", "--dry-run", "--phases", phases, timeout=900)
+    doc = results(out / "decoder.json", ("date", "gpu", "timings", "decode", "tuned", "ttft", "http"))
+    assert_cpu_mode(doc)
+    assert {r["batch"] for r in doc["decode"]} == {1, 2} and "torch_ms" in doc["decode"][0]
+    assert "fixed_ms" in doc["tuned"][0]
+    ttft = {r["variant"]: r for r in doc["ttft"]}
+    assert ttft["books"]["benchmarked"] == 0 and ttft["fixed"]["benchmarked"] == 0
+    assert ttft["in_process_tuning"]["benchmarked"] > 0
+    assert doc["http"]["failed"] == 0 and doc["http"]["requests"] >= 1

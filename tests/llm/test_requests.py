@@ -1,0 +1,72 @@
+"""The server's reading of request bodies, without a server: every refusal names its field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tunebook.demo.llm.server import BadRequest, _messages, sampling_params
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"seed": -3}, "seed"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a"] * 5}, "stop"),
+        ({"logprobs": 3}, "logprobs"),
+        ({"echo": True}, "echo"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"best_of": 4}, "best_of"),
+    ],
+)
+def test_out_of_range_and_unsupported_fields_are_refused_by_name(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        sampling_params(body, 8)
+    assert err.value.param == field and err.value.status == 400 and field in err.value.message
+
+
+def test_defaults_and_edges() -> None:
+    params = sampling_params({"logprobs": None, "echo": False, "tools": [], "best_of": 1, "stop": "END"}, 8)
+    assert (params.max_tokens, params.temperature, params.top_p, params.stop) == (8, 1.0, 1.0, ("END",))
+    assert 0 < sampling_params({"top_p": 0}, 8).top_p < 1e-6  # 0: the top token alone
+
+
+def test_messages_text_parts_and_roles() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert _messages({"messages": [{"role": "developer", "content": parts}]}) == [
+        {"role": "system", "content": "ab"}
+    ]
+    for bad in ([], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}],
+                [{"role": "user", "content": [{"type": "image_url"}]}]):  # fmt: skip
+        with pytest.raises(BadRequest) as err:
+            _messages({"messages": bad})
+        assert err.value.param == "messages"
+
+
+def test_text_stream_equals_decoding_everything_and_cutting_at_the_first_stop() -> None:
+    """Incremental detokenization with held-back stop prefixes, against the naive rule, on
+    random UTF-8 split at random token boundaries."""
+    import random
+
+    from tunebook.demo.llm.tokenizer import ByteTokenizer, TextStream
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", "E", "N", "D", "é", "漢", " "]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        stops = rng.choice([[], ["END"], ["ab", "漢a"], ["é"]])
+        data = list(text.encode())
+        stream, out, i = TextStream(ByteTokenizer(), stops), "", 0
+        while i < len(data) and not stream.stopped:
+            n = rng.randrange(1, 4)
+            out += stream.push(data[i : i + n])
+            i += n
+        out += stream.finish()
+        cut = min([text.find(s) for s in stops if s in text] or [len(text)])
+        assert out == text[:cut], (text, stops, out)
+        assert stream.stopped == (cut < len(text))

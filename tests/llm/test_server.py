@@ -1,0 +1,208 @@
+"""The HTTP server, as clients meet it: a real uvicorn process on a free port, answered
+through the ``openai`` Python client (and raw HTTP where a client would not misbehave).
+
+The server runs the tiny random model on the pack's Triton kernels in the interpreter
+(``--model tiny --random``; a step takes about a second); one test serves SmolLM2 cut to
+one layer, for the real tokenizer and chat template. Every test here waits on
+generation: the module is slow."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-random"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, port: int, process: subprocess.Popen[str]) -> None:
+        self.port, self.process = port, process
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def get(self, path: str) -> Any:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+
+    def post(self, path: str, body: bytes) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+
+def start_server(tmp: Path, *args: str) -> Iterator[Server]:
+    port = free_port()
+    env = {**os.environ, "TUNEBOOK_DIR": str(tmp / "book"), "TUNEBOOK_MODE": "serve", "TRITON_INTERPRET": "1"}
+    log = open(tmp / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunebook.demo.llm", "serve", "--port", str(port), *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    server = Server(port, process)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited {process.returncode}:\n{(tmp / 'server.log').read_text()}"
+                )
+            try:
+                server.get("/v1/models")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no answer in 180 s:\n{(tmp / 'server.log').read_text()}") from None
+                time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory.mktemp("server"), "--model", "tiny", "--random")
+
+
+@pytest.fixture
+def client(server: Server) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_completion_and_chat(server: Server, client: Any) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    completion = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 3 and completion.usage.prompt_tokens == 2
+    again = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+    assert again.choices[0].text == completion.choices[0].text  # greedy: the same text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=2, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 2
+    stats = server.get("/stats")["tunebook"]
+    assert stats["benchmarked"] == 0  # serve mode: nothing is ever tuned in a request
+
+
+def test_streaming_chat_and_completion(client: Any) -> None:
+    params = {"model": MODEL, "max_tokens": 3, "temperature": 0}
+    whole = client.completions.create(prompt="abc", **params).choices[0].text
+    chunks = list(client.completions.create(prompt="abc", stream=True, **params))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason == "length"
+    events = list(
+        client.chat.completions.create(messages=[{"role": "user", "content": "x"}], stream=True, **params)
+    )
+    assert events[0].choices[0].delta.role == "assistant"
+    assert events[-1].choices[0].finish_reason == "length"
+
+
+def test_two_concurrent_requests_share_decode_steps(server: Server, client: Any) -> None:
+    before = server.get("/stats")["engine"]["decode_batches"]
+    texts: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        reply = client.completions.create(model=MODEL, prompt=f"p{i}", max_tokens=4, temperature=0)
+        texts[i] = reply.choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(texts) == 2
+    after = server.get("/stats")["engine"]["decode_batches"]
+    assert after.get("2", 0) > before.get("2", 0), after  # decode steps with both requests
+
+
+def test_bad_requests_get_400_with_a_message(server: Server, client: Any) -> None:
+    import openai
+
+    cases = [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": "high"}, "top_p"),
+        ({"n": 3}, "'n'"),
+        ({"max_tokens": 10**6}, "ask for at most"),
+        ({"stop": [1, 2]}, "stop"),
+    ]
+    for fields, words in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="x", **fields)
+        assert words in str(err.value), (fields, str(err.value))
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-9", prompt="x")
+    status, body = server.post("/v1/completions", b"{not json")
+    assert status == 400 and "does not parse" in body["error"]["message"]
+    status, body = server.post("/v1/chat/completions", b"[1, 2]")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert server.get("/v1/models")["data"][0]["id"] == MODEL  # still serving
+
+
+def test_a_client_that_disconnects_mid_stream_is_aborted(server: Server, client: Any) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 400, "stream": True, "temperature": 0}
+    conn.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # gone, 399 tokens early
+    conn.close()
+    deadline = time.monotonic() + 60
+    engine = server.get("/stats")["engine"]
+    while engine["running"] or engine["free_blocks"] != engine["cache_blocks"] - 1:
+        assert time.monotonic() < deadline, f"the request was not aborted: {engine}"
+        time.sleep(0.5)
+        engine = server.get("/stats")["engine"]
+    reply = client.completions.create(model=MODEL, prompt="ok", max_tokens=1)
+    assert reply.choices[0].finish_reason == "length"  # and the server goes on
+
+
+def test_the_real_model_chats_through_its_template(tmp_path: Path) -> None:
+    """SmolLM2 (one layer: the interpreter reads its 49152-wide output projection each step)
+    behind the openai client: the GGUF tokenizer, the chat template, streaming."""
+    import openai
+
+    for server in start_server(tmp_path, "--layers", "1"):
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+        [model] = client.models.list().data
+        assert model.id == "smollm2-135m-instruct-1-layers"
+        reply = client.chat.completions.create(
+            model=model.id, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+        )
+        assert reply.usage.prompt_tokens == 31 and reply.usage.completion_tokens == 2
