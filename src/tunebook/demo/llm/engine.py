@@ -10,6 +10,7 @@ where requests arrive and leave between steps.
 Defaults follow the device: on a GPU bfloat16 and CUDA graphs for decode steps; on a CPU
 (Triton's interpreter) float32 and eager steps.
 
+>>> import dataclasses
 >>> import torch
 >>> from .config import SMOLLM2_135M
 >>> from .loading import random_weights
