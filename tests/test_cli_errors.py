@@ -284,3 +284,14 @@ def test_export_never_writes_outside_its_output_directory(tmp_path: Path) -> Non
         assert not list((tmp_path / "escape").iterdir()), device
         written = [p for p in tmp_path.rglob("E=*") if p.is_file()]
         assert all(p.parent == out for p in written), (device, written)
+
+
+def test_no_lock_file_lies_beside_a_page_a_user_would_ship(book_dir: Path, tmp_path: Path) -> None:
+    # Issue 9, item 15: lock files beside every book file would be shipped with a book. Locks
+    # live under each page's hidden .tunebook/ folder, whatever wrote the book.
+    tune_add()
+    invoke("merge", book_dir, "-o", tmp_path / "merged")
+    for book in (book_dir, tmp_path / "merged"):
+        shipped = [p for p in book.rglob("*") if ".tunebook" not in p.relative_to(book).parts]
+        assert shipped and not [p for p in shipped if p.suffix == ".lock"], shipped
+        assert all(p.suffix == ".json" or p.is_dir() for p in shipped), shipped
