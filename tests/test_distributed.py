@@ -33,7 +33,13 @@ rank, world = dist.get_rank(), dist.get_world_size()
 import triton, tunebook
 from kernels import add_kernel, grid_1d, vectors
 
-measured = []
+measured, recorded = [], []
+from tunebook._book import pages as _pages
+_record = _pages.Page.record
+def _counting_record(self, key_text, entry):
+    recorded.append(key_text)  # every write of a key to this rank's book
+    return _record(self, key_text, entry)
+_pages.Page.record = _counting_record
 
 class Noisy:
     # Near-tied configs; each rank sees them through its own noise, so that alone each rank
@@ -69,6 +75,7 @@ if rank == 0 and {lonely}:
     torch.testing.assert_close(out, x + y)
     lonely = time.perf_counter() - t0
 print(json.dumps({{"rank": rank, "chosen": chosen, "measured": len(measured), "lonely": lonely,
+                  "recorded": len(recorded),
                   "store_keys": store.num_keys() - keys_before, "stats": tunebook.stats(),
                   "seconds": time.perf_counter() - start}}), flush=True)
 dist.barrier()
@@ -83,9 +90,10 @@ def _free_port() -> int:
 
 
 def run_group(
-    world: int, tmp_path: Path, *, keys=(100, 200, 300), lonely=False, env=None, timeout=240
+    world: int, tmp_path: Path, *, keys=(100, 200, 300), lonely=False, env=None, timeout=240, shared=False
 ) -> list[dict]:
-    """Run RANK in ``world`` processes of one gloo group; each rank gets its own book directory."""
+    """Run RANK in ``world`` processes of one gloo group; each rank gets its own book directory
+    (``shared``: one for all, as ranks of one host sharing a disk)."""
     init = f"tcp://127.0.0.1:{_free_port()}"
     code = textwrap.dedent(RANK.format(blocks=BLOCKS, keys=tuple(keys), lonely=lonely))
     procs = []
@@ -97,7 +105,7 @@ def run_group(
             "INIT": init,
             "RANK": str(rank),
             "WORLD": str(world),
-            "TUNEBOOK_DIR": str(tmp_path / f"book-{rank}"),
+            "TUNEBOOK_DIR": str(tmp_path / ("book" if shared else f"book-{rank}")),
             "TUNEBOOK_DISTRIBUTED_JOIN_S": "30",
             **(env or {}),
         }
@@ -146,9 +154,11 @@ def _check_agreement(outs: list[dict], tmp_path: Path, keys: tuple[int, ...]) ->
     total = len(BLOCKS) * len(keys)
     assert sum(per_rank) == total, per_rank  # every candidate measured once, by one rank
     assert max(per_rank) <= -(-len(BLOCKS) // world) * len(keys), per_rank  # about 1/world each
-    writers = [_book_keys(tmp_path / f"book-{rank}") for rank in range(world)]
-    for n in keys:
-        assert sum(n in w for w in writers) == 1, f"key {n} written by {sum(n in w for w in writers)} ranks"
+    # Books of their own (another host, a book per rank): every rank keeps every decision, so a
+    # later job hits on every rank alike instead of hitting on one and tuning on another.
+    for rank in range(world):
+        assert _book_keys(tmp_path / f"book-{rank}") == set(keys), rank
+        assert outs[rank]["recorded"] == len(keys), outs[rank]  # one write a key
 
 
 def test_two_ranks_launch_the_same_winner_and_split_the_work(tmp_path):
@@ -157,6 +167,19 @@ def test_two_ranks_launch_the_same_winner_and_split_the_work(tmp_path):
     _check_agreement(outs, tmp_path, keys)
     # Alone, rank 0 would pick BLOCK=16 and rank 1 BLOCK=32: the group picked one for both.
     assert {o["chosen"]["100"] for o in outs} <= {16, 32}
+    # The next job, each rank on its own book: every key a hit on every rank, the same config,
+    # no store operation, nothing measured.
+    again = run_group(2, tmp_path, keys=keys)
+    assert [o["chosen"] for o in again] == [outs[0]["chosen"]] * 2
+    assert all(o["measured"] == 0 and o["store_keys"] == 0 and o["recorded"] == 0 for o in again), again
+
+
+def test_ranks_sharing_one_book_write_each_key_once(tmp_path):
+    keys = (100, 200)
+    outs = run_group(2, tmp_path, keys=keys, shared=True)
+    assert len({json.dumps(o["chosen"]) for o in outs}) == 1
+    assert sum(o["recorded"] for o in outs) == len(keys), outs  # the deciding rank's write only
+    assert _book_keys(tmp_path / "book") == set(keys)
 
 
 @pytest.mark.slow

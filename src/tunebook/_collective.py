@@ -13,7 +13,11 @@ Over the group's store (see ``_distributed.py``), for each key a rank misses in 
    or a neighbouring key's winner within 2%), records the key in its book (the only write)
    and publishes the decision; the first decision published for a key stands;
 5. every other rank, including one that arrived after the round closed, waits for the
-   decision and launches it.
+   decision and launches it; a rank whose own book is another directory than the one the
+   decision was written to (another host, or a book per rank) records it there too, so
+   that a later job finds the key on every rank alike (a hit on one rank and a miss on
+   another would tune the missing rank alone, after the join wait, and could choose
+   otherwise).
 
 **No deadlock.** Every wait has a deadline. A key only some ranks reach is tuned by those
 that come (after the join wait); a rank that waits longer than
@@ -27,8 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _settings
@@ -70,7 +77,8 @@ def tune_together(
     store, ns = team.store, namespace(page, key_text)
     decision = _decision(store, ns, key)
     if decision is not None:
-        return Outcome(decision, 0, 0, time.perf_counter() - start)
+        _remember(page, key_text, decision, ids[0] if ids else "")
+        return Outcome(decision.entry, 0, 0, time.perf_counter() - start)
     arrival = int(store.add(ns + "arrivals", 1))
     participants = _close_round(store, ns, team.world) if arrival == 1 else _participants(store, ns)
     mine: Outcome | None = None
@@ -88,10 +96,12 @@ def tune_together(
             measured += alone.measured
             failures += alone.failures
             chosen = tie_aware_choice(alone.entry.results, ids, hints)
-            waited = _settle(
+            decided = _settle(
                 store, ns, page, key_text, _decided_entry(key, alone.entry.results, chosen, ids, start)
             )
-        decided = waited
+        else:
+            _remember(page, key_text, waited, ids[0] if ids else "")
+            decided = waited.entry
     if decided.best(ids) is None:
         raise TuningFailed(
             f"tunebook: no config ran for key {list(key)} on any rank of the group; `tunebook show` lists "
@@ -164,10 +174,11 @@ def _decide(
 def _settle(store: Any, ns: str, page: Page, key_text: str, entry: Entry) -> Entry:
     """Publish ``entry`` as the decision; if it is the one that stands, write it to the book
     (the one write for this key); return the decision that stands."""
-    decided = _publish(store, ns, entry)
-    if decided is entry:
-        decided = page.record(key_text, entry)
-    return decided
+    decided = _publish(store, ns, entry, book_id(page))
+    if decided.entry is entry:
+        return page.record(key_text, entry)
+    _remember(page, key_text, decided, entry.first)
+    return decided.entry
 
 
 def _decided_entry(
@@ -186,33 +197,61 @@ def _decided_entry(
     )
 
 
-def _publish(store: Any, ns: str, entry: Entry) -> Entry:
+@dataclass(frozen=True)
+class Decision:
+    """A key's decision as published: the entry, and the book it was written to."""
+
+    entry: Entry
+    book: str
+
+
+def book_id(page: Page) -> str:
+    """Which directory this rank's book writes to: host and real path (not a file id: the
+    directory may not exist before the first write). Two ranks with the same id share the
+    book, so the key is written once; bind mounts or a network disk seen under two paths
+    read as two books and get one more write each, which merges to the same entry."""
+    directory = page.book.directory
+    where = os.path.realpath(directory) if directory is not None else ""
+    return f"{socket.gethostname()}:{where}"
+
+
+def _remember(page: Page, key_text: str, decided: Decision, first: str) -> None:
+    """Record a decision another rank wrote in this rank's own book, unless it is the same book."""
+    if page.book.directory is None or decided.book == book_id(page):
+        return
+    stamp = now_iso()
+    entry = replace(decided.entry, tuned_at=stamp, updated_at=stamp, tunebook=__version__, first=first)
+    page.record(key_text, entry)
+
+
+def _publish(store: Any, ns: str, entry: Entry, book: str) -> Decision:
     """Publish ``entry`` as the key's decision unless one stands already; return the one that stands."""
-    text = json.dumps({"chosen": entry.chosen, "results": _results_json(entry.results)})
+    text = json.dumps({"chosen": entry.chosen, "results": _results_json(entry.results), "book": book})
     stored = store.compare_set(ns + "decision", "", text)
     stored_text = stored.decode() if isinstance(stored, bytes) else str(stored)
     if stored_text == text:
-        return entry
-    return _entry_from(entry.key, stored_text) or entry
+        return Decision(entry, book)
+    return _decision_from(entry.key, stored_text) or Decision(entry, book)
 
 
-def _decision(store: Any, ns: str, key: Sequence[Any]) -> Entry | None:
+def _decision(store: Any, ns: str, key: Sequence[Any]) -> Decision | None:
     if not store.check([ns + "decision"]):
         return None
-    return _entry_from(stored_key(key), store.get(ns + "decision"))
+    return _decision_from(stored_key(key), store.get(ns + "decision"))
 
 
-def _wait_for_decision(store: Any, ns: str, key: Sequence[Any]) -> Entry | None:
+def _wait_for_decision(store: Any, ns: str, key: Sequence[Any]) -> Decision | None:
     if not wait(store, [ns + "decision"], _settings.distributed_wait_s()):
         return None
-    return _entry_from(stored_key(key), store.get(ns + "decision"))
+    return _decision_from(stored_key(key), store.get(ns + "decision"))
 
 
-def _entry_from(key: Sequence[Any], raw: Any) -> Entry | None:
+def _decision_from(key: Sequence[Any], raw: Any) -> Decision | None:
     data = _loads(raw)
     if data is None or not isinstance(data.get("chosen"), str):
         return None
-    return Entry(key=tuple(key), results=_results_from(data.get("results", {})), chosen=data["chosen"])
+    entry = Entry(key=tuple(key), results=_results_from(data.get("results", {})), chosen=data["chosen"])
+    return Decision(entry, str(data.get("book", "")))
 
 
 def _results_json(results: Mapping[str, Result]) -> dict[str, Any]:
