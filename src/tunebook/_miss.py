@@ -225,6 +225,7 @@ def _tune_some(
         bench=bench,
         persist=Persist(page, miss.text, miss.key, miss.ids[0], entry),
         is_unexpected=unexpected_failure,
+        is_transient=_compat.is_interpreter_collision,
         precompile=_precompiler(tuner, miss.call),
         strategy=options.strategy,
         budget=budget,
