@@ -105,12 +105,7 @@ def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:
     if not others:
         return
     tuner = miss.tuner
-    if tuner.space is not None:
-        space = tuner.space
-        ignored = [cid for cid in others if not space.declares(entry.results[cid].config)]
-    else:
-        declared = {tuner.config_index.id_of(c) for c in tuner.configs}
-        ignored = [cid for cid in others if cid not in declared]
+    ignored = [cid for cid in others if not tuner.declares(entry.results[cid].config)]
     if ignored:
         _warnings.warn_once(
             f"undeclared:{tuner.label}",
