@@ -322,8 +322,8 @@ def command(
     binding = bind(list(next(iter(key_sets))), config_names, maps, consts, kernel)
     notes: list[str] = []
     files = export_pages(pages, binding, parse_assignments(where, "--where"), declares, notes)
-    warn_declared(kernel, declared, notes, sum(len(table) for table in files.values()))
     if not files:
+        warn_declared(kernel, declared, notes, 0)  # which keys had only undeclared winners
         raise click.ClickException(f"no key of {kernel} with a successful config matched; nothing written")
     console = out()
     with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
@@ -331,6 +331,7 @@ def command(
         for name in sorted(files):
             atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
             console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")
+    warn_declared(kernel, declared, notes, sum(len(table) for table in files.values()))
 
 
 def warn_declared(kernel: str, declared: str | None, notes: list[str], exported: int) -> None:
