@@ -507,6 +507,74 @@ def test_export_vllm_collisions_name_the_differing_key_and_the_filter(tmp_path: 
     assert json.loads((tmp_path / "out" / VLLM_NAME).read_text()) == EXPECTED_VLLM
 
 
+MOE_MODULE = """
+import triton
+import triton.language as tl
+
+import tunebook
+
+
+@triton.jit
+def fused_moe_kernel(x, num_tokens, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pass
+
+
+def config(bm, bn, bk, gm):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+    return triton.Config(meta, num_warps=4, num_stages=3)
+
+
+# The book's winners at M=1 and M=64 and its runner-up; not its winner at M=1024 (BLOCK_M=128, 8 warps).
+moe = tunebook.autotune(
+    [config(16, 64, 128, 8), config(64, 64, 128, 8), config(256, 256, 64, 1)], key=["num_tokens", "N", "E"]
+)(fused_moe_kernel)
+"""
+
+
+def test_export_vllm_writes_only_configs_the_kernel_declares(tmp_path: Path) -> None:
+    """A book's winner the kernel no longer declares is never exported: with --declared, the
+    fastest declared config is, and the key is named; without it, a warning says that nothing
+    was checked (issue 10 item 11)."""
+    write_doc(tmp_path / "book", _moe_doc())
+    (tmp_path / "moekernels.py").write_text(MOE_MODULE)
+    res = invoke(*export_moe_args(tmp_path), "--declared", f"{tmp_path / 'moekernels.py'}:moe")
+    written = json.loads((tmp_path / "out" / VLLM_NAME).read_text())
+    assert {m: written[m] for m in ("1", "64")} == {m: EXPECTED_VLLM[m] for m in ("1", "64")}
+    assert written["1024"] == {
+        "BLOCK_SIZE_M": 256,
+        "BLOCK_SIZE_N": 256,
+        "BLOCK_SIZE_K": 64,
+        "GROUP_SIZE_M": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
+    assert "key [1024, 14336, 8, 'torch.bfloat16']: winner BLOCK_K=128,BLOCK_M=128" in res.stderr
+    assert "is not a config the kernel declares; exported BLOCK_K=64,BLOCK_M=256" in res.stderr
+    assert res.stderr.count("not a config the kernel declares") == 1, res.stderr
+
+    unchecked = invoke(
+        "export", "--format", "vllm", tmp_path / "book", "-o", tmp_path / "v2", "--kernel", "fused_moe_kernel"
+    )
+    assert json.loads((tmp_path / "v2" / VLLM_NAME).read_text()) == EXPECTED_VLLM  # as before, but said:
+    assert "the 3 winners of fused_moe_kernel were not checked" in unchecked.stderr
+    assert "--declared MODULE:KERNEL" in unchecked.stderr
+
+
+def test_export_vllm_skips_a_key_where_no_declared_config_ran(tmp_path: Path) -> None:
+    """Without its runner-up, the key whose winner is undeclared has nothing to export: skipped, named."""
+    doc = _moe_doc()
+    without_256 = {
+        text: replace(e, results={c: r for c, r in e.results.items() if "BLOCK_M=256" not in c})
+        for text, e in doc.entries.items()
+    }
+    write_doc(tmp_path / "book", replace(doc, entries=without_256))
+    (tmp_path / "moekernels2.py").write_text(MOE_MODULE)
+    res = invoke(*export_moe_args(tmp_path), "--declared", f"{tmp_path / 'moekernels2.py'}:moe")
+    assert list(json.loads((tmp_path / "out" / VLLM_NAME).read_text())) == ["1", "64"]
+    assert "no declared config ran: key skipped" in res.stderr
+
+
 def test_import_vllm_round_trips_and_is_marked_imported(tmp_path: Path) -> None:
     write_doc(tmp_path / "book", _moe_doc())
     invoke(

@@ -164,6 +164,53 @@ def test_the_tuning_log_counts_only_the_configs_the_kernel_declares(monkeypatch,
     monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
     capsys.readouterr()
     new = tunebook.autotune(block_configs(64, 256), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)
-    call(new(add_kernel), 100)
+    with pytest.warns(tunebook.BookWarning, match="3 results .* does not declare"):
+        call(new(add_kernel), 100)
     out = capsys.readouterr().out
     assert "1 of 2 configs benchmarked now, 1 remembered in the book" in out, out
+
+
+def test_a_books_results_for_undeclared_configs_are_ignored_with_one_warning():
+    """Results for configs the kernel no longer declares are ignored, and the user is told once
+    per kernel which kernel, how many results and why (issue 10 item 11: they were dropped
+    silently)."""
+    import warnings
+
+    replay = Replay({16: 5.0, 32: 3.0, 64: 1.0, 128: 2.0})
+    old = tunebook.autotune(
+        block_configs(16, 32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel)
+    for n in (100, 200):
+        call(old, n)
+    new = tunebook.autotune(block_configs(64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(
+        add_kernel
+    )
+    measured = len(replay.measured)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (100, 200):
+            call(new, n)
+        for _ in range(3):
+            call(new, 100)  # hits: nothing more to say
+    said = [str(w.message) for w in caught if issubclass(w.category, tunebook.BookWarning)]
+    assert len(said) == 1, said
+    assert "add_kernel" in said[0] and "2 results" in said[0], said[0]
+    assert "does not declare" in said[0] and "BLOCK=16" in said[0], said[0]
+    assert len(replay.measured) == measured  # answered from the book, among declared configs only
+    assert new.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_configs_a_space_declares_raise_no_undeclared_warning():
+    """A Space's configs the call's arg constraints exclude are declared all the same: no warning."""
+    import warnings
+
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    every = tunebook.Space(BLOCK=[32, 64, 128])
+    call(tunebook.autotune(every, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_kernel), 100)
+    small = tunebook.Space(BLOCK=[32, 64, 128], arg_constraints=[lambda c, a: c["BLOCK"] <= a["n"]])
+    kernel = tunebook.autotune(small, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(kernel, 100)  # BLOCK=128 is the Space's, though not this call's: declared
+    assert not [w for w in caught if issubclass(w.category, tunebook.BookWarning)]
+    assert len(replay.measured) == 3

@@ -13,7 +13,7 @@ import triton
 
 import tunebook
 from conftest import book_files
-from kernels import add_kernel, add_wrong_at_128_kernel, grid_1d, vectors
+from kernels import Replay, add_kernel, add_wrong_at_128_kernel, block_configs, grid_1d, vectors
 from tunebook._book import read_document
 
 
@@ -360,3 +360,99 @@ def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, mon
     later = tunebook.autotune(configs, key=["n"])(add_kernel)
     call(later, 64)
     assert served == {"A": 32, "B": 32} and later.best_config.kwargs["BLOCK"] == 32, served
+
+
+def interpreter_collision() -> Exception:
+    """The exception a launch on Triton's interpreter raises when another thread's launch
+    collides with it (Triton 3.9): the other launch, ending, put ``triton.language`` back as it
+    is outside a kernel, so this one's ``tl.arange`` meets the error of a call outside
+    @triton.jit, wrapped as the interpreter wraps every error of a launch. (Triton 3.4 leaves
+    the language patched after a first launch, so there the error is made from its text.)"""
+    from triton.runtime.errors import InterpreterError
+
+    try:
+        triton.language.arange(0, 16)  # outside a launch: what the collided launch meets
+        cause = ValueError(
+            "Did you forget to add @triton.jit ? "
+            "(`_semantic` argument must be provided outside of JIT functions.)"
+        )
+    except ValueError as exc:
+        cause = exc
+    wrapped = InterpreterError(repr(cause))
+    wrapped.__cause__ = cause
+    return wrapped
+
+
+class Collided(Replay):
+    """``Replay``, but the first ``collisions[BLOCK]`` launches of a block collide."""
+
+    def __init__(self, table: dict[int, float], collisions: dict[int, int]) -> None:
+        super().__init__(table)
+        self.collisions = dict(collisions)
+
+    def __call__(self, kernel_call: Any, quantiles: Any = None) -> list[float]:
+        kernel_call()  # the pre-hook tells which config this is
+        block = self._current["BLOCK"]
+        if self.collisions.get(block, 0) > 0:
+            self.collisions[block] -= 1
+            self.measured.append(block)
+            raise interpreter_collision()
+        return super().__call__(kernel_call, quantiles)
+
+
+def test_a_config_whose_launch_another_thread_collided_with_is_measured_again(book_dir):
+    """A config that failed only because another thread's interpreter launch collided with it
+    is not stored as failed forever (issue 10 item 11): it is measured once more at once."""
+    bench = Collided({32: 3.0, 64: 1.0, 128: 2.0}, collisions={64: 1})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=bench, pre_hook=bench.pre_hook
+    )(add_kernel)
+    call(kernel)
+    assert sorted(bench.measured) == [32, 64, 64, 128]
+    entry = entry_of(book_dir)
+    assert all(r.ok for r in entry.results.values())
+    assert entry.results[entry.best()].config["kwargs"] == {"BLOCK": 64}
+
+
+def test_a_config_that_collides_twice_is_left_for_a_later_tuning(book_dir):
+    """Collided twice in a row, the config is not recorded at all: this process serves the best
+    of the others, and the next tuning of the key measures that config alone."""
+    bench = Collided({32: 3.0, 64: 1.0, 128: 2.0}, collisions={64: 2})
+    first = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=bench, pre_hook=bench.pre_hook)(
+        add_kernel
+    )
+    call(first)
+    assert first.best_config.kwargs == {"BLOCK": 128}
+    stored = entry_of(book_dir).results.values()
+    assert sorted(r.config["kwargs"]["BLOCK"] for r in stored) == [32, 128]
+    assert all(r.ok for r in stored)
+    bench.measured.clear()
+    later = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=bench, pre_hook=bench.pre_hook)(
+        add_kernel
+    )
+    call(later)
+    assert bench.measured == [64]
+    assert later.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_a_real_failure_under_the_interpreter_is_still_recorded(book_dir):
+    """Only the collision's signature is transient: another interpreter error is the config's."""
+    from triton.runtime.errors import InterpreterError
+
+    class Broken(Replay):
+        def __call__(self, kernel_call: Any, quantiles: Any = None) -> list[float]:
+            kernel_call()
+            if self._current["BLOCK"] == 64:
+                self.measured.append(64)
+                raise InterpreterError(repr(IndexError("index 64 is out of bounds")))
+            return super().__call__(kernel_call, quantiles)
+
+    bench = Broken({32: 3.0, 128: 2.0})
+    call(
+        tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=bench, pre_hook=bench.pre_hook)(
+            add_kernel
+        )
+    )
+    assert bench.measured.count(64) == 1
+    failed = [r for r in entry_of(book_dir).results.values() if not r.ok]
+    assert len(failed) == 1 and "out of bounds" in str(failed[0].error)

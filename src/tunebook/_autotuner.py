@@ -28,7 +28,7 @@ from typing import Any
 
 from . import _buckets, _compat, _fingerprint, _miss, _options, _settings, _stats
 from ._bench import Timers, choose_timers
-from ._book import Book, KernelIdentity, Page
+from ._book import Book, KernelIdentity, Page, config_id
 from ._call import Call
 from ._configs import ConfigIndex
 from ._errors import ConfigurationError
@@ -386,6 +386,13 @@ class Autotuner(_compat.TritonAutotuner):
                     "loosen its constraints or arg_constraints."
                 )
         return self.config_index.unique(self.prune_configs(call.kwargs, configs))
+
+    def declares(self, record: Mapping[str, Any]) -> bool:
+        """Whether a config as the book stores it is one of this kernel's: in its list, or a
+        point of its Space that the Space's constraints allow (whatever a call's pruning does)."""
+        if self.space is not None:
+            return self.space.declares(record)
+        return config_id(record) in self.config_index.declared
 
     def key_and_candidates(self, call: Call) -> tuple[tuple[Any, ...], list[Any]]:
         """(Triton's key, the candidates) of ``call``, as a miss of it sees them: for a sweep

@@ -43,6 +43,7 @@ __all__ = [
     "gpu_context_broken",
     "heuristic_names",
     "interpreting",
+    "is_interpreter_collision",
     "is_jit_function",
     "is_unrunnable_config_error",
     "jitted_python_function",
@@ -192,6 +193,31 @@ def unrunnable_config_errors() -> tuple[type[BaseException], ...]:
 
 def is_unrunnable_config_error(exc: BaseException) -> bool:
     return isinstance(exc, unrunnable_config_errors())
+
+
+# What a launch on Triton's interpreter meets when another thread's launch ran at the same time:
+# the interpreter patches triton.language and keeps the grid in one module-wide builder, so a
+# launch that ends first puts the language back as it is outside a kernel (every tl call then
+# raises the error of a call outside @triton.jit), or moves the grid under the other's feet.
+# The same texts in Triton 3.4 to 3.9 (language/core.py, runtime/interpreter.py).
+_INTERPRETER_COLLISIONS = (
+    "`_semantic` argument must be provided outside of JIT functions",
+    "x >= grid_dim[0]",
+    "y >= grid_dim[1]",
+    "z >= grid_dim[2]",
+    "grid_idx is None",
+)
+
+
+def is_interpreter_collision(exc: BaseException) -> bool:
+    """Whether ``exc`` is what the interpreter raises when two threads launch at once: a failure
+    of the moment, not of the config (the same launch alone runs)."""
+    from triton.runtime.errors import InterpreterError
+
+    if not interpreting() or not isinstance(exc, InterpreterError):
+        return False
+    text = f"{exc} {exc.__cause__ or ''}"
+    return any(signature in text for signature in _INTERPRETER_COLLISIONS)
 
 
 def cudagraph_benchmarker(rep: int | None) -> Callable[..., Any]:

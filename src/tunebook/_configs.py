@@ -43,8 +43,8 @@ class ConfigIndex:
         self._by_id: dict[str, Any] = {}  # config id -> the Config that stands for it
         self._space_configs: dict[str, Any] = {}  # config id -> the one Config made for a Space point
         self._meta: tuple[tuple[str, ...], dict[tuple[Any, ...], str], int] | None = None
-        for config in self.configs:
-            self.id_of(config)
+        # The ids of the declared list (a Space's points are not listed: Space.declares).
+        self.declared = frozenset(self.id_of(config) for config in self.configs)
 
     def id_of(self, config: Any) -> str:
         """The config's id (computed once per Config object)."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import _compat, _distributed, _misses, _policy, _settings, _stats
+from . import _compat, _distributed, _misses, _policy, _settings, _stats, _warnings
 from ._bench import QUANTILES
 from ._book import Entry, Page, config_id, config_record
 from ._call import Call
@@ -81,6 +81,7 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
             # another process (or host, through Redis) may have tuned it meanwhile
             page.refresh(miss.text, declared=miss.ids)
             entry = page.get(miss.text)
+        _warn_undeclared(miss, entry)
         if _policy.decide(entry, miss.ids, mode, budget) == "book":
             _stats.add("book_hits")
             return Resolution(entry.best(miss.ids) if entry is not None else None, "book", entry)
@@ -92,6 +93,31 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     _stats.add("tuning_seconds", outcome.seconds)
     _stats.add("failures", outcome.failures)
     return Resolution(outcome.entry.best(miss.ids), "tuned", outcome.entry, outcome.measured, outcome.seconds)
+
+
+def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:
+    """Say once per kernel that the book holds results for configs the kernel does not declare
+    (a longer list tuned them, or another version of the code): they are ignored, never run."""
+    if entry is None:
+        return
+    ids = set(miss.ids)
+    others = [cid for cid in entry.results if cid not in ids]  # often none: then nothing to compute
+    if not others:
+        return
+    tuner = miss.tuner
+    ignored = [cid for cid in others if not tuner.declares(entry.results[cid].config)]
+    if ignored:
+        _warnings.warn_once(
+            f"undeclared:{tuner.label}",
+            "tunebook: %s: the book holds %d result%s for key %s of configs the kernel does not declare "
+            "(%s); they are ignored, and only declared configs are run. Other keys may hold more; "
+            "declare the configs again to use them (said once per kernel).",
+            tuner.label,
+            len(ignored),
+            "" if len(ignored) == 1 else "s",
+            list(miss.key),
+            ", ".join(sorted(ignored)[:3]) + (", ..." if len(ignored) > 3 else ""),
+        )
 
 
 def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
@@ -194,6 +220,7 @@ def _tune_some(
         bench=bench,
         persist=Persist(page, miss.text, miss.key, miss.ids[0], entry),
         is_unexpected=unexpected_failure,
+        is_transient=_compat.is_interpreter_collision,
         precompile=_precompiler(tuner, miss.call),
         strategy=options.strategy,
         budget=budget,

@@ -361,3 +361,15 @@ class Space:
         kwargs = {k: v for k, v in candidate.items() if k not in self._options}
         options = {k: v for k, v in candidate.items() if k in self._options}
         return _compat.Config(kwargs, **options)
+
+    def declares(self, record: Mapping[str, Any]) -> bool:
+        """Whether a config as a book stores it (``{"kwargs": {...}, option: value}``) is a point of
+        this space that its constraints allow. Platform filters and arg constraints are left out:
+        they exclude a declared config from some calls, not from the space."""
+        kwargs = record.get("kwargs")
+        if not isinstance(kwargs, Mapping) or set(kwargs) != set(self._names) - self._options:
+            return False
+        candidate = {**kwargs, **{name: record.get(name) for name in self._options}}
+        if any(candidate[name] not in values for name, values in self._params.items()):
+            return False
+        return self._satisfies(candidate)

@@ -8,7 +8,9 @@
 * **Resumable.** Every batch is persisted as soon as it is measured; a run killed halfway
   starts again from the book's results for the key (``known``), which are never re-measured.
 * **Failures are data.** A config that fails to compile or run is stored with its reason
-  and never retried for the key.
+  and never retried for the key. A failure of the moment (``is_transient``: another thread's
+  launch collided with this one on Triton's interpreter) is measured once more at once, and
+  if it fails so again, it is not stored: a later tuning of the key measures the config.
 * **Adaptive.** With a GPU timer, candidates get a short screening measurement; only those
   within CONTENDER_MARGIN of the best are measured in full (successive halving in one step).
 * **Tie-aware.** Among contenders within measurement noise of the fastest, the winner of a
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +36,8 @@ from ._jsonio import stored_key
 from ._progress import Progress
 from ._search import Budget, choose_strategy, search
 from ._version import __version__
+
+log = logging.getLogger("tunebook")
 
 # Contenders: successful configs whose quick median is within this fraction of the best.
 CONTENDER_MARGIN = 0.10
@@ -56,6 +61,7 @@ class KeyTuning:
     bench: Callable[[Callable[..., Any], Any], Any]  # (timer, config) -> timing; raises on failure
     persist: Callable[[dict[str, Result], str, float], Entry]  # (new results, chosen, seconds)
     is_unexpected: Callable[[BaseException], bool]
+    is_transient: Callable[[BaseException], bool] = lambda exc: False
     precompile: Callable[[list[Any]], None] | None = None
     strategy: str = "auto"
     budget: Budget = field(default_factory=Budget)
@@ -150,6 +156,19 @@ def tune_key(job: KeyTuning) -> Outcome:
         if _observer is not None:
             _observer.candidate(job.key_text, job.key, job.ids[i], job.records[i])
         result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
+        if exc is not None and job.is_transient(exc):
+            result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
+            if exc is not None and job.is_transient(exc):
+                failures += 1
+                log.warning(
+                    "tunebook: key %s: config %s failed twice because another thread launched a "
+                    "kernel on Triton's interpreter at the same time (%s); not recorded, so a later "
+                    "tuning of the key measures it",
+                    list(job.key),
+                    job.ids[i],
+                    exc,
+                )
+                return None  # not measured: neither persisted nor a failure of the config
         if exc is not None and job.is_unexpected(exc):
             unexpected.append(exc)
         if result is not None and not result.ok:

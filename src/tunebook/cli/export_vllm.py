@@ -6,14 +6,17 @@ The format and the mapping rule are described in ``_vllm_format`` and docs/cli.m
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .._book import Entry
 from .._book.files import atomic_write_text
 from ._common import (
+    err,
     existing_parent,
     load_or_fail,
     out,
@@ -24,6 +27,7 @@ from ._common import (
     writing,
 )
 from ._load import Page
+from ._modules import resolve_kernel
 from ._summary import key_order
 from ._vllm_format import (
     CONFIG_FIELDS,
@@ -123,8 +127,35 @@ def _matches(key: list[Any], key_names: list[str], where: dict[str, str]) -> boo
     return True
 
 
-def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """{file name: {M: config}} for vLLM, or an error naming the collision."""
+Declares = Callable[[Mapping[str, Any]], bool]
+
+
+def declared_by(target: str) -> Declares:
+    """Whether a stored config is one the kernel ``MODULE:KERNEL`` declares (imported to ask it)."""
+    _, tuner = resolve_kernel(target)
+    return tuner.declares
+
+
+def winner(entry: Entry, declares: Declares | None, notes: list[str]) -> str | None:
+    """The entry's winner among the configs the kernel declares (as the kernel itself would pick
+    from this book); what was passed over is added to ``notes``, one line per key."""
+    best = entry.best()
+    if declares is None or best is None or declares(entry.results[best].config):
+        return best
+    allowed = [cid for cid, r in entry.results.items() if declares(r.config)]
+    chosen = entry.best(allowed)
+    notes.append(
+        f"key {list(entry.key)}: winner {best} is not a config the kernel declares; "
+        + (f"exported {chosen}, the fastest it declares" if chosen else "no declared config ran: key skipped")
+    )
+    return chosen
+
+
+def export_pages(
+    pages: list[Page], binding: Binding, where: dict[str, str], declares: Declares | None, notes: list[str]
+) -> dict[str, dict[str, Any]]:
+    """{file name: {M: config}} for vLLM, or an error naming the collision. With ``declares``,
+    only configs the kernel declares are written (see :func:`winner`)."""
     files: dict[str, dict[int | str, dict[str, Any]]] = {}
     origin: dict[tuple[str, Any], tuple[Page, list[Any]]] = {}
     for page in pages:
@@ -133,8 +164,10 @@ def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> 
         for key_text in sorted(page.doc.entries):
             entry = page.doc.entries[key_text]
             key = list(entry.key)
-            winner = entry.best()
-            if winner is None or not _matches(key, key_names, where):
+            if entry.best() is None or not _matches(key, key_names, where):
+                continue
+            best = winner(entry, declares, notes)
+            if best is None:
                 continue
             field = {f: key[i] for f, i in binding.key_positions.items()}
             field.update({f: binding.constants[f] for f in KEY_FIELDS if f in binding.constants})
@@ -156,7 +189,7 @@ def export_pages(pages: list[Page], binding: Binding, where: dict[str, str]) -> 
                     "Pick one with --where NAME=VALUE (or --where '#POSITION=VALUE'), or --platform."
                 )
             origin[(name, m)] = (page, key)
-            config = entry.results[winner].config
+            config = entry.results[best].config
             out_config = {f: _config_value(config, n) for f, n in binding.config_names.items()}
             out_config.update({f: v for f, v in binding.constants.items() if f not in KEY_FIELDS})
             files.setdefault(name, {})[m] = {
@@ -219,6 +252,14 @@ def _m_order(m: Any) -> tuple[Any, ...]:
     metavar="X",
     help="Only platforms whose id starts with X or whose device contains X.",
 )
+@click.option(
+    "--declared",
+    "declared",
+    default=None,
+    metavar="MODULE:KERNEL",
+    help="The kernel as the program defines it (e.g. mypkg.ops:fused_moe_kernel): only configs "
+    "it declares are exported. Without it, winners are exported unchecked, with a warning.",
+)
 def command(
     book: Path | None,
     fmt: str,
@@ -228,12 +269,14 @@ def command(
     constants: tuple[str, ...],
     where: tuple[str, ...],
     platform: str | None,
+    declared: str | None,
 ) -> None:
     """Write the winners of kernel NAME in BOOK as vLLM tuned-config files into OUTPUT.
 
     One file per (E, N, device[, dtype][, block_shape]), keyed by batch size M. See
     docs/cli.md for how key names and config parameters are bound to vLLM's fields.
     """
+    declares = declared_by(declared) if declared is not None else None
     loaded = load_or_fail(book)
     pages = select_pages(loaded, (kernel,))
     warn_skipped(loaded)
@@ -274,10 +317,13 @@ def command(
     for page in pages:
         for entry in page.doc.entries.values():
             for result in entry.results.values():
-                config_names |= set(result.config.get("kwargs", {})) | (set(result.config) - {"kwargs"})
+                if declares is None or declares(result.config):
+                    config_names |= set(result.config.get("kwargs", {})) | (set(result.config) - {"kwargs"})
     binding = bind(list(next(iter(key_sets))), config_names, maps, consts, kernel)
-    files = export_pages(pages, binding, parse_assignments(where, "--where"))
+    notes: list[str] = []
+    files = export_pages(pages, binding, parse_assignments(where, "--where"), declares, notes)
     if not files:
+        warn_declared(kernel, declared, notes, 0)  # which keys had only undeclared winners
         raise click.ClickException(f"no key of {kernel} with a successful config matched; nothing written")
     console = out()
     with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
@@ -285,3 +331,20 @@ def command(
         for name in sorted(files):
             atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
             console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")
+    warn_declared(kernel, declared, notes, sum(len(table) for table in files.values()))
+
+
+def warn_declared(kernel: str, declared: str | None, notes: list[str], exported: int) -> None:
+    """On stderr: each key whose winner the kernel does not declare, or that nothing was checked."""
+    console = err()
+    for note in notes:
+        console.print(f"[yellow]{declared}[/]: {note}", markup=True, highlight=False)
+    if declared is None and exported:
+        console.print(
+            f"[yellow]unchecked[/]: the {exported} winners of {kernel} were not checked against the "
+            "configs the kernel declares now (the book keeps results of configs a kernel no longer "
+            "declares, and does not record which it declares); pass --declared MODULE:KERNEL to "
+            "export only declared configs",
+            markup=True,
+            highlight=False,
+        )
