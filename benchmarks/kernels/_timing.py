@@ -23,7 +23,6 @@ wall-clock timer and no graphs, so the scripts are checked end to end on a CPU.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -54,37 +53,17 @@ def ratio(a: Series, b: Series) -> float:
 
 
 class GraphTimer:
-    """Times a callable as replays of a CUDA graph holding ``launches`` calls of it."""
+    """Times a callable as replays of a CUDA graph holding ``launches`` calls of it (the
+    sampler tunebook's short-kernel policy uses: ``tunebook._short.graph_sampler``)."""
 
     def __init__(self, launches: int = 50) -> None:
         self.launches = launches
 
     def prepare(self, fn: Callable[[], object]) -> Callable[[], float]:
         """Warm ``fn`` up, capture it; returns a sampler giving one per-call time in us."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture stream, as PyTorch advises
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(self.launches):
-                fn()
-        graph.replay()  # first replay uploads the graph
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        from tunebook._short import graph_sampler
 
-        def sample() -> float:
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) * 1e3 / self.launches
-
-        sample.graph = graph  # type: ignore[attr-defined]  # keep it (and its memory pool) alive
-        return sample
+        return graph_sampler(fn, self.launches)
 
 
 class WallTimer:
@@ -94,15 +73,9 @@ class WallTimer:
         self.launches = launches
 
     def prepare(self, fn: Callable[[], object]) -> Callable[[], float]:
-        fn()
+        from tunebook._short import wall_sampler
 
-        def sample() -> float:
-            t0 = time.perf_counter()
-            for _ in range(self.launches):
-                fn()
-            return (time.perf_counter() - t0) * 1e6 / self.launches
-
-        return sample
+        return wall_sampler(fn, self.launches)
 
 
 Timer = GraphTimer | WallTimer

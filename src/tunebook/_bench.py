@@ -8,6 +8,8 @@ fingerprint: timings taken by different methods are not compared with each other
 * ``cuda-graph``  — ``do_bench_cudagraph``: launch overhead removed.
 * ``wallclock``   — the CPU interpreter, where no GPU timer exists.
 * ``custom:<name>`` — a user ``do_bench=`` callable (never adaptive: it decides alone).
+* ``<timer>-interleaved`` — with ``TUNEBOOK_TIMER=short``, the contenders of short kernels
+  are measured by the short-kernel policy (``_short.py``); the others as by ``<timer>``.
 
 Triton's default ``do_bench`` flushes the L2 cache between runs; so do the quick timers.
 """
@@ -17,10 +19,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from . import _compat
+from . import _compat, _settings
+from ._short import ShortPolicy, policy_from_settings
 
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -83,12 +86,27 @@ class Timers:
     full: Timer
     id: str
     adaptive: bool
+    short: ShortPolicy | None = None  # the short-kernel policy for the contenders (opt-in)
 
 
 def choose_timers(
     do_bench: Timer | None, warmup: int | None, rep: int | None, use_cuda_graph: bool, adaptive: bool = True
 ) -> tuple[Callable[[], Timers], str]:
-    """(a factory for the timers, their id). The factory defers touching the GPU driver."""
+    """(a factory for the timers, their id). The factory defers touching the GPU driver.
+
+    With ``TUNEBOOK_TIMER=short`` (never for a user ``do_bench``, which decides alone) the
+    timers carry the short-kernel policy and their id says so.
+    """
+    make, timer_id = _method_timers(do_bench, warmup, rep, use_cuda_graph, adaptive)
+    if do_bench is not None or _settings.timer() != "short":
+        return make, timer_id
+    policy = policy_from_settings(_compat.interpreting())
+    return (lambda: replace(make(), short=policy)), policy.timer_id(timer_id)
+
+
+def _method_timers(
+    do_bench: Timer | None, warmup: int | None, rep: int | None, use_cuda_graph: bool, adaptive: bool
+) -> tuple[Callable[[], Timers], str]:
     if do_bench is not None:
         name = getattr(do_bench, "__qualname__", type(do_bench).__name__)
         return (lambda: Timers(do_bench, do_bench, f"custom:{name}", False)), f"custom:{name}"

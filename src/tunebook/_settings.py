@@ -72,6 +72,18 @@ TUNEBOOK_DISTRIBUTED_WAIT_S = Setting(
     "900",
     "Seconds a rank waits for the group's decision on a key before it tunes alone (a dead or hung rank).",
 )
+TUNEBOOK_TIMER = Setting(
+    "TUNEBOOK_TIMER",
+    "",
+    "short: the short-kernel measurement policy (interleaved CUDA-graph rounds and a confidence rule "
+    "for contenders under TUNEBOOK_SHORT_KERNEL_US; timer id '<timer>-interleaved'). Unset: off.",
+)
+TUNEBOOK_SHORT_KERNEL_US = Setting(
+    "TUNEBOOK_SHORT_KERNEL_US",
+    "50",
+    "With TUNEBOOK_TIMER=short: contenders whose quick timing is under this many microseconds "
+    "get the policy.",
+)
 TUNEBOOK_PATCH = Setting(
     "TUNEBOOK_PATCH",
     "",
@@ -95,6 +107,8 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_DISTRIBUTED_JOIN_S,
     TUNEBOOK_DISTRIBUTED_WAIT_S,
     TUNEBOOK_PATCH,
+    TUNEBOOK_TIMER,
+    TUNEBOOK_SHORT_KERNEL_US,
     TRITON_PRINT_AUTOTUNING,
     TRITON_INTERPRET,
 )
@@ -148,7 +162,7 @@ def distributed() -> bool:
     return TUNEBOOK_DISTRIBUTED.raw().strip().lower() in _TRUE
 
 
-def _seconds(setting: Setting) -> float:
+def _seconds(setting: Setting, unit: str = "seconds") -> float:
     raw = setting.raw().strip()
     try:
         value = float(raw)
@@ -156,7 +170,7 @@ def _seconds(setting: Setting) -> float:
         value = -1.0
     if not value > 0:
         raise ConfigurationError(
-            f"{setting.name}={raw!r} is not a number of seconds; expected a positive number, e.g. "
+            f"{setting.name}={raw!r} is not a number of {unit}; expected a positive number, e.g. "
             f"{setting.default}. Unset it to use the default."
         )
     return value
@@ -168,6 +182,24 @@ def distributed_join_s() -> float:
 
 def distributed_wait_s() -> float:
     return _seconds(TUNEBOOK_DISTRIBUTED_WAIT_S)
+
+
+TIMERS = ("", "short")
+
+
+def timer() -> str:
+    """The measurement policy: '' (the kernel's own timer) or 'short'; anything else is an error."""
+    value = TUNEBOOK_TIMER.raw().strip().lower()
+    if value not in TIMERS:
+        raise ConfigurationError(
+            f"TUNEBOOK_TIMER={value!r} is not a measurement policy tunebook knows; expected 'short'. "
+            "Unset it to time with the kernel's own timer."
+        )
+    return value
+
+
+def short_kernel_us() -> float:
+    return _seconds(TUNEBOOK_SHORT_KERNEL_US, "microseconds")
 
 
 def print_autotuning() -> bool:

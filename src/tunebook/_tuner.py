@@ -35,6 +35,7 @@ from ._errors import NoRecordedGrid
 from ._jsonio import stored_key
 from ._progress import Progress
 from ._search import Budget, choose_strategy, search
+from ._short import confirm_results
 from ._version import __version__
 
 log = logging.getLogger("tunebook")
@@ -237,15 +238,22 @@ def tune_key(job: KeyTuning) -> Outcome:
     contenders = sorted((ms, i) for i, ms in timings.items() if ms <= best_ms * (1 + CONTENDER_MARGIN))
     contenders = contenders[: job.max_contenders]
     to_confirm = [i for _, i in contenders if results[job.ids[i]].quick]
+    beaten: set[str] = set()  # contenders the short-kernel policy's rule found slower
     if to_confirm:
         if job.progress is not None:
             job.progress.update(
                 len(timings), len(timings), best_ms, f"confirming {len(to_confirm)} contenders"
             )
-        confirmed = {job.ids[i]: time_one(i, job.timers.full, False) for i in to_confirm}
+        quick_ms = min(results[job.ids[i]].median for i in to_confirm)
+        short = job.timers.short
+        if short is not None and short.applies(quick_ms):
+            confirmed, beaten = confirm_results(short, job.ids, to_confirm, quick_ms, time_one)
+        else:
+            confirmed = {job.ids[i]: time_one(i, job.timers.full, False) for i in to_confirm}
         save({cid: r for cid, r in confirmed.items() if r is not None})
 
-    chosen = tie_aware_choice(results, job.ids, job.hints)
+    choosable = {cid: r for cid, r in results.items() if cid not in beaten}
+    chosen = tie_aware_choice(choosable, job.ids, job.hints)
     seconds = time.perf_counter() - start
     if entry is None or chosen or measured:
         entry = job.persist({}, chosen or "", seconds)

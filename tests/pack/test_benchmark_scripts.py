@@ -63,3 +63,37 @@ def test_a_script_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
         [sys.executable, script, "--out", str(tmp_path)], capture_output=True, text=True, env=env
     )
     assert proc.returncode != 0 and "run with --dry-run" in proc.stderr
+
+
+@pytest.mark.slow  # three processes on the interpreter, ~15 s
+def test_fidelity_dry_runs_both_timers_and_combines(tmp_path: Path) -> None:
+    """benchmarks/kernels/fidelity.py: tunes with the current timer and with the short-kernel
+    policy (each in its own process and book), re-times in a fresh one, reports both."""
+    env = {**os.environ, "TUNEBOOK_MODE": "serve", "TUNEBOOK_TIMER": "bogus"}  # the script sets its own
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "out"
+    script = str(SCRIPTS / "fidelity.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--dry-run", "--ops", "silu_and_mul", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tuned = {t: json.loads((out / f"tuned-{t}.json").read_text())["results"] for t in ("cuda-graph", "short")}
+    assert [r["timer_id"] for r in tuned["cuda-graph"]] == ["wallclock"]
+    assert [r["timer_id"] for r in tuned["short"]] == ["wallclock-interleaved"]
+    assert all(len(r["candidates"]) == 3 for rows in tuned.values() for r in rows)
+    assert book_files(out / "book-short") and book_files(out / "book-cuda-graph")
+    [result] = json.loads((out / "fidelity.json").read_text())["results"]
+    assert result["candidates"] == 3 and set(result["timers"]) == {"cuda-graph", "short"}
+    assert len(result["medians_us"]) == 3 and result["best_us"] > 0
+    for verdict in result["timers"].values():
+        assert verdict["ratio"] >= 1.0 and verdict["within"] == (verdict["ratio"] <= 1.03)
+    combined = subprocess.run(
+        [sys.executable, script, "--combine", str(out), str(out)], capture_output=True, text=True, env=env
+    )
+    assert combined.returncode == 0, combined.stderr
+    lines = combined.stdout.splitlines()
+    assert lines[0].split()[:2] == ["timer", "keys"] and lines[1].split()[:2] == ["cuda-graph", "2"]
