@@ -14,6 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ import torch
 import tunebook
 from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book.files import Unusable, read_regular_file
+
+T = TypeVar("T")
 
 DEADLINE_S = 60.0  # a tuning of 3 configs in the interpreter takes about a second
 
@@ -46,18 +49,16 @@ def _kernel() -> tunebook.Autotuner:
     return tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
 
 
-def _call_within_deadline(kernel: tunebook.Autotuner, fifos: list[Path]) -> list[str]:
-    """Call ``kernel`` in a thread; fail (and unblock any FIFO) if it does not return in time."""
-    outcome: dict[str, object] = {}
+def within_deadline(work: Callable[[], T], fifos: list[Path], deadline_s: float) -> tuple[T, list[str]]:
+    """(what ``work()`` returned, the BookWarnings it issued), run in a thread; fail (and
+    unblock any FIFO, so that the thread can end) if it does not return in time."""
+    outcome: dict[str, Any] = {}
 
     def run() -> None:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                n = 300
-                x, y, out = vectors(n)
-                kernel[grid_1d(n)](x, y, out, n)
-                torch.testing.assert_close(out, x + y)
+                outcome["value"] = work()
             outcome["warnings"] = [
                 str(w.message) for w in caught if issubclass(w.category, tunebook.BookWarning)
             ]
@@ -66,17 +67,29 @@ def _call_within_deadline(kernel: tunebook.Autotuner, fifos: list[Path]) -> list
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    thread.join(DEADLINE_S)
+    thread.join(deadline_s)
     if thread.is_alive():
         for fifo in fifos:  # let the stuck open() return, so the thread can end
             try:
                 os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
             except OSError:
                 pass
-        pytest.fail(f"the kernel call did not return within {DEADLINE_S:.0f} s")
+        pytest.fail(f"it did not return within {deadline_s:.0f} s")
     if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["warnings"]  # type: ignore[return-value]
+        raise outcome["error"]
+    return outcome["value"], outcome["warnings"]
+
+
+def _call_within_deadline(kernel: tunebook.Autotuner, fifos: list[Path]) -> list[str]:
+    """Call ``kernel`` (and check its answer) within DEADLINE_S; the BookWarnings it issued."""
+
+    def call() -> None:
+        n = 300
+        x, y, out = vectors(n)
+        kernel[grid_1d(n)](x, y, out, n)
+        torch.testing.assert_close(out, x + y)
+
+    return within_deadline(call, fifos, DEADLINE_S)[1]
 
 
 @pytest.mark.parametrize("mode", ["tune", "serve"])

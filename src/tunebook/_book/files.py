@@ -84,6 +84,19 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
     for one after the check, and the read stops at the limit whatever the size claimed.
     A dangling or looping symbolic link is reported, not taken for a missing file.
     """
+    fd = open_regular_file(path, limit)
+    if fd is None:
+        return None
+    try:
+        return read_bounded(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def open_regular_file(path: Path, limit: int) -> int | None:
+    """A read-only descriptor of the regular file at ``path``, or None if nothing is there;
+    raises :class:`Unusable` as ``read_regular_file`` does. For a caller that must do more
+    with the open file than read it (take an ``flock``): it closes the descriptor."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -111,10 +124,20 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
         raise Unusable(f"it cannot be opened ({exc.strerror or exc})") from None
     try:
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # swapped between the stat and the open
-            raise Unusable(f"it is {_kind_of(mode)}, not a regular file", replaceable=True)
-        chunks: list[bytes] = []
-        total = 0
+    except OSError as exc:
+        os.close(fd)
+        raise Unusable(f"it cannot be examined ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):  # swapped between the stat and the open
+        os.close(fd)
+        raise Unusable(f"it is {_kind_of(mode)}, not a regular file", replaceable=True)
+    return fd
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """Everything left in ``fd``, read until its end or past ``limit`` bytes (raises Unusable)."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
         while True:
             chunk = os.read(fd, min(1 << 20, limit + 1 - total))
             if not chunk:
@@ -125,8 +148,6 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
                 raise Unusable(f"it holds more than the {limit}-byte limit for a book file")
     except OSError as exc:
         raise Unusable(f"it could not be read just now ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd)
 
 
 def read_book_file(path: Path) -> tuple[Document | None, str | None]:
