@@ -1,7 +1,8 @@
 """Hostile file-system objects at book paths: no kernel call may hang, crash or read without limit.
 
 Planted where a kernel reads (its own book file, a book on TUNEBOOK_PATH, a file matching
-its sibling pattern ``*--<kernel id>--*.json``): a symbolic link to ``/dev/zero`` or
+its sibling pattern ``*--<kernel id>--*.json``; in a format-2 page directory, a key's
+file, ``page.json`` and a file in ``pending/``): a symbolic link to ``/dev/zero`` or
 ``/dev/urandom`` (``st_size`` is 0, the content endless), a FIFO (``open`` blocks until a
 writer comes), a dangling and a looping symbolic link. Every call must answer right within
 seconds, in ``tune`` and ``serve`` mode, and the warning must name what was found.
@@ -21,6 +22,7 @@ import torch
 
 import tunebook
 from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from tunebook._book import pagedir
 from tunebook._book.files import Unusable, read_regular_file
 
 T = TypeVar("T")
@@ -80,16 +82,15 @@ def within_deadline(work: Callable[[], T], fifos: list[Path], deadline_s: float)
     return outcome["value"], outcome["warnings"]
 
 
+def _call(kernel: tunebook.Autotuner, n: int = 300) -> None:
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    torch.testing.assert_close(out, x + y)
+
+
 def _call_within_deadline(kernel: tunebook.Autotuner, fifos: list[Path]) -> list[str]:
     """Call ``kernel`` (and check its answer) within DEADLINE_S; the BookWarnings it issued."""
-
-    def call() -> None:
-        n = 300
-        x, y, out = vectors(n)
-        kernel[grid_1d(n)](x, y, out, n)
-        torch.testing.assert_close(out, x + y)
-
-    return within_deadline(call, fifos, DEADLINE_S)[1]
+    return within_deadline(lambda: _call(kernel), fifos, DEADLINE_S)[1]
 
 
 @pytest.mark.parametrize("mode", ["tune", "serve"])
@@ -158,3 +159,41 @@ def test_a_symlink_planted_at_the_lock_path_is_refused_and_its_target_kept(tmp_p
         merge_write(books / FILE, news)  # refused, never through the link
         DirectoryStore(books).merge(FILE, news)  # the key's lock refused: the news goes to pending/
     assert precious.read_text() == "keep me"
+
+
+def _format2_path(page: Path, where: str, key: str) -> Path:
+    if where == "page.json":
+        return page / "page.json"
+    name = pagedir.key_file_name(key)
+    if where == "key":
+        return page / name
+    pending = page / pagedir.HIDDEN / "pending"
+    pending.mkdir(parents=True, exist_ok=True)
+    return pending / f"{name.removesuffix('.json')}.1-2-3.json"
+
+
+@pytest.mark.parametrize("mode", ["tune", "serve"])
+@pytest.mark.parametrize("where", ["key", "page.json", "pending"])
+@pytest.mark.parametrize("plant", ["fifo", "dev-zero"])
+def test_a_hostile_object_in_a_page_directory_never_hangs_or_crashes_a_call(
+    plant: str, where: str, mode: str, book_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Format 2's own paths: a key's file, the page's page.json, news in its pending/."""
+    from test_book_scale import write_big_page
+    from tunebook._jsonio import key_text
+
+    page = write_big_page(_kernel(), book_dir, 1)  # n = 1000, BLOCK=64 chosen
+    key = key_text((1000, "torch.float32", "torch.float32", "torch.float32"))
+    path = _format2_path(page, where, key)
+    path.unlink(missing_ok=True)
+    PLANTS[plant](path)
+    monkeypatch.setenv("TUNEBOOK_MODE", mode)
+
+    kernel = _kernel()
+    found = within_deadline(lambda: _call(kernel, 1000), [path] if plant == "fifo" else [], DEADLINE_S)[1]
+
+    assert any(str(path) in w and REASONS[plant] in w for w in found), found
+    # A hostile pending file leaves the key's own file serving; otherwise the key is lost
+    # to this call: tuned again (tune), or the default config runs (serve).
+    expected = 0 if where == "pending" or mode == "serve" else 3
+    assert tunebook.stats()["benchmarked"] == expected
