@@ -17,7 +17,15 @@ import torch
 import tunebook
 from conftest import TESTS, book_files
 from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
-from tunebook._book import Document, Entry, Result, config_id, config_record, merge_write, read_document
+from tunebook._book import (
+    DirectoryStore,
+    Document,
+    Entry,
+    Result,
+    config_id,
+    config_record,
+    read_document,
+)
 
 
 def tuned_add(replay: Replay | None = None):
@@ -149,27 +157,17 @@ def _doc(entries: dict[str, Entry]) -> Document:
     return Document(kernel={"hash": "h", "name": "k"}, platform={"device": "d"}, entries=entries)
 
 
-def test_merge_write_keeps_what_is_on_disk_and_adds_the_rest(tmp_path):
-    path = tmp_path / "b.json"
-    a = dict([_result(32, 1.0), _result(64, 2.0)])
-    merge_write(path, _doc({"[1]": Entry((1,), a)}))
-    b = dict([_result(64, 0.5), _result(128, 3.0, None)])
-    merged = merge_write(path, _doc({"[1]": Entry((1,), b), "[2]": Entry((2,), b)}))
-    assert merged is not None
-    on_disk = read_document(path)
-    assert on_disk == merged
-    one = on_disk.entries["[1]"]
-    assert sorted(one.results) == sorted({*a, *b})
-    assert one.results[_result(64, 0)[0]].ms == (2.0, 2.0, 2.0)  # the first persisted measurement stands
-    assert set(on_disk.entries) == {"[1]", "[2]"}
-    assert not list(tmp_path.glob("*.tmp"))
-
-
 def test_written_books_are_deterministic(tmp_path):
-    entries = {"[1]": Entry((1,), dict([_result(32, 1.0), _result(64, 2.0)]))}
-    merge_write(tmp_path / "a.json", _doc(entries))
-    merge_write(tmp_path / "b.json", _doc(dict(reversed(list(entries.items())))))
-    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    """The same entries, given in another order (keys and results), give the same bytes."""
+    results = [_result(32, 1.0), _result(64, 2.0)]
+    entries = {"[1]": Entry((1,), dict(results)), "[2]": Entry((2,), dict(results[::-1]))}
+    reordered = {"[2]": Entry((2,), dict(results)), "[1]": Entry((1,), dict(results[::-1]))}
+    store = DirectoryStore(tmp_path)
+    store.merge("k--a.json", _doc(entries))
+    store.merge("k--b.json", _doc(reordered))
+    a, b = sorted(tmp_path.glob("k--*"))
+    assert sorted(p.name for p in a.glob("*.json")) == ["1.json", "2.json", "page.json"]
+    assert all((a / p.name).read_bytes() == (b / p.name).read_bytes() for p in a.glob("*.json"))
 
 
 WRITER = """

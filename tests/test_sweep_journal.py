@@ -1,17 +1,22 @@
 """A sweep worker's journal (tunebook._worker.journal): what a killed worker finished reaches the
-book, a live worker's journal is left alone, a torn last line is ignored."""
+book, a live worker's journal is left alone, a torn last line is ignored, and nothing planted
+in the journal directory (a FIFO, a device, a dangling link) makes a fold wait or read
+without limit."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from conftest import book_files
 from tunebook._book import Result, config_id, read_document
-from tunebook._worker.journal import DIRECTORY, Journal, fold
+from tunebook._worker.journal import DIRECTORY, OLD_DIRECTORIES, Journal, fold
 
 PAGE = {
     "file": "add--0123456789abcdef--probe--0123456789abcdef.json",
@@ -71,3 +76,53 @@ def test_a_journal_that_cannot_be_written_costs_only_the_safety_net(tmp_path: Pa
     journal.append(PAGE, "[300]", [300], *result(64))
     assert sum("no journal at" in r.getMessage() for r in caplog.records) == 1
     assert not os.path.exists(blocker / "book")
+
+
+def _dead_journal(directory: Path, blocks: tuple[int, ...]) -> Path:
+    """A journal whose writer is gone (nothing holds its flock), one result per block."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "gone-1.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for block in blocks:
+            cid, res = result(block)
+            item = {"page": PAGE, "key_text": "[300]", "key": [300], "cid": cid, "result": res.to_json()}
+            fh.write(json.dumps(item) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("plant", ["fifo", "dev-zero", "dangling-link"])
+def test_a_hostile_object_in_the_journal_directory_never_hangs_a_fold(plant: str, tmp_path: Path) -> None:
+    from test_hostile_files import PLANTS, REASONS, within_deadline
+
+    _dead_journal(tmp_path / DIRECTORY, (64,))  # folded first: the book holds [300] already
+    assert fold(tmp_path) == 1
+    (page,) = book_files(tmp_path)
+    before = {p.name: p.read_bytes() for p in page.glob("*.json")}
+    good = _dead_journal(tmp_path / DIRECTORY, (32, 128))
+    hostile = tmp_path / DIRECTORY / "planted-2.jsonl"
+    PLANTS[plant](hostile)
+
+    taken, found = within_deadline(lambda: fold(tmp_path), [hostile] if plant == "fifo" else [], 20.0)
+
+    assert taken == 2 and not good.exists()  # the journal beside it went into the book
+    assert any(str(hostile) in w and REASONS[plant] in w for w in found), found
+    assert os.path.lexists(hostile)  # not ours to delete
+    doc = read_document(page)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    assert sorted(r.config["kwargs"]["BLOCK"] for r in entry.results.values()) == [32, 64, 128]
+    assert set(before) <= {p.name for p in page.glob("*.json")}  # the book is intact
+
+
+def test_journals_where_tunebook_wrote_them_before_are_folded_too(tmp_path: Path) -> None:
+    old = _dead_journal(tmp_path / OLD_DIRECTORIES[0], (32,))
+    assert fold(tmp_path) == 1 and not old.exists()
+    (page,) = book_files(tmp_path)
+    assert page.name == PAGE["file"].removesuffix(".json")
+
+
+def test_a_journal_is_written_under_the_books_hidden_directory(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.append(PAGE, "[300]", [300], *result(32))
+    assert journal.path.parent == tmp_path / ".tunebook" / "journal"
+    assert not (tmp_path / ".journal").exists()

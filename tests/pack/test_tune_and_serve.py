@@ -75,3 +75,15 @@ def test_tune_command_then_serve_from_the_book(book_dir: Path, tmp_path: Path) -
     tuned = run_python(CALL_EACH_OP, env={**budget, "TUNEBOOK_DIR": str(book_dir), "TUNEBOOK_MODE": "tune"})
     assert tuned["benchmarked"] == 0 and tuned["book_hits"] == 4, tuned
     assert tuned["chosen"] == shipped["chosen"]
+
+
+def test_the_shipped_books_hold_pages_only_never_a_writers_lock_or_temp_file() -> None:
+    """A package ships what is under its books directory: the pages' ``*.json``. Writers'
+    state (``.tunebook/``: locks, pending news, temp files) stays with the book it was written
+    in (docs/kernels.md, "Tuning and shipping a book")."""
+    from tunebook.kernels._common import BOOKS_DIR
+
+    shipped = [p.relative_to(BOOKS_DIR) for p in BOOKS_DIR.rglob("*") if not p.is_dir()]
+    assert shipped
+    stray = [p for p in shipped if p.suffix not in {".json", ".md"} or ".tunebook" in p.parts]
+    assert not stray, stray

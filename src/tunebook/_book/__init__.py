@@ -3,7 +3,7 @@ and its directory store (stores.py), the Redis fleet store (redis_store.py), and
 its pages composed over those stores (pages.py)."""
 
 from .._errors import BookFormatError, BookWarning
-from .files import atomic_write_text, merge_write, read_book_file, read_document
+from .files import atomic_write_text, read_book_file, read_document
 from .pages import Book, KernelIdentity, Page, book_file_name
 from .records import Document, Entry, Result, config_id, config_record, now_iso
 from .stores import BookStore, DirectoryStore
@@ -23,7 +23,6 @@ __all__ = [
     "book_file_name",
     "config_id",
     "config_record",
-    "merge_write",
     "now_iso",
     "read_book_file",
     "read_document",

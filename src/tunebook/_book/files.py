@@ -1,8 +1,8 @@
 """Book files on disk: the bounded reader, atomic writes, and format 1 (one file per page).
 
 Format 2 (a directory per page, a file per key; what tunebook writes) is pagedir.py, built
-on the reader and the atomic write here. Format 1 is still read everywhere; its
-merge-on-write (``merge_write``) is kept for tools that write single files.
+on the reader and the atomic write here. Format 1 is still read everywhere, and never
+written: its merge-on-write under a ``<file>.lock`` beside the book is gone with it.
 
 Contract (relied on by every caller, tested in tests/test_book_files.py and
 tests/test_hostile_files.py):
@@ -15,13 +15,9 @@ tests/test_hostile_files.py):
   flushed and fsynced, then ``os.replace``-d over the old one, and the directory is
   fsynced: a reader sees the old file or the new one, never a torn one, even across a
   crash or SIGKILL.
-* **Writes merge.** Under an exclusive lock (``<file>.lock``, released by the OS if the
-  holder dies) the writer re-reads the file and merges its news over it, so concurrent
-  processes never lose each other's entries. What is already on disk stands.
-* **Writes fail soft.** A read-only or vanished directory, a full disk or a lock held too
-  long: the error is logged once per directory and the caller carries on; nothing on
-  disk is lost. A corrupt file about to be replaced is first kept aside as
-  ``<file>.corrupt-<time>``.
+* **Writes fail soft** (``warn_write_failure``): a read-only or vanished directory or a
+  full disk is logged once per directory and the caller carries on; nothing on disk is
+  lost. Merging, locks and keeping unreadable files aside are format 2's (pagedir.py).
 """
 
 from __future__ import annotations
@@ -32,21 +28,19 @@ import logging
 import os
 import stat
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 from .._errors import BookFormatError, BookWarning
 from .._jsonio import strict_loads
 from .._warnings import warn_once
-from .records import FORMAT, VERSION, Document
+from .records import Document
 
 log = logging.getLogger("tunebook")
 
 MAX_BOOK_BYTES = 64 * 1024 * 1024  # a book of 10^5 results is ~20 MB; anything far larger is not ours
-LOCK_TIMEOUT_S = 30.0
+LOCK_TIMEOUT_S = 30.0  # the command line's wait for a key's lock (it rewrites pages it has decided)
 
-__all__ = ["BookWarning", "atomic_write_text", "merge_write", "read_book_file", "read_document"]
+__all__ = ["BookWarning", "atomic_write_text", "read_book_file", "read_document"]
 
 
 class Unusable(Exception):
@@ -84,6 +78,19 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
     for one after the check, and the read stops at the limit whatever the size claimed.
     A dangling or looping symbolic link is reported, not taken for a missing file.
     """
+    fd = open_regular_file(path, limit)
+    if fd is None:
+        return None
+    try:
+        return read_bounded(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def open_regular_file(path: Path, limit: int) -> int | None:
+    """A read-only descriptor of the regular file at ``path``, or None if nothing is there;
+    raises :class:`Unusable` as ``read_regular_file`` does. For a caller that must do more
+    with the open file than read it (take an ``flock``): it closes the descriptor."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -111,10 +118,20 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
         raise Unusable(f"it cannot be opened ({exc.strerror or exc})") from None
     try:
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # swapped between the stat and the open
-            raise Unusable(f"it is {_kind_of(mode)}, not a regular file", replaceable=True)
-        chunks: list[bytes] = []
-        total = 0
+    except OSError as exc:
+        os.close(fd)
+        raise Unusable(f"it cannot be examined ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):  # swapped between the stat and the open
+        os.close(fd)
+        raise Unusable(f"it is {_kind_of(mode)}, not a regular file", replaceable=True)
+    return fd
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """Everything left in ``fd``, read until its end or past ``limit`` bytes (raises Unusable)."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
         while True:
             chunk = os.read(fd, min(1 << 20, limit + 1 - total))
             if not chunk:
@@ -125,8 +142,6 @@ def read_regular_file(path: Path, limit: int) -> bytes | None:
                 raise Unusable(f"it holds more than the {limit}-byte limit for a book file")
     except OSError as exc:
         raise Unusable(f"it could not be read just now ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd)
 
 
 def read_book_file(path: Path) -> tuple[Document | None, str | None]:
@@ -222,103 +237,6 @@ def atomic_write_text(path: Path, text: str, *, tmp: Path | None = None) -> None
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
-
-
-class _LeaveAlone(Exception):
-    """The book on disk is not ours to replace; the message says why (a newer tunebook's,
-    too large, unreadable just now)."""
-
-
-def _newer_format(data: Any) -> bool:
-    version = data.get("version") if isinstance(data, dict) else None
-    return (
-        isinstance(data, dict)
-        and data.get("format") == FORMAT
-        and isinstance(version, int)
-        and not isinstance(version, bool)
-        and version > VERSION
-    )
-
-
-def _keep_aside(path: Path, why: str) -> None:
-    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-    with contextlib.suppress(OSError):
-        os.replace(path, aside)
-        log.warning("tunebook: kept the %s book %s aside as %s", why, path, aside)
-
-
-def _read_for_merge(path: Path, kernel_hash: Any) -> Document | None:
-    """Like read_document, but a corrupt file is moved aside rather than overwritten, and so
-    is one of another kernel under this kernel's name (it would serve foreign results), and
-    anything at the name that cannot be a book (a FIFO, a device, a dangling link).
-
-    A book of a newer format, one too large to read here, or one that could not be read just
-    now (EIO, EMFILE) is neither moved nor overwritten (raises _LeaveAlone): an older
-    tunebook sharing the directory must not destroy a newer one's results.
-    """
-    try:
-        raw = read_regular_file(path, MAX_BOOK_BYTES)
-    except Unusable as exc:
-        if not exc.replaceable:
-            raise _LeaveAlone(str(exc)) from None
-        _keep_aside(path, "corrupt")
-        return None
-    if raw is None:
-        return None
-    doc, reason = _parse(raw)
-    _warn_unusable(path, reason)
-    if doc is not None and doc.kernel.get("hash") != kernel_hash:
-        _keep_aside(path, "foreign")
-        return None
-    if doc is None:
-        try:
-            data = strict_loads(raw.decode("utf-8"))
-        except (ValueError, OverflowError, RecursionError):
-            data = None
-        if _newer_format(data):
-            raise _LeaveAlone(f"it was written by a newer tunebook (book format {data['version']})")
-        _keep_aside(path, "corrupt")
-    return doc
-
-
-def _remove_stale_temp_files(path: Path) -> None:
-    """Temp files of this book seen while holding its lock belong to writers that died."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-
-
-def merge_write(path: Path, news: Document) -> Document | None:
-    """Merge ``news`` into the book at ``path`` and return what is on disk afterwards.
-
-    Returns None when nothing could be written (the reason is logged once).
-    """
-    from filelock import FileLock, Timeout  # deferred: keeps `import tunebook` light
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
-            _remove_stale_temp_files(path)
-            merged = news.merged_over(_read_for_merge(path, news.kernel.get("hash")))
-            atomic_write_text(path, merged.dumps())
-            return merged
-    except _LeaveAlone as exc:
-        warn_once(
-            f"write:{path}",
-            "tunebook: leaving %s as it is: %s; results of this process are kept in memory only",
-            path,
-            exc,
-        )
-    except Timeout:
-        warn_once(
-            f"write:{path}",
-            "tunebook: could not lock %s within %.0f s; this result is kept in memory only",
-            path,
-            LOCK_TIMEOUT_S,
-        )
-    except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
-        warn_write_failure(path.parent, exc)
-    return None
 
 
 def warn_write_failure(directory: Path, exc: BaseException) -> None:

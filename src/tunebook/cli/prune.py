@@ -82,7 +82,9 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
                 shutil.rmtree(path, ignore_errors=True)  # a format-2 page, its locks and pending news
             else:
                 path.unlink(missing_ok=True)
-                Path(str(path) + ".lock").unlink(missing_ok=True)  # its lock file has no owner left
+                # The lock older tunebooks kept beside a format-1 file: no owner left. Unlinking
+                # removes a planted symbolic link itself, never its target.
+                Path(str(path) + ".lock").unlink(missing_ok=True)
         console.print(f"{verb} {escape(str(path))}: {escape(why)}")
     console.print(
         f"{verb} {len(doomed)} files; kept {kept} current files of {len(ids)} kernels"
