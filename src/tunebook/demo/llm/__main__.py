@@ -43,7 +43,10 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", default=None, help="another Llama-architecture GGUF file")
     p.add_argument("--layers", type=int, default=None, help="keep only the first K layers")
     p.add_argument(
-        "--ops", default="triton", choices=("triton", "fixed", "torch"), help="kernels (default: triton)"
+        "--ops",
+        default="triton",
+        choices=("triton", "fixed", "first", "torch"),
+        help="kernels: the books (default), hand-picked configs, each kernel's first config, or PyTorch",
     )
     p.add_argument(
         "--dtype",
