@@ -19,11 +19,12 @@ layers (much faster, and its text is noise).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -43,7 +44,10 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", default=None, help="another Llama-architecture GGUF file")
     p.add_argument("--layers", type=int, default=None, help="keep only the first K layers")
     p.add_argument(
-        "--ops", default="triton", choices=("triton", "fixed", "torch"), help="kernels (default: triton)"
+        "--ops",
+        default="triton",
+        choices=("triton", "fixed", "first", "torch"),
+        help="kernels: the books (default), hand-picked configs, each kernel's first config, or PyTorch",
     )
     p.add_argument(
         "--dtype",
@@ -83,8 +87,33 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@contextlib.contextmanager
+def _arguments_checked() -> Iterator[None]:
+    """A value the arguments got wrong (a model, a layer count, a file, a sampling value, a
+    prompt too long) ends the command with one line, as argparse's own errors do, instead of
+    a traceback: the loaders, the engine and SamplingParams raise ValueError (or
+    FileNotFoundError) with a message that says what was expected and what was found."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"python -m tunebook.demo.llm: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _given(value: int | None, default: int) -> int:
+    """An option's value, or ``default`` where it was not given (0 is given: it is refused
+    by what checks it, not taken for "the default")."""
+    return default if value is None else value
+
+
 def build_engine(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
-    """The engine the arguments describe, and the model's id."""
+    """The engine the arguments describe, and the model's id; a bad value ends the command
+    with a one-line error (:func:`_arguments_checked`)."""
+    with _arguments_checked():
+        return _build_engine(args, on_gpu)
+
+
+def _build_engine(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
     import torch
 
     from .engine import Engine
@@ -100,8 +129,8 @@ def build_engine(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
         model.weights,
         model.tokenizer,
         ops=args.ops,
-        max_batch=args.max_batch or (64 if on_gpu else 4),
-        max_model_len=args.max_model_len or (2048 if on_gpu else 512),
+        max_batch=_given(args.max_batch, 64 if on_gpu else 4),
+        max_model_len=_given(args.max_model_len, 2048 if on_gpu else 512),
         cuda_graphs=not args.no_cuda_graphs,
     )
     return engine, model.model_id
@@ -112,13 +141,14 @@ def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
 
     from .sampling import SamplingParams
 
+    max_tokens = _given(args.max_tokens, 64 if on_gpu else 8)
+    with _arguments_checked():  # before the model loads: a bad value fails at once
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
     engine, model_id = build_engine(args, on_gpu)
     tokenizer = engine.tokenizer
     text = args.prompt if args.raw else tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
-    max_tokens = args.max_tokens or (64 if on_gpu else 8)
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
     if not on_gpu:
         print(
             f"[{model_id} on the CPU interpreter: slow; {max_tokens} tokens at most]",
@@ -126,9 +156,10 @@ def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
             flush=True,
         )
     start = time.perf_counter()
-    request = engine.submit(
-        tokenizer.encode(text), params, lambda r, ids, delta: print(delta, end="", flush=True)
-    )
+    with _arguments_checked():  # a prompt longer than --max-model-len allows
+        request = engine.submit(
+            tokenizer.encode(text), params, lambda r, ids, delta: print(delta, end="", flush=True)
+        )
     while not request.finished:
         engine.step()
     elapsed = time.perf_counter() - start

@@ -75,6 +75,9 @@ class Engine:
         seed: int = 0,
     ) -> None:
         config = weights.config
+        for name, value in (("max_batch", max_batch), ("max_model_len", max_model_len)):
+            if value < 1:  # an engine that could never schedule a request would wait forever
+                raise ValueError(f"{name} must be at least 1; found {value}")
         if max_model_len > config.max_position:
             raise ValueError(
                 f"max_model_len={max_model_len} is more than {config.name}'s {config.max_position} positions"

@@ -1,4 +1,4 @@
-"""The seven operations a decoder layer runs, behind one interface, three ways.
+"""The seven operations a decoder layer runs, behind one interface, four ways.
 
 * :class:`TritonOps` (``"triton"``, the engine's default): the pack's public functions,
   each tuned per key and served from the books (``tunebook.kernels``). On Triton's CPU
@@ -7,7 +7,11 @@
   the book's GPU-sized ones: a 49152-wide output in 96 programs instead of 768.
 * :class:`FixedOps` (``"fixed"``): the same kernels launched with each op's hand-picked
   config (what ``serve`` mode falls back to for a key no book holds; the kernels' private
-  ``_op(config=...)`` launchers, as the pack's benchmarks use them): the untuned engine.
+  ``_op(config=...)`` launchers, as the pack's benchmarks use them): the engine without
+  books, with a conventional config per op.
+* :class:`FirstOps` (``"first"``): the same launchers at each kernel's first config, the
+  first candidate its Space allows for the call: the engine with no tuning and no
+  hand-picked rule (what a kernel runs untuned; the issue's "untuned" baseline).
 * :class:`TorchOps` (``"torch"``): PyTorch in place of every kernel: ``torch.matmul``
   (cuBLAS), ``scaled_dot_product_attention``, eager RMSNorm, SiLU and RoPE, index copies
   into the cache. The baseline the Triton engine is measured against.
@@ -32,7 +36,7 @@ import triton
 
 from ..._compat import interpreting
 
-KINDS = ("triton", "fixed", "torch")
+KINDS = ("triton", "fixed", "first", "torch")
 
 
 class Ops:
@@ -181,9 +185,18 @@ class TritonOps(Ops):
 
 
 class FixedOps(TritonOps):
-    """The pack's kernels at each op's hand-picked config: no book, no tuning."""
+    """The pack's kernels at each op's hand-picked config: no book, no tuning.
+
+    Every op asks :meth:`config` for the config of its call, given the call's arguments
+    under the names the op's kernel gives them (``N``, ``n_rows``, ``max_context_len``,
+    ...: the names its key, hand-picked rule and Space's arg constraints read), and
+    launches it through the op's private ``_op(config=...)`` launcher.
+    """
 
     name = "fixed"
+    # On the interpreter the GEMMs keep TritonOps' wide tiles: the hand-picked ones are
+    # GPU-sized, and the interpreter pays per program (module docstring).
+    wide_interpreter_tiles = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -191,29 +204,39 @@ class FixedOps(TritonOps):
         # public functions.
         self.mod = {name: importlib.import_module(f"tunebook.kernels.{name}") for name in _PRIVATE}
 
+    def config(self, op: str, args: dict[str, Any]) -> dict[str, int]:
+        """The config ``op``'s kernel launches with for a call with ``args``: the op's
+        hand-picked one (what ``serve`` mode runs for a key no book holds)."""
+        m = self.mod[op]
+        if op == "linear":
+            return dict(m.default_linear_config(args["M"], args["N"], args["K"]))
+        return dict(m.hand_picked(args))
+
     def rms_norm(
         self, x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None
     ) -> Any:
-        m = self.mod["rms_norm"]
-        return m._rms_norm(x, w, eps, residual, None, None, m.hand_picked({"N": x.shape[-1]}))
+        config = self.config("rms_norm", {"N": x.shape[-1], "n_rows": _rows(x)})
+        return self.mod["rms_norm"]._rms_norm(x, w, eps, residual, None, None, config)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self._interpreting:
+        if self._interpreting and self.wide_interpreter_tiles:
             return super().linear(x, w)
-        m = self.mod["linear"]
-        return self.k.linear(x, w, config=m.default_linear_config(x.shape[0], w.shape[0], w.shape[1]))
+        return self.k.linear(
+            x, w, config=self.config("linear", {"M": _rows(x), "N": w.shape[0], "K": w.shape[1]})
+        )
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mod["silu_and_mul"]
-        return m._silu_and_mul(x, None, m.hand_picked({"D": x.shape[-1] // 2}))
+        config = self.config("silu_and_mul", {"D": x.shape[-1] // 2, "n_rows": _rows(x)})
+        return self.mod["silu_and_mul"]._silu_and_mul(x, None, config)
 
     def rotary(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, head_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.mod["rotary_embedding"]
-        key = {"NQ": q.shape[-1] // head_size, "NK": k.shape[-1] // head_size}
-        return m._rotary_embedding(
-            q, k, positions, cos_sin, "neox", None, head_size, None, m.hand_picked(key)
+        args = {"NQ": q.shape[-1] // head_size, "NK": k.shape[-1] // head_size,
+                "ROTARY_DIM": cos_sin.shape[1], "n_tokens": positions.shape[0]}  # fmt: skip
+        config = self.config("rotary_embedding", args)
+        return self.mod["rotary_embedding"]._rotary_embedding(
+            q, k, positions, cos_sin, "neox", None, head_size, None, config
         )
 
     def cache_write(
@@ -224,8 +247,9 @@ class FixedOps(TritonOps):
         v_cache: torch.Tensor,
         slots: torch.Tensor,
     ) -> None:
-        m = self.mod["reshape_and_cache"]
-        m._reshape_and_cache(k, v, k_cache, v_cache, slots, m.hand_picked({"NK": k.shape[1]}))
+        args = {"NK": k.shape[1], "HEAD_SIZE": k.shape[2], "n_tokens": k.shape[0]}
+        config = self.config("reshape_and_cache", args)
+        self.mod["reshape_and_cache"]._reshape_and_cache(k, v, k_cache, v_cache, slots, config)
 
     def prefill_attention(
         self,
@@ -235,11 +259,12 @@ class FixedOps(TritonOps):
         cu_seqlens: torch.Tensor,
         seq_lens: Sequence[int],
     ) -> torch.Tensor:
-        m = self.mod["varlen_attention"]
         longest = max(seq_lens)
-        return m._varlen_attention(
+        args = {"HEAD_SIZE": q.shape[-1], "max_seqlen_q": longest, "max_seqlen_k": longest, "q_ptr": q}
+        config = self.config("varlen_attention", args)
+        return self.mod["varlen_attention"]._varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, True, None, longest, longest,
-            None, None, None, None, None, m.hand_picked({}),
+            None, None, None, None, None, config,
         )  # fmt: skip
 
     def decode_attention(
@@ -251,11 +276,48 @@ class FixedOps(TritonOps):
         context_lens: torch.Tensor,
         max_context_len: int,
     ) -> torch.Tensor:
-        m = self.mod["paged_attention_decode"]
-        config = m.hand_picked({"batch": q.shape[0], "NK": k_cache.shape[2]})
-        return m._paged_attention_decode(
+        args = {"batch": q.shape[0], "NK": k_cache.shape[2], "HEAD_SIZE": q.shape[-1],
+                "max_context_len": max_context_len, "k_cache_ptr": k_cache}  # fmt: skip
+        config = self.config("paged_attention_decode", args)
+        return self.mod["paged_attention_decode"]._paged_attention_decode(
             q, k_cache, v_cache, block_table, context_lens, None, max_context_len, None, config
         )
+
+
+class FirstOps(FixedOps):
+    """The pack's kernels at each kernel's first config: the first of its Space's configs
+    (declaration order) that the Space's constraints and arg constraints allow for the
+    call, i.e. the first of the candidates its autotuner would measure. What a kernel runs
+    with no tuning at all, and no hand-picked rule either: the "untuned" end of the gain
+    of tuning. On the interpreter too (its GEMM tiles are small: slow on a large model)."""
+
+    name = "first"
+    wide_interpreter_tiles = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Each kernel's own Space, as its autotuner holds it.
+        self.spaces: dict[str, Any] = {op: getattr(m, f"_{op}_kernel").space for op, m in self.mod.items()}
+        # (op, the call's arguments) -> its first config: a Space's candidates are a walk
+        # over all of its configs, and the calls of a step meet a few keys over and over.
+        self._first: dict[tuple[Any, ...], dict[str, int]] = {}
+
+    def config(self, op: str, args: dict[str, Any]) -> dict[str, int]:
+        """The first candidate of ``op``'s Space for a call with ``args`` (class docstring)."""
+        memo = (op, *sorted((k, v.dtype if isinstance(v, torch.Tensor) else v) for k, v in args.items()))
+        found = self._first.get(memo)
+        if found is None:
+            candidates = self.spaces[op].candidates(args=args)
+            if not candidates:
+                shown = {k: v for k, v in args.items() if not isinstance(v, torch.Tensor)}
+                raise ValueError(f"ops='first': tunebook.kernels.{op}'s Space allows no config for {shown}")
+            found = self._first[memo] = dict(candidates[0])
+        return found
+
+
+def _rows(x: torch.Tensor) -> int:
+    """Rows of ``x`` viewed as ``[rows, last dimension]``."""
+    return x.numel() // max(x.shape[-1], 1)
 
 
 _PRIVATE = (
@@ -358,11 +420,13 @@ class TorchOps(Ops):
 
 
 def make_ops(kind: str) -> Ops:
-    """``"triton"``, ``"fixed"`` or ``"torch"`` (module docstring)."""
+    """``"triton"``, ``"fixed"``, ``"first"`` or ``"torch"`` (module docstring)."""
     if kind == "triton":
         return TritonOps()
     if kind == "fixed":
         return FixedOps()
+    if kind == "first":
+        return FirstOps()
     if kind == "torch":
         return TorchOps()
     raise ValueError(f"ops={kind!r}: expected one of {', '.join(KINDS)}")

@@ -1,0 +1,61 @@
+"""``python -m tunebook.demo.llm generate "PROMPT"`` as a user runs it: a new process that
+loads the model, runs the engine on the pack's kernels and prints the completion; a bad
+value ends the command with one line and status 2, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunebook.demo.llm.__main__ import main
+
+
+def generate(tmp_path: Path, *args: str, interpret: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TUNEBOOK_DIR": str(tmp_path / "book")}
+    env.pop("TUNEBOOK_MODE", None)  # the command sets serve mode itself
+    if not interpret:
+        env.pop("TRITON_INTERPRET", None)  # without a GPU the command re-executes itself with it
+    command = [sys.executable, "-m", "tunebook.demo.llm", "generate", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # ~9 s: two Python start-ups (the re-execution) and three interpreted steps
+def test_generate_prints_a_completion_from_the_books_without_tuning(tmp_path: Path) -> None:
+    """The tiny model (random weights: its text is noise, but text) through the chat
+    template, three greedy tokens on the Triton kernels in ``serve`` mode."""
+    proc = generate(
+        tmp_path, "What is the capital of France?", "--model", "tiny", "--random", "--max-tokens", "3",
+        interpret=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), f"no completion printed; stderr:\n{proc.stderr}"
+    summary = proc.stderr.strip().splitlines()[-1]
+    expected = (
+        r"\[3 tokens in [\d.]+ s \(length\); triton kernels; tunebook: 0 configs benchmarked, \d+ fallbacks\]"
+    )
+    assert re.fullmatch(expected, summary), summary
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "temperature must be in [0, 100]; found -1.0"),
+        (["--max-tokens", "0"], "max_tokens must be at least 1; found 0"),  # not "the default"
+        (["--model", "tiny", "--random", "--max-batch", "0"], "max_batch must be at least 1; found 0"),
+    ],
+)
+def test_a_bad_value_is_one_line_and_a_non_zero_status(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process (the command's own ``main``; under the interpreter already, so it
+    does not re-execute): the exit status and stderr a shell sees."""
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "hi", *args])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f"python -m tunebook.demo.llm: error: {message}"] and out == ""
