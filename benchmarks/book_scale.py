@@ -32,6 +32,7 @@ book's size can change.
     python benchmarks/book_scale.py --out DIR                           # 1k, 10k, 40k; local, redis
     python benchmarks/book_scale.py --format 1 --stores local --out DIR  # the format-1 baseline
     python benchmarks/book_scale.py --quick --out DIR                   # 200 keys, ~30 s: a smoke run
+    python benchmarks/book_scale.py --sizes 10000 40000 --stores local --commands report --out DIR
 
 The GPU hit path is measured by ``python benchmarks/core.py --hot-only`` (the lead runs it).
 """
@@ -259,6 +260,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds for show and report")
     parser.add_argument("--max-rss-gb", type=int, default=8, help="address-space cap for show and report")
     parser.add_argument("--no-commands", action="store_true", help="skip `tunebook show` and `report`")
+    parser.add_argument(
+        "--commands",
+        nargs="+",
+        choices=["show", "report"],
+        default=["show", "report"],
+        help="which commands to run on the local book (e.g. --commands report)",
+    )
     harness.add_out_argument(parser)
     args = parser.parse_args()
     if args.quick:
@@ -292,7 +300,7 @@ def main() -> None:
                     assert server is not None
                     row.update(measure_requests(server.url))
                 if store == "local" and not args.no_commands:
-                    for command in ("show", "report"):
+                    for command in args.commands:
                         cmd = [command, str(book)] + (
                             ["-o", str(scratch / "r.html")] if command == "report" else []
                         )

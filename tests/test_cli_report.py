@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import entry, invoke, result, write_doc
+from test_cli import entry, invoke, result
 from test_cli_summary import _book_with_a_failed_first_config
 from tunebook._book import Document, config_id
+from tunebook.cli._common import write_document
+from tunebook.cli._load import canonical_file_name
 from tunebook.cli._plots import bars_figure
 from tunebook.cli._summary import summarise_page
 from tunebook.cli.report import MIN_PAGES_IN_PARALLEL
@@ -45,7 +47,8 @@ def synthetic_book(directory: Path, kernels: int, keys: int, configs: int) -> No
             e = replace(entry([m, 4096, 4096, "torch.float16"], results), first=config_id(results[0].config))
             entries[json.dumps(list(e.key), separators=(",", ":"))] = e
         kernel = {"name": f"kernel_{k:02d}", "hash": f"{k:02d}" * 32, "key": ["M", "N", "K"]}
-        write_doc(directory, Document(kernel, {**H200, "timer": "events"}, entries))
+        doc = Document(kernel, {**H200, "timer": "events"}, entries)
+        write_document(directory / canonical_file_name(doc), doc)  # format 2: streamed by the report
 
 
 def test_parallel_rendering_gives_the_same_page_and_shows_progress(tmp_path: Path) -> None:

@@ -141,13 +141,14 @@ def missing_book(source: Path, given: bool) -> click.ClickException:
     )
 
 
-def load_or_fail(book: Path | None) -> Loaded:
-    """Load a book, turning a missing path into a one-line error instead of a traceback."""
+def load_or_fail(book: Path | None, stream: bool = False) -> Loaded:
+    """Load a book (``stream``: see ``_load.load``), turning a missing path into a one-line
+    error instead of a traceback."""
     source = resolve_book(book)
     if not source.exists():
         raise missing_book(source, given=book is not None)
     try:
-        return load(source)
+        return load(source, stream)
     except FileNotFoundError as exc:  # neither a directory nor a regular file (a socket, a FIFO)
         raise click.ClickException(str(exc)) from None
 

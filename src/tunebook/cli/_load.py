@@ -7,8 +7,11 @@ itself with the same parser (``Document.from_json``) and keeps the reason.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +20,27 @@ from .._book import (
     BookWarning,
     DirectoryStore,
     Document,
+    Entry,
     KernelIdentity,
     book_file_name,
     pagedir,
     read_book_file,
 )
 from .._fingerprint import platform_id, platform_slug
+from ._summary import key_order, sorted_entries
 
 
 @dataclass(frozen=True)
 class Page:
-    """One readable book file: a kernel on a platform."""
+    """One readable book file: a kernel on a platform.
+
+    ``streamed``: a format-2 page read for its kernel and platform only (``doc.entries`` is
+    empty); :func:`page_entries` reads its keys one at a time (``load(..., stream=True)``).
+    """
 
     path: Path
     doc: Document
+    streamed: bool = False
 
     @property
     def kernel_name(self) -> str:
@@ -99,25 +109,82 @@ def parse_file(path: Path) -> tuple[Document | None, str | None]:
     return doc, why
 
 
+@contextlib.contextmanager
+def skipped_as(path: Path) -> Iterator[list[tuple[Path, str]]]:
+    """The BookWarnings raised inside, as ``(path, reason)`` in the list it yields (filled on
+    leaving), instead of shown: a command lists what it skipped in its own words."""
+    skipped: list[tuple[Path, str]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BookWarning)
+        yield skipped
+    skipped += [(path, str(w.message)) for w in caught if issubclass(w.category, BookWarning)]
+
+
 def parse_page(directory: Path) -> tuple[Document | None, list[tuple[Path, str]]]:
     """A format-2 page directory (with a format-1 file of the same name beside it, if any):
     (the whole document or None, every file skipped with its reason)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", BookWarning)
+    with skipped_as(directory) as skipped:
         doc = DirectoryStore(directory.parent, writable=False).fetch(directory.name + ".json")
-    skipped = [(directory, str(w.message)) for w in caught if issubclass(w.category, BookWarning)]
     if doc is None and not skipped:
         skipped.append((directory, f"no readable {pagedir.PAGE_FILE} in it"))
     return doc, skipped
+
+
+def parse_page_meta(directory: Path) -> tuple[Document | None, list[tuple[Path, str]]]:
+    """A format-2 page directory's kernel and platform, without its keys (see parse_page)."""
+    with skipped_as(directory) as skipped:
+        meta = pagedir.read_meta(directory)
+    if meta is None:
+        if not skipped:
+            skipped.append((directory, f"no readable {pagedir.PAGE_FILE} in it"))
+        return None, skipped
+    return Document(meta["kernel"], meta["platform"]), skipped
+
+
+def page_entries(page: Page) -> tuple[int, Iterator[tuple[int, Entry]]]:
+    """(how many keys, each entry with its position, one at a time in natural key order):
+    a streamed page's keys are listed by name (cheap) and each key is read when the
+    iterator reaches it, so that a caller that keeps what it needs of each holds one entry
+    at a time. A key file that cannot be read is skipped with a BookWarning: its position
+    is then missing, and the count (of key names) is above the entries yielded."""
+    if not page.streamed:
+        entries = sorted_entries(page.doc)
+        return len(entries), enumerate(entries)
+    meta = {"kernel": page.doc.kernel, "platform": page.doc.platform}
+    # Sorted by name, then by natural order: the order sorted_entries gives a whole page
+    # (read_all lists keys by name; the sort is stable), so that ties fall the same way.
+    texts = sorted(sorted(pagedir.list_keys(page.path, meta)), key=_natural)
+
+    def read() -> Iterator[tuple[int, Entry]]:
+        for position, text in enumerate(texts):
+            entry = pagedir.read_key(page.path, meta, text)
+            if entry is not None:
+                yield position, entry
+
+    return len(texts), read()
+
+
+def _natural(text: str) -> tuple[Any, ...]:
+    try:
+        key = json.loads(text)
+    except ValueError:
+        key = None
+    # A name that is no key is unreadable (read_key warns): last, in name order.
+    return (0, key_order(key)) if isinstance(key, list) else (1, ())
 
 
 def _is_page_dir(path: Path) -> bool:
     return path.is_dir() and (path / pagedir.PAGE_FILE).exists()
 
 
-def load(source: Path) -> Loaded:
+def load(source: Path, stream: bool = False) -> Loaded:
     """Every book page under ``source`` (a book directory, not recursive: format-1 files and
-    format-2 page directories), or ``source`` itself (one file or one page directory)."""
+    format-2 page directories), or ``source`` itself (one file or one page directory).
+
+    ``stream``: format-2 pages are read for their kernel and platform only (``Page.streamed``;
+    their keys are read by :func:`page_entries`), except one with a format-1 file of the same
+    name beside it, read whole so that the file's entries stand under the page's. A key file
+    that cannot be read is then reported by the reader of its keys, not here."""
     loaded = Loaded(source)
     pages: list[Path] = []
     if _is_page_dir(source):
@@ -147,8 +214,9 @@ def load(source: Path) -> Loaded:
         else:
             loaded.pages.append(Page(path, doc))
     for directory in pages:
-        doc, skipped = parse_page(directory)
+        streamed = stream and not os.path.lexists(directory.with_name(directory.name + ".json"))
+        doc, skipped = parse_page_meta(directory) if streamed else parse_page(directory)
         loaded.skipped += skipped
         if doc is not None:
-            loaded.pages.append(Page(directory, doc))
+            loaded.pages.append(Page(directory, doc, streamed))
     return loaded

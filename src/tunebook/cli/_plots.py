@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._load import Page
-from ._summary import KeySummary, fmt_key, short_config, sorted_entries
+from .._book.records import Entry
+from ._summary import KeySummary, fmt_key, short_config
 
 DPI = 100
 FONT = 10
@@ -161,13 +161,11 @@ def _colour(t: float) -> str:
     return "#" + "".join(f"{c:02x}" for c in mix)
 
 
-def landscape(page: Page, keys: list[Any] | None = None) -> str | None:
-    """Heatmap as an HTML table: configs (rows, the overall fastest on top) x keys (``keys``,
-    default every key), each cell the config's time relative to the key's winner. A table,
-    not a picture: its numbers are text at the page's size at any zoom, and it costs nothing
-    to draw."""
-    wanted = None if keys is None else {tuple(k) for k in keys}
-    entries = [e for e in sorted_entries(page.doc) if wanted is None or tuple(e.key) in wanted]
+def landscape(entries: list[Entry]) -> str | None:
+    """Heatmap as an HTML table: configs (rows, the overall fastest on top) x ``entries``
+    (columns, in the order given), each cell the config's time relative to the key's winner.
+    A table, not a picture: its numbers are text at the page's size at any zoom, and it
+    costs nothing to draw."""
     configs = sorted({cid for e in entries for cid in e.results})
     if len(entries) == 0 or len(configs) < 2:
         return None
@@ -196,7 +194,7 @@ def landscape(page: Page, keys: list[Any] | None = None) -> str | None:
             t = (min(value, WORST) - 1) / (WORST - 1)
             ink = " class='dk'" if t > 0.5 else ""
             cells.append(f"<td{ink} style='background:{_colour(t)}'>{value:.2f}</td>")
-        label = esc(short_config(_config_of(page, cid)))
+        label = esc(short_config(_config_of(entries, cid)))
         rows.append(f"<tr><th title='{esc(cid)}'>{label}</th>{''.join(cells)}</tr>")
     scale = ", ".join(f"{_colour(i / 8)}" for i in range(9))
     legend = (
@@ -207,8 +205,10 @@ def landscape(page: Page, keys: list[Any] | None = None) -> str | None:
     return f"{legend}<table class='heat'><tr><th>config ↓ key →</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _config_of(page: Page, cid: str) -> dict[str, Any]:
-    for entry in page.doc.entries.values():
+def _config_of(entries: list[Entry], cid: str) -> dict[str, Any]:
+    # A config's id is made from the config (records.config_id, checked on reading), so
+    # every entry that has ``cid`` has the same config: any of them will do.
+    for entry in entries:
         if cid in entry.results:
             return entry.results[cid].config
     return {}

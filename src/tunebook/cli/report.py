@@ -17,13 +17,15 @@ from __future__ import annotations
 import html
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
+from .._book import Entry
 from .._book.files import atomic_write_text
 from .._optional import available, install_line
 from .._version import __version__
@@ -39,17 +41,18 @@ from ._common import (
     write_problem,
     writing,
 )
-from ._load import Page
+from ._load import Loaded, Page, page_entries, skipped_as
 from ._plots import MAX_CONFIG_ROWS, Plot, landscape, tuned_vs_reference
 from ._summary import (
     KeySummary,
     fmt_key,
     fmt_time,
+    is_imported,
     misses_line,
     reference_cell,
     reference_header,
     reference_notes,
-    summarise_page,
+    summarise,
     winner_cell,
 )
 
@@ -111,32 +114,72 @@ def _heatmap(table: str | None) -> str:
 # these are sampled evenly over the page's key order, and the section says so.
 MAX_TABLE_ROWS = 200
 MAX_KEYS_DRAWN = 60
+MAX_FAILURES_LISTED = 200
 
 
-def evenly(items: list[T], limit: int) -> list[T]:
+def evenly(items: Sequence[T], limit: int) -> list[T]:
     """At most ``limit`` of ``items``, evenly spaced, first and last included.
 
     >>> evenly(list(range(10)), 4)
     [0, 3, 6, 9]
     """
     if len(items) <= limit:
-        return items
+        return list(items)
     if limit <= 1:
-        return items[:limit]
+        return list(items[:limit])
     return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
 
 
+@dataclass
+class Digest:
+    """What a page's section shows, folded in one key at a time (:func:`digest`): it holds
+    the sampled keys only, never the page."""
+
+    keys: int = 0  # keys read
+    table: list[KeySummary] = field(default_factory=list)  # rows, evenly spaced in key order
+    drawn: list[KeySummary] = field(default_factory=list)  # the plotted keys, evenly spaced
+    drawn_entries: list[Entry] = field(default_factory=list)  # theirs, for the config landscape
+    failures: int = 0  # failed configs of every key
+    failures_listed: list[tuple[list[Any], str, str]] = field(default_factory=list)  # the first few
+
+
+def digest(page: Page) -> Digest:
+    """Read the page's keys one at a time in key order and fold each into a Digest.
+
+    Memory: the key names (listed first, to know where the evenly spaced samples fall),
+    then one entry at a time, plus the at most MAX_TABLE_ROWS summaries and MAX_KEYS_DRAWN
+    entries it keeps: it does not grow with the page beyond its key names.
+    """
+    count, entries = page_entries(page)
+    rows = set(evenly(range(count), MAX_TABLE_ROWS))
+    plotted = set(evenly(range(count), MAX_KEYS_DRAWN))
+    imported = is_imported(page.doc)
+    found = Digest()
+    for position, entry in entries:
+        summary = summarise(entry, imported)
+        found.keys += 1
+        found.failures += len(summary.failures)
+        room = MAX_FAILURES_LISTED - len(found.failures_listed)
+        found.failures_listed += [(summary.key, cid, e) for cid, e in summary.failures[:room]]
+        if position in rows:
+            found.table.append(summary)
+        if position in plotted:
+            found.drawn.append(summary)
+            found.drawn_entries.append(entry)
+    return found
+
+
 def page_section(page: Page) -> str:
-    """One kernel page's section of the report (run in a worker process: a pure function)."""
-    everything = summarise_page(page.doc)
-    summaries = evenly(everything, MAX_TABLE_ROWS)
-    drawn = evenly(everything, MAX_KEYS_DRAWN)
+    """One kernel page's section of the report (run in a worker process: a pure function
+    but for the BookWarnings of key files it cannot read)."""
+    found = digest(page)
+    summaries, drawn = found.table, found.drawn
     key_names = ", ".join(map(str, page.doc.kernel.get("key", [])))
     esc = html.escape
     sampled = (
-        f"<p class='dim'>{len(summaries)} of {len(everything)} keys shown, evenly spaced in key order "
+        f"<p class='dim'>{len(summaries)} of {found.keys} keys shown, evenly spaced in key order "
         f"({len(drawn)} in the plots); <code>tunebook show --json</code> lists every key.</p>"
-        if len(summaries) < len(everything)
+        if len(summaries) < found.keys
         else ""
     )
     rows = "".join(
@@ -150,7 +193,7 @@ def page_section(page: Page) -> str:
         f"<section class='page'><h2>{esc(page.kernel_name)} <span class='dim'>{page.identity.id}</span> on "
         f"{esc(page.platform_label)}</h2>",
         f"<p class='dim'>{esc(page.path.name)} · key ({esc(key_names)}) + argument dtypes · "
-        f"{len(everything)} keys</p>",
+        f"{found.keys} keys</p>",
         sampled,
         "<table><tr><th>key</th><th>winner</th><th>time</th>"
         f"<th>{reference_header('first')}</th><th>speed-up</th>"
@@ -162,17 +205,24 @@ def page_section(page: Page) -> str:
             "Per key: the first config's median time (what the kernel runs untuned) and the winner's.",
             tuned_vs_reference(drawn),
         ),
-        _heatmap(landscape(page, [s.key for s in drawn])),
+        _heatmap(landscape(found.drawn_entries)),
     ]
-    failures = [(s.key, cid, e) for s in everything for cid, e in s.failures]
-    if failures:
+    if found.failures:
         items = "".join(
             f"<li>{esc(fmt_key(k))} {esc(cid)}: <span class='dim'>{esc(e[:300])}</span></li>"
-            for k, cid, e in failures[:200]
+            for k, cid, e in found.failures_listed
         )
-        parts.append(f"<details><summary>{len(failures)} failed configs</summary><ul>{items}</ul></details>")
+        parts.append(f"<details><summary>{found.failures} failed configs</summary><ul>{items}</ul></details>")
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
+
+
+def rendered_page(page: Page) -> tuple[str, list[tuple[Path, str]]]:
+    """(the page's section, the files skipped while reading its keys, with the reasons):
+    a streamed page's keys are read here, in the worker, so their warnings come back too."""
+    with skipped_as(page.path) as skipped:
+        section = page_section(page)
+    return section, skipped
 
 
 def _speedup_cell(s: KeySummary) -> str:
@@ -181,26 +231,29 @@ def _speedup_cell(s: KeySummary) -> str:
     return "imported" if s.imported else "-"
 
 
-def render_sections(pages: list[Page], workers: int, advance: Callable[[], None] = lambda: None) -> list[str]:
-    """Every page's section, in the order of ``pages``; in ``workers`` processes when above 1."""
+def render_sections(
+    pages: list[Page], workers: int, advance: Callable[[], None] = lambda: None
+) -> list[tuple[str, list[tuple[Path, str]]]]:
+    """Every page's :func:`rendered_page`, in the order of ``pages``; in ``workers``
+    processes when above 1."""
     if workers <= 1 or len(pages) < MIN_PAGES_IN_PARALLEL:
         sections = []
         for page in pages:
-            sections.append(page_section(page))
+            sections.append(rendered_page(page))
             advance()
         return sections
     # spawn, not fork: the parent may hold threads (the progress display) and fork would copy them.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(page_section, page): i for i, page in enumerate(pages)}
-        done: dict[int, str] = {}
+        futures = {pool.submit(rendered_page, page): i for i, page in enumerate(pages)}
+        done: dict[int, tuple[str, list[tuple[Path, str]]]] = {}
         for future in as_completed(futures):
             done[futures[future]] = future.result()
             advance()
     return [done[i] for i in range(len(pages))]
 
 
-def render(pages: list[Page], source: Path, workers: int = 1) -> str:
-    """The whole HTML page, with progress on stderr."""
+def render(pages: list[Page], source: Path, workers: int = 1) -> tuple[str, list[tuple[Path, str]]]:
+    """The whole HTML page, with progress on stderr, and the key files skipped on the way."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     _check_matplotlib()
@@ -209,8 +262,9 @@ def render(pages: list[Page], source: Path, workers: int = 1) -> str:
         TextColumn("rendering plots"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err()
     ) as progress:
         task = progress.add_task("", total=len(ordered))
-        body = "\n".join(render_sections(ordered, workers, lambda: progress.advance(task)))
-    return (
+        sections = render_sections(ordered, workers, lambda: progress.advance(task))
+    body = "\n".join(section for section, _ in sections)
+    text = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>tunebook report: {html.escape(str(source))}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>tunebook report</h1><p class='dim'>book {html.escape(str(source))} · "
@@ -219,6 +273,7 @@ def render(pages: list[Page], source: Path, workers: int = 1) -> str:
         "(labelled median where it has no timing: the median measured config instead)</p>\n"
         f"{body}\n</body></html>\n"
     )
+    return text, [skip for _, skipped in sections for skip in skipped]
 
 
 @click.command("report")
@@ -234,14 +289,17 @@ def render(pages: list[Page], source: Path, workers: int = 1) -> str:
 )
 def command(book: Path | None, output: Path, kernels: tuple[str, ...], jobs: int | None) -> None:
     """Write an HTML report of BOOK with embedded plots: tuned vs first config, config landscape."""
-    loaded = load_or_fail(book)
+    # Streamed: each page's keys are read one at a time where its section is rendered, so the
+    # report's memory does not grow with the book (see digest).
+    loaded = load_or_fail(book, stream=True)
     pages = select_pages(loaded, kernels)
     warn_skipped(loaded)
     fix = f"Choose another file with -o, or make {existing_parent(output.parent)} writable."
     problem = write_problem(output.parent)  # before rendering, which takes a while
     if problem is not None:
         raise click.ClickException(f"cannot write {output}: {problem}. {fix}")
-    text = render(pages, loaded.source, jobs or min(8, os.cpu_count() or 1))
+    text, skipped = render(pages, loaded.source, jobs or min(8, os.cpu_count() or 1))
+    warn_skipped(Loaded(loaded.source, skipped=skipped))
     with writing(output, fix):
         output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output, text)
