@@ -120,14 +120,16 @@ def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
             f"  {label:24}{r['benchmarked']:>6} of {r['configs']:<6}{r['seconds']:>11.3f} s  "
             f"{'yes' if r['correct'] else 'NO':8}{r['winner']}"
         )
-    files = sorted(book.glob("*.json"))
-    print(f"\n  the book: {len(files)} file(s) in {book}")
-    for f in files:
-        doc = json.loads(f.read_text())
-        print(
-            f"    {f.name}: {len(doc['entries'])} key(s), "
-            f"{sum(len(e['results']) for e in doc['entries'].values())} measured config(s)"
-        )
+    from tunebook._book import read_document
+
+    # A page: a directory with a file per key (book format 2), or an older page's one file.
+    pages = sorted(p for p in book.iterdir() if not p.name.startswith(".")) if book.is_dir() else []
+    print(f"\n  the book: {len(pages)} page(s) in {book}")
+    for page in pages:
+        doc = read_document(page)
+        if doc is not None:
+            measured = sum(len(e.results) for e in doc.entries.values())
+            print(f"    {page.name}: {len(doc.entries)} key(s), {measured} measured config(s)")
     second = runs[1][1]
     ok = second["benchmarked"] == 0 and second["book_hits"] == 1 and all(r["correct"] for _, r in runs)
     print(
