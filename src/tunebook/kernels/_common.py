@@ -155,6 +155,21 @@ def autotune(
 # ----------------------------------------------------------------------- input checks
 
 
+def launch(
+    kernel: Any,
+    grid: Callable[[Any], tuple[int, ...]],  # of the config (its meta-parameters)
+    args: Sequence[Any],
+    config: Mapping[str, Any] | None,
+) -> None:
+    """Launch an op's kernel on ``args``: through its autotuner (the book's config), or with an
+    explicit ``config`` (the op's ``config=`` argument: benchmarks, hand-picked launches) on the
+    kernel's plain jit function, the config's meta-parameters and options as keywords."""
+    if config is None:
+        kernel[grid](*args)
+    else:
+        kernel.fn[grid(config)](*args, **config)
+
+
 def fail(op: str, what: str) -> NoReturn:
     raise ValueError(f"tunebook.kernels.{op}: {what}")
 

@@ -322,10 +322,7 @@ def _paged_attention_decode(
             f"blocks of {page} tokens); widen the table",
         )
     grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)
-    if config is None:
-        _paged_attention_decode_kernel[grid](*args)
-    else:
-        _paged_attention_decode_kernel.fn[grid(config)](*args, **config)
+    c.launch(_paged_attention_decode_kernel, grid, args, config)
     return out
 
 

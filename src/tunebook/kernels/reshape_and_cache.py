@@ -165,10 +165,7 @@ def _reshape_and_cache(
     if n_tokens == 0 or head_size == 0:
         return
     grid, args = _launch(key, value, k_cache, v_cache, slot_mapping)
-    if config is None:
-        _reshape_and_cache_kernel[grid](*args)
-    else:
-        _reshape_and_cache_kernel.fn[grid(config)](*args, **config)
+    c.launch(_reshape_and_cache_kernel, grid, args, config)
 
 
 def _launch(

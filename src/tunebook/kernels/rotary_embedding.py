@@ -410,8 +410,5 @@ def _rotary_embedding(
         tiles = _tiles(n_q, meta["BLOCK_H"]) + _tiles(n_k, meta["BLOCK_H"])
         return (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(tiles, meta["HEAD_TILES"]))
 
-    if config is None:
-        _rotary_embedding_kernel[grid](*args)
-    else:
-        _rotary_embedding_kernel.fn[grid(config)](*args, **config)
+    c.launch(_rotary_embedding_kernel, grid, args, config)
     return q_out, k_out

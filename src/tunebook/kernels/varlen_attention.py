@@ -363,10 +363,7 @@ def _varlen_attention(
     grid, args = _launch(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, max_seqlen_q, max_seqlen_k, paged, out
     )
-    if config is None:
-        _varlen_attention_kernel[grid](*args)
-    else:
-        _varlen_attention_kernel.fn[grid(config)](*args, **config)
+    c.launch(_varlen_attention_kernel, grid, args, config)
     return out
 
 
