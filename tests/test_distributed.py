@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS
+from conftest import TESTS, book_files
 
 BLOCKS = (16, 32, 64, 128, 256)
 
@@ -136,10 +136,7 @@ def _book_keys(directory: Path) -> set[int]:
     from tunebook._book import read_document
 
     keys: set[int] = set()
-    pages = directory.iterdir() if directory.is_dir() else ()  # a rank that wrote nothing has none
-    for path in pages:  # a page: a format-2 directory (or a format-1 file)
-        if path.name.startswith("."):
-            continue  # .tunebook/: locks
+    for path in book_files(directory) if directory.is_dir() else []:  # a rank that wrote nothing has none
         doc = read_document(path)
         keys |= {e.key[0] for e in doc.entries.values() if e.results} if doc is not None else set()
     return keys
