@@ -185,3 +185,57 @@ def test_config_launcher_passes_meta_parameters_and_leaves_out_defaults():
     assert kwargs["grid"] == "GRID" and kwargs["warmup"] is False
     assert kwargs["BLOCK"] == 64 and kwargs["num_stages"] == 3
     assert "num_warps" not in kwargs  # equal to the backend's default: the JIT derives the same
+
+
+def test_config_launcher_does_the_bookkeeping_of_a_hit_when_asked():
+    seen = []
+
+    class Owner:
+        best_config = None
+
+    owner, counter, config = Owner(), [0], triton.Config({"BLOCK": 64})
+    launch = _launch.config_launcher(
+        lambda *a, **k: seen.append(k["BLOCK"]), config.all_kwargs(), {}, served=(counter, owner, config)
+    )
+    launch((1,), "GRID")
+    launch((1,), "GRID")
+    assert seen == [64, 64] and counter == [2] and owner.best_config is config
+
+
+def test_positional_getitem_inlines_the_key_of_positional_key_and_falls_back_to_slow():
+    x = torch.zeros(4, dtype=torch.float16)
+    names, keys = ["x", "n", "scale"], ["n"]
+    table, slow_calls = {}, []
+
+    def slow(*args, grid, warmup, **kwargs):
+        slow_calls.append((args, grid, kwargs))
+        return "slow"
+
+    key = _launch.positional_key(names, keys, (x, 7, 0.5))
+    table[key((x, 7, 0.5))] = lambda args, grid: ("hit", args, grid)
+    getitem = _launch.positional_getitem(names, keys, (x, 7, 0.5), table, slow)
+    assert getitem("G")(x, 7, 0.5) == ("hit", (x, 7, 0.5), "G")
+    # Everything the key function refuses or does not know goes to slow(), with the grid.
+    for args, kwargs in [((x, 8, 0.5), {}), ((x, 7), {}), ((3, 7, 0.5), {}), ((x, 7, 0.5), {"s": 1})]:
+        assert getitem("G")(*args, **kwargs) == "slow"
+    assert [c[1] for c in slow_calls] == ["G"] * 4 and slow_calls[-1][2] == {"s": 1}
+    table.clear()  # cleared in place, as HitTable.clear does: the generated code sees it
+    assert getitem("G")(x, 7, 0.5) == "slow"
+    assert _launch.positional_getitem(["x", "n"], ["n"], (torch.zeros(1),), {}, slow) is None
+
+
+def test_a_config_with_a_pre_hook_is_served_by_run_with_its_hook_on_every_hit(monkeypatch):
+    calls = []
+    configs = [triton.Config({"BLOCK": 64}, pre_hook=lambda nargs: calls.append(nargs["n"]))]
+    configs.append(triton.Config({"BLOCK": 128}))
+    replay = Replay({64: 1.0, 128: 2.0})
+    kernel = tunebook.autotune(configs, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    assert kernel._hits.by_position == {}  # a hook needs the bound arguments: never the fast table
+    _slow_path_forbidden(kernel, monkeypatch)
+    before = len(calls)
+    for _ in range(2):
+        kernel[grid_1d(300)](x, y, out, 300)
+        torch.testing.assert_close(out, x + y)
+    assert len(calls) == before + 2 and kernel.best_config is configs[0]

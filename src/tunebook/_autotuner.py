@@ -166,7 +166,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._page: Page | None = None
         self._timers: Timers | None = None
         self._timer_choice: tuple[Callable[[], Timers], str] | None = None
-        self._hits = HitTable(self.arg_names, self.keys, fn.run)
+        self._hits = HitTable(self.arg_names, self.keys, fn.run, self)
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
@@ -231,26 +231,9 @@ class Autotuner(_compat.TritonAutotuner):
     # ------------------------------------------------------------------ launching
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
-        # The common hit (positional arguments, no config pre_hook) is served right here by
-        # generated code; anything else goes through run(). The tables are read through
-        # ``hits``, which never changes (cleared in place), to save an attribute lookup.
-        hits = self._hits
-        by_position = hits.by_position
-
-        def launch(*args: Any, **kwargs: Any) -> Any:
-            if not kwargs:
-                try:
-                    launcher, config, counter, _ = by_position[hits.position_key(args)]  # type: ignore[misc]
-                except (KeyError, AttributeError, IndexError, TypeError):
-                    pass
-                else:
-                    if config.pre_hook is None:
-                        counter[0] += 1
-                        self.best_config = config
-                        return launcher(args, grid)
-            return self.run(*args, grid=grid, warmup=False, **kwargs)
-
-        return launch
+        # The common hit (positional arguments, no config pre_hook) is served by generated
+        # code (``HitTable.getitem``); anything else goes through run().
+        return self._hits.getitem(grid)
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         """Launch (Triton's KernelInterface entry point; ``triton.heuristics`` calls this)."""
@@ -262,13 +245,13 @@ class Autotuner(_compat.TritonAutotuner):
         if hit is None:  # outside the except block: errors of a first launch chain nothing
             return self._slow_run(args, kwargs, grid, warmup)
         launcher, config, counter, config_kwargs = hit
+        if not (kwargs or warmup or config.pre_hook is not None):
+            return launcher(args, grid)  # bumps the counter and sets best_config itself
         counter[0] += 1
         self.best_config = config
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config_kwargs})
-        if kwargs or warmup:
-            return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
-        return launcher(args, grid)
+        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         call = Call.bind(self.arg_names, args, kwargs, grid)

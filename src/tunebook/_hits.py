@@ -8,10 +8,13 @@ slow path computes the call key from scratch and makes or reads the decision; th
 tables memoize it per exact argument layout, so both paths always serve the same config.
 
 **The tables.** ``by_position`` serves calls with positional arguments only (the common
-case), keyed by a generated function that reads the key values and dtypes by index;
-``by_binding`` serves any call, keyed by a generated function that binds arguments by name
-(see ``_launch.py``). A :class:`Hit` holds what a hit needs: the generated launcher, the
-config, the counter the call bumps (hits or fallbacks) and the config's launch kwargs.
+case) and configs without a ``pre_hook``, keyed by the key values and dtypes read by index
+(built inline by :attr:`HitTable.getitem`, the generated ``kernel[grid]``); it maps a key
+straight to the hit's launcher. ``by_binding`` serves any call, keyed by a generated
+function that binds arguments by name (see ``_launch.py``). A :class:`Hit` holds what a
+hit needs: the generated launcher (which bumps the hit counter and sets ``best_config``
+itself), the config, the counter the call bumps (hits or fallbacks) and the config's
+launch kwargs.
 Tables are only ever added to while serving (dict reads need no lock); :meth:`HitTable.clear`
 empties them in place when the decisions they memoize are overruled (a caller writing
 ``Autotuner.cache``).
@@ -46,6 +49,7 @@ class HitTable:
         "_arg_names",
         "_key_names",
         "_launchers",
+        "_owner",
         "_position_tried",
         "_run",
         "_tensor_slots",
@@ -53,14 +57,20 @@ class HitTable:
         "by_binding",
         "by_position",
         "decisions",
+        "getitem",
         "position_key",
     )
 
-    def __init__(self, arg_names: Sequence[str], key_names: Sequence[str], run: Callable[..., Any]) -> None:
+    def __init__(
+        self, arg_names: Sequence[str], key_names: Sequence[str], run: Callable[..., Any], owner: Any
+    ) -> None:
+        """``run`` is the JIT's launch; ``owner`` the autotuner (its ``run`` is the way to the
+        slow path, and a hit sets its ``best_config``)."""
         self._arg_names = list(arg_names)
         self._key_names = list(key_names)
         self._run = run
-        self.by_position: dict[tuple[Any, ...], Hit] = {}
+        self._owner = owner
+        self.by_position: dict[tuple[Any, ...], _launch.Launcher] = {}
         self.by_binding: dict[tuple[Any, ...], Hit] = {}
         # Generated on the first remembered call; None (not callable) until then, which the
         # hit path's TypeError handler turns into a slow-path call.
@@ -68,27 +78,50 @@ class HitTable:
         self.binding_key: KeyFunction | None = None
         self._position_tried = False
         self._tensor_slots: frozenset[str] = frozenset()
-        self._launchers: dict[int, _launch.Launcher] = {}
+        self._launchers: dict[tuple[int, int], _launch.Launcher] = {}
         # Call key -> config: the decisions the tables memoize (the slow path's own table).
         self.decisions: dict[Any, Any] = {}
+        # ``kernel[grid]``: this general form until the first remembered positional call
+        # generates one with the key inlined (``_launch.positional_getitem``).
+        self.getitem: Callable[[Any], Callable[..., Any]] = self._general_getitem
 
-    def launcher(self, config: Any) -> _launch.Launcher:
-        """The generated launcher of ``config`` (one per Config object)."""
-        launcher = self._launchers.get(id(config))
+    def _general_getitem(self, grid: Any) -> Callable[..., Any]:
+        by_position, slow = self.by_position, self._owner.run
+
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            if not kwargs:
+                try:
+                    found = by_position[self.position_key(args)]  # type: ignore[misc]
+                except (KeyError, AttributeError, IndexError, TypeError):
+                    pass
+                else:
+                    return found(args, grid)
+            return slow(*args, grid=grid, warmup=False, **kwargs)
+
+        return launch
+
+    def launcher(self, config: Any, counter: list[int]) -> _launch.Launcher:
+        """The generated launcher of ``config`` for calls that bump ``counter`` (one per pair)."""
+        launcher = self._launchers.get((id(config), id(counter)))
         if launcher is None:
-            launcher = self._launchers[id(config)] = _launch.config_launcher(
-                self._run, config.all_kwargs(), _compat.launch_option_defaults()
+            launcher = self._launchers[id(config), id(counter)] = _launch.config_launcher(
+                self._run,
+                config.all_kwargs(),
+                _compat.launch_option_defaults(),
+                served=(counter, self._owner, config),
             )
         return launcher
 
     def hit(self, config: Any, counter: list[int]) -> Hit:
-        return Hit(self.launcher(config), config, counter, config.all_kwargs())
+        return Hit(self.launcher(config, counter), config, counter, config.all_kwargs())
 
     def serve_always(self, hit: Hit) -> None:
         """A kernel with one config: every call is this hit, whatever its arguments."""
         self.position_key = self.binding_key = _constant_key
         self._position_tried = True
-        self.by_position[()] = self.by_binding[()] = hit
+        self.by_binding[()] = hit
+        if hit.config.pre_hook is None:
+            self.by_position[()] = hit.launcher
 
     def remember(self, args: Sequence[Any], kwargs: Mapping[str, Any], hit: Hit) -> None:
         """Serve later calls laid out like this one (same values, dtypes, classes) with ``hit``."""
@@ -108,9 +141,15 @@ class HitTable:
         if not self._position_tried:
             self._position_tried = True
             self.position_key = _launch.positional_key(self._arg_names, self._key_names, args)
-        if self.position_key is not None:
+            getitem = _launch.positional_getitem(
+                self._arg_names, self._key_names, args, self.by_position, self._owner.run
+            )
+            if getitem is not None:
+                self.getitem = getitem
+        # A config pre_hook needs the bound arguments: such hits are served by run().
+        if self.position_key is not None and hit.config.pre_hook is None:
             with contextlib.suppress(AttributeError, IndexError, TypeError):
-                self.by_position[self.position_key(tuple(args))] = hit
+                self.by_position[self.position_key(tuple(args))] = hit.launcher
 
     def clear(self) -> None:
         """Forget every memoized hit (in place: the hit path holds the dicts); decisions stay."""
