@@ -76,6 +76,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ttft-configs", type=int, default=8, help="ttft: configs tuned per key in-process")
     p.add_argument("--streams", type=int, default=64, help="http: concurrent streams")
     p.add_argument("--seconds", type=float, default=60.0, help="http: load duration")
+    p.add_argument(
+        "--server-random",
+        action="store_true",
+        help="ttft, http: serve SmolLM2-135M's shapes with random weights and a byte tokenizer "
+        "(the same kernels and keys, for a machine without the model file)",
+    )
     args = p.parse_args(argv)
     if args.dry_run:
         args.batches, args.models, args.prompt_len, args.steps, args.warmup = "1,2", "tiny", 8, 2, 1
@@ -269,6 +275,8 @@ def _server(
     args: argparse.Namespace, port: int, extra: list[str], env: dict[str, str]
 ) -> subprocess.Popen[str]:
     model = ["--model", "tiny", "--random"] if args.dry_run else []
+    if args.server_random and not args.dry_run:
+        model = ["--model", "smollm2-135m", "--random"]
     command = [sys.executable, "-m", "tunebook.demo.llm", "serve", "--port", str(port), *model, *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
