@@ -239,3 +239,14 @@ def test_a_config_with_a_pre_hook_is_served_by_run_with_its_hook_on_every_hit(mo
         kernel[grid_1d(300)](x, y, out, 300)
         torch.testing.assert_close(out, x + y)
     assert len(calls) == before + 2 and kernel.best_config is configs[0]
+
+
+def test_a_spaces_feasible_configs_are_listed_once_per_kernel_not_once_per_key(monkeypatch):
+    # Listing a Space of thousands costs tens of ms; every first call of a key paid it,
+    # in serve mode too. The arg constraints still see each call's own values.
+    kernel = _bucketed_space_kernel()
+    listed = []
+    original = kernel.space.candidates
+    monkeypatch.setattr(kernel.space, "candidates", lambda *a, **k: listed.append(k) or original(*a, **k))
+    assert [_served_block(kernel, n) for n in (4000, 300, 100, 40)] == [1024, 256, 64, 32]
+    assert len(listed) == 1 and listed[0].get("args") is None

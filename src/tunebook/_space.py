@@ -294,12 +294,13 @@ class Space:
         for candidate in self._iter_candidates():
             if platform is not None and not platform_allows(candidate, platform):
                 continue
-            if args is not None and not self._args_allow(candidate, args):
+            if args is not None and not self.allows_args(candidate, args):
                 continue
             out.append(candidate)
         return out
 
-    def _args_allow(self, candidate: Candidate, args: Mapping[str, Any]) -> bool:
+    def allows_args(self, candidate: Candidate, args: Mapping[str, Any]) -> bool:
+        """Whether the arg constraints allow ``candidate`` for a call with these named arguments."""
         for i, check in enumerate(self.arg_constraints):
             try:
                 ok = check(dict(candidate), args)
