@@ -167,7 +167,8 @@ class Autotuner(_compat.TritonAutotuner):
         self._timers: Timers | None = None
         self._timer_choice: tuple[Callable[[], Timers], str] | None = None
         self._hits = HitTable(self.arg_names, self.keys, fn.run, self)
-        self._feasible: list[tuple[Any, Any]] | None = None  # see _space_feasible
+        self._feasible: list[Any] | None = None  # see _space_feasible
+        self._feasible_configs: dict[int, Any] = {}  # index in _feasible -> its Config, made on first use
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
@@ -360,8 +361,8 @@ class Autotuner(_compat.TritonAutotuner):
             configs = self.configs
         else:
             named = call.named
-            allows = self.space.allows_args
-            configs = [config for candidate, config in self._space_feasible() if allows(candidate, named)]
+            allows, feasible = self.space.allows_args, self._space_feasible()
+            configs = [self._feasible_config(i) for i, c in enumerate(feasible) if allows(c, named)]
             if not configs:
                 raise ConfigurationError(
                     f"tunebook.autotune: the Space of {self.label} has no feasible config for this call "
@@ -370,17 +371,23 @@ class Autotuner(_compat.TritonAutotuner):
                 )
         return self.config_index.unique(self.prune_configs(call.kwargs, configs))
 
-    def _space_feasible(self) -> list[tuple[Any, Any]]:
-        """The Space's candidates this platform allows, each with its Config, made once: listing
-        a Space of thousands costs tens of ms, which every first call of a key used to pay
-        (in serve mode too, where the answer is a book read)."""
+    def _space_feasible(self) -> list[Any]:
+        """The Space's candidates this platform allows, listed once: listing a Space of
+        thousands costs tens of ms, which every first call of a key used to pay (in serve
+        mode too, where the answer is one book read). Their Configs are made only when a
+        call first allows them (``_feasible_config``): most calls allow a small part."""
         if self._feasible is None:
             assert self.space is not None
-            self._feasible = [
-                (candidate, self.config_index.from_space(self.space, candidate))
-                for candidate in self.space.candidates(platform=self.page().platform)
-            ]
+            self._feasible = self.space.candidates(platform=self.page().platform)
         return self._feasible
+
+    def _feasible_config(self, index: int) -> Any:
+        config = self._feasible_configs.get(index)
+        if config is None:
+            assert self.space is not None and self._feasible is not None
+            config = self.config_index.from_space(self.space, self._feasible[index])
+            self._feasible_configs[index] = config
+        return config
 
     def declares(self, record: Mapping[str, Any]) -> bool:
         """Whether a config as the book stores it is one of this kernel's: in its list, or a

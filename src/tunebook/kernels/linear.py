@@ -39,6 +39,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -96,19 +97,30 @@ def _fits(c: Mapping[str, Any]) -> bool:
     return c["SPLIT_K"] == 1 or c["BLOCK_M"] <= SPLIT_K_MAX_M
 
 
+@functools.lru_cache(maxsize=1024)
+def _call_bounds(m: int, N: int, K: int) -> tuple[int, int, int, int, int]:
+    """(bucketed M, largest BLOCK_M, BLOCK_N, BLOCK_K, largest SPLIT_K) a call of this size
+    may use: computed once per shape, not once per candidate (the Space has thousands)."""
+    M = bucket_m(m)
+    return (
+        M,
+        max(MIN_BLOCK["BLOCK_M"], pow2_at_least(M)),
+        max(MIN_BLOCK["BLOCK_N"], pow2_at_least(N)),
+        max(MIN_BLOCK["BLOCK_K"], pow2_at_least(K)),
+        max_split_k(M, N, K),
+    )
+
+
 def _fits_call(c: Mapping[str, Any], args: Mapping[str, Any]) -> bool:
     """Per call: no tile dimension beyond what the problem fills, split-K only where allowed."""
-    M, N, K = bucket_m(args["M"]), args["N"], args["K"]
-    if c["BLOCK_M"] > max(MIN_BLOCK["BLOCK_M"], pow2_at_least(M)):
-        return False
-    if c["BLOCK_N"] > max(MIN_BLOCK["BLOCK_N"], pow2_at_least(N)):
-        return False
-    if c["BLOCK_K"] > max(MIN_BLOCK["BLOCK_K"], pow2_at_least(K)):
+    K = args["K"]
+    M, max_m, max_n, max_k, max_split = _call_bounds(args["M"], args["N"], K)
+    if c["BLOCK_M"] > max_m or c["BLOCK_N"] > max_n or c["BLOCK_K"] > max_k:
         return False
     if c["GROUP_M"] > 1 and triton.cdiv(M, c["BLOCK_M"]) == 1:  # a no-op: same as GROUP_M=1
         return False
     split = c["SPLIT_K"]
-    if split > 1 and (split > max_split_k(M, N, K) or split * c["BLOCK_K"] > K):
+    if split > 1 and (split > max_split or split * c["BLOCK_K"] > K):
         return False
     # Pipelining deeper than the loop is long only costs shared memory.
     steps = triton.cdiv(triton.cdiv(K, c["BLOCK_K"]), split)
