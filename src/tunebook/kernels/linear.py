@@ -117,13 +117,16 @@ def _fits_call(c: Mapping[str, Any], args: Mapping[str, Any]) -> bool:
     M, max_m, max_n, max_k, max_split = _call_bounds(args["M"], args["N"], K)
     if c["BLOCK_M"] > max_m or c["BLOCK_N"] > max_n or c["BLOCK_K"] > max_k:
         return False
-    if c["GROUP_M"] > 1 and triton.cdiv(M, c["BLOCK_M"]) == 1:  # a no-op: same as GROUP_M=1
+    if c["GROUP_M"] > 1 and M <= c["BLOCK_M"]:  # one row of tiles: a no-op, same as GROUP_M=1
         return False
     split = c["SPLIT_K"]
     if split > 1 and (split > max_split or split * c["BLOCK_K"] > K):
         return False
-    # Pipelining deeper than the loop is long only costs shared memory.
-    steps = triton.cdiv(triton.cdiv(K, c["BLOCK_K"]), split)
+    # Pipelining deeper than the loop is long only costs shared memory. (Plain integer
+    # ceil-division: triton.cdiv is a constexpr function, ~2 us a call on the host, and this
+    # runs for each of the Space's thousands of points at every key's first call.)
+    k_steps = -(-K // c["BLOCK_K"])
+    steps = -(-k_steps // split)
     return c["num_stages"] <= max(2, steps + 1)
 
 
