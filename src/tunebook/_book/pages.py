@@ -85,6 +85,9 @@ def _only(entry: Entry, declared: Collection[str]) -> Entry:
 # of the nearest remembered key" must be the same on every rank): the order is the
 # store's, not the process's: one Redis hash, or one directory, lists the same names to
 # every rank. Not a time budget: when it stopped would depend on the machine's load.
+# Not covered: copies of a page of more than NAME_BUDGET keys on two file systems (a
+# directory lists in its file system's order), which an index of names written beside
+# the page would cover.
 NAME_BUDGET = 2048
 
 
