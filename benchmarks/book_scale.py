@@ -17,8 +17,9 @@ wrote before format 2, for the comparison), then a new process measures:
   replaying timer that costs nothing, nearest keys read as hints, results written;
 * ``rss_mb`` — the process's peak resident memory at the end (VmHWM);
 * for Redis, the store's requests on that book, measured here: ``request_fetch_one_key_ms``,
-  ``request_merge_one_key_ms`` (medians of 200) and ``request_key_names_ms`` (the listing of
-  key names a miss of an unknown key asks once per page, for its nearest-key hints);
+  ``request_merge_one_key_ms`` (medians of 200), ``request_key_names_ms`` (the listing of
+  key names a miss of an unknown key asks once per page, for its nearest-key hints: at most
+  ``pages.NAME_BUDGET`` names) and ``request_all_key_names_ms`` (every name: the CLI's listing);
 
 and, for the local store, ``tunebook show DIR`` and ``tunebook report DIR -o FILE`` run as
 a user would (wall time and peak memory of that process; killed past ``--timeout`` or
@@ -197,6 +198,7 @@ def measure_requests(url: str) -> dict[str, float]:
     import statistics
 
     from tunebook._book import Document
+    from tunebook._book.pages import NAME_BUDGET
     from tunebook._book.redis_store import RedisStore
 
     kernel, platform, name, records = make_kernel_identity()
@@ -217,7 +219,8 @@ def measure_requests(url: str) -> dict[str, float]:
         "request_merge_one_key_ms": median_ms(
             lambda: store.merge(name, Document(kernel, platform, {key: news[key]})), 200
         ),
-        "request_key_names_ms": median_ms(lambda: store.fetch(name, ()), 20),
+        "request_key_names_ms": median_ms(lambda: store.fetch(name, (), max_names=NAME_BUDGET), 20),
+        "request_all_key_names_ms": median_ms(lambda: store.fetch(name, ()), 20),
     }
 
 

@@ -63,6 +63,29 @@ def key_text(key: Sequence[Any]) -> str:
     return json.dumps(list(stored_key(key)), separators=(",", ":"))
 
 
+def parse_key_texts(texts: Sequence[str]) -> list[Any]:
+    """Each key text parsed (a list), or None where it is not a key: one parse for them all
+    when every one is JSON (a page of 40,000 keys costs one pass), else one parse each.
+
+    >>> parse_key_texts(['[4096,"fp16"]', "junk", "[" * 5000])
+    [[4096, 'fp16'], None, None]
+    """
+    ok = [t.startswith("[") and t.endswith("]") for t in texts]
+    try:
+        parsed = json.loads("[" + ",".join(t for t, good in zip(texts, ok) if good) + "]")
+    except (ValueError, RecursionError):  # a name that is not JSON, or nested past the parser
+        parsed = [_parse_one(t) for t, good in zip(texts, ok) if good]
+    found = iter(parsed)
+    return [next(found) if good else None for good in ok]
+
+
+def _parse_one(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _reject_constant(name: str) -> Any:
     raise BookFormatError(f"{name} is not a number a book may hold")
 

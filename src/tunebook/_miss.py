@@ -135,9 +135,10 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
 
 
 def _near(miss: Miss, page: Page) -> list[Entry]:
-    """The remembered keys nearest to the miss's, nearest first: ranked by their names (every
-    key's text, asked once per page), then only the nearest few are read."""
-    texts = _policy.nearest_texts(miss.key, page.keys())[:NEAR_READ]
+    """The remembered keys nearest to the miss's, nearest first: ranked by their names (at
+    most NAME_BUDGET of each store, asked and parsed once per page), then only the nearest
+    few are read."""
+    texts = _policy.nearest_texts(miss.key, page.key_names())[:NEAR_READ]
     return _policy.nearest(miss.key, page.lookup(texts))
 
 

@@ -20,13 +20,12 @@ results, the winner of the nearest remembered key, the first config, in that ord
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from ._book import Entry
-from ._jsonio import as_scalar, stored_key
+from ._jsonio import as_scalar, parse_key_texts, stored_key
 from ._search import SMALL_SPACE, Budget
 
 Decision = Literal["book", "tune", "serve"]
@@ -112,26 +111,22 @@ def nearest(key: Sequence[Any], entries: Iterable[Entry]) -> list[Entry]:
     return [e for _, _, e in sorted(ranked, key=lambda t: t[:2])]
 
 
-def nearest_texts(key: Sequence[Any], texts: Iterable[str]) -> list[str]:
-    """Key texts (as a book names keys) of keys comparable with ``key``, nearest first.
+def nearest_texts(key: Sequence[Any], texts: Iterable[str] | Mapping[str, Any]) -> list[str]:
+    """Key texts (as a book names keys) of keys comparable with ``key``, nearest first, ties
+    in text order. ``texts`` may map each text to its key already parsed (Page.key_names).
 
     >>> nearest_texts([1000, "fp16"], ['[4096,"fp16"]', '[1024,"fp16"]', '[1024,"bf16"]', 'junk'])
     ['[1024,"fp16"]', '[4096,"fp16"]']
     """
     own = list(stored_key(key))
     logs = [_log2(v) for v in own]
-    names = [t for t in texts if t.startswith("[") and t.endswith("]")]
-    try:  # one parse for the whole page (a 40,000-key page costs one pass over its names)
-        parsed = json.loads("[" + ",".join(names) + "]")
-    except ValueError:
-        parsed = []
-        for text in names:
-            try:
-                parsed.append(json.loads(text))
-            except ValueError:
-                parsed.append(None)
+    if isinstance(texts, Mapping):
+        pairs: Iterable[tuple[str, Any]] = texts.items()
+    else:
+        names = list(texts)
+        pairs = zip(names, parse_key_texts(names))
     ranked = []
-    for text, other in zip(names, parsed):
+    for text, other in pairs:
         if not isinstance(other, list) or len(other) != len(own) or other == own:
             continue
         total = 0.0

@@ -42,7 +42,7 @@ import re
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -200,34 +200,39 @@ def read_keys(directory: Path, meta: Mapping[str, Any], keys: Iterable[str]) -> 
     return found
 
 
-def list_keys(directory: Path, meta: Mapping[str, Any]) -> set[str]:
-    """Every key text the page holds (names only; a hashed name's file is read)."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return set()
+def list_keys(directory: Path, meta: Mapping[str, Any], limit: int | None = None) -> set[str]:
+    """Every key text the page holds (names only; a hashed name's or pending news' file is
+    read), or with ``limit``, those among the first ``limit`` names of the page's directory
+    and then of its pending news, in the file system's order (the same for every reader
+    of one directory in one state): a nearest-key search reads a bounded part of a page."""
+    pending = directory / HIDDEN / "pending"
+    listed = itertools.chain(
+        ((directory, n) for n in _scan(directory)), ((pending, n) for n in _scan(pending))
+    )
     texts: set[str] = set()
-    for name in names:
-        if not name.endswith(".json") or name == PAGE_FILE or name.startswith("."):
+    for where, name in itertools.islice(listed, limit):
+        if not name.endswith(".json") or name.startswith(".") or (where == directory and name == PAGE_FILE):
             continue
-        text = key_text_of(name)
+        text = key_text_of(name) if where == directory else None  # pending: <key name>.<stamp>.json
         if text is None:
-            found = _entry_of(directory / name, meta, None)
+            found = _entry_of(where / name, meta, None)
             if found is not None:
                 texts.add(found[0])
         else:
             texts.add(text)
-    texts.update(_pending_keys(directory, meta))
     return texts
 
 
-def _pending_keys(directory: Path, meta: Mapping[str, Any]) -> set[str]:
+def _scan(directory: Path) -> Iterator[str]:
+    """The names in ``directory``, in the file system's order (none if it cannot be read).
+    os.scandir reads a directory in batches, so a caller that stops early reads only part
+    of a large one, where os.listdir reads it all."""
     try:
-        names = os.listdir(directory / HIDDEN / "pending")
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                yield entry.name
     except OSError:
-        return set()
-    found = (_entry_of(directory / HIDDEN / "pending" / n, meta, None) for n in names if n.endswith(".json"))
-    return {f[0] for f in found if f is not None}
+        return
 
 
 def read_all(directory: Path, meta: Mapping[str, Any]) -> dict[str, Entry]:

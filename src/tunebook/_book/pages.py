@@ -12,9 +12,9 @@ Redis is gone. A page that was tuned from a shipped book's results carries them 
 
 Stores are consulted key by key: the first time a key is asked (:meth:`Page.get`), on a
 miss that is about to tune (:meth:`Page.refresh`) and when a result is recorded
-(:meth:`Page.record`), each time for that key only; the names of every key a store holds
-are asked once per page, for nearest-key searches (:meth:`Page.keys`). Never on a hit,
-which the autotuner answers from memory. Opening a page reads nothing.
+(:meth:`Page.record`), each time for that key only; the names of at most NAME_BUDGET keys
+of each store are asked once per page, for nearest-key searches (:meth:`Page.key_names`).
+Never on a hit, which the autotuner answers from memory. Opening a page reads nothing.
 
 Thread safety: a Page is used under its autotuner's lock; Book is immutable; the Redis
 store is shared per process and thread-safe itself.
@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import _settings
 from .._jsonio import key_text as _key_text
-from .._jsonio import slug
+from .._jsonio import parse_key_texts, slug
 from .._warnings import warn_once
 from .pagedir import page_dir_name
 from .records import Document, Entry
@@ -74,6 +74,21 @@ def _only(entry: Entry, declared: Collection[str]) -> Entry:
     """``entry`` with the results of ``declared`` config ids only."""
     results = {cid: r for cid, r in entry.results.items() if cid in declared}
     return replace(entry, results=results, chosen=entry.chosen if entry.chosen in results else "")
+
+
+# How many key names a nearest-key search reads from each store of a page, once per page
+# and process: a miss costs the same whatever the page's size (a 40,000-key page cost
+# 159 ms of HKEYS on Redis, most of a 333 ms miss on a directory). A page of at most this
+# many keys (every page we know of) is listed whole, so its nearest key is exact. A larger
+# one is sampled: the first NAME_BUDGET names in the store's own order. That costs hint
+# quality only, and it stays deterministic where issue 16 needs it (serve mode's "winner
+# of the nearest remembered key" must be the same on every rank): the order is the
+# store's, not the process's: one Redis hash, or one directory, lists the same names to
+# every rank. Not a time budget: when it stopped would depend on the machine's load.
+# Not covered: copies of a page of more than NAME_BUDGET keys on two file systems (a
+# directory lists in its file system's order), which an index of names written beside
+# the page would cover.
+NAME_BUDGET = 2048
 
 
 @dataclass
@@ -119,9 +134,10 @@ class Layer:
             self._take(stored, page)
 
     def keys(self, name: str, page: Page, fresh: bool = False) -> frozenset[str]:
-        """Every key text the store holds (names only; asked once per page unless ``fresh``)."""
+        """The key texts the store holds (names only): at most NAME_BUDGET of them, asked once
+        per page; every one, asked again, when ``fresh``. With what it read or was sent."""
         if self.index is None or fresh:
-            stored = self.store.fetch(name, ())
+            stored = self.store.fetch(name, (), max_names=None if fresh else NAME_BUDGET)
             ok = (
                 stored is not None and stored.index is not None and page.same_kernel(stored, repr(self.store))
             )
@@ -198,6 +214,7 @@ class Page:
         self.layers = [Layer(store, role) for role, store in book.stores()]
         self.entries: dict[str, Entry] = {}
         self._asked: set[str] = set()
+        self._parsed: dict[str, Any] = {}  # key text -> its key (key_names)
 
     def same_kernel(self, doc: Document, where: str) -> bool:
         if doc.kernel.get("hash") == self.kernel.source_hash:
@@ -248,12 +265,22 @@ class Page:
         self._compose(texts)
 
     def keys(self, fresh: bool = False) -> set[str]:
-        """Every key text any layer holds (names only). Each store is asked once per page, as
-        nearest-key hints need no more; ``fresh`` asks again (the command line's listings)."""
+        """The key texts the layers hold (names only) and the keys asked so far: at most
+        NAME_BUDGET names of each store, asked once per page, as nearest-key hints need no
+        more; ``fresh`` asks every name again (the command line's listings, a sweep)."""
         found: set[str] = set(self.entries)
         for layer in self.layers:
             found |= layer.keys(self.file_name, self, fresh)
         return found
+
+    def key_names(self) -> dict[str, Any]:
+        """:meth:`keys`, each with its key parsed (None: not a key), for nearest-key searches.
+        Each name is parsed once per page: a second miss parses only names it had not seen."""
+        texts = self.keys()
+        new = [t for t in texts if t not in self._parsed]
+        if new:
+            self._parsed.update(zip(new, parse_key_texts(new)))
+        return {t: self._parsed[t] for t in texts}
 
     def _copy_shared_to_local(self, texts: Sequence[str], declared: Collection[str] | None) -> None:
         local = next((layer for layer in self.layers if layer.role == "local"), None)

@@ -139,6 +139,27 @@ def _budgeted(connection_class: Any) -> type:
     return type(f"Budgeted{connection_class.__name__}", (connection_class,), {"_connect": _connect})
 
 
+# HSCAN's COUNT: fields a step of a bounded listing asks for (Redis may return a few more).
+_SCAN_STEP = 512
+
+
+def _names(client: Any, key: str, size: int, max_names: int | None) -> list[bytes]:
+    """The field names of the hash at ``key`` (``size`` fields, ``meta`` included): all of
+    them (HKEYS) when they are at most ``max_names`` keys, else the first ``max_names`` keys
+    in HSCAN's order, which is the same for every client of the hash in one state. HSCAN
+    sends the values too (NOVALUES needs Redis 7.4), so a listing of a large hash costs
+    ``max_names`` entries' bytes, not the hash's."""
+    if max_names is None or size <= max_names + 1:
+        return list(client.hkeys(key))
+    names: list[bytes] = []
+    cursor = 0
+    while True:
+        cursor, fields = client.hscan(key, cursor, count=min(_SCAN_STEP, max_names))
+        names += [n for n in fields if n != _META.encode()]
+        if len(names) >= max_names or not cursor:
+            return names[:max_names]
+
+
 # One store per (process, URL): every page of a process shares its connection pool and,
 # above all, its breaker, so an outage is detected, logged and waited out once, not once
 # per kernel. Keyed by pid too, so a forked child builds its own instead of inheriting
@@ -217,11 +238,16 @@ class RedisStore:
 
     # ------------------------------------------------------------------ public
 
-    def fetch(self, file_name: str, keys: Collection[str] | None = None) -> Document | None:
+    def fetch(
+        self, file_name: str, keys: Collection[str] | None = None, *, max_names: int | None = None
+    ) -> Document | None:
         """The stored document for ``file_name`` (only ``keys``, when given; ``keys=()``: its
-        index); None if absent, unreadable or Redis is down. One request: HGETALL, HMGET of
-        the keys and ``meta``, or HKEYS and ``meta``."""
-        return self._guarded(lambda client: self._read(client, KEY_PREFIX + file_name, file_name, keys))
+        index, of at most ``max_names`` names); None if absent, unreadable or Redis is down.
+        One request: HGETALL, HMGET of the keys and ``meta``, or ``meta`` and HLEN then HKEYS
+        (a hash of at most ``max_names`` keys) or HSCAN until ``max_names`` names came."""
+        return self._guarded(
+            lambda client: self._read(client, KEY_PREFIX + file_name, file_name, keys, max_names)
+        )
 
     def merge(self, file_name: str, doc: Document) -> Document | None:
         """Merge ``doc`` into the stored one (stored results stand); return the result or None."""
@@ -288,17 +314,20 @@ class RedisStore:
 
     # ------------------------------------------------------------------ documents
 
-    def _read(self, client: Any, key: str, file_name: str, keys: Collection[str] | None) -> Document | None:
+    def _read(
+        self, client: Any, key: str, file_name: str, keys: Collection[str] | None, max_names: int | None
+    ) -> Document | None:
         if keys is None:
             return self._load(client.hgetall(key), file_name)
         if not keys:
             with client.pipeline(transaction=False) as pipe:
                 pipe.hget(key, _META)
-                pipe.hkeys(key)
-                meta, names = pipe.execute()
+                pipe.hlen(key)
+                meta, size = pipe.execute()
             doc = self._load({_META.encode(): meta} if meta is not None else {}, file_name)
             if doc is None:
                 return None
+            names = _names(client, key, size, max_names)
             index = frozenset(n.decode("utf-8", "replace") for n in names if n != _META.encode())
             return Document(doc.kernel, doc.platform, {}, index)
         return self._load(self._fields(client, key, keys), file_name)

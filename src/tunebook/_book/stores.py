@@ -7,6 +7,7 @@ them in one loop and knows nothing else about them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -38,11 +39,16 @@ class BookStore(Protocol):
       hosts, for a server) lose nothing; a reader never sees a torn entry.
     """
 
-    def fetch(self, name: str, keys: Collection[str] | None = None) -> Document | None:
+    def fetch(
+        self, name: str, keys: Collection[str] | None = None, *, max_names: int | None = None
+    ) -> Document | None:
         """The stored document ``name``, or None if there is none or it is unusable.
 
         ``keys``: only those keys' entries (the ones stored); ``keys=()``: no entries, and
-        ``index`` set to every key text stored (names only, for nearest-key searches).
+        ``index`` set to every key text stored (names only, for nearest-key searches), or
+        with ``max_names``, to those among the first ``max_names`` names the store lists, in
+        its own order: the same for every reader of the store in one state, so a bounded
+        search is as deterministic as a full one (see pages.NAME_BUDGET).
         """
         ...
 
@@ -99,7 +105,9 @@ class DirectoryStore:
         self._seen[name] = (stamp, doc)
         return doc
 
-    def fetch(self, name: str, keys: Collection[str] | None = None) -> Document | None:
+    def fetch(
+        self, name: str, keys: Collection[str] | None = None, *, max_names: int | None = None
+    ) -> Document | None:
         directory = self.directory / pagedir.page_dir_name(name)
         meta = pagedir.read_meta(directory)
         old = self._format1(name)
@@ -116,8 +124,10 @@ class DirectoryStore:
             entries = pagedir.read_all(directory, meta) if meta is not None else {}
         elif not keys:
             entries = {}
-            found = pagedir.list_keys(directory, meta) if meta is not None else set()
-            index = frozenset(found | set(old.entries if old is not None else ()))
+            found = pagedir.list_keys(directory, meta, max_names) if meta is not None else set()
+            index = frozenset(
+                found | set(itertools.islice(old.entries if old is not None else (), max_names))
+            )
         else:
             entries = pagedir.read_keys(directory, meta, keys) if meta is not None else {}
         return Document(kernel, platform, _under(entries, old, keys), index)
