@@ -6,8 +6,8 @@ a fresh book per rank:
 
 1. ``triton.autotune`` over the same candidates: every rank tunes every key itself;
 2. tunebook, every rank alone (no group): every rank tunes every key itself;
-3. tunebook in the group (``TUNEBOOK_DISTRIBUTED=1``): the ranks split the candidates and
-   one rank decides.
+3. tunebook in the group (``TUNEBOOK_DISTRIBUTED=1``): one search a key, each batch of it
+   measured across the ranks, and one rank decides.
 
 Reports the keys whose winners differ between ranks (phases 1 and 3; tunebook's target is 0),
 the tuning wall time of phase 3 against phase 2 (target at most 0.6 on 2 GPUs), and the
