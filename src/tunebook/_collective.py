@@ -101,12 +101,13 @@ def tune_together(
     participants = _close_round(store, ns, team.world) if arrival == 1 else _participants(store, ns)
     measured = failures = 0
     if arrival == 1 and participants is not None:
-        lead = Lead(store, ns, ids, participants)
+        lead = Lead(store, ns, ids, participants) if participants > 1 else None  # else: alone
         try:
-            outcome = _search(jobs(lead))
+            outcome = _tune(jobs(lead))
             decided = _settle(store, ns, page, key_text, _decided_entry(key, outcome.entry, ids, start))
         finally:
-            lead.end()  # the followers stop waiting for batches, and read the decision
+            if lead is not None:
+                lead.end()  # the followers stop waiting for batches, and read the decision
         measured, failures = outcome.measured, outcome.failures
     else:
         if participants is not None and arrival <= participants:
@@ -115,7 +116,7 @@ def tune_together(
         else:
             waited = _wait_for_decision(store, ns, key)
         if waited is None:  # no decision in time: tune alone, and let the first decision stand
-            alone = _search(jobs(None))
+            alone = _tune(jobs(None))
             measured += alone.measured
             failures += alone.failures
             decided = _settle(store, ns, page, key_text, _decided_entry(key, alone.entry, ids, start))
@@ -130,7 +131,7 @@ def tune_together(
     return Outcome(decided, measured, failures, time.perf_counter() - start)
 
 
-def _search(job: KeyTuning) -> Outcome:
+def _tune(job: KeyTuning) -> Outcome:
     with inputs_restored(job):
         return tune_key(job)
 

@@ -16,6 +16,10 @@
 * **Tie-aware.** Among contenders within measurement noise of the fastest, the winner of a
   neighbouring key (a hint) is preferred, so that similar keys get the same config and the
   same book gives the same winner run after run.
+* **Where a batch is measured is injected**, nothing else: ``KeyTuning.exchange`` gets each
+  batch (and the contenders' full measurement) and a way to time candidates here; a group's
+  leader deals the batch across the ranks (``_collective.py``), so a group runs this very
+  loop, strategy and choice.
 """
 
 from __future__ import annotations
