@@ -2,8 +2,10 @@
 
 Every rank is a real process in a real gloo group. Each rank's timer reports its own noisy
 view of near-tied configs (alone, each rank would pick another winner); the group must
-still launch one config per key on every rank, each rank measuring about 1/world of the
-candidates, and exactly one rank writing the book.
+still launch one config per key on every rank, run one search a key (the one a lone rank
+would run) with each rank measuring about 1/world of it, and have exactly one rank write
+the book. The protocol's timing rules (late ranks, a silent leader) are checked with ranks
+as threads over one in-process store, around a real ``tune_key``.
 """
 
 from __future__ import annotations
