@@ -6,13 +6,16 @@ a fresh book per rank:
 
 1. ``triton.autotune`` over the same candidates: every rank tunes every key itself;
 2. tunebook, every rank alone (no group): every rank tunes every key itself;
-3. tunebook in the group (``TUNEBOOK_DISTRIBUTED=1``): the ranks split the candidates and
-   one rank decides.
+3. tunebook in the group (``TUNEBOOK_DISTRIBUTED=1``): one search a key, each batch of it
+   measured across the ranks, and one rank decides.
 
-Reports the keys whose winners differ between ranks (phases 1 and 3; tunebook's target is 0)
-and the tuning wall time of phase 3 against phase 2 (target at most 0.6 on 2 GPUs).
+Reports the keys whose winners differ between ranks (phases 1 and 3; tunebook's target is 0),
+the tuning wall time of phase 3 against phase 2 (target at most 0.6 on 2 GPUs), and the
+configs each rank screened (phase 3 against phase 2: about 1/world, since the group runs one
+search whose batches are dealt across the ranks).
 
     python benchmarks/distributed.py --out DIR [--world 2]     # 2 GPUs
+    python benchmarks/distributed.py --out DIR --phases group,alone   # tunebook only (faster)
     python benchmarks/distributed.py --interpret --out DIR     # CPU: gloo, the interpreter, 2 keys
 
 Prints a table last; writes DIR/distributed.json.
@@ -37,6 +40,7 @@ import _harness as harness
 HIDDEN = (1024, 2048, 5120, 6144, 7168)  # sizes the shipped books do not hold: every key is new
 TOKENS = (1, 8, 64, 512)  # 20 keys
 CPU_KEYS = ((48, 1), (80, 3))
+PHASES = ("group", "alone", "triton")  # the measurement that matters most first
 
 
 def _keys(interpret: bool) -> list[tuple[int, int]]:
@@ -80,6 +84,8 @@ def child(phase: str) -> None:
     import torch
     import torch.distributed as dist
 
+    import tunebook
+
     interpret = harness.interpreting()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD"])
     dist.init_process_group(
@@ -96,20 +102,27 @@ def child(phase: str) -> None:
     keys = _keys(interpret)
     if phase == "triton" and os.environ.get("TRITON_KEYS"):
         keys = keys[: int(os.environ["TRITON_KEYS"])]  # triton.autotune times every config in full: slow
+    per_key: dict[str, dict[str, float]] = {}  # configs this rank screened and seconds, key by key
     for hidden, tokens in keys:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
         w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
+        before, t0 = tunebook.stats()["benchmarked"], time.perf_counter()
         module.rms_norm(x, w, 1e-6)
+        harness.synchronize()
         best = kernel.best_config
-        winners[f"{hidden}x{tokens}"] = {
+        name = f"{hidden}x{tokens}"
+        winners[name] = {
             **best.kwargs,
             "num_warps": best.num_warps,
             "num_stages": best.num_stages,
         }
+        per_key[name] = {
+            "benchmarked": tunebook.stats()["benchmarked"] - before,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
     harness.synchronize()
     seconds = time.perf_counter() - start
     dist.barrier()
-    import tunebook
 
     print(
         json.dumps(
@@ -119,6 +132,7 @@ def child(phase: str) -> None:
                 "winners": winners,
                 "seconds": seconds,
                 "benchmarked": tunebook.stats()["benchmarked"],
+                "per_key": per_key,
             }
         ),
         flush=True,
@@ -190,8 +204,16 @@ def main() -> None:
     parser.add_argument(
         "--triton-keys", type=int, default=None, help="only the first N keys for triton.autotune (it is slow)"
     )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated, run in this order (default {','.join(PHASES)})",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    chosen = [p for p in args.phases.split(",") if p]
+    if not chosen or any(p not in PHASES for p in chosen):
+        parser.error(f"--phases: expected some of {','.join(PHASES)}; found {args.phases!r}")
     if args.child:
         child(args.child)
         return
@@ -199,7 +221,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="tunebook-distributed-"))
     header = harness.platform_header(interpret=args.interpret)
     phases: dict[str, list[dict[str, Any]]] = {}
-    for phase in ("group", "alone", "triton"):  # the measurement that matters most first
+    for phase in chosen:
         phases[phase] = run_phase(phase, args.world, args.interpret, scratch, args.triton_keys)
         result = summary(header, args.world, args.interpret, phases)
         (out / "distributed.json").write_text(json.dumps(result, indent=1))  # kept if a later phase dies
@@ -215,14 +237,18 @@ def main() -> None:
             result["wall_s"][p],
             "/".join(map(str, result["benchmarked"][p])),
         )
-        for p in ("triton", "alone", "group")
+        for p in PHASES[::-1]
+        if p in phases
     ]
     print(
         harness.table(rows, ("phase", "keys where ranks differ", "tuning wall s", "configs timed per rank"))
     )
-    print(
-        f"group / alone wall time: {result['group_vs_alone']:.2f} (target <= 0.6), over {result['keys']} keys"
-    )
+    if result["group_vs_alone"] is not None:
+        print(
+            f"group / alone wall time: {result['group_vs_alone']:.2f} (target <= 0.6), over {result['keys']} "
+            "keys; configs screened by the busiest rank, group / alone: "
+            f"{result['configs_group_vs_alone']:.2f}"
+        )
 
 
 def summary(
@@ -230,13 +256,17 @@ def summary(
 ) -> dict[str, Any]:
     """The results so far (written after every phase)."""
     wall = {p: max(r["seconds"] for r in ranks) for p, ranks in phases.items()}
+    busiest = {p: max(r["benchmarked"] for r in ranks) for p, ranks in phases.items()}
+    both = "alone" in wall and "group" in wall
     return {
         **header,
         "world": world,
         "keys": len(_keys(interpret)),
         "disagreements": {p: disagreements(ranks) for p, ranks in phases.items()},
         "wall_s": wall,
-        "group_vs_alone": wall["group"] / wall["alone"] if "alone" in wall and "group" in wall else None,
+        "group_vs_alone": wall["group"] / wall["alone"] if both else None,
+        # The configs the busiest rank screened, group against alone: the work each rank does.
+        "configs_group_vs_alone": busiest["group"] / max(1, busiest["alone"]) if both else None,
         "benchmarked": {p: [r["benchmarked"] for r in ranks] for p, ranks in phases.items()},
         "phases": phases,
     }

@@ -2,8 +2,10 @@
 
 Every rank is a real process in a real gloo group. Each rank's timer reports its own noisy
 view of near-tied configs (alone, each rank would pick another winner); the group must
-still launch one config per key on every rank, each rank measuring about 1/world of the
-candidates, and exactly one rank writing the book.
+still launch one config per key on every rank, run one search a key (the one a lone rank
+would run) with each rank measuring about 1/world of it, and have exactly one rank write
+the book. The protocol's timing rules (late ranks, a silent leader) are checked with ranks
+as threads over one in-process store, around a real ``tune_key``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ import torch, torch.distributed as dist
 dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=int(os.environ["RANK"]),
                         world_size=int(os.environ["WORLD"]))
 rank, world = dist.get_rank(), dist.get_world_size()
+dies = {dies}  # the rank that dies at its first measurement, after the others arrived
+dist.barrier()
+if rank == dies:
+    time.sleep(0.5)
 import triton, tunebook
 from kernels import add_kernel, grid_1d, vectors
 
@@ -50,15 +56,29 @@ class Noisy:
         self.current = nargs
     def __call__(self, kernel_call, quantiles=None):
         kernel_call()
+        if rank == dies:
+            os._exit(3)
         block = self.current["BLOCK"]
         measured.append(block)
-        ms = 1.0 if block == {blocks}[rank % len({blocks})] else 1.01 + 0.001 * {blocks}.index(block)
+        if {wide}:
+            # A valley over (BLOCK, num_warps, num_stages), two tied optima ordered by rank.
+            b, w = {blocks}.index(block), WARPS.index(self.current["num_warps"])
+            s = self.current["num_stages"]
+            ms = 1.0 + 0.3 * abs(b - 2) + 0.2 * abs(w - 1) + 0.15 * abs(s - 2)
+            ms = 1.0 + 0.001 * ((s + rank) % 2) if (b, w) == (2, 1) and s in (2, 3) else ms
+        else:
+            ms = 1.0 if block == {blocks}[rank % len({blocks})] else 1.01 + 0.001 * {blocks}.index(block)
         return [ms, ms, ms]
 
 noisy = Noisy()
 group = None if os.environ.get("TUNEBOOK_DISTRIBUTED") == "1" else dist.group.WORLD
-kernel = tunebook.autotune([triton.Config({{"BLOCK": b}}) for b in {blocks}], key=["n"], do_bench=noisy,
-                           pre_hook=noisy.pre_hook, group=group)(add_kernel)
+WARPS = (1, 2, 4, 8)
+configs = [triton.Config({{"BLOCK": b}}) for b in {blocks}]
+if {wide}:  # 80 configs: a key with a neighbour's hint is searched by 'neighbors', not exhaustively
+    configs = [triton.Config({{"BLOCK": b}}, num_warps=w, num_stages=s) for b in {blocks} for w in WARPS
+               for s in (1, 2, 3, 4)]
+kernel = tunebook.autotune(configs, key=["n"], do_bench=noisy, pre_hook=noisy.pre_hook, group=group)
+kernel = kernel(add_kernel)
 store = dist.distributed_c10d._get_default_store()
 keys_before = store.num_keys()
 chosen, start = {{}}, time.perf_counter()
@@ -66,7 +86,9 @@ for n in {keys}:
     x, y, out = vectors(n)
     kernel[grid_1d(n)](x, y, out, n)
     torch.testing.assert_close(out, x + y)
-    chosen[n] = kernel.best_config.kwargs["BLOCK"]
+    best = kernel.best_config
+    wide_label = f"{{best.kwargs['BLOCK']}}/{{best.num_warps}}/{{best.num_stages}}"
+    chosen[n] = wide_label if {wide} else best.kwargs["BLOCK"]
 lonely = None
 if rank == 0 and {lonely}:
     x, y, out = vectors(777)
@@ -78,8 +100,9 @@ print(json.dumps({{"rank": rank, "chosen": chosen, "measured": len(measured), "l
                   "recorded": len(recorded),
                   "store_keys": store.num_keys() - keys_before, "stats": tunebook.stats(),
                   "seconds": time.perf_counter() - start}}), flush=True)
-dist.barrier()
-dist.destroy_process_group()
+if dies is None:
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
@@ -90,12 +113,22 @@ def _free_port() -> int:
 
 
 def run_group(
-    world: int, tmp_path: Path, *, keys=(100, 200, 300), lonely=False, env=None, timeout=240, shared=False
+    world: int,
+    tmp_path: Path,
+    *,
+    keys=(100, 200, 300),
+    lonely=False,
+    env=None,
+    timeout=240,
+    shared=False,
+    wide=False,
+    dies=None,
 ) -> list[dict]:
     """Run RANK in ``world`` processes of one gloo group; each rank gets its own book directory
-    (``shared``: one for all, as ranks of one host sharing a disk)."""
+    (``shared``: one for all, as ranks of one host sharing a disk). ``wide``: 80 configs;
+    ``dies``: that rank exits at its first measurement (and reports nothing)."""
     init = f"tcp://127.0.0.1:{_free_port()}"
-    code = textwrap.dedent(RANK.format(blocks=BLOCKS, keys=tuple(keys), lonely=lonely))
+    code = textwrap.dedent(RANK.format(blocks=BLOCKS, keys=tuple(keys), lonely=lonely, wide=wide, dies=dies))
     procs = []
     for rank in range(world):
         rank_env = {
@@ -127,6 +160,9 @@ def run_group(
             for p in procs:
                 p.kill()
             raise AssertionError(f"rank {rank} did not finish within {timeout} s: the job hung") from None
+        if rank == dies:
+            assert proc.returncode == 3, f"rank {rank} was to die:\n{out}\n{err}"
+            continue
         assert proc.returncode == 0, f"rank {rank} failed:\n{out}\n{err}"
         outs.append(json.loads(out.strip().splitlines()[-1]))
     return outs
@@ -180,6 +216,38 @@ def test_ranks_sharing_one_book_write_each_key_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_one_search_for_the_group_on_a_large_space_each_rank_measuring_half(tmp_path):
+    # 80 configs: more than an exhaustive search takes. The keys hinted by the first one's
+    # winner are searched by the lone search's 'neighbors' strategy, which stops at the local
+    # optimum: one search a key, each batch it asks for dealt across the ranks.
+    keys = (100, 200, 300)
+    outs = run_group(2, tmp_path, keys=keys, wide=True)
+    for n in keys:
+        assert len({o["chosen"][str(n)] for o in outs}) == 1, n
+    from tunebook._book import read_document
+
+    results = {}
+    for path in book_files(tmp_path / "book-0"):
+        doc = read_document(path)
+        results |= {e.key[0]: len(e.results) for e in doc.entries.values()} if doc is not None else {}
+    # The first key: the budget of a space of 80 (64 configs); the hinted ones: a local search.
+    assert results[100] == 64 and results[200] < 40 and results[300] < 40, results
+    per_rank = [o["measured"] for o in outs]
+    total = sum(results.values())
+    assert sum(per_rank) == total, (per_rank, results)  # each config measured once, by one rank
+    assert max(per_rank) <= 0.55 * total, (per_rank, total)  # about half each
+
+
+@pytest.mark.slow
+def test_a_follower_that_dies_mid_search_leaves_the_leader_finishing_alone(tmp_path):
+    outs = run_group(2, tmp_path, keys=(100,), dies=1, env={"TUNEBOOK_DISTRIBUTED_WAIT_S": "2"}, timeout=120)
+    (rank0,) = outs
+    assert rank0["seconds"] < 20  # waited ~2 s for the dead rank's part, once
+    assert rank0["measured"] == len(BLOCKS)  # its own part and the dead rank's
+    assert rank0["chosen"]["100"] == 16  # rank 0's timings alone decide
+
+
+@pytest.mark.slow
 def test_four_ranks_agree_with_the_default_group_from_the_environment(tmp_path):
     keys = (100, 200)
     outs = run_group(4, tmp_path, keys=keys, env={"TUNEBOOK_DISTRIBUTED": "1"})
@@ -218,53 +286,184 @@ def test_serve_mode_and_book_hits_never_touch_the_store_and_agree(tmp_path):
     assert {o["chosen"]["100"] for o in served} == {o["chosen"]["100"] for o in outs}
 
 
-def test_a_rank_that_waits_too_long_tunes_alone_and_the_first_decision_stands(tmp_path, monkeypatch):
-    # Two ranks as threads over one in-process store: the leader hangs in its share, the other
-    # rank gives up waiting, tunes alone and publishes; the leader, when it comes back, adopts
-    # the decision that stands. Both end with the same config.
+# Ranks as threads over one in-process store, each with a real tune_key over synthetic
+# candidates whose "measurement" is a look-up: the protocol and the search, in milliseconds.
+
+
+def _jobs(ids: list[str], records: list[dict], ms_of, calls: list[int], hints=(), adaptive=False):
+    """``jobs(exchange)`` for ``tune_together``: a real KeyTuning whose bench looks up
+    ``ms_of(index)`` and appends the index to ``calls`` (a rank's measurements)."""
+    from tunebook._bench import Timers
+    from tunebook._tuner import KeyTuning, Persist
+
+    def timer(launch, quantiles=None):
+        return launch()
+
+    def bench(timer, i):
+        calls.append(i)
+        ms = ms_of(i)
+        return [ms, ms, ms]
+
+    def jobs(exchange):
+        return KeyTuning(
+            key_text="[7]",
+            key=(7,),
+            configs=list(range(len(ids))),
+            ids=ids,
+            records=records,
+            known=None,
+            timers=Timers(timer, timer, "test", adaptive),
+            bench=lambda timer, i: timer(lambda: bench(timer, i)),
+            persist=Persist(None, "[7]", (7,), ids[0], None),
+            is_unexpected=lambda exc: True,
+            hints=list(hints),
+            exchange=exchange,
+        )
+
+    return jobs
+
+
+def _in_threads(tmp_path, jobs_of_rank, stagger=0.2, timeout=60.0, finished=lambda rank: None):
+    """Run ``tune_together`` for key [7] in one thread per rank (rank 0 arrives first and
+    leads; ``finished(rank)`` is called as each returns); returns {rank: Outcome} and the
+    seconds each took."""
     import threading
 
     import torch.distributed as dist
 
     from tunebook import _collective
-    from tunebook._book import Book, KernelIdentity, Result
+    from tunebook._book import Book, KernelIdentity
     from tunebook._distributed import Team
-    from tunebook._tuner import Outcome
+
+    store = dist.HashStore()
+    kernel = KernelIdentity("k", "hash", ("n",))
+    outcomes: dict[int, object] = {}
+    seconds: dict[int, float] = {}
+    world = len(jobs_of_rank)
+
+    def rank(r: int) -> None:
+        t0 = time.perf_counter()
+        page = Book(tmp_path / f"book-{r}").open(kernel, {"backend": "test"}, "test", "p")
+        ids = jobs_of_rank[r](None).ids
+        outcomes[r] = _collective.tune_together(
+            Team(r, world, store), page, (7,), "[7]", ids, jobs_of_rank[r]
+        )
+        seconds[r] = time.perf_counter() - t0
+        finished(r)
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)  # rank 0 arrives first and leads
+    for t in threads:
+        t.join(timeout)
+    return outcomes, seconds
+
+
+def _grid():
+    """240 candidates on a 3-D grid with one valley: more than an exhaustive search takes, so a
+    hinted key is searched by 'neighbors', which stops at the local optimum."""
+    points = [(a, b, c) for a in range(8) for b in range(6) for c in range(5)]
+    ids = [f"a{a}-b{b}-c{c}" for a, b, c in points]
+    records = [{"kwargs": {"a": a, "b": b, "c": c}} for a, b, c in points]
+
+    def ms(i: int, rank: int = 0) -> float:
+        a, b, c = points[i]
+        if (a, b) == (5, 2) and c in (3, 4):  # two tied optima, ordered by each rank's noise
+            return 1.0 + 0.001 * ((c + rank) % 2)
+        return 1.0 + 0.1 * abs(a - 5) + 0.07 * abs(b - 2) + 0.05 * abs(c - 3)
+
+    return ids, records, ms, ids.index("a4-b2-c3")
+
+
+def test_one_search_for_the_group_each_rank_measures_about_half_of_a_lone_search(tmp_path):
+    from tunebook._tuner import tune_key
+
+    ids, records, ms, hint = _grid()
+    lone: list[int] = []
+    alone = tune_key(_jobs(ids, records, ms, lone, hints=[hint])(None))
+    assert 10 < alone.measured < len(ids) / 2  # the lone search stopped at the local optimum
+
+    calls: dict[int, list[int]] = {0: [], 1: []}
+    jobs = {r: _jobs(ids, records, lambda i, r=r: ms(i, r), calls[r], hints=[hint]) for r in (0, 1)}
+    outcomes, _ = _in_threads(tmp_path, jobs)
+    chosen = {o.entry.best(ids) for o in outcomes.values()}
+    assert len(chosen) == 1 and chosen <= {"a5-b2-c3", "a5-b2-c4"}  # one choice, among the tied pair
+    assert not set(calls[0]) & set(calls[1])  # every config measured by one rank
+    assert [o.measured for o in outcomes.values()] == [len(calls[0]), len(calls[1])]
+    total = len(calls[0]) + len(calls[1])
+    assert total == len(lone), (total, len(lone))  # the lone search's path, split
+    for r in (0, 1):
+        assert len(calls[r]) <= 0.6 * len(lone), (r, len(calls[r]), len(lone))  # about half each
+
+
+def test_the_contenders_full_measurements_are_dealt_too(tmp_path):
+    # An adaptive timer: a quick screening, then the contenders (within 10% of the best, at
+    # most 8) measured in full, dealt across the ranks like any batch.
+    ids = [f"c{i}" for i in range(8)]
+    records = [{"kwargs": {"B": i}} for i in range(8)]
+    calls: dict[int, list[int]] = {0: [], 1: []}
+    jobs = {r: _jobs(ids, records, lambda i: 1.0 + 0.001 * i, calls[r], adaptive=True) for r in (0, 1)}
+    outcomes, _ = _in_threads(tmp_path, jobs)
+    assert [len(c) for c in calls.values()] == [8, 8]  # 4 screenings and 4 confirmations each
+    entry = outcomes[0].entry
+    assert all(not r.quick for r in entry.results.values())  # every contender confirmed in full
+    assert outcomes[1].entry.best(ids) == entry.best(ids) == "c0"
+
+
+def test_a_follower_that_stops_answering_leaves_the_leader_finishing_alone(tmp_path, monkeypatch):
+    # The follower hangs in its second part; the leader waits TUNEBOOK_DISTRIBUTED_WAIT_S for it,
+    # measures that part itself, deals it nothing more and decides.
+    import threading
+
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_WAIT_S", "1")
+    ids, records, ms, hint = _grid()
+    release = threading.Event()
+    calls: dict[int, list[int]] = {0: [], 1: []}
+
+    def follower_ms(i: int) -> float:
+        if len(calls[1]) == 2:
+            release.wait(30)  # hangs, as a dead or stuck rank would, until the leader has decided
+        return ms(i, 1)
+
+    jobs = {
+        0: _jobs(ids, records, ms, calls[0], hints=[hint]),
+        1: _jobs(ids, records, follower_ms, calls[1], hints=[hint]),
+    }
+    lone: list[int] = []
+    from tunebook._tuner import tune_key
+
+    tune_key(_jobs(ids, records, ms, lone, hints=[hint])(None))
+    outcomes, seconds = _in_threads(tmp_path, jobs, timeout=30, finished=lambda r: r == 0 and release.set())
+    assert 0 in outcomes and seconds[0] < 6  # ~1 s of waiting, once: not a hang
+    assert len(calls[0]) >= len(lone) - 3  # the leader measured the rest of the search itself
+    assert outcomes[0].entry.best(ids) == outcomes[1].entry.best(ids)
+
+
+def test_a_rank_that_waits_too_long_tunes_alone_and_the_first_decision_stands(tmp_path, monkeypatch):
+    # The leader hangs in its own part of the first batch; the other rank measures its part,
+    # gives up waiting for the next batch, tunes alone and publishes; the leader, when it
+    # comes back, adopts the decision that stands. Both end with the same config.
+    import threading
 
     monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_JOIN_S", "2")
     monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_WAIT_S", "1")
-    store = dist.HashStore()
     ids = ["a", "b", "c", "d"]
-    kernel = KernelIdentity("k", "hash", ("n",))
+    records = [{"kwargs": {"B": i}} for i in range(4)]
     release = threading.Event()
+    times = {0: [1.0, 2.0, 3.0, 4.0], 1: [4.0, 3.0, 2.0, 1.0]}
+    calls: dict[int, list[int]] = {0: [], 1: []}
 
-    def tuner_for(rank: int, times: dict[str, float]):
-        def tune_share(indices: list[int]) -> Outcome:
-            if rank == 0 and len(indices) < len(ids):
-                release.wait(20)  # the leader's share hangs until the other rank has decided
-            results = {ids[i]: Result({"kwargs": {"B": i}}, (times[ids[i]],) * 3) for i in indices}
-            from tunebook._book import Entry
+    def leader_ms(i: int) -> float:
+        release.wait(20)  # the leader's part hangs until the other rank has decided
+        return times[0][i]
 
-            return Outcome(Entry(key=(7,), results=results), len(indices), 0, 0.0)
-
-        return tune_share
-
-    outcomes: dict[int, object] = {}
-
-    def rank(r: int, times: dict[str, float]) -> None:
-        page = Book(tmp_path / f"book-{r}").open(kernel, {"backend": "test"}, "test", "p")
-        outcomes[r] = _collective.tune_together(
-            Team(r, 2, store), page, (7,), "[7]", ids, [], None, tuner_for(r, times)
-        )
-        if r == 1:
+    def other_ms(i: int) -> float:
+        if len(calls[1]) > 2:  # its part of the first batch is done: it now tunes alone
             release.set()
+        return times[1][i]
 
-    leader = threading.Thread(target=rank, args=(0, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}))
-    leader.start()
-    time.sleep(0.2)  # rank 0 arrives first and leads
-    other = threading.Thread(target=rank, args=(1, {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}))
-    other.start()
-    other.join(30)
-    leader.join(30)
+    jobs = {0: _jobs(ids, records, leader_ms, calls[0]), 1: _jobs(ids, records, other_ms, calls[1])}
+    outcomes, _ = _in_threads(tmp_path, jobs)
     chosen = {r: o.entry.best(ids) for r, o in outcomes.items()}
     assert chosen == {0: "d", 1: "d"}  # rank 1's lone decision was published first and stands

@@ -581,8 +581,9 @@ def autotune(
       docs/result-checking.md.
 
     * ``group`` — a ``torch.distributed`` process group (``TUNEBOOK_DISTRIBUTED=1``: the
-      default group) whose ranks tune each new key together: they split the candidates, one
-      rank chooses and writes the book, and every rank launches the same config. Keys only
+      default group) whose ranks tune each new key together: one search, each batch of it
+      measured across the ranks, one rank chooses and writes the book, and every rank
+      launches the same config. Keys only
       some ranks reach never hang the job (docs/distributed.md).
 
     ``configs`` may also be a :class:`tunebook.Space`, a declarative config space, and a

@@ -1,5 +1,5 @@
-"""Tuning one key together: the ranks of a group split the candidates, one rank decides and
-writes the book, and every rank launches the same config.
+"""Tuning one key together: one search for the whole group, its batches measured across the
+ranks; one rank decides and writes the book, and every rank launches the same config.
 
 Over the group's store (see ``_distributed.py``), for each key a rank misses in ``tune`` mode:
 
@@ -7,30 +7,43 @@ Over the group's store (see ``_distributed.py``), for each key a rank misses in 
 2. otherwise the rank *arrives* (an atomic counter). The first to arrive is the leader: it
    waits up to ``TUNEBOOK_DISTRIBUTED_JOIN_S`` for the rest of the group, then closes the
    round with the number of ranks that came, ``p``;
-3. the ``i``-th rank to arrive (``i <= p``) measures the candidates ``j`` with
-   ``j % p == i - 1`` and publishes its results; it writes nothing to the book;
-4. the leader gathers every share, applies the same choice as a lone tuning (the fastest,
-   or a neighbouring key's winner within 2%), records the key in its book (the only write)
-   and publishes the decision; the first decision published for a key stands;
-5. every other rank, including one that arrived after the round closed, waits for the
-   decision and launches it; a rank whose own book is another directory than the one the
-   decision was written to (another host, or a book per rank) records it there too, so
-   that a later job finds the key on every rank alike (a hit on one rank and a miss on
-   another would tune the missing rank alone, after the join wait, and could choose
-   otherwise).
+3. the leader runs the key's ordinary tuning (``tune_key``: the strategy, budget and hints a
+   lone rank would use, over every candidate). Only the measuring of a batch differs: the
+   leader publishes the batch (``batch/<b>``) dealt round-robin over the ranks that take
+   part, measures its own part, and gathers the others' (``timings/<b>/<i>``). The full
+   re-timing of the contenders is dealt the same way, except under the short-kernel
+   policy, whose interleaved rounds compare them on one device: the leader's;
+4. every other rank that came (the ``i``-th to arrive, ``i <= p``) follows: it waits for
+   each batch, measures its part and publishes the results, writing nothing to the book,
+   until the leader ends the search;
+5. the leader records the key in its book (the only write) and publishes the decision; the
+   first decision published for a key stands. Every other rank, including one that
+   arrived after the round closed, launches it; a rank whose own book is another directory
+   than the one the decision was written to (another host, or a book per rank) records it
+   there too, so that a later job finds the key on every rank alike (a hit on one rank and
+   a miss on another would tune the missing rank alone, after the join wait, and could
+   choose otherwise).
+
+With ``p`` ranks each measures about ``1/p`` of what the search measures: the search and its
+stopping point are a lone rank's, and a batch of ``k`` configs costs the time of
+``ceil(k/p)``.
 
 **No deadlock.** Every wait has a deadline. A key only some ranks reach is tuned by those
-that come (after the join wait); a rank that waits longer than
-``TUNEBOOK_DISTRIBUTED_WAIT_S`` for a decision (a rank died or hangs) tunes the key alone
-and publishes its own decision; since the first published decision stands, every rank
-still launches the same config. Hits and ``serve`` mode never touch the store: with the
-same books, every rank reaches the same answer by the same rule.
+that come (after the join wait). A follower whose part has not come back within
+``late_after`` of the leader's own part (at most ``TUNEBOOK_DISTRIBUTED_WAIT_S``) is late:
+the leader measures that part itself and deals the rank nothing more for the key. A rank
+that waits longer than ``TUNEBOOK_DISTRIBUTED_WAIT_S`` for the leader's next batch or
+decision (the leader died or hangs) tunes the key alone and publishes its own decision;
+since the first published decision stands, every rank still launches the same config.
+Hits and ``serve`` mode never touch the store: with the same books, every rank reaches the
+same answer by the same rule.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -43,13 +56,22 @@ from ._book import Entry, Page, Result, now_iso
 from ._distributed import Team, wait
 from ._errors import BookFormatError, TuningFailed
 from ._jsonio import stored_key, strict_loads
-from ._tuner import Outcome, tie_aware_choice
+from ._tuner import Exchange, Here, KeyTuning, Outcome, Timing, inputs_restored, tune_key
 from ._version import __version__
+
+log = logging.getLogger("tunebook")
 
 # How often the leader looks at the arrival counter while it waits for the group.
 _POLL_S = 0.005
+# A follower's part of a batch is late once the leader has waited this long after measuring
+# its own part of the same size: LATE_FACTOR times as long, and at least LATE_MIN_S
+# (compiling and timing vary between devices; a false alarm costs time, never agreement).
+LATE_FACTOR = 4.0
+LATE_MIN_S = 30.0
 
-ShareTuner = Callable[[list[int]], Outcome]
+# The key's tuning job (``_miss.py`` builds it): every candidate, persisting nowhere, each
+# batch measured through the exchange (None: here).
+Jobs = Callable[[Exchange | None], KeyTuning]
 
 
 def namespace(page: Page, key_text: str) -> str:
@@ -58,21 +80,17 @@ def namespace(page: Page, key_text: str) -> str:
     return f"tunebook/{digest}/"
 
 
-def tune_together(
-    team: Team,
-    page: Page,
-    key: Sequence[Any],
-    key_text: str,
-    ids: Sequence[str],
-    hints: Sequence[int],
-    known: Entry | None,
-    tune_share: ShareTuner,
-) -> Outcome:
-    """Resolve a miss with the group (see the module docstring).
+def late_after(own_seconds: float) -> float:
+    """How long the leader waits for a follower's part after measuring its own part."""
+    return min(_settings.distributed_wait_s(), max(LATE_MIN_S, LATE_FACTOR * own_seconds))
 
-    ``tune_share(indices)`` measures the candidates at those indices and returns their
-    outcome without writing to the book. The result is the key's entry as decided.
-    """
+
+def tune_together(
+    team: Team, page: Page, key: Sequence[Any], key_text: str, ids: Sequence[str], jobs: Jobs
+) -> Outcome:
+    """Resolve a miss with the group (see the module docstring). ``jobs(exchange)`` is the
+    key's tuning over every candidate (``ids``), persisting nowhere. The result is the key's
+    entry as decided."""
     start = time.perf_counter()
     store, ns = team.store, namespace(page, key_text)
     decision = _decision(store, ns, key)
@@ -81,24 +99,27 @@ def tune_together(
         return Outcome(decision.entry, 0, 0, time.perf_counter() - start)
     arrival = int(store.add(ns + "arrivals", 1))
     participants = _close_round(store, ns, team.world) if arrival == 1 else _participants(store, ns)
-    mine: Outcome | None = None
-    if participants is not None and arrival <= participants:
-        share = [j for j in range(len(ids)) if j % participants == arrival - 1]
-        mine = _measure_and_publish(store, ns, arrival, share, tune_share)
-    measured = mine.measured if mine is not None else 0
-    failures = mine.failures if mine is not None else 0
+    measured = failures = 0
     if arrival == 1 and participants is not None:
-        decided = _decide(team, page, ns, key, key_text, ids, hints, known, participants, start)
+        lead = Lead(store, ns, ids, participants) if participants > 1 else None  # else: alone
+        try:
+            outcome = _tune(jobs(lead))
+            decided = _settle(store, ns, page, key_text, _decided_entry(key, outcome.entry, ids, start))
+        finally:
+            if lead is not None:
+                lead.end()  # the followers stop waiting for batches, and read the decision
+        measured, failures = outcome.measured, outcome.failures
     else:
-        waited = _wait_for_decision(store, ns, key)
+        if participants is not None and arrival <= participants:
+            measured, failures = follow(store, ns, arrival, jobs(None))
+            waited = _decision(store, ns, key)
+        else:
+            waited = _wait_for_decision(store, ns, key)
         if waited is None:  # no decision in time: tune alone, and let the first decision stand
-            alone = tune_share(list(range(len(ids))))
+            alone = _tune(jobs(None))
             measured += alone.measured
             failures += alone.failures
-            chosen = tie_aware_choice(alone.entry.results, ids, hints)
-            decided = _settle(
-                store, ns, page, key_text, _decided_entry(key, alone.entry.results, chosen, ids, start)
-            )
+            decided = _settle(store, ns, page, key_text, _decided_entry(key, alone.entry, ids, start))
         else:
             _remember(page, key_text, waited, ids[0] if ids else "")
             decided = waited.entry
@@ -108,6 +129,90 @@ def tune_together(
             "each config's reason"
         )
     return Outcome(decided, measured, failures, time.perf_counter() - start)
+
+
+def _tune(job: KeyTuning) -> Outcome:
+    with inputs_restored(job):
+        return tune_key(job)
+
+
+class Lead:
+    """The leader's exchange: deals each batch over the ranks that take part, measures its
+    own part, gathers the others' and measures a late rank's part itself.
+
+    Ranks are named by their arrival (1: the leader). Batch ``b`` is published as
+    ``{"full": bool, "parts": {"<i>": [config id, ...]}}`` under ``batch/<b>``; rank ``i``
+    answers under ``timings/<b>/<i>`` with ``{"results": {config id: result}}``; the end of
+    the search is ``{"end": true}``. Config ids, not indices: a rank that somehow holds
+    other candidates measures none it does not know.
+    """
+
+    def __init__(self, store: Any, ns: str, ids: Sequence[str], participants: int) -> None:
+        self.store = store
+        self.ns = ns
+        self.ids = ids
+        self.ranks = list(range(1, participants + 1))  # those still dealt to
+        self.batches = 0
+
+    def __call__(self, indices: list[int], full: bool, here: Here) -> dict[int, Result | None]:
+        b, self.batches = self.batches, self.batches + 1
+        # Round-robin, from a rank that moves on with each batch: a batch of one config is
+        # not always the leader's.
+        n = len(self.ranks)
+        parts = {self.ranks[(k + b) % n]: indices[k::n] for k in range(min(n, len(indices)))}
+        dealt = {str(r): [self.ids[i] for i in part] for r, part in parts.items() if r != 1}
+        self.store.set(self.ns + f"batch/{b}", json.dumps({"full": full, "parts": dealt}))
+        begun = time.monotonic()
+        out = here(parts.get(1, []), full)
+        deadline = time.monotonic() + late_after(time.monotonic() - begun)
+        for r, part in parts.items():
+            if r != 1:
+                out.update(self._gather(b, r, part, deadline, full, here))
+        return out
+
+    def _gather(
+        self, b: int, r: int, part: list[int], deadline: float, full: bool, here: Here
+    ) -> dict[int, Result | None]:
+        name = self.ns + f"timings/{b}/{r}"
+        answer = (
+            _loads(self.store.get(name)) if wait(self.store, [name], deadline - time.monotonic()) else None
+        )
+        if answer is None:
+            log.warning(
+                "tunebook: the rank that arrived %d-th for this key sent no timings for its %d configs in "
+                "time; measuring them here and dealing it nothing more for this key",
+                r,
+                len(part),
+            )
+            self.ranks.remove(r)
+            return here(part, full)
+        results = _results_from(answer.get("results", {}))
+        # A config the rank did not measure (skipped, or a failure of the moment) stays unmeasured.
+        return {i: results.get(self.ids[i]) for i in part}
+
+    def end(self) -> None:
+        self.store.set(self.ns + f"batch/{self.batches}", json.dumps({"end": True}))
+
+
+def follow(store: Any, ns: str, arrival: int, job: KeyTuning) -> tuple[int, int]:
+    """A rank that came but does not lead: measure each part the leader deals it, until the
+    search ends or the leader is silent for ``TUNEBOOK_DISTRIBUTED_WAIT_S``. Returns (configs
+    screened, failures)."""
+    timing = Timing(job)
+    index = {cid: i for i, cid in enumerate(job.ids)}
+    b = 0
+    with inputs_restored(job):
+        while wait(store, [ns + f"batch/{b}"], _settings.distributed_wait_s()):
+            batch = _loads(store.get(ns + f"batch/{b}")) or {"end": True}
+            if batch.get("end"):
+                break
+            mine = batch.get("parts", {}).get(str(arrival), [])
+            if mine:
+                got = timing.batch([index[c] for c in mine if c in index], bool(batch.get("full")))
+                results = {job.ids[i]: r for i, r in got.items() if r is not None}
+                store.set(ns + f"timings/{b}/{arrival}", json.dumps({"results": _results_json(results)}))
+            b += 1
+    return timing.measured, timing.failures
 
 
 def _close_round(store: Any, ns: str, world: int) -> int:
@@ -131,46 +236,6 @@ def _participants(store: Any, ns: str) -> int | None:
     return int(store.get(ns + "participants"))
 
 
-def _measure_and_publish(
-    store: Any, ns: str, arrival: int, share: list[int], tune_share: ShareTuner
-) -> Outcome | None:
-    """Measure this rank's share and publish it; a failure is published too, then raised."""
-    try:
-        outcome = tune_share(share) if share else None
-    except Exception as exc:
-        store.set(ns + f"results/{arrival}", json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        raise
-    results = outcome.entry.results if outcome is not None else {}
-    store.set(ns + f"results/{arrival}", json.dumps({"results": _results_json(results)}))
-    return outcome
-
-
-def _decide(
-    team: Team,
-    page: Page,
-    ns: str,
-    key: Sequence[Any],
-    key_text: str,
-    ids: Sequence[str],
-    hints: Sequence[int],
-    known: Entry | None,
-    participants: int,
-    start: float,
-) -> Entry:
-    """The leader: gather every share, choose, write the book, publish the decision."""
-    store = team.store
-    results: dict[str, Result] = dict(known.results) if known is not None else {}
-    deadline = time.monotonic() + _settings.distributed_wait_s()
-    for arrival in range(1, participants + 1):
-        name = ns + f"results/{arrival}"
-        if not wait(store, [name], deadline - time.monotonic()):
-            continue  # a rank that died or hangs: decide with the shares that came
-        share = _loads(store.get(name))
-        results.update(_results_from(share.get("results", {})) if share is not None else {})
-    chosen = tie_aware_choice(results, ids, hints)
-    return _settle(store, ns, page, key_text, _decided_entry(key, results, chosen, ids, start))
-
-
 def _settle(store: Any, ns: str, page: Page, key_text: str, entry: Entry) -> Entry:
     """Publish ``entry`` as the decision; if it is the one that stands, write it to the book
     (the one write for this key); return the decision that stands."""
@@ -181,18 +246,16 @@ def _settle(store: Any, ns: str, page: Page, key_text: str, entry: Entry) -> Ent
     return decided.entry
 
 
-def _decided_entry(
-    key: Sequence[Any], results: Mapping[str, Result], chosen: str | None, ids: Sequence[str], start: float
-) -> Entry:
+def _decided_entry(key: Sequence[Any], tuned: Entry, ids: Sequence[str], start: float) -> Entry:
     stamp = now_iso()
     return Entry(
         key=stored_key(key),
-        results=dict(results),
+        results=dict(tuned.results),
         tuning_seconds=time.perf_counter() - start,
         tuned_at=stamp,
         updated_at=stamp,
         tunebook=__version__,
-        chosen=chosen or "",
+        chosen=tuned.chosen,
         first=ids[0] if ids else "",
     )
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _compat, _distributed, _misses, _policy, _settings, _stats, _warnings
@@ -31,7 +30,7 @@ from ._errors import WrongResult
 from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
 from ._progress import Progress
-from ._tuner import MAX_CONTENDERS, KeyTuning, Outcome, Persist, tune_key
+from ._tuner import Exchange, KeyTuning, Outcome, Persist, inputs_restored, tune_key
 
 if TYPE_CHECKING:
     from ._autotuner import Autotuner
@@ -181,65 +180,48 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
     if team is not None and page is not None:
         from . import _collective  # only jobs that tune together need it
 
+        # One search for the group: every rank's job covers every candidate and writes nowhere;
+        # the protocol has the leader run it and the others measure the parts it deals them.
         return _collective.tune_together(
             team,
             page,
             miss.key,
             miss.text,
             miss.ids,
-            hints,
-            entry,
-            lambda share: _tune_some(miss, entry, None, hints, share),
+            lambda exchange: _job(miss, entry, None, hints, exchange),
         )
-    return _tune_some(miss, entry, page, hints, list(range(len(miss.candidates))))
+    job = _job(miss, entry, page, hints)
+    with inputs_restored(job):
+        return tune_key(job)
 
 
-def _tune_some(
-    miss: Miss, entry: Entry | None, page: Page | None, hints: list[int], indices: list[int]
-) -> Outcome:
-    """Tune the candidates at ``indices`` (all of them, or this rank's share in a group), persisting
-    in ``page`` (None: remembered for this call only, e.g. a share another rank writes)."""
+def _job(
+    miss: Miss, entry: Entry | None, page: Page | None, hints: list[int], exchange: Exchange | None = None
+) -> KeyTuning:
+    """The tuning of the miss's key, persisting in ``page`` (None: remembered for this call
+    only, as a group's rank does: the protocol writes the decision)."""
     tuner, options = miss.tuner, miss.tuner.options
-    configs = [miss.candidates[i] for i in indices]
-    ids = [miss.ids[i] for i in indices]
-    local = {g: k for k, g in enumerate(indices)}
-    budget = _policy.effective_budget(options.budget, len(miss.candidates))
-    fraction = len(indices) / len(miss.candidates)
-    if budget.max_configs is not None and fraction < 1:
-        # A share of the candidates gets its share of the budget, and of the full measurements
-        # of contenders: together the group measures what one rank alone would.
-        budget = replace(budget, max_configs=max(1, math.ceil(budget.max_configs * fraction)))
-    bench = _bench_function(tuner, miss.call, configs)
-    job = KeyTuning(
+    configs = miss.candidates
+    return KeyTuning(
         key_text=miss.text,
         key=stored_key(miss.key),
         configs=configs,
-        ids=ids,
+        ids=miss.ids,
         records=[tuner.config_index.record_of(c) for c in configs],
         known=entry,
         timers=tuner.timers(),
-        bench=bench,
+        bench=_bench_function(tuner, miss.call, configs),
         persist=Persist(page, miss.text, miss.key, miss.ids[0], entry),
         is_unexpected=unexpected_failure,
         is_transient=_compat.is_interpreter_collision,
         precompile=_precompiler(tuner, miss.call),
         strategy=options.strategy,
-        budget=budget,
-        hints=[local[h] for h in hints if h in local],
+        budget=_policy.effective_budget(options.budget, len(configs)),
+        hints=hints,
         seed=options.seed,
         progress=Progress(tuner.label, miss.key),
-        max_contenders=max(1, math.ceil(MAX_CONTENDERS * fraction)),
+        exchange=exchange,
     )
-    try:
-        outcome = tune_key(job)
-    finally:
-        restore = getattr(bench, "restore", None)
-        if restore is not None:
-            restore()  # the caller's own launch sees its original inputs
-    if len(indices) == len(miss.candidates):
-        return outcome
-    mine = {cid: r for cid, r in outcome.entry.results.items() if cid in set(ids)}
-    return replace(outcome, entry=replace(outcome.entry, results=mine))
 
 
 def unexpected_failure(exc: BaseException) -> bool:

@@ -70,7 +70,8 @@ TUNEBOOK_DISTRIBUTED_JOIN_S = Setting(
 TUNEBOOK_DISTRIBUTED_WAIT_S = Setting(
     "TUNEBOOK_DISTRIBUTED_WAIT_S",
     "900",
-    "Seconds a rank waits for the group's decision on a key before it tunes alone (a dead or hung rank).",
+    "Seconds a rank waits for the group's next batch or decision on a key before it tunes alone (a dead "
+    "or hung leader); the most the leader waits for a rank's part of a batch.",
 )
 TUNEBOOK_TIMER = Setting(
     "TUNEBOOK_TIMER",

@@ -16,6 +16,10 @@
 * **Tie-aware.** Among contenders within measurement noise of the fastest, the winner of a
   neighbouring key (a hint) is preferred, so that similar keys get the same config and the
   same book gives the same winner run after run.
+* **Where a batch is measured is injected**, nothing else: ``KeyTuning.exchange`` gets each
+  batch (and the contenders' full measurement) and a way to time candidates here; a group's
+  leader deals the batch across the ranks (``_collective.py``), so a group runs this very
+  loop, strategy and choice.
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ SAVE_EVERY = 4
 SAVE_EVERY_S = 1.0
 
 
+# Measures candidates (indices) in this process: ``(indices, full) -> {index: result}``; a
+# result is None for a candidate not measured (skipped, or a failure of the moment).
+Here = Callable[[list[int], bool], dict[int, Result | None]]
+# Measures a batch of candidates somewhere: ``(indices, full, here) -> {index: result}``.
+Exchange = Callable[[list[int], bool, Here], dict[int, Result | None]]
+
+
 @dataclass
 class KeyTuning:
     """Everything the tuning of one key needs from its autotuner."""
@@ -69,7 +80,9 @@ class KeyTuning:
     hints: Sequence[int] = ()
     seed: int = 0
     progress: Progress | None = None
-    max_contenders: int = MAX_CONTENDERS  # a rank tuning a share of a group's candidates confirms fewer
+    # How each batch is measured (None: here). A group's leader deals it across the ranks
+    # (_collective.py); ``here`` measures a part of it in this process.
+    exchange: Exchange | None = None
 
 
 class Observer(Protocol):
@@ -143,24 +156,28 @@ class Outcome:
     seconds: float
 
 
-def tune_key(job: KeyTuning) -> Outcome:
-    start = time.perf_counter()
-    n = len(job.configs)
-    results: dict[str, Result] = dict(job.known.results) if job.known is not None else {}
-    known = {i: results[cid].median for i, cid in enumerate(job.ids) if cid in results}
-    unexpected: list[BaseException] = []
-    measured = failures = 0
-    entry = job.known
+class Timing:
+    """Times candidates of one key in this process: the config's result as the book stores
+    it, a failure of the moment (``is_transient``) measured once more, every candidate told
+    to the observer. Counts what it screened (``measured``), the failures, and the
+    exceptions that point at the call rather than the config (``unexpected``)."""
 
-    def time_one(i: int, timer: Callable[..., Any], quick: bool) -> Result | None:
-        nonlocal failures
+    def __init__(self, job: KeyTuning) -> None:
+        self.job = job
+        self.measured = 0
+        self.failures = 0
+        self.unexpected: list[BaseException] = []
+
+    def one(self, i: int, timer: Callable[..., Any], quick: bool) -> Result | None:
+        """Time candidate ``i``; None if it was not measured (neither persisted nor a failure)."""
+        job = self.job
         if _observer is not None:
             _observer.candidate(job.key_text, job.key, job.ids[i], job.records[i])
         result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
         if exc is not None and job.is_transient(exc):
             result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
             if exc is not None and job.is_transient(exc):
-                failures += 1
+                self.failures += 1
                 log.warning(
                     "tunebook: key %s: config %s failed twice because another thread launched a "
                     "kernel on Triton's interpreter at the same time (%s); not recorded, so a later "
@@ -169,37 +186,67 @@ def tune_key(job: KeyTuning) -> Outcome:
                     job.ids[i],
                     exc,
                 )
-                return None  # not measured: neither persisted nor a failure of the config
+                return None
         if exc is not None and job.is_unexpected(exc):
-            unexpected.append(exc)
+            self.unexpected.append(exc)
         if result is not None and not result.ok:
-            failures += 1
+            self.failures += 1
         return result
+
+    def batch(
+        self,
+        indices: list[int],
+        full: bool = False,
+        on_result: Callable[[int, Result], None] | None = None,
+    ) -> dict[int, Result | None]:
+        """Time ``indices``: a screening (compiled ahead first), or ``full`` for contenders.
+        ``on_result(i, result)`` hears of each measured one as soon as it is."""
+        job = self.job
+        if not full and job.precompile is not None:
+            job.precompile([job.configs[i] for i in indices])
+        timer, quick = (job.timers.full, False) if full else (job.timers.quick, job.timers.adaptive)
+        out: dict[int, Result | None] = {}
+        for i in indices:
+            out[i] = result = self.one(i, timer, quick)
+            if result is None:
+                continue
+            if not full:
+                self.measured += 1
+            if on_result is not None:
+                on_result(i, result)
+        return out
+
+
+def tune_key(job: KeyTuning) -> Outcome:
+    start = time.perf_counter()
+    n = len(job.configs)
+    results: dict[str, Result] = dict(job.known.results) if job.known is not None else {}
+    known = {i: results[cid].median for i, cid in enumerate(job.ids) if cid in results}
+    timing = Timing(job)
+    entry = job.known
 
     def save(fresh: dict[str, Result]) -> None:
         nonlocal entry
-        if unexpected and not any(r.ok for r in (*results.values(), *fresh.values())):
+        if timing.unexpected and not any(r.ok for r in (*results.values(), *fresh.values())):
             # Every config so far failed, and not for resource reasons: most likely a bug
             # in the call rather than in the configs. Persist nothing; raise it.
-            raise unexpected[0]
+            raise timing.unexpected[0]
         results.update(fresh)
         entry = job.persist(fresh, "", time.perf_counter() - start)
 
     def measure(batch: list[int]) -> dict[int, float]:
-        nonlocal measured
-        if job.precompile is not None:
-            job.precompile([job.configs[i] for i in batch])
-        out: dict[int, float] = {}
+        if job.exchange is not None:
+            got = job.exchange(batch, False, timing.batch)
+            fresh = {job.ids[i]: r for i, r in got.items() if r is not None}
+            if fresh:
+                save(fresh)
+            return {i: r.median if r is not None else math.inf for i, r in got.items()}
         pending: dict[str, Result] = {}
         last_save = time.perf_counter()
-        for i in batch:
-            result = time_one(i, job.timers.quick, job.timers.adaptive)
-            if result is None:
-                out[i] = math.inf
-                continue
+
+        def measured(i: int, result: Result) -> None:
+            nonlocal pending, last_save
             pending[job.ids[i]] = result
-            out[i] = result.median
-            measured += 1
             # Persist as we go (a killed run loses at most this much), but not after every
             # config: each save is a locked, fsynced file write.
             # In a worker (observed) every result is saved at once: the next candidate may
@@ -210,9 +257,11 @@ def tune_key(job: KeyTuning) -> Outcome:
                 pending, last_save = {}, time.perf_counter()
             if _observer is not None:
                 _observer.result(job.key_text, job.key, job.ids[i], result)
+
+        got = timing.batch(batch, on_result=measured)
         if pending:
             save(pending)
-        return out
+        return {i: r.median if r is not None else math.inf for i, r in got.items()}
 
     def on_progress(done: int, total: int, best_ms: float) -> None:
         if job.progress is not None:
@@ -236,8 +285,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     timings = {i: results[job.ids[i]].median for i in range(n) if job.ids[i] in results}
     best_ms = min(timings.values(), default=math.inf)
     contenders = sorted((ms, i) for i, ms in timings.items() if ms <= best_ms * (1 + CONTENDER_MARGIN))
-    contenders = contenders[: job.max_contenders]
-    to_confirm = [i for _, i in contenders if results[job.ids[i]].quick]
+    to_confirm = [i for _, i in contenders[:MAX_CONTENDERS] if results[job.ids[i]].quick]
     beaten: set[str] = set()  # contenders the short-kernel policy's rule found slower
     if to_confirm:
         if job.progress is not None:
@@ -247,20 +295,36 @@ def tune_key(job: KeyTuning) -> Outcome:
         quick_ms = min(results[job.ids[i]].median for i in to_confirm)
         short = job.timers.short
         if short is not None and short.applies(quick_ms):
-            confirmed, beaten = confirm_results(short, job.ids, to_confirm, quick_ms, time_one)
+            # Interleaved rounds compare the contenders on one device: never dealt out.
+            confirmed, beaten = confirm_results(short, job.ids, to_confirm, quick_ms, timing.one)
+        elif job.exchange is not None:
+            got = job.exchange(to_confirm, True, timing.batch)
+            confirmed = {job.ids[i]: r for i, r in got.items()}
         else:
-            confirmed = {job.ids[i]: time_one(i, job.timers.full, False) for i in to_confirm}
+            confirmed = {job.ids[i]: r for i, r in timing.batch(to_confirm, full=True).items()}
         save({cid: r for cid, r in confirmed.items() if r is not None})
 
     choosable = {cid: r for cid, r in results.items() if cid not in beaten}
     chosen = tie_aware_choice(choosable, job.ids, job.hints)
     seconds = time.perf_counter() - start
-    if entry is None or chosen or measured:
+    if entry is None or chosen or timing.measured:
         entry = job.persist({}, chosen or "", seconds)
     if job.progress is not None:
         final = min((r.median for r in results.values()), default=math.inf)
         job.progress.close(len(results), n, final)
-    return Outcome(entry, measured, failures, seconds)
+    return Outcome(entry, timing.measured, timing.failures, seconds)
+
+
+@contextlib.contextmanager
+def inputs_restored(job: KeyTuning) -> Iterator[None]:
+    """Measure for ``job`` inside; afterwards the caller's own launch sees its original inputs
+    (a checking benchmark, ``check=``, keeps them aside and puts them back)."""
+    try:
+        yield
+    finally:
+        restore = getattr(job.bench, "restore", None)
+        if restore is not None:
+            restore()
 
 
 def time_candidate(
