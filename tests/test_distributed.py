@@ -459,11 +459,11 @@ def test_a_rank_that_waits_too_long_tunes_alone_and_the_first_decision_stands(tm
         return times[0][i]
 
     def other_ms(i: int) -> float:
-        if len(calls[1]) > 2:  # its part of the first batch is done: it now tunes alone
-            release.set()
         return times[1][i]
 
     jobs = {0: _jobs(ids, records, leader_ms, calls[0]), 1: _jobs(ids, records, other_ms, calls[1])}
-    outcomes, _ = _in_threads(tmp_path, jobs)
+    # The leader is released once rank 1 has returned, i.e. published its lone decision
+    # (released earlier, which of the two publishes first is up to the scheduler).
+    outcomes, _ = _in_threads(tmp_path, jobs, finished=lambda r: r == 1 and release.set())
     chosen = {r: o.entry.best(ids) for r, o in outcomes.items()}
     assert chosen == {0: "d", 1: "d"}  # rank 1's lone decision was published first and stands
