@@ -41,6 +41,7 @@ HIDDEN = (1024, 2048, 5120, 6144, 7168)  # sizes the shipped books do not hold: 
 TOKENS = (1, 8, 64, 512)  # 20 keys
 CPU_KEYS = ((48, 1), (80, 3))
 PHASES = ("group", "alone", "triton")  # the measurement that matters most first
+SPLIT = ("compile_seconds", "group_wait_seconds")  # of tunebook's tuning time, per rank
 
 
 def _keys(interpret: bool) -> list[tuple[int, int]]:
@@ -106,7 +107,7 @@ def child(phase: str) -> None:
     for hidden, tokens in keys:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
         w = torch.randn(hidden, device=device, dtype=torch.bfloat16)
-        before, t0 = tunebook.stats()["benchmarked"], time.perf_counter()
+        before, t0 = tunebook.stats(), time.perf_counter()
         module.rms_norm(x, w, 1e-6)
         harness.synchronize()
         best = kernel.best_config
@@ -116,9 +117,12 @@ def child(phase: str) -> None:
             "num_warps": best.num_warps,
             "num_stages": best.num_stages,
         }
+        after = tunebook.stats()
         per_key[name] = {
-            "benchmarked": tunebook.stats()["benchmarked"] - before,
+            "benchmarked": after["benchmarked"] - before["benchmarked"],
             "seconds": round(time.perf_counter() - t0, 3),
+            # where the key's time went: compiling ahead, waiting for the other ranks, the rest measuring
+            **{k: round(after[k] - before[k], 3) for k in SPLIT},
         }
     harness.synchronize()
     seconds = time.perf_counter() - start
@@ -132,6 +136,7 @@ def child(phase: str) -> None:
                 "winners": winners,
                 "seconds": seconds,
                 "benchmarked": tunebook.stats()["benchmarked"],
+                **{k: tunebook.stats()[k] for k in SPLIT},
                 "per_key": per_key,
             }
         ),
@@ -243,6 +248,16 @@ def main() -> None:
     print(
         harness.table(rows, ("phase", "keys where ranks differ", "tuning wall s", "configs timed per rank"))
     )
+    for p in ("alone", "group"):
+        if p in phases:  # where each rank's time went
+            print(
+                f"{p}: "
+                + "; ".join(
+                    f"rank {r['rank']} compiling {r['compile_seconds']:.1f} s, waiting for the group "
+                    f"{r['group_wait_seconds']:.1f} s, of {r['seconds']:.1f} s"
+                    for r in phases[p]
+                )
+            )
     if result["group_vs_alone"] is not None:
         print(
             f"group / alone wall time: {result['group_vs_alone']:.2f} (target <= 0.6), over {result['keys']} "

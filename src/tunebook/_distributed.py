@@ -11,10 +11,11 @@ torch.distributed. torch is imported only when a kernel has ``group=`` or
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import _settings
+from . import _settings, _stats
 from ._errors import ConfigurationError
 
 
@@ -62,9 +63,13 @@ def _store_of(pg: Any) -> Any:
 
 
 def wait(store: Any, keys: list[str], seconds: float) -> bool:
-    """Whether every key exists within ``seconds`` (never longer)."""
+    """Whether every key exists within ``seconds`` (never longer). The time is counted as
+    waiting for the group (``tunebook.stats()["group_wait_seconds"]``)."""
+    begun = time.perf_counter()
     try:
         store.wait(keys, datetime.timedelta(seconds=max(seconds, 0.001)))
     except Exception:  # DistStoreError / RuntimeError on a timeout, depending on the torch version
         return False
+    finally:
+        _stats.add("group_wait_seconds", time.perf_counter() - begun)
     return True

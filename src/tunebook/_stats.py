@@ -13,7 +13,16 @@ from typing import Any
 # Reentrant: a finalizer (_retire) can run inside any allocation, by garbage collection,
 # including one made while this thread already holds the lock.
 _lock = threading.RLock()
-_totals = {"misses": 0, "benchmarked": 0, "failures": 0, "tuning_seconds": 0.0, "book_hits": 0}
+_totals = {
+    "misses": 0,
+    "benchmarked": 0,
+    "failures": 0,
+    "tuning_seconds": 0.0,
+    "book_hits": 0,
+    "compile_seconds": 0.0,
+    "group_wait_seconds": 0.0,
+}
+_SECONDS = ("tuning_seconds", "compile_seconds", "group_wait_seconds")
 _counters: weakref.WeakSet[Counters] = weakref.WeakSet()
 _retired_hits = 0
 _retired_fallbacks = 0
@@ -61,6 +70,11 @@ def stats() -> dict[str, float]:
     * ``failures`` — configs that failed to compile or run while tuning (recorded, never retried).
     * ``tuning_seconds`` — wall time spent benchmarking.
     * ``book_hits`` — keys answered from the book without benchmarking.
+    * ``compile_seconds`` — of the tuning time, spent compiling candidates ahead of measuring
+      them (GPU; the rest is measuring and, in a group, waiting).
+    * ``group_wait_seconds`` — of the tuning time, spent waiting for other ranks of the
+      group a key was tuned in (``group=``): for them to arrive, to measure their part of a
+      batch, or to deal the next one.
 
     >>> import tunebook
     >>> sorted(tunebook.stats())[:3]
@@ -78,7 +92,7 @@ def reset() -> None:
     global _retired_hits, _retired_fallbacks
     with _lock:
         for k in _totals:
-            _totals[k] = 0.0 if k == "tuning_seconds" else 0
+            _totals[k] = 0.0 if k in _SECONDS else 0
         _retired_hits = _retired_fallbacks = 0
         for c in list(_counters):
             c.hits[0] = 0

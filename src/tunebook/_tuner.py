@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from . import _stats
 from ._bench import Timers, as_triple
 from ._book import Entry, Page, Result, now_iso
 from ._book.records import TIE_TOLERANCE
@@ -203,7 +204,9 @@ class Timing:
         ``on_result(i, result)`` hears of each measured one as soon as it is."""
         job = self.job
         if not full and job.precompile is not None:
+            begun = time.perf_counter()
             job.precompile([job.configs[i] for i in indices])
+            _stats.add("compile_seconds", time.perf_counter() - begun)
         timer, quick = (job.timers.full, False) if full else (job.timers.quick, job.timers.adaptive)
         out: dict[int, Result | None] = {}
         for i in indices:

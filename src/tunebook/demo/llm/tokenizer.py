@@ -143,12 +143,14 @@ class Tokenizer:
 
 
 class ByteTokenizer:
-    """Each UTF-8 byte is a token (ids 0..255); larger ids decode to nothing. For models
-    without a vocabulary of their own (random weights): their text is noise anyway.
+    """Each UTF-8 byte is a token (ids 0..255); a larger id decodes to ``<id>``. For models
+    without a vocabulary of their own (random weights): their text is noise anyway, but each
+    token still streams as text, as a real vocabulary's would (an id that decoded to nothing
+    would hold back its chunk, and a client timing its first token would wait for a byte).
 
     >>> t = ByteTokenizer()
-    >>> t.encode("hé"), t.decode([104, 195, 169, 70000])
-    ([104, 195, 169], 'hé')
+    >>> t.encode("hé"), t.decode([104, 195, 169, 70000, 33])
+    ([104, 195, 169], 'hé<70000>!')
     """
 
     eos_ids: frozenset[int] = frozenset()
@@ -157,7 +159,14 @@ class ByteTokenizer:
         return list(text.encode())
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode(errors="replace")
+        text, run = [], bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+            else:
+                text += [run.decode(errors="replace"), f"<{i}>"]
+                run.clear()
+        return "".join([*text, run.decode(errors="replace")])
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
         return "".join(f"{m.get('role', '')}: {m.get('content', '')}\n" for m in messages) + "assistant: "
