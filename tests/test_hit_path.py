@@ -250,3 +250,31 @@ def test_a_spaces_feasible_configs_are_listed_once_per_kernel_not_once_per_key(m
     monkeypatch.setattr(kernel.space, "candidates", lambda *a, **k: listed.append(k) or original(*a, **k))
     assert [_served_block(kernel, n) for n in (4000, 300, 100, 40)] == [1024, 256, 64, 32]
     assert len(listed) == 1 and listed[0].get("args") is None
+
+
+def test_serve_mode_answers_a_book_key_from_its_results_without_listing_the_space(monkeypatch):
+    # A fresh server's first request meets dozens of keys, and listing a Space of thousands
+    # for each cost most of its first token (issue 14). In serve mode a key whose book entry
+    # holds a choice this call allows is decided from the entry's results alone; where the
+    # choice is not allowed (n=300 allows BLOCK <= 300 only) the full path decides. Both
+    # serve what the full path serves.
+    from tunebook import _miss
+
+    tuned = _bucketed_space_kernel()
+    assert [_served_block(tuned, n) for n in (4000, 300)] == [1024, 256]  # tune mode: in the book
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    fresh = _bucketed_space_kernel()  # as in a new process: nothing decided, the book on disk
+    listed = []
+    original = fresh.space.candidates
+    monkeypatch.setattr(fresh.space, "candidates", lambda *a, **k: listed.append(1) or original(*a, **k))
+    served = [_served_block(fresh, n) for n in (4000, 3000)]
+    assert served == [1024, 1024] and listed == []  # answered without listing the Space
+    served.append(_served_block(fresh, 300))
+    assert served[-1] == 256 and listed == [1]  # the choice is not allowed: the full path
+    # one answer per key and allowed set (n=4000 and n=3000 allow the same), none served blind
+    assert tunebook.stats()["book_hits"] == 2 and tunebook.stats()["fallbacks"] == 0
+
+    monkeypatch.setattr(_miss, "book_choice", lambda *args: None)  # the full path only
+    full = _bucketed_space_kernel()
+    assert [_served_block(full, n) for n in (4000, 3000, 300)] == served

@@ -164,6 +164,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._required_keys = _required_key_arguments(self.base_fn, self.fn, self.keys)
         self._lock = threading.RLock()
         self._page: Page | None = None
+        self._kernel: KernelIdentity | None = None  # identity(): the source does not change
         self._timers: Timers | None = None
         self._timer_choice: tuple[Callable[[], Timers], str] | None = None
         self._hits = HitTable(self.arg_names, self.keys, fn.run, self)
@@ -283,6 +284,10 @@ class Autotuner(_compat.TritonAutotuner):
             if not self._call_dependent or self._allowed(call, config):
                 self.counters.hits[0] += 1
                 return config, self.counters.hits
+        if self.space is not None:
+            served = self._book_decision(call, key)
+            if served is not None:
+                return served
         candidates: list[Any] | None = None
         decision_key: Any = key
         if self._call_dependent:
@@ -296,6 +301,36 @@ class Autotuner(_compat.TritonAutotuner):
             return config, counter
         decided = self._decide(call, key, candidates if candidates is not None else self._candidates(call))
         self._hits.decisions[decision_key] = decided
+        return decided
+
+    def _book_decision(self, call: Call, key: tuple[Any, ...]) -> tuple[Any, list[int]] | None:
+        """``serve`` mode, a Space kernel: the book's answer without listing the Space
+        (``_miss.book_choice``), settled as ``_decide`` settles a book answer; None to decide
+        the full way. Keyed by the allowed results, as call-dependent decisions are keyed by
+        the candidates."""
+        choice = _miss.book_choice(self, call, key)
+        if choice is None:
+            return None
+        decision_key = (key, "book", *choice.ids)
+        decided = self._hits.decisions.get(decision_key)
+        if decided is None:
+            assert self.space is not None
+            config = self.config_index.from_space(self.space, choice.candidate)
+            results = choice.entry.results
+            self.configs_timings = {
+                self.config_index.from_space(self.space, point[1]): list(results[cid].ms or [math.inf] * 3)
+                for cid in choice.ids
+                if (point := self.space.point_of(results[cid].config)) is not None
+            }
+            _stats.add("book_hits")
+            if _settings.print_autotuning() and key not in self._announced:
+                self._announced.add(key)
+                resolution = _miss.Resolution(choice.cid, "book", choice.entry)
+                _miss.announce(self, key, config, resolution, choice.ids)
+            decided = self._hits.decisions[decision_key] = (config, self.counters.hits)
+        config, counter = decided
+        dict.__setitem__(self._cache, key, config)
+        counter[0] += 1
         return decided
 
     def _decide(self, call: Call, key: tuple[Any, ...], candidates: list[Any]) -> tuple[Any, list[int]]:
@@ -335,8 +370,9 @@ class Autotuner(_compat.TritonAutotuner):
                     self._overrides.add(key)
                 else:
                     self._overrides.discard(key)
-                    # Decisions are keyed by the key, or by (key, candidate ids): see _decision.
-                    stale = [d for d in self._hits.decisions if (d[0] if self._call_dependent else d) == key]
+                    # Decisions are keyed by the key, by (key, candidate ids) (_decision), or
+                    # by (key, "book", result ids) (_book_decision).
+                    stale = [d for d in self._hits.decisions if d == key or (d and d[0] == key)]
                     for decision_key in stale:
                         del self._hits.decisions[decision_key]
             if not self._single:
@@ -454,12 +490,13 @@ class Autotuner(_compat.TritonAutotuner):
         The one computation of identity: :meth:`page`, ``tunebook explain`` and
         ``tunebook prune`` all use it. Touches no GPU driver (the timer is named, not made).
         """
-        kernel = KernelIdentity(
-            self.options.name or _fingerprint.kernel_name(self.fn),
-            _fingerprint.kernel_hash(self.fn),
-            _buckets.identity(self.keys),
-        )
-        return _fingerprint.identify(kernel, self._timer_factory()[1])
+        if self._kernel is None:  # hashing the source and what it calls takes ~10 ms a kernel
+            self._kernel = KernelIdentity(
+                self.options.name or _fingerprint.kernel_name(self.fn),
+                _fingerprint.kernel_hash(self.fn),
+                _buckets.identity(self.keys),
+            )
+        return _fingerprint.identify(self._kernel, self._timer_factory()[1])
 
     def page(self) -> Page:
         """This kernel's page of the book for this platform (opened on first use)."""

@@ -41,7 +41,7 @@ class ConfigIndex:
         # live object from a new one at a freed one's address (pruners build new Configs per call).
         self._known: dict[int, tuple[weakref.ref[Any], str, dict[str, Any]]] = {}
         self._by_id: dict[str, Any] = {}  # config id -> the Config that stands for it
-        self._space_configs: dict[str, Any] = {}  # config id -> the one Config made for a Space point
+        self._space_configs: dict[tuple[Any, ...], Any] = {}  # a Space point -> its one Config
         self._meta: tuple[tuple[str, ...], dict[tuple[Any, ...], str], int] | None = None
         # The ids of the declared list (a Space's points are not listed: Space.declares).
         self.declared = frozenset(self.id_of(config) for config in self.configs)
@@ -75,15 +75,13 @@ class ConfigIndex:
         return list(out.values())
 
     def from_space(self, space: Space, candidate: Mapping[str, Any]) -> Any:
-        """The one Config object for a Space candidate."""
-        record = config_record(
-            {k: v for k, v in candidate.items() if k not in space.option_names},
-            {k: v for k, v in candidate.items() if k in space.option_names},
-        )
-        cid = config_id(record)
-        config = self._space_configs.get(cid)
+        """The one Config object for a Space candidate (its id is the Config's, computed once)."""
+        # Looked up by the candidate's values (typed: True is not 1), not by an id: a key's
+        # first call may pass thousands of candidates here.
+        point = tuple(sorted((k, type(v), v) for k, v in candidate.items()))
+        config = self._space_configs.get(point)
         if config is None:
-            config = self._space_configs[cid] = space.to_config(candidate)
+            config = self._space_configs[point] = space.to_config(candidate)
             self.id_of(config)
         return config
 

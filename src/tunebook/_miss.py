@@ -30,6 +30,7 @@ from ._errors import WrongResult
 from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
 from ._progress import Progress
+from ._space import platform_allows
 from ._tuner import Exchange, KeyTuning, Outcome, Persist, inputs_restored, tune_key
 
 if TYPE_CHECKING:
@@ -92,6 +93,53 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     _stats.add("tuning_seconds", outcome.seconds)
     _stats.add("failures", outcome.failures)
     return Resolution(outcome.entry.best(miss.ids), "tuned", outcome.entry, outcome.measured, outcome.seconds)
+
+
+@dataclass(frozen=True)
+class BookChoice:
+    """A key the book answers in ``serve`` mode, found without listing the kernel's Space:
+    the chosen config's id and Space candidate, the entry, and the ids of its results that
+    this call allows (in the order the Space lists them)."""
+
+    cid: str
+    candidate: dict[str, Any]
+    entry: Entry
+    ids: list[str]
+
+
+def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoice | None:
+    """The book's answer for ``key`` in ``serve`` mode, for a kernel over a Space, from the
+    entry's results alone; None where only :func:`resolve` can tell.
+
+    Listing a Space's candidates for a call costs milliseconds per key (thousands of points,
+    each checked by the arg constraints and named), and a fresh server's first request meets
+    dozens of keys. A book entry holds a few dozen results: checking those against the Space
+    and this call gives the same answer as ``resolve``'s rule for ``serve`` mode wherever the
+    search's choice runs and is allowed: the rule serves it, as the best of the allowed
+    results within the tie tolerance. Otherwise (no entry, no choice, a choice this call does
+    not allow, or Triton's pruning hooks, which see the whole list) the full path decides.
+    """
+    space = tuner.space
+    if space is None or tuner.early_config_prune or tuner.perf_model or _settings.mode() != "serve":
+        return None
+    page = tuner.page()
+    entry = page.get(_key_text(key), declared=lambda cid, config: space.declares(config))
+    if entry is None or not entry.chosen:
+        return None
+    platform, named = page.platform, call.named
+    allowed: list[tuple[int, str, dict[str, Any]]] = []
+    for cid, result in entry.results.items():
+        point = space.point_of(result.config)
+        if point is not None and platform_allows(point[1], platform) and space.allows_args(point[1], named):
+            allowed.append((point[0], cid, point[1]))
+    allowed.sort()
+    ids = [cid for _, cid, _ in allowed]
+    if not _policy.chosen_among(entry, ids):
+        return None
+    best = entry.best(ids)
+    if best is None:
+        return None
+    return BookChoice(best, next(c for _, cid, c in allowed if cid == best), entry, ids)
 
 
 def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:

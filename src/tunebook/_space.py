@@ -363,6 +363,25 @@ class Space:
         options = {k: v for k, v in candidate.items() if k in self._options}
         return _compat.Config(kwargs, **options)
 
+    def point_of(self, record: Mapping[str, Any]) -> tuple[int, Candidate] | None:
+        """(its place in the order :meth:`candidates` lists them, the candidate) of a config as
+        a book stores it, if this space declares it (:meth:`declares`); else None.
+
+        >>> s = Space(BLOCK=[32, 64], num_warps=[4, 8])
+        >>> s.point_of({"kwargs": {"BLOCK": 64}, "num_warps": 4, "num_ctas": 1})
+        (2, {'BLOCK': 64, 'num_warps': 4})
+        >>> s.point_of({"kwargs": {"BLOCK": 48}, "num_warps": 4}) is None
+        True
+        """
+        if not self.declares(record):
+            return None
+        kwargs = record["kwargs"]
+        candidate = {n: record[n] if n in self._options else kwargs[n] for n in self._names}
+        position = 0
+        for name, radix in zip(self._names, self._radix):  # _decode's mixed radix, inverted
+            position = position * radix + self._params[name].index(candidate[name])
+        return position, candidate
+
     def declares(self, record: Mapping[str, Any]) -> bool:
         """Whether a config as a book stores it (``{"kwargs": {...}, option: value}``) is a point of
         this space that its constraints allow. Platform filters and arg constraints are left out:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -70,9 +70,14 @@ def _adds_to(entry: Entry, base: Entry | None) -> bool:
     )
 
 
-def _only(entry: Entry, declared: Collection[str]) -> Entry:
-    """``entry`` with the results of ``declared`` config ids only."""
-    results = {cid: r for cid, r in entry.results.items() if cid in declared}
+# The configs a kernel declares: their ids, or a test of (id, stored config).
+Declared = Collection[str] | Callable[[str, Mapping[str, Any]], bool]
+
+
+def _only(entry: Entry, declared: Declared) -> Entry:
+    """``entry`` with the results of ``declared`` configs only."""
+    keep = declared if callable(declared) else (lambda cid, config: cid in declared)
+    results = {cid: r for cid, r in entry.results.items() if keep(cid, r.config)}
     return replace(entry, results=results, chosen=entry.chosen if entry.chosen in results else "")
 
 
@@ -230,7 +235,7 @@ class Page:
         """The writable directory's store, if the book has one."""
         return next((layer.store for layer in self.layers if layer.role == "local"), None)
 
-    def get(self, key_text: str, declared: Collection[str] | None = None) -> Entry | None:
+    def get(self, key_text: str, declared: Declared | None = None) -> Entry | None:
         """The key's entry over every layer (read from the stores the first time it is asked).
 
         ``declared``: the config ids the kernel declares; only their results are copied from
@@ -248,7 +253,7 @@ class Page:
         return [self.entries[t] for t in texts if t in self.entries]
 
     def refresh(
-        self, key_text: str | None = None, force: bool = False, declared: Collection[str] | None = None
+        self, key_text: str | None = None, force: bool = False, declared: Declared | None = None
     ) -> None:
         """Catch up with other processes and hosts on ``key_text`` (before tuning it), or on
         every key asked so far. What the shared layers add is copied into the local one, of
@@ -257,7 +262,7 @@ class Page:
         for compatibility: changes are always seen."""
         self._sync([key_text] if key_text is not None else sorted(self._asked), declared)
 
-    def _sync(self, texts: list[str], declared: Collection[str] | None = None) -> None:
+    def _sync(self, texts: list[str], declared: Declared | None = None) -> None:
         self._asked.update(texts)
         for layer in self.layers:
             layer.sync(self.file_name, texts, self)
@@ -282,7 +287,7 @@ class Page:
             self._parsed.update(zip(new, parse_key_texts(new)))
         return {t: self._parsed[t] for t in texts}
 
-    def _copy_shared_to_local(self, texts: Sequence[str], declared: Collection[str] | None) -> None:
+    def _copy_shared_to_local(self, texts: Sequence[str], declared: Declared | None) -> None:
         local = next((layer for layer in self.layers if layer.role == "local"), None)
         if local is None:
             return

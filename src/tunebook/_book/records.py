@@ -18,6 +18,7 @@ Records are immutable; merging builds new ones. Parsing validates every field an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -48,11 +49,30 @@ def config_record(kwargs: Mapping[str, Any], options: Mapping[str, Any]) -> dict
 
 
 def config_id(record: Mapping[str, Any]) -> str:
-    """A stable, readable id: ``BLOCK_M=64,BLOCK_N=32|num_stages=3,num_warps=4``."""
+    """A stable, readable id: ``BLOCK_M=64,BLOCK_N=32|num_stages=3,num_warps=4``.
+
+    >>> config_id({"kwargs": {"BLOCK": 64, "EVEN": True}, "num_warps": 4})
+    'BLOCK=64,EVEN=true|num_warps=4'
+    """
     kwargs = record.get("kwargs", {})
-    meta = ",".join(f"{k}={json.dumps(kwargs[k])}" for k in sorted(kwargs))
-    opts = ",".join(f"{k}={json.dumps(record[k])}" for k in sorted(record) if k != "kwargs")
+    meta = ",".join(_field(k, kwargs[k]) for k in sorted(kwargs))
+    opts = ",".join(_field(k, record[k]) for k in sorted(record) if k != "kwargs")
     return f"{meta}|{opts}"
+
+
+def _field(name: str, value: Any) -> str:
+    # A Space of thousands of points names each of them on a key's first call: one
+    # json.dumps per distinct (name, value) instead of one per field of every config.
+    try:
+        return _field_text(name, type(value).__name__, value)
+    except TypeError:  # unhashable: not a JSON scalar, but ids are made before validation too
+        return f"{name}={json.dumps(value)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_text(name: str, kind: str, value: Any) -> str:
+    # ``kind`` keeps True apart from 1 and 1.0, which hash and compare equal.
+    return f"{name}={json.dumps(value)}"
 
 
 # --------------------------------------------------------------------- records
