@@ -87,3 +87,25 @@ def test_the_shipped_books_hold_pages_only_never_a_writers_lock_or_temp_file() -
     assert shipped
     stray = [p for p in shipped if p.suffix not in {".json", ".md"} or ".tunebook" in p.parts]
     assert not stray, stray
+
+
+def test_open_books_opens_every_kernels_page_so_a_first_call_hashes_no_source(monkeypatch) -> None:
+    # A server calls open_books() as it starts; its first request then hashes no kernel
+    # source and opens no page (issue 14's first token).
+    import torch
+
+    import tunebook.kernels as k
+    from tunebook import _fingerprint
+    from tunebook.kernels import _common
+
+    assert k.open_books() == len(_common.kernels()) == 9  # two kernels for fused_moe, one per other op
+    assert all(kernel._page is not None for kernel in _common.kernels())
+
+    def refuse(fn):
+        raise AssertionError("a kernel's source was hashed after open_books()")
+
+    monkeypatch.setattr(_fingerprint, "kernel_hash", refuse)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(
+        k.rms_norm(x, torch.ones(64), 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    )

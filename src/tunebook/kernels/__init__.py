@@ -19,7 +19,8 @@ Every kernel is tuned per key (the token count bucketed onto 1, 2, 4, ..., 8192;
 sizes exactly; the dtypes) and remembered in a book. Books tuned on the GPUs we measured
 ship read-only in the package, in ``tunebook/kernels/books/`` (:data:`BOOKS_DIR`): with
 ``TUNEBOOK_MODE=serve`` a key they hold runs its tuned config with zero benchmarking, and
-a key they lack runs the op's hand-picked config. This package imports torch; ``import
+a key they lack runs the op's hand-picked config. A server calls :func:`open_books` as it
+starts, so that its first request does not open them. This package imports torch; ``import
 tunebook`` alone does not import it.
 
 Example (on a CPU too, with ``TRITON_INTERPRET=1``)::
@@ -49,7 +50,7 @@ require(
     hint="On a machine without a GPU, install PyTorch's CPU build first (e.g. pip install torch==2.13.0).",
 )
 
-from ._common import BOOKS_DIR  # noqa: E402  (after the check: these import torch)
+from ._common import BOOKS_DIR, open_books  # noqa: E402  (after the check: these import torch)
 from .fused_moe import fused_moe  # noqa: E402
 from .linear import linear  # noqa: E402
 from .paged_attention_decode import paged_attention_decode  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "cos_sin_cache",
     "fused_moe",
     "linear",
+    "open_books",
     "paged_attention_decode",
     "reshape_and_cache",
     "rms_norm",

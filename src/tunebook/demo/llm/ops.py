@@ -122,12 +122,15 @@ class TritonOps(Ops):
     """The pack's public functions (module docstring)."""
 
     name = "triton"
+    uses_books = True  # FixedOps launches its configs directly
 
     def __init__(self) -> None:
         import tunebook.kernels as k
 
         self.k = k
         self._interpreting = interpreting()
+        if self.uses_books:
+            k.open_books()  # at the engine's start, not in its first request
 
     def rms_norm(
         self, x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -194,6 +197,7 @@ class FixedOps(TritonOps):
     """
 
     name = "fixed"
+    uses_books = False
     # On the interpreter the GEMMs keep TritonOps' wide tiles: the hand-picked ones are
     # GPU-sized, and the interpreter pays per program (module docstring).
     wide_interpreter_tiles = True
