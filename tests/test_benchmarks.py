@@ -343,6 +343,16 @@ def test_ray_sweep_cpu_mode_runs_every_phase(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_first_prefill_profile_cpu_mode(tmp_path: Path) -> None:
+    out = run_benchmark(
+        tmp_path, "first_prefill_profile.py", "--interpret", "--layers", "1", "--prompt", "2", timeout=300
+    )
+    report = (out / "first_prefill_profile-triton.txt").read_text()
+    assert "triton: first prefill" in report and "timings:" in report  # the CPU-mode warning
+    assert "_autotuner.py" in report and "cumulative" in report  # the profile of the decision path
+
+
+@pytest.mark.slow
 def test_decoder_dry_run(tmp_path: Path) -> None:
     """The LLM engine's benchmark on the tiny model (the GPU-only ``check`` phase is the
     engine tests' comparison with transformers, tests/llm): every phase runs and writes
