@@ -371,4 +371,7 @@ def test_decoder_dry_run(tmp_path: Path) -> None:
     ttft = {r["variant"]: r for r in doc["ttft"]}
     assert ttft["books"]["benchmarked"] == 0 and ttft["fixed"]["benchmarked"] == 0
     assert ttft["in_process_tuning"]["benchmarked"] > 0
+    summary = doc["ttft_summary"]  # medians per variant, against the fixed configs'
+    assert summary["fixed"]["first_request_over_fixed"] == 1.0 and summary["books"]["starts"] == 1
+    assert summary["books"]["first_request_over_fixed"] > 0
     assert doc["http"]["failed"] == 0 and doc["http"]["requests"] >= 1
