@@ -284,13 +284,15 @@ class Autotuner(_compat.TritonAutotuner):
             if not self._call_dependent or self._allowed(call, config):
                 self.counters.hits[0] += 1
                 return config, self.counters.hits
-        if self.space is not None:
-            served = self._book_decision(call, key)
-            if served is not None:
-                return served
+        # serve mode over a Space: a key the book answers is decided from its entry's results,
+        # without listing the Space (_miss.book_choice); keyed by the results the call allows,
+        # as call-dependent decisions are keyed by the candidates.
+        choice = _miss.book_choice(self, call, key) if self.space is not None else None
         candidates: list[Any] | None = None
         decision_key: Any = key
-        if self._call_dependent:
+        if choice is not None:
+            decision_key = (key, "book", *choice.allowed)
+        elif self._call_dependent:
             candidates = self._candidates(call)
             decision_key = (key, tuple(self.config_index.id_of(c) for c in candidates))
         decided = self._hits.decisions.get(decision_key)
@@ -299,39 +301,27 @@ class Autotuner(_compat.TritonAutotuner):
             dict.__setitem__(self._cache, key, config)
             counter[0] += 1
             return config, counter
-        decided = self._decide(call, key, candidates if candidates is not None else self._candidates(call))
+        if choice is not None:
+            decided = self._book_decision(call, key, choice)
+        else:
+            decided = self._decide(
+                call, key, candidates if candidates is not None else self._candidates(call)
+            )
         self._hits.decisions[decision_key] = decided
         return decided
 
-    def _book_decision(self, call: Call, key: tuple[Any, ...]) -> tuple[Any, list[int]] | None:
-        """``serve`` mode, a Space kernel: the book's answer without listing the Space
-        (``_miss.book_choice``), settled as ``_decide`` settles a book answer; None to decide
-        the full way. Keyed by the allowed results, as call-dependent decisions are keyed by
-        the candidates."""
-        choice = _miss.book_choice(self, call, key)
-        if choice is None:
-            return None
-        decision_key = (key, "book", *choice.ids)
-        decided = self._hits.decisions.get(decision_key)
-        if decided is None:
-            assert self.space is not None
-            config = self.config_index.from_space(self.space, choice.candidate)
-            results = choice.entry.results
-            self.configs_timings = {
-                self.config_index.from_space(self.space, point[1]): list(results[cid].ms or [math.inf] * 3)
-                for cid in choice.ids
-                if (point := self.space.point_of(results[cid].config)) is not None
-            }
-            _stats.add("book_hits")
-            if _settings.print_autotuning() and key not in self._announced:
-                self._announced.add(key)
-                resolution = _miss.Resolution(choice.cid, "book", choice.entry)
-                _miss.announce(self, key, config, resolution, choice.ids)
-            decided = self._hits.decisions[decision_key] = (config, self.counters.hits)
-        config, counter = decided
+    def _book_decision(
+        self, call: Call, key: tuple[Any, ...], choice: _miss.BookChoice
+    ) -> tuple[Any, list[int]]:
+        """Settle a book answer found without listing the Space, as ``_decide`` settles one;
+        the call's candidates, for ``configs_timings``, are the results it allows."""
+        assert self.space is not None
+        allowed = {cid: self.config_index.from_space(self.space, c) for cid, c in choice.allowed.items()}
+        _stats.add("book_hits")
+        config = allowed[choice.cid]
         dict.__setitem__(self._cache, key, config)
-        counter[0] += 1
-        return decided
+        resolution = _miss.Resolution(choice.cid, "book", choice.entry)
+        return self._settle(call, key, config, resolution, list(allowed.values()))
 
     def _decide(self, call: Call, key: tuple[Any, ...], candidates: list[Any]) -> tuple[Any, list[int]]:
         """Resolve a miss (``_miss.py``) and settle it, as Triton's Autotuner.run settles a tuning."""
@@ -344,6 +334,19 @@ class Autotuner(_compat.TritonAutotuner):
         if resolution.source == "served":
             self.counters.fallbacks[0] += 1
             return config, self.counters.fallbacks
+        return self._settle(call, key, config, resolution, candidates)
+
+    def _settle(
+        self,
+        call: Call,
+        key: tuple[Any, ...],
+        config: Any,
+        resolution: _miss.Resolution,
+        candidates: list[Any],
+    ) -> tuple[Any, list[int]]:
+        """Triton's bookkeeping for a key answered by the book or tuned: ``configs_timings``
+        over the candidates, ``bench_time`` and the post-tuning hooks, the hit count, and
+        TRITON_PRINT_AUTOTUNING's line."""
         entry = resolution.entry
         results = entry.results if entry is not None else {}
         self.configs_timings = {}

@@ -98,13 +98,12 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
 @dataclass(frozen=True)
 class BookChoice:
     """A key the book answers in ``serve`` mode, found without listing the kernel's Space:
-    the chosen config's id and Space candidate, the entry, and the ids of its results that
-    this call allows (in the order the Space lists them)."""
+    the chosen config's id, the entry, and the results this call allows (config id -> Space
+    candidate, in the order the Space lists them)."""
 
     cid: str
-    candidate: dict[str, Any]
     entry: Entry
-    ids: list[str]
+    allowed: dict[str, dict[str, Any]]
 
 
 def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoice | None:
@@ -134,12 +133,10 @@ def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoic
             allowed.append((point[0], cid, point[1]))
     allowed.sort()
     ids = [cid for _, cid, _ in allowed]
-    if not _policy.chosen_among(entry, ids):
-        return None
-    best = entry.best(ids)
+    best = entry.best(ids) if _policy.chosen_among(entry, ids) else None
     if best is None:
         return None
-    return BookChoice(best, next(c for _, cid, c in allowed if cid == best), entry, ids)
+    return BookChoice(best, entry, {cid: candidate for _, cid, candidate in allowed})
 
 
 def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -153,22 +154,12 @@ def autotune(
     )
 
 
-# The pack's op modules (each defines its autotuned kernels).
-OPS = (
-    "rms_norm",
-    "silu_and_mul",
-    "rotary_embedding",
-    "linear",
-    "fused_moe",
-    "paged_attention_decode",
-    "varlen_attention",
-    "reshape_and_cache",
-)
-
-
 def kernels() -> list[tunebook.Autotuner]:
-    """Every autotuned kernel of the pack."""
-    modules = [importlib.import_module(f"tunebook.kernels.{op}") for op in OPS]
+    """Every autotuned kernel of the pack: those of each op module (every public module of
+    the package is an op)."""
+    package = Path(__file__).parent
+    ops = [m.name for m in pkgutil.iter_modules([str(package)]) if not m.name.startswith("_")]
+    modules = [importlib.import_module(f"tunebook.kernels.{op}") for op in ops]
     return [v for m in modules for v in vars(m).values() if isinstance(v, tunebook.Autotuner)]
 
 
