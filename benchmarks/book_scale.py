@@ -288,29 +288,34 @@ def main() -> None:
                 server = server or RedisServer()
                 server.start()
             for size in args.sizes:
-                scratch = Path(tempfile.mkdtemp(prefix=f"book-scale-{store}-{size}-"))
-                book = scratch / "book"
-                if store == "local":
-                    made = write_local(book, args.format, size)
-                    extra: dict[str, str] = {}
-                else:
-                    assert server is not None
-                    made = write_redis(server.url, size)
-                    extra = {"TUNEBOOK_REDIS_URL": server.url}
-                row: dict[str, Any] = {"store": store, "format": args.format if store == "local" else "redis"}
-                row.update(keys=size, book=made, **measure_calls(book, size, extra))
-                if store == "redis":
-                    assert server is not None
-                    row.update(measure_requests(server.url))
-                if store == "local" and not args.no_commands:
-                    for command in args.commands:
-                        cmd = [command, str(book)] + (
-                            ["-o", str(scratch / "r.html")] if command == "report" else []
-                        )
-                        result = measure_command(cmd, args.timeout, args.max_rss_gb)
-                        row[f"{command}_s"] = result["seconds"]
-                        row[f"{command}_rss_mb"] = result["rss_mb"]
-                        row[f"{command}_outcome"] = result["outcome"]
+                # The scratch book (up to ~160 MB at 40,000 keys) goes once its row is measured.
+                with tempfile.TemporaryDirectory(prefix=f"book-scale-{store}-{size}-") as tmp:
+                    scratch = Path(tmp)
+                    book = scratch / "book"
+                    if store == "local":
+                        made = write_local(book, args.format, size)
+                        extra: dict[str, str] = {}
+                    else:
+                        assert server is not None
+                        made = write_redis(server.url, size)
+                        extra = {"TUNEBOOK_REDIS_URL": server.url}
+                    row: dict[str, Any] = {
+                        "store": store,
+                        "format": args.format if store == "local" else "redis",
+                    }
+                    row.update(keys=size, book=made, **measure_calls(book, size, extra))
+                    if store == "redis":
+                        assert server is not None
+                        row.update(measure_requests(server.url))
+                    if store == "local" and not args.no_commands:
+                        for command in args.commands:
+                            cmd = [command, str(book)] + (
+                                ["-o", str(scratch / "r.html")] if command == "report" else []
+                            )
+                            result = measure_command(cmd, args.timeout, args.max_rss_gb)
+                            row[f"{command}_s"] = result["seconds"]
+                            row[f"{command}_rss_mb"] = result["rss_mb"]
+                            row[f"{command}_outcome"] = result["outcome"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
