@@ -98,6 +98,7 @@ def child(phase: str) -> None:
         module._rms_norm_kernel = kernel  # the op's wrapper launches whatever the module holds
     device = harness.device()
     winners: dict[str, Any] = {}
+    traced = _collect_group_trace()
     dist.barrier()
     start = time.perf_counter()
     keys = _keys(interpret)
@@ -118,7 +119,9 @@ def child(phase: str) -> None:
             "num_stages": best.num_stages,
         }
         after = tunebook.stats()
+        events, traced[:] = list(traced), []
         per_key[name] = {
+            "group": _split_of(events),
             "benchmarked": after["benchmarked"] - before["benchmarked"],
             "seconds": round(time.perf_counter() - t0, 3),
             # where the key's time went: compiling ahead, waiting for the other ranks, the rest measuring
@@ -138,11 +141,42 @@ def child(phase: str) -> None:
                 "benchmarked": tunebook.stats()["benchmarked"],
                 **{k: tunebook.stats()[k] for k in SPLIT},
                 "per_key": per_key,
+                "group_split": _split_of(
+                    [{"event": e, "seconds": v} for k in per_key.values() for e, v in k["group"].items()]
+                ),
             }
         ),
         flush=True,
     )
     dist.destroy_process_group()
+
+
+def _collect_group_trace() -> list[dict[str, Any]]:
+    """The group's trace records (``tunebook._distributed.trace``), appended as they come."""
+    import logging
+
+    kept: list[dict[str, Any]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(getattr(record, "tunebook_group", {}))
+
+    log = logging.getLogger("tunebook.group")
+    log.addHandler(Keep())
+    log.setLevel(logging.DEBUG)
+    log.propagate = False  # kept, not printed
+    return kept
+
+
+def _split_of(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds by event: ``join`` (waiting for the group to arrive), ``measure`` (this rank's
+    own parts), ``gather`` (the leader waiting for the others' parts), ``batch`` (a follower
+    waiting for its next part, or for the end), ``decision``."""
+    split: dict[str, float] = {}
+    for e in events:
+        if "event" in e:
+            split[e["event"]] = round(split.get(e["event"], 0.0) + float(e.get("seconds", 0.0)), 3)
+    return dict(sorted(split.items()))
 
 
 def _free_port() -> int:
@@ -258,6 +292,9 @@ def main() -> None:
                     for r in phases[p]
                 )
             )
+    for r in phases.get("group", []):  # the group's trace: what each rank waited for
+        split = ", ".join(f"{event} {seconds:.1f} s" for event, seconds in r["group_split"].items())
+        print(f"group, rank {r['rank']}: {split}")
     if result["group_vs_alone"] is not None:
         print(
             f"group / alone wall time: {result['group_vs_alone']:.2f} (target <= 0.6), over {result['keys']} "

@@ -324,6 +324,12 @@ def test_distributed_cpu_mode_agrees_across_ranks(tmp_path: Path) -> None:
     assert doc["disagreements"]["group"] == []  # the group's ranks launch one config per key
     assert sum(doc["benchmarked"]["group"]) == max(doc["benchmarked"]["alone"])  # one search, split
     assert doc["configs_group_vs_alone"] <= 0.6  # each rank screened about half
+    # The group's trace: every rank measured its parts; the leader of a key gathered the other's
+    # part and the follower waited for its batches, so each kind of wait shows on some rank.
+    splits = [r["group_split"] for r in doc["phases"]["group"]]
+    assert all(s["measure"] > 0 for s in splits)
+    assert {"join", "gather", "batch"} <= {event for s in splits for event in s}
+    assert all(not r["group_split"] for r in doc["phases"]["alone"])  # alone: no group, no trace
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ Over the group's store (see ``_distributed.py``), for each key a rank misses in 
 4. every other rank that came (the ``i``-th to arrive, ``i <= p``) follows: it waits for
    each batch, measures its part and publishes the results, writing nothing to the book,
    until the leader ends the search;
-5. the leader records the key in its book (the only write) and publishes the decision; the
-   first decision published for a key stands. Every other rank, including one that
+5. the leader publishes the decision, ends the search, then records the key in its book (the
+   only write; the others need not wait for it); the first decision published for a key stands. Every other rank, including one that
    arrived after the round closed, launches it; a rank whose own book is another directory
    than the one the decision was written to (another host, or a book per rank) records it
    there too, so that a later job finds the key on every rank alike (a hit on one rank and
@@ -52,9 +52,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import _settings, _stats
+from . import _settings
 from ._book import Entry, Page, Result, now_iso
-from ._distributed import Team, wait
+from ._distributed import Team, trace, wait, waited_for
 from ._errors import BookFormatError, TuningFailed
 from ._jsonio import stored_key, strict_loads
 from ._tuner import Exchange, Here, KeyTuning, Outcome, Timing, inputs_restored, tune_key
@@ -112,10 +112,14 @@ def tune_together(
         )  # else: alone
         try:
             outcome = _tune(jobs(lead))
-            decided = _settle(store, ns, page, key_text, _decided_entry(key, outcome.entry, ids, start))
+            entry = _decided_entry(key, outcome.entry, ids, start)
+            published = _publish(store, ns, entry, book_id(page))
         finally:
             if lead is not None:
-                lead.end()  # the followers stop waiting for batches, and read the decision
+                # The followers stop waiting for batches and read the decision; ended before
+                # this rank's book write, which they need not wait for.
+                lead.end()
+        decided = _keep(page, key_text, entry, published)
         measured, failures = outcome.measured, outcome.failures
     else:
         if participants is not None and arrival <= participants:
@@ -186,7 +190,9 @@ class Lead:
         self.store.set(self.ns + f"batch/{b}", json.dumps({"full": full, "parts": dealt}))
         begun = time.monotonic()
         out = here(parts.get(1, []), full)
-        deadline = time.monotonic() + late_after(time.monotonic() - begun)
+        own = time.monotonic() - begun
+        trace("measure", own, batch=b, full=full, configs=len(parts.get(1, [])), dealt=len(indices))
+        deadline = time.monotonic() + late_after(own)
         for r, part in parts.items():
             if r != 1 and part:
                 out.update(self._gather(b, r, part, deadline, full, here))
@@ -207,9 +213,8 @@ class Lead:
         self, b: int, r: int, part: list[int], deadline: float, full: bool, here: Here
     ) -> dict[int, Result | None]:
         name = self.ns + f"timings/{b}/{r}"
-        answer = (
-            _loads(self.store.get(name)) if wait(self.store, [name], deadline - time.monotonic()) else None
-        )
+        came = wait(self.store, [name], deadline - time.monotonic(), "gather", batch=b, arrival=r)
+        answer = _loads(self.store.get(name)) if came else None
         if answer is None:
             log.warning(
                 "tunebook: the rank that arrived %d-th for this key sent no timings for its %d configs in "
@@ -235,13 +240,21 @@ def follow(store: Any, ns: str, arrival: int, job: KeyTuning) -> tuple[int, int]
     index = {cid: i for i, cid in enumerate(job.ids)}
     b = 0
     with inputs_restored(job):
-        while wait(store, [ns + f"batch/{b}"], _settings.distributed_wait_s()):
+        while wait(store, [ns + f"batch/{b}"], _settings.distributed_wait_s(), "batch", batch=b):
             batch = _loads(store.get(ns + f"batch/{b}")) or {"end": True}
             if batch.get("end"):
                 break
             mine = batch.get("parts", {}).get(str(arrival), [])
             if mine:
+                begun = time.monotonic()
                 got = timing.batch([index[c] for c in mine if c in index], bool(batch.get("full")))
+                trace(
+                    "measure",
+                    time.monotonic() - begun,
+                    batch=b,
+                    full=bool(batch.get("full")),
+                    configs=len(mine),
+                )
                 results = {job.ids[i]: r for i, r in got.items() if r is not None}
                 store.set(ns + f"timings/{b}/{arrival}", json.dumps({"results": _results_json(results)}))
             b += 1
@@ -258,8 +271,8 @@ def _close_round(store: Any, ns: str, world: int) -> int:
         if came >= world:
             break
         time.sleep(_POLL_S)
-    _stats.add("group_wait_seconds", time.monotonic() - begun)
     came = min(world, int(store.add(ns + "arrivals", 0)))
+    waited_for("join", time.monotonic() - begun, came=came)
     store.set(ns + "participants", str(came))
     return came
 
@@ -283,21 +296,25 @@ def _ranks_by_arrival(store: Any, ns: str, participants: int) -> list[int | None
     ranks: list[int | None] = []
     for i in range(1, participants + 1):
         name = ns + f"rank/{i}"
-        ranks.append(int(store.get(name)) if wait(store, [name], _RANK_WAIT_S) else None)
+        ranks.append(int(store.get(name)) if wait(store, [name], _RANK_WAIT_S, "join") else None)
     return ranks
 
 
 def _participants(store: Any, ns: str) -> int | None:
     # The leader closes the round within its join time; the margin covers a slow store.
-    if not wait(store, [ns + "participants"], _settings.distributed_join_s() + 30.0):
+    if not wait(store, [ns + "participants"], _settings.distributed_join_s() + 30.0, "join"):
         return None
     return int(store.get(ns + "participants"))
 
 
 def _settle(store: Any, ns: str, page: Page, key_text: str, entry: Entry) -> Entry:
-    """Publish ``entry`` as the decision; if it is the one that stands, write it to the book
-    (the one write for this key); return the decision that stands."""
-    decided = _publish(store, ns, entry, book_id(page))
+    """Publish ``entry`` as the decision and keep the one that stands (``_keep``)."""
+    return _keep(page, key_text, entry, _publish(store, ns, entry, book_id(page)))
+
+
+def _keep(page: Page, key_text: str, entry: Entry, decided: Decision) -> Entry:
+    """If this rank's ``entry`` is the published decision, write it to the book (the one
+    write for this key); else record the decision that stands. Returns that decision."""
     if decided.entry is entry:
         return page.record(key_text, entry)
     _remember(page, key_text, decided, entry.first)
@@ -362,7 +379,7 @@ def _decision(store: Any, ns: str, key: Sequence[Any]) -> Decision | None:
 
 
 def _wait_for_decision(store: Any, ns: str, key: Sequence[Any]) -> Decision | None:
-    if not wait(store, [ns + "decision"], _settings.distributed_wait_s()):
+    if not wait(store, [ns + "decision"], _settings.distributed_wait_s(), "decision"):
         return None
     return _decision_from(stored_key(key), store.get(ns + "decision"))
 

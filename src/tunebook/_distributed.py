@@ -11,12 +11,18 @@ torch.distributed. torch is imported only when a kernel has ``group=`` or
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import _settings, _stats
 from ._errors import ConfigurationError
+
+# Where a group's time goes, one DEBUG record per wait and per part measured, each carrying
+# ``record.tunebook_group`` (a dict: ``event``, ``seconds`` and details). Silent unless a
+# handler asks for DEBUG: ``benchmarks/distributed.py`` collects them into its split.
+trace_log = logging.getLogger("tunebook.group")
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,38 @@ def _store_of(pg: Any) -> Any:
     return c10d._get_process_group_store(pg)
 
 
-def wait(store: Any, keys: list[str], seconds: float) -> bool:
+def wait(store: Any, keys: list[str], seconds: float, what: str = "wait", **details: Any) -> bool:
     """Whether every key exists within ``seconds`` (never longer). The time is counted as
-    waiting for the group (``tunebook.stats()["group_wait_seconds"]``)."""
+    waiting for the group (``tunebook.stats()["group_wait_seconds"]``) and traced as ``what``."""
     begun = time.perf_counter()
     try:
         store.wait(keys, datetime.timedelta(seconds=max(seconds, 0.001)))
     except Exception:  # DistStoreError / RuntimeError on a timeout, depending on the torch version
         return False
     finally:
-        _stats.add("group_wait_seconds", time.perf_counter() - begun)
+        waited_for(what, time.perf_counter() - begun, **details)
     return True
+
+
+def waited_for(what: str, seconds: float, **details: Any) -> None:
+    """Count ``seconds`` of waiting for the group, and trace it as ``what``."""
+    _stats.add("group_wait_seconds", seconds)
+    trace(what, seconds, **details)
+
+
+def trace(event: str, seconds: float, **details: Any) -> None:
+    """One DEBUG record of the group's time (see ``trace_log``); nearly free when nobody listens.
+
+    >>> import logging
+    >>> seen = []
+    >>> class Keep(logging.Handler):
+    ...     def emit(self, record): seen.append(record.tunebook_group)
+    >>> trace_log.addHandler(Keep()); trace_log.setLevel(logging.DEBUG)
+    >>> trace("gather", 0.25, rank=2)
+    >>> seen
+    [{'event': 'gather', 'seconds': 0.25, 'rank': 2}]
+    >>> trace_log.handlers.clear(); trace_log.setLevel(logging.NOTSET)
+    """
+    if trace_log.isEnabledFor(logging.DEBUG):
+        fields = {"event": event, "seconds": round(seconds, 6), **details}
+        trace_log.debug("%s: %.3f s %s", event, seconds, details, extra={"tunebook_group": fields})
