@@ -278,3 +278,45 @@ def test_serve_mode_answers_a_book_key_from_its_results_without_listing_the_spac
     monkeypatch.setattr(_miss, "book_choice", lambda *args: None)  # the full path only
     full = _bucketed_space_kernel()
     assert [_served_block(full, n) for n in (4000, 3000, 300)] == served
+
+
+@pytest.mark.parametrize("book_path", [True, False], ids=["book-path", "full-path"])
+def test_serve_mode_never_serves_a_result_measured_with_options_the_space_does_not_launch(
+    monkeypatch, book_path
+):
+    # An earlier version of the app tuned a list with num_warps=8 (the kernel's source, and
+    # so its page, unchanged); the Space it declares now launches Triton's default warps. The
+    # stored winner was never measured as the Space launches it: neither path may serve it
+    # as a book hit, and both serve the same config.
+    from tunebook import _miss
+
+    replay = Replay({32: 2.0, 64: 1.0})
+    earlier = [triton.Config({"BLOCK": 64}, num_warps=8), triton.Config({"BLOCK": 32}, num_warps=4)]
+    old = tunebook.autotune(earlier, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
+    assert _served_block(old, 300) == 64 and old.best_config.num_warps == 8
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    if not book_path:
+        monkeypatch.setattr(_miss, "book_choice", lambda *args: None)
+    tunebook.reset_stats()
+    now = tunebook.autotune(
+        tunebook.Space(BLOCK=[32, 64]), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel)
+    assert _served_block(now, 300) == 32  # the one stored result the Space launches as measured
+    assert now.best_config.num_warps == 4
+    assert tunebook.stats()["book_hits"] == 0 and tunebook.stats()["fallbacks"] == 1
+
+
+def test_serve_mode_answers_from_the_book_for_a_space_that_lists_none_for_an_option(monkeypatch):
+    # maxnreg=None is Triton's default, which a stored config leaves out: the book's answer
+    # must still be found (it once raised KeyError into the kernel call).
+    replay = Replay({32: 2.0, 64: 1.0})
+
+    def make():
+        space = tunebook.Space(BLOCK=[32, 64], maxnreg=[None])
+        return tunebook.autotune(space, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)
+
+    assert _served_block(make(), 300) == 64
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    assert _served_block(make(), 300) == 64
+    assert tunebook.stats()["book_hits"] == 1 and tunebook.stats()["fallbacks"] == 0

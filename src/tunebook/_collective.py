@@ -18,12 +18,12 @@ Over the group's store (see ``_distributed.py``), for each key a rank misses in 
    each batch, measures its part and publishes the results, writing nothing to the book,
    until the leader ends the search;
 5. the leader publishes the decision, ends the search, then records the key in its book (the
-   only write; the others need not wait for it); the first decision published for a key stands. Every other rank, including one that
-   arrived after the round closed, launches it; a rank whose own book is another directory
-   than the one the decision was written to (another host, or a book per rank) records it
-   there too, so that a later job finds the key on every rank alike (a hit on one rank and
-   a miss on another would tune the missing rank alone, after the join wait, and could
-   choose otherwise).
+   only write; the others need not wait for it); the first decision published for a key
+   stands. Every other rank, including one that arrived after the round closed, launches
+   it; a rank whose own book is another directory than the one the decision was written to
+   (another host, or a book per rank) records it there too, so that a later job finds the
+   key on every rank alike (a hit on one rank and a miss on another would tune the missing
+   rank alone, after the join wait, and could choose otherwise).
 
 With ``p`` ranks each measures about ``1/p`` of what the search measures: the search and its
 stopping point are a lone rank's, and a batch of ``k`` configs costs the time of

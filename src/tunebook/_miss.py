@@ -125,11 +125,17 @@ def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoic
     entry = page.get(_key_text(key), declared=lambda cid, config: space.declares(config))
     if entry is None or not entry.chosen:
         return None
-    platform, named = page.platform, call.named
+    platform, named, index = page.platform, call.named, tuner.config_index
     allowed: list[tuple[int, str, dict[str, Any]]] = []
     for cid, result in entry.results.items():
         point = space.point_of(result.config)
-        if point is not None and platform_allows(point[1], platform) and space.allows_args(point[1], named):
+        if point is None or not platform_allows(point[1], platform) or not space.allows_args(point[1], named):
+            continue
+        # The point must launch exactly what was measured: ``declares`` passes option fields
+        # the Space does not list (``num_ctas: 1``, as older records stored Triton's default),
+        # and a result measured at ``num_warps=8`` must not stand for the Space's point that
+        # launches Triton's default, which the full path would name otherwise.
+        if index.id_of(index.from_space(space, point[1])) == cid:
             allowed.append((point[0], cid, point[1]))
     allowed.sort()
     ids = [cid for _, cid, _ in allowed]

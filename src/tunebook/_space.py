@@ -376,7 +376,9 @@ class Space:
         if not self.declares(record):
             return None
         kwargs = record["kwargs"]
-        candidate = {n: record[n] if n in self._options else kwargs[n] for n in self._names}
+        # An option stored as None is left out of the record (as Triton's default), which
+        # ``declares`` reads as None too.
+        candidate = {n: record.get(n) if n in self._options else kwargs[n] for n in self._names}
         position = 0
         for name, radix in zip(self._names, self._radix):  # _decode's mixed radix, inverted
             position = position * radix + self._params[name].index(candidate[name])

@@ -53,6 +53,8 @@ def config_id(record: Mapping[str, Any]) -> str:
 
     >>> config_id({"kwargs": {"BLOCK": 64, "EVEN": True}, "num_warps": 4})
     'BLOCK=64,EVEN=true|num_warps=4'
+    >>> config_id({"kwargs": {"SHIFT": 0.0}}), config_id({"kwargs": {"SHIFT": -0.0}})
+    ('SHIFT=0.0|', 'SHIFT=-0.0|')
     """
     kwargs = record.get("kwargs", {})
     meta = ",".join(_field(k, kwargs[k]) for k in sorted(kwargs))
@@ -63,6 +65,8 @@ def config_id(record: Mapping[str, Any]) -> str:
 def _field(name: str, value: Any) -> str:
     # A Space of thousands of points names each of them on a key's first call: one
     # json.dumps per distinct (name, value) instead of one per field of every config.
+    if type(value) is float:  # 0.0 and -0.0 hash and compare equal but are two configs
+        return f"{name}={json.dumps(value)}"
     try:
         return _field_text(name, type(value).__name__, value)
     except TypeError:  # unhashable: not a JSON scalar, but ids are made before validation too
