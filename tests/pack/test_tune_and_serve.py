@@ -109,3 +109,32 @@ def test_open_books_opens_every_kernels_page_so_a_first_call_hashes_no_source(mo
     torch.testing.assert_close(
         k.rms_norm(x, torch.ones(64), 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     )
+
+
+def test_every_shipped_result_is_a_point_of_its_kernels_space_with_its_own_id(recwarn) -> None:
+    # Serve mode answers a shipped key from its results only where the Space point launches
+    # exactly what was measured (same id); a result that fails this is never served, and a
+    # shipped book of such results would turn every GPU server's hits into fallbacks. Checked
+    # here, without a GPU, for every result of every shipped page.
+    from tunebook._book import read_book_file
+    from tunebook._configs import ConfigIndex
+    from tunebook.kernels import _common
+
+    tuners = {kernel.label.replace(".", "-"): kernel for kernel in _common.kernels()}
+    pages = [p for p in _common.BOOKS_DIR.iterdir() if p.is_dir()]
+    assert len(pages) == len(tuners) == 9
+    checked, wrong = 0, []
+    for page in pages:
+        kernel = tuners[page.name.split("--")[0]]
+        index = ConfigIndex([])
+        document, why = read_book_file(page)
+        assert document is not None, why
+        for entry in document.entries.values():
+            for cid, result in entry.results.items():
+                point = kernel.space.point_of(result.config)
+                mine = index.id_of(index.from_space(kernel.space, point[1])) if point else None
+                checked += 1
+                if mine != cid:
+                    wrong.append((page.name, cid, mine))
+    assert checked > 7000 and not wrong, wrong[:5]
+    assert not [str(w.message) for w in recwarn], "a shipped file was skipped"
