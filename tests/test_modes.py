@@ -109,6 +109,18 @@ def test_stats_count_hits_misses_and_tuning_time():
     assert {"hits", "misses", "benchmarked", "fallbacks", "tuning_seconds"} <= set(s)
 
 
+def test_a_tuning_that_raises_still_counts_its_time():
+    # Every config fails for a reason in the call (a tensor argument is None): the error
+    # reaches the caller, and the time it took is in tuning_seconds, of which the counters
+    # compile_seconds and group_wait_seconds (added as they happen) are parts.
+    kernel, _ = tuned_add()
+    _, y, out = vectors(64)
+    with pytest.raises(Exception):  # noqa: B017  (whatever the interpreter raises for None)
+        kernel[grid_1d(64)](None, y, out, 64)
+    s = tunebook.stats()
+    assert s["misses"] == 1 and s["tuning_seconds"] > 0
+
+
 def test_print_autotuning_reports_tuning_and_book_hits(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
     kernel, _ = tuned_add()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,14 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
         _stats.add("misses")
         if mode == "serve":
             return _serve(miss, entry, page)
-    outcome = _tune(miss, entry, page)
+    begun = time.perf_counter()
+    try:
+        outcome = _tune(miss, entry, page)
+    except BaseException:
+        # A tuning that raises (every config failed for a reason in the call) still took
+        # time, and compile_seconds / group_wait_seconds, counted as they happen, are parts of it.
+        _stats.add("tuning_seconds", time.perf_counter() - begun)
+        raise
     _stats.add("benchmarked", outcome.measured)
     _stats.add("tuning_seconds", outcome.seconds)
     _stats.add("failures", outcome.failures)

@@ -98,6 +98,9 @@ def test_open_books_opens_every_kernels_page_so_a_first_call_hashes_no_source(mo
     from tunebook import _fingerprint
     from tunebook.kernels import _common
 
+    monkeypatch.setenv("TUNEBOOK_MODE", "off")  # no kernel reads a book: none is opened
+    assert k.open_books() == 0
+    monkeypatch.delenv("TUNEBOOK_MODE")
     assert k.open_books() == len(_common.kernels()) == 9  # two kernels for fused_moe, one per other op
     assert all(kernel._page is not None for kernel in _common.kernels())
 

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 import torch
 
 import tunebook
+from tunebook import _settings
 
 BOOKS_DIR = Path(__file__).resolve().parent / "books"
 
@@ -166,9 +167,11 @@ def kernels() -> list[tunebook.Autotuner]:
 def open_books() -> int:
     """Open this platform's page of the book for every kernel of the pack now; returns how
     many kernels. A server calls it as it starts: a kernel's first call otherwise hashes the
-    kernel's source and what it calls, imports the book's code and lists the page's keys,
-    ~10 ms a kernel, in the first request (on an H200 most of the gap between a fresh
-    server's first token from the books and from fixed configs)."""
+    kernel's source and what it calls and imports the book's code, ~10 ms a kernel, in the
+    first request (each key is still read at its own first call). With ``TUNEBOOK_MODE=off``
+    no kernel reads a book, and none is opened: 0."""
+    if _settings.mode() == "off":
+        return 0
     found = kernels()
     for kernel in found:
         kernel.page()

@@ -226,12 +226,27 @@ class TextStream:
         return delta
 
     def finish(self) -> str:
-        """The text held back at the end (a partial stop string that never completed)."""
+        """The text held back at the end: a partial stop string that never completed, and the
+        bytes of a character that never completed (as ``decode`` shows them: U+FFFD), which
+        are tokens the request generated and counted.
+
+        >>> s = TextStream(ByteTokenizer())
+        >>> s.push([65]), s.push([195]), s.finish(), s.text == ByteTokenizer().decode([65, 195])
+        ('A', '', '\ufffd', True)
+        """
         if self.stopped:
             return ""
-        delta, self.pending = self.pending, ""
-        self.text += delta
-        return delta
+        full = self.tokenizer.decode(self.ids[self._prefix :])
+        if len(full) > len(self._seen):
+            self.pending += full[len(self._seen) :]
+            self._prefix = self._read = len(self.ids)
+            self._seen = ""
+        delta = self._release()  # a stop string may still complete in the held-back text
+        if self.stopped:
+            return delta
+        rest, self.pending = self.pending, ""
+        self.text += rest
+        return delta + rest
 
 
 def _overlap(text: str, stop: str) -> int:
