@@ -71,7 +71,8 @@ def stats() -> dict[str, float]:
     * ``tuning_seconds`` — wall time spent benchmarking.
     * ``book_hits`` — keys answered from the book without benchmarking.
     * ``compile_seconds`` — of the tuning time, spent compiling candidates ahead of measuring
-      them (GPU; the rest is measuring and, in a group, waiting).
+      them (GPU; the rest is measuring and, in a group, waiting). Stays 0 on Triton 3.4,
+      which has no asynchronous compile: there each candidate compiles inside its measuring.
     * ``group_wait_seconds`` — of the tuning time, spent waiting for other ranks of the
       group a key was tuned in (``group=``): for them to arrive, to measure their part of a
       batch, or to deal the next one.
