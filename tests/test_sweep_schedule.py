@@ -172,6 +172,25 @@ def test_a_lost_unit_goes_out_again_with_only_what_the_book_still_lacks():
     assert recorder.chosen[0] == "B=0"
 
 
+def test_a_lost_confirmation_goes_out_again_though_the_book_holds_its_quick_results():
+    # A confirmation unit holds contenders that have quick results in the book by
+    # construction; losing its worker must not count those as the full measurement.
+    times = [5.0, 1.0, 1.05, 3.0]
+    sweep, recorder = planned_sweep([plan_of(times)], unit_size=4)
+    screen = sweep.next_unit("gpu")
+    assert screen is not None and not screen.full
+    quick = {
+        cid: Result({"kwargs": {}}, (times[int(cid[2:])],) * 3, None, "t", quick=True) for cid in screen.cids
+    }
+    sweep.measured(screen, {cid: (r, False) for cid, r in quick.items()})
+    confirm = sweep.next_unit("gpu")
+    assert confirm is not None and confirm.full and confirm.cids == ("B=1", "B=2")
+    sweep.lost(confirm, "ActorDiedError", Entry(key=(1,), results=quick))
+    again = sweep.next_unit("gpu")
+    assert again is not None and again.full and again.cids == confirm.cids and again.losses == 1
+    assert not sweep.finished and recorder.chosen == {}
+
+
 def test_a_broken_call_fails_the_key_and_persists_nothing():
     times = [1.0, 2.0, 3.0, 4.0]
     sweep, recorder = planned_sweep([plan_of(times)], unit_size=2)

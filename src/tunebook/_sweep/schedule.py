@@ -304,8 +304,8 @@ class Sweep:
 
     def lost(self, unit: Unit, reason: str, known: Entry | None = None) -> None:
         """The worker holding ``unit`` is gone. What ``known`` (the book, read again) holds
-        for its configs counts as measured; the rest goes out again, or after MAX_LOSSES is
-        recorded as failed with ``reason``."""
+        for its configs counts as measured (for a confirmation, only full measurements); the
+        rest goes out again, or after MAX_LOSSES is recorded as failed with ``reason``."""
         key = self.keys[unit.key]
         key.out.pop(unit.uid, None)
         if unit.kind == "plan":
@@ -315,6 +315,8 @@ class Sweep:
                 key.queued.append(replace(unit, losses=unit.losses + 1))
             return
         stored = known.results if known is not None else {}
+        if unit.full:  # a confirmation: its configs have quick results already, which do not count
+            stored = {cid: r for cid, r in stored.items() if not r.quick}
         done = {cid: stored[cid] for cid in unit.cids if cid in stored}
         for cid, result in done.items():
             key.results[cid] = result
