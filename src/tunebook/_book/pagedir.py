@@ -79,15 +79,21 @@ def key_file_name(key_text: str) -> str:
     '[4096,128,"torch.float16"]'
     """
     inner = key_text[1:-1] if key_text.startswith("[") and key_text.endswith("]") else key_text
-    name = urllib.parse.quote(inner, safe=_SAFE).replace("%22", "'") + ".json"
+    hashed = "#" + hashlib.sha256(key_text.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".json"
+    try:
+        name = urllib.parse.quote(inner, safe=_SAFE).replace("%22", "'") + ".json"
+    except UnicodeEncodeError:  # a lone surrogate (from a file name that is not UTF-8): hashed
+        return hashed
     if len(name.encode()) > 200 or name.startswith(".") or name == PAGE_FILE:
-        return "#" + hashlib.sha256(key_text.encode()).hexdigest()[:40] + ".json"
+        return hashed
     return name
 
 
 def key_text_of(file_name: str) -> str | None:
     """The key text a key's file name says; None for a hashed name (read the file) or no key."""
     if not file_name.endswith(".json") or file_name.startswith(("#", ".")) or file_name == PAGE_FILE:
+        return None
+    if not file_name.isascii():  # our names are ASCII (percent-encoded): not one of ours; read it
         return None
     inner = file_name[: -len(".json")]
     if "%" not in inner:  # the usual name: nothing was percent-encoded, only " written '
@@ -167,12 +173,11 @@ def _pending(directory: Path, name: str) -> list[Path]:
         names = os.listdir(directory / HIDDEN / "pending")
     except OSError:
         return []
-    stem = _stem(name) + "."
-    return [
-        directory / HIDDEN / "pending" / n
-        for n in sorted(names)
-        if n.startswith(stem) and n.endswith(".json")
-    ]
+    # <key name>.<time>-<pid>-<n>.json, matched whole: a prefix would take the news of other
+    # keys whose names start with this one's (key [1,2] and key [1,2.5]), and merge_key
+    # deletes what it folds in.
+    own = re.compile(re.escape(_stem(name)) + r"\.\d+-\d+-\d+\.json")
+    return [directory / HIDDEN / "pending" / n for n in sorted(names) if own.fullmatch(n)]
 
 
 def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry | None:
@@ -326,7 +331,11 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     present = read_meta(directory)
     if present is None and os.path.lexists(directory / PAGE_FILE):
-        _make_room(directory / PAGE_FILE, PAGE_FORMAT)
+        # Another process may have created it since it was read (an atomic rename): read it
+        # again before keeping it aside as unreadable.
+        present = read_meta(directory)
+        if present is None:
+            _make_room(directory / PAGE_FILE, PAGE_FORMAT)
     if present is not None and present["kernel"].get("hash") == meta["kernel"]["hash"]:
         return
     if present is not None:
@@ -390,10 +399,21 @@ def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Ent
         return stored if stored is not None else news
 
 
-def merge_entries(directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry]) -> dict[str, Entry]:
-    """``merge_key`` for each entry; the entries as they now stand. Raises OSError."""
+def merge_entries(
+    directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry]
+) -> tuple[dict[str, Entry], dict[str, LeaveAlone]]:
+    """``merge_key`` for each entry: (the entries as they now stand, the keys whose file must
+    be left alone, and why). A key left alone (a newer tunebook's file, say) does not stop
+    the others. Raises OSError (LeaveAlone for the page's own page.json)."""
     ensure_page(directory, meta)
-    return {text: merge_key(directory, meta, text, entry) for text, entry in entries.items()}
+    merged: dict[str, Entry] = {}
+    left: dict[str, LeaveAlone] = {}
+    for text, entry in entries.items():
+        try:
+            merged[text] = merge_key(directory, meta, text, entry)
+        except LeaveAlone as exc:
+            left[text] = exc
+    return merged, left
 
 
 def replace_page(

@@ -126,7 +126,8 @@ class Layer:
         if stored is None:
             self.pending = pending
             return False
-        self.pending = {}
+        # A key the store left out was not written (its file must be left alone): offered again.
+        self.pending = {k: e for k, e in pending.items() if k not in stored.entries}
         self._take(stored, page)
         return True
 

@@ -55,6 +55,8 @@ class BookStore(Protocol):
     def merge(self, name: str, doc: Document) -> Document | None:
         """Merge ``doc`` into the stored document ``name``; the stored entries of ``doc``'s
         keys afterwards, as ``fetch(name, doc.entries)`` would return them, or None if not written.
+        A key the store could not write is left out of what it returns (the caller offers it
+        again with its next merge); the others are written.
         """
         ...
 
@@ -137,7 +139,7 @@ class DirectoryStore:
             return None
         directory = self.directory / pagedir.page_dir_name(name)
         try:
-            merged = pagedir.merge_entries(
+            merged, left = pagedir.merge_entries(
                 directory, {"kernel": doc.kernel, "platform": doc.platform}, doc.entries
             )
         except pagedir.LeaveAlone as exc:
@@ -151,6 +153,19 @@ class DirectoryStore:
         except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
             warn_write_failure(self.directory, exc)
             return None
+        if left:  # left out of what is returned: the page offers those keys again later
+            text, why = next(iter(left.items()))
+            warn_once(
+                f"write:{directory}:keys",
+                "tunebook: leaving the file of key %s (and %d other key(s)) of %s as it is: %s; "
+                "their results of this process are kept in memory, the other keys are written",
+                text,
+                len(left) - 1,
+                directory,
+                why,
+            )
+            if not merged:
+                return None
         old = self._format1(name)
         if old is not None and old.kernel.get("hash") != doc.kernel.get("hash"):
             old = None
