@@ -264,6 +264,18 @@ def test_custom_do_bench_decides_the_winner():
     assert kernel.configs_timings[kernel.best_config][0] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("option", [{"warmup": 1}, {"rep": 1}])
+def test_warmup_or_rep_replace_a_custom_do_bench_as_in_triton(option):
+    # triton.autotune times with warmup/rep (or CUDA graphs) whenever they are given, and
+    # ignores do_bench then; the same arguments must time the same way here.
+    replay = Replay({32: 0.5, 64: 0.7, 128: 0.2})
+    kernel = make_add(do_bench=replay, pre_hook=replay.pre_hook, **option)
+    x, y, out = vectors(500)
+    kernel[grid_1d(500)](x, y, out, 500)
+    torch.testing.assert_close(out, x + y)
+    assert replay.measured == [] and all(t[0] not in (0.5, 0.7, 0.2) for t in kernel.configs_timings.values())
+
+
 def test_failing_configs_are_recorded_and_skipped():
     replay = Replay({32: 0.5, 128: 0.9})  # BLOCK=64 "fails"
     kernel = make_add(do_bench=replay, pre_hook=replay.pre_hook)

@@ -95,8 +95,17 @@ def choose_timers(
     """(a factory for the timers, their id). The factory defers touching the GPU driver.
 
     With ``TUNEBOOK_TIMER=short`` (never for a user ``do_bench``, which decides alone) the
-    timers carry the short-kernel policy and their id says so.
+    timers carry the short-kernel policy and their id says so. As in ``triton.autotune``,
+    ``warmup``, ``rep`` or ``use_cuda_graph`` take the place of a ``do_bench`` given with them.
+
+    >>> choose_timers(lambda call, quantiles: [1.0], None, None, False)[1]
+    'custom:<lambda>'
+    >>> choose_timers(lambda call, quantiles: [1.0], 5, None, False)[1] != 'custom:<lambda>'
+    True
     """
+    # As triton.autotune: warmup, rep or use_cuda_graph, when given, replace a do_bench.
+    if warmup is not None or rep is not None or use_cuda_graph:
+        do_bench = None
     make, timer_id = _method_timers(do_bench, warmup, rep, use_cuda_graph, adaptive)
     if do_bench is not None or _settings.timer() != "short":
         return make, timer_id
