@@ -67,6 +67,46 @@ def test_an_unreadable_stored_book_is_skipped_then_kept_aside(
     assert len(_warnings(caplog)) == 1
 
 
+def test_one_unreadable_key_is_skipped_then_replaced_never_the_fleets_other_keys(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One key's field goes bad (a newer tunebook's entry, a hand edit): reads skip that key
+    # only, and the next merge of the key keeps the bad value aside and writes over it. The
+    # fleet's other keys stay where they are (the whole hash was once renamed aside for it).
+    import redis
+
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    store = RedisStore(server.url, **PATIENT)
+    good, spoiled = _doc(64, {16: 1.0}), _doc(128, {16: 2.0})
+    assert store.merge(FILE, good) is not None and store.merge(FILE, spoiled) is not None
+    raw = redis.Redis.from_url(server.url)
+    (bad_key,) = spoiled.entries
+    raw.hset(KEY_PREFIX + FILE, bad_key, "{not json")
+    fetched = store.fetch(FILE, [*good.entries, bad_key])
+    assert fetched is not None and list(fetched.entries) == list(good.entries)
+    assert store.merge(FILE, _doc(128, {32: 3.0})) is not None
+    everything = store.fetch(FILE)
+    assert everything is not None and sorted(everything.entries) == sorted([*good.entries, bad_key])
+    assert (
+        everything.entries[bad_key].best(list(everything.entries[bad_key].results)) == "BLOCK=32|num_warps=4"
+    )
+    assert raw.hvals(KEY_PREFIX + FILE + ":corrupt-keys") == [b"{not json"]
+    assert raw.keys(KEY_PREFIX + FILE + ":corrupt-2*") == []  # the hash itself was not renamed
+    assert len(_warnings(caplog)) == 1
+
+
+def test_two_unreadable_books_kept_aside_in_one_second_are_both_kept(server: RedisServer) -> None:
+    import redis
+
+    raw = redis.Redis.from_url(server.url)
+    store = RedisStore(server.url, **PATIENT)
+    for _ in range(2):
+        raw.hset(KEY_PREFIX + FILE, mapping={"meta": "{not json", "[64]": "[]"})
+        assert store.merge(FILE, _doc(64, {16: 1.0})) is not None
+        raw.delete(KEY_PREFIX + FILE)
+    assert len(raw.keys(KEY_PREFIX + FILE + ":corrupt-*")) == 2  # RENAME would have replaced the first
+
+
 def test_a_key_of_another_type_fails_the_call_not_the_store(server: RedisServer) -> None:
     import redis
 

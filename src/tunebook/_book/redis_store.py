@@ -53,7 +53,7 @@ from .._jsonio import strict_loads
 from .._optional import install_line, require
 from .._warnings import warn_once
 from .files import MAX_BOOK_BYTES
-from .records import FORMAT, VERSION, Document
+from .records import FORMAT, VERSION, Document, Entry
 
 log = logging.getLogger("tunebook")
 
@@ -340,30 +340,32 @@ class RedisStore:
         return {n.encode(): v for n, v in zip(names, values) if v is not None}
 
     def _load(self, fields: dict[bytes, bytes], file_name: str) -> Document | None:
-        """A stored hash as a validated Document; None if empty or unreadable (warned once)."""
+        """A stored hash as a validated Document; None if empty or its meta is unreadable."""
+        return self._parse(fields, file_name)[0]
+
+    def _parse(self, fields: dict[bytes, bytes], file_name: str) -> tuple[Document | None, list[bytes]]:
+        """(the stored hash as a validated Document, or None if it is empty or its ``meta`` is
+        unreadable; the fields of keys that could not be read). An unreadable key's field is
+        left out of the document, never the hash's other keys (warned once each way)."""
         if not fields:
-            return None
+            return None, []
+        # ValueError covers BookFormatError, bad JSON and bad UTF-8; OverflowError an integer
+        # beyond float range in a timing.
+        unreadable = (ValueError, OverflowError, RecursionError)
         try:
             meta = strict_loads(fields.get(_META.encode(), b"null"))
             if not isinstance(meta, dict):
                 raise BookFormatError("the 'meta' field is missing or not an object")
-            entries = {
-                name.decode("utf-8"): strict_loads(value)
-                for name, value in fields.items()
-                if name != _META.encode()
-            }
-            return Document.from_json(
+            doc = Document.from_json(
                 {
                     "format": FORMAT,
                     "version": VERSION,
                     "kernel": meta.get("kernel"),
                     "platform": meta.get("platform"),
-                    "entries": entries,
+                    "entries": {},
                 }
             )
-        # ValueError covers BookFormatError, bad JSON and bad UTF-8; OverflowError an integer
-        # beyond float range in a timing.
-        except (ValueError, OverflowError, RecursionError) as exc:
+        except unreadable as exc:
             self._warn(
                 f"read:{file_name}",
                 "tunebook: skipping the Redis book %s at %s: %s",
@@ -371,7 +373,26 @@ class RedisStore:
                 self.url,
                 exc,
             )
-            return None
+            return None, []
+        entries: dict[str, Entry] = {}
+        bad: list[bytes] = []
+        for name, value in fields.items():
+            if name == _META.encode():
+                continue
+            try:
+                text = name.decode("utf-8")
+                entries[text] = Entry.from_json(strict_loads(value), f"entries[{text!r}]")
+            except unreadable as exc:
+                bad.append(name)
+                self._warn(
+                    f"read:{file_name}:key",
+                    "tunebook: skipping the unreadable key %s of the Redis book %s at %s: %s",
+                    name.decode("utf-8", "replace"),
+                    file_name,
+                    self.url,
+                    exc,
+                )
+        return replace(doc, entries=entries), bad
 
     def _merge(self, client: Any, key: str, file_name: str, news: Document) -> Document | None:
         for _ in range(_MAX_TRIES):
@@ -379,12 +400,18 @@ class RedisStore:
                 try:
                     pipe.watch(key)
                     fields = self._fields(pipe, key, news.entries)  # the touched keys only
-                    stored = self._load(fields, file_name)
+                    stored, bad = self._parse(fields, file_name)
                     merged = news.merged_over(stored)
                     pipe.multi()
+                    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{random.getrandbits(32):08x}"
                     if fields and stored is None:
-                        # Unreadable: keep it for a human, as the file layer does, and start afresh.
-                        pipe.rename(key, f"{key}:corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+                        # The hash is not a readable book (its meta): keep it for a human, as the
+                        # file layer does, and start afresh. The name is unique: RENAME replaces.
+                        pipe.rename(key, f"{key}:corrupt-{stamp}")
+                    for name in bad:  # one unreadable key: kept aside, the news replaces it
+                        pipe.hset(
+                            f"{key}:corrupt-keys", f"{name.decode('utf-8', 'replace')}@{stamp}", fields[name]
+                        )
                     changed = {k: merged.entries[k] for k in news.entries}
                     mapping = {
                         k: json.dumps(e.to_json(), sort_keys=True, allow_nan=False)
