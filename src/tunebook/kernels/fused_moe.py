@@ -462,7 +462,7 @@ def _fused_moe(
     out = out if out is not None else torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0 or H == 0:
         return out
-    if inter == 0:
+    if inter == 0 or top_k == 0:  # no expert contributes: a sum of nothing
         return out.zero_()
     explicit = _explicit(config) if config is not None else None
     if align is None:
@@ -474,7 +474,8 @@ def _fused_moe(
     dot = dot_mode(x.dtype, fp32_precision)
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     y = out if top_k == 1 else torch.empty((n, H), dtype=x.dtype, device=x.device)
-    route_w = topk_weights.reshape(-1)
+    # Read as route_w + row: reshape keeps a column slice's stride (tw[:, :1]), so copy it.
+    route_w = topk_weights.reshape(-1).contiguous()
     routing = (sorted_ids, chunk_expert)  # num_padded: the kernels see padding in sorted_ids
     sizes1 = (T, inter, H, E, top_k, n, align, cap)  # M, N, K, E, TOP_K, num_valid, ALIGN, CAP
     sizes2 = (T, H, inter, E, top_k, n, align, cap)

@@ -49,7 +49,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import BOOKS_DIR, max_configs
+from ._common import BOOKS_DIR, check_out, max_configs
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -306,6 +306,9 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
                 f"linear: out must be {list(want)} of dtype {x.dtype} on {x.device}; found "
                 f"{list(out.shape)}, {out.dtype}, {out.device}"
             )
+        # As every op of the pack: no in-place updates (tuning reruns the kernel on the call's
+        # own arguments, and tiles of x would be read after others were overwritten).
+        check_out("linear", "out", out, want, x.dtype, {"x": x, "weight": weight, "bias": bias})
     if fp32_precision not in ("ieee", "tf32"):
         raise ValueError(f"linear: fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}")
 

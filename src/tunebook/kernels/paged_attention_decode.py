@@ -342,6 +342,7 @@ def _launch(
     batch, n_q, head_size = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
     table = a.rows_contiguous(block_table)
+    context_lens = context_lens.contiguous()  # read as lens + seq: a strided view would be misread
     block_g = a.dot_floor(n_q // n_kv)
     block_d = a.dot_floor(head_size)
     splits = max_splits(batch, n_kv, max_context_len) if config is None else int(config["SPLITS"])

@@ -394,6 +394,7 @@ def _rotary_embedding(
     qo3 = _out_view("out[0]", q_out, q3)
     ko3 = _out_view("out[1]", k_out, k3)
     cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    positions = positions.contiguous()  # the kernel reads token i's position at positions + i
     n_q, n_k = q3.shape[1], k3.shape[1]
     half = rotary_dim // 2
     tail = head_size - rotary_dim

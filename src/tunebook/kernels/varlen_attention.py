@@ -384,9 +384,11 @@ def _launch(
     table and prefix lengths, or None."""
     n_q, n_kv, head_size = q.shape[1], k.shape[1], q.shape[2]
     batch = cu_seqlens_q.shape[0] - 1
+    # Read as ptr + i by the kernel: a strided view would be misread (or read out of bounds).
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if paged is not None:
         kc, vc, table, prefix = paged
-        table = a.rows_contiguous(table)
+        table, prefix = a.rows_contiguous(table), prefix.contiguous()
         page = kc.shape[1]
         cache_args = (kc, *kc.stride()[:3], vc, *vc.stride()[:3], table, table.stride(0), prefix)
     else:  # never read: HAS_PREFIX is off

@@ -1,0 +1,90 @@
+"""Arguments laid out as callers hand them over: index tensors that are strided views, a
+column of the routing weights, no expert per token, an output that aliases an input. Each
+op's result equals the one for the same values laid out plainly (which its own test file
+checks against PyTorch), or the call is refused with a clear error; a kernel never reads a
+strided view as if it were contiguous (which once gave wrong results, and a lengths tensor
+read that way ran past the block table)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunebook.kernels import fused_moe, linear, paged_attention_decode, rotary_embedding, varlen_attention
+from tunebook.kernels.rotary_embedding import cos_sin_cache
+
+
+def _every_other(values: list[int], filler: int) -> torch.Tensor:
+    """``values`` as a strided view (stride 2) over a buffer whose other slots hold ``filler``."""
+    buffer = torch.full((2 * len(values),), filler, dtype=torch.int64)
+    buffer[::2] = torch.tensor(values)
+    view = buffer[::2]
+    assert not view.is_contiguous()
+    return view
+
+
+def test_rotary_reads_positions_given_as_a_strided_view() -> None:
+    torch.manual_seed(0)
+    q, k, cache = torch.randn(4, 2, 16), torch.randn(4, 1, 16), cos_sin_cache(16, 64)
+    positions = _every_other([3, 7, 11, 20], filler=0)
+    for got, want in zip(
+        rotary_embedding(q, k, positions, cache), rotary_embedding(q, k, positions.contiguous(), cache)
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_paged_decode_reads_context_lengths_given_as_a_strided_view() -> None:
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(4, 16, 1, 64), torch.randn(4, 16, 1, 64)
+    q, table = torch.randn(2, 2, 64), torch.tensor([[3, 0], [1, 2]])
+    lengths = _every_other([20, 5], filler=99)  # 99 read as a length would run past the table
+    got = paged_attention_decode(q, k_cache, v_cache, table, lengths, max_context_len=20)
+    want = paged_attention_decode(q, k_cache, v_cache, table, lengths.contiguous(), max_context_len=20)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_varlen_reads_offsets_and_prefix_lengths_given_as_strided_views() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 2, 16), torch.randn(5, 1, 16), torch.randn(5, 1, 16)
+    offsets = _every_other([0, 3, 5], filler=9)  # 9 read as an offset would write out of bounds
+    got = varlen_attention(q, k, v, offsets, offsets, max_seqlen_q=3, max_seqlen_k=3)
+    plain = offsets.contiguous()
+    torch.testing.assert_close(got, varlen_attention(q, k, v, plain, plain, max_seqlen_q=3, max_seqlen_k=3))
+    k_cache, v_cache, table = (
+        torch.randn(4, 16, 1, 16),
+        torch.randn(4, 16, 1, 16),
+        torch.tensor([[3, 0], [1, 2]]),
+    )
+    prefix = _every_other([10, 4], filler=77)
+    paged = {"k_cache": k_cache, "v_cache": v_cache, "block_table": table}
+    got = varlen_attention(q, k, v, plain, plain, prefix_lens=prefix, **paged)
+    want = varlen_attention(q, k, v, plain, plain, prefix_lens=prefix.contiguous(), **paged)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _moe_inputs() -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    tokens, hidden, inter, experts = 5, 40, 24, 6
+    x = torch.randn(tokens, hidden)
+    w13, w2 = torch.randn(experts, 2 * inter, hidden) / 6, torch.randn(experts, hidden, inter) / 5
+    ids = torch.tensor([[0, 2], [2, 0], [5, 2], [0, 5], [2, 0]])
+    return x, w13, w2, torch.rand(tokens, 2), ids
+
+
+def test_fused_moe_reads_routing_weights_given_as_a_column_of_a_wider_tensor() -> None:
+    x, w13, w2, weights, ids = _moe_inputs()
+    column = weights[:, :1]  # stride (2, 1): reshape(-1) keeps the stride instead of copying
+    got = fused_moe(x, w13, w2, column, ids[:, :1].contiguous())
+    torch.testing.assert_close(got, fused_moe(x, w13, w2, column.contiguous(), ids[:, :1].contiguous()))
+
+
+def test_fused_moe_with_no_expert_per_token_returns_zeros_not_uninitialised_memory() -> None:
+    x, w13, w2, _, _ = _moe_inputs()
+    none = fused_moe(x, w13, w2, torch.zeros(5, 0), torch.zeros(5, 0, dtype=torch.int64))
+    assert torch.equal(none, torch.zeros_like(x))
+
+
+def test_linear_refuses_an_output_that_aliases_its_input() -> None:
+    x, w = torch.randn(4, 64), torch.randn(64, 64)
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        linear(x, w, out=x)
