@@ -340,6 +340,35 @@ def test_merge_is_idempotent_and_merges_into_an_existing_output(book_dir: Path, 
     assert [book_bytes(p) for p in book_files(out)] == direct
 
 
+def test_merge_into_a_book_keeps_the_files_it_could_not_read(book_dir: Path, tmp_path: Path) -> None:
+    # A key file written by a newer tunebook, and a format-1 file of a newer format under
+    # the page's name, are skipped by the reader: merging into that book leaves them there.
+    from tunebook._book import pagedir
+
+    a, _ = _two_books(book_dir, tmp_path)
+    out = tmp_path / "out"
+    invoke("merge", a, "-o", out)
+    (page,) = book_files(out)
+    newer_key = page / "7.json"
+    newer_key.write_text(json.dumps({"format": "tunebook-entry", "version": pagedir.VERSION + 1, "key": [7]}))
+    newer_file = page.with_name(page.name + ".json")
+    newer_file.write_text(json.dumps({"format": "tunebook-book", "version": 99}))
+    res = invoke("merge", a, "-o", out)
+    assert "newer tunebook" in res.output
+    assert newer_key.exists() and newer_file.exists()
+    merged = read_document(page)
+    assert merged is not None and merged.dumps() == the_doc(a).dumps()  # every key merged is there
+
+
+def test_merge_and_diff_of_books_with_no_readable_file_are_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x--0123456789abcdef--cpu--fedcba9876543210.json").write_text("{not json")
+    assert "no readable book file" in invoke("merge", bad, "-o", tmp_path / "out", ok=False).output
+    assert not (tmp_path / "out").exists()
+    assert "no readable book file" in invoke("diff", bad, bad, ok=False).output
+
+
 def test_merge_in_a_subprocess(book_dir: Path, tmp_path: Path) -> None:
     a, b = _two_books(book_dir, tmp_path)
     proc = python_m_tunebook("merge", a, b, "-o", tmp_path / "sub")
@@ -630,6 +659,40 @@ def test_prune_drops_old_kernel_versions_and_corrupt_leftovers(book_dir: Path, t
     text = invoke("prune", "--keep", module).stdout
     assert "dropped 2 files" in text and "old version of add_kernel" in text
     assert current.exists() and other.exists() and not old.exists() and not leftover.exists()
+
+
+def test_prune_leaves_foreign_pages_and_drops_copies_kept_aside_inside_pages(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    # A ".foreign-*" page is a readable book of another kernel under this name: not prune's to
+    # delete. A key file a write kept aside inside its page is listed by show and pruned.
+    tune_add()
+    (page,) = book_files(book_dir)
+    foreign = book_dir / f"other_kernel--{'1' * 16}--cpu--{'2' * 16}.foreign-20260101T000000-1"
+    foreign.mkdir()
+    (foreign / "page.json").write_text("{}")
+    inside = page / "100,'torch.float32','torch.float32','torch.float32'.json.corrupt-20260101T000000-1"
+    inside.write_text("junk")
+    assert str(inside) in invoke("show", book_dir).stdout
+    text = invoke("prune", "--keep", module_file(tmp_path)).stdout
+    assert "dropped 1 files" in text and foreign.exists() and not inside.exists()
+
+
+def test_prune_that_cannot_delete_says_so_and_fails(book_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    tune_add()
+    doc = the_doc(book_dir)
+    old = write_doc(book_dir, replace(doc, kernel={**doc.kernel, "hash": "1" * 64}))
+
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    monkeypatch.setattr(Path, "unlink", refuse)
+    res = invoke("prune", "--keep", module_file(tmp_path), ok=False)
+    assert "could not delete 1 of 1 files (0 dropped)" in res.output and "Permission denied" in res.output
+    assert "dropped 1" not in res.output and old.exists()
 
 
 def test_prune_needs_modules_with_kernels(tmp_path: Path) -> None:

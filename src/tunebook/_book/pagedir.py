@@ -419,9 +419,13 @@ def merge_entries(
 def replace_page(
     directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry], lock_wait_s: float
 ) -> None:
-    """Make the page hold exactly ``entries`` (the command line's writes: it has decided the
-    content). Each key's file is replaced atomically under its lock (filelock's Timeout, a
-    TimeoutError, past ``lock_wait_s``); keys not in ``entries`` are removed."""
+    """Write ``entries`` into the page as the command line decided them (it has read the page
+    and merged what it holds: what is on disk does not stand). Each key's file is replaced
+    atomically under its lock (filelock's Timeout, a TimeoutError, past ``lock_wait_s``);
+    news pending for the key (a live autotuner's, perhaps newer than the caller's read) is
+    folded in under the entry, which stands. Nothing else is removed: a key file the caller
+    did not hold (another key, written meanwhile; a newer tunebook's) stays, an unreadable
+    one is kept aside, and only a second file for a written key (an older naming) goes."""
     from filelock import FileLock
 
     ensure_page(directory, meta)
@@ -431,11 +435,23 @@ def replace_page(
         name = key_file_name(text)
         keep.add(name)
         with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
+            pending = _pending(directory, name)
+            for path in pending:
+                news = _entry_of(path, meta, text)
+                if news is not None:
+                    entry = news[1].merged_over(entry)
             _write(directory / name, entry_text(entry, meta), tmp)
+            for path in pending:
+                with contextlib.suppress(OSError):
+                    path.unlink()
     for name in os.listdir(directory):
-        if name.endswith(".json") and name != PAGE_FILE and name not in keep:
-            with contextlib.suppress(OSError):
-                (directory / name).unlink()
-    for path in (directory / HIDDEN / "pending").glob("*.json"):
-        with contextlib.suppress(OSError):
-            path.unlink()
+        if not name.endswith(".json") or name == PAGE_FILE or name in keep:
+            continue
+        found = _entry_of(directory / name, meta, None)
+        if found is not None:
+            if found[0] in entries:  # the same key under another name
+                with contextlib.suppress(OSError):
+                    (directory / name).unlink()
+            continue
+        with contextlib.suppress(LeaveAlone):  # a newer tunebook's file is left as it is
+            _make_room(directory / name, ENTRY_FORMAT)

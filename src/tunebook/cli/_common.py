@@ -17,7 +17,7 @@ from rich.console import Console
 
 from .. import _settings
 from .._book import pagedir
-from .._book.files import LOCK_TIMEOUT_S
+from .._book.files import LOCK_TIMEOUT_S, read_book_file
 from .._book.records import Document
 from ._load import Loaded, Page, load
 
@@ -224,16 +224,21 @@ def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def write_document(path: Path, doc: Document) -> None:
-    """Make the page that ``path`` names (a format-1 file name) hold exactly ``doc``, written
-    in format 2: each key's file replaced atomically, keys not in ``doc`` removed, and a
-    format-1 file at ``path`` removed once its page is written (this is how a book of
-    format 1 is rewritten in format 2: ``tunebook merge OLD -o NEW``).
+    """Write ``doc`` into the page that ``path`` names (a format-1 file name), in format 2:
+    each key's file replaced atomically (``pagedir.replace_page``: files the caller did not
+    read stay), and a format-1 file at ``path`` removed once its page is written, if it was
+    readable and every key it holds is in ``doc`` (this is how a book of format 1 is
+    rewritten in format 2: ``tunebook merge OLD -o NEW``); an unreadable one (a newer
+    tunebook's, say) stays for a person.
 
-    Unlike the library's merge-on-write, the CLI has already decided the full content
-    (by measurement, or by replacing imported keys), so what is on disk does not stand.
+    Unlike the library's merge-on-write, the CLI has already decided the content of the
+    keys it writes (by measurement, or by replacing imported keys): what is on disk does
+    not stand over it.
     """
     directory = path.parent / pagedir.page_dir_name(path.name)
     meta = {"kernel": doc.kernel, "platform": doc.platform}
     pagedir.replace_page(directory, meta, doc.entries, LOCK_TIMEOUT_S)
     if path.is_file() and not path.is_symlink():
-        path.unlink()
+        old, _ = read_book_file(path)
+        if old is not None and set(old.entries) <= set(doc.entries):
+            path.unlink()

@@ -173,6 +173,14 @@ def _natural(text: str) -> tuple[Any, ...]:
     return (0, key_order(key)) if isinstance(key, list) else (1, ())
 
 
+def _kept_aside(page: Path) -> list[Path]:
+    """The ``*.corrupt-*`` copies a write kept aside inside a page (none if it cannot be listed)."""
+    try:
+        return sorted(f for f in page.iterdir() if ".corrupt-" in f.name)
+    except OSError:
+        return []
+
+
 def _is_page_dir(path: Path) -> bool:
     return path.is_dir() and (path / pagedir.PAGE_FILE).exists()
 
@@ -207,6 +215,8 @@ def load(source: Path, stream: bool = False) -> Loaded:
             f"no book at {source}: it is neither a directory nor a file. Pass a book directory "
             "(e.g. the TUNEBOOK_DIR of the machine that tuned) or one book .json file."
         )
+    # A write keeps an unreadable key file (or page.json) aside inside its page, too.
+    loaded.leftovers += [f for page in pages for f in _kept_aside(page)]
     for path in candidates:
         doc, why = parse_file(path)
         if doc is None:

@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from ._common import echo_json, load_or_fail, out, warn_skipped
+from ._common import echo_json, load_or_fail, out, select_pages, warn_skipped
 from ._load import Page
 from ._summary import fmt_key, fmt_time, is_recorded_miss, miss_hint, short_config
 
@@ -234,6 +234,7 @@ def command(
         la, lb = load_or_fail(a), load_or_fail(b)
         warn_skipped(la)
         warn_skipped(lb)
+        select_pages(la), select_pages(lb)  # a book with no readable book file is an error
         data = diff_data(la.pages, lb.pages, by_platform=False, threshold=threshold)
         names = (str(a), str(b))
     if as_json:

@@ -29,7 +29,16 @@ import click
 
 from .._book import pagedir
 from .._book.records import Document, Entry, Result
-from ._common import existing_parent, load_or_fail, out, output_option, warn_skipped, write_document, writing
+from ._common import (
+    existing_parent,
+    load_or_fail,
+    out,
+    output_option,
+    select_pages,
+    warn_skipped,
+    write_document,
+    writing,
+)
 from ._load import canonical_file_name, identity_of, platform_id_of
 
 
@@ -130,6 +139,8 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
     for source in sources:
         loaded = load_or_fail(source)
         warn_skipped(loaded)
+        if source in books:
+            select_pages(loaded)  # an input with no readable book file is an error (docs/cli.md)
         docs += [page.doc for page in loaded.pages]
     merged = merge_all(docs)
     console = out()

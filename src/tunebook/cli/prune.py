@@ -73,19 +73,36 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
                     f"current {', '.join(sorted(current))})",
                 )
             )
-    doomed += [(path, "unreadable book kept aside by an earlier write") for path in loaded.leftovers]
+    # Copies of unreadable files kept aside by a write (beside the pages, or in one); a
+    # ``.foreign-*`` page is a readable book of another kernel under this name: left alone.
+    doomed += [
+        (path, "unreadable book kept aside by an earlier write")
+        for path in loaded.leftovers
+        if ".corrupt-" in path.name
+    ]
     console = out()
     verb = "would drop" if dry_run else "dropped"
+    failed: list[str] = []
     for path, why in doomed:
         if not dry_run:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)  # a format-2 page, its locks and pending news
-            else:
-                path.unlink(missing_ok=True)
-                # The lock older tunebooks kept beside a format-1 file: no owner left. Unlinking
-                # removes a planted symbolic link itself, never its target.
-                Path(str(path) + ".lock").unlink(missing_ok=True)
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)  # a format-2 page, its locks and pending news
+                else:
+                    path.unlink(missing_ok=True)
+                    # The lock older tunebooks kept beside a format-1 file: no owner left.
+                    # Unlinking removes a planted symbolic link itself, never its target.
+                    Path(str(path) + ".lock").unlink(missing_ok=True)
+            except OSError as exc:
+                failed.append(f"{path}: {exc.strerror or exc}")
+                continue
         console.print(f"{verb} {escape(str(path))}: {escape(why)}")
+    if failed:  # one error line, and a failing exit status: never "dropped" for what stayed
+        raise click.ClickException(
+            f"could not delete {len(failed)} of {len(doomed)} files ({len(doomed) - len(failed)} dropped): "
+            f"{'; '.join(failed[:3])}{'; ...' if len(failed) > 3 else ''}. Check the permissions of "
+            f"{loaded.source} (or who holds those files) and run prune again."
+        )
     console.print(
         f"{verb} {len(doomed)} files; kept {kept} current files of {len(ids)} kernels"
         f"{'' if not dry_run else ' (dry run: nothing deleted)'}"
