@@ -315,13 +315,11 @@ class Autotuner(_compat.TritonAutotuner):
     ) -> tuple[Any, list[int]]:
         """Settle a book answer found without listing the Space, as ``_decide`` settles one;
         the call's candidates, for ``configs_timings``, are the results it allows."""
-        assert self.space is not None
-        allowed = {cid: self.config_index.from_space(self.space, c) for cid, c in choice.allowed.items()}
         _stats.add("book_hits")
-        config = allowed[choice.cid]
+        config = choice.allowed[choice.cid]
         dict.__setitem__(self._cache, key, config)
         resolution = _miss.Resolution(choice.cid, "book", choice.entry)
-        return self._settle(call, key, config, resolution, list(allowed.values()))
+        return self._settle(call, key, config, resolution, list(choice.allowed.values()))
 
     def _decide(self, call: Call, key: tuple[Any, ...], candidates: list[Any]) -> tuple[Any, list[int]]:
         """Resolve a miss (``_miss.py``) and settle it, as Triton's Autotuner.run settles a tuning."""

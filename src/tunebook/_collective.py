@@ -188,10 +188,10 @@ class Lead:
         parts = self.deal(indices)
         dealt = {str(r): [self.ids[i] for i in part] for r, part in parts.items() if r != 1 and part}
         self.store.set(self.ns + f"batch/{b}", json.dumps({"full": full, "parts": dealt}))
-        begun = time.monotonic()
-        out = here(parts.get(1, []), full)
+        begun, mine = time.monotonic(), parts.get(1, [])
+        out = here(mine, full)
         own = time.monotonic() - begun
-        trace("measure", own, batch=b, full=full, configs=len(parts.get(1, [])), dealt=len(indices))
+        trace("measure", own, batch=b, full=full, configs=len(mine), dealt=len(indices))
         deadline = time.monotonic() + late_after(own)
         for r, part in parts.items():
             if r != 1 and part:

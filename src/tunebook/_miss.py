@@ -106,12 +106,12 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
 @dataclass(frozen=True)
 class BookChoice:
     """A key the book answers in ``serve`` mode, found without listing the kernel's Space:
-    the chosen config's id, the entry, and the results this call allows (config id -> Space
-    candidate, in the order the Space lists them)."""
+    the chosen config's id, the entry, and the results this call allows (config id -> the
+    Space point's Config, in the order the Space lists them)."""
 
     cid: str
     entry: Entry
-    allowed: dict[str, dict[str, Any]]
+    allowed: dict[str, Any]
 
 
 def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoice | None:
@@ -134,7 +134,7 @@ def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoic
     if entry is None or not entry.chosen:
         return None
     platform, named, index = page.platform, call.named, tuner.config_index
-    allowed: list[tuple[int, str, dict[str, Any]]] = []
+    allowed: list[tuple[int, str, Any]] = []
     for cid, result in entry.results.items():
         point = space.point_of(result.config)
         if point is None or not platform_allows(point[1], platform) or not space.allows_args(point[1], named):
@@ -143,14 +143,15 @@ def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoic
         # the Space does not list (``num_ctas: 1``, as older records stored Triton's default),
         # and a result measured at ``num_warps=8`` must not stand for the Space's point that
         # launches Triton's default, which the full path would name otherwise.
-        if index.id_of(index.from_space(space, point[1])) == cid:
-            allowed.append((point[0], cid, point[1]))
-    allowed.sort()
+        config = index.from_space(space, point[1])
+        if index.id_of(config) == cid:
+            allowed.append((point[0], cid, config))
+    allowed.sort(key=lambda a: a[0])
     ids = [cid for _, cid, _ in allowed]
     best = entry.best(ids) if _policy.chosen_among(entry, ids) else None
     if best is None:
         return None
-    return BookChoice(best, entry, {cid: candidate for _, cid, candidate in allowed})
+    return BookChoice(best, entry, {cid: config for _, cid, config in allowed})
 
 
 def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:

@@ -79,13 +79,12 @@ def key_file_name(key_text: str) -> str:
     '[4096,128,"torch.float16"]'
     """
     inner = key_text[1:-1] if key_text.startswith("[") and key_text.endswith("]") else key_text
-    hashed = "#" + hashlib.sha256(key_text.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".json"
     try:
         name = urllib.parse.quote(inner, safe=_SAFE).replace("%22", "'") + ".json"
     except UnicodeEncodeError:  # a lone surrogate (from a file name that is not UTF-8): hashed
-        return hashed
-    if len(name.encode()) > 200 or name.startswith(".") or name == PAGE_FILE:
-        return hashed
+        name = ""
+    if not name or len(name.encode()) > 200 or name.startswith(".") or name == PAGE_FILE:
+        return "#" + hashlib.sha256(key_text.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".json"
     return name
 
 
@@ -186,13 +185,16 @@ def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry |
 
 
 def _read_key(directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]) -> Entry | None:
-    name = key_file_name(key_text)
-    found = _entry_of(directory / name, meta, key_text)
-    entry = found[1] if found is not None else None
+    found = _entry_of(directory / key_file_name(key_text), meta, key_text)
+    return _folded(found[1] if found is not None else None, pending, meta, key_text)
+
+
+def _folded(entry: Entry | None, pending: list[Path], meta: Mapping[str, Any], key_text: str) -> Entry | None:
+    """``entry`` with the key's pending news folded in under it (``entry`` stands)."""
     for path in pending:
         news = _entry_of(path, meta, key_text)
         if news is not None:
-            entry = news[1].merged_over(entry)  # what the key's file holds stands
+            entry = news[1].merged_over(entry)
     return entry
 
 
@@ -436,11 +438,9 @@ def replace_page(
         keep.add(name)
         with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
             pending = _pending(directory, name)
-            for path in pending:
-                news = _entry_of(path, meta, text)
-                if news is not None:
-                    entry = news[1].merged_over(entry)
-            _write(directory / name, entry_text(entry, meta), tmp)
+            decided = _folded(entry, pending, meta, text)
+            assert decided is not None
+            _write(directory / name, entry_text(decided, meta), tmp)
             for path in pending:
                 with contextlib.suppress(OSError):
                     path.unlink()

@@ -234,7 +234,8 @@ def command(
         la, lb = load_or_fail(a), load_or_fail(b)
         warn_skipped(la)
         warn_skipped(lb)
-        select_pages(la), select_pages(lb)  # a book with no readable book file is an error
+        for loaded in (la, lb):
+            select_pages(loaded)  # a book with no readable book file is an error
         data = diff_data(la.pages, lb.pages, by_platform=False, threshold=threshold)
         names = (str(a), str(b))
     if as_json:

@@ -199,9 +199,14 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.extend(ids)
+        return self._take(final=False)
+
+    def _take(self, final: bool) -> str:
+        """Decode the text the ids added since the last complete text, and release it; unless
+        ``final``, wait while it ends in half a character (the rest of its bytes may come)."""
         full = self.tokenizer.decode(self.ids[self._prefix :])
-        if full.endswith("\ufffd") or len(full) <= len(self._seen):
-            return ""  # half a character: wait for the rest of its bytes
+        if len(full) <= len(self._seen) or (not final and full.endswith("\ufffd")):
+            return ""
         self.pending += full[len(self._seen) :]
         self._prefix, self._read = self._read, len(self.ids)
         self._seen = self.tokenizer.decode(self.ids[self._prefix : self._read])
@@ -236,12 +241,7 @@ class TextStream:
         """
         if self.stopped:
             return ""
-        full = self.tokenizer.decode(self.ids[self._prefix :])
-        if len(full) > len(self._seen):
-            self.pending += full[len(self._seen) :]
-            self._prefix = self._read = len(self.ids)
-            self._seen = ""
-        delta = self._release()  # a stop string may still complete in the held-back text
+        delta = self._take(final=True)  # a stop string may still complete in it
         if self.stopped:
             return delta
         rest, self.pending = self.pending, ""
