@@ -114,6 +114,7 @@ def measure(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     import torch.nn.functional as F
 
     import tunebook
+    from tunebook.kernels._linear_tma import MIN_M, default_linear_tma_config
     from tunebook.kernels.linear import default_linear_config, linear
 
     rows = []
@@ -122,7 +123,8 @@ def measure(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         copies = 1 if args.dry_run else max(1, min(64, math.ceil(COPY_BYTES / (n * k * 2))))
         for m in ms:
             x, ws = make_inputs(m, n, k, copies, device)
-            rule = default_linear_config(m, n, k)
+            # What serve mode launches without a book: the TMA kernel's rule from MIN_M rows.
+            rule = default_linear_config(m, n, k) if m < MIN_M else default_linear_tma_config()
             fallbacks = tunebook.stats()["fallbacks"]
             variants = {
                 "tunebook": Variant(cycling(ws, lambda w, x=x: linear(x, w))),

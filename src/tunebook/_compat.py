@@ -109,6 +109,19 @@ def triton_version() -> str:
     return TRITON_VERSION
 
 
+def ensure_allocator(allocator: Callable[[int, int, Any], Any]) -> None:
+    """Install ``allocator`` as Triton's launch-time scratch allocator (kernels that build
+    tensor descriptors on the device need one) unless one is set already: an application's
+    own stays. Triton 3.4 keeps it in a module global, later releases in a ContextVar (so a
+    new thread starts without one, and this runs before every such launch)."""
+    from triton.runtime import _allocation
+
+    holder = _allocation._allocator
+    current = holder.get() if hasattr(holder, "get") else holder
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(allocator)
+
+
 def interpreting() -> bool:
     """Whether triton.jit builds interpreter functions (TRITON_INTERPRET=1)."""
     knobs = getattr(triton, "knobs", None)

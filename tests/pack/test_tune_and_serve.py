@@ -101,7 +101,7 @@ def test_open_books_opens_every_kernels_page_so_a_first_call_hashes_no_source(mo
     monkeypatch.setenv("TUNEBOOK_MODE", "off")  # no kernel reads a book: none is opened
     assert k.open_books() == 0
     monkeypatch.delenv("TUNEBOOK_MODE")
-    assert k.open_books() == len(_common.kernels()) == 9  # two kernels for fused_moe, one per other op
+    assert k.open_books() == len(_common.kernels()) == 10  # two each for fused_moe and linear
     assert all(kernel._page is not None for kernel in _common.kernels())
 
     def refuse(fn):
@@ -125,7 +125,7 @@ def test_every_shipped_result_is_a_point_of_its_kernels_space_with_its_own_id(re
 
     tuners = {kernel.label.replace(".", "-"): kernel for kernel in _common.kernels()}
     pages = [p for p in _common.BOOKS_DIR.iterdir() if p.is_dir()]
-    assert len(pages) == len(tuners) == 9
+    assert len(pages) == len(tuners) == 10
     checked, wrong = 0, []
     for page in pages:
         kernel = tuners[page.name.split("--")[0]]

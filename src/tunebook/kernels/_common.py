@@ -157,10 +157,11 @@ def autotune(
 
 def kernels() -> list[tunebook.Autotuner]:
     """Every autotuned kernel of the pack: those of each op module (every public module of
-    the package is an op)."""
+    the package is an op) and of the private modules an op launches besides its own kernel
+    (``_linear_tma``)."""
     package = Path(__file__).parent
-    ops = [m.name for m in pkgutil.iter_modules([str(package)]) if not m.name.startswith("_")]
-    modules = [importlib.import_module(f"tunebook.kernels.{op}") for op in ops]
+    names = [m.name for m in pkgutil.iter_modules([str(package)]) if not m.name.startswith("__")]
+    modules = [importlib.import_module(f"tunebook.kernels.{name}") for name in names]
     return [v for m in modules for v in vars(m).values() if isinstance(v, tunebook.Autotuner)]
 
 

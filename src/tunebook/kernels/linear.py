@@ -49,6 +49,7 @@ import triton.language as tl
 
 import tunebook
 
+from . import _linear_tma
 from ._common import BOOKS_DIR, check_out, max_configs
 from ._gemm_common import (
     M_EDGES,
@@ -344,6 +345,11 @@ def linear(
     y2 = y.view(M, N)
     if K == 0:  # an empty sum: nothing to launch
         y2.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y2))
+        return y
+    if bias is not None:
+        bias = bias.contiguous()  # both kernels read it as contiguous (a no-op when it is)
+    if _linear_tma.usable(x2, weight, y2):
+        _linear_tma.launch(x2, weight, bias, y2, config)
         return y
     split = max_split_k(M, N, K) if config is None else int(config["SPLIT_K"])
     # Always real fp32/int32 buffers (tiny when unused): the key's dtypes never change.
