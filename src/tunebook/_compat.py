@@ -114,10 +114,12 @@ def ensure_allocator(allocator: Callable[[int, int, Any], Any]) -> None:
     tensor descriptors on the device need one) unless one is set already: an application's
     own stays. Triton 3.4 keeps it in a module global, later releases in a ContextVar (so a
     new thread starts without one, and this runs before every such launch)."""
+    import contextvars
+
     from triton.runtime import _allocation
 
     holder = _allocation._allocator
-    current = holder.get() if hasattr(holder, "get") else holder
+    current = holder.get() if isinstance(holder, contextvars.ContextVar) else holder
     if isinstance(current, _allocation.NullAllocator):
         triton.set_allocator(allocator)
 

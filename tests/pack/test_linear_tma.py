@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 
+from conftest import run_python
 from tunebook import _compat
 
 from .gemm_reference import assert_close, poisoned
@@ -39,15 +40,17 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append("tma")
         return real_launch(*args, **kwargs)
 
-    class SpyPointer:
-        fn = real_pointer.fn
+    class SpyPointer:  # the autotuner (book configs) and its .fn (explicit configs)
+        def __init__(self, real):
+            self.real = real
+            self.fn = SpyPointer(real.fn) if hasattr(real, "fn") else None
 
         def __getitem__(self, grid):
             seen.append("pointer")
-            return real_pointer[grid]
+            return self.real[grid]
 
     monkeypatch.setattr(tma, "launch", spy_launch)
-    monkeypatch.setattr(linear_mod, "_linear_kernel", SpyPointer())
+    monkeypatch.setattr(linear_mod, "_linear_kernel", SpyPointer(real_pointer))
     return seen
 
 
@@ -77,13 +80,27 @@ def test_explicit_configs(name, launches):
     assert_close(y, reference(x, w, b), FP16)
 
 
-def test_split_k_is_refused_with_the_reason():
-    x, w, _ = inputs(600, 48, 64, FP16, False)
-    config = {**CONFIGS["small"], "SPLIT_K": 2}
-    with pytest.raises(
-        ValueError, match="SPLIT_K=2 applies to calls of at most 64 rows; this call has M=600"
-    ):
-        linear(x, w, config=config)
+def test_a_split_k_config_takes_the_pointer_kernel(launches):
+    # The TMA kernel has no split-K: an explicit SPLIT_K > 1 names the pointer kernel at any M.
+    x, w, b = inputs(600, 48, 64, FP16, True, "split")
+    config = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2, num_warps=4, num_stages=2)
+    assert_close(linear(x, w, b, config=config), reference(x, w, b), FP16)
+    assert launches == ["pointer"]
+
+
+def test_a_config_without_split_k_runs_on_either_kernel(launches):
+    # The TMA kernel's rule has no SPLIT_K; where a call takes the pointer kernel it means 1.
+    x, w, b = inputs(600, 48, 64, torch.float32, True, "fp32")
+    assert_close(linear(x, w, b, config=tma.default_linear_tma_config()), reference(x, w, b), torch.float32)
+    assert launches == ["pointer"]
+
+
+@pytest.mark.parametrize("K", [16, 32])
+def test_a_short_k_still_has_a_config(K, launches):
+    # BLOCK_K 64 reads past K as zeros: the Space must not come up empty for LoRA-sized K.
+    x, w, b = inputs(600, 48, K, FP16, False, "short-k")
+    assert_close(linear(x, w, b), reference(x, w, b), FP16)
+    assert launches == ["tma"]
 
 
 def test_what_stays_on_the_pointer_kernel(launches):
@@ -98,6 +115,11 @@ def test_what_stays_on_the_pointer_kernel(launches):
         launches.clear()
         assert_close(linear(x, w, b), reference(x, w, b), x.dtype)
         assert launches == ["pointer"], name
+    x, w, _ = inputs(600, 48, 64, FP16, False, "expanded")
+    launches.clear()
+    repeated = x[:1].expand(600, 64)  # every row the same memory: stride 0
+    assert_close(linear(repeated, w), reference(repeated, w, None), FP16)
+    assert launches == ["pointer"]
     x, w, _ = inputs(600, 48, 64, FP16, False, "offset")
     shifted = torch.empty(600 * 64 + 1, dtype=FP16)[1:].view(600, 64)  # base 2 bytes past 16
     shifted.copy_(x)
@@ -149,8 +171,14 @@ def test_ensure_allocator_installs_one_only_where_none_is_set():
     def ours(size, alignment, stream):
         raise AssertionError("not called here")
 
-    def theirs(size, alignment, stream):
-        raise AssertionError("not called here")
+    class Theirs:  # with a `get` method of its own, as a pool allocator may have
+        def __call__(self, size, alignment, stream):
+            raise AssertionError("not called here")
+
+        def get(self, size):
+            raise AssertionError("not called here")
+
+    theirs = Theirs()
 
     try:
         triton.set_allocator(_allocation.NullAllocator())
@@ -161,3 +189,18 @@ def test_ensure_allocator_installs_one_only_where_none_is_set():
         assert current() is theirs  # an application's own allocator stays
     finally:
         triton.set_allocator(before)
+
+
+def test_importing_the_kernel_installs_the_allocator_for_launches_outside_linear():
+    # Tuning workers and sweeps launch the autotuner directly, never through linear().
+    out = run_python(
+        """
+        import json
+        from triton.runtime import _allocation
+        import tunebook.kernels.linear
+        holder = _allocation._allocator
+        current = holder.get() if hasattr(holder, "set") else holder
+        print(json.dumps({"null": isinstance(current, _allocation.NullAllocator)}))
+        """
+    )
+    assert out["null"] is False

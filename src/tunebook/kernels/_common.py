@@ -157,11 +157,10 @@ def autotune(
 
 def kernels() -> list[tunebook.Autotuner]:
     """Every autotuned kernel of the pack: those of each op module (every public module of
-    the package is an op) and of the private modules an op launches besides its own kernel
-    (``_linear_tma``)."""
+    the package is an op; a kernel kept in a private module is named in its op's module)."""
     package = Path(__file__).parent
-    names = [m.name for m in pkgutil.iter_modules([str(package)]) if not m.name.startswith("__")]
-    modules = [importlib.import_module(f"tunebook.kernels.{name}") for name in names]
+    ops = [m.name for m in pkgutil.iter_modules([str(package)]) if not m.name.startswith("_")]
+    modules = [importlib.import_module(f"tunebook.kernels.{op}") for op in ops]
     return [v for m in modules for v in vars(m).values() if isinstance(v, tunebook.Autotuner)]
 
 

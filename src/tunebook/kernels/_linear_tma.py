@@ -73,7 +73,8 @@ def _fits(c: Mapping[str, Any]) -> bool:
 def _fits_call(c: Mapping[str, Any], args: Mapping[str, Any]) -> bool:
     """No tile dimension beyond what the problem fills; no deeper pipeline than K steps."""
     K = args["K"]
-    if c["BLOCK_N"] > max(64, pow2_at_least(args["N"])) or c["BLOCK_K"] > max(32, pow2_at_least(K)):
+    # The smallest tiles always fit: TMA reads rows and columns past the matrix as zero.
+    if c["BLOCK_N"] > max(64, pow2_at_least(args["N"])) or c["BLOCK_K"] > max(64, pow2_at_least(K)):
         return False
     return c["num_stages"] <= max(2, -(-K // c["BLOCK_K"]) + 1)
 
@@ -167,9 +168,12 @@ def _linear_tma_kernel(
 
 @functools.lru_cache(maxsize=16)
 def _has_tma(device_index: int) -> bool:
+    """An NVIDIA GPU of the generations this kernel was written and sized for: Hopper (9.x)
+    and datacenter Blackwell (10.x), ~228 KB of shared memory a block. ROCm reports its own
+    gfx numbers as capabilities (MI300: 9.4); consumer Blackwell (12.x) has ~100 KB."""
     import torch
 
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] in (9, 10)
 
 
 @functools.lru_cache(maxsize=16)
@@ -179,43 +183,59 @@ def _programs(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
+def _index(device: Any) -> int:
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def usable(x: Any, weight: Any, y: Any) -> bool:
     """Whether a call ``y = x @ weight.T`` (2-D views) takes this kernel: enough rows, 16-bit
-    floats, rows contiguous and 16-byte aligned (TMA's rule), and a GPU with TMA; in the CPU
-    interpreter, where the tests run it, fp16 only."""
+    floats, rows contiguous, distinct and 16-byte aligned (TMA's rule), and a GPU with TMA; in
+    Triton's interpreter, where the tests run it, fp16 only."""
     import torch
 
     if x.shape[0] < MIN_M or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    on_gpu = x.device.type == "cuda"
-    if not on_gpu and (not _compat.interpreting() or x.dtype != torch.float16):
-        return False  # Triton's interpreter (3.4-3.9) misreads bf16 through a tensor descriptor
-    # Triton 3.4's interpreter checks a stride's alignment in elements, not bytes: ask for both.
-    stride_align = _ALIGN if on_gpu else _ALIGN * x.element_size()
+    if _compat.interpreting():
+        if x.dtype != torch.float16:
+            return False  # the interpreter (3.4-3.9) misreads bf16 through a tensor descriptor
+        stride_align = _ALIGN * x.element_size()  # 3.4's interpreter checks it in elements
+    elif x.device.type != "cuda" or not _has_tma(_index(x.device)):
+        return False
+    else:
+        stride_align = _ALIGN
     for t in (x, weight, y):
-        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % stride_align or t.data_ptr() % _ALIGN:
+        if t.stride(1) != 1 or t.stride(0) < t.shape[1]:  # not row-major (or rows repeated)
             return False
-    return not on_gpu or _has_tma(
-        x.device.index if x.device.index is not None else torch.cuda.current_device()
-    )
+        if (t.stride(0) * t.element_size()) % stride_align or t.data_ptr() % _ALIGN:
+            return False
+    return True
 
 
 def _allocate(size: int, alignment: int, stream: Any) -> Any:
+    """Triton's launch-time scratch from PyTorch's caching allocator, on the current device and
+    stream (its blocks are 512-byte aligned, more than any descriptor asks)."""
     import torch
 
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+# At import, for processes that launch the kernel without ``linear()``: tunebook's tuning
+# workers and sweeps. ``launch`` checks again per call (a new thread starts without one).
+_compat.ensure_allocator(_allocate)
+
+
 def launch(x: Any, weight: Any, bias: Any, y: Any, config: Mapping[str, int] | None) -> None:
     """``y = x @ weight.T (+ bias)`` through this kernel; ``usable`` said yes. ``config``: an
-    explicit config (``SPLIT_K``, if given, must be 1: split-K is for decode-sized M)."""
+    explicit config (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) instead of the book's."""
     M, K = x.shape
     N = weight.shape[0]
-    if x.device.type == "cuda":
-        _compat.ensure_allocator(_allocate)
-        programs = _programs(x.device.index if x.device.index is not None else 0)
-    else:
+    if _compat.interpreting():
         programs = INTERPRETER_PROGRAMS
+    else:
+        _compat.ensure_allocator(_allocate)
+        programs = _programs(_index(x.device))
     bias_or_any = bias if bias is not None else weight  # never read: keeps the key's dtypes fixed
     strides = (x.stride(0), weight.stride(0), y.stride(0))
     args = (x, weight, bias_or_any, y, M, N, K, *strides, bias is not None, programs)
@@ -226,11 +246,6 @@ def launch(x: Any, weight: Any, bias: Any, y: Any, config: Mapping[str, int] | N
     if config is None:
         _linear_tma_kernel[grid](*args)
         return
-    if int(config.get("SPLIT_K", 1)) != 1:
-        raise ValueError(
-            f"linear: SPLIT_K={config['SPLIT_K']} applies to calls of at most 64 rows; this call has "
-            f"M={M} rows (use SPLIT_K=1)"
-        )
     meta = {k: int(config[k]) for k in META}
     _linear_tma_kernel.fn[grid](
         *args, **meta, num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"])

@@ -73,6 +73,10 @@ SPLIT_K_MAX_M = 64  # above this many rows there are enough tiles of y to fill t
 SPLIT_K_MAX_WS = 1 << 17  # SPLIT_K * N at most: caps the fp32 workspace at 32 MiB (M=64)
 MIN_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
 
+# linear's second kernel, named here too: `tunebook tune --misses tunebook.kernels.linear` and
+# open_books() find a module's autotuners among its globals.
+_linear_tma_kernel = _linear_tma._linear_tma_kernel
+
 _workspace = Scratch("linear.workspace", zeroed=False)
 _counters = Scratch("linear.counters", zeroed=True)  # kept at zero between launches
 
@@ -329,8 +333,10 @@ def linear(
     flattened with ``reshape`` (a copy only when the leading dims cannot be viewed as one).
     ``weight`` may have any strides (``w.T`` of a ``[K, N]`` tensor works without a copy).
     ``out`` receives the result (any strides whose leading dims can be viewed as one).
-    ``config`` launches one explicit config (``BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps,
-    num_stages``) instead of the book's, for benchmarks and tests.
+    ``config`` launches one explicit config (``BLOCK_M/N/K, GROUP_M, num_warps, num_stages``
+    and ``SPLIT_K``, default 1) instead of the book's, for benchmarks and tests, on the kernel
+    the call takes (the TMA kernel for large prefills, docs/kernels.md); ``SPLIT_K`` > 1
+    always takes the pointer kernel.
     """
     import torch
 
@@ -348,10 +354,12 @@ def linear(
         return y
     if bias is not None:
         bias = bias.contiguous()  # both kernels read it as contiguous (a no-op when it is)
-    if _linear_tma.usable(x2, weight, y2):
+    # An explicit split-K config names the pointer kernel (the TMA kernel has no split-K).
+    split_config = config is not None and int(config.get("SPLIT_K", 1)) > 1
+    if not split_config and _linear_tma.usable(x2, weight, y2):
         _linear_tma.launch(x2, weight, bias, y2, config)
         return y
-    split = max_split_k(M, N, K) if config is None else int(config["SPLIT_K"])
+    split = max_split_k(M, N, K) if config is None else int(config.get("SPLIT_K", 1))
     # Always real fp32/int32 buffers (tiny when unused): the key's dtypes never change.
     ws = _workspace.get(x.device, split * M * N if split > 1 else 1, torch.float32)
     tiles = triton.cdiv(M, MIN_BLOCK["BLOCK_M"]) * triton.cdiv(N, MIN_BLOCK["BLOCK_N"])
@@ -382,7 +390,7 @@ def linear(
     if config is None:
         _linear_kernel[grid](*args)
     else:
-        meta = {k: int(config[k]) for k in META}
+        meta = {k: int(config[k]) for k in META if k != "SPLIT_K"} | {"SPLIT_K": split}
         _linear_kernel.fn[grid](
             *args, **meta, num_warps=int(config["num_warps"]), num_stages=int(config["num_stages"])
         )
