@@ -103,7 +103,6 @@ def choose_timers(
     >>> choose_timers(lambda call, quantiles: [1.0], 5, None, False)[1] != 'custom:<lambda>'
     True
     """
-    # As triton.autotune: warmup, rep or use_cuda_graph, when given, replace a do_bench.
     if warmup is not None or rep is not None or use_cuda_graph:
         do_bench = None
     make, timer_id = _method_timers(do_bench, warmup, rep, use_cuda_graph, adaptive)

@@ -8,6 +8,7 @@ here, so supporting a new Triton release means editing this file alone. Supporte
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import triton
 import triton.runtime.autotuner as _triton_autotuner
+from triton.runtime import _allocation
 from triton.runtime.jit import JITFunction, KernelInterface
 
 from . import _settings
@@ -114,10 +116,6 @@ def ensure_allocator(allocator: Callable[[int, int, Any], Any]) -> None:
     tensor descriptors on the device need one) unless one is set already: an application's
     own stays. Triton 3.4 keeps it in a module global, later releases in a ContextVar (so a
     new thread starts without one, and this runs before every such launch)."""
-    import contextvars
-
-    from triton.runtime import _allocation
-
     holder = _allocation._allocator
     current = holder.get() if isinstance(holder, contextvars.ContextVar) else holder
     if isinstance(current, _allocation.NullAllocator):

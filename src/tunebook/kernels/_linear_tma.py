@@ -193,9 +193,11 @@ def usable(x: Any, weight: Any, y: Any) -> bool:
     """Whether a call ``y = x @ weight.T`` (2-D views) takes this kernel: enough rows, 16-bit
     floats, rows contiguous, distinct and 16-byte aligned (TMA's rule), and a GPU with TMA; in
     Triton's interpreter, where the tests run it, fp16 only."""
+    if x.shape[0] < MIN_M:  # every decode call stops here, at the cost of one comparison
+        return False
     import torch
 
-    if x.shape[0] < MIN_M or x.dtype not in (torch.bfloat16, torch.float16):
+    if x.dtype not in (torch.bfloat16, torch.float16):
         return False
     if _compat.interpreting():
         if x.dtype != torch.float16:

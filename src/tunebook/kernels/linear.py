@@ -354,12 +354,12 @@ def linear(
         return y
     if bias is not None:
         bias = bias.contiguous()  # both kernels read it as contiguous (a no-op when it is)
+    explicit_split = int(config.get("SPLIT_K", 1)) if config is not None else 1
     # An explicit split-K config names the pointer kernel (the TMA kernel has no split-K).
-    split_config = config is not None and int(config.get("SPLIT_K", 1)) > 1
-    if not split_config and _linear_tma.usable(x2, weight, y2):
+    if explicit_split == 1 and _linear_tma.usable(x2, weight, y2):
         _linear_tma.launch(x2, weight, bias, y2, config)
         return y
-    split = max_split_k(M, N, K) if config is None else int(config.get("SPLIT_K", 1))
+    split = max_split_k(M, N, K) if config is None else explicit_split
     # Always real fp32/int32 buffers (tiny when unused): the key's dtypes never change.
     ws = _workspace.get(x.device, split * M * N if split > 1 else 1, torch.float32)
     tiles = triton.cdiv(M, MIN_BLOCK["BLOCK_M"]) * triton.cdiv(N, MIN_BLOCK["BLOCK_N"])
