@@ -4,12 +4,16 @@ order, GQA ratios 1, 4 and 8, head sizes 64 and 128, split-KV on and off."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import tunebook
 from tunebook.kernels import paged_attention_decode, reshape_and_cache
 from tunebook.kernels.paged_attention_decode import (
+    MAX_STAGED_TILE_PER_THREAD,
+    MAX_TILE_PER_THREAD,
     SPACE,
     _paged_attention_decode,
     _paged_attention_decode_kernel,
@@ -82,21 +86,43 @@ def test_config_sweep(gen, config) -> None:  # type: ignore[no-untyped-def]
     check(randn(gen, len(lens), 4, 64, dtype=torch.bfloat16), cache, config=config)
 
 
+def llama_3_8b(**call: int) -> dict:  # type: ignore[type-arg]
+    """The kernel's arguments the Space's rules read, for Llama-3-8B's heads and ``call``."""
+    k_cache = torch.empty(0, dtype=torch.bfloat16)
+    return {"NQ": 32, "NK": 8, "HEAD_SIZE": 128, "PAGE": 16, "k_cache_ptr": k_cache, **call}
+
+
 def test_splits_are_in_the_space_and_chosen_per_key() -> None:
     """SPLITS is a tuned parameter, not a threshold: long contexts at small batches offer
     many, large batches one."""
-    args = {
-        "NQ": 32,
-        "NK": 8,
-        "HEAD_SIZE": 128,
-        "PAGE": 16,
-        "k_cache_ptr": torch.empty(0, dtype=torch.bfloat16),
-    }
-    long_few = SPACE.candidates(args={**args, "batch": 1, "max_context_len": 32768})
-    many_short = SPACE.candidates(args={**args, "batch": 256, "max_context_len": 512})
+    long_few = SPACE.candidates(args=llama_3_8b(batch=1, max_context_len=32768))
+    many_short = SPACE.candidates(args=llama_3_8b(batch=256, max_context_len=512))
     assert {c["SPLITS"] for c in long_few} == {1, 2, 4, 8, 16, 32, 64}
     assert {c["SPLITS"] for c in many_short} == {1}
     assert max_splits(1, 8, 32768) == 64 and max_splits(256, 8, 512) == 1
+
+
+def test_pipelined_tiles_may_be_larger() -> None:
+    """Tiles that num_stages > 1 stages through shared memory may hold more elements a
+    thread than register-held ones (the H200 tuner picks 64-key tiles on 2 warps there)."""
+    args = llama_3_8b(batch=64, max_context_len=8192)
+
+    def per_thread(c: dict) -> float:  # type: ignore[type-arg]
+        return c["BLOCK_N"] * 128 / (32 * c["num_warps"])
+
+    candidates = SPACE.candidates(args=args)
+    unstaged = [per_thread(c) for c in candidates if c["num_stages"] == 1]
+    staged = [per_thread(c) for c in candidates if c["num_stages"] > 1]
+    assert max(unstaged) == MAX_TILE_PER_THREAD < max(staged) == MAX_STAGED_TILE_PER_THREAD
+    assert {"BLOCK_N": 64, "SPLITS": 4, "num_warps": 2, "num_stages": 2} in candidates
+
+
+def test_too_many_sequences_fail_with_the_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Sequences are the grid's second axis, which CUDA caps at 65,535 programs."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    monkeypatch.setattr(module, "MAX_BATCH", 1)
+    with pytest.raises(ValueError, match=r"at most 1 sequences per call .* found 2: split the batch"):
+        _call()
 
 
 def test_serve_mode_runs_the_hand_picked_config(gen) -> None:  # type: ignore[no-untyped-def]

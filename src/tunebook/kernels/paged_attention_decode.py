@@ -12,18 +12,22 @@ and gets a zero output (an unused batch slot, e.g. padding up to a CUDA graph's 
 size); block-table entries past ``cdiv(L, block_size)`` are never read and may hold
 anything (-1 included).
 
-Kernel: a program takes one (sequence, KV head, split): the ``G`` query heads that share
+Kernel: a program takes one (KV head, sequence, split): the ``G`` query heads that share
 the KV head ride in one tile (padded to 16 rows for ``tl.dot``), so each key and value is
-read from memory once per sequence, not once per query head. Its keys are walked in tiles
-of ``BLOCK_N`` through the block table. **Split-KV (flash-decoding):** with ``SPLITS > 1``
-a sequence's tiles are dealt into ``SPLITS`` contiguous ranges read by as many programs,
-which fills the GPU when a few long sequences would leave most SMs idle. Each split stores
-its normalized partial output and log-sum-exp in a workspace and bumps the (sequence, KV
-head) arrival counter (after a block barrier, with an acq_rel atomic); the program that
-arrives last merges the splits in split order (``out = sum_s w_s o_s / sum_s w_s``,
-``w_s = exp2(lse_s - max lse)``: the same bits whichever arrives last), stores the output
-and resets the counter. One launch, no second reduction kernel: the tuner times a split
-config at its whole cost, and chooses ``SPLITS`` per key like any other parameter.
+read from memory once per sequence, not once per query head. The KV head is the grid's
+fastest axis: the programs that run side by side read the neighbouring heads of the same
+cache rows (a token's heads are contiguous), one whole row between them rather than one
+head's slice of many (1-4% faster than sequence-first on an H200: BENCHMARKS.md, 5b). A
+program walks its keys in tiles of ``BLOCK_N`` through the block table. **Split-KV
+(flash-decoding):** with ``SPLITS > 1`` a sequence's tiles are dealt into ``SPLITS``
+contiguous ranges read by as many programs, which fills the GPU when a few long sequences
+would leave most SMs idle. Each split stores its normalized partial output and log-sum-exp
+in a workspace and bumps the (sequence, KV head) arrival counter (after a block barrier,
+with an acq_rel atomic); the program that arrives last merges the splits in split order
+(``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``: the same bits
+whichever arrives last), stores the output and resets the counter. One launch, no second
+reduction kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS``
+per key like any other parameter.
 
 The key: the batch size bucketed onto serving batch sizes, the longest context bucketed
 onto powers of two (``max_context_len``), query heads, KV heads, head size and block size
@@ -52,8 +56,12 @@ _OP = "paged_attention_decode"
 # BLOCK_D per program) at 2048 * G * BLOCK_D * 4 bytes: 4 MiB for Llama-3-8B's layout.
 MAX_SPLIT_PROGRAMS = 2048
 # Elements of a K (or V) tile each thread holds: more spills registers, fewer idles lanes.
+# Pipelined tiles (num_stages > 1) are staged in shared memory, so they may be larger.
 MAX_TILE_PER_THREAD = 64
+MAX_STAGED_TILE_PER_THREAD = 256
 MIN_TILE_PER_THREAD = 8
+# The grid's second axis (sequences) is limited to 65,535 programs by CUDA.
+MAX_BATCH = 65535
 SPLITS = [1, 2, 4, 8, 16, 32, 64]
 
 _workspace = Scratch("paged_attention_decode.workspace", zeroed=False)
@@ -78,7 +86,8 @@ def _feasible(cfg: dict[str, Any]) -> bool:
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
     block_d = triton.next_power_of_2(args["HEAD_SIZE"])
     per_thread = cfg["BLOCK_N"] * block_d / (32 * cfg["num_warps"])
-    if not MIN_TILE_PER_THREAD <= per_thread <= MAX_TILE_PER_THREAD:
+    most = MAX_TILE_PER_THREAD if cfg["num_stages"] == 1 else MAX_STAGED_TILE_PER_THREAD
+    if not MIN_TILE_PER_THREAD <= per_thread <= most:
         return False
     context = a.context_of(args["max_context_len"])
     if cfg["BLOCK_N"] > context:
@@ -155,8 +164,8 @@ def _paged_attention_decode_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
     split = tl.program_id(2)
     G: tl.constexpr = NQ // NK
     g = tl.arange(0, BLOCK_G)
@@ -311,6 +320,10 @@ def _paged_attention_decode(
             c.fail(_OP, f"out's last dimension must be contiguous; found strides {tuple(out.stride())}")
     if batch == 0 or head_size == 0:
         return out
+    if batch > MAX_BATCH:
+        c.fail(
+            _OP, f"at most {MAX_BATCH} sequences per call (CUDA's grid limit); found {batch}: split the batch"
+        )
     if max_context_len is None:
         max_context_len = int(context_lens.max())  # waits for the GPU
     max_context_len = max(int(max_context_len), 1)
@@ -364,7 +377,7 @@ def _launch(
     )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
-        return (batch, n_kv, meta["SPLITS"])
+        return (n_kv, batch, meta["SPLITS"])
 
     return grid, args
 
