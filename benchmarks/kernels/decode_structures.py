@@ -1,0 +1,356 @@
+"""Which paged-decode kernel structure reaches SDPA at batch >= 8: the study behind the decode kernel.
+
+Variants of ``paged_attention_decode``'s kernel at the same configs, bf16, blocks of 16
+tokens shuffled in the cache, each timed as CUDA-graph replays; per shape the best config of
+each variant is re-timed against ``scaled_dot_product_attention`` on contiguous K/V in
+interleaved rounds (ratios > 1: the variant is faster than SDPA):
+
+  cur    the pack's kernel as it is (grid: sequence, KV head, split)
+  hf     heads first: grid (KV head, sequence, split), so the programs running together read
+         the same cache rows' neighbouring heads (one 2 KiB token row instead of 256 B of it)
+  hfp    hf, one block-table load per tile for K and V, no head-size mask when it is a power of
+         2, and each tile's block numbers loaded one tile ahead
+  hfs    hfp on a cache whose blocks are in order (identity block table): what shuffled blocks cost
+  hfw    hf, keys loaded [BLOCK_N, head] and transposed in registers
+  hfe    hf, keys and values loaded with evict_first (streamed, not kept in L2)
+Pipelined configs may hold up to 256 tile elements a thread (what the pack now allows). The
+study kernel repeats the pack kernel's body so that each variant is one flag away from it;
+the pack's kernel itself is not touched (editing it invalidates its shipped page). Runs 1-2
+compared "cur", "hf", "hfp"/"hfs" (and "hfx", hfp without the early table load) under the
+old 64-element bound; run 3 is what VARIANTS holds now (BENCHMARKS.md, section 5b).
+
+    python benchmarks/kernels/decode_structures.py OUT_DIR      # one GPU, ~3 min
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+import triton.language as tl
+
+from tunebook.kernels import _models
+from tunebook.kernels._attention import NO_SCORE, normalized
+from tunebook.kernels._gemm_common import mma
+
+pad = importlib.import_module("tunebook.kernels.paged_attention_decode")
+
+LAYOUTS = {"32/8": (32, 8, 128), "8/1": (8, 1, 128)}
+SHAPES = [  # layout, batch, context
+    ("32/8", 16, 512),
+    ("32/8", 64, 512),
+    ("32/8", 256, 512),
+    ("32/8", 16, 8192),
+    ("32/8", 64, 8192),
+    ("8/1", 16, 512),
+    ("8/1", 64, 512),
+    ("8/1", 256, 512),
+    ("8/1", 64, 8192),
+]
+VARIANTS = ["hf", "hfw", "hfe"]  # earlier runs: also "cur", "hfp", "hfs"
+CONFIGS = [
+    {"BLOCK_N": n, "SPLITS": s, "num_warps": w, "num_stages": st}
+    for n, s, w, st in itertools.product([32, 64, 128, 256], [1, 2, 4, 8, 16], [4, 8], [1, 2, 3, 4])
+]
+
+
+@triton.jit
+def _tiles(
+    acc, m_i, l_i, q, lo, hi, k_base, v_base, row_stride, block_stride, table_row, qk_scale, d, d_mask,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGE: tl.constexpr,
+    DOT: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, TRANS_K: tl.constexpr,
+    EVICT: tl.constexpr,
+):  # fmt: skip
+    if PREFETCH:
+        j0 = lo + tl.arange(0, BLOCK_N)
+        block = tl.load(table_row + j0 // PAGE, mask=j0 < hi, other=0)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        inside = j < hi
+        if PREFETCH:
+            # The next tile's blocks are asked for before this tile's keys: the table's
+            # latency leaves the chain from one tile's keys to the next's.
+            cur_block = block
+            block = tl.load(table_row + (j + BLOCK_N) // PAGE, mask=j + BLOCK_N < hi, other=0)
+        elif MASKED:
+            cur_block = tl.load(table_row + j // PAGE, mask=inside, other=0)
+        else:
+            cur_block = tl.load(table_row + j // PAGE)
+        off = cur_block.to(tl.int64) * block_stride + (j % PAGE).to(tl.int64) * row_stride
+        if MASKED:
+            k_t = tl.load(
+                k_base + off[None, :] + d[:, None], mask=inside[None, :] & d_mask[:, None], other=0.0
+            )
+            v = tl.load(v_base + off[:, None] + d[None, :], mask=inside[:, None] & d_mask[None, :], other=0.0)
+        elif TRANS_K:
+            k_t = tl.trans(tl.load(k_base + off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0))
+            v = tl.load(v_base + off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)
+        elif EVICT:
+            k_t = tl.load(k_base + off[None, :] + d[:, None], mask=d_mask[:, None], other=0.0,
+                          eviction_policy="evict_first")  # fmt: skip
+            v = tl.load(v_base + off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
+        elif EVEN_D:
+            k_t = tl.load(k_base + off[None, :] + d[:, None])
+            v = tl.load(v_base + off[:, None] + d[None, :])
+        else:
+            k_t = tl.load(k_base + off[None, :] + d[:, None], mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_base + off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)
+        s = mma(q, k_t, tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32), DOT) * qk_scale
+        if MASKED:
+            s = tl.where(inside[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["batch", "max_context_len"])
+def _study_kernel(
+    q_ptr, q_stride_b, q_stride_h, k_cache_ptr, v_cache_ptr, stride_b, stride_s, stride_h,
+    table_ptr, table_stride, lens_ptr, out_ptr, out_stride_b, out_stride_h, ws_ptr, lse_ptr, lock_ptr,
+    qk_scale, batch, max_context_len,
+    NQ: tl.constexpr, NK: tl.constexpr, HEAD_SIZE: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, TRANS_K: tl.constexpr,
+    EVICT: tl.constexpr,
+):  # fmt: skip
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
+    split = tl.program_id(2)
+    G: tl.constexpr = NQ // NK
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < G
+    d_mask = d < HEAD_SIZE
+    heads = kv_head * G + g
+    q = tl.load(
+        q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    context = tl.maximum(tl.load(lens_ptr + seq), 0)
+    per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(context, lo + per_split)
+    full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    table_row = table_ptr + seq.to(tl.int64) * table_stride
+    k_base = k_cache_ptr + kv_head * stride_h
+    v_base = v_cache_ptr + kv_head * stride_h
+    acc, m_i, l_i = _tiles(
+        acc, m_i, l_i, q, lo, full, k_base, v_base, stride_s, stride_b, table_row, qk_scale, d, d_mask,
+        BLOCK_G, BLOCK_N, False, PAGE, DOT, EVEN_D, PREFETCH, TRANS_K, EVICT,
+    )  # fmt: skip
+    acc, m_i, l_i = _tiles(
+        acc, m_i, l_i, q, full, hi, k_base, v_base, stride_s, stride_b, table_row, qk_scale, d, d_mask,
+        BLOCK_G, BLOCK_N, True, PAGE, DOT, EVEN_D, PREFETCH, TRANS_K, EVICT,
+    )  # fmt: skip
+    out_rows = out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLITS == 1:
+        tl.store(out_rows, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        first = (seq * NK + kv_head) * SPLITS
+        part = ws_ptr + ((first + split) * G + g[:, None]) * BLOCK_D + d[None, :]
+        tl.store(part, normalized(acc, l_i), mask=g_mask[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), NO_SCORE)
+        tl.store(lse_ptr + (first + split) * G + g, lse, mask=g_mask)
+        tl.debug_barrier()
+        lock = lock_ptr + seq * NK + kv_head
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            s = tl.arange(0, SPLITS)
+            lses = tl.load(lse_ptr + (first + s[:, None]) * G + g[None, :], mask=g_mask[None, :],
+                           other=NO_SCORE, cache_modifier=".cg")  # fmt: skip
+            top = tl.max(lses, 0)
+            total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+            weight = tl.zeros([BLOCK_G], dtype=tl.float32)
+            for i in range(SPLITS):
+                lse_i = tl.load(
+                    lse_ptr + (first + i) * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg"
+                )
+                w = tl.exp2(lse_i - top)
+                o_i = tl.load(ws_ptr + ((first + i) * G + g[:, None]) * BLOCK_D + d[None, :],
+                              mask=g_mask[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                total += w[:, None] * o_i
+                weight += w
+            tl.store(out_rows, (total / weight[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock, 0)
+
+
+def fits(cfg, layout, batch, context):
+    _, n_kv, hs = LAYOUTS[layout]
+    args = {"HEAD_SIZE": hs, "max_context_len": context, "batch": batch, "NK": n_kv,
+            "k_cache_ptr": torch.empty(0, dtype=torch.bfloat16)}  # fmt: skip
+    # Pipelined tiles (num_stages > 1) go through shared memory: up to 256 elements a thread.
+    pad.MAX_TILE_PER_THREAD = 64 if cfg["num_stages"] == 1 else 256
+    try:
+        return pad._feasible(cfg) and pad._fits_call(cfg, args)
+    finally:
+        pad.MAX_TILE_PER_THREAD = 64
+
+
+def build(layout, batch, context, device="cuda"):
+    n_q, n_kv, hs = LAYOUTS[layout]
+    shape = {"n_q": n_q, "n_kv": n_kv, "head_size": hs, "page": 16, "context": context}
+    w = _models.workload("paged_attention_decode", shape, batch, torch.bfloat16, device)
+    return w.tensors
+
+
+def calls(t, cfg, variant, context):
+    """A no-argument launch of ``variant`` at ``cfg`` on tensors ``t`` (and its output)."""
+    q, kc, vc, table, lens = (t[n] for n in ("q", "k_cache", "v_cache", "block_table", "context_lens"))
+    out = torch.empty_like(q)
+    if variant == "cur":
+
+        def run():
+            pad._paged_attention_decode(q, kc, vc, table, lens, None, context, out, cfg)
+
+        return run, out
+    _, args = pad._launch(q, kc, vc, table, lens, None, context, out, cfg)
+    (_q, qsb, qsh, _k, sb, ss, sh, _v, *_vs, _t, tstride, _l, _o, osb, osh, ws, lse, locks,
+     scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot) = args  # fmt: skip
+    meta = {k: cfg[k] for k in ("BLOCK_N", "SPLITS")}
+    even = variant in ("hfp", "hfs") and bd == hs
+    if variant == "hfs":  # the same data with the blocks in table order
+        kc, vc = kc[table.reshape(-1).long()], vc[table.reshape(-1).long()]
+        table = torch.arange(table.numel(), dtype=table.dtype, device=table.device).view(table.shape)
+    sgrid = (n_kv, q.shape[0], cfg["SPLITS"])
+
+    def run():
+        _study_kernel[sgrid](
+            q, qsb, qsh, kc, vc, sb, ss, sh, table, tstride, lens, out, osb, osh, ws, lse, locks,
+            scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot, **meta, EVEN_D=even,
+            PREFETCH=variant in ("hfp", "hfs"), TRANS_K=variant == "hfw", EVICT=variant == "hfe",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+
+    return run, out
+
+
+def _compile_shard(jobs):
+    """Run each (variant, layout, cfg) once on a small input: fills Triton's disk cache."""
+    torch.cuda.set_device(0)
+    failures = {}
+    small = {layout: build(layout, 2, 512) for layout in LAYOUTS}
+    for variant, layout, cfg in jobs:
+        run, _ = calls(small[layout], {**cfg, "SPLITS": cfg["SPLITS"]}, variant, 512)
+        try:
+            run()
+        except Exception as e:  # reported by the timing pass too
+            failures[f"{variant}:{layout}:{cfg}"] = f"{type(e).__name__}: {str(e)[:200]}"
+    torch.cuda.synchronize()
+    return failures
+
+
+def sdpa_call(t, layout, batch, context):
+    _, n_kv, hs = LAYOUTS[layout]
+
+    def contiguous(cache):
+        gathered = cache[t["block_table"].long()].reshape(batch, -1, n_kv, hs)[:, :context]
+        return gathered.transpose(1, 2).contiguous()
+
+    k, v = contiguous(t["k_cache"]), contiguous(t["v_cache"])
+    q = t["q"][:, :, None, :]
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)[:, :, 0]
+
+
+def main(out):
+    from tunebook._short import graph_sampler
+
+    t0 = time.time()
+    # Buffers at their largest first: a graph captured earlier must not see them reallocated.
+    pad._workspace.get("cuda", pad.MAX_SPLIT_PROGRAMS * 8 * 128, torch.float32)
+    pad._lse.get("cuda", pad.MAX_SPLIT_PROGRAMS * 8, torch.float32)
+    pad._counters.get("cuda", 256 * 8, torch.int32)
+    jobs = sorted(
+        {
+            (v, layout, tuple(sorted(cfg.items())))
+            for v in VARIANTS
+            for layout, b, ctx in SHAPES
+            for cfg in CONFIGS
+            if fits(cfg, layout, b, ctx)
+        }
+    )
+    jobs = [(v, layout, dict(cfg)) for v, layout, cfg in jobs]
+    shards = [jobs[i::14] for i in range(14)]
+    failures = {}
+    with ProcessPoolExecutor(14, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        for f in pool.map(_compile_shard, shards):
+            failures.update(f)
+    print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f}s, {len(failures)} failures", flush=True)
+    rows = []
+    for layout, batch, context in SHAPES:
+        t = build(layout, batch, context)
+        ref = sdpa_call(t, layout, batch, context)()
+        screen = {}
+        for variant in VARIANTS:
+            for cfg in CONFIGS:
+                if not fits(cfg, layout, batch, context):
+                    continue
+                run, o = calls(t, cfg, variant, context)
+                try:
+                    o.fill_(float("nan"))
+                    run()
+                    torch.cuda.synchronize()
+                    err = ((o.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                    if not err < 2e-2:
+                        raise RuntimeError(f"wrong result: rel err {err}")
+                    sample = graph_sampler(run, 10)
+                    us = statistics.median(sample() for _ in range(5))
+                except Exception as e:
+                    failures[f"{variant}:{layout}:{batch}:{context}:{cfg}"] = (
+                        f"{type(e).__name__}: {str(e)[:200]}"
+                    )
+                    continue
+                if variant not in screen or us < screen[variant][0]:
+                    screen[variant] = (us, cfg)
+        # Finalists and SDPA, interleaved rounds.
+        print(json.dumps({"screen": screen}), flush=True)
+        # The callables stay referenced: a graph holds their tensors' addresses, not the tensors.
+        fns = {"sdpa": sdpa_call(t, layout, batch, context)}
+        fns.update({variant: calls(t, cfg, variant, context)[0] for variant, (_, cfg) in screen.items()})
+        samplers = {n: graph_sampler(fn, 10) for n, fn in fns.items()}
+        series = {n: [] for n in samplers}
+        for _ in range(15):
+            for n, s in samplers.items():
+                series[n].append(s())
+        med = {n: statistics.median(v) for n, v in series.items()}
+        ratio = {n: statistics.median(x / y for x, y in zip(series["sdpa"], series[n])) for n in series}
+        row = {"layout": layout, "batch": batch, "context": context, "us": med, "sdpa_over": ratio,
+               "best": {v: c for v, (_, c) in screen.items()}}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del t, samplers, fns
+        torch.cuda.empty_cache()
+    with open(os.path.join(out, "decode_structures.json"), "w") as f:
+        json.dump({"rows": rows, "failures": failures}, f, indent=1)
+    print("failures:", len(failures), list(failures.items())[:3])
+    took = time.time() - t0
+    print(f"== SDPA time / variant time (> 1: faster than SDPA), best config per variant; {took:.0f}s")
+    for r in rows:
+        cells = " | ".join(
+            f"{v} {r['us'][v]:7.2f}us {r['sdpa_over'][v]:.2f} {tuple(r['best'][v].values())}"
+            for v in r["best"]
+        )
+        where = f"{r['layout']:5s} b{r['batch']:<4d} c{r['context']:<6d}"
+        print(f"{where} sdpa {r['us']['sdpa']:7.2f}us | {cells}")
+
+
+if __name__ == "__main__":
+    os.makedirs(sys.argv[1], exist_ok=True)
+    main(sys.argv[1])
