@@ -5,7 +5,8 @@ tokens shuffled in the cache, each timed as CUDA-graph replays; per shape the be
 each variant is re-timed against ``scaled_dot_product_attention`` on contiguous K/V in
 interleaved rounds (ratios > 1: the variant is faster than SDPA):
 
-  cur    the pack's kernel as it is (grid: sequence, KV head, split)
+  cur    the pack's kernel through its API (in runs 1-3 still sequence-first: grid
+         (sequence, KV head, split); it has since become "hf")
   hf     heads first: grid (KV head, sequence, split), so the programs running together read
          the same cache rows' neighbouring heads (one 2 KiB token row instead of 256 B of it)
   hfp    hf, one block-table load per tile for K and V, no head-size mask when it is a power of
@@ -13,11 +14,15 @@ interleaved rounds (ratios > 1: the variant is faster than SDPA):
   hfs    hfp on a cache whose blocks are in order (identity block table): what shuffled blocks cost
   hfw    hf, keys loaded [BLOCK_N, head] and transposed in registers
   hfe    hf, keys and values loaded with evict_first (streamed, not kept in L2)
+  tma    hf with K and V read by the TMA unit one cache block at a time (3-D tensor
+         descriptors over the caches; BLOCK_N / block_size blocks per loop step): the
+         structure that took linear from 0.75-0.81 to 0.90-1.01 of cuBLAS (not yet timed)
 Pipelined configs may hold up to 256 tile elements a thread (what the pack now allows). The
 study kernel repeats the pack kernel's body so that each variant is one flag away from it;
 the pack's kernel itself is not touched (editing it invalidates its shipped page). Runs 1-2
 compared "cur", "hf", "hfp"/"hfs" (and "hfx", hfp without the early table load) under the
-old 64-element bound; run 3 is what VARIANTS holds now (BENCHMARKS.md, section 5b).
+old 64-element bound; run 3 "hf", "hfw", "hfe" (BENCHMARKS.md, section 5b); VARIANTS now
+holds the next run's: "hf" against "tma".
 
     python benchmarks/kernels/decode_structures.py OUT_DIR      # one GPU, ~3 min
 """
@@ -55,10 +60,10 @@ SHAPES = [  # layout, batch, context
     ("8/1", 256, 512),
     ("8/1", 64, 8192),
 ]
-VARIANTS = ["hf", "hfw", "hfe"]  # earlier runs: also "cur", "hfp", "hfs"
+VARIANTS = ["hf", "tma"]  # earlier runs: "cur", "hfx", "hfp", "hfs", "hfw", "hfe"
 CONFIGS = [
     {"BLOCK_N": n, "SPLITS": s, "num_warps": w, "num_stages": st}
-    for n, s, w, st in itertools.product([32, 64, 128, 256], [1, 2, 4, 8, 16], [4, 8], [1, 2, 3, 4])
+    for n, s, w, st in itertools.product([16, 32, 64, 128, 256], [1, 2, 4, 8, 16], [2, 4, 8], [1, 2, 3, 4])
 ]
 
 
@@ -116,6 +121,26 @@ def _tiles(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _program(q_ptr, q_stride_b, q_stride_h, G: tl.constexpr, HEAD_SIZE: tl.constexpr,
+             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """This program's (KV head, sequence, split), its query heads' rows and their queries."""
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
+    split = tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < G
+    d_mask = d < HEAD_SIZE
+    heads = kv_head * G + g
+    q = tl.load(
+        q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    return kv_head, seq, split, g, d, g_mask, d_mask, heads, q
+
+
 @triton.jit(do_not_specialize=["batch", "max_context_len"])
 def _study_kernel(
     q_ptr, q_stride_b, q_stride_h, k_cache_ptr, v_cache_ptr, stride_b, stride_s, stride_h,
@@ -126,19 +151,9 @@ def _study_kernel(
     SPLITS: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, TRANS_K: tl.constexpr,
     EVICT: tl.constexpr,
 ):  # fmt: skip
-    kv_head = tl.program_id(0)
-    seq = tl.program_id(1)
-    split = tl.program_id(2)
     G: tl.constexpr = NQ // NK
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    g_mask = g < G
-    d_mask = d < HEAD_SIZE
-    heads = kv_head * G + g
-    q = tl.load(
-        q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
+    kv_head, seq, split, g, d, g_mask, d_mask, heads, q = _program(
+        q_ptr, q_stride_b, q_stride_h, G, HEAD_SIZE, BLOCK_G, BLOCK_D
     )
     context = tl.maximum(tl.load(lens_ptr + seq), 0)
     per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
@@ -159,6 +174,18 @@ def _study_kernel(
         acc, m_i, l_i, q, full, hi, k_base, v_base, stride_s, stride_b, table_row, qk_scale, d, d_mask,
         BLOCK_G, BLOCK_N, True, PAGE, DOT, EVEN_D, PREFETCH, TRANS_K, EVICT,
     )  # fmt: skip
+    _finish(acc, m_i, l_i, seq, kv_head, split, heads, g, d, g_mask, d_mask, out_ptr, out_stride_b,
+            out_stride_h, ws_ptr, lse_ptr, lock_ptr, NK, G, BLOCK_G, BLOCK_D, SPLITS)  # fmt: skip
+
+
+@triton.jit
+def _finish(
+    acc, m_i, l_i, seq, kv_head, split, heads, g, d, g_mask, d_mask, out_ptr, out_stride_b, out_stride_h,
+    ws_ptr, lse_ptr, lock_ptr, NK: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """The pack kernel's epilogue: store the output, or the split's partial and, in the
+    last split to arrive, the merge."""
     out_rows = out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLITS == 1:
@@ -192,22 +219,94 @@ def _study_kernel(
             tl.atomic_xchg(lock, 0)
 
 
-def fits(cfg, layout, batch, context):
+@triton.jit
+def _page(acc, m_i, l_i, q, k_desc, v_desc, block, col, first_key, context, qk_scale, BLOCK_G: tl.constexpr,
+          PAGE: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """Fold one cache block (PAGE keys) into the online softmax, K and V read by the TMA unit."""
+    k = k_desc.load([block, 0, col]).reshape(PAGE, BLOCK_D)
+    v = v_desc.load([block, 0, col]).reshape(PAGE, BLOCK_D)
+    s = mma(q, tl.trans(k), tl.zeros([BLOCK_G, PAGE], dtype=tl.float32), DOT) * qk_scale
+    if MASKED:  # the last, partly filled block: its unused slots may hold anything, NaN included
+        inside = first_key + tl.arange(0, PAGE) < context
+        s = tl.where(inside[None, :], s, float("-inf"))
+        v = tl.where(inside[:, None], v, 0.0)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["batch", "max_context_len", "num_blocks"])
+def _study_tma_kernel(
+    q_ptr, q_stride_b, q_stride_h, k_cache_ptr, v_cache_ptr, num_blocks, stride_b, stride_s,
+    table_ptr, table_stride, lens_ptr, out_ptr, out_stride_b, out_stride_h, ws_ptr, lse_ptr, lock_ptr,
+    qk_scale, batch, max_context_len,
+    NQ: tl.constexpr, NK: tl.constexpr, HEAD_SIZE: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, PAGES: tl.constexpr,
+    SPLITS: tl.constexpr,
+):  # fmt: skip
+    """hf with K and V read block by block through 3-D tensor descriptors over the caches
+    ([num_blocks, PAGE, NK * HEAD_SIZE], one box = one block's PAGE rows of one head), PAGES
+    blocks per loop step; splits take whole steps. HEAD_SIZE must be a power of 2."""
+    G: tl.constexpr = NQ // NK
+    kv_head, seq, split, g, d, g_mask, d_mask, heads, q = _program(
+        q_ptr, q_stride_b, q_stride_h, G, HEAD_SIZE, BLOCK_G, BLOCK_D
+    )
+    box = [1, PAGE, BLOCK_D]
+    rows = [num_blocks, PAGE, NK * HEAD_SIZE]
+    k_desc = tl.make_tensor_descriptor(
+        k_cache_ptr, shape=rows, strides=[stride_b, stride_s, 1], block_shape=box
+    )
+    v_desc = tl.make_tensor_descriptor(
+        v_cache_ptr, shape=rows, strides=[stride_b, stride_s, 1], block_shape=box
+    )
+    context = tl.maximum(tl.load(lens_ptr + seq), 0)
+    STEP: tl.constexpr = PAGES * PAGE
+    per_split = tl.cdiv(tl.cdiv(context, STEP), SPLITS) * STEP
+    lo = split * per_split
+    hi = tl.minimum(context, lo + per_split)
+    full = lo + tl.maximum(hi - lo, 0) // STEP * STEP  # keys of whole steps; a ragged step after
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    table_row = table_ptr + seq.to(tl.int64) * table_stride
+    col = kv_head * HEAD_SIZE
+    for start in range(lo, full, STEP):
+        for i in tl.static_range(PAGES):
+            block = tl.load(table_row + start // PAGE + i).to(tl.int32)
+            acc, m_i, l_i = _page(acc, m_i, l_i, q, k_desc, v_desc, block, col, start + i * PAGE, context,
+                                  qk_scale, BLOCK_G, PAGE, BLOCK_D, DOT, False)  # fmt: skip
+    for first_key in range(full, hi, PAGE):  # the ragged step, block by block, masked
+        block = tl.load(table_row + first_key // PAGE).to(tl.int32)
+        acc, m_i, l_i = _page(acc, m_i, l_i, q, k_desc, v_desc, block, col, first_key, context,
+                              qk_scale, BLOCK_G, PAGE, BLOCK_D, DOT, True)  # fmt: skip
+    _finish(acc, m_i, l_i, seq, kv_head, split, heads, g, d, g_mask, d_mask, out_ptr, out_stride_b,
+            out_stride_h, ws_ptr, lse_ptr, lock_ptr, NK, G, BLOCK_G, BLOCK_D, SPLITS)  # fmt: skip
+
+
+def fits(cfg, layout, batch, context, variant="hf"):
     _, n_kv, hs = LAYOUTS[layout]
     args = {"HEAD_SIZE": hs, "max_context_len": context, "batch": batch, "NK": n_kv,
             "k_cache_ptr": torch.empty(0, dtype=torch.bfloat16)}  # fmt: skip
-    # Pipelined tiles (num_stages > 1) go through shared memory: up to 256 elements a thread.
-    pad.MAX_TILE_PER_THREAD = 64 if cfg["num_stages"] == 1 else 256
+    if variant == "tma":  # whole blocks per step, tiles in shared memory only
+        if cfg["BLOCK_N"] > 64:
+            return False
+        pad.MAX_TILE_PER_THREAD, pad.MIN_TILE_PER_THREAD = 10**9, 0
+    else:
+        # Pipelined tiles (num_stages > 1) go through shared memory: up to 256 elements a thread.
+        pad.MAX_TILE_PER_THREAD = 64 if cfg["num_stages"] == 1 else 256
     try:
         return pad._feasible(cfg) and pad._fits_call(cfg, args)
     finally:
-        pad.MAX_TILE_PER_THREAD = 64
+        pad.MAX_TILE_PER_THREAD, pad.MIN_TILE_PER_THREAD = 64, 8
 
 
-def build(layout, batch, context, device="cuda"):
+def build(layout, batch, context, device="cuda", dtype=torch.bfloat16):
     n_q, n_kv, hs = LAYOUTS[layout]
     shape = {"n_q": n_q, "n_kv": n_kv, "head_size": hs, "page": 16, "context": context}
-    w = _models.workload("paged_attention_decode", shape, batch, torch.bfloat16, device)
+    w = _models.workload("paged_attention_decode", shape, batch, dtype, device)
     return w.tensors
 
 
@@ -224,12 +323,22 @@ def calls(t, cfg, variant, context):
     _, args = pad._launch(q, kc, vc, table, lens, None, context, out, cfg)
     (_q, qsb, qsh, _k, sb, ss, sh, _v, *_vs, _t, tstride, _l, _o, osb, osh, ws, lse, locks,
      scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot) = args  # fmt: skip
+    sgrid = (n_kv, q.shape[0], cfg["SPLITS"])
+    if variant == "tma":
+
+        def run_tma():
+            _study_tma_kernel[sgrid](
+                q, qsb, qsh, kc, vc, kc.shape[0], sb, ss, table, tstride, lens, out, osb, osh, ws, lse,
+                locks, scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot, PAGES=cfg["BLOCK_N"] // page,
+                SPLITS=cfg["SPLITS"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )  # fmt: skip
+
+        return run_tma, out
     meta = {k: cfg[k] for k in ("BLOCK_N", "SPLITS")}
     even = variant in ("hfp", "hfs") and bd == hs
     if variant == "hfs":  # the same data with the blocks in table order
         kc, vc = kc[table.reshape(-1).long()], vc[table.reshape(-1).long()]
         table = torch.arange(table.numel(), dtype=table.dtype, device=table.device).view(table.shape)
-    sgrid = (n_kv, q.shape[0], cfg["SPLITS"])
 
     def run():
         _study_kernel[sgrid](
@@ -283,7 +392,7 @@ def main(out):
             for v in VARIANTS
             for layout, b, ctx in SHAPES
             for cfg in CONFIGS
-            if fits(cfg, layout, b, ctx)
+            if fits(cfg, layout, b, ctx, v)
         }
     )
     jobs = [(v, layout, dict(cfg)) for v, layout, cfg in jobs]
@@ -300,7 +409,7 @@ def main(out):
         screen = {}
         for variant in VARIANTS:
             for cfg in CONFIGS:
-                if not fits(cfg, layout, batch, context):
+                if not fits(cfg, layout, batch, context, variant):
                     continue
                 run, o = calls(t, cfg, variant, context)
                 try:
