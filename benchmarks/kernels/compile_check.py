@@ -36,6 +36,10 @@ DECODE = [
     ((32, 8, 128), {"BLOCK_N": 64, "SPLITS": 1}, 4, 2),
     ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 8}, 8, 1),
     ((9, 3, 64), {"BLOCK_N": 256, "SPLITS": 4}, 8, 2),
+    # Tuned on the H200 once pipelined tiles could hold up to 256 values a thread (BENCHMARKS 5b)
+    ((32, 8, 128), {"BLOCK_N": 64, "SPLITS": 4}, 2, 2),
+    ((32, 8, 128), {"BLOCK_N": 32, "SPLITS": 1}, 1, 2),
+    ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 1}, 4, 2),
 ]
 VARLEN = [
     (

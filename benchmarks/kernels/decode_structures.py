@@ -287,20 +287,21 @@ def _study_tma_kernel(
 
 
 def fits(cfg, layout, batch, context, variant="hf"):
+    """The pack's Space rules for this call (its per-thread tile bounds lifted for "tma",
+    whose tiles never sit in registers whole: one block per box)."""
     _, n_kv, hs = LAYOUTS[layout]
     args = {"HEAD_SIZE": hs, "max_context_len": context, "batch": batch, "NK": n_kv,
             "k_cache_ptr": torch.empty(0, dtype=torch.bfloat16)}  # fmt: skip
-    if variant == "tma":  # whole blocks per step, tiles in shared memory only
-        if cfg["BLOCK_N"] > 64:
-            return False
-        pad.MAX_TILE_PER_THREAD, pad.MIN_TILE_PER_THREAD = 10**9, 0
-    else:
-        # Pipelined tiles (num_stages > 1) go through shared memory: up to 256 elements a thread.
-        pad.MAX_TILE_PER_THREAD = 64 if cfg["num_stages"] == 1 else 256
+    if variant != "tma":
+        return pad._feasible(cfg) and pad._fits_call(cfg, args)
+    if cfg["BLOCK_N"] > 64 or cfg["BLOCK_N"] % 16:
+        return False
+    saved = pad.MIN_TILE_PER_THREAD, pad.MAX_TILE_PER_THREAD, pad.MAX_STAGED_TILE_PER_THREAD
+    pad.MIN_TILE_PER_THREAD, pad.MAX_TILE_PER_THREAD, pad.MAX_STAGED_TILE_PER_THREAD = 0, 10**9, 10**9
     try:
         return pad._feasible(cfg) and pad._fits_call(cfg, args)
     finally:
-        pad.MAX_TILE_PER_THREAD, pad.MIN_TILE_PER_THREAD = 64, 8
+        pad.MIN_TILE_PER_THREAD, pad.MAX_TILE_PER_THREAD, pad.MAX_STAGED_TILE_PER_THREAD = saved
 
 
 def build(layout, batch, context, device="cuda", dtype=torch.bfloat16):
@@ -308,6 +309,24 @@ def build(layout, batch, context, device="cuda", dtype=torch.bfloat16):
     shape = {"n_q": n_q, "n_kv": n_kv, "head_size": hs, "page": 16, "context": context}
     w = _models.workload("paged_attention_decode", shape, batch, dtype, device)
     return w.tensors
+
+
+def ragged(t, lens):
+    """Make the batch ragged, as a server's is: sequence b keeps its first ``lens[b]`` tokens,
+    table entries past them become -1 and every cache slot no sequence owns is NaN, so a
+    kernel that reads past a sequence's end fails loudly."""
+    kc, vc, table = t["k_cache"], t["v_cache"], t["block_table"]
+    page = kc.shape[1]
+    owned = torch.zeros(kc.shape[:2], dtype=torch.bool, device=kc.device)
+    for b, n in enumerate(lens):
+        blocks = -(-n // page)
+        for i in range(blocks):
+            owned[int(table[b, i]), : min(page, n - i * page)] = True
+        table[b, blocks:] = -1
+    kc[~owned] = float("nan")
+    vc[~owned] = float("nan")
+    t["context_lens"].copy_(torch.tensor(lens, dtype=t["context_lens"].dtype))
+    return t
 
 
 def calls(t, cfg, variant, context):
@@ -325,6 +344,10 @@ def calls(t, cfg, variant, context):
      scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot) = args  # fmt: skip
     sgrid = (n_kv, q.shape[0], cfg["SPLITS"])
     if variant == "tma":
+        # What the descriptors assume: one box per block of one head, 16-byte aligned rows.
+        assert cfg["BLOCK_N"] % page == 0 and bd == hs, "whole blocks per step, a power-of-2 head"
+        assert tuple(vc.stride()) == tuple(kc.stride()) and sh == hs, "K and V laid out alike"
+        assert (ss * kc.element_size()) % 16 == 0 and kc.data_ptr() % 16 == vc.data_ptr() % 16 == 0
 
         def run_tma():
             _study_tma_kernel[sgrid](
@@ -351,9 +374,39 @@ def calls(t, cfg, variant, context):
     return run, out
 
 
+def check_ragged(jobs, device="cuda"):
+    """Every (variant, config) of ``jobs`` on a ragged batch with NaN in every cache slot no
+    sequence owns, against the pack's kernel: the timed shapes are all whole blocks, so the
+    masked last block is checked here. Returns the disagreements."""
+    lens, context, wrong = [512, 17, 0, 33, 300, 1], 512, {}
+    reference = {"BLOCK_N": 16, "SPLITS": 1, "num_warps": 4, "num_stages": 1}
+    for layout in LAYOUTS:
+        t = ragged(build(layout, len(lens), context, device), lens)
+        run, want = calls(t, reference, "cur", context)
+        run()
+        for variant, lay, cfg in jobs:
+            if lay != layout:
+                continue
+            run, got = calls(t, cfg, variant, context)
+            try:
+                got.fill_(float("nan"))
+                run()
+                err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                if not err < 2e-2:  # NaN fails too
+                    raise RuntimeError(f"rel err {err}")
+            except Exception as e:
+                wrong[f"ragged {variant}:{layout}:{cfg}"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return wrong
+
+
+def _alloc(size, alignment, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
 def _compile_shard(jobs):
     """Run each (variant, layout, cfg) once on a small input: fills Triton's disk cache."""
     torch.cuda.set_device(0)
+    triton.set_allocator(_alloc)  # device-side tensor descriptors ("tma") need launch scratch
     failures = {}
     small = {layout: build(layout, 2, 512) for layout in LAYOUTS}
     for variant, layout, cfg in jobs:
@@ -382,6 +435,7 @@ def main(out):
     from tunebook._short import graph_sampler
 
     t0 = time.time()
+    triton.set_allocator(_alloc)
     # Buffers at their largest first: a graph captured earlier must not see them reallocated.
     pad._workspace.get("cuda", pad.MAX_SPLIT_PROGRAMS * 8 * 128, torch.float32)
     pad._lse.get("cuda", pad.MAX_SPLIT_PROGRAMS * 8, torch.float32)
@@ -402,6 +456,11 @@ def main(out):
         for f in pool.map(_compile_shard, shards):
             failures.update(f)
     print(f"compiled {len(jobs)} kernels in {time.time() - t0:.0f}s, {len(failures)} failures", flush=True)
+    wrong = check_ragged(jobs)
+    failures.update(wrong)
+    print(
+        f"ragged, NaN-poisoned batch: {len(wrong)} of {len(jobs)} disagree with the pack's kernel", flush=True
+    )
     rows = []
     for layout, batch, context in SHAPES:
         t = build(layout, batch, context)

@@ -40,14 +40,36 @@ def test_every_variant_matches_the_pack_kernel(study, variant, config, monkeypat
     # The interpreter reads bf16 through tensor descriptors wrongly (the pack's TMA GEMM is
     # tested in fp16 for the same reason).
     dtype = torch.float16 if variant == "tma" else torch.bfloat16
-    t = study.build("tiny", 3, context, "cpu", dtype)
-    t["context_lens"][1] = 17  # ragged: a short sequence and an empty slot beside a full one
-    t["context_lens"][2] = 0
+    # Ragged (a short sequence and an empty slot beside a full one), NaN in every slot no
+    # sequence owns and -1 past each sequence's blocks: reading past the end shows.
+    t = study.ragged(study.build("tiny", 3, context, "cpu", dtype), [100, 17, 0])
     run, want = study.calls(t, config, "cur", context)
     run()
     run, got = study.calls(t, config, variant, context)
     got.fill_(float("nan"))
     run()
-    assert not got.isnan().any()
+    assert not want.isnan().any() and not got.isnan().any()
     assert (got.float() - want.float()).abs().max().item() <= 4e-3  # bf16: split merges round
     assert got[2].eq(0).all()
+
+
+def test_the_ragged_check_catches_a_kernel_reading_past_the_end(study, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """check_ragged, the study's GPU pre-pass, flags a variant whose output is wrong."""
+    monkeypatch.setattr(study, "LAYOUTS", {"tiny": (8, 2, 64)})
+    config = {"BLOCK_N": 16, "SPLITS": 2, "num_warps": 4, "num_stages": 1}
+    assert study.check_ragged([("hf", "tiny", config)], device="cpu") == {}
+    real = study.calls
+
+    def broken(t, cfg, variant, context):  # type: ignore[no-untyped-def]
+        run, out = real(t, cfg, variant, context)
+        if variant == "cur":
+            return run, out
+
+        def run_broken():  # type: ignore[no-untyped-def]
+            run()
+            out[1] = float("nan")  # as if the short sequence had read a poisoned slot
+
+        return run_broken, out
+
+    monkeypatch.setattr(study, "calls", broken)
+    assert list(study.check_ragged([("hf", "tiny", config)], device="cpu")) == [f"ragged hf:tiny:{config}"]

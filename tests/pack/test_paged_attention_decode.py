@@ -125,6 +125,38 @@ def test_too_many_sequences_fail_with_the_limit(monkeypatch) -> None:  # type: i
         _call()
 
 
+def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no-untyped-def]
+    """Each (sequence, KV head, split) program owns its workspace slot. Triton's interpreter
+    runs one pair's splits back to back, so programs sharing slots would still give the right
+    output here (not on a GPU): this reads the log-sum-exp every split left in the workspace,
+    in place. The counters must be back at zero after the call (two pairs sharing a counter
+    would only show on a GPU, where pairs run at once)."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    lens, n_q, n_kv, splits, block = [70, 0, 17], 4, 2, 4, 16
+    cache = paged_cache(gen, lens, PAGE, n_kv, 64, torch.float32)
+    q = randn(gen, len(lens), n_q, 64)
+    check(q, cache, config={"BLOCK_N": block, "SPLITS": splits, "num_warps": 4, "num_stages": 1})
+    lse = module._lse.get(q.device, 0, torch.float32)
+    assert module._counters.get(q.device, 0, torch.int32).eq(0).all()
+    group, log2_scale = n_q // n_kv, 64**-0.5 * 1.4426950408889634
+    no_score = torch.tensor(-1.0e30, dtype=torch.float32).item()  # the kernel's NO_SCORE
+    for b, n in enumerate(lens):
+        keys, _ = cache.keys(b)
+        tiles = -(-n // block)
+        per_split = -(-tiles // splits) * block
+        for h in range(n_kv):
+            for split in range(splits):
+                lo, hi = split * per_split, min(n, (split + 1) * per_split)
+                for g in range(group):
+                    got = float(lse[((b * n_kv + h) * splits + split) * group + g])
+                    if hi <= lo:
+                        assert got == no_score, (b, h, split, g)  # a split without keys
+                        continue
+                    scores = (keys[lo:hi, h].double() @ q[b, h * group + g].double()) * log2_scale
+                    want = float(torch.logsumexp(scores * 0.6931471805599453, 0) / 0.6931471805599453)
+                    assert got == pytest.approx(want, abs=1e-4), (b, h, split, g)
+
+
 def test_serve_mode_runs_the_hand_picked_config(gen) -> None:  # type: ignore[no-untyped-def]
     cache = paged_cache(gen, [300], PAGE, 1, 64, torch.bfloat16)
     paged_attention_decode(
