@@ -1,5 +1,7 @@
-"""Compile the attention kernels for an NVIDIA GPU without one: does each build, and what
-does ptxas say about its registers, spills and shared memory?
+"""Compile the attention kernels (and the decode study's TMA variant, whose device-side
+tensor descriptors the interpreter accepts in forms the compiler rejects) for an NVIDIA GPU
+without one: does each build, and what does ptxas say about its registers, spills and
+shared memory?
 
 Triton's interpreter runs the kernels' logic on a CPU but never compiles them, so code that
 the GPU compiler rejects (a layout it cannot lower, a tile ``tl.dot`` refuses) and configs
@@ -53,6 +55,12 @@ VARLEN = [
     ((9, 3, 64), {"BLOCK_M": 64, "BLOCK_N": 32, "CAUSAL": False, "HAS_PREFIX": True}, 4, 2),
 ]
 CACHE = [((8, 128), {"BLOCK_T": 1, "BLOCK_H": 8}, 4, 1), ((3, 64), {"BLOCK_T": 4, "BLOCK_H": 2}, 1, 1)]
+# The decode study's TMA variant (decode_structures.py): blocks per loop step, splits.
+TMA = [
+    ((32, 8, 128), {"PAGES": 4, "SPLITS": 4}, 4, 3),
+    ((8, 1, 128), {"PAGES": 2, "SPLITS": 4}, 4, 3),
+    ((9, 3, 64), {"PAGES": 2, "SPLITS": 2}, 2, 2),
+]
 
 
 def compile_one(
@@ -150,8 +158,11 @@ def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., d
     cache_ptrs = {n: bf16 for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")} | {
         "slot_ptr": "*i64"
     }
+    import decode_structures  # beside this script
+
     return {
         "decode": (_paged_attention_decode_kernel.fn, decode_ptrs, DECODE, _decode),
+        "tma": (decode_structures._study_tma_kernel, decode_ptrs, TMA, _decode),
         "varlen": (_varlen_attention_kernel.fn, varlen_ptrs, VARLEN, _varlen),
         "cache": (_reshape_and_cache_kernel.fn, cache_ptrs, CACHE, _cache),
     }
@@ -160,7 +171,11 @@ def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
-    p.add_argument("--kernels", default="decode,varlen,cache", help="comma-separated: decode, varlen, cache")
+    p.add_argument(
+        "--kernels",
+        default="decode,tma,varlen,cache",
+        help="comma-separated: decode, tma (the decode study's TMA variant), varlen, cache",
+    )
     p.add_argument("--first", action="store_true", help="only the first config of each kernel")
     args = p.parse_args(argv)
     table = kernels()

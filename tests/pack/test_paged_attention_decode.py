@@ -103,8 +103,8 @@ def test_splits_are_in_the_space_and_chosen_per_key() -> None:
 
 
 def test_pipelined_tiles_may_be_larger() -> None:
-    """Tiles that num_stages > 1 stages through shared memory may hold more elements a
-    thread than register-held ones (the H200 tuner picks 64-key tiles on 2 warps there)."""
+    """Pipelined configs (num_stages > 1) may hold more tile elements a thread than
+    unpipelined ones (the H200 tuner picks 64-key tiles on 2 warps there)."""
     args = llama_3_8b(batch=64, max_context_len=8192)
 
     def per_thread(c: dict) -> float:  # type: ignore[type-arg]

@@ -56,7 +56,8 @@ _OP = "paged_attention_decode"
 # BLOCK_D per program) at 2048 * G * BLOCK_D * 4 bytes: 4 MiB for Llama-3-8B's layout.
 MAX_SPLIT_PROGRAMS = 2048
 # Elements of a K (or V) tile each thread holds: more spills registers, fewer idles lanes.
-# Pipelined tiles (num_stages > 1) are staged in shared memory, so they may be larger.
+# Pipelined configs (num_stages > 1) may hold more: they won on the H200 at 128 a thread
+# (216-220 registers, no spills: benchmarks/kernels/compile_check.py), and the tuner measures.
 MAX_TILE_PER_THREAD = 64
 MAX_STAGED_TILE_PER_THREAD = 256
 MIN_TILE_PER_THREAD = 8
