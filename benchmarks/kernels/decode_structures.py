@@ -123,12 +123,19 @@ def _tiles(
 
 
 @triton.jit
-def _program(q_ptr, q_stride_b, q_stride_h, G: tl.constexpr, HEAD_SIZE: tl.constexpr,
-             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """This program's (KV head, sequence, split), its query heads' rows and their queries."""
-    kv_head = tl.program_id(0)
-    seq = tl.program_id(1)
-    split = tl.program_id(2)
+def _program(q_ptr, q_stride_b, q_stride_h, NK: tl.constexpr, G: tl.constexpr, HEAD_SIZE: tl.constexpr,
+             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):  # fmt: skip
+    """This program's (KV head, sequence, split), its query heads' rows and their queries.
+    Grid (KV head, sequence, split), or with FLAT (sequence * NK + KV head, split): the KV
+    head still fastest, and no 65,535-sequence limit (CUDA's on a grid's second axis)."""
+    if FLAT:
+        kv_head = tl.program_id(0) % NK
+        seq = tl.program_id(0) // NK
+        split = tl.program_id(1)
+    else:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        split = tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     g_mask = g < G
@@ -154,7 +161,7 @@ def _study_kernel(
 ):  # fmt: skip
     G: tl.constexpr = NQ // NK
     kv_head, seq, split, g, d, g_mask, d_mask, heads, q = _program(
-        q_ptr, q_stride_b, q_stride_h, G, HEAD_SIZE, BLOCK_G, BLOCK_D
+        q_ptr, q_stride_b, q_stride_h, NK, G, HEAD_SIZE, BLOCK_G, BLOCK_D, False
     )
     context = tl.maximum(tl.load(lens_ptr + seq), 0)
     per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
@@ -250,10 +257,11 @@ def _study_tma_kernel(
 ):  # fmt: skip
     """hf with K and V read block by block through 3-D tensor descriptors over the caches
     ([num_blocks, PAGE, NK * HEAD_SIZE], one box = one block's PAGE rows of one head), PAGES
-    blocks per loop step; splits take whole steps. HEAD_SIZE must be a power of 2."""
+    blocks per loop step; splits take whole steps. HEAD_SIZE must be a power of 2. The grid
+    is flat, (sequence * NK + KV head, split), as a port into the pack would launch it."""
     G: tl.constexpr = NQ // NK
     kv_head, seq, split, g, d, g_mask, d_mask, heads, q = _program(
-        q_ptr, q_stride_b, q_stride_h, G, HEAD_SIZE, BLOCK_G, BLOCK_D
+        q_ptr, q_stride_b, q_stride_h, NK, G, HEAD_SIZE, BLOCK_G, BLOCK_D, True
     )
     # (The shapes written out in each call: a list held in a variable does not reach the
     # compiler as one.)
@@ -353,7 +361,7 @@ def calls(t, cfg, variant, context):
         assert (ss * kc.element_size()) % 16 == 0 and kc.data_ptr() % 16 == vc.data_ptr() % 16 == 0
 
         def run_tma():
-            _study_tma_kernel[sgrid](
+            _study_tma_kernel[(n_kv * q.shape[0], cfg["SPLITS"])](
                 q, qsb, qsh, kc, vc, kc.shape[0], sb, ss, table, tstride, lens, out, osb, osh, ws, lse,
                 locks, scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot, PAGES=cfg["BLOCK_N"] // page,
                 SPLITS=cfg["SPLITS"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
