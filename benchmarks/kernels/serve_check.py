@@ -3,8 +3,10 @@
 Calls every op of the pack on the shapes and token counts the shipped books were tuned
 for (books/README.md), in ``TUNEBOOK_MODE=serve`` with an empty ``TUNEBOOK_DIR``, so only
 the read-only books inside the package can answer; prints, per op, the calls made, the
-configs benchmarked, the fallbacks and the keys answered from the book. On the GPU the
-books were tuned on, benchmarked and fallbacks must both be 0.
+configs benchmarked, the fallbacks and the keys answered from the book, then the calls the
+books did not answer, each with its shape and token count (what to tune next; all of them
+are in ``serve_check.json``). On the GPU the books were tuned on, benchmarked and fallbacks
+must both be 0.
 
     python benchmarks/kernels/serve_check.py [--out DIR] [--dry-run]
 
@@ -39,8 +41,8 @@ LINEAR = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 MIXTRAL = (8, 4096, 14336, 2)  # experts, hidden, intermediate, top-k
 
 
-def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) -> list[tuple[str, Any]]:
-    """(op, a no-argument call) for every shipped key."""
+def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) -> list[tuple[str, str, Any]]:
+    """(op, what the call is, a no-argument call) for every shipped key."""
     import torch
 
     from tunebook.kernels import _models
@@ -49,10 +51,10 @@ def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) 
 
     tokens = (1, 3) if dry_run else TOKENS
     models = _models.select_models("smollm2-135m" if dry_run else ELEMENTWISE_MODELS)
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, str, Any]] = []
     for planned in _models.plan(("rms_norm", "silu_and_mul", "rotary_embedding"), models, tokens):
         work = planned.build(device)
-        out.append((planned.op, lambda w=work: w.run(None)))
+        out.append((planned.op, _label(planned), lambda w=work: w.run(None)))
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape: int) -> Any:
@@ -62,19 +64,22 @@ def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) 
     for m in tokens:
         for n, k in layers.values():
             x, w = randn(m, k), randn(n, k) * k**-0.5
-            out.append(("linear", lambda x=x, w=w: linear(x, w)))
+            out.append(("linear", f"M={m} N={n} K={k}", lambda x=x, w=w: linear(x, w)))
     e, h, inter, top_k = (4, 24, 40, 2) if dry_run else MIXTRAL
     for m in tokens:
         x, w13, w2 = randn(m, h), randn(e, 2 * inter, h) * h**-0.5, randn(e, h, inter) * inter**-0.5
         weights, ids = torch.topk(torch.randn(m, e, generator=g).softmax(-1), top_k)
         args = (x, w13, w2, weights.to(device), ids.to(device))
-        out.append(("fused_moe", lambda a=args: fused_moe(*a)))
+        out.append(
+            ("fused_moe", f"M={m} E={e} hidden={h} inter={inter} top-{top_k}", lambda a=args: fused_moe(*a))
+        )
     # Built when called, one at a time: a decode workload's cache takes up to 8.6 GB.
     if dry_run:
         for op, (shape, n) in DRY_ATTENTION.items():
             out.append(
                 (
                     op,
+                    f"{shape} tokens={n}",
                     lambda op=op, shape=shape, n=n: _models.workload(
                         op, shape, n, torch.bfloat16, device
                     ).run(None),
@@ -82,8 +87,12 @@ def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) 
             )
     else:
         for planned in _models.plan(ATTENTION_OPS, _models.select_models(attention_models)):
-            out.append((planned.op, lambda p=planned: p.build(device).run(None)))
+            out.append((planned.op, _label(planned), lambda p=planned: p.build(device).run(None)))
     return out
+
+
+def _label(planned: Any) -> str:
+    return f"{dict(planned.shape)} tokens={planned.tokens} {str(planned.dtype).removeprefix('torch.')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,14 +112,18 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     rows: dict[str, dict[str, Any]] = {}
-    for op, call in calls(args.dry_run, device, args.attention_models):
+    for op, label, call in calls(args.dry_run, device, args.attention_models):
         before = tunebook.stats()
         call()
         after = tunebook.stats()
-        row = rows.setdefault(op, {"op": op, "calls": 0, "benchmarked": 0, "fallbacks": 0, "book_hits": 0})
+        row = rows.setdefault(
+            op, {"op": op, "calls": 0, "benchmarked": 0, "fallbacks": 0, "book_hits": 0, "not_answered": []}
+        )
         row["calls"] += 1
         for name in ("benchmarked", "fallbacks", "book_hits"):
             row[name] += int(after[name] - before[name])
+        if after["fallbacks"] > before["fallbacks"] or after["benchmarked"] > before["benchmarked"]:
+            row["not_answered"].append(label)  # which key a book lacks: what to tune next
     if device == "cuda":
         torch.cuda.synchronize()
     result = {
@@ -124,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows.values():
         counts = f"{r['calls']:6d} {r['benchmarked']:12d} {r['fallbacks']:10d} {r['book_hits']:10d}"
         print(f"{r['op']:24s} {counts}")
+    missing = [(r["op"], label) for r in rows.values() for label in r["not_answered"]]
+    if missing:
+        print(f"not answered by the books ({len(missing)} calls; all listed in serve_check.json):")
+        for op, label in missing[:20]:
+            print(f"  {op} {label}")
     return 0
 
 

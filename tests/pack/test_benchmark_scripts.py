@@ -52,6 +52,38 @@ def test_every_script_dry_runs(tmp_path: Path) -> None:
         assert book_files(tmp_path / op / "book"), "the tuning was not written to OUT/book"
 
 
+@pytest.mark.slow  # one process, ~5 s
+def test_serve_check_dry_run_names_every_call_the_books_do_not_answer(tmp_path: Path) -> None:
+    """serve_check in serve mode benchmarks nothing; on the CPU no shipped book matches the
+    platform, so every call falls back, and each is listed by shape (what to tune next)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "serve_check.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["op"]: r for r in json.loads((tmp_path / "serve_check.json").read_text())["rows"]}
+    assert set(rows) == {
+        "rms_norm",
+        "silu_and_mul",
+        "rotary_embedding",
+        "linear",
+        "fused_moe",
+        "reshape_and_cache",
+        "paged_attention_decode",
+        "varlen_attention",
+    }
+    for op, r in rows.items():
+        assert r["benchmarked"] == 0 and r["book_hits"] == 0, op
+        assert r["fallbacks"] >= r["calls"] == len(r["not_answered"]) > 0, op
+        assert len(set(r["not_answered"])) == r["calls"], f"{op}: two calls share a label"
+    assert "M=1 N=40 K=24" in rows["linear"]["not_answered"]
+    assert "not answered by the books (15 calls" in proc.stdout
+
+
 def test_a_script_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
     import torch
 
