@@ -11,6 +11,7 @@ import torch
 
 import tunebook
 from tunebook.kernels import paged_attention_decode, reshape_and_cache
+from tunebook.kernels._attention import LOG2E, NO_SCORE
 from tunebook.kernels.paged_attention_decode import (
     MAX_STAGED_TILE_PER_THREAD,
     MAX_TILE_PER_THREAD,
@@ -138,8 +139,8 @@ def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no
     check(q, cache, config={"BLOCK_N": block, "SPLITS": splits, "num_warps": 4, "num_stages": 1})
     lse = module._lse.get(q.device, 0, torch.float32)
     assert module._counters.get(q.device, 0, torch.int32).eq(0).all()
-    group, log2_scale = n_q // n_kv, 64**-0.5 * 1.4426950408889634
-    no_score = torch.tensor(-1.0e30, dtype=torch.float32).item()  # the kernel's NO_SCORE
+    group, log2_scale = n_q // n_kv, 64**-0.5 * LOG2E
+    no_score = torch.tensor(NO_SCORE.value, dtype=torch.float32).item()  # as the kernel stores it
     for b, n in enumerate(lens):
         keys, _ = cache.keys(b)
         tiles = -(-n // block)
@@ -153,7 +154,7 @@ def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no
                         assert got == no_score, (b, h, split, g)  # a split without keys
                         continue
                     scores = (keys[lo:hi, h].double() @ q[b, h * group + g].double()) * log2_scale
-                    want = float(torch.logsumexp(scores * 0.6931471805599453, 0) / 0.6931471805599453)
+                    want = float(torch.logsumexp(scores / LOG2E, 0) * LOG2E)  # log2 of sum 2^s
                     assert got == pytest.approx(want, abs=1e-4), (b, h, split, g)
 
 
