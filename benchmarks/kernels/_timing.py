@@ -88,6 +88,13 @@ def interleaved(
     that could not be captured (e.g. torch.compile failing on this PyTorch), the reason."""
     samplers: dict[str, Callable[[], float]] = {}
     errors: dict[str, str] = {}
+    # Every variant runs once before any is captured: a kernel's scratch buffer that one
+    # variant grows would otherwise move under the graph an earlier variant captured.
+    for fn in variants.values():
+        try:
+            fn()
+        except Exception:
+            pass  # prepare() below meets it again and records why
     for name, fn in variants.items():
         try:
             samplers[name] = timer.prepare(fn)

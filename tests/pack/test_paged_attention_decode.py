@@ -126,6 +126,37 @@ def test_too_many_sequences_fail_with_the_limit(monkeypatch) -> None:  # type: i
         _call()
 
 
+def test_split_buffers_keep_their_size_whatever_the_call(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A CUDA graph holds its buffers' addresses: once a layout's first split call has sized
+    the workspace, no later call of that layout, with any config its Space allows or the
+    hand-picked launch, may reallocate it. (Sized per call, a larger batch after a captured
+    smaller one moved the workspace, and the H200 replayed a graph into freed memory.)"""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    for name in ("_workspace", "_lse", "_counters"):
+        fresh = module.Scratch(f"test.{name}", zeroed=name == "_counters")
+        monkeypatch.setattr(module, name, fresh)
+    n_q, n_kv, head_size = 32, 8, 128
+    group = n_q // n_kv
+    first: list[int] | None = None
+    for batch, context in [(1, 32768), (16, 128), (64, 512), (1, 2048), (16, 8192), (128, 8192)]:
+        q = torch.empty(batch, n_q, head_size, dtype=torch.bfloat16)
+        k_cache = torch.empty(2, PAGE, n_kv, head_size, dtype=torch.bfloat16)
+        table = torch.zeros(batch, context // PAGE, dtype=torch.int32)
+        lens = torch.zeros(batch, dtype=torch.int32)
+        call = llama_3_8b(batch=batch, max_context_len=context)
+        configs = [None, hand_picked(call), *SPACE.candidates(args=call)]
+        for config in configs:
+            _, args = module._launch(q, k_cache, k_cache, table, lens, None, context, q, config)
+            ws, lse, locks = args[17:20]
+            buffers = [t.data_ptr() for t in (ws, lse, locks)]
+            first = first or buffers
+            assert buffers == first, f"batch {batch}, context {context}, {config}: a buffer moved"
+            splits = max_splits(batch, n_kv, context) if config is None else config["SPLITS"]
+            if splits > 1:
+                assert lse.numel() >= batch * n_kv * splits * group
+                assert ws.numel() >= lse.numel() * head_size and locks.numel() >= batch * n_kv
+
+
 def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no-untyped-def]
     """Each (sequence, KV head, split) program owns its workspace slot. Triton's interpreter
     runs one pair's splits back to back, so programs sharing slots would still give the right

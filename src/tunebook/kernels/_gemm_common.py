@@ -117,8 +117,9 @@ class Scratch:
     """Per-device buffers reused across calls, grown on demand, never shrunk.
 
     Callers on one device share them: two launches that use the same buffer must not run
-    concurrently on different CUDA streams. Inside a CUDA graph, run the largest shape once
-    before capture so that no buffer grows during the capture.
+    concurrently on different CUDA streams. A buffer that grows is reallocated, and a CUDA
+    graph captured before holds the freed one: run the largest shape once before capturing
+    any graph, or size a kernel's request for its largest call (paged_attention_decode).
     """
 
     def __init__(self, name: str, zeroed: bool) -> None:

@@ -364,10 +364,18 @@ def _launch(
     block_g = a.dot_floor(n_q // n_kv)
     block_d = a.dot_floor(head_size)
     splits = max_splits(batch, n_kv, max_context_len) if config is None else int(config["SPLITS"])
-    partials = batch * n_kv * splits * (n_q // n_kv) if splits > 1 else 1
+    # Sized for the layout, not for the call: whatever config the tuner or the book picks, a
+    # split call launches at most MAX_SPLIT_PROGRAMS programs (max_splits), over at most half
+    # as many (sequence, KV head) pairs. So the buffers take their final size at a layout's
+    # first split call and never move under a CUDA graph captured after it; sized per call,
+    # a later, larger call reallocated them and an earlier graph wrote freed memory (an
+    # illegal address on the H200, 2026-12-01).
+    programs = max(batch * n_kv * splits, MAX_SPLIT_PROGRAMS) if splits > 1 else 1
+    partials = programs * (n_q // n_kv)
     ws = _workspace.get(q.device, partials * block_d, torch.float32)
     lse = _lse.get(q.device, partials, torch.float32)
-    locks = _counters.get(q.device, batch * n_kv if splits > 1 else 1, torch.int32)
+    pairs = max(batch * n_kv, MAX_SPLIT_PROGRAMS // 2) if splits > 1 else 1
+    locks = _counters.get(q.device, pairs, torch.int32)
     args = (
         *(q, q.stride(0), q.stride(1)),
         *(k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
