@@ -153,6 +153,33 @@ def test_fallback_callable_is_used_in_serve_mode(monkeypatch, caplog):
     assert any("not one of the kernel's configs" in r.message for r in caplog.records)
 
 
+def test_prefer_nearest_serves_a_neighbour_before_the_fallback(monkeypatch, book_dir, tmp_path):
+    """With prefer_nearest=True a key the book lacks takes the nearest tuned key's winner, and
+    fallback= answers only where the kernel has nothing remembered (the kernel pack's rule)."""
+    tuned = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
+    call(tuned, 300)
+    winner = tuned.best_config.kwargs["BLOCK"]
+    other = next(b for b in (32, 64, 128) if b != winner)
+
+    def pick(key, configs):
+        return next(c for c in configs if c.kwargs["BLOCK"] == other)
+
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    for prefer, expected in ((True, winner), (False, other)):
+        configs = block_configs(32, 64, 128)
+        kernel = tunebook.autotune(configs, key=["n"], fallback=pick, prefer_nearest=prefer)(add_kernel)
+        call(kernel, 400)
+        assert kernel.best_config.kwargs == {"BLOCK": expected}, f"prefer_nearest={prefer}"
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "empty"))
+    alone = tunebook.autotune(block_configs(32, 64, 128), key=["n"], fallback=pick, prefer_nearest=True)(
+        add_kernel
+    )
+    call(alone, 400)
+    assert alone.best_config.kwargs == {"BLOCK": other}  # nothing remembered: the fallback
+    assert tunebook.stats()["benchmarked"] == 0
+
+
 def test_serve_mode_records_replayable_misses(monkeypatch, book_dir):
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)

@@ -7,7 +7,8 @@
         │ (refreshed first: another process or host may have tuned it meanwhile)
         ▼ otherwise, by TUNEBOOK_MODE (the rule: _policy.py)
     tune  → measure what the book lacks, persist as it goes (_tuner.py; isolate=True: _worker/)
-    serve → fallback= / own partial results / nearest key / first config, and record the miss
+    serve → fallback= / own partial results / nearest key / first config (fallback= after the
+            nearest key with prefer_nearest=), and record the miss
     off   → measure everything, remember nothing
 
 :func:`resolve` returns a :class:`Resolution`; the autotuner settles it (its cache, its
@@ -182,7 +183,8 @@ def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:
 def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
     picked = _user_fallback(miss)
-    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked)
+    picked_last = miss.tuner.options.prefer_nearest
+    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked, picked_last)
     log.warning(
         "tunebook: %s key %s is not in the book; serving %s without benchmarking (TUNEBOOK_MODE=serve)",
         miss.tuner.label,

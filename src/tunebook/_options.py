@@ -42,6 +42,7 @@ class Options:
     compile_workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # precompile threads
     adaptive: bool = True  # screen briefly, measure only the contenders in full
     fallback: Callable[[tuple[Any, ...], list[Any]], Any] | None = None  # serve mode's pick
+    prefer_nearest: bool = False  # serve mode: remembered keys before fallback=
     inputs: Callable[[dict[str, Any]], Any] | None = None  # rebuilds a call for offline tuning
     isolate: bool = False  # measure new keys in a worker process
     isolate_timeout: float = 300.0  # seconds without progress before a candidate counts as hung

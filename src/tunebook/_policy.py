@@ -6,7 +6,8 @@ that ended with a choice: a book tuned with another budget, or a search that con
 early, still serves its tuned config). Otherwise ``TUNEBOOK_MODE``
 decides: ``tune`` measures what the book lacks; ``serve`` answers at once with the best
 config it can justify without measuring (the user's ``fallback=``, the key's own partial
-results, the winner of the nearest remembered key, the first config, in that order);
+results, the winner of the nearest remembered key, the first config, in that order; with
+``prefer_nearest=`` the user's ``fallback=`` comes after the nearest key);
 ``off`` measures every candidate and remembers nothing.
 
 >>> from tunebook._book import Entry, Result
@@ -160,14 +161,21 @@ def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] =
 
 
 def serve_choice(
-    ids: Sequence[str], entry: Entry | None, nearest: Sequence[Entry], picked: str | None = None
+    ids: Sequence[str],
+    entry: Entry | None,
+    nearest: Sequence[Entry],
+    picked: str | None = None,
+    picked_last: bool = False,
 ) -> tuple[str | None, str]:
     """(config id, how it was chosen) for ``serve`` mode; None means the first candidate.
 
-    ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``.
+    ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``: asked
+    first, or with ``picked_last`` (``prefer_nearest=``) only after the key's own results
+    and the nearest keys.
     """
-    if picked is not None and picked in ids:
-        return picked, "the config chosen by fallback="
+    user = (picked, "the config chosen by fallback=") if picked is not None and picked in ids else None
+    if user is not None and not picked_last:
+        return user
     own = entry.best(ids) if entry is not None else None
     if own is not None:
         return own, "the best of its own partial results"
@@ -175,4 +183,6 @@ def serve_choice(
         best = other.best(ids)
         if best is not None:
             return best, f"the winner of the nearest remembered key {list(other.key)}"
+    if user is not None:
+        return user
     return None, "the first config (nothing remembered for this kernel on this platform)"

@@ -12,8 +12,10 @@ set in one place:
   across five samples on an H200), so candidates are timed as CUDA-graph replays of many
   launches. 20 ms of launches per sample (Triton's own default for graphs; tunebook's is
   100 ms) is thousands of launches here, and measures each contender in a fifth of the time;
-* ``fallback=`` — in ``serve`` mode, a key the book lacks runs the op's hand-picked config
-  (Liger-Kernel's rule), not whatever config happens to come first in the space.
+* ``fallback=`` with ``prefer_nearest=True`` — in ``serve`` mode, a key the book lacks runs
+  the winner of its nearest tuned key (a neighbouring batch or context bucket), and where
+  the book holds nothing for the kernel the op's hand-picked config (Liger-Kernel's rule),
+  not whatever config happens to come first in the space.
 """
 
 from __future__ import annotations
@@ -134,8 +136,10 @@ def autotune(
 
     ``hand_picked(named_key) -> config dict`` is the op's conventional config for a key
     (``named_key`` maps the key's argument names to the call's values); ``serve`` mode
-    falls back to it. ``inputs`` rebuilds a call for offline tuning where random tensors of
-    the recorded layout would not do (block tables, lengths): ``tunebook.autotune``'s.
+    falls back to it where the book remembers no key of the kernel on this platform (a
+    bucket the book lacks takes its nearest tuned key's winner first: ``prefer_nearest``).
+    ``inputs`` rebuilds a call for offline tuning where random tensors of the recorded
+    layout would not do (block tables, lengths): ``tunebook.autotune``'s.
     """
     names = [str(k) for k in key]
 
@@ -151,6 +155,7 @@ def autotune(
         name=f"tunebook.kernels.{op}",
         max_configs=max_configs(),
         fallback=fallback,
+        prefer_nearest=True,
         inputs=inputs,
     )
 

@@ -122,6 +122,7 @@ def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
     books=[BOOKS_DIR],
     max_configs=max_configs(),
     fallback=_fallback,
+    prefer_nearest=True,  # a tuned neighbouring bucket first
 )
 @triton.jit
 def _linear_tma_kernel(

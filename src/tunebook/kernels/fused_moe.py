@@ -246,6 +246,7 @@ def _moe_autotune(gemm: int) -> Any:
         books=[BOOKS_DIR],
         max_configs=max_configs(),
         fallback=_fallback_for(gemm),
+        prefer_nearest=True,  # a tuned neighbouring bucket first
     )
 
 

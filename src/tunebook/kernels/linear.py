@@ -203,6 +203,7 @@ def _linear_epilogue(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, stride_yn, 
     books=[BOOKS_DIR],
     max_configs=max_configs(),
     fallback=_fallback,
+    prefer_nearest=True,  # a tuned neighbouring bucket first
 )
 @triton.jit
 def _linear_kernel(
