@@ -1,7 +1,7 @@
-"""Compile the attention kernels (and the decode study's TMA variant, whose device-side
-tensor descriptors the interpreter accepts in forms the compiler rejects) for an NVIDIA GPU
-without one: does each build, and what does ptxas say about its registers, spills and
-shared memory?
+"""Compile the attention kernels and the decode study's variants (TMA, whose device-side
+tensor descriptors the interpreter accepts in forms the compiler rejects, and the chunked
+3-D merge) for an NVIDIA GPU without one: does each build, and what does ptxas say about
+its registers, spills and shared memory?
 
 Triton's interpreter runs the kernels' logic on a CPU but never compiles them, so code that
 the GPU compiler rejects (a layout it cannot lower, a tile ``tl.dot`` refuses) and configs
@@ -62,6 +62,13 @@ TMA = [
     ((9, 3, 64), {"PAGES": 2, "SPLITS": 2}, 2, 2),
 ]
 
+# The study's "vm" variant (flat grid, merge of CHUNK splits a step; CHUNK as merge_chunk picks it).
+VM = [
+    ((32, 8, 128), {"BLOCK_N": 64, "SPLITS": 16, "MERGE_G": 4, "CHUNK": 16}, 4, 2),
+    ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 64, "MERGE_G": 8, "CHUNK": 8}, 4, 1),
+    ((9, 3, 64), {"BLOCK_N": 64, "SPLITS": 8, "MERGE_G": 4, "CHUNK": 8}, 2, 2),
+]
+
 
 def compile_one(
     jit: Any,
@@ -120,6 +127,11 @@ def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    flags = {"EVEN_D": False, "PREFETCH": False, "TRANS_K": False, "EVICT": False, "FLAT": True}
+    return _decode(layout, {**flags, **meta})
+
+
 def _varlen(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     nq, nk, hs = layout
     paged = meta["HAS_PREFIX"]
@@ -163,6 +175,7 @@ def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., d
     return {
         "decode": (_paged_attention_decode_kernel.fn, decode_ptrs, DECODE, _decode),
         "tma": (decode_structures._study_tma_kernel, decode_ptrs, TMA, _decode),
+        "vm": (decode_structures._study_kernel, decode_ptrs, VM, _vm),
         "varlen": (_varlen_attention_kernel.fn, varlen_ptrs, VARLEN, _varlen),
         "cache": (_reshape_and_cache_kernel.fn, cache_ptrs, CACHE, _cache),
     }
@@ -173,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument(
         "--kernels",
-        default="decode,tma,varlen,cache",
-        help="comma-separated: decode, tma (the decode study's TMA variant), varlen, cache",
+        default="decode,tma,vm,varlen,cache",
+        help="comma-separated: decode, tma and vm (the decode study's variants), varlen, cache",
     )
     p.add_argument("--first", action="store_true", help="only the first config of each kernel")
     args = p.parse_args(argv)

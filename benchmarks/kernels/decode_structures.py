@@ -16,16 +16,23 @@ interleaved rounds (ratios > 1: the variant is faster than SDPA):
   hfe    hf, keys and values loaded with evict_first (streamed, not kept in L2)
   tma    hf with K and V read by the TMA unit one cache block at a time (3-D tensor
          descriptors over the caches; BLOCK_N / block_size blocks per loop step): the
-         structure that took linear from 0.75-0.81 to 0.90-1.01 of cuBLAS (not yet timed)
+         structure that took linear from 0.75-0.81 to 0.90-1.01 of cuBLAS (run 4: slower
+         at every shape)
+  vm     hf on a flat grid (sequence * NK + KV head, split: no 65,535-sequence limit), the
+         last split merging CHUNK partials a step as one [CHUNK, G, head] load (G padded to
+         a power of 2, not to tl.dot's 16 rows) instead of one partial per L2 round trip:
+         the merge is a serial tail after every split, and at 16-64 splits it is most of
+         what keeps the tuner from choosing more splits (not yet timed)
 Pipelined configs may hold up to 256 tile elements a thread (what the pack now allows). The
 study kernel repeats the pack kernel's body so that each variant is one flag away from it;
 the pack's kernel itself is not touched (editing it invalidates its shipped page). Runs 1-2
 compared "cur", "hf", "hfp"/"hfs" (and "hfx", hfp without the early table load) under the
-old 64-element bound; run 3 "hf", "hfw", "hfe" (BENCHMARKS.md, section 5b); VARIANTS now
-holds the next run's: "cur" (the pack's kernel as it ships, heads first since run 3) against
-"tma".
+old 64-element bound; run 3 "hf", "hfw", "hfe"; run 4 "cur" against "tma" (BENCHMARKS.md,
+section 5b). VARIANTS now holds the next run's: "cur" (the pack's kernel as it ships) against
+"vm", with splits up to 64 and the shapes where the pack's choice splits most (long contexts
+at 1-16 sequences) added.
 
-    python benchmarks/kernels/decode_structures.py OUT_DIR      # one GPU, ~3 min
+    python benchmarks/kernels/decode_structures.py OUT_DIR      # one GPU, ~4 min
 """
 
 from __future__ import annotations
@@ -60,11 +67,17 @@ SHAPES = [  # layout, batch, context
     ("8/1", 64, 512),
     ("8/1", 256, 512),
     ("8/1", 64, 8192),
+    ("32/8", 16, 2048),
+    ("8/1", 16, 2048),
+    ("8/1", 16, 8192),
+    ("8/1", 1, 32768),
 ]
-VARIANTS = ["cur", "tma"]  # earlier runs: "hf", "hfx", "hfp", "hfs", "hfw", "hfe"
+VARIANTS = ["cur", "vm"]  # earlier runs: "hf", "hfx", "hfp", "hfs", "hfw", "hfe", "tma"
 CONFIGS = [
     {"BLOCK_N": n, "SPLITS": s, "num_warps": w, "num_stages": st}
-    for n, s, w, st in itertools.product([16, 32, 64, 128, 256], [1, 2, 4, 8, 16], [2, 4, 8], [1, 2, 3, 4])
+    for n, s, w, st in itertools.product(
+        [16, 32, 64, 128, 256], [1, 2, 4, 8, 16, 32, 64], [2, 4, 8], [1, 2, 3, 4]
+    )
 ]
 
 
@@ -163,11 +176,11 @@ def _study_kernel(
     NQ: tl.constexpr, NK: tl.constexpr, HEAD_SIZE: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, TRANS_K: tl.constexpr,
-    EVICT: tl.constexpr,
+    EVICT: tl.constexpr, FLAT: tl.constexpr, MERGE_G: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     G: tl.constexpr = NQ // NK
     kv_head, seq, split, g, d, g_mask, d_mask, heads, q = _program(
-        q_ptr, q_stride_b, q_stride_h, NK, G, HEAD_SIZE, BLOCK_G, BLOCK_D, False
+        q_ptr, q_stride_b, q_stride_h, NK, G, HEAD_SIZE, BLOCK_G, BLOCK_D, FLAT
     )
     context = tl.maximum(tl.load(lens_ptr + seq), 0)
     per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
@@ -189,17 +202,21 @@ def _study_kernel(
         BLOCK_G, BLOCK_N, True, PAGE, DOT, EVEN_D, PREFETCH, TRANS_K, EVICT,
     )  # fmt: skip
     _finish(acc, m_i, l_i, seq, kv_head, split, heads, g, d, g_mask, d_mask, out_ptr, out_stride_b,
-            out_stride_h, ws_ptr, lse_ptr, lock_ptr, NK, G, BLOCK_G, BLOCK_D, SPLITS)  # fmt: skip
+            out_stride_h, ws_ptr, lse_ptr, lock_ptr, NK, G, BLOCK_G, BLOCK_D, SPLITS, MERGE_G,
+            CHUNK)  # fmt: skip
 
 
 @triton.jit
 def _finish(
     acc, m_i, l_i, seq, kv_head, split, heads, g, d, g_mask, d_mask, out_ptr, out_stride_b, out_stride_h,
     ws_ptr, lse_ptr, lock_ptr, NK: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, MERGE_G: tl.constexpr = 0, CHUNK: tl.constexpr = 1,
 ):  # fmt: skip
     """The pack kernel's epilogue: store the output, or the split's partial and, in the
-    last split to arrive, the merge."""
+    last split to arrive, the merge: one split at a time (MERGE_G == 0, as the pack does),
+    or CHUNK splits a step as [CHUNK, MERGE_G, BLOCK_D] loads, MERGE_G the group padded to
+    a power of 2 (not to tl.dot's 16 rows), so the merge waits on SPLITS / CHUNK round trips
+    to L2 instead of SPLITS."""
     out_rows = out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLITS == 1:
@@ -214,23 +231,57 @@ def _finish(
         lock = lock_ptr + seq * NK + kv_head
         arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
-            s = tl.arange(0, SPLITS)
-            lses = tl.load(lse_ptr + (first + s[:, None]) * G + g[None, :], mask=g_mask[None, :],
-                           other=NO_SCORE, cache_modifier=".cg")  # fmt: skip
-            top = tl.max(lses, 0)
-            total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-            weight = tl.zeros([BLOCK_G], dtype=tl.float32)
-            for i in range(SPLITS):
-                lse_i = tl.load(
-                    lse_ptr + (first + i) * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg"
-                )
-                w = tl.exp2(lse_i - top)
-                o_i = tl.load(ws_ptr + ((first + i) * G + g[:, None]) * BLOCK_D + d[None, :],
-                              mask=g_mask[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                total += w[:, None] * o_i
-                weight += w
-            tl.store(out_rows, (total / weight[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            if MERGE_G > 0:
+                _merge_chunks(lse_ptr, ws_ptr, out_ptr, out_stride_b, out_stride_h, seq, kv_head, first, d,
+                              d_mask, G, BLOCK_D, SPLITS, MERGE_G, CHUNK)  # fmt: skip
+            else:
+                s = tl.arange(0, SPLITS)
+                lses = tl.load(lse_ptr + (first + s[:, None]) * G + g[None, :], mask=g_mask[None, :],
+                               other=NO_SCORE, cache_modifier=".cg")  # fmt: skip
+                top = tl.max(lses, 0)
+                total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+                weight = tl.zeros([BLOCK_G], dtype=tl.float32)
+                for i in range(SPLITS):
+                    lse_i = tl.load(
+                        lse_ptr + (first + i) * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg"
+                    )
+                    w = tl.exp2(lse_i - top)
+                    o_i = tl.load(ws_ptr + ((first + i) * G + g[:, None]) * BLOCK_D + d[None, :],
+                                  mask=g_mask[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                    total += w[:, None] * o_i
+                    weight += w
+                tl.store(out_rows, (total / weight[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def _merge_chunks(
+    lse_ptr, ws_ptr, out_ptr, out_stride_b, out_stride_h, seq, kv_head, first, d, d_mask, G: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, MERGE_G: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """out = sum_s w_s o_s / sum_s w_s over the pair's SPLITS partials, CHUNK at a time, in
+    split order (the same bits whichever program merges)."""
+    g = tl.arange(0, MERGE_G)
+    g_mask = g < G
+    s = tl.arange(0, SPLITS)
+    lses = tl.load(lse_ptr + (first + s[:, None]) * G + g[None, :], mask=g_mask[None, :], other=NO_SCORE,
+                   cache_modifier=".cg")  # fmt: skip
+    top = tl.max(lses, 0)
+    c = tl.arange(0, CHUNK)
+    total = tl.zeros([MERGE_G, BLOCK_D], dtype=tl.float32)
+    weight = tl.zeros([MERGE_G], dtype=tl.float32)
+    for i0 in tl.static_range(0, SPLITS, CHUNK):
+        rows = (first + i0 + c[:, None]) * G + g[None, :]  # [CHUNK, MERGE_G]
+        w = tl.exp2(tl.load(lse_ptr + rows, mask=g_mask[None, :], other=NO_SCORE, cache_modifier=".cg")
+                    - top[None, :])  # fmt: skip
+        o = tl.load(ws_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :], mask=g_mask[None, :, None],
+                    other=0.0, cache_modifier=".cg")  # fmt: skip
+        total += tl.sum(w[:, :, None] * o, 0)
+        weight += tl.sum(w, 0)
+    heads = kv_head * G + g
+    out_rows = out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
+    tl.store(out_rows, (total / weight[:, None]).to(out_ptr.dtype.element_ty),
+             mask=g_mask[:, None] & d_mask[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -364,20 +415,34 @@ def calls(t, cfg, variant, context):
 
         return run_tma, out
     meta = {k: cfg[k] for k in ("BLOCK_N", "SPLITS")}
+    flat = variant == "vm"
+    merge_g = triton.next_power_of_2(n_q // n_kv) if flat else 0
+    chunk = merge_chunk(cfg, merge_g, bd) if flat else 1
+    grid = (n_kv * q.shape[0], cfg["SPLITS"]) if flat else (n_kv, q.shape[0], cfg["SPLITS"])
     even = variant in ("hfp", "hfs") and bd == hs
     if variant == "hfs":  # the same data with the blocks in table order
         kc, vc = kc[table.reshape(-1).long()], vc[table.reshape(-1).long()]
         table = torch.arange(table.numel(), dtype=table.dtype, device=table.device).view(table.shape)
 
     def run():
-        _study_kernel[(n_kv, q.shape[0], cfg["SPLITS"])](
+        _study_kernel[grid](
             q, qsb, qsh, kc, vc, sb, ss, sh, table, tstride, lens, out, osb, osh, ws, lse, locks,
             scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot, **meta, EVEN_D=even,
             PREFETCH=variant in ("hfp", "hfs"), TRANS_K=variant == "hfw", EVICT=variant == "hfe",
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            FLAT=flat, MERGE_G=merge_g, CHUNK=chunk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
 
     return run, out
+
+
+# Values of a merge chunk ([CHUNK, MERGE_G, BLOCK_D] fp32) each thread may hold.
+MERGE_PER_THREAD = 64
+
+
+def merge_chunk(cfg, merge_g, block_d):
+    """Splits merged per step by "vm": as many as fit MERGE_PER_THREAD values a thread."""
+    fit = MERGE_PER_THREAD * 32 * cfg["num_warps"] // (merge_g * block_d)
+    return max(1, min(cfg["SPLITS"], triton.next_power_of_2(fit + 1) // 2))
 
 
 def rel_err(got, want):

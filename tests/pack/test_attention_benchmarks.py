@@ -53,8 +53,8 @@ def test_attention_scripts_dry_run(tmp_path: Path) -> None:
 @pytest.mark.slow  # one process compiling four kernels with ptxas, ~8 s
 def test_attention_kernels_compile_for_sm90_without_spills() -> None:
     """What the interpreter never does: each attention kernel's hand-picked launch, and the
-    decode study's TMA variant, compiles for an H100/H200 (sm_90) with the ptxas in Triton's
-    wheel, and spills no registers."""
+    decode study's TMA and chunked-merge variants, compiles for an H100/H200 (sm_90) with the
+    ptxas in Triton's wheel, and spills no registers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "compile_check.py"), "--first"],
@@ -65,5 +65,5 @@ def test_attention_kernels_compile_for_sm90_without_spills() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if " registers, " in line]
-    assert [line.split()[0] for line in lines] == ["decode", "tma", "varlen", "cache"], proc.stdout
+    assert [line.split()[0] for line in lines] == ["decode", "tma", "vm", "varlen", "cache"], proc.stdout
     assert all(" 0 spill bytes" in line for line in lines), proc.stdout

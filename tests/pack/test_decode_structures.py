@@ -24,7 +24,7 @@ def study():  # type: ignore[no-untyped-def]
         sys.path.remove(str(SCRIPTS))
 
 
-@pytest.mark.parametrize("variant", ["hf", "hfp", "hfs", "hfw", "hfe", "tma"])
+@pytest.mark.parametrize("variant", ["hf", "hfp", "hfs", "hfw", "hfe", "tma", "vm"])
 @pytest.mark.parametrize(
     "config",
     [
@@ -73,3 +73,27 @@ def test_the_ragged_check_catches_a_kernel_reading_past_the_end(study, monkeypat
 
     monkeypatch.setattr(study, "calls", broken)
     assert list(study.check_ragged([("hf", "tiny", config)], device="cpu")) == [f"ragged hf:tiny:{config}"]
+
+
+def test_the_chunked_merge_takes_several_steps(study, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ "vm" merges CHUNK splits a step; with a small per-thread budget a 4-split merge takes
+    two steps of 2, and still matches the pack's one-at-a-time merge."""
+    monkeypatch.setitem(study.LAYOUTS, "tiny", (8, 2, 64))
+    monkeypatch.setattr(study, "MERGE_PER_THREAD", 8)
+    config = {"BLOCK_N": 16, "SPLITS": 4, "num_warps": 2, "num_stages": 1}
+    assert study.merge_chunk(config, 4, 64) == 2
+    t = study.ragged(study.build("tiny", 3, 100, "cpu", torch.bfloat16), [100, 17, 0])
+    run, want = study.calls(t, config, "cur", 100)
+    run()
+    run, got = study.calls(t, config, "vm", 100)
+    got.fill_(float("nan"))
+    run()
+    assert (got.float() - want.float()).abs().max().item() <= 4e-3 and got[2].eq(0).all()
+
+
+def test_merge_chunk_is_the_largest_power_of_two_that_fits(study) -> None:  # type: ignore[no-untyped-def]
+    cfg = {"SPLITS": 64, "num_warps": 4}
+    assert study.merge_chunk(cfg, 8, 128) == 8  # 64 values x 128 threads / (8 x 128)
+    assert study.merge_chunk(cfg, 4, 128) == 16
+    assert study.merge_chunk({**cfg, "SPLITS": 4}, 4, 128) == 4  # never more than the splits
+    assert study.merge_chunk({**cfg, "num_warps": 1}, 16, 256) == 1  # at least one
