@@ -155,28 +155,33 @@ def test_fallback_callable_is_used_in_serve_mode(monkeypatch, caplog):
 
 def test_prefer_nearest_serves_a_neighbour_before_the_fallback(monkeypatch, book_dir, tmp_path):
     """With prefer_nearest=True a key the book lacks takes the nearest tuned key's winner, and
-    fallback= answers only where the kernel has nothing remembered (the kernel pack's rule)."""
-    tuned = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
-    call(tuned, 300)
-    winner = tuned.best_config.kwargs["BLOCK"]
-    other = next(b for b in (32, 64, 128) if b != winner)
+    fallback= is asked only where the kernel has nothing comparable remembered (the kernel
+    pack's rule). Timings are replayed, so the winner (BLOCK=64) is known."""
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    timer = {"do_bench": replay, "pre_hook": replay.pre_hook}  # the timer is part of the platform
+    call(tunebook.autotune(block_configs(32, 64, 128), key=["n"], **timer)(add_kernel), 300)
+    asked = []
 
-    def pick(key, configs):
-        return next(c for c in configs if c.kwargs["BLOCK"] == other)
+    def pick(key, configs):  # the first config: neither the winner nor what serve mode runs untold
+        asked.append(key[0])
+        return next(c for c in configs if c.kwargs["BLOCK"] == 128)
 
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     tunebook.reset_stats()
-    for prefer, expected in ((True, winner), (False, other)):
+    for prefer, expected, n in ((True, 64, 400), (False, 128, 500)):
         configs = block_configs(32, 64, 128)
-        kernel = tunebook.autotune(configs, key=["n"], fallback=pick, prefer_nearest=prefer)(add_kernel)
-        call(kernel, 400)
+        kernel = tunebook.autotune(configs, key=["n"], fallback=pick, prefer_nearest=prefer, **timer)(
+            add_kernel
+        )
+        call(kernel, n)
         assert kernel.best_config.kwargs == {"BLOCK": expected}, f"prefer_nearest={prefer}"
+    assert asked == [500]  # not asked where the nearest key answered
     monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "empty"))
-    alone = tunebook.autotune(block_configs(32, 64, 128), key=["n"], fallback=pick, prefer_nearest=True)(
-        add_kernel
-    )
+    alone = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], fallback=pick, prefer_nearest=True, **timer
+    )(add_kernel)
     call(alone, 400)
-    assert alone.best_config.kwargs == {"BLOCK": other}  # nothing remembered: the fallback
+    assert alone.best_config.kwargs == {"BLOCK": 128} and asked == [500, 400]  # nothing remembered
     assert tunebook.stats()["benchmarked"] == 0
 
 

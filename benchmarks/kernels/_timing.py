@@ -65,6 +65,10 @@ class GraphTimer:
 
         return graph_sampler(fn, self.launches)
 
+    def settle(self) -> None:
+        """Wait for the GPU: a fault shows here, at the call that caused it."""
+        torch.cuda.synchronize()
+
 
 class WallTimer:
     """The CPU stand-in (Triton's interpreter): ``launches`` calls on the host clock."""
@@ -77,8 +81,16 @@ class WallTimer:
 
         return wall_sampler(fn, self.launches)
 
+    def settle(self) -> None:
+        """Nothing to wait for on the host."""
+
 
 Timer = GraphTimer | WallTimer
+
+
+def _reason(exc: Exception) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"[:300]
 
 
 def interleaved(
@@ -88,19 +100,22 @@ def interleaved(
     that could not be captured (e.g. torch.compile failing on this PyTorch), the reason."""
     samplers: dict[str, Callable[[], float]] = {}
     errors: dict[str, str] = {}
-    # Every variant runs once before any is captured: a kernel's scratch buffer that one
-    # variant grows would otherwise move under the graph an earlier variant captured.
-    for fn in variants.values():
+    # Every variant runs once, each waited for, before any is captured: a kernel's scratch
+    # buffer that one variant grows would otherwise move under the graph an earlier variant
+    # captured. A variant that fails here is left out, not captured later.
+    for name, fn in variants.items():
         try:
             fn()
-        except Exception:
-            pass  # prepare() below meets it again and records why
+            timer.settle()
+        except Exception as exc:
+            errors[name] = _reason(exc)
     for name, fn in variants.items():
+        if name in errors:
+            continue
         try:
             samplers[name] = timer.prepare(fn)
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            errors[name] = f"{type(exc).__name__}: {first}"[:300]
+            errors[name] = _reason(exc)
     series = {name: Series() for name in samplers}
     for _ in range(rounds):
         for name, sample in samplers.items():

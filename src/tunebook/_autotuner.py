@@ -603,9 +603,9 @@ def autotune(
     * ``fallback`` — ``fallback(key, configs) -> config`` picks the config for a key the book
       lacks in ``serve`` mode (default: the nearest remembered key's winner).
     * ``prefer_nearest`` — in ``serve`` mode, try the key's own partial results and the
-      nearest remembered key's winner before ``fallback``, which then answers only where
-      nothing of this kernel is remembered on this platform (a hand-written rule as the last
-      resort: the kernel pack's choice, since a neighbouring bucket's tuned winner beats it).
+      nearest remembered key's winner before ``fallback``, which is then asked only where
+      none of those answers (nothing comparable remembered: a hand-written rule as the last
+      resort; the kernel pack's choice, since a neighbouring bucket's tuned winner beats it).
     * ``inputs`` — ``inputs(description) -> (grid, args, kwargs)`` rebuilds a call for offline
       tuning (``tunebook tune``) when random tensors of the recorded layout will not do
       (index tables, block tables). ``description`` has the recorded ``call`` (or None) and

@@ -161,21 +161,16 @@ def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] =
 
 
 def serve_choice(
-    ids: Sequence[str],
-    entry: Entry | None,
-    nearest: Sequence[Entry],
-    picked: str | None = None,
-    picked_last: bool = False,
+    ids: Sequence[str], entry: Entry | None, nearest: Sequence[Entry], picked: str | None = None
 ) -> tuple[str | None, str]:
     """(config id, how it was chosen) for ``serve`` mode; None means the first candidate.
 
-    ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``: asked
-    first, or with ``picked_last`` (``prefer_nearest=``) only after the key's own results
-    and the nearest keys.
+    ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``. With
+    ``prefer_nearest=`` the caller asks without it first, and with it alone (no entry, no
+    nearest keys) only when that answers None.
     """
-    user = (picked, "the config chosen by fallback=") if picked is not None and picked in ids else None
-    if user is not None and not picked_last:
-        return user
+    if picked is not None and picked in ids:
+        return picked, "the config chosen by fallback="
     own = entry.best(ids) if entry is not None else None
     if own is not None:
         return own, "the best of its own partial results"
@@ -183,6 +178,4 @@ def serve_choice(
         best = other.best(ids)
         if best is not None:
             return best, f"the winner of the nearest remembered key {list(other.key)}"
-    if user is not None:
-        return user
-    return None, "the first config (nothing remembered for this kernel on this platform)"
+    return None, "the first config (nothing comparable remembered for this kernel on this platform)"

@@ -128,33 +128,36 @@ def test_too_many_sequences_fail_with_the_limit(monkeypatch) -> None:  # type: i
 
 def test_split_buffers_keep_their_size_whatever_the_call(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A CUDA graph holds its buffers' addresses: once a layout's first split call has sized
-    the workspace, no later call of that layout, with any config its Space allows or the
-    hand-picked launch, may reallocate it. (Sized per call, a larger batch after a captured
-    smaller one moved the workspace, and the H200 replayed a graph into freed memory.)"""
+    the workspace, no later call of that layout (any config its Space allows, or the
+    hand-picked launch) and no call of another layout may reallocate it. (Sized per call, a
+    larger batch after a captured smaller one moved the workspace, and the H200 replayed a
+    graph into freed memory.)"""
     module = importlib.import_module("tunebook.kernels.paged_attention_decode")
     for name in ("_workspace", "_lse", "_counters"):
         fresh = module.Scratch(f"test.{name}", zeroed=name == "_counters")
         monkeypatch.setattr(module, name, fresh)
-    n_q, n_kv, head_size = 32, 8, 128
-    group = n_q // n_kv
-    first: list[int] | None = None
-    for batch, context in [(1, 32768), (16, 128), (64, 512), (1, 2048), (16, 8192), (128, 8192)]:
-        q = torch.empty(batch, n_q, head_size, dtype=torch.bfloat16)
-        k_cache = torch.empty(2, PAGE, n_kv, head_size, dtype=torch.bfloat16)
-        table = torch.zeros(batch, context // PAGE, dtype=torch.int32)
-        lens = torch.zeros(batch, dtype=torch.int32)
-        call = llama_3_8b(batch=batch, max_context_len=context)
-        configs = [None, hand_picked(call), *SPACE.candidates(args=call)]
-        for config in configs:
-            _, args = module._launch(q, k_cache, k_cache, table, lens, None, context, q, config)
-            ws, lse, locks = args[17:20]
-            buffers = [t.data_ptr() for t in (ws, lse, locks)]
-            first = first or buffers
-            assert buffers == first, f"batch {batch}, context {context}, {config}: a buffer moved"
-            splits = max_splits(batch, n_kv, context) if config is None else config["SPLITS"]
-            if splits > 1:
+    first: dict[tuple[int, int], list[int]] = {}
+    calls = [(1, 32768), (16, 128), (64, 512), (3, 2048), (100, 8192), (128, 8192), (9000, 512)]
+    # Llama-3-8B, then Qwen2.5-7B (a larger buffer: it used to move Llama's), then Llama again.
+    for n_q, n_kv in [(32, 8), (28, 4), (32, 8)]:
+        group, head_size = n_q // n_kv, 128
+        for batch, context in calls:
+            q = torch.empty(batch, n_q, head_size, dtype=torch.bfloat16)
+            k_cache = torch.empty(2, PAGE, n_kv, head_size, dtype=torch.bfloat16)
+            table = torch.zeros(batch, context // PAGE, dtype=torch.int32)
+            lens = torch.zeros(batch, dtype=torch.int32)
+            call = {**llama_3_8b(batch=batch, max_context_len=context), "NQ": n_q, "NK": n_kv}
+            for config in [None, hand_picked(call), *SPACE.candidates(args=call)]:
+                _, args = module._launch(q, k_cache, k_cache, table, lens, None, context, q, config)
+                ws, lse, locks = args[17:20]
+                splits = max_splits(batch, n_kv, context) if config is None else config["SPLITS"]
+                if splits == 1:
+                    continue  # SPLITS=1 never touches them
                 assert lse.numel() >= batch * n_kv * splits * group
                 assert ws.numel() >= lse.numel() * head_size and locks.numel() >= batch * n_kv
+                buffers = [ws.data_ptr(), lse.data_ptr()]
+                seen = first.setdefault((n_q, n_kv), buffers)
+                assert buffers == seen, f"{n_q}/{n_kv}, batch {batch}, context {context}, {config}: moved"
 
 
 def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no-untyped-def]
@@ -168,7 +171,7 @@ def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no
     cache = paged_cache(gen, lens, PAGE, n_kv, 64, torch.float32)
     q = randn(gen, len(lens), n_q, 64)
     check(q, cache, config={"BLOCK_N": block, "SPLITS": splits, "num_warps": 4, "num_stages": 1})
-    lse = module._lse.get(q.device, 0, torch.float32)
+    lse = module._lse.get(q.device, 0, torch.float32, (n_q // n_kv, 64))  # this layout's buffer
     assert module._counters.get(q.device, 0, torch.int32).eq(0).all()
     group, log2_scale = n_q // n_kv, 64**-0.5 * LOG2E
     no_score = torch.tensor(NO_SCORE.value, dtype=torch.float32).item()  # as the kernel stores it

@@ -18,8 +18,9 @@ Ops (one module each, Liger-Kernel's layout; docs/kernels.md has the math, keys 
 Every kernel is tuned per key (the token count bucketed onto 1, 2, 4, ..., 8192; the other
 sizes exactly; the dtypes) and remembered in a book. Books tuned on the GPUs we measured
 ship read-only in the package, in ``tunebook/kernels/books/`` (:data:`BOOKS_DIR`): with
-``TUNEBOOK_MODE=serve`` a key they hold runs its tuned config with zero benchmarking, and
-a key they lack runs the op's hand-picked config. A server calls :func:`open_books` as it
+``TUNEBOOK_MODE=serve`` a key they hold runs its tuned config with zero benchmarking, a
+key they lack runs the winner of its nearest tuned key (a neighbouring bucket), and one
+with nothing comparable in them runs the op's hand-picked config. A server calls :func:`open_books` as it
 starts, so that its first request does not open them. This package imports torch; ``import
 tunebook`` alone does not import it.
 

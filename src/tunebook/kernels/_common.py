@@ -136,8 +136,8 @@ def autotune(
 
     ``hand_picked(named_key) -> config dict`` is the op's conventional config for a key
     (``named_key`` maps the key's argument names to the call's values); ``serve`` mode
-    falls back to it where the book remembers no key of the kernel on this platform (a
-    bucket the book lacks takes its nearest tuned key's winner first: ``prefer_nearest``).
+    falls back to it where the book remembers nothing comparable (a bucket the book lacks
+    takes its nearest tuned key's winner first: ``prefer_nearest``).
     ``inputs`` rebuilds a call for offline tuning where random tensors of the recorded
     layout would not do (block tables, lengths): ``tunebook.autotune``'s.
     """

@@ -128,10 +128,12 @@ class Scratch:
         self._buffers: dict[Any, Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, device: Any, numel: int, dtype: Any) -> Any:
+    def get(self, device: Any, numel: int, dtype: Any, tag: Any = None) -> Any:
+        """A buffer of at least ``numel`` elements; ``tag`` keeps a buffer apart per use (a
+        head layout), so that one use's growth never moves another's."""
         import torch
 
-        key = (device, dtype)
+        key = (device, dtype, tag)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             with self._lock:

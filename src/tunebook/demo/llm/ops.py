@@ -210,7 +210,8 @@ class FixedOps(TritonOps):
 
     def config(self, op: str, args: dict[str, Any]) -> dict[str, int]:
         """The config ``op``'s kernel launches with for a call with ``args``: the op's
-        hand-picked one (what ``serve`` mode runs for a key no book holds)."""
+        hand-picked one (what ``serve`` mode runs for a key with nothing comparable in the
+        books)."""
         m = self.mod[op]
         if op == "linear":
             return dict(m.default_linear_config(args["M"], args["N"], args["K"]))
