@@ -25,6 +25,18 @@ import tunebook
 TESTS = Path(__file__).resolve().parent
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """scripts/test runs the suite once per supported Triton; tests marked ``once`` (the
+    benchmark scripts' CPU modes: their plumbing, not Triton's) run on the last pass only,
+    which keeps CI within its time (TUNEBOOK_TESTS_ONCE_DONE=1 on the earlier passes)."""
+    if os.environ.get("TUNEBOOK_TESTS_ONCE_DONE") != "1":
+        return
+    skip = pytest.mark.skip(reason="marked once: scripts/test runs it on its last Triton")
+    for item in items:
+        if item.get_closest_marker("once") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh writable book for every test; counters zeroed."""

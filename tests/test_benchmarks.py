@@ -28,6 +28,10 @@ from helpers_reliability import RedisServer
 from redis_fixture import require
 from tunebook._book.redis_store import INSTALL_HINT
 
+# The scripts' plumbing does not depend on the Triton release: scripts/test runs these on its
+# last Triton only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
