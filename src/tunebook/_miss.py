@@ -182,15 +182,13 @@ def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:
 
 def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
-    near = _near(miss, page)
-    if miss.tuner.options.prefer_nearest:
-        # fallback= last, and only asked when reached: a pack kernel's rule ranks thousands
+    last = miss.tuner.options.prefer_nearest
+    picked = None if last else _user_fallback(miss)
+    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked)
+    if cid is None and last:
+        # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.
-        cid, how = _policy.serve_choice(miss.ids, entry, near)
-        if cid is None:
-            cid, how = _policy.serve_choice(miss.ids, None, [], _user_fallback(miss))
-    else:
-        cid, how = _policy.serve_choice(miss.ids, entry, near, _user_fallback(miss))
+        cid, how = _policy.serve_choice(miss.ids, None, [], _user_fallback(miss))
     log.warning(
         "tunebook: %s key %s is not in the book; serving %s without benchmarking (TUNEBOOK_MODE=serve)",
         miss.tuner.label,
