@@ -39,6 +39,7 @@ from ._space import Space
 from ._stats import reset as reset_stats
 from ._stats import stats
 from ._sweep import tune_on_ray
+from ._tables import Tables
 from ._version import __version__
 
 _logging.getLogger("tunebook").addHandler(_logging.NullHandler())
@@ -58,6 +59,7 @@ __all__ = [
     "SnapshotTooLarge",
     "Space",
     "SpaceError",
+    "Tables",
     "TunebookError",
     "TuningFailed",
     "WrongResult",

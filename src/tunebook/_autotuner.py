@@ -36,6 +36,8 @@ from ._hits import HitTable
 from ._hooks import Hooks
 from ._options import Options
 from ._space import Space
+from ._tables import TablePage, Tables
+from ._tables import load as load_tables
 from ._version import __version__
 
 __all__ = ["Autotuner", "__version__", "autotune"]
@@ -164,6 +166,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._required_keys = _required_key_arguments(self.base_fn, self.fn, self.keys)
         self._lock = threading.RLock()
         self._page: Page | None = None
+        self._tables: dict[str, list[TablePage]] = {}  # imported tables (tables=), read on a first miss
         self._kernel: KernelIdentity | None = None  # identity(): the source does not change
         self._timers: Timers | None = None
         self._timer_choice: tuple[Callable[[], Timers], str] | None = None
@@ -509,6 +512,17 @@ class Autotuner(_compat.TritonAutotuner):
             )
         return self._page
 
+    def imported_tables(self, device: str | None = None) -> list[TablePage]:
+        """The imported tables ``tables=`` names, from the book's directories, read once per
+        process: with ``device``, that GPU's only (serve mode), else every GPU's (tuning)."""
+        tables = self.options.tables
+        if tables is None:
+            return []
+        slot = "device" if device is not None else "all"
+        if slot not in self._tables:
+            self._tables[slot] = load_tables(tables, self.page().book.directories(), device)
+        return self._tables[slot]
+
     def _timer_factory(self) -> tuple[Callable[[], Timers], str]:
         if self._timer_choice is None:
             self._timer_choice = choose_timers(
@@ -566,6 +580,7 @@ def autotune(
     adaptive: bool = True,
     fallback: Callable[[tuple[Any, ...], list[Any]], Any] | None = None,
     prefer_nearest: bool = False,
+    tables: Tables | None = None,
     inputs: Callable[[dict[str, Any]], Any] | None = None,
     isolate: bool = False,
     isolate_timeout: float = 300.0,
@@ -606,6 +621,11 @@ def autotune(
       nearest remembered key's winner before ``fallback``, which is then asked only where
       none of those answers (nothing comparable remembered: a hand-written rule as the last
       resort; the kernel pack's choice, since a neighbouring bucket's tuned winner beats it).
+    * ``tables`` — a :class:`tunebook.Tables`: tables imported with ``tunebook import`` (vLLM's
+      fused-MoE configs) that this kernel reads, and how their keys and configs map onto
+      its own. A key the book lacks is served, in ``serve`` mode, by the entry of a table
+      tuned on this GPU (after the key's own partial results, before the nearest key); in
+      ``tune`` mode every table's entry is a hint the search measures first.
     * ``inputs`` — ``inputs(description) -> (grid, args, kwargs)`` rebuilds a call for offline
       tuning (``tunebook tune``) when random tensors of the recorded layout will not do
       (index tables, block tables). ``description`` has the recorded ``call`` (or None) and

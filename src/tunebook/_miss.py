@@ -7,8 +7,9 @@
         │ (refreshed first: another process or host may have tuned it meanwhile)
         ▼ otherwise, by TUNEBOOK_MODE (the rule: _policy.py)
     tune  → measure what the book lacks, persist as it goes (_tuner.py; isolate=True: _worker/)
-    serve → fallback= / own partial results / nearest key / first config (fallback= after the
-            nearest key with prefer_nearest=), and record the miss
+    serve → fallback= / own partial results / this GPU's imported table (tables=) / nearest
+            key / first config (fallback= after the nearest key with prefer_nearest=), and
+            record the miss
     off   → measure everything, remember nothing
 
 :func:`resolve` returns a :class:`Resolution`; the autotuner settles it (its cache, its
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _compat, _distributed, _misses, _policy, _settings, _stats, _warnings
+from . import _compat, _distributed, _misses, _policy, _settings, _stats, _tables, _warnings
 from ._bench import QUANTILES
 from ._book import Entry, Page, config_id, config_record
 from ._call import Call
@@ -184,7 +185,11 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
     last = miss.tuner.options.prefer_nearest
     picked = None if last else _user_fallback(miss)
-    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked)
+    table = None
+    if picked is None and (entry is None or entry.best(miss.ids) is None):  # only where it is asked
+        device = str(page.platform.get("device", ""))
+        table = _table_answer(miss, _tables_found(miss, device), device)
+    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked, table)
     if cid is None and last:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.
@@ -205,6 +210,60 @@ def _near(miss: Miss, page: Page) -> list[Entry]:
     few are read."""
     texts = _policy.nearest_texts(miss.key, page.key_names())[:NEAR_READ]
     return _policy.nearest(miss.key, page.lookup(texts))
+
+
+def _tables_found(miss: Miss, device: str | None = None) -> list[_tables.Found]:
+    """What the imported tables the kernel reads (``tables=``) give for the miss's key: those
+    of ``device`` only, or of every GPU."""
+    tables = miss.tuner.options.tables
+    if tables is None:
+        return []
+    return _tables.lookup(tables, miss.tuner.imported_tables(device), miss.key)
+
+
+def _table_answer(miss: Miss, found: list[_tables.Found], device: str) -> tuple[str, str] | None:
+    """(config id, how) of the first table tuned on ``device`` whose entry the call allows."""
+    for answer in found:
+        if not _tables.same_device(answer.device, device):
+            continue
+        cid = _tables.candidate_id(answer, miss.ids, miss.candidates)
+        if cid is not None:
+            return cid, answer.describe()
+        _warnings.warn_once(
+            f"table-config:{miss.tuner.label}:{sorted(answer.config.items())}",
+            "tunebook: %s: %s maps to %s, which is not one of the configs this call allows; "
+            "it is not served (said once per config)",
+            miss.tuner.label,
+            answer.describe(),
+            answer.config,
+        )
+    return None
+
+
+def search_hints(
+    tuner: Autotuner,
+    page: Page,
+    key: tuple[Any, ...],
+    ids: list[str],
+    candidates: list[Any],
+    near: list[Entry],
+) -> list[int]:
+    """Candidate indices a search of ``key`` measures first: an imported table's entry for
+    this GPU, the nearest keys' winners, the same key's winners on other platforms, other
+    GPUs' table entries (``_tune``, and a Ray sweep's plan)."""
+    hints = _policy.hints(ids, near, page.sibling_winners(key))
+    tables = tuner.options.tables
+    if tables is None:
+        return hints
+    device = str(page.platform.get("device", ""))
+    index = {cid: i for i, cid in enumerate(ids)}
+    here: list[int] = []
+    elsewhere: list[int] = []
+    for answer in _tables.lookup(tables, tuner.imported_tables(), key):
+        cid = _tables.candidate_id(answer, ids, candidates)
+        if cid is not None:
+            (here if _tables.same_device(answer.device, device) else elsewhere).append(index[cid])
+    return list(dict.fromkeys([*here, *hints, *elsewhere]))
 
 
 # How many of the nearest keys a miss reads: enough for the hints and a serve-mode fallback.
@@ -241,7 +300,7 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
         if not _worker.inside_worker():
             return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
     near = _near(miss, page) if page is not None else []
-    hints = _policy.hints(miss.ids, near, page.sibling_winners(miss.key)) if page is not None else []
+    hints = search_hints(tuner, page, miss.key, miss.ids, miss.candidates, near) if page is not None else []
     team = _distributed.team(options.group) if page is not None else None
     if team is not None and page is not None:
         from . import _collective  # only jobs that tune together need it

@@ -25,6 +25,7 @@ from ._errors import ConfigurationError
 from ._optional import check as check_installed
 from ._search import Budget, strategy_names
 from ._search._bayes import BAYES_HINT
+from ._tables import Tables
 
 CHECK_FIELDS = ("rtol", "atol", "ignore", "max_bytes")
 
@@ -43,6 +44,7 @@ class Options:
     adaptive: bool = True  # screen briefly, measure only the contenders in full
     fallback: Callable[[tuple[Any, ...], list[Any]], Any] | None = None  # serve mode's pick
     prefer_nearest: bool = False  # serve mode: remembered keys before fallback=
+    tables: Tables | None = None  # imported tables the kernel reads (_tables.py)
     inputs: Callable[[dict[str, Any]], Any] | None = None  # rebuilds a call for offline tuning
     isolate: bool = False  # measure new keys in a worker process
     isolate_timeout: float = 300.0  # seconds without progress before a candidate counts as hung
@@ -79,6 +81,11 @@ class Options:
                 raise ConfigurationError(
                     f"tunebook.autotune: {label}= must be a callable or None; found {type(fn).__name__}"
                 )
+        if self.tables is not None and not isinstance(self.tables, Tables):
+            raise ConfigurationError(
+                "tunebook.autotune: tables= takes a tunebook.Tables or None; found "
+                f"{type(self.tables).__name__}"
+            )
         if self.check is not None:
             unknown = set(self.check) - set(CHECK_FIELDS)
             if unknown:

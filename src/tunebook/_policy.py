@@ -6,8 +6,9 @@ that ended with a choice: a book tuned with another budget, or a search that con
 early, still serves its tuned config). Otherwise ``TUNEBOOK_MODE``
 decides: ``tune`` measures what the book lacks; ``serve`` answers at once with the best
 config it can justify without measuring (the user's ``fallback=``, the key's own partial
-results, the winner of the nearest remembered key, the first config, in that order; with
-``prefer_nearest=`` the user's ``fallback=`` comes after the nearest key);
+results, the entry of a table imported from this GPU (``tables=``), the winner of the
+nearest remembered key, the first config, in that order; with ``prefer_nearest=`` the
+user's ``fallback=`` comes after the nearest key);
 ``off`` measures every candidate and remembers nothing.
 
 >>> from tunebook._book import Entry, Result
@@ -161,11 +162,16 @@ def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] =
 
 
 def serve_choice(
-    ids: Sequence[str], entry: Entry | None, nearest: Sequence[Entry], picked: str | None = None
+    ids: Sequence[str],
+    entry: Entry | None,
+    nearest: Sequence[Entry],
+    picked: str | None = None,
+    table: tuple[str, str] | None = None,
 ) -> tuple[str | None, str]:
     """(config id, how it was chosen) for ``serve`` mode; None means the first candidate.
 
-    ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``. With
+    ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``;
+    ``table`` the (id, how) an imported table of this GPU gives. With
     ``prefer_nearest=`` the caller asks without it first, and with it alone (no entry, no
     nearest keys) only when that answers None.
     """
@@ -174,6 +180,8 @@ def serve_choice(
     own = entry.best(ids) if entry is not None else None
     if own is not None:
         return own, "the best of its own partial results"
+    if table is not None and table[0] in ids:
+        return table
     for other in nearest:
         best = other.best(ids)
         if best is not None:

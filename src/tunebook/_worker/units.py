@@ -114,6 +114,7 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     go to) and ``known`` (this worker's book's entry for the key, or None).
     """
     from .. import _policy
+    from .._miss import search_hints
     from .._search import choose_strategy
 
     ctx = context(job)
@@ -123,7 +124,7 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     page.refresh()
     entry = page.get(ctx.key_text)
     near = _policy.nearest(ctx.key, page.entries.values())
-    hints = _policy.hints(ctx.ids, near, page.sibling_winners(ctx.key))
+    hints = search_hints(tuner, page, ctx.key, ctx.ids, list(ctx.candidates), near)
     budget = _policy.effective_budget(tuner.options.budget, len(ctx.ids))
     strategy = tuner.options.strategy
     if strategy == "auto":

@@ -38,6 +38,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from .._tables import device_label
+
 KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "M": ("M", "num_tokens", "batch_size"),
     "E": ("E", "num_experts"),
@@ -123,8 +125,7 @@ def scalar(text: str) -> Any:
 
 def vllm_device_name(device: str) -> str:
     """As vLLM names the device in file names."""
-    name = device.replace(" ", "_")
-    return "NVIDIA_H200" if "H200" in name.split("_") else name
+    return device_label(device)
 
 
 def vllm_file_name(E: Any, N: Any, device: str, dtype: Any = None, block_shape: Any = None) -> str:

@@ -46,6 +46,9 @@ def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
         table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from None
+    if isinstance(table, dict):
+        # vLLM's newer files record the Triton they were tuned with; vLLM drops it on reading
+        table.pop("triton_version", None)
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise click.ClickException(f"{path}: expected an object of batch size -> config object")
     return fields, table

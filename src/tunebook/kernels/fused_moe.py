@@ -70,6 +70,7 @@ from ._gemm_common import (
 )
 
 __all__ = [
+    "VLLM_TABLES",
     "fused_moe",
     "moe_align",
     "moe_align_size",
@@ -182,6 +183,31 @@ def _fallback_for(gemm: int) -> Any:
     return fallback
 
 
+# The kernel name ``tunebook import --format vllm --kernel`` files vLLM's tables under for the pack.
+VLLM_TABLES = "vllm.fused_moe"
+_SIXTEEN_BIT = ("torch.bfloat16", "torch.float16")
+
+
+def _vllm_key_for(gemm: int) -> Any:
+    def vllm_key(key: tuple[Any, ...]) -> dict[str, Any] | None:
+        """This GEMM's key -> vLLM's table key: E, N = the intermediate size, M = the tokens.
+        vLLM's tables without a dtype are its 16-bit ones; an fp32 call has none."""
+        M, N, K, E = key[:4]
+        if any(d not in _SIXTEEN_BIT for d in key[5:6]):
+            return None
+        return {"E": E, "N": N if gemm == 1 else K, "M": M}
+
+    return vllm_key
+
+
+def _vllm_table_config(config: Mapping[str, Any]) -> dict[str, int] | None:
+    """An imported vLLM entry as this kernel's config; None for one the kernel cannot run."""
+    try:
+        return vllm_config_to_kernel(config)[0]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
     """Sort the (token, expert) pairs by expert, each expert padded to ``align`` rows.
 
@@ -247,6 +273,8 @@ def _moe_autotune(gemm: int) -> Any:
         max_configs=max_configs(),
         fallback=_fallback_for(gemm),
         prefer_nearest=True,  # a tuned neighbouring bucket first
+        # vLLM's tables, imported (docs/kernels.md): this GPU's serve a key the book lacks
+        tables=tunebook.Tables(VLLM_TABLES, key=_vllm_key_for(gemm), config=_vllm_table_config),
     )
 
 

@@ -1,0 +1,231 @@
+"""Imported tables a kernel reads: serve-mode answers on their GPU, search hints elsewhere.
+
+``tunebook import --format vllm --kernel NAME`` files another tool's tuned tables (vLLM's
+fused-MoE configs) as pages of their own platform (``"backend": "imported"``, the device
+they were tuned on, a kernel hash ``"imported:<format>"``): declared winners, no timings.
+They are not this kernel's results, so the autotuner never reads them as such. A kernel
+that wants them says so, and says how they map onto it, with :class:`Tables`:
+
+* its key -> the imported key's fields (``key``; None: no table applies to this key),
+  one field (``nearest``, vLLM's batch size M) matched by the nearest value, the others
+  exactly (a field the mapping leaves out matches only entries without it: vLLM's
+  ``dtype=fp8_w8a8`` tables never answer a 16-bit call);
+* an imported config -> its own config (``config``; None: no config of this kernel).
+
+Then, where the book has no result for a key:
+
+* in ``serve`` mode, the entry of a table imported **from this GPU** is launched, if it is
+  one of the configs the call allows: after the key's own partial results, before the
+  nearest remembered key (a table tuned on this device for this very shape is closer
+  than a neighbouring shape's winner);
+* in ``tune`` mode, the entries of every table, this GPU's first, are hints: configs the
+  search measures first.
+
+The tables are read once per kernel and process, on its first miss, from the book's
+directories (not Redis: listing a fleet's pages would be a SCAN); never on a hit.
+
+>>> same_device("NVIDIA H200", "NVIDIA_H200"), same_device("NVIDIA H200 NVL", "NVIDIA_H200")
+(True, True)
+>>> same_device("NVIDIA H100 80GB HBM3", "NVIDIA_H100")
+False
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from ._book import pagedir
+from ._book.stores import DirectoryStore
+from ._errors import ConfigurationError
+from ._jsonio import as_scalar, slug
+
+IMPORTED_BACKEND = "imported"
+IMPORTED_HASH_PREFIX = "imported:"
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Imported tables (``tunebook import ... --kernel NAME``) that a kernel reads.
+
+    ``kernel``: the NAME the tables were imported under. ``key(key)``: this kernel's key
+    (the tuple the book stores: key values, then argument dtypes) -> the imported key's
+    fields by name, or None where no table applies. ``config(fields)``: an imported config
+    (its fields, options included, as one dict) -> this kernel's config as one dict
+    (meta-parameters and ``num_warps``/``num_stages``...), or None. ``nearest``: the key
+    field matched by the nearest value (vLLM takes the entry of the nearest batch size).
+    """
+
+    kernel: str
+    key: Callable[[tuple[Any, ...]], Mapping[str, Any] | None]
+    config: Callable[[Mapping[str, Any]], Mapping[str, Any] | None]
+    nearest: str | None = "M"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kernel, str) or not self.kernel.strip():
+            raise ConfigurationError(
+                "tunebook.Tables: kernel= must be the name the tables were imported under; "
+                f"found {self.kernel!r}"
+            )
+        for label, fn in (("key", self.key), ("config", self.config)):
+            if not callable(fn):
+                raise ConfigurationError(
+                    f"tunebook.Tables: {label}= must be a callable; found {type(fn).__name__}"
+                )
+
+
+@dataclass(frozen=True)
+class TablePage:
+    """One imported page: the device it was tuned on, and its entries as (key fields, config)."""
+
+    device: str
+    where: str
+    entries: tuple[tuple[dict[str, Any], dict[str, Any]], ...]
+
+
+@dataclass(frozen=True)
+class Found:
+    """The entry a table gives for a key: its device, its imported key, and the config mapped
+    onto the kernel (one dict)."""
+
+    device: str
+    key: dict[str, Any]
+    config: dict[str, Any]
+
+    def describe(self) -> str:
+        fields = ",".join(f"{k}={v}" for k, v in self.key.items() if v is not None)
+        return f"the imported table entry of {self.device} ({fields})"
+
+
+def device_label(name: str) -> str:
+    """A device name as tables name it: spaces as ``_``; any H200 variant is ``NVIDIA_H200``
+    (vLLM's rule for its file names)."""
+    label = str(name).strip().replace(" ", "_")
+    return "NVIDIA_H200" if "H200" in label.split("_") else label
+
+
+def same_device(a: str, b: str) -> bool:
+    return device_label(a).lower() == device_label(b).lower()
+
+
+def load(tables: Tables, directories: Sequence[Path], device: str | None = None) -> list[TablePage]:
+    """The pages imported under ``tables.kernel`` in ``directories`` (earlier first); with
+    ``device``, only that GPU's (serve mode reads one page, not a whole vendor's set).
+
+    A page that is not an import, or whose kernel record is malformed, is skipped: a table
+    is advice, and a bad one must never stop a kernel call.
+    """
+    found: list[TablePage] = []
+    prefix = slug(tables.kernel, 60, "kernel") + "--"
+    for directory in directories:
+        try:
+            names = sorted({pagedir.page_dir_name(p.name) for p in directory.glob(prefix + "*")})
+        except OSError:
+            continue
+        store = DirectoryStore(directory, writable=False)
+        for name in names:
+            if "." in name:  # .corrupt-/.foreign- leftovers
+                continue
+            head = store.fetch(name + ".json", ())  # kernel and platform only
+            if head is None or not _is_import(head.kernel, head.platform, tables.kernel):
+                continue
+            page_device = str(head.platform.get("device", ""))
+            if device is not None and not same_device(page_device, device):
+                continue
+            doc = store.fetch(name + ".json")
+            if doc is not None:
+                entries = _entries(doc.kernel["key"], doc.entries.values())
+                found.append(TablePage(page_device, str(directory / name), entries))
+    return found
+
+
+def _is_import(kernel: Mapping[str, Any], platform: Mapping[str, Any], name: str) -> bool:
+    keys = kernel.get("key")
+    return (
+        kernel.get("name") == name
+        and str(kernel.get("hash", "")).startswith(IMPORTED_HASH_PREFIX)
+        and platform.get("backend") == IMPORTED_BACKEND
+        and isinstance(keys, list)
+        and all(isinstance(k, str) for k in keys)
+    )
+
+
+def _entries(names: list[str], entries: Any) -> tuple[tuple[dict[str, Any], dict[str, Any]], ...]:
+    """(key fields by name, config fields) of each entry holding one declared winner."""
+    out = []
+    for entry in entries:
+        ok = [r for r in entry.results.values() if r.ok]
+        if len(ok) != 1 or len(entry.key) < len(names) or not isinstance(ok[0].config.get("kwargs"), dict):
+            continue
+        record = ok[0].config
+        config = {**record["kwargs"], **{k: v for k, v in record.items() if k != "kwargs"}}
+        out.append((dict(zip(names, map(as_scalar, entry.key))), config))
+    return tuple(out)
+
+
+def lookup(tables: Tables, pages: Sequence[TablePage], key: tuple[Any, ...]) -> list[Found]:
+    """Per page, the entry that answers ``key`` (nearest ``tables.nearest``, the other fields
+    equal), its config mapped onto the kernel; pages with no such entry are left out."""
+    wanted = tables.key(key)
+    if wanted is None:
+        return []
+    found: list[Found] = []
+    for page in pages:
+        best: tuple[float, float, dict[str, Any], dict[str, Any]] | None = None
+        for fields, config in page.entries:
+            if not _matches(fields, wanted, tables.nearest):
+                continue
+            distance, value = 0.0, 0.0  # without a nearest field: the first match
+            if tables.nearest is not None:
+                have, target = fields.get(tables.nearest), wanted.get(tables.nearest)
+                if not _number(have) or not _number(target):
+                    continue
+                value = float(have)
+                distance = abs(value - float(target))
+            # vLLM takes the nearest batch size, the smaller of two equally near
+            if best is None or (distance, value) < (best[0], best[1]):
+                best = (distance, value, fields, config)
+        if best is None:
+            continue
+        mapped = tables.config(best[3])
+        if mapped is not None:
+            found.append(Found(page.device, best[2], dict(mapped)))
+    return found
+
+
+def _matches(fields: Mapping[str, Any], wanted: Mapping[str, Any], nearest: str | None) -> bool:
+    """Whether an imported key equals ``wanted`` on every field but ``nearest``; a field
+    ``wanted`` leaves out must be absent (None) in the entry."""
+    for name, value in fields.items():
+        if name == nearest:
+            continue
+        if value != wanted.get(name):
+            return False
+    if nearest is not None and nearest not in fields:
+        return False
+    return all(name in fields for name in wanted if name != nearest)
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def candidate_id(found: Found, ids: Sequence[str], candidates: Sequence[Any]) -> str | None:
+    """The id of the candidate that launches exactly ``found.config``, if the call allows one.
+    An option the entry leaves out is the one a ``triton.Config`` without it launches (vLLM
+    passes its entries to the launch as they are)."""
+    from ._compat import Config, config_options
+
+    defaults = config_options(Config({}))
+    wanted = {**defaults, **found.config}
+    for cid, config in zip(ids, candidates):
+        kwargs = dict(config.kwargs)
+        if set(kwargs) - set(wanted):
+            continue
+        options = {**defaults, **config_options(config)}
+        if all(kwargs[k] == v if k in kwargs else options.get(k) == v for k, v in wanted.items()):
+            return cid
+    return None

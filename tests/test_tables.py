@@ -1,0 +1,250 @@
+"""Imported tables (``tables=``): vLLM-format files imported with the real ``tunebook import``
+command serve keys the book lacks on the GPU they were tuned on, and seed searches elsewhere
+(real kernels on the CPU interpreter; the interpreter's "GPU" is this CPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import tunebook
+from conftest import run_python
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from tunebook import _compat, _policy, _tables
+from tunebook._book import Entry, Result
+from tunebook.cli import _app
+
+HERE = _tables.device_label(_compat.device_identity()["device"])  # this "GPU", as vLLM names files
+
+
+def import_table(
+    directory: Path, device: str, table: dict[int, dict], kernel: str = "vllm.add", E: int = 1, N: int = 1
+) -> None:
+    """Write one vLLM config file for ``device`` and import it into ``directory``, as a user would."""
+    source = directory.parent / f"vllm-{device}"
+    source.mkdir(parents=True, exist_ok=True)
+    path = source / f"E={E},N={N},device_name={device}.json"
+    # newer vLLM files record their Triton version, which vLLM (and the import) drops
+    path.write_text(json.dumps({"triton_version": "3.4.0", **{str(m): c for m, c in table.items()}}))
+    result = CliRunner().invoke(
+        _app.cli, ["import", "--format", "vllm", str(path), "--kernel", kernel, "-o", str(directory)]
+    )
+    assert result.exit_code == 0, result.output
+
+
+def entry(block: int) -> dict[str, int]:
+    return {"BLOCK_SIZE_M": block, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "GROUP_SIZE_M": 1}
+
+
+# add_kernel's key is [n]: the table's (E, N) are fixed, its M is n; its BLOCK is BLOCK_SIZE_M.
+ADD_TABLES = tunebook.Tables(
+    "vllm.add",
+    key=lambda key: {"E": 1, "N": 1, "M": key[0]},
+    config=lambda c: {"BLOCK": c["BLOCK_SIZE_M"]} if c["BLOCK_SIZE_M"] != 999 else None,
+)
+
+
+def run(kernel, n: int) -> None:
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    assert out.eq(x + y).all()
+
+
+def test_this_gpus_table_serves_a_missing_key_nearest_batch_size(monkeypatch, book_dir, caplog):
+    import_table(book_dir, HERE, {64: entry(32), 256: entry(128), 1024: entry(64)})
+    import_table(book_dir, "OTHER_GPU", {1: entry(64)})  # another GPU's: never served here
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    for n, expected in ((300, 128), (100, 32), (700, 64), (160, 32)):  # 160: 64 and 256 equally near
+        kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=ADD_TABLES)(add_kernel)
+        run(kernel, n)
+        assert kernel.best_config.kwargs == {"BLOCK": expected}, n
+    assert tunebook.stats()["benchmarked"] == 0
+    assert any(f"imported table entry of {HERE.replace('_', ' ')}" in r.message for r in caplog.records)
+    # without tables= the same book serves the first config: imports are not results
+    plain = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
+    run(plain, 300)
+    assert plain.best_config.kwargs == {"BLOCK": 32}
+
+
+def test_own_results_come_first_then_the_table_then_the_nearest_key(monkeypatch, book_dir):
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    timer = {"do_bench": replay, "pre_hook": replay.pre_hook}
+    tuned = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=ADD_TABLES, **timer)(add_kernel)
+    run(tuned, 300)  # tuned: BLOCK=64 wins key 300
+    import_table(book_dir, HERE, {400: entry(128)})
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    served = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=ADD_TABLES, **timer)(add_kernel)
+    run(served, 300)  # in the book
+    assert served.best_config.kwargs == {"BLOCK": 64}
+    run(served, 410)  # not in the book: the table (128) before the nearest key's winner (64)
+    assert served.best_config.kwargs == {"BLOCK": 128}
+    untabled = tunebook.autotune(block_configs(32, 64, 128), key=["n"], **timer)(add_kernel)
+    run(untabled, 410)
+    assert untabled.best_config.kwargs == {"BLOCK": 64}
+    assert tunebook.stats()["benchmarked"] == 3  # key 300's; none served
+
+
+def test_the_serve_chain_puts_the_table_after_own_results_and_fallback():
+    ok = lambda ms: Result({"kwargs": {}}, (ms, ms, ms))  # noqa: E731
+    partial = Entry(key=(410,), results={"a": ok(2.0)})
+    near = [Entry(key=(300,), results={"b": ok(1.0)})]
+    table = ("c", "the imported table entry")
+    assert _policy.serve_choice(["a", "b", "c"], partial, near, None, table)[0] == "a"
+    assert _policy.serve_choice(["a", "b", "c"], None, near, None, table)[0] == "c"
+    assert _policy.serve_choice(["a", "b", "c"], None, near, "b", table)[0] == "b"  # fallback= first
+    assert _policy.serve_choice(["a", "b"], None, near, None, table)[0] == "b"  # not a candidate
+
+
+def test_an_entry_the_call_does_not_allow_is_not_served(monkeypatch, book_dir, caplog):
+    import_table(book_dir, HERE, {300: entry(256), 600: entry(999)})  # 256: not declared; 999: unmapped
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    kernel = tunebook.autotune(block_configs(64, 32, 128), key=["n"], tables=ADD_TABLES)(add_kernel)
+    run(kernel, 300)
+    assert kernel.best_config.kwargs == {"BLOCK": 64}  # the first config, as without a table
+    assert any("maps to {'BLOCK': 256}, which is not one of the configs" in r.message for r in caplog.records)
+    run(kernel, 600)
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_a_left_out_option_is_tritons_default_not_any_value(monkeypatch, book_dir):
+    """An entry without num_warps launches what triton.Config launches without it (4), never
+    another candidate that merely shares its meta-parameters."""
+    import_table(book_dir, HERE, {300: entry(64)})
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    configs = [*block_configs(64, num_warps=2), *block_configs(64, num_warps=4), *block_configs(32)]
+    kernel = tunebook.autotune(configs, key=["n"], tables=ADD_TABLES)(add_kernel)
+    run(kernel, 300)
+    assert (kernel.best_config.kwargs, kernel.best_config.num_warps) == ({"BLOCK": 64}, 4)
+    only_two = tunebook.autotune(block_configs(64, num_warps=2), key=["n"], tables=ADD_TABLES)(add_kernel)
+    run(only_two, 300)  # the table's launch is not declared: served as without it (the first config)
+    assert only_two.best_config.num_warps == 2
+
+
+def test_a_malformed_imported_page_is_skipped(monkeypatch, book_dir):
+    import_table(book_dir, HERE, {300: entry(128)})
+    (page,) = book_dir.glob("vllm-add--*")
+    head = json.loads((page / "page.json").read_text())
+    head["kernel"]["key"] = None  # hand-edited, or written by a broken tool
+    (page / "page.json").write_text(json.dumps(head))
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=ADD_TABLES)(add_kernel)
+    run(kernel, 300)
+    run(kernel, 600)
+    assert kernel.best_config.kwargs == {"BLOCK": 32}
+
+
+def test_hints_this_gpus_table_then_the_nearest_keys_then_other_gpus(book_dir):
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0, 256: 4.0})
+    timer = {"do_bench": replay, "pre_hook": replay.pre_hook}
+    first = tunebook.autotune(block_configs(32, 64, 128, 256), key=["n"], **timer)(add_kernel)
+    run(first, 200)  # the nearest key's winner: 64
+    import_table(book_dir, HERE, {300: entry(256)})
+    import_table(book_dir, "OTHER_GPU", {300: entry(128)})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128, 256),
+        key=["n"],
+        tables=ADD_TABLES,
+        max_configs=3,
+        strategy="exhaustive",
+        **timer,
+    )(add_kernel)
+    replay.measured.clear()
+    run(kernel, 300)
+    assert replay.measured[:3] == [256, 64, 128]
+
+
+def test_tables_of_any_gpu_are_searched_first_when_tuning(book_dir):
+    import_table(book_dir, "OTHER_GPU", {256: entry(128)})
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128),
+        key=["n"],
+        tables=ADD_TABLES,
+        max_configs=1,
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+    )(add_kernel)
+    run(kernel, 300)
+    assert replay.measured[:1] == [128] and kernel.best_config.kwargs == {"BLOCK": 128}
+    assert tunebook.stats()["benchmarked"] == 1
+
+
+def test_lookup_rules():
+    page = _tables.TablePage(
+        "NVIDIA H200",
+        "here",
+        (
+            ({"E": 8, "N": 14336, "M": 1}, entry(16)),
+            ({"E": 8, "N": 14336, "M": 64}, entry(64)),
+            ({"E": 8, "N": 7168, "M": 2}, entry(32)),
+            ({"E": 8, "N": 14336, "M": 4, "dtype": "fp8_w8a8"}, entry(128)),
+        ),
+    )
+    tables = tunebook.Tables("t", key=lambda k: {"E": k[0], "N": k[1], "M": k[2]}, config=dict)
+    (found,) = _tables.lookup(tables, [page], (8, 14336, 5))
+    assert found.config["BLOCK_SIZE_M"] == 16 and found.key["M"] == 1  # 1 is nearer 5 than 64; fp8 left out
+    (found,) = _tables.lookup(tables, [page], (8, 14336, 40))
+    assert found.key["M"] == 64  # 40 is nearer 64 than 1 (the key is the bucket: vLLM looks up each batch)
+    assert _tables.lookup(tables, [page], (8, 4096, 5)) == []  # no table for this N
+    assert _tables.lookup(tunebook.Tables("t", key=lambda k: None, config=dict), [page], (8, 14336, 5)) == []
+    assert _tables.same_device("NVIDIA H200 NVL", "NVIDIA_H200")
+    assert not _tables.same_device("NVIDIA H100", "H200")
+    with pytest.raises(tunebook.ConfigurationError, match="kernel= must be"):
+        tunebook.Tables("", key=dict, config=dict)
+    with pytest.raises(tunebook.ConfigurationError, match=r"tables= takes a tunebook\.Tables"):
+        tunebook.autotune(block_configs(32), key=["n"], tables={"kernel": "x"})
+
+
+MOE_SERVE = """
+import importlib, json, logging, os, torch, tunebook
+logging.basicConfig(level=logging.WARNING)  # serve mode says where each config came from
+mod = importlib.import_module("tunebook.kernels.fused_moe")
+g = torch.Generator().manual_seed(0)
+x, w13 = torch.randn(3, 24, generator=g), torch.randn(4, 80, 24, generator=g) / 5
+w2 = torch.randn(4, 24, 40, generator=g) / 7
+tw, ti = torch.topk(torch.randn(3, 4, generator=g).softmax(-1), 2)
+dtype = getattr(torch, os.environ.get("MOE_DTYPE", "bfloat16"))  # vLLM's tables: 16-bit weights
+x, w13, w2 = (t.to(dtype) for t in (x, w13, w2))
+out = mod.fused_moe(x, w13, w2, tw, ti).float()
+x, w13, w2 = x.float(), w13.float(), w2.float()
+silu = torch.nn.functional.silu
+h = torch.stack([silu(w13[e, :40] @ x[t]) * (w13[e, 40:] @ x[t]) for t in range(3) for e in ti[t]])
+ref = (torch.stack([w2[e] @ h[2 * t + j] for t in range(3) for j, e in enumerate(ti[t])]).view(3, 2, 24)
+       * tw.unsqueeze(-1)).sum(1)
+def served(k):
+    c = k.best_config
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+print(json.dumps({"stats": tunebook.stats(), "err": float((out - ref).abs().max()),
+                  "gemm1": served(mod._moe_gemm1_kernel), "gemm2": served(mod._moe_gemm2_kernel)}))
+"""
+
+
+def test_the_pack_serves_vllms_table_of_this_gpu_in_a_fresh_process(tmp_path):
+    """vLLM's file for (E=4, N=40) on this "GPU", imported by the real command into a book
+    that no process has tuned: a fresh serve-mode process runs fused_moe with its entry for
+    the nearest batch size (M=4 for 3 tokens), on both GEMMs, and computes the right answer."""
+    book = tmp_path / "book"
+    config = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 8}
+    table = {
+        1: {**entry(16), "BLOCK_SIZE_N": 64},
+        4: {**config, "num_warps": 8, "num_stages": 5},
+        512: entry(128),
+    }
+    import_table(book, HERE, table, kernel="vllm.fused_moe", E=4, N=40)
+    env = {"TUNEBOOK_MODE": "serve", "TUNEBOOK_DIR": str(book)}
+    got = run_python(MOE_SERVE, env=env)
+    wanted = {**config, "num_warps": 8, "num_stages": 5}
+    assert got["gemm1"] == wanted and got["gemm2"] == wanted
+    assert got["stats"]["benchmarked"] == 0 and got["err"] < 0.05
+    assert "imported table entry" in got["_stderr"]
+    # the same process without the import: vLLM's default rule, not the table's config
+    empty = run_python(MOE_SERVE, env={**env, "TUNEBOOK_DIR": str(tmp_path / "empty")})
+    assert empty["gemm1"] != wanted and empty["err"] < 0.05
+    fp32 = run_python(MOE_SERVE, env={**env, "MOE_DTYPE": "float32"})  # vLLM has no fp32 tables
+    assert fp32["gemm1"] != wanted and fp32["gemm1"] == empty["gemm1"]
