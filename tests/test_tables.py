@@ -175,6 +175,33 @@ def test_tables_of_any_gpu_are_searched_first_when_tuning(book_dir):
     assert tunebook.stats()["benchmarked"] == 1
 
 
+def test_a_whole_configs_directory_imports_with_skip_unsupported(tmp_path):
+    source = tmp_path / "configs"
+    source.mkdir()
+    (source / f"E=8,N=64,device_name={HERE}.json").write_text(
+        json.dumps({"triton_version": "3.4.0", "1": entry(16)})
+    )
+    (source / f"E=8,N=64,device_name={HERE},dtype=int4_w4a16,backend=flydsl.json").write_text("{}")
+    (source / "README").write_text("not a table")
+    args = [
+        "import",
+        "--format",
+        "vllm",
+        *map(str, sorted(source.iterdir())),
+        "--kernel",
+        "k",
+        "-o",
+        str(tmp_path / "b"),
+    ]
+    failed = CliRunner().invoke(_app.cli, args)
+    assert failed.exit_code != 0 and "--skip-unsupported" in failed.output
+    done = CliRunner().invoke(_app.cli, [*args, "--skip-unsupported"])
+    assert done.exit_code == 0, done.output
+    assert "skipped README" in done.output and "backend=flydsl" in done.output
+    (page,) = (tmp_path / "b").iterdir()
+    assert sorted(p.name for p in page.glob("*.json")) == ["8,64,1.json", "page.json"]
+
+
 def test_lookup_rules():
     page = _tables.TablePage(
         "NVIDIA H200",

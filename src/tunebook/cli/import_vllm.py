@@ -17,6 +17,7 @@ from .._fingerprint import platform_id, platform_slug
 from .._jsonio import key_text
 from .._version import __version__
 from ._common import (
+    err,
     existing_parent,
     out,
     output_option,
@@ -41,7 +42,9 @@ def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
     """(fields from the file name, {M: config}) or a ClickException saying what is wrong."""
     fields, problem = parse_name(path.name)
     if fields is None:
-        raise click.ClickException(f"{path.name}: {problem}")
+        raise click.ClickException(
+            f"{path.name}: {problem}; pass --skip-unsupported to import the other files without it"
+        )
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -99,6 +102,12 @@ def imported_page(
     metavar="NAME=VALUE",
     help="Value for a key name the files do not give (repeatable).",
 )
+@click.option(
+    "--skip-unsupported",
+    is_flag=True,
+    help="Skip files whose names tunebook cannot import (each named on stderr) instead of failing: "
+    "for importing a whole vLLM configs directory.",
+)
 def command(
     files: tuple[Path, ...],
     fmt: str,
@@ -107,6 +116,7 @@ def command(
     key_names: str | None,
     mapping: tuple[str, ...],
     constants: tuple[str, ...],
+    skip_unsupported: bool,
 ) -> None:
     """Turn vLLM tuned-config FILES into book entries of kernel NAME, marked as imported.
 
@@ -115,7 +125,15 @@ def command(
     """
     maps = parse_assignments(mapping, "--map")
     consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
-    parsed = [(path, *parse_vllm_file(path)) for path in files]
+    parsed = []
+    for path in files:
+        fields, problem = parse_name(path.name)
+        if fields is None and skip_unsupported:
+            err().print(f"skipped {path.name}: {problem}", markup=False, highlight=False)
+            continue
+        parsed.append((path, *parse_vllm_file(path)))
+    if not parsed:
+        raise click.ClickException("no importable file among those given (all were skipped)")
     if key_names:
         names = [n.strip() for n in key_names.split(",") if n.strip()]
     else:
