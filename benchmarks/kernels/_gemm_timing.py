@@ -144,6 +144,11 @@ def common_parser(
     p.add_argument("--tune-m", default=",".join(map(str, tune_m)))
     p.add_argument("--mode", default="serve", choices=["serve", "tune"], help="TUNEBOOK_MODE when measuring")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument(
+        "--no-shipped-books",
+        action="store_true",
+        help="leave the package's books out: every key is tuned (or served) from --book-dir alone",
+    )
     return p
 
 
@@ -156,6 +161,8 @@ def setup_env(args: argparse.Namespace) -> None:
     if args.book_dir:
         os.environ["TUNEBOOK_DIR"] = str(args.book_dir)
     os.environ["TUNEBOOK_MODE"] = "tune" if args.tune else args.mode
+    if args.no_shipped_books:
+        os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = "0"  # read when the op modules are imported
 
 
 def write_result(args: argparse.Namespace, stem: str, result: dict[str, Any]) -> None:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import book_files, run_python
 from tunebook._book import read_document
 
@@ -141,3 +143,21 @@ def test_every_shipped_result_is_a_point_of_its_kernels_space_with_its_own_id(re
                     wrong.append((page.name, cid, mine))
     assert checked > 7000 and not wrong, wrong[:5]
     assert not [str(w.message) for w in recwarn], "a shipped file was skipped"
+
+
+SHIPPED_BOOKS_CHILD = """
+import json
+from tunebook.kernels import _common
+print(json.dumps({"books": sorted({str(p) for k in _common.kernels() for p in k.options.books})}))
+"""
+
+
+def test_the_shipped_books_can_be_left_out_for_a_fresh_tuning(tmp_path) -> None:
+    # Benchmarks that must tune every key (fidelity.py, --no-shipped-books) leave them out
+    # before the op modules are imported; any other value is an error naming the two.
+    from tunebook.kernels._common import BOOKS_DIR
+
+    assert run_python(SHIPPED_BOOKS_CHILD)["books"] == [str(BOOKS_DIR)]
+    assert run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0"})["books"] == []
+    with pytest.raises(AssertionError, match=r"TUNEBOOK_KERNELS_SHIPPED_BOOKS='maybe': expected 1"):
+        run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "maybe"})

@@ -34,6 +34,9 @@ import tunebook
 from tunebook import _settings
 
 BOOKS_DIR = Path(__file__).resolve().parent / "books"
+# TUNEBOOK_KERNELS_SHIPPED_BOOKS=0 leaves the shipped books out (read when the op modules
+# are imported): a benchmark that must tune every key afresh, or a user who distrusts them.
+SHIPPED_BOOKS_ENV = "TUNEBOOK_KERNELS_SHIPPED_BOOKS"
 
 # Token (row) counts a server sees are bucketed onto powers of two: a bucket covers
 # (2^(k-1), 2^k] and is tuned once. The edges stop at 8192, not at infinity as "pow2"
@@ -98,6 +101,17 @@ def liger_num_warps(block: int) -> int:
     return 4
 
 
+def shipped_books() -> list[Path]:
+    """The read-only books every kernel of the pack consults: ``[BOOKS_DIR]``, or none with
+    ``TUNEBOOK_KERNELS_SHIPPED_BOOKS=0``."""
+    raw = os.environ.get(SHIPPED_BOOKS_ENV, "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return [BOOKS_DIR]
+    if raw in ("0", "false", "no", "off"):
+        return []
+    raise ValueError(f"{SHIPPED_BOOKS_ENV}={raw!r}: expected 1 (default: use them) or 0 (leave them out)")
+
+
 def max_configs() -> int | None:
     raw = os.environ.get(MAX_CONFIGS_ENV, "").strip()
     if not raw:
@@ -151,7 +165,7 @@ def autotune(
         key=list(key),
         rep=20,
         use_cuda_graph=True,
-        books=[BOOKS_DIR],
+        books=shipped_books(),
         name=f"tunebook.kernels.{op}",
         max_configs=max_configs(),
         fallback=fallback,

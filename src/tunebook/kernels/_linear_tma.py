@@ -39,7 +39,7 @@ import triton.language as tl
 import tunebook
 
 from .. import _compat
-from ._common import BOOKS_DIR, max_configs
+from ._common import max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -119,7 +119,7 @@ def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
     name=NAME_PREFIX + "linear_tma",
     rep=20,
     use_cuda_graph=True,  # the pack's timer for its other ops: replays without host gaps
-    books=[BOOKS_DIR],
+    books=shipped_books(),
     max_configs=max_configs(),
     fallback=_fallback,
     prefer_nearest=True,  # a tuned neighbouring bucket first

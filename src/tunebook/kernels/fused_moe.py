@@ -54,7 +54,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import BOOKS_DIR, max_configs
+from ._common import max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -269,7 +269,7 @@ def _moe_autotune(gemm: int) -> Any:
         configs=moe_space(gemm),
         key=[tunebook.bucket("M", list(M_EDGES)), "N", "K", "E", "TOP_K"],
         name=f"{NAME_PREFIX}fused_moe.gemm{gemm}",
-        books=[BOOKS_DIR],
+        books=shipped_books(),
         max_configs=max_configs(),
         fallback=_fallback_for(gemm),
         prefer_nearest=True,  # a tuned neighbouring bucket first

@@ -50,7 +50,7 @@ import triton.language as tl
 import tunebook
 
 from . import _linear_tma
-from ._common import BOOKS_DIR, check_out, max_configs
+from ._common import check_out, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -200,7 +200,7 @@ def _linear_epilogue(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, stride_yn, 
     configs=linear_space(),
     key=[tunebook.bucket("M", list(M_EDGES)), "N", "K"],
     name=NAME_PREFIX + "linear",
-    books=[BOOKS_DIR],
+    books=shipped_books(),
     max_configs=max_configs(),
     fallback=_fallback,
     prefer_nearest=True,  # a tuned neighbouring bucket first
