@@ -63,7 +63,7 @@ def test_this_gpus_table_serves_a_missing_key_nearest_batch_size(monkeypatch, bo
         kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=ADD_TABLES)(add_kernel)
         run(kernel, n)
         assert kernel.best_config.kwargs == {"BLOCK": expected}, n
-    assert tunebook.stats()["benchmarked"] == 0
+    assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["table_answers"] == 4
     assert any(f"imported table entry of {HERE.replace('_', ' ')}" in r.message for r in caplog.records)
     # without tables= the same book serves the first config: imports are not results
     plain = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
@@ -268,7 +268,7 @@ def test_the_pack_serves_vllms_table_of_this_gpu_in_a_fresh_process(tmp_path):
     got = run_python(MOE_SERVE, env=env)
     wanted = {**config, "num_warps": 8, "num_stages": 5}
     assert got["gemm1"] == wanted and got["gemm2"] == wanted
-    assert got["stats"]["benchmarked"] == 0 and got["err"] < 0.05
+    assert got["stats"]["benchmarked"] == 0 and got["stats"]["table_answers"] == 2 and got["err"] < 0.05
     assert "imported table entry" in got["_stderr"]
     # the same process without the import: vLLM's default rule, not the table's config
     empty = run_python(MOE_SERVE, env={**env, "TUNEBOOK_DIR": str(tmp_path / "empty")})

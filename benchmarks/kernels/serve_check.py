@@ -9,6 +9,11 @@ are in ``serve_check.json``). On the GPU the books were tuned on, benchmarked an
 must both be 0.
 
     python benchmarks/kernels/serve_check.py [--out DIR] [--dry-run]
+    python benchmarks/kernels/serve_check.py --moe-shapes mixtral-8x7b-tp2 --tables VLLM_BOOK
+
+``--tables DIR`` adds a book of imported tables (``tunebook import --format vllm --kernel
+vllm.fused_moe -o DIR ...``) as a read-only layer: fused_moe keys the shipped books lack are
+then answered by this GPU's vLLM table, counted as "table answers".
 
 ``--dry-run`` runs the same calls on the CPU interpreter on tiny shapes (no shipped book
 matches that platform: everything falls back; it checks the script, not the books).
@@ -38,10 +43,15 @@ DRY_ATTENTION = {  # tiny shapes for the interpreter
     "varlen_attention": ({"n_q": 2, "n_kv": 1, "head_size": 16, "seqlen": 20, "prefix": 18}, 24),
 }
 LINEAR = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-MIXTRAL = (8, 4096, 14336, 2)  # experts, hidden, intermediate, top-k
+MOE_SHAPES = {  # experts, hidden, intermediate (per GPU), top-k
+    "mixtral-8x7b": (8, 4096, 14336, 2),
+    "mixtral-8x7b-tp2": (8, 4096, 7168, 2),
+}
 
 
-def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) -> list[tuple[str, str, Any]]:
+def calls(
+    dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS, moe_shapes: str = "mixtral-8x7b"
+) -> list[tuple[str, str, Any]]:
     """(op, what the call is, a no-argument call) for every shipped key."""
     import torch
 
@@ -65,14 +75,14 @@ def calls(dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS) 
         for n, k in layers.values():
             x, w = randn(m, k), randn(n, k) * k**-0.5
             out.append(("linear", f"M={m} N={n} K={k}", lambda x=x, w=w: linear(x, w)))
-    e, h, inter, top_k = (4, 24, 40, 2) if dry_run else MIXTRAL
-    for m in tokens:
-        x, w13, w2 = randn(m, h), randn(e, 2 * inter, h) * h**-0.5, randn(e, h, inter) * inter**-0.5
-        weights, ids = torch.topk(torch.randn(m, e, generator=g).softmax(-1), top_k)
-        args = (x, w13, w2, weights.to(device), ids.to(device))
-        out.append(
-            ("fused_moe", f"M={m} E={e} hidden={h} inter={inter} top-{top_k}", lambda a=args: fused_moe(*a))
-        )
+    moe = [(4, 24, 40, 2)] if dry_run else [MOE_SHAPES[name] for name in moe_shapes.split(",")]
+    for e, h, inter, top_k in moe:
+        for m in tokens:
+            x, w13, w2 = randn(m, h), randn(e, 2 * inter, h) * h**-0.5, randn(e, h, inter) * inter**-0.5
+            weights, ids = torch.topk(torch.randn(m, e, generator=g).softmax(-1), top_k)
+            args = (x, w13, w2, weights.to(device), ids.to(device))
+            label = f"M={m} E={e} hidden={h} inter={inter} top-{top_k}"
+            out.append(("fused_moe", label, lambda a=args: fused_moe(*a)))
     # Built when called, one at a time: a decode workload's cache takes up to 8.6 GB.
     if dry_run:
         for op, (shape, n) in DRY_ATTENTION.items():
@@ -100,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes")
     p.add_argument("--attention-models", default=ATTENTION_MODELS, help="head layouts of the attention ops")
+    p.add_argument("--moe-shapes", default="mixtral-8x7b", help="comma-separated: " + ", ".join(MOE_SHAPES))
+    p.add_argument("--tables", type=Path, help="a book of imported tables (vllm.fused_moe), read-only")
     args = p.parse_args(argv)
     os.environ["TUNEBOOK_MODE"] = "serve"
     os.environ["TUNEBOOK_DIR"] = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
     os.environ.pop("TUNEBOOK_PATH", None)
+    if args.tables is not None:
+        os.environ["TUNEBOOK_PATH"] = str(args.tables.resolve())
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -112,18 +126,29 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     rows: dict[str, dict[str, Any]] = {}
-    for op, label, call in calls(args.dry_run, device, args.attention_models):
+    for op, label, call in calls(args.dry_run, device, args.attention_models, args.moe_shapes):
         before = tunebook.stats()
         call()
         after = tunebook.stats()
         row = rows.setdefault(
-            op, {"op": op, "calls": 0, "benchmarked": 0, "fallbacks": 0, "book_hits": 0, "not_answered": []}
+            op,
+            {
+                "op": op,
+                "calls": 0,
+                "benchmarked": 0,
+                "fallbacks": 0,
+                "book_hits": 0,
+                "table_answers": 0,
+                "not_answered": [],
+            },
         )
         row["calls"] += 1
-        for name in ("benchmarked", "fallbacks", "book_hits"):
+        for name in ("benchmarked", "fallbacks", "book_hits", "table_answers"):
             row[name] += int(after[name] - before[name])
         if after["fallbacks"] > before["fallbacks"] or after["benchmarked"] > before["benchmarked"]:
             row["not_answered"].append(label)  # which key a book lacks: what to tune next
+            if after["table_answers"] > before["table_answers"]:
+                row["not_answered"][-1] += " (an imported table answered)"
     if device == "cuda":
         torch.cuda.synchronize()
     result = {
@@ -133,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_check.json").write_text(json.dumps(result, indent=1))
     print(f"serve mode, books only, {result['device']}:")
-    print(f"{'op':24s} {'calls':>6s} {'benchmarked':>12s} {'fallbacks':>10s} {'book hits':>10s}")
+    print(
+        f"{'op':24s} {'calls':>6s} {'benchmarked':>12s} {'fallbacks':>10s} {'book hits':>10s} {'tables':>7s}"
+    )
     for r in rows.values():
         counts = f"{r['calls']:6d} {r['benchmarked']:12d} {r['fallbacks']:10d} {r['book_hits']:10d}"
+        counts += f" {r['table_answers']:7d}"
         print(f"{r['op']:24s} {counts}")
     missing = [(r["op"], label) for r in rows.values() for label in r["not_answered"]]
     if missing:

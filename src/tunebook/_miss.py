@@ -190,6 +190,8 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
         device = str(page.platform.get("device", ""))
         table = _table_answer(miss, _tables_found(miss, device), device)
     cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked, table)
+    if table is not None and cid == table[0]:
+        _stats.add("table_answers")
     if cid is None and last:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.

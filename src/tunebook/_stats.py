@@ -21,6 +21,7 @@ _totals = {
     "book_hits": 0,
     "compile_seconds": 0.0,
     "group_wait_seconds": 0.0,
+    "table_answers": 0,
 }
 _SECONDS = ("tuning_seconds", "compile_seconds", "group_wait_seconds")
 _counters: weakref.WeakSet[Counters] = weakref.WeakSet()
@@ -76,11 +77,13 @@ def stats() -> dict[str, float]:
     * ``group_wait_seconds`` — of the tuning time, spent waiting for other ranks of the
       group a key was tuned in (``group=``): for them to arrive, to measure their part of a
       batch, or to deal the next one.
+    * ``table_answers`` — keys served in ``serve`` mode by an imported table of this GPU
+      (``tables=``); each is also a miss, and its calls fallbacks.
 
     >>> import tunebook
     >>> sorted(tunebook.stats())  # doctest: +NORMALIZE_WHITESPACE
     ['benchmarked', 'book_hits', 'compile_seconds', 'failures', 'fallbacks', 'group_wait_seconds',
-     'hits', 'misses', 'tuning_seconds']
+     'hits', 'misses', 'table_answers', 'tuning_seconds']
     """
     with _lock:
         live = list(_counters)

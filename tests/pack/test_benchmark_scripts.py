@@ -55,10 +55,26 @@ def test_every_script_dry_runs(tmp_path: Path) -> None:
 @pytest.mark.slow  # one process, ~5 s
 def test_serve_check_dry_run_names_every_call_the_books_do_not_answer(tmp_path: Path) -> None:
     """serve_check in serve mode benchmarks nothing; on the CPU no shipped book matches the
-    platform, so every call falls back, and each is listed by shape (what to tune next)."""
+    platform, so every call falls back, and each is listed by shape (what to tune next).
+    With --tables, an imported vLLM table of this "GPU" answers the MoE's two keys."""
+    from click.testing import CliRunner
+
+    from tunebook import _compat, _tables
+    from tunebook.cli import _app
+
+    here = _tables.device_label(_compat.device_identity()["device"])
+    entry = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 8, "num_warps": 8}
+    table = tmp_path / f"E=4,N=40,device_name={here}.json"
+    table.write_text(json.dumps({"1": entry, "4": entry}))
+    imported = CliRunner().invoke(
+        _app.cli,
+        ["import", "--format", "vllm", str(table), "--kernel", "vllm.fused_moe", "-o", str(tmp_path / "t")],
+    )
+    assert imported.exit_code == 0, imported.output
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["--dry-run", "--out", str(tmp_path), "--tables", str(tmp_path / "t")]
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "serve_check.py"), "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPTS / "serve_check.py"), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -81,6 +97,9 @@ def test_serve_check_dry_run_names_every_call_the_books_do_not_answer(tmp_path: 
         assert r["fallbacks"] >= r["calls"] == len(r["not_answered"]) > 0, op
         assert len(set(r["not_answered"])) == r["calls"], f"{op}: two calls share a label"
     assert "M=1 N=40 K=24" in rows["linear"]["not_answered"]
+    assert rows["fused_moe"]["table_answers"] == 4  # 1 and 3 tokens (buckets 1 and 4), two GEMMs each
+    assert all("(an imported table answered)" in label for label in rows["fused_moe"]["not_answered"])
+    assert all(r["table_answers"] == 0 for op, r in rows.items() if op != "fused_moe")
     assert "not answered by the books (15 calls" in proc.stdout
 
 
