@@ -275,3 +275,30 @@ def test_the_pack_serves_vllms_table_of_this_gpu_in_a_fresh_process(tmp_path):
     assert empty["gemm1"] != wanted and empty["err"] < 0.05
     fp32 = run_python(MOE_SERVE, env={**env, "MOE_DTYPE": "float32"})  # vLLM has no fp32 tables
     assert fp32["gemm1"] != wanted and fp32["gemm1"] == empty["gemm1"]
+
+
+EXPLAINED = """
+import tunebook, triton
+from kernels import add_kernel
+
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 128})],
+    key=["n"],
+    tables=tunebook.Tables("vllm.add", key=lambda k: {"E": 1, "N": 1, "M": k[0]}, config=dict),
+)(add_kernel)
+"""
+
+
+def test_explain_lists_the_tables_a_kernel_reads_and_which_serve_here(book_dir, tmp_path):
+    (tmp_path / "explained.py").write_text(EXPLAINED)
+    target = f"{tmp_path / 'explained.py'}:add"
+    before = CliRunner().invoke(_app.cli, ["explain", target])
+    assert "imported tables (vllm.add): none in these directories" in before.output
+    import_table(book_dir, HERE, {300: entry(128)})
+    import_table(book_dir, "OTHER_GPU", {1: entry(32), 2: entry(32)})
+    data = json.loads(CliRunner().invoke(_app.cli, ["explain", target, "--json"]).stdout)
+    pages = {p["device"]: p for p in data["tables"]["pages"]}
+    assert pages[HERE.replace("_", " ")]["this_gpu"] and pages[HERE.replace("_", " ")]["entries"] == 1
+    assert not pages["OTHER GPU"]["this_gpu"] and pages["OTHER GPU"]["entries"] == 2
+    text = CliRunner().invoke(_app.cli, ["explain", target]).output
+    assert "this GPU: serve mode launches its entries" in text and "another GPU: search hints" in text

@@ -19,6 +19,8 @@ from rich.markup import escape
 from .._autotuner import Autotuner
 from .._book import Book, KernelIdentity, book_file_name, pagedir
 from .._fingerprint import platform_slug
+from .._tables import load as load_tables
+from .._tables import same_device
 from ._common import echo_json, err, missing_book, out, parse_assignments
 from ._load import Page, load
 from ._modules import resolve_kernel
@@ -125,7 +127,29 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
         "directories": [str(d) for d in directories],
         "files": files,
         "skipped": skipped,
+        "tables": imported_tables(tuner, directories, str(fingerprint.get("device", ""))),
         "verdict": "hit" if any(f["match"] for f in files) else "miss",
+    }
+
+
+def imported_tables(tuner: Autotuner, directories: list[Path], device: str) -> dict[str, Any] | None:
+    """The imported tables the kernel reads (``tables=``), None if it reads none: per page,
+    its GPU, its entries and whether it serves here (tuned on this GPU) or only hints."""
+    tables = tuner.options.tables
+    if tables is None:
+        return None
+    pages = load_tables(tables, [d for d in directories if d.exists()])
+    return {
+        "kernel": tables.kernel,
+        "pages": [
+            {
+                "path": p.where,
+                "device": p.device,
+                "entries": len(p.entries),
+                "this_gpu": same_device(p.device, device),
+            }
+            for p in pages
+        ],
     }
 
 
@@ -155,6 +179,7 @@ def _print(data: dict[str, Any]) -> None:
             "in these directories. Tune it here (TUNEBOOK_MODE=tune), or ship a book tuned on this "
             "platform and point TUNEBOOK_PATH or autotune(books=...) at it."
         )
+        _print_tables(data["tables"])
         return
     for f in data["files"]:
         head = "[green]match[/]" if f["match"] else "[red]differs[/]"
@@ -173,6 +198,7 @@ def _print(data: dict[str, Any]) -> None:
             )
             module = data["target"].rpartition(":")[0]
             console.print(f"      [yellow]{escape(miss_hint(module))}[/]")
+    _print_tables(data["tables"])
     if data["verdict"] == "hit":
         console.print(
             "\n[green]A book file matches this process[/]: a call hits when its key (the key "
@@ -182,6 +208,27 @@ def _print(data: dict[str, Any]) -> None:
         console.print(
             "\n[red]No book file matches this process[/]: every call misses. Fix the differences "
             "above, or tune on this platform."
+        )
+
+
+def _print_tables(tables: dict[str, Any] | None) -> None:
+    if tables is None:
+        return
+    console = out()
+    name = escape(tables["kernel"])
+    if not tables["pages"]:
+        console.print(
+            f"imported tables ({name}): none in these directories; import them with "
+            f"tunebook import --format vllm --kernel {name} -o BOOK FILES..."
+        )
+        return
+    console.print(f"imported tables ({name}), read where the book lacks a key:")
+    for page in tables["pages"]:
+        role = (
+            "this GPU: serve mode launches its entries" if page["this_gpu"] else "another GPU: search hints"
+        )
+        console.print(
+            f"  {escape(page['device'])}  {page['entries']} entries  ({role})  {escape(page['path'])}"
         )
 
 
