@@ -395,7 +395,9 @@ def _ttft_start(
     args: argparse.Namespace, name: str, extra: list[str], overrides: dict[str, str], triton_cache: str
 ) -> dict[str, Any]:
     port = _free_port()
-    env = harness.child_env(interpret=args.dry_run, TUNEBOOK_PATH=None, **overrides)
+    env = harness.child_env(
+        interpret=args.dry_run, TUNEBOOK_PATH=None, TUNEBOOK_KERNELS_SHIPPED_BOOKS=None, **overrides
+    )
     env["TUNEBOOK_DIR"] = str(args.out / f"ttft-book-{name}-{triton_cache}")  # empty: only the shipped books
     t0 = time.perf_counter()
     # One sequence, 512 tokens: the first decode step runs (and, in-process, tunes) the
@@ -424,7 +426,9 @@ def _free_port() -> int:
 
 def phase_http(args: argparse.Namespace) -> dict[str, Any]:
     port = _free_port()
-    env = harness.child_env(interpret=args.dry_run, TUNEBOOK_PATH=None, TUNEBOOK_MODE="serve")
+    env = harness.child_env(
+        interpret=args.dry_run, TUNEBOOK_PATH=None, TUNEBOOK_KERNELS_SHIPPED_BOOKS=None, TUNEBOOK_MODE="serve"
+    )
     process = _server(args, port, [] if args.dry_run else ["--max-batch", str(max(args.streams, 1))], env)
     ttfts: list[float] = []
     tokens, failures, done = [0], [0], [0]

@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("TUNEBOOK_PATH", None)
 os.environ.pop("TUNEBOOK_MODE", None)
+os.environ.pop("TUNEBOOK_KERNELS_SHIPPED_BOOKS", None)
 os.environ.pop("TRITON_PRINT_AUTOTUNING", None)
 
 import pytest

@@ -163,6 +163,8 @@ def setup_env(args: argparse.Namespace) -> None:
     os.environ["TUNEBOOK_MODE"] = "tune" if args.tune else args.mode
     if args.no_shipped_books:
         os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = "0"  # read when the op modules are imported
+        for name in ("TUNEBOOK_PATH", "TUNEBOOK_REDIS_URL"):  # --book-dir alone
+            os.environ.pop(name, None)
 
 
 def write_result(args: argparse.Namespace, stem: str, result: dict[str, Any]) -> None:

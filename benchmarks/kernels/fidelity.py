@@ -188,7 +188,8 @@ def summary(results: list[dict[str, Any]]) -> str:
 def _child(opts: argparse.Namespace, phase: str, timer: str | None, argv: list[str]) -> None:
     # the shipped books left out: every key is tuned in this run, by each timer
     env = {**os.environ, "TUNEBOOK_MODE": "tune", "TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0"}
-    env.pop("TUNEBOOK_TIMER", None)
+    for name in ("TUNEBOOK_TIMER", "TUNEBOOK_PATH", "TUNEBOOK_REDIS_URL"):  # each timer's own book alone
+        env.pop(name, None)
     src = str(ROOT / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if opts.dry_run:

@@ -110,12 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes")
     p.add_argument("--attention-models", default=ATTENTION_MODELS, help="head layouts of the attention ops")
-    p.add_argument("--moe-shapes", default="mixtral-8x7b", help="comma-separated: " + ", ".join(MOE_SHAPES))
+    p.add_argument(
+        "--moe-shapes",
+        default="mixtral-8x7b",
+        help="comma-separated: " + ", ".join(MOE_SHAPES) + " (a dry run uses a tiny one)",
+    )
     p.add_argument("--tables", type=Path, help="a book of imported tables (vllm.fused_moe), read-only")
     args = p.parse_args(argv)
     os.environ["TUNEBOOK_MODE"] = "serve"
     os.environ["TUNEBOOK_DIR"] = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
     os.environ.pop("TUNEBOOK_PATH", None)
+    os.environ.pop("TUNEBOOK_REDIS_URL", None)
+    os.environ.pop("TUNEBOOK_KERNELS_SHIPPED_BOOKS", None)  # the shipped books are what is checked
+    unknown = [name for name in args.moe_shapes.split(",") if name not in MOE_SHAPES]
+    if unknown:
+        p.error(f"--moe-shapes: unknown {', '.join(unknown)}; choose from {', '.join(MOE_SHAPES)}")
     if args.tables is not None:
         os.environ["TUNEBOOK_PATH"] = str(args.tables.resolve())
     if args.dry_run:
@@ -147,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             row[name] += int(after[name] - before[name])
         if after["fallbacks"] > before["fallbacks"] or after["benchmarked"] > before["benchmarked"]:
             row["not_answered"].append(label)  # which key a book lacks: what to tune next
-            if after["table_answers"] > before["table_answers"]:
-                row["not_answered"][-1] += " (an imported table answered)"
+            answered = int(after["table_answers"] - before["table_answers"])
+            if answered:
+                row["not_answered"][-1] += f" (imported tables answered {answered} of its keys)"
     if device == "cuda":
         torch.cuda.synchronize()
     result = {
@@ -157,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_check.json").write_text(json.dumps(result, indent=1))
-    print(f"serve mode, books only, {result['device']}:")
+    layers = "books and imported tables" if args.tables is not None else "books only"
+    print(f"serve mode, {layers}, {result['device']}:")
     print(
         f"{'op':24s} {'calls':>6s} {'benchmarked':>12s} {'fallbacks':>10s} {'book hits':>10s} {'tables':>7s}"
     )

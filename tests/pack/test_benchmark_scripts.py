@@ -98,7 +98,9 @@ def test_serve_check_dry_run_names_every_call_the_books_do_not_answer(tmp_path: 
         assert len(set(r["not_answered"])) == r["calls"], f"{op}: two calls share a label"
     assert "M=1 N=40 K=24" in rows["linear"]["not_answered"]
     assert rows["fused_moe"]["table_answers"] == 4  # 1 and 3 tokens (buckets 1 and 4), two GEMMs each
-    assert all("(an imported table answered)" in label for label in rows["fused_moe"]["not_answered"])
+    assert all(
+        "(imported tables answered 2 of its keys)" in label for label in rows["fused_moe"]["not_answered"]
+    )
     assert all(r["table_answers"] == 0 for op, r in rows.items() if op != "fused_moe")
     assert "not answered by the books (15 calls" in proc.stdout
 

@@ -38,6 +38,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument(
         "--max-configs", type=int, default=None, help="configs measured per key (default: tunebook's, 10%%)"
     )
+    tune.add_argument(
+        "--no-shipped-books",
+        action="store_true",
+        help="leave the package's books out: tune every key into --out, seeded by nothing they hold",
+    )
     tune.add_argument("--dry-run", action="store_true", help="list the keys, tune nothing")
     return parser.parse_args(argv)
 
@@ -47,10 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["TUNEBOOK_DIR"] = os.path.abspath(args.out)
     os.environ["TUNEBOOK_MODE"] = "tune"
     budget = str(args.max_configs) if args.max_configs is not None else ""
-    if budget != os.environ.get("TUNEBOOK_KERNELS_MAX_CONFIGS", ""):
-        # The budget is fixed when the kernels are decorated, and `python -m` imported the
-        # package (and decorated them) before this ran: start again with it set.
+    shipped = "0" if args.no_shipped_books else "1"
+    if budget != os.environ.get("TUNEBOOK_KERNELS_MAX_CONFIGS", "") or shipped != os.environ.get(
+        "TUNEBOOK_KERNELS_SHIPPED_BOOKS", "1"
+    ):
+        # The budget and the shipped books are fixed when the kernels are decorated, and
+        # `python -m` imported the package (and decorated them) before this ran: start again.
         os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = budget
+        os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = shipped
         os.execv(sys.executable, [sys.executable, "-m", "tunebook.kernels", *(argv or sys.argv[1:])])
 
     import torch

@@ -4,7 +4,8 @@ how its kernels are named in a book, and the checks its wrappers make.
 Each op module decorates its kernels through :func:`autotune`, so the options below are
 set in one place:
 
-* ``books=[BOOKS_DIR]`` — the books shipped inside the package (read-only);
+* ``books=shipped_books()`` — the books shipped inside the package (read-only; none with
+  ``TUNEBOOK_KERNELS_SHIPPED_BOOKS=0``);
 * ``name="tunebook.kernels.<op>"`` — the kernel's name in the book (file names read
   ``tunebook-kernels-<op>--...json``);
 * ``use_cuda_graph=True``, ``rep=20`` — these kernels run for 2-30 us; timed one launch at
