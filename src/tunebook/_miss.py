@@ -187,8 +187,7 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     picked = None if last else _user_fallback(miss)
     table = None
     if picked is None and (entry is None or entry.best(miss.ids) is None):  # only where it is asked
-        device = str(page.platform.get("device", ""))
-        table = _table_answer(miss, _tables_found(miss, device), device)
+        table = _table_answer(miss, str(page.platform.get("device", "")))
     cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked, table)
     if table is not None and cid == table[0]:
         _stats.add("table_answers")
@@ -214,20 +213,18 @@ def _near(miss: Miss, page: Page) -> list[Entry]:
     return _policy.nearest(miss.key, page.lookup(texts))
 
 
-def _tables_found(miss: Miss, device: str | None = None) -> list[_tables.Found]:
-    """What the imported tables the kernel reads (``tables=``) give for the miss's key: those
-    of ``device`` only, or of every GPU."""
-    tables = miss.tuner.options.tables
+def _tables_found(tuner: Autotuner, key: tuple[Any, ...], device: str | None = None) -> list[_tables.Found]:
+    """What the imported tables the kernel reads (``tables=``) give for ``key``: those of
+    ``device`` only, or of every GPU."""
+    tables = tuner.options.tables
     if tables is None:
         return []
-    return _tables.lookup(tables, miss.tuner.imported_tables(device), miss.key)
+    return _tables.lookup(tables, tuner.imported_tables(device), key)
 
 
-def _table_answer(miss: Miss, found: list[_tables.Found], device: str) -> tuple[str, str] | None:
+def _table_answer(miss: Miss, device: str) -> tuple[str, str] | None:
     """(config id, how) of the first table tuned on ``device`` whose entry the call allows."""
-    for answer in found:
-        if not _tables.same_device(answer.device, device):
-            continue
+    for answer in _tables_found(miss.tuner, miss.key, device):
         cid = _tables.candidate_id(answer, miss.ids, miss.candidates)
         if cid is not None:
             return cid, answer.describe()
@@ -254,14 +251,11 @@ def search_hints(
     this GPU, the nearest keys' winners, the same key's winners on other platforms, other
     GPUs' table entries (``_tune``, and a Ray sweep's plan)."""
     hints = _policy.hints(ids, near, page.sibling_winners(key))
-    tables = tuner.options.tables
-    if tables is None:
-        return hints
     device = str(page.platform.get("device", ""))
     index = {cid: i for i, cid in enumerate(ids)}
     here: list[int] = []
     elsewhere: list[int] = []
-    for answer in _tables.lookup(tables, tuner.imported_tables(), key):
+    for answer in _tables_found(tuner, key):
         cid = _tables.candidate_id(answer, ids, candidates)
         if cid is not None:
             (here if _tables.same_device(answer.device, device) else elsewhere).append(index[cid])

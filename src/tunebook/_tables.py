@@ -44,7 +44,7 @@ from ._errors import ConfigurationError
 from ._jsonio import as_scalar, slug
 
 IMPORTED_BACKEND = "imported"
-IMPORTED_HASH_PREFIX = "imported:"
+IMPORTED_PREFIX = "imported:"  # the kernel hash and timer of an imported page: imported:<format>
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _is_import(kernel: Mapping[str, Any], platform: Mapping[str, Any], name: str
     keys = kernel.get("key")
     return (
         kernel.get("name") == name
-        and str(kernel.get("hash", "")).startswith(IMPORTED_HASH_PREFIX)
+        and str(kernel.get("hash", "")).startswith(IMPORTED_PREFIX)
         and platform.get("backend") == IMPORTED_BACKEND
         and isinstance(keys, list)
         and all(isinstance(k, str) for k in keys)

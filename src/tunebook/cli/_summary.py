@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .._book.records import Document, Entry
+from .._tables import IMPORTED_PREFIX
 
 Reference = Literal["first", "median", "slowest"]
 REFERENCES: tuple[Reference, ...] = ("first", "median", "slowest")
 
 
 def is_imported(doc: Document) -> bool:
-    return str(doc.platform.get("timer", "")).startswith("imported:")
+    return str(doc.platform.get("timer", "")).startswith(IMPORTED_PREFIX)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .._tables import device_label
+from .._tables import IMPORTED_PREFIX, device_label
 
 KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "M": ("M", "num_tokens", "batch_size"),
@@ -59,8 +59,7 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 # vLLM reads these as integers: a file name or config holding anything else is unreadable to it.
 INTEGER_FIELDS = ("E", "N", "M", *CONFIG_FIELDS)
 COMPILER_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-IMPORT_TIMER = "imported:vllm"
-IMPORT_HASH = "imported:vllm"
+IMPORT_TIMER = IMPORT_HASH = f"{IMPORTED_PREFIX}vllm"  # what _tables.load recognizes as an import
 
 NAME_PATTERN = re.compile(
     r"^E=(?P<E>\d+),N=(?P<N>\d+),device_name=(?P<device>[^,]+?)"

@@ -15,6 +15,7 @@ from .._book import KernelIdentity, book_file_name, pagedir
 from .._book.records import Document, Entry, Result, config_id, config_record
 from .._fingerprint import platform_id, platform_slug
 from .._jsonio import key_text
+from .._tables import IMPORTED_BACKEND
 from .._version import __version__
 from ._common import (
     err,
@@ -63,7 +64,7 @@ def imported_page(
     """(file name, document) for imported entries of one device."""
     ident = KernelIdentity(kernel, IMPORT_HASH, tuple(key_names))
     platform = {
-        "backend": "imported",
+        "backend": IMPORTED_BACKEND,
         "device": device_name.replace("_", " "),
         "vllm_device_name": device_name,
         "timer": IMPORT_TIMER,

@@ -192,8 +192,8 @@ def _vllm_key_for(gemm: int) -> Any:
     def vllm_key(key: tuple[Any, ...]) -> dict[str, Any] | None:
         """This GEMM's key -> vLLM's table key: E, N = the intermediate size, M = the tokens.
         vLLM's tables without a dtype are its 16-bit ones; an fp32 call has none."""
-        M, N, K, E = key[:4]
-        if any(d not in _SIXTEEN_BIT for d in key[5:6]):
+        M, N, K, E, _top_k, x_dtype = key[:6]
+        if x_dtype not in _SIXTEEN_BIT:
             return None
         return {"E": E, "N": N if gemm == 1 else K, "M": M}
 
