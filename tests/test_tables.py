@@ -64,7 +64,7 @@ def test_this_gpus_table_serves_a_missing_key_nearest_batch_size(monkeypatch, bo
         run(kernel, n)
         assert kernel.best_config.kwargs == {"BLOCK": expected}, n
     assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["table_answers"] == 4
-    assert any(f"imported table entry of {HERE.replace('_', ' ')}" in r.message for r in caplog.records)
+    assert any(f"imported table entry of {HERE} " in r.message for r in caplog.records)
     # without tables= the same book serves the first config: imports are not results
     plain = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
     run(plain, 300)
@@ -121,9 +121,12 @@ def test_a_left_out_option_is_tritons_default_not_any_value(monkeypatch, book_di
     kernel = tunebook.autotune(configs, key=["n"], tables=ADD_TABLES)(add_kernel)
     run(kernel, 300)
     assert (kernel.best_config.kwargs, kernel.best_config.num_warps) == ({"BLOCK": 64}, 4)
-    only_two = tunebook.autotune(block_configs(64, num_warps=2), key=["n"], tables=ADD_TABLES)(add_kernel)
-    run(only_two, 300)  # the table's launch is not declared: served as without it (the first config)
-    assert only_two.best_config.num_warps == 2
+    # the table's launch (BLOCK=64, 4 warps) is not declared: served as without it (the first config)
+    warps_2 = tunebook.autotune(block_configs(32, 64, num_warps=2), key=["n"], tables=ADD_TABLES)(add_kernel)
+    with pytest.warns(tunebook.BookWarning, match="no config the call allows has num_warps=4"):
+        run(warps_2, 300)
+    assert (warps_2.best_config.kwargs, warps_2.best_config.num_warps) == ({"BLOCK": 32}, 2)
+    assert tunebook.stats()["table_answers"] == 1  # the first kernel's only
 
 
 def test_a_malformed_imported_page_is_skipped(monkeypatch, book_dir):
@@ -298,7 +301,94 @@ def test_explain_lists_the_tables_a_kernel_reads_and_which_serve_here(book_dir, 
     import_table(book_dir, "OTHER_GPU", {1: entry(32), 2: entry(32)})
     data = json.loads(CliRunner().invoke(_app.cli, ["explain", target, "--json"]).stdout)
     pages = {p["device"]: p for p in data["tables"]["pages"]}
-    assert pages[HERE.replace("_", " ")]["this_gpu"] and pages[HERE.replace("_", " ")]["entries"] == 1
-    assert not pages["OTHER GPU"]["this_gpu"] and pages["OTHER GPU"]["entries"] == 2
+    assert pages[HERE]["this_gpu"] and pages[HERE]["entries"] == 1
+    assert not pages["OTHER_GPU"]["this_gpu"] and pages["OTHER_GPU"]["entries"] == 2
     text = CliRunner().invoke(_app.cli, ["explain", target]).output
     assert "this GPU: serve mode launches its entries" in text and "another GPU: search hints" in text
+
+
+def test_a_mapping_that_fails_is_reported_once_and_never_breaks_the_call(monkeypatch, book_dir, caplog):
+    """key= or config= that raises or returns the wrong type: the call runs as without tables."""
+    import_table(book_dir, HERE, {300: entry(128), 600: {"num_warps": 4}})  # 600: no BLOCK_SIZE_M
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    cases = {
+        "key= raised IndexError": tunebook.Tables("vllm.add", key=lambda k: {"M": k[5]}, config=dict),
+        "key= returned a tuple": tunebook.Tables("vllm.add", key=lambda k: (1, 1, k[0]), config=dict),
+        "config= raised KeyError": ADD_TABLES,
+    }
+    for message, tables in cases.items():
+        kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=tables)(add_kernel)
+        for n in (600, 610):
+            run(kernel, n)
+            assert kernel.best_config.kwargs == {"BLOCK": 32}
+        said = [r.message for r in caplog.records if message in r.message]
+        assert len(said) == 1 and "vllm.add" in said[0] and "fix the mapping" in said[0], message
+    tuned = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=cases["key= raised IndexError"])
+    monkeypatch.setenv("TUNEBOOK_MODE", "tune")
+    run(tuned(add_kernel), 700)  # tune mode: no hints from it, the search runs
+    assert tunebook.stats()["benchmarked"] == 3
+
+
+def test_the_nearest_entry_over_all_of_this_gpus_pages_answers(book_dir):
+    """Two imports with different key columns make two pages for one GPU (a bf16-only import,
+    then one with an fp8 file, which adds a dtype column): the nearest entry answers,
+    whichever page holds it, and never the fp8 entry."""
+    import_table(book_dir, HERE, {1: entry(32)})
+    bf16 = (f"E=1,N=1,device_name={HERE}.json", {256: entry(128)})
+    fp8 = (f"E=1,N=1,device_name={HERE},dtype=fp8_w8a8.json", {256: entry(64)})
+    assert import_files(book_dir, bf16, fp8).exit_code == 0
+    pages = _tables.load(ADD_TABLES, [book_dir])
+    assert len(pages) == 2
+    for pages_in_order in (pages, pages[::-1]):  # page order is a hash's: it must not decide
+        found = _tables.lookup(ADD_TABLES, pages_in_order, (250,))
+        assert [(f.key["M"], f.config["BLOCK"]) for f in found] == [(256, 128), (1, 32)]
+
+
+def test_a_field_mapped_to_none_is_absent_and_a_key_without_the_nearest_field_is_reported(caplog):
+    page = _tables.TablePage("X", "here", (({"E": 8, "N": 64, "M": 1}, entry(16)),))
+    with_none = tunebook.Tables("t", key=lambda k: {"E": 8, "N": 64, "M": k[0], "dtype": None}, config=dict)
+    assert [f.key["M"] for f in _tables.lookup(with_none, [page], (3,))] == [1]
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    lower = tunebook.Tables("t", key=lambda k: {"E": 8, "N": 64, "m": k[0]}, config=dict)
+    assert _tables.lookup(lower, [page], (3,)) == []
+    assert any("key= gives M=None" in r.message and "['E', 'N', 'm']" in r.message for r in caplog.records)
+
+
+def import_files(directory: Path, *files: tuple[str, dict[int, dict]], extra: tuple[str, ...] = ()):
+    source = directory.parent / "vllm-files"
+    source.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, table in files:
+        (source / name).write_text(json.dumps({str(m): c for m, c in table.items()}))
+        paths.append(str(source / name))
+    args = ["import", "--format", "vllm", *paths, "--kernel", "vllm.add", "-o", str(directory), *extra]
+    return CliRunner().invoke(_app.cli, args)
+
+
+def test_import_refuses_two_files_that_collide_under_the_key_names_given(book_dir):
+    bf16 = (f"E=1,N=1,device_name={HERE}.json", {64: entry(32)})
+    fp8 = (f"E=1,N=1,device_name={HERE},dtype=fp8_w8a8.json", {64: entry(128)})
+    collided = import_files(book_dir, bf16, fp8, extra=("--key", "E,N,M"))
+    assert collided.exit_code != 0 and "both give key ['E', 'N', 'M']=[1, 1, 64]" in collided.output
+    assert "dtype=fp8_w8a8" in collided.output and not list(book_dir.glob("vllm-add--*"))
+    kept = import_files(book_dir, bf16, fp8)  # default key names keep dtype: no collision
+    assert kept.exit_code == 0 and "2 keys imported" in kept.output
+
+
+def test_re_importing_a_file_replaces_all_its_entries_and_keeps_other_files(monkeypatch, book_dir):
+    name = f"E=1,N=1,device_name={HERE}.json"
+    other = (f"E=2,N=1,device_name={HERE}.json", {256: entry(64)})
+    assert import_files(book_dir, (name, {64: entry(32), 256: entry(128)}), other).exit_code == 0
+    again = import_files(book_dir, (name, {64: entry(64), 100000: entry(32)}))  # re-tuned: no 256
+    assert again.exit_code == 0 and "2 earlier entries of the same files replaced" in again.output
+    (page,) = _tables.load(ADD_TABLES, [book_dir])
+    assert sorted((k["E"], k["M"], c["BLOCK_SIZE_M"]) for k, c in page.entries) == [
+        (1, 64, 64),
+        (1, 100000, 32),
+        (2, 256, 64),
+    ]
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=ADD_TABLES)(add_kernel)
+    run(kernel, 256)  # vLLM with the new file takes M=64's entry; the old 256 entry is gone
+    assert kernel.best_config.kwargs == {"BLOCK": 64}

@@ -230,11 +230,12 @@ def _table_answer(miss: Miss, device: str) -> tuple[str, str] | None:
             return cid, answer.describe()
         _warnings.warn_once(
             f"table-config:{miss.tuner.label}:{sorted(answer.config.items())}",
-            "tunebook: %s: %s maps to %s, which is not one of the configs this call allows; "
+            "tunebook: %s: %s maps to %s, which is not one of the configs this call allows (%s); "
             "it is not served (said once per config)",
             miss.tuner.label,
             answer.describe(),
             answer.config,
+            _tables.why_not(answer, miss.candidates),
         )
     return None
 

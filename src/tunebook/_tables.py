@@ -22,22 +22,32 @@ Then, where the book has no result for a key:
   search measures first.
 
 The tables are read once per kernel and process, on its first miss, from the book's
-directories (not Redis: listing a fleet's pages would be a SCAN); never on a hit.
+directories (not Redis: listing a fleet's pages would be a SCAN); never on a hit. Several
+pages for one GPU (two imports with different key columns) answer nearest entry first.
+
+A mapping that raises or returns something else than a dict (or None) is reported once and
+answers nothing: a table is advice, and a bad one must never stop a kernel call.
 
 >>> same_device("NVIDIA H200", "NVIDIA_H200"), same_device("NVIDIA H200 NVL", "NVIDIA_H200")
 (True, True)
 >>> same_device("NVIDIA H100 80GB HBM3", "NVIDIA_H100")
 False
+>>> same_device("AMD Instinct MI300X VF", "AMD_Instinct_MI300X")  # a cloud VM's virtual function
+True
+>>> same_device("AMD Radeon RX 7900 XTX", "AMD_Radeon_RX7900XTX")  # vLLM's name for it
+True
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from . import _warnings
 from ._book import pagedir
 from ._book.stores import DirectoryStore
 from ._errors import ConfigurationError
@@ -88,12 +98,13 @@ class TablePage:
 
 @dataclass(frozen=True)
 class Found:
-    """The entry a table gives for a key: its device, its imported key, and the config mapped
-    onto the kernel (one dict)."""
+    """The entry a table gives for a key: its device, its imported key, the config mapped
+    onto the kernel (one dict), and how far its ``nearest`` field is from the key's."""
 
     device: str
     key: dict[str, Any]
     config: dict[str, Any]
+    distance: float = 0.0
 
     def describe(self) -> str:
         fields = ",".join(f"{k}={v}" for k, v in self.key.items() if v is not None)
@@ -102,13 +113,24 @@ class Found:
 
 def device_label(name: str) -> str:
     """A device name as tables name it: spaces as ``_``; any H200 variant is ``NVIDIA_H200``
-    (vLLM's rule for its file names)."""
-    label = str(name).strip().replace(" ", "_")
-    return "NVIDIA_H200" if "H200" in label.split("_") else label
+    (vLLM's rule for its file names); a trailing ``VF`` (the virtual function a cloud VM
+    sees) names the GPU it is part of, as vLLM's ROCm device-id map does."""
+    parts = [part for part in re.split(r"[\s_]+", str(name)) if part]
+    if "H200" in parts:
+        return "NVIDIA_H200"
+    if len(parts) > 1 and parts[-1].upper() == "VF":
+        parts = parts[:-1]
+    return "_".join(parts)
 
 
 def same_device(a: str, b: str) -> bool:
-    return device_label(a).lower() == device_label(b).lower()
+    """Whether two device names are one GPU model, ignoring case, spaces and underscores
+    (vLLM writes ``AMD_Radeon_RX7900XTX`` for what torch calls ``AMD Radeon RX 7900 XTX``)."""
+    return _bare(device_label(a)) == _bare(device_label(b))
+
+
+def _bare(label: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", label.lower())
 
 
 def load(tables: Tables, directories: Sequence[Path], device: str | None = None) -> list[TablePage]:
@@ -132,7 +154,8 @@ def load(tables: Tables, directories: Sequence[Path], device: str | None = None)
             head = store.fetch(name + ".json", ())  # kernel and platform only
             if head is None or not _is_import(head.kernel, head.platform, tables.kernel):
                 continue
-            page_device = str(head.platform.get("device", ""))
+            # vLLM's own spelling where the import kept it (messages name the file's device)
+            page_device = str(head.platform.get("vllm_device_name") or head.platform.get("device", ""))
             if device is not None and not same_device(page_device, device):
                 continue
             doc = store.fetch(name + ".json")
@@ -168,9 +191,25 @@ def _entries(names: list[str], entries: Any) -> tuple[tuple[dict[str, Any], dict
 
 def lookup(tables: Tables, pages: Sequence[TablePage], key: tuple[Any, ...]) -> list[Found]:
     """Per page, the entry that answers ``key`` (nearest ``tables.nearest``, the other fields
-    equal), its config mapped onto the kernel; pages with no such entry are left out."""
-    wanted = tables.key(key)
+    equal), its config mapped onto the kernel, nearest first over all pages (ties: page
+    order); pages with no such entry are left out. A field ``key=`` maps to None counts as
+    absent."""
+    wanted = _mapped(tables, "key", key, f"key {list(key)}")
     if wanted is None:
+        return []
+    wanted = {name: value for name, value in wanted.items() if value is not None}
+    if tables.nearest is not None and not _number(wanted.get(tables.nearest)):
+        _warnings.warn_once(
+            f"tables-nearest:{tables.kernel}",
+            "tunebook: tunebook.Tables(%r): key= gives %s=%r for key %s, not a number; the tables are "
+            "matched by the nearest %s, so none answers (said once; fields given: %s)",
+            tables.kernel,
+            tables.nearest,
+            wanted.get(tables.nearest),
+            list(key),
+            tables.nearest,
+            sorted(wanted),
+        )
         return []
     found: list[Found] = []
     for page in pages:
@@ -180,20 +219,45 @@ def lookup(tables: Tables, pages: Sequence[TablePage], key: tuple[Any, ...]) -> 
                 continue
             distance, value = 0.0, 0.0  # without a nearest field: the first match
             if tables.nearest is not None:
-                have, target = fields.get(tables.nearest), wanted.get(tables.nearest)
-                if not _number(have) or not _number(target):
+                have = fields.get(tables.nearest)
+                if not _number(have):
                     continue
                 value = float(have)
-                distance = abs(value - float(target))
+                distance = abs(value - float(wanted[tables.nearest]))
             # vLLM takes the nearest batch size, the smaller of two equally near
             if best is None or (distance, value) < (best[0], best[1]):
                 best = (distance, value, fields, config)
         if best is None:
             continue
-        mapped = tables.config(best[3])
+        mapped = _mapped(tables, "config", best[3], f"the entry {best[2]} of {page.device}")
         if mapped is not None:
-            found.append(Found(page.device, best[2], dict(mapped)))
-    return found
+            found.append(Found(page.device, best[2], dict(mapped), best[0]))
+    return sorted(found, key=lambda f: f.distance)  # stable: page order breaks ties
+
+
+def _mapped(tables: Tables, which: str, value: Any, about: str) -> Mapping[str, Any] | None:
+    """``tables.key(value)`` or ``tables.config(value)``; a mapping that raises or returns
+    something else than a dict or None is reported once (per table, mapping and kind of
+    failure) and gives None."""
+    fn = tables.key if which == "key" else tables.config
+    try:
+        got = fn(value)
+    except Exception as exc:  # a user's mapping: any failure means "no table here"
+        problem, kind = f"raised {type(exc).__name__}: {exc}", type(exc).__name__
+    else:
+        if got is None or isinstance(got, Mapping):
+            return got
+        problem, kind = f"returned a {type(got).__name__}, not a dict or None", "type"
+    _warnings.warn_once(
+        f"tables-map:{tables.kernel}:{which}:{kind}",
+        "tunebook: tunebook.Tables(%r): %s= %s for %s; no table answers there (said once; fix the "
+        "mapping passed to tunebook.Tables)",
+        tables.kernel,
+        which,
+        problem,
+        about,
+    )
+    return None
 
 
 def _matches(fields: Mapping[str, Any], wanted: Mapping[str, Any], nearest: str | None) -> bool:
@@ -229,3 +293,20 @@ def candidate_id(found: Found, ids: Sequence[str], candidates: Sequence[Any]) ->
         if all(kwargs[k] == v if k in kwargs else options.get(k) == v for k, v in wanted.items()):
             return cid
     return None
+
+
+def why_not(found: Found, candidates: Sequence[Any]) -> str:
+    """Why no candidate launches ``found.config``, for the warning that passes it over: the
+    fields whose value no candidate has, or that the values exist but never together."""
+    from ._compat import Config, config_options
+
+    defaults = config_options(Config({}))
+    seen: dict[str, set[str]] = {}
+    for config in candidates:
+        for k, v in {**defaults, **config_options(config), **dict(config.kwargs)}.items():
+            seen.setdefault(k, set()).add(repr(v))
+    wanted = {**defaults, **found.config}  # an option left out is Triton's default (candidate_id)
+    missing = [f"{k}={v!r}" for k, v in wanted.items() if repr(v) not in seen.get(k, set())]
+    if missing:
+        return "no config the call allows has " + ", ".join(missing)
+    return "each value occurs in some allowed config, but no allowed config has them all"

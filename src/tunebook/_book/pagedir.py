@@ -357,6 +357,20 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
     _write(directory / PAGE_FILE, text + "\n", _hidden(directory, "tmp"))
 
 
+def remove_keys(directory: Path, key_texts: Iterable[str], lock_wait_s: float) -> None:
+    """Remove these keys' files (and news pending for them) from the page, each under its
+    lock: for the command line, which decided they go (a re-import of a file whose new
+    version no longer lists them)."""
+    from filelock import FileLock
+
+    for text in key_texts:
+        name = key_file_name(text)
+        with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
+            for path in [directory / name, *_pending(directory, name)]:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
 def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Entry) -> Entry:
     """Merge ``news`` into the key's file (what it holds stands); the entry as it now stands.
 

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from .._book import KernelIdentity, book_file_name, pagedir
+from .._book.files import LOCK_TIMEOUT_S
 from .._book.records import Document, Entry, Result, config_id, config_record
 from .._fingerprint import platform_id, platform_slug
 from .._jsonio import key_text
@@ -143,6 +144,7 @@ def command(
         ]
         names = [maps.get(n, n) for n in names]
     by_device: dict[str, dict[str, Entry]] = {}
+    source: dict[tuple[str, str], Path] = {}  # (device, key text) -> the file that gave it
     for path, fields, table in parsed:
         for m_text, vllm_config in table.items():
             values = {**fields, "M": scalar(m_text)}
@@ -162,7 +164,16 @@ def command(
             )
             result = Result(config=record, ms=(0.0, 0.0, 0.0), error=None, at="")
             entry = Entry(key=tuple(key), results={config_id(record): result}, tunebook=__version__)
-            by_device.setdefault(fields["device"], {})[key_text(key)] = entry
+            text, device = key_text(key), fields["device"]
+            earlier = by_device.get(device, {}).get(text)
+            if earlier is not None and source[device, text] != path and earlier.results != entry.results:
+                raise click.ClickException(
+                    f"{source[device, text].name} and {path.name} both give key {names}={key} with different "
+                    f"configs: the key names {names} leave out what tells these files apart (their dtype or "
+                    "block_shape); drop --key to keep those columns, or import them under two --kernel names"
+                )
+            by_device.setdefault(device, {})[text] = entry
+            source[device, text] = path
     directory = resolve_book(output)
     fix = (
         f"Choose a writable book directory with -o, or make {existing_parent(directory)} writable."
@@ -170,11 +181,11 @@ def command(
         else "Pass a writable book directory with -o, or point TUNEBOOK_DIR at one."
     )
     with writing(directory, fix):
-        _write_imports(directory, kernel, names, by_device)
+        _write_imports(directory, kernel, names, by_device, maps.get("M", "M"))
 
 
 def _write_imports(
-    directory: Path, kernel: str, names: list[str], by_device: dict[str, dict[str, Entry]]
+    directory: Path, kernel: str, names: list[str], by_device: dict[str, dict[str, Entry]], m_name: str
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     console = out()
@@ -186,7 +197,22 @@ def _write_imports(
         existing = load(there).pages if there.exists() else []
         if there.exists() and not existing:
             raise click.ClickException(f"{there} exists but is not a readable book; move it away and re-run")
-        if existing:  # re-import replaces the imported keys, keeps the others
-            doc = Document(doc.kernel, doc.platform, {**existing[0].doc.entries, **doc.entries})
+        replaced, stale = 0, []
+        if existing:  # re-import replaces each imported file's entries, keeps the other files'
+            before = existing[0].doc.entries
+            files = {_file_of(e.key, names, m_name) for e in doc.entries.values()}
+            kept = {t: e for t, e in before.items() if _file_of(e.key, names, m_name) not in files}
+            replaced = len(before) - len(kept)
+            stale = [t for t in before if t not in kept and t not in doc.entries]
+            doc = Document(doc.kernel, doc.platform, {**kept, **doc.entries})
         write_document(path, doc)
-        console.print(f"wrote {page_dir} ({len(by_device[device])} keys imported, key names {names})")
+        if stale:  # batch sizes the file's new version no longer lists
+            pagedir.remove_keys(page_dir, stale, LOCK_TIMEOUT_S)
+        note = f", {replaced} earlier entries of the same files replaced" if replaced else ""
+        console.print(f"wrote {page_dir} ({len(by_device[device])} keys imported{note}, key names {names})")
+
+
+def _file_of(key: tuple[object, ...], names: list[str], m_name: str) -> tuple[object, ...]:
+    """The file an imported key came from: its fields but the batch size (one vLLM file is
+    one (E, N, dtype, block_shape) on one device, one entry per M)."""
+    return tuple(v for n, v in zip(names, key) if n != m_name) if m_name in names else tuple(key)
