@@ -27,9 +27,11 @@ TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """scripts/test runs the suite once per supported Triton; tests marked ``once`` (the
-    benchmark scripts' CPU modes: their plumbing, not Triton's) run on the last pass only,
-    which keeps CI within its time (TUNEBOOK_TESTS_ONCE_DONE=1 on the earlier passes)."""
+    """scripts/test runs the suite once per supported Triton; tests marked ``once`` run on
+    the last pass only, which keeps CI within its time (TUNEBOOK_TESTS_ONCE_DONE=1 on the
+    earlier passes). ``once`` is for what no Triton version changes: the benchmark scripts'
+    CPU modes (their plumbing; every kernel they run has its own tests on every Triton),
+    and a case that other tests check on every Triton (each says which)."""
     if os.environ.get("TUNEBOOK_TESTS_ONCE_DONE") != "1":
         return
     skip = pytest.mark.skip(reason="marked once: scripts/test runs it on its last Triton")

@@ -209,6 +209,7 @@ def configs_to_reach(strategy: str, table: Table, seed: int, hints=(), factor: f
 
 
 @pytest.mark.slow
+@pytest.mark.once  # no kernel runs: search logic over recorded tables (conftest.py)
 @pytest.mark.parametrize("strategy", ["bayes", "neighbors"])
 def test_model_and_local_search_beat_random(strategy):
     """Averaged over every table and three seeds, reaching 1.03x of the best takes fewer

@@ -128,6 +128,10 @@ def test_fla_core_remembers_every_autotuner_including_its_subclass(
     assert {k["served_by"] for k in runs["second"]["kernels"].values()} == {"tunebook", "adopted"}
 
 
+# Patching after the import, every kernel adopted, is checked on every Triton by
+# test_thirdparty.py (and fla by the test above); liger's own kernels, ~80 s in the
+# interpreter, run on the last Triton only.
+@pytest.mark.once
 def test_liger_kernel_decorated_before_the_patch_remembers(tmp_path: Path, installed_hook: Path) -> None:
     pytest.importorskip("liger_kernel", reason="liger-kernel is installed by the test extra")
     runs = check_library("liger", "patch-after-import", tmp_path, subclass_kernels=0, hook=installed_hook)

@@ -20,6 +20,7 @@ EXPECTED = {
 
 
 @pytest.mark.slow  # two processes in parallel, ~20 s
+@pytest.mark.once  # the scripts' plumbing (conftest.py); the kernels have their own tests
 def test_attention_scripts_dry_run(tmp_path: Path) -> None:
     env = {**os.environ, "TUNEBOOK_MODE": "tune"}
     env.pop("TRITON_INTERPRET", None)  # --dry-run must set it itself

@@ -14,6 +14,7 @@ import pytest
 from conftest import book_files
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels"
+pytestmark = pytest.mark.once  # a script's plumbing (conftest.py)
 WORKLOADS = {
     "rms_norm": 4,
     "silu_and_mul": 2,

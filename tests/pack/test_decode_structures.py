@@ -11,6 +11,7 @@ import pytest
 import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels"
+pytestmark = pytest.mark.once  # a script's plumbing (conftest.py)
 
 
 @pytest.fixture(scope="module")

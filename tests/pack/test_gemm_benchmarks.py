@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.once  # a script's plumbing (conftest.py)
 
 
 def run_script(name: str, *args: str) -> None:
