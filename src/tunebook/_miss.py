@@ -235,7 +235,7 @@ def _table_answer(miss: Miss, device: str) -> tuple[str, str] | None:
             miss.tuner.label,
             answer.describe(),
             answer.config,
-            _tables.why_not(answer, miss.candidates),
+            _tables.WhyNot(answer, miss.candidates),
         )
     return None
 

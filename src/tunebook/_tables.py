@@ -295,6 +295,17 @@ def candidate_id(found: Found, ids: Sequence[str], candidates: Sequence[Any]) ->
     return None
 
 
+class WhyNot:
+    """``why_not(found, candidates)``, worked out only if a warning prints it (``%s``): a
+    warning said once is skipped on every later miss, and the scan reads every candidate."""
+
+    def __init__(self, found: Found, candidates: Sequence[Any]) -> None:
+        self.found, self.candidates = found, candidates
+
+    def __str__(self) -> str:
+        return why_not(self.found, self.candidates)
+
+
 def why_not(found: Found, candidates: Sequence[Any]) -> str:
     """Why no candidate launches ``found.config``, for the warning that passes it over: the
     fields whose value no candidate has, or that the values exist but never together."""
