@@ -180,6 +180,28 @@ def test_shipped_book_given_with_the_books_option(kdir, tmp_path):
     assert served["benchmarked"] == 0 and served["best"] == 64
 
 
+def test_books_may_be_a_function_called_when_the_book_is_first_opened(tmp_path, monkeypatch):
+    """books=fn: the directories are asked for at the first call, not at decoration (the
+    kernel pack's TUNEBOOK_KERNELS_SHIPPED_BOOKS is read this way)."""
+    import tunebook
+    from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+
+    replay = Replay({32: 2.0, 64: 1.0})
+    shipped, where = tmp_path / "shipped", []
+    monkeypatch.setenv("TUNEBOOK_DIR", str(shipped))
+    x, y, out = vectors(300)
+    timer = {"do_bench": replay, "pre_hook": replay.pre_hook}  # the timer is part of the platform: both
+    tunebook.autotune(block_configs(32, 64), key=["n"], **timer)(add_kernel)[grid_1d(300)](x, y, out, 300)
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "local"))
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    served = tunebook.autotune(block_configs(32, 64), key=["n"], books=lambda: where, **timer)(add_kernel)
+    where.append(shipped)  # after decoration, before the first call
+    before = tunebook.stats()["benchmarked"]
+    served[grid_1d(300)](x, y, out, 300)
+    assert served.best_config.kwargs == {"BLOCK": 64} and tunebook.stats()["benchmarked"] == before
+    assert tunebook.stats()["book_hits"] == 1 and out.eq(x + y).all()
+
+
 @pytest.mark.slow
 def test_local_results_complete_a_shipped_book(kdir, tmp_path):
     shipped = tmp_path / "shipped"

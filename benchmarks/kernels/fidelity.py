@@ -94,10 +94,21 @@ def tune(opts: argparse.Namespace) -> int:
 
     out = Path(opts.out)
     path = out / f"tuned-{opts.timer}.json"
+    if path.exists() and not json.loads(path.read_text())["meta"].get("read_only_books") == []:
+        # a run from before the shipped books were left out: its book holds their results
+        raise SystemExit(
+            f"fidelity: {out} holds a tuning that read other books (shipped or TUNEBOOK_PATH's); "
+            "resuming it would count their winners as tuned here: use a new --out"
+        )
     meta = {"timer": opts.timer, "book": os.environ["TUNEBOOK_DIR"], "started": time.strftime("%F %T")}
     rows: list[dict[str, Any]] = []
     for job in _plan(opts):
         kernel = getattr(importlib.import_module(f"tunebook.kernels.{job.op}"), f"_{job.op}_kernel")
+        # every layer the kernel reads, but its own book: must be none (a tuning from nothing)
+        book = kernel.page().book
+        meta["read_only_books"] = [str(d) for d in book.directories()[1:]] + (
+            ["redis"] if book.shared else []
+        )
         w = job.build(_device(opts))
         t0 = time.perf_counter()
         w.run(None)
@@ -212,10 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = _parse(argv)
     if opts.combine:
-        results = [
-            r for d in opts.combine for r in json.loads((Path(d) / "fidelity.json").read_text())["results"]
-        ]
-        print(summary(results))
+        by_label: dict[str, dict[str, Any]] = {}
+        for d in opts.combine:
+            for r in json.loads((Path(d) / "fidelity.json").read_text())["results"]:
+                if r["label"] in by_label:
+                    print(
+                        f"fidelity: {r['label']} is in more than one run; the one in {d} counts",
+                        file=sys.stderr,
+                    )
+                by_label[r["label"]] = r
+        print(summary(list(by_label.values())))
         return 0
     if opts.phase == "tune":
         return tune(opts)

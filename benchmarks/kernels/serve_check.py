@@ -13,7 +13,10 @@ must both be 0.
 
 ``--tables DIR`` adds a book of imported tables (``tunebook import --format vllm --kernel
 vllm.fused_moe -o DIR ...``) as a read-only layer: fused_moe keys the shipped books lack are
-then answered by this GPU's vLLM table, counted as "table answers".
+then answered by this GPU's vLLM table, counted as "table answers" (keys). Such a launch is
+also a fallback (its config was not measured here), so with tables the fallbacks column is
+not 0: read the tables column and the calls not answered, each of which says how many of
+its keys a table answered. A DIR holding no table of this GPU is an error.
 
 ``--dry-run`` runs the same calls on the CPU interpreter on tiny shapes (no shipped book
 matches that platform: everything falls back; it checks the script, not the books).
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     import tunebook
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    tables_here = _tables_of_this_gpu(p, args.tables) if args.tables is not None else 0
     rows: dict[str, dict[str, Any]] = {}
     for op, label, call in calls(args.dry_run, device, args.attention_models, args.moe_shapes):
         before = tunebook.stats()
@@ -167,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_check.json").write_text(json.dumps(result, indent=1))
-    layers = "books and imported tables" if args.tables is not None else "books only"
+    layers = (
+        f"books and {tables_here} imported table pages of this GPU"
+        if args.tables is not None
+        else "books only"
+    )
     print(f"serve mode, {layers}, {result['device']}:")
     print(
         f"{'op':24s} {'calls':>6s} {'benchmarked':>12s} {'fallbacks':>10s} {'book hits':>10s} {'tables':>7s}"
@@ -182,6 +190,28 @@ def main(argv: list[str] | None = None) -> int:
         for op, label in missing[:20]:
             print(f"  {op} {label}")
     return 0
+
+
+def _tables_of_this_gpu(parser: argparse.ArgumentParser, directory: Path) -> int:
+    """How many pages of ``directory`` fused_moe would read as this GPU's tables; an error
+    (naming what the directory holds) where there are none: a typo must not read as "the
+    tables answer nothing"."""
+    import tunebook
+    from tunebook import _compat, _tables
+    from tunebook.kernels.fused_moe import VLLM_TABLES
+
+    reader = tunebook.Tables(VLLM_TABLES, key=lambda key: None, config=lambda entry: None)
+    pages = _tables.load(reader, [directory]) if directory.is_dir() else []
+    device = str(_compat.device_identity()["device"])
+    here = [page for page in pages if _tables.same_device(page.device, device)]
+    if not here:
+        found = sorted({page.device for page in pages}) or ["nothing"]
+        parser.error(
+            f"--tables {directory}: no table imported as {VLLM_TABLES} for this GPU ({device}); found "
+            f"{', '.join(found)}. Import vLLM's files with `tunebook import --format vllm --kernel "
+            f"{VLLM_TABLES} -o {directory} FILES`"
+        )
+    return len(here)
 
 
 if __name__ == "__main__":

@@ -506,7 +506,7 @@ class Autotuner(_compat.TritonAutotuner):
         """This kernel's page of the book for this platform (opened on first use)."""
         if self._page is None:
             ident = self.identity()
-            book = Book.from_env(self.options.books)
+            book = Book.from_env(self.options.book_dirs())
             self._page = book.open(
                 ident.kernel, {**ident.platform, "id": ident.platform_id}, ident.slug, ident.platform_id
             )
@@ -570,7 +570,7 @@ def autotune(
     do_bench: Callable[..., Any] | None = None,
     cache_results: bool = False,
     *,
-    books: Sequence[str | Path] = (),
+    books: Sequence[str | Path] | Callable[[], Sequence[str | Path]] = (),
     name: str | None = None,
     strategy: str = "auto",
     max_configs: int | None = None,
@@ -601,7 +601,9 @@ def autotune(
     Keyword-only additions:
 
     * ``books`` — read-only book directories shipped with the application, consulted after
-      ``TUNEBOOK_DIR`` and before ``TUNEBOOK_PATH``.
+      ``TUNEBOOK_DIR`` and before ``TUNEBOOK_PATH``; or a function returning them, called
+      when the kernel's book is first opened (a setting read then, like ``TUNEBOOK_PATH``,
+      rather than when the module is imported).
     * ``name`` — the kernel's name in the book and in messages (default: the function's
       qualified name).
     * ``strategy`` — which configs to measure for a new key: ``"auto"`` (default: every

@@ -16,7 +16,7 @@ tunebook._errors.ConfigurationError: tunebook.autotune: unknown strategy 'nosuch
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,9 @@ CHECK_FIELDS = ("rtol", "atol", "ignore", "max_bytes")
 class Options:
     """One field per tunebook option of ``autotune`` (docs: :func:`tunebook.autotune`)."""
 
-    books: tuple[Path, ...] = ()  # read-only book directories, after TUNEBOOK_DIR, before TUNEBOOK_PATH
+    # read-only book directories, after TUNEBOOK_DIR, before TUNEBOOK_PATH; or a function
+    # giving them, called when the kernel's book is first opened (book_dirs())
+    books: tuple[Path, ...] | Callable[[], Sequence[str | Path]] = ()
     name: str | None = None  # the kernel's name in the book (default: its qualified name)
     strategy: str = "auto"  # which configs a new key measures
     max_configs: int | None = None  # budget per key, in configs
@@ -51,8 +53,15 @@ class Options:
     check: Mapping[str, Any] | None = None  # result checking: None (off) or its settings
     group: Any = None  # a torch.distributed ProcessGroup whose ranks tune each key together
 
+    def book_dirs(self) -> tuple[Path, ...]:
+        """The read-only book directories (``books=``, called now if it is a function)."""
+        if callable(self.books):
+            return tuple(Path(p) for p in self.books())
+        return self.books
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "books", tuple(Path(p) for p in self.books))
+        if not callable(self.books):
+            object.__setattr__(self, "books", tuple(Path(p) for p in self.books))
         if self.strategy != "auto" and self.strategy not in strategy_names():
             raise ConfigurationError(
                 f"tunebook.autotune: unknown strategy {self.strategy!r}; choose one of "

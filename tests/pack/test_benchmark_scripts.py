@@ -104,6 +104,12 @@ def test_serve_check_dry_run_names_every_call_the_books_do_not_answer(tmp_path: 
     )
     assert all(r["table_answers"] == 0 for op, r in rows.items() if op != "fused_moe")
     assert "not answered by the books (15 calls" in proc.stdout
+    assert "books and 1 imported table pages of this GPU" in proc.stdout
+    typo = [*args[:-1], str(tmp_path / "tabels")]  # a mistyped directory is named, not read as "no answers"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "serve_check.py"), *typo], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2 and "no table imported as vllm.fused_moe for this GPU" in proc.stderr
 
 
 def test_a_script_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
@@ -136,6 +142,11 @@ def test_fidelity_dry_runs_both_timers_and_combines(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tuned = {t: json.loads((out / f"tuned-{t}.json").read_text())["results"] for t in ("cuda-graph", "short")}
+    for timer in (
+        "cuda-graph",
+        "short",
+    ):  # tuned from nothing: no other book was read (not even shipped ones)
+        assert json.loads((out / f"tuned-{timer}.json").read_text())["meta"]["read_only_books"] == []
     assert [r["timer_id"] for r in tuned["cuda-graph"]] == ["wallclock"]
     assert [r["timer_id"] for r in tuned["short"]] == ["wallclock-interleaved"]
     assert all(len(r["candidates"]) == 3 for rows in tuned.values() for r in rows)
@@ -149,5 +160,6 @@ def test_fidelity_dry_runs_both_timers_and_combines(tmp_path: Path) -> None:
         [sys.executable, script, "--combine", str(out), str(out)], capture_output=True, text=True, env=env
     )
     assert combined.returncode == 0, combined.stderr
-    lines = combined.stdout.splitlines()
-    assert lines[0].split()[:2] == ["timer", "keys"] and lines[1].split()[:2] == ["cuda-graph", "2"]
+    lines = combined.stdout.splitlines()  # a run given twice counts once, and says so
+    assert lines[0].split()[:2] == ["timer", "keys"] and lines[1].split()[:2] == ["cuda-graph", "1"]
+    assert "is in more than one run" in combined.stderr

@@ -146,18 +146,69 @@ def test_every_shipped_result_is_a_point_of_its_kernels_space_with_its_own_id(re
 
 
 SHIPPED_BOOKS_CHILD = """
-import json
+import json, os
 from tunebook.kernels import _common
-print(json.dumps({"books": sorted({str(p) for k in _common.kernels() for p in k.options.books})}))
+if "LATE_SWITCH" in os.environ:  # set after the pack was imported, before any kernel's book is opened
+    os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = os.environ["LATE_SWITCH"]
+print(json.dumps({"books": sorted({str(p) for k in _common.kernels() for p in k.options.book_dirs()})}))
 """
 
 
 def test_the_shipped_books_can_be_left_out_for_a_fresh_tuning(tmp_path) -> None:
-    # Benchmarks that must tune every key (fidelity.py, --no-shipped-books) leave them out
-    # before the op modules are imported; any other value is an error naming the two.
+    # Benchmarks that must tune every key (fidelity.py, --no-shipped-books) leave them out;
+    # the switch is read when a kernel's book is first opened, like TUNEBOOK_DIR, so a
+    # launcher may set it after the import; any other value is an error naming the two.
     from tunebook.kernels._common import BOOKS_DIR
 
     assert run_python(SHIPPED_BOOKS_CHILD)["books"] == [str(BOOKS_DIR)]
     assert run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0"})["books"] == []
-    with pytest.raises(AssertionError, match=r"TUNEBOOK_KERNELS_SHIPPED_BOOKS='maybe': expected 1"):
+    assert run_python(SHIPPED_BOOKS_CHILD, env={"LATE_SWITCH": "off"})["books"] == []
+    with pytest.raises(
+        AssertionError, match=r"TUNEBOOK_KERNELS_SHIPPED_BOOKS='maybe' is not a switch; expected 1"
+    ):
         run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "maybe"})
+
+
+def tune_command_says(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> str:
+    """The first line of a real `python -m tunebook.kernels tune --dry-run` (what it will use)."""
+    keys = ["--ops", "rms_norm", "--models", "smollm2-135m", "--tokens", "1"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunebook.kernels",
+            "tune",
+            "--out",
+            str(tmp_path / "out"),
+            "--dry-run",
+            *keys,
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1", **(env or {})},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.splitlines()[0]
+
+
+def test_the_tune_command_keeps_what_the_environment_asks_unless_a_flag_says_otherwise(tmp_path) -> None:
+    """Without flags the environment's switch and budget stand (an earlier version wrote its
+    defaults back over them); --no-shipped-books and --max-configs apply, the budget through
+    a re-exec (it is fixed when the pack is imported)."""
+    assert tune_command_says(tmp_path).endswith("(shipped books: used; budget: tunebook's default)")
+    said = tune_command_says(
+        tmp_path, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0", "TUNEBOOK_KERNELS_MAX_CONFIGS": "8"}
+    )
+    assert said.endswith("(shipped books: left out; budget: 8 configs a key)")
+    said = tune_command_says(
+        tmp_path, "--no-shipped-books", "--max-configs", "3", env={"TUNEBOOK_PATH": "/elsewhere"}
+    )
+    assert said.endswith("(shipped books: left out; budget: 3 configs a key)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunebook.kernels", "tune", "--out", str(tmp_path), "--max-configs", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--max-configs: expected a positive integer; found 0" in proc.stderr

@@ -37,7 +37,7 @@ def miss_jobs(module: str, attr: str, tuner: Autotuner) -> list[dict[str, Any]]:
             "key_text": key_text,
             "call": entry.call,
             "key": dict(zip(map(str, tuner.keys), entry.key)),
-            "books": [str(b) for b in tuner.options.books],
+            "books": [str(b) for b in tuner.options.book_dirs()],
         }
         for key_text, entry in pending(tuner)
     ]
@@ -60,7 +60,7 @@ def key_jobs(
             "key_text": text,
             "call": None,
             "key": dict(values),
-            "books": [str(b) for b in tuner.options.books],
+            "books": [str(b) for b in tuner.options.book_dirs()],
         }
         for text, values in keys
     ]

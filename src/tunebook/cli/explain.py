@@ -266,7 +266,7 @@ def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: 
     if book is not None:
         directories = [book]
     else:
-        layers = Book.from_env(tuner.options.books)
+        layers = Book.from_env(tuner.options.book_dirs())
         directories = ([layers.directory] if layers.directory is not None else []) + list(layers.readonly)
     data = explain_data(target, tuner, directories, key_limit)
     if as_json:

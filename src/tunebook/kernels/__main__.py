@@ -41,26 +41,52 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument(
         "--no-shipped-books",
         action="store_true",
-        help="leave the package's books out: tune every key into --out, seeded by nothing they hold",
+        help="tune every key into --out from nothing: the package's books, TUNEBOOK_PATH's and a "
+        "fleet's Redis book are left out (as TUNEBOOK_KERNELS_SHIPPED_BOOKS=0 with both unset)",
     )
     tune.add_argument("--dry-run", action="store_true", help="list the keys, tune nothing")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_configs is not None and args.max_configs < 1:
+        parser.error(f"--max-configs: expected a positive integer; found {args.max_configs}")
+    return args
+
+
+def _budget_now() -> int | None:
+    """The budget the pack's kernels were decorated with (the environment they saw)."""
+    from . import _common
+
+    return _common.max_configs()
+
+
+def _interpreter_flags() -> list[str]:
+    """This interpreter's own options (``-X dev``, ``-W ...``, ``-u``) for the re-exec: what
+    ``sys.orig_argv`` holds before ``-m``."""
+    orig = list(getattr(sys, "orig_argv", []))
+    return orig[1 : orig.index("-m")] if "-m" in orig else []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     os.environ["TUNEBOOK_DIR"] = os.path.abspath(args.out)
     os.environ["TUNEBOOK_MODE"] = "tune"
-    budget = str(args.max_configs) if args.max_configs is not None else ""
-    shipped = "0" if args.no_shipped_books else "1"
-    if budget != os.environ.get("TUNEBOOK_KERNELS_MAX_CONFIGS", "") or shipped != os.environ.get(
-        "TUNEBOOK_KERNELS_SHIPPED_BOOKS", "1"
-    ):
-        # The budget and the shipped books are fixed when the kernels are decorated, and
-        # `python -m` imported the package (and decorated them) before this ran: start again.
-        os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = budget
-        os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = shipped
-        os.execv(sys.executable, [sys.executable, "-m", "tunebook.kernels", *(argv or sys.argv[1:])])
+    if args.no_shipped_books:  # read when each kernel's book is first opened: set here in time
+        os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = "0"
+        for name in ("TUNEBOOK_PATH", "TUNEBOOK_REDIS_URL"):
+            os.environ.pop(name, None)
+    if args.max_configs is not None and args.max_configs != _budget_now():
+        # The budget is fixed when the kernels are decorated, and `python -m` imported the
+        # package (and decorated them) before this ran: start again with it set.
+        os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = str(args.max_configs)
+        if argv is not None:  # called in-process: exec would replace the caller's process
+            print(
+                "error: --max-configs must be set before the pack is imported: run `python -m "
+                "tunebook.kernels tune ...`, or set TUNEBOOK_KERNELS_MAX_CONFIGS before importing it",
+                file=sys.stderr,
+            )
+            return 2
+        os.execv(
+            sys.executable, [sys.executable, *_interpreter_flags(), "-m", "tunebook.kernels", *sys.argv[1:]]
+        )
 
     import torch
 
@@ -84,7 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device == "cpu" and not interpreting() and not args.dry_run:
         print("error: no GPU; set TRITON_INTERPRET=1 to tune for Triton's CPU interpreter", file=sys.stderr)
         return 2
-    print(f"{len(jobs)} calls on {device} into {os.environ['TUNEBOOK_DIR']}", flush=True)
+    from . import _common
+
+    budget = _common.max_configs()
+    shipped = "used" if _common.shipped_books() else "left out"
+    per_key = f"{budget} configs a key" if budget else "tunebook's default"
+    print(
+        f"{len(jobs)} calls on {device} into {os.environ['TUNEBOOK_DIR']} "
+        f"(shipped books: {shipped}; budget: {per_key})",
+        flush=True,
+    )
     start = time.perf_counter()
     for i, job in enumerate(jobs, 1):
         if args.dry_run:

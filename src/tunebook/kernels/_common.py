@@ -4,8 +4,9 @@ how its kernels are named in a book, and the checks its wrappers make.
 Each op module decorates its kernels through :func:`autotune`, so the options below are
 set in one place:
 
-* ``books=shipped_books()`` — the books shipped inside the package (read-only; none with
-  ``TUNEBOOK_KERNELS_SHIPPED_BOOKS=0``);
+* ``books=shipped_books`` — the books shipped inside the package (read-only; none with
+  ``TUNEBOOK_KERNELS_SHIPPED_BOOKS=0``, read when a kernel's book is first opened, as
+  ``TUNEBOOK_DIR`` and ``TUNEBOOK_PATH`` are);
 * ``name="tunebook.kernels.<op>"`` — the kernel's name in the book (file names read
   ``tunebook-kernels-<op>--...json``);
 * ``use_cuda_graph=True``, ``rep=20`` — these kernels run for 2-30 us; timed one launch at
@@ -104,13 +105,17 @@ def liger_num_warps(block: int) -> int:
 
 def shipped_books() -> list[Path]:
     """The read-only books every kernel of the pack consults: ``[BOOKS_DIR]``, or none with
-    ``TUNEBOOK_KERNELS_SHIPPED_BOOKS=0``."""
+    ``TUNEBOOK_KERNELS_SHIPPED_BOOKS=0`` (``books=`` takes this function: it is called when a
+    kernel's book is first opened, so the setting may change until the first kernel call)."""
     raw = os.environ.get(SHIPPED_BOOKS_ENV, "").strip().lower()
     if raw in ("", "1", "true", "yes", "on"):
         return [BOOKS_DIR]
     if raw in ("0", "false", "no", "off"):
         return []
-    raise ValueError(f"{SHIPPED_BOOKS_ENV}={raw!r}: expected 1 (default: use them) or 0 (leave them out)")
+    raise tunebook.ConfigurationError(
+        f"{SHIPPED_BOOKS_ENV}={raw!r} is not a switch; expected 1 (the default: use the books shipped "
+        "with the pack) or 0 (leave them out). Unset it to use the default."
+    )
 
 
 def max_configs() -> int | None:
@@ -120,9 +125,12 @@ def max_configs() -> int | None:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{MAX_CONFIGS_ENV}={raw!r}: expected a positive integer, or unset it") from None
+        value = 0
     if value < 1:
-        raise ValueError(f"{MAX_CONFIGS_ENV}={raw!r}: expected a positive integer, or unset it")
+        raise tunebook.ConfigurationError(
+            f"{MAX_CONFIGS_ENV}={raw!r} is not a positive integer (configs measured per key, read when "
+            "the pack is imported). Unset it to use tunebook's budget."
+        )
     return value
 
 
@@ -166,7 +174,7 @@ def autotune(
         key=list(key),
         rep=20,
         use_cuda_graph=True,
-        books=shipped_books(),
+        books=shipped_books,
         name=f"tunebook.kernels.{op}",
         max_configs=max_configs(),
         fallback=fallback,

@@ -119,7 +119,7 @@ def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
     name=NAME_PREFIX + "linear_tma",
     rep=20,
     use_cuda_graph=True,  # the pack's timer for its other ops: replays without host gaps
-    books=shipped_books(),
+    books=shipped_books,
     max_configs=max_configs(),
     fallback=_fallback,
     prefer_nearest=True,  # a tuned neighbouring bucket first

@@ -269,7 +269,7 @@ def _moe_autotune(gemm: int) -> Any:
         configs=moe_space(gemm),
         key=[tunebook.bucket("M", list(M_EDGES)), "N", "K", "E", "TOP_K"],
         name=f"{NAME_PREFIX}fused_moe.gemm{gemm}",
-        books=shipped_books(),
+        books=shipped_books,
         max_configs=max_configs(),
         fallback=_fallback_for(gemm),
         prefer_nearest=True,  # a tuned neighbouring bucket first

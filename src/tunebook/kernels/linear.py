@@ -200,7 +200,7 @@ def _linear_epilogue(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, stride_yn, 
     configs=linear_space(),
     key=[tunebook.bucket("M", list(M_EDGES)), "N", "K"],
     name=NAME_PREFIX + "linear",
-    books=shipped_books(),
+    books=shipped_books,
     max_configs=max_configs(),
     fallback=_fallback,
     prefer_nearest=True,  # a tuned neighbouring bucket first
