@@ -127,8 +127,14 @@ def run_group(
     """Run RANK in ``world`` processes of one gloo group; each rank gets its own book directory
     (``shared``: one for all, as ranks of one host sharing a disk). ``wide``: 80 configs;
     ``dies``: that rank exits at its first measurement (and reports nothing)."""
-    init = f"tcp://127.0.0.1:{_free_port()}"
     code = textwrap.dedent(RANK.format(blocks=BLOCKS, keys=tuple(keys), lonely=lonely, wide=wide, dies=dies))
+    return run_ranks(code, world, tmp_path, env=env, timeout=timeout, shared=shared, dies=dies)
+
+
+def run_ranks(code, world, tmp_path, *, env=None, timeout=240, shared=False, dies=None) -> list[dict]:
+    """Run ``code`` in ``world`` processes of one gloo group (INIT, RANK, WORLD set); each
+    prints one JSON object last. Each rank's book is its own directory (``shared``: one)."""
+    init = f"tcp://127.0.0.1:{_free_port()}"
     procs = []
     for rank in range(world):
         rank_env = {
@@ -497,3 +503,121 @@ def test_a_rank_that_waits_too_long_tunes_alone_and_the_first_decision_stands(tm
     outcomes, _ = _in_threads(tmp_path, jobs, finished=lambda r: r == 1 and release.set())
     chosen = {r: o.entry.best(ids) for r, o in outcomes.items()}
     assert chosen == {0: "d", 1: "d"}  # rank 1's lone decision was published first and stands
+
+
+ADDED = """
+import json, os
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=int(os.environ["RANK"]),
+                        world_size=int(os.environ["WORLD"]))
+import triton, tunebook
+from kernels import add_kernel, grid_1d, vectors
+MS = {16: 1.00, 32: 1.005, 64: 1.10, 128: 1.20, 256: 0.99}  # the same on every rank
+
+class Table:
+    current = {}
+    def pre_hook(self, nargs, reset_only=False):
+        self.current = nargs
+    def __call__(self, kernel_call, quantiles=None):
+        kernel_call()
+        ms = MS[self.current["BLOCK"]]
+        return [ms, ms, ms]
+
+table = Table()
+blocks = [int(b) for b in os.environ["BLOCKS"].split(",")]
+kernel = tunebook.autotune([triton.Config({"BLOCK": b}) for b in blocks], key=["n"], do_bench=table,
+                           pre_hook=table.pre_hook, group=dist.group.WORLD)(add_kernel)
+x, y, out = vectors(100)
+kernel[grid_1d(100)](x, y, out, 100)
+print(json.dumps({"rank": dist.get_rank(), "block": kernel.best_config.kwargs["BLOCK"]}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_config_added_to_a_tuned_kernel_is_launched_by_every_rank_or_by_none(tmp_path):
+    """Each rank's book holds the key, chosen 16; a config added later (256, 1% faster: within
+    the tie tolerance) is measured by the group, and every rank launches what the leader's
+    book keeps, 16, as a lone rank would (the leader used to keep 16 while the others
+    launched the published 256)."""
+    first = run_ranks(ADDED, 2, tmp_path, env={"BLOCKS": "16,32,64,128"})
+    assert [o["block"] for o in first] == [16, 16]
+    again = run_ranks(ADDED, 2, tmp_path, env={"BLOCKS": "16,32,64,128,256"})
+    assert [o["block"] for o in again] == [16, 16], again
+    alone = run_ranks(ADDED, 2, tmp_path, env={"BLOCKS": "16,32,64,128,256"})  # hits: no communication
+    assert [o["block"] for o in alone] == [16, 16], alone
+
+
+def _one_rank_tunes(store, page, ids, calls, seconds_to_join=0.2):
+    from tunebook import _collective
+    from tunebook._distributed import Team
+
+    jobs = _jobs(ids, [{"kwargs": {"i": i}} for i in range(len(ids))], lambda i: 1.0 + i, calls)
+    return _collective.tune_together(Team(0, 2, store), page, (7,), "[7]", ids, jobs)
+
+
+def test_two_autotuners_of_one_function_never_share_a_decision(tmp_path, monkeypatch):
+    """Two candidate lists for one key of one page (two autotuners of one @triton.jit, or a
+    call whose pruning leaves others): the second must not adopt the first's decision, which
+    names a config it lacks, but tune its own."""
+    import torch.distributed as dist
+
+    from tunebook._book import Book, KernelIdentity
+
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_JOIN_S", "0.2")  # the other rank never comes
+    store = dist.HashStore()
+    page = Book(tmp_path / "book").open(KernelIdentity("k", "hash", ("n",)), {"backend": "test"}, "test", "p")
+    first: list[int] = []
+    a = _one_rank_tunes(store, page, ["a", "b"], first)
+    assert a.entry.best(["a", "b"]) == "a" and sorted(first) == [0, 1]
+    second: list[int] = []
+    b = _one_rank_tunes(store, page, ["c", "d"], second)
+    assert b.entry.best(["c", "d"]) == "c" and sorted(second) == [0, 1]  # measured, not adopted
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the follower's, meant
+def test_a_follower_that_fails_mid_search_costs_the_leader_no_wait(tmp_path, monkeypatch):
+    """A follower interrupted while measuring says so: the leader measures its part at once
+    instead of waiting for it to be late (at least 30 s)."""
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_WAIT_S", "60")
+    ids = [f"c{i}" for i in range(8)]
+    records = [{"kwargs": {"i": i}} for i in range(8)]
+
+    def interrupted(i: int) -> float:
+        raise KeyboardInterrupt
+
+    calls: dict[int, list[int]] = {0: [], 1: []}
+    jobs = {
+        0: _jobs(ids, records, lambda i: 1.0 + i, calls[0]),
+        1: _jobs(ids, records, interrupted, calls[1]),
+    }
+    outcomes, seconds = _in_threads(tmp_path, jobs, timeout=30)
+    assert 1 not in outcomes and seconds[0] < 10, seconds
+    assert outcomes[0].entry.best(ids) == "c0" and sorted(calls[0]) == list(
+        range(8)
+    )  # the leader measured all
+
+
+def test_settings_that_leave_the_group_out_are_refused_or_said(monkeypatch, caplog):
+    """group= with isolate=True cannot work (a worker process is not a rank): refused at
+    decoration. TUNEBOOK_MODE=off keeps no book, so each rank tunes alone: said once."""
+    import logging
+
+    import triton
+
+    import tunebook
+    from kernels import add_kernel, grid_1d, vectors
+
+    configs = [triton.Config({"BLOCK": b}) for b in (32, 64)]
+    with pytest.raises(tunebook.ConfigurationError, match="group= and isolate=True cannot be combined"):
+        tunebook.autotune(configs, key=["n"], group=object(), isolate=True)
+    monkeypatch.setenv("TUNEBOOK_MODE", "off")
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED", "1")
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    kernel = tunebook.autotune(configs, key=["n"])(add_kernel)
+    for n in (100, 200):
+        x, y, out = vectors(n)
+        kernel[grid_1d(n)](x, y, out, n)
+    said = [r.message for r in caplog.records if "TUNEBOOK_MODE=off keeps no book" in r.message]
+    assert len(said) == 1 and "each rank tunes its keys alone" in said[0]

@@ -1,7 +1,8 @@
 """Tuning one key together: one search for the whole group, its batches measured across the
 ranks; one rank decides and writes the book, and every rank launches the same config.
 
-Over the group's store (see ``_distributed.py``), for each key a rank misses in ``tune`` mode:
+Over the group's store (see ``_distributed.py``), for each key a rank misses in ``tune`` mode
+(a round is one key over one list of candidates: ``namespace``):
 
 1. a decision already published for the key is adopted, with no measuring;
 2. otherwise the rank *arrives* (an atomic counter). The first to arrive is the leader: it
@@ -17,11 +18,13 @@ Over the group's store (see ``_distributed.py``), for each key a rank misses in 
 4. every other rank that came (the ``i``-th to arrive, ``i <= p``) follows: it waits for
    each batch, measures its part and publishes the results, writing nothing to the book,
    until the leader ends the search;
-5. the leader publishes the decision, ends the search, then records the key in its book (the
-   only write; the others need not wait for it); the first decision published for a key
-   stands. Every other rank, including one that arrived after the round closed, launches
-   it; a rank whose own book is another directory than the one the decision was written to
-   (another host, or a book per rank) records it there too, so that a later job finds the
+5. the leader merges the search's entry over what its book holds for the key (what a lone
+   rank would record), publishes that decision, ends the search, then records the key in
+   its book (the only write; the others need not wait for it); the first decision
+   published for a key stands. Every rank, the leader and one that arrived after the round
+   closed included, launches it as published; a rank whose own book is another directory
+   than the one the decision was written to (another host, or a book per rank) records it
+   there too, so that a later job finds the
    key on every rank alike (a hit on one rank and a miss on another would tune the missing
    rank alone, after the join wait, and could choose otherwise).
 
@@ -32,7 +35,9 @@ stopping point are a lone rank's, and a batch of ``k`` configs costs the time of
 **No deadlock.** Every wait has a deadline. A key only some ranks reach is tuned by those
 that come (after the join wait). A follower whose part has not come back within
 ``late_after`` of the leader's own part (at most ``TUNEBOOK_DISTRIBUTED_WAIT_S``) is late:
-the leader measures that part itself and deals the rank nothing more for the key. A rank
+the leader measures that part itself and deals the rank nothing more for the key; so it
+does at once for a follower that wrote ``gone/<i>`` (its measuring raised). A leader that
+fails before closing the round closes it (``participants`` = 1). A rank
 that waits longer than ``TUNEBOOK_DISTRIBUTED_WAIT_S`` for the leader's next batch or
 decision (the leader died or hangs) tunes the key alone and publishes its own decision;
 since the first published decision stands, every rank still launches the same config.
@@ -42,6 +47,7 @@ same answer by the same rule.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -71,15 +77,25 @@ LATE_FACTOR = 4.0
 LATE_MIN_S = 30.0
 # A rank writes its global rank right after it arrives: a longer wait means it died there.
 _RANK_WAIT_S = 5.0
+# How often the leader, waiting for a rank's part, looks whether that rank said it failed.
+GONE_CHECK_S = 0.5
 
 # The key's tuning job (``_miss.py`` builds it): every candidate, persisting nowhere, each
 # batch measured through the exchange (None: here).
 Jobs = Callable[[Exchange | None], KeyTuning]
 
 
-def namespace(page: Page, key_text: str) -> str:
-    """The store keys of one key of one kernel on one platform."""
-    digest = hashlib.sha256(f"{page.file_name}\0{key_text}".encode()).hexdigest()[:24]
+def namespace(page: Page, key_text: str, ids: Sequence[str]) -> str:
+    """The store keys of one key of one kernel on one platform, over one list of candidates:
+    two autotuners of one function with other configs (or a call whose pruning leaves
+    others) never share a round or a decision, which could name a config one of them lacks.
+
+    >>> class P: file_name = "k--p.json"
+    >>> namespace(P(), "[7]", ["a", "b"]) == namespace(P(), "[7]", ["b", "a"]) != namespace(P(), "[7]", ["a"])
+    True
+    """
+    listed = "\0".join(sorted(ids))
+    digest = hashlib.sha256(f"{page.file_name}\0{key_text}\0{listed}".encode()).hexdigest()[:24]
     return f"tunebook/{digest}/"
 
 
@@ -95,26 +111,31 @@ def tune_together(
     key's tuning over every candidate (``ids``), persisting nowhere. The result is the key's
     entry as decided."""
     start = time.perf_counter()
-    store, ns = team.store, namespace(page, key_text)
+    store, ns = team.store, namespace(page, key_text, ids)
     decision = _decision(store, ns, key)
     if decision is not None:
         _remember(page, key_text, decision, ids[0] if ids else "")
-        return Outcome(decision.entry, 0, 0, time.perf_counter() - start)
+        return _launched(key, ids, decision.entry, 0, 0, start)
     arrival = int(store.add(ns + "arrivals", 1))
     store.set(ns + f"rank/{arrival}", str(team.rank))  # who arrived i-th: the leader deals by rank
-    participants = _close_round(store, ns, team.world) if arrival == 1 else _participants(store, ns)
     measured = failures = 0
-    if arrival == 1 and participants is not None:
-        lead = (
-            Lead(store, ns, ids, _ranks_by_arrival(store, ns, participants), team.world)
-            if participants > 1
-            else None
-        )  # else: alone
+    if arrival == 1:
+        lead: Lead | None = None
+        closed = False
         try:
+            participants = _close_round(store, ns, team.world)
+            closed = True
+            if participants > 1:
+                lead = Lead(store, ns, ids, _ranks_by_arrival(store, ns, participants), team.world)
             outcome = _tune(jobs(lead))
-            entry = _decided_entry(key, outcome.entry, ids, start)
+            # What a lone rank would record: the search's results over what this rank's book
+            # holds for the key (a config added to a tuned kernel keeps the earlier choice
+            # where it is within the tie tolerance). Every rank launches this, as published.
+            entry = _as_recorded(page, key_text, _decided_entry(key, outcome.entry, ids, start))
             published = _publish(store, ns, entry, book_id(page))
         finally:
+            if not closed:  # failed before the round closed: the others stop waiting for it
+                store.set(ns + "participants", "1")
             if lead is not None:
                 # The followers stop waiting for batches and read the decision; ended before
                 # this rank's book write, which they need not wait for.
@@ -122,8 +143,10 @@ def tune_together(
         decided = _keep(page, key_text, entry, published)
         measured, failures = outcome.measured, outcome.failures
     else:
-        if participants is not None and arrival <= participants:
+        came = _participants(store, ns)
+        if came is not None and arrival <= came:
             measured, failures = follow(store, ns, arrival, jobs(None))
+            # published before the search ended; none: the leader failed, tune alone now
             waited = _decision(store, ns, key)
         else:
             waited = _wait_for_decision(store, ns, key)
@@ -131,16 +154,33 @@ def tune_together(
             alone = _tune(jobs(None))
             measured += alone.measured
             failures += alone.failures
-            decided = _settle(store, ns, page, key_text, _decided_entry(key, alone.entry, ids, start))
+            entry = _as_recorded(page, key_text, _decided_entry(key, alone.entry, ids, start))
+            decided = _settle(store, ns, page, key_text, entry)
         else:
             _remember(page, key_text, waited, ids[0] if ids else "")
             decided = waited.entry
+    return _launched(key, ids, decided, measured, failures, start)
+
+
+def _launched(
+    key: Sequence[Any], ids: Sequence[str], decided: Entry, measured: int, failures: int, start: float
+) -> Outcome:
+    """The outcome every rank launches: the published decision (never this rank's own merge
+    of it, which an older entry in its book could turn)."""
     if decided.best(ids) is None:
         raise TuningFailed(
             f"tunebook: no config ran for key {list(key)} on any rank of the group; `tunebook show` lists "
             "each config's reason"
         )
     return Outcome(decided, measured, failures, time.perf_counter() - start)
+
+
+def _as_recorded(page: Page, key_text: str, entry: Entry) -> Entry:
+    """``entry`` merged over what this rank's book holds for the key now: what the book will
+    hold once it is recorded, so the decision published is the one this rank keeps."""
+    page.refresh(key_text)
+    current = page.get(key_text)
+    return entry.merged_over(current) if current is not None else entry
 
 
 def _tune(job: KeyTuning) -> Outcome:
@@ -213,20 +253,35 @@ class Lead:
         self, b: int, r: int, part: list[int], deadline: float, full: bool, here: Here
     ) -> dict[int, Result | None]:
         name = self.ns + f"timings/{b}/{r}"
-        came = wait(self.store, [name], deadline - time.monotonic(), "gather", batch=b, arrival=r)
+        came = self._answered(name, self.ns + f"gone/{r}", deadline, b, r)
         answer = _loads(self.store.get(name)) if came else None
         if answer is None:
             log.warning(
-                "tunebook: the rank that arrived %d-th for this key sent no timings for its %d configs in "
-                "time; measuring them here and dealing it nothing more for this key",
+                "tunebook: the rank that arrived %d-th for this key %s its %d configs; measuring them "
+                "here and dealing it nothing more for this key",
                 r,
+                "failed before it measured" if came is None else "sent no timings in time for",
                 len(part),
             )
             self.ranks.remove(r)
             return here(part, full)
+        with contextlib.suppress(Exception):  # read once, by this rank only: the store need not keep it
+            self.store.delete_key(name)
         results = _results_from(answer.get("results", {}))
         # A config the rank did not measure (skipped, or a failure of the moment) stays unmeasured.
         return {i: results.get(self.ids[i]) for i in part}
+
+    def _answered(self, name: str, gone: str, deadline: float, b: int, r: int) -> bool | None:
+        """Whether rank ``r``'s part came (``name``) before ``deadline``; None where it said it
+        failed (``gone``) first. Waits in slices, so that a failed rank costs at most one."""
+        while True:
+            left = deadline - time.monotonic()
+            if wait(self.store, [name], min(left, GONE_CHECK_S), "gather", batch=b, arrival=r):
+                return True
+            if self.store.check([gone]):
+                return None
+            if left <= GONE_CHECK_S:
+                return False
 
     def end(self) -> None:
         self.store.set(self.ns + f"batch/{self.batches}", json.dumps({"end": True}))
@@ -238,6 +293,20 @@ def follow(store: Any, ns: str, arrival: int, job: KeyTuning) -> tuple[int, int]
     screened, failures)."""
     timing = Timing(job)
     index = {cid: i for i, cid in enumerate(job.ids)}
+    try:
+        _follow_batches(store, ns, arrival, job, timing, index)
+    except BaseException:
+        # Interrupted or failed mid-search: the leader stops waiting for this rank's part
+        # (and measures it itself) instead of waiting for it to be late.
+        with contextlib.suppress(Exception):
+            store.set(ns + f"gone/{arrival}", "1")
+        raise
+    return timing.measured, timing.failures
+
+
+def _follow_batches(
+    store: Any, ns: str, arrival: int, job: KeyTuning, timing: Timing, index: dict[str, int]
+) -> None:
     b = 0
     with inputs_restored(job):
         while wait(store, [ns + f"batch/{b}"], _settings.distributed_wait_s(), "batch", batch=b):
@@ -258,7 +327,6 @@ def follow(store: Any, ns: str, arrival: int, job: KeyTuning) -> tuple[int, int]
                 results = {job.ids[i]: r for i, r in got.items() if r is not None}
                 store.set(ns + f"timings/{b}/{arrival}", json.dumps({"results": _results_json(results)}))
             b += 1
-    return timing.measured, timing.failures
 
 
 def _close_round(store: Any, ns: str, world: int) -> int:
@@ -314,10 +382,12 @@ def _settle(store: Any, ns: str, page: Page, key_text: str, entry: Entry) -> Ent
 
 def _keep(page: Page, key_text: str, entry: Entry, decided: Decision) -> Entry:
     """If this rank's ``entry`` is the published decision, write it to the book (the one
-    write for this key); else record the decision that stands. Returns that decision."""
+    write for this key); else record the decision that stands. Returns that decision, which
+    this rank launches as every other rank does."""
     if decided.entry is entry:
-        return page.record(key_text, entry)
-    _remember(page, key_text, decided, entry.first)
+        page.record(key_text, entry)
+    else:
+        _remember(page, key_text, decided, entry.first)
     return decided.entry
 
 

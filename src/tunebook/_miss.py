@@ -291,14 +291,29 @@ def _user_fallback(miss: Miss) -> str | None:
 
 def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
     tuner, options = miss.tuner, miss.tuner.options
+    grouped = options.group is not None or _settings.distributed()
+    team = _distributed.team(options.group) if page is not None and grouped else None
+    if page is None and grouped:
+        _warnings.warn_once(
+            f"group-off:{tuner.label}",
+            "tunebook: %s: TUNEBOOK_MODE=off keeps no book, so each rank tunes its keys alone, not with "
+            "its group, and ranks may launch different configs (said once)",
+            tuner.label,
+        )
     if options.isolate and page is not None:
         from . import _worker  # only isolation needs it
 
-        if not _worker.inside_worker():
+        if team is not None:  # TUNEBOOK_DISTRIBUTED=1 (group= with isolate=True is refused)
+            _warnings.warn_once(
+                f"group-isolate:{tuner.label}",
+                "tunebook: %s: tuning with the group (TUNEBOOK_DISTRIBUTED=1), this process measures its "
+                "share itself: isolate=True is not used for it (said once)",
+                tuner.label,
+            )
+        elif not _worker.inside_worker():
             return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
     near = _near(miss, page) if page is not None else []
     hints = search_hints(tuner, page, miss.key, miss.ids, miss.candidates, near) if page is not None else []
-    team = _distributed.team(options.group) if page is not None else None
     if team is not None and page is not None:
         from . import _collective  # only jobs that tune together need it
 

@@ -80,6 +80,11 @@ class Options:
             raise ConfigurationError(
                 f"tunebook.autotune: compile_workers= must be an integer >= 1; found {self.compile_workers!r}"
             )
+        if self.isolate and self.group is not None:
+            raise ConfigurationError(
+                "tunebook.autotune: group= and isolate=True cannot be combined: a group's ranks measure "
+                "their shares of a key in their own processes; drop isolate=True (or group=)"
+            )
         if not self.isolate_timeout > 0:
             raise ConfigurationError(
                 "tunebook.autotune: isolate_timeout= must be positive seconds; "
