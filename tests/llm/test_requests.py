@@ -15,7 +15,7 @@ from tunebook.demo.llm.server import BadRequest, _messages, sampling_params
         ({"temperature": -1}, "temperature"),
         ({"temperature": True}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
-        ({"seed": -3}, "seed"),
+        ({"seed": 2**64}, "seed"),  # any 64-bit integer is a seed (OpenAI takes negative ones)
         ({"n": 2}, "n"),
         ({"stop": ["a"] * 5}, "stop"),
         ({"logprobs": 3}, "logprobs"),

@@ -193,6 +193,89 @@ def test_a_client_that_disconnects_mid_stream_is_aborted(server: Server, client:
     assert reply.choices[0].finish_reason == "length"  # and the server goes on
 
 
+def _wait_until_idle(server: Server) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    engine = server.get("/stats")["engine"]
+    while engine["running"] or engine["waiting"] or engine["free_blocks"] != engine["cache_blocks"] - 1:
+        assert time.monotonic() < deadline, f"a request was not aborted: {engine}"
+        time.sleep(0.5)
+        engine = server.get("/stats")["engine"]
+    return engine
+
+
+def test_a_client_that_disconnects_before_a_whole_answer_is_aborted_too(server: Server, client: Any) -> None:
+    """Not streamed: nothing writes to the client until the end, so only watching the
+    connection notices it has gone (the request used to run to max_tokens, holding a slot)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 400, "temperature": 0}
+    conn.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    deadline = time.monotonic() + 60
+    while not server.get("/stats")["engine"]["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    _wait_until_idle(server)
+    assert (
+        client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices[0].finish_reason == "length"
+    )
+
+
+def test_what_openai_allows_is_served_or_refused_in_openais_shape(server: Server, client: Any) -> None:
+    import openai
+
+    # a tiny temperature is greedy (dividing by it overflowed and failed the whole batch)
+    tiny = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=1e-40)
+    greedy = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    assert (
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, seed=-1).usage.completion_tokens
+        == 1
+    )
+    refused = [
+        ({"seed": 2**64}, "'seed' must be in"),
+        ({"presence_penalty": 1.5}, "'presence_penalty' is not supported"),
+        ({"response_format": {"type": "json_object"}}, "'response_format' is not supported"),
+    ]
+    for fields, words in refused:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(
+                model=MODEL, prompt="x", extra_body=fields
+            )  # as any client may send them
+        assert words in str(err.value), (fields, str(err.value))
+    # the usage chunk a client asks for, before [DONE]
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[0].id.startswith("chatcmpl-")
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("gpt-9")
+    for method, path, status in (("GET", "/v1/embeddings", 404), ("GET", "/v1/completions", 405)):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request(method, path)
+        response = conn.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == status and path in error["message"], (path, error)
+    status, body = server.post(
+        "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}'
+    )  # JSON allows it
+    assert status == 400 and "unpaired surrogate" in body["error"]["message"], body
+    deep = b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    status, body = server.post("/v1/completions", deep)
+    assert status == 400 and "nested too deeply" in body["error"]["message"]
+    _wait_until_idle(server)
+
+
 def test_the_real_model_chats_through_its_template(tmp_path: Path) -> None:
     """SmolLM2 (one layer: the interpreter reads its 49152-wide output projection each step)
     behind the openai client: the GGUF tokenizer, the chat template, streaming."""

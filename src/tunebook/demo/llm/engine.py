@@ -238,10 +238,9 @@ class Engine:
                 self._fail_all()
 
     def _fail_all(self) -> None:
-        for request in [*self.scheduler.running, *list(self.scheduler.waiting)]:
+        for request in [*self.scheduler.running, *self.scheduler.take_waiting()]:
             self.scheduler.finish(request, "error")
             self._notify(request, [], "")
-        self.scheduler.waiting.clear()
 
     def describe(self) -> dict[str, Any]:
         c = self.weights.config

@@ -1,7 +1,8 @@
 """Choosing the next token from logits: greedy, or temperature and nucleus (top-p) sampling.
 
-``temperature == 0`` is greedy (argmax; the lowest id wins a tie, as ``torch.argmax``
-does). Otherwise the logits are divided by the temperature, the smallest set of tokens
+A temperature below ``GREEDY_BELOW`` is greedy (argmax; the lowest id wins a tie, as
+``torch.argmax`` does): dividing by a tinier one overflows (vLLM's rule, its sampling
+eps). Otherwise the logits are divided by the temperature, the smallest set of tokens
 whose probabilities sum to at least ``top_p`` is kept (the most likely token always), and
 a token is drawn from it. Rows with a ``seed`` draw from their own generator, so the same
 request with the same seed gets the same tokens; the others share the engine's.
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def sample(
@@ -76,7 +79,7 @@ def _draw(
     logits: torch.Tensor, params: Sequence[SamplingParams], gen: torch.Generator | None
 ) -> torch.Tensor:
     temps = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    probs = torch.softmax(logits / temps, dim=-1)
+    probs = torch.softmax(logits.float() / temps, dim=-1)
     if any(p.top_p < 1.0 for p in params):
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
@@ -84,4 +87,11 @@ def _draw(
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # A row the division still overflowed (inf logits from the model) takes its argmax
+    # rather than failing the step, and with it every request in the batch.
+    bad = ~torch.isfinite(probs).all(dim=-1)
+    if bool(bad.any()):
+        probs = torch.where(
+            bad[:, None], torch.nn.functional.one_hot(logits.argmax(-1), probs.shape[-1]).to(probs), probs
+        )
     return torch.multinomial(probs, 1, generator=gen)[:, 0]

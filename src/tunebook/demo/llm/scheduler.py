@@ -128,6 +128,13 @@ class Scheduler:
         with self._lock:
             self._aborted.add(request_id)
 
+    def take_waiting(self) -> list[Request]:
+        """Remove every waiting request and return them (under the lock: a request added
+        meanwhile is either taken here or stays queued, never dropped unseen)."""
+        with self._lock:
+            taken, self.waiting = list(self.waiting), deque()
+        return taken
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborted)
 

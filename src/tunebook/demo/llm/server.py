@@ -2,29 +2,34 @@
 
 Endpoints (the subset of OpenAI's API a chat client needs):
 
-* ``GET /v1/models``: the one model served;
+* ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served;
 * ``POST /v1/completions``: ``prompt`` (a string, or a list of token ids), ``max_tokens``
   (default 16), ``temperature`` (default 1), ``top_p``, ``stop``, ``seed``, ``stream``;
 * ``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template,
-  ``max_tokens`` or ``max_completion_tokens`` (default: up to the model's length), and
-  the same sampling fields; ``stream`` sends ``chat.completion.chunk`` events;
+  ``max_completion_tokens`` or ``max_tokens`` (default: up to DEFAULT_CHAT_MAX_TOKENS and
+  the model's length), and the same sampling fields; ``stream`` sends
+  ``chat.completion.chunk`` events (``stream_options.include_usage``: a last chunk with the
+  usage);
 * ``GET /stats``: not OpenAI's: the engine's steps and batch sizes, and
   ``tunebook.stats()`` (configs benchmarked, fallbacks: both 0 when the books answer).
 
 A request the server cannot serve is answered with OpenAI's error object: 400 for a
 malformed body or a field out of range (the message names the field, what was expected
-and what was found), 404 for a model it does not serve, 500 if the engine failed a step
-(its error is logged; the engine goes on with the next requests); never a crash. Streams are
+and what was found), 404 for a model or a path it does not serve, 405 for a method, 500 if
+the engine failed a step or the server met an error it did not expect (logged; the engine
+goes on with the next requests); never a crash. Streams are
 server-sent events ending with ``data: [DONE]``. Every request goes to one engine whose
 loop runs on a background thread, so concurrent requests share decode steps. A client
-that disconnects (mid-stream or while waiting) has its request aborted and its cache
-freed at the next step.
+that disconnects (mid-stream, while waiting, or before a non-streamed answer is complete)
+has its request aborted and its cache freed at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -38,19 +43,29 @@ from .scheduler import Request
 # Chat requests without max_tokens may generate up to this many tokens (and the model's
 # remaining length): a runaway answer cannot hold the cache for long.
 DEFAULT_CHAT_MAX_TOKENS = 512
+# How much of a bad value an error message quotes: a large malformed body gets a short answer.
+SHOWN_CHARS = 200
+
+log = logging.getLogger("tunebook.demo.llm")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"... ({len(text)} characters)"
 
 
 class BadRequest(Exception):
     """A request the server refuses: status, message, and the field at fault."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
 
 
-def error_body(message: str, param: str | None, status: int) -> dict[str, Any]:
+def error_body(message: str, param: str | None, status: int, code: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    code = "model_not_found" if status == 404 else None
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -62,20 +77,23 @@ def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"'{name}' must be a number in [{lo}, {hi}]; found {value!r}", name)
+        raise BadRequest(f"'{name}' must be a number in [{lo}, {hi}]; found {_shown(value)}", name)
     if not lo <= value <= hi:
         raise BadRequest(f"'{name}' must be in [{lo}, {hi}]; found {value}", name)
     return float(value)
 
 
-def _integer(body: Mapping[str, Any], name: str, default: int | None, lo: int) -> int | None:
+def _integer(
+    body: Mapping[str, Any], name: str, default: int | None, lo: int, hi: int | None = None
+) -> int | None:
     value = body.get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{name}' must be an integer >= {lo}; found {value!r}", name)
-    if value < lo:
-        raise BadRequest(f"'{name}' must be >= {lo}; found {value}", name)
+        raise BadRequest(f"'{name}' must be an integer >= {lo}; found {_shown(value)}", name)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise BadRequest(f"'{name}' must be {bound}; found {_shown(value)}", name)
     return int(value)
 
 
@@ -87,7 +105,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
         return (stop,)
     if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
         return tuple(stop)
-    raise BadRequest(f"'stop' must be a string or a list of up to 4 strings; found {stop!r}", "stop")
+    raise BadRequest(f"'stop' must be a string or a list of up to 4 strings; found {_shown(stop)}", "stop")
 
 
 # Fields this server does not implement, and the values that ask for nothing.
@@ -100,6 +118,10 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None,),
     "functions": (None,),
     "logit_bias": (None,),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "response_format": (None, {"type": "text"}),
+    "tool_choice": (None, "none", "auto"),
 }
 
 
@@ -112,16 +134,49 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int) -> SamplingParams:
         value = body.get(name)
         if value not in allowed and not (value == {} or value == []):
             raise BadRequest(
-                f"'{name}' is not supported by this server; leave it out (found {value!r})", name
+                f"'{name}' is not supported by this server; leave it out (found {_shown(value)})", name
             )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         # top_p = 0 keeps the most likely token alone, as a tiny nucleus does.
         top_p=max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-9),
-        seed=_integer(body, "seed", None, 0),
+        # OpenAI takes any 64-bit integer; torch's generators take [0, 2**64)
+        seed=_seed(body),
         stop=_stop(body),
     )
+
+
+def _seed(body: Mapping[str, Any]) -> int | None:
+    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
+    return None if seed is None else seed % 2**64
+
+
+def _include_usage(body: Mapping[str, Any]) -> bool:
+    """``stream_options.include_usage``: a last chunk carrying the usage, as OpenAI sends."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    include = options.get("include_usage", False) if isinstance(options, dict) else None
+    if not isinstance(include, bool):
+        raise BadRequest(
+            f"'stream_options' must be an object like {{\"include_usage\": true}}; found {_shown(options)}",
+            "stream_options",
+        )
+    return include
+
+
+def _text(text: str, where: str, param: str) -> str:
+    """``text`` if it can be encoded (JSON allows a lone surrogate, UTF-8 does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(
+            f"{where} holds an unpaired surrogate ({text[exc.start : exc.end]!a}) at character {exc.start}, "
+            "which is not text; send valid Unicode",
+            param,
+        ) from None
+    return text
 
 
 def _stream_flag(body: Mapping[str, Any]) -> bool:
@@ -129,20 +184,22 @@ def _stream_flag(body: Mapping[str, Any]) -> bool:
     if stream is None:
         return False
     if not isinstance(stream, bool):
-        raise BadRequest(f"'stream' must be true or false; found {stream!r}", "stream")
+        raise BadRequest(f"'stream' must be true or false; found {_shown(stream)}", "stream")
     return stream
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest(f"'messages' must be a non-empty list of messages; found {messages!r}", "messages")
+        raise BadRequest(
+            f"'messages' must be a non-empty list of messages; found {_shown(messages)}", "messages"
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise BadRequest(
                 f"messages[{i}] must be an object with a role of system, user, assistant or developer; "
-                f"found {m!r}",
+                f"found {_shown(m)}",
                 "messages",
             )
         content = m.get("content")
@@ -151,9 +208,9 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
                 raise BadRequest(f"messages[{i}].content: only text parts are supported", "messages")
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string; found {content!r}", "messages")
+            raise BadRequest(f"messages[{i}].content must be a string; found {_shown(content)}", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"messages[{i}].content", "messages")})
     return out
 
 
@@ -172,7 +229,10 @@ class Front:
         model = body.get("model")
         if model is not None and model != self.model_id:
             raise BadRequest(
-                f"model {model!r} is not served here; this server serves {self.model_id!r}", "model", 404
+                f"model {_shown(model)} is not served here; this server serves {self.model_id!r}",
+                "model",
+                404,
+                "model_not_found",
             )
 
     def completion_prompt(self, body: Mapping[str, Any]) -> list[int]:
@@ -182,7 +242,7 @@ class Front:
         if isinstance(prompt, str):
             if not prompt:
                 raise BadRequest("'prompt' is empty: it needs at least one token", "prompt")
-            return self.engine.tokenizer.encode(prompt)
+            return self.engine.tokenizer.encode(_text(prompt, "'prompt'", "prompt"))
         if (
             isinstance(prompt, list)
             and prompt
@@ -191,7 +251,7 @@ class Front:
             return [int(t) for t in prompt]
         raise BadRequest(
             "'prompt' must be a non-empty string or a list of token ids (one prompt per request); "
-            f"found {prompt!r}",
+            f"found {_shown(prompt)}",
             "prompt",
         )
 
@@ -200,10 +260,11 @@ class Front:
         if room < 1:
             raise BadRequest(
                 f"the prompt has {len(prompt)} tokens; this server's limit is {self.engine.max_model_len} "
-                "including the answer",
+                f"including the answer: shorten the prompt to at most {self.engine.max_model_len - 1} "
+                "tokens, or start the server with a larger --max-model-len",
                 "prompt" if "prompt" in body else "messages",
             )
-        for name in ("max_tokens", "max_completion_tokens"):
+        for name in ("max_completion_tokens", "max_tokens"):  # OpenAI's current field first
             value = _integer(body, name, None, 1)
             if value is not None:
                 if value > room:
@@ -215,7 +276,9 @@ class Front:
                 return value
         return min(default or room, room)
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> tuple[Request, asyncio.Queue[Any]]:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl"
+    ) -> tuple[Request, asyncio.Queue[Any]]:
         """Queue a request; its updates arrive on the returned queue as
         ``(new text, finish_reason)`` pairs, pushed from the engine's thread."""
         loop = asyncio.get_running_loop()
@@ -226,7 +289,7 @@ class Front:
 
         try:
             request = self.engine.submit(
-                prompt, params, on_update, request_id=f"cmpl-{uuid.uuid4().hex[:24]}"
+                prompt, params, on_update, request_id=f"{prefix}-{uuid.uuid4().hex[:24]}"
             )
         except ValueError as exc:
             raise BadRequest(str(exc), "prompt") from None
@@ -266,6 +329,35 @@ async def _updates(request: Request, queue: asyncio.Queue[Any], engine: Engine) 
             engine.abort(request.id)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete (its request is aborted)."""
+
+
+async def _answer(http: Any, request: Request, queue: asyncio.Queue[Any], engine: Engine) -> str:
+    """The whole text of a non-streamed answer; aborts the request if the client disconnects
+    first (nothing else would notice: only a streamed response listens for it)."""
+
+    async def text() -> str:
+        return "".join([d async for d in _updates(request, queue, engine)])
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, gone = asyncio.ensure_future(text()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answer, gone):
+            if not task.done():
+                task.cancel()  # the answer's cancellation aborts the request (_updates)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if not answer.done() or answer.cancelled():
+        raise ClientGone
+    return answer.result()
+
+
 def _usage(request: Request) -> dict[str, int]:
     return {
         "prompt_tokens": len(request.prompt),
@@ -289,7 +381,8 @@ def create_app(engine: Engine, model_id: str) -> Any:
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     front = Front(engine, model_id)
@@ -307,6 +400,8 @@ def create_app(engine: Engine, model_id: str) -> Any:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the request body must be a JSON object; it does not parse: {exc}") from None
+        except RecursionError:
+            raise BadRequest("the request body is nested too deeply to parse") from None
         if not isinstance(body, dict):
             raise BadRequest(f"the request body must be a JSON object; found {type(body).__name__}")
         front.check_model(body)
@@ -323,7 +418,7 @@ def create_app(engine: Engine, model_id: str) -> Any:
         body = await body_of(request)
         prompt = front.completion_prompt(body)
         params = sampling_params(body, front.max_tokens(body, prompt, 16))
-        stream = _stream_flag(body)
+        stream, usage = _stream_flag(body), _include_usage(body)
         req, queue = front.submit(prompt, params)
         head = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model_id}
 
@@ -331,18 +426,21 @@ def create_app(engine: Engine, model_id: str) -> Any:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
         if stream:
+            streamed = {**head, "usage": None} if usage else head
 
             async def events() -> AsyncIterator[str]:
                 try:
                     async for delta in _updates(req, queue, engine):
-                        yield _sse({**head, "choices": [choice(delta, None)]})
-                    yield _sse({**head, "choices": [choice("", _finish(req))]})
+                        yield _sse({**streamed, "choices": [choice(delta, None)]})
+                    yield _sse({**streamed, "choices": [choice("", _finish(req))]})
+                    if usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(req)})
                 except EngineFailed as exc:
                     yield _sse(error_body(str(exc), None, 500))
                 yield _sse("[DONE]")
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text = "".join([d async for d in _updates(req, queue, engine)])
+            return _event_stream(events())
+        text = await _answer(request, req, queue, engine)
         return JSONResponse({**head, "choices": [choice(text, _finish(req))], "usage": _usage(req)})
 
     async def chat(request: Any) -> Any:
@@ -350,18 +448,22 @@ def create_app(engine: Engine, model_id: str) -> Any:
         messages = _messages(body)
         try:
             prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt(messages))
-        except ValueError as exc:
-            raise BadRequest(str(exc), "messages") from None
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"the messages cannot be rendered and encoded: {exc}", "messages") from None
         params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS))
-        stream = _stream_flag(body)
-        req, queue = front.submit(prompt, params)
+        stream, usage = _stream_flag(body), _include_usage(body)
+        req, queue = front.submit(prompt, params, "chatcmpl")
         head = {"id": req.id, "created": int(time.time()), "model": model_id}
 
         if stream:
             chunk = {**head, "object": "chat.completion.chunk"}
+            streamed = {**chunk, "usage": None} if usage else chunk
 
             def delta(content: dict[str, Any], finish: str | None) -> dict[str, Any]:
-                return {**chunk, "choices": [{"index": 0, "delta": content, "finish_reason": finish}]}
+                return {
+                    **streamed,
+                    "choices": [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}],
+                }
 
             async def events() -> AsyncIterator[str]:
                 yield _sse(delta({"role": "assistant", "content": ""}, None))
@@ -369,34 +471,70 @@ def create_app(engine: Engine, model_id: str) -> Any:
                     async for text in _updates(req, queue, engine):
                         yield _sse(delta({"content": text}, None))
                     yield _sse(delta({}, _finish(req)))
+                    if usage:
+                        yield _sse({**chunk, "choices": [], "usage": _usage(req)})
                 except EngineFailed as exc:
                     yield _sse(error_body(str(exc), None, 500))
                 yield _sse("[DONE]")
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text = "".join([d async for d in _updates(req, queue, engine)])
+            return _event_stream(events())
+        text = await _answer(request, req, queue, engine)
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "finish_reason": _finish(req)}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(req)}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)})
+
+    async def model(request: Any) -> Any:
+        wanted = request.path_params["model"]
+        if wanted != model_id:
+            raise BadRequest(
+                f"model {_shown(wanted)} is not served here; this server serves {model_id!r}",
+                "model",
+                404,
+                "model_not_found",
+            )
+        return JSONResponse(
+            {"id": model_id, "object": "model", "created": front.created, "owned_by": "tunebook"}
+        )
 
     def guarded(endpoint: Any) -> Any:
         async def handle(request: Any) -> Any:
             try:
                 return await endpoint(request)
             except BadRequest as exc:
-                return JSONResponse(error_body(exc.message, exc.param, exc.status), status_code=exc.status)
+                body = error_body(exc.message, exc.param, exc.status, exc.code)
+                return JSONResponse(body, status_code=exc.status)
             except EngineFailed as exc:
                 return JSONResponse(error_body(str(exc), None, 500), status_code=500)
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it: the client has gone
+            except Exception as exc:  # never a bare 500 page: say what failed, in OpenAI's shape
+                log.exception("request failed")
+                message = f"the server failed on this request: {type(exc).__name__}: {exc}"
+                return JSONResponse(error_body(message, None, 500), status_code=500)
 
         return handle
 
+    async def http_error(request: Any, exc: Any) -> Any:  # Starlette's 404 and 405, as OpenAI errors
+        what = "no such path" if exc.status_code == 404 else f"method {request.method} is not allowed"
+        message = f"{what}: {request.method} {request.url.path}; see docs/llm-server.md for the endpoints"
+        return JSONResponse(error_body(message, None, exc.status_code), status_code=exc.status_code)
+
     routes = [
         Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
         Route("/stats", guarded(stats), methods=["GET"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+def _event_stream(events: AsyncIterator[str]) -> Any:
+    """Server-sent events; a proxy must pass them on as they come, not buffer them."""
+    from starlette.responses import StreamingResponse
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8000) -> None:
