@@ -9,10 +9,12 @@ Over the group's store (see ``_distributed.py``), for each key a rank misses in 
    waits up to ``TUNEBOOK_DISTRIBUTED_JOIN_S`` for the rest of the group, then closes the
    round with the number of ranks that came, ``p``;
 3. the leader runs the key's ordinary tuning (``tune_key``: the strategy, budget and hints a
-   lone rank would use, over every candidate). Only the measuring of a batch differs: the
-   leader publishes the batch (``batch/<b>``) dealt over the ranks that take part (each
-   config to the same rank key after key where it can: ``Lead``), measures its own part,
-   and gathers the others' (``timings/<b>/<i>``). The full re-timing of the contenders is
+   lone rank would use, over every candidate), from what its book and the others' hold for
+   the key (each rank that is not the leader publishes its entry, ``known/<i>``, as it
+   arrives). Only the measuring of a batch differs: the leader publishes the batch
+   (``batch/<b>``) dealt over the ranks that take part (each config to the same rank key
+   after key where it can: ``Lead``), measures its own part, and gathers the others'
+   (``timings/<b>/<i>``). The full re-timing of the contenders is
    dealt the same way, except under the short-kernel policy, whose interleaved rounds
    compare them on one device: the leader's;
 4. every other rank that came (the ``i``-th to arrive, ``i <= p``) follows: it waits for
@@ -81,8 +83,8 @@ _RANK_WAIT_S = 5.0
 GONE_CHECK_S = 0.5
 
 # The key's tuning job (``_miss.py`` builds it): every candidate, persisting nowhere, each
-# batch measured through the exchange (None: here).
-Jobs = Callable[[Exchange | None], KeyTuning]
+# batch measured through the exchange (None: here), starting from what is known of the key.
+Jobs = Callable[[Exchange | None, Entry | None], KeyTuning]
 
 
 def namespace(page: Page, key_text: str, ids: Sequence[str]) -> str:
@@ -105,10 +107,17 @@ def late_after(own_seconds: float) -> float:
 
 
 def tune_together(
-    team: Team, page: Page, key: Sequence[Any], key_text: str, ids: Sequence[str], jobs: Jobs
+    team: Team,
+    page: Page,
+    key: Sequence[Any],
+    key_text: str,
+    ids: Sequence[str],
+    jobs: Jobs,
+    known: Entry | None = None,
 ) -> Outcome:
-    """Resolve a miss with the group (see the module docstring). ``jobs(exchange)`` is the
-    key's tuning over every candidate (``ids``), persisting nowhere. The result is the key's
+    """Resolve a miss with the group (see the module docstring). ``jobs(exchange, known)`` is
+    the key's tuning over every candidate (``ids``) from what is ``known`` of it, persisting
+    nowhere; ``known`` is what this rank's book holds for the key. The result is the key's
     entry as decided."""
     start = time.perf_counter()
     store, ns = team.store, namespace(page, key_text, ids)
@@ -117,6 +126,8 @@ def tune_together(
         _remember(page, key_text, decision, ids[0] if ids else "")
         return _launched(key, ids, decision.entry, 0, 0, start)
     arrival = int(store.add(ns + "arrivals", 1))
+    if arrival > 1:  # the leader's search starts from every rank's book (written before rank/)
+        store.set(ns + f"known/{arrival}", json.dumps(_entry_json(known)))
     store.set(ns + f"rank/{arrival}", str(team.rank))  # who arrived i-th: the leader deals by rank
     measured = failures = 0
     if arrival == 1:
@@ -125,13 +136,19 @@ def tune_together(
         try:
             participants = _close_round(store, ns, team.world)
             closed = True
+            base = _current(page, key_text)
             if participants > 1:
-                lead = Lead(store, ns, ids, _ranks_by_arrival(store, ns, participants), team.world)
-            outcome = _tune(jobs(lead))
-            # What a lone rank would record: the search's results over what this rank's book
-            # holds for the key (a config added to a tuned kernel keeps the earlier choice
-            # where it is within the tie tolerance). Every rank launches this, as published.
-            entry = _as_recorded(page, key_text, _decided_entry(key, outcome.entry, ids, start))
+                ranks = _ranks_by_arrival(store, ns, participants)
+                lead = Lead(store, ns, ids, ranks, team.world)
+                base = _with_others(base, key, store, ns, ranks)
+            outcome = _tune(jobs(lead, base))
+            # What a lone rank would record: the search's results over what the books hold
+            # for the key (this rank's standing first: a config added to a tuned kernel keeps
+            # the earlier choice where it is within the tie tolerance; another rank's results
+            # of a tuning it did alone are counted, so its book agrees with the decision).
+            # Every rank launches this, as published.
+            entry = _decided_entry(key, outcome.entry, ids, start)
+            entry = entry.merged_over(base) if base is not None else entry
             published = _publish(store, ns, entry, book_id(page))
         finally:
             if not closed:  # failed before the round closed: the others stop waiting for it
@@ -145,16 +162,18 @@ def tune_together(
     else:
         came = _participants(store, ns)
         if came is not None and arrival <= came:
-            measured, failures = follow(store, ns, arrival, jobs(None))
+            measured, failures = follow(store, ns, arrival, jobs(None, known))
             # published before the search ended; none: the leader failed, tune alone now
             waited = _decision(store, ns, key)
         else:
             waited = _wait_for_decision(store, ns, key)
         if waited is None:  # no decision in time: tune alone, and let the first decision stand
-            alone = _tune(jobs(None))
+            current = _current(page, key_text)
+            alone = _tune(jobs(None, current))
             measured += alone.measured
             failures += alone.failures
-            entry = _as_recorded(page, key_text, _decided_entry(key, alone.entry, ids, start))
+            entry = _decided_entry(key, alone.entry, ids, start)
+            entry = entry.merged_over(current) if current is not None else entry
             decided = _settle(store, ns, page, key_text, entry)
         else:
             _remember(page, key_text, waited, ids[0] if ids else "")
@@ -175,12 +194,30 @@ def _launched(
     return Outcome(decided, measured, failures, time.perf_counter() - start)
 
 
-def _as_recorded(page: Page, key_text: str, entry: Entry) -> Entry:
-    """``entry`` merged over what this rank's book holds for the key now: what the book will
-    hold once it is recorded, so the decision published is the one this rank keeps."""
+def _current(page: Page, key_text: str) -> Entry | None:
+    """What this rank's book holds for the key now (another process may have written it)."""
     page.refresh(key_text)
-    current = page.get(key_text)
-    return entry.merged_over(current) if current is not None else entry
+    return page.get(key_text)
+
+
+def _with_others(
+    base: Entry | None, key: Sequence[Any], store: Any, ns: str, ranks: Sequence[int | None]
+) -> Entry | None:
+    """``base`` with what the other ranks' books hold for the key (``known/<i>``, written
+    before they announced their rank); ``base`` stands where both hold a config."""
+    for i in range(2, len(ranks) + 1):
+        if ranks[i - 1] is None or not store.check([ns + f"known/{i}"]):
+            continue
+        other = _decision_from(stored_key(key), store.get(ns + f"known/{i}"))
+        if other is not None and other.entry.results:
+            base = other.entry.merged_over(base)
+    return base
+
+
+def _entry_json(entry: Entry | None) -> dict[str, Any]:
+    if entry is None:
+        return {}
+    return {"chosen": entry.chosen, "results": _results_json(entry.results)}
 
 
 def _tune(job: KeyTuning) -> Outcome:
@@ -455,10 +492,12 @@ def _wait_for_decision(store: Any, ns: str, key: Sequence[Any]) -> Decision | No
 
 
 def _decision_from(key: Sequence[Any], raw: Any) -> Decision | None:
+    """A published decision, or a rank's ``known/<i>`` (no book; an empty one for none)."""
     data = _loads(raw)
-    if data is None or not isinstance(data.get("chosen"), str):
+    chosen = data.get("chosen", "") if data is not None else None
+    if data is None or not isinstance(chosen, str):
         return None
-    entry = Entry(key=tuple(key), results=_results_from(data.get("results", {})), chosen=data["chosen"])
+    entry = Entry(key=tuple(key), results=_results_from(data.get("results", {})), chosen=chosen)
     return Decision(entry, str(data.get("book", "")))
 
 

@@ -325,7 +325,8 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
             miss.key,
             miss.text,
             miss.ids,
-            lambda exchange: _job(miss, entry, None, hints, exchange),
+            lambda exchange, known: _job(miss, known, None, hints, exchange),
+            entry,
         )
     job = _job(miss, entry, page, hints)
     with inputs_restored(job):
