@@ -505,14 +505,12 @@ def test_a_rank_that_waits_too_long_tunes_alone_and_the_first_decision_stands(tm
     assert chosen == {0: "d", 1: "d"}  # rank 1's lone decision was published first and stands
 
 
-ADDED = """
-import json, os
-import torch.distributed as dist
-dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=int(os.environ["RANK"]),
-                        world_size=int(os.environ["WORLD"]))
+# A rank (or, without INIT, a process alone) timing BLOCKs by a table, the same on every rank.
+TABLED = """
+import json, os, time
 import triton, tunebook
 from kernels import add_kernel, grid_1d, vectors
-MS = {16: 1.00, 32: 1.005, 64: 1.10, 128: 1.20, 256: 0.99}  # the same on every rank
+MS = json.loads(os.environ["MS"])  # BLOCK -> ms, the same on every rank of a job
 
 class Table:
     current = {}
@@ -520,18 +518,27 @@ class Table:
         self.current = nargs
     def __call__(self, kernel_call, quantiles=None):
         kernel_call()
-        ms = MS[self.current["BLOCK"]]
+        ms = MS[str(self.current["BLOCK"])]
         return [ms, ms, ms]
 
+group = None
+if "INIT" in os.environ:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD"]))
+    group = dist.group.WORLD
+    if dist.get_rank() == 1:
+        time.sleep(1.0)  # rank 0 leads
 table = Table()
-blocks = [int(b) for b in os.environ["BLOCKS"].split(",")]
-kernel = tunebook.autotune([triton.Config({"BLOCK": b}) for b in blocks], key=["n"], do_bench=table,
-                           pre_hook=table.pre_hook, group=dist.group.WORLD)(add_kernel)
+kernel = tunebook.autotune([triton.Config({"BLOCK": int(b)}) for b in MS], key=["n"], do_bench=table,
+                           pre_hook=table.pre_hook, group=group)(add_kernel)
 x, y, out = vectors(100)
 kernel[grid_1d(100)](x, y, out, 100)
-print(json.dumps({"rank": dist.get_rank(), "block": kernel.best_config.kwargs["BLOCK"]}), flush=True)
-dist.barrier()
-dist.destroy_process_group()
+print(json.dumps({"rank": int(os.environ.get("RANK", 1)), "block": kernel.best_config.kwargs["BLOCK"],
+                  "benchmarked": tunebook.stats()["benchmarked"]}), flush=True)
+if group is not None:
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
@@ -541,12 +548,14 @@ def test_a_config_added_to_a_tuned_kernel_is_launched_by_every_rank_or_by_none(t
     the tie tolerance) is measured by the group, and every rank launches what the leader's
     book keeps, 16, as a lone rank would (the leader used to keep 16 while the others
     launched the published 256)."""
-    first = run_ranks(ADDED, 2, tmp_path, env={"BLOCKS": "16,32,64,128"})
+    ms = {"16": 1.00, "32": 1.005, "64": 1.10, "128": 1.20}
+    first = run_ranks(TABLED, 2, tmp_path, env={"MS": json.dumps(ms)})
     assert [o["block"] for o in first] == [16, 16]
-    again = run_ranks(ADDED, 2, tmp_path, env={"BLOCKS": "16,32,64,128,256"})
+    grown = json.dumps({**ms, "256": 0.99})
+    again = run_ranks(TABLED, 2, tmp_path, env={"MS": grown})
     assert [o["block"] for o in again] == [16, 16], again
-    alone = run_ranks(ADDED, 2, tmp_path, env={"BLOCKS": "16,32,64,128,256"})  # hits: no communication
-    assert [o["block"] for o in alone] == [16, 16], alone
+    hits = run_ranks(TABLED, 2, tmp_path, env={"MS": grown})  # no communication
+    assert [o["block"] for o in hits] == [16, 16] and all(o["benchmarked"] == 0 for o in hits), hits
 
 
 def _one_rank_tunes(store, page, ids, calls, seconds_to_join=0.2):
@@ -623,42 +632,6 @@ def test_settings_that_leave_the_group_out_are_refused_or_said(monkeypatch, capl
     assert len(said) == 1 and "each rank tunes its keys alone" in said[0]
 
 
-PARTIAL = """
-import json, os, time
-import triton, tunebook
-from kernels import add_kernel, grid_1d, vectors
-MS = json.loads(os.environ["MS"])  # BLOCK -> ms, the same on every rank of a job
-
-class Table:
-    current = {}
-    def pre_hook(self, nargs, reset_only=False):
-        self.current = nargs
-    def __call__(self, kernel_call, quantiles=None):
-        kernel_call()
-        ms = MS[str(self.current["BLOCK"])]
-        return [ms, ms, ms]
-
-group = None
-if "INIT" in os.environ:
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD"]))
-    group = dist.group.WORLD
-    if dist.get_rank() == 1:
-        time.sleep(1.0)  # rank 0 leads
-table = Table()
-kernel = tunebook.autotune([triton.Config({"BLOCK": int(b)}) for b in MS], key=["n"], do_bench=table,
-                           pre_hook=table.pre_hook, group=group)(add_kernel)
-x, y, out = vectors(100)
-kernel[grid_1d(100)](x, y, out, 100)
-print(json.dumps({"rank": int(os.environ.get("RANK", 1)), "block": kernel.best_config.kwargs["BLOCK"],
-                  "benchmarked": tunebook.stats()["benchmarked"]}), flush=True)
-if group is not None:
-    dist.barrier()
-    dist.destroy_process_group()
-"""
-
-
 @pytest.mark.slow
 def test_a_rank_whose_book_held_the_key_agrees_with_the_group_in_the_next_job(tmp_path):
     """Rank 1 once tuned the key alone, over BLOCK=16 (0.95 ms) and 64. The group's search
@@ -668,11 +641,11 @@ def test_a_rank_whose_book_held_the_key_agrees_with_the_group_in_the_next_job(tm
     from conftest import run_python
 
     solo = {"MS": json.dumps({"16": 0.95, "64": 5.0}), "TUNEBOOK_DIR": str(tmp_path / "book-1")}
-    alone = run_python(PARTIAL, env=solo)  # (two configs: a single one is launched, not tuned)
+    alone = run_python(TABLED, env=solo)  # (two configs: a single one is launched, not tuned)
     assert alone["block"] == 16 and alone["benchmarked"] == 2
     both = json.dumps({"16": 1.00, "32": 0.97})
-    group = run_ranks(PARTIAL, 2, tmp_path, env={"MS": both})
+    group = run_ranks(TABLED, 2, tmp_path, env={"MS": both})
     assert {o["block"] for o in group} == {16}, group  # 0.95 counted: 16 is the fastest known
     assert sum(o["benchmarked"] for o in group) == 1  # only 32 was measured: 16 was known
-    hits = run_ranks(PARTIAL, 2, tmp_path, env={"MS": both})
+    hits = run_ranks(TABLED, 2, tmp_path, env={"MS": both})
     assert [o["block"] for o in hits] == [16, 16] and all(o["benchmarked"] == 0 for o in hits), hits
