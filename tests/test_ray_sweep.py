@@ -147,6 +147,41 @@ def test_a_sweep_on_ray_records_what_tune_records_a_crashing_config_included(
     assert "done: 4 of 4 key(s) tuned" in again.output and "0 config(s) measured" in again.output
 
 
+# The first worker process to import the module claims a marker file and, from then on, every
+# import in that worker fails: a node that lacks a package the kernel module needs.
+BROKEN_NODE = """
+import os, sys
+if sys.argv[0].endswith("_worker/__main__.py"):
+    marker = os.environ["RAYKERN_BROKEN"]
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getppid()).encode())
+        os.close(fd)
+    except FileExistsError:
+        pass
+    if open(marker).read() == str(os.getppid()):
+        raise ImportError("this node lacks a package the kernel module needs")
+"""
+
+
+@pytest.mark.slow
+def test_a_broken_node_is_retired_and_the_others_tune_every_key(cluster, raykern, tmp_path, monkeypatch):
+    """One of two workers cannot import the kernel module. Each unit it fails goes to the
+    other worker, and it is retired after two in a row: every key is tuned (it used to fail
+    units in milliseconds, drain the queue and fail every key)."""
+    module = raykern["dir"] / f"{raykern['name']}.py"
+    module.write_text(BROKEN_NODE + module.read_text())
+    monkeypatch.setenv("RAYKERN_BROKEN", str(tmp_path / "broken-node"))
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "book"))
+    keys = [100, 200, 300, 400, 500, 600]
+    target = f"{raykern['name']}:add"
+    swept = invoke("tune", target, *keys_args(keys), "--ray", "--ray-resource", RESOURCE, "--unit-size", "2")
+    assert "done: 6 of 6 key(s) tuned" in swept.output, swept.output
+    assert "retired the GPU worker" in swept.output and "lacks a package" in swept.output
+    assert set(measured(raykern["log"]).values()) == {1}  # nothing measured twice
+    assert sorted(entries(tmp_path / "book")) == keys
+
+
 @pytest.mark.slow
 def test_a_lost_actor_costs_only_the_units_it_held(cluster, raykern, monkeypatch, book_dir, server):
     import tunebook

@@ -24,23 +24,35 @@ from .._worker.session import WorkerFailed, WorkerSession
 
 # Variables each node sets for itself (Ray sets the GPU an actor may use, and its threads).
 NODE_VARIABLES = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS")
-# tunebook's and Triton's variables that hold paths: meaningful on the driver's node only.
-PATH_VARIABLES = frozenset(
-    {"TUNEBOOK_DIR", "TUNEBOOK_PATH", "TRITON_CACHE_DIR", "TRITON_HOME", "TRITON_DUMP_DIR"}
-)
+
+
+def is_path_variable(name: str) -> bool:
+    """tunebook's and Triton's variables that hold paths (``TUNEBOOK_DIR``, ``TUNEBOOK_PATH``,
+    ``TRITON_CACHE_DIR``, ``TRITON_PTXAS_PATH``, ``TRITON_HOME``...): meaningful on the
+    driver's node only."""
+    return name.startswith(("TUNEBOOK_", "TRITON_")) and name.endswith(("_DIR", "_PATH", "_HOME"))
 
 
 def forwarded_environment(environ: Mapping[str, str], cwd: str) -> dict[str, str]:
     """The driver's environment as its workers get it: all of it, but for what each node sets
     itself (``NODE_VARIABLES``, ``RAY_*``), with the driver's directory on ``PYTHONPATH``
-    (where kernel modules are often found). :func:`for_node` narrows it for other nodes.
+    (where kernel modules are often found). Relative paths (on ``PYTHONPATH``, in path
+    variables) are made absolute from the driver's directory: a worker runs in the
+    cluster's. :func:`for_node` narrows it for other nodes.
 
-    >>> env = forwarded_environment({"TUNEBOOK_DIR": "/b", "CUDA_VISIBLE_DEVICES": "3"}, "/src")
-    >>> sorted(env), env["PYTHONPATH"]
-    (['PYTHONPATH', 'TUNEBOOK_DIR'], '/src')
+    >>> env = forwarded_environment({"TUNEBOOK_DIR": "b", "CUDA_VISIBLE_DEVICES": "3"}, "/src")
+    >>> sorted(env), env["PYTHONPATH"], env["TUNEBOOK_DIR"]
+    (['PYTHONPATH', 'TUNEBOOK_DIR'], '/src', '/src/b')
     """
+
+    def absolute(value: str) -> str:
+        return os.pathsep.join(os.path.join(cwd, p) if p else p for p in value.split(os.pathsep))
+
     env = {k: v for k, v in environ.items() if k not in NODE_VARIABLES and not k.startswith("RAY_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (environ.get("PYTHONPATH", ""), cwd) if p)
+    for name in [k for k in env if is_path_variable(k)]:
+        env[name] = absolute(env[name])
+    path = [os.path.join(cwd, p) for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*path, cwd]))
     return env
 
 
@@ -54,7 +66,7 @@ def for_node(env: Mapping[str, str], same_node: bool) -> dict[str, str]:
     if same_node:
         return dict(env)
     return {
-        k: v for k, v in env.items() if k.startswith(("TUNEBOOK_", "TRITON_")) and k not in PATH_VARIABLES
+        k: v for k, v in env.items() if k.startswith(("TUNEBOOK_", "TRITON_")) and not is_path_variable(k)
     }
 
 

@@ -48,6 +48,14 @@ FLUSH_S = 0.5
 
 # How long a worker outlives its actor at most (it checks its parent every 0.2 s), with margin.
 ORPHAN_EXIT_S = 1.0
+# A worker that fails this many units in a row, for reasons of its own, while another worker
+# of its model is fine, is retired (a node that cannot import the kernel, say).
+RETIRE_AFTER = 2
+# How long a replacement for a lost worker may wait to be placed before it is given up.
+REPLACEMENT_WAIT_S = 120.0
+# Once one worker is ready, how long the sweep waits for the others before it starts
+# measuring (they join when placed: a GPU another job holds need not hold up the rest).
+START_GRACE_S = 15.0
 
 
 class SweepError(TunebookError):
@@ -126,6 +134,7 @@ class _Slot:
     group: str
     info: dict[str, Any]
     out: dict[Any, Unit] = field(default_factory=dict)
+    failures: int = 0  # units in a row it failed for a reason of its own
 
 
 def group_name(device: Mapping[str, Any]) -> str:
@@ -221,7 +230,13 @@ def run_sweep(
         if options.runtime_env:
             kwargs["runtime_env"] = dict(options.runtime_env)
         ray.init(address=address, **kwargs)
-        started_here = address is None
+        started_here = address in (None, "local")  # a cluster of its own: shut down at the end
+    elif options.address:
+        raise SweepError(
+            f"Ray is already initialized in this process, so the sweep cannot connect to "
+            f"{options.address!r}: leave out the address to run on the cluster it is connected to, "
+            "or call ray.shutdown() first"
+        )
     driver = _Driver(ray, jobs, options, on_progress, on_result, on_event)
     try:
         return driver.run()
@@ -246,9 +261,12 @@ class _Driver:
         self.say = on_event or (lambda text: log.warning("tunebook: %s", text))
         self.remote = ray.remote(SweepActor)
         self.env = forwarded_environment(os.environ, os.getcwd())
-        self.node = ray.get_runtime_context().get_node_id()
+        # Through Ray Client the "current node" is the head node, not this machine: every
+        # node is another one then, and gets only the settings that are not paths.
+        self.node = None if _through_client(ray) else ray.get_runtime_context().get_node_id()
         self.slots: dict[Any, _Slot] = {}  # by the actor's ready() ref's actor
         self.starting: dict[Any, Any] = {}  # ready() ref -> actor
+        self.since: dict[Any, float] = {}  # ready() ref -> when its actor was asked for
         self.pages = _Pages(jobs)
         self.report = SweepReport()
         self.seen: dict[tuple[str, str, str], int] = {}  # (page, key) -> key number that has it
@@ -270,9 +288,13 @@ class _Driver:
             opts["num_cpus"] = 1
         else:
             opts["resources"] = {self.options.resource: 1}
+        if self.options.runtime_env:  # also where Ray was initialized without it
+            opts["runtime_env"] = dict(self.options.runtime_env)
         name = f"tunebook-sweep-{os.getpid()}-{self.run_id}-{number}"  # tests find the actors by name
         actor = self.remote.options(name=name, **opts).remote(self.env, self.node, self.options.timeout_s)
-        self.starting[actor.ready.remote()] = actor
+        ref = actor.ready.remote()
+        self.starting[ref] = actor
+        self.since[ref] = time.monotonic()
 
     def _start(self) -> list[str]:
         ray, options = self.ray, self.options
@@ -288,19 +310,23 @@ class _Driver:
         deadline = time.monotonic() + options.start_timeout_s
         ready: list[tuple[Any, dict[str, Any]]] = []
         problems: list[str] = []
+        first: float | None = None
         while self.starting and time.monotonic() < deadline:
+            if first is not None and time.monotonic() - first > START_GRACE_S:
+                break  # the rest (a GPU another job holds, a node still booting) join when placed
             done, _ = ray.wait(list(self.starting), num_returns=1, timeout=1.0)
             for ref in done:
                 actor = self.starting.pop(ref)
                 try:
                     ready.append((actor, ray.get(ref)))
+                    first = first if first is not None else time.monotonic()
                 except Exception as exc:
                     problems.append(_short(exc))
                     ray.kill(actor)
-        for actor in self.starting.values():  # never placed: the cluster had less than it said
-            ray.kill(actor)
-        self.starting.clear()
         if not ready:
+            for actor in self.starting.values():  # never placed
+                ray.kill(actor)
+            self.starting.clear()
             raise SweepError(
                 "no GPU worker started"
                 + (f": {problems[0]}" if problems else f" within {options.start_timeout_s:.0f} s")
@@ -352,13 +378,12 @@ class _Driver:
         sweep = self.sweep = Sweep(len(self.jobs), groups, self._persist, unit_size=self.options.unit_size)
         last_progress = 0.0
         while not sweep.finished:
+            self._drop_unplaced()
+            self._fail_orphaned(sweep)
             self._hand_out(sweep)
             where = {ref: slot for slot in self.slots.values() for ref in slot.out}
             refs = [*where, *self.starting]
             if not refs:
-                for key in sweep.keys:
-                    if not key.finished:
-                        key.state, key.reason = "failed", "no GPU of its model is left in the cluster"
                 break
             done, rest = self.ray.wait(refs, num_returns=1, timeout=0.5)
             if done and rest:
@@ -380,8 +405,35 @@ class _Driver:
         self.report.keys = [self._key_report(k) for k in sweep.keys]
         return self.report
 
+    def _drop_unplaced(self) -> None:
+        """Replacements the cluster could not place in time (their node was the last of its
+        GPU model) are given up, so that the keys waiting for them fail instead of hanging."""
+        limit = min(self.options.start_timeout_s, REPLACEMENT_WAIT_S)
+        for ref in [r for r in self.starting if time.monotonic() - self.since.get(r, 0.0) > limit]:
+            self.say(
+                f"a GPU worker was not placed within {limit:.0f} s (no free GPU in the cluster); giving it up"
+            )
+            with contextlib.suppress(Exception):
+                self.ray.kill(self.starting.pop(ref))
+
+    def _fail_orphaned(self, sweep: Sweep) -> None:
+        """Keys of a GPU model with no worker left, and none starting, cannot go on: failed."""
+        if self.starting:
+            return
+        alive = {slot.group for slot in self.slots.values()}
+        for key in sweep.keys:
+            if not key.finished and key.group not in alive:
+                key.state = "failed"
+                key.reason = f"no GPU of its model ({key.group}) is left in the cluster: its nodes were lost"
+
     def _hand_out(self, sweep: Sweep) -> None:
+        # A worker that just failed a unit for a reason of its own gets no more while another
+        # of its model is fine: a broken node must not drain the queue (each unit it took
+        # would fail in milliseconds).
+        fine = {slot.group for slot in self.slots.values() if not slot.failures}
         for slot in self.slots.values():
+            if slot.failures and slot.group in fine:
+                continue
             while len(slot.out) < self.options.depth:
                 unit = sweep.next_unit(slot.group)
                 if unit is None:
@@ -416,8 +468,15 @@ class _Driver:
             self._lost(slot, unit, sweep, _short(exc))
             return
         except Exception as exc:  # the actor's method raised: a bug, not the config's doing
-            sweep.failed(unit, f"the GPU worker failed: {_short(exc)}")
+            self._unit_error(slot, unit, sweep, f"the GPU worker failed: {_short(exc)}")
             return
+        if unit.kind == "plan" and "error" in value:
+            self._unit_error(slot, unit, sweep, f"could not rebuild the call: {value['error']}")
+            return
+        if unit.kind == "measure" and value.get("error") and not value.get("results"):
+            self._unit_error(slot, unit, sweep, str(value["error"]))
+            return
+        slot.failures = 0
         if unit.kind == "plan":
             self._planned(unit, value, sweep)
             return
@@ -438,10 +497,27 @@ class _Driver:
             self.say(f"{_where(slot)}: {key_text[:40]} {cid}: {reason}")
         sweep.measured(unit, results, error=value.get("error"), seconds=float(value.get("seconds", 0.0)))
 
+    def _unit_error(self, slot: _Slot, unit: Unit, sweep: Sweep, reason: str) -> None:
+        """A unit the worker failed for a reason of its own: it goes out once more (to another
+        worker of the model, where there is one: this one gets nothing new meanwhile), and a
+        worker that fails RETIRE_AFTER in a row while another is fine is retired."""
+        slot.failures += 1
+        sweep.retry(unit, f"{reason} (on {_where(slot)})")
+        peers = [s for s in self.slots.values() if s.group == slot.group and s is not slot and not s.failures]
+        if slot.failures >= RETIRE_AFTER and peers:
+            self.slots.pop(slot.actor, None)
+            units = list(slot.out.values())
+            slot.out.clear()
+            self.say(
+                f"retired the GPU worker on {_where(slot)}: its last {slot.failures} units failed "
+                f"({reason}); {len(units)} unit(s) go to the other workers"
+            )
+            with contextlib.suppress(Exception):
+                self.ray.kill(slot.actor)
+            for held in units:
+                sweep.lost(held, reason, None)
+
     def _planned(self, unit: Unit, value: Mapping[str, Any], sweep: Sweep) -> None:
-        if "error" in value:
-            sweep.failed(unit, f"could not rebuild the call: {value['error']}")
-            return
         key = sweep.keys[unit.key]
         plan = Plan.from_json(value["plan"])
         key.plan = plan
@@ -465,6 +541,8 @@ class _Driver:
         units = [unit, *slot.out.values()]
         slot.out.clear()
         self.say(f"lost the GPU worker on {_where(slot)} ({reason}); {len(units)} unit(s) go out again")
+        with contextlib.suppress(Exception):  # "unavailable for the moment" is an actor error too:
+            self.ray.kill(slot.actor)  # end it, so it measures no unit that goes out again
         # Its worker ends within a fraction of a second of it (child.py), between two results;
         # then its journal holds every result it finished, and goes into the book here.
         time.sleep(ORPHAN_EXIT_S)
@@ -564,6 +642,14 @@ class _Driver:
             reason=key.reason,
             answered=key.answered,
         )
+
+
+def _through_client(ray: Any) -> bool:
+    try:
+        from ray.util.client import ray as client
+    except ImportError:
+        return False
+    return bool(client.is_connected())
 
 
 def _where(slot: _Slot) -> str:

@@ -83,6 +83,7 @@ class Unit:
     cids: tuple[str, ...] = ()
     full: bool = False
     losses: int = 0
+    errors: int = 0  # times a worker failed it for a reason of its own (not a config's)
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,18 @@ class Sweep:
         if rest:
             key.queued.append(replace(unit, cids=rest, losses=unit.losses + 1))
         self._advance(key)
+
+    def retry(self, unit: Unit, reason: str) -> bool:
+        """A worker failed ``unit`` for a reason not tied to a config (it could not import the
+        kernel, say): it goes out once more, to another worker where there is one; failed a
+        second time, its key is failed with ``reason``. Returns whether it went out again."""
+        key = self.keys[unit.key]
+        key.out.pop(unit.uid, None)
+        if unit.errors >= 1:
+            self._fail(key, reason)
+            return False
+        key.queued.append(replace(unit, errors=unit.errors + 1))
+        return True
 
     def failed(self, unit: Unit, reason: str) -> None:
         """The unit's key cannot be tuned (its call cannot be rebuilt, say)."""
