@@ -24,6 +24,10 @@ import pytest
 
 from conftest import TESTS, book_files
 
+# The protocol over the group's store: no Triton version changes it; the tuning each rank
+# runs is checked on every Triton by the rest of the suite. Last Triton only (conftest.py).
+pytestmark = pytest.mark.once
+
 BLOCKS = (16, 32, 64, 128, 256)
 
 RANK = """

@@ -25,6 +25,10 @@ from test_cli import invoke
 from tunebook._book import read_document
 
 ray = pytest.importorskip("ray")
+# Ray plumbing around the isolated worker: no Triton version changes it; the worker's tuning
+# paths are checked on every Triton (tests/test_serving.py, test_sweep_session.py). Last
+# Triton only (conftest.py).
+pytestmark = pytest.mark.once
 
 RESOURCE = "tb_gpu"
 BLOCKS = [16, 32, 64, 128, 256, 512]

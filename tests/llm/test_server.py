@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# The HTTP front over the engine: no Triton version changes it; the engine's kernels are
+# checked on every Triton (tests/llm/test_engine.py, tests/pack). Last Triton only (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.once]
 
 MODEL = "tiny-random"
 
