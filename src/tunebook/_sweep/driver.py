@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -645,11 +646,11 @@ class _Driver:
 
 
 def _through_client(ray: Any) -> bool:
-    try:
-        from ray.util.client import ray as client
-    except ImportError:
-        return False
-    return bool(client.is_connected())
+    """Whether this process reaches the cluster through Ray Client (``ray://``). Connecting
+    that way imports ``ray.util.client``; importing it only to ask costs seconds (gRPC)."""
+    module = sys.modules.get("ray.util.client")
+    client = getattr(module, "ray", None)
+    return bool(client is not None and client.is_connected())
 
 
 def _where(slot: _Slot) -> str:
