@@ -147,8 +147,7 @@ def tune_together(
             # the earlier choice where it is within the tie tolerance; another rank's results
             # of a tuning it did alone are counted, so its book agrees with the decision).
             # Every rank launches this, as published.
-            entry = _decided_entry(key, outcome.entry, ids, start)
-            entry = entry.merged_over(base) if base is not None else entry
+            entry = _decided_entry(key, outcome.entry, ids, start, base)
             published = _publish(store, ns, entry, book_id(page))
         finally:
             if not closed:  # failed before the round closed: the others stop waiting for it
@@ -172,8 +171,7 @@ def tune_together(
             alone = _tune(jobs(None, current))
             measured += alone.measured
             failures += alone.failures
-            entry = _decided_entry(key, alone.entry, ids, start)
-            entry = entry.merged_over(current) if current is not None else entry
+            entry = _decided_entry(key, alone.entry, ids, start, current)
             decided = _settle(store, ns, page, key_text, entry)
         else:
             _remember(page, key_text, waited, ids[0] if ids else "")
@@ -428,9 +426,13 @@ def _keep(page: Page, key_text: str, entry: Entry, decided: Decision) -> Entry:
     return decided.entry
 
 
-def _decided_entry(key: Sequence[Any], tuned: Entry, ids: Sequence[str], start: float) -> Entry:
+def _decided_entry(
+    key: Sequence[Any], tuned: Entry, ids: Sequence[str], start: float, base: Entry | None
+) -> Entry:
+    """The key's entry as decided, over ``base`` (what the books hold for it: it stands, as
+    in a lone rank's record)."""
     stamp = now_iso()
-    return Entry(
+    entry = Entry(
         key=stored_key(key),
         results=dict(tuned.results),
         tuning_seconds=time.perf_counter() - start,
@@ -440,6 +442,7 @@ def _decided_entry(key: Sequence[Any], tuned: Entry, ids: Sequence[str], start: 
         chosen=tuned.chosen,
         first=ids[0] if ids else "",
     )
+    return entry.merged_over(base) if base is not None else entry
 
 
 @dataclass(frozen=True)
@@ -471,7 +474,7 @@ def _remember(page: Page, key_text: str, decided: Decision, first: str) -> None:
 
 def _publish(store: Any, ns: str, entry: Entry, book: str) -> Decision:
     """Publish ``entry`` as the key's decision unless one stands already; return the one that stands."""
-    text = json.dumps({"chosen": entry.chosen, "results": _results_json(entry.results), "book": book})
+    text = json.dumps({**_entry_json(entry), "book": book})
     stored = store.compare_set(ns + "decision", "", text)
     stored_text = stored.decode() if isinstance(stored, bytes) else str(stored)
     if stored_text == text:
