@@ -317,7 +317,7 @@ class _Driver:
                 break  # the rest (a GPU another job holds, a node still booting) join when placed
             done, _ = ray.wait(list(self.starting), num_returns=1, timeout=1.0)
             for ref in done:
-                actor = self.starting.pop(ref)
+                actor = self._take_starting(ref)
                 try:
                     ready.append((actor, ray.get(ref)))
                     first = first if first is not None else time.monotonic()
@@ -363,6 +363,7 @@ class _Driver:
                 self.ray.kill(actor)
         self.slots.clear()
         self.starting.clear()
+        self.since.clear()
         self._fold()
 
     def _fold(self) -> None:
@@ -406,6 +407,11 @@ class _Driver:
         self.report.keys = [self._key_report(k) for k in sweep.keys]
         return self.report
 
+    def _take_starting(self, ref: Any) -> Any:
+        """The actor of a ready() ref that answered or is given up (no longer starting)."""
+        self.since.pop(ref, None)
+        return self.starting.pop(ref)
+
     def _drop_unplaced(self) -> None:
         """Replacements the cluster could not place in time (their node was the last of its
         GPU model) are given up, so that the keys waiting for them fail instead of hanging."""
@@ -415,7 +421,7 @@ class _Driver:
                 f"a GPU worker was not placed within {limit:.0f} s (no free GPU in the cluster); giving it up"
             )
             with contextlib.suppress(Exception):
-                self.ray.kill(self.starting.pop(ref))
+                self.ray.kill(self._take_starting(ref))
 
     def _fail_orphaned(self, sweep: Sweep) -> None:
         """Keys of a GPU model with no worker left, and none starting, cannot go on: failed."""
@@ -448,7 +454,7 @@ class _Driver:
                 slot.out[ref] = unit
 
     def _started(self, ref: Any, groups: Sequence[str]) -> None:
-        actor = self.starting.pop(ref)
+        actor = self._take_starting(ref)
         try:
             info = self.ray.get(ref)
         except Exception as exc:
