@@ -177,10 +177,48 @@ def test_tune_key_measures_short_contenders_interleaved_and_drops_the_beaten() -
 
 
 def test_a_tie_goes_to_the_tie_aware_choice() -> None:
-    for seed in range(3):  # whatever the noise, the hinted config of a tie wins
-        clock = Clock({"a": 5.0, "b": 5.02}, jitter=0.01, seed=seed)
+    # whatever the noise, the hinted config of a tie the rounds cannot break wins
+    for seed in range(3):
+        clock = Clock({"a": 5.0, "b": 5.005}, jitter=0.03, seed=seed)
         outcome = tune_key(injected_job(clock, {"a": 5.0, "b": 5.0}, [1], Rule()))
         assert outcome.entry.chosen == "b" and outcome.entry.best() == "b"
+
+
+def test_a_hint_the_rounds_tell_apart_as_slower_is_not_kept() -> None:
+    # b is hinted and 1% slower, within the 2% tie tolerance, but measured precisely enough
+    # that every interval of its ratio lies above 1: the leader wins, and the book agrees.
+    for seed in range(3):
+        clock = Clock({"a": 5.0, "b": 5.05}, jitter=0.002, seed=seed)
+        outcome = tune_key(injected_job(clock, {"a": 5.0, "b": 5.0}, [1], Rule()))
+        assert outcome.entry.chosen == "a" and outcome.entry.best() == "a"
+    samples = {"a": [5.0] * 10, "b": [5.05] * 10, "c": [5.0, 5.1] * 5}
+    v = verdict(samples, Rule())
+    assert v.slower == {"b"} and v.tied == {"b", "c"}  # c: its interval still reaches 1
+
+
+def test_a_hint_outside_the_fastest_few_is_measured_before_it_can_win_a_tie() -> None:
+    # Nine configs lead on quick timings; the hinted one is 1.8% behind them, within the tie
+    # tolerance but not among the eight contenders. It must join the rounds, which tell it
+    # apart, instead of winning the tie on its quick timing.
+    quick = {f"c{k}": 5.0 for k in range(9)} | {"h": 5.09}
+    clock = Clock({f"c{k}": 5.0 + 0.001 * k for k in range(9)} | {"h": 5.09}, jitter=0.002)
+    outcome = tune_key(injected_job(clock, quick, [9], Rule()))
+    assert "h" in clock.calls and outcome.entry.chosen != "h" and outcome.entry.best() != "h"
+
+
+def test_long_kernels_confirm_a_hint_within_the_tie_with_the_full_timer() -> None:
+    clock = Clock({})
+    job = injected_job(clock, {f"c{k}": 100.0 for k in range(9)} | {"h": 101.5}, [9], Rule())
+    true = {f"c{k}": 100.0 for k in range(9)} | {"h": 103.0}
+    used: list[str] = []
+
+    def full(call: Token, quantiles: Any = None) -> list[float]:
+        used.append(call.name)
+        return [true[call.name] / 1e3] * 3
+
+    job.timers = Timers(job.timers.quick, full, "test", True, short=job.timers.short)
+    outcome = tune_key(job)
+    assert "h" in used and outcome.entry.chosen == "c0" and outcome.entry.best() == "c0"
 
 
 def test_long_kernels_keep_the_full_timer() -> None:
