@@ -22,6 +22,7 @@ from conftest import book_files
 from kernels import add_kernel, grid_1d, vectors
 from tunebook import _short
 from tunebook._bench import Timers, choose_timers
+from tunebook._book.records import Entry, Result
 from tunebook._short import Rule, ShortPolicy, interleave, verdict
 from tunebook._tuner import KeyTuning, Persist, tune_key
 
@@ -204,6 +205,32 @@ def test_a_hint_outside_the_fastest_few_is_measured_before_it_can_win_a_tie() ->
     clock = Clock({f"c{k}": 5.0 + 0.001 * k for k in range(9)} | {"h": 5.09}, jitter=0.002)
     outcome = tune_key(injected_job(clock, quick, [9], Rule()))
     assert "h" in clock.calls and outcome.entry.chosen != "h" and outcome.entry.best() != "h"
+
+
+def test_a_hint_the_book_holds_in_full_is_not_timed_again_and_readers_pick_the_same() -> None:
+    # h, 1% behind on the screening and ninth, was measured in full by an earlier process: a
+    # new number for it could not replace the book's, so it is not re-timed, and the choice is
+    # made on the numbers the book keeps, as Entry.best reads them.
+    quick = {f"c{k}": 4.90 for k in range(8)} | {"h": 4.95}
+    known = Entry(key=(1,), results={"h": Result({"kwargs": {"name": "h"}}, (0.00495,) * 3, None, "t0")})
+    clock = Clock({"c0": 5.10, "h": 5.16} | {f"c{k}": 5.6 for k in range(1, 8)}, jitter=0.002)
+    job = injected_job(clock, quick, [8], Rule())
+    job.known, job.persist = known, Persist(None, "k", (1,), "c0", known)
+    entry = tune_key(job).entry
+    assert "h" not in clock.calls and entry.results["h"].ms == (0.00495,) * 3
+    assert entry.chosen == entry.best() == entry.best(list(quick)) == "h"
+
+
+@pytest.mark.parametrize("hints", [[], [8]])
+def test_a_config_timed_only_quickly_never_wins_over_full_measurements(hints: list[int]) -> None:
+    # x screened 2.5% behind the eight fastest (neither a contender nor within the tie); the
+    # rounds then read those eight 4% higher than their screening. x, hinted or not, keeps only
+    # its screening number, which must not beat the full measurements, here or when read.
+    quick = {f"c{k}": 5.0 for k in range(8)} | {"x": 5.125}
+    clock = Clock({"c0": 5.2, "x": 5.5} | {f"c{k}": 5.6 for k in range(1, 8)}, jitter=0.002)
+    entry = tune_key(injected_job(clock, quick, hints, Rule())).entry
+    assert "x" not in clock.calls and entry.results["x"].quick
+    assert entry.chosen == entry.best() == "c0"
 
 
 def test_long_kernels_confirm_a_hint_within_the_tie_with_the_full_timer() -> None:

@@ -113,6 +113,22 @@ def test_contenders_with_only_a_quick_measurement_are_confirmed_in_full_then_the
     assert recorder.chosen[0] == "B=1"
 
 
+def test_a_hint_within_the_tie_outside_the_fastest_few_is_confirmed_as_tune_key_does():
+    quick = [1.0] * 8 + [1.015]  # the hint is ninth, within the 2% tie on its screening
+    full = [1.0] * 8 + [1.03]  # and 3% behind in full: it must not win the tie
+    plan = plan_of(quick, hints=[8])
+    sweep, recorder = planned_sweep([plan], unit_size=3)
+    confirmed: list[str] = []
+    while not sweep.finished:
+        unit = sweep.next_unit("gpu")
+        assert unit is not None
+        table = full if unit.full else quick
+        confirmed += unit.cids if unit.full else []
+        results = {cid: (ok(table[plan.ids.index(cid)], quick=not unit.full), False) for cid in unit.cids}
+        sweep.measured(unit, results)
+    assert "B=8" in confirmed and recorder.chosen[0] == "B=0"
+
+
 def test_units_go_to_the_earliest_key_that_has_one_and_later_keys_fill_in():
     times = [1.0, 2.0, 3.0, 4.0]
     sweep, _ = planned_sweep([plan_of(times), plan_of(times)], unit_size=2)

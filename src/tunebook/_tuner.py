@@ -285,31 +285,19 @@ def tune_key(job: KeyTuning) -> Outcome:
     )
 
     # Full measurement of the contenders that so far only have a quick one.
-    timings = {i: results[job.ids[i]].median for i in range(n) if job.ids[i] in results}
-    best_ms = min(timings.values(), default=math.inf)
-    contenders = sorted((ms, i) for i, ms in timings.items() if ms <= best_ms * (1 + CONTENDER_MARGIN))
-    top = [i for _, i in contenders[:MAX_CONTENDERS]]
-    # A hinted config within the tie tolerance can win the tie-aware choice, so it is measured
-    # with the contenders even where it is not among the fastest few: never kept on a quick
-    # timing (on an H200 a neighbour key's winner, 1.9% behind on its quick timing, won so
-    # and re-timed 3.4% behind the best).
-    tie = best_ms * (1 + TIE_TOLERANCE)
-    hinted = [h for h in dict.fromkeys(job.hints) if h in timings and timings[h] <= tie and h not in top]
-    to_confirm = [i for i in (*top, *hinted) if results[job.ids[i]].quick]
+    to_confirm = contenders(results, job.ids, job.hints)
     slower: set[str] = set()  # contenders the short-kernel policy's rounds told apart as slower
+    confirmed: dict[str, Result | None] = {}
     if to_confirm:
         if job.progress is not None:
-            job.progress.update(
-                len(timings), len(timings), best_ms, f"confirming {len(to_confirm)} contenders"
-            )
+            timed = [results[cid].median for cid in job.ids if cid in results]
+            best_ms = min(timed, default=math.inf)
+            job.progress.update(len(timed), len(timed), best_ms, f"confirming {len(to_confirm)} contenders")
         quick_ms = min(results[job.ids[i]].median for i in to_confirm)
         short = job.timers.short
         if short is not None and short.applies(quick_ms):
-            # Interleaved rounds compare the contenders on one device: never dealt out. A
-            # hint measured fully before (a book's entry) joins the rounds: the tie-aware
-            # choice must weigh it by the same measurement as the rest.
-            rounds = [*to_confirm, *(h for h in hinted if h not in to_confirm)]
-            confirmed, slower = confirm_results(short, job.ids, rounds, quick_ms, timing.one)
+            # Interleaved rounds compare the contenders on one device: never dealt out.
+            confirmed, slower = confirm_results(short, job.ids, to_confirm, quick_ms, timing.one)
         elif job.exchange is not None:
             got = job.exchange(to_confirm, True, timing.batch)
             confirmed = {job.ids[i]: r for i, r in got.items()}
@@ -317,7 +305,11 @@ def tune_key(job: KeyTuning) -> Outcome:
             confirmed = {job.ids[i]: r for i, r in timing.batch(to_confirm, full=True).items()}
         save({cid: r for cid, r in confirmed.items() if r is not None})
 
-    choosable = {cid: r for cid, r in results.items() if cid not in slower}
+    # Choose on what the book now holds, as every reader will (Entry.best): where the merge
+    # kept an earlier full result over this process's, the rounds' verdict is not about it.
+    stored = entry.results if entry is not None else results
+    slower = {cid for cid in slower if cid in confirmed and stored.get(cid) == confirmed[cid]}
+    choosable = {cid: r for cid, r in stored.items() if cid not in slower}
     chosen = tie_aware_choice(choosable, job.ids, job.hints)
     seconds = time.perf_counter() - start
     if entry is None or chosen or timing.measured:
@@ -370,16 +362,34 @@ def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
     return {**record.get("kwargs", {}), **{k: v for k, v in record.items() if k != "kwargs"}}
 
 
-def tie_aware_choice(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> str | None:
-    """The fastest config, unless a hinted one is within TIE_TOLERANCE of it.
+def contenders(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> list[int]:
+    """What a search's end measures in full (``tune_key`` and a Ray sweep alike): the
+    MAX_CONTENDERS fastest within CONTENDER_MARGIN of the best, and every hinted config within
+    TIE_TOLERANCE of it, even outside those few, since the tie-aware choice can keep it (on an
+    H200 a neighbour key's winner, 1.9% behind on its quick timing, won a tie that way and
+    re-timed 3.4% behind the best); of these, the ones timed only quickly so far."""
+    timings = {i: results[cid].median for i, cid in enumerate(ids) if cid in results}
+    best_ms = min(timings.values(), default=math.inf)
+    near = sorted((ms, i) for i, ms in timings.items() if ms <= best_ms * (1 + CONTENDER_MARGIN))
+    top = [i for _, i in near[:MAX_CONTENDERS]]
+    tie = best_ms * (1 + TIE_TOLERANCE)
+    hinted = [h for h in dict.fromkeys(hints) if h in timings and timings[h] <= tie and h not in top]
+    return [i for i in (*top, *hinted) if results[ids[i]].quick]
 
-    The same tolerance decides at read time (Entry.best), so the process that tuned and
-    every process that reads the book agree.
+
+def tie_aware_choice(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> str | None:
+    """The fastest config, unless a hinted one, measured in full, is within TIE_TOLERANCE of it.
+
+    A hint with a quick timing only never wins the tie, and a config timed only quickly is the
+    fastest only where no config was measured in full: the best may have moved in the
+    contenders' full measurement. The same rules decide at read time (Entry.best), so the
+    process that tuned and every process that reads the book agree.
     """
     ok = [(results[cid].median, k, cid) for k, cid in enumerate(ids) if cid in results and results[cid].ok]
     if not ok:
         return None
-    best_ms, _, best_id = min(ok)
+    # As Entry.best: quick screenings compete only where nothing was measured in full.
+    best_ms, _, best_id = min([t for t in ok if not results[t[2]].quick] or ok)
     noise = TIE_TOLERANCE
     for h in hints:
         cid = ids[h] if 0 <= h < len(ids) else None
@@ -387,6 +397,7 @@ def tie_aware_choice(results: Mapping[str, Result], ids: Sequence[str], hints: S
             cid is not None
             and cid in results
             and results[cid].ok
+            and not results[cid].quick
             and results[cid].median <= best_ms * (1 + noise)
         ):
             return cid

@@ -178,13 +178,16 @@ class Entry:
 
         The fastest successful config (the earlier in ``allowed`` on equal times), unless
         the config recorded as ``chosen`` is allowed and within TIE_TOLERANCE of it: then
-        the chosen one, so that the same book gives the same winner run after run.
+        the chosen one, so that the same book gives the same winner run after run. Where
+        some results are full measurements, quick screenings do not compete with them: a
+        screening reads lower than a full measurement of the same config.
         """
         ids = list(allowed) if allowed is not None else sorted(self.results)
+        full = any((r := self.results.get(cid)) is not None and r.ok and not r.quick for cid in ids)
         best_id, best_ms = None, math.inf
         for cid in ids:
             result = self.results.get(cid)
-            if result is not None and result.median < best_ms:
+            if result is not None and not (full and result.quick) and result.median < best_ms:
                 best_id, best_ms = cid, result.median
         chosen = self.results.get(self.chosen) if self.chosen else None
         if (

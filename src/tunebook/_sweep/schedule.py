@@ -11,10 +11,10 @@ A *key search* is one job (a key of a kernel) on one platform group (a GPU model
   while units are out hands the next ones to the next free worker; ``ask`` returning
   ``[]`` while units are out means "wait for their results" (``neighbors`` climbs only from
   measured points), and with none out, that the search converged;
-* **confirm** — measure units with ``full=True``: the contenders (within
-  ``CONTENDER_MARGIN`` of the best, at most ``MAX_CONTENDERS``) that only have a quick
-  measurement, exactly as ``tune_key`` confirms them; then the key is decided with the
-  same tie-aware choice and the decision persisted.
+* **confirm** — measure units with ``full=True``: the contenders ``_tuner.contenders``
+  names (the fastest few near the best, and hinted configs within the tie tolerance) that
+  only have a quick measurement, the function ``tune_key`` confirms by; then the key is
+  decided with the same tie-aware choice and the decision persisted.
 
 Rules that keep a sweep equal to ``tune_key`` run key by key:
 
@@ -64,7 +64,7 @@ from typing import Any
 from .. import _policy
 from .._book import Entry, Result, now_iso
 from .._search import Budget, Strategy, make_strategy
-from .._tuner import CONTENDER_MARGIN, MAX_CONTENDERS, _flat, tie_aware_choice
+from .._tuner import _flat, contenders, tie_aware_choice
 
 # A unit whose worker was lost this many times has its configs recorded as failed.
 MAX_LOSSES = 3
@@ -396,13 +396,9 @@ class Sweep:
         return key.converged or timed_out or len(key.strategy.results) >= key.cap()
 
     def _contenders(self, key: KeySearch) -> list[str]:
-        """The configs ``tune_key`` would measure in full: near the best, quick only."""
+        """The configs ``tune_key`` would measure in full (``_tuner.contenders``)."""
         assert key.plan is not None
-        ids = key.plan.ids
-        timings = {i: key.results[cid].median for i, cid in enumerate(ids) if cid in key.results}
-        best_ms = min(timings.values(), default=math.inf)
-        near = sorted((ms, i) for i, ms in timings.items() if ms <= best_ms * (1 + CONTENDER_MARGIN))
-        return [ids[i] for _, i in near[:MAX_CONTENDERS] if key.results[ids[i]].quick]
+        return [key.plan.ids[i] for i in contenders(key.results, key.plan.ids, key.plan.hints)]
 
     def _decide(self, key: KeySearch) -> None:
         assert key.plan is not None
