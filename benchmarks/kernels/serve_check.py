@@ -10,6 +10,7 @@ must both be 0.
 
     python benchmarks/kernels/serve_check.py [--out DIR] [--dry-run]
     python benchmarks/kernels/serve_check.py --moe-shapes mixtral-8x7b-tp2 --tables VLLM_BOOK
+    python benchmarks/kernels/serve_check.py --linear-models llama-3-8b,qwen2.5-7b   # more linear books
 
 ``--tables DIR`` adds a book of imported tables (``tunebook import --format vllm --kernel
 vllm.fused_moe -o DIR ...``) as a read-only layer: fused_moe keys the shipped books lack are
@@ -45,7 +46,8 @@ DRY_ATTENTION = {  # tiny shapes for the interpreter
     "paged_attention_decode": ({"n_q": 2, "n_kv": 1, "head_size": 16, "page": 16, "context": 40}, 2),
     "varlen_attention": ({"n_q": 2, "n_kv": 1, "head_size": 16, "seqlen": 20, "prefix": 18}, 24),
 }
-LINEAR = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# linear: the models whose projections the shipped books hold at TOKENS (--linear-models widens it)
+LINEAR_MODELS = "llama-3-8b"
 MOE_SHAPES = {  # experts, hidden, intermediate (per GPU), top-k
     "mixtral-8x7b": (8, 4096, 14336, 2),
     "mixtral-8x7b-tp2": (8, 4096, 7168, 2),
@@ -53,7 +55,11 @@ MOE_SHAPES = {  # experts, hidden, intermediate (per GPU), top-k
 
 
 def calls(
-    dry_run: bool, device: str, attention_models: str = ATTENTION_MODELS, moe_shapes: str = "mixtral-8x7b"
+    dry_run: bool,
+    device: str,
+    attention_models: str = ATTENTION_MODELS,
+    moe_shapes: str = "mixtral-8x7b",
+    linear_models: str = LINEAR_MODELS,
 ) -> list[tuple[str, str, Any]]:
     """(op, what the call is, a no-argument call) for every shipped key."""
     import torch
@@ -73,11 +79,14 @@ def calls(
     def randn(*shape: int) -> Any:
         return torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)
 
-    layers = {"tiny": (40, 24)} if dry_run else LINEAR
-    for m in tokens:
-        for n, k in layers.values():
-            x, w = randn(m, k), randn(n, k) * k**-0.5
-            out.append(("linear", f"M={m} N={n} K={k}", lambda x=x, w=w: linear(x, w)))
+    if dry_run:
+        for m in tokens:
+            x, w = randn(m, 24), randn(40, 24) * 24**-0.5
+            out.append(("linear", f"M={m} N=40 K=24", lambda x=x, w=w: linear(x, w)))
+    else:  # the tune command's shapes (tunebook.kernels._models), one call built at a time
+        for planned in _models.plan(("linear",), _models.select_models(linear_models), tokens):
+            label = f"M={planned.tokens} {dict(planned.shape)}"
+            out.append(("linear", label, lambda p=planned: p.build(device).run(None)))
     moe = [(4, 24, 40, 2)] if dry_run else [MOE_SHAPES[name] for name in moe_shapes.split(",")]
     for e, h, inter, top_k in moe:
         for m in tokens:
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes")
     p.add_argument("--attention-models", default=ATTENTION_MODELS, help="head layouts of the attention ops")
+    p.add_argument("--linear-models", default=LINEAR_MODELS, help="models whose projections are called")
     p.add_argument(
         "--moe-shapes",
         default="mixtral-8x7b",
@@ -135,11 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import tunebook
+    from tunebook.kernels import _models  # after TRITON_INTERPRET: the ops are decorated on import
 
+    try:
+        _models.select_models(args.linear_models)
+    except ValueError as exc:
+        p.error(f"--linear-models: {exc}")
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     tables_here = _tables_of_this_gpu(p, args.tables) if args.tables is not None else 0
     rows: dict[str, dict[str, Any]] = {}
-    for op, label, call in calls(args.dry_run, device, args.attention_models, args.moe_shapes):
+    for op, label, call in calls(
+        args.dry_run, device, args.attention_models, args.moe_shapes, args.linear_models
+    ):
         before = tunebook.stats()
         call()
         after = tunebook.stats()

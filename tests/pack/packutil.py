@@ -1,9 +1,12 @@
 """Helpers shared by the kernel-pack tests: tolerances, seeded inputs, poisoned outputs,
-and the concrete configs a sweep runs."""
+the concrete configs a sweep runs, and the tune command run as a user runs it."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -60,3 +63,15 @@ def sweep_configs(space: tunebook.Space, args: Mapping[str, Any], extra: int = 3
     picks += random.Random(0).sample(cands, min(extra, len(cands)))
     unique = {tuple(sorted(c.items())): c for c in picks}
     return list(unique.values())
+
+
+def tune_command(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> Any:
+    """``python -m tunebook.kernels tune ARGS`` in a new process on the interpreter (its
+    CompletedProcess, output captured as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tunebook.kernels", "tune", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {}), "TRITON_INTERPRET": "1"},
+        timeout=timeout,
+    )

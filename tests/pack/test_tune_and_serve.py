@@ -5,15 +5,14 @@ as its own book, benchmark nothing and run the same configs."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import book_files, run_python
 from tunebook._book import read_document
+
+from .packutil import tune_command
 
 # Every op of the pack on SmolLM2-135M's shapes, one token: the same calls the tune
 # command makes. Prints the counters and each kernel's config as the last line.
@@ -37,26 +36,9 @@ print(json.dumps({**tunebook.stats(), "chosen": chosen}))
 
 def test_tune_command_then_serve_from_the_book(book_dir: Path, tmp_path: Path) -> None:
     budget = {"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
-    command = [
-        "tune",
-        "--out",
-        str(book_dir),
-        "--ops",
-        "rms_norm,silu_and_mul,rotary_embedding",
-        "--models",
-        "smollm2-135m",
-        "--tokens",
-        "1",
-        "--max-configs",
-        "2",
-    ]
-    tune = subprocess.run(
-        [sys.executable, "-m", "tunebook.kernels", *command],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **budget, "TRITON_INTERPRET": "1"},
-        timeout=300,
-    )
+    ops = "rms_norm,silu_and_mul,rotary_embedding"
+    args = ("--out", str(book_dir), "--ops", ops, "--models", "smollm2-135m", "--tokens", "1")
+    tune = tune_command(*args, "--max-configs", "2", env=budget)
     assert tune.returncode == 0, tune.stderr
     assert "done: 8 configs measured" in tune.stdout, tune.stdout  # 2 for each of 4 keys
     names = sorted(p.name.split("--")[0] for p in book_files(book_dir))
@@ -172,23 +154,7 @@ def test_the_shipped_books_can_be_left_out_for_a_fresh_tuning(tmp_path) -> None:
 def tune_command_says(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> str:
     """The first line of a real `python -m tunebook.kernels tune --dry-run` (what it will use)."""
     keys = ["--ops", "rms_norm", "--models", "smollm2-135m", "--tokens", "1"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tunebook.kernels",
-            "tune",
-            "--out",
-            str(tmp_path / "out"),
-            "--dry-run",
-            *keys,
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1", **(env or {})},
-        timeout=300,
-    )
+    proc = tune_command("--out", str(tmp_path / "out"), "--dry-run", *keys, *flags, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.splitlines()[0]
 
@@ -206,9 +172,5 @@ def test_the_tune_command_keeps_what_the_environment_asks_unless_a_flag_says_oth
         tmp_path, "--no-shipped-books", "--max-configs", "3", env={"TUNEBOOK_PATH": "/elsewhere"}
     )
     assert said.endswith("(shipped books: left out; budget: 3 configs a key)")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunebook.kernels", "tune", "--out", str(tmp_path), "--max-configs", "0"],
-        capture_output=True,
-        text=True,
-    )
+    proc = tune_command("--out", str(tmp_path), "--max-configs", "0")
     assert proc.returncode == 2 and "--max-configs: expected a positive integer; found 0" in proc.stderr

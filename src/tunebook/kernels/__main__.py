@@ -8,7 +8,9 @@ Each (op shape, token count, dtype) of the models in ``tunebook.kernels._models`
 once in ``tune`` mode with ``TUNEBOOK_DIR=--out``: every key the book lacks is tuned and
 written there as it is measured, so an interrupted run resumes where it stopped. Copy the
 resulting files into ``src/tunebook/kernels/books/`` to ship them. Token counts default to
-each op's own: 1..8192 for the elementwise ops, 1, 16, 256 and 4096 for the cache write,
+each op's own: 1..8192 for the elementwise ops and the GEMMs (``linear``: each model's q/k/v,
+attention-output and MLP projections; ``fused_moe``: Mixtral's experts at TP 1 and 2),
+1, 16, 256 and 4096 for the cache write,
 batch sizes 1, 16, 64 and 256 for decode attention (its context lengths, 512, 8192 and
 32768, are part of its shapes), 8192 packed tokens for prefill attention.
 """

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .fused_moe import fused_moe
+from .linear import linear
 from .paged_attention_decode import _paged_attention_decode
 from .reshape_and_cache import _reshape_and_cache
 from .rms_norm import _rms_norm
@@ -36,14 +38,19 @@ class Model:
     n_kv_heads: int  # per GPU
     head_size: int
     rope_theta: float
+    qkv_bias: bool = False  # Qwen2's q/k/v projections carry a bias
+    experts: int = 0  # a mixture of experts: its MLP is fused_moe, not two linear layers
+    top_k: int = 0
+    expert_tp: tuple[int, ...] = ()  # the tensor-parallel degrees its experts are tuned at
 
 
 MODELS: tuple[Model, ...] = (
     Model("llama-3-8b", 4096, 14336, 32, 8, 128, 500000.0),
     Model("llama-3-70b-tp4", 8192, 28672 // 4, 64 // 4, 8 // 4, 128, 500000.0),
     Model("llama-3-70b-tp8", 8192, 28672 // 8, 64 // 8, 8 // 8, 128, 500000.0),
-    Model("qwen2.5-7b", 3584, 18944, 28, 4, 128, 1000000.0),
-    Model("mixtral-8x7b", 4096, 14336, 32, 8, 128, 1000000.0),
+    Model("qwen2.5-7b", 3584, 18944, 28, 4, 128, 1000000.0, qkv_bias=True),
+    # TP1 for every layer; its experts also at TP2 (fused_moe's intermediate 7168)
+    Model("mixtral-8x7b", 4096, 14336, 32, 8, 128, 1000000.0, experts=8, top_k=2, expert_tp=(1, 2)),
     Model("smollm2-135m", 576, 1536, 9, 3, 64, 100000.0),
 )
 TOKENS: tuple[int, ...] = tuple(2**i for i in range(14))  # 1 .. 8192: one per token bucket
@@ -323,6 +330,65 @@ def _reshape_and_cache_build(make: Maker, shape: dict[str, Any], tokens: int) ->
     return t, run, moved, {"n_tokens": tokens, "NK": n_kv, "HEAD_SIZE": hs}
 
 
+def _linear_shapes(m: Model) -> list[dict[str, Any]]:
+    """A decoder layer's projections as ``[N, K]`` weights: q/k/v fused, the attention
+    output, and (without experts) the MLP's gate/up fused and down."""
+    hs = m.head_size
+    out = [
+        {"layer": "qkv", "N": (m.n_q_heads + 2 * m.n_kv_heads) * hs, "K": m.hidden, "bias": m.qkv_bias},
+        {"layer": "o", "N": m.hidden, "K": m.n_q_heads * hs, "bias": False},
+    ]
+    if not m.experts:
+        out.append({"layer": "gate_up", "N": 2 * m.intermediate, "K": m.hidden, "bias": False})
+        out.append({"layer": "down", "N": m.hidden, "K": m.intermediate, "bias": False})
+    return out
+
+
+def _linear_build(make: Maker, shape: dict[str, Any], tokens: int) -> BuiltWithFlops:
+    n, k = shape["N"], shape["K"]
+    t = {"x": make.randn(tokens, k), "weight": make.randn(n, k) * k**-0.5, "out": make.empty(tokens, n)}
+    if shape["bias"]:
+        t["bias"] = make.randn(n)
+
+    def run(config: dict[str, int] | None) -> Any:
+        return linear(t["x"], t["weight"], t.get("bias"), out=t["out"], config=config)
+
+    moved = (tokens * k + n * k + tokens * n + (n if shape["bias"] else 0)) * make.itemsize
+    return t, run, int(moved), {"M": tokens, "N": n, "K": k}, 2 * tokens * n * k
+
+
+def _fused_moe_shapes(m: Model) -> list[dict[str, Any]]:
+    return [
+        {"experts": m.experts, "hidden": m.hidden, "intermediate": m.intermediate // tp, "top_k": m.top_k}
+        for tp in m.expert_tp
+    ]
+
+
+def _fused_moe_build(make: Maker, shape: dict[str, Any], tokens: int) -> BuiltWithFlops:
+    """``tokens`` tokens routed by a seeded random softmax, each to its top-k experts."""
+    e, h, inter, top_k = shape["experts"], shape["hidden"], shape["intermediate"], shape["top_k"]
+    weights, ids = torch.topk(torch.randn(tokens, e, generator=make.gen).softmax(-1), top_k)
+    t = {
+        "x": make.randn(tokens, h),
+        "w13": make.randn(e, 2 * inter, h) * h**-0.5,
+        "w2": make.randn(e, h, inter) * inter**-0.5,
+        "topk_weights": weights.to(device=make.device),
+        "topk_ids": ids.to(device=make.device, dtype=torch.int32),
+        "out": make.empty(tokens, h),
+    }
+
+    def run(config: dict[str, int] | None) -> Any:
+        return fused_moe(
+            t["x"], t["w13"], t["w2"], t["topk_weights"], t["topk_ids"], out=t["out"], config=config
+        )
+
+    used = int(ids.unique().numel())  # only the experts some token is routed to are read
+    moved = int((used * 3 * inter * h + 2 * tokens * h) * make.itemsize)
+    flops = 2 * tokens * top_k * 3 * inter * h
+    key = {"M": tokens, "E": e, "H": h, "N": 2 * inter, "top_k": top_k}
+    return t, run, moved, key, flops
+
+
 Shapes = Callable[[Model], list[dict[str, Any]]]
 Build = Callable[[Maker, dict[str, Any], int], Built | BuiltWithFlops]
 
@@ -351,6 +417,8 @@ OPS: dict[str, Op] = {
         _paged_attention_decode_fits,
     ),
     "varlen_attention": Op(_varlen_attention_shapes, _varlen_attention_build, PREFILL_TOKENS),
+    "linear": Op(_linear_shapes, _linear_build),
+    "fused_moe": Op(_fused_moe_shapes, _fused_moe_build),
 }
 
 
