@@ -5,7 +5,8 @@
 * the static limits their config spaces respect (shared memory, accumulator registers),
 * ``nearest_config``: the declared config closest to a wanted one, which is how a
   hand-written rule (the serve-mode fallback, vLLM's default) becomes a config of the Space,
-* per-device scratch buffers that are allocated once and reused across calls.
+* per-device scratch buffers that are allocated once and reused across calls,
+* ``too_far``: whether a call's tensors reach past the offsets the kernels compute in 32 bits.
 """
 
 from __future__ import annotations
@@ -31,6 +32,29 @@ NAME_PREFIX = "tunebook.kernels."
 SMEM_BYTES = 232_448
 # A thread's accumulator share: more than 128 fp32 values per thread spills registers.
 MAX_ACC_PER_THREAD = 128
+
+
+# The kernels compute a row's element offset (row index x row stride) in 32 bits, as their
+# tuned books' sources do; a call whose tensors reach further runs in parts (the op's
+# wrapper splits it), so that no part's offsets wrap.
+OFFSET_LIMIT = 2**31 - 1
+
+
+def span(t: Any) -> int:
+    """The largest element offset inside tensor ``t`` from its first element (0 if empty)."""
+    if t.numel() == 0:
+        return 0
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def too_far(*tensors: Any) -> bool:
+    """Whether one of ``tensors`` reaches past ``OFFSET_LIMIT`` elements."""
+    return any(t is not None and span(t) > OFFSET_LIMIT for t in tensors)
+
+
+def reaches_past(elements: int) -> bool:
+    """Whether a contiguous buffer of ``elements`` reaches past ``OFFSET_LIMIT``."""
+    return elements - 1 > OFFSET_LIMIT
 
 
 def dot_mode(dtype: Any, fp32_precision: str = "ieee") -> str:

@@ -66,7 +66,9 @@ from ._gemm_common import (
     mma,
     nearest_config,
     pow2_at_least,
+    reaches_past,
     smem_estimate,
+    too_far,
 )
 
 __all__ = [
@@ -493,6 +495,14 @@ def _fused_moe(
         return out
     if inter == 0 or top_k == 0:  # no expert contributes: a sum of nothing
         return out.zero_()
+    # Row offsets are 32-bit in the kernels: a call whose x, out or (T * top_k)-row buffers
+    # reach past OFFSET_LIMIT elements runs as halves of its tokens.
+    if T > 1 and (too_far(x, out) or reaches_past(T * top_k * max(H, inter))):
+        for part in (slice(0, T // 2), slice(T // 2, None)):
+            _fused_moe(
+                x[part], w13, w2, topk_weights[part], topk_ids[part], out[part], config, fp32_precision, align
+            )
+        return out
     explicit = _explicit(config) if config is not None else None
     if align is None:
         align = moe_align_size(T)

@@ -64,6 +64,7 @@ from ._gemm_common import (
     nearest_config,
     pow2_at_least,
     smem_estimate,
+    too_far,
 )
 
 __all__ = ["default_linear_config", "linear", "linear_space"]
@@ -319,6 +320,29 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
         raise ValueError(f"linear: fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}")
 
 
+def _in_parts(
+    x2: Any, weight: Any, bias: Any, y2: Any, fp32_precision: str, config: Mapping[str, int] | None
+) -> None:
+    """``y2 = x2 @ weight.T (+ bias)`` in two halves, by rows where x or y reaches too far,
+    else by columns, each half split again until its tensors' offsets fit in 32 bits
+    (``_gemm_common.OFFSET_LIMIT``)."""
+    M, N = y2.shape
+    if M > 1 and too_far(x2, y2):
+        half = M // 2
+        for rows in (slice(0, half), slice(half, None)):
+            linear(x2[rows], weight, bias, out=y2[rows], fp32_precision=fp32_precision, config=config)
+    elif N > 1 and too_far(weight, y2):
+        half = N // 2
+        for cols in (slice(0, half), slice(half, None)):
+            b = bias[cols] if bias is not None else None
+            linear(x2, weight[cols], b, out=y2[:, cols], fp32_precision=fp32_precision, config=config)
+    else:
+        raise ValueError(
+            f"linear: one row of x or of weight spans more than 2^31 elements (K = {x2.shape[1]}, "
+            f"x strides {tuple(x2.stride())}, weight strides {tuple(weight.stride())}); make it contiguous"
+        )
+
+
 def linear(
     x: Any,
     weight: Any,
@@ -352,6 +376,9 @@ def linear(
     y2 = y.view(M, N)
     if K == 0:  # an empty sum: nothing to launch
         y2.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y2))
+        return y
+    if too_far(x2, weight, y2):
+        _in_parts(x2, weight, bias, y2, fp32_precision, config)
         return y
     if bias is not None:
         bias = bias.contiguous()  # both kernels read it as contiguous (a no-op when it is)
