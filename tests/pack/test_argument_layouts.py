@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunebook.kernels import fused_moe, linear, paged_attention_decode, rotary_embedding, varlen_attention
+from tunebook.kernels import (
+    fused_moe,
+    linear,
+    paged_attention_decode,
+    rotary_embedding,
+    silu_and_mul,
+    varlen_attention,
+)
 from tunebook.kernels.rotary_embedding import cos_sin_cache
 
 
@@ -88,3 +95,27 @@ def test_linear_refuses_an_output_that_aliases_its_input() -> None:
     x, w = torch.randn(4, 64), torch.randn(64, 64)
     with pytest.raises(ValueError, match="out shares memory with x"):
         linear(x, w, out=x)
+
+
+@pytest.mark.parametrize(
+    ("make", "shared"),
+    [
+        (lambda x: (x, x[:, 8:]), True),  # a column slice of a contiguous buffer
+        (lambda x: (x[:, :8], x[:, 8:]), False),  # the two halves of each row
+        (lambda x: (x[:, 1:9], x[:, 8:]), True),  # overlapping by one column
+        (lambda x: (x[::2], x[1::2]), False),  # even and odd rows
+        (lambda x: (x[:1, 8:], x[0, 12:]), True),  # one row each, meeting at column 12
+        (lambda x: (x.t(), x[2:]), True),  # a transposed view of a buffer and a contiguous part of it
+    ],
+)
+def test_outputs_sharing_memory_with_an_input_are_told_from_those_that_do_not(make, shared) -> None:  # type: ignore[no-untyped-def]
+    from tunebook.kernels._common import may_overlap
+
+    a, b = make(torch.zeros(6, 16))
+    assert may_overlap(a, b) is shared and may_overlap(b, a) is shared
+
+
+def test_silu_and_mul_refuses_the_second_half_of_its_input_as_its_output() -> None:
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        silu_and_mul(x, out=x[:, 32:])

@@ -69,6 +69,14 @@ def test_mixed_contexts_match_sdpa(gen, n_q, n_kv, head_size, dtype) -> None:  #
     assert tunebook.stats()["benchmarked"] == 0
 
 
+@pytest.mark.parametrize(("head_size", "context"), [(8, 16), (4, 32), (4, 33)])
+def test_a_head_smaller_than_a_dot_tile_with_a_short_context_runs(gen, head_size, context) -> None:  # type: ignore[no-untyped-def]
+    """Tiny test models have heads of 4 or 8: the kernel pads them to 16, and the Space's
+    per-thread rule must count the padded tile (it once found no config at all here)."""
+    cache = paged_cache(gen, [context, 3], PAGE, 2, head_size, torch.float32)
+    check(randn(gen, 2, 4, head_size, dtype=torch.float32), cache, max_context_len=context)
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -184,6 +184,15 @@ def _call(**changes):  # type: ignore[no-untyped-def]
             "one row per sequence",
         ),
         ({"out": torch.zeros(5, 4, 32)}, "out must have shape"),
+        (
+            {
+                "k_cache": torch.zeros(4, PAGE, 2, 64),
+                "v_cache": torch.zeros(4, PAGE, 2, 64),
+                "block_table": torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+                "prefix_lens": torch.tensor([3, 2 * PAGE + 1], dtype=torch.int32),  # one past the table
+            },
+            r"a prefix of 33 tokens does not fit the block table \(2 blocks of 16 tokens = 32\)",
+        ),
     ],
 )
 def test_rejects_bad_inputs(changes, match) -> None:  # type: ignore[no-untyped-def]

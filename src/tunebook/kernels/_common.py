@@ -251,17 +251,57 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` share memory, decided as ATen decides it for in-place ops:
-    certainly when they start at the same address or when both are contiguous and their
-    byte ranges meet; strided views whose ranges interleave (two column slices of one
-    buffer) are given the benefit of the doubt, since an exact check costs a pass over
-    their elements."""
+    """Whether ``a`` and ``b`` share memory: certainly when they start at the same address,
+    when one is contiguous and the other's first or last element lies in its byte range, or
+    when both are sets of rows (unit column stride) with one row stride whose rows meet (two
+    column slices of one buffer: ``x[:, :d]`` and ``x[:, d:]`` do not, ``x`` and ``x[:, d:]``
+    do). Other strided views whose ranges interleave are given the benefit of the doubt, as
+    ATen gives it for in-place ops: an exact check would cost a pass over their elements."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     if a.data_ptr() == b.data_ptr():
         return True
     (lo_a, hi_a), (lo_b, hi_b) = _span(a), _span(b)
-    return lo_a < hi_b and lo_b < hi_a and a.is_contiguous() and b.is_contiguous()
+    if not (lo_a < hi_b and lo_b < hi_a):
+        return False
+    # a contiguous tensor holds every byte of its range: the other's first or last byte in it
+    if a.is_contiguous() and (lo_a <= lo_b < hi_a or lo_a <= hi_b - 1 < hi_a):
+        return True
+    if b.is_contiguous() and (lo_b <= lo_a < hi_b or lo_b <= hi_a - 1 < hi_b):
+        return True
+    rows_a, rows_b = _rows(a), _rows(b)
+    if rows_a is None or rows_b is None or a.element_size() != b.element_size():
+        return False
+    return _rows_meet(rows_a, rows_b, (b.data_ptr() - a.data_ptr()) // a.element_size())
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """``t`` as (rows, row length, row stride) in elements, if its elements are rows of
+    consecutive elements at one stride apart (a 2-D view of it needs no copy); else None."""
+    width = t.shape[-1] if t.dim() else 1
+    if t.dim() and t.stride(-1) != 1 and width > 1:
+        return None
+    try:
+        rows = t.view(-1, width)
+    except RuntimeError:
+        return None
+    return rows.shape[0], width, rows.stride(0) if rows.shape[0] > 1 else 0
+
+
+def _rows_meet(a: tuple[int, int, int], b: tuple[int, int, int], delta: int) -> bool:
+    """Whether rows ``a`` (starting at element 0) and rows ``b`` (starting at element
+    ``delta``), at one row stride, share an element: for some k (a's row index minus b's,
+    both in range) k * stride lies in [delta - (a's row length - 1), delta + b's row length - 1]."""
+    (rows_a, width_a, stride_a), (rows_b, width_b, stride_b) = a, b
+    stride = stride_a if rows_a > 1 else stride_b  # a single row fits any stride
+    if rows_a > 1 and rows_b > 1 and stride_a != stride_b:
+        return False  # rows at two strides: the benefit of the doubt
+    lo, hi = delta - (width_a - 1), delta + (width_b - 1)  # k * stride must land in [lo, hi]
+    if stride == 0:  # one row each
+        return lo <= 0 <= hi
+    k_min = max(-(-lo // stride), -(rows_b - 1))
+    k_max = min(hi // stride, rows_a - 1)
+    return k_min <= k_max
 
 
 def check_out(

@@ -87,7 +87,8 @@ def _feasible(cfg: dict[str, Any]) -> bool:
 
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
-    per_thread = cfg["BLOCK_N"] * triton.next_power_of_2(args["HEAD_SIZE"]) / (32 * cfg["num_warps"])
+    # the tile the kernel holds: head_size padded to a tl.dot size (16 at least)
+    per_thread = cfg["BLOCK_N"] * a.dot_floor(args["HEAD_SIZE"]) / (32 * cfg["num_warps"])
     most = MAX_TILE_PER_THREAD if cfg["num_stages"] == 1 else MAX_STAGED_TILE_PER_THREAD
     return MIN_TILE_PER_THREAD <= per_thread <= most and fits_work(cfg, args)
 
@@ -95,7 +96,7 @@ def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
 def fits_work(cfg: dict[str, Any], args: Any) -> bool:
     """The call's rules on tiles, splits and stages, whatever a thread holds: every tile and
     split has keys to read, a pipeline has 2+ tiles, the stages fit in shared memory."""
-    block_d = triton.next_power_of_2(args["HEAD_SIZE"])
+    block_d = a.dot_floor(args["HEAD_SIZE"])
     context = a.context_of(args["max_context_len"])
     if cfg["BLOCK_N"] > context:
         return False  # a tile longer than every sequence: masked-off keys

@@ -115,7 +115,9 @@ def reshape_and_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Scatter ``key``/``value`` ``[tokens, NK, head_size]`` into the paged caches at
-    ``slot_mapping`` ``[tokens]`` (int32/int64; a negative slot writes nothing). Token and
+    ``slot_mapping`` ``[tokens]`` (int32/int64; a negative slot writes nothing; a slot past
+    the cache, ``num_blocks * block_size`` or more, is not checked, as in vLLM: checking it
+    would wait for the GPU; ``k_cache`` and ``v_cache`` must be two tensors). Token and
     head strides are free (slices of a fused QKV output work); last dimensions contiguous.
     Writes the caches in place and returns None.
 

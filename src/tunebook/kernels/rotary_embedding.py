@@ -212,7 +212,8 @@ def rotary_embedding(
     ``q``/``k``: float16/bfloat16/float32, ``[tokens, heads * head_size]`` (then pass
     ``head_size``) or ``[tokens, heads, head_size]``; token and head strides are free (e.g.
     slices of a fused QKV projection); a strided last dimension is copied first.
-    ``positions``: ``[tokens]`` int32/int64. ``cos_sin_cache``: ``[max_position,
+    ``positions``: ``[tokens]`` int32/int64, each in ``[0, max_position)`` (not checked:
+    that would wait for the GPU). ``cos_sin_cache``: ``[max_position,
     rotary_dim]``. ``style``: ``"neox"`` (rotate halves) or ``"gptj"`` (interleaved
     pairs). ``rotary_dim``: defaults to the cache's width, and must equal it when given.
     ``out``: a ``(q_out, k_out)`` pair to write instead of new tensors; neither may overlap

@@ -258,7 +258,10 @@ def varlen_attention(
     tuning key, an upper bound is fine) are read from the offsets when omitted, which waits
     for the GPU. The paged prefix: ``k_cache``/``v_cache`` ``[num_blocks, block_size, NK,
     head_size]``, ``block_table`` ``[batch, max_blocks]`` and ``prefix_lens`` ``[batch]``,
-    all four or none. Returns ``[total_q, NQ, head_size]`` in ``q``'s dtype (or ``out``).
+    all four or none; a prefix must fit its row of the block table (checked where
+    ``max_seqlen_k`` is read from the GPU, not where it is given). Returns ``[total_q, NQ,
+    head_size]`` in ``q``'s dtype (or ``out``); rows past ``cu_seqlens_q[-1]`` (a CUDA
+    graph's padding) are left as they were.
 
     >>> import torch
     >>> from tunebook.kernels import varlen_attention
@@ -352,9 +355,20 @@ def _varlen_attention(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # waits for the GPU
     if max_seqlen_k is None:
         lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-        max_seqlen_k = int(
-            (lens + prefix_lens if prefix_lens is not None else lens).max()
-        )  # waits for the GPU
+        if prefix_lens is None:
+            max_seqlen_k = int(lens.max())  # waits for the GPU
+        else:  # the same wait reads the longest prefix, checked against the block table
+            longest, longest_prefix = torch.stack([(lens + prefix_lens).max(), prefix_lens.max()]).tolist()
+            max_seqlen_k = int(longest)
+            assert k_cache is not None and block_table is not None  # _check: all four or none
+            capacity = block_table.shape[1] * k_cache.shape[1]
+            if longest_prefix > capacity:
+                blocks, page = block_table.shape[1], k_cache.shape[1]
+                c.fail(
+                    _OP,
+                    f"a prefix of {longest_prefix} tokens does not fit the block table ({blocks} blocks "
+                    f"of {page} tokens = {capacity}); give each sequence the blocks of its prefix",
+                )
     if max_seqlen_q <= 0:
         return out
     paged = None
