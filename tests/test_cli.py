@@ -661,6 +661,52 @@ def test_prune_drops_old_kernel_versions_and_corrupt_leftovers(book_dir: Path, t
     assert current.exists() and other.exists() and not old.exists() and not leftover.exists()
 
 
+def test_prune_leaves_pages_of_another_triton_or_other_key_names_and_says_so(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    # The kernel id covers Triton's own jitted functions: under another Triton version a page
+    # of unchanged source looks "old". And a kernel of the same name with other key names is
+    # most likely another project's in a shared book. Neither is prune's to delete.
+    tune_add()
+    doc = the_doc(book_dir)
+    edited = write_doc(book_dir, replace(doc, kernel={**doc.kernel, "hash": "1" * 64}))
+    elsewhere = replace(
+        doc, kernel={**doc.kernel, "hash": "3" * 64}, platform={**doc.platform, "triton": "0.1.0"}
+    )
+    other_triton = write_doc(book_dir, elsewhere)
+    other_key = write_doc(book_dir, replace(doc, kernel={**doc.kernel, "hash": "4" * 64, "key": ["m", "k"]}))
+    text = invoke("prune", "--keep", module_file(tmp_path)).stdout
+    assert not edited.exists() and other_triton.exists() and other_key.exists()
+    assert "dropped 1 files" in text
+    assert "left 1 files of these kernels tuned under another Triton version" in text
+    assert "left 1 files of these kernel names with other key names" in text
+
+
+def test_prune_needs_no_gpu_driver(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunebook",
+            "prune",
+            str(book_dir),
+            "--keep",
+            str(module_file(tmp_path)),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "kept 1 current files of 1 kernels" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )
+
+
 def test_prune_leaves_foreign_pages_and_drops_copies_kept_aside_inside_pages(
     book_dir: Path, tmp_path: Path
 ) -> None:
@@ -741,3 +787,17 @@ def test_output_is_required_where_documented(book_dir: Path, tmp_path: Path) -> 
     ):
         res = invoke(*args, ok=False)
         assert res.exit_code == 2 and "Missing option '-o' / '--output'" in res.output, res.output
+
+
+def test_tune_without_a_gpu_or_the_interpreter_says_so_in_one_line(book_dir: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunebook", "tune", "--misses", str(module_file(tmp_path)), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot tell this process's platform" in proc.stderr and "TRITON_INTERPRET=1" in proc.stderr

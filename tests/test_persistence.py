@@ -248,3 +248,20 @@ def test_read_only_book_directory_works_and_writes_nothing(kdir, tmp_path):
     assert snapshot(ro) == before
     assert result["_stderr"].count("cannot write to book directory") == 1
     assert "Traceback" not in result["_stderr"]
+
+
+def test_a_read_only_book_that_is_not_there_is_reported_once(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A typo in TUNEBOOK_PATH (or books=) used to show only as fallbacks in serve mode."""
+    from tunebook import BookWarning
+    from tunebook._book import Book
+
+    missing, a_file = tmp_path / "shiped", tmp_path / "afile"
+    a_file.write_text("")
+    monkeypatch.setenv("TUNEBOOK_PATH", f"{missing}{os.pathsep}{tmp_path}")
+    with pytest.warns(BookWarning) as caught:
+        Book.from_env([a_file])
+        Book.from_env([a_file])  # once per path and process
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2, said
+    assert f"the read-only book {a_file} (from books=) is not a directory" in said[0]
+    assert f"the read-only book {missing} (from TUNEBOOK_PATH) does not exist" in said[1]

@@ -488,19 +488,25 @@ class Autotuner(_compat.TritonAutotuner):
 
     # ------------------------------------------------------------------ identity and book
 
-    def identity(self) -> _fingerprint.Identity:
-        """Who asks the book: this kernel (source hash, key names) on this platform.
-
-        The one computation of identity: :meth:`page`, ``tunebook explain`` and
-        ``tunebook prune`` all use it. Touches no GPU driver (the timer is named, not made).
-        """
+    def kernel_identity(self) -> KernelIdentity:
+        """This kernel as a book names it (name, source hash, key names), whatever the
+        platform: what ``tunebook prune`` compares, without asking for a GPU."""
         if self._kernel is None:  # hashing the source and what it calls takes ~10 ms a kernel
             self._kernel = KernelIdentity(
                 self.options.name or _fingerprint.kernel_name(self.fn),
                 _fingerprint.kernel_hash(self.fn),
                 _buckets.identity(self.keys),
             )
-        return _fingerprint.identify(self._kernel, self._timer_factory()[1])
+        return self._kernel
+
+    def identity(self) -> _fingerprint.Identity:
+        """Who asks the book: this kernel (source hash, key names) on this platform.
+
+        The one computation of identity: :meth:`page` and ``tunebook explain`` use it (prune
+        needs :meth:`kernel_identity` alone). Touches no GPU driver (the timer is named, not
+        made), but reads the device's identity.
+        """
+        return _fingerprint.identify(self.kernel_identity(), self._timer_factory()[1])
 
     def page(self) -> Page:
         """This kernel's page of the book for this platform (opened on first use)."""

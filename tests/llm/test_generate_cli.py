@@ -59,3 +59,38 @@ def test_a_bad_value_is_one_line_and_a_non_zero_status(
     assert exited.value.code == 2
     out, err = capsys.readouterr()
     assert err.strip().splitlines() == [f"python -m tunebook.demo.llm: error: {message}"] and out == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "80000"], "--port: expected 0-65535; found 80000"),
+        (["generate", "hi", "--gguf", "{tmp}"], "--gguf: expected a .gguf file; {tmp} is a directory"),
+        (["generate", "hi", "--gguf", "{tmp}/notes.txt"], "{tmp}/notes.txt is not a GGUF model file"),
+        (["tune", "--out", "{tmp}/notes.txt/book"], "cannot write the book at {tmp}/notes.txt/book"),
+    ],
+)
+def test_a_wrong_path_or_port_is_one_line_before_any_work(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Caught before the model loads or a kernel is tuned (a port out of range once failed
+    only after the model had loaded; an unwritable --out let a tuning run to its end)."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as exited:
+        code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
+        raise SystemExit(code)
+    assert exited.value.code == 2
+    _, err = capsys.readouterr()
+    assert message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+
+
+def test_a_mode_tunebook_does_not_know_is_one_line_naming_this_commands_default(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TUNEBOOK_MODE", "serv")
+    assert main(["generate", "hi"]) == 2
+    _, err = capsys.readouterr()
+    assert (
+        "TUNEBOOK_MODE='serv' is not a mode; expected tune, serve or off (unset, generate runs in serve mode)"
+        in err
+    )

@@ -174,3 +174,14 @@ def test_the_tune_command_keeps_what_the_environment_asks_unless_a_flag_says_oth
     assert said.endswith("(shipped books: left out; budget: 3 configs a key)")
     proc = tune_command("--out", str(tmp_path), "--max-configs", "0")
     assert proc.returncode == 2 and "--max-configs: expected a positive integer; found 0" in proc.stderr
+
+
+def test_the_tune_command_refuses_an_out_it_cannot_write_and_token_counts_below_one(tmp_path: Path) -> None:
+    """Before any tuning (it once measured every key and said "done" with nothing saved)."""
+    (tmp_path / "afile").write_text("")
+    keys = ("--ops", "rms_norm", "--models", "smollm2-135m", "--tokens", "1")
+    proc = tune_command("--out", str(tmp_path / "afile" / "book"), *keys)
+    assert proc.returncode == 2 and "configs measured" not in proc.stdout
+    assert f"--out: cannot write the book at {tmp_path / 'afile' / 'book'}" in proc.stderr, proc.stderr
+    proc = tune_command("--out", str(tmp_path / "book"), "--tokens", "0", "--dry-run")
+    assert proc.returncode == 2 and "--tokens: expected positive token counts; found 0" in proc.stderr

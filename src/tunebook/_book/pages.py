@@ -180,7 +180,20 @@ class Book:
         read-only ``extra_readonly`` and TUNEBOOK_PATH."""
         from .redis_store import shared_store
 
-        readonly = [Path(p) for p in extra_readonly] + _settings.book_path()
+        given = [(Path(p), "books=") for p in extra_readonly] + [
+            (p, "TUNEBOOK_PATH") for p in _settings.book_path()
+        ]
+        for path, source in given:
+            if not path.is_dir():  # a typo would otherwise only show as fallbacks in serve mode
+                warn_once(
+                    f"readonly:{path}",
+                    "tunebook: the read-only book %s (from %s) %s, so no result is read from it; "
+                    "check the path",
+                    path,
+                    source,
+                    "does not exist" if not path.exists() else "is not a directory",
+                )
+        readonly = [path for path, _ in given]
         url = _settings.redis_url()
         return cls(_settings.book_dir(), readonly, shared_store(url) if url else None)
 

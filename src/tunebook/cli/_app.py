@@ -43,8 +43,9 @@ class Group(click.Group):
 def cli(verbose: int) -> None:
     """Inspect and manage tunebook books: the remembered results of @tunebook.autotune.
 
-    BOOK arguments are a book directory or one book .json file; when omitted they default to
-    the writable book directory (TUNEBOOK_DIR, else the user cache dir).
+    BOOK arguments are a book directory, one page directory in it, or one book .json file
+    (format 1); when omitted they default to the writable book directory (TUNEBOOK_DIR, else
+    the user cache dir).
     """
     _configure_logging(verbose)
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +17,8 @@ from .. import _settings
 from .._book import pagedir
 from .._book.files import LOCK_TIMEOUT_S, read_book_file
 from .._book.records import Document
+from .._writable import existing_parent as existing_parent  # the CLI's commands import them here
+from .._writable import write_problem as write_problem
 from ._load import Loaded, Page, load
 
 book_argument = click.argument("book", required=False, type=click.Path(path_type=Path))
@@ -65,39 +65,6 @@ def os_error_line(exc: OSError) -> str:
         return f"{exc} Another process holds it (a tuning run, a merge); run this again when it is done"
     fix = _OS_FIXES.get(exc.errno or 0, "check that path and run the command again")
     return f"{os_error_text(exc)}; {fix}"
-
-
-def existing_parent(path: Path) -> Path:
-    """``path`` or its nearest ancestor that exists: the directory whose permissions matter."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return path
-
-
-def write_problem(directory: Path) -> str | None:
-    """Why files could not be written into ``directory`` (None: they can).
-
-    An existing directory is probed with a real file, which catches what permission bits
-    do not say (a read-only mount, an immutable directory, root's writes). A directory yet
-    to be created needs a writable nearest ancestor.
-
-    >>> import tempfile
-    >>> write_problem(Path(tempfile.mkdtemp())) is None
-    True
-    """
-    target = existing_parent(directory)
-    if not target.is_dir():
-        return f"{target} is not a directory"
-    if target != directory:
-        return None if os.access(target, os.W_OK | os.X_OK) else f"cannot create it in {target}"
-    try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tunebook-probe-")
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    os.close(fd)
-    os.unlink(probe)
-    return None
 
 
 @contextlib.contextmanager

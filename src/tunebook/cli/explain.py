@@ -40,8 +40,9 @@ LABELS = {
 }
 
 HINTS = {
-    "hash": "the kernel or a jitted helper or constant it uses was edited since the book was tuned; re-tune "
-    "(or ship the book tuned from this source)",
+    "hash": "the kernel or a jitted helper or constant it uses differs from the one the book was tuned "
+    "with: an edit, or Triton's own jitted functions (tl.sum, ...) under another Triton version; re-tune "
+    "(or ship the book tuned from this source and Triton)",
     "key": "the autotune key= list changed; re-tune",
     "triton": "tuned with another Triton version; re-tune with this one, or pin the Triton the book was "
     "tuned with",

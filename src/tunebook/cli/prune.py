@@ -2,9 +2,14 @@
 
 Editing a kernel (or a jitted helper it calls) changes its source hash and so its kernel
 id; the old results stay in files nobody reads again. Given the modules that define the
-kernels as they are now, prune deletes the files of the same kernel names whose kernel id
-is not a current one, and the ``.corrupt-*`` copies the library kept aside. Kernels of
-other names, imported pages (``tunebook import``) and unreadable files are left alone.
+kernels as they are now, prune deletes the files of the same kernel names and key names
+whose kernel id is not a current one, on this Triton version, and the ``.corrupt-*``
+copies the library kept aside. Left alone: kernels of other names, imported pages
+(``tunebook import``), unreadable files, and, reported, pages of another Triton version
+(the source hash covers Triton's own jitted functions, such as ``tl.sum``, which change
+between releases: such a page may be current for the fleet that runs that version) and
+pages with other key names (a kernel of the same name in another project, in a shared
+book, is told apart by nothing else).
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from .._book.pages import KernelIdentity
+from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
 from ._modules import autotuners, import_module
 from ._summary import is_imported
 
 
-def current_ids(modules: tuple[str, ...]) -> dict[str, set[str]]:
-    """Kernel name -> the kernel ids its @tunebook.autotune objects have in this process."""
-    ids: dict[str, set[str]] = {}
+def current_kernels(modules: tuple[str, ...]) -> dict[str, list[KernelIdentity]]:
+    """Kernel name -> the identities its @tunebook.autotune objects have in this process."""
+    kernels: dict[str, list[KernelIdentity]] = {}
     for spec in modules:
         found = autotuners(import_module(spec))
         if not found:
@@ -31,9 +38,9 @@ def current_ids(modules: tuple[str, ...]) -> dict[str, set[str]]:
                 "--keep names the modules whose kernels are current"
             )
         for tuner in found.values():
-            ident = tuner.identity().kernel
-            ids.setdefault(ident.name, set()).add(ident.id)
-    return ids
+            ident = tuner.kernel_identity()
+            kernels.setdefault(ident.name, []).append(ident)
+    return kernels
 
 
 @click.command("prune")
@@ -55,24 +62,26 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     are dropped too.
     """
     loaded = load_or_fail(book)  # before the imports, which take seconds (torch)
-    ids = current_ids(keep)
+    kernels = current_kernels(keep)
     warn_skipped(loaded)
+    triton_now = triton_version()
     doomed: list[tuple[Path, str]] = []
-    kept = 0
+    kept, other_triton, other_key = 0, 0, 0
     for page in loaded.pages:
-        current = ids.get(page.kernel_name)
+        current = kernels.get(page.kernel_name)
         if current is None or is_imported(page.doc):
             continue
-        if page.identity.id in current:
+        mine = page.identity
+        if mine.id in {k.id for k in current}:
             kept += 1
+        elif page.doc.platform.get("triton") != triton_now:
+            other_triton += 1
+        elif mine.key not in {k.key for k in current}:
+            other_key += 1
         else:
-            doomed.append(
-                (
-                    page.path,
-                    f"old version of {page.kernel_name} (kernel id {page.identity.id}; "
-                    f"current {', '.join(sorted(current))})",
-                )
-            )
+            ids = ", ".join(sorted(k.id for k in current))
+            why = f"old version of {page.kernel_name} (kernel id {mine.id}; current {ids})"
+            doomed.append((page.path, why))
     # Copies of unreadable files kept aside by a write (beside the pages, or in one); a
     # ``.foreign-*`` page is a readable book of another kernel under this name: left alone.
     doomed += [
@@ -104,6 +113,17 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
             f"{loaded.source} (or who holds those files) and run prune again."
         )
     console.print(
-        f"{verb} {len(doomed)} files; kept {kept} current files of {len(ids)} kernels"
+        f"{verb} {len(doomed)} files; kept {kept} current files of {len(kernels)} kernels"
         f"{'' if not dry_run else ' (dry run: nothing deleted)'}"
     )
+    if other_triton:
+        console.print(
+            f"left {other_triton} files of these kernels tuned under another Triton version than "
+            f"{triton_now}: the kernel id covers Triton's own functions, so it differs there; run "
+            "prune under that version to judge them"
+        )
+    if other_key:
+        console.print(
+            f"left {other_key} files of these kernel names with other key names: another kernel of "
+            "the same name (another project's?) or an older key; delete them by hand if they are yours"
+        )

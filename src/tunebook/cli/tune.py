@@ -145,6 +145,8 @@ def command(
     )
     if problem is not None and not dry_run:
         raise refusal
+    if ray_address is None:  # the keys are this platform's: a process without a GPU says so in one line
+        _platform_here()
     tuners: dict[tuple[str, str], Autotuner] = {}
     jobs = _miss_jobs(targets, tuners) if misses else _key_jobs(targets[0], keys, tuners)
     for job in jobs:
@@ -213,6 +215,19 @@ def _check_targets(targets: tuple[str, ...], misses: bool, keys: tuple[str, ...]
         )
     if keys and len(targets) != 1:
         raise click.UsageError("--keys tunes one kernel: give exactly one MODULE:KERNEL")
+
+
+def _platform_here() -> None:
+    """Ask Triton for this process's device once, turning "no GPU driver" into one line."""
+    from .._compat import device_identity
+
+    try:
+        device_identity()
+    except RuntimeError as exc:  # Triton found no GPU driver
+        raise click.ClickException(
+            f"cannot tell this process's platform: {str(exc).rstrip('.')}. On a machine without a GPU, "
+            "tune for Triton's interpreter with TRITON_INTERPRET=1, or tune on a GPU machine (--ray)."
+        ) from None
 
 
 def _miss_jobs(targets: tuple[str, ...], tuners: dict[tuple[str, str], Autotuner]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -50,6 +51,21 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_configs is not None and args.max_configs < 1:
         parser.error(f"--max-configs: expected a positive integer; found {args.max_configs}")
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else []
+    except ValueError:
+        parser.error(f"--tokens: expected comma-separated integers; found {args.tokens!r}")
+    if any(t < 1 for t in tokens):
+        parser.error(f"--tokens: expected positive token counts; found {args.tokens}")
+    if not args.dry_run:
+        from .._writable import existing_parent, write_problem
+
+        problem = write_problem(Path(args.out))  # before tuning: its results need somewhere to go
+        if problem:
+            parser.error(
+                f"--out: cannot write the book at {args.out} ({problem}), so tuning results would be "
+                f"lost; choose a writable directory, or make {existing_parent(Path(args.out))} writable"
+            )
     return args
 
 

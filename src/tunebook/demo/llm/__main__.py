@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -74,8 +75,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     gen.add_argument("--raw", action="store_true", help="complete PROMPT as is, without the chat template")
     _model_arguments(gen)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     _model_arguments(srv)
     tune = sub.add_parser("tune", help="tune every kernel key the server meets, into a book directory")
     tune.add_argument("--out", required=True, help="book directory (TUNEBOOK_DIR)")
@@ -84,7 +85,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--prefills", default=None, help="prefill token counts (default: 1, 2, 4, ... max)")
     tune.add_argument("--max-configs", type=int, default=None, help="configs measured per key")
     _model_arguments(tune)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "serve" and not 0 <= args.port <= 65535:
+        parser.error(f"--port: expected 0-65535; found {args.port}")
+    if getattr(args, "gguf", None) and os.path.isdir(args.gguf):
+        parser.error(f"--gguf: expected a .gguf file; {args.gguf} is a directory")
+    return args
 
 
 @contextlib.contextmanager
@@ -180,8 +186,17 @@ def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
     batch size and context bucket, run in ``tune`` mode into ``--out``."""
     import tunebook
 
+    from ..._writable import existing_parent, write_problem
     from .kv_cache import blocks_for
 
+    problem = write_problem(Path(args.out))  # before tuning: its results need somewhere to go
+    if problem:
+        print(
+            f"error: cannot write the book at {args.out} ({problem}), so tuning results would be lost; "
+            f"choose a writable --out, or make {existing_parent(Path(args.out))} writable",
+            file=sys.stderr,
+        )
+        return 2
     os.environ["TUNEBOOK_DIR"] = os.path.abspath(args.out)
     if args.max_configs is not None:  # read when the kernels are decorated: not yet imported
         os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = str(args.max_configs)
@@ -222,7 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         args_again = list(argv) if argv is not None else sys.argv[1:]
         os.execv(sys.executable, [sys.executable, "-m", "tunebook.demo.llm", *args_again])
-    os.environ.setdefault("TUNEBOOK_MODE", "tune" if args.command == "tune" else "serve")
+    default_mode = "tune" if args.command == "tune" else "serve"
+    mode = os.environ.get("TUNEBOOK_MODE", "").strip().lower()
+    if mode and mode not in ("tune", "serve", "off") and args.command != "tune":
+        given = os.environ["TUNEBOOK_MODE"]
+        print(
+            f"python -m tunebook.demo.llm: error: TUNEBOOK_MODE={given!r} is not a mode; "
+            f"expected tune, serve or off (unset, {args.command} runs in {default_mode} mode)",
+            file=sys.stderr,
+        )
+        return 2
+    os.environ.setdefault("TUNEBOOK_MODE", default_mode)
     if args.command == "tune":
         os.environ["TUNEBOOK_MODE"] = "tune"
         return _tune(args, on_gpu)

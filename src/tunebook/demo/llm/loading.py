@@ -171,7 +171,10 @@ def read_gguf(path: str | os.PathLike[str] | None = None, *, layers: int | None 
     unpermuted. ``layers`` keeps only the first layers (dequantizing only those)."""
     gguf = _gguf()
     path = Path(path) if path is not None else gguf_path()
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except ValueError as exc:  # gguf's own words ("GGUF magic invalid") name neither file nor fix
+        raise ValueError(f"{path} is not a GGUF model file ({exc}); pass a .gguf file with --gguf") from None
     config = _config(reader, path.stem)
     if layers is not None:
         config = config.cut(layers)

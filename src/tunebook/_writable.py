@@ -1,0 +1,46 @@
+"""Whether a book directory can take writes, asked before work whose results would be lost.
+
+Shared by the CLI (``tunebook tune``, ``import``, ...) and the commands that need no click
+(``python -m tunebook.kernels tune``, ``python -m tunebook.demo.llm tune``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["existing_parent", "write_problem"]
+
+
+def existing_parent(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: the directory whose permissions matter."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def write_problem(directory: Path) -> str | None:
+    """Why files could not be written into ``directory`` (None: they can).
+
+    An existing directory is probed with a real file, which catches what permission bits
+    do not say (a read-only mount, an immutable directory, root's writes). A directory yet
+    to be created needs a writable nearest ancestor.
+
+    >>> import tempfile
+    >>> write_problem(Path(tempfile.mkdtemp())) is None
+    True
+    """
+    target = existing_parent(directory)
+    if not target.is_dir():
+        return f"{target} is not a directory"
+    if target != directory:
+        return None if os.access(target, os.W_OK | os.X_OK) else f"cannot create it in {target}"
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tunebook-probe-")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
