@@ -72,6 +72,7 @@ def test_the_tune_command_lists_the_gemm_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # tunes four GEMM keys on the interpreter, then serves them in a new process
+@pytest.mark.once  # the command's plumbing; linear itself is tested on every Triton
 def test_gemm_keys_tuned_by_the_command_are_served_with_zero_benchmarking(book_dir: Path) -> None:
     args = ("--out", str(book_dir), "--ops", "linear", "--models", "smollm2-135m", "--tokens", "1")
     budget = {"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
