@@ -57,6 +57,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--tokens: expected comma-separated integers; found {args.tokens!r}")
     if any(t < 1 for t in tokens):
         parser.error(f"--tokens: expected positive token counts; found {args.tokens}")
+    args.token_counts = tokens or None  # None: each op's own
     if not args.dry_run:
         from .._writable import existing_parent, write_problem
 
@@ -118,9 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"unknown dtype(s) {', '.join(unknown)}; known: {', '.join(_models.DTYPES)}")
         dtypes = [_models.DTYPES[d] for d in args.dtypes.split(",")]
-        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
         ops = args.ops.split(",") if args.ops else list(_models.OPS)
-        jobs = _models.plan(ops, _models.select_models(args.models), tokens, dtypes)
+        jobs = _models.plan(ops, _models.select_models(args.models), args.token_counts, dtypes)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
