@@ -54,7 +54,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import max_configs, shipped_books
+from ._common import check_device, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -437,6 +437,7 @@ def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any
     devices = {t.device for t in (x, w13, w2, topk_weights, topk_ids)}
     if len(devices) != 1:
         raise ValueError(f"fused_moe: all inputs must be on one device; found {sorted(map(str, devices))}")
+    check_device("fused_moe", x.device)
     if out is not None and (tuple(out.shape) != (T, H) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(
             f"fused_moe: out must be [{T}, {H}] of dtype {x.dtype} on {x.device}; found "

@@ -50,7 +50,7 @@ import triton.language as tl
 import tunebook
 
 from . import _linear_tma
-from ._common import check_out, max_configs, shipped_books
+from ._common import check_device, check_out, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -300,6 +300,7 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
         raise TypeError(f"linear: weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one.")
     if weight.device != x.device:
         raise ValueError(f"linear: x is on {x.device} but weight is on {weight.device}")
+    check_device("linear", x.device)
     if bias is not None:
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(
