@@ -210,6 +210,25 @@ def test_show_table_for_people_and_filters(book_dir: Path, tmp_path: Path) -> No
     assert "no book file for kernel other" in invoke("show", "--kernel", "other", ok=False).output
 
 
+def test_show_into_a_pipe_neither_wraps_nor_pads_the_heading(book_dir: Path) -> None:
+    """docs/cli.md: output that is not going to a terminal is never wrapped. The heading was
+    the table's title once: padded to the table's width, and wrapped where it was wider."""
+    name = "mylib.attention." + "very_long_kernel_name_" * 5  # a heading wider than its table
+    replay = Replay(TABLE)
+    kernel = tunebook.autotune(
+        configs=block_configs(32, 64), key=["n"], name=name, pre_hook=replay.pre_hook, do_bench=replay
+    )(add_kernel)
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    proc = python_m_tunebook("show", "--no-failures")  # stdout is a pipe
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == [], proc.stdout
+    (file_name,) = (p.name for p in book_files(book_dir))
+    assert any(f"{file_name} · key (n) + argument dtypes" in line for line in lines), proc.stdout
+    assert any(line.startswith(f"{name} ") for line in lines), proc.stdout
+
+
 def test_show_reports_unreadable_files_and_leftovers(book_dir: Path) -> None:
     tune_add()
     (book_dir / "broken.json").write_text("{not json")
