@@ -133,8 +133,8 @@ def command(
     console = out()
     for page in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label, p.path.name)):
         summaries = summarise_page(page.doc, reference)
-        for line in _title(page):
-            console.print(line, soft_wrap=True)
+        for heading in _title(page):
+            console.print(heading, soft_wrap=True)
         console.print(_table(summaries, reference))
         for note in reference_notes(summaries):
             console.print(f"  [dim]{escape(note)}[/]", soft_wrap=True)
