@@ -660,6 +660,27 @@ def test_import_vllm_rejects_foreign_file_names(tmp_path: Path) -> None:
     assert "not a vLLM config file name" in res.output and "E=<int>,N=<int>" in res.output
 
 
+@pytest.mark.parametrize(
+    ("table", "found"),
+    [
+        ({"1": {"BLOCK_SIZE_M": "x"}}, 'batch size 1: BLOCK_SIZE_M is "x"'),
+        ({"1": {"BLOCK_SIZE_M": 16, "num_warps": 4.5}}, "batch size 1: num_warps is 4.5"),
+        ({"1": {"GROUP_SIZE_M": True}}, "batch size 1: GROUP_SIZE_M is true"),
+        ({"many": {"BLOCK_SIZE_M": 16}}, 'the batch size "many"'),
+    ],
+)
+def test_import_vllm_refuses_values_vllm_would_not_read_as_integers(
+    tmp_path: Path, table: dict[str, Any], found: str
+) -> None:
+    """Such a file was imported with exit status 0, and failed only when exported later."""
+    path = tmp_path / VLLM_NAME
+    path.write_text(json.dumps(table))
+    res = invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    (message,) = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert f"{path}: {found}; expected an integer" in message and "Fix the file" in message, res.output
+    assert not (tmp_path / "imp").exists()
+
+
 # ------------------------------------------------------------------------------------ prune
 
 
