@@ -164,6 +164,7 @@ def test_empty_batch_launches_nothing():
         (lambda a: {**a, "topk_ids": a["topk_ids"].float()}, "int32/int64"),
         (lambda a: {**a, "w2": a["w2"].half()}, "share one of"),
         (lambda a: {**a, "out": torch.empty(3, 5)}, "out must be"),
+        (lambda a: {**a, "out": [0.0] * 24}, "out must be a torch tensor or None; found list"),
     ],
 )
 def test_errors_say_what_was_expected(change, message):

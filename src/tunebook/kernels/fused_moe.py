@@ -415,6 +415,8 @@ def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any
     ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_moe: {name} must be a torch tensor; found {type(t).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"fused_moe: out must be a torch tensor or None; found {type(out).__name__}")
     if x.dim() != 2:
         raise ValueError(f"fused_moe: x must be [T, H]; found shape {tuple(x.shape)}")
     T, H = x.shape
