@@ -210,6 +210,25 @@ def test_show_table_for_people_and_filters(book_dir: Path, tmp_path: Path) -> No
     assert "no book file for kernel other" in invoke("show", "--kernel", "other", ok=False).output
 
 
+def test_show_into_a_pipe_neither_wraps_nor_pads_the_heading(book_dir: Path) -> None:
+    """docs/cli.md: output that is not going to a terminal is never wrapped. The heading was
+    the table's title once: padded to the table's width, and wrapped where it was wider."""
+    name = "mylib.attention." + "very_long_kernel_name_" * 5  # a heading wider than its table
+    replay = Replay(TABLE)
+    kernel = tunebook.autotune(
+        configs=block_configs(32, 64), key=["n"], name=name, pre_hook=replay.pre_hook, do_bench=replay
+    )(add_kernel)
+    x, y, out = vectors(100)
+    kernel[grid_1d(100)](x, y, out, 100)
+    proc = python_m_tunebook("show", "--no-failures")  # stdout is a pipe
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line for line in lines if line != line.rstrip()] == [], proc.stdout
+    (file_name,) = (p.name for p in book_files(book_dir))
+    assert any(f"{file_name} · key (n) + argument dtypes" in line for line in lines), proc.stdout
+    assert any(line.startswith(f"{name} ") for line in lines), proc.stdout
+
+
 def test_show_reports_unreadable_files_and_leftovers(book_dir: Path) -> None:
     tune_add()
     (book_dir / "broken.json").write_text("{not json")
@@ -639,6 +658,27 @@ def test_import_vllm_rejects_foreign_file_names(tmp_path: Path) -> None:
     bad.write_text("{}")
     res = invoke("import", "--format", "vllm", bad, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
     assert "not a vLLM config file name" in res.output and "E=<int>,N=<int>" in res.output
+
+
+@pytest.mark.parametrize(
+    ("table", "found"),
+    [
+        ({"1": {"BLOCK_SIZE_M": "x"}}, 'batch size 1: BLOCK_SIZE_M is "x"'),
+        ({"1": {"BLOCK_SIZE_M": 16, "num_warps": 4.5}}, "batch size 1: num_warps is 4.5"),
+        ({"1": {"GROUP_SIZE_M": True}}, "batch size 1: GROUP_SIZE_M is true"),
+        ({"many": {"BLOCK_SIZE_M": 16}}, 'the batch size "many"'),
+    ],
+)
+def test_import_vllm_refuses_values_vllm_would_not_read_as_integers(
+    tmp_path: Path, table: dict[str, Any], found: str
+) -> None:
+    """Such a file was imported with exit status 0, and failed only when exported later."""
+    path = tmp_path / VLLM_NAME
+    path.write_text(json.dumps(table))
+    res = invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    (message,) = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert f"{path}: {found}; expected an integer" in message and "Fix the file" in message, res.output
+    assert not (tmp_path / "imp").exists()
 
 
 # ------------------------------------------------------------------------------------ prune

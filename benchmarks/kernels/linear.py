@@ -34,18 +34,14 @@ from _gemm_timing import (
     write_result,
 )
 
-# (name, N, K) per layer; TP shards split N (qkv, gate_up) or K (o, down).
-MODELS: dict[str, list[tuple[str, int, int]]] = {
-    "llama3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
-    "llama3-70b-tp4": [
-        ("qkv", 2560, 8192),
-        ("o", 8192, 2048),
-        ("gate_up", 14336, 8192),
-        ("down", 8192, 7168),
-    ],
-    "llama3-70b-tp8": [("qkv", 1280, 8192), ("o", 8192, 1024), ("gate_up", 7168, 8192), ("down", 8192, 3584)],
-    "qwen2.5-7b": [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584), ("down", 3584, 18944)],
-    "smollm2-135m": [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)],
+# The models are the pack's (tunebook.kernels._models, the names `python -m tunebook.kernels
+# tune --models` takes), their layers as (name, N, K): q/k/v fused, o, gate/up fused, down.
+# They are read once the environment is set (importing the pack imports triton).
+DEFAULT_MODELS = "llama-3-8b,llama-3-70b-tp4,llama-3-70b-tp8,qwen2.5-7b,smollm2-135m"  # the dense ones
+OLD_NAMES = {  # this script's names before it took the pack's; results in benchmarks/results use them
+    "llama3-8b": "llama-3-8b",
+    "llama3-70b-tp4": "llama-3-70b-tp4",
+    "llama3-70b-tp8": "llama-3-70b-tp8",
 }
 DRY_MODELS = {"tiny": [("qkv", 40, 24), ("down", 24, 72)]}
 M_VALUES = [2**i for i in range(14)]  # 1 .. 8192
@@ -57,12 +53,32 @@ VARIANTS = ("tunebook", "rule", "fixed", "cublas")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__, "linear", M_VALUES, TUNE_M)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument(
+        "--models",
+        default=DEFAULT_MODELS,
+        help="comma-separated model names of `python -m tunebook.kernels tune --models` "
+        f"(default: {DEFAULT_MODELS})",
+    )
     return p.parse_args(argv)
 
 
+def model_layers(names: str) -> dict[str, list[tuple[str, int, int]]]:
+    """{model: [(layer, N, K), ...]} of the pack's models named in ``names`` (comma-separated)."""
+    from tunebook.kernels import _models
+
+    try:
+        models = _models.select_models(",".join(OLD_NAMES.get(n, n) for n in names.split(",")))
+    except ValueError as exc:
+        sys.exit(f"error: --models: {exc}")
+    return {
+        m.name: [(s["layer"], s["N"], s["K"]) for s in map(dict, _models.shapes("linear", (m,)))]
+        for m in models
+    }
+
+
 def layers(args: argparse.Namespace) -> list[tuple[str, str, int, int]]:
-    models = DRY_MODELS if args.dry_run else {m: MODELS[m] for m in args.models.split(",")}
+    chosen = model_layers(args.models)  # checked in a dry run too: a typo shows before a GPU run
+    models = DRY_MODELS if args.dry_run else chosen
     return [(model, name, n, k) for model, shapes in models.items() for name, n, k in shapes]
 
 

@@ -7,6 +7,10 @@ read that way ran past the block table)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -119,3 +123,49 @@ def test_silu_and_mul_refuses_the_second_half_of_its_input_as_its_output() -> No
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="out shares memory with x"):
         silu_and_mul(x, out=x[:, 32:])
+
+
+# Every op called with CPU tensors, as a new user writes it first (valid shapes throughout).
+_CPU_CALLS = """
+import torch
+import tunebook.kernels as k
+
+x, q = torch.randn(2, 64), torch.randn(2, 4, 16)
+cache = torch.zeros(4, 16, 2, 16)
+table, lens, slots = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32), torch.arange(2)
+cu = torch.tensor([0, 2], dtype=torch.int32)
+ids = torch.zeros(2, 1, dtype=torch.int64)
+calls = {
+    "rms_norm": lambda: k.rms_norm(x, torch.ones(64)),
+    "silu_and_mul": lambda: k.silu_and_mul(x),
+    "rotary_embedding": lambda: k.rotary_embedding(q, q[:, :2], torch.arange(2), k.cos_sin_cache(16, 8)),
+    "linear": lambda: k.linear(x, torch.randn(8, 64)),
+    "fused_moe": lambda: k.fused_moe(x, torch.randn(2, 16, 64), torch.randn(2, 64, 8), torch.ones(2, 1), ids),
+    "paged_attention_decode": lambda: k.paged_attention_decode(q, cache, cache.clone(), table, lens),
+    "varlen_attention": lambda: k.varlen_attention(q, q[:, :2], q[:, :2], cu, cu),
+    "reshape_and_cache": lambda: k.reshape_and_cache(q[:, :2], q[:, :2], cache, cache.clone(), slots),
+}
+for op, call in calls.items():
+    try:
+        call()
+        print(op, "ran")
+    except Exception as exc:
+        print(op, type(exc).__name__, str(exc).replace(chr(10), " | "))
+"""
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused_with_the_way_out() -> None:
+    """Without TRITON_INTERPRET, a CPU tensor once reached Triton's launcher and ended in
+    "0 active drivers ([]). There should only be one."; every op now says what to do."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CPU_CALLS], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 8, proc.stdout
+    for line in lines:
+        op, kind, message = line.split(" ", 2)
+        assert kind == "ValueError", line
+        assert message.startswith(f"tunebook.kernels.{op}: the tensors are on the CPU"), line
+        assert "TRITON_INTERPRET=1" in message and "active drivers" not in message, line

@@ -36,13 +36,16 @@ def serve(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """Token by token, expert by expert, in fp64."""
+    """Token by token, expert by expert, in fp64; an expert id outside [0, E) adds nothing
+    (vLLM's expert-parallel semantics)."""
     x, w13, w2 = x.double(), w13.double(), w2.double()
     inter = w13.shape[1] // 2
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
+            if not 0 <= e < w13.shape[0]:
+                continue
             h = F.silu(w13[e, :inter] @ x[t]) * (w13[e, inter:] @ x[t])
             out[t] += float(topk_weights[t, j]) * (w2[e] @ h)
     return out
@@ -82,6 +85,25 @@ def test_experts_without_tokens(k):
     assert_close(out, reference(x, w13, w2, tw, ti), torch.bfloat16, MOE_TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_expert_ids_outside_the_local_experts_add_nothing(k):
+    """vLLM's expert parallelism maps the experts of other ranks to -1 (and an id past E is
+    no local expert either): such a (token, expert) pair is dropped, its weight ignored. Such
+    an id once failed in the alignment ("index -1 is out of bounds"). k = 6 > E = 4: a rank's
+    local experts can be fewer than the experts a token is routed to."""
+    T, E = 7, 4
+    x, w13, w2, tw, _ = inputs(T, E, 24, 40, 1, torch.float32, "ep", k)
+    gen = torch.Generator().manual_seed(k)
+    ti = torch.randint(-1, E + 2, (T, k), generator=gen, dtype=torch.int32)  # -1, 0..3, 4, 5
+    ti[0] = -1  # every pair of token 0 dropped: it gets 0
+    ti[1, 0] = 2  # token 1 keeps one pair at least
+    tw = torch.rand((T, k), generator=gen)
+    out = fused_moe(x, w13, w2, tw, ti, out=poisoned((T, 24), torch.float32))
+    want = reference(x, w13, w2, tw, ti)
+    assert_close(out, want, torch.float32, MOE_TOL[torch.float32])
+    assert (out[0] == 0).all() and want[1].abs().sum() > 0
+
+
 CONFIGS = {
     "smallest": dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=1),
     "largest": dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=256, GROUP_SIZE_M=64, num_warps=8),
@@ -118,6 +140,10 @@ def test_alignment_sorts_pads_and_names_each_chunk():
     assert sorted_ids[:12].tolist() == [1, 4, n, n, 3, n, n, n, 0, 2, 5, n]
     assert (sorted_ids[12:] == n).all() and sorted_ids.numel() % 4 == 0
     assert chunk_expert[:3].tolist() == [0, 1, 2] and int(num_padded) == 12
+    # ids outside [0, E) get no row: here pairs 1 (-1) and 4 (4) are left out
+    sorted_ids, chunk_expert, num_padded = moe_align(torch.tensor([[2, -1], [2, 1], [4, 2]]), E=4, align=4)
+    assert sorted_ids[:8].tolist() == [3, n, n, n, 0, 2, 5, n] and (sorted_ids[8:] == n).all()
+    assert chunk_expert[:2].tolist() == [1, 2] and int(num_padded) == 8
     assert moe_align_size(1) == 16 and moe_align_size(40) == 64 and moe_align_size(5000) == 128
 
 
@@ -138,6 +164,7 @@ def test_empty_batch_launches_nothing():
         (lambda a: {**a, "topk_ids": a["topk_ids"].float()}, "int32/int64"),
         (lambda a: {**a, "w2": a["w2"].half()}, "share one of"),
         (lambda a: {**a, "out": torch.empty(3, 5)}, "out must be"),
+        (lambda a: {**a, "out": [0.0] * 24}, "out must be a torch tensor or None; found list"),
     ],
 )
 def test_errors_say_what_was_expected(change, message):

@@ -42,3 +42,29 @@ def test_dry_run_tunes_then_measures(script, tmp_path):
     assert all(isinstance(r["from_book"], bool) for r in rows)
     if script == "fused_moe.py":
         assert all("vllm:FAKE_GPU" in r and "torch" in r for r in rows)
+
+
+def test_the_linear_benchmark_takes_the_packs_model_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It once had names of its own (llama3-8b where the pack's tune command takes llama-3-8b)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "kernels"))  # its helper modules
+    path = ROOT / "benchmarks" / "kernels" / "linear.py"
+    spec = importlib.util.spec_from_file_location("bench_linear", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    args = script.parse_args(["--models", "llama-3-8b,smollm2-135m,llama3-70b-tp8"])  # an old name too
+    expected = {  # (N, K) of qkv, o, gate_up, down: the shapes the script measured before
+        "llama-3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+        "smollm2-135m": [(960, 576), (576, 576), (3072, 576), (576, 1536)],
+        "llama-3-70b-tp8": [(1280, 8192), (8192, 1024), (7168, 8192), (8192, 3584)],
+    }
+    assert script.layers(args) == [
+        (model, layer, n, k)
+        for model, shapes in expected.items()
+        for layer, (n, k) in zip(("qkv", "o", "gate_up", "down"), shapes, strict=True)
+    ]
+    with pytest.raises(SystemExit, match=r"--models: unknown model\(s\) llama-3-7b; known: llama-3-8b"):
+        script.layers(script.parse_args(["--models", "llama-3-7b", "--dry-run"]))

@@ -275,7 +275,16 @@ def _call(**changes):  # type: ignore[no-untyped-def]
         ),
         (
             {"v_cache": torch.zeros(3, PAGE, 2, 64, dtype=torch.float16)},
-            "v_cache must have the queries' dtype",
+            "v_cache must have q's dtype torch.float32; found torch.float16",
+        ),
+        # a cache of the wrong rank is named as such (it once read as -1 KV heads: "found 4 and -1")
+        (
+            {"k_cache": torch.zeros(3, 1, PAGE, 2, 64)},
+            r"k_cache must have 4 dimensions; found shape \(3, 1, 16",
+        ),
+        (
+            {"k_cache": torch.zeros(3 * PAGE, 2, 64)},
+            r"k_cache must have 4 dimensions; found shape \(48, 2, 64\)",
         ),
         ({"block_table": torch.zeros(2, 2)}, "block_table must be a 2-D int32 or int64 tensor"),
         ({"context_lens": torch.tensor([3], dtype=torch.int32)}, "one row per sequence"),

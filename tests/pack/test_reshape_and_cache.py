@@ -108,8 +108,9 @@ def test_no_tokens_launch_nothing() -> None:
         ({"value": torch.zeros(3, 2, 32)}, "value must have key's shape"),
         (
             {"k_cache": torch.zeros(2, PAGE, 2, 64, dtype=torch.float16)},
-            "k_cache must have the queries' dtype",
+            "k_cache must have key's dtype torch.float32; found torch.float16",
         ),
+        ({"v_cache": "k_cache"}, "k_cache and v_cache share memory"),  # one tensor given twice
         ({"slot_mapping": torch.tensor([1, 2])}, r"one slot per token \(3\)"),
         ({"slot_mapping": torch.tensor([1.0, 2.0, 3.0])}, "slot_mapping must be a 1-D int32 or int64"),
         ({"key": None}, "key shares memory with the cache"),  # None: a view of k_cache
@@ -127,5 +128,7 @@ def test_rejects_bad_inputs(changes, match) -> None:  # type: ignore[no-untyped-
     args.update(changes)
     if args["key"] is None:
         args["key"] = k_cache[0, :3]
+    if args["v_cache"] == "k_cache":
+        args["v_cache"] = k_cache
     with pytest.raises(ValueError, match=match):
         reshape_and_cache(**args)

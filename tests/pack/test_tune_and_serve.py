@@ -5,6 +5,9 @@ as its own book, benchmark nothing and run the same configs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,31 @@ def test_the_tune_command_refuses_an_out_it_cannot_write_and_token_counts_below_
     assert f"--out: cannot write the book at {tmp_path / 'afile' / 'book'}" in proc.stderr, proc.stderr
     proc = tune_command("--out", str(tmp_path / "book"), "--tokens", "0", "--dry-run")
     assert proc.returncode == 2 and "--tokens: expected positive token counts; found 0" in proc.stderr
+
+
+def test_the_tune_command_without_torch_prints_the_install_line_alone(tmp_path: Path) -> None:
+    """A torch that cannot be imported (a package on PYTHONPATH whose import fails, as a
+    missing one does): the message once came after a chained traceback of two exceptions."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        'raise ImportError("No module named \'torch\'", name="torch")\n'
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunebook.kernels", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.stderr.splitlines() == [
+        "error: tunebook.kernels needs torch, which is not installed. Install it with:",
+        "    pip install 'tunebook[kernels]'",
+        "On a machine without a GPU, install PyTorch's CPU build first (e.g. pip install torch==2.13.0).",
+    ], proc.stderr
+    # imported as a library it stays an ImportError the caller can catch
+    library = subprocess.run(
+        [sys.executable, "-c", "import tunebook.kernels"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert "tunebook._errors.MissingDependency: tunebook.kernels needs torch" in library.stderr

@@ -182,8 +182,9 @@ def shared_store(url: str) -> RedisStore | None:
             except ImportError as exc:
                 warn_once(
                     f"redis-import:{url}",
-                    "tunebook: TUNEBOOK_REDIS_URL is set but the shared book cannot be used: %s "
-                    "Carrying on with the local book only.",
+                    # the install line ends the message, on a line of its own, ready to copy
+                    "tunebook: TUNEBOOK_REDIS_URL is set but the shared book cannot be used; carrying on "
+                    "with the local book only. %s",
                     exc,
                 )
                 _shared_stores[cache_key] = None

@@ -31,10 +31,12 @@ from ._common import (
 from ._load import load
 from ._vllm_format import (
     COMPILER_OPTIONS,
+    CONFIG_FIELDS,
     IMPORT_HASH,
     IMPORT_TIMER,
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
+    is_integer,
     parse_name,
     scalar,
 )
@@ -56,7 +58,24 @@ def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
         table.pop("triton_version", None)
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise click.ClickException(f"{path}: expected an object of batch size -> config object")
+    for m_text, config in table.items():
+        if problem := _entry_problem(m_text, config):
+            raise click.ClickException(
+                f"{path}: {problem}; expected an integer (vLLM reads batch sizes and config fields as "
+                "integers). Fix the file, or leave it out of the import"
+            )
     return fields, table
+
+
+def _entry_problem(m_text: str, config: dict[str, Any]) -> str | None:
+    """What vLLM could not read in one entry (None: nothing): the batch size, or a field it
+    reads as an integer that is not one."""
+    if not is_integer(scalar(m_text)):
+        return f"the batch size {json.dumps(m_text)}"
+    for name, value in config.items():
+        if (name in CONFIG_FIELDS or name in COMPILER_OPTIONS) and not is_integer(value):
+            return f"batch size {m_text}: {name} is {json.dumps(value)}"
+    return None
 
 
 def imported_page(

@@ -50,15 +50,19 @@ def show_json(loaded: Loaded, pages: list[Page], reference: Reference) -> dict[s
     }
 
 
-def _table(page: Page, summaries: list[KeySummary], reference: Reference) -> Table:
-    doc = page.doc
-    key_names = ", ".join(map(str, doc.kernel.get("key", []))) or "-"
-    title = (
+def _title(page: Page) -> list[str]:
+    """The page's heading lines, printed above its table (not as the table's title, which
+    rich pads to the table's width and wraps when longer: file names and keys must copy whole)."""
+    key_names = ", ".join(map(str, page.doc.kernel.get("key", []))) or "-"
+    return [
         f"[bold]{escape(page.kernel_name)}[/] [dim]{page.identity.id}[/]  on  "
-        f"[bold]{escape(page.platform_label)}[/]"
-        f"\n[dim]{escape(page.path.name)} · key ({escape(key_names)}) + argument dtypes[/]"
-    )
-    table = Table(title=title, title_justify="left")
+        f"[bold]{escape(page.platform_label)}[/]",
+        f"[dim]{escape(page.path.name)} · key ({escape(key_names)}) + argument dtypes[/]",
+    ]
+
+
+def _table(summaries: list[KeySummary], reference: Reference) -> Table:
+    table = Table()
     for name, justify in (
         ("key", "left"),
         ("winner", "left"),
@@ -129,7 +133,9 @@ def command(
     console = out()
     for page in sorted(pages, key=lambda p: (p.kernel_name, p.platform_label, p.path.name)):
         summaries = summarise_page(page.doc, reference)
-        console.print(_table(page, summaries, reference))
+        for heading in _title(page):
+            console.print(heading, soft_wrap=True)
+        console.print(_table(summaries, reference))
         for note in reference_notes(summaries):
             console.print(f"  [dim]{escape(note)}[/]", soft_wrap=True)
         if (line := misses_line(summaries, page.kernel_name)) is not None:

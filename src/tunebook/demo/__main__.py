@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
     on_gpu = _has_gpu()
     if args.book is not None:
+        from tunebook._writable import write_problem
+
+        problem = write_problem(args.book)  # the second process must find what the first wrote
+        if problem is not None:
+            parser.error(
+                f"--book: cannot write the book at {args.book} ({problem}), so the second process "
+                "would have nothing to remember; pass a writable directory (created if missing), or "
+                "leave --book out for a temporary one"
+            )
         return _demo(args.book, on_gpu, kept=True)
     with tempfile.TemporaryDirectory(prefix="tunebook-demo-") as tmp:
         return _demo(Path(tmp), on_gpu, kept=False)
@@ -102,6 +111,7 @@ def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
     print(f"tunebook demo on {where}; triton {triton.__version__}; book: {book}{what}")
 
     runs = []
+    warned: list[str] = []  # the children's warnings (a book they could not write, ...)
     for label in ("process 1 (tunes)", "process 2 (remembers)"):
         print(f"  running {label} ...", flush=True)
         proc = subprocess.run(
@@ -112,6 +122,7 @@ def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
             print(f"{label} failed (exit code {proc.returncode}); its error output is above.")
             return 1
         runs.append((label, json.loads(proc.stdout.strip().splitlines()[-1])))
+        warned += [w for w in proc.stderr.splitlines() if "Warning: " in w and w not in warned]
 
     print()
     print(f"  {'':24}{'benchmarked':>14}{'first call':>13}  {'correct':8}winner")
@@ -137,9 +148,12 @@ def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
         + (
             "OK: the second process benchmarked nothing and ran the remembered winner."
             if ok
-            else "UNEXPECTED: see the table above."
+            else "UNEXPECTED: see the table above" + ("; the processes warned:" if warned else ".")
         )
     )
+    if not ok:  # the reason is usually in what the children warned about
+        for line in warned:
+            print(f"  {line.split('Warning: ', 1)[-1]}")
     if not kept:
         print(f"  (the temporary book {book} is removed now; run with --book DIR to keep it)")
     return 0 if ok else 1

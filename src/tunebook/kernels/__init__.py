@@ -41,15 +41,31 @@ reach a module's private kernel with ``from tunebook.kernels.rms_norm import _rm
 
 from __future__ import annotations
 
+import sys
+
+from .._errors import MissingDependency
 from .._optional import require
 
+
+def _run_as_main() -> bool:
+    """Whether this process is ``python -m tunebook.kernels ...`` (runpy imports the package first)."""
+    argv = list(getattr(sys, "orig_argv", []))
+    return "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["tunebook.kernels"]
+
+
 # torch is not a dependency of tunebook itself; the pack needs it (the [kernels] extra).
-require(
-    "torch",
-    feature="tunebook.kernels",
-    extra="kernels",
-    hint="On a machine without a GPU, install PyTorch's CPU build first (e.g. pip install torch==2.13.0).",
-)
+try:
+    require(
+        "torch",
+        feature="tunebook.kernels",
+        extra="kernels",
+        hint="On a machine without a GPU, install PyTorch's CPU build first "
+        "(e.g. pip install torch==2.13.0).",
+    )
+except MissingDependency as exc:
+    if _run_as_main():  # the command line: the message and its install line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
+    raise
 
 from ._common import BOOKS_DIR, open_books  # noqa: E402  (after the check: these import torch)
 from .fused_moe import fused_moe  # noqa: E402

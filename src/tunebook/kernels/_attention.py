@@ -94,12 +94,15 @@ def check_index(op: str, name: str, t: Any, dims: int) -> None:
         c.fail(op, f"{name} must be a {dims}-D int32 or int64 tensor; found {found}")
 
 
-def check_cache(op: str, k_cache: Any, v_cache: Any, n_kv: int, head_size: int, dtype: torch.dtype) -> int:
-    """The paged caches match each other, the KV heads and the dtype; returns block_size."""
+def check_cache(
+    op: str, k_cache: Any, v_cache: Any, n_kv: int, head_size: int, dtype: torch.dtype, dtype_of: str = "q"
+) -> int:
+    """The paged caches match each other, the KV heads and the dtype of tensor ``dtype_of``
+    (named in the error); returns block_size."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_heads(op, name, t, dims=4)
         if t.dtype != dtype:
-            c.fail(op, f"{name} must have the queries' dtype {dtype}; found {t.dtype}")
+            c.fail(op, f"{name} must have {dtype_of}'s dtype {dtype}; found {t.dtype}")
     if k_cache.shape != v_cache.shape:
         c.fail(
             op,

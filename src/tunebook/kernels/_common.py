@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 import torch
 
 import tunebook
-from tunebook import _settings
+from tunebook import _compat, _settings
 
 BOOKS_DIR = Path(__file__).resolve().parent / "books"
 # TUNEBOOK_KERNELS_SHIPPED_BOOKS=0 leaves the shipped books out (read when the op modules
@@ -235,12 +235,30 @@ def check_float(op: str, name: str, t: Any) -> None:
         fail(op, f"{name} must be float16, bfloat16 or float32; found {t.dtype}")
 
 
+def check_device(op: str, device: torch.device) -> None:
+    """Triton can launch on ``device``: a GPU, or the CPU under ``TRITON_INTERPRET=1``.
+
+    Without the interpreter, a CPU tensor would reach Triton's launcher, which fails with
+    "0 active drivers" on a machine without a GPU (and a pointer error on one with a GPU).
+    """
+    if device.type == "cpu" and not _compat.interpreting():
+        fail(
+            op,
+            "the tensors are on the CPU, but Triton runs kernels on a GPU; move them to one (e.g. "
+            "x.cuda()), or set TRITON_INTERPRET=1 before importing tunebook.kernels to run them in "
+            "Triton's CPU interpreter",
+        )
+
+
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """All given tensors are on one device, and it is one Triton can launch on."""
     present = {n: t for n, t in tensors.items() if t is not None}
     devices = {str(t.device) for t in present.values()}
     if len(devices) > 1:
         found = ", ".join(f"{n} on {t.device}" for n, t in present.items())
         fail(op, f"all tensors must be on one device; found {found}")
+    if present:
+        check_device(op, next(iter(present.values())).device)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

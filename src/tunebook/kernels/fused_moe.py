@@ -12,6 +12,8 @@ Steps, each one launch or a few:
 1. **Align** (PyTorch ops, no host sync): the ``T*k`` (token, expert) pairs are sorted by
    expert and each expert's run is padded to a multiple of ``ALIGN`` rows with a sentinel id;
    ``chunk_expert[c]`` names the expert of each aligned chunk, ``num_padded`` the rows used.
+   A pair whose expert id is outside ``[0, E)`` gets no row (vLLM's expert parallelism
+   marks other ranks' experts -1): it adds nothing to its token's sum.
    About 15 small kernels (a scatter-add histogram, two cumsums, a stable sort, a scatter, a
    searchsorted): a few tens of microseconds eagerly, ~10-20 us inside a CUDA graph; vLLM's
    single CUDA kernel is faster, and writing this step as one Triton kernel is the next gain.
@@ -54,7 +56,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import max_configs, shipped_books
+from ._common import check_device, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -216,23 +218,29 @@ def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
     Returns ``sorted_ids`` (int32, ``[cap]``: indices into ``topk_ids.flatten()``, padding
     = ``topk_ids.numel()``), ``chunk_expert`` (int32, ``[cap // align]``) and ``num_padded``
     (int32, ``[1]``: rows in use). ``cap`` is a bound known without reading the ids, so
-    nothing waits for the device. Pairs of one expert keep their token order.
+    nothing waits for the device. Pairs of one expert keep their token order. A pair whose
+    id is outside ``[0, E)`` (vLLM's expert-parallel ``expert_map`` gives -1 to other ranks'
+    experts) is left out: no row holds it.
     """
     import torch
 
     flat = topk_ids.reshape(-1).to(torch.int64)
     n, device = flat.numel(), flat.device
-    counts = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + (align - 1)) // align * align
+    # Ids outside [0, E) go to an extra bin E: it sorts after every expert and gets no rows.
+    flat = flat.masked_fill((flat < 0) | (flat >= E), E)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts[:E] + (align - 1)) // align * align
     ends = padded.cumsum(0)
     experts, order = torch.sort(flat, stable=True)
     rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[experts]
     cap = triton.cdiv(n + min(E, n) * (align - 1), align) * align
-    sorted_ids = torch.full((cap,), n, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, (ends - padded)[experts] + rank, order.to(torch.int32))
+    # Row `cap`, one past the end, takes every left-out pair (each lands at cap or beyond).
+    starts = torch.cat([ends - padded, ends.new_full((1,), cap)])
+    sorted_ids = torch.full((cap + 1,), n, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, (starts[experts] + rank).clamp_(max=cap), order.to(torch.int32))
     chunks = torch.arange(0, cap, align, device=device)
     chunk_expert = torch.searchsorted(ends, chunks, right=True).clamp_(max=E - 1).to(torch.int32)
-    return sorted_ids, chunk_expert, ends[-1:].to(torch.int32)
+    return sorted_ids[:cap], chunk_expert, ends[-1:].to(torch.int32)
 
 
 @triton.jit
@@ -407,6 +415,8 @@ def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any
     ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_moe: {name} must be a torch tensor; found {type(t).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"fused_moe: out must be a torch tensor or None; found {type(out).__name__}")
     if x.dim() != 2:
         raise ValueError(f"fused_moe: x must be [T, H]; found shape {tuple(x.shape)}")
     T, H = x.shape
@@ -427,8 +437,6 @@ def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any
             f"fused_moe: topk_ids must be int32/int64 and topk_weights floating; found "
             f"{topk_ids.dtype} and {topk_weights.dtype}"
         )
-    if topk_ids.shape[1] > E:
-        raise ValueError(f"fused_moe: top-k is {topk_ids.shape[1]} but there are only {E} experts")
     if str(x.dtype) not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
         raise TypeError(
             f"fused_moe: x, w13, w2 must share one of bfloat16/float16/float32; found "
@@ -437,6 +445,7 @@ def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any
     devices = {t.device for t in (x, w13, w2, topk_weights, topk_ids)}
     if len(devices) != 1:
         raise ValueError(f"fused_moe: all inputs must be on one device; found {sorted(map(str, devices))}")
+    check_device("fused_moe", x.device)
     if out is not None and (tuple(out.shape) != (T, H) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(
             f"fused_moe: out must be [{T}, {H}] of dtype {x.dtype} on {x.device}; found "
@@ -465,8 +474,11 @@ def fused_moe(
 ) -> Any:
     """The MoE MLP of the module docstring; returns ``out`` (``[T, H]``, x's dtype).
 
-    ``x`` may be non-contiguous (read through its strides), weights too. Expert ids must
-    lie in ``[0, E)``: they are not checked (that would wait for the device). ``config``
+    ``x`` may be non-contiguous (read through its strides), weights too. An expert id
+    outside ``[0, E)`` drops its (token, expert) pair: it contributes nothing and its
+    weight is ignored (vLLM's expert parallelism, whose ``expert_map`` gives -1 to the
+    experts of other ranks; a token with every pair dropped gets 0). So ``k`` may exceed
+    ``E`` (the local experts of one rank). ``config``
     launches explicit configs (vLLM's table fields) instead of the book's: one dict for
     both GEMMs or a ``(gemm1, gemm2)`` pair.
     """
@@ -493,7 +505,7 @@ def _fused_moe(
     out = out if out is not None else torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0 or H == 0:
         return out
-    if inter == 0 or top_k == 0:  # no expert contributes: a sum of nothing
+    if inter == 0 or top_k == 0 or E == 0:  # no expert contributes: a sum of nothing
         return out.zero_()
     # Row offsets are 32-bit in the kernels: a call whose x, out or (T * top_k)-row buffers
     # reach past OFFSET_LIMIT elements runs as halves of its tokens.
@@ -512,7 +524,10 @@ def _fused_moe(
     n, cap = T * top_k, sorted_ids.numel()
     dot = dot_mode(x.dtype, fp32_precision)
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
-    y = out if top_k == 1 else torch.empty((n, H), dtype=x.dtype, device=x.device)
+    # GEMM 2 writes the rows of the pairs it computes; a pair left out (an expert id outside
+    # [0, E)) must read as 0, so y starts zeroed (a memset; whether any id is out of range
+    # is only known on the device).
+    y = out.zero_() if top_k == 1 else torch.zeros((n, H), dtype=x.dtype, device=x.device)
     # Read as route_w + row: reshape keeps a column slice's stride (tw[:, :1]), so copy it.
     route_w = topk_weights.reshape(-1).contiguous()
     routing = (sorted_ids, chunk_expert)  # num_padded: the kernels see padding in sorted_ids

@@ -50,7 +50,7 @@ import triton.language as tl
 import tunebook
 
 from . import _linear_tma
-from ._common import check_out, max_configs, shipped_books
+from ._common import check_device, check_out, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -289,6 +289,9 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
         )
     if weight.dim() != 2:
         raise ValueError(f"linear: weight must be [N, K] (2-D); found shape {tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("out", out)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"linear: {name} must be a torch tensor or None; found {type(t).__name__}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: x must be [..., K] with K = weight.shape[1] = {weight.shape[1]}; "
@@ -300,6 +303,7 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
         raise TypeError(f"linear: weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one.")
     if weight.device != x.device:
         raise ValueError(f"linear: x is on {x.device} but weight is on {weight.device}")
+    check_device("linear", x.device)
     if bias is not None:
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(
@@ -373,7 +377,14 @@ def linear(
     x2 = x.reshape(M, K)
     if M == 0 or N == 0:
         return y
-    y2 = y.view(M, N)
+    try:  # the kernel writes y as 2-D rows through their strides: a view, never a copy
+        y2 = y.view(M, N)
+    except RuntimeError:  # only a given out can be laid out so
+        raise ValueError(
+            f"linear: out's leading dimensions cannot be viewed as one (shape {list(y.shape)}, strides "
+            f"{list(y.stride())}); pass an out whose leading dimensions are laid out as one, e.g. "
+            "contiguous, or none"
+        ) from None
     if K == 0:  # an empty sum: nothing to launch
         y2.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y2))
         return y

@@ -307,8 +307,9 @@ def _paged_attention_decode(
     a.check_heads(_OP, "q", q)
     batch, n_q, head_size = q.shape
     n_kv = k_cache.shape[2] if k_cache.dim() == 4 else -1
-    a.check_gqa(_OP, n_q, n_kv)
+    # the caches first: one of the wrong rank has no KV heads to compare (they read as -1)
     page = a.check_cache(_OP, k_cache, v_cache, n_kv, head_size, q.dtype)
+    a.check_gqa(_OP, n_q, n_kv)
     a.check_index(_OP, "block_table", block_table, 2)
     a.check_index(_OP, "context_lens", context_lens, 1)
     if block_table.shape[0] != batch or context_lens.shape[0] != batch:

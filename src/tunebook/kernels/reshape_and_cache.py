@@ -151,7 +151,7 @@ def _reshape_and_cache(
             f"{tuple(value.shape)} {value.dtype}",
         )
     n_tokens, n_kv, head_size = key.shape
-    a.check_cache(_OP, k_cache, v_cache, n_kv, head_size, key.dtype)
+    a.check_cache(_OP, k_cache, v_cache, n_kv, head_size, key.dtype, dtype_of="key")
     a.check_index(_OP, "slot_mapping", slot_mapping, 1)
     if slot_mapping.shape[0] != n_tokens:
         c.fail(
@@ -160,6 +160,12 @@ def _reshape_and_cache(
     c.check_same_device(
         _OP, key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
     )
+    if c.may_overlap(k_cache, v_cache):  # the values would overwrite the keys
+        c.fail(
+            _OP,
+            "k_cache and v_cache share memory (one tensor given twice?); pass two caches (or two "
+            "disjoint views, e.g. kv[:, 0] and kv[:, 1])",
+        )
     for cache in (k_cache, v_cache):
         for name, t in (("key", key), ("value", value)):
             if c.may_overlap(cache, t):

@@ -119,10 +119,10 @@ def _silu_and_mul(
         )
     d = x.shape[-1] // 2
     shape = (*x.shape[:-1], d)
+    c.check_same_device(_OP, x=x, out=out)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     else:
-        c.check_same_device(_OP, x=x, out=out)
         c.check_out(_OP, "out", out, shape, x.dtype, {"x": x})
     if out.numel() == 0:
         return out
