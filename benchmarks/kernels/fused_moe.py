@@ -8,7 +8,11 @@ Variants at every batch size M (tokens), on the same inputs (softmax top-2 of ra
   (files ``E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json`` as in vLLM's wheel), the
   entry of the nearest M, run on our kernel: how well other GPUs' tuning transfers;
 * ``torch``         — a per-expert PyTorch loop (cuBLAS GEMMs; eager: it syncs with the host);
-* ``align``         — the alignment step alone (part of every kernel variant's time).
+* ``align``         — the alignment step alone (part of every kernel variant's time);
+* with ``--mix GPU``: ``tunebook-explicit`` (the book's two configs passed as ``config=``,
+  aligned as vLLM aligns), ``tunebook-g1+GPU-g2`` and ``GPU-g1+tunebook-g2`` (one GEMM's
+  config from the book, the other's from GPU's vLLM table): which GEMM's pick, or the
+  alignment, makes the difference between the book and that table inside the whole op.
 
 Microseconds per call are medians (and p20/p80) of CUDA-graph replays interleaved across the
 variants; TFLOP/s counts the useful FLOPs, 2*M*k*3*H*I.
@@ -51,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--vllm-configs", type=Path, help="a directory of vLLM fused-MoE config JSON files")
     p.add_argument("--torch-max-m", type=int, default=8192, help="skip the PyTorch loop above this M")
+    p.add_argument("--mix", metavar="GPU", help="time the book's GEMM configs mixed with GPU's table too")
     return p.parse_args(argv)
 
 
@@ -152,9 +157,29 @@ def variants_for(args, m, E, H, inter, k, inputs, tables) -> dict[str, Any]:
     for device, table in sorted(tables.get((E, inter), {}).items()):
         cfg = nearest_entry(table, m)
         out[f"vllm:{device}"] = Variant(lambda c=cfg: fused_moe(x, w13, w2, tw, ti, config=c))
+    mixed = tables.get((E, inter), {}).get(args.mix) if args.mix else None
+    if mixed is not None:
+        theirs = nearest_entry(mixed, m)
+        g1, g2 = book_configs(lambda: fused_moe(x, w13, w2, tw, ti))
+        pairs = {"tunebook-explicit": (g1, g2), f"tunebook-g1+{args.mix}-g2": (g1, theirs)}
+        pairs[f"{args.mix}-g1+tunebook-g2"] = (theirs, g2)
+        for name, pair in pairs.items():
+            out[name] = Variant(lambda p=pair: fused_moe(x, w13, w2, tw, ti, config=p))
     if m <= args.torch_max_m:
         out["torch"] = Variant(lambda: torch_moe(x, w13, w2, tw, ti), graph=False)
     return out
+
+
+def book_configs(call: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """The two GEMM configs ``call`` launches (the book's), as vLLM table entries."""
+    import importlib
+
+    moe = importlib.import_module("tunebook.kernels.fused_moe")  # the module: the package exports the op
+    call()
+    return tuple(  # type: ignore[return-value]
+        {**k.best_config.kwargs, "num_warps": k.best_config.num_warps, "num_stages": k.best_config.num_stages}
+        for k in (moe._moe_gemm1_kernel, moe._moe_gemm2_kernel)
+    )
 
 
 def measure(args: argparse.Namespace, device: str, tables: dict) -> list[dict[str, Any]]:

@@ -31,7 +31,8 @@ def run_script(name: str, *args: str) -> None:
 def test_dry_run_tunes_then_measures(script, tmp_path):
     out, book = tmp_path / "out", tmp_path / "book"
     run_script(script, "--out", str(out), "--book-dir", str(book), "--tune", "--tune-m", "1")
-    run_script(script, "--out", str(out), "--book-dir", str(book))
+    mix = ["--mix", "FAKE_GPU"] if script == "fused_moe.py" else []  # the dry run's made-up table
+    run_script(script, "--out", str(out), "--book-dir", str(book), *mix)
     stem = script.removesuffix(".py")
     tuned = json.loads((out / f"{stem}-tune-cpu-interpreter.json").read_text())["tuned"]
     assert tuned and all(row["benchmarked"] > 0 for row in tuned)
@@ -42,6 +43,8 @@ def test_dry_run_tunes_then_measures(script, tmp_path):
     assert all(isinstance(r["from_book"], bool) for r in rows)
     if script == "fused_moe.py":
         assert all("vllm:FAKE_GPU" in r and "torch" in r for r in rows)
+        mixed = ("tunebook-explicit", "tunebook-g1+FAKE_GPU-g2", "FAKE_GPU-g1+tunebook-g2")
+        assert all(r[v]["us"] > 0 for r in rows for v in mixed)
 
 
 def test_the_linear_benchmark_takes_the_packs_model_names(monkeypatch: pytest.MonkeyPatch) -> None:
