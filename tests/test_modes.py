@@ -226,3 +226,48 @@ def test_configs_a_space_declares_raise_no_undeclared_warning():
         call(kernel, 100)  # BLOCK=128 is the Space's, though not this call's: declared
     assert not [w for w in caught if issubclass(w.category, tunebook.BookWarning)]
     assert len(replay.measured) == 3
+
+
+def test_a_read_only_books_search_answers_tune_mode_unless_the_kernel_sets_a_budget(tmp_path, monkeypatch):
+    """A read-only book (an application's shipped answers) whose search stopped short of
+    tunebook's default budget, run with a smaller one or converged, answers ``tune`` mode too:
+    otherwise every new process would search its keys again at their first call. The same
+    entry in the writable book is an unfinished search, and a kernel that declares a larger
+    budget of its own searches on past the read-only book, into its own."""
+    import shutil
+
+    space = tunebook.Space(
+        BLOCK=[16, 32, 64, 128, 256, 512, 1024], num_warps=[1, 2, 4, 8], num_stages=[1, 2, 3]
+    )
+    table = {16: 7.0, 32: 6.0, 64: 5.0, 128: 1.0, 256: 2.0, 512: 3.0, 1024: 4.0}
+
+    def kernel(replay: Replay, **options):
+        return tunebook.autotune(space, key=["n"], do_bench=replay, pre_hook=replay.pre_hook, **options)(
+            add_kernel
+        )
+
+    shipped = tmp_path / "shipped"
+    monkeypatch.setenv("TUNEBOOK_DIR", str(shipped))
+    first = Replay(table)
+    tuned = kernel(first, max_configs=6)  # 6 of the Space's 84: under the default's 64
+    call(tuned, 1000)
+    assert len(first.measured) == 6
+    chosen = tuned.best_config.all_kwargs()
+    writable_copy = tmp_path / "copy"
+    shutil.copytree(shipped, writable_copy)
+
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "local"))
+    served = Replay(table)
+    reader = kernel(served, books=[str(shipped)])
+    call(reader, 1000)
+    assert served.measured == [] and reader.best_config.all_kwargs() == chosen
+
+    monkeypatch.setenv("TUNEBOOK_DIR", str(writable_copy))  # the same results, writable
+    unfinished = Replay(table)
+    call(kernel(unfinished), 1000)
+    assert len(unfinished.measured) == 64 - 6
+
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "local-2"))
+    more = Replay(table)
+    call(kernel(more, books=[str(shipped)], max_configs=10), 1000)
+    assert len(more.measured) == 10 - 6

@@ -68,6 +68,17 @@ def test_serve_mode_serves_a_finished_search_whatever_its_budget():
     assert decide(elsewhere, ids[1:], "serve", Budget()) == "serve"  # its choice is not allowed here
 
 
+def test_a_read_only_books_choice_answers_tune_mode_without_a_budget_of_the_kernels_own():
+    ids = [f"c{i}" for i in range(100)]  # more than SMALL_SPACE: the default budget is 64 configs
+    short = Entry(key=(1,), results={"c0": ok(2.0), "c1": ok(1.0)}, chosen="c1")
+    assert decide(short, ids, "tune", Budget()) == "tune"  # a short search in a writable book
+    assert decide(short, ids, "tune", Budget(), settled=short) == "book"
+    assert decide(short, ids, "tune", Budget(max_configs=10), settled=short) == "tune"  # the kernel's own
+    assert decide(short, ids, "off", Budget(), settled=short) == "tune"
+    elsewhere = Entry(key=(1,), results={"x": ok(1.0)}, chosen="x")  # a choice this call does not allow
+    assert decide(short, ids, "tune", Budget(), settled=elsewhere) == "tune"
+
+
 def test_serve_chain_in_order_user_own_results_nearest_first_config():
     own = entry((1024, "fp16"), b=ok(2.0), a=ok(1.5))
     near = entry((2048, "fp16"), c=ok(0.1))

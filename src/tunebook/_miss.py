@@ -85,7 +85,7 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
             page.refresh(miss.text, declared=miss.ids)
             entry = page.get(miss.text)
         _warn_undeclared(miss, entry)
-        if _policy.decide(entry, miss.ids, mode, budget) == "book":
+        if _policy.decide(entry, miss.ids, mode, budget, page.settled(miss.text)) == "book":
             _stats.add("book_hits")
             return Resolution(entry.best(miss.ids) if entry is not None else None, "book", entry)
         _stats.add("misses")

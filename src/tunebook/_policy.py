@@ -3,7 +3,9 @@
 A key is answered from the book when every candidate config has a result there, or when a
 budgeted search already ran for it and ended with a choice (in ``serve`` mode, any search
 that ended with a choice: a book tuned with another budget, or a search that converged
-early, still serves its tuned config). Otherwise ``TUNEBOOK_MODE``
+early, still serves its tuned config; in ``tune`` mode too where a read-only book holds
+that choice and the kernel sets no budget of its own: books shipped with an application
+are answers, not a start to search from again). Otherwise ``TUNEBOOK_MODE``
 decides: ``tune`` measures what the book lacks; ``serve`` answers at once with the best
 config it can justify without measuring (the user's ``fallback=``, the key's own partial
 results, the entry of a table imported from this GPU (``tables=``), the winner of the
@@ -36,10 +38,21 @@ Decision = Literal["book", "tune", "serve"]
 NEAREST_HINTS = 4
 
 
-def decide(entry: Entry | None, ids: Sequence[str], mode: str, budget: Budget) -> Decision:
-    """``book`` (answered without measuring), ``tune`` or ``serve`` for a key with candidates ``ids``."""
+def decide(
+    entry: Entry | None, ids: Sequence[str], mode: str, budget: Budget, settled: Entry | None = None
+) -> Decision:
+    """``book`` (answered without measuring), ``tune`` or ``serve`` for a key with candidates ``ids``.
+
+    ``settled``: the key's entry in a read-only book. Its search's choice answers ``tune``
+    mode as it answers ``serve`` mode, unless the kernel declares a budget (``max_configs``,
+    ``max_seconds``): then, as for any book, a search smaller than that budget is unfinished.
+    Without this, a shipped key whose search stopped early (a converged neighbour search,
+    a smaller budget) would be searched again at its first call in every new process.
+    """
     if mode != "off" and entry is not None:
         if answered(entry, ids, budget) or (mode == "serve" and chosen_among(entry, ids)):
+            return "book"
+        if mode == "tune" and settled is not None and budget.unlimited and chosen_among(settled, ids):
             return "book"
     return "serve" if mode == "serve" else "tune"
 

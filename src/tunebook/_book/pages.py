@@ -259,6 +259,15 @@ class Page:
             self.refresh(key_text, declared=declared)
         return self.entries.get(key_text)
 
+    def settled(self, key_text: str) -> Entry | None:
+        """The key's entry in the first read-only layer whose search ended with a choice
+        (read with the key by :meth:`get`); None if no read-only layer has one."""
+        for layer in self.layers:
+            entry = layer.entries.get(key_text) if layer.role == "shipped" else None
+            if entry is not None and entry.chosen:
+                return entry
+        return None
+
     def lookup(self, texts: Sequence[str]) -> list[Entry]:
         """The entries of ``texts`` that some layer holds, in that order (one fetch per layer)."""
         missing = [t for t in texts if t not in self._asked]

@@ -540,7 +540,7 @@ class _Driver:
         name = (page.file_name, plan.key_text, key.group)
         twin = self.seen.setdefault(name, key.number)
         same_as = sweep.keys[twin].job if twin != key.number else None  # bucketed keys: tuned once
-        sweep.planned(unit, plan, known, same_as=same_as)
+        sweep.planned(unit, plan, known, same_as=same_as, settled=page.settled(plan.key_text))
 
     def _lost(self, slot: _Slot, unit: Unit, sweep: Sweep, reason: str) -> None:
         """The actor is gone: its units go out again, and a new actor takes its place."""

@@ -235,9 +235,17 @@ class Sweep:
 
     # ------------------------------------------------------------------ what comes back
 
-    def planned(self, unit: Unit, plan: Plan, known: Entry | None, same_as: int | None = None) -> None:
+    def planned(
+        self,
+        unit: Unit,
+        plan: Plan,
+        known: Entry | None,
+        same_as: int | None = None,
+        settled: Entry | None = None,
+    ) -> None:
         """A plan came back; ``known`` is what the book (and the planning worker's) holds.
-        ``same_as``: an earlier job that has the same book key (bucketed keys), tuned once."""
+        ``same_as``: an earlier job that has the same book key (bucketed keys), tuned once.
+        ``settled``: the key's entry in a read-only book (``_policy.decide``)."""
         key = self.keys[unit.key]
         key.out.pop(unit.uid, None)
         key.plan = plan
@@ -245,7 +253,7 @@ class Sweep:
         if same_as is not None:
             key.state, key.answered, key.reason = "done", True, f"the same key as job {same_as}"
             return
-        if known is not None and _policy.decide(known, plan.ids, "tune", plan.budget) == "book":
+        if known is not None and _policy.decide(known, plan.ids, "tune", plan.budget, settled) == "book":
             key.state, key.answered = "done", True
             key.chosen = known.best(plan.ids)
             if not known.chosen:  # measured to the end by a run that was stopped before deciding
