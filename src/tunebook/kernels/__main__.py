@@ -39,11 +39,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     tune.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32 (default: bf16)")
     tune.add_argument(
-        "--max-configs",
-        type=int,
-        default=None,
-        help="configs measured per key (default: 40 for linear and fused_moe, the shipped books' budget; "
-        "tunebook's, 10%% of a large space, for the other ops)",
+        "--max-configs", type=int, default=None, help="configs measured per key (default: tunebook's, 10%%)"
     )
     tune.add_argument(
         "--no-shipped-books",
@@ -133,15 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no GPU; set TRITON_INTERPRET=1 to tune for Triton's CPU interpreter", file=sys.stderr)
         return 2
     from . import _common
-    from ._gemm_common import GEMM_BUDGET
 
     budget = _common.max_configs()
     shipped = "used" if _common.shipped_books() else "left out"
-    per_key = (
-        f"{budget} configs a key"
-        if budget
-        else f"each op's default ({GEMM_BUDGET} configs a key for the GEMMs)"
-    )
+    per_key = f"{budget} configs a key" if budget else "tunebook's default"
     print(
         f"{len(jobs)} calls on {device} into {os.environ['TUNEBOOK_DIR']} "
         f"(shipped books: {shipped}; budget: {per_key})",

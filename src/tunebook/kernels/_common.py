@@ -49,10 +49,10 @@ SHIPPED_BOOKS_ENV = "TUNEBOOK_KERNELS_SHIPPED_BOOKS"
 TOKEN_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(14))  # 1, 2, 4, ..., 8192
 
 # Pack-wide tuning budget (configs measured per key). Read when the op modules are
-# imported, since autotune options are fixed when a kernel is decorated. Unset: each op's
-# default (the GEMMs' GEMM_BUDGET; the other ops tunebook's, 10% of a large space, 64 to
-# 500). A book tuned with a smaller budget than the one a later process uses looks
-# unfinished to it in tune mode: ship books tuned with the default.
+# imported, since autotune options are fixed when a kernel is decorated. Unset: tunebook's
+# default for large spaces (10% of the candidates, 64 to 500). A book tuned with a smaller
+# budget than the one a later process uses looks unfinished to it: ship books tuned with
+# the default.
 MAX_CONFIGS_ENV = "TUNEBOOK_KERNELS_MAX_CONFIGS"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -118,11 +118,10 @@ def shipped_books() -> list[Path]:
     )
 
 
-def max_configs(default: int | None = None) -> int | None:
-    """``TUNEBOOK_KERNELS_MAX_CONFIGS``, else the op's ``default`` (None: tunebook's budget)."""
+def max_configs() -> int | None:
     raw = os.environ.get(MAX_CONFIGS_ENV, "").strip()
     if not raw:
-        return default
+        return None
     try:
         value = int(raw)
     except ValueError:

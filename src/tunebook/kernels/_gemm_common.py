@@ -39,14 +39,6 @@ MAX_ACC_PER_THREAD = 128
 # wrapper splits it), so that no part's offsets wrap.
 OFFSET_LIMIT = 2**31 - 1
 
-# The GEMMs' default budget, configs measured per key (TUNEBOOK_KERNELS_MAX_CONFIGS
-# overrides it). Their spaces hold 570-1,130 candidates a call, so tunebook's own default
-# (10%) would be 64-113; the shipped H200 books searched 40 a key (seeded by the nearest
-# keys' winners, enough for 0.90-1.0x of cuBLAS at 1,024+ rows: BENCHMARKS.md), and a
-# default above the shipped books' budget would make every shipped key look unfinished
-# in tune mode, the library's default, so it would be searched again on its first call.
-GEMM_BUDGET = 40
-
 
 def span(t: Any) -> int:
     """The largest element offset inside tensor ``t`` from its first element (0 if empty).

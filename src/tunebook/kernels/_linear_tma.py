@@ -41,7 +41,6 @@ import tunebook
 from .. import _compat
 from ._common import max_configs, shipped_books
 from ._gemm_common import (
-    GEMM_BUDGET,
     M_EDGES,
     MAX_ACC_PER_THREAD,
     NAME_PREFIX,
@@ -121,7 +120,7 @@ def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
     rep=20,
     use_cuda_graph=True,  # the pack's timer for its other ops: replays without host gaps
     books=shipped_books,
-    max_configs=max_configs(GEMM_BUDGET),
+    max_configs=max_configs(),
     fallback=_fallback,
     prefer_nearest=True,  # a tuned neighbouring bucket first
 )

@@ -58,7 +58,6 @@ import tunebook
 
 from ._common import check_device, max_configs, shipped_books
 from ._gemm_common import (
-    GEMM_BUDGET,
     M_EDGES,
     MAX_ACC_PER_THREAD,
     NAME_PREFIX,
@@ -281,7 +280,7 @@ def _moe_autotune(gemm: int) -> Any:
         key=[tunebook.bucket("M", list(M_EDGES)), "N", "K", "E", "TOP_K"],
         name=f"{NAME_PREFIX}fused_moe.gemm{gemm}",
         books=shipped_books,
-        max_configs=max_configs(GEMM_BUDGET),
+        max_configs=max_configs(),
         fallback=_fallback_for(gemm),
         prefer_nearest=True,  # a tuned neighbouring bucket first
         # vLLM's tables, imported (docs/kernels.md): this GPU's serve a key the book lacks

@@ -52,7 +52,6 @@ import tunebook
 from . import _linear_tma
 from ._common import check_device, check_out, max_configs, shipped_books
 from ._gemm_common import (
-    GEMM_BUDGET,
     M_EDGES,
     MAX_ACC_PER_THREAD,
     NAME_PREFIX,
@@ -203,7 +202,7 @@ def _linear_epilogue(acc, b_ptr, y_ptr, rows, cols, M, N, stride_ym, stride_yn, 
     key=[tunebook.bucket("M", list(M_EDGES)), "N", "K"],
     name=NAME_PREFIX + "linear",
     books=shipped_books,
-    max_configs=max_configs(GEMM_BUDGET),
+    max_configs=max_configs(),
     fallback=_fallback,
     prefer_nearest=True,  # a tuned neighbouring bucket first
 )
