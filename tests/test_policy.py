@@ -77,6 +77,8 @@ def test_a_read_only_books_choice_answers_tune_mode_without_a_budget_of_the_kern
     assert decide(short, ids, "off", Budget(), settled=short) == "tune"
     elsewhere = Entry(key=(1,), results={"x": ok(1.0)}, chosen="x")  # a choice this call does not allow
     assert decide(short, ids, "tune", Budget(), settled=elsewhere) == "tune"
+    # A small space is measured whole: a config added to it is measured (and only that one).
+    assert decide(short, ids[:3], "tune", Budget(), settled=short) == "tune"
 
 
 def test_serve_chain_in_order_user_own_results_nearest_first_config():

@@ -43,16 +43,19 @@ def decide(
 ) -> Decision:
     """``book`` (answered without measuring), ``tune`` or ``serve`` for a key with candidates ``ids``.
 
-    ``settled``: the key's entry in a read-only book. Its search's choice answers ``tune``
-    mode as it answers ``serve`` mode, unless the kernel declares a budget (``max_configs``,
-    ``max_seconds``): then, as for any book, a search smaller than that budget is unfinished.
-    Without this, a shipped key whose search stopped early (a converged neighbour search,
-    a smaller budget) would be searched again at its first call in every new process.
+    ``settled``: the key's entry in a read-only book. Where tunebook's default budget
+    applies (more than SMALL_SPACE candidates, no budget declared by the kernel), its search's
+    choice answers ``tune`` mode as it answers ``serve`` mode. Without this, a shipped key
+    whose search stopped early (a converged neighbour search, a smaller budget) would be
+    searched again at its first call in every new process. A declared budget keeps the rule
+    of every book (a search smaller than it is unfinished), and so does a small space, where
+    every candidate is measured: a config added to it is measured, and only that one.
     """
     if mode != "off" and entry is not None:
         if answered(entry, ids, budget) or (mode == "serve" and chosen_among(entry, ids)):
             return "book"
-        if mode == "tune" and settled is not None and budget.unlimited and chosen_among(settled, ids):
+        budgeted_by_default = budget.unlimited and len(ids) > SMALL_SPACE
+        if mode == "tune" and settled is not None and budgeted_by_default and chosen_among(settled, ids):
             return "book"
     return "serve" if mode == "serve" else "tune"
 
