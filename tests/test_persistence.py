@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -87,9 +88,27 @@ def kdir(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def first_tuning(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The default module tuned in a new process into an empty book, as most tests here start
+    (``child(kdir)``): the book it wrote and the child's report. Done once for the module;
+    each test copies the book (``tuned_into``) instead of spending a process on it again."""
+    root = tmp_path_factory.mktemp("first-tuning")
+    write_kernel(root)
+    return root / "book", child(root, TUNEBOOK_DIR=root / "book")
+
+
+def tuned_into(first_tuning: tuple[Path, dict], book: Path) -> dict:
+    """``book`` (new) holds what ``child(kdir, TUNEBOOK_DIR=book)`` writes on an empty book;
+    that child's report. The kernel's identity is its source, not its file's directory."""
+    tuned, report = first_tuning
+    shutil.copytree(tuned, book)
+    return dict(report)
+
+
 @pytest.mark.slow
-def test_new_process_benchmarks_nothing_for_a_remembered_key(kdir, book_dir):
-    first = child(kdir)
+def test_new_process_benchmarks_nothing_for_a_remembered_key(kdir, book_dir, first_tuning):
+    first = tuned_into(first_tuning, book_dir)
     assert first["benchmarked"] == 3 and first["misses"] == 1 and first["best"] == 64
     second = child(kdir)
     assert second["benchmarked"] == 0 and second["measured"] == []
@@ -105,8 +124,8 @@ def test_new_process_benchmarks_nothing_for_a_remembered_key(kdir, book_dir):
 
 
 @pytest.mark.slow
-def test_adding_a_config_measures_only_that_config(kdir):
-    child(kdir)
+def test_adding_a_config_measures_only_that_config(kdir, book_dir, first_tuning):
+    tuned_into(first_tuning, book_dir)
     grown = child(kdir, BLOCKS="[32, 64, 128, 256]")
     assert grown["measured"] == [256] and grown["benchmarked"] == 1
     assert grown["best"] == 256  # the table makes the new config the fastest
@@ -125,8 +144,8 @@ def test_a_different_winner_in_a_new_list_is_chosen_among_declared_configs(kdir)
 
 
 @pytest.mark.slow
-def test_changing_the_kernel_source_starts_afresh(kdir, book_dir):
-    child(kdir)
+def test_changing_the_kernel_source_starts_afresh(kdir, book_dir, first_tuning):
+    tuned_into(first_tuning, book_dir)
     write_kernel(kdir, op="*")
     changed = child(kdir, OP="*")
     assert changed["benchmarked"] == 3
@@ -134,15 +153,15 @@ def test_changing_the_kernel_source_starts_afresh(kdir, book_dir):
 
 
 @pytest.mark.slow
-def test_changing_a_called_jit_helper_starts_afresh(kdir):
-    child(kdir)
+def test_changing_a_called_jit_helper_starts_afresh(kdir, book_dir, first_tuning):
+    tuned_into(first_tuning, book_dir)
     write_kernel(kdir, op="*")  # only _combine changes; add_kernel's own text is identical
     assert child(kdir, OP="*")["benchmarked"] == 3
 
 
 @pytest.mark.slow
-def test_moving_the_kernel_down_its_file_keeps_its_results(kdir):
-    child(kdir)
+def test_moving_the_kernel_down_its_file_keeps_its_results(kdir, book_dir, first_tuning):
+    tuned_into(first_tuning, book_dir)
     write_kernel(kdir, padding="\n\n# a comment that moves every line down\nUNUSED = 1\n\n\n")
     moved = child(kdir)
     assert moved["benchmarked"] == 0 and moved["best"] == 64
@@ -158,9 +177,9 @@ def test_configs_with_their_own_pre_hook_are_remembered(kdir):
 
 
 @pytest.mark.slow
-def test_shipped_read_only_book_on_tunebook_path(kdir, tmp_path):
+def test_shipped_read_only_book_on_tunebook_path(kdir, tmp_path, first_tuning):
     shipped = tmp_path / "shipped"
-    child(kdir, TUNEBOOK_DIR=shipped)
+    tuned_into(first_tuning, shipped)
     before = snapshot(shipped)
     local = tmp_path / "local"
     served = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=f"{tmp_path / 'nothing'}{os.pathsep}{shipped}")
@@ -173,9 +192,9 @@ def test_shipped_read_only_book_on_tunebook_path(kdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_book_given_with_the_books_option(kdir, tmp_path):
+def test_shipped_book_given_with_the_books_option(kdir, tmp_path, first_tuning):
     shipped = tmp_path / "shipped"
-    child(kdir, TUNEBOOK_DIR=shipped)
+    tuned_into(first_tuning, shipped)
     served = child(kdir, TUNEBOOK_DIR=tmp_path / "local", SHIPPED=shipped)
     assert served["benchmarked"] == 0 and served["best"] == 64
 
@@ -203,9 +222,9 @@ def test_books_may_be_a_function_called_when_the_book_is_first_opened(tmp_path, 
 
 
 @pytest.mark.slow
-def test_local_results_complete_a_shipped_book(kdir, tmp_path):
+def test_local_results_complete_a_shipped_book(kdir, tmp_path, first_tuning):
     shipped = tmp_path / "shipped"
-    child(kdir, TUNEBOOK_DIR=shipped)
+    tuned_into(first_tuning, shipped)
     local = tmp_path / "local"
     grown = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=shipped, BLOCKS="[32, 64, 128, 256]")
     assert grown["measured"] == [256]
@@ -235,9 +254,9 @@ def read_only(directory: Path):
 
 
 @pytest.mark.slow
-def test_read_only_book_directory_works_and_writes_nothing(kdir, tmp_path):
+def test_read_only_book_directory_works_and_writes_nothing(kdir, tmp_path, first_tuning):
     ro = tmp_path / "ro"
-    child(kdir, TUNEBOOK_DIR=ro)  # tune while writable
+    tuned_into(first_tuning, ro)  # tuned while writable
     before = snapshot(ro)
     with read_only(ro):
         with pytest.raises(OSError):

@@ -72,6 +72,9 @@ def test_triton_engine_matches_hf_llama_on_smollm2_cut_to_two_layers(smollm2: An
 
 
 @pytest.mark.slow
+# No Triton kernel runs here (PyTorch ops); the engine with PyTorch ops is checked on every
+# Triton by the tiny-model tests below, the kernels by the two-layer test above.
+@pytest.mark.once
 def test_engine_on_the_full_smollm2_writes_what_hf_writes_for_32_tokens(smollm2: Any) -> None:
     """The whole model (30 layers), 4 prompts x 32 greedy tokens, batched with paging and
     continuous batching, equals HF token for token. PyTorch ops stand in for the kernels
@@ -90,6 +93,7 @@ def test_engine_on_the_full_smollm2_writes_what_hf_writes_for_32_tokens(smollm2:
 
 
 @pytest.mark.slow
+@pytest.mark.once  # the GGUF reader against transformers' own loader: no Triton, no kernel runs
 def test_gguf_weights_equal_transformers_gguf_loader(smollm2: Any) -> None:
     """The dequantized, unpermuted weights equal what transformers' own GGUF loader makes
     of the file: an independent check of the names and of undoing llama.cpp's q/k row
