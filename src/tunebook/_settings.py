@@ -1,4 +1,6 @@
-"""Every environment variable tunebook reads, declared once, typed, with its default.
+"""Every environment variable the library reads, declared once, typed, with its default
+(``TUNEBOOK_PATCH`` is read by ``_hook.py`` itself, before tunebook is imported). The kernel
+pack's own are in ``kernels/_common.py``, the LLM demo's in ``demo/llm/loading.py``.
 
 Values are read when asked for, never cached at import, so a test or a launcher can
 change the environment before the first kernel call and have it honoured.

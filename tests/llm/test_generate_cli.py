@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,31 @@ def test_a_mode_tunebook_does_not_know_is_one_line_naming_this_commands_default(
         "TUNEBOOK_MODE='serv' is not a mode; expected tune, serve or off (unset, generate runs in serve mode)"
         in err
     )
+
+
+def test_tune_runs_a_prefill_in_every_bucket_a_prompt_can_land_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt has 1 to max_model_len - 1 tokens. The tune command once prefilled only the
+    powers of two below max_model_len: with ``--max-model-len 512`` a 257-511-token prompt
+    met a bucket it never tuned. PyTorch ops (nothing to tune: only the plan is checked),
+    the tiny model, one decode step."""
+    from tunebook.demo.llm.engine import Engine
+    from tunebook.demo.llm.sampling import SamplingParams
+    from tunebook.demo.llm.scheduler import Request
+    from tunebook.kernels._common import bucket_of
+
+    prompts: list[int] = []
+    generate = Engine.generate
+
+    def spy(self: Engine, batch: Sequence[Sequence[int]], params: SamplingParams) -> list[Request]:
+        prompts.extend(len(p) for p in batch)
+        return generate(self, batch, params)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    monkeypatch.setenv("TUNEBOOK_MODE", "tune")  # main sets it; restored after the test
+    top = 48  # not a power of two: its bucket is 64, prompts of 33-47 tokens land in it
+    args = ["tune", "--out", str(tmp_path / "out"), "--model", "tiny", "--random", "--ops", "torch"]
+    assert main([*args, "--max-model-len", str(top), "--batches", "1", "--contexts", "16"]) == 0
+    assert max(prompts) == top - 1
+    assert {bucket_of(n) for n in prompts} == {bucket_of(n) for n in range(1, top)}

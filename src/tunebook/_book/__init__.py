@@ -1,4 +1,5 @@
-"""Where results live: the schema (records.py), files on disk (files.py), the store interface
+"""Where results live: the schema (records.py), files on disk (files.py: bounded reads,
+atomic writes, format 1 read), format 2's page directories (pagedir.py), the store interface
 and its directory store (stores.py), the Redis fleet store (redis_store.py), and the book and
 its pages composed over those stores (pages.py)."""
 

@@ -1,4 +1,5 @@
-"""The ``tunebook`` command line: inspect, explain, merge, diff, export, prune and report books.
+"""The ``tunebook`` command line: show, explain, merge, diff, export, import, prune, report and
+tune books, and install or uninstall the ``TUNEBOOK_PATCH`` start-up hook.
 
 Needs the optional ``cli`` extra (click, rich). Nothing here imports them at
 ``import tunebook`` time: :func:`main` checks for them first and, when they are missing,

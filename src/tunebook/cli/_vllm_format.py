@@ -23,8 +23,8 @@ naming it and the two fixes. Key positions bound to no field (another size, the 
 must not make two entries collide on one (file, M): that is an error naming the position
 that differs and the ``--where`` filter that picks one.
 
-**Imports** carry a declared winner and no timing, which schema version 1 cannot say
-directly. Until it can (see docs/cli.md, "Imported results"), an import is written as its
+**Imports** carry a declared winner and no timing, which the schema (versions 1 and 2)
+cannot say directly. Until it can (see docs/cli.md, "Imported results"), an import is written as its
 own platform (``"backend": "imported"``, ``"timer": "imported:vllm"``; timers are part of
 the platform, so imported and measured results never share a file and are never merged
 or compared as timings) with one result per key whose ``ms`` is ``[0, 0, 0]``: with one

@@ -1,6 +1,6 @@
 """``tunebook import --format vllm``: vLLM tuned-config files as imported book entries.
 
-How imports are represented in book format version 1 is described in ``_vllm_format``.
+How imports are represented in the book format is described in ``_vllm_format``.
 """
 
 from __future__ import annotations

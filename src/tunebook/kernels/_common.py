@@ -7,10 +7,10 @@ set in one place:
 * ``books=shipped_books`` — the books shipped inside the package (read-only; none with
   ``TUNEBOOK_KERNELS_SHIPPED_BOOKS=0``, read when a kernel's book is first opened, as
   ``TUNEBOOK_DIR`` and ``TUNEBOOK_PATH`` are);
-* ``name="tunebook.kernels.<op>"`` — the kernel's name in the book (file names read
-  ``tunebook-kernels-<op>--...json``);
+* ``name="tunebook.kernels.<op>"`` — the kernel's name in the book (its pages are named
+  ``tunebook-kernels-<op>--...``);
 * ``use_cuda_graph=True``, ``rep=20`` — these kernels run for 2-30 us; timed one launch at
-  a time their medians are launch noise (DESIGN.md: one RMSNorm config read 5.1-14.1 us
+  a time their medians are launch noise (docs/kernels.md: one RMSNorm config read 5.1-14.1 us
   across five samples on an H200), so candidates are timed as CUDA-graph replays of many
   launches. 20 ms of launches per sample (Triton's own default for graphs; tunebook's is
   100 ms) is thousands of launches here, and measures each contender in a fifth of the time;
@@ -36,8 +36,8 @@ import tunebook
 from tunebook import _compat, _settings
 
 BOOKS_DIR = Path(__file__).resolve().parent / "books"
-# TUNEBOOK_KERNELS_SHIPPED_BOOKS=0 leaves the shipped books out (read when the op modules
-# are imported): a benchmark that must tune every key afresh, or a user who distrusts them.
+# TUNEBOOK_KERNELS_SHIPPED_BOOKS=0 leaves the shipped books out (read when a kernel's book is
+# first opened): a benchmark that must tune every key afresh, or a user who distrusts them.
 SHIPPED_BOOKS_ENV = "TUNEBOOK_KERNELS_SHIPPED_BOOKS"
 
 # Token (row) counts a server sees are bucketed onto powers of two: a bucket covers
@@ -50,9 +50,10 @@ TOKEN_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(14))  # 1, 2, 4, ...,
 
 # Pack-wide tuning budget (configs measured per key). Read when the op modules are
 # imported, since autotune options are fixed when a kernel is decorated. Unset: tunebook's
-# default for large spaces (10% of the candidates, 64 to 500). A book tuned with a smaller
-# budget than the one a later process uses looks unfinished to it: ship books tuned with
-# the default.
+# default for large spaces (10% of the candidates, 64 to 500), and a decided search in a
+# read-only book (the shipped ones) answers tune mode whatever budget it had. Set, it is a
+# budget the kernels declare: a key whose search measured fewer configs than that, in any
+# book, is unfinished in tune mode and searched on (_policy.decide).
 MAX_CONFIGS_ENV = "TUNEBOOK_KERNELS_MAX_CONFIGS"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -82,7 +82,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--out", required=True, help="book directory (TUNEBOOK_DIR)")
     tune.add_argument("--batches", default=None, help="decode batch sizes, e.g. 1,8,32,64 (default: all)")
     tune.add_argument("--contexts", default=None, help="decode context buckets, e.g. 256 (default: all)")
-    tune.add_argument("--prefills", default=None, help="prefill token counts (default: 1, 2, 4, ... max)")
+    tune.add_argument(
+        "--prefills",
+        default=None,
+        help="prefill token counts (default: the powers of two below --max-model-len, and it minus 1)",
+    )
     tune.add_argument("--max-configs", type=int, default=None, help="configs measured per key")
     _model_arguments(tune)
     args = parser.parse_args(argv)
@@ -182,8 +186,9 @@ def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
 
 def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
     """Every key a serving engine meets (or the batches, contexts and prefills asked for):
-    prefills of 1..max_model_len tokens (powers of two), and decode steps at every padded
-    batch size and context bucket, run in ``tune`` mode into ``--out``."""
+    prefills of every power of two below max_model_len and of the longest prompt
+    (max_model_len - 1 tokens), so every prompt length's bucket, and decode steps at every
+    padded batch size and context bucket, run in ``tune`` mode into ``--out``."""
     import tunebook
 
     from ..._writable import existing_parent, write_problem
@@ -207,7 +212,10 @@ def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
         return [int(x) for x in text.split(",")] if text else default
 
     powers = [2**i for i in range(top.bit_length()) if 2**i < top]
-    for n in sizes(args.prefills, powers):
+    # A prompt has 1 to top - 1 tokens. The powers below top alone leave out the bucket of
+    # the longest prompts: with --max-model-len 512, prompts of 257-511 tokens.
+    prefills = sorted({*powers, top - 1} - {0})
+    for n in sizes(args.prefills, prefills):
         engine.generate([[0] * min(n, top - 1)], _one_token())
     print(f"[{time.perf_counter() - start:7.1f} s] prefills: {tunebook.stats()}", flush=True)
     buckets = sorted({runner.bucket(b) for b in [*powers, top]})
