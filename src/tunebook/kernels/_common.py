@@ -51,7 +51,8 @@ TOKEN_BUCKETS: tuple[int, ...] = tuple(2**i for i in range(14))  # 1, 2, 4, ...,
 # Pack-wide tuning budget (configs measured per key). Read when the op modules are
 # imported, since autotune options are fixed when a kernel is decorated. Unset: tunebook's
 # default for large spaces (10% of the candidates, 64 to 500), and a decided search in a
-# read-only book (the shipped ones) answers tune mode whatever budget it had. Set, it is a
+# read-only book (the shipped ones) answers tune mode whatever budget it had (where a call
+# has more than 64 candidates; fewer are measured whole). Set, it is a
 # budget the kernels declare: a key whose search measured fewer configs than that, in any
 # book, is unfinished in tune mode and searched on (_policy.decide).
 MAX_CONFIGS_ENV = "TUNEBOOK_KERNELS_MAX_CONFIGS"
