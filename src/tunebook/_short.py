@@ -278,8 +278,9 @@ def policy_from_settings(interpreting: bool) -> ShortPolicy:
     """The policy ``TUNEBOOK_TIMER=short`` selects: host-clock samples under Triton's
     interpreter (no CUDA graphs there), CUDA-graph replays on a GPU."""
     short_us = _settings.short_kernel_us()
-    if interpreting:  # an interpreted call takes milliseconds: one per sample
-        return ShortPolicy(short_us=short_us, prepare=wall_sampler, min_launches=1)
+    if interpreting:  # an interpreted call takes about a millisecond: one per sample, always
+        # (sizing by time would give 2 where a fast host runs a call in under 1,000 us)
+        return ShortPolicy(short_us=short_us, prepare=wall_sampler, min_launches=1, sample_us=0.0)
     return ShortPolicy(short_us=short_us, prepare=graph_sampler)
 
 
