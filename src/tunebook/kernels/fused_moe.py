@@ -227,7 +227,8 @@ def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
     flat = topk_ids.reshape(-1).to(torch.int64)
     n, device = flat.numel(), flat.device
     # Ids outside [0, E) go to an extra bin E: it sorts after every expert and gets no rows.
-    flat = flat.masked_fill((flat < 0) | (flat >= E), E)
+    # (clamp to [-1, E], then -1 -> E modulo E + 1: two small kernels, not four)
+    flat = flat.clamp(-1, E).remainder_(E + 1)
     counts = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts[:E] + (align - 1)) // align * align
     ends = padded.cumsum(0)
