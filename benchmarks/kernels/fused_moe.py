@@ -145,14 +145,18 @@ def tune(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
 
 
 def variants_for(args, m, E, H, inter, k, inputs, tables) -> dict[str, Any]:
+    from tunebook.kernels._moe_align import _moe_align_torch
     from tunebook.kernels.fused_moe import fused_moe, moe_align, moe_align_size, vllm_default_config
 
     x, w13, w2, tw, ti = inputs
     default = vllm_default_config(m, E, inter, H, k)
+    align = moe_align_size(m)
     out: dict[str, Any] = {
         "tunebook": Variant(lambda: fused_moe(x, w13, w2, tw, ti)),
         "vllm-default": Variant(lambda: fused_moe(x, w13, w2, tw, ti, config=default)),
-        "align": Variant(lambda: moe_align(ti, E, moe_align_size(m))),
+        # the alignment step alone: what fused_moe runs, and its PyTorch version
+        "align": Variant(lambda: moe_align(ti, E, align)),
+        "align-torch": Variant(lambda: _moe_align_torch(ti, E, align)),
     }
     for device, table in sorted(tables.get((E, inter), {}).items()):
         cfg = nearest_entry(table, m)
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _variant_order(name: str) -> tuple[int, str]:
-    first = ["tunebook", "vllm-default", "torch", "align"]
+    first = ["tunebook", "vllm-default", "torch", "align", "align-torch"]
     return (first.index(name), name) if name in first else (len(first), name)
 
 

@@ -147,6 +147,48 @@ def test_alignment_sorts_pads_and_names_each_chunk():
     assert moe_align_size(1) == 16 and moe_align_size(40) == 64 and moe_align_size(5000) == 128
 
 
+@pytest.mark.parametrize(
+    "T,k,E,align,block,programs",
+    [
+        (1, 2, 8, 16, 512, 32),  # decode: one program, one step
+        (7, 2, 8, 4, 4, 32),  # 4 programs of one step each, chunks shared out
+        (40, 3, 5, 8, 8, 32),  # E + 1 not a power of two; 15 programs
+        (11, 2, 64, 16, 2, 4),  # the program cap reached: 4 programs of 3, 3, 3 and 2 steps
+        (6, 4, 16, 128, 2, 32),  # more experts than pairs; chunks larger than the pairs
+        (9, 1, 1, 16, 4, 32),  # one expert
+    ],
+)
+def test_alignment_kernel_matches_the_pytorch_version(T, k, E, align, block, programs, monkeypatch):
+    """Every output of the one-launch kernel equals the PyTorch version's, outputs poisoned
+    first (every element must be written), with ids outside [0, E) mixed in. (The program
+    cap is lowered where reaching 32 would take minutes in the interpreter.)"""
+    gen = torch.Generator().manual_seed(T * 1000 + E)
+    ids = torch.randint(-1, E + 2, (T, k), generator=gen)
+    align_mod = importlib.import_module("tunebook.kernels._moe_align")
+    monkeypatch.setattr(align_mod, "_ALIGN_PROGRAMS", programs)
+    want = align_mod._moe_align_torch(ids, E, align)
+    got = [torch.full_like(w, -7) for w in want]
+    align_mod.launch_align(ids.reshape(-1), E, align, *got, block)
+    for name, g, w in zip(("sorted_ids", "chunk_expert", "num_padded"), got, want):
+        assert torch.equal(g, w), name
+    # and through the public function, which picks the block itself
+    assert all(torch.equal(g, w) for g, w in zip(moe_align(ids, E, align), want))
+
+
+def test_alignment_past_the_kernels_sizes_is_the_pytorch_version(monkeypatch: pytest.MonkeyPatch):
+    align_mod = importlib.import_module("tunebook.kernels._moe_align")
+    launched = []
+    monkeypatch.setattr(align_mod, "launch_align", lambda *a: launched.append(a))
+    ids = torch.randint(0, 1024, (4, 2))
+    moe_align(ids, 1024, 16)  # E + 1 pads to 2,048 bins: more than the kernel takes
+    monkeypatch.setattr(align_mod, "_ALIGN_MAX_WORK", 8 * 16 - 1)
+    moe_align(ids % 8, 8, 16)  # 8 pairs x 16 bins: one compare past the (lowered) limit
+    assert launched == []
+    monkeypatch.setattr(align_mod, "_ALIGN_MAX_WORK", 8 * 16)
+    moe_align(ids % 8, 8, 16)
+    assert len(launched) == 1
+
+
 def test_empty_batch_launches_nothing():
     x, w13, w2, tw, ti = inputs(1, 4, 24, 40, 2, torch.float32)
     out = fused_moe(x[:0], w13, w2, tw[:0], ti[:0])

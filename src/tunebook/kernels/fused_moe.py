@@ -9,14 +9,12 @@ rows ``[0, I)`` and the up projection W3 in rows ``[I, 2I)``, stacked as vLLM st
 
 Steps, each one launch or a few:
 
-1. **Align** (PyTorch ops, no host sync): the ``T*k`` (token, expert) pairs are sorted by
-   expert and each expert's run is padded to a multiple of ``ALIGN`` rows with a sentinel id;
-   ``chunk_expert[c]`` names the expert of each aligned chunk, ``num_padded`` the rows used.
-   A pair whose expert id is outside ``[0, E)`` gets no row (vLLM's expert parallelism
-   marks other ranks' experts -1): it adds nothing to its token's sum.
-   About 15 small kernels (a scatter-add histogram, two cumsums, a stable sort, a scatter, a
-   searchsorted): a few tens of microseconds eagerly, ~10-20 us inside a CUDA graph; vLLM's
-   single CUDA kernel is faster, and writing this step as one Triton kernel is the next gain.
+1. **Align** (``moe_align``, ``_moe_align.py``; no host sync): the ``T*k`` (token, expert)
+   pairs are sorted by expert and each expert's run is padded to a multiple of ``ALIGN`` rows
+   with a sentinel id; ``chunk_expert[c]`` names the expert of each aligned chunk,
+   ``num_padded`` the rows used. A pair whose expert id is outside ``[0, E)`` gets no row
+   (vLLM's expert parallelism marks other ranks' experts -1): it adds nothing to its token's
+   sum. One Triton launch (PyTorch ops, about 15 small kernels, past the sizes it serves).
 2. **GEMM 1 + SiLU-and-mul** (``_moe_gemm1_kernel``): each program multiplies a block of
    sorted rows by its expert's gate and up tiles (two fp32 accumulators) and writes
    ``silu(gate) * up`` as ``[T*k, I]``: the ``[T*k, 2I]`` intermediate of vLLM never exists.
@@ -72,6 +70,7 @@ from ._gemm_common import (
     smem_estimate,
     too_far,
 )
+from ._moe_align import moe_align
 
 __all__ = [
     "VLLM_TABLES",
@@ -210,38 +209,6 @@ def _vllm_table_config(config: Mapping[str, Any]) -> dict[str, int] | None:
         return vllm_config_to_kernel(config)[0]
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
-    """Sort the (token, expert) pairs by expert, each expert padded to ``align`` rows.
-
-    Returns ``sorted_ids`` (int32, ``[cap]``: indices into ``topk_ids.flatten()``, padding
-    = ``topk_ids.numel()``), ``chunk_expert`` (int32, ``[cap // align]``) and ``num_padded``
-    (int32, ``[1]``: rows in use). ``cap`` is a bound known without reading the ids, so
-    nothing waits for the device. Pairs of one expert keep their token order. A pair whose
-    id is outside ``[0, E)`` (vLLM's expert-parallel ``expert_map`` gives -1 to other ranks'
-    experts) is left out: no row holds it.
-    """
-    import torch
-
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    n, device = flat.numel(), flat.device
-    # Ids outside [0, E) go to an extra bin E: it sorts after every expert and gets no rows.
-    # (clamp to [-1, E], then -1 -> E modulo E + 1: two small kernels, not four)
-    flat = flat.clamp(-1, E).remainder_(E + 1)
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts[:E] + (align - 1)) // align * align
-    ends = padded.cumsum(0)
-    experts, order = torch.sort(flat, stable=True)
-    rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[experts]
-    cap = triton.cdiv(n + min(E, n) * (align - 1), align) * align
-    # Row `cap`, one past the end, takes every left-out pair (each lands at cap or beyond).
-    starts = torch.cat([ends - padded, ends.new_full((1,), cap)])
-    sorted_ids = torch.full((cap + 1,), n, dtype=torch.int32, device=device)
-    sorted_ids.scatter_(0, (starts[experts] + rank).clamp_(max=cap), order.to(torch.int32))
-    chunks = torch.arange(0, cap, align, device=device)
-    chunk_expert = torch.searchsorted(ends, chunks, right=True).clamp_(max=E - 1).to(torch.int32)
-    return sorted_ids[:cap], chunk_expert, ends[-1:].to(torch.int32)
 
 
 @triton.jit
