@@ -1,7 +1,7 @@
-"""Compile the attention kernels and the decode study's variants (TMA, whose device-side
-tensor descriptors the interpreter accepts in forms the compiler rejects, and the chunked
-3-D merge) for an NVIDIA GPU without one: does each build, and what does ptxas say about
-its registers, spills and shared memory?
+"""Compile the attention kernels, fused_moe's alignment kernel and the decode study's
+variants (TMA, whose device-side tensor descriptors the interpreter accepts in forms the
+compiler rejects, and the chunked 3-D merge) for an NVIDIA GPU without one: does each build,
+and what does ptxas say about its registers, spills and shared memory?
 
 Triton's interpreter runs the kernels' logic on a CPU but never compiles them, so code that
 the GPU compiler rejects (a layout it cannot lower, a tile ``tl.dot`` refuses) and configs
@@ -68,6 +68,9 @@ VM = [
     ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 64, "MERGE_G": 8, "CHUNK": 8}, 4, 1),
     ((9, 3, 64), {"BLOCK_N": 64, "SPLITS": 8, "MERGE_G": 4, "CHUNK": 8}, 2, 2),
 ]
+
+# fused_moe's alignment (_moe_align.py): (E, ALIGN) and the tile sizes moe_align derives.
+ALIGN = [((8, 16), {}, 4, 3), ((256, 64), {}, 4, 3), ((1023, 128), {}, 4, 3), ((5, 4), {}, 4, 3)]
 
 
 def compile_one(
@@ -151,7 +154,26 @@ def _cache(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     return {"NK": nk, "HEAD_SIZE": hs, "PAGE": 16, "BLOCK_D": hs, **meta}
 
 
+def _align(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    from tunebook.kernels._gemm_common import pow2_at_least
+    from tunebook.kernels._moe_align import _ALIGN_TILE
+
+    E, align = layout
+    e_pad, align_pad = pow2_at_least(E + 1), pow2_at_least(align)
+    chunk_block = max(1, min(_ALIGN_TILE // e_pad, _ALIGN_TILE // align_pad))
+    block = _ALIGN_TILE // e_pad
+    return {
+        "ALIGN": align,
+        "ALIGN_PAD": align_pad,
+        "E_PAD": e_pad,
+        "BLOCK": block,
+        "CHUNK_BLOCK": chunk_block,
+        **meta,
+    }
+
+
 def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., dict[str, Any]]]]:
+    from tunebook.kernels._moe_align import _moe_align_kernel
     from tunebook.kernels.paged_attention_decode import _paged_attention_decode_kernel
     from tunebook.kernels.reshape_and_cache import _reshape_and_cache_kernel
     from tunebook.kernels.varlen_attention import _varlen_attention_kernel
@@ -170,6 +192,9 @@ def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., d
     cache_ptrs = {n: bf16 for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")} | {
         "slot_ptr": "*i64"
     }
+    align_ptrs = {"ids_ptr": "*i64"} | {
+        n: "*i32" for n in ("sorted_ids_ptr", "chunk_expert_ptr", "num_padded_ptr")
+    }
     import decode_structures  # beside this script
 
     return {
@@ -178,6 +203,7 @@ def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., d
         "vm": (decode_structures._study_kernel, decode_ptrs, VM, _vm),
         "varlen": (_varlen_attention_kernel.fn, varlen_ptrs, VARLEN, _varlen),
         "cache": (_reshape_and_cache_kernel.fn, cache_ptrs, CACHE, _cache),
+        "align": (_moe_align_kernel, align_ptrs, ALIGN, _align),
     }
 
 
@@ -186,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument(
         "--kernels",
-        default="decode,tma,vm,varlen,cache",
-        help="comma-separated: decode, tma and vm (the decode study's variants), varlen, cache",
+        default="decode,tma,vm,varlen,cache,align",
+        help="comma-separated: decode, tma and vm (the decode study's variants), varlen, cache, align",
     )
     p.add_argument("--first", action="store_true", help="only the first config of each kernel")
     args = p.parse_args(argv)
