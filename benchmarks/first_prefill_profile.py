@@ -8,8 +8,8 @@ cache warm.
     python benchmarks/first_prefill_profile.py --ops fixed --out DIR
     python benchmarks/first_prefill_profile.py --interpret --layers 1 --prompt 2 --out DIR  # CPU
 
-Prints the first prefill's seconds, then the top entries by cumulative and by own time;
-writes DIR/first_prefill_profile-<ops>.txt.
+Prints the first prefill's seconds, then the top entries by cumulative and by own time, and
+tunebook's own frames by cumulative time; writes DIR/first_prefill_profile-<ops>.txt.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ def main() -> None:
     stats = pstats.Stats(profile, stream=text)
     stats.sort_stats("cumulative").print_stats(args.top)
     stats.sort_stats("tottime").print_stats(args.top // 2)
+    # The library's own frames (the autotuner, hit table, policy, book): the decision path's
+    # share, which the lists above may not reach when kernel time dominates (on the CPU the
+    # interpreter's frames fill them).
+    print("tunebook's own frames (src/tunebook/_*):", file=text)
+    stats.sort_stats("cumulative").print_stats(r"tunebook[/\\]_", args.top // 2)
     header = harness.header_line(harness.platform_header(interpret=args.interpret))
     report = f"{header}\n{args.ops}: first prefill {seconds:.3f} s\n{text.getvalue()}"
     (out / f"first_prefill_profile-{args.ops}.txt").write_text(report)

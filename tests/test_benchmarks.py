@@ -359,7 +359,11 @@ def test_first_prefill_profile_cpu_mode(tmp_path: Path) -> None:
     )
     report = (out / "first_prefill_profile-triton.txt").read_text()
     assert "triton: first prefill" in report and "timings:" in report  # the CPU-mode warning
-    assert "_autotuner.py" in report and "cumulative" in report  # the profile of the decision path
+    assert "cumulative" in report
+    # the decision path, in its own section: on the CPU the interpreter's frames fill the top
+    # entries (linear launches an explicit config there), so it cannot rely on those
+    own = report.split("tunebook's own frames")[1]
+    assert "_autotuner.py" in own and "interpreter.py" not in own
 
 
 @pytest.mark.slow
