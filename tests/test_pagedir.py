@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import tunebook
 from tunebook._book import DirectoryStore, Entry, Result, config_id, files, pagedir
 from tunebook._book.pages import Book, KernelIdentity
 
@@ -75,6 +76,23 @@ def test_a_file_name_that_is_not_utf8_never_raises_out_of_a_read(tmp_path: Path)
     assert index is not None and index.index == frozenset({"[7]"})
     assert everything is not None and list(everything.entries) == ["[7]"]
     assert pagedir.key_file_name('["\udcff"]').startswith("#")  # a lone surrogate: a hashed name
+
+
+def test_the_warning_naming_a_file_that_is_not_utf8_can_be_written_as_utf8(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The name reaches the message as a lone surrogate; a handler writing UTF-8 (a log file,
+    # pytest-xdist sending the captured log between processes) failed on it.
+    page = tmp_path / "k--x--cpu--p"
+    pagedir.ensure_page(page, META)
+    with open(os.path.join(os.fsencode(page), b"'\xff'.json"), "w") as f:
+        f.write("{}")
+    with pytest.warns(tunebook.BookWarning) as caught, caplog.at_level("WARNING", logger="tunebook"):
+        files.read_book_file(page)
+    texts = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert any("\\udcff" in t for t in texts)  # the byte, named
+    for text in texts:
+        text.encode("utf-8")
 
 
 def test_one_key_file_left_alone_does_not_stop_the_pages_other_writes(tmp_path: Path) -> None:

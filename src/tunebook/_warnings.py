@@ -56,9 +56,13 @@ def warn_once(
         if tag in _warned:
             return False
         _warned.add(tag)
-    log.warning(message, *args)
+    text = message % args if args else message
+    # A file name that is not UTF-8 reaches here with lone surrogates (os.fsdecode), which a
+    # handler writing UTF-8 (a log file, a test runner's report) cannot encode: escape them.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    log.warning("%s", text)
     if warn:
-        warnings.warn(message % args if args else message, category, stacklevel=_user_stacklevel())
+        warnings.warn(text, category, stacklevel=_user_stacklevel())
     return True
 
 
