@@ -260,7 +260,7 @@ def varlen_attention(
     head_size]``, ``block_table`` ``[batch, max_blocks]`` and ``prefix_lens`` ``[batch]``,
     all four or none; a prefix must fit its row of the block table, and the offsets must
     stay within q's and k's rows (both checked where a ``max_seqlen`` is read from the GPU,
-    not where both are given). Returns ``[total_q, NQ,
+    not where both are given; on the CPU always). Returns ``[total_q, NQ,
     head_size]`` in ``q``'s dtype (or ``out``); rows past ``cu_seqlens_q[-1]`` (a CUDA
     graph's padding) are left as they were.
 
@@ -352,7 +352,8 @@ def _varlen_attention(
     batch = cu_seqlens_q.shape[0] - 1
     if batch == 0 or q.shape[0] == 0 or q.shape[2] == 0:
         return out
-    if max_seqlen_q is None or max_seqlen_k is None:  # one wait for the GPU reads what is missing
+    # One wait for the GPU reads what is missing, and checks the offsets (on the CPU: always)
+    if max_seqlen_q is None or max_seqlen_k is None or q.device.type == "cpu":
         longest_q, longest_k = _read_offsets(
             q, k, cu_seqlens_q, cu_seqlens_k, k_cache, block_table, prefix_lens
         )
@@ -363,6 +364,9 @@ def _varlen_attention(
     paged = None
     if k_cache is not None and v_cache is not None and block_table is not None and prefix_lens is not None:
         paged = (k_cache, v_cache, block_table, prefix_lens)
+        a.check_block_table_on_cpu(
+            _OP, block_table, prefix_lens, "prefix_lens", k_cache.shape[0], k_cache.shape[1]
+        )
     grid, args = _launch(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, max_seqlen_q, max_seqlen_k, paged, out
     )
