@@ -31,6 +31,7 @@ sizes; head counts, head size, rotary dim and style exactly; and the dtypes.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -248,9 +249,23 @@ def cos_sin_cache(
             [ 0.5403,  0.9999],
             [-0.4161,  0.9998]])
     """
+    # An odd width once gave a cache one column wider than asked, with angles for neither
+    # width; a negative size, torch's "upper bound and lower bound inconsistent".
+    if _as_int(rotary_dim) < 2 or rotary_dim % 2:
+        c.fail(_OP, f"cos_sin_cache: rotary_dim must be an even integer >= 2; found {rotary_dim!r}")
+    if _as_int(max_position) < 1:
+        c.fail(_OP, f"cos_sin_cache: max_position must be an integer >= 1; found {max_position!r}")
     inv_freq = base ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
     angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype=dtype, device=device)
+
+
+def _as_int(value: Any) -> int:
+    """``value`` as an int (numpy's too); -1, which every check refuses, for anything else."""
+    try:
+        return -1 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return -1
 
 
 def _heads_view(t: torch.Tensor, n_tokens: int, head_size: int) -> torch.Tensor:
