@@ -520,6 +520,29 @@ def test_export_vllm_infers_the_mapping(tmp_path: Path) -> None:
     assert list(json.loads(text)) == ["1", "64", "1024"]  # batch sizes in numeric order
 
 
+def test_export_vllm_binds_a_bucketed_key_by_its_argument_name(tmp_path: Path) -> None:
+    """The pack's own MoE kernels key on ``bucket("M", [1, 2, ..., 8192])``, stored as
+    ``M|edges=1,2,...``: export found no M, and ``--map M=M`` said there was no such key
+    argument; only the whole bucketing spelt out worked."""
+    books = Path(tunebook.__file__).parent / "kernels" / "books"
+    args = ["export", "--format", "vllm", books, "--kernel", "tunebook.kernels.fused_moe.gemm1"]
+    invoke(*args, "-o", tmp_path / "inferred")
+    invoke(*args, "-o", tmp_path / "mapped", "--map", "M=M", "--where", "K=4096")
+    for out in ("inferred", "mapped"):
+        (path,) = (tmp_path / out).iterdir()
+        assert path.name == "E=8,N=14336,device_name=NVIDIA_H200.json"
+        table = json.loads(path.read_text())
+        assert list(table) == ["1", "16", "256", "4096"], table  # the shipped buckets, in order
+        assert set(table["1"]) == {
+            "BLOCK_SIZE_M",
+            "BLOCK_SIZE_N",
+            "BLOCK_SIZE_K",
+            "GROUP_SIZE_M",
+            "num_warps",
+            "num_stages",
+        }
+
+
 def test_export_vllm_with_explicit_map_dtype_and_block_shape(tmp_path: Path) -> None:
     doc = _moe_doc()
     doc = replace(doc, kernel={**doc.kernel, "key": ["tokens", "N", "E"]})
