@@ -345,6 +345,17 @@ def test_merge_decides_by_measurement_and_is_order_independent(book_dir: Path, t
     assert sorted(e.key[0] for e in merged.entries.values()) == [100, 1000, 5000, 7000]
 
 
+def test_merge_dry_run_names_the_pages_the_merge_writes(book_dir: Path, tmp_path: Path) -> None:
+    """It named format-1 files (``<page>.json``) where the merge writes page directories."""
+    a, b = _two_books(book_dir, tmp_path)
+    out = tmp_path / "out"
+    would = invoke("merge", a, b, "-o", out, "--dry-run").stdout
+    assert not out.exists()
+    wrote = invoke("merge", a, b, "-o", out).stdout
+    assert [line.replace("would write", "wrote") for line in would.splitlines()] == wrote.splitlines()[:-1]
+    assert sorted(str(p) for p in out.iterdir()) == sorted(line.split()[2] for line in would.splitlines())
+
+
 def test_merge_is_idempotent_and_merges_into_an_existing_output(book_dir: Path, tmp_path: Path) -> None:
     a, b = _two_books(book_dir, tmp_path)
     out = tmp_path / "out"
