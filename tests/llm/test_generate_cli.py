@@ -69,6 +69,10 @@ def test_a_bad_value_is_one_line_and_a_non_zero_status(
         (["generate", "hi", "--gguf", "{tmp}"], "--gguf: expected a .gguf file; {tmp} is a directory"),
         (["generate", "hi", "--gguf", "{tmp}/notes.txt"], "{tmp}/notes.txt is not a GGUF model file"),
         (["tune", "--out", "{tmp}/notes.txt/book"], "cannot write the book at {tmp}/notes.txt/book"),
+        # once read after the model loaded and every prefill was tuned: minutes, then a traceback
+        (["tune", "--out", "{tmp}/b", "--batches", "1,x"], "--batches: expected comma-separated positive"),
+        (["tune", "--out", "{tmp}/b", "--prefills", "abc"], "--prefills: expected comma-separated positive"),
+        (["tune", "--out", "{tmp}/b", "--contexts", "0"], "--contexts: expected comma-separated positive"),
     ],
 )
 def test_a_wrong_path_or_port_is_one_line_before_any_work(
