@@ -204,7 +204,16 @@ def open_books() -> int:
         return 0
     found = kernels()
     for kernel in found:
-        kernel.page()
+        try:
+            kernel.page()
+        except RuntimeError as exc:  # Triton's own words where it finds no GPU driver
+            if "active drivers" not in str(exc):
+                raise
+            raise tunebook.ConfigurationError(
+                f"tunebook.kernels.open_books(): Triton found no GPU ({exc}). On a machine without one, "
+                "set TRITON_INTERPRET=1 before importing tunebook.kernels to run the pack in Triton's "
+                "CPU interpreter"
+            ) from None
     return len(found)
 
 
