@@ -113,6 +113,24 @@ def _positive_ints(parser: argparse.ArgumentParser, option: str, text: str | Non
     return values
 
 
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (None: it can), asked by binding
+    there as uvicorn will (SO_REUSEADDR). uvicorn found a port in use only after the model
+    had loaded and "serving ... on" was printed."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 @contextlib.contextmanager
 def _arguments_checked() -> Iterator[None]:
     """A value the arguments got wrong (a model, a layer count, a file, a sampling value, a
@@ -279,6 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _generate(args, on_gpu)
     from .server import serve
 
+    problem = _listen_problem(args.host, args.port)  # before the model loads (seconds to minutes)
+    if problem:
+        print(
+            f"python -m tunebook.demo.llm: error: cannot listen on {args.host}:{args.port} ({problem}); "
+            "choose another --port (or --host)",
+            file=sys.stderr,
+        )
+        return 2
     # The engine's own errors (a failed step) go to stderr beside uvicorn's log.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
