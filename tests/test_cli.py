@@ -345,6 +345,17 @@ def test_merge_decides_by_measurement_and_is_order_independent(book_dir: Path, t
     assert sorted(e.key[0] for e in merged.entries.values()) == [100, 1000, 5000, 7000]
 
 
+def test_merge_dry_run_names_the_pages_the_merge_writes(book_dir: Path, tmp_path: Path) -> None:
+    """It named format-1 files (``<page>.json``) where the merge writes page directories."""
+    a, b = _two_books(book_dir, tmp_path)
+    out = tmp_path / "out"
+    would = invoke("merge", a, b, "-o", out, "--dry-run").stdout
+    assert not out.exists()
+    wrote = invoke("merge", a, b, "-o", out).stdout
+    assert [line.replace("would write", "wrote") for line in would.splitlines()] == wrote.splitlines()[:-1]
+    assert sorted(str(p) for p in out.iterdir()) == sorted(line.split()[2] for line in would.splitlines())
+
+
 def test_merge_is_idempotent_and_merges_into_an_existing_output(book_dir: Path, tmp_path: Path) -> None:
     a, b = _two_books(book_dir, tmp_path)
     out = tmp_path / "out"
@@ -518,6 +529,29 @@ def test_export_vllm_infers_the_mapping(tmp_path: Path) -> None:
     text = path.read_text()
     assert json.loads(text) == EXPECTED_VLLM
     assert list(json.loads(text)) == ["1", "64", "1024"]  # batch sizes in numeric order
+
+
+def test_export_vllm_binds_a_bucketed_key_by_its_argument_name(tmp_path: Path) -> None:
+    """The pack's own MoE kernels key on ``bucket("M", [1, 2, ..., 8192])``, stored as
+    ``M|edges=1,2,...``: export found no M, and ``--map M=M`` said there was no such key
+    argument; only the whole bucketing spelt out worked."""
+    books = Path(tunebook.__file__).parent / "kernels" / "books"
+    args = ["export", "--format", "vllm", books, "--kernel", "tunebook.kernels.fused_moe.gemm1"]
+    invoke(*args, "-o", tmp_path / "inferred")
+    invoke(*args, "-o", tmp_path / "mapped", "--map", "M=M", "--where", "K=4096")
+    for out in ("inferred", "mapped"):
+        (path,) = (tmp_path / out).iterdir()
+        assert path.name == "E=8,N=14336,device_name=NVIDIA_H200.json"
+        table = json.loads(path.read_text())
+        assert list(table) == ["1", "16", "256", "4096"], table  # the shipped buckets, in order
+        assert set(table["1"]) == {
+            "BLOCK_SIZE_M",
+            "BLOCK_SIZE_N",
+            "BLOCK_SIZE_K",
+            "GROUP_SIZE_M",
+            "num_warps",
+            "num_stages",
+        }
 
 
 def test_export_vllm_with_explicit_map_dtype_and_block_shape(tmp_path: Path) -> None:

@@ -193,6 +193,20 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
     assert "python" in line  # how to see the whole traceback
 
 
+def test_a_module_that_launches_a_kernel_without_a_gpu_is_told_of_the_interpreter(tmp_path: Path) -> None:
+    """A program that calls its kernel as it is imported (the guide's quick start), explained
+    on a machine without a GPU: Triton's own words ("0 active drivers") were all it said."""
+    module = tmp_path / "quickstart.py"
+    module.write_text("raise RuntimeError('0 active drivers ([]). There should only be one.')\n")
+    for command in (("explain", f"{module}:add_kernel"), ("tune", f"{module}:add_kernel", "--keys", "n=8")):
+        one_error_line(
+            invoke(*command, ok=None),
+            "RuntimeError: 0 active drivers",
+            "Triton found no GPU; on a machine without one, set TRITON_INTERPRET=1",
+            f"python {module}",
+        )
+
+
 def test_a_book_file_locked_by_another_process_is_one_line(
     book_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:

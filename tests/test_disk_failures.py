@@ -175,3 +175,20 @@ def test_directory_replaced_by_a_file(
     book_dir.unlink()
     _call(tuner, 160)  # writable again: the keys tuned while it was not are written too
     assert _keys_on_disk(book_dir) == {96, 128, 160}
+
+
+def test_a_book_yet_to_be_created_is_probed_where_it_would_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tunebook tune`, `python -m tunebook.kernels tune --out` and the LLM demo's `tune --out`
+    ask this before work whose results would be lost. Permission bits said yes to root where
+    creating the directory then failed (``/proc``; an NFS export that squashes root): the
+    tuning ran, and its results were kept in memory only. Bits that say yes (as they do for
+    root) must not decide it."""
+    from tunebook._writable import write_problem
+
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    problem = write_problem(Path("/proc/tunebook-no-such-dir/book"))
+    assert problem is not None and problem.startswith("cannot create it in /proc: "), problem
+    assert write_problem(tmp_path / "new" / "book") is None
+    assert list(tmp_path.iterdir()) == [], "the probe is removed"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import tunebook
 from helpers_reliability import RedisServer
 from redis_fixture import PATIENT, Clock, redis_server  # noqa: F401  (the `server` fixture)
 from redis_fixture import tunebook_warnings as _warnings
@@ -39,7 +40,11 @@ def test_a_malformed_url_leaves_the_store_off(caplog: pytest.LogCaptureFixture) 
     import redis  # noqa: F401 - tunebook[redis], part of tunebook[test]: missing is a failure
 
     caplog.set_level(logging.WARNING, logger="tunebook")
-    store = RedisStore("nonsense://where")
+    # visible without logging set up (it was only logged: a typo left the fleet book off unseen)
+    with pytest.warns(
+        tunebook.BookWarning, match=r"ignoring the Redis book at 'nonsense://where'.*Fix the URL"
+    ):
+        store = RedisStore("nonsense://where")
     assert store.fetch(FILE) is None
     assert store.merge(FILE, _doc(64, {16: 1.0})) is None
     assert len(_warnings(caplog)) == 1

@@ -26,7 +26,10 @@ def write_problem(directory: Path) -> str | None:
 
     An existing directory is probed with a real file, which catches what permission bits
     do not say (a read-only mount, an immutable directory, root's writes). A directory yet
-    to be created needs a writable nearest ancestor.
+    to be created needs a nearest ancestor that takes a new directory, probed the same way
+    (with one created and removed there): permission bits said yes to root where the
+    creation then failed (``/proc``, an NFS export that squashes root), and the work that
+    had been run to fill the book was lost.
 
     >>> import tempfile
     >>> write_problem(Path(tempfile.mkdtemp())) is None
@@ -36,7 +39,11 @@ def write_problem(directory: Path) -> str | None:
     if not target.is_dir():
         return f"{target} is not a directory"
     if target != directory:
-        return None if os.access(target, os.W_OK | os.X_OK) else f"cannot create it in {target}"
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=target, prefix=".tunebook-probe-"))
+        except OSError as exc:
+            return f"cannot create it in {target}: {exc.strerror or exc}"
+        return None
     try:
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".tunebook-probe-")
     except OSError as exc:

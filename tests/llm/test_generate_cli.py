@@ -69,6 +69,10 @@ def test_a_bad_value_is_one_line_and_a_non_zero_status(
         (["generate", "hi", "--gguf", "{tmp}"], "--gguf: expected a .gguf file; {tmp} is a directory"),
         (["generate", "hi", "--gguf", "{tmp}/notes.txt"], "{tmp}/notes.txt is not a GGUF model file"),
         (["tune", "--out", "{tmp}/notes.txt/book"], "cannot write the book at {tmp}/notes.txt/book"),
+        # once read after the model loaded and every prefill was tuned: minutes, then a traceback
+        (["tune", "--out", "{tmp}/b", "--batches", "1,x"], "--batches: expected comma-separated positive"),
+        (["tune", "--out", "{tmp}/b", "--prefills", "abc"], "--prefills: expected comma-separated positive"),
+        (["tune", "--out", "{tmp}/b", "--contexts", "0"], "--contexts: expected comma-separated positive"),
     ],
 )
 def test_a_wrong_path_or_port_is_one_line_before_any_work(
@@ -123,3 +127,28 @@ def test_tune_runs_a_prefill_in_every_bucket_a_prompt_can_land_in(
     assert main([*args, "--max-model-len", str(top), "--batches", "1", "--contexts", "16"]) == 0
     assert max(prompts) == top - 1
     assert {bucket_of(n) for n in prompts} == {bucket_of(n) for n in range(1, top)}
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn found the port taken only after the model had loaded (seconds to minutes on a
+    CPU) and "serving ... on http://..." was printed: then an ERROR line and exit status 3."""
+    import socket
+
+    from tunebook.demo.llm import __main__ as cli
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "build_engine", no_model)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port), "--random", "--model", "tiny"])
+    assert code == 2
+    out, err = capsys.readouterr()
+    expected = f"cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port"
+    assert err.strip().splitlines() == [f"python -m tunebook.demo.llm: error: {expected} (or --host)"]
+    assert out == ""

@@ -212,7 +212,9 @@ def test_empty_batch_launches_nothing():
 def test_errors_say_what_was_expected(change, message):
     x, w13, w2, tw, ti = inputs(3, 4, 24, 40, 2, torch.float32)
     args = change({"x": x, "w13": w13, "w2": w2, "topk_weights": tw, "topk_ids": ti, "out": None})
-    with pytest.raises((ValueError, TypeError), match=message):
+    # ValueErrors, as docs/kernels.md says of every op (dtypes once gave TypeErrors); TypeError
+    # only for an argument that is not a tensor at all
+    with pytest.raises(TypeError if "found list" in message else ValueError, match=message):
         fused_moe(**args)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tunebook
+from tunebook.kernels import cos_sin_cache as make_cos_sin_cache
 from tunebook.kernels import rotary_embedding
 from tunebook.kernels.rotary_embedding import (
     SPACE,
@@ -173,3 +174,19 @@ def test_rejects_bad_inputs(gen, change, match) -> None:  # type: ignore[no-unty
         out = (torch.empty(3, 4, 16), call["k"])
     with pytest.raises(ValueError, match=match):
         rotary_embedding(**call, out=out)
+
+
+@pytest.mark.parametrize(
+    ("rotary_dim", "max_position", "match"),
+    [
+        (31, 16, r"rotary_dim must be an even integer >= 2; found 31"),  # was a [16, 32] cache
+        (0, 16, r"rotary_dim must be an even integer >= 2; found 0"),  # was [16, 0]
+        (32.0, 16, r"rotary_dim must be an even integer >= 2; found 32.0"),
+        (32, 0, r"max_position must be an integer >= 1; found 0"),
+        (32, -1, r"max_position must be an integer >= 1; found -1"),  # was torch's RuntimeError
+    ],
+)
+def test_cos_sin_cache_refuses_a_width_or_length_it_cannot_build(rotary_dim, max_position, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=r"^tunebook\.kernels\.rotary_embedding: cos_sin_cache: " + match):
+        make_cos_sin_cache(rotary_dim, max_position)
+    assert make_cos_sin_cache(2, 1).shape == (1, 2)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import book_files, run_python
 from tunebook._book import read_document
@@ -118,6 +119,21 @@ def test_every_shipped_key_is_a_finished_search_that_tune_mode_serves_as_it_is()
     # be re-tuned; this list must only shrink.
     cut_short = {("paged_attention_decode", 64, 8192, 9), ("silu_and_mul", 2048, 18944, "torch.bfloat16")}
     assert unfinished <= cut_short, unfinished - cut_short
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_open_books_without_a_gpu_or_the_interpreter_names_the_interpreter() -> None:
+    """A server starting on a CPU machine without TRITON_INTERPRET: open_books() let Triton's
+    RuntimeError ("0 active drivers ([]). There should only be one.") out as a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import tunebook, tunebook.kernels as k\n"
+        "try:\n    k.open_books()\nexcept tunebook.ConfigurationError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Triton found no GPU (0 active drivers" in done.stdout
+    assert "set TRITON_INTERPRET=1 before importing tunebook.kernels" in done.stdout
 
 
 def test_open_books_opens_every_kernels_page_so_a_first_call_hashes_no_source(monkeypatch) -> None:

@@ -198,3 +198,33 @@ def _call(**changes):  # type: ignore[no-untyped-def]
 def test_rejects_bad_inputs(changes, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=match):
         _call(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"cu_seqlens_q": offsets([3, 3]), "cu_seqlens_k": offsets([3, 2])},
+            r"cu_seqlens_q .* q's 5 rows; found \[0, 3, 6\]",
+        ),
+        (
+            {"cu_seqlens_k": torch.tensor([0, 4, 9], dtype=torch.int32)},
+            r"cu_seqlens_k .* k's 5 rows; found \[0, 4, 9\]",
+        ),
+        (
+            {"cu_seqlens_q": torch.tensor([0, 4, 3], dtype=torch.int32)},
+            r"never decrease .* found \[0, 4, 3\]",
+        ),
+        (
+            {"cu_seqlens_k": torch.tensor([-1, 2, 5], dtype=torch.int32)},
+            r"offsets from 0 .* found \[-1, 2, 5\]",
+        ),
+    ],
+    ids=["q-past-rows", "k-past-rows", "decreasing", "negative"],
+)
+def test_offsets_read_from_the_device_are_checked_before_the_launch(changes, match) -> None:  # type: ignore[no-untyped-def]
+    """Where max_seqlen_q/k are read from the offsets, an offset past the rows of q or k is a
+    ValueError, not a kernel reading and writing past them (on the CPU: a corrupted heap)."""
+    with pytest.raises(ValueError, match=match):
+        _call(**changes)
+    assert tunebook.stats()["misses"] == 0, "nothing launched"

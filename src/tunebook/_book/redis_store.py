@@ -235,7 +235,15 @@ class RedisStore:
             pool.connection_class = _budgeted(pool.connection_class)
         except ValueError as exc:  # a malformed URL: this store stays off, the kernel runs on
             self._client = None
-            self._warn("url", "tunebook: ignoring the Redis book at %r: %s", url, exc)
+            # A BookWarning too, as a missing redis-py or a TUNEBOOK_PATH entry that does not
+            # exist: a typo in the setting, not an outage, and no later message would tell.
+            warn_once(
+                f"redis:{url}:url",
+                "tunebook: ignoring the Redis book at %r (TUNEBOOK_REDIS_URL): %s; the fleet book is "
+                "off in this process. Fix the URL (e.g. redis://book-host:6379/0) or unset it",
+                url,
+                exc,
+            )
 
     # ------------------------------------------------------------------ public
 

@@ -30,9 +30,17 @@ def import_module(spec: str) -> ModuleType:
         except Exception as exc:
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             run = f"python {spec}" if spec.endswith(".py") else f"python -c 'import {spec}'"
+            # Triton's words when it finds no GPU driver (a module that launches a kernel as it
+            # is imported, on a machine without a GPU): say what they mean and the way out.
+            no_gpu = (
+                " Triton found no GPU; on a machine without one, set TRITON_INTERPRET=1 to run "
+                "kernels in its CPU interpreter."
+                if "active drivers" in str(exc)
+                else ""
+            )
             raise click.ClickException(
                 f"importing {spec} raised {type(exc).__name__}: {exc} (at {Path(frame.filename).name}:"
-                f"{frame.lineno}). Run `{run}` to see the whole traceback."
+                f"{frame.lineno}).{no_gpu} Run `{run}` to see the whole traceback."
             ) from None
 
 

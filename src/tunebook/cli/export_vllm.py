@@ -108,6 +108,13 @@ def bind(
     return Binding(positions, names, constants)
 
 
+def argument_names(page: Page) -> list[str]:
+    """The page's key argument names as its kernel's arguments are named: a bucketed one is
+    stored with its bucketing (``M|edges=1,2,...``, ``M|pow2``), which neither inference by
+    name nor ``--map M=M`` could bind (the pack's own fused_moe kernels could not export)."""
+    return [str(k).split("|", 1)[0] for k in page.doc.kernel.get("key", [])]
+
+
 def _config_value(config: dict[str, Any], name: str) -> Any:
     return config["kwargs"][name] if name in config.get("kwargs", {}) else config.get(name)
 
@@ -159,7 +166,7 @@ def export_pages(
     files: dict[str, dict[int | str, dict[str, Any]]] = {}
     origin: dict[tuple[str, Any], tuple[Page, list[Any]]] = {}
     for page in pages:
-        key_names = [str(k) for k in page.doc.kernel.get("key", [])]
+        key_names = argument_names(page)
         device = str(page.doc.platform.get("vllm_device_name") or page.doc.platform.get("device", "unknown"))
         for key_text in sorted(page.doc.entries):
             entry = page.doc.entries[key_text]
@@ -307,7 +314,7 @@ def command(
         raise click.UsageError(
             f"--map names unknown vLLM fields {unknown}; vLLM fields are {[*KEY_FIELDS, *CONFIG_FIELDS]}"
         )
-    key_sets = {tuple(str(k) for k in p.doc.kernel.get("key", [])) for p in pages}
+    key_sets = {tuple(argument_names(p)) for p in pages}
     if len(key_sets) != 1:
         raise click.ClickException(
             f"book files of {kernel} have different key names {sorted(key_sets)}; "

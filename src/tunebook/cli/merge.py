@@ -146,7 +146,9 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
     console = out()
     if dry_run:
         for name in sorted(merged):
-            console.print(f"would write {output / name} ({len(merged[name].entries)} keys)")
+            # the page directory write_merged makes (format 2), not the format-1 file name
+            page = output / pagedir.page_dir_name(name)
+            console.print(f"would write {page} ({len(merged[name].entries)} keys)")
         return
     with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
         for path in write_merged(output, merged):

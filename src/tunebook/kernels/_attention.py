@@ -122,6 +122,23 @@ def check_cache(
     return int(k_cache.shape[1])
 
 
+def check_block_table_on_cpu(
+    op: str, block_table: torch.Tensor, lens: torch.Tensor, lens_name: str, num_blocks: int, page: int
+) -> None:
+    """On the CPU (no wait to check there; see ``_common.check_indices_on_cpu``): each
+    sequence's ``lens`` fits its block-table row, and every block it reads is in the caches
+    (entries past a sequence's blocks are never read and may hold anything)."""
+    if block_table.device.type != "cpu":
+        return
+    width = block_table.shape[1]
+    holds = f"a block-table row holds {width} blocks of {page} tokens"
+    c.check_indices_on_cpu(op, lens_name, lens, None, width * page + 1, holds)
+    blocks = (lens.clamp(min=0).to(torch.int64) + page - 1) // page
+    used = torch.arange(width)[None, :] < blocks[:, None]
+    why = f"the caches hold {num_blocks} blocks; an entry a sequence reads"
+    c.check_indices_on_cpu(op, "block_table", block_table, 0, num_blocks, why, used)
+
+
 def check_gqa(op: str, n_q: int, n_kv: int) -> None:
     if n_kv < 1 or n_q < 1 or n_q % n_kv:
         c.fail(op, f"query heads must be a positive multiple of KV heads (GQA); found {n_q} and {n_kv}")

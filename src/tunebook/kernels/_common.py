@@ -204,7 +204,16 @@ def open_books() -> int:
         return 0
     found = kernels()
     for kernel in found:
-        kernel.page()
+        try:
+            kernel.page()
+        except RuntimeError as exc:  # Triton's own words where it finds no GPU driver
+            if "active drivers" not in str(exc):
+                raise
+            raise tunebook.ConfigurationError(
+                f"tunebook.kernels.open_books(): Triton found no GPU ({exc}). On a machine without one, "
+                "set TRITON_INTERPRET=1 before importing tunebook.kernels to run the pack in Triton's "
+                "CPU interpreter"
+            ) from None
     return len(found)
 
 
@@ -228,6 +237,34 @@ def launch(
 
 def fail(op: str, what: str) -> NoReturn:
     raise ValueError(f"tunebook.kernels.{op}: {what}")
+
+
+def check_indices_on_cpu(
+    op: str,
+    name: str,
+    t: torch.Tensor,
+    low: int | None,
+    high: int,
+    why: str,
+    used: torch.Tensor | None = None,
+) -> None:
+    """On the CPU (Triton's interpreter), every index of ``t`` a kernel follows (``used``: a
+    mask of those; default all) is in ``[low, high)`` (``low`` None: no lower bound).
+
+    There an index past its tensor reads or writes the process's own memory: a corrupted
+    heap, a crash much later or no sign at all. The check costs no wait on the CPU; on a GPU
+    it would wait for the device, so there (as in vLLM) indices are not checked.
+    """
+    if t.device.type != "cpu" or t.numel() == 0:
+        return
+    bad = t >= high if low is None else (t < low) | (t >= high)
+    if used is not None:
+        bad &= used
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        where = f"{name}[{', '.join(map(str, at))}]"
+        bounds = f"below {high}" if low is None else f"in [{low}, {high})"
+        fail(op, f"{where} = {int(t[at])} must be {bounds} ({why})")
 
 
 def check_float(op: str, name: str, t: Any) -> None:

@@ -401,12 +401,12 @@ def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any
             f"{tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}"
         )
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_weights.dtype.is_floating_point:
-        raise TypeError(
+        raise ValueError(
             f"fused_moe: topk_ids must be int32/int64 and topk_weights floating; found "
             f"{topk_ids.dtype} and {topk_weights.dtype}"
         )
     if str(x.dtype) not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise TypeError(
+        raise ValueError(
             f"fused_moe: x, w13, w2 must share one of bfloat16/float16/float32; found "
             f"{x.dtype}, {w13.dtype}, {w2.dtype}"
         )

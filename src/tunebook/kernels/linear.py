@@ -298,9 +298,9 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
             f"found x of shape {tuple(x.shape)}"
         )
     if str(x.dtype) not in _DTYPES:
-        raise TypeError(f"linear: x must be bfloat16, float16 or float32; found {x.dtype}")
+        raise ValueError(f"linear: x must be bfloat16, float16 or float32; found {x.dtype}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"linear: weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one.")
+        raise ValueError(f"linear: weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one.")
     if weight.device != x.device:
         raise ValueError(f"linear: x is on {x.device} but weight is on {weight.device}")
     check_device("linear", x.device)

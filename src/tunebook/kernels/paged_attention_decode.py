@@ -343,6 +343,7 @@ def _paged_attention_decode(
             f"max_context_len={max_context_len} is more than the block table holds ({block_table.shape[1]} "
             f"blocks of {page} tokens); widen the table",
         )
+    a.check_block_table_on_cpu(_OP, block_table, context_lens, "context_lens", k_cache.shape[0], page)
     grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)
     c.launch(_paged_attention_decode_kernel, grid, args, config)
     return out

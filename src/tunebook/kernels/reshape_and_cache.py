@@ -116,10 +116,11 @@ def reshape_and_cache(
 ) -> None:
     """Scatter ``key``/``value`` ``[tokens, NK, head_size]`` into the paged caches at
     ``slot_mapping`` ``[tokens]`` (int32/int64; a negative slot writes nothing; a slot past
-    the cache, ``num_blocks * block_size`` or more, is not checked, as in vLLM: checking it
-    would wait for the GPU; ``k_cache`` and ``v_cache`` must be two tensors). Token and
-    head strides are free (slices of a fused QKV output work); last dimensions contiguous.
-    Writes the caches in place and returns None.
+    the cache, ``num_blocks * block_size`` or more, is not checked on a GPU, as in vLLM:
+    checking it would wait for the GPU; on the CPU it is a ValueError; ``k_cache`` and
+    ``v_cache`` must be two tensors). Token and head strides are free (slices of a fused
+    QKV output work); last dimensions contiguous. Writes the caches in place and returns
+    None.
 
     >>> import torch
     >>> from tunebook.kernels import reshape_and_cache
@@ -172,6 +173,10 @@ def _reshape_and_cache(
                 c.fail(_OP, f"{name} shares memory with the cache it is written into; pass a separate tensor")
     if n_tokens == 0 or head_size == 0:
         return
+    slots = k_cache.shape[0] * k_cache.shape[1]
+    c.check_indices_on_cpu(
+        _OP, "slot_mapping", slot_mapping, None, slots, f"the caches hold {slots} slots; negative: none"
+    )
     grid, args = _launch(key, value, k_cache, v_cache, slot_mapping)
     c.launch(_reshape_and_cache_kernel, grid, args, config)
 

@@ -19,7 +19,8 @@ Dimensions from ``rotary_dim`` to ``head_size`` pass through unchanged. Outputs 
 tensors of the inputs' shapes and dtypes (or the ``out=`` pair), never ``q`` and ``k``
 themselves: vLLM rotates in place, but tuning reruns the kernel on the call's own
 arguments, which would rotate an in-place ``q`` once per measurement. Positions are not
-bounds-checked (that would synchronize with the GPU): each must be ``< max_position``.
+bounds-checked on a GPU (that would synchronize with it): each must be ``< max_position``
+(on the CPU, where checking costs no wait, one that is not is a ValueError).
 
 Kernel: a program takes ``BLOCK_T`` tokens, loads their ``cos``/``sin`` once, and walks
 ``HEAD_TILES`` tiles of ``BLOCK_H`` heads (query tiles, then key tiles) in a loop
@@ -30,6 +31,7 @@ sizes; head counts, head size, rotary dim and style exactly; and the dtypes.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -212,8 +214,8 @@ def rotary_embedding(
     ``q``/``k``: float16/bfloat16/float32, ``[tokens, heads * head_size]`` (then pass
     ``head_size``) or ``[tokens, heads, head_size]``; token and head strides are free (e.g.
     slices of a fused QKV projection); a strided last dimension is copied first.
-    ``positions``: ``[tokens]`` int32/int64, each in ``[0, max_position)`` (not checked:
-    that would wait for the GPU). ``cos_sin_cache``: ``[max_position,
+    ``positions``: ``[tokens]`` int32/int64, each in ``[0, max_position)`` (not checked
+    on a GPU: that would wait for it; checked on the CPU). ``cos_sin_cache``: ``[max_position,
     rotary_dim]``. ``style``: ``"neox"`` (rotate halves) or ``"gptj"`` (interleaved
     pairs). ``rotary_dim``: defaults to the cache's width, and must equal it when given.
     ``out``: a ``(q_out, k_out)`` pair to write instead of new tensors; neither may overlap
@@ -247,9 +249,23 @@ def cos_sin_cache(
             [ 0.5403,  0.9999],
             [-0.4161,  0.9998]])
     """
+    # An odd width once gave a cache one column wider than asked, with angles for neither
+    # width; a negative size, torch's "upper bound and lower bound inconsistent".
+    if _as_int(rotary_dim) < 2 or rotary_dim % 2:
+        c.fail(_OP, f"cos_sin_cache: rotary_dim must be an even integer >= 2; found {rotary_dim!r}")
+    if _as_int(max_position) < 1:
+        c.fail(_OP, f"cos_sin_cache: max_position must be an integer >= 1; found {max_position!r}")
     inv_freq = base ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
     angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype=dtype, device=device)
+
+
+def _as_int(value: Any) -> int:
+    """``value`` as an int (numpy's too); -1, which every check refuses, for anything else."""
+    try:
+        return -1 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return -1
 
 
 def _heads_view(t: torch.Tensor, n_tokens: int, head_size: int) -> torch.Tensor:
@@ -390,6 +406,8 @@ def _rotary_embedding(
     n_tokens = positions.shape[0]
     if n_tokens == 0:
         return q_out, k_out
+    rows = cos_sin_cache.shape[0]
+    c.check_indices_on_cpu(_OP, "positions", positions, 0, rows, f"cos_sin_cache has {rows} rows")
     q3 = _heads_view(q, n_tokens, head_size)
     k3 = _heads_view(k, n_tokens, head_size)
     qo3 = _out_view("out[0]", q_out, q3)

@@ -258,8 +258,9 @@ def varlen_attention(
     tuning key, an upper bound is fine) are read from the offsets when omitted, which waits
     for the GPU. The paged prefix: ``k_cache``/``v_cache`` ``[num_blocks, block_size, NK,
     head_size]``, ``block_table`` ``[batch, max_blocks]`` and ``prefix_lens`` ``[batch]``,
-    all four or none; a prefix must fit its row of the block table (checked where
-    ``max_seqlen_k`` is read from the GPU, not where it is given). Returns ``[total_q, NQ,
+    all four or none; a prefix must fit its row of the block table, and the offsets must
+    stay within q's and k's rows (both checked where a ``max_seqlen`` is read from the GPU,
+    not where both are given; on the CPU always). Returns ``[total_q, NQ,
     head_size]`` in ``q``'s dtype (or ``out``); rows past ``cu_seqlens_q[-1]`` (a CUDA
     graph's padding) are left as they were.
 
@@ -351,34 +352,70 @@ def _varlen_attention(
     batch = cu_seqlens_q.shape[0] - 1
     if batch == 0 or q.shape[0] == 0 or q.shape[2] == 0:
         return out
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # waits for the GPU
-    if max_seqlen_k is None:
-        lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-        if prefix_lens is None:
-            max_seqlen_k = int(lens.max())  # waits for the GPU
-        else:  # the same wait reads the longest prefix, checked against the block table
-            longest, longest_prefix = torch.stack([(lens + prefix_lens).max(), prefix_lens.max()]).tolist()
-            max_seqlen_k = int(longest)
-            assert k_cache is not None and block_table is not None  # _check: all four or none
-            capacity = block_table.shape[1] * k_cache.shape[1]
-            if longest_prefix > capacity:
-                blocks, page = block_table.shape[1], k_cache.shape[1]
-                c.fail(
-                    _OP,
-                    f"a prefix of {longest_prefix} tokens does not fit the block table ({blocks} blocks "
-                    f"of {page} tokens = {capacity}); give each sequence the blocks of its prefix",
-                )
+    # One wait for the GPU reads what is missing, and checks the offsets (on the CPU: always)
+    if max_seqlen_q is None or max_seqlen_k is None or q.device.type == "cpu":
+        longest_q, longest_k = _read_offsets(
+            q, k, cu_seqlens_q, cu_seqlens_k, k_cache, block_table, prefix_lens
+        )
+        max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
     if max_seqlen_q <= 0:
         return out
     paged = None
     if k_cache is not None and v_cache is not None and block_table is not None and prefix_lens is not None:
         paged = (k_cache, v_cache, block_table, prefix_lens)
+        a.check_block_table_on_cpu(
+            _OP, block_table, prefix_lens, "prefix_lens", k_cache.shape[0], k_cache.shape[1]
+        )
     grid, args = _launch(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, max_seqlen_q, max_seqlen_k, paged, out
     )
     c.launch(_varlen_attention_kernel, grid, args, config)
     return out
+
+
+def _read_offsets(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    k_cache: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    prefix_lens: torch.Tensor | None,
+) -> tuple[int, int]:
+    """The longest query length and the longest ``P + Lk``, read from the device in one wait,
+    with what that read shows for free checked: the offsets stay within q's and k's rows
+    (a kernel would read and write past them) and each prefix fits the block table."""
+    lens_q, lens_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    prefix = lens_k.new_zeros(()) if prefix_lens is None else prefix_lens.to(lens_k.dtype)
+    scalars = (
+        lens_q.max(), (lens_k + prefix).max(), prefix.max(),
+        cu_q[0], lens_q.min(), cu_q[-1], cu_k[0], lens_k.min(), cu_k[-1],
+    )  # fmt: skip
+    read = torch.stack([t.to(torch.int64) for t in scalars]).tolist()
+    longest_q, longest_k, longest_prefix = read[:3]
+    for name, cu, (first, shortest, last), rows, t in (
+        ("cu_seqlens_q", cu_q, read[3:6], q.shape[0], "q"),
+        ("cu_seqlens_k", cu_k, read[6:9], k.shape[0], "k"),
+    ):
+        if first < 0 or shortest < 0 or last > rows:
+            shown = cu[:16].tolist()
+            c.fail(
+                _OP,
+                f"{name} must be offsets from 0 that never decrease and end at most at {t}'s {rows} rows; "
+                f"found {shown}{' ...' if cu.shape[0] > 16 else ''}",
+            )
+    if prefix_lens is not None:
+        assert k_cache is not None and block_table is not None  # _check: all four or none
+        capacity = block_table.shape[1] * k_cache.shape[1]
+        if longest_prefix > capacity:
+            blocks, page = block_table.shape[1], k_cache.shape[1]
+            c.fail(
+                _OP,
+                f"a prefix of {longest_prefix} tokens does not fit the block table ({blocks} blocks "
+                f"of {page} tokens = {capacity}); give each sequence the blocks of its prefix",
+            )
+    return int(longest_q), int(longest_k)
 
 
 def _launch(

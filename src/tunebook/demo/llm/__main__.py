@@ -90,11 +90,45 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--max-configs", type=int, default=None, help="configs measured per key")
     _model_arguments(tune)
     args = parser.parse_args(argv)
+    if args.command == "tune":  # checked now, not after the model loaded and the prefills tuned
+        for option in ("batches", "contexts", "prefills"):
+            setattr(args, option, _positive_ints(parser, option, getattr(args, option)))
     if args.command == "serve" and not 0 <= args.port <= 65535:
         parser.error(f"--port: expected 0-65535; found {args.port}")
     if getattr(args, "gguf", None) and os.path.isdir(args.gguf):
         parser.error(f"--gguf: expected a .gguf file; {args.gguf} is a directory")
     return args
+
+
+def _positive_ints(parser: argparse.ArgumentParser, option: str, text: str | None) -> list[int] | None:
+    """``--batches 1,8,32``-style values as a list (None: not given), or the parser's error."""
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f"--{option}: expected comma-separated positive integers, e.g. 1,8,32; found {text!r}")
+    return values
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (None: it can), asked by binding
+    there as uvicorn will (SO_REUSEADDR). uvicorn found a port in use only after the model
+    had loaded and "serving ... on" was printed."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 @contextlib.contextmanager
@@ -208,8 +242,8 @@ def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
     engine, model_id = build_engine(args, on_gpu)
     runner, start, top = engine.runner, time.perf_counter(), engine.max_model_len
 
-    def sizes(text: str | None, default: list[int]) -> list[int]:
-        return [int(x) for x in text.split(",")] if text else default
+    def sizes(given: list[int] | None, default: list[int]) -> list[int]:
+        return default if given is None else given
 
     powers = [2**i for i in range(top.bit_length()) if 2**i < top]
     # A prompt has 1 to top - 1 tokens. The powers below top alone leave out the bucket of
@@ -263,6 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _generate(args, on_gpu)
     from .server import serve
 
+    problem = _listen_problem(args.host, args.port)  # before the model loads (seconds to minutes)
+    if problem:
+        print(
+            f"python -m tunebook.demo.llm: error: cannot listen on {args.host}:{args.port} ({problem}); "
+            "choose another --port (or --host)",
+            file=sys.stderr,
+        )
+        return 2
     # The engine's own errors (a failed step) go to stderr beside uvicorn's log.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
