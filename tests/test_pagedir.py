@@ -119,14 +119,14 @@ def test_a_page_json_created_meanwhile_is_not_kept_aside_as_corrupt(tmp_path: Pa
     # it (an atomic rename): read it again instead of moving a good file aside.
     page = tmp_path / "k--x--cpu--p"
     pagedir.ensure_page(page, META)
-    real = pagedir.read_meta
+    real = pagedir.read_page_file
     calls = []
 
-    def first_not_there_yet(directory: Path) -> dict[str, Any] | None:
+    def first_not_there_yet(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
         calls.append(directory)
-        return None if len(calls) == 1 else real(directory)
+        return (None, None) if len(calls) == 1 else real(directory)
 
-    monkeypatch.setattr(pagedir, "read_meta", first_not_there_yet)
+    monkeypatch.setattr(pagedir, "read_page_file", first_not_there_yet)
     pagedir.ensure_page(page, META)
     assert len(calls) == 2
     assert sorted(p.name for p in page.iterdir() if p.name != pagedir.HIDDEN) == ["page.json"]

@@ -284,3 +284,54 @@ def test_a_read_only_book_that_is_not_there_is_reported_once(tmp_path: Path, mon
     assert len(said) == 2, said
     assert f"the read-only book {a_file} (from books=) is not a directory" in said[0]
     assert f"the read-only book {missing} (from TUNEBOOK_PATH) does not exist" in said[1]
+
+
+# A page.json that cannot be read (a truncated write from another tool, a bad byte, an empty
+# file): the page's key files are intact, and the autotuner knows which page it asked for.
+DAMAGED_PAGE_JSON = [b"", b'{"format": "tunebook-page", "version": 2, "kern', b"\xff\xfe"]
+
+
+def _damage_page_json(book: Path, raw: bytes) -> Path:
+    (page,) = book_files(book)
+    (page / "page.json").write_bytes(raw)
+    return page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("raw", DAMAGED_PAGE_JSON, ids=["empty", "truncated", "not-utf8"])
+def test_a_damaged_page_json_costs_no_benchmark_and_the_next_process_rewrites_it(
+    kdir, book_dir, first_tuning, raw
+):
+    tuned_into(first_tuning, book_dir)
+    page = _damage_page_json(book_dir, raw)
+    tuned = child(kdir)  # tune mode, the damaged book as TUNEBOOK_DIR
+    assert tuned["benchmarked"] == 0 and tuned["book_hits"] == 1 and tuned["best"] == 64
+    assert tuned["_stderr"].count("the page's keys were read without it") == 1
+    assert "It was rewritten" in tuned["_stderr"]
+    meta = json.loads((page / "page.json").read_text())
+    assert meta["format"] == "tunebook-page" and meta["kernel"]["name"] == "add_kernel"
+    (aside,) = page.glob("page.json.corrupt-*")  # the damaged one, kept for a person
+    assert aside.read_bytes() == raw
+    again = child(kdir)
+    assert again["benchmarked"] == 0 and again["best"] == 64
+    assert "tunebook:" not in again["_stderr"]
+
+
+@pytest.mark.slow
+def test_a_shipped_book_with_a_damaged_page_json_still_serves_and_says_how_to_repair_it(
+    kdir, tmp_path, first_tuning
+):
+    shipped = tmp_path / "shipped"
+    tuned_into(first_tuning, shipped)
+    page = _damage_page_json(shipped, b'{"format": "tunebook-page"')
+    before = snapshot(shipped)
+    local = tmp_path / "local"
+    served = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=shipped, TUNEBOOK_MODE="serve")
+    assert served["benchmarked"] == 0 and served["best"] == 64 and served["book_hits"] == 1
+    assert snapshot(shipped) == before  # a read-only book is never written, not even repaired
+    assert "is unreadable" in served["_stderr"] and f"TUNEBOOK_DIR={shipped}" in served["_stderr"]
+    # The fix it names: one call with the book as TUNEBOOK_DIR, which benchmarks nothing.
+    fixed = child(kdir, TUNEBOOK_DIR=shipped)
+    assert fixed["benchmarked"] == 0 and json.loads((page / "page.json").read_text())["version"] == 2
+    again = child(kdir, TUNEBOOK_DIR=local, TUNEBOOK_PATH=shipped, TUNEBOOK_MODE="serve")
+    assert again["benchmarked"] == 0 and "tunebook:" not in again["_stderr"]

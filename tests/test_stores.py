@@ -85,6 +85,29 @@ def test_an_unusable_stored_document_is_skipped_and_replaced_never_raised(
 
 
 @pytest.mark.filterwarnings("ignore::tunebook.BookWarning")
+def test_keys_stand_past_a_damaged_identity_record_for_a_caller_that_names_the_identity(
+    kind: StoreKind,
+) -> None:
+    # page.json (a Redis hash's meta) goes bad while the keys are intact: a caller that says
+    # which kernel and platform it asked for (the autotuner) reads the keys anyway, and the
+    # next write rewrites the record without losing a key; a caller that does not, reads nothing.
+    kept = doc(64, {16: 1.0})
+    assert kind.make().merge(FILE, kept) is not None
+    kind.plant(b"{not json")
+    store = kind.make()
+    assert store.fetch(FILE) is None
+    identity = {"kernel": kept.kernel, "platform": kept.platform}
+    fetched = store.fetch(FILE, list(kept.entries), expected=identity)
+    assert fetched is not None and fetched.dumps() == kept.dumps()
+    index = store.fetch(FILE, (), expected=identity)
+    assert index is not None and index.index is not None and set(kept.entries) <= index.index
+    news = doc(128, {16: 0.7})
+    assert store.merge(FILE, news) is not None
+    everything = kind.make().fetch(FILE, [*kept.entries, *news.entries])  # the record is readable again
+    assert everything is not None and everything.dumps() == news.merged_over(kept).dumps()
+
+
+@pytest.mark.filterwarnings("ignore::tunebook.BookWarning")
 def test_a_store_that_cannot_write_returns_none_and_raises_nothing(kind: StoreKind) -> None:
     store = kind.broken()
     assert store.merge(FILE, doc(64, {16: 1.0})) is None

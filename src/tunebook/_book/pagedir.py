@@ -119,20 +119,60 @@ def _warn(path: Path, reason: object) -> None:
     )
 
 
-def read_meta(directory: Path) -> dict[str, Any] | None:
-    """The page's ``{"kernel", "platform"}``; None if there is no page or it is unusable (warned)."""
+def read_page_file(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the page's ``{"kernel", "platform"}``, None), or (None, why page.json is unusable), or
+    (None, None) if it is absent. Warns of nothing: the caller knows what it can do without it."""
     path = directory / PAGE_FILE
     try:
         data = _load(path, MAX_PAGE_BYTES)
         if data is None:
-            return None
+            return None, None
         check_format(data, PAGE_FORMAT, VERSION, VERSION)
         kernel, platform = data.get("kernel"), data.get("platform")
         check_identity(kernel, platform)
-        return {"kernel": kernel, "platform": platform}
+        return {"kernel": kernel, "platform": platform}, None
     except (Unusable, ValueError, OverflowError, RecursionError) as exc:
-        _warn(path, exc)
-        return None
+        return None, str(exc) or type(exc).__name__
+
+
+def repair_hint(directory: Path) -> str:
+    """How a person rewrites a page's page.json (the exact fix; docs/book-format.md)."""
+    return (
+        f"call the kernel once with TUNEBOOK_DIR={directory.parent} (it reads the "
+        "keys without page.json and writes a new one; nothing is re-benchmarked), or copy page.json "
+        "from another copy of this book"
+    )
+
+
+def read_meta(directory: Path) -> dict[str, Any] | None:
+    """The page's ``{"kernel", "platform"}``; None if there is no page or it is unusable (warned).
+
+    For a reader that does not know which page it asked for (the command line, a sibling
+    search): a key's file records its kernel's hash and platform id, not the kernel's key
+    names or the platform itself, so without page.json its keys are not served."""
+    meta, why = read_page_file(directory)
+    if why is not None:
+        warn_once(
+            f"read:{directory / PAGE_FILE}",
+            "tunebook: skipping the page %s: its page.json is unreadable (%s), and nothing else names "
+            "the kernel and platform its key files are for. The key files are intact: to rewrite it, %s.",
+            directory,
+            why,
+            repair_hint(directory),
+        )
+    return meta
+
+
+def name_ids(directory_name: str) -> tuple[str, str] | None:
+    """(kernel id, platform id) that a page directory's name carries (see pages.book_file_name),
+    or None if it is not a page's name."""
+    found = _PAGE_NAME.fullmatch(directory_name)
+    return (found["kernel"], found["platform"]) if found else None
+
+
+# <kernel name>--<kernel id>--<platform slug>--<platform id>: both ids are 16 hex digits, and
+# neither slug holds "--<16 hex digits>--" in practice (kernel names are cut at 60 characters).
+_PAGE_NAME = re.compile(r".+--(?P<kernel>[0-9a-f]{16})--.+--(?P<platform>[0-9a-f]{16})")
 
 
 def _entry_of(path: Path, meta: Mapping[str, Any], key_text: str | None) -> tuple[str, Entry] | None:
@@ -331,11 +371,11 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
     A page of another kernel under this name is kept aside, as format 1 keeps such a file.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    present = read_meta(directory)
+    present = read_page_file(directory)[0]  # an unreadable one is kept aside below, and logged
     if present is None and os.path.lexists(directory / PAGE_FILE):
         # Another process may have created it since it was read (an atomic rename): read it
         # again before keeping it aside as unreadable.
-        present = read_meta(directory)
+        present = read_page_file(directory)[0]
         if present is None:
             _make_room(directory / PAGE_FILE, PAGE_FORMAT)
     if present is not None and present["kernel"].get("hash") == meta["kernel"]["hash"]:

@@ -135,7 +135,7 @@ class Layer:
         """Catch up with the store on ``keys``: send what it refused before, then fetch them."""
         if self.pending:
             self.push(name, {}, page)
-        stored = self.store.fetch(name, keys)
+        stored = self.store.fetch(name, keys, expected=page.identity)
         if stored is not None:  # None: nothing there, or unusable now; what was read before stays valid
             self._take(stored, page)
 
@@ -143,7 +143,9 @@ class Layer:
         """The key texts the store holds (names only): at most NAME_BUDGET of them, asked once
         per page; every one, asked again, when ``fresh``. With what it read or was sent."""
         if self.index is None or fresh:
-            stored = self.store.fetch(name, (), max_names=None if fresh else NAME_BUDGET)
+            stored = self.store.fetch(
+                name, (), max_names=None if fresh else NAME_BUDGET, expected=page.identity
+            )
             ok = (
                 stored is not None and stored.index is not None and page.same_kernel(stored, repr(self.store))
             )
@@ -240,6 +242,12 @@ class Page:
             return True
         warn_once(f"read:{where}", "tunebook: skipping book %s: it belongs to another kernel version", where)
         return False
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """``{"kernel", "platform"}`` as page.json holds them: what the stores are asked for (a
+        store reads a page's keys by it when the page's own record is damaged)."""
+        return {"kernel": self.kernel.to_json(), "platform": self.platform}
 
     def document(self, entries: Mapping[str, Entry]) -> Document:
         return Document(kernel=self.kernel.to_json(), platform=self.platform, entries=dict(entries))

@@ -22,9 +22,12 @@ Contract:
   transaction (WATCH the hash, read it, merge in Python with :meth:`Document.merged_over`,
   MULTI/EXEC the changed fields) and retries when another writer got in between, so the
   rule is the one a book file follows: what is already stored stands per (key, config id).
-* **What is read is validated** like a book file (:meth:`Document.from_json`); a stored
-  document that does not validate is skipped with one warning, and the next merge keeps it
-  aside under ``<hash key>:corrupt-<time>`` rather than merging into it.
+* **What is read is validated** like a book file (:meth:`Document.from_json`); a field that
+  does not validate is skipped with one warning, and the next merge of it keeps it aside in
+  ``<hash key>:corrupt-keys`` (as ``<field>@<time>-<pid>-<n>``) and writes over it. A hash
+  whose ``meta`` is unreadable is skipped by a reader that does not say which identity it
+  expects; one that does (the autotuner: the hash's name is its kernel's and platform's)
+  reads its keys anyway, and the next merge rewrites ``meta`` from the news it writes.
 * **Thread- and process-safe.** redis-py's connection pool is thread-safe and resets itself
   in a forked child; the breaker's state is guarded by a lock.
 
@@ -44,7 +47,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -248,14 +251,21 @@ class RedisStore:
     # ------------------------------------------------------------------ public
 
     def fetch(
-        self, file_name: str, keys: Collection[str] | None = None, *, max_names: int | None = None
+        self,
+        file_name: str,
+        keys: Collection[str] | None = None,
+        *,
+        max_names: int | None = None,
+        expected: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Document | None:
         """The stored document for ``file_name`` (only ``keys``, when given; ``keys=()``: its
         index, of at most ``max_names`` names); None if absent, unreadable or Redis is down.
         One request: HGETALL, HMGET of the keys and ``meta``, or ``meta`` and HLEN then HKEYS
-        (a hash of at most ``max_names`` keys) or HSCAN until ``max_names`` names came."""
+        (a hash of at most ``max_names`` keys) or HSCAN until ``max_names`` names came.
+        ``expected``: the identity the caller opened ``file_name`` for, taken where ``meta``
+        is unreadable (the hash's name is that identity's: its kernel id and platform id)."""
         return self._guarded(
-            lambda client: self._read(client, KEY_PREFIX + file_name, file_name, keys, max_names)
+            lambda client: self._read(client, KEY_PREFIX + file_name, file_name, keys, max_names, expected)
         )
 
     def merge(self, file_name: str, doc: Document) -> Document | None:
@@ -324,22 +334,28 @@ class RedisStore:
     # ------------------------------------------------------------------ documents
 
     def _read(
-        self, client: Any, key: str, file_name: str, keys: Collection[str] | None, max_names: int | None
+        self,
+        client: Any,
+        key: str,
+        file_name: str,
+        keys: Collection[str] | None,
+        max_names: int | None,
+        expected: Mapping[str, Mapping[str, Any]] | None,
     ) -> Document | None:
         if keys is None:
-            return self._load(client.hgetall(key), file_name)
+            return self._load(client.hgetall(key), file_name, expected)
         if not keys:
             with client.pipeline(transaction=False) as pipe:
                 pipe.hget(key, _META)
                 pipe.hlen(key)
                 meta, size = pipe.execute()
-            doc = self._load({_META.encode(): meta} if meta is not None else {}, file_name)
+            doc = self._load({_META.encode(): meta} if meta is not None else {}, file_name, expected)
             if doc is None:
                 return None
             names = _names(client, key, size, max_names)
             index = frozenset(n.decode("utf-8", "replace") for n in names if n != _META.encode())
             return Document(doc.kernel, doc.platform, {}, index)
-        return self._load(self._fields(client, key, keys), file_name)
+        return self._load(self._fields(client, key, keys), file_name, expected)
 
     @staticmethod
     def _fields(client: Any, key: str, keys: Collection[str]) -> dict[bytes, bytes]:
@@ -348,16 +364,23 @@ class RedisStore:
         values = client.hmget(key, names)
         return {n.encode(): v for n, v in zip(names, values) if v is not None}
 
-    def _load(self, fields: dict[bytes, bytes], file_name: str) -> Document | None:
-        """A stored hash as a validated Document; None if empty or its meta is unreadable."""
-        return self._parse(fields, file_name)[0]
+    def _load(
+        self, fields: dict[bytes, bytes], file_name: str, expected: Mapping[str, Mapping[str, Any]] | None
+    ) -> Document | None:
+        """A stored hash as a validated Document; None if empty or its meta is unreadable
+        (and no identity is ``expected``)."""
+        return self._parse(fields, file_name, expected)[0]
 
-    def _parse(self, fields: dict[bytes, bytes], file_name: str) -> tuple[Document | None, list[bytes]]:
+    def _parse(
+        self, fields: dict[bytes, bytes], file_name: str, expected: Mapping[str, Mapping[str, Any]] | None
+    ) -> tuple[Document | None, list[bytes], bool]:
         """(the stored hash as a validated Document, or None if it is empty or its ``meta`` is
-        unreadable; the fields of keys that could not be read). An unreadable key's field is
-        left out of the document, never the hash's other keys (warned once each way)."""
+        unreadable and no identity is ``expected``; the fields of keys that could not be
+        read; whether ``meta`` was readable). An unreadable key's field is left out of the
+        document, never the hash's other keys (warned once each way)."""
         if not fields:
-            return None, []
+            return None, [], False
+        meta_ok = True
         # ValueError covers BookFormatError, bad JSON and bad UTF-8; OverflowError an integer
         # beyond float range in a timing.
         unreadable = (ValueError, OverflowError, RecursionError)
@@ -375,14 +398,28 @@ class RedisStore:
                 }
             )
         except unreadable as exc:
+            if expected is None:
+                self._warn(
+                    f"read:{file_name}",
+                    "tunebook: skipping the Redis book %s at %s: %s",
+                    file_name,
+                    self.url,
+                    exc,
+                )
+                return None, [], False
+            # Its keys stand without it: the caller asked for this name, which is its kernel's
+            # and platform's (their ids), and the next merge rewrites the meta field.
             self._warn(
                 f"read:{file_name}",
-                "tunebook: skipping the Redis book %s at %s: %s",
+                "tunebook: the 'meta' field of the Redis book %s at %s is unreadable (%s); its keys "
+                "were read as the kernel and platform this process asked for, and the next write "
+                "rewrites it",
                 file_name,
                 self.url,
                 exc,
             )
-            return None, []
+            doc = Document(dict(expected["kernel"]), dict(expected["platform"]), {})
+            meta_ok = False
         entries: dict[str, Entry] = {}
         bad: list[bytes] = []
         for name, value in fields.items():
@@ -401,7 +438,7 @@ class RedisStore:
                     self.url,
                     exc,
                 )
-        return replace(doc, entries=entries), bad
+        return replace(doc, entries=entries), bad, meta_ok
 
     def _merge(self, client: Any, key: str, file_name: str, news: Document) -> Document | None:
         for _ in range(_MAX_TRIES):
@@ -409,15 +446,16 @@ class RedisStore:
                 try:
                     pipe.watch(key)
                     fields = self._fields(pipe, key, news.entries)  # the touched keys only
-                    stored, bad = self._parse(fields, file_name)
+                    # The news names the identity this hash is for: a hash whose meta is
+                    # unreadable keeps its keys, and gets its meta rewritten.
+                    identity = {"kernel": news.kernel, "platform": news.platform}
+                    stored, bad, meta_ok = self._parse(fields, file_name, identity)
                     merged = news.merged_over(stored)
                     pipe.multi()
                     stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{random.getrandbits(32):08x}"
-                    if fields and stored is None:
-                        # The hash is not a readable book (its meta): keep it for a human, as the
-                        # file layer does, and start afresh. The name is unique: RENAME replaces.
-                        pipe.rename(key, f"{key}:corrupt-{stamp}")
-                    for name in bad:  # one unreadable key: kept aside, the news replaces it
+                    if not meta_ok and _META.encode() in fields:
+                        bad.append(_META.encode())  # kept aside for a person, as a page.json is
+                    for name in bad:  # one unreadable field: kept aside, the news replaces it
                         pipe.hset(
                             f"{key}:corrupt-keys", f"{name.decode('utf-8', 'replace')}@{stamp}", fields[name]
                         )
@@ -426,7 +464,7 @@ class RedisStore:
                         k: json.dumps(e.to_json(), sort_keys=True, allow_nan=False)
                         for k, e in changed.items()
                     }
-                    if stored is None:
+                    if not meta_ok:
                         mapping[_META] = json.dumps(
                             {"kernel": merged.kernel, "platform": merged.platform},
                             sort_keys=True,

@@ -8,14 +8,20 @@ them in one loop and knows nothing else about them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .._warnings import warn_once
 from . import pagedir
 from .files import read_document, warn_write_failure
 from .records import Document, Entry
+
+# How a page.json that could not be read, its keys read without it, is reported (the command
+# line reports it in its own words: it knows where the identity came from).
+DAMAGED_PAGE = "tunebook: the page file"
+# A page's identity as page.json holds it: {"kernel": {...}, "platform": {...}}.
+Identity = Mapping[str, Mapping[str, Any]]
 
 
 @runtime_checkable
@@ -40,7 +46,12 @@ class BookStore(Protocol):
     """
 
     def fetch(
-        self, name: str, keys: Collection[str] | None = None, *, max_names: int | None = None
+        self,
+        name: str,
+        keys: Collection[str] | None = None,
+        *,
+        max_names: int | None = None,
+        expected: Identity | None = None,
     ) -> Document | None:
         """The stored document ``name``, or None if there is none or it is unusable.
 
@@ -49,6 +60,12 @@ class BookStore(Protocol):
         with ``max_names``, to those among the first ``max_names`` names the store lists, in
         its own order: the same for every reader of the store in one state, so a bounded
         search is as deterministic as a full one (see pages.NAME_BUDGET).
+
+        ``expected``: the ``{"kernel", "platform"}`` the caller opened ``name`` for (the
+        autotuner knows it). Where the store's own record of the document's identity is
+        unusable but its keys' records are not, the keys are served as that identity (each
+        checked against it as far as the store records whose it is), with one warning; a
+        writable store rewrites the record. Without it, such a document is None.
         """
         ...
 
@@ -108,11 +125,16 @@ class DirectoryStore:
         return doc
 
     def fetch(
-        self, name: str, keys: Collection[str] | None = None, *, max_names: int | None = None
+        self,
+        name: str,
+        keys: Collection[str] | None = None,
+        *,
+        max_names: int | None = None,
+        expected: Identity | None = None,
     ) -> Document | None:
         directory = self.directory / pagedir.page_dir_name(name)
-        meta = pagedir.read_meta(directory)
         old = self._format1(name)
+        meta = self._meta(directory, expected)
         if old is not None and meta is not None and old.kernel.get("hash") != meta["kernel"].get("hash"):
             old = None  # a stale file of another kernel version beside the page: the page stands
         if meta is not None:
@@ -133,6 +155,41 @@ class DirectoryStore:
         else:
             entries = pagedir.read_keys(directory, meta, keys) if meta is not None else {}
         return Document(kernel, platform, _under(entries, old, keys), index)
+
+    def _meta(self, directory: Path, expected: Identity | None) -> dict[str, Any] | None:
+        """The page's identity: its page.json's, or where that is unusable or absent, the one
+        the caller expects (each key's file is still checked against it: the kernel's hash and
+        the platform's id it records), page.json then rewritten where the store is writable."""
+        if expected is None:
+            return pagedir.read_meta(directory)
+        meta, why = pagedir.read_page_file(directory)
+        if meta is not None:
+            return meta
+        if not directory.is_dir():
+            return None
+        meta = {"kernel": dict(expected["kernel"]), "platform": dict(expected["platform"])}
+        outcome = (
+            f"This book is not written here, so it stays so: to rewrite it, {pagedir.repair_hint(directory)}."
+        )
+        if self.writable:
+            try:
+                pagedir.ensure_page(directory, meta)
+                outcome = "It was rewritten (the unreadable one kept aside beside it)."
+            except pagedir.LeaveAlone as exc:  # a newer tunebook's page.json, say
+                outcome = f"It is left as it is: {exc}."
+            except (OSError, ValueError) as exc:  # a read-only or full disk: the next write tries again
+                why = why or "absent"
+                outcome = f"It could not be rewritten ({exc}); the next write to this page tries again."
+        if why is not None:  # an absent one rewritten is a page being created, or a person's rm: quiet
+            warn_once(
+                f"read:{directory / pagedir.PAGE_FILE}",
+                DAMAGED_PAGE + " %s is unreadable (%s); the page's keys were read without "
+                "it, each key's file checked against this kernel's hash and this platform's id. %s",
+                directory / pagedir.PAGE_FILE,
+                why,
+                outcome,
+            )
+        return meta
 
     def merge(self, name: str, doc: Document) -> Document | None:
         if not self.writable:
