@@ -138,7 +138,7 @@ def read_page_file(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
 def repair_hint(directory: Path) -> str:
     """How a person rewrites a page's page.json (the exact fix; docs/book-format.md)."""
     return (
-        f"call the kernel once with TUNEBOOK_DIR={directory.parent} (it reads the "
+        f"call the kernel once with TUNEBOOK_DIR={os.path.abspath(directory.parent)} (it reads the "
         "keys without page.json and writes a new one; nothing is re-benchmarked), or copy page.json "
         "from another copy of this book"
     )

@@ -297,6 +297,9 @@ class Entry:
         )
 
 
+NEWER = "written by a newer tunebook"  # how check_format's refusal of a newer file begins
+
+
 def check_format(data: Any, fmt: str, oldest: int, newest: int) -> None:
     """Raise BookFormatError unless ``data`` is an object of format ``fmt`` with a version
     this tunebook reads (``oldest`` to ``newest``); a newer one says to upgrade."""
@@ -307,8 +310,7 @@ def check_format(data: Any, fmt: str, oldest: int, newest: int) -> None:
         raise BookFormatError("the 'version' field is missing or not an integer")
     if version > newest:
         raise BookFormatError(
-            f"written by a newer tunebook (book format {version}; this tunebook reads up to {newest}); "
-            "upgrade tunebook to use it"
+            f"{NEWER} (book format {version}; this tunebook reads up to {newest}); upgrade tunebook to use it"
         )
     if version < oldest:
         raise BookFormatError(f"unknown book format version {version}")

@@ -26,6 +26,8 @@ from .._book import (
     pagedir,
     read_book_file,
 )
+from .._book.records import NEWER
+from .._book.stores import DAMAGED_PAGE
 from .._fingerprint import platform_id, platform_slug
 from ._summary import key_order, sorted_entries
 
@@ -182,7 +184,75 @@ def _kept_aside(page: Path) -> list[Path]:
 
 
 def _is_page_dir(path: Path) -> bool:
-    return path.is_dir() and (path / pagedir.PAGE_FILE).exists()
+    """A page directory: one with a page.json, or one named as a page (its page.json lost)."""
+    return path.is_dir() and (
+        os.path.lexists(path / pagedir.PAGE_FILE) or pagedir.name_ids(path.name) is not None
+    )
+
+
+def _sibling_identity(directory: Path, pages: list[Page]) -> tuple[dict[str, Any], list[Path]] | None:
+    """The kernel and platform of a page whose page.json is damaged, taken from the book's
+    readable pages whose ids (recomputed from their contents) are the ones the directory's
+    name carries; with the pages they came from. None if the book holds no such pages."""
+    ids = pagedir.name_ids(directory.name)
+    if ids is None:
+        return None
+    kernel = next((p for p in pages if p.identity.id == ids[0]), None)
+    platform = next((p for p in pages if p.platform_id == ids[1]), None)
+    if kernel is None or platform is None:
+        return None
+    identity = {
+        "kernel": {**kernel.doc.kernel, "id": ids[0]},
+        "platform": {**platform.doc.platform, "id": ids[1]},
+    }
+    return identity, sorted({kernel.path, platform.path})
+
+
+def _damaged_page(directory: Path, why: str | None, loaded: Loaded) -> None:
+    """A page directory whose page.json is unreadable (``why``) or absent: its keys are read
+    if the book's other pages name its kernel and platform, else listed by name; either way
+    one line says so and how page.json is rewritten."""
+    page_json = directory / pagedir.PAGE_FILE
+    state = f"unreadable ({why})" if why is not None else "missing"
+    book = directory.parent
+    found = _sibling_identity(directory, loaded.pages)
+    if found is not None:
+        identity, sources = found
+        with skipped_as(directory) as skipped:
+            doc = DirectoryStore(directory.parent, writable=False).fetch(
+                directory.name + ".json", expected=identity
+            )
+        loaded.skipped += [s for s in skipped if not s[1].startswith(DAMAGED_PAGE)]
+        if doc is not None:
+            loaded.pages.append(Page(directory, doc))
+            loaded.skipped.append(
+                (
+                    page_json,
+                    f"{state}; the page's kernel and platform were taken from "
+                    f"{', '.join(str(p) for p in sources)} (their ids are the ones this directory's "
+                    f"name carries) and its keys read, each checked against them; to rewrite it, run "
+                    f"`tunebook merge {book} -o {book}`, or {pagedir.repair_hint(directory)}",
+                )
+            )
+            return
+    texts = sorted(t for t in (pagedir.key_text_of(n) for n in _names(directory)) if t is not None)
+    shown = ", ".join(texts[:5]) + (f", ... ({len(texts)} in all)" if len(texts) > 5 else "")
+    loaded.skipped.append(
+        (
+            page_json,
+            f"{state}, and no other page of this book names the kernel and platform this "
+            f"directory's name carries, so its {len(texts)} key file(s) are not shown"
+            f"{': ' + shown if texts else ''}. They are intact: to rewrite page.json, "
+            f"{pagedir.repair_hint(directory)}",
+        )
+    )
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def load(source: Path, stream: bool = False) -> Loaded:
@@ -223,10 +293,20 @@ def load(source: Path, stream: bool = False) -> Loaded:
             loaded.skipped.append((path, why or "unreadable"))
         else:
             loaded.pages.append(Page(path, doc))
+    damaged: list[tuple[Path, str | None]] = []
     for directory in pages:
-        streamed = stream and not os.path.lexists(directory.with_name(directory.name + ".json"))
+        beside = os.path.lexists(directory.with_name(directory.name + ".json"))
+        meta, why = pagedir.read_page_file(directory)
+        # Damaged, unless a format-1 file beside names the page (fetch reads it), or a newer
+        # tunebook wrote it (its page is not this tunebook's to name: skipped, as it says).
+        if meta is None and not beside and not (why or "").startswith(NEWER):
+            damaged.append((directory, why))
+            continue
+        streamed = stream and not beside
         doc, skipped = parse_page_meta(directory) if streamed else parse_page(directory)
         loaded.skipped += skipped
         if doc is not None:
             loaded.pages.append(Page(directory, doc, streamed))
+    for directory, why in damaged:  # after the others: they may name its kernel and platform
+        _damaged_page(directory, why, loaded)
     return loaded
