@@ -130,3 +130,25 @@ def test_a_page_json_created_meanwhile_is_not_kept_aside_as_corrupt(tmp_path: Pa
     pagedir.ensure_page(page, META)
     assert len(calls) == 2
     assert sorted(p.name for p in page.iterdir() if p.name != pagedir.HIDDEN) == ["page.json"]
+
+
+def test_a_damaged_page_json_skipped_by_one_reader_is_still_reported_as_read_by_the_autotuner(
+    tmp_path: Path,
+) -> None:
+    # A sibling search (no expected identity) skips the page and warns so; the autotuner's
+    # own read, which reads the keys and rewrites page.json, must say that too, not be taken
+    # for the same warning and kept quiet.
+    from tunebook import _warnings
+
+    _warnings.forget()
+    name = "k--x--cpu--p.json"
+    store = DirectoryStore(tmp_path)
+    page = tmp_path / pagedir.page_dir_name(name)
+    pagedir.merge_entries(page, META, {"[1]": _entry((1,), 64, 1.0)})
+    (page / pagedir.PAGE_FILE).write_text("")
+    with pytest.warns(tunebook.BookWarning, match="skipping the page"):
+        assert DirectoryStore(tmp_path, writable=False).fetch(name, ["[1]"]) is None
+    with pytest.warns(tunebook.BookWarning, match="keys were read without it.*It was rewritten"):
+        doc = store.fetch(name, ["[1]"], expected=META)
+    assert doc is not None and list(doc.entries) == ["[1]"]
+    assert pagedir.read_meta(page) == META

@@ -182,7 +182,7 @@ class DirectoryStore:
                 outcome = f"It could not be rewritten ({exc}); the next write to this page tries again."
         if why is not None:  # an absent one rewritten is a page being created, or a person's rm: quiet
             warn_once(
-                f"read:{directory / pagedir.PAGE_FILE}",
+                f"read:{directory / pagedir.PAGE_FILE}:expected",  # not the skip warning's tag
                 DAMAGED_PAGE + " %s is unreadable (%s); the page's keys were read without "
                 "it, each key's file checked against this kernel's hash and this platform's id. %s",
                 directory / pagedir.PAGE_FILE,
