@@ -174,9 +174,9 @@ class Spy:
         for name in ("fetch", "merge"):
             real = getattr(store, name)
 
-            def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
                 self.calls.append(_name)
-                return _real(*args)
+                return _real(*args, **kwargs)
 
             monkeypatch.setattr(store, name, counted)
 
