@@ -155,21 +155,9 @@ def _cache(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _align(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
-    from tunebook.kernels._gemm_common import pow2_at_least
-    from tunebook.kernels._moe_align import _ALIGN_TILE
+    from tunebook.kernels._moe_align import align_meta
 
-    E, align = layout
-    e_pad, align_pad = pow2_at_least(E + 1), pow2_at_least(align)
-    chunk_block = max(1, min(_ALIGN_TILE // e_pad, _ALIGN_TILE // align_pad))
-    block = _ALIGN_TILE // e_pad
-    return {
-        "ALIGN": align,
-        "ALIGN_PAD": align_pad,
-        "E_PAD": e_pad,
-        "BLOCK": block,
-        "CHUNK_BLOCK": chunk_block,
-        **meta,
-    }
+    return {**align_meta(*layout), **meta}
 
 
 def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., dict[str, Any]]]]:

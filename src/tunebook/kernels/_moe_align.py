@@ -69,7 +69,9 @@ def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=device)
     chunk_expert = torch.empty(cap // align, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    launch_align(topk_ids.reshape(-1), E, align, sorted_ids, chunk_expert, num_padded, _ALIGN_TILE // e_pad)
+    launch_align(
+        topk_ids.reshape(-1), E, align, sorted_ids, chunk_expert, num_padded, align_meta(E, align)["BLOCK"]
+    )
     return sorted_ids, chunk_expert, num_padded
 
 
@@ -84,15 +86,27 @@ def launch_align(
     """One launch of ``_moe_align_kernel`` into the given outputs (``block``: pairs a step,
     a power of two; the tests make it small to run many programs and steps)."""
     n, chunks = flat.numel(), chunk_expert.numel()
-    e_pad, align_pad = pow2_at_least(E + 1), pow2_at_least(align)
     programs = min(triton.cdiv(n, block), _ALIGN_PROGRAMS)
     steps = triton.cdiv(triton.cdiv(n, block), programs)  # steps of each program's share
-    chunk_block = max(1, min(_ALIGN_TILE // e_pad, _ALIGN_TILE // align_pad))
     _moe_align_kernel[(programs,)](
         flat, sorted_ids, chunk_expert, num_padded, n, E, chunks, steps * block,
-        triton.cdiv(chunks, programs),
-        ALIGN=align, ALIGN_PAD=align_pad, E_PAD=e_pad, BLOCK=block, CHUNK_BLOCK=chunk_block,
+        triton.cdiv(chunks, programs), **align_meta(E, align, block),
     )  # fmt: skip
+
+
+def align_meta(E: int, align: int, block: int | None = None) -> dict[str, int]:
+    """``_moe_align_kernel``'s constexprs for ``E`` experts and ``align`` (``block``: pairs
+    a step, by default as many as a tile holds)."""
+    e_pad, align_pad = pow2_at_least(E + 1), pow2_at_least(align)
+    chunk_block = max(1, min(_ALIGN_TILE // e_pad, _ALIGN_TILE // align_pad))
+    block = _ALIGN_TILE // e_pad if block is None else block
+    return {
+        "ALIGN": align,
+        "ALIGN_PAD": align_pad,
+        "E_PAD": e_pad,
+        "BLOCK": block,
+        "CHUNK_BLOCK": chunk_block,
+    }
 
 
 @triton.jit
