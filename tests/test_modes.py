@@ -271,3 +271,25 @@ def test_a_read_only_books_search_answers_tune_mode_unless_the_kernel_sets_a_bud
     more = Replay(table)
     call(kernel(more, books=[str(shipped)], max_configs=10), 1000)
     assert len(more.measured) == 10 - 6
+
+
+@pytest.mark.parametrize("name, value", [("TUNEBOOK_DISTRIBUTED", "ture"), ("TUNEBOOK_PROGRESS", "2")])
+def test_a_yes_no_setting_it_cannot_read_is_a_clear_error(monkeypatch, name, value):
+    # Read as 'no', a typo would leave a fleet's ranks tuning alone without a word.
+    monkeypatch.setenv(name, value)
+    with pytest.raises(tunebook.ConfigurationError, match=rf"{name}='{value}'.*expected one of 1, 0"):
+        tuned_add()
+    kernel, _ = (monkeypatch.delenv(name), tuned_add())[1]
+    monkeypatch.setenv(name, value)
+    with pytest.raises(tunebook.ConfigurationError, match=rf"{name}='{value}'"):
+        call(kernel, 64)
+
+
+@pytest.mark.parametrize("value", ["", "TRUE", " yes ", "off", "0"])
+def test_yes_no_settings_read_the_usual_spellings(monkeypatch, value):
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED", value)
+    monkeypatch.setenv("TUNEBOOK_PROGRESS", value)
+    from tunebook import _settings
+
+    assert _settings.distributed() is (value.strip().lower() in ("true", "yes"))
+    assert _settings.progress() == {"": "auto", "TRUE": "1", " yes ": "1", "off": "0", "0": "0"}[value]

@@ -150,19 +150,35 @@ def mode() -> Mode:
     return value
 
 
-def progress() -> str:
-    """'1' (always), '0' (never) or 'auto' (when stderr is a terminal)."""
-    value = TUNEBOOK_PROGRESS.raw().strip().lower()
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _switch(setting: Setting, extra: tuple[str, ...] = ()) -> str:
+    """A yes/no setting's value, lower-cased: '1', '0' or one of ``extra``; unset is the
+    default. A value it cannot read is an error that names the valid ones: a typo (``ture``)
+    read as 'no' would leave a fleet tuning alone, or silent, without a word."""
+    value = setting.raw().strip().lower() or setting.default
     if value in _TRUE:
         return "1"
-    if value in {"0", "false", "no", "off"}:
+    if value in _FALSE:
         return "0"
-    return "auto"
+    if value in extra:
+        return value
+    valid = ", ".join(["1", "0", *extra])
+    raise ConfigurationError(
+        f"{setting.name}={setting.raw()!r} is not a value tunebook reads; expected one of {valid} "
+        f"(or true/false, yes/no, on/off). Unset it for the default, {setting.default!r}."
+    )
+
+
+def progress() -> str:
+    """'1' (always), '0' (never) or 'auto' (when stderr is a terminal)."""
+    return _switch(TUNEBOOK_PROGRESS, ("auto",))
 
 
 def distributed() -> bool:
     """Whether kernels without ``group=`` tune in torch.distributed's default group."""
-    return TUNEBOOK_DISTRIBUTED.raw().strip().lower() in _TRUE
+    return _switch(TUNEBOOK_DISTRIBUTED) == "1"
 
 
 def _seconds(setting: Setting, unit: str = "seconds") -> float:
