@@ -456,3 +456,88 @@ def test_a_real_failure_under_the_interpreter_is_still_recorded(book_dir):
     assert bench.measured.count(64) == 1
     failed = [r for r in entry_of(book_dir).results.values() if not r.ok]
     assert len(failed) == 1 and "out of bounds" in str(failed[0].error)
+
+
+BLOCKS = [16, 32, 64, 128, 256, 512, 1024, 2048]
+BIG = tunebook.Space(BLOCK=BLOCKS, num_warps=[1, 2, 4, 8], num_stages=[2, 3, 4])
+
+
+def pick_rule(key, configs):
+    """A kernel's hand-written rule (``fallback=``): BLOCK=512 with one warp, for every key."""
+    return next(c for c in configs if c.kwargs["BLOCK"] == 512 and c.num_warps == 1)
+
+
+def test_the_fallback_rules_config_is_measured_first_and_kept_on_a_tie(book_dir, monkeypatch):
+    # The best config is 1% faster than the rule's: within the tie tolerance, so the tuned key
+    # keeps what serve mode would have launched untuned, and never ends slower than it.
+    def f(cfg):
+        return {(128, 4): 1.00, (512, 1): 1.01}.get((cfg["BLOCK"], cfg["num_warps"]), 5.0)
+
+    chose = []
+    real = tunebook._tuner.choose_strategy
+    monkeypatch.setattr(
+        tunebook._tuner, "choose_strategy", lambda n, b, h: chose.append(list(h)) or real(n, b, h)
+    )
+    land = Landscape(f)
+    kernel = tuned(BIG, land, fallback=pick_rule, max_configs=None)
+    call(kernel)
+    assert land.measured[0] == (512, 1)
+    assert (128, 4) in land.measured
+    assert (kernel.best_config.kwargs["BLOCK"], kernel.best_config.num_warps) == (512, 1)
+    assert entry_of(book_dir).chosen.startswith("BLOCK=512|")
+    # The rule is no measured neighbour: it does not turn the search into a local one.
+    assert chose == [[]]
+
+
+def test_a_config_clearly_faster_than_the_rules_wins(book_dir):
+    def f(cfg):
+        return {(128, 4): 1.00, (512, 1): 1.10}.get((cfg["BLOCK"], cfg["num_warps"]), 5.0)
+
+    land = Landscape(f)
+    kernel = tuned(BIG, land, fallback=pick_rule, max_configs=None)
+    call(kernel)
+    assert land.measured[0] == (512, 1)
+    assert (kernel.best_config.kwargs["BLOCK"], kernel.best_config.num_warps) == (128, 4)
+
+
+def test_a_fallback_that_raises_does_not_stop_tuning(book_dir, caplog):
+    def broken(key, configs):
+        raise ZeroDivisionError("the rule divides by the key")
+
+    land = Landscape(bowl)
+    kernel = tuned(BIG, land, fallback=broken, strategy="random", max_configs=5, seed=1)
+    with pytest.warns(tunebook.BookWarning, match="fallback= raised ZeroDivisionError: the rule divides"):
+        call(kernel)
+    assert len(land.measured) == 5
+    assert entry_of(book_dir).chosen is not None
+
+
+RULE_MODULE = """
+import torch, triton, tunebook
+from kernels import add_kernel, grid_1d
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+def pick_rule(key, configs):
+    return next(c for c in configs if c.kwargs["BLOCK"] == 512 and c.num_warps == 1)
+
+add = tunebook.autotune(
+    tunebook.Space(BLOCK=[16, 64, 256, 512, 2048], num_warps=[1, 2, 4, 8], num_stages=[2, 3, 4, 5]),
+    key=["n"], fallback=pick_rule, max_configs=10, inputs=inputs,
+)(add_kernel)
+"""
+
+
+def test_a_sweeps_plan_measures_the_rules_config_first_without_a_local_search(tmp_path, monkeypatch):
+    # A Ray sweep plans each key in a worker (tunebook._worker.units.plan): the same hints as
+    # tune_key, the rule's config among them, and the strategy the hints alone would choose.
+    from tunebook._worker.units import plan
+
+    (tmp_path / "rulekern.py").write_text(RULE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = plan({"module": "rulekern", "attr": "add", "key_text": "n=300", "call": None, "key": {"n": 300}})
+    (hint,) = p["hints"]
+    assert p["ids"][hint].startswith("BLOCK=512|") and "num_warps=1" in p["ids"][hint]
+    assert p["strategy"] in ("bayes", "random")

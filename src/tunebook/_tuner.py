@@ -79,6 +79,9 @@ class KeyTuning:
     strategy: str = "auto"
     budget: Budget = field(default_factory=Budget)
     hints: Sequence[int] = ()
+    # The config fallback= picks (_miss.rule_hint): measured first and kept on a tie like a
+    # hint, after the hints, but it leaves the strategy as the hints alone would choose it.
+    rule: int | None = None
     seed: int = 0
     progress: Progress | None = None
     # How each batch is measured (None: here). A group's leader deals it across the ranks
@@ -271,6 +274,7 @@ def tune_key(job: KeyTuning) -> Outcome:
             job.progress.update(done, total, best_ms)
 
     name = choose_strategy(n, job.budget, job.hints) if job.strategy == "auto" else job.strategy
+    hints = with_rule(job.hints, job.rule)
     # An exhaustive search is one batch: every candidate compiles in parallel up front.
     search(
         [_flat(r) for r in job.records],
@@ -278,14 +282,14 @@ def tune_key(job: KeyTuning) -> Outcome:
         strategy=name,
         budget=job.budget,
         known=known,
-        hints=job.hints,
+        hints=hints,
         seed=job.seed,
         on_progress=on_progress,
         batch_size=n if name == "exhaustive" else 16,
     )
 
     # Full measurement of the contenders that so far only have a quick one.
-    to_confirm = contenders(results, job.ids, job.hints)
+    to_confirm = contenders(results, job.ids, hints)
     slower: set[str] = set()  # contenders the short-kernel policy's rounds told apart as slower
     confirmed: dict[str, Result | None] = {}
     if to_confirm:
@@ -310,7 +314,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     stored = entry.results if entry is not None else results
     slower = {cid for cid in slower if cid in confirmed and stored.get(cid) == confirmed[cid]}
     choosable = {cid: r for cid, r in stored.items() if cid not in slower}
-    chosen = tie_aware_choice(choosable, job.ids, job.hints)
+    chosen = tie_aware_choice(choosable, job.ids, hints)
     seconds = time.perf_counter() - start
     if entry is None or chosen or timing.measured:
         entry = job.persist({}, chosen or "", seconds)
@@ -360,6 +364,11 @@ def time_candidate(
 def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config as one flat dict of parameters, for the strategies."""
     return {**record.get("kwargs", {}), **{k: v for k, v in record.items() if k != "kwargs"}}
+
+
+def with_rule(hints: Sequence[int], rule: int | None) -> list[int]:
+    """The hints, then the fallback rule's config (if not among them): what a search measures first."""
+    return list(dict.fromkeys([*hints, *([] if rule is None else [rule])]))
 
 
 def contenders(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> list[int]:

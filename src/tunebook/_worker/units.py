@@ -114,8 +114,9 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     go to) and ``known`` (this worker's book's entry for the key, or None).
     """
     from .. import _policy
-    from .._miss import search_hints
+    from .._miss import rule_hint, search_hints
     from .._search import choose_strategy
+    from .._tuner import with_rule
 
     ctx = context(job)
     tuner = ctx.tuner
@@ -129,6 +130,8 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     strategy = tuner.options.strategy
     if strategy == "auto":
         strategy = choose_strategy(len(ctx.ids), budget, hints)
+    # fallback='s config joins the hints after the strategy is chosen, as in tune_key
+    hints = with_rule(hints, rule_hint(tuner, ctx.key, ctx.ids, list(ctx.candidates)))
     return {
         "key": list(stored_key(ctx.key)),
         "key_text": ctx.key_text,
