@@ -33,7 +33,11 @@ from tunebook import _hook
 
 HERE = Path(__file__).resolve().parent
 RUN_OPS = HERE / "run_ops.py"
-pytestmark = pytest.mark.slow
+# Real libraries' runs take 45-70 s each in the interpreter: last Triton only (tests/conftest.py).
+# What they exercise of Triton (an Autotuner subclass adopted, cache_results probed, the
+# decorator patched before and after the import, the start-up hook) thirdparty.py reproduces
+# with kernels of its own, and test_thirdparty.py runs on every Triton.
+pytestmark = [pytest.mark.slow, pytest.mark.once]
 
 
 def run_ops(library: str, mode: str, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -128,10 +132,6 @@ def test_fla_core_remembers_every_autotuner_including_its_subclass(
     assert {k["served_by"] for k in runs["second"]["kernels"].values()} == {"tunebook", "adopted"}
 
 
-# Patching after the import, every kernel adopted, is checked on every Triton by
-# test_thirdparty.py (and fla by the test above); liger's own kernels, ~80 s in the
-# interpreter, run on the last Triton only.
-@pytest.mark.once
 def test_liger_kernel_decorated_before_the_patch_remembers(tmp_path: Path, installed_hook: Path) -> None:
     pytest.importorskip("liger_kernel", reason="liger-kernel is installed by the test extra")
     runs = check_library("liger", "patch-after-import", tmp_path, subclass_kernels=0, hook=installed_hook)

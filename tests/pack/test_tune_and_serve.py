@@ -199,6 +199,7 @@ print(json.dumps({"books": sorted({str(p) for k in _common.kernels() for p in k.
 """
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_shipped_books_can_be_left_out_for_a_fresh_tuning(tmp_path) -> None:
     # Benchmarks that must tune every key (fidelity.py, --no-shipped-books) leave them out;
     # the switch is read when a kernel's book is first opened, like TUNEBOOK_DIR, so a
@@ -222,6 +223,7 @@ def tune_command_says(tmp_path: Path, *flags: str, env: dict[str, str] | None = 
     return proc.stdout.splitlines()[0]
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_tune_command_keeps_what_the_environment_asks_unless_a_flag_says_otherwise(tmp_path) -> None:
     """Without flags the environment's switch and budget stand (an earlier version wrote its
     defaults back over them); --no-shipped-books and --max-configs apply, the budget through
@@ -239,6 +241,7 @@ def test_the_tune_command_keeps_what_the_environment_asks_unless_a_flag_says_oth
     assert proc.returncode == 2 and "--max-configs: expected a positive integer; found 0" in proc.stderr
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_tune_command_refuses_an_out_it_cannot_write_and_token_counts_below_one(tmp_path: Path) -> None:
     """Before any tuning (it once measured every key and said "done" with nothing saved)."""
     (tmp_path / "afile").write_text("")
@@ -250,6 +253,7 @@ def test_the_tune_command_refuses_an_out_it_cannot_write_and_token_counts_below_
     assert proc.returncode == 2 and "--tokens: expected positive token counts; found 0" in proc.stderr
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_tune_command_without_torch_prints_the_install_line_alone(tmp_path: Path) -> None:
     """A torch that cannot be imported (a package on PYTHONPATH whose import fails, as a
     missing one does): the message once came after a chained traceback of two exceptions."""
