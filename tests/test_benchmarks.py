@@ -168,7 +168,7 @@ WORKERS = 2
 def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``runs(name)``: the DIR of ``RUNS[name]`` (as ``run_benchmark`` returns it) once that
     run is done. Every run whose test this session runs is queued when a first test asks."""
-    selected = {item.name for item in request.session.items if item.module is request.module}
+    selected = {item.name for item in request.session.items if item.path == request.path}
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="benchmark")
     queued: dict[str, Future[Path]] = {}
     for name, run in RUNS.items():
