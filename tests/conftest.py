@@ -11,7 +11,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("TUNEBOOK_PATH", None)
@@ -24,6 +27,7 @@ import pytest
 import tunebook
 
 TESTS = Path(__file__).resolve().parent
+T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -139,3 +143,11 @@ def run_python(
     result["_stderr"] = proc.stderr
     result["_stdout"] = proc.stdout
     return result
+
+
+def side_by_side(*calls: Callable[[], T]) -> list[T]:
+    """Each of ``calls`` at once, on its own thread; their results, in order (the first
+    exception raised, if any). For calls that each wait on a new process, none reading what
+    another writes: a process keeps about one core busy, and CI has two."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]

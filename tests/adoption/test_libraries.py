@@ -23,13 +23,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from conftest import side_by_side
 from tunebook import _hook
 
 HERE = Path(__file__).resolve().parent
@@ -88,14 +88,15 @@ def reference_and_first(
     library: str, patch_mode: str, tmp_path: Path, book: dict[str, str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Triton's own run (the reference) and the first patched run, side by side: neither
-    reads what the other writes, and CI has two cores."""
-    with ThreadPoolExecutor(1) as pool:
-        # fla passes cache_results=True (FLA_CACHE_RESULTS=1 by default); Triton 3.4 then reads
-        # its disk cache even under the interpreter, and fails there (it looks for a
-        # JITFunction). Triton >= 3.5 ignores it under the interpreter, so this changes nothing else.
-        reference = pool.submit(run_ops, library, "triton", tmp_path / "triton", {"FLA_CACHE_RESULTS": "0"})
-        first = run_ops(library, patch_mode, tmp_path / "first", env=book)
-        return reference.result(), first
+    reads what the other writes (the reference writes no book)."""
+    # fla passes cache_results=True (FLA_CACHE_RESULTS=1 by default); Triton 3.4 then reads its
+    # disk cache even under the interpreter, and fails there (it looks for a JITFunction).
+    # Triton >= 3.5 ignores it under the interpreter, so this changes nothing else.
+    reference, first = side_by_side(
+        lambda: run_ops(library, "triton", tmp_path / "triton", env={"FLA_CACHE_RESULTS": "0"}),
+        lambda: run_ops(library, patch_mode, tmp_path / "first", env=book),
+    )
+    return reference, first
 
 
 def check_library(
