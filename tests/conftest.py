@@ -52,9 +52,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``test_contention.py``), search strategies over recorded tables (``test_strategies.py``),
     the benchmark scripts' CPU modes (``test_benchmarks.py``, ``tests/pack/test_*benchmark*.py``,
     ``test_decode_structures.py``), the demo, the kernel pack's command-line plumbing, the
-    book parser's derandomized fuzzing, and real libraries' adoption runs
+    book parser's derandomized fuzzing, real libraries' adoption runs
     (``tests/adoption/test_libraries.py``: ``thirdparty.py`` does what they do to Triton's
-    autotuner, and ``test_thirdparty.py`` runs it on every Triton)."""
+    autotuner, and ``test_thirdparty.py`` runs it on every Triton), and cases of a kept test
+    that differ from the one kept only in pure Python (``test_persistence.py``'s damages).
+
+    pytest runs one test at a time and CI has two cores: where a test's work is child
+    processes that share nothing, it runs them at once (``side_by_side`` below;
+    ``test_benchmarks.py`` queues its scripts two at a time)."""
     if os.environ.get("TUNEBOOK_TESTS_ONCE_DONE") != "1":
         return
     skip = pytest.mark.skip(reason="marked once: scripts/test runs it on its last Triton")
