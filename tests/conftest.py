@@ -11,7 +11,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("TUNEBOOK_PATH", None)
@@ -24,14 +27,39 @@ import pytest
 import tunebook
 
 TESTS = Path(__file__).resolve().parent
+T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """scripts/test runs the suite once per supported Triton; tests marked ``once`` run on
-    the last pass only, which keeps CI within its time (TUNEBOOK_TESTS_ONCE_DONE=1 on the
-    earlier passes). ``once`` is for what no Triton version changes: the benchmark scripts'
-    CPU modes (their plumbing; every kernel they run has its own tests on every Triton),
-    and a case that other tests check on every Triton (each says which)."""
+    """scripts/test runs the suite once per supported Triton, the oldest first; tests marked
+    ``once`` run on its last pass (the newest Triton) only: TUNEBOOK_TESTS_ONCE_DONE=1 on the
+    earlier passes skips them, which keeps CI within its time.
+
+    Every pass runs what touches Triton's behaviour: the compatibility module (``_compat.py``,
+    the one door to Triton's internals) and the autotuner core built on it (the drop-in
+    autotuner, modes, the book and its pages, persistence across processes, the miss rule,
+    the hit path, result checking, identities, crash-isolated tuning, ``tunebook.patch``,
+    adoption and the start-up hook), and every kernel of the pack against its PyTorch
+    reference (``tests/pack/test_<op>.py``). A test that patches or reads Triton's internals
+    (``triton.autotune``, ``JITFunction``, subclasses of Triton's ``Autotuner``, an
+    interpreter quirk) is never marked ``once``.
+
+    ``once`` marks what is built on that core and reaches Triton only through it (each file
+    or test says why): the LLM demo (``tests/llm/``), the command line (``test_cli*.py``),
+    Ray sweeps (``test_ray_sweep.py``, ``test_sweep_*.py``), torch.distributed groups
+    (``test_distributed.py``), the Redis fleet book (``test_shared_book.py``,
+    ``test_redis_store.py``), many processes on one book (``test_torture.py``,
+    ``test_contention.py``), search strategies over recorded tables (``test_strategies.py``),
+    the benchmark scripts' CPU modes (``test_benchmarks.py``, ``tests/pack/test_*benchmark*.py``,
+    ``test_decode_structures.py``), the demo, the kernel pack's command-line plumbing, the
+    book parser's derandomized fuzzing, real libraries' adoption runs
+    (``tests/adoption/test_libraries.py``: ``thirdparty.py`` does what they do to Triton's
+    autotuner, and ``test_thirdparty.py`` runs it on every Triton), and cases of a kept test
+    that differ from the one kept only in pure Python (``test_persistence.py``'s damages).
+
+    pytest runs one test at a time and CI has two cores: where a test's work is child
+    processes that share nothing, it runs them at once (``side_by_side`` below;
+    ``test_benchmarks.py`` queues its scripts two at a time)."""
     if os.environ.get("TUNEBOOK_TESTS_ONCE_DONE") != "1":
         return
     skip = pytest.mark.skip(reason="marked once: scripts/test runs it on its last Triton")
@@ -120,3 +148,11 @@ def run_python(
     result["_stderr"] = proc.stderr
     result["_stdout"] = proc.stdout
     return result
+
+
+def side_by_side(*calls: Callable[[], T]) -> list[T]:
+    """Each of ``calls`` at once, on its own thread; their results, in order (the first
+    exception raised, if any). For calls that each wait on a new process, none reading what
+    another writes: a process keeps about one core busy, and CI has two."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]

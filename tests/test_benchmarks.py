@@ -10,6 +10,10 @@ ray_sweep: Triton's interpreter, tiny sizes, one repeat), ``--dry-run`` (measure
 (strategies), small ``--calls`` (the Redis benchmarks, CPU measurements already). No timing
 is asserted: CPU-mode timings are stand-ins, and the results say so. What only a GPU runs
 (CUDA graphs and events, do_bench, Triton's results cache) is not reached here.
+
+A script's run keeps about one core busy (the interpreter), and CI has two: the module's
+runs are queued together when its first test starts, two at a time (``RUNS``, ``runs``),
+and each test checks its own run's results.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +59,11 @@ harness = _load_harness()
 
 
 def run_benchmark(tmp_path: Path, script: str, *args: str, timeout: float = 300) -> Path:
-    """Run ``python benchmarks/<script> *args --out DIR`` from an empty directory; the DIR."""
+    """Run ``python benchmarks/<script> *args --out DIR`` from an empty directory, with a book
+    of its own; the DIR."""
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    unset = ("TRITON_INTERPRET", "OUT", "TUNEBOOK_MODE", "TUNEBOOK_PATH")
+    env = {**{k: v for k, v in os.environ.items() if k not in unset}, "TUNEBOOK_DIR": str(tmp_path / "book")}
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
         env=env,
@@ -92,27 +101,110 @@ def redis_tools() -> None:
         require("redis-server", "apt-get install -y redis-server")
 
 
+def _has_redis() -> bool:
+    return importlib.util.find_spec("redis") is not None and RedisServer.executable() is not None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A script's run, checked by ``test``; queued only where ``ready()`` (else that test
+    skips, or fails with the fix)."""
+
+    test: str
+    script: str
+    args: tuple[str, ...]
+    timeout: float = 300
+    ready: Callable[[], bool] = lambda: True
+
+
+# Every run of the module, in the order they are queued: the longest first, then in the
+# order of the tests (each test then waits about as long as its own run takes).
+RUNS = {
+    "decoder": Run(
+        "test_decoder_dry_run", "decoder.py", ("--dry-run", "--phases", "decode,tuned,ttft,http"), 900
+    ),
+    "measure_tables": Run(
+        "test_measure_tables_dry_run_writes_every_table", "measure_tables.py", ("--dry-run",)
+    ),
+    "strategies": Run("test_strategies_quick", "strategies.py", ("--quick",)),
+    "core": Run("test_core_interpret", "core.py", ("--interpret",)),
+    "core_hot": Run("test_core_hot_only_interpret", "core.py", ("--interpret", "--hot-only")),
+    "tuning_speed": Run("test_tuning_speed_interpret", "tuning_speed.py", ("--interpret",)),
+    "serve_fallback": Run("test_serve_fallback_interpret", "serve_fallback.py", ("--interpret",)),
+    "gpu_isolation": Run("test_gpu_isolation_interpret", "gpu_isolation.py", ("--interpret",)),
+    "adoption": Run(
+        "test_adoption_interpret",
+        "adoption.py",
+        ("--interpret", "--library", "fla", "--variants", "tunebook", "triton"),
+        ready=lambda: importlib.util.find_spec("fla") is not None,
+    ),
+    "redis_latency": Run(
+        "test_redis_latency", "redis_latency.py", ("--entries", "4", "--calls", "20"), ready=_has_redis
+    ),
+    "redis_hit_latency": Run(
+        "test_redis_hit_latency",
+        "redis_hit_latency.py",
+        ("--batches", "5", "--calls", "20"),
+        ready=_has_redis,
+    ),
+    "book_scale": Run("test_book_scale_quick", "book_scale.py", ("--quick",), ready=_has_redis),
+    "distributed": Run("test_distributed_cpu_mode_agrees_across_ranks", "distributed.py", ("--interpret",)),
+    "ray_sweep": Run(
+        "test_ray_sweep_cpu_mode_runs_every_phase",
+        "ray_sweep.py",
+        ("--interpret",),
+        ready=lambda: importlib.util.find_spec("ray") is not None,
+    ),
+    "first_prefill_profile": Run(
+        "test_first_prefill_profile_cpu_mode",
+        "first_prefill_profile.py",
+        ("--interpret", "--layers", "1", "--prompt", "2"),
+    ),
+}
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``runs(name)``: the DIR of ``RUNS[name]`` (as ``run_benchmark`` returns it) once that
+    run is done. Every run whose test this session runs is queued when a first test asks."""
+    selected = {item.name for item in request.session.items if item.path == request.path}
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="benchmark")
+    queued: dict[str, Future[Path]] = {}
+    for name, run in RUNS.items():
+        if run.test in selected and run.ready():
+            tmp = tmp_path_factory.mktemp(name)
+            queued[name] = pool.submit(run_benchmark, tmp, run.script, *run.args, timeout=run.timeout)
+
+    def result(name: str) -> Path:
+        assert name in queued, f"{name} was not queued: RUNS names another test for it, or it is not ready"
+        return queued[name].result()
+
+    yield result
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- the scripts
 
 
-def test_measure_tables_dry_run_writes_every_table(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "measure_tables.py", "--dry-run")
+def test_measure_tables_dry_run_writes_every_table(runs: Any) -> None:
+    out = runs("measure_tables")
     assert len(list(out.glob("*.json"))) == 12
     published = ROOT / "tests" / "data" / "tables" / "matmul-M16-N8192-K4096-NVIDIA-H200.json"
     doc = results(out / "matmul-M16-N8192-K4096-none.json", tuple(json.loads(published.read_text())))
     assert doc["platform"]["backend"] == "dry-run"
 
 
-def test_strategies_quick(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "strategies.py", "--quick")
+def test_strategies_quick(runs: Any) -> None:
+    out = runs("strategies")
     doc = results(out / "strategies.json", "strategies.json")
     assert "not the benchmark's numbers" in doc["quick"]
     assert (out / "strategies.png").stat().st_size > 0
 
 
 @pytest.mark.slow
-def test_core_interpret(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "core.py", "--interpret")
+def test_core_interpret(runs: Any) -> None:
+    out = runs("core")
     doc = results(out / "core.json", "core-h200.json")
     assert_cpu_mode(doc)
     # Behaviour, not timing: a remembered key benchmarks nothing, one added config exactly one.
@@ -121,22 +213,22 @@ def test_core_interpret(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_core_hot_only_interpret(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "core.py", "--interpret", "--hot-only")
+def test_core_hot_only_interpret(runs: Any) -> None:
+    out = runs("core_hot")
     assert_cpu_mode(results(out / "core_hot.json", "core_hot-h200.json"))
 
 
 @pytest.mark.slow
-def test_tuning_speed_interpret(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "tuning_speed.py", "--interpret")
+def test_tuning_speed_interpret(runs: Any) -> None:
+    out = runs("tuning_speed")
     doc = results(out / "tuning_speed.json", "tuning_speed-h200.json")
     assert_cpu_mode(doc)
     assert doc["kernel_ms"]["timer"] == harness.STAND_IN
 
 
 @pytest.mark.slow
-def test_serve_fallback_interpret(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "serve_fallback.py", "--interpret")
+def test_serve_fallback_interpret(runs: Any) -> None:
+    out = runs("serve_fallback")
     doc = results(out / "serve_fallback.json", "serve_fallback-h200.json")
     assert_cpu_mode(doc)
     assert doc["timer"] == harness.STAND_IN
@@ -146,8 +238,8 @@ def test_serve_fallback_interpret(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gpu_isolation_interpret(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "gpu_isolation.py", "--interpret")
+def test_gpu_isolation_interpret(runs: Any) -> None:
+    out = runs("gpu_isolation")
     doc = results(out / "gpu_isolation.json", "gpu_isolation-2xh200.json")
     assert_cpu_mode(doc)
     assert doc["isolate"]["correct"] and doc["tune_rc"] == 0
@@ -160,11 +252,9 @@ ADOPTION = ("date", "gpu", "triton", "timings", "libraries", "variants", "versio
 
 
 @pytest.mark.slow
-def test_adoption_interpret(tmp_path: Path) -> None:
+def test_adoption_interpret(runs: Any) -> None:
     pytest.importorskip("fla", reason="fla-core is installed by the test extra")
-    out = run_benchmark(
-        tmp_path, "adoption.py", "--interpret", "--library", "fla", "--variants", "tunebook", "triton"
-    )
+    out = runs("adoption")
     doc = results(out / "adoption.json", ADOPTION)
     assert_cpu_mode(doc)
     fla = doc["libraries"]["fla"]
@@ -184,15 +274,15 @@ def test_adoption_interpret(tmp_path: Path) -> None:
 REDIS_LATENCY = ("entries", "results", "document_bytes", "up_fetch", "hung_first_call", "down_breaker_open")
 
 
-def test_redis_latency(tmp_path: Path, redis_tools: None) -> None:
-    out = run_benchmark(tmp_path, "redis_latency.py", "--entries", "4", "--calls", "20")
+def test_redis_latency(redis_tools: None, runs: Any) -> None:
+    out = runs("redis_latency")
     doc = results(out / "redis_latency.json", REDIS_LATENCY)
     assert set(doc["up_fetch"]) == {"calls", "median_us", "p90_us", "p99_us", "max_us"}
 
 
 @pytest.mark.slow  # waits out the breaker's 5 s retry interval
-def test_redis_hit_latency(tmp_path: Path, redis_tools: None) -> None:
-    out = run_benchmark(tmp_path, "redis_hit_latency.py", "--batches", "5", "--calls", "20")
+def test_redis_hit_latency(redis_tools: None, runs: Any) -> None:
+    out = runs("redis_hit_latency")
     phases = ("no_redis", "up", "down", "down_probe_due", "up_again", "down_minus_up_p10_us")
     doc = results(out / "redis_hit_latency.json", phases)
     assert set(doc["up"]) == {"p10_us", "median_us", "p90_us"}
@@ -202,8 +292,8 @@ BOOK_SCALE_ROW = ("store", "format", "keys", "first_call_ms", "hit_us", "miss_ms
 
 
 @pytest.mark.slow  # makes and measures a book on each store, in new processes (~15 s)
-def test_book_scale_quick(tmp_path: Path, redis_tools: None) -> None:
-    out = run_benchmark(tmp_path, "book_scale.py", "--quick")
+def test_book_scale_quick(redis_tools: None, runs: Any) -> None:
+    out = runs("book_scale")
     doc = results(out / "book_scale.json", "book_scale-cpu.json")
     assert [r["store"] for r in doc["rows"]] == ["local", "redis"]
     for row in doc["rows"]:
@@ -318,8 +408,8 @@ def test_out_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_distributed_cpu_mode_agrees_across_ranks(tmp_path: Path) -> None:
-    out = run_benchmark(tmp_path, "distributed.py", "--interpret")
+def test_distributed_cpu_mode_agrees_across_ranks(runs: Any) -> None:
+    out = runs("distributed")
     doc = results(
         out / "distributed.json",
         ("disagreements", "wall_s", "group_vs_alone", "benchmarked", "configs_group_vs_alone", "keys"),
@@ -337,9 +427,9 @@ def test_distributed_cpu_mode_agrees_across_ranks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ray_sweep_cpu_mode_runs_every_phase(tmp_path: Path) -> None:
+def test_ray_sweep_cpu_mode_runs_every_phase(runs: Any) -> None:
     pytest.importorskip("ray")
-    out = run_benchmark(tmp_path, "ray_sweep.py", "--interpret")
+    out = runs("ray_sweep")
     doc = results(
         out / "ray_sweep.json",
         ("phases", "speedup", "dynamic_vs_static", "same_winners", "book_write_ms", "simulate"),
@@ -353,10 +443,8 @@ def test_ray_sweep_cpu_mode_runs_every_phase(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_first_prefill_profile_cpu_mode(tmp_path: Path) -> None:
-    out = run_benchmark(
-        tmp_path, "first_prefill_profile.py", "--interpret", "--layers", "1", "--prompt", "2", timeout=300
-    )
+def test_first_prefill_profile_cpu_mode(runs: Any) -> None:
+    out = runs("first_prefill_profile")
     report = (out / "first_prefill_profile-triton.txt").read_text()
     assert "triton: first prefill" in report and "timings:" in report  # the CPU-mode warning
     assert "cumulative" in report
@@ -367,12 +455,11 @@ def test_first_prefill_profile_cpu_mode(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_decoder_dry_run(tmp_path: Path) -> None:
+def test_decoder_dry_run(runs: Any) -> None:
     """The LLM engine's benchmark on the tiny model (the GPU-only ``check`` phase is the
     engine tests' comparison with transformers, tests/llm): every phase runs and writes
     its fields; the fresh server with the books benchmarks nothing, in-process tuning does."""
-    phases = "decode,tuned,ttft,http"
-    out = run_benchmark(tmp_path, "decoder.py", "--dry-run", "--phases", phases, timeout=900)
+    out = runs("decoder")
     doc = results(out / "decoder.json", ("date", "gpu", "timings", "decode", "tuned", "ttft", "http"))
     assert_cpu_mode(doc)
     assert {r["batch"] for r in doc["decode"]} == {1, 2} and "torch_ms" in doc["decode"][0]

@@ -30,6 +30,12 @@ from tunebook._jsonio import key_text
 from tunebook.cli._app import cli
 from tunebook.cli._load import canonical_file_name
 
+# The command line over books (show, diff, merge, report, export, prune, tune's progress):
+# what it prints and writes. Where it reaches Triton it calls the core, checked on every Triton
+# (a kernel's identity: test_fingerprint.py; tuning in workers: test_serving.py). Last Triton
+# only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 TABLE = {32: 3.0, 64: 1.0, 128: 2.0, 256: 0.5}  # BLOCK=512 is missing: it fails with a reason
 SIZES = (100, 1000, 5000)
 MODULE_SOURCE = """

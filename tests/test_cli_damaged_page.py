@@ -15,6 +15,9 @@ import tunebook
 from conftest import book_files
 from test_cli import SIZES, h200, invoke, the_doc, tune_add, write_doc
 
+# The command line: last Triton only (test_cli.py says why).
+pytestmark = pytest.mark.once
+
 TRUNCATED = b'{"format": "tunebook-page", "version": 2, "kernel": {"hash": "'
 
 

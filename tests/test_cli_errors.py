@@ -10,8 +10,13 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from test_cli import _moe_doc, invoke, module_file, python_m_tunebook, the_doc, tune_add, write_doc
 from test_persistence import read_only
+
+# The command line: last Triton only (test_cli.py says why).
+pytestmark = pytest.mark.once
 
 
 def one_error_line(res: object, *needles: str) -> str:

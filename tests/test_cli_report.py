@@ -21,6 +21,9 @@ from tunebook.cli._plots import bars_figure
 from tunebook.cli._summary import summarise_page
 from tunebook.cli.report import MIN_PAGES_IN_PARALLEL
 
+# The command line: last Triton only (test_cli.py says why).
+pytestmark = pytest.mark.once
+
 H200 = {"backend": "cuda", "device": "NVIDIA H200", "arch": "90", "runtime": "cuda 12.8", "triton": "3.6.0"}
 
 

@@ -19,6 +19,9 @@ from tunebook._jsonio import key_text
 from tunebook.cli._load import load
 from tunebook.cli.report import MAX_KEYS_DRAWN, MAX_TABLE_ROWS, page_section
 
+# The command line: last Triton only (test_cli.py says why).
+pytestmark = pytest.mark.once
+
 
 def _report(book: Path, out: Path) -> str:
     invoke("report", book, "-o", out, "--jobs", "1")

@@ -8,9 +8,14 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from conftest import book_files
 from test_cli import entry, invoke, module_file, result, the_doc, tune_add, write_doc
 from tunebook._book import Document, config_id
+
+# The command line: last Triton only (test_cli.py says why).
+pytestmark = pytest.mark.once
 
 FIRST_FAILED = {"BLOCK": 32}
 

@@ -15,6 +15,9 @@ from test_persistence import read_only
 from test_serving import servekern  # noqa: F401  (a fixture)
 from tunebook._book import read_document
 
+# The command line: last Triton only (test_cli.py says why).
+pytestmark = pytest.mark.once
+
 MODULE = """
 import os, subprocess
 import torch, triton, tunebook

@@ -23,6 +23,10 @@ from test_book_scale import _call, _kernel, write_big_page
 from tunebook._book import pagedir, read_document
 from tunebook._jsonio import key_text
 
+# Many processes contending for one book's locks: the book's file locking, whatever the
+# Triton (the tuning itself runs on every Triton elsewhere). Last Triton only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 PROCESSES = 16  # the probe's count; forked from this process, so none pays torch's import
 KEYS_EACH = 3
 SHARED = 5  # the key every process tunes: 16 writers on one key's lock

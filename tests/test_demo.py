@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# The demo's plumbing (two processes, what it prints): the same tune-then-serve in two
+# processes runs on every Triton in test_guide_quickstart.py. Last Triton only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 
 @pytest.mark.slow
 def test_the_demo_passes_and_leaves_no_temporary_book_behind(tmp_path: Path) -> None:

@@ -169,6 +169,7 @@ def near_books(draw: st.DrawFn) -> Any:
     }
 
 
+@pytest.mark.once  # the parser, pure Python, fuzzed with derandomized inputs: the same on any Triton
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::tunebook._book.BookWarning")
 @FUZZ
@@ -181,6 +182,7 @@ def test_from_json_returns_a_document_or_raises_book_format_error(data: Any) -> 
     assert isinstance(doc, Document)
 
 
+@pytest.mark.once  # the parser, pure Python, fuzzed with derandomized inputs: the same on any Triton
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::tunebook._book.BookWarning")
 @FUZZ
@@ -206,6 +208,7 @@ _mutation = st.tuples(
 )
 
 
+@pytest.mark.once  # the parser, pure Python, fuzzed with derandomized inputs: the same on any Triton
 @pytest.mark.filterwarnings("ignore::tunebook._book.BookWarning")
 @FUZZ
 @given(st.lists(_mutation, min_size=1, max_size=6))

@@ -298,7 +298,13 @@ def _damage_page_json(book: Path, raw: bytes) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("raw", DAMAGED_PAGE_JSON, ids=["empty", "truncated", "not-utf8"])
+@pytest.mark.parametrize(
+    "raw",
+    # The three differ only in how reading page.json fails (pure Python): the oldest Triton
+    # runs the first, the last Triton all three (tests/conftest.py).
+    [DAMAGED_PAGE_JSON[0], *(pytest.param(raw, marks=pytest.mark.once) for raw in DAMAGED_PAGE_JSON[1:])],
+    ids=["empty", "truncated", "not-utf8"],
+)
 def test_a_damaged_page_json_costs_no_benchmark_and_the_next_process_rewrites_it(
     kdir, book_dir, first_tuning, raw
 ):

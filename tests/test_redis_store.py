@@ -23,6 +23,10 @@ from store_contract import FILE
 from store_contract import doc as _doc
 from tunebook._book.redis_store import INSTALL_HINT, KEY_PREFIX, RedisStore
 
+# The Redis store: JSON in a Redis server, no kernel runs. Last Triton only
+# (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 # --------------------------------------------------------------------------- the extra
 
 

@@ -37,6 +37,11 @@ from tunebook._book import (
 )
 from tunebook._book.redis_store import RedisStore
 
+# The fleet book in Redis: JSON in a Redis server, reached by the autotuner through the
+# same Page as a directory book (test_persistence.py, test_book_files.py: every Triton).
+# Last Triton only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 TABLE = {16: 0.3, 32: 0.2, 64: 0.25, 128: 0.4, 256: 0.5, 512: 0.6}
 WINNER = 32  # the fastest block in TABLE
 

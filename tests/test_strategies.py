@@ -29,6 +29,10 @@ from tunebook._search import (
     strategy_names,
 )
 
+# Search strategies over recorded timing tables: no kernel runs. Last Triton only
+# (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 TABLES_DIR = Path(__file__).resolve().parent / "data" / "tables"
 TABLE_PATHS = sorted(TABLES_DIR.glob("*.json"))
 TABLES = {p.stem: Table.load(p) for p in TABLE_PATHS}
@@ -209,7 +213,6 @@ def configs_to_reach(strategy: str, table: Table, seed: int, hints=(), factor: f
 
 
 @pytest.mark.slow
-@pytest.mark.once  # no kernel runs: search logic over recorded tables (conftest.py)
 @pytest.mark.parametrize("strategy", ["bayes", "neighbors"])
 def test_model_and_local_search_beat_random(strategy):
     """Averaged over every table and three seeds, reaching 1.03x of the best takes fewer

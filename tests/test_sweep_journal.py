@@ -18,6 +18,9 @@ from conftest import book_files
 from tunebook._book import Result, config_id, read_document
 from tunebook._worker.journal import DIRECTORY, OLD_DIRECTORIES, Journal, fold
 
+# The Ray sweep worker's journal: files, no kernel runs. Last Triton only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 PAGE = {
     "file": "add--0123456789abcdef--probe--0123456789abcdef.json",
     "kernel": {"name": "add", "hash": "h" * 16, "key": ["n"], "id": "0123456789abcdef"},

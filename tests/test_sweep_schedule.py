@@ -16,6 +16,9 @@ from tunebook._sweep.driver import SweepError, choose_groups
 from tunebook._sweep.schedule import MAX_LOSSES, Plan, Sweep, Unit
 from tunebook._tuner import tie_aware_choice
 
+# The Ray sweep's queue: pure rules, no kernel runs. Last Triton only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 
 def ok(ms: float, quick: bool = False) -> Result:
     return Result({"kwargs": {}}, (ms, ms, ms), None, "", quick=quick)

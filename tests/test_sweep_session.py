@@ -14,6 +14,11 @@ from conftest import TESTS, book_files
 from tunebook._book import read_document
 from tunebook._worker.session import WorkerSession
 
+# The Ray sweep's long-lived worker: it measures through the tuning code a process's
+# own tuning runs (test_tuning.py, test_serving.py: every Triton). Last Triton only
+# (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 MODULE = """
 import os, signal, time
 import torch, triton, tunebook

@@ -29,11 +29,16 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import side_by_side
 from tunebook import _hook
 
 HERE = Path(__file__).resolve().parent
 RUN_OPS = HERE / "run_ops.py"
-pytestmark = pytest.mark.slow
+# Real libraries' runs take 45-70 s each in the interpreter: last Triton only (tests/conftest.py).
+# What they exercise of Triton (an Autotuner subclass adopted, cache_results probed, the
+# decorator patched before and after the import, the start-up hook) thirdparty.py reproduces
+# with kernels of its own, and test_thirdparty.py runs on every Triton.
+pytestmark = [pytest.mark.slow, pytest.mark.once]
 
 
 def run_ops(library: str, mode: str, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -79,17 +84,27 @@ def assert_same(a: dict[str, Any], b: dict[str, Any], exact: bool) -> None:
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def reference_and_first(
+    library: str, patch_mode: str, tmp_path: Path, book: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Triton's own run (the reference) and the first patched run, side by side: neither
+    reads what the other writes (the reference writes no book)."""
+    # fla passes cache_results=True (FLA_CACHE_RESULTS=1 by default); Triton 3.4 then reads its
+    # disk cache even under the interpreter, and fails there (it looks for a JITFunction).
+    # Triton >= 3.5 ignores it under the interpreter, so this changes nothing else.
+    reference, first = side_by_side(
+        lambda: run_ops(library, "triton", tmp_path / "triton", env={"FLA_CACHE_RESULTS": "0"}),
+        lambda: run_ops(library, patch_mode, tmp_path / "first", env=book),
+    )
+    return reference, first
+
+
 def check_library(
     library: str, patch_mode: str, tmp_path: Path, subclass_kernels: int, hook: Path
 ) -> dict[str, Any]:
     book = {"TUNEBOOK_DIR": str(tmp_path / "book")}
-    # fla passes cache_results=True (FLA_CACHE_RESULTS=1 by default); Triton 3.4 then reads its
-    # disk cache even under the interpreter, and fails there (it looks for a JITFunction).
-    # Triton >= 3.5 ignores it under the interpreter, so this changes nothing else.
-    reference = run_ops(library, "triton", tmp_path / "triton", env={"FLA_CACHE_RESULTS": "0"})
+    reference, first = reference_and_first(library, patch_mode, tmp_path, book)
     assert reference["triton_benchmarked"] > 0 and not reference["patched"]
-
-    first = run_ops(library, patch_mode, tmp_path / "first", env=book)
     assert first["patched"]
     assert_same(reference["outputs"], first["outputs"], exact=False)
     assert set(first["kernels"]) == set(reference["kernels"])  # the same kernels ran
@@ -128,10 +143,6 @@ def test_fla_core_remembers_every_autotuner_including_its_subclass(
     assert {k["served_by"] for k in runs["second"]["kernels"].values()} == {"tunebook", "adopted"}
 
 
-# Patching after the import, every kernel adopted, is checked on every Triton by
-# test_thirdparty.py (and fla by the test above); liger's own kernels, ~80 s in the
-# interpreter, run on the last Triton only.
-@pytest.mark.once
 def test_liger_kernel_decorated_before_the_patch_remembers(tmp_path: Path, installed_hook: Path) -> None:
     pytest.importorskip("liger_kernel", reason="liger-kernel is installed by the test extra")
     runs = check_library("liger", "patch-after-import", tmp_path, subclass_kernels=0, hook=installed_hook)

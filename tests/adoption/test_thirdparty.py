@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_libraries import assert_same, installed_hook, run_ops
+from .test_libraries import assert_same, installed_hook, reference_and_first, run_ops
 
 pytestmark = pytest.mark.slow
 UNSERVED = {"thirdparty.own_run", "thirdparty.own_bench"}
@@ -29,8 +29,7 @@ def test_kernels_written_like_libraries_remember_in_every_way_of_patching(
     tmp_path: Path, installed_hook: Path
 ) -> None:
     book = {"TUNEBOOK_DIR": str(tmp_path / "book")}
-    reference = run_ops("thirdparty", "triton", tmp_path / "triton", env={"FLA_CACHE_RESULTS": "0"})
-    before = run_ops("thirdparty", "patch-before-import", tmp_path / "before", env=book)
+    reference, before = reference_and_first("thirdparty", "patch-before-import", tmp_path, book)
     after = run_ops("thirdparty", "patch-after-import", tmp_path / "after", env=book)
     hooked = run_ops("thirdparty", "hook", tmp_path / "hook", env={**book, "TUNEBOOK_PATCH": "1"})
 

@@ -18,6 +18,10 @@ from tunebook.demo.llm.tokenizer import ByteTokenizer, Tokenizer
 
 from .conftest import REAL_LAYERS
 
+# The LLM demo, built on the pack's kernels (each checked against PyTorch on every Triton,
+# tests/pack) and tunebook's serve mode: last Triton only (tests/conftest.py).
+pytestmark = pytest.mark.once
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -72,9 +76,6 @@ def test_triton_engine_matches_hf_llama_on_smollm2_cut_to_two_layers(smollm2: An
 
 
 @pytest.mark.slow
-# No Triton kernel runs here (PyTorch ops); the engine with PyTorch ops is checked on every
-# Triton by the tiny-model tests below, the kernels by the two-layer test above.
-@pytest.mark.once
 def test_engine_on_the_full_smollm2_writes_what_hf_writes_for_32_tokens(smollm2: Any) -> None:
     """The whole model (30 layers), 4 prompts x 32 greedy tokens, batched with paging and
     continuous batching, equals HF token for token. PyTorch ops stand in for the kernels
@@ -93,7 +94,6 @@ def test_engine_on_the_full_smollm2_writes_what_hf_writes_for_32_tokens(smollm2:
 
 
 @pytest.mark.slow
-@pytest.mark.once  # the GGUF reader against transformers' own loader: no Triton, no kernel runs
 def test_gguf_weights_equal_transformers_gguf_loader(smollm2: Any) -> None:
     """The dequantized, unpermuted weights equal what transformers' own GGUF loader makes
     of the file: an independent check of the names and of undoing llama.cpp's q/k row

@@ -15,6 +15,9 @@ import pytest
 
 from tunebook.demo.llm.__main__ import main
 
+# The LLM demo: last Triton only (test_engine.py says why).
+pytestmark = pytest.mark.once
+
 
 def generate(tmp_path: Path, *args: str, interpret: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TUNEBOOK_DIR": str(tmp_path / "book")}

@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 import torch
 
+# The LLM demo: last Triton only (test_engine.py says why).
+pytestmark = pytest.mark.once
+
 VENDOR_KERNELS = (
     "gemm",
     "gemv",

@@ -16,6 +16,9 @@ from tunebook.demo.llm.sampling import SamplingParams
 
 from .test_engine import tiny_engine
 
+# The LLM demo: last Triton only (test_engine.py says why).
+pytestmark = pytest.mark.once
+
 PROMPTS = [[5, 6, 7], [9] * 20, [1, 2]]
 
 

@@ -8,6 +8,9 @@ import pytest
 
 from tunebook.demo.llm.server import BadRequest, _messages, sampling_params
 
+# The LLM demo: last Triton only (test_engine.py says why).
+pytestmark = pytest.mark.once
+
 
 @pytest.mark.parametrize(
     ("body", "field"),

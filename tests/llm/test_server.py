@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-# The HTTP front over the engine: no Triton version changes it; the engine's kernels are
-# checked on every Triton (tests/llm/test_engine.py, tests/pack). Last Triton only (conftest.py).
+# The LLM demo's HTTP front: last Triton only (test_engine.py says why).
 pytestmark = [pytest.mark.slow, pytest.mark.once]
 
 MODEL = "tiny-random"

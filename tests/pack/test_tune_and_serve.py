@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import book_files, run_python
+from conftest import book_files, run_python, side_by_side
 from tunebook._book import read_document
 
 from .packutil import tune_command
@@ -199,19 +199,27 @@ print(json.dumps({"books": sorted({str(p) for k in _common.kernels() for p in k.
 """
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_shipped_books_can_be_left_out_for_a_fresh_tuning(tmp_path) -> None:
     # Benchmarks that must tune every key (fidelity.py, --no-shipped-books) leave them out;
     # the switch is read when a kernel's book is first opened, like TUNEBOOK_DIR, so a
     # launcher may set it after the import; any other value is an error naming the two.
     from tunebook.kernels._common import BOOKS_DIR
 
-    assert run_python(SHIPPED_BOOKS_CHILD)["books"] == [str(BOOKS_DIR)]
-    assert run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0"})["books"] == []
-    assert run_python(SHIPPED_BOOKS_CHILD, env={"LATE_SWITCH": "off"})["books"] == []
-    with pytest.raises(
-        AssertionError, match=r"TUNEBOOK_KERNELS_SHIPPED_BOOKS='maybe' is not a switch; expected 1"
-    ):
-        run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "maybe"})
+    def refused() -> pytest.ExceptionInfo[AssertionError]:
+        with pytest.raises(AssertionError) as caught:
+            run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "maybe"})
+        return caught
+
+    default, off, late, bad = side_by_side(
+        lambda: run_python(SHIPPED_BOOKS_CHILD),
+        lambda: run_python(SHIPPED_BOOKS_CHILD, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0"}),
+        lambda: run_python(SHIPPED_BOOKS_CHILD, env={"LATE_SWITCH": "off"}),
+        refused,
+    )
+    assert default["books"] == [str(BOOKS_DIR)]
+    assert off["books"] == [] and late["books"] == []
+    bad.match(r"TUNEBOOK_KERNELS_SHIPPED_BOOKS='maybe' is not a switch; expected 1")
 
 
 def tune_command_says(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> str:
@@ -222,34 +230,43 @@ def tune_command_says(tmp_path: Path, *flags: str, env: dict[str, str] | None = 
     return proc.stdout.splitlines()[0]
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_tune_command_keeps_what_the_environment_asks_unless_a_flag_says_otherwise(tmp_path) -> None:
     """Without flags the environment's switch and budget stand (an earlier version wrote its
     defaults back over them); --no-shipped-books and --max-configs apply, the budget through
     a re-exec (it is fixed when the pack is imported)."""
-    assert tune_command_says(tmp_path).endswith("(shipped books: used; budget: tunebook's default)")
-    said = tune_command_says(
-        tmp_path, env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0", "TUNEBOOK_KERNELS_MAX_CONFIGS": "8"}
+    plain, from_env, from_flags, proc = side_by_side(
+        lambda: tune_command_says(tmp_path / "plain"),
+        lambda: tune_command_says(
+            tmp_path / "env", env={"TUNEBOOK_KERNELS_SHIPPED_BOOKS": "0", "TUNEBOOK_KERNELS_MAX_CONFIGS": "8"}
+        ),
+        lambda: tune_command_says(
+            tmp_path / "flags", "--no-shipped-books", "--max-configs", "3", env={"TUNEBOOK_PATH": "/x"}
+        ),
+        lambda: tune_command("--out", str(tmp_path / "zero"), "--max-configs", "0"),
     )
-    assert said.endswith("(shipped books: left out; budget: 8 configs a key)")
-    said = tune_command_says(
-        tmp_path, "--no-shipped-books", "--max-configs", "3", env={"TUNEBOOK_PATH": "/elsewhere"}
-    )
-    assert said.endswith("(shipped books: left out; budget: 3 configs a key)")
-    proc = tune_command("--out", str(tmp_path), "--max-configs", "0")
+    assert plain.endswith("(shipped books: used; budget: tunebook's default)")
+    assert from_env.endswith("(shipped books: left out; budget: 8 configs a key)")
+    assert from_flags.endswith("(shipped books: left out; budget: 3 configs a key)")
     assert proc.returncode == 2 and "--max-configs: expected a positive integer; found 0" in proc.stderr
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_tune_command_refuses_an_out_it_cannot_write_and_token_counts_below_one(tmp_path: Path) -> None:
     """Before any tuning (it once measured every key and said "done" with nothing saved)."""
     (tmp_path / "afile").write_text("")
     keys = ("--ops", "rms_norm", "--models", "smollm2-135m", "--tokens", "1")
-    proc = tune_command("--out", str(tmp_path / "afile" / "book"), *keys)
-    assert proc.returncode == 2 and "configs measured" not in proc.stdout
-    assert f"--out: cannot write the book at {tmp_path / 'afile' / 'book'}" in proc.stderr, proc.stderr
-    proc = tune_command("--out", str(tmp_path / "book"), "--tokens", "0", "--dry-run")
-    assert proc.returncode == 2 and "--tokens: expected positive token counts; found 0" in proc.stderr
+    unwritable, no_tokens = side_by_side(
+        lambda: tune_command("--out", str(tmp_path / "afile" / "book"), *keys),
+        lambda: tune_command("--out", str(tmp_path / "book"), "--tokens", "0", "--dry-run"),
+    )
+    assert unwritable.returncode == 2 and "configs measured" not in unwritable.stdout
+    assert f"--out: cannot write the book at {tmp_path / 'afile' / 'book'}" in unwritable.stderr
+    assert no_tokens.returncode == 2
+    assert "--tokens: expected positive token counts; found 0" in no_tokens.stderr
 
 
+@pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
 def test_the_tune_command_without_torch_prints_the_install_line_alone(tmp_path: Path) -> None:
     """A torch that cannot be imported (a package on PYTHONPATH whose import fails, as a
     missing one does): the message once came after a chained traceback of two exceptions."""
