@@ -69,9 +69,7 @@ def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=device)
     chunk_expert = torch.empty(cap // align, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    launch_align(
-        topk_ids.reshape(-1), E, align, sorted_ids, chunk_expert, num_padded, align_meta(E, align)["BLOCK"]
-    )
+    launch_align(topk_ids.reshape(-1), E, align, sorted_ids, chunk_expert, num_padded)
     return sorted_ids, chunk_expert, num_padded
 
 
@@ -81,16 +79,25 @@ def _capacity(n: int, E: int, align: int) -> int:
 
 
 def launch_align(
-    flat: Any, E: int, align: int, sorted_ids: Any, chunk_expert: Any, num_padded: Any, block: int
+    flat: Any,
+    E: int,
+    align: int,
+    sorted_ids: Any,
+    chunk_expert: Any,
+    num_padded: Any,
+    block: int | None = None,
 ) -> None:
     """One launch of ``_moe_align_kernel`` into the given outputs (``block``: pairs a step,
-    a power of two; the tests make it small to run many programs and steps)."""
+    a power of two, by default ``align_meta``'s; the tests make it small to run many
+    programs and steps)."""
+    meta = align_meta(E, align, block)  # once a call: fused_moe's every call comes here
+    block = meta["BLOCK"]
     n, chunks = flat.numel(), chunk_expert.numel()
     programs = min(triton.cdiv(n, block), _ALIGN_PROGRAMS)
     steps = triton.cdiv(triton.cdiv(n, block), programs)  # steps of each program's share
     _moe_align_kernel[(programs,)](
         flat, sorted_ids, chunk_expert, num_padded, n, E, chunks, steps * block,
-        triton.cdiv(chunks, programs), **align_meta(E, align, block),
+        triton.cdiv(chunks, programs), **meta,
     )  # fmt: skip
 
 
