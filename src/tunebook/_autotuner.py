@@ -132,7 +132,8 @@ class Autotuner(_compat.TritonAutotuner):
         self.cache_results = cache_results  # accepted as Triton's; the book subsumes Triton's disk cache
         _settings.mode()  # an unknown TUNEBOOK_MODE is an error now, not at the first request
         _settings.timer()  # likewise TUNEBOOK_TIMER
-        _settings.progress(), _settings.distributed()  # and TUNEBOOK_PROGRESS, TUNEBOOK_DISTRIBUTED
+        _settings.progress()  # and TUNEBOOK_PROGRESS
+        _settings.distributed()  # and TUNEBOOK_DISTRIBUTED
         # A Space is enumerated per call (its argument constraints depend on the call).
         self.space: Space | None = configs if isinstance(configs, Space) else None
         self.configs: list[Any] = (
