@@ -6,7 +6,10 @@ Variants at every batch size M (tokens), on the same inputs (softmax top-2 of ra
 * ``vllm-default``  — vLLM's default rule (``vllm_default_config``) on our kernel;
 * ``vllm:<GPU>``    — each vLLM shipped table for this (E, N) found in ``--vllm-configs DIR``
   (files ``E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json`` as in vLLM's wheel), the
-  entry of the nearest M, run on our kernel: how well other GPUs' tuning transfers;
+  entry of the nearest M, run on our kernel: how well other GPUs' tuning transfers (summed
+  up per table after the main table: geometric mean, worst and best of its time over the
+  book's, and the batch sizes where it loses more than 5%). An entry this GPU's Triton cannot
+  build is left out of that row and named in the result's ``failed``;
 * ``torch``         — a per-expert PyTorch loop (cuBLAS GEMMs; eager: it syncs with the host);
 * ``align``         — the alignment step alone (part of every kernel variant's time);
 * with ``--mix GPU``: ``tunebook-explicit`` (the book's two configs passed as ``config=``,
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import tempfile
@@ -211,15 +215,61 @@ def measure(args: argparse.Namespace, device: str, tables: dict) -> list[dict[st
             }
             row["from_book"] = tunebook.stats()["fallbacks"] == fallbacks
             variants = variants_for(args, m, E, H, inter, k, inputs, tables)
+            row["failed"] = drop_failing(variants)
             timings = time_variants(variants, repeats=2 if args.dry_run else args.repeats)
             flops = 2.0 * m * k * 3 * H * inter
             for v, t in timings.items():
                 row[v] = {**t, "tflops": flops / (t["us"] * 1e-6) / 1e12}
             row["vs_vllm_default"] = timings["vllm-default"]["us"] / timings["tunebook"]["us"]
             rows.append(row)
+            # one line a row as it lands: a run cut short by a time limit still says something
+            us = {v: round(t["us"], 1) for v, t in timings.items()}
+            print(name, m, us, row["failed"] or "", flush=True)
             del inputs
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
+
+
+def drop_failing(variants: dict[str, Any]) -> dict[str, str]:
+    """Run each variant once; one that raises (another GPU's table entry this GPU's Triton
+    cannot compile, e.g. a ROCm ``num_stages=0``) is dropped and its error returned, so one
+    foreign config does not end the run."""
+    failed = {}
+    for name, variant in list(variants.items()):
+        if not name.startswith("vllm:"):
+            continue
+        try:
+            variant.fn()
+        except Exception as exc:  # reported in the result, never silently
+            failed[name] = f"{type(exc).__name__}: {exc}"[:300]
+            del variants[name]
+    return failed
+
+
+def portability(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape and vLLM table: its time over the book's at every batch size measured, as
+    the geometric mean, the worst, and the share of batch sizes where it loses more than 5%
+    (> 1 means the table's config is slower than the book's on this GPU)."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        for table in sorted({v for r in mine for v in r if v.startswith("vllm:")}):
+            ratios = [r[table]["us"] / r["tunebook"]["us"] for r in mine if table in r]
+            if not ratios:
+                continue
+            geomean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            out.append(
+                {
+                    "shape": shape,
+                    "table": table.removeprefix("vllm:"),
+                    "batches": len(ratios),
+                    "geomean": round(geomean, 3),
+                    "worst": round(max(ratios), 3),
+                    "best": round(min(ratios), 3),
+                    "lose >5%": f"{sum(x > 1.05 for x in ratios)}/{len(ratios)}",
+                }
+            )
+    return out
 
 
 def dry_tables(directory: Path) -> Path:
@@ -247,16 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         ms = [1, 3] if args.dry_run else [int(v) for v in args.m.split(",")]
         result["vllm_rule_check"] = check_vllm_rule(shapes(args), ms)
         result["rows"] = rows = measure(args, device, tables)
-        names = sorted({v for r in rows for v in r if isinstance(r[v], dict)}, key=_variant_order)
+        timed = {v for r in rows for v in r if isinstance(r[v], dict) and "us" in r[v]}
+        names = sorted(timed, key=_variant_order)
         table_rows = [
             {"shape": r["shape"], "M": r["M"], **{v: f"{r[v]['us']:.1f}" for v in names if v in r}}
             | {"x vllm-default": f"{r['vs_vllm_default']:.2f}"}
             for r in rows
         ]
         columns = ["shape", "M", *names, "x vllm-default"]
+        result["portability"] = portability(rows)
     write_result(args, "fused_moe", result)
     print("microseconds per call" if not args.tune else "tuning")
     print_table(table_rows, columns)
+    if result.get("portability"):
+        print("vLLM tables on this GPU, time / the book's (> 1: the table is slower)")
+        print_table(result["portability"], list(result["portability"][0]))
     return 0
 
 

@@ -45,18 +45,61 @@ def test_dry_run_tunes_then_measures(script, tmp_path):
         assert all("vllm:FAKE_GPU" in r and "torch" in r for r in rows)
         mixed = ("tunebook-explicit", "tunebook-g1+FAKE_GPU-g2", "FAKE_GPU-g1+tunebook-g2")
         assert all(r[v]["us"] > 0 for r in rows for v in mixed)
+        (port,) = json.loads((out / f"{stem}-cpu-interpreter.json").read_text())["portability"]
+        assert port["table"] == "FAKE_GPU" and port["batches"] == len(rows)
+        assert port["best"] <= port["geomean"] <= port["worst"]
+
+
+def _script(monkeypatch: pytest.MonkeyPatch, name: str):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "kernels"))  # its helper modules
+    path = ROOT / "benchmarks" / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_portability_summary_of_the_moe_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per shape and table: geomean, worst, best of table / book, and the batches losing > 5%."""
+    moe = _script(monkeypatch, "fused_moe")
+    rows = [
+        {"shape": "s", "M": m, "tunebook": {"us": 100.0}, "vllm:A": {"us": us}, "vllm:B": {"us": 100.0}}
+        for m, us in ((1, 110.0), (2, 90.0), (4, 120.0))
+    ]
+    rows.append({"shape": "t", "M": 1, "tunebook": {"us": 50.0}, "vllm:A": {"us": 50.0}})
+    out = {(r["shape"], r["table"]): r for r in moe.portability(rows)}
+    assert set(out) == {("s", "A"), ("s", "B"), ("t", "A")}
+    a = out["s", "A"]
+    assert (a["batches"], a["worst"], a["best"], a["lose >5%"]) == (3, 1.2, 0.9, "2/3")
+    assert a["geomean"] == round((1.1 * 0.9 * 1.2) ** (1 / 3), 3)
+    assert out["s", "B"]["lose >5%"] == "0/3" and out["t", "A"]["geomean"] == 1.0
+
+
+def test_the_moe_benchmark_drops_a_foreign_table_entry_that_fails_and_says_why(monkeypatch) -> None:
+    """Another GPU's entry this Triton cannot build is left out of the run, not the run's end;
+    a failure of the book's own variant still ends it (it is the reference)."""
+    moe = _script(monkeypatch, "fused_moe")
+
+    def boom() -> None:
+        raise RuntimeError("num_stages=0 is not supported")
+
+    ran = []
+    variants = {
+        "tunebook": moe.Variant(lambda: ran.append("tunebook")),
+        "vllm:ROCM_GPU": moe.Variant(boom),
+        "vllm:NVIDIA_GPU": moe.Variant(lambda: ran.append("nvidia")),
+    }
+    failed = moe.drop_failing(variants)
+    assert set(variants) == {"tunebook", "vllm:NVIDIA_GPU"} and ran == ["nvidia"]
+    assert failed == {"vllm:ROCM_GPU": "RuntimeError: num_stages=0 is not supported"}
 
 
 def test_the_linear_benchmark_takes_the_packs_model_names(monkeypatch: pytest.MonkeyPatch) -> None:
     """It once had names of its own (llama3-8b where the pack's tune command takes llama-3-8b)."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "kernels"))  # its helper modules
-    path = ROOT / "benchmarks" / "kernels" / "linear.py"
-    spec = importlib.util.spec_from_file_location("bench_linear", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script(monkeypatch, "linear")
 
     args = script.parse_args(["--models", "llama-3-8b,smollm2-135m,llama3-70b-tp8"])  # an old name too
     expected = {  # (N, K) of qkv, o, gate_up, down: the shapes the script measured before
