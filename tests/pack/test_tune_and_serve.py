@@ -114,11 +114,11 @@ def test_every_shipped_key_is_a_finished_search_that_tune_mode_serves_as_it_is()
                 unfinished.add((op.removeprefix("tunebook-kernels-"), *entry["key"][:3]))
             entries += 1
     assert entries > 600, entries
-    # Two searches the device's time limit cut before they decided (books/README.md): served
-    # from their own results, in serve mode as a fallback, and searched on in tune mode. To
-    # be re-tuned; this list must only shrink.
-    cut_short = {("paged_attention_decode", 64, 8192, 9), ("silu_and_mul", 2048, 18944, "torch.bfloat16")}
-    assert unfinished <= cut_short, unfinished - cut_short
+    # Every shipped search decided: the last two a device time limit had cut short
+    # (paged_attention_decode 64 x 8192 on SmolLM2's layout, silu_and_mul 2048 x 18944) were
+    # re-tuned in the fifteenth session. A search cut short is served from its own results,
+    # but a shipped book should not hold one.
+    assert not unfinished, sorted(map(str, unfinished))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
