@@ -293,3 +293,38 @@ def test_the_tune_command_without_torch_prints_the_install_line_alone(tmp_path: 
         [sys.executable, "-c", "import tunebook.kernels"], capture_output=True, text=True, env=env, timeout=60
     )
     assert "tunebook._errors.MissingDependency: tunebook.kernels needs torch" in library.stderr
+
+
+@pytest.mark.once  # the command's plumbing (tests/conftest.py); hints and table answers: tests/test_tables.py
+def test_the_tune_command_imports_vllms_tables_into_the_book_before_tuning(tmp_path: Path) -> None:
+    """``--vllm-tables``: the shipped fused_moe books were tuned with vLLM's tables as hints,
+    which took ``tunebook import`` and then the tune command; one command does both now."""
+    import json
+
+    tables = tmp_path / "configs"
+    tables.mkdir()
+    entry = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8, "num_warps": 4}
+    table = {"1": {**entry, "num_stages": 3}, "64": {**entry, "num_stages": 4}}
+    (tables / "E=8,N=14336,device_name=NVIDIA_H200.json").write_text(json.dumps(table))
+    (tables / "E=8,N=14336,device_name=NVIDIA_H200,backend=flydsl.json").write_text(json.dumps(table))
+    out = tmp_path / "book"
+    keys = ("--ops", "fused_moe", "--models", "smollm2-135m")  # no MoE in SmolLM2: the import alone runs
+    dry, real, missing = side_by_side(
+        lambda: tune_command(
+            "--out", str(tmp_path / "dry"), *keys, "--dry-run", "--vllm-tables", str(tables)
+        ),
+        lambda: tune_command("--out", str(out), *keys, "--vllm-tables", str(tables)),
+        lambda: tune_command("--out", str(tmp_path / "x"), *keys, "--vllm-tables", str(tmp_path / "no")),
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "would import 2 vLLM table file(s)" in dry.stdout and not (tmp_path / "dry").exists()
+    assert real.returncode == 0, real.stderr
+    assert "skipped E=8,N=14336,device_name=NVIDIA_H200,backend=flydsl.json" in real.stdout + real.stderr
+    (page,) = out.glob("vllm-fused_moe--*--NVIDIA-H200--*")
+    stored = {p.stem: json.loads(p.read_text()) for p in page.glob("*.json") if p.name != "page.json"}
+    assert set(stored) == {"8,14336,1", "8,14336,64"}, sorted(stored)
+    (one,) = stored["8,14336,64"]["results"].values()
+    assert one["config"]["kwargs"] == {k: v for k, v in entry.items() if k != "num_warps"}
+    assert (one["config"]["num_warps"], one["config"]["num_stages"]) == (4, 4)
+    assert missing.returncode == 2 and not (tmp_path / "x").exists()
+    assert f"--vllm-tables: {tmp_path / 'no'} is neither a file nor a directory" in missing.stderr

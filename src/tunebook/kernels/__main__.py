@@ -3,6 +3,7 @@
     python -m tunebook.kernels tune --out src/tunebook/kernels/books     # every op, model, token count
     python -m tunebook.kernels tune --out DIR --ops rms_norm --models llama-3-8b --tokens 1,64,8192
     python -m tunebook.kernels tune --out DIR --dry-run                  # list the keys, tune nothing
+    python -m tunebook.kernels tune --out DIR --ops fused_moe --vllm-tables VLLM_CONFIGS_DIR
 
 Each (op shape, token count, dtype) of the models in ``tunebook.kernels._models`` is called
 once in ``tune`` mode with ``TUNEBOOK_DIR=--out``: every key the book lacks is tuned and
@@ -47,6 +48,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="tune every key into --out from nothing: the package's books, TUNEBOOK_PATH's and a "
         "fleet's Redis book are left out (as TUNEBOOK_KERNELS_SHIPPED_BOOKS=0 with both unset)",
     )
+    tune.add_argument(
+        "--vllm-tables",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="vLLM fused-MoE config files, or directories of them (vllm's fused_moe/configs), "
+        "imported into --out before tuning: fused_moe measures this GPU's entry for each key first "
+        "(other GPUs' entries too, as hints), and serve mode answers from this GPU's table "
+        "(needs tunebook[cli])",
+    )
     tune.add_argument("--dry-run", action="store_true", help="list the keys, tune nothing")
     args = parser.parse_args(argv)
     if args.max_configs is not None and args.max_configs < 1:
@@ -68,6 +79,37 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                 f"lost; choose a writable directory, or make {existing_parent(Path(args.out))} writable"
             )
     return args
+
+
+def _table_files(paths: Sequence[str]) -> list[Path]:
+    """The JSON files ``--vllm-tables`` names: files as given, directories' ``*.json``."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"--vllm-tables: {p} is neither a file nor a directory")
+    if not files:
+        raise ValueError(f"--vllm-tables: no .json file in {', '.join(paths)}")
+    return files
+
+
+def _import_tables(paths: Sequence[str], out: str) -> None:
+    """``tunebook import --format vllm --kernel vllm.fused_moe --skip-unsupported`` into ``out``."""
+    from .._optional import require
+
+    require("click", feature="--vllm-tables (importing vLLM's tables)", extra="cli")
+    from ..cli.import_vllm import command
+    from .fused_moe import VLLM_TABLES
+
+    files = [str(f) for f in _table_files(paths)]
+    command.main(
+        ["--format", "vllm", "--kernel", VLLM_TABLES, "-o", out, "--skip-unsupported", *files],
+        prog_name="tunebook import",
+        standalone_mode=False,
+    )
 
 
 def _budget_now() -> int | None:
@@ -128,6 +170,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device == "cpu" and not interpreting() and not args.dry_run:
         print("error: no GPU; set TRITON_INTERPRET=1 to tune for Triton's CPU interpreter", file=sys.stderr)
         return 2
+    if args.vllm_tables:
+        try:
+            if args.dry_run:
+                files = _table_files(args.vllm_tables)
+                print(f"would import {len(files)} vLLM table file(s) into {os.environ['TUNEBOOK_DIR']}")
+            else:
+                _import_tables(args.vllm_tables, os.environ["TUNEBOOK_DIR"])
+        except Exception as exc:  # a bad path or file, or click missing: said, nothing tuned
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from . import _common
 
     budget = _common.max_configs()
