@@ -6,6 +6,7 @@ Each test gets its own empty book directory and fresh counters.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -28,6 +30,18 @@ import tunebook
 
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """The Python file at ``path`` as module ``name``, loaded by path (a script's directory
+    on sys.path would put its modules in front of every test's), registered in sys.modules
+    (dataclasses and Triton's source lookup find their module there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from conftest import load_module
 from helpers_reliability import RedisServer
 from redis_fixture import require
 from tunebook._book.redis_store import INSTALL_HINT
@@ -44,18 +45,9 @@ BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 
 
-def _load_harness() -> Any:
-    """benchmarks/_harness.py, loaded by path: benchmarks/ on sys.path would put modules
-    named ``core`` and ``strategies`` in front of every test."""
-    spec = importlib.util.spec_from_file_location("_harness", BENCHMARKS / "_harness.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_harness"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+# By path: benchmarks/ on sys.path would put modules named ``core`` and ``strategies`` in
+# front of every test.
+harness = load_module(BENCHMARKS / "_harness.py", "_harness")
 
 
 def run_benchmark(tmp_path: Path, script: str, *args: str, timeout: float = 300) -> Path:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import triton
 
+from conftest import load_module
 from kernels import add_kernel, scale_kernel
 from tunebook import _compat, _fingerprint
 from tunebook._jsonio import key_text
@@ -32,11 +31,7 @@ def kern(x_ptr, n, BLOCK: tl.constexpr):
 def load(tmp_path: Path, name: str, *, pad: str = "", op: str = "+", scale: int = 2):
     path = tmp_path / f"{name}.py"
     path.write_text(SOURCE.format(pad=pad, op=op, scale=scale))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module.kern
+    return load_module(path, name).kern
 
 
 def test_hash_ignores_line_numbers_but_not_code(tmp_path):

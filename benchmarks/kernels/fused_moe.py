@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -257,13 +257,12 @@ def portability(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratios = [r[table]["us"] / r["tunebook"]["us"] for r in mine if table in r]
             if not ratios:
                 continue
-            geomean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
             out.append(
                 {
                     "shape": shape,
                     "table": table.removeprefix("vllm:"),
                     "batches": len(ratios),
-                    "geomean": round(geomean, 3),
+                    "geomean": round(statistics.geometric_mean(ratios), 3),
                     "worst": round(max(ratios), 3),
                     "best": round(min(ratios), 3),
                     "lose >5%": f"{sum(x > 1.05 for x in ratios)}/{len(ratios)}",

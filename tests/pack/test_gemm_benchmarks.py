@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_module
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.once  # a script's plumbing (conftest.py)
 
@@ -51,15 +53,8 @@ def test_dry_run_tunes_then_measures(script, tmp_path):
 
 
 def _script(monkeypatch: pytest.MonkeyPatch, name: str):
-    import importlib.util
-
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "kernels"))  # its helper modules
-    path = ROOT / "benchmarks" / "kernels" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_module(ROOT / "benchmarks" / "kernels" / f"{name}.py", f"bench_{name}")
 
 
 def test_the_portability_summary_of_the_moe_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
