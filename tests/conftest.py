@@ -65,7 +65,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``test_redis_store.py``), many processes on one book (``test_torture.py``,
     ``test_contention.py``), search strategies over recorded tables (``test_strategies.py``),
     the benchmark scripts' CPU modes (``test_benchmarks.py``, ``tests/pack/test_*benchmark*.py``,
-    ``test_decode_structures.py``), the demo, the kernel pack's command-line plumbing, the
+    ``test_decode_structures.py``), the demo and the guide's quick start, the kernel pack's
+    command-line plumbing and its tune-then-serve-in-a-new-process checks (the core's
+    persistence across processes runs on every Triton), the shipped books' contents, the
     book parser's derandomized fuzzing, real libraries' adoption runs
     (``tests/adoption/test_libraries.py``: ``thirdparty.py`` does what they do to Triton's
     autotuner, and ``test_thirdparty.py`` runs it on every Triton), and cases of a kept test

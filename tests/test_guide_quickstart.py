@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 
 
+@pytest.mark.once  # the guide's steps over the core's persistence, tested on every Triton
 def test_the_quick_start_runs_twice_and_the_second_run_benchmarks_nothing(tmp_path: Path) -> None:
     section = GUIDE.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)

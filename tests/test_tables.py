@@ -255,6 +255,7 @@ print(json.dumps({"stats": tunebook.stats(), "err": float((out - ref).abs().max(
 """
 
 
+@pytest.mark.once  # the pack over the core's tables, which test_tables.py tests on every Triton
 def test_the_pack_serves_vllms_table_of_this_gpu_in_a_fresh_process(tmp_path):
     """vLLM's file for (E=4, N=40) on this "GPU", imported by the real command into a book
     that no process has tuned: a fresh serve-mode process runs fused_moe with its entry for

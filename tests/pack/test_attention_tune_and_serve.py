@@ -33,6 +33,7 @@ print(json.dumps({**tunebook.stats(), "chosen": chosen}))
 
 
 @pytest.mark.slow  # two processes tuning and running attention on the interpreter, ~25 s
+@pytest.mark.once  # the pack's command line over the core's persistence (tests/conftest.py)
 def test_tuned_book_is_served_with_zero_benchmarking(book_dir: Path, tmp_path: Path) -> None:
     budget = {"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
     tuned = run_python(CALL_EACH_OP, env={**budget, "TUNEBOOK_DIR": str(book_dir), "TUNEBOOK_MODE": "tune"})

@@ -61,6 +61,7 @@ def test_the_model_table_gives_each_model_its_projections_and_mixtral_its_expert
     ]
 
 
+@pytest.mark.once  # the pack's command line
 def test_the_tune_command_lists_the_gemm_keys(tmp_path: Path) -> None:
     listed = tune_command("--out", str(tmp_path), "--dry-run")
     assert listed.returncode == 0, listed.stderr

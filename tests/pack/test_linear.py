@@ -168,6 +168,7 @@ print(json.dumps(tunebook.stats()))
 """
 
 
+@pytest.mark.once  # persistence across processes is the core's, tested on every Triton (test_persistence.py)
 def test_tune_then_a_new_process_benchmarks_nothing(book_dir):
     env = {"TUNEBOOK_MODE": "tune", "TUNEBOOK_DIR": str(book_dir), "TUNEBOOK_KERNELS_MAX_CONFIGS": "3"}
     first = run_python(TUNE_CHILD, env=env)

@@ -38,6 +38,7 @@ print(json.dumps({**tunebook.stats(), "chosen": chosen}))
 """
 
 
+@pytest.mark.once  # the pack's command line over the core's persistence (tests/conftest.py)
 def test_tune_command_then_serve_from_the_book(book_dir: Path, tmp_path: Path) -> None:
     budget = {"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
     ops = "rms_norm,silu_and_mul,rotary_embedding"
@@ -86,6 +87,7 @@ print(json.dumps({k.kernel_identity().name.replace(".", "-"): [k.options.max_con
 """
 
 
+@pytest.mark.once  # the shipped books' contents: the same on every Triton
 def test_every_shipped_key_is_a_finished_search_that_tune_mode_serves_as_it_is() -> None:
     """In tune mode (the library's default) a read-only book's choice answers its key only
     where the kernel declares no budget of its own (``_policy.decide``); otherwise a shipped
