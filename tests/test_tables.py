@@ -205,6 +205,23 @@ def test_a_whole_configs_directory_imports_with_skip_unsupported(tmp_path):
     assert sorted(p.name for p in page.glob("*.json")) == ["8,64,1.json", "page.json"]
 
 
+def test_a_configs_directory_given_as_itself_imports_its_json_files(tmp_path):
+    source = tmp_path / "configs"
+    source.mkdir()
+    (source / f"E=8,N=64,device_name={HERE}.json").write_text(json.dumps({"1": entry(16)}))
+    (source / f"E=8,N=64,device_name={HERE},backend=flydsl.json").write_text("{}")
+    (source / "README").write_text("not a table: not a .json file, so not read")
+    args = ["import", "--format", "vllm", str(source), "--kernel", "k", "-o", str(tmp_path / "b")]
+    done = CliRunner().invoke(_app.cli, [*args, "--skip-unsupported"])
+    assert done.exit_code == 0, done.output
+    assert "backend=flydsl" in done.output and "README" not in done.output
+    (page,) = (tmp_path / "b").iterdir()
+    assert sorted(p.name for p in page.glob("*.json")) == ["8,64,1.json", "page.json"]
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(_app.cli, [*args[:3], str(tmp_path / "empty"), *args[4:]])
+    assert empty.exit_code != 0 and "no .json file in" in empty.output
+
+
 def test_lookup_rules():
     page = _tables.TablePage(
         "NVIDIA H200",

@@ -6,6 +6,7 @@ How imports are represented in the book format is described in ``_vllm_format``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,24 @@ def imported_page(
     return book_file_name(ident, platform_slug(platform), pid), doc
 
 
+def table_files(paths: Sequence[Path]) -> list[Path]:
+    """The table files ``paths`` name: a file as given, a directory's ``*.json`` in name
+    order. ValueError for a path that is neither, or when no file is left."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(path.glob("*.json"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{path} is neither a file nor a directory")
+    if not files:
+        raise ValueError(f"no .json file in {', '.join(map(str, paths))}")
+    return files
+
+
 @click.command("import")
-@click.argument(
-    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["vllm"]), required=True, help="Source format.")
 @click.option("--kernel", required=True, metavar="NAME", help="The kernel name to file the configs under.")
 @output_option("Book directory to write to (default: TUNEBOOK_DIR).", required=False)
@@ -141,9 +156,15 @@ def command(
 ) -> None:
     """Turn vLLM tuned-config FILES into book entries of kernel NAME, marked as imported.
 
-    Imported entries form their own platform ("timer": "imported:vllm"): they are never
-    mistaken for measurements here. Re-importing a file replaces its entries.
+    A directory among FILES stands for its ``*.json`` files (vLLM's ``fused_moe/configs``
+    imports whole, with --skip-unsupported). Imported entries form their own platform
+    ("timer": "imported:vllm"): they are never mistaken for measurements here. Re-importing a
+    file replaces its entries.
     """
+    try:
+        files = tuple(table_files(files))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     maps = parse_assignments(mapping, "--map")
     consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
     parsed = []

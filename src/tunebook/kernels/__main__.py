@@ -81,32 +81,24 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _table_files(paths: Sequence[str]) -> list[Path]:
-    """The JSON files ``--vllm-tables`` names: files as given, directories' ``*.json``."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(p.glob("*.json"))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ValueError(f"--vllm-tables: {p} is neither a file nor a directory")
-    if not files:
-        raise ValueError(f"--vllm-tables: no .json file in {', '.join(paths)}")
-    return files
-
-
-def _import_tables(paths: Sequence[str], out: str) -> None:
-    """``tunebook import --format vllm --kernel vllm.fused_moe --skip-unsupported`` into ``out``."""
+def _import_tables(paths: Sequence[str], out: str, dry_run: bool) -> None:
+    """``tunebook import --format vllm --kernel vllm.fused_moe --skip-unsupported`` into ``out``
+    (with ``dry_run``, only the count of files it would read)."""
     from .._optional import require
 
     require("click", feature="--vllm-tables (importing vLLM's tables)", extra="cli")
-    from ..cli.import_vllm import command
+    from ..cli.import_vllm import command, table_files
     from .fused_moe import VLLM_TABLES
 
-    files = [str(f) for f in _table_files(paths)]
+    try:
+        files = table_files([Path(p) for p in paths])
+    except ValueError as exc:
+        raise ValueError(f"--vllm-tables: {exc}") from None
+    if dry_run:
+        print(f"would import {len(files)} vLLM table file(s) into {out}")
+        return
     command.main(
-        ["--format", "vllm", "--kernel", VLLM_TABLES, "-o", out, "--skip-unsupported", *files],
+        ["--format", "vllm", "--kernel", VLLM_TABLES, "-o", out, "--skip-unsupported", *map(str, files)],
         prog_name="tunebook import",
         standalone_mode=False,
     )
@@ -172,11 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.vllm_tables:
         try:
-            if args.dry_run:
-                files = _table_files(args.vllm_tables)
-                print(f"would import {len(files)} vLLM table file(s) into {os.environ['TUNEBOOK_DIR']}")
-            else:
-                _import_tables(args.vllm_tables, os.environ["TUNEBOOK_DIR"])
+            _import_tables(args.vllm_tables, os.environ["TUNEBOOK_DIR"], args.dry_run)
         except Exception as exc:  # a bad path or file, or click missing: said, nothing tuned
             print(f"error: {exc}", file=sys.stderr)
             return 2
