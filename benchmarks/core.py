@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -138,6 +139,15 @@ def child_hot_path() -> None:
     tr_mm = harness.triton_autotune(gemm_configs, ["M", "N", "K"])(_matmul_kernel)
     matmul(tb_mm, a, b)
     matmul(tr_mm, a, b)
+    # The same hits launched through Triton's JITFunction.run (the direct launch off): a hit's
+    # launcher is built at its config's first call, so the switch is set around those.
+    os.environ["TUNEBOOK_DIRECT_LAUNCH"] = "0"
+    tb_add_run = tunebook.autotune(add_configs, key=["n"])(_add_kernel)
+    tb_mm_run = tunebook.autotune(gemm_configs, key=["M", "N", "K"])(_matmul_kernel)
+    for _ in range(2):
+        tb_add_run[grid](x, y, out, n)
+        matmul(tb_mm_run, a, b)
+    del os.environ["TUNEBOOK_DIRECT_LAUNCH"]
     mm_best = {**tb_mm.best_config.kwargs, "num_warps": 4, "num_stages": 3}
     c = torch.empty(m, m, device=harness.device(), dtype=dtype)
 
@@ -152,9 +162,11 @@ def child_hot_path() -> None:
         ),
         "add/triton.autotune": lambda: tr_add[grid](x, y, out, n),
         "add/tunebook": lambda: tb_add[grid](x, y, out, n),
+        "add/tunebook via run": lambda: tb_add_run[grid](x, y, out, n),
         "gemm/jit": lambda: _matmul_kernel[mm_grid](*mm_args, **mm_best),
         "gemm/triton.autotune": lambda: tr_mm[mm_grid](*mm_args),
         "gemm/tunebook": lambda: tb_mm[mm_grid](*mm_args),
+        "gemm/tunebook via run": lambda: tb_mm_run[mm_grid](*mm_args),
     }
     calls, rounds, warmup = (2, 1, 1) if cpu else (5000, 15, 500)
     for fn in variants.values():
@@ -177,6 +189,9 @@ def child_hot_path() -> None:
         tb, jit, tr = samples[f"{kind}/tunebook"], samples[f"{kind}/jit"], samples[f"{kind}/triton.autotune"]
         ratios[f"{kind}: tunebook/jit"] = harness.median_ratio(tb, jit)
         ratios[f"{kind}: tunebook/triton.autotune"] = harness.median_ratio(tb, tr)
+        via_run = samples[f"{kind}/tunebook via run"]
+        ratios[f"{kind}: tunebook via run/jit"] = harness.median_ratio(via_run, jit)
+        ratios[f"{kind}: tunebook via run/triton.autotune"] = harness.median_ratio(via_run, tr)
     print(
         json.dumps(
             {
@@ -315,11 +330,25 @@ def hot_table(hot: dict[str, Any]) -> str:
             us[f"{kind}/tunebook"],
             ratios[f"{kind}: tunebook/jit"],
             ratios[f"{kind}: tunebook/triton.autotune"],
+            us[f"{kind}/tunebook via run"],
+            ratios[f"{kind}: tunebook via run/jit"],
+            ratios[f"{kind}: tunebook via run/triton.autotune"],
         ]
         for kind in ("add", "gemm")
     ]
-    columns = ("us per call", "torch.add", "jit", "triton.autotune", "tunebook", "tb / jit", "tb / triton")
-    return harness.table(rows, columns, floats=[".2f"] * 5 + [".3f"] * 2)
+    columns = (
+        "us per call",
+        "torch.add",
+        "jit",
+        "triton.autotune",
+        "tunebook",
+        "tb / jit",
+        "tb / triton",
+        "tb via run",
+        "via run / jit",
+        "via run / triton",
+    )
+    return harness.table(rows, columns, floats=[".2f"] * 5 + [".3f"] * 2 + [".2f"] + [".3f"] * 2)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``once`` run on its last pass (the newest Triton) only: TUNEBOOK_TESTS_ONCE_DONE=1 on the
     earlier passes skips them, which keeps CI within its time.
 
-    Every pass runs what touches Triton's behaviour: the compatibility module (``_compat.py``,
+    Every pass runs what touches Triton's behaviour: the compatibility package (``_compat/``,
     the one door to Triton's internals) and the autotuner core built on it (the drop-in
     autotuner, modes, the book and its pages, persistence across processes, the miss rule,
     the hit path, result checking, identities, crash-isolated tuning, ``tunebook.patch``,

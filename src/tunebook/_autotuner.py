@@ -134,6 +134,7 @@ class Autotuner(_compat.TritonAutotuner):
         _settings.timer()  # likewise TUNEBOOK_TIMER
         _settings.progress()  # and TUNEBOOK_PROGRESS
         _settings.distributed()  # and TUNEBOOK_DISTRIBUTED
+        _settings.direct_launch()  # and TUNEBOOK_DIRECT_LAUNCH
         # A Space is enumerated per call (its argument constraints depend on the call).
         self.space: Space | None = configs if isinstance(configs, Space) else None
         self.configs: list[Any] = (

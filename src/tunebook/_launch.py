@@ -14,6 +14,10 @@ specialised to one kernel's signature:
   and the launcher does the hit's bookkeeping (hit counter, ``best_config``): a positional
   hit runs two Python frames of ours before Triton's ``run``, where a plain ``kernel[grid]``
   runs one.
+* **Triton's run.** On a GPU the launcher calls ``_compat.direct_run``'s launcher instead
+  of ``JITFunction.run``: Triton's binder, a dict lookup of the compiled kernel, and its C
+  launcher, without the per-call work whose result a fixed config cannot change
+  (``_compat/direct.py`` says what and when it falls back to ``run``).
 
 Every generated function is exact or raises (AttributeError / IndexError / TypeError), in
 which case the caller takes the slow path, which computes Triton's key from scratch.
@@ -25,7 +29,7 @@ import keyword
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import _fingerprint
+from . import _compat, _fingerprint
 
 Launcher = Callable[[tuple[Any, ...], Any], Any]
 
@@ -166,21 +170,26 @@ def config_launcher(
     defaults = defaults or {}
     kwargs = {k: v for k, v in config_kwargs.items() if defaults.get(k, MISSING) != v}
     names = list(kwargs)
-    reserved = {"grid", "warmup", "run", "args", "counter", "owner", "config"}
+    reserved = {"grid", "warmup", "run", "args", "counter", "owner", "config", "direct"}
     if not _identifiers(names) or reserved & set(names):
         return _plain_launcher(run, kwargs, served)
+    # On a GPU, the compiled kernel's own launcher where Triton's run() can be mirrored.
+    direct = _compat.direct_run(getattr(run, "__self__", None), run, kwargs)
+    if direct is not None and served is None:
+        return direct
     values = [f"_v{i}" for i in range(len(names))]
     keywords = "".join(f", {n}={v}" for n, v in zip(names, values))
     bookkeeping = "        counter[0] += 1\n        owner.best_config = config\n" if served else ""
+    call = "direct(args, grid)" if direct is not None else f"run(*args, grid=grid, warmup=False{keywords})"
     src = (
-        f"def factory(run, counter, owner, config, {', '.join(values)}):\n"
+        f"def factory(run, direct, counter, owner, config, {', '.join(values)}):\n"
         f"    def launch(args, grid):\n"
         f"{bookkeeping}"
-        f"        return run(*args, grid=grid, warmup=False{keywords})\n"
+        f"        return {call}\n"
         f"    return launch\n"
     )
     counter, owner, config = served or (None, None, None)
-    return _compile(src, "factory", {})(run, counter, owner, config, *kwargs.values())
+    return _compile(src, "factory", {})(run, direct, counter, owner, config, *kwargs.values())
 
 
 def _plain_launcher(

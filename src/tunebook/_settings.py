@@ -93,6 +93,12 @@ TUNEBOOK_PATCH = Setting(
     "1: apply tunebook.patch() as each process imports Triton, where `tunebook install-hook` installed "
     "the start-up hook (read by _hook.py itself, which runs before tunebook can be imported).",
 )
+TUNEBOOK_DIRECT_LAUNCH = Setting(
+    "TUNEBOOK_DIRECT_LAUNCH",
+    "1",
+    "0: a hit launches through Triton's JITFunction.run instead of calling the compiled kernel's "
+    "launcher itself (read when a config's first hit builds its launcher).",
+)
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
@@ -112,6 +118,7 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_PATCH,
     TUNEBOOK_TIMER,
     TUNEBOOK_SHORT_KERNEL_US,
+    TUNEBOOK_DIRECT_LAUNCH,
     TRITON_PRINT_AUTOTUNING,
     TRITON_INTERPRET,
 )
@@ -219,6 +226,11 @@ def timer() -> str:
 
 def short_kernel_us() -> float:
     return _seconds(TUNEBOOK_SHORT_KERNEL_US, "microseconds")
+
+
+def direct_launch() -> bool:
+    """Whether hits launch the compiled kernel themselves (see ``_compat/direct.py``)."""
+    return _switch(TUNEBOOK_DIRECT_LAUNCH) == "1"
 
 
 def print_autotuning() -> bool:

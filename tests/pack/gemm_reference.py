@@ -11,6 +11,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+import torch.nn.functional as F
 
 TOL: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (1.6e-2, 1.6e-2),
@@ -55,3 +56,19 @@ def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, to
         f"{int((err > bound).sum())} of {err.numel()} elements off; worst at flat index {worst}: "
         f"got {got.flatten()[worst].item()}, want {ref.flatten()[worst].item()} (scale {scale:.3g})"
     )
+
+
+def moe_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Token by token, expert by expert, in fp64; an expert id outside [0, E) adds nothing
+    (vLLM's expert-parallel semantics)."""
+    x, w13, w2 = x.double(), w13.double(), w2.double()
+    inter = w13.shape[1] // 2
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            if not 0 <= e < w13.shape[0]:
+                continue
+            h = F.silu(w13[e, :inter] @ x[t]) * (w13[e, inter:] @ x[t])
+            out[t] += float(topk_weights[t, j]) * (w2[e] @ h)
+    return out

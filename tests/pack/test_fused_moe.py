@@ -11,7 +11,6 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tunebook
 from conftest import run_python
@@ -25,6 +24,7 @@ from tunebook.kernels.fused_moe import (
 )
 
 from .gemm_reference import MOE_TOL, assert_close, generator, poisoned, randn
+from .gemm_reference import moe_reference as reference
 
 moe_mod = importlib.import_module("tunebook.kernels.fused_moe")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -33,22 +33,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 @pytest.fixture(autouse=True)
 def serve(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
-
-
-def reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """Token by token, expert by expert, in fp64; an expert id outside [0, E) adds nothing
-    (vLLM's expert-parallel semantics)."""
-    x, w13, w2 = x.double(), w13.double(), w2.double()
-    inter = w13.shape[1] // 2
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, j])
-            if not 0 <= e < w13.shape[0]:
-                continue
-            h = F.silu(w13[e, :inter] @ x[t]) * (w13[e, inter:] @ x[t])
-            out[t] += float(topk_weights[t, j]) * (w2[e] @ h)
-    return out
 
 
 def inputs(T: int, E: int, H: int, inter: int, k: int, dtype: torch.dtype, *case: object, experts=None):

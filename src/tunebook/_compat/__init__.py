@@ -23,7 +23,8 @@ import triton.runtime.autotuner as _triton_autotuner
 from triton.runtime import _allocation
 from triton.runtime.jit import JITFunction, KernelInterface
 
-from . import _settings
+from .. import _settings
+from .direct import direct_run
 
 __all__ = [
     "AUTOTUNE_HOMES",
@@ -42,6 +43,7 @@ __all__ = [
     "current_device_ids",
     "current_target",
     "device_identity",
+    "direct_run",
     "gpu_context_broken",
     "heuristic_names",
     "interpreting",
