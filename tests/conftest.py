@@ -6,6 +6,7 @@ Each test gets its own empty book directory and fresh counters.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -27,6 +28,7 @@ os.environ.pop("TRITON_PRINT_AUTOTUNING", None)
 import pytest
 
 import tunebook
+from forkserver import ForkServer
 
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -137,24 +139,52 @@ def remove_page(path: Path) -> None:
         path.unlink()
 
 
+_FORK_SERVER: list[ForkServer | None] = []
+
+
+def _fork_server() -> ForkServer | None:
+    """The session's fork server (tests/forkserver.py), started at the first child; None
+    with TUNEBOOK_TESTS_FORK=0, or if it could not start or has died."""
+    if not _FORK_SERVER:
+        server = None
+        if os.environ.get("TUNEBOOK_TESTS_FORK", "1") != "0":
+            try:
+                server = ForkServer()
+            except Exception as exc:  # the children then start as new interpreters
+                print(f"tests: no fork server ({exc}); children start as new interpreters", file=sys.stderr)
+            else:
+                atexit.register(server.close)
+        _FORK_SERVER.append(server)
+    server = _FORK_SERVER[0]
+    return server if server is not None and server.alive() else None
+
+
 def run_python(
     code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
 ) -> dict:
-    """Run ``code`` in a new Python process; it must print one JSON object as its last line."""
+    """Run ``code`` in a new Python process; it must print one JSON object as its last line.
+
+    The process is forked from the session's fork server (tests/forkserver.py: torch and
+    triton already imported, tunebook not), which saves each child the seconds of
+    ``import torch``; ``TUNEBOOK_TESTS_FORK=0`` starts a new interpreter instead."""
     full_env = {
         **os.environ,
         "TRITON_INTERPRET": "1",
         "PYTHONPATH": os.pathsep.join([str(TESTS), str(cwd or TESTS), os.environ.get("PYTHONPATH", "")]),
     }
     full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=timeout,
-    )
+    server = _fork_server()
+    if server is not None:
+        proc = server.run(textwrap.dedent(code), full_env, None if cwd is None else str(cwd), timeout)
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=cwd,
+            timeout=timeout,
+        )
     if proc.returncode != 0:
         raise AssertionError(
             f"child failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
