@@ -166,14 +166,17 @@ def run_python(
 
     The process is forked from the session's fork server (tests/forkserver.py: torch and
     triton already imported, tunebook not), which saves each child the seconds of
-    ``import torch``; ``TUNEBOOK_TESTS_FORK=0`` starts a new interpreter instead."""
+    ``import torch``; ``TUNEBOOK_TESTS_FORK=0``, or a child env without TRITON_INTERPRET=1,
+    starts a new interpreter instead."""
     full_env = {
         **os.environ,
         "TRITON_INTERPRET": "1",
         "PYTHONPATH": os.pathsep.join([str(TESTS), str(cwd or TESTS), os.environ.get("PYTHONPATH", "")]),
     }
     full_env.update(env or {})
-    server = _fork_server()
+    # Triton decorates its own library functions at import, for the interpreter or not: a
+    # child without the interpreter (the GPU tests) starts as a new Python.
+    server = _fork_server() if full_env.get("TRITON_INTERPRET") == "1" else None
     if server is not None:
         proc = server.run(textwrap.dedent(code), full_env, None if cwd is None else str(cwd), timeout)
     else:

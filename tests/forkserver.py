@@ -14,8 +14,12 @@ fresh ``__main__``, ``sys.argv == ['-c']``, stdin from /dev/null, stdout and std
 files, and exits as an interpreter does (non-daemon threads joined, ``atexit`` handlers
 run, streams flushed). What it cannot give is a fresh torch or triton: both are the
 server's, imported before the request's environment was set, so settings they read at
-import (``OMP_NUM_THREADS``, ``TRITON_DEBUG``) keep the server's values. A test that needs
-either, or that checks what a new process has imported, calls :func:`subprocess.run`.
+import keep the server's values: ``OMP_NUM_THREADS``, ``TRITON_DEBUG``, and above all
+``TRITON_INTERPRET``, under which Triton decorates its own library functions at import
+(the server runs with ``TRITON_INTERPRET=1``; a child without it, on a GPU, fails in
+Triton's binder). A test that needs any of them, or that checks what a new process has
+imported, starts a new interpreter (``conftest.run_python`` does so for a child without
+``TRITON_INTERPRET=1``).
 
 Protocol, over a Unix socket: one JSON request line; the server forks a handler, which
 forks the child in a process group of its own, waits for it (killing the group at the
