@@ -38,6 +38,102 @@ def test_the_switch_turns_it_off_and_a_typo_is_an_error_that_names_the_values(mo
         direct.available(add_kernel)
 
 
+def _plain_python_kernel(x_ptr, n, BLOCK):  # a JITFunction's source; never compiled here
+    pass
+
+
+class _StandIn:
+    """Triton's side of a launch, recorded: the driver's device and stream, the binder
+    (pointer and integer alignment decide the specialization, as Triton's does), ``run``
+    and the compiled kernel's C launcher."""
+
+    def __init__(self, monkeypatch):
+        import sys
+
+        from triton.runtime.jit import JITFunction
+
+        self.fn = JITFunction(_plain_python_kernel)
+        self.runs, self.launches = [], []
+        stand_in = self
+
+        class Kernel:
+            function, packed_metadata = "function", "metadata"
+
+            @property
+            def run(self):
+                return lambda *a: stand_in.launches.append(a)
+
+        self.kernel = Kernel()
+
+        def binder(x_ptr, n, BLOCK=None, **options):
+            spec = [("*fp32", "D" if x_ptr % 16 == 0 else None), ("i32", "D" if n % 16 == 0 else None)]
+            return {"x_ptr": x_ptr, "n": n, "BLOCK": BLOCK}, [*spec, ("constexpr", BLOCK)], options
+
+        self.fn.device_caches = {0: ({}, {}, None, None, binder)}
+
+        class Active:
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 7)
+
+        class Driver:
+            active = Active()
+
+        monkeypatch.setattr(sys.modules["triton.runtime.driver"], "driver", Driver())
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.runs.append((args, kwargs))
+        return self.kernel
+
+
+def test_the_launcher_calls_tritons_launcher_and_hands_back_to_run_when_it_must(monkeypatch):
+    """The generated launcher's logic, on the CPU, with a stand-in for Triton's side (the GPU
+    test below checks the real one): ``run`` once per specialization, the C launcher's
+    arguments in Triton's order with no metadata and no hooks, and ``run`` again for a launch
+    hook, a pre-run hook, a changed global and replaced caches."""
+    from triton import knobs
+
+    t = _StandIn(monkeypatch)
+    monkeypatch.setattr(direct, "available", lambda fn: None)
+    launch = direct.direct_run(t.fn, t.run, {"BLOCK": 64, "num_warps": 2})
+    assert launch is not None
+    for _ in range(3):
+        assert launch((32, 1024), (4,)) is t.kernel
+    assert len(t.runs) == 1 and t.runs[0] == ((32, 1024), {"BLOCK": 64, "num_warps": 2})
+    assert t.launches == [(4, 1, 1, 7, "function", "metadata", None, None, None, 32, 1024, 64)] * 2
+    launch((33, 1024), lambda meta: (meta["BLOCK"], 2))  # unaligned: a new specialization
+    launch((33, 1024), lambda meta: (meta["BLOCK"], 2))
+    assert len(t.runs) == 2 and t.launches[-1][:3] == (64, 2, 1)
+
+    hook = knobs.runtime.launch_enter_hook
+    if hasattr(hook, "calls"):
+        monkeypatch.setattr(hook, "calls", [print])
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
+    launch((32, 1024), (4,))
+    assert len(t.runs) == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(direct, "available", lambda fn: None)
+    t = _StandIn(monkeypatch)
+    launch = direct.direct_run(t.fn, t.run, {"BLOCK": 64})
+    launch((32, 1024), (4,))
+    t.fn.pre_run_hooks.append(print)
+    launch((32, 1024), (4,))
+    t.fn.pre_run_hooks.clear()
+    launch((32, 1024), (4,))
+    assert len(t.runs) == 2 and len(t.launches) == 1
+    scope = {"FACTOR": 2}
+    t.fn.used_global_vals = {("FACTOR", id(scope)): (2, scope)}
+    launch((32, 1024), (4,))
+    scope["FACTOR"] = 3  # Triton's run raises here; the launcher must leave it to run
+    launch((32, 1024), (4,))
+    assert len(t.runs) == 3 and len(t.launches) == 2
+    t.fn.used_global_vals = {}
+    t.fn.device_caches = {0: t.fn.device_caches[0]}  # replaced (a source update): learned again
+    launch((32, 1024), (4,))
+    launch((32, 1024), (4,))
+    assert len(t.runs) == 4 and len(t.launches) == 3
+
+
 # The GPU child's kernels live in a file: Triton reads a kernel's source from its module.
 _GPU_KERNELS = """
 import triton
