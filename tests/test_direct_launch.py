@@ -363,3 +363,26 @@ def test_a_typo_in_the_switch_stops_the_decoration_not_a_later_launch(monkeypatc
     monkeypatch.setenv("TUNEBOOK_DIRECT_LAUNCH", "maybe")
     with pytest.raises(ConfigurationError, match="TUNEBOOK_DIRECT_LAUNCH"):
         tunebook.autotune(block_configs(32, 64), key=["n"])(add_kernel)
+
+
+def test_a_tool_that_wraps_tritons_launch_is_not_bypassed(monkeypatch):
+    """A tracer or sanitizer that replaces ``JITFunction.run`` (on the class or on one
+    kernel) sees every launch: the hits keep going through it."""
+    import functools
+
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(_plain_python_kernel)
+    assert direct.available(fn) is None  # the switch on, a plain jit function, this Triton
+    original = JITFunction.run
+
+    @functools.wraps(original)
+    def traced(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", traced)
+    assert "wrapped" in (direct.available(fn) or "")
+    monkeypatch.setattr(JITFunction, "run", original)
+    assert direct.available(fn) is None
+    monkeypatch.setattr(fn, "run", lambda *a, **k: None, raising=False)
+    assert "wrapped" in (direct.available(fn) or "")

@@ -29,8 +29,9 @@ specialization and options.
 
 It mirrors ``JITFunction.run`` of Triton 3.4-3.9 (read for each release: the options it
 adds, the launcher's argument order); on other releases, on the interpreter, on a
-``triton.heuristics`` wrapper or with ``TUNEBOOK_DIRECT_LAUNCH=0`` the hit calls
-``JITFunction.run`` as before.
+``triton.heuristics`` wrapper, where a tool has replaced or wrapped ``JITFunction.run`` (a
+tracer, a sanitizer: when the launcher is built) or with ``TUNEBOOK_DIRECT_LAUNCH=0`` the hit
+calls ``JITFunction.run`` as before.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def available(fn: Any) -> str | None:
         return "TUNEBOOK_DIRECT_LAUNCH=0"
     if type(fn) is not JITFunction:
         return f"the kernel is a {type(fn).__name__}, not a plain triton.jit function"
+    run = JITFunction.run
+    wrapped = hasattr(run, "__wrapped__") or "run" in vars(fn)
+    if wrapped or (run.__module__, run.__qualname__) != ("triton.runtime.jit", "JITFunction.run"):
+        # A tool that wraps Triton's launch (a tracer, a sanitizer) is not bypassed.
+        return "JITFunction.run is replaced or wrapped in this process"
     if not SUPPORTED[0] <= _release() <= SUPPORTED[1]:
         return f"Triton {triton.__version__} is newer than the releases it mirrors (3.4-3.9)"
     return None
