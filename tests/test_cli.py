@@ -263,6 +263,10 @@ def test_explain_finds_the_matching_file(book_dir: Path, tmp_path: Path) -> None
     assert f["match"] and f["differences"] == [] and f["key_count"] == 3
     assert Path(f["path"]).name == data["expected_file"]
     assert data["platform"]["backend"] == "interpreter"
+    # under the interpreter a hit goes through Triton's own launch, and explain says why
+    assert "InterpretedFunction" in data["hit_launch"]
+    text = invoke("explain", f"{module_file(tmp_path)}:add").stdout
+    assert "hits  launch through Triton's JITFunction.run: the kernel is a InterpretedFunction object" in text
 
 
 def test_explain_names_each_identity_field_that_differs(book_dir: Path, tmp_path: Path) -> None:

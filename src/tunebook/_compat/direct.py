@@ -70,7 +70,8 @@ def available(fn: Any) -> str | None:
     if not _settings.direct_launch():
         return "TUNEBOOK_DIRECT_LAUNCH=0"
     if type(fn) is not JITFunction:
-        return f"the kernel is a {type(fn).__name__}, not a plain triton.jit function"
+        kind = type(fn).__name__
+        return f"the kernel is a {kind} object, not Triton's JITFunction (the interpreter, a wrapper)"
     run = JITFunction.run
     wrapped = hasattr(run, "__wrapped__") or "run" in vars(fn)
     if wrapped or (run.__module__, run.__qualname__) != ("triton.runtime.jit", "JITFunction.run"):

@@ -16,6 +16,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
+from .. import _compat
 from .._autotuner import Autotuner
 from .._book import Book, KernelIdentity, book_file_name, pagedir
 from .._fingerprint import platform_slug
@@ -129,6 +130,8 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
         "files": files,
         "skipped": skipped,
         "tables": imported_tables(tuner, directories, str(fingerprint.get("device", ""))),
+        # how a hit launches here: the compiled kernel's own launcher, or Triton's run and why
+        "hit_launch": _compat.direct.available(tuner.fn) or "direct",
         "verdict": "hit" if any(f["match"] for f in files) else "miss",
     }
 
@@ -173,6 +176,12 @@ def _print(data: dict[str, Any]) -> None:
     console.print(f"  reads  {escape(data['expected_file'])}")
     where = [d if Path(d).exists() else f"{d} (does not exist)" for d in data["directories"]]
     console.print(f"  in  {escape(', '.join(where) or '(no book directory)')}")
+    how = data["hit_launch"]
+    console.print(
+        "  hits  launch the compiled kernel directly"
+        if how == "direct"
+        else f"  hits  launch through Triton's JITFunction.run: {escape(how)}"
+    )
     console.print()
     if not data["files"]:
         console.print(
