@@ -137,9 +137,17 @@ def serve(path: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(64)
+    server.settimeout(2.0)
+    parent = os.getppid()
     print("ready", flush=True)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # the test session is gone (killed): so is its server
+                return
+            continue
+        conn.setblocking(True)
         if os.fork() == 0:
             server.close()
             try:
