@@ -249,8 +249,10 @@ def search_hints(
     near: list[Entry],
 ) -> list[int]:
     """Candidate indices a search of ``key`` measures first: an imported table's entry for
-    this GPU, the nearest keys' winners, the same key's winners on other platforms, other
+    this GPU, the fastest configs of earlier versions of the kernel for this key on this
+    platform, the nearest keys' winners, the same key's winners on other platforms, other
     GPUs' table entries (``_tune``, and a Ray sweep's plan)."""
+    earlier = _policy.earlier_hints(ids, page.earlier_winners(key))
     hints = _policy.hints(ids, near, page.sibling_winners(key))
     device = str(page.platform.get("device", ""))
     index = {cid: i for i, cid in enumerate(ids)}
@@ -260,7 +262,7 @@ def search_hints(
         cid = _tables.candidate_id(answer, ids, candidates)
         if cid is not None:
             (here if _tables.same_device(answer.device, device) else elsewhere).append(index[cid])
-    return list(dict.fromkeys([*here, *hints, *elsewhere]))
+    return list(dict.fromkeys([*here, *earlier, *hints, *elsewhere]))
 
 
 # How many of the nearest keys a miss reads: enough for the hints and a serve-mode fallback.

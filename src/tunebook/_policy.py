@@ -36,6 +36,8 @@ Decision = Literal["book", "tune", "serve"]
 
 # How many of the nearest remembered keys seed a search of a new key.
 NEAREST_HINTS = 4
+# How many of an earlier kernel version's fastest configs for the same key seed its re-tune.
+EARLIER_HINTS = 3
 
 
 def decide(
@@ -174,6 +176,31 @@ def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] =
         best = e.best(ids)
         if best is not None and index[best] not in out:
             out.append(index[best])
+    return out
+
+
+def earlier_hints(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
+    """Candidate indices of the fastest EARLIER_HINTS configs of each earlier version's entry
+    for the key (newest version first), fastest first, without repeats: after an edit the
+    old ranking is the best guess, though not the winner alone (the edit may reorder the top).
+
+    >>> from tunebook._book import Entry, Result
+    >>> ok = lambda ms: Result({"kwargs": {}}, (ms, ms, ms))
+    >>> old = Entry(key=(8,), results={"a": ok(3.0), "b": ok(1.0), "c": ok(2.0), "d": ok(4.0), "x": ok(0.5)})
+    >>> earlier_hints(["a", "b", "c", "d"], [old])   # "x" is no longer a candidate
+    [1, 2, 0]
+    """
+    index = {cid: i for i, cid in enumerate(ids)}
+    out: list[int] = []
+    for entry in earlier:
+        timed = sorted(
+            (result.median, cid)
+            for cid, result in entry.results.items()
+            if cid in index and result.ok and not result.quick
+        )
+        for _, cid in timed[:EARLIER_HINTS]:
+            if index[cid] not in out:
+                out.append(index[cid])
     return out
 
 

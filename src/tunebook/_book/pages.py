@@ -373,12 +373,45 @@ class Page:
         less between GPUs than between shapes). Each sibling page is asked for this key
         only. The Redis book is not searched: that would mean a SCAN over the fleet's keys.
         """
-        found: list[Entry] = []
+        return [
+            entry
+            for where, doc, entry in self._other_pages(key, f"*--{self.kernel.id}--*")
+            if self.same_kernel(doc, where)
+        ]
+
+    def earlier_winners(self, key: Sequence[Any]) -> list[Entry]:
+        """Entries for this exact key of earlier versions of this kernel on this platform
+        (another source hash, the same name and key names), newest first, in any directory.
+
+        After an edit the page starts empty, yet the old version's winner for the same key on
+        the same GPU is the best first guess there is: a re-tune measures it first, so a small
+        budget keeps what the old search found (and finds what the edit changed). As for
+        siblings, each page is asked for this key only, and the Redis book is not searched.
+        """
+        own = page_dir_name(self.file_name)
+        cut = own.find(f"--{self.kernel.id}--")
+        platform_id = own.rsplit("--", 1)[-1]
+        if cut < 0:
+            return []
+        pattern = f"{own[:cut]}--*--{platform_id}"
+        found = [
+            (entry.updated_at, entry)
+            for _, doc, entry in self._other_pages(key, pattern)
+            if doc.kernel.get("name") == self.kernel.name
+            and doc.kernel.get("key") == list(self.kernel.key)
+            and doc.kernel.get("hash") != self.kernel.source_hash
+        ]
+        return [entry for _, entry in sorted(found, key=lambda pair: pair[0], reverse=True)]
+
+    def _other_pages(self, key: Sequence[Any], pattern: str) -> list[tuple[str, Document, Entry]]:
+        """(page name, document, entry of ``key``) of every other page matching ``pattern``
+        in the book's directories that holds ``key``."""
+        found: list[tuple[str, Document, Entry]] = []
         text = _key_text(key)
         own = page_dir_name(self.file_name)
         for directory in self.book.directories():
             try:
-                names = sorted({page_dir_name(p.name) for p in directory.glob(f"*--{self.kernel.id}--*")})
+                names = sorted({page_dir_name(p.name) for p in directory.glob(pattern)})
             except OSError:
                 continue
             store = DirectoryStore(directory, writable=False)
@@ -386,6 +419,6 @@ class Page:
                 if name == own or "." in name:  # ourselves; .corrupt-/.foreign- leftovers
                     continue
                 doc = store.fetch(name + ".json", [text])
-                if doc is not None and self.same_kernel(doc, str(directory / name)) and text in doc.entries:
-                    found.append(doc.entries[text])
+                if doc is not None and text in doc.entries:
+                    found.append((str(directory / name), doc, doc.entries[text]))
         return found

@@ -1,0 +1,79 @@
+"""An edited kernel starts a new page (its source hash changed), and its re-tune measures the
+earlier version's fastest configs for the same key on the same platform first: a small budget
+keeps what the old search found. Real kernels on the CPU interpreter; the earlier version's
+page is read from disk, from the writable book or a read-only one (shipped books)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import tunebook
+from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+
+TIMES = {32: 3.0, 64: 1.0, 128: 2.0, 256: 4.0, 512: 5.0}
+
+
+@triton.jit
+def add_kernel_edited(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + y, written again (a new source hash: a new page)"""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, x + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
+def tuned(fn, replay: Replay, key: list | None = None, **options):  # type: ignore[no-untyped-def]
+    kernel = tunebook.autotune(
+        block_configs(*TIMES),
+        key=key or ["n"],
+        name="add",
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+        **options,
+    )(fn)
+    return kernel
+
+
+def run(kernel, n: int) -> None:  # type: ignore[no-untyped-def]
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+    assert out.eq(x + y).all()
+
+
+def test_an_edited_kernel_measures_the_earlier_versions_fastest_configs_first(book_dir):
+    replay = Replay(TIMES)
+    run(tuned(add_kernel, replay), 300)  # every config measured: 64, 128, 32 fastest
+    assert len(replay.measured) == len(TIMES)
+    assert len(list(book_dir.glob("add--*"))) == 1
+
+    replay.measured.clear()
+    edited = tuned(add_kernel_edited, replay, max_configs=3, strategy="exhaustive")
+    run(edited, 300)
+    assert replay.measured[:3] == [64, 128, 32]
+    assert edited.best_config.kwargs == {"BLOCK": 64}
+    assert len(list(book_dir.glob("add--*"))) == 2  # its own page; the old one untouched
+
+
+def test_the_earlier_version_may_sit_in_a_read_only_book(tmp_path, monkeypatch, book_dir):
+    """The pack's re-tune after an edit: the old page ships read-only, the new one is written."""
+    replay = Replay(TIMES)
+    shipped = tmp_path / "shipped"
+    monkeypatch.setenv("TUNEBOOK_DIR", str(shipped))
+    run(tuned(add_kernel, replay), 300)
+    monkeypatch.setenv("TUNEBOOK_DIR", str(book_dir))
+    monkeypatch.setenv("TUNEBOOK_PATH", str(shipped))
+    replay.measured.clear()
+    run(tuned(add_kernel_edited, replay, max_configs=2, strategy="exhaustive"), 300)
+    assert replay.measured == [64, 128]
+    assert tunebook.stats()["benchmarked"] == len(TIMES) + 2
+
+
+def test_an_earlier_version_with_another_key_rule_is_not_used(book_dir):
+    """Its key texts may read the same and mean other things (here n=300 is [300] under both
+    rules): nothing is carried over, the search starts from the declared order."""
+    replay = Replay(TIMES)
+    run(tuned(add_kernel, replay, key=[tunebook.bucket("n", [300, 4096])]), 300)
+    replay.measured.clear()
+    run(tuned(add_kernel_edited, replay, max_configs=3, strategy="exhaustive"), 300)
+    assert replay.measured[:3] == [32, 64, 128]
