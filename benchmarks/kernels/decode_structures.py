@@ -22,15 +22,21 @@ interleaved rounds (ratios > 1: the variant is faster than SDPA):
          last split merging CHUNK partials a step as one [CHUNK, G, head] load (G padded to
          a power of 2, not to tl.dot's 16 rows) instead of one partial per L2 round trip:
          the merge is a serial tail after every split, and at 16-64 splits it is most of
-         what keeps the tuner from choosing more splits (not yet timed)
+         what keeps the tuner from choosing more splits (run 5: slower)
+  hu     hf, the last split's merge unrolled MERGE_STEP = 16 partials a step (loads issued
+         together, one L2 round trip a step, in the pack's [G, head] layout)
+  he     hu, plus splits cut from the call's max_context_len rather than the sequence's
+         own length, so a split's first block numbers are read beside that length
+         (unsafe for a loose upper bound: a CUDA graph's bucketed max leaves splits empty)
 Pipelined configs may hold up to 256 tile elements a thread (what the pack now allows). The
 study kernel repeats the pack kernel's body so that each variant is one flag away from it;
 the pack's kernel itself is not touched (editing it invalidates its shipped page). Runs 1-2
 compared "cur", "hf", "hfp"/"hfs" (and "hfx", hfp without the early table load) under the
 old 64-element bound; run 3 "hf", "hfw", "hfe"; run 4 "cur" against "tma" (BENCHMARKS.md,
-section 5b). VARIANTS now holds the next run's: "cur" (the pack's kernel as it ships) against
-"vm", with splits up to 64 and the shapes where the pack's choice splits most (long contexts
-at 1-16 sequences) added.
+section 5b); run 5 "cur" against "vm"; run 6 "cur", "hu", "he" on the cells below SDPA at
+batch >= 8; run 7 (as the script stands) "cur" against "hu" on long contexts at 1-16
+sequences, with the pack's SPLITS list extended to 128 and 256 in a copy for that run
+(neither won a shape).
 
     python benchmarks/kernels/decode_structures.py OUT_DIR      # one GPU, ~4 min
 """
@@ -56,28 +62,21 @@ from tunebook.kernels._gemm_common import mma
 
 pad = importlib.import_module("tunebook.kernels.paged_attention_decode")
 
-LAYOUTS = {"32/8": (32, 8, 128), "8/1": (8, 1, 128)}
-SHAPES = [  # layout, batch, context
-    ("32/8", 16, 512),
-    ("32/8", 64, 512),
-    ("32/8", 256, 512),
-    ("32/8", 16, 8192),
-    ("32/8", 64, 8192),
-    ("8/1", 16, 512),
-    ("8/1", 64, 512),
-    ("8/1", 256, 512),
-    ("8/1", 64, 8192),
-    ("32/8", 16, 2048),
-    ("8/1", 16, 2048),
-    ("8/1", 16, 8192),
+LAYOUTS = {"32/8": (32, 8, 128), "16/2": (16, 2, 128), "8/1": (8, 1, 128)}
+SHAPES = [  # layout, batch, context: run 7, long contexts at 1-16 sequences, and split cells
     ("8/1", 1, 32768),
+    ("8/1", 1, 8192),
+    ("16/2", 1, 32768),
+    ("32/8", 1, 32768),
+    ("8/1", 4, 32768),
+    ("8/1", 16, 8192),
+    ("16/2", 16, 2048),
+    ("32/8", 16, 512),
 ]
-VARIANTS = ["cur", "vm"]  # earlier runs: "hf", "hfx", "hfp", "hfs", "hfw", "hfe", "tma"
+VARIANTS = ["cur", "hu"]  # earlier runs: "hf", "hfx", "hfp", "hfs", "hfw", "hfe", "tma", "vm", "he"
 CONFIGS = [
     {"BLOCK_N": n, "SPLITS": s, "num_warps": w, "num_stages": st}
-    for n, s, w, st in itertools.product(
-        [16, 32, 64, 128, 256], [1, 2, 4, 8, 16, 32, 64], [2, 4, 8], [1, 2, 3, 4]
-    )
+    for n, s, w, st in itertools.product([64, 128], [1, 2, 4, 8, 16, 32, 64], [2, 4, 8], [1, 2, 3])
 ]
 
 
@@ -86,11 +85,14 @@ def _tiles(
     acc, m_i, l_i, q, lo, hi, k_base, v_base, row_stride, block_stride, table_row, qk_scale, d, d_mask,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PAGE: tl.constexpr,
     DOT: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, TRANS_K: tl.constexpr,
-    EVICT: tl.constexpr,
+    EVICT: tl.constexpr, first_block=None,
 ):  # fmt: skip
     if PREFETCH:
-        j0 = lo + tl.arange(0, BLOCK_N)
-        block = tl.load(table_row + j0 // PAGE, mask=j0 < hi, other=0)
+        if first_block is None:
+            j0 = lo + tl.arange(0, BLOCK_N)
+            block = tl.load(table_row + j0 // PAGE, mask=j0 < hi, other=0)
+        else:
+            block = first_block
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         inside = j < hi
@@ -177,25 +179,36 @@ def _study_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, EVEN_D: tl.constexpr, PREFETCH: tl.constexpr, TRANS_K: tl.constexpr,
     EVICT: tl.constexpr, FLAT: tl.constexpr, MERGE_G: tl.constexpr, CHUNK: tl.constexpr,
+    UNROLL: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):  # fmt: skip
     G: tl.constexpr = NQ // NK
     kv_head, seq, split, g, d, g_mask, d_mask, heads, q = _program(
         q_ptr, q_stride_b, q_stride_h, NK, G, HEAD_SIZE, BLOCK_G, BLOCK_D, FLAT
     )
-    context = tl.maximum(tl.load(lens_ptr + seq), 0)
-    per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
-    lo = split * per_split
+    table_row = table_ptr + seq.to(tl.int64) * table_stride
+    if EARLY:
+        # Splits cut from the call's longest context, so a split's first keys are known
+        # before its own length is: their block numbers are asked for beside the length.
+        per_split = tl.cdiv(tl.cdiv(max_context_len, BLOCK_N), SPLITS) * BLOCK_N
+        lo = split * per_split
+        j0 = lo + tl.arange(0, BLOCK_N)
+        first_block = tl.load(table_row + j0 // PAGE, mask=j0 < max_context_len, other=0)
+        context = tl.maximum(tl.load(lens_ptr + seq), 0)
+    else:
+        context = tl.maximum(tl.load(lens_ptr + seq), 0)
+        per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
+        lo = split * per_split
+        first_block = None
     hi = tl.minimum(context, lo + per_split)
     full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    table_row = table_ptr + seq.to(tl.int64) * table_stride
     k_base = k_cache_ptr + kv_head * stride_h
     v_base = v_cache_ptr + kv_head * stride_h
     acc, m_i, l_i = _tiles(
         acc, m_i, l_i, q, lo, full, k_base, v_base, stride_s, stride_b, table_row, qk_scale, d, d_mask,
-        BLOCK_G, BLOCK_N, False, PAGE, DOT, EVEN_D, PREFETCH, TRANS_K, EVICT,
+        BLOCK_G, BLOCK_N, False, PAGE, DOT, EVEN_D, PREFETCH, TRANS_K, EVICT, first_block,
     )  # fmt: skip
     acc, m_i, l_i = _tiles(
         acc, m_i, l_i, q, full, hi, k_base, v_base, stride_s, stride_b, table_row, qk_scale, d, d_mask,
@@ -203,7 +216,7 @@ def _study_kernel(
     )  # fmt: skip
     _finish(acc, m_i, l_i, seq, kv_head, split, heads, g, d, g_mask, d_mask, out_ptr, out_stride_b,
             out_stride_h, ws_ptr, lse_ptr, lock_ptr, NK, G, BLOCK_G, BLOCK_D, SPLITS, MERGE_G,
-            CHUNK)  # fmt: skip
+            CHUNK, UNROLL)  # fmt: skip
 
 
 @triton.jit
@@ -211,6 +224,7 @@ def _finish(
     acc, m_i, l_i, seq, kv_head, split, heads, g, d, g_mask, d_mask, out_ptr, out_stride_b, out_stride_h,
     ws_ptr, lse_ptr, lock_ptr, NK: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, MERGE_G: tl.constexpr = 0, CHUNK: tl.constexpr = 1,
+    UNROLL: tl.constexpr = False,
 ):  # fmt: skip
     """The pack kernel's epilogue: store the output, or the split's partial and, in the
     last split to arrive, the merge: one split at a time (MERGE_G == 0, as the pack does),
@@ -241,17 +255,28 @@ def _finish(
                 top = tl.max(lses, 0)
                 total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
                 weight = tl.zeros([BLOCK_G], dtype=tl.float32)
-                for i in range(SPLITS):
-                    lse_i = tl.load(
-                        lse_ptr + (first + i) * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg"
-                    )
-                    w = tl.exp2(lse_i - top)
-                    o_i = tl.load(ws_ptr + ((first + i) * G + g[:, None]) * BLOCK_D + d[None, :],
-                                  mask=g_mask[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                    total += w[:, None] * o_i
-                    weight += w
+                if UNROLL:  # MERGE_STEP partials asked for at once: one L2 round trip each step
+                    STEP: tl.constexpr = min(SPLITS, 16)
+                    for i0 in range(0, SPLITS, STEP):
+                        for i in tl.static_range(STEP):
+                            total, weight = _merge_one(total, weight, top, lse_ptr, ws_ptr, first + i0 + i, g,
+                                                       g_mask, d, G, BLOCK_D)  # fmt: skip
+                else:
+                    for i in range(SPLITS):
+                        total, weight = _merge_one(total, weight, top, lse_ptr, ws_ptr, first + i, g, g_mask,
+                                                   d, G, BLOCK_D)  # fmt: skip
                 tl.store(out_rows, (total / weight[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def _merge_one(total, weight, top, lse_ptr, ws_ptr, part, g, g_mask, d, G: tl.constexpr,
+               BLOCK_D: tl.constexpr):  # fmt: skip
+    """Partial ``part`` (a row of G query heads) folded into the merge's running sums."""
+    w = tl.exp2(tl.load(lse_ptr + part * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg") - top)
+    o = tl.load(ws_ptr + (part * G + g[:, None]) * BLOCK_D + d[None, :], mask=g_mask[:, None], other=0.0,
+                cache_modifier=".cg")  # fmt: skip
+    return total + w[:, None] * o, weight + w
 
 
 @triton.jit
@@ -428,8 +453,9 @@ def calls(t, cfg, variant, context):
         _study_kernel[grid](
             q, qsb, qsh, kc, vc, sb, ss, sh, table, tstride, lens, out, osb, osh, ws, lse, locks,
             scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot, **meta, EVEN_D=even,
-            PREFETCH=variant in ("hfp", "hfs"), TRANS_K=variant == "hfw", EVICT=variant == "hfe",
-            FLAT=flat, MERGE_G=merge_g, CHUNK=chunk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            PREFETCH=variant in ("hfp", "hfs", "he"), TRANS_K=variant == "hfw", EVICT=variant == "hfe",
+            FLAT=flat, MERGE_G=merge_g, CHUNK=chunk, UNROLL=variant in ("hu", "he"),
+            EARLY=variant == "he", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
 
     return run, out

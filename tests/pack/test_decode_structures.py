@@ -25,7 +25,7 @@ def study():  # type: ignore[no-untyped-def]
         sys.path.remove(str(SCRIPTS))
 
 
-@pytest.mark.parametrize("variant", ["hf", "hfp", "hfs", "hfw", "hfe", "tma", "vm"])
+@pytest.mark.parametrize("variant", ["hf", "hfp", "hfs", "hfw", "hfe", "tma", "vm", "hu", "he"])
 @pytest.mark.parametrize(
     "config",
     [
