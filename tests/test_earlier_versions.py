@@ -77,3 +77,37 @@ def test_an_earlier_version_with_another_key_rule_is_not_used(book_dir):
     replay.measured.clear()
     run(tuned(add_kernel_edited, replay, max_configs=3, strategy="exhaustive"), 300)
     assert replay.measured[:3] == [32, 64, 128]
+    assert len(list(book_dir.glob("add--*"))) == 2  # both pages in this book
+
+
+def test_a_triton_upgrade_re_tunes_from_the_old_releases_page_of_this_gpu(book_dir, monkeypatch):
+    """Another Triton release is another platform (and kernel id): the same kernel's page
+    under the old release seeds the new one's search; another GPU's would not."""
+    from tunebook import _compat
+
+    replay = Replay(TIMES)
+    real = _compat.triton_version()
+    with monkeypatch.context() as patched:
+        patched.setattr(_compat, "TRITON_VERSION", "3.0.0")
+        run(tuned(add_kernel, replay), 300)
+    assert _compat.triton_version() == real
+    assert len(list(book_dir.glob("add--*"))) == 1
+
+    replay.measured.clear()
+    run(tuned(add_kernel, replay, max_configs=3, strategy="exhaustive"), 300)
+    assert replay.measured[:3] == [64, 128, 32]
+    assert len(list(book_dir.glob("add--*"))) == 2
+
+
+def test_another_gpus_page_of_an_earlier_version_is_not_used(book_dir, monkeypatch):
+    from tunebook import _compat
+
+    replay = Replay(TIMES)
+    identity = _compat.device_identity()
+    with monkeypatch.context() as patched:
+        patched.setattr(_compat, "device_identity", lambda: {**identity, "device": "Another GPU"})
+        run(tuned(add_kernel, replay), 300)
+    replay.measured.clear()
+    run(tuned(add_kernel_edited, replay, max_configs=3, strategy="exhaustive"), 300)
+    assert replay.measured[:3] == [32, 64, 128]
+    assert len(list(book_dir.glob("add--*"))) == 2  # both pages in this book

@@ -60,6 +60,11 @@ def book_file_name(kernel: KernelIdentity, platform_slug: str, platform_id: str)
     return f"{slug(kernel.name, 60, 'kernel')}--{kernel.id}--{slug(platform_slug, 40)}--{platform_id}.json"
 
 
+def _fingerprint(platform: Mapping[str, Any], *leave_out: str) -> dict[str, Any]:
+    """A platform as a page records it, without its id (and the fields ``leave_out`` names)."""
+    return {k: v for k, v in platform.items() if k not in ("id", *leave_out)}
+
+
 def _adds_to(entry: Entry, base: Entry | None) -> bool:
     """Whether merging ``entry`` under ``base`` (base stands) would change ``base``."""
     if base is None:
@@ -380,28 +385,38 @@ class Page:
         ]
 
     def earlier_winners(self, key: Sequence[Any]) -> list[Entry]:
-        """Entries for this exact key of earlier versions of this kernel on this platform
-        (another source hash, the same name and key names), newest first, in any directory.
+        """Entries for this exact key of other versions of this kernel (the same name and key
+        names) on this GPU, in any directory: another source hash on this platform first, then
+        pages of this GPU and timer under another Triton release (whose kernel id differs too:
+        it covers Triton's own jitted functions); each group newest first.
 
-        After an edit the page starts empty, yet the old version's winner for the same key on
-        the same GPU is the best first guess there is: a re-tune measures it first, so a small
-        budget keeps what the old search found (and finds what the edit changed). As for
-        siblings, each page is asked for this key only, and the Redis book is not searched.
+        After an edit or a Triton upgrade the page starts empty, yet the old version's ranking
+        for the same key on the same GPU is the best first guess there is: a re-tune measures
+        its fastest configs first, so a small budget keeps what the old search found (and
+        finds what changed). As for siblings, each page is asked for this key only, and the
+        Redis book is not searched.
         """
         own = page_dir_name(self.file_name)
         cut = own.find(f"--{self.kernel.id}--")
-        platform_id = own.rsplit("--", 1)[-1]
         if cut < 0:
             return []
-        pattern = f"{own[:cut]}--*--{platform_id}"
-        found = [
-            (entry.updated_at, entry)
-            for _, doc, entry in self._other_pages(key, pattern)
-            if doc.kernel.get("name") == self.kernel.name
-            and doc.kernel.get("key") == list(self.kernel.key)
-            and doc.kernel.get("hash") != self.kernel.source_hash
+        here = _fingerprint(self.platform)
+        this_gpu = _fingerprint(self.platform, "triton")  # its runtime and the timer too
+        this_release: list[tuple[str, Entry]] = []
+        other_release: list[tuple[str, Entry]] = []
+        for _, doc, entry in self._other_pages(key, f"{own[:cut]}--*"):
+            if doc.kernel.get("name") != self.kernel.name or doc.kernel.get("key") != list(self.kernel.key):
+                continue
+            if _fingerprint(doc.platform) == here:
+                if doc.kernel.get("hash") != self.kernel.source_hash:
+                    this_release.append((entry.updated_at, entry))
+            elif _fingerprint(doc.platform, "triton") == this_gpu:
+                other_release.append((entry.updated_at, entry))
+        return [
+            entry
+            for group in (this_release, other_release)
+            for _, entry in sorted(group, key=lambda pair: pair[0], reverse=True)
         ]
-        return [entry for _, entry in sorted(found, key=lambda pair: pair[0], reverse=True)]
 
     def _other_pages(self, key: Sequence[Any], pattern: str) -> list[tuple[str, Document, Entry]]:
         """(page name, document, entry of ``key``) of every other page matching ``pattern``
