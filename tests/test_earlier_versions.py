@@ -81,14 +81,16 @@ def test_an_earlier_version_with_another_key_rule_is_not_used(book_dir):
 
 
 def test_a_triton_upgrade_re_tunes_from_the_old_releases_page_of_this_gpu(book_dir, monkeypatch):
-    """Another Triton release is another platform (and kernel id): the same kernel's page
-    under the old release seeds the new one's search; another GPU's would not."""
+    """Another Triton release (and, as upgrades go, another runtime) is another platform: the
+    same kernel's page under the old ones seeds the new one's search; another GPU's would not."""
     from tunebook import _compat
 
     replay = Replay(TIMES)
     real = _compat.triton_version()
+    identity = _compat.device_identity()
     with monkeypatch.context() as patched:
         patched.setattr(_compat, "TRITON_VERSION", "3.0.0")
+        patched.setattr(_compat, "device_identity", lambda: {**identity, "runtime": "an older one"})
         run(tuned(add_kernel, replay), 300)
     assert _compat.triton_version() == real
     assert len(list(book_dir.glob("add--*"))) == 1

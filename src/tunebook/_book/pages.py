@@ -387,8 +387,9 @@ class Page:
     def earlier_winners(self, key: Sequence[Any]) -> list[Entry]:
         """Entries for this exact key of other versions of this kernel (the same name and key
         names) on this GPU, in any directory: another source hash on this platform first, then
-        pages of this GPU and timer under another Triton release (whose kernel id differs too:
-        it covers Triton's own jitted functions); each group newest first.
+        pages of this GPU and timer under another Triton release or CUDA/ROCm runtime (an
+        upgrade usually moves both; the kernel id differs there too, as it covers Triton's own
+        jitted functions); each group newest first.
 
         After an edit or a Triton upgrade the page starts empty, yet the old version's ranking
         for the same key on the same GPU is the best first guess there is: a re-tune measures
@@ -401,7 +402,7 @@ class Page:
         if cut < 0:
             return []
         here = _fingerprint(self.platform)
-        this_gpu = _fingerprint(self.platform, "triton")  # its runtime and the timer too
+        this_gpu = _fingerprint(self.platform, "triton", "runtime")  # the GPU and the timer
         this_release: list[tuple[str, Entry]] = []
         other_release: list[tuple[str, Entry]] = []
         for _, doc, entry in self._other_pages(key, f"{own[:cut]}--*"):
@@ -410,7 +411,7 @@ class Page:
             if _fingerprint(doc.platform) == here:
                 if doc.kernel.get("hash") != self.kernel.source_hash:
                     this_release.append((entry.updated_at, entry))
-            elif _fingerprint(doc.platform, "triton") == this_gpu:
+            elif _fingerprint(doc.platform, "triton", "runtime") == this_gpu:
                 other_release.append((entry.updated_at, entry))
         return [
             entry
