@@ -249,9 +249,10 @@ def search_hints(
     near: list[Entry],
 ) -> list[int]:
     """Candidate indices a search of ``key`` measures first: an imported table's entry for
-    this GPU, the fastest configs of earlier versions of the kernel for this key on this
-    platform, the nearest keys' winners, the same key's winners on other platforms, other
-    GPUs' table entries (``_tune``, and a Ray sweep's plan)."""
+    this GPU, the fastest configs of other versions of the kernel for this key on this GPU
+    (another source, Triton release or runtime), the nearest keys' winners, the same key's
+    winners on other platforms, other GPUs' table entries (``_tune``, and a Ray sweep's
+    plan)."""
     earlier = _policy.earlier_hints(ids, page.earlier_winners(key))
     hints = _policy.hints(ids, near, page.sibling_winners(key))
     device = str(page.platform.get("device", ""))

@@ -36,8 +36,11 @@ Decision = Literal["book", "tune", "serve"]
 
 # How many of the nearest remembered keys seed a search of a new key.
 NEAREST_HINTS = 4
-# How many of an earlier kernel version's fastest configs for the same key seed its re-tune.
+# How many of an earlier kernel version's fastest configs for the same key seed its re-tune,
+# and how many of all earlier versions' (a book may keep several): hints are measured first
+# whatever the budget, so they must leave it room.
 EARLIER_HINTS = 3
+EARLIER_HINTS_TOTAL = 6
 
 
 def decide(
@@ -181,8 +184,9 @@ def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] =
 
 def earlier_hints(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
     """Candidate indices of the fastest EARLIER_HINTS configs of each earlier version's entry
-    for the key (newest version first), fastest first, without repeats: after an edit the
-    old ranking is the best guess, though not the winner alone (the edit may reorder the top).
+    for the key (in the order given: the most telling first), fastest first, without repeats,
+    EARLIER_HINTS_TOTAL at most: after an edit the old ranking is the best guess, though not
+    the winner alone (the edit may reorder the top).
 
     >>> from tunebook._book import Entry, Result
     >>> ok = lambda ms: Result({"kwargs": {}}, (ms, ms, ms))
@@ -201,7 +205,7 @@ def earlier_hints(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
         for _, cid in timed[:EARLIER_HINTS]:
             if index[cid] not in out:
                 out.append(index[cid])
-    return out
+    return out[:EARLIER_HINTS_TOTAL]
 
 
 def serve_choice(
