@@ -113,3 +113,35 @@ def test_another_gpus_page_of_an_earlier_version_is_not_used(book_dir, monkeypat
     run(tuned(add_kernel_edited, replay, max_configs=3, strategy="exhaustive"), 300)
     assert replay.measured[:3] == [32, 64, 128]
     assert len(list(book_dir.glob("add--*"))) == 2  # both pages in this book
+
+
+def test_an_earlier_versions_configs_are_measured_first_but_never_kept_on_a_tie(book_dir):
+    """A kernel is matched to its old versions by name and key names, which an unrelated
+    kernel may share: their ranking orders the search, and this version's own times decide
+    (a hint within 2% of the best would be kept)."""
+    run(tuned(add_kernel, Replay(TIMES)), 300)  # 64 fastest, then 128, 32
+    replay = Replay({**TIMES, 32: 1.0, 64: 1.015})
+    edited = tuned(add_kernel_edited, replay, strategy="exhaustive")
+    run(edited, 300)
+    assert replay.measured[:3] == [64, 128, 32]
+    assert edited.best_config.kwargs == {"BLOCK": 32}  # 1.5% ahead of the old winner: it stands
+
+
+@triton.jit
+def add_kernel_third(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = y + x, a third version"""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(y_ptr + offs, mask=mask) + tl.load(x_ptr + offs, mask=mask), mask=mask)
+
+
+def test_this_releases_old_version_ranks_before_an_old_releases(book_dir, monkeypatch):
+    from tunebook import _compat
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_compat, "TRITON_VERSION", "3.0.0")
+        run(tuned(add_kernel, Replay({**TIMES, 128: 0.5, 256: 0.7, 32: 0.9})), 300)  # 128, 256, 32
+    run(tuned(add_kernel_edited, Replay(TIMES)), 300)  # 64, 128, 32
+    replay = Replay(TIMES)
+    run(tuned(add_kernel_third, replay, max_configs=4, strategy="exhaustive"), 300)
+    assert replay.measured == [64, 128, 32, 256]

@@ -132,6 +132,7 @@ def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
 
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     flags = {"EVEN_D": False, "PREFETCH": False, "TRANS_K": False, "EVICT": False, "FLAT": True}
+    flags |= {"UNROLL": False, "EARLY": False}
     return _decode(layout, {**flags, **meta})
 
 

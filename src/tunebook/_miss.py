@@ -248,12 +248,10 @@ def search_hints(
     candidates: list[Any],
     near: list[Entry],
 ) -> list[int]:
-    """Candidate indices a search of ``key`` measures first: an imported table's entry for
-    this GPU, the fastest configs of other versions of the kernel for this key on this GPU
-    (another source, Triton release or runtime), the nearest keys' winners, the same key's
-    winners on other platforms, other GPUs' table entries (``_tune``, and a Ray sweep's
-    plan)."""
-    earlier = _policy.earlier_hints(ids, page.earlier_winners(key))
+    """Candidate indices a search of ``key`` measures first, after ``earlier_seeds``: an
+    imported table's entry for this GPU, the nearest keys' winners, the same key's winners on
+    other platforms, other GPUs' table entries (``_tune``, and a Ray sweep's plan). A hint is
+    kept on a tie (``_tuner.tie_aware_choice``)."""
     hints = _policy.hints(ids, near, page.sibling_winners(key))
     device = str(page.platform.get("device", ""))
     index = {cid: i for i, cid in enumerate(ids)}
@@ -263,7 +261,16 @@ def search_hints(
         cid = _tables.candidate_id(answer, ids, candidates)
         if cid is not None:
             (here if _tables.same_device(answer.device, device) else elsewhere).append(index[cid])
-    return list(dict.fromkeys([*here, *earlier, *hints, *elsewhere]))
+    return list(dict.fromkeys([*here, *hints, *elsewhere]))
+
+
+def earlier_seeds(page: Page, key: tuple[Any, ...], ids: list[str]) -> list[int]:
+    """Candidate indices a search of ``key`` measures before its hints: the fastest configs of
+    other versions of the kernel (another source, Triton release or runtime) for this key on
+    this GPU. Unlike hints they are not kept on a tie: a kernel is matched to its old
+    versions by name and key names, which an unrelated kernel of the same name may share, so
+    they order the search and the search's own times decide."""
+    return _policy.earlier_hints(ids, page.earlier_winners(key))
 
 
 # How many of the nearest keys a miss reads: enough for the hints and a serve-mode fallback.
@@ -349,6 +356,7 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
             return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
     near = _near(miss, page) if page is not None else []
     hints = search_hints(tuner, page, miss.key, miss.ids, miss.candidates, near) if page is not None else []
+    seeds = earlier_seeds(page, miss.key, miss.ids) if page is not None else []
     rule = rule_hint(tuner, miss.key, miss.ids, miss.candidates)
     if team is not None and page is not None:
         from . import _collective  # only jobs that tune together need it
@@ -361,10 +369,10 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
             miss.key,
             miss.text,
             miss.ids,
-            lambda exchange, known: _job(miss, known, None, hints, rule, exchange),
+            lambda exchange, known: _job(miss, known, None, hints, rule, exchange, seeds),
             entry,
         )
-    job = _job(miss, entry, page, hints, rule)
+    job = _job(miss, entry, page, hints, rule, seeds=seeds)
     with inputs_restored(job):
         return tune_key(job)
 
@@ -376,6 +384,7 @@ def _job(
     hints: list[int],
     rule: int | None = None,
     exchange: Exchange | None = None,
+    seeds: list[int] | None = None,
 ) -> KeyTuning:
     """The tuning of the miss's key, persisting in ``page`` (None: remembered for this call
     only, as a group's rank does: the protocol writes the decision)."""
@@ -398,6 +407,7 @@ def _job(
         budget=_policy.effective_budget(options.budget, len(configs)),
         hints=hints,
         rule=rule,
+        seeds=seeds or [],
         seed=options.seed,
         progress=Progress(tuner.label, miss.key),
         exchange=exchange,

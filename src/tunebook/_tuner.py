@@ -82,6 +82,9 @@ class KeyTuning:
     # The config fallback= picks (_miss.rule_hint): measured first and kept on a tie like a
     # hint, after the hints, but it leaves the strategy as the hints alone would choose it.
     rule: int | None = None
+    # Measured before everything else, never kept on a tie (_miss.earlier_seeds): what other
+    # versions of the kernel found fastest for the key.
+    seeds: Sequence[int] = ()
     seed: int = 0
     progress: Progress | None = None
     # How each batch is measured (None: here). A group's leader deals it across the ranks
@@ -273,7 +276,8 @@ def tune_key(job: KeyTuning) -> Outcome:
         if job.progress is not None:
             job.progress.update(done, total, best_ms)
 
-    name = choose_strategy(n, job.budget, job.hints) if job.strategy == "auto" else job.strategy
+    first = list(dict.fromkeys([*job.seeds, *job.hints]))
+    name = choose_strategy(n, job.budget, first) if job.strategy == "auto" else job.strategy
     hints = with_rule(job.hints, job.rule)
     # An exhaustive search is one batch: every candidate compiles in parallel up front.
     search(
@@ -282,7 +286,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         strategy=name,
         budget=job.budget,
         known=known,
-        hints=hints,
+        hints=list(dict.fromkeys([*job.seeds, *hints])),
         seed=job.seed,
         on_progress=on_progress,
         batch_size=n if name == "exhaustive" else 16,

@@ -180,6 +180,7 @@ class Book:
         self.directory = directory
         self.readonly = tuple(readonly)
         self.shared = shared
+        self._readers: dict[Path, DirectoryStore] = {}
 
     @classmethod
     def from_env(cls, extra_readonly: Sequence[str | Path] = ()) -> Book:
@@ -217,6 +218,14 @@ class Book:
     def directories(self) -> list[Path]:
         """Every directory of the book, writable first."""
         return ([self.directory] if self.directory is not None else []) + list(self.readonly)
+
+    def reader(self, directory: Path) -> DirectoryStore:
+        """A read-only store of one of the book's directories, kept: the hint searches read
+        other pages at every tuned key, and the store keeps a format-1 page's parse while its
+        file is unchanged (an old version's page of ~10 MB took ~2 s to read again)."""
+        if directory not in self._readers:
+            self._readers[directory] = DirectoryStore(directory, writable=False)
+        return self._readers[directory]
 
     def open(self, kernel: KernelIdentity, platform: dict[str, Any], slug: str, platform_id: str) -> Page:
         return Page(self, kernel, platform, book_file_name(kernel, slug, platform_id))
@@ -430,7 +439,7 @@ class Page:
                 names = sorted({page_dir_name(p.name) for p in directory.glob(pattern)})
             except OSError:
                 continue
-            store = DirectoryStore(directory, writable=False)
+            store = self.book.reader(directory)
             for name in names:
                 if name == own or "." in name:  # ourselves; .corrupt-/.foreign- leftovers
                     continue

@@ -96,6 +96,7 @@ class Plan:
     records: Sequence[Mapping[str, Any]]
     strategy: str = "exhaustive"
     hints: Sequence[int] = ()
+    seeds: Sequence[int] = ()  # measured first, never kept on a tie (_miss.earlier_seeds)
     seed: int = 0
     budget: Budget = field(default_factory=Budget)
     page: Mapping[str, Any] = field(default_factory=dict)
@@ -115,6 +116,7 @@ class Plan:
             records=list(data["records"]),
             strategy=str(data["strategy"]),
             hints=[int(h) for h in data.get("hints", [])],
+            seeds=[int(h) for h in data.get("seeds", [])],
             seed=int(data.get("seed", 0)),
             budget=Budget(max_configs=max_configs, max_seconds=max_seconds),
             page=dict(data.get("page", {})),
@@ -262,7 +264,10 @@ class Sweep:
                     self.persist(key, {}, key.chosen, 0.0)
             return
         strategy = make_strategy(
-            plan.strategy, [_flat(r) for r in plan.records], seed=plan.seed, hints=plan.hints
+            plan.strategy,
+            [_flat(r) for r in plan.records],
+            seed=plan.seed,
+            hints=list(dict.fromkeys([*plan.seeds, *plan.hints])),
         )
         for i, cid in enumerate(plan.ids):
             if cid in key.results:

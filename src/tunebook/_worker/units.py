@@ -108,13 +108,14 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     """What the driver needs to search one key on this worker's platform.
 
     ``key``/``key_text`` (the book's), ``ids`` and ``records`` of the candidates in order,
-    ``hints`` (indices), the ``strategy`` name (``auto`` resolved), ``seed``, ``budget``
-    ([max_configs, max_seconds], the effective one), ``adaptive`` (quick then full
+    ``hints`` and ``seeds`` (indices; ``_miss.earlier_seeds``), the ``strategy`` name
+    (``auto`` resolved), ``seed``, ``budget`` ([max_configs, max_seconds], the effective
+    one), ``adaptive`` (quick then full
     measurements), ``page`` (kernel, platform, slug and platform id: the book page results
     go to) and ``known`` (this worker's book's entry for the key, or None).
     """
     from .. import _policy
-    from .._miss import rule_hint, search_hints
+    from .._miss import earlier_seeds, rule_hint, search_hints
     from .._search import choose_strategy
     from .._tuner import with_rule
 
@@ -126,10 +127,11 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     entry = page.get(ctx.key_text)
     near = _policy.nearest(ctx.key, page.entries.values())
     hints = search_hints(tuner, page, ctx.key, ctx.ids, list(ctx.candidates), near)
+    seeds = earlier_seeds(page, ctx.key, ctx.ids)
     budget = _policy.effective_budget(tuner.options.budget, len(ctx.ids))
     strategy = tuner.options.strategy
     if strategy == "auto":
-        strategy = choose_strategy(len(ctx.ids), budget, hints)
+        strategy = choose_strategy(len(ctx.ids), budget, list(dict.fromkeys([*seeds, *hints])))
     # fallback='s config joins the hints after the strategy is chosen, as in tune_key
     hints = with_rule(hints, rule_hint(tuner, ctx.key, ctx.ids, list(ctx.candidates)))
     return {
@@ -138,6 +140,7 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
         "ids": ctx.ids,
         "records": [tuner.config_index.record_of(c) for c in ctx.candidates],
         "hints": list(hints),
+        "seeds": list(seeds),
         "strategy": strategy,
         "seed": tuner.options.seed,
         "budget": [budget.max_configs, budget.max_seconds],
