@@ -23,11 +23,11 @@ def add_kernel_edited(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, x + tl.load(y_ptr + offs, mask=mask), mask=mask)
 
 
-def tuned(fn, replay: Replay, key: list | None = None, **options):  # type: ignore[no-untyped-def]
+def tuned(fn, replay: Replay, key: list | None = None, name: str = "add", **options):  # type: ignore[no-untyped-def]
     kernel = tunebook.autotune(
         block_configs(*TIMES),
         key=key or ["n"],
-        name="add",
+        name=name,
         do_bench=replay,
         pre_hook=replay.pre_hook,
         **options,
@@ -145,3 +145,20 @@ def test_this_releases_old_version_ranks_before_an_old_releases(book_dir, monkey
     replay = Replay(TIMES)
     run(tuned(add_kernel_third, replay, max_configs=4, strategy="exhaustive"), 300)
     assert replay.measured == [64, 128, 32, 256]
+
+
+def test_the_newest_old_version_ranks_first(book_dir):
+    run(tuned(add_kernel, Replay({**TIMES, 512: 0.1, 256: 0.2, 32: 0.3})), 300)  # 512, 256, 32
+    run(tuned(add_kernel_edited, Replay(TIMES)), 300)  # later: 64, 128, 32
+    replay = Replay(TIMES)
+    run(tuned(add_kernel_third, replay, max_configs=5, strategy="exhaustive"), 300)
+    assert replay.measured == [64, 128, 32, 512, 256]
+
+
+def test_another_name_with_the_same_file_name_is_not_an_old_version(book_dir):
+    """Page names keep only [A-Za-z0-9_] of a kernel's name: "my.add" and "my-add" share one."""
+    run(tuned(add_kernel, Replay(TIMES), name="my.add"), 300)
+    replay = Replay(TIMES)
+    run(tuned(add_kernel_edited, replay, name="my-add", max_configs=3, strategy="exhaustive"), 300)
+    assert replay.measured == [32, 64, 128]
+    assert len(list(book_dir.glob("my-add--*"))) == 2
