@@ -121,8 +121,8 @@ def test_hints_are_the_winners_of_the_nearest_keys_then_other_platforms_without_
     assert hints(IDS, many) == [2, 0]  # only the first four nearest keys count
 
 
-def test_earlier_hints_rank_each_versions_fastest_full_measurements_and_leave_the_budget_room():
-    from tunebook._policy import EARLIER_HINTS_TOTAL, earlier_hints
+def test_seeds_rank_each_versions_fastest_full_measurements_and_leave_the_budget_room():
+    from tunebook._policy import MAX_SEEDS, seeds
 
     ids = [f"c{i}" for i in range(10)]
     quick = Result({"kwargs": {}}, (0.1, 0.1, 0.1), quick=True)
@@ -130,6 +130,6 @@ def test_earlier_hints_rank_each_versions_fastest_full_measurements_and_leave_th
         key=(1,), results={"c5": ok(2.0), "c7": ok(1.0), "c1": quick, "c2": ok(3.0), "c9": ok(4.0)}
     )
     older = Entry(key=(1,), results={"c7": ok(1.0), "c0": ok(1.5), "c3": ok(2.5), "c4": ok(3.5)})
-    assert earlier_hints(ids, [newest, older]) == [7, 5, 2, 0, 3]  # c1 was only screened
+    assert seeds(ids, [newest, older]) == [7, 5, 2, 0, 3]  # c1 was only screened
     many = [Entry(key=(1,), results={f"c{i}": ok(1.0)}) for i in range(10)]
-    assert earlier_hints(ids, many) == list(range(EARLIER_HINTS_TOTAL))
+    assert seeds(ids, many) == list(range(MAX_SEEDS))

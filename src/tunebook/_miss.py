@@ -270,7 +270,7 @@ def earlier_seeds(page: Page, key: tuple[Any, ...], ids: list[str]) -> list[int]
     this GPU. Unlike hints they are not kept on a tie: a kernel is matched to its old
     versions by name and key names, which an unrelated kernel of the same name may share, so
     they order the search and the search's own times decide."""
-    return _policy.earlier_hints(ids, page.earlier_winners(key))
+    return _policy.seeds(ids, page.other_versions(key))
 
 
 # How many of the nearest keys a miss reads: enough for the hints and a serve-mode fallback.
@@ -384,7 +384,7 @@ def _job(
     hints: list[int],
     rule: int | None = None,
     exchange: Exchange | None = None,
-    seeds: list[int] | None = None,
+    seeds: Sequence[int] = (),
 ) -> KeyTuning:
     """The tuning of the miss's key, persisting in ``page`` (None: remembered for this call
     only, as a group's rank does: the protocol writes the decision)."""
@@ -407,7 +407,7 @@ def _job(
         budget=_policy.effective_budget(options.budget, len(configs)),
         hints=hints,
         rule=rule,
-        seeds=seeds or [],
+        seeds=seeds,
         seed=options.seed,
         progress=Progress(tuner.label, miss.key),
         exchange=exchange,

@@ -37,10 +37,10 @@ Decision = Literal["book", "tune", "serve"]
 # How many of the nearest remembered keys seed a search of a new key.
 NEAREST_HINTS = 4
 # How many of an earlier kernel version's fastest configs for the same key seed its re-tune,
-# and how many of all earlier versions' (a book may keep several): hints are measured first
+# and how many of all earlier versions' (a book may keep several): seeds are measured first
 # whatever the budget, so they must leave it room.
-EARLIER_HINTS = 3
-EARLIER_HINTS_TOTAL = 6
+SEEDS_PER_VERSION = 3
+MAX_SEEDS = 6
 
 
 def decide(
@@ -182,16 +182,16 @@ def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] =
     return out
 
 
-def earlier_hints(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
-    """Candidate indices of the fastest EARLIER_HINTS configs of each earlier version's entry
-    for the key (in the order given: the most telling first), fastest first, without repeats,
-    EARLIER_HINTS_TOTAL at most: after an edit the old ranking is the best guess, though not
+def seeds(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
+    """Candidate indices of the fastest SEEDS_PER_VERSION configs of each earlier version's
+    entry for the key (in the order given: the most telling first), fastest first, without
+    repeats, MAX_SEEDS at most: after an edit the old ranking is the best guess, though not
     the winner alone (the edit may reorder the top).
 
     >>> from tunebook._book import Entry, Result
     >>> ok = lambda ms: Result({"kwargs": {}}, (ms, ms, ms))
     >>> old = Entry(key=(8,), results={"a": ok(3.0), "b": ok(1.0), "c": ok(2.0), "d": ok(4.0), "x": ok(0.5)})
-    >>> earlier_hints(["a", "b", "c", "d"], [old])   # "x" is no longer a candidate
+    >>> seeds(["a", "b", "c", "d"], [old])   # "x" is no longer a candidate
     [1, 2, 0]
     """
     index = {cid: i for i, cid in enumerate(ids)}
@@ -202,10 +202,10 @@ def earlier_hints(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
             for cid, result in entry.results.items()
             if cid in index and result.ok and not result.quick
         )
-        for _, cid in timed[:EARLIER_HINTS]:
+        for _, cid in timed[:SEEDS_PER_VERSION]:
             if index[cid] not in out:
                 out.append(index[cid])
-    return out[:EARLIER_HINTS_TOTAL]
+    return out[:MAX_SEEDS]
 
 
 def serve_choice(

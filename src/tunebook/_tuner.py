@@ -276,7 +276,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         if job.progress is not None:
             job.progress.update(done, total, best_ms)
 
-    first = list(dict.fromkeys([*job.seeds, *job.hints]))
+    first = search_order(job.seeds, job.hints)
     name = choose_strategy(n, job.budget, first) if job.strategy == "auto" else job.strategy
     hints = with_rule(job.hints, job.rule)
     # An exhaustive search is one batch: every candidate compiles in parallel up front.
@@ -286,7 +286,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         strategy=name,
         budget=job.budget,
         known=known,
-        hints=list(dict.fromkeys([*job.seeds, *hints])),
+        hints=search_order(job.seeds, hints),
         seed=job.seed,
         on_progress=on_progress,
         batch_size=n if name == "exhaustive" else 16,
@@ -368,6 +368,11 @@ def time_candidate(
 def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config as one flat dict of parameters, for the strategies."""
     return {**record.get("kwargs", {}), **{k: v for k, v in record.items() if k != "kwargs"}}
+
+
+def search_order(seeds: Sequence[int], hints: Sequence[int]) -> list[int]:
+    """What a search measures first: the seeds, then the hints, without repeats."""
+    return list(dict.fromkeys([*seeds, *hints]))
 
 
 def with_rule(hints: Sequence[int], rule: int | None) -> list[int]:

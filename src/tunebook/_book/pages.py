@@ -393,7 +393,7 @@ class Page:
             if self.same_kernel(doc, where)
         ]
 
-    def earlier_winners(self, key: Sequence[Any]) -> list[Entry]:
+    def other_versions(self, key: Sequence[Any]) -> list[Entry]:
         """Entries for this exact key of other versions of this kernel (the same name and key
         names) on this GPU, in any directory: another source hash on this platform first, then
         pages of this GPU and timer under another Triton release or CUDA/ROCm runtime (an

@@ -64,7 +64,7 @@ from typing import Any
 from .. import _policy
 from .._book import Entry, Result, now_iso
 from .._search import Budget, Strategy, make_strategy
-from .._tuner import _flat, contenders, tie_aware_choice
+from .._tuner import _flat, contenders, search_order, tie_aware_choice
 
 # A unit whose worker was lost this many times has its configs recorded as failed.
 MAX_LOSSES = 3
@@ -267,7 +267,7 @@ class Sweep:
             plan.strategy,
             [_flat(r) for r in plan.records],
             seed=plan.seed,
-            hints=list(dict.fromkeys([*plan.seeds, *plan.hints])),
+            hints=search_order(plan.seeds, plan.hints),
         )
         for i, cid in enumerate(plan.ids):
             if cid in key.results:

@@ -110,14 +110,13 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     ``key``/``key_text`` (the book's), ``ids`` and ``records`` of the candidates in order,
     ``hints`` and ``seeds`` (indices; ``_miss.earlier_seeds``), the ``strategy`` name
     (``auto`` resolved), ``seed``, ``budget`` ([max_configs, max_seconds], the effective
-    one), ``adaptive`` (quick then full
-    measurements), ``page`` (kernel, platform, slug and platform id: the book page results
-    go to) and ``known`` (this worker's book's entry for the key, or None).
+    one), ``adaptive`` (quick then full measurements), ``page`` (kernel, platform, slug and
+    platform id: the book page results go to) and ``known`` (this worker's book's entry for the key, or None).
     """
     from .. import _policy
     from .._miss import earlier_seeds, rule_hint, search_hints
     from .._search import choose_strategy
-    from .._tuner import with_rule
+    from .._tuner import search_order, with_rule
 
     ctx = context(job)
     tuner = ctx.tuner
@@ -131,7 +130,7 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     budget = _policy.effective_budget(tuner.options.budget, len(ctx.ids))
     strategy = tuner.options.strategy
     if strategy == "auto":
-        strategy = choose_strategy(len(ctx.ids), budget, list(dict.fromkeys([*seeds, *hints])))
+        strategy = choose_strategy(len(ctx.ids), budget, search_order(seeds, hints))
     # fallback='s config joins the hints after the strategy is chosen, as in tune_key
     hints = with_rule(hints, rule_hint(tuner, ctx.key, ctx.ids, list(ctx.candidates)))
     return {
