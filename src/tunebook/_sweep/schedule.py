@@ -143,6 +143,7 @@ class KeySearch:
     answered: bool = False  # the book answered it: nothing to measure
     chosen: str | None = None
     reason: str = ""
+    reopens: bool = False  # its search starts over a decided entry (Entry.reopens)
 
     @property
     def finished(self) -> bool:
@@ -263,6 +264,7 @@ class Sweep:
                 if key.chosen is not None:
                     self.persist(key, {}, key.chosen, 0.0)
             return
+        key.reopens = known is not None and bool(known.chosen)
         strategy = make_strategy(
             plan.strategy,
             [_flat(r) for r in plan.records],
