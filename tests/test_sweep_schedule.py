@@ -289,11 +289,11 @@ def test_a_search_over_a_decided_key_reopens_it_and_chooses_what_it_finds():
     times = [2.0, 3.0, 4.0, 1.0]
     decided = Entry(key=(1,), results={"B=0": ok(2.0), "B=1": ok(3.0)}, chosen="B=0")
     sweep, recorder = planned_sweep([plan_of(times)], known=[decided])
-    assert sweep.keys[0].reopens
+    assert sweep.keys[0].reopens == "B=0"
     drain(sweep, [times])
     assert recorder.chosen == {0: "B=3"}
     fresh = recorder.results[0]
-    news = Entry(key=(1,), results=fresh, chosen="B=3", reopens=True)
+    news = Entry(key=(1,), results=fresh, chosen="B=3", reopens="B=0")
     screened = Entry(key=(1,), results={**decided.results, "B=3": ok(0.9, quick=True)}, chosen="B=0")
     stored = news.merged_over(screened)  # the book as the search's screening left it
     assert stored.chosen == "B=3" and not stored.results["B=3"].quick
