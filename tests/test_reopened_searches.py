@@ -12,7 +12,7 @@ from typing import Any
 
 import tunebook
 from test_pagedir import META, _holding
-from test_tuning import SPACE, Landscape, call, entry_of, tuned
+from test_tuning import SPACE, Landscape, call, entry_of, near_tie, tuned
 from tunebook import _collective
 from tunebook._book import Entry, Result, config_id, pagedir
 from tunebook._tuner import Persist, tie_aware_choice
@@ -80,16 +80,6 @@ def test_a_reopened_search_keeps_the_old_choice_within_the_tie_tolerance(book_di
     """Key 300 chose BLOCK=64, 1% slower than 128 (its neighbour's winner). A config is added
     to the list and the neighbour's entry is gone. The reopened search measures only the new
     config and keeps 64: processes that decided before go on serving what the book serves."""
-
-    def near_tie(n: int) -> Any:
-        def f(c: dict[str, int]) -> float:
-            if (c["BLOCK"], c["num_warps"]) == (64, 4):
-                return 1.00 if n == 300 else 0.99
-            if (c["BLOCK"], c["num_warps"]) == (128, 4):
-                return 0.99 if n == 300 else 1.00
-            return 5.0
-
-        return f
 
     call(tuned(SPACE, Landscape(near_tie(1000))), 1000)
     call(tuned(SPACE, Landscape(near_tie(300))), 300)
