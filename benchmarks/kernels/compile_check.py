@@ -130,6 +130,13 @@ def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    from tunebook.kernels._attention import table_chunk
+
+    chunk, slots = table_chunk(16)
+    return _decode(layout, {"CHUNK": chunk, "TABLE_SLOTS": slots, **meta})
+
+
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     flags = {"EVEN_D": False, "PREFETCH": False, "TRANS_K": False, "EVICT": False, "FLAT": True}
     flags |= {"UNROLL": False, "EARLY": False}
@@ -187,7 +194,7 @@ def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., d
     import decode_structures  # beside this script
 
     return {
-        "decode": (_paged_attention_decode_kernel.fn, decode_ptrs, DECODE, _decode),
+        "decode": (_paged_attention_decode_kernel.fn, decode_ptrs, DECODE, _decode_pack),
         "tma": (decode_structures._study_tma_kernel, decode_ptrs, TMA, _decode),
         "vm": (decode_structures._study_kernel, decode_ptrs, VM, _vm),
         "varlen": (_varlen_attention_kernel.fn, varlen_ptrs, VARLEN, _varlen),

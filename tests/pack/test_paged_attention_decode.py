@@ -95,6 +95,24 @@ def test_config_sweep(gen, config) -> None:  # type: ignore[no-untyped-def]
     check(randn(gen, len(lens), 4, 64, dtype=torch.bfloat16), cache, config=config)
 
 
+@pytest.mark.parametrize(
+    ("page", "lens", "config"),
+    [
+        (16, [1100, 2100, 5, 0], {"BLOCK_N": 64, "SPLITS": 1, "num_warps": 4, "num_stages": 2}),
+        (16, [2100, 1100, 17], {"BLOCK_N": 32, "SPLITS": 2, "num_warps": 2, "num_stages": 3}),
+        (5, [300, 777, 4], {"BLOCK_N": 16, "SPLITS": 1, "num_warps": 1, "num_stages": 2}),
+        (5, [777, 300], {"BLOCK_N": 32, "SPLITS": 2, "num_warps": 2, "num_stages": 1}),
+    ],
+    ids=["page16-one-split", "page16-two-splits", "page5-one-split", "page5-two-splits"],
+)
+def test_splits_longer_than_a_table_chunk(gen, page, lens, config) -> None:  # type: ignore[no-untyped-def]
+    """A split's whole tiles read their block numbers a chunk at a time (table_chunk: 1,024
+    keys for 16-token blocks, 256 for 5-token ones, whose chunks start and end mid-block):
+    splits of one chunk and several, a ragged tail after them, all compute the same."""
+    cache = paged_cache(gen, lens, page, 1, 16, torch.float32)
+    check(randn(gen, len(lens), 2, 16, dtype=torch.float32), cache, config=config)
+
+
 def llama_3_8b(**call: int) -> dict:  # type: ignore[type-arg]
     """The kernel's arguments the Space's rules read, for Llama-3-8B's heads and ``call``."""
     k_cache = torch.empty(0, dtype=torch.bfloat16)

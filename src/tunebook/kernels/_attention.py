@@ -275,6 +275,80 @@ def attend_tiles(
     return acc, m_i, l_i
 
 
+def table_chunk(page: int) -> tuple[int, int]:
+    """(keys, block-number slots) of one chunk of :func:`attend_paged_chunks` for blocks of
+    ``page`` tokens: 1,024 keys (a multiple of every ``BLOCK_N``), 256 for pages under 8
+    tokens so the register copy of the table stays small; the slots cover a chunk that
+    starts mid-block.
+
+    >>> table_chunk(16), table_chunk(5), table_chunk(1)
+    ((1024, 128), (256, 64), (256, 512))
+    """
+    keys = 1024 if page >= 8 else 256
+    return keys, triton.next_power_of_2(keys // page + 2)
+
+
+@triton.jit
+def attend_paged_chunks(
+    acc,
+    m_i,
+    l_i,
+    q,
+    lo,
+    hi,
+    k_base,
+    v_base,
+    k_row_stride,
+    v_row_stride,
+    k_block_stride,
+    v_block_stride,
+    table_row,
+    qk_scale,
+    d,
+    d_mask,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TABLE_SLOTS: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """:func:`attend_tiles` for whole, unmasked tiles ``[lo, hi)`` of the paged cache
+    (``hi - lo`` a multiple of ``BLOCK_N``), its block numbers read ``CHUNK`` keys at a time.
+
+    Why: in :func:`attend_tiles` a tile's key addresses come from a load in the same loop
+    (the block table), and Triton's software pipeliner (3.4-3.9) then gives the K and V
+    loads a single buffer and waits for each before the tile's math, whatever ``num_stages``
+    asks: nothing of the next tile is in flight while this one is computed. Here a chunk's
+    block numbers are loaded once into registers (``TABLE_SLOTS`` of them, from
+    :func:`table_chunk`) and each tile picks its own with ``tl.gather``; no load feeds an
+    address inside the tile loop, so it is pipelined ``num_stages`` deep.
+    """
+    for c0 in range(lo, hi, CHUNK):
+        first = c0 // PAGE
+        c_hi = tl.minimum(hi, c0 + CHUNK)
+        slot = tl.arange(0, TABLE_SLOTS)
+        blocks = tl.load(table_row + first + slot, mask=slot < tl.cdiv(c_hi, PAGE) - first, other=0)
+        for start in range(c0, c_hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            block = tl.gather(blocks, j // PAGE - first, 0).to(tl.int64)
+            row = (j % PAGE).to(tl.int64)
+            k_off = block * k_block_stride + row * k_row_stride
+            v_off = block * v_block_stride + row * v_row_stride
+            k_t = tl.load(k_base + k_off[None, :] + d[:, None], mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_base + v_off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)
+            # The fold of attend_tiles, unmasked. (Written out, not shared: a change to
+            # attend_tiles's source re-keys varlen_attention's tuned page too.)
+            s = mma(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.jit
 def normalized(acc, l_i):
     """The attention output of each row: acc / l, and 0 for a row that saw no key."""

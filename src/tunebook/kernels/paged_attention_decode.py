@@ -46,7 +46,7 @@ import tunebook
 
 from . import _attention as a
 from . import _common as c
-from ._attention import NO_SCORE, attend_tiles, normalized
+from ._attention import NO_SCORE, attend_paged_chunks, attend_tiles, normalized
 from ._gemm_common import SMEM_BYTES, Scratch, dot_mode
 
 _OP = "paged_attention_decode"
@@ -109,7 +109,9 @@ def fits_work(cfg: dict[str, Any], args: Any) -> bool:
     if cfg["num_stages"] > 1 and tiles < 2:
         return False  # a loop of one tile has nothing to pipeline
     elem = 4 if args["k_cache_ptr"].dtype == torch.float32 else 2
-    return cfg["num_stages"] * 2 * cfg["BLOCK_N"] * block_d * elem <= SMEM_BYTES
+    # The pipeliner keeps num_stages - 1 K and V tiles in flight (one when unpipelined).
+    buffers = max(1, cfg["num_stages"] - 1)
+    return buffers * 2 * cfg["BLOCK_N"] * block_d * elem <= SMEM_BYTES
 
 
 SPACE = tunebook.Space(
@@ -169,6 +171,8 @@ def _paged_attention_decode_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TABLE_SLOTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
 ):
@@ -198,11 +202,12 @@ def _paged_attention_decode_kernel(
     table_row = table_ptr + seq.to(tl.int64) * table_stride
     k_base = k_cache_ptr + kv_head * k_stride_h
     v_base = v_cache_ptr + kv_head * v_stride_h
-    # Whole tiles without masks, then the ragged last one.
-    acc, m_i, l_i = attend_tiles(
-        acc, m_i, l_i, q, g, lo, full, hi, 0,
+    # Whole tiles without masks (pipelined: their block numbers come in chunks), then the
+    # ragged last one.
+    acc, m_i, l_i = attend_paged_chunks(
+        acc, m_i, l_i, q, lo, full,
         k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, qk_scale, d, d_mask,
-        BLOCK_G, BLOCK_N, False, False, True, PAGE, DOT,
+        BLOCK_G, BLOCK_N, PAGE, CHUNK, TABLE_SLOTS, DOT,
     )  # fmt: skip
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, g, full, hi, hi, 0,
@@ -394,6 +399,7 @@ def _launch(
         batch,
         max_context_len,
         *(n_q, n_kv, head_size, page, block_g, block_d, dot_mode(q.dtype)),
+        *a.table_chunk(page),
     )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
