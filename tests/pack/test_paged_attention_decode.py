@@ -175,7 +175,7 @@ def test_split_buffers_keep_their_size_whatever_the_call(monkeypatch) -> None:  
             call = {**llama_3_8b(batch=batch, max_context_len=context), "NQ": n_q, "NK": n_kv}
             for config in [None, hand_picked(call), *SPACE.candidates(args=call)]:
                 _, args = module._launch(q, k_cache, k_cache, table, lens, None, context, q, config)
-                ws, lse, locks = args[17:20]
+                ws, lse, locks = args[18:21]
                 splits = max_splits(batch, n_kv, context) if config is None else config["SPLITS"]
                 if splits == 1:
                     continue  # SPLITS=1 never touches them

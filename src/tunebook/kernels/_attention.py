@@ -303,6 +303,8 @@ def attend_paged_chunks(
     k_block_stride,
     v_block_stride,
     table_row,
+    table_width,
+    first_blocks,
     qk_scale,
     d,
     d_mask,
@@ -322,13 +324,18 @@ def attend_paged_chunks(
     asks: nothing of the next tile is in flight while this one is computed. Here a chunk's
     block numbers are loaded once into registers (``TABLE_SLOTS`` of them, from
     :func:`table_chunk`) and each tile picks its own with ``tl.gather``; no load feeds an
-    address inside the tile loop, so it is pipelined ``num_stages`` deep.
+    address inside the tile loop, so it is pipelined ``num_stages`` deep. The table's first
+    chunk, ``first_blocks``, is loaded by the caller before anything waits on the sequence's
+    length (entries past the sequence's blocks are read, up to ``table_width``, never used).
     """
     for c0 in range(lo, hi, CHUNK):
         first = c0 // PAGE
         c_hi = tl.minimum(hi, c0 + CHUNK)
-        slot = tl.arange(0, TABLE_SLOTS)
-        blocks = tl.load(table_row + first + slot, mask=slot < tl.cdiv(c_hi, PAGE) - first, other=0)
+        if c0 == 0:
+            blocks = first_blocks
+        else:
+            slot = tl.arange(0, TABLE_SLOTS)
+            blocks = tl.load(table_row + first + slot, mask=slot < table_width - first, other=0)
         for start in range(c0, c_hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             block = tl.gather(blocks, j // PAGE - first, 0).to(tl.int64)

@@ -154,6 +154,7 @@ def _paged_attention_decode_kernel(
     v_stride_h,
     table_ptr,
     table_stride,
+    table_width,
     lens_ptr,
     out_ptr,
     out_stride_b,
@@ -190,6 +191,11 @@ def _paged_attention_decode_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    # The table's first chunk, asked for with q and the length: split 0 starts there, and the
+    # length is not needed to read it (the chain length -> table -> keys is one load shorter).
+    table_row = table_ptr + seq.to(tl.int64) * table_stride
+    slot = tl.arange(0, TABLE_SLOTS)
+    first_blocks = tl.load(table_row + slot, mask=slot < table_width, other=0)
     context = tl.maximum(tl.load(lens_ptr + seq), 0)
     # Splits take whole tiles, so every tile but a sequence's last is full.
     per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
@@ -199,15 +205,14 @@ def _paged_attention_decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    table_row = table_ptr + seq.to(tl.int64) * table_stride
     k_base = k_cache_ptr + kv_head * k_stride_h
     v_base = v_cache_ptr + kv_head * v_stride_h
     # Whole tiles without masks (pipelined: their block numbers come in chunks), then the
     # ragged last one.
     acc, m_i, l_i = attend_paged_chunks(
         acc, m_i, l_i, q, lo, full,
-        k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, qk_scale, d, d_mask,
-        BLOCK_G, BLOCK_N, PAGE, CHUNK, TABLE_SLOTS, DOT,
+        k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, table_width, first_blocks,
+        qk_scale, d, d_mask, BLOCK_G, BLOCK_N, PAGE, CHUNK, TABLE_SLOTS, DOT,
     )  # fmt: skip
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, g, full, hi, hi, 0,
@@ -392,7 +397,7 @@ def _launch(
         *(q, q.stride(0), q.stride(1)),
         *(k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         *(v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
-        *(table, table.stride(0), context_lens),
+        *(table, table.stride(0), table.shape[1], context_lens),
         *(out, out.stride(0), out.stride(1)),
         *(ws, lse, locks),
         a.softmax_scale(scale, head_size) * a.LOG2E,
