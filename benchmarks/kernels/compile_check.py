@@ -1,7 +1,8 @@
 """Compile the attention kernels, fused_moe's alignment kernel and the decode study's
 variants (TMA, whose device-side tensor descriptors the interpreter accepts in forms the
 compiler rejects, and the chunked 3-D merge) for an NVIDIA GPU without one: does each build,
-and what does ptxas say about its registers, spills and shared memory?
+what does ptxas say about its registers, spills and shared memory, and how deep does the
+software pipeline of its loops go (``pipeline_depths``)?
 
 Triton's interpreter runs the kernels' logic on a CPU but never compiles them, so code that
 the GPU compiler rejects (a layout it cannot lower, a tile ``tl.dot`` refuses) and configs
@@ -116,6 +117,22 @@ def usage(kernel: Any) -> dict[str, int]:
     return {"registers": int(found.get("REG", -1)), "spill_bytes": int(found.get("STACK", -1))}
 
 
+def pipeline_depths(kernel: Any) -> list[int]:
+    """How many copies of each tile a loop's software pipeline keeps in shared memory (the
+    leading dimension of every allocation of copies in the TTGIR), one entry per buffer.
+
+    An asynchronously copied tile feeding a loop's math gets ``num_stages - 1`` copies when
+    the pipeliner can fetch ahead. One copy whatever ``num_stages`` asks means it waits for
+    each tile before its math: nothing of the next tile is in flight. That is what Triton
+    3.4-3.9 does when a tile's addresses come from a load in the same loop, e.g. through
+    a block table (BENCHMARKS.md, section 5b, nineteenth session)."""
+    text = kernel.asm["ttgir"]
+    shapes = re.findall(r"local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x(\d+)x", text)
+    # A leading dimension of 16 or more is a tile's rows (e.g. an output staging tile), not
+    # a count of copies: pipelines run a few stages deep.
+    return [int(depth) for depth, _ in shapes if int(depth) < 16]
+
+
 def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     nq, nk, hs = layout
     return {
@@ -220,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         for layout, meta, warps, stages in configs[:1] if args.first else configs:
             seconds, kernel = compile_one(jit, pointers, consts_of(layout, meta), warps, stages, args.arch)
             found = usage(kernel)
+            depths = pipeline_depths(kernel)
             print(
                 f"{name:7s} {layout} {meta} warps={warps} stages={stages}: {found['registers']} registers, "
-                f"{found['spill_bytes']} spill bytes, {kernel.metadata.shared} B shared, {seconds:.1f} s"
+                f"{found['spill_bytes']} spill bytes, {kernel.metadata.shared} B shared, "
+                f"tile copies {depths or 'none'}, {seconds:.1f} s"
             )
     return 0
 

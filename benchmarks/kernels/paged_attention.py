@@ -10,7 +10,10 @@ says how):
   programs, 4 warps, 3 stages);
 * **sdpa**: ``torch.nn.functional.scaled_dot_product_attention`` on the same keys and
   values laid out contiguously (``[batch, NK, context, head]``, GQA through
-  ``enable_gqa``): the ceiling PyTorch gives without paging.
+  ``enable_gqa``): the ceiling PyTorch gives without paging. PyTorch picks the backend; on
+  the H200 with torch 2.11 it runs cuDNN's fused attention (a 16x128x128 tile, one block per
+  sequence and KV head: BENCHMARKS.md, section 5b, nineteenth session);
+* **sdpa-flash** (GPU only): the same call held to the FlashAttention-2 backend.
 
 Reported: microseconds, the bandwidth of reading the K/V cache (``kv GB/s`` = K and V
 bytes / time) and its share of an SM copy kernel's bandwidth measured in the same run
@@ -69,7 +72,16 @@ def baselines(w: Any) -> bench.Baselines:
     def sdpa() -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)[:, :, 0]
 
-    return {"sdpa": sdpa}
+    if not q.is_cuda:
+        return {"sdpa": sdpa}
+
+    def sdpa_flash() -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return sdpa()
+
+    return {"sdpa": sdpa, "sdpa-flash": sdpa_flash}
 
 
 def metric(w: Any, us: float) -> dict[str, float]:
