@@ -43,6 +43,9 @@ DECODE = [
     ((32, 8, 128), {"BLOCK_N": 64, "SPLITS": 4}, 2, 2),
     ((32, 8, 128), {"BLOCK_N": 32, "SPLITS": 1}, 1, 2),
     ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 1}, 4, 2),
+    # warp slices: 4 softmax states, one a warp, 16 keys each a step
+    ((32, 8, 128), {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4}, 4, 3),
+    ((8, 1, 128), {"BLOCK_N": 32, "SPLITS": 8, "SLICES": 4}, 4, 3),
 ]
 VARLEN = [
     (
@@ -151,7 +154,7 @@ def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any
     from tunebook.kernels._attention import table_chunk
 
     chunk, slots = table_chunk(16)
-    return _decode(layout, {"CHUNK": chunk, "TABLE_SLOTS": slots, **meta})
+    return _decode(layout, {"CHUNK": chunk, "TABLE_SLOTS": slots, "SLICES": 1, **meta})
 
 
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:

@@ -113,6 +113,51 @@ def test_splits_longer_than_a_table_chunk(gen, page, lens, config) -> None:  # t
     check(randn(gen, len(lens), 2, 16, dtype=torch.float32), cache, config=config)
 
 
+@pytest.mark.parametrize(
+    ("page", "lens", "config"),
+    [
+        (
+            PAGE,
+            [1, PAGE - 1, PAGE, PAGE + 1, 0, 70, 300],
+            {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4, "num_warps": 4, "num_stages": 2},
+        ),
+        (
+            PAGE,
+            [1, PAGE - 1, PAGE, PAGE + 1, 0, 70, 300],
+            {"BLOCK_N": 16, "SPLITS": 4, "SLICES": 2, "num_warps": 2, "num_stages": 1},
+        ),
+        (
+            PAGE,
+            [1100, 2100, 5, 0],
+            {"BLOCK_N": 32, "SPLITS": 1, "SLICES": 4, "num_warps": 4, "num_stages": 3},
+        ),
+        (5, [300, 777, 4], {"BLOCK_N": 16, "SPLITS": 2, "SLICES": 2, "num_warps": 2, "num_stages": 2}),
+    ],
+    ids=["4-slices", "2-slices-4-splits", "4-slices-past-a-chunk", "page5-2-slices-2-splits"],
+)
+@pytest.mark.parametrize(
+    ("head_size", "dtype"), [(64, torch.float32), (128, torch.bfloat16)], ids=["64-fp32", "128-bf16"]
+)
+def test_warp_slices_match_sdpa(gen, page, lens, config, head_size, dtype) -> None:  # type: ignore[no-untyped-def]
+    """SLICES independent softmax states a program, merged at its end: with splits and
+    without, sequences shorter than one step, empty ones, a ragged last step, chunks of the
+    table that start mid-block."""
+    cache = paged_cache(gen, lens, page, 2, head_size, dtype)
+    check(randn(gen, len(lens), 8, head_size, dtype=dtype), cache, config=config)
+
+
+def test_warp_slices_are_one_a_warp() -> None:
+    """The Space offers SLICES > 1 only with as many warps, and counts a step's SLICES tiles
+    in the per-thread and shared-memory rules."""
+    configs = SPACE.candidates(args=llama_3_8b(batch=16, max_context_len=512))
+    sliced = [c for c in configs if c["SLICES"] > 1]
+    assert sliced and all(c["SLICES"] == c["num_warps"] and c["BLOCK_N"] >= 16 for c in sliced)
+    assert {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4, "num_warps": 4, "num_stages": 3} in configs
+    # 8 slices of 64 keys is 512 keys a step: one step of a 512-token context, nothing to pipeline
+    assert not [c for c in sliced if c["SLICES"] * c["BLOCK_N"] > 512]
+    assert not [c for c in sliced if c["num_stages"] > 1 and c["SLICES"] * c["BLOCK_N"] * c["SPLITS"] > 256]
+
+
 def llama_3_8b(**call: int) -> dict:  # type: ignore[type-arg]
     """The kernel's arguments the Space's rules read, for Llama-3-8B's heads and ``call``."""
     k_cache = torch.empty(0, dtype=torch.bfloat16)
@@ -135,13 +180,13 @@ def test_pipelined_tiles_may_be_larger() -> None:
     args = llama_3_8b(batch=64, max_context_len=8192)
 
     def per_thread(c: dict) -> float:  # type: ignore[type-arg]
-        return c["BLOCK_N"] * 128 / (32 * c["num_warps"])
+        return c["BLOCK_N"] * c["SLICES"] * 128 / (32 * c["num_warps"])
 
     candidates = SPACE.candidates(args=args)
     unstaged = [per_thread(c) for c in candidates if c["num_stages"] == 1]
     staged = [per_thread(c) for c in candidates if c["num_stages"] > 1]
     assert max(unstaged) == MAX_TILE_PER_THREAD < max(staged) == MAX_STAGED_TILE_PER_THREAD
-    assert {"BLOCK_N": 64, "SPLITS": 4, "num_warps": 2, "num_stages": 2} in candidates
+    assert {"BLOCK_N": 64, "SPLITS": 4, "SLICES": 1, "num_warps": 2, "num_stages": 2} in candidates
 
 
 def test_too_many_sequences_fail_with_the_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
