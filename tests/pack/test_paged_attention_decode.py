@@ -158,6 +158,18 @@ def test_warp_slices_are_one_a_warp() -> None:
     assert not [c for c in sliced if c["num_stages"] > 1 and c["SLICES"] * c["BLOCK_N"] * c["SPLITS"] > 256]
 
 
+@pytest.mark.parametrize(("page", "head_size"), [(1, 16), (5, 16), (5, 64), (16, 16), (16, 128)])
+def test_no_step_crosses_a_chunk_of_the_table(page, head_size) -> None:  # type: ignore[no-untyped-def]
+    """A step (SLICES tiles of BLOCK_N keys) longer than a chunk of block numbers would read
+    past the register copy of the table (page 5 with 4 slices of 128 keys did, in review)."""
+    from tunebook.kernels._attention import table_chunk
+
+    args = {**llama_3_8b(batch=1, max_context_len=32768), "PAGE": page, "HEAD_SIZE": head_size}
+    configs = SPACE.candidates(args=args)
+    assert configs
+    assert max(c["SLICES"] * c["BLOCK_N"] for c in configs) <= table_chunk(page)[0]
+
+
 def llama_3_8b(**call: int) -> dict:  # type: ignore[type-arg]
     """The kernel's arguments the Space's rules read, for Llama-3-8B's heads and ``call``."""
     k_cache = torch.empty(0, dtype=torch.bfloat16)

@@ -328,6 +328,7 @@ def attend_paged_chunks(
     chunk, ``first_blocks``, is loaded by the caller before anything waits on the sequence's
     length (entries past the sequence's blocks are read, up to ``table_width``, never used).
     """
+    tl.static_assert(CHUNK % BLOCK_N == 0, "a tile must not cross a chunk of block numbers")
     for c0 in range(lo, hi, CHUNK):
         first = c0 // PAGE
         c_hi = tl.minimum(hi, c0 + CHUNK)
@@ -415,6 +416,7 @@ def attend_warp_slices(
     register copy of the table, as in :func:`attend_paged_chunks`, so the loop pipelines.
     """
     STEP: tl.constexpr = SLICES * BLOCK_N
+    tl.static_assert(CHUNK % STEP == 0, "a step must not cross a chunk of block numbers")
     lane = tl.arange(0, SLICES)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     qs = tl.broadcast_to(q[None, :, :], [SLICES, BLOCK_M, BLOCK_D])
     acc = tl.zeros([SLICES, BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -119,6 +119,8 @@ def fits_work(cfg: dict[str, Any], args: Any) -> bool:
     step = step_keys(cfg)
     if step > context:
         return False  # a step longer than every sequence: masked-off keys
+    if step > a.table_chunk(args["PAGE"])[0]:
+        return False  # a step past the chunk of block numbers held in registers
     splits = cfg["SPLITS"]
     if splits > max_splits(args["batch"], args["NK"], args["max_context_len"]):
         return False
