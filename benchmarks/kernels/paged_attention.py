@@ -74,10 +74,9 @@ def baselines(w: Any) -> bench.Baselines:
 
     if not q.is_cuda:
         return {"sdpa": sdpa}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa_flash() -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return sdpa()
 

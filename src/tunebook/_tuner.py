@@ -276,8 +276,10 @@ def tune_key(job: KeyTuning) -> Outcome:
         if job.progress is not None:
             job.progress.update(done, total, best_ms)
 
-    first = search_order(job.seeds, job.hints)
-    name = choose_strategy(n, job.budget, first) if job.strategy == "auto" else job.strategy
+    if job.strategy == "auto":
+        name = choose_strategy(n, job.budget, search_order(job.seeds, job.hints))
+    else:
+        name = job.strategy
     hints = with_rule(job.hints, job.rule)
     # An exhaustive search is one batch: every candidate compiles in parallel up front.
     search(
@@ -377,7 +379,7 @@ def search_order(seeds: Sequence[int], hints: Sequence[int]) -> list[int]:
 
 def with_rule(hints: Sequence[int], rule: int | None) -> list[int]:
     """The hints, then the fallback rule's config (if not among them): what a search measures first."""
-    return list(dict.fromkeys([*hints, *([] if rule is None else [rule])]))
+    return search_order(hints, [] if rule is None else [rule])
 
 
 def contenders(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> list[int]:
