@@ -162,3 +162,57 @@ def test_another_name_with_the_same_file_name_is_not_an_old_version(book_dir):
     run(tuned(add_kernel_edited, replay, name="my-add", max_configs=3, strategy="exhaustive"), 300)
     assert replay.measured == [32, 64, 128]
     assert len(list(book_dir.glob("my-add--*"))) == 2
+
+
+@triton.jit
+def add_kernel_unrolled(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr = 1):
+    """out = x + y, each program adding UNROLL blocks: a version that gained a parameter"""
+    for u in tl.static_range(UNROLL):
+        offs = (tl.program_id(0) * UNROLL + u) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        total = tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask)
+        tl.store(out_ptr + offs, total, mask=mask)
+
+
+@triton.jit
+def add_kernel_unrolled_no_default(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    """out = x + y, UNROLL blocks a program, with no default for UNROLL"""
+    for u in tl.static_range(UNROLL):
+        offs = (tl.program_id(0) * UNROLL + u) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        total = tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask)
+        tl.store(out_ptr + offs, total, mask=mask)
+
+
+def run_unrolled(fn, **options) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """Tunes ``fn`` over BLOCK x UNROLL (an unrolled block costs what its BLOCK does, and the
+    same timer as the old version's: another would be another platform); the (BLOCK, UNROLL)
+    measured, in order."""
+    replay, launched = Replay(TIMES), []
+
+    def pre_hook(nargs, reset_only=False):  # type: ignore[no-untyped-def]
+        launched.append((nargs["BLOCK"], nargs["UNROLL"]))
+        replay.pre_hook(nargs, reset_only)
+
+    configs = [triton.Config({"BLOCK": b, "UNROLL": u}) for u in (2, 1) for b in TIMES]
+    kernel = tunebook.autotune(
+        configs, key=["n"], name="add", do_bench=replay, pre_hook=pre_hook, strategy="exhaustive", **options
+    )(fn)
+    x, y, out = vectors(300)
+    kernel[lambda meta: (triton.cdiv(300, meta["BLOCK"] * meta["UNROLL"]),)](x, y, out, 300)
+    assert out.eq(x + y).all()
+    return launched[: len(replay.measured)]
+
+
+def test_a_version_that_gained_a_parameter_is_seeded_where_the_parameter_has_its_default(book_dir):
+    """The old version's BLOCK=64 is this version's BLOCK=64,UNROLL=1 (UNROLL's default), not
+    BLOCK=64,UNROLL=2: the old ranking is measured first, at the default."""
+    run(tuned(add_kernel, Replay(TIMES)), 300)  # 64, 128, 32 fastest
+    measured = run_unrolled(add_kernel_unrolled, max_configs=4)
+    assert measured == [(64, 1), (128, 1), (32, 1), (32, 2)]  # then the declared order
+
+
+def test_a_gained_parameter_without_a_default_seeds_nothing(book_dir):
+    """Which UNROLL the old version ran is unknown: the search starts from the declared order."""
+    run(tuned(add_kernel, Replay(TIMES)), 300)
+    assert run_unrolled(add_kernel_unrolled_no_default, max_configs=3) == [(32, 2), (64, 2), (128, 2)]

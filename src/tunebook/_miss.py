@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -264,13 +265,57 @@ def search_hints(
     return list(dict.fromkeys([*here, *hints, *elsewhere]))
 
 
-def earlier_seeds(page: Page, key: tuple[Any, ...], ids: list[str]) -> list[int]:
+def earlier_seeds(
+    tuner: Autotuner, page: Page, key: tuple[Any, ...], ids: list[str], candidates: Sequence[Any]
+) -> list[int]:
     """Candidate indices a search of ``key`` measures before its hints: the fastest configs of
     other versions of the kernel (another source, Triton release or runtime) for this key on
     this GPU. Unlike hints they are not kept on a tie: a kernel is matched to its old
     versions by name and key names, which an unrelated kernel of the same name may share, so
     they order the search and the search's own times decide."""
-    return _policy.seeds(ids, page.other_versions(key))
+    earlier = page.other_versions(key)
+    return _policy.seeds(ids, earlier, renamed_configs(tuner, earlier, ids, candidates))
+
+
+def renamed_configs(
+    tuner: Autotuner, earlier: Sequence[Entry], ids: Sequence[str], candidates: Sequence[Any]
+) -> dict[str, str]:
+    """Earlier versions' config ids that are one of this version's candidates under another
+    id, because the kernel gained a meta-parameter with a default: an old ``BLOCK_N=64`` is
+    this version's ``BLOCK_N=64,SLICES=1`` when the kernel declares ``SLICES: tl.constexpr = 1``.
+    Without this, an edit that adds a tuned parameter loses every seed (on an H200 the decode
+    kernel's re-tune lost its old winners that way and served some keys 1.45x slower)."""
+    defaults = _parameter_defaults(tuner.base_fn)
+    if not defaults or not earlier:
+        return {}
+
+    def form(record: dict[str, Any]) -> str:
+        kwargs = {k: v for k, v in record.get("kwargs", {}).items() if defaults.get(k, _NONE) != v}
+        return config_id({**record, "kwargs": kwargs})
+
+    current: dict[str, str] = {}
+    for cid, candidate in zip(ids, candidates):
+        current.setdefault(form(config_record(candidate.kwargs, _compat.config_options(candidate))), cid)
+    known = set(ids)
+    renamed: dict[str, str] = {}
+    for entry in earlier:
+        for cid, result in entry.results.items():
+            same = None if cid in known else current.get(form(result.config))
+            if same is not None:
+                renamed[cid] = same
+    return renamed
+
+
+_NONE = object()  # a default no stored value equals
+
+
+def _parameter_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The kernel function's parameters that declare a default, and their defaults."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # not introspectable: no defaults to match by
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 # How many of the nearest keys a miss reads: enough for the hints and a serve-mode fallback.
@@ -356,7 +401,7 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
             return _worker.tune_isolated(tuner, miss.call, miss.key, miss.text, miss.by_id, page)
     near = _near(miss, page) if page is not None else []
     hints = search_hints(tuner, page, miss.key, miss.ids, miss.candidates, near) if page is not None else []
-    seeds = earlier_seeds(page, miss.key, miss.ids) if page is not None else []
+    seeds = earlier_seeds(tuner, page, miss.key, miss.ids, miss.candidates) if page is not None else []
     rule = rule_hint(tuner, miss.key, miss.ids, miss.candidates)
     if team is not None and page is not None:
         from . import _collective  # only jobs that tune together need it

@@ -182,11 +182,14 @@ def hints(ids: Sequence[str], near: Sequence[Entry], siblings: Sequence[Entry] =
     return out
 
 
-def seeds(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
+def seeds(
+    ids: Sequence[str], earlier: Sequence[Entry], renamed: Mapping[str, str] | None = None
+) -> list[int]:
     """Candidate indices of the fastest SEEDS_PER_VERSION configs of each earlier version's
     entry for the key (in the order given: the most telling first), fastest first, without
     repeats, MAX_SEEDS at most: after an edit the old ranking is the best guess, though not
-    the winner alone (the edit may reorder the top).
+    the winner alone (the edit may reorder the top). ``renamed`` maps an earlier version's
+    config id to this version's id of the same config (``_miss.renamed_configs``).
 
     >>> from tunebook._book import Entry, Result
     >>> ok = lambda ms: Result({"kwargs": {}}, (ms, ms, ms))
@@ -195,6 +198,7 @@ def seeds(ids: Sequence[str], earlier: Sequence[Entry]) -> list[int]:
     [1, 2, 0]
     """
     index = {cid: i for i, cid in enumerate(ids)}
+    index.update((old, index[new]) for old, new in (renamed or {}).items() if new in index)
     out: list[int] = []
     for entry in earlier:
         timed = sorted(

@@ -126,7 +126,7 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     entry = page.get(ctx.key_text)
     near = _policy.nearest(ctx.key, page.entries.values())
     hints = search_hints(tuner, page, ctx.key, ctx.ids, list(ctx.candidates), near)
-    seeds = earlier_seeds(page, ctx.key, ctx.ids)
+    seeds = earlier_seeds(tuner, page, ctx.key, ctx.ids, list(ctx.candidates))
     budget = _policy.effective_budget(tuner.options.budget, len(ctx.ids))
     strategy = tuner.options.strategy
     if strategy == "auto":
