@@ -18,6 +18,7 @@ from tunebook.kernels.paged_attention_decode import (
     SPACE,
     _paged_attention_decode,
     _paged_attention_decode_kernel,
+    first_guess,
     hand_picked,
     max_splits,
 )
@@ -230,7 +231,7 @@ def test_split_buffers_keep_their_size_whatever_the_call(monkeypatch) -> None:  
             table = torch.zeros(batch, context // PAGE, dtype=torch.int32)
             lens = torch.zeros(batch, dtype=torch.int32)
             call = {**llama_3_8b(batch=batch, max_context_len=context), "NQ": n_q, "NK": n_kv}
-            for config in [None, hand_picked(call), *SPACE.candidates(args=call)]:
+            for config in [None, hand_picked(call), first_guess(call), *SPACE.candidates(args=call)]:
                 _, args = module._launch(q, k_cache, k_cache, table, lens, None, context, q, config)
                 ws, lse, locks = args[18:21]
                 splits = max_splits(batch, n_kv, context) if config is None else config["SPLITS"]
@@ -275,7 +276,17 @@ def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no
                     assert got == pytest.approx(want, abs=1e-4), (b, h, split, g)
 
 
-def test_serve_mode_runs_the_hand_picked_config(gen) -> None:  # type: ignore[no-untyped-def]
+def test_the_first_guess_is_a_point_of_the_space_with_enough_programs() -> None:
+    """Measured first by every search, it must be a candidate as is where its steps pipeline:
+    splits until ~128 programs run (16 sequences of 8 KV heads need none; one needs 16)."""
+    for batch, context, splits in [(16, 512, 1), (64, 512, 1), (1, 512, 4), (4, 8192, 4), (1, 32768, 16)]:
+        call = llama_3_8b(batch=batch, max_context_len=context)
+        guess = first_guess(call)
+        assert guess["SPLITS"] == splits, (batch, context, guess)
+        assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context)
+
+
+def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # type: ignore[no-untyped-def]
     cache = paged_cache(gen, [300], PAGE, 1, 64, torch.bfloat16)
     paged_attention_decode(
         randn(gen, 1, 4, 64, dtype=torch.bfloat16),
@@ -286,8 +297,10 @@ def test_serve_mode_runs_the_hand_picked_config(gen) -> None:  # type: ignore[no
         max_context_len=300,
     )
     cfg = _paged_attention_decode_kernel.best_config
-    picked = hand_picked({"batch": 1, "NK": 1})
-    assert {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} == picked
+    # one sequence of one KV head: splits until each keeps two 64-key steps of the bucket (512)
+    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 300})
+    assert guess == {"BLOCK_N": 16, "SPLITS": 4, "SLICES": 4, "num_warps": 4, "num_stages": 3}
+    assert {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} == guess
     assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 1
 
 

@@ -154,12 +154,30 @@ def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     return {"BLOCK_N": 16, "SPLITS": splits, "SLICES": 1, "num_warps": 4, "num_stages": 3}
 
 
+# Programs a launch wants at least before more splits pay (about one an SM of an H100/H200).
+RULE_PROGRAMS = 128
+
+
+def first_guess(key: dict[str, Any]) -> dict[str, int]:
+    """The op's own first guess, measured first in every search and served where the book
+    remembers nothing comparable: four softmax states, one a warp, of 16 keys each, 3 stages,
+    which beat the best 2-D loop by 13-16% at 16-64 sequences of 512 tokens on an H200
+    (BENCHMARKS.md 5b, twentieth session); splits until about RULE_PROGRAMS programs run,
+    while each split keeps two steps of keys to pipeline."""
+    step, programs, context = 4 * 16, key["batch"] * key["NK"], a.context_of(key["max_context_len"])
+    splits = 1
+    while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:
+        splits *= 2
+    return {"BLOCK_N": 16, "SPLITS": splits, "SLICES": 4, "num_warps": 4, "num_stages": 3}
+
+
 @c.autotune(
     _OP,
     SPACE,
     key=[c.token_bucket("batch"), a.context_bucket("max_context_len"), "NQ", "NK", "HEAD_SIZE", "PAGE"],
     hand_picked=hand_picked,
     inputs=lambda description: _inputs(description),
+    rule=first_guess,
 )
 @triton.jit(do_not_specialize=["batch", "max_context_len"])
 def _paged_attention_decode_kernel(
