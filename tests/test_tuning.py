@@ -541,3 +541,53 @@ def test_a_sweeps_plan_measures_the_rules_config_first_without_a_local_search(tm
     (hint,) = p["hints"]
     assert p["ids"][hint].startswith("BLOCK=512|") and "num_warps=1" in p["ids"][hint]
     assert p["strategy"] in ("bayes", "random")
+
+
+def screened_then_full(land: Landscape, times: dict[tuple[int, int], float], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The interpreter's timer replaced: (BLOCK, num_warps) in ``times`` take that long, the
+    rest follow the bowl 2 ms higher, screened (quick) or measured in full alike."""
+    from tunebook import _bench
+
+    def clock(kernel_call, quantiles=None, *, min_reps=3, max_reps=10, budget_s=0.2):  # type: ignore[no-untyped-def]
+        kernel_call()
+        cfg = (land._now["BLOCK"], land._now["num_warps"])
+        land.measured.append(cfg)
+        ms = times.get(cfg, 2.0 + bowl({"BLOCK": cfg[0], "num_warps": cfg[1]}))
+        return [ms, ms, ms]
+
+    monkeypatch.setattr(_bench, "wallclock_bench", clock)
+
+
+def test_a_faster_config_added_to_a_decided_list_wins(book_dir, monkeypatch):
+    """The added config is screened, confirmed in full, and chosen: the decided search is
+    reopened (its screening used to stay one, which never competes with full measurements)."""
+    land = Landscape(bowl)
+    screened_then_full(land, {(32, 8): 1.0}, monkeypatch)
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (64, 128, 256)]
+    call(tunebook.autotune(configs, key=["n"], pre_hook=land.pre_hook)(add_kernel), 64)
+    assert entry_of(book_dir, 64).chosen == "BLOCK=128|num_ctas=1,num_stages=3,num_warps=4"
+    land.measured.clear()
+    added = [*configs, triton.Config({"BLOCK": 32}, num_warps=8)]
+    kernel = tunebook.autotune(added, key=["n"], pre_hook=land.pre_hook)(add_kernel)
+    call(kernel, 64)
+    assert land.measured == [(32, 8), (32, 8)]  # screened, then confirmed in full
+    assert kernel.best_config.kwargs == {"BLOCK": 32} and kernel.best_config.num_warps == 8
+    entry = entry_of(book_dir, 64)
+    assert entry.chosen == "BLOCK=32|num_ctas=1,num_stages=3,num_warps=8"
+    assert not entry.results[entry.chosen].quick
+
+
+def test_a_search_resumed_with_a_larger_budget_chooses_what_it_finds(book_dir, monkeypatch):
+    land = Landscape(bowl)
+    screened_then_full(land, {(32, 8): 1.0}, monkeypatch)
+    options = {"key": ["n"], "pre_hook": land.pre_hook, "strategy": "random"}
+    call(tunebook.autotune(SPACE, max_configs=3, **options)(add_kernel), 64)
+    assert (32, 8) not in land.measured  # this seed's first three: the old winner is another
+    kernel = tunebook.autotune(SPACE, max_configs=8, **options)(add_kernel)
+    call(kernel, 64)
+    assert kernel.best_config.kwargs == {"BLOCK": 32} and kernel.best_config.num_warps == 8
+    assert entry_of(book_dir, 64).chosen == "BLOCK=32|num_ctas=1,num_stages=3,num_warps=8"
+    # and the next process serves it, benchmarking nothing
+    land.measured.clear()
+    call(tunebook.autotune(SPACE, max_configs=8, **options)(add_kernel), 64)
+    assert land.measured == []

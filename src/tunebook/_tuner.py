@@ -130,6 +130,8 @@ class Persist:
         self.first = first
         self.entry = known
         self._seconds = 0.0
+        # A search that starts over a decided entry reopens it (Entry.merged_over).
+        self._reopens = known is not None and bool(known.chosen)
 
     def __call__(self, fresh: dict[str, Result], chosen: str, seconds: float) -> Entry:
         stamp = now_iso()
@@ -143,6 +145,7 @@ class Persist:
             tunebook=__version__,
             chosen=chosen,
             first=self.first,
+            reopens=self._reopens,
         )
         self._seconds = seconds
         if self.page is None:

@@ -172,6 +172,9 @@ class Entry:
     # The id of the first candidate config when the key was tuned: the kernel's default, the
     # config an untuned kernel would run (what `tunebook show` measures speed-ups against).
     first: str = ""
+    # News of a search that started over a decided entry (a larger budget, a config added to
+    # the list): it reopens that search (``merged_over``). Not stored: it describes a write.
+    reopens: bool = field(default=False, compare=False)
 
     def best(self, allowed: Iterable[str] | None = None) -> str | None:
         """The winner among ``allowed`` (default: all results).
@@ -269,16 +272,21 @@ class Entry:
 
         "Base stands" is what makes every process of a host serve the same winner: the
         first measurement persisted for (key, config) is the one everybody reads, and once
-        a search of the key has ended (``chosen``), no later write changes a result.
+        a search of the key has ended (``chosen``), no later write changes a result, unless
+        the news ``reopens`` it: a search resumed over the decided entry (a larger budget,
+        a config added to the list) confirms its contenders and makes its own choice.
         """
         if base is None:
-            return self
+            return replace(self, reopens=False)
         results = dict(self.results)
         # A full measurement replaces a quick one until a search of the key has ended with a
         # choice (``chosen`` stored): from then on the results it decided on stand as they
         # are, or a process confirming its own contenders later would overturn the winner
-        # that the processes which already decided now serve.
-        open_search = not base.chosen
+        # that the processes which already decided now serve. A resumed search is a new
+        # search: without this, a config it found faster stayed a screening, which never
+        # competes with full measurements, and the old winner stood (on an H200, a decode key
+        # kept a config 15% slower than the one its resumed search had screened and confirmed).
+        open_search = not base.chosen or self.reopens
         for cid, result in base.results.items():
             mine = results.get(cid)
             if mine is None or not (open_search and result.quick and not mine.quick):
@@ -287,7 +295,7 @@ class Entry:
         return replace(
             base,
             results=results,
-            chosen=base.chosen or self.chosen,
+            chosen=self.chosen if self.reopens and self.chosen else base.chosen or self.chosen,
             misses=base.misses + self.misses,
             call=base.call if base.call is not None else self.call,
             first=base.first or self.first,
