@@ -160,10 +160,11 @@ RULE_PROGRAMS = 128
 
 def first_guess(key: dict[str, Any]) -> dict[str, int]:
     """The op's own first guess, measured first in every search and served where the book
-    remembers nothing comparable: four softmax states, one a warp, of 16 keys each, 3 stages,
-    which beat the best 2-D loop by 13-16% at 16-64 sequences of 512 tokens on an H200
-    (BENCHMARKS.md 5b, twentieth session); splits until about RULE_PROGRAMS programs run,
-    while each split keeps two steps of keys to pipeline."""
+    remembers nothing comparable: four softmax states, one a warp, of 16 keys each, 3 stages.
+    On an H200 it ran at 0.79 of SDPA where the 2-D configs timed beside it reached 0.68-0.69
+    (Llama-3 layouts, 16-64 sequences of 512 tokens), and lost at Qwen2.5-7B's 28/4
+    (BENCHMARKS.md 5b, twentieth session): a guess the search measures, not a winner. Splits
+    until about RULE_PROGRAMS programs run, while each split keeps two steps of keys to pipeline."""
     step, programs, context = 4 * 16, key["batch"] * key["NK"], a.context_of(key["max_context_len"])
     splits = 1
     while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:
