@@ -281,3 +281,22 @@ def test_each_gpu_model_gets_its_own_search_of_every_key():
         ("plan", 1, "H100"),
         ("plan", 1, "H200"),
     ]
+
+
+def test_a_search_over_a_decided_key_reopens_it_and_chooses_what_it_finds():
+    """Two configs added to a decided list: they are searched, and the driver's news reopen
+    the key (``KeySearch.reopens``), so its full results and choice replace the old ones."""
+    times = [2.0, 3.0, 4.0, 1.0]
+    decided = Entry(key=(1,), results={"B=0": ok(2.0), "B=1": ok(3.0)}, chosen="B=0")
+    sweep, recorder = planned_sweep([plan_of(times)], known=[decided])
+    assert sweep.keys[0].reopens == "B=0"
+    drain(sweep, [times])
+    assert recorder.chosen == {0: "B=3"}
+    fresh = recorder.results[0]
+    news = Entry(key=(1,), results=fresh, chosen="B=3", reopens="B=0")
+    screened = Entry(key=(1,), results={**decided.results, "B=3": ok(0.9, quick=True)}, chosen="B=0")
+    stored = news.merged_over(screened)  # the book as the search's screening left it
+    assert stored.chosen == "B=3" and not stored.results["B=3"].quick
+    assert stored.results["B=0"] is decided.results["B=0"]  # what the old search measured stands
+    undecided = planned_sweep([plan_of(times)], known=[Entry(key=(1,), results={"B=0": ok(2.0)})])[0]
+    assert not undecided.keys[0].reopens

@@ -196,18 +196,21 @@ def test_not_adaptive_measures_everything_in_full(book_dir):
     assert not any(r.quick for r in entry_of(book_dir, 64).results.values())
 
 
+def near_tie(n: int) -> Any:
+    """Two configs within 1% of each other: 128 fastest at n=300, 64 at any other n."""
+
+    def f(cfg: dict[str, int]) -> float:
+        if (cfg["BLOCK"], cfg["num_warps"]) == (64, 4):
+            return 1.00 if n == 300 else 0.99
+        if (cfg["BLOCK"], cfg["num_warps"]) == (128, 4):
+            return 0.99 if n == 300 else 1.00
+        return 5.0
+
+    return f
+
+
 def test_tie_aware_choice_prefers_the_neighbouring_keys_winner(book_dir):
-    # Two configs within 1% of each other; the neighbouring key chose the slower one.
-    def near_tie(n):
-        def f(cfg):
-            if (cfg["BLOCK"], cfg["num_warps"]) == (64, 4):
-                return 1.00 if n == 300 else 0.99
-            if (cfg["BLOCK"], cfg["num_warps"]) == (128, 4):
-                return 0.99 if n == 300 else 1.00
-            return 5.0
-
-        return f
-
+    # The neighbouring key chose the config 1% slower here.
     first = tuned(SPACE, Landscape(near_tie(1000)))
     call(first, 1000)
     assert first.best_config.kwargs == {"BLOCK": 64}

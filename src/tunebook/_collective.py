@@ -441,6 +441,7 @@ def _decided_entry(
         tunebook=__version__,
         chosen=tuned.chosen,
         first=ids[0] if ids else "",
+        reopens=base.chosen if base is not None else "",  # a search over a decided key reopens it
     )
     return entry.merged_over(base) if base is not None else entry
 

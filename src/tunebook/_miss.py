@@ -285,8 +285,11 @@ def renamed_configs(
     this version's ``BLOCK_N=64,SLICES=1`` when the kernel declares ``SLICES: tl.constexpr = 1``.
     Without this, an edit that adds a tuned parameter loses every seed (on an H200 the decode
     kernel's re-tune lost its old winners that way and served some keys 1.45x slower)."""
+    known = set(ids)
+    if all(cid in known for entry in earlier for cid in entry.results):
+        return {}  # nothing renamed (the common case): skip listing every candidate's form
     defaults = _parameter_defaults(tuner.base_fn)
-    if not defaults or not earlier:
+    if not defaults:
         return {}
 
     def form(record: dict[str, Any]) -> str:
@@ -296,7 +299,6 @@ def renamed_configs(
     current: dict[str, str] = {}
     for cid, candidate in zip(ids, candidates):
         current.setdefault(form(config_record(candidate.kwargs, _compat.config_options(candidate))), cid)
-    known = set(ids)
     renamed: dict[str, str] = {}
     for entry in earlier:
         for cid, result in entry.results.items():

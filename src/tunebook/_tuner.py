@@ -131,7 +131,7 @@ class Persist:
         self.entry = known
         self._seconds = 0.0
         # A search that starts over a decided entry reopens it (Entry.merged_over).
-        self._reopens = known is not None and bool(known.chosen)
+        self._reopens = known.chosen if known is not None else ""
 
     def __call__(self, fresh: dict[str, Result], chosen: str, seconds: float) -> Entry:
         stamp = now_iso()
@@ -284,6 +284,10 @@ def tune_key(job: KeyTuning) -> Outcome:
     else:
         name = job.strategy
     hints = with_rule(job.hints, job.rule)
+    if job.known is not None and job.known.chosen in job.ids:
+        # A resumed search keeps the choice it started over on a tie, as a read of the book
+        # would (Entry.best): processes that decided before it go on serving the same config.
+        hints = search_order([job.ids.index(job.known.chosen)], hints)
     # An exhaustive search is one batch: every candidate compiles in parallel up front.
     search(
         [_flat(r) for r in job.records],

@@ -383,3 +383,15 @@ def _call(**changes):  # type: ignore[no-untyped-def]
 def test_rejects_bad_inputs(changes, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=match):
         _call(**changes)
+
+
+def test_a_length_read_inside_a_graph_capture_is_refused_with_what_to_pass(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Reading max_context_len from context_lens waits for the GPU, which a CUDA graph
+    capture refuses with an opaque error that poisons the capture (seen on an H200)."""
+    monkeypatch.setattr(importlib.import_module("tunebook.kernels._common"), "capturing", lambda device: True)
+    with pytest.raises(
+        ValueError,
+        match=r"max_context_len is needed while a CUDA graph is being captured.*pass max_context_len=",
+    ):
+        _call(max_context_len=None)
+    assert _call(max_context_len=4).isfinite().all()  # given, nothing is read

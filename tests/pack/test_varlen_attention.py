@@ -228,3 +228,13 @@ def test_offsets_read_from_the_device_are_checked_before_the_launch(changes, mat
     with pytest.raises(ValueError, match=match):
         _call(**changes)
     assert tunebook.stats()["misses"] == 0, "nothing launched"
+
+
+def test_a_length_read_inside_a_graph_capture_is_refused_with_what_to_pass(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("tunebook.kernels._common"), "capturing", lambda device: True)
+    with pytest.raises(ValueError, match=r"max_seqlen_q is needed while a CUDA graph is being captured"):
+        _call()
+    with pytest.raises(ValueError, match=r"max_seqlen_k is needed while a CUDA graph"):
+        _call(max_seqlen_q=3)

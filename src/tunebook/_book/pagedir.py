@@ -290,9 +290,12 @@ def read_all(directory: Path, meta: Mapping[str, Any]) -> dict[str, Entry]:
 # --------------------------------------------------------------------------- writing
 
 
-def entry_text(entry: Entry, meta: Mapping[str, Any]) -> str:
-    """One key's file: format, version, whose it is, then the entry, one line per result."""
+def entry_text(entry: Entry, meta: Mapping[str, Any], news: bool = False) -> str:
+    """One key's file: format, version, whose it is, then the entry, one line per result.
+    ``news``: a pending write, which keeps what it ``reopens`` (a key's file never does)."""
     data = entry.to_json()
+    if news and entry.reopens:
+        data["reopens"] = entry.reopens
     head = {
         "format": ENTRY_FORMAT,
         "version": VERSION,
@@ -448,7 +451,7 @@ def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Ent
         stamp = f"{time.time_ns()}-{os.getpid()}-{next(_counter)}"
         _write(
             pending / f"{name[: -len('.json')]}.{stamp}.json",
-            entry_text(news, meta),
+            entry_text(news, meta, news=True),
             _hidden(directory, "tmp"),
         )
         stored = read_key(directory, meta, key_text)

@@ -173,8 +173,10 @@ class Entry:
     # config an untuned kernel would run (what `tunebook show` measures speed-ups against).
     first: str = ""
     # News of a search that started over a decided entry (a larger budget, a config added to
-    # the list): it reopens that search (``merged_over``). Not stored: it describes a write.
-    reopens: bool = field(default=False, compare=False)
+    # the list): the ``chosen`` it started over, which it reopens while that choice still
+    # stands (``merged_over``). Not stored in a key's file: it describes a write (pending
+    # news keep it, ``pagedir.entry_text(news=True)``).
+    reopens: str = field(default="", compare=False)
 
     def best(self, allowed: Iterable[str] | None = None) -> str | None:
         """The winner among ``allowed`` (default: all results).
@@ -255,6 +257,7 @@ class Entry:
             return value if isinstance(value, str) else ""
 
         return Entry(
+            reopens=text("reopens"),
             key=tuple(key),
             results=parsed,
             tuning_seconds=float(seconds),
@@ -274,10 +277,13 @@ class Entry:
         first measurement persisted for (key, config) is the one everybody reads, and once
         a search of the key has ended (``chosen``), no later write changes a result, unless
         the news ``reopens`` it: a search resumed over the decided entry (a larger budget,
-        a config added to the list) confirms its contenders and makes its own choice.
+        a config added to the list) confirms its contenders and makes its own choice, as
+        long as the choice it started over still stands. (Once another resumed search has
+        decided, this one's writes are ordinary: two processes resuming one key end on the
+        first one's choice.)
         """
         if base is None:
-            return replace(self, reopens=False)
+            return self
         results = dict(self.results)
         # A full measurement replaces a quick one until a search of the key has ended with a
         # choice (``chosen`` stored): from then on the results it decided on stand as they
@@ -286,7 +292,8 @@ class Entry:
         # search: without this, a config it found faster stayed a screening, which never
         # competes with full measurements, and the old winner stood (on an H200, a decode key
         # kept a config 15% slower than the one its resumed search had screened and confirmed).
-        open_search = not base.chosen or self.reopens
+        reopening = bool(self.reopens) and base.chosen == self.reopens
+        open_search = not base.chosen or reopening
         for cid, result in base.results.items():
             mine = results.get(cid)
             if mine is None or not (open_search and result.quick and not mine.quick):
@@ -295,13 +302,14 @@ class Entry:
         return replace(
             base,
             results=results,
-            chosen=self.chosen if self.reopens and self.chosen else base.chosen or self.chosen,
+            chosen=self.chosen if reopening and self.chosen else base.chosen or self.chosen,
             misses=base.misses + self.misses,
             call=base.call if base.call is not None else self.call,
             first=base.first or self.first,
             tuning_seconds=base.tuning_seconds + (self.tuning_seconds if added else 0.0),
             tuned_at=min(filter(None, (base.tuned_at, self.tuned_at)), default=""),
             updated_at=max(base.updated_at, self.updated_at),
+            reopens=self.reopens or base.reopens,  # news merged over earlier news stay news
         )
 
 

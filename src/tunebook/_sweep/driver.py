@@ -585,6 +585,7 @@ class _Driver:
             tunebook=__version__,
             chosen=chosen or "",
             first=plan.ids[0] if plan.ids else "",
+            reopens=key.reopens,
         )
         news = self.unwritten.setdefault(page, {})
         before = news.get(plan.key_text)

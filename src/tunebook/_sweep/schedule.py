@@ -143,6 +143,7 @@ class KeySearch:
     answered: bool = False  # the book answered it: nothing to measure
     chosen: str | None = None
     reason: str = ""
+    reopens: str = ""  # the chosen its search starts over, if any (Entry.reopens)
 
     @property
     def finished(self) -> bool:
@@ -263,6 +264,7 @@ class Sweep:
                 if key.chosen is not None:
                     self.persist(key, {}, key.chosen, 0.0)
             return
+        key.reopens = known.chosen if known is not None else ""
         strategy = make_strategy(
             plan.strategy,
             [_flat(r) for r in plan.records],
@@ -415,7 +417,10 @@ class Sweep:
 
     def _decide(self, key: KeySearch) -> None:
         assert key.plan is not None
-        chosen = tie_aware_choice(key.results, key.plan.ids, key.plan.hints)
+        hints = key.plan.hints
+        if key.reopens in key.plan.ids:  # kept on a tie, as tune_key keeps it
+            hints = search_order([key.plan.ids.index(key.reopens)], hints)
+        chosen = tie_aware_choice(key.results, key.plan.ids, hints)
         key.chosen, key.state = chosen, "done"
         if chosen is not None or key.measured:
             self.persist(key, {}, chosen, 0.0)

@@ -243,6 +243,23 @@ def fail(op: str, what: str) -> NoReturn:
     raise ValueError(f"tunebook.kernels.{op}: {what}")
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_read_in_capture(op: str, device: torch.device, missing: str) -> None:
+    """A length the op would read from the GPU, asked for inside a CUDA graph capture: the
+    read waits for the GPU, which a capture refuses with an opaque error ("operation failed
+    due to a previous error during capture") that poisons the capture. Say what to pass."""
+    if capturing(device):
+        fail(
+            op,
+            f"{missing} is needed while a CUDA graph is being captured: reading it from the GPU "
+            f"would wait for the GPU, which a capture refuses; pass {missing}= (an upper bound will do)",
+        )
+
+
 def check_indices_on_cpu(
     op: str,
     name: str,

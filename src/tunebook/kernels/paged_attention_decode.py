@@ -396,6 +396,7 @@ def _paged_attention_decode(
             _OP, f"at most {MAX_BATCH} sequences per call (CUDA's grid limit); found {batch}: split the batch"
         )
     if max_context_len is None:
+        c.refuse_read_in_capture(_OP, q.device, "max_context_len")
         max_context_len = int(context_lens.max())  # waits for the GPU
     max_context_len = max(int(max_context_len), 1)
     capacity = block_table.shape[1] * page

@@ -354,6 +354,7 @@ def _varlen_attention(
         return out
     # One wait for the GPU reads what is missing, and checks the offsets (on the CPU: always)
     if max_seqlen_q is None or max_seqlen_k is None or q.device.type == "cpu":
+        c.refuse_read_in_capture(_OP, q.device, "max_seqlen_q" if max_seqlen_q is None else "max_seqlen_k")
         longest_q, longest_k = _read_offsets(
             q, k, cu_seqlens_q, cu_seqlens_k, k_cache, block_table, prefix_lens
         )
