@@ -63,10 +63,15 @@ def check(q, cache, *, config=None, max_context_len=None, scale=None):  # type: 
     ids=["mha-64-fp32", "gqa4-128-bf16", "gqa8-64-fp16"],
 )
 def test_mixed_contexts_match_sdpa(gen, n_q, n_kv, head_size, dtype) -> None:  # type: ignore[no-untyped-def]
-    """In serve mode without a book: the hand-picked launch, split-KV (8 splits here)."""
+    """Split-KV with the 2-D loop (the hand-picked launch's tiles, 8 splits) and with warp
+    slices (the op's first guess, 2 splits)."""
     cache = paged_cache(gen, LENS, PAGE, n_kv, head_size, dtype)
-    check(randn(gen, len(LENS), n_q, head_size, dtype=dtype), cache, max_context_len=max(LENS))
-    assert _paged_attention_decode_kernel.best_config.kwargs["SPLITS"] > 1
+    q = randn(gen, len(LENS), n_q, head_size, dtype=dtype)
+    for config in (
+        {"BLOCK_N": 16, "SPLITS": 8, "SLICES": 1, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_N": 16, "SPLITS": 2, "SLICES": 4, "num_warps": 4, "num_stages": 3},
+    ):
+        check(q, cache, max_context_len=max(LENS), config=config)
     assert tunebook.stats()["benchmarked"] == 0
 
 
