@@ -298,7 +298,7 @@ def renamed_configs(
 
     current: dict[str, str] = {}
     for cid, candidate in zip(ids, candidates):
-        current.setdefault(form(config_record(candidate.kwargs, _compat.config_options(candidate))), cid)
+        current.setdefault(form(tuner.config_index.record_of(candidate)), cid)
     renamed: dict[str, str] = {}
     for entry in earlier:
         for cid, result in entry.results.items():

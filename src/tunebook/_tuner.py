@@ -283,11 +283,8 @@ def tune_key(job: KeyTuning) -> Outcome:
         name = choose_strategy(n, job.budget, search_order(job.seeds, job.hints))
     else:
         name = job.strategy
-    hints = with_rule(job.hints, job.rule)
-    if job.known is not None and job.known.chosen in job.ids:
-        # A resumed search keeps the choice it started over on a tie, as a read of the book
-        # would (Entry.best): processes that decided before it go on serving the same config.
-        hints = search_order([job.ids.index(job.known.chosen)], hints)
+    started_over = job.known.chosen if job.known is not None else ""
+    hints = keeping(started_over, job.ids, with_rule(job.hints, job.rule))
     # An exhaustive search is one batch: every candidate compiles in parallel up front.
     search(
         [_flat(r) for r in job.records],
@@ -387,6 +384,14 @@ def search_order(seeds: Sequence[int], hints: Sequence[int]) -> list[int]:
 def with_rule(hints: Sequence[int], rule: int | None) -> list[int]:
     """The hints, then the fallback rule's config (if not among them): what a search measures first."""
     return search_order(hints, [] if rule is None else [rule])
+
+
+def keeping(chosen: str, ids: Sequence[str], hints: Sequence[int]) -> list[int]:
+    """``hints`` with ``chosen`` first, if it is a candidate: a search resumed over a decided
+    key keeps the choice it started over on a tie, as a read of the book would (Entry.best),
+    so processes that decided before it go on serving the same config (``tune_key`` and a
+    Ray sweep's decision alike)."""
+    return search_order([ids.index(chosen)], hints) if chosen in ids else list(hints)
 
 
 def contenders(results: Mapping[str, Result], ids: Sequence[str], hints: Sequence[int]) -> list[int]:

@@ -64,7 +64,7 @@ from typing import Any
 from .. import _policy
 from .._book import Entry, Result, now_iso
 from .._search import Budget, Strategy, make_strategy
-from .._tuner import _flat, contenders, search_order, tie_aware_choice
+from .._tuner import _flat, contenders, keeping, search_order, tie_aware_choice
 
 # A unit whose worker was lost this many times has its configs recorded as failed.
 MAX_LOSSES = 3
@@ -417,9 +417,7 @@ class Sweep:
 
     def _decide(self, key: KeySearch) -> None:
         assert key.plan is not None
-        hints = key.plan.hints
-        if key.reopens in key.plan.ids:  # kept on a tie, as tune_key keeps it
-            hints = search_order([key.plan.ids.index(key.reopens)], hints)
+        hints = keeping(key.reopens, key.plan.ids, key.plan.hints)
         chosen = tie_aware_choice(key.results, key.plan.ids, hints)
         key.chosen, key.state = chosen, "done"
         if chosen is not None or key.measured:
