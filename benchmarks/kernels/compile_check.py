@@ -43,6 +43,9 @@ DECODE = [
     ((32, 8, 128), {"BLOCK_N": 64, "SPLITS": 4}, 2, 2),
     ((32, 8, 128), {"BLOCK_N": 32, "SPLITS": 1}, 1, 2),
     ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 1}, 4, 2),
+    # warp slices: 4 softmax states, one a warp, 16 keys each a step
+    ((32, 8, 128), {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4}, 4, 3),
+    ((8, 1, 128), {"BLOCK_N": 32, "SPLITS": 8, "SLICES": 4}, 4, 3),
 ]
 VARLEN = [
     (
@@ -147,6 +150,13 @@ def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    from tunebook.kernels._attention import table_chunk
+
+    chunk, slots = table_chunk(16)
+    return _decode(layout, {"CHUNK": chunk, "TABLE_SLOTS": slots, "SLICES": 1, **meta})
+
+
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     flags = {"EVEN_D": False, "PREFETCH": False, "TRANS_K": False, "EVICT": False, "FLAT": True}
     flags |= {"UNROLL": False, "EARLY": False}
@@ -204,7 +214,7 @@ def kernels() -> dict[str, tuple[Any, dict[str, str], list[Any], Callable[..., d
     import decode_structures  # beside this script
 
     return {
-        "decode": (_paged_attention_decode_kernel.fn, decode_ptrs, DECODE, _decode),
+        "decode": (_paged_attention_decode_kernel.fn, decode_ptrs, DECODE, _decode_pack),
         "tma": (decode_structures._study_tma_kernel, decode_ptrs, TMA, _decode),
         "vm": (decode_structures._study_kernel, decode_ptrs, VM, _vm),
         "varlen": (_varlen_attention_kernel.fn, varlen_ptrs, VARLEN, _varlen),

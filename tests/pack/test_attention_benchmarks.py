@@ -72,11 +72,10 @@ def test_attention_kernels_compile_for_sm90_without_spills() -> None:
         proc.stdout
     )
     assert all(" 0 spill bytes" in line for line in lines), proc.stdout
-    # The hand-picked decode launch asks for 3 stages, and Triton (3.4-3.9) keeps one copy of
-    # each K and V tile: its addresses come from the block table, loaded in the same loop, so
-    # nothing is fetched ahead (BENCHMARKS.md 5b, nineteenth session). If this fails, Triton
-    # pipelines such loops now: re-time the decode kernel and its study variants.
+    # The hand-picked decode launch asks for 3 stages. Its whole tiles take their block
+    # numbers from a register copy of the table (attend_paged_chunks), so Triton keeps 2
+    # copies of each K and V tile; the ragged last tile, read through the table, keeps 1.
     (decode,) = [line for line in lines if line.startswith("decode")]
     copies = re.search(r"tile copies \[([\d, ]+)\]", decode)
     assert "stages=3" in decode and copies, decode
-    assert {int(n) for n in copies.group(1).split(",")} == {1}, decode
+    assert max(int(n) for n in copies.group(1).split(",")) == 2, decode

@@ -86,7 +86,7 @@ def test_offline_tuning_rebuilds_meaningful_calls() -> None:
 
     key = {"batch": 2, "max_context_len": 20, "NQ": 2, "NK": 1, "HEAD_SIZE": 16, "PAGE": 16}
     grid, args, kwargs = _paged_attention_decode_kernel.options.inputs({"call": None, "key": key})
-    q, k_cache, v_cache, table, lens, out = args[0], args[3], args[7], args[11], args[13], args[14]
+    q, k_cache, v_cache, table, lens, out = args[0], args[3], args[7], args[11], args[14], args[15]
     assert q.dtype == torch.bfloat16 and lens.tolist() == [20, 20]
     assert sorted(table.flatten().tolist()) == list(range(4))
     _paged_attention_decode_kernel[grid](*args, **kwargs)

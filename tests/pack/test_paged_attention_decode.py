@@ -18,6 +18,7 @@ from tunebook.kernels.paged_attention_decode import (
     SPACE,
     _paged_attention_decode,
     _paged_attention_decode_kernel,
+    first_guess,
     hand_picked,
     max_splits,
 )
@@ -62,10 +63,15 @@ def check(q, cache, *, config=None, max_context_len=None, scale=None):  # type: 
     ids=["mha-64-fp32", "gqa4-128-bf16", "gqa8-64-fp16"],
 )
 def test_mixed_contexts_match_sdpa(gen, n_q, n_kv, head_size, dtype) -> None:  # type: ignore[no-untyped-def]
-    """In serve mode without a book: the hand-picked launch, split-KV (8 splits here)."""
+    """Split-KV with the 2-D loop (the hand-picked launch's tiles, 8 splits) and with warp
+    slices (the op's first guess, 2 splits)."""
     cache = paged_cache(gen, LENS, PAGE, n_kv, head_size, dtype)
-    check(randn(gen, len(LENS), n_q, head_size, dtype=dtype), cache, max_context_len=max(LENS))
-    assert _paged_attention_decode_kernel.best_config.kwargs["SPLITS"] > 1
+    q = randn(gen, len(LENS), n_q, head_size, dtype=dtype)
+    for config in (
+        {"BLOCK_N": 16, "SPLITS": 8, "SLICES": 1, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_N": 16, "SPLITS": 2, "SLICES": 4, "num_warps": 4, "num_stages": 3},
+    ):
+        check(q, cache, max_context_len=max(LENS), config=config)
     assert tunebook.stats()["benchmarked"] == 0
 
 
@@ -95,6 +101,81 @@ def test_config_sweep(gen, config) -> None:  # type: ignore[no-untyped-def]
     check(randn(gen, len(lens), 4, 64, dtype=torch.bfloat16), cache, config=config)
 
 
+@pytest.mark.parametrize(
+    ("page", "lens", "config"),
+    [
+        (16, [1100, 2100, 5, 0], {"BLOCK_N": 64, "SPLITS": 1, "num_warps": 4, "num_stages": 2}),
+        (16, [2100, 1100, 17], {"BLOCK_N": 32, "SPLITS": 2, "num_warps": 2, "num_stages": 3}),
+        (5, [300, 777, 4], {"BLOCK_N": 16, "SPLITS": 1, "num_warps": 1, "num_stages": 2}),
+        (5, [777, 300], {"BLOCK_N": 32, "SPLITS": 2, "num_warps": 2, "num_stages": 1}),
+    ],
+    ids=["page16-one-split", "page16-two-splits", "page5-one-split", "page5-two-splits"],
+)
+def test_splits_longer_than_a_table_chunk(gen, page, lens, config) -> None:  # type: ignore[no-untyped-def]
+    """A split's whole tiles read their block numbers a chunk at a time (table_chunk: 1,024
+    keys for 16-token blocks, 256 for 5-token ones, whose chunks start and end mid-block):
+    splits of one chunk and several, a ragged tail after them, all compute the same."""
+    cache = paged_cache(gen, lens, page, 1, 16, torch.float32)
+    check(randn(gen, len(lens), 2, 16, dtype=torch.float32), cache, config=config)
+
+
+@pytest.mark.parametrize(
+    ("page", "lens", "config"),
+    [
+        (
+            PAGE,
+            [1, PAGE - 1, PAGE, PAGE + 1, 0, 70, 300],
+            {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4, "num_warps": 4, "num_stages": 2},
+        ),
+        (
+            PAGE,
+            [1, PAGE - 1, PAGE, PAGE + 1, 0, 70, 300],
+            {"BLOCK_N": 16, "SPLITS": 4, "SLICES": 2, "num_warps": 2, "num_stages": 1},
+        ),
+        (
+            PAGE,
+            [1100, 2100, 5, 0],
+            {"BLOCK_N": 32, "SPLITS": 1, "SLICES": 4, "num_warps": 4, "num_stages": 3},
+        ),
+        (5, [300, 777, 4], {"BLOCK_N": 16, "SPLITS": 2, "SLICES": 2, "num_warps": 2, "num_stages": 2}),
+    ],
+    ids=["4-slices", "2-slices-4-splits", "4-slices-past-a-chunk", "page5-2-slices-2-splits"],
+)
+@pytest.mark.parametrize(
+    ("head_size", "dtype"), [(64, torch.float32), (128, torch.bfloat16)], ids=["64-fp32", "128-bf16"]
+)
+def test_warp_slices_match_sdpa(gen, page, lens, config, head_size, dtype) -> None:  # type: ignore[no-untyped-def]
+    """SLICES independent softmax states a program, merged at its end: with splits and
+    without, sequences shorter than one step, empty ones, a ragged last step, chunks of the
+    table that start mid-block."""
+    cache = paged_cache(gen, lens, page, 2, head_size, dtype)
+    check(randn(gen, len(lens), 8, head_size, dtype=dtype), cache, config=config)
+
+
+def test_warp_slices_are_one_a_warp() -> None:
+    """The Space offers SLICES > 1 only with as many warps, and counts a step's SLICES tiles
+    in the per-thread and shared-memory rules."""
+    configs = SPACE.candidates(args=llama_3_8b(batch=16, max_context_len=512))
+    sliced = [c for c in configs if c["SLICES"] > 1]
+    assert sliced and all(c["SLICES"] == c["num_warps"] and c["BLOCK_N"] >= 16 for c in sliced)
+    assert {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4, "num_warps": 4, "num_stages": 3} in configs
+    # 8 slices of 64 keys is 512 keys a step: one step of a 512-token context, nothing to pipeline
+    assert not [c for c in sliced if c["SLICES"] * c["BLOCK_N"] > 512]
+    assert not [c for c in sliced if c["num_stages"] > 1 and c["SLICES"] * c["BLOCK_N"] * c["SPLITS"] > 256]
+
+
+@pytest.mark.parametrize(("page", "head_size"), [(1, 16), (5, 16), (5, 64), (16, 16), (16, 128)])
+def test_no_step_crosses_a_chunk_of_the_table(page, head_size) -> None:  # type: ignore[no-untyped-def]
+    """A step (SLICES tiles of BLOCK_N keys) longer than a chunk of block numbers would read
+    past the register copy of the table (page 5 with 4 slices of 128 keys did, in review)."""
+    from tunebook.kernels._attention import table_chunk
+
+    args = {**llama_3_8b(batch=1, max_context_len=32768), "PAGE": page, "HEAD_SIZE": head_size}
+    configs = SPACE.candidates(args=args)
+    assert configs
+    assert max(c["SLICES"] * c["BLOCK_N"] for c in configs) <= table_chunk(page)[0]
+
+
 def llama_3_8b(**call: int) -> dict:  # type: ignore[type-arg]
     """The kernel's arguments the Space's rules read, for Llama-3-8B's heads and ``call``."""
     k_cache = torch.empty(0, dtype=torch.bfloat16)
@@ -117,13 +198,13 @@ def test_pipelined_tiles_may_be_larger() -> None:
     args = llama_3_8b(batch=64, max_context_len=8192)
 
     def per_thread(c: dict) -> float:  # type: ignore[type-arg]
-        return c["BLOCK_N"] * 128 / (32 * c["num_warps"])
+        return c["BLOCK_N"] * c["SLICES"] * 128 / (32 * c["num_warps"])
 
     candidates = SPACE.candidates(args=args)
     unstaged = [per_thread(c) for c in candidates if c["num_stages"] == 1]
     staged = [per_thread(c) for c in candidates if c["num_stages"] > 1]
     assert max(unstaged) == MAX_TILE_PER_THREAD < max(staged) == MAX_STAGED_TILE_PER_THREAD
-    assert {"BLOCK_N": 64, "SPLITS": 4, "num_warps": 2, "num_stages": 2} in candidates
+    assert {"BLOCK_N": 64, "SPLITS": 4, "SLICES": 1, "num_warps": 2, "num_stages": 2} in candidates
 
 
 def test_too_many_sequences_fail_with_the_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -155,9 +236,9 @@ def test_split_buffers_keep_their_size_whatever_the_call(monkeypatch) -> None:  
             table = torch.zeros(batch, context // PAGE, dtype=torch.int32)
             lens = torch.zeros(batch, dtype=torch.int32)
             call = {**llama_3_8b(batch=batch, max_context_len=context), "NQ": n_q, "NK": n_kv}
-            for config in [None, hand_picked(call), *SPACE.candidates(args=call)]:
+            for config in [None, hand_picked(call), first_guess(call), *SPACE.candidates(args=call)]:
                 _, args = module._launch(q, k_cache, k_cache, table, lens, None, context, q, config)
-                ws, lse, locks = args[17:20]
+                ws, lse, locks = args[18:21]
                 splits = max_splits(batch, n_kv, context) if config is None else config["SPLITS"]
                 if splits == 1:
                     continue  # SPLITS=1 never touches them
@@ -200,7 +281,17 @@ def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no
                     assert got == pytest.approx(want, abs=1e-4), (b, h, split, g)
 
 
-def test_serve_mode_runs_the_hand_picked_config(gen) -> None:  # type: ignore[no-untyped-def]
+def test_the_first_guess_is_a_point_of_the_space_with_enough_programs() -> None:
+    """Measured first by every search, it must be a candidate as is where its steps pipeline:
+    splits until ~128 programs run (16 sequences of 8 KV heads need none; one needs 16)."""
+    for batch, context, splits in [(16, 512, 1), (64, 512, 1), (1, 512, 4), (4, 8192, 4), (1, 32768, 16)]:
+        call = llama_3_8b(batch=batch, max_context_len=context)
+        guess = first_guess(call)
+        assert guess["SPLITS"] == splits, (batch, context, guess)
+        assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context)
+
+
+def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # type: ignore[no-untyped-def]
     cache = paged_cache(gen, [300], PAGE, 1, 64, torch.bfloat16)
     paged_attention_decode(
         randn(gen, 1, 4, 64, dtype=torch.bfloat16),
@@ -211,8 +302,10 @@ def test_serve_mode_runs_the_hand_picked_config(gen) -> None:  # type: ignore[no
         max_context_len=300,
     )
     cfg = _paged_attention_decode_kernel.best_config
-    picked = hand_picked({"batch": 1, "NK": 1})
-    assert {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} == picked
+    # one sequence of one KV head: splits until each keeps two 64-key steps of the bucket (512)
+    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 300})
+    assert guess == {"BLOCK_N": 16, "SPLITS": 4, "SLICES": 4, "num_warps": 4, "num_stages": 3}
+    assert {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} == guess
     assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 1
 
 

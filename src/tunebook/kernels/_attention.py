@@ -275,6 +275,191 @@ def attend_tiles(
     return acc, m_i, l_i
 
 
+def table_chunk(page: int) -> tuple[int, int]:
+    """(keys, block-number slots) of one chunk of :func:`attend_paged_chunks` for blocks of
+    ``page`` tokens: 1,024 keys (a multiple of every ``BLOCK_N``), 256 for pages under 8
+    tokens so the register copy of the table stays small; the slots cover a chunk that
+    starts mid-block.
+
+    >>> table_chunk(16), table_chunk(5), table_chunk(1)
+    ((1024, 128), (256, 64), (256, 512))
+    """
+    keys = 1024 if page >= 8 else 256
+    return keys, triton.next_power_of_2(keys // page + 2)
+
+
+@triton.jit
+def attend_paged_chunks(
+    acc,
+    m_i,
+    l_i,
+    q,
+    lo,
+    hi,
+    k_base,
+    v_base,
+    k_row_stride,
+    v_row_stride,
+    k_block_stride,
+    v_block_stride,
+    table_row,
+    table_width,
+    first_blocks,
+    qk_scale,
+    d,
+    d_mask,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TABLE_SLOTS: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """:func:`attend_tiles` for whole, unmasked tiles ``[lo, hi)`` of the paged cache
+    (``hi - lo`` a multiple of ``BLOCK_N``), its block numbers read ``CHUNK`` keys at a time.
+
+    Why: in :func:`attend_tiles` a tile's key addresses come from a load in the same loop
+    (the block table), and Triton's software pipeliner (3.4-3.9) then gives the K and V
+    loads a single buffer and waits for each before the tile's math, whatever ``num_stages``
+    asks: nothing of the next tile is in flight while this one is computed. Here a chunk's
+    block numbers are loaded once into registers (``TABLE_SLOTS`` of them, from
+    :func:`table_chunk`) and each tile picks its own with ``tl.gather``; no load feeds an
+    address inside the tile loop, so it is pipelined ``num_stages`` deep. The table's first
+    chunk, ``first_blocks``, is loaded by the caller before anything waits on the sequence's
+    length (entries past the sequence's blocks are read, up to ``table_width``, never used).
+    """
+    tl.static_assert(CHUNK % BLOCK_N == 0, "a tile must not cross a chunk of block numbers")
+    for c0 in range(lo, hi, CHUNK):
+        first = c0 // PAGE
+        c_hi = tl.minimum(hi, c0 + CHUNK)
+        if c0 == 0:
+            blocks = first_blocks
+        else:
+            slot = tl.arange(0, TABLE_SLOTS)
+            blocks = tl.load(table_row + first + slot, mask=slot < table_width - first, other=0)
+        for start in range(c0, c_hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            block = tl.gather(blocks, j // PAGE - first, 0).to(tl.int64)
+            row = (j % PAGE).to(tl.int64)
+            k_off = block * k_block_stride + row * k_row_stride
+            v_off = block * v_block_stride + row * v_row_stride
+            k_t = tl.load(k_base + k_off[None, :] + d[:, None], mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_base + v_off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)
+            # The fold of attend_tiles, unmasked. (Written out, not shared: a change to
+            # attend_tiles's source re-keys varlen_attention's tuned page too.)
+            s = mma(q, k_t, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fold_slices(acc, m_i, l_i, q, k_t, v, visible, qk_scale, MASKED: tl.constexpr, DOT: tl.constexpr):
+    """One step of :func:`attend_warp_slices`: each slice's keys folded into its own state."""
+    s = mma(q, k_t, tl.zeros([q.shape[0], q.shape[1], k_t.shape[2]], dtype=tl.float32), DOT) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 2))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, 2)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, :, None], DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _slice_offsets(block, j, row_stride, block_stride, PAGE: tl.constexpr):
+    return block.to(tl.int64) * block_stride + (j % PAGE).to(tl.int64) * row_stride
+
+
+@triton.jit
+def attend_warp_slices(
+    q,
+    lo,
+    full,
+    hi,
+    k_base,
+    v_base,
+    k_row_stride,
+    v_row_stride,
+    k_block_stride,
+    v_block_stride,
+    table_row,
+    table_width,
+    first_blocks,
+    qk_scale,
+    d,
+    d_mask,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SLICES: tl.constexpr,
+    PAGE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TABLE_SLOTS: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` of the paged cache, ``SLICES * BLOCK_N`` a step, each step's keys
+    dealt to ``SLICES`` independent online-softmax states (``BLOCK_N`` keys each), merged
+    once at the end into the ``(acc, m_i, l_i)`` that :func:`attend_tiles` returns. Steps up
+    to ``full`` are whole (``full - lo`` a multiple of the step); the rest is one masked step.
+
+    Why: in :func:`attend_tiles` a ``[BLOCK_M, BLOCK_N]`` score tile is spread over the warps
+    by key, so every tile's row maximum and sum, and P on its way to the P @ V product, cross
+    warps through shared memory and a barrier. Here the slices are a leading tile dimension
+    (a batched ``tl.dot``) that Triton lays one to a warp when ``SLICES == num_warps``: the
+    softmax stays in the warp, as in cuDNN's decode kernel. Block numbers come from a
+    register copy of the table, as in :func:`attend_paged_chunks`, so the loop pipelines.
+    """
+    STEP: tl.constexpr = SLICES * BLOCK_N
+    tl.static_assert(CHUNK % STEP == 0, "a step must not cross a chunk of block numbers")
+    lane = tl.arange(0, SLICES)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    qs = tl.broadcast_to(q[None, :, :], [SLICES, BLOCK_M, BLOCK_D])
+    acc = tl.zeros([SLICES, BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([SLICES, BLOCK_M], NO_SCORE, dtype=tl.float32)
+    l_i = tl.zeros([SLICES, BLOCK_M], dtype=tl.float32)
+    k_mask = d_mask[None, :, None]
+    v_mask = d_mask[None, None, :]
+    for c0 in range(lo, full, CHUNK):
+        first = c0 // PAGE
+        c_hi = tl.minimum(full, c0 + CHUNK)
+        if c0 == 0:
+            blocks = first_blocks
+        else:
+            slot = tl.arange(0, TABLE_SLOTS)
+            blocks = tl.load(table_row + first + slot, mask=slot < table_width - first, other=0)
+        for start in range(c0, c_hi, STEP):
+            j = start + lane
+            block = tl.reshape(tl.gather(blocks, tl.reshape(j // PAGE - first, [STEP]), 0), [SLICES, BLOCK_N])
+            k_off = _slice_offsets(block, j, k_row_stride, k_block_stride, PAGE)
+            v_off = _slice_offsets(block, j, v_row_stride, v_block_stride, PAGE)
+            k_t = tl.load(k_base + k_off[:, None, :] + d[None, :, None], mask=k_mask, other=0.0)
+            v = tl.load(v_base + v_off[:, :, None] + d[None, None, :], mask=v_mask, other=0.0)
+            acc, m_i, l_i = _fold_slices(acc, m_i, l_i, qs, k_t, v, None, qk_scale, False, DOT)
+    if full < hi:
+        j = full + lane
+        inside = j < hi
+        block = tl.load(table_row + j // PAGE, mask=inside, other=0)
+        k_off = _slice_offsets(block, j, k_row_stride, k_block_stride, PAGE)
+        v_off = _slice_offsets(block, j, v_row_stride, v_block_stride, PAGE)
+        k_t = tl.load(
+            k_base + k_off[:, None, :] + d[None, :, None], mask=inside[:, None, :] & k_mask, other=0.0
+        )
+        v = tl.load(
+            v_base + v_off[:, :, None] + d[None, None, :], mask=inside[:, :, None] & v_mask, other=0.0
+        )
+        acc, m_i, l_i = _fold_slices(acc, m_i, l_i, qs, k_t, v, inside[:, None, :], qk_scale, True, DOT)
+    # A slice that saw no key keeps m = NO_SCORE and l = 0: its weight is 0 beside any slice
+    # that did, and when none did, l sums to 0 and the row's output is 0 (normalized).
+    top = tl.max(m_i, 0)
+    weight = tl.exp2(m_i - top[None, :])
+    return tl.sum(acc * weight[:, :, None], 0), top, tl.sum(l_i * weight, 0)
+
+
 @triton.jit
 def normalized(acc, l_i):
     """The attention output of each row: acc / l, and 0 for a row that saw no key."""

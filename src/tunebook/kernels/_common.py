@@ -156,20 +156,24 @@ def autotune(
     key: Sequence[str],
     hand_picked: Callable[[dict[str, Any]], Mapping[str, int]],
     inputs: Callable[[dict[str, Any]], Any] | None = None,
+    rule: Callable[[dict[str, Any]], Mapping[str, int]] | None = None,
 ) -> Callable[[Any], tunebook.Autotuner]:
     """``tunebook.autotune`` with the pack's options (module docstring).
 
     ``hand_picked(named_key) -> config dict`` is the op's conventional config for a key
     (``named_key`` maps the key's argument names to the call's values); ``serve`` mode
     falls back to it where the book remembers nothing comparable (a bucket the book lacks
-    takes its nearest tuned key's winner first: ``prefer_nearest``).
+    takes its nearest tuned key's winner first: ``prefer_nearest``). ``rule``, where given,
+    replaces it there: the op's own first guess, where a structure the conventional launch
+    lacks is known to win. Either is measured first in every search (``fallback=``), so a
+    neighbour search that starts from the hints also tries the rule's structure.
     ``inputs`` rebuilds a call for offline tuning where random tensors of the recorded
     layout would not do (block tables, lengths): ``tunebook.autotune``'s.
     """
     names = [str(k) for k in key]
 
     def fallback(key_values: tuple[Any, ...], configs: list[Any]) -> Any:
-        return closest_config(configs, hand_picked(dict(zip(names, key_values))))
+        return closest_config(configs, (rule or hand_picked)(dict(zip(names, key_values))))
 
     return tunebook.autotune(
         configs=space,

@@ -29,6 +29,14 @@ whichever arrives last), stores the output and resets the counter. One launch, n
 reduction kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS``
 per key like any other parameter.
 
+**Loop structure** (both tuned per key): whole tiles take their block numbers from a
+register copy of the table, a chunk at a time (``_attention.attend_paged_chunks``), so that
+Triton's pipeliner fetches ``num_stages - 1`` tiles ahead (through the table, it fetches
+none). With ``SLICES > 1`` (as many as ``num_warps``) a program keeps ``SLICES`` softmax
+states, one a warp, each step reading ``SLICES`` tiles of ``BLOCK_N`` keys, and merges them
+once at its end (``_attention.attend_warp_slices``): the tile's softmax then never crosses
+warps (BENCHMARKS.md 5b, nineteenth session).
+
 The key: the batch size bucketed onto serving batch sizes, the longest context bucketed
 onto powers of two (``max_context_len``), query heads, KV heads, head size and block size
 exactly, and the dtypes.
@@ -46,7 +54,7 @@ import tunebook
 
 from . import _attention as a
 from . import _common as c
-from ._attention import NO_SCORE, attend_tiles, normalized
+from ._attention import NO_SCORE, attend_paged_chunks, attend_tiles, attend_warp_slices, normalized
 from ._gemm_common import SMEM_BYTES, Scratch, dot_mode
 
 _OP = "paged_attention_decode"
@@ -82,13 +90,23 @@ def max_splits(batch: int, n_kv: int, context: int) -> int:
     return best
 
 
+def step_keys(cfg: dict[str, Any]) -> int:
+    """Keys a program reads per loop step: SLICES tiles of BLOCK_N (SLICES 1 when absent)."""
+    return int(cfg.get("SLICES", 1)) * int(cfg["BLOCK_N"])
+
+
 def _feasible(cfg: dict[str, Any]) -> bool:
+    # Warp slices are one a warp (more would share warps, fewer would split a slice's keys
+    # over warps again); the slices' batched tl.dot wants 16 keys a slice at least.
+    slices = cfg["SLICES"]
+    if slices > 1 and (slices != cfg["num_warps"] or cfg["BLOCK_N"] < 16):
+        return False
     return cfg["num_stages"] == 1 or cfg["BLOCK_N"] >= 16
 
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
-    # the tile the kernel holds: head_size padded to a tl.dot size (16 at least)
-    per_thread = cfg["BLOCK_N"] * a.dot_floor(args["HEAD_SIZE"]) / (32 * cfg["num_warps"])
+    # the step's tile the kernel holds: head_size padded to a tl.dot size (16 at least)
+    per_thread = step_keys(cfg) * a.dot_floor(args["HEAD_SIZE"]) / (32 * cfg["num_warps"])
     most = MAX_TILE_PER_THREAD if cfg["num_stages"] == 1 else MAX_STAGED_TILE_PER_THREAD
     return MIN_TILE_PER_THREAD <= per_thread <= most and fits_work(cfg, args)
 
@@ -98,23 +116,29 @@ def fits_work(cfg: dict[str, Any], args: Any) -> bool:
     split has keys to read, a pipeline has 2+ tiles, the stages fit in shared memory."""
     block_d = a.dot_floor(args["HEAD_SIZE"])
     context = a.context_of(args["max_context_len"])
-    if cfg["BLOCK_N"] > context:
-        return False  # a tile longer than every sequence: masked-off keys
+    step = step_keys(cfg)
+    if step > context:
+        return False  # a step longer than every sequence: masked-off keys
+    if step > a.table_chunk(args["PAGE"])[0]:
+        return False  # a step past the chunk of block numbers held in registers
     splits = cfg["SPLITS"]
     if splits > max_splits(args["batch"], args["NK"], args["max_context_len"]):
         return False
-    if splits > 1 and context < splits * cfg["BLOCK_N"]:
-        return False  # splits without a whole tile to read
-    tiles = context // (splits * cfg["BLOCK_N"])
-    if cfg["num_stages"] > 1 and tiles < 2:
-        return False  # a loop of one tile has nothing to pipeline
+    if splits > 1 and context < splits * step:
+        return False  # splits without a whole step to read
+    steps = context // (splits * step)
+    if cfg["num_stages"] > 1 and steps < 2:
+        return False  # a loop of one step has nothing to pipeline
     elem = 4 if args["k_cache_ptr"].dtype == torch.float32 else 2
-    return cfg["num_stages"] * 2 * cfg["BLOCK_N"] * block_d * elem <= SMEM_BYTES
+    # The pipeliner keeps num_stages - 1 K and V tiles in flight (one when unpipelined).
+    buffers = max(1, cfg["num_stages"] - 1)
+    return buffers * 2 * step * block_d * elem <= SMEM_BYTES
 
 
 SPACE = tunebook.Space(
     BLOCK_N=[16, 32, 64, 128, 256],
     SPLITS=SPLITS,
+    SLICES=[1, 2, 4, 8],
     num_warps=[1, 2, 4, 8],
     num_stages=[1, 2, 3, 4],
     constraints=[_feasible],
@@ -127,7 +151,25 @@ def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     softmax segments when fewer than 128 (sequence, KV head) programs would run and one
     otherwise, Triton's default 4 warps and 3 stages."""
     splits = 16 if key["batch"] * key["NK"] <= 128 else 1
-    return {"BLOCK_N": 16, "SPLITS": splits, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": 16, "SPLITS": splits, "SLICES": 1, "num_warps": 4, "num_stages": 3}
+
+
+# Programs a launch wants at least before more splits pay (about one an SM of an H100/H200).
+RULE_PROGRAMS = 128
+
+
+def first_guess(key: dict[str, Any]) -> dict[str, int]:
+    """The op's own first guess, measured first in every search and served where the book
+    remembers nothing comparable: four softmax states, one a warp, of 16 keys each, 3 stages.
+    On an H200 it ran at 0.79 of SDPA where the 2-D configs timed beside it reached 0.68-0.69
+    (Llama-3 layouts, 16-64 sequences of 512 tokens), and lost at Qwen2.5-7B's 28/4
+    (BENCHMARKS.md 5b, twentieth session): a guess the search measures, not a winner. Splits
+    until about RULE_PROGRAMS programs run, while each split keeps two steps of keys to pipeline."""
+    step, programs, context = 4 * 16, key["batch"] * key["NK"], a.context_of(key["max_context_len"])
+    splits = 1
+    while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:
+        splits *= 2
+    return {"BLOCK_N": 16, "SPLITS": splits, "SLICES": 4, "num_warps": 4, "num_stages": 3}
 
 
 @c.autotune(
@@ -136,6 +178,7 @@ def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     key=[c.token_bucket("batch"), a.context_bucket("max_context_len"), "NQ", "NK", "HEAD_SIZE", "PAGE"],
     hand_picked=hand_picked,
     inputs=lambda description: _inputs(description),
+    rule=first_guess,
 )
 @triton.jit(do_not_specialize=["batch", "max_context_len"])
 def _paged_attention_decode_kernel(
@@ -152,6 +195,7 @@ def _paged_attention_decode_kernel(
     v_stride_h,
     table_ptr,
     table_stride,
+    table_width,
     lens_ptr,
     out_ptr,
     out_stride_b,
@@ -169,8 +213,11 @@ def _paged_attention_decode_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TABLE_SLOTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    SLICES: tl.constexpr = 1,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -186,29 +233,44 @@ def _paged_attention_decode_kernel(
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    # The table's first chunk, asked for with q and the length: split 0 starts there, and the
+    # length is not needed to read it (the chain length -> table -> keys is one load shorter).
+    table_row = table_ptr + seq.to(tl.int64) * table_stride
+    slot = tl.arange(0, TABLE_SLOTS)
+    first_blocks = tl.load(table_row + slot, mask=slot < table_width, other=0)
     context = tl.maximum(tl.load(lens_ptr + seq), 0)
-    # Splits take whole tiles, so every tile but a sequence's last is full.
-    per_split = tl.cdiv(tl.cdiv(context, BLOCK_N), SPLITS) * BLOCK_N
+    # Splits take whole steps (SLICES tiles of BLOCK_N keys), so every step but a sequence's
+    # last is full.
+    STEP: tl.constexpr = SLICES * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(context, STEP), SPLITS) * STEP
     lo = split * per_split
     hi = tl.minimum(context, lo + per_split)
-    full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    table_row = table_ptr + seq.to(tl.int64) * table_stride
+    full = lo + tl.maximum(hi - lo, 0) // STEP * STEP
     k_base = k_cache_ptr + kv_head * k_stride_h
     v_base = v_cache_ptr + kv_head * v_stride_h
-    # Whole tiles without masks, then the ragged last one.
-    acc, m_i, l_i = attend_tiles(
-        acc, m_i, l_i, q, g, lo, full, hi, 0,
-        k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, qk_scale, d, d_mask,
-        BLOCK_G, BLOCK_N, False, False, True, PAGE, DOT,
-    )  # fmt: skip
-    acc, m_i, l_i = attend_tiles(
-        acc, m_i, l_i, q, g, full, hi, hi, 0,
-        k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, qk_scale, d, d_mask,
-        BLOCK_G, BLOCK_N, True, False, True, PAGE, DOT,
-    )  # fmt: skip
+    if SLICES == 1:
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        # Whole tiles without masks (pipelined: their block numbers come in chunks), then
+        # the ragged last one.
+        acc, m_i, l_i = attend_paged_chunks(
+            acc, m_i, l_i, q, lo, full,
+            k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, table_width,
+            first_blocks, qk_scale, d, d_mask, BLOCK_G, BLOCK_N, PAGE, CHUNK, TABLE_SLOTS, DOT,
+        )  # fmt: skip
+        acc, m_i, l_i = attend_tiles(
+            acc, m_i, l_i, q, g, full, hi, hi, 0,
+            k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, qk_scale, d, d_mask,
+            BLOCK_G, BLOCK_N, True, False, True, PAGE, DOT,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = attend_warp_slices(
+            q, lo, full, hi,
+            k_base, v_base, k_stride_s, v_stride_s, k_stride_b, v_stride_b, table_row, table_width,
+            first_blocks, qk_scale, d, d_mask,
+            BLOCK_G, BLOCK_D, BLOCK_N, SLICES, PAGE, CHUNK, TABLE_SLOTS, DOT,
+        )  # fmt: skip
     out_rows = out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLITS == 1:
@@ -388,13 +450,14 @@ def _launch(
         *(q, q.stride(0), q.stride(1)),
         *(k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
         *(v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
-        *(table, table.stride(0), context_lens),
+        *(table, table.stride(0), table.shape[1], context_lens),
         *(out, out.stride(0), out.stride(1)),
         *(ws, lse, locks),
         a.softmax_scale(scale, head_size) * a.LOG2E,
         batch,
         max_context_len,
         *(n_q, n_kv, head_size, page, block_g, block_d, dot_mode(q.dtype)),
+        *a.table_chunk(page),
     )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:

@@ -282,7 +282,8 @@ class FixedOps(TritonOps):
         max_context_len: int,
     ) -> torch.Tensor:
         args = {"batch": q.shape[0], "NK": k_cache.shape[2], "HEAD_SIZE": q.shape[-1],
-                "max_context_len": max_context_len, "k_cache_ptr": k_cache}  # fmt: skip
+                "PAGE": k_cache.shape[1], "max_context_len": max_context_len,
+                "k_cache_ptr": k_cache}  # fmt: skip
         config = self.config("paged_attention_decode", args)
         return self.mod["paged_attention_decode"]._paged_attention_decode(
             q, k_cache, v_cache, block_table, context_lens, None, max_context_len, None, config
