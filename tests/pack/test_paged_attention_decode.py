@@ -16,6 +16,7 @@ from tunebook.kernels._attention import LOG2E, NO_SCORE
 from tunebook.kernels.paged_attention_decode import (
     MAX_STAGED_TILE_PER_THREAD,
     MAX_TILE_PER_THREAD,
+    MERGE_ONE_BY_ONE,
     SPACE,
     _paged_attention_decode,
     _paged_attention_decode_kernel,
@@ -77,12 +78,13 @@ def test_mixed_contexts_match_sdpa(gen, n_q, n_kv, head_size, dtype) -> None:  #
     assert tunebook.stats()["benchmarked"] == 0
 
 
-@pytest.mark.parametrize(("n_q", "head_size", "splits"), [(8, 128, 16), (7, 64, 64)], ids=["g8-128", "g7-64"])
+@pytest.mark.parametrize(("n_q", "head_size", "splits"), [(8, 128, 32), (7, 64, 64)], ids=["g8-128", "g7-64"])
 def test_the_split_merge_over_several_steps_matches_sdpa(gen, n_q, head_size, splits) -> None:  # type: ignore[no-untyped-def]
-    """The last split reads the partials merge_most() at a time: several steps here, a group
-    that is not a power of two (its padded rows masked), and splits left without keys (the
-    short sequences') among them."""
+    """Past MERGE_ONE_BY_ONE splits the last split reads the partials merge_most() at a
+    time: several steps here, a group that is not a power of two (its padded rows masked),
+    and splits left without keys (the short sequences') among them."""
     assert 1 < merge_most(triton.next_power_of_2(n_q), head_size) < splits
+    assert splits > MERGE_ONE_BY_ONE
     lens = [splits * 32 - 3, 1, 0, PAGE + 1]  # the first sequence has keys in every split
     cache = paged_cache(gen, lens, PAGE, 1, head_size, torch.bfloat16)
     q = randn(gen, len(lens), n_q, head_size, dtype=torch.bfloat16)

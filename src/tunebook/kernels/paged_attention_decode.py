@@ -299,6 +299,9 @@ def _paged_attention_decode_kernel(
 
 # Elements of the merge's [chunk, G, head] accumulator: 32 a thread at 4 warps.
 MERGE_ELEMENTS = 4096
+# Up to this many splits the merge reads one partial a step: chunks cost about 2 us more at
+# 8 splits, tied at 16, and won from 32 (BENCHMARKS.md 5b, twenty-second session).
+MERGE_ONE_BY_ONE: tl.constexpr = tl.constexpr(16)
 
 
 def merge_most(merge_g: int, block_d: int) -> int:
@@ -318,34 +321,39 @@ def _merge_splits(
     MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """The last split's merge of a (sequence, KV head)'s SPLITS partials, in split order:
-    ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``. MERGE_CHUNK
-    partials are asked for at once as one [chunk, G, head] load (G at its power of two, not
-    tl.dot's 16 rows) and summed into an accumulator of that shape, reduced once at the end:
-    a partial an L2 round trip cost ~0.26 us a split on an H200, and a reduction a step
-    (across warps) cost more than it saved (BENCHMARKS.md 5b, twenty-second session)."""
+    ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)`` (G at its power of
+    two, not tl.dot's 16 rows). Past MERGE_ONE_BY_ONE splits, MERGE_CHUNK partials are asked
+    for at once as one [chunk, G, head] load and summed into an accumulator of that shape,
+    reduced once at the end: one partial an L2 round trip cost ~0.26 us a split on an H200
+    (16 of a 20 us call at 64 splits), and a reduction a step (across warps) cost more than it
+    saved (BENCHMARKS.md 5b, twenty-second session)."""
     g = tl.arange(0, MERGE_G)
     g_mask = g < G
-    s = tl.arange(0, SPLITS)
+    # Every operand is [splits, G, 1] or [splits, G, head]: reductions stay in a thread.
+    g3 = g[None, :, None]
+    g3_mask = g3 < G
+    s = tl.arange(0, SPLITS)[:, None, None]
     # .cg reads L2, where the other programs' partials are, not a stale L1.
-    lse_rows, lse_mask = lse_ptr + g[None, :], g_mask[None, :]
-    lses = tl.load(lse_rows + (first + s[:, None]) * G, mask=lse_mask, other=NO_SCORE, cache_modifier=".cg")
-    top = tl.max(lses, 0)
-    c = tl.arange(0, MERGE_CHUNK)
-    total = tl.zeros([MERGE_CHUNK, MERGE_G, BLOCK_D], dtype=tl.float32)
-    weight = tl.zeros([MERGE_CHUNK, MERGE_G], dtype=tl.float32)
-    for i in tl.static_range(0, SPLITS, MERGE_CHUNK):
-        part = first + i + c
-        lse = tl.load(lse_rows + part[:, None] * G, mask=lse_mask, other=NO_SCORE, cache_modifier=".cg")
-        w = tl.exp2(lse - top[None, :])
-        o = tl.load(
-            ws_ptr + (part[:, None, None] * G + g[None, :, None]) * BLOCK_D + d[None, None, :],
-            mask=g_mask[None, :, None],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        total += w[:, :, None] * o
-        weight += w
-    merged = tl.sum(total, 0) / tl.sum(weight, 0)[:, None]
+    lses = tl.load(lse_ptr + (first + s) * G + g3, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg")
+    top = tl.max(lses, 0)[None, :, :]
+    weight = tl.sum(tl.exp2(lses - top), 0)
+    ws_d = ws_ptr + d[None, None, :]
+    if SPLITS <= MERGE_ONE_BY_ONE:
+        total = tl.zeros([1, MERGE_G, BLOCK_D], dtype=tl.float32)
+        for i in range(SPLITS):
+            part = (first + i) * G + g3
+            w = tl.exp2(tl.load(lse_ptr + part, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg") - top)
+            o = tl.load(ws_d + part * BLOCK_D, mask=g3_mask, other=0.0, cache_modifier=".cg")
+            total += w * o
+    else:
+        c = tl.arange(0, MERGE_CHUNK)[:, None, None]
+        total = tl.zeros([MERGE_CHUNK, MERGE_G, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(0, SPLITS, MERGE_CHUNK):
+            part = (first + i + c) * G + g3
+            w = tl.exp2(tl.load(lse_ptr + part, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg") - top)
+            o = tl.load(ws_d + part * BLOCK_D, mask=g3_mask, other=0.0, cache_modifier=".cg")
+            total += w * o
+    merged = tl.sum(total, 0) / weight
     rows = out_row + (kv_head * G + g)[:, None] * out_stride_h + d[None, :]
     tl.store(rows, merged.to(out_row.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
