@@ -50,6 +50,12 @@ def test_attention_scripts_dry_run(tmp_path: Path) -> None:
         assert set(row["ratios"]) == {"hand-picked/tunebook", f"{baseline}/tunebook"}
         pages = [p for p in (tmp_path / script / "book").iterdir() if not p.name.startswith(".")]
         assert pages, "the tuning was not written to OUT/book"
+        # the comparison of served grids reads what the script writes
+        grid = str(tmp_path / script / f"{op}.json")
+        compare = [sys.executable, str(SCRIPTS / "compare_grids.py"), "--new", grid, "--old", grid, "--table"]
+        done = subprocess.run(compare, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"{op}: 1 cells; geomean new/old of sdpa/tunebook 1.000"), done.stdout
 
 
 @pytest.mark.slow  # one process compiling four kernels with ptxas, ~8 s

@@ -1,0 +1,103 @@
+"""benchmarks/kernels/compare_grids.py on grids whose ratios are known: the arithmetic, the
+issue's target counts, the table, and clear refusals of files it cannot compare."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "compare_grids.py"
+OP = "paged_attention_decode"
+
+
+def row(
+    layout: tuple[int, int], batch: int, context: int, ratio: float, of_copy: float, splits: int = 1
+) -> dict:
+    shape = {"n_q": layout[0], "n_kv": layout[1], "head_size": 128, "page": 16, "context": context}
+    label = f"{OP}[" + ",".join(f"{k}={v}" for k, v in shape.items()) + f"] tokens={batch} bfloat16"
+    return {
+        "label": label,
+        "shape": shape,
+        "tokens": batch,
+        "tuned_config": {"BLOCK_N": 64, "SPLITS": splits},
+        "tuning": {"configs_benchmarked": 0, "fallback": False},
+        "timings": {"tunebook": {"median_us": 10.0, "of_copy": of_copy}, "sdpa": {"median_us": 10.0 * ratio}},
+        "ratios": {"sdpa/tunebook": ratio, "hand-picked/tunebook": 2.0},
+    }
+
+
+def grid(path: Path, rows: list[dict], op: str = OP) -> Path:
+    path.write_text(json.dumps({"meta": {"op": op}, "results": rows}))
+    return path
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(SCRIPT), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_the_geomean_the_targets_and_the_table_are_the_grids(tmp_path: Path) -> None:
+    old = grid(
+        tmp_path / "old.json",
+        [
+            row((8, 1), 1, 8192, 0.50, 0.10, 32),
+            row((8, 1), 16, 8192, 0.90, 0.60, 8),
+            row((32, 8), 64, 512, 1.00, 0.90),
+            row((32, 8), 256, 32768, 1.05, 1.02),  # only in old: not compared
+        ],
+    )
+    new = grid(
+        tmp_path / "new.json",
+        [
+            row((8, 1), 1, 8192, 0.80, 0.20, 64),
+            row((8, 1), 16, 8192, 1.08, 0.75, 8),
+            row((32, 8), 64, 512, 0.90, 0.85),
+        ],
+    )
+    done = run("--new", new, "--old", old, "--table")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    expected = math.exp((math.log(0.8 / 0.5) + math.log(1.08 / 0.9) + math.log(0.9 / 1.0)) / 3)
+    assert out.startswith(
+        f"{OP}: 3 cells; geomean new/old of sdpa/tunebook {expected:.3f}; range 0.900-1.600"
+    )
+    targets = "batch >= 8 at sdpa or better {} of {}; contexts >= 8192 under 0.70 of copy {} of {}"
+    assert "new: at sdpa or better 1 of 3; " + targets.format(1, 2, 1, 2) in out
+    assert "old: at sdpa or better 2 of 4; " + targets.format(2, 3, 2, 3) in out
+    assert "benchmarked 0, fallbacks 0 over 1 run(s)" in out
+    assert "| heads q/kv | batch | 512 | 8,192 |" in out
+    assert "| 8/1 | 1 | — | 0.80 (0.50) |" in out and "| 32/8 | 64 | 0.90 (1.00) | — |" in out
+    moved = out.split("moved most")[1].splitlines()
+    assert moved[1].startswith("0.900  0.900 1.000") and moved[3].startswith("1.600  0.800 0.500")
+    assert "SPLITS=64" in moved[3]
+
+
+def test_runs_of_a_side_are_averaged_and_their_spread_is_the_noise(tmp_path: Path) -> None:
+    old1 = grid(tmp_path / "o1.json", [row((8, 1), 1, 512, 1.0, 0.1), row((8, 1), 4, 512, 1.0, 0.2)])
+    old2 = grid(tmp_path / "o2.json", [row((8, 1), 1, 512, 1.21, 0.1), row((8, 1), 4, 512, 1.0, 0.2)])
+    new = grid(tmp_path / "n.json", [row((8, 1), 1, 512, 1.1, 0.1), row((8, 1), 4, 512, 1.0, 0.2)])
+    done = run("--new", new, "--old", old1, old2)
+    assert done.returncode == 0, done.stderr
+    # old's first cell is sqrt(1.0 * 1.21) = 1.1: no change there
+    assert "geomean new/old of sdpa/tunebook 1.000; range 1.000-1.000" in done.stdout
+    assert f"old: second run over first {math.sqrt(1.21):.3f} (1.000-1.210 a cell): the noise" in done.stdout
+    assert "new: second run" not in done.stdout
+
+
+def test_files_it_cannot_compare_are_refused_with_the_reason(tmp_path: Path) -> None:
+    decode = grid(tmp_path / "d.json", [row((8, 1), 1, 512, 1.0, 0.1)])
+    varlen = grid(tmp_path / "v.json", [row((8, 1), 1, 512, 1.0, 0.1)], op="varlen_attention")
+    other = grid(tmp_path / "o.json", [row((32, 8), 1, 512, 1.0, 0.1)])
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"meta": ')
+    for args, reason in [
+        (("--new", decode, "--old", varlen), "--new is paged_attention_decode and --old is varlen_attention"),
+        (("--new", decode, varlen, "--old", decode), "the files are of different ops"),
+        (("--new", decode, "--old", other), "no cell in common"),
+        (("--new", damaged, "--old", decode), "damaged.json: not a benchmark's results file"),
+    ]:
+        done = run(*args)
+        assert done.returncode != 0 and reason in done.stderr, (args, done.stderr)
