@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import geometric_mean as geomean
 from typing import Any
 
 DECODE = "paged_attention_decode"
@@ -42,10 +42,6 @@ class Cell:
     row: dict[str, Any]  # the first run's row (shape, tokens, config)
     ratio: float  # baseline / tunebook
     of_copy: float | None
-
-
-def geomean(values: Sequence[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def load(paths: Sequence[Path], baseline: str) -> tuple[str, list[dict[str, dict[str, Any]]]]:
