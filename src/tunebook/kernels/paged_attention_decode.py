@@ -223,7 +223,6 @@ def _paged_attention_decode_kernel(
     SLICES: tl.constexpr = 1,
 ):
     kv_head = tl.program_id(0)
-    MERGE_CHUNK: tl.constexpr = SPLITS if SPLITS < MERGE_MOST else MERGE_MOST
     seq = tl.program_id(1)
     split = tl.program_id(2)
     G: tl.constexpr = NQ // NK
@@ -292,7 +291,7 @@ def _paged_attention_decode_kernel(
         if arrived == SPLITS - 1:
             _merge_splits(
                 ws_ptr, lse_ptr, first, out_ptr + seq * out_stride_b, out_stride_h, kv_head, d, d_mask,
-                G, MERGE_G, BLOCK_D, SPLITS, MERGE_CHUNK,
+                G, MERGE_G, BLOCK_D, SPLITS, MERGE_MOST,
             )  # fmt: skip
             tl.atomic_xchg(lock, 0)
 
@@ -318,11 +317,11 @@ def merge_most(merge_g: int, block_d: int) -> int:
 def _merge_splits(
     ws_ptr, lse_ptr, first, out_row, out_stride_h, kv_head, d, d_mask,
     G: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
+    MERGE_MOST: tl.constexpr,
 ):  # fmt: skip
     """The last split's merge of a (sequence, KV head)'s SPLITS partials, in split order:
     ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)`` (G at its power of
-    two, not tl.dot's 16 rows). Past MERGE_ONE_BY_ONE splits, MERGE_CHUNK partials are asked
+    two, not tl.dot's 16 rows). Past MERGE_ONE_BY_ONE splits, MERGE_MOST partials are asked
     for at once as one [chunk, G, head] load and summed into an accumulator of that shape,
     reduced once at the end: one partial an L2 round trip cost ~0.26 us a split on an H200
     (16 of a 20 us call at 64 splits), and a reduction a step (across warps) cost more than it
@@ -341,21 +340,23 @@ def _merge_splits(
     if SPLITS <= MERGE_ONE_BY_ONE:
         total = tl.zeros([1, MERGE_G, BLOCK_D], dtype=tl.float32)
         for i in range(SPLITS):
-            part = (first + i) * G + g3
-            w = tl.exp2(tl.load(lse_ptr + part, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg") - top)
-            o = tl.load(ws_d + part * BLOCK_D, mask=g3_mask, other=0.0, cache_modifier=".cg")
-            total += w * o
+            total += _weighted_partials(lse_ptr, ws_d, (first + i) * G + g3, g3_mask, top, BLOCK_D)
     else:
-        c = tl.arange(0, MERGE_CHUNK)[:, None, None]
-        total = tl.zeros([MERGE_CHUNK, MERGE_G, BLOCK_D], dtype=tl.float32)
-        for i in tl.static_range(0, SPLITS, MERGE_CHUNK):
-            part = (first + i + c) * G + g3
-            w = tl.exp2(tl.load(lse_ptr + part, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg") - top)
-            o = tl.load(ws_d + part * BLOCK_D, mask=g3_mask, other=0.0, cache_modifier=".cg")
-            total += w * o
+        # MERGE_MOST (at most 16, under SPLITS here) partials a step, the steps unrolled.
+        c = tl.arange(0, MERGE_MOST)[:, None, None]
+        total = tl.zeros([MERGE_MOST, MERGE_G, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(0, SPLITS, MERGE_MOST):
+            total += _weighted_partials(lse_ptr, ws_d, (first + i + c) * G + g3, g3_mask, top, BLOCK_D)
     merged = tl.sum(total, 0) / weight
     rows = out_row + (kv_head * G + g)[:, None] * out_stride_h + d[None, :]
     tl.store(rows, merged.to(out_row.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _weighted_partials(lse_ptr, ws_d, part, mask, top, BLOCK_D: tl.constexpr):
+    """Partials ``part`` (``[chunk, G, 1]`` indices) times their weights ``exp2(lse - top)``."""
+    w = tl.exp2(tl.load(lse_ptr + part, mask=mask, other=NO_SCORE, cache_modifier=".cg") - top)
+    return w * tl.load(ws_d + part * BLOCK_D, mask=mask, other=0.0, cache_modifier=".cg")
 
 
 def paged_attention_decode(
