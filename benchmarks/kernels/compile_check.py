@@ -152,9 +152,12 @@ def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
 
 def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     from tunebook.kernels._attention import table_chunk
+    from tunebook.kernels.paged_attention_decode import merge_most
 
     chunk, slots = table_chunk(16)
-    return _decode(layout, {"CHUNK": chunk, "TABLE_SLOTS": slots, "SLICES": 1, **meta})
+    merge_g = triton.next_power_of_2(layout[0] // layout[1])
+    merge = {"MERGE_G": merge_g, "MERGE_MOST": merge_most(merge_g, layout[2])}
+    return _decode(layout, {"CHUNK": chunk, "TABLE_SLOTS": slots, "SLICES": 1, **merge, **meta})
 
 
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:

@@ -423,8 +423,8 @@ def calls(t, cfg, variant, context):
 
         return run, out
     _, args = pad._launch(q, kc, vc, table, lens, None, context, out, cfg)
-    (_q, qsb, qsh, _k, sb, ss, sh, _v, *_vs, _t, tstride, _width, _l, _o, osb, osh, ws, lse, locks,
-     scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot, _chunk, _slots) = args  # fmt: skip
+    (_q, qsb, qsh, _k, sb, ss, sh, _v, *_vs, _t, tstride, _width, _l, _o, osb, osh, ws, lse, locks, scale,
+     b, mcl, n_q, n_kv, hs, page, bg, _merge_g, bd, _merge_most, dot, _chunk, _slots) = args  # fmt: skip
     if variant == "tma":
         # What the descriptors assume: one box per block of one head, 16-byte aligned rows.
         assert cfg["BLOCK_N"] % page == 0 and bd == hs, "whole blocks per step, a power-of-2 head"

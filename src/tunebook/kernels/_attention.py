@@ -289,6 +289,19 @@ def table_chunk(page: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _chunk_blocks(c0, table_row, table_width, first_blocks, PAGE: tl.constexpr, TABLE_SLOTS: tl.constexpr):
+    """The block numbers of the chunk of keys starting at ``c0`` (and its first block's index in
+    the table): ``first_blocks`` for the first chunk, already loaded by the caller."""
+    first = c0 // PAGE
+    if c0 == 0:
+        blocks = first_blocks
+    else:
+        slot = tl.arange(0, TABLE_SLOTS)
+        blocks = tl.load(table_row + first + slot, mask=slot < table_width - first, other=0)
+    return first, blocks
+
+
+@triton.jit
 def attend_paged_chunks(
     acc,
     m_i,
@@ -330,14 +343,8 @@ def attend_paged_chunks(
     """
     tl.static_assert(CHUNK % BLOCK_N == 0, "a tile must not cross a chunk of block numbers")
     for c0 in range(lo, hi, CHUNK):
-        first = c0 // PAGE
-        c_hi = tl.minimum(hi, c0 + CHUNK)
-        if c0 == 0:
-            blocks = first_blocks
-        else:
-            slot = tl.arange(0, TABLE_SLOTS)
-            blocks = tl.load(table_row + first + slot, mask=slot < table_width - first, other=0)
-        for start in range(c0, c_hi, BLOCK_N):
+        first, blocks = _chunk_blocks(c0, table_row, table_width, first_blocks, PAGE, TABLE_SLOTS)
+        for start in range(c0, tl.minimum(hi, c0 + CHUNK), BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
             block = tl.gather(blocks, j // PAGE - first, 0).to(tl.int64)
             row = (j % PAGE).to(tl.int64)
@@ -425,14 +432,8 @@ def attend_warp_slices(
     k_mask = d_mask[None, :, None]
     v_mask = d_mask[None, None, :]
     for c0 in range(lo, full, CHUNK):
-        first = c0 // PAGE
-        c_hi = tl.minimum(full, c0 + CHUNK)
-        if c0 == 0:
-            blocks = first_blocks
-        else:
-            slot = tl.arange(0, TABLE_SLOTS)
-            blocks = tl.load(table_row + first + slot, mask=slot < table_width - first, other=0)
-        for start in range(c0, c_hi, STEP):
+        first, blocks = _chunk_blocks(c0, table_row, table_width, first_blocks, PAGE, TABLE_SLOTS)
+        for start in range(c0, tl.minimum(full, c0 + CHUNK), STEP):
             j = start + lane
             block = tl.reshape(tl.gather(blocks, tl.reshape(j // PAGE - first, [STEP]), 0), [SLICES, BLOCK_N])
             k_off = _slice_offsets(block, j, k_row_stride, k_block_stride, PAGE)

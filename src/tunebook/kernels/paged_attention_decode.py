@@ -25,7 +25,8 @@ would leave most SMs idle. Each split stores its normalized partial output and l
 in a workspace and bumps the (sequence, KV head) arrival counter (after a block barrier,
 with an acq_rel atomic); the program that arrives last merges the splits in split order
 (``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``: the same bits
-whichever arrives last), stores the output and resets the counter. One launch, no second
+whichever arrives last), several partials a load (``_merge_splits``), stores the output and
+resets the counter. One launch, no second
 reduction kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS``
 per key like any other parameter.
 
@@ -211,7 +212,9 @@ def _paged_attention_decode_kernel(
     HEAD_SIZE: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    MERGE_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MERGE_MOST: tl.constexpr,
     DOT: tl.constexpr,
     CHUNK: tl.constexpr,
     TABLE_SLOTS: tl.constexpr,
@@ -286,32 +289,74 @@ def _paged_attention_decode_kernel(
         lock = lock_ptr + seq * NK + kv_head
         arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
-            s = tl.arange(0, SPLITS)
-            # .cg reads L2, where the other programs' partials are, not a stale L1.
-            lses = tl.load(
-                lse_ptr + (first + s[:, None]) * G + g[None, :],
-                mask=g_mask[None, :],
-                other=NO_SCORE,
-                cache_modifier=".cg",
-            )
-            top = tl.max(lses, 0)
-            total = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-            weight = tl.zeros([BLOCK_G], dtype=tl.float32)
-            for i in range(SPLITS):
-                lse_i = tl.load(
-                    lse_ptr + (first + i) * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg"
-                )
-                w = tl.exp2(lse_i - top)
-                o_i = tl.load(
-                    ws_ptr + ((first + i) * G + g[:, None]) * BLOCK_D + d[None, :],
-                    mask=g_mask[:, None],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                total += w[:, None] * o_i
-                weight += w
-            tl.store(out_rows, (total / weight[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            _merge_splits(
+                ws_ptr, lse_ptr, first, out_ptr + seq * out_stride_b, out_stride_h, kv_head, d, d_mask,
+                G, MERGE_G, BLOCK_D, SPLITS, MERGE_MOST,
+            )  # fmt: skip
             tl.atomic_xchg(lock, 0)
+
+
+# Elements of the merge's [chunk, G, head] accumulator: 32 a thread at 4 warps.
+MERGE_ELEMENTS = 4096
+# Up to this many splits the merge reads one partial a step: chunks cost about 2 us more at
+# 8 splits, tied at 16, and won from 32 (BENCHMARKS.md 5b, twenty-second session).
+MERGE_ONE_BY_ONE: tl.constexpr = tl.constexpr(16)
+
+
+def merge_most(merge_g: int, block_d: int) -> int:
+    """The most partials the split merge reads in one step: a [chunk, G, head] load and an
+    accumulator of that shape, MERGE_ELEMENTS at most, 16 partials at most.
+
+    >>> merge_most(8, 128), merge_most(4, 128), merge_most(1, 64), merge_most(16, 512)
+    (4, 8, 16, 1)
+    """
+    return max(1, min(16, MERGE_ELEMENTS // (merge_g * block_d)))
+
+
+@triton.jit
+def _merge_splits(
+    ws_ptr, lse_ptr, first, out_row, out_stride_h, kv_head, d, d_mask,
+    G: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+    MERGE_MOST: tl.constexpr,
+):  # fmt: skip
+    """The last split's merge of a (sequence, KV head)'s SPLITS partials, in split order:
+    ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)`` (G at its power of
+    two, not tl.dot's 16 rows). Past MERGE_ONE_BY_ONE splits, MERGE_MOST partials are asked
+    for at once as one [chunk, G, head] load and summed into an accumulator of that shape,
+    reduced once at the end: one partial an L2 round trip cost ~0.26 us a split on an H200
+    (16 of a 20 us call at 64 splits), and a reduction a step (across warps) cost more than it
+    saved (BENCHMARKS.md 5b, twenty-second session)."""
+    g = tl.arange(0, MERGE_G)
+    g_mask = g < G
+    # Every operand is [splits, G, 1] or [splits, G, head]: reductions stay in a thread.
+    g3 = g[None, :, None]
+    g3_mask = g3 < G
+    s = tl.arange(0, SPLITS)[:, None, None]
+    # .cg reads L2, where the other programs' partials are, not a stale L1.
+    lses = tl.load(lse_ptr + (first + s) * G + g3, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg")
+    top = tl.max(lses, 0)[None, :, :]
+    weight = tl.sum(tl.exp2(lses - top), 0)
+    ws_d = ws_ptr + d[None, None, :]
+    if SPLITS <= MERGE_ONE_BY_ONE:
+        total = tl.zeros([1, MERGE_G, BLOCK_D], dtype=tl.float32)
+        for i in range(SPLITS):
+            total += _weighted_partials(lse_ptr, ws_d, (first + i) * G + g3, g3_mask, top, BLOCK_D)
+    else:
+        # MERGE_MOST (at most 16, under SPLITS here) partials a step, the steps unrolled.
+        c = tl.arange(0, MERGE_MOST)[:, None, None]
+        total = tl.zeros([MERGE_MOST, MERGE_G, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(0, SPLITS, MERGE_MOST):
+            total += _weighted_partials(lse_ptr, ws_d, (first + i + c) * G + g3, g3_mask, top, BLOCK_D)
+    merged = tl.sum(total, 0) / weight
+    rows = out_row + (kv_head * G + g)[:, None] * out_stride_h + d[None, :]
+    tl.store(rows, merged.to(out_row.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _weighted_partials(lse_ptr, ws_d, part, mask, top, BLOCK_D: tl.constexpr):
+    """Partials ``part`` (``[chunk, G, 1]`` indices) times their weights ``exp2(lse - top)``."""
+    w = tl.exp2(tl.load(lse_ptr + part, mask=mask, other=NO_SCORE, cache_modifier=".cg") - top)
+    return w * tl.load(ws_d + part * BLOCK_D, mask=mask, other=0.0, cache_modifier=".cg")
 
 
 def paged_attention_decode(
@@ -431,6 +476,7 @@ def _launch(
     context_lens = context_lens.contiguous()  # read as lens + seq: a strided view would be misread
     block_g = a.dot_floor(n_q // n_kv)
     block_d = a.dot_floor(head_size)
+    merge_g = triton.next_power_of_2(n_q // n_kv)
     splits = max_splits(batch, n_kv, max_context_len) if config is None else int(config["SPLITS"])
     # Sized for the layout, not for the call, and kept apart per layout: whatever config the
     # tuner or the book picks, a split call launches at most MAX_SPLIT_PROGRAMS programs
@@ -456,7 +502,8 @@ def _launch(
         a.softmax_scale(scale, head_size) * a.LOG2E,
         batch,
         max_context_len,
-        *(n_q, n_kv, head_size, page, block_g, block_d, dot_mode(q.dtype)),
+        *(n_q, n_kv, head_size, page, block_g, merge_g, block_d, merge_most(merge_g, block_d)),
+        dot_mode(q.dtype),
         *a.table_chunk(page),
     )
 
