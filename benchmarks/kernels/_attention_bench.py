@@ -9,7 +9,7 @@ For every workload (a head layout and a batch of sequences), in one run:
 3. the variants are timed, rounds interleaved (``_timing``): **tunebook** (the tuned
    config), **hand-picked** (the same kernel with the launch a typical Triton attention
    kernel hard-codes: the op's ``hand_picked``) and the script's PyTorch baselines. Each
-   variant is a CUDA graph of as many launches as fill about 2 ms (1 to 50);
+   variant is a CUDA graph of as many launches as fill about 2 ms of GPU time (1 to 50);
 4. the script's metric (GB/s of KV read for decode, TFLOP/s for prefill) is reported per
    variant, with ratios to tunebook (median of per-round ratios; > 1: tunebook faster).
 
@@ -99,16 +99,22 @@ def main(
     return session.finish(lambda results: _summary(results, columns, session.copy_gbps))
 
 
+PROBE_LAUNCHES = 10  # a graph of this many calls sizes the timed graphs
+
+
 def _launches(fn: Callable[[], Any], dry_run: bool) -> int:
-    """Calls per CUDA graph: about 2 ms of work, 1 to 50 (one timed eager call decides)."""
+    """Calls per CUDA graph: about 2 ms of GPU work, 1 to 50, sized from the GPU time a call
+    takes in a graph of ``PROBE_LAUNCHES``. A host-timed call counted Python's time too
+    (0.2-0.5 ms for a 5-15 us decode call), which gave graphs of 4-9 launches whose replay
+    cost, about 5 us a replay on an H200 (BENCHMARKS.md 5a, twenty-third session), was then
+    added to every variant's time a call: ratios pulled towards 1."""
     if dry_run:
         return 1
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return max(1, min(50, int(2e-3 / max(time.perf_counter() - t0, 1e-6))))
+    from tunebook._short import graph_sampler, launches_for
+
+    sample = graph_sampler(fn, PROBE_LAUNCHES)
+    per_call_us = min(sample() for _ in range(3))
+    return launches_for(per_call_us, sample_us=2000.0, lo=1, hi=50)
 
 
 def _measure(
