@@ -423,8 +423,15 @@ def calls(t, cfg, variant, context):
 
         return run, out
     _, args = pad._launch(q, kc, vc, table, lens, None, context, out, cfg)
-    (_q, qsb, qsh, _k, sb, ss, sh, _v, *_vs, _t, tstride, _width, _l, _o, osb, osh, ws, lse, locks, scale,
-     b, mcl, n_q, n_kv, hs, page, bg, _merge_g, bd, _merge_most, dot, _chunk, _slots) = args  # fmt: skip
+    # By the pack kernel's argument names, not positions: an argument added to the kernel
+    # shifted a positional unpacking here once (the twenty-third session's merge arguments).
+    a = dict(zip(pad._paged_attention_decode_kernel.fn.arg_names, args))
+    wanted = (
+        "q_stride_b q_stride_h k_stride_b k_stride_s k_stride_h table_stride out_stride_b out_stride_h "
+        "ws_ptr lse_ptr lock_ptr qk_scale batch max_context_len NQ NK HEAD_SIZE PAGE BLOCK_G BLOCK_D DOT"
+    )
+    (qsb, qsh, sb, ss, sh, tstride, osb, osh, ws, lse, locks,
+     scale, b, mcl, n_q, n_kv, hs, page, bg, bd, dot) = (a[n] for n in wanted.split())  # fmt: skip
     if variant == "tma":
         # What the descriptors assume: one box per block of one head, 16-byte aligned rows.
         assert cfg["BLOCK_N"] % page == 0 and bd == hs, "whole blocks per step, a power-of-2 head"
