@@ -156,7 +156,7 @@ def torture_child() -> None:
     import triton
 
     import tunebook
-    from kernels import Replay, add_kernel, block_configs, grid_1d, scale_kernel, vectors
+    from small_kernels import Replay, add_kernel, block_configs, grid_1d, scale_kernel, vectors
     from tunebook._book import DirectoryStore
 
     book = Path(os.environ["TUNEBOOK_DIR"]).resolve()

@@ -16,7 +16,7 @@ import torch
 
 import tunebook
 from conftest import TESTS, book_files
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import (
     DirectoryStore,
     Document,
@@ -173,7 +173,7 @@ def test_written_books_are_deterministic(tmp_path):
 WRITER = """
 import json, os, sys, time
 import torch, triton, tunebook
-from kernels import Replay, add_kernel, grid_1d, vectors
+from small_kernels import Replay, add_kernel, grid_1d, vectors
 replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
 kernel = tunebook.autotune([triton.Config({"BLOCK": b}) for b in (32, 64, 128)], key=["n"],
                            do_bench=replay, pre_hook=replay.pre_hook)(add_kernel)

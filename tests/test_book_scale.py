@@ -25,8 +25,8 @@ import torch
 
 import tunebook
 from conftest import TESTS
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from redis_fixture import PATIENT, redis_server  # noqa: F401  (the `server` fixture)
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import DirectoryStore, Entry, Result, config_id, files, pagedir, pages, redis_store
 from tunebook._jsonio import key_text
 
@@ -269,7 +269,7 @@ def test_a_frozen_lock_holder_stalls_no_one_and_loses_no_result(book_dir: Path) 
         # The results are on disk (pending), so a new process serves them without benchmarking.
         code = f"""
             import json, tunebook
-            from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+            from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
             replay = Replay({TABLE!r})
             k = tunebook.autotune(block_configs(32, 64, 128), key=["n"], do_bench=replay,
                                   pre_hook=replay.pre_hook)(add_kernel)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import (
+from small_kernels import (
     accumulate_kernel,
     add_kernel,
     add_wrong_at_128_kernel,

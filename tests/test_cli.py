@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 import tunebook
 from conftest import TESTS, book_bytes, book_files, remove_page
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import Document, Entry, Result, config_id, config_record, read_document
 from tunebook._jsonio import key_text
 from tunebook.cli._app import cli
@@ -40,7 +40,7 @@ TABLE = {32: 3.0, 64: 1.0, 128: 2.0, 256: 0.5}  # BLOCK=512 is missing: it fails
 SIZES = (100, 1000, 5000)
 MODULE_SOURCE = """
 import tunebook
-from kernels import Replay, add_kernel, block_configs
+from small_kernels import Replay, add_kernel, block_configs
 
 replay = Replay({TABLE!r})
 add = tunebook.autotune(configs=block_configs(32, 64, 128, 256, 512, num_warps=4), key=["n"],

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.once
 MODULE = """
 import os, subprocess
 import torch, triton, tunebook
-from kernels import add_kernel, grid_1d
+from small_kernels import add_kernel, grid_1d
 
 def _lock_book(nargs):
     # The book becomes unwritable while the worker measures (a full disk, a remount).

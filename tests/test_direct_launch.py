@@ -14,7 +14,7 @@ import torch
 
 import tunebook
 from conftest import run_python
-from kernels import add_kernel, block_configs, grid_1d, vectors
+from small_kernels import add_kernel, block_configs, grid_1d, vectors
 from tunebook._compat import direct
 from tunebook._errors import ConfigurationError
 

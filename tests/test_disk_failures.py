@@ -21,7 +21,7 @@ import pytest
 
 import tunebook
 from conftest import book_files, page_files
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import BookWarning, read_document
 
 TABLE = {16: 0.3, 32: 0.2, 64: 0.25}

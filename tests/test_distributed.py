@@ -41,7 +41,7 @@ dist.barrier()
 if rank == dies:
     time.sleep(0.5)
 import triton, tunebook
-from kernels import add_kernel, grid_1d, vectors
+from small_kernels import add_kernel, grid_1d, vectors
 
 measured, recorded = [], []
 from tunebook._book import pages as _pages
@@ -513,7 +513,7 @@ def test_a_rank_that_waits_too_long_tunes_alone_and_the_first_decision_stands(tm
 TABLED = """
 import json, os, time
 import triton, tunebook
-from kernels import add_kernel, grid_1d, vectors
+from small_kernels import add_kernel, grid_1d, vectors
 MS = json.loads(os.environ["MS"])  # BLOCK -> ms, the same on every rank of a job
 
 class Table:
@@ -620,7 +620,7 @@ def test_settings_that_leave_the_group_out_are_refused_or_said(monkeypatch, capl
     import triton
 
     import tunebook
-    from kernels import add_kernel, grid_1d, vectors
+    from small_kernels import add_kernel, grid_1d, vectors
 
     configs = [triton.Config({"BLOCK": b}) for b in (32, 64)]
     with pytest.raises(tunebook.ConfigurationError, match="group= and isolate=True cannot be combined"):

@@ -14,7 +14,7 @@ import triton.language as tl
 
 import tunebook
 from conftest import book_files
-from kernels import (
+from small_kernels import (
     Replay,
     accumulate_kernel,
     add_kernel,

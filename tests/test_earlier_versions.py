@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 import tunebook
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 TIMES = {32: 3.0, 64: 1.0, 128: 2.0, 256: 4.0, 512: 5.0}
 

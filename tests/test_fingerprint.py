@@ -7,7 +7,7 @@ from pathlib import Path
 import triton
 
 from conftest import load_module
-from kernels import add_kernel, scale_kernel
+from small_kernels import add_kernel, scale_kernel
 from tunebook import _compat, _fingerprint
 from tunebook._jsonio import key_text
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import tunebook
 from conftest import as_format1, book_files
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import BookFormatError, Document, files, read_document
 from tunebook._book.records import config_id, config_record
 

@@ -13,7 +13,7 @@ import torch
 import triton
 
 import tunebook
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook import _launch
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tunebook
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import pagedir
 from tunebook._book.files import Unusable, read_regular_file
 

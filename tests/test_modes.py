@@ -9,7 +9,7 @@ import torch
 
 import tunebook
 from conftest import book_files
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 
 def tuned_add(table=None):
@@ -166,7 +166,7 @@ def test_a_finalizer_may_run_while_the_stats_lock_is_held():
 def test_the_tuning_log_counts_only_the_configs_the_kernel_declares(monkeypatch, capsys):
     """Results of configs the kernel no longer declares are not counted as remembered (issue
     10 item 11: "8/6 configs")."""
-    from kernels import Replay, add_kernel, block_configs
+    from small_kernels import Replay, add_kernel, block_configs
 
     replay = Replay({16: 5.0, 32: 3.0, 64: 1.0, 128: 2.0, 256: 4.0})
     old = tunebook.autotune(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tunebook
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 
 def test_print_autotuning_under_a_budget_says_what_nobody_measured(monkeypatch, capsys):

@@ -44,7 +44,7 @@ CHILD = """
 import json, os, sys
 import torch, triton
 import tunebook
-from kernels import Replay, grid_1d, vectors
+from small_kernels import Replay, grid_1d, vectors
 import userkern
 
 blocks = json.loads(os.environ.get("BLOCKS", "[32, 64, 128]"))
@@ -203,7 +203,7 @@ def test_books_may_be_a_function_called_when_the_book_is_first_opened(tmp_path, 
     """books=fn: the directories are asked for at the first call, not at decoration (the
     kernel pack's TUNEBOOK_KERNELS_SHIPPED_BOOKS is read this way)."""
     import tunebook
-    from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+    from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
     replay = Replay({32: 2.0, 64: 1.0})
     shipped, where = tmp_path / "shipped", []

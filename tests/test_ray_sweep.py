@@ -37,7 +37,7 @@ KEYS = [100, 200, 300, 400]
 MODULE = """
 import os, signal, time
 import torch, triton, tunebook
-from kernels import Replay, add_kernel, grid_1d
+from small_kernels import Replay, add_kernel, grid_1d
 
 class Logged(Replay):
     def __call__(self, kernel_call, quantiles=None):

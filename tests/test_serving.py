@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import tunebook
 from conftest import TESTS, book_files, run_python
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook import _misses, _worker
 from tunebook._book import read_document
 from tunebook.cli import _app
@@ -25,7 +25,7 @@ from tunebook.cli import _app
 MODULE = """
 import os, signal, time
 import torch, triton, tunebook
-from kernels import add_kernel, grid_1d
+from small_kernels import add_kernel, grid_1d
 
 BAD = os.environ.get("SERVEKERN_BAD", "")
 
@@ -64,7 +64,7 @@ HANG_S = "12"
 
 @pytest.fixture
 def servekern(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Write the kernel module; worker processes find it (and tests/kernels.py) on PYTHONPATH."""
+    """Write the kernel module; worker processes find it (and tests/small_kernels.py) on PYTHONPATH."""
     directory = tmp_path / "mods"
     directory.mkdir()
     name = f"servekern_{os.getpid()}_{next(_names)}"
@@ -227,7 +227,7 @@ def test_tune_misses_offline_then_serve_without_fallback(servekern, monkeypatch,
     served = run_python(
         f"""
         import json, tunebook, torch
-        from kernels import grid_1d, vectors
+        from small_kernels import grid_1d, vectors
         import {servekern.name} as m
         for n in (300, 1000, 999):
             x, y, out = vectors(n)

@@ -1,7 +1,7 @@
 """The shared fleet book wired into the autotuner, on a REAL redis-server.
 
 Hosts are played by processes with their own TUNEBOOK_DIR and one TUNEBOOK_REDIS_URL;
-kernels are real (tests/kernels.py) and run in the CPU interpreter, with a replaying
+kernels are real (tests/small_kernels.py) and run in the CPU interpreter, with a replaying
 ``do_bench`` so that a tuning costs milliseconds and its winner is known in advance.
 The ``server`` fixture comes from tests/redis_fixture.py.
 """
@@ -22,9 +22,9 @@ import pytest
 import tunebook
 from conftest import book_files, run_python
 from helpers_reliability import RedisServer
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from redis_fixture import PATIENT, Clock, redis_server  # noqa: F401  (the `server` fixture)
 from redis_fixture import tunebook_warnings as _warnings
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import (
     Book,
     BookWarning,
@@ -48,7 +48,7 @@ WINNER = 32  # the fastest block in TABLE
 CHILD = """
 import json, os
 import tunebook
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook._book import redis_store
 from tunebook._book.redis_store import RedisStore
 

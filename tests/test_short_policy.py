@@ -19,7 +19,7 @@ import torch
 
 import tunebook
 from conftest import book_files
-from kernels import add_kernel, grid_1d, vectors
+from small_kernels import add_kernel, grid_1d, vectors
 from tunebook import _short
 from tunebook._bench import Timers, choose_timers
 from tunebook._book.records import Entry, Result

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.once
 MODULE = """
 import os, signal, time
 import torch, triton, tunebook
-from kernels import add_kernel, grid_1d
+from small_kernels import add_kernel, grid_1d
 
 def _crash(nargs):
     os.kill(os.getpid(), signal.SIGSEGV)  # what an illegal memory access does to a process

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import tunebook
 from conftest import run_python
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook import _compat, _policy, _tables
 from tunebook._book import Entry, Result
 from tunebook.cli import _app
@@ -300,7 +300,7 @@ def test_the_pack_serves_vllms_table_of_this_gpu_in_a_fresh_process(tmp_path):
 
 EXPLAINED = """
 import tunebook, triton
-from kernels import add_kernel
+from small_kernels import add_kernel
 
 add = tunebook.autotune(
     [triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 128})],

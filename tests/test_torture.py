@@ -32,7 +32,7 @@ import pytest
 import tunebook
 from conftest import TESTS, book_files
 from helpers_reliability import KILL_POINTS, TABLE
-from kernels import Replay, add_kernel, block_configs, grid_1d, scale_kernel, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, scale_kernel, vectors
 from tunebook._book import Document, read_document
 
 SEED = int(os.environ.get("TUNEBOOK_TORTURE_SEED", "20261121"))

@@ -13,7 +13,7 @@ import triton
 
 import tunebook
 from conftest import book_files
-from kernels import Replay, add_kernel, add_wrong_at_128_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, add_wrong_at_128_kernel, block_configs, grid_1d, vectors
 from tunebook._book import read_document
 
 
@@ -269,7 +269,7 @@ def test_a_plain_config_list_still_works_with_strategies(book_dir):
 
 
 def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
-    from kernels import Replay, block_configs
+    from small_kernels import Replay, block_configs
 
     fast_and_wrong = {32: 3.0, 64: 2.0, 128: 1.0}
     replay = Replay(fast_and_wrong)
@@ -296,7 +296,7 @@ def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
 
 
 def test_check_with_an_in_place_kernel_keeps_the_callers_inputs(book_dir):
-    from kernels import accumulate_kernel, block_configs
+    from small_kernels import accumulate_kernel, block_configs
 
     kernel = tunebook.autotune(block_configs(16, 32, 64), key=["n"], restore_value=["acc_ptr"], check=True)(
         accumulate_kernel
@@ -517,7 +517,7 @@ def test_a_fallback_that_raises_does_not_stop_tuning(book_dir, caplog):
 
 RULE_MODULE = """
 import torch, triton, tunebook
-from kernels import add_kernel, grid_1d
+from small_kernels import add_kernel, grid_1d
 
 def inputs(description):
     n = description["key"]["n"]

@@ -19,7 +19,7 @@ import triton
 import triton.runtime.autotuner as triton_autotuner
 
 import tunebook
-from kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 from tunebook import _adopt, _patch
 
 TritonAutotuner = triton_autotuner.Autotuner
@@ -98,7 +98,7 @@ def test_patched_decorator_builds_tunebook_autotuners_with_readable_names(patche
     assert isinstance(kernel, tunebook.Autotuner) and isinstance(kernel, triton.runtime.Autotuner)
     assert kernel.cache_results is True
     identity = kernel.identity()
-    assert identity.kernel.name == "kernels.add_kernel"  # module + qualname
+    assert identity.kernel.name == "small_kernels.add_kernel"  # module + qualname
     plain = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
     assert plain.identity().kernel.id == identity.kernel.id  # the name is for people; identity is exact
     launch(kernel)

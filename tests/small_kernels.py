@@ -4,6 +4,9 @@ They run in the CPU interpreter in milliseconds. ``Replay`` is a ``do_bench`` th
 runs each candidate once (so its output is checked) and reports the time recorded for
 that config in a table: which config wins is then decided by the table, not by the noise
 of a CPU clock.
+
+Not named ``kernels``: transformers 5.25 imports Hugging Face's ``kernels`` package when it
+is installed, and a ``tests/kernels.py`` on the path shadowed it (the LLM tests failed).
 """
 
 from __future__ import annotations
