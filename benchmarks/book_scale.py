@@ -23,7 +23,7 @@ wrote before format 2, for the comparison), then a new process measures:
 
 and, for the local store, ``tunebook show DIR`` and ``tunebook report DIR -o FILE`` run as
 a user would (wall time and peak memory of that process; killed past ``--timeout`` or
-``--max-rss-gb``, which the table says). The kernel is tests/kernels.py's real
+``--max-rss-gb``, which the table says). The kernel is tests/small_kernels.py's real
 ``add_kernel`` under TRITON_INTERPRET=1 with its launch replaced by a no-op, as in
 benchmarks/redis_hit_latency.py: what is timed is tunebook's own work, which is what a
 book's size can change.
@@ -61,7 +61,7 @@ import json, os, sys, time
 sys.path.insert(0, {tests!r})
 import triton
 import tunebook
-from kernels import Replay, add_kernel, vectors
+from small_kernels import Replay, add_kernel, vectors
 
 add_kernel.run = lambda *args, **kwargs: None  # tunebook's own work only (see the docstring)
 blocks = {blocks!r}
@@ -114,7 +114,7 @@ def make_kernel_identity() -> tuple[dict[str, Any], dict[str, Any], str, list[di
     import triton
 
     import tunebook
-    from kernels import Replay, add_kernel
+    from small_kernels import Replay, add_kernel
 
     configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in BLOCKS]
     replay = Replay({b: 1.0 for b in BLOCKS})  # as the child's: the timer is part of the platform

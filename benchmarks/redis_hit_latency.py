@@ -4,7 +4,7 @@ The requirement (issue 5): once Redis has gone down and the first failure has be
 a hit must not cost more than 1 us more per call than it did with Redis up.
 
 What is timed is tunebook's own serving path: ``kernel[grid](x, y, out, n)`` on a key
-already tuned in this process, for a real ``@triton.jit`` kernel (tests/kernels.py
+already tuned in this process, for a real ``@triton.jit`` kernel (tests/small_kernels.py
 ``add_kernel``, under ``TRITON_INTERPRET=1``) whose ``run`` is replaced by a no-op before
 tunebook sees it. The interpreter would take milliseconds per launch, which would bury a
 microsecond; the launch itself does not depend on Redis, so leaving it out measures exactly
@@ -54,7 +54,7 @@ import triton
 
 import tunebook
 from helpers_reliability import RedisServer
-from kernels import Replay, add_kernel, vectors
+from small_kernels import Replay, add_kernel, vectors
 from tunebook._book import redis_store
 
 BLOCKS = (16, 32, 64)

@@ -105,7 +105,7 @@ PROBE_LAUNCHES = 10  # a graph of this many calls sizes the timed graphs
 def _launches(fn: Callable[[], Any], dry_run: bool) -> int:
     """Calls per CUDA graph: about 2 ms of GPU work, 1 to 50, sized from the GPU time a call
     takes in a graph of ``PROBE_LAUNCHES``. A host-timed call counted Python's time too
-    (0.2-0.5 ms for a 5-15 us decode call), which gave graphs of 4-9 launches whose replay
+    (0.1-0.5 ms for a 5-15 us decode call), which gave graphs of 4-15 launches whose replay
     cost, about 5 us a replay on an H200 (BENCHMARKS.md 5a, twenty-third session), was then
     added to every variant's time a call: ratios pulled towards 1."""
     if dry_run:
