@@ -99,22 +99,9 @@ def main(
     return session.finish(lambda results: _summary(results, columns, session.copy_gbps))
 
 
-PROBE_LAUNCHES = 10  # a graph of this many calls sizes the timed graphs
-
-
 def _launches(fn: Callable[[], Any], dry_run: bool) -> int:
-    """Calls per CUDA graph: about 2 ms of GPU work, 1 to 50, sized from the GPU time a call
-    takes in a graph of ``PROBE_LAUNCHES``. A host-timed call counted Python's time too
-    (0.1-0.5 ms for a 5-15 us decode call), which gave graphs of 4-15 launches whose replay
-    cost, about 5 us a replay on an H200 (BENCHMARKS.md 5a, twenty-third session), was then
-    added to every variant's time a call: ratios pulled towards 1."""
-    if dry_run:
-        return 1
-    from tunebook._short import graph_sampler, launches_for
-
-    sample = graph_sampler(fn, PROBE_LAUNCHES)
-    per_call_us = min(sample() for _ in range(3))
-    return launches_for(per_call_us, sample_us=2000.0, lo=1, hi=50)
+    """Calls per CUDA graph (``_timing.graph_launches``); one on the CPU."""
+    return 1 if dry_run else _timing.graph_launches(fn)
 
 
 def _measure(

@@ -3,7 +3,8 @@
 Timing: CUDA-graph replays, repeats interleaved across the variants compared.
 
 A microsecond kernel timed one launch at a time measures the launch, and a median of five
-measures the noise. So each variant's call is captured ``launches`` times in one CUDA graph;
+measures the noise. So each variant's call is captured ``launches`` times in one CUDA graph
+(as many as fill ``target_us`` of GPU time: ``_timing.graph_launches``);
 a graph replay is timed with CUDA events and divided by ``launches``; the variants compared
 at one point take turns (the order rotates every repeat), so clock and thermal drift hit
 them alike; the result is the median and the p20/p80 spread of ``repeats`` replays.
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from _timing import graph_launches
 
 # TODO(merge): the lead unifies this with benchmarks/kernels/_timing.py.
 
@@ -66,8 +69,10 @@ def time_variants(
     for name, v in variants.items():
         v.fn()  # compile (and tune, in tune mode) before anything is captured or timed
         torch.cuda.synchronize()
-        guess_us = _guess_us(v.fn)
-        launches = max(1, min(max_launches, int(target_us / max(guess_us, 1.0))))
+        if v.graph:
+            launches = graph_launches(v.fn, sample_us=target_us, most=max_launches)
+        else:  # eager replays pay the host's time a call too: size them by it
+            launches = max(1, min(max_launches, int(target_us / max(_host_us(v.fn), 1.0))))
         runners[name] = (
             _graph_runner(v.fn, launches) if v.graph else _eager_runner(v.fn, launches),
             launches,
@@ -86,11 +91,10 @@ def time_variants(
     return {name: {**_spread(samples[name]), "launches": runners[name][1]} for name in names}
 
 
-def _guess_us(fn: Callable[[], Any], calls: int = 3) -> float:
+def _host_us(fn: Callable[[], Any], calls: int = 3) -> float:
     """A call's time from the host, the fastest of ``calls``: one call alone can carry a
     one-time cost (a served linear()'s second call took 3.3 ms on an H200, its third 0.1 ms;
-    BENCHMARKS.md 5a, twenty-third session), which put one launch in a graph whose replays
-    then carried the graph's own launch cost."""
+    BENCHMARKS.md 5a, twenty-third session)."""
     import torch
 
     best = float("inf")

@@ -47,6 +47,23 @@ class Series:
         return {"median_us": self.median, "p20_us": self.quantile(0.2), "p80_us": self.quantile(0.8)}
 
 
+PROBE_LAUNCHES = 10  # a graph of this many calls sizes the timed graphs
+
+
+def graph_launches(fn: Callable[[], object], sample_us: float = 2000.0, most: int = 50) -> int:
+    """Calls to capture in each timed CUDA graph of ``fn``: about ``sample_us`` of GPU work,
+    1 to ``most``, sized from the GPU time a call takes in a probe graph of
+    ``PROBE_LAUNCHES``. One host-timed call is the wrong yardstick: it counts Python's time
+    (0.1-0.5 ms for a 5-15 us decode call) and any one-time cost (a served ``linear()``'s
+    second call took 3.3 ms), gave such calls graphs of 1-15 launches, and the replay's own
+    cost (about 5 us on an H200) was then added to every variant's time a call
+    (BENCHMARKS.md 5a and 5b, twenty-third session)."""
+    from tunebook._short import graph_sampler, launches_for
+
+    sample = graph_sampler(fn, PROBE_LAUNCHES)
+    return launches_for(min(sample() for _ in range(3)), sample_us=sample_us, lo=1, hi=most)
+
+
 def ratio(a: Series, b: Series) -> float:
     """Median over rounds of a's time / b's time (paired: same round, adjacent samples)."""
     return statistics.median(x / y for x, y in zip(a.us, b.us))
