@@ -265,6 +265,7 @@ report["two_d"] = {"ok": ok, "runs": len(runs)}
 
 # Through tunebook.autotune: every hit right, with the direct launch and without.
 configs = [triton.Config({"BLOCK_R": 8, "BLOCK_C": c}) for c in (32, 64, 128)]
+compiled = len(rows_k.device_caches[torch.cuda.current_device()][0])
 ok = True
 for switch in ("1", "0"):
     import os
@@ -278,6 +279,8 @@ for switch in ("1", "0"):
         tuned[grid](a, b, o, rows, cols, cols)
         ok &= torch.equal(o, a + b)
 report["autotune"] = {"ok": ok, "stats": tunebook.stats()}
+# Measured, first launched and hit with the same options: one kernel a (config, specialization).
+report["compiled"] = len(rows_k.device_caches[torch.cuda.current_device()][0]) - compiled
 torch.cuda.synchronize()
 print(json.dumps(report))
 """
@@ -299,6 +302,7 @@ def test_on_a_gpu_the_direct_launch_launches_what_run_would_and_hands_back_when_
     # Tuned once (2 keys x 3 configs), then served: 10 hits a switch at least.
     assert r["autotune"]["ok"] and r["autotune"]["stats"]["benchmarked"] == 6
     assert r["autotune"]["stats"]["hits"] >= 2 * 10
+    assert r["compiled"] == 3 * 2  # 3 configs x 2 specializations, each compiled once
 
 
 _PACK_CHILD = r"""

@@ -253,14 +253,14 @@ class Autotuner(_compat.TritonAutotuner):
             hit = None
         if hit is None:  # outside the except block: errors of a first launch chain nothing
             return self._slow_run(args, kwargs, grid, warmup)
-        launcher, config, counter, config_kwargs = hit
+        launcher, config, counter, run_kwargs = hit
         if not (kwargs or warmup or config.pre_hook is not None):
             return launcher(args, grid)  # bumps the counter and sets best_config itself
         counter[0] += 1
         self.best_config = config
         if config.pre_hook is not None:
-            config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config_kwargs})
-        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config_kwargs)
+            config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
+        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **run_kwargs)
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         call = Call.bind(self.arg_names, args, kwargs, grid)
@@ -276,7 +276,8 @@ class Autotuner(_compat.TritonAutotuner):
                     config.pre_hook({**call.nargs, **launch_kwargs})
             finally:
                 self.nargs = None
-        return self.fn.run(*args, grid=grid, warmup=warmup, **launch_kwargs)
+        # The options as the hits will pass them: one compiled kernel for both (lean_options).
+        return self.fn.run(*args, grid=grid, warmup=warmup, **call.run_kwargs(config))
 
     # ------------------------------------------------------------------ deciding
 
@@ -485,7 +486,7 @@ class Autotuner(_compat.TritonAutotuner):
         with self._lock:
             self.nargs = call.nargs
             try:
-                return [self.fn.warmup(*args, **kwargs, **cfg.all_kwargs()) for cfg in self._candidates(call)]
+                return [self.fn.warmup(*args, **call.run_kwargs(cfg)) for cfg in self._candidates(call)]
             finally:
                 self.nargs = None
 

@@ -35,7 +35,7 @@ class Hit(NamedTuple):
     launcher: _launch.Launcher
     config: Any
     counter: list[int]  # the autotuner's hit or fallback counter: the hit bumps counter[0]
-    config_kwargs: dict[str, Any]
+    run_kwargs: dict[str, Any]  # the config's as every launch passes them (_launch.lean_options)
 
 
 def _constant_key(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -113,7 +113,7 @@ class HitTable:
         return launcher
 
     def hit(self, config: Any, counter: list[int]) -> Hit:
-        return Hit(self.launcher(config, counter), config, counter, config.all_kwargs())
+        return Hit(self.launcher(config, counter), config, counter, _launch.lean_options(config.all_kwargs()))
 
     def serve_always(self, hit: Hit) -> None:
         """A kernel with one config: every call is this hit, whatever its arguments."""

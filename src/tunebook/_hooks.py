@@ -57,8 +57,8 @@ class Hooks:
 
     def timed_launch(self, run: Callable[..., Any], call: Call, config: Any) -> Callable[[], None]:
         """A no-argument launch of ``config`` with the full protocol, for a benchmarker."""
-        current = call.launch_kwargs(config)
-        hook_args = {**call.nargs, **current}
+        hook_args = {**call.nargs, **call.launch_kwargs(config)}
+        current = call.run_kwargs(config)
 
         def launch() -> None:
             if config.pre_hook:
@@ -77,8 +77,8 @@ class Hooks:
 
     def check_launch(self, run: Callable[..., Any], call: Call, config: Any) -> None:
         """One launch of ``config`` for result checking (see the module docstring)."""
-        current = call.launch_kwargs(config)
-        hook_args = {**call.nargs, **current}
+        hook_args = {**call.nargs, **call.launch_kwargs(config)}
+        current = call.run_kwargs(config)
         if config.pre_hook:
             config.pre_hook(hook_args)
         if self.user_defined_pre_hook:

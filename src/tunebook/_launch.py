@@ -153,6 +153,25 @@ def binding_key(
     return _compile(src, "binding_key", {"_MISSING": MISSING})
 
 
+def lean_options(kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``kwargs`` without the launch options equal to the backend's ``defaults`` (the active
+    backend's when None), in their order: what every launch of one config passes to Triton.
+
+    Triton keys its compiled kernels by the options a launch passes, as given (``str`` of
+    the dict: ``num_ctas=1`` passed and left out are two keys, and so is another order). A
+    launch that passes them otherwise than the hits do compiles the config a second time, or
+    loads it from Triton's disk cache: on an H200 the first hit of each served ``linear``
+    key took 1.8-3.6 ms so (BENCHMARKS.md section 1, twenty-fourth session).
+
+    >>> defaults = {"num_warps": 4, "num_ctas": 1}
+    >>> lean_options({"BLOCK": 64, "num_warps": 4, "num_ctas": 1, "num_stages": 3}, defaults)
+    {'BLOCK': 64, 'num_stages': 3}
+    """
+    if defaults is None:
+        defaults = _compat.launch_option_defaults()
+    return {k: v for k, v in kwargs.items() if defaults.get(k, MISSING) != v}
+
+
 def config_launcher(
     run: Callable[..., Any],
     config_kwargs: Mapping[str, Any],
@@ -167,8 +186,7 @@ def config_launcher(
     owner, config)`` the launcher also does a hit's bookkeeping first (``counter[0] += 1``,
     ``owner.best_config = config``), in the same frame.
     """
-    defaults = defaults or {}
-    kwargs = {k: v for k, v in config_kwargs.items() if defaults.get(k, MISSING) != v}
+    kwargs = lean_options(config_kwargs, defaults or {})
     names = list(kwargs)
     reserved = {"grid", "warmup", "run", "args", "counter", "owner", "config", "direct"}
     if not _identifiers(names) or reserved & set(names):

@@ -493,7 +493,7 @@ def _precompiler(tuner: Autotuner, call: Call) -> Callable[[list[Any]], None] | 
         return None
 
     def warm(config: Any) -> Any:
-        return tuner.fn.run(*call.args, grid=call.grid, warmup=True, **call.launch_kwargs(config))
+        return tuner.fn.run(*call.args, grid=call.grid, warmup=True, **call.run_kwargs(config))
 
     def precompile(configs: list[Any]) -> None:
         _compat.precompile([functools.partial(warm, c) for c in configs], workers)

@@ -71,7 +71,7 @@ def dot_floor(n: int) -> int:
     >>> dot_floor(1), dot_floor(7), dot_floor(64)
     (16, 16, 64)
     """
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+    return max(16, c.pow2_at_least(max(int(n), 1)))
 
 
 # ----------------------------------------------------------------------- input checks
@@ -285,7 +285,7 @@ def table_chunk(page: int) -> tuple[int, int]:
     ((1024, 128), (256, 64), (256, 512))
     """
     keys = 1024 if page >= 8 else 256
-    return keys, triton.next_power_of_2(keys // page + 2)
+    return keys, c.pow2_at_least(keys // page + 2)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._compat import interpreting
-from ._common import TOKEN_BUCKETS, bucket_of
+from ._common import TOKEN_BUCKETS, bucket_of, pow2_at_least
 
 # The pack's books, names and serving buckets (_common.py): every power of two from decode
 # to a long prefill; M=3 -> 4, M=100 -> 128, everything above 8192 shares 8192.
@@ -94,11 +94,6 @@ def mma(a, b, acc, DOT: tl.constexpr):
 def bucket_m(m: int) -> int:
     """The M bucket edge a batch of ``m`` tokens is tuned and served under."""
     return bucket_of(m)
-
-
-def pow2_at_least(value: int) -> int:
-    """The smallest power of two >= ``value`` (1 for values <= 1)."""
-    return 1 if value <= 1 else 1 << (int(value) - 1).bit_length()
 
 
 def smem_estimate(block_m: int, block_n: int, block_k: int, num_stages: int, elem_bytes: int = 2) -> int:

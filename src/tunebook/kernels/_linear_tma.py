@@ -39,7 +39,7 @@ import triton.language as tl
 import tunebook
 
 from .. import _compat
-from ._common import max_configs, shipped_books
+from ._common import cdiv, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -244,7 +244,7 @@ def launch(x: Any, weight: Any, bias: Any, y: Any, config: Mapping[str, int] | N
     args = (x, weight, bias_or_any, y, M, N, K, *strides, bias is not None, programs)
 
     def grid(meta: Mapping[str, Any]) -> tuple[int]:
-        return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
     if config is None:
         _linear_tma_kernel[grid](*args)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .._compat import interpreting
+from ._common import cdiv
 from ._gemm_common import pow2_at_least
 
 # A program's one-hot tiles hold _ALIGN_TILE elements ([BLOCK, E_PAD] pairs x bins,
@@ -75,7 +76,7 @@ def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
 
 def _capacity(n: int, E: int, align: int) -> int:
     """Rows ``sorted_ids`` needs at most: every pair, plus a partly filled chunk per expert."""
-    return triton.cdiv(n + min(E, n) * (align - 1), align) * align
+    return cdiv(n + min(E, n) * (align - 1), align) * align
 
 
 def launch_align(
@@ -93,11 +94,11 @@ def launch_align(
     meta = align_meta(E, align, block)  # once a call: fused_moe's every call comes here
     block = meta["BLOCK"]
     n, chunks = flat.numel(), chunk_expert.numel()
-    programs = min(triton.cdiv(n, block), _ALIGN_PROGRAMS)
-    steps = triton.cdiv(triton.cdiv(n, block), programs)  # steps of each program's share
+    programs = min(cdiv(n, block), _ALIGN_PROGRAMS)
+    steps = cdiv(cdiv(n, block), programs)  # steps of each program's share
     _moe_align_kernel[(programs,)](
         flat, sorted_ids, chunk_expert, num_padded, n, E, chunks, steps * block,
-        triton.cdiv(chunks, programs), **meta,
+        cdiv(chunks, programs), **meta,
     )  # fmt: skip
 
 

@@ -54,7 +54,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import check_device, max_configs, shipped_books
+from ._common import cdiv, check_device, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -505,10 +505,10 @@ def _fused_moe(
     args2 = (h, w2, y, route_w, *routing, *sizes2, *h.stride(), *w2.stride(), *y.stride(), dot)
 
     def grid1(meta: Mapping[str, Any]) -> tuple[int]:
-        return (cap // meta["BLOCK_SIZE_M"] * triton.cdiv(inter, meta["BLOCK_SIZE_N"] // 2),)
+        return (cap // meta["BLOCK_SIZE_M"] * cdiv(inter, meta["BLOCK_SIZE_N"] // 2),)
 
     def grid2(meta: Mapping[str, Any]) -> tuple[int]:
-        return (cap // meta["BLOCK_SIZE_M"] * triton.cdiv(H, meta["BLOCK_SIZE_N"]),)
+        return (cap // meta["BLOCK_SIZE_M"] * cdiv(H, meta["BLOCK_SIZE_N"]),)
 
     if explicit is None:
         _moe_gemm1_kernel[grid1](*args1)

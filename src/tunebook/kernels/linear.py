@@ -50,7 +50,7 @@ import triton.language as tl
 import tunebook
 
 from . import _linear_tma
-from ._common import check_device, check_out, max_configs, shipped_books
+from ._common import cdiv, check_device, check_out, max_configs, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -160,7 +160,7 @@ def default_linear_config(M: int, N: int, K: int) -> dict[str, int]:
     if M <= SPLIT_K_MAX_M:
         block_m = max(16, min(64, pow2_at_least(M)))
         block_n = 64
-        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        tiles = cdiv(M, block_m) * cdiv(N, block_n)
         split = 1
         while split < max_split_k(M, N, K) and tiles * split < 264:
             split *= 2
@@ -401,7 +401,7 @@ def linear(
     split = max_split_k(M, N, K) if config is None else explicit_split
     # Always real fp32/int32 buffers (tiny when unused): the key's dtypes never change.
     ws = _workspace.get(x.device, split * M * N if split > 1 else 1, torch.float32)
-    tiles = triton.cdiv(M, MIN_BLOCK["BLOCK_M"]) * triton.cdiv(N, MIN_BLOCK["BLOCK_N"])
+    tiles = cdiv(M, MIN_BLOCK["BLOCK_M"]) * cdiv(N, MIN_BLOCK["BLOCK_N"])
     locks = _counters.get(x.device, tiles if split > 1 else 1, torch.int32)
     args = (
         x2,
@@ -424,7 +424,7 @@ def linear(
     )
 
     def grid(meta: Mapping[str, Any]) -> tuple[int, int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     if config is None:
         _linear_kernel[grid](*args)

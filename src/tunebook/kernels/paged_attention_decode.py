@@ -9,7 +9,7 @@ head ``h // (NQ / NK)``, in fp32::
 where token ``t`` of sequence ``b`` is ``cache[block_table[b, t // block_size], t %
 block_size]`` (the layout is in ``_attention``). A sequence with ``L <= 0`` reads nothing
 and gets a zero output (an unused batch slot, e.g. padding up to a CUDA graph's batch
-size); block-table entries past ``cdiv(L, block_size)`` are never read and may hold
+size); block-table entries past ``c.cdiv(L, block_size)`` are never read and may hold
 anything (-1 included).
 
 Kernel: a program takes one (KV head, sequence, split): the ``G`` query heads that share
@@ -476,7 +476,7 @@ def _launch(
     context_lens = context_lens.contiguous()  # read as lens + seq: a strided view would be misread
     block_g = a.dot_floor(n_q // n_kv)
     block_d = a.dot_floor(head_size)
-    merge_g = triton.next_power_of_2(n_q // n_kv)
+    merge_g = c.pow2_at_least(n_q // n_kv)
     splits = max_splits(batch, n_kv, max_context_len) if config is None else int(config["SPLITS"])
     # Sized for the layout, not for the call, and kept apart per layout: whatever config the
     # tuner or the book picks, a split call launches at most MAX_SPLIT_PROGRAMS programs

@@ -38,10 +38,10 @@ _OP = "reshape_and_cache"
 
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
-    block_d = triton.next_power_of_2(args["HEAD_SIZE"])
+    block_d = c.pow2_at_least(args["HEAD_SIZE"])
     if not c.threads_fit(cfg["BLOCK_T"] * cfg["BLOCK_H"] * block_d, cfg["num_warps"]):
         return False
-    if cfg["BLOCK_H"] > triton.next_power_of_2(args["NK"]):
+    if cfg["BLOCK_H"] > c.pow2_at_least(args["NK"]):
         return False  # only masked-off heads
     return cfg["BLOCK_T"] <= c.bucket_of(args["n_tokens"])
 
@@ -56,7 +56,7 @@ SPACE = tunebook.Space(
 
 def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     """vLLM's launch: one program per token covering all of its heads, 4 warps."""
-    return {"BLOCK_T": 1, "BLOCK_H": triton.next_power_of_2(key["NK"]), "num_warps": 4}
+    return {"BLOCK_T": 1, "BLOCK_H": c.pow2_at_least(key["NK"]), "num_warps": 4}
 
 
 @c.autotune(
@@ -194,11 +194,11 @@ def _launch(
     args = (
         *(key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1)),
         *(k_cache, *k_cache.stride()[:3], v_cache, *v_cache.stride()[:3]),
-        *(slots, n_tokens, n_kv, head_size, k_cache.shape[1], triton.next_power_of_2(head_size)),
+        *(slots, n_tokens, n_kv, head_size, k_cache.shape[1], c.pow2_at_least(head_size)),
     )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(n_kv, meta["BLOCK_H"]))
+        return (c.cdiv(n_tokens, meta["BLOCK_T"]), c.cdiv(n_kv, meta["BLOCK_H"]))
 
     return grid, args
 

@@ -44,7 +44,7 @@ def _feasible(cfg: dict[str, Any]) -> bool:
 
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
-    one_pass = triton.next_power_of_2(args["N"])
+    one_pass = c.pow2_at_least(args["N"])
     if cfg["BLOCK_N"] > max(one_pass, 64):
         return False  # only masked-off lanes beyond the one-pass block (the smallest block always fits)
     if cfg["BLOCK_N"] >= one_pass and cfg["num_stages"] != 1:
@@ -66,7 +66,7 @@ SPACE = tunebook.Space(
 
 def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     """Liger-Kernel's config: one row per program, the whole row in one block."""
-    block = triton.next_power_of_2(key["N"])
+    block = c.pow2_at_least(key["N"])
     return {"BLOCK_N": block, "ROWS": 1, "num_warps": c.liger_num_warps(block), "num_stages": 1}
 
 
@@ -229,7 +229,7 @@ def _rms_norm(
         residual is not None,
     )
     if config is None:
-        _rms_norm_kernel[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args)
+        _rms_norm_kernel[lambda meta: (c.cdiv(n_rows, meta["ROWS"]),)](*args)
     else:
-        _rms_norm_kernel.fn[(triton.cdiv(n_rows, config["ROWS"]),)](*args, **config)
+        _rms_norm_kernel.fn[(c.cdiv(n_rows, config["ROWS"]),)](*args, **config)
     return out if residual is None else (out, residual_out)  # type: ignore[return-value]

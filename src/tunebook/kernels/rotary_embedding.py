@@ -56,10 +56,10 @@ def _feasible(cfg: dict[str, Any]) -> bool:
 
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
-    rot_block = triton.next_power_of_2(args["ROTARY_DIM"] // 2)
+    rot_block = c.pow2_at_least(args["ROTARY_DIM"] // 2)
     if not c.threads_fit(cfg["BLOCK_T"] * cfg["BLOCK_H"] * rot_block, cfg["num_warps"]):
         return False
-    if cfg["BLOCK_H"] > triton.next_power_of_2(max(args["NQ"], args["NK"])):
+    if cfg["BLOCK_H"] > c.pow2_at_least(max(args["NQ"], args["NK"])):
         return False  # only masked-off heads
     total = _tiles(args["NQ"], cfg["BLOCK_H"]) + _tiles(args["NK"], cfg["BLOCK_H"])
     smaller = [h for h in HEAD_TILES if h < cfg["HEAD_TILES"]]
@@ -85,7 +85,7 @@ SPACE = tunebook.Space(
 def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     """Liger-Kernel's launch: one token per program, all query heads in one tile and all key
     heads in another, Triton's default 4 warps."""
-    block_h = triton.next_power_of_2(max(key["NQ"], key["NK"]))
+    block_h = c.pow2_at_least(max(key["NQ"], key["NK"]))
     return {"BLOCK_T": 1, "BLOCK_H": block_h, "HEAD_TILES": 2, "num_warps": 4, "num_stages": 1}
 
 
@@ -422,13 +422,13 @@ def _rotary_embedding(
         *(qo3, qo3.stride(0), qo3.stride(1), ko3, ko3.stride(0), ko3.stride(1)),
         *(positions, cache, cache.stride(0), n_tokens),
         *(n_q, n_k, head_size, rotary_dim, style == "neox"),
-        triton.next_power_of_2(half),
-        triton.next_power_of_2(tail) if tail else 0,
+        c.pow2_at_least(half),
+        c.pow2_at_least(tail) if tail else 0,
     )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         tiles = _tiles(n_q, meta["BLOCK_H"]) + _tiles(n_k, meta["BLOCK_H"])
-        return (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(tiles, meta["HEAD_TILES"]))
+        return (c.cdiv(n_tokens, meta["BLOCK_T"]), c.cdiv(tiles, meta["HEAD_TILES"]))
 
     c.launch(_rotary_embedding_kernel, grid, args, config)
     return q_out, k_out

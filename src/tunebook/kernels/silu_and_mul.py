@@ -38,7 +38,7 @@ def _feasible(cfg: dict[str, Any]) -> bool:
 
 
 def _fits_call(cfg: dict[str, Any], args: Any) -> bool:
-    span, row = cfg["BLOCK_D"] * cfg["LOOP"], triton.next_power_of_2(args["D"])
+    span, row = cfg["BLOCK_D"] * cfg["LOOP"], c.pow2_at_least(args["D"])
     if span > max(row, 64):
         return False  # masked-off work beyond the padded row (the smallest block always fits)
     if cfg["ROWS"] > 1 and span < row:
@@ -59,7 +59,7 @@ SPACE = tunebook.Space(
 
 def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     """Liger-Kernel's SwiGLU launch: one row per program, the whole row in one block."""
-    block = triton.next_power_of_2(key["D"])
+    block = c.pow2_at_least(key["D"])
     return {"BLOCK_D": block, "ROWS": 1, "LOOP": 1, "num_warps": c.liger_num_warps(block), "num_stages": 1}
 
 
@@ -132,9 +132,9 @@ def _silu_and_mul(
     args = (x2, x2.stride(0), y2, y2.stride(0), n_rows, d)
     if config is None:
         _silu_and_mul_kernel[
-            lambda meta: (triton.cdiv(n_rows, meta["ROWS"]), triton.cdiv(d, meta["BLOCK_D"] * meta["LOOP"]))
+            lambda meta: (c.cdiv(n_rows, meta["ROWS"]), c.cdiv(d, meta["BLOCK_D"] * meta["LOOP"]))
         ](*args)
     else:
-        grid = (triton.cdiv(n_rows, config["ROWS"]), triton.cdiv(d, config["BLOCK_D"] * config["LOOP"]))
+        grid = (c.cdiv(n_rows, config["ROWS"]), c.cdiv(d, config["BLOCK_D"] * config["LOOP"]))
         _silu_and_mul_kernel.fn[grid](*args, **config)
     return out

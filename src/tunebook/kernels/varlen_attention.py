@@ -459,7 +459,7 @@ def _launch(
     )
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
-        return (triton.cdiv(int(max_seqlen_q), meta["BLOCK_M"]), n_q, batch)
+        return (c.cdiv(int(max_seqlen_q), meta["BLOCK_M"]), n_q, batch)
 
     return grid, args
 
