@@ -25,10 +25,11 @@ would leave most SMs idle. Each split stores its normalized partial output and l
 in a workspace and bumps the (sequence, KV head) arrival counter (after a block barrier,
 with an acq_rel atomic); the program that arrives last merges the splits in split order
 (``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``: the same bits
-whichever arrives last), several partials a load (``_merge_splits``), stores the output and
-resets the counter. One launch, no second
-reduction kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS``
-per key like any other parameter.
+whichever arrives last; ``_merged``), stores the output and resets the counter. Past 16
+splits the merge takes two levels: the last of every TREE_GROUP splits merges them into a
+group partial, and the last group merges the groups. One launch, no second reduction
+kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS`` per key
+like any other parameter.
 
 **Loop structure** (both tuned per key): whole tiles take their block numbers from a
 register copy of the table, a chunk at a time (``_attention.attend_paged_chunks``), so that
