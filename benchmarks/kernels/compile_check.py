@@ -46,6 +46,10 @@ DECODE = [
     # warp slices: 4 softmax states, one a warp, 16 keys each a step
     ((32, 8, 128), {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4}, 4, 3),
     ((8, 1, 128), {"BLOCK_N": 32, "SPLITS": 8, "SLICES": 4}, 4, 3),
+    # the two-level merge past 16 splits, as the page serves one sequence of 8k-32k tokens
+    ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 64}, 8, 1),
+    ((16, 2, 128), {"BLOCK_N": 16, "SPLITS": 64, "SLICES": 4}, 4, 3),
+    ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 32}, 4, 3),
 ]
 VARLEN = [
     (
@@ -152,12 +156,11 @@ def _decode(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
 
 def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
     from tunebook.kernels._attention import table_chunk
-    from tunebook.kernels.paged_attention_decode import merge_most
 
     chunk, slots = table_chunk(16)
     merge_g = triton.next_power_of_2(layout[0] // layout[1])
-    merge = {"MERGE_G": merge_g, "MERGE_MOST": merge_most(merge_g, layout[2])}
-    return _decode(layout, {"CHUNK": chunk, "TABLE_SLOTS": slots, "SLICES": 1, **merge, **meta})
+    tables = {"CHUNK": chunk, "TABLE_SLOTS": slots}
+    return _decode(layout, {**tables, "SLICES": 1, "MERGE_G": merge_g, **meta})
 
 
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:

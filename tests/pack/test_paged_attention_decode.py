@@ -8,7 +8,6 @@ import importlib
 
 import pytest
 import torch
-import triton
 
 import tunebook
 from tunebook.kernels import paged_attention_decode, reshape_and_cache
@@ -18,12 +17,12 @@ from tunebook.kernels.paged_attention_decode import (
     MAX_TILE_PER_THREAD,
     MERGE_ONE_BY_ONE,
     SPACE,
+    TREE_GROUP,
     _paged_attention_decode,
     _paged_attention_decode_kernel,
     first_guess,
     hand_picked,
     max_splits,
-    merge_most,
 )
 
 from .attention_reference import PagedCache, attention, paged_cache
@@ -79,17 +78,19 @@ def test_mixed_contexts_match_sdpa(gen, n_q, n_kv, head_size, dtype) -> None:  #
 
 
 @pytest.mark.parametrize(("n_q", "head_size", "splits"), [(8, 128, 32), (7, 64, 64)], ids=["g8-128", "g7-64"])
-def test_the_split_merge_over_several_steps_matches_sdpa(gen, n_q, head_size, splits) -> None:  # type: ignore[no-untyped-def]
-    """Past MERGE_ONE_BY_ONE splits the last split reads the partials merge_most() at a
-    time: several steps here, a group that is not a power of two (its padded rows masked),
-    and splits left without keys (the short sequences') among them."""
-    assert 1 < merge_most(triton.next_power_of_2(n_q), head_size) < splits
-    assert splits > MERGE_ONE_BY_ONE
+def test_the_two_level_split_merge_matches_sdpa(gen, n_q, head_size, splits) -> None:  # type: ignore[no-untyped-def]
+    """Past MERGE_ONE_BY_ONE splits the merge takes two levels: the last of every TREE_GROUP
+    splits merges them into a group partial, the last group merges the groups. Here 4 and 8
+    groups, a group of query heads that is not a power of two (its padded rows masked), and
+    splits left without keys (the short sequences') among them; run twice, so every counter
+    must be back at zero after a call."""
+    assert splits > MERGE_ONE_BY_ONE.value and splits % TREE_GROUP.value == 0
     lens = [splits * 32 - 3, 1, 0, PAGE + 1]  # the first sequence has keys in every split
     cache = paged_cache(gen, lens, PAGE, 1, head_size, torch.bfloat16)
     q = randn(gen, len(lens), n_q, head_size, dtype=torch.bfloat16)
     config = {"BLOCK_N": 16, "SPLITS": splits, "SLICES": 1, "num_warps": 4, "num_stages": 1}
-    check(q, cache, max_context_len=max(lens), config=config)
+    for _ in range(2):
+        check(q, cache, max_context_len=max(lens), config=config)
 
 
 @pytest.mark.parametrize(("head_size", "context"), [(8, 16), (4, 32), (4, 33)])

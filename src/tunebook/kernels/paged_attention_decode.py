@@ -25,10 +25,11 @@ would leave most SMs idle. Each split stores its normalized partial output and l
 in a workspace and bumps the (sequence, KV head) arrival counter (after a block barrier,
 with an acq_rel atomic); the program that arrives last merges the splits in split order
 (``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``: the same bits
-whichever arrives last), several partials a load (``_merge_splits``), stores the output and
-resets the counter. One launch, no second
-reduction kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS``
-per key like any other parameter.
+whichever arrives last; ``_merged``), stores the output and resets the counter. Past 16
+splits the merge takes two levels: the last of every TREE_GROUP splits merges them into a
+group partial, and the last group merges the groups. One launch, no second reduction
+kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS`` per key
+like any other parameter.
 
 **Loop structure** (both tuned per key): whole tiles take their block numbers from a
 register copy of the table, a chunk at a time (``_attention.attend_paged_chunks``), so that
@@ -214,7 +215,6 @@ def _paged_attention_decode_kernel(
     BLOCK_G: tl.constexpr,
     MERGE_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    MERGE_MOST: tl.constexpr,
     DOT: tl.constexpr,
     CHUNK: tl.constexpr,
     TABLE_SLOTS: tl.constexpr,
@@ -286,77 +286,92 @@ def _paged_attention_decode_kernel(
         tl.store(lse_ptr + (first + split) * G + g, lse, mask=g_mask)
         # Every thread's partial is stored before the (single-thread) release below.
         tl.debug_barrier()
-        lock = lock_ptr + seq * NK + kv_head
-        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            _merge_splits(
-                ws_ptr, lse_ptr, first, out_ptr + seq * out_stride_b, out_stride_h, kv_head, d, d_mask,
-                G, MERGE_G, BLOCK_D, SPLITS, MERGE_MOST,
-            )  # fmt: skip
-            tl.atomic_xchg(lock, 0)
+        pair = seq * NK + kv_head
+        out_row = out_ptr + seq * out_stride_b
+        if SPLITS > MERGE_ONE_BY_ONE:
+            # Two levels: the last of each TREE_GROUP splits merges them into a group
+            # partial, the last group merges the groups. One program reading 32-64 partials
+            # was most of such a call (BENCHMARKS.md 5b, twenty-second and twenty-fourth
+            # sessions); at 16 splits the second arrival cost more than it saved.
+            GROUPS: tl.constexpr = SPLITS // TREE_GROUP
+            group = split // TREE_GROUP
+            group_lock = lock_ptr + batch * NK + pair * GROUPS + group  # after the pairs' counters
+            if tl.atomic_add(group_lock, 1, sem="acq_rel", scope="gpu") == TREE_GROUP - 1:
+                row = batch * NK * SPLITS + pair * GROUPS + group  # after every split's partial
+                merged, merged_lse = _merged(
+                    ws_ptr, lse_ptr, first + group * TREE_GROUP, d, G, MERGE_G, BLOCK_D, TREE_GROUP
+                )
+                m = tl.arange(0, MERGE_G)
+                tl.store(
+                    ws_ptr + (row * G + m[:, None]) * BLOCK_D + d[None, :], merged, mask=(m < G)[:, None]
+                )
+                tl.store(lse_ptr + row * G + m, merged_lse, mask=m < G)
+                tl.atomic_xchg(group_lock, 0)
+                tl.debug_barrier()  # the group partial is stored before the release below
+                lock = lock_ptr + pair
+                if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == GROUPS - 1:
+                    groups_first = batch * NK * SPLITS + pair * GROUPS
+                    merged, _ = _merged(ws_ptr, lse_ptr, groups_first, d, G, MERGE_G, BLOCK_D, GROUPS)
+                    _store_heads(out_row, out_stride_h, kv_head, d, d_mask, merged, G, MERGE_G)
+                    tl.atomic_xchg(lock, 0)
+        else:
+            lock = lock_ptr + pair
+            if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                merged, _ = _merged(ws_ptr, lse_ptr, first, d, G, MERGE_G, BLOCK_D, SPLITS)
+                _store_heads(out_row, out_stride_h, kv_head, d, d_mask, merged, G, MERGE_G)
+                tl.atomic_xchg(lock, 0)
 
 
-# Elements of the merge's [chunk, G, head] accumulator: 32 a thread at 4 warps.
-MERGE_ELEMENTS = 4096
-# Up to this many splits the merge reads one partial a step: chunks cost about 2 us more at
-# 8 splits, tied at 16, and won from 32 (BENCHMARKS.md 5b, twenty-second session).
+# Up to this many splits the last split merges them all, one partial a step; past it the
+# merge takes two levels, groups of TREE_GROUP partials then the groups (BENCHMARKS.md 5b,
+# twenty-fourth session: 0.62-0.83 of one level's time at 64 splits, 0.90-0.94 at 32, and
+# 1.03-1.30 at 16).
 MERGE_ONE_BY_ONE: tl.constexpr = tl.constexpr(16)
-
-
-def merge_most(merge_g: int, block_d: int) -> int:
-    """The most partials the split merge reads in one step: a [chunk, G, head] load and an
-    accumulator of that shape, MERGE_ELEMENTS at most, 16 partials at most.
-
-    >>> merge_most(8, 128), merge_most(4, 128), merge_most(1, 64), merge_most(16, 512)
-    (4, 8, 16, 1)
-    """
-    return max(1, min(16, MERGE_ELEMENTS // (merge_g * block_d)))
+TREE_GROUP: tl.constexpr = tl.constexpr(8)
 
 
 @triton.jit
-def _merge_splits(
-    ws_ptr, lse_ptr, first, out_row, out_stride_h, kv_head, d, d_mask,
-    G: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
-    MERGE_MOST: tl.constexpr,
-):  # fmt: skip
-    """The last split's merge of a (sequence, KV head)'s SPLITS partials, in split order:
+def _merged(
+    ws_ptr,
+    lse_ptr,
+    first,
+    d,
+    G: tl.constexpr,
+    MERGE_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    COUNT: tl.constexpr,
+):
+    """The merge of ``COUNT`` partials from row ``first`` on, in order, one a step:
     ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)`` (G at its power of
-    two, not tl.dot's 16 rows). Past MERGE_ONE_BY_ONE splits, MERGE_MOST partials are asked
-    for at once as one [chunk, G, head] load and summed into an accumulator of that shape,
-    reduced once at the end: one partial an L2 round trip cost ~0.26 us a split on an H200
-    (16 of a 20 us call at 64 splits), and a reduction a step (across warps) cost more than it
-    saved (BENCHMARKS.md 5b, twenty-second session)."""
+    two, not tl.dot's 16 rows), and its log-sum-exp ``max lse + log2(sum_s w_s)``. Reading
+    several partials a step as one [chunk, G, head] load lost at 8 splits and won past 16
+    (BENCHMARKS.md 5b, twenty-second session); past 16 the merge now takes two levels."""
     g = tl.arange(0, MERGE_G)
-    g_mask = g < G
-    # Every operand is [splits, G, 1] or [splits, G, head]: reductions stay in a thread.
+    # Every operand is [count, G, 1] or [count, G, head]: reductions stay in a thread.
     g3 = g[None, :, None]
     g3_mask = g3 < G
-    s = tl.arange(0, SPLITS)[:, None, None]
+    s = tl.arange(0, COUNT)[:, None, None]
     # .cg reads L2, where the other programs' partials are, not a stale L1.
     lses = tl.load(lse_ptr + (first + s) * G + g3, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg")
     top = tl.max(lses, 0)[None, :, :]
     weight = tl.sum(tl.exp2(lses - top), 0)
-    ws_d = ws_ptr + d[None, None, :]
-    if SPLITS <= MERGE_ONE_BY_ONE:
-        total = tl.zeros([1, MERGE_G, BLOCK_D], dtype=tl.float32)
-        for i in range(SPLITS):
-            total += _weighted_partials(lse_ptr, ws_d, (first + i) * G + g3, g3_mask, top, BLOCK_D)
-    else:
-        # MERGE_MOST (at most 16, under SPLITS here) partials a step, the steps unrolled.
-        c = tl.arange(0, MERGE_MOST)[:, None, None]
-        total = tl.zeros([MERGE_MOST, MERGE_G, BLOCK_D], dtype=tl.float32)
-        for i in tl.static_range(0, SPLITS, MERGE_MOST):
-            total += _weighted_partials(lse_ptr, ws_d, (first + i + c) * G + g3, g3_mask, top, BLOCK_D)
-    merged = tl.sum(total, 0) / weight
-    rows = out_row + (kv_head * G + g)[:, None] * out_stride_h + d[None, :]
-    tl.store(rows, merged.to(out_row.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    total = tl.zeros([1, MERGE_G, BLOCK_D], dtype=tl.float32)
+    for i in range(COUNT):
+        part = (first + i) * G + g3
+        w = tl.exp2(tl.load(lse_ptr + part, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg") - top)
+        total += w * tl.load(
+            ws_ptr + part * BLOCK_D + d[None, None, :], mask=g3_mask, other=0.0, cache_modifier=".cg"
+        )
+    lse = tl.reshape(top, [MERGE_G]) + tl.log2(tl.reshape(weight, [MERGE_G]))
+    return tl.sum(total, 0) / weight, lse
 
 
 @triton.jit
-def _weighted_partials(lse_ptr, ws_d, part, mask, top, BLOCK_D: tl.constexpr):
-    """Partials ``part`` (``[chunk, G, 1]`` indices) times their weights ``exp2(lse - top)``."""
-    w = tl.exp2(tl.load(lse_ptr + part, mask=mask, other=NO_SCORE, cache_modifier=".cg") - top)
-    return w * tl.load(ws_d + part * BLOCK_D, mask=mask, other=0.0, cache_modifier=".cg")
+def _store_heads(out_row, out_stride_h, kv_head, d, d_mask, merged, G: tl.constexpr, MERGE_G: tl.constexpr):
+    """A (sequence, KV head)'s merged output, its G query heads' rows."""
+    g = tl.arange(0, MERGE_G)
+    rows = out_row + (kv_head * G + g)[:, None] * out_stride_h + d[None, :]
+    tl.store(rows, merged.to(out_row.dtype.element_ty), mask=(g < G)[:, None] & d_mask[None, :])
 
 
 def paged_attention_decode(
@@ -486,12 +501,14 @@ def _launch(
     # per call, a later, larger call reallocated them and an earlier graph wrote freed
     # memory (an illegal address on the H200, 2026-12-01).
     programs = max(batch * n_kv * splits, MAX_SPLIT_PROGRAMS) if splits > 1 else 1
-    partials = programs * (n_q // n_kv)
+    # The split partials, then (past MERGE_ONE_BY_ONE splits) one group partial per TREE_GROUP.
+    partials = (programs + programs // TREE_GROUP.value) * (n_q // n_kv)
     layout = (n_q // n_kv, block_d)
     ws = _workspace.get(q.device, partials * block_d, torch.float32, layout)
     lse = _lse.get(q.device, partials, torch.float32, layout)
     pairs = max(batch * n_kv, MAX_SPLIT_PROGRAMS // 2) if splits > 1 else 1
-    locks = _counters.get(q.device, pairs, torch.int32)
+    # A counter per (sequence, KV head), then one per group of splits.
+    locks = _counters.get(q.device, pairs + programs // TREE_GROUP.value, torch.int32)
     args = (
         *(q, q.stride(0), q.stride(1)),
         *(k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
@@ -502,7 +519,7 @@ def _launch(
         a.softmax_scale(scale, head_size) * a.LOG2E,
         batch,
         max_context_len,
-        *(n_q, n_kv, head_size, page, block_g, merge_g, block_d, merge_most(merge_g, block_d)),
+        *(n_q, n_kv, head_size, page, block_g, merge_g, block_d),
         dot_mode(q.dtype),
         *a.table_chunk(page),
     )
