@@ -328,6 +328,31 @@ def test_autotune_above_heuristics():
         torch.testing.assert_close(out, x + y)
 
 
+def test_heuristics_under_autotune_see_every_launch_option_on_every_launch():
+    # As Triton's autotuner passes them: a heuristic may read num_warps. The launches of a
+    # bare jit function leave out options at the backend's defaults; a wrapper's never do.
+    seen = []
+
+    def even(args):
+        seen.append(tuple(k for k in ("num_warps", "num_ctas", "num_stages") if k in args))
+        return args["n"] % args["BLOCK"] == 0
+
+    @tunebook.autotune(block_configs(32, 64, num_warps=4, num_ctas=1, num_stages=3), key=["n"])
+    @triton.heuristics({"EVEN": even})
+    @triton.jit
+    def add_even(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        total = tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask)
+        tl.store(out_ptr + offs, total, mask=mask)
+
+    x, y, out = vectors(100)
+    for _ in range(3):  # measured and launched first, then hits
+        add_even[grid_1d(100)](x, y, out, 100)
+        torch.testing.assert_close(out, x + y)
+    assert len(seen) >= 3 and set(seen) == {("num_warps", "num_ctas", "num_stages")}
+
+
 def test_matmul_with_three_key_arguments():
     kernel = tunebook.autotune(
         [

@@ -210,12 +210,15 @@ def test_every_launch_of_a_config_passes_tritons_run_the_same_options_in_the_sam
     kernel[grid_1d(300)](x, y, out, 300)  # measured, then launched by the slow path
     kernel[grid_1d(300)](x, y, out, 300)  # a positional hit
     kernel[grid_1d(300)](x, y, out_ptr=out, n=300)  # a keyword call
+    # an option the config sets too: the config's wins, on the first call and the hits alike
+    for _ in range(2):
+        kernel[grid_1d(300)](x, y, out_ptr=out, n=300, num_ctas=2)
     warmed = hasattr(add_kernel, "warmup")  # Triton 3.4's interpreter has none
     if warmed:
         kernel.warmup(x, y, out, 300, grid=grid_1d(300))
     torch.testing.assert_close(out, x + y)
     winner = [(warmup, options) for block, warmup, options in seen if block == 64]
-    assert len(winner) >= 4 + warmed  # timed, served first, two hits (and warmed up)
+    assert len(winner) >= 6 + warmed  # timed, served first, hits, keyword calls (and warmed up)
     assert {str(options) for _, options in winner} == {str([("num_warps", 4), ("num_stages", 2)])}
     assert any(warmup for warmup, _ in winner) == warmed
 

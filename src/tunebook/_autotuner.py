@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _buckets, _compat, _fingerprint, _miss, _options, _settings, _stats
+from . import _buckets, _compat, _fingerprint, _launch, _miss, _options, _settings, _stats
 from ._bench import Timers, choose_timers
 from ._book import Book, KernelIdentity, Page, config_id
 from ._call import Call
@@ -253,14 +253,23 @@ class Autotuner(_compat.TritonAutotuner):
             hit = None
         if hit is None:  # outside the except block: errors of a first launch chain nothing
             return self._slow_run(args, kwargs, grid, warmup)
-        launcher, config, counter, run_kwargs = hit
+        launcher, config, counter, config_kwargs = hit
         if not (kwargs or warmup or config.pre_hook is not None):
             return launcher(args, grid)  # bumps the counter and sets best_config itself
         counter[0] += 1
         self.best_config = config
+        launch_kwargs = {**kwargs, **config_kwargs}  # as the slow path merges them (Call.launch_kwargs)
         if config.pre_hook is not None:
-            config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
-        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **run_kwargs)
+            config.pre_hook({**dict(zip(self.arg_names, args)), **launch_kwargs})
+        lean = _launch.lean_options(launch_kwargs, self.option_defaults())
+        return self.fn.run(*args, grid=grid, warmup=warmup, **lean)
+
+    def option_defaults(self) -> Mapping[str, Any]:
+        """The launch options every launch of a config leaves out where they equal the
+        backend's defaults (``_launch.lean_options``): those of a bare jit function. A wrapper
+        (``triton.heuristics``) gets every option on every launch, as Triton passes them: its
+        functions may read ``num_warps``."""
+        return _compat.launch_option_defaults() if _compat.is_jit_function(self.fn) else {}
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         call = Call.bind(self.arg_names, args, kwargs, grid)
@@ -277,7 +286,7 @@ class Autotuner(_compat.TritonAutotuner):
             finally:
                 self.nargs = None
         # The options as the hits will pass them: one compiled kernel for both (lean_options).
-        return self.fn.run(*args, grid=grid, warmup=warmup, **call.run_kwargs(config))
+        return self.fn.run(*args, grid=grid, warmup=warmup, **call.run_kwargs(config, self.option_defaults()))
 
     # ------------------------------------------------------------------ deciding
 
@@ -486,7 +495,10 @@ class Autotuner(_compat.TritonAutotuner):
         with self._lock:
             self.nargs = call.nargs
             try:
-                return [self.fn.warmup(*args, **call.run_kwargs(cfg)) for cfg in self._candidates(call)]
+                defaults = self.option_defaults()
+                return [
+                    self.fn.warmup(*args, **call.run_kwargs(cfg, defaults)) for cfg in self._candidates(call)
+                ]
             finally:
                 self.nargs = None
 

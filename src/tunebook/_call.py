@@ -44,14 +44,15 @@ class Call:
             )
         return {**self.kwargs, **config.all_kwargs()}
 
-    def run_kwargs(self, config: Any) -> dict[str, Any]:
+    def run_kwargs(self, config: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
         """What a launch of ``config`` passes to Triton's ``run``: :meth:`launch_kwargs`
-        without the options equal to the backend's defaults, as the hits pass them, so that
-        every launch of the config finds the one kernel Triton compiled for it
-        (``_launch.lean_options``). Hooks still see :meth:`launch_kwargs`, as Triton's do."""
+        without the options equal to ``defaults`` (``Autotuner.option_defaults``), as the
+        hits pass them, so that every launch of the config finds the one kernel Triton
+        compiled for it (``_launch.lean_options``). Hooks still see :meth:`launch_kwargs`,
+        as Triton's do."""
         from ._launch import lean_options
 
-        return lean_options(self.launch_kwargs(config))
+        return lean_options(self.launch_kwargs(config), defaults)
 
     def hook_args(self, config: Any) -> dict[str, Any]:
         """What Triton passes to pre- and post-hooks: every argument and the config's values."""

@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from . import _compat, _launch
+from . import _launch
 
 KeyFunction = Callable[..., tuple[Any, ...]]
 
@@ -35,7 +35,7 @@ class Hit(NamedTuple):
     launcher: _launch.Launcher
     config: Any
     counter: list[int]  # the autotuner's hit or fallback counter: the hit bumps counter[0]
-    run_kwargs: dict[str, Any]  # the config's as every launch passes them (_launch.lean_options)
+    config_kwargs: dict[str, Any]
 
 
 def _constant_key(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -107,13 +107,13 @@ class HitTable:
             launcher = self._launchers[id(config), id(counter)] = _launch.config_launcher(
                 self._run,
                 config.all_kwargs(),
-                _compat.launch_option_defaults(),
+                self._owner.option_defaults(),
                 served=(counter, self._owner, config),
             )
         return launcher
 
     def hit(self, config: Any, counter: list[int]) -> Hit:
-        return Hit(self.launcher(config, counter), config, counter, _launch.lean_options(config.all_kwargs()))
+        return Hit(self.launcher(config, counter), config, counter, config.all_kwargs())
 
     def serve_always(self, hit: Hit) -> None:
         """A kernel with one config: every call is this hit, whatever its arguments."""

@@ -14,7 +14,7 @@ being compared, so a check launch skips the default hooks except the zeroing
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._call import Call
@@ -55,10 +55,13 @@ class Hooks:
             kwargs[name].copy_(value)
         self.restore_copies = {}
 
-    def timed_launch(self, run: Callable[..., Any], call: Call, config: Any) -> Callable[[], None]:
-        """A no-argument launch of ``config`` with the full protocol, for a benchmarker."""
+    def timed_launch(
+        self, run: Callable[..., Any], call: Call, config: Any, defaults: Mapping[str, Any]
+    ) -> Callable[[], None]:
+        """A no-argument launch of ``config`` with the full protocol, for a benchmarker;
+        ``defaults``: the options the launch leaves out (``Call.run_kwargs``)."""
         hook_args = {**call.nargs, **call.launch_kwargs(config)}
-        current = call.run_kwargs(config)
+        current = call.run_kwargs(config, defaults)
 
         def launch() -> None:
             if config.pre_hook:
@@ -75,10 +78,12 @@ class Hooks:
 
         return launch
 
-    def check_launch(self, run: Callable[..., Any], call: Call, config: Any) -> None:
+    def check_launch(
+        self, run: Callable[..., Any], call: Call, config: Any, defaults: Mapping[str, Any]
+    ) -> None:
         """One launch of ``config`` for result checking (see the module docstring)."""
         hook_args = {**call.nargs, **call.launch_kwargs(config)}
-        current = call.run_kwargs(config)
+        current = call.run_kwargs(config, defaults)
         if config.pre_hook:
             config.pre_hook(hook_args)
         if self.user_defined_pre_hook:

@@ -471,17 +471,19 @@ def _bench_function(
     tuner: Autotuner, call: Call, candidates: Sequence[Any]
 ) -> Callable[[Callable[..., Any], Any], Any]:
     """``bench(timer, config) -> timing`` for one key, checked against a reference with ``check=``."""
-    run = tuner.fn.run
+    run, defaults = tuner.fn.run, tuner.option_defaults()
     if tuner.options.check is None:
-        return lambda timer, config: timer(tuner.hooks.timed_launch(run, call, config), quantiles=QUANTILES)
+        return lambda timer, config: timer(
+            tuner.hooks.timed_launch(run, call, config, defaults), quantiles=QUANTILES
+        )
     from ._check import CheckedBench, OutputCheck
 
     checker = OutputCheck(call.args, call.kwargs, names=tuner.arg_names, **tuner.options.check)
     return CheckedBench(
         checker,
         candidates,
-        run_once=lambda config: tuner.hooks.check_launch(run, call, config),
-        timed=lambda config: tuner.hooks.timed_launch(run, call, config),
+        run_once=lambda config: tuner.hooks.check_launch(run, call, config, defaults),
+        timed=lambda config: tuner.hooks.timed_launch(run, call, config, defaults),
         quantiles=QUANTILES,
     )
 
@@ -491,9 +493,10 @@ def _precompiler(tuner: Autotuner, call: Call) -> Callable[[list[Any]], None] | 
     workers = tuner.options.compile_workers
     if _compat.interpreting() or workers <= 1:
         return None
+    defaults = tuner.option_defaults()
 
     def warm(config: Any) -> Any:
-        return tuner.fn.run(*call.args, grid=call.grid, warmup=True, **call.run_kwargs(config))
+        return tuner.fn.run(*call.args, grid=call.grid, warmup=True, **call.run_kwargs(config, defaults))
 
     def precompile(configs: list[Any]) -> None:
         _compat.precompile([functools.partial(warm, c) for c in configs], workers)

@@ -9,7 +9,7 @@ head ``h // (NQ / NK)``, in fp32::
 where token ``t`` of sequence ``b`` is ``cache[block_table[b, t // block_size], t %
 block_size]`` (the layout is in ``_attention``). A sequence with ``L <= 0`` reads nothing
 and gets a zero output (an unused batch slot, e.g. padding up to a CUDA graph's batch
-size); block-table entries past ``c.cdiv(L, block_size)`` are never read and may hold
+size); block-table entries past ``cdiv(L, block_size)`` are never read and may hold
 anything (-1 included).
 
 Kernel: a program takes one (KV head, sequence, split): the ``G`` query heads that share
@@ -63,7 +63,9 @@ _OP = "paged_attention_decode"
 
 # A split config launches batch * NK * SPLITS programs; past ~15 waves on a 132-SM GPU more
 # splits only add partial outputs to merge. It also caps the workspace (fp32, G rows of
-# BLOCK_D per program) at 2048 * G * BLOCK_D * 4 bytes: 4 MiB for Llama-3-8B's layout.
+# BLOCK_D per program, and as many again for every TREE_GROUP programs' group partial) at
+# 2304 * G * BLOCK_D * 4 bytes, which Scratch rounds up to a power of two: 8 MiB for
+# Llama-3-8B's layout.
 MAX_SPLIT_PROGRAMS = 2048
 # Elements of a K (or V) tile each thread holds: more spills registers, fewer idles lanes.
 # Pipelined configs (num_stages > 1) may hold more: they won on the H200 at 128 a thread
