@@ -307,7 +307,7 @@ def test_undeclared_stored_configs_are_never_launched(
         assert tuner.best_config.kwargs["BLOCK"] in TABLE
     assert launched, "the spy saw no launch"
     # as launches pass them: without the options equal to the backend's defaults
-    declared = [_launch.lean_options(c.all_kwargs()) for c in block_configs(*TABLE)]
+    declared = [_launch.lean_options(c.all_kwargs(), tuner.option_defaults()) for c in block_configs(*TABLE)]
     for kwargs in launched:
         assert {k: v for k, v in kwargs.items() if k in declared[0]} in declared, kwargs
         assert "EVIL" not in kwargs and "maxnreg" not in kwargs and not math.isclose(kwargs["BLOCK"], 7)

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._launch import lean_options
+
 
 @dataclass(frozen=True)
 class Call:
@@ -50,8 +52,6 @@ class Call:
         hits pass them, so that every launch of the config finds the one kernel Triton
         compiled for it (``_launch.lean_options``). Hooks still see :meth:`launch_kwargs`,
         as Triton's do."""
-        from ._launch import lean_options
-
         return lean_options(self.launch_kwargs(config), defaults)
 
     def hook_args(self, config: Any) -> dict[str, Any]:

@@ -153,9 +153,10 @@ def binding_key(
     return _compile(src, "binding_key", {"_MISSING": MISSING})
 
 
-def lean_options(kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``kwargs`` without the launch options equal to the backend's ``defaults`` (the active
-    backend's when None), in their order: what every launch of one config passes to Triton.
+def lean_options(kwargs: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without the launch options equal to ``defaults`` (the backend's, from
+    ``Autotuner.option_defaults``), in their order: what every launch of one config passes
+    to Triton.
 
     Triton keys its compiled kernels by the options a launch passes, as given (``str`` of
     the dict: ``num_ctas=1`` passed and left out are two keys, and so is another order). A
@@ -167,8 +168,6 @@ def lean_options(kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None =
     >>> lean_options({"BLOCK": 64, "num_warps": 4, "num_ctas": 1, "num_stages": 3}, defaults)
     {'BLOCK': 64, 'num_stages': 3}
     """
-    if defaults is None:
-        defaults = _compat.launch_option_defaults()
     return {k: v for k, v in kwargs.items() if defaults.get(k, MISSING) != v}
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 import tunebook
 
 from .. import _compat
-from ._common import cdiv, max_configs, shipped_books
+from ._common import cdiv, max_configs, pow2_at_least, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -47,7 +47,6 @@ from ._gemm_common import (
     SMEM_BYTES,
     acc_per_thread,
     nearest_config,
-    pow2_at_least,
     smem_estimate,
 )
 

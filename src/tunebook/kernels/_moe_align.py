@@ -35,8 +35,7 @@ import triton
 import triton.language as tl
 
 from .._compat import interpreting
-from ._common import cdiv
-from ._gemm_common import pow2_at_least
+from ._common import cdiv, pow2_at_least
 
 # A program's one-hot tiles hold _ALIGN_TILE elements ([BLOCK, E_PAD] pairs x bins,
 # [CHUNK_BLOCK, E_PAD] chunks x bins): 8,192 int32 are 64 a thread at 4 warps, so a step

@@ -54,7 +54,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import cdiv, check_device, max_configs, shipped_books
+from ._common import cdiv, check_device, max_configs, pow2_at_least, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -65,7 +65,6 @@ from ._gemm_common import (
     dot_mode,
     mma,
     nearest_config,
-    pow2_at_least,
     reaches_past,
     smem_estimate,
     too_far,

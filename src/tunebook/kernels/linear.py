@@ -50,7 +50,7 @@ import triton.language as tl
 import tunebook
 
 from . import _linear_tma
-from ._common import cdiv, check_device, check_out, max_configs, shipped_books
+from ._common import cdiv, check_device, check_out, max_configs, pow2_at_least, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -62,7 +62,6 @@ from ._gemm_common import (
     dot_mode,
     mma,
     nearest_config,
-    pow2_at_least,
     smem_estimate,
     too_far,
 )
