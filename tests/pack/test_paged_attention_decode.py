@@ -100,8 +100,9 @@ def test_the_two_level_split_merge_matches_sdpa(gen, n_q, head_size, splits) -> 
         (7, 1, 64, 8, torch.float16),  # a group of 7 query heads
         (4, 2, 64, 64, torch.float32),
         (2, 2, 128, 32, torch.bfloat16),  # GQA ratio 1
+        (6, 2, 80, 4, torch.float16),  # a head padded to 128 (the store masks the padding)
     ],
-    ids=["g4-s2", "g7-s8", "g2-s64", "mha-s32"],
+    ids=["g4-s2", "g7-s8", "g2-s64", "mha-s32", "g3-s4-head80"],
 )
 def test_the_merge_kernel_matches_sdpa(gen, n_q, n_kv, head_size, splits, dtype) -> None:  # type: ignore[no-untyped-def]
     """MERGE_KERNEL=1: the split programs only store their partials and _merge_kernel,
@@ -153,6 +154,60 @@ def test_the_merge_kernel_is_the_tuners_post_hook(gen) -> None:  # type: ignore[
             assert_close(out, want)  # merged in the kernel, or by the hook
         else:
             assert out.isnan().all(), "the hook merged after a launch that raised"
+
+
+# Tunes one key in tune mode with every measured launch counted: those of a MERGE_KERNEL=1
+# config and the merges launched while they run. Prints the counts and the chosen config.
+TUNE_AND_COUNT_MERGES = """
+import importlib, json, torch, tunebook
+from tunebook._hooks import Hooks
+from tunebook.kernels import _models
+
+module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+counts = {"measured": 0, "merged": 0, "merged_while_measuring": 0}
+merge, timed_launch = module._merge, Hooks.timed_launch
+measuring = [False]
+
+def counted_merge(*args, **kwargs):
+    counts["merged"] += 1
+    counts["merged_while_measuring"] += measuring[0]
+    return merge(*args, **kwargs)
+
+def counted_timed_launch(self, run, call, config, defaults):
+    launch = timed_launch(self, run, call, config, defaults)
+    if not (config.kwargs.get("MERGE_KERNEL") and config.kwargs["SPLITS"] > 1):
+        return launch
+    def measured():
+        counts["measured"] += 1
+        measuring[0] = True
+        try:
+            launch()
+        finally:
+            measuring[0] = False
+    return measured
+
+module._merge, Hooks.timed_launch = counted_merge, counted_timed_launch
+shape = {"n_q": 2, "n_kv": 1, "head_size": 16, "page": 16, "context": 200}
+w = _models.workload("paged_attention_decode", shape, 1, torch.float32, "cpu")
+w.run(None)
+best = module._paged_attention_decode_kernel.best_config
+print(json.dumps({**counts, "benchmarked": tunebook.stats()["benchmarked"], "chosen": best.kwargs}))
+"""
+
+
+def test_a_merge_kernel_config_is_measured_with_its_merge(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The tuner must time a MERGE_KERNEL=1 config at its whole cost: every measured launch
+    of one launches the merge kernel inside it (the post_hook), or the search would favour
+    it by the merge's time. The key's first guess, measured first, is such a config."""
+    from conftest import run_python
+
+    env = {"TUNEBOOK_DIR": str(tmp_path), "TUNEBOOK_MODE": "tune", "TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
+    got = run_python(TUNE_AND_COUNT_MERGES, env=env)
+    assert got["benchmarked"] == 2 and got["measured"] > 0, got
+    assert got["merged_while_measuring"] == got["measured"], got
+    # and the call's own launch, when the chosen config merges in the merge kernel
+    own = int(got["chosen"].get("MERGE_KERNEL", 0) == 1 and got["chosen"]["SPLITS"] > 1)
+    assert got["merged"] == got["measured"] + own, got
 
 
 @pytest.mark.parametrize(("head_size", "context"), [(8, 16), (4, 32), (4, 33)])

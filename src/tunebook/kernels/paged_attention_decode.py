@@ -49,6 +49,7 @@ exactly, and the dtypes.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -83,6 +84,7 @@ SPLITS = [1, 2, 4, 8, 16, 32, 64]
 _workspace = Scratch("paged_attention_decode.workspace", zeroed=False)
 _lse = Scratch("paged_attention_decode.lse", zeroed=False)
 _counters = Scratch("paged_attention_decode.counters", zeroed=True)  # kept at zero between launches
+_LAUNCH_LOCK = threading.Lock()  # a split launch and its merge kernel, together
 
 
 def max_splits(batch: int, n_kv: int, context: int) -> int:
@@ -473,8 +475,11 @@ def _merge(
 ) -> None:
     """Launch _merge_kernel over ``out`` ([batch, NQ, head_size]) from the workspace."""
     batch, n_q, head_size = out.shape
+    # A program holds its SPLITS x BLOCK_D partials: 64 fp32 a thread on 4 warps at 64 splits
+    # of 128-wide heads (as the page was tuned), 8 warps past that.
+    warps = 4 if splits * block_d <= 8192 else 8
     _merge_kernel[(n_q, batch)](
-        ws, lse, out, out.stride(0), out.stride(1), n_q, n_kv, head_size, block_d, splits
+        ws, lse, out, out.stride(0), out.stride(1), n_q, n_kv, head_size, block_d, splits, num_warps=warps
     )  # fmt: skip
 
 
@@ -497,6 +502,8 @@ class _Grid:
         self.merge_splits = 0
 
     def __call__(self, meta: dict[str, Any]) -> tuple[int, int, int]:
+        # Some paths ask for every candidate's grid first (a miss recorded in serve mode);
+        # the launch asks last, with the config it launches, and that call decides.
         splits = int(meta["SPLITS"])
         self.merge_splits = splits if splits > 1 and meta.get("MERGE_KERNEL", 0) else 0
         return (self.n_kv, self.batch, splits)
@@ -601,8 +608,12 @@ def _paged_attention_decode(
         )
     a.check_block_table_on_cpu(_OP, block_table, context_lens, "context_lens", k_cache.shape[0], page)
     grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)
-    c.launch(_paged_attention_decode_kernel, grid, args, config)
-    grid.merge(out)
+    # The split kernel leaves its partials in the layout's shared workspace for the merge
+    # launched after it: another thread's split launch in between, on the same stream,
+    # would overwrite them (one launch, the in-kernel merge, needed no lock).
+    with _LAUNCH_LOCK:
+        c.launch(_paged_attention_decode_kernel, grid, args, config)
+        grid.merge(out)
     return out
 
 
