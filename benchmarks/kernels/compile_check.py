@@ -50,6 +50,8 @@ DECODE = [
     ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 64}, 8, 1),
     ((16, 2, 128), {"BLOCK_N": 16, "SPLITS": 64, "SLICES": 4}, 4, 3),
     ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 32}, 4, 3),
+    # the merge in a kernel of its own (the split programs only store their partials)
+    ((16, 2, 128), {"BLOCK_N": 16, "SPLITS": 64, "SLICES": 4, "MERGE_KERNEL": 1}, 4, 3),
 ]
 VARLEN = [
     (
@@ -160,7 +162,7 @@ def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any
     chunk, slots = table_chunk(16)
     merge_g = triton.next_power_of_2(layout[0] // layout[1])
     tables = {"CHUNK": chunk, "TABLE_SLOTS": slots}
-    return _decode(layout, {**tables, "SLICES": 1, "MERGE_G": merge_g, **meta})
+    return _decode(layout, {**tables, "SLICES": 1, "MERGE_KERNEL": 0, "MERGE_G": merge_g, **meta})
 
 
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:

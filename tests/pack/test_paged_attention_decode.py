@@ -93,6 +93,123 @@ def test_the_two_level_split_merge_matches_sdpa(gen, n_q, head_size, splits) -> 
         check(q, cache, max_context_len=max(lens), config=config)
 
 
+@pytest.mark.parametrize(
+    ("n_q", "n_kv", "head_size", "splits", "dtype"),
+    [
+        (8, 2, 128, 2, torch.bfloat16),
+        (7, 1, 64, 8, torch.float16),  # a group of 7 query heads
+        (4, 2, 64, 64, torch.float32),
+        (2, 2, 128, 32, torch.bfloat16),  # GQA ratio 1
+        (6, 2, 80, 4, torch.float16),  # a head padded to 128 (the store masks the padding)
+    ],
+    ids=["g4-s2", "g7-s8", "g2-s64", "mha-s32", "g3-s4-head80"],
+)
+def test_the_merge_kernel_matches_sdpa(gen, n_q, n_kv, head_size, splits, dtype) -> None:  # type: ignore[no-untyped-def]
+    """MERGE_KERNEL=1: the split programs only store their partials and _merge_kernel,
+    launched after them, merges them, a program a (query head, sequence). Splits left
+    without keys, an empty batch slot and the poisoned output check every row it writes."""
+    lens = [splits * 16 + 5, 1, 0, PAGE + 1]
+    cache = paged_cache(gen, lens, PAGE, n_kv, head_size, dtype)
+    q = randn(gen, len(lens), n_q, head_size, dtype=dtype)
+    for slices in (1, 2):
+        config = {
+            "MERGE_KERNEL": 1,
+            "BLOCK_N": 16,
+            "SPLITS": splits,
+            "SLICES": slices,
+            "num_warps": slices,
+            "num_stages": 1,
+        }
+        check(q, cache, max_context_len=max(lens), config=config)
+
+
+def test_the_merge_kernel_is_the_tuners_post_hook(gen) -> None:  # type: ignore[no-untyped-def]
+    """The tuner times a config with its post_hook inside the timing, as Triton does: for a
+    MERGE_KERNEL=1 config the hook launches the merge from the split kernel's named
+    arguments, and for any other launch it does nothing."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    assert _paged_attention_decode_kernel.user_defined_post_hook
+    lens = [100, 3]
+    cache = paged_cache(gen, lens, PAGE, 2, 64, torch.bfloat16)
+    q = randn(gen, len(lens), 8, 64, dtype=torch.bfloat16)
+    table, context_lens = cache.block_table, torch.tensor(lens, dtype=torch.int32)
+    want = reference(q, cache)
+    for merge, exception in [(1, None), (0, None), (1, RuntimeError("a failed launch"))]:
+        config = {
+            "MERGE_KERNEL": merge,
+            "BLOCK_N": 16,
+            "SPLITS": 4,
+            "SLICES": 1,
+            "num_warps": 4,
+            "num_stages": 1,
+        }
+        out = poisoned(q.shape, q.dtype)
+        grid, args = module._launch(
+            q, cache.k_cache, cache.v_cache, table, context_lens, None, 100, out, config
+        )
+        _paged_attention_decode_kernel.fn[grid(config)](*args, **config)
+        named = {**dict(zip(_paged_attention_decode_kernel.arg_names, args)), **config}
+        _paged_attention_decode_kernel.post_hook(named, exception=exception)
+        if exception is None:
+            assert_close(out, want)  # merged in the kernel, or by the hook
+        else:
+            assert out.isnan().all(), "the hook merged after a launch that raised"
+
+
+# Tunes one key in tune mode with every measured launch counted: those of a MERGE_KERNEL=1
+# config and the merges launched while they run. Prints the counts and the chosen config.
+TUNE_AND_COUNT_MERGES = """
+import importlib, json, torch, tunebook
+from tunebook._hooks import Hooks
+from tunebook.kernels import _models
+
+module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+counts = {"measured": 0, "merged": 0, "merged_while_measuring": 0}
+merge, timed_launch = module._merge, Hooks.timed_launch
+measuring = [False]
+
+def counted_merge(*args, **kwargs):
+    counts["merged"] += 1
+    counts["merged_while_measuring"] += measuring[0]
+    return merge(*args, **kwargs)
+
+def counted_timed_launch(self, run, call, config, defaults):
+    launch = timed_launch(self, run, call, config, defaults)
+    if not (config.kwargs.get("MERGE_KERNEL") and config.kwargs["SPLITS"] > 1):
+        return launch
+    def measured():
+        counts["measured"] += 1
+        measuring[0] = True
+        try:
+            launch()
+        finally:
+            measuring[0] = False
+    return measured
+
+module._merge, Hooks.timed_launch = counted_merge, counted_timed_launch
+shape = {"n_q": 2, "n_kv": 1, "head_size": 16, "page": 16, "context": 200}
+w = _models.workload("paged_attention_decode", shape, 1, torch.float32, "cpu")
+w.run(None)
+best = module._paged_attention_decode_kernel.best_config
+print(json.dumps({**counts, "benchmarked": tunebook.stats()["benchmarked"], "chosen": best.kwargs}))
+"""
+
+
+def test_a_merge_kernel_config_is_measured_with_its_merge(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The tuner must time a MERGE_KERNEL=1 config at its whole cost: every measured launch
+    of one launches the merge kernel inside it (the post_hook), or the search would favour
+    it by the merge's time. The key's first guess, measured first, is such a config."""
+    from conftest import run_python
+
+    env = {"TUNEBOOK_DIR": str(tmp_path), "TUNEBOOK_MODE": "tune", "TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
+    got = run_python(TUNE_AND_COUNT_MERGES, env=env)
+    assert got["benchmarked"] == 2 and got["measured"] > 0, got
+    assert got["merged_while_measuring"] == got["measured"], got
+    # and the call's own launch, when the chosen config merges in the merge kernel
+    own = int(got["chosen"].get("MERGE_KERNEL", 0) == 1 and got["chosen"]["SPLITS"] > 1)
+    assert got["merged"] == got["measured"] + own, got
+
+
 @pytest.mark.parametrize(("head_size", "context"), [(8, 16), (4, 32), (4, 33)])
 def test_a_head_smaller_than_a_dot_tile_with_a_short_context_runs(gen, head_size, context) -> None:  # type: ignore[no-untyped-def]
     """Tiny test models have heads of 4 or 8: the kernel pads them to 16, and the Space's
@@ -176,7 +293,14 @@ def test_warp_slices_are_one_a_warp() -> None:
     configs = SPACE.candidates(args=llama_3_8b(batch=16, max_context_len=512))
     sliced = [c for c in configs if c["SLICES"] > 1]
     assert sliced and all(c["SLICES"] == c["num_warps"] and c["BLOCK_N"] >= 16 for c in sliced)
-    assert {"BLOCK_N": 16, "SPLITS": 1, "SLICES": 4, "num_warps": 4, "num_stages": 3} in configs
+    assert {
+        "MERGE_KERNEL": 0,
+        "BLOCK_N": 16,
+        "SPLITS": 1,
+        "SLICES": 4,
+        "num_warps": 4,
+        "num_stages": 3,
+    } in configs
     # 8 slices of 64 keys is 512 keys a step: one step of a 512-token context, nothing to pipeline
     assert not [c for c in sliced if c["SLICES"] * c["BLOCK_N"] > 512]
     assert not [c for c in sliced if c["num_stages"] > 1 and c["SLICES"] * c["BLOCK_N"] * c["SPLITS"] > 256]
@@ -222,7 +346,14 @@ def test_pipelined_tiles_may_be_larger() -> None:
     unstaged = [per_thread(c) for c in candidates if c["num_stages"] == 1]
     staged = [per_thread(c) for c in candidates if c["num_stages"] > 1]
     assert max(unstaged) == MAX_TILE_PER_THREAD < max(staged) == MAX_STAGED_TILE_PER_THREAD
-    assert {"BLOCK_N": 64, "SPLITS": 4, "SLICES": 1, "num_warps": 2, "num_stages": 2} in candidates
+    assert {
+        "MERGE_KERNEL": 0,
+        "BLOCK_N": 64,
+        "SPLITS": 4,
+        "SLICES": 1,
+        "num_warps": 2,
+        "num_stages": 2,
+    } in candidates
 
 
 def test_too_many_sequences_fail_with_the_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -310,21 +441,36 @@ def test_the_first_guess_is_a_point_of_the_space_with_enough_programs() -> None:
 
 
 def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # type: ignore[no-untyped-def]
+    """Served without a book: the op's first guess, whose splits the merge kernel merges;
+    the op launches it after the tuned kernel on the first call and on the hit after it."""
     cache = paged_cache(gen, [300], PAGE, 1, 64, torch.bfloat16)
-    paged_attention_decode(
-        randn(gen, 1, 4, 64, dtype=torch.bfloat16),
-        cache.k_cache,
-        cache.v_cache,
-        cache.block_table,
-        torch.tensor(cache.lens),
-        max_context_len=300,
-    )
+    q = randn(gen, 1, 4, 64, dtype=torch.bfloat16)
+    for _ in range(2):
+        out = poisoned(q.shape, q.dtype)
+        paged_attention_decode(
+            q,
+            cache.k_cache,
+            cache.v_cache,
+            cache.block_table,
+            torch.tensor(cache.lens),
+            max_context_len=300,
+            out=out,
+        )
+        assert_close(out, reference(q, cache))
     cfg = _paged_attention_decode_kernel.best_config
-    # one sequence of one KV head: splits until each keeps two 64-key steps of the bucket (512)
+    # one sequence of one KV head: splits until each keeps two 64-key steps of the bucket
+    # (512), merged by the merge kernel
     guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 300})
-    assert guess == {"BLOCK_N": 16, "SPLITS": 4, "SLICES": 4, "num_warps": 4, "num_stages": 3}
+    assert guess == {
+        "MERGE_KERNEL": 1,
+        "BLOCK_N": 16,
+        "SPLITS": 4,
+        "SLICES": 4,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
     assert {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} == guess
-    assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 1
+    assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 2  # both calls
 
 
 def test_scale_strided_query_and_computed_max_len(gen) -> None:  # type: ignore[no-untyped-def]

@@ -164,9 +164,12 @@ def closest_config(configs: Sequence[Any], preferred: Mapping[str, int]) -> Any:
     (e.g. a tiny test shape), the nearest feasible one stands in. Ties go to the earlier.
     """
 
+    def level(v: int) -> float:
+        return math.log2(v) if v >= 1 else -1.0  # a flag's 0 one step from its 1
+
     def distance(config: Any) -> float:
         values = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-        return sum(abs(math.log2(max(values[k], 1)) - math.log2(max(v, 1))) for k, v in preferred.items())
+        return sum(abs(level(values[k]) - level(v)) for k, v in preferred.items())
 
     return min(configs, key=distance)
 
@@ -178,6 +181,7 @@ def autotune(
     hand_picked: Callable[[dict[str, Any]], Mapping[str, int]],
     inputs: Callable[[dict[str, Any]], Any] | None = None,
     rule: Callable[[dict[str, Any]], Mapping[str, int]] | None = None,
+    post_hook: Callable[..., Any] | None = None,
 ) -> Callable[[Any], tunebook.Autotuner]:
     """``tunebook.autotune`` with the pack's options (module docstring).
 
@@ -189,7 +193,9 @@ def autotune(
     lacks is known to win. Either is measured first in every search (``fallback=``), so a
     neighbour search that starts from the hints also tries the rule's structure.
     ``inputs`` rebuilds a call for offline tuning where random tensors of the recorded
-    layout would not do (block tables, lengths): ``tunebook.autotune``'s.
+    layout would not do (block tables, lengths): ``tunebook.autotune``'s. ``post_hook``
+    (Triton's) runs after every measured launch, inside its timing: an op that launches a
+    second kernel after its tuned one (paged_attention_decode's merge) has it timed there.
     """
     names = [str(k) for k in key]
 
@@ -207,6 +213,7 @@ def autotune(
         fallback=fallback,
         prefer_nearest=True,
         inputs=inputs,
+        post_hook=post_hook,
     )
 
 

@@ -27,9 +27,12 @@ with an acq_rel atomic); the program that arrives last merges the splits in spli
 (``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``: the same bits
 whichever arrives last; ``_merged``), stores the output and resets the counter. Past 16
 splits the merge takes two levels: the last of every TREE_GROUP splits merges them into a
-group partial, and the last group merges the groups. One launch, no second reduction
-kernel: the tuner times a split config at its whole cost, and chooses ``SPLITS`` per key
-like any other parameter.
+group partial, and the last group merges the groups (``_merge_last``). Or, with
+``MERGE_KERNEL=1``, the splits only store their partials and the op launches
+``_merge_kernel`` after them, a program a (query head, sequence) reading all of its
+partials at once: cheaper where a few long sequences run many splits. The merge launch is
+the autotuner's ``post_hook`` too, so either way the tuner times a split config at its whole
+cost, and chooses ``SPLITS`` and ``MERGE_KERNEL`` per key like any other parameter.
 
 **Loop structure** (both tuned per key): whole tiles take their block numbers from a
 register copy of the table, a chunk at a time (``_attention.attend_paged_chunks``), so that
@@ -46,6 +49,7 @@ exactly, and the dtypes.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -80,6 +84,7 @@ SPLITS = [1, 2, 4, 8, 16, 32, 64]
 _workspace = Scratch("paged_attention_decode.workspace", zeroed=False)
 _lse = Scratch("paged_attention_decode.lse", zeroed=False)
 _counters = Scratch("paged_attention_decode.counters", zeroed=True)  # kept at zero between launches
+_LAUNCH_LOCK = threading.Lock()  # a split launch and its merge kernel, together
 
 
 def max_splits(batch: int, n_kv: int, context: int) -> int:
@@ -102,6 +107,8 @@ def step_keys(cfg: dict[str, Any]) -> int:
 def _feasible(cfg: dict[str, Any]) -> bool:
     # Warp slices are one a warp (more would share warps, fewer would split a slice's keys
     # over warps again); the slices' batched tl.dot wants 16 keys a slice at least.
+    if cfg["MERGE_KERNEL"] and cfg["SPLITS"] == 1:
+        return False  # nothing to merge
     slices = cfg["SLICES"]
     if slices > 1 and (slices != cfg["num_warps"] or cfg["BLOCK_N"] < 16):
         return False
@@ -140,6 +147,8 @@ def fits_work(cfg: dict[str, Any], args: Any) -> bool:
 
 
 SPACE = tunebook.Space(
+    # First: a search's first step from a split winner tries its other merge.
+    MERGE_KERNEL=[0, 1],
     BLOCK_N=[16, 32, 64, 128, 256],
     SPLITS=SPLITS,
     SLICES=[1, 2, 4, 8],
@@ -153,9 +162,22 @@ SPACE = tunebook.Space(
 def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     """vLLM's Triton attention backend at decode (``unified_attention``): 16-key tiles, 16
     softmax segments when fewer than 128 (sequence, KV head) programs would run and one
-    otherwise, Triton's default 4 warps and 3 stages."""
+    otherwise, merged by a kernel of their own (its ``reduce_segments``), Triton's default 4
+    warps and 3 stages."""
     splits = 16 if key["batch"] * key["NK"] <= 128 else 1
-    return {"BLOCK_N": 16, "SPLITS": splits, "SLICES": 1, "num_warps": 4, "num_stages": 3}
+    return _sixteen_key_tiles(splits, slices=1)
+
+
+def _sixteen_key_tiles(splits: int, slices: int) -> dict[str, int]:
+    """16-key tiles on 4 warps and 3 stages, the splits (if any) merged by the merge kernel."""
+    return {
+        "MERGE_KERNEL": int(splits > 1),
+        "BLOCK_N": 16,
+        "SPLITS": splits,
+        "SLICES": slices,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
 
 
 # Programs a launch wants at least before more splits pay (about one an SM of an H100/H200).
@@ -173,7 +195,7 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
     splits = 1
     while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:
         splits *= 2
-    return {"BLOCK_N": 16, "SPLITS": splits, "SLICES": 4, "num_warps": 4, "num_stages": 3}
+    return _sixteen_key_tiles(splits, slices=4)
 
 
 @c.autotune(
@@ -183,6 +205,7 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
     hand_picked=hand_picked,
     inputs=lambda description: _inputs(description),
     rule=first_guess,
+    post_hook=lambda args, exception=None: _merge_hook(args, exception),
 )
 @triton.jit(do_not_specialize=["batch", "max_context_len"])
 def _paged_attention_decode_kernel(
@@ -223,6 +246,7 @@ def _paged_attention_decode_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     SLICES: tl.constexpr = 1,
+    MERGE_KERNEL: tl.constexpr = 0,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -286,43 +310,77 @@ def _paged_attention_decode_kernel(
         tl.store(part, normalized(acc, l_i), mask=g_mask[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), NO_SCORE)
         tl.store(lse_ptr + (first + split) * G + g, lse, mask=g_mask)
-        # Every thread's partial is stored before the (single-thread) release below.
-        tl.debug_barrier()
-        pair = seq * NK + kv_head
-        out_row = out_ptr + seq * out_stride_b
-        if SPLITS > MERGE_ONE_BY_ONE:
-            # Two levels: the last of each TREE_GROUP splits merges them into a group
-            # partial, the last group merges the groups. One program reading 32-64 partials
-            # was most of such a call (BENCHMARKS.md 5b, twenty-second and twenty-fourth
-            # sessions); at 16 splits the second arrival cost more than it saved.
-            GROUPS: tl.constexpr = SPLITS // TREE_GROUP
-            group = split // TREE_GROUP
-            group_lock = lock_ptr + batch * NK + pair * GROUPS + group  # after the pairs' counters
-            if tl.atomic_add(group_lock, 1, sem="acq_rel", scope="gpu") == TREE_GROUP - 1:
-                row = batch * NK * SPLITS + pair * GROUPS + group  # after every split's partial
-                merged, merged_lse = _merged(
-                    ws_ptr, lse_ptr, first + group * TREE_GROUP, d, G, MERGE_G, BLOCK_D, TREE_GROUP
-                )
-                m = tl.arange(0, MERGE_G)
-                tl.store(
-                    ws_ptr + (row * G + m[:, None]) * BLOCK_D + d[None, :], merged, mask=(m < G)[:, None]
-                )
-                tl.store(lse_ptr + row * G + m, merged_lse, mask=m < G)
-                tl.atomic_xchg(group_lock, 0)
-                tl.debug_barrier()  # the group partial is stored before the release below
-                lock = lock_ptr + pair
-                if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == GROUPS - 1:
-                    groups_first = batch * NK * SPLITS + pair * GROUPS
-                    merged, _ = _merged(ws_ptr, lse_ptr, groups_first, d, G, MERGE_G, BLOCK_D, GROUPS)
-                    _store_heads(out_row, out_stride_h, kv_head, d, d_mask, merged, G, MERGE_G)
-                    tl.atomic_xchg(lock, 0)
-        else:
+        if not MERGE_KERNEL:  # else _merge_kernel, launched next, merges the splits
+            _merge_last(
+                ws_ptr, lse_ptr, lock_ptr, out_ptr, out_stride_b, out_stride_h, seq, kv_head, split, first,
+                batch, d, d_mask, NK, G, MERGE_G, BLOCK_D, SPLITS,
+            )  # fmt: skip
+
+
+# fmt: off
+# (the source as the shipped page was tuned with: its hash names the page)
+@triton.jit
+def _merge_last(
+    ws_ptr,
+    lse_ptr,
+    lock_ptr,
+    out_ptr,
+    out_stride_b,
+    out_stride_h,
+    seq,
+    kv_head,
+    split,
+    first,
+    batch,
+    d,
+    d_mask,
+    NK: tl.constexpr,
+    G: tl.constexpr,
+    MERGE_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """The merge inside the kernel: each split, its partial stored, bumps the (sequence, KV
+    head) arrival counter; the last to arrive merges the splits, stores the output and
+    resets the counter (in two levels past MERGE_ONE_BY_ONE splits)."""
+    # Every thread's partial is stored before the (single-thread) release below.
+    tl.debug_barrier()
+    pair = seq * NK + kv_head
+    out_row = out_ptr + seq * out_stride_b
+    if SPLITS > MERGE_ONE_BY_ONE:
+        # Two levels: the last of each TREE_GROUP splits merges them into a group
+        # partial, the last group merges the groups. One program reading 32-64 partials
+        # was most of such a call (BENCHMARKS.md 5b, twenty-second and twenty-fourth
+        # sessions); at 16 splits the second arrival cost more than it saved.
+        GROUPS: tl.constexpr = SPLITS // TREE_GROUP
+        group = split // TREE_GROUP
+        group_lock = lock_ptr + batch * NK + pair * GROUPS + group  # after the pairs' counters
+        if tl.atomic_add(group_lock, 1, sem="acq_rel", scope="gpu") == TREE_GROUP - 1:
+            row = batch * NK * SPLITS + pair * GROUPS + group  # after every split's partial
+            merged, merged_lse = _merged(
+                ws_ptr, lse_ptr, first + group * TREE_GROUP, d, G, MERGE_G, BLOCK_D, TREE_GROUP
+            )
+            m = tl.arange(0, MERGE_G)
+            tl.store(
+                ws_ptr + (row * G + m[:, None]) * BLOCK_D + d[None, :], merged, mask=(m < G)[:, None]
+            )
+            tl.store(lse_ptr + row * G + m, merged_lse, mask=m < G)
+            tl.atomic_xchg(group_lock, 0)
+            tl.debug_barrier()  # the group partial is stored before the release below
             lock = lock_ptr + pair
-            if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-                merged, _ = _merged(ws_ptr, lse_ptr, first, d, G, MERGE_G, BLOCK_D, SPLITS)
+            if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == GROUPS - 1:
+                groups_first = batch * NK * SPLITS + pair * GROUPS
+                merged, _ = _merged(ws_ptr, lse_ptr, groups_first, d, G, MERGE_G, BLOCK_D, GROUPS)
                 _store_heads(out_row, out_stride_h, kv_head, d, d_mask, merged, G, MERGE_G)
                 tl.atomic_xchg(lock, 0)
+    else:
+        lock = lock_ptr + pair
+        if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            merged, _ = _merged(ws_ptr, lse_ptr, first, d, G, MERGE_G, BLOCK_D, SPLITS)
+            _store_heads(out_row, out_stride_h, kv_head, d, d_mask, merged, G, MERGE_G)
+            tl.atomic_xchg(lock, 0)
 
+# fmt: on
 
 # Up to this many splits the last split merges them all, one partial a step; past it the
 # merge takes two levels, groups of TREE_GROUP partials then the groups (BENCHMARKS.md 5b,
@@ -374,6 +432,86 @@ def _store_heads(out_row, out_stride_h, kv_head, d, d_mask, merged, G: tl.conste
     g = tl.arange(0, MERGE_G)
     rows = out_row + (kv_head * G + g)[:, None] * out_stride_h + d[None, :]
     tl.store(rows, merged.to(out_row.dtype.element_ty), mask=(g < G)[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _merge_kernel(
+    ws_ptr,
+    lse_ptr,
+    out_ptr,
+    out_stride_b,
+    out_stride_h,
+    NQ: tl.constexpr,
+    NK: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """The splits' merge as a kernel of its own (``MERGE_KERNEL=1``), launched after the
+    split kernel: a program takes one (query head, sequence) and reads all of its SPLITS
+    partials at once, ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``.
+    The split programs then store their partials and end, with no barrier, no atomic and no
+    last arrival reading the partials one L2 round trip at a time: with many splits of
+    few sequences that was 1.1-3.3 us of a 13-17 us call on an H200 (BENCHMARKS.md 5b,
+    twenty-fifth session), more than a second launch in a CUDA graph costs."""
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    G: tl.constexpr = NQ // NK
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    # The partial rows of (sequence, KV head) start at (seq * NK + kv head) * SPLITS; each
+    # holds G query heads' rows.
+    rows = ((seq * NK + head // G) * SPLITS + s) * G + head % G
+    lses = tl.load(lse_ptr + rows)
+    weights = tl.exp2(lses - tl.max(lses, 0))
+    parts = tl.load(ws_ptr + rows[:, None] * BLOCK_D + d[None, :])
+    merged = tl.sum(weights[:, None] * parts, 0) / tl.sum(weights, 0)
+    out = out_ptr + seq * out_stride_b + head * out_stride_h + d
+    tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
+
+
+def _merge(
+    ws: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, n_kv: int, block_d: int, splits: int
+) -> None:
+    """Launch _merge_kernel over ``out`` ([batch, NQ, head_size]) from the workspace."""
+    batch, n_q, head_size = out.shape
+    # A program holds its SPLITS x BLOCK_D partials: 64 fp32 a thread on 4 warps at 64 splits
+    # of 128-wide heads (as the page was tuned), 8 warps past that.
+    warps = 4 if splits * block_d <= 8192 else 8
+    _merge_kernel[(n_q, batch)](
+        ws, lse, out, out.stride(0), out.stride(1), n_q, n_kv, head_size, block_d, splits, num_warps=warps
+    )  # fmt: skip
+
+
+def _merge_hook(args: dict[str, Any], exception: BaseException | None = None) -> None:
+    """The tuner's ``post_hook``: a config that merges in a kernel of its own is timed (and
+    checked) with that kernel's launch. ``args``: the split kernel's named arguments and the
+    config."""
+    if exception is None and args["SPLITS"] > 1 and args.get("MERGE_KERNEL", 0):
+        out = args["out_ptr"]
+        _merge(args["ws_ptr"], args["lse_ptr"], out, args["NK"], args["BLOCK_D"], args["SPLITS"])
+
+
+class _Grid:
+    """The split kernel's grid, which also notes whether the config launched with it merges
+    in a kernel of its own: Triton asks for the grid with the config's meta-parameters on
+    every path (tuned, served, explicit), so the op learns the book's choice from it."""
+
+    def __init__(self, n_kv: int, batch: int, ws: torch.Tensor, lse: torch.Tensor, block_d: int) -> None:
+        self.n_kv, self.batch, self.ws, self.lse, self.block_d = n_kv, batch, ws, lse, block_d
+        self.merge_splits = 0
+
+    def __call__(self, meta: dict[str, Any]) -> tuple[int, int, int]:
+        # Some paths ask for every candidate's grid first (a miss recorded in serve mode);
+        # the launch asks last, with the config it launches, and that call decides.
+        splits = int(meta["SPLITS"])
+        self.merge_splits = splits if splits > 1 and meta.get("MERGE_KERNEL", 0) else 0
+        return (self.n_kv, self.batch, splits)
+
+    def merge(self, out: torch.Tensor) -> None:
+        """After the split kernel's launch: its merge, where its config has one of its own."""
+        if self.merge_splits:
+            _merge(self.ws, self.lse, out, self.n_kv, self.block_d, self.merge_splits)
 
 
 def paged_attention_decode(
@@ -470,7 +608,12 @@ def _paged_attention_decode(
         )
     a.check_block_table_on_cpu(_OP, block_table, context_lens, "context_lens", k_cache.shape[0], page)
     grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)
-    c.launch(_paged_attention_decode_kernel, grid, args, config)
+    # The split kernel leaves its partials in the layout's shared workspace for the merge
+    # launched after it: another thread's split launch in between, on the same stream,
+    # would overwrite them (one launch, the in-kernel merge, needed no lock).
+    with _LAUNCH_LOCK:
+        c.launch(_paged_attention_decode_kernel, grid, args, config)
+        grid.merge(out)
     return out
 
 
@@ -484,7 +627,7 @@ def _launch(
     max_context_len: int,
     out: torch.Tensor,
     config: dict[str, int] | None,
-) -> tuple[Any, tuple[Any, ...]]:
+) -> tuple[_Grid, tuple[Any, ...]]:
     """The kernel's grid and arguments for checked inputs (the workspace sized for the
     largest SPLITS the call allows, or ``config``'s)."""
     batch, n_q, head_size = q.shape
@@ -526,10 +669,7 @@ def _launch(
         *a.table_chunk(page),
     )
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
-        return (n_kv, batch, meta["SPLITS"])
-
-    return grid, args
+    return _Grid(n_kv, batch, ws, lse, block_d), args
 
 
 def _inputs(description: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
