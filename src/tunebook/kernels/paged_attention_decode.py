@@ -483,13 +483,20 @@ def _merge(
     )  # fmt: skip
 
 
+def _merge_splits(meta: dict[str, Any]) -> int:
+    """The splits the merge kernel merges after a launch with this config: 0 where there is
+    nothing for it (one split, or the merge inside the split kernel)."""
+    splits = int(meta["SPLITS"])
+    return splits if splits > 1 and meta.get("MERGE_KERNEL", 0) else 0
+
+
 def _merge_hook(args: dict[str, Any], exception: BaseException | None = None) -> None:
     """The tuner's ``post_hook``: a config that merges in a kernel of its own is timed (and
     checked) with that kernel's launch. ``args``: the split kernel's named arguments and the
     config."""
-    if exception is None and args["SPLITS"] > 1 and args.get("MERGE_KERNEL", 0):
-        out = args["out_ptr"]
-        _merge(args["ws_ptr"], args["lse_ptr"], out, args["NK"], args["BLOCK_D"], args["SPLITS"])
+    splits = _merge_splits(args)
+    if exception is None and splits:
+        _merge(args["ws_ptr"], args["lse_ptr"], args["out_ptr"], args["NK"], args["BLOCK_D"], splits)
 
 
 class _Grid:
@@ -504,9 +511,8 @@ class _Grid:
     def __call__(self, meta: dict[str, Any]) -> tuple[int, int, int]:
         # Some paths ask for every candidate's grid first (a miss recorded in serve mode);
         # the launch asks last, with the config it launches, and that call decides.
-        splits = int(meta["SPLITS"])
-        self.merge_splits = splits if splits > 1 and meta.get("MERGE_KERNEL", 0) else 0
-        return (self.n_kv, self.batch, splits)
+        self.merge_splits = _merge_splits(meta)
+        return (self.n_kv, self.batch, meta["SPLITS"])
 
     def merge(self, out: torch.Tensor) -> None:
         """After the split kernel's launch: its merge, where its config has one of its own."""
