@@ -23,6 +23,7 @@ from tunebook.kernels.paged_attention_decode import (
     first_guess,
     hand_picked,
     max_splits,
+    merge_warps,
 )
 
 from .attention_reference import PagedCache, attention, paged_cache
@@ -101,8 +102,9 @@ def test_the_two_level_split_merge_matches_sdpa(gen, n_q, head_size, splits) -> 
         (4, 2, 64, 64, torch.float32),
         (2, 2, 128, 32, torch.bfloat16),  # GQA ratio 1
         (6, 2, 80, 4, torch.float16),  # a head padded to 128 (the store masks the padding)
+        (4, 1, 128, 64, torch.float16),  # 8,192 floats a merge program: two warps
     ],
-    ids=["g4-s2", "g7-s8", "g2-s64", "mha-s32", "g3-s4-head80"],
+    ids=["g4-s2", "g7-s8", "g2-s64", "mha-s32", "g3-s4-head80", "g4-s64-head128"],
 )
 def test_the_merge_kernel_matches_sdpa(gen, n_q, n_kv, head_size, splits, dtype) -> None:  # type: ignore[no-untyped-def]
     """MERGE_KERNEL=1: the split programs only store their partials and _merge_kernel,
@@ -121,6 +123,13 @@ def test_the_merge_kernel_matches_sdpa(gen, n_q, n_kv, head_size, splits, dtype)
             "num_stages": 1,
         }
         check(q, cache, max_context_len=max(lens), config=config)
+
+
+def test_the_merge_kernel_runs_on_one_warp_until_its_partials_need_more() -> None:
+    """One warp up to 4,096 partial floats a program (32 splits of 128-wide heads), then a
+    power of two more per doubling, at most 8."""
+    assert [merge_warps(s, 128) for s in (2, 8, 32, 64)] == [1, 1, 1, 2]
+    assert merge_warps(64, 64) == 1 and merge_warps(64, 256) == 4 and merge_warps(256, 256) == 8
 
 
 def test_the_merge_kernel_is_the_tuners_post_hook(gen) -> None:  # type: ignore[no-untyped-def]

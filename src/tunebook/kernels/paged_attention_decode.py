@@ -470,14 +470,21 @@ def _merge_kernel(
     tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
 
 
+def merge_warps(splits: int, block_d: int) -> int:
+    """Warps of a _merge_kernel program, which holds its SPLITS x BLOCK_D partials: one up
+    to 4,096 floats (128 a thread), then one more power of two per doubling. Timed alone on an
+    H200 (128-wide heads, 1-256 sequences, 2-64 splits), one warp was fastest up to 32 splits
+    and two at 64; the four the page was tuned with took 1.1-2.7x one warp's time, up to 4.6 us
+    more a call at 256 sequences of 4 splits (BENCHMARKS.md 5b, twenty-seventh session)."""
+    return min(8, max(1, splits * block_d // 4096))
+
+
 def _merge(
     ws: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, n_kv: int, block_d: int, splits: int
 ) -> None:
     """Launch _merge_kernel over ``out`` ([batch, NQ, head_size]) from the workspace."""
     batch, n_q, head_size = out.shape
-    # A program holds its SPLITS x BLOCK_D partials: 64 fp32 a thread on 4 warps at 64 splits
-    # of 128-wide heads (as the page was tuned), 8 warps past that.
-    warps = 4 if splits * block_d <= 8192 else 8
+    warps = merge_warps(splits, block_d)
     _merge_kernel[(n_q, batch)](
         ws, lse, out, out.stride(0), out.stride(1), n_q, n_kv, head_size, block_d, splits, num_warps=warps
     )  # fmt: skip
