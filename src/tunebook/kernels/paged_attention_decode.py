@@ -474,8 +474,8 @@ def merge_warps(splits: int, block_d: int) -> int:
     """Warps of a _merge_kernel program, which holds its SPLITS x BLOCK_D partials: one up
     to 4,096 floats (128 a thread), then one more power of two per doubling. Timed alone on an
     H200 (128-wide heads, 1-256 sequences, 2-64 splits), one warp was fastest up to 32 splits
-    and two at 64; the four the page was tuned with took 1.1-2.7x one warp's time, up to 4.6 us
-    more a call at 256 sequences of 4 splits (BENCHMARKS.md 5b, twenty-seventh session)."""
+    and two at 64; the four the page was tuned with took 1.02-3.43x one warp's time (geomean
+    1.34), up to 8.9 us more a call (BENCHMARKS.md 5b, twenty-seventh session)."""
     return min(8, max(1, splits * block_d // 4096))
 
 
