@@ -4,6 +4,7 @@ order, GQA ratios 1, 4 and 8, head sizes 64 and 128, split-KV on and off."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 
 import pytest
@@ -18,6 +19,7 @@ from tunebook.kernels.paged_attention_decode import (
     MERGE_ONE_BY_ONE,
     SPACE,
     TREE_GROUP,
+    _descriptors,
     _paged_attention_decode,
     _paged_attention_decode_kernel,
     first_guess,
@@ -53,7 +55,10 @@ def check(q, cache, *, config=None, max_context_len=None, scale=None):  # type: 
     assert got is out
     assert_close(out, reference(q, cache, scale))
     after = [q, cache.k_cache, cache.v_cache, cache.block_table]
-    assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input was modified"
+    # NaN-poisoned rows compare equal to themselves here
+    assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) for a, b in zip(before, after)), (
+        "an input was modified"
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,6 +135,72 @@ def test_the_merge_kernel_runs_on_one_warp_until_its_partials_need_more() -> Non
     power of two more per doubling, at most 8."""
     assert [merge_warps(s, 128) for s in (2, 8, 32, 64)] == [1, 1, 1, 2]
     assert merge_warps(64, 64) == 1 and merge_warps(64, 256) == 4 and merge_warps(256, 256) == 8
+
+
+@pytest.mark.parametrize(
+    ("n_q", "n_kv", "head_size", "dtype"),
+    [(8, 2, 64, torch.float16), (2, 2, 16, torch.float32), (7, 1, 32, torch.float16)],
+    ids=["gqa4-64-fp16", "mha-16-fp32", "g7-32-fp16"],
+)
+def test_tma_block_loads_match_sdpa(gen, n_q, n_kv, head_size, dtype) -> None:  # type: ignore[no-untyped-def]
+    """TMA=1: a cache block a step loaded as a box through tensor descriptors (fp16 and fp32
+    in the interpreter, which misreads bf16 through one). A box has no mask: the rows of a
+    sequence's last block past its length are NaN here, and must not reach the output. One
+    split and several, merged in the kernel and by the merge kernel; an empty slot."""
+    lens = [1, PAGE - 1, PAGE, PAGE + 1, 0, 70, 200]
+    cache = paged_cache(gen, lens, PAGE, n_kv, head_size, dtype)
+    for b, n in enumerate(lens):
+        if n % PAGE:
+            last = int(cache.block_table[b, n // PAGE])
+            cache.k_cache[last, n % PAGE :] = float("nan")
+            cache.v_cache[last, n % PAGE :] = float("nan")
+    q = randn(gen, len(lens), n_q, head_size, dtype=dtype)
+    for splits, merge_kernel, warps in ((1, 0, 1), (4, 0, 2), (4, 1, 1), (16, 1, 4)):
+        config = {
+            "MERGE_KERNEL": merge_kernel,
+            "BLOCK_N": PAGE,
+            "SPLITS": splits,
+            "SLICES": 1,
+            "num_warps": warps,
+            "num_stages": 3,
+            "TMA": 1,
+        }
+        check(q, cache, max_context_len=max(lens), config=config)
+
+
+def test_tma_configs_are_offered_only_where_the_caches_allow_a_box() -> None:
+    """A TMA config steps one whole cache block (BLOCK_N = the block size) with one softmax
+    state, and is offered only where the op could build the caches' descriptors: rows
+    16-byte aligned and heads a power of two; the interpreter leaves bf16 out."""
+    cache = torch.empty(4, PAGE, 2, 64, dtype=torch.float16)
+    k_desc, v_desc = _descriptors(cache, cache)
+    assert k_desc is not None and v_desc is not None
+    args = {"NQ": 8, "NK": 2, "HEAD_SIZE": 64, "PAGE": PAGE, "batch": 4, "max_context_len": 512,
+            "k_cache_ptr": cache, "k_desc": k_desc}  # fmt: skip
+    tma = [c for c in SPACE.candidates(args=args) if c["TMA"]]
+    assert tma and {(c["BLOCK_N"], c["SLICES"]) for c in tma} == {(PAGE, 1)}
+    assert {c["SPLITS"] for c in tma} == {1, 2, 4, 8, 16, 32}  # a block a split at 32
+    assert not any(c["TMA"] for c in SPACE.candidates(args={**args, "k_desc": None}))
+    padded = torch.empty(4, PAGE, 2, 80, dtype=torch.float16)[..., :64]  # heads of 64 in rows of 80
+    assert _descriptors(padded, padded) == (None, None)
+    assert _descriptors(cache.bfloat16(), cache.bfloat16()) == (None, None)
+    short_blocks = torch.empty(4, 8, 2, 64, dtype=torch.float16)
+    assert _descriptors(short_blocks, short_blocks) == (None, None)
+
+
+def test_descriptors_are_remembered_per_cache_pair_and_let_go_with_it() -> None:
+    """A server passes the same caches at every step: their descriptors are built once. They
+    hold views of the caches, so the entry goes when a cache tensor is freed (else a freed
+    cache's memory would stay allocated)."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    k, v = (torch.empty(4, PAGE, 2, 64, dtype=torch.float16) for _ in range(2))
+    first = _descriptors(k, v)
+    assert first[0] is not None and _descriptors(k, v) is first
+    pair = (id(k), id(v))
+    assert pair in module._DESCRIPTORS
+    del k
+    gc.collect()
+    assert pair not in module._DESCRIPTORS
 
 
 def test_the_merge_kernel_is_the_tuners_post_hook(gen) -> None:  # type: ignore[no-untyped-def]
@@ -217,6 +288,44 @@ def test_a_merge_kernel_config_is_measured_with_its_merge(tmp_path) -> None:  # 
     # and the call's own launch, when the chosen config merges in the merge kernel
     own = int(got["chosen"].get("MERGE_KERNEL", 0) == 1 and got["chosen"]["SPLITS"] > 1)
     assert got["merged"] == got["measured"] + own, got
+
+
+TUNE_OR_SERVE_A_TMA_GUESS = """
+import importlib, json, torch, tunebook
+from tunebook.kernels import _models
+
+module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+module._tma_here = lambda: True  # as on an H200: the first guess is a TMA config
+shape = {"n_q": 4, "n_kv": 2, "head_size": 16, "page": 16, "context": 200}
+w = _models.workload("paged_attention_decode", shape, 3, torch.float16, "cpu")
+w.run(None)
+t = w.tensors
+ref = torch.zeros(t["q"].shape, dtype=torch.float64)
+for b in range(3):
+    n = int(t["context_lens"][b])
+    blocks = t["block_table"][b, : -(-n // 16)].long()
+    k = t["k_cache"][blocks].reshape(-1, 2, 16)[:n].double().repeat_interleave(2, 1)
+    v = t["v_cache"][blocks].reshape(-1, 2, 16)[:n].double().repeat_interleave(2, 1)
+    probs = torch.softmax(torch.einsum("hd,thd->ht", t["q"][b].double(), k) / 4, -1)
+    ref[b] = torch.einsum("ht,thd->hd", probs, v)
+best = module._paged_attention_decode_kernel.best_config
+print(json.dumps({"error": float((t["out"].double() - ref).abs().max()), "chosen": best.kwargs,
+                  "benchmarked": tunebook.stats()["benchmarked"]}))
+"""
+
+
+def test_a_tma_winner_is_tuned_then_served_from_the_book_by_another_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The calls carry the caches' descriptors: a search whose one measured config is the
+    TMA first guess stores it, and a fresh process in serve mode reads it back and runs it
+    (fp16 in the interpreter), benchmarking nothing."""
+    from conftest import run_python
+
+    env = {"TUNEBOOK_DIR": str(tmp_path), "TUNEBOOK_MODE": "tune", "TUNEBOOK_KERNELS_MAX_CONFIGS": "1"}
+    tuned = run_python(TUNE_OR_SERVE_A_TMA_GUESS, env=env)
+    assert tuned["chosen"]["TMA"] == 1 and tuned["benchmarked"] == 1 and tuned["error"] < 2e-2, tuned
+    served = run_python(TUNE_OR_SERVE_A_TMA_GUESS, env={**env, "TUNEBOOK_MODE": "serve"})
+    assert served["chosen"] == tuned["chosen"] and served["benchmarked"] == 0, served
+    assert served["error"] < 2e-2, served
 
 
 @pytest.mark.parametrize(("head_size", "context"), [(8, 16), (4, 32), (4, 33)])
@@ -309,6 +418,7 @@ def test_warp_slices_are_one_a_warp() -> None:
         "SLICES": 4,
         "num_warps": 4,
         "num_stages": 3,
+        "TMA": 0,
     } in configs
     # 8 slices of 64 keys is 512 keys a step: one step of a 512-token context, nothing to pipeline
     assert not [c for c in sliced if c["SLICES"] * c["BLOCK_N"] > 512]
@@ -362,6 +472,7 @@ def test_pipelined_tiles_may_be_larger() -> None:
         "SLICES": 1,
         "num_warps": 2,
         "num_stages": 2,
+        "TMA": 0,
     } in candidates
 
 
@@ -449,6 +560,23 @@ def test_the_first_guess_is_a_point_of_the_space_with_enough_programs() -> None:
         assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context)
 
 
+def test_on_a_tma_gpu_the_first_guess_is_a_tma_point_of_the_space(monkeypatch) -> None:
+    """Where the process's GPU has TMA, the first guess reads a block a step through the
+    descriptors, one warp, splits until about 1,024 programs run (each keeping 4 blocks);
+    it is a candidate wherever the call's caches allow descriptors, and the op's own rule
+    otherwise (a block size or head the boxes cannot take)."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    monkeypatch.setattr(module, "_tma_here", lambda: True)
+    cache = torch.empty(4, PAGE, 8, 128, dtype=torch.float16)
+    k_desc, _ = _descriptors(cache, cache)
+    for batch, context, splits in [(16, 512, 8), (256, 2048, 1), (1, 32768, 64), (64, 128, 2)]:
+        call = {**llama_3_8b(batch=batch, max_context_len=context), "k_cache_ptr": cache, "k_desc": k_desc}
+        guess = first_guess(call)
+        assert guess["TMA"] == 1 and guess["BLOCK_N"] == PAGE and guess["SPLITS"] == splits, (batch, context)
+        assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context)
+    assert first_guess({**llama_3_8b(batch=16, max_context_len=512), "PAGE": 8})["TMA"] == 0
+
+
 def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # type: ignore[no-untyped-def]
     """Served without a book: the op's first guess, whose splits the merge kernel merges;
     the op launches it after the tuned kernel on the first call and on the hit after it."""
@@ -477,6 +605,7 @@ def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # ty
         "SLICES": 4,
         "num_warps": 4,
         "num_stages": 3,
+        "TMA": 0,
     }
     assert {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages} == guess
     assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 2  # both calls

@@ -49,7 +49,9 @@ exactly, and the dtypes.
 
 from __future__ import annotations
 
+import functools
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -58,10 +60,11 @@ import triton.language as tl
 
 import tunebook
 
+from .. import _compat
 from . import _attention as a
 from . import _common as c
 from ._attention import NO_SCORE, attend_paged_chunks, attend_tiles, attend_warp_slices, normalized
-from ._gemm_common import SMEM_BYTES, Scratch, dot_mode
+from ._gemm_common import SMEM_BYTES, Scratch, dot_mode, mma
 
 _OP = "paged_attention_decode"
 
@@ -109,6 +112,8 @@ def _feasible(cfg: dict[str, Any]) -> bool:
     # over warps again); the slices' batched tl.dot wants 16 keys a slice at least.
     if cfg["MERGE_KERNEL"] and cfg["SPLITS"] == 1:
         return False  # nothing to merge
+    if cfg["TMA"] and cfg["SLICES"] > 1:
+        return False  # one softmax state: the TMA loop reads one cache block a step
     slices = cfg["SLICES"]
     if slices > 1 and (slices != cfg["num_warps"] or cfg["BLOCK_N"] < 16):
         return False
@@ -128,6 +133,8 @@ def fits_work(cfg: dict[str, Any], args: Any) -> bool:
     block_d = a.dot_floor(args["HEAD_SIZE"])
     context = a.context_of(args["max_context_len"])
     step = step_keys(cfg)
+    if cfg["TMA"] and (cfg["BLOCK_N"] != args["PAGE"] or args.get("k_desc") is None):
+        return False  # the TMA loop's step is one cache block, loaded as one box
     if step > context:
         return False  # a step longer than every sequence: masked-off keys
     if step > a.table_chunk(args["PAGE"])[0]:
@@ -154,9 +161,98 @@ SPACE = tunebook.Space(
     SLICES=[1, 2, 4, 8],
     num_warps=[1, 2, 4, 8],
     num_stages=[1, 2, 3, 4],
+    TMA=[0, 1],
     constraints=[_feasible],
     arg_constraints=[_fits_call],
 )
+
+
+def tma_usable(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether a call's caches can be read through tensor descriptors (``TMA=1``): each a
+    ``[blocks * PAGE, NK * HEAD_SIZE]`` matrix of rows 16-byte aligned, heads a power of two
+    (a box is the whole head), blocks of 16-256 tokens (tl.dot's least), on a GPU with TMA
+    (compute capability 9 or later, not ROCm); in Triton's interpreter, where the tests run
+    it, fp16 and fp32 only (it misreads bf16 through a descriptor, 3.4-3.9)."""
+    _, page, n_kv, head = k_cache.shape
+    if a.dot_floor(head) != head or not 16 <= page <= 256 or page & (page - 1):
+        return False
+    if _compat.interpreting():
+        if k_cache.dtype == torch.bfloat16:
+            return False
+        align = TMA_ALIGN * k_cache.element_size()  # 3.4's interpreter checks strides in elements
+    elif k_cache.device.type != "cuda" or not _tma_device(k_cache.device):
+        return False
+    else:
+        align = TMA_ALIGN
+    for cache in (k_cache, v_cache):
+        blocks, row, heads, _ = cache.stride()
+        if heads != head or blocks != page * row or row < n_kv * head:
+            return False
+        if (row * cache.element_size()) % align or cache.data_ptr() % TMA_ALIGN:
+            return False
+    return True
+
+
+def _descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[Any, Any]:
+    """The caches' tensor descriptors for ``TMA=1`` configs, or (None, None) where they
+    cannot be read so (the Space then offers no TMA config).
+
+    Remembered per pair of cache tensors, since a server passes the same ones (one pair a
+    layer) at every step: found again in about 0.4 us, where building two descriptors takes
+    6 us on a host CPU. An entry is dropped when either tensor object is freed, so the
+    descriptors (which hold the caches' storage, ``_rows``) never keep a cache's memory
+    alive after the caller lets it go."""
+    ids = (id(k_cache), id(v_cache))
+    seen = _DESCRIPTORS.get(ids)
+    if (
+        seen is not None
+        and seen[0]() is k_cache
+        and seen[1]() is v_cache
+        and seen[2] == (k_cache.data_ptr(), v_cache.data_ptr())
+    ):
+        return seen[3]
+    found: tuple[Any, Any] = (None, None)
+    if tma_usable(k_cache, v_cache):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        found = (
+            # boxes of [PAGE, HEAD_SIZE]: shape[1::2]
+            TensorDescriptor.from_tensor(_rows(k_cache), list(k_cache.shape[1::2])),
+            TensorDescriptor.from_tensor(_rows(v_cache), list(v_cache.shape[1::2])),
+        )
+    if len(_DESCRIPTORS) >= MAX_REMEMBERED_CACHES:
+        _DESCRIPTORS.clear()  # more live caches than any model has layers: start over
+    pointers = (k_cache.data_ptr(), v_cache.data_ptr())
+    _DESCRIPTORS[ids] = (weakref.ref(k_cache), weakref.ref(v_cache), pointers, found)
+    for cache in (k_cache, v_cache):
+        weakref.finalize(cache, _DESCRIPTORS.pop, ids, None)
+    return found
+
+
+def _rows(cache: torch.Tensor) -> torch.Tensor:
+    """``cache`` as the ``[blocks * PAGE, NK * HEAD_SIZE]`` matrix a descriptor reads: a
+    tensor on its storage, not a view of it (a view keeps the cache tensor object alive, and
+    with it the remembered entry that would free it)."""
+    blocks, page, n_kv, head = cache.shape
+    rows = torch.empty(0, dtype=cache.dtype, device=cache.device)
+    shape, strides = (blocks * page, n_kv * head), (cache.stride(1), 1)
+    return rows.set_(cache.untyped_storage(), cache.storage_offset(), shape, strides)
+
+
+# (id(k_cache), id(v_cache)) -> (weak k, weak v, their addresses, descriptors)
+_DESCRIPTORS: dict[tuple[int, int], tuple[Any, Any, tuple[int, int], tuple[Any, Any]]] = {}
+MAX_REMEMBERED_CACHES = 4096
+TMA_ALIGN = 16  # bytes: a descriptor's base address and row stride
+
+
+def _tma_device(device: Any) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _has_tma(index)
+
+
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def hand_picked(key: dict[str, Any]) -> dict[str, int]:
@@ -177,11 +273,19 @@ def _sixteen_key_tiles(splits: int, slices: int) -> dict[str, int]:
         "SLICES": slices,
         "num_warps": 4,
         "num_stages": 3,
+        "TMA": 0,
     }
 
 
 # Programs a launch wants at least before more splits pay (about one an SM of an H100/H200).
 RULE_PROGRAMS = 128
+# The same for one-warp TMA programs, several of which share an SM.
+TMA_RULE_PROGRAMS = 1024
+
+
+def _tma_here() -> bool:
+    """Whether this process's GPU, the one a tuning key is tuned on, has a TMA unit."""
+    return not _compat.interpreting() and torch.cuda.is_available() and _has_tma(torch.cuda.current_device())
 
 
 def first_guess(key: dict[str, Any]) -> dict[str, int]:
@@ -190,8 +294,22 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
     On an H200 it ran at 0.79 of SDPA where the 2-D configs timed beside it reached 0.68-0.69
     (Llama-3 layouts, 16-64 sequences of 512 tokens), and lost at Qwen2.5-7B's 28/4
     (BENCHMARKS.md 5b, twentieth session): a guess the search measures, not a winner. Splits
-    until about RULE_PROGRAMS programs run, while each split keeps two steps of keys to pipeline."""
-    step, programs, context = 4 * 16, key["batch"] * key["NK"], a.context_of(key["max_context_len"])
+    until about RULE_PROGRAMS programs run, while each split keeps two steps of keys to pipeline.
+
+    On a GPU with a TMA unit, where the layout allows it: one cache block a step loaded as a
+    box (``TMA=1``), one warp, 3 stages, splits merged by the merge kernel until about
+    TMA_RULE_PROGRAMS programs run, each split keeping 4 blocks at least: the best of a
+    prototype's sweep on the H200 at 16-256 sequences of 512-32k tokens (BENCHMARKS.md 5b,
+    twenty-seventh session)."""
+    programs, context = key["batch"] * key["NK"], a.context_of(key["max_context_len"])
+    page = key["PAGE"] if _tma_here() else 0
+    if 16 <= page <= 256 and page & (page - 1) == 0 and a.dot_floor(key["HEAD_SIZE"]) == key["HEAD_SIZE"]:
+        splits = 1
+        while programs * splits < TMA_RULE_PROGRAMS and context >= 8 * page * splits and splits < SPLITS[-1]:
+            splits *= 2
+        return {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": page, "SPLITS": splits, "SLICES": 1,
+                "num_warps": 1, "num_stages": 3, "TMA": 1}  # fmt: skip
+    step = 4 * 16
     splits = 1
     while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:
         splits *= 2
@@ -233,6 +351,8 @@ def _paged_attention_decode_kernel(
     qk_scale,
     batch,
     max_context_len,
+    k_desc,
+    v_desc,
     NQ: tl.constexpr,
     NK: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
@@ -247,6 +367,7 @@ def _paged_attention_decode_kernel(
     SPLITS: tl.constexpr,
     SLICES: tl.constexpr = 1,
     MERGE_KERNEL: tl.constexpr = 0,
+    TMA: tl.constexpr = 0,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -277,7 +398,11 @@ def _paged_attention_decode_kernel(
     full = lo + tl.maximum(hi - lo, 0) // STEP * STEP
     k_base = k_cache_ptr + kv_head * k_stride_h
     v_base = v_cache_ptr + kv_head * v_stride_h
-    if SLICES == 1:
+    if TMA:
+        acc, m_i, l_i = _attend_pages_tma(
+            q, lo, hi, k_desc, v_desc, kv_head * HEAD_SIZE, table_row, qk_scale, BLOCK_G, BLOCK_D, PAGE, DOT
+        )  # fmt: skip
+    elif SLICES == 1:
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -315,6 +440,87 @@ def _paged_attention_decode_kernel(
                 ws_ptr, lse_ptr, lock_ptr, out_ptr, out_stride_b, out_stride_h, seq, kv_head, split, first,
                 batch, d, d_mask, NK, G, MERGE_G, BLOCK_D, SPLITS,
             )  # fmt: skip
+
+
+@triton.jit
+def _attend_pages_tma(
+    q,
+    lo,
+    hi,
+    k_desc,
+    v_desc,
+    column,
+    table_row,
+    qk_scale,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """The keys ``[lo, hi)`` (``lo`` a multiple of ``PAGE``), one cache block a step, its K
+    and V rows of this KV head (from ``column``) loaded by the TMA unit as ``[PAGE,
+    HEAD_SIZE]`` boxes through the host-built descriptors of the caches seen as ``[blocks *
+    PAGE, NK * HEAD_SIZE]`` (``_descriptors``).
+
+    Why: on an H200 a plain read of the shuffled paged cache that loads each block this way,
+    one warp a program, ran at 0.96-0.99 of SDPA's time where the same read through pointers
+    reached 0.87-0.95 (batch >= 8, 512-8k tokens; BENCHMARKS.md 5b, twenty-seventh session):
+    a box needs no per-element addresses and keeps more bytes in flight. Descriptors built
+    on the device instead cost more than that in such short programs (same session). A box
+    has no mask, so the rows of the last block past ``hi`` (which may hold anything, NaN
+    included) are zeroed in V and scored ``NO_SCORE`` in K, in that block's step only.
+    """
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], NO_SCORE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # Whole blocks unmasked, then the partial last one masked alone: a tl.where on V in every
+    # step cost 3-12% (the box went through registers before the second tl.dot).
+    whole = tl.maximum(lo // PAGE, hi // PAGE)
+    for p in range(lo // PAGE, whole):
+        acc, m_i, l_i = _attend_box(
+            acc, m_i, l_i, q, p, hi, k_desc, v_desc, column, table_row, qk_scale, BLOCK_G, PAGE, DOT, False
+        )  # fmt: skip
+    for p in range(whole, tl.cdiv(hi, PAGE)):
+        acc, m_i, l_i = _attend_box(
+            acc, m_i, l_i, q, p, hi, k_desc, v_desc, column, table_row, qk_scale, BLOCK_G, PAGE, DOT, True
+        )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_box(
+    acc,
+    m_i,
+    l_i,
+    q,
+    p,
+    hi,
+    k_desc,
+    v_desc,
+    column,
+    table_row,
+    qk_scale,
+    BLOCK_G: tl.constexpr,
+    PAGE: tl.constexpr,
+    DOT: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One cache block ``p`` of :func:`_attend_pages_tma`'s online softmax; ``MASKED``: its
+    rows from ``hi`` on are left out (V zeroed, K scored ``NO_SCORE``)."""
+    first_row = (tl.load(table_row + p) * PAGE).to(tl.int32)
+    k = k_desc.load([first_row, column])
+    v = v_desc.load([first_row, column])
+    s = mma(q, tl.trans(k), tl.zeros([BLOCK_G, PAGE], dtype=tl.float32), DOT) * qk_scale
+    if MASKED:
+        live = p * PAGE + tl.arange(0, PAGE) < hi
+        v = tl.where(live[:, None], v, 0.0)
+        s = tl.where(live[None, :], s, NO_SCORE)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    prob = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(prob, 1)
+    acc = mma(prob.to(v.dtype), v, acc * alpha[:, None], DOT)
+    return acc, m_new, l_i
 
 
 # fmt: off
@@ -677,6 +883,7 @@ def _launch(
         a.softmax_scale(scale, head_size) * a.LOG2E,
         batch,
         max_context_len,
+        *_descriptors(k_cache, v_cache),
         *(n_q, n_kv, head_size, page, block_g, merge_g, block_d),
         dot_mode(q.dtype),
         *a.table_chunk(page),
