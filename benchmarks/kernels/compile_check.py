@@ -52,6 +52,8 @@ DECODE = [
     ((8, 1, 128), {"BLOCK_N": 128, "SPLITS": 32}, 4, 3),
     # the merge in a kernel of its own (the split programs only store their partials)
     ((16, 2, 128), {"BLOCK_N": 16, "SPLITS": 64, "SLICES": 4, "MERGE_KERNEL": 1}, 4, 3),
+    # ... signalling the merge kernel's programmatic dependent launch, as on an H100/H200
+    ((16, 2, 128), {"BLOCK_N": 64, "SPLITS": 8, "MERGE_KERNEL": 1, "PDL": 1}, 4, 1),
 ]
 VARLEN = [
     (
@@ -162,7 +164,9 @@ def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any
     chunk, slots = table_chunk(16)
     merge_g = triton.next_power_of_2(layout[0] // layout[1])
     tables = {"CHUNK": chunk, "TABLE_SLOTS": slots}
-    return _decode(layout, {**tables, "SLICES": 1, "MERGE_KERNEL": 0, "MERGE_G": merge_g, **meta})
+    # TMA and PDL named: Triton 3.4 reads a constexpr left out here as an i32 argument
+    flags = {"SLICES": 1, "MERGE_KERNEL": 0, "TMA": 0, "PDL": 0}
+    return _decode(layout, {**tables, **flags, "MERGE_G": merge_g, **meta})
 
 
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:

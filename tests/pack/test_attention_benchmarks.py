@@ -85,3 +85,38 @@ def test_attention_kernels_compile_for_sm90_without_spills() -> None:
     copies = re.search(r"tile copies \[([\d, ]+)\]", decode)
     assert "stages=3" in decode and copies, decode
     assert max(int(n) for n in copies.group(1).split(",")) == 2, decode
+
+
+PDL_CHECK = """
+import compile_check as cc
+from tunebook.kernels.paged_attention_decode import _merge_kernel
+jit, pointers, _, consts_of = cc.kernels()["decode"]
+meta = {"BLOCK_N": 64, "SPLITS": 8, "MERGE_KERNEL": 1}
+merge_ptrs = {"ws_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
+merge_consts = {"NQ": 16, "NK": 2, "HEAD_SIZE": 128, "BLOCK_D": 128, "SPLITS": 8}
+for pdl in (0, 1):
+    _, split = cc.compile_one(jit, pointers, consts_of((16, 2, 128), {**meta, "PDL": pdl}), 4, 1, 90)
+    _, merge = cc.compile_one(_merge_kernel, merge_ptrs, {**merge_consts, "PDL": pdl}, 1, 1, 90)
+    signal = split.asm["ptx"].count("griddepcontrol.launch_dependents")
+    print(pdl, signal, merge.asm["ptx"].count("griddepcontrol.wait"))
+"""
+
+
+@pytest.mark.slow  # compiles four kernels with ptxas, ~6 s
+def test_decode_split_kernel_signals_the_merge_kernel_only_with_pdl() -> None:
+    """With PDL (an H100/H200), the split programs signal the merge kernel's programmatic
+    dependent launch and the merge waits for their memory before reading it; without it,
+    neither instruction is compiled in."""
+    from tunebook import _compat
+
+    if not _compat.grid_dependency_control():
+        pytest.skip(
+            f"Triton {_compat.triton_version()}'s gdc_wait does not compile; the op launches without PDL"
+        )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPTS), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", PDL_CHECK], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "0", "0", "1", "1", "1"], proc.stdout

@@ -26,6 +26,7 @@ from tunebook.kernels.paged_attention_decode import (
     hand_picked,
     max_splits,
     merge_warps,
+    programmatic_launch,
 )
 
 from .attention_reference import PagedCache, attention, paged_cache
@@ -702,3 +703,10 @@ def test_a_length_read_inside_a_graph_capture_is_refused_with_what_to_pass(monke
     ):
         _call(max_context_len=None)
     assert _call(max_context_len=4).isfinite().all()  # given, nothing is read
+
+
+def test_no_programmatic_launch_off_a_cuda_gpu() -> None:
+    """The merge kernel's PDL launch and the split kernel's signal are for compiled kernels on
+    NVIDIA GPUs of compute capability 9 or later: never on the CPU or in the interpreter,
+    whose launcher takes no ``launch_pdl``."""
+    assert programmatic_launch(torch.device("cpu")) is False

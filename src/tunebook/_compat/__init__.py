@@ -133,6 +133,19 @@ def interpreting() -> bool:
 
 
 @functools.cache
+def grid_dependency_control() -> bool:
+    """Whether ``tl.extra.cuda.gdc_wait`` / ``gdc_launch_dependents`` compile: Triton 3.4
+    ships them taking ``_builder`` where its code generator passes ``_semantic`` (a
+    TypeError at compile time); 3.5 and later take ``_semantic``."""
+    try:
+        from triton.language.extra.cuda import gdc_wait
+    except ImportError:
+        return False
+    target = getattr(gdc_wait, "__wrapped__", gdc_wait)
+    return "_semantic" in inspect.signature(target).parameters
+
+
+@functools.cache
 def _jit_types() -> tuple[type, ...]:
     types: list[type] = [JITFunction]
     try:
