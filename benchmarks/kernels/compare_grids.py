@@ -10,7 +10,8 @@ printed: the noise a change must beat.
 Prints the geometric mean over the cells both sides have of new ÷ old, its range, the cells
 that moved most, and per side: cells at the baseline or better, configs benchmarked and
 fallbacks (a served grid must have none), and for decode the issue's two targets (batch ≥ 8
-at SDPA or better; contexts of 8k tokens or more under 0.70 of a copy). ``--table`` adds
+at SDPA or better; contexts of 8k tokens or more under 0.70 of a copy, and, where the grid
+timed a copy of each cell's bytes, under 0.70 of that copy). ``--table`` adds
 the per-cell table BENCHMARKS.md shows: decode as (head layout, batch) rows by context columns.
 
     python benchmarks/kernels/compare_grids.py --new NEW.json [NEW2.json] --old OLD.json [OLD2.json]
@@ -42,6 +43,7 @@ class Cell:
     row: dict[str, Any]  # the first run's row (shape, tokens, config)
     ratio: float  # baseline / tunebook
     of_copy: float | None
+    of_same_copy: float | None  # a copy of the op's bytes over tunebook's time (GPU runs since session 28)
 
 
 def load(paths: Sequence[Path], baseline: str) -> tuple[str, list[dict[str, dict[str, Any]]]]:
@@ -68,10 +70,12 @@ def cells(runs: list[dict[str, dict[str, Any]]], baseline: str) -> dict[str, Cel
     for label in labels:
         rows = [run[label] for run in runs]
         copies = [r["timings"]["tunebook"].get("of_copy") for r in rows]
+        same = [r["ratios"].get("copy/tunebook") for r in rows]
         out[label] = Cell(
             rows[0],
             geomean([r["ratios"][f"{baseline}/tunebook"] for r in rows]),
             geomean(copies) if all(c for c in copies) else None,
+            geomean(same) if all(c for c in same) else None,
         )
     return out
 
@@ -95,11 +99,15 @@ def side_summary(op: str, side: dict[str, Cell], runs: list[dict[str, dict[str, 
         many = [c for c in side.values() if c.row["tokens"] >= TARGET_BATCH]
         at_many = sum(c.ratio >= 1 for c in many)
         parts.append(f"batch >= {TARGET_BATCH} at {baseline} or better {at_many} of {len(many)}")
-        long = [c.of_copy for c in side.values() if c.row["shape"]["context"] >= TARGET_CONTEXT]
-        under = sum(share is not None and share < TARGET_OF_COPY for share in long)
+        long = [c for c in side.values() if c.row["shape"]["context"] >= TARGET_CONTEXT]
+        under = sum(c.of_copy is not None and c.of_copy < TARGET_OF_COPY for c in long)
         parts.append(
             f"contexts >= {TARGET_CONTEXT} under {TARGET_OF_COPY:.2f} of copy {under} of {len(long)}"
         )
+        same = [c.of_same_copy for c in long if c.of_same_copy is not None]
+        if same:  # grids timed with a copy of each cell's bytes
+            below = sum(share < TARGET_OF_COPY for share in same)
+            parts.append(f"of a copy of the same bytes {below} of {len(same)}")
     parts.append(f"benchmarked {benchmarked}, fallbacks {fallbacks} over {len(runs)} run(s)")
     return "; ".join(parts)
 

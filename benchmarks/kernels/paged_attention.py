@@ -13,11 +13,16 @@ says how):
   ``enable_gqa``): the ceiling PyTorch gives without paging. PyTorch picks the backend; on
   the H200 with torch 2.11 it runs cuDNN's fused attention (a 16x128x128 tile, one block per
   sequence and KV head: BENCHMARKS.md, section 5b, nineteenth session);
-* **sdpa-flash** (GPU only): the same call held to the FlashAttention-2 backend.
+* **sdpa-flash** (GPU only): the same call held to the FlashAttention-2 backend;
+* **copy** (GPU only): an SM copy kernel moving as many bytes as the op reads (half of them
+  read, half written), no attention: what the memory system gives a call of this size,
+  launch and ramp included. At one sequence of 8k tokens on one KV head the op reads 4 MB,
+  which no kernel moves at the device copy bandwidth measured on 1 GiB.
 
 Reported: microseconds, the bandwidth of reading the K/V cache (``kv GB/s`` = K and V
-bytes / time) and its share of an SM copy kernel's bandwidth measured in the same run
-(``of_copy``), and each variant's time over tunebook's.
+bytes / time) and its share of an SM copy kernel's bandwidth measured in the same run on
+1 GiB (``of_copy``), and each variant's time over tunebook's (``copy/tunebook``: tunebook's
+share of the bandwidth a copy of the same bytes reaches).
 
     python benchmarks/kernels/paged_attention.py --out DIR                    # Llama-3-8B, 70B TP4/TP8
     python benchmarks/kernels/paged_attention.py --out DIR --models llama-3-8b --batches 1,64 --contexts 2048
@@ -80,19 +85,27 @@ def baselines(w: Any) -> bench.Baselines:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return sdpa()
 
-    return {"sdpa": sdpa, "sdpa-flash": sdpa_flash}
+    # As many bytes moved as the op reads (K and V of every sequence's context).
+    half = kv_bytes(w) // 2 // 4
+    src = torch.empty(half, dtype=torch.float32, device=q.device).uniform_()
+    dst = torch.empty_like(src)
+
+    def copy() -> torch.Tensor:
+        return torch.mul(src, 1.0, out=dst)
+
+    return {"sdpa": sdpa, "sdpa-flash": sdpa_flash, "copy": copy}
+
+
+def kv_bytes(w: Any) -> int:
+    """The bytes of K and V a call reads: every sequence's whole context."""
+    shape = w.shape
+    return (
+        2 * w.tokens * shape["context"] * shape["n_kv"] * shape["head_size"] * w.tensors["q"].element_size()
+    )
 
 
 def metric(w: Any, us: float) -> dict[str, float]:
-    kv = (
-        2
-        * w.tokens
-        * w.shape["context"]
-        * w.shape["n_kv"]
-        * w.shape["head_size"]
-        * w.tensors["q"].element_size()
-    )
-    return {"gbps": kv / (us * 1e-6) / 1e9}
+    return {"gbps": kv_bytes(w) / (us * 1e-6) / 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,3 +101,19 @@ def test_files_it_cannot_compare_are_refused_with_the_reason(tmp_path: Path) -> 
     ]:
         done = run(*args)
         assert done.returncode != 0 and reason in done.stderr, (args, done.stderr)
+
+
+def test_long_contexts_are_also_counted_against_a_copy_of_their_own_bytes(tmp_path: Path) -> None:
+    """Where a grid timed a copy of each cell's bytes (GPU runs), the long-context target is
+    also counted against it; grids without it print the device-copy count alone."""
+    rows = [row((8, 1), 1, 8192, 1.2, 0.16), row((8, 1), 16, 8192, 1.0, 0.68), row((32, 8), 1, 512, 1.5, 0.2)]
+    for r, same in zip(rows, (0.55, 0.93, 0.40)):
+        r["ratios"]["copy/tunebook"] = same
+    timed = grid(tmp_path / "timed.json", rows)
+    plain = grid(tmp_path / "plain.json", [row((8, 1), 1, 8192, 1.2, 0.16)])
+    done = run("--new", timed, "--old", plain)
+    assert done.returncode == 0, done.stderr
+    new_line = next(line for line in done.stdout.splitlines() if line.startswith("new: "))
+    old_line = next(line for line in done.stdout.splitlines() if line.startswith("old: "))
+    assert "under 0.70 of copy 2 of 2; of a copy of the same bytes 1 of 2; benchmarked" in new_line
+    assert "same bytes" not in old_line
