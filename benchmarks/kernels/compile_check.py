@@ -18,6 +18,7 @@ and reads the resource usage with cuobjdump.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -93,8 +94,15 @@ def compile_one(
     num_stages: int,
     arch: int,
 ) -> tuple[float, Any]:
-    """Compile ``jit`` with ``consts`` fixed; other arguments are i32 (fp32 for the softmax
+    """Compile ``jit`` with ``consts`` fixed (a constexpr parameter they leave out takes its
+    default); other arguments are i32 (fp32 for the softmax
     scale) unless ``pointer_types`` names them."""
+    # A constexpr parameter left out takes its default, as a launch would (an unnamed one was
+    # read as an i32 argument: Triton 3.4 then traced branches the default turns off).
+    defaults = {
+        p.name: p.default for p in jit.params if p.is_constexpr and p.default is not inspect.Parameter.empty
+    }
+    consts = {**defaults, **consts}
     signature = {}
     for name in jit.arg_names:
         if name in consts:
@@ -164,9 +172,7 @@ def _decode_pack(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any
     chunk, slots = table_chunk(16)
     merge_g = triton.next_power_of_2(layout[0] // layout[1])
     tables = {"CHUNK": chunk, "TABLE_SLOTS": slots}
-    # TMA and PDL named: Triton 3.4 reads a constexpr left out here as an i32 argument
-    flags = {"SLICES": 1, "MERGE_KERNEL": 0, "TMA": 0, "PDL": 0}
-    return _decode(layout, {**tables, **flags, "MERGE_G": merge_g, **meta})
+    return _decode(layout, {**tables, "PDL": 0, "MERGE_G": merge_g, **meta})
 
 
 def _vm(layout: tuple[int, ...], meta: dict[str, Any]) -> dict[str, Any]:
