@@ -709,12 +709,12 @@ def merge_warps(splits: int, block_d: int) -> int:
 
 
 def _merge(
-    ws: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, n_kv: int, block_d: int, splits: int
+    ws: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, n_kv: int, block_d: int, splits: int, pdl: bool
 ) -> None:
-    """Launch _merge_kernel over ``out`` ([batch, NQ, head_size]) from the workspace."""
+    """Launch _merge_kernel over ``out`` ([batch, NQ, head_size]) from the workspace; ``pdl``:
+    the split kernel's ``PDL`` (:func:`programmatic_launch`, decided once a call)."""
     batch, n_q, head_size = out.shape
     warps = merge_warps(splits, block_d)
-    pdl = programmatic_launch(out.device)
     launch = {"launch_pdl": True} if pdl else {}  # an option the interpreter does not take
     _merge_kernel[(n_q, batch)](
         ws, lse, out, out.stride(0), out.stride(1), n_q, n_kv, head_size, block_d, splits, int(pdl),
@@ -735,7 +735,9 @@ def _merge_hook(args: dict[str, Any], exception: BaseException | None = None) ->
     config."""
     splits = _merge_splits(args)
     if exception is None and splits:
-        _merge(args["ws_ptr"], args["lse_ptr"], args["out_ptr"], args["NK"], args["BLOCK_D"], splits)
+        _merge(
+            args["ws_ptr"], args["lse_ptr"], args["out_ptr"], args["NK"], args["BLOCK_D"], splits, args["PDL"]
+        )
 
 
 class _Grid:
@@ -743,8 +745,10 @@ class _Grid:
     in a kernel of its own: Triton asks for the grid with the config's meta-parameters on
     every path (tuned, served, explicit), so the op learns the book's choice from it."""
 
-    def __init__(self, n_kv: int, batch: int, ws: torch.Tensor, lse: torch.Tensor, block_d: int) -> None:
-        self.n_kv, self.batch, self.ws, self.lse, self.block_d = n_kv, batch, ws, lse, block_d
+    def __init__(
+        self, n_kv: int, batch: int, ws: torch.Tensor, lse: torch.Tensor, block_d: int, pdl: bool
+    ) -> None:
+        self.n_kv, self.batch, self.ws, self.lse, self.block_d, self.pdl = n_kv, batch, ws, lse, block_d, pdl
         self.merge_splits = 0
 
     def __call__(self, meta: dict[str, Any]) -> tuple[int, int, int]:
@@ -756,7 +760,7 @@ class _Grid:
     def merge(self, out: torch.Tensor) -> None:
         """After the split kernel's launch: its merge, where its config has one of its own."""
         if self.merge_splits:
-            _merge(self.ws, self.lse, out, self.n_kv, self.block_d, self.merge_splits)
+            _merge(self.ws, self.lse, out, self.n_kv, self.block_d, self.merge_splits, self.pdl)
 
 
 def paged_attention_decode(
@@ -899,6 +903,7 @@ def _launch(
     pairs = max(batch * n_kv, MAX_SPLIT_PROGRAMS // 2) if splits > 1 else 1
     # A counter per (sequence, KV head), then one per group of splits.
     locks = _counters.get(q.device, pairs + programs // TREE_GROUP.value, torch.int32)
+    pdl = programmatic_launch(q.device)
     args = (
         *(q, q.stride(0), q.stride(1)),
         *(k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
@@ -913,10 +918,10 @@ def _launch(
         *(n_q, n_kv, head_size, page, block_g, merge_g, block_d),
         dot_mode(q.dtype),
         *a.table_chunk(page),
-        int(programmatic_launch(q.device)),
+        int(pdl),
     )
 
-    return _Grid(n_kv, batch, ws, lse, block_d), args
+    return _Grid(n_kv, batch, ws, lse, block_d, pdl), args
 
 
 def _inputs(description: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
