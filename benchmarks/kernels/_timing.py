@@ -25,6 +25,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -146,10 +147,16 @@ def copy_bandwidth(timer: Timer, nbytes: int, rounds: int) -> float:
     reach. (``dst.copy_(src)`` of contiguous tensors is a cudaMemcpy, served by the copy
     engines: 2.77 TB/s on an H200 of 2026-11-30, well under what the SMs move.)"""
     device = "cuda" if isinstance(timer, GraphTimer) else "cpu"
+    series, _ = interleaved(timer, {"copy": sm_copy(nbytes, device)}, rounds)
+    return 2 * nbytes / (series["copy"].median * 1e-6) / 1e9
+
+
+def sm_copy(nbytes: int, device: Any) -> Callable[[], torch.Tensor]:
+    """A copy of ``nbytes`` (as many written) by an elementwise kernel on the GPU's
+    multiprocessors, not ``copy_``'s copy engines (``copy_bandwidth`` says why)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    series, _ = interleaved(timer, {"copy": lambda: torch.mul(src, 1.0, out=dst)}, rounds)
-    return 2 * nbytes / (series["copy"].median * 1e-6) / 1e9
+    return lambda: torch.mul(src, 1.0, out=dst)
 
 
 def gbps(nbytes: int, us: float) -> float:
