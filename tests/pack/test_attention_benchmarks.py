@@ -93,7 +93,7 @@ from tunebook.kernels.paged_attention_decode import _merge_kernel
 jit, pointers, _, consts_of = cc.kernels()["decode"]
 meta = {"BLOCK_N": 64, "SPLITS": 8, "MERGE_KERNEL": 1}
 merge_ptrs = {"ws_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}
-merge_consts = {"NQ": 16, "NK": 2, "HEAD_SIZE": 128, "BLOCK_D": 128, "SPLITS": 8}
+merge_consts = {"NQ": 16, "NK": 2, "HEAD_SIZE": 128, "BLOCK_D": 128, "SPLITS": 8, "CHUNK_D": 128}
 for pdl in (0, 1):
     _, split = cc.compile_one(jit, pointers, consts_of((16, 2, 128), {**meta, "PDL": pdl}), 4, 1, 90)
     _, merge = cc.compile_one(_merge_kernel, merge_ptrs, {**merge_consts, "PDL": pdl}, 1, 1, 90)

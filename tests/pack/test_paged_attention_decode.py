@@ -25,6 +25,7 @@ from tunebook.kernels.paged_attention_decode import (
     first_guess,
     hand_picked,
     max_splits,
+    merge_chunk,
     merge_warps,
     programmatic_launch,
 )
@@ -109,13 +110,17 @@ def test_the_two_level_split_merge_matches_sdpa(gen, n_q, head_size, splits) -> 
         (2, 2, 128, 32, torch.bfloat16),  # GQA ratio 1
         (6, 2, 80, 4, torch.float16),  # a head padded to 128 (the store masks the padding)
         (4, 1, 128, 64, torch.float16),  # 8,192 floats a merge program: two warps
+        # past 64 splits: the merge kernel's alone (24 s in the interpreter)
+        pytest.param(2, 1, 64, 256, torch.float16, marks=pytest.mark.slow),
     ],
-    ids=["g4-s2", "g7-s8", "g2-s64", "mha-s32", "g3-s4-head80", "g4-s64-head128"],
+    ids=["g4-s2", "g7-s8", "g2-s64", "mha-s32", "g3-s4-head80", "g4-s64-head128", "g2-s256"],
 )
 def test_the_merge_kernel_matches_sdpa(gen, n_q, n_kv, head_size, splits, dtype) -> None:  # type: ignore[no-untyped-def]
     """MERGE_KERNEL=1: the split programs only store their partials and _merge_kernel,
-    launched after them, merges them, a program a (query head, sequence). Splits left
-    without keys, an empty batch slot and the poisoned output check every row it writes."""
+    launched after them, merges them, a program a (query head, sequence), or a chunk of its
+    head where the pairs are few and their partials many (here 64 splits of 128-wide heads:
+    8 chunks of 16 lanes; 256 of 64-wide heads: 4 of 16). Splits left without keys, an
+    empty batch slot and the poisoned output check every lane it writes."""
     lens = [splits * 16 + 5, 1, 0, PAGE + 1]
     cache = paged_cache(gen, lens, PAGE, n_kv, head_size, dtype)
     q = randn(gen, len(lens), n_q, head_size, dtype=dtype)
@@ -129,6 +134,33 @@ def test_the_merge_kernel_matches_sdpa(gen, n_q, n_kv, head_size, splits, dtype)
             "num_stages": 1,
         }
         check(q, cache, max_context_len=max(lens), config=config)
+
+
+def test_the_merge_kernel_cuts_heads_into_chunks_only_while_its_programs_are_few() -> None:
+    """About MERGE_PROGRAMS (128) merge programs where a pair has more than one warp's
+    4,096 partials: a head is halved while (query head, sequence) pairs are fewer, down to
+    16 lanes; never cut where the pairs fill the programs or the partials fit a warp."""
+    assert merge_chunk(8, 256, 128) == 16 and merge_chunk(32, 64, 128) == 32
+    assert merge_chunk(16, 64, 128) == 16 and merge_chunk(64, 128, 128) == 64
+    assert merge_chunk(8, 32, 128) == 128 and merge_chunk(4, 64, 64) == 64  # a warp's partials
+    assert merge_chunk(128, 256, 128) == 128  # programs enough
+    assert merge_chunk(1, 1024, 64) == 16  # 16 lanes at least
+
+
+def test_splits_past_64_are_offered_for_few_pairs_and_merged_by_the_merge_kernel() -> None:
+    """128 and 256 splits reach a call of few (sequence, KV head) pairs and long contexts
+    (at most MAX_SPLIT_PROGRAMS programs, a 16-key tile a split at least), and only with the
+    merge kernel: the in-kernel merge stops at 64."""
+    assert max_splits(1, 1, 32768) == 256 and max_splits(4, 2, 32768) == 256
+    assert max_splits(4, 4, 32768) == 128 and max_splits(1, 1, 2048) == 128
+    assert max_splits(32, 1, 32768) == 64 and max_splits(1, 1, 1024) == 64
+    cache = torch.empty(4, PAGE, 1, 64, dtype=torch.float16)
+    args = {"NQ": 8, "NK": 1, "HEAD_SIZE": 64, "PAGE": PAGE, "batch": 1, "max_context_len": 32768,
+            "k_cache_ptr": cache, "k_desc": None}  # fmt: skip
+    many = [c for c in SPACE.candidates(args=args) if c["SPLITS"] > 64]
+    assert {c["SPLITS"] for c in many} == {128, 256}
+    assert all(c["MERGE_KERNEL"] == 1 for c in many)
+    assert any(c["SPLITS"] == 64 and c["MERGE_KERNEL"] == 0 for c in SPACE.candidates(args=args))
 
 
 def test_the_merge_kernel_runs_on_one_warp_until_its_partials_need_more() -> None:
@@ -446,12 +478,12 @@ def llama_3_8b(**call: int) -> dict:  # type: ignore[type-arg]
 
 def test_splits_are_in_the_space_and_chosen_per_key() -> None:
     """SPLITS is a tuned parameter, not a threshold: long contexts at small batches offer
-    many, large batches one."""
+    many (up to 256 for one sequence's 8 KV heads: 2,048 programs), large batches one."""
     long_few = SPACE.candidates(args=llama_3_8b(batch=1, max_context_len=32768))
     many_short = SPACE.candidates(args=llama_3_8b(batch=256, max_context_len=512))
-    assert {c["SPLITS"] for c in long_few} == {1, 2, 4, 8, 16, 32, 64}
+    assert {c["SPLITS"] for c in long_few} == {1, 2, 4, 8, 16, 32, 64, 128, 256}
     assert {c["SPLITS"] for c in many_short} == {1}
-    assert max_splits(1, 8, 32768) == 64 and max_splits(256, 8, 512) == 1
+    assert max_splits(1, 8, 32768) == 256 and max_splits(256, 8, 512) == 1
 
 
 def test_pipelined_tiles_may_be_larger() -> None:
@@ -570,7 +602,7 @@ def test_on_a_tma_gpu_the_first_guess_is_a_tma_point_of_the_space(monkeypatch) -
     monkeypatch.setattr(module, "_tma_here", lambda: True)
     cache = torch.empty(4, PAGE, 8, 128, dtype=torch.float16)
     k_desc, _ = _descriptors(cache, cache)
-    for batch, context, splits in [(16, 512, 8), (256, 2048, 1), (1, 32768, 64), (64, 128, 2)]:
+    for batch, context, splits in [(16, 512, 8), (256, 2048, 1), (1, 32768, 128), (64, 128, 2)]:
         call = {**llama_3_8b(batch=batch, max_context_len=context), "k_cache_ptr": cache, "k_desc": k_desc}
         guess = first_guess(call)
         assert guess["TMA"] == 1 and guess["BLOCK_N"] == PAGE and guess["SPLITS"] == splits, (batch, context)

@@ -30,7 +30,9 @@ splits the merge takes two levels: the last of every TREE_GROUP splits merges th
 group partial, and the last group merges the groups (``_merge_last``). Or, with
 ``MERGE_KERNEL=1``, the splits only store their partials and the op launches
 ``_merge_kernel`` after them, a program a (query head, sequence) reading all of its
-partials at once: cheaper where a few long sequences run many splits. The merge launch is
+partials at once (a chunk of the head a program where such pairs are few: ``merge_chunk``):
+cheaper where a few long sequences run many splits, and the only merge past 64 splits
+(128 and 256 reach one to sixteen (sequence, KV head) pairs). The merge launch is
 the autotuner's ``post_hook`` too, so either way the tuner times a split config at its whole
 cost, and chooses ``SPLITS`` and ``MERGE_KERNEL`` per key like any other parameter.
 
@@ -82,7 +84,16 @@ MAX_STAGED_TILE_PER_THREAD = 256
 MIN_TILE_PER_THREAD = 8
 # The grid's second axis (sequences) is limited to 65,535 programs by CUDA.
 MAX_BATCH = 65535
-SPLITS = [1, 2, 4, 8, 16, 32, 64]
+# 128 and 256 only reach few (sequence, KV head) pairs (MAX_SPLIT_PROGRAMS): one sequence on
+# one or two KV heads runs 128-512 programs. Capped at 64, such a call left half of an H200's
+# SMs idle and ran at 0.90-0.93 of SDPA at 32k tokens; at 128-256 splits with the merge
+# spread over more programs (merge_chunk) it ran 1.02-1.25x SDPA (BENCHMARKS.md 5b,
+# twenty-ninth session).
+SPLITS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+# Past this many splits only the merge kernel merges them: the in-kernel merge's last
+# arrivals read the partials one L2 round trip at a time, 1.1-3.3 us of a 13-17 us call at
+# 64 splits of few sequences already (BENCHMARKS.md 5b, twenty-fifth session).
+MOST_SPLITS_MERGED_IN_KERNEL = 64
 
 _workspace = Scratch("paged_attention_decode.workspace", zeroed=False)
 _lse = Scratch("paged_attention_decode.lse", zeroed=False)
@@ -112,6 +123,8 @@ def _feasible(cfg: dict[str, Any]) -> bool:
     # over warps again); the slices' batched tl.dot wants 16 keys a slice at least.
     if cfg["MERGE_KERNEL"] and cfg["SPLITS"] == 1:
         return False  # nothing to merge
+    if not cfg["MERGE_KERNEL"] and cfg["SPLITS"] > MOST_SPLITS_MERGED_IN_KERNEL:
+        return False
     if cfg["TMA"] and cfg["SLICES"] > 1:
         return False  # one softmax state: the TMA loop reads one cache block a step
     slices = cfg["SLICES"]
@@ -672,11 +685,13 @@ def _merge_kernel(
     HEAD_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS: tl.constexpr,
+    CHUNK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """The splits' merge as a kernel of its own (``MERGE_KERNEL=1``), launched after the
-    split kernel: a program takes one (query head, sequence) and reads all of its SPLITS
-    partials at once, ``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``.
+    split kernel: a program takes CHUNK_D lanes of one (query head, sequence) and reads all
+    of its SPLITS partials there at once, ``out = sum_s w_s o_s / sum_s w_s``,
+    ``w_s = exp2(lse_s - max lse)`` (each program weighs all SPLITS log-sum-exps itself).
     The split programs then store their partials and end, with no barrier, no atomic and no
     last arrival reading the partials one L2 round trip at a time: with many splits of
     few sequences that was 1.1-3.3 us of a 13-17 us call on an H200 (BENCHMARKS.md 5b,
@@ -685,7 +700,7 @@ def _merge_kernel(
     seq = tl.program_id(1)
     G: tl.constexpr = NQ // NK
     s = tl.arange(0, SPLITS)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.program_id(2) * CHUNK_D + tl.arange(0, CHUNK_D)
     # The partial rows of (sequence, KV head) start at (seq * NK + kv head) * SPLITS; each
     # holds G query heads' rows.
     rows = ((seq * NK + head // G) * SPLITS + s) * G + head % G
@@ -699,13 +714,42 @@ def _merge_kernel(
     tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
 
 
-def merge_warps(splits: int, block_d: int) -> int:
-    """Warps of a _merge_kernel program, which holds its SPLITS x BLOCK_D partials: one up
-    to 4,096 floats (128 a thread), then one more power of two per doubling. Timed alone on an
-    H200 (128-wide heads, 1-256 sequences, 2-64 splits), one warp was fastest up to 32 splits
-    and two at 64; the four the page was tuned with took 1.02-3.43x one warp's time (geomean
-    1.34), up to 8.9 us more a call (BENCHMARKS.md 5b, twenty-seventh session)."""
-    return min(8, max(1, splits * block_d // 4096))
+# Partial floats one warp of a _merge_kernel program holds (128 a thread).
+WARP_PARTIALS = 4096
+
+
+def merge_warps(splits: int, lanes: int) -> int:
+    """Warps of a _merge_kernel program, which holds SPLITS x ``lanes`` partial floats: one
+    up to WARP_PARTIALS, then one more power of two per doubling. Timed alone on an H200
+    (128-wide heads, 1-256 sequences, 2-64 splits), one warp was fastest up to 32 splits
+    and two at 64; the four the page was tuned with took 1.02-3.43x one warp's time
+    (geomean 1.34), up to 8.9 us more a call (BENCHMARKS.md 5b, twenty-seventh session)."""
+    return min(8, max(1, splits * lanes // WARP_PARTIALS))
+
+
+# The merge kernel runs on about this many programs (one an SM of an H100/H200) where a pair
+# has more partials than one warp's WARP_PARTIALS: while (query head, sequence) pairs are
+# fewer, each pair's head is cut in halves, down to MERGE_CHUNK_LEAST lanes. One sequence's
+# 8-32 query heads otherwise left 8-32 programs reading 32-128 KiB of partials each at
+# 64-256 splits; cut so, the long-context calls of 1-16 sequences ran 1.03x faster at the
+# same split config (geomean over 86 config-cells, up to 1.38x; BENCHMARKS.md 5b,
+# twenty-ninth session). Cutting them only to a warp's partials lost 2-6% at 64 splits,
+# and cutting a warp's partials or fewer (8-32 splits) lost 1-2%.
+MERGE_PROGRAMS = 128
+MERGE_CHUNK_LEAST = 16
+
+
+def merge_chunk(pairs: int, splits: int, block_d: int) -> int:
+    """Lanes of the head a _merge_kernel program merges, for ``pairs`` (query head,
+    sequence) pairs of ``splits`` partials: the whole (padded) head where a pair's partials
+    fit one warp (WARP_PARTIALS floats), else halved while the programs are fewer than
+    MERGE_PROGRAMS and a half keeps MERGE_CHUNK_LEAST lanes."""
+    chunk = block_d
+    if splits * block_d <= WARP_PARTIALS:
+        return chunk
+    while pairs * (block_d // chunk) < MERGE_PROGRAMS and chunk // 2 >= MERGE_CHUNK_LEAST:
+        chunk //= 2
+    return chunk
 
 
 def _merge(
@@ -714,10 +758,11 @@ def _merge(
     """Launch _merge_kernel over ``out`` ([batch, NQ, head_size]) from the workspace; ``pdl``:
     the split kernel's ``PDL`` (:func:`programmatic_launch`, decided once a call)."""
     batch, n_q, head_size = out.shape
-    warps = merge_warps(splits, block_d)
+    chunk = merge_chunk(batch * n_q, splits, block_d)
+    warps = merge_warps(splits, chunk)
     launch = {"launch_pdl": True} if pdl else {}  # an option the interpreter does not take
-    _merge_kernel[(n_q, batch)](
-        ws, lse, out, out.stride(0), out.stride(1), n_q, n_kv, head_size, block_d, splits, int(pdl),
+    _merge_kernel[(n_q, batch, block_d // chunk)](
+        ws, lse, out, out.stride(0), out.stride(1), n_q, n_kv, head_size, block_d, splits, chunk, int(pdl),
         num_warps=warps, **launch,
     )  # fmt: skip
 
