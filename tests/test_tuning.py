@@ -328,12 +328,14 @@ def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, mon
     a_screened, b_screened, a_done = threading.Event(), threading.Event(), threading.Event()
     now: dict[str, int] = {}
     # A wait that times out fails the measurement it is in, and the tuner goes on: the final
-    # assertion names the waits that did (one did once in CI, A then served 64; not reproduced).
+    # assertion names the waits that did, with where every other thread stood then. Twice in
+    # CI's full runs (not reproduced alone, even on two loaded cores) A waited out its 60 s
+    # for B's first full measurement and then served 64; the stacks say where B was.
     timed_out: list[str] = []
 
     def wait(event: threading.Event, what: str) -> None:
         if not event.wait(60):
-            timed_out.append(what)
+            timed_out.append(f"{what}\n{other_threads()}")
             raise AssertionError(what)
 
     def clock(kernel_call, quantiles=None, *, min_reps=3, max_reps=10, budget_s=0.2):
@@ -370,7 +372,22 @@ def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, mon
     served = {me: kernels[me].best_config.kwargs["BLOCK"] for me in "AB"}
     later = tunebook.autotune(configs, key=["n"])(add_kernel)
     call(later, 64)
-    assert served == {"A": 32, "B": 32} and later.best_config.kwargs["BLOCK"] == 32, (served, timed_out)
+    assert served == {"A": 32, "B": 32} and later.best_config.kwargs["BLOCK"] == 32, (served, *timed_out)
+
+
+def other_threads() -> str:
+    """Where every thread but the calling one stands: their stacks, for a test's message."""
+    import sys
+    import threading
+    import traceback
+
+    me = threading.get_ident()
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+        if ident != me
+    )
 
 
 def interpreter_collision() -> Exception:
