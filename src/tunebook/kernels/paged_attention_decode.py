@@ -731,8 +731,8 @@ def merge_warps(splits: int, lanes: int) -> int:
 # has more partials than one warp's WARP_PARTIALS: while (query head, sequence) pairs are
 # fewer, each pair's head is cut in halves, down to MERGE_CHUNK_LEAST lanes. One sequence's
 # 8-32 query heads otherwise left 8-32 programs reading 32-128 KiB of partials each at
-# 64-256 splits; cut so, the long-context calls of 1-16 sequences ran 1.03x faster at the
-# same split config (geomean over 86 config-cells, up to 1.38x; BENCHMARKS.md 5b,
+# 64-256 splits; cut so, the long-context calls of 1-16 sequences ran 1.05x faster at the
+# same split config (geomean over 54 config-cells, 0.88-1.38x; BENCHMARKS.md 5b,
 # twenty-ninth session). Cutting them only to a warp's partials lost 2-6% at 64 splits,
 # and cutting a warp's partials or fewer (8-32 splits) lost 1-2%.
 MERGE_PROGRAMS = 128
