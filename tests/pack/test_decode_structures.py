@@ -50,7 +50,9 @@ def test_every_variant_matches_the_pack_kernel(study, variant, config, monkeypat
     got.fill_(float("nan"))
     run()
     assert not want.isnan().any() and not got.isnan().any()
-    assert (got.float() - want.float()).abs().max().item() <= 4e-3  # bf16: split merges round
+    # bf16: split merges round, and the pack's kernel rounds its split partials to bf16 where
+    # the study's variants keep them in fp32: one ulp (7.8e-3 at values of 1-2) between them.
+    assert (got.float() - want.float()).abs().max().item() <= 8e-3
     assert got[2].eq(0).all()
 
 
@@ -89,7 +91,7 @@ def test_the_chunked_merge_takes_several_steps(study, monkeypatch) -> None:  # t
     run, got = study.calls(t, config, "vm", 100)
     got.fill_(float("nan"))
     run()
-    assert (got.float() - want.float()).abs().max().item() <= 4e-3 and got[2].eq(0).all()
+    assert (got.float() - want.float()).abs().max().item() <= 8e-3 and got[2].eq(0).all()  # as above
 
 
 def test_merge_chunk_is_the_largest_power_of_two_that_fits(study) -> None:  # type: ignore[no-untyped-def]

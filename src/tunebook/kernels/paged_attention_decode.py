@@ -21,9 +21,10 @@ head's slice of many (1-4% faster than sequence-first on an H200: BENCHMARKS.md,
 program walks its keys in tiles of ``BLOCK_N`` through the block table. **Split-KV
 (flash-decoding):** with ``SPLITS > 1`` a sequence's tiles are dealt into ``SPLITS``
 contiguous ranges read by as many programs, which fills the GPU when a few long sequences
-would leave most SMs idle. Each split stores its normalized partial output and log-sum-exp
-in a workspace and bumps the (sequence, KV head) arrival counter (after a block barrier,
-with an acq_rel atomic); the program that arrives last merges the splits in split order
+would leave most SMs idle. Each split stores its normalized partial output (rounded to the
+output's dtype: ``_partials``) and log-sum-exp (fp32) in a workspace and bumps the
+(sequence, KV head) arrival counter (after a block barrier, with an acq_rel atomic); the
+program that arrives last merges the splits in split order
 (``out = sum_s w_s o_s / sum_s w_s``, ``w_s = exp2(lse_s - max lse)``: the same bits
 whichever arrives last; ``_merged``), stores the output and resets the counter. Past 16
 splits the merge takes two levels: the last of every TREE_GROUP splits merges them into a
@@ -71,10 +72,10 @@ from ._gemm_common import SMEM_BYTES, Scratch, dot_mode, mma
 _OP = "paged_attention_decode"
 
 # A split config launches batch * NK * SPLITS programs; past ~15 waves on a 132-SM GPU more
-# splits only add partial outputs to merge. It also caps the workspace (fp32, G rows of
-# BLOCK_D per program, and as many again for every TREE_GROUP programs' group partial) at
-# 2304 * G * BLOCK_D * 4 bytes, which Scratch rounds up to a power of two: 8 MiB for
-# Llama-3-8B's layout.
+# splits only add partial outputs to merge. It also caps the workspace (sized for fp32, G
+# rows of BLOCK_D per program, and as many again for every TREE_GROUP programs' group
+# partial) at 2304 * G * BLOCK_D * 4 bytes, which Scratch rounds up to a power of two: 8 MiB
+# for Llama-3-8B's layout.
 MAX_SPLIT_PROGRAMS = 2048
 # Elements of a K (or V) tile each thread holds: more spills registers, fewer idles lanes.
 # Pipelined configs (num_stages > 1) may hold more: they won on the H200 at 128 a thread
@@ -464,13 +465,14 @@ def _paged_attention_decode_kernel(
         tl.store(out_rows, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         first = (seq * NK + kv_head) * SPLITS
-        part = ws_ptr + ((first + split) * G + g[:, None]) * BLOCK_D + d[None, :]
-        tl.store(part, normalized(acc, l_i), mask=g_mask[:, None])
+        parts_ptr = _partials(ws_ptr, out_ptr)
+        part = parts_ptr + ((first + split) * G + g[:, None]) * BLOCK_D + d[None, :]
+        tl.store(part, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), NO_SCORE)
         tl.store(lse_ptr + (first + split) * G + g, lse, mask=g_mask)
         if not MERGE_KERNEL:  # else _merge_kernel, launched next, merges the splits
             _merge_last(
-                ws_ptr, lse_ptr, lock_ptr, out_ptr, out_stride_b, out_stride_h, seq, kv_head, split, first,
+                parts_ptr, lse_ptr, lock_ptr, out_ptr, out_stride_b, out_stride_h, seq, kv_head, split, first,
                 batch, d, d_mask, NK, G, MERGE_G, BLOCK_D, SPLITS,
             )  # fmt: skip
 
@@ -556,6 +558,15 @@ def _attend_box(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _partials(ws_ptr, out_ptr):
+    """The workspace as the output's dtype: a split's partial output is stored rounded to it
+    (fp32 only for fp32 outputs), as vLLM's paged attention v2 and FlashInfer store theirs,
+    which halves the partials' round trip through memory; log-sum-exps stay fp32 and merges
+    add in fp32 (measured in BENCHMARKS.md 5b, thirtieth session, and docs/kernels.md)."""
+    return ws_ptr.to(tl.pointer_type(out_ptr.dtype.element_ty))
+
+
 # fmt: off
 # (the source as the shipped page was tuned with: its hash names the page)
 @triton.jit
@@ -601,7 +612,9 @@ def _merge_last(
             )
             m = tl.arange(0, MERGE_G)
             tl.store(
-                ws_ptr + (row * G + m[:, None]) * BLOCK_D + d[None, :], merged, mask=(m < G)[:, None]
+                ws_ptr + (row * G + m[:, None]) * BLOCK_D + d[None, :],
+                merged.to(ws_ptr.dtype.element_ty),
+                mask=(m < G)[:, None],
             )
             tl.store(lse_ptr + row * G + m, merged_lse, mask=m < G)
             tl.atomic_xchg(group_lock, 0)
@@ -660,7 +673,7 @@ def _merged(
         w = tl.exp2(tl.load(lse_ptr + part, mask=g3_mask, other=NO_SCORE, cache_modifier=".cg") - top)
         total += w * tl.load(
             ws_ptr + part * BLOCK_D + d[None, None, :], mask=g3_mask, other=0.0, cache_modifier=".cg"
-        )
+        ).to(tl.float32)
     lse = tl.reshape(top, [MERGE_G]) + tl.log2(tl.reshape(weight, [MERGE_G]))
     return tl.sum(total, 0) / weight, lse
 
@@ -708,7 +721,7 @@ def _merge_kernel(
         tl.extra.cuda.gdc_wait()  # the split kernel's partials, all written and visible
     lses = tl.load(lse_ptr + rows)
     weights = tl.exp2(lses - tl.max(lses, 0))
-    parts = tl.load(ws_ptr + rows[:, None] * BLOCK_D + d[None, :])
+    parts = tl.load(_partials(ws_ptr, out_ptr) + rows[:, None] * BLOCK_D + d[None, :]).to(tl.float32)
     merged = tl.sum(weights[:, None] * parts, 0) / tl.sum(weights, 0)
     out = out_ptr + seq * out_stride_b + head * out_stride_h + d
     tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
@@ -943,6 +956,9 @@ def _launch(
     # The split partials, then (past MERGE_ONE_BY_ONE splits) one group partial per TREE_GROUP.
     partials = (programs + programs // TREE_GROUP.value) * (n_q // n_kv)
     layout = (n_q // n_kv, block_d)
+    # An fp32 buffer that the kernels read as the output's dtype (``_partials``): its dtype,
+    # part of the key, and its size stay the same whatever the output's (an fp32 call after
+    # a bf16 one of the layout must not move it under a captured graph).
     ws = _workspace.get(q.device, partials * block_d, torch.float32, layout)
     lse = _lse.get(q.device, partials, torch.float32, layout)
     pairs = max(batch * n_kv, MAX_SPLIT_PROGRAMS // 2) if splits > 1 else 1
