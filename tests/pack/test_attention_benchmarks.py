@@ -89,7 +89,7 @@ def test_attention_kernels_compile_for_sm90_without_spills() -> None:
 
 PDL_CHECK = """
 import compile_check as cc
-from tunebook.kernels.paged_attention_decode import _merge_kernel
+from tunebook.kernels._decode_merge import _merge_kernel
 jit, pointers, _, consts_of = cc.kernels()["decode"]
 meta = {"BLOCK_N": 64, "SPLITS": 8, "MERGE_KERNEL": 1}
 merge_ptrs = {"ws_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}

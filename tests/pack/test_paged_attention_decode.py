@@ -13,20 +13,17 @@ import torch
 import tunebook
 from tunebook.kernels import paged_attention_decode, reshape_and_cache
 from tunebook.kernels._attention import LOG2E, NO_SCORE
+from tunebook.kernels._decode_merge import MERGE_ONE_BY_ONE, TREE_GROUP, merge_chunk, merge_warps
 from tunebook.kernels.paged_attention_decode import (
     MAX_STAGED_TILE_PER_THREAD,
     MAX_TILE_PER_THREAD,
-    MERGE_ONE_BY_ONE,
     SPACE,
-    TREE_GROUP,
     _descriptors,
     _paged_attention_decode,
     _paged_attention_decode_kernel,
     first_guess,
     hand_picked,
     max_splits,
-    merge_chunk,
-    merge_warps,
     programmatic_launch,
 )
 
@@ -277,8 +274,9 @@ from tunebook._hooks import Hooks
 from tunebook.kernels import _models
 
 module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+merges = importlib.import_module("tunebook.kernels._decode_merge")
 counts = {"measured": 0, "merged": 0, "merged_while_measuring": 0}
-merge, timed_launch = module._merge, Hooks.timed_launch
+merge, timed_launch = merges._merge, Hooks.timed_launch
 measuring = [False]
 
 def counted_merge(*args, **kwargs):
@@ -299,7 +297,7 @@ def counted_timed_launch(self, run, call, config, defaults):
             measuring[0] = False
     return measured
 
-module._merge, Hooks.timed_launch = counted_merge, counted_timed_launch
+merges._merge, Hooks.timed_launch = counted_merge, counted_timed_launch
 shape = {"n_q": 2, "n_kv": 1, "head_size": 16, "page": 16, "context": 200}
 w = _models.workload("paged_attention_decode", shape, 1, torch.float32, "cpu")
 w.run(None)
