@@ -562,23 +562,61 @@ def test_split_partials_land_in_their_own_slots(gen) -> None:  # type: ignore[no
     check(q, cache, config={"BLOCK_N": block, "SPLITS": splits, "num_warps": 4, "num_stages": 1})
     lse = module._lse.get(q.device, 0, torch.float32, (n_q // n_kv, 64))  # this layout's buffer
     assert module._counters.get(q.device, 0, torch.int32).eq(0).all()
-    group, log2_scale = n_q // n_kv, 64**-0.5 * LOG2E
+    log2_scale = 64**-0.5 * LOG2E
     no_score = torch.tensor(NO_SCORE.value, dtype=torch.float32).item()  # as the kernel stores it
-    for b, n in enumerate(lens):
-        keys, _ = cache.keys(b)
+    for (b, h, split, g), row, keys, _, scores in split_slots(cache, q, n_kv, splits, block):
+        got = float(lse[row])
+        if keys is None:
+            assert got == no_score, (b, h, split, g)  # a split without keys
+            continue
+        want = float(torch.logsumexp(scores * log2_scale / LOG2E, 0) * LOG2E)  # log2 of sum 2^s
+        assert got == pytest.approx(want, abs=1e-4), (b, h, split, g)
+
+
+def split_slots(cache, q, n_kv, splits, block):  # type: ignore[no-untyped-def]
+    """Per (sequence, KV head, split, query head) of a split call: its index, its workspace
+    row, the keys and values its split read (None for a split that read none) and q . keys."""
+    group = q.shape[1] // n_kv
+    for b, n in enumerate(cache.lens):
+        keys, values = cache.keys(b)
         tiles = -(-n // block)
         per_split = -(-tiles // splits) * block
         for h in range(n_kv):
             for split in range(splits):
                 lo, hi = split * per_split, min(n, (split + 1) * per_split)
                 for g in range(group):
-                    got = float(lse[((b * n_kv + h) * splits + split) * group + g])
+                    row = ((b * n_kv + h) * splits + split) * group + g
                     if hi <= lo:
-                        assert got == no_score, (b, h, split, g)  # a split without keys
+                        yield (b, h, split, g), row, None, None, None
                         continue
-                    scores = (keys[lo:hi, h].double() @ q[b, h * group + g].double()) * log2_scale
-                    want = float(torch.logsumexp(scores / LOG2E, 0) * LOG2E)  # log2 of sum 2^s
-                    assert got == pytest.approx(want, abs=1e-4), (b, h, split, g)
+                    k, v = keys[lo:hi, h].double(), values[lo:hi, h].double()
+                    yield (b, h, split, g), row, k, v, k @ q[b, h * group + g].double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_split_partials_are_stored_in_the_outputs_dtype(gen, dtype) -> None:  # type: ignore[no-untyped-def]
+    """Each split's normalized partial output lies in the fp32 workspace as the output's dtype
+    (``_decode_merge._partials``: half the bytes of fp32 in bf16 and fp16), one row of
+    BLOCK_D per (sequence, KV head, split, query head): read back as that dtype, every split
+    that saw keys holds its softmax-weighted mean of the values it read."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    lens, n_q, n_kv, splits, block, head = [70, 33], 4, 2, 4, 16, 64
+    cache = paged_cache(gen, lens, PAGE, n_kv, head, dtype)
+    q = randn(gen, len(lens), n_q, head).to(dtype)
+    check(
+        q,
+        cache,
+        config={"BLOCK_N": block, "SPLITS": splits, "MERGE_KERNEL": 1, "num_warps": 4, "num_stages": 1},
+    )
+    ws = module._workspace.get(q.device, 0, torch.float32, (n_q // n_kv, head)).view(dtype)
+    tolerance = 2e-2 if dtype != torch.float32 else 1e-5
+    for slot, row, keys, values, scores in split_slots(cache, q, n_kv, splits, block):
+        got = ws[row * head : (row + 1) * head].double()
+        if keys is None:
+            assert got.eq(0).all(), slot  # a split without keys
+            continue
+        want = (torch.softmax(scores * head**-0.5, 0) @ values).to(dtype).double()
+        assert torch.allclose(got, want, rtol=0, atol=tolerance), (slot, (got - want).abs().max())
 
 
 def test_the_first_guess_is_a_point_of_the_space_with_enough_programs() -> None:
