@@ -222,7 +222,7 @@ def test_descriptors_are_remembered_per_cache_pair_and_let_go_with_it() -> None:
     """A server passes the same caches at every step: their descriptors are built once. They
     hold views of the caches, so the entry goes when a cache tensor is freed (else a freed
     cache's memory would stay allocated)."""
-    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    module = importlib.import_module("tunebook.kernels._decode_tma")  # where they are remembered
     k, v = (torch.empty(4, PAGE, 2, 64, dtype=torch.float16) for _ in range(2))
     first = _descriptors(k, v)
     assert first[0] is not None and _descriptors(k, v) is first
