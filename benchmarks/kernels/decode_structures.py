@@ -237,8 +237,10 @@ def _finish(
         tl.store(out_rows, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         first = (seq * NK + kv_head) * SPLITS
+        # Partials in the output's dtype, as the pack's kernel stores them (_decode_merge._partials).
+        ws_ptr = ws_ptr.to(tl.pointer_type(out_ptr.dtype.element_ty))
         part = ws_ptr + ((first + split) * G + g[:, None]) * BLOCK_D + d[None, :]
-        tl.store(part, normalized(acc, l_i), mask=g_mask[:, None])
+        tl.store(part, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), NO_SCORE)
         tl.store(lse_ptr + (first + split) * G + g, lse, mask=g_mask)
         tl.debug_barrier()
@@ -275,7 +277,7 @@ def _merge_one(total, weight, top, lse_ptr, ws_ptr, part, g, g_mask, d, G: tl.co
     """Partial ``part`` (a row of G query heads) folded into the merge's running sums."""
     w = tl.exp2(tl.load(lse_ptr + part * G + g, mask=g_mask, other=NO_SCORE, cache_modifier=".cg") - top)
     o = tl.load(ws_ptr + (part * G + g[:, None]) * BLOCK_D + d[None, :], mask=g_mask[:, None], other=0.0,
-                cache_modifier=".cg")  # fmt: skip
+                cache_modifier=".cg").to(tl.float32)  # fmt: skip
     return total + w[:, None] * o, weight + w
 
 
@@ -300,7 +302,7 @@ def _merge_chunks(
         w = tl.exp2(tl.load(lse_ptr + rows, mask=g_mask[None, :], other=NO_SCORE, cache_modifier=".cg")
                     - top[None, :])  # fmt: skip
         o = tl.load(ws_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :], mask=g_mask[None, :, None],
-                    other=0.0, cache_modifier=".cg")  # fmt: skip
+                    other=0.0, cache_modifier=".cg").to(tl.float32)  # fmt: skip
         total += tl.sum(w[:, :, None] * o, 0)
         weight += tl.sum(w, 0)
     heads = kv_head * G + g

@@ -50,9 +50,10 @@ def test_every_variant_matches_the_pack_kernel(study, variant, config, monkeypat
     got.fill_(float("nan"))
     run()
     assert not want.isnan().any() and not got.isnan().any()
-    # bf16: split merges round, and the pack's kernel rounds its split partials to bf16 where
-    # the study's variants keep them in fp32: one ulp (7.8e-3 at values of 1-2) between them.
-    assert (got.float() - want.float()).abs().max().item() <= 8e-3
+    # bf16: split merges round, and split partials are stored in bf16 (as the pack stores
+    # them), so a variant that sums in another order may land one step (7.8e-3 at 1-2) apart.
+    tolerance = 4e-3 if config["SPLITS"] == 1 else 8e-3
+    assert (got.float() - want.float()).abs().max().item() <= tolerance
     assert got[2].eq(0).all()
 
 

@@ -195,7 +195,10 @@ def _merge_kernel(
     tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
 
 
-# Partial floats one warp of a _merge_kernel program holds (128 a thread).
+# Partial values one warp of a _merge_kernel program holds (128 a thread, widened to fp32 in
+# registers). This, MERGE_PROGRAMS and the rules below were measured with fp32 partials in
+# memory (sessions 27 and 29); bf16 partials halve the bytes each program reads, which the
+# rules have not been re-measured for.
 WARP_PARTIALS = 4096
 
 
@@ -211,7 +214,7 @@ def merge_warps(splits: int, lanes: int) -> int:
 # The merge kernel runs on about this many programs (one an SM of an H100/H200) where a pair
 # has more partials than one warp's WARP_PARTIALS: while (query head, sequence) pairs are
 # fewer, each pair's head is cut in halves, down to MERGE_CHUNK_LEAST lanes. One sequence's
-# 8-32 query heads otherwise left 8-32 programs reading 32-128 KiB of partials each at
+# 8-32 query heads otherwise left 8-32 programs reading 32-128 KiB of fp32 partials each at
 # 64-256 splits; cut so, the long-context calls of 1-16 sequences ran 1.05x faster at the
 # same split config (geomean over 54 config-cells, 0.88-1.38x; BENCHMARKS.md 5b,
 # twenty-ninth session). Cutting them only to a warp's partials lost 2-6% at 64 splits,
