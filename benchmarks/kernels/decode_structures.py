@@ -58,6 +58,7 @@ import triton.language as tl
 
 from tunebook.kernels import _models
 from tunebook.kernels._attention import NO_SCORE, normalized
+from tunebook.kernels._decode_merge import _partials
 from tunebook.kernels._gemm_common import mma
 
 pad = importlib.import_module("tunebook.kernels.paged_attention_decode")
@@ -237,8 +238,7 @@ def _finish(
         tl.store(out_rows, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         first = (seq * NK + kv_head) * SPLITS
-        # Partials in the output's dtype, as the pack's kernel stores them (_decode_merge._partials).
-        ws_ptr = ws_ptr.to(tl.pointer_type(out_ptr.dtype.element_ty))
+        ws_ptr = _partials(ws_ptr, out_ptr)  # partials in the output's dtype, as the pack stores them
         part = ws_ptr + ((first + split) * G + g[:, None]) * BLOCK_D + d[None, :]
         tl.store(part, normalized(acc, l_i).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), NO_SCORE)

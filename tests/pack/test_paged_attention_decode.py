@@ -635,13 +635,14 @@ def test_split_partials_are_stored_in_the_outputs_dtype(gen, dtype, merge_kernel
             (got - want).abs().max(),
         )
 
+    grouped = splits > MERGE_ONE_BY_ONE.value and not merge_kernel  # group partials written
     groups: dict[tuple[int, int, int, int], list] = {}
-    for slot, row, keys, values, scores in split_slots(cache, q, n_kv, splits, block):
+    for slot, row, _, values, scores in split_slots(cache, q, n_kv, splits, block):
         holds(row, scores, values, 1, slot)
         b, h, split, g = slot
-        if splits > MERGE_ONE_BY_ONE.value and not merge_kernel and keys is not None:
+        if grouped and scores is not None:
             groups.setdefault((b, h, split // TREE_GROUP.value, g), []).append((scores, values))
-    if splits > MERGE_ONE_BY_ONE.value and not merge_kernel:
+    if grouped:
         per_pair = splits // TREE_GROUP.value
         assert groups, "no group partial was checked"
         for (b, h, group, g), parts in groups.items():
