@@ -654,7 +654,7 @@ def test_split_partials_are_stored_in_the_outputs_dtype(gen, dtype, merge_kernel
 def test_the_first_guess_is_a_point_of_the_space_with_enough_programs() -> None:
     """Measured first by every search, it must be a candidate as is where its steps pipeline:
     splits until ~128 programs run (16 sequences of 8 KV heads need none; one needs 16)."""
-    for batch, context, splits in [(16, 512, 1), (64, 512, 1), (1, 512, 4), (4, 8192, 4), (1, 32768, 16)]:
+    for batch, context, splits in [(16, 512, 1), (64, 512, 1), (1, 8192, 16), (4, 8192, 4), (1, 32768, 16)]:
         call = llama_3_8b(batch=batch, max_context_len=context)
         guess = first_guess(call)
         assert guess["SPLITS"] == splits, (batch, context, guess)
@@ -678,6 +678,55 @@ def test_on_a_tma_gpu_the_first_guess_is_a_tma_point_of_the_space(monkeypatch) -
     assert first_guess({**llama_3_8b(batch=16, max_context_len=512), "PAGE": 8})["TMA"] == 0
 
 
+def test_short_calls_of_128_wide_heads_get_tiles_spanning_a_splits_keys(monkeypatch) -> None:
+    """Under 1,024 tokens and SHORT_WORK (sequences x KV heads x tokens), with or without a
+    TMA unit: one 2-D tile a split, at most 8 splits while the programs stay within 32 (below
+    256 tokens) or 256, a warp per 64 elements of a thread's share; a point of the Space.
+    More work, or another head size, keeps the rules for longer calls."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    expected = [  # (batch, context): (BLOCK_N, SPLITS, num_warps), on Llama-3-8B's 8 KV heads
+        ((1, 128), (32, 4, 2)),  # 8 programs: splits until 32 run
+        ((4, 128), (128, 1, 8)),  # 32 programs already
+        ((1, 512), (64, 8, 4)),  # each split keeps 64 keys
+        ((4, 512), (64, 8, 4)),  # 256 programs: 16,384 tokens of work, the most
+    ]
+    for tma in (False, True):
+        monkeypatch.setattr(module, "_tma_here", lambda tma=tma: tma)
+        for (batch, context), (block_n, splits, warps) in expected:
+            call = llama_3_8b(batch=batch, max_context_len=context)
+            guess = first_guess(call)
+            want = {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": block_n, "SPLITS": splits, "SLICES": 1}
+            want.update(num_warps=warps, num_stages=1, TMA=0)
+            assert guess == want, (tma, batch, context)
+            assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context)
+        for call in (
+            llama_3_8b(batch=16, max_context_len=512),  # 65,536 tokens of work
+            llama_3_8b(batch=1, max_context_len=2048),  # 1,024 tokens or more
+            {**llama_3_8b(batch=1, max_context_len=128), "HEAD_SIZE": 64},
+        ):
+            assert first_guess(call)["num_stages"] == 3, call  # the TMA or warp-slice rule
+
+
+def test_serve_mode_runs_the_spanning_tiles_guess(gen) -> None:  # type: ignore[no-untyped-def]
+    """Served without a book, a short call of a 128-wide head runs the first guess above: one
+    sequence of 100 tokens on one KV head (bucket 128) in 8 splits of 16 keys, one warp each,
+    merged by the merge kernel, and matches SDPA."""
+    cache = paged_cache(gen, [100], PAGE, 1, 128, torch.bfloat16)
+    q = randn(gen, 1, 4, 128, dtype=torch.bfloat16)
+    out = poisoned(q.shape, q.dtype)
+    lens = torch.tensor(cache.lens)
+    paged_attention_decode(
+        q, cache.k_cache, cache.v_cache, cache.block_table, lens, max_context_len=100, out=out
+    )
+    assert_close(out, reference(q, cache))
+    cfg = _paged_attention_decode_kernel.best_config
+    launched = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 100, "HEAD_SIZE": 128})
+    assert (guess["BLOCK_N"], guess["SPLITS"], guess["num_warps"], guess["TMA"]) == (16, 8, 1, 0)
+    assert launched == guess
+    assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 1
+
+
 def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # type: ignore[no-untyped-def]
     """Served without a book: the op's first guess, whose splits the merge kernel merges;
     the op launches it after the tuned kernel on the first call and on the hit after it."""
@@ -698,7 +747,7 @@ def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # ty
     cfg = _paged_attention_decode_kernel.best_config
     # one sequence of one KV head: splits until each keeps two 64-key steps of the bucket
     # (512), merged by the merge kernel
-    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 300})
+    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 300, "HEAD_SIZE": 64})
     assert guess == {
         "MERGE_KERNEL": 1,
         "BLOCK_N": 16,

@@ -217,6 +217,15 @@ def _tma_here() -> bool:
     return not _compat.interpreting() and torch.cuda.is_available() and _has_tma(torch.cuda.current_device())
 
 
+# Calls shorter than 1,024 tokens with at most this much work (sequences x KV heads x
+# tokens) have too few programs, each reading too few blocks, for the rules below: a TMA
+# program would wait on one block after another, and warp slices hold 4 softmax states for
+# a few dozen keys. Such calls of 128-wide heads get 2-D tiles that span a split's keys
+# (``_spanning_tiles``). Other head sizes keep the rules below: no GPU run has timed these
+# tiles against them there (on the H200 page, 64-wide heads chose no split below 256 tokens).
+SHORT_WORK = 16 * 1024
+
+
 def first_guess(key: dict[str, Any]) -> dict[str, int]:
     """The op's own first guess, measured first in every search and served where the book
     remembers nothing comparable: four softmax states, one a warp, of 16 keys each, 3 stages.
@@ -229,8 +238,14 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
     box (``TMA=1``), one warp, 3 stages, splits merged by the merge kernel until about
     TMA_RULE_PROGRAMS programs run, each split keeping 4 blocks at least: the best of a
     prototype's sweep on the H200 at 16-256 sequences of 512-32k tokens (BENCHMARKS.md 5b,
-    twenty-seventh session)."""
+    twenty-seventh session).
+
+    Calls of 128-wide heads, less than 1,024 tokens and at most SHORT_WORK work, on any GPU:
+    ``_spanning_tiles``. On an H200 the TMA guess took 1.08-1.56x the shipped page's
+    config's time there, and these tiles 0.99-1.10x (BENCHMARKS.md 5b, thirty-first session)."""
     programs, context = key["batch"] * key["NK"], a.context_of(key["max_context_len"])
+    if key["HEAD_SIZE"] == 128 and context < 1024 and programs * context <= SHORT_WORK:
+        return _spanning_tiles(programs, context, key["HEAD_SIZE"])
     page = key["PAGE"] if _tma_here() else 0
     if 16 <= page <= 256 and page & (page - 1) == 0 and a.dot_floor(key["HEAD_SIZE"]) == key["HEAD_SIZE"]:
         splits = 1
@@ -243,6 +258,22 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
     while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:
         splits *= 2
     return _sixteen_key_tiles(splits, slices=4)
+
+
+def _spanning_tiles(programs: int, context: int, head_size: int) -> dict[str, int]:
+    """One 2-D tile a split, of the split's keys (16-128), without TMA, one stage; at most 8
+    splits, merged by the merge kernel, while the programs stay within 32 and each split keeps
+    16 keys (below 256 tokens) or within 256 and 64 keys (256 tokens or more); a warp for
+    every 64 elements of a thread's share of the [keys, head] tile, at most 8. The shape the
+    H200 page chose for most of these calls."""
+    most_programs, least_keys = (32, 16) if context < 256 else (256, 64)
+    splits = 1
+    while programs * splits * 2 <= most_programs and splits < 8 and context // (splits * 2) >= least_keys:
+        splits *= 2
+    block_n = max(16, min(128, context // splits))
+    warps = max(1, min(8, block_n * a.dot_floor(head_size) // (32 * 64)))
+    return {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": block_n, "SPLITS": splits, "SLICES": 1,
+            "num_warps": warps, "num_stages": 1, "TMA": 0}  # fmt: skip
 
 
 @c.autotune(
