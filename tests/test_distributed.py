@@ -396,6 +396,7 @@ def test_one_search_for_the_group_each_rank_measures_about_half_of_a_lone_search
     lone: list[int] = []
     alone = tune_key(_jobs(ids, records, ms, lone, hints=[hint])(None))
     assert 10 < alone.measured < len(ids) / 2  # the lone search stopped at the local optimum
+    assert alone.stopped == "converged"
 
     calls: dict[int, list[int]] = {0: [], 1: []}
     jobs = {r: _jobs(ids, records, lambda i, r=r: ms(i, r), calls[r], hints=[hint]) for r in (0, 1)}

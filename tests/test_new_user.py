@@ -23,10 +23,38 @@ def test_print_autotuning_under_a_budget_says_what_nobody_measured(monkeypatch, 
     torch.testing.assert_close(out, x + y)
     printed = capsys.readouterr().out
     assert (
-        "6 of 66 configs benchmarked now, 0 remembered in the book, 60 not measured (search budget)"
-        in printed
+        "6 of 66 configs benchmarked now, 0 remembered in the book, 60 not measured "
+        "(the budget of 6 configs)" in printed
     )
     assert "the rest remembered" not in printed
+
+
+def test_print_autotuning_says_when_a_search_converged_short_of_its_budget(monkeypatch, capsys):
+    """A neighbour search stops where nothing untried is near its best: fewer configs than
+    the budget allows, and the line says why rather than blaming the budget."""
+    monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
+    monkeypatch.setenv("TUNEBOOK_PROGRESS", "1")
+    blocks = [16 << i for i in range(9)]
+    replay = Replay({block: 1.0 + abs(i - 1) for i, block in enumerate(blocks)})  # best: BLOCK=32
+    kernel = tunebook.autotune(
+        tunebook.Space(BLOCK=blocks),
+        key=["n"],
+        strategy="neighbors",
+        max_configs=8,
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+    )(add_kernel)
+    x, y, out = vectors(200)
+    kernel[grid_1d(200)](x, y, out, 200)
+    torch.testing.assert_close(out, x + y)
+    printed, progress = capsys.readouterr()
+    assert "done (the search converged: no untried config near the best)" in progress.splitlines()[-1]
+    measured = len(replay.measured)
+    assert measured < 8 and "BLOCK: 32," in printed
+    assert (
+        f"{measured} of 9 configs benchmarked now, 0 remembered in the book, {9 - measured} not "
+        "measured (the search converged: no untried config near the best)" in printed
+    )
 
 
 def test_a_book_warning_points_at_the_users_line_not_at_tunebook(book_dir):

@@ -50,8 +50,9 @@ class Progress:
         sys.stderr.write(text + end)
         sys.stderr.flush()
 
-    def close(self, done: int, total: int, best_ms: float) -> None:
-        text = self.line(done, total, best_ms, "done")
+    def close(self, done: int, total: int, best_ms: float, why: str = "") -> None:
+        """The last line: ``why`` says why the search ended (``_tuner.why_stopped``)."""
+        text = self.line(done, total, best_ms, f"done ({why})" if why else "done")
         log.info("%s", text)
         if self._shown or (self._always and self._enabled):
             sys.stderr.write(text + "\n")

@@ -164,6 +164,27 @@ class Outcome:
     measured: int  # configs timed in this call
     failures: int
     seconds: float
+    # Why the search ended (SearchResult.stopped); "" where another process searched.
+    stopped: str = ""
+
+
+def why_stopped(stopped: str, budget: Budget) -> str:
+    """A search's end in words, for the lines a user reads (progress, TRITON_PRINT_AUTOTUNING).
+
+    >>> why_stopped("converged", Budget(max_configs=24))
+    'the search converged: no untried config near the best'
+    >>> why_stopped("max_configs", Budget(max_configs=24)), why_stopped("", Budget())
+    ('the budget of 24 configs', 'search budget')
+    """
+    if stopped == "converged":
+        return "the search converged: no untried config near the best"
+    if stopped == "max_configs" and budget.max_configs is not None:
+        return f"the budget of {budget.max_configs} configs"
+    if stopped == "max_seconds" and budget.max_seconds is not None:
+        return f"the time budget of {budget.max_seconds:g} s"
+    if stopped == "exhausted":
+        return "every config measured"
+    return "search budget"
 
 
 class Timing:
@@ -286,7 +307,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     started_over = job.known.chosen if job.known is not None else ""
     hints = keeping(started_over, job.ids, with_rule(job.hints, job.rule))
     # An exhaustive search is one batch: every candidate compiles in parallel up front.
-    search(
+    found = search(
         [_flat(r) for r in job.records],
         measure,
         strategy=name,
@@ -330,8 +351,8 @@ def tune_key(job: KeyTuning) -> Outcome:
         entry = job.persist({}, chosen or "", seconds)
     if job.progress is not None:
         final = min((r.median for r in results.values()), default=math.inf)
-        job.progress.close(len(results), n, final)
-    return Outcome(entry, timing.measured, timing.failures, seconds)
+        job.progress.close(len(results), n, final, why_stopped(found.stopped, job.budget))
+    return Outcome(entry, timing.measured, timing.failures, seconds, found.stopped)
 
 
 @contextlib.contextmanager
