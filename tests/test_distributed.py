@@ -404,6 +404,8 @@ def test_one_search_for_the_group_each_rank_measures_about_half_of_a_lone_search
     chosen = {o.entry.best(ids) for o in outcomes.values()}
     assert len(chosen) == 1 and chosen <= {"a5-b2-c3", "a5-b2-c4"}  # one choice, among the tied pair
     assert not set(calls[0]) & set(calls[1])  # every config measured by one rank
+    # the leader (rank 0, first to arrive) searched; the follower says no reason of its own
+    assert (outcomes[0].stopped, outcomes[1].stopped, outcomes[1].why) == ("converged", "", "")
     assert [outcomes[r].measured for r in (0, 1)] == [len(calls[0]), len(calls[1])]
     total = len(calls[0]) + len(calls[1])
     assert total == len(lone), (total, len(lone))  # the lone search's path, split

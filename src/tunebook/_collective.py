@@ -130,6 +130,7 @@ def tune_together(
         store.set(ns + f"known/{arrival}", json.dumps(_entry_json(known)))
     store.set(ns + f"rank/{arrival}", str(team.rank))  # who arrived i-th: the leader deals by rank
     measured = failures = 0
+    searched: Outcome | None = None  # this rank's own search of the key, if it ran one
     if arrival == 1:
         lead: Lead | None = None
         closed = False
@@ -157,7 +158,7 @@ def tune_together(
                 # this rank's book write, which they need not wait for.
                 lead.end()
         decided = _keep(page, key_text, entry, published)
-        measured, failures = outcome.measured, outcome.failures
+        measured, failures, searched = outcome.measured, outcome.failures, outcome
     else:
         came = _participants(store, ns)
         if came is not None and arrival <= came:
@@ -168,7 +169,7 @@ def tune_together(
             waited = _wait_for_decision(store, ns, key)
         if waited is None:  # no decision in time: tune alone, and let the first decision stand
             current = _current(page, key_text)
-            alone = _tune(jobs(None, current))
+            alone = searched = _tune(jobs(None, current))
             measured += alone.measured
             failures += alone.failures
             entry = _decided_entry(key, alone.entry, ids, start, current)
@@ -176,20 +177,28 @@ def tune_together(
         else:
             _remember(page, key_text, waited, ids[0] if ids else "")
             decided = waited.entry
-    return _launched(key, ids, decided, measured, failures, start)
+    return _launched(key, ids, decided, measured, failures, start, searched)
 
 
 def _launched(
-    key: Sequence[Any], ids: Sequence[str], decided: Entry, measured: int, failures: int, start: float
+    key: Sequence[Any],
+    ids: Sequence[str],
+    decided: Entry,
+    measured: int,
+    failures: int,
+    start: float,
+    searched: Outcome | None = None,
 ) -> Outcome:
     """The outcome every rank launches: the published decision (never this rank's own merge
-    of it, which an older entry in its book could turn)."""
+    of it, which an older entry in its book could turn), with why ``searched``, this rank's
+    search of the key, ended."""
     if decided.best(ids) is None:
         raise TuningFailed(
             f"tunebook: no config ran for key {list(key)} on any rank of the group; `tunebook show` lists "
             "each config's reason"
         )
-    return Outcome(decided, measured, failures, time.perf_counter() - start)
+    why = (searched.stopped, searched.why) if searched is not None else ("", "")
+    return Outcome(decided, measured, failures, time.perf_counter() - start, *why)
 
 
 def _current(page: Page, key_text: str) -> Entry | None:

@@ -35,7 +35,7 @@ from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
 from ._progress import Progress
 from ._space import platform_allows
-from ._tuner import Exchange, KeyTuning, Outcome, Persist, inputs_restored, tune_key, why_stopped
+from ._tuner import Exchange, KeyTuning, Outcome, Persist, inputs_restored, tune_key
 
 if TYPE_CHECKING:
     from ._autotuner import Autotuner
@@ -53,7 +53,7 @@ class Resolution:
     entry: Entry | None
     benchmarked: int = 0
     seconds: float = 0.0
-    stopped: str = ""  # why its search ended (Outcome.stopped), where it was tuned here
+    why: str = ""  # why its search ended, in words (Outcome.why), where this process searched
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     _stats.add("tuning_seconds", outcome.seconds)
     _stats.add("failures", outcome.failures)
     cid = outcome.entry.best(miss.ids)
-    return Resolution(cid, "tuned", outcome.entry, outcome.measured, outcome.seconds, outcome.stopped)
+    return Resolution(cid, "tuned", outcome.entry, outcome.measured, outcome.seconds, outcome.why)
 
 
 @dataclass(frozen=True)
@@ -522,11 +522,10 @@ def announce(
     measured = sum(1 for cid in ids if cid in results)
     known = max(0, measured - resolution.benchmarked)
     unmeasured = max(0, total - measured)
-    budget = _policy.effective_budget(tuner.options.budget, total)
+    why = f" ({resolution.why})" if resolution.why else ""
     print(
         f"Triton autotuning for function {tuner.label},\nwith key as {key},\n"
         f"finished after {resolution.seconds:.2f}s,\nbest config selected: {config};\n"
         f"tunebook: {resolution.benchmarked} of {total} configs benchmarked now, "
-        f"{known} remembered in the book"
-        + (f", {unmeasured} not measured ({why_stopped(resolution.stopped, budget)})" if unmeasured else "")
+        f"{known} remembered in the book" + (f", {unmeasured} not measured{why}" if unmeasured else "")
     )

@@ -164,8 +164,10 @@ class Outcome:
     measured: int  # configs timed in this call
     failures: int
     seconds: float
-    # Why the search ended (SearchResult.stopped); "" where another process searched.
+    # Why the search ended: SearchResult.stopped, and in words for the lines a user reads
+    # (why_stopped); both "" where another process or rank searched.
     stopped: str = ""
+    why: str = ""
 
 
 def why_stopped(stopped: str, budget: Budget) -> str:
@@ -173,8 +175,8 @@ def why_stopped(stopped: str, budget: Budget) -> str:
 
     >>> why_stopped("converged", Budget(max_configs=24))
     'the search converged: no untried config near the best'
-    >>> why_stopped("max_configs", Budget(max_configs=24)), why_stopped("", Budget())
-    ('the budget of 24 configs', 'search budget')
+    >>> why_stopped("max_configs", Budget(max_configs=24)), why_stopped("max_seconds", Budget(max_seconds=5))
+    ('the budget of 24 configs', 'the time budget of 5 s')
     """
     if stopped == "converged":
         return "the search converged: no untried config near the best"
@@ -182,9 +184,7 @@ def why_stopped(stopped: str, budget: Budget) -> str:
         return f"the budget of {budget.max_configs} configs"
     if stopped == "max_seconds" and budget.max_seconds is not None:
         return f"the time budget of {budget.max_seconds:g} s"
-    if stopped == "exhausted":
-        return "every config measured"
-    return "search budget"
+    return "every config measured"
 
 
 class Timing:
@@ -349,10 +349,11 @@ def tune_key(job: KeyTuning) -> Outcome:
     seconds = time.perf_counter() - start
     if entry is None or chosen or timing.measured:
         entry = job.persist({}, chosen or "", seconds)
+    why = why_stopped(found.stopped, job.budget)
     if job.progress is not None:
         final = min((r.median for r in results.values()), default=math.inf)
-        job.progress.close(len(results), n, final, why_stopped(found.stopped, job.budget))
-    return Outcome(entry, timing.measured, timing.failures, seconds, found.stopped)
+        job.progress.close(len(results), n, final, why)
+    return Outcome(entry, timing.measured, timing.failures, seconds, found.stopped, why)
 
 
 @contextlib.contextmanager

@@ -679,10 +679,11 @@ def test_on_a_tma_gpu_the_first_guess_is_a_tma_point_of_the_space(monkeypatch) -
 
 
 def test_short_calls_of_128_wide_heads_get_tiles_spanning_a_splits_keys(monkeypatch) -> None:
-    """Under 1,024 tokens and SHORT_WORK (sequences x KV heads x tokens), with or without a
-    TMA unit: one 2-D tile a split, at most 8 splits while the programs stay within 32 (below
-    256 tokens) or 256, a warp per 64 elements of a thread's share; a point of the Space.
-    More work, or another head size, keeps the rules for longer calls."""
+    """At most 512 tokens (as bucketed) and SHORT_WORK (sequences x KV heads x tokens, as
+    bucketed), with or without a TMA unit: one 2-D tile a split, at most 8 splits while the
+    programs stay within 32 (below 256 tokens) or 256, enough warps for 64 elements a thread;
+    a point of the Space. More work, a longer context or another head size keeps the rules
+    for longer calls."""
     module = importlib.import_module("tunebook.kernels.paged_attention_decode")
     expected = [  # (batch, context): (BLOCK_N, SPLITS, num_warps), on Llama-3-8B's 8 KV heads
         ((1, 128), (32, 4, 2)),  # 8 programs: splits until 32 run
@@ -701,7 +702,8 @@ def test_short_calls_of_128_wide_heads_get_tiles_spanning_a_splits_keys(monkeypa
             assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context)
         for call in (
             llama_3_8b(batch=16, max_context_len=512),  # 65,536 tokens of work
-            llama_3_8b(batch=1, max_context_len=2048),  # 1,024 tokens or more
+            llama_3_8b(batch=8, max_context_len=512),  # 32,768: just past SHORT_WORK
+            llama_3_8b(batch=1, max_context_len=600),  # bucketed to 1,024 tokens
             {**llama_3_8b(batch=1, max_context_len=128), "HEAD_SIZE": 64},
         ):
             assert first_guess(call)["num_stages"] == 3, call  # the TMA or warp-slice rule

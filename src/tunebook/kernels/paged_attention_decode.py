@@ -217,34 +217,46 @@ def _tma_here() -> bool:
     return not _compat.interpreting() and torch.cuda.is_available() and _has_tma(torch.cuda.current_device())
 
 
-# Calls shorter than 1,024 tokens with at most this much work (sequences x KV heads x
-# tokens) have too few programs, each reading too few blocks, for the rules below: a TMA
+# Short calls: contexts of at most SHORT_CONTEXT tokens (as bucketed: 513-1,023 tokens count
+# as 1,024) and at most SHORT_WORK work (bucketed batch x KV heads x bucketed context) have
+# too few programs, each reading too few blocks, for the rules for longer calls: a TMA
 # program would wait on one block after another, and warp slices hold 4 softmax states for
 # a few dozen keys. Such calls of 128-wide heads get 2-D tiles that span a split's keys
-# (``_spanning_tiles``). Other head sizes keep the rules below: no GPU run has timed these
-# tiles against them there (on the H200 page, 64-wide heads chose no split below 256 tokens).
+# (``_spanning_tiles``). Other head sizes keep the rules for longer calls: no GPU run has
+# timed these tiles against them there (on the H200 page, 64-wide heads chose no split below
+# 256 tokens, where these tiles would split).
+SHORT_CONTEXT = 512
 SHORT_WORK = 16 * 1024
+# _spanning_tiles: below SPANNING_FEW_KEYS tokens, splits of 16 keys while at most 32
+# programs run; from it, splits of 64 keys while at most 256 run; never more than 8 splits.
+# The H200 page's choices for these calls: 8 splits of 16 keys for one to four sequences of
+# 128 tokens, 8 of 64 for one to four of 512, one split where more sequences fill the GPU.
+SPANNING_FEW_KEYS = 256
+SPANNING_SPLITS = ((32, 16), (256, 64))  # (most programs, least keys a split) below / from it
+SPANNING_MOST_SPLITS = 8
 
 
 def first_guess(key: dict[str, Any]) -> dict[str, int]:
     """The op's own first guess, measured first in every search and served where the book
-    remembers nothing comparable: four softmax states, one a warp, of 16 keys each, 3 stages.
-    On an H200 it ran at 0.79 of SDPA where the 2-D configs timed beside it reached 0.68-0.69
-    (Llama-3 layouts, 16-64 sequences of 512 tokens), and lost at Qwen2.5-7B's 28/4
-    (BENCHMARKS.md 5b, twentieth session): a guess the search measures, not a winner. Splits
-    until about RULE_PROGRAMS programs run, while each split keeps two steps of keys to pipeline.
+    remembers nothing comparable: a guess the search measures, not a winner. One of three
+    rules, the first that applies:
 
-    On a GPU with a TMA unit, where the layout allows it: one cache block a step loaded as a
-    box (``TMA=1``), one warp, 3 stages, splits merged by the merge kernel until about
-    TMA_RULE_PROGRAMS programs run, each split keeping 4 blocks at least: the best of a
-    prototype's sweep on the H200 at 16-256 sequences of 512-32k tokens (BENCHMARKS.md 5b,
-    twenty-seventh session).
-
-    Calls of 128-wide heads, less than 1,024 tokens and at most SHORT_WORK work, on any GPU:
-    ``_spanning_tiles``. On an H200 the TMA guess took 1.08-1.56x the shipped page's
-    config's time there, and these tiles 0.99-1.10x (BENCHMARKS.md 5b, thirty-first session)."""
+    * A short call of a 128-wide head (at most SHORT_CONTEXT tokens and SHORT_WORK work):
+      ``_spanning_tiles``. On an H200, over 19 such calls, the TMA rule below took 1.08-1.56x
+      the shipped page's config's time and these tiles 0.99-1.10x (BENCHMARKS.md 5b,
+      thirty-first session). It applies on every GPU; only the H200 has timed it.
+    * On a GPU with a TMA unit, where the layout allows it: one cache block a step loaded as
+      a box (``TMA=1``), one warp, 3 stages, splits merged by the merge kernel until about
+      TMA_RULE_PROGRAMS programs run, each split keeping 4 blocks at least: the best of a
+      prototype's sweep on the H200 at 16-256 sequences of 512-32k tokens (BENCHMARKS.md 5b,
+      twenty-seventh session).
+    * Otherwise four softmax states, one a warp, of 16 keys each, 3 stages, splits until
+      about RULE_PROGRAMS programs run while each split keeps two steps of keys to pipeline.
+      On an H200 it ran at 0.79 of SDPA where the 2-D configs timed beside it reached
+      0.68-0.69 (Llama-3 layouts, 16-64 sequences of 512 tokens), and lost at Qwen2.5-7B's
+      28/4 (BENCHMARKS.md 5b, twentieth session)."""
     programs, context = key["batch"] * key["NK"], a.context_of(key["max_context_len"])
-    if key["HEAD_SIZE"] == 128 and context < 1024 and programs * context <= SHORT_WORK:
+    if key["HEAD_SIZE"] == 128 and context <= SHORT_CONTEXT and programs * context <= SHORT_WORK:
         return _spanning_tiles(programs, context, key["HEAD_SIZE"])
     page = key["PAGE"] if _tma_here() else 0
     if 16 <= page <= 256 and page & (page - 1) == 0 and a.dot_floor(key["HEAD_SIZE"]) == key["HEAD_SIZE"]:
@@ -261,17 +273,19 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
 
 
 def _spanning_tiles(programs: int, context: int, head_size: int) -> dict[str, int]:
-    """One 2-D tile a split, of the split's keys (16-128), without TMA, one stage; at most 8
-    splits, merged by the merge kernel, while the programs stay within 32 and each split keeps
-    16 keys (below 256 tokens) or within 256 and 64 keys (256 tokens or more); a warp for
-    every 64 elements of a thread's share of the [keys, head] tile, at most 8. The shape the
-    H200 page chose for most of these calls."""
-    most_programs, least_keys = (32, 16) if context < 256 else (256, 64)
+    """One 2-D tile a split, of the split's keys (16-128), without TMA, one stage; splits
+    merged by the merge kernel, as many as SPANNING_SPLITS allows; enough warps (up to 8)
+    that each thread holds at most MAX_TILE_PER_THREAD elements of the [keys, head] tile."""
+    most_programs, least_keys = SPANNING_SPLITS[context >= SPANNING_FEW_KEYS]
     splits = 1
-    while programs * splits * 2 <= most_programs and splits < 8 and context // (splits * 2) >= least_keys:
+    while (
+        programs * splits * 2 <= most_programs
+        and splits < SPANNING_MOST_SPLITS
+        and context // (splits * 2) >= least_keys
+    ):
         splits *= 2
     block_n = max(16, min(128, context // splits))
-    warps = max(1, min(8, block_n * a.dot_floor(head_size) // (32 * 64)))
+    warps = max(1, min(8, block_n * a.dot_floor(head_size) // (32 * MAX_TILE_PER_THREAD)))
     return {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": block_n, "SPLITS": splits, "SLICES": 1,
             "num_warps": warps, "num_stages": 1, "TMA": 0}  # fmt: skip
 
