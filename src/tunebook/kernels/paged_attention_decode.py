@@ -190,20 +190,16 @@ def hand_picked(key: dict[str, Any]) -> dict[str, int]:
     otherwise, merged by a kernel of their own (its ``reduce_segments``), Triton's default 4
     warps and 3 stages."""
     splits = 16 if key["batch"] * key["NK"] <= 128 else 1
-    return _sixteen_key_tiles(splits, slices=1)
+    return _point(16, splits, 4, 3)
 
 
-def _sixteen_key_tiles(splits: int, slices: int) -> dict[str, int]:
-    """16-key tiles on 4 warps and 3 stages, the splits (if any) merged by the merge kernel."""
-    return {
-        "MERGE_KERNEL": int(splits > 1),
-        "BLOCK_N": 16,
-        "SPLITS": splits,
-        "SLICES": slices,
-        "num_warps": 4,
-        "num_stages": 3,
-        "TMA": 0,
-    }
+def _point(
+    block_n: int, splits: int, warps: int, stages: int, *, slices: int = 1, tma: int = 0
+) -> dict[str, int]:
+    """A point of SPACE as the launch rules below name it, its splits (if any) merged by the
+    merge kernel."""
+    return {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": block_n, "SPLITS": splits, "SLICES": slices,
+            "num_warps": warps, "num_stages": stages, "TMA": tma}  # fmt: skip
 
 
 # Programs a launch wants at least before more splits pay (about one an SM of an H100/H200).
@@ -263,13 +259,12 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
         splits = 1
         while programs * splits < TMA_RULE_PROGRAMS and context >= 8 * page * splits and splits < SPLITS[-1]:
             splits *= 2
-        return {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": page, "SPLITS": splits, "SLICES": 1,
-                "num_warps": 1, "num_stages": 3, "TMA": 1}  # fmt: skip
+        return _point(page, splits, 1, 3, tma=1)
     step = 4 * 16
     splits = 1
     while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:
         splits *= 2
-    return _sixteen_key_tiles(splits, slices=4)
+    return _point(16, splits, 4, 3, slices=4)
 
 
 def _spanning_tiles(programs: int, context: int, head_size: int) -> dict[str, int]:
@@ -286,8 +281,7 @@ def _spanning_tiles(programs: int, context: int, head_size: int) -> dict[str, in
         splits *= 2
     block_n = max(16, min(128, context // splits))
     warps = max(1, min(8, block_n * a.dot_floor(head_size) // (32 * MAX_TILE_PER_THREAD)))
-    return {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": block_n, "SPLITS": splits, "SLICES": 1,
-            "num_warps": warps, "num_stages": 1, "TMA": 0}  # fmt: skip
+    return _point(block_n, splits, warps, 1)
 
 
 @c.autotune(
