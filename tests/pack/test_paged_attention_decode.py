@@ -678,23 +678,27 @@ def test_on_a_tma_gpu_the_first_guess_is_a_tma_point_of_the_space(monkeypatch) -
     assert first_guess({**llama_3_8b(batch=16, max_context_len=512), "PAGE": 8})["TMA"] == 0
 
 
-def test_short_calls_of_128_wide_heads_get_tiles_spanning_a_splits_keys(monkeypatch) -> None:
+def test_short_calls_of_64_and_128_wide_heads_get_tiles_spanning_a_splits_keys(monkeypatch) -> None:
     """At most 512 tokens (as bucketed) and SHORT_WORK (sequences x KV heads x tokens, as
     bucketed), with or without a TMA unit: one 2-D tile a split, at most 8 splits while the
-    programs stay within 32 (below 256 tokens) or 256, enough warps for 64 elements a thread;
-    a point of the Space. More work, a longer context or another head size keeps the rules
-    for longer calls."""
+    programs stay within 32 (heads of 128) or none (heads of 64) below 256 tokens and within
+    256 from it, enough warps for 64 elements a thread; a point of the Space. More work, a
+    longer context or another head size keeps the rules for longer calls."""
     module = importlib.import_module("tunebook.kernels.paged_attention_decode")
-    expected = [  # (batch, context): (BLOCK_N, SPLITS, num_warps), on Llama-3-8B's 8 KV heads
-        ((1, 128), (32, 4, 2)),  # 8 programs: splits until 32 run
-        ((4, 128), (128, 1, 8)),  # 32 programs already
-        ((1, 512), (64, 8, 4)),  # each split keeps 64 keys
-        ((4, 512), (64, 8, 4)),  # 256 programs: 16,384 tokens of work, the most
+    expected = [  # (batch, context, head): (BLOCK_N, SPLITS, num_warps), on 8 KV heads
+        ((1, 128, 128), (32, 4, 2)),  # 8 programs: splits until 32 run
+        ((4, 128, 128), (128, 1, 8)),  # 32 programs already
+        ((1, 512, 128), (64, 8, 4)),  # each split keeps 64 keys
+        ((4, 512, 128), (64, 8, 4)),  # 256 programs: 16,384 tokens of work, the most
+        ((1, 128, 64), (128, 1, 4)),  # 64-wide heads: no split below 256 tokens
+        ((1, 64, 64), (64, 1, 2)),
+        ((1, 256, 64), (64, 4, 2)),  # from 256 tokens, as heads of 128: splits of 64 keys
+        ((4, 512, 64), (64, 8, 2)),  # 32 programs: 8 splits, 256 programs
     ]
     for tma in (False, True):
         monkeypatch.setattr(module, "_tma_here", lambda tma=tma: tma)
-        for (batch, context), (block_n, splits, warps) in expected:
-            call = llama_3_8b(batch=batch, max_context_len=context)
+        for (batch, context, head), (block_n, splits, warps) in expected:
+            call = {**llama_3_8b(batch=batch, max_context_len=context), "HEAD_SIZE": head}
             guess = first_guess(call)
             want = {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": block_n, "SPLITS": splits, "SLICES": 1}
             want.update(num_warps=warps, num_stages=1, TMA=0)
@@ -704,7 +708,7 @@ def test_short_calls_of_128_wide_heads_get_tiles_spanning_a_splits_keys(monkeypa
             llama_3_8b(batch=16, max_context_len=512),  # 65,536 tokens of work
             llama_3_8b(batch=8, max_context_len=512),  # 32,768: just past SHORT_WORK
             llama_3_8b(batch=1, max_context_len=600),  # bucketed to 1,024 tokens
-            {**llama_3_8b(batch=1, max_context_len=128), "HEAD_SIZE": 64},
+            {**llama_3_8b(batch=1, max_context_len=128), "HEAD_SIZE": 256},
         ):
             assert first_guess(call)["num_stages"] == 3, call  # the TMA or warp-slice rule
 
@@ -732,7 +736,7 @@ def test_serve_mode_runs_the_spanning_tiles_guess(gen) -> None:  # type: ignore[
 def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # type: ignore[no-untyped-def]
     """Served without a book: the op's first guess, whose splits the merge kernel merges;
     the op launches it after the tuned kernel on the first call and on the hit after it."""
-    cache = paged_cache(gen, [300], PAGE, 1, 64, torch.bfloat16)
+    cache = paged_cache(gen, [700], PAGE, 1, 64, torch.bfloat16)
     q = randn(gen, 1, 4, 64, dtype=torch.bfloat16)
     for _ in range(2):
         out = poisoned(q.shape, q.dtype)
@@ -742,18 +746,18 @@ def test_serve_mode_runs_the_ops_first_guess_the_warp_slices(gen) -> None:  # ty
             cache.v_cache,
             cache.block_table,
             torch.tensor(cache.lens),
-            max_context_len=300,
+            max_context_len=700,
             out=out,
         )
         assert_close(out, reference(q, cache))
     cfg = _paged_attention_decode_kernel.best_config
-    # one sequence of one KV head: splits until each keeps two 64-key steps of the bucket
-    # (512), merged by the merge kernel
-    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 300, "HEAD_SIZE": 64})
+    # one sequence of one KV head, past SHORT_CONTEXT: splits until each keeps two 64-key
+    # steps of the bucket (1,024), merged by the merge kernel
+    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 700, "HEAD_SIZE": 64})
     assert guess == {
         "MERGE_KERNEL": 1,
         "BLOCK_N": 16,
-        "SPLITS": 4,
+        "SPLITS": 8,
         "SLICES": 4,
         "num_warps": 4,
         "num_stages": 3,

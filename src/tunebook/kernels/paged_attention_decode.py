@@ -217,18 +217,22 @@ def _tma_here() -> bool:
 # as 1,024) and at most SHORT_WORK work (bucketed batch x KV heads x bucketed context) have
 # too few programs, each reading too few blocks, for the rules for longer calls: a TMA
 # program would wait on one block after another, and warp slices hold 4 softmax states for
-# a few dozen keys. Such calls of 128-wide heads get 2-D tiles that span a split's keys
-# (``_spanning_tiles``). Other head sizes keep the rules for longer calls: no GPU run has
-# timed these tiles against them there (on the H200 page, 64-wide heads chose no split below
-# 256 tokens, where these tiles would split).
+# a few dozen keys. Such calls of the head sizes in SPANNING_SPLITS get 2-D tiles that span a
+# split's keys (``_spanning_tiles``). Other head sizes (256) keep the rules for longer calls:
+# no GPU run has timed these tiles against them there.
 SHORT_CONTEXT = 512
 SHORT_WORK = 16 * 1024
-# _spanning_tiles: below SPANNING_FEW_KEYS tokens, splits of 16 keys while at most 32
-# programs run; from it, splits of 64 keys while at most 256 run; never more than 8 splits.
-# The H200 page's choices for these calls: 8 splits of 16 keys for one to four sequences of
-# 128 tokens, 8 of 64 for one to four of 512, one split where more sequences fill the GPU.
+# _spanning_tiles, by head size: below SPANNING_FEW_KEYS tokens, splits of 16 keys while at
+# most 32 programs run (heads of 128) or none (heads of 64); from it, splits of 64 keys while
+# at most 256 run; never more than 8 splits. The H200 page's choices for these calls: for
+# heads of 128, 8 splits of 16 keys for one to four sequences of 128 tokens, 8 of 64 for one
+# to four of 512, one split where more sequences fill the GPU; for heads of 64 (3 KV heads),
+# one split below 256 tokens at every batch.
 SPANNING_FEW_KEYS = 256
-SPANNING_SPLITS = ((32, 16), (256, 64))  # (most programs, least keys a split) below / from it
+SPANNING_SPLITS = {  # head size: ((most programs, least keys a split) below / from it)
+    128: ((32, 16), (256, 64)),
+    64: ((0, 16), (256, 64)),
+}
 SPANNING_MOST_SPLITS = 8
 
 
@@ -237,10 +241,11 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
     remembers nothing comparable: a guess the search measures, not a winner. One of three
     rules, the first that applies:
 
-    * A short call of a 128-wide head (at most SHORT_CONTEXT tokens and SHORT_WORK work):
-      ``_spanning_tiles``. On an H200, over 19 such calls, the TMA rule below took 1.08-1.56x
-      the shipped page's config's time and these tiles 0.99-1.10x (BENCHMARKS.md 5b,
-      thirty-first session). It applies on every GPU; only the H200 has timed it.
+    * A short call of a 64- or 128-wide head (at most SHORT_CONTEXT tokens and SHORT_WORK
+      work): ``_spanning_tiles``. On an H200, over the 46 such calls of the shipped page, the
+      rules below took 1.05-1.64x the page's config's time (geomean 1.41) and these tiles
+      0.92-1.10x (geomean 1.01) (BENCHMARKS.md 5b, thirty-second session). It applies on
+      every GPU; only the H200 has timed it.
     * On a GPU with a TMA unit, where the layout allows it: one cache block a step loaded as
       a box (``TMA=1``), one warp, 3 stages, splits merged by the merge kernel until about
       TMA_RULE_PROGRAMS programs run, each split keeping 4 blocks at least: the best of a
@@ -252,7 +257,7 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
       0.68-0.69 (Llama-3 layouts, 16-64 sequences of 512 tokens), and lost at Qwen2.5-7B's
       28/4 (BENCHMARKS.md 5b, twentieth session)."""
     programs, context = key["batch"] * key["NK"], a.context_of(key["max_context_len"])
-    if key["HEAD_SIZE"] == 128 and context <= SHORT_CONTEXT and programs * context <= SHORT_WORK:
+    if key["HEAD_SIZE"] in SPANNING_SPLITS and context <= SHORT_CONTEXT and programs * context <= SHORT_WORK:
         return _spanning_tiles(programs, context, key["HEAD_SIZE"])
     page = key["PAGE"] if _tma_here() else 0
     if 16 <= page <= 256 and page & (page - 1) == 0 and a.dot_floor(key["HEAD_SIZE"]) == key["HEAD_SIZE"]:
@@ -271,7 +276,7 @@ def _spanning_tiles(programs: int, context: int, head_size: int) -> dict[str, in
     """One 2-D tile a split, of the split's keys (16-128), without TMA, one stage; splits
     merged by the merge kernel, as many as SPANNING_SPLITS allows; enough warps (up to 8)
     that each thread holds at most MAX_TILE_PER_THREAD elements of the [keys, head] tile."""
-    most_programs, least_keys = SPANNING_SPLITS[context >= SPANNING_FEW_KEYS]
+    most_programs, least_keys = SPANNING_SPLITS[head_size][context >= SPANNING_FEW_KEYS]
     splits = 1
     while (
         programs * splits * 2 <= most_programs
