@@ -1,8 +1,8 @@
 """Benchmark ``tunebook.kernels.paged_attention_decode`` on LLM head layouts.
 
 Per (head layout, batch, context length), ``batch`` sequences of ``context`` cached tokens
-each, blocks of 16 tokens shuffled in the cache, bf16, timed in one run (``_attention_bench``
-says how):
+each, blocks of 16 tokens (``--block-size``) shuffled in the cache, bf16, timed in one run
+(``_attention_bench`` says how):
 
 * **tunebook**: the op with its tuned config (split-KV or not, as the tuner chose);
 * **hand-picked**: the same kernel with the launch vLLM's Triton attention backend
@@ -27,6 +27,7 @@ share of the bandwidth a copy of the same bytes reaches).
     python benchmarks/kernels/paged_attention.py --out DIR                    # Llama-3-8B, 70B TP4/TP8
     python benchmarks/kernels/paged_attention.py --out DIR --models llama-3-8b --batches 1,64 --contexts 2048
     python benchmarks/kernels/paged_attention.py --out DIR --mode serve --book src/tunebook/kernels/books
+    python benchmarks/kernels/paged_attention.py --out DIR --block-size 64     # a server's other block size
     python benchmarks/kernels/paged_attention.py --out DIR --dry-run          # CPU, Triton's interpreter
 
 At most 2^21 cached tokens per workload (one layer's cache of 256 sequences of 8k).
@@ -44,16 +45,17 @@ import torch
 MODELS = "llama-3-8b,llama-3-70b-tp4,llama-3-70b-tp8"
 BATCHES = "1,4,16,64,256"
 CONTEXTS = "128,512,2048,8192,32768"
-DRY_LAYOUT = {"n_q": 2, "n_kv": 1, "head_size": 16, "page": 16}
+DRY_LAYOUT = {"n_q": 2, "n_kv": 1, "head_size": 16}
 
 
 def jobs(opts: Any) -> Any:
     def make(models: Any) -> list[bench.Job]:
+        page = opts.block_size or models.PAGE
         if opts.dry_run:
-            return [bench.Job({**DRY_LAYOUT, "context": 40}, 3, "tiny")]
+            return [bench.Job({**DRY_LAYOUT, "page": page, "context": 40}, 3, "tiny")]
         out = []
         for m in models.select_models(opts.models or MODELS):
-            layout = {"n_q": m.n_q_heads, "n_kv": m.n_kv_heads, "head_size": m.head_size, "page": models.PAGE}
+            layout = {"n_q": m.n_q_heads, "n_kv": m.n_kv_heads, "head_size": m.head_size, "page": page}
             for context in (int(c) for c in opts.contexts.split(",")):
                 for batch in (int(b) for b in opts.batches.split(",")):
                     if batch * context <= models.DECODE_MAX_TOKENS:
@@ -109,7 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--contexts", default=CONTEXTS, help=f"comma-separated context lengths (default {CONTEXTS})"
     )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="KV-cache block size, tokens a block (default 16, the shipped books')",
+    )
     opts = bench.finish_parse(p.parse_args(argv))
+    if opts.block_size is not None and opts.block_size < 1:
+        p.error(f"--block-size: expected a positive integer; found {opts.block_size}")
     return bench.main("paged_attention_decode", opts, jobs(opts), baselines, metric, ["gbps", "of_copy"])
 
 

@@ -18,6 +18,8 @@ EXPECTED = {
     "paged_attention.py": ("paged_attention_decode", "sdpa", "gbps"),
     "varlen_attention.py": ("varlen_attention", "sdpa", "tflops"),
 }
+# decode's grid at a block size of the caller's (the dry run's tiny cache, 3 sequences of 40 tokens)
+FLAGS = {"paged_attention.py": ("--block-size", "8")}
 
 
 @pytest.mark.slow  # two processes in parallel, ~20 s
@@ -27,7 +29,14 @@ def test_attention_scripts_dry_run(tmp_path: Path) -> None:
     env.pop("TRITON_INTERPRET", None)  # --dry-run must set it itself
     procs = {
         script: subprocess.Popen(
-            [sys.executable, str(SCRIPTS / script), "--dry-run", "--out", str(tmp_path / script)],
+            [
+                sys.executable,
+                str(SCRIPTS / script),
+                "--dry-run",
+                "--out",
+                str(tmp_path / script),
+                *FLAGS.get(script, ()),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -43,6 +52,7 @@ def test_attention_scripts_dry_run(tmp_path: Path) -> None:
         doc = json.loads((tmp_path / script / f"{op}.json").read_text())
         assert doc["meta"]["op"] == op and doc["meta"]["copy_gbps"] > 0
         (row,) = doc["results"]
+        assert row["shape"].get("page") == {"paged_attention.py": 8}.get(script), row["shape"]
         assert set(row["timings"]) == {"tunebook", "hand-picked", baseline}, row["errors"]
         assert row["max_rel_error"] < 2**-5, row["label"]
         assert row["tuning"]["configs_benchmarked"] == 2

@@ -15,6 +15,7 @@ import torch
 
 from conftest import book_files, run_python, side_by_side
 from tunebook._book import read_document
+from tunebook.kernels import _models
 
 from .packutil import tune_command
 
@@ -254,18 +255,24 @@ def test_the_tune_command_keeps_what_the_environment_asks_unless_a_flag_says_oth
 
 
 @pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
-def test_the_tune_command_refuses_an_out_it_cannot_write_and_token_counts_below_one(tmp_path: Path) -> None:
+def test_the_tune_command_refuses_an_out_it_cannot_write_and_counts_below_one(tmp_path: Path) -> None:
     """Before any tuning (it once measured every key and said "done" with nothing saved)."""
     (tmp_path / "afile").write_text("")
     keys = ("--ops", "rms_norm", "--models", "smollm2-135m", "--tokens", "1")
-    unwritable, no_tokens = side_by_side(
+    unwritable, no_tokens, no_block, bad_contexts = side_by_side(
         lambda: tune_command("--out", str(tmp_path / "afile" / "book"), *keys),
         lambda: tune_command("--out", str(tmp_path / "book"), "--tokens", "0", "--dry-run"),
+        lambda: tune_command("--out", str(tmp_path / "book"), "--block-size", "0", "--dry-run"),
+        lambda: tune_command("--out", str(tmp_path / "book"), "--contexts", "512,8k", "--dry-run"),
     )
     assert unwritable.returncode == 2 and "configs measured" not in unwritable.stdout
     assert f"--out: cannot write the book at {tmp_path / 'afile' / 'book'}" in unwritable.stderr
     assert no_tokens.returncode == 2
     assert "--tokens: expected positive token counts; found 0" in no_tokens.stderr
+    assert no_block.returncode == 2
+    assert "--block-size: expected a positive integer; found 0" in no_block.stderr
+    assert bad_contexts.returncode == 2
+    assert "--contexts: expected comma-separated integers; found '512,8k'" in bad_contexts.stderr
 
 
 @pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
@@ -330,3 +337,64 @@ def test_the_tune_command_imports_vllms_tables_into_the_book_before_tuning(tmp_p
     assert (one["config"]["num_warps"], one["config"]["num_stages"]) == (4, 4)
     assert missing.returncode == 2 and not (tmp_path / "x").exists()
     assert f"--vllm-tables: {tmp_path / 'no'} is neither a file nor a directory" in missing.stderr
+
+
+# Decode attention as a server with 32-token cache blocks and contexts of 40 tokens calls it:
+# one sequence of SmolLM2-135M's layout. Prints the counters and the launched config's key.
+CALL_DECODE_BLOCKS_OF_32 = """
+import json, tunebook
+from tunebook.kernels import _models
+
+keys = []
+for job in _models.plan(["paged_attention_decode"], _models.select_models("smollm2-135m"), [1],
+                        block_size=32, contexts=[40]):
+    w = job.build("cpu")
+    w.run(None)
+    keys.append(w.key)
+print(json.dumps({**tunebook.stats(), "keys": keys}))
+"""
+
+
+@pytest.mark.once  # the pack's command line over the core's persistence (tests/conftest.py)
+def test_the_tune_command_tunes_a_servers_block_size_and_contexts_then_serves_them(tmp_path: Path) -> None:
+    """`--block-size 32 --contexts 40`: decode's key is tuned at the server's block size and
+    context (the shipped books hold 16-token blocks only), and a process serving from that
+    book read-only benchmarks nothing and falls back nowhere on a call of that layout."""
+    book = tmp_path / "book"
+    budget = {"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
+    keys = ("--ops", "paged_attention_decode", "--models", "smollm2-135m", "--tokens", "1")
+    tune = tune_command(
+        "--out", str(book), *keys, "--block-size", "32", "--contexts", "40", "--max-configs", "2", env=budget
+    )
+    assert tune.returncode == 0, tune.stderr
+    assert "1 calls on cpu" in tune.stdout and "done: 2 configs measured" in tune.stdout, tune.stdout
+    (entry,) = [e for b in map(read_document, book_files(book)) if b is not None for e in b.entries.values()]
+    assert list(entry.key[:6]) == [1, 64, 9, 3, 64, 32], entry.key  # batch, context bucket, heads, block
+
+    readonly = {"TUNEBOOK_DIR": str(tmp_path / "empty"), "TUNEBOOK_PATH": str(book), "TUNEBOOK_MODE": "serve"}
+    served = run_python(CALL_DECODE_BLOCKS_OF_32, env={**budget, **readonly})
+    assert served["benchmarked"] == 0 and served["fallbacks"] == 0 and served["book_hits"] == 1, served
+    assert served["keys"] == [
+        {"batch": 1, "max_context_len": 40, "NQ": 9, "NK": 3, "HEAD_SIZE": 64, "PAGE": 32}
+    ]
+
+
+def test_plan_lays_the_cache_ops_out_at_another_block_size_and_decode_at_other_contexts() -> None:
+    """The default block size leaves every shape as it was (benchmark labels stay); another
+    reaches decode, the cache write and prefill over a cached prefix (not prefill without
+    one); contexts replace decode's three, each shape once with all its models."""
+    llama = _models.select_models("llama-3-8b,mixtral-8x7b")  # one attention layout, 32/8
+    ops = ("paged_attention_decode", "reshape_and_cache", "varlen_attention")
+    default = _models.plan(ops, llama, [1])
+    assert default == _models.plan(ops, llama, [1], block_size=_models.PAGE)
+    jobs = _models.plan(ops, llama, [1], block_size=64, contexts=[100, 3000])
+    by_op: dict[str, list[dict]] = {}
+    for job in jobs:
+        by_op.setdefault(job.op, []).append(dict(job.shape))
+        assert job.models == ("llama-3-8b", "mixtral-8x7b"), job
+    assert [(s["page"], s["context"]) for s in by_op["paged_attention_decode"]] == [(64, 100), (64, 3000)]
+    assert [s["page"] for s in by_op["reshape_and_cache"]] == [64]
+    assert [s.get("page") for s in by_op["varlen_attention"]] == [None, None, None, 64, 64]
+    prefix = next(job for job in jobs if job.op == "varlen_attention" and dict(job.shape)["prefix"])
+    built = prefix.build("cpu")
+    assert built.key["PAGE"] == 64 and built.tensors["k_cache"].shape[1] == 64

@@ -13,7 +13,13 @@ each op's own: 1..8192 for the elementwise ops and the GEMMs (``linear``: each m
 attention-output and MLP projections; ``fused_moe``: Mixtral's experts at TP 1 and 2),
 1, 16, 256 and 4096 for the cache write,
 batch sizes 1, 16, 64 and 256 for decode attention (its context lengths, 512, 8192 and
-32768, are part of its shapes), 8192 packed tokens for prefill attention.
+32768, are part of its shapes; ``--contexts`` sets others), 8192 packed tokens for prefill
+attention. The attention ops and the cache write use 16-token cache blocks, as the shipped
+books do; ``--block-size`` tunes them for a server whose blocks differ (the block size is
+part of their keys):
+
+    python -m tunebook.kernels tune --out DIR --ops paged_attention_decode,varlen_attention \
+        --models llama-3-8b --block-size 64 --contexts 1024,4096
 """
 
 from __future__ import annotations
@@ -40,6 +46,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     tune.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp16, fp32 (default: bf16)")
     tune.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="your server's KV-cache block size (tokens a block) for the attention ops and the cache "
+        "write (default: 16, vLLM's, the block size of the shipped books)",
+    )
+    tune.add_argument(
+        "--contexts",
+        default=None,
+        help="comma-separated context lengths for decode attention (default: 512,8192,32768)",
+    )
+    tune.add_argument(
         "--max-configs", type=int, default=None, help="configs measured per key (default: tunebook's, 10%%)"
     )
     tune.add_argument(
@@ -62,13 +80,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_configs is not None and args.max_configs < 1:
         parser.error(f"--max-configs: expected a positive integer; found {args.max_configs}")
-    try:
-        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else []
-    except ValueError:
-        parser.error(f"--tokens: expected comma-separated integers; found {args.tokens!r}")
-    if any(t < 1 for t in tokens):
-        parser.error(f"--tokens: expected positive token counts; found {args.tokens}")
-    args.token_counts = tokens or None  # None: each op's own
+    args.token_counts = _counts(parser, "--tokens", args.tokens, "token counts")  # None: each op's own
+    args.context_lengths = _counts(parser, "--contexts", args.contexts, "context lengths")
+    if args.block_size is not None and args.block_size < 1:
+        parser.error(f"--block-size: expected a positive integer; found {args.block_size}")
     if not args.dry_run:
         from .._writable import existing_parent, write_problem
 
@@ -79,6 +94,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                 f"lost; choose a writable directory, or make {existing_parent(Path(args.out))} writable"
             )
     return args
+
+
+def _counts(parser: argparse.ArgumentParser, flag: str, text: str | None, what: str) -> list[int] | None:
+    """``"1,64"`` -> ``[1, 64]``; None where the flag is not given; a parser error (exit 2)
+    for anything but positive integers."""
+    if not text:
+        return None
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated integers; found {text!r}")
+    if any(n < 1 for n in counts):
+        parser.error(f"{flag}: expected positive {what}; found {text}")
+    return counts
 
 
 def _import_tables(paths: Sequence[str], out: str, dry_run: bool) -> None:
@@ -154,7 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"unknown dtype(s) {', '.join(unknown)}; known: {', '.join(_models.DTYPES)}")
         dtypes = [_models.DTYPES[d] for d in args.dtypes.split(",")]
         ops = args.ops.split(",") if args.ops else list(_models.OPS)
-        jobs = _models.plan(ops, _models.select_models(args.models), args.token_counts, dtypes)
+        jobs = _models.plan(
+            ops,
+            _models.select_models(args.models),
+            args.token_counts,
+            dtypes,
+            block_size=args.block_size or _models.PAGE,
+            contexts=args.context_lengths,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

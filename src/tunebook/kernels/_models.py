@@ -270,10 +270,11 @@ def _varlen_attention_build(make: Maker, shape: dict[str, Any], tokens: int) -> 
         "cu_seqlens": cu,
         "out": make.empty(tokens, n_q, hs),
     }
+    page = shape.get("page", PAGE)
     if prefix:
-        per_seq = -(-prefix // PAGE)
-        t["k_cache"] = make.randn_on_device(batch * per_seq, PAGE, n_kv, hs)
-        t["v_cache"] = make.randn_on_device(batch * per_seq, PAGE, n_kv, hs)
+        per_seq = -(-prefix // page)
+        t["k_cache"] = make.randn_on_device(batch * per_seq, page, n_kv, hs)
+        t["v_cache"] = make.randn_on_device(batch * per_seq, page, n_kv, hs)
         t["block_table"] = make.permutation(batch * per_seq).view(batch, per_seq)
         t["prefix_lens"] = torch.full((batch,), prefix, dtype=torch.int32, device=make.device)
     longest = max(lengths)
@@ -299,7 +300,7 @@ def _varlen_attention_build(make: Maker, shape: dict[str, Any], tokens: int) -> 
         "HEAD_SIZE": hs,
         "CAUSAL": causal,
         "HAS_PREFIX": bool(prefix),
-        "PAGE": PAGE if prefix else 0,
+        "PAGE": page if prefix else 0,
     }
     return t, run, moved, key, 4 * pairs * hs * n_q
 
@@ -431,13 +432,34 @@ def _op(op: str) -> Op:
 # ------------------------------------------------------------------ plans
 
 
-def shapes(op: str, models: Sequence[Model] = MODELS) -> dict[tuple[tuple[str, Any], ...], list[str]]:
-    """The distinct shapes of ``op`` over ``models`` -> the models that have each."""
+def shapes(
+    op: str,
+    models: Sequence[Model] = MODELS,
+    *,
+    block_size: int = PAGE,
+    contexts: Sequence[int] | None = None,
+) -> dict[tuple[tuple[str, Any], ...], list[str]]:
+    """The distinct shapes of ``op`` over ``models`` -> the models that have each; with a
+    server's KV-cache ``block_size`` and decode ``contexts`` in place of the defaults."""
     out: dict[tuple[tuple[str, Any], ...], list[str]] = {}
     for m in models:
         for shape in _op(op).shapes(m):
-            out.setdefault(tuple(shape.items()), []).append(m.name)
+            for laid_out in _laid_out(shape, block_size, contexts):
+                names = out.setdefault(tuple(laid_out.items()), [])
+                if m.name not in names:
+                    names.append(m.name)
     return out
+
+
+def _laid_out(shape: dict[str, Any], block_size: int, contexts: Sequence[int] | None) -> list[dict[str, Any]]:
+    """``shape`` with another block size for the ops that read or write the paged cache
+    (decode, the cache write, prefill over a cached prefix), and, for decode, other context
+    lengths. The default block size leaves a shape as it is, so its benchmark labels stay."""
+    if block_size != PAGE and ("page" in shape or shape.get("prefix")):
+        shape = {**shape, "page": block_size}
+    if contexts is not None and "context" in shape:
+        return [{**shape, "context": n} for n in contexts]
+    return [shape]
 
 
 def workload(
@@ -470,14 +492,17 @@ def plan(
     models: Sequence[Model] = MODELS,
     tokens: Sequence[int] | None = None,
     dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
+    *,
+    block_size: int = PAGE,
+    contexts: Sequence[int] | None = None,
 ) -> list[Planned]:
     """Every (op, shape, dtype, token count) over ``models``, in that nesting order; token
     counts are each op's own (:attr:`Op.tokens`) unless given, and pairs an op does not
-    call (:attr:`Op.fits`) are left out."""
+    call (:attr:`Op.fits`) are left out. ``block_size`` and ``contexts``: as :func:`shapes`."""
     return [
         Planned(op, shape, n, dtype, tuple(names))
         for op in ops
-        for shape, names in shapes(op, models).items()
+        for shape, names in shapes(op, models, block_size=block_size, contexts=contexts).items()
         for dtype in dtypes
         for n in (_op(op).tokens if tokens is None else tokens)
         if _op(op).fits(dict(shape), n)
