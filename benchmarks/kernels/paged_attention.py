@@ -58,7 +58,7 @@ def jobs(opts: Any) -> Any:
             layout = {"n_q": m.n_q_heads, "n_kv": m.n_kv_heads, "head_size": m.head_size, "page": page}
             for context in (int(c) for c in opts.contexts.split(",")):
                 for batch in (int(b) for b in opts.batches.split(",")):
-                    if batch * context <= models.DECODE_MAX_TOKENS:
+                    if batch * models.cached_tokens(context, page) <= models.DECODE_MAX_TOKENS:
                         out.append(bench.Job({**layout, "context": context}, batch, m.name))
         return out
 

@@ -104,6 +104,9 @@ def test_offline_tuning_rebuilds_meaningful_calls() -> None:
     assert args[12].tolist() == [0, 8, 10, 12] and args[24].tolist() == [16, 16, 16]  # cu_seqlens, prefixes
     _varlen_attention_kernel[grid](*args, **kwargs)
     assert torch.isfinite(args[9]).all()
+    key["PAGE"] = 8  # a server's own block size, part of the key: the rebuilt cache has it
+    grid, args, kwargs = _varlen_attention_kernel.options.inputs({"call": fp16_call, "key": key})
+    assert args[14].shape[1] == 8 and args[_varlen_attention_kernel.arg_names.index("PAGE")] == 8
 
     key = {"n_tokens": 5, "NK": 1, "HEAD_SIZE": 16}
     grid, args, kwargs = _reshape_and_cache_kernel.options.inputs({"call": None, "key": key})

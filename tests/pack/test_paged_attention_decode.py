@@ -678,6 +678,28 @@ def test_on_a_tma_gpu_the_first_guess_is_a_tma_point_of_the_space(monkeypatch) -
     assert first_guess({**llama_3_8b(batch=16, max_context_len=512), "PAGE": 8})["TMA"] == 0
 
 
+def test_on_a_tma_gpu_the_first_guess_stays_in_the_space_at_a_servers_larger_blocks(monkeypatch) -> None:
+    """Blocks of 128 and 256 tokens (a server's own; the books hold 16): the TMA guess takes
+    the warps that keep a thread's staged tile within MAX_STAGED_TILE_PER_THREAD, and the
+    stages shared memory holds (two at 256-token blocks of 128-wide heads)."""
+    module = importlib.import_module("tunebook.kernels.paged_attention_decode")
+    monkeypatch.setattr(module, "_tma_here", lambda: True)
+    expected = {(128, 64): (1, 3), (128, 128): (2, 3), (128, 256): (4, 2), (64, 256): (2, 3)}
+    for (head, page), (warps, stages) in expected.items():
+        cache = torch.empty(4, page, 8, head, dtype=torch.float16)
+        k_desc, _ = _descriptors(cache, cache)
+        call = {**llama_3_8b(batch=16, max_context_len=8192), "HEAD_SIZE": head, "PAGE": page}
+        call.update(k_cache_ptr=cache, k_desc=k_desc)
+        guess = first_guess(call)
+        assert (guess["TMA"], guess["BLOCK_N"], guess["num_warps"], guess["num_stages"]) == (
+            1,
+            page,
+            warps,
+            stages,
+        )
+        assert guess in [dict(point) for point in SPACE.candidates(args=call)], (head, page)
+
+
 def test_short_calls_of_64_and_128_wide_heads_get_tiles_spanning_a_splits_keys(monkeypatch) -> None:
     """At most 512 tokens (as bucketed) and SHORT_WORK (sequences x KV heads x tokens, as
     bucketed), with or without a TMA unit: one 2-D tile a split, at most 8 splits while the
@@ -685,7 +707,7 @@ def test_short_calls_of_64_and_128_wide_heads_get_tiles_spanning_a_splits_keys(m
     256 from it, enough warps for 64 elements a thread; a point of the Space. More work, a
     longer context or another head size keeps the rules for longer calls."""
     module = importlib.import_module("tunebook.kernels.paged_attention_decode")
-    expected = [  # (batch, context, head): (BLOCK_N, SPLITS, num_warps), on 8 KV heads
+    expected = [  # (batch, context, head[, KV heads]): (BLOCK_N, SPLITS, num_warps), 8 KV heads unless said
         ((1, 128, 128), (32, 4, 2)),  # 8 programs: splits until 32 run
         ((4, 128, 128), (128, 1, 8)),  # 32 programs already
         ((1, 512, 128), (64, 8, 4)),  # each split keeps 64 keys
@@ -694,16 +716,19 @@ def test_short_calls_of_64_and_128_wide_heads_get_tiles_spanning_a_splits_keys(m
         ((1, 64, 64), (64, 1, 2)),
         ((1, 256, 64), (64, 4, 2)),  # from 256 tokens, as heads of 128: splits of 64 keys
         ((4, 512, 64), (64, 8, 2)),  # 32 programs: 8 splits, 256 programs
+        ((1, 256, 64, 3), (64, 4, 2)),  # SmolLM2's 3 KV heads: 3 programs
+        ((8, 512, 64, 3), (64, 8, 2)),  # 24 programs: 192 with 8 splits; 12,288 tokens of work
     ]
     for tma in (False, True):
         monkeypatch.setattr(module, "_tma_here", lambda tma=tma: tma)
-        for (batch, context, head), (block_n, splits, warps) in expected:
+        for (batch, context, head, *kv_heads), (block_n, splits, warps) in expected:
             call = {**llama_3_8b(batch=batch, max_context_len=context), "HEAD_SIZE": head}
+            call["NK"] = kv_heads[0] if kv_heads else call["NK"]
             guess = first_guess(call)
             want = {"MERGE_KERNEL": int(splits > 1), "BLOCK_N": block_n, "SPLITS": splits, "SLICES": 1}
             want.update(num_warps=warps, num_stages=1, TMA=0)
-            assert guess == want, (tma, batch, context)
-            assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context)
+            assert guess == want, (tma, batch, context, head, call["NK"])
+            assert guess in [dict(point) for point in SPACE.candidates(args=call)], (batch, context, head)
         for call in (
             llama_3_8b(batch=16, max_context_len=512),  # 65,536 tokens of work
             llama_3_8b(batch=8, max_context_len=512),  # 32,768: just past SHORT_WORK
@@ -713,22 +738,29 @@ def test_short_calls_of_64_and_128_wide_heads_get_tiles_spanning_a_splits_keys(m
             assert first_guess(call)["num_stages"] == 3, call  # the TMA or warp-slice rule
 
 
-def test_serve_mode_runs_the_spanning_tiles_guess(gen) -> None:  # type: ignore[no-untyped-def]
-    """Served without a book, a short call of a 128-wide head runs the first guess above: one
-    sequence of 100 tokens on one KV head (bucket 128) in 8 splits of 16 keys, one warp each,
-    merged by the merge kernel, and matches SDPA."""
-    cache = paged_cache(gen, [100], PAGE, 1, 128, torch.bfloat16)
-    q = randn(gen, 1, 4, 128, dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "context, n_q, head, launch",
+    [
+        (100, 4, 128, (16, 8, 1)),  # bucket 128: 8 splits of 16 keys, one warp each
+        (200, 3, 64, (64, 4, 2)),  # SmolLM2's head, bucket 256: 4 splits of 64 keys, 2 warps
+    ],
+)
+def test_serve_mode_runs_the_spanning_tiles_guess(gen, context, n_q, head, launch) -> None:  # type: ignore[no-untyped-def]
+    """Served without a book, a short call of a 64- or 128-wide head runs the first guess
+    above: one sequence on one KV head in splits merged by the merge kernel, and matches
+    SDPA."""
+    cache = paged_cache(gen, [context], PAGE, 1, head, torch.bfloat16)
+    q = randn(gen, 1, n_q, head, dtype=torch.bfloat16)
     out = poisoned(q.shape, q.dtype)
     lens = torch.tensor(cache.lens)
     paged_attention_decode(
-        q, cache.k_cache, cache.v_cache, cache.block_table, lens, max_context_len=100, out=out
+        q, cache.k_cache, cache.v_cache, cache.block_table, lens, max_context_len=context, out=out
     )
     assert_close(out, reference(q, cache))
     cfg = _paged_attention_decode_kernel.best_config
     launched = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": 100, "HEAD_SIZE": 128})
-    assert (guess["BLOCK_N"], guess["SPLITS"], guess["num_warps"], guess["TMA"]) == (16, 8, 1, 0)
+    guess = first_guess({"batch": 1, "NK": 1, "max_context_len": context, "HEAD_SIZE": head})
+    assert (guess["BLOCK_N"], guess["SPLITS"], guess["num_warps"], guess["TMA"]) == (*launch, 0)
     assert launched == guess
     assert tunebook.stats()["benchmarked"] == 0 and tunebook.stats()["fallbacks"] == 1
 

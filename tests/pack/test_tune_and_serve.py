@@ -259,20 +259,36 @@ def test_the_tune_command_refuses_an_out_it_cannot_write_and_counts_below_one(tm
     """Before any tuning (it once measured every key and said "done" with nothing saved)."""
     (tmp_path / "afile").write_text("")
     keys = ("--ops", "rms_norm", "--models", "smollm2-135m", "--tokens", "1")
-    unwritable, no_tokens, no_block, bad_contexts = side_by_side(
+    dry = ("--out", str(tmp_path / "book"), "--dry-run")
+    unwritable, no_tokens, no_block, bad_contexts, no_context, nothing, unused = side_by_side(
         lambda: tune_command("--out", str(tmp_path / "afile" / "book"), *keys),
-        lambda: tune_command("--out", str(tmp_path / "book"), "--tokens", "0", "--dry-run"),
-        lambda: tune_command("--out", str(tmp_path / "book"), "--block-size", "0", "--dry-run"),
-        lambda: tune_command("--out", str(tmp_path / "book"), "--contexts", "512,8k", "--dry-run"),
+        lambda: tune_command(*dry, "--tokens", "0"),
+        lambda: tune_command(*dry, "--block-size", "0"),
+        lambda: tune_command(*dry, "--contexts", "512,8k"),
+        lambda: tune_command(*dry, "--contexts", "0"),
+        lambda: tune_command(*dry, "--ops", "paged_attention_decode", "--contexts", str(1 << 22)),
+        lambda: tune_command(*dry, "--ops", "rms_norm", "--contexts", "512"),
     )
     assert unwritable.returncode == 2 and "configs measured" not in unwritable.stdout
     assert f"--out: cannot write the book at {tmp_path / 'afile' / 'book'}" in unwritable.stderr
     assert no_tokens.returncode == 2
     assert "--tokens: expected positive token counts; found 0" in no_tokens.stderr
     assert no_block.returncode == 2
-    assert "--block-size: expected a positive integer; found 0" in no_block.stderr
+    assert no_block.stderr.endswith("--block-size: expected 1 to 1024 tokens a block; found 0\n")
     assert bad_contexts.returncode == 2
     assert "--contexts: expected comma-separated integers; found '512,8k'" in bad_contexts.stderr
+    assert (
+        no_context.returncode == 2
+        and "--contexts: expected positive context lengths; found 0" in no_context.stderr
+    )
+    assert (
+        nothing.returncode == 2 and "no calls to tune: --ops paged_attention_decode has no" in nothing.stderr
+    )
+    assert "at most 2,097,152 cached tokens a call" in nothing.stderr
+    assert unused.returncode == 2
+    assert "--contexts sets decode attention's context lengths, and --ops has no paged_attention_decode" in (
+        unused.stderr
+    )
 
 
 @pytest.mark.once  # the command's and the switch's plumbing (tests/conftest.py)
@@ -382,13 +398,19 @@ def test_the_tune_command_tunes_a_servers_block_size_and_contexts_then_serves_th
 def test_plan_lays_the_cache_ops_out_at_another_block_size_and_decode_at_other_contexts() -> None:
     """The default block size leaves every shape as it was (benchmark labels stay); another
     reaches decode, the cache write and prefill over a cached prefix (not prefill without
-    one); contexts replace decode's three, each shape once with all its models."""
+    one); contexts replace decode's three, each shape once (a context given twice too) with
+    all its models."""
     llama = _models.select_models("llama-3-8b,mixtral-8x7b")  # one attention layout, 32/8
     ops = ("paged_attention_decode", "reshape_and_cache", "varlen_attention")
-    default = _models.plan(ops, llama, [1])
-    assert default == _models.plan(ops, llama, [1], block_size=_models.PAGE)
-    jobs = _models.plan(ops, llama, [1], block_size=64, contexts=[100, 3000])
-    by_op: dict[str, list[dict]] = {}
+    default = {(job.op, job.shape) for job in _models.plan(ops, llama, [1])}
+    heads = (("n_q", 32), ("n_kv", 8), ("head_size", 128))
+    assert default == {
+        *(("paged_attention_decode", (*heads, ("page", 16), ("context", n))) for n in (512, 8192, 32768)),
+        ("reshape_and_cache", (("n_kv", 8), ("head_size", 128), ("page", 16))),
+        *(("varlen_attention", (*heads, ("seqlen", n), ("prefix", p))) for n, p in _models.PREFILL_SHAPES),
+    }
+    jobs = _models.plan(ops, llama, [1], block_size=64, contexts=[100, 3000, 100])
+    by_op: dict[str, list[dict[str, int]]] = {}
     for job in jobs:
         by_op.setdefault(job.op, []).append(dict(job.shape))
         assert job.models == ("llama-3-8b", "mixtral-8x7b"), job

@@ -14,9 +14,9 @@ attention-output and MLP projections; ``fused_moe``: Mixtral's experts at TP 1 a
 1, 16, 256 and 4096 for the cache write,
 batch sizes 1, 16, 64 and 256 for decode attention (its context lengths, 512, 8192 and
 32768, are part of its shapes; ``--contexts`` sets others), 8192 packed tokens for prefill
-attention. The attention ops and the cache write use 16-token cache blocks, as the shipped
-books do; ``--block-size`` tunes them for a server whose blocks differ (the block size is
-part of their keys):
+attention. The paged cache has 16-token blocks, as in the shipped books; ``--block-size``
+tunes decode attention and prefill over a cached prefix for a server whose blocks differ
+(the block size is part of their keys; the cache write's key has none):
 
     python -m tunebook.kernels tune --out DIR --ops paged_attention_decode,varlen_attention \
         --models llama-3-8b --block-size 64 --contexts 1024,4096
@@ -30,6 +30,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+# Paged caches' blocks run from 1 token to 256 (vLLM's backends); past this, a benchmark
+# shape's cache is mostly padding.
+MOST_BLOCK_TOKENS = 1024
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,8 +53,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--block-size",
         type=int,
         default=None,
-        help="your server's KV-cache block size (tokens a block) for the attention ops and the cache "
-        "write (default: 16, vLLM's, the block size of the shipped books)",
+        help="your server's KV-cache block size (tokens a block), part of the keys of decode attention "
+        "and of prefill over a cached prefix (default: 16, vLLM's, the block size of the shipped books)",
     )
     tune.add_argument(
         "--contexts",
@@ -82,8 +86,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--max-configs: expected a positive integer; found {args.max_configs}")
     args.token_counts = _counts(parser, "--tokens", args.tokens, "token counts")  # None: each op's own
     args.context_lengths = _counts(parser, "--contexts", args.contexts, "context lengths")
-    if args.block_size is not None and args.block_size < 1:
-        parser.error(f"--block-size: expected a positive integer; found {args.block_size}")
+    if args.block_size is not None and not 1 <= args.block_size <= MOST_BLOCK_TOKENS:
+        parser.error(
+            f"--block-size: expected 1 to {MOST_BLOCK_TOKENS} tokens a block; found {args.block_size}"
+        )
     if not args.dry_run:
         from .._writable import existing_parent, write_problem
 
@@ -108,6 +114,20 @@ def _counts(parser: argparse.ArgumentParser, flag: str, text: str | None, what: 
     if any(n < 1 for n in counts):
         parser.error(f"{flag}: expected positive {what}; found {text}")
     return counts
+
+
+def _check_cache_flags(args: argparse.Namespace, ops: Sequence[str]) -> None:
+    """--contexts and --block-size apply to some ops only: given without one of them, they
+    would change nothing, silently."""
+    if args.context_lengths and "paged_attention_decode" not in ops:
+        raise ValueError(
+            "--contexts sets decode attention's context lengths, and --ops has no paged_attention_decode"
+        )
+    if args.block_size and not {"paged_attention_decode", "varlen_attention"} & set(ops):
+        raise ValueError(
+            "--block-size is part of the keys of paged_attention_decode and varlen_attention (over a "
+            "cached prefix), and --ops has neither"
+        )
 
 
 def _import_tables(paths: Sequence[str], out: str, dry_run: bool) -> None:
@@ -183,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"unknown dtype(s) {', '.join(unknown)}; known: {', '.join(_models.DTYPES)}")
         dtypes = [_models.DTYPES[d] for d in args.dtypes.split(",")]
         ops = args.ops.split(",") if args.ops else list(_models.OPS)
+        _check_cache_flags(args, ops)
         jobs = _models.plan(
             ops,
             _models.select_models(args.models),
@@ -191,6 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             block_size=args.block_size or _models.PAGE,
             contexts=args.context_lengths,
         )
+        if not jobs and not args.vllm_tables:  # with tables alone, the import is the job
+            why = f"--ops {','.join(ops)} has no shape on these models at these token counts"
+            if "paged_attention_decode" in ops:
+                why += (
+                    f" (decode attention takes at most {_models.DECODE_MAX_TOKENS:,} cached tokens a call, "
+                    "sequences x context in whole blocks: lower --contexts, --tokens or --block-size)"
+                )
+            raise ValueError(f"no calls to tune: {why}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -201,7 +201,12 @@ def _paged_attention_decode_shapes(m: Model) -> list[dict[str, Any]]:
 
 
 def _paged_attention_decode_fits(shape: dict[str, Any], batch: int) -> bool:
-    return batch * shape["context"] <= DECODE_MAX_TOKENS
+    return batch * cached_tokens(shape["context"], shape["page"]) <= DECODE_MAX_TOKENS
+
+
+def cached_tokens(context: int, block_size: int) -> int:
+    """The tokens a sequence of ``context`` tokens holds in the cache: whole blocks."""
+    return -(-context // block_size) * block_size
 
 
 def _paged_attention_decode_build(make: Maker, shape: dict[str, Any], batch: int) -> Built:

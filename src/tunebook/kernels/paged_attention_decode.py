@@ -218,8 +218,8 @@ def _tma_here() -> bool:
 # too few programs, each reading too few blocks, for the rules for longer calls: a TMA
 # program would wait on one block after another, and warp slices hold 4 softmax states for
 # a few dozen keys. Such calls of the head sizes in SPANNING_SPLITS get 2-D tiles that span a
-# split's keys (``_spanning_tiles``). Other head sizes (256) keep the rules for longer calls:
-# no GPU run has timed these tiles against them there.
+# split's keys (``_spanning_tiles``). Other head sizes (256, say) keep the rules for longer
+# calls: no GPU run has timed these tiles against them there.
 SHORT_CONTEXT = 512
 SHORT_WORK = 16 * 1024
 # _spanning_tiles, by head size: below SPANNING_FEW_KEYS tokens, splits of 16 keys while at
@@ -229,7 +229,9 @@ SHORT_WORK = 16 * 1024
 # to four of 512, one split where more sequences fill the GPU; for heads of 64 (3 KV heads),
 # one split below 256 tokens at every batch.
 SPANNING_FEW_KEYS = 256
-SPANNING_SPLITS = {  # head size: ((most programs, least keys a split) below / from it)
+SPANNING_SPLITS: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {
+    # head size: ((most programs, least keys a split) below / from it); 0 programs: no split
+    # (the keys a split then never matter)
     128: ((32, 16), (256, 64)),
     64: ((0, 16), (256, 64)),
 }
@@ -264,7 +266,15 @@ def first_guess(key: dict[str, Any]) -> dict[str, int]:
         splits = 1
         while programs * splits < TMA_RULE_PROGRAMS and context >= 8 * page * splits and splits < SPLITS[-1]:
             splits *= 2
-        return _point(page, splits, 1, 3, tma=1)
+        # One warp up to 64-token blocks; larger blocks (a server's own, not the books') get
+        # the warps and stages that keep the guess a point of the Space (_fits_call).
+        block_d = a.dot_floor(key["HEAD_SIZE"])
+        warps = max(1, page * block_d // (32 * MAX_STAGED_TILE_PER_THREAD))
+        elem = 4 if getattr(key.get("k_cache_ptr"), "dtype", None) == torch.float32 else 2
+        stages = 3
+        while stages > 2 and 2 * (stages - 1) * page * block_d * elem > SMEM_BYTES:
+            stages -= 1
+        return _point(page, splits, warps, stages, tma=1)
     step = 4 * 16
     splits = 1
     while programs * splits < RULE_PROGRAMS and context >= 4 * step * splits and splits < SPLITS[-1]:

@@ -486,6 +486,8 @@ def _inputs(description: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str
         "prefix": max(int(key["max_seqlen_k"]) - longest, 1) if key["HAS_PREFIX"] else 0,
         "causal": bool(key["CAUSAL"]),
     }
+    if key["HAS_PREFIX"]:
+        shape["page"] = key["PAGE"]  # the call's own block size: it is part of the key
     dtype = a.recorded_dtype(call, "q_ptr", _varlen_attention_kernel)
     t = _models.workload(_OP, shape, max(tokens, 1), dtype, a.tuning_device()).tensors
     cu = t["cu_seqlens"]
