@@ -142,6 +142,20 @@ def test_triton_and_torch_engines_agree_on_the_tiny_model() -> None:
     assert triton_out == torch_out
 
 
+@pytest.mark.slow
+def test_a_cache_of_8_token_blocks_writes_what_16_token_blocks_write() -> None:
+    """``block_size`` (the server's ``--block-size``) reaches the cache, the scheduler and
+    every kernel that addresses the cache: the Triton engine on 8-token blocks, prompts
+    crossing several, writes what the PyTorch one on 16-token blocks writes."""
+    prompts = [[5, 6, 7], [9] * 20, [1, 2] * 6]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine = tiny_engine("triton", block_size=8)
+    assert engine.cache.block_size == 8
+    eights = [r.output for r in engine.generate(prompts, params)]
+    sixteens = [r.output for r in tiny_engine("torch").generate(prompts, params)]
+    assert eights == sixteens
+
+
 def test_requests_join_and_leave_between_steps() -> None:
     """A request that arrives while another decodes joins the next steps' batch, leaves
     when done, and gets the tokens it gets alone."""

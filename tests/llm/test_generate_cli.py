@@ -51,6 +51,7 @@ def test_generate_prints_a_completion_from_the_books_without_tuning(tmp_path: Pa
         (["--temperature", "-1"], "temperature must be in [0, 100]; found -1.0"),
         (["--max-tokens", "0"], "max_tokens must be at least 1; found 0"),  # not "the default"
         (["--model", "tiny", "--random", "--max-batch", "0"], "max_batch must be at least 1; found 0"),
+        (["--model", "tiny", "--random", "--block-size", "0"], "block_size must be at least 1; found 0"),
     ],
 )
 def test_a_bad_value_is_one_line_and_a_non_zero_status(

@@ -60,6 +60,12 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-model-len", type=int, default=None, help="prompt + answer tokens (GPU 2048, CPU 512)"
     )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="KV-cache block size in tokens (default 16, the shipped books'; tune with the same value)",
+    )
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch decode steps eagerly")
 
 
@@ -175,6 +181,7 @@ def _build_engine(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
         ops=args.ops,
         max_batch=_given(args.max_batch, 64 if on_gpu else 4),
         max_model_len=_given(args.max_model_len, 2048 if on_gpu else 512),
+        block_size=_given(args.block_size, 16),
         cuda_graphs=not args.no_cuda_graphs,
     )
     return engine, model.model_id

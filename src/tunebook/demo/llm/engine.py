@@ -75,7 +75,11 @@ class Engine:
         seed: int = 0,
     ) -> None:
         config = weights.config
-        for name, value in (("max_batch", max_batch), ("max_model_len", max_model_len)):
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_model_len", max_model_len),
+            ("block_size", block_size),
+        ):
             if value < 1:  # an engine that could never schedule a request would wait forever
                 raise ValueError(f"{name} must be at least 1; found {value}")
         if max_model_len > config.max_position:
