@@ -27,17 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from . import _buckets, _compat, _fingerprint, _launch, _miss, _options, _settings, _stats
-from ._bench import Timers, choose_timers
-from ._book import Book, KernelIdentity, Page, config_id
+from ._bench import Timers
+from ._book import KernelIdentity, Page, config_id
 from ._call import Call
-from ._configs import ConfigIndex
+from ._configs import ConfigIndex, prune
 from ._errors import ConfigurationError
 from ._hits import HitTable
+from ._home import KernelHome
 from ._hooks import Hooks
+from ._listing import SpaceListing
 from ._options import Options
 from ._space import Space
 from ._tables import TablePage, Tables
-from ._tables import load as load_tables
 from ._version import __version__
 
 __all__ = ["Autotuner", "__version__", "autotune"]
@@ -151,7 +152,7 @@ class Autotuner(_compat.TritonAutotuner):
         self.base_fn = _compat.base_function(fn)
         self.reset_to_zero = list(reset_to_zero or [])
         self.restore_value = list(restore_value or [])
-        self._check_names()
+        _check_names(self.base_fn, self.arg_names, self.keys, self.reset_to_zero, self.restore_value)
         self.hooks = Hooks(self.reset_to_zero, self.restore_value, pre_hook, post_hook)
         prune = prune_configs_by or {}
         self.perf_model = prune.get("perf_model")
@@ -168,14 +169,24 @@ class Autotuner(_compat.TritonAutotuner):
         self.counters = _stats.register(self)
         self._required_keys = _required_key_arguments(self.base_fn, self.fn, self.keys)
         self._lock = threading.RLock()
-        self._page: Page | None = None
-        self._tables: dict[str, list[TablePage]] = {}  # imported tables (tables=), read on a first miss
-        self._kernel: KernelIdentity | None = None  # identity(): the source does not change
-        self._timers: Timers | None = None
-        self._timer_choice: tuple[Callable[[], Timers], str] | None = None
+        self._home = KernelHome(
+            fn,
+            self.keys,
+            self.options,
+            lambda: (
+                self._user_do_bench,
+                self.num_warmups,
+                self.num_reps,
+                self.use_cuda_graph,
+                self.options.adaptive,
+            ),
+        )
         self._hits = HitTable(self.arg_names, self.keys, fn.run, self)
-        self._feasible: list[Any] | None = None  # see _space_feasible
-        self._feasible_configs: dict[int, Any] = {}  # index in _feasible -> its Config, made on first use
+        self._listing = (
+            SpaceListing(self.space, self.config_index, lambda: self.page().platform)
+            if self.space is not None
+            else None
+        )
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
@@ -188,20 +199,6 @@ class Autotuner(_compat.TritonAutotuner):
         )
         if self._single:
             self._hits.serve_always(self._hits.hit(self.configs[0], self.counters.hits))
-
-    def _check_names(self) -> None:
-        for what, names in (
-            ("key", self.keys),
-            ("reset_to_zero", self.reset_to_zero),
-            ("restore_value", self.restore_value),
-        ):
-            unknown = [n for n in names if n not in self.arg_names]
-            if unknown:
-                raise ConfigurationError(
-                    f"tunebook.autotune: {what} names {', '.join(map(repr, unknown))}, which "
-                    f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of kernel "
-                    f"{self.base_fn.__name__}({', '.join(self.arg_names)}). Use the kernel's argument names."
-                )
 
     @property
     def _single(self) -> bool:
@@ -410,37 +407,8 @@ class Autotuner(_compat.TritonAutotuner):
     def _candidates(self, call: Call) -> list[Any]:
         """The configs this call may run: the list or the Space's feasible configs, pruned as
         Triton prunes, one per config id."""
-        if self.space is None:
-            configs = self.configs
-        else:
-            named = call.named
-            allows, feasible = self.space.allows_args, self._space_feasible()
-            configs = [self._feasible_config(i) for i, c in enumerate(feasible) if allows(c, named)]
-            if not configs:
-                raise ConfigurationError(
-                    f"tunebook.autotune: the Space of {self.label} has no feasible config for this call "
-                    f"({', '.join(f'{k}={v!r}' for k, v in named.items() if not hasattr(v, 'dtype'))}); "
-                    "loosen its constraints or arg_constraints."
-                )
+        configs = self.configs if self._listing is None else self._listing.allowed(call.named, self.label)
         return self.config_index.unique(self.prune_configs(call.kwargs, configs))
-
-    def _space_feasible(self) -> list[Any]:
-        """The Space's candidates this platform allows, listed once: listing a Space of
-        thousands costs tens of ms, which every first call of a key used to pay (in serve
-        mode too, where the answer is one book read). Their Configs are made only when a
-        call first allows them (``_feasible_config``): most calls allow a small part."""
-        if self._feasible is None:
-            assert self.space is not None
-            self._feasible = self.space.candidates(platform=self.page().platform)
-        return self._feasible
-
-    def _feasible_config(self, index: int) -> Any:
-        config = self._feasible_configs.get(index)
-        if config is None:
-            assert self.space is not None and self._feasible is not None
-            config = self.config_index.from_space(self.space, self._feasible[index])
-            self._feasible_configs[index] = config
-        return config
 
     def declares(self, record: Mapping[str, Any]) -> bool:
         """Whether a config as the book stores it is one of this kernel's: in its list, or a
@@ -467,27 +435,14 @@ class Autotuner(_compat.TritonAutotuner):
 
     def prune_configs(self, kwargs: dict[str, Any], configs: list[Any] | None = None) -> list[Any]:
         """Triton's pruning: ``early_config_prune``, then the top-k of ``perf_model``."""
-        pruned = self.configs if configs is None else configs
-        nargs = self.nargs or {}
-        if self.early_config_prune:
-            pruned = self.early_config_prune(pruned, nargs, **kwargs)
-            if not pruned:
-                raise ConfigurationError(
-                    "tunebook.autotune: early_config_prune returned no configs for this call; it must "
-                    "return at least one config."
-                )
-        if self.perf_model:
-            top_k = self.configs_top_k
-            if isinstance(top_k, float) and top_k <= 1.0:
-                top_k = max(1, int(len(pruned) * top_k))
-            elif not isinstance(top_k, int):
-                raise TypeError(
-                    "Error while pruning configs, top_k must be either 1) a float <= 1.0 or 2) an int"
-                )
-            if len(pruned) > top_k:
-                est = {cfg: self.perf_model(**nargs, **kwargs, **cfg.all_kwargs()) for cfg in pruned}
-                pruned = sorted(est, key=lambda c: est[c])[:top_k]
-        return list(pruned)
+        return prune(
+            self.configs if configs is None else configs,
+            self.nargs or {},
+            kwargs,
+            self.early_config_prune,
+            self.perf_model,
+            self.configs_top_k,
+        )
 
     def warmup(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Compile every candidate config for these arguments (as Triton's Autotuner.warmup)."""
@@ -507,13 +462,7 @@ class Autotuner(_compat.TritonAutotuner):
     def kernel_identity(self) -> KernelIdentity:
         """This kernel as a book names it (name, source hash, key names), whatever the
         platform: what ``tunebook prune`` compares, without asking for a GPU."""
-        if self._kernel is None:  # hashing the source and what it calls takes ~10 ms a kernel
-            self._kernel = KernelIdentity(
-                self.options.name or _fingerprint.kernel_name(self.fn),
-                _fingerprint.kernel_hash(self.fn),
-                _buckets.identity(self.keys),
-            )
-        return self._kernel
+        return self._home.kernel_identity()
 
     def identity(self) -> _fingerprint.Identity:
         """Who asks the book: this kernel (source hash, key names) on this platform.
@@ -522,45 +471,34 @@ class Autotuner(_compat.TritonAutotuner):
         needs :meth:`kernel_identity` alone). Touches no GPU driver (the timer is named, not
         made), but reads the device's identity.
         """
-        return _fingerprint.identify(self.kernel_identity(), self._timer_factory()[1])
+        return self._home.identity()
 
     def page(self) -> Page:
         """This kernel's page of the book for this platform (opened on first use)."""
-        if self._page is None:
-            ident = self.identity()
-            book = Book.from_env(self.options.book_dirs())
-            self._page = book.open(
-                ident.kernel, {**ident.platform, "id": ident.platform_id}, ident.slug, ident.platform_id
-            )
-        return self._page
+        return self._home.page()
 
     def imported_tables(self, device: str | None = None) -> list[TablePage]:
         """The imported tables ``tables=`` names, from the book's directories, read once per
         process: with ``device``, that GPU's only (serve mode), else every GPU's (tuning)."""
-        tables = self.options.tables
-        if tables is None:
-            return []
-        slot = "device" if device is not None else "all"
-        if slot not in self._tables:
-            self._tables[slot] = load_tables(tables, self.page().book.directories(), device)
-        return self._tables[slot]
-
-    def _timer_factory(self) -> tuple[Callable[[], Timers], str]:
-        if self._timer_choice is None:
-            self._timer_choice = choose_timers(
-                self._user_do_bench,
-                self.num_warmups,
-                self.num_reps,
-                self.use_cuda_graph,
-                self.options.adaptive,
-            )
-        return self._timer_choice
+        return self._home.imported_tables(device)
 
     def timers(self) -> Timers:
         """The timers a tuning of this kernel uses (made on first use: may touch the GPU driver)."""
-        if self._timers is None:
-            self._timers = self._timer_factory()[0]()
-        return self._timers
+        return self._home.timers()
+
+
+def _check_names(
+    base_fn: Any, arg_names: list[str], keys: list[str], reset_to_zero: list[str], restore_value: list[str]
+) -> None:
+    """Every argument name the decorator was given must be one of the kernel's."""
+    for what, names in (("key", keys), ("reset_to_zero", reset_to_zero), ("restore_value", restore_value)):
+        unknown = [n for n in names if n not in arg_names]
+        if unknown:
+            raise ConfigurationError(
+                f"tunebook.autotune: {what} names {', '.join(map(repr, unknown))}, which "
+                f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of kernel "
+                f"{base_fn.__name__}({', '.join(arg_names)}). Use the kernel's argument names."
+            )
 
 
 def _required_key_arguments(base_fn: Callable[..., Any], fn: Any, keys: Sequence[str]) -> list[str]:

@@ -19,11 +19,12 @@ True
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _compat
 from ._book import config_id, config_record
+from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._space import Space
@@ -99,3 +100,34 @@ class ConfigIndex:
             self._meta = (names, index, len(self._by_id))
         names, index, _ = self._meta
         return index.get(tuple(meta.get(n) for n in names))
+
+
+def prune(
+    configs: Sequence[Any],
+    nargs: Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+    early_config_prune: Callable[..., Any] | None,
+    perf_model: Callable[..., Any] | None,
+    top_k: int | float,
+) -> list[Any]:
+    """Triton's pruning, as ``Autotuner.prune_configs`` applies it: ``early_config_prune``,
+    then the ``top_k`` configs ``perf_model`` estimates fastest."""
+    pruned = list(configs)
+    if early_config_prune:
+        pruned = early_config_prune(pruned, nargs, **kwargs)
+        if not pruned:
+            raise ConfigurationError(
+                "tunebook.autotune: early_config_prune returned no configs for this call; it must "
+                "return at least one config."
+            )
+    if perf_model:
+        if isinstance(top_k, float) and top_k <= 1.0:
+            top_k = max(1, int(len(pruned) * top_k))
+        elif not isinstance(top_k, int):
+            raise TypeError(
+                "Error while pruning configs, top_k must be either 1) a float <= 1.0 or 2) an int"
+            )
+        if len(pruned) > top_k:
+            est = {cfg: perf_model(**nargs, **kwargs, **cfg.all_kwargs()) for cfg in pruned}
+            pruned = sorted(est, key=lambda c: est[c])[:top_k]
+    return list(pruned)

@@ -152,7 +152,7 @@ def test_open_books_opens_every_kernels_page_so_a_first_call_hashes_no_source(mo
     assert k.open_books() == 0
     monkeypatch.delenv("TUNEBOOK_MODE")
     assert k.open_books() == len(_common.kernels()) == 10  # two each for fused_moe and linear
-    assert all(kernel._page is not None for kernel in _common.kernels())
+    assert all(kernel._home.opened is not None for kernel in _common.kernels())
 
     def refuse(fn):
         raise AssertionError("a kernel's source was hashed after open_books()")

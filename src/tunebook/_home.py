@@ -1,0 +1,80 @@
+"""Where a kernel's decisions are kept: its identity, its page of the book, the imported
+tables it reads and the timers its tunings use.
+
+Each is made once per autotuner, on first use, because each costs something a hit must
+never pay: hashing the source and what it calls (~10 ms a kernel), opening the book,
+reading imported tables, touching the GPU driver for timers. :class:`~tunebook.Autotuner`
+holds one ``KernelHome`` and answers ``identity()``, ``page()``, ``imported_tables()`` and
+``timers()`` from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import _buckets, _fingerprint
+from ._bench import Timers, choose_timers
+from ._book import Book, KernelIdentity, Page
+from ._options import Options
+from ._tables import TablePage
+from ._tables import load as load_tables
+
+TimerSettings = Callable[[], tuple[Any, int | None, int | None, bool, bool]]
+"""(do_bench, warmup, rep, use_cuda_graph, adaptive), read when the timers are first chosen:
+Triton's attributes of the autotuner, which a caller may still change after decorating."""
+
+
+class KernelHome:
+    def __init__(self, fn: Any, keys: list[str], options: Options, timer_settings: TimerSettings) -> None:
+        self._fn = fn
+        self._keys = keys
+        self._options = options
+        self._timer_settings = timer_settings
+        self.opened: Page | None = None  # the page, once opened
+        self._kernel: KernelIdentity | None = None
+        self._tables: dict[str, list[TablePage]] = {}
+        self._timer_choice: tuple[Callable[[], Timers], str] | None = None
+        self._timers: Timers | None = None
+
+    def kernel_identity(self) -> KernelIdentity:
+        """The kernel as a book names it (name, source hash, key names), whatever the platform."""
+        if self._kernel is None:
+            self._kernel = KernelIdentity(
+                self._options.name or _fingerprint.kernel_name(self._fn),
+                _fingerprint.kernel_hash(self._fn),
+                _buckets.identity(self._keys),
+            )
+        return self._kernel
+
+    def identity(self) -> _fingerprint.Identity:
+        """The kernel on this platform; names the timer without making it (no GPU driver call)."""
+        return _fingerprint.identify(self.kernel_identity(), self._timer_factory()[1])
+
+    def page(self) -> Page:
+        if self.opened is None:
+            ident = self.identity()
+            book = Book.from_env(self._options.book_dirs())
+            self.opened = book.open(
+                ident.kernel, {**ident.platform, "id": ident.platform_id}, ident.slug, ident.platform_id
+            )
+        return self.opened
+
+    def imported_tables(self, device: str | None) -> list[TablePage]:
+        tables = self._options.tables
+        if tables is None:
+            return []
+        slot = "device" if device is not None else "all"
+        if slot not in self._tables:
+            self._tables[slot] = load_tables(tables, self.page().book.directories(), device)
+        return self._tables[slot]
+
+    def _timer_factory(self) -> tuple[Callable[[], Timers], str]:
+        if self._timer_choice is None:
+            self._timer_choice = choose_timers(*self._timer_settings())
+        return self._timer_choice
+
+    def timers(self) -> Timers:
+        if self._timers is None:
+            self._timers = self._timer_factory()[0]()
+        return self._timers
