@@ -29,23 +29,20 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from .._book import Book, Entry, KernelIdentity, Page, Result, now_iso
+from .._book import Entry, Result, now_iso
 from .._errors import BookFormatError, TunebookError
 from .._optional import require
-from .._version import __version__
 from .._worker import DEFAULT_TIMEOUT_S
 from .actor import SweepActor, forwarded_environment
 from .schedule import KeySearch, Plan, Sweep, Unit
+from .writer import BookWriter, OnResult
 
 log = logging.getLogger("tunebook")
 
 _RUNS = itertools.count()  # sweeps driven by this process (actor names must be unique)
-
-# The driver writes the book at most this often (every result is written: later ones in one go).
-FLUSH_S = 0.5
 
 # How long a worker outlives its actor at most (it checks its parent every 0.2 s), with margin.
 ORPHAN_EXIT_S = 1.0
@@ -126,9 +123,6 @@ class SweepReport:
         return [k for k in self.keys if k.state != "done"]
 
 
-OnResult = Callable[[dict[str, Any], Page, str, str, Sequence[Any], Result], None]
-
-
 @dataclass
 class _Slot:
     actor: Any
@@ -181,34 +175,6 @@ def _listing(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{n} x {g}" for g, n in sorted(counts.items()))
 
 
-class _Pages:
-    """The driver's book pages, one per (kernel books, page file), opened once."""
-
-    def __init__(self, jobs: Sequence[Mapping[str, Any]]) -> None:
-        self.jobs = jobs
-        self.pages: dict[tuple[tuple[str, ...], str], Page] = {}
-
-    def of(self, key: KeySearch) -> Page:
-        assert key.plan is not None
-        books = tuple(str(b) for b in self.jobs[key.job].get("books", ()))
-        spec = key.plan.page
-        kernel = spec["kernel"]
-        identity = KernelIdentity(str(kernel["name"]), str(kernel["hash"]), tuple(kernel["key"]))
-        book = Book.from_env(books)
-        name = (books, _file_name(identity, spec))
-        if name not in self.pages:
-            self.pages[name] = book.open(
-                identity, dict(spec["platform"]), str(spec["slug"]), str(spec["platform_id"])
-            )
-        return self.pages[name]
-
-
-def _file_name(identity: KernelIdentity, spec: Mapping[str, Any]) -> str:
-    from .._book import book_file_name
-
-    return book_file_name(identity, str(spec["slug"]), str(spec["platform_id"]))
-
-
 def run_sweep(
     jobs: Sequence[dict[str, Any]],
     options: SweepOptions = SweepOptions(),
@@ -258,7 +224,7 @@ class _Driver:
         on_event: Callable[[str], None] | None,
     ) -> None:
         self.ray, self.jobs, self.options = ray, jobs, options
-        self.on_progress, self.on_result = on_progress, on_result
+        self.on_progress = on_progress
         self.say = on_event or (lambda text: log.warning("tunebook: %s", text))
         self.remote = ray.remote(SweepActor)
         self.env = forwarded_environment(os.environ, os.getcwd())
@@ -268,15 +234,13 @@ class _Driver:
         self.slots: dict[Any, _Slot] = {}  # by the actor's ready() ref's actor
         self.starting: dict[Any, Any] = {}  # ready() ref -> actor
         self.since: dict[Any, float] = {}  # ready() ref -> when its actor was asked for
-        self.pages = _Pages(jobs)
+        self.writer = BookWriter(jobs, on_result)
+        self.pages = self.writer.pages
         self.report = SweepReport()
         self.seen: dict[tuple[str, str, str], int] = {}  # (page, key) -> key number that has it
         self.replacements = 0
         self.run_id = next(_RUNS)
         self.first_result: float | None = None
-        self.unwritten: dict[Page, dict[str, Entry]] = {}
-        self.flushed = 0.0
-        self.flush_gap = FLUSH_S
         self.sweep: Sweep | None = None
 
     # ------------------------------------------------------------------ actors
@@ -354,7 +318,7 @@ class _Driver:
         """Write what is unwritten (also on Ctrl-C), end every actor and its worker, and fold
         the journals of this node's workers into the book (they hold nothing new by then, at
         the end of a sweep; after Ctrl-C, what they finished that did not reach us)."""
-        self._flush(force=True)
+        self.writer.flush(force=True)
         closing = [slot.actor.close.remote() for slot in self.slots.values()]
         with contextlib.suppress(Exception):
             self.ray.wait(closing, num_returns=len(closing), timeout=15)
@@ -396,11 +360,11 @@ class _Driver:
                     self._started(ref, groups)
                 elif ref in where and where[ref].actor in self.slots:
                     self._arrived(ref, where[ref], sweep)
-            self._flush()
+            self.writer.flush()
             if self.on_progress is not None and time.monotonic() - last_progress > 0.25:
                 self.on_progress(self.progress())
                 last_progress = time.monotonic()
-        self._flush(force=True)
+        self.writer.flush(force=True)
         if self.on_progress is not None:
             self.on_progress(self.progress())
         self.report.seconds = time.monotonic() - start
@@ -569,47 +533,10 @@ class _Driver:
     # ------------------------------------------------------------------ persisting, reporting
 
     def _persist(self, key: KeySearch, fresh: dict[str, Result], chosen: str | None, seconds: float) -> None:
-        """Queue news for the book; :meth:`_flush` writes them (at once for a decision)."""
-        plan = key.plan
-        assert plan is not None
-        page = self.pages.of(key)
-        stamp = now_iso()
+        """News from the schedule for the book, queued; the loop's next flush writes them."""
         if fresh and self.first_result is None:
             self.first_result = time.monotonic()
-        entry = Entry(
-            key=plan.key,
-            results=fresh,
-            tuning_seconds=seconds,
-            tuned_at=stamp,
-            updated_at=stamp,
-            tunebook=__version__,
-            chosen=chosen or "",
-            first=plan.ids[0] if plan.ids else "",
-            reopens=key.reopens,
-        )
-        news = self.unwritten.setdefault(page, {})
-        before = news.get(plan.key_text)
-        news[plan.key_text] = entry.merged_over(before) if before is not None else entry
-        if chosen is not None:
-            news[plan.key_text] = replace(news[plan.key_text], chosen=chosen)
-        if self.on_result is not None:
-            for cid, result in fresh.items():
-                self.on_result(self.jobs[key.job], page, plan.key_text, cid, plan.key, result)
-
-    def _flush(self, force: bool = False) -> None:
-        """Write what arrived since the last write, one write per page. Each write of a page
-        rewrites its file (merge-on-write), so a driver taking results from many GPUs writes
-        at most every FLUSH_S, or twice as long as the last write took (a large page): the
-        more results arrive, the more each write carries, and the driver spends at most a
-        third of its time writing."""
-        if not self.unwritten or (not force and time.monotonic() - self.flushed < self.flush_gap):
-            return
-        start = time.monotonic()
-        unwritten, self.unwritten = self.unwritten, {}
-        for page, entries in unwritten.items():
-            page.record_many(entries)
-        self.flushed = time.monotonic()
-        self.flush_gap = max(FLUSH_S, 2 * (self.flushed - start))
+        self.writer.queue(key, fresh, chosen, seconds)
 
     def progress(self) -> SweepProgress:
         sweep = self.sweep
