@@ -5,6 +5,7 @@ page is read from disk, from the writable book or a read-only one (shipped books
 
 from __future__ import annotations
 
+import pytest
 import triton
 import triton.language as tl
 
@@ -216,3 +217,87 @@ def test_a_gained_parameter_without_a_default_seeds_nothing(book_dir):
     """Which UNROLL the old version ran is unknown: the search starts from the declared order."""
     run(tuned(add_kernel, Replay(TIMES)), 300)
     assert run_unrolled(add_kernel_unrolled_no_default, max_configs=3) == [(32, 2), (64, 2), (128, 2)]
+
+
+# -- serve mode: a key this page lacks, answered from the kernel's other pages of this GPU
+
+
+def tuned_under_an_old_release(monkeypatch, fn=add_kernel, times=TIMES, n=300):  # type: ignore[no-untyped-def]
+    """Tune ``fn`` at ``n`` as if under Triton 3.0.0 and an older runtime (another platform)."""
+    from tunebook import _compat
+
+    identity = _compat.device_identity()
+    with monkeypatch.context() as patched:
+        patched.setattr(_compat, "TRITON_VERSION", "3.0.0")
+        patched.setattr(_compat, "device_identity", lambda: {**identity, "runtime": "an older one"})
+        run(tuned(fn, Replay(times)), n)
+
+
+def served_block(kernel, n: int) -> int:  # type: ignore[no-untyped-def]
+    run(kernel, n)
+    return int(kernel.best_config.kwargs["BLOCK"])
+
+
+def test_after_a_triton_upgrade_serve_mode_answers_a_key_with_its_winner_under_the_old_release(
+    book_dir, monkeypatch
+):
+    """A fleet that upgrades Triton before re-tuning serves what the old search found for each
+    key on this GPU (not the first config, which nothing else here would improve on),
+    benchmarking nothing, and says so once."""
+    tuned_under_an_old_release(monkeypatch)  # n=300: 64 fastest
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    kernel = tuned(add_kernel, Replay(TIMES))
+    with pytest.warns(tunebook.BookWarning, match="another Triton release or runtime"):
+        assert served_block(kernel, 300) == 64
+    stats = tunebook.stats()
+    assert stats["benchmarked"] == 0 and stats["upgrade_answers"] == 1 and stats["fallbacks"] == 1
+    assert served_block(tuned(add_kernel, Replay(TIMES)), 4000) == 32  # a key it lacks: the first config
+
+
+def test_the_old_releases_winner_for_the_key_ranks_before_a_neighbours_and_the_rule(book_dir, monkeypatch):
+    tuned_under_an_old_release(monkeypatch)  # n=300: 64
+    run(tuned(add_kernel, Replay({**TIMES, 256: 0.5})), 4000)  # this release, n=4000: 256
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    assert served_block(tuned(add_kernel, Replay(TIMES)), 300) == 64
+    rule = tuned(add_kernel, Replay(TIMES), prefer_nearest=True, fallback=lambda key, configs: configs[-1])
+    assert served_block(rule, 300) == 64  # prefer_nearest: the rule is asked last
+    assert served_block(tuned(add_kernel, Replay(TIMES)), 5000) == 256  # only the neighbour has it
+
+
+def test_another_gpus_old_release_answers_nothing(book_dir, monkeypatch):
+    from tunebook import _compat
+
+    identity = _compat.device_identity()
+    with monkeypatch.context() as patched:
+        patched.setattr(_compat, "TRITON_VERSION", "3.0.0")
+        patched.setattr(_compat, "device_identity", lambda: {**identity, "device": "Another GPU"})
+        run(tuned(add_kernel, Replay(TIMES)), 300)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    assert served_block(tuned(add_kernel, Replay(TIMES)), 300) == 32
+    assert tunebook.stats()["upgrade_answers"] == 0
+
+
+def test_an_edited_kernels_old_winner_for_the_key_ranks_after_a_neighbouring_keys(book_dir, monkeypatch):
+    """An edit may move the best tile: a neighbour of the same source is the better guess, and
+    the old source's winner answers only where nothing of this source does."""
+    run(tuned(add_kernel, Replay(TIMES)), 300)  # the old source, n=300: 64
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    assert served_block(tuned(add_kernel_edited, Replay(TIMES)), 300) == 64
+    monkeypatch.setenv("TUNEBOOK_MODE", "tune")
+    run(tuned(add_kernel_edited, Replay({**TIMES, 256: 0.5})), 4000)  # the new source, n=4000: 256
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    assert served_block(tuned(add_kernel_edited, Replay(TIMES)), 300) == 256
+    assert tunebook.stats()["upgrade_answers"] == 0
+
+
+def test_an_old_winner_is_served_under_this_versions_name_for_it(book_dir, monkeypatch):
+    """The old BLOCK=64 is this version's BLOCK=64,UNROLL=1 (UNROLL's default)."""
+    run(tuned(add_kernel, Replay(TIMES)), 300)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    configs = [triton.Config({"BLOCK": b, "UNROLL": u}) for u in (2, 1) for b in TIMES]
+    kernel = tunebook.autotune(configs, key=["n"], name="add", do_bench=Replay(TIMES))(add_kernel_unrolled)
+    x, y, out = vectors(300)
+    kernel[lambda meta: (triton.cdiv(300, meta["BLOCK"] * meta["UNROLL"]),)](x, y, out, 300)
+    assert out.eq(x + y).all()
+    assert kernel.best_config.kwargs == {"BLOCK": 64, "UNROLL": 1}

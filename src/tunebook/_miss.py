@@ -189,11 +189,26 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     last = miss.tuner.options.prefer_nearest
     picked = None if last else _user_fallback(miss)
     table = None
+    upgraded: list[tuple[str, str]] = []
+    edited: list[tuple[str, str]] = []
     if picked is None and (entry is None or entry.best(miss.ids) is None):  # only where it is asked
         table = _table_answer(miss, str(page.platform.get("device", "")))
-    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked, table)
+        if table is None:
+            upgraded, edited = _other_versions_answers(miss, page)
+    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked, table, upgraded, edited)
     if table is not None and cid == table[0]:
         _stats.add("table_answers")
+    if upgraded and (cid, how) == upgraded[0]:
+        _stats.add("upgrade_answers")
+        _warnings.warn_once(
+            f"upgraded:{miss.tuner.label}",
+            "tunebook: %s: this page (%s) lacks keys that a page of this GPU under another Triton "
+            "release or runtime holds; serving their winners there, tuned under that release. Tune "
+            "this release's page to serve its own: each key's search measures the old winners "
+            "first (said once per kernel).",
+            miss.tuner.label,
+            f"Triton {page.platform.get('triton', '?')}, {page.platform.get('runtime', '?')}",
+        )
     if cid is None and last:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.
@@ -206,6 +221,29 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     )
     _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
     return Resolution(cid, "served", entry)
+
+
+def _other_versions_answers(miss: Miss, page: Page) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(config id, how) of this key's winners in the kernel's other pages of this GPU: under
+    another Triton release or runtime, and of another source on this platform (``Page.
+    versions_on_this_gpu``), in this version's config ids (``renamed_configs``)."""
+    edited, upgraded = page.versions_on_this_gpu(miss.key)
+    if not edited and not upgraded:
+        return [], []
+    earlier = [*edited, *(entry for entry, _ in upgraded)]
+    renamed = renamed_configs(miss.tuner, earlier, miss.ids, miss.candidates)
+    allowed = [*miss.ids, *renamed]
+
+    def winner(entry: Entry) -> str | None:
+        cid = entry.best(allowed)
+        return renamed.get(cid, cid) if cid is not None else None
+
+    after_upgrade = [(winner(e), f"this key's winner under {under} on this GPU") for e, under in upgraded]
+    after_edit = [(winner(entry), "this key's winner for another source of the kernel") for entry in edited]
+    return (
+        [(cid, how) for cid, how in after_upgrade if cid is not None],
+        [(cid, how) for cid, how in after_edit if cid is not None],
+    )
 
 
 def _near(miss: Miss, page: Page) -> list[Entry]:

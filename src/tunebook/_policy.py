@@ -218,13 +218,26 @@ def serve_choice(
     nearest: Sequence[Entry],
     picked: str | None = None,
     table: tuple[str, str] | None = None,
+    upgraded: Sequence[tuple[str, str]] = (),
+    edited: Sequence[tuple[str, str]] = (),
 ) -> tuple[str | None, str]:
     """(config id, how it was chosen) for ``serve`` mode; None means the first candidate.
 
     ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``;
-    ``table`` the (id, how) an imported table of this GPU gives. With
-    ``prefer_nearest=`` the caller asks without it first, and with it alone (no entry, no
-    nearest keys) only when that answers None.
+    ``table`` the (id, how) an imported table of this GPU gives; ``upgraded`` the (id, how)
+    of this key's winners under another Triton release or runtime on this GPU, ``edited``
+    those of another source of the kernel on this platform. With ``prefer_nearest=`` the
+    caller asks without ``picked`` first, and with it alone (nothing else) only when that
+    answers None.
+
+    The order is the strength of the evidence: the key's own results; a table tuned on this
+    GPU for the key; the key's winner on this GPU under the Triton release before an
+    upgrade (the same source compiled by another release: what a fleet that upgraded
+    without re-tuning has); a neighbouring key's winner; the key's winner for an edited
+    source (an edit may move the best tile, a neighbour of the same source less so).
+
+    >>> serve_choice(["a", "b"], None, [], upgraded=[("b", "this key's winner under Triton 3.5")])
+    ('b', "this key's winner under Triton 3.5")
     """
     if picked is not None and picked in ids:
         return picked, "the config chosen by fallback="
@@ -233,8 +246,14 @@ def serve_choice(
         return own, "the best of its own partial results"
     if table is not None and table[0] in ids:
         return table
+    for cid, how in upgraded:
+        if cid in ids:
+            return cid, how
     for other in nearest:
         best = other.best(ids)
         if best is not None:
             return best, f"the winner of the nearest remembered key {list(other.key)}"
+    for cid, how in edited:
+        if cid in ids:
+            return cid, how
     return None, "the first config (nothing comparable remembered for this kernel on this platform)"

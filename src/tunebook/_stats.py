@@ -22,6 +22,7 @@ _totals = {
     "compile_seconds": 0.0,
     "group_wait_seconds": 0.0,
     "table_answers": 0,
+    "upgrade_answers": 0,
 }
 _SECONDS = ("tuning_seconds", "compile_seconds", "group_wait_seconds")
 _counters: weakref.WeakSet[Counters] = weakref.WeakSet()
@@ -79,11 +80,14 @@ def stats() -> dict[str, float]:
       batch, or to deal the next one.
     * ``table_answers`` — keys served in ``serve`` mode by an imported table of this GPU
       (``tables=``); each is also a miss, and its calls fallbacks.
+    * ``upgrade_answers`` — keys served in ``serve`` mode by their winner on this GPU under
+      another Triton release or runtime (the page of this one lacks them: an upgrade not yet
+      re-tuned); each is also a miss, and its calls fallbacks.
 
     >>> import tunebook
     >>> sorted(tunebook.stats())  # doctest: +NORMALIZE_WHITESPACE
     ['benchmarked', 'book_hits', 'compile_seconds', 'failures', 'fallbacks', 'group_wait_seconds',
-     'hits', 'misses', 'table_answers', 'tuning_seconds']
+     'hits', 'misses', 'table_answers', 'tuning_seconds', 'upgrade_answers']
     """
     with _lock:
         live = list(_counters)

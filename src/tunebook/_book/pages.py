@@ -406,14 +406,23 @@ class Page:
         finds what changed). As for siblings, each page is asked for this key only, and the
         Redis book is not searched.
         """
+        edited, upgraded = self.versions_on_this_gpu(key)
+        return [*edited, *(entry for entry, _ in upgraded)]
+
+    def versions_on_this_gpu(self, key: Sequence[Any]) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+        """:meth:`other_versions` in its two groups: (entries of another source hash on this
+        platform, (entry, the Triton release and runtime it was tuned under) of this GPU and
+        timer under another release or runtime), each newest first. Serve mode ranks them
+        apart: an old release's winner for the key is better evidence than a neighbouring
+        key's; an edited kernel's old winner is not."""
         own = page_dir_name(self.file_name)
         cut = own.find(f"--{self.kernel.id}--")
         if cut < 0:
-            return []
+            return [], []
         here = _fingerprint(self.platform)
         this_gpu = _fingerprint(self.platform, "triton", "runtime")  # the GPU and the timer
         this_release: list[tuple[str, Entry]] = []
-        other_release: list[tuple[str, Entry]] = []
+        other_release: list[tuple[str, Entry, str]] = []
         for _, doc, entry in self._other_pages(key, f"{own[:cut]}--*"):
             if doc.kernel.get("name") != self.kernel.name or doc.kernel.get("key") != list(self.kernel.key):
                 continue
@@ -421,12 +430,11 @@ class Page:
                 if doc.kernel.get("hash") != self.kernel.source_hash:
                     this_release.append((entry.updated_at, entry))
             elif _fingerprint(doc.platform, "triton", "runtime") == this_gpu:
-                other_release.append((entry.updated_at, entry))
-        return [
-            entry
-            for group in (this_release, other_release)
-            for _, entry in sorted(group, key=lambda pair: pair[0], reverse=True)
-        ]
+                tuned_under = f"Triton {doc.platform.get('triton', '?')}, {doc.platform.get('runtime', '?')}"
+                other_release.append((entry.updated_at, entry, tuned_under))
+        this_release.sort(key=lambda pair: pair[0], reverse=True)
+        other_release.sort(key=lambda triple: triple[0], reverse=True)
+        return [entry for _, entry in this_release], [(entry, under) for _, entry, under in other_release]
 
     def _other_pages(self, key: Sequence[Any], pattern: str) -> list[tuple[str, Document, Entry]]:
         """(page name, document, entry of ``key``) of every other page matching ``pattern``

@@ -45,8 +45,8 @@ HINTS = {
     "with: an edit, or Triton's own jitted functions (tl.sum, ...) under another Triton version; re-tune "
     "(or ship the book tuned from this source and Triton)",
     "key": "the autotune key= list changed; re-tune",
-    "triton": "tuned with another Triton version; re-tune with this one, or pin the Triton the book was "
-    "tuned with",
+    "triton": "tuned with another Triton version; re-tune with this one (on the same GPU and timer its keys "
+    "seed the search and answer serve mode until then), or pin the Triton the book was tuned with",
     "device": "tuned on another GPU model; tune on this one or ship a book from one",
     "timer": "tuned with another timer (do_bench=, use_cuda_graph=, warmup/rep, or the interpreter)",
     "runtime": "tuned under another CUDA/ROCm runtime",
