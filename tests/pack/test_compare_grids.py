@@ -117,3 +117,31 @@ def test_long_contexts_are_also_counted_against_a_copy_of_their_own_bytes(tmp_pa
     old_line = next(line for line in done.stdout.splitlines() if line.startswith("old: "))
     assert "under 0.70 of copy 2 of 2; of a copy of the same bytes 1 of 2; benchmarked" in new_line
     assert "same bytes" not in old_line
+
+
+PICTURE = SCRIPT.with_name("grid_picture.py")
+
+
+def test_the_grid_picture_is_drawn_from_the_runs_and_counts_the_targets(tmp_path: Path) -> None:
+    """grid_picture.py: runs combined per cell by the geometric mean, both targets counted,
+    a PNG written; a file of another op is refused with the reason."""
+    first = grid(
+        tmp_path / "a.json",
+        [row((8, 1), 1, 8192, 1.2, 0.50), row((8, 1), 16, 8192, 0.9, 0.80), row((32, 8), 16, 512, 1.1, 0.3)],
+    )
+    second = grid(tmp_path / "b.json", [row((8, 1), 16, 8192, 1.21, 0.80)])  # that cell: sqrt(0.9 * 1.21) > 1
+    out = tmp_path / "grid.png"
+    done = subprocess.run(
+        [sys.executable, str(PICTURE), "--runs", first, second, "--out", out], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "3 cells; batch >= 8 at SDPA or better 2 of 2; contexts >= 8192 at 0.70 of copy or more 1 of 2"
+        in done.stdout
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    varlen = grid(tmp_path / "v.json", [row((8, 1), 1, 512, 1.0, 0.1)], op="varlen_attention")
+    refused = subprocess.run(
+        [sys.executable, str(PICTURE), "--runs", varlen, "--out", out], capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "not a paged_attention_decode grid" in refused.stderr
