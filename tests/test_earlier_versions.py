@@ -301,3 +301,94 @@ def test_an_old_winner_is_served_under_this_versions_name_for_it(book_dir, monke
     kernel[lambda meta: (triton.cdiv(300, meta["BLOCK"] * meta["UNROLL"]),)](x, y, out, 300)
     assert out.eq(x + y).all()
     assert kernel.best_config.kwargs == {"BLOCK": 64, "UNROLL": 1}
+
+
+# -- serve mode on a GPU without a page: another GPU of this architecture's winner
+
+
+def tuned_on(monkeypatch, device: str, arch: str | None = None, times=TIMES, n: int = 300) -> None:  # type: ignore[no-untyped-def]
+    """Tune add_kernel at ``n`` as if on ``device`` (of this architecture unless ``arch``)."""
+    from tunebook import _compat
+
+    identity = _compat.device_identity()
+    elsewhere = {**identity, "device": device, **({"arch": arch} if arch else {})}
+    with monkeypatch.context() as patched:
+        patched.setattr(_compat, "device_identity", lambda: elsewhere)
+        run(tuned(add_kernel, Replay(times)), n)
+
+
+def test_a_gpu_without_a_page_serves_the_winner_of_another_gpu_of_its_architecture(book_dir, monkeypatch):
+    """A book shipped for one GPU answers serve mode on another of the same architecture and
+    Triton (its configs compile and run there) rather than the first config, and says so once."""
+    tuned_on(monkeypatch, "NVIDIA H200")  # n=300: 64
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    with pytest.warns(tunebook.BookWarning, match="a GPU of the same architecture"):
+        assert served_block(tuned(add_kernel, Replay(TIMES)), 300) == 64
+    stats = tunebook.stats()
+    assert stats["benchmarked"] == 0 and stats["same_arch_answers"] == 1 and stats["upgrade_answers"] == 0
+
+
+def test_another_architectures_page_answers_nothing(book_dir, monkeypatch):
+    tuned_on(monkeypatch, "Another GPU", arch="another arch")
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    assert served_block(tuned(add_kernel, Replay(TIMES)), 300) == 32
+    assert tunebook.stats()["same_arch_answers"] == 0
+
+
+def test_this_gpus_neighbouring_key_ranks_before_another_gpus_winner_for_the_key(book_dir, monkeypatch):
+    tuned_on(monkeypatch, "NVIDIA H200")  # n=300: 64
+    run(tuned(add_kernel, Replay({**TIMES, 256: 0.5})), 4000)  # this GPU, n=4000: 256
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    assert served_block(tuned(add_kernel, Replay(TIMES)), 300) == 256
+    assert tunebook.stats()["same_arch_answers"] == 0
+
+
+# -- a served config that cannot compile for the call is set aside, and the call served
+
+
+@triton.jit
+def add_kernel_limited(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, LIMIT: tl.constexpr):
+    """out = x + y, for blocks of at most LIMIT (a constraint the key does not see)"""
+    tl.static_assert(BLOCK <= LIMIT)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
+def run_limited(kernel, n: int, limit: int) -> None:  # type: ignore[no-untyped-def]
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n, LIMIT=limit)
+    assert out.eq(x + y).all()
+
+
+def test_a_served_config_that_cannot_compile_here_is_set_aside_and_the_call_served(book_dir, monkeypatch):
+    """Another GPU's winner (128) fails this call's static assertion before anything runs:
+    the call is served by the next answer (that GPU's second best, 64), and later calls of
+    the key too, without another failure."""
+    from tunebook import _compat
+
+    identity = _compat.device_identity()
+    with monkeypatch.context() as patched:
+        patched.setattr(_compat, "device_identity", lambda: {**identity, "device": "NVIDIA H200"})
+        run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)  # 128, 64
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    with pytest.warns(tunebook.BookWarning, match="BLOCK=128.*cannot run here"):
+        run_limited(kernel, 300, limit=64)
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+    run_limited(kernel, 300, limit=64)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, n=300, LIMIT=64)  # the key laid out otherwise: its decision, 64
+    assert out.eq(x + y).all()
+    assert kernel.best_config.kwargs == {"BLOCK": 64} and tunebook.stats()["benchmarked"] == 0
+
+
+def test_a_measured_winner_that_cannot_compile_reaches_the_caller(book_dir, monkeypatch):
+    """The book's own winner for the key is not replaced behind the caller's back: the call's
+    constraint is one its key leaves out, which only the caller can fix."""
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    with pytest.raises(Exception, match="AssertionError"):
+        run_limited(tuned(add_kernel_limited, Replay(TIMES)), 300, limit=64)

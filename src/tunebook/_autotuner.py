@@ -37,6 +37,7 @@ from ._home import KernelHome
 from ._hooks import Hooks
 from ._listing import SpaceListing
 from ._options import Options
+from ._set_aside import SetAside
 from ._space import Space
 from ._tables import TablePage, Tables
 from ._version import __version__
@@ -190,6 +191,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
+        self._unrunnable = SetAside(self.label)  # served configs that cannot compile here
         # Only where a bucket holds calls with different values can two calls of one key have
         # different candidates (a Space's arg_constraints and Triton's pruning see the values).
         self._call_dependent = bool(self._buckets) and bool(
@@ -270,22 +272,39 @@ class Autotuner(_compat.TritonAutotuner):
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         call = Call.bind(self.arg_names, args, kwargs, grid)
-        with self._lock:
-            self.nargs = call.nargs
+        while True:
+            with self._lock:
+                self.nargs = call.nargs
+                try:
+                    config, counter = self._decision(call)
+                    launch_kwargs = call.launch_kwargs(config)
+                    if not self._single:
+                        self._hits.remember(args, kwargs, self._hits.hit(config, counter))
+                    self.best_config = config
+                    if config.pre_hook is not None:
+                        config.pre_hook({**call.nargs, **launch_kwargs})
+                finally:
+                    self.nargs = None
+            # The options as the hits will pass them: one compiled kernel for both (lean_options).
+            options = call.run_kwargs(config, self.option_defaults())
             try:
-                config, counter = self._decision(call)
-                launch_kwargs = call.launch_kwargs(config)
-                if not self._single:
-                    self._hits.remember(args, kwargs, self._hits.hit(config, counter))
-                self.best_config = config
-                if config.pre_hook is not None:
-                    config.pre_hook({**call.nargs, **launch_kwargs})
-            finally:
-                self.nargs = None
-        # The options as the hits will pass them: one compiled kernel for both (lean_options).
-        return self.fn.run(*args, grid=grid, warmup=warmup, **call.run_kwargs(config, self.option_defaults()))
+                return self.fn.run(*args, grid=grid, warmup=warmup, **options)
+            except Exception as exc:
+                served = counter is self.counters.fallbacks
+                if not (served and _compat.is_config_specific_error(exc) and self._set_aside(config, exc)):
+                    raise
 
-    # ------------------------------------------------------------------ deciding
+    def _set_aside(self, config: Any, exc: BaseException) -> bool:
+        """A config served without having been measured for its key cannot compile for this
+        call (``_set_aside.py``): unless the error must reach the caller, forget every
+        decision for it, so that the call is decided again without it."""
+        with self._lock:
+            if not self._unrunnable.add(self.config_index.id_of(config), exc):
+                return False
+            self._hits.forget(config)
+            for key in [k for k, c in self._cache.items() if c is config]:
+                dict.__delitem__(self._cache, key)
+        return True
 
     def _decision(self, call: Call) -> tuple[Any, list[int]]:
         """(config, the counter its calls bump) for this call, by the rule in _hits.py."""
@@ -408,6 +427,8 @@ class Autotuner(_compat.TritonAutotuner):
         """The configs this call may run: the list or the Space's feasible configs, pruned as
         Triton prunes, one per config id."""
         configs = self.configs if self._listing is None else self._listing.allowed(call.named, self.label)
+        if self._unrunnable:
+            configs = [c for c in configs if self.config_index.id_of(c) not in self._unrunnable]
         return self.config_index.unique(self.prune_configs(call.kwargs, configs))
 
     def declares(self, record: Mapping[str, Any]) -> bool:

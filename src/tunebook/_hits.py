@@ -151,6 +151,12 @@ class HitTable:
             with contextlib.suppress(AttributeError, IndexError, TypeError):
                 self.by_position[self.position_key(tuple(args))] = hit.launcher
 
+    def forget(self, config: Any) -> None:
+        """Forget every decision for ``config`` and every memoized hit: calls decide again."""
+        for decision_key in [d for d, (decided, _) in self.decisions.items() if decided is config]:
+            del self.decisions[decision_key]
+        self.clear()
+
     def clear(self) -> None:
         """Forget every memoized hit (in place: the hit path holds the dicts); decisions stay."""
         self.by_position.clear()

@@ -188,27 +188,19 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
     last = miss.tuner.options.prefer_nearest
     picked = None if last else _user_fallback(miss)
+    near = _near(miss, page)
     table = None
     upgraded: list[tuple[str, str]] = []
     edited: list[tuple[str, str]] = []
+    same_arch: list[tuple[str, str]] = []
     if picked is None and (entry is None or entry.best(miss.ids) is None):  # only where it is asked
         table = _table_answer(miss, str(page.platform.get("device", "")))
         if table is None:
             upgraded, edited = _other_versions_answers(miss, page)
-    cid, how = _policy.serve_choice(miss.ids, entry, _near(miss, page), picked, table, upgraded, edited)
-    if table is not None and cid == table[0]:
-        _stats.add("table_answers")
-    if upgraded and (cid, how) == upgraded[0]:
-        _stats.add("upgrade_answers")
-        _warnings.warn_once(
-            f"upgraded:{miss.tuner.label}",
-            "tunebook: %s: this page (%s) lacks keys that a page of this GPU under another Triton "
-            "release or runtime holds; serving their winners there, tuned under that release. Tune "
-            "this release's page to serve its own: each key's search measures the old winners "
-            "first (said once per kernel).",
-            miss.tuner.label,
-            f"Triton {page.platform.get('triton', '?')}, {page.platform.get('runtime', '?')}",
-        )
+        if table is None and not upgraded and all(other.best(miss.ids) is None for other in near):
+            same_arch = _same_arch_answers(miss, page)
+    cid, how = _policy.serve_choice(miss.ids, entry, near, picked, table, upgraded, edited, same_arch)
+    _count_answer(miss, page, (cid, how), table, upgraded, same_arch)
     if cid is None and last:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.
@@ -221,6 +213,54 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     )
     _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
     return Resolution(cid, "served", entry)
+
+
+def _count_answer(
+    miss: Miss,
+    page: Page,
+    answer: tuple[str | None, str],
+    table: tuple[str, str] | None,
+    upgraded: list[tuple[str, str]],
+    same_arch: list[tuple[str, str]],
+) -> None:
+    """Count a serve-mode answer that came from another platform's evidence, and say once per
+    kernel where such answers come from and how to serve this platform's own."""
+    label = miss.tuner.label
+    if table is not None and answer == table:
+        _stats.add("table_answers")
+    elif answer in upgraded:
+        _stats.add("upgrade_answers")
+        _warnings.warn_once(
+            f"upgraded:{label}",
+            "tunebook: %s: this page (%s) lacks keys that a page of this GPU under another Triton "
+            "release or runtime holds; serving their winners there, tuned under that release. Tune "
+            "this release's page to serve its own: each key's search measures the old winners "
+            "first (said once per kernel).",
+            label,
+            f"Triton {page.platform.get('triton', '?')}, {page.platform.get('runtime', '?')}",
+        )
+    elif answer in same_arch:
+        _stats.add("same_arch_answers")
+        _warnings.warn_once(
+            f"same-arch:{label}",
+            "tunebook: %s: no book answers its keys on %s; serving %s, a GPU of the same "
+            "architecture and Triton release. Tune on this GPU to serve its own: each key's "
+            "search measures that winner first (said once per kernel).",
+            label,
+            page.platform.get("device", "this GPU"),
+            answer[1],
+        )
+
+
+def _same_arch_answers(miss: Miss, page: Page) -> list[tuple[str, str]]:
+    """(config id, how) of this key's winners on other platforms of this backend, GPU
+    architecture and Triton release (``Page.same_arch_winners``)."""
+    answers = []
+    for entry, where in page.same_arch_winners(miss.key):
+        cid = entry.best(miss.ids)
+        if cid is not None:
+            answers.append((cid, f"this key's winner on {where}"))
+    return answers
 
 
 def _other_versions_answers(miss: Miss, page: Page) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

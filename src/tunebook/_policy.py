@@ -220,21 +220,24 @@ def serve_choice(
     table: tuple[str, str] | None = None,
     upgraded: Sequence[tuple[str, str]] = (),
     edited: Sequence[tuple[str, str]] = (),
+    same_arch: Sequence[tuple[str, str]] = (),
 ) -> tuple[str | None, str]:
     """(config id, how it was chosen) for ``serve`` mode; None means the first candidate.
 
     ``picked`` is the id the user's ``fallback=`` chose, if it chose one of ``ids``;
     ``table`` the (id, how) an imported table of this GPU gives; ``upgraded`` the (id, how)
     of this key's winners under another Triton release or runtime on this GPU, ``edited``
-    those of another source of the kernel on this platform. With ``prefer_nearest=`` the
+    those of another source of the kernel on this platform, ``same_arch`` those of this
+    kernel and release on another GPU of this architecture. With ``prefer_nearest=`` the
     caller asks without ``picked`` first, and with it alone (nothing else) only when that
     answers None.
 
     The order is the strength of the evidence: the key's own results; a table tuned on this
     GPU for the key; the key's winner on this GPU under the Triton release before an
     upgrade (the same source compiled by another release: what a fleet that upgraded
-    without re-tuning has); a neighbouring key's winner; the key's winner for an edited
-    source (an edit may move the best tile, a neighbour of the same source less so).
+    without re-tuning has); a neighbouring key's winner; the key's winner on another GPU of
+    this architecture (a page shipped for an H200, served on an H100); the key's winner for
+    an edited source (an edit may move the best tile, a neighbour of the same source less so).
 
     >>> serve_choice(["a", "b"], None, [], upgraded=[("b", "this key's winner under Triton 3.5")])
     ('b', "this key's winner under Triton 3.5")
@@ -253,7 +256,7 @@ def serve_choice(
         best = other.best(ids)
         if best is not None:
             return best, f"the winner of the nearest remembered key {list(other.key)}"
-    for cid, how in edited:
+    for cid, how in (*same_arch, *edited):
         if cid in ids:
             return cid, how
     return None, "the first config (nothing comparable remembered for this kernel on this platform)"

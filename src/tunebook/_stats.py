@@ -23,6 +23,7 @@ _totals = {
     "group_wait_seconds": 0.0,
     "table_answers": 0,
     "upgrade_answers": 0,
+    "same_arch_answers": 0,
 }
 _SECONDS = ("tuning_seconds", "compile_seconds", "group_wait_seconds")
 _counters: weakref.WeakSet[Counters] = weakref.WeakSet()
@@ -83,11 +84,14 @@ def stats() -> dict[str, float]:
     * ``upgrade_answers`` — keys served in ``serve`` mode by their winner on this GPU under
       another Triton release or runtime (the page of this one lacks them: an upgrade not yet
       re-tuned); each is also a miss, and its calls fallbacks.
+    * ``same_arch_answers`` — keys served in ``serve`` mode by their winner on another GPU of
+      this architecture and Triton release (a book shipped for an H200, served on an H100),
+      where nothing of this GPU answers; each is also a miss, and its calls fallbacks.
 
     >>> import tunebook
     >>> sorted(tunebook.stats())  # doctest: +NORMALIZE_WHITESPACE
     ['benchmarked', 'book_hits', 'compile_seconds', 'failures', 'fallbacks', 'group_wait_seconds',
-     'hits', 'misses', 'table_answers', 'tuning_seconds', 'upgrade_answers']
+     'hits', 'misses', 'same_arch_answers', 'table_answers', 'tuning_seconds', 'upgrade_answers']
     """
     with _lock:
         live = list(_counters)

@@ -393,6 +393,40 @@ class Page:
             if self.same_kernel(doc, where)
         ]
 
+    def same_arch_winners(self, key: Sequence[Any]) -> list[tuple[Entry, str]]:
+        """(entry, where it was tuned) for this exact key of this kernel version on other
+        platforms of this backend, GPU architecture and Triton release, in any directory:
+        this GPU's pages under another timer or runtime first, then other GPUs', each group
+        newest first.
+
+        A config of one such page was compiled by the same compiler for the same per-SM
+        resources (one that still cannot compile for a call is set aside: ``_set_aside.py``),
+        and its winner for the key is evidence about this GPU:
+        another NVIDIA generation's fused-MoE tables cost 4-6% on average on an H200 against
+        its own, vLLM's default rule up to 52% (BENCHMARKS.md, section 5). Serve mode answers
+        a key this platform lacks with it, after this GPU's own evidence.
+        """
+        same = ("backend", "arch", "triton")
+        if any(field not in self.platform for field in same):
+            return []
+        here = {field: self.platform[field] for field in same}
+        this_gpu: list[tuple[str, Entry, str]] = []
+        other_gpu: list[tuple[str, Entry, str]] = []
+        for where, doc, entry in self._other_pages(key, f"*--{self.kernel.id}--*"):
+            if any(doc.platform.get(field) != value for field, value in here.items()):
+                continue
+            if not self.same_kernel(doc, where):
+                continue
+            device = str(doc.platform.get("device", "?"))
+            if device == self.platform.get("device"):
+                timer, runtime = doc.platform.get("timer", "?"), doc.platform.get("runtime", "?")
+                this_gpu.append((entry.updated_at, entry, f"this GPU under timer {timer}, {runtime}"))
+            else:
+                other_gpu.append((entry.updated_at, entry, f"{device} (arch {here['arch']})"))
+        this_gpu.sort(key=lambda triple: triple[0], reverse=True)
+        other_gpu.sort(key=lambda triple: triple[0], reverse=True)
+        return [(entry, where) for _, entry, where in (*this_gpu, *other_gpu)]
+
     def other_versions(self, key: Sequence[Any]) -> list[Entry]:
         """Entries for this exact key of other versions of this kernel (the same name and key
         names) on this GPU, in any directory: another source hash on this platform first, then

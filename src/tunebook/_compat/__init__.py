@@ -219,6 +219,33 @@ def unrunnable_config_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def is_config_specific_error(exc: BaseException) -> bool:
+    """Whether a launch failed for its config rather than for the kernel, before anything
+    ran: the config needs more shared memory or registers than the GPU has, or fails a
+    ``tl.static_assert`` on its meta-parameters (a ``CompilationError`` of any other kind
+    fails every config). Under the interpreter a failed ``tl.static_assert`` is an
+    ``InterpreterError`` caused by an ``AssertionError``; the interpreter has no resources
+    to run out of."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources
+
+    errors: list[type[BaseException]] = [OutOfResources, CompileTimeAssertionFailure]
+    try:
+        from triton.runtime.errors import PTXASError
+
+        errors.append(PTXASError)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(exc, tuple(errors)):
+        return True
+    if interpreting():
+        from triton.runtime import errors as runtime_errors
+
+        wrapper = getattr(runtime_errors, "InterpreterError", None)
+        return wrapper is not None and isinstance(exc, wrapper) and isinstance(exc.__cause__, AssertionError)
+    return False
+
+
 def is_unrunnable_config_error(exc: BaseException) -> bool:
     return isinstance(exc, unrunnable_config_errors())
 
