@@ -292,6 +292,30 @@ def test_explain_names_each_identity_field_that_differs(book_dir: Path, tmp_path
     assert {d["field"] for d in data["files"][0]["differences"]} == {"hash", "triton", "timer"}
 
 
+def test_explain_says_which_other_files_answer_serve_mode(book_dir: Path, tmp_path: Path) -> None:
+    """A file of this kernel under another Triton release on this GPU, or of this kernel
+    version on another GPU of this architecture, answers the keys serve mode misses; one of
+    another architecture does not."""
+    tune_add()
+    doc = the_doc(book_dir)
+    for path in book_files(book_dir):
+        remove_page(path)
+    variants = {
+        "upgraded": replace(
+            doc, kernel={**doc.kernel, "hash": "1" * 64}, platform={**doc.platform, "triton": "3.1.0"}
+        ),
+        "same_arch": replace(doc, platform={**doc.platform, "device": "NVIDIA H200"}),
+        None: replace(doc, platform={**doc.platform, "device": "NVIDIA H200", "arch": "another"}),
+    }
+    for variant in variants.values():
+        write_doc(book_dir, variant)
+    data = json.loads(invoke("explain", f"{module_file(tmp_path)}:add", "--json", ok=False).stdout)
+    assert sorted(str(f["serve_role"]) for f in data["files"]) == sorted(map(str, variants))
+    text = invoke("explain", f"{module_file(tmp_path)}:add", ok=False).stdout
+    assert "(an old release's, before the nearest key's)" in text
+    assert "(a GPU of this architecture and Triton release: after this GPU's nearest key)" in text
+
+
 def test_explain_errors_name_what_exists(tmp_path: Path) -> None:
     path = module_file(tmp_path)
     assert "its tunebook kernels: add" in invoke("explain", f"{path}:nope", ok=False).output

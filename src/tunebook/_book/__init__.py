@@ -5,7 +5,7 @@ its pages composed over those stores (pages.py)."""
 
 from .._errors import BookFormatError, BookWarning
 from .files import atomic_write_text, read_book_file, read_document
-from .pages import Book, KernelIdentity, Page, book_file_name
+from .pages import Book, KernelIdentity, Page, book_file_name, relation
 from .records import Document, Entry, Result, config_id, config_record, now_iso
 from .stores import BookStore, DirectoryStore
 
@@ -27,4 +27,5 @@ __all__ = [
     "now_iso",
     "read_book_file",
     "read_document",
+    "relation",
 ]

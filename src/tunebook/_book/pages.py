@@ -65,6 +65,34 @@ def _fingerprint(platform: Mapping[str, Any], *leave_out: str) -> dict[str, Any]
     return {k: v for k, v in platform.items() if k not in ("id", *leave_out)}
 
 
+def relation(
+    kernel: KernelIdentity,
+    platform: Mapping[str, Any],
+    other_kernel: Mapping[str, Any],
+    other_platform: Mapping[str, Any],
+) -> str | None:
+    """What another page (its kernel and platform records) is to the page of ``kernel`` on
+    ``platform``, for serve mode's answers and re-tunes' seeds; None where it is neither:
+
+    * "edited": this kernel's name and key names, another source hash, this platform;
+    * "upgraded": this kernel's name and key names, this GPU and timer under another Triton
+      release or runtime (the source hash differs there too: it covers Triton's own jitted
+      functions);
+    * "same_arch": this kernel version (name, key names, source hash) on another platform of
+      this backend, GPU architecture and Triton release: another GPU model, or this GPU
+      under another timer or runtime.
+    """
+    if other_kernel.get("name") != kernel.name or other_kernel.get("key") != list(kernel.key):
+        return None
+    if _fingerprint(other_platform) == _fingerprint(platform):
+        return "edited" if other_kernel.get("hash") != kernel.source_hash else None
+    if _fingerprint(other_platform, "triton", "runtime") == _fingerprint(platform, "triton", "runtime"):
+        return "upgraded"
+    compiler = ("backend", "arch", "triton")
+    same_compiler = all(f in platform and other_platform.get(f) == platform[f] for f in compiler)
+    return "same_arch" if same_compiler and other_kernel.get("hash") == kernel.source_hash else None
+
+
 def _adds_to(entry: Entry, base: Entry | None) -> bool:
     """Whether merging ``entry`` under ``base`` (base stands) would change ``base``."""
     if base is None:
@@ -395,34 +423,28 @@ class Page:
 
     def same_arch_winners(self, key: Sequence[Any]) -> list[tuple[Entry, str]]:
         """(entry, where it was tuned) for this exact key of this kernel version on other
-        platforms of this backend, GPU architecture and Triton release, in any directory:
-        this GPU's pages under another timer or runtime first, then other GPUs', each group
-        newest first.
+        platforms of this backend, GPU architecture and Triton release (``relation``
+        "same_arch"), in any directory: this GPU's pages under another timer or runtime
+        first, then other GPUs', each group newest first.
 
         A config of one such page was compiled by the same compiler for the same per-SM
         resources (one that still cannot compile for a call is set aside: ``_set_aside.py``),
-        and its winner for the key is evidence about this GPU:
-        another NVIDIA generation's fused-MoE tables cost 4-6% on average on an H200 against
-        its own, vLLM's default rule up to 52% (BENCHMARKS.md, section 5). Serve mode answers
-        a key this platform lacks with it, after this GPU's own evidence.
+        and its winner for the key is evidence about this GPU: another NVIDIA generation's
+        fused-MoE tables cost 4-6% on average on an H200 against its own, vLLM's default
+        rule up to 52% (BENCHMARKS.md, section 5). Serve mode answers a key this platform
+        lacks with it, after this GPU's own evidence.
         """
-        same = ("backend", "arch", "triton")
-        if any(field not in self.platform for field in same):
-            return []
-        here = {field: self.platform[field] for field in same}
         this_gpu: list[tuple[str, Entry, str]] = []
         other_gpu: list[tuple[str, Entry, str]] = []
-        for where, doc, entry in self._other_pages(key, f"*--{self.kernel.id}--*"):
-            if any(doc.platform.get(field) != value for field, value in here.items()):
-                continue
-            if not self.same_kernel(doc, where):
+        for _, doc, entry in self._other_pages(key, f"*--{self.kernel.id}--*"):
+            if relation(self.kernel, self.platform, doc.kernel, doc.platform) != "same_arch":
                 continue
             device = str(doc.platform.get("device", "?"))
             if device == self.platform.get("device"):
                 timer, runtime = doc.platform.get("timer", "?"), doc.platform.get("runtime", "?")
                 this_gpu.append((entry.updated_at, entry, f"this GPU under timer {timer}, {runtime}"))
             else:
-                other_gpu.append((entry.updated_at, entry, f"{device} (arch {here['arch']})"))
+                other_gpu.append((entry.updated_at, entry, f"{device} (arch {doc.platform.get('arch')})"))
         this_gpu.sort(key=lambda triple: triple[0], reverse=True)
         other_gpu.sort(key=lambda triple: triple[0], reverse=True)
         return [(entry, where) for _, entry, where in (*this_gpu, *other_gpu)]
@@ -453,17 +475,13 @@ class Page:
         cut = own.find(f"--{self.kernel.id}--")
         if cut < 0:
             return [], []
-        here = _fingerprint(self.platform)
-        this_gpu = _fingerprint(self.platform, "triton", "runtime")  # the GPU and the timer
         this_release: list[tuple[str, Entry]] = []
         other_release: list[tuple[str, Entry, str]] = []
         for _, doc, entry in self._other_pages(key, f"{own[:cut]}--*"):
-            if doc.kernel.get("name") != self.kernel.name or doc.kernel.get("key") != list(self.kernel.key):
-                continue
-            if _fingerprint(doc.platform) == here:
-                if doc.kernel.get("hash") != self.kernel.source_hash:
-                    this_release.append((entry.updated_at, entry))
-            elif _fingerprint(doc.platform, "triton", "runtime") == this_gpu:
+            how = relation(self.kernel, self.platform, doc.kernel, doc.platform)
+            if how == "edited":
+                this_release.append((entry.updated_at, entry))
+            elif how == "upgraded":
                 tuned_under = f"Triton {doc.platform.get('triton', '?')}, {doc.platform.get('runtime', '?')}"
                 other_release.append((entry.updated_at, entry, tuned_under))
         this_release.sort(key=lambda pair: pair[0], reverse=True)

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from .. import _compat
 from .._autotuner import Autotuner
-from .._book import Book, KernelIdentity, book_file_name, pagedir
+from .._book import Book, KernelIdentity, book_file_name, pagedir, relation
 from .._fingerprint import platform_slug
 from .._tables import load as load_tables
 from .._tables import same_device
@@ -50,6 +50,16 @@ HINTS = {
     "device": "tuned on another GPU model; tune on this one or ship a book from one",
     "timer": "tuned with another timer (do_bench=, use_cuda_graph=, warmup/rep, or the interpreter)",
     "runtime": "tuned under another CUDA/ROCm runtime",
+}
+
+# What serve mode does with a file that does not match, by its relation to this process's page.
+SERVE_ROLES = {
+    "upgraded": "serve mode answers a key this process's page lacks with the key's winner here "
+    "(an old release's, before the nearest key's)",
+    "same_arch": "serve mode answers a key this process's page lacks with the key's winner here "
+    "(a GPU of this architecture and Triton release: after this GPU's nearest key)",
+    "edited": "serve mode answers a key this process's page lacks with the key's winner here "
+    "(an earlier source: after the nearest key, before the first config)",
 }
 
 
@@ -103,6 +113,7 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
             if page.kernel_name != ident.name and page.doc.kernel.get("hash") != ident.source_hash:
                 continue
             diffs = differences(page, ident, fingerprint)
+            role = relation(ident, fingerprint, page.doc.kernel, page.doc.platform)
             keys = [page.doc.entries[k].key for k in sorted(page.doc.entries)]
             missed = [
                 page.doc.entries[k].key
@@ -115,6 +126,7 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
                     "match": not [d for d in diffs if d["field"] != "name"]
                     and page.kernel_name == ident.name,
                     "differences": diffs,
+                    "serve_role": role,
                     "keys": [list(k) for k in keys[:key_limit]],
                     "key_count": len(keys),
                     "recorded_misses": [list(k) for k in missed[:key_limit]],
@@ -198,6 +210,8 @@ def _print(data: dict[str, Any]) -> None:
             console.print(f"    {d['label']}: book {escape(repr(d['book']))}, here {escape(repr(d['here']))}")
             if d["hint"]:
                 console.print(f"      [dim]{escape(d['hint'])}[/]")
+        if f["serve_role"]:
+            console.print(f"    [yellow]{escape(SERVE_ROLES[f['serve_role']])}[/]")
         missed = {fmt_key(k) for k in f["recorded_misses"]}
         tuned = [k for k in f["keys"] if fmt_key(k) not in missed]
         console.print(f"    keys: {_key_list(tuned, f['key_count'] - f['recorded_miss_count'])}")
