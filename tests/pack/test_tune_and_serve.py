@@ -420,3 +420,37 @@ def test_plan_lays_the_cache_ops_out_at_another_block_size_and_decode_at_other_c
     prefix = next(job for job in jobs if job.op == "varlen_attention" and dict(job.shape)["prefix"])
     built = prefix.build("cpu")
     assert built.key["PAGE"] == 64 and built.tensors["k_cache"].shape[1] == 64
+
+
+# A process on another GPU of this machine's architecture (its device name patched): the
+# pages it writes are that GPU's, as a book shipped for an H200 is on an H100.
+AS_ANOTHER_GPU = """
+from tunebook import _compat
+real = _compat.device_identity
+_compat.device_identity = lambda: {**real(), "device": "NVIDIA H200"}
+"""
+TUNE = """
+import json, sys
+from tunebook.kernels.__main__ import main
+print(json.dumps({"code": main(%r)}))
+"""
+
+
+def test_a_book_shipped_for_another_gpu_of_this_architecture_serves_here(book_dir: Path, tmp_path: Path):
+    """A fresh process on a GPU without its own page serves every op's keys from the pages of
+    another GPU of its architecture and Triton release: nothing benchmarked, each key that
+    GPU's winner, counted as such."""
+    budget = {"TUNEBOOK_KERNELS_MAX_CONFIGS": "2"}
+    args = ["tune", "--out", str(book_dir), "--ops", "rms_norm,silu_and_mul,rotary_embedding"]
+    args += ["--models", "smollm2-135m", "--tokens", "1", "--max-configs", "2"]
+    assert run_python(AS_ANOTHER_GPU + TUNE % (args,), env=budget)["code"] == 0
+    pages = [read_document(p) for p in book_files(book_dir)]
+    assert len(pages) == 3 and all(p is not None and p.platform["device"] == "NVIDIA H200" for p in pages)
+
+    env = {**budget, "TUNEBOOK_DIR": str(tmp_path / "empty"), "TUNEBOOK_PATH": str(book_dir)}
+    env["TUNEBOOK_MODE"] = "serve"
+    there = run_python(AS_ANOTHER_GPU + CALL_EACH_OP, env=env)  # the GPU it was tuned on
+    here = run_python(CALL_EACH_OP, env=env)
+    assert there["book_hits"] == 4 and there["fallbacks"] == 0, there
+    assert here["benchmarked"] == 0 and here["book_hits"] == 0 and here["same_arch_answers"] == 4, here
+    assert here["chosen"] == there["chosen"]
