@@ -5,6 +5,9 @@ page is read from disk, from the writable book or a read-only one (shipped books
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import triton
 import triton.language as tl
@@ -323,7 +326,7 @@ def test_a_gpu_without_a_page_serves_the_winner_of_another_gpu_of_its_architectu
     tuned_on(monkeypatch, "NVIDIA H200")  # n=300: 64
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     tunebook.reset_stats()
-    with pytest.warns(tunebook.BookWarning, match="a GPU of the same architecture"):
+    with pytest.warns(tunebook.BookWarning, match="a device of the same architecture"):
         assert served_block(tuned(add_kernel, Replay(TIMES)), 300) == 64
     stats = tunebook.stats()
     assert stats["benchmarked"] == 0 and stats["same_arch_answers"] == 1 and stats["upgrade_answers"] == 0
@@ -392,3 +395,91 @@ def test_a_measured_winner_that_cannot_compile_reaches_the_caller(book_dir, monk
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     with pytest.raises(Exception, match="AssertionError"):
         run_limited(tuned(add_kernel_limited, Replay(TIMES)), 300, limit=64)
+
+
+def test_setting_a_config_aside_leaves_the_keys_the_book_answers_alone(book_dir, monkeypatch):
+    """128 is set aside as another key's served answer; a key whose own page holds 128 as its
+    winner still runs 128."""
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)  # 128 here
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    with pytest.warns(tunebook.BookWarning, match="cannot run here"):
+        run_limited(kernel, 400, limit=64)  # served the nearest key's 128, which fails: set aside
+    assert kernel.best_config.kwargs["BLOCK"] != 128
+    run_limited(kernel, 300, limit=1024)  # the book's own winner
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+    stats = tunebook.stats()
+    assert stats["misses"] == 1 and stats["fallbacks"] == 1 and stats["book_hits"] == 1  # counted once
+
+
+def test_a_key_pinned_through_the_cache_keeps_its_config_when_set_aside_elsewhere(book_dir, monkeypatch):
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    run_limited(kernel, 300, limit=1024)
+    pinned = next(iter(kernel.cache))
+    kernel.cache[pinned] = kernel.cache[pinned]  # the caller's own write: 128 for this key
+    with pytest.warns(tunebook.BookWarning, match="cannot run here"):
+        run_limited(kernel, 400, limit=64)
+    run_limited(kernel, 300, limit=1024)
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+
+
+def test_a_keys_own_partial_result_that_cannot_compile_reaches_the_caller(book_dir, monkeypatch):
+    """The key's own measurements (of a shorter list: 128 and 256) answer it in serve mode for
+    the full list; the best of them that fails is not replaced behind the caller's back."""
+    replay = Replay({**TIMES, 128: 0.5})
+    short = tunebook.autotune(
+        block_configs(128, 256), key=["n"], name="add", do_bench=replay, pre_hook=replay.pre_hook
+    )
+    run_limited(short(add_kernel_limited), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    with pytest.raises(Exception, match="AssertionError"):
+        run_limited(kernel, 300, limit=64)
+    assert not kernel.set_aside.why
+
+
+def slow_launches(kernel, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """Make the slow path's launches (Triton's JITFunction.run) take ``seconds`` longer. The
+    interpreter runs one kernel at a time (it patches triton.language while it runs one), so
+    the launches themselves are serialized; the threads overlap in the autotuner."""
+    real, one_at_a_time = kernel.fn.run, threading.Lock()
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        with one_at_a_time:
+            return real(*args, **kwargs)
+
+    kernel.fn.run = slow
+
+
+def test_threads_that_meet_a_served_config_being_set_aside_are_all_served(book_dir, monkeypatch):
+    """Two threads decide the same new key at once and both launch the failing answer; and a
+    third call arrives while the first launch is under way: none of them sees the error."""
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    slow_launches(kernel, 0.3)
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def call() -> None:
+        start.wait()
+        try:
+            run_limited(kernel, 1000, limit=64)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)  # a third call while the first launches: it must not take a remembered hit
+    try:
+        run_limited(kernel, 1000, limit=64)
+    except BaseException as exc:
+        errors.append(exc)
+    for thread in threads:
+        thread.join()
+    assert errors == [] and kernel.best_config.kwargs == {"BLOCK": 64}

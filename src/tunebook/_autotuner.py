@@ -37,7 +37,7 @@ from ._home import KernelHome
 from ._hooks import Hooks
 from ._listing import SpaceListing
 from ._options import Options
-from ._set_aside import SetAside
+from ._set_aside import MAX_SET_ASIDE, SetAside
 from ._space import Space
 from ._tables import TablePage, Tables
 from ._version import __version__
@@ -191,7 +191,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
-        self._unrunnable = SetAside(self.label)  # served configs that cannot compile here
+        self.set_aside = SetAside(self.label)  # served configs that cannot compile here (_set_aside.py)
         # Only where a bucket holds calls with different values can two calls of one key have
         # different candidates (a Space's arg_constraints and Triton's pruning see the values).
         self._call_dependent = bool(self._buckets) and bool(
@@ -272,13 +272,16 @@ class Autotuner(_compat.TritonAutotuner):
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         call = Call.bind(self.arg_names, args, kwargs, grid)
-        while True:
+        for attempt in range(MAX_SET_ASIDE + 1):
             with self._lock:
                 self.nargs = call.nargs
                 try:
                     config, counter = self._decision(call)
                     launch_kwargs = call.launch_kwargs(config)
-                    if not self._single:
+                    # A served fallback is remembered for the hit path once it has launched:
+                    # until then it may be one that cannot compile here (_set_aside).
+                    later = counter is self.counters.fallbacks
+                    if not (self._single or later):
                         self._hits.remember(args, kwargs, self._hits.hit(config, counter))
                     self.best_config = config
                     if config.pre_hook is not None:
@@ -288,22 +291,37 @@ class Autotuner(_compat.TritonAutotuner):
             # The options as the hits will pass them: one compiled kernel for both (lean_options).
             options = call.run_kwargs(config, self.option_defaults())
             try:
-                return self.fn.run(*args, grid=grid, warmup=warmup, **options)
+                launched = self.fn.run(*args, grid=grid, warmup=warmup, **options)
             except Exception as exc:
-                served = counter is self.counters.fallbacks
-                if not (served and _compat.is_config_specific_error(exc) and self._set_aside(config, exc)):
+                if attempt == MAX_SET_ASIDE or not (later and _compat.is_config_specific_error(exc)):
                     raise
+                if not self._set_aside(call, config, exc):
+                    raise
+                continue
+            if later:
+                with self._lock:
+                    self._hits.remember(args, kwargs, self._hits.hit(config, counter))
+            return launched
 
-    def _set_aside(self, config: Any, exc: BaseException) -> bool:
-        """A config served without having been measured for its key cannot compile for this
-        call (``_set_aside.py``): unless the error must reach the caller, forget every
-        decision for it, so that the call is decided again without it."""
+    def _set_aside(self, call: Call, config: Any, exc: BaseException) -> bool:
+        """A served config cannot compile for this call (``_set_aside.py``). Unless it was
+        measured for the call's key (then the caller sees the error) or too many were set
+        aside, set it aside, take back the failed answer's counts and forget the served
+        decisions for it, so that the call is decided again without it."""
+        cid = self.config_index.id_of(config)
         with self._lock:
-            if not self._unrunnable.add(self.config_index.id_of(config), exc):
+            key = self._key(call)
+            if self.set_aside.unmeasured(key, cid) is None and cid not in self.set_aside:
+                return False  # measured for this key: not ours to replace
+            new = cid not in self.set_aside
+            if not self.set_aside.add(key, cid, exc):
                 return False
-            self._hits.forget(config)
-            for key in [k for k, c in self._cache.items() if c is config]:
-                dict.__delitem__(self._cache, key)
+            self.counters.fallbacks[0] -= 1
+            self._hits.forget(config, self.counters.fallbacks)
+            for k in [k for k, c in self._cache.items() if c is config and k not in self._overrides]:
+                dict.__delitem__(self._cache, k)
+        if new:
+            self.set_aside.warn(cid)
         return True
 
     def _decision(self, call: Call) -> tuple[Any, list[int]]:
@@ -363,6 +381,8 @@ class Autotuner(_compat.TritonAutotuner):
         dict.__setitem__(self._cache, key, config)
         if resolution.source == "served":
             self.counters.fallbacks[0] += 1
+            if resolution.unmeasured:
+                self.set_aside.served(key, self.config_index.id_of(config), resolution.counted)
             return config, self.counters.fallbacks
         return self._settle(call, key, config, resolution, candidates)
 
@@ -427,8 +447,6 @@ class Autotuner(_compat.TritonAutotuner):
         """The configs this call may run: the list or the Space's feasible configs, pruned as
         Triton prunes, one per config id."""
         configs = self.configs if self._listing is None else self._listing.allowed(call.named, self.label)
-        if self._unrunnable:
-            configs = [c for c in configs if self.config_index.id_of(c) not in self._unrunnable]
         return self.config_index.unique(self.prune_configs(call.kwargs, configs))
 
     def declares(self, record: Mapping[str, Any]) -> bool:
@@ -600,10 +618,12 @@ def autotune(
 
     * ``fallback`` — ``fallback(key, configs) -> config`` picks the config for a key the book
       lacks in ``serve`` mode (default: the nearest remembered key's winner).
-    * ``prefer_nearest`` — in ``serve`` mode, try the key's own partial results and the
-      nearest remembered key's winner before ``fallback``, which is then asked only where
-      none of those answers (nothing comparable remembered: a hand-written rule as the last
-      resort; the kernel pack's choice, since a neighbouring bucket's tuned winner beats it).
+    * ``prefer_nearest`` — in ``serve`` mode, try the whole fallback chain (the key's own
+      partial results, tables, its winner under an old Triton release or on another GPU of
+      this architecture, the nearest remembered key's winner) before ``fallback``, which is
+      then asked only where none of those answers (nothing comparable remembered: a
+      hand-written rule as the last resort; the kernel pack's choice, since a neighbouring
+      bucket's tuned winner beats it).
     * ``tables`` — a :class:`tunebook.Tables`: tables imported with ``tunebook import`` (vLLM's
       fused-MoE configs) that this kernel reads, and how their keys and configs map onto
       its own. A key the book lacks is served, in ``serve`` mode, by the entry of a table

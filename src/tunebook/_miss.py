@@ -7,9 +7,10 @@
         │ (refreshed first: another process or host may have tuned it meanwhile)
         ▼ otherwise, by TUNEBOOK_MODE (the rule: _policy.py)
     tune  → measure what the book lacks, persist as it goes (_tuner.py; isolate=True: _worker/)
-    serve → fallback= / own partial results / this GPU's imported table (tables=) / nearest
-            key / first config (fallback= after the nearest key with prefer_nearest=), and
-            record the miss
+    serve → fallback= / own partial results / this GPU's imported table (tables=) / the key
+            on this GPU under an old Triton release / nearest key / the key on another GPU
+            of this architecture / an edited source's / first config (fallback= in place of
+            the first config with prefer_nearest=), and record the miss
     off   → measure everything, remember nothing
 
 :func:`resolve` returns a :class:`Resolution`; the autotuner settles it (its cache, its
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -54,6 +56,10 @@ class Resolution:
     benchmarked: int = 0
     seconds: float = 0.0
     why: str = ""  # why its search ended, in words (Outcome.why), where this process searched
+    # served: the config was not measured for the key here (another platform's, a neighbour's,
+    # a rule's answer), and the stats() counters the answer added (_set_aside takes them back)
+    unmeasured: bool = False
+    counted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
             return Resolution(entry.best(miss.ids) if entry is not None else None, "book", entry)
         _stats.add("misses")
         if mode == "serve":
-            return _serve(miss, entry, page)
+            served = _serve(miss, entry, page)
+            return dataclasses.replace(served, counted=("misses", *served.counted))
     begun = time.perf_counter()
     try:
         outcome = _tune(miss, entry, page)
@@ -185,26 +192,38 @@ def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:
 
 
 def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
-    """``serve`` mode: a config with zero benchmarking, and the miss recorded for later."""
+    """``serve`` mode: a config with zero benchmarking, and the miss recorded for later.
+
+    The key's own results answer first, among all its candidates; every other answer (the
+    fallback chain, ``_policy.serve_choice``) only among those not set aside in this process
+    (``_set_aside.py``)."""
     last = miss.tuner.options.prefer_nearest
-    picked = None if last else _user_fallback(miss)
-    near = _near(miss, page)
+    own = entry.best(miss.ids) if entry is not None else None
+    others = _without_set_aside(miss)
+    picked = None if last or own is not None else _user_fallback(others)
+    near = _near(others, page)
     table = None
     upgraded: list[tuple[str, str]] = []
     edited: list[tuple[str, str]] = []
     same_arch: list[tuple[str, str]] = []
-    if picked is None and (entry is None or entry.best(miss.ids) is None):  # only where it is asked
-        table = _table_answer(miss, str(page.platform.get("device", "")))
+    if picked is None and own is None:  # only where it is asked
+        table = _table_answer(others, str(page.platform.get("device", "")))
         if table is None:
-            upgraded, edited = _other_versions_answers(miss, page)
-        if table is None and not upgraded and all(other.best(miss.ids) is None for other in near):
-            same_arch = _same_arch_answers(miss, page)
-    cid, how = _policy.serve_choice(miss.ids, entry, near, picked, table, upgraded, edited, same_arch)
-    _count_answer(miss, page, (cid, how), table, upgraded, same_arch)
+            upgraded, edited = _other_versions_answers(others, page)
+        if table is None and not upgraded and all(other.best(others.ids) is None for other in near):
+            same_arch = _same_arch_answers(others, page)
+    cid: str | None
+    if own is not None:
+        cid, how = own, "the best of its own partial results"
+    else:
+        cid, how = _policy.serve_choice(others.ids, None, near, picked, table, upgraded, edited, same_arch)
+    counted = _count_answer(miss, page, (cid, how), table, upgraded, same_arch)
     if cid is None and last:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.
-        cid, how = _policy.serve_choice(miss.ids, None, [], _user_fallback(miss))
+        cid, how = _policy.serve_choice(others.ids, None, [], _user_fallback(others))
+    if cid is None and others.ids:
+        cid = others.ids[0]  # the first config not set aside
     log.warning(
         "tunebook: %s key %s is not in the book; serving %s without benchmarking (TUNEBOOK_MODE=serve)",
         miss.tuner.label,
@@ -212,7 +231,16 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
         how,
     )
     _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
-    return Resolution(cid, "served", entry)
+    return Resolution(cid, "served", entry, unmeasured=own is None, counted=counted)
+
+
+def _without_set_aside(miss: Miss) -> Miss:
+    """``miss`` with only the candidates this process has not set aside (``_set_aside.py``)."""
+    keep = set(miss.tuner.set_aside.allowed(miss.ids))
+    if len(keep) == len(miss.ids):
+        return miss
+    kept = [(cid, c) for cid, c in zip(miss.ids, miss.candidates) if cid in keep]
+    return dataclasses.replace(miss, ids=[cid for cid, _ in kept], candidates=[c for _, c in kept])
 
 
 def _count_answer(
@@ -222,13 +250,15 @@ def _count_answer(
     table: tuple[str, str] | None,
     upgraded: list[tuple[str, str]],
     same_arch: list[tuple[str, str]],
-) -> None:
+) -> tuple[str, ...]:
     """Count a serve-mode answer that came from another platform's evidence, and say once per
-    kernel where such answers come from and how to serve this platform's own."""
+    kernel where such answers come from and how to serve this platform's own; the names of
+    the counters it added."""
     label = miss.tuner.label
     if table is not None and answer == table:
         _stats.add("table_answers")
-    elif answer in upgraded:
+        return ("table_answers",)
+    if answer in upgraded:
         _stats.add("upgrade_answers")
         _warnings.warn_once(
             f"upgraded:{label}",
@@ -239,17 +269,20 @@ def _count_answer(
             label,
             f"Triton {page.platform.get('triton', '?')}, {page.platform.get('runtime', '?')}",
         )
-    elif answer in same_arch:
+        return ("upgrade_answers",)
+    if answer in same_arch:
         _stats.add("same_arch_answers")
         _warnings.warn_once(
             f"same-arch:{label}",
-            "tunebook: %s: no book answers its keys on %s; serving %s, a GPU of the same "
-            "architecture and Triton release. Tune on this GPU to serve its own: each key's "
+            "tunebook: %s: no book answers its keys on %s; serving %s, a device of the same "
+            "architecture and Triton release. Tune on this device to serve its own: each key's "
             "search measures that winner first (said once per kernel).",
             label,
-            page.platform.get("device", "this GPU"),
+            page.platform.get("device", "this device"),
             answer[1],
         )
+        return ("same_arch_answers",)
+    return ()
 
 
 def _same_arch_answers(miss: Miss, page: Page) -> list[tuple[str, str]]:

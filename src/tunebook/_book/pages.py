@@ -80,7 +80,10 @@ def relation(
       functions);
     * "same_arch": this kernel version (name, key names, source hash) on another platform of
       this backend, GPU architecture and Triton release: another GPU model, or this GPU
-      under another timer or runtime.
+      under another timer (under another runtime alone it is "upgraded").
+
+    An upgraded page may also hold an edit: the source hash moves with the release, so the
+    two cannot be told apart.
     """
     if other_kernel.get("name") != kernel.name or other_kernel.get("key") != list(kernel.key):
         return None
@@ -424,8 +427,8 @@ class Page:
     def same_arch_winners(self, key: Sequence[Any]) -> list[tuple[Entry, str]]:
         """(entry, where it was tuned) for this exact key of this kernel version on other
         platforms of this backend, GPU architecture and Triton release (``relation``
-        "same_arch"), in any directory: this GPU's pages under another timer or runtime
-        first, then other GPUs', each group newest first.
+        "same_arch"), in any directory: this GPU's pages under another timer first, then
+        other GPUs', each group newest first.
 
         A config of one such page was compiled by the same compiler for the same per-SM
         resources (one that still cannot compile for a call is set aside: ``_set_aside.py``),

@@ -103,6 +103,8 @@ def differences(page: Page, ident: KernelIdentity, fingerprint: dict[str, Any]) 
 def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_limit: int) -> dict[str, Any]:
     ident, fingerprint, pid = identity_here(tuner)
     expected = pagedir.page_dir_name(book_file_name(ident, platform_slug(fingerprint), pid))
+    # A fallback= asked first answers every key serve mode misses: other pages are never read.
+    chain = tuner.options.fallback is None or tuner.options.prefer_nearest
     files, skipped = [], []
     for directory in directories:
         if not directory.exists():
@@ -113,7 +115,7 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
             if page.kernel_name != ident.name and page.doc.kernel.get("hash") != ident.source_hash:
                 continue
             diffs = differences(page, ident, fingerprint)
-            role = relation(ident, fingerprint, page.doc.kernel, page.doc.platform)
+            role = relation(ident, fingerprint, page.doc.kernel, page.doc.platform) if chain else None
             keys = [page.doc.entries[k].key for k in sorted(page.doc.entries)]
             missed = [
                 page.doc.entries[k].key
