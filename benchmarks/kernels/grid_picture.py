@@ -23,7 +23,6 @@ Needs matplotlib (``pip install 'tunebook[report]'``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -32,10 +31,9 @@ from pathlib import Path
 from statistics import geometric_mean
 from typing import Any
 
+import _heatmap
+from _heatmap import Panel
 from compare_grids import DECODE, TARGET_BATCH, TARGET_CONTEXT, TARGET_OF_COPY
-
-DPI = 110
-FADED = 0.35  # the colour's opacity outside a target's region
 
 
 @dataclass(frozen=True)
@@ -84,101 +82,58 @@ def points(paths: Sequence[Path]) -> tuple[list[Point], dict[str, Any]]:
 
 
 def draw(cells: list[Point], meta: dict[str, Any], out: Path) -> None:
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
     layouts = sorted(
         {(p.head_size, p.layout) for p in cells}, key=lambda hl: (-hl[0], -int(hl[1].split("/")[0]))
     )
-    batches_of = {hl: sorted({p.batch for p in cells if (p.head_size, p.layout) == hl}) for hl in layouts}
-    contexts_of = {hl: sorted({p.context for p in cells if (p.head_size, p.layout) == hl}) for hl in layouts}
-    widths = [max(2, len(contexts_of[hl])) for hl in layouts]
-    tallest = max(len(b) for b in batches_of.values())
-    fig = Figure(figsize=(1.15 * sum(widths) + 1.5, 0.42 * tallest * 2 + 2.6), dpi=DPI, layout="constrained")
-    grid = fig.add_gridspec(2, len(layouts), width_ratios=widths)
-    ratio_norm = TwoSlopeNorm(vcenter=1.0, vmin=0.8, vmax=1.6)
-    share_norm = TwoSlopeNorm(vcenter=TARGET_OF_COPY, vmin=0.0, vmax=1.0)
+    top, bottom = [], []
     for column, hl in enumerate(layouts):
-        batches, contexts = batches_of[hl], contexts_of[hl]
         at = {(p.batch, p.context): p for p in cells if (p.head_size, p.layout) == hl}
-        for panel, (what, norm, target) in enumerate(
-            (("SDPA / tunebook", ratio_norm, 1.0), ("share of copy bandwidth", share_norm, TARGET_OF_COPY))
-        ):
-            ax = fig.add_subplot(grid[panel, column])
-            values = [
-                [
-                    (
-                        (at[b, c].ratio if panel == 0 else at[b, c].of_copy)
-                        if (b, c) in at and (panel == 0 or at[b, c].of_copy is not None)
-                        else float("nan")
-                    )
-                    for c in contexts
-                ]
-                for b in batches
-            ]
-            # Cells outside the target's region are faded: they show where tunebook stands,
-            # but the eye should go to the framed cells the target is about.
-            alpha = [
-                [
-                    1.0 if (b >= TARGET_BATCH if panel == 0 else c >= TARGET_CONTEXT) else FADED
-                    for c in contexts
-                ]
-                for b in batches
-            ]
-            ax.imshow(values, cmap="RdBu", norm=norm, aspect="auto", alpha=alpha)
-            for i, b in enumerate(batches):
-                for j, c in enumerate(contexts):
-                    value = values[i][j]
-                    if value != value:  # NaN: the grid has no such cell
-                        ax.text(j, i, "—", ha="center", va="center", fontsize=8, color="#777777")
-                        continue
-                    framed = b >= TARGET_BATCH if panel == 0 else c >= TARGET_CONTEXT
-                    missed = framed and value < target
-                    dark = framed and abs(float(norm(value)) - 0.5) > 0.33  # white text on deep colours
-                    ax.text(
-                        j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        fontweight="bold" if missed else "normal", color="white" if dark else "black",
-                    )  # fmt: skip
-                    if framed:
-                        ax.add_patch(
-                            Rectangle(
-                                (j - 0.5, i - 0.5),
-                                1,
-                                1,
-                                fill=False,
-                                lw=1.4,
-                                ec="black" if missed else "#555555",
-                            )
-                        )
-            ax.set_xticks(range(len(contexts)), [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
-            ax.set_yticks(range(len(batches)), [str(b) for b in batches])
-            ax.tick_params(labelsize=8)
-            if column == 0:
-                ax.set_ylabel(f"{what}\nbatch", fontsize=9)
-            if panel == 0:
-                ax.set_title(f"heads {hl[1]} x {hl[0]}", fontsize=10)
-            else:
-                ax.set_xlabel("context (tokens)", fontsize=9)
-    fig.suptitle(
+        batches, contexts = sorted({b for b, _ in at}), sorted({c for _, c in at})
+        names = [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts]
+        nan = float("nan")
+        ratios = [[at[b, c].ratio if (b, c) in at else nan for c in contexts] for b in batches]
+        shares = [[_share(at.get((b, c))) for c in contexts] for b in batches]
+        top.append(
+            Panel(
+                ratios,
+                [[b >= TARGET_BATCH for _ in contexts] for b in batches],
+                [str(b) for b in batches],
+                names,
+                target=1.0,
+                low=0.8,
+                high=1.6,
+                title=f"heads {hl[1]} x {hl[0]}",
+                ylabel="SDPA / tunebook\nbatch" if column == 0 else "",
+            )
+        )
+        bottom.append(
+            Panel(
+                shares,
+                [[c >= TARGET_CONTEXT for c in contexts] for _ in batches],
+                [str(b) for b in batches],
+                names,
+                target=TARGET_OF_COPY,
+                low=0.0,
+                high=1.0,
+                ylabel="share of copy bandwidth\nbatch" if column == 0 else "",
+                xlabel="context (tokens)",
+            )
+        )
+    title = (
         f"paged_attention_decode, served ({meta.get('device', '?')}, Triton {meta.get('triton', '?')}, "
         f"torch {meta.get('torch', '?')}, {meta.get('date', '?')}): framed cells are issue 13's targets "
         f"(SDPA / tunebook >= 1 at batch >= {TARGET_BATCH}; >= {TARGET_OF_COPY:.2f} of copy from "
-        f"{TARGET_CONTEXT:,} tokens), bold where missed",
-        fontsize=9,
+        f"{TARGET_CONTEXT:,} tokens), bold where missed"
     )
-    fig.savefig(out, dpi=DPI)
+    _heatmap.draw([top, bottom], title, out)
+
+
+def _share(point: Point | None) -> float:
+    return point.of_copy if point is not None and point.of_copy is not None else float("nan")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", type=Path, required=True, help="runs of paged_attention.py (OP.json)")
-    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    opts = p.parse_args(argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SystemExit("grid_picture.py needs matplotlib: pip install 'tunebook[report]'") from None
+    opts = _heatmap.arguments(__doc__, "runs of paged_attention.py (OP.json)", argv)
     cells, meta = points(opts.runs)
     draw(cells, meta, opts.out)
     many = [c for c in cells if c.batch >= TARGET_BATCH]

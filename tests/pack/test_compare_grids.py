@@ -145,3 +145,30 @@ def test_the_grid_picture_is_drawn_from_the_runs_and_counts_the_targets(tmp_path
         [sys.executable, str(PICTURE), "--runs", varlen, "--out", out], capture_output=True, text=True
     )
     assert refused.returncode != 0 and "not a paged_attention_decode grid" in refused.stderr
+
+
+def test_the_linear_picture_is_drawn_from_the_runs_and_counts_the_target(tmp_path: Path) -> None:
+    """linear_picture.py: a cell in two runs is their geometric mean; the target counted over
+    M >= 1,024; a file that is not linear.py's is refused."""
+
+    def linear_run(path: Path, rows: list[tuple[str, int, float]]) -> Path:
+        body = [{"model": "m", "layer": layer, "M": m, "vs_cublas": ratio} for layer, m, ratio in rows]
+        path.write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11", "rows": body}))
+        return path
+
+    first = linear_run(tmp_path / "a.json", [("qkv", 1024, 0.81), ("o", 1024, 0.95), ("qkv", 16, 0.5)])
+    second = linear_run(tmp_path / "b.json", [("qkv", 1024, 1.21)])  # qkv 1024: sqrt(0.81 * 1.21) = 0.99
+    out = tmp_path / "linear.png"
+    script = SCRIPT.with_name("linear_picture.py")
+    done = subprocess.run(
+        [sys.executable, str(script), "--runs", first, second, "--out", out], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 cells; M >= 1,024 at 0.90 of cuBLAS or more 2 of 2" in done.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    refused = subprocess.run(
+        [sys.executable, str(script), "--runs", grid(tmp_path / "g.json", []), "--out", out],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "not linear.py's results" in refused.stderr
