@@ -5,8 +5,10 @@ page is read from disk, from the writable book or a read-only one (shipped books
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import warnings
 
 import pytest
 import triton
@@ -426,19 +428,111 @@ def test_a_key_pinned_through_the_cache_keeps_its_config_when_set_aside_elsewher
     assert kernel.best_config.kwargs == {"BLOCK": 128}
 
 
-def test_a_keys_own_partial_result_that_cannot_compile_reaches_the_caller(book_dir, monkeypatch):
-    """The key's own measurements (of a shorter list: 128 and 256) answer it in serve mode for
-    the full list; the best of them that fails is not replaced behind the caller's back."""
+def test_a_set_aside_leaves_other_keys_decisions_and_counts_alone(book_dir, monkeypatch):
+    """Key 500 is served the nearest key's 128 and runs it; key 400 then fails with 128 and
+    sets it aside for itself. Key 500 keeps 128, and no key is counted as a miss twice."""
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    run_limited(kernel, 500, limit=1024)
+    with pytest.warns(tunebook.BookWarning, match="cannot run here"):
+        run_limited(kernel, 400, limit=64)
+    for n in (500, 300, 500):
+        run_limited(kernel, n, limit=1024)
+        assert kernel.best_config.kwargs == {"BLOCK": 128}
+    stats = tunebook.stats()
+    assert stats["misses"] == 2 and stats["book_hits"] == 1 and stats["fallbacks"] == 4, stats  # 500 x3, 400
+
+
+def partial_without_a_choice(book_dir, fn=add_kernel_limited) -> None:  # type: ignore[no-untyped-def]
+    """Key n=300 measured for 128 (fastest) and 256 only, with no choice recorded: what a
+    search cut off (a crash, a deadline) leaves, which serve mode answers from its results."""
     replay = Replay({**TIMES, 128: 0.5})
     short = tunebook.autotune(
         block_configs(128, 256), key=["n"], name="add", do_bench=replay, pre_hook=replay.pre_hook
     )
-    run_limited(short(add_kernel_limited), 300, limit=1024)
+    x, y, out = vectors(300)
+    extra = {"LIMIT": 1024} if fn is add_kernel_limited else {}
+    short(fn)[grid_1d(300)](x, y, out, 300, **extra)
+    for path in book_dir.glob("add--*/*.json"):
+        if path.name != "page.json":
+            doc = json.loads(path.read_text())
+            doc.pop("chosen", None)
+            path.write_text(json.dumps(doc))
+
+
+def test_a_keys_own_partial_result_that_cannot_compile_reaches_the_caller(book_dir, monkeypatch):
+    """The key's own measurements answer it in serve mode; the best of them that fails for a
+    call is not replaced behind the caller's back."""
+    partial_without_a_choice(book_dir)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    tunebook.reset_stats()
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    run_limited(kernel, 300, limit=1024)
+    assert kernel.best_config.kwargs == {"BLOCK": 128} and tunebook.stats()["misses"] == 1  # own results
+    with pytest.raises(Exception, match="AssertionError"):
+        run_limited(tuned(add_kernel_limited, Replay(TIMES)), 300, limit=64)
+
+
+def test_fallback_is_asked_before_the_keys_own_partial_results(book_dir, monkeypatch):
+    """Without prefer_nearest, fallback= answers a key the book has not finished, as it always
+    did; the chain after it is not asked."""
+    partial_without_a_choice(book_dir, add_kernel)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    asked = []
+
+    def rule(key, configs):  # type: ignore[no-untyped-def]
+        asked.append(key)
+        return next(c for c in configs if c.kwargs["BLOCK"] == 32)
+
+    assert served_block(tuned(add_kernel, Replay(TIMES), fallback=rule), 300) == 32 and len(asked) == 1
+
+
+def test_a_call_launching_while_another_sets_its_config_aside_leaves_no_stale_hit(book_dir, monkeypatch):
+    """Call 1 of key 500 launches the served 128 (it fits: LIMIT=1024); during it, call 2 of
+    the same key fails with 128, sets it aside and is served 64. Call 1 must not then make 128
+    the key's remembered hit: a third call like call 2 is served 64."""
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     kernel = tuned(add_kernel_limited, Replay(TIMES))
-    with pytest.raises(Exception, match="AssertionError"):
-        run_limited(kernel, 300, limit=64)
-    assert not kernel.set_aside.why
+    real, nested = kernel.fn.run, []
+
+    def racing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("LIMIT") == 1024 and not nested:
+            nested.append(1)
+            with pytest.warns(tunebook.BookWarning, match="cannot run here"):
+                run_limited(kernel, 500, limit=64)  # another thread's call of the same key
+        return real(*args, **kwargs)
+
+    kernel.fn.run = racing
+    run_limited(kernel, 500, limit=1024)
+    run_limited(kernel, 500, limit=64)
+    assert kernel.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_a_key_whose_every_candidate_is_set_aside_raises_after_trying_each_once(book_dir, monkeypatch):
+    def two(**options):  # type: ignore[no-untyped-def]
+        replay = Replay({**TIMES, 128: 0.5})
+        configs = block_configs(128, 256)
+        hooks = {"do_bench": replay, "pre_hook": replay.pre_hook}
+        return tunebook.autotune(configs, key=["n"], name="add", **hooks, **options)
+
+    run_limited(two()(add_kernel_limited), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    for options in ({}, {"fallback": lambda key, configs: configs[0]}):
+        kernel = two(**options)(add_kernel_limited)
+        real, launched = kernel.fn.run, []
+
+        def counting(*args, real=real, launched=launched, **kwargs):  # type: ignore[no-untyped-def]
+            launched.append(kwargs["BLOCK"])
+            return real(*args, **kwargs)
+
+        kernel.fn.run = counting
+        with warnings.catch_warnings(), pytest.raises(Exception, match="AssertionError"):
+            warnings.simplefilter("ignore")
+            run_limited(kernel, 400, limit=64)
+        assert sorted(launched) == [128, 256], (options, launched)
 
 
 def slow_launches(kernel, seconds: float) -> None:  # type: ignore[no-untyped-def]

@@ -37,7 +37,7 @@ from ._home import KernelHome
 from ._hooks import Hooks
 from ._listing import SpaceListing
 from ._options import Options
-from ._set_aside import MAX_SET_ASIDE, SetAside
+from ._set_aside import SetAside
 from ._space import Space
 from ._tables import TablePage, Tables
 from ._version import __version__
@@ -92,6 +92,10 @@ class _Cache(dict):
         keys = list(self)
         super().clear()
         self._changed(keys)
+
+    def pop_quietly(self, key: Any) -> None:
+        """Drop the autotuner's own entry for ``key`` without marking it a caller's write."""
+        super().pop(key, None)
 
 
 class Autotuner(_compat.TritonAutotuner):
@@ -272,16 +276,20 @@ class Autotuner(_compat.TritonAutotuner):
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         call = Call.bind(self.arg_names, args, kwargs, grid)
-        for attempt in range(MAX_SET_ASIDE + 1):
+        tried: dict[str, BaseException] = {}  # config id -> the error it raised in this call
+        while True:
             with self._lock:
                 self.nargs = call.nargs
                 try:
                     config, counter = self._decision(call)
+                    cid = self.config_index.id_of(config)
+                    if cid in tried:  # decided again to a config that failed: nothing else to serve
+                        raise tried[cid]
                     launch_kwargs = call.launch_kwargs(config)
-                    # A served fallback is remembered for the hit path once it has launched:
-                    # until then it may be one that cannot compile here (_set_aside).
-                    later = counter is self.counters.fallbacks
-                    if not (self._single or later):
+                    # A served answer joins the hit path once it has launched: until then it
+                    # may be one that cannot compile for its key here (_set_aside.py).
+                    served = counter is self.counters.fallbacks
+                    if not (self._single or served):
                         self._hits.remember(args, kwargs, self._hits.hit(config, counter))
                     self.best_config = config
                     if config.pre_hook is not None:
@@ -293,35 +301,28 @@ class Autotuner(_compat.TritonAutotuner):
             try:
                 launched = self.fn.run(*args, grid=grid, warmup=warmup, **options)
             except Exception as exc:
-                if attempt == MAX_SET_ASIDE or not (later and _compat.is_config_specific_error(exc)):
+                if not (served and _compat.is_config_specific_error(exc) and self._set_aside(call, cid, exc)):
                     raise
-                if not self._set_aside(call, config, exc):
-                    raise
+                tried[cid] = exc
                 continue
-            if later:
+            if served and not warmup:  # a warmup compiles without loading: it proves nothing
                 with self._lock:
-                    self._hits.remember(args, kwargs, self._hits.hit(config, counter))
+                    if cid not in self.set_aside.of(self._key(call)):
+                        self._hits.remember(args, kwargs, self._hits.hit(config, counter))
             return launched
 
-    def _set_aside(self, call: Call, config: Any, exc: BaseException) -> bool:
-        """A served config cannot compile for this call (``_set_aside.py``). Unless it was
-        measured for the call's key (then the caller sees the error) or too many were set
-        aside, set it aside, take back the failed answer's counts and forget the served
-        decisions for it, so that the call is decided again without it."""
-        cid = self.config_index.id_of(config)
+    def _set_aside(self, call: Call, cid: str, exc: BaseException) -> bool:
+        """A served config cannot compile for this call's key (``_set_aside.py``): whether to
+        decide the call again without it; if so, the key's decisions are forgotten."""
         with self._lock:
             key = self._key(call)
-            if self.set_aside.unmeasured(key, cid) is None and cid not in self.set_aside:
-                return False  # measured for this key: not ours to replace
-            new = cid not in self.set_aside
             if not self.set_aside.add(key, cid, exc):
                 return False
-            self.counters.fallbacks[0] -= 1
-            self._hits.forget(config, self.counters.fallbacks)
-            for k in [k for k, c in self._cache.items() if c is config and k not in self._overrides]:
-                dict.__delitem__(self._cache, k)
-        if new:
-            self.set_aside.warn(cid)
+            fallbacks = self.counters.fallbacks  # the failed launch served nothing (never below 0: a reset)
+            fallbacks[0] = max(0, fallbacks[0] - 1)
+            self._forget(key)
+            if key not in self._overrides:
+                self._cache.pop_quietly(key)
         return True
 
     def _decision(self, call: Call) -> tuple[Any, list[int]]:
@@ -423,13 +424,18 @@ class Autotuner(_compat.TritonAutotuner):
                     self._overrides.add(key)
                 else:
                     self._overrides.discard(key)
-                    # Decisions are keyed by the key, by (key, candidate ids) (_decision), or
-                    # by (key, "book", result ids) (_book_decision).
-                    stale = [d for d in self._hits.decisions if d == key or (d and d[0] == key)]
-                    for decision_key in stale:
-                        del self._hits.decisions[decision_key]
+                    self._forget(key)
             if not self._single:
                 self._hits.clear()
+
+    def _forget(self, key: Any) -> None:
+        """Forget the decisions of ``key`` and every memoized hit (under the lock)."""
+        # Decisions are keyed by the key, by (key, candidate ids) (_decision), or by
+        # (key, "book", result ids) (_book_decision).
+        stale = [d for d in self._hits.decisions if d == key or (d and d[0] == key)]
+        for decision_key in stale:
+            del self._hits.decisions[decision_key]
+        self._hits.clear()
 
     def _key(self, call: Call) -> tuple[Any, ...]:
         """Triton's key for the call (bucketed where declared); a missing key argument is named here,

@@ -151,14 +151,6 @@ class HitTable:
             with contextlib.suppress(AttributeError, IndexError, TypeError):
                 self.by_position[self.position_key(tuple(args))] = hit.launcher
 
-    def forget(self, config: Any, counter: list[int]) -> None:
-        """Forget the decisions of ``config`` that bump ``counter`` (the served ones) and every
-        memoized hit: those calls decide again, the others find their decisions."""
-        stale = [d for d, (chosen, bumps) in self.decisions.items() if chosen is config and bumps is counter]
-        for decision_key in stale:
-            del self.decisions[decision_key]
-        self.clear()
-
     def clear(self) -> None:
         """Forget every memoized hit (in place: the hit path holds the dicts); decisions stay."""
         self.by_position.clear()

@@ -24,7 +24,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -194,13 +194,13 @@ def _warn_undeclared(miss: Miss, entry: Entry | None) -> None:
 def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     """``serve`` mode: a config with zero benchmarking, and the miss recorded for later.
 
-    The key's own results answer first, among all its candidates; every other answer (the
-    fallback chain, ``_policy.serve_choice``) only among those not set aside in this process
-    (``_set_aside.py``)."""
+    The chain (``_policy.serve_choice``) runs among the key's candidates that this process
+    has not set aside for it (``_set_aside.py``); the key's own results are never set aside."""
     last = miss.tuner.options.prefer_nearest
+    aside = miss.tuner.set_aside.of(miss.key)
+    others = _without(miss, aside) if aside else miss
     own = entry.best(miss.ids) if entry is not None else None
-    others = _without_set_aside(miss)
-    picked = None if last or own is not None else _user_fallback(others)
+    picked = None if last or not others.ids else _user_fallback(others)
     near = _near(others, page)
     table = None
     upgraded: list[tuple[str, str]] = []
@@ -213,17 +213,17 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
         if table is None and not upgraded and all(other.best(others.ids) is None for other in near):
             same_arch = _same_arch_answers(others, page)
     cid: str | None
-    if own is not None:
+    if picked is None and own is not None:
         cid, how = own, "the best of its own partial results"
     else:
         cid, how = _policy.serve_choice(others.ids, None, near, picked, table, upgraded, edited, same_arch)
     counted = _count_answer(miss, page, (cid, how), table, upgraded, same_arch)
-    if cid is None and last:
+    if cid is None and last and others.ids:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.
         cid, how = _policy.serve_choice(others.ids, None, [], _user_fallback(others))
     if cid is None and others.ids:
-        cid = others.ids[0]  # the first config not set aside
+        cid = others.ids[0]  # the first config not set aside for the key
     log.warning(
         "tunebook: %s key %s is not in the book; serving %s without benchmarking (TUNEBOOK_MODE=serve)",
         miss.tuner.label,
@@ -231,15 +231,12 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
         how,
     )
     _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
-    return Resolution(cid, "served", entry, unmeasured=own is None, counted=counted)
+    return Resolution(cid, "served", entry, unmeasured=cid is None or cid != own, counted=counted)
 
 
-def _without_set_aside(miss: Miss) -> Miss:
-    """``miss`` with only the candidates this process has not set aside (``_set_aside.py``)."""
-    keep = set(miss.tuner.set_aside.allowed(miss.ids))
-    if len(keep) == len(miss.ids):
-        return miss
-    kept = [(cid, c) for cid, c in zip(miss.ids, miss.candidates) if cid in keep]
+def _without(miss: Miss, aside: Mapping[str, str]) -> Miss:
+    """``miss`` without the candidates set aside for its key."""
+    kept = [(cid, c) for cid, c in zip(miss.ids, miss.candidates) if cid not in aside]
     return dataclasses.replace(miss, ids=[cid for cid, _ in kept], candidates=[c for _, c in kept])
 
 

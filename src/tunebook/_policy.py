@@ -8,9 +8,11 @@ that choice and the kernel sets no budget of its own: books shipped with an appl
 are answers, not a start to search from again). Otherwise ``TUNEBOOK_MODE``
 decides: ``tune`` measures what the book lacks; ``serve`` answers at once with the best
 config it can justify without measuring (the user's ``fallback=``, the key's own partial
-results, the entry of a table imported from this GPU (``tables=``), the winner of the
-nearest remembered key, the first config, in that order; with ``prefer_nearest=`` the
-user's ``fallback=`` comes after the nearest key);
+results, the entry of a table imported from this GPU (``tables=``), the key's winner on this
+GPU under another Triton release, the winner of the nearest remembered key, the key's
+winner on another GPU of this architecture, an edited source's winner for the key, the
+first config, in that order: ``serve_choice``; with ``prefer_nearest=`` the user's
+``fallback=`` takes the first config's place);
 ``off`` measures every candidate and remembers nothing.
 
 >>> from tunebook._book import Entry, Result

@@ -63,6 +63,12 @@ def add(name: str, amount: float = 1) -> None:
         _totals[name] += amount
 
 
+def take_back(name: str) -> None:
+    """Undo one ``add(name)``, never below zero (it may predate a ``reset_stats()``)."""
+    with _lock:
+        _totals[name] = max(0, _totals[name] - 1)
+
+
 def stats() -> dict[str, float]:
     """Counters for this process.
 
