@@ -136,11 +136,7 @@ class Autotuner(_compat.TritonAutotuner):
     ) -> None:
         self.options = options if options is not None else Options()
         self.cache_results = cache_results  # accepted as Triton's; the book subsumes Triton's disk cache
-        _settings.mode()  # an unknown TUNEBOOK_MODE is an error now, not at the first request
-        _settings.timer()  # likewise TUNEBOOK_TIMER
-        _settings.progress()  # and TUNEBOOK_PROGRESS
-        _settings.distributed()  # and TUNEBOOK_DISTRIBUTED
-        _settings.direct_launch()  # and TUNEBOOK_DIRECT_LAUNCH
+        _settings.check()  # an unknown TUNEBOOK_MODE (...) is an error now, not at the first request
         # A Space is enumerated per call (its argument constraints depend on the call).
         self.space: Space | None = configs if isinstance(configs, Space) else None
         self.configs: list[Any] = (
@@ -174,18 +170,7 @@ class Autotuner(_compat.TritonAutotuner):
         self.counters = _stats.register(self)
         self._required_keys = _required_key_arguments(self.base_fn, self.fn, self.keys)
         self._lock = threading.RLock()
-        self._home = KernelHome(
-            fn,
-            self.keys,
-            self.options,
-            lambda: (
-                self._user_do_bench,
-                self.num_warmups,
-                self.num_reps,
-                self.use_cuda_graph,
-                self.options.adaptive,
-            ),
-        )
+        self._home = KernelHome(fn, self.keys, self.options, self._timer_settings)
         self._hits = HitTable(self.arg_names, self.keys, fn.run, self)
         self._listing = (
             SpaceListing(self.space, self.config_index, lambda: self.page().platform)
@@ -205,6 +190,11 @@ class Autotuner(_compat.TritonAutotuner):
         )
         if self._single:
             self._hits.serve_always(self._hits.hit(self.configs[0], self.counters.hits))
+
+    def _timer_settings(self) -> tuple[Any, int | None, int | None, bool, bool]:
+        """Triton's timing attributes when the timers are first needed (a caller may set them)."""
+        adaptive = self.options.adaptive
+        return self._user_do_bench, self.num_warmups, self.num_reps, self.use_cuda_graph, adaptive
 
     @property
     def _single(self) -> bool:

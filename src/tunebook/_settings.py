@@ -239,3 +239,13 @@ def print_autotuning() -> bool:
 
 def interpreting() -> bool:
     return TRITON_INTERPRET.raw().strip().lower() in _TRUE
+
+
+def check() -> None:
+    """Read every setting a kernel's calls will read, so that a bad value stops a server when
+    its kernels are decorated, not at their first request."""
+    mode()
+    timer()
+    progress()
+    distributed()
+    direct_launch()
