@@ -160,7 +160,7 @@ def simulate(
     assignment of whole keys to GPUs (round-robin, as benchmark_moe.py)."""
     from tunebook._book import Result
     from tunebook._search import Budget
-    from tunebook._sweep.driver import FLUSH_S
+    from tunebook._sweep.writer import FLUSH_S
     from tunebook._sweep.schedule import Plan, Sweep
 
     rng = random.Random(0)
