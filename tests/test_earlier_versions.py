@@ -577,3 +577,79 @@ def test_threads_that_meet_a_served_config_being_set_aside_are_all_served(book_d
     for thread in threads:
         thread.join()
     assert errors == [] and kernel.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_a_one_config_kernel_stays_on_the_hit_path_after_a_cache_write_and_delete(book_dir):
+    kernel = tunebook.autotune([triton.Config({"BLOCK": 64})], key=["n"], name="one")(add_kernel)
+    run(kernel, 300)
+    kernel.cache[(300,)] = kernel.configs[0]
+    del kernel.cache[(300,)]
+    slow, real = [], kernel._slow_run
+    kernel._slow_run = lambda *a, **k: slow.append(1) or real(*a, **k)
+    for _ in range(3):
+        run(kernel, 300)
+    assert slow == []
+
+
+def test_two_calls_failing_on_one_served_config_count_the_key_once(book_dir, monkeypatch):
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    slow_launches(kernel, 0.3)
+    tunebook.reset_stats()
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def call() -> None:
+        start.wait()
+        try:
+            run_limited(kernel, 1000, limit=64)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    stats = tunebook.stats()
+    assert errors == [] and stats["misses"] == 1 and stats["fallbacks"] == 2, stats
+
+
+def test_a_cache_write_during_a_served_launch_is_what_later_calls_run(book_dir, monkeypatch):
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    real, pinned = kernel.fn.run, []
+    block_32 = next(c for c in kernel.configs if c.kwargs["BLOCK"] == 32)
+
+    def racing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not pinned:
+            (key,) = list(kernel.cache)  # the key being served, decided just now
+            kernel.cache[key] = block_32  # another thread pins it
+            pinned.append(key)
+        return real(*args, **kwargs)
+
+    kernel.fn.run = racing
+    run_limited(kernel, 500, limit=1024)  # this call runs the served 128
+    run_limited(kernel, 500, limit=1024)
+    assert kernel.best_config.kwargs == {"BLOCK": 32}
+
+
+def test_fallback_sees_every_candidate_and_a_pick_set_aside_defers_to_the_chain(book_dir, monkeypatch):
+    """fallback= picks 128, which fails this call: it is set aside for the key, and the rule,
+    still given every candidate, picks it again; the chain answers instead."""
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    seen = []
+
+    def rule(key, configs):  # type: ignore[no-untyped-def]
+        seen.append(len(configs))
+        return next(c for c in configs if c.kwargs["BLOCK"] == 128)
+
+    kernel = tuned(add_kernel_limited, Replay(TIMES), fallback=rule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_limited(kernel, 300, limit=64)
+    assert kernel.best_config.kwargs["BLOCK"] <= 64 and set(seen) == {len(TIMES)}

@@ -296,8 +296,9 @@ class Autotuner(_compat.TritonAutotuner):
                 tried[cid] = exc
                 continue
             if served and not warmup:  # a warmup compiles without loading: it proves nothing
-                with self._lock:
-                    if cid not in self.set_aside.of(self._key(call)):
+                with self._lock:  # unless the key was decided otherwise meanwhile (a set-aside, a caller)
+                    key = self._key(call)
+                    if self._cache.get(key) is config and key not in self._overrides:
                         self._hits.remember(args, kwargs, self._hits.hit(config, counter))
             return launched
 
@@ -306,13 +307,15 @@ class Autotuner(_compat.TritonAutotuner):
         decide the call again without it; if so, the key's decisions are forgotten."""
         with self._lock:
             key = self._key(call)
+            already = cid in self.set_aside.of(key)  # by another call of the key, which decided again
             if not self.set_aside.add(key, cid, exc):
                 return False
             fallbacks = self.counters.fallbacks  # the failed launch served nothing (never below 0: a reset)
             fallbacks[0] = max(0, fallbacks[0] - 1)
-            self._forget(key)
-            if key not in self._overrides:
-                self._cache.pop_quietly(key)
+            if not already:
+                self._forget(key)
+                if key not in self._overrides:
+                    self._cache.pop_quietly(key)
         return True
 
     def _decision(self, call: Call) -> tuple[Any, list[int]]:
@@ -425,7 +428,8 @@ class Autotuner(_compat.TritonAutotuner):
         stale = [d for d in self._hits.decisions if d == key or (d and d[0] == key)]
         for decision_key in stale:
             del self._hits.decisions[decision_key]
-        self._hits.clear()
+        if not self._single:  # a one-config kernel's hit stands for every call
+            self._hits.clear()
 
     def _key(self, call: Call) -> tuple[Any, ...]:
         """Triton's key for the call (bucketed where declared); a missing key argument is named here,

@@ -200,7 +200,8 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     aside = miss.tuner.set_aside.of(miss.key)
     others = _without(miss, aside) if aside else miss
     own = entry.best(miss.ids) if entry is not None else None
-    picked = None if last or not others.ids else _user_fallback(others)
+    picked = None if last else _user_fallback(miss)  # its rule sees every candidate, as always
+    picked = None if picked in aside else picked
     near = _near(others, page)
     table = None
     upgraded: list[tuple[str, str]] = []
@@ -218,10 +219,10 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     else:
         cid, how = _policy.serve_choice(others.ids, None, near, picked, table, upgraded, edited, same_arch)
     counted = _count_answer(miss, page, (cid, how), table, upgraded, same_arch)
-    if cid is None and last and others.ids:
+    if cid is None and last:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
         # of candidates, and a config it returns that goes unused is no reason to warn.
-        cid, how = _policy.serve_choice(others.ids, None, [], _user_fallback(others))
+        cid, how = _policy.serve_choice(others.ids, None, [], _user_fallback(miss))
     if cid is None and others.ids:
         cid = others.ids[0]  # the first config not set aside for the key
     log.warning(
