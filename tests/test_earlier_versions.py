@@ -549,13 +549,9 @@ def slow_launches(kernel, seconds: float) -> None:  # type: ignore[no-untyped-de
     kernel.fn.run = slow
 
 
-def test_threads_that_meet_a_served_config_being_set_aside_are_all_served(book_dir, monkeypatch):
-    """Two threads decide the same new key at once and both launch the failing answer; and a
-    third call arrives while the first launch is under way: none of them sees the error."""
-    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
-    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
-    kernel = tuned(add_kernel_limited, Replay(TIMES))
-    slow_launches(kernel, 0.3)
+def two_calls_at_once(kernel, meanwhile=None) -> list[BaseException]:  # type: ignore[no-untyped-def]
+    """Two threads call key n=1000 with LIMIT=64 at once (``meanwhile`` runs here while they
+    do); the errors they raised."""
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
@@ -569,14 +565,29 @@ def test_threads_that_meet_a_served_config_being_set_aside_are_all_served(book_d
     threads = [threading.Thread(target=call) for _ in range(2)]
     for thread in threads:
         thread.start()
-    time.sleep(0.1)  # a third call while the first launches: it must not take a remembered hit
-    try:
-        run_limited(kernel, 1000, limit=64)
-    except BaseException as exc:
-        errors.append(exc)
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except BaseException as exc:
+            errors.append(exc)
     for thread in threads:
         thread.join()
-    assert errors == [] and kernel.best_config.kwargs == {"BLOCK": 64}
+    return errors
+
+
+def test_threads_that_meet_a_served_config_being_set_aside_are_all_served(book_dir, monkeypatch):
+    """Two threads decide the same new key at once and both launch the failing answer; and a
+    third call arrives while the first launch is under way: none of them sees the error."""
+    run_limited(tuned(add_kernel_limited, Replay({**TIMES, 128: 0.5})), 300, limit=1024)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel = tuned(add_kernel_limited, Replay(TIMES))
+    slow_launches(kernel, 0.3)
+
+    def third_call() -> None:  # while the first launches: it must not take a remembered hit
+        time.sleep(0.1)
+        run_limited(kernel, 1000, limit=64)
+
+    assert two_calls_at_once(kernel, third_call) == [] and kernel.best_config.kwargs == {"BLOCK": 64}
 
 
 def test_a_one_config_kernel_stays_on_the_hit_path_after_a_cache_write_and_delete(book_dir):
@@ -597,23 +608,9 @@ def test_two_calls_failing_on_one_served_config_count_the_key_once(book_dir, mon
     kernel = tuned(add_kernel_limited, Replay(TIMES))
     slow_launches(kernel, 0.3)
     tunebook.reset_stats()
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
-
-    def call() -> None:
-        start.wait()
-        try:
-            run_limited(kernel, 1000, limit=64)
-        except BaseException as exc:
-            errors.append(exc)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        threads = [threading.Thread(target=call) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = two_calls_at_once(kernel)
     stats = tunebook.stats()
     assert errors == [] and stats["misses"] == 1 and stats["fallbacks"] == 2, stats
 
