@@ -160,8 +160,8 @@ def simulate(
     assignment of whole keys to GPUs (round-robin, as benchmark_moe.py)."""
     from tunebook._book import Result
     from tunebook._search import Budget
-    from tunebook._sweep.writer import FLUSH_S
     from tunebook._sweep.schedule import Plan, Sweep
+    from tunebook._sweep.writer import FLUSH_S
 
     rng = random.Random(0)
     ok = Result({"kwargs": {}}, (1.0, 1.0, 1.0))
