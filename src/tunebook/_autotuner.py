@@ -314,6 +314,7 @@ class Autotuner(_compat.TritonAutotuner):
             fallbacks[0] = max(0, fallbacks[0] - 1)
             if not already:
                 self._forget(key)
+                self._hits.clear()  # served: never a one-config kernel's
                 if key not in self._overrides:
                     self._cache.pop_quietly(key)
         return True
@@ -418,18 +419,16 @@ class Autotuner(_compat.TritonAutotuner):
                 else:
                     self._overrides.discard(key)
                     self._forget(key)
-            if not self._single:
+            if not self._single:  # a one-config kernel's hit stands for every call
                 self._hits.clear()
 
     def _forget(self, key: Any) -> None:
-        """Forget the decisions of ``key`` and every memoized hit (under the lock)."""
+        """Forget the decisions of ``key`` (under the lock; the caller clears the hits)."""
         # Decisions are keyed by the key, by (key, candidate ids) (_decision), or by
         # (key, "book", result ids) (_book_decision).
         stale = [d for d in self._hits.decisions if d == key or (d and d[0] == key)]
         for decision_key in stale:
             del self._hits.decisions[decision_key]
-        if not self._single:  # a one-config kernel's hit stands for every call
-            self._hits.clear()
 
     def _key(self, call: Call) -> tuple[Any, ...]:
         """Triton's key for the call (bucketed where declared); a missing key argument is named here,

@@ -213,11 +213,9 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
             upgraded, edited = _other_versions_answers(others, page)
         if table is None and not upgraded and all(other.best(others.ids) is None for other in near):
             same_arch = _same_arch_answers(others, page)
-    cid: str | None
-    if picked is None and own is not None:
-        cid, how = own, "the best of its own partial results"
-    else:
-        cid, how = _policy.serve_choice(others.ids, None, near, picked, table, upgraded, edited, same_arch)
+    cid, how = _policy.serve_choice(
+        others.ids, entry, near, picked, table, upgraded, edited, same_arch, own_ids=miss.ids
+    )
     counted = _count_answer(miss, page, (cid, how), table, upgraded, same_arch)
     if cid is None and last:
         # fallback= asked last, and only when reached: a pack kernel's rule ranks thousands
@@ -241,6 +239,19 @@ def _without(miss: Miss, aside: Mapping[str, str]) -> Miss:
     return dataclasses.replace(miss, ids=[cid for cid, _ in kept], candidates=[c for _, c in kept])
 
 
+# What serve mode says, once per kernel, when it answers from another platform's evidence.
+_UPGRADE_WARNING = (
+    "tunebook: %s: this page (%s) lacks keys that a page of this GPU under another Triton release or "
+    "runtime holds; serving their winners there, tuned under that release. Tune this release's page "
+    "to serve its own: each key's search measures the old winners first (said once per kernel)."
+)
+_SAME_ARCH_WARNING = (
+    "tunebook: %s: no book answers its keys on %s; serving %s, a device of the same architecture and "
+    "Triton release. Tune on this device to serve its own: each key's search measures that winner "
+    "first (said once per kernel)."
+)
+
+
 def _count_answer(
     miss: Miss,
     page: Page,
@@ -252,35 +263,22 @@ def _count_answer(
     """Count a serve-mode answer that came from another platform's evidence, and say once per
     kernel where such answers come from and how to serve this platform's own; the names of
     the counters it added."""
-    label = miss.tuner.label
+    warning: tuple[Any, ...] = ()
     if table is not None and answer == table:
-        _stats.add("table_answers")
-        return ("table_answers",)
-    if answer in upgraded:
-        _stats.add("upgrade_answers")
-        _warnings.warn_once(
-            f"upgraded:{label}",
-            "tunebook: %s: this page (%s) lacks keys that a page of this GPU under another Triton "
-            "release or runtime holds; serving their winners there, tuned under that release. Tune "
-            "this release's page to serve its own: each key's search measures the old winners "
-            "first (said once per kernel).",
-            label,
-            f"Triton {page.platform.get('triton', '?')}, {page.platform.get('runtime', '?')}",
-        )
-        return ("upgrade_answers",)
-    if answer in same_arch:
-        _stats.add("same_arch_answers")
-        _warnings.warn_once(
-            f"same-arch:{label}",
-            "tunebook: %s: no book answers its keys on %s; serving %s, a device of the same "
-            "architecture and Triton release. Tune on this device to serve its own: each key's "
-            "search measures that winner first (said once per kernel).",
-            label,
-            page.platform.get("device", "this device"),
-            answer[1],
-        )
-        return ("same_arch_answers",)
-    return ()
+        name = "table_answers"
+    elif answer in upgraded:
+        name = "upgrade_answers"
+        release = f"Triton {page.platform.get('triton', '?')}, {page.platform.get('runtime', '?')}"
+        warning = (_UPGRADE_WARNING, release)
+    elif answer in same_arch:
+        name = "same_arch_answers"
+        warning = (_SAME_ARCH_WARNING, page.platform.get("device", "this device"), answer[1])
+    else:
+        return ()
+    _stats.add(name)
+    if warning:
+        _warnings.warn_once(f"{name}:{miss.tuner.label}", warning[0], miss.tuner.label, *warning[1:])
+    return (name,)
 
 
 def _same_arch_answers(miss: Miss, page: Page) -> list[tuple[str, str]]:

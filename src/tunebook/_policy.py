@@ -223,6 +223,7 @@ def serve_choice(
     upgraded: Sequence[tuple[str, str]] = (),
     edited: Sequence[tuple[str, str]] = (),
     same_arch: Sequence[tuple[str, str]] = (),
+    own_ids: Sequence[str] | None = None,
 ) -> tuple[str | None, str]:
     """(config id, how it was chosen) for ``serve`` mode; None means the first candidate.
 
@@ -230,7 +231,9 @@ def serve_choice(
     ``table`` the (id, how) an imported table of this GPU gives; ``upgraded`` the (id, how)
     of this key's winners under another Triton release or runtime on this GPU, ``edited``
     those of another source of the kernel on this platform, ``same_arch`` those of this
-    kernel and release on another GPU of this architecture. With ``prefer_nearest=`` the
+    kernel and release on another GPU of this architecture. The key's own results answer among
+    ``own_ids`` (default ``ids``): a process may keep other answers from configs it set aside
+    for the key, never its own measurements. With ``prefer_nearest=`` the
     caller asks without ``picked`` first, and with it alone (nothing else) only when that
     answers None.
 
@@ -246,7 +249,7 @@ def serve_choice(
     """
     if picked is not None and picked in ids:
         return picked, "the config chosen by fallback="
-    own = entry.best(ids) if entry is not None else None
+    own = entry.best(ids if own_ids is None else own_ids) if entry is not None else None
     if own is not None:
         return own, "the best of its own partial results"
     if table is not None and table[0] in ids:
