@@ -147,6 +147,47 @@ def test_a_killed_tuning_resumes_without_remeasuring(book_dir):
     assert kernel.best_config.kwargs == {"BLOCK": 128}
 
 
+def test_a_tuning_killed_before_it_confirmed_its_screens_is_confirmed_by_the_next(book_dir, monkeypatch):
+    """Every config screened, then the process killed before its full measurements: the key
+    is not answered by the screens. The next process measures the contenders in full and
+    decides on them (before, it served the screens' winner, unconfirmed, for good)."""
+    from tunebook import _bench
+
+    now: dict[str, int] = {}
+    screens, fulls = {32: 1.0, 64: 1.05, 128: 1.5}, {32: 1.2, 64: 1.0, 128: 1.5}
+    measured: list[tuple[int, str]] = []
+
+    def clock(kernel_call, quantiles=None, *, min_reps=3, max_reps=10, budget_s=0.2):
+        full = min_reps != 1
+        if full and kill:
+            raise KeyboardInterrupt  # killed as its confirmation begins
+        kernel_call()
+        measured.append((now["BLOCK"], "full" if full else "screen"))
+        ms = (fulls if full else screens)[now["BLOCK"]]
+        return [ms, ms, ms]
+
+    def pre_hook(nargs: dict[str, Any], reset_only: bool = False) -> None:
+        if not reset_only:
+            now["BLOCK"] = nargs["BLOCK"]
+
+    monkeypatch.setattr(_bench, "wallclock_bench", clock)
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (32, 64, 128)]
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        call(tunebook.autotune(configs, key=["n"], pre_hook=pre_hook)(add_kernel), 64)
+    screened = entry_of(book_dir, 64)
+    assert len(screened.results) == 3 and all(r.quick for r in screened.results.values())
+    assert not screened.chosen
+    kill, measured = False, []
+    resumed = tunebook.autotune(configs, key=["n"], pre_hook=pre_hook)(add_kernel)
+    call(resumed, 64)
+    assert sorted(measured) == [(32, "full"), (64, "full")]  # the contenders, nothing screened again
+    assert resumed.best_config.kwargs == {"BLOCK": 64}
+    assert entry_of(book_dir, 64).chosen == next(
+        cid for cid, r in entry_of(book_dir, 64).results.items() if r.config["kwargs"] == {"BLOCK": 64}
+    )
+
+
 def test_failures_are_recorded_with_their_reason_and_never_retried(book_dir):
     bad = [{"BLOCK": 512, "num_warps": 8}, {"BLOCK": 16, "num_warps": 1}]
     land = Landscape(bowl, fail=bad)
@@ -313,12 +354,19 @@ def test_check_rejects_unknown_options():
         tunebook.autotune(SPACE, key=["n"], check={"tolerance": 1})(add_kernel)
 
 
-def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, monkeypatch):
-    """Two tuners of one key, their writes interleaved deterministically (issue 10 item 8):
-    A screens first and decides on its full measurements of its contenders; B screens after
-    (A's screen stands), finds another contender from its own screen and confirms it in
-    full only after A decided. B's full measurement must not overturn the decision A
-    serves: A, B and a later process serve the same config."""
+@pytest.mark.parametrize("b_starts", ["with A", "after A screened"])
+def test_processes_tuning_one_key_at_once_serve_what_the_book_says(b_starts, book_dir, monkeypatch):
+    """Two tuners of one key, their writes interleaved deterministically (issue 10 item 8).
+
+    ``with A``: both read the key before either measured. A screens first and decides on
+    its full measurements of its contenders; B screens after (A's screen stands), finds
+    another contender from its own screen and confirms it in full only after A decided.
+    ``after A screened`` (as a loaded CI machine started B's thread): B reads the key once A
+    screened every config, screens nothing and confirms A's contenders itself, again only
+    after A decided. Either way B's full measurements must not overturn the decision A
+    serves: A, B and a later process serve the same config. (Before _policy.answered
+    counted a search still confirming as unfinished, B served A's unconfirmed screens
+    without measuring, and A waited for B's full measurement in vain.)"""
     import threading
 
     from tunebook import _bench
@@ -326,7 +374,9 @@ def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, mon
     screens = {"A": {32: 1.0, 64: 1.05, 128: 1.5}, "B": {32: 1.5, 64: 1.5, 128: 1.0}}
     fulls = {"A": {32: 1.0, 64: 1.05, 128: 1.5}, "B": {32: 1.5, 64: 1.5, 128: 0.5}}
     a_screened, b_screened, a_done = threading.Event(), threading.Event(), threading.Event()
+    b_ready = threading.Event()
     now: dict[str, int] = {}
+    b_screens: list[int | None] = []
     # A wait that times out fails the measurement it is in, and the tuner goes on: the final
     # assertion names the waits that did, with where every other thread stood then.
     timed_out: list[str] = []
@@ -339,13 +389,15 @@ def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, mon
     def clock(kernel_call, quantiles=None, *, min_reps=3, max_reps=10, budget_s=0.2):
         me = threading.current_thread().name
         full = min_reps != 1
+        if me == "A" and not full and b_starts == "with A":
+            wait(b_ready, "A's screen: B never began its screen")  # B read the key before A wrote it
         if me == "B" and not full:
+            b_ready.set()
             # Before B launches, not after: two threads' launches collide on Triton's
-            # interpreter, and a collision raised out of B's first launch skipped this wait,
-            # so B screened while A's screen ran. That was the one window in which both
-            # threads launched; twice in CI's full runs B then never began a full
-            # measurement while A waited for one. Now one thread launches at a time.
+            # interpreter (a collision raised out of B's first launch once skipped this
+            # wait). One thread launches at a time.
             wait(a_screened, f"B's screen of BLOCK={now.get('B')}: A never began its full measurements")
+            b_screens.append(now.get("B"))
         kernel_call()
         if full and me == "A" and not a_screened.is_set():
             a_screened.set()
@@ -367,8 +419,10 @@ def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, mon
     configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (32, 64, 128)]
     kernels = {me: tunebook.autotune(configs, key=["n"], pre_hook=hook(me))(add_kernel) for me in "AB"}
     threads = {me: threading.Thread(target=call, args=(kernels[me], 64), name=me) for me in "AB"}
-    for thread in threads.values():
-        thread.start()
+    threads["A"].start()
+    if b_starts == "after A screened":
+        wait(a_screened, "A never began its full measurements")
+    threads["B"].start()
     threads["A"].join(120)
     a_done.set()
     threads["B"].join(120)
@@ -376,6 +430,7 @@ def test_processes_tuning_one_key_at_once_serve_what_the_book_says(book_dir, mon
     later = tunebook.autotune(configs, key=["n"])(add_kernel)
     call(later, 64)
     assert served == {"A": 32, "B": 32} and later.best_config.kwargs["BLOCK"] == 32, (served, *timed_out)
+    assert len(b_screens) == (0 if b_starts == "after A screened" else 3), b_screens
 
 
 def other_threads() -> str:

@@ -74,8 +74,28 @@ def chosen_among(entry: Entry, ids: Sequence[str]) -> bool:
 
 
 def answered(entry: Entry, ids: Sequence[str], budget: Budget) -> bool:
-    """Whether the book answers this key: every candidate measured, or the search done."""
-    return all(cid in entry.results for cid in ids) or search_done(entry, ids, budget)
+    """Whether the book answers this key: every candidate measured and the search that
+    measured them ended, or a budgeted search done.
+
+    Every candidate screened is not enough while a screening is unconfirmed and no search
+    has chosen: that search is still confirming its contenders (in another process), or
+    was killed before it did. A process that read such a key as answered served the
+    screens' winner, never confirmed in full, and the key stayed so in the book for good.
+
+    >>> from dataclasses import replace
+    >>> from tunebook._book import Entry, Result
+    >>> screened = Entry(key=(1,), results={"a": Result({"kwargs": {}}, (1.0, 1.0, 1.0), quick=True)})
+    >>> answered(screened, ["a"], Budget()), answered(replace(screened, chosen="a"), ["a"], Budget())
+    (False, True)
+    """
+    if all(cid in entry.results for cid in ids) and (entry.chosen or not _screened_only(entry, ids)):
+        return True
+    return search_done(entry, ids, budget)
+
+
+def _screened_only(entry: Entry, ids: Sequence[str]) -> bool:
+    """Whether some candidate of ``ids`` has only a quick screening in ``entry``."""
+    return any((result := entry.results.get(cid)) is not None and result.quick for cid in ids)
 
 
 def effective_budget(budget: Budget, n: int) -> Budget:
