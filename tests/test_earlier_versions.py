@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 import tunebook
+from conftest import book_files
 from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 TIMES = {32: 3.0, 64: 1.0, 128: 2.0, 256: 4.0, 512: 5.0}
@@ -388,6 +389,13 @@ def test_a_served_config_that_cannot_compile_here_is_set_aside_and_the_call_serv
     kernel[grid_1d(300)](x, y, out, n=300, LIMIT=64)  # the key laid out otherwise: its decision, 64
     assert out.eq(x + y).all()
     assert kernel.best_config.kwargs == {"BLOCK": 64} and tunebook.stats()["benchmarked"] == 0
+    from tunebook import _misses
+    from tunebook._book import read_document
+
+    assert _misses.flush()
+    entries = [e for page in book_files(book_dir) for e in read_document(page).entries.values()]
+    misses = [e.misses for e in entries if e.misses]
+    assert misses == [1]  # one miss in the book for the key, not one per answer it was served
 
 
 def test_a_measured_winner_that_cannot_compile_reaches_the_caller(book_dir, monkeypatch):

@@ -229,7 +229,8 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
         list(miss.key),
         how,
     )
-    _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
+    if not aside:  # a key decided again after a set-aside had its miss recorded by the first decision
+        _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
     return Resolution(cid, "served", entry, unmeasured=cid is None or cid != own, counted=counted)
 
 
