@@ -61,6 +61,17 @@ def test_matches_reference(T, E, H, inter, k, dtype):
     assert_close(out, reference(x, w13, w2, tw, ti), dtype, MOE_TOL[dtype])
 
 
+def test_strided_expert_ids_route_as_their_values():
+    """A column slice of the ids (ids[:, :1], a stride of k) routes each token by its own id:
+    the alignment kernel once read the slice as contiguous memory, and token 1 went to
+    token 0's second expert, with no error."""
+    x, w13, w2, tw, ti = inputs(5, 4, 24, 40, 2, torch.float32)
+    ids, weights = ti[:, :1], tw[:, :1]
+    assert not ids.is_contiguous()
+    out = fused_moe(x, w13, w2, weights, ids, out=poisoned((5, 24), torch.float32))
+    assert_close(out, reference(x, w13, w2, weights, ids.contiguous()), torch.float32, MOE_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_experts_without_tokens(k):
     x, w13, w2, tw, ti = inputs(9, 8, 24, 40, k, torch.bfloat16, experts=[1, 6])
@@ -191,6 +202,9 @@ def test_empty_batch_launches_nothing():
         (lambda a: {**a, "w2": a["w2"].half()}, "share one of"),
         (lambda a: {**a, "out": torch.empty(3, 5)}, "out must be"),
         (lambda a: {**a, "out": [0.0] * 24}, "out must be a torch tensor or None; found list"),
+        # zeroed before GEMM 1 reads x: with one expert a token, out=x returned zeros
+        (lambda a: {**a, "out": a["x"]}, "out shares memory with x; in-place updates are not supported"),
+        (lambda a: {**a, "fp32_precision": "IEEE"}, "fp32_precision must be 'ieee' or 'tf32'; found 'IEEE'"),
     ],
 )
 def test_errors_say_what_was_expected(change, message):

@@ -871,7 +871,12 @@ def _call(**changes):  # type: ignore[no-untyped-def]
         ),
         ({"block_table": torch.zeros(2, 2)}, "block_table must be a 2-D int32 or int64 tensor"),
         ({"context_lens": torch.tensor([3], dtype=torch.int32)}, "one row per sequence"),
-        ({"max_context_len": 40}, "more than the block table holds"),
+        ({"max_context_len": 40}, "max_context_len=40, more than the block table holds"),
+        # read from context_lens: the message names what the caller gave, not max_context_len
+        (
+            {"context_lens": torch.tensor([3, 40], dtype=torch.int32), "max_context_len": None},
+            r"context_lens holds 40 tokens, more than the block table holds \(2 blocks of 16 tokens\)",
+        ),
         ({"q": torch.zeros(2, 64, 4).transpose(1, 2)}, "last dimension must be contiguous"),
     ],
 )

@@ -153,6 +153,10 @@ def test_config_sweep(gen, style) -> None:  # type: ignore[no-untyped-def]
         ({"cos_sin_cache": torch.randn(64, 15)}, "must be even"),
         ({"cos_sin_cache": torch.randn(64, 32)}, r"in \[2, head_size=16\]; found 32"),
         ({"head_size": 8}, "head_size=8 but q's last dimension is 16"),
+        (
+            {"q": torch.randn(3, 64), "k": torch.randn(3, 32), "head_size": 16.0},
+            "head_size must be an int; found 16.0",
+        ),
         ({"q": torch.randn(3, 4, 16).int()}, "q must be float16, bfloat16 or float32"),
         ({"out": (torch.empty(3, 4, 16),)}, r"out must be a \(q_out, k_out\) pair"),
         ({"out": "q"}, r"out\[0\] must have shape \(3, 4, 16\)"),

@@ -219,8 +219,15 @@ def test_rejects_bad_inputs(changes, match) -> None:  # type: ignore[no-untyped-
             {"cu_seqlens_k": torch.tensor([-1, 2, 5], dtype=torch.int32)},
             r"offsets from 0 .* found \[-1, 2, 5\]",
         ),
+        # lengths.cumsum(0) without the leading 0: once one sequence, the rows before it unwritten
+        (
+            {"cu_seqlens_q": torch.tensor([3, 5], dtype=torch.int32), "cu_seqlens_k": offsets([5])},
+            r"offsets from 0 .* found \[3, 5\] \(the cumulative sum of the lengths without its leading 0\?\)",
+        ),
+        # too few tiles launched: rows past the bound were left unwritten
+        ({"max_seqlen_q": 2}, r"max_seqlen_q=2 is less than the longest query sequence, 3 rows"),
     ],
-    ids=["q-past-rows", "k-past-rows", "decreasing", "negative"],
+    ids=["q-past-rows", "k-past-rows", "decreasing", "negative", "no-leading-zero", "max-seqlen-q-short"],
 )
 def test_offsets_read_from_the_device_are_checked_before_the_launch(changes, match) -> None:  # type: ignore[no-untyped-def]
     """Where max_seqlen_q/k are read from the offsets, an offset past the rows of q or k is a

@@ -69,7 +69,8 @@ def moe_align(topk_ids: Any, E: int, align: int) -> tuple[Any, Any, Any]:
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=device)
     chunk_expert = torch.empty(cap // align, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    launch_align(topk_ids.reshape(-1), E, align, sorted_ids, chunk_expert, num_padded)
+    # Read as ptr + i: a strided view (a column slice, ids[:, :1]) would be misread.
+    launch_align(topk_ids.reshape(-1).contiguous(), E, align, sorted_ids, chunk_expert, num_padded)
     return sorted_ids, chunk_expert, num_padded
 
 

@@ -54,7 +54,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import cdiv, check_device, max_configs, pow2_at_least, shipped_books
+from ._common import cdiv, check_device, check_out, max_configs, pow2_at_least, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -370,7 +370,9 @@ def _moe_gemm2_kernel(
 _DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
 
 
-def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any) -> None:
+def _check(
+    x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any, fp32_precision: str
+) -> None:
     import torch
 
     for name, t in (
@@ -418,6 +420,11 @@ def _check(x: Any, w13: Any, w2: Any, topk_weights: Any, topk_ids: Any, out: Any
             f"fused_moe: out must be [{T}, {H}] of dtype {x.dtype} on {x.device}; found "
             f"{list(out.shape)}, {out.dtype}, {out.device}"
         )
+    if out is not None:  # zeroed before GEMM 1 reads x (k = 1): out=x would compute from zeros
+        inputs = {"x": x, "w13": w13, "w2": w2, "topk_weights": topk_weights, "topk_ids": topk_ids}
+        check_out("fused_moe", "out", out, (T, H), x.dtype, inputs)
+    if fp32_precision not in ("ieee", "tf32"):
+        raise ValueError(f"fused_moe: fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}")
 
 
 def _explicit(config: Any) -> tuple[dict[str, int], dict[str, int]]:
@@ -449,7 +456,7 @@ def fused_moe(
     launches explicit configs (vLLM's table fields) instead of the book's: one dict for
     both GEMMs or a ``(gemm1, gemm2)`` pair.
     """
-    _check(x, w13, w2, topk_weights, topk_ids, out)
+    _check(x, w13, w2, topk_weights, topk_ids, out, fp32_precision)
     return _fused_moe(x, w13, w2, topk_weights, topk_ids, out, config, fp32_precision, None)
 
 

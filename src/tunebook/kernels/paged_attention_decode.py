@@ -513,16 +513,21 @@ def _paged_attention_decode(
         c.fail(
             _OP, f"at most {MAX_BATCH} sequences per call (CUDA's grid limit); found {batch}: split the batch"
         )
+    read = max_context_len is None
     if max_context_len is None:
         c.refuse_read_in_capture(_OP, q.device, "max_context_len")
         max_context_len = int(context_lens.max())  # waits for the GPU
     max_context_len = max(int(max_context_len), 1)
     capacity = block_table.shape[1] * page
     if max_context_len > capacity:
+        # Name what the caller gave: the longest context_lens entry where the bound was read.
+        given = (
+            f"context_lens holds {max_context_len} tokens" if read else f"max_context_len={max_context_len}"
+        )
         c.fail(
             _OP,
-            f"max_context_len={max_context_len} is more than the block table holds ({block_table.shape[1]} "
-            f"blocks of {page} tokens); widen the table",
+            f"{given}, more than the block table holds ({block_table.shape[1]} blocks of {page} tokens); "
+            "widen the table (or check the cache's layout: [num_blocks, block_size, NK, head_size])",
         )
     a.check_block_table_on_cpu(_OP, block_table, context_lens, "context_lens", k_cache.shape[0], page)
     grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)

@@ -24,6 +24,7 @@ scale), ``num_stages`` deep. The key is the row count bucketed onto serving batc
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -190,8 +191,11 @@ def _rms_norm(
     elif residual_out is not None:
         c.fail(_OP, "residual_out is only written when residual is given")
     c.check_same_device(_OP, x=x, weight=weight, residual=residual, out=out, residual_out=residual_out)
-    if not eps >= 0:
-        c.fail(_OP, f"eps must be >= 0; found {eps}")
+    if not _is_number(eps) or not eps >= 0:
+        shown = repr(eps) if _is_number(eps) else f"a {type(eps).__name__}"
+        c.fail(
+            _OP, f"eps must be a number >= 0; found {shown} (the residual comes after eps, or as residual=)"
+        )
     inputs = {"x": x, "weight": weight, "residual": residual}
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -233,3 +237,8 @@ def _rms_norm(
     else:
         _rms_norm_kernel.fn[(c.cdiv(n_rows, config["ROWS"]),)](*args, **config)
     return out if residual is None else (out, residual_out)  # type: ignore[return-value]
+
+
+def _is_number(value: object) -> bool:
+    """A real number (numpy's included), not a bool: what ``eps`` may be."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

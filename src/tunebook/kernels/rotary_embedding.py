@@ -349,6 +349,8 @@ def _check_shapes(
             "[tokens, heads, head_size]",
         )
     else:
+        if isinstance(head_size, bool) or not isinstance(head_size, int):
+            c.fail(_OP, f"head_size must be an int; found {head_size!r}")
         for name, t in (("q", q), ("k", k)):
             if head_size < 1 or t.shape[1] % head_size:
                 c.fail(

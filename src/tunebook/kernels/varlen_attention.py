@@ -259,8 +259,9 @@ def varlen_attention(
     for the GPU. The paged prefix: ``k_cache``/``v_cache`` ``[num_blocks, block_size, NK,
     head_size]``, ``block_table`` ``[batch, max_blocks]`` and ``prefix_lens`` ``[batch]``,
     all four or none; a prefix must fit its row of the block table, and the offsets must
-    stay within q's and k's rows (both checked where a ``max_seqlen`` is read from the GPU,
-    not where both are given; on the CPU always). Returns ``[total_q, NQ,
+    stay within q's and k's rows, and ``max_seqlen_q`` must cover the longest (all checked
+    where a ``max_seqlen`` is read from the GPU, not where both are given; on the CPU
+    always). Returns ``[total_q, NQ,
     head_size]`` in ``q``'s dtype (or ``out``); rows past ``cu_seqlens_q[-1]`` (a CUDA
     graph's padding) are left as they were.
 
@@ -358,6 +359,12 @@ def _varlen_attention(
         longest_q, longest_k = _read_offsets(
             q, k, cu_seqlens_q, cu_seqlens_k, k_cache, block_table, prefix_lens
         )
+        if max_seqlen_q is not None and max_seqlen_q < longest_q:  # too few tiles: rows left unwritten
+            c.fail(
+                _OP,
+                f"max_seqlen_q={max_seqlen_q} is less than the longest query sequence, {longest_q} rows "
+                "(leave it out to have it read from cu_seqlens_q)",
+            )
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
         max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
     if max_seqlen_q <= 0:
@@ -399,12 +406,13 @@ def _read_offsets(
         ("cu_seqlens_q", cu_q, read[3:6], q.shape[0], "q"),
         ("cu_seqlens_k", cu_k, read[6:9], k.shape[0], "k"),
     ):
-        if first < 0 or shortest < 0 or last > rows:
+        if first != 0 or shortest < 0 or last > rows:
             shown = cu[:16].tolist()
+            hint = " (the cumulative sum of the lengths without its leading 0?)" if first > 0 else ""
             c.fail(
                 _OP,
                 f"{name} must be offsets from 0 that never decrease and end at most at {t}'s {rows} rows; "
-                f"found {shown}{' ...' if cu.shape[0] > 16 else ''}",
+                f"found {shown}{' ...' if cu.shape[0] > 16 else ''}{hint}",
             )
     if prefix_lens is not None:
         assert k_cache is not None and block_table is not None  # _check: all four or none
