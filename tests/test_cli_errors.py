@@ -141,6 +141,17 @@ def test_tune_misses_with_a_kernel_target_says_what_misses_takes(tmp_path: Path)
     assert res.exit_code == 2 and "--misses takes modules" in res.output and "--keys" in res.output
 
 
+def test_tune_misses_of_a_module_without_kernels_says_so(tmp_path: Path) -> None:
+    """Not "nothing to tune" and exit 0, as when every miss is tuned: a parent package or a
+    sibling module's name tunes nothing, and the user must hear it."""
+    (tmp_path / "nokernels.py").write_text("VALUE = 1\n")
+    one_error_line(
+        invoke("tune", "--misses", tmp_path / "nokernels.py", ok=None),
+        "defines no @tunebook.autotune kernel at module level",
+        "--misses names the modules that define the kernels",
+    )
+
+
 # ----------------------------------------------------------------------------- vLLM export
 
 

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.once
 MODULE = """
 import os, subprocess
 import torch, triton, tunebook
+import triton.language as tl
 from small_kernels import add_kernel, grid_1d
 
 def _lock_book(nargs):
@@ -43,6 +44,21 @@ add = tunebook.autotune(
     key=["n"],
     inputs=inputs,
 )(add_kernel)
+
+@triton.jit
+def _scaled_add_kernel(x_ptr, y_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x, y = tl.load(x_ptr + offs, mask=mask), tl.load(y_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, x * scale + y, mask=mask)
+
+def scaled_inputs(description):
+    n, scale = description["key"]["n"], description["key"]["scale"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n, scale), {}
+
+scaled_add = tunebook.autotune(
+    [triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 64})], key=["n", "scale"], inputs=scaled_inputs
+)(_scaled_add_kernel)
 """
 
 
@@ -107,3 +123,27 @@ def test_progress_counts_failed_keys_apart_and_dry_run_says_would(kernel_module:
     assert res.exit_code == 1, res.output
     assert "1/2" in res.output and "1 failed" in res.output and "2/2" not in res.output
     assert "1 of 2 key(s) tuned" in res.output and "no inputs for n=13" in res.output
+
+
+def test_keys_of_several_names_are_tuned_and_each_name_is_asked_for_once(
+    kernel_module: str, book_dir: Path
+) -> None:
+    """The usage text's own form, --keys M=16,N=4096: the whole text once went to the first
+    name ({"n": "256,scale=2"}) and the worker failed with KeyError: 'scale'."""
+    res = invoke("tune", f"{kernel_module}:scaled_add", "--keys", "n=256,scale=2", ok=None)
+    assert res.exit_code == 0, res.output
+    assert "1 of 1 key(s) tuned" in res.output
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    assert list(entry.key[:2]) == [256, 2] and len(entry.results) == 2
+    for keys, said in (
+        ("n=256", "scale missing"),
+        ("n=256,n=8,scale=2", "n given twice"),
+        ("n=256,scale=2,q=1", "q not in the kernel's key"),
+    ):
+        bad = invoke("tune", f"{kernel_module}:scaled_add", "--keys", keys, "--dry-run", ok=None)
+        assert bad.exit_code == 2 and said in bad.output and "--keys n=...,scale=..." in bad.output, (
+            bad.output
+        )

@@ -75,6 +75,17 @@ def autotuners(module: ModuleType) -> dict[str, Autotuner]:
     return {name: obj for name, obj in sorted(vars(module).items()) if isinstance(obj, Autotuner)}
 
 
+def module_autotuners(spec: str, why: str) -> dict[str, Autotuner]:
+    """:func:`autotuners` of the module ``spec`` names; a module with none is an error (a
+    parent package, a typo of a sibling) that says ``why`` the command wanted one."""
+    found = autotuners(import_module(spec))
+    if not found:
+        raise click.ClickException(
+            f"module {spec} defines no @tunebook.autotune kernel at module level; {why}"
+        )
+    return found
+
+
 def resolve_kernel(target: str) -> tuple[str, Autotuner]:
     """``MODULE:KERNEL`` -> (attribute name, the Autotuner), with errors that list what exists."""
     module_spec, sep, attr = target.rpartition(":")

@@ -23,7 +23,7 @@ from rich.markup import escape
 from .._book.pages import KernelIdentity
 from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
-from ._modules import autotuners, import_module
+from ._modules import module_autotuners
 from ._summary import is_imported
 
 
@@ -31,12 +31,7 @@ def current_kernels(modules: tuple[str, ...]) -> dict[str, list[KernelIdentity]]
     """Kernel name -> the identities its @tunebook.autotune objects have in this process."""
     kernels: dict[str, list[KernelIdentity]] = {}
     for spec in modules:
-        found = autotuners(import_module(spec))
-        if not found:
-            raise click.ClickException(
-                f"module {spec} defines no @tunebook.autotune kernel at module level; "
-                "--keep names the modules whose kernels are current"
-            )
+        found = module_autotuners(spec, "--keep names the modules whose kernels are current")
         for tuner in found.values():
             ident = tuner.kernel_identity()
             kernels.setdefault(ident.name, []).append(ident)

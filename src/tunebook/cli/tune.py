@@ -33,7 +33,7 @@ from .._calls import validate
 from .._sweep.jobs import key_jobs, miss_jobs
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
 from ._common import err, existing_parent, os_error_text, out, parse_assignments, write_problem
-from ._modules import autotuners, import_module, resolve_kernel
+from ._modules import import_module, module_autotuners, resolve_kernel
 from ._unsaved import Received, save_aside, save_to_book
 
 
@@ -44,12 +44,25 @@ def _looks_like_kernel(target: str) -> bool:
 
 
 def _key_values(tuner: Autotuner, text: str) -> dict[str, Any]:
-    values = parse_assignments((text,), "--keys")
+    """``--keys M=16,N=4096`` -> ``{"M": 16, "N": 4096}``: every name of the kernel's key
+    exactly once, checked before anything is tuned."""
+    parts = [part for part in text.split(",") if part.strip()]
+    values = parse_assignments(tuple(parts), "--keys")
     names = [str(k) for k in tuner.keys]
+    given = [part.partition("=")[0].strip() for part in parts]
+    twice = sorted({name for name in given if given.count(name) > 1})
     unknown = sorted(set(values) - set(names))
-    if unknown:
+    missing = [name for name in names if name not in values]
+    if twice or unknown or missing:
+        problems = [
+            *([f"{', '.join(twice)} given twice"] if twice else []),
+            *([f"{', '.join(unknown)} not in the kernel's key"] if unknown else []),
+            *([f"{', '.join(missing)} missing"] if missing else []),
+        ]
         raise click.BadParameter(
-            f"{', '.join(unknown)} not in the kernel's key ({', '.join(names)})", param_hint="--keys"
+            f"{'; '.join(problems)} in {text!r}: the kernel's key is {', '.join(names)}; give each once, "
+            f"e.g. --keys {','.join(f'{name}=...' for name in names)}",
+            param_hint="--keys",
         )
     parsed: dict[str, Any] = {}
     for name, raw in values.items():
@@ -233,10 +246,11 @@ def _platform_here() -> None:
 def _miss_jobs(targets: tuple[str, ...], tuners: dict[tuple[str, str], Autotuner]) -> list[dict[str, Any]]:
     jobs = []
     for target in targets:
-        module = import_module(target)
-        for attr, tuner in autotuners(module).items():
-            tuners[(module.__name__, attr)] = tuner
-            jobs += miss_jobs(module.__name__, attr, tuner)
+        found = module_autotuners(target, "--misses names the modules that define the kernels")
+        module_name = import_module(target).__name__  # imported already: the same module
+        for attr, tuner in found.items():
+            tuners[(module_name, attr)] = tuner
+            jobs += miss_jobs(module_name, attr, tuner)
     return jobs
 
 
