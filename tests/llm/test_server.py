@@ -277,6 +277,74 @@ def test_what_openai_allows_is_served_or_refused_in_openais_shape(server: Server
     _wait_until_idle(server)
 
 
+def test_what_clients_and_probes_send_is_answered_as_vllm_answers_it(server: Server, client: Any) -> None:
+    """Found by a misuse review: text parts were glued without a separator and a null text
+    became the word None; an assistant turn with null content was refused; a context overflow
+    lacked the code client libraries match; no /health; a browser's CORS preflight got 405."""
+    import openai
+
+    def prompt_tokens(content: Any) -> int:
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=1
+        )
+        return int(answer.usage.prompt_tokens)
+
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    assert prompt_tokens(parts) == prompt_tokens("Hello\nworld")
+    with pytest.raises(openai.BadRequestError, match="'text' must be a string"):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [{"type": "text", "text": None}]}],
+            max_tokens=1,
+        )
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "x"},
+    ]
+    assert (
+        client.chat.completions.create(model=MODEL, messages=history, max_tokens=1).usage.completion_tokens
+        == 1
+    )
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10**6)
+    assert err.value.code == "context_length_exceeded"
+    assert "This model's maximum context length is" in str(err.value)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    conn.request("OPTIONS", "/v1/chat/completions", headers=preflight)
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200 and response.getheader("Access-Control-Allow-Origin") in (
+        "*",
+        "http://localhost:3000",
+    )
+    _wait_until_idle(server)
+
+
+def test_a_shutdown_cuts_a_long_stream_after_its_grace_period(tmp_path: Path) -> None:
+    """SIGTERM while a long answer streams: the server exits within its grace period
+    (uvicorn's default waited for the stream: minutes on the interpreter, an hour for a CPU
+    answer of 512 tokens)."""
+    from tunebook.demo.llm.server import GRACEFUL_SHUTDOWN_S
+
+    for server in start_server(tmp_path, "--model", "tiny", "--random"):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 400, "stream": True}
+        conn.request(
+            "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")  # streaming
+        begun = time.monotonic()
+        server.process.terminate()
+        server.process.wait(timeout=GRACEFUL_SHUTDOWN_S + 30)
+        assert time.monotonic() - begun < GRACEFUL_SHUTDOWN_S + 30
+
+
 def test_the_real_model_chats_through_its_template(tmp_path: Path) -> None:
     """SmolLM2 (one layer: the interpreter reads its 49152-wide output projection each step)
     behind the openai client: the GGUF tokenizer, the chat template, streaming."""

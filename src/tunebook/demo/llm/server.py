@@ -10,6 +10,7 @@ Endpoints (the subset of OpenAI's API a chat client needs):
   the model's length), and the same sampling fields; ``stream`` sends
   ``chat.completion.chunk`` events (``stream_options.include_usage``: a last chunk with the
   usage);
+* ``GET /health``: 200 once the server serves (for probes);
 * ``GET /stats``: not OpenAI's: the engine's steps and batch sizes, and
   ``tunebook.stats()`` (configs benchmarked, fallbacks: both 0 when the books answer).
 
@@ -43,6 +44,8 @@ from .scheduler import Request
 # Chat requests without max_tokens may generate up to this many tokens (and the model's
 # remaining length): a runaway answer cannot hold the cache for long.
 DEFAULT_CHAT_MAX_TOKENS = 512
+# How long a shutdown (SIGTERM, Ctrl-C) waits for answers still streaming before it cuts them.
+GRACEFUL_SHUTDOWN_S = 10
 # How much of a bad value an error message quotes: a large malformed body gets a short answer.
 SHOWN_CHARS = 200
 
@@ -203,10 +206,15 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
                 "messages",
             )
         content = m.get("content")
+        if content is None and m["role"] == "assistant":  # a replayed turn that only called tools
+            content = ""
         if isinstance(content, list):  # content parts: only text is understood
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise BadRequest(f"messages[{i}].content: only text parts are supported", "messages")
-            content = "".join(str(p.get("text", "")) for p in content)
+            texts = [p.get("text") for p in content]
+            if not all(isinstance(t, str) for t in texts):
+                raise BadRequest(f"messages[{i}].content: a text part's 'text' must be a string", "messages")
+            content = "\n".join(texts)  # as vLLM joins them
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string; found {_shown(content)}", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
@@ -256,22 +264,28 @@ class Front:
         )
 
     def max_tokens(self, body: Mapping[str, Any], prompt: list[int], default: int | None) -> int:
-        room = self.engine.max_model_len - len(prompt)
+        # Too long for the context: worded and coded as OpenAI and vLLM word it, the phrase and
+        # code client libraries match to trim a conversation and retry (LiteLLM, LangChain).
+        limit = self.engine.max_model_len
+        room = limit - len(prompt)
         if room < 1:
             raise BadRequest(
-                f"the prompt has {len(prompt)} tokens; this server's limit is {self.engine.max_model_len} "
-                f"including the answer: shorten the prompt to at most {self.engine.max_model_len - 1} "
-                "tokens, or start the server with a larger --max-model-len",
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{len(prompt)} tokens, and the answer needs at least 1: shorten the prompt to at most "
+                f"{limit - 1} tokens, or start the server with a larger --max-model-len",
                 "prompt" if "prompt" in body else "messages",
+                code="context_length_exceeded",
             )
         for name in ("max_completion_tokens", "max_tokens"):  # OpenAI's current field first
             value = _integer(body, name, None, 1)
             if value is not None:
                 if value > room:
                     raise BadRequest(
-                        f"'{name}'={value} and the prompt's {len(prompt)} tokens exceed this server's "
-                        f"{self.engine.max_model_len} tokens; ask for at most {room}",
+                        f"This model's maximum context length is {limit} tokens. However, you requested "
+                        f"{len(prompt) + value} tokens ({len(prompt)} in the prompt, {value} for the answer "
+                        f"as '{name}'): ask for at most {room}",
                         name,
+                        code="context_length_exceeded",
                     )
                 return value
         return min(default or room, room)
@@ -382,6 +396,8 @@ def create_app(engine: Engine, model_id: str) -> Any:
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -416,7 +432,8 @@ def create_app(engine: Engine, model_id: str) -> Any:
 
     async def completions(request: Any) -> Any:
         body = await body_of(request)
-        prompt = front.completion_prompt(body)
+        # Tokenizing a large prompt takes seconds: off the event loop, which serves every stream.
+        prompt = await asyncio.to_thread(front.completion_prompt, body)
         params = sampling_params(body, front.max_tokens(body, prompt, 16))
         stream, usage = _stream_flag(body), _include_usage(body)
         req, queue = front.submit(prompt, params)
@@ -447,7 +464,9 @@ def create_app(engine: Engine, model_id: str) -> Any:
         body = await body_of(request)
         messages = _messages(body)
         try:
-            prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt(messages))
+            prompt = await asyncio.to_thread(
+                lambda: engine.tokenizer.encode(engine.tokenizer.chat_prompt(messages))
+            )
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"the messages cannot be rendered and encoded: {exc}", "messages") from None
         params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS))
@@ -519,14 +538,26 @@ def create_app(engine: Engine, model_id: str) -> Any:
         message = f"{what}: {request.method} {request.url.path}; see docs/llm-server.md for the endpoints"
         return JSONResponse(error_body(message, None, exc.status_code), status_code=exc.status_code)
 
+    async def health(request: Any) -> Any:  # what probes poll (vLLM's too): 200 once serving
+        return Response(status_code=200)
+
     routes = [
+        Route("/health", health, methods=["GET"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
         Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
         Route("/stats", guarded(stats), methods=["GET"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    # Browser front ends (Open WebUI and the like) call from another origin: allowed, as
+    # vLLM's server allows every origin by default.
+    middleware = [Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error},
+    )
 
 
 def _event_stream(events: AsyncIterator[str]) -> Any:
@@ -540,4 +571,12 @@ def _event_stream(events: AsyncIterator[str]) -> Any:
 def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the server until interrupted."""
     uvicorn = require("uvicorn", feature="the LLM server (tunebook.demo.llm serve)", extra="server")
-    uvicorn.run(create_app(engine, model_id), host=host, port=port, log_level="info")
+    # A stream still running at shutdown is cut after GRACEFUL_SHUTDOWN_S (uvicorn's default
+    # waits for it: a CPU answer of 512 tokens held a SIGTERM for an hour).
+    uvicorn.run(
+        create_app(engine, model_id),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
