@@ -565,6 +565,24 @@ def test_export_vllm_infers_the_mapping(tmp_path: Path) -> None:
     assert list(json.loads(text)) == ["1", "64", "1024"]  # batch sizes in numeric order
 
 
+def test_export_vllm_never_drops_batch_sizes_of_a_file_it_finds_unless_told(tmp_path: Path) -> None:
+    """-o is often vLLM's config folder, whose files may hold hand-tuned batch sizes: a file
+    holding one this export lacks is left alone (exit 1, nothing written) unless --overwrite.
+    Before, it was replaced silently and the batch size lost."""
+    write_doc(tmp_path / "book", _moe_doc())
+    target = tmp_path / "out" / VLLM_NAME
+    target.parent.mkdir()
+    target.write_text(json.dumps({"4096": {"BLOCK_SIZE_M": 128}}))
+    res = invoke(*export_moe_args(tmp_path), ok=False)
+    assert res.exit_code == 1 and f"{target}: 4096" in res.output and "--overwrite" in res.output, res.output
+    assert json.loads(target.read_text()) == {"4096": {"BLOCK_SIZE_M": 128}}
+    res = invoke(*export_moe_args(tmp_path), "--overwrite")
+    assert f"replaced {target}" in res.stdout and "batch sizes 4096 dropped" in res.stdout
+    assert "4096" not in json.loads(target.read_text())
+    again = invoke(*export_moe_args(tmp_path))  # the same batch sizes: replaced, nothing lost
+    assert f"replaced {target} (3 batch sizes)" in again.stdout
+
+
 def test_export_vllm_binds_a_bucketed_key_by_its_argument_name(tmp_path: Path) -> None:
     """The pack's own MoE kernels key on ``bucket("M", [1, 2, ..., 8192])``, stored as
     ``M|edges=1,2,...``: export found no M, and ``--map M=M`` said there was no such key
@@ -724,6 +742,46 @@ def test_import_vllm_round_trips_and_is_marked_imported(tmp_path: Path) -> None:
     )
     e64 = next(e for e in the_doc(tmp_path / "imp").entries.values() if e.key[2] == 64)
     assert [r.config["kwargs"]["BLOCK_SIZE_M"] for r in e64.results.values()] == [32]
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (
+            ["--key", "E,N"],
+            "batch sizes 1 and 64 both become key ['E', 'N']=[8, 14336] with different configs",
+        ),
+        (["--key", "E,,M"], "an empty name in 'E,,M': give each key name once"),
+        (["--key", "E,M,M"], "M given twice in 'E,M,M'"),
+        (["--const", "Q=5"], "Q not among the key names ['E', 'N', 'M']"),
+    ],
+)
+def test_import_vllm_refuses_key_names_that_would_lose_or_misfile_entries(
+    tmp_path: Path, extra: list[str], said: str
+) -> None:
+    """Each was imported with exit status 0: --key E,N kept one batch size's config of the
+    file and dropped the others'; E,,M dropped N; an unused --const did nothing."""
+    write_doc(tmp_path / "book", _moe_doc())
+    invoke(
+        "export", "--format", "vllm", tmp_path / "book", "-o", tmp_path / "v1", "--kernel", "fused_moe_kernel"
+    )
+    table = json.loads((tmp_path / "v1" / VLLM_NAME).read_text())
+    table["64"]["BLOCK_SIZE_M"] = 2 * table["1"]["BLOCK_SIZE_M"]  # batch sizes with different configs
+    (tmp_path / "v1" / VLLM_NAME).write_text(json.dumps(table))
+    args = (
+        "import",
+        "--format",
+        "vllm",
+        tmp_path / "v1" / VLLM_NAME,
+        "--kernel",
+        "moe",
+        "-o",
+        tmp_path / "imp",
+    )
+    res = invoke(*args, *extra, ok=False)
+    assert said in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "imp").exists()
+    assert invoke(*args, "--kernel", " ", ok=False).exit_code == 2
 
 
 def test_import_vllm_rejects_foreign_file_names(tmp_path: Path) -> None:

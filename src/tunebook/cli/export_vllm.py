@@ -267,6 +267,11 @@ def _m_order(m: Any) -> tuple[Any, ...]:
     help="The kernel as the program defines it (e.g. mypkg.ops:fused_moe_kernel): only configs "
     "it declares are exported. Without it, winners are exported unchecked, with a warning.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a config file in OUTPUT even where it holds batch sizes this export lacks (they are lost).",
+)
 def command(
     book: Path | None,
     fmt: str,
@@ -277,6 +282,7 @@ def command(
     where: tuple[str, ...],
     platform: str | None,
     declared: str | None,
+    overwrite: bool,
 ) -> None:
     """Write the winners of kernel NAME in BOOK as vLLM tuned-config files into OUTPUT.
 
@@ -332,13 +338,37 @@ def command(
     if not files:
         warn_declared(kernel, declared, notes, 0)  # which keys had only undeclared winners
         raise click.ClickException(f"no key of {kernel} with a successful config matched; nothing written")
+    dropped = {name: lost for name in files if (lost := _dropped(output / name, files[name]))}
+    if dropped and not overwrite:
+        lines = "; ".join(f"{output / name}: {', '.join(lost)}" for name, lost in sorted(dropped.items()))
+        raise click.ClickException(
+            f"{len(dropped)} existing config file(s) hold batch sizes this export does not ({lines}); "
+            "nothing written. Export to another directory and merge by hand, or pass --overwrite to "
+            "replace them"
+        )
     console = out()
     with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
         output.mkdir(parents=True, exist_ok=True)
         for name in sorted(files):
+            verb = "replaced" if (output / name).exists() else "wrote"
             atomic_write_text(output / name, json.dumps(files[name], indent=4) + "\n")
-            console.print(f"wrote {output / name} ({len(files[name])} batch sizes)")
+            gone = f"; batch sizes {', '.join(dropped[name])} dropped" if name in dropped else ""
+            console.print(f"{verb} {output / name} ({len(files[name])} batch sizes{gone})")
     warn_declared(kernel, declared, notes, sum(len(table) for table in files.values()))
+
+
+def _dropped(path: Path, table: Mapping[str, Any]) -> list[str]:
+    """The batch sizes the config file at ``path`` holds that ``table`` lacks (none if there
+    is no such file; every one if it does not read as a config file: nothing to keep)."""
+    try:
+        existing = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):
+        return ["(an unreadable file)"]
+    if not isinstance(existing, dict):
+        return ["(not a vLLM config table)"]
+    return sorted((m for m in existing if m not in table), key=lambda m: (len(m), m))
 
 
 def warn_declared(kernel: str, declared: str | None, notes: list[str], exported: int) -> None:

@@ -176,15 +176,30 @@ def command(
         parsed.append((path, *parse_vllm_file(path)))
     if not parsed:
         raise click.ClickException("no importable file among those given (all were skipped)")
+    if not kernel.strip():
+        raise click.BadParameter("the kernel name is empty", param_hint="--kernel")
     if key_names:
-        names = [n.strip() for n in key_names.split(",") if n.strip()]
+        names = [n.strip() for n in key_names.split(",")]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if not all(names) or twice:
+            problem = f"{', '.join(twice)} given twice" if twice else "an empty name"
+            raise click.BadParameter(
+                f"{problem} in {key_names!r}: give each key name once", param_hint="--key"
+            )
     else:
         names = ["E", "N", "M"] + [
             f for f in OPTIONAL_KEY_FIELDS if any(fields[f] for _, fields, _ in parsed)
         ]
         names = [maps.get(n, n) for n in names]
+    unused = sorted(set(consts) - set(names))
+    if unused:
+        raise click.BadParameter(
+            f"{', '.join(unused)} not among the key names {names}: a constant only fills a key name",
+            param_hint="--const",
+        )
     by_device: dict[str, dict[str, Entry]] = {}
     source: dict[tuple[str, str], Path] = {}  # (device, key text) -> the file that gave it
+    batch: dict[tuple[str, str], str] = {}  # (device, key text) -> the batch size that gave it
     for path, fields, table in parsed:
         for m_text, vllm_config in table.items():
             values = {**fields, "M": scalar(m_text)}
@@ -206,6 +221,12 @@ def command(
             entry = Entry(key=tuple(key), results={config_id(record): result}, tunebook=__version__)
             text, device = key_text(key), fields["device"]
             earlier = by_device.get(device, {}).get(text)
+            if earlier is not None and source[device, text] == path and earlier.results != entry.results:
+                raise click.ClickException(
+                    f"{path.name}: batch sizes {batch[device, text]} and {m_text} both become key "
+                    f"{names}={key} with different configs, and one would be lost: the key names leave "
+                    f"out the batch size ({maps.get('M', 'M')}); add it to --key"
+                )
             if earlier is not None and source[device, text] != path and earlier.results != entry.results:
                 raise click.ClickException(
                     f"{source[device, text].name} and {path.name} both give key {names}={key} with different "
@@ -213,7 +234,7 @@ def command(
                     "block_shape); drop --key to keep those columns, or import them under two --kernel names"
                 )
             by_device.setdefault(device, {})[text] = entry
-            source[device, text] = path
+            source[device, text], batch[device, text] = path, m_text
     directory = resolve_book(output)
     fix = (
         f"Choose a writable book directory with -o, or make {existing_parent(directory)} writable."
