@@ -424,6 +424,28 @@ def test_merge_into_a_book_keeps_the_files_it_could_not_read(book_dir: Path, tmp
     assert merged is not None and merged.dumps() == the_doc(a).dumps()  # every key merged is there
 
 
+def test_merge_leaves_a_newer_tunebooks_file_of_a_merged_key_and_keeps_a_damaged_one_aside(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    """The key's own file in OUT, written by a newer tunebook, was rewritten in this format
+    (its newer fields lost) with exit status 0; a damaged one was overwritten in place. Now
+    the newer one stays (exit 1, named) and the damaged one is kept aside for a person."""
+    from tunebook._book import pagedir
+
+    a, _ = _two_books(book_dir, tmp_path)
+    out = tmp_path / "out"
+    invoke("merge", a, "-o", out)
+    (page,) = book_files(out)
+    newer, damaged = sorted(p for p in page.glob("*.json") if p.name != "page.json")[:2]
+    future = {**json.loads(newer.read_text()), "version": pagedir.VERSION + 1, "future_field": "KEEPME"}
+    newer.write_text(json.dumps(future))
+    damaged.write_text(damaged.read_text()[:20])
+    res = invoke("merge", a, "-o", out, ok=False)
+    assert res.exit_code == 1 and "1 key file(s) left as they were" in res.output and newer.name in res.output
+    assert json.loads(newer.read_text())["future_field"] == "KEEPME"
+    assert list(page.glob(damaged.name + ".corrupt-*")) and json.loads(damaged.read_text())["key"]
+
+
 def test_merge_and_diff_of_books_with_no_readable_file_are_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -477,23 +477,34 @@ def merge_entries(
 
 def replace_page(
     directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry], lock_wait_s: float
-) -> None:
+) -> list[str]:
     """Write ``entries`` into the page as the command line decided them (it has read the page
     and merged what it holds: what is on disk does not stand). Each key's file is replaced
     atomically under its lock (filelock's Timeout, a TimeoutError, past ``lock_wait_s``);
     news pending for the key (a live autotuner's, perhaps newer than the caller's read) is
     folded in under the entry, which stands. Nothing else is removed: a key file the caller
     did not hold (another key, written meanwhile; a newer tunebook's) stays, an unreadable
-    one is kept aside, and only a second file for a written key (an older naming) goes."""
+    one is kept aside, and only a second file for a written key (an older naming) goes.
+
+    A key's own file that a newer tunebook wrote (the caller could not read it, so its
+    entry lacks what that file holds) is left as it is and the key not written: returns
+    why, one line a file left so."""
     from filelock import FileLock
 
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
     keep = set()
+    left_alone: list[str] = []
     for text, entry in entries.items():
         name = key_file_name(text)
         keep.add(name)
         with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
+            if (directory / name).exists() and _entry_of(directory / name, meta, None) is None:
+                try:
+                    _make_room(directory / name, ENTRY_FORMAT)  # an unreadable file: kept aside
+                except LeaveAlone as exc:
+                    left_alone.append(str(exc))
+                    continue
             pending = _pending(directory, name)
             decided = _folded(entry, pending, meta, text)
             assert decided is not None
@@ -512,3 +523,4 @@ def replace_page(
             continue
         with contextlib.suppress(LeaveAlone):  # a newer tunebook's file is left as it is
             _make_room(directory / name, ENTRY_FORMAT)
+    return left_alone

@@ -190,7 +190,7 @@ def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, str]:
     return parsed
 
 
-def write_document(path: Path, doc: Document) -> None:
+def write_document(path: Path, doc: Document) -> list[str]:
     """Write ``doc`` into the page that ``path`` names (a format-1 file name), in format 2:
     each key's file replaced atomically (``pagedir.replace_page``: files the caller did not
     read stay), and a format-1 file at ``path`` removed once its page is written, if it was
@@ -200,12 +200,25 @@ def write_document(path: Path, doc: Document) -> None:
 
     Unlike the library's merge-on-write, the CLI has already decided the content of the
     keys it writes (by measurement, or by replacing imported keys): what is on disk does
-    not stand over it.
+    not stand over it, except a key file a newer tunebook wrote, which this one could not
+    read: it stays, and its key is not written. Returns why, one line a file left so.
     """
     directory = path.parent / pagedir.page_dir_name(path.name)
     meta = {"kernel": doc.kernel, "platform": doc.platform}
-    pagedir.replace_page(directory, meta, doc.entries, LOCK_TIMEOUT_S)
+    left_alone = pagedir.replace_page(directory, meta, doc.entries, LOCK_TIMEOUT_S)
     if path.is_file() and not path.is_symlink():
         old, _ = read_book_file(path)
         if old is not None and set(old.entries) <= set(doc.entries):
             path.unlink()
+    return left_alone
+
+
+def fail_if_left_alone(left_alone: list[str]) -> None:
+    """After a command wrote what it could: the key files a newer tunebook wrote, left as
+    they were, fail it (exit status 1), each named."""
+    if left_alone:
+        raise click.ClickException(
+            f"{len(left_alone)} key file(s) left as they were, their keys not written ("
+            + "; ".join(left_alone)
+            + "); upgrade tunebook to write them, the other keys were written"
+        )

@@ -22,6 +22,7 @@ from .._version import __version__
 from ._common import (
     err,
     existing_parent,
+    fail_if_left_alone,
     out,
     output_option,
     parse_assignments,
@@ -250,6 +251,7 @@ def _write_imports(
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     console = out()
+    left_alone: list[str] = []
     for device in sorted(by_device):
         name, doc = imported_page(kernel, names, device, by_device[device])
         path = directory / name
@@ -266,11 +268,12 @@ def _write_imports(
             replaced = len(before) - len(kept)
             stale = [t for t in before if t not in kept and t not in doc.entries]
             doc = Document(doc.kernel, doc.platform, {**kept, **doc.entries})
-        write_document(path, doc)
+        left_alone += write_document(path, doc)
         if stale:  # batch sizes the file's new version no longer lists
             pagedir.remove_keys(page_dir, stale, LOCK_TIMEOUT_S)
         note = f", {replaced} earlier entries of the same files replaced" if replaced else ""
         console.print(f"wrote {page_dir} ({len(by_device[device])} keys imported{note}, key names {names})")
+    fail_if_left_alone(left_alone)
 
 
 def _file_of(key: tuple[object, ...], names: list[str], m_name: str) -> tuple[object, ...]:

@@ -31,6 +31,7 @@ from .._book import pagedir
 from .._book.records import Document, Entry, Result
 from ._common import (
     existing_parent,
+    fail_if_left_alone,
     load_or_fail,
     out,
     output_option,
@@ -113,11 +114,12 @@ def merge_all(docs: Iterable[Document]) -> dict[str, Document]:
     return {canonical_file_name(doc): doc for doc in groups.values()}
 
 
-def write_merged(directory: Path, merged: dict[str, Document]) -> Iterator[Path]:
-    """Write each document atomically (see ``write_document``), yielding each path once written."""
+def write_merged(directory: Path, merged: dict[str, Document], left_alone: list[str]) -> Iterator[Path]:
+    """Write each document atomically (see ``write_document``), yielding each path once
+    written; key files left as they were (a newer tunebook's) are added to ``left_alone``."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(merged):
-        write_document(directory / name, merged[name])
+        left_alone += write_document(directory / name, merged[name])
         yield directory / pagedir.page_dir_name(name)
 
 
@@ -150,9 +152,11 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
             page = output / pagedir.page_dir_name(name)
             console.print(f"would write {page} ({len(merged[name].entries)} keys)")
         return
+    left_alone: list[str] = []
     with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
-        for path in write_merged(output, merged):
+        for path in write_merged(output, merged, left_alone):
             console.print(f"wrote {path} ({len(merged[path.name + '.json'].entries)} keys)")
     console.print(
         f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}"
     )
+    fail_if_left_alone(left_alone)
