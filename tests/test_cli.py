@@ -446,6 +446,23 @@ def test_merge_leaves_a_newer_tunebooks_file_of_a_merged_key_and_keeps_a_damaged
     assert list(page.glob(damaged.name + ".corrupt-*")) and json.loads(damaged.read_text())["key"]
 
 
+def test_a_page_given_where_a_book_belongs_is_named_with_the_path_to_give(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    """Tab completion leads into a page: its page.json or a key file as BOOK was refused as
+    "not a tunebook book"; a page as -o had pages written inside it, which no reader finds."""
+    a, _ = _two_books(book_dir, tmp_path)
+    (page,) = book_files(a)
+    for inside in (page / "page.json", next(p for p in page.glob("*.json") if p.name != "page.json")):
+        res = invoke("show", inside, ok=False)
+        assert (
+            res.exit_code == 1 and f"pass the page directory {page}, or the book directory {a}" in res.output
+        )
+    res = invoke("merge", a, "-o", page, ok=False)
+    assert res.exit_code == 2 and f"give the book directory, {a}" in res.output, res.output
+    assert [p for p in page.iterdir() if p.is_dir() and not p.name.startswith(".")] == []
+
+
 def test_merge_and_diff_of_books_with_no_readable_file_are_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -27,9 +27,29 @@ book_argument = click.argument("book", required=False, type=click.Path(path_type
 def output_option(help: str, *, directory: bool = True, required: bool = True) -> Any:
     """``-o/--output``: a directory (merge, export, import) or a file (report)."""
     kind = click.Path(path_type=Path, file_okay=not directory, dir_okay=directory)
+
+    def not_a_page(ctx: Any, param: Any, value: Path | None) -> Path | None:
+        # Pages written inside a page are found by no reader: the book is its parent.
+        if directory and value is not None and pagedir_of(value / pagedir.PAGE_FILE) is not None:
+            raise click.BadParameter(
+                f"{value} is a page of a book (it holds {pagedir.PAGE_FILE}); give the book directory, "
+                f"{value.parent}",
+                param_hint="-o",
+            )
+        return value
+
     # No explicit default: since click 8.2 an option declared with default=None is never
     # "missing", so required=True would let a run without -o through as output=None.
-    return click.option("-o", "--output", "output", required=required, type=kind, help=help)
+    return click.option(
+        "-o", "--output", "output", required=required, type=kind, help=help, callback=not_a_page
+    )
+
+
+def pagedir_of(path: Path) -> Path | None:
+    """The page directory holding the file ``path`` (a format-2 page's page.json or key
+    file), or None."""
+    parent = path.parent
+    return parent if (parent / pagedir.PAGE_FILE).is_file() and path.suffix == ".json" else None
 
 
 # What a person can do about an OSError, by errno; the command adds its own fix where it has one.
@@ -114,6 +134,12 @@ def load_or_fail(book: Path | None, stream: bool = False) -> Loaded:
     source = resolve_book(book)
     if not source.exists():
         raise missing_book(source, given=book is not None)
+    if not source.is_dir() and pagedir_of(source) is not None:  # tab completion leads there
+        raise click.ClickException(
+            f"{source} is a file inside the page {source.parent} (its "
+            f"{'page.json' if source.name == 'page.json' else 'key file'}), not a book: pass the page "
+            f"directory {source.parent}, or the book directory {source.parent.parent}"
+        )
     try:
         return load(source, stream)
     except FileNotFoundError as exc:  # neither a directory nor a regular file (a socket, a FIFO)
