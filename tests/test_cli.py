@@ -851,6 +851,15 @@ def test_import_vllm_refuses_values_vllm_would_not_read_as_integers(
     assert not (tmp_path / "imp").exists()
 
 
+def test_import_vllm_of_a_file_without_batch_sizes_is_an_error(tmp_path: Path) -> None:
+    """It imported nothing and printed nothing, with exit status 0."""
+    path = tmp_path / VLLM_NAME
+    path.write_text(json.dumps({"triton_version": "3.4.0"}))
+    res = invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert res.exit_code == 1 and f"{path}: holds no batch size" in res.output
+    assert not (tmp_path / "imp").exists()
+
+
 # ------------------------------------------------------------------------------------ prune
 
 

@@ -60,6 +60,10 @@ def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
         table.pop("triton_version", None)
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise click.ClickException(f"{path}: expected an object of batch size -> config object")
+    if not table:  # imported as nothing, with exit 0, before
+        raise click.ClickException(
+            f"{path}: holds no batch size; fix the file, or leave it out of the import"
+        )
     for m_text, config in table.items():
         if problem := _entry_problem(m_text, config):
             raise click.ClickException(
