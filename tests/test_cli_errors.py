@@ -19,10 +19,11 @@ from test_persistence import read_only
 pytestmark = pytest.mark.once
 
 
-def one_error_line(res: object, *needles: str) -> str:
-    """The single line a failed command printed; it names every needle."""
+def one_error_line(res: object, *needles: str, status: int = 1) -> str:
+    """The single line a failed command printed; it names every needle. ``status``: 2 for
+    explain and diff, whose 1 is an answer (a miss; books that differ)."""
     output = res.output  # type: ignore[attr-defined]
-    assert res.exit_code == 1, output  # type: ignore[attr-defined]
+    assert res.exit_code == status, output  # type: ignore[attr-defined]
     assert "Traceback" not in output
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1, output
@@ -133,6 +134,13 @@ def test_explain_says_a_given_book_is_missing(tmp_path: Path) -> None:
         invoke("explain", f"{module_file(tmp_path)}:add", tmp_path / "nonexistent", ok=None),
         f"no book at {tmp_path / 'nonexistent'}",
         "no such file or directory",
+        status=2,
+    )
+    # diff too: its 1 means the books differ, so a mistyped path must not read as that
+    one_error_line(
+        invoke("diff", tmp_path / "nonexistent", tmp_path / "other", ok=None),
+        f"no book at {tmp_path / 'nonexistent'}",
+        status=2,
     )
 
 
@@ -196,7 +204,7 @@ def test_book_arguments_are_checked_before_the_module_is_imported(tmp_path: Path
     module.write_text(f"open({str(marker)!r}, 'w').close()\n")
     missing = tmp_path / "nope"
     one_error_line(invoke("prune", missing, "--keep", module, ok=None), f"no book at {missing}")
-    one_error_line(invoke("explain", f"{module}:k", missing, ok=None), f"no book at {missing}")
+    one_error_line(invoke("explain", f"{module}:k", missing, ok=None), f"no book at {missing}", status=2)
     assert not marker.exists()
 
 
@@ -204,7 +212,7 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
     module = tmp_path / "broken_mod.py"
     module.write_text("import math\n\nraise ValueError('no GPU here')\n")
     line = one_error_line(
-        invoke("explain", f"{module}:k", ok=None), "ValueError: no GPU here", "broken_mod.py:3"
+        invoke("explain", f"{module}:k", ok=None), "ValueError: no GPU here", "broken_mod.py:3", status=2
     )
     assert "python" in line  # how to see the whole traceback
 
@@ -220,6 +228,7 @@ def test_a_module_that_launches_a_kernel_without_a_gpu_is_told_of_the_interprete
             "RuntimeError: 0 active drivers",
             "Triton found no GPU; on a machine without one, set TRITON_INTERPRET=1",
             f"python {module}",
+            status=2 if command[0] == "explain" else 1,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,27 @@ _OS_FIXES = {
     errno.ENOTDIR: "a part of that path is a file, not a directory",
     errno.EISDIR: "that path is a directory; give a file",
 }
+
+
+def trouble_exits_2(command: Any) -> Any:
+    """For a command whose status 1 is an answer (``diff``: the books differ; ``explain``: a
+    miss): its errors exit with 2, as diff(1)'s do, so that a script's ``|| echo changed``
+    never reads a mistyped path as an answer."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except click.UsageError:
+            raise  # 2 already
+        except click.ClickException as exc:
+            raise _Trouble(exc.format_message()) from exc.__cause__
+
+    return run
+
+
+class _Trouble(click.ClickException):
+    exit_code = 2
 
 
 def os_error_text(exc: OSError) -> str:

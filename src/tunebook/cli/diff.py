@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from ._common import echo_json, load_or_fail, out, select_pages, warn_skipped
+from ._common import echo_json, load_or_fail, out, select_pages, trouble_exits_2, warn_skipped
 from ._load import Page
 from ._summary import fmt_key, fmt_time, is_recorded_miss, miss_hint, short_config
 
@@ -199,6 +199,7 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
     help="Report a config's time change only above this relative change (0.05 = 5%).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@trouble_exits_2
 def command(
     a: Path | None, b: Path | None, platforms: tuple[str, ...], threshold: float, as_json: bool
 ) -> None:

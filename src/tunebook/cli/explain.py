@@ -22,7 +22,7 @@ from .._book import Book, KernelIdentity, book_file_name, pagedir, relation
 from .._fingerprint import platform_slug
 from .._tables import load as load_tables
 from .._tables import same_device
-from ._common import echo_json, err, missing_book, out, parse_assignments
+from ._common import echo_json, err, missing_book, out, parse_assignments, trouble_exits_2
 from ._load import Page, load
 from ._modules import resolve_kernel
 from ._summary import fmt_key, is_recorded_miss, miss_hint
@@ -277,6 +277,7 @@ def _print_tables(tables: dict[str, Any] | None) -> None:
     metavar="NAME=VALUE",
     help="Set an environment variable before importing the module (e.g. TRITON_INTERPRET=1).",
 )
+@trouble_exits_2
 def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: tuple[str, ...]) -> None:
     """Why MODULE:KERNEL misses (or hits) the book in this process.
 
