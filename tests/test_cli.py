@@ -247,6 +247,28 @@ def test_show_reports_unreadable_files_and_leftovers(book_dir: Path) -> None:
     assert len(data["leftovers"]) == 1
 
 
+def test_a_damaged_key_file_is_named_itself_once_with_its_reason(book_dir: Path) -> None:
+    """A key file of a page: show --json gave the page directory as its path (a script that
+    removed it deleted the page) and the whole warning as its reason; stderr said it twice;
+    a newer tunebook's file was met with advice to delete it."""
+    from tunebook import _warnings
+    from tunebook._book import pagedir
+
+    tune_add()
+    (page,) = book_files(book_dir)
+    damaged, newer, *_ = sorted(p for p in page.glob("*.json") if p.name != "page.json")
+    damaged.write_text("{not json")
+    newer.write_text(json.dumps({**json.loads(newer.read_text()), "version": pagedir.VERSION + 1}))
+    data = json.loads(invoke("show", "--json").stdout)
+    skipped = {s["path"]: s["reason"] for s in data["skipped"]}
+    assert set(skipped) == {str(damaged), str(newer)}, skipped
+    assert all("The kernel still runs" not in why for why in skipped.values())
+    _warnings.forget()  # each command is a process of its own
+    text = invoke("show")
+    assert text.stderr.count(damaged.name) == 1 and text.stderr.count(newer.name) == 1, text.stderr
+    assert "delete or replace" not in text.stderr.split(newer.name)[1].splitlines()[0]
+
+
 def test_show_a_missing_book_is_a_clear_error(tmp_path: Path) -> None:
     res = invoke("show", tmp_path / "nope", ok=False)
     assert "no book at" in res.output and "Traceback" not in res.output

@@ -31,6 +31,7 @@ from ._errors import (
     SpaceError,
     TunebookError,
     TuningFailed,
+    UnreadableBookFile,
     WrongResult,
 )
 from ._patch import patch, unpatch
@@ -62,6 +63,7 @@ __all__ = [
     "Tables",
     "TunebookError",
     "TuningFailed",
+    "UnreadableBookFile",
     "WrongResult",
     "__version__",
     "autotune",

@@ -71,6 +71,15 @@ class BookWarning(UserWarning):
     """A book could not be read or written; the kernel call went on regardless."""
 
 
+class UnreadableBookFile(BookWarning):
+    """A book file was skipped: ``path`` (the file) and ``reason`` (why, in a few words) say
+    which and why, for a program that lists them (the command line's ``show --json``)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
 class PatchWarning(UserWarning):
     """``tunebook.patch()`` could not serve a Triton autotuner (a subclass that times configs
     its own way, or one tunebook could not be built from): it keeps Triton's behaviour."""

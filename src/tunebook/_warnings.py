@@ -16,8 +16,9 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 
-from ._errors import BookWarning
+from ._errors import BookWarning, UnreadableBookFile
 
 log = logging.getLogger("tunebook")
 
@@ -52,6 +53,29 @@ def warn_once(
 ) -> bool:
     """Log ``message % args`` as a warning once per ``tag`` per process (and, with ``warn``,
     issue it as a ``category`` warning at the user's frame). Returns whether it was reported now."""
+    return _report(tag, message, args, warn, lambda text: category(text))
+
+
+def warn_unreadable(path: object, reason: object) -> bool:
+    """Say once per process that the book file ``path`` is skipped, and why: an
+    :class:`~tunebook.UnreadableBookFile` warning that carries both."""
+    # A newer tunebook's file holds what this one cannot read: never advise deleting it.
+    newer = "newer tunebook" in str(reason)
+    message = "tunebook: skipping book %s: %s. The kernel still runs" + (
+        "." if newer else "; delete or replace the file to silence this warning."
+    )
+    return _report(
+        f"read:{path}",
+        message,
+        (path, reason),
+        True,
+        lambda text: UnreadableBookFile(text, str(path), str(reason)),
+    )
+
+
+def _report(
+    tag: str, message: str, args: tuple[object, ...], warn: bool, make: Callable[[str], Warning]
+) -> bool:
     with _lock:
         if tag in _warned:
             return False
@@ -62,7 +86,7 @@ def warn_once(
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     log.warning("%s", text)
     if warn:
-        warnings.warn(text, category, stacklevel=_user_stacklevel())
+        warnings.warn(make(text), stacklevel=_user_stacklevel())
     return True
 
 

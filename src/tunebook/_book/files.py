@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .._errors import BookFormatError, BookWarning
 from .._jsonio import strict_loads
-from .._warnings import warn_once
+from .._warnings import warn_once, warn_unreadable
 from .records import Document
 
 log = logging.getLogger("tunebook")
@@ -185,13 +185,7 @@ def read_document(path: Path) -> Document | None:
 
 def _warn_unusable(path: Path, reason: str | None) -> None:
     if reason is not None:
-        warn_once(
-            f"read:{path}",
-            "tunebook: skipping book %s: %s. The kernel still runs; delete or replace the file to "
-            "silence this warning.",
-            path,
-            reason,
-        )
+        warn_unreadable(path, reason)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -49,7 +49,7 @@ from typing import Any
 from .._errors import BookFormatError
 from .._jsonio import key_text as text_of
 from .._jsonio import strict_loads
-from .._warnings import warn_once
+from .._warnings import warn_once, warn_unreadable
 from .files import Unusable, atomic_write_text, log, read_regular_file
 from .records import Entry, check_format, check_identity
 
@@ -110,13 +110,7 @@ def _load(path: Path, limit: int) -> Any:
 
 
 def _warn(path: Path, reason: object) -> None:
-    warn_once(
-        f"read:{path}",
-        "tunebook: skipping book %s: %s. The kernel still runs; delete or replace the file to silence "
-        "this warning.",
-        path,
-        reason,
-    )
+    warn_unreadable(path, reason)
 
 
 def read_page_file(directory: Path) -> tuple[dict[str, Any] | None, str | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from .._book import (
 )
 from .._book.records import NEWER
 from .._book.stores import DAMAGED_PAGE
+from .._errors import UnreadableBookFile
 from .._fingerprint import platform_id, platform_slug
 from ._summary import key_order, sorted_entries
 
@@ -116,10 +118,25 @@ def skipped_as(path: Path) -> Iterator[list[tuple[Path, str]]]:
     """The BookWarnings raised inside, as ``(path, reason)`` in the list it yields (filled on
     leaving), instead of shown: a command lists what it skipped in its own words."""
     skipped: list[tuple[Path, str]] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", BookWarning)
-        yield skipped
-    skipped += [(path, str(w.message)) for w in caught if issubclass(w.category, BookWarning)]
+    logger = logging.getLogger("tunebook")
+    quiet = _SkippedFilesFilter()  # the command says each once, its own way: not the log too
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BookWarning)
+            yield skipped
+    finally:
+        logger.removeFilter(quiet)
+    for w in caught:
+        if isinstance(w.message, UnreadableBookFile):  # the file itself, and why in a few words
+            skipped.append((Path(w.message.path), w.message.reason))
+        elif issubclass(w.category, BookWarning):
+            skipped.append((path, str(w.message)))
+
+
+class _SkippedFilesFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("tunebook: skipping book ")
 
 
 def parse_page(directory: Path) -> tuple[Document | None, list[tuple[Path, str]]]:
