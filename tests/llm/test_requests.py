@@ -42,9 +42,14 @@ def test_defaults_and_edges() -> None:
 def test_messages_text_parts_and_roles() -> None:
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     assert _messages({"messages": [{"role": "developer", "content": parts}]}) == [
-        {"role": "system", "content": "ab"}
+        {"role": "system", "content": "a\nb"}  # joined as vLLM joins them
+    ]
+    assert _messages({"messages": [{"role": "assistant", "content": None}]}) == [
+        {"role": "assistant", "content": ""}
     ]
     for bad in ([], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}],
+                [{"role": "user", "content": None}],
+                [{"role": "user", "content": [{"type": "text", "text": None}]}],
                 [{"role": "user", "content": [{"type": "image_url"}]}]):  # fmt: skip
         with pytest.raises(BadRequest) as err:
             _messages({"messages": bad})
