@@ -109,7 +109,7 @@ def uninstall(directories: Sequence[str | Path] | None = None) -> list[Path]:
     """Remove the hook from ``directories`` (default: every site directory of this
     interpreter); return the files removed."""
     removed = []
-    for directory in directories if directories is not None else _site_dirs():
+    for directory in directories if directories is not None else site_dirs():
         path = Path(directory) / PTH_NAME
         if path.is_file():
             path.unlink()
@@ -117,7 +117,8 @@ def uninstall(directories: Sequence[str | Path] | None = None) -> list[Path]:
     return removed
 
 
-def _site_dirs() -> list[Path]:
+def site_dirs() -> list[Path]:
+    """This interpreter's site directories: where a ``.pth`` file runs at start-up."""
     import site
 
     dirs = [site_packages(), Path(sysconfig.get_paths()["platlib"])]

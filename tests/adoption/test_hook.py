@@ -16,6 +16,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from test_persistence import read_only
 from tunebook import _hook
 from tunebook.cli._app import cli
 
@@ -54,7 +55,10 @@ def test_install_and_uninstall_from_the_command_line(tmp_path: Path) -> None:
     installed = runner.invoke(cli, ["install-hook", "--dir", str(tmp_path)])
     assert installed.exit_code == 0, installed.output
     pth = tmp_path / _hook.PTH_NAME
-    assert f"installed {pth}" in installed.output and "TUNEBOOK_PATCH=1" in installed.output
+    assert f"installed {pth}" in installed.output
+    # not a site directory of this Python: said, rather than "processes now run tunebook.patch()"
+    assert f"{tmp_path} is not a site directory of this interpreter" in installed.output
+    assert f"tunebook uninstall-hook --dir {tmp_path}" in installed.output
     (line,) = pth.read_text().splitlines()
     assert line.startswith("import os;")  # `site` executes a .pth line only when it starts so
     removed = runner.invoke(cli, ["uninstall-hook", "--dir", str(tmp_path)])
@@ -67,7 +71,12 @@ def test_install_into_a_directory_that_cannot_be_written_is_one_line(tmp_path: P
     missing = tmp_path / "no" / "such"
     result = CliRunner().invoke(cli, ["install-hook", "--dir", str(missing)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"cannot write the hook into {missing}" in result.output and "--dir" in result.output
+    assert f"{missing} is not a directory" in result.output and "--dir" in result.output
+    unwritable = tmp_path / "ro"
+    unwritable.mkdir()
+    with read_only(unwritable):
+        result = CliRunner().invoke(cli, ["install-hook", "--dir", str(unwritable)])
+    assert result.exit_code == 1 and f"cannot write the hook into {unwritable}" in result.output
 
 
 def test_the_hook_does_nothing_without_the_variable(installed_hook: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

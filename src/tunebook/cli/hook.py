@@ -8,6 +8,7 @@ interpreter's start). Without the variable it does nothing.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -28,6 +29,8 @@ def install_command(directory: Path | None) -> None:
     in the book, with no code changed. Without TUNEBOOK_PATCH nothing happens.
     """
     target = directory if directory is not None else _hook.site_packages()
+    if not target.is_dir():  # not "...tmp: No such file or directory" about a file of ours
+        raise click.ClickException(f"{target} is not a directory; give an existing site directory with --dir")
     try:
         path = _hook.install(target)
     except OSError as exc:
@@ -36,9 +39,17 @@ def install_command(directory: Path | None) -> None:
             "you can write (a virtual environment), or give a site directory you own with --dir"
         ) from None
     click.echo(f"installed {path}")
+    remove = "tunebook uninstall-hook" + (f" --dir {target}" if directory is not None else "")
+    if target.resolve() not in {d.resolve() for d in _hook.site_dirs()}:
+        # Python runs a .pth file only from a site directory: say so rather than promise it.
+        click.echo(
+            f"{target} is not a site directory of this interpreter ({sys.executable}): the hook runs "
+            f"only in a Python whose site directories include it (site.addsitedir). Remove it with: {remove}"
+        )
+        return
     click.echo(
         f"Python processes of this environment started with {_hook.VARIABLE}=1 now run tunebook.patch() "
-        f"when they import triton. Remove it with: tunebook uninstall-hook"
+        f"when they import triton. Remove it with: {remove}"
     )
 
 
