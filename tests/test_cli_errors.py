@@ -129,6 +129,14 @@ def test_before_anything_is_tuned_show_says_so_and_where_it_looked(book_dir: Pat
     )
 
 
+def test_a_tunebook_dir_that_is_a_file_is_named_as_such(tmp_path: Path, monkeypatch) -> None:
+    """It was read as a book file and reported as a JSONDecodeError."""
+    not_a_dir = tmp_path / "book.txt"
+    not_a_dir.write_text("notes")
+    monkeypatch.setenv("TUNEBOOK_DIR", str(not_a_dir))
+    one_error_line(invoke("show", ok=None), f"TUNEBOOK_DIR is {not_a_dir}, a file, not a directory")
+
+
 def test_explain_says_a_given_book_is_missing(tmp_path: Path) -> None:
     one_error_line(
         invoke("explain", f"{module_file(tmp_path)}:add", tmp_path / "nonexistent", ok=None),

@@ -156,6 +156,11 @@ def load_or_fail(book: Path | None, stream: bool = False) -> Loaded:
     source = resolve_book(book)
     if not source.exists():
         raise missing_book(source, given=book is not None)
+    if book is None and not source.is_dir():  # the writable book is a directory, never one file
+        raise click.ClickException(
+            f"TUNEBOOK_DIR is {source}, a file, not a directory: point it at the book directory, or "
+            "pass a book file as BOOK"
+        )
     if not source.is_dir() and pagedir_of(source) is not None:  # tab completion leads there
         raise click.ClickException(
             f"{source} is a file inside the page {source.parent} (its "
