@@ -686,6 +686,13 @@ def test_export_vllm_with_explicit_map_dtype_and_block_shape(tmp_path: Path) -> 
     assert (
         path.name == "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
     )
+    # one integer wrote block_shape=[128], a name vLLM never asks for (and import took it back)
+    bad = invoke(*common, "--map", "M=tokens", "--const", "block_shape=128", ok=False)
+    assert bad.exit_code == 2 and "two integers" in bad.output, bad.output
+    odd = tmp_path / "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,block_shape=[128].json"
+    odd.write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16}}))
+    res = invoke("import", "--format", "vllm", odd, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert "block_shape=[128] is not two integers [n,k]" in res.output, res.output
 
 
 def test_export_vllm_refuses_kernels_that_do_not_fit(book_dir: Path, tmp_path: Path) -> None:

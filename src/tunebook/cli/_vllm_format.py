@@ -81,6 +81,8 @@ def parse_name(name: str) -> tuple[dict[str, Any] | None, str | None]:
             "E, N, device_name, dtype and block_shape)"
         )
     block = block_shape_list(match["block"]) if match["block"] is not None else None
+    if block is not None and len(block) != 2:  # vLLM names files block_shape=[n,k] only
+        return None, f"block_shape=[{match['block']}] is not two integers [n,k], as vLLM writes it"
     return {
         "E": int(match["E"]),
         "N": int(match["N"]),

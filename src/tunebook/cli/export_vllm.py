@@ -34,6 +34,7 @@ from ._vllm_format import (
     INTEGER_FIELDS,
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
+    block_shape_list,
     is_integer,
     lookup,
     name_problems,
@@ -313,6 +314,11 @@ def command(
         if name in INTEGER_FIELDS and not is_integer(value):
             raise click.BadParameter(
                 f"vLLM reads {name} as an integer; found {value!r}", param_hint=f"--const {name}={value}"
+            )
+        if name == "block_shape" and len(block_shape_list(value) or []) != 2:
+            raise click.BadParameter(
+                f"vLLM names files block_shape=[n,k]: two integers, e.g. 128,128; found {value!r}",
+                param_hint=f"--const {name}={value}",
             )
     maps = parse_assignments(mapping, "--map")
     unknown = sorted(set(maps) - set(KEY_FIELDS) - set(CONFIG_FIELDS))
