@@ -20,7 +20,7 @@ from .._book.files import LOCK_TIMEOUT_S, read_book_file
 from .._book.records import Document
 from .._writable import existing_parent as existing_parent  # the CLI's commands import them here
 from .._writable import write_problem as write_problem
-from ._load import Loaded, Page, load
+from ._load import Loaded, Page, is_page_dir, load
 
 book_argument = click.argument("book", required=False, type=click.Path(path_type=Path))
 
@@ -31,10 +31,9 @@ def output_option(help: str, *, directory: bool = True, required: bool = True) -
 
     def not_a_page(ctx: Any, param: Any, value: Path | None) -> Path | None:
         # Pages written inside a page are found by no reader: the book is its parent.
-        if directory and value is not None and pagedir_of(value / pagedir.PAGE_FILE) is not None:
+        if directory and value is not None and is_page_dir(value):
             raise click.BadParameter(
-                f"{value} is a page of a book (it holds {pagedir.PAGE_FILE}); give the book directory, "
-                f"{value.parent}",
+                f"{value} is a page of a book, not a book; give the book directory, {value.parent}",
                 param_hint="-o",
             )
         return value
@@ -44,13 +43,6 @@ def output_option(help: str, *, directory: bool = True, required: bool = True) -
     return click.option(
         "-o", "--output", "output", required=required, type=kind, help=help, callback=not_a_page
     )
-
-
-def pagedir_of(path: Path) -> Path | None:
-    """The page directory holding the file ``path`` (a format-2 page's page.json or key
-    file), or None."""
-    parent = path.parent
-    return parent if (parent / pagedir.PAGE_FILE).is_file() and path.suffix == ".json" else None
 
 
 # What a person can do about an OSError, by errno; the command adds its own fix where it has one.
@@ -161,7 +153,7 @@ def load_or_fail(book: Path | None, stream: bool = False) -> Loaded:
             f"TUNEBOOK_DIR is {source}, a file, not a directory: point it at the book directory, or "
             "pass a book file as BOOK"
         )
-    if not source.is_dir() and pagedir_of(source) is not None:  # tab completion leads there
+    if not source.is_dir() and source.suffix == ".json" and is_page_dir(source.parent):  # tab completion
         raise click.ClickException(
             f"{source} is a file inside the page {source.parent} (its "
             f"{'page.json' if source.name == 'page.json' else 'key file'}), not a book: pass the page "

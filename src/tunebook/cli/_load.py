@@ -200,7 +200,7 @@ def _kept_aside(page: Path) -> list[Path]:
         return []
 
 
-def _is_page_dir(path: Path) -> bool:
+def is_page_dir(path: Path) -> bool:
     """A page directory: one with a page.json, or one named as a page (its page.json lost)."""
     return path.is_dir() and (
         os.path.lexists(path / pagedir.PAGE_FILE) or pagedir.name_ids(path.name) is not None
@@ -282,12 +282,12 @@ def load(source: Path, stream: bool = False) -> Loaded:
     that cannot be read is then reported by the reader of its keys, not here."""
     loaded = Loaded(source)
     pages: list[Path] = []
-    if _is_page_dir(source):
+    if is_page_dir(source):
         pages = [source]
         candidates: list[Path] = []
     elif source.is_dir():
         entries = list(source.iterdir())
-        pages = sorted(p for p in entries if "." not in p.name and _is_page_dir(p))
+        pages = sorted(p for p in entries if "." not in p.name and is_page_dir(p))
         paged = {p.name + ".json" for p in pages}
         # Every *.json name, whatever it is: a FIFO, a device or a dangling link under a book's
         # name is reported with its reason by the strict reader, never opened blindly.
