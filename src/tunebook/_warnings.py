@@ -53,7 +53,7 @@ def warn_once(
 ) -> bool:
     """Log ``message % args`` as a warning once per ``tag`` per process (and, with ``warn``,
     issue it as a ``category`` warning at the user's frame). Returns whether it was reported now."""
-    return _report(tag, message, args, warn, lambda text: category(text))
+    return _report(tag, message, args, warn, lambda text: category(text), None)
 
 
 def warn_unreadable(path: object, reason: object) -> bool:
@@ -70,11 +70,22 @@ def warn_unreadable(path: object, reason: object) -> bool:
         (path, reason),
         True,
         lambda text: UnreadableBookFile(text, str(path), str(reason)),
+        {UNREADABLE_RECORD: True},
     )
 
 
+# Set on the log record of an UnreadableBookFile: a program that lists those files itself
+# (the command line) leaves these records out of its log.
+UNREADABLE_RECORD = "tunebook_unreadable_book_file"
+
+
 def _report(
-    tag: str, message: str, args: tuple[object, ...], warn: bool, make: Callable[[str], Warning]
+    tag: str,
+    message: str,
+    args: tuple[object, ...],
+    warn: bool,
+    make: Callable[[str], Warning],
+    extra: dict[str, object] | None,
 ) -> bool:
     with _lock:
         if tag in _warned:
@@ -84,7 +95,7 @@ def _report(
     # A file name that is not UTF-8 reaches here with lone surrogates (os.fsdecode), which a
     # handler writing UTF-8 (a log file, a test runner's report) cannot encode: escape them.
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    log.warning("%s", text)
+    log.warning("%s", text, extra=extra)
     if warn:
         warnings.warn(make(text), stacklevel=_user_stacklevel())
     return True

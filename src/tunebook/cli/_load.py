@@ -31,6 +31,7 @@ from .._book.records import NEWER
 from .._book.stores import DAMAGED_PAGE
 from .._errors import UnreadableBookFile
 from .._fingerprint import platform_id, platform_slug
+from .._warnings import UNREADABLE_RECORD
 from ._summary import key_order, sorted_entries
 
 
@@ -136,7 +137,7 @@ def skipped_as(path: Path) -> Iterator[list[tuple[Path, str]]]:
 
 class _SkippedFilesFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("tunebook: skipping book ")
+        return not getattr(record, UNREADABLE_RECORD, False)
 
 
 def parse_page(directory: Path) -> tuple[Document | None, list[tuple[Path, str]]]:
