@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from tunebook.demo.llm.server import BadRequest, _messages, sampling_params
+from tunebook.demo.llm.server import BadRequest, Front, _messages, sampling_params
 
 # The LLM demo: last Triton only (test_engine.py says why).
 pytestmark = pytest.mark.once
@@ -78,3 +79,37 @@ def test_text_stream_equals_decoding_everything_and_cutting_at_the_first_stop() 
         cut = min([text.find(s) for s in stops if s in text] or [len(text)])
         assert out == text[:cut], (text, stops, out)
         assert stream.stopped == (cut < len(text))
+
+
+def test_a_prompt_past_the_context_whatever_its_tokens_is_refused_before_it_is_tokenized(
+    smollm2: Any,
+) -> None:
+    """Found by a misuse review: a 19.5 MB prompt was tokenized (seconds of CPU) only to be
+    refused for its length. The bound the refusal rests on is never above the real count."""
+    from tunebook.demo.llm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(smollm2.metadata)
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    longest = max(vocab, key=lambda t: len(t.encode()))
+    texts = ["Hello world", " " * 5000, "<|im_start|>" * 50, "ééé 123456 " * 100, "\n" * 999, "日本語" * 300]
+    texts.append(tokenizer.backend.decode([vocab[longest]]))
+    for text in texts:
+        assert 0 < tokenizer.fewest_tokens(text) <= len(tokenizer.encode(text)), text[:20]
+
+    class Counting:
+        calls = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tokenizer, name)
+
+        def encode(self, text: str) -> list[int]:
+            Counting.calls += 1
+            return tokenizer.encode(text)
+
+    front = Front(SimpleNamespace(tokenizer=Counting(), max_model_len=2048), "m")  # type: ignore[arg-type]
+    with pytest.raises(BadRequest) as err:
+        front.completion_prompt({"prompt": "word " * 2_000_000})
+    assert err.value.code == "context_length_exceeded" and err.value.param == "prompt"
+    assert "maximum context length is 2048 tokens" in err.value.message and "at least" in err.value.message
+    assert Counting.calls == 0
+    assert len(front.completion_prompt({"prompt": "word " * 100})) >= 100 and Counting.calls == 1

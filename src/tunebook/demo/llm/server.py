@@ -250,7 +250,7 @@ class Front:
         if isinstance(prompt, str):
             if not prompt:
                 raise BadRequest("'prompt' is empty: it needs at least one token", "prompt")
-            return self.engine.tokenizer.encode(_text(prompt, "'prompt'", "prompt"))
+            return self.encode(_text(prompt, "'prompt'", "prompt"), "prompt")
         if (
             isinstance(prompt, list)
             and prompt
@@ -263,19 +263,31 @@ class Front:
             "prompt",
         )
 
+    def encode(self, text: str, param: str) -> list[int]:
+        """``text``'s tokens. A text that cannot fit the context whatever its tokens is refused
+        before it is tokenized (a 19.5 MB prompt took seconds of CPU only to be refused)."""
+        fewest = self.engine.tokenizer.fewest_tokens(text)
+        if fewest >= self.engine.max_model_len:
+            raise self._prompt_too_long(f"at least {fewest}", param)
+        return self.engine.tokenizer.encode(text)
+
+    def _prompt_too_long(self, tokens: str, param: str) -> BadRequest:
+        # Worded and coded as OpenAI and vLLM word it, the phrase and code client libraries
+        # match to trim a conversation and retry (LiteLLM, LangChain).
+        limit = self.engine.max_model_len
+        return BadRequest(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{tokens} tokens, and the answer needs at least 1: shorten the prompt to at most "
+            f"{limit - 1} tokens, or start the server with a larger --max-model-len",
+            param,
+            code="context_length_exceeded",
+        )
+
     def max_tokens(self, body: Mapping[str, Any], prompt: list[int], default: int | None) -> int:
-        # Too long for the context: worded and coded as OpenAI and vLLM word it, the phrase and
-        # code client libraries match to trim a conversation and retry (LiteLLM, LangChain).
         limit = self.engine.max_model_len
         room = limit - len(prompt)
         if room < 1:
-            raise BadRequest(
-                f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                f"{len(prompt)} tokens, and the answer needs at least 1: shorten the prompt to at most "
-                f"{limit - 1} tokens, or start the server with a larger --max-model-len",
-                "prompt" if "prompt" in body else "messages",
-                code="context_length_exceeded",
-            )
+            raise self._prompt_too_long(str(len(prompt)), "prompt" if "prompt" in body else "messages")
         for name in ("max_completion_tokens", "max_tokens"):  # OpenAI's current field first
             value = _integer(body, name, None, 1)
             if value is not None:
@@ -465,7 +477,7 @@ def create_app(engine: Engine, model_id: str) -> Any:
         messages = _messages(body)
         try:
             prompt = await asyncio.to_thread(
-                lambda: engine.tokenizer.encode(engine.tokenizer.chat_prompt(messages))
+                lambda: front.encode(engine.tokenizer.chat_prompt(messages), "messages")
             )
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"the messages cannot be rendered and encoded: {exc}", "messages") from None

@@ -39,6 +39,8 @@ class TokenizerLike(Protocol):
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str: ...
 
+    def fewest_tokens(self, text: str) -> int: ...
+
 
 class Tokenizer:
     """A byte-level BPE tokenizer with its special tokens and chat template."""
@@ -60,6 +62,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special = dict(special)
         self._template: Any = None
+        self._longest: int | None = None
 
     @classmethod
     def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
@@ -110,6 +113,17 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         return ids
 
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on ``len(self.encode(text))`` that costs no tokenization: no token
+        covers more UTF-8 bytes than the longest in the vocabulary (a byte-level token's
+        characters stand for a byte each, so their UTF-8 length over-counts, which keeps the
+        bound sound). A server refuses a prompt far past its context with it, before spending
+        seconds of CPU tokenizing megabytes."""
+        if self._longest is None:
+            vocab = self.backend.get_vocab(with_added_tokens=True)
+            self._longest = max((len(t.encode()) for t in vocab), default=1)
+        return -(-len(text.encode(errors="surrogatepass")) // self._longest)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens left out."""
         return str(self.backend.decode(list(ids), skip_special_tokens=True))
@@ -157,6 +171,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
+
+    def fewest_tokens(self, text: str) -> int:
+        return len(text.encode(errors="surrogatepass"))
 
     def decode(self, ids: Sequence[int]) -> str:
         text, run = [], bytearray()
