@@ -822,13 +822,15 @@ def test_import_vllm_round_trips_and_is_marked_imported(tmp_path: Path) -> None:
         (["--key", "E,,M"], "an empty name in 'E,,M': give each key name once"),
         (["--key", "E,M,M"], "M given twice in 'E,M,M'"),
         (["--const", "Q=5"], "Q not among the key names ['E', 'N', 'M']"),
+        (["--map", "BLOCK_SIZE_Q=BLOCK_Q"], "BLOCK_SIZE_Q is no field of these files; they give ["),
     ],
 )
 def test_import_vllm_refuses_key_names_that_would_lose_or_misfile_entries(
     tmp_path: Path, extra: list[str], said: str
 ) -> None:
     """Each was imported with exit status 0: --key E,N kept one batch size's config of the
-    file and dropped the others'; E,,M dropped N; an unused --const did nothing."""
+    file and dropped the others'; E,,M dropped N; an unused --const or a --map of no field
+    did nothing."""
     write_doc(tmp_path / "book", _moe_doc())
     invoke(
         "export", "--format", "vllm", tmp_path / "book", "-o", tmp_path / "v1", "--kernel", "fused_moe_kernel"

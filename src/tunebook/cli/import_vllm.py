@@ -181,6 +181,12 @@ def command(
         parsed.append((path, *parse_vllm_file(path)))
     if not parsed:
         raise click.ClickException("no importable file among those given (all were skipped)")
+    given = {*KEY_FIELDS, *(field for _, _, table in parsed for config in table.values() for field in config)}
+    if unknown := sorted(set(maps) - given):  # a misspelt field was ignored, with exit 0
+        raise click.BadParameter(
+            f"{', '.join(unknown)} is no field of these files; they give {sorted(given)}",
+            param_hint="--map",
+        )
     if not kernel.strip():
         raise click.BadParameter("the kernel name is empty", param_hint="--kernel")
     if key_names:
