@@ -7,11 +7,14 @@ directly: this machine can only measure the interpreter platform.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -989,6 +992,51 @@ def test_prune_that_cannot_delete_says_so_and_fails(book_dir: Path, tmp_path: Pa
     res = invoke("prune", "--keep", module_file(tmp_path), ok=False)
     assert "could not delete 1 of 1 files (0 dropped)" in res.output and "Permission denied" in res.output
     assert "dropped 1" not in res.output and old.exists()
+
+
+@contextlib.contextmanager
+def read_only_entries(directory: Path) -> Iterator[None]:
+    """``directory``'s entries can be neither added nor deleted (their contents can), also for
+    root, who ignores permissions: a shared book directory mounted or set so."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+    else:
+        directory.chmod(0o555)
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(0o755)
+
+
+def test_prune_in_a_book_directory_that_forbids_deleting_leaves_the_page_whole(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    """Found by a misuse review: the page's key files were deleted (its directory writable),
+    then deleting the page itself failed, so prune emptied a page it reported it could not drop."""
+    tune_add()
+    doc = the_doc(book_dir)
+    write_doc(tmp_path / "old", replace(doc, kernel={**doc.kernel, "hash": "1" * 64}))
+    current = set(book_files(book_dir))
+    invoke("merge", tmp_path / "old", "-o", book_dir)  # written as a page directory
+    (old,) = set(book_files(book_dir)) - current
+    keys = sorted(p.name for p in old.iterdir())
+    with read_only_entries(book_dir):
+        res = invoke("prune", "--keep", module_file(tmp_path), ok=False)
+    assert "could not delete 1 of 1 files (0 dropped)" in res.output, res.output
+    assert sorted(p.name for p in old.iterdir()) == keys and "page.json" in keys
+
+
+def test_a_page_an_interrupted_prune_left_is_shown_and_pruned(book_dir: Path, tmp_path: Path) -> None:
+    tune_add()
+    (page,) = book_files(book_dir)
+    left = shutil.copytree(page, book_dir / f"{page.name}.pruning-123")
+    shown = invoke("show", book_dir).stdout
+    assert "a page an interrupted prune was deleting" in shown and str(left) in shown
+    text = invoke("prune", "--keep", module_file(tmp_path)).stdout
+    assert "dropped 1 files" in text and not left.exists() and page.exists()
 
 
 def test_prune_needs_modules_with_kernels(tmp_path: Path) -> None:

@@ -34,6 +34,10 @@ from .._fingerprint import platform_id, platform_slug
 from .._warnings import UNREADABLE_RECORD
 from ._summary import key_order, sorted_entries
 
+# The mark of a page directory ``prune`` renamed before deleting it: a dot, so no reader takes
+# it for a page; one an interrupted prune left is a leftover the next prune removes.
+PRUNING = ".pruning-"
+
 
 @dataclass(frozen=True)
 class Page:
@@ -295,7 +299,9 @@ def load(source: Path, stream: bool = False) -> Loaded:
         candidates = sorted(
             p for p in entries if p.suffix == ".json" and not p.is_dir() and p.name not in paged
         )
-        loaded.leftovers = sorted(p for p in entries if ".corrupt-" in p.name or ".foreign-" in p.name)
+        loaded.leftovers = sorted(
+            p for p in entries if any(mark in p.name for mark in (".corrupt-", ".foreign-", PRUNING))
+        )
     elif os.path.lexists(source):
         candidates = [source]
     else:

@@ -14,6 +14,8 @@ book, is told apart by nothing else).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from rich.markup import escape
 from .._book.pages import KernelIdentity
 from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
+from ._load import PRUNING
 from ._modules import module_autotuners
 from ._summary import is_imported
 
@@ -36,6 +39,22 @@ def current_kernels(modules: tuple[str, ...]) -> dict[str, list[KernelIdentity]]
             ident = tuner.kernel_identity()
             kernels.setdefault(ident.name, []).append(ident)
     return kernels
+
+
+def _remove_page(page: Path) -> None:
+    """Delete a page directory whole or leave it whole. Renamed first (a name with a dot,
+    which readers skip): a book directory that forbids deleting its entries refuses the
+    rename, before any key file is gone (the page was emptied, then its removal failed), and
+    no reader meets a half-deleted page. A removal that fails after the rename puts back the
+    name of what is left."""
+    doomed = page.with_name(f"{page.name}{PRUNING}{os.getpid()}")
+    page.rename(doomed)
+    try:
+        shutil.rmtree(doomed)
+    except OSError:
+        with contextlib.suppress(OSError):
+            doomed.rename(page)
+        raise
 
 
 @click.command("prune")
@@ -84,6 +103,11 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
         for path in loaded.leftovers
         if ".corrupt-" in path.name
     ]
+    doomed += [
+        (path, "a page an interrupted prune was deleting")
+        for path in loaded.leftovers
+        if PRUNING in path.name
+    ]
     console = out()
     verb = "would drop" if dry_run else "dropped"
     failed: list[str] = []
@@ -91,7 +115,7 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
         if not dry_run:
             try:
                 if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)  # a format-2 page, its locks and pending news
+                    _remove_page(path)  # a format-2 page, its locks and pending news
                 else:
                     path.unlink(missing_ok=True)
                     # The lock older tunebooks kept beside a format-1 file: no owner left.
