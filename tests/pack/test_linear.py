@@ -132,12 +132,18 @@ def test_a_bias_or_out_of_the_wrong_kind_is_named():
     """They once ended in an AttributeError ('list' object has no attribute 'shape') or in
     torch's "view size is not compatible"."""
     x, w = torch.randn(2, 3, 24), torch.randn(40, 24)
-    with pytest.raises(TypeError, match=r"^linear: bias must be a torch tensor or None; found list$"):
+    with pytest.raises(
+        TypeError, match=r"^tunebook\.kernels\.linear: bias must be a torch tensor or None; found list$"
+    ):
         linear(x, w, [0.0] * 40)
-    with pytest.raises(TypeError, match=r"^linear: out must be a torch tensor or None; found int$"):
+    with pytest.raises(
+        TypeError, match=r"^tunebook\.kernels\.linear: out must be a torch tensor or None; found int$"
+    ):
         linear(x, w, out=3)
     out = torch.empty(3, 2, 40).transpose(0, 1)  # [2, 3, 40]: its two leading dims are not one
-    with pytest.raises(ValueError, match=r"^linear: out's leading dimensions cannot be viewed as one"):
+    with pytest.raises(
+        ValueError, match=r"^tunebook\.kernels\.linear: out's leading dimensions cannot be viewed as one"
+    ):
         linear(x, w, out=out)
     columns = torch.empty(2, 3, 80)[..., ::2]  # strided rows are fine: written in place
     assert linear(x, w, out=columns) is columns
