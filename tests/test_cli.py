@@ -1099,3 +1099,17 @@ def test_tune_without_a_gpu_or_the_interpreter_says_so_in_one_line(book_dir: Pat
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "cannot tell this process's platform" in proc.stderr and "TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_verbose_after_the_command_says_where_it_goes(book_dir: Path) -> None:
+    """`tunebook show -v` got click's bare "No such option: -v"."""
+    tune_add()
+    for flag in ("-v", "-vv", "--verbose"):
+        res = invoke("show", flag, book_dir, ok=False)
+        assert res.exit_code == 2, res.output
+        name = "--verbose" if flag == "--verbose" else "-v"
+        assert "No such option" in res.output, res.output
+        assert f"{name} is an option of tunebook itself; give it before the command" in res.output
+        assert f"(tunebook {name} show ...)" in res.output
+    assert "add_kernel" in invoke("-v", "show", book_dir).stdout
+    assert "is an option of tunebook itself" not in invoke("show", "--wrong", book_dir, ok=False).output

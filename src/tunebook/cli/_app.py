@@ -31,6 +31,13 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as exc:
+            if exc.option_name in ("-v", "--verbose") and exc.ctx is not None and exc.ctx.parent is ctx:
+                exc.message = (  # click's own wording, whatever its version, then where it goes
+                    f"{exc.message.rstrip('.')}: {exc.option_name} is an option of tunebook itself; give "
+                    f"it before the command (tunebook {exc.option_name} {exc.ctx.info_name} ...)"
+                )
+            raise
         except OSError as exc:
             if exc.errno == errno.EPIPE:
                 raise  # stdout closed by `| head`: click ends quietly
