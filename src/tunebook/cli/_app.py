@@ -33,10 +33,11 @@ class Group(click.Group):
             return super().invoke(ctx)
         except click.NoSuchOption as exc:
             if exc.option_name in ("-v", "--verbose") and exc.ctx is not None and exc.ctx.parent is ctx:
-                exc.message = (  # click's own wording, whatever its version, then where it goes
+                where = (  # after click's own wording, whatever its version
                     f"{exc.message.rstrip('.')}: {exc.option_name} is an option of tunebook itself; give "
                     f"it before the command (tunebook {exc.option_name} {exc.ctx.info_name} ...)"
                 )
+                raise click.NoSuchOption(exc.option_name, where, ctx=exc.ctx) from None
             raise
         except OSError as exc:
             if exc.errno == errno.EPIPE:
