@@ -291,7 +291,7 @@ def test_explain_finds_the_matching_file(book_dir: Path, tmp_path: Path) -> None
     # under the interpreter a hit goes through Triton's own launch, and explain says why
     assert "InterpretedFunction" in data["hit_launch"]
     text = invoke("explain", f"{module_file(tmp_path)}:add").stdout
-    assert "hits  launch through Triton's JITFunction.run: the kernel is a InterpretedFunction object" in text
+    assert "hits  launch through Triton's JITFunction.run: the kernel is of type InterpretedFunction" in text
 
 
 def test_explain_names_each_identity_field_that_differs(book_dir: Path, tmp_path: Path) -> None:
@@ -345,7 +345,7 @@ def test_explain_errors_name_what_exists(tmp_path: Path) -> None:
     path = module_file(tmp_path)
     assert "its tunebook kernels: add" in invoke("explain", f"{path}:nope", ok=False).output
     assert (
-        "is a int, not a @tunebook.autotune kernel"
+        "is of type int, not a @tunebook.autotune kernel"
         in invoke("explain", f"{path}:not_a_kernel", ok=False).output
     )
     assert "expected MODULE:KERNEL" in invoke("explain", "justamodule", ok=False).output

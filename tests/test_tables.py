@@ -332,7 +332,7 @@ def test_a_mapping_that_fails_is_reported_once_and_never_breaks_the_call(monkeyp
     caplog.set_level(logging.WARNING, logger="tunebook")
     cases = {
         "key= raised IndexError": tunebook.Tables("vllm.add", key=lambda k: {"M": k[5]}, config=dict),
-        "key= returned a tuple": tunebook.Tables("vllm.add", key=lambda k: (1, 1, k[0]), config=dict),
+        "of type tuple": tunebook.Tables("vllm.add", key=lambda k: (1, 1, k[0]), config=dict),
         "config= raised KeyError": ADD_TABLES,
     }
     for message, tables in cases.items():

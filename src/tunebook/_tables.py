@@ -247,7 +247,7 @@ def _mapped(tables: Tables, which: str, value: Any, about: str) -> Mapping[str, 
     else:
         if got is None or isinstance(got, Mapping):
             return got
-        problem, kind = f"returned a {type(got).__name__}, not a dict or None", "type"
+        problem, kind = f"returned an object of type {type(got).__name__}, not a dict or None", "type"
     _warnings.warn_once(
         f"tables-map:{tables.kernel}:{which}:{kind}",
         "tunebook: tunebook.Tables(%r): %s= %s for %s; no table answers there (said once; fix the "

@@ -71,7 +71,7 @@ def available(fn: Any) -> str | None:
         return "TUNEBOOK_DIRECT_LAUNCH=0"
     if type(fn) is not JITFunction:
         kind = type(fn).__name__
-        return f"the kernel is a {kind} object, not Triton's JITFunction (the interpreter, a wrapper)"
+        return f"the kernel is of type {kind}, not Triton's JITFunction (the interpreter, a wrapper)"
     run = JITFunction.run
     wrapped = hasattr(run, "__wrapped__") or "run" in vars(fn)
     if wrapped or (run.__module__, run.__qualname__) != ("triton.runtime.jit", "JITFunction.run"):

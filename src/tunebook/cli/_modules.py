@@ -102,6 +102,6 @@ def resolve_kernel(target: str) -> tuple[str, Autotuner]:
             f"module {module_spec} has no attribute {attr!r}; its tunebook kernels: {listing}"
         )
     raise click.ClickException(
-        f"{module_spec}:{attr} is a {type(obj).__name__}, not a @tunebook.autotune kernel; "
+        f"{module_spec}:{attr} is of type {type(obj).__name__}, not a @tunebook.autotune kernel; "
         f"its tunebook kernels: {listing}"
     )
