@@ -15,6 +15,7 @@ cluster), the errors (:class:`TunebookError` and its family, :class:`BookWarning
 from __future__ import annotations
 
 import logging as _logging
+import sys as _sys
 
 from ._autotuner import Autotuner, autotune
 from ._book import Book
@@ -80,3 +81,9 @@ __all__ = [
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+# The TUNEBOOK_PATCH start-up hook patches Triton right after `import triton`. When this
+# package's import is what imports triton, the patch waits for the package to be whole: now.
+if callable(_imported := getattr(_sys.modules.get("_tunebook_startup_hook"), "tunebook_imported", None)):
+    _imported(_sys.modules[__name__])

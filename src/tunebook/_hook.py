@@ -36,12 +36,15 @@ from typing import Any
 PTH_NAME = "tunebook-patch.pth"
 VARIABLE = "TUNEBOOK_PATCH"
 _OFF = ("", "0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")  # as every other switch of tunebook reads them (_settings)
 _reported = False
 
 
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether ``TUNEBOOK_PATCH`` asks for the patch."""
-    return environ.get(VARIABLE, "").strip().lower() not in _OFF
+    """Whether ``TUNEBOOK_PATCH`` asks for the patch: one of 1, true, yes, on. A value that
+    is neither on nor off (``ture``, ``none``, ``disable``) patches nothing; :func:`on_startup`
+    says so."""
+    return environ.get(VARIABLE, "").strip().lower() in _ON
 
 
 # ------------------------------------------------------------------ the .pth file
@@ -137,6 +140,12 @@ def site_dirs() -> list[Path]:
 
 def on_startup() -> None:
     """Apply the patch now if Triton is already imported, else right after its import."""
+    if not enabled():  # the .pth line lets every value but the off ones through
+        _say(
+            f"{VARIABLE}={os.environ.get(VARIABLE, '')!r} is neither on ({', '.join(_ON)}) nor off "
+            f"({', '.join(v for v in _OFF if v)} or empty); Triton runs unpatched. Set it to 1 to patch."
+        )
+        return
     if "triton" in sys.modules:
         _apply()
     elif not any(getattr(f, "tunebook_hook", False) for f in sys.meta_path):
@@ -204,8 +213,19 @@ class _PatchingLoader(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
+_deferred = False  # triton was imported by tunebook's own import: patched when that ends
+
+
 def _apply() -> None:
+    global _deferred
     try:
+        package = sys.modules.get("tunebook")
+        if package is not None and getattr(package.__spec__, "_initializing", False):
+            # `import tunebook` before `import triton`: tunebook imports triton half-way
+            # through its own import, when tunebook.patch does not exist yet. Its last line
+            # calls tunebook_imported(), before any line of the importing program runs.
+            _deferred = True
+            return
         import tunebook
 
         tunebook.patch()
@@ -213,18 +233,33 @@ def _apply() -> None:
         _report(exc)
 
 
+def tunebook_imported(package: ModuleType) -> None:
+    """Called by the tunebook package on its last line: the patch deferred till then."""
+    global _deferred
+    if _deferred:
+        _deferred = False
+        try:
+            package.patch()
+        except Exception as exc:
+            _report(exc)
+
+
 def _report(exc: BaseException) -> None:
     """Say once per process why the patch was not applied; never raise."""
+    _say(
+        f"{VARIABLE} is set, but tunebook.patch() failed at `import triton` "
+        f"({type(exc).__name__}: {exc}); Triton runs unpatched. Unset {VARIABLE}, or remove the "
+        "hook: tunebook uninstall-hook"
+    )
+
+
+def _say(message: str) -> None:
+    """One line on stderr, once per process; never raises."""
     global _reported
     if _reported:
         return
     _reported = True
     try:
-        print(
-            f"tunebook: {VARIABLE} is set, but tunebook.patch() failed at `import triton` "
-            f"({type(exc).__name__}: {exc}); Triton runs unpatched. Unset {VARIABLE}, or remove the "
-            "hook: tunebook uninstall-hook",
-            file=sys.stderr,
-        )
+        print(f"tunebook: {message}", file=sys.stderr)
     except Exception:  # pragma: no cover - no stderr to write to
         pass

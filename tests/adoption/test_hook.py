@@ -100,6 +100,47 @@ def test_the_hook_patches_when_triton_is_imported_not_before(installed_hook: Pat
     assert quiet.stdout.strip() == "False False"
 
 
+def test_a_value_neither_on_nor_off_patches_nothing_and_says_so(installed_hook: Path) -> None:
+    """Every value but the off ones patched (`none`, `disable`, a typo `ture`), where each
+    other switch of tunebook refuses a value it cannot read."""
+    for value in ("none", "disable", "ture", "2"):
+        proc = python(PROBE, TUNEBOOK_PATCH=value)
+        assert proc.returncode == 0 and '"patched": false' in proc.stdout, (value, proc.stdout)
+        (line,) = proc.stderr.splitlines()
+        assert f"TUNEBOOK_PATCH={value!r} is neither on (1, true, yes, on) nor off" in line
+    for value in ("TRUE", " yes ", "on"):
+        proc = python(PROBE, TUNEBOOK_PATCH=value)
+        assert '"patched": true, "bound": true' in proc.stdout and proc.stderr == "", value
+
+
+def test_the_hook_patches_when_tunebook_is_imported_before_triton(installed_hook: Path) -> None:
+    """tunebook imports triton half-way through its own import: the patch then failed
+    ("partially initialized module 'tunebook' has no attribute 'patch'") and Triton ran
+    unpatched, in every program that imports tunebook first and in `tunebook explain`,
+    `prune` and `tune`, which docs/adoption.md runs with the hook."""
+    proc = python("import tunebook\n" + PROBE, TUNEBOOK_PATCH="1")
+    assert proc.returncode == 0, proc.stderr
+    assert '"patched": true, "bound": true' in proc.stdout and proc.stderr == ""
+    kernels = installed_hook.parent / "hook_probe_kernels.py"
+    try:
+        kernels.write_text(
+            "import triton, triton.language as tl\n"
+            "@triton.autotune(configs=[triton.Config({'B': 16})], key=['n'])\n"
+            "@triton.jit\n"
+            "def k(x, n, B: tl.constexpr):\n"
+            "    pass\n"
+        )
+        explained = python(
+            "import sys; from tunebook.cli._app import cli; sys.argv = ['tunebook', 'explain', "
+            "'hook_probe_kernels:k']; cli()",
+            TUNEBOOK_PATCH="1",
+        )
+    finally:
+        kernels.unlink()
+    assert "not a @tunebook.autotune kernel" not in explained.stdout + explained.stderr, explained.stderr
+    assert "hook_probe_kernels.k" in explained.stdout + explained.stderr, explained.stdout + explained.stderr
+
+
 def test_a_broken_tunebook_never_breaks_the_interpreter_start(installed_hook: Path, tmp_path: Path) -> None:
     shadow = tmp_path / "shadow" / "tunebook"
     shadow.mkdir(parents=True)
