@@ -9,7 +9,8 @@ that the library reads and writes what it always did:
 
 * ``cache`` — the instance's ``cache`` becomes tunebook's (a dict whose writes overrule
   decisions, as in Triton); what it held before, a caller's or an earlier tuning's, is
-  served as written. A library that assigns a new dict is followed on its next call.
+  served as written. A library that assigns a new dict is followed on its next call: the
+  dict is copied, so later writes into it (rather than into ``cache``) are not seen.
 * ``best_config``, ``configs_timings``, ``bench_time``, ``nargs`` — written on the instance.
 * ``pre_hook`` / ``post_hook`` — read from the instance at each use (fla replaces Triton's
   defaults in its ``__init__``).

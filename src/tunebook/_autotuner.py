@@ -214,6 +214,8 @@ class Autotuner(_compat.TritonAutotuner):
 
     @cache.setter
     def cache(self, value: Mapping[Any, Any]) -> None:
+        # Copied into a dict whose writes are watched: the hit path never reads ``cache``,
+        # so writes into the caller's own dict afterwards are not seen (docs/adoption.md).
         old = list(self._cache)
         self._cache = _Cache(self, value)
         self._overruled([*old, *self._cache])
