@@ -41,6 +41,7 @@ from ._tuner import Exchange, KeyTuning, Outcome, Persist, inputs_restored, tune
 
 if TYPE_CHECKING:
     from ._autotuner import Autotuner
+    from ._search import Budget
 
 log = logging.getLogger("tunebook")
 
@@ -92,6 +93,8 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
             # another process (or host, through Redis) may have tuned it meanwhile
             page.refresh(miss.text, declared=miss.ids)
             entry = page.get(miss.text)
+        if entry is None or not _policy.answered(entry, miss.ids, budget):
+            entry = _renamed(miss, page, budget) or entry
         _warn_undeclared(miss, entry)
         if _policy.decide(entry, miss.ids, mode, budget, page.settled(miss.text)) == "book":
             _stats.add("book_hits")
@@ -113,6 +116,15 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     _stats.add("failures", outcome.failures)
     cid = outcome.entry.best(miss.ids)
     return Resolution(cid, "tuned", outcome.entry, outcome.measured, outcome.seconds, outcome.why)
+
+
+def _renamed(miss: Miss, page: Page, budget: Budget) -> Entry | None:
+    """The key's answer from this kernel's page under another name (``Page.renamed``),
+    recorded in this page: the same results, now found here by every later process."""
+    for found in page.renamed(miss.key):
+        if _policy.answered(found, miss.ids, budget):
+            return page.record(miss.text, found)
+    return None
 
 
 @dataclass(frozen=True)

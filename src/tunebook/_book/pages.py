@@ -424,6 +424,26 @@ class Page:
             if self.same_kernel(doc, where)
         ]
 
+    def renamed(self, key: Sequence[Any]) -> list[Entry]:
+        """Entries for this exact key of this very kernel (source hash and key names) on this
+        very platform, in pages under another kernel name, in any directory; newest first.
+
+        The name a page is filed under is not part of what a result is matched by: the same
+        function defined in a script run directly (``__main__.k``) and imported
+        (``module.k``), or tuned under ``tunebook.autotune`` (its function's name) and then
+        adopted by ``tunebook.patch()`` (``module.qualname``), is one kernel, and its results
+        there are as exact as this page's own. As for siblings, each page is asked for this
+        key only, and the Redis book is not searched.
+        """
+        found = [
+            entry
+            for _, doc, entry in self._other_pages(key, f"*--{self.kernel.id}--*--{self.platform.get('id')}*")
+            if doc.kernel.get("hash") == self.kernel.source_hash
+            and doc.kernel.get("key") == list(self.kernel.key)
+            and doc.platform == self.platform
+        ]
+        return sorted(found, key=lambda entry: entry.updated_at, reverse=True)
+
     def same_arch_winners(self, key: Sequence[Any]) -> list[tuple[Entry, str]]:
         """(entry, where it was tuned) for this exact key of this kernel version on other
         platforms of this backend, GPU architecture and Triton release (``relation``
