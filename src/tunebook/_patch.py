@@ -28,6 +28,7 @@ still hold tunebook's), and gives every adopted instance back to Triton with a p
 
 from __future__ import annotations
 
+import dis
 import inspect
 import sys
 import threading
@@ -314,7 +315,7 @@ def _override(cls: type, name: str) -> Any:
 
 def _calls_base_run(cls: type, method: Any) -> bool:
     """Whether ``method`` (a ``run`` override) calls a base class's ``run``: ``super().run``
-    or ``Base.run`` by name. Read from its code; when the code cannot be read, assume it
+    or ``Base.run`` by name or by its module path. Read from its code; when the code cannot be read, assume it
     does (``_bench`` names the kernel if it benchmarks anyway)."""
     function = inspect.unwrap(getattr(method, "__func__", method))
     code = getattr(function, "__code__", None)
@@ -326,17 +327,45 @@ def _calls_base_run(cls: type, method: Any) -> bool:
     if "super" in names:
         return True
     scope = getattr(function, "__globals__", {})
-    return any(
-        isinstance(scope.get(name), type) and scope[name] is not cls and issubclass(cls, scope[name])
-        for name in names
+
+    def is_base(value: Any) -> bool:
+        return isinstance(value, type) and value is not cls and issubclass(cls, value)
+
+    return any(is_base(scope.get(name)) for name in names) or any(
+        is_base(value) for value in _dotted_run_owners(code, scope)
     )
 
 
 def _code_names(code: types.CodeType) -> Iterator[str]:
     yield from code.co_names
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _code_names(const)
+    for const in _nested(code):
+        yield from _code_names(const)
+
+
+def _nested(code: types.CodeType) -> Iterator[types.CodeType]:
+    return (const for const in code.co_consts if isinstance(const, types.CodeType))
+
+
+def _dotted_run_owners(code: types.CodeType, scope: dict[str, Any]) -> Iterator[Any]:
+    """What each ``<global>.<attr>....run`` in ``code`` reads ``run`` from, the dotted
+    path followed through modules and classes only (``triton.runtime.autotuner.Autotuner.run``,
+    ``autotuner_module.Autotuner.run``): a base class named by its module path."""
+    missing = object()
+    value: Any = missing
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "LOAD_GLOBAL":
+            value = scope.get(str(instruction.argval), missing)
+        elif instruction.opname in ("LOAD_ATTR", "LOAD_METHOD") and value is not missing:
+            if instruction.argval == "run":
+                yield value
+            if isinstance(value, types.ModuleType | type):
+                value = getattr(value, str(instruction.argval), missing)
+            else:
+                value = missing
+        else:
+            value = missing
+    for inner in _nested(code):
+        yield from _dotted_run_owners(inner, scope)
 
 
 def _class_name(cls: type) -> str:

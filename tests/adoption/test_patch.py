@@ -236,6 +236,26 @@ def test_unserved_subclasses_are_named_and_keep_tritons_behaviour() -> None:
         tunebook.unpatch()
 
 
+def test_a_run_override_calling_the_base_run_by_its_module_path_is_served(patched: None) -> None:
+    """`triton.runtime.autotuner.Autotuner.run(self, ...)` is a Base.run call: such a class
+    was warned about as never calling Autotuner.run and left to Triton."""
+
+    class ByPath(TritonAutotuner):  # `triton` and `triton_autotuner`: this module's globals
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            return triton.runtime.autotuner.Autotuner.run(self, *args, **kwargs)
+
+    class ByAlias(TritonAutotuner):
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            return triton_autotuner.Autotuner.run(self, *args, **kwargs)
+
+    for cls in (ByPath, ByAlias):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tunebook.PatchWarning)
+            kernel = triton_kernel(Replay({32: 3.0, 64: 1.0, 128: 2.0}), cls)
+            launch(kernel)
+        assert vars(kernel)[_adopt.ATTRIBUTE] and kernel.best_config.kwargs == {"BLOCK": 64}
+
+
 def test_a_kernel_benchmarking_outside_tunebook_is_named_once(patched: None) -> None:
     class Sometimes(TritonAutotuner):  # reads as calling Autotuner.run, but tunes its own way here
         def run(self, *args: Any, **kwargs: Any) -> Any:
