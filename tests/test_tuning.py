@@ -4,6 +4,7 @@ resumption, failures and tie-aware choice, on real kernels in the CPU interprete
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
@@ -519,6 +520,59 @@ def test_a_config_that_collides_twice_is_left_for_a_later_tuning(book_dir):
     call(later)
     assert bench.measured == [64]
     assert later.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_a_config_out_of_memory_is_not_recorded_and_measured_again_later(book_dir, caplog):
+    """Found by a misuse review: an out-of-memory error of the moment (other allocations
+    held the memory) was recorded as the config's failure, never measured again."""
+
+    class Tight(Replay):
+        def __call__(self, kernel_call: Any, quantiles: Any = None) -> list[float]:
+            kernel_call()  # its pre_hook says which config runs
+            if self._current["BLOCK"] == 64 and self.full:
+                self.measured.append(64)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().__call__(lambda: None, quantiles)
+
+    def kernel(bench: Replay) -> Any:
+        return tunebook.autotune(
+            block_configs(32, 64, 128), key=["n"], do_bench=bench, pre_hook=bench.pre_hook
+        )(add_kernel)
+
+    tight = Tight({32: 3.0, 64: 1.0, 128: 2.0})
+    tight.full = True
+    with caplog.at_level(logging.WARNING, logger="tunebook"):
+        call(kernel(tight))
+    assert tight.measured.count(64) == 2  # once more, then left out
+    assert "failed twice because the device was out of memory (OutOfMemoryError" in caplog.text
+    assert len(entry_of(book_dir).results) == 2 and "recorded in the book" not in caplog.text
+    roomy = Tight({32: 3.0, 64: 1.0, 128: 2.0})
+    roomy.full = False
+    later = kernel(roomy)
+    call(later)
+    assert roomy.measured == [64] and later.best_config.kwargs == {"BLOCK": 64}
+
+
+def test_a_failure_that_is_not_the_configs_is_recorded_and_said(book_dir, caplog):
+    """Found by a misuse review: a grid function that raised for one config had that config
+    recorded as failed, never measured again, and nothing said."""
+    bench = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=bench, pre_hook=bench.pre_hook
+    )(add_kernel)
+    x, y, out = vectors(300)
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        if meta["BLOCK"] == 64:
+            raise ZeroDivisionError("the grid divides by zero at BLOCK=64")
+        return (triton.cdiv(300, meta["BLOCK"]),)
+
+    with caplog.at_level(logging.WARNING, logger="tunebook"):
+        kernel[grid](x, y, out, 300)
+    assert kernel.best_config.kwargs == {"BLOCK": 128}
+    (said,) = [r.getMessage() for r in caplog.records if "recorded in the book" in r.getMessage()]
+    assert "raised ZeroDivisionError: the grid divides by zero at BLOCK=64" in said
+    assert "delete the key's file" in said
 
 
 def test_a_real_failure_under_the_interpreter_is_still_recorded(book_dir):

@@ -570,7 +570,7 @@ def _job(
         bench=_bench_function(tuner, miss.call, configs),
         persist=Persist(page, miss.text, miss.key, miss.ids[0], entry),
         is_unexpected=unexpected_failure,
-        is_transient=_compat.is_interpreter_collision,
+        is_transient=transient_failure,
         precompile=_precompiler(tuner, miss.call),
         strategy=options.strategy,
         budget=_policy.effective_budget(options.budget, len(configs)),
@@ -581,6 +581,17 @@ def _job(
         progress=Progress(tuner.label, miss.key),
         exchange=exchange,
     )
+
+
+def transient_failure(exc: BaseException) -> str | None:
+    """Why ``exc`` is a failure of the moment rather than the config's (None: the config's):
+    the device out of memory (other allocations of this process or another hold it; the same
+    config may run at the next tuning) or a collision of two launches on the interpreter."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's, any device
+        return "because the device was out of memory"
+    if _compat.is_interpreter_collision(exc):
+        return "because another thread launched a kernel on Triton's interpreter at the same time"
+    return None
 
 
 def unexpected_failure(exc: BaseException) -> bool:

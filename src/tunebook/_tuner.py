@@ -74,7 +74,8 @@ class KeyTuning:
     bench: Callable[[Callable[..., Any], Any], Any]  # (timer, config) -> timing; raises on failure
     persist: Callable[[dict[str, Result], str, float], Entry]  # (new results, chosen, seconds)
     is_unexpected: Callable[[BaseException], bool]
-    is_transient: Callable[[BaseException], bool] = lambda exc: False
+    # Why a failure is one of the moment, not the config's (None: it is the config's).
+    is_transient: Callable[[BaseException], str | None] = lambda exc: None
     precompile: Callable[[list[Any]], None] | None = None
     strategy: str = "auto"
     budget: Budget = field(default_factory=Budget)
@@ -198,6 +199,26 @@ class Timing:
         self.measured = 0
         self.failures = 0
         self.unexpected: list[BaseException] = []
+        self.unexpected_ids: list[str] = []
+        self.said = False  # the first unexpected failure recorded was said
+
+    def say_recorded(self) -> None:
+        """Say once that an unexpected failure goes into the book: it is never retried, and
+        its cause may be the call's (a grid function or a hook that raises for one config)."""
+        if self.said or not self.unexpected:
+            return
+        self.said = True
+        exc = self.unexpected[0]
+        log.warning(
+            "tunebook: key %s: config %s raised %s: %s. It is recorded in the book as this config's "
+            "failure for the key and never measured again. If the cause is in the call (the grid "
+            "function, a hook, the timer) rather than the config, fix it and delete the key's file "
+            "in the page, so that the key is tuned again",
+            list(self.job.key),
+            self.unexpected_ids[0],
+            type(exc).__name__,
+            str(exc)[:300],
+        )
 
     def one(self, i: int, timer: Callable[..., Any], quick: bool) -> Result | None:
         """Time candidate ``i``; None if it was not measured (neither persisted nor a failure)."""
@@ -207,19 +228,22 @@ class Timing:
         result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
         if exc is not None and job.is_transient(exc):
             result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
-            if exc is not None and job.is_transient(exc):
+            why = job.is_transient(exc) if exc is not None else None
+            if why is not None:
                 self.failures += 1
                 log.warning(
-                    "tunebook: key %s: config %s failed twice because another thread launched a "
-                    "kernel on Triton's interpreter at the same time (%s); not recorded, so a later "
+                    "tunebook: key %s: config %s failed twice %s (%s: %s); not recorded, so a later "
                     "tuning of the key measures it",
                     list(job.key),
                     job.ids[i],
+                    why,
+                    type(exc).__name__,
                     exc,
                 )
                 return None
         if exc is not None and job.is_unexpected(exc):
             self.unexpected.append(exc)
+            self.unexpected_ids.append(job.ids[i])
         if result is not None and not result.ok:
             self.failures += 1
         return result
@@ -264,6 +288,7 @@ def tune_key(job: KeyTuning) -> Outcome:
             # Every config so far failed, and not for resource reasons: most likely a bug
             # in the call rather than in the configs. Persist nothing; raise it.
             raise timing.unexpected[0]
+        timing.say_recorded()
         results.update(fresh)
         entry = job.persist(fresh, "", time.perf_counter() - start)
 
