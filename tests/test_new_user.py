@@ -96,9 +96,36 @@ def test_every_option_mistake_is_reported_at_decoration():
         {"isolate_timeout": 0},
         {"compile_workers": 0},
         {"fallback": 3},
+        # Found by a misuse review: each of these failed at the first tuning with Python's own
+        # error (never, in serve mode), or was taken silently (adaptive='no' is true).
+        {"max_configs": 1.5},
+        {"max_configs": "10"},
+        {"max_seconds": "60"},
+        {"isolate_timeout": None},
+        {"check": "yes"},
+        {"check": {"rtol": -1}},
+        {"check": {"atol": "a"}},
+        {"check": {"ignore": "out_ptr"}},
+        {"check": {"max_bytes": 0.5}},
+        {"books": [None]},
+        {"books": "/a/book"},
+        {"name": 5},
+        {"adaptive": "no"},
+        {"isolate": 1},
+        {"seed": "abc"},
     ):
         with pytest.raises(tunebook.ConfigurationError):
             tunebook.autotune(block_configs(32, 64), key=["n"], **bad)
+    with pytest.raises(tunebook.ConfigurationError, match="check's ignore names 'out'"):
+        tunebook.autotune(block_configs(32, 64), key=["n"], check={"ignore": ["out"]})(add_kernel)
+
+
+def test_one_name_given_as_a_string_is_that_name():
+    """key='n' worked only because list('n') is ['n']; key='size' was read as four letters."""
+    kernel = tunebook.autotune(block_configs(32, 64), key="n", reset_to_zero="out_ptr")(add_kernel)
+    assert kernel.keys == ["n"] and kernel.reset_to_zero == ["out_ptr"]
+    with pytest.raises(tunebook.ConfigurationError, match="restore_value names 'outs', which is not an arg"):
+        tunebook.autotune(block_configs(32, 64), key="n", restore_value="outs")(add_kernel)
 
 
 def test_bayes_without_optuna_is_reported_at_decoration_with_the_install_line(monkeypatch):

@@ -146,14 +146,17 @@ class Autotuner(_compat.TritonAutotuner):
             if configs
             else [_compat.Config({}, num_warps=4, num_stages=3)]
         )
-        self.keys = list(key)  # str names; a tunebook.bucket(...) is a str that also buckets
+        # str names; a tunebook.bucket(...) is a str that also buckets. One name given as a
+        # string is that name (list() would split it into letters, as Triton does).
+        self.keys = _names(key)
         self._buckets = _buckets.bucketers(self.keys)
         self.arg_names = list(arg_names)
         self.fn = fn
         self.base_fn = _compat.base_function(fn)
-        self.reset_to_zero = list(reset_to_zero or [])
-        self.restore_value = list(restore_value or [])
-        _check_names(self.base_fn, self.arg_names, self.keys, self.reset_to_zero, self.restore_value)
+        self.reset_to_zero = _names(reset_to_zero or [])
+        self.restore_value = _names(restore_value or [])
+        ignored = _names((self.options.check or {}).get("ignore", ()))
+        _check_names(self.base_fn, self.arg_names, self.keys, self.reset_to_zero, self.restore_value, ignored)
         self.hooks = Hooks(self.reset_to_zero, self.restore_value, pre_hook, post_hook)
         prune = prune_configs_by or {}
         self.perf_model = prune.get("perf_model")
@@ -527,11 +530,21 @@ class Autotuner(_compat.TritonAutotuner):
         return self._home.timers()
 
 
+def _names(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
 def _check_names(
-    base_fn: Any, arg_names: list[str], keys: list[str], reset_to_zero: list[str], restore_value: list[str]
+    base_fn: Any,
+    arg_names: list[str],
+    keys: list[str],
+    reset_to_zero: list[str],
+    restore_value: list[str],
+    ignored: list[str],
 ) -> None:
     """Every argument name the decorator was given must be one of the kernel's."""
-    for what, names in (("key", keys), ("reset_to_zero", reset_to_zero), ("restore_value", restore_value)):
+    given = (("key", keys), ("reset_to_zero", reset_to_zero), ("restore_value", restore_value))
+    for what, names in (*given, ("check's ignore", ignored)):
         unknown = [n for n in names if n not in arg_names]
         if unknown:
             raise ConfigurationError(

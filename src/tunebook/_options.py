@@ -61,7 +61,15 @@ class Options:
 
     def __post_init__(self) -> None:
         if not callable(self.books):
+            if isinstance(self.books, str | os.PathLike) or not all(
+                isinstance(p, str | os.PathLike) for p in self.books
+            ):
+                raise ConfigurationError(
+                    "tunebook.autotune: books= takes a list of book directories (str or Path), or a "
+                    f"function returning one; found {self.books!r}"
+                )
             object.__setattr__(self, "books", tuple(Path(p) for p in self.books))
+        self._check_types()
         if self.strategy != "auto" and self.strategy not in strategy_names():
             raise ConfigurationError(
                 f"tunebook.autotune: unknown strategy {self.strategy!r}; choose one of "
@@ -69,11 +77,16 @@ class Options:
             )
         if self.strategy == "bayes":  # the install line now, rather than at a first call
             check_installed("optuna", feature="the 'bayes' search strategy", extra="optuna", hint=BAYES_HINT)
-        for label, value in (("max_configs", self.max_configs), ("max_seconds", self.max_seconds)):
-            if value is not None and (isinstance(value, bool) or not value > 0):
-                raise ConfigurationError(
-                    f"tunebook.autotune: {label}= must be a positive number or None; found {value!r}"
-                )
+        if self.max_configs is not None and not (_is_int(self.max_configs) and self.max_configs > 0):
+            raise ConfigurationError(
+                "tunebook.autotune: max_configs= must be a positive integer or None; "
+                f"found {self.max_configs!r}"
+            )
+        if self.max_seconds is not None and not (_is_number(self.max_seconds) and self.max_seconds > 0):
+            raise ConfigurationError(
+                "tunebook.autotune: max_seconds= must be a positive number or None; "
+                f"found {self.max_seconds!r}"
+            )
         if isinstance(self.compile_workers, bool) or not (
             isinstance(self.compile_workers, int) and self.compile_workers >= 1
         ):
@@ -85,7 +98,7 @@ class Options:
                 "tunebook.autotune: group= and isolate=True cannot be combined: a group's ranks measure "
                 "their shares of a key in their own processes; drop isolate=True (or group=)"
             )
-        if not self.isolate_timeout > 0:
+        if not (_is_number(self.isolate_timeout) and self.isolate_timeout > 0):
             raise ConfigurationError(
                 "tunebook.autotune: isolate_timeout= must be positive seconds; "
                 f"found {self.isolate_timeout!r}"
@@ -107,17 +120,74 @@ class Options:
                     f"tunebook.autotune: check= takes {', '.join(CHECK_FIELDS[:-1])} and {CHECK_FIELDS[-1]}; "
                     f"found {', '.join(sorted(unknown))}"
                 )
+            _check_settings(self.check)
+
+    def _check_types(self) -> None:
+        """The options whose wrong type would pass unnoticed (``adaptive='no'`` is true) or fail
+        far from here (``name=5`` at the first tuning)."""
+        if self.name is not None and not (isinstance(self.name, str) and self.name.strip()):
+            raise ConfigurationError(
+                f"tunebook.autotune: name= must be a non-empty string or None; found {self.name!r}"
+            )
+        for label in ("adaptive", "prefer_nearest", "isolate"):
+            if not isinstance(getattr(self, label), bool):
+                raise ConfigurationError(
+                    f"tunebook.autotune: {label}= must be True or False; found {getattr(self, label)!r}"
+                )
+        if not _is_int(self.seed):
+            raise ConfigurationError(f"tunebook.autotune: seed= must be an integer; found {self.seed!r}")
 
     @staticmethod
     def normalize_check(check: bool | Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """``check=`` as users write it (True, False or a dict) as this record holds it."""
+        if check is None or check is False:
+            return None
         if check is True:
             return {}
+        if not isinstance(check, Mapping):
+            raise ConfigurationError(
+                f"tunebook.autotune: check= takes True, False or a dict of {', '.join(CHECK_FIELDS)}; "
+                f"found {check!r}"
+            )
         return dict(check) if check else None
 
     @property
     def budget(self) -> Budget:
         return Budget(max_configs=self.max_configs, max_seconds=self.max_seconds)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _non_negative(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def _check_settings(check: Mapping[str, Any]) -> None:
+    """``check=``'s values, whose mistakes failed at the first tuning (never, in serve mode)."""
+    for label in ("rtol", "atol"):
+        value = check.get(label)
+        values = value.values() if isinstance(value, Mapping) else [value]
+        if value is not None and not all(_non_negative(v) for v in values):
+            raise ConfigurationError(
+                f"tunebook.autotune: check={{'{label}': ...}} takes a number >= 0, or a mapping of dtype to "
+                f"one (e.g. {{torch.float16: 1e-2}}); found {value!r}"
+            )
+    ignore = check.get("ignore", ())
+    if isinstance(ignore, str) or not all(isinstance(n, str) for n in ignore):
+        raise ConfigurationError(
+            f"tunebook.autotune: check={{'ignore': ...}} takes a list of argument names; found {ignore!r}"
+        )
+    max_bytes = check.get("max_bytes")
+    if max_bytes is not None and not (_is_int(max_bytes) and max_bytes > 0):
+        raise ConfigurationError(
+            f"tunebook.autotune: check={{'max_bytes': ...}} takes a positive integer; found {max_bytes!r}"
+        )
 
 
 def from_arguments(arguments: Mapping[str, Any]) -> Options:
