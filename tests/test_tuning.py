@@ -646,10 +646,30 @@ def test_a_fallback_that_raises_does_not_stop_tuning(book_dir, caplog):
 
     land = Landscape(bowl)
     kernel = tuned(BIG, land, fallback=broken, strategy="random", max_configs=5, seed=1)
-    with pytest.warns(tunebook.BookWarning, match="fallback= raised ZeroDivisionError: the rule divides"):
+    with pytest.warns(tunebook.BookWarning, match=r"fallback= failed \(ZeroDivisionError: the rule divides"):
         call(kernel)
     assert len(land.measured) == 5
     assert entry_of(book_dir).chosen is not None
+
+
+def test_a_fallback_that_returns_no_config_is_named_for_it(book_dir, monkeypatch):
+    """Found by a misuse review: a dict returned (a config's kwargs) ended in "'dict' object
+    has no attribute 'kwargs'" in serve mode, and "fallback= raised AttributeError" in tune mode."""
+
+    def as_dict(key, configs):
+        return {"BLOCK": 64}
+
+    kernel = tuned(block_configs(32, 64), Landscape(bowl), fallback=as_dict, max_configs=None)
+    with pytest.warns(
+        tunebook.BookWarning, match="fallback= failed .TypeError: add_kernel: fallback= returned dict"
+    ):
+        call(kernel)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    served = tuned(block_configs(32, 64), Landscape(bowl), fallback=as_dict)
+    with pytest.raises(
+        TypeError, match=r"fallback= returned dict \{'BLOCK': 64\}; it must return one of the configs"
+    ):
+        call(served, 999)
 
 
 RULE_MODULE = """

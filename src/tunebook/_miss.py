@@ -461,6 +461,11 @@ def fallback_pick(
     picked = fallback(key, list(candidates))
     if picked is None:
         return None
+    if not isinstance(picked, _compat.Config):  # its .kwargs failed far from the cause
+        raise TypeError(
+            f"{tuner.label}: fallback= returned {type(picked).__name__} {picked!r:.200}; it must return "
+            "one of the configs it is given (a triton.Config) or None"
+        )
     chosen = next((cid for cid, c in zip(ids, candidates) if c is picked), None)
     if chosen is None:
         cid = config_id(config_record(picked.kwargs, _compat.config_options(picked)))
@@ -489,7 +494,7 @@ def rule_hint(
     except Exception as exc:  # user code; tuning must go on
         _warnings.warn_once(
             f"fallback-raised:{tuner.label}",
-            "tunebook: %s: fallback= raised %s: %s while tuning key %s; the search goes on without "
+            "tunebook: %s: fallback= failed (%s: %s) while tuning key %s; the search goes on without "
             "the rule's config (said once; fix the fallback)",
             tuner.label,
             type(exc).__name__,
