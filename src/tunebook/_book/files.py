@@ -237,8 +237,9 @@ def warn_write_failure(directory: Path, exc: BaseException) -> None:
     """Report, once per directory, that results stay in memory because writing failed."""
     warn_once(
         f"write:{directory}",
-        "tunebook: cannot write to book directory %s (%s); tuning results of this process are "
-        "kept in memory only. Point TUNEBOOK_DIR at a writable directory to remember them.",
+        "tunebook: cannot write to book directory %s (%s); what this process records (tuning "
+        "results, and in serve mode the keys it served untuned) is kept in memory only. Point "
+        "TUNEBOOK_DIR at a writable directory to remember it.",
         directory,
         _why_not_writable(directory, exc),
     )
