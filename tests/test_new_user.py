@@ -161,3 +161,19 @@ def test_a_book_directory_that_is_a_file_is_named_as_such(tmp_path, monkeypatch)
         kernel[grid_1d(100)](x, y, out, 100)
     torch.testing.assert_close(out, x + y)
     assert "Errno" not in str(caught[0].message)
+
+
+def test_a_tensor_in_the_key_is_tuned_as_triton_tunes_it_and_never_written(book_dir):
+    """Found by a misuse review: key=['n', 'x_ptr'] wrote a key file of the tensor's printed
+    contents at every call (a key new at every call: a tensor compares by identity)."""
+    replay = Replay({32: 3.0, 64: 1.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64), key=["n", "x_ptr"], do_bench=replay, pre_hook=replay.pre_hook
+    )(add_kernel)
+    with pytest.warns(tunebook.BookWarning, match="key= names 'x_ptr', which this call passes a tensor"):
+        for seed in (0, 1):
+            x, y, out = vectors(100, seed)
+            kernel[grid_1d(100)](x, y, out, 100)
+            torch.testing.assert_close(out, x + y)
+    assert replay.measured == [32, 64, 32, 64] and kernel.best_config.kwargs == {"BLOCK": 64}
+    assert not [p for p in book_dir.rglob("*.json")]

@@ -84,7 +84,7 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     miss = Miss(
         tuner, call, key, _key_text(key), list(candidates), [tuner.config_index.id_of(c) for c in candidates]
     )
-    mode = _settings.mode()
+    mode = "off" if _tensor_keyed(tuner, call) else _settings.mode()
     budget = tuner.options.budget
     page = tuner.page() if mode != "off" else None
     entry = page.get(miss.text, miss.ids) if page is not None else None
@@ -125,6 +125,25 @@ def _renamed(miss: Miss, page: Page, budget: Budget) -> Entry | None:
         if _policy.answered(found, miss.ids, budget):
             return page.record(miss.text, found)
     return None
+
+
+def _tensor_keyed(tuner: Autotuner, call: Call) -> bool:
+    """Whether a key name of this call holds a tensor. Its key is then new at every call (a
+    tensor compares by identity) and its text the tensor's contents: tuned as Triton tunes it,
+    at every call, and never written into the book (each call wrote a key file of its own)."""
+    named = call.named
+    tensors = [name for name in tuner.keys if hasattr(named.get(name), "data_ptr")]
+    if tensors:
+        _warnings.warn_once(
+            f"tensor-key:{tuner.label}",
+            "tunebook: %s: key= names %s, which this call passes a tensor: a key of it is new at every "
+            "call, so the kernel is tuned at every call, as Triton does, and nothing is remembered. "
+            "Key on a size or a shape passed as an argument instead (the dtypes of tensor arguments "
+            "are part of every key already)",
+            tuner.label,
+            ", ".join(map(repr, tensors)),
+        )
+    return bool(tensors)
 
 
 @dataclass(frozen=True)
