@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _adopt, _compat
+from . import _adopt, _compat, _settings
 from ._autotuner import Autotuner
 from ._autotuner import autotune as _tunebook_autotune
 from ._errors import PatchWarning
@@ -79,6 +79,9 @@ def patch() -> None:
         import some_library    # its @triton.autotune kernels now remember in the book
     """
     global _state
+    # A TUNEBOOK_MODE (...) it cannot read is one error here, not a fallback to Triton and a
+    # warning for every kernel decorated later.
+    _settings.check()
     with _lock:
         if _state is not None:
             return

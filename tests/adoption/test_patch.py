@@ -322,3 +322,11 @@ def test_cache_results_is_accepted_in_tritons_position() -> None:
     kernel = tunebook.autotune(*args)(add_kernel)
     assert kernel.cache_results is True
     launch(kernel)
+
+
+def test_a_mode_it_cannot_read_fails_the_patch_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was a fallback to Triton's autotuner and a warning for every kernel decorated later."""
+    monkeypatch.setenv("TUNEBOOK_MODE", "bogus")
+    with pytest.raises(tunebook.ConfigurationError, match="TUNEBOOK_MODE"):
+        tunebook.patch()
+    assert not _patch.active()
