@@ -171,8 +171,8 @@ def autotune(
                 raise TypeError(f"options tunebook does not know: {', '.join(sorted(triton_only))}")
             tuner = _tunebook_autotune(*arguments, name=name)(fn)
         except Exception as exc:
-            warn_once(
-                f"patch-decorate:{name}",
+            warn_once(  # per reason too: two kernels of one function may fail for two
+                f"patch-decorate:{name}:{type(exc).__name__}:{exc}",
                 "tunebook.patch(): kernel %s keeps Triton's autotuner (%s: %s); "
                 "its results are not remembered",
                 name,
