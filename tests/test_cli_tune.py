@@ -36,6 +36,10 @@ def inputs(description):
     n = description["key"]["n"]
     if n == 13:
         raise ValueError("no inputs for n=13")
+    if n == 17:
+        return None  # not (grid, args, kwargs)
+    if n == 19:
+        n = 2 * n  # the arguments of another key
     return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
 
 add = tunebook.autotune(
@@ -123,6 +127,20 @@ def test_progress_counts_failed_keys_apart_and_dry_run_says_would(kernel_module:
     assert res.exit_code == 1, res.output
     assert "1/2" in res.output and "1 failed" in res.output and "2/2" not in res.output
     assert "1 of 2 key(s) tuned" in res.output and "no inputs for n=13" in res.output
+
+
+def test_inputs_of_another_key_or_of_no_call_fail_that_key_by_name(
+    kernel_module: str, book_dir: Path
+) -> None:
+    """Found by a misuse review: arguments built for another key tuned that key and reported
+    the asked one tuned (exit 0, run after run, its miss never answered); a factory returning
+    None failed with "cannot unpack non-iterable NoneType object"."""
+    res = invoke("tune", f"{kernel_module}:add", "--keys", "n=19", "--keys", "n=17", ok=None)
+    assert res.exit_code == 1, res.output
+    assert "0 of 2 key(s) tuned" in res.output, res.output
+    assert "the call rebuilt for key n=19 is of key n=38" in res.output, res.output
+    assert "inputs= returned NoneType None; it must return (grid, args, kwargs)" in res.output
+    assert not book_files(book_dir)
 
 
 def test_keys_of_several_names_are_tuned_and_each_name_is_asked_for_once(

@@ -56,9 +56,15 @@ def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ..
     call = job.get("call")
     inputs = tuner.options.inputs
     if inputs is not None:
-        grid, args, kwargs = inputs({"call": call, "key": job.get("key", {})})
+        built = inputs({"call": call, "key": job.get("key", {})})
+        if not (isinstance(built, tuple | list) and len(built) == 3):
+            raise TypeError(
+                f"{job['module']}:{job['attr']}: inputs= returned {type(built).__name__} {built!r:.120}; it "
+                "must return (grid, args, kwargs), grid None for the recorded call's grid"
+            )
+        grid, args, kwargs = built
         if grid is not None:
-            return grid, tuple(args), dict(kwargs)
+            return _of_the_key(tuner, job, grid, tuple(args), dict(kwargs))
     elif call is None:
         raise ValueError(
             f"{job['module']}:{job['attr']} has no recorded call for this key and no inputs= factory; "
@@ -68,7 +74,33 @@ def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ..
         args, kwargs = _calls.build_args(call, device=_default_device())
     if call is None or not call.get("grids"):
         raise ValueError("no launch grid: the recorded call has no grids and inputs= returned grid=None")
-    return _calls.grid_from(call, tuner.config_index.id_for_meta), tuple(args), dict(kwargs)
+    return _of_the_key(
+        tuner, job, _calls.grid_from(call, tuner.config_index.id_for_meta), tuple(args), dict(kwargs)
+    )
+
+
+def _of_the_key(
+    tuner: Any, job: Mapping[str, Any], grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """The call, if it is of the job's key. A call of another key tunes that key, and the
+    job was reported tuned while its own key stayed a miss, run after run."""
+    from .._call import Call
+    from .._jsonio import key_text
+
+    call = Call.bind(tuner.arg_names, args, kwargs, grid)
+    if job.get("call") is not None:  # a recorded miss: its key text is the key's
+        wanted, built = str(job["key_text"]), key_text(tuner._key(call))
+    else:  # a declared key: the values asked for, as the arguments must hold them
+        named = call.named
+        asked = dict(job.get("key") or {})
+        wanted = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+        built = ", ".join(f"{k}={named.get(k)!r}" for k in asked)
+    if built != wanted:
+        raise ValueError(
+            f"{job['module']}:{job['attr']}: the call rebuilt for key {wanted} is of key {built}; "
+            "inputs= must build arguments whose key values are the description's (description['key'])"
+        )
+    return grid, args, kwargs
 
 
 def _default_device() -> str | None:
