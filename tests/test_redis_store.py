@@ -54,6 +54,33 @@ def test_a_malformed_url_leaves_the_store_off(caplog: pytest.LogCaptureFixture) 
     assert len(_warnings(caplog)) == 1
 
 
+def test_wrong_credentials_or_database_are_warnings_that_never_show_the_password(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a misuse review: the password was printed in every message; a wrong one was
+    logged as an outage only (no BookWarning: unseen without logging set up); database 99
+    was logged only; database "abc" was database 0, silently."""
+    import redis
+
+    caplog.set_level(logging.DEBUG, logger="tunebook")
+    base = f"127.0.0.1:{server.port}"
+    redis.Redis.from_url(server.url).config_set("requirepass", "right-one")
+    try:
+        store = RedisStore(f"redis://:S3cretPw@{base}/0", **PATIENT)
+        with pytest.warns(tunebook.BookWarning, match="refused tunebook's credentials") as caught:
+            assert store.fetch(FILE) is None
+        assert "redis://:***@" in str(caught[0].message) and "S3cretPw" not in str(caught[0].message)
+        assert "S3cretPw" not in repr(store) and "S3cretPw" not in caplog.text
+        with pytest.warns(tunebook.BookWarning, match="Fix"):
+            RedisStore(server.url, **PATIENT).fetch(FILE)  # no password at all
+    finally:
+        redis.Redis.from_url(f"redis://:right-one@{base}/0").config_set("requirepass", "")
+    with pytest.warns(tunebook.BookWarning, match="the database 'abc' is not a number"):
+        assert RedisStore(f"redis://{base}/abc", **PATIENT).fetch(FILE) is None
+    with pytest.warns(tunebook.BookWarning, match="DB index is out of range.*Fix TUNEBOOK_REDIS_URL"):
+        assert RedisStore(f"redis://{base}/99", **PATIENT).fetch(FILE) is None
+
+
 # --------------------------------------------------------------------------- merging
 
 

@@ -47,6 +47,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
@@ -66,6 +67,29 @@ _META = "meta"
 # Optimistic transactions retry when another writer touched the same book meanwhile; fleet
 # writes are rare (one per newly tuned key), so a few tries settle all but pathological races.
 _MAX_TRIES = 64
+
+
+# What a server answers when the URL's settings are wrong, not when it is in trouble.
+_SETTING_ERRORS = ("DB index is out of range", "NOAUTH", "WRONGPASS", "invalid password")
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``: messages and logs never carry it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _check_db(url: str) -> None:
+    """A database number redis-py would not read as one (``/abc`` was database 0, silently)."""
+    parts = urllib.parse.urlsplit(url)
+    path = "" if parts.scheme == "unix" else parts.path.strip("/")  # a socket's path is a file
+    db = urllib.parse.parse_qs(parts.query).get("db", [path])[0]
+    if db and not db.isdigit():
+        raise ValueError(f"the database {db!r} is not a number (redis://host:6379/0 names database 0)")
 
 
 def _import_redis() -> Any:
@@ -213,6 +237,7 @@ class RedisStore:
     ) -> None:
         redis = _import_redis()  # the only exception the store lets out: a missing extra
         self.url = url
+        self.shown = _redacted(url)  # what messages print: never the password
         self.retry_after_s = retry_after_s
         self.request_timeout = max(request_timeout, connect_timeout, read_timeout)
         self.max_reply_bytes = max_reply_bytes
@@ -223,8 +248,10 @@ class RedisStore:
         # Connection-level failures open the breaker; a server that answers with an error
         # (a wrong type at our key, a read-only replica) is up, and only this call fails.
         self._down: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._refused: type[BaseException] = redis.AuthenticationError  # a ConnectionError too
         self._watch_error: type[BaseException] = redis.WatchError
         try:
+            _check_db(url)
             self._client: Any = redis.Redis.from_url(
                 url,
                 socket_connect_timeout=connect_timeout,
@@ -244,9 +271,12 @@ class RedisStore:
                 f"redis:{url}:url",
                 "tunebook: ignoring the Redis book at %r (TUNEBOOK_REDIS_URL): %s; the fleet book is "
                 "off in this process. Fix the URL (e.g. redis://book-host:6379/0) or unset it",
-                url,
+                self.shown,
                 exc,
             )
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.shown!r})"
 
     # ------------------------------------------------------------------ public
 
@@ -297,25 +327,38 @@ class RedisStore:
             with self._lock:
                 first = self._open_until is None
                 self._open_until = self._clock() + self.retry_after_s
-            if first:
+            if isinstance(exc, self._refused):  # up, but not ours to use: a setting's mistake
+                warn_once(
+                    f"redis:{self.url}:refused",
+                    "tunebook: the Redis book at %s refused tunebook's credentials (%s: %s); carrying on "
+                    "with the local book. Fix the user and password in TUNEBOOK_REDIS_URL "
+                    "(redis://USER:PASSWORD@host:6379/0)",
+                    self.shown,
+                    type(exc).__name__,
+                    exc,
+                )
+            elif first:
                 log.warning(
                     "tunebook: the Redis book at %s is unreachable (%s: %s); carrying on with the local "
                     "book and trying Redis again every %.0f s",
-                    self.url,
+                    self.shown,
                     type(exc).__name__,
                     exc,
                     self.retry_after_s,
                 )
             else:
-                log.debug("tunebook: the Redis book at %s is still unreachable: %s", self.url, exc)
+                log.debug("tunebook: the Redis book at %s is still unreachable: %s", self.shown, exc)
             return None
         except Exception as exc:  # the contract: nothing from the shared book reaches a kernel call
-            self._warn(
-                f"error:{type(exc).__name__}",
-                "tunebook: the Redis book at %s failed (%s: %s); carrying on with the local book",
-                self.url,
+            setting = any(text in str(exc) for text in _SETTING_ERRORS)
+            warn_once(  # a wrong db or a missing password is the setting's mistake: a BookWarning
+                f"redis:{self.url}:error:{type(exc).__name__}",
+                "tunebook: the Redis book at %s failed (%s: %s); carrying on with the local book%s",
+                self.shown,
                 type(exc).__name__,
                 exc,
+                ". Fix TUNEBOOK_REDIS_URL" if setting else "",
+                warn=setting,
             )
             return None
         finally:
@@ -323,7 +366,7 @@ class RedisStore:
         if was_open:
             with self._lock:
                 self._open_until = None
-            log.info("tunebook: the Redis book at %s is reachable again", self.url)
+            log.info("tunebook: the Redis book at %s is reachable again", self.shown)
         return result
 
     def _warn(self, tag: str, message: str, *args: object) -> None:
@@ -403,7 +446,7 @@ class RedisStore:
                     f"read:{file_name}",
                     "tunebook: skipping the Redis book %s at %s: %s",
                     file_name,
-                    self.url,
+                    self.shown,
                     exc,
                 )
                 return None, [], False
@@ -415,7 +458,7 @@ class RedisStore:
                 "were read as the kernel and platform this process asked for, and the next write "
                 "rewrites it",
                 file_name,
-                self.url,
+                self.shown,
                 exc,
             )
             doc = Document(dict(expected["kernel"]), dict(expected["platform"]), {})
@@ -435,7 +478,7 @@ class RedisStore:
                     "tunebook: skipping the unreadable key %s of the Redis book %s at %s: %s",
                     name.decode("utf-8", "replace"),
                     file_name,
-                    self.url,
+                    self.shown,
                     exc,
                 )
         return replace(doc, entries=entries), bad, meta_ok
