@@ -295,3 +295,22 @@ def test_ray_takes_an_optional_address_and_never_swallows_the_kernel():
     assert _ray_address("auto", ()) == ("auto", ())
     assert _ray_address("mypkg.ops:matmul", ()) == ("", ("mypkg.ops:matmul",))
     assert _ray_address("mypkg.ops", ("other",)) == ("", ("mypkg.ops", "other"))
+
+
+def test_keys_with_names_the_kernel_lacks_are_refused_before_a_cluster_starts(raykern):
+    """Found by a misuse review: keys=[{"m": 100}] started Ray, then every worker failed with
+    KeyError: 'n'; an extra name was accepted silently. The command line checked both."""
+    import importlib
+
+    import ray
+
+    import tunebook
+
+    kernel = importlib.import_module(raykern["name"]).add
+    for keys, said in (
+        ([{"m": 100}], "m not in the kernel's key; n missing"),
+        ([{"n": 1, "x": 2}], "x not in"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            tunebook.tune_on_ray(kernel, keys=keys)
+    assert not ray.is_initialized()

@@ -53,6 +53,16 @@ def key_jobs(
             "values; add inputs=... to its tunebook.autotune(...) (see docs/guide.md), or tune its "
             "recorded misses instead (tunebook tune --misses)"
         )
+    names = [str(k) for k in tuner.keys]
+    for _, values in keys:  # before a cluster starts: a worker would fail each key alone
+        unknown, missing = sorted(set(values) - set(names)), [n for n in names if n not in values]
+        if unknown or missing:
+            problems = [f"{', '.join(unknown)} not in the kernel's key"] if unknown else []
+            problems += [f"{', '.join(missing)} missing"] if missing else []
+            raise ValueError(
+                f"key {dict(values)}: {'; '.join(problems)}; the key of {module}:{attr} is "
+                f"{', '.join(names)}: give each, e.g. {dict.fromkeys(names, '...')}"
+            )
     return [
         {
             "module": module,
