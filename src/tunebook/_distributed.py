@@ -59,6 +59,16 @@ def team(group: Any) -> Team | None:
     return Team(dist.get_rank(pg), world, _store_of(pg))
 
 
+def is_store_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the group's store failing (torch's ``DistError``: its host, the
+    rank that created it, has gone, or the network between), not the tuning."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover - torch before 2.2
+        return False
+    return isinstance(exc, DistError)
+
+
 def _store_of(pg: Any) -> Any:
     # torch keeps each group's store in a private table; both names have existed since torch 2.0.
     from torch.distributed import distributed_c10d as c10d

@@ -556,15 +556,31 @@ def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
 
         # One search for the group: every rank's job covers every candidate and writes nowhere;
         # the protocol has the leader run it and the others measure the parts it deals them.
-        return _collective.tune_together(
-            team,
-            page,
-            miss.key,
-            miss.text,
-            miss.ids,
-            lambda exchange, known: _job(miss, known, None, hints, rule, exchange, seeds),
-            entry,
-        )
+        try:
+            return _collective.tune_together(
+                team,
+                page,
+                miss.key,
+                miss.text,
+                miss.ids,
+                lambda exchange, known: _job(miss, known, None, hints, rule, exchange, seeds),
+                entry,
+            )
+        except Exception as exc:
+            if not _distributed.is_store_failure(exc):
+                raise
+            # The store's host (the rank that made it) has gone: nobody is left to wait for,
+            # so this rank tunes alone, as when a leader does not answer in time.
+            _warnings.warn_once(
+                f"group-store:{tuner.label}",
+                "tunebook: %s: the group's store failed (%s: %s), as when the rank that hosts it has "
+                "gone; this rank tunes key %s, and each later one, alone (said once)",
+                tuner.label,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+                miss.text,
+            )
+            entry = page.get(miss.text)
     job = _job(miss, entry, page, hints, rule, seeds=seeds)
     with inputs_restored(job):
         return tune_key(job)
