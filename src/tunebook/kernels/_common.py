@@ -267,8 +267,8 @@ def launch(
         kernel.fn[grid(config)](*args, **config)
 
 
-def fail(op: str, what: str) -> NoReturn:
-    raise ValueError(f"tunebook.kernels.{op}: {what}")
+def fail(op: str, what: str, error: type[Exception] = ValueError) -> NoReturn:
+    raise error(f"tunebook.kernels.{op}: {what}")
 
 
 def capturing(device: torch.device) -> bool:

@@ -54,7 +54,7 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import cdiv, check_device, check_out, max_configs, pow2_at_least, shipped_books
+from ._common import cdiv, check_device, check_out, fail, max_configs, pow2_at_least, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -383,68 +383,57 @@ def _check(
         ("topk_ids", topk_ids),
     ):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"tunebook.kernels.fused_moe: {name} must be a torch tensor; found {type(t).__name__}"
-            )
+            fail("fused_moe", f"{name} must be a torch tensor; found {type(t).__name__}", TypeError)
     if out is not None and not isinstance(out, torch.Tensor):
-        raise TypeError(
-            f"tunebook.kernels.fused_moe: out must be a torch tensor or None; found {type(out).__name__}"
-        )
+        fail("fused_moe", f"out must be a torch tensor or None; found {type(out).__name__}", TypeError)
     if x.dim() != 2:
-        raise ValueError(f"tunebook.kernels.fused_moe: x must be [T, H]; found shape {tuple(x.shape)}")
+        fail("fused_moe", f"x must be [T, H]; found shape {tuple(x.shape)}")
     T, H = x.shape
     if w13.dim() != 3 or w13.shape[2] != H or w13.shape[1] % 2:
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: w13 must be [E, 2I, H] with H={H}; found shape {tuple(w13.shape)}"
-        )
+        fail("fused_moe", f"w13 must be [E, 2I, H] with H={H}; found shape {tuple(w13.shape)}")
     E, inter = w13.shape[0], w13.shape[1] // 2
     if tuple(w2.shape) != (E, H, inter):
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: w2 must be [E, H, I] = [{E}, {H}, {inter}]; "
-            f"found shape {tuple(w2.shape)}"
-        )
+        fail("fused_moe", f"w2 must be [E, H, I] = [{E}, {H}, {inter}]; found shape {tuple(w2.shape)}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: topk_weights and topk_ids must both be [T, k] with T={T}; found "
-            f"{tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}"
+        fail(
+            "fused_moe",
+            f"topk_weights and topk_ids must both be [T, k] with T={T}; found "
+            f"{tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}",
         )
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_weights.dtype.is_floating_point:
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: topk_ids must be int32/int64 and topk_weights floating; found "
-            f"{topk_ids.dtype} and {topk_weights.dtype}"
+        fail(
+            "fused_moe",
+            f"topk_ids must be int32/int64 and topk_weights floating; found "
+            f"{topk_ids.dtype} and {topk_weights.dtype}",
         )
     if str(x.dtype) not in _DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: x, w13, w2 must share one of bfloat16/float16/float32; found "
-            f"{x.dtype}, {w13.dtype}, {w2.dtype}"
+        fail(
+            "fused_moe",
+            f"x, w13, w2 must share one of bfloat16/float16/float32; found "
+            f"{x.dtype}, {w13.dtype}, {w2.dtype}",
         )
     devices = {t.device for t in (x, w13, w2, topk_weights, topk_ids)}
     if len(devices) != 1:
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: all inputs must be on one device; found {sorted(map(str, devices))}"
-        )
+        fail("fused_moe", f"all inputs must be on one device; found {sorted(map(str, devices))}")
     check_device("fused_moe", x.device)
     if out is not None and (tuple(out.shape) != (T, H) or out.dtype != x.dtype or out.device != x.device):
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: out must be [{T}, {H}] of dtype {x.dtype} on {x.device}; found "
-            f"{list(out.shape)}, {out.dtype}, {out.device}"
+        fail(
+            "fused_moe",
+            f"out must be [{T}, {H}] of dtype {x.dtype} on {x.device}; found "
+            f"{list(out.shape)}, {out.dtype}, {out.device}",
         )
     if out is not None:  # zeroed before GEMM 1 reads x (k = 1): out=x would compute from zeros
         inputs = {"x": x, "w13": w13, "w2": w2, "topk_weights": topk_weights, "topk_ids": topk_ids}
         check_out("fused_moe", "out", out, (T, H), x.dtype, inputs)
     if fp32_precision not in ("ieee", "tf32"):
-        raise ValueError(
-            f"tunebook.kernels.fused_moe: fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}"
-        )
+        fail("fused_moe", f"fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}")
 
 
 def _explicit(config: Any) -> tuple[dict[str, int], dict[str, int]]:
     """``config=``: one vLLM-style dict for both GEMMs (as vLLM uses it), or a pair."""
     pair = (config, config) if isinstance(config, Mapping) else tuple(config)
     if len(pair) != 2:
-        raise ValueError(
-            "tunebook.kernels.fused_moe: config= takes one config dict or a (gemm1, gemm2) pair of them"
-        )
+        fail("fused_moe", "config= takes one config dict or a (gemm1, gemm2) pair of them")
     return vllm_config_to_kernel(pair[0])[0], vllm_config_to_kernel(pair[1])[0]
 
 

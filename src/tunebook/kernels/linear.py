@@ -50,7 +50,7 @@ import triton.language as tl
 import tunebook
 
 from . import _linear_tma
-from ._common import cdiv, check_device, check_out, max_configs, pow2_at_least, shipped_books
+from ._common import cdiv, check_device, check_out, fail, max_configs, pow2_at_least, shipped_books
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -283,53 +283,49 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
     import torch
 
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError(
-            f"tunebook.kernels.linear: x and weight must be torch tensors; found {type(x).__name__}, "
-            f"{type(weight).__name__}"
+        fail(
+            "linear",
+            f"x and weight must be torch tensors; found {type(x).__name__}, {type(weight).__name__}",
+            TypeError,
         )
     if weight.dim() != 2:
-        raise ValueError(
-            f"tunebook.kernels.linear: weight must be [N, K] (2-D); found shape {tuple(weight.shape)}"
-        )
+        fail("linear", f"weight must be [N, K] (2-D); found shape {tuple(weight.shape)}")
     for name, t in (("bias", bias), ("out", out)):
         if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"tunebook.kernels.linear: {name} must be a torch tensor or None; found {type(t).__name__}"
-            )
+            fail("linear", f"{name} must be a torch tensor or None; found {type(t).__name__}", TypeError)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"tunebook.kernels.linear: x must be [..., K] with K = weight.shape[1] = {weight.shape[1]}; "
-            f"found x of shape {tuple(x.shape)}"
+        fail(
+            "linear",
+            f"x must be [..., K] with K = weight.shape[1] = {weight.shape[1]}; "
+            f"found x of shape {tuple(x.shape)}",
         )
     if str(x.dtype) not in _DTYPES:
-        raise ValueError(f"tunebook.kernels.linear: x must be bfloat16, float16 or float32; found {x.dtype}")
+        fail("linear", f"x must be bfloat16, float16 or float32; found {x.dtype}")
     if weight.dtype != x.dtype:
-        raise ValueError(
-            f"tunebook.kernels.linear: weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one."
-        )
+        fail("linear", f"weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one.")
     if weight.device != x.device:
-        raise ValueError(f"tunebook.kernels.linear: x is on {x.device} but weight is on {weight.device}")
+        fail("linear", f"x is on {x.device} but weight is on {weight.device}")
     check_device("linear", x.device)
     if bias is not None:
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(
-                f"tunebook.kernels.linear: bias must be [N]=[{weight.shape[0]}] of dtype {x.dtype} on "
-                f"{x.device}; found shape {tuple(bias.shape)}, dtype {bias.dtype}, device {bias.device}"
+            fail(
+                "linear",
+                f"bias must be [N]=[{weight.shape[0]}] of dtype {x.dtype} on "
+                f"{x.device}; found shape {tuple(bias.shape)}, dtype {bias.dtype}, device {bias.device}",
             )
     if out is not None:
         want = (*x.shape[:-1], weight.shape[0])
         if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(
-                f"tunebook.kernels.linear: out must be {list(want)} of dtype {x.dtype} on {x.device}; found "
-                f"{list(out.shape)}, {out.dtype}, {out.device}"
+            fail(
+                "linear",
+                f"out must be {list(want)} of dtype {x.dtype} on {x.device}; found "
+                f"{list(out.shape)}, {out.dtype}, {out.device}",
             )
         # As every op of the pack: no in-place updates (tuning reruns the kernel on the call's
         # own arguments, and tiles of x would be read after others were overwritten).
         check_out("linear", "out", out, want, x.dtype, {"x": x, "weight": weight, "bias": bias})
     if fp32_precision not in ("ieee", "tf32"):
-        raise ValueError(
-            f"tunebook.kernels.linear: fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}"
-        )
+        fail("linear", f"fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}")
 
 
 def _in_parts(
@@ -349,10 +345,11 @@ def _in_parts(
             b = bias[cols] if bias is not None else None
             linear(x2, weight[cols], b, out=y2[:, cols], fp32_precision=fp32_precision, config=config)
     else:
-        raise ValueError(
-            "tunebook.kernels.linear: one row of x or of weight spans more than 2^31 elements "
+        fail(
+            "linear",
+            "one row of x or of weight spans more than 2^31 elements "
             f"(K = {x2.shape[1]}, "
-            f"x strides {tuple(x2.stride())}, weight strides {tuple(weight.stride())}); make it contiguous"
+            f"x strides {tuple(x2.stride())}, weight strides {tuple(weight.stride())}); make it contiguous",
         )
 
 
@@ -387,14 +384,17 @@ def linear(
     if M == 0 or N == 0:
         return y
     try:  # the kernel writes y as 2-D rows through their strides: a view, never a copy
-        y2 = y.view(M, N)
+        y2: torch.Tensor | None = y.view(M, N)
     except RuntimeError:  # only a given out can be laid out so
-        raise ValueError(
-            "tunebook.kernels.linear: out's leading dimensions cannot be viewed as one "
+        y2 = None
+    if y2 is None:
+        fail(
+            "linear",
+            "out's leading dimensions cannot be viewed as one "
             f"(shape {list(y.shape)}, strides "
             f"{list(y.stride())}); pass an out whose leading dimensions are laid out as one, e.g. "
-            "contiguous, or none"
-        ) from None
+            "contiguous, or none",
+        )
     if K == 0:  # an empty sum: nothing to launch
         y2.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y2))
         return y
