@@ -323,14 +323,17 @@ def _tolerances(defaults: Mapping[str, float], given: Tolerance | None, what: st
     """The tolerance table by dtype name; "*" holds a single float given for every dtype."""
     if given is None:
         return dict(defaults)
-    pairs = [("*", given)] if isinstance(given, int | float) else list(given.items())
+    # Anything but a mapping is one value for every dtype (checked below: 'a' is refused
+    # by name, where it failed with "'str' object has no attribute 'items'").
+    pairs = list(given.items()) if isinstance(given, Mapping) else [("*", given)]
     # A "*" entry stands for every dtype, so the defaults do not outrank it.
     out = {} if any(k == "*" for k, _ in pairs) else dict(defaults)
     for dtype, value in pairs:
         name = dtype.removeprefix("torch.") if isinstance(dtype, str) else _dtype_name(dtype)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            dtypes = "every dtype" if name == "*" else name
             raise ValueError(
-                f"tunebook: check {what} for {name} is {value!r}; give a number >= 0 "
+                f"tunebook: check {what} for {dtypes} is {value!r}; give a number >= 0 "
                 f"(one for every dtype, or a mapping such as {{torch.float16: 1e-2}})."
             )
         out[name] = float(value)

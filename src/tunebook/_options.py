@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._check import _tolerances
 from ._errors import ConfigurationError
 from ._optional import check as check_installed
 from ._search import Budget, strategy_names
@@ -164,20 +165,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _non_negative(value: Any) -> bool:
-    return _is_number(value) and value >= 0
-
-
 def _check_settings(check: Mapping[str, Any]) -> None:
     """``check=``'s values, whose mistakes failed at the first tuning (never, in serve mode)."""
     for label in ("rtol", "atol"):
-        value = check.get(label)
-        values = value.values() if isinstance(value, Mapping) else [value]
-        if value is not None and not all(_non_negative(v) for v in values):
-            raise ConfigurationError(
-                f"tunebook.autotune: check={{'{label}': ...}} takes a number >= 0, or a mapping of dtype to "
-                f"one (e.g. {{torch.float16: 1e-2}}); found {value!r}"
-            )
+        try:  # the table the check builds at tuning, built now for its errors
+            _tolerances({}, check.get(label), label)
+        except ValueError as exc:
+            raise ConfigurationError(f"tunebook.autotune: {str(exc).removeprefix('tunebook: ')}") from None
     ignore = check.get("ignore", ())
     if isinstance(ignore, str) or not all(isinstance(n, str) for n in ignore):
         raise ConfigurationError(
