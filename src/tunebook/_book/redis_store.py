@@ -328,14 +328,15 @@ class RedisStore:
                 first = self._open_until is None
                 self._open_until = self._clock() + self.retry_after_s
             if isinstance(exc, self._refused):  # up, but not ours to use: a setting's mistake
-                warn_once(
-                    f"redis:{self.url}:refused",
+                self._warn(
+                    "refused",
                     "tunebook: the Redis book at %s refused tunebook's credentials (%s: %s); carrying on "
                     "with the local book. Fix the user and password in TUNEBOOK_REDIS_URL "
                     "(redis://USER:PASSWORD@host:6379/0)",
                     self.shown,
                     type(exc).__name__,
                     exc,
+                    warn=True,
                 )
             elif first:
                 log.warning(
@@ -351,8 +352,8 @@ class RedisStore:
             return None
         except Exception as exc:  # the contract: nothing from the shared book reaches a kernel call
             setting = any(text in str(exc) for text in _SETTING_ERRORS)
-            warn_once(  # a wrong db or a missing password is the setting's mistake: a BookWarning
-                f"redis:{self.url}:error:{type(exc).__name__}",
+            self._warn(  # a wrong db or a missing password is the setting's mistake: a BookWarning
+                f"error:{type(exc).__name__}",
                 "tunebook: the Redis book at %s failed (%s: %s); carrying on with the local book%s",
                 self.shown,
                 type(exc).__name__,
@@ -369,10 +370,10 @@ class RedisStore:
             log.info("tunebook: the Redis book at %s is reachable again", self.shown)
         return result
 
-    def _warn(self, tag: str, message: str, *args: object) -> None:
-        # Logged, not a BookWarning: the fleet book is an optional layer, and its outages
-        # are reported by the breaker (once per outage) already.
-        warn_once(f"redis:{self.url}:{tag}", message, *args, warn=False)
+    def _warn(self, tag: str, message: str, *args: object, warn: bool = False) -> None:
+        # Logged, not a BookWarning, unless the setting is wrong (``warn``): the fleet book is an
+        # optional layer, and its outages are reported by the breaker (once per outage) already.
+        warn_once(f"redis:{self.url}:{tag}", message, *args, warn=warn)
 
     # ------------------------------------------------------------------ documents
 
