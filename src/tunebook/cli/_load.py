@@ -38,6 +38,19 @@ from ._summary import key_order, sorted_entries
 # it for a page; one an interrupted prune left is a leftover the next prune removes.
 PRUNING = ".pruning-"
 
+# Each kind of leftover in a book directory, by the mark in its name: what it is, and
+# whether ``prune`` removes it (a ``.foreign-`` page holds another kernel's readable results).
+LEFTOVERS = {
+    ".corrupt-": ("an unreadable book kept aside by an earlier write", True),
+    PRUNING: ("a page an interrupted prune was deleting", True),
+    ".foreign-": ("another kernel's page found under this name and kept aside", False),
+}
+
+
+def leftover_kind(path: Path) -> tuple[str, bool]:
+    """(what the leftover ``path`` is, whether ``prune`` removes it)."""
+    return next(kind for mark, kind in LEFTOVERS.items() if mark in path.name)
+
 
 @dataclass(frozen=True)
 class Page:
@@ -299,9 +312,7 @@ def load(source: Path, stream: bool = False) -> Loaded:
         candidates = sorted(
             p for p in entries if p.suffix == ".json" and not p.is_dir() and p.name not in paged
         )
-        loaded.leftovers = sorted(
-            p for p in entries if any(mark in p.name for mark in (".corrupt-", ".foreign-", PRUNING))
-        )
+        loaded.leftovers = sorted(p for p in entries if any(mark in p.name for mark in LEFTOVERS))
     elif os.path.lexists(source):
         candidates = [source]
     else:

@@ -25,7 +25,7 @@ from rich.markup import escape
 from .._book.pages import KernelIdentity
 from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
-from ._load import PRUNING
+from ._load import PRUNING, leftover_kind
 from ._modules import module_autotuners
 from ._summary import is_imported
 
@@ -96,18 +96,12 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
             ids = ", ".join(sorted(k.id for k in current))
             why = f"old version of {page.kernel_name} (kernel id {mine.id}; current {ids})"
             doomed.append((page.path, why))
-    # Copies of unreadable files kept aside by a write (beside the pages, or in one); a
-    # ``.foreign-*`` page is a readable book of another kernel under this name: left alone.
-    doomed += [
-        (path, "unreadable book kept aside by an earlier write")
-        for path in loaded.leftovers
-        if ".corrupt-" in path.name
-    ]
-    doomed += [
-        (path, "a page an interrupted prune was deleting")
-        for path in loaded.leftovers
-        if PRUNING in path.name
-    ]
+    # Copies of unreadable files kept aside by a write (beside the pages, or in one) and pages
+    # an interrupted prune left; a ``.foreign-*`` page (another kernel's readable book) stays.
+    for path in loaded.leftovers:
+        what, pruned = leftover_kind(path)
+        if pruned:
+            doomed.append((path, what))
     console = out()
     verb = "would drop" if dry_run else "dropped"
     failed: list[str] = []

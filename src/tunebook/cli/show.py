@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._common import book_argument, echo_json, load_or_fail, out, select_pages, warn_skipped
-from ._load import PRUNING, Loaded, Page
+from ._load import Loaded, Page, leftover_kind
 from ._summary import (
     REFERENCES,
     KeySummary,
@@ -144,10 +144,6 @@ def command(
             _print_failures(console, summaries)
         console.print()
     for path in loaded.leftovers:
-        if ".foreign-" in path.name:  # prune leaves these: they hold readable results
-            what = "another kernel's page found under this name and kept aside; prune leaves it"
-        elif PRUNING in path.name:
-            what = "a page an interrupted prune was deleting; `tunebook prune` removes it"
-        else:
-            what = "an unreadable book kept aside; `tunebook prune` removes it"
-        console.print(f"[yellow]leftover[/] {escape(str(path))} ({what})")
+        what, pruned = leftover_kind(path)
+        then = "`tunebook prune` removes it" if pruned else "prune leaves it"
+        console.print(f"[yellow]leftover[/] {escape(str(path))} ({what}; {then})")
