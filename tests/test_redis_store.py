@@ -8,6 +8,7 @@ docs/reliability.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -159,6 +160,36 @@ def test_a_key_of_another_type_fails_the_call_not_the_store(server: RedisServer)
     store = RedisStore(server.url, **PATIENT)
     assert store.fetch(FILE) is None
     assert store.available  # the server answered: no outage, no breaker
+
+
+@pytest.mark.parametrize("planted", ["a string", "another kernel's hash"])
+def test_a_value_that_is_no_page_of_this_kernel_is_kept_aside_by_the_next_merge(
+    server: RedisServer, planted: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another tool's string under our name, or a hash whose meta names another kernel version
+    # (two versions whose short ids collide; a copied hash): every host skipped it, tuned the
+    # key again and wrote into it, and the fleet never shared that kernel. The next merge
+    # keeps it aside whole and starts the hash again, so the fleet reads what it writes.
+    import redis
+
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    raw = redis.Redis.from_url(server.url)
+    key = KEY_PREFIX + FILE
+    if planted == "a string":
+        raw.set(key, "a string, not a hash")
+    else:
+        other = _doc(32, {16: 9.0})
+        raw.hset(key, mapping={"meta": '{"kernel": {"hash": "another"}, "platform": {}}'})
+        raw.hset(key, mapping={k: json.dumps(e.to_json()) for k, e in other.entries.items()})
+    before = raw.dump(key)
+    store = RedisStore(server.url, **PATIENT)
+    doc = _doc(64, {16: 1.0})
+    assert store.merge(FILE, doc) is not None
+    fetched = store.fetch(FILE)
+    assert fetched is not None and fetched.dumps() == doc.dumps()
+    (aside,) = raw.keys(key + ":foreign-*")
+    assert raw.dump(aside) == before  # kept as it was, for a person to look at
+    assert any("aside" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- outages

@@ -27,7 +27,10 @@ Contract:
   ``<hash key>:corrupt-keys`` (as ``<field>@<time>-<pid>-<n>``) and writes over it. A hash
   whose ``meta`` is unreadable is skipped by a reader that does not say which identity it
   expects; one that does (the autotuner: the hash's name is its kernel's and platform's)
-  reads its keys anyway, and the next merge rewrites ``meta`` from the news it writes.
+  reads its keys anyway, and the next merge rewrites ``meta`` from the news it writes. A
+  value under the hash's name that is no page of the writer's kernel version (a ``meta``
+  naming another kernel hash, or not a hash at all) is renamed aside whole by the next
+  merge, to ``<hash key>:foreign-<time>-<pid>-<n>``, as a foreign page directory is.
 * **Thread- and process-safe.** redis-py's connection pool is thread-safe and resets itself
   in a forked child; the breaker's state is guarded by a lock.
 
@@ -489,14 +492,26 @@ class RedisStore:
             with client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(key)
-                    fields = self._fields(pipe, key, news.entries)  # the touched keys only
-                    # The news names the identity this hash is for: a hash whose meta is
-                    # unreadable keeps its keys, and gets its meta rewritten.
+                    # Something else under our name (a string another tool set; a hash whose
+                    # meta names another kernel version, as a short id's collision or a copy
+                    # would leave) is no page of this kernel: every host would skip it and
+                    # tune again forever. It is renamed aside whole, as a foreign page
+                    # directory is, and the news starts a new hash.
+                    foreign = pipe.type(key) not in (b"hash", b"none")
+                    # The touched keys only; the news names the identity this hash is for: a
+                    # hash whose meta is unreadable keeps its keys, and gets its meta rewritten.
+                    fields = {} if foreign else self._fields(pipe, key, news.entries)
                     identity = {"kernel": news.kernel, "platform": news.platform}
                     stored, bad, meta_ok = self._parse(fields, file_name, identity)
+                    if stored is not None and stored.kernel.get("hash") != news.kernel.get("hash"):
+                        foreign = True
+                    if foreign:
+                        stored, bad, meta_ok = None, [], False
                     merged = news.merged_over(stored)
                     pipe.multi()
                     stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{random.getrandbits(32):08x}"
+                    if foreign:
+                        pipe.rename(key, f"{key}:foreign-{stamp}")
                     if not meta_ok and _META.encode() in fields:
                         bad.append(_META.encode())  # kept aside for a person, as a page.json is
                     for name in bad:  # one unreadable field: kept aside, the news replaces it
@@ -517,6 +532,15 @@ class RedisStore:
                     if mapping:
                         pipe.hset(key, mapping=mapping)
                     pipe.execute()
+                    if foreign:
+                        self._warn(
+                            f"foreign:{file_name}",
+                            "tunebook: kept the Redis book %s at %s aside as %s: it held no page of "
+                            "this kernel version (another kernel's, or not a hash)",
+                            file_name,
+                            self.shown,
+                            f"{key}:foreign-{stamp}",
+                        )
                     return replace(merged, entries=changed)
                 except self._watch_error:
                     self.conflicts += 1
