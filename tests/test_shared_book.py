@@ -398,3 +398,98 @@ def test_only_declared_configs_are_copied_from_the_fleet_into_the_local_book(
     assert doc is not None
     (entry,) = doc.entries.values()
     assert sorted(r.config["kwargs"]["BLOCK"] for r in entry.results.values()) == [16, 32, 64]
+
+
+# --------------------------------------------------------------------------- tunebook push
+
+
+def _push(*args: object, ok: bool = True) -> Any:
+    """``tunebook push ARGS`` in a new process (the command line as a person runs it)."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunebook", "push", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TUNEBOOK_REDIS_URL": ""},
+        timeout=120,
+    )
+    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_keys_tuned_while_redis_was_down_reach_the_fleet_through_push(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    # Host a tunes with its Redis down (nothing listens on port 1): its keys stay in its local
+    # book, and before `push` no other host could have them.
+    alone = _host(tmp_path / "host-a", "redis://127.0.0.1:1/0", [500, 700])
+    assert alone["measured"] and alone["best"] == WINNER
+    shown = _push(tmp_path / "host-a", "--redis", server.url)
+    assert "2 keys, 2 new to the fleet" in shown.stdout, shown.stdout
+    assert _stored_keys(server.url, alone["file"]) == {500: {16, 32, 64}, 700: {16, 32, 64}}
+    served = _host(tmp_path / "host-b", server.url, [500, 700])
+    assert served["right"] and served["best"] == WINNER
+    assert served["measured"] == [] and served["benchmarked"] == 0
+    again = _push(tmp_path / "host-a", "--redis", server.url)  # idempotent: nothing new the second time
+    assert "2 keys, 0 new to the fleet" in again.stdout, again.stdout
+
+
+def test_a_push_never_changes_what_the_fleet_serves(server: RedisServer, tmp_path: Path) -> None:
+    # The fleet measured BLOCK=16 at 1 ms for key 64; a host's book says 5 ms for it and adds
+    # BLOCK=32 and key 128. The fleet's result stands, as any host's write would leave it.
+    from store_contract import doc as page_doc
+    from tunebook.cli._common import write_document
+    from tunebook.cli._load import canonical_file_name
+
+    fleet = RedisStore(server.url, **PATIENT)
+    name = canonical_file_name(page_doc(64, {16: 1.0}))
+    assert fleet.merge(name, page_doc(64, {16: 1.0})) is not None
+    book = tmp_path / "book"
+    write_document(book / name, page_doc(64, {16: 5.0, 32: 2.0}).merged_over(page_doc(128, {16: 3.0})))
+    _push(book, "--redis", server.url)
+    stored = fleet.fetch(name)
+    assert stored is not None
+    timings = {
+        e.key[0]: {r.config["kwargs"]["BLOCK"]: r.median for r in e.results.values()}
+        for e in stored.entries.values()
+    }
+    assert timings == {64: {16: 1.0, 32: 2.0}, 128: {16: 3.0}}
+
+
+def test_a_page_of_many_keys_is_sent_in_parts(server: RedisServer, tmp_path: Path) -> None:
+    from store_contract import doc as page_doc
+    from tunebook.cli._common import write_document
+    from tunebook.cli._load import canonical_file_name
+    from tunebook.cli.push import _KEYS_A_REQUEST
+
+    keys = range(1, 2 * _KEYS_A_REQUEST + 10)
+    whole = page_doc(keys[0], {16: 1.0})
+    for n in keys[1:]:
+        whole = whole.merged_over(page_doc(n, {16: float(n)}))
+    name = canonical_file_name(whole)
+    write_document(tmp_path / "book" / name, whole)
+    shown = _push(tmp_path / "book", "--redis", server.url)
+    assert f"{len(keys)} keys, {len(keys)} new to the fleet" in shown.stdout
+    stored = RedisStore(server.url, **PATIENT).fetch(name)
+    assert stored is not None and stored.dumps() == whole.dumps()
+
+
+def test_push_says_what_is_wrong_and_sends_nothing_on_a_dry_run(server: RedisServer, tmp_path: Path) -> None:
+    from store_contract import doc as page_doc
+    from tunebook.cli._common import write_document
+    from tunebook.cli._load import canonical_file_name
+
+    name = canonical_file_name(page_doc(64, {16: 1.0}))
+    write_document(tmp_path / "book" / name, page_doc(64, {16: 1.0}))
+    no_url = _push(tmp_path / "book", ok=False)
+    assert no_url.returncode == 2 and "TUNEBOOK_REDIS_URL" in no_url.stderr
+    down = _push(tmp_path / "book", "--redis", "redis://127.0.0.1:1/0", ok=False)
+    assert down.returncode == 1 and "unreachable" in down.stderr and "again" in down.stderr, down.stderr
+    assert "Traceback" not in down.stderr
+    malformed = _push(tmp_path / "book", "--redis", "redis://host:6379/abc", ok=False)
+    assert "not a number" in malformed.stderr and "Traceback" not in malformed.stderr
+    dry = _push(tmp_path / "book", "--redis", server.url, "--dry-run")
+    assert f"would send {name} (1 keys)" in dry.stdout
+    assert RedisStore(server.url, **PATIENT).fetch(name) is None

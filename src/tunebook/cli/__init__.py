@@ -1,4 +1,4 @@
-"""The ``tunebook`` command line: show, explain, merge, diff, export, import, prune, report and
+"""The ``tunebook`` command line: show, explain, merge, push, diff, export, import, prune, report and
 tune books, and install or uninstall the ``TUNEBOOK_PATCH`` start-up hook.
 
 Needs the optional ``cli`` extra (click, rich). Nothing here imports them at

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .._version import __version__
-from . import diff, explain, export_vllm, hook, import_vllm, merge, prune, report, show, tune
+from . import diff, explain, export_vllm, hook, import_vllm, merge, prune, push, report, show, tune
 from ._common import os_error_line
 
 
@@ -61,6 +61,7 @@ def cli(verbose: int) -> None:
 cli.add_command(show.command)
 cli.add_command(explain.command)
 cli.add_command(merge.command)
+cli.add_command(push.command)
 cli.add_command(diff.command)
 cli.add_command(export_vllm.command)
 cli.add_command(import_vllm.command)

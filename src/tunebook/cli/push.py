@@ -1,0 +1,107 @@
+"""``tunebook push``: send a book's results into the fleet's Redis book.
+
+The autotuner writes each key it tunes to the Redis book (``TUNEBOOK_REDIS_URL``) as it
+tunes; keys tuned while Redis was down, or on a machine that had no URL set, reach the
+fleet only through this command. It reads the books as ``merge`` does (the inputs first
+combined by measurement), then merges each page into Redis by the fleet's own rule: what
+Redis already holds stands per (key, config), as every host's writes do, so a push never
+changes a winner the fleet already serves; it adds the keys and configs Redis lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .._book.records import Document
+from ._common import load_or_fail, out, select_pages, warn_skipped
+from .merge import merge_all
+
+# A push is a person's command, not a kernel call: it may wait for a busy server, where the
+# store's defaults (50 ms) keep a serving process from ever waiting on the fleet.
+_PATIENT = {"connect_timeout": 5.0, "read_timeout": 10.0, "request_timeout": 60.0}
+# Keys sent in one transaction: a large page is several small requests, each bounded.
+_KEYS_A_REQUEST = 64
+
+
+def _store(url: str) -> Any:
+    from .._book.redis_store import RedisStore
+
+    try:
+        store = RedisStore(url, **_PATIENT)
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not store.available:  # a malformed URL: the store said why (a warning above)
+        raise click.ClickException(
+            f"cannot use the Redis book at {store.shown}: the URL is not one (see the warning above); "
+            "give one such as redis://book-host:6379/0"
+        )
+    return store
+
+
+def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:
+    """(keys Redis lacked, keys sent) for one page; raises ClickException when Redis refuses."""
+    identity = {"kernel": doc.kernel, "platform": doc.platform}
+    names = sorted(doc.entries)
+    new = 0
+    for start in range(0, len(names), _KEYS_A_REQUEST):
+        chunk = names[start : start + _KEYS_A_REQUEST]
+        held = store.fetch(name, chunk, expected=identity)
+        same = held is not None and held.kernel.get("hash") == doc.kernel.get("hash")
+        new += len(chunk) - (len(held.entries) if same and held is not None else 0)
+        part = Document(doc.kernel, doc.platform, {k: doc.entries[k] for k in chunk})
+        if store.merge(name, part) is None:
+            # The store logged the error itself, above.
+            why = "it is unreachable" if not store.available else "it refused the write"
+            raise click.ClickException(
+                f"could not write {name} to the Redis book at {store.shown}: {why} (the reason is "
+                f"above); {start} of its {len(names)} keys were written. Nothing else was changed; "
+                "run the command again once Redis answers"
+            )
+    return new, len(names)
+
+
+@click.command("push")
+@click.argument("books", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--redis",
+    "url",
+    metavar="URL",
+    help="The fleet's Redis book (default: TUNEBOOK_REDIS_URL), e.g. redis://book-host:6379/0.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be sent; send nothing.")
+def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
+    """Send the results of BOOKS (default: TUNEBOOK_DIR) into the fleet's Redis book.
+
+    Keys tuned while Redis was down, or on a machine without TUNEBOOK_REDIS_URL, reach the
+    fleet this way. What Redis already holds stands per (key, config), as every host's own
+    writes do: a push adds what the fleet lacks and never changes a winner it serves.
+    """
+    url = url or os.environ.get("TUNEBOOK_REDIS_URL") or None
+    if not url:
+        raise click.UsageError(
+            "no Redis book named: pass --redis redis://HOST:6379/0 or set TUNEBOOK_REDIS_URL"
+        )
+    docs: list[Document] = []
+    for source in books or (None,):
+        loaded = load_or_fail(source)
+        warn_skipped(loaded)
+        select_pages(loaded)  # a book with no readable page is an error, as for merge
+        docs += [page.doc for page in loaded.pages]
+    merged = merge_all(docs)
+    console = out()
+    if dry_run:
+        for name in sorted(merged):
+            console.print(f"would send {name} ({len(merged[name].entries)} keys)")
+        return
+    store = _store(url)
+    new_keys = 0
+    for name in sorted(merged):
+        new, sent = _push(store, name, merged[name])
+        new_keys += new
+        console.print(f"sent {name} ({sent} keys, {new} new to the fleet)")
+    pages = f"{len(merged)} page{'s' * (len(merged) != 1)}"
+    console.print(f"pushed {pages} into {store.shown}: {new_keys} keys the fleet lacked")
