@@ -885,6 +885,20 @@ def test_import_vllm_refuses_values_vllm_would_not_read_as_integers(
     assert not (tmp_path / "imp").exists()
 
 
+def test_import_vllm_refuses_an_entry_without_tile_sizes(tmp_path: Path) -> None:
+    """It was imported (exit 0) as a config of no tile, which vLLM itself cannot launch and
+    `show` listed as a winner of nothing but `s3 w4`."""
+    path = tmp_path / VLLM_NAME
+    tiled = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1}
+    path.write_text(json.dumps({"1": {"num_warps": 4, "num_stages": 3}, "2": tiled}))
+    res = invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert res.exit_code == 1 and "batch size 1 has no BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K" in res.output
+    assert "(its fields: num_warps, num_stages)" in res.output and "Fix the file" in res.output
+    assert not (tmp_path / "imp").exists()
+    path.write_text(json.dumps({"1": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1}}))
+    invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp")  # the short names
+
+
 def test_import_vllm_of_a_file_without_batch_sizes_is_an_error(tmp_path: Path) -> None:
     """It imported nothing and printed nothing, with exit status 0."""
     path = tmp_path / VLLM_NAME

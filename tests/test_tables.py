@@ -327,13 +327,15 @@ def test_explain_lists_the_tables_a_kernel_reads_and_which_serve_here(book_dir, 
 
 def test_a_mapping_that_fails_is_reported_once_and_never_breaks_the_call(monkeypatch, book_dir, caplog):
     """key= or config= that raises or returns the wrong type: the call runs as without tables."""
-    import_table(book_dir, HERE, {300: entry(128), 600: {"num_warps": 4}})  # 600: no BLOCK_SIZE_M
+    import_table(book_dir, HERE, {300: entry(128), 600: entry(64)})
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     caplog.set_level(logging.WARNING, logger="tunebook")
     cases = {
         "key= raised IndexError": tunebook.Tables("vllm.add", key=lambda k: {"M": k[5]}, config=dict),
         "of type tuple": tunebook.Tables("vllm.add", key=lambda k: (1, 1, k[0]), config=dict),
-        "config= raised KeyError": ADD_TABLES,
+        "config= raised KeyError": tunebook.Tables(
+            "vllm.add", key=lambda k: {"E": 1, "N": 1, "M": k[0]}, config=lambda c: {"BLOCK": c["BLOCK_M"]}
+        ),
     }
     for message, tables in cases.items():
         kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"], tables=tables)(add_kernel)

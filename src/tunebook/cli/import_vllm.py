@@ -66,21 +66,30 @@ def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
         )
     for m_text, config in table.items():
         if problem := _entry_problem(m_text, config):
-            raise click.ClickException(
-                f"{path}: {problem}; expected an integer (vLLM reads batch sizes and config fields as "
-                "integers). Fix the file, or leave it out of the import"
-            )
+            raise click.ClickException(f"{path}: {problem}. Fix the file, or leave it out of the import")
     return fields, table
 
 
+# The tile of each entry: vLLM launches its kernel with an entry's fields as the kernel's
+# meta-parameters, so an entry without them is one vLLM itself cannot run.
+_TILE_FIELDS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
+_INTEGERS = "expected an integer (vLLM reads batch sizes and config fields as integers)"
+
+
 def _entry_problem(m_text: str, config: dict[str, Any]) -> str | None:
-    """What vLLM could not read in one entry (None: nothing): the batch size, or a field it
-    reads as an integer that is not one."""
+    """What vLLM could not read in one entry (None: nothing): the batch size, a field it reads
+    as an integer that is not one, or a tile size it needs that the entry lacks."""
     if not is_integer(scalar(m_text)):
-        return f"the batch size {json.dumps(m_text)}"
+        return f"the batch size {json.dumps(m_text)}; {_INTEGERS}"
     for name, value in config.items():
         if (name in CONFIG_FIELDS or name in COMPILER_OPTIONS) and not is_integer(value):
-            return f"batch size {m_text}: {name} is {json.dumps(value)}"
+            return f"batch size {m_text}: {name} is {json.dumps(value)}; {_INTEGERS}"
+    missing = [f for f in _TILE_FIELDS if not any(alias in config for alias in CONFIG_FIELDS[f])]
+    if missing:
+        return (
+            f"batch size {m_text} has no {', '.join(missing)} (its fields: {', '.join(config) or 'none'}); "
+            "vLLM runs an entry's tile sizes, so every entry names them"
+        )
     return None
 
 
