@@ -22,7 +22,7 @@ from .merge import merge_all
 
 # A push is a person's command, not a kernel call: it may wait for a busy server, where the
 # store's defaults (50 ms) keep a serving process from ever waiting on the fleet.
-_PATIENT = {"connect_timeout": 5.0, "read_timeout": 10.0, "request_timeout": 60.0}
+_CONNECT_S, _READ_S, _REQUEST_S = 5.0, 10.0, 60.0
 # Keys sent in one transaction: a large page is several small requests, each bounded.
 _KEYS_A_REQUEST = 64
 
@@ -31,7 +31,7 @@ def _store(url: str) -> Any:
     from .._book.redis_store import RedisStore
 
     try:
-        store = RedisStore(url, **_PATIENT)
+        store = RedisStore(url, connect_timeout=_CONNECT_S, read_timeout=_READ_S, request_timeout=_REQUEST_S)
     except ImportError as exc:
         raise click.ClickException(str(exc)) from None
     if not store.available:  # a malformed URL: the store said why (a warning above)
