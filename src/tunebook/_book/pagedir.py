@@ -51,7 +51,7 @@ from .._jsonio import key_text as text_of
 from .._jsonio import strict_loads
 from .._warnings import warn_once, warn_unreadable
 from .files import Unusable, atomic_write_text, log, read_regular_file
-from .records import Entry, check_format, check_identity
+from .records import NEWER, Entry, check_format, check_identity
 
 PAGE_FORMAT = "tunebook-page"
 ENTRY_FORMAT = "tunebook-entry"
@@ -176,11 +176,14 @@ def _entry_of(path: Path, meta: Mapping[str, Any], key_text: str | None) -> tupl
         if data is None:
             return None
         check_format(data, ENTRY_FORMAT, VERSION, VERSION)
+        for field in ("kernel", "platform"):
+            if not isinstance(data.get(field), str):  # a damaged file, not another version's
+                raise BookFormatError(f"its '{field}' field is missing or not a string")
         if data.get("kernel") != meta["kernel"]["hash"]:
             raise BookFormatError("it belongs to another kernel version")
         if data.get("platform") != meta["platform"].get("id", ""):
             raise BookFormatError("it belongs to another platform")
-        entry = Entry.from_json(data, path.name)
+        entry = Entry.from_json(data, "the file")  # its path is said before the reason
         actual = text_of(entry.key)
         if key_text is not None and _parsed(key_text) != list(entry.key):
             raise BookFormatError(f"it holds key {actual}, not the key {key_text} its name says")
@@ -325,7 +328,7 @@ def _make_room(path: Path, fmt: str) -> None:
         data = None
     version = data.get("version") if isinstance(data, dict) and data.get("format") == fmt else None
     if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
-        raise LeaveAlone(f"{path} was written by a newer tunebook (book format {version})")
+        raise LeaveAlone(f"{path} was {NEWER} (book format {version})")
     _keep_aside(path)
 
 

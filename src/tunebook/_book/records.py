@@ -85,6 +85,10 @@ def _field_text(name: str, kind: str, value: Any) -> str:
 # Within this fraction of the fastest median, a config chosen earlier for a key (stored as
 # Entry.chosen) keeps its place: re-measuring near-equal configs must not flip the winner.
 TIE_TOLERANCE = 0.02
+# The longest timing a book holds: 1e9 ms is 11.6 days, no kernel's. A larger value is a hand
+# edit, and read as one it made every ratio against it overflow (speed-ups of "infx", JSON
+# output that refused to encode, a report's plot that raised).
+MOST_MS = 1e9
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,11 @@ class Result:
                 not isinstance(ms, list)
                 or len(ms) != 3
                 or not all(is_number(v) for v in ms)
-                or not all(v >= 0 for v in ms)
+                or not all(0 <= v <= MOST_MS for v in ms)
             ):
                 raise BookFormatError(
-                    f"{where}: 'ms' must be [median, p20, p80] of finite non-negative numbers"
+                    f"{where}: 'ms' must be [median, p20, p80] of non-negative numbers of at most "
+                    f"{MOST_MS:.0e} ms"
                 )
             ms = (float(ms[0]), float(ms[1]), float(ms[2]))
         if error is not None and not isinstance(error, str):
