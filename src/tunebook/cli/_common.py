@@ -13,11 +13,12 @@ from typing import Any, TextIO
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from .. import _settings
 from .._book import pagedir
 from .._book.files import LOCK_TIMEOUT_S, read_book_file
-from .._book.records import Document
+from .._book.records import NEWER, Document
 from .._writable import existing_parent as existing_parent  # the CLI's commands import them here
 from .._writable import write_problem as write_problem
 from ._load import Loaded, Page, is_page_dir, load
@@ -117,6 +118,16 @@ def writing(what: Path, fix: str) -> Iterator[None]:
         ours = failed in (target, target.parent) or failed.parent in (target, target.parent)
         reason = (exc.strerror or str(exc)) if ours else os_error_text(exc)
         raise click.ClickException(f"cannot write {what}: {reason}. {fix}") from None
+
+
+def output_fix(path: Path, choose: str) -> str:
+    """How to make ``path`` (an -o output) writable: ``choose`` (e.g. "Choose another file with
+    -o"), or make its nearest existing ancestor writable, unless that is a file, which no
+    permission makes a directory."""
+    there = existing_parent(path)
+    if not there.is_dir():  # the error before this names it as no directory
+        return f"{choose}."
+    return f"{choose}, or make {there} writable."
 
 
 def resolve_book(book: Path | None) -> Path:
@@ -221,7 +232,7 @@ def warn_skipped(loaded: Loaded) -> None:
     """Tell the person about every file that was not read, on stderr."""
     console = err()
     for path, why in loaded.skipped:
-        console.print(f"[yellow]skipped[/] {path}: {why}", markup=True, highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(why)}", markup=True, highlight=False)
 
 
 def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -259,11 +270,18 @@ def write_document(path: Path, doc: Document) -> list[str]:
 
 
 def fail_if_left_alone(left_alone: list[str]) -> None:
-    """After a command wrote what it could: the key files a newer tunebook wrote, left as
-    they were, fail it (exit status 1), each named."""
+    """After a command wrote what it could: the key files it had to leave as they were (a
+    newer tunebook's; one it could not read just now) fail it (exit status 1), each named,
+    with the fix for the reasons given."""
     if left_alone:
+        newer = [why for why in left_alone if NEWER in why]
+        fixes = []
+        if newer:
+            fixes.append("upgrade tunebook to write the newer tunebook's")
+        if len(newer) < len(left_alone):
+            fixes.append("check the permissions of the others and run the command again")
         raise click.ClickException(
             f"{len(left_alone)} key file(s) left as they were, their keys not written ("
             + "; ".join(left_alone)
-            + "); upgrade tunebook to write them, the other keys were written"
+            + f"); {' and '.join(fixes)}. The other keys were written"
         )

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,18 +39,28 @@ from ._summary import key_order, sorted_entries
 # it for a page; one an interrupted prune left is a leftover the next prune removes.
 PRUNING = ".pruning-"
 
-# Each kind of leftover in a book directory, by the mark in its name: what it is, and
-# whether ``prune`` removes it (a ``.foreign-`` page holds another kernel's readable results).
-LEFTOVERS = {
-    ".corrupt-": ("an unreadable book kept aside by an earlier write", True),
-    PRUNING: ("a page an interrupted prune was deleting", True),
-    ".foreign-": ("another kernel's page found under this name and kept aside", False),
+# Each kind of leftover in a book directory, by the exact name tunebook gives it (a person's
+# "notes.corrupt-keep" is none: prune once deleted anything with the mark in its name) and
+# whether it is a directory: what it is, and whether ``prune`` removes it (a ``.foreign-``
+# page holds another kernel's readable results).
+_STAMP = r"\d{8}T\d{6}-\d+"  # <time>-<pid>, as pagedir writes them
+LEFTOVERS: dict[re.Pattern[str], tuple[bool, str, bool]] = {
+    re.compile(rf".+\.corrupt-{_STAMP}"): (False, "an unreadable book kept aside by an earlier write", True),
+    re.compile(rf".+{re.escape(PRUNING)}\d+"): (True, "a page an interrupted prune was deleting", True),
+    re.compile(rf".+\.foreign-{_STAMP}"): (
+        True,
+        "another kernel's page found under this name and kept aside",
+        False,
+    ),
 }
 
 
-def leftover_kind(path: Path) -> tuple[str, bool]:
-    """(what the leftover ``path`` is, whether ``prune`` removes it)."""
-    return next(kind for mark, kind in LEFTOVERS.items() if mark in path.name)
+def leftover_kind(path: Path) -> tuple[str, bool] | None:
+    """(what the leftover ``path`` is, whether ``prune`` removes it); None: no leftover of ours."""
+    for pattern, (directory, what, pruned) in LEFTOVERS.items():
+        if pattern.fullmatch(path.name) and (path.is_dir() and not path.is_symlink()) == directory:
+            return what, pruned
+    return None
 
 
 @dataclass(frozen=True)
@@ -213,7 +224,7 @@ def _natural(text: str) -> tuple[Any, ...]:
 def _kept_aside(page: Path) -> list[Path]:
     """The ``*.corrupt-*`` copies a write kept aside inside a page (none if it cannot be listed)."""
     try:
-        return sorted(f for f in page.iterdir() if ".corrupt-" in f.name)
+        return sorted(f for f in page.iterdir() if leftover_kind(f) is not None)
     except OSError:
         return []
 
@@ -312,7 +323,10 @@ def load(source: Path, stream: bool = False) -> Loaded:
         candidates = sorted(
             p for p in entries if p.suffix == ".json" and not p.is_dir() and p.name not in paged
         )
-        loaded.leftovers = sorted(p for p in entries if any(mark in p.name for mark in LEFTOVERS))
+        loaded.leftovers = sorted(p for p in entries if leftover_kind(p) is not None)
+        for p in entries:  # a page linked from elsewhere that is gone: said, as a file's link is
+            if p.is_symlink() and not p.exists() and pagedir.name_ids(p.name) is not None:
+                loaded.skipped.append((p, f"a link to {os.readlink(p)}, which does not exist"))
     elif os.path.lexists(source):
         candidates = [source]
     else:
@@ -330,6 +344,15 @@ def load(source: Path, stream: bool = False) -> Loaded:
             loaded.pages.append(Page(path, doc))
     damaged: list[tuple[Path, str | None]] = []
     for directory in pages:
+        if not os.access(directory, os.R_OK | os.X_OK):  # else read as a page whose page.json is lost
+            loaded.skipped.append(
+                (
+                    directory,
+                    "the page directory cannot be read (permission denied); its files were not looked "
+                    f"at. Check its permissions (e.g. chmod u+rwx {directory}) and run the command again",
+                )
+            )
+            continue
         beside = os.path.lexists(directory.with_name(directory.name + ".json"))
         meta, why = pagedir.read_page_file(directory)
         # Damaged, unless a format-1 file beside names the page (fetch reads it), or a newer

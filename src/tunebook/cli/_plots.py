@@ -73,6 +73,19 @@ def short_key(key: list[Any]) -> str:
     return fmt_key(shown) if shown else fmt_key(key)
 
 
+# Characters of a key shown under its bars: a longer key is cut in its middle, so that keys
+# differing in their first or last values stay told apart (a rotated label the figure crops
+# shows only its tail).
+MOST_TICK_CHARS = 40
+
+
+def _tick_label(text: str) -> str:
+    if len(text) <= MOST_TICK_CHARS:
+        return text
+    half = (MOST_TICK_CHARS - 1) // 2
+    return f"{text[:half]}…{text[-half:]}"
+
+
 def tuned_vs_reference(summaries: list[KeySummary]) -> Plot | None:
     """Grouped bars per key: the reference config's time (hatched where it is the median
     fallback) and the winner's, with the speed-up above each group."""
@@ -120,10 +133,11 @@ def bars_figure(summaries: list[KeySummary]) -> Any:
     rotation = 30 if len(rows) > 6 else 0
     ax.set_xticks(xs)
     ax.set_xticklabels(
-        [short_key(s.key) for s in rows],
+        [_tick_label(short_key(s.key)) for s in rows],
         rotation=rotation,
         ha="right" if rotation else "center",
         fontsize=SMALL,
+        parse_math=False,  # a key holding "$" is text, not TeX (an unbalanced one raised)
     )
     ax.tick_params(axis="y", labelsize=SMALL)
     ax.set_ylabel(f"median time ({unit})", fontsize=FONT)

@@ -8,15 +8,18 @@ time changed by more than ``--threshold`` (relative). Exit status 0 when nothing
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.markup import escape
 
+from .._book.records import Entry
 from ._common import echo_json, load_or_fail, out, select_pages, trouble_exits_2, warn_skipped
 from ._load import Page
-from ._summary import fmt_key, fmt_time, is_recorded_miss, miss_hint, short_config
+from ._summary import fmt_key, fmt_time, is_recorded_miss, key_order, miss_hint, short_config
 
 JSON_FORMAT = "tunebook-diff"
 JSON_VERSION = 1
@@ -36,7 +39,11 @@ def diff_pages(a: Page, b: Page, threshold: float) -> dict[str, Any]:
     """Key-level differences between two pages of one kernel."""
     ea, eb = a.doc.entries, b.doc.entries
     winners, timings = [], []
-    for key_text in sorted(ea.keys() & eb.keys()):
+
+    def natural(texts: Iterable[str], entries: Mapping[str, Entry]) -> list[str]:  # 100 before 1000, as show
+        return sorted(texts, key=lambda t: (key_order(entries[t].key), t))
+
+    for key_text in natural(ea.keys() & eb.keys(), ea):
         x, y = ea[key_text], eb[key_text]
         wx, wy = x.best(), y.best()
         if wx != wy:
@@ -70,13 +77,14 @@ def diff_pages(a: Page, b: Page, threshold: float) -> dict[str, Any]:
                     }
                 )
             elif rx.ok and rx.median > 0 and abs(ry.median / rx.median - 1) > threshold:
+                ratio = ry.median / rx.median  # infinite only against a hand-edited 1e-310 ms
                 timings.append(
                     {
                         "key": list(x.key),
                         "config": cid,
                         "a_ms": rx.median,
                         "b_ms": ry.median,
-                        "ratio": round(ry.median / rx.median, 6),
+                        "ratio": round(ratio, 6) if math.isfinite(ratio) else None,
                         "a_error": None,
                         "b_error": None,
                     }
@@ -84,10 +92,10 @@ def diff_pages(a: Page, b: Page, threshold: float) -> dict[str, Any]:
     return {
         "a": _page_ref(a),
         "b": _page_ref(b),
-        "keys_only_a": [list(ea[k].key) for k in sorted(ea.keys() - eb.keys())],
-        "keys_only_b": [list(eb[k].key) for k in sorted(eb.keys() - ea.keys())],
-        "recorded_misses_a": [list(e.key) for _, e in sorted(ea.items()) if is_recorded_miss(e)],
-        "recorded_misses_b": [list(e.key) for _, e in sorted(eb.items()) if is_recorded_miss(e)],
+        "keys_only_a": [list(ea[k].key) for k in natural(ea.keys() - eb.keys(), ea)],
+        "keys_only_b": [list(eb[k].key) for k in natural(eb.keys() - ea.keys(), eb)],
+        "recorded_misses_a": [list(ea[k].key) for k in natural(ea, ea) if is_recorded_miss(ea[k])],
+        "recorded_misses_b": [list(eb[k].key) for k in natural(eb, eb) if is_recorded_miss(eb[k])],
         "winner_changed": winners,
         "timing_changed": timings,
     }
@@ -169,7 +177,13 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
                 f"{escape(_winner_text(w['b'], text in missed['b']))}"
             )
         for t in pair["timing_changed"]:
-            change = f"x{t['ratio']:.3g}" if t["ratio"] is not None else "ran / failed"
+            change = (
+                f"x{t['ratio']:.3g}"
+                if t["ratio"] is not None
+                else "ran / failed"
+                if t["a_error"] or t["b_error"]
+                else "changed beyond a ratio"
+            )
             console.print(
                 f"  key {escape(fmt_key(t['key']))} config {escape(t['config'])}: "
                 f"{fmt_time(t['a_ms'])} -> {fmt_time(t['b_ms'])} ({change})"
@@ -227,6 +241,11 @@ def command(
                     "Use a longer id prefix or device substring."
                 )
             sides.append(pages)
+        if sides[0][0].platform_id == sides[1][0].platform_id:  # "no differences", exit 0, before
+            raise click.UsageError(
+                f"--platform {platforms[0]!r} and --platform {platforms[1]!r} both match the platform "
+                f"{sides[0][0].platform_id} {sides[0][0].platform_label}: name two different platforms"
+            )
         data = diff_data(sides[0], sides[1], by_platform=True, threshold=threshold)
         names = platforms
     else:

@@ -20,10 +20,11 @@ from .. import _compat
 from .._autotuner import Autotuner
 from .._book import Book, KernelIdentity, book_file_name, pagedir, relation
 from .._fingerprint import platform_slug
+from .._jsonio import key_text
 from .._tables import load as load_tables
 from .._tables import same_device
 from ._common import echo_json, err, missing_book, out, parse_assignments, trouble_exits_2
-from ._load import Page, load
+from ._load import Page, load, page_entries, skipped_as
 from ._modules import resolve_kernel
 from ._summary import fmt_key, is_recorded_miss, miss_hint
 
@@ -109,19 +110,19 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
     for directory in directories:
         if not directory.exists():
             continue
-        loaded = load(directory)
+        # Streamed: the keys of this kernel's pages are read, never those of the book's others.
+        loaded = load(directory, stream=True)
         skipped += [{"path": str(p), "reason": why} for p, why in loaded.skipped]
         for page in loaded.pages:
             if page.kernel_name != ident.name and page.doc.kernel.get("hash") != ident.source_hash:
                 continue
             diffs = differences(page, ident, fingerprint)
             role = relation(ident, fingerprint, page.doc.kernel, page.doc.platform) if chain else None
-            keys = [page.doc.entries[k].key for k in sorted(page.doc.entries)]
-            missed = [
-                page.doc.entries[k].key
-                for k in sorted(page.doc.entries)
-                if is_recorded_miss(page.doc.entries[k])
-            ]
+            with skipped_as(page.path) as unread:
+                entries = sorted((e for _, e in page_entries(page)[1]), key=lambda e: key_text(e.key))
+            skipped += [{"path": str(p), "reason": why} for p, why in unread]
+            keys = [e.key for e in entries]
+            missed = [e.key for e in entries if is_recorded_miss(e)]
             files.append(
                 {
                     "path": str(page.path),

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from .._book import Entry
 from .._book.files import atomic_write_text
 from ._common import (
     err,
-    existing_parent,
     load_or_fail,
     out,
+    output_fix,
     output_option,
     parse_assignments,
     select_pages,
@@ -353,7 +354,7 @@ def command(
             "replace them"
         )
     console = out()
-    with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
+    with writing(output, output_fix(output, "Choose a writable directory with -o")):
         output.mkdir(parents=True, exist_ok=True)
         for name in sorted(files):
             verb = "replaced" if (output / name).exists() else "wrote"
@@ -381,7 +382,7 @@ def warn_declared(kernel: str, declared: str | None, notes: list[str], exported:
     """On stderr: each key whose winner the kernel does not declare, or that nothing was checked."""
     console = err()
     for note in notes:
-        console.print(f"[yellow]{declared}[/]: {note}", markup=True, highlight=False)
+        console.print(f"[yellow]{declared}[/]: {escape(note)}", markup=True, highlight=False)
     if declared is None and exported:
         console.print(
             f"[yellow]unchecked[/]: the {exported} winners of {kernel} were not checked against the "

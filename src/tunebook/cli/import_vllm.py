@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from .._book import KernelIdentity, book_file_name, pagedir
 from .._book.files import LOCK_TIMEOUT_S
@@ -21,9 +22,9 @@ from .._tables import IMPORTED_BACKEND
 from .._version import __version__
 from ._common import (
     err,
-    existing_parent,
     fail_if_left_alone,
     out,
+    output_fix,
     output_option,
     parse_assignments,
     resolve_book,
@@ -257,7 +258,7 @@ def command(
             source[device, text], batch[device, text] = path, m_text
     directory = resolve_book(output)
     fix = (
-        f"Choose a writable book directory with -o, or make {existing_parent(directory)} writable."
+        output_fix(directory, "Choose a writable book directory with -o")
         if output is not None
         else "Pass a writable book directory with -o, or point TUNEBOOK_DIR at one."
     )
@@ -291,7 +292,8 @@ def _write_imports(
         if stale:  # batch sizes the file's new version no longer lists
             pagedir.remove_keys(page_dir, stale, LOCK_TIMEOUT_S)
         note = f", {replaced} earlier entries of the same files replaced" if replaced else ""
-        console.print(f"wrote {page_dir} ({len(by_device[device])} keys imported{note}, key names {names})")
+        imported = f"{len(by_device[device])} keys imported{note}, key names {names}"
+        console.print(f"wrote {escape(str(page_dir))} ({imported})")
     fail_if_left_alone(left_alone)
 
 

@@ -21,19 +21,21 @@ and idempotent: ``merge(A, B)`` and ``merge(B, A)`` write byte-identical files.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from .._book import pagedir
 from .._book.records import Document, Entry, Result
 from ._common import (
-    existing_parent,
     fail_if_left_alone,
     load_or_fail,
     out,
+    output_fix,
     output_option,
     select_pages,
     warn_skipped,
@@ -65,13 +67,20 @@ def merge_entries(a: Entry, b: Entry) -> Entry:
         tuning_seconds=max(a.tuning_seconds, b.tuning_seconds),
         tuned_at=min(filter(None, (a.tuned_at, b.tuned_at)), default=""),
         updated_at=max(a.updated_at, b.updated_at),
-        tunebook=max(a.tunebook, b.tunebook),
+        tunebook=max(a.tunebook, b.tunebook, key=_version_order),
         chosen=_merged_choice(a.chosen, b.chosen, results),
         # The same book merged twice must not change: counts take the larger, not the sum.
         misses=max(a.misses, b.misses),
         call=min((c for c in (a.call, b.call) if c is not None), key=_canonical, default=None),
         first=min(filter(None, (a.first, b.first)), default=""),
     )
+
+
+def _version_order(version: str) -> tuple[tuple[int, int, str], ...]:
+    """ "0.10.0" after "0.9.0" (as text it came first); a part that is no number sorts after the
+    numbers, by its text, and the text breaks ties ("0.9" and "0.09")."""
+    parts = re.split(r"[.+-]", version)
+    return (*((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts), (2, 0, version))
 
 
 def _canonical(value: object) -> str:
@@ -114,13 +123,17 @@ def merge_all(docs: Iterable[Document]) -> dict[str, Document]:
     return {canonical_file_name(doc): doc for doc in groups.values()}
 
 
-def write_merged(directory: Path, merged: dict[str, Document], left_alone: list[str]) -> Iterator[Path]:
-    """Write each document atomically (see ``write_document``), yielding each path once
-    written; key files left as they were (a newer tunebook's) are added to ``left_alone``."""
+def write_merged(
+    directory: Path, merged: dict[str, Document], left_alone: list[str]
+) -> Iterator[tuple[Path, int]]:
+    """Write each document atomically (see ``write_document``), yielding each page's path
+    once written and how many of its keys were; key files left as they were (a newer
+    tunebook's, one unreadable just now) are added to ``left_alone``."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(merged):
-        left_alone += write_document(directory / name, merged[name])
-        yield directory / pagedir.page_dir_name(name)
+        left = write_document(directory / name, merged[name])
+        left_alone += left
+        yield directory / pagedir.page_dir_name(name), len(merged[name].entries) - len(left)
 
 
 @click.command("merge")
@@ -150,12 +163,12 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
         for name in sorted(merged):
             # the page directory write_merged makes (format 2), not the format-1 file name
             page = output / pagedir.page_dir_name(name)
-            console.print(f"would write {page} ({len(merged[name].entries)} keys)")
+            console.print(f"would write {escape(str(page))} ({len(merged[name].entries)} keys)")
         return
     left_alone: list[str] = []
-    with writing(output, f"Choose a writable directory with -o, or make {existing_parent(output)} writable."):
-        for path in write_merged(output, merged, left_alone):
-            console.print(f"wrote {path} ({len(merged[path.name + '.json'].entries)} keys)")
+    with writing(output, output_fix(output, "Choose a writable directory with -o")):
+        for path, written in write_merged(output, merged, left_alone):
+            console.print(f"wrote {escape(str(path))} ({written} keys)")
     console.print(
         f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}"
     )

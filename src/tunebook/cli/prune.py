@@ -99,7 +99,7 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     # Copies of unreadable files kept aside by a write (beside the pages, or in one) and pages
     # an interrupted prune left; a ``.foreign-*`` page (another kernel's readable book) stays.
     for path in loaded.leftovers:
-        what, pruned = leftover_kind(path)
+        what, pruned = leftover_kind(path) or ("", False)  # listed as one by the loader
         if pruned:
             doomed.append((path, what))
     console = out()

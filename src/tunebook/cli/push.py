@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from .._book.records import Document
 from ._common import load_or_fail, out, select_pages, warn_skipped
@@ -95,13 +96,13 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
     console = out()
     if dry_run:
         for name in sorted(merged):
-            console.print(f"would send {name} ({len(merged[name].entries)} keys)")
+            console.print(f"would send {escape(name)} ({len(merged[name].entries)} keys)")
         return
     store = _store(url)
     new_keys = 0
     for name in sorted(merged):
         new, sent = _push(store, name, merged[name])
         new_keys += new
-        console.print(f"sent {name} ({sent} keys, {new} new to the fleet)")
+        console.print(f"sent {escape(name)} ({sent} keys, {new} new to the fleet)")
     pages = f"{len(merged)} page{'s' * (len(merged) != 1)}"
-    console.print(f"pushed {pages} into {store.shown}: {new_keys} keys the fleet lacked")
+    console.print(f"pushed {pages} into {escape(store.shown)}: {new_keys} keys the fleet lacked")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.markup import escape
 
 from .._book import Entry
 from .._book.files import atomic_write_text
@@ -32,16 +33,16 @@ from .._version import __version__
 from ._common import (
     book_argument,
     err,
-    existing_parent,
     load_or_fail,
     out,
+    output_fix,
     output_option,
     select_pages,
     warn_skipped,
     write_problem,
     writing,
 )
-from ._load import Loaded, Page, page_entries, skipped_as
+from ._load import Loaded, Page, is_page_dir, page_entries, skipped_as
 from ._plots import MAX_CONFIG_ROWS, Plot, landscape, tuned_vs_reference
 from ._summary import (
     KeySummary,
@@ -212,7 +213,16 @@ def page_section(page: Page) -> str:
             f"<li>{esc(fmt_key(k))} {esc(cid)}: <span class='dim'>{esc(e[:300])}</span></li>"
             for k, cid, e in found.failures_listed
         )
-        parts.append(f"<details><summary>{found.failures} failed configs</summary><ul>{items}</ul></details>")
+        listed = len(found.failures_listed)
+        more = (
+            f"<p class='dim'>the first {listed} shown, in key order; <code>tunebook show</code> lists "
+            f"all {found.failures}</p>"
+            if listed < found.failures
+            else ""
+        )
+        parts.append(
+            f"<details><summary>{found.failures} failed configs</summary><ul>{items}</ul>{more}</details>"
+        )
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
 
@@ -276,6 +286,31 @@ def render(pages: list[Page], source: Path, workers: int = 1) -> tuple[str, list
     return text, [skip for _, skipped in sections for skip in skipped]
 
 
+def _check_not_a_book(output: Path) -> None:
+    """Refuse an -o that would replace what is not a report: a file of a page (a key file or
+    page.json: the report's HTML over it lost a key's results, or the whole page), or any
+    file that exists and is not HTML (a format-1 book file, a typo'd path to something else)."""
+    if is_page_dir(output.parent):
+        raise click.BadParameter(
+            f"{output} is inside the page {output.parent} of a book: the report would replace a "
+            "file of the book. Give a file outside the book, e.g. report.html",
+            param_hint="-o",
+        )
+    try:
+        with output.open("rb") as f:
+            start = f.read(512).lstrip().lower()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return  # nothing there yet (a directory is click's to refuse), or a path error writing names
+    except OSError:
+        return  # unreadable: writing it says why
+    if start and not start.startswith((b"<!doctype html", b"<html")):
+        raise click.BadParameter(
+            f"{output} exists and is not an HTML page (a report replaces only its own earlier "
+            "output); give another file, or remove it first",
+            param_hint="-o",
+        )
+
+
 @click.command("report")
 @book_argument
 @output_option("HTML file to write.", directory=False)
@@ -291,10 +326,11 @@ def command(book: Path | None, output: Path, kernels: tuple[str, ...], jobs: int
     """Write an HTML report of BOOK with embedded plots: tuned vs first config, config landscape."""
     # Streamed: each page's keys are read one at a time where its section is rendered, so the
     # report's memory does not grow with the book (see digest).
+    _check_not_a_book(output)
     loaded = load_or_fail(book, stream=True)
     pages = select_pages(loaded, kernels)
     warn_skipped(loaded)
-    fix = f"Choose another file with -o, or make {existing_parent(output.parent)} writable."
+    fix = output_fix(output.parent, "Choose another file with -o")
     problem = write_problem(output.parent)  # before rendering, which takes a while
     if problem is not None:
         raise click.ClickException(f"cannot write {output}: {problem}. {fix}")
@@ -303,4 +339,4 @@ def command(book: Path | None, output: Path, kernels: tuple[str, ...], jobs: int
     with writing(output, fix):
         output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output, text)
-    out().print(f"wrote {output} ({len(pages)} kernel pages)")
+    out().print(f"wrote {escape(str(output))} ({len(pages)} kernel pages)")

@@ -144,6 +144,6 @@ def command(
             _print_failures(console, summaries)
         console.print()
     for path in loaded.leftovers:
-        what, pruned = leftover_kind(path)
+        what, pruned = leftover_kind(path) or ("", False)  # listed as one by the loader
         then = "`tunebook prune` removes it" if pruned else "prune leaves it"
         console.print(f"[yellow]leftover[/] {escape(str(path))} ({what}; {then})")

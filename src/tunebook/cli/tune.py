@@ -202,7 +202,7 @@ def command(
 
 def _list_jobs(jobs: list[dict[str, Any]], problem: str | None, refusal: click.ClickException) -> None:
     for job in jobs:
-        out().print(f"  {job['module']}:{job['attr']} {job['key_text']}")
+        out().print(escape(f"  {job['module']}:{job['attr']} {job['key_text']}"))
     if problem is not None:  # what the real run would stop on
         raise refusal
 
@@ -387,9 +387,11 @@ def _run_with_progress(
                 where = f"worker {slot}: {job['attr']} {job['key_text'][:40]}"
                 progress.update(task, description=f"keys tuned ({where})")
             elif kind == "crash":
-                progress.console.print(f"[yellow]worker {slot}[/yellow]: {event['cid']}: {event['reason']}")
+                progress.console.print(
+                    f"[yellow]worker {slot}[/yellow]: {escape(event['cid'])}: {escape(event['reason'])}"
+                )
             elif kind == "restart":
-                progress.console.print(f"[yellow]worker {slot} restarted[/yellow]: {event['reason']}")
+                progress.console.print(f"[yellow]worker {slot} restarted[/yellow]: {escape(event['reason'])}")
 
         return run_jobs(
             jobs,
