@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,8 +127,17 @@ def test_tune_runs_a_prefill_in_every_bucket_a_prompt_can_land_in(
 
     monkeypatch.setattr(Engine, "generate", spy)
     monkeypatch.setenv("TUNEBOOK_MODE", "tune")  # main sets it; restored after the test
+    from tunebook.demo.llm import __main__ as cli
+
+    build = cli.build_engine
+
+    def torch_engine(args: Any, on_gpu: bool) -> Any:
+        args.ops = "torch"  # `tune --ops torch` is refused (it tunes nothing): the plan alone here
+        return build(args, on_gpu)
+
+    monkeypatch.setattr(cli, "build_engine", torch_engine)
     top = 48  # not a power of two: its bucket is 64, prompts of 33-47 tokens land in it
-    args = ["tune", "--out", str(tmp_path / "out"), "--model", "tiny", "--random", "--ops", "torch"]
+    args = ["tune", "--out", str(tmp_path / "out"), "--model", "tiny", "--random"]
     assert main([*args, "--max-model-len", str(top), "--batches", "1", "--contexts", "16"]) == 0
     assert max(prompts) == top - 1
     assert {bucket_of(n) for n in prompts} == {bucket_of(n) for n in range(1, top)}

@@ -75,27 +75,35 @@ def _child() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunebook.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--book", type=Path, help="book directory to use (default: a new temporary one)")
+    parser.add_argument("--book", help="book directory to use (default: a new temporary one)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child()
         return 0
+    if args.book is not None and not args.book.strip():  # an unset $BOOK: it read the current directory
+        parser.error("--book: expected a directory; found an empty value")
+    book = Path(args.book) if args.book is not None else None
 
     on_gpu = _has_gpu()
-    if args.book is not None:
+    if book is not None:
         from tunebook._writable import write_problem
 
-        problem = write_problem(args.book)  # the second process must find what the first wrote
+        problem = write_problem(book)  # the second process must find what the first wrote
         if problem is not None:
             parser.error(
-                f"--book: cannot write the book at {args.book} ({problem}), so the second process "
+                f"--book: cannot write the book at {book} ({problem}), so the second process "
                 "would have nothing to remember; pass a writable directory (created if missing), or "
                 "leave --book out for a temporary one"
             )
-        return _demo(args.book, on_gpu, kept=True)
-    with tempfile.TemporaryDirectory(prefix="tunebook-demo-") as tmp:
-        return _demo(Path(tmp), on_gpu, kept=False)
+    try:
+        if book is not None:
+            return _demo(book, on_gpu, kept=True)
+        with tempfile.TemporaryDirectory(prefix="tunebook-demo-") as tmp:
+            return _demo(Path(tmp), on_gpu, kept=False)
+    except KeyboardInterrupt:  # Ctrl-C: one line (a temporary book is removed all the same)
+        print("\npython -m tunebook.demo: interrupted", file=sys.stderr)
+        return 130
 
 
 def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
@@ -106,6 +114,9 @@ def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
     if not on_gpu:
         env["TRITON_INTERPRET"] = "1"
     env["TUNEBOOK_DIR"] = str(book)
+    # The demo shows tuning then remembering: a TUNEBOOK_MODE of the person's shell (serve,
+    # off, a typo) made it report "UNEXPECTED" with no reason, or a child's traceback.
+    env["TUNEBOOK_MODE"] = "tune"
     where = "GPU" if on_gpu else "CPU, Triton interpreter (TRITON_INTERPRET=1)"
     what = "" if kept else " (temporary: removed at the end; --book DIR keeps one)"
     print(f"tunebook demo on {where}; triton {triton.__version__}; book: {book}{what}")
@@ -132,9 +143,12 @@ def _demo(book: Path, on_gpu: bool, kept: bool) -> int:
             f"{'yes' if r['correct'] else 'NO':8}{r['winner']}"
         )
     from tunebook._book import read_document
+    from tunebook._book.pagedir import name_ids
 
-    # A page: a directory with a file per key (book format 2), or an older page's one file.
-    pages = sorted(p for p in book.iterdir() if not p.name.startswith(".")) if book.is_dir() else []
+    # A page: a directory with a file per key (book format 2), or an older page's one file;
+    # named as tunebook names pages, so that a --book holding other files lists only its pages.
+    named = [p for p in book.iterdir() if name_ids(p.name.removesuffix(".json"))] if book.is_dir() else []
+    pages = sorted(p for p in named if p.is_dir() or p.suffix == ".json")
     print(f"\n  the book: {len(pages)} page(s) in {book}")
     for page in pages:
         doc = read_document(page)

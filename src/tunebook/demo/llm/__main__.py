@@ -99,8 +99,21 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.command == "tune":  # checked now, not after the model loaded and the prefills tuned
         for option in ("batches", "contexts", "prefills"):
             setattr(args, option, _positive_ints(parser, option, getattr(args, option)))
+        if args.ops != "triton":  # the others tune nothing: the run "succeeded" and wrote no book
+            parser.error(f"--ops {args.ops}: tune tunes the pack's kernels; leave --ops out (triton)")
+        if args.batches and args.max_batch is not None and max(args.batches) > args.max_batch:
+            parser.error(
+                f"--batches: {max(args.batches)} is more than --max-batch {args.max_batch}, the most "
+                "sequences the engine decodes together; raise --max-batch or leave that batch out"
+            )
+        if args.max_configs is not None and args.max_configs < 1:
+            parser.error(f"--max-configs: expected at least 1; found {args.max_configs}")
+    if args.command == "generate" and args.seed is not None and not 0 <= args.seed < 2**63:
+        parser.error(f"--seed: expected 0 to 2**63 - 1; found {args.seed}")
     if args.command == "serve" and not 0 <= args.port <= 65535:
         parser.error(f"--port: expected 0-65535; found {args.port}")
+    if getattr(args, "gguf", None) == "":  # an unset $MODEL: it read the current directory
+        parser.error("--gguf: expected a .gguf file; found an empty value")
     if getattr(args, "gguf", None) and os.path.isdir(args.gguf):
         parser.error(f"--gguf: expected a .gguf file; {args.gguf} is a directory")
     return args
@@ -175,15 +188,27 @@ def _build_engine(args: argparse.Namespace, on_gpu: bool) -> tuple[Any, str]:
     model = load_model(
         args.model, random=args.random, layers=args.layers, dtype=dtype, device=device, gguf=args.gguf
     )
-    engine = Engine(
-        model.weights,
-        model.tokenizer,
-        ops=args.ops,
-        max_batch=_given(args.max_batch, 64 if on_gpu else 4),
-        max_model_len=_given(args.max_model_len, 2048 if on_gpu else 512),
-        block_size=_given(args.block_size, 16),
-        cuda_graphs=not args.no_cuda_graphs,
+    max_batch, max_model_len = (
+        _given(args.max_batch, 64 if on_gpu else 4),
+        _given(args.max_model_len, 2048 if on_gpu else 512),
     )
+    try:
+        engine = Engine(
+            model.weights,
+            model.tokenizer,
+            ops=args.ops,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            block_size=_given(args.block_size, 16),
+            cuda_graphs=not args.no_cuda_graphs,
+        )
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise ValueError(
+            f"the KV cache of --max-batch {max_batch} sequences x --max-model-len {max_model_len} "
+            f"tokens does not fit in {device} memory ({str(exc).splitlines()[0][:200]}); lower them"
+        ) from None
     return engine, model.model_id
 
 
@@ -197,9 +222,20 @@ def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
         )
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are no UTF-8 (the tokenizer raised)
+        print("python -m tunebook.demo.llm: error: PROMPT is not valid UTF-8 text", file=sys.stderr)
+        return 2
     engine, model_id = build_engine(args, on_gpu)
     tokenizer = engine.tokenizer
-    text = args.prompt if args.raw else tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
+    with _arguments_checked():  # a model without a chat template
+        try:
+            text = (
+                args.prompt if args.raw else tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
+            )
+        except ValueError as exc:
+            raise ValueError(f"{exc} (here: pass --raw to complete PROMPT as is)") from None
     if not on_gpu:
         print(
             f"[{model_id} on the CPU interpreter: slow; {max_tokens} tokens at most]",
@@ -207,12 +243,22 @@ def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
             flush=True,
         )
     start = time.perf_counter()
+    closed: list[bool] = []
+
+    def show(request: Any, ids: Any, delta: str) -> None:
+        try:
+            print(delta, end="", flush=True)
+        except BrokenPipeError:  # `| head` has what it wanted: stop decoding for nobody
+            closed.append(True)
+
     with _arguments_checked():  # a prompt longer than --max-model-len allows
-        request = engine.submit(
-            tokenizer.encode(text), params, lambda r, ids, delta: print(delta, end="", flush=True)
-        )
-    while not request.finished:
+        request = engine.submit(tokenizer.encode(text), params, show)
+    while not request.finished and not closed:
         engine.step()
+    if closed:
+        # Python's own flush of stdout at exit would raise again: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     elapsed = time.perf_counter() - start
     stats = tunebook.stats()
     print()
@@ -248,6 +294,14 @@ def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
         os.environ["TUNEBOOK_KERNELS_MAX_CONFIGS"] = str(args.max_configs)
     engine, model_id = build_engine(args, on_gpu)
     runner, start, top = engine.runner, time.perf_counter(), engine.max_model_len
+    if args.batches and max(args.batches) > max(runner.sizes):  # --max-batch left at its default
+        print(
+            f"python -m tunebook.demo.llm: error: --batches: {max(args.batches)} is more than the "
+            f"{max(runner.sizes)} sequences the engine decodes together; pass --max-batch "
+            f"{max(args.batches)} or leave that batch out",
+            file=sys.stderr,
+        )
+        return 2
 
     def sizes(given: list[int] | None, default: list[int]) -> list[int]:
         return default if given is None else given
@@ -296,12 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    os.environ.setdefault("TUNEBOOK_MODE", default_mode)
-    if args.command == "tune":
-        os.environ["TUNEBOOK_MODE"] = "tune"
-        return _tune(args, on_gpu)
-    if args.command == "generate":
-        return _generate(args, on_gpu)
+    # A blank value is unset (setdefault kept it, and the library read it as tune: a blank
+    # TUNEBOOK_MODE= tuned while answering).
+    os.environ["TUNEBOOK_MODE"] = "tune" if args.command == "tune" else (mode or default_mode)
+    try:
+        if args.command == "tune":
+            return _tune(args, on_gpu)
+        if args.command == "generate":
+            return _generate(args, on_gpu)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a book is written atomically)
+        print(f"\npython -m tunebook.demo.llm {args.command}: interrupted", file=sys.stderr)
+        return 130
     from .server import serve
 
     problem = _listen_problem(args.host, args.port)  # before the model loads (seconds to minutes)
@@ -317,11 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     logging.getLogger("tunebook.demo.llm").addHandler(handler)
     engine, model_id = build_engine(args, on_gpu)
-    print(
-        f"serving {model_id} ({engine.describe()}) on http://{args.host}:{args.port}/v1",
-        file=sys.stderr,
-        flush=True,
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address, as URLs write it
+    where = (
+        f"http://{host}:{args.port}/v1" if args.port else f"http://{host}:<the port uvicorn names below>/v1"
     )
+    print(f"serving {model_id} ({engine.describe()}) on {where}", file=sys.stderr, flush=True)
     serve(engine, model_id, args.host, args.port)
     return 0
 

