@@ -116,4 +116,4 @@ def test_recorded_misses_are_shown_as_such_everywhere(book_dir: Path, tmp_path: 
     report = tmp_path / "r.html"
     invoke("report", "-o", report)
     html = report.read_text()
-    assert "recorded miss (3 calls)" in html and "tunebook tune --misses" in html
+    assert "recorded miss (3 serving processes)" in html and "tunebook tune --misses" in html

@@ -130,7 +130,9 @@ def miss_hint(module: str = "MODULE") -> str:
 def winner_cell(summary: KeySummary) -> str:
     """The winner as a table cell; a recorded miss says so instead of ``-``."""
     if summary.recorded_miss:
-        return f"recorded miss ({summary.misses} call{'s' if summary.misses != 1 else ''})"
+        # One miss a serving process records a key (not one per call): the count is processes.
+        n = summary.misses
+        return f"recorded miss ({n} serving process{'es' if n != 1 else ''})"
     return short_config(summary.winner_config)
 
 
