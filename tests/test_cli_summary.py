@@ -92,7 +92,7 @@ def test_recorded_misses_are_shown_as_such_everywhere(book_dir: Path, tmp_path: 
 
     text = invoke("show").stdout
     row = next(line for line in text.splitlines() if "[7000," in line)
-    assert "recorded miss" in row and "3 calls" in row
+    assert "recorded miss" in row and "3 serving processes" in row
     assert hint in text
     entries = json.loads(invoke("show", "--json").stdout)["files"][0]["entries"]
     by_n = {e["key"][0]: e for e in entries}
