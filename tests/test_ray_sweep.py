@@ -279,6 +279,17 @@ def test_without_ray_the_command_says_how_to_install_it(monkeypatch, raykern):
         tunebook.tune_on_ray([], keys=None)
 
 
+def test_a_kernel_given_right_after_ray_is_the_target(monkeypatch, raykern):
+    # `tune --ray mypkg.ops:matmul --keys ...` (docs/cli.md's form) was refused by click with
+    # "Missing argument 'TARGETS...'" before --ray's value could be read as the target.
+    monkeypatch.setitem(sys.modules, "ray", None)  # stops the run where Ray is first needed
+    monkeypatch.setattr("tunebook._optional.available", lambda module: module != "ray")
+    res = invoke("tune", "--ray", f"{raykern['name']}:add", "--keys", "n=100", ok=None)
+    assert res.exit_code == 1 and "pip install 'tunebook[ray]'" in res.output, res.output
+    none = invoke("tune", "--keys", "n=100", ok=False)
+    assert none.exit_code == 2 and "Missing argument 'TARGETS...'" in none.output
+
+
 def test_ray_options_need_ray_and_workers_do_not_go_with_it(raykern):
     alone = invoke("tune", f"{raykern['name']}:add", "--keys", "n=100", "--gpus", "2", ok=False)
     assert "need --ray" in alone.output

@@ -490,6 +490,9 @@ def test_push_says_what_is_wrong_and_sends_nothing_on_a_dry_run(server: RedisSer
     assert "Traceback" not in down.stderr
     malformed = _push(tmp_path / "book", "--redis", "redis://host:6379/abc", ok=False)
     assert "not a number" in malformed.stderr and "Traceback" not in malformed.stderr
+    no_url = _push(tmp_path / "book", "--redis", "notaurl", ok=False)
+    (line,) = no_url.stderr.strip().splitlines()  # one line, not the store's warning twice first
+    assert line.startswith("Error: cannot use the Redis book at notaurl") and "redis://book-host" in line
     dry = _push(tmp_path / "book", "--redis", server.url, "--dry-run")
     assert f"would send {name} (1 keys)" in dry.stdout
     assert RedisStore(server.url, **PATIENT).fetch(name) is None

@@ -95,6 +95,18 @@ def _check_db(url: str) -> None:
         raise ValueError(f"the database {db!r} is not a number (redis://host:6379/0 names database 0)")
 
 
+def url_problem(url: str) -> str | None:
+    """Why redis-py would not take ``url`` (None: it would), for a command line to say before
+    it opens a store (whose own word for it is a warning that names TUNEBOOK_REDIS_URL)."""
+    redis = _import_redis()
+    try:
+        redis.Redis.from_url(url)  # parses; connects only at the first request
+        _check_db(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _import_redis() -> Any:
     redis = require("redis", feature="tunebook's shared fleet book (TUNEBOOK_REDIS_URL)", extra="redis")
     importlib.import_module("redis.backoff")

@@ -3,8 +3,9 @@
 Editing a kernel (or a jitted helper it calls) changes its source hash and so its kernel
 id; the old results stay in files nobody reads again. Given the modules that define the
 kernels as they are now, prune deletes the files of the same kernel names and key names
-whose kernel id is not a current one, on this Triton version, and the ``.corrupt-*``
-copies the library kept aside. Left alone: kernels of other names, imported pages
+whose kernel id is not a current one, on this Triton version, and the
+``<name>.corrupt-<time>-<pid>`` copies the library kept aside. Left alone: kernels of
+other names, imported pages
 (``tunebook import``), unreadable files, and, reported, pages of another Triton version
 (the source hash covers Triton's own jitted functions, such as ``tl.sum``, which change
 between releases: such a page may be current for the fleet that runs that version) and
@@ -72,8 +73,9 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     """Delete BOOK files of old versions of the kernels defined in the --keep modules.
 
     A file is dropped when its kernel name is one of those kernels' names and its kernel id
-    (source hash + key names) is not the one this process computes. `.corrupt-*` leftovers
-    are dropped too.
+    (source hash + key names) is not the one this process computes. Copies of unreadable
+    files a write kept aside (NAME.corrupt-TIME-PID) and pages an interrupted prune left
+    (PAGE.pruning-PID) are dropped too.
     """
     loaded = load_or_fail(book)  # before the imports, which take seconds (torch)
     kernels = current_kernels(keep)

@@ -29,18 +29,18 @@ _KEYS_A_REQUEST = 64
 
 
 def _store(url: str) -> Any:
-    from .._book.redis_store import RedisStore
+    from .._book.redis_store import RedisStore, _redacted, url_problem
 
     try:
-        store = RedisStore(url, connect_timeout=_CONNECT_S, read_timeout=_READ_S, request_timeout=_REQUEST_S)
+        problem = url_problem(url)
     except ImportError as exc:
         raise click.ClickException(str(exc)) from None
-    if not store.available:  # a malformed URL: the store said why (a warning above)
+    if problem is not None:
         raise click.ClickException(
-            f"cannot use the Redis book at {store.shown}: the URL is not one (see the warning above); "
-            "give one such as redis://book-host:6379/0"
+            f"cannot use the Redis book at {_redacted(url)}: {problem}; give a URL such as "
+            "redis://book-host:6379/0"
         )
-    return store
+    return RedisStore(url, connect_timeout=_CONNECT_S, read_timeout=_READ_S, request_timeout=_REQUEST_S)
 
 
 def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:

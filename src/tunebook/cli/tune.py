@@ -77,7 +77,9 @@ def _key_values(tuner: Autotuner, text: str) -> dict[str, Any]:
 
 
 @click.command("tune")
-@click.argument("targets", nargs=-1, required=True)
+# Not required=True: `--ray mypkg.ops:matmul` hands the one target to --ray, and click refused
+# the command before _ray_address could take it back; the check follows that.
+@click.argument("targets", nargs=-1)
 @click.option("--misses", is_flag=True, help="Tune every recorded miss of the kernels in these MODULEs.")
 @click.option(
     "--keys", "keys", multiple=True, help="With MODULE:KERNEL, a key to tune: NAME=VALUE,... (repeatable)."
@@ -152,9 +154,11 @@ def command(
     _check_targets(targets, misses, keys)
     book = _settings.book_dir()
     problem = write_problem(book)  # before importing anything: results must have somewhere to go
+    there = existing_parent(book)
     refusal = click.ClickException(
         f"cannot write the book at {book} ({problem}), so tuning results would be lost. Point "
-        f"TUNEBOOK_DIR at a writable directory, or make {existing_parent(book)} writable."
+        "TUNEBOOK_DIR at a writable directory"
+        + (f", or make {there} writable." if there.is_dir() else ".")  # a file: no permission helps
     )
     if problem is not None and not dry_run:
         raise refusal
@@ -217,6 +221,10 @@ def _ray_address(value: str, targets: tuple[str, ...]) -> tuple[str, tuple[str, 
 
 
 def _check_targets(targets: tuple[str, ...], misses: bool, keys: tuple[str, ...]) -> None:
+    if not targets:
+        raise click.UsageError(
+            "Missing argument 'TARGETS...': give --misses MODULE ... or MODULE:KERNEL --keys NAME=VALUE,..."
+        )
     if misses == bool(keys):
         raise click.UsageError("give either --misses MODULE ... or MODULE:KERNEL --keys NAME=VALUE,...")
     kernels = [t for t in targets if _looks_like_kernel(t)]
