@@ -112,6 +112,8 @@ def test_tune_says_a_batch_above_the_default_max_batch_before_tuning(
     [
         (["--gguf", ""], "--gguf: expected a .gguf file; found an empty value"),  # read "." before
         (["--seed", str(10**23)], "--seed: expected 0 to 2**63 - 1"),  # said after the model loaded
+        (["--gguf", "f.gguf", "--model", "llama-3-8b"], "leave out --model llama-3-8b"),  # ignored
+        (["--gguf", "f.gguf", "--random"], "leave out --random"),  # the file was ignored
     ],
 )
 def test_generate_refuses_values_before_loading(
