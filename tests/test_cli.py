@@ -870,6 +870,7 @@ def test_import_vllm_rejects_foreign_file_names(tmp_path: Path) -> None:
         ({"1": {"BLOCK_SIZE_M": "x"}}, 'batch size 1: BLOCK_SIZE_M is "x"'),
         ({"1": {"BLOCK_SIZE_M": 16, "num_warps": 4.5}}, "batch size 1: num_warps is 4.5"),
         ({"1": {"GROUP_SIZE_M": True}}, "batch size 1: GROUP_SIZE_M is true"),
+        ({"1": {"BLOCK_M": "sixteen", "BLOCK_N": 64, "BLOCK_K": 64}}, 'batch size 1: BLOCK_M is "sixteen"'),
         ({"many": {"BLOCK_SIZE_M": 16}}, 'the batch size "many"'),
     ],
 )

@@ -154,8 +154,30 @@ def test_a_key_file_without_its_kernel_field_is_called_damaged_not_another_versi
 
 
 def test_keys_that_are_not_ascii_are_shown_as_written(tmp_path: Path) -> None:
-    book_of(tmp_path / "book", {("注意",): two_configs()})
-    assert "注意" in invoke("show", tmp_path / "book").stdout
+    book_of(tmp_path / "book", {("注意",): two_configs(), ("\ud800",): two_configs()})
+    shown = invoke("show", tmp_path / "book").stdout  # a lone surrogate cannot be printed as is
+    assert "注意" in shown and "\\ud800" in shown
+    invoke("report", tmp_path / "book", "-o", tmp_path / "r.html")
+
+
+def test_report_to_a_fifo_does_not_wait_on_it(tmp_path: Path) -> None:
+    # The check for a non-HTML file opened the FIFO to read it: the command hung.
+    book_of(tmp_path / "book", {(1,): two_configs()})
+    fifo = tmp_path / "out.html"
+    os.mkfifo(fifo)
+    res = invoke("report", tmp_path / "book", "-o", fifo, ok=None)
+    assert "Traceback" not in res.output
+
+
+def test_a_directory_kept_aside_as_corrupt_is_a_leftover(book_dir: Path, tmp_path: Path) -> None:
+    # A write keeps aside whatever sits at a key file's name, a directory too.
+    tune_add()
+    (page,) = [p for p in book_dir.iterdir() if p.is_dir()]
+    aside = page / "1.json.corrupt-20260101T000000-1"
+    aside.mkdir()
+    assert str(aside) in invoke("show", book_dir).output
+    invoke("prune", book_dir, "--keep", module_file(tmp_path))
+    assert not aside.exists()
 
 
 # ------------------------------------------------------------------------------------ prune
@@ -206,13 +228,18 @@ def test_merge_counts_what_it_wrote_and_names_the_fix_for_what_it_left(tmp_path:
     assert "upgrade tunebook" in res.output and "permissions" not in res.output
 
 
-def test_merge_keeps_the_later_tunebook_version_by_number(tmp_path: Path) -> None:
-    book_of(tmp_path / "a", {(1,): two_configs()}, version="0.9.0")
-    book_of(tmp_path / "b", {(1,): two_configs()}, version="0.10.0")
-    invoke("merge", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "m")
-    (page,) = [p for p in (tmp_path / "m").iterdir() if p.is_dir()]
-    (merged,) = key_files(page)
-    assert json.loads(merged.read_text())["tunebook"] == "0.10.0"  # "0.9.0" won as text
+@pytest.mark.parametrize(
+    ("older", "newer"),
+    [("0.9.0", "0.10.0"), ("0.9", "0.9.1"), ("1.0.0rc1", "1.0.0"), ("1.0rc1", "1.5"), ("1.0", "1.0.0.post1")],
+)
+def test_merge_keeps_the_later_tunebook_version_by_number(tmp_path: Path, older: str, newer: str) -> None:
+    for first, second in ((older, newer), (newer, older)):
+        book_of(tmp_path / first / "a", {(1,): two_configs()}, version=first)
+        book_of(tmp_path / first / "b", {(1,): two_configs()}, version=second)
+        invoke("merge", tmp_path / first / "a", tmp_path / first / "b", "-o", tmp_path / first / "m")
+        (page,) = [p for p in (tmp_path / first / "m").iterdir() if p.is_dir()]
+        (merged,) = key_files(page)
+        assert json.loads(merged.read_text())["tunebook"] == newer  # "0.9.0" won as text
 
 
 # -------------------------------------------------------------------------- odd directories

@@ -436,9 +436,15 @@ def test_keys_tuned_while_redis_was_down_reach_the_fleet_through_push(
     assert "2 keys, 0 new to the fleet" in again.stdout, again.stdout
 
 
-def test_a_push_never_changes_what_the_fleet_serves(server: RedisServer, tmp_path: Path) -> None:
+def test_a_push_never_replaces_what_the_fleet_holds_and_counts_misses_once(
+    server: RedisServer, tmp_path: Path
+) -> None:
     # The fleet measured BLOCK=16 at 1 ms for key 64; a host's book says 5 ms for it and adds
     # BLOCK=32 and key 128. The fleet's result stands, as any host's write would leave it.
+    # A recorded miss (key 256, 3 serving processes) pushed twice is counted once: Redis adds
+    # up what it is sent, and each push sent the whole count again (3, 6, 9).
+    from dataclasses import replace as changed
+
     from store_contract import doc as page_doc
     from tunebook.cli._common import write_document
     from tunebook.cli._load import canonical_file_name
@@ -447,15 +453,22 @@ def test_a_push_never_changes_what_the_fleet_serves(server: RedisServer, tmp_pat
     name = canonical_file_name(page_doc(64, {16: 1.0}))
     assert fleet.merge(name, page_doc(64, {16: 1.0})) is not None
     book = tmp_path / "book"
-    write_document(book / name, page_doc(64, {16: 5.0, 32: 2.0}).merged_over(page_doc(128, {16: 3.0})))
+    missed = page_doc(256, {})
+    missed = changed(missed, entries={k: changed(e, misses=3) for k, e in missed.entries.items()})
+    local = page_doc(64, {16: 5.0, 32: 2.0}).merged_over(page_doc(128, {16: 3.0})).merged_over(missed)
+    write_document(book / name, local)
     _push(book, "--redis", server.url)
+    again = _push(book, "--redis", server.url)
+    assert "3 keys, 0 new to the fleet" in again.stdout, again.stdout
     stored = fleet.fetch(name)
     assert stored is not None
+    (miss,) = [e for e in stored.entries.values() if e.key[0] == 256]
+    assert miss.misses == 3 and not miss.results
     timings = {
         e.key[0]: {r.config["kwargs"]["BLOCK"]: r.median for r in e.results.values()}
         for e in stored.entries.values()
     }
-    assert timings == {64: {16: 1.0, 32: 2.0}, 128: {16: 3.0}}
+    assert timings == {64: {16: 1.0, 32: 2.0}, 128: {16: 3.0}, 256: {}}
 
 
 def test_a_page_of_many_keys_is_sent_in_parts(server: RedisServer, tmp_path: Path) -> None:

@@ -21,6 +21,14 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
+def writable_fix(path: Path, choose: str) -> str:
+    """How to make ``path`` writable: ``choose`` (e.g. "choose another --out"), or make its
+    nearest existing ancestor writable, unless that is a file, which no permission makes a
+    directory (the error before this names it as none)."""
+    there = existing_parent(path)
+    return f"{choose}, or make {there} writable" if there.is_dir() else choose
+
+
 def write_problem(directory: Path) -> str | None:
     """Why files could not be written into ``directory`` (None: they can).
 

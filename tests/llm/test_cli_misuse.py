@@ -26,7 +26,9 @@ def one_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
     return err
 
 
-def write_gguf(path: Path, *, heads: int = 2, layers: int = 1, merges: bool = True, q_rows: int = 8) -> Path:
+def write_gguf(
+    path: Path, *, heads: int = 2, kv_heads: int = 1, layers: int = 1, merges: bool = True, q_rows: int = 8
+) -> Path:
     """A tiny Llama GGUF file (hidden 8, 2 query heads of 4, 1 KV head), its weights zeros;
     ``heads``, ``layers``, ``merges`` and the q projection's rows spoil it on demand."""
     import gguf
@@ -37,7 +39,7 @@ def write_gguf(path: Path, *, heads: int = 2, layers: int = 1, merges: bool = Tr
     w.add_block_count(layers)
     w.add_embedding_length(hidden)
     w.add_head_count(heads)
-    w.add_head_count_kv(1)
+    w.add_head_count_kv(kv_heads)
     w.add_feed_forward_length(ffn)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_context_length(64)
@@ -192,6 +194,7 @@ def test_a_file_named_by_the_environment_is_served_under_its_own_name(
     [
         ("cut", "is not a GGUF model file, or one cut short"),  # IndexError from gguf
         ("heads=0", "llama.embedding_length 8 and llama.attention.head_count 0 must be >= 1"),
+        ("kv_heads=0", "n_kv_heads is 0; it must be at least 1"),  # ZeroDivisionError before
         # 3 heads of hidden 8: a head size of 8 // 3 = 2, so 6 query rows where the file has 8
         ("heads=3", "q_proj.weight has shape (8, 8), where the file's metadata makes it (6, 8)"),
         ("layers=2", "the weights lack model.layers.1"),  # KeyError before

@@ -20,6 +20,7 @@ from .._book import pagedir
 from .._book.files import LOCK_TIMEOUT_S, read_book_file
 from .._book.records import NEWER, Document
 from .._writable import existing_parent as existing_parent  # the CLI's commands import them here
+from .._writable import writable_fix
 from .._writable import write_problem as write_problem
 from ._load import Loaded, Page, is_page_dir, load
 
@@ -121,13 +122,8 @@ def writing(what: Path, fix: str) -> Iterator[None]:
 
 
 def output_fix(path: Path, choose: str) -> str:
-    """How to make ``path`` (an -o output) writable: ``choose`` (e.g. "Choose another file with
-    -o"), or make its nearest existing ancestor writable, unless that is a file, which no
-    permission makes a directory."""
-    there = existing_parent(path)
-    if not there.is_dir():  # the error before this names it as no directory
-        return f"{choose}."
-    return f"{choose}, or make {there} writable."
+    """How to make ``path`` (an -o output) writable, as a sentence (see ``writable_fix``)."""
+    return writable_fix(path, choose) + "."
 
 
 def resolve_book(book: Path | None) -> Path:
@@ -279,7 +275,7 @@ def fail_if_left_alone(left_alone: list[str]) -> None:
         if newer:
             fixes.append("upgrade tunebook to write the newer tunebook's")
         if len(newer) < len(left_alone):
-            fixes.append("check the permissions of the others and run the command again")
+            fixes.append("look at the others (the reason is given for each) and run the command again")
         raise click.ClickException(
             f"{len(left_alone)} key file(s) left as they were, their keys not written ("
             + "; ".join(left_alone)

@@ -44,8 +44,8 @@ PRUNING = ".pruning-"
 # whether it is a directory: what it is, and whether ``prune`` removes it (a ``.foreign-``
 # page holds another kernel's readable results).
 _STAMP = r"\d{8}T\d{6}-\d+"  # <time>-<pid>, as pagedir writes them
-LEFTOVERS: dict[re.Pattern[str], tuple[bool, str, bool]] = {
-    re.compile(rf".+\.corrupt-{_STAMP}"): (False, "an unreadable book kept aside by an earlier write", True),
+LEFTOVERS: dict[re.Pattern[str], tuple[bool | None, str, bool]] = {
+    re.compile(rf".+\.corrupt-{_STAMP}"): (None, "an unreadable book kept aside by an earlier write", True),
     re.compile(rf".+{re.escape(PRUNING)}\d+"): (True, "a page an interrupted prune was deleting", True),
     re.compile(rf".+\.foreign-{_STAMP}"): (
         True,
@@ -58,7 +58,9 @@ LEFTOVERS: dict[re.Pattern[str], tuple[bool, str, bool]] = {
 def leftover_kind(path: Path) -> tuple[str, bool] | None:
     """(what the leftover ``path`` is, whether ``prune`` removes it); None: no leftover of ours."""
     for pattern, (directory, what, pruned) in LEFTOVERS.items():
-        if pattern.fullmatch(path.name) and (path.is_dir() and not path.is_symlink()) == directory:
+        # None: either (a write keeps aside whatever sits at a file's name, a directory too)
+        is_dir = path.is_dir() and not path.is_symlink()
+        if pattern.fullmatch(path.name) and directory in (None, is_dir):
             return what, pruned
     return None
 

@@ -222,4 +222,6 @@ def fmt_time(ms: float | None) -> str:
 
 
 def fmt_key(key: list[Any]) -> str:
-    return json.dumps(key, separators=(",", ":"), ensure_ascii=False)  # a person reads it
+    text = json.dumps(key, separators=(",", ":"), ensure_ascii=False)  # a person reads it
+    # A lone surrogate (a key from a file name that is not UTF-8) cannot be printed or written.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -82,8 +82,9 @@ def _entry_problem(m_text: str, config: dict[str, Any]) -> str | None:
     as an integer that is not one, or a tile size it needs that the entry lacks."""
     if not is_integer(scalar(m_text)):
         return f"the batch size {json.dumps(m_text)}; {_INTEGERS}"
+    integers = {alias for aliases in CONFIG_FIELDS.values() for alias in aliases} | set(COMPILER_OPTIONS)
     for name, value in config.items():
-        if (name in CONFIG_FIELDS or name in COMPILER_OPTIONS) and not is_integer(value):
+        if name in integers and not is_integer(value):  # BLOCK_M as well as BLOCK_SIZE_M
             return f"batch size {m_text}: {name} is {json.dumps(value)}; {_INTEGERS}"
     missing = [f for f in _TILE_FIELDS if not any(alias in config for alias in CONFIG_FIELDS[f])]
     if missing:

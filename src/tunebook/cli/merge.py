@@ -76,11 +76,19 @@ def merge_entries(a: Entry, b: Entry) -> Entry:
     )
 
 
-def _version_order(version: str) -> tuple[tuple[int, int, str], ...]:
-    """ "0.10.0" after "0.9.0" (as text it came first); a part that is no number sorts after the
-    numbers, by its text, and the text breaks ties ("0.9" and "0.09")."""
-    parts = re.split(r"[.+-]", version)
-    return (*((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts), (2, 0, version))
+def _version_order(version: str) -> tuple[tuple[int, ...], int, str, str]:
+    """The order of tunebook versions: "0.10.0" after "0.9.0" (as text it came first), "0.9.1"
+    after "0.9", "1.0.0" after "1.0.0rc1". The release numbers (trailing zeros dropped), then
+    a final release (or a +local / .postN one) after its pre-releases, then the text."""
+    found = re.match(r"(\d+(?:\.\d+)*)(.*)", version)
+    if found is None:
+        return ((), 0, version, version)
+    release = [int(p) for p in found[1].split(".")]
+    while release and release[-1] == 0:
+        release.pop()
+    suffix = found[2]
+    final = not suffix or suffix.startswith(("+", ".post"))
+    return (tuple(release), int(final), suffix, version)
 
 
 def _canonical(value: object) -> str:

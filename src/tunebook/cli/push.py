@@ -5,12 +5,15 @@ tunes; keys tuned while Redis was down, or on a machine that had no URL set, rea
 fleet only through this command. It reads the books as ``merge`` does (the inputs first
 combined by measurement), then merges each page into Redis by the fleet's own rule: what
 Redis already holds stands per (key, config), as every host's writes do, so a push never
-changes a winner the fleet already serves; it adds the keys and configs Redis lacks.
+replaces a result the fleet holds; it adds the keys and configs Redis lacks (a faster added
+config then wins, as when a host measures it). Miss counts are sent as far as Redis lacks
+them, so pushing a book twice counts its misses once.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +54,21 @@ def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:
     for start in range(0, len(names), _KEYS_A_REQUEST):
         chunk = names[start : start + _KEYS_A_REQUEST]
         held = store.fetch(name, chunk, expected=identity)
-        same = held is not None and held.kernel.get("hash") == doc.kernel.get("hash")
-        new += len(chunk) - (len(held.entries) if same and held is not None else 0)
-        part = Document(doc.kernel, doc.platform, {k: doc.entries[k] for k in chunk})
+        mine = held.entries if held is not None and held.kernel.get("hash") == doc.kernel.get("hash") else {}
+        # New to the fleet: a key it holds no result for (a recorded miss there is none).
+        new += sum(1 for k in chunk if doc.entries[k].results and not (k in mine and mine[k].results))
+        # Redis adds up the miss counts it is sent (each process sends its own once): the
+        # part of ours it lacks, so that a second push of the same book adds nothing.
+        part = Document(
+            doc.kernel,
+            doc.platform,
+            {
+                k: replace(doc.entries[k], misses=max(0, doc.entries[k].misses - mine[k].misses))
+                if k in mine
+                else doc.entries[k]
+                for k in chunk
+            },
+        )
         if store.merge(name, part) is None:
             # The store logged the error itself, above.
             why = "it is unreachable" if not store.available else "it refused the write"
@@ -79,13 +94,15 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
 
     Keys tuned while Redis was down, or on a machine without TUNEBOOK_REDIS_URL, reach the
     fleet this way. What Redis already holds stands per (key, config), as every host's own
-    writes do: a push adds what the fleet lacks and never changes a winner it serves.
+    writes do: a push adds the keys and configs the fleet lacks (an added config that is
+    faster then wins, as when a host measures it) and never replaces a result it holds.
     """
     url = url or os.environ.get("TUNEBOOK_REDIS_URL") or None
     if not url:
         raise click.UsageError(
             "no Redis book named: pass --redis redis://HOST:6379/0 or set TUNEBOOK_REDIS_URL"
         )
+    store = _store(url)  # a malformed URL, or no redis-py, before the books are read
     docs: list[Document] = []
     for source in books or (None,):
         loaded = load_or_fail(source)
@@ -98,7 +115,6 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
         for name in sorted(merged):
             console.print(f"would send {escape(name)} ({len(merged[name].entries)} keys)")
         return
-    store = _store(url)
     new_keys = 0
     for name in sorted(merged):
         new, sent = _push(store, name, merged[name])

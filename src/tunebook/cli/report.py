@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import multiprocessing
 import os
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -297,12 +298,12 @@ def _check_not_a_book(output: Path) -> None:
             param_hint="-o",
         )
     try:
+        if not stat.S_ISREG(os.stat(output).st_mode):
+            return  # a FIFO or a terminal would block a read: writing it says what it is
         with output.open("rb") as f:
             start = f.read(512).lstrip().lower()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return  # nothing there yet (a directory is click's to refuse), or a path error writing names
     except OSError:
-        return  # unreadable: writing it says why
+        return  # nothing there yet (a directory is click's to refuse), or unreadable: writing says why
     if start and not start.startswith((b"<!doctype html", b"<html")):
         raise click.BadParameter(
             f"{output} exists and is not an HTML page (a report replaces only its own earlier "

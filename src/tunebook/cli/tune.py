@@ -32,7 +32,7 @@ from .._book import Entry, Page, Result, now_iso
 from .._calls import validate
 from .._sweep.jobs import key_jobs, miss_jobs
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
-from ._common import err, existing_parent, os_error_text, out, parse_assignments, write_problem
+from ._common import err, os_error_text, out, output_fix, parse_assignments, write_problem
 from ._modules import import_module, module_autotuners, resolve_kernel
 from ._unsaved import Received, save_aside, save_to_book
 
@@ -154,11 +154,9 @@ def command(
     _check_targets(targets, misses, keys)
     book = _settings.book_dir()
     problem = write_problem(book)  # before importing anything: results must have somewhere to go
-    there = existing_parent(book)
     refusal = click.ClickException(
-        f"cannot write the book at {book} ({problem}), so tuning results would be lost. Point "
-        "TUNEBOOK_DIR at a writable directory"
-        + (f", or make {there} writable." if there.is_dir() else ".")  # a file: no permission helps
+        f"cannot write the book at {book} ({problem}), so tuning results would be lost. "
+        f"{output_fix(book, 'Point TUNEBOOK_DIR at a writable directory')}"
     )
     if problem is not None and not dry_run:
         raise refusal

@@ -91,13 +91,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--block-size: expected 1 to {MOST_BLOCK_TOKENS} tokens a block; found {args.block_size}"
         )
     if not args.dry_run:
-        from .._writable import existing_parent, write_problem
+        from .._writable import writable_fix, write_problem
 
         problem = write_problem(Path(args.out))  # before tuning: its results need somewhere to go
         if problem:
             parser.error(
                 f"--out: cannot write the book at {args.out} ({problem}), so tuning results would be "
-                f"lost; choose a writable directory, or make {existing_parent(Path(args.out))} writable"
+                f"lost; {writable_fix(Path(args.out), 'choose a writable directory')}"
             )
     return args
 
@@ -269,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
+        sys.stdout.flush()  # inside the try: Python's own flush at exit would raise outside it
+        sys.exit(code)
     except BrokenPipeError:  # `--dry-run | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush too
         sys.exit(0)

@@ -282,14 +282,14 @@ def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
     padded batch size and context bucket, run in ``tune`` mode into ``--out``."""
     import tunebook
 
-    from ..._writable import existing_parent, write_problem
+    from ..._writable import writable_fix, write_problem
     from .kv_cache import blocks_for
 
     problem = write_problem(Path(args.out))  # before tuning: its results need somewhere to go
     if problem:
         print(
             f"error: cannot write the book at {args.out} ({problem}), so tuning results would be lost; "
-            f"choose a writable --out, or make {existing_parent(Path(args.out))} writable",
+            f"{writable_fix(Path(args.out), 'choose a writable --out')}",
             file=sys.stderr,
         )
         return 2
@@ -362,9 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tune(args, on_gpu)
         if args.command == "generate":
             return _generate(args, on_gpu)
+        return _serve(args, on_gpu)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a book is written atomically)
         print(f"\npython -m tunebook.demo.llm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _serve(args: argparse.Namespace, on_gpu: bool) -> int:
+    """The HTTP server (uvicorn handles Ctrl-C itself once it serves)."""
     from .server import serve
 
     problem = _listen_problem(args.host, args.port)  # before the model loads (seconds to minutes)

@@ -37,6 +37,10 @@ class ModelConfig:
     eos_id: int | None = None
 
     def __post_init__(self) -> None:
+        sizes = ("vocab", "hidden", "layers", "n_q_heads", "n_kv_heads", "head_size", "intermediate")
+        for size in sizes:  # a GGUF file's metadata can say 0 (the modulo below then raised)
+            if getattr(self, size) < 1:
+                raise ValueError(f"{self.name}: {size} is {getattr(self, size)}; it must be at least 1")
         if self.n_q_heads % self.n_kv_heads:
             raise ValueError(
                 f"{self.name}: {self.n_q_heads} query heads do not share {self.n_kv_heads} KV heads evenly "

@@ -137,7 +137,7 @@ def _config(reader: Any, name: str) -> ModelConfig:
     vocab = _field(reader, "llama.vocab_size") or len(tokens)
     if not vocab:
         raise ValueError(f"{name}: the GGUF metadata has neither llama.vocab_size nor a token list")
-    config = ModelConfig(
+    return ModelConfig(  # which checks every size is at least 1 and the heads divide evenly
         name=name,
         vocab=int(vocab),
         hidden=hidden,
@@ -153,21 +153,6 @@ def _config(reader: Any, name: str) -> ModelConfig:
         bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
     )
-    sizes = {
-        "block_count": config.layers,
-        "attention.head_count_kv": config.n_kv_heads,
-        "rope.dimension_count": config.head_size,
-        "feed_forward_length": config.intermediate,
-    }
-    for key, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"{name}: llama.{key} is {value}; a Llama model's must be at least 1")
-    if n_q % config.n_kv_heads:
-        raise ValueError(
-            f"{name}: {n_q} query heads are no multiple of {config.n_kv_heads} KV heads "
-            "(llama.attention.head_count and head_count_kv)"
-        )
-    return config
 
 
 def hf_name(gguf_name: str) -> str | None:
