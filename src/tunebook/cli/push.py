@@ -47,24 +47,24 @@ def _store(url: str) -> Any:
 
 
 def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:
-    """(keys Redis lacked, keys sent) for one page; raises ClickException when Redis refuses."""
+    """(keys new to the fleet, keys sent) for one page; raises ClickException when Redis refuses."""
     identity = {"kernel": doc.kernel, "platform": doc.platform}
     names = sorted(doc.entries)
     new = 0
     for start in range(0, len(names), _KEYS_A_REQUEST):
         chunk = names[start : start + _KEYS_A_REQUEST]
         held = store.fetch(name, chunk, expected=identity)
-        mine = held.entries if held is not None and held.kernel.get("hash") == doc.kernel.get("hash") else {}
+        fleet = held.entries if held is not None and held.kernel.get("hash") == doc.kernel.get("hash") else {}
         # New to the fleet: a key it holds no result for (a recorded miss there is none).
-        new += sum(1 for k in chunk if doc.entries[k].results and not (k in mine and mine[k].results))
+        new += sum(1 for k in chunk if doc.entries[k].results and not (k in fleet and fleet[k].results))
         # Redis adds up the miss counts it is sent (each process sends its own once): the
         # part of ours it lacks, so that a second push of the same book adds nothing.
         part = Document(
             doc.kernel,
             doc.platform,
             {
-                k: replace(doc.entries[k], misses=max(0, doc.entries[k].misses - mine[k].misses))
-                if k in mine
+                k: replace(doc.entries[k], misses=max(0, doc.entries[k].misses - fleet[k].misses))
+                if k in fleet
                 else doc.entries[k]
                 for k in chunk
             },
