@@ -277,3 +277,16 @@ def test_explain_reads_no_keys_of_other_kernels_pages(book_dir: Path, tmp_path: 
     module_file(tmp_path)
     res = invoke("explain", f"{tmp_path / 'mykernels.py'}:add", ok=None)
     assert res.exit_code == 0 and "'key' must be a list" not in res.output, res.output
+
+
+def test_merging_a_book_into_itself_rewrites_no_key_file(tmp_path: Path) -> None:
+    # Every key file was replaced (a temp file, an fsync and a rename each): 42 s for two
+    # 10,000-key books, most of them unchanged. A file that already holds its text stays.
+    page = book_of(tmp_path / "book", {(n,): two_configs() for n in range(1, 6)})
+    before = {p.name: os.stat(p).st_ino for p in key_files(page)}
+    invoke("merge", tmp_path / "book", "-o", tmp_path / "book")
+    assert {p.name: os.stat(p).st_ino for p in key_files(page)} == before
+    book_of(tmp_path / "news", {(1,): two_configs(0.5)})  # one key changes: its file alone
+    invoke("merge", tmp_path / "news", "-o", tmp_path / "book")
+    after = {p.name: os.stat(p).st_ino for p in key_files(page)}
+    assert [name for name in after if after[name] != before[name]] == [key_files(page)[0].name]

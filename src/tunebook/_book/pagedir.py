@@ -397,6 +397,16 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
     _write(directory / PAGE_FILE, text + "\n", _hidden(directory, "tmp"))
 
 
+def _holds(path: Path, text: str) -> bool:
+    """Whether the file at ``path`` is ``text`` already (a merge of a book into itself, or of
+    news it has, rewrote every key file: 42 s of fsyncs for two 10,000-key books)."""
+    try:
+        raw = read_regular_file(path, MAX_ENTRY_BYTES)
+    except (Unusable, OSError):
+        return False
+    return raw is not None and raw == text.encode("utf-8")
+
+
 def remove_keys(directory: Path, key_texts: Iterable[str], lock_wait_s: float) -> None:
     """Remove these keys' files (and news pending for them) from the page, each under its
     lock: for the command line, which decided they go (a re-import of a file whose new
@@ -505,7 +515,9 @@ def replace_page(
             pending = _pending(directory, name)
             decided = _folded(entry, pending, meta, text)
             assert decided is not None
-            _write(directory / name, entry_text(decided, meta), tmp)
+            wanted = entry_text(decided, meta)
+            if not _holds(directory / name, wanted):  # an unchanged key costs a read, not an fsync
+                _write(directory / name, wanted, tmp)
             for path in pending:
                 with contextlib.suppress(OSError):
                     path.unlink()
