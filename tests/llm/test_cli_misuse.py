@@ -124,7 +124,8 @@ def test_generate_refuses_values_before_loading(
     with pytest.raises(SystemExit) as exited:
         cli.main(["generate", "hi", *args])
     assert exited.value.code == 2
-    one_error(capsys, message)
+    # The subcommand's usage and name: the top-level usage listed only the subcommands.
+    one_error(capsys, message, "python -m tunebook.demo.llm generate: error:", "[--seed SEED]")
 
 
 def test_ctrl_c_is_one_line_and_status_130(

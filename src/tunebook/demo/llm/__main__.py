@@ -96,6 +96,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     tune.add_argument("--max-configs", type=int, default=None, help="configs measured per key")
     _model_arguments(tune)
     args = parser.parse_args(argv)
+    # The checks below are of one subcommand's options: its error prints its own usage line
+    # (the top-level one listed only the subcommands, none of the option named).
+    parser = sub.choices[args.command]
     if args.command == "tune":  # checked now, not after the model loaded and the prefills tuned
         for option in ("batches", "contexts", "prefills"):
             setattr(args, option, _positive_ints(parser, option, getattr(args, option)))
