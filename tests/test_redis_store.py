@@ -189,6 +189,7 @@ def test_a_value_that_is_no_page_of_this_kernel_is_kept_aside_by_the_next_merge(
     assert fetched is not None and fetched.dumps() == doc.dumps()
     (aside,) = raw.keys(key + ":foreign-*")
     assert raw.dump(aside) == before  # kept as it was, for a person to look at
+    assert not raw.exists(key + ":corrupt-keys")  # its meta is in the copy, not copied again
     assert any("aside" in r.getMessage() for r in caplog.records)
 
 

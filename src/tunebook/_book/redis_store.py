@@ -517,8 +517,8 @@ class RedisStore:
                     stored, bad, meta_ok = self._parse(fields, file_name, identity)
                     if stored is not None and stored.kernel.get("hash") != news.kernel.get("hash"):
                         foreign = True
-                    if foreign:
-                        stored, bad, meta_ok = None, [], False
+                    if foreign:  # kept whole under the new name: none of its fields is copied
+                        fields, stored, bad, meta_ok = {}, None, [], False
                     merged = news.merged_over(stored)
                     pipe.multi()
                     stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{random.getrandbits(32):08x}"
