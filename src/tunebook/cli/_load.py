@@ -57,9 +57,9 @@ LEFTOVERS: dict[re.Pattern[str], tuple[bool | None, str, bool]] = {
 
 def leftover_kind(path: Path) -> tuple[str, bool] | None:
     """(what the leftover ``path`` is, whether ``prune`` removes it); None: no leftover of ours."""
+    is_dir = path.is_dir() and not path.is_symlink()
     for pattern, (directory, what, pruned) in LEFTOVERS.items():
         # None: either (a write keeps aside whatever sits at a file's name, a directory too)
-        is_dir = path.is_dir() and not path.is_symlink()
         if pattern.fullmatch(path.name) and directory in (None, is_dir):
             return what, pruned
     return None
@@ -107,6 +107,14 @@ class Loaded:
     pages: list[Page] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     leftovers: list[Path] = field(default_factory=list)
+
+    def leftover_kinds(self) -> Iterator[tuple[Path, str, bool]]:
+        """Each leftover with what it is and whether ``prune`` removes it (one gone or
+        replaced since the listing is left out)."""
+        for path in self.leftovers:
+            kind = leftover_kind(path)
+            if kind is not None:
+                yield path, *kind
 
 
 def identity_of(doc: Document) -> KernelIdentity:

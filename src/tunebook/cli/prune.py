@@ -26,7 +26,7 @@ from rich.markup import escape
 from .._book.pages import KernelIdentity
 from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
-from ._load import PRUNING, leftover_kind
+from ._load import PRUNING
 from ._modules import module_autotuners
 from ._summary import is_imported
 
@@ -100,10 +100,7 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
             doomed.append((page.path, why))
     # Copies of unreadable files kept aside by a write (beside the pages, or in one) and pages
     # an interrupted prune left; a ``.foreign-*`` page (another kernel's readable book) stays.
-    for path in loaded.leftovers:
-        what, pruned = leftover_kind(path) or ("", False)  # listed as one by the loader
-        if pruned:
-            doomed.append((path, what))
+    doomed += [(path, what) for path, what, pruned in loaded.leftover_kinds() if pruned]
     console = out()
     verb = "would drop" if dry_run else "dropped"
     failed: list[str] = []

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._common import book_argument, echo_json, load_or_fail, out, select_pages, warn_skipped
-from ._load import Loaded, Page, leftover_kind
+from ._load import Loaded, Page
 from ._summary import (
     REFERENCES,
     KeySummary,
@@ -143,7 +143,6 @@ def command(
         if failures:
             _print_failures(console, summaries)
         console.print()
-    for path in loaded.leftovers:
-        what, pruned = leftover_kind(path) or ("", False)  # listed as one by the loader
+    for path, what, pruned in loaded.leftover_kinds():
         then = "`tunebook prune` removes it" if pruned else "prune leaves it"
         console.print(f"[yellow]leftover[/] {escape(str(path))} ({what}; {then})")
