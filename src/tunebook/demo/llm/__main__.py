@@ -117,7 +117,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--port: expected 0-65535; found {args.port}")
     if getattr(args, "gguf", None) == "":  # an unset $MODEL: it read the current directory
         parser.error("--gguf: expected a .gguf file; found an empty value")
-    if getattr(args, "gguf", None) and (args.random or args.model != "smollm2-135m"):
+    if getattr(args, "gguf", None) and (args.random or args.model != parser.get_default("model")):
         # Either was ignored: --random drew the preset's weights, --model gave way to the file.
         other = "--random" if args.random else f"--model {args.model}"
         parser.error(f"--gguf reads the model (shapes and weights) from its file; leave out {other}")
