@@ -76,7 +76,7 @@ _MAX_TRIES = 64
 _SETTING_ERRORS = ("DB index is out of range", "NOAUTH", "WRONGPASS", "invalid password")
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """``url`` with its password replaced by ``***``: messages and logs never carry it."""
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
@@ -252,7 +252,7 @@ class RedisStore:
     ) -> None:
         redis = _import_redis()  # the only exception the store lets out: a missing extra
         self.url = url
-        self.shown = _redacted(url)  # what messages print: never the password
+        self.shown = redacted(url)  # what messages print: never the password
         self.retry_after_s = retry_after_s
         self.request_timeout = max(request_timeout, connect_timeout, read_timeout)
         self.max_reply_bytes = max_reply_bytes

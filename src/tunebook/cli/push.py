@@ -32,7 +32,7 @@ _KEYS_A_REQUEST = 64
 
 
 def _store(url: str) -> Any:
-    from .._book.redis_store import RedisStore, _redacted, url_problem
+    from .._book.redis_store import RedisStore, redacted, url_problem
 
     try:
         problem = url_problem(url)
@@ -40,7 +40,7 @@ def _store(url: str) -> Any:
         raise click.ClickException(str(exc)) from None
     if problem is not None:
         raise click.ClickException(
-            f"cannot use the Redis book at {_redacted(url)}: {problem}; give a URL such as "
+            f"cannot use the Redis book at {redacted(url)}: {problem}; give a URL such as "
             "redis://book-host:6379/0"
         )
     return RedisStore(url, connect_timeout=_CONNECT_S, read_timeout=_READ_S, request_timeout=_REQUEST_S)
