@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,37 @@ def test_keys_of_several_names_are_tuned_and_each_name_is_asked_for_once(
         assert bad.exit_code == 2 and said in bad.output and "--keys n=...,scale=..." in bad.output, (
             bad.output
         )
+
+
+def test_tune_with_stderr_closed_or_cut_short_still_tunes(kernel_module: str, book_dir: Path) -> None:
+    """Found by a misuse review: `tunebook tune ... 2>&-` exited 1 having tuned nothing (the
+    console asked a None stderr whether it was a terminal), and progress into a pipe whose
+    reader had gone raised BrokenPipeError out of the kernel call."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TUNEBOOK_PROGRESS": "1"}
+    closed = subprocess.run(
+        [sys.executable, "-m", "tunebook", "tune", f"{kernel_module}:add", "--keys", "n=256"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=300,
+        preexec_fn=lambda: os.close(2),  # started with stderr closed: Python's sys.stderr is None
+    )
+    assert closed.returncode == 0, closed.stdout
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    assert doc is not None and len(next(iter(doc.entries.values())).results) == 2
+    # A kernel call whose progress goes to a pipe that is closed at once.
+    script = (
+        f"import {kernel_module} as m, torch\n"
+        "from small_kernels import grid_1d\n"
+        "x = torch.randn(300); out = torch.empty(300)\n"
+        "m.add[grid_1d(300)](x, x, out, 300)\n"
+        "print('right' if torch.allclose(out, 2 * x) else 'wrong', flush=True)\n"
+    )
+    cut = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert cut.stderr is not None
+    cut.stderr.close()  # the reader has gone before the first progress line
+    stdout, _ = cut.communicate(timeout=300)
+    assert cut.returncode == 0 and stdout.strip() == "right", stdout

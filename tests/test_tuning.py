@@ -3,9 +3,11 @@ resumption, failures and tie-aware choice, on real kernels in the CPU interprete
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import sys
 from typing import Any
 
 import pytest
@@ -751,3 +753,22 @@ def test_a_search_resumed_with_a_larger_budget_chooses_what_it_finds(book_dir, m
     land.measured.clear()
     call(tunebook.autotune(SPACE, max_configs=8, **options)(add_kernel), 64)
     assert land.measured == []
+
+
+@pytest.mark.parametrize("stderr", ["none", "closed", "broken pipe"])
+def test_progress_never_fails_the_call_whatever_stderr_is(monkeypatch, stderr):
+    """Found by a misuse review: with stderr None (a process started with it closed), closed,
+    or a pipe whose reader had gone, the kernel call raised from the progress line."""
+
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    stream = {"none": None, "closed": io.StringIO(), "broken pipe": Gone()}[stderr]
+    if stderr == "closed":
+        stream.close()
+    monkeypatch.setenv("TUNEBOOK_PROGRESS", "1")
+    monkeypatch.setattr(sys, "stderr", stream)
+    land = Landscape(bowl)
+    call(tuned(SPACE, land))
+    assert len(land.measured) == 24

@@ -3,6 +3,11 @@
 Shown when ``TUNEBOOK_PROGRESS=1``, or by default (``auto``) when stderr is a terminal and
 the tuning has run for more than a second; never when ``TUNEBOOK_PROGRESS=0``. Every
 update is also logged at DEBUG level to the "tunebook" logger.
+
+Progress is a courtesy: a stderr that is absent (a process started with it closed, where
+Python's ``sys.stderr`` is None), closed, or a pipe whose reader has gone turns it off, and
+the tuning goes on (until 2026-12 the kernel call raised: its results were saved, its output
+never computed).
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ from . import _settings
 log = logging.getLogger("tunebook")
 
 
+def stderr_is_tty() -> bool:
+    """Whether stderr is a terminal; False where there is no usable stderr."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, OSError, ValueError):  # None, closed, or a stream without a file
+        return False
+
+
 class Progress:
     def __init__(self, kernel: str, key: Any, *, interval_s: float = 0.5) -> None:
         self.kernel, self.key = kernel, key
@@ -26,7 +39,7 @@ class Progress:
         self._last = 0.0
         self._shown = False
         mode = _settings.progress()
-        self._enabled = mode == "1" or (mode == "auto" and sys.stderr.isatty())
+        self._enabled = mode == "1" or (mode == "auto" and stderr_is_tty())
         self._always = mode == "1"
 
     def line(self, done: int, total: int, best_ms: float, phase: str = "") -> str:
@@ -46,14 +59,18 @@ class Progress:
             return
         self._last = now
         self._shown = True
-        end = "\r" if sys.stderr.isatty() else "\n"
-        sys.stderr.write(text + end)
-        sys.stderr.flush()
+        self._write(text + ("\r" if stderr_is_tty() else "\n"))
 
     def close(self, done: int, total: int, best_ms: float, why: str = "") -> None:
         """The last line: ``why`` says why the search ended (``_tuner.why_stopped``)."""
         text = self.line(done, total, best_ms, f"done ({why})" if why else "done")
         log.info("%s", text)
         if self._shown or (self._always and self._enabled):
-            sys.stderr.write(text + "\n")
+            self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stderr.write(text)
             sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):  # no stderr, closed, or its reader gone
+            self._enabled = self._shown = self._always = False

@@ -204,8 +204,11 @@ def select_pages(loaded: Loaded, kernels: Sequence[str] = ()) -> list[Page]:
 _UNWRAPPED = 1 << 16
 
 
-def _console(stream: TextIO, stderr: bool) -> Console:
-    tty = stream.isatty()
+def _console(stream: TextIO | None, stderr: bool) -> Console:
+    try:
+        tty = bool(stream.isatty())  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):  # started with it closed (None), or closed since
+        tty = False
     return Console(stderr=stderr, highlight=False, soft_wrap=stderr, width=None if tty else _UNWRAPPED)
 
 
