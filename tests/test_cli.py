@@ -1128,3 +1128,94 @@ def test_verbose_after_the_command_says_where_it_goes(book_dir: Path) -> None:
         assert f"(tunebook {name} show ...)" in res.output
     assert "add_kernel" in invoke("-v", "show", book_dir).stdout
     assert "is an option of tunebook itself" not in invoke("show", "--wrong", book_dir, ok=False).output
+
+
+def test_import_vllm_under_a_name_of_the_same_page_name_is_refused(tmp_path: Path) -> None:
+    """Found by a misuse review: `--kernel vllm.moe` then `--kernel vllm-moe` wrote one page
+    (the names file alike), so the second import replaced the first one's tables: Tables
+    ("vllm.moe") then served the other kernel's configs, and Tables("vllm-moe") none."""
+    tiles = {"BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
+    first, second = tmp_path / "a" / VLLM_NAME, tmp_path / "b" / VLLM_NAME
+    for path, m in ((first, 128), (second, 64)):
+        path.parent.mkdir()
+        path.write_text(json.dumps({"256": {"BLOCK_SIZE_M": m, **tiles}}))
+    invoke("import", "--format", "vllm", first, "--kernel", "vllm.moe", "-o", tmp_path / "imp")
+    (page,) = (tmp_path / "imp").iterdir()
+    before = book_bytes(page)
+    assert len(before) == 2  # type: ignore[arg-type]  # page.json and the key
+    res = invoke(
+        "import", "--format", "vllm", second, "--kernel", "vllm-moe", "-o", tmp_path / "imp", ok=False
+    )
+    assert res.exit_code == 1 and 'imported as kernel "vllm.moe"' in res.output, res.output
+    assert "another book (-o DIR)" in res.output
+    assert book_bytes(page) == before
+    doc = the_doc(tmp_path / "imp")
+    assert doc.kernel["name"] == "vllm.moe"
+    assert [r.config["kwargs"]["BLOCK_SIZE_M"] for e in doc.entries.values() for r in e.results.values()] == [
+        128
+    ]
+    invoke(
+        "import", "--format", "vllm", second, "--kernel", "vllm-moe", "-o", tmp_path / "imp2"
+    )  # elsewhere: fine
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ('{"1": {"BLOCK_SIZE_M": 16}, "1": {"BLOCK_SIZE_M": 32}}', 'the key "1" appears twice'),
+        (
+            '{"1000000000000000000000000000000000000000001": {}}',
+            "the batch size 100000000000000000000000...; expected one from 1",
+        ),
+        ('{"0": {}}', "the batch size 0; expected one from 1"),
+        ('{"1": {"BLOCK_SIZE_M": 100000000000000000000000000000}}', "beyond 64 bits"),
+        ('{"1": {"BLOCK_SIZE_M": NaN}}', "NaN is not a number"),
+        (
+            '{"1": {"BLOCK_SIZE_M": 0, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64}}',
+            "BLOCK_SIZE_M is 0; expected 1 or more",
+        ),
+        (
+            '{"1": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": -4}}',
+            "num_warps is -4; expected 1",
+        ),
+        (
+            '{"1": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_stages": -3}}',
+            "num_stages is -3; expected 0",
+        ),
+    ],
+)
+def test_import_vllm_refuses_what_the_book_would_store_otherwise_or_not_read_back(
+    tmp_path: Path, text: str, found: str
+) -> None:
+    """Found by a misuse review: a repeated batch size kept its last entry silently; a 42-digit
+    batch size was imported, after which every command warned of an unreadable key file;
+    1e29 as an integer was stored as a string, NaN as "nan"; tiles and warps of 0 or less
+    were imported as configs nothing can launch."""
+    path = tmp_path / VLLM_NAME
+    path.write_text(text)
+    res = invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert res.exit_code == 1 and found in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "imp").exists()
+
+
+def test_import_vllm_of_a_directory_reads_regular_files_only(tmp_path: Path) -> None:
+    """Found by a misuse review: a FIFO with a table's name in the directory hung the import,
+    and a link to /dev/zero read until memory ran out."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    os.mkfifo(tables / "E=8,N=256,device_name=NVIDIA_H100.json")
+    res = invoke("import", "--format", "vllm", tables, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert res.exit_code == 1 and "named pipe" in res.output, res.output
+    os.unlink(tables / "E=8,N=256,device_name=NVIDIA_H100.json")
+    os.symlink("/dev/zero", tables / "E=8,N=256,device_name=NVIDIA_H100.json")
+    res = invoke("import", "--format", "vllm", tables, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert res.exit_code == 1 and "character device" in res.output, res.output
+
+
+@pytest.mark.parametrize("device", ["..", " ", "NVIDIA\tH100"])
+def test_import_vllm_refuses_a_device_name_export_would_refuse(tmp_path: Path, device: str) -> None:
+    path = tmp_path / f"E=8,N=256,device_name={device}.json"
+    path.write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64}}))
+    res = invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
+    assert res.exit_code == 1 and "device name" in res.output, res.output
+    assert not (tmp_path / "imp").exists()

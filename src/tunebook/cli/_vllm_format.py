@@ -102,8 +102,8 @@ def name_problems(fields: dict[str, Any], device: str) -> list[str]:
     for name, value in (("dtype", fields.get("dtype")), ("device name", device)):
         if value and (any(c in str(value) for c in ",/\\") or _UNPRINTABLE.search(str(value))):
             problems.append(f"{name} {value!r} contains ',', '/', '\\' or a control character")
-    if str(device).strip(".") == "":
-        problems.append(f"device name {device!r} is empty or dots only")
+    if problem := device_problem(str(device), control=False):
+        problems.append(problem)
     # A book's device name is untrusted text: the file name it makes must be one short path
     # component, written inside the output directory and nowhere else.
     length = len(f"E={fields['E']},N={fields['N']},device_name={device},dtype={fields.get('dtype')}".encode())
@@ -113,6 +113,16 @@ def name_problems(fields: dict[str, Any], device: str) -> list[str]:
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def device_problem(device: str, *, control: bool = True) -> str | None:
+    """Why ``device`` names no GPU (empty, dots, blanks; with ``control``, a control character),
+    or None. Export and import refuse the same names."""
+    if device.strip(". \t") == "":
+        return f"device name {device!r} is empty, dots or blanks only"
+    if control and _UNPRINTABLE.search(device):
+        return f"device name {device!r} contains a control character"
+    return None
 
 
 def scalar(text: str) -> Any:

@@ -14,10 +14,10 @@ import click
 from rich.markup import escape
 
 from .._book import KernelIdentity, book_file_name, pagedir
-from .._book.files import LOCK_TIMEOUT_S
+from .._book.files import LOCK_TIMEOUT_S, MAX_BOOK_BYTES, Unusable, read_regular_file
 from .._book.records import Document, Entry, Result, config_id, config_record
 from .._fingerprint import platform_id, platform_slug
-from .._jsonio import key_text
+from .._jsonio import INT_LIMIT, key_text, strict_loads
 from .._tables import IMPORTED_BACKEND
 from .._version import __version__
 from ._common import (
@@ -39,6 +39,7 @@ from ._vllm_format import (
     IMPORT_TIMER,
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
+    device_problem,
     is_integer,
     parse_name,
     scalar,
@@ -48,13 +49,20 @@ from ._vllm_format import (
 def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(fields from the file name, {M: config}) or a ClickException saying what is wrong."""
     fields, problem = parse_name(path.name)
+    if fields is not None and (bad := device_problem(fields["device"])):
+        fields, problem = None, bad
     if fields is None:
         raise click.ClickException(
             f"{path.name}: {problem}; pass --skip-unsupported to import the other files without it"
         )
     try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Bounded and regular files only: a FIFO in the directory hung the import, a link to
+        # /dev/zero read until memory ran out.
+        raw = read_regular_file(path, MAX_BOOK_BYTES)
+        if raw is None:
+            raise FileNotFoundError(f"{path} is gone")
+        table = strict_loads(raw.decode("utf-8"), unique_keys=True)
+    except (Unusable, OSError, ValueError, RecursionError) as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from None
     if isinstance(table, dict):
         # vLLM's newer files record the Triton they were tuned with; vLLM drops it on reading
@@ -80,12 +88,19 @@ _INTEGERS = "expected an integer (vLLM reads batch sizes and config fields as in
 def _entry_problem(m_text: str, config: dict[str, Any]) -> str | None:
     """What vLLM could not read in one entry (None: nothing): the batch size, a field it reads
     as an integer that is not one, or a tile size it needs that the entry lacks."""
-    if not is_integer(scalar(m_text)):
+    m = scalar(m_text)
+    if not is_integer(m):
         return f"the batch size {json.dumps(m_text)}; {_INTEGERS}"
+    if not 1 <= m < INT_LIMIT:
+        return f"the batch size {m_text[:24]}{'...' * (len(m_text) > 24)}; expected one from 1 to 2**63 - 1"
     integers = {alias for aliases in CONFIG_FIELDS.values() for alias in aliases} | set(COMPILER_OPTIONS)
     for name, value in config.items():
         if name in integers and not is_integer(value):  # BLOCK_M as well as BLOCK_SIZE_M
             return f"batch size {m_text}: {name} is {json.dumps(value)}; {_INTEGERS}"
+        # A tile, a group or a warp count below 1 launches nothing (num_stages may be 0: ROCm's)
+        least = 0 if name == "num_stages" else 1
+        if name in integers and value < least:
+            return f"batch size {m_text}: {name} is {value}; expected {least} or more"
     missing = [f for f in _TILE_FIELDS if not any(alias in config for alias in CONFIG_FIELDS[f])]
     if missing:
         return (
@@ -282,6 +297,14 @@ def _write_imports(
         if there.exists() and not existing:
             raise click.ClickException(f"{there} exists but is not a readable book; move it away and re-run")
         replaced, stale = 0, []
+        other = existing[0].doc.kernel.get("name") if existing else kernel
+        if other != kernel:  # names alike but for punctuation file under one page name
+            raise click.ClickException(
+                f"{page_dir} holds the tables imported as kernel {json.dumps(other)}, which files under "
+                f"the same page name as {json.dumps(kernel)}: importing would replace them. Import "
+                f"{json.dumps(kernel)} into another book (-o DIR), or under another name (a page's name "
+                "keeps a kernel name's letters, digits and '_', writes the rest as '-', and stops at 60)"
+            )
         if existing:  # re-import replaces each imported file's entries, keeps the other files'
             before = existing[0].doc.entries
             files = {_file_of(e.key, names, m_name) for e in doc.entries.values()}
