@@ -304,7 +304,7 @@ def test_isolate_option_keeps_the_calling_process_alive(servekern, book_dir):
 
 def test_isolate_needs_an_importable_kernel():
     kernel = tunebook.autotune(block_configs(32, 64), key=["n"], isolate=True)(add_kernel)
-    with pytest.raises(ValueError, match="importable module"):
+    with pytest.raises(tunebook.ConfigurationError, match="importable module"):
         call(kernel, 100)
 
 

@@ -9,7 +9,8 @@ A *call description* is plain JSON stored with a recorded miss::
      "grids": {"<config id>": [256, 1, 1], ...}}
 
 Tensors are described by shape, strides, dtype and device type, never by contents; scalars
-by value. ``grids`` holds the launch grid every candidate config would have used (the
+by value; a Triton dtype passed as a constexpr (``tl.float16``) by its name
+(``{"triton_dtype": "fp16"}``). ``grids`` holds the launch grid every candidate config would have used (the
 grid callable is evaluated at miss time), since the callable itself cannot be stored.
 
 Rebuilding (``build_args``) makes tensors of that layout filled with random values
@@ -51,6 +52,8 @@ def describe_value(value: Any) -> dict[str, Any]:
         }
     if is_scalar(value):
         return {"value": value}
+    if type(value).__name__ == "dtype" and type(value).__module__.startswith("triton.language"):
+        return {"triton_dtype": str(value.name)}  # exactly tl.dtype: pointer types are subclasses
     return {"opaque": type(value).__name__}  # replayable only through an inputs= factory
 
 
@@ -115,7 +118,7 @@ def validate(desc: Any, where: str) -> str | None:
 
 def _validate_value(item: Any) -> str | None:
     if not isinstance(item, dict) or len(item) != 1:
-        return "must be an object with one of 'tensor', 'value', 'none', 'opaque'"
+        return "must be an object with one of 'tensor', 'value', 'none', 'opaque', 'triton_dtype'"
     ((kind, body),) = item.items()
     if kind == "none":
         return None if body is True else "'none' must be true"
@@ -123,6 +126,9 @@ def _validate_value(item: Any) -> str | None:
         return None if is_scalar(body) else "'value' must be a JSON scalar"
     if kind == "opaque":
         return None if isinstance(body, str) and len(body) < 200 else "'opaque' must be a short string"
+    if kind == "triton_dtype":
+        ok = isinstance(body, str) and len(body) < 20 and body.isascii() and body.isalnum()
+        return None if ok else "'triton_dtype' must name a Triton dtype (fp16, bf16, int32, ...)"
     if kind != "tensor" or not isinstance(body, dict):
         return f"unknown kind {kind!r}"
     shape, stride = body.get("shape"), body.get("stride")
@@ -164,18 +170,28 @@ def build_value(item: Mapping[str, Any], device: str | None, generator: Any) -> 
             f"an argument of type {body} cannot be rebuilt from a description; register an inputs= "
             "factory with the autotuner to build this kernel's arguments"
         )
+    if kind == "triton_dtype":
+        import triton.language as tl
+
+        try:
+            return tl.dtype(body)
+        except (AssertionError, ValueError):  # Triton asserts a dtype's name
+            raise ValueError(f"unknown Triton dtype {body!r} in a call description") from None
     import torch
 
     dtype = _torch_dtype(body["dtype"])
     where = device or body.get("device", "cpu")
     shape, stride = tuple(body["shape"]), tuple(body["stride"])
-    t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
+    # The storage is filled, then viewed with the strides: a view whose elements overlap
+    # (a stride of 0, as ``expand`` makes) cannot be written through.
+    span = 0 if 0 in shape else 1 + sum((d - 1) * st for d, st in zip(shape, stride))
+    storage = torch.empty(span, dtype=dtype, device=where)
     if dtype.is_floating_point:
         # Random, not zeros: zeros run faster than real data on some GPUs.
-        t.copy_(torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype))
+        storage.copy_(torch.randn(span, generator=generator, dtype=torch.float32).to(dtype))
     else:
-        t.zero_()
-    return t
+        storage.zero_()
+    return storage.as_strided(shape, stride)
 
 
 def build_args(

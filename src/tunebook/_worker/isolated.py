@@ -4,12 +4,15 @@ A config that crashes (illegal memory access, device-side assert) or hangs takes
 only the worker; it is recorded as failed with its reason, the worker is restarted, and
 this process and its CUDA context are never touched. The worker rebuilds the call from
 its description (or the kernel's ``inputs=``), so the kernel must be a global of an
-importable module.
+importable module; the worker imports it along this process's ``sys.path`` (a program that
+put its kernels' folder on ``sys.path`` itself, or one run from another directory, is
+understood as it is here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _calls, _compat
 from .._book import Entry, Page, Result, now_iso
 from .._call import Call
-from .._errors import BookFormatError, TuningFailed
+from .._errors import BookFormatError, ConfigurationError, TuningFailed
 from .._jsonio import stored_key
 from .._tuner import Outcome
 from .supervisor import run_jobs
@@ -47,7 +50,7 @@ def import_path(tuner: Autotuner) -> tuple[str, str]:
                 inner = getattr(inner, "fn", None)
             if inner is tuner:
                 return module_name, attr
-    raise ValueError(
+    raise ConfigurationError(
         f"tunebook.autotune(isolate=True): {tuner.base_fn.__name__} must be a global of an importable "
         f"module for a worker process to load it (it was defined in {tuner.defined_in or '__main__'!r}); "
         "move the kernel into a module, or tune without isolate=True"
@@ -82,9 +85,15 @@ def tune_isolated(
         ),
         timeout_s=tuner.options.isolate_timeout,
         devices=_compat.current_device_ids(),
+        env={"PYTHONPATH": worker_path()},
         on_event=collect,
     )
     report = reports[0]
+    if report.status == "error" and not report.crashed and not results:
+        raise TuningFailed(
+            f"tunebook: isolated tuning of {tuner.label} key {list(key)}: its worker process "
+            f"failed before measuring any config, and nothing was recorded: {report.reason}"
+        )
     page.refresh(key_text)
     # The worker's results, also when it could not write them (a read-only book): kept
     # in this process's page, written if this process can.
@@ -97,4 +106,12 @@ def tune_isolated(
             f"that runs: {report.reason or 'every config failed'}; `tunebook show` lists each "
             "config's reason"
         )
-    return Outcome(entry, report.benchmarked, len(report.crashed), time.perf_counter() - start)
+    # Every worker's results: a restarted worker's "done" counts only what it measured itself.
+    benchmarked = max(report.benchmarked, len(results))
+    return Outcome(entry, benchmarked, len(report.crashed), time.perf_counter() - start)
+
+
+def worker_path() -> str:
+    """This process's ``sys.path`` as a worker's PYTHONPATH ('' is the directory it runs in)."""
+    paths = [p or os.getcwd() for p in sys.path if isinstance(p, str)]
+    return os.pathsep.join(dict.fromkeys(paths))

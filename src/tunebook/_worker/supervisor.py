@@ -98,27 +98,39 @@ def run_jobs(
     reports = {job["index"]: JobReport(job["index"]) for job in jobs}
     queues = [jobs[w::workers] for w in range(max(1, workers))]
     lock = threading.Lock()
+    stop = threading.Event()  # the caller was interrupted: every worker goes, no new one starts
 
-    def supervise(slot: int, queue: list[dict[str, Any]]) -> None:
-        restarts = 0
-        while queue and restarts <= max_restarts:
-            remaining = _run_one_worker(
-                slot, queue, reports, record_failure, devices, timeout_s, env, on_event, lock
-            )
-            if remaining and remaining == queue:
-                restarts += 1  # no progress at all: count it, so a broken setup cannot loop forever
-            queue = remaining
-        for job in queue:
-            reports[job["index"]].status = "error"
-            reports[job["index"]].reason = reports[job["index"]].reason or "worker kept failing"
+    def supervise(slot: int, queue: list[dict[str, Any]], ended: threading.Event) -> None:
+        try:
+            restarts = 0
+            while queue and restarts <= max_restarts and not stop.is_set():
+                remaining = _run_one_worker(
+                    slot, queue, reports, record_failure, devices, timeout_s, env, on_event, lock, stop
+                )
+                if remaining and remaining == queue:
+                    restarts += 1  # no progress at all: count it, so a broken setup cannot loop forever
+                queue = remaining
+            for job in queue:
+                reports[job["index"]].status = "error"
+                reports[job["index"]].reason = reports[job["index"]].reason or "worker kept failing"
+        finally:
+            ended.set()
 
-    threads = [
-        threading.Thread(target=supervise, args=(i, q), daemon=True) for i, q in enumerate(queues) if q
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    slots = [(i, q, threading.Event()) for i, q in enumerate(queues) if q]
+    for slot in slots:
+        threading.Thread(target=supervise, args=slot, daemon=True).start()
+    try:
+        for _, _, ended in slots:
+            ended.wait()
+    except BaseException:
+        # Ctrl-C lands here, in the caller's thread: the supervising threads would carry on
+        # (a REPL or a server that catches it then had two workers tuning one key, each
+        # slowing the other's timings). They stop their workers and delete their job files.
+        # (Waited for by events: a join that Ctrl-C interrupted marks its thread ended.)
+        stop.set()
+        for _, _, ended in slots:
+            ended.wait(timeout=10)
+        raise
     return reports
 
 
@@ -132,6 +144,7 @@ def _run_one_worker(
     env: Mapping[str, str] | None,
     on_event: Callable[[int, dict[str, Any]], None] | None,
     lock: threading.Lock,
+    stop: threading.Event,
 ) -> list[dict[str, Any]]:
     """One worker process over ``queue``; returns the jobs still to do if it died."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
@@ -194,6 +207,8 @@ def _run_one_worker(
     try:
         while proc.poll() is None:
             time.sleep(0.05)
+            if stop.is_set():
+                return queue  # the finally below ends the worker; nothing is recorded
             if time.monotonic() - last_event[0] > timeout_s:
                 timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -216,7 +231,7 @@ def _run_one_worker(
         if "cid" in current:
             index = current["index"]
             reason = (
-                f"timed out: no progress for {timeout_s:.0f} s (a hang), worker killed"
+                f"timed out: no progress for {timeout_s:g} s (a hang), worker killed"
                 if timed_out
                 else f"the worker process died while running this config ({describe_exit(proc.returncode)})"
             )
@@ -235,7 +250,14 @@ def _run_one_worker(
             index = remaining[0]["index"]
             reports[index].status = "error"
             tail = "".join(stderr_tail).strip()[-500:]
-            reports[index].reason = f"worker died ({describe_exit(proc.returncode)}) before measuring: {tail}"
+            if timed_out:  # its start-up (Python, torch, Triton, the kernel's module) counts too
+                reports[index].reason = (
+                    f"timed out: the worker said nothing for {timeout_s:g} s before measuring anything "
+                    "(the timeout covers its start-up too: give a larger one)"
+                )
+            else:
+                died = describe_exit(proc.returncode)
+                reports[index].reason = f"worker died ({died}) before measuring: {tail}"
             if on_event is not None:
                 on_event(slot, {"event": "error", "index": index, "reason": reports[index].reason})
             remaining = remaining[1:]
