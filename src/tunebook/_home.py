@@ -17,7 +17,7 @@ from . import _buckets, _fingerprint
 from ._bench import Timers, choose_timers
 from ._book import Book, KernelIdentity, Page
 from ._options import Options
-from ._tables import TablePage
+from ._tables import TablePage, warn_if_unknown
 from ._tables import load as load_tables
 
 TimerSettings = Callable[[], tuple[Any, int | None, int | None, bool, bool]]
@@ -66,7 +66,10 @@ class KernelHome:
             return []
         slot = "device" if device is not None else "all"
         if slot not in self._tables:
-            self._tables[slot] = load_tables(tables, self.page().book.directories(), device)
+            directories = self.page().book.directories()
+            self._tables[slot] = load_tables(tables, directories, device)
+            if not self._tables[slot] and not self._tables.get("all"):
+                warn_if_unknown(tables, directories, self.kernel_identity().name)
         return self._tables[slot]
 
     def _timer_factory(self) -> tuple[Callable[[], Timers], str]:

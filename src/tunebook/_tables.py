@@ -165,6 +165,37 @@ def load(tables: Tables, directories: Sequence[Path], device: str | None = None)
     return found
 
 
+def warn_if_unknown(tables: Tables, directories: Sequence[Path], label: str) -> None:
+    """Say once, when the books hold tables imported under other names but none under
+    ``tables.kernel``, which names they hold: a mistyped name (``vllm.mo``) otherwise served
+    first configs with nothing said but "nothing comparable remembered". Books holding no
+    import at all say nothing (the pack's fused_moe reads vLLM's tables where imported)."""
+    if load(tables, directories):
+        return
+    names: set[str] = set()
+    for directory in directories:
+        try:
+            pages = sorted({pagedir.page_dir_name(p.name) for p in directory.iterdir()})
+        except OSError:
+            continue
+        store = DirectoryStore(directory, writable=False)
+        for name in pages:
+            head = None if "." in name else store.fetch(name + ".json", ())
+            if head is not None and _is_import(head.kernel, head.platform, str(head.kernel.get("name"))):
+                names.add(str(head.kernel.get("name")))
+    if not names:
+        return
+    _warnings.warn_once(
+        f"tables-unknown:{label}",
+        "tunebook: %s: tables=Tables(%r) finds no table imported under that name in %s (imported "
+        "there: %s); check the name given to `tunebook import --kernel` (said once).",
+        label,
+        tables.kernel,
+        ", ".join(map(str, directories)),
+        ", ".join(map(repr, sorted(names))),
+    )
+
+
 def _is_import(kernel: Mapping[str, Any], platform: Mapping[str, Any], name: str) -> bool:
     keys = kernel.get("key")
     return (
