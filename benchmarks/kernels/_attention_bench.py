@@ -30,7 +30,7 @@ from typing import Any
 
 import _timing
 import torch
-from _driver import Session, _config_dict, _max_error, _ratios, _record
+from _driver import Session, _config_dict, _max_error, _ratios, _record, check_options, how_decided
 
 # A variant's PyTorch baselines: name -> a no-argument call returning the output.
 Baselines = dict[str, Callable[[], Any]]
@@ -62,7 +62,10 @@ def parser(op: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def finish_parse(opts: argparse.Namespace) -> argparse.Namespace:
+def finish_parse(
+    p: argparse.ArgumentParser, opts: argparse.Namespace, int_lists: Sequence[str] = ()
+) -> argparse.Namespace:
+    check_options(p, opts, int_lists)
     if opts.dry_run:
         opts.rounds = 2
         opts.max_configs = opts.max_configs or 2
@@ -155,8 +158,7 @@ def _line(r: dict[str, Any], columns: Sequence[str]) -> str:
     parts = [f"{name} {v['median_us']:.2f}us" for name, v in r["timings"].items()]
     tb = r["timings"].get("tunebook", {})
     parts += [f"{c} {tb[c]:.3g}" for c in columns if c in tb]
-    how = "book" if r["tuning"]["from_book"] else f"{r['tuning']['configs_benchmarked']} configs tuned"
-    return ", ".join(parts) + f"; {how}; err {r['max_rel_error']:.1e}"
+    return ", ".join(parts) + f"; {how_decided(r)}; err {r['max_rel_error']:.1e}"
 
 
 def _summary(results: list[dict[str, Any]], columns: Sequence[str], copy_gbps: float) -> str:

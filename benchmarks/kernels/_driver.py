@@ -69,12 +69,78 @@ def _parse(op: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=540, help="seconds; later workloads are skipped")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     opts = parser.parse_args(argv)
+    check_options(parser, opts, int_lists=("tokens",))
     if opts.dry_run:
         opts.models = opts.models or "smollm2-135m"
         opts.tokens = opts.tokens or "1,3"
         opts.launches, opts.rounds, opts.no_compile = 2, 3, True
         opts.max_configs = opts.max_configs or 2
     return opts
+
+
+def int_list(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4], or the parser's one-line error naming ``option``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"{option}: expected comma-separated whole numbers; found {text!r}")
+    if not values or min(values) < 1:
+        parser.error(f"{option}: every value must be 1 or more; found {text!r}")
+    return values
+
+
+def check_options(
+    parser: argparse.ArgumentParser, opts: argparse.Namespace, int_lists: Sequence[str] = ()
+) -> None:
+    """What a run would trip over only after the device copy was measured, or at its end, said
+    now in one line: its lists and counts, and where it writes and reads. Checked as given,
+    dry run or not (a dry run then narrows them to tiny shapes). Model and dtype names are
+    checked once the pack is imported (``check_names``): importing it reads the settings
+    ``_setup_env`` makes."""
+    for name in int_lists:
+        if getattr(opts, name, None):
+            int_list(parser, "--" + name.replace("_", "-"), getattr(opts, name))
+    for name in ("rounds", "launches", "max_configs"):
+        value = getattr(opts, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected 1 or more; found {value}")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: a file, not a directory (the results go into a directory)")
+    try:  # made now: a run that cannot write its results must not run first
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out}: cannot make the results directory ({exc.strerror or exc})")
+    book = Path(opts.book) if opts.book else None
+    if book is not None and book.exists() and not book.is_dir():
+        parser.error(f"--book {book}: not a directory")
+    if opts.mode == "serve" and book is not None and not book.is_dir():
+        parser.error(
+            f"--book {book}: no such book; serve mode reads one (every key would be served by its "
+            "op's fallback config): give the directory the tuning wrote"
+        )
+
+
+def check_names(opts: argparse.Namespace) -> None:
+    """The model and dtype names, before anything is measured (one line)."""
+    from tunebook.kernels import _models
+
+    unknown = [d for d in opts.dtypes.split(",") if d not in _models.DTYPES]
+    if unknown:
+        known = ", ".join(_models.DTYPES)
+        raise SystemExit(f"error: --dtypes: unknown {', '.join(map(repr, unknown))}; known: {known}")
+    try:
+        _models.select_models(opts.models)
+    except ValueError as exc:
+        raise SystemExit(f"error: --models: {exc}") from None
+
+
+def how_decided(r: dict[str, Any]) -> str:
+    """How a row's key was decided, for its line: a serve-mode fallback said as such."""
+    tuning = r["tuning"]
+    if tuning["fallback"]:
+        return "fallback (no book entry)"
+    return "book" if tuning["from_book"] else f"{tuning['configs_benchmarked']} configs tuned"
 
 
 def _setup_env(opts: argparse.Namespace) -> None:
@@ -122,6 +188,7 @@ class Session:
         import triton
 
         self.op, self.opts = op, opts
+        check_names(opts)
         self.module = importlib.import_module(f"tunebook.kernels.{op}")
         self.kernel = getattr(self.module, f"_{op}_kernel")
         self.out_dir = Path(opts.out)
@@ -310,8 +377,7 @@ def _ratios(series: dict[str, _timing.Series]) -> dict[str, float]:
 def _line(r: dict[str, Any]) -> str:
     t = r["timings"]
     parts = [f"{name} {v['median_us']:.2f}us" for name, v in t.items()]
-    how = "book" if r["tuning"]["from_book"] else f"{r['tuning']['configs_benchmarked']} configs tuned"
-    return ", ".join(parts) + f"; {how}; err {r['max_rel_error_vs_eager']:.1e}"
+    return ", ".join(parts) + f"; {how_decided(r)}; err {r['max_rel_error_vs_eager']:.1e}"
 
 
 def _summary(results: list[dict[str, Any]], copy_gbps: float) -> str:

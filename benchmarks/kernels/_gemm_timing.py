@@ -169,6 +169,30 @@ def common_parser(
     return p
 
 
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The options both GEMM benchmarks take, checked before anything is measured: a list or
+    an --out they would trip over at the end of a run, after every row was timed."""
+    for option, text in (("--m", args.m), ("--tune-m", args.tune_m)):
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            p.error(f"{option}: expected comma-separated whole numbers; found {text!r}")
+        if min(values) < 1:
+            p.error(f"{option}: every value must be 1 or more; found {text!r}")
+    if args.repeats < 1:
+        p.error(f"--repeats: expected 1 or more; found {args.repeats}")
+    if args.out is not None:
+        if args.out.exists() and not args.out.is_dir():
+            p.error(f"--out {args.out}: a file, not a directory (the results go into a directory)")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            p.error(f"--out {args.out}: cannot make the results directory ({exc.strerror or exc})")
+    if args.book_dir is not None and args.book_dir.exists() and not args.book_dir.is_dir():
+        p.error(f"--book-dir {args.book_dir}: not a directory")
+    return args
+
+
 def setup_env(args: argparse.Namespace) -> None:
     """Before triton is imported: the interpreter for a dry run, the book, the mode."""
     if args.dry_run:

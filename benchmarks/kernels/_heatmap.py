@@ -45,6 +45,13 @@ def arguments(doc: str, runs: str, argv: Sequence[str] | None) -> argparse.Names
     p.add_argument("--runs", nargs="+", type=Path, required=True, help=runs)
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     opts = p.parse_args(argv)
+    out: Path = opts.out
+    if out.is_dir():  # matplotlib would write "<dir>.png" beside it, or refuse its suffix
+        p.error(f"--out {out}: a directory; give the PNG file's path (such as {out / 'grid.png'})")
+    if out.suffix.lower() != ".png":
+        p.error(f"--out {out}: the picture is a PNG; give a path ending in .png")
+    if not out.parent.is_dir():
+        p.error(f"--out {out}: no directory {out.parent} to write it in")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -97,8 +104,10 @@ def _cell(ax: Any, box: Any, norm: Any, i: int, j: int, value: float, framed: bo
         return
     missed = framed and value < target
     dark = framed and abs(float(norm(value)) - 0.5) > 0.33  # white text on deep colours
+    # A miss that rounds to the target (0.895 as "0.90") is shown to the third decimal.
+    text = f"{value:.3f}" if missed and round(value, 2) >= target else f"{value:.2f}"
     ax.text(
-        j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+        j, i, text, ha="center", va="center", fontsize=8,
         fontweight="bold" if missed else "normal", color="white" if dark else "black",
     )  # fmt: skip
     if framed:

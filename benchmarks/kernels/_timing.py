@@ -22,6 +22,7 @@ wall-clock timer and no graphs, so the scripts are checked end to end on a CPU.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -171,3 +172,19 @@ def table(rows: Sequence[Sequence[str]]) -> str:
         cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def study_out(doc: str | None, takes_out: bool = True) -> str | None:
+    """A study script's command line: its docstring for --help and, with ``takes_out``, the
+    directory its results go to (made here). It read ``sys.argv[1]`` as that directory, so
+    ``--help`` made a directory named "--help" and ran."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if takes_out:
+        parser.add_argument("out", help="the directory its results are written to")
+    opts = parser.parse_args()
+    if not takes_out:
+        return None
+    os.makedirs(opts.out, exist_ok=True)
+    return str(opts.out)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,21 +47,36 @@ class Cell:
     of_same_copy: float | None  # a copy of the op's bytes over tunebook's time (GPU runs since session 28)
 
 
-def load(paths: Sequence[Path], baseline: str) -> tuple[str, list[dict[str, dict[str, Any]]]]:
-    """Each run's timed rows by label, and the op (every run must be of the same one)."""
+def load(paths: Sequence[Path], baseline: str) -> tuple[str, list[dict[str, dict[str, Any]]], str]:
+    """Each run's timed rows by label, the op (every run must be of the same one), and what
+    was left out, in words ("" if nothing): rows a deadline skipped, rows timed against
+    other baselines."""
     ops, runs = set(), []
+    skipped, others = 0, Counter[str]()
     for path in paths:
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise SystemExit(f"{path}: not a benchmark's results file ({exc})") from None
-        if not isinstance(doc, dict) or "results" not in doc or "meta" not in doc:
+        meta = doc.get("meta") if isinstance(doc, dict) else None
+        results = doc.get("results") if isinstance(doc, dict) else None
+        if not isinstance(meta, dict) or not isinstance(results, list):
             raise SystemExit(f"{path}: no 'meta' and 'results': not a benchmark's results file")
-        ops.add(doc["meta"].get("op"))
-        runs.append({r["label"]: r for r in doc["results"] if f"{baseline}/tunebook" in r.get("ratios", {})})
+        ops.add(meta.get("op"))
+        rows = [r for r in results if isinstance(r, dict)]
+        runs.append({r["label"]: r for r in rows if f"{baseline}/tunebook" in (r.get("ratios") or {})})
+        for r in rows:
+            ratios = r.get("ratios") or {}
+            if "skipped" in r:
+                skipped += 1
+            elif f"{baseline}/tunebook" not in ratios:
+                names = [k.removesuffix("/tunebook") for k in ratios if k.endswith("/tunebook")]
+                others[", ".join(n for n in names if n.startswith("sdpa")) or "no baseline"] += 1
     if len(ops) != 1:
         raise SystemExit(f"the files are of different ops ({sorted(map(str, ops))}): compare one op's grids")
-    return ops.pop(), runs
+    notes = [f"{skipped} skipped by a deadline"] if skipped else []
+    notes += [f"{n} timed against {name} instead (--baseline)" for name, n in sorted(others.items())]
+    return ops.pop(), runs, "; ".join(notes)
 
 
 def cells(runs: list[dict[str, dict[str, Any]]], baseline: str) -> dict[str, Cell]:
@@ -148,8 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--moved", type=int, default=8, help="cells listed at each end")
     p.add_argument("--table", action="store_true", help="the per-cell markdown table")
     opts = p.parse_args(argv)
-    op, new_runs = load(opts.new, opts.baseline)
-    old_op, old_runs = load(opts.old, opts.baseline)
+    if opts.moved < 0:
+        p.error(f"--moved: expected 0 or more; found {opts.moved}")
+    op, new_runs, new_left = load(opts.new, opts.baseline)
+    old_op, old_runs, old_left = load(opts.old, opts.baseline)
     if op != old_op:
         raise SystemExit(f"--new is {op} and --old is {old_op}: compare one op's grids")
     new, old = cells(new_runs, opts.baseline), cells(old_runs, opts.baseline)
@@ -166,7 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spread = noise(runs, opts.baseline)
         if spread:
             print(f"{name}: second run over first {spread}: the noise")
-    shown = moves if len(moves) <= 2 * opts.moved else moves[: opts.moved] + moves[-opts.moved :]
+    for name, left in (("new", new_left), ("old", old_left)):
+        if left:
+            print(f"{name}: rows left out: {left}")
+    shown = moves if len(moves) <= 2 * opts.moved else moves[: opts.moved] + moves[len(moves) - opts.moved :]
     print(f"\nmoved most (new/old, {opts.baseline}/tunebook new and old, the cell with new's config):")
     for m, x in shown:
         print(f"{m:.3f}  {new[x].ratio:.3f} {old[x].ratio:.3f}  {short(new[x])}")

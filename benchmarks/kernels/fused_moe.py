@@ -39,6 +39,7 @@ from typing import Any
 
 from _gemm_timing import (
     Variant,
+    check_args,
     common_parser,
     print_table,
     start,
@@ -60,7 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-configs", type=Path, help="a directory of vLLM fused-MoE config JSON files")
     p.add_argument("--torch-max-m", type=int, default=8192, help="skip the PyTorch loop above this M")
     p.add_argument("--mix", metavar="GPU", help="time the book's GEMM configs mixed with GPU's table too")
-    return p.parse_args(argv)
+    args = check_args(p, p.parse_args(argv))
+    if args.vllm_configs is not None and not args.vllm_configs.is_dir():
+        p.error(f"--vllm-configs {args.vllm_configs}: no such directory")
+    if args.mix and args.vllm_configs is None and not args.dry_run:
+        p.error("--mix GPU mixes in a table of --vllm-configs DIR: give that directory too")
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    return args
 
 
 def load_vllm_tables(directory: Path) -> dict[tuple[int, int], dict[str, dict[int, dict[str, Any]]]]:
@@ -293,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run and table_dir is None:
             table_dir = dry_tables(Path(tempfile.mkdtemp()))
         tables = load_vllm_tables(table_dir) if table_dir else {}
+        if table_dir is not None and not tables:
+            raise SystemExit(f"error: --vllm-configs {table_dir}: no 16-bit vLLM fused-MoE table in it")
+        gpus = sorted({gpu for by_gpu in tables.values() for gpu in by_gpu})
+        if args.mix and args.mix not in gpus:
+            found = ", ".join(gpus)
+            raise SystemExit(f"error: --mix {args.mix}: no table of that GPU in {table_dir}; found: {found}")
         ms = [1, 3] if args.dry_run else [int(v) for v in args.m.split(",")]
         result["vllm_rule_check"] = check_vllm_rule(shapes(args), ms)
         result["rows"] = rows = measure(args, device, tables)

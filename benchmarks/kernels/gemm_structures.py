@@ -16,8 +16,8 @@ structure's best config as a ratio to cuBLAS (BENCHMARKS.md, section 5):
 import importlib
 import json
 import os
-import sys
 
+import _timing
 import torch
 import triton
 import triton.language as tl
@@ -220,5 +220,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    os.makedirs(sys.argv[1], exist_ok=True)
-    main(sys.argv[1])
+    main(_timing.study_out(__doc__) or "")

@@ -56,14 +56,24 @@ def points(paths: Sequence[Path]) -> tuple[list[Point], dict[str, Any]]:
             doc = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise SystemExit(f"{path}: not a benchmark's results file ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("meta", {}).get("op") != DECODE:
+        meta = doc.get("meta") if isinstance(doc, dict) else None
+        results = doc.get("results") if isinstance(doc, dict) else None
+        if not isinstance(meta, dict) or meta.get("op") != DECODE or not isinstance(results, list):
             raise SystemExit(f"{path}: not a {DECODE} grid (paged_attention.py's {DECODE}.json)")
-        metas.append(doc["meta"])
-        for row in doc["results"]:
-            if "sdpa/tunebook" in row.get("ratios", {}):
+        metas.append(meta)
+        for row in results:
+            if isinstance(row, dict) and "sdpa/tunebook" in (row.get("ratios") or {}):
                 rows.setdefault(row["label"], []).append(row)
     if not rows:
         raise SystemExit("the runs hold no cell timed against SDPA: nothing to draw")
+    # A cell is (layout, batch, context): runs of two block sizes would overwrite each other's.
+    blocks = sorted({int(same[0]["shape"].get("page", 16)) for same in rows.values()})
+    if len(blocks) > 1:
+        raise SystemExit(
+            f"the runs hold cells of cache blocks of {' and '.join(map(str, blocks))} tokens; "
+            "draw one block size at a time"
+        )
+    metas[0] = {**metas[0], "block": blocks[0]}
     out = []
     for same in rows.values():
         shape = same[0]["shape"]
@@ -120,7 +130,8 @@ def draw(cells: list[Point], meta: dict[str, Any], out: Path) -> None:
             )
         )
     title = (
-        f"paged_attention_decode, served ({meta.get('device', '?')}, Triton {meta.get('triton', '?')}, "
+        f"paged_attention_decode, served, blocks of {meta.get('block', 16)} tokens "
+        f"({meta.get('device', '?')}, Triton {meta.get('triton', '?')}, "
         f"torch {meta.get('torch', '?')}, {meta.get('date', '?')}): framed cells are issue 13's targets "
         f"(SDPA / tunebook >= 1 at batch >= {TARGET_BATCH}; >= {TARGET_OF_COPY:.2f} of copy from "
         f"{TARGET_CONTEXT:,} tokens), bold where missed"

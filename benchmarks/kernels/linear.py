@@ -27,6 +27,7 @@ from typing import Any
 
 from _gemm_timing import (
     Variant,
+    check_args,
     common_parser,
     print_table,
     start,
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated model names of `python -m tunebook.kernels tune --models` "
         f"(default: {DEFAULT_MODELS})",
     )
-    return p.parse_args(argv)
+    return check_args(p, p.parse_args(argv))
 
 
 def model_layers(names: str) -> dict[str, list[tuple[str, int, int]]]:

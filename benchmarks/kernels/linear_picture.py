@@ -20,6 +20,7 @@ from typing import Any
 
 import _heatmap
 from _heatmap import Panel
+from linear import OLD_NAMES
 
 TARGET_M, TARGET = 1024, 0.90  # issue 12: at least 0.90 of cuBLAS at M >= 1024
 LAYERS = ("qkv", "o", "gate_up", "down")  # a decoder layer's GEMMs in the order they run
@@ -40,8 +41,9 @@ def cells(paths: Sequence[Path]) -> tuple[dict[tuple[str, str, int], float], lis
             raise SystemExit(f"{path}: no 'rows': not linear.py's results (linear-<GPU>.json)")
         heads.append({k: v for k, v in doc.items() if k != "rows"})
         for row in doc["rows"]:
-            if "vs_cublas" in row:
-                ratios.setdefault((row["model"], row["layer"], int(row["M"])), []).append(row["vs_cublas"])
+            if isinstance(row, dict) and "vs_cublas" in row:
+                model = OLD_NAMES.get(row["model"], row["model"])  # runs before the pack's names: one panel
+                ratios.setdefault((model, row["layer"], int(row["M"])), []).append(row["vs_cublas"])
     if not ratios:
         raise SystemExit("the runs hold no row timed against cuBLAS: nothing to draw")
     return {cell: geometric_mean(values) for cell, values in ratios.items()}, heads

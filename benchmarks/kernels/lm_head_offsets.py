@@ -10,6 +10,7 @@ descriptors address in 64 bits. This checks, on one GPU with ~6 GB free, that a 
 
 import importlib
 
+import _timing
 import torch
 
 linear = importlib.import_module("tunebook.kernels.linear")
@@ -34,4 +35,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    _timing.study_out(__doc__, takes_out=False)
     main()

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="KV-cache block size, tokens a block (default 16, the shipped books')",
     )
-    opts = bench.finish_parse(p.parse_args(argv))
+    opts = bench.finish_parse(p, p.parse_args(argv), ("batches", "contexts"))
     if opts.block_size is not None and opts.block_size < 1:
         p.error(f"--block-size: expected a positive integer; found {opts.block_size}")
     return bench.main("paged_attention_decode", opts, jobs(opts), baselines, metric, ["gbps", "of_copy"])

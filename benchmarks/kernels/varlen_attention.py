@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p = bench.parser("varlen_attention", __doc__ or "")
     p.add_argument("--shapes", default=SHAPES, help=f"longest:prefix pairs (default {SHAPES})")
     p.add_argument("--tokens", default="8192", help="packed tokens per call (default 8192)")
-    opts = bench.finish_parse(p.parse_args(argv))
+    opts = bench.finish_parse(p, p.parse_args(argv), ("tokens",))
     return bench.main("varlen_attention", opts, jobs(opts), baselines, metric, ["tflops"])
 
 

@@ -172,3 +172,51 @@ def test_the_linear_picture_is_drawn_from_the_runs_and_counts_the_target(tmp_pat
         text=True,
     )
     assert refused.returncode != 0 and "not linear.py's results" in refused.stderr
+
+
+def test_mixed_block_sizes_left_out_rows_and_bad_outputs_are_said(tmp_path: Path) -> None:
+    """Found by a misuse review: grid_picture.py drew runs of 16- and 64-token blocks as one
+    grid (a cell of one overwrote the other's: the picture was the 16-token run's, its counts
+    both runs'); compare_grids.py left out rows timed against another baseline and rows a
+    deadline skipped without a word; --out onto a directory wrote '<dir>.png' beside it."""
+    sixteen = grid(tmp_path / "b16.json", [row((8, 1), 16, 512, 1.2, 0.5)])
+    r64 = row((8, 1), 16, 512, 0.9, 0.5)
+    r64["shape"]["page"] = 64
+    r64["label"] = r64["label"].replace("page=16", "page=64")
+    sixty_four = grid(tmp_path / "b64.json", [r64])
+    picture = [sys.executable, str(PICTURE), "--runs", sixteen, sixty_four, "--out", tmp_path / "g.png"]
+    mixed = subprocess.run(picture, capture_output=True, text=True)
+    assert mixed.returncode != 0 and "cache blocks of 16 and 64 tokens" in mixed.stderr, mixed.stderr
+    onto_dir = subprocess.run([*picture[:4], "--out", tmp_path], capture_output=True, text=True)
+    assert onto_dir.returncode != 0 and "a directory; give the PNG file's path" in onto_dir.stderr
+    flash = row((8, 1), 1, 512, 1.0, 0.1)
+    flash["ratios"] = {"sdpa-flash/tunebook": 1.1}
+    skipped = {"shape": {"n_q": 8}, "tokens": 64, "skipped": "deadline"}
+    both = grid(tmp_path / "both.json", [row((8, 1), 16, 512, 1.0, 0.5), flash, skipped])
+    done = run("--new", both, "--old", both)
+    assert done.returncode == 0, done.stderr
+    assert "new: rows left out: 1 skipped by a deadline; 1 timed against sdpa-flash instead" in done.stdout
+
+
+def test_the_linear_picture_takes_a_models_old_name_as_the_same_model(tmp_path: Path) -> None:
+    """linear.py's results before it took the pack's model names (llama3-8b) and after
+    (llama-3-8b) were drawn as two models, each cell counted twice."""
+    for name, model, ratio in (("old.json", "llama3-8b", 0.81), ("new.json", "llama-3-8b", 1.21)):
+        body = [{"model": model, "layer": "qkv", "M": 1024, "vs_cublas": ratio}]
+        (tmp_path / name).write_text(json.dumps({"device": "NVIDIA H200", "rows": body}))
+    script = SCRIPT.with_name("linear_picture.py")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--runs",
+            tmp_path / "old.json",
+            tmp_path / "new.json",
+            "--out",
+            tmp_path / "l.png",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 cells; M >= 1,024 at 0.90 of cuBLAS or more 1 of 1" in done.stdout, done.stdout
