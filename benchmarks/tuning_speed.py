@@ -97,6 +97,7 @@ def main() -> None:
             child(args.child[0], size)
         return
 
+    header = harness.platform_header(interpret=args.interpret)  # before any child: no GPU is one line
     out = harness.out_dir(args.out)
     warm_repeats = args.warm_repeats or (1 if args.interpret else 2)
     work = Path(tempfile.mkdtemp(prefix="tunebook-speed-"))
@@ -127,7 +128,7 @@ def main() -> None:
         env={**base_env, "TRITON_CACHE_DIR": str(work / "cache-tunebook")},
     )
     result: dict[str, Any] = {
-        **harness.platform_header(interpret=args.interpret),
+        **header,
         "size": size,
         "cpus": os.cpu_count(),
         "seconds": rows,

@@ -148,7 +148,7 @@ def _setup_env(opts: argparse.Namespace) -> None:
     if opts.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     elif not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: run with --dry-run to check the script on a CPU")
+        raise SystemExit(_timing.NO_GPU)
     os.environ["TUNEBOOK_DIR"] = str(Path(opts.book or Path(opts.out) / "book").resolve())
     os.environ["TUNEBOOK_MODE"] = opts.mode
     if opts.max_configs is not None:

@@ -18,16 +18,19 @@ is checked there.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _timing import graph_launches
+from _timing import NO_GPU, graph_launches
 
 # TODO(merge): the lead unifies this with benchmarks/kernels/_timing.py.
 
@@ -201,6 +204,10 @@ def setup_env(args: argparse.Namespace) -> None:
         os.environ.setdefault("TUNEBOOK_KERNELS_MAX_CONFIGS", "2")
     if args.book_dir:
         os.environ["TUNEBOOK_DIR"] = str(args.book_dir)
+    elif args.dry_run:  # a dry run's tiny keys have no place in the user's own book
+        book = tempfile.mkdtemp(prefix="tunebook-bench-dry-")
+        atexit.register(shutil.rmtree, book, True)
+        os.environ["TUNEBOOK_DIR"] = book
     os.environ["TUNEBOOK_MODE"] = "tune" if args.tune else args.mode
     if args.no_shipped_books:
         os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = "0"  # read when the op modules are imported
@@ -223,7 +230,9 @@ def start(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     setup_env(args)
     import torch
 
-    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit(NO_GPU)
+    device = "cuda" if not args.dry_run else "cpu"
     return device, {
         "device": device_name(),
         "torch": torch.__version__,

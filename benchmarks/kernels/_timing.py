@@ -174,6 +174,9 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+NO_GPU = "no CUDA GPU: run with --dry-run to check the script on a CPU"
+
+
 def study_out(doc: str | None, takes_out: bool = True) -> str | None:
     """A study script's command line: its docstring for --help and, with ``takes_out``, the
     directory its results go to (made here). It read ``sys.argv[1]`` as that directory, so

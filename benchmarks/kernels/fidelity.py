@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not opts.dry_run and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: run with --dry-run to check the script on a CPU")
+        raise SystemExit(_timing.NO_GPU)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     for timer in opts.timers.split(","):

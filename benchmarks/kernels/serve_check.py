@@ -26,12 +26,16 @@ matches that platform: everything falls back; it checks the script, not the book
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from _timing import NO_GPU
 
 TOKENS = (1, 16, 256, 4096)
 ELEMENTWISE_MODELS = "llama-3-8b,smollm2-135m"
@@ -130,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tables", type=Path, help="a book of imported tables (vllm.fused_moe), read-only")
     args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out}: a file, not a directory (the results go into a directory)")
     os.environ["TUNEBOOK_MODE"] = "serve"
-    os.environ["TUNEBOOK_DIR"] = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
+    book = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
+    atexit.register(shutil.rmtree, book, True)
+    os.environ["TUNEBOOK_DIR"] = book
     os.environ.pop("TUNEBOOK_PATH", None)
     os.environ.pop("TUNEBOOK_REDIS_URL", None)
     os.environ.pop("TUNEBOOK_KERNELS_SHIPPED_BOOKS", None)  # the shipped books are what is checked
@@ -151,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         _models.select_models(args.linear_models)
     except ValueError as exc:
         p.error(f"--linear-models: {exc}")
-    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    try:
+        _models.select_models(args.attention_models)
+    except ValueError as exc:
+        p.error(f"--attention-models: {exc}")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit(NO_GPU)
+    device = "cuda" if not args.dry_run else "cpu"
     tables_here = _tables_of_this_gpu(p, args.tables) if args.tables is not None else 0
     rows: dict[str, dict[str, Any]] = {}
     for op, label, call in calls(

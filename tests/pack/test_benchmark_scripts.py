@@ -228,3 +228,19 @@ def test_a_gemm_scripts_option_mistake_is_one_line_before_anything_is_measured(
     )
     assert done.returncode != 0 and said.replace("{tmp}", str(tmp_path)) in done.stderr, done.stderr[-1500:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "script", ["kernels/linear.py", "kernels/serve_check.py", "core.py", "tuning_speed.py"]
+)
+def test_without_a_gpu_a_script_names_its_cpu_mode_in_one_line(script: str) -> None:
+    """Found by a misuse review: these raised torch's "not compiled with CUDA" assertion, a
+    paragraph about ATen_cuda, or a ValueError suggesting TRITON_INTERPRET=1."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS.parent / script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode != 0 and "no CUDA GPU" in done.stderr and "--dry-run" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
