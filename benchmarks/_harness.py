@@ -210,20 +210,18 @@ def _streams(stdout: str | bytes | None, stderr: str | bytes | None) -> str:
 # --------------------------------------------------------------------------- where numbers come from
 
 
-def platform_header(*, interpret: bool) -> dict[str, str]:
+def platform_header(*, interpret: bool, cpu_flag: str = "--interpret") -> dict[str, str]:
     """Where a result came from, the first fields of every results file: ``date``, ``gpu``
     (the device name, or "cpu (TRITON_INTERPRET=1)"), ``triton``, ``torch``, ``python``,
     ``cuda`` (torch's CUDA runtime, "none" on a CPU build) and ``timings`` ("measured", or
     the CPU-mode warning). With ``interpret`` it never touches CUDA; without it, no GPU is
-    one line naming the script's CPU mode (it was torch's "not compiled with CUDA" traceback)."""
+    one line naming the script's CPU mode, ``cpu_flag`` (it was torch's "not compiled with
+    CUDA" traceback)."""
     import torch
     import triton
 
     if not interpret and not torch.cuda.is_available():
-        script = Path(sys.argv[0]).name
-        raise SystemExit(
-            f"no CUDA GPU: {script}'s CPU mode (--interpret or --dry-run: see --help) checks it on a CPU"
-        )
+        raise SystemExit(f"no CUDA GPU: run with {cpu_flag} to check the script on a CPU")
     return {
         "date": time.strftime("%Y-%m-%d"),
         "gpu": CPU_DEVICE_NAME if interpret else torch.cuda.get_device_name(),

@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown phase(s) {', '.join(unknown)}; known: {', '.join(PHASES)}", file=sys.stderr)
         return 2
     result: dict[str, Any] = {
-        **harness.platform_header(interpret=args.dry_run),
+        **harness.platform_header(interpret=args.dry_run, cpu_flag="--dry-run"),
         "args": vars(args) | {"out": str(out)},
     }
     path = out / "decoder.json"

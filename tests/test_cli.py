@@ -1139,6 +1139,10 @@ def test_import_vllm_under_a_name_of_the_same_page_name_is_refused(tmp_path: Pat
     for path, m in ((first, 128), (second, 64)):
         path.parent.mkdir()
         path.write_text(json.dumps({"256": {"BLOCK_SIZE_M": m, **tiles}}))
+    # The second import also holds another GPU's file, whose page would be written first.
+    amd = second.with_name("E=8,N=14336,device_name=AMD_Instinct_MI300X.json")
+    amd.write_text(json.dumps({"256": {"BLOCK_SIZE_M": 32, **tiles}}))
+    second = second.parent
     invoke("import", "--format", "vllm", first, "--kernel", "vllm.moe", "-o", tmp_path / "imp")
     (page,) = (tmp_path / "imp").iterdir()
     before = book_bytes(page)
@@ -1149,6 +1153,7 @@ def test_import_vllm_under_a_name_of_the_same_page_name_is_refused(tmp_path: Pat
     assert res.exit_code == 1 and 'imported as kernel "vllm.moe"' in res.output, res.output
     assert "another book (-o DIR)" in res.output
     assert book_bytes(page) == before
+    assert [p.name for p in (tmp_path / "imp").iterdir()] == [page.name]  # no page of the refused import
     doc = the_doc(tmp_path / "imp")
     assert doc.kernel["name"] == "vllm.moe"
     assert [r.config["kwargs"]["BLOCK_SIZE_M"] for e in doc.entries.values() for r in e.results.values()] == [

@@ -78,17 +78,6 @@ def _parse(op: str, argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
-def int_list(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
-    """``"1,2,4"`` -> [1, 2, 4], or the parser's one-line error naming ``option``."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        parser.error(f"{option}: expected comma-separated whole numbers; found {text!r}")
-    if not values or min(values) < 1:
-        parser.error(f"{option}: every value must be 1 or more; found {text!r}")
-    return values
-
-
 def check_options(
     parser: argparse.ArgumentParser, opts: argparse.Namespace, int_lists: Sequence[str] = ()
 ) -> None:
@@ -99,18 +88,12 @@ def check_options(
     ``_setup_env`` makes."""
     for name in int_lists:
         if getattr(opts, name, None):
-            int_list(parser, "--" + name.replace("_", "-"), getattr(opts, name))
+            _timing.int_list(parser, "--" + name.replace("_", "-"), getattr(opts, name))
     for name in ("rounds", "launches", "max_configs"):
         value = getattr(opts, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected 1 or more; found {value}")
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out}: a file, not a directory (the results go into a directory)")
-    try:  # made now: a run that cannot write its results must not run first
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        parser.error(f"--out {out}: cannot make the results directory ({exc.strerror or exc})")
+    _timing.results_dir(parser, Path(opts.out))
     book = Path(opts.book) if opts.book else None
     if book is not None and book.exists() and not book.is_dir():
         parser.error(f"--book {book}: not a directory")

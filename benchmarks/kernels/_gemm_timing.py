@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _timing import NO_GPU, graph_launches
+from _timing import NO_GPU, graph_launches, int_list, results_dir
 
 # TODO(merge): the lead unifies this with benchmarks/kernels/_timing.py.
 
@@ -175,22 +175,12 @@ def common_parser(
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """The options both GEMM benchmarks take, checked before anything is measured: a list or
     an --out they would trip over at the end of a run, after every row was timed."""
-    for option, text in (("--m", args.m), ("--tune-m", args.tune_m)):
-        try:
-            values = [int(v) for v in text.split(",")]
-        except ValueError:
-            p.error(f"{option}: expected comma-separated whole numbers; found {text!r}")
-        if min(values) < 1:
-            p.error(f"{option}: every value must be 1 or more; found {text!r}")
+    int_list(p, "--m", args.m)
+    int_list(p, "--tune-m", args.tune_m)
     if args.repeats < 1:
         p.error(f"--repeats: expected 1 or more; found {args.repeats}")
     if args.out is not None:
-        if args.out.exists() and not args.out.is_dir():
-            p.error(f"--out {args.out}: a file, not a directory (the results go into a directory)")
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            p.error(f"--out {args.out}: cannot make the results directory ({exc.strerror or exc})")
+        results_dir(p, args.out)
     if args.book_dir is not None and args.book_dir.exists() and not args.book_dir.is_dir():
         p.error(f"--book-dir {args.book_dir}: not a directory")
     return args
@@ -204,10 +194,12 @@ def setup_env(args: argparse.Namespace) -> None:
         os.environ.setdefault("TUNEBOOK_KERNELS_MAX_CONFIGS", "2")
     if args.book_dir:
         os.environ["TUNEBOOK_DIR"] = str(args.book_dir)
-    elif args.dry_run:  # a dry run's tiny keys have no place in the user's own book
+    elif args.dry_run and not os.environ.get("TUNEBOOK_DIR"):  # tiny keys: not for the user's book
         book = tempfile.mkdtemp(prefix="tunebook-bench-dry-")
         atexit.register(shutil.rmtree, book, True)
         os.environ["TUNEBOOK_DIR"] = book
+    if args.dry_run:
+        os.environ.pop("TUNEBOOK_REDIS_URL", None)  # nor for a fleet's
     os.environ["TUNEBOOK_MODE"] = "tune" if args.tune else args.mode
     if args.no_shipped_books:
         os.environ["TUNEBOOK_KERNELS_SHIPPED_BOOKS"] = "0"  # read when the op modules are imported

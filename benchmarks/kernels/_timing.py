@@ -22,10 +22,12 @@ wall-clock timer and no graphs, so the scripts are checked end to end on a CPU.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,12 +179,32 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 NO_GPU = "no CUDA GPU: run with --dry-run to check the script on a CPU"
 
 
+def results_dir(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Make the results directory ``--out`` names now, or the parser's one-line error: a run
+    that cannot write its results must not run first (some wrote them only at their end)."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: a file, not a directory (the results go into a directory)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out}: cannot make the results directory ({exc.strerror or exc})")
+
+
+def int_list(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4], or the parser's one-line error naming ``option``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"{option}: expected comma-separated whole numbers; found {text!r}")
+    if not values or min(values) < 1:
+        parser.error(f"{option}: every value must be 1 or more; found {text!r}")
+    return values
+
+
 def study_out(doc: str | None, takes_out: bool = True) -> str | None:
     """A study script's command line: its docstring for --help and, with ``takes_out``, the
     directory its results go to (made here). It read ``sys.argv[1]`` as that directory, so
     ``--help`` made a directory named "--help" and ran."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if takes_out:
         parser.add_argument("out", help="the directory its results are written to")

@@ -34,16 +34,12 @@ from _gemm_timing import (
     time_variants,
     write_result,
 )
+from _model_names import OLD_NAMES
 
 # The models are the pack's (tunebook.kernels._models, the names `python -m tunebook.kernels
 # tune --models` takes), their layers as (name, N, K): q/k/v fused, o, gate/up fused, down.
 # They are read once the environment is set (importing the pack imports triton).
 DEFAULT_MODELS = "llama-3-8b,llama-3-70b-tp4,llama-3-70b-tp8,qwen2.5-7b,smollm2-135m"  # the dense ones
-OLD_NAMES = {  # this script's names before it took the pack's; results in benchmarks/results use them
-    "llama3-8b": "llama-3-8b",
-    "llama3-70b-tp4": "llama-3-70b-tp4",
-    "llama3-70b-tp8": "llama-3-70b-tp8",
-}
 DRY_MODELS = {"tiny": [("qkv", 40, 24), ("down", 24, 72)]}
 M_VALUES = [2**i for i in range(14)]  # 1 .. 8192
 TUNE_M = [1, 16, 128, 2048]

@@ -20,7 +20,7 @@ from typing import Any
 
 import _heatmap
 from _heatmap import Panel
-from linear import OLD_NAMES
+from _model_names import OLD_NAMES
 
 TARGET_M, TARGET = 1024, 0.90  # issue 12: at least 0.90 of cuBLAS at M >= 1024
 LAYERS = ("qkv", "o", "gate_up", "down")  # a decoder layer's GEMMs in the order they run

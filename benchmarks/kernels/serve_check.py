@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _timing import NO_GPU
+from _timing import NO_GPU, results_dir
 
 TOKENS = (1, 16, 256, 4096)
 ELEMENTWISE_MODELS = "llama-3-8b,smollm2-135m"
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tables", type=Path, help="a book of imported tables (vllm.fused_moe), read-only")
     args = p.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {args.out}: a file, not a directory (the results go into a directory)")
+    results_dir(p, args.out)
     os.environ["TUNEBOOK_MODE"] = "serve"
     book = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
     atexit.register(shutil.rmtree, book, True)

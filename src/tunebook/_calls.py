@@ -9,9 +9,11 @@ A *call description* is plain JSON stored with a recorded miss::
      "grids": {"<config id>": [256, 1, 1], ...}}
 
 Tensors are described by shape, strides, dtype and device type, never by contents; scalars
-by value; a Triton dtype passed as a constexpr (``tl.float16``) by its name
-(``{"triton_dtype": "fp16"}``). ``grids`` holds the launch grid every candidate config would have used (the
-grid callable is evaluated at miss time), since the callable itself cannot be stored.
+by value; a Triton dtype passed as a constexpr (``tl.float16``) by its name, as an opaque
+value of a form older readers accept (``{"opaque": "triton_dtype:fp16"}``: they cannot
+rebuild it, as before, but they read the key file). ``grids`` holds the launch grid every
+candidate config would have used (the grid callable is evaluated at miss time), since the
+callable itself cannot be stored.
 
 Rebuilding (``build_args``) makes tensors of that layout filled with random values
 (floats) or zeros (integers and bools). A kernel whose arguments need valid contents
@@ -53,7 +55,7 @@ def describe_value(value: Any) -> dict[str, Any]:
     if is_scalar(value):
         return {"value": value}
     if type(value).__name__ == "dtype" and type(value).__module__.startswith("triton.language"):
-        return {"triton_dtype": str(value.name)}  # exactly tl.dtype: pointer types are subclasses
+        return {"opaque": TRITON_DTYPE + str(value.name)}  # exactly tl.dtype: pointer types are subclasses
     return {"opaque": type(value).__name__}  # replayable only through an inputs= factory
 
 
@@ -99,8 +101,8 @@ def validate(desc: Any, where: str) -> str | None:
         if reason:
             return f"{where}: argument {i}: {reason}"
         body = item.get("tensor") if isinstance(item, dict) else None
-        if body is not None and 0 not in body["shape"]:
-            total += 1 + sum((d - 1) * st for d, st in zip(body["shape"], body["stride"]))
+        if body is not None:
+            total += _span(body["shape"], body["stride"])
     if total > MAX_ELEMENTS:
         return f"{where}: its tensors together are larger than any tunebook will allocate"
     grids = desc.get("grids", {})
@@ -118,7 +120,7 @@ def validate(desc: Any, where: str) -> str | None:
 
 def _validate_value(item: Any) -> str | None:
     if not isinstance(item, dict) or len(item) != 1:
-        return "must be an object with one of 'tensor', 'value', 'none', 'opaque', 'triton_dtype'"
+        return "must be an object with one of 'tensor', 'value', 'none', 'opaque'"
     ((kind, body),) = item.items()
     if kind == "none":
         return None if body is True else "'none' must be true"
@@ -126,9 +128,6 @@ def _validate_value(item: Any) -> str | None:
         return None if is_scalar(body) else "'value' must be a JSON scalar"
     if kind == "opaque":
         return None if isinstance(body, str) and len(body) < 200 else "'opaque' must be a short string"
-    if kind == "triton_dtype":
-        ok = isinstance(body, str) and len(body) < 20 and body.isascii() and body.isalnum()
-        return None if ok else "'triton_dtype' must name a Triton dtype (fp16, bf16, int32, ...)"
     if kind != "tensor" or not isinstance(body, dict):
         return f"unknown kind {kind!r}"
     shape, stride = body.get("shape"), body.get("stride")
@@ -140,8 +139,7 @@ def _validate_value(item: Any) -> str | None:
         return "shapes and strides must be non-negative integers"
     # What building it allocates is its storage span, which strides can make far larger
     # than its element count.
-    span = 0 if 0 in shape else 1 + sum((d - 1) * st for d, st in zip(shape, stride))
-    if math.prod(shape) > MAX_ELEMENTS or span > MAX_ELEMENTS:
+    if math.prod(shape) > MAX_ELEMENTS or _span(shape, stride) > MAX_ELEMENTS:
         return "the tensor is larger than any tunebook will allocate"
     if not isinstance(body.get("dtype"), str) or not str(body["dtype"]).startswith("torch."):
         return "'dtype' must name a torch dtype"
@@ -165,33 +163,45 @@ def build_value(item: Mapping[str, Any], device: str | None, generator: Any) -> 
         return None
     if kind == "value":
         return body
+    if kind == "opaque" and isinstance(body, str) and body.startswith(TRITON_DTYPE):
+        return _triton_dtype(body.removeprefix(TRITON_DTYPE))
     if kind == "opaque":
         raise ValueError(
             f"an argument of type {body} cannot be rebuilt from a description; register an inputs= "
             "factory with the autotuner to build this kernel's arguments"
         )
-    if kind == "triton_dtype":
-        import triton.language as tl
-
-        try:
-            return tl.dtype(body)
-        except (AssertionError, ValueError):  # Triton asserts a dtype's name
-            raise ValueError(f"unknown Triton dtype {body!r} in a call description") from None
     import torch
 
     dtype = _torch_dtype(body["dtype"])
     where = device or body.get("device", "cpu")
     shape, stride = tuple(body["shape"]), tuple(body["stride"])
-    # The storage is filled, then viewed with the strides: a view whose elements overlap
-    # (a stride of 0, as ``expand`` makes) cannot be written through.
-    span = 0 if 0 in shape else 1 + sum((d - 1) * st for d, st in zip(shape, stride))
-    storage = torch.empty(span, dtype=dtype, device=where)
-    if dtype.is_floating_point:
-        # Random, not zeros: zeros run faster than real data on some GPUs.
-        storage.copy_(torch.randn(span, generator=generator, dtype=torch.float32).to(dtype))
-    else:
-        storage.zero_()
-    return storage.as_strided(shape, stride)
+    t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
+    if not dtype.is_floating_point:
+        return t.zero_()
+    # Random, not zeros: zeros run faster than real data on some GPUs.
+    try:
+        return t.copy_(torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype))
+    except RuntimeError:  # elements that overlap (a stride of 0, as expand makes): fill the storage
+        storage = t.as_strided((_span(shape, stride),), (1,))
+        storage.copy_(torch.randn(storage.shape, generator=generator, dtype=torch.float32).to(dtype))
+        return t
+
+
+def _span(shape: Sequence[int], stride: Sequence[int]) -> int:
+    """The elements a tensor of these strides spans in its storage (0 when it has none)."""
+    return 0 if 0 in shape else 1 + sum((d - 1) * st for d, st in zip(shape, stride))
+
+
+TRITON_DTYPE = "triton_dtype:"  # an opaque value's prefix: a Triton dtype, by name
+
+
+def _triton_dtype(name: str) -> Any:
+    import triton.language as tl
+
+    d = tl.dtype
+    if name not in (*d.SINT_TYPES, *d.UINT_TYPES, *d.FP_TYPES):  # checked here: Triton only asserts
+        raise ValueError(f"unknown Triton dtype {name!r} in a call description")
+    return tl.dtype(name)
 
 
 def build_args(

@@ -34,6 +34,7 @@ class KernelHome:
         self.opened: Page | None = None  # the page, once opened
         self._kernel: KernelIdentity | None = None
         self._tables: dict[str, list[TablePage]] = {}
+        self._looked_for_names = False  # whether a tables= name no import holds was looked into
         self._timer_choice: tuple[Callable[[], Timers], str] | None = None
         self._timers: Timers | None = None
 
@@ -68,7 +69,8 @@ class KernelHome:
         if slot not in self._tables:
             directories = self.page().book.directories()
             self._tables[slot] = load_tables(tables, directories, device)
-            if not self._tables[slot] and not self._tables.get("all"):
+            if not any(self._tables.values()) and not self._looked_for_names:
+                self._looked_for_names = True  # heads of every page: once a kernel
                 warn_if_unknown(tables, directories, self.kernel_identity().name)
         return self._tables[slot]
 

@@ -40,6 +40,7 @@ True
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -166,33 +167,35 @@ def load(tables: Tables, directories: Sequence[Path], device: str | None = None)
 
 
 def warn_if_unknown(tables: Tables, directories: Sequence[Path], label: str) -> None:
-    """Say once, when the books hold tables imported under other names but none under
-    ``tables.kernel``, which names they hold: a mistyped name (``vllm.mo``) otherwise served
-    first configs with nothing said but "nothing comparable remembered". Books holding no
-    import at all say nothing (the pack's fused_moe reads vLLM's tables where imported)."""
-    if load(tables, directories):
-        return
+    """Say once, when the books hold no import under ``tables.kernel`` but one under a name
+    close to it, which: a mistyped name (``vllm.mo``) otherwise served first configs with
+    nothing said but "nothing comparable remembered". Reads only page heads (page.json),
+    once per kernel; other names are no mistake (the pack's fused_moe declares vLLM's tables
+    beside a user's own imports) and stay unsaid."""
     names: set[str] = set()
     for directory in directories:
         try:
-            pages = sorted({pagedir.page_dir_name(p.name) for p in directory.iterdir()})
+            pages = [p for p in directory.iterdir() if "." not in p.name and p.is_dir()]
         except OSError:
             continue
-        store = DirectoryStore(directory, writable=False)
-        for name in pages:
-            head = None if "." in name else store.fetch(name + ".json", ())
-            if head is not None and _is_import(head.kernel, head.platform, str(head.kernel.get("name"))):
-                names.add(str(head.kernel.get("name")))
-    if not names:
+        for page in pages:
+            head = pagedir.read_page_file(page)[0]
+            if head is not None and _is_import(
+                head["kernel"], head["platform"], str(head["kernel"].get("name"))
+            ):
+                names.add(str(head["kernel"]["name"]))
+    by_folded = {n.casefold(): n for n in sorted(names)}
+    close = [by_folded[n] for n in difflib.get_close_matches(tables.kernel.casefold(), by_folded, 3, 0.8)]
+    if tables.kernel in names or not close:
         return
     _warnings.warn_once(
         f"tables-unknown:{label}",
-        "tunebook: %s: tables=Tables(%r) finds no table imported under that name in %s (imported "
-        "there: %s); check the name given to `tunebook import --kernel` (said once).",
+        "tunebook: %s: tables=Tables(%r) finds no table imported under that name in %s; did you "
+        "mean %s? (the name given to `tunebook import --kernel`; said once)",
         label,
         tables.kernel,
         ", ".join(map(str, directories)),
-        ", ".join(map(repr, sorted(names))),
+        " or ".join(map(repr, close)),
     )
 
 

@@ -117,10 +117,12 @@ def run_jobs(
             ended.set()
 
     slots = [(i, q, threading.Event()) for i, q in enumerate(queues) if q]
-    for slot in slots:
-        threading.Thread(target=supervise, args=slot, daemon=True).start()
+    started: list[threading.Event] = []
     try:
-        for _, _, ended in slots:
+        for slot in slots:  # started inside: Ctrl-C may land while a later one starts
+            started.append(slot[2])
+            threading.Thread(target=supervise, args=slot, daemon=True).start()
+        for ended in started:
             ended.wait()
     except BaseException:
         # Ctrl-C lands here, in the caller's thread: the supervising threads would carry on
@@ -128,7 +130,7 @@ def run_jobs(
         # slowing the other's timings). They stop their workers and delete their job files.
         # (Waited for by events: a join that Ctrl-C interrupted marks its thread ended.)
         stop.set()
-        for _, _, ended in slots:
+        for ended in started:
             ended.wait(timeout=10)
         raise
     return reports

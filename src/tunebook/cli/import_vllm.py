@@ -288,23 +288,12 @@ def _write_imports(
     directory.mkdir(parents=True, exist_ok=True)
     console = out()
     left_alone: list[str] = []
-    for device in sorted(by_device):
-        name, doc = imported_page(kernel, names, device, by_device[device])
-        path = directory / name
-        page_dir = directory / pagedir.page_dir_name(name)
-        there = page_dir if page_dir.exists() else path
-        existing = load(there).pages if there.exists() else []
-        if there.exists() and not existing:
-            raise click.ClickException(f"{there} exists but is not a readable book; move it away and re-run")
+    # Every device's page is read and checked before any is written: a refusal must not leave
+    # some devices' pages of the refused import behind.
+    pages = [_existing(directory, kernel, device, *imported_page(kernel, names, device, by_device[device]))
+             for device in sorted(by_device)]  # fmt: skip
+    for device, path, page_dir, doc, existing in pages:
         replaced, stale = 0, []
-        other = existing[0].doc.kernel.get("name") if existing else kernel
-        if other != kernel:  # names alike but for punctuation file under one page name
-            raise click.ClickException(
-                f"{page_dir} holds the tables imported as kernel {json.dumps(other)}, which files under "
-                f"the same page name as {json.dumps(kernel)}: importing would replace them. Import "
-                f"{json.dumps(kernel)} into another book (-o DIR), or under another name (a page's name "
-                "keeps a kernel name's letters, digits and '_', writes the rest as '-', and stops at 60)"
-            )
         if existing:  # re-import replaces each imported file's entries, keeps the other files'
             before = existing[0].doc.entries
             files = {_file_of(e.key, names, m_name) for e in doc.entries.values()}
@@ -319,6 +308,26 @@ def _write_imports(
         imported = f"{len(by_device[device])} keys imported{note}, key names {names}"
         console.print(f"wrote {escape(str(page_dir))} ({imported})")
     fail_if_left_alone(left_alone)
+
+
+def _existing(directory: Path, kernel: str, device: str, name: str, doc: Document) -> tuple[Any, ...]:
+    """(device, path, page directory, document, the pages already there) of one device's
+    import, or a ClickException where writing it would replace what it must not."""
+    path = directory / name
+    page_dir = directory / pagedir.page_dir_name(name)
+    there = page_dir if page_dir.exists() else path
+    existing = load(there).pages if there.exists() else []
+    if there.exists() and not existing:
+        raise click.ClickException(f"{there} exists but is not a readable book; move it away and re-run")
+    other = existing[0].doc.kernel.get("name") if existing else kernel
+    if other != kernel:  # names alike but for punctuation file under one page name
+        raise click.ClickException(
+            f"{page_dir} holds the tables imported as kernel {json.dumps(other)}, which files under "
+            f"the same page name as {json.dumps(kernel)}: importing would replace them. Import "
+            f"{json.dumps(kernel)} into another book (-o DIR), or under another name (a page's name "
+            "keeps a kernel name's letters, digits and '_', writes the rest as '-', and stops at 60)"
+        )
+    return device, path, page_dir, doc, existing
 
 
 def _file_of(key: tuple[object, ...], names: list[str], m_name: str) -> tuple[object, ...]:
