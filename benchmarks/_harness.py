@@ -63,6 +63,18 @@ def add_out_argument(parser: argparse.ArgumentParser, *, default: Path | None = 
     parser.add_argument("--out", type=Path, default=fallback, help=f"output directory (default: {fallback})")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (``--repeats 0`` ran every step, then
+    raised StatisticsError with nothing written)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more; found {value}")
+    return value
+
+
 def out_dir(path: Path) -> Path:
     """``path``, created with its parents if missing."""
     path.mkdir(parents=True, exist_ok=True)

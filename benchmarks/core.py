@@ -211,7 +211,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     harness.add_out_argument(parser)
     parser.add_argument("--child", nargs="*")
-    parser.add_argument("--repeats", type=int, help="new-process repeats (default 3; CPU mode 1)")
+    parser.add_argument(
+        "--repeats", type=harness.positive_int, help="new-process repeats (default 3; CPU mode 1)"
+    )
     parser.add_argument("--hot-only", action="store_true", help="only measurement 1 (host time per call)")
     parser.add_argument("--interpret", action="store_true", help="CPU mode: Triton's interpreter, tiny sizes")
     args = parser.parse_args()

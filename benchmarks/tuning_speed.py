@@ -86,7 +86,7 @@ def main() -> None:
     harness.add_out_argument(parser)
     parser.add_argument("--size", type=int, help="M = N = K (default 4096; CPU mode 32)")
     parser.add_argument("--child", nargs="*")
-    parser.add_argument("--warm-repeats", type=int, help="default 2; CPU mode 1")
+    parser.add_argument("--warm-repeats", type=harness.positive_int, help="default 2; CPU mode 1")
     parser.add_argument("--interpret", action="store_true", help="CPU mode: Triton's interpreter, tiny sizes")
     args = parser.parse_args()
     size = args.size or (32 if args.interpret else 4096)
