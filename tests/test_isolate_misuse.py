@@ -117,39 +117,51 @@ def test_ctrl_c_during_an_isolated_search_ends_its_worker_and_job_file(tmp_path:
     temp.mkdir()
     script = textwrap.dedent(
         """
-        import os, signal, sys, threading, time
+        import faulthandler, os, signal, sys, threading, time
         sys.path.insert(0, os.environ["KERNEL_DIR"])
         import torch, triton, triton.language as tl
         import mykernels
 
-        def children():
+        def children(of="tunebook._worker"):
             found = []
             for pid in os.listdir("/proc"):
                 try:
                     with open(f"/proc/{pid}/stat") as fh:
                         fields = fh.read().rsplit(")", 1)[1].split()
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        command = fh.read().decode(errors="replace")
                 except (OSError, IndexError):
                     continue
-                if pid.isdigit() and int(fields[1]) == os.getpid():
+                if pid.isdigit() and int(fields[1]) == os.getpid() and of in command:
                     found.append(pid)
             return found
 
         def interrupt():
-            for _ in range(600):  # the worker has started and measures its first config
+            for _ in range(1200):  # the worker has started and measures its first config
                 time.sleep(0.1)
                 if children() and os.listdir(os.environ["TMPDIR"]):
                     break
+            else:
+                print("no worker started", flush=True)
             time.sleep(1.0)
-            os.kill(os.getpid(), signal.SIGINT)
+            print("interrupting", flush=True)
+            # To the main thread, as a terminal's Ctrl-C reaches it (a signal the kernel hands
+            # to another thread would leave the main thread's wait unwoken).
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            faulthandler.dump_traceback_later(60, exit=True)  # a hang says where, then ends
 
+        # Python leaves SIGINT ignored when it starts ignored (a run started in the background,
+        # as CI's may be): the program here is one whose Ctrl-C raises KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         threading.Thread(target=interrupt, daemon=True).start()
         n = 100
         x, y, out = torch.randn(n), torch.randn(n), torch.empty(n)
         try:
             mykernels.axpy[lambda m: (triton.cdiv(n, m["BLOCK"]),)](x, y, out, n, 1, DT=tl.float32)
-            print("not interrupted")
+            print("not interrupted", flush=True)
         except KeyboardInterrupt:
-            print("interrupted; workers", children(), "files", os.listdir(os.environ["TMPDIR"]))
+            where = os.listdir(os.environ["TMPDIR"])
+            print("interrupted; workers", children(), "files", where, flush=True)
         """
     )
     res = subprocess.run(
