@@ -178,13 +178,13 @@ def build_value(item: Mapping[str, Any], device: str | None, generator: Any) -> 
     t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
     if not dtype.is_floating_point:
         return t.zero_()
-    # Random, not zeros: zeros run faster than real data on some GPUs.
-    try:
-        return t.copy_(torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype))
-    except RuntimeError:  # elements that overlap (a stride of 0, as expand makes): fill the storage
-        storage = t.as_strided((_span(shape, stride),), (1,))
-        storage.copy_(torch.randn(storage.shape, generator=generator, dtype=torch.float32).to(dtype))
-        return t
+    # Random, not zeros: zeros run faster than real data on some GPUs. A view whose elements
+    # share memory (fewer storage elements than elements: a stride of 0, as expand makes)
+    # cannot be written through: its storage is filled instead.
+    span = _span(shape, stride)
+    filled = t.as_strided((span,), (1,)) if span < math.prod(shape) else t
+    filled.copy_(torch.randn(filled.shape, generator=generator, dtype=torch.float32).to(dtype))
+    return t
 
 
 def _span(shape: Sequence[int], stride: Sequence[int]) -> int:

@@ -23,10 +23,11 @@ from . import _settings
 log = logging.getLogger("tunebook")
 
 
-def stderr_is_tty() -> bool:
-    """Whether stderr is a terminal; False where there is no usable stderr."""
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal; False where there is no usable stream (a process
+    started with it closed has None for it) or it is closed."""
     try:
-        return bool(sys.stderr.isatty())
+        return bool(stream.isatty())
     except (AttributeError, OSError, ValueError):  # None, closed, or a stream without a file
         return False
 
@@ -39,7 +40,7 @@ class Progress:
         self._last = 0.0
         self._shown = False
         mode = _settings.progress()
-        self._enabled = mode == "1" or (mode == "auto" and stderr_is_tty())
+        self._enabled = mode == "1" or (mode == "auto" and is_terminal(sys.stderr))
         self._always = mode == "1"
 
     def line(self, done: int, total: int, best_ms: float, phase: str = "") -> str:
@@ -59,7 +60,7 @@ class Progress:
             return
         self._last = now
         self._shown = True
-        self._write(text + ("\r" if stderr_is_tty() else "\n"))
+        self._write(text + ("\r" if is_terminal(sys.stderr) else "\n"))
 
     def close(self, done: int, total: int, best_ms: float, why: str = "") -> None:
         """The last line: ``why`` says why the search ended (``_tuner.why_stopped``)."""

@@ -19,6 +19,7 @@ from .. import _settings
 from .._book import pagedir
 from .._book.files import LOCK_TIMEOUT_S, read_book_file
 from .._book.records import NEWER, Document
+from .._progress import is_terminal
 from .._writable import existing_parent as existing_parent  # the CLI's commands import them here
 from .._writable import writable_fix
 from .._writable import write_problem as write_problem
@@ -205,10 +206,7 @@ _UNWRAPPED = 1 << 16
 
 
 def _console(stream: TextIO | None, stderr: bool) -> Console:
-    try:
-        tty = bool(stream.isatty())  # type: ignore[union-attr]
-    except (AttributeError, OSError, ValueError):  # started with it closed (None), or closed since
-        tty = False
+    tty = is_terminal(stream)
     return Console(stderr=stderr, highlight=False, soft_wrap=stderr, width=None if tty else _UNWRAPPED)
 
 

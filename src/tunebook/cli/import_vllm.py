@@ -95,11 +95,13 @@ def _entry_problem(m_text: str, config: dict[str, Any]) -> str | None:
         return f"the batch size {m_text[:24]}{'...' * (len(m_text) > 24)}; expected one from 1 to 2**63 - 1"
     integers = {alias for aliases in CONFIG_FIELDS.values() for alias in aliases} | set(COMPILER_OPTIONS)
     for name, value in config.items():
-        if name in integers and not is_integer(value):  # BLOCK_M as well as BLOCK_SIZE_M
+        if name not in integers:  # BLOCK_M as well as BLOCK_SIZE_M is one
+            continue
+        if not is_integer(value):
             return f"batch size {m_text}: {name} is {json.dumps(value)}; {_INTEGERS}"
         # A tile, a group or a warp count below 1 launches nothing (num_stages may be 0: ROCm's)
         least = 0 if name == "num_stages" else 1
-        if name in integers and value < least:
+        if value < least:
             return f"batch size {m_text}: {name} is {value}; expected {least} or more"
     missing = [f for f in _TILE_FIELDS if not any(alias in config for alias in CONFIG_FIELDS[f])]
     if missing:
