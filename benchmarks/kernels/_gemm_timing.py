@@ -18,19 +18,16 @@ is checked there.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _timing import NO_GPU, graph_launches, int_list, results_dir
+from _timing import NO_GPU, graph_launches, int_list, results_dir, scratch_book
 
 # TODO(merge): the lead unifies this with benchmarks/kernels/_timing.py.
 
@@ -195,9 +192,7 @@ def setup_env(args: argparse.Namespace) -> None:
     if args.book_dir:
         os.environ["TUNEBOOK_DIR"] = str(args.book_dir)
     elif args.dry_run and not os.environ.get("TUNEBOOK_DIR"):  # tiny keys: not for the user's book
-        book = tempfile.mkdtemp(prefix="tunebook-bench-dry-")
-        atexit.register(shutil.rmtree, book, True)
-        os.environ["TUNEBOOK_DIR"] = book
+        os.environ["TUNEBOOK_DIR"] = scratch_book("tunebook-bench-dry-")
     if args.dry_run:
         os.environ.pop("TUNEBOOK_REDIS_URL", None)  # nor for a fleet's
     os.environ["TUNEBOOK_MODE"] = "tune" if args.tune else args.mode

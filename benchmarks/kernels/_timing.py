@@ -23,8 +23,11 @@ wall-clock timer and no graphs, so the scripts are checked end to end on a CPU.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +191,14 @@ def results_dir(parser: argparse.ArgumentParser, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"--out {out}: cannot make the results directory ({exc.strerror or exc})")
+
+
+def scratch_book(prefix: str) -> str:
+    """A temporary book directory for this run, removed when it exits: a dry run's or a
+    check's keys belong in no user's book."""
+    book = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, book, True)
+    return book
 
 
 def int_list(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:

@@ -26,16 +26,13 @@ matches that platform: everything falls back; it checks the script, not the book
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from _timing import NO_GPU, results_dir
+from _timing import NO_GPU, results_dir, scratch_book
 
 TOKENS = (1, 16, 256, 4096)
 ELEMENTWISE_MODELS = "llama-3-8b,smollm2-135m"
@@ -136,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results_dir(p, args.out)
     os.environ["TUNEBOOK_MODE"] = "serve"
-    book = tempfile.mkdtemp(prefix="tunebook-serve-check-")  # empty: books only
-    atexit.register(shutil.rmtree, book, True)
-    os.environ["TUNEBOOK_DIR"] = book
+    os.environ["TUNEBOOK_DIR"] = scratch_book("tunebook-serve-check-")  # empty: books only
     os.environ.pop("TUNEBOOK_PATH", None)
     os.environ.pop("TUNEBOOK_REDIS_URL", None)
     os.environ.pop("TUNEBOOK_KERNELS_SHIPPED_BOOKS", None)  # the shipped books are what is checked
@@ -154,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     import tunebook
     from tunebook.kernels import _models  # after TRITON_INTERPRET: the ops are decorated on import
 
-    try:
-        _models.select_models(args.linear_models)
-    except ValueError as exc:
-        p.error(f"--linear-models: {exc}")
-    try:
-        _models.select_models(args.attention_models)
-    except ValueError as exc:
-        p.error(f"--attention-models: {exc}")
+    for option, names in (
+        ("--linear-models", args.linear_models),
+        ("--attention-models", args.attention_models),
+    ):
+        try:
+            _models.select_models(names)
+        except ValueError as exc:
+            p.error(f"{option}: {exc}")
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit(NO_GPU)
     device = "cuda" if not args.dry_run else "cpu"
