@@ -90,10 +90,12 @@ def test_the_worker_imports_along_the_programs_sys_path_and_rebuilds_overlapping
     """The worker could not import a kernel the program had put on sys.path itself
     (ModuleNotFoundError, reported as "found no config that runs"), filled a stride-0 tensor
     through its view (RuntimeError: more than one element ... refers to a single memory
-    location) and could not rebuild a tl.float16 constexpr."""
-    res = run_program(tmp_path)
+    location) and could not rebuild a tl.float16 constexpr. The search's progress is shown."""
+    res = run_program(tmp_path, TUNEBOOK_PROGRESS="1")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "benchmarked 2" in res.stdout, res.stdout
+    # The worker's own progress goes to a pipe: this process shows it (it showed nothing).
+    assert "2/2 configs" in res.stderr and "done (in a worker process)" in res.stderr, res.stderr[-2000:]
     again = run_program(tmp_path)  # remembered: no worker, nothing measured
     assert again.returncode == 0 and "benchmarked 0" in again.stdout, again.stderr[-2000:]
 

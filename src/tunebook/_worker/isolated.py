@@ -12,6 +12,7 @@ understood as it is here).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ from .._book import Entry, Page, Result, now_iso
 from .._call import Call
 from .._errors import BookFormatError, ConfigurationError, TuningFailed
 from .._jsonio import stored_key
+from .._policy import effective_budget
+from .._progress import Progress
 from .._tuner import Outcome
 from .supervisor import run_jobs
 
@@ -72,11 +75,20 @@ def tune_isolated(
     }
     start = time.perf_counter()
     results: dict[str, Result] = {}
+    # The worker's own progress goes to a pipe nobody shows: this process shows it from the
+    # worker's results, as an in-process search would (the cap is the search's, as there).
+    progress = Progress(tuner.label, key)
+    cap = effective_budget(tuner.options.budget, len(candidates)).max_configs
+    total = len(candidates) if cap is None else min(cap, len(candidates))
+
+    def best_ms() -> float:
+        return min((r.median for r in results.values() if r.ok), default=math.inf)
 
     def collect(slot: int, event: dict[str, Any]) -> None:
         if event.get("event") == "result" and event.get("key_text") == key_text:
             with contextlib.suppress(BookFormatError, KeyError):
                 results[event["cid"]] = Result.from_json(event["result"], "worker result")
+                progress.update(len(results), max(total, len(results)), best_ms(), "in a worker process")
 
     reports = run_jobs(
         [job],
@@ -89,6 +101,8 @@ def tune_isolated(
         on_event=collect,
     )
     report = reports[0]
+    ended = "in a worker process" if report.status == "done" else "its worker failed"
+    progress.close(len(results), max(total, len(results)), best_ms(), ended)
     if report.status == "error" and not report.crashed and not results:
         raise TuningFailed(
             f"tunebook: isolated tuning of {tuner.label} key {list(key)}: its worker process "
