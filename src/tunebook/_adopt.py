@@ -31,6 +31,7 @@ from typing import Any
 
 from . import _compat
 from ._autotuner import Autotuner
+from ._forksafe import renew_lock
 from ._hooks import Hooks
 from ._options import Options
 
@@ -38,6 +39,7 @@ from ._options import Options
 ATTRIBUTE = "_tunebook_autotuner"
 
 _lock = threading.Lock()
+renew_lock(globals(), "_lock", threading.Lock)
 _adopted: weakref.WeakSet[Any] = weakref.WeakSet()
 
 

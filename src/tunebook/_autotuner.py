@@ -17,6 +17,7 @@ This class keeps Triton's surface (constructor order, attributes, hooks, ``warmu
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
@@ -32,17 +33,30 @@ from ._book import KernelIdentity, Page, config_id
 from ._call import Call
 from ._configs import ConfigIndex, prune
 from ._errors import ConfigurationError
+from ._forksafe import renew_in_child
 from ._hits import HitTable
 from ._home import KernelHome
 from ._hooks import Hooks
 from ._listing import SpaceListing
 from ._options import Options
+from ._reads import ArgumentReads
 from ._set_aside import SetAside
 from ._space import Space
 from ._tables import TablePage, Tables
 from ._version import __version__
 
 __all__ = ["Autotuner", "__version__", "autotune"]
+
+_live: weakref.WeakSet[Autotuner] = weakref.WeakSet()
+
+
+def _renew_locks() -> None:
+    # A forked child: a lock another thread held for a tuning would stay held for ever.
+    for tuner in list(_live):
+        tuner._lock = threading.RLock()
+
+
+renew_in_child(_renew_locks)
 
 
 class _Cache(dict):
@@ -64,18 +78,28 @@ class _Cache(dict):
         if owner is not None:
             owner._overruled(list(keys))
 
+    def _locked(self) -> Any:
+        # A caller's write and its bookkeeping happen under the autotuner's lock: a tuning of
+        # the key that ended between the two wrote its own decision over the caller's (which
+        # was then lost, though the key was marked as the caller's). The write waits for it.
+        owner = self._owner()
+        return owner._lock if owner is not None else contextlib.nullcontext()
+
     def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self._changed([key])
+        with self._locked():
+            super().__setitem__(key, value)
+            self._changed([key])
 
     def __delitem__(self, key: Any) -> None:
-        super().__delitem__(key)
-        self._changed([key])
+        with self._locked():
+            super().__delitem__(key)
+            self._changed([key])
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         news = dict(*args, **kwargs)
-        super().update(news)
-        self._changed(news)
+        with self._locked():
+            super().update(news)
+            self._changed(news)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         if key in self:
@@ -84,14 +108,16 @@ class _Cache(dict):
         return default
 
     def pop(self, key: Any, *default: Any) -> Any:
-        value = super().pop(key, *default)
-        self._changed([key])
+        with self._locked():
+            value = super().pop(key, *default)
+            self._changed([key])
         return value
 
     def clear(self) -> None:
-        keys = list(self)
-        super().clear()
-        self._changed(keys)
+        with self._locked():
+            keys = list(self)
+            super().clear()
+            self._changed(keys)
 
     def pop_quietly(self, key: Any) -> None:
         """Drop the autotuner's own entry for ``key`` without marking it a caller's write."""
@@ -173,6 +199,7 @@ class Autotuner(_compat.TritonAutotuner):
         self.counters = _stats.register(self)
         self._required_keys = _required_key_arguments(self.base_fn, self.fn, self.keys)
         self._lock = threading.RLock()
+        _live.add(self)  # a forked child renews the lock (_forksafe.py)
         self._home = KernelHome(fn, self.keys, self.options, self._timer_settings)
         self._hits = HitTable(self.arg_names, self.keys, fn.run, self)
         self._listing = (
@@ -184,15 +211,22 @@ class Autotuner(_compat.TritonAutotuner):
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
         self.set_aside = SetAside(self.label)  # served configs that cannot compile here (_set_aside.py)
-        # Only where a bucket holds calls with different values can two calls of one key have
-        # different candidates (a Space's arg_constraints and Triton's pruning see the values).
-        self._call_dependent = bool(self._buckets) and bool(
+        # Where a bucket holds calls with different values, two calls of one key can have
+        # different candidates (a Space's arg_constraints and Triton's pruning see the values);
+        # so can they where a Space's arg_constraints read an argument outside the key, bucketed
+        # or not (``reads``). Triton's pruning of an unbucketed key is Triton's: per key.
+        self._rules_see_values = bool(self._buckets) and bool(
             (self.space is not None and self.space.arg_constraints)
             or self.early_config_prune
             or self.perf_model
         )
+        self.reads = ArgumentReads(self.keys)
         if self._single:
             self._hits.serve_always(self._hits.hit(self.configs[0], self.counters.hits))
+
+    @property
+    def _call_dependent(self) -> bool:
+        return self._rules_see_values or bool(self.reads.names)
 
     def _timer_settings(self) -> tuple[Any, int | None, int | None, bool, bool]:
         """Triton's timing attributes when the timers are first needed (a caller may set them)."""
@@ -249,6 +283,8 @@ class Autotuner(_compat.TritonAutotuner):
             hit = hits.by_binding[hits.binding_key(*args, **kwargs)]  # type: ignore[misc]
         except (KeyError, AttributeError, TypeError):
             hit = None
+        if hit is None:
+            hit = hits.other_layout(args, kwargs)
         if hit is None:  # outside the except block: errors of a first launch chain nothing
             return self._slow_run(args, kwargs, grid, warmup)
         launcher, config, counter, config_kwargs = hit
@@ -285,7 +321,7 @@ class Autotuner(_compat.TritonAutotuner):
                     # may be one that cannot compile for its key here (_set_aside.py).
                     served = counter is self.counters.fallbacks
                     if not (self._single or served):
-                        self._hits.remember(args, kwargs, self._hits.hit(config, counter))
+                        self._hits.remember(args, kwargs, self._hits.hit(config, counter), self.reads.names)
                     self.best_config = config
                     if config.pre_hook is not None:
                         config.pre_hook({**call.nargs, **launch_kwargs})
@@ -304,7 +340,7 @@ class Autotuner(_compat.TritonAutotuner):
                 with self._lock:  # unless the key was decided otherwise meanwhile (a set-aside, a caller)
                     key = self._key(call)
                     if self._cache.get(key) is config and key not in self._overrides:
-                        self._hits.remember(args, kwargs, self._hits.hit(config, counter))
+                        self._hits.remember(args, kwargs, self._hits.hit(config, counter), self.reads.names)
             return launched
 
     def _set_aside(self, call: Call, cid: str, exc: BaseException) -> bool:
@@ -418,22 +454,29 @@ class Autotuner(_compat.TritonAutotuner):
     def _overruled(self, keys: list[Any]) -> None:
         """A caller wrote (or deleted) ``cache[key]``: later calls of those keys follow it."""
         with self._lock:
+            gone = []
             for key in keys:
                 if key in self._cache:
                     self._overrides.add(key)
                 else:
                     self._overrides.discard(key)
-                    self._forget(key)
+                    gone.append(key)
+            self._forget(*gone)
             if not self._single:  # a one-config kernel's hit stands for every call
                 self._hits.clear()
 
-    def _forget(self, key: Any) -> None:
-        """Forget the decisions of ``key`` (under the lock; the caller clears the hits)."""
+    def _forget(self, *keys: Any) -> None:
+        """Forget the decisions of ``keys`` (under the lock; the caller clears the hits), in
+        one pass over the decisions (one pass a key made ``cache.clear()`` quadratic)."""
+        if not keys:
+            return
+        gone = set(keys)
         # Decisions are keyed by the key, by (key, candidate ids) (_decision), or by
         # (key, "book", result ids) (_book_decision).
-        stale = [d for d in self._hits.decisions if d == key or (d and d[0] == key)]
+        decisions = self._hits.decisions
+        stale = [d for d in decisions if d in gone or (isinstance(d, tuple) and d and d[0] in gone)]
         for decision_key in stale:
-            del self._hits.decisions[decision_key]
+            del decisions[decision_key]
 
     def _key(self, call: Call) -> tuple[Any, ...]:
         """Triton's key for the call (bucketed where declared); a missing key argument is named here,
@@ -450,8 +493,18 @@ class Autotuner(_compat.TritonAutotuner):
     def _candidates(self, call: Call) -> list[Any]:
         """The configs this call may run: the list or the Space's feasible configs, pruned as
         Triton prunes, one per config id."""
-        configs = self.configs if self._listing is None else self._listing.allowed(call.named, self.label)
-        return self.config_index.unique(self.prune_configs(call.kwargs, configs))
+        # The rules see the arguments watched: what they read outside the key keys the hits.
+        named = self.reads.watch(call.named)
+        configs = self.configs if self._listing is None else self._listing.allowed(named, self.label)
+        # Triton's pruning of an unbucketed key is per key, as in Triton: its reads are not watched.
+        if not (self._rules_see_values and (self.early_config_prune or self.perf_model)):
+            return self.config_index.unique(self.prune_configs(call.kwargs, configs))
+        self.reads.add(call.kwargs)  # the hooks get them as keywords, unwatched
+        nargs, self.nargs = self.nargs, self.reads.watch(call.nargs)
+        try:
+            return self.config_index.unique(self.prune_configs(call.kwargs, configs))
+        finally:
+            self.nargs = nargs
 
     def declares(self, record: Mapping[str, Any]) -> bool:
         """Whether a config as the book stores it is one of this kernel's: in its list, or a

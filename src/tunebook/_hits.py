@@ -11,7 +11,12 @@ tables memoize it per exact argument layout, so both paths always serve the same
 case) and configs without a ``pre_hook``, keyed by the key values and dtypes read by index
 (built inline by :attr:`HitTable.getitem`, the generated ``kernel[grid]``); it maps a key
 straight to the hit's launcher. ``by_binding`` serves any call, keyed by a generated
-function that binds arguments by name (see ``_launch.py``). A :class:`Hit` holds what a
+function that binds arguments by name (see ``_launch.py``). Both are generated for the
+layout of the first call they remember (which slots hold tensors); ``by_layout`` serves
+calls laid out otherwise (an optional pointer given as None), keyed by a plain function
+(slower, and still without the autotuner's lock, which a call waiting for another key's
+tuning would otherwise wait on). The scalar arguments a kernel's candidate rules read
+(``_reads.py``) are keyed by value in all three. A :class:`Hit` holds what a
 hit needs: the generated launcher (which bumps the hit counter and sets ``best_config``
 itself), the config, the counter the call bumps (hits or fallbacks) and the config's
 launch kwargs.
@@ -47,6 +52,7 @@ class HitTable:
 
     __slots__ = (
         "_arg_names",
+        "_by_value",
         "_key_names",
         "_launchers",
         "_owner",
@@ -55,9 +61,11 @@ class HitTable:
         "_tensor_slots",
         "binding_key",
         "by_binding",
+        "by_layout",
         "by_position",
         "decisions",
         "getitem",
+        "layout_key",
         "position_key",
     )
 
@@ -72,6 +80,9 @@ class HitTable:
         self._owner = owner
         self.by_position: dict[tuple[Any, ...], _launch.Launcher] = {}
         self.by_binding: dict[tuple[Any, ...], Hit] = {}
+        self.by_layout: dict[tuple[Any, ...], Hit] = {}
+        self._by_value: frozenset[str] = frozenset()  # argument names keyed by value (_reads.py)
+        self.layout_key = _launch.layout_key(self._arg_names, self._key_names, self._by_value)
         # Generated on the first remembered call; None (not callable) until then, which the
         # hit path's TypeError handler turns into a slow-path call.
         self.position_key: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
@@ -123,16 +134,31 @@ class HitTable:
         if hit.config.pre_hook is None:
             self.by_position[()] = hit.launcher
 
-    def remember(self, args: Sequence[Any], kwargs: Mapping[str, Any], hit: Hit) -> None:
-        """Serve later calls laid out like this one (same values, dtypes, classes) with ``hit``."""
+    def other_layout(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Hit | None:
+        """The hit of a call laid out otherwise than the generated keys read (None: none)."""
+        if not self.by_layout:
+            return None
+        try:
+            return self.by_layout.get(self.layout_key(args, kwargs))
+        except TypeError:  # an unhashable key value
+            return None
+
+    def remember(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], hit: Hit, by_value: frozenset[str] = frozenset()
+    ) -> None:
+        """Serve later calls laid out like this one (same values, dtypes, classes) with ``hit``;
+        ``by_value``: the names the kernel's candidate rules have read so far."""
+        if by_value != self._by_value:
+            self._key_by(by_value)
         slots = _launch.tensor_slots(self._arg_names, args, kwargs)
         if self.binding_key is None:
-            self.binding_key = _launch.binding_key(self._arg_names, self._key_names, args, kwargs)
+            self.binding_key = _launch.binding_key(self._arg_names, self._key_names, args, kwargs, by_value)
             self._tensor_slots = slots
         # The key functions read dtypes where the first call had tensors. A call with tensors
-        # elsewhere would key the same as one without them: it is never entered, and stays on
-        # the slow path, which builds Triton's key from scratch.
+        # elsewhere would key the same as one without them: it goes to by_layout.
         if slots != self._tensor_slots:
+            with contextlib.suppress(TypeError):
+                self.by_layout[self.layout_key(args, kwargs)] = hit
             return
         with contextlib.suppress(AttributeError, IndexError, TypeError):
             self.by_binding[self.binding_key(*args, **kwargs)] = hit
@@ -140,9 +166,9 @@ class HitTable:
             return
         if not self._position_tried:
             self._position_tried = True
-            self.position_key = _launch.positional_key(self._arg_names, self._key_names, args)
+            self.position_key = _launch.positional_key(self._arg_names, self._key_names, args, by_value)
             getitem = _launch.positional_getitem(
-                self._arg_names, self._key_names, args, self.by_position, self._owner.run
+                self._arg_names, self._key_names, args, self.by_position, self._owner.run, by_value
             )
             if getitem is not None:
                 self.getitem = getitem
@@ -155,3 +181,14 @@ class HitTable:
         """Forget every memoized hit (in place: the hit path holds the dicts); decisions stay."""
         self.by_position.clear()
         self.by_binding.clear()
+        self.by_layout.clear()
+
+    def _key_by(self, by_value: frozenset[str]) -> None:
+        """Key calls on the values of ``by_value`` too, from the next remembered call on: the
+        tables keyed without them are emptied, and the key functions made again."""
+        self.clear()
+        self._by_value = by_value
+        self.layout_key = _launch.layout_key(self._arg_names, self._key_names, by_value)
+        self.binding_key = self.position_key = None
+        self._position_tried = False
+        self.getitem = self._general_getitem

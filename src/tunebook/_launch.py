@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _compat, _fingerprint
+from ._reads import SCALARS
 
 Launcher = Callable[[tuple[Any, ...], Any], Any]
 
@@ -59,8 +60,14 @@ def tensor_slots(arg_names: Sequence[str], args: Sequence[Any], kwargs: Mapping[
     return frozenset(n for n, v in bound.items() if hasattr(v, "dtype"))
 
 
+def _by_value(expr: str) -> str:
+    # A scalar by value, anything else (a descriptor object made per call) by class alone:
+    # keyed by identity, each call would be a new key and the tables would grow per call.
+    return f"({expr} if {expr}.__class__ in _SCALARS else None)"
+
+
 def _positional_elements(
-    arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any]
+    arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any], by_value: frozenset[str]
 ) -> list[str] | None:
     """The expressions over ``a`` (the args tuple) that make the positional key, or None."""
     position = {name: i for i, name in enumerate(arg_names[: len(args)])}
@@ -73,21 +80,28 @@ def _positional_elements(
             elems.append(f"a[{i}].dtype")
         elif i not in keyed:
             elems.append(f"a[{i}].__class__")
+            if arg_names[i] in by_value:
+                elems.append(_by_value(f"a[{i}]"))
     return elems
 
 
 def positional_key(
-    arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any]
+    arg_names: Sequence[str],
+    key_names: Sequence[str],
+    args: Sequence[Any],
+    by_value: frozenset[str] = frozenset(),
 ) -> Callable[[tuple[Any, ...]], tuple[Any, ...]] | None:
     """``f(args) -> tuple`` for calls that pass exactly ``len(args)`` positional arguments.
 
     The tuple holds the key values, the dtype of every argument that was a tensor when the
-    function was generated, and the class of every other argument: a call with another
-    argument count raises IndexError, a call with a non-tensor in a tensor slot raises
-    AttributeError, and a call with a tensor (or None) where a scalar was yields another
-    class, hence another key. Returns None when a key argument is not positional.
+    function was generated, and the class of every other argument (and the value, for the
+    names in ``by_value`` that hold a scalar: those a kernel's candidate rules read,
+    ``_reads.py``): a call with another argument count raises IndexError, a call with a
+    non-tensor in a tensor slot raises AttributeError, and a call with a tensor (or None)
+    where a scalar was yields another class, hence another key. Returns None when a key
+    argument is not positional.
     """
-    elems = _positional_elements(arg_names, key_names, args)
+    elems = _positional_elements(arg_names, key_names, args, by_value)
     if elems is None:
         return None
     src = (
@@ -96,7 +110,7 @@ def positional_key(
         f"        raise IndexError('another argument layout')\n"
         f"    return ({', '.join(elems)},)\n"
     )
-    return _compile(src, "positional_key", {})
+    return _compile(src, "positional_key", {"_SCALARS": SCALARS})
 
 
 def positional_getitem(
@@ -105,6 +119,7 @@ def positional_getitem(
     args: Sequence[Any],
     table: Mapping[tuple[Any, ...], Launcher],
     slow: Callable[..., Any],
+    by_value: frozenset[str] = frozenset(),
 ) -> Callable[[Any], Callable[..., Any]] | None:
     """``kernel[grid]`` for the common hit: ``f(grid) -> launch(*args, **kwargs)``.
 
@@ -114,11 +129,11 @@ def positional_getitem(
     to ``slow(*args, grid=grid, warmup=False, **kwargs)``. Inlining saves the key function's
     frame on every hit. Returns None when a key argument is not positional.
     """
-    elems = _positional_elements(arg_names, key_names, args)
+    elems = _positional_elements(arg_names, key_names, args, by_value)
     if elems is None:
         return None
     src = (
-        "def outer(table, slow):\n"
+        "def outer(table, slow, _SCALARS):\n"
         "    def factory(grid):\n"
         "        def launch(*a, **kw):\n"
         f"            if not kw and len(a) == {len(args)}:\n"
@@ -132,25 +147,61 @@ def positional_getitem(
         "        return launch\n"
         "    return factory\n"
     )
-    return _compile(src, "outer", {})(table, slow)  # closure cells: read faster than globals
+    return _compile(src, "outer", {})(table, slow, SCALARS)  # closure cells: read faster than globals
 
 
 def binding_key(
-    arg_names: Sequence[str], key_names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any]
+    arg_names: Sequence[str],
+    key_names: Sequence[str],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    by_value: frozenset[str] = frozenset(),
 ) -> Callable[..., tuple[Any, ...]]:
     """``f(*args, **kwargs) -> tuple``: like ``positional_key``, for any way of passing them.
 
     Python binds positional and keyword arguments itself: key values, the dtypes of the
-    arguments that were tensors at generation, the class of every other argument.
+    arguments that were tensors at generation, the class of every other argument (and the
+    scalar values of those in ``by_value``).
     """
     if not _identifiers(arg_names):  # pragma: no cover - Triton kernels have identifier argument names
         return lambda *a, **k: _fingerprint.canonical_key(arg_names, key_names, a, k)
     tensors = tensor_slots(arg_names, args, kwargs)
     params = ", ".join(f"{n}=_MISSING" for n in arg_names)
     elems = list(key_names)
-    elems += [f"{n}.dtype" if n in tensors else f"{n}.__class__" for n in arg_names if n not in key_names]
+    for n in arg_names:
+        if n in key_names:
+            continue
+        elems.append(f"{n}.dtype" if n in tensors else f"{n}.__class__")
+        if n not in tensors and n in by_value:
+            elems.append(_by_value(n))
     src = f"def binding_key({params}, **_extra):\n    return ({''.join(e + ', ' for e in elems)})\n"
-    return _compile(src, "binding_key", {"_MISSING": MISSING})
+    return _compile(src, "binding_key", {"_MISSING": MISSING, "_SCALARS": SCALARS})
+
+
+def layout_key(
+    arg_names: Sequence[str], key_names: Sequence[str], by_value: frozenset[str]
+) -> Callable[[Sequence[Any], Mapping[str, Any]], tuple[Any, ...]]:
+    """``f(args, kwargs) -> tuple``: the key of :func:`binding_key` for a call of any
+    argument layout (a tensor, or None, in any slot), computed without generated code: for
+    the calls laid out otherwise than the first one (an optional pointer given as None)."""
+    keyed = frozenset(key_names)
+
+    def key(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+        bound = {**dict(zip(arg_names, args)), **kwargs}
+        out: list[Any] = []
+        for name in arg_names:
+            value = bound.get(name, MISSING)
+            if name in keyed:
+                out.append(value)
+            elif hasattr(value, "dtype"):
+                out += (True, value.dtype)
+            else:
+                out += (False, value.__class__)
+                if name in by_value:
+                    out.append(value if value.__class__ in SCALARS else None)
+        return tuple(out)
+
+    return key
 
 
 def lean_options(kwargs: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from . import _calls
 from ._book import Page
 from ._book.records import Document, Entry, now_iso
 from ._call import Call
+from ._forksafe import renew_in_child
 from ._jsonio import stored_key
 from ._version import __version__
 
@@ -30,6 +31,16 @@ FLUSH_TIMEOUT_S = 5.0
 _queue: queue.Queue[tuple[Any, str, Document] | None] = queue.Queue()
 _thread: threading.Thread | None = None
 _lock = threading.Lock()
+
+
+def _renew() -> None:
+    # A forked child: the queued misses are the parent's (its writer writes them), and the
+    # parent's writer thread does not exist here.
+    global _queue, _thread, _lock
+    _queue, _thread, _lock = queue.Queue(), None, threading.Lock()
+
+
+renew_in_child(_renew)
 
 
 def record(page: Page, key: Sequence[Any], key_text: str, call: Call, candidates: Mapping[str, Any]) -> None:

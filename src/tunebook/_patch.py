@@ -42,12 +42,14 @@ from . import _adopt, _compat, _settings
 from ._autotuner import Autotuner
 from ._autotuner import autotune as _tunebook_autotune
 from ._errors import PatchWarning
+from ._forksafe import renew_lock
 from ._warnings import warn_once
 
 __all__ = ["active", "autotune", "patch", "unpatch"]
 
 _ABSENT = object()
 _lock = threading.RLock()
+renew_lock(globals(), "_lock", threading.RLock)
 
 
 @dataclass

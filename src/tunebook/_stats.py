@@ -10,9 +10,12 @@ import threading
 import weakref
 from typing import Any
 
+from ._forksafe import renew_lock
+
 # Reentrant: a finalizer (_retire) can run inside any allocation, by garbage collection,
 # including one made while this thread already holds the lock.
 _lock = threading.RLock()
+renew_lock(globals(), "_lock", threading.RLock)
 _totals = {
     "misses": 0,
     "benchmarked": 0,

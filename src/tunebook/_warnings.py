@@ -19,11 +19,13 @@ import warnings
 from collections.abc import Callable
 
 from ._errors import BookWarning, UnreadableBookFile
+from ._forksafe import renew_lock
 
 log = logging.getLogger("tunebook")
 
 _warned: set[str] = set()
 _lock = threading.Lock()
+renew_lock(globals(), "_lock", threading.Lock)
 _OWN_DIRS: tuple[str, ...] = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 
 

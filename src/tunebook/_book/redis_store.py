@@ -56,6 +56,7 @@ from dataclasses import replace
 from typing import Any
 
 from .._errors import BookFormatError
+from .._forksafe import renew_lock
 from .._jsonio import strict_loads
 from .._optional import install_line, require
 from .._warnings import warn_once
@@ -208,6 +209,7 @@ def _names(client: Any, key: str, size: int, max_names: int | None) -> list[byte
 # a lock or breaker state from its parent.
 _shared_stores: dict[tuple[int, str], RedisStore | None] = {}
 _shared_lock = threading.Lock()
+renew_lock(globals(), "_shared_lock", threading.Lock)
 
 
 def shared_store(url: str) -> RedisStore | None:
