@@ -69,6 +69,21 @@ def test_a_hit_never_serves_a_config_the_calls_own_constraint_excludes(key: list
     assert tunebook.stats()["hits"] >= 3  # the repeats are hits, keyed on LIMIT's value
 
 
+def test_in_serve_mode_too_a_hit_never_serves_an_excluded_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve mode answers a key from the book's entry without listing the Space: its
+    constraint checks read LIMIT too."""
+    tuned, _ = _limited([tunebook.bucket("n", "pow2")])
+    x, y, out = vectors(100)
+    tuned[grid_1d(100)](x, y, out, 100, 128)
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    kernel, replay = _limited([tunebook.bucket("n", "pow2")])
+    served = []
+    for limit in (128, 32, 128, 32):
+        kernel[grid_1d(100)](x, y, out, 100, limit)
+        served.append(kernel.best_config.kwargs["BLOCK"])
+    assert served == [64, 32, 64, 32] and replay.measured == []
+
+
 def test_calls_laid_out_otherwise_than_the_first_are_hits_that_wait_for_no_tuning() -> None:
     """An optional pointer given as None: such calls went to the slow path at every call
     (about 10x a hit) and waited for the autotuner's lock, held by any other key's tuning."""

@@ -176,7 +176,8 @@ def book_choice(tuner: Autotuner, call: Call, key: tuple[Any, ...]) -> BookChoic
     entry = page.get(_key_text(key), declared=lambda cid, config: space.declares(config))
     if entry is None or not entry.chosen:
         return None
-    platform, named, index = page.platform, call.named, tuner.config_index
+    platform, index = page.platform, tuner.config_index
+    named = tuner.reads.watch(call.named)  # what the rules read keys the hits (_reads.py)
     allowed: list[tuple[int, str, Any]] = []
     for cid, result in entry.results.items():
         point = space.point_of(result.config)
