@@ -667,3 +667,35 @@ def test_the_rank_hosting_the_store_dying_leaves_the_others_tuning_alone(tmp_pat
     (rank1,) = run_ranks(code, 2, tmp_path, env={"TUNEBOOK_DISTRIBUTED_WAIT_S": "2"}, timeout=120, dies=0)
     assert sorted(rank1["chosen"]) == ["100", "200"]
     assert rank1["chosen"]["100"] == rank1["chosen"]["200"] == BLOCKS[1]  # its own timings decide
+
+
+def test_a_rank_waiting_for_the_group_leaves_its_other_threads_the_store() -> None:
+    """A blocking store.wait held the process's TCPStore client for as long as it waited (up
+    to WAIT_S): every other thread's store request, another kernel's leader among them,
+    waited behind it (two ranks each leading one kernel and following the other waited
+    on each other for WAIT_S). Waits poll now; another thread's request goes between."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tunebook import _distributed
+
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, True, timeout=timedelta(seconds=30))
+    order: list[str] = []
+    waiting = threading.Event()
+
+    def follower() -> None:
+        waiting.set()
+        found = _distributed.wait(store, ["never-written"], 4.0)
+        order.append(f"wait ended ({found})")
+
+    thread = threading.Thread(target=follower)
+    thread.start()
+    waiting.wait(10)
+    time.sleep(0.3)  # the wait has begun
+    store.set("other-thread", "1")  # a leader's publication, from another thread
+    order.append("set done")
+    thread.join(30)
+    assert order == ["set done", "wait ended (False)"], order
+    assert _distributed.wait(store, ["other-thread"], 1.0)

@@ -10,7 +10,6 @@ torch.distributed. torch is imported only when a kernel has ``group=`` or
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from ._errors import ConfigurationError
 # ``record.tunebook_group`` (a dict: ``event``, ``seconds`` and details). Silent unless a
 # handler asks for DEBUG: ``benchmarks/distributed.py`` collects them into its split.
 trace_log = logging.getLogger("tunebook.group")
+
+POLL_S = 0.05  # the longest pause between two looks at the store while waiting for keys
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,19 @@ def wait(store: Any, keys: list[str], seconds: float, what: str = "wait", **deta
     """Whether every key exists within ``seconds`` (never longer). The time is counted as
     waiting for the group (``tunebook.stats()["group_wait_seconds"]``) and traced as ``what``."""
     begun = time.perf_counter()
+    deadline = begun + max(seconds, 0.001)
+    pause = 0.001
     try:
-        store.wait(keys, datetime.timedelta(seconds=max(seconds, 0.001)))
-    except Exception:  # DistStoreError / RuntimeError on a timeout, depending on the torch version
+        # Polled, never ``store.wait``: a TCPStore client serves one request at a time, and a
+        # blocking wait held it for up to WAIT_S, stalling every other thread's store use in
+        # this process (a second kernel's leader among them: two ranks, each leading one
+        # kernel and following the other, waited on each other for WAIT_S).
+        while not store.check(keys):
+            if time.perf_counter() >= deadline:
+                return False
+            time.sleep(min(pause, max(deadline - time.perf_counter(), 0.0)))
+            pause = min(pause * 2, POLL_S)
+    except Exception:  # the store failing reads as a timeout, as a failed blocking wait did
         return False
     finally:
         waited_for(what, time.perf_counter() - begun, **details)
