@@ -627,7 +627,7 @@ def test_settings_that_leave_the_group_out_are_refused_or_said(monkeypatch, capl
 
     configs = [triton.Config({"BLOCK": b}) for b in (32, 64)]
     with pytest.raises(tunebook.ConfigurationError, match="group= and isolate=True cannot be combined"):
-        tunebook.autotune(configs, key=["n"], group=object(), isolate=True)
+        tunebook.autotune(configs, key=["n"], group="world", isolate=True)
     monkeypatch.setenv("TUNEBOOK_MODE", "off")
     monkeypatch.setenv("TUNEBOOK_DISTRIBUTED", "1")
     caplog.set_level(logging.WARNING, logger="tunebook")
@@ -699,3 +699,114 @@ def test_a_rank_waiting_for_the_group_leaves_its_other_threads_the_store() -> No
     thread.join(30)
     assert order == ["set done", "wait ended (False)"], order
     assert _distributed.wait(store, ["other-thread"], 1.0)
+
+
+DECORATED_EARLY = """
+import json, logging, os
+import torch, torch.distributed as dist, triton, tunebook
+from small_kernels import add_kernel, grid_1d, vectors
+
+said = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+logging.getLogger("tunebook").addHandler(Keep())
+
+def timer(rank_of):
+    current = {}
+    def bench(kernel_call, quantiles=None):
+        kernel_call()
+        ms = 1.0 if current["BLOCK"] == (32, 64)[rank_of()] else 1.5  # alone, each rank its own winner
+        return [ms, ms, ms]
+    return bench, lambda nargs, reset_only=False: current.update(nargs)
+
+def kernel(group, name):  # one function: one page, so each kernel below tunes keys of its own
+    bench, hook = timer(lambda: dist.get_rank())
+    configs = [triton.Config({"BLOCK": b}) for b in (32, 64)]
+    tuned = tunebook.autotune(configs, key=["n"], do_bench=bench, pre_hook=hook, group=group, name=name)
+    return tuned(add_kernel)
+
+# Decorated at import, before init_process_group, as in any module: WORLD is None there.
+written_world = kernel(dist.group.WORLD, "written")
+named_world = kernel("world", "named")
+init = lambda how: dist.init_process_group("gloo", init_method=how, rank=int(os.environ["RANK"]),
+                                           world_size=int(os.environ["WORLD"]))
+init(os.environ["INIT"])
+stale = kernel(dist.group.WORLD, "stale")
+
+def chosen(k, n):
+    x, y, out = vectors(n)
+    k[grid_1d(n)](x, y, out, n)
+    return k.best_config.kwargs["BLOCK"]
+
+out = {"written": chosen(written_world, 100), "named": chosen(named_world, 200), "stale": chosen(stale, 300)}
+dist.barrier()
+dist.destroy_process_group()
+init(os.environ["INIT_AGAIN"])  # a new group (a store of its own): the kernels stay
+try:
+    chosen(stale, 400)
+except tunebook.ConfigurationError as exc:
+    out["stale_error"] = str(exc)
+out["named_again"] = chosen(named_world, 500)
+out["said"] = [m for m in said if "group" in m]
+print(json.dumps(out), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_kernel_decorated_before_init_process_group_tunes_with_the_group_by_name(tmp_path):
+    """Found by a misuse review: group=dist.group.WORLD where the kernel is decorated, before
+    init_process_group, is None: each rank tuned alone and the two launched different configs,
+    with nothing said. It is said now, and group='world' (looked up at each new key) tunes with
+    the group; a group made before destroy_process_group() raised torch's 'not registered'
+    ValueError deep in the tuning, and is a ConfigurationError that names the way out."""
+    again = {"INIT_AGAIN": f"file://{tmp_path / 'store-again'}"}
+    outs = run_ranks(textwrap.dedent(DECORATED_EARLY), 2, tmp_path, env=again, timeout=240)
+    assert [o["written"] for o in outs] == [32, 64]  # alone: each rank its own winner
+    assert len({o["named"] for o in outs}) == 1 and len({o["stale"] for o in outs}) == 1
+    assert len({o["named_again"] for o in outs}) == 1
+    for o in outs:
+        assert any("was given group=None" in m and "group='world'" in m for m in o["said"]), o["said"]
+        assert "no longer knows this group" in o["stale_error"] and "group='world'" in o["stale_error"]
+
+
+def test_group_takes_a_process_group_or_world(tmp_path):
+    import triton
+
+    import tunebook
+
+    configs = [triton.Config({"BLOCK": b}) for b in (32, 64)]
+    for wrong in ([0, 1], "WORLD", 0, True):
+        with pytest.raises(tunebook.ConfigurationError, match=r"group= takes a torch\.distributed"):
+            tunebook.autotune(configs, key=["n"], group=wrong)
+    tunebook.autotune(configs, key=["n"], group="world")
+    tunebook.autotune(configs, key=["n"], group=None)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the lost leader's end
+def test_a_leader_lost_while_the_group_arrives_leaves_the_others_tuning_alone_at_once(tmp_path, monkeypatch):
+    """Found by a misuse review: a leader killed during its join wait never closes the round;
+    the rank that came waited for the round (join time and a margin), then for a decision
+    nobody would publish (TUNEBOOK_DISTRIBUTED_WAIT_S more: 935 s by default)."""
+    import threading
+
+    from tunebook import _collective
+
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_JOIN_S", "1")
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_WAIT_S", "600")
+    gone = threading.Event()
+
+    def lost(store, ns, world):  # the leader's process dies in its join wait: it never closes
+        gone.wait(120)
+        raise SystemExit  # (a thread's quiet end) once the other rank is done or given up on
+
+    monkeypatch.setattr(_collective, "_close_round", lost)
+    ids = ["a", "b", "c"]
+    records = [{"kwargs": {"B": i}} for i in range(3)]
+    calls: dict[int, list[int]] = {0: [], 1: []}
+    jobs = {r: _jobs(ids, records, lambda i: (3.0, 1.0, 2.0)[i], calls[r]) for r in (0, 1)}
+    outcomes, _ = _in_threads(tmp_path, jobs, timeout=60, finished=lambda r: gone.set())
+    gone.set()
+    assert 1 in outcomes, "the rank that came waited for a decision no leader would publish"
+    assert outcomes[1].entry.best(ids) == "b" and sorted(calls[1]) == [0, 1, 2]  # tuned alone

@@ -651,7 +651,7 @@ def autotune(
     isolate: bool = False,
     isolate_timeout: float = 300.0,
     check: bool | dict[str, Any] = False,
-    group: Any = None,
+    group: Any = _options.NO_GROUP,
 ) -> Callable[[Any], Autotuner]:
     """Decorator for auto-tuning a ``triton.jit`` function, remembering results in a book.
 

@@ -39,7 +39,9 @@ that come (after the join wait). A follower whose part has not come back within
 ``late_after`` of the leader's own part (at most ``TUNEBOOK_DISTRIBUTED_WAIT_S``) is late:
 the leader measures that part itself and deals the rank nothing more for the key; so it
 does at once for a follower that wrote ``gone/<i>`` (its measuring raised). A leader that
-fails before closing the round closes it (``participants`` = 1). A rank
+fails before closing the round closes it with no one (``participants`` = 0), and a round
+that stays open past the join time and a margin has lost its leader: the ranks that came
+tune the key alone at once. A rank
 that waits longer than ``TUNEBOOK_DISTRIBUTED_WAIT_S`` for the leader's next batch or
 decision (the leader died or hangs) tunes the key alone and publishes its own decision;
 since the first published decision stands, every rank still launches the same config.
@@ -151,8 +153,8 @@ def tune_together(
             entry = _decided_entry(key, outcome.entry, ids, start, base)
             published = _publish(store, ns, entry, book_id(page))
         finally:
-            if not closed:  # failed before the round closed: the others stop waiting for it
-                store.set(ns + "participants", "1")
+            if not closed:  # failed before the round closed: the others tune alone at once
+                store.set(ns + "participants", "0")
             if lead is not None:
                 # The followers stop waiting for batches and read the decision; ended before
                 # this rank's book write, which they need not wait for.
@@ -165,7 +167,11 @@ def tune_together(
             measured, failures = follow(store, ns, arrival, jobs(None, known))
             # published before the search ended; none: the leader failed, tune alone now
             waited = _decision(store, ns, key)
-        else:
+        elif not came:
+            # The round never closed (the leader died while the group arrived: no leader is
+            # searching), or the leader failed before closing it: nobody will decide.
+            waited = _decision(store, ns, key)
+        else:  # came after the round closed: the leader is searching
             waited = _wait_for_decision(store, ns, key)
         if waited is None:  # no decision in time: tune alone, and let the first decision stand
             current = _current(page, key_text)
@@ -414,7 +420,8 @@ def _ranks_by_arrival(store: Any, ns: str, participants: int) -> list[int | None
 
 def _participants(store: Any, ns: str) -> int | None:
     # The leader closes the round within its join time; the margin covers a slow store.
-    if not wait(store, [ns + "participants"], _settings.distributed_join_s() + 30.0, "join"):
+    join_s = _settings.distributed_join_s()
+    if not wait(store, [ns + "participants"], join_s + min(30.0, max(5.0, join_s)), "join"):
         return None
     return int(store.get(ns + "participants"))
 

@@ -11,12 +11,15 @@ torch.distributed. torch is imported only when a kernel has ``group=`` or
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import _settings, _stats
 from ._errors import ConfigurationError
+from ._options import WORLD
+from ._warnings import warn_once
 
 # Where a group's time goes, one DEBUG record per wait and per part measured, each carrying
 # ``record.tunebook_group`` (a dict: ``event``, ``seconds`` and details). Silent unless a
@@ -35,12 +38,12 @@ class Team:
     store: Any  # a torch.distributed.Store shared by the group's ranks
 
 
-def team(group: Any) -> Team | None:
+def team(group: Any, label: str = "kernel") -> Team | None:
     """The group a miss is resolved in, or None to tune alone.
 
-    ``group`` is the kernel's ``group=`` (a ProcessGroup); without it, the default group when
-    ``TUNEBOOK_DISTRIBUTED=1`` and torch.distributed is initialized. A group of one rank is
-    tuning alone.
+    ``group`` is the kernel's ``group=`` (a ProcessGroup, or "world": the default group as it
+    is now); without it, the default group when ``TUNEBOOK_DISTRIBUTED=1`` and
+    torch.distributed is initialized. A group of one rank is tuning alone.
     """
     if group is None and not _settings.distributed():
         return None
@@ -49,15 +52,54 @@ def team(group: Any) -> Team | None:
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ConfigurationError(
-                "tunebook.autotune(group=...): torch.distributed is not initialized in this process; "
-                "call torch.distributed.init_process_group(...) before the kernel's first call"
+                f"tunebook.autotune(group=...) of {label}: torch.distributed is not initialized in this "
+                "process; call torch.distributed.init_process_group(...) before the kernel's first call"
             )
         return None  # TUNEBOOK_DISTRIBUTED=1 in a process that is not part of a job
-    pg = group if group is not None else dist.group.WORLD
-    world = dist.get_world_size(pg)
+    pg = dist.group.WORLD if group is None or group == WORLD else group
+    try:
+        world = dist.get_world_size(pg)
+        rank = dist.get_rank(pg)
+        store = _store_of(pg) if world > 1 else None
+    except (ValueError, RuntimeError, KeyError) as exc:  # a group of a process group since destroyed
+        raise ConfigurationError(
+            f"tunebook.autotune(group=...) of {label}: torch.distributed no longer knows this group "
+            f"({type(exc).__name__}: {exc}); a group made before destroy_process_group() cannot be used "
+            "after it. Pass group='world' (the default group, looked up at each new key), or decorate "
+            "the kernel again with the new group"
+        ) from exc
+    if world < 0 or rank < 0:  # torch's answer to a rank outside the group
+        warn_once(
+            f"group-outsider:{label}",
+            "tunebook: %s: this rank (%d of the job) is not a member of the kernel's group=, so it tunes "
+            "its keys alone (said once)",
+            label,
+            dist.get_rank(),
+        )
+        return None
     if world <= 1:
         return None
-    return Team(dist.get_rank(pg), world, _store_of(pg))
+    return Team(rank, world, store)
+
+
+def alone_by_mistake(label: str) -> None:
+    """Say once that a kernel given ``group=None`` runs in a job of several ranks: most often
+    ``group=dist.group.WORLD`` written where the kernel is decorated, before
+    ``init_process_group``, where it is None; the ranks then tune alone, and may launch
+    different configs."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()) or _settings.distributed():
+        return
+    world = dist.get_world_size()
+    if world > 1:
+        warn_once(
+            f"group-none:{label}",
+            "tunebook: %s was given group=None, so each of this job's %d ranks tunes its keys alone and "
+            "they may launch different configs. dist.group.WORLD is None until init_process_group(): "
+            "where the kernel is decorated before it, pass group='world' (said once)",
+            label,
+            world,
+        )
 
 
 def is_store_failure(exc: BaseException) -> bool:

@@ -528,7 +528,9 @@ def rule_hint(
 def _tune(miss: Miss, entry: Entry | None, page: Page | None) -> Outcome:
     tuner, options = miss.tuner, miss.tuner.options
     grouped = options.group is not None or _settings.distributed()
-    team = _distributed.team(options.group) if page is not None and grouped else None
+    team = _distributed.team(options.group, tuner.label) if page is not None and grouped else None
+    if options.group_given_as_none:
+        _distributed.alone_by_mistake(tuner.label)
     if page is None and grouped:
         _warnings.warn_once(
             f"group-off:{tuner.label}",

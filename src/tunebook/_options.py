@@ -31,6 +31,21 @@ from ._tables import Tables
 CHECK_FIELDS = ("rtol", "atol", "ignore", "max_bytes")
 
 
+class _NoGroup:
+    """``group=`` not given (its default), told apart from ``group=None`` written out."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+NO_GROUP: Any = _NoGroup()
+WORLD = "world"  # group="world": torch.distributed's default group, looked up at the first miss
+
+
+def _is_process_group(group: Any) -> bool:
+    return callable(getattr(group, "size", None)) and callable(getattr(group, "rank", None))
+
+
 @dataclass(frozen=True)
 class Options:
     """One field per tunebook option of ``autotune`` (docs: :func:`tunebook.autotune`)."""
@@ -52,7 +67,8 @@ class Options:
     isolate: bool = False  # measure new keys in a worker process
     isolate_timeout: float = 300.0  # seconds without progress before a candidate counts as hung
     check: Mapping[str, Any] | None = None  # result checking: None (off) or its settings
-    group: Any = None  # a torch.distributed ProcessGroup whose ranks tune each key together
+    group: Any = NO_GROUP  # a torch.distributed ProcessGroup whose ranks tune each key together, or "world"
+    group_given_as_none: bool = False  # group=None written out: dist.group.WORLD before init, perhaps
 
     def book_dirs(self) -> tuple[Path, ...]:
         """The read-only book directories (``books=``, called now if it is a function)."""
@@ -94,6 +110,7 @@ class Options:
             raise ConfigurationError(
                 f"tunebook.autotune: compile_workers= must be an integer >= 1; found {self.compile_workers!r}"
             )
+        self._check_group()
         if self.isolate and self.group is not None:
             raise ConfigurationError(
                 "tunebook.autotune: group= and isolate=True cannot be combined: a group's ranks measure "
@@ -122,6 +139,18 @@ class Options:
                     f"found {', '.join(sorted(unknown))}"
                 )
             _check_settings(self.check)
+
+    def _check_group(self) -> None:
+        if self.group is NO_GROUP:
+            object.__setattr__(self, "group", None)
+        elif self.group is None:
+            object.__setattr__(self, "group_given_as_none", True)
+        elif not (self.group == WORLD if isinstance(self.group, str) else _is_process_group(self.group)):
+            raise ConfigurationError(
+                "tunebook.autotune: group= takes a torch.distributed ProcessGroup, or 'world' for the "
+                "default group as it is at the first miss (write that where the kernel is decorated "
+                f"before init_process_group); found {self.group!r}"
+            )
 
     def _check_types(self) -> None:
         """The options whose wrong type would pass unnoticed (``adaptive='no'`` is true) or fail
