@@ -326,3 +326,102 @@ def test_keys_with_names_the_kernel_lacks_are_refused_before_a_cluster_starts(ra
     ):
         with pytest.raises(ValueError, match=said):
             tunebook.tune_on_ray(kernel, keys=keys)
+
+
+def test_tune_on_ray_refuses_arguments_of_the_wrong_kind_before_a_cluster_starts(raykern, monkeypatch):
+    """Found by a misuse review: a "module:attr" string was iterated into 6 kernels of
+    letters, keys={"n": 100} raised AttributeError, gpus=-1 waited 600 s for workers none
+    would start, unit_size=0 was refused only after the actors started, and timeout=-1 ran."""
+    import importlib
+
+    import tunebook
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a sweep started")
+
+    monkeypatch.setattr("tunebook._sweep.driver.run_sweep", no_sweep)
+    kernel = importlib.import_module(raykern["name"]).add
+    with pytest.raises(TypeError, match="not the text"):
+        tunebook.tune_on_ray(f"{raykern['name']}:add", keys=[{"n": 100}])
+    with pytest.raises(TypeError, match="list of dicts"):
+        tunebook.tune_on_ray(kernel, keys={"n": 100})
+    for wrong, said in (
+        ({"gpus": -1}, "gpus="),
+        ({"gpus": 1.5}, "gpus="),
+        ({"unit_size": 0}, "unit_size="),
+        ({"timeout": -1}, "timeout="),
+        ({"resource": ""}, "resource="),
+    ):
+        with pytest.raises(ValueError, match=said):
+            tunebook.tune_on_ray(kernel, keys=[{"n": 100}], **wrong)
+
+
+def test_an_address_nobody_answers_at_is_said_at_once():
+    """A mistyped host or port sat at "starting the GPU workers" for minutes (Ray waits for
+    it without end); a connection error got advice about file paths."""
+    import socket
+
+    from tunebook._sweep.driver import SweepError, reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nobody listens there
+    with pytest.raises(SweepError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        reachable(f"127.0.0.1:{port}")
+    with pytest.raises(SweepError, match="is not host:port"):
+        reachable("localhost:abc")
+    for theirs in (None, "auto", "local", "ray://head:10001"):
+        reachable(theirs)  # Ray's own forms: left to Ray
+
+
+def test_workers_get_the_drivers_own_folders_and_home_relative_paths(tmp_path, monkeypatch):
+    """A TUNEBOOK_DIR of '~/book' reached the workers as '<driver dir>/~/book' (the journals went
+    to a folder named '~' and were never folded); a folder the program put on sys.path itself
+    was not on the workers' path (every key failed: ModuleNotFoundError)."""
+    from tunebook._sweep.actor import forwarded_environment
+    from tunebook._worker.isolated import program_paths
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    env = forwarded_environment({"TUNEBOOK_DIR": "~/book", "PYTHONPATH": "~/mods"}, "/driver", ["/mine"])
+    assert env["TUNEBOOK_DIR"] == str(tmp_path / "book")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "mods"), "/mine", "/driver"]
+    monkeypatch.syspath_prepend(str(tmp_path / "kernels"))
+    paths = program_paths()
+    assert str(tmp_path / "kernels") in paths
+    assert not any("site-packages" in p for p in paths) and sys.prefix not in paths
+
+
+def test_tune_of_a_file_path_imports_it_in_the_workers_too(raykern, tmp_path, monkeypatch):
+    """`tunebook tune path/to/file.py:kernel`: the command imported the file (its folder on
+    its own sys.path), its workers did not find it: ModuleNotFoundError on every key."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "filekern.py").write_text(MODULE)
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # small_kernels, not the file's folder
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "book"))
+    res = invoke("tune", f"{elsewhere / 'filekern.py'}:add", "--keys", "n=100")
+    assert "done" in res.output and "1 key(s)" in res.output, res.output
+    assert sorted(entries(tmp_path / "book")) == [100]
+
+
+@pytest.mark.slow
+def test_keys_that_fail_on_every_worker_retire_none(cluster, raykern, tmp_path, monkeypatch):
+    """Found by a misuse review: two keys whose calls cannot be built (n=abc) failed on the
+    first worker, which was retired for it though the other failed them too; a healthy GPU
+    sat out the sweep. A worker is blamed only for units that then ran elsewhere."""
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "book"))
+    keys = ["--keys", "n=abc", "--keys", "n=xyz", *keys_args()]
+    swept = invoke(
+        "tune",
+        f"{raykern['name']}:add",
+        *keys,
+        "--ray",
+        "--ray-resource",
+        RESOURCE,
+        "--unit-size",
+        "2",
+        ok=None,
+    )
+    assert "done: 4 of 6 key(s) tuned on 2 x" in swept.output, swept.output
+    assert "retired" not in swept.output, swept.output
+    assert sorted(entries(tmp_path / "book")) == KEYS

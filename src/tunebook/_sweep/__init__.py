@@ -63,15 +63,40 @@ def tune_on_ray(
     from .jobs import key_jobs, miss_jobs
 
     require("ray", feature="tuning on a Ray cluster", extra="ray")
+    options = SweepOptions(
+        address=address,
+        gpus=gpus,
+        resource=resource,
+        unit_size=unit_size,
+        timeout_s=timeout,
+        each_model=each_model,
+        gpu_model=gpu_model,
+        runtime_env=runtime_env,
+    )
+    if isinstance(kernels, str | bytes):  # iterated, a "module:attr" string was 6 kernels of letters
+        raise TypeError(
+            f"tune_on_ray: kernels= takes tunebook kernels or modules, not the text {kernels!r}; import "
+            "the kernel and pass it (tunebook tune takes 'module:attr' on the command line)"
+        )
     items = [kernels] if isinstance(kernels, Autotuner | ModuleType) else list(kernels)
     tuners: list[Autotuner] = []
     for item in items:
         if isinstance(item, ModuleType):
             tuners += [obj for _, obj in sorted(vars(item).items()) if isinstance(obj, Autotuner)]
-        else:
+        elif isinstance(item, Autotuner):
             tuners.append(item)
+        else:
+            raise TypeError(
+                f"tune_on_ray: kernels= takes tunebook kernels (@tunebook.autotune) or modules; found "
+                f"{type(item).__name__} {item!r:.80}"
+            )
     jobs: list[dict[str, Any]] = []
     if keys is not None:
+        if isinstance(keys, Mapping) or not all(isinstance(key, Mapping) for key in keys):
+            raise TypeError(
+                "tune_on_ray: keys= takes a list of dicts of key values, e.g. [{'M': 16, 'N': 4096}]; "
+                f"found {keys!r:.120}"
+            )
         if len(tuners) != 1:
             raise ValueError(f"keys= tunes one kernel; found {len(tuners)} kernels")
         module, attr = import_path(tuners[0])
@@ -84,14 +109,4 @@ def tune_on_ray(
         from .driver import SweepReport
 
         return SweepReport()
-    options = SweepOptions(
-        address=address,
-        gpus=gpus,
-        resource=resource,
-        unit_size=unit_size,
-        timeout_s=timeout,
-        each_model=each_model,
-        gpu_model=gpu_model,
-        runtime_env=runtime_env,
-    )
     return run_sweep(jobs, options, on_progress=on_progress)

@@ -33,12 +33,16 @@ def is_path_variable(name: str) -> bool:
     return name.startswith(("TUNEBOOK_", "TRITON_")) and name.endswith(("_DIR", "_PATH", "_HOME"))
 
 
-def forwarded_environment(environ: Mapping[str, str], cwd: str) -> dict[str, str]:
+def forwarded_environment(
+    environ: Mapping[str, str], cwd: str, program_paths: Sequence[str] = ()
+) -> dict[str, str]:
     """The driver's environment as its workers get it: all of it, but for what each node sets
     itself (``NODE_VARIABLES``, ``RAY_*``), with the driver's directory on ``PYTHONPATH``
-    (where kernel modules are often found). Relative paths (on ``PYTHONPATH``, in path
-    variables) are made absolute from the driver's directory: a worker runs in the
-    cluster's. :func:`for_node` narrows it for other nodes.
+    (where kernel modules are often found), after ``program_paths`` (folders the driver put
+    on its ``sys.path`` itself: ``isolated.program_paths``). Paths (on ``PYTHONPATH``, in
+    path variables) are made absolute from the driver's directory, ``~`` expanded: a worker
+    runs in the cluster's directory (a ``~/book`` became ``./~/book`` there). :func:`for_node`
+    narrows it for other nodes.
 
     >>> env = forwarded_environment({"TUNEBOOK_DIR": "b", "CUDA_VISIBLE_DEVICES": "3"}, "/src")
     >>> sorted(env), env["PYTHONPATH"], env["TUNEBOOK_DIR"]
@@ -46,13 +50,15 @@ def forwarded_environment(environ: Mapping[str, str], cwd: str) -> dict[str, str
     """
 
     def absolute(value: str) -> str:
-        return os.pathsep.join(os.path.join(cwd, p) if p else p for p in value.split(os.pathsep))
+        return os.pathsep.join(
+            os.path.join(cwd, os.path.expanduser(p)) if p else p for p in value.split(os.pathsep)
+        )
 
     env = {k: v for k, v in environ.items() if k not in NODE_VARIABLES and not k.startswith("RAY_")}
     for name in [k for k in env if is_path_variable(k)]:
         env[name] = absolute(env[name])
-    path = [os.path.join(cwd, p) for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*path, cwd]))
+    path = [absolute(p) for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*path, *program_paths, cwd]))
     return env
 
 

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from .._book import Entry, Result, now_iso
 from .._errors import BookFormatError, TunebookError
 from .._optional import require
 from .._worker import DEFAULT_TIMEOUT_S
+from .._worker.isolated import program_paths
 from .actor import SweepActor, forwarded_environment
 from .schedule import KeySearch, Plan, Sweep, Unit
 from .writer import BookWriter, OnResult
@@ -75,6 +77,25 @@ class SweepOptions:
     runtime_env: Mapping[str, Any] | None = None  # for a cluster started or joined here
     start_timeout_s: float = 600.0  # how long to wait for the actors to start
 
+    def __post_init__(self) -> None:
+        # Checked before a cluster is started or joined: found later, after the actors
+        # started, or never (gpus=-1 waited for workers that none would start).
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.gpus is not None and not (whole(self.gpus) and self.gpus >= 1):
+            raise ValueError(f"gpus= must be a whole number of GPUs, 1 or more, or None; found {self.gpus!r}")
+        if not (whole(self.unit_size) and self.unit_size >= 1):
+            raise ValueError(
+                f"unit_size= must be a whole number of configs, 1 or more; found {self.unit_size!r}"
+            )
+        if isinstance(self.timeout_s, bool) or not (
+            isinstance(self.timeout_s, int | float) and self.timeout_s > 0
+        ):
+            raise ValueError(f"timeout= must be seconds, more than 0; found {self.timeout_s!r}")
+        if not (isinstance(self.resource, str) and self.resource):
+            raise ValueError(f"resource= must name a Ray resource; found {self.resource!r}")
+
 
 @dataclass(frozen=True)
 class SweepProgress:
@@ -103,6 +124,7 @@ class KeyReport:
     chosen: str | None
     reason: str = ""
     answered: bool = False  # the book had it already
+    left_out: int = 0  # configs not measured: their worker was lost MAX_LOSSES times (a rerun measures them)
 
 
 @dataclass
@@ -129,7 +151,8 @@ class _Slot:
     group: str
     info: dict[str, Any]
     out: dict[Any, Unit] = field(default_factory=dict)
-    failures: int = 0  # units in a row it failed for a reason of its own
+    failures: int = 0  # units in a row it failed for a reason of its own (another worker ran them)
+    suspect: int = 0  # units it failed that have not yet run elsewhere: its fault, or the key's?
 
 
 def group_name(device: Mapping[str, Any]) -> str:
@@ -196,7 +219,12 @@ def run_sweep(
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if options.runtime_env:
             kwargs["runtime_env"] = dict(options.runtime_env)
-        ray.init(address=address, **kwargs)
+        reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+            where = f"the Ray cluster at {address!r}" if address else "Ray"
+            raise SweepError(f"cannot connect to {where}: {_short(exc)}") from exc
         started_here = address in (None, "local")  # a cluster of its own: shut down at the end
     elif options.address:
         raise SweepError(
@@ -227,7 +255,7 @@ class _Driver:
         self.on_progress = on_progress
         self.say = on_event or (lambda text: log.warning("tunebook: %s", text))
         self.remote = ray.remote(SweepActor)
-        self.env = forwarded_environment(os.environ, os.getcwd())
+        self.env = forwarded_environment(os.environ, os.getcwd(), program_paths())
         # Through Ray Client the "current node" is the head node, not this machine: every
         # node is another one then, and gets only the settings that are not paths.
         self.node = None if _through_client(ray) else ray.get_runtime_context().get_node_id()
@@ -237,6 +265,8 @@ class _Driver:
         self.writer = BookWriter(jobs, on_result)
         self.pages = self.writer.pages
         self.report = SweepReport()
+        self.blamed: dict[int, _Slot] = {}  # unit uid -> the worker that failed it, till it runs elsewhere
+        self.last_error: dict[int, str] = {}  # id(slot) -> the reason of its last failed unit
         self.seen: dict[tuple[str, str, str], int] = {}  # (page, key) -> key number that has it
         self.replacements = 0
         self.run_id = next(_RUNS)
@@ -392,18 +422,24 @@ class _Driver:
         if self.starting:
             return
         alive = {slot.group for slot in self.slots.values()}
+        why = (
+            f"the sweep replaced {self.replacements} lost GPU workers, its most (2 a GPU), and has none left "
+            "for this GPU model: run the sweep again to go on (nothing measured is measured twice)"
+            if self.replacements >= self._most_replacements()
+            else "its nodes were lost"
+        )
         for key in sweep.keys:
             if not key.finished and key.group not in alive:
                 key.state = "failed"
-                key.reason = f"no GPU of its model ({key.group}) is left in the cluster: its nodes were lost"
+                key.reason = f"no GPU of its model ({key.group}) is left in the cluster: {why}"
 
     def _hand_out(self, sweep: Sweep) -> None:
         # A worker that just failed a unit for a reason of its own gets no more while another
         # of its model is fine: a broken node must not drain the queue (each unit it took
         # would fail in milliseconds).
-        fine = {slot.group for slot in self.slots.values() if not slot.failures}
+        fine = {slot.group for slot in self.slots.values() if not (slot.failures or slot.suspect)}
         for slot in self.slots.values():
-            if slot.failures and slot.group in fine:
+            if (slot.failures or slot.suspect) and slot.group in fine:
                 continue
             while len(slot.out) < self.options.depth:
                 unit = sweep.next_unit(slot.group)
@@ -448,6 +484,11 @@ class _Driver:
             self._unit_error(slot, unit, sweep, str(value["error"]))
             return
         slot.failures = 0
+        blamed = self.blamed.pop(unit.uid, None)
+        if blamed is slot:  # it ran on the worker that failed it: a passing trouble
+            slot.suspect = max(0, slot.suspect - 1)
+        elif blamed is not None:  # it ran here: the first worker's own fault
+            self._confirmed(blamed, sweep, f"{unit.kind} units it failed ran on other workers")
         if unit.kind == "plan":
             self._planned(unit, value, sweep)
             return
@@ -470,18 +511,37 @@ class _Driver:
 
     def _unit_error(self, slot: _Slot, unit: Unit, sweep: Sweep, reason: str) -> None:
         """A unit the worker failed for a reason of its own: it goes out once more (to another
-        worker of the model, where there is one: this one gets nothing new meanwhile), and a
-        worker that fails RETIRE_AFTER in a row while another is fine is retired."""
+        worker of the model, where there is one: this one gets nothing new meanwhile). Where
+        it runs, the first worker's failure was the worker's; where it fails again, the key's
+        (a call its ``inputs=`` cannot build), and neither worker is blamed. A worker that
+        failed RETIRE_AFTER units in a row that others then ran, while another is fine, is
+        retired (bad keys alone once retired healthy workers, one after another)."""
+        first = self.blamed.pop(unit.uid, None)
+        if not sweep.retry(unit, f"{reason} (on {_where(slot)})"):
+            if first is not None:
+                first.suspect = max(0, first.suspect - 1)
+            return
+        slot.suspect += 1
+        self.blamed[unit.uid] = slot
+        self.last_error[id(slot)] = reason
+
+    def _confirmed(self, slot: _Slot, sweep: Sweep, why: str) -> None:
+        """A unit ``slot`` failed ran on another worker: the failure was the worker's."""
+        slot.suspect = max(0, slot.suspect - 1)
         slot.failures += 1
-        sweep.retry(unit, f"{reason} (on {_where(slot)})")
-        peers = [s for s in self.slots.values() if s.group == slot.group and s is not slot and not s.failures]
-        if slot.failures >= RETIRE_AFTER and peers:
+        peers = [
+            s
+            for s in self.slots.values()
+            if s.group == slot.group and s is not slot and not (s.failures or s.suspect)
+        ]
+        if slot.failures >= RETIRE_AFTER and peers and slot.actor in self.slots:
+            reason = self.last_error.get(id(slot), why)
             self.slots.pop(slot.actor, None)
             units = list(slot.out.values())
             slot.out.clear()
             self.say(
-                f"retired the GPU worker on {_where(slot)}: its last {slot.failures} units failed "
-                f"({reason}); {len(units)} unit(s) go to the other workers"
+                f"retired the GPU worker on {_where(slot)}: its last {slot.failures} units failed and ran "
+                f"on other workers ({reason}); {len(units)} unit(s) go to the other workers"
             )
             with contextlib.suppress(Exception):
                 self.ray.kill(slot.actor)
@@ -526,9 +586,15 @@ class _Driver:
                 page.refresh()  # the worker wrote what it measured before it went
                 known = page.get(key.plan.key_text)
             sweep.lost(lost, reason, known)
-        if self.replacements < 2 * max(1, sum(self.report.groups.values())):
+        if self.replacements < self._most_replacements():
             self.replacements += 1
             self._new_actor(1000 + self.replacements)
+        else:
+            self.say(f"not replacing it: {self.replacements} lost workers replaced already, the sweep's most")
+
+    def _most_replacements(self) -> int:
+        # A cluster that keeps killing workers (a bad node, a memory limit) is not fed forever.
+        return 2 * max(1, sum(self.report.groups.values()))
 
     # ------------------------------------------------------------------ persisting, reporting
 
@@ -576,7 +642,29 @@ class _Driver:
             chosen=key.chosen,
             reason=key.reason,
             answered=key.answered,
+            left_out=len(key.left_out),
         )
+
+
+def reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` address whose port does not answer is a SweepError now: Ray itself
+    waits for it without end (a mistyped host or port sat at "starting the GPU workers" for
+    minutes, and Ctrl-C took 30 s). Other forms (``auto``, ``local``, ``ray://``) are Ray's."""
+    if not address or "://" in address or address in ("auto", "local"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(
+            f"the Ray address {address!r} is not host:port, ray://host:port, auto or local; the head "
+            "node's address is its host and GCS port (6379 by default): --ray head:6379"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise SweepError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}); check the head node's host and "
+            "its GCS port (6379 by default), or leave --ray's address out to start a local cluster"
+        ) from None
 
 
 def _through_client(ray: Any) -> bool:

@@ -24,7 +24,11 @@ Rules that keep a sweep equal to ``tune_key`` run key by key:
 * **Nothing measured twice.** Known results (the book's, or an earlier run's) are told
   before the first ask; a unit whose worker was lost is handed out again with only the
   configs that still lack a result (:meth:`Sweep.lost`), at most ``MAX_LOSSES`` times,
-  after which its configs are recorded as failed with the reason.
+  after which its configs are left out of this run, not recorded: a worker is lost to the
+  cluster (a preemption, an OOM kill of the actor, ``ray.kill``) far more often than to a
+  config (a config that crashes is caught by the worker's own process and recorded as
+  such), and a config recorded as failed is never measured again: the key could keep a
+  slower winner for good. A later run measures them.
 * **Failures are data,** except a failure that points at the call rather than the config
   (``unexpected``) while nothing of the key has run: it is held back, no new unit of the
   key goes out, and if the units out bring nothing that runs either, the key fails with
@@ -62,11 +66,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import _policy
-from .._book import Entry, Result, now_iso
+from .._book import Entry, Result
 from .._search import Budget, Strategy, make_strategy
 from .._tuner import _flat, contenders, keeping, search_order, tie_aware_choice
 
-# A unit whose worker was lost this many times has its configs recorded as failed.
+# A unit whose worker was lost this many times has its configs left out of the run.
 MAX_LOSSES = 3
 
 # persist(key search, new results by config id, the chosen config or None, GPU seconds)
@@ -144,6 +148,7 @@ class KeySearch:
     chosen: str | None = None
     reason: str = ""
     reopens: str = ""  # the chosen its search starts over, if any (Entry.reopens)
+    left_out: list[str] = field(default_factory=list)  # configs left unmeasured by lost workers
 
     @property
     def finished(self) -> bool:
@@ -321,7 +326,7 @@ class Sweep:
     def lost(self, unit: Unit, reason: str, known: Entry | None = None) -> None:
         """The worker holding ``unit`` is gone. What ``known`` (the book, read again) holds
         for its configs counts as measured (for a confirmation, only full measurements); the
-        rest goes out again, or after MAX_LOSSES is recorded as failed with ``reason``."""
+        rest goes out again, or after MAX_LOSSES is left out of the run (not recorded)."""
         key = self.keys[unit.key]
         key.out.pop(unit.uid, None)
         if unit.kind == "plan":
@@ -341,9 +346,10 @@ class Sweep:
             self.persist(key, done, None, 0.0)
         rest = tuple(cid for cid in unit.cids if cid not in stored)
         if rest and unit.losses + 1 >= MAX_LOSSES:
-            why = f"not measured: its worker was lost {MAX_LOSSES} times while it was in the unit ({reason})"
-            failures = {cid: Result(self._record(key, cid), None, why[:2000], now_iso()) for cid in rest}
-            self.measured(replace(unit, cids=rest), {cid: (r, False) for cid, r in failures.items()})
+            key.left_out.extend(rest)
+            for cid in rest:
+                self._tell(key, cid, math.inf)  # for this run's search: nothing recorded
+            self._advance(key)
             return
         if rest:
             key.queued.append(replace(unit, cids=rest, losses=unit.losses + 1))
@@ -368,10 +374,6 @@ class Sweep:
         self._fail(key, reason)
 
     # ------------------------------------------------------------------ internals
-
-    def _record(self, key: KeySearch, cid: str) -> dict[str, Any]:
-        assert key.plan is not None
-        return dict(key.plan.records[key.index(cid)])
 
     def _tell(self, key: KeySearch, cid: str, ms: float) -> None:
         assert key.strategy is not None and key.plan is not None

@@ -129,3 +129,19 @@ def worker_path() -> str:
     """This process's ``sys.path`` as a worker's PYTHONPATH ('' is the directory it runs in)."""
     paths = [p or os.getcwd() for p in sys.path if isinstance(p, str)]
     return os.pathsep.join(dict.fromkeys(paths))
+
+
+def program_paths() -> list[str]:
+    """The folders on ``sys.path`` that Python's environment does not put there (a program's
+    own ``sys.path.insert``, the folder of a file ``tunebook tune path/to/file.py:kernel``
+    imports): for a worker of another Python environment (a Ray actor's), which must find
+    the program's modules but not this environment's packages."""
+    prefixes = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    out = []
+    for path in (p or os.getcwd() for p in sys.path if isinstance(p, str)):
+        real = os.path.realpath(path) + os.sep
+        parts = set(real.split(os.sep))
+        if real.startswith(tuple(prefixes)) or parts & {"site-packages", "dist-packages"}:
+            continue
+        out.append(path)
+    return list(dict.fromkeys(out))

@@ -71,6 +71,15 @@ def _summary(jobs: list[dict[str, Any]], report: SweepReport) -> None:
         job = jobs[key.job]
         what = f"{job['module']}:{job['attr']} {key.key_text}"
         err().print(f"[red]failed[/red] {escape(what)}: {escape(key.reason)}")
+    for key in report.keys:
+        if key.left_out:
+            job = jobs[key.job]
+            what = f"{job['module']}:{job['attr']} {key.key_text}"
+            err().print(
+                f"[yellow]left out[/yellow] {key.left_out} config(s) of {escape(what)}: each lost its GPU "
+                "worker 3 times (the cluster's doing, not the config's: nothing was recorded for them); "
+                "run the sweep again to measure them"
+            )
 
 
 def _with_progress(jobs: list[dict[str, Any]], options: SweepOptions, on_result: Any) -> SweepReport:

@@ -32,6 +32,7 @@ from .._book import Entry, Page, Result, now_iso
 from .._calls import validate
 from .._sweep.jobs import key_jobs, miss_jobs
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
+from .._worker.isolated import worker_path
 from ._common import err, os_error_text, out, output_fix, parse_assignments, write_problem
 from ._modules import import_module, module_autotuners, resolve_kernel
 from ._unsaved import Received, save_aside, save_to_book
@@ -405,5 +406,6 @@ def _run_with_progress(
             workers=workers,
             devices=devices or None,
             timeout_s=timeout,
+            env={"PYTHONPATH": worker_path()},  # a path/to/file.py's folder, as this process imported it
             on_event=on_event,
         )
