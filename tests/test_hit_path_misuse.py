@@ -5,6 +5,7 @@ thread tunes. CPU interpreter; real threads and a real fork."""
 
 from __future__ import annotations
 
+import enum
 import os
 import subprocess
 import sys
@@ -28,6 +29,20 @@ def add_limited_kernel(x_ptr, y_ptr, out_ptr, n, LIMIT, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def add_typed_kernel(x_ptr, y_ptr, out_ptr, n, DT: tl.constexpr, BLOCK: tl.constexpr):
+    """out = (x + y) rounded through DT."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, x.to(DT).to(tl.float32), mask=mask)
+
+
+class Limit(enum.IntEnum):
+    SMALL = 32
+    LARGE = 128
 
 
 @triton.jit
@@ -67,6 +82,30 @@ def test_a_hit_never_serves_a_config_the_calls_own_constraint_excludes(key: list
         served.append(kernel.best_config.kwargs["BLOCK"])
     assert served == [64, 32, 32, 64, 64, 32]
     assert tunebook.stats()["hits"] >= 3  # the repeats are hits, keyed on LIMIT's value
+
+
+def test_values_that_are_not_builtin_scalars_key_hits_by_value_too() -> None:
+    """From a review: an IntEnum or NumPy integer read by a constraint, or a Triton dtype
+    given as a constexpr, was keyed by its class alone: every value shared one hit."""
+    kernel, _ = _limited(["n"])
+    x, y, out = vectors(100)
+    served = []
+    for limit in (Limit.LARGE, Limit.SMALL, Limit.SMALL, Limit.LARGE):
+        kernel[grid_1d(100)](x, y, out, 100, limit)
+        served.append(kernel.best_config.kwargs["BLOCK"])
+    assert served == [64, 32, 32, 64]
+
+    replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
+    space = tunebook.Space(
+        BLOCK=[32, 64, 128],
+        arg_constraints=[lambda c, a: c["BLOCK"] <= (32 if a["DT"] == tl.float16 else 128)],
+    )
+    typed = tunebook.autotune(space, key=["n"], do_bench=replay, pre_hook=replay.pre_hook)(add_typed_kernel)
+    served = []
+    for dt in (tl.float32, tl.float16, tl.float16, tl.float32):
+        typed[grid_1d(100)](x, y, out, 100, DT=dt)
+        served.append(typed.best_config.kwargs["BLOCK"])
+    assert served == [64, 32, 32, 64]
 
 
 def test_in_serve_mode_too_a_hit_never_serves_an_excluded_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,7 +162,8 @@ def test_calls_laid_out_otherwise_than_the_first_are_hits_that_wait_for_no_tunin
     assert tunebook.stats()["hits"] == hits + 2
 
 
-def test_a_cache_write_made_while_its_key_tunes_is_kept() -> None:
+@pytest.mark.parametrize("how", ["item", "whole"])
+def test_a_cache_write_made_while_its_key_tunes_is_kept(how: str) -> None:
     """The write landed, then the tuning that ended wrote its own decision over it: the next
     call ran the tuner's config, though the key was marked as the caller's."""
     started, go_on = threading.Event(), threading.Event()
@@ -141,7 +181,10 @@ def test_a_cache_write_made_while_its_key_tunes_is_kept() -> None:
     tuner.start()
     started.wait(30)
     key = (100, "torch.float32", "torch.float32", "torch.float32")
-    writer = threading.Thread(target=lambda: kernel.cache.__setitem__(key, kernel.configs[2]))
+    if how == "item":
+        writer = threading.Thread(target=lambda: kernel.cache.__setitem__(key, kernel.configs[2]))
+    else:  # the setter swapped the dict outside the lock: the tuning wrote into the new one
+        writer = threading.Thread(target=lambda: setattr(kernel, "cache", {key: kernel.configs[2]}))
     writer.start()
     go_on.set()
     tuner.join(30)
@@ -155,6 +198,8 @@ FORKING = """
 import os, signal, sys, threading, time
 import tunebook
 from tunebook import _misses
+from tunebook.kernels import _gemm_common
+paged = sys.modules["tunebook.kernels.paged_attention_decode"]
 from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
 
 replay = Replay({32: 3.0, 64: 1.0, 128: 2.0})
@@ -165,8 +210,10 @@ x, y, out = vectors(300)
 kernel[grid_1d(100)](x, y, out, 100)  # warm
 held, release = threading.Event(), threading.Event()
 
-def tuning_elsewhere():  # holds the lock, as a warm-up thread tuning another key does
-    with kernel._lock:
+scratch = _gemm_common.Scratch("test", zeroed=False)
+
+def tuning_elsewhere():  # holds the locks, as a warm-up thread tuning another key does
+    with kernel._lock, paged._LAUNCH_LOCK, scratch._lock:
         held.set()
         release.wait(60)
 
@@ -178,6 +225,7 @@ if pid == 0:
     signal.alarm(60)
     kernel[grid_1d(100)](x, y, out, 100)
     kernel[grid_1d(300)](x, y, out, 300)  # a new key: needs the lock
+    assert paged._LAUNCH_LOCK.acquire(timeout=5) and scratch._lock.acquire(timeout=5), "a pack lock held"
     print("child tuned", kernel.best_config.kwargs, "queued", _misses._queue.unfinished_tasks, flush=True)
     start = time.monotonic()
     _misses.flush()

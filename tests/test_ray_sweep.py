@@ -425,3 +425,98 @@ def test_keys_that_fail_on_every_worker_retire_none(cluster, raykern, tmp_path, 
     assert "done: 4 of 6 key(s) tuned on 2 x" in swept.output, swept.output
     assert "retired" not in swept.output, swept.output
     assert sorted(entries(tmp_path / "book")) == KEYS
+
+
+class _FakeRay:
+    """Enough of Ray for the driver's bookkeeping of one unit's result: ray.get of a ref."""
+
+    class exceptions:
+        class RayActorError(Exception):
+            pass
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict] = {}
+
+    def get(self, ref: str) -> dict:
+        return self.values[ref]
+
+    def kill(self, actor: object) -> None:
+        pass
+
+
+class _FakeSweep:
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.queue: list = []
+        self.keys = [SimpleNamespace(job=0, any_ok=True, plan=None, group="H100", finished=False)]
+
+    def retry(self, unit, reason):
+        from dataclasses import replace
+
+        if unit.errors >= 1:
+            return False
+        self.queue.append(replace(unit, errors=unit.errors + 1))
+        return True
+
+    def next_unit(self, group):
+        return self.queue.pop(0) if self.queue else None
+
+    def measured(self, *args, **kwargs):
+        pass
+
+
+class _Actor:
+    refs = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    class _Method:
+        def remote(self, *args):
+            _Actor.refs += 1
+            return f"ref{_Actor.refs}"
+
+    measure = plan = _Method()
+
+
+def _two_workers():
+    from tunebook._sweep import driver
+
+    d = object.__new__(driver._Driver)
+    d.ray, d.blamed, d.jobs, d.say = _FakeRay(), {}, [{}], lambda text: None
+    d.options, d.report = driver.SweepOptions(), driver.SweepReport()
+    a, b = driver._Slot(_Actor("A"), "H100", {}), driver._Slot(_Actor("B"), "H100", {})
+    d.slots = {a.actor: a, b.actor: b}
+    return d, a, b, _FakeSweep()
+
+
+def test_a_worker_whose_failure_passed_or_whose_key_ended_gets_units_again():
+    """From a review of the new retirement rule: worker A failed a unit, then ran its other
+    unit; the failed one then ran on B. A was counted a failure it had already outgrown, and
+    got no unit for the rest of the sweep; so it did when the failed unit's key ended."""
+    from tunebook._sweep.schedule import Unit
+
+    d, a, b, sweep = _two_workers()
+    a.out = {"r1": Unit(1, 0, "measure", ("c1",)), "r2": Unit(2, 0, "measure", ("c2",))}
+    d.ray.values = {"r1": {"error": "CUDA error: launch failure", "results": {}}, "r2": {"results": {}}}
+    d._arrived("r1", a, sweep)  # A fails unit 1 (its reason, not a config's)
+    d._arrived("r2", a, sweep)  # A runs unit 2
+    d._hand_out(sweep)  # unit 1 goes to B (A is in suspicion meanwhile)
+    (ref,) = b.out
+    d.ray.values[ref] = {"results": {}}
+    d._arrived(ref, b, sweep)  # and runs there
+    assert (a.failures, a.suspect) == (0, 0)
+    sweep.queue += [Unit(10 + i, 0, "measure", (f"x{i}",)) for i in range(4)]
+    d._hand_out(sweep)
+    assert len(a.out) == 2 and len(b.out) == 2  # both work again
+
+    d, a, b, sweep = _two_workers()
+    a.out = {"r1": Unit(1, 0, "measure", ("c1",))}
+    d.ray.values = {"r1": {"error": "CUDA error: launch failure", "results": {}}}
+    d._arrived("r1", a, sweep)
+    sweep.queue.clear()
+    sweep.keys[0].finished = True  # its key ended (failed, say) before the unit ran again
+    sweep.queue += [Unit(10 + i, 0, "measure", (f"x{i}",)) for i in range(4)]
+    d._hand_out(sweep)
+    assert a.suspect == 0 and len(a.out) == 2

@@ -253,9 +253,12 @@ class Autotuner(_compat.TritonAutotuner):
     def cache(self, value: Mapping[Any, Any]) -> None:
         # Copied into a dict whose writes are watched: the hit path never reads ``cache``,
         # so writes into the caller's own dict afterwards are not seen (docs/adoption.md).
-        old = list(self._cache)
-        self._cache = _Cache(self, value)
-        self._overruled([*old, *self._cache])
+        # Under the lock, as a write into it is (_Cache._locked): a tuning that ended between
+        # the swap and the bookkeeping wrote its decision into the caller's new dict.
+        with self._lock:
+            old = list(self._cache)
+            self._cache = _Cache(self, value)
+            self._overruled([*old, *self._cache])
 
     pre_hook = property(lambda self: self.hooks.pre_hook, lambda self, v: setattr(self.hooks, "pre_hook", v))
     post_hook = property(

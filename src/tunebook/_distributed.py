@@ -26,7 +26,7 @@ from ._warnings import warn_once
 # handler asks for DEBUG: ``benchmarks/distributed.py`` collects them into its split.
 trace_log = logging.getLogger("tunebook.group")
 
-POLL_S = 0.05  # the longest pause between two looks at the store while waiting for keys
+POLL_S = 0.05  # the longest pause between two looks at the store in a wait's first 0.5 s
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,10 @@ def wait(store: Any, keys: list[str], seconds: float, what: str = "wait", **deta
             if time.perf_counter() >= deadline:
                 return False
             time.sleep(min(pause, max(deadline - time.perf_counter(), 0.0)))
-            pause = min(pause * 2, POLL_S)
+            # 1 ms doubling to POLL_S; a long wait (a leader's search) looks less often, up to
+            # once a second: a thousand ranks polling a TCPStore 20 times a second load it.
+            waited = time.perf_counter() - begun
+            pause = min(pause * 2, max(POLL_S, min(1.0, waited / 10)))
     except Exception:  # the store failing reads as a timeout, as a failed blocking wait did
         return False
     finally:

@@ -35,6 +35,11 @@ from . import _launch
 
 KeyFunction = Callable[..., tuple[Any, ...]]
 
+# Entries a table takes at most: keyed by raw values (a token count, a scalar a rule reads),
+# a table could otherwise grow with every new value a server sees; past this, new values
+# take the slow path, which serves them right, only slower.
+MAX_REMEMBERED = 1 << 16
+
 
 class Hit(NamedTuple):
     launcher: _launch.Launcher
@@ -157,11 +162,13 @@ class HitTable:
         # The key functions read dtypes where the first call had tensors. A call with tensors
         # elsewhere would key the same as one without them: it goes to by_layout.
         if slots != self._tensor_slots:
-            with contextlib.suppress(TypeError):
-                self.by_layout[self.layout_key(args, kwargs)] = hit
+            if len(self.by_layout) < MAX_REMEMBERED:
+                with contextlib.suppress(TypeError):
+                    self.by_layout[self.layout_key(args, kwargs)] = hit
             return
-        with contextlib.suppress(AttributeError, IndexError, TypeError):
-            self.by_binding[self.binding_key(*args, **kwargs)] = hit
+        if len(self.by_binding) < MAX_REMEMBERED:
+            with contextlib.suppress(AttributeError, IndexError, TypeError):
+                self.by_binding[self.binding_key(*args, **kwargs)] = hit
         if kwargs:
             return
         if not self._position_tried:
@@ -173,7 +180,11 @@ class HitTable:
             if getitem is not None:
                 self.getitem = getitem
         # A config pre_hook needs the bound arguments: such hits are served by run().
-        if self.position_key is not None and hit.config.pre_hook is None:
+        if (
+            self.position_key is not None
+            and hit.config.pre_hook is None
+            and len(self.by_position) < MAX_REMEMBERED
+        ):
             with contextlib.suppress(AttributeError, IndexError, TypeError):
                 self.by_position[self.position_key(tuple(args))] = hit.launcher
 

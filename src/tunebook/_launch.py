@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _compat, _fingerprint
-from ._reads import SCALARS
+from ._reads import SCALARS, value_of
 
 Launcher = Callable[[tuple[Any, ...], Any], Any]
 
@@ -63,7 +63,7 @@ def tensor_slots(arg_names: Sequence[str], args: Sequence[Any], kwargs: Mapping[
 def _by_value(expr: str) -> str:
     # A scalar by value, anything else (a descriptor object made per call) by class alone:
     # keyed by identity, each call would be a new key and the tables would grow per call.
-    return f"({expr} if {expr}.__class__ in _SCALARS else None)"
+    return f"({expr} if {expr}.__class__ in _SCALARS else _value_of({expr}))"
 
 
 def _positional_elements(
@@ -110,7 +110,7 @@ def positional_key(
         f"        raise IndexError('another argument layout')\n"
         f"    return ({', '.join(elems)},)\n"
     )
-    return _compile(src, "positional_key", {"_SCALARS": SCALARS})
+    return _compile(src, "positional_key", {"_SCALARS": SCALARS, "_value_of": value_of})
 
 
 def positional_getitem(
@@ -133,7 +133,7 @@ def positional_getitem(
     if elems is None:
         return None
     src = (
-        "def outer(table, slow, _SCALARS):\n"
+        "def outer(table, slow, _SCALARS, _value_of):\n"
         "    def factory(grid):\n"
         "        def launch(*a, **kw):\n"
         f"            if not kw and len(a) == {len(args)}:\n"
@@ -147,7 +147,8 @@ def positional_getitem(
         "        return launch\n"
         "    return factory\n"
     )
-    return _compile(src, "outer", {})(table, slow, SCALARS)  # closure cells: read faster than globals
+    # closure cells: read faster than globals
+    return _compile(src, "outer", {})(table, slow, SCALARS, value_of)
 
 
 def binding_key(
@@ -175,7 +176,7 @@ def binding_key(
         if n not in tensors and n in by_value:
             elems.append(_by_value(n))
     src = f"def binding_key({params}, **_extra):\n    return ({''.join(e + ', ' for e in elems)})\n"
-    return _compile(src, "binding_key", {"_MISSING": MISSING, "_SCALARS": SCALARS})
+    return _compile(src, "binding_key", {"_MISSING": MISSING, "_SCALARS": SCALARS, "_value_of": value_of})
 
 
 def layout_key(
@@ -198,7 +199,7 @@ def layout_key(
             else:
                 out += (False, value.__class__)
                 if name in by_value:
-                    out.append(value if value.__class__ in SCALARS else None)
+                    out.append(value if value.__class__ in SCALARS else value_of(value))
         return tuple(out)
 
     return key

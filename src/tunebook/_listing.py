@@ -35,7 +35,9 @@ class SpaceListing:
         allows = self.space.allows_args
         configs = [self._config(i) for i, point in enumerate(self.feasible()) if allows(point, named)]
         if not configs:
-            shown = ", ".join(f"{k}={v!r}" for k, v in named.items() if not hasattr(v, "dtype"))
+            # dict.items: not a read of every argument by the rules (_reads.py)
+            items = dict.items(named) if isinstance(named, dict) else named.items()
+            shown = ", ".join(f"{k}={v!r}" for k, v in items if not hasattr(v, "dtype"))
             raise ConfigurationError(
                 f"tunebook.autotune: the Space of {label} has no feasible config for this call "
                 f"({shown}); loosen its constraints or arg_constraints."

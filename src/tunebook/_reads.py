@@ -21,11 +21,34 @@ key does not hold: pass that size as an argument of the key.
 
 from __future__ import annotations
 
+import enum
+import numbers
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, Sequence, ValuesView
 from typing import Any
 
-# Values a hit may key on: hashable, compared by value, few per argument in practice.
+# Values a hit keys on at once (exact classes: the generated key tests these first).
 SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
+
+
+def value_of(value: Any) -> Any:
+    """What a hit keys a read argument on beyond its class, where it is not of ``SCALARS``: a
+    value that stands for itself (a NumPy or other number, an enum, a Triton or torch dtype
+    given as a constexpr) keys by value; any other object (a descriptor made per call) by its
+    class alone (None here), or each call would be a key of its own.
+
+    >>> import enum
+    >>> class Mode(enum.IntEnum):
+    ...     FAST = 1
+    >>> value_of(Mode.FAST), value_of(object())
+    (<Mode.FAST: 1>, None)
+    """
+    if isinstance(value, numbers.Number | enum.Enum | str | bytes) or type(value).__name__ == "dtype":
+        try:
+            hash(value)
+        except TypeError:
+            return None
+        return value
+    return None
 
 
 class ArgumentReads:
@@ -44,6 +67,11 @@ class ArgumentReads:
         if not new <= self.names:
             self.names = self.names | new
 
+    def read(self, name: str) -> None:
+        # A listing reads a few names thousands of times: the known ones cost a set lookup.
+        if name not in self.names and name not in self._key:
+            self.add((name,))
+
 
 class _Watched(dict[str, Any]):
     # A dict, as the rules were handed before; every read is recorded. Iterating, or
@@ -54,16 +82,16 @@ class _Watched(dict[str, Any]):
         self._reads = reads
 
     def __getitem__(self, name: str) -> Any:
-        self._reads.add((name,))
+        self._reads.read(name)
         return super().__getitem__(name)
 
     def get(self, name: str, default: Any = None) -> Any:
-        self._reads.add((name,))
+        self._reads.read(name)
         return super().get(name, default)
 
     def __contains__(self, name: object) -> bool:
         if isinstance(name, str):
-            self._reads.add((name,))
+            self._reads.read(name)
         return super().__contains__(name)
 
     def _all(self) -> None:

@@ -120,6 +120,11 @@ def _cuda_cc(platform: Mapping[str, Any]) -> int | None:
     return int(match.group()) if match else None
 
 
+def _names_of(args: Mapping[str, Any]) -> list[str]:
+    # dict.keys: a message is no read of every argument by the rules (tunebook._reads)
+    return sorted(dict.keys(args) if isinstance(args, dict) else args)
+
+
 def platform_allows(candidate: Mapping[str, Any], platform: Mapping[str, Any]) -> bool:
     """Whether a candidate can run on ``platform`` as far as its Config options go.
 
@@ -307,7 +312,7 @@ class Space:
             except Exception as exc:
                 raise SpaceError(
                     f"Space: arg constraint #{i} ({getattr(check, '__name__', check)!r}) raised "
-                    f"{type(exc).__name__}: {exc} on candidate {candidate} with arguments {sorted(args)}. "
+                    f"{type(exc).__name__}: {exc} on candidate {candidate} with arguments {_names_of(args)}. "
                     f"Arg constraints receive (candidate dict, named arguments); fix the constraint."
                 ) from exc
             if not ok:

@@ -153,6 +153,8 @@ class _Slot:
     out: dict[Any, Unit] = field(default_factory=dict)
     failures: int = 0  # units in a row it failed for a reason of its own (another worker ran them)
     suspect: int = 0  # units it failed that have not yet run elsewhere: its fault, or the key's?
+    successes: int = 0  # units it ran
+    last_error: str = ""  # why its last failed unit failed
 
 
 def group_name(device: Mapping[str, Any]) -> str:
@@ -265,8 +267,8 @@ class _Driver:
         self.writer = BookWriter(jobs, on_result)
         self.pages = self.writer.pages
         self.report = SweepReport()
-        self.blamed: dict[int, _Slot] = {}  # unit uid -> the worker that failed it, till it runs elsewhere
-        self.last_error: dict[int, str] = {}  # id(slot) -> the reason of its last failed unit
+        # unit uid -> (the worker that failed it, its successes then, the unit's key), till it runs
+        self.blamed: dict[int, tuple[_Slot, int, int]] = {}
         self.seen: dict[tuple[str, str, str], int] = {}  # (page, key) -> key number that has it
         self.replacements = 0
         self.run_id = next(_RUNS)
@@ -437,6 +439,7 @@ class _Driver:
         # A worker that just failed a unit for a reason of its own gets no more while another
         # of its model is fine: a broken node must not drain the queue (each unit it took
         # would fail in milliseconds).
+        self._forgive_finished(sweep)
         fine = {slot.group for slot in self.slots.values() if not (slot.failures or slot.suspect)}
         for slot in self.slots.values():
             if (slot.failures or slot.suspect) and slot.group in fine:
@@ -484,11 +487,10 @@ class _Driver:
             self._unit_error(slot, unit, sweep, str(value["error"]))
             return
         slot.failures = 0
+        slot.successes += 1
         blamed = self.blamed.pop(unit.uid, None)
-        if blamed is slot:  # it ran on the worker that failed it: a passing trouble
-            slot.suspect = max(0, slot.suspect - 1)
-        elif blamed is not None:  # it ran here: the first worker's own fault
-            self._confirmed(blamed, sweep, f"{unit.kind} units it failed ran on other workers")
+        if blamed is not None:  # it ran here: the first worker's fault, unless it was this one
+            self._confirmed(*blamed[:2], sweep, elsewhere=blamed[0] is not slot)
         if unit.kind == "plan":
             self._planned(unit, value, sweep)
             return
@@ -518,16 +520,27 @@ class _Driver:
         retired (bad keys alone once retired healthy workers, one after another)."""
         first = self.blamed.pop(unit.uid, None)
         if not sweep.retry(unit, f"{reason} (on {_where(slot)})"):
-            if first is not None:
-                first.suspect = max(0, first.suspect - 1)
+            if first is not None:  # failed on two workers: the key's fault
+                first[0].suspect = max(0, first[0].suspect - 1)
             return
         slot.suspect += 1
-        self.blamed[unit.uid] = slot
-        self.last_error[id(slot)] = reason
+        slot.last_error = reason
+        self.blamed[unit.uid] = (slot, slot.successes, unit.key)
 
-    def _confirmed(self, slot: _Slot, sweep: Sweep, why: str) -> None:
-        """A unit ``slot`` failed ran on another worker: the failure was the worker's."""
+    def _forgive_finished(self, sweep: Sweep) -> None:
+        """Units whose key ended (failed, decided or given up) never run again: their first
+        worker is not held in suspicion for them (it would get no unit for the rest of the run)."""
+        for uid, (slot, _, key) in list(self.blamed.items()):
+            if sweep.keys[key].finished:
+                del self.blamed[uid]
+                slot.suspect = max(0, slot.suspect - 1)
+
+    def _confirmed(self, slot: _Slot, successes_then: int, sweep: Sweep, *, elsewhere: bool) -> None:
+        """A unit ``slot`` failed has run (``elsewhere``: on another worker): the failure was
+        the worker's, unless it has run units since (a passing trouble) or ran this one itself."""
         slot.suspect = max(0, slot.suspect - 1)
+        if not elsewhere or slot.successes > successes_then:
+            return
         slot.failures += 1
         peers = [
             s
@@ -535,7 +548,7 @@ class _Driver:
             if s.group == slot.group and s is not slot and not (s.failures or s.suspect)
         ]
         if slot.failures >= RETIRE_AFTER and peers and slot.actor in self.slots:
-            reason = self.last_error.get(id(slot), why)
+            reason = slot.last_error
             self.slots.pop(slot.actor, None)
             units = list(slot.out.values())
             slot.out.clear()

@@ -65,6 +65,7 @@ import triton.language as tl
 import tunebook
 
 from .. import _compat
+from .._forksafe import renew_lock
 from . import _attention as a
 from . import _common as c
 from ._attention import NO_SCORE, attend_paged_chunks, attend_tiles, attend_warp_slices, normalized
@@ -103,6 +104,7 @@ _workspace = Scratch("paged_attention_decode.workspace", zeroed=False)
 _lse = Scratch("paged_attention_decode.lse", zeroed=False)
 _counters = Scratch("paged_attention_decode.counters", zeroed=True)  # kept at zero between launches
 _LAUNCH_LOCK = threading.Lock()  # a split launch and its merge kernel, together
+renew_lock(globals(), "_LAUNCH_LOCK", threading.Lock)  # held across a first call's tuning
 
 
 def max_splits(batch: int, n_kv: int, context: int) -> int:
