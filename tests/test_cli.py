@@ -1224,3 +1224,93 @@ def test_import_vllm_refuses_a_device_name_export_would_refuse(tmp_path: Path, d
     res = invoke("import", "--format", "vllm", path, "--kernel", "moe", "-o", tmp_path / "imp", ok=False)
     assert res.exit_code == 1 and "device name" in res.output, res.output
     assert not (tmp_path / "imp").exists()
+
+
+# --------------------------------------------- explain, diff and export: a misuse review (s38)
+
+
+def test_export_vllm_round_trips_rocm_fields(tmp_path: Path) -> None:
+    """ROCm tables' waves_per_eu, matrix_instr_nonkdim and kpack were kept by import and
+    dropped by export: the round trip was not byte for byte."""
+    table = {
+        "1": {**EXPECTED_VLLM["1"], "waves_per_eu": 0, "matrix_instr_nonkdim": 16, "kpack": 2},
+        "64": {**EXPECTED_VLLM["64"], "waves_per_eu": 1, "matrix_instr_nonkdim": 16, "kpack": 1},
+    }
+    name = "E=8,N=14336,device_name=AMD_Instinct_MI300X.json"
+    (tmp_path / "rocm").mkdir()
+    (tmp_path / "rocm" / name).write_text(json.dumps(table, indent=4) + "\n")
+    invoke("import", "--format", "vllm", tmp_path / "rocm", "--kernel", "vmoe", "-o", tmp_path / "imp")
+    invoke("export", "--format", "vllm", tmp_path / "imp", "-o", tmp_path / "out", "--kernel", "vmoe")
+    assert (tmp_path / "out" / name).read_text() == (tmp_path / "rocm" / name).read_text()
+
+
+def test_export_vllm_refuses_what_vllm_could_not_launch(tmp_path: Path) -> None:
+    """A config value that is not an integer (a string, a missing field) was written as is
+    (null, "128"), and tunebook's own import refused the file; an unknown --const name went
+    into every config, and vLLM launches with **config; a FIFO at a file's name hung the
+    export; '--where #x=1' was a traceback."""
+    doc = _moe_doc()
+    text, first = next(iter(doc.entries.items()))
+    lacking = result({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, 0.05)  # no GROUP_M: it wins
+    doc.entries[text] = entry(list(first.key), [*first.results.values(), lacking])
+    write_doc(tmp_path / "book", doc)
+    res = invoke(*export_moe_args(tmp_path), ok=False)
+    assert res.exit_code == 1 and "GROUP_SIZE_M=None" in res.output and "nothing written" in res.output
+    assert not (tmp_path / "out").exists()
+
+    write_doc(tmp_path / "good", _moe_doc())
+    args = ["export", "--format", "vllm", tmp_path / "good", "--kernel", "fused_moe_kernel"]
+    res = invoke(*args, "-o", tmp_path / "o2", "--const", "dtpye=fp8_w8a8", ok=False)
+    assert res.exit_code == 2 and "unknown vLLM fields ['dtpye']" in res.output
+    res = invoke(*args, "-o", tmp_path / "o2", "--where", "#x=1", ok=False)
+    assert res.exit_code == 2 and "no such key name or position" in res.output
+    (tmp_path / "o3").mkdir()
+    os.mkfifo(tmp_path / "o3" / VLLM_NAME)
+    res = invoke(*args, "-o", tmp_path / "o3", ok=False)
+    assert res.exit_code == 1 and "not a file" in res.output, res.output
+
+
+def test_export_vllm_refuses_a_book_holding_two_versions_of_the_kernel(tmp_path: Path) -> None:
+    """A page of an older source of the kernel (another hash) on the same platform was
+    exported with the current one, its winners mixed into the file, with nothing said."""
+    write_doc(tmp_path / "book", _moe_doc())
+    old = _moe_doc()
+    old.kernel["hash"] = "cd" * 32
+    write_doc(tmp_path / "book", old)
+    res = invoke(*export_moe_args(tmp_path), ok=False)
+    assert res.exit_code == 1 and "2 versions of kernel fused_moe_kernel" in res.output, res.output
+    assert "tunebook prune" in res.output
+
+
+def test_an_existing_vllm_file_naming_its_triton_version_is_no_batch_size(tmp_path: Path) -> None:
+    write_doc(tmp_path / "book", _moe_doc())
+    target = tmp_path / "out" / VLLM_NAME
+    target.parent.mkdir()
+    target.write_text(json.dumps({"triton_version": "3.4.0", **EXPECTED_VLLM}))
+    res = invoke(*export_moe_args(tmp_path))
+    assert f"replaced {target} (3 batch sizes)" in res.stdout, res.output
+
+
+def test_explain_of_a_book_that_holds_no_book_file_is_an_error(tmp_path: Path) -> None:
+    """A junk file or a FIFO given as BOOK answered "miss" (exit 1): a verdict, not an error."""
+    module = module_file(tmp_path)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.json").write_text("not json")
+    res = invoke("explain", f"{module}:add", junk, ok=None)
+    assert res.exit_code == 2 and "holds no readable book file" in res.output, res.output
+
+
+def test_a_module_that_prints_or_exits_as_it_is_imported(tmp_path: Path) -> None:
+    """Its print went to stdout, into `explain --json`'s document; its sys.exit() decided the
+    command's exit status (0: read as a hit)."""
+    module = module_file(tmp_path)
+    chatty = tmp_path / "chatty.py"
+    chatty.write_text(f"print('loading kernels')\nfrom {Path(module).stem} import add\n")
+    res = invoke("explain", f"{chatty}:add", tmp_path / "nobook", "--json", ok=None)
+    if res.exit_code != 2:  # no book there: a miss, with a JSON document on stdout
+        json.loads(res.stdout)
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(0)\n")
+    res = invoke("explain", f"{exits}:add", ok=None)
+    assert res.exit_code == 2 and "called sys.exit(0)" in res.output, res.output

@@ -83,6 +83,7 @@ def test_numeric_options_are_range_checked(book_dir: Path, tmp_path: Path) -> No
         (["tune", "--misses", module, "--timeout", "-1"], "--timeout", "x>0"),
         (["tune", "--misses", module, "--timeout", "0"], "--timeout", "x>0"),
         (["diff", book_dir, book_dir, "--threshold", "-1"], "--threshold", "x>=0"),
+        (["diff", book_dir, book_dir, "--threshold", "nan"], "--threshold", "nan is not a relative change"),
         (["explain", f"{module}:add", "--keys", "-1"], "--keys", "x>=0"),
     ):
         res = invoke(*args, ok=None)

@@ -232,12 +232,13 @@ def warn_skipped(loaded: Loaded) -> None:
         console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(why)}", markup=True, highlight=False)
 
 
-def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, str]:
-    """``("A=B", "C=D")`` -> ``{"A": "B", "C": "D"}``, with an error naming the bad one."""
+def parse_assignments(values: tuple[str, ...], option: str, empty_ok: bool = False) -> dict[str, str]:
+    """``("A=B", "C=D")`` -> ``{"A": "B", "C": "D"}``, with an error naming the bad one
+    (``empty_ok``: ``A=`` is A set to nothing, as ``--env CUDA_VISIBLE_DEVICES=`` hides GPUs)."""
     parsed: dict[str, str] = {}
     for value in values:
         name, sep, rhs = value.partition("=")
-        if not sep or not name.strip() or not rhs.strip():
+        if not sep or not name.strip() or not (rhs.strip() or empty_ok):
             raise click.BadParameter(f"expected NAME=VALUE, found {value!r}", param_hint=option)
         parsed[name.strip()] = rhs.strip()
     return parsed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -22,11 +23,17 @@ def import_module(spec: str) -> ModuleType:
     raised, with the command that shows the whole traceback.
     """
     # Importing a module of kernels imports torch and triton: seconds. Say so on a terminal.
-    with err().status(f"importing {spec} ...", spinner="dots"):
+    # The module's own prints go to stderr: stdout is the command's (--json is parsed).
+    with err().status(f"importing {spec} ...", spinner="dots"), contextlib.redirect_stdout(sys.stderr):
         try:
             return _import(spec)
         except click.ClickException:
             raise
+        except SystemExit as exc:  # the module's sys.exit() would decide the command's status
+            raise click.ClickException(
+                f"importing {spec} called sys.exit({exc.code!r}): a module of kernels must import "
+                "without exiting (keep a script's work under `if __name__ == '__main__':`)"
+            ) from None
         except Exception as exc:
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             run = f"python {spec}" if spec.endswith(".py") else f"python -c 'import {spec}'"

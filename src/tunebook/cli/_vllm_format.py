@@ -59,6 +59,8 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 # vLLM reads these as integers: a file name or config holding anything else is unreadable to it.
 INTEGER_FIELDS = ("E", "N", "M", *CONFIG_FIELDS)
 COMPILER_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# The fields vLLM's ROCm tables add, in their order there: kept by import, written by export.
+ROCM_FIELDS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
 IMPORT_TIMER = IMPORT_HASH = f"{IMPORTED_PREFIX}vllm"  # what _tables.load recognizes as an import
 
 NAME_PATTERN = re.compile(

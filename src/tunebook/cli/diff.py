@@ -35,6 +35,13 @@ def _page_ref(page: Page) -> dict[str, Any]:
     }
 
 
+def _a_number(value: float) -> float:
+    # FloatRange lets nan through (no comparison fails), and nan hid every timing change.
+    if math.isnan(value):
+        raise click.BadParameter("nan is not a relative change; 0.05 is 5%", param_hint="'--threshold'")
+    return value
+
+
 def diff_pages(a: Page, b: Page, threshold: float) -> dict[str, Any]:
     """Key-level differences between two pages of one kernel."""
     ea, eb = a.doc.entries, b.doc.entries
@@ -208,6 +215,7 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
 @click.option(
     "--threshold",
     type=click.FloatRange(min=0),
+    callback=lambda ctx, param, value: _a_number(value),
     default=0.05,
     show_default=True,
     help="Report a config's time change only above this relative change (0.05 = 5%).",

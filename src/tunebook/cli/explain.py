@@ -23,7 +23,7 @@ from .._fingerprint import platform_slug
 from .._jsonio import key_text
 from .._tables import load as load_tables
 from .._tables import same_device
-from ._common import echo_json, err, missing_book, out, parse_assignments, trouble_exits_2
+from ._common import echo_json, err, load_or_fail, out, parse_assignments, trouble_exits_2
 from ._load import Page, load, page_entries, skipped_as
 from ._modules import resolve_kernel
 from ._summary import fmt_key, is_recorded_miss, miss_hint
@@ -287,9 +287,14 @@ def command(target: str, book: Path | None, as_json: bool, key_limit: int, env: 
     every book file of a kernel of that name. Without BOOK, looks where the kernel itself
     looks: TUNEBOOK_DIR, the kernel's books=, then TUNEBOOK_PATH.
     """
-    if book is not None and not book.exists():  # before the import, which may take seconds (torch)
-        raise missing_book(book, given=True)
-    os.environ.update(parse_assignments(env, "--env"))
+    if book is not None:  # before the import, which may take seconds (torch)
+        # A BOOK that holds no book at all (a junk file, a FIFO, a page's page.json) is an
+        # error, as for every command; it answered "miss" (exit 1), read as a verdict.
+        loaded = load_or_fail(book, stream=True)
+        if not loaded.pages and loaded.skipped:
+            path, why = loaded.skipped[0]
+            raise click.ClickException(f"{book} holds no readable book file: {path}: {why}")
+    os.environ.update(parse_assignments(env, "--env", empty_ok=True))
     _, tuner = resolve_kernel(target)
     if book is not None:
         directories = [book]

@@ -15,7 +15,7 @@ import click
 from rich.markup import escape
 
 from .._book import Entry
-from .._book.files import atomic_write_text
+from .._book.files import MAX_BOOK_BYTES, Unusable, atomic_write_text, read_regular_file
 from ._common import (
     err,
     load_or_fail,
@@ -31,10 +31,12 @@ from ._load import Page
 from ._modules import resolve_kernel
 from ._summary import key_order
 from ._vllm_format import (
+    COMPILER_OPTIONS,
     CONFIG_FIELDS,
     INTEGER_FIELDS,
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
+    ROCM_FIELDS,
     block_shape_list,
     is_integer,
     lookup,
@@ -124,7 +126,11 @@ def _config_value(config: dict[str, Any], name: str) -> Any:
 def _matches(key: list[Any], key_names: list[str], where: dict[str, str]) -> bool:
     for name, wanted in where.items():
         index = (
-            int(name[1:]) if name.startswith("#") else key_names.index(name) if name in key_names else None
+            (int(name[1:]) if name[1:].isdigit() else None)
+            if name.startswith("#")
+            else key_names.index(name)
+            if name in key_names
+            else None
         )
         if index is None or index >= len(key):
             raise click.UsageError(
@@ -200,9 +206,20 @@ def export_pages(
             origin[(name, m)] = (page, key)
             config = entry.results[best].config
             out_config = {f: _config_value(config, n) for f, n in binding.config_names.items()}
+            # ROCm's fields (waves_per_eu, matrix_instr_nonkdim, kpack), as an import stored them
+            out_config.update({f: v for f in ROCM_FIELDS if (v := _config_value(config, f)) is not None})
             out_config.update({f: v for f, v in binding.constants.items() if f not in KEY_FIELDS})
+            wrong = [f"{f}={v!r}" for f, v in out_config.items() if f in INTEGER_FIELDS and not is_integer(v)]
+            if wrong:
+                raise click.ClickException(
+                    f"key {key} of {page.path.name}: its winner {best} gives {', '.join(wrong)}, which vLLM "
+                    "reads as integers; nothing written. Fix the value with --const, or leave the key out "
+                    "with --where."
+                )
             files.setdefault(name, {})[m] = {
-                f: out_config[f] for f in (*CONFIG_FIELDS, *sorted(out_config)) if f in out_config
+                f: out_config[f]
+                for f in (*CONFIG_FIELDS, *ROCM_FIELDS, *sorted(out_config))
+                if f in out_config
             }
     return {name: {str(m): table[m] for m in sorted(table, key=_m_order)} for name, table in files.items()}
 
@@ -311,6 +328,12 @@ def command(
             f"its platforms there: {'; '.join(platforms)}"
         )
     consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
+    known = (*KEY_FIELDS, *CONFIG_FIELDS, *COMPILER_OPTIONS, *ROCM_FIELDS)
+    strangers = sorted(set(consts) - set(known))
+    if strangers:  # vLLM launches with **config: a name its kernel lacks fails there
+        raise click.UsageError(
+            f"--const names unknown vLLM fields {strangers}; vLLM fields are {list(known)}"
+        )
     for name, value in consts.items():
         if name in INTEGER_FIELDS and not is_integer(value):
             raise click.BadParameter(
@@ -326,6 +349,15 @@ def command(
     if unknown:
         raise click.UsageError(
             f"--map names unknown vLLM fields {unknown}; vLLM fields are {[*KEY_FIELDS, *CONFIG_FIELDS]}"
+        )
+    versions = {
+        (str(p.doc.kernel.get("hash", "")), tuple(map(str, p.doc.kernel.get("key", [])))) for p in pages
+    }
+    if len(versions) > 1:  # another source or bucketing: its winners are not this kernel's
+        raise click.ClickException(
+            f"the book holds {len(versions)} versions of kernel {kernel} (other source code or key "
+            "bucketing); their winners would mix in one file. Remove the old ones with `tunebook prune`, "
+            "or select one with --platform"
         )
     key_sets = {tuple(argument_names(p)) for p in pages}
     if len(key_sets) != 1:
@@ -368,13 +400,17 @@ def _dropped(path: Path, table: Mapping[str, Any]) -> list[str]:
     """The batch sizes the config file at ``path`` holds that ``table`` lacks (none if there
     is no such file; every one if it does not read as a config file: nothing to keep)."""
     try:
-        existing = json.loads(path.read_text())
-    except FileNotFoundError:
-        return []
+        raw = read_regular_file(path, MAX_BOOK_BYTES)  # a FIFO at the name: never opened
+        if raw is None:
+            return []
+        existing = json.loads(raw)
+    except Unusable as exc:
+        return [f"(not a file: {exc})"]
     except (OSError, ValueError):
         return ["(an unreadable file)"]
     if not isinstance(existing, dict):
         return ["(not a vLLM config table)"]
+    existing.pop("triton_version", None)  # newer vLLM files name the Triton they were tuned with
     return sorted((m for m in existing if m not in table), key=lambda m: (len(m), m))
 
 
