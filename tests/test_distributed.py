@@ -810,3 +810,29 @@ def test_a_leader_lost_while_the_group_arrives_leaves_the_others_tuning_alone_at
     gone.set()
     assert 1 in outcomes, "the rank that came waited for a decision no leader would publish"
     assert outcomes[1].entry.best(ids) == "b" and sorted(calls[1]) == [0, 1, 2]  # tuned alone
+
+
+def test_a_round_closed_short_of_the_group_is_said_once(tmp_path, monkeypatch, caplog):
+    """Found by a misuse review: ranks in other modes left every key's leader waiting the join
+    time, with nothing said below DEBUG."""
+    import logging
+
+    import torch.distributed as dist
+
+    from tunebook import _collective
+    from tunebook._book import Book, KernelIdentity
+    from tunebook._distributed import Team
+
+    monkeypatch.setenv("TUNEBOOK_DISTRIBUTED_JOIN_S", "0.2")
+    caplog.set_level(logging.WARNING, logger="tunebook")
+    ids = ["a", "b"]
+    records = [{"kwargs": {"B": i}} for i in range(2)]
+    page = Book(tmp_path / "book").open(KernelIdentity("k", "hash", ("n",)), {"backend": "test"}, "test", "p")
+    store = dist.HashStore()
+    for n in (7, 8):  # two keys only this rank of two reaches
+        jobs = _jobs(ids, records, lambda i: (2.0, 1.0)[i], [])
+        _collective.tune_together(Team(0, 2, store), page, (n,), f"[{n}]", ids, jobs)
+    said = [
+        r.getMessage() for r in caplog.records if "came within TUNEBOOK_DISTRIBUTED_JOIN_S" in r.getMessage()
+    ]
+    assert len(said) == 1 and "1 of the group's 2 ranks" in said[0], said

@@ -69,6 +69,7 @@ from ._errors import BookFormatError, TuningFailed
 from ._jsonio import stored_key, strict_loads
 from ._tuner import Exchange, Here, KeyTuning, Outcome, Timing, inputs_restored, tune_key
 from ._version import __version__
+from ._warnings import warn_once
 
 log = logging.getLogger("tunebook")
 
@@ -139,6 +140,8 @@ def tune_together(
         try:
             participants = _close_round(store, ns, team.world)
             closed = True
+            if participants < team.world:
+                _short_round(page, key, participants, team.world)
             base = _current(page, key_text)
             if participants > 1:
                 ranks = _ranks_by_arrival(store, ns, participants)
@@ -416,6 +419,25 @@ def _ranks_by_arrival(store: Any, ns: str, participants: int) -> list[int | None
         name = ns + f"rank/{i}"
         ranks.append(int(store.get(name)) if wait(store, [name], _RANK_WAIT_S, "join") else None)
     return ranks
+
+
+def _short_round(page: Page, key: Sequence[Any], came: int, world: int) -> None:
+    """Say once per kernel that a round closed short of the group: each such key costs its
+    leader the whole join time, and the ranks that come later tune with no one (ranks in
+    other modes, serving from other books, or reaching other keys; DEBUG records of the
+    ``tunebook.group`` logger list every round)."""
+    warn_once(
+        f"short-round:{page.kernel.name}",
+        "tunebook: %s key %s: %d of the group's %d ranks came within TUNEBOOK_DISTRIBUTED_JOIN_S (%g s); "
+        "the others tune it alone if they reach it, and each such key costs its leader the join time. "
+        "Ranks in other TUNEBOOK_MODEs, with other books, or calling other keys do this "
+        "(said once per kernel)",
+        page.kernel.name,
+        list(key),
+        came,
+        world,
+        _settings.distributed_join_s(),
+    )
 
 
 def _participants(store: Any, ns: str) -> int | None:
