@@ -294,6 +294,12 @@ def test_explain_finds_the_matching_file(book_dir: Path, tmp_path: Path) -> None
     assert "hits  launch through Triton's JITFunction.run: the kernel is of type InterpretedFunction" in text
 
 
+def test_explain_lists_keys_in_the_order_people_read_them(book_dir: Path, tmp_path: Path) -> None:
+    tune_add((64, 7, 1000))  # in text order: 1000, 64, 7
+    data = json.loads(invoke("explain", f"{module_file(tmp_path)}:add", "--json").stdout)
+    assert [k[0] for k in data["files"][0]["keys"]] == [7, 64, 1000]
+
+
 def test_explain_names_each_identity_field_that_differs(book_dir: Path, tmp_path: Path) -> None:
     tune_add()
     doc = the_doc(book_dir)

@@ -20,13 +20,12 @@ from .. import _compat
 from .._autotuner import Autotuner
 from .._book import Book, KernelIdentity, book_file_name, pagedir, relation
 from .._fingerprint import platform_slug
-from .._jsonio import key_text
 from .._tables import load as load_tables
 from .._tables import same_device
 from ._common import echo_json, err, load_or_fail, out, parse_assignments, trouble_exits_2
 from ._load import Page, load, page_entries, skipped_as
 from ._modules import resolve_kernel
-from ._summary import fmt_key, is_recorded_miss, miss_hint
+from ._summary import fmt_key, is_recorded_miss, key_order, miss_hint
 
 LABELS = {
     "name": "kernel name",
@@ -119,7 +118,7 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
             diffs = differences(page, ident, fingerprint)
             role = relation(ident, fingerprint, page.doc.kernel, page.doc.platform) if chain else None
             with skipped_as(page.path) as unread:
-                entries = sorted((e for _, e in page_entries(page)[1]), key=lambda e: key_text(e.key))
+                entries = sorted((e for _, e in page_entries(page)[1]), key=lambda e: key_order(e.key))
             skipped += [{"path": str(p), "reason": why} for p, why in unread]
             keys = [e.key for e in entries]
             missed = [e.key for e in entries if is_recorded_miss(e)]
