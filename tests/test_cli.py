@@ -775,6 +775,21 @@ def test_export_vllm_writes_only_configs_the_kernel_declares(tmp_path: Path) -> 
     assert json.loads((tmp_path / "v2" / VLLM_NAME).read_text()) == EXPECTED_VLLM  # as before, but said:
     assert "the 3 winners of fused_moe_kernel were not checked" in unchecked.stderr
     assert "--declared MODULE:KERNEL" in unchecked.stderr
+    # --declared naming another kernel said "does not fit vLLM's ... config parameters []"
+    (tmp_path / "other.py").write_text(
+        MOE_MODULE.replace("(fused_moe_kernel)", "(other_kernel)").replace(
+            "def fused_moe_kernel", "def other_kernel"
+        )
+    )
+    res = invoke(
+        *export_moe_args(tmp_path),
+        "-o",
+        tmp_path / "v3",
+        "--declared",
+        f"{tmp_path / 'other.py'}:moe",
+        ok=False,
+    )
+    assert res.exit_code == 2 and "is kernel other_kernel in the books, not fused_moe_kernel" in res.output
 
 
 def test_export_vllm_skips_a_key_where_no_declared_config_ran(tmp_path: Path) -> None:

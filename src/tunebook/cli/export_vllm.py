@@ -145,9 +145,17 @@ def _matches(key: list[Any], key_names: list[str], where: dict[str, str]) -> boo
 Declares = Callable[[Mapping[str, Any]], bool]
 
 
-def declared_by(target: str) -> Declares:
-    """Whether a stored config is one the kernel ``MODULE:KERNEL`` declares (imported to ask it)."""
+def declared_by(target: str, kernel: str) -> Declares:
+    """Whether a stored config is one the kernel ``MODULE:KERNEL`` declares (imported to ask
+    it), which must be the kernel exported: another one's configs said "no declared config
+    ran" of every key, or that the kernel did not fit vLLM's format."""
     _, tuner = resolve_kernel(target)
+    name = tuner.kernel_identity().name
+    if name != kernel:
+        raise click.UsageError(
+            f"--declared {target} is kernel {name} in the books, not {kernel}, which --kernel exports; "
+            "name the same kernel twice"
+        )
     return tuner.declares
 
 
@@ -308,7 +316,7 @@ def command(
     One file per (E, N, device[, dtype][, block_shape]), keyed by batch size M. See
     docs/cli.md for how key names and config parameters are bound to vLLM's fields.
     """
-    declares = declared_by(declared) if declared is not None else None
+    declares = declared_by(declared, kernel) if declared is not None else None
     loaded = load_or_fail(book)
     pages = select_pages(loaded, (kernel,))
     warn_skipped(loaded)
