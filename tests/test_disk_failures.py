@@ -192,3 +192,25 @@ def test_a_book_yet_to_be_created_is_probed_where_it_would_be_made(
     assert problem is not None and problem.startswith("cannot create it in /proc: "), problem
     assert write_problem(tmp_path / "new" / "book") is None
     assert list(tmp_path.iterdir()) == [], "the probe is removed"
+
+
+def test_a_page_counts_the_results_its_directory_refused(tmp_path: Path) -> None:
+    """What a sweep's report counts (SweepReport.unsaved): tune_on_ray into a book that refuses
+    writes said "done" with one warning, and nothing told the program its results were
+    held in memory only."""
+    import warnings
+
+    from tunebook._book import Book, Entry, KernelIdentity, Result
+
+    (tmp_path / "a-file").write_text("not a directory")
+    kernel = KernelIdentity("k", "h", ("n",))
+    page = Book(tmp_path / "a-file" / "book").open(kernel, {"backend": "t"}, "t", "p")
+    ok = Result({"kwargs": {"B": 1}}, (1.0, 1.0, 1.0), None, "2026-01-01T00:00:00Z")
+    two = Result({"kwargs": {"B": 2}}, (2.0, 2.0, 2.0), None, "2026-01-01T00:00:00Z")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BookWarning)
+        page.record("[1]", Entry(key=(1,), results={"B=1|": ok, "B=2|": two}))
+    assert page.unsaved() == 2
+    good = Book(tmp_path / "book").open(kernel, {"backend": "t"}, "t", "p")
+    good.record("[1]", Entry(key=(1,), results={"B=1|": ok}))
+    assert good.unsaved() == 0

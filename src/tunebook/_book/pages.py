@@ -411,6 +411,16 @@ class Page:
                 layer.push(self.file_name, entries, self)
         self._compose(list(entries))
 
+    def unsaved(self) -> int:
+        """How many results the writable directory refused (a read-only mount, a full disk):
+        this process holds them, and offers them again with its next write."""
+        return sum(
+            len(entry.results)
+            for layer in self.layers
+            if layer.role == "local"
+            for entry in layer.pending.values()
+        )
+
     def sibling_winners(self, key: Sequence[Any]) -> list[Entry]:
         """Entries for this exact key of the same kernel on other platforms, in any directory.
 

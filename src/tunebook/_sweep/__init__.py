@@ -53,7 +53,8 @@ def tune_on_ray(
     ``RAY_ADDRESS``, else a local cluster started for the sweep).
 
     Returns a :class:`~tunebook._sweep.driver.SweepReport` (per key: ``state``,
-    ``measured``, ``chosen``, ``reason``); raises :class:`tunebook.MissingDependency`
+    ``measured``, ``chosen``, ``reason``, ``left_out``; ``unsaved``: results the book
+    refused, held by this process only); raises :class:`tunebook.MissingDependency`
     without Ray (``pip install 'tunebook[ray]'``).
     """
     from .._autotuner import Autotuner

@@ -135,6 +135,7 @@ class SweepReport:
     groups: dict[str, int] = field(default_factory=dict)  # GPU model -> actors
     crashed: list[str] = field(default_factory=list)  # "key_text cid: reason"
     seconds: float = 0.0
+    unsaved: int = 0  # results the book directory refused: held by this process only
 
     @property
     def measured(self) -> int:
@@ -399,6 +400,15 @@ class _Driver:
         self.writer.flush(force=True)
         if self.on_progress is not None:
             self.on_progress(self.progress())
+        # A read-only or full book refuses the writes, with one warning: the sweep said "done"
+        # and the results lived only in this process. The report counts them.
+        self.report.unsaved = sum(page.unsaved() for page in self.pages.pages.values())
+        if self.report.unsaved:
+            self.say(
+                f"{self.report.unsaved} result(s) could not be written to the book (see the warning above); "
+                "they are held by this process only: make the book writable and run the sweep again, "
+                "or keep them with `tunebook tune --ray`, which saves them aside"
+            )
         self.report.seconds = time.monotonic() - start
         self.report.keys = [self._key_report(k) for k in sweep.keys]
         return self.report
