@@ -782,6 +782,8 @@ def test_group_takes_a_process_group_or_world(tmp_path):
             tunebook.autotune(configs, key=["n"], group=wrong)
     tunebook.autotune(configs, key=["n"], group="world")
     tunebook.autotune(configs, key=["n"], group=None)
+    # what dist.new_group returns on a rank outside the group: that rank tunes alone
+    tunebook.autotune(configs, key=["n"], group=-100)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the lost leader's end

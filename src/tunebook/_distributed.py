@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _settings, _stats
 from ._errors import ConfigurationError
-from ._options import WORLD
+from ._options import NON_GROUP_MEMBER, WORLD
 from ._warnings import warn_once
 
 # Where a group's time goes, one DEBUG record per wait and per part measured, each carrying
@@ -56,6 +56,9 @@ def team(group: Any, label: str = "kernel") -> Team | None:
                 "process; call torch.distributed.init_process_group(...) before the kernel's first call"
             )
         return None  # TUNEBOOK_DISTRIBUTED=1 in a process that is not part of a job
+    if type(group) is int and group == NON_GROUP_MEMBER:  # new_group's answer on a rank outside it
+        _outside(label, dist.get_rank())
+        return None
     pg = dist.group.WORLD if group is None or group == WORLD else group
     try:
         world = dist.get_world_size(pg)
@@ -69,17 +72,21 @@ def team(group: Any, label: str = "kernel") -> Team | None:
             "the kernel again with the new group"
         ) from exc
     if world < 0 or rank < 0:  # torch's answer to a rank outside the group
-        warn_once(
-            f"group-outsider:{label}",
-            "tunebook: %s: this rank (%d of the job) is not a member of the kernel's group=, so it tunes "
-            "its keys alone (said once)",
-            label,
-            dist.get_rank(),
-        )
+        _outside(label, dist.get_rank())
         return None
     if world <= 1:
         return None
     return Team(rank, world, store)
+
+
+def _outside(label: str, rank: int) -> None:
+    warn_once(
+        f"group-outsider:{label}",
+        "tunebook: %s: this rank (%d of the job) is not a member of the kernel's group=, so it tunes "
+        "its keys alone (said once)",
+        label,
+        rank,
+    )
 
 
 def alone_by_mistake(label: str) -> None:

@@ -42,7 +42,14 @@ NO_GROUP: Any = _NoGroup()
 WORLD = "world"  # group="world": torch.distributed's default group, looked up at the first miss
 
 
+# What torch.distributed.new_group returns on a rank outside the group
+# (GroupMember.NON_GROUP_MEMBER): such a rank tunes alone.
+NON_GROUP_MEMBER = -100
+
+
 def _is_process_group(group: Any) -> bool:
+    if type(group) is int and group == NON_GROUP_MEMBER:
+        return True
     return callable(getattr(group, "size", None)) and callable(getattr(group, "rank", None))
 
 

@@ -336,7 +336,7 @@ def command(
             f"its platforms there: {'; '.join(platforms)}"
         )
     consts = {k: scalar(v) for k, v in parse_assignments(constants, "--const").items()}
-    known = (*KEY_FIELDS, *CONFIG_FIELDS, *COMPILER_OPTIONS, *ROCM_FIELDS)
+    known = tuple(dict.fromkeys((*KEY_FIELDS, *CONFIG_FIELDS, *COMPILER_OPTIONS, *ROCM_FIELDS)))
     strangers = sorted(set(consts) - set(known))
     if strangers:  # vLLM launches with **config: a name its kernel lacks fails there
         raise click.UsageError(
@@ -364,8 +364,8 @@ def command(
     if len(versions) > 1:  # another source or bucketing: its winners are not this kernel's
         raise click.ClickException(
             f"the book holds {len(versions)} versions of kernel {kernel} (other source code or key "
-            "bucketing); their winners would mix in one file. Remove the old ones with `tunebook prune`, "
-            "or select one with --platform"
+            "bucketing); their winners would mix in one file. Remove the old ones with `tunebook prune BOOK "
+            "--keep MODULE` (or, where they are of other GPUs, select one with --platform)"
         )
     key_sets = {tuple(argument_names(p)) for p in pages}
     if len(key_sets) != 1:
