@@ -506,7 +506,7 @@ def test_a_worker_whose_failure_passed_or_whose_key_ended_gets_units_again():
     (ref,) = b.out
     d.ray.values[ref] = {"results": {}}
     d._arrived(ref, b, sweep)  # and runs there
-    assert (a.failures, a.suspect) == (0, 0)
+    assert (a.failures, d._suspect(a)) == (0, 0)
     sweep.queue += [Unit(10 + i, 0, "measure", (f"x{i}",)) for i in range(4)]
     d._hand_out(sweep)
     assert len(a.out) == 2 and len(b.out) == 2  # both work again
@@ -519,4 +519,4 @@ def test_a_worker_whose_failure_passed_or_whose_key_ended_gets_units_again():
     sweep.keys[0].finished = True  # its key ended (failed, say) before the unit ran again
     sweep.queue += [Unit(10 + i, 0, "measure", (f"x{i}",)) for i in range(4)]
     d._hand_out(sweep)
-    assert a.suspect == 0 and len(a.out) == 2
+    assert d._suspect(a) == 0 and len(a.out) == 2

@@ -33,7 +33,7 @@ from ._book import KernelIdentity, Page, config_id
 from ._call import Call
 from ._configs import ConfigIndex, prune
 from ._errors import ConfigurationError
-from ._forksafe import renew_in_child
+from ._forksafe import lock_for
 from ._hits import HitTable
 from ._home import KernelHome
 from ._hooks import Hooks
@@ -46,17 +46,6 @@ from ._tables import TablePage, Tables
 from ._version import __version__
 
 __all__ = ["Autotuner", "__version__", "autotune"]
-
-_live: weakref.WeakSet[Autotuner] = weakref.WeakSet()
-
-
-def _renew_locks() -> None:
-    # A forked child: a lock another thread held for a tuning would stay held for ever.
-    for tuner in list(_live):
-        tuner._lock = threading.RLock()
-
-
-renew_in_child(_renew_locks)
 
 
 class _Cache(dict):
@@ -198,8 +187,7 @@ class Autotuner(_compat.TritonAutotuner):
         self.defined_in: str | None = None  # the module autotune(...) was applied in (for workers)
         self.counters = _stats.register(self)
         self._required_keys = _required_key_arguments(self.base_fn, self.fn, self.keys)
-        self._lock = threading.RLock()
-        _live.add(self)  # a forked child renews the lock (_forksafe.py)
+        self._lock = lock_for(self, threading.RLock)  # renewed in a forked child (_forksafe.py)
         self._home = KernelHome(fn, self.keys, self.options, self._timer_settings)
         self._hits = HitTable(self.arg_names, self.keys, fn.run, self)
         self._listing = (
@@ -324,7 +312,7 @@ class Autotuner(_compat.TritonAutotuner):
                     # may be one that cannot compile for its key here (_set_aside.py).
                     served = counter is self.counters.fallbacks
                     if not (self._single or served):
-                        self._hits.remember(args, kwargs, self._hits.hit(config, counter), self.reads.names)
+                        self._hits.remember(args, kwargs, self._hits.hit(config, counter))
                     self.best_config = config
                     if config.pre_hook is not None:
                         config.pre_hook({**call.nargs, **launch_kwargs})
@@ -343,7 +331,7 @@ class Autotuner(_compat.TritonAutotuner):
                 with self._lock:  # unless the key was decided otherwise meanwhile (a set-aside, a caller)
                     key = self._key(call)
                     if self._cache.get(key) is config and key not in self._overrides:
-                        self._hits.remember(args, kwargs, self._hits.hit(config, counter), self.reads.names)
+                        self._hits.remember(args, kwargs, self._hits.hit(config, counter))
             return launched
 
     def _set_aside(self, call: Call, cid: str, exc: BaseException) -> bool:

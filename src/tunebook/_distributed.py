@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _settings, _stats
 from ._errors import ConfigurationError
-from ._options import NON_GROUP_MEMBER, WORLD
+from ._options import WORLD, is_outsider
 from ._warnings import warn_once
 
 # Where a group's time goes, one DEBUG record per wait and per part measured, each carrying
@@ -56,7 +56,7 @@ def team(group: Any, label: str = "kernel") -> Team | None:
                 "process; call torch.distributed.init_process_group(...) before the kernel's first call"
             )
         return None  # TUNEBOOK_DISTRIBUTED=1 in a process that is not part of a job
-    if type(group) is int and group == NON_GROUP_MEMBER:  # new_group's answer on a rank outside it
+    if is_outsider(group):
         _outside(label, dist.get_rank())
         return None
     pg = dist.group.WORLD if group is None or group == WORLD else group

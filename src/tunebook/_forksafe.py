@@ -12,6 +12,7 @@ new key of that kernel, and a child that exited waited 5 s for the parent's queu
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,3 +28,21 @@ def renew_in_child(renew: Callable[[], None]) -> None:
 def renew_lock(namespace: dict[str, Any], name: str, make: Callable[[], Any]) -> None:
     """Give a module's lock (``namespace[name]``, made by ``make``) a fresh one in every child."""
     renew_in_child(lambda: namespace.__setitem__(name, make()))
+
+
+# Objects whose ``_lock`` a child renews (an autotuner's, a scratch buffer's), and how to make one.
+_holders: weakref.WeakKeyDictionary[Any, Callable[[], Any]] = weakref.WeakKeyDictionary()
+
+
+def lock_for(holder: Any, make: Callable[[], Any]) -> Any:
+    """A new lock for ``holder._lock``, which every forked child replaces with a fresh one."""
+    _holders[holder] = make
+    return make()
+
+
+def _renew_holders() -> None:
+    for holder, make in list(_holders.items()):
+        holder._lock = make()
+
+
+renew_in_child(_renew_holders)

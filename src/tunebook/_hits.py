@@ -41,6 +41,14 @@ KeyFunction = Callable[..., tuple[Any, ...]]
 MAX_REMEMBERED = 1 << 16
 
 
+def _enter(table: dict[Any, Any], key: Callable[[], Any], value: Any) -> None:
+    """``table[key()] = value`` while the table has room, unless the key cannot be made (a
+    call its generated key functions cannot read: it stays on the slow path)."""
+    if len(table) < MAX_REMEMBERED:
+        with contextlib.suppress(AttributeError, IndexError, TypeError):
+            table[key()] = value
+
+
 class Hit(NamedTuple):
     launcher: _launch.Launcher
     config: Any
@@ -148,11 +156,10 @@ class HitTable:
         except TypeError:  # an unhashable key value
             return None
 
-    def remember(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any], hit: Hit, by_value: frozenset[str] = frozenset()
-    ) -> None:
-        """Serve later calls laid out like this one (same values, dtypes, classes) with ``hit``;
-        ``by_value``: the names the kernel's candidate rules have read so far."""
+    def remember(self, args: Sequence[Any], kwargs: Mapping[str, Any], hit: Hit) -> None:
+        """Serve later calls laid out like this one (same values, dtypes, classes, and values
+        of what the kernel's candidate rules have read so far: ``_reads.py``) with ``hit``."""
+        by_value = self._owner.reads.names
         if by_value != self._by_value:
             self._key_by(by_value)
         slots = _launch.tensor_slots(self._arg_names, args, kwargs)
@@ -162,13 +169,9 @@ class HitTable:
         # The key functions read dtypes where the first call had tensors. A call with tensors
         # elsewhere would key the same as one without them: it goes to by_layout.
         if slots != self._tensor_slots:
-            if len(self.by_layout) < MAX_REMEMBERED:
-                with contextlib.suppress(TypeError):
-                    self.by_layout[self.layout_key(args, kwargs)] = hit
+            _enter(self.by_layout, lambda: self.layout_key(args, kwargs), hit)
             return
-        if len(self.by_binding) < MAX_REMEMBERED:
-            with contextlib.suppress(AttributeError, IndexError, TypeError):
-                self.by_binding[self.binding_key(*args, **kwargs)] = hit
+        _enter(self.by_binding, lambda: self.binding_key(*args, **kwargs), hit)  # type: ignore[misc]
         if kwargs:
             return
         if not self._position_tried:
@@ -180,13 +183,9 @@ class HitTable:
             if getitem is not None:
                 self.getitem = getitem
         # A config pre_hook needs the bound arguments: such hits are served by run().
-        if (
-            self.position_key is not None
-            and hit.config.pre_hook is None
-            and len(self.by_position) < MAX_REMEMBERED
-        ):
-            with contextlib.suppress(AttributeError, IndexError, TypeError):
-                self.by_position[self.position_key(tuple(args))] = hit.launcher
+        if self.position_key is not None and hit.config.pre_hook is None:
+            position_key = self.position_key
+            _enter(self.by_position, lambda: position_key(tuple(args)), hit.launcher)
 
     def clear(self) -> None:
         """Forget every memoized hit (in place: the hit path holds the dicts); decisions stay."""

@@ -199,7 +199,7 @@ def layout_key(
             else:
                 out += (False, value.__class__)
                 if name in by_value:
-                    out.append(value if value.__class__ in SCALARS else value_of(value))
+                    out.append(value_of(value))
         return tuple(out)
 
     return key

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._configs import ConfigIndex
 from ._errors import ConfigurationError
+from ._reads import unwatched
 from ._space import Space
 
 
@@ -35,8 +36,7 @@ class SpaceListing:
         allows = self.space.allows_args
         configs = [self._config(i) for i, point in enumerate(self.feasible()) if allows(point, named)]
         if not configs:
-            # dict.items: not a read of every argument by the rules (_reads.py)
-            items = dict.items(named) if isinstance(named, dict) else named.items()
+            items = unwatched(named).items()
             shown = ", ".join(f"{k}={v!r}" for k, v in items if not hasattr(v, "dtype"))
             raise ConfigurationError(
                 f"tunebook.autotune: the Space of {label} has no feasible config for this call "

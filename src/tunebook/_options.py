@@ -47,8 +47,13 @@ WORLD = "world"  # group="world": torch.distributed's default group, looked up a
 NON_GROUP_MEMBER = -100
 
 
+def is_outsider(group: Any) -> bool:
+    """Whether ``group`` is torch's answer to ``new_group`` on a rank outside the group."""
+    return type(group) is int and group == NON_GROUP_MEMBER
+
+
 def _is_process_group(group: Any) -> bool:
-    if type(group) is int and group == NON_GROUP_MEMBER:
+    if is_outsider(group):
         return True
     return callable(getattr(group, "size", None)) and callable(getattr(group, "rank", None))
 
@@ -101,7 +106,7 @@ class Options:
             )
         if self.strategy == "bayes":  # the install line now, rather than at a first call
             check_installed("optuna", feature="the 'bayes' search strategy", extra="optuna", hint=BAYES_HINT)
-        if self.max_configs is not None and not (_is_int(self.max_configs) and self.max_configs > 0):
+        if self.max_configs is not None and not (is_int(self.max_configs) and self.max_configs > 0):
             raise ConfigurationError(
                 "tunebook.autotune: max_configs= must be a positive integer or None; "
                 f"found {self.max_configs!r}"
@@ -171,7 +176,7 @@ class Options:
                 raise ConfigurationError(
                     f"tunebook.autotune: {label}= must be True or False; found {getattr(self, label)!r}"
                 )
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ConfigurationError(f"tunebook.autotune: seed= must be an integer; found {self.seed!r}")
 
     @staticmethod
@@ -193,7 +198,7 @@ class Options:
         return Budget(max_configs=self.max_configs, max_seconds=self.max_seconds)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -214,7 +219,7 @@ def _check_settings(check: Mapping[str, Any]) -> None:
             f"tunebook.autotune: check={{'ignore': ...}} takes a list of argument names; found {ignore!r}"
         )
     max_bytes = check.get("max_bytes")
-    if max_bytes is not None and not (_is_int(max_bytes) and max_bytes > 0):
+    if max_bytes is not None and not (is_int(max_bytes) and max_bytes > 0):
         raise ConfigurationError(
             f"tunebook.autotune: check={{'max_bytes': ...}} takes a positive integer; found {max_bytes!r}"
         )

@@ -17,6 +17,8 @@ key does not hold: pass that size as an argument of the key.
 >>> watched = reads.watch({"n": 4, "LIMIT": 32, "x": None})
 >>> watched["n"], watched.get("LIMIT"), sorted(reads.names)
 (4, 32, ['LIMIT'])
+>>> sorted(unwatched(watched)), sorted(reads.names)  # a message lists them: no read
+(['LIMIT', 'n', 'x'], ['LIMIT'])
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ SCALARS = frozenset({int, float, bool, str, bytes, type(None)})
 
 
 def value_of(value: Any) -> Any:
-    """What a hit keys a read argument on beyond its class, where it is not of ``SCALARS``: a
-    value that stands for itself (a NumPy or other number, an enum, a Triton or torch dtype
-    given as a constexpr) keys by value; any other object (a descriptor made per call) by its
-    class alone (None here), or each call would be a key of its own.
+    """What a hit keys a read argument on beyond its class: a value that stands for itself
+    (one of ``SCALARS``, a NumPy or other number, an enum, a Triton or torch dtype given as a
+    constexpr) keys by value; any other object (a descriptor made per call) by its class
+    alone (None here), or each call would be a key of its own. Generated keys test
+    ``SCALARS`` inline and call this for the rest.
 
     >>> import enum
     >>> class Mode(enum.IntEnum):
@@ -42,6 +45,8 @@ def value_of(value: Any) -> Any:
     >>> value_of(Mode.FAST), value_of(object())
     (<Mode.FAST: 1>, None)
     """
+    if value.__class__ in SCALARS:
+        return value
     if isinstance(value, numbers.Number | enum.Enum | str | bytes) or type(value).__name__ == "dtype":
         try:
             hash(value)
@@ -71,6 +76,12 @@ class ArgumentReads:
         # A listing reads a few names thousands of times: the known ones cost a set lookup.
         if name not in self.names and name not in self._key:
             self.add((name,))
+
+
+def unwatched(named: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``named`` without the watch, for a message that lists the arguments: listing them is
+    no read by the rules."""
+    return dict(dict.items(named)) if isinstance(named, _Watched) else named
 
 
 class _Watched(dict[str, Any]):

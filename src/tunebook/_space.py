@@ -45,6 +45,7 @@ from typing import Any
 
 from . import _compat
 from ._errors import SpaceError
+from ._reads import unwatched
 
 __all__ = ["Space", "SpaceError"]
 
@@ -118,11 +119,6 @@ def _cuda_cc(platform: Mapping[str, Any]) -> int | None:
     """Compute capability as an int (90 for '90', '90a', 'sm_90', 90); None if unknown."""
     match = re.search(r"\d+", str(platform.get("arch", "")))
     return int(match.group()) if match else None
-
-
-def _names_of(args: Mapping[str, Any]) -> list[str]:
-    # dict.keys: a message is no read of every argument by the rules (tunebook._reads)
-    return sorted(dict.keys(args) if isinstance(args, dict) else args)
 
 
 def platform_allows(candidate: Mapping[str, Any], platform: Mapping[str, Any]) -> bool:
@@ -312,7 +308,8 @@ class Space:
             except Exception as exc:
                 raise SpaceError(
                     f"Space: arg constraint #{i} ({getattr(check, '__name__', check)!r}) raised "
-                    f"{type(exc).__name__}: {exc} on candidate {candidate} with arguments {_names_of(args)}. "
+                    f"{type(exc).__name__}: {exc} on candidate {candidate} with arguments "
+                    f"{sorted(unwatched(args))}. "
                     f"Arg constraints receive (candidate dict, named arguments); fix the constraint."
                 ) from exc
             if not ok:

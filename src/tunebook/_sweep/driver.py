@@ -35,7 +35,9 @@ from typing import Any
 
 from .._book import Entry, Result, now_iso
 from .._errors import BookFormatError, TunebookError
+from .._jsonio import is_number
 from .._optional import require
+from .._options import is_int
 from .._worker import DEFAULT_TIMEOUT_S
 from .._worker.isolated import program_paths
 from .actor import SweepActor, forwarded_environment
@@ -80,18 +82,13 @@ class SweepOptions:
     def __post_init__(self) -> None:
         # Checked before a cluster is started or joined: found later, after the actors
         # started, or never (gpus=-1 waited for workers that none would start).
-        def whole(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if self.gpus is not None and not (whole(self.gpus) and self.gpus >= 1):
+        if self.gpus is not None and not (is_int(self.gpus) and self.gpus >= 1):
             raise ValueError(f"gpus= must be a whole number of GPUs, 1 or more, or None; found {self.gpus!r}")
-        if not (whole(self.unit_size) and self.unit_size >= 1):
+        if not (is_int(self.unit_size) and self.unit_size >= 1):
             raise ValueError(
                 f"unit_size= must be a whole number of configs, 1 or more; found {self.unit_size!r}"
             )
-        if isinstance(self.timeout_s, bool) or not (
-            isinstance(self.timeout_s, int | float) and self.timeout_s > 0
-        ):
+        if not (is_number(self.timeout_s) and self.timeout_s > 0):
             raise ValueError(f"timeout= must be seconds, more than 0; found {self.timeout_s!r}")
         if not (isinstance(self.resource, str) and self.resource):
             raise ValueError(f"resource= must name a Ray resource; found {self.resource!r}")
@@ -153,7 +150,6 @@ class _Slot:
     info: dict[str, Any]
     out: dict[Any, Unit] = field(default_factory=dict)
     failures: int = 0  # units in a row it failed for a reason of its own (another worker ran them)
-    suspect: int = 0  # units it failed that have not yet run elsewhere: its fault, or the key's?
     successes: int = 0  # units it ran
     last_error: str = ""  # why its last failed unit failed
 
@@ -450,9 +446,9 @@ class _Driver:
         # of its model is fine: a broken node must not drain the queue (each unit it took
         # would fail in milliseconds).
         self._forgive_finished(sweep)
-        fine = {slot.group for slot in self.slots.values() if not (slot.failures or slot.suspect)}
+        fine = {slot.group for slot in self.slots.values() if not self._held_back(slot)}
         for slot in self.slots.values():
-            if (slot.failures or slot.suspect) and slot.group in fine:
+            if self._held_back(slot) and slot.group in fine:
                 continue
             while len(slot.out) < self.options.depth:
                 unit = sweep.next_unit(slot.group)
@@ -528,34 +524,36 @@ class _Driver:
         (a call its ``inputs=`` cannot build), and neither worker is blamed. A worker that
         failed RETIRE_AFTER units in a row that others then ran, while another is fine, is
         retired (bad keys alone once retired healthy workers, one after another)."""
-        first = self.blamed.pop(unit.uid, None)
-        if not sweep.retry(unit, f"{reason} (on {_where(slot)})"):
-            if first is not None:  # failed on two workers: the key's fault
-                first[0].suspect = max(0, first[0].suspect - 1)
-            return
-        slot.suspect += 1
-        slot.last_error = reason
-        self.blamed[unit.uid] = (slot, slot.successes, unit.key)
+        # Failed on a second worker: the key's fault; the first is blamed for it no more.
+        self.blamed.pop(unit.uid, None)
+        if sweep.retry(unit, f"{reason} (on {_where(slot)})"):
+            slot.last_error = reason
+            self.blamed[unit.uid] = (slot, slot.successes, unit.key)
+
+    def _suspect(self, slot: _Slot) -> int:
+        """Units ``slot`` failed that have not run since: its fault, or their keys'?"""
+        return sum(1 for blamed, _, _ in self.blamed.values() if blamed is slot)
+
+    def _held_back(self, slot: _Slot) -> bool:
+        return bool(slot.failures or self._suspect(slot))
 
     def _forgive_finished(self, sweep: Sweep) -> None:
         """Units whose key ended (failed, decided or given up) never run again: their first
         worker is not held in suspicion for them (it would get no unit for the rest of the run)."""
-        for uid, (slot, _, key) in list(self.blamed.items()):
+        for uid, (_, _, key) in list(self.blamed.items()):
             if sweep.keys[key].finished:
                 del self.blamed[uid]
-                slot.suspect = max(0, slot.suspect - 1)
 
     def _confirmed(self, slot: _Slot, successes_then: int, sweep: Sweep, *, elsewhere: bool) -> None:
         """A unit ``slot`` failed has run (``elsewhere``: on another worker): the failure was
         the worker's, unless it has run units since (a passing trouble) or ran this one itself."""
-        slot.suspect = max(0, slot.suspect - 1)
         if not elsewhere or slot.successes > successes_then:
             return
         slot.failures += 1
         peers = [
             s
             for s in self.slots.values()
-            if s.group == slot.group and s is not slot and not (s.failures or s.suspect)
+            if s.group == slot.group and s is not slot and not self._held_back(s)
         ]
         if slot.failures >= RETIRE_AFTER and peers and slot.actor in self.slots:
             reason = slot.last_error

@@ -125,10 +125,14 @@ def tune_isolated(
     return Outcome(entry, benchmarked, len(report.crashed), time.perf_counter() - start)
 
 
+def _sys_path() -> list[str]:
+    """This process's ``sys.path``, once each ('' is the directory it runs in)."""
+    return list(dict.fromkeys(p or os.getcwd() for p in sys.path if isinstance(p, str)))
+
+
 def worker_path() -> str:
-    """This process's ``sys.path`` as a worker's PYTHONPATH ('' is the directory it runs in)."""
-    paths = [p or os.getcwd() for p in sys.path if isinstance(p, str)]
-    return os.pathsep.join(dict.fromkeys(paths))
+    """This process's ``sys.path`` as a worker's PYTHONPATH."""
+    return os.pathsep.join(_sys_path())
 
 
 def program_paths() -> list[str]:
@@ -138,10 +142,10 @@ def program_paths() -> list[str]:
     the program's modules but not this environment's packages."""
     prefixes = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     out = []
-    for path in (p or os.getcwd() for p in sys.path if isinstance(p, str)):
+    for path in _sys_path():
         real = os.path.realpath(path) + os.sep
         parts = set(real.split(os.sep))
         if real.startswith(tuple(prefixes)) or parts & {"site-packages", "dist-packages"}:
             continue
         out.append(path)
-    return list(dict.fromkeys(out))
+    return out

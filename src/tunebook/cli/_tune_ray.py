@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from .._book import Page, Result
 from .._errors import MissingDependency
-from .._sweep.driver import SweepError, SweepOptions, SweepProgress, SweepReport, run_sweep
+from .._sweep.driver import KeyReport, SweepError, SweepOptions, SweepProgress, SweepReport, run_sweep
 from ._common import err, out
 from ._unsaved import Received
 
@@ -67,16 +67,17 @@ def _summary(jobs: list[dict[str, Any]], report: SweepReport) -> None:
         f"done: {len(tuned)} of {len(report.keys)} key(s) tuned on {gpus} in {report.seconds:.1f} s, "
         f"{report.measured} config(s) measured, {len(report.crashed)} config(s) recorded as crashed or hung"
     )
-    for key in report.failed:
+
+    def what(key: KeyReport) -> str:
         job = jobs[key.job]
-        what = f"{job['module']}:{job['attr']} {key.key_text}"
-        err().print(f"[red]failed[/red] {escape(what)}: {escape(key.reason)}")
+        return escape(f"{job['module']}:{job['attr']} {key.key_text}")
+
+    for key in report.failed:
+        err().print(f"[red]failed[/red] {what(key)}: {escape(key.reason)}")
     for key in report.keys:
         if key.left_out:
-            job = jobs[key.job]
-            what = f"{job['module']}:{job['attr']} {key.key_text}"
             err().print(
-                f"[yellow]left out[/yellow] {key.left_out} config(s) of {escape(what)}: each lost its GPU "
+                f"[yellow]left out[/yellow] {key.left_out} config(s) of {what(key)}: each lost its GPU "
                 "worker 3 times (the cluster's doing, not the config's: nothing was recorded for them); "
                 "run the sweep again to measure them"
             )

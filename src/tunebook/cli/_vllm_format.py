@@ -61,6 +61,9 @@ INTEGER_FIELDS = ("E", "N", "M", *CONFIG_FIELDS)
 COMPILER_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # The fields vLLM's ROCm tables add, in their order there: kept by import, written by export.
 ROCM_FIELDS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
+# vLLM's newer files record the Triton they were tuned with beside the batch sizes; vLLM
+# drops it on reading, and so do import and export's check of an existing file.
+TRITON_VERSION_FIELD = "triton_version"
 IMPORT_TIMER = IMPORT_HASH = f"{IMPORTED_PREFIX}vllm"  # what _tables.load recognizes as an import
 
 NAME_PATTERN = re.compile(

@@ -37,6 +37,7 @@ from ._vllm_format import (
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
     ROCM_FIELDS,
+    TRITON_VERSION_FIELD,
     block_shape_list,
     is_integer,
     lookup,
@@ -367,19 +368,13 @@ def command(
             "bucketing); their winners would mix in one file. Remove the old ones with `tunebook prune BOOK "
             "--keep MODULE` (or, where they are of other GPUs, select one with --platform)"
         )
-    key_sets = {tuple(argument_names(p)) for p in pages}
-    if len(key_sets) != 1:
-        raise click.ClickException(
-            f"book files of {kernel} have different key names {sorted(key_sets)}; "
-            "remove the old kernel versions with `tunebook prune` or select with --platform"
-        )
     config_names: set[str] = set()
     for page in pages:
         for entry in page.doc.entries.values():
             for result in entry.results.values():
                 if declares is None or declares(result.config):
                     config_names |= set(result.config.get("kwargs", {})) | (set(result.config) - {"kwargs"})
-    binding = bind(list(next(iter(key_sets))), config_names, maps, consts, kernel)
+    binding = bind(argument_names(pages[0]), config_names, maps, consts, kernel)  # one version: one key
     notes: list[str] = []
     files = export_pages(pages, binding, parse_assignments(where, "--where"), declares, notes)
     if not files:
@@ -418,7 +413,7 @@ def _dropped(path: Path, table: Mapping[str, Any]) -> list[str]:
         return ["(an unreadable file)"]
     if not isinstance(existing, dict):
         return ["(not a vLLM config table)"]
-    existing.pop("triton_version", None)  # newer vLLM files name the Triton they were tuned with
+    existing.pop(TRITON_VERSION_FIELD, None)
     return sorted((m for m in existing if m not in table), key=lambda m: (len(m), m))
 
 

@@ -39,6 +39,7 @@ from ._vllm_format import (
     IMPORT_TIMER,
     KEY_FIELDS,
     OPTIONAL_KEY_FIELDS,
+    TRITON_VERSION_FIELD,
     device_problem,
     is_integer,
     parse_name,
@@ -65,8 +66,7 @@ def parse_vllm_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
     except (Unusable, OSError, ValueError, RecursionError) as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from None
     if isinstance(table, dict):
-        # vLLM's newer files record the Triton they were tuned with; vLLM drops it on reading
-        table.pop("triton_version", None)
+        table.pop(TRITON_VERSION_FIELD, None)
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise click.ClickException(f"{path}: expected an object of batch size -> config object")
     if not table:  # imported as nothing, with exit 0, before

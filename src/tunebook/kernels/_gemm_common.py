@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._compat import interpreting
-from .._forksafe import renew_in_child
+from .._forksafe import lock_for
 from ._common import TOKEN_BUCKETS, bucket_of, pow2_at_least
 
 # The pack's books, names and serving buckets (_common.py): every power of two from decode
@@ -142,17 +141,6 @@ def nearest_config(configs: Iterable[Any], wanted: Mapping[str, Any]) -> Any:
     return best
 
 
-_scratches: weakref.WeakSet[Scratch] = weakref.WeakSet()
-
-
-def _renew_scratch_locks() -> None:
-    for scratch in list(_scratches):
-        scratch._lock = threading.Lock()
-
-
-renew_in_child(_renew_scratch_locks)
-
-
 class Scratch:
     """Per-device buffers reused across calls, grown on demand, never shrunk.
 
@@ -166,8 +154,7 @@ class Scratch:
         self.name = name
         self.zeroed = zeroed
         self._buffers: dict[Any, Any] = {}
-        self._lock = threading.Lock()
-        _scratches.add(self)  # a forked child renews the lock (tunebook._forksafe)
+        self._lock = lock_for(self, threading.Lock)  # renewed in a forked child (tunebook._forksafe)
 
     def get(self, device: Any, numel: int, dtype: Any, tag: Any = None) -> Any:
         """A buffer of at least ``numel`` elements; ``tag`` keeps a buffer apart per use (a
