@@ -165,6 +165,37 @@ def test_fidelity_dry_runs_both_timers_and_combines(tmp_path: Path) -> None:
     assert "is in more than one run" in combined.stderr
 
 
+@pytest.mark.slow  # five processes on the interpreter, ~1 min
+def test_same_arch_dry_run_tunes_answers_and_times_in_fresh_processes(tmp_path: Path) -> None:
+    """benchmarks/kernels/same_arch.py: the pack's tune command into OUT/book, the shipped
+    books' answers in a fresh serve-mode process (on a CPU none matches, so each is the op's
+    rule, said as a fallback), then a fresh process serving OUT/book times every key's
+    config against that answer and the hand-picked one, benchmarking nothing; run again, the
+    tuning costs nothing."""
+    env = {**os.environ, "TUNEBOOK_MODE": "tune", "TUNEBOOK_DIR": str(tmp_path / "elsewhere")}
+    env.pop("TRITON_INTERPRET", None)  # --dry-run must set it itself
+    out = tmp_path / "out"
+    args = [sys.executable, str(SCRIPTS / "same_arch.py"), "--dry-run", "--out", str(out)]
+    ops = ["--ops", "rms_norm,paged_attention_decode"]
+    proc = subprocess.run([*args, *ops], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().splitlines()[-2].startswith("(> 1: tuned here is faster"), proc.stdout
+    answers = json.loads((out / "answers.json").read_text())["results"]
+    assert len(answers) == 3 and all(a["how"] == {"fallbacks": 1} for a in answers), answers
+    doc = json.loads((out / "same_arch.json").read_text())
+    assert doc["meta"]["stats"]["benchmarked"] == 0 and doc["meta"]["stats"]["fallbacks"] == 0
+    assert [r["op"] for r in doc["results"]] == ["rms_norm", "rms_norm", "paged_attention_decode"]
+    for r in doc["results"]:
+        assert r["served_how"] == {"book_hits": 1}, r  # the key tuned here, from OUT/book
+        assert set(r["ratios"]) == {"answer/tuned here", "hand-picked/tuned here"}, r["errors"]
+        assert r["same_config"] == (r["tuned"] == r["answer"])
+        assert r["answer"] == next(a["config"] for a in answers if a["label"] == r["label"])
+    assert book_files(out / "book") and not book_files(tmp_path / "elsewhere")
+    again = subprocess.run([*args, "--ops", "rms_norm"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 configs measured, 2 keys already in the book" in again.stdout, again.stdout
+
+
 @pytest.mark.parametrize(
     ("script", "args", "said"),
     [
