@@ -39,6 +39,10 @@ def redis_server() -> Iterator[RedisServer]:
     srv.start()
     yield srv
     srv.stop()
+    from tunebook._book import redis_store
+
+    for store in list(redis_store._live):  # held for a server that is gone: not for the exit to send
+        store._unsent.clear()
 
 
 class Clock:

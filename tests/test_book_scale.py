@@ -231,9 +231,14 @@ def test_a_miss_lists_a_bounded_number_of_key_names_from_redis(
     small_names, small_calls = miss(40)
     large_names, large_calls = miss(pages.NAME_BUDGET + 3000)
     assert small_names == 40 and small_calls.get("cmdstat_hkeys") == 1, small_calls  # whole: exact hints
-    assert large_names == pages.NAME_BUDGET and "cmdstat_hkeys" not in large_calls, large_calls
+    assert large_names == pages.NAME_BUDGET, large_calls
     steps = large_calls.get("cmdstat_hscan", 0)
-    assert 1 <= steps <= pages.NAME_BUDGET // redis_store._SCAN_STEP + 1, large_calls
+    version = tuple(int(p) for p in client.info("server")["redis_version"].split(".")[:2])
+    if version >= (7, 4):  # HSCAN NOVALUES: a bounded listing, names only
+        assert "cmdstat_hkeys" not in large_calls, large_calls
+        assert 1 <= steps <= pages.NAME_BUDGET // redis_store._SCAN_STEP + 1, large_calls
+    else:  # one refused HSCAN NOVALUES, then every name (HSCAN would send every value too)
+        assert steps == 1 and large_calls.get("cmdstat_hkeys") == 1, large_calls
     assert sum(large_calls.values()) <= sum(small_calls.values()) + steps, (small_calls, large_calls)
 
 

@@ -59,6 +59,12 @@ TUNEBOOK_REDIS_URL = Setting(
     "",
     "A Redis server holding a book shared by a fleet (redis://host:port/db); needs tunebook[redis].",
 )
+TUNEBOOK_REDIS_TIMEOUT_S = Setting(
+    "TUNEBOOK_REDIS_TIMEOUT_S",
+    "0.25",
+    "The most one request to the Redis book may take, in seconds (connecting, and each socket read, "
+    "one fifth of it); raise it for a server farther away than a few milliseconds.",
+)
 TUNEBOOK_DISTRIBUTED = Setting(
     "TUNEBOOK_DISTRIBUTED",
     "0",
@@ -112,6 +118,7 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_MODE,
     TUNEBOOK_PROGRESS,
     TUNEBOOK_REDIS_URL,
+    TUNEBOOK_REDIS_TIMEOUT_S,
     TUNEBOOK_DISTRIBUTED,
     TUNEBOOK_DISTRIBUTED_JOIN_S,
     TUNEBOOK_DISTRIBUTED_WAIT_S,
@@ -202,6 +209,11 @@ def _seconds(setting: Setting, unit: str = "seconds") -> float:
     return value
 
 
+def redis_timeout_s() -> float:
+    """The time budget of one request to the Redis book (TUNEBOOK_REDIS_TIMEOUT_S)."""
+    return _seconds(TUNEBOOK_REDIS_TIMEOUT_S)
+
+
 def distributed_join_s() -> float:
     return _seconds(TUNEBOOK_DISTRIBUTED_JOIN_S)
 
@@ -248,4 +260,6 @@ def check() -> None:
     timer()
     progress()
     distributed()
+    if redis_url():
+        redis_timeout_s()
     direct_launch()

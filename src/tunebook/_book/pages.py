@@ -152,7 +152,14 @@ class Layer:
         return self.role != "shipped"
 
     def push(self, name: str, news: Mapping[str, Entry], page: Page) -> bool:
-        """Merge ``news`` (and anything refused before) into the store; False if it refused."""
+        """Merge ``news`` (and anything refused before) into the store; False if it refused.
+
+        A store that sends again what it refused itself (``keeps_unsent``: the Redis store,
+        which retries after an outage without waiting for this page's next miss) is sent
+        ``news`` only; ``pending`` then holds what it has yet to send, for :meth:`Page._compose`
+        alone (sending it twice would count its misses twice)."""
+        if getattr(self.store, "keeps_unsent", False):
+            return self._push_once(name, news, page)
         pending = dict(self.pending)
         for k, entry in news.items():
             pending[k] = entry.merged_over(pending[k]) if k in pending else entry
@@ -164,6 +171,20 @@ class Layer:
             return False
         # A key the store left out was not written (its file must be left alone): offered again.
         self.pending = {k: e for k, e in pending.items() if k not in stored.entries}
+        self._take(stored, page)
+        return True
+
+    def _push_once(self, name: str, news: Mapping[str, Entry], page: Page) -> bool:
+        unsent = self.store.unsent(name)  # type: ignore[attr-defined]
+        self.pending = {k: e for k, e in self.pending.items() if k in unsent}
+        if not news:
+            return not self.pending
+        stored = self.store.merge(name, page.document(news))
+        if stored is None:
+            for k, entry in news.items():
+                self.pending[k] = entry.merged_over(self.pending[k]) if k in self.pending else entry
+            return False
+        self.pending = {k: e for k, e in self.pending.items() if k not in stored.entries}
         self._take(stored, page)
         return True
 

@@ -17,10 +17,18 @@ Contract:
   failure of an outage is logged once (logger ``"tunebook"``), and the store then does not
   touch the network for ``retry_after_s`` (a circuit breaker), so a dead Redis costs a
   kernel call a clock read, not a timeout. After that the next call probes again and, if
-  Redis answers, the store resumes and logs that it did.
+  Redis answers, the store resumes and logs that it did. The time budget is
+  TUNEBOOK_REDIS_TIMEOUT_S for the process's shared store (connect and read timeouts a
+  fifth of it). Only an unreachable or silent server is an outage: a reply past the byte
+  budget, or a merge that kept meeting other writers, fails that request alone.
+* **What a merge could not send is held and sent again** (:meth:`RedisStore.send_unsent`):
+  by the next request that finds Redis answering once ``retry_after_s`` has passed, by a
+  daemon thread while anything is held (hits never ask the store), and at exit (at most
+  EXIT_FLUSH_S; what stays unsent is a BookWarning naming ``tunebook push``).
 * **Merges are atomic on the server and lose nothing.** ``merge`` runs an optimistic
   transaction (WATCH the hash, read it, merge in Python with :meth:`Document.merged_over`,
-  MULTI/EXEC the changed fields) and retries when another writer got in between, so the
+  MULTI/EXEC the changed fields) and retries when another writer got in between (each try
+  its own request, with jittered pauses, for up to _CONFLICT_S), so the
   rule is the one a book file follows: what is already stored stands per (key, config id).
 * **What is read is validated** like a book file (:meth:`Document.from_json`); a field that
   does not validate is skipped with one warning, and the next merge of it keeps it aside in
@@ -43,7 +51,10 @@ Example (needs a running redis-server)::
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -51,10 +62,12 @@ import random
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
+from .. import _settings
 from .._errors import BookFormatError
 from .._forksafe import renew_lock
 from .._jsonio import strict_loads
@@ -71,6 +84,16 @@ _META = "meta"
 # Optimistic transactions retry when another writer touched the same book meanwhile; fleet
 # writes are rare (one per newly tuned key), so a few tries settle all but pathological races.
 _MAX_TRIES = 64
+# A merge that keeps meeting other writers gives up after this long (each try is a request of
+# its own, with the whole request budget): the result then waits in the store's outbox.
+_CONFLICT_S = 2.0
+# The most the interpreter's exit waits to send what an outage or contention held back.
+EXIT_FLUSH_S = 5.0
+
+
+class _Contended(Exception):
+    """A merge met other writers at every try until its conflict budget ran out: the server
+    answers (no outage); the result is held and sent again later."""
 
 
 # What a server answers when the URL's settings are wrong, not when it is in trouble.
@@ -134,6 +157,7 @@ def _charge(received: int) -> None:
     if left is not None:
         _budget.bytes_left = left - received
         if _budget.bytes_left < 0:
+            _budget.over = True  # the reply's size, not the server's health: no outage (_guarded)
             raise _OverBudget(f"the reply ran past {_budget.bytes_limit} bytes; not a book")
 
 
@@ -185,22 +209,18 @@ def _budgeted(connection_class: Any) -> type:
 # HSCAN's COUNT: fields a step of a bounded listing asks for (Redis may return a few more).
 _SCAN_STEP = 512
 
+# A listing by HKEYS (a server before Redis 7.4, which has no HSCAN NOVALUES) reads every
+# name of the page, names only: ~45 bytes a key, ~4 us a key to parse here (200,000 keys took
+# 0.32 s). It runs once per page and process, and gets this many request budgets of time.
+_HKEYS_BUDGETS = 4
 
-def _names(client: Any, key: str, size: int, max_names: int | None) -> list[bytes]:
-    """The field names of the hash at ``key`` (``size`` fields, ``meta`` included): all of
-    them (HKEYS) when they are at most ``max_names`` keys, else the first ``max_names`` keys
-    in HSCAN's order, which is the same for every client of the hash in one state. HSCAN
-    sends the values too (NOVALUES needs Redis 7.4), so a listing of a large hash costs
-    ``max_names`` entries' bytes, not the hash's."""
-    if max_names is None or size <= max_names + 1:
-        return list(client.hkeys(key))
-    names: list[bytes] = []
-    cursor = 0
-    while True:
-        cursor, fields = client.hscan(key, cursor, count=min(_SCAN_STEP, max_names))
-        names += [n for n in fields if n != _META.encode()]
-        if len(names) >= max_names or not cursor:
-            return names[:max_names]
+
+def _hscan_takes_no_values(client: Any) -> bool:
+    """Whether this redis-py's ``hscan`` can ask for names only (``no_values``, redis-py 5.1)."""
+    try:
+        return "no_values" in inspect.signature(client.hscan).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # One store per (process, URL): every page of a process shares its connection pool and,
@@ -222,7 +242,10 @@ def shared_store(url: str) -> RedisStore | None:
     with _shared_lock:
         if cache_key not in _shared_stores:
             try:
-                _shared_stores[cache_key] = RedisStore(url)
+                timeout = _settings.redis_timeout_s()
+                _shared_stores[cache_key] = RedisStore(
+                    url, connect_timeout=timeout / 5, read_timeout=timeout / 5, request_timeout=timeout
+                )
             except ImportError as exc:
                 warn_once(
                     f"redis-import:{url}",
@@ -235,10 +258,43 @@ def shared_store(url: str) -> RedisStore | None:
         return _shared_stores[cache_key]
 
 
+# Every store of this process, for the exit's last try at sending what outages held back.
+_live: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def send_unsent_at_exit(timeout_s: float = EXIT_FLUSH_S) -> int:
+    """At the interpreter's exit: try once (at most ``timeout_s`` in all) to send the results
+    outages or contention held back, and say how many stay unsent and how to send them.
+    Returns that number."""
+    deadline = time.monotonic() + timeout_s
+    left = 0
+    for store in list(_live):
+        if store.unsent_results() and os.getpid() == store._pid:
+            unsent = store.send_unsent(probe=True, deadline=deadline)
+            if unsent:
+                left += unsent
+                warn_once(  # a BookWarning: the fleet lacks them until a person acts
+                    f"redis:{store.url}:unsent-at-exit",
+                    "tunebook: %d result%s tuned by this process did not reach the Redis book at %s "
+                    "(%s); they are in the local book: send them with `tunebook push` (it reads "
+                    "TUNEBOOK_DIR and TUNEBOOK_REDIS_URL; --redis URL to name another)",
+                    unsent,
+                    "s" * (unsent != 1),
+                    store.shown,
+                    store.last_failure or "not sent",
+                )
+    return left
+
+
+atexit.register(send_unsent_at_exit)
+
+
 class RedisStore:
     """Book files kept in Redis, shared by every process that points at the same server.
 
-    ``clock`` exists for tests of the breaker; it must be monotonic.
+    ``clock`` exists for tests of the breaker; it must be monotonic. ``keeps_unsent``: hold
+    what a merge could not send and send it again later (False: a command that reports the
+    failure itself, ``tunebook push``).
     """
 
     def __init__(
@@ -251,6 +307,7 @@ class RedisStore:
         max_reply_bytes: int = MAX_BOOK_BYTES,
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        keeps_unsent: bool = True,
     ) -> None:
         redis = _import_redis()  # the only exception the store lets out: a missing extra
         self.url = url
@@ -261,10 +318,24 @@ class RedisStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._open_until: float | None = None  # breaker open (Redis deemed down) until then
+        # what a merge could not send is this store's to send again (Layer.push reads it)
+        self.keeps_unsent = keeps_unsent
         self.conflicts = 0  # merges retried because another writer got in first (for reports)
+        # What merges could not send (an outage, contention), per file name, sent again after
+        # ``retry_after_s`` by the next request that finds Redis answering, by a background
+        # thread of this store, and at the interpreter's exit.
+        self._unsent: dict[str, Document] = {}
+        self._retry_due = 0.0
+        self._retrier: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._sending = threading.local()  # set while this thread sends the outbox
+        self._names_by: str | None = None  # how this server lists names: novalues, script, hkeys
+        self.last_failure = ""  # why the last failed request failed, in words (for the CLI)
         # Connection-level failures open the breaker; a server that answers with an error
         # (a wrong type at our key, a read-only replica) is up, and only this call fails.
         self._down: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._timeouts: tuple[type[BaseException], ...] = (redis.TimeoutError, TimeoutError)
+        self._response_error: type[BaseException] = redis.ResponseError
         self._refused: type[BaseException] = redis.AuthenticationError  # a ConnectionError too
         self._watch_error: type[BaseException] = redis.WatchError
         try:
@@ -292,6 +363,8 @@ class RedisStore:
                 exc,
             )
 
+        _live.add(self)
+
     def __repr__(self) -> str:
         return f"RedisStore({self.shown!r})"
 
@@ -316,8 +389,99 @@ class RedisStore:
         )
 
     def merge(self, file_name: str, doc: Document) -> Document | None:
-        """Merge ``doc`` into the stored one (stored results stand); return the result or None."""
-        return self._guarded(lambda client: self._merge(client, KEY_PREFIX + file_name, file_name, doc))
+        """Merge ``doc`` into the stored one (stored results stand); return the result or None.
+
+        None: not sent now. The news is then held (with what was held for ``file_name``
+        before, which every merge of the file sends along) and sent again later: see
+        :meth:`send_unsent`."""
+        with self._lock:
+            held = self._unsent.pop(file_name, None) if os.getpid() == self._pid else None
+        news = doc.merged_over(held) if held is not None else doc
+        result = self._guarded(lambda client: self._merge(client, KEY_PREFIX + file_name, file_name, news))
+        if result is None and self._client is not None and self.keeps_unsent:
+            self._hold(file_name, news)
+        return result
+
+    def unsent(self, file_name: str | None = None) -> frozenset[str]:
+        """The key texts held for ``file_name`` (every file's, as ``file:key``, when None)."""
+        with self._lock:
+            if file_name is not None:
+                doc = self._unsent.get(file_name)
+                return frozenset(doc.entries) if doc is not None else frozenset()
+            return frozenset(f"{name}:{k}" for name, doc in self._unsent.items() for k in doc.entries)
+
+    def unsent_results(self) -> int:
+        """How many results (key, config) this process holds for Redis, unsent."""
+        with self._lock:
+            return sum(len(e.results) for doc in self._unsent.values() for e in doc.entries.values())
+
+    def send_unsent(self, *, probe: bool = False, deadline: float | None = None) -> int:
+        """Send what merges held back, one request a file; the results still unsent after it.
+
+        ``probe``: try even while the breaker is open (the interpreter's exit); ``deadline``
+        (time.monotonic()): send no further file after it."""
+        if os.getpid() != self._pid:  # a forked child: the held news is its parent's to send
+            return 0
+        self._sending.on = True
+        try:
+            for name in sorted(self.unsent_names()):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                with self._lock:
+                    doc = self._unsent.pop(name, None)
+                if doc is None:
+                    continue
+                sent = self._guarded(
+                    functools.partial(self._merge, key=KEY_PREFIX + name, file_name=name, news=doc),
+                    probe=probe,
+                )
+                if sent is None:
+                    self._hold(name, doc)
+                    if not self.available:  # down again: the rest waits for the next try
+                        break
+                probe = False  # one probe at most: a dead server costs one timeout, not one per file
+        finally:
+            self._sending.on = False
+        return self.unsent_results()
+
+    def unsent_names(self) -> list[str]:
+        with self._lock:
+            return list(self._unsent)
+
+    def _hold(self, file_name: str, doc: Document) -> None:
+        with self._lock:
+            old = self._unsent.get(file_name)
+            self._unsent[file_name] = doc.merged_over(old) if old is not None else doc
+            self._retry_due = self._clock() + self.retry_after_s
+            start = self._retrier is None or not self._retrier.is_alive()
+            if start:
+                self._retrier = threading.Thread(target=self._retry_loop, name="tunebook-redis", daemon=True)
+        if start and self._retrier is not None:
+            self._retrier.start()
+
+    def _retry_loop(self) -> None:
+        """A background thread's: while news is held, try to send it every ``retry_after_s``
+        (so that a process which only serves hits, and so never asks the store anything,
+        still delivers what it tuned during an outage)."""
+        while True:
+            time.sleep(max(self.retry_after_s, 0.5))
+            with self._lock:
+                if not self._unsent or os.getpid() != self._pid:
+                    self._retrier = None
+                    return
+            self.send_unsent()
+
+    def _maybe_send_unsent(self) -> None:
+        """After a request that Redis answered: send the held news, once ``retry_after_s``
+        has passed since it was held (never from a hit: hits never ask the store)."""
+        if getattr(self._sending, "on", False):
+            return
+        with self._lock:
+            due = bool(self._unsent) and self._clock() >= self._retry_due
+            if due:
+                self._retry_due = self._clock() + self.retry_after_s
+        if due:
+            self.send_unsent()
 
     @property
     def available(self) -> bool:
@@ -329,22 +493,55 @@ class RedisStore:
 
     # ------------------------------------------------------------------ breaker
 
-    def _guarded(self, call: Callable[[Any], Document | None]) -> Document | None:
+    def _guarded(self, call: Callable[[Any], Document | None], *, probe: bool = False) -> Document | None:
+        """``call`` under the request's budgets and the breaker (``probe``: even while it is
+        open). Only a server that cannot be reached, or does not answer in time, is an outage
+        (the breaker opens); a reply past the byte budget, or a merge that kept meeting other
+        writers, fails this request alone."""
         with self._lock:
             if self._client is None:
                 return None
             was_open = self._open_until is not None
-            if was_open and self._clock() < self._open_until:  # type: ignore[operator]
+            if was_open and not probe and self._clock() < self._open_until:  # type: ignore[operator]
                 return None
         try:
             _budget.deadline = time.monotonic() + self.request_timeout
             _budget.bytes_left = _budget.bytes_limit = self.max_reply_bytes
+            _budget.over = False
             result = call(self._client)
+        except _Contended:
+            self.last_failure = "other writers kept changing the page"
+            log.debug(
+                "tunebook: other writers kept changing a page of the Redis book at %s for %.0f s; "
+                "the result is held and sent again later",
+                self.shown,
+                _CONFLICT_S,
+            )
+            self._warn(
+                "contended",
+                "tunebook: gave up merging into the Redis book at %s after %.0f s of contended tries "
+                "(many processes writing one page at once); the result stays in the local book and is "
+                "sent again later",
+                self.shown,
+                _CONFLICT_S,
+            )
+            return None
         except self._down as exc:
+            if getattr(_budget, "over", False):  # the server answered, with more than a book holds
+                self.last_failure = f"a reply ran past {self.max_reply_bytes} bytes"
+                self._warn(
+                    "oversize",
+                    "tunebook: a reply of the Redis book at %s ran past %d bytes (larger than any book "
+                    "file may be); that request is skipped, the book stays in use",
+                    self.shown,
+                    self.max_reply_bytes,
+                )
+                return None
             with self._lock:
                 first = self._open_until is None
                 self._open_until = self._clock() + self.retry_after_s
             if isinstance(exc, self._refused):  # up, but not ours to use: a setting's mistake
+                self.last_failure = "authentication failed"
                 self._warn(
                     "refused",
                     "tunebook: the Redis book at %s refused tunebook's credentials (%s: %s); carrying on "
@@ -355,20 +552,29 @@ class RedisStore:
                     exc,
                     warn=True,
                 )
-            elif first:
+                return None
+            if isinstance(exc, self._timeouts):
+                self.last_failure = f"it did not answer within {self.request_timeout:g} s"
+                how = f"did not answer within {self.request_timeout:g} s (TUNEBOOK_REDIS_TIMEOUT_S)"
+            else:
+                self.last_failure = "it is unreachable"
+                how = "is unreachable"
+            if first:
                 log.warning(
-                    "tunebook: the Redis book at %s is unreachable (%s: %s); carrying on with the local "
+                    "tunebook: the Redis book at %s %s (%s: %s); carrying on with the local "
                     "book and trying Redis again every %.0f s",
                     self.shown,
+                    how,
                     type(exc).__name__,
                     exc,
                     self.retry_after_s,
                 )
             else:
-                log.debug("tunebook: the Redis book at %s is still unreachable: %s", self.shown, exc)
+                log.debug("tunebook: the Redis book at %s still %s: %s", self.shown, how, exc)
             return None
         except Exception as exc:  # the contract: nothing from the shared book reaches a kernel call
             setting = any(text in str(exc) for text in _SETTING_ERRORS)
+            self.last_failure = f"{type(exc).__name__}: {exc}"
             self._warn(  # a wrong db or a missing password is the setting's mistake: a BookWarning
                 f"error:{type(exc).__name__}",
                 "tunebook: the Redis book at %s failed (%s: %s); carrying on with the local book%s",
@@ -381,10 +587,14 @@ class RedisStore:
             return None
         finally:
             _budget.deadline = _budget.bytes_left = None
+            _budget.over = False
         if was_open:
             with self._lock:
+                reopened = self._open_until is not None
                 self._open_until = None
-            log.info("tunebook: the Redis book at %s is reachable again", self.shown)
+            if reopened:
+                log.info("tunebook: the Redis book at %s is reachable again", self.shown)
+        self._maybe_send_unsent()
         return result
 
     def _warn(self, tag: str, message: str, *args: object, warn: bool = False) -> None:
@@ -413,10 +623,43 @@ class RedisStore:
             doc = self._load({_META.encode(): meta} if meta is not None else {}, file_name, expected)
             if doc is None:
                 return None
-            names = _names(client, key, size, max_names)
+            names = self._names(client, key, size, max_names)
             index = frozenset(n.decode("utf-8", "replace") for n in names if n != _META.encode())
             return Document(doc.kernel, doc.platform, {}, index)
         return self._load(self._fields(client, key, keys), file_name, expected)
+
+    def _names(self, client: Any, key: str, size: int, max_names: int | None) -> list[bytes]:
+        """The field names of the hash at ``key`` (``size`` fields, ``meta`` included), names
+        only, never the values: all of them (HKEYS) when they are at most ``max_names`` keys,
+        else ``max_names`` of them, the same for every client of the hash in one state: the
+        first in HSCAN's order, by HSCAN NOVALUES (Redis 7.4; HSCAN without it sends every
+        value too, and a page of large entries ran past the reply's byte budget), or, on an
+        older server, the first in sorted order (every name is read by HKEYS: see _HKEYS_BUDGETS)."""
+        if max_names is None or size <= max_names + 1:
+            return self._hkeys(client, key)
+        meta = _META.encode()
+        if self._names_by != "hkeys" and _hscan_takes_no_values(client):
+            names: list[bytes] = []
+            cursor = 0
+            try:
+                while True:
+                    cursor, fields = client.hscan(
+                        key, cursor, count=min(_SCAN_STEP, max_names), no_values=True
+                    )
+                    names += [n for n in fields if n != meta]
+                    if len(names) >= max_names or not cursor:
+                        self._names_by = "novalues"
+                        return names[:max_names]
+            except self._response_error:  # a server before 7.4: "syntax error", asked once
+                if self._names_by == "novalues":
+                    raise
+        self._names_by = "hkeys"  # sorted: HKEYS' order moves while the server rehashes the hash
+        return sorted(n for n in self._hkeys(client, key) if n != meta)[:max_names]
+
+    def _hkeys(self, client: Any, key: str) -> list[bytes]:
+        deadline = time.monotonic() + _HKEYS_BUDGETS * self.request_timeout
+        _budget.deadline = max(_budget.deadline or 0.0, deadline)
+        return list(client.hkeys(key))
 
     @staticmethod
     def _fields(client: Any, key: str, keys: Collection[str]) -> dict[bytes, bytes]:
@@ -502,7 +745,8 @@ class RedisStore:
         return replace(doc, entries=entries), bad, meta_ok
 
     def _merge(self, client: Any, key: str, file_name: str, news: Document) -> Document | None:
-        for _ in range(_MAX_TRIES):
+        give_up = time.monotonic() + _CONFLICT_S
+        for tries in range(_MAX_TRIES):
             with client.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(key)
@@ -557,13 +801,14 @@ class RedisStore:
                         )
                     return replace(merged, entries=changed)
                 except self._watch_error:
+                    # Another writer got in first: the server answers, and this is no outage.
+                    # Each try is a request of its own (its own time and byte budget), after a
+                    # jittered, growing pause that de-synchronises the writers that collided.
                     self.conflicts += 1
-                    time.sleep(random.uniform(0, 0.002))  # de-synchronise the writers that collided
-        self._warn(
-            f"contended:{file_name}",
-            "tunebook: gave up merging into the Redis book %s after %d contended tries; "
-            "the result stays in the local book",
-            file_name,
-            _MAX_TRIES,
-        )
-        return None
+                    pause = random.uniform(0, min(0.05, 0.001 * 2**tries))
+                    if time.monotonic() + pause >= give_up:
+                        break
+                    time.sleep(pause)
+                    _budget.deadline = time.monotonic() + self.request_timeout
+                    _budget.bytes_left = self.max_reply_bytes
+        raise _Contended(file_name)

@@ -43,7 +43,9 @@ def _store(url: str) -> Any:
             f"cannot use the Redis book at {redacted(url)}: {problem}; give a URL such as "
             "redis://book-host:6379/0"
         )
-    return RedisStore(url, connect_timeout=_CONNECT_S, read_timeout=_READ_S, request_timeout=_REQUEST_S)
+    return RedisStore(
+        url, connect_timeout=_CONNECT_S, read_timeout=_READ_S, request_timeout=_REQUEST_S, keeps_unsent=False
+    )
 
 
 def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:
@@ -71,7 +73,9 @@ def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:
         )
         if store.merge(name, part) is None:
             # The store logged the error itself, above.
-            why = "it is unreachable" if not store.available else "it refused the write"
+            why = store.last_failure or (
+                "it is unreachable" if not store.available else "it refused the write"
+            )
             raise click.ClickException(
                 f"could not write {name} to the Redis book at {store.shown}: {why} (the reason is "
                 f"above); {start} of its {len(names)} keys were written. Nothing else was changed; "
