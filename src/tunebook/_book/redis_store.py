@@ -69,7 +69,7 @@ from typing import Any
 
 from .. import _settings
 from .._errors import BookFormatError
-from .._forksafe import renew_lock
+from .._forksafe import lock_for, renew_lock
 from .._jsonio import strict_loads
 from .._optional import install_line, require
 from .._warnings import warn_once
@@ -316,7 +316,7 @@ class RedisStore:
         self.request_timeout = max(request_timeout, connect_timeout, read_timeout)
         self.max_reply_bytes = max_reply_bytes
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = lock_for(self, threading.Lock)  # renewed in a forked child (its retrier is gone)
         self._open_until: float | None = None  # breaker open (Redis deemed down) until then
         # what a merge could not send is this store's to send again (Layer.push reads it)
         self.keeps_unsent = keeps_unsent
@@ -329,7 +329,7 @@ class RedisStore:
         self._retrier: threading.Thread | None = None
         self._pid = os.getpid()
         self._sending = threading.local()  # set while this thread sends the outbox
-        self._names_by: str | None = None  # how this server lists names: novalues, script, hkeys
+        self._names_by: str | None = None  # how this server lists names: "novalues" or "hkeys"
         self.last_failure = ""  # why the last failed request failed, in words (for the CLI)
         # Connection-level failures open the breaker; a server that answers with an error
         # (a wrong type at our key, a read-only replica) is up, and only this call fails.
