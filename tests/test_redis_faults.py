@@ -347,3 +347,35 @@ def test_a_bad_timeout_setting_is_an_error_that_names_it(monkeypatch: pytest.Mon
     monkeypatch.delenv("TUNEBOOK_REDIS_TIMEOUT_S")
     assert _settings.redis_timeout_s() == 0.25
     assert os.environ.get("TUNEBOOK_REDIS_TIMEOUT_S") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_a_thread_holds_the_store_lock_can_use_the_store(server: RedisServer) -> None:
+    """The store's retrier thread (or any thread of the parent) may hold its lock at a fork;
+    the child has no such thread, and its first merge waited for that lock for ever."""
+    store = RedisStore(server.url)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: one merge, within the time a healthy one takes
+        code = 1
+        try:
+            done = threading.Event()
+            threading.Thread(
+                target=lambda: (store.merge(FILE, _doc(1, {64: 1.0})), done.set()), daemon=True
+            ).start()
+            code = 0 if done.wait(5) else 3
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's merge waited for its parent's thread"
