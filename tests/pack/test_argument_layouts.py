@@ -8,6 +8,7 @@ read that way ran past the block table)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ from tunebook.kernels import (
     fused_moe,
     linear,
     paged_attention_decode,
+    reshape_and_cache,
+    rms_norm,
     rotary_embedding,
     silu_and_mul,
     varlen_attention,
@@ -167,5 +170,74 @@ def test_cpu_tensors_without_the_interpreter_are_refused_with_the_way_out() -> N
     for line in lines:
         op, kind, message = line.split(" ", 2)
         assert kind == "ValueError", line
-        assert message.startswith(f"tunebook.kernels.{op}: the tensors are on the CPU"), line
+        assert re.match(rf"tunebook\.kernels\.{op}: \w+ (is|and the others are) on the CPU", message), line
         assert "TRITON_INTERPRET=1" in message and "active drivers" not in message, line
+
+
+def _expanded(*shape: int) -> torch.Tensor:
+    """A tensor of ``shape`` whose first dimension is one row repeated (stride 0): every row
+    written into it lands on the same memory."""
+    return torch.empty(1, *shape[1:]).expand(*shape)
+
+
+# Each op given an expanded tensor to write: the rows once overwrote each other, silently.
+_EXPANDED_WRITES = {
+    "rms_norm out": lambda: rms_norm(torch.randn(3, 64), torch.ones(64), out=_expanded(3, 64)),
+    "rms_norm residual_out": lambda: rms_norm(
+        torch.randn(3, 64), torch.ones(64), residual=torch.randn(3, 64), residual_out=_expanded(3, 64)
+    ),
+    "silu_and_mul out": lambda: silu_and_mul(torch.randn(3, 64), out=_expanded(3, 32)),
+    "rotary_embedding out[0]": lambda: rotary_embedding(
+        torch.randn(3, 2, 16), torch.randn(3, 1, 16), torch.arange(3), cos_sin_cache(16, 8),
+        out=(_expanded(3, 2, 16), torch.empty(3, 1, 16)),
+    ),
+    "rotary_embedding out[1]": lambda: rotary_embedding(
+        torch.randn(3, 2, 16), torch.randn(3, 1, 16), torch.arange(3), cos_sin_cache(16, 8),
+        out=(torch.empty(3, 2, 16), _expanded(3, 1, 16)),
+    ),
+    "linear out": lambda: linear(torch.randn(3, 32), torch.randn(16, 32), out=_expanded(3, 16)),
+    "fused_moe out": lambda: fused_moe(
+        torch.randn(3, 32), torch.randn(2, 16, 32), torch.randn(2, 32, 8), torch.ones(3, 1),
+        torch.zeros(3, 1, dtype=torch.int64), out=_expanded(3, 32),
+    ),
+    "paged_attention_decode out": lambda: paged_attention_decode(
+        torch.randn(3, 2, 16), torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 16),
+        torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, dtype=torch.int64), out=_expanded(3, 2, 16),
+    ),
+    "varlen_attention out": lambda: varlen_attention(
+        torch.randn(3, 2, 16), torch.randn(3, 1, 16), torch.randn(3, 1, 16), torch.tensor([0, 3]),
+        torch.tensor([0, 3]), out=_expanded(3, 2, 16),
+    ),
+    "reshape_and_cache k_cache": lambda: reshape_and_cache(
+        torch.randn(2, 1, 16), torch.randn(2, 1, 16), _expanded(2, 4, 1, 16), torch.zeros(2, 4, 1, 16),
+        torch.tensor([0, 5]),
+    ),
+    "reshape_and_cache v_cache": lambda: reshape_and_cache(
+        torch.randn(2, 1, 16), torch.randn(2, 1, 16), torch.zeros(2, 4, 1, 16), _expanded(2, 4, 1, 16),
+        torch.tensor([0, 5]),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_EXPANDED_WRITES))
+def test_a_written_tensor_whose_rows_share_memory_is_refused(case: str) -> None:
+    op, name = case.split()
+    with pytest.raises(ValueError, match=rf"{op}: {re.escape(name)} has elements that share memory"):
+        _EXPANDED_WRITES[case]()
+
+
+def test_meta_tensors_are_refused_by_name_before_any_memory_check() -> None:
+    """A meta tensor has no memory (data_ptr() 0): it once reached Triton (or torch's "Cannot
+    copy out of meta tensor"), and two of them read as sharing memory."""
+    meta = {"device": "meta"}
+    x, w = torch.randn(3, 64, **meta), torch.ones(64, **meta)
+    with pytest.raises(ValueError, match=r"rms_norm: x and the others are on meta, where no kernel can run"):
+        rms_norm(x, w, out=torch.empty(3, 64, **meta))
+    with pytest.raises(ValueError, match=r"silu_and_mul: x is on meta"):
+        silu_and_mul(x)
+    with pytest.raises(ValueError, match=r"linear: x is on meta"):
+        linear(x, torch.randn(8, 64, **meta))
+    q = torch.randn(2, 2, 16, **meta)
+    cu = torch.tensor([0, 2], **meta)
+    with pytest.raises(ValueError, match=r"varlen_attention: q and the others are on meta"):
+        varlen_attention(q, q[:, :1], q[:, :1], cu, cu, max_seqlen_q=2, max_seqlen_k=2)

@@ -120,6 +120,13 @@ def test_empty_inputs_launch_nothing():
         ((torch.randn(3, 24), torch.randn(40, 24), torch.randn(41)), {}, "bias must be"),
         ((torch.randn(3, 24), torch.randn(40, 24)), {"out": torch.empty(3, 41)}, "out must be"),
         ((torch.randn(3, 24), torch.randn(40, 24)), {"fp32_precision": "tf64"}, "fp32_precision"),
+        # a partial explicit config raised a bare KeyError('BLOCK_N')
+        (
+            (torch.randn(3, 24), torch.randn(40, 24)),
+            {"config": {"BLOCK_M": 16}},
+            "config lacks BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages",
+        ),
+        ((torch.randn(3, 24), torch.randn(40, 24)), {"config": [16, 32]}, "config must be a dict"),
     ],
 )
 def test_errors_say_what_was_expected(args, kwargs, message):

@@ -832,6 +832,21 @@ def test_empty_batch_launches_nothing(gen) -> None:  # type: ignore[no-untyped-d
     assert tunebook.stats()["misses"] == 0
 
 
+def test_a_table_of_no_blocks_with_empty_slots_reads_zeros(gen) -> None:  # type: ignore[no-untyped-def]
+    """Every slot empty (context_lens 0) over a zero-width block table: it was refused as
+    "holds 1 tokens, more than the block table holds (0 blocks ...)"."""
+    k_cache = randn(gen, 2, PAGE, 1, 64)
+    table, lens = torch.zeros(3, 0, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    for bound in ({}, {"max_context_len": 0}):
+        out = paged_attention_decode(randn(gen, 3, 2, 64), k_cache, k_cache.clone(), table, lens, **bound)
+        assert torch.equal(out, torch.zeros(3, 2, 64))
+    mine = poisoned((3, 2, 64), torch.float32)
+    paged_attention_decode(randn(gen, 3, 2, 64), k_cache, k_cache.clone(), table, lens, out=mine)
+    assert torch.equal(mine, torch.zeros(3, 2, 64))
+    with pytest.raises(ValueError, match=r"context_lens holds 1 tokens, more than the block table holds \(0"):
+        paged_attention_decode(randn(gen, 3, 2, 64), k_cache, k_cache.clone(), table, lens + 1)
+
+
 def _call(**changes):  # type: ignore[no-untyped-def]
     max_context_len = changes.pop("max_context_len", 4)
     g = torch.Generator().manual_seed(0)
@@ -878,6 +893,17 @@ def _call(**changes):  # type: ignore[no-untyped-def]
             r"context_lens holds 40 tokens, more than the block table holds \(2 blocks of 16 tokens\)",
         ),
         ({"q": torch.zeros(2, 64, 4).transpose(1, 2)}, "last dimension must be contiguous"),
+        # a NaN or infinite scale made every output NaN
+        (
+            {"scale": float("nan")},
+            r"scale must be a finite number \(or None: head_size \*\* -0.5\); found nan",
+        ),
+        ({"scale": float("-inf")}, "scale must be a finite number .* found -inf"),
+        # a length one past the table: the bound is the table's tokens, inclusive
+        (
+            {"context_lens": torch.tensor([3, 33], dtype=torch.int32), "max_context_len": 32},
+            r"context_lens\[1\] = 33 must be at most 32 \(a block-table row holds 2 blocks of 16",
+        ),
     ],
 )
 def test_rejects_bad_inputs(changes, match) -> None:  # type: ignore[no-untyped-def]

@@ -138,8 +138,10 @@ def test_eps(gen) -> None:  # type: ignore[no-untyped-def]
         (lambda x, w: rms_norm(x, w, residual_out=x.clone()), "residual_out is only written when residual"),
         (lambda x, w: rms_norm(x, w, out=torch.empty(2, 64, dtype=torch.half)), "out must have shape"),
         (lambda x, w: rms_norm(x, w, out=x), "out shares memory with x; in-place updates are not supported"),
-        (lambda x, w: rms_norm(x, w, eps=-1.0), "eps must be a number >= 0; found -1.0"),
-        (lambda x, w: rms_norm(x, w, eps=None), "eps must be a number >= 0; found a NoneType"),
+        (lambda x, w: rms_norm(x, w, eps=-1.0), "eps must be a finite number >= 0; found -1.0"),
+        (lambda x, w: rms_norm(x, w, eps=None), "eps must be a finite number >= 0; found a NoneType"),
+        (lambda x, w: rms_norm(x, w, eps=float("inf")), "eps must be a finite number >= 0; found inf"),
+        (lambda x, w: rms_norm(x, w, eps=float("nan")), "eps must be a finite number >= 0; found nan"),
         (lambda x, w: rms_norm(x, w, x), r"found a Tensor \(the residual comes after eps, or as residual=\)"),
         (lambda x, w: rms_norm(x[:, :0], w[:0]), "non-empty last dimension"),
         (lambda x, w: rms_norm(x, w, out=torch.empty(64, 2).t()), "must be viewable as rows of 64"),
@@ -148,3 +150,21 @@ def test_eps(gen) -> None:  # type: ignore[no-untyped-def]
 def test_rejects_bad_inputs(gen, call, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=match):
         call(randn(gen, 2, 64), randn(gen, 64))
+
+
+def test_torch_compile_breaks_the_graph_at_the_op_and_matches_eager(gen) -> None:  # type: ignore[no-untyped-def]
+    """Dynamo once traced into the op (its checks, the autotuner, Triton's launcher) and
+    failed deep inside; the op is now a graph break, run eagerly between compiled graphs."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def block(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        y, h = rms_norm(x * 2, w, residual=r)  # type: ignore[misc]
+        return y.relu() + h
+
+    x, w, r = randn(gen, 3, 64), randn(gen, 64), randn(gen, 3, 64)
+    compiled = torch.compile(block, backend="eager")
+    torch.testing.assert_close(compiled(x, w, r), block(x, w, r), rtol=0, atol=0)
+    torch.testing.assert_close(compiled(x + 1, w, r), block(x + 1, w, r), rtol=0, atol=0)  # guards hold
+    torch._dynamo.reset()

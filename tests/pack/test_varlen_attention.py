@@ -184,6 +184,15 @@ def _call(**changes):  # type: ignore[no-untyped-def]
             "one row per sequence",
         ),
         ({"out": torch.zeros(5, 4, 32)}, "out must have shape"),
+        # a string ran as causal=True; a NaN or infinite scale made every output NaN
+        ({"causal": "no"}, r"causal must be True or False; found 'no'"),
+        ({"causal": torch.tensor(False)}, "causal must be True or False; found tensor"),
+        (
+            {"scale": float("nan")},
+            r"scale must be a finite number \(or None: head_size \*\* -0.5\); found nan",
+        ),
+        ({"scale": float("inf")}, "scale must be a finite number .* found inf"),
+        ({"scale": "0.1"}, "scale must be a finite number .* found a str"),
         (
             {
                 "k_cache": torch.zeros(4, PAGE, 2, 64),
@@ -245,3 +254,28 @@ def test_a_length_read_inside_a_graph_capture_is_refused_with_what_to_pass(monke
         _call()
     with pytest.raises(ValueError, match=r"max_seqlen_k is needed while a CUDA graph"):
         _call(max_seqlen_q=3)
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["read", "max_seqlen_given"])
+def test_rows_past_the_last_offset_are_zero_in_an_output_the_op_allocates(gen, given: bool) -> None:  # type: ignore[no-untyped-def]
+    """A CUDA graph's padding rows (past cu_seqlens_q[-1]) are written by no program: an
+    output the op allocated once returned whatever its memory held there."""
+    q, k, v = randn(gen, 7, 2, 16), randn(gen, 7, 1, 16), randn(gen, 7, 1, 16)
+    cu = offsets([3, 2])  # rows 5 and 6 are padding
+    sizes = {"max_seqlen_q": 3, "max_seqlen_k": 3} if given else {}
+    # Deterministic mode fills torch.empty's memory with NaN: rows left unwritten show.
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = varlen_attention(q, k, v, cu, cu, **sizes)
+        empty = torch.zeros(1, dtype=torch.int32)
+        none = varlen_attention(q, k, v, empty, empty)  # no sequence at all: every row is padding
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(out[5:], torch.zeros(2, 2, 16))
+    assert_close(out[:5], reference(q, k, v, cu, cu, True)[:5])
+    assert torch.equal(none, torch.zeros(7, 2, 16))
+    # a given out keeps its padding rows as they were
+    mine = poisoned((7, 2, 16), torch.float32)
+    varlen_attention(q, k, v, cu, cu, out=mine, **sizes)
+    assert mine[5:].isnan().all() and not mine[:5].isnan().any()

@@ -23,6 +23,8 @@ Triton attention kernel does.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -132,7 +134,7 @@ def check_block_table_on_cpu(
         return
     width = block_table.shape[1]
     holds = f"a block-table row holds {width} blocks of {page} tokens"
-    c.check_indices_on_cpu(op, lens_name, lens, None, width * page + 1, holds)
+    c.check_indices_on_cpu(op, lens_name, lens, None, width * page + 1, holds, inclusive=True)
     blocks = (lens.clamp(min=0).to(torch.int64) + page - 1) // page
     used = torch.arange(width)[None, :] < blocks[:, None]
     why = f"the caches hold {num_blocks} blocks; an entry a sequence reads"
@@ -142,6 +144,27 @@ def check_block_table_on_cpu(
 def check_gqa(op: str, n_q: int, n_kv: int) -> None:
     if n_kv < 1 or n_q < 1 or n_q % n_kv:
         c.fail(op, f"query heads must be a positive multiple of KV heads (GQA); found {n_q} and {n_kv}")
+
+
+def check_scale(op: str, scale: Any) -> None:
+    """``scale`` is None (the default) or a finite real number: NaN or inf would make every
+    score NaN, and the output with it, silently."""
+    if scale is None:
+        return
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
+        shown = repr(scale) if isinstance(scale, numbers.Real) else f"a {type(scale).__name__}"
+        c.fail(op, f"scale must be a finite number (or None: head_size ** -0.5); found {shown}")
+
+
+def check_offsets(op: str, products: list[tuple[str, str, int, int]]) -> None:
+    """:func:`_common.check_offsets` with the attention ops' remedy."""
+    c.check_offsets(
+        op,
+        products,
+        "pass it token-major (each token's heads side by side: e.g. contiguous, a cache as "
+        "[num_blocks, block_size, NK, head_size]; a head-major cache's head stride spans a whole "
+        "head's cache), or split the call",
+    )
 
 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:

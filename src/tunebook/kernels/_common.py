@@ -22,13 +22,14 @@ set in one place:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -249,6 +250,41 @@ def open_books() -> int:
     return len(found)
 
 
+# ----------------------------------------------------------------------- torch.compile
+
+_Op = TypeVar("_Op", bound=Callable[..., Any])
+_is_compiling = torch.compiler.is_compiling
+_EAGER: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def graph_break(op: _Op) -> _Op:
+    """``op`` (a public op of the pack) as a graph break for ``torch.compile``: Dynamo does not
+    trace into it (its checks, the autotuner and Triton's launcher are not traceable) but
+    calls it as it is, between the graphs it compiles before and after the call.
+
+    ``torch.compiler.disable(op)`` does that, but applied here it would import
+    ``torch._dynamo`` (about 1.2 s) with the pack, and it costs ~0.5 us a call. So the
+    disabled op is made only when Dynamo traces a call (``torch.compiler.is_compiling()``,
+    which Dynamo reads as True and eager code as False); an eager call pays that test and
+    one more Python call, ~0.25 us (docs/kernels.md)."""
+
+    @functools.wraps(op)
+    def compile_aware(*args: Any, **kwargs: Any) -> Any:
+        if _is_compiling():
+            return _eager(op)(*args, **kwargs)
+        return op(*args, **kwargs)
+
+    return compile_aware  # type: ignore[return-value]
+
+
+def _eager(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(op)``, made once (``torch._dynamo`` is loaded when it is asked)."""
+    disabled = _EAGER.get(op)
+    if disabled is None:
+        disabled = _EAGER[op] = torch.compiler.disable(op, reason=f"{op.__name__} launches Triton kernels")
+    return disabled
+
+
 # ----------------------------------------------------------------------- input checks
 
 
@@ -296,9 +332,12 @@ def check_indices_on_cpu(
     high: int,
     why: str,
     used: torch.Tensor | None = None,
+    inclusive: bool = False,
 ) -> None:
     """On the CPU (Triton's interpreter), every index of ``t`` a kernel follows (``used``: a
-    mask of those; default all) is in ``[low, high)`` (``low`` None: no lower bound).
+    mask of those; default all) is in ``[low, high)`` (``low`` None: no lower bound; the
+    message then names the bound as ``at most high - 1`` where ``inclusive``: a count, not
+    an index).
 
     There an index past its tensor reads or writes the process's own memory: a corrupted
     heap, a crash much later or no sign at all. The check costs no wait on the CPU; on a GPU
@@ -313,6 +352,8 @@ def check_indices_on_cpu(
         at = tuple(int(i) for i in bad.nonzero()[0])
         where = f"{name}[{', '.join(map(str, at))}]"
         bounds = f"below {high}" if low is None else f"in [{low}, {high})"
+        if low is None and inclusive:
+            bounds = f"at most {high - 1}"
         fail(op, f"{where} = {int(t[at])} must be {bounds} ({why})")
 
 
@@ -323,19 +364,31 @@ def check_float(op: str, name: str, t: Any) -> None:
         fail(op, f"{name} must be float16, bfloat16 or float32; found {t.dtype}")
 
 
-def check_device(op: str, device: torch.device) -> None:
-    """Triton can launch on ``device``: a GPU, or the CPU under ``TRITON_INTERPRET=1``.
+def check_device(op: str, device: torch.device, name: str = "the tensors are") -> None:
+    """Triton can launch on ``device`` (``name``: the tensors on it, and a verb): a GPU
+    (``cuda``, ROCm's too), or the CPU under ``TRITON_INTERPRET=1``.
 
     Without the interpreter, a CPU tensor would reach Triton's launcher, which fails with
     "0 active drivers" on a machine without a GPU (and a pointer error on one with a GPU).
+    A ``meta`` tensor has no memory at all (its data_ptr() is 0: two of them read as sharing
+    memory), and other devices have no Triton backend here.
     """
-    if device.type == "cpu" and not _compat.interpreting():
+    if device.type == "cuda":
+        return
+    if device.type == "cpu":
+        if _compat.interpreting():
+            return
         fail(
             op,
-            "the tensors are on the CPU, but Triton runs kernels on a GPU; move them to one (e.g. "
+            f"{name} on the CPU, but Triton runs kernels on a GPU; move them to one (e.g. "
             "x.cuda()), or set TRITON_INTERPRET=1 before importing tunebook.kernels to run them in "
             "Triton's CPU interpreter",
         )
+    fail(
+        op,
+        f"{name} on {device}, where no kernel can run: the pack runs on a CUDA (or ROCm) GPU, or on "
+        "the CPU under TRITON_INTERPRET=1 (a meta tensor has no memory to read); move them to one",
+    )
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
@@ -346,7 +399,8 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
         found = ", ".join(f"{n} on {t.device}" for n, t in present.items())
         fail(op, f"all tensors must be on one device; found {found}")
     if present:
-        check_device(op, next(iter(present.values())).device)
+        name, first = next(iter(present.items()))
+        check_device(op, first.device, f"{name} is" if len(present) == 1 else f"{name} and the others are")
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -413,7 +467,8 @@ def _rows_meet(a: tuple[int, int, int], b: tuple[int, int, int], delta: int) -> 
 def check_out(
     op: str, name: str, out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, inputs: Mapping[str, Any]
 ) -> None:
-    """``out`` must have the result's shape and dtype and share no memory with an input.
+    """``out`` must have the result's shape and dtype, no element written twice
+    (:func:`check_written`) and share no memory with an input.
 
     In-place updates are refused because tuning reruns the kernel on the call's own
     arguments: an in-place update would be applied once per measurement.
@@ -425,12 +480,52 @@ def check_out(
             op,
             f"{name} must have shape {tuple(shape)} and dtype {dtype}; found {tuple(out.shape)} {out.dtype}",
         )
+    check_written(op, name, out)
     for other_name, other in inputs.items():
         if isinstance(other, torch.Tensor) and may_overlap(out, other):
             fail(
                 op,
                 f"{name} shares memory with {other_name}; in-place updates are not supported (tuning "
                 "reruns the kernel on the same arguments). Pass a separate tensor, or none.",
+            )
+
+
+def check_written(op: str, name: str, t: torch.Tensor) -> None:
+    """A tensor a kernel writes has no element that two of its indices name: no dimension of
+    size > 1 at stride 0 (an ``expand``-ed tensor), which is what
+    ``torch._debug_has_internal_overlap`` answers "yes" for (other overlaps it cannot tell
+    cheaply either; they are given the benefit of the doubt, as ATen gives them). Written
+    so, the rows of the result would overwrite each other, silently."""
+    if 0 in t.stride() and t.numel() > 1:
+        for size, stride in zip(t.shape, t.stride()):
+            if stride == 0 and size > 1:
+                fail(
+                    op,
+                    f"{name} has elements that share memory (shape {tuple(t.shape)}, strides "
+                    f"{tuple(t.stride())}: an expanded tensor?), so the values written into it would "
+                    "overwrite each other; pass a tensor of its own memory (e.g. torch.empty, or .clone())",
+                )
+
+
+# The kernels compute some element offsets (an index times a stride) in 32 bits: Triton
+# passes a stride that fits in 32 bits as an int32, and a program or head index is one.
+INT32_MAX = 2**31 - 1
+
+
+def check_offsets(op: str, products: Sequence[tuple[str, str, int, int]], fix: str) -> None:
+    """Refuse a call where an offset a kernel computes in 32 bits could pass ``2^31 - 1``:
+    ``products`` are (tensor, what its index counts, count, stride), each offset being an
+    index below ``count`` times ``stride`` (a stride past ``2^31 - 1`` is passed as a 64-bit
+    integer, and its products are 64-bit). Wrapped, such an offset reads or writes memory
+    gigabytes away from the tensor, silently. ``fix`` says what layout to pass instead."""
+    for name, what, count, stride in products:
+        offset = (count - 1) * stride
+        if offset > INT32_MAX >= stride:
+            fail(
+                op,
+                f"{name}'s last {what} starts at element offset {offset:,} ({count - 1} x its stride "
+                f"{stride:,}), past 2^31 - 1 = {INT32_MAX:,}: the kernel computes that offset in 32 bits, "
+                f"where it would wrap to memory outside {name}; {fix}",
             )
 
 

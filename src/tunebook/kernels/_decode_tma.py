@@ -30,12 +30,15 @@ from ._gemm_common import mma
 def tma_usable(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether a call's caches can be read through tensor descriptors (``TMA=1``): each a
     ``[blocks * PAGE, NK * HEAD_SIZE]`` matrix of rows 16-byte aligned, heads a power of two
-    (a box is the whole head), blocks of 16-256 tokens (tl.dot's least), on a GPU with TMA
+    (a box is the whole head), blocks of 16-256 tokens (tl.dot's least), fewer than 2^31
+    rows (coordinates are 32-bit), on a GPU with TMA
     (compute capability 9 or later, not ROCm); in Triton's interpreter, where the tests run
     it, fp16 and fp32 only (it misreads bf16 through a descriptor, 3.4-3.9)."""
-    _, page, n_kv, head = k_cache.shape
+    blocks, page, n_kv, head = k_cache.shape
     if a.dot_floor(head) != head or not 16 <= page <= 256 or page & (page - 1):
         return False
+    if blocks * page > 2**31 - 1:
+        return False  # a box's first row (block x PAGE) is a 32-bit coordinate
     if _compat.interpreting():
         if k_cache.dtype == torch.bfloat16:
             return False

@@ -54,7 +54,16 @@ import triton.language as tl
 
 import tunebook
 
-from ._common import cdiv, check_device, check_out, fail, max_configs, pow2_at_least, shipped_books
+from ._common import (
+    cdiv,
+    check_device,
+    check_out,
+    fail,
+    graph_break,
+    max_configs,
+    pow2_at_least,
+    shipped_books,
+)
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -164,6 +173,12 @@ def vllm_config_to_kernel(config: Mapping[str, Any]) -> tuple[dict[str, int], li
     ``kpack``) and ``SPLIT_K=1`` are dropped; GEMM 1 needs ``BLOCK_SIZE_N >= 32`` (16 columns
     each of gate and up), so a smaller one is raised to 32.
     """
+    missing = [k for k in MOE_META if k not in config]
+    if missing:
+        raise ValueError(
+            f"vllm_config_to_kernel: the config lacks {', '.join(missing)} (it names {', '.join(MOE_META)}, "
+            f"and num_warps, num_stages or their defaults 4 and 3); found {dict(config)}"
+        )
     out = {k: int(config[k]) for k in MOE_META}
     out["num_warps"] = int(config.get("num_warps", 4))
     out["num_stages"] = int(config.get("num_stages", 3))
@@ -415,7 +430,7 @@ def _check(
     devices = {t.device for t in (x, w13, w2, topk_weights, topk_ids)}
     if len(devices) != 1:
         fail("fused_moe", f"all inputs must be on one device; found {sorted(map(str, devices))}")
-    check_device("fused_moe", x.device)
+    check_device("fused_moe", x.device, "x and the others are")
     if out is not None and (tuple(out.shape) != (T, H) or out.dtype != x.dtype or out.device != x.device):
         fail(
             "fused_moe",
@@ -437,6 +452,7 @@ def _explicit(config: Any) -> tuple[dict[str, int], dict[str, int]]:
     return vllm_config_to_kernel(pair[0])[0], vllm_config_to_kernel(pair[1])[0]
 
 
+@graph_break
 def fused_moe(
     x: Any,
     w13: Any,

@@ -50,7 +50,16 @@ import triton.language as tl
 import tunebook
 
 from . import _linear_tma
-from ._common import cdiv, check_device, check_out, fail, max_configs, pow2_at_least, shipped_books
+from ._common import (
+    cdiv,
+    check_device,
+    check_out,
+    fail,
+    graph_break,
+    max_configs,
+    pow2_at_least,
+    shipped_books,
+)
 from ._gemm_common import (
     M_EDGES,
     MAX_ACC_PER_THREAD,
@@ -69,6 +78,8 @@ from ._gemm_common import (
 __all__ = ["default_linear_config", "linear", "linear_space"]
 
 META = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K")
+# What an explicit config= must name (SPLIT_K defaults to 1).
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 SPLIT_K_MAX_M = 64  # above this many rows there are enough tiles of y to fill the GPU
 SPLIT_K_MAX_WS = 1 << 17  # SPLIT_K * N at most: caps the fp32 workspace at 32 MiB (M=64)
 MIN_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
@@ -279,7 +290,7 @@ def _linear_kernel(
 _DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
 
 
-def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> None:
+def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str, config: Any = None) -> None:
     import torch
 
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
@@ -305,7 +316,7 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
         fail("linear", f"weight must have x's dtype {x.dtype}; found {weight.dtype}. Cast one.")
     if weight.device != x.device:
         fail("linear", f"x is on {x.device} but weight is on {weight.device}")
-    check_device("linear", x.device)
+    check_device("linear", x.device, "x is")
     if bias is not None:
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device:
             fail(
@@ -326,6 +337,21 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str) -> Non
         check_out("linear", "out", out, want, x.dtype, {"x": x, "weight": weight, "bias": bias})
     if fp32_precision not in ("ieee", "tf32"):
         fail("linear", f"fp32_precision must be 'ieee' or 'tf32'; found {fp32_precision!r}")
+    if config is not None:
+        _check_config(config)
+
+
+def _check_config(config: Any) -> None:
+    """``config=`` names every field a launch reads (``SPLIT_K`` may be left out: 1)."""
+    if not isinstance(config, Mapping):
+        fail("linear", f"config must be a dict of {', '.join(CONFIG_FIELDS)}; found {type(config).__name__}")
+    missing = [k for k in CONFIG_FIELDS if k not in config]
+    if missing:
+        fail(
+            "linear",
+            f"config lacks {', '.join(missing)}: an explicit config names {', '.join(CONFIG_FIELDS)} "
+            f"(and SPLIT_K, default 1); found {dict(config)}",
+        )
 
 
 def _in_parts(
@@ -353,6 +379,7 @@ def _in_parts(
         )
 
 
+@graph_break
 def linear(
     x: Any,
     weight: Any,
@@ -375,7 +402,7 @@ def linear(
     """
     import torch
 
-    _check(x, weight, bias, out, fp32_precision)
+    _check(x, weight, bias, out, fp32_precision, config)
     N, K = weight.shape
     lead = x.shape[:-1]
     y = out if out is not None else torch.empty((*lead, N), dtype=x.dtype, device=x.device)

@@ -434,6 +434,7 @@ def _paged_attention_decode_kernel(
             )  # fmt: skip
 
 
+@c.graph_break
 def paged_attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -501,8 +502,10 @@ def _paged_attention_decode(
             f"{tuple(block_table.shape)} and {tuple(context_lens.shape)}",
         )
     c.check_same_device(
-        _OP, q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, context_lens=context_lens
-    )
+        _OP, q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, context_lens=context_lens,
+        out=out,
+    )  # fmt: skip
+    a.check_scale(_OP, scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     else:
@@ -519,7 +522,7 @@ def _paged_attention_decode(
     if max_context_len is None:
         c.refuse_read_in_capture(_OP, q.device, "max_context_len")
         max_context_len = int(context_lens.max())  # waits for the GPU
-    max_context_len = max(int(max_context_len), 1)
+    max_context_len = int(max_context_len)
     capacity = block_table.shape[1] * page
     if max_context_len > capacity:
         # Name what the caller gave: the longest context_lens entry where the bound was read.
@@ -532,6 +535,16 @@ def _paged_attention_decode(
             "widen the table (or check the cache's layout: [num_blocks, block_size, NK, head_size])",
         )
     a.check_block_table_on_cpu(_OP, block_table, context_lens, "context_lens", k_cache.shape[0], page)
+    if capacity == 0:  # a table of no blocks: every sequence is empty (the bound above), and reads 0
+        return out.zero_()
+    max_context_len = max(max_context_len, 1)  # the key's context bucket starts at 16 anyway
+    # Offsets computed in 32 bits: a sequence's and a head's (the program's indices x strides).
+    a.check_offsets(
+        _OP,
+        [("q", "sequence", batch, q.stride(0)), ("q", "head", n_q, q.stride(1)),
+         ("out", "sequence", batch, out.stride(0)), ("out", "head", n_q, out.stride(1)),
+         ("k_cache", "KV head", n_kv, k_cache.stride(2)), ("v_cache", "KV head", n_kv, v_cache.stride(2))],
+    )  # fmt: skip
     grid, args = _launch(q, k_cache, v_cache, block_table, context_lens, scale, max_context_len, out, config)
     # The split kernel leaves its partials in the layout's shared workspace for the merge
     # launched after it: another thread's split launch in between, on the same stream,

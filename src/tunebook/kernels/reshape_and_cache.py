@@ -107,6 +107,7 @@ def _reshape_and_cache_kernel(
     tl.store(v_cache_ptr + block * vc_stride_b + offset * vc_stride_s + h * vc_stride_h + e, v, mask=mask)
 
 
+@c.graph_break
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -161,6 +162,8 @@ def _reshape_and_cache(
     c.check_same_device(
         _OP, key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
     )
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        c.check_written(_OP, name, cache)
     if c.may_overlap(k_cache, v_cache):  # the values would overwrite the keys
         c.fail(
             _OP,
@@ -177,6 +180,14 @@ def _reshape_and_cache(
     c.check_indices_on_cpu(
         _OP, "slot_mapping", slot_mapping, None, slots, f"the caches hold {slots} slots; negative: none"
     )
+    # A head's offset (head x head stride) is computed in 32 bits; tokens and slots in 64.
+    c.check_offsets(
+        _OP,
+        [(name, "head", n_kv, t.stride(ax)) for name, t, ax in
+         (("key", key, 1), ("value", value, 1), ("k_cache", k_cache, 2), ("v_cache", v_cache, 2))],
+        "pass it token-major (a cache as [num_blocks, block_size, NK, head_size] contiguous, a token's "
+        "heads side by side; a head-major cache's head stride spans a whole head's cache)",
+    )  # fmt: skip
     grid, args = _launch(key, value, k_cache, v_cache, slot_mapping)
     c.launch(_reshape_and_cache_kernel, grid, args, config)
 

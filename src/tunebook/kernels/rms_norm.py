@@ -24,6 +24,7 @@ scale), ``num_stages`` deep. The key is the row count bucketed onto serving batc
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -140,6 +141,7 @@ def _rms_norm_kernel(
             _store_block(y_rows, w_ptr, cols, mask, x, rstd, N)
 
 
+@c.graph_break
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -191,10 +193,12 @@ def _rms_norm(
     elif residual_out is not None:
         c.fail(_OP, "residual_out is only written when residual is given")
     c.check_same_device(_OP, x=x, weight=weight, residual=residual, out=out, residual_out=residual_out)
-    if not _is_number(eps) or not eps >= 0:
+    if not _is_number(eps) or not 0 <= eps < math.inf:
         shown = repr(eps) if _is_number(eps) else f"a {type(eps).__name__}"
         c.fail(
-            _OP, f"eps must be a number >= 0; found {shown} (the residual comes after eps, or as residual=)"
+            _OP,
+            f"eps must be a finite number >= 0; found {shown} "
+            "(the residual comes after eps, or as residual=)",
         )
     inputs = {"x": x, "weight": weight, "residual": residual}
     if out is None:

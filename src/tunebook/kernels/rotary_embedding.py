@@ -198,6 +198,7 @@ def _rotary_embedding_kernel(
     )  # fmt: skip
 
 
+@c.graph_break
 def rotary_embedding(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -417,6 +418,13 @@ def _rotary_embedding(
     cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
     positions = positions.contiguous()  # the kernel reads token i's position at positions + i
     n_q, n_k = q3.shape[1], k3.shape[1]
+    # A head's offset (head x head stride) is computed in 32 bits (_rotate_tiles).
+    heads = (("q", q3, n_q), ("k", k3, n_k), ("out[0]", qo3, n_q), ("out[1]", ko3, n_k))
+    c.check_offsets(
+        _OP,
+        [(name, "head", n, t.stride(1)) for name, t, n in heads],
+        "pass it with each token's heads side by side (token-major, e.g. contiguous)",
+    )
     half = rotary_dim // 2
     tail = head_size - rotary_dim
     args = (

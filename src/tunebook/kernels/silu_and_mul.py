@@ -91,6 +91,7 @@ def _silu_and_mul_kernel(
         tl.store(y_rows + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@c.graph_break
 def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` for ``x`` of shape ``[..., 2d]``; returns ``[..., d]``.
 

@@ -230,6 +230,7 @@ def _varlen_attention_kernel(
         )
 
 
+@c.graph_break
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -261,9 +262,9 @@ def varlen_attention(
     all four or none; a prefix must fit its row of the block table, and the offsets must
     stay within q's and k's rows, and ``max_seqlen_q`` must cover the longest (all checked
     where a ``max_seqlen`` is read from the GPU, not where both are given; on the CPU
-    always). Returns ``[total_q, NQ,
+    always). ``causal`` must be a bool and ``scale`` finite. Returns ``[total_q, NQ,
     head_size]`` in ``q``'s dtype (or ``out``); rows past ``cu_seqlens_q[-1]`` (a CUDA
-    graph's padding) are left as they were.
+    graph's padding) are zero in an output the op allocates, and left as they were in ``out``.
 
     >>> import torch
     >>> from tunebook.kernels import varlen_attention
@@ -281,7 +282,9 @@ def varlen_attention(
     )  # fmt: skip
 
 
-def _check(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, paged: tuple[Any, Any, Any, Any]) -> None:
+def _check(
+    q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, paged: tuple[Any, Any, Any, Any], out: Any = None
+) -> None:
     """Validate the inputs (the paged prefix's four tensors all given, or none)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         a.check_heads(_OP, name, t)
@@ -308,7 +311,7 @@ def _check(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, paged: tuple[Any, Any, 
         )
     c.check_same_device(
         _OP, q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        k_cache=k_cache, v_cache=v_cache, block_table=block_table, prefix_lens=prefix_lens,
+        k_cache=k_cache, v_cache=v_cache, block_table=block_table, prefix_lens=prefix_lens, out=out,
     )  # fmt: skip
     if not all(given):
         return
@@ -343,22 +346,33 @@ def _varlen_attention(
 ) -> torch.Tensor:
     """:func:`varlen_attention`, launched with ``config`` (BLOCK_M, BLOCK_N, num_warps,
     num_stages) instead of the tuned one when given: tests and benchmarks use it."""
-    _check(q, k, v, cu_seqlens_q, cu_seqlens_k, (k_cache, v_cache, block_table, prefix_lens))
+    _check(q, k, v, cu_seqlens_q, cu_seqlens_k, (k_cache, v_cache, block_table, prefix_lens), out)
+    if not isinstance(causal, bool):  # a string or a tensor would read as True
+        c.fail(_OP, f"causal must be True or False; found {causal!r}")
+    a.check_scale(_OP, scale)
+    # The offsets are read (one wait for the GPU) where a max_seqlen is missing, and on the CPU.
+    read = max_seqlen_q is None or max_seqlen_k is None or q.device.type == "cpu"
+    allocated = out is None
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # Rows past cu_seqlens_q[-1] are written by no program: an output the op allocates has
+        # them zeroed, the tail alone where the offsets are read (below), else all of it (a
+        # memset on the stream: the tail's start is only known on the device).
+        out = (torch.empty if read else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     else:
         c.check_out(_OP, "out", out, q.shape, q.dtype, {"q": q, "k": k, "v": v})
         if q.shape[2] > 1 and out.stride(2) != 1:
             c.fail(_OP, f"out's last dimension must be contiguous; found strides {tuple(out.stride())}")
     batch = cu_seqlens_q.shape[0] - 1
     if batch == 0 or q.shape[0] == 0 or q.shape[2] == 0:
-        return out
+        return out.zero_() if allocated else out  # no sequence: every row is past the last
     # One wait for the GPU reads what is missing, and checks the offsets (on the CPU: always)
-    if max_seqlen_q is None or max_seqlen_k is None or q.device.type == "cpu":
+    if read:
         c.refuse_read_in_capture(_OP, q.device, "max_seqlen_q" if max_seqlen_q is None else "max_seqlen_k")
-        longest_q, longest_k = _read_offsets(
+        longest_q, longest_k, last_q = _read_offsets(
             q, k, cu_seqlens_q, cu_seqlens_k, k_cache, block_table, prefix_lens
         )
+        if allocated and last_q < q.shape[0]:
+            out[last_q:].zero_()
         if max_seqlen_q is not None and max_seqlen_q < longest_q:  # too few tiles: rows left unwritten
             c.fail(
                 _OP,
@@ -367,6 +381,7 @@ def _varlen_attention(
             )
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
         max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
+    assert max_seqlen_q is not None and max_seqlen_k is not None  # given, or read just above
     if max_seqlen_q <= 0:
         return out
     paged = None
@@ -375,6 +390,13 @@ def _varlen_attention(
         a.check_block_table_on_cpu(
             _OP, block_table, prefix_lens, "prefix_lens", k_cache.shape[0], k_cache.shape[1]
         )
+    # Offsets computed in 32 bits: a head's (the program's head index x the head stride).
+    n_q, n_kv = q.shape[1], k.shape[1]
+    heads = [("q", n_q, q), ("out", n_q, out), ("k", n_kv, k), ("v", n_kv, v)]
+    products = [(name, "head", n, t.stride(1)) for name, n, t in heads]
+    if paged is not None:
+        products += [(name, "KV head", n_kv, t.stride(2)) for name, t in zip(("k_cache", "v_cache"), paged)]
+    a.check_offsets(_OP, products)
     grid, args = _launch(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, max_seqlen_q, max_seqlen_k, paged, out
     )
@@ -390,8 +412,8 @@ def _read_offsets(
     k_cache: torch.Tensor | None,
     block_table: torch.Tensor | None,
     prefix_lens: torch.Tensor | None,
-) -> tuple[int, int]:
-    """The longest query length and the longest ``P + Lk``, read from the device in one wait,
+) -> tuple[int, int, int]:
+    """The longest query length, the longest ``P + Lk`` and ``cu_q[-1]``, read from the device in one wait,
     with what that read shows for free checked: the offsets stay within q's and k's rows
     (a kernel would read and write past them) and each prefix fits the block table."""
     lens_q, lens_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
@@ -424,7 +446,7 @@ def _read_offsets(
                 f"a prefix of {longest_prefix} tokens does not fit the block table ({blocks} blocks "
                 f"of {page} tokens = {capacity}); give each sequence the blocks of its prefix",
             )
-    return int(longest_q), int(longest_k)
+    return int(longest_q), int(longest_k), int(read[5])
 
 
 def _launch(
