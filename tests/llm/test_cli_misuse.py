@@ -109,6 +109,16 @@ def test_tune_says_a_batch_above_the_default_max_batch_before_tuning(
     assert not list((tmp_path / "b").glob("*--*"))  # nothing was tuned
 
 
+@pytest.mark.parametrize("size", ["0", "-1", "nan"])
+def test_serve_refuses_a_body_limit_that_is_no_size(size: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--max-body-mb", size, "--model", "tiny", "--random"])
+    assert exited.value.code == 2
+    one_error(
+        capsys, "--max-body-mb: expected a size in MiB above 0", "python -m tunebook.demo.llm serve: error:"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -113,3 +113,47 @@ def test_a_prompt_past_the_context_whatever_its_tokens_is_refused_before_it_is_t
     assert "maximum context length is 2048 tokens" in err.value.message and "at least" in err.value.message
     assert Counting.calls == 0
     assert len(front.completion_prompt({"prompt": "word " * 100})) >= 100 and Counting.calls == 1
+
+
+def test_of_several_stop_strings_the_earliest_in_the_text_ends_it() -> None:
+    """The first stop string of the list that occurred won, not the one that came first."""
+    from tunebook.demo.llm.tokenizer import ByteTokenizer, TextStream
+
+    for stops, pushes, text in (
+        (["b", "a"], [b"xab"], "x"),
+        (["of France", "France"], [b"capital of France is"], "capital "),
+        (["ital of", "capital"], [b"the cap", b"ital of"], "the "),  # across pushes
+    ):
+        stream = TextStream(ByteTokenizer(), stops)
+        out = "".join(stream.push(list(p)) for p in pushes) + stream.finish()
+        assert out == text and stream.stopped, (stops, out)
+
+
+def test_a_token_id_of_thousands_of_digits_is_quoted_short() -> None:
+    import torch
+
+    from tunebook.demo.llm.config import TINY
+    from tunebook.demo.llm.engine import Engine
+    from tunebook.demo.llm.loading import random_weights
+    from tunebook.demo.llm.tokenizer import ByteTokenizer
+
+    engine = Engine(
+        random_weights(TINY, torch.float32, "cpu"), ByteTokenizer(), ops="torch", max_model_len=64
+    )
+    for prompt in ([10**5000], [int("9" * 4000), 1, 2**70]):
+        with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, ") as err:
+            engine.submit(prompt, sampling_params({}, 1))
+        assert len(str(err.value)) < 300, str(err.value)
+
+
+def test_messages_past_the_context_are_refused_before_they_are_read_or_rendered() -> None:
+    from tunebook.demo.llm.tokenizer import ByteTokenizer
+
+    with pytest.raises(BadRequest) as err:
+        _messages({"messages": [{"role": "user", "content": "a"}] * 600}, 512)
+    assert err.value.code == "context_length_exceeded" and "600 messages" in err.value.message
+    front = Front(SimpleNamespace(tokenizer=ByteTokenizer(), max_model_len=512), "m")  # type: ignore[arg-type]
+    front.check_messages([{"role": "user", "content": "a" * 300}])  # 300 bytes may fit 512 tokens
+    with pytest.raises(BadRequest) as err:
+        front.check_messages([{"role": "user", "content": "a" * 300}, {"role": "user", "content": "b" * 300}])
+    assert err.value.code == "context_length_exceeded" and "at least 600" in err.value.message

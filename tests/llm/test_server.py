@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,16 @@ class Server:
         return response.status, json.loads(response.read())
 
 
-def start_server(tmp: Path, *args: str) -> Iterator[Server]:
+def start_server(
+    tmp: Path, *args: str, launch: Sequence[str] = ("-m", "tunebook.demo.llm")
+) -> Iterator[Server]:
+    """A server process (``python LAUNCH serve --port P ARGS``) answering on a free port; its
+    log in ``tmp/server.log``."""
     port = free_port()
     env = {**os.environ, "TUNEBOOK_DIR": str(tmp / "book"), "TUNEBOOK_MODE": "serve", "TRITON_INTERPRET": "1"}
     log = open(tmp / "server.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tunebook.demo.llm", "serve", "--port", str(port), *args],
+        [sys.executable, *launch, "serve", "--port", str(port), *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -83,6 +83,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    srv.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=None,
+        help="the largest request body read, in MiB; a larger one gets a 413 (default: 12)",
+    )
     _model_arguments(srv)
     tune = sub.add_parser("tune", help="tune every kernel key the server meets, into a book directory")
     tune.add_argument("--out", required=True, help="book directory (TUNEBOOK_DIR)")
@@ -115,6 +121,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--seed: expected 0 to 2**63 - 1; found {args.seed}")
     if args.command == "serve" and not 0 <= args.port <= 65535:
         parser.error(f"--port: expected 0-65535; found {args.port}")
+    if args.command == "serve" and args.max_body_mb is not None and not 0 < args.max_body_mb < 2**20:
+        parser.error(f"--max-body-mb: expected a size in MiB above 0; found {args.max_body_mb:g}")
     if getattr(args, "gguf", None) == "":  # an unset $MODEL: it read the current directory
         parser.error("--gguf: expected a .gguf file; found an empty value")
     if getattr(args, "gguf", None) and (args.random or args.model != parser.get_default("model")):
@@ -373,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, on_gpu: bool) -> int:
     """The HTTP server (uvicorn handles Ctrl-C itself once it serves)."""
-    from .server import serve
+    from .server import DEFAULT_MAX_BODY_MB, serve
 
     problem = _listen_problem(args.host, args.port)  # before the model loads (seconds to minutes)
     if problem:
@@ -393,7 +401,8 @@ def _serve(args: argparse.Namespace, on_gpu: bool) -> int:
         f"http://{host}:{args.port}/v1" if args.port else f"http://{host}:<the port uvicorn names below>/v1"
     )
     print(f"serving {model_id} ({engine.describe()}) on {where}", file=sys.stderr, flush=True)
-    serve(engine, model_id, args.host, args.port)
+    max_body_mb = DEFAULT_MAX_BODY_MB if args.max_body_mb is None else args.max_body_mb
+    serve(engine, model_id, args.host, args.port, max_body_mb)
     return 0
 
 

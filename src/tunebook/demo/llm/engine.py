@@ -49,6 +49,17 @@ log = logging.getLogger("tunebook.demo.llm")
 __all__ = ["Engine", "default_device", "default_dtype"]
 
 
+def _shown_ids(ids: Sequence[int], most: int = 200) -> str:
+    """Token ids as an error message quotes them: at most ``most`` characters (a client's id
+    may have thousands of digits; str refuses one of more than 4300)."""
+    parts = []
+    for i in map(int, ids):
+        big = i.bit_length() > 4 * most
+        parts.append(f"<an integer of about {int(i.bit_length() * 0.30103)} digits>" if big else str(i))
+    text = "[" + ", ".join(parts) + "]"
+    return text if len(text) <= most else text[:most] + f"... ({len(text)} characters)"
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 
@@ -131,7 +142,7 @@ class Engine:
         vocab = self.weights.config.vocab
         bad = [t for t in prompt if not 0 <= int(t) < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); found {bad[:5]}")
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); found {_shown_ids(bad[:5])}")
         request = Request(request_id or new_id(), [int(t) for t in prompt], params, on_update)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -219,13 +230,19 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="tunebook-llm-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Ask the background loop to stop after its step in progress, and wait for it at
+        most ``timeout`` seconds (None: until it has); True once it has stopped. The thread
+        is a daemon: a process may exit while a step of minutes runs on."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
+        return True
 
     def _loop(self) -> None:
         while True:

@@ -16,10 +16,11 @@ Endpoints (the subset of OpenAI's API a chat client needs):
 
 A request the server cannot serve is answered with OpenAI's error object: 400 for a
 malformed body or a field out of range (the message names the field, what was expected
-and what was found), 404 for a model or a path it does not serve, 405 for a method, 500 if
-the engine failed a step or the server met an error it did not expect (logged; the engine
-goes on with the next requests); never a crash. Streams are
-server-sent events ending with ``data: [DONE]``. Every request goes to one engine whose
+and what was found), 404 for a model or a path it does not serve, 405 for a method (with
+its ``Allow`` header), 413 for a body over ``--max-body-mb``, 503 once a shutdown has ended
+the request (:func:`serve` says when), 500 if the engine failed a step or the server met an
+error it did not expect (logged; the engine goes on with the next requests); never a crash.
+Streams are server-sent events ending with ``data: [DONE]``. Every request goes to one engine whose
 loop runs on a background thread, so concurrent requests share decode steps. A client
 that disconnects (mid-stream, while waiting, or before a non-streamed answer is complete)
 has its request aborted and its cache freed at the next step.
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -44,8 +46,18 @@ from .scheduler import Request
 # Chat requests without max_tokens may generate up to this many tokens (and the model's
 # remaining length): a runaway answer cannot hold the cache for long.
 DEFAULT_CHAT_MAX_TOKENS = 512
-# How long a shutdown (SIGTERM, Ctrl-C) waits for answers still streaming before it cuts them.
+# How long a shutdown (SIGTERM, Ctrl-C) waits for answers in flight before it ends them (a
+# stream with an error event and [DONE], a whole answer with a 503).
 GRACEFUL_SHUTDOWN_S = 10
+# Then how long it waits for the engine's step in progress (a long prefill on the interpreter
+# takes minutes): the process exits without it after that (the engine's thread is a daemon).
+ENGINE_STOP_S = 2
+# The largest request body read by default (--max-body-mb): a few MiB more than any context
+# could use (SmolLM2's 8192 positions of its longest token, 162 bytes, JSON-escaped at 6
+# characters a byte, are 8 MB). A larger body is refused with a 413 before it is read whole.
+DEFAULT_MAX_BODY_MB = 12
+# A body this large is parsed off the event loop (json.loads of megabytes takes a while).
+PARSE_OFF_LOOP_BYTES = 1 << 20
 # How much of a bad value an error message quotes: a large malformed body gets a short answer.
 SHOWN_CHARS = 200
 
@@ -53,8 +65,20 @@ log = logging.getLogger("tunebook.demo.llm")
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    """``value`` as an error message quotes it: at most SHOWN_CHARS of its repr (an integer
+    of more than 4300 digits, which repr refuses, by its size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * SHOWN_CHARS:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # a container of such integers
+        return f"a {type(value).__name__} holding an integer too long to show"
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"... ({len(text)} characters)"
+
+
+def _count(n: int) -> str:
+    """A count as a message writes it (a client may send thousands of digits)."""
+    return str(n) if n.bit_length() <= 64 else "more than 2**64"
 
 
 class BadRequest(Exception):
@@ -155,11 +179,17 @@ def _seed(body: Mapping[str, Any]) -> int | None:
     return None if seed is None else seed % 2**64
 
 
-def _include_usage(body: Mapping[str, Any]) -> bool:
-    """``stream_options.include_usage``: a last chunk carrying the usage, as OpenAI sends."""
+def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
+    """``stream_options.include_usage``: a last chunk carrying the usage, as OpenAI sends.
+    Only with ``stream: true``, as OpenAI and vLLM refuse it otherwise."""
     options = body.get("stream_options")
     if options is None:
         return False
+    if not stream:
+        raise BadRequest(
+            "'stream_options' is only allowed when 'stream' is true; leave it out or set 'stream': true",
+            "stream_options",
+        )
     include = options.get("include_usage", False) if isinstance(options, dict) else None
     if not isinstance(include, bool):
         raise BadRequest(
@@ -191,11 +221,20 @@ def _stream_flag(body: Mapping[str, Any]) -> bool:
     return stream
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+def _messages(body: Mapping[str, Any], most: int | None = None) -> list[dict[str, str]]:
+    """The checked messages; more than ``most`` (the context's tokens: each message takes at
+    least one) are refused before any is read."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest(
             f"'messages' must be a non-empty list of messages; found {_shown(messages)}", "messages"
+        )
+    if most is not None and len(messages) > most:
+        raise BadRequest(
+            f"'messages' holds {len(messages)} messages; this model's context of {most} tokens cannot "
+            "hold them (each takes at least one token)",
+            "messages",
+            code="context_length_exceeded",
         )
     out = []
     for i, m in enumerate(messages):
@@ -232,6 +271,52 @@ class Front:
         self.engine = engine
         self.model_id = model_id
         self.created = int(time.time())
+        # Shutting down: the queues of the requests in flight, to end them when the grace
+        # period is over (closed: every later request is refused too); forced: a second signal.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queues: set[asyncio.Queue[Any]] = set()
+        self.shutting_down = self.closed = self.forced = False
+
+    # ------------------------------------------------------------------ shutting down
+
+    def begin_shutdown(self, force: bool = False) -> None:
+        """A signal asked the server to stop (any thread, a signal handler included): the
+        requests in flight get GRACEFUL_SHUTDOWN_S to finish, then are ended; ``force`` ends
+        them now and stops waiting for the engine."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._begin_shutdown, force)
+
+    def _begin_shutdown(self, force: bool) -> None:
+        assert self.loop is not None
+        if force:
+            self.forced = True
+            self.close()
+        elif not self.shutting_down:
+            self.loop.call_later(GRACEFUL_SHUTDOWN_S, self.close)
+        self.shutting_down = True
+
+    def close(self) -> None:
+        """End every request in flight (their waits see SHUTDOWN) and refuse new ones."""
+        self.closed = True
+        for queue in self.queues:
+            queue.put_nowait(SHUTDOWN)
+
+    async def stop_engine(self) -> None:
+        """Stop the engine's loop, waiting for its step in progress at most ENGINE_STOP_S
+        (unless forced) without blocking the event loop, which a second Ctrl-C needs."""
+        deadline = time.monotonic() + ENGINE_STOP_S
+        while not self.engine.stop(timeout=0):
+            if self.forced:
+                log.warning("exiting without waiting for the engine's step in progress (a second signal)")
+                return
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "the engine's step in progress did not end within %s s; exiting without it", ENGINE_STOP_S
+                )
+                return
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ requests
 
     def check_model(self, body: Mapping[str, Any]) -> None:
         model = body.get("model")
@@ -288,25 +373,36 @@ class Front:
         room = limit - len(prompt)
         if room < 1:
             raise self._prompt_too_long(str(len(prompt)), "prompt" if "prompt" in body else "messages")
-        for name in ("max_completion_tokens", "max_tokens"):  # OpenAI's current field first
-            value = _integer(body, name, None, 1)
+        # Both are checked; OpenAI's current field wins where both are given.
+        given = {name: _integer(body, name, None, 1) for name in ("max_completion_tokens", "max_tokens")}
+        for name, value in given.items():
             if value is not None:
                 if value > room:
                     raise BadRequest(
                         f"This model's maximum context length is {limit} tokens. However, you requested "
-                        f"{len(prompt) + value} tokens ({len(prompt)} in the prompt, {value} for the answer "
-                        f"as '{name}'): ask for at most {room}",
+                        f"{_count(len(prompt) + value)} tokens ({len(prompt)} in the prompt, "
+                        f"{_count(value)} for the answer as '{name}'): ask for at most {room}",
                         name,
                         code="context_length_exceeded",
                     )
                 return value
         return min(default or room, room)
 
+    def check_messages(self, messages: list[dict[str, str]]) -> None:
+        """Refuse messages whose text alone cannot fit the context, before the chat template
+        renders them (rendering adds text; it does not take any away)."""
+        fewest = self.engine.tokenizer.fewest_tokens("".join(m["content"] for m in messages))
+        if fewest >= self.engine.max_model_len:
+            raise self._prompt_too_long(f"at least {fewest}", "messages")
+
     def submit(
         self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl"
     ) -> tuple[Request, asyncio.Queue[Any]]:
         """Queue a request; its updates arrive on the returned queue as
-        ``(new text, finish_reason)`` pairs, pushed from the engine's thread."""
+        ``(new text, finish_reason)`` pairs, pushed from the engine's thread (SHUTDOWN when
+        the server ends it). Raises ShuttingDown once the server has ended its requests."""
+        if self.closed:
+            raise ShuttingDown
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -319,6 +415,7 @@ class Front:
             )
         except ValueError as exc:
             raise BadRequest(str(exc), "prompt") from None
+        self.queues.add(queue)
         return request, queue
 
     def stats(self) -> dict[str, Any]:
@@ -338,12 +435,25 @@ class EngineFailed(Exception):
     """The engine failed a step and ended every request in it (its error is logged)."""
 
 
-async def _updates(request: Request, queue: asyncio.Queue[Any], engine: Engine) -> AsyncIterator[str]:
+class ShuttingDown(Exception):
+    """The server is shutting down and ended (or refused) the request: a 503."""
+
+    message = "the server is shutting down; the request was ended (retry it on a server that runs)"
+
+
+SHUTDOWN = (None, "shutdown")  # what Front.close puts on the queue of each request in flight
+
+
+async def _updates(request: Request, queue: asyncio.Queue[Any], front: Front) -> AsyncIterator[str]:
     """The request's text deltas until it finishes; aborts it if the consumer goes away.
-    Raises EngineFailed if the engine ended it with an error."""
+    Raises EngineFailed if the engine ended it with an error, ShuttingDown if the server did."""
+    engine = front.engine
     try:
         while True:
-            delta, reason = await queue.get()
+            update = await queue.get()
+            if update is SHUTDOWN:
+                raise ShuttingDown
+            delta, reason = update
             if delta:
                 yield delta
             if reason == "error":
@@ -351,6 +461,7 @@ async def _updates(request: Request, queue: asyncio.Queue[Any], engine: Engine) 
             if reason is not None:
                 return
     finally:
+        front.queues.discard(queue)
         if not request.finished:
             engine.abort(request.id)
 
@@ -359,12 +470,12 @@ class ClientGone(Exception):
     """The client disconnected before its answer was complete (its request is aborted)."""
 
 
-async def _answer(http: Any, request: Request, queue: asyncio.Queue[Any], engine: Engine) -> str:
+async def _answer(http: Any, request: Request, queue: asyncio.Queue[Any], front: Front) -> str:
     """The whole text of a non-streamed answer; aborts the request if the client disconnects
     first (nothing else would notice: only a streamed response listens for it)."""
 
     async def text() -> str:
-        return "".join([d async for d in _updates(request, queue, engine)])
+        return "".join([d async for d in _updates(request, queue, front)])
 
     async def disconnected() -> None:
         while (await http.receive())["type"] != "http.disconnect":
@@ -400,9 +511,10 @@ def _sse(payload: Mapping[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def create_app(engine: Engine, model_id: str) -> Any:
-    """The Starlette application serving ``engine`` as ``model_id``. The engine's loop
-    starts with the app and stops with it."""
+def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_BODY_MB) -> Any:
+    """The Starlette application serving ``engine`` as ``model_id``, refusing request bodies
+    over ``max_body_mb`` MiB. The engine's loop starts with the app and stops with it; the
+    app's ``state.front`` is told of a shutdown by :func:`serve`."""
     require("starlette", feature="the LLM server (tunebook.demo.llm serve)", extra="server")
     from contextlib import asynccontextmanager
 
@@ -410,23 +522,58 @@ def create_app(engine: Engine, model_id: str) -> Any:
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     front = Front(engine, model_id)
+    max_body = int(max_body_mb * 2**20)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        front.loop = asyncio.get_running_loop()
         engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            # Not engine.stop() on the event loop: it waited for a step of minutes, and
+            # uvicorn's second Ctrl-C could not run.
+            await front.stop_engine()
+
+    def too_large(size: str) -> BadRequest:
+        return BadRequest(
+            f"the request body is {size} bytes, more than this server reads "
+            f"({max_body} bytes: --max-body-mb {max_body_mb:g})",
+            status=413,
+            code="request_too_large",
+        )
+
+    async def raw_body(request: Any) -> bytes:
+        """The body, read up to the limit: a larger one is refused as soon as it is known."""
+        length = request.headers.get("content-length", "")
+        if len(length) > 18 or (length.isdigit() and int(length) > max_body):
+            raise too_large(length if len(length) <= 18 else f"{len(length)}-digit")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise too_large(f"more than {max_body}")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone mid-upload: nobody to answer
+            raise ClientGone from None
+        return b"".join(chunks)
 
     async def body_of(request: Any) -> dict[str, Any]:
+        raw = await raw_body(request)
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # Megabytes of JSON take a while to parse: off the event loop, which serves every stream.
+            body = (
+                json.loads(raw)
+                if len(raw) < PARSE_OFF_LOOP_BYTES
+                else await asyncio.to_thread(json.loads, raw)
+            )
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and integers past 4300 digits
             raise BadRequest(f"the request body must be a JSON object; it does not parse: {exc}") from None
         except RecursionError:
             raise BadRequest("the request body is nested too deeply to parse") from None
@@ -447,7 +594,8 @@ def create_app(engine: Engine, model_id: str) -> Any:
         # Tokenizing a large prompt takes seconds: off the event loop, which serves every stream.
         prompt = await asyncio.to_thread(front.completion_prompt, body)
         params = sampling_params(body, front.max_tokens(body, prompt, 16))
-        stream, usage = _stream_flag(body), _include_usage(body)
+        stream = _stream_flag(body)
+        usage = _include_usage(body, stream)
         req, queue = front.submit(prompt, params)
         head = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model_id}
 
@@ -459,22 +607,25 @@ def create_app(engine: Engine, model_id: str) -> Any:
 
             async def events() -> AsyncIterator[str]:
                 try:
-                    async for delta in _updates(req, queue, engine):
+                    async for delta in _updates(req, queue, front):
                         yield _sse({**streamed, "choices": [choice(delta, None)]})
                     yield _sse({**streamed, "choices": [choice("", _finish(req))]})
                     if usage:
                         yield _sse({**head, "choices": [], "usage": _usage(req)})
                 except EngineFailed as exc:
                     yield _sse(error_body(str(exc), None, 500))
+                except ShuttingDown as exc:
+                    yield _sse(error_body(exc.message, None, 503))
                 yield _sse("[DONE]")
 
             return _event_stream(events())
-        text = await _answer(request, req, queue, engine)
+        text = await _answer(request, req, queue, front)
         return JSONResponse({**head, "choices": [choice(text, _finish(req))], "usage": _usage(req)})
 
     async def chat(request: Any) -> Any:
         body = await body_of(request)
-        messages = _messages(body)
+        messages = _messages(body, engine.max_model_len)
+        front.check_messages(messages)  # before the template renders megabytes
         try:
             prompt = await asyncio.to_thread(
                 lambda: front.encode(engine.tokenizer.chat_prompt(messages), "messages")
@@ -482,7 +633,8 @@ def create_app(engine: Engine, model_id: str) -> Any:
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"the messages cannot be rendered and encoded: {exc}", "messages") from None
         params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS))
-        stream, usage = _stream_flag(body), _include_usage(body)
+        stream = _stream_flag(body)
+        usage = _include_usage(body, stream)
         req, queue = front.submit(prompt, params, "chatcmpl")
         head = {"id": req.id, "created": int(time.time()), "model": model_id}
 
@@ -499,17 +651,19 @@ def create_app(engine: Engine, model_id: str) -> Any:
             async def events() -> AsyncIterator[str]:
                 yield _sse(delta({"role": "assistant", "content": ""}, None))
                 try:
-                    async for text in _updates(req, queue, engine):
+                    async for text in _updates(req, queue, front):
                         yield _sse(delta({"content": text}, None))
                     yield _sse(delta({}, _finish(req)))
                     if usage:
                         yield _sse({**chunk, "choices": [], "usage": _usage(req)})
                 except EngineFailed as exc:
                     yield _sse(error_body(str(exc), None, 500))
+                except ShuttingDown as exc:
+                    yield _sse(error_body(exc.message, None, 503))
                 yield _sse("[DONE]")
 
             return _event_stream(events())
-        text = await _answer(request, req, queue, engine)
+        text = await _answer(request, req, queue, front)
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(req)}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)})
@@ -537,7 +691,15 @@ def create_app(engine: Engine, model_id: str) -> Any:
             except EngineFailed as exc:
                 return JSONResponse(error_body(str(exc), None, 500), status_code=500)
             except ClientGone:
+                log.debug("%s %s: the client went away before its answer", request.method, request.url.path)
                 return Response(status_code=499)  # nobody reads it: the client has gone
+            except ShuttingDown as exc:
+                return JSONResponse(error_body(exc.message, None, 503), status_code=503)
+            except asyncio.CancelledError:  # uvicorn's grace period is over (a request not yet queued)
+                uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
+                if uncancel is not None:
+                    uncancel()
+                return JSONResponse(error_body(ShuttingDown.message, None, 503), status_code=503)
             except Exception as exc:  # never a bare 500 page: say what failed, in OpenAI's shape
                 log.exception("request failed")
                 message = f"the server failed on this request: {type(exc).__name__}: {exc}"
@@ -548,7 +710,9 @@ def create_app(engine: Engine, model_id: str) -> Any:
     async def http_error(request: Any, exc: Any) -> Any:  # Starlette's 404 and 405, as OpenAI errors
         what = "no such path" if exc.status_code == 404 else f"method {request.method} is not allowed"
         message = f"{what}: {request.method} {request.url.path}; see docs/llm-server.md for the endpoints"
-        return JSONResponse(error_body(message, None, exc.status_code), status_code=exc.status_code)
+        return JSONResponse(
+            error_body(message, None, exc.status_code), status_code=exc.status_code, headers=exc.headers
+        )  # with its headers: a 405's Allow
 
     async def health(request: Any) -> Any:  # what probes poll (vLLM's too): 200 once serving
         return Response(status_code=200)
@@ -564,12 +728,14 @@ def create_app(engine: Engine, model_id: str) -> Any:
     # Browser front ends (Open WebUI and the like) call from another origin: allowed, as
     # vLLM's server allows every origin by default.
     middleware = [Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=middleware,
         exception_handlers={HTTPException: http_error},
     )
+    app.state.front = front
+    return app
 
 
 def _event_stream(events: AsyncIterator[str]) -> Any:
@@ -580,15 +746,43 @@ def _event_stream(events: AsyncIterator[str]) -> Any:
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server until interrupted."""
+def serve(
+    engine: Engine,
+    model_id: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+) -> None:
+    """Run the server until interrupted.
+
+    A shutdown (SIGTERM, Ctrl-C) stops taking connections, gives the requests in flight
+    GRACEFUL_SHUTDOWN_S to finish, ends the others (a stream with an error event and
+    ``[DONE]``, a whole answer with a 503), then gives the engine's step in progress
+    ENGINE_STOP_S. A second signal exits at once."""
     uvicorn = require("uvicorn", feature="the LLM server (tunebook.demo.llm serve)", extra="server")
-    # A stream still running at shutdown is cut after GRACEFUL_SHUTDOWN_S (uvicorn's default
-    # waits for it: a CPU answer of 512 tokens held a SIGTERM for an hour).
-    uvicorn.run(
-        create_app(engine, model_id),
-        host=host,
-        port=port,
-        log_level="info",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    app = create_app(engine, model_id, max_body_mb)
+    front: Front = app.state.front
+
+    class Server(uvicorn.Server):  # type: ignore[name-defined]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            again = self.should_exit
+            super().handle_exit(sig, frame)
+            if again:  # uvicorn forces only a second SIGINT, and not its wait for the app's shutdown
+                self.force_exit = True
+            front.begin_shutdown(force=again)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets)
+            if self.force_exit:  # uvicorn then skips the app's shutdown, which a forced one makes quick
+                await self.lifespan.shutdown()
+
+    # uvicorn's own grace period is a backstop for requests not yet queued (a body still
+    # uploading): the app ends those queued at GRACEFUL_SHUTDOWN_S itself (uvicorn's
+    # default waited for them: a CPU answer of 512 tokens held a SIGTERM for an hour).
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + 1
     )
+    server = Server(config)
+    server.run()
+    if not server.started:  # as uvicorn.run ends: it could not listen, or the app did not start
+        sys.exit(3)

@@ -200,7 +200,7 @@ class ByteTokenizer:
 
 
 class TextStream:
-    """Text deltas of a growing sequence of generated ids, cut at the first stop string.
+    """Text deltas of a growing sequence of generated ids, cut where a stop string first occurs.
 
     Decoding is incremental (vLLM's way): each push decodes only the ids since the last
     complete character, so a step costs the same at token 2000 as at token 2.
@@ -240,16 +240,20 @@ class TextStream:
         return self._release()
 
     def _release(self) -> str:
+        # The text ends where the first stop string to occur begins (not the first of the list).
+        cut: int | None = None  # in self.pending: where the earliest stop string begins
         for s in self.stop:
             window = self.text[len(self.text) - len(s) + 1 :] if len(s) > 1 else ""
             at = (window + self.pending).find(s)
-            if at >= 0:
-                self.stopped = True
-                delta = (window + self.pending)[len(window) : max(at, len(window))]
-                # A stop string that began in text already handed out ends the text there.
-                self.text += delta
-                self.pending = ""
-                return delta
+            if at >= 0 and (cut is None or at - len(window) < cut):
+                cut = at - len(window)
+        if cut is not None:
+            self.stopped = True
+            # A stop string that began in text already handed out ends the text there.
+            delta = self.pending[: max(cut, 0)]
+            self.text += delta
+            self.pending = ""
+            return delta
         hold = max((_overlap(self.text + self.pending, s) for s in self.stop), default=0)
         hold = min(hold, len(self.pending))
         delta = self.pending[: len(self.pending) - hold]
