@@ -42,7 +42,7 @@ def redis_server() -> Iterator[RedisServer]:
     from tunebook._book import redis_store
 
     for store in list(redis_store._live):  # held for a server that is gone: not for the exit to send
-        store._unsent.clear()
+        store.outbox.clear()
 
 
 class Clock:

@@ -331,7 +331,7 @@ def test_a_distant_redis_is_usable_with_a_longer_timeout_and_a_timeout_says_so(
         assert far.merge(FILE, _doc(64, {16: 1.0})) is not None
         fetched = far.fetch(FILE)
         assert fetched is not None and len(fetched.entries) == 1
-        near._unsent.clear()  # held for a server this test made up: not for the exit to send
+        near.outbox.clear()  # held for a server this test made up: not for the exit to send
     finally:
         proxy.close()
 
@@ -351,13 +351,13 @@ def test_a_bad_timeout_setting_is_an_error_that_names_it(monkeypatch: pytest.Mon
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_child_forked_while_a_thread_holds_the_store_lock_can_use_the_store(server: RedisServer) -> None:
-    """The store's retrier thread (or any thread of the parent) may hold its lock at a fork;
+    """The outbox's sending thread (or any thread of the parent) may hold the store's locks at a fork;
     the child has no such thread, and its first merge waited for that lock for ever."""
     store = RedisStore(server.url)
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with store._lock:
+        with store._lock, store.outbox._lock:
             held.set()
             release.wait(10)
 

@@ -21,7 +21,7 @@ Contract:
   TUNEBOOK_REDIS_TIMEOUT_S for the process's shared store (connect and read timeouts a
   fifth of it). Only an unreachable or silent server is an outage: a reply past the byte
   budget, or a merge that kept meeting other writers, fails that request alone.
-* **What a merge could not send is held and sent again** (:meth:`RedisStore.send_unsent`):
+* **What a merge could not send is held and sent again** (:mod:`redis_outbox`):
   by the next request that finds Redis answering once ``retry_after_s`` has passed, by a
   daemon thread while anything is held (hits never ask the store), and at exit (at most
   EXIT_FLUSH_S; what stays unsent is a BookWarning naming ``tunebook push``).
@@ -75,6 +75,7 @@ from .._optional import install_line, require
 from .._warnings import warn_once
 from .files import MAX_BOOK_BYTES
 from .records import FORMAT, VERSION, Document, Entry
+from .redis_outbox import Outbox
 
 log = logging.getLogger("tunebook")
 
@@ -269,7 +270,7 @@ def send_unsent_at_exit(timeout_s: float = EXIT_FLUSH_S) -> int:
     deadline = time.monotonic() + timeout_s
     left = 0
     for store in list(_live):
-        if store.unsent_results() and os.getpid() == store._pid:
+        if store.unsent_results():
             unsent = store.send_unsent(probe=True, deadline=deadline)
             if unsent:
                 left += unsent
@@ -316,19 +317,13 @@ class RedisStore:
         self.request_timeout = max(request_timeout, connect_timeout, read_timeout)
         self.max_reply_bytes = max_reply_bytes
         self._clock = clock
-        self._lock = lock_for(self, threading.Lock)  # renewed in a forked child (its retrier is gone)
+        self._lock = lock_for(self, threading.Lock)  # renewed in a forked child (_forksafe)
         self._open_until: float | None = None  # breaker open (Redis deemed down) until then
         # what a merge could not send is this store's to send again (Layer.push reads it)
         self.keeps_unsent = keeps_unsent
         self.conflicts = 0  # merges retried because another writer got in first (for reports)
-        # What merges could not send (an outage, contention), per file name, sent again after
-        # ``retry_after_s`` by the next request that finds Redis answering, by a background
-        # thread of this store, and at the interpreter's exit.
-        self._unsent: dict[str, Document] = {}
-        self._retry_due = 0.0
-        self._retrier: threading.Thread | None = None
-        self._pid = os.getpid()
-        self._sending = threading.local()  # set while this thread sends the outbox
+        # What merges could not send (an outage, contention), sent again later (redis_outbox.py)
+        self.outbox = Outbox(self._send_held, lambda: self.available, clock, retry_after_s)
         self._names_by: str | None = None  # how this server lists names: "novalues" or "hkeys"
         self.last_failure = ""  # why the last failed request failed, in words (for the CLI)
         # Connection-level failures open the breaker; a server that answers with an error
@@ -394,94 +389,28 @@ class RedisStore:
         None: not sent now. The news is then held (with what was held for ``file_name``
         before, which every merge of the file sends along) and sent again later: see
         :meth:`send_unsent`."""
-        with self._lock:
-            held = self._unsent.pop(file_name, None) if os.getpid() == self._pid else None
+        held = self.outbox.take(file_name)
         news = doc.merged_over(held) if held is not None else doc
         result = self._guarded(lambda client: self._merge(client, KEY_PREFIX + file_name, file_name, news))
         if result is None and self._client is not None and self.keeps_unsent:
-            self._hold(file_name, news)
+            self.outbox.hold(file_name, news)
         return result
 
     def unsent(self, file_name: str | None = None) -> frozenset[str]:
         """The key texts held for ``file_name`` (every file's, as ``file:key``, when None)."""
-        with self._lock:
-            if file_name is not None:
-                doc = self._unsent.get(file_name)
-                return frozenset(doc.entries) if doc is not None else frozenset()
-            return frozenset(f"{name}:{k}" for name, doc in self._unsent.items() for k in doc.entries)
+        return self.outbox.keys(file_name)
 
     def unsent_results(self) -> int:
         """How many results (key, config) this process holds for Redis, unsent."""
-        with self._lock:
-            return sum(len(e.results) for doc in self._unsent.values() for e in doc.entries.values())
+        return self.outbox.results()
 
     def send_unsent(self, *, probe: bool = False, deadline: float | None = None) -> int:
-        """Send what merges held back, one request a file; the results still unsent after it.
+        """Send what merges held back (:class:`Outbox`); the results still unsent after it."""
+        return self.outbox.send(probe=probe, deadline=deadline)
 
-        ``probe``: try even while the breaker is open (the interpreter's exit); ``deadline``
-        (time.monotonic()): send no further file after it."""
-        if os.getpid() != self._pid:  # a forked child: the held news is its parent's to send
-            return 0
-        self._sending.on = True
-        try:
-            for name in sorted(self.unsent_names()):
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                with self._lock:
-                    doc = self._unsent.pop(name, None)
-                if doc is None:
-                    continue
-                sent = self._guarded(
-                    functools.partial(self._merge, key=KEY_PREFIX + name, file_name=name, news=doc),
-                    probe=probe,
-                )
-                if sent is None:
-                    self._hold(name, doc)
-                    if not self.available:  # down again: the rest waits for the next try
-                        break
-                probe = False  # one probe at most: a dead server costs one timeout, not one per file
-        finally:
-            self._sending.on = False
-        return self.unsent_results()
-
-    def unsent_names(self) -> list[str]:
-        with self._lock:
-            return list(self._unsent)
-
-    def _hold(self, file_name: str, doc: Document) -> None:
-        with self._lock:
-            old = self._unsent.get(file_name)
-            self._unsent[file_name] = doc.merged_over(old) if old is not None else doc
-            self._retry_due = self._clock() + self.retry_after_s
-            start = self._retrier is None or not self._retrier.is_alive()
-            if start:
-                self._retrier = threading.Thread(target=self._retry_loop, name="tunebook-redis", daemon=True)
-        if start and self._retrier is not None:
-            self._retrier.start()
-
-    def _retry_loop(self) -> None:
-        """A background thread's: while news is held, try to send it every ``retry_after_s``
-        (so that a process which only serves hits, and so never asks the store anything,
-        still delivers what it tuned during an outage)."""
-        while True:
-            time.sleep(max(self.retry_after_s, 0.5))
-            with self._lock:
-                if not self._unsent or os.getpid() != self._pid:
-                    self._retrier = None
-                    return
-            self.send_unsent()
-
-    def _maybe_send_unsent(self) -> None:
-        """After a request that Redis answered: send the held news, once ``retry_after_s``
-        has passed since it was held (never from a hit: hits never ask the store)."""
-        if getattr(self._sending, "on", False):
-            return
-        with self._lock:
-            due = bool(self._unsent) and self._clock() >= self._retry_due
-            if due:
-                self._retry_due = self._clock() + self.retry_after_s
-        if due:
-            self.send_unsent()
+    def _send_held(self, file_name: str, news: Document, probe: bool) -> bool:
+        call = functools.partial(self._merge, key=KEY_PREFIX + file_name, file_name=file_name, news=news)
+        return self._guarded(call, probe=probe) is not None
 
     @property
     def available(self) -> bool:
@@ -594,7 +523,7 @@ class RedisStore:
                 self._open_until = None
             if reopened:
                 log.info("tunebook: the Redis book at %s is reachable again", self.shown)
-        self._maybe_send_unsent()
+        self.outbox.send_if_due()
         return result
 
     def _warn(self, tag: str, message: str, *args: object, warn: bool = False) -> None:
