@@ -290,7 +290,9 @@ def test_every_command_skips_hostile_files_with_their_reason(tmp_path: Path) -> 
         assert name in res.output and reason in res.output, (name, res.output)
     merged = tmp_path / "merged"
     res = invoke("merge", books, "-o", merged, ok=None)
-    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    # The readable book is merged; the 4 skipped inputs fail the merge, each named.
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "4 input file(s) skipped" in res.output and list(merged.iterdir()), res.output
     report = tmp_path / "r.html"
     invoke("report", books, "-o", report)
     invoke(

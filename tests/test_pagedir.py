@@ -152,3 +152,33 @@ def test_a_damaged_page_json_skipped_by_one_reader_is_still_reported_as_read_by_
         doc = store.fetch(name, ["[1]"], expected=META)
     assert doc is not None and list(doc.entries) == ["[1]"]
     assert pagedir.read_meta(page) == META
+
+
+def test_a_keys_files_under_other_names_are_read_and_folded_into_its_file_before_they_go(
+    tmp_path: Path,
+) -> None:
+    """A copy of a key's file ("<name> (copy).json") and a key file whose name is not UTF-8
+    were never read (the key's name said another key, or none), and replace_page deleted the
+    copy: its results were lost, and the key of the other missing from every reader."""
+    page = tmp_path / "k--p"
+    pagedir.ensure_page(page, META)
+    own = page / pagedir.key_file_name("[1]")
+    own.write_text(pagedir.entry_text(_entry((1,), 64, 1.0), META))
+    copy = page / (own.name[: -len(".json")] + " (copy).json")
+    copy.write_text(pagedir.entry_text(_entry((1,), 128, 2.0), META))
+    odd = os.fsencode(page) + b"/\xff.json"
+    with open(odd, "w") as f:
+        f.write(pagedir.entry_text(_entry((2,), 64, 3.0), META))
+    found = pagedir.read_all(page, META)
+    assert sorted(found) == ["[1]", "[2]"] and len(found["[1]"].results) == 2
+    # Without a fold (an import replaces keys) a key's other files stay where they are.
+    pagedir.replace_page(page, META, {"[1]": _entry((1,), 64, 1.0)}, 5.0)
+    assert copy.exists() and os.path.exists(odd)
+    # With one (merge's), they are folded into the key's own file, then removed.
+    pagedir.replace_page(page, META, found, 5.0, fold=lambda a, b: b.merged_over(a))
+    assert not copy.exists() and not os.path.exists(odd)
+    again = pagedir.read_all(page, META)
+    assert {k: len(e.results) for k, e in again.items()} == {"[1]": 2, "[2]": 1}
+    assert sorted(os.listdir(page)) == sorted(
+        [".tunebook", "page.json", own.name, pagedir.key_file_name("[2]")]
+    )

@@ -42,7 +42,7 @@ import re
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -244,11 +244,22 @@ def read_keys(directory: Path, meta: Mapping[str, Any], keys: Iterable[str]) -> 
     return found
 
 
+def _named_key(name: str) -> str | None:
+    """The key text of ``name`` if it is the name this tunebook gives that key (one read of
+    the directory's listing tells a key's own file from a copy, a renamed or hand-made one,
+    or a name that is not UTF-8, whose key only its content says); None otherwise."""
+    text = key_text_of(name)
+    if text is None or not isinstance(_parsed(text), list) or key_file_name(text) != name:
+        return None
+    return text
+
+
 def list_keys(directory: Path, meta: Mapping[str, Any], limit: int | None = None) -> set[str]:
-    """Every key text the page holds (names only; a hashed name's or pending news' file is
-    read), or with ``limit``, those among the first ``limit`` names of the page's directory
-    and then of its pending news, in the file system's order (the same for every reader
-    of one directory in one state): a nearest-key search reads a bounded part of a page."""
+    """Every key text the page holds (names only; a file under a name that is not the one
+    its key is given, and pending news, are read), or with ``limit``, those among the first
+    ``limit`` names of the page's directory and then of its pending news, in the file
+    system's order (the same for every reader of one directory in one state): a
+    nearest-key search reads a bounded part of a page."""
     pending = directory / HIDDEN / "pending"
     listed = itertools.chain(
         ((directory, n) for n in _scan(directory)), ((pending, n) for n in _scan(pending))
@@ -257,7 +268,7 @@ def list_keys(directory: Path, meta: Mapping[str, Any], limit: int | None = None
     for where, name in itertools.islice(listed, limit):
         if not name.endswith(".json") or name.startswith(".") or (where == directory and name == PAGE_FILE):
             continue
-        text = key_text_of(name) if where == directory else None  # pending: <key name>.<stamp>.json
+        text = _named_key(name) if where == directory else None  # pending: <key name>.<stamp>.json
         if text is None:
             found = _entry_of(where / name, meta, None)
             if found is not None:
@@ -265,6 +276,48 @@ def list_keys(directory: Path, meta: Mapping[str, Any], limit: int | None = None
         else:
             texts.add(text)
     return texts
+
+
+def key_files(directory: Path, meta: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Every key of the page with the names of its other files: those that hold it under a
+    name that is not the one tunebook gives it (``<name> (copy).json``, a name that is not
+    UTF-8, a hand-made one), which only a reading of each file finds. A key known only from
+    its own file or its pending news has none. O(page): for the command line."""
+    found: dict[str, list[str]] = {}
+    for name in sorted(_scan(directory)):
+        if not name.endswith(".json") or name.startswith(".") or name == PAGE_FILE:
+            continue
+        text = _named_key(name)
+        if text is not None:
+            found.setdefault(text, [])
+            continue
+        held = _entry_of(directory / name, meta, None)
+        if held is not None:
+            others = found.setdefault(held[0], [])
+            if key_file_name(held[0]) != name:
+                others.append(name)
+    for name in _scan(directory / HIDDEN / "pending"):
+        if name.endswith(".json") and not name.startswith("."):
+            held = _entry_of(directory / HIDDEN / "pending" / name, meta, None)
+            if held is not None:
+                found.setdefault(held[0], [])
+    return found
+
+
+def read_key_files(
+    directory: Path, meta: Mapping[str, Any], key_text: str, others: Iterable[str]
+) -> Entry | None:
+    """The key's entry from its own file, its other files (``key_files``) and its pending
+    news: its own file stands over its other files, and they over the news."""
+    if not others:  # the usual case: the key's own file and its news
+        return read_key(directory, meta, key_text)
+    own = _entry_of(directory / key_file_name(key_text), meta, key_text)
+    entry = own[1] if own is not None else None
+    for name in others:
+        held = _entry_of(directory / name, meta, None)
+        if held is not None and held[0] == key_text:
+            entry = held[1].merged_over(entry)
+    return _folded(entry, _pending(directory, key_file_name(key_text)), meta, key_text)
 
 
 def _scan(directory: Path) -> Iterator[str]:
@@ -280,8 +333,14 @@ def _scan(directory: Path) -> Iterator[str]:
 
 
 def read_all(directory: Path, meta: Mapping[str, Any]) -> dict[str, Entry]:
-    """Every entry of the page (O(page): for the command line and tools, never a kernel call)."""
-    return read_keys(directory, meta, sorted(list_keys(directory, meta)))
+    """Every entry of the page (O(page): for the command line and tools, never a kernel call),
+    a key's files under other names included (``key_files``)."""
+    found = {}
+    for text, others in sorted(key_files(directory, meta).items()):
+        entry = read_key_files(directory, meta, text, others)
+        if entry is not None:
+            found[text] = entry
+    return found
 
 
 # --------------------------------------------------------------------------- writing
@@ -483,53 +542,90 @@ def merge_entries(
 
 
 def replace_page(
-    directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry], lock_wait_s: float
+    directory: Path,
+    meta: Mapping[str, Any],
+    entries: Mapping[str, Entry],
+    lock_wait_s: float,
+    fold: Callable[[Entry, Entry], Entry] | None = None,
+    done: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Write ``entries`` into the page as the command line decided them (it has read the page
-    and merged what it holds: what is on disk does not stand). Each key's file is replaced
-    atomically under its lock (filelock's Timeout, a TimeoutError, past ``lock_wait_s``);
-    news pending for the key (a live autotuner's, perhaps newer than the caller's read) is
-    folded in under the entry, which stands. Nothing else is removed: a key file the caller
-    did not hold (another key, written meanwhile; a newer tunebook's) stays, an unreadable
-    one is kept aside, and only a second file for a written key (an older naming) goes.
+    """Write ``entries`` into the page as the command line decided them. Each key's file is
+    replaced atomically under its lock (filelock's Timeout, a TimeoutError, past
+    ``lock_wait_s``), and ``done(key text)`` called once it is written (or already held).
 
-    A key's own file that a newer tunebook wrote (the caller could not read it, so its
-    entry lacks what that file holds) is left as it is and the key not written: returns
-    why, one line a file left so."""
+    ``fold(decided, found)``: what is on disk is read again under the key's lock and folded
+    in (``merge``: the caller read the page long before, and another merge or a live
+    autotuner may have written the key since; without this, its results were overwritten).
+    It is applied to the key's file as it is now and to each other file of the key (a copy,
+    a name that is not UTF-8: see ``key_files``), which then goes, its content being in the
+    key's file. Without ``fold`` (an import that replaces keys) the entry stands as decided,
+    and a key's other files are left where they are. Either way news pending for the key (a
+    live autotuner's) is folded in under the entry, which stands.
+
+    Nothing else is removed: a key file the caller did not hold stays, and an unreadable
+    one is kept aside. A key is not written, its file left as it is, where that file is a
+    newer tunebook's (the caller could not read it), or where what would be written passes
+    ``MAX_ENTRY_BYTES`` (no reader would read it back): returns why, one line a key left so.
+    """
     from filelock import FileLock
 
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
-    keep = set()
+    own = {key_file_name(text): text for text in entries}
+    others: dict[str, list[Path]] = {}
+    unreadable: list[str] = []
+    for name in sorted(_scan(directory)):  # each file not a written key's own, read once
+        if not name.endswith(".json") or name.startswith(".") or name == PAGE_FILE or name in own:
+            continue
+        found = _entry_of(directory / name, meta, None)
+        if found is None:
+            unreadable.append(name)
+        elif found[0] in entries and key_file_name(found[0]) != name:
+            others.setdefault(found[0], []).append(directory / name)
     left_alone: list[str] = []
     for text, entry in entries.items():
         name = key_file_name(text)
-        keep.add(name)
+        path = directory / name
         with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
-            if (directory / name).exists() and _entry_of(directory / name, meta, None) is None:
+            current = _entry_of(path, meta, text) if os.path.lexists(path) else None
+            if current is None and os.path.lexists(path):
                 try:
-                    _make_room(directory / name, ENTRY_FORMAT)  # an unreadable file: kept aside
+                    _make_room(path, ENTRY_FORMAT)  # an unreadable file: kept aside
                 except LeaveAlone as exc:
                     left_alone.append(str(exc))
                     continue
+            decided = entry
+            folded: list[Path] = []
+            if fold is not None:
+                if current is not None:  # as it is now: written since the caller read it, perhaps
+                    decided = fold(entry, current[1])
+                for other in others.get(text, []):
+                    held = _entry_of(other, meta, None)
+                    if held is not None and held[0] == text:
+                        decided = fold(decided, held[1])
+                        folded.append(other)
             pending = _pending(directory, name)
-            decided = _folded(entry, pending, meta, text)
-            assert decided is not None
-            wanted = entry_text(decided, meta)
-            if not _holds(directory / name, wanted):  # an unchanged key costs a read, not an fsync
-                _write(directory / name, wanted, tmp)
-            for path in pending:
+            final = _folded(decided, pending, meta, text)
+            assert final is not None
+            wanted = entry_text(final, meta)
+            size = len(wanted.encode("utf-8"))
+            if size > MAX_ENTRY_BYTES:
+                left_alone.append(
+                    f"{path}: key {text} would be {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit every "
+                    f"reader of a key's file enforces, with its {len(final.results)} configs; it was not "
+                    "written (what it held before stands). Keep fewer configs for this key: merge fewer "
+                    "books into it, or tune it with a shorter config list"
+                )
+                continue
+            if not _holds(path, wanted):  # an unchanged key costs a read, not an fsync
+                _write(path, wanted, tmp)
+            for done_path in [*pending, *folded]:  # now in the key's file
                 with contextlib.suppress(OSError):
-                    path.unlink()
-    for name in os.listdir(directory):
-        if not name.endswith(".json") or name == PAGE_FILE or name in keep:
-            continue
-        found = _entry_of(directory / name, meta, None)
-        if found is not None:
-            if found[0] in entries:  # the same key under another name
-                with contextlib.suppress(OSError):
-                    (directory / name).unlink()
-            continue
-        with contextlib.suppress(LeaveAlone):  # a newer tunebook's file is left as it is
-            _make_room(directory / name, ENTRY_FORMAT)
+                    done_path.unlink()
+        if done is not None:
+            done(text)
+    for name in unreadable:
+        if os.path.lexists(directory / name) and _entry_of(directory / name, meta, None) is None:
+            with contextlib.suppress(LeaveAlone):  # a newer tunebook's file is left as it is
+                _make_room(directory / name, ENTRY_FORMAT)
     return left_alone

@@ -7,7 +7,7 @@ import errno
 import functools
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,7 +18,7 @@ from rich.markup import escape
 from .. import _settings
 from .._book import pagedir
 from .._book.files import LOCK_TIMEOUT_S, read_book_file
-from .._book.records import NEWER, Document
+from .._book.records import NEWER, Document, Entry
 from .._progress import is_terminal
 from .._writable import existing_parent as existing_parent  # the CLI's commands import them here
 from .._writable import writable_fix
@@ -105,21 +105,29 @@ def os_error_line(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def writing(what: Path, fix: str) -> Iterator[None]:
-    """Turn an OSError while writing ``what`` into one line: the path, the reason, ``fix``."""
+def writing(what: Path, fix: str, progress: Callable[[], str] | None = None) -> Iterator[None]:
+    """Turn an OSError while writing ``what`` into one line: the path, the reason, ``fix``
+    (where the reason has a fix of its own, a full disk or quota, that one), then
+    ``progress()`` (how far the command got, e.g. "12 of 40 keys were written"), if given."""
     try:
         yield
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             raise  # stdout closed by `| head`: click ends quietly
+        done = f" {progress()}." if progress is not None else ""
         if _lock_timeout(exc):  # a lock, not the file system: "make it writable" would mislead
-            raise click.ClickException(f"cannot write {what}: {os_error_line(exc)}") from None
+            raise click.ClickException(f"cannot write {what}: {os_error_line(exc)}.{done}") from None
         # Temp and lock files beside ``what`` are ours, not the person's: name only ``what``.
         target = what.absolute()
         failed = Path(exc.filename).absolute() if exc.filename is not None else target
         ours = failed in (target, target.parent) or failed.parent in (target, target.parent)
         reason = (exc.strerror or str(exc)) if ours else os_error_text(exc)
-        raise click.ClickException(f"cannot write {what}: {reason}. {fix}") from None
+        if exc.errno in _SPACE:  # no permission or other directory helps: space does
+            fix = _OS_FIXES[exc.errno].capitalize() + "."
+        raise click.ClickException(f"cannot write {what}: {reason}. {fix}{done}") from None
+
+
+_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def output_fix(path: Path, choose: str) -> str:
@@ -232,6 +240,16 @@ def warn_skipped(loaded: Loaded) -> None:
         console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(why)}", markup=True, highlight=False)
 
 
+def skipped_results(loaded: Loaded) -> int:
+    """How many of the files ``loaded`` skipped held results that were not read: all but a
+    damaged page.json whose page was read all the same (its keys checked against the
+    book's other pages), which loses nothing."""
+    read = {page.path for page in loaded.pages}
+    return sum(
+        1 for path, _ in loaded.skipped if not (path.name == pagedir.PAGE_FILE and path.parent in read)
+    )
+
+
 def parse_assignments(values: tuple[str, ...], option: str, empty_ok: bool = False) -> dict[str, str]:
     """``("A=B", "C=D")`` -> ``{"A": "B", "C": "D"}``, with an error naming the bad one
     (``empty_ok``: ``A=`` is A set to nothing, as ``--env CUDA_VISIBLE_DEVICES=`` hides GPUs)."""
@@ -244,7 +262,12 @@ def parse_assignments(values: tuple[str, ...], option: str, empty_ok: bool = Fal
     return parsed
 
 
-def write_document(path: Path, doc: Document) -> list[str]:
+def write_document(
+    path: Path,
+    doc: Document,
+    fold: Callable[[Entry, Entry], Entry] | None = None,
+    done: Callable[[str], None] | None = None,
+) -> list[str]:
     """Write ``doc`` into the page that ``path`` names (a format-1 file name), in format 2:
     each key's file replaced atomically (``pagedir.replace_page``: files the caller did not
     read stay), and a format-1 file at ``path`` removed once its page is written, if it was
@@ -252,15 +275,18 @@ def write_document(path: Path, doc: Document) -> list[str]:
     rewritten in format 2: ``tunebook merge OLD -o NEW``); an unreadable one (a newer
     tunebook's, say) stays for a person.
 
-    Unlike the library's merge-on-write, the CLI has already decided the content of the
-    keys it writes (by measurement, or by replacing imported keys): what is on disk does
-    not stand over it, except a key file a newer tunebook wrote, which this one could not
-    read: it stays, and its key is not written. Returns why, one line a file left so.
+    The CLI has already decided the content of the keys it writes (by measurement, or by
+    replacing imported keys). ``fold`` (``merge``'s rule) folds in what a key's files hold
+    when it is written, under its lock: what was written since the caller read them (another
+    merge, a live autotuner) is kept. Without it (an import) the decided entry stands. A key
+    file a newer tunebook wrote, which this one could not read, stays, and its key is not
+    written, as is a key whose file would pass the size every reader accepts. Returns why,
+    one line a key left so. ``done(key text)``: called as each key is written.
     """
     directory = path.parent / pagedir.page_dir_name(path.name)
     meta = {"kernel": doc.kernel, "platform": doc.platform}
-    left_alone = pagedir.replace_page(directory, meta, doc.entries, LOCK_TIMEOUT_S)
-    if path.is_file() and not path.is_symlink():
+    left_alone = pagedir.replace_page(directory, meta, doc.entries, LOCK_TIMEOUT_S, fold, done)
+    if not left_alone and path.is_file() and not path.is_symlink():
         old, _ = read_book_file(path)
         if old is not None and set(old.entries) <= set(doc.entries):
             path.unlink()

@@ -211,11 +211,13 @@ def page_entries(page: Page) -> tuple[int, Iterator[tuple[int, Entry]]]:
     meta = {"kernel": page.doc.kernel, "platform": page.doc.platform}
     # Sorted by name, then by natural order: the order sorted_entries gives a whole page
     # (read_all lists keys by name; the sort is stable), so that ties fall the same way.
-    texts = sorted(sorted(pagedir.list_keys(page.path, meta)), key=_natural)
+    # A key's files under other names (a copy, a name not UTF-8) are read with it (key_files).
+    files = pagedir.key_files(page.path, meta)
+    texts = sorted(sorted(files), key=_natural)
 
     def read() -> Iterator[tuple[int, Entry]]:
         for position, text in enumerate(texts):
-            entry = pagedir.read_key(page.path, meta, text)
+            entry = pagedir.read_key_files(page.path, meta, text, files[text])
             if entry is not None:
                 yield position, entry
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,14 +32,17 @@ from rich.markup import escape
 from .._book import pagedir
 from .._book.records import Document, Entry, Result
 from ._common import (
+    err,
     fail_if_left_alone,
     load_or_fail,
     out,
     output_fix,
     output_option,
     select_pages,
+    skipped_results,
     warn_skipped,
     write_document,
+    write_problem,
     writing,
 )
 from ._load import canonical_file_name, identity_of, platform_id_of
@@ -132,16 +135,26 @@ def merge_all(docs: Iterable[Document]) -> dict[str, Document]:
 
 
 def write_merged(
-    directory: Path, merged: dict[str, Document], left_alone: list[str]
+    directory: Path,
+    merged: dict[str, Document],
+    left_alone: list[str],
+    done: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[Path, int]]:
     """Write each document atomically (see ``write_document``), yielding each page's path
     once written and how many of its keys were; key files left as they were (a newer
-    tunebook's, one unreadable just now) are added to ``left_alone``."""
+    tunebook's, one unreadable just now, a key grown past the size limit) are added to
+    ``left_alone``. Each key's files are read again as it is written and folded in by
+    ``merge_entries``: what another merge or a live autotuner wrote since is kept."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(merged):
-        left = write_document(directory / name, merged[name])
+        left = write_document(directory / name, merged[name], fold=merge_entries, done=done)
         left_alone += left
         yield directory / pagedir.page_dir_name(name), len(merged[name].entries) - len(left)
+
+
+def skipped_inputs(count: int) -> str:
+    """The end of a final line when input files were skipped (the exit status is then 1)."""
+    return f"; {count} input file(s) skipped (listed above), their results not included" if count else ""
 
 
 @click.command("merge")
@@ -153,31 +166,67 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
 
     Results for the same kernel, platform, key and config are decided by measurement: a
     success beats a failure, then the smaller median time stands. The output does not depend
-    on the order of the inputs.
+    on the order of the inputs. Exit status 1 if an input file was skipped or a key could
+    not be written (each is named; the rest is merged).
     """
+    fix = output_fix(output, "Choose a writable directory with -o")
+    if not dry_run:
+        problem = write_problem(output)  # before reading the inputs, which may take a while
+        if problem is not None:
+            raise click.ClickException(f"cannot write {output}: {problem}. {fix}")
     docs: list[Document] = []
-    sources = list(books)
-    if output.is_dir():
+    sources = list(dict.fromkeys(books))  # a book given twice is read (and counted) once
+    if output.is_dir() and output not in sources:
         sources.append(output)  # merging into a live book keeps what it already has
-    for source in sources:
-        loaded = load_or_fail(source)
-        warn_skipped(loaded)
-        if source in books:
-            select_pages(loaded)  # an input with no readable book file is an error (docs/cli.md)
-        docs += [page.doc for page in loaded.pages]
-    merged = merge_all(docs)
+    skipped = 0
+    try:
+        for source in sources:
+            loaded = load_or_fail(source)
+            warn_skipped(loaded)
+            if source in books:
+                select_pages(loaded)  # an input with no readable book file is an error (docs/cli.md)
+                skipped += skipped_results(loaded)
+            docs += [page.doc for page in loaded.pages]
+        merged = merge_all(docs)
+    except KeyboardInterrupt:
+        err().print("interrupted while reading the books: nothing was written", highlight=False)
+        raise click.exceptions.Exit(130) from None
     console = out()
     if dry_run:
         for name in sorted(merged):
             # the page directory write_merged makes (format 2), not the format-1 file name
             page = output / pagedir.page_dir_name(name)
             console.print(f"would write {escape(str(page))} ({len(merged[name].entries)} keys)")
+        if skipped:
+            raise click.ClickException(f"{skipped} input file(s) skipped (listed above)")
         return
     left_alone: list[str] = []
-    with writing(output, output_fix(output, "Choose a writable directory with -o")):
-        for path, written in write_merged(output, merged, left_alone):
-            console.print(f"wrote {escape(str(path))} ({written} keys)")
+    total = sum(len(doc.entries) for doc in merged.values())
+    written = [0]
+
+    def progress() -> str:
+        return (
+            f"{written[0]} of {total} keys were written, each whole; running the merge again is safe "
+            "(it writes the rest)"
+        )
+
+    def count(_: str) -> None:
+        written[0] += 1
+
+    try:
+        with writing(output, fix, progress):
+            for path, keys in write_merged(output, merged, left_alone, count):
+                console.print(f"wrote {escape(str(path))} ({keys} keys)")
+    except KeyboardInterrupt:
+        err().print(f"interrupted: {escape(progress())}", highlight=False)
+        raise click.exceptions.Exit(130) from None
     console.print(
         f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}"
+        + skipped_inputs(skipped)
     )
     fail_if_left_alone(left_alone)
+    if skipped:
+        raise click.ClickException(
+            f"{skipped} input file(s) skipped (listed above, each with its reason): their results are "
+            "not in the merge. The rest was merged"
+        )

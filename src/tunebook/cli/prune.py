@@ -77,7 +77,9 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     files a write kept aside (NAME.corrupt-TIME-PID) and pages an interrupted prune left
     (PAGE.pruning-PID) are dropped too.
     """
-    loaded = load_or_fail(book)  # before the imports, which take seconds (torch)
+    # Streamed: prune judges pages by their kernel and platform, never reads their keys (a
+    # 200,000-key book was read whole, keys and all, only to be judged by page.json).
+    loaded = load_or_fail(book, stream=True)  # before the imports, which take seconds (torch)
     kernels = current_kernels(keep)
     warn_skipped(loaded)
     triton_now = triton_version()

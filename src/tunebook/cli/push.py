@@ -21,8 +21,8 @@ import click
 from rich.markup import escape
 
 from .._book.records import Document
-from ._common import load_or_fail, out, select_pages, warn_skipped
-from .merge import merge_all
+from ._common import err, load_or_fail, out, select_pages, skipped_results, warn_skipped
+from .merge import merge_all, skipped_inputs
 
 # A push is a person's command, not a kernel call: it may wait for a busy server, where the
 # store's defaults (50 ms) keep a serving process from ever waiting on the fleet.
@@ -48,8 +48,9 @@ def _store(url: str) -> Any:
     )
 
 
-def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:
-    """(keys new to the fleet, keys sent) for one page; raises ClickException when Redis refuses."""
+def _push(store: Any, name: str, doc: Document, sent: list[int] | None = None) -> tuple[int, int]:
+    """(keys new to the fleet, keys sent) for one page; raises ClickException when Redis
+    refuses. ``sent[0]`` counts the keys sent, request by request (for an interruption)."""
     identity = {"kernel": doc.kernel, "platform": doc.platform}
     names = sorted(doc.entries)
     new = 0
@@ -81,6 +82,8 @@ def _push(store: Any, name: str, doc: Document) -> tuple[int, int]:
                 f"above); {start} of its {len(names)} keys were written. Nothing else was changed; "
                 "run the command again once Redis answers"
             )
+        if sent is not None:
+            sent[0] += len(chunk)
     return new, len(names)
 
 
@@ -100,6 +103,7 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
     fleet this way. What Redis already holds stands per (key, config), as every host's own
     writes do: a push adds the keys and configs the fleet lacks (an added config that is
     faster then wins, as when a host measures it) and never replaces a result it holds.
+    Exit status 1 if an input file was skipped (each is named; the rest is sent).
     """
     url = url or os.environ.get("TUNEBOOK_REDIS_URL") or None
     if not url:
@@ -108,21 +112,47 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
         )
     store = _store(url)  # a malformed URL, or no redis-py, before the books are read
     docs: list[Document] = []
-    for source in books or (None,):
-        loaded = load_or_fail(source)
-        warn_skipped(loaded)
-        select_pages(loaded)  # a book with no readable page is an error, as for merge
-        docs += [page.doc for page in loaded.pages]
-    merged = merge_all(docs)
+    skipped = 0
+    try:
+        for source in books or (None,):
+            loaded = load_or_fail(source)
+            warn_skipped(loaded)
+            select_pages(loaded)  # a book with no readable page is an error, as for merge
+            skipped += skipped_results(loaded)
+            docs += [page.doc for page in loaded.pages]
+        merged = merge_all(docs)
+    except KeyboardInterrupt:
+        err().print("interrupted while reading the books: nothing was sent", highlight=False)
+        raise click.exceptions.Exit(130) from None
     console = out()
     if dry_run:
         for name in sorted(merged):
             console.print(f"would send {escape(name)} ({len(merged[name].entries)} keys)")
+        if skipped:
+            raise click.ClickException(f"{skipped} input file(s) skipped (listed above)")
         return
     new_keys = 0
-    for name in sorted(merged):
-        new, sent = _push(store, name, merged[name])
-        new_keys += new
-        console.print(f"sent {escape(name)} ({sent} keys, {new} new to the fleet)")
+    total = sum(len(doc.entries) for doc in merged.values())
+    sent = [0]
+    try:
+        for name in sorted(merged):
+            new, count = _push(store, name, merged[name], sent)
+            new_keys += new
+            console.print(f"sent {escape(name)} ({count} keys, {new} new to the fleet)")
+    except KeyboardInterrupt:
+        err().print(
+            f"interrupted: {sent[0]} of {total} keys were sent to {escape(store.shown)}, each request an "
+            "atomic merge; running the push again is safe (what the fleet holds stands)",
+            highlight=False,
+        )
+        raise click.exceptions.Exit(130) from None
     pages = f"{len(merged)} page{'s' * (len(merged) != 1)}"
-    console.print(f"pushed {pages} into {escape(store.shown)}: {new_keys} keys the fleet lacked")
+    console.print(
+        f"pushed {pages} into {escape(store.shown)}: {new_keys} keys the fleet lacked"
+        + skipped_inputs(skipped)
+    )
+    if skipped:
+        raise click.ClickException(
+            f"{skipped} input file(s) skipped (listed above, each with its reason): their results were "
+            "not sent. The rest was sent"
+        )
