@@ -301,7 +301,8 @@ class _DelayProxy:
             self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
-            await self.server.serve_forever()
+            with contextlib.suppress(asyncio.CancelledError):  # close() ends serve_forever so
+                await self.server.serve_forever()
 
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
         self.thread.start()
@@ -379,3 +380,30 @@ def test_a_child_forked_while_a_thread_holds_the_store_lock_can_use_the_store(se
     holder.join()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child's merge waited for its parent's thread"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_holds_and_sends_its_own_news_not_its_parents(server: RedisServer) -> None:
+    """A pre-fork server's worker inherits its parent's store: what the worker could not send
+    during an outage was held as "the parent's" and never sent, with nothing said at exit."""
+    store = RedisStore(server.url, **PATIENT)
+    server.stop()
+    assert store.merge(FILE, _doc(1, {16: 1.0})) is None  # the parent's news, held
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            held_at_fork = store.unsent_results()  # the parent's: not the child's to send
+            assert store.merge(FILE, _doc(2, {16: 1.0})) is None  # the child's own, held
+            server.start()
+            left = store.send_unsent(probe=True)
+            stored = RedisStore(server.url, **PATIENT).fetch(FILE)
+            keys = sorted(stored.entries) if stored is not None else []
+            code = 0 if (held_at_fork, left, keys) == (0, 0, [json.dumps([2, "torch.float32"])]) else 2
+        finally:
+            server.stop()  # the server this child started
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.unsent_results() == 1  # the parent still holds its own
+    store.outbox.clear()

@@ -11,12 +11,14 @@ every later merge of that file takes it along. What is held is sent again
   a short outage to itself;
 * at the interpreter's exit (``redis_store.send_unsent_at_exit``).
 
-A forked child sends nothing of what its parent held: that is the parent's to send.
+A forked child starts with nothing held (what its parent held is the parent's to send) and
+holds and sends its own news as any process does.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,8 +26,9 @@ from collections.abc import Callable
 from .._forksafe import lock_for
 from .records import Document
 
-# (file name, news, probe) -> whether Redis took it; probe: try even while the breaker is open
-Send = Callable[[str, Document, bool], bool]
+# (file name, news, probe, deadline) -> whether Redis took it; probe: try even while the
+# breaker is open; deadline (time.monotonic()): contended retries end by then
+Send = Callable[[str, Document, bool, "float | None"], bool]
 
 
 class Outbox:
@@ -45,23 +48,29 @@ class Outbox:
         self._pid = os.getpid()
         self._sending = threading.local()  # set while this thread sends (no sending from within)
 
-    def _mine(self) -> bool:
-        return os.getpid() == self._pid
+    def _adopt(self) -> None:
+        """In a forked child (a pre-fork server's worker): forget the parent's news, which the
+        parent sends, and its thread, which the child does not have. Under the lock."""
+        if os.getpid() != self._pid:
+            self._pid, self._held, self._thread = os.getpid(), {}, None
 
     def take(self, name: str) -> Document | None:
         """What is held for ``name``, no longer held (the caller sends it along, or holds it again)."""
         with self._lock:
-            return self._held.pop(name, None) if self._mine() else None
+            self._adopt()
+            return self._held.pop(name, None)
 
     def hold(self, name: str, news: Document) -> None:
         """Hold ``news`` for ``name`` (merged with what is held for it), and make sure the
         sending thread runs."""
         with self._lock:
+            self._adopt()
             old = self._held.get(name)
             self._held[name] = news.merged_over(old) if old is not None else news
             self._due = self._clock() + self.retry_after_s
             thread = None
-            if self._thread is None or not self._thread.is_alive():
+            # (no new thread while the interpreter exits: the exit's own send is the last try)
+            if (self._thread is None or not self._thread.is_alive()) and not sys.is_finalizing():
                 thread = self._thread = threading.Thread(
                     target=self._loop, name="tunebook-redis", daemon=True
                 )
@@ -71,6 +80,7 @@ class Outbox:
     def keys(self, name: str | None = None) -> frozenset[str]:
         """The key texts held for ``name`` (every file's, as ``file:key``, when None)."""
         with self._lock:
+            self._adopt()
             if name is not None:
                 doc = self._held.get(name)
                 return frozenset(doc.entries) if doc is not None else frozenset()
@@ -79,6 +89,7 @@ class Outbox:
     def results(self) -> int:
         """How many results (key, config) are held."""
         with self._lock:
+            self._adopt()
             return sum(len(e.results) for doc in self._held.values() for e in doc.entries.values())
 
     def clear(self) -> None:
@@ -90,11 +101,10 @@ class Outbox:
         """Send what is held, one request a file, until Redis is deemed down again; the results
         still held after it. ``probe``: the first request tries even while the breaker is open
         (the interpreter's exit); ``deadline`` (time.monotonic()): no further file after it."""
-        if not self._mine():
-            return 0
         self._sending.on = True
         try:
             with self._lock:
+                self._adopt()
                 names = sorted(self._held)
             for name in names:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -102,7 +112,7 @@ class Outbox:
                 news = self.take(name)
                 if news is None:
                     continue
-                if not self._send(name, news, probe):
+                if not self._send(name, news, probe, deadline):
                     self.hold(name, news)
                     if not self._up():
                         break
@@ -127,7 +137,7 @@ class Outbox:
         while True:
             time.sleep(max(self.retry_after_s, 0.5))
             with self._lock:
-                if not self._held or not self._mine():
+                if not self._held or os.getpid() != self._pid:
                     self._thread = None
                     return
             self.send()

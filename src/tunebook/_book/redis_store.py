@@ -408,8 +408,10 @@ class RedisStore:
         """Send what merges held back (:class:`Outbox`); the results still unsent after it."""
         return self.outbox.send(probe=probe, deadline=deadline)
 
-    def _send_held(self, file_name: str, news: Document, probe: bool) -> bool:
-        call = functools.partial(self._merge, key=KEY_PREFIX + file_name, file_name=file_name, news=news)
+    def _send_held(self, file_name: str, news: Document, probe: bool, deadline: float | None) -> bool:
+        call = functools.partial(
+            self._merge, key=KEY_PREFIX + file_name, file_name=file_name, news=news, deadline=deadline
+        )
         return self._guarded(call, probe=probe) is not None
 
     @property
@@ -440,20 +442,15 @@ class RedisStore:
             result = call(self._client)
         except _Contended:
             self.last_failure = "other writers kept changing the page"
-            log.debug(
-                "tunebook: other writers kept changing a page of the Redis book at %s for %.0f s; "
-                "the result is held and sent again later",
-                self.shown,
-                _CONFLICT_S,
-            )
-            self._warn(
-                "contended",
-                "tunebook: gave up merging into the Redis book at %s after %.0f s of contended tries "
-                "(many processes writing one page at once); the result stays in the local book and is "
-                "sent again later",
-                self.shown,
-                _CONFLICT_S,
-            )
+            if self.keeps_unsent:  # else the caller (tunebook push) reports it, with what to do
+                self._warn(
+                    "contended",
+                    "tunebook: gave up merging into the Redis book at %s after %.0f s of contended "
+                    "tries (many processes writing one page at once); the result stays in the local "
+                    "book and is sent again later",
+                    self.shown,
+                    _CONFLICT_S,
+                )
             return None
         except self._down as exc:
             if getattr(_budget, "over", False):  # the server answered, with more than a book holds
@@ -673,8 +670,12 @@ class RedisStore:
                 )
         return replace(doc, entries=entries), bad, meta_ok
 
-    def _merge(self, client: Any, key: str, file_name: str, news: Document) -> Document | None:
+    def _merge(
+        self, client: Any, key: str, file_name: str, news: Document, deadline: float | None = None
+    ) -> Document | None:
         give_up = time.monotonic() + _CONFLICT_S
+        if deadline is not None:
+            give_up = min(give_up, deadline)
         for tries in range(_MAX_TRIES):
             with client.pipeline(transaction=True) as pipe:
                 try:
