@@ -171,9 +171,12 @@ def test_a_keys_files_under_other_names_are_read_and_folded_into_its_file_before
         f.write(pagedir.entry_text(_entry((2,), 64, 3.0), META))
     found = pagedir.read_all(page, META)
     assert sorted(found) == ["[1]", "[2]"] and len(found["[1]"].results) == 2
-    # Without a fold (an import replaces keys) a key's other files stay where they are.
+    # Without a fold (an import replaces keys) a written key's other files go with the file it
+    # replaces (a whole-book reader would fold the copy's configs back in); others' stay.
     pagedir.replace_page(page, META, {"[1]": _entry((1,), 64, 1.0)}, 5.0)
-    assert copy.exists() and os.path.exists(odd)
+    assert not copy.exists() and os.path.exists(odd)
+    assert len(pagedir.read_all(page, META)["[1]"].results) == 1
+    copy.write_text(pagedir.entry_text(_entry((1,), 128, 2.0), META))
     # With one (merge's), they are folded into the key's own file, then removed.
     pagedir.replace_page(page, META, found, 5.0, fold=lambda a, b: b.merged_over(a))
     assert not copy.exists() and not os.path.exists(odd)

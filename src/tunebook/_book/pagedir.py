@@ -559,7 +559,8 @@ def replace_page(
     It is applied to the key's file as it is now and to each other file of the key (a copy,
     a name that is not UTF-8: see ``key_files``), which then goes, its content being in the
     key's file. Without ``fold`` (an import that replaces keys) the entry stands as decided,
-    and a key's other files are left where they are. Either way news pending for the key (a
+    and a key's other files go with the file it replaces (the readers of whole books would
+    fold them back in). Either way news pending for the key (a
     live autotuner's) is folded in under the entry, which stands.
 
     Nothing else is removed: a key file the caller did not hold stays, and an unreadable
@@ -596,14 +597,13 @@ def replace_page(
                     continue
             decided = entry
             folded: list[Path] = []
-            if fold is not None:
-                if current is not None:  # as it is now: written since the caller read it, perhaps
-                    decided = fold(entry, current[1])
-                for other in others.get(text, []):
-                    held = _entry_of(other, meta, None)
-                    if held is not None and held[0] == text:
-                        decided = fold(decided, held[1])
-                        folded.append(other)
+            if fold is not None and current is not None:  # as it is now: written since read, perhaps
+                decided = fold(entry, current[1])
+            for other in others.get(text, []):
+                held = _entry_of(other, meta, None)
+                if held is not None and held[0] == text:  # replaced as the key's file is, or folded
+                    decided = fold(decided, held[1]) if fold is not None else decided
+                    folded.append(other)
             pending = _pending(directory, name)
             final = _folded(decided, pending, meta, text)
             assert final is not None

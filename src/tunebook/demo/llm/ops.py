@@ -169,8 +169,18 @@ class TritonOps(Ops):
         seq_lens: Sequence[int],
     ) -> torch.Tensor:
         longest = max(seq_lens)
+        # Our own output: the sequences fill every row (no padding), so the op need not zero
+        # the rows past the last sequence, a memset of the whole output on a GPU.
         return self.k.varlen_attention(
-            q, k, v, cu_seqlens, cu_seqlens, causal=True, max_seqlen_q=longest, max_seqlen_k=longest
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            causal=True,
+            max_seqlen_q=longest,
+            max_seqlen_k=longest,
+            out=torch.empty_like(q),
         )
 
     def decode_attention(

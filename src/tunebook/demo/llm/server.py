@@ -773,7 +773,10 @@ def serve(
 
         async def shutdown(self, sockets: Any = None) -> None:
             await super().shutdown(sockets)
-            if self.force_exit:  # uvicorn then skips the app's shutdown, which a forced one makes quick
+            # A forced exit makes uvicorn skip the app's shutdown (which a forced one makes quick),
+            # unless the second signal came while it ran: then it is done, and not run twice.
+            done = getattr(self.lifespan, "shutdown_event", None)
+            if self.force_exit and (done is None or not done.is_set()):
                 await self.lifespan.shutdown()
 
     # uvicorn's own grace period is a backstop for requests not yet queued (a body still
