@@ -38,7 +38,7 @@ from tunebook import _settings
 from tunebook._book import redis_store
 from tunebook._book.pages import NAME_BUDGET
 from tunebook._book.redis_store import KEY_PREFIX, RedisStore
-from tunebook._errors import ConfigurationError
+from tunebook._errors import BookWarning, ConfigurationError
 
 # JSON in a Redis server and the store's own logic; the autotuner only in children of the
 # CPU interpreter. Last Triton only (tests/conftest.py).
@@ -407,3 +407,31 @@ def test_a_forked_child_holds_and_sends_its_own_news_not_its_parents(server: Red
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.unsent_results() == 1  # the parent still holds its own
     store.outbox.clear()
+
+
+@pytest.mark.parametrize(
+    ("setup", "said"),
+    [
+        ({"maxmemory": "1", "maxmemory-policy": "noeviction"}, "raise its maxmemory"),
+        ({"replicaof": ("127.0.0.1", "1")}, "point TUNEBOOK_REDIS_URL at the primary"),
+    ],
+    ids=["full", "read-only replica"],
+)
+def test_a_server_that_cannot_hold_the_book_is_a_book_warning_with_the_fix(
+    server: RedisServer, setup: dict[str, Any], said: str
+) -> None:
+    """A full Redis (maxmemory, no eviction) or a read-only replica failed every write with
+    one log line (which nobody sees by default) while every result stayed local."""
+    raw = _raw(server)
+    for name, value in setup.items():
+        if name == "replicaof":
+            raw.execute_command("REPLICAOF", *value)
+        else:
+            raw.config_set(name, value)
+    store = RedisStore(server.url, keeps_unsent=False, **PATIENT)
+    try:
+        with pytest.warns(BookWarning, match=said):
+            assert store.merge(FILE, _doc(1, {16: 1.0})) is None
+    finally:
+        raw.execute_command("REPLICAOF", "NO", "ONE")
+        raw.config_set("maxmemory", "0")

@@ -99,6 +99,14 @@ class _Contended(Exception):
 
 # What a server answers when the URL's settings are wrong, not when it is in trouble.
 _SETTING_ERRORS = ("DB index is out of range", "NOAUTH", "WRONGPASS", "invalid password")
+# What a server answers when it is set up so that it cannot hold the book: each is said as a
+# BookWarning once, with the fix (a log line, which nobody sees by default, said nothing while
+# every result stayed local and the outbox retried every few seconds).
+_SERVER_SETUP_ERRORS = {  # redis-py's exception class -> what to do
+    "ReadOnlyError": "it is a read-only replica; point TUNEBOOK_REDIS_URL at the primary",
+    "OutOfMemoryError": "it is full (maxmemory, with a policy that evicts nothing); raise its "
+    "maxmemory, or give the book a server of its own",
+}
 
 
 def redacted(url: str) -> str:
@@ -499,15 +507,16 @@ class RedisStore:
                 log.debug("tunebook: the Redis book at %s still %s: %s", self.shown, how, exc)
             return None
         except Exception as exc:  # the contract: nothing from the shared book reaches a kernel call
-            setting = any(text in str(exc) for text in _SETTING_ERRORS)
+            setup = _SERVER_SETUP_ERRORS.get(type(exc).__name__)
+            setting = setup is not None or any(text in str(exc) for text in _SETTING_ERRORS)
             self.last_failure = f"{type(exc).__name__}: {exc}"
-            self._warn(  # a wrong db or a missing password is the setting's mistake: a BookWarning
-                f"error:{type(exc).__name__}",
+            self._warn(  # a wrong db, a missing password or a server that cannot hold the book: a BookWarning
+                f"error:{type(exc).__name__}:{str(exc)[:24]}",
                 "tunebook: the Redis book at %s failed (%s: %s); carrying on with the local book%s",
                 self.shown,
                 type(exc).__name__,
                 exc,
-                ". Fix TUNEBOOK_REDIS_URL" if setting else "",
+                f": {setup}" if setup else ". Fix TUNEBOOK_REDIS_URL" if setting else "",
                 warn=setting,
             )
             return None
