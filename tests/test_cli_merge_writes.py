@@ -342,3 +342,54 @@ def test_a_destination_that_cannot_be_written_is_refused_before_the_inputs_are_r
     res = invoke("merge", book, "-o", tmp_path / "file" / "out", ok=False)
     assert res.exit_code == 1 and "is not a directory" in res.output, res.output
     assert "skipped" not in res.output  # no input was read
+
+
+# ------------------------------------------------------------------ progress
+
+
+def test_a_long_merge_says_how_far_it_has_got(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge of 50,000 keys wrote for minutes with nothing said until its last line."""
+    from tunebook.cli import _ticker
+
+    monkeypatch.setenv("TUNEBOOK_PROGRESS", "1")
+    defaults = _ticker.Ticker.__init__.__kwdefaults__
+    monkeypatch.setattr(
+        _ticker.Ticker.__init__, "__kwdefaults__", {**defaults, "first_s": 0.0, "every_s": 0.0}
+    )
+    write_book(tmp_path / "a", range(3), range(0, 2))
+    done = invoke("merge", tmp_path / "a", "-o", tmp_path / "out")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("merge: ")]
+    assert [line.split(",")[0] for line in lines] == [
+        "merge: 1 of 3 keys written (33%)",
+        "merge: 2 of 3 keys written (67%)",
+        "merge: 3 of 3 keys written (100%)",
+    ], done.stderr
+
+
+def test_progress_comes_late_seldom_and_only_where_asked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tunebook.cli._ticker import Ticker
+
+    now = [0.0]
+    monkeypatch.setenv("TUNEBOOK_PROGRESS", "1")
+    ticker = Ticker("push", 100, "keys sent", clock=lambda: now[0])
+    for t, n in ((0.5, 10), (2.5, 10), (4.0, 10), (7.6, 10)):
+        now[0] = t
+        ticker.add(n)
+    assert capsys.readouterr().err.splitlines() == [
+        "push: 20 of 100 keys sent (20%), 2 s",  # none in the first 2 s, then one each 5 s
+        "push: 40 of 100 keys sent (40%), 8 s",
+    ]
+    for mode in ("0", "auto"):  # never, and not where stderr is no terminal (captured here)
+        monkeypatch.setenv("TUNEBOOK_PROGRESS", mode)
+        quiet = Ticker("push", 100, clock=lambda: now[0])
+        now[0] += 10
+        quiet.add()
+        assert capsys.readouterr().err == "" and quiet.done == 1
+    monkeypatch.setenv("TUNEBOOK_PROGRESS", "1")
+    monkeypatch.setattr(sys, "stderr", None)  # a process started with stderr closed
+    gone = Ticker("push", 100, clock=lambda: now[0])
+    now[0] += 10
+    gone.add()
+    assert not gone.shown and gone.done == 1

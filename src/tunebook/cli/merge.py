@@ -46,6 +46,7 @@ from ._common import (
     writing,
 )
 from ._load import canonical_file_name, identity_of, platform_id_of
+from ._ticker import Ticker
 
 
 def _rank(result: Result) -> tuple[object, ...]:
@@ -201,21 +202,17 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
             raise click.ClickException(f"{skipped} input file(s) skipped (listed above)")
         return
     left_alone: list[str] = []
-    total = sum(len(doc.entries) for doc in merged.values())
-    written = [0]
+    written = Ticker("merge", sum(len(doc.entries) for doc in merged.values()), "keys written")
 
     def progress() -> str:
         return (
-            f"{written[0]} of {total} keys were written, each whole; running the merge again is safe "
-            "(it writes the rest)"
+            f"{written.done} of {written.total} keys were written, each whole; running the merge again "
+            "is safe (it writes the rest)"
         )
-
-    def count(_: str) -> None:
-        written[0] += 1
 
     try:
         with writing(output, fix, progress):
-            for path, keys in write_merged(output, merged, left_alone, count):
+            for path, keys in write_merged(output, merged, left_alone, lambda _: written.add()):
                 console.print(f"wrote {escape(str(path))} ({keys} keys)")
     except KeyboardInterrupt:
         err().print(f"interrupted: {escape(progress())}", highlight=False)

@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from .._book.records import Document
 from ._common import err, load_or_fail, out, select_pages, skipped_results, warn_skipped
+from ._ticker import Ticker
 from .merge import merge_all, skipped_inputs
 
 # A push is a person's command, not a kernel call: it may wait for a busy server, where the
@@ -48,9 +49,9 @@ def _store(url: str) -> Any:
     )
 
 
-def _push(store: Any, name: str, doc: Document, sent: list[int] | None = None) -> tuple[int, int]:
+def _push(store: Any, name: str, doc: Document, sent: Ticker | None = None) -> tuple[int, int]:
     """(keys new to the fleet, keys sent) for one page; raises ClickException when Redis
-    refuses. ``sent[0]`` counts the keys sent, request by request (for an interruption)."""
+    refuses. ``sent`` counts the keys sent, request by request (progress, and an interruption)."""
     identity = {"kernel": doc.kernel, "platform": doc.platform}
     names = sorted(doc.entries)
     new = 0
@@ -83,7 +84,7 @@ def _push(store: Any, name: str, doc: Document, sent: list[int] | None = None) -
                 "run the command again once Redis answers"
             )
         if sent is not None:
-            sent[0] += len(chunk)
+            sent.add(len(chunk))
     return new, len(names)
 
 
@@ -132,8 +133,7 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
             raise click.ClickException(f"{skipped} input file(s) skipped (listed above)")
         return
     new_keys = 0
-    total = sum(len(doc.entries) for doc in merged.values())
-    sent = [0]
+    sent = Ticker("push", sum(len(doc.entries) for doc in merged.values()), "keys sent")
     try:
         for name in sorted(merged):
             new, count = _push(store, name, merged[name], sent)
@@ -141,8 +141,8 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
             console.print(f"sent {escape(name)} ({count} keys, {new} new to the fleet)")
     except KeyboardInterrupt:
         err().print(
-            f"interrupted: {sent[0]} of {total} keys were sent to {escape(store.shown)}, each request an "
-            "atomic merge; running the push again is safe (what the fleet holds stands)",
+            f"interrupted: {sent.done} of {sent.total} keys were sent to {escape(store.shown)}, each "
+            "request an atomic merge; running the push again is safe (what the fleet holds stands)",
             highlight=False,
         )
         raise click.exceptions.Exit(130) from None
