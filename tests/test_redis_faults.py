@@ -90,7 +90,7 @@ def test_a_reply_past_the_byte_budget_fails_that_request_not_the_store(
     assert store.merge(FILE, _doc(64, {16: 1.0})) is not None
     huge = json.dumps([128, "torch.float32"])
     _raw(server).hset(KEY_PREFIX + FILE, huge, b"x" * (2 << 20))
-    assert store.fetch(FILE, [huge]) is None
+    assert store.fetch(FILE) is None  # the whole page: one reply, past the budget
     assert store.available, "a large reply opened the breaker"
     fetched = store.fetch(FILE, [json.dumps([64, "torch.float32"])])  # the rest of the book is in use
     assert fetched is not None and len(fetched.entries) == 1
@@ -228,13 +228,13 @@ def meddler(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[th
     raw = _raw(server)
     real = RedisStore._fields
 
-    def fields(client: Any, key: str, keys: Any) -> dict[bytes, bytes]:
-        got = real(client, key, keys)
+    def fields(self: RedisStore, client: Any, key: str, keys: Any, **how: Any) -> dict[bytes, bytes]:
+        got = real(self, client, key, keys, **how)
         if not stop.is_set():
             raw.hset(key, "[999999]", json.dumps(str(time.monotonic())))
         return got
 
-    monkeypatch.setattr(RedisStore, "_fields", staticmethod(fields))
+    monkeypatch.setattr(RedisStore, "_fields", fields)
     yield stop
     stop.set()
 
@@ -435,3 +435,20 @@ def test_a_server_that_cannot_hold_the_book_is_a_book_warning_with_the_fix(
     finally:
         raw.execute_command("REPLICAOF", "NO", "ONE")
         raw.config_set("maxmemory", "0")
+
+
+def test_an_entry_larger_than_a_reply_may_carry_is_left_unread_and_replaced(server: RedisServer) -> None:
+    """One field past the reply's byte budget (a bug's or a hand's write) failed every read of
+    its key, and every merge into it (which read it first), for good: the key was never served
+    from the fleet again, and what each host tuned for it waited to be sent for ever."""
+    store = RedisStore(server.url, max_reply_bytes=1 << 20, **PATIENT)
+    one, two = json.dumps([1, "torch.float32"]), json.dumps([2, "torch.float32"])
+    assert store.merge(FILE, _doc(2, {16: 1.0})) is not None
+    _raw(server).hset(KEY_PREFIX + FILE, one, b"x" * (2 << 20))
+    with pytest.warns(BookWarning, match="more than a reply may carry"):
+        fetched = store.fetch(FILE, [one, two])
+    assert fetched is not None and list(fetched.entries) == [two] and store.available
+    assert store.merge(FILE, _doc(1, {16: 2.0})) is not None  # the news replaces it
+    again = store.fetch(FILE, [one, two])
+    assert again is not None and sorted(again.entries) == [one, two]
+    store.outbox.clear()

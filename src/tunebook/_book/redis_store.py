@@ -596,12 +596,50 @@ class RedisStore:
         _budget.deadline = max(_budget.deadline or 0.0, deadline)
         return list(client.hkeys(key))
 
-    @staticmethod
-    def _fields(client: Any, key: str, keys: Collection[str]) -> dict[bytes, bytes]:
-        """``meta`` and the fields of ``keys`` that are stored, as HGETALL would give them."""
+    def _fields(
+        self, client: Any, key: str, keys: Collection[str], *, measured: bool = False
+    ) -> dict[bytes, bytes]:
+        """``meta`` and the fields of ``keys`` that are stored, as HGETALL would give them,
+        but for a field larger than a reply may carry (``max_reply_bytes``), which is left
+        unread and said once: one such field failed every read of its key, and every merge
+        into it, for good (a smaller one that is no entry is read, and kept aside as corrupt).
+        ``measured``: measure the fields before reading them (a merge,
+        which then writes over such a field); else only once a reply ran past the budget."""
         names = [_META, *keys]
-        values = client.hmget(key, names)
+        if measured:
+            names = self._not_oversized(client, key, names)
+        try:
+            values = client.hmget(key, names) if names else []
+        except self._down:
+            if measured or not getattr(_budget, "over", False):
+                raise
+            _budget.over, _budget.bytes_left = False, self.max_reply_bytes  # a new read
+            names = self._not_oversized(client, key, names)
+            values = client.hmget(key, names) if names else []
         return {n.encode(): v for n, v in zip(names, values) if v is not None}
+
+    def _not_oversized(self, client: Any, key: str, names: list[str]) -> list[str]:
+        """``names`` but those whose stored value is larger than a reply may carry (HSTRLEN,
+        one request a field: a merge's few keys, or a read that already failed)."""
+        kept = []
+        for name in names:
+            size = int(client.hstrlen(key, name))
+            if size <= self.max_reply_bytes:
+                kept.append(name)
+                continue
+            self._warn(
+                f"oversized:{key}:{name}",
+                "tunebook: the Redis book at %s holds %s's entry for key %s of %d bytes, more than "
+                "a reply may carry (%d): it is left unread, and the key's next result tuned "
+                "replaces it",
+                self.shown,
+                key,
+                name,
+                size,
+                self.max_reply_bytes,
+                warn=True,
+            )
+        return kept
 
     def _load(
         self, fields: dict[bytes, bytes], file_name: str, expected: Mapping[str, Mapping[str, Any]] | None
@@ -697,7 +735,7 @@ class RedisStore:
                     foreign = pipe.type(key) not in (b"hash", b"none")
                     # The touched keys only; the news names the identity this hash is for: a
                     # hash whose meta is unreadable keeps its keys, and gets its meta rewritten.
-                    fields = {} if foreign else self._fields(pipe, key, news.entries)
+                    fields = {} if foreign else self._fields(pipe, key, news.entries, measured=True)
                     identity = {"kernel": news.kernel, "platform": news.platform}
                     stored, bad, meta_ok = self._parse(fields, file_name, identity)
                     if stored is not None and stored.kernel.get("hash") != news.kernel.get("hash"):
