@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +93,27 @@ def tunebook_cli(*args: object) -> subprocess.Popen[str]:
     )
 
 
-def waiting_on_a_lock(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
-    """Return once ``proc`` sleeps in filelock's poll (it has read its inputs and waits for a
-    key's lock): its kernel wait channel says so. Without /proc, a generous pause."""
-    wchan = Path(f"/proc/{proc.pid}/wchan")
+def waiting_on_a_lock(
+    proc: subprocess.Popen[str], timeout: float = 60.0, written: Callable[[], bool] | None = None
+) -> None:
+    """Return once ``proc`` waits for a key's lock, having read its inputs (and, with
+    ``written``, once that says the keys before the held one are written): it sleeps at
+    every look for a quarter of a second (its state in /proc is S; reading books, it runs or
+    waits to run: R, or D on a disk), whatever filelock sleeps in. Without /proc, a generous
+    pause."""
+    stat = Path(f"/proc/{proc.pid}/stat")
     deadline = time.monotonic() + timeout
     seen = 0
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
-            sleeping = "nanosleep" in wchan.read_text()
-        except OSError:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             time.sleep(10)
             return
-        seen = seen + 1 if sleeping else 0
-        if seen >= 3:
+        ready = written is None or written()
+        seen = seen + 1 if state == "S" and ready else 0
+        if seen >= 5:
             return
         time.sleep(0.05)
     raise AssertionError("the merge never waited for the lock")
@@ -281,7 +288,7 @@ def test_ctrl_c_during_a_merge_says_how_far_it_got(tmp_path: Path) -> None:
     write_book(tmp_path / "a", range(10), range(10, 12))
     with holding(page, key(5)):  # keys are written in key order: 0-4 are written, then it waits
         merge = tunebook_cli("merge", tmp_path / "a", "-o", out)
-        waiting_on_a_lock(merge)
+        waiting_on_a_lock(merge, written=lambda: all(10 in configs_by_key(page).get(i, ()) for i in range(5)))
         merge.send_signal(signal.SIGINT)
         stdout, stderr = merge.communicate(timeout=60)
     assert merge.returncode == 130, stdout + stderr
