@@ -154,12 +154,14 @@ class Layer:
     def push(self, name: str, news: Mapping[str, Entry], page: Page) -> bool:
         """Merge ``news`` (and anything refused before) into the store; False if it refused.
 
-        A store that sends again what it refused itself (``keeps_unsent``: the Redis store,
-        which retries after an outage without waiting for this page's next miss) is sent
-        ``news`` only; ``pending`` then holds what it has yet to send, for :meth:`Page._compose`
-        alone (sending it twice would count its misses twice)."""
+        A store that sends again what it refused itself (``keeps_unsent``: the Redis store's
+        outbox, which retries after an outage without waiting for this page's next miss) is
+        sent ``news`` only: sending what it holds again would count its misses twice."""
         if getattr(self.store, "keeps_unsent", False):
-            return self._push_once(name, news, page)
+            stored = self.store.merge(name, page.document(news)) if news else None
+            if stored is not None:
+                self._take(stored, page)
+            return stored is not None or not news
         pending = dict(self.pending)
         for k, entry in news.items():
             pending[k] = entry.merged_over(pending[k]) if k in pending else entry
@@ -174,19 +176,12 @@ class Layer:
         self._take(stored, page)
         return True
 
-    def _push_once(self, name: str, news: Mapping[str, Entry], page: Page) -> bool:
-        unsent = self.store.unsent(name)  # type: ignore[attr-defined]
-        self.pending = {k: e for k, e in self.pending.items() if k in unsent}
-        if not news:
-            return not self.pending
-        stored = self.store.merge(name, page.document(news))
-        if stored is None:
-            for k, entry in news.items():
-                self.pending[k] = entry.merged_over(self.pending[k]) if k in self.pending else entry
-            return False
-        self.pending = {k: e for k, e in self.pending.items() if k not in stored.entries}
-        self._take(stored, page)
-        return True
+    def waiting(self, name: str) -> Mapping[str, Entry]:
+        """What the store has yet to take of page ``name``: the refused news this layer offers
+        again with its next write, or what a store that sends it again itself holds."""
+        if getattr(self.store, "keeps_unsent", False):
+            return self.store.held(name)  # type: ignore[attr-defined]
+        return self.pending
 
     def sync(self, name: str, keys: Collection[str], page: Page) -> None:
         """Catch up with the store on ``keys``: send what it refused before, then fetch them."""
@@ -209,7 +204,7 @@ class Layer:
             self.index = (
                 stored.index if ok and stored is not None and stored.index is not None else frozenset()
             )
-        return self.index | self.entries.keys() | self.pending.keys()
+        return self.index | self.entries.keys() | self.waiting(name).keys()
 
     def _take(self, stored: Document, page: Page) -> None:
         if page.same_kernel(stored, f"{self.store!r} {page.file_name}"):
@@ -403,12 +398,13 @@ class Page:
 
     def _compose(self, texts: Sequence[str]) -> None:
         """Rebuild ``entries`` of ``texts``: each layer over the ones after it, per config."""
+        lower_first = [(layer.entries, layer.waiting(self.file_name)) for layer in reversed(self.layers)]
         for k in texts:
             composed: Entry | None = None
-            for layer in reversed(self.layers):
-                mine = layer.entries.get(k)
-                if k in layer.pending:
-                    mine = layer.pending[k].merged_over(mine)
+            for entries, waiting in lower_first:
+                mine = entries.get(k)
+                if k in waiting:
+                    mine = waiting[k].merged_over(mine)
                 if mine is not None:
                     composed = composed.merged_over(mine) if composed is not None else mine  # upper stands
             if composed is not None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from .._forksafe import lock_for
-from .records import Document
+from .records import Document, Entry
 
 # (file name, news, probe, deadline) -> whether Redis took it; probe: try even while the
 # breaker is open; deadline (time.monotonic()): contended retries end by then
@@ -77,13 +77,17 @@ class Outbox:
         if thread is not None:
             thread.start()
 
-    def keys(self, name: str | None = None) -> frozenset[str]:
-        """The key texts held for ``name`` (every file's, as ``file:key``, when None)."""
+    def held(self, name: str) -> dict[str, Entry]:
+        """The entries held for ``name``, by key text."""
         with self._lock:
             self._adopt()
-            if name is not None:
-                doc = self._held.get(name)
-                return frozenset(doc.entries) if doc is not None else frozenset()
+            doc = self._held.get(name)
+            return dict(doc.entries) if doc is not None else {}
+
+    def keys(self) -> frozenset[str]:
+        """Every key text held, as ``file:key``."""
+        with self._lock:
+            self._adopt()
             return frozenset(f"{n}:{k}" for n, doc in self._held.items() for k in doc.entries)
 
     def results(self) -> int:

@@ -404,9 +404,13 @@ class RedisStore:
             self.outbox.hold(file_name, news)
         return result
 
+    def held(self, file_name: str) -> dict[str, Entry]:
+        """What merges could not send of ``file_name`` yet, by key text (its outbox holds it)."""
+        return self.outbox.held(file_name)
+
     def unsent(self, file_name: str | None = None) -> frozenset[str]:
         """The key texts held for ``file_name`` (every file's, as ``file:key``, when None)."""
-        return self.outbox.keys(file_name)
+        return frozenset(self.held(file_name)) if file_name is not None else self.outbox.keys()
 
     def unsent_results(self) -> int:
         """How many results (key, config) this process holds for Redis, unsent."""
