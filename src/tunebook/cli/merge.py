@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,6 +158,39 @@ def skipped_inputs(count: int) -> str:
     return f"; {count} input file(s) skipped (listed above), their results not included" if count else ""
 
 
+def read_books(
+    sources: Sequence[Path | None], inputs: Collection[Path | None], undone: str
+) -> tuple[dict[str, Document], int, int]:
+    """Read ``sources`` and combine them by the merge rule: (the merged pages, the book files
+    read, the input files skipped). ``inputs``: the sources given as inputs, each of which
+    must hold a book file, and whose skipped files are counted. Ctrl-C while reading says
+    that nothing was ``undone`` ("written", "sent") and exits 130."""
+    docs: list[Document] = []
+    skipped = 0
+    try:
+        for source in sources:
+            loaded = load_or_fail(source)
+            warn_skipped(loaded)
+            if source in inputs:
+                select_pages(loaded)  # an input with no readable book file is an error (docs/cli.md)
+                skipped += skipped_results(loaded)
+            docs += [page.doc for page in loaded.pages]
+        return merge_all(docs), len(docs), skipped
+    except KeyboardInterrupt:
+        err().print(f"interrupted while reading the books: nothing was {undone}", highlight=False)
+        raise click.exceptions.Exit(130) from None
+
+
+def fail_if_skipped(skipped: int, rest: str = "") -> None:
+    """Exit 1 when input files were skipped (each was listed with its reason), saying that
+    ``rest`` ("The rest was merged") was done all the same."""
+    if skipped:
+        raise click.ClickException(
+            f"{skipped} input file(s) skipped (listed above, each with its reason): their results are "
+            f"not included{'. ' + rest if rest else ''}"
+        )
+
+
 @click.command("merge")
 @click.argument("books", nargs=-1, required=True, type=click.Path(path_type=Path))
 @output_option("Directory to write the merged book to; book files already in it take part in the merge.")
@@ -175,31 +208,17 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
         problem = write_problem(output)  # before reading the inputs, which may take a while
         if problem is not None:
             raise click.ClickException(f"cannot write {output}: {problem}. {fix}")
-    docs: list[Document] = []
-    sources = list(dict.fromkeys(books))  # a book given twice is read (and counted) once
+    sources: list[Path | None] = list(dict.fromkeys(books))  # a book given twice is read once
     if output.is_dir() and output not in sources:
         sources.append(output)  # merging into a live book keeps what it already has
-    skipped = 0
-    try:
-        for source in sources:
-            loaded = load_or_fail(source)
-            warn_skipped(loaded)
-            if source in books:
-                select_pages(loaded)  # an input with no readable book file is an error (docs/cli.md)
-                skipped += skipped_results(loaded)
-            docs += [page.doc for page in loaded.pages]
-        merged = merge_all(docs)
-    except KeyboardInterrupt:
-        err().print("interrupted while reading the books: nothing was written", highlight=False)
-        raise click.exceptions.Exit(130) from None
+    merged, files, skipped = read_books(sources, books, "written")
     console = out()
     if dry_run:
         for name in sorted(merged):
             # the page directory write_merged makes (format 2), not the format-1 file name
             page = output / pagedir.page_dir_name(name)
             console.print(f"would write {escape(str(page))} ({len(merged[name].entries)} keys)")
-        if skipped:
-            raise click.ClickException(f"{skipped} input file(s) skipped (listed above)")
+        fail_if_skipped(skipped)
         return
     left_alone: list[str] = []
     written = Ticker("merge", sum(len(doc.entries) for doc in merged.values()), "keys written")
@@ -218,12 +237,8 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
         err().print(f"interrupted: {escape(progress())}", highlight=False)
         raise click.exceptions.Exit(130) from None
     console.print(
-        f"merged {len(docs)} book files from {len(books)} inputs into {len(merged)} files in {output}"
+        f"merged {files} book files from {len(books)} inputs into {len(merged)} files in {output}"
         + skipped_inputs(skipped)
     )
     fail_if_left_alone(left_alone)
-    if skipped:
-        raise click.ClickException(
-            f"{skipped} input file(s) skipped (listed above, each with its reason): their results are "
-            "not in the merge. The rest was merged"
-        )
+    fail_if_skipped(skipped, "The rest was merged")

@@ -21,9 +21,9 @@ import click
 from rich.markup import escape
 
 from .._book.records import Document
-from ._common import err, load_or_fail, out, select_pages, skipped_results, warn_skipped
+from ._common import err, out
 from ._ticker import Ticker
-from .merge import merge_all, skipped_inputs
+from .merge import fail_if_skipped, read_books, skipped_inputs
 
 # A push is a person's command, not a kernel call: it may wait for a busy server, where the
 # store's defaults (50 ms) keep a serving process from ever waiting on the fleet.
@@ -49,7 +49,7 @@ def _store(url: str) -> Any:
     )
 
 
-def _push(store: Any, name: str, doc: Document, sent: Ticker | None = None) -> tuple[int, int]:
+def _push(store: Any, name: str, doc: Document, sent: Ticker) -> tuple[int, int]:
     """(keys new to the fleet, keys sent) for one page; raises ClickException when Redis
     refuses. ``sent`` counts the keys sent, request by request (progress, and an interruption)."""
     identity = {"kernel": doc.kernel, "platform": doc.platform}
@@ -83,8 +83,7 @@ def _push(store: Any, name: str, doc: Document, sent: Ticker | None = None) -> t
                 f"above); {start} of its {len(names)} keys were written. Nothing else was changed; "
                 "run the command again once Redis answers"
             )
-        if sent is not None:
-            sent.add(len(chunk))
+        sent.add(len(chunk))
     return new, len(names)
 
 
@@ -112,25 +111,13 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
             "no Redis book named: pass --redis redis://HOST:6379/0 or set TUNEBOOK_REDIS_URL"
         )
     store = _store(url)  # a malformed URL, or no redis-py, before the books are read
-    docs: list[Document] = []
-    skipped = 0
-    try:
-        for source in books or (None,):
-            loaded = load_or_fail(source)
-            warn_skipped(loaded)
-            select_pages(loaded)  # a book with no readable page is an error, as for merge
-            skipped += skipped_results(loaded)
-            docs += [page.doc for page in loaded.pages]
-        merged = merge_all(docs)
-    except KeyboardInterrupt:
-        err().print("interrupted while reading the books: nothing was sent", highlight=False)
-        raise click.exceptions.Exit(130) from None
+    sources = books or (None,)  # None: TUNEBOOK_DIR
+    merged, _, skipped = read_books(sources, sources, "sent")
     console = out()
     if dry_run:
         for name in sorted(merged):
             console.print(f"would send {escape(name)} ({len(merged[name].entries)} keys)")
-        if skipped:
-            raise click.ClickException(f"{skipped} input file(s) skipped (listed above)")
+        fail_if_skipped(skipped)
         return
     new_keys = 0
     sent = Ticker("push", sum(len(doc.entries) for doc in merged.values()), "keys sent")
@@ -151,8 +138,4 @@ def command(books: tuple[Path, ...], url: str | None, dry_run: bool) -> None:
         f"pushed {pages} into {escape(store.shown)}: {new_keys} keys the fleet lacked"
         + skipped_inputs(skipped)
     )
-    if skipped:
-        raise click.ClickException(
-            f"{skipped} input file(s) skipped (listed above, each with its reason): their results were "
-            "not sent. The rest was sent"
-        )
+    fail_if_skipped(skipped, "The rest was sent")
