@@ -49,14 +49,20 @@ log = logging.getLogger("tunebook.demo.llm")
 __all__ = ["Engine", "default_device", "default_dtype"]
 
 
-def _shown_ids(ids: Sequence[int], most: int = 200) -> str:
-    """Token ids as an error message quotes them: at most ``most`` characters (a client's id
-    may have thousands of digits; str refuses one of more than 4300)."""
-    parts = []
-    for i in map(int, ids):
-        big = i.bit_length() > 4 * most
-        parts.append(f"<an integer of about {int(i.bit_length() * 0.30103)} digits>" if big else str(i))
-    text = "[" + ", ".join(parts) + "]"
+def shown(value: Any, most: int = 200) -> str:
+    """``value`` as an error message quotes it: at most ``most`` characters of its repr, an
+    integer too long for repr (Python refuses more than 4300 digits; a client may send them)
+    by its size, in a list too."""
+
+    def part(v: Any) -> str:
+        if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 4 * most:
+            return f"<an integer of about {int(v.bit_length() * 0.30103)} digits>"
+        return repr(v)
+
+    try:
+        text = f"[{', '.join(map(part, value))}]" if isinstance(value, list) else part(value)
+    except ValueError:  # such an integer deeper in a container
+        return f"a {type(value).__name__} holding an integer too long to show"
     return text if len(text) <= most else text[:most] + f"... ({len(text)} characters)"
 
 
@@ -142,7 +148,7 @@ class Engine:
         vocab = self.weights.config.vocab
         bad = [t for t in prompt if not 0 <= int(t) < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); found {_shown_ids(bad[:5])}")
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); found {shown(bad[:5])}")
         request = Request(request_id or new_id(), [int(t) for t in prompt], params, on_update)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)

@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ..._optional import require
-from .engine import Engine
+from .engine import Engine, shown
 from .sampling import SamplingParams
 from .scheduler import Request
 
@@ -58,22 +58,8 @@ ENGINE_STOP_S = 2
 DEFAULT_MAX_BODY_MB = 12
 # A body this large is parsed off the event loop (json.loads of megabytes takes a while).
 PARSE_OFF_LOOP_BYTES = 1 << 20
-# How much of a bad value an error message quotes: a large malformed body gets a short answer.
-SHOWN_CHARS = 200
 
 log = logging.getLogger("tunebook.demo.llm")
-
-
-def _shown(value: Any) -> str:
-    """``value`` as an error message quotes it: at most SHOWN_CHARS of its repr (an integer
-    of more than 4300 digits, which repr refuses, by its size)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * SHOWN_CHARS:
-        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
-    try:
-        text = repr(value)
-    except ValueError:  # a container of such integers
-        return f"a {type(value).__name__} holding an integer too long to show"
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"... ({len(text)} characters)"
 
 
 def _count(n: int) -> str:
@@ -104,7 +90,7 @@ def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"'{name}' must be a number in [{lo}, {hi}]; found {_shown(value)}", name)
+        raise BadRequest(f"'{name}' must be a number in [{lo}, {hi}]; found {shown(value)}", name)
     if not lo <= value <= hi:
         raise BadRequest(f"'{name}' must be in [{lo}, {hi}]; found {value}", name)
     return float(value)
@@ -117,10 +103,10 @@ def _integer(
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{name}' must be an integer >= {lo}; found {_shown(value)}", name)
+        raise BadRequest(f"'{name}' must be an integer >= {lo}; found {shown(value)}", name)
     if value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise BadRequest(f"'{name}' must be {bound}; found {_shown(value)}", name)
+        raise BadRequest(f"'{name}' must be {bound}; found {shown(value)}", name)
     return int(value)
 
 
@@ -132,7 +118,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
         return (stop,)
     if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
         return tuple(stop)
-    raise BadRequest(f"'stop' must be a string or a list of up to 4 strings; found {_shown(stop)}", "stop")
+    raise BadRequest(f"'stop' must be a string or a list of up to 4 strings; found {shown(stop)}", "stop")
 
 
 # Fields this server does not implement, and the values that ask for nothing.
@@ -161,7 +147,7 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int) -> SamplingParams:
         value = body.get(name)
         if value not in allowed and not (value == {} or value == []):
             raise BadRequest(
-                f"'{name}' is not supported by this server; leave it out (found {_shown(value)})", name
+                f"'{name}' is not supported by this server; leave it out (found {shown(value)})", name
             )
     return SamplingParams(
         max_tokens=max_tokens,
@@ -193,7 +179,7 @@ def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
     include = options.get("include_usage", False) if isinstance(options, dict) else None
     if not isinstance(include, bool):
         raise BadRequest(
-            f"'stream_options' must be an object like {{\"include_usage\": true}}; found {_shown(options)}",
+            f"'stream_options' must be an object like {{\"include_usage\": true}}; found {shown(options)}",
             "stream_options",
         )
     return include
@@ -217,7 +203,7 @@ def _stream_flag(body: Mapping[str, Any]) -> bool:
     if stream is None:
         return False
     if not isinstance(stream, bool):
-        raise BadRequest(f"'stream' must be true or false; found {_shown(stream)}", "stream")
+        raise BadRequest(f"'stream' must be true or false; found {shown(stream)}", "stream")
     return stream
 
 
@@ -227,7 +213,7 @@ def _messages(body: Mapping[str, Any], most: int | None = None) -> list[dict[str
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest(
-            f"'messages' must be a non-empty list of messages; found {_shown(messages)}", "messages"
+            f"'messages' must be a non-empty list of messages; found {shown(messages)}", "messages"
         )
     if most is not None and len(messages) > most:
         raise BadRequest(
@@ -241,7 +227,7 @@ def _messages(body: Mapping[str, Any], most: int | None = None) -> list[dict[str
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise BadRequest(
                 f"messages[{i}] must be an object with a role of system, user, assistant or developer; "
-                f"found {_shown(m)}",
+                f"found {shown(m)}",
                 "messages",
             )
         content = m.get("content")
@@ -255,7 +241,7 @@ def _messages(body: Mapping[str, Any], most: int | None = None) -> list[dict[str
                 raise BadRequest(f"messages[{i}].content: a text part's 'text' must be a string", "messages")
             content = "\n".join(texts)  # as vLLM joins them
         if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string; found {_shown(content)}", "messages")
+            raise BadRequest(f"messages[{i}].content must be a string; found {shown(content)}", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": _text(content, f"messages[{i}].content", "messages")})
     return out
@@ -322,7 +308,7 @@ class Front:
         model = body.get("model")
         if model is not None and model != self.model_id:
             raise BadRequest(
-                f"model {_shown(model)} is not served here; this server serves {self.model_id!r}",
+                f"model {shown(model)} is not served here; this server serves {self.model_id!r}",
                 "model",
                 404,
                 "model_not_found",
@@ -344,7 +330,7 @@ class Front:
             return [int(t) for t in prompt]
         raise BadRequest(
             "'prompt' must be a non-empty string or a list of token ids (one prompt per request); "
-            f"found {_shown(prompt)}",
+            f"found {shown(prompt)}",
             "prompt",
         )
 
@@ -672,7 +658,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         wanted = request.path_params["model"]
         if wanted != model_id:
             raise BadRequest(
-                f"model {_shown(wanted)} is not served here; this server serves {model_id!r}",
+                f"model {shown(wanted)} is not served here; this server serves {model_id!r}",
                 "model",
                 404,
                 "model_not_found",
