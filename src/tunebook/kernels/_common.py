@@ -400,7 +400,9 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
         fail(op, f"all tensors must be on one device; found {found}")
     if present:
         name, first = next(iter(present.items()))
-        check_device(op, first.device, f"{name} is" if len(present) == 1 else f"{name} and the others are")
+        if first.device.type != "cuda":  # (the phrase is built only for a message)
+            which = f"{name} is" if len(present) == 1 else f"{name} and the others are"
+            check_device(op, first.device, which)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
