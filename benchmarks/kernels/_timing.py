@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import os
 import shutil
 import statistics
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,13 @@ def sm_copy(nbytes: int, device: Any) -> Callable[[], torch.Tensor]:
 
 def gbps(nbytes: int, us: float) -> float:
     return nbytes / (us * 1e-6) / 1e9
+
+
+def geomean(values: Iterable[float]) -> float:
+    """The geometric mean of the finite positive ``values`` (a variant that failed has none);
+    NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    return math.exp(statistics.fmean(math.log(v) for v in finite)) if finite else math.nan
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -186,8 +185,7 @@ def summary(results: list[dict[str, Any]]) -> str:
     for name in names:
         ratios = [r["timers"][name]["ratio"] for r in results if name in r["timers"]]
         ok = sum(r["timers"][name]["within"] for r in results if name in r["timers"])
-        finite = [x for x in ratios if math.isfinite(x) and x > 0]
-        geo = math.exp(statistics.fmean(math.log(x) for x in finite)) if finite else math.nan
+        geo = _timing.geomean(ratios)
         share = ok / len(ratios) if ratios else math.nan
         rows.append([name, str(len(ratios)), str(ok), f"{share:.1%}", f"{max(ratios):.3f}", f"{geo:.4f}"])
     return _timing.table(rows) + f"\n(target: {TARGET:.0%} of keys within {WITHIN:.0%} for the policy)"

@@ -39,7 +39,6 @@ import importlib
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -232,11 +231,6 @@ def timed(opts: argparse.Namespace) -> int:
     return 0
 
 
-def _geomean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    return math.exp(statistics.fmean(math.log(v) for v in finite)) if finite else math.nan
-
-
 def summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> str:
     """Per op: keys, answers equal to the config tuned here, answer / tuned here (geomean,
     worst, keys past SLOWER), hand-picked / tuned here (geomean)."""
@@ -247,9 +241,9 @@ def summary(results: list[dict[str, Any]], stats: dict[str, Any]) -> str:
         ans = [r["ratios"].get("answer/tuned here", math.nan) for r in mine]
         hand = [r["ratios"].get("hand-picked/tuned here", math.nan) for r in mine]
         rows.append([
-            op, str(len(mine)), str(sum(r["same_config"] for r in mine)), f"{_geomean(ans):.3f}",
+            op, str(len(mine)), str(sum(r["same_config"] for r in mine)), f"{_timing.geomean(ans):.3f}",
             f"{max((a for a in ans if math.isfinite(a)), default=math.nan):.3f}",
-            str(sum(a > 1 + SLOWER for a in ans)), f"{_geomean(hand):.3f}",
+            str(sum(a > 1 + SLOWER for a in ans)), f"{_timing.geomean(hand):.3f}",
         ])  # fmt: skip
     served = f"timing process: benchmarked {stats['benchmarked']}, fallbacks {stats['fallbacks']}"
     return _timing.table(rows) + f"\n(> 1: tuned here is faster; {served})"
