@@ -34,7 +34,7 @@ def tiny_engine(ops: Any = "torch", **kwargs: Any) -> Engine:
     """The tiny random model; PyTorch ops where a test is about the engine, not the kernels
     (the interpreter's kernels take a second a step even here)."""
     weights = random_weights(TINY, torch.float32, "cpu", seed=1)
-    return Engine(weights, ByteTokenizer(), ops=ops, max_batch=4, max_model_len=128, **kwargs)
+    return Engine(weights, ByteTokenizer(), ops=ops, **{"max_batch": 4, "max_model_len": 128, **kwargs})
 
 
 def chat_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -243,3 +243,70 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on() 
         assert later.finish_reason == "length" and len(later.output) == 2
     finally:
         engine.stop()
+
+
+def test_a_failed_prefill_fails_only_the_prompt_that_cannot_run() -> None:
+    """A prefill that raises (here: any of over 50 tokens, as a long pack that runs out of
+    memory) is run again one request at a time: the prompt that cannot run ends with an
+    error, its batch-mates start; a request that was decoding and one waiting for room in
+    the batch are not touched, and every request then writes what it writes alone."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class LongPrefillFails(TorchOps):
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 50:
+                raise RuntimeError("out of memory (injected)")
+            return super().silu_and_mul(x)
+
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompts = {"decoding": [3, 4, 5], "mate": [7, 8], "other mate": [5, 6, 7], "waiting": [4]}
+    alone = {name: tiny_engine().generate([p], params)[0].output for name, p in prompts.items()}
+    engine = tiny_engine(LongPrefillFails())  # type: ignore[arg-type]
+    decoding = engine.submit(prompts["decoding"], params)
+    engine.step()
+    engine.step()
+    bad = engine.submit([9] * 60, params)
+    mates = [engine.submit(prompts[name], params) for name in ("mate", "other mate")]
+    waiting = engine.submit(prompts["waiting"], params)  # max_batch is 4: it waits for room
+    engine.start()  # as the server runs it: the next step is the prefill of bad + mates
+    try:
+        requests = {"decoding": decoding, "mate": mates[0], "other mate": mates[1], "waiting": waiting}
+        deadline = time.monotonic() + 30
+        while not all(r.finished for r in [bad, *requests.values()]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert bad.finish_reason == "error" and "injected" in repr(engine.error)
+    assert {name: (r.finish_reason, r.output) for name, r in requests.items()} == {
+        name: ("length", alone[name]) for name in prompts
+    }
+    assert engine.steps["prefill"] == 4  # decoding's, the pack's two alone (bad's failed), waiting's
+    assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1  # bad's came back too
+
+
+def test_a_failed_decode_fails_its_batch_and_not_the_requests_waiting() -> None:
+    from tunebook.demo.llm.ops import TorchOps
+
+    class Failing(TorchOps):
+        fail = False
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                raise RuntimeError("injected")
+            return super().silu_and_mul(x)
+
+    ops = Failing()
+    engine = tiny_engine(ops, max_batch=2)  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    batch = [engine.submit([1, 2], params), engine.submit([3], params)]
+    waiting = engine.submit([4, 5], params)
+    engine.step()
+    ops.fail = True
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()  # a decode of the batch: the waiting request has no room yet
+    assert [r.finish_reason for r in batch] == ["error", "error"] and not waiting.finished
+    ops.fail = False
+    while engine.step():
+        pass
+    assert waiting.finish_reason == "length" and len(waiting.output) == 3
+    assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
