@@ -310,3 +310,26 @@ def test_a_failed_decode_fails_its_batch_and_not_the_requests_waiting() -> None:
         pass
     assert waiting.finish_reason == "length" and len(waiting.output) == 3
     assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+
+
+def test_new_requests_at_every_step_do_not_stall_a_running_one() -> None:
+    """Prefills go first, but a request arriving before every step (each ending at its
+    prefill: max_tokens 1, as a classifier's traffic) stalls no running request: it gets a
+    token at least every second step, and each new one is prefilled after at most one
+    decode step."""
+    engine = tiny_engine()
+    running = engine.submit([1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.step()
+    waits, steps_without_token, idle = [], [], 0
+    for _ in range(20):
+        new = engine.submit([7, 8, 9], SamplingParams(max_tokens=1))
+        steps = 0
+        while not new.finished:
+            tokens = len(running.output)
+            engine.step()
+            steps += 1
+            idle = 0 if len(running.output) > tokens else idle + 1
+            steps_without_token.append(idle)
+        waits.append(steps)
+    assert max(steps_without_token) == 1 and len(running.output) == 20
+    assert max(waits) == 2
