@@ -333,3 +333,19 @@ def test_new_requests_at_every_step_do_not_stall_a_running_one() -> None:
         waits.append(steps)
     assert max(steps_without_token) == 1 and len(running.output) == 20
     assert max(waits) == 2
+
+
+@pytest.mark.parametrize(("max_model_len", "block_size"), [(100, 16), (100, 8), (128, 16)])
+def test_the_default_cache_runs_max_batch_requests_of_max_model_len_at_once(
+    max_model_len: int, block_size: int
+) -> None:
+    """Each request reserves whole blocks: where the block size does not divide
+    max_model_len, a cache of max_batch x max_model_len tokens held one request fewer."""
+    engine = tiny_engine(max_model_len=max_model_len, block_size=block_size)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    requests = [engine.submit([3] * (max_model_len - 2), params) for _ in range(4)]
+    engine.step()
+    assert len(engine.scheduler.running) == 4 and not engine.scheduler.waiting
+    while engine.step():
+        pass
+    assert all(r.finish_reason == "length" for r in requests) and engine.decode_batches == {4: 1}

@@ -37,7 +37,7 @@ import torch
 from ..._compat import interpreting
 from .decoder import Decoder, prefill_batch
 from .graphs import DecodeRunner
-from .kv_cache import KVCache
+from .kv_cache import KVCache, blocks_for
 from .loading import Weights
 from .ops import Ops, make_ops
 from .sampling import SamplingParams, sample
@@ -110,7 +110,11 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         self.cuda_graphs = on_gpu if cuda_graphs is None else bool(cuda_graphs and on_gpu)
         self.max_model_len = max_model_len
-        tokens = cache_tokens if cache_tokens is not None else max_batch * max_model_len
+        # By default max_batch requests of max_model_len tokens fit at once; each reserves
+        # whole blocks, so a max_model_len that is no multiple of the block size costs its
+        # last block in full.
+        per_request = blocks_for(max_model_len, block_size) * block_size
+        tokens = cache_tokens if cache_tokens is not None else max_batch * per_request
         self.cache = KVCache.sized(
             config,
             tokens=max(tokens, max_model_len),
