@@ -3,6 +3,7 @@ continuous batching, stop conditions and sampling on a tiny random model."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -349,3 +350,23 @@ def test_the_default_cache_runs_max_batch_requests_of_max_model_len_at_once(
     while engine.step():
         pass
     assert all(r.finish_reason == "length" for r in requests) and engine.decode_batches == {4: 1}
+
+
+def test_a_stop_string_in_the_last_token_ends_with_stop_though_the_token_ends_in_half_a_character() -> None:
+    """The stream holds back the text of a token ending in half a character; when that token
+    completes a stop string and is the last one allowed (max_tokens, max_model_len), the
+    text ends at the stop string, and so does the finish reason."""
+
+    class HalfCharacters(ByteTokenizer):
+        def decode(self, ids: Any) -> str:  # every token: "ok Q: " and 2 of the 3 bytes of "€"
+            return (b"ok Q: \xe2\x82" * len(ids)).decode(errors="replace")
+
+    engine = tiny_engine()
+    engine.tokenizer = HalfCharacters()
+    stop = SamplingParams(max_tokens=1, stop=("Q: ",))
+    [plain] = engine.generate([[1, 2]], SamplingParams(max_tokens=1))
+    [by_max_tokens] = engine.generate([[1, 2]], stop)
+    [by_max_model_len] = engine.generate([[1] * 127], dataclasses.replace(stop, max_tokens=5))
+    assert (plain.text, plain.finish_reason) == ("ok Q: \ufffd", "length")
+    assert (by_max_tokens.text, by_max_tokens.finish_reason) == ("ok ", "stop")
+    assert (by_max_model_len.text, by_max_model_len.finish_reason) == ("ok ", "stop")

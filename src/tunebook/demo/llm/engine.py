@@ -256,6 +256,10 @@ class Engine:
             reason = "length"
         if reason is not None:
             delta += request.stream.finish()
+            if request.stream.stopped:
+                # The stop string completed in a token ending in half a character, whose
+                # text the stream held back until now: the text ends at a stop string.
+                reason = "stop"
             self.scheduler.finish(request, reason)
         request.text += delta
         self._notify(request, [token], delta)
