@@ -113,9 +113,9 @@ def _weights(model: str, dtype: Any, device: str) -> tuple[Any, Any, str]:
 def _engine(weights: Any, tokenizer: Any, ops: str, batch: int, max_len: int) -> Any:
     from tunebook.demo.llm.engine import Engine
 
-    return Engine(
-        weights, tokenizer, ops=ops, max_batch=batch, max_model_len=max_len, cache_tokens=batch * max_len
-    )
+    # The engine's default cache holds `batch` requests of max_len tokens in whole blocks; a
+    # cache of batch * max_len tokens held one to three fewer of the decode phase's requests.
+    return Engine(weights, tokenizer, ops=ops, max_batch=batch, max_model_len=max_len)
 
 
 def _decode_ms(engine: Any, batch: int, args: argparse.Namespace) -> list[float]:
@@ -130,6 +130,12 @@ def _decode_ms(engine: Any, batch: int, args: argparse.Namespace) -> list[float]
     for _ in range(batch):
         engine.submit(torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(), params)
     engine.step()  # one packed prefill
+    running = len(engine.scheduler.running)
+    if running != batch:  # the timed steps would decode fewer sequences than they are named for
+        raise RuntimeError(
+            f"{running} of the {batch} sequences started in the first prefill, which packs at most "
+            f"{engine.scheduler.max_prefill_tokens} prompt tokens; lower --prompt-len"
+        )
     for _ in range(args.warmup):
         engine.step()
     harness.synchronize()

@@ -3,6 +3,7 @@ continuous batching, stop conditions and sampling on a tiny random model."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ def tiny_engine(ops: Any = "torch", **kwargs: Any) -> Engine:
     """The tiny random model; PyTorch ops where a test is about the engine, not the kernels
     (the interpreter's kernels take a second a step even here)."""
     weights = random_weights(TINY, torch.float32, "cpu", seed=1)
-    return Engine(weights, ByteTokenizer(), ops=ops, max_batch=4, max_model_len=128, **kwargs)
+    return Engine(weights, ByteTokenizer(), ops=ops, **{"max_batch": 4, "max_model_len": 128, **kwargs})
 
 
 def chat_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -243,3 +244,129 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on() 
         assert later.finish_reason == "length" and len(later.output) == 2
     finally:
         engine.stop()
+
+
+def test_a_failed_prefill_fails_only_the_prompt_that_cannot_run() -> None:
+    """A prefill that raises (here: any of over 50 tokens, as a long pack that runs out of
+    memory) is run again one request at a time: the prompt that cannot run ends with an
+    error, its batch-mates start; a request that was decoding and one waiting for room in
+    the batch are not touched, and every request then writes what it writes alone."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class LongPrefillFails(TorchOps):
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 50:
+                raise RuntimeError("out of memory (injected)")
+            return super().silu_and_mul(x)
+
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompts = {"decoding": [3, 4, 5], "mate": [7, 8], "other mate": [5, 6, 7], "waiting": [4]}
+    alone = {name: tiny_engine().generate([p], params)[0].output for name, p in prompts.items()}
+    engine = tiny_engine(LongPrefillFails())  # type: ignore[arg-type]
+    decoding = engine.submit(prompts["decoding"], params)
+    engine.step()
+    engine.step()
+    bad = engine.submit([9] * 60, params)
+    mates = [engine.submit(prompts[name], params) for name in ("mate", "other mate")]
+    waiting = engine.submit(prompts["waiting"], params)  # max_batch is 4: it waits for room
+    engine.start()  # as the server runs it: the next step is the prefill of bad + mates
+    try:
+        requests = {"decoding": decoding, "mate": mates[0], "other mate": mates[1], "waiting": waiting}
+        deadline = time.monotonic() + 30
+        while not all(r.finished for r in [bad, *requests.values()]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert bad.finish_reason == "error" and "injected" in repr(engine.error)
+    assert {name: (r.finish_reason, r.output) for name, r in requests.items()} == {
+        name: ("length", alone[name]) for name in prompts
+    }
+    assert engine.steps["prefill"] == 4  # decoding's, the pack's two alone (bad's failed), waiting's
+    assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1  # bad's came back too
+
+
+def test_a_failed_decode_fails_its_batch_and_not_the_requests_waiting() -> None:
+    from tunebook.demo.llm.ops import TorchOps
+
+    class Failing(TorchOps):
+        fail = False
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                raise RuntimeError("injected")
+            return super().silu_and_mul(x)
+
+    ops = Failing()
+    engine = tiny_engine(ops, max_batch=2)  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    batch = [engine.submit([1, 2], params), engine.submit([3], params)]
+    waiting = engine.submit([4, 5], params)
+    engine.step()
+    ops.fail = True
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()  # a decode of the batch: the waiting request has no room yet
+    assert [r.finish_reason for r in batch] == ["error", "error"] and not waiting.finished
+    ops.fail = False
+    while engine.step():
+        pass
+    assert waiting.finish_reason == "length" and len(waiting.output) == 3
+    assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+
+
+def test_new_requests_at_every_step_do_not_stall_a_running_one() -> None:
+    """Prefills go first, but a request arriving before every step (each ending at its
+    prefill: max_tokens 1, as a classifier's traffic) stalls no running request: it gets a
+    token at least every second step, and each new one is prefilled after at most one
+    decode step."""
+    engine = tiny_engine()
+    running = engine.submit([1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.step()
+    waits, steps_without_token, idle = [], [], 0
+    for _ in range(20):
+        new = engine.submit([7, 8, 9], SamplingParams(max_tokens=1))
+        steps = 0
+        while not new.finished:
+            tokens = len(running.output)
+            engine.step()
+            steps += 1
+            idle = 0 if len(running.output) > tokens else idle + 1
+            steps_without_token.append(idle)
+        waits.append(steps)
+    assert max(steps_without_token) == 1 and len(running.output) == 20
+    assert max(waits) == 2
+
+
+@pytest.mark.parametrize(("max_model_len", "block_size"), [(100, 16), (100, 8), (128, 16)])
+def test_the_default_cache_runs_max_batch_requests_of_max_model_len_at_once(
+    max_model_len: int, block_size: int
+) -> None:
+    """Each request reserves whole blocks: where the block size does not divide
+    max_model_len, a cache of max_batch x max_model_len tokens held one request fewer."""
+    engine = tiny_engine(max_model_len=max_model_len, block_size=block_size)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    requests = [engine.submit([3] * (max_model_len - 2), params) for _ in range(4)]
+    engine.step()
+    assert len(engine.scheduler.running) == 4 and not engine.scheduler.waiting
+    while engine.step():
+        pass
+    assert all(r.finish_reason == "length" for r in requests) and engine.decode_batches == {4: 1}
+
+
+def test_a_stop_string_in_the_last_token_ends_with_stop_though_the_token_ends_in_half_a_character() -> None:
+    """The stream holds back the text of a token ending in half a character; when that token
+    completes a stop string and is the last one allowed (max_tokens, max_model_len), the
+    text ends at the stop string, and so does the finish reason."""
+
+    class HalfCharacters(ByteTokenizer):
+        def decode(self, ids: Any) -> str:  # every token: "ok Q: " and 2 of the 3 bytes of "€"
+            return (b"ok Q: \xe2\x82" * len(ids)).decode(errors="replace")
+
+    engine = tiny_engine()
+    engine.tokenizer = HalfCharacters()
+    stop = SamplingParams(max_tokens=1, stop=("Q: ",))
+    [plain] = engine.generate([[1, 2]], SamplingParams(max_tokens=1))
+    [by_max_tokens] = engine.generate([[1, 2]], stop)
+    [by_max_model_len] = engine.generate([[1] * 127], dataclasses.replace(stop, max_tokens=5))
+    assert (plain.text, plain.finish_reason) == ("ok Q: \ufffd", "length")
+    assert (by_max_tokens.text, by_max_tokens.finish_reason) == ("ok ", "stop")
+    assert (by_max_model_len.text, by_max_model_len.finish_reason) == ("ok ", "stop")

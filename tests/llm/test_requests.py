@@ -23,6 +23,7 @@ pytestmark = pytest.mark.once
         ({"n": 2}, "n"),
         ({"stop": ["a"] * 5}, "stop"),
         ({"logprobs": 3}, "logprobs"),
+        ({"logprobs": 0}, "logprobs"),  # on /v1/completions: the sampled tokens' own logprobs
         ({"echo": True}, "echo"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"best_of": 4}, "best_of"),
@@ -38,6 +39,10 @@ def test_defaults_and_edges() -> None:
     params = sampling_params({"logprobs": None, "echo": False, "tools": [], "best_of": 1, "stop": "END"}, 8)
     assert (params.max_tokens, params.temperature, params.top_p, params.stop) == (8, 1.0, 1.0, ("END",))
     assert 0 < sampling_params({"top_p": 0}, 8).top_p < 1e-6  # 0: the top token alone
+    assert sampling_params({"logprobs": False}, 8)  # no count at all, as a flag would say
+    assert sampling_params({"logprobs": 0, "top_logprobs": 0}, 8, chat=True)  # chat's flag: false
+    with pytest.raises(BadRequest, match="'logprobs' is not supported"):
+        sampling_params({"logprobs": True}, 8, chat=True)
 
 
 def test_messages_text_parts_and_roles() -> None:

@@ -242,6 +242,7 @@ def test_what_openai_allows_is_served_or_refused_in_openais_shape(server: Server
     refused = [
         ({"seed": 2**64}, "'seed' must be in"),
         ({"presence_penalty": 1.5}, "'presence_penalty' is not supported"),
+        ({"logprobs": 0}, "'logprobs' is not supported"),  # 0: the sampled tokens' own logprobs
         ({"response_format": {"type": "json_object"}}, "'response_format' is not supported"),
     ]
     for fields, words in refused:

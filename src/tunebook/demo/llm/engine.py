@@ -37,7 +37,7 @@ import torch
 from ..._compat import interpreting
 from .decoder import Decoder, prefill_batch
 from .graphs import DecodeRunner
-from .kv_cache import KVCache
+from .kv_cache import KVCache, blocks_for
 from .loading import Weights
 from .ops import Ops, make_ops
 from .sampling import SamplingParams, sample
@@ -110,7 +110,11 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         self.cuda_graphs = on_gpu if cuda_graphs is None else bool(cuda_graphs and on_gpu)
         self.max_model_len = max_model_len
-        tokens = cache_tokens if cache_tokens is not None else max_batch * max_model_len
+        # By default max_batch requests of max_model_len tokens fit at once; each reserves
+        # whole blocks, so a max_model_len that is no multiple of the block size costs its
+        # last block in full.
+        per_request = blocks_for(max_model_len, block_size) * block_size
+        tokens = cache_tokens if cache_tokens is not None else max_batch * per_request
         self.cache = KVCache.sized(
             config,
             tokens=max(tokens, max_model_len),
@@ -167,14 +171,31 @@ class Engine:
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> bool:
-        """Run one step; False when there was nothing to do."""
-        for request in self.scheduler.take_aborted():
-            request.finish_reason = "abort"
-            self._notify(request, [], "")
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return False
-        kind, batch = plan
+        """Run one step; False when there was nothing to do.
+
+        A step that raises ends with "error" only the requests it ran (a failed prefill's
+        admitted requests, a failed decode's batch), whose blocks go back; waiting requests,
+        and running ones a failed prefill did not touch, go on. The requests of a failed
+        prefill of several are first run again one at a time, so that one prompt that cannot
+        run (a shape that fails, a long one that runs out of memory) does not take its
+        batch-mates with it. The step's exception is raised again; :attr:`error` holds the
+        latest one (the server names it to the failed requests' clients)."""
+        plan = None
+        try:
+            for request in self.scheduler.take_aborted():
+                request.finish_reason = "abort"
+                self._notify(request, [], "")
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return False
+            self._run(*plan)
+        except BaseException as exc:
+            self.error = exc
+            self._recover(plan, retry=isinstance(exc, Exception))  # not after a Ctrl-C
+            raise
+        return True
+
+    def _run(self, kind: str, batch: list[Request]) -> None:
         with torch.inference_mode():
             if kind == "prefill":
                 prefill = prefill_batch(
@@ -192,7 +213,35 @@ class Engine:
             self.decode_batches[len(batch)] += 1
         for request, token in zip(batch, new):
             self._advance(request, int(token))
-        return True
+
+    def _recover(self, plan: tuple[str, list[Request]] | None, retry: bool) -> None:
+        """End the requests of a failed step with "error", after running a failed prefill's
+        requests again alone where ``retry`` (step's docstring)."""
+        if plan is None:
+            # The queues themselves failed: nothing says whose step it was, and stepping on
+            # would fail the same way at once; end every request rather than spin.
+            self._fail([*self.scheduler.running, *self.scheduler.take_waiting()])
+            return
+        kind, batch = plan
+        failed = [r for r in batch if not r.finished]
+        alone: list[Request] = []
+        if retry and kind == "prefill" and len(failed) > 1:
+            # One with a token already had its prefill, and the step failed after it (in
+            # detokenizing): a second prefill would write a second token at its position.
+            alone = [r for r in failed if not r.output]
+        self._fail([r for r in failed if r not in alone])
+        for request in alone:
+            try:
+                self._run("prefill", [request])
+            except Exception as exc:
+                log.exception("the prefill of request %s alone failed too", request.id)
+                self.error = exc
+                self._fail([request])
+
+    def _fail(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.scheduler.finish(request, "error")
+            self._notify(request, [], "")
 
     def _advance(self, request: Request, token: int) -> None:
         if request.first_token_at is None:
@@ -207,6 +256,10 @@ class Engine:
             reason = "length"
         if reason is not None:
             delta += request.stream.finish()
+            if request.stream.stopped:
+                # The stop string completed in a token ending in half a character, whose
+                # text the stream held back until now: the text ends at a stop string.
+                reason = "stop"
             self.scheduler.finish(request, reason)
         request.text += delta
         self._notify(request, [token], delta)
@@ -259,15 +312,8 @@ class Engine:
                     return
             try:
                 self.step()
-            except BaseException as exc:  # fail every request rather than hang them
+            except BaseException:  # step ended the failed step's requests with "error"
                 log.exception("engine step failed")
-                self.error = exc
-                self._fail_all()
-
-    def _fail_all(self) -> None:
-        for request in [*self.scheduler.running, *self.scheduler.take_waiting()]:
-            self.scheduler.finish(request, "error")
-            self._notify(request, [], "")
 
     def describe(self) -> dict[str, Any]:
         c = self.weights.config

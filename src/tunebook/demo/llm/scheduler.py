@@ -9,9 +9,12 @@ preemption, ever). Each step is either
   samples their first tokens, or
 * a **decode** of every running request, one token each.
 
-Prefills go first, so a new request waits at most one decode step to start; requests
-join and leave the decode batch between steps (continuous batching). A finished or
-aborted request gives its blocks back at once.
+Prefills go first, except right after a prefill that ran while other requests were
+decoding: the next step is then a decode. So a request that the next prefill can take
+waits for at most one decode step (besides the step in progress) before its prefill, and a
+running request waits for at most one prefill step between two of its tokens, however fast
+new requests arrive. Requests join and leave the decode batch between steps (continuous
+batching). A finished or aborted request gives its blocks back at once.
 
 >>> from .kv_cache import BlockAllocator
 >>> s = Scheduler(BlockAllocator(9), block_size=4, max_batch=2, max_model_len=16)
@@ -24,6 +27,9 @@ aborted request gives its blocks back at once.
 'decode'
 >>> s.finish(a, "stop"); [r.id for r in s.schedule()[1]]               # a's blocks went back
 ['c']
+>>> s.finish(c, "length"); d = s.add(Request("d", [1], SamplingParams(max_tokens=1)))
+>>> s.schedule()[0], [r.id for r in s.schedule()[1]]    # b waited through c's prefill
+('decode', ['d'])
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._aborted: set[str] = set()
+        self._decode_due = False  # the next step decodes (module docstring); engine thread only
         self._lock = threading.Lock()
 
     def budget(self, request: Request) -> int:
@@ -152,6 +159,9 @@ class Scheduler:
 
     def schedule(self) -> tuple[str, list[Request]] | None:
         """The next step: ``("prefill", admitted)``, ``("decode", running)`` or None."""
+        decode_due, self._decode_due = self._decode_due, False
+        if decode_due and self.running:
+            return "decode", list(self.running)
         admitted: list[Request] = []
         tokens = 0
         with self._lock:
@@ -167,6 +177,9 @@ class Scheduler:
                 admitted.append(request)
                 tokens += len(request.prompt)
         if admitted:
+            # Those running wait through this prefill; they decode next, before any other
+            # prefill, so that new requests arriving at every step cannot stall them.
+            self._decode_due = bool(self.running)
             self.running.extend(admitted)
             return "prefill", admitted
         if self.running:

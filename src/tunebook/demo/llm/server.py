@@ -124,7 +124,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 # Fields this server does not implement, and the values that ask for nothing.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
+    "logprobs": (None, False, 0),  # as chat reads it; /v1/completions: sampling_params
     "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -138,17 +138,22 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-def sampling_params(body: Mapping[str, Any], max_tokens: int) -> SamplingParams:
-    """The request's sampling fields, checked (``max_tokens`` already resolved)."""
+def sampling_params(body: Mapping[str, Any], max_tokens: int, *, chat: bool = False) -> SamplingParams:
+    """The request's sampling fields, checked (``max_tokens`` already resolved), for
+    /v1/chat/completions where ``chat``, else /v1/completions."""
     n = _integer(body, "n", 1, 1)
     if n != 1:
         raise BadRequest(f"'n' must be 1 (one choice per request) on this server; found {n}", "n")
     for name, allowed in _UNSUPPORTED.items():
         value = body.get(name)
         if value not in allowed and not (value == {} or value == []):
-            raise BadRequest(
-                f"'{name}' is not supported by this server; leave it out (found {shown(value)})", name
-            )
+            raise _unsupported(name, value)
+    # Chat reads logprobs as a flag (0 is false); /v1/completions as a count of alternatives,
+    # where 0 still asks for the sampled tokens' own logprobs (OpenAI, vLLM): refused as any
+    # other count is, rather than answered with none.
+    logprobs = body.get("logprobs")
+    if not chat and logprobs is not None and logprobs is not False:
+        raise _unsupported("logprobs", logprobs)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
@@ -158,6 +163,10 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int) -> SamplingParams:
         seed=_seed(body),
         stop=_stop(body),
     )
+
+
+def _unsupported(name: str, value: Any) -> BadRequest:
+    return BadRequest(f"'{name}' is not supported by this server; leave it out (found {shown(value)})", name)
 
 
 def _seed(body: Mapping[str, Any]) -> int | None:
@@ -618,7 +627,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
             )
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"the messages cannot be rendered and encoded: {exc}", "messages") from None
-        params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS))
+        params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS), chat=True)
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
         req, queue = front.submit(prompt, params, "chatcmpl")
