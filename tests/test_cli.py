@@ -522,7 +522,9 @@ def test_diff_between_books(book_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 1
     data = json.loads(res.stdout)
     assert data["differ"] and data["only_a"] == []
-    assert [r["platform"] for r in data["only_b"]] == ["NVIDIA-H200-90 (triton 3.6.0, timer events)"]
+    assert [r["platform"] for r in data["only_b"]] == [
+        "NVIDIA-H200-90 (cuda 13.0, 132 SMs, triton 3.6.0, timer events)"
+    ]
     (page,) = data["pages"]
     assert [k[0] for k in page["keys_only_a"]] == [1000, 5000] and [k[0] for k in page["keys_only_b"]] == [
         7000
@@ -1335,3 +1337,59 @@ def test_a_module_that_prints_or_exits_as_it_is_imported(tmp_path: Path) -> None
     exits.write_text("import sys\nsys.exit(0)\n")
     res = invoke("explain", f"{exits}:add", ok=None)
     assert res.exit_code == 2 and "called sys.exit(0)" in res.output, res.output
+
+
+# ------------------------------------------------------------- pages of look-alike platforms
+
+EXPLAINED = """
+import tunebook, fakegpu
+from small_kernels import add_kernel
+bench = fakegpu.DeviceBench()
+add = tunebook.autotune(bench.configs(), key=["n"], do_bench=bench)(add_kernel)
+"""
+
+
+def test_pages_that_differ_in_runtime_or_sm_count_are_told_apart_and_explained(
+    book_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An H100 page, the same under another CUDA runtime, and one of a same-named GPU with
+    fewer SMs: show labels them apart; explain, on a host of an H100 (GPU 0) and an A100
+    (GPU 1), gives the SM count a hint and says which GPU it judged and how to judge the other."""
+    import fakegpu
+
+    fakegpu.install(["H100", "A100"], monkeypatch.setattr)
+    bench = fakegpu.DeviceBench()
+    kernel = tunebook.autotune(bench.configs(), key=["n"], do_bench=bench)(add_kernel)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    doc = the_doc(book_dir)
+    books = tmp_path / "books"
+    for change in ({}, {"runtime": "cuda 12.6"}, {"sm_count": 114}):
+        write_doc(books, replace(doc, platform={**doc.platform, **change}))
+    shown = " ".join(invoke("show", books).output.split())
+    for label in ("cuda 12.8, 132 SMs", "cuda 12.6, 132 SMs", "cuda 12.8, 114 SMs"):
+        assert f"NVIDIA-H100-80GB-HBM3-90 ({label}, triton" in shown, shown
+
+    (tmp_path / "explained.py").write_text(EXPLAINED)
+    pythonpath = [fakegpu.SITE, str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")]
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "FAKEGPU": "H100,A100",
+        "PYTHONPATH": os.pathsep.join(pythonpath),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunebook", "explain", "explained:add", str(books)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SM count: book 114, here 132 another SKU or partition of this GPU model" in said, said
+    assert (
+        "GPU 0 (NVIDIA H100 80GB HBM3); this host has GPUs of other models: 1 (NVIDIA A100-SXM4-80GB)" in said
+    )
+    assert "tunebook explain explained:add --env CUDA_VISIBLE_DEVICES=1" in said
+    assert "A book file matches this process on GPU 0" in said

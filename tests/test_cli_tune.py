@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import tunebook
 from conftest import book_files
+from small_kernels import grid_1d
 from test_cli import invoke
 from test_persistence import read_only
 from test_serving import servekern  # noqa: F401  (a fixture)
@@ -200,3 +203,65 @@ def test_tune_with_stderr_closed_or_cut_short_still_tunes(kernel_module: str, bo
     cut.stderr.close()  # the reader has gone before the first progress line
     stdout, _ = cut.communicate(timeout=300)
     assert cut.returncode == 0 and stdout.strip() == "right", stdout
+
+
+MIXED_MODULE = """
+import torch, tunebook, fakegpu
+from small_kernels import add_kernel, grid_1d
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+bench = fakegpu.DeviceBench()
+add = tunebook.autotune(bench.configs(), key=["n"], do_bench=bench, inputs=inputs)(add_kernel)
+"""
+
+
+def test_a_host_of_two_gpu_models_is_refused_and_one_model_tunes_its_own_misses(
+    kernel_module: str, book_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An H100 (GPU 0) and an A100 (GPU 1), faked (tests/fakegpu.py): the run stops before any
+    work, naming both models and CUDA_VISIBLE_DEVICES; with CUDA_VISIBLE_DEVICES=1 it lists and
+    tunes the A100's own miss, and the H100's stays open for the H100."""
+    import fakegpu
+
+    fakegpu.install(["H100", "A100"], monkeypatch.setattr)
+    name = f"{kernel_module}_mixed"
+    (tmp_path / f"{name}.py").write_text(MIXED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    module = __import__(name)
+    for index, n in ((1, 777), (0, 888)):  # serving processes record a miss on each GPU
+        with fakegpu.device(index):
+            x, out = torch.randn(n), torch.empty(n)
+            module.add[grid_1d(n)](x, x, out, n)
+    assert tunebook._misses.flush()
+    sys.modules.pop(name, None)
+
+    pythonpath = os.pathsep.join([fakegpu.SITE, str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FAKEGPU": "H100,A100", "PYTHONPATH": pythonpath}
+    env.pop("TUNEBOOK_MODE")
+
+    def tune(*args: str, **more: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "tunebook", "tune", "--misses", name, *args]
+        return subprocess.run(command, capture_output=True, text=True, env={**env, **more}, timeout=300)
+
+    refused = tune()
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert (
+        "this host has GPUs of 2 models (NVIDIA H100 80GB HBM3: GPU 0; NVIDIA A100-SXM4-80GB: GPU 1)" in said
+    )
+    assert "CUDA_VISIBLE_DEVICES=0 tunebook tune" in said and "tuning" not in refused.stdout
+    a100 = tune(CUDA_VISIBLE_DEVICES="1")
+    assert a100.returncode == 0, a100.stdout + a100.stderr
+    assert "tuning 1 key(s) with 1 worker(s) on GPU(s) 1" in a100.stdout
+    h100 = tune("--dry-run", CUDA_VISIBLE_DEVICES="0")
+    assert "would tune 1 key(s)" in h100.stdout and "[888," in h100.stdout, h100.stdout
+    tuned = {path.name.split("--")[2]: read_document(path) for path in book_files(book_dir)}
+    assert {  # GPU -> n -> whether the key has results
+        gpu: {text.strip("[").split(",")[0]: bool(entry.results) for text, entry in doc.entries.items()}
+        for gpu, doc in tuned.items()
+        if doc is not None
+    } == {"NVIDIA-A100-SXM4-80GB": {"777": True}, "NVIDIA-H100-80GB-HBM3-90": {"888": False}}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import torch
 import triton
 
-from conftest import load_module
-from small_kernels import add_kernel, scale_kernel
+import tunebook
+from conftest import book_files, load_module
+from small_kernels import add_kernel, grid_1d, scale_kernel
 from tunebook import _compat, _fingerprint
 from tunebook._jsonio import key_text
 
@@ -113,3 +116,67 @@ def test_globals_that_share_a_name_with_a_parameter_or_local_are_not_part_of_the
     other = _fingerprint.kernel_hash(load(tmp_path, "k_shadow_2", pad="n = 2\noffs = 7\nx_ptr = 'b'"))
     assert other == base
     assert _fingerprint.kernel_hash(load(tmp_path, "k_shadow_3", pad="n = 2", scale=3)) != base
+
+
+# ----------------------------------------------------------- a user do_bench's timer id
+
+_timed_block: dict[str, int] = {}
+
+
+def _name_block(nargs: dict) -> None:
+    _timed_block["BLOCK"] = nargs["BLOCK"]
+
+
+def timed_by(table: dict, fn, quantiles=None, **_):
+    """A do_bench reporting the time ``table`` gives the running config's BLOCK."""
+    fn()
+    ms = table[_timed_block["BLOCK"]]
+    return [ms, ms, ms] if quantiles else ms
+
+
+def _tuned_with(do_bench) -> tuple[int, int, str]:
+    """(the BLOCK chosen for n=300, configs measured for it, the timer id) under ``do_bench``."""
+    configs = [triton.Config({"BLOCK": b}, pre_hook=_name_block) for b in (32, 64)]
+    kernel = tunebook.autotune(configs, key=["n"], do_bench=do_bench)(add_kernel)
+    before = tunebook.stats()["benchmarked"]
+    x, y, out = torch.randn(300), torch.randn(300), torch.empty(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    return (
+        kernel.best_config.kwargs["BLOCK"],
+        tunebook.stats()["benchmarked"] - before,
+        kernel.identity().platform["timer"],
+    )
+
+
+def test_two_partials_or_two_lambdas_are_two_timers_with_their_own_pages(book_dir):
+    """A timer is part of the platform: switching a kernel from one partial (or lambda) to
+    another measures again under the new one, instead of serving the old one's winner."""
+    fast_32, fast_64 = {32: 1.0, 64: 2.0}, {32: 2.0, 64: 1.0}
+    first = _tuned_with(functools.partial(timed_by, fast_32))
+    second = _tuned_with(functools.partial(timed_by, fast_64))
+    assert first[:2] == (32, 2) and second[:2] == (64, 2)
+    assert first[2] != second[2] and first[2].startswith("custom:partial(test_fingerprint.timed_by)#")
+    assert _tuned_with(functools.partial(timed_by, dict(fast_32)))[1:] == (0, first[2])  # the same timer
+    third = _tuned_with(lambda fn, quantiles=None: timed_by(fast_32, fn, quantiles))
+    fourth = _tuned_with(lambda fn, quantiles=None: timed_by(fast_64, fn, quantiles))
+    assert third[:2] == (32, 2) and fourth[:2] == (64, 2) and third[2] != fourth[2]
+    assert third[2].startswith("custom:test_fingerprint.test_two_partials_or_two_lambdas")
+    assert len(book_files(book_dir)) == 4
+
+
+def test_a_named_timer_keeps_its_name_and_a_partials_id_names_no_address():
+    """A named function or callable object keeps the id existing books were written under;
+    a partial's arguments are named without the addresses that change every process."""
+    from tunebook._bench import custom_name
+
+    class Replay:
+        def __call__(self, fn, quantiles=None):
+            return 1.0
+
+    assert custom_name(timed_by) == "timed_by" and custom_name(Replay()) == "Replay"
+    assert custom_name(functools.partial(timed_by, object())) == custom_name(
+        functools.partial(timed_by, object())
+    )
+    assert custom_name(functools.partial(timed_by, {32: 1.0})) != custom_name(
+        functools.partial(timed_by, {32: 2.0})
+    )

@@ -25,9 +25,9 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from . import _buckets, _compat, _fingerprint, _launch, _miss, _options, _settings, _stats
+from . import _buckets, _compat, _devices, _fingerprint, _launch, _miss, _options, _settings, _stats
 from ._bench import Timers
 from ._book import KernelIdentity, Page, config_id
 from ._call import Call
@@ -209,6 +209,7 @@ class Autotuner(_compat.TritonAutotuner):
             or self.perf_model
         )
         self.reads = ArgumentReads(self.keys)
+        self._devices_known = False  # whether _by_device has looked at this process's GPUs
         if self._single:
             self._hits.serve_always(self._hits.hit(self.configs[0], self.counters.hits))
 
@@ -296,7 +297,39 @@ class Autotuner(_compat.TritonAutotuner):
         functions may read ``num_warps``."""
         return _compat.launch_option_defaults() if _compat.is_jit_function(self.fn) else {}
 
+    def _by_device(self) -> None:
+        """At the first page open or miss: where this process drives GPUs of several models,
+        keep the page, decisions, hit tables, set-asides and Space listing per platform, and
+        pick them by the current device from now on (``_devices.py``). A host of one model
+        (the interpreter included) keeps its one of each, and its hit path asks no device."""
+        if self._devices_known:
+            return
+        with self._lock:
+            if self._devices_known or not _devices.mixed():
+                self._devices_known = True
+                return
+            home, label = self._home, self.label
+            self._home = cast(KernelHome, _devices.PerPlatform(home.sibling, home))
+            self.set_aside = cast(SetAside, _devices.PerPlatform(lambda: SetAside(label), self.set_aside))
+            if self._listing is not None:
+                space, index = self._listing.space, self.config_index
+                self._listing = cast(
+                    SpaceListing,
+                    _devices.PerPlatform(
+                        lambda: SpaceListing(space, index, lambda: self.page().platform), self._listing
+                    ),
+                )
+            if not self._single:  # one config serves every call on every device, from any table
+                self._hits = cast(
+                    HitTable,
+                    _devices.PerPlatform(
+                        lambda: HitTable(self.arg_names, self.keys, self.fn.run, self), self._hits
+                    ),
+                )
+            self._devices_known = True
+
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
+        self._by_device()
         call = Call.bind(self.arg_names, args, kwargs, grid)
         tried: dict[str, BaseException] = {}  # config id -> the error it raised in this call
         while True:
@@ -345,7 +378,7 @@ class Autotuner(_compat.TritonAutotuner):
             fallbacks = self.counters.fallbacks  # the failed launch served nothing (never below 0: a reset)
             fallbacks[0] = max(0, fallbacks[0] - 1)
             if not already:
-                self._forget(key)
+                self._forget(self._hits, key)  # this device's platform's: the config failed here
                 self._hits.clear()  # served: never a one-config kernel's
                 if key not in self._overrides:
                     self._cache.pop_quietly(key)
@@ -452,19 +485,21 @@ class Autotuner(_compat.TritonAutotuner):
                 else:
                     self._overrides.discard(key)
                     gone.append(key)
-            self._forget(*gone)
-            if not self._single:  # a one-config kernel's hit stands for every call
-                self._hits.clear()
+            # A caller's write holds on every device (the cache is one, as in Triton).
+            for hits in _devices.each(self._hits):
+                self._forget(hits, *gone)
+                if not self._single:  # a one-config kernel's hit stands for every call
+                    hits.clear()
 
-    def _forget(self, *keys: Any) -> None:
-        """Forget the decisions of ``keys`` (under the lock; the caller clears the hits), in
-        one pass over the decisions (one pass a key made ``cache.clear()`` quadratic)."""
+    def _forget(self, hits: HitTable, *keys: Any) -> None:
+        """Forget the decisions of ``keys`` in ``hits`` (under the lock; the caller clears the
+        hits), in one pass over the decisions (one pass a key made ``cache.clear()`` quadratic)."""
         if not keys:
             return
         gone = set(keys)
         # Decisions are keyed by the key, by (key, candidate ids) (_decision), or by
         # (key, "book", result ids) (_book_decision).
-        decisions = self._hits.decisions
+        decisions = hits.decisions
         stale = [d for d in decisions if d in gone or (isinstance(d, tuple) and d and d[0] in gone)]
         for decision_key in stale:
             del decisions[decision_key]
@@ -507,6 +542,7 @@ class Autotuner(_compat.TritonAutotuner):
     def key_and_candidates(self, call: Call) -> tuple[tuple[Any, ...], list[Any]]:
         """(Triton's key, the candidates) of ``call``, as a miss of it sees them: for a sweep
         that measures a key's candidates in other processes (``tunebook._sweep``)."""
+        self._by_device()
         with self._lock:
             self.nargs = call.nargs
             try:
@@ -534,6 +570,7 @@ class Autotuner(_compat.TritonAutotuner):
     def warmup(self, *args: Any, **kwargs: Any) -> list[Any]:
         """Compile every candidate config for these arguments (as Triton's Autotuner.warmup)."""
         call = Call.bind(self.arg_names, args, kwargs, grid=None)
+        self._by_device()
         with self._lock:
             self.nargs = call.nargs
             try:
@@ -561,16 +598,20 @@ class Autotuner(_compat.TritonAutotuner):
         return self._home.identity()
 
     def page(self) -> Page:
-        """This kernel's page of the book for this platform (opened on first use)."""
+        """This kernel's page of the book for this platform, the current device's (opened on
+        first use)."""
+        self._by_device()
         return self._home.page()
 
     def imported_tables(self, device: str | None = None) -> list[TablePage]:
         """The imported tables ``tables=`` names, from the book's directories, read once per
         process: with ``device``, that GPU's only (serve mode), else every GPU's (tuning)."""
+        self._by_device()
         return self._home.imported_tables(device)
 
     def timers(self) -> Timers:
         """The timers a tuning of this kernel uses (made on first use: may touch the GPU driver)."""
+        self._by_device()
         return self._home.timers()
 
 

@@ -7,7 +7,8 @@ fingerprint: timings taken by different methods are not compared with each other
 * ``events``      — the backend's ``do_bench`` (GPU events, L2 flushed between runs).
 * ``cuda-graph``  — ``do_bench_cudagraph``: launch overhead removed.
 * ``wallclock``   — the CPU interpreter, where no GPU timer exists.
-* ``custom:<name>`` — a user ``do_bench=`` callable (never adaptive: it decides alone).
+* ``custom:<name>`` — a user ``do_bench=`` callable (never adaptive: it decides alone), named
+  by what it is (:func:`custom_name`): two different timers never share a page.
 * ``<timer>-interleaved`` — with ``TUNEBOOK_TIMER=short``, the contenders of short kernels
   are measured by the short-kernel policy (``_short.py``); the others as by ``<timer>``.
 
@@ -16,6 +17,9 @@ Triton's default ``do_bench`` flushes the L2 cache between runs; so do the quick
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -98,10 +102,10 @@ def choose_timers(
     timers carry the short-kernel policy and their id says so. As in ``triton.autotune``,
     ``warmup``, ``rep`` or ``use_cuda_graph`` take the place of a ``do_bench`` given with them.
 
-    >>> choose_timers(lambda call, quantiles: [1.0], None, None, False)[1]
-    'custom:<lambda>'
-    >>> choose_timers(lambda call, quantiles: [1.0], 5, None, False)[1] != 'custom:<lambda>'
+    >>> choose_timers(lambda call, quantiles: [1.0], None, None, False)[1].startswith('custom:')
     True
+    >>> choose_timers(lambda call, quantiles: [1.0], 5, None, False)[1].startswith('custom:')
+    False
     """
     if warmup is not None or rep is not None or use_cuda_graph:
         do_bench = None
@@ -116,8 +120,8 @@ def _method_timers(
     do_bench: Timer | None, warmup: int | None, rep: int | None, use_cuda_graph: bool, adaptive: bool
 ) -> tuple[Callable[[], Timers], str]:
     if do_bench is not None:
-        name = getattr(do_bench, "__qualname__", type(do_bench).__name__)
-        return (lambda: Timers(do_bench, do_bench, f"custom:{name}", False)), f"custom:{name}"
+        timer_id = f"custom:{custom_name(do_bench)}"
+        return (lambda: Timers(do_bench, do_bench, timer_id, False)), timer_id
     if _compat.interpreting():
 
         def quick(kernel_call: Callable[[], Any], quantiles: Any = QUANTILES) -> list[float]:
@@ -145,3 +149,70 @@ def _method_timers(
         return Timers(quick, full, "events", adaptive)
 
     return make_events, "events"
+
+
+def custom_name(timer: Any) -> str:
+    """What a user's ``do_bench`` is, for its timer id (``custom:<name>``).
+
+    A named function, method or callable object keeps the name it always had (its
+    ``__qualname__``, else its class's name), so existing books still match. A
+    ``functools.partial`` is named by its function and a hash of its arguments; a lambda or
+    a function defined inside another by its module, qualified name and a hash of its code
+    (its source where Python has it, which survives a Python upgrade): every partial was
+    ``partial`` and every lambda ``<lambda>``, so two different timers shared one page.
+
+    >>> import functools, math
+    >>> custom_name(math.isclose)
+    'isclose'
+    >>> custom_name(functools.partial(math.isclose, rel_tol=0.1)).startswith("partial(math.isclose)#")
+    True
+    >>> custom_name(functools.partial(math.isclose, rel_tol=0.1)) != custom_name(
+    ...     functools.partial(math.isclose, rel_tol=0.2))
+    True
+    """
+    if isinstance(timer, functools.partial):
+        arguments = f"{_stable(timer.args)};{_stable(dict(timer.keywords))}"
+        return f"partial({_qualified(timer.func)})#{_short_hash(arguments)}"
+    qualname = getattr(timer, "__qualname__", None)
+    code = getattr(timer, "__code__", None)
+    if isinstance(qualname, str) and code is not None and ("<lambda>" in qualname or "<locals>" in qualname):
+        return f"{_qualified(timer)}#{_short_hash(_code_text(timer, code))}"
+    return qualname if isinstance(qualname, str) else type(timer).__name__
+
+
+def _qualified(fn: Any) -> str:
+    if isinstance(fn, functools.partial):
+        return custom_name(fn)
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{qualname}"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()[:8]
+
+
+def _code_text(fn: Any, code: Any) -> str:
+    """A function's code as text: its source and the names it uses where Python has the
+    source (the same on every Python release), else its bytecode and constants."""
+    names = f"{code.co_names}{code.co_varnames}"
+    try:
+        return inspect.getsource(fn) + names
+    except (OSError, TypeError):
+        consts = [c for c in code.co_consts if not inspect.iscode(c)]
+        return code.co_code.hex() + names + _stable(consts)
+
+
+def _stable(value: Any) -> str:
+    """``value`` as text that is the same in every process (no addresses): what a partial's
+    arguments contribute to its timer's id."""
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ",".join(_stable(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_stable(k)}:{_stable(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+    if callable(value):
+        return custom_name(value) if isinstance(value, functools.partial) else _qualified(value)
+    text = repr(value)
+    return _qualified(type(value)) if " at 0x" in text else text

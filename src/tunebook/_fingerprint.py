@@ -190,7 +190,17 @@ def platform_id(fingerprint: dict[str, Any]) -> str:
 
 
 def platform_slug(fingerprint: dict[str, Any]) -> str:
-    """A short human-readable name for file names, e.g. ``NVIDIA-H200-sm90``."""
+    """A short human-readable name for file names: the device name, then the arch unless the
+    name already holds its text (an A100's "80" is in "80GB"). It is part of every page's
+    file name, which is how a page is found, so it stays as it is: another form would orphan
+    every book written so far, the shipped ones included. The platform id keeps apart what
+    the name does not.
+
+    >>> platform_slug({"backend": "cuda", "device": "NVIDIA H100 80GB HBM3", "arch": "90"})
+    'NVIDIA-H100-80GB-HBM3-90'
+    >>> platform_slug({"backend": "cuda", "device": "NVIDIA A100-SXM4-80GB", "arch": "80"})
+    'NVIDIA-A100-SXM4-80GB'
+    """
     if fingerprint.get("backend") == "interpreter":
         return f"interpreter-{slug(str(fingerprint.get('arch', 'cpu')))}"
     device = slug(str(fingerprint.get("device", "unknown")), 40)

@@ -5,7 +5,8 @@ Each is made once per autotuner, on first use, because each costs something a hi
 never pay: hashing the source and what it calls (~10 ms a kernel), opening the book,
 reading imported tables, touching the GPU driver for timers. :class:`~tunebook.Autotuner`
 holds one ``KernelHome`` and answers ``identity()``, ``page()``, ``imported_tables()`` and
-``timers()`` from it.
+``timers()`` from it. In a process that drives GPUs of several models, one per platform
+(``_devices.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ class KernelHome:
         self._looked_for_names = False  # whether a tables= name no import holds was looked into
         self._timer_choice: tuple[Callable[[], Timers], str] | None = None
         self._timers: Timers | None = None
+
+    def sibling(self) -> KernelHome:
+        """A home of this kernel on another platform (a host with GPUs of several models,
+        ``_devices.py``): the kernel's identity is shared, its page, tables and timers are its own."""
+        home = KernelHome(self._fn, self._keys, self._options, self._timer_settings)
+        home._kernel = self.kernel_identity()
+        return home
 
     def kernel_identity(self) -> KernelIdentity:
         """The kernel as a book names it (name, source hash, key names), whatever the platform."""

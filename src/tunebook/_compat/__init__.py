@@ -432,6 +432,35 @@ def current_device_ids() -> list[str] | None:
     return None
 
 
+def device_models() -> list[tuple[Any, ...]]:
+    """What sets each GPU this process sees apart as a platform (its name, compute
+    capability or gfx arch, SM count), by device index; [] under the interpreter or where
+    torch cannot tell. ``_devices.py`` asks once per process."""
+    if interpreting():
+        return []
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        models: list[tuple[Any, ...]] = []
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            arch = getattr(props, "gcnArchName", None) or f"{props.major}{props.minor}"
+            models.append((props.name, arch, props.multi_processor_count))
+        return models
+    except Exception:  # pragma: no cover - no torch or no driver: one platform, as device_identity says
+        return []
+
+
+def current_device_index() -> int:
+    """The index of this thread's current GPU: where Triton launches, and whose platform
+    ``device_identity`` describes."""
+    import torch
+
+    return int(torch.cuda.current_device())
+
+
 def kernel_source(fn: Callable[..., Any]) -> str:
     """The kernel's source from its ``def`` on, without decorators or indentation."""
     try:

@@ -132,9 +132,18 @@ def platform_id_of(platform: dict[str, Any]) -> str:
 
 
 def platform_label(platform: dict[str, Any]) -> str:
-    """``NVIDIA-H200-90 (triton 3.6.0, timer events)``: enough for a person to tell platforms apart."""
+    """Enough for a person to tell platforms apart: every field of the fingerprint but the
+    backend, which the name and arch imply (pages under two CUDA runtimes, or of two SKUs
+    sharing a name, looked alike without the runtime and SM count).
+
+    >>> platform_label({"backend": "cuda", "device": "NVIDIA H200", "arch": "90", "runtime": "cuda 12.8",
+    ...                 "sm_count": 132, "triton": "3.6.0", "timer": "events"})
+    'NVIDIA-H200-90 (cuda 12.8, 132 SMs, triton 3.6.0, timer events)'
+    """
     fp = {k: v for k, v in platform.items() if k != "id"}
-    extras = [f"{k} {fp[k]}" for k in ("triton", "timer") if fp.get(k)]
+    extras = [str(fp["runtime"])] if fp.get("runtime") else []
+    extras += [f"{fp['sm_count']} SMs"] if fp.get("sm_count") else []
+    extras += [f"{k} {fp[k]}" for k in ("triton", "timer") if fp.get(k)]
     slug = platform_slug(fp)
     return f"{slug} ({', '.join(extras)})" if extras else slug
 

@@ -16,7 +16,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from .. import _compat
+from .. import _compat, _devices
 from .._autotuner import Autotuner
 from .._book import Book, KernelIdentity, book_file_name, pagedir, relation
 from .._fingerprint import platform_slug
@@ -50,6 +50,10 @@ HINTS = {
     "device": "tuned on another GPU model; tune on this one or ship a book from one",
     "timer": "tuned with another timer (do_bench=, use_cuda_graph=, warmup/rep, or the interpreter)",
     "runtime": "tuned under another CUDA/ROCm runtime",
+    "sm_count": "another SKU or partition of this GPU model (H100 PCIe or SXM, a MIG slice, another SM "
+    "count); tune on this one or ship a book from one like it",
+    "arch": "another GPU architecture (compute capability or gfx arch); tune on this one",
+    "backend": "another backend (CUDA, ROCm or Triton's interpreter); tune on this one",
 }
 
 # What serve mode does with a file that does not match, by its relation to this process's page.
@@ -147,7 +151,22 @@ def explain_data(target: str, tuner: Autotuner, directories: list[Path], key_lim
         # how a hit launches here: the compiled kernel's own launcher, or Triton's run and why
         "hit_launch": _compat.direct.available(tuner.fn) or "direct",
         "verdict": "hit" if any(f["match"] for f in files) else "miss",
+        "gpus": judged_gpu(),
     }
+
+
+def judged_gpu() -> dict[str, Any] | None:
+    """On a host whose GPUs are of several models, which one the verdict is for (this
+    process's current device) and those of the other models; None on a host of one model."""
+    if not _devices.mixed():
+        return None
+    models, ids = _devices.models(), _compat.local_gpu_ids()
+    gpus = [
+        {"gpu": ids[i] if i < len(ids) else str(i), "device": str(m[0]), "arch": m[1], "sm_count": m[2]}
+        for i, m in enumerate(models)
+    ]
+    here = _compat.current_device_index()
+    return {"judged": gpus[here], "others": [g for i, g in enumerate(gpus) if models[i] != models[here]]}
 
 
 def imported_tables(tuner: Autotuner, directories: list[Path], device: str) -> dict[str, Any] | None:
@@ -187,6 +206,14 @@ def _print(data: dict[str, Any]) -> None:
     )
     plat = "  ".join(f"{n}={v}" for n, v in p.items() if n != "id")
     console.print(f"  platform  {escape(plat)}  id {p['id']}")
+    if data["gpus"] is not None:
+        judged, others = data["gpus"]["judged"], data["gpus"]["others"]
+        console.print(
+            f"  GPU  {judged['gpu']} ({escape(judged['device'])}); this host has GPUs of other models: "
+            + "; ".join(f"{g['gpu']} ({escape(g['device'])})" for g in others)
+            + f". For one of those: tunebook explain {escape(data['target'])} "
+            f"--env CUDA_VISIBLE_DEVICES={others[0]['gpu']}"
+        )
     console.print(f"  reads  {escape(data['expected_file'])}")
     where = [d if Path(d).exists() else f"{d} (does not exist)" for d in data["directories"]]
     console.print(f"  in  {escape(', '.join(where) or '(no book directory)')}")
@@ -226,14 +253,17 @@ def _print(data: dict[str, Any]) -> None:
             console.print(f"      [yellow]{escape(miss_hint(module))}[/]")
     _print_tables(data["tables"])
     if data["verdict"] == "hit":
+        on = f" on GPU {data['gpus']['judged']['gpu']}" if data["gpus"] is not None else ""
         console.print(
-            "\n[green]A book file matches this process[/]: a call hits when its key (the key "
+            f"\n[green]A book file matches this process{on}[/]: a call hits when its key (the key "
             "values and argument dtypes listed above) is in it and every config is measured."
         )
     else:
+        gpus = data["gpus"]
+        on = f" on GPU {gpus['judged']['gpu']}" if gpus is not None else ""
         console.print(
-            "\n[red]No book file matches this process[/]: every call misses. Fix the differences "
-            "above, or tune on this platform."
+            f"\n[red]No book file matches this process{on}[/]: every call{on} misses. Fix the "
+            "differences above, or tune on this platform."
         )
 
 

@@ -4,7 +4,8 @@
     tunebook tune MODULE:KERNEL --keys M=16,N=4096,K=4096 [--keys ...]
     tunebook tune ... --ray [ADDRESS]                 # every GPU of a Ray cluster (_tune_ray.py)
 
-Jobs are spread over one worker process per local GPU (``--workers`` to change); each
+Jobs are spread over one worker process per local GPU (``--workers`` to change), all of one
+model (a host of several is refused: ``CUDA_VISIBLE_DEVICES`` picks one model's); each
 worker tunes in ``tune`` mode and persists as it measures, so an interrupted run resumes
 where it stopped when started again. Every candidate runs in a worker: a config that
 crashes or hangs (``--timeout``) is recorded as failed with its reason, and the worker is
@@ -163,6 +164,7 @@ def command(
         raise refusal
     if ray_address is None:  # the keys are this platform's: a process without a GPU says so in one line
         _platform_here()
+        _one_model_here()
     tuners: dict[tuple[str, str], Autotuner] = {}
     jobs = _miss_jobs(targets, tuners) if misses else _key_jobs(targets[0], keys, tuners)
     for job in jobs:
@@ -248,6 +250,32 @@ def _platform_here() -> None:
             f"cannot tell this process's platform: {str(exc).rstrip('.')}. On a machine without a GPU, "
             "tune for Triton's interpreter with TRITON_INTERPRET=1, or tune on a GPU machine (--ray)."
         ) from None
+
+
+def _one_model_here() -> None:
+    """Refuse a host whose GPUs are of several models, before any work: the misses listed
+    and the pages checked are one platform's, and a worker takes any key."""
+    models = _compat.device_models()
+    if len(set(models)) < 2:
+        return
+    ids = _compat.local_gpu_ids()
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for index, model in enumerate(models):
+        groups.setdefault(model, []).append(ids[index] if index < len(ids) else str(index))
+    names = [str(model[0]) for model in groups]
+
+    def label(model: tuple[Any, ...]) -> str:  # the arch and SM count where a name is not enough
+        name, arch, sm_count = model
+        return str(name) if names.count(str(name)) == 1 else f"{name} (arch {arch}, {sm_count} SMs)"
+
+    listing = "; ".join(f"{label(model)}: GPU {', '.join(gpus)}" for model, gpus in groups.items())
+    first = ",".join(next(iter(groups.values())))
+    raise click.ClickException(
+        f"this host has GPUs of {len(groups)} models ({listing}). A timing on one model says nothing "
+        "about another, and one run reads and fills the book pages of one model: tune on the GPUs of "
+        "one model at a time by naming them in CUDA_VISIBLE_DEVICES, e.g. "
+        f"CUDA_VISIBLE_DEVICES={first} tunebook tune ..., then the same for each other model."
+    )
 
 
 def _miss_jobs(targets: tuple[str, ...], tuners: dict[tuple[str, str], Autotuner]) -> list[dict[str, Any]]:

@@ -1,0 +1,89 @@
+"""Which platform a call belongs to, in a process that drives GPUs of more than one model.
+
+A kernel's page of the book, its decisions and hit tables, its set-aside configs, its
+imported tables and its Space's platform filter all belong to one platform. Almost every
+process sees GPUs of one model (or the interpreter): an autotuner keeps one of each, and a
+hit reads them without asking which device is current. A process that drives, say, an H100
+as ``cuda:0`` and an A100 as ``cuda:1`` (each call under ``torch.cuda.device(i)``, where
+Triton launches it) must look up, measure and file each call under the platform of the
+device it runs on, or it files the A100's timings in the H100's page and serves the H100's
+decisions on the A100.
+
+Whether a process is such is decided once (:func:`mixed`, from the devices it sees, which
+CUDA fixes when it starts), at an autotuner's first page open or first miss. Only then does
+the autotuner swap each of those objects for a :class:`PerPlatform`, which stands for the
+current device's own, made on first use; so the hit path of a host of one model is the
+code it was, with no device check (``Autotuner._by_device``).
+
+>>> tables = PerPlatform(dict, {"made": "first"}, model=lambda: "H100")
+>>> tables.get("made"), len(tables.each())
+('first', 1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from . import _compat
+
+T = TypeVar("T")
+
+_models: list[tuple[Any, ...]] | None = None  # by device index, read once per process
+
+
+def models() -> list[tuple[Any, ...]]:
+    """What sets each visible GPU apart as a platform, by device index (``_compat.device_models``)."""
+    global _models
+    if _models is None:
+        _models = _compat.device_models()
+    return _models
+
+
+def mixed() -> bool:
+    """Whether this process sees GPUs of more than one platform (never under the interpreter)."""
+    return len(set(models())) > 1
+
+
+def current_model() -> Hashable:
+    """The platform of this thread's current device, as :func:`models` names it."""
+    return models()[_compat.current_device_index()]
+
+
+class PerPlatform(Generic[T]):
+    """One ``T`` per platform of the devices calls run on, made on first use by ``make``;
+    it stands for the current device's: an attribute read on it is that one's.
+
+    ``first`` is the one the current device's platform gets (the autotuner's own, made
+    before it knew the host was mixed). Safe across threads: two threads that make one
+    platform's at once keep one of them.
+    """
+
+    __slots__ = ("_made", "_make", "_model")
+
+    def __init__(
+        self, make: Callable[[], T], first: T, model: Callable[[], Hashable] = current_model
+    ) -> None:
+        self._make = make
+        self._model = model
+        self._made: dict[Hashable, T] = {model(): first}
+
+    def here(self) -> T:
+        """The current device's platform's ``T``."""
+        model = self._model()
+        found = self._made.get(model)
+        if found is None:
+            found = self._made.setdefault(model, self._make())
+        return found
+
+    def each(self) -> list[T]:
+        """Every platform's ``T`` made so far."""
+        return list(self._made.values())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.here(), name)
+
+
+def each(obj: Any) -> list[Any]:
+    """``obj``'s every platform's object where it is a :class:`PerPlatform`, else ``[obj]``."""
+    return obj.each() if isinstance(obj, PerPlatform) else [obj]
