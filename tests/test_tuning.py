@@ -772,3 +772,13 @@ def test_progress_never_fails_the_call_whatever_stderr_is(monkeypatch, stderr):
     land = Landscape(bowl)
     call(tuned(SPACE, land))
     assert len(land.measured) == 24
+
+
+def test_a_time_budget_smaller_than_a_clock_tick_still_measures_a_batch(book_dir):
+    """Found by a search review: with max_seconds=1e-12 the search stopped before its first
+    batch; nothing was measured, in this process or any later one."""
+    land = Landscape(bowl)
+    kernel = tuned(SPACE, land, strategy="random", max_seconds=1e-12)
+    call(kernel)
+    assert len(land.measured) == 16
+    assert tunebook.stats()["benchmarked"] == 16
