@@ -774,6 +774,32 @@ def test_progress_never_fails_the_call_whatever_stderr_is(monkeypatch, stderr):
     assert len(land.measured) == 24
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"strategy": "exhaustive"}, {"max_configs": 24}],
+    ids=["auto", "exhaustive", "max_configs-covers-the-space"],
+)
+def test_a_time_budget_stops_an_exhaustive_search_too(options, book_dir):
+    """Found by a search review: a search that ``auto`` made exhaustive (24 configs here) was
+    one batch of every candidate, and measured all of them whatever ``max_seconds`` said."""
+    import time
+
+    def slow(cfg):
+        time.sleep(0.01)
+        return bowl(cfg)
+
+    land = Landscape(slow)
+    call(tuned(SPACE, land, max_seconds=0.05, **options))
+    assert len(land.measured) == 16  # one batch, then the clock
+    results = entry_of(book_dir).results
+    assert len(results) == 16 and all(r.ok for r in results.values())  # the rest: not measured
+    again = Landscape(slow)
+    call(tuned(SPACE, again, max_seconds=0.05, **options))
+    # A time budget alone: the search is final, as for the other strategies; under max_configs
+    # too, the next process measures what it left (docs/spaces-and-strategies.md).
+    assert len(again.measured) == (8 if "max_configs" in options else 0)
+
+
 def test_a_time_budget_smaller_than_a_clock_tick_still_measures_a_batch(book_dir):
     """Found by a search review: with max_seconds=1e-12 the search stopped before its first
     batch; nothing was measured, in this process or any later one."""

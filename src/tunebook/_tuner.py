@@ -51,6 +51,8 @@ MAX_CONTENDERS = 8
 # Persist measured results after this many configs, or this many seconds, whichever first.
 SAVE_EVERY = 4
 SAVE_EVERY_S = 1.0
+# Candidates a search asks for at a time (an exhaustive one without a time budget: all).
+BATCH = 16
 
 
 # Measures candidates (indices) in this process: ``(indices, full) -> {index: result}``; a
@@ -331,7 +333,9 @@ def tune_key(job: KeyTuning) -> Outcome:
         name = job.strategy
     started_over = job.known.chosen if job.known is not None else ""
     hints = keeping(started_over, job.ids, with_rule(job.hints, job.rule))
-    # An exhaustive search is one batch: every candidate compiles in parallel up front.
+    # An exhaustive search is one batch, every candidate compiled in parallel up front,
+    # unless a time budget must be checked between batches.
+    whole = name == "exhaustive" and job.budget.max_seconds is None
     found = search(
         [_flat(r) for r in job.records],
         measure,
@@ -341,7 +345,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         hints=search_order(job.seeds, hints),
         seed=job.seed,
         on_progress=on_progress,
-        batch_size=n if name == "exhaustive" else 16,
+        batch_size=n if whole else BATCH,
     )
 
     # Full measurement of the contenders that so far only have a quick one.
