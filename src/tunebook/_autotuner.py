@@ -32,7 +32,7 @@ from ._bench import Timers
 from ._book import KernelIdentity, Page, config_id
 from ._call import Call
 from ._configs import ConfigIndex, prune
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, TuningFailed
 from ._forksafe import lock_for
 from ._hits import HitTable
 from ._home import KernelHome
@@ -198,6 +198,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
+        self._none_ran: dict[tuple[Any, str], str] = {}  # (key, the config launched) -> no config ran
         self.set_aside = SetAside(self.label)  # served configs that cannot compile here (_set_aside.py)
         # Where a bucket holds calls with different values, two calls of one key can have
         # different candidates (a Space's arg_constraints and Triton's pruning see the values);
@@ -324,6 +325,7 @@ class Autotuner(_compat.TritonAutotuner):
                 launched = self.fn.run(*args, grid=grid, warmup=warmup, **options)
             except Exception as exc:
                 if not (served and _compat.is_config_specific_error(exc) and self._set_aside(call, cid, exc)):
+                    self._raise_if_none_ran(call, cid, exc)
                     raise
                 tried[cid] = exc
                 continue
@@ -333,6 +335,19 @@ class Autotuner(_compat.TritonAutotuner):
                     if self._cache.get(key) is config and key not in self._overrides:
                         self._hits.remember(args, kwargs, self._hits.hit(config, counter))
             return launched
+
+    def _raise_if_none_ran(self, call: Call, cid: str, exc: Exception) -> None:
+        """A launch in place of configs of which none ran for the key (``_tuner.none_ran``)
+        failed: raise ``TuningFailed`` that says so. The key's hits are dropped, so that each
+        later call of it says so too."""
+        if not self._none_ran:
+            return
+        with self._lock:
+            said = self._none_ran.get((self._key(call), cid))
+            if said is None:
+                return
+            self._hits.clear()
+        raise TuningFailed(f"{said}, and it failed too: {type(exc).__name__}: {str(exc)[:500]}") from exc
 
     def _set_aside(self, call: Call, cid: str, exc: BaseException) -> bool:
         """A served config cannot compile for this call's key (``_set_aside.py``): whether to
@@ -406,6 +421,8 @@ class Autotuner(_compat.TritonAutotuner):
         resolution = _miss.resolve(self, call, key, candidates)
         config = self.config_index.config(resolution.cid) if resolution.cid is not None else candidates[0]
         dict.__setitem__(self._cache, key, config)
+        if resolution.none_ran:
+            self._none_ran[(key, self.config_index.id_of(config))] = resolution.none_ran
         if resolution.source == "served":
             self.counters.fallbacks[0] += 1
             if resolution.unmeasured:
