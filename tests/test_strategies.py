@@ -372,3 +372,21 @@ def test_a_time_budget_is_read_only_after_the_first_batch():
         clock=lambda: float(next(ticks)),
     )
     assert result.measured == (0, 1, 2, 3) and result.stopped == "max_seconds"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**40, 1796500479560501460])
+def test_bayes_takes_any_integer_seed_as_random_does(seed):
+    """Found by a search review: a seed outside 0..2**32-1 (``seed=-1``, ``time.time_ns()``)
+    passed decoration, then failed the first call of every new key inside Optuna."""
+    cands = [{"B": b, "W": w} for b in range(8) for w in range(4)]
+
+    def order(s):
+        return search(
+            cands,
+            lambda batch: {i: 1.0 + i for i in batch},
+            strategy="bayes",
+            seed=s,
+            budget=Budget(max_configs=6),
+        ).measured
+
+    assert order(seed) == order(seed % 2**32)  # documented: the seed modulo 2**32

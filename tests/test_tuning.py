@@ -808,3 +808,12 @@ def test_a_time_budget_smaller_than_a_clock_tick_still_measures_a_batch(book_dir
     call(kernel)
     assert len(land.measured) == 16
     assert tunebook.stats()["benchmarked"] == 16
+
+
+@pytest.mark.parametrize("seed", [-1, 2**40])
+def test_a_bayes_search_takes_any_integer_seed(seed, book_dir):
+    """Found by a search review: ``seed=-1`` or ``2**40`` passed decoration, then the first
+    call of every new key raised NumPy's "Seed must be between 0 and 2**32 - 1"."""
+    land = Landscape(bowl)
+    call(tuned(SPACE, land, strategy="bayes", seed=seed, max_configs=5))
+    assert len(land.measured) == 5
