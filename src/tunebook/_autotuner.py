@@ -18,6 +18,7 @@ This class keeps Triton's surface (constructor order, attributes, hooks, ``warmu
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import math
 import sys
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _buckets, _compat, _fingerprint, _launch, _miss, _options, _settings, _stats
+from . import _buckets, _compat, _fingerprint, _launch, _miss, _options, _settings, _stats, _warnings
 from ._bench import Timers
 from ._book import KernelIdentity, Page, config_id
 from ._call import Call
@@ -173,6 +174,7 @@ class Autotuner(_compat.TritonAutotuner):
         ignored = _names((self.options.check or {}).get("ignore", ()))
         _check_names(self.base_fn, self.arg_names, self.keys, self.reset_to_zero, self.restore_value, ignored)
         self.hooks = Hooks(self.reset_to_zero, self.restore_value, pre_hook, post_hook)
+        _check_meta_names(self, bool(pre_hook or post_hook or prune_configs_by))
         prune = prune_configs_by or {}
         self.perf_model = prune.get("perf_model")
         self.configs_top_k = prune.get("top_k", 1.0)
@@ -613,6 +615,46 @@ def _check_names(
                 f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of kernel "
                 f"{base_fn.__name__}({', '.join(arg_names)}). Use the kernel's argument names."
             )
+
+
+def _check_meta_names(tuner: Autotuner, hooked: bool) -> None:
+    """A Space's meta-parameter that is not an argument of the kernel is refused (a typo, or one
+    left after an edit): Triton passes it on and the kernel ignores it, so the search times
+    identical launches and the parameter meant is never tuned. A hook, a pruning function or a
+    wrapper (``triton.heuristics``) may read such a name: then it is said once, not refused,
+    and so it is for a config list's names (a library's, adopted by ``patch()``)."""
+    fn, arg_names = tuner.fn, tuner.arg_names
+    wrapped = tuner.base_fn is not getattr(fn, "fn", None)
+    if tuner.space is not None:
+        names = [n for n in tuner.space.params if n not in tuner.space.option_names]
+    else:
+        hooked = hooked or any(getattr(c, "pre_hook", None) is not None for c in tuner.configs)
+        names = list(dict.fromkeys(str(n) for c in tuner.configs for n in getattr(c, "kwargs", {})))
+    unknown = [n for n in names if n not in arg_names]
+    if not unknown:
+        return
+    shown = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, arg_names, n=1, cutoff=0.6)
+        shown.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    what = "Space parameter" if tuner.space is not None else "config parameter"
+    text = (
+        f"tunebook.autotune: {what}{'s' * (len(unknown) > 1)} {', '.join(shown)} "
+        f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of kernel "
+        f"{tuner.base_fn.__name__}({', '.join(arg_names)})"
+    )
+    if tuner.space is not None and not (hooked or wrapped):
+        raise ConfigurationError(
+            f"{text}. Triton would pass it to the kernel, which ignores it: name the kernel's "
+            "meta-parameters, or remove it."
+        )
+    if tuner.space is not None or not (hooked or wrapped):
+        _warnings.warn_once(
+            f"meta-names:{tuner.label}:{unknown}",
+            "%s. The kernel ignores it%s (said once)",
+            text,
+            ", unless a hook, prune_configs_by or triton.heuristics reads it" if hooked or wrapped else "",
+        )
 
 
 def _required_key_arguments(base_fn: Callable[..., Any], fn: Any, keys: Sequence[str]) -> list[str]:
