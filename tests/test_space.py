@@ -175,3 +175,29 @@ def test_a_hundred_thousand_configs_stay_cheap():
     )
     assert len(unconstrained) == 1_000_000 and unconstrained._feasible is None
     assert len(unconstrained.sample(5, seed=3)) == 5
+
+
+@pytest.mark.parametrize(
+    ("result", "said"),
+    [
+        (None, r"returned None \(a missing return\?\) instead of True or False"),
+        ("tensor", r"returned Tensor tensor\(\[.*\]\), which is neither True nor False \(RuntimeError"),
+    ],
+)
+def test_a_constraint_that_returns_no_bool_is_named_with_a_candidate(result, said):
+    """Found by a search review: a constraint without ``return`` rejected every config in
+    silence, and one returning a tensor raised a bare RuntimeError from Space.__len__."""
+    import torch
+
+    def check(c):
+        return torch.tensor([c["B"] > 1, True]) if result == "tensor" else None
+
+    with pytest.raises(
+        SpaceError, match=r"constraint #1 \('check'\) " + said + r".* on candidate \{'B': 1\}"
+    ):
+        len(Space(B=[1, 2], constraints=[lambda c: True, check]))
+    with pytest.raises(SpaceError, match=r"arg constraint #0 \('<lambda>'\) " + said):
+        Space(B=[1, 2], arg_constraints=[lambda c, args: check(c)]).candidates(args={"n": 1})
+    import numpy as np
+
+    assert len(Space(B=[1, 2], constraints=[lambda c: np.bool_(c["B"] > 1)])) == 1  # NumPy's bool is a bool

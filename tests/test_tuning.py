@@ -817,3 +817,32 @@ def test_a_bayes_search_takes_any_integer_seed(seed, book_dir):
     land = Landscape(bowl)
     call(tuned(SPACE, land, strategy="bayes", seed=seed, max_configs=5))
     assert len(land.measured) == 5
+
+
+@pytest.mark.parametrize(
+    ("space", "said"),
+    [
+        (
+            tunebook.Space(BLOCK=[32, 64], num_ctas=[2]),
+            r"2 configs, 2 after its constraints, 0 after the platform filter \(num_ctas > 1 needs CUDA "
+            r"sm_90 or newer, maxnreg needs CUDA; this platform is interpreter .*\); add values it can run",
+        ),
+        (
+            tunebook.Space(BLOCK=[32, 64], constraints=[lambda c: c["BLOCK"] > 64]),
+            r"2 configs, 0 after its constraints; loosen its constraints",
+        ),
+        (
+            tunebook.Space(BLOCK=[32, 64], arg_constraints=[lambda c, args: c["BLOCK"] > args["n"]]),
+            r"2 configs, 2 after its constraints, 2 after the platform filter, 0 after its arg_constraints "
+            r"for this call; loosen its arg_constraints",
+        ),
+    ],
+    ids=["platform", "constraints", "arg_constraints"],
+)
+def test_a_call_without_candidates_is_told_which_filter_removed_them(space, said):
+    """Found by a search review: the error always blamed "constraints or arg_constraints",
+    also where the platform filter had removed every config (num_ctas=[2] off Hopper)."""
+    with pytest.raises(
+        tunebook.ConfigurationError, match=r"no feasible config for this call \(n=300\): " + said
+    ):
+        call(tunebook.autotune(space, key=["n"])(add_kernel))

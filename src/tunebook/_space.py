@@ -115,6 +115,37 @@ def _values(name: str, raw: Any) -> tuple[Any, ...]:
     return values
 
 
+class _NotABool(Exception):
+    """A constraint's result that is neither True nor False (None, an ambiguous array)."""
+
+
+def _verdict(result: Any) -> bool:
+    """A constraint's result as a bool: None (a constraint without ``return``) and values
+    whose truth is ambiguous (a tensor of several elements) are errors, not a silent False."""
+    if result is True or result is False:
+        return result
+    if result is None:
+        raise _NotABool("returned None (a missing return?) instead of True or False")
+    try:
+        return bool(result)
+    except Exception as exc:
+        shown = repr(result)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise _NotABool(
+            f"returned {type(result).__name__} {shown}, which is neither True nor False "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _constraint_error(
+    what: str, i: int, check: Any, exc: Exception, candidate: Candidate, tail: str
+) -> SpaceError:
+    """The error of constraint (or arg constraint) #i that raised ``exc``, or returned no bool."""
+    name = getattr(check, "__name__", check)
+    did = str(exc) if isinstance(exc, _NotABool) else f"raised {type(exc).__name__}: {exc}"
+    return SpaceError(f"Space: {what} #{i} ({name!r}) {did} on candidate {candidate}{tail}")
+
+
 def _cuda_cc(platform: Mapping[str, Any]) -> int | None:
     """Compute capability as an int (90 for '90', '90a', 'sm_90', 90); None if unknown."""
     match = re.search(r"\d+", str(platform.get("arch", "")))
@@ -219,13 +250,10 @@ class Space:
     def _satisfies(self, candidate: Candidate) -> bool:
         for i, check in enumerate(self.constraints):
             try:
-                ok = check(dict(candidate))
+                ok = _verdict(check(dict(candidate)))
             except Exception as exc:
-                raise SpaceError(
-                    f"Space: constraint #{i} ({getattr(check, '__name__', check)!r}) raised "
-                    f"{type(exc).__name__}: {exc} on candidate {candidate}. Constraints receive a dict "
-                    f"with the keys {list(self._names)}; fix the constraint."
-                ) from exc
+                tail = f". Constraints receive a dict with the keys {list(self._names)}; fix the constraint."
+                raise _constraint_error("constraint", i, check, exc, candidate, tail) from exc
             if not ok:
                 return False
         return True
@@ -304,14 +332,13 @@ class Space:
         """Whether the arg constraints allow ``candidate`` for a call with these named arguments."""
         for i, check in enumerate(self.arg_constraints):
             try:
-                ok = check(dict(candidate), args)
+                ok = _verdict(check(dict(candidate), args))
             except Exception as exc:
-                raise SpaceError(
-                    f"Space: arg constraint #{i} ({getattr(check, '__name__', check)!r}) raised "
-                    f"{type(exc).__name__}: {exc} on candidate {candidate} with arguments "
-                    f"{sorted(unwatched(args))}. "
-                    f"Arg constraints receive (candidate dict, named arguments); fix the constraint."
-                ) from exc
+                tail = (
+                    f" with arguments {sorted(unwatched(args))}. "
+                    "Arg constraints receive (candidate dict, named arguments); fix the constraint."
+                )
+                raise _constraint_error("arg constraint", i, check, exc, candidate, tail) from exc
             if not ok:
                 return False
         return True
