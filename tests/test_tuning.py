@@ -846,3 +846,23 @@ def test_a_call_without_candidates_is_told_which_filter_removed_them(space, said
         tunebook.ConfigurationError, match=r"no feasible config for this call \(n=300\): " + said
     ):
         call(tunebook.autotune(space, key=["n"])(add_kernel))
+
+
+def test_a_space_of_numpy_values_is_tuned_and_read_back_from_the_book(book_dir):
+    """Found by a search review: np.int64 values failed every config in the interpreter, and
+    the book would have stored them as text that no later read matched to the Space."""
+    import numpy as np
+
+    space = tunebook.Space(BLOCK=list(2 ** np.arange(5, 8)), num_warps=[np.int64(4)])
+    land = Landscape(bowl)
+    kernel = tuned(space, land)
+    call(kernel)
+    assert kernel.best_config.kwargs == {"BLOCK": 128} and len(land.measured) == 3
+    assert all(type(r.config["kwargs"]["BLOCK"]) is int for r in entry_of(book_dir).results.values())
+    for mode in ("tune", "serve"):  # a later kernel reads its answer from the book
+        again = Landscape(bowl)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TUNEBOOK_MODE", mode)
+            later = tuned(tunebook.Space(BLOCK=np.array([32, 64, 128]), num_warps=[4]), again)
+            call(later)
+        assert again.measured == [] and later.best_config.kwargs == {"BLOCK": 128}

@@ -93,12 +93,21 @@ def _check_option_name(name: str) -> None:
 
 
 def _values(name: str, raw: Any) -> tuple[Any, ...]:
+    ndim = getattr(raw, "ndim", None)  # a NumPy array or a torch tensor
+    if ndim == 1 and callable(getattr(raw, "tolist", None)):
+        raw = raw.tolist()
     if not isinstance(raw, list | tuple | range):
+        if ndim is None:
+            fix = f"Write {name}=[{raw!r}] for a single value."
+        elif ndim == 0:
+            fix = f"Write {name}=[value.item()] for a single value."
+        else:
+            fix = f"A parameter's values are one list; this array has {ndim} dimensions."
         raise SpaceError(
             f"Space: {name}= must be a list, tuple or range of values; found {type(raw).__name__} "
-            f"{raw!r}. Write {name}=[{raw!r}] for a single value."
+            f"{raw!r}. {fix}"
         )
-    values = tuple(raw)
+    values = tuple(_plain(v) for v in raw)
     if not values:
         raise SpaceError(
             f"Space: {name}= is empty; give it at least one value (an empty space tunes nothing)."
@@ -113,6 +122,15 @@ def _values(name: str, raw: Any) -> tuple[Any, ...]:
             raise SpaceError(f"Space: {name}= lists {v!r} twice; each value may appear once.")
         seen.add(v)
     return values
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy or torch scalar (``list(2 ** np.arange(4, 7))`` holds ``np.int64``) as the Python
+    scalar it holds: Triton's interpreter refuses ``np.int64`` as a meta-parameter, and the
+    book would store its text, which no later read matches to the Space's value."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
 
 
 class _NotABool(Exception):
