@@ -177,3 +177,36 @@ def test_a_tensor_in_the_key_is_tuned_as_triton_tunes_it_and_never_written(book_
             torch.testing.assert_close(out, x + y)
     assert replay.measured == [32, 64, 32, 64] and kernel.best_config.kwargs == {"BLOCK": 64}
     assert not [p for p in book_dir.rglob("*.json")]
+
+
+def test_a_space_parameter_the_kernel_lacks_is_refused_at_decoration(book_dir):
+    """Found by a search review: ``Space(BLOCKSIZE=...)`` for a kernel whose parameter is BLOCK
+    was taken; Triton passed it to the kernel, which ignored it, and the search timed
+    identical launches while BLOCK was never tuned."""
+    import triton
+
+    with pytest.raises(
+        tunebook.ConfigurationError,
+        match=r"Space parameter 'BLOCKSIZE' \(did you mean 'BLOCK'\?\) is not an argument of kernel "
+        r"add_kernel\(x_ptr, y_ptr, out_ptr, n, BLOCK\)",
+    ):
+        tunebook.autotune(tunebook.Space(BLOCKSIZE=[16, 32], BLOCK=[64], num_warps=[2, 4]), key=["n"])(
+            add_kernel
+        )
+    # A hook, a pruning function or a wrapper (triton.heuristics) may read such a name: said, not refused.
+    replay = Replay({32: 2.0, 64: 1.0})
+    with pytest.warns(tunebook.BookWarning, match=r"'SPLIT' is not an argument.*unless a hook"):
+        hooked = tunebook.autotune(
+            tunebook.Space(BLOCK=[32, 64], SPLIT=[1]), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+        )(add_kernel)
+    x, y, out = vectors(300)
+    hooked[grid_1d(300)](x, y, out, 300)
+    assert hooked.best_config.kwargs == {"BLOCK": 64, "SPLIT": 1}
+    heuristic = triton.heuristics({"BLOCK": lambda args: 64})(add_kernel)
+    with pytest.warns(tunebook.BookWarning, match="'EXTRA' is not an argument"):
+        tunebook.autotune(tunebook.Space(EXTRA=[1, 2]), key=["n"])(heuristic)
+    # A config list (a library's, adopted by patch()) is said once, never refused.
+    with pytest.warns(tunebook.BookWarning, match=r"config parameter 'BLOCKSIZE' \(did you mean 'BLOCK'\?\)"):
+        tunebook.autotune([triton.Config({"BLOCKSIZE": 16}), triton.Config({"BLOCKSIZE": 32})], key=["n"])(
+            add_kernel
+        )

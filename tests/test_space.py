@@ -175,3 +175,50 @@ def test_a_hundred_thousand_configs_stay_cheap():
     )
     assert len(unconstrained) == 1_000_000 and unconstrained._feasible is None
     assert len(unconstrained.sample(5, seed=3)) == 5
+
+
+@pytest.mark.parametrize(
+    ("result", "said"),
+    [
+        (None, r"returned None \(a missing return\?\) instead of True or False"),
+        ("tensor", r"returned Tensor tensor\(\[.*\]\), which is neither True nor False \(RuntimeError"),
+    ],
+)
+def test_a_constraint_that_returns_no_bool_is_named_with_a_candidate(result, said):
+    """Found by a search review: a constraint without ``return`` rejected every config in
+    silence, and one returning a tensor raised a bare RuntimeError from Space.__len__."""
+    import torch
+
+    def check(c):
+        return torch.tensor([c["B"] > 1, True]) if result == "tensor" else None
+
+    with pytest.raises(
+        SpaceError, match=r"constraint #1 \('check'\) " + said + r".* on candidate \{'B': 1\}"
+    ):
+        len(Space(B=[1, 2], constraints=[lambda c: True, check]))
+    with pytest.raises(SpaceError, match=r"arg constraint #0 \('<lambda>'\) " + said):
+        Space(B=[1, 2], arg_constraints=[lambda c, args: check(c)]).candidates(args={"n": 1})
+    import numpy as np
+
+    assert len(Space(B=[1, 2], constraints=[lambda c: np.bool_(c["B"] > 1)])) == 1  # NumPy's bool is a bool
+
+
+def test_numpy_and_torch_values_become_python_scalars():
+    """Found by a search review: ``list(2 ** np.arange(4, 7))`` gave np.int64 values, which
+    Triton's interpreter refuses and the book stores as text; an array was refused with
+    advice to wrap it in a list."""
+    import numpy as np
+    import torch
+
+    for values in (list(2 ** np.arange(4, 7)), np.array([16, 32, 64]), torch.tensor([16, 32, 64])):
+        space = Space(BLOCK=values, num_warps=[np.int32(4)])
+        assert space.params == {"BLOCK": (16, 32, 64), "num_warps": (4,)}
+        assert all(type(v) is int for v in space.params["BLOCK"])
+        assert space.to_config(space.candidates()[0]).kwargs == {"BLOCK": 16}
+    assert Space(F=[np.float32(0.5), np.bool_(True)]).params == {"F": (0.5, True)}
+    with pytest.raises(SpaceError, match=r"this array has 2 dimensions"):
+        Space(BLOCK=np.array([[16, 32]]))
+    with pytest.raises(SpaceError, match=r"Write BLOCK=\[value.item\(\)\] for a single value"):
+        Space(BLOCK=np.array(16))
+    with pytest.raises(SpaceError, match="twice"):
+        Space(BLOCK=[np.int64(16), 16])

@@ -9,8 +9,10 @@ adds coverage.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -333,3 +335,58 @@ def test_table_round_trip(tmp_path):
     again = Table.load(path)
     assert again == table and again.space == {"B": [16, 32]}
     assert json.loads(path.read_text())["results"][1] == {"config": {"B": 32}, "ms": None, "error": "OOR"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_seconds": math.nan}, "max_seconds must be a positive number of seconds or None; found nan"),
+        ({"max_seconds": "5"}, "max_seconds must be a positive number of seconds or None; found '5'"),
+        ({"max_seconds": 0}, "max_seconds must be a positive number"),
+        ({"max_seconds": True}, "max_seconds must be a positive number"),
+        ({"max_configs": math.nan}, "max_configs must be a positive integer or None; found nan"),
+        ({"max_configs": 2.5}, "max_configs must be a positive integer or None; found 2.5"),
+        ({"max_configs": True}, "max_configs must be a positive integer or None; found True"),
+        ({"max_configs": -1}, "max_configs must be a positive integer"),
+    ],
+)
+def test_a_budget_refuses_what_autotune_refuses(kwargs, match):
+    """Found by a search review: Budget (public) took NaN as no budget at all, 2.5 failed
+    inside the search, and True was a budget of one config."""
+    with pytest.raises(ValueError, match=re.escape(match)):
+        Budget(**kwargs)
+    assert Budget(max_configs=3, max_seconds=math.inf).max_configs == 3  # inf: as autotune() takes it
+
+
+def test_a_time_budget_is_read_only_after_the_first_batch():
+    """A budget spent before the first batch (the clock moved on, a tiny max_seconds) still
+    measures one batch: a time budget never means that nothing is tuned."""
+    ticks = itertools.count()  # each read of the clock a second later
+
+    result = search(
+        [{"B": b} for b in range(20)],
+        lambda batch: {i: float(i + 1) for i in batch},
+        strategy="exhaustive",
+        budget=Budget(max_seconds=0.5),
+        batch_size=4,
+        clock=lambda: float(next(ticks)),
+    )
+    assert result.measured == (0, 1, 2, 3) and result.stopped == "max_seconds"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**40, 1796500479560501460])
+def test_bayes_takes_any_integer_seed_as_random_does(seed):
+    """Found by a search review: a seed outside 0..2**32-1 (``seed=-1``, ``time.time_ns()``)
+    passed decoration, then failed the first call of every new key inside Optuna."""
+    cands = [{"B": b, "W": w} for b in range(8) for w in range(4)]
+
+    def order(s):
+        return search(
+            cands,
+            lambda batch: {i: 1.0 + i for i in batch},
+            strategy="bayes",
+            seed=s,
+            budget=Budget(max_configs=6),
+        ).measured
+
+    assert order(seed) == order(seed % 2**32)  # documented: the seed modulo 2**32

@@ -772,3 +772,97 @@ def test_progress_never_fails_the_call_whatever_stderr_is(monkeypatch, stderr):
     land = Landscape(bowl)
     call(tuned(SPACE, land))
     assert len(land.measured) == 24
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"strategy": "exhaustive"}, {"max_configs": 24}],
+    ids=["auto", "exhaustive", "max_configs-covers-the-space"],
+)
+def test_a_time_budget_stops_an_exhaustive_search_too(options, book_dir):
+    """Found by a search review: a search that ``auto`` made exhaustive (24 configs here) was
+    one batch of every candidate, and measured all of them whatever ``max_seconds`` said."""
+    import time
+
+    def slow(cfg):
+        time.sleep(0.01)
+        return bowl(cfg)
+
+    land = Landscape(slow)
+    call(tuned(SPACE, land, max_seconds=0.05, **options))
+    assert len(land.measured) == 16  # one batch, then the clock
+    results = entry_of(book_dir).results
+    assert len(results) == 16 and all(r.ok for r in results.values())  # the rest: not measured
+    again = Landscape(slow)
+    call(tuned(SPACE, again, max_seconds=0.05, **options))
+    # A time budget alone: the search is final, as for the other strategies; under max_configs
+    # too, the next process measures what it left (docs/spaces-and-strategies.md).
+    assert len(again.measured) == (8 if "max_configs" in options else 0)
+
+
+def test_a_time_budget_smaller_than_a_clock_tick_still_measures_a_batch(book_dir):
+    """Found by a search review: with max_seconds=1e-12 the search stopped before its first
+    batch; nothing was measured, in this process or any later one."""
+    land = Landscape(bowl)
+    kernel = tuned(SPACE, land, strategy="random", max_seconds=1e-12)
+    call(kernel)
+    assert len(land.measured) == 16
+    assert tunebook.stats()["benchmarked"] == 16
+
+
+@pytest.mark.parametrize("seed", [-1, 2**40])
+def test_a_bayes_search_takes_any_integer_seed(seed, book_dir):
+    """Found by a search review: ``seed=-1`` or ``2**40`` passed decoration, then the first
+    call of every new key raised NumPy's "Seed must be between 0 and 2**32 - 1"."""
+    land = Landscape(bowl)
+    call(tuned(SPACE, land, strategy="bayes", seed=seed, max_configs=5))
+    assert len(land.measured) == 5
+
+
+@pytest.mark.parametrize(
+    ("space", "said"),
+    [
+        (
+            tunebook.Space(BLOCK=[32, 64], num_ctas=[2]),
+            r"2 configs, 2 after its constraints, 0 after the platform filter \(num_ctas > 1 needs CUDA "
+            r"sm_90 or newer, maxnreg needs CUDA; this platform is interpreter .*\); add values it can run",
+        ),
+        (
+            tunebook.Space(BLOCK=[32, 64], constraints=[lambda c: c["BLOCK"] > 64]),
+            r"2 configs, 0 after its constraints; loosen its constraints",
+        ),
+        (
+            tunebook.Space(BLOCK=[32, 64], arg_constraints=[lambda c, args: c["BLOCK"] > args["n"]]),
+            r"2 configs, 2 after its constraints, 2 after the platform filter, 0 after its arg_constraints "
+            r"for this call; loosen its arg_constraints",
+        ),
+    ],
+    ids=["platform", "constraints", "arg_constraints"],
+)
+def test_a_call_without_candidates_is_told_which_filter_removed_them(space, said):
+    """Found by a search review: the error always blamed "constraints or arg_constraints",
+    also where the platform filter had removed every config (num_ctas=[2] off Hopper)."""
+    with pytest.raises(
+        tunebook.ConfigurationError, match=r"no feasible config for this call \(n=300\): " + said
+    ):
+        call(tunebook.autotune(space, key=["n"])(add_kernel))
+
+
+def test_a_space_of_numpy_values_is_tuned_and_read_back_from_the_book(book_dir):
+    """Found by a search review: np.int64 values failed every config in the interpreter, and
+    the book would have stored them as text that no later read matched to the Space."""
+    import numpy as np
+
+    space = tunebook.Space(BLOCK=list(2 ** np.arange(5, 8)), num_warps=[np.int64(4)])
+    land = Landscape(bowl)
+    kernel = tuned(space, land)
+    call(kernel)
+    assert kernel.best_config.kwargs == {"BLOCK": 128} and len(land.measured) == 3
+    assert all(type(r.config["kwargs"]["BLOCK"]) is int for r in entry_of(book_dir).results.values())
+    for mode in ("tune", "serve"):  # a later kernel reads its answer from the book
+        again = Landscape(bowl)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TUNEBOOK_MODE", mode)
+            later = tuned(tunebook.Space(BLOCK=np.array([32, 64, 128]), num_warps=[4]), again)
+            call(later)
+        assert again.measured == [] and later.best_config.kwargs == {"BLOCK": 128}

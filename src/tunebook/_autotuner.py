@@ -18,6 +18,7 @@ This class keeps Triton's surface (constructor order, attributes, hooks, ``warmu
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import math
 import sys
@@ -27,12 +28,23 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from . import _buckets, _compat, _devices, _fingerprint, _launch, _miss, _options, _settings, _stats
+from . import (
+    _buckets,
+    _compat,
+    _devices,
+    _fingerprint,
+    _launch,
+    _miss,
+    _options,
+    _settings,
+    _stats,
+    _warnings,
+)
 from ._bench import Timers
 from ._book import KernelIdentity, Page, config_id
 from ._call import Call
 from ._configs import ConfigIndex, prune
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, TuningFailed
 from ._forksafe import lock_for
 from ._hits import HitTable
 from ._home import KernelHome
@@ -173,6 +185,7 @@ class Autotuner(_compat.TritonAutotuner):
         ignored = _names((self.options.check or {}).get("ignore", ()))
         _check_names(self.base_fn, self.arg_names, self.keys, self.reset_to_zero, self.restore_value, ignored)
         self.hooks = Hooks(self.reset_to_zero, self.restore_value, pre_hook, post_hook)
+        _check_meta_names(self, bool(pre_hook or post_hook or prune_configs_by))
         prune = prune_configs_by or {}
         self.perf_model = prune.get("perf_model")
         self.configs_top_k = prune.get("top_k", 1.0)
@@ -198,6 +211,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
+        self._none_ran: dict[tuple[Any, str], str] = {}  # (key, the config launched) -> no config ran
         self.set_aside = SetAside(self.label)  # served configs that cannot compile here (_set_aside.py)
         # Where a bucket holds calls with different values, two calls of one key can have
         # different candidates (a Space's arg_constraints and Triton's pruning see the values);
@@ -357,6 +371,7 @@ class Autotuner(_compat.TritonAutotuner):
                 launched = self.fn.run(*args, grid=grid, warmup=warmup, **options)
             except Exception as exc:
                 if not (served and _compat.is_config_specific_error(exc) and self._set_aside(call, cid, exc)):
+                    self._raise_if_none_ran(call, cid, exc)
                     raise
                 tried[cid] = exc
                 continue
@@ -366,6 +381,19 @@ class Autotuner(_compat.TritonAutotuner):
                     if self._cache.get(key) is config and key not in self._overrides:
                         self._hits.remember(args, kwargs, self._hits.hit(config, counter))
             return launched
+
+    def _raise_if_none_ran(self, call: Call, cid: str, exc: Exception) -> None:
+        """A launch in place of configs of which none ran for the key (``_tuner.none_ran``)
+        failed: raise ``TuningFailed`` that says so. The key's hits are dropped, so that each
+        later call of it says so too."""
+        if not self._none_ran:
+            return
+        with self._lock:
+            said = self._none_ran.get((self._key(call), cid))
+            if said is None:
+                return
+            self._hits.clear()
+        raise TuningFailed(f"{said}, and it failed too: {type(exc).__name__}: {str(exc)[:500]}") from exc
 
     def _set_aside(self, call: Call, cid: str, exc: BaseException) -> bool:
         """A served config cannot compile for this call's key (``_set_aside.py``): whether to
@@ -439,6 +467,8 @@ class Autotuner(_compat.TritonAutotuner):
         resolution = _miss.resolve(self, call, key, candidates)
         config = self.config_index.config(resolution.cid) if resolution.cid is not None else candidates[0]
         dict.__setitem__(self._cache, key, config)
+        if resolution.none_ran:
+            self._none_ran[(key, self.config_index.id_of(config))] = resolution.none_ran
         if resolution.source == "served":
             self.counters.fallbacks[0] += 1
             if resolution.unmeasured:
@@ -637,6 +667,46 @@ def _check_names(
                 f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of kernel "
                 f"{base_fn.__name__}({', '.join(arg_names)}). Use the kernel's argument names."
             )
+
+
+def _check_meta_names(tuner: Autotuner, hooked: bool) -> None:
+    """A Space's meta-parameter that is not an argument of the kernel is refused (a typo, or one
+    left after an edit): Triton passes it on and the kernel ignores it, so the search times
+    identical launches and the parameter meant is never tuned. A hook, a pruning function or a
+    wrapper (``triton.heuristics``) may read such a name: then it is said once, not refused,
+    and so it is for a config list's names (a library's, adopted by ``patch()``)."""
+    fn, arg_names = tuner.fn, tuner.arg_names
+    wrapped = tuner.base_fn is not getattr(fn, "fn", None)
+    if tuner.space is not None:
+        names = [n for n in tuner.space.params if n not in tuner.space.option_names]
+    else:
+        hooked = hooked or any(getattr(c, "pre_hook", None) is not None for c in tuner.configs)
+        names = list(dict.fromkeys(str(n) for c in tuner.configs for n in getattr(c, "kwargs", {})))
+    unknown = [n for n in names if n not in arg_names]
+    if not unknown:
+        return
+    shown = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, arg_names, n=1, cutoff=0.6)
+        shown.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    what = "Space parameter" if tuner.space is not None else "config parameter"
+    text = (
+        f"tunebook.autotune: {what}{'s' * (len(unknown) > 1)} {', '.join(shown)} "
+        f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of kernel "
+        f"{tuner.base_fn.__name__}({', '.join(arg_names)})"
+    )
+    if tuner.space is not None and not (hooked or wrapped):
+        raise ConfigurationError(
+            f"{text}. Triton would pass it to the kernel, which ignores it: name the kernel's "
+            "meta-parameters, or remove it."
+        )
+    if tuner.space is not None or not (hooked or wrapped):
+        _warnings.warn_once(
+            f"meta-names:{tuner.label}:{unknown}",
+            "%s. The kernel ignores it%s (said once)",
+            text,
+            ", unless a hook, prune_configs_by or triton.heuristics reads it" if hooked or wrapped else "",
+        )
 
 
 def _required_key_arguments(base_fn: Callable[..., Any], fn: Any, keys: Sequence[str]) -> list[str]:

@@ -40,9 +40,25 @@ class SpaceListing:
             shown = ", ".join(f"{k}={v!r}" for k, v in items if not hasattr(v, "dtype"))
             raise ConfigurationError(
                 f"tunebook.autotune: the Space of {label} has no feasible config for this call "
-                f"({shown}); loosen its constraints or arg_constraints."
+                f"({shown}): {self._emptied()}."
             )
         return configs
+
+    def _emptied(self) -> str:
+        """Which filter left a call no config, in words: the counts after each (Space's docs)."""
+        kept, feasible = len(self.space), len(self.feasible())
+        counts = f"{self.space.size} configs, {kept} after its constraints"
+        if not kept:
+            return f"{counts}; loosen its constraints"
+        counts += f", {feasible} after the platform filter"
+        if not feasible:
+            platform = self._platform()
+            where = " ".join(str(platform.get(k, "")) for k in ("backend", "arch")).strip()
+            return (
+                f"{counts} (num_ctas > 1 needs CUDA sm_90 or newer, maxnreg needs CUDA; this platform "
+                f"is {where or 'unknown'}); add values it can run (num_ctas=1, maxnreg=None)"
+            )
+        return f"{counts}, 0 after its arg_constraints for this call; loosen its arg_constraints"
 
     def _config(self, index: int) -> Any:
         config = self._configs.get(index)

@@ -61,6 +61,7 @@ class Resolution:
     # a rule's answer), and the stats() counters the answer added (_set_aside takes them back)
     unmeasured: bool = False
     counted: tuple[str, ...] = ()
+    none_ran: str = ""  # tuned: no config ran (Outcome.none_ran), the first is launched in their place
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     _stats.add("tuning_seconds", outcome.seconds)
     _stats.add("failures", outcome.failures)
     cid = outcome.entry.best(miss.ids)
-    return Resolution(cid, "tuned", outcome.entry, outcome.measured, outcome.seconds, outcome.why)
+    return Resolution(
+        cid, "tuned", outcome.entry, outcome.measured, outcome.seconds, outcome.why, none_ran=outcome.none_ran
+    )
 
 
 def _renamed(miss: Miss, page: Page, budget: Budget) -> Entry | None:
@@ -623,6 +626,7 @@ def _job(
         seed=options.seed,
         progress=Progress(tuner.label, miss.key),
         exchange=exchange,
+        label=tuner.label,
     )
 
 

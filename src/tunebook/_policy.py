@@ -87,7 +87,17 @@ def answered(entry: Entry, ids: Sequence[str], budget: Budget) -> bool:
     >>> screened = Entry(key=(1,), results={"a": Result({"kwargs": {}}, (1.0, 1.0, 1.0), quick=True)})
     >>> answered(screened, ["a"], Budget()), answered(replace(screened, chosen="a"), ["a"], Budget())
     (False, True)
+
+    Nor is it while no candidate has run: such a key served its first config, which no
+    measurement chose, and is tuned again in ``tune`` mode (what failed for the config's own
+    reasons stays measured; ``_tuner.none_ran``).
+
+    >>> failed = Entry(key=(1,), results={"a": Result({"kwargs": {}}, None, "OutOfResources: shared memory")})
+    >>> answered(failed, ["a"], Budget())
+    False
     """
+    if not any((result := entry.results.get(cid)) is not None and result.ok for cid in ids):
+        return False
     if all(cid in entry.results for cid in ids) and (entry.chosen or not _screened_only(entry, ids)):
         return True
     return search_done(entry, ids, budget)

@@ -93,12 +93,21 @@ def _check_option_name(name: str) -> None:
 
 
 def _values(name: str, raw: Any) -> tuple[Any, ...]:
+    ndim = getattr(raw, "ndim", None)  # a NumPy array or a torch tensor
+    if ndim == 1 and callable(getattr(raw, "tolist", None)):
+        raw = raw.tolist()
     if not isinstance(raw, list | tuple | range):
+        if ndim is None:
+            fix = f"Write {name}=[{raw!r}] for a single value."
+        elif ndim == 0:
+            fix = f"Write {name}=[value.item()] for a single value."
+        else:
+            fix = f"A parameter's values are one list; this array has {ndim} dimensions."
         raise SpaceError(
             f"Space: {name}= must be a list, tuple or range of values; found {type(raw).__name__} "
-            f"{raw!r}. Write {name}=[{raw!r}] for a single value."
+            f"{raw!r}. {fix}"
         )
-    values = tuple(raw)
+    values = tuple(_plain(v) for v in raw)
     if not values:
         raise SpaceError(
             f"Space: {name}= is empty; give it at least one value (an empty space tunes nothing)."
@@ -113,6 +122,46 @@ def _values(name: str, raw: Any) -> tuple[Any, ...]:
             raise SpaceError(f"Space: {name}= lists {v!r} twice; each value may appear once.")
         seen.add(v)
     return values
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy or torch scalar (``list(2 ** np.arange(4, 7))`` holds ``np.int64``) as the Python
+    scalar it holds: Triton's interpreter refuses ``np.int64`` as a meta-parameter, and the
+    book would store its text, which no later read matches to the Space's value."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
+class _NotABool(Exception):
+    """A constraint's result that is neither True nor False (None, an ambiguous array)."""
+
+
+def _verdict(result: Any) -> bool:
+    """A constraint's result as a bool: None (a constraint without ``return``) and values
+    whose truth is ambiguous (a tensor of several elements) are errors, not a silent False."""
+    if result is True or result is False:
+        return result
+    if result is None:
+        raise _NotABool("returned None (a missing return?) instead of True or False")
+    try:
+        return bool(result)
+    except Exception as exc:
+        shown = repr(result)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise _NotABool(
+            f"returned {type(result).__name__} {shown}, which is neither True nor False "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _constraint_error(
+    what: str, i: int, check: Any, exc: Exception, candidate: Candidate, tail: str
+) -> SpaceError:
+    """The error of constraint (or arg constraint) #i that raised ``exc``, or returned no bool."""
+    name = getattr(check, "__name__", check)
+    did = str(exc) if isinstance(exc, _NotABool) else f"raised {type(exc).__name__}: {exc}"
+    return SpaceError(f"Space: {what} #{i} ({name!r}) {did} on candidate {candidate}{tail}")
 
 
 def _cuda_cc(platform: Mapping[str, Any]) -> int | None:
@@ -219,13 +268,10 @@ class Space:
     def _satisfies(self, candidate: Candidate) -> bool:
         for i, check in enumerate(self.constraints):
             try:
-                ok = check(dict(candidate))
+                ok = _verdict(check(dict(candidate)))
             except Exception as exc:
-                raise SpaceError(
-                    f"Space: constraint #{i} ({getattr(check, '__name__', check)!r}) raised "
-                    f"{type(exc).__name__}: {exc} on candidate {candidate}. Constraints receive a dict "
-                    f"with the keys {list(self._names)}; fix the constraint."
-                ) from exc
+                tail = f". Constraints receive a dict with the keys {list(self._names)}; fix the constraint."
+                raise _constraint_error("constraint", i, check, exc, candidate, tail) from exc
             if not ok:
                 return False
         return True
@@ -304,14 +350,13 @@ class Space:
         """Whether the arg constraints allow ``candidate`` for a call with these named arguments."""
         for i, check in enumerate(self.arg_constraints):
             try:
-                ok = check(dict(candidate), args)
+                ok = _verdict(check(dict(candidate), args))
             except Exception as exc:
-                raise SpaceError(
-                    f"Space: arg constraint #{i} ({getattr(check, '__name__', check)!r}) raised "
-                    f"{type(exc).__name__}: {exc} on candidate {candidate} with arguments "
-                    f"{sorted(unwatched(args))}. "
-                    f"Arg constraints receive (candidate dict, named arguments); fix the constraint."
-                ) from exc
+                tail = (
+                    f" with arguments {sorted(unwatched(args))}. "
+                    "Arg constraints receive (candidate dict, named arguments); fix the constraint."
+                )
+                raise _constraint_error("arg constraint", i, check, exc, candidate, tail) from exc
             if not ok:
                 return False
         return True

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from . import _stats
+from . import _stats, _warnings
 from ._bench import Timers, as_triple
 from ._book import Entry, Page, Result, now_iso
 from ._book.records import TIE_TOLERANCE
@@ -51,6 +52,10 @@ MAX_CONTENDERS = 8
 # Persist measured results after this many configs, or this many seconds, whichever first.
 SAVE_EVERY = 4
 SAVE_EVERY_S = 1.0
+# Candidates a search asks for at a time (an exhaustive one without a time budget: all).
+BATCH = 16
+# What time_candidate's result says of a timer's NaN or inf.
+NO_TIMING = "no valid timing"
 
 
 # Measures candidates (indices) in this process: ``(indices, full) -> {index: result}``; a
@@ -91,6 +96,7 @@ class KeyTuning:
     # How each batch is measured (None: here). A group's leader deals it across the ranks
     # (_collective.py); ``here`` measures a part of it in this process.
     exchange: Exchange | None = None
+    label: str = "kernel"  # the kernel's name in messages
 
 
 class Observer(Protocol):
@@ -169,6 +175,9 @@ class Outcome:
     # (why_stopped); both "" where another process or rank searched.
     stopped: str = ""
     why: str = ""
+    # Where no config of the key ran (none_ran): that, in words, for the error of a launch
+    # of the first config in their place.
+    none_ran: str = ""
 
 
 def why_stopped(stopped: str, budget: Budget) -> str:
@@ -282,15 +291,27 @@ def tune_key(job: KeyTuning) -> Outcome:
     timing = Timing(job)
     entry = job.known
 
+    # Failures that may not be the config's (an exception that is not the backend's "cannot
+    # run", a timer's NaN or inf), kept out of the book while no config of the key has run:
+    # if none runs, they are the call's or the timer's, and a later tuning measures them again.
+    held: dict[str, Result] = {}
+    ran = any(results[cid].ok for cid in known_ids(job, results))
+
     def save(fresh: dict[str, Result]) -> None:
-        nonlocal entry
-        if timing.unexpected and not any(r.ok for r in (*results.values(), *fresh.values())):
-            # Every config so far failed, and not for resource reasons: most likely a bug
-            # in the call rather than in the configs. Persist nothing; raise it.
-            raise timing.unexpected[0]
-        timing.say_recorded()
-        results.update(fresh)
-        entry = job.persist(fresh, "", time.perf_counter() - start)
+        nonlocal entry, ran
+        ran = ran or any(r.ok for r in fresh.values())
+        if not ran:
+            doubtful = {cid for cid, r in fresh.items() if cid in timing.unexpected_ids or no_timing(r)}
+            held.update((cid, fresh[cid]) for cid in doubtful)
+            fresh = {cid: r for cid, r in fresh.items() if cid not in doubtful}
+        elif held:
+            fresh = {**held, **fresh}
+            held.clear()
+        if set(fresh) & set(timing.unexpected_ids):
+            timing.say_recorded()
+        if fresh:
+            results.update(fresh)
+            entry = job.persist(fresh, "", time.perf_counter() - start)
 
     def measure(batch: list[int]) -> dict[int, float]:
         if job.exchange is not None:
@@ -331,7 +352,9 @@ def tune_key(job: KeyTuning) -> Outcome:
         name = job.strategy
     started_over = job.known.chosen if job.known is not None else ""
     hints = keeping(started_over, job.ids, with_rule(job.hints, job.rule))
-    # An exhaustive search is one batch: every candidate compiles in parallel up front.
+    # An exhaustive search is one batch, every candidate compiled in parallel up front,
+    # unless a time budget must be checked between batches.
+    whole = name == "exhaustive" and job.budget.max_seconds is None
     found = search(
         [_flat(r) for r in job.records],
         measure,
@@ -341,8 +364,9 @@ def tune_key(job: KeyTuning) -> Outcome:
         hints=search_order(job.seeds, hints),
         seed=job.seed,
         on_progress=on_progress,
-        batch_size=n if name == "exhaustive" else 16,
+        batch_size=n if whole else BATCH,
     )
+    said = "" if ran else none_ran(job, timing, held, results)
 
     # Full measurement of the contenders that so far only have a quick one.
     to_confirm = contenders(results, job.ids, hints)
@@ -378,7 +402,73 @@ def tune_key(job: KeyTuning) -> Outcome:
     if job.progress is not None:
         final = min((r.median for r in results.values()), default=math.inf)
         job.progress.close(len(results), n, final, why)
-    return Outcome(entry, timing.measured, timing.failures, seconds, found.stopped, why)
+    return Outcome(entry, timing.measured, timing.failures, seconds, found.stopped, why, said)
+
+
+def known_ids(job: KeyTuning, results: Mapping[str, Result]) -> set[str]:
+    """The candidates of ``job`` that ``results`` holds (a book's entry may hold others)."""
+    return set(results).intersection(job.ids)
+
+
+def none_ran(
+    job: KeyTuning, timing: Timing, held: Mapping[str, Result], results: Mapping[str, Result]
+) -> str:
+    """Say that no candidate of the key ran, once per key, and return it in words; raise the
+    first exception that may be the call's (a grid function, a hook, the timer) if there was
+    one: it is then the likely cause, whatever the order in which the configs were measured.
+
+    The backend's "cannot run" failures (out of resources, a failed ``tl.static_assert``) are
+    the configs' and stay in the book; failures ``held`` back are not recorded, so a later
+    tuning of the key measures them again (once the timer or the call is fixed)."""
+    failed = {cid: results[cid] for cid in known_ids(job, results)}
+    failed.update(held)
+    n = len(failed)
+    if not n:  # nothing measured (a replay without the grids): nothing to say
+        return ""
+    reasons = collections.Counter(_first_line(r.error) for r in failed.values())
+    common = "; ".join(f"{count}x {why}" for why, count in reasons.most_common(3))
+    what = f"key {list(job.key)}: none of the {n} configs measured ran ({common})"
+    if timing.unexpected:
+        exc = timing.unexpected[0]
+        text = (
+            f"tunebook: {job.label} {what}. This is the exception of config {timing.unexpected_ids[0]}; "
+            f"{len(timing.unexpected)} of the failures are not the backend's errors for a config that "
+            "cannot run here, so the cause is most likely in the call (the grid function, a hook, the "
+            "timer): nothing was recorded for them, fix it and call again"
+        )
+        add_note = getattr(exc, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            add_note(text)
+        else:  # pragma: no cover - Python 3.10
+            log.error("%s", text)
+        raise exc
+    untimed = sum(1 for r in held.values() if no_timing(r))
+    fixes = []
+    if untimed:
+        fixes.append(
+            f"{untimed} gave no valid timing (NaN or inf from the timer, do_bench=): fix the timer; "
+            "they are not recorded, so the next process that tunes the key measures them again"
+        )
+    if n - untimed:
+        fixes.append(
+            f"{n - untimed} cannot run here (recorded in the book): add configs this device can run "
+            "(smaller blocks, fewer stages or warps)"
+        )
+    text = f"tunebook: {job.label} {what}. {'; '.join(fixes)}. The first config is launched in their place"
+    _warnings.warn_once(f"none-ran:{job.label}:{job.key_text}", "%s", text)
+    return text
+
+
+def no_timing(result: Result) -> bool:
+    """Whether a failed result is a timer's NaN or inf rather than an exception (time_candidate)."""
+    return not result.ok and (result.error or "").startswith(NO_TIMING)
+
+
+def _first_line(error: str | None) -> str:
+    """A failure's reason as a message counts it: its first line, 160 characters at most."""
+    lines = (error or "").strip().splitlines()
+    text = lines[0] if lines else "failed"
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 @contextlib.contextmanager
@@ -414,7 +504,7 @@ def time_candidate(
     if not all(math.isfinite(v) and v >= 0 for v in ms):
         # A timer's inf or nan means the config did not run (Triton's do_bench and
         # autotuner use inf that way); it is not a time to compare.
-        return Result(dict(record), None, f"no valid timing: {list(ms)}", now_iso()), None
+        return Result(dict(record), None, f"{NO_TIMING}: {list(ms)}", now_iso()), None
     return Result(dict(record), ms, None, now_iso(), quick=quick), None
 
 

@@ -247,7 +247,10 @@ def is_config_specific_error(exc: BaseException) -> bool:
 
 
 def is_unrunnable_config_error(exc: BaseException) -> bool:
-    return isinstance(exc, unrunnable_config_errors())
+    """Whether a config failed with one of the backend's errors for a config that cannot run
+    (``unrunnable_config_errors``), or with the interpreter's failed ``tl.static_assert``
+    (``is_config_specific_error``), which is the config's as much as on a GPU."""
+    return isinstance(exc, unrunnable_config_errors()) or is_config_specific_error(exc)
 
 
 # What a launch on Triton's interpreter meets when another thread's launch ran at the same time:

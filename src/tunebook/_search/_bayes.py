@@ -9,7 +9,9 @@ Optuna proposes parameter values; this module maps them onto the candidate list:
 * a proposal outside the candidate list (a constraint or platform filter cut it) is told as
   infinitely slow, which teaches the model where the feasible region is;
 * after 32 unusable proposals in a row it takes the unmeasured candidate nearest to the last
-  one, so the search always moves.
+  one, so the search always moves;
+* any integer is a seed, as for ``random``: Optuna (NumPy) takes 0 to 2**32 - 1 only, so
+  the seed is taken modulo 2**32 (-1 is 2**32 - 1, ``time.time_ns()`` its low 32 bits).
 
 Results known beforehand are added to the study as completed trials.
 
@@ -34,6 +36,8 @@ from ._encoding import Encoding
 BAYES_HINT = "or choose strategy='random' or 'neighbors'."
 
 _MAX_TRIES = 32
+# How many seeds Optuna's sampler takes (NumPy's RandomState: 0 to 2**32 - 1).
+OPTUNA_SEEDS = 2**32
 
 
 def import_optuna() -> Any:
@@ -70,7 +74,7 @@ class Bayes(Strategy):
             # in half the configs on the synthetic GEMM tables: a discrete space rewards a
             # greedier pick among the model's samples.
             sampler = optuna.samplers.TPESampler(
-                seed=self.seed,
+                seed=self.seed % OPTUNA_SEEDS,
                 multivariate=True,
                 constant_liar=True,
                 n_ei_candidates=48,

@@ -31,21 +31,33 @@ class Budget:
 
     ``max_configs`` counts every candidate with a result for this key, *including* the
     ``known`` ones: a killed run resumed with the same budget ends where the uninterrupted run
-    would have. ``max_seconds`` is wall time of this call, checked between batches. None is
-    unlimited.
+    would have. ``max_seconds`` is wall time of this call, checked between batches, after the
+    first (a time budget never means no measurement). None is unlimited.
 
     >>> Budget(max_configs=200).max_seconds is None
     True
+    >>> Budget(max_configs=2.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: Budget.max_configs must be a positive integer or None; found 2.5
     """
 
     max_configs: int | None = None
     max_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_configs is not None and self.max_configs < 0:
-            raise ValueError(f"Budget.max_configs must be >= 0 or None; found {self.max_configs}")
-        if self.max_seconds is not None and self.max_seconds < 0:
-            raise ValueError(f"Budget.max_seconds must be >= 0 or None; found {self.max_seconds}")
+        # As autotune()'s max_configs= and max_seconds= (_options.py): NaN compares false with
+        # everything, so a check of "< 0" let it through as an unlimited budget.
+        configs, seconds = self.max_configs, self.max_seconds
+        if configs is not None and not (
+            isinstance(configs, int) and not isinstance(configs, bool) and configs > 0
+        ):
+            raise ValueError(f"Budget.max_configs must be a positive integer or None; found {configs!r}")
+        number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+        if seconds is not None and not (number and seconds > 0):
+            raise ValueError(
+                f"Budget.max_seconds must be a positive number of seconds or None; found {seconds!r}"
+            )
 
     @property
     def unlimited(self) -> bool:
@@ -138,7 +150,9 @@ def search(
     best_ms = min(results.values(), default=math.inf)
     stopped: str
     while len(results) < cap:
-        if budget.max_seconds is not None and clock() - start >= budget.max_seconds:
+        # The clock is read from the second batch on: a budget smaller than the time between two
+        # reads of it stopped every search before its first batch, and the key was never tuned.
+        if budget.max_seconds is not None and measured and clock() - start >= budget.max_seconds:
             stopped = "max_seconds"
             break
         batch = strat.ask(min(batch_size, cap - len(results)))
