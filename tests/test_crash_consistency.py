@@ -104,6 +104,51 @@ def _pending_files(page: Path) -> list[str]:
     return sorted(p.name for p in (page / pagedir.HIDDEN / "pending").glob("*.json"))
 
 
+# ---------------------------------------------------------------- 7. a file size limit
+
+LIMIT = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # ulimit -f 2
+sys.argv = ["tunebook", *sys.argv[1:]]
+runpy.run_module("tunebook", run_name="__main__")
+"""
+
+
+LIMITED_TUNING = """
+import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # smaller than any book file
+import tunebook
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+
+replay = Replay({32: 1.0, 64: 2.0})
+add = tunebook.autotune(
+    block_configs(32, 64), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+)(add_kernel)
+x, y, out = vectors(100)
+add[grid_1d(100)](x, y, out, 100)
+"""
+
+
+@pytest.mark.once
+def test_a_file_size_limit_is_named_as_one_not_as_permissions(book_dir: Path, tmp_path: Path) -> None:
+    tune_add((100,))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", LIMIT, "merge", str(book_dir), "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert "File too large" in res.stderr and "ulimit -f" in res.stderr, res.stderr
+    assert "writable" not in res.stderr, res.stderr
+    # The autotuner's warning, too.
+    proc = _child(LIMITED_TUNING, TUNEBOOK_DIR=str(tmp_path / "limited"))
+    said = [line for line in proc.stderr.splitlines() if "cannot write to book directory" in line]
+    assert said and "ulimit -f" in said[0] and "Point TUNEBOOK_DIR" not in said[0], proc.stderr
+
+
 # ---------------------------------------------------------------- 9. markup in a book's path
 
 

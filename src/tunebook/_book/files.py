@@ -238,11 +238,25 @@ def warn_write_failure(directory: Path, exc: BaseException) -> None:
     warn_once(
         f"write:{directory}",
         "tunebook: cannot write to book directory %s (%s); what this process records (tuning "
-        "results, and in serve mode the keys it served untuned) is kept in memory only. Point "
-        "TUNEBOOK_DIR at a writable directory to remember it.",
+        "results, and in serve mode the keys it served untuned) is kept in memory only. %s",
         directory,
         _why_not_writable(directory, exc),
+        write_fix(exc),
     )
+
+
+def write_fix(exc: BaseException) -> str:
+    """What a person does about a failed write of the book, by its cause: another directory
+    helps with permissions or a read-only mount, not with a full disk or a file size limit."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "Free some space on its disk (or quota), or point TUNEBOOK_DIR at a directory on another disk."
+    if code == errno.EFBIG:
+        return (
+            "A file grew past the largest this process may write (its file size limit: see `ulimit -f`, "
+            "RLIMIT_FSIZE) or its file system allows: raise the limit for the processes that tune."
+        )
+    return "Point TUNEBOOK_DIR at a writable directory to remember it."
 
 
 def _why_not_writable(directory: Path, exc: BaseException) -> str:
