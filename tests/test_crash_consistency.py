@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,77 @@ def test_a_file_size_limit_is_named_as_one_not_as_permissions(book_dir: Path, tm
     proc = _child(LIMITED_TUNING, TUNEBOOK_DIR=str(tmp_path / "limited"))
     said = [line for line in proc.stderr.splitlines() if "cannot write to book directory" in line]
     assert said and "ulimit -f" in said[0] and "Point TUNEBOOK_DIR" not in said[0], proc.stderr
+
+
+# ---------------------------------------------------------------- 8. `tunebook tune`'s job files
+
+TUNE_MODULE = """
+import time
+import torch, triton, tunebook
+from small_kernels import add_kernel, grid_1d
+
+def slow(nargs):
+    time.sleep(60)  # the run is killed while its worker measures
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+add = tunebook.autotune([triton.Config({"BLOCK": 32}, pre_hook=slow)], key=["n"], inputs=inputs)(add_kernel)
+"""
+
+
+def _workers_of(pid: int) -> list[int]:
+    found = []
+    for entry_name in os.listdir("/proc"):
+        if not entry_name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry_name}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry_name}/cmdline", "rb") as fh:
+                command = fh.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and b"tunebook._worker" in command:
+            found.append(int(entry_name))
+    return found
+
+
+@pytest.mark.once
+def test_a_killed_tune_run_leaves_no_job_file(book_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "tunemod.py").write_text(TUNE_MODULE)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "TMPDIR": str(temp),
+        "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), str(TESTS), str(SRC), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    run = subprocess.Popen(
+        [sys.executable, "-m", "tunebook", "tune", "tunemod:add", "--keys", "n=256"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _workers_of(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _workers_of(run.pid)
+        assert workers, "no worker started"
+        time.sleep(3)  # the worker has its jobs and measures
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)  # a worker ends with the run that started it
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert sorted(p.name for p in temp.glob("*.json")) == []
 
 
 # ---------------------------------------------------------------- 9. markup in a book's path
