@@ -105,6 +105,21 @@ def _pending_files(page: Path) -> list[str]:
     return sorted(p.name for p in (page / pagedir.HIDDEN / "pending").glob("*.json"))
 
 
+# ---------------------------------------------------------------- 6. temp files of killed writers
+
+
+def test_a_temp_file_a_killed_writer_of_the_same_pid_left_never_fails_a_write(tmp_path: Path) -> None:
+    page = tmp_path / "k--x--cpu--p"
+    pagedir.ensure_page(page, META)
+    (page / "page.json").unlink()  # to be written again, as after a killed creation
+    tmp = pagedir._hidden(page, "tmp")
+    n = next(pagedir._counter)
+    for i in range(n, n + 50):  # what writers of this PID, killed before, left at the names it takes
+        (tmp / f"page.json.{os.getpid()}-{i}.tmp").write_text("")
+    pagedir.ensure_page(page, META)
+    assert pagedir.read_page_file(page)[0] is not None
+
+
 # ---------------------------------------------------------------- 7. a file size limit
 
 LIMIT = """

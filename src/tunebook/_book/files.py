@@ -203,19 +203,15 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str, *, tmp: Path | None = None) -> None:
+def atomic_write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> None:
     """Replace ``path`` with ``text`` so that no reader ever sees a partial file.
 
-    The temp file is ``tmp`` when given (on the same file system; created, never followed
-    if it is a link), else a new name beside ``path``.
+    The temp file is a new name (``<name>.<random>.tmp``, made by ``mkstemp``: never an
+    existing file or link, and no collision with a file a killed writer of the same PID
+    left) in ``tmp_dir`` when given (on the same file system), else beside ``path``, hidden.
     """
-    if tmp is None:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    else:
-        flags = (
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        )
-        fd, tmp_name = os.open(tmp, flags, 0o600), str(tmp)
+    where, prefix = (tmp_dir, f"{path.name}.") if tmp_dir is not None else (path.parent, f".{path.name}.")
+    fd, tmp_name = tempfile.mkstemp(dir=where, prefix=prefix, suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -9,7 +9,7 @@
         .tunebook/locks/<key name>.lock  a writer's lock on one key, held for one small write
         .tunebook/pending/<key name>.<time>-<pid>-<n>.json
                                          news a writer could not fold in while the lock was busy
-        .tunebook/tmp/                   writes in progress
+        .tunebook/tmp/                   writes in progress (<file>.<random>.tmp)
 
 A key's name is its key text, readable and reversible: ``[4096,128,"torch.float16"]`` is
 ``4096,128,'torch.float16'.json`` (brackets dropped, ``"`` written ``'``, anything outside
@@ -415,13 +415,7 @@ def _hidden(directory: Path, sub: str) -> Path:
 
 def _write(path: Path, text: str, tmp_dir: Path) -> None:
     """Atomically replace ``path``; the temp file lives in the page's hidden tmp/ directory."""
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}-{next(_counter)}.tmp"
-    try:
-        atomic_write_text(path, text, tmp=tmp)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write_text(path, text, tmp_dir=tmp_dir)
 
 
 def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
@@ -588,6 +582,9 @@ def replace_page(
         name = key_file_name(text)
         path = directory / name
         with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
+            for stale in tmp.glob(f"{glob_escape(name)}.*.tmp"):
+                with contextlib.suppress(OSError):  # a writer of this key died mid-write
+                    stale.unlink()
             current = _entry_of(path, meta, text) if os.path.lexists(path) else None
             if current is None and os.path.lexists(path):
                 try:
