@@ -10,19 +10,21 @@ below), as an OOM killer or a preemption would, and the book is then read by rea
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import TESTS
-from test_cli import python_m_tunebook, tune_add
+from conftest import TESTS, book_files
+from test_cli import entry, python_m_tunebook, result, tune_add
 from test_pagedir import _holding
 from tunebook._book import Entry, pagedir
 
@@ -103,6 +105,79 @@ def _pending_news(page: Path, meta: dict[str, Any], key_text: str, news: Entry) 
 
 def _pending_files(page: Path) -> list[str]:
     return sorted(p.name for p in (page / pagedir.HIDDEN / "pending").glob("*.json"))
+
+
+# ---------------------------------------------------------------- 3. a reader between two steps
+
+
+def test_a_reader_never_misses_news_a_writer_folds_in_between_its_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "k--x--cpu--p"
+    pagedir.ensure_page(page, META)
+    pagedir.merge_key(page, META, "[1]", entry([1], [result({"BLOCK": 32}, 1.0)]))
+    _pending_news(page, META, "[1]", replace(entry([1], [result({"BLOCK": 64}, 2.0)]), misses=1))
+    writer = f"""
+        from pathlib import Path
+        from tunebook._book import Entry, pagedir
+        pagedir.merge_key(Path({str(page)!r}), {META!r}, "[1]", Entry((1,)))
+        """
+    real_load = pagedir._load
+    loads: list[Path] = []
+
+    def load_then_let_a_writer_in(path: Path, limit: int) -> Any:
+        found = real_load(path, limit)
+        loads.append(path)
+        if len(loads) == 1:  # after the reader's first read: a real writer folds the news in
+            _child(writer)
+        return found
+
+    monkeypatch.setattr(pagedir, "_load", load_then_let_a_writer_in)
+    seen = pagedir.read_key(page, META, "[1]")
+    monkeypatch.undo()
+    assert _pending_files(page) == []  # the writer did fold it in, and deleted it
+    assert seen is not None and sorted(r.config["kwargs"]["BLOCK"] for r in seen.results.values()) == [32, 64]
+    assert seen.misses == 1  # met in the news file and in the key's file: counted once
+
+
+# ---------------------------------------------------------------- 4. news counted twice
+
+
+def test_a_writer_killed_between_its_write_and_its_clean_up_adds_no_miss_twice(tmp_path: Path) -> None:
+    page = tmp_path / "k--x--cpu--p"
+    pagedir.ensure_page(page, META)
+    _pending_news(page, META, "[1]", _miss((1,)))  # process 1's miss, while the key's lock was busy
+    assert pagedir.read_key(page, META, "[1]").misses == 1  # type: ignore[union-attr]
+    _child(  # process 2's: its write folds process 1's news in; killed before it deletes it
+        f"""
+        from pathlib import Path
+        from tunebook._book import Entry, pagedir
+        pagedir.merge_key(Path({str(page)!r}), {META!r}, "[1]", Entry((1,), misses=1))
+        """,
+        kill_at="before_unlink:pending",
+    )
+    assert len(_pending_files(page)) == 1  # the news it had folded in is still there
+    assert pagedir.read_key(page, META, "[1]").misses == 2  # type: ignore[union-attr]
+    pagedir.merge_key(page, META, "[1]", _miss((1,)))  # process 3's, an ordinary write
+    assert _pending_files(page) == []
+    assert pagedir.read_key(page, META, "[1]").misses == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.once
+def test_merging_a_book_into_itself_with_news_pending_counts_the_news_once(book_dir: Path) -> None:
+    tune_add((100,))
+    (page,) = book_files(book_dir)
+    meta = pagedir.read_meta(page)
+    assert meta is not None
+    (text,) = pagedir.list_keys(page, meta)
+    key = tuple(json.loads(text))
+    _pending_news(page, meta, text, _miss(key))
+    assert pagedir.read_key(page, meta, text).misses == 1  # type: ignore[union-attr]
+    for _ in range(2):
+        res = python_m_tunebook("merge", book_dir, "-o", book_dir)
+        assert res.returncode == 0, res.stderr
+        assert _pending_files(page) == []
+        assert pagedir.read_key(page, meta, text).misses == 1  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------- 6. temp files of killed writers

@@ -24,7 +24,9 @@ Contract (tests/test_stores.py, tests/test_book_scale.py):
   for ``KEY_LOCK_WAIT_S`` (a holder stopped by SIGSTOP, a debugger, a frozen container),
   the writer leaves its news in ``.tunebook/pending/`` instead and returns at once;
   readers fold pending news in (what the key's file holds stands over it), and the next
-  writer that holds the lock writes it into the key's file and deletes it.
+  writer that holds the lock writes it into the key's file and deletes it. The key's file
+  lists the news it holds (``folded``): news is counted once, even where its folder was
+  killed before deleting it.
 * **Every file read is checked**: strict JSON, bounded size, a regular file only, and it
   must be this page's (kernel hash, platform id, and the key its name says), else it is
   skipped with one warning.
@@ -42,7 +44,7 @@ import re
 import stat
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,15 @@ _PAGE_NAME = re.compile(r".+--(?P<kernel>[0-9a-f]{16})--.+--(?P<platform>[0-9a-f
 
 def _entry_of(path: Path, meta: Mapping[str, Any], key_text: str | None) -> tuple[str, Entry] | None:
     """(key text, entry) of one key file of this page; None if absent or unusable (warned)."""
+    found = _key_file(path, meta, key_text)
+    return None if found is None else (found[0], found[1])
+
+
+def _key_file(
+    path: Path, meta: Mapping[str, Any], key_text: str | None
+) -> tuple[str, Entry, frozenset[str]] | None:
+    """(key text, entry, the ids of the pending news it holds: ``folded``) of one key file
+    (or pending news file) of this page; None if absent or unusable (warned)."""
     try:
         data = _load(path, MAX_ENTRY_BYTES)
         if data is None:
@@ -187,7 +198,9 @@ def _entry_of(path: Path, meta: Mapping[str, Any], key_text: str | None) -> tupl
         actual = text_of(entry.key)
         if key_text is not None and _parsed(key_text) != list(entry.key):
             raise BookFormatError(f"it holds key {actual}, not the key {key_text} its name says")
-        return key_text or actual, entry
+        folded = data.get("folded")
+        ids = frozenset(i for i in folded if isinstance(i, str)) if isinstance(folded, list) else frozenset()
+        return key_text or actual, entry, ids
     except (Unusable, ValueError, OverflowError, RecursionError) as exc:
         _warn(path, exc)
         return None
@@ -212,8 +225,28 @@ def _pending(directory: Path, name: str) -> list[Path]:
     # <key name>.<time>-<pid>-<n>.json, matched whole: a prefix would take the news of other
     # keys whose names start with this one's (key [1,2] and key [1,2.5]), and merge_key
     # deletes what it folds in.
-    own = re.compile(re.escape(_stem(name)) + r"\.\d+-\d+-\d+\.json")
+    own = re.compile(re.escape(_stem(name)) + _PENDING_STAMP)
     return [directory / HIDDEN / "pending" / n for n in sorted(names) if own.fullmatch(n)]
+
+
+_PENDING_STAMP = r"\.(\d+-\d+-\d+)\.json"  # a news file's id: <time>-<pid>-<n>
+
+
+def _news_id(path: Path) -> str:
+    """The id of a pending news file (its ``<time>-<pid>-<n>``), which a key's file that
+    holds its news lists in ``folded``."""
+    found = re.search(_PENDING_STAMP + "$", path.name)
+    return found[1] if found else path.name
+
+
+def _news(pending: list[Path], meta: Mapping[str, Any], key_text: str) -> list[tuple[str, Entry]]:
+    """(id, entry) of each of the key's pending news files that is still there, oldest first."""
+    found = []
+    for path in pending:
+        news = _entry_of(path, meta, key_text)
+        if news is not None:
+            found.append((_news_id(path), news[1]))
+    return found
 
 
 def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry | None:
@@ -222,16 +255,26 @@ def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry |
 
 
 def _read_key(directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]) -> Entry | None:
-    found = _entry_of(directory / key_file_name(key_text), meta, key_text)
-    return _folded(found[1] if found is not None else None, pending, meta, key_text)
+    # The pending news first, then the key's file. A writer writes the key's file with the
+    # news in it and only then deletes the news: a news file gone when it is read was in a
+    # key's file written before this read of it. Read the other way round, the news could
+    # be deleted between the two reads, after the old key's file was read: in neither view.
+    # The file lists the news it holds (``folded``), which is skipped: read in this order,
+    # a reader meets both (a writer killed before it deleted the news, or a write between
+    # the two reads), and a count (``misses``) must not add them twice.
+    news = _news(pending, meta, key_text)
+    found = _key_file(directory / key_file_name(key_text), meta, key_text)
+    if found is None:
+        return _folded(None, news)
+    return _folded(found[1], news, found[2])
 
 
-def _folded(entry: Entry | None, pending: list[Path], meta: Mapping[str, Any], key_text: str) -> Entry | None:
-    """``entry`` with the key's pending news folded in under it (``entry`` stands)."""
-    for path in pending:
-        news = _entry_of(path, meta, key_text)
-        if news is not None:
-            entry = news[1].merged_over(entry)
+def _folded(entry: Entry | None, news: list[tuple[str, Entry]], done: Collection[str] = ()) -> Entry | None:
+    """``entry`` with the key's pending ``news`` folded in under it (``entry`` stands; older
+    news over newer), but for the news whose id is in ``done``: already in ``entry``."""
+    for news_id, item in news:
+        if news_id not in done:
+            entry = item.merged_over(entry)
     return entry
 
 
@@ -311,13 +354,14 @@ def read_key_files(
     news: its own file stands over its other files, and they over the news."""
     if not others:  # the usual case: the key's own file and its news
         return read_key(directory, meta, key_text)
-    own = _entry_of(directory / key_file_name(key_text), meta, key_text)
+    news = _news(_pending(directory, key_file_name(key_text)), meta, key_text)  # first: see _read_key
+    own = _key_file(directory / key_file_name(key_text), meta, key_text)
     entry = own[1] if own is not None else None
     for name in others:
         held = _entry_of(directory / name, meta, None)
         if held is not None and held[0] == key_text:
             entry = held[1].merged_over(entry)
-    return _folded(entry, _pending(directory, key_file_name(key_text)), meta, key_text)
+    return _folded(entry, news, own[2] if own is not None else ())
 
 
 def _scan(directory: Path) -> Iterator[str]:
@@ -346,12 +390,15 @@ def read_all(directory: Path, meta: Mapping[str, Any]) -> dict[str, Entry]:
 # --------------------------------------------------------------------------- writing
 
 
-def entry_text(entry: Entry, meta: Mapping[str, Any], news: bool = False) -> str:
+def entry_text(entry: Entry, meta: Mapping[str, Any], news: bool = False, folded: Iterable[str] = ()) -> str:
     """One key's file: format, version, whose it is, then the entry, one line per result.
-    ``news``: a pending write, which keeps what it ``reopens`` (a key's file never does)."""
+    ``news``: a pending write, which keeps what it ``reopens`` (a key's file never does).
+    ``folded``: the ids of the pending news files this write holds (see ``merge_key``)."""
     data = entry.to_json()
     if news and entry.reopens:
         data["reopens"] = entry.reopens
+    if folded:
+        data["folded"] = sorted(folded)
     head = {
         "format": ENTRY_FORMAT,
         "version": VERSION,
@@ -480,40 +527,43 @@ def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Ent
     Holds the key's lock for one read and one write; if another process holds it past
     KEY_LOCK_WAIT_S, the news goes to pending/ and the reader's view is returned at once.
     Raises OSError when nothing could be written.
+
+    The file written lists the ids of the pending news it folded in (``folded``), which are
+    deleted after it: a writer killed in between leaves news that every reader and the next
+    writer know is in the file already, so a count (``misses``) is not added twice.
     """
     from filelock import FileLock, Timeout  # deferred: keeps `import tunebook` light
 
     name = key_file_name(key_text)
+    path = directory / name
     lock = FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=KEY_LOCK_WAIT_S)
     try:
         with lock:
             for stale in _hidden(directory, "tmp").glob(f"{glob_escape(name)}.*.tmp"):
                 with contextlib.suppress(OSError):  # a writer of this key died mid-write
                     stale.unlink()
-            if os.path.lexists(directory / name) and _entry_of(directory / name, meta, key_text) is None:
-                _make_room(directory / name, ENTRY_FORMAT)
+            if os.path.lexists(path) and _entry_of(path, meta, key_text) is None:
+                _make_room(path, ENTRY_FORMAT)
             # Pending news that appears while this writer reads was visible before this write
             # is: fold it in too (it stands under this news), so that no reader sees a value
             # of it that this write then overturns. Left: news pending during the write itself.
             for _ in range(3):
-                folded = _pending(directory, name)
-                stored = _read_key(directory, meta, key_text, folded)
-                if _pending(directory, name) == folded:
+                listed = _pending(directory, name)
+                stored = _read_key(directory, meta, key_text, listed)
+                if _pending(directory, name) == listed:
                     break
             merged = news.merged_over(stored)
-            _write(directory / name, entry_text(merged, meta), _hidden(directory, "tmp"))
-            for path in folded:  # now in the key's file
+            text = entry_text(merged, meta, folded=map(_news_id, listed))
+            _write(path, text, _hidden(directory, "tmp"))
+            for done in listed:  # now in the key's file
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    done.unlink()
             return merged
     except Timeout:
         pending = _hidden(directory, "pending")
         stamp = f"{time.time_ns()}-{os.getpid()}-{next(_counter)}"
-        _write(
-            pending / f"{name[: -len('.json')]}.{stamp}.json",
-            entry_text(news, meta, news=True),
-            _hidden(directory, "tmp"),
-        )
+        text = entry_text(news, meta, news=True)
+        _write(pending / f"{name[: -len('.json')]}.{stamp}.json", text, _hidden(directory, "tmp"))
         stored = read_key(directory, meta, key_text)
         return stored if stored is not None else news
 
@@ -585,26 +635,33 @@ def replace_page(
             for stale in tmp.glob(f"{glob_escape(name)}.*.tmp"):
                 with contextlib.suppress(OSError):  # a writer of this key died mid-write
                     stale.unlink()
-            current = _entry_of(path, meta, text) if os.path.lexists(path) else None
+            listed = _pending(directory, name)
+            news = _news(listed, meta, text)  # before the key's file: see _read_key
+            current = _key_file(path, meta, text) if os.path.lexists(path) else None
             if current is None and os.path.lexists(path):
                 try:
                     _make_room(path, ENTRY_FORMAT)  # an unreadable file: kept aside
                 except LeaveAlone as exc:
                     left_alone.append(str(exc))
                     continue
+            done_ids = current[2] if current is not None else frozenset()
             decided = entry
+            if fold is not None:
+                # The key as readers see it now (written since read, perhaps), its pending
+                # news folded in once; the caller read it with the same news in it, and
+                # ``fold`` (merge's rule: the larger of two counts) keeps that news once:
+                # folded in again on top, a book merged into itself added its misses twice.
+                seen = _folded(current[1] if current is not None else None, news, done_ids)
+                decided = fold(entry, seen) if seen is not None else entry
             folded: list[Path] = []
-            if fold is not None and current is not None:  # as it is now: written since read, perhaps
-                decided = fold(entry, current[1])
             for other in others.get(text, []):
                 held = _entry_of(other, meta, None)
                 if held is not None and held[0] == text:  # replaced as the key's file is, or folded
                     decided = fold(decided, held[1]) if fold is not None else decided
                     folded.append(other)
-            pending = _pending(directory, name)
-            final = _folded(decided, pending, meta, text)
+            final = decided if fold is not None else _folded(decided, news, done_ids)
             assert final is not None
-            wanted = entry_text(final, meta)
+            wanted = entry_text(final, meta, folded=map(_news_id, listed))
             size = len(wanted.encode("utf-8"))
             if size > MAX_ENTRY_BYTES:
                 left_alone.append(
@@ -616,7 +673,7 @@ def replace_page(
                 continue
             if not _holds(path, wanted):  # an unchanged key costs a read, not an fsync
                 _write(path, wanted, tmp)
-            for done_path in [*pending, *folded]:  # now in the key's file
+            for done_path in [*listed, *folded]:  # now in the key's file
                 with contextlib.suppress(OSError):
                     done_path.unlink()
         if done is not None:
