@@ -26,7 +26,8 @@ import pytest
 from conftest import TESTS, book_files
 from test_cli import entry, python_m_tunebook, result, tune_add
 from test_pagedir import _holding
-from tunebook._book import Entry, pagedir
+from tunebook._book import DirectoryStore, Entry, pagedir
+from tunebook._book.pages import Book, KernelIdentity
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 KERNEL = {"name": "k", "hash": "h1", "key": ["n"], "id": "x"}
@@ -178,6 +179,27 @@ def test_merging_a_book_into_itself_with_news_pending_counts_the_news_once(book_
         assert res.returncode == 0, res.stderr
         assert _pending_files(page) == []
         assert pagedir.read_key(page, meta, text).misses == 1  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- 5. a key past the size limit
+
+
+def test_a_key_is_never_written_past_the_size_every_reader_accepts(tmp_path: Path) -> None:
+    page = Book(tmp_path).open(KernelIdentity("k", "h1", ("n",)), {"id": "p"}, "cpu", "p")
+    directory = tmp_path / pagedir.page_dir_name(page.file_name)
+
+    def results(blocks: range) -> Entry:
+        return entry([1], [result({"BLOCK": b}, 1.0 + b / 1e6) for b in blocks])
+
+    page.record("[1]", results(range(60_000)))  # about 14 MB: within the 16 MiB limit
+    size = (directory / "1.json").stat().st_size
+    assert size < pagedir.MAX_ENTRY_BYTES
+    with pytest.warns(UserWarning, match=r"leaving the file of key \[1\].*over the 16777216-byte limit"):
+        page.record("[1]", results(range(60_000, 75_000)))  # 17 MB with them
+    assert (directory / "1.json").stat().st_size == size  # left as it was, not past the limit
+    fresh = DirectoryStore(tmp_path).fetch(page.file_name, ["[1]"])
+    assert fresh is not None and len(fresh.entries["[1]"].results) == 60_000  # still read
+    assert len(page.layers[0].pending["[1]"].results) == 15_000  # kept in memory, said
 
 
 # ---------------------------------------------------------------- 6. temp files of killed writers

@@ -526,7 +526,8 @@ def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Ent
 
     Holds the key's lock for one read and one write; if another process holds it past
     KEY_LOCK_WAIT_S, the news goes to pending/ and the reader's view is returned at once.
-    Raises OSError when nothing could be written.
+    Raises OSError when nothing could be written (LeaveAlone where the file must stay as it
+    is: a newer tunebook's, or the key grown past MAX_ENTRY_BYTES).
 
     The file written lists the ids of the pending news it folded in (``folded``), which are
     deleted after it: a writer killed in between leaves news that every reader and the next
@@ -554,6 +555,7 @@ def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Ent
                     break
             merged = news.merged_over(stored)
             text = entry_text(merged, meta, folded=map(_news_id, listed))
+            _fits(path, key_text, text, merged)
             _write(path, text, _hidden(directory, "tmp"))
             for done in listed:  # now in the key's file
                 with contextlib.suppress(OSError):
@@ -563,9 +565,30 @@ def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Ent
         pending = _hidden(directory, "pending")
         stamp = f"{time.time_ns()}-{os.getpid()}-{next(_counter)}"
         text = entry_text(news, meta, news=True)
+        _fits(path, key_text, text, news)
         _write(pending / f"{name[: -len('.json')]}.{stamp}.json", text, _hidden(directory, "tmp"))
         stored = read_key(directory, meta, key_text)
         return stored if stored is not None else news
+
+
+def _fits(path: Path, key_text: str, text: str, entry: Entry) -> None:
+    """Raise LeaveAlone unless ``text`` (what would be written for the key) is within the
+    size every reader of a key's file accepts: past it, the key would read as nothing."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_ENTRY_BYTES:
+        raise LeaveAlone(too_large(path, key_text, size, len(entry.results)))
+
+
+def too_large(path: Path, key_text: str, size: int, configs: int) -> str:
+    # Not trimmed to fit: a process may have decided on any stored result ("what is stored
+    # stands"), and a result dropped would be measured again by the next search of the key.
+    return (
+        f"{path}: key {key_text} would be {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit every "
+        f"reader of a key's file enforces, with its {configs} configs; it was not written (what it "
+        "held before stands and is read as before; no stored result is dropped to make room, as a "
+        "process may have chosen its winner from any of them). Keep fewer configs for this key: tune "
+        "it with a shorter config list, or merge fewer books into it"
+    )
 
 
 def merge_entries(
@@ -664,12 +687,7 @@ def replace_page(
             wanted = entry_text(final, meta, folded=map(_news_id, listed))
             size = len(wanted.encode("utf-8"))
             if size > MAX_ENTRY_BYTES:
-                left_alone.append(
-                    f"{path}: key {text} would be {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit every "
-                    f"reader of a key's file enforces, with its {len(final.results)} configs; it was not "
-                    "written (what it held before stands). Keep fewer configs for this key: merge fewer "
-                    "books into it, or tune it with a shorter config list"
-                )
+                left_alone.append(too_large(path, text, size, len(final.results)))
                 continue
             if not _holds(path, wanted):  # an unchanged key costs a read, not an fsync
                 _write(path, wanted, tmp)
