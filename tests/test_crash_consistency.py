@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 
 from conftest import TESTS, book_files
-from test_cli import entry, python_m_tunebook, result, tune_add
+from test_cli import entry, module_file, python_m_tunebook, result, the_doc, tune_add
 from test_pagedir import _holding
 from tunebook._book import DirectoryStore, Entry, pagedir
 from tunebook._book.pages import Book, KernelIdentity
+from tunebook.cli._load import canonical_file_name
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 KERNEL = {"name": "k", "hash": "h1", "key": ["n"], "id": "x"}
@@ -106,6 +107,95 @@ def _pending_news(page: Path, meta: dict[str, Any], key_text: str, news: Entry) 
 
 def _pending_files(page: Path) -> list[str]:
     return sorted(p.name for p in (page / pagedir.HIDDEN / "pending").glob("*.json"))
+
+
+# ---------------------------------------------------------------- 1. a page being created
+
+
+@pytest.mark.once
+def test_a_writer_killed_while_it_creates_a_page_leaves_no_page_that_breaks_merge_or_show(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    tune_add((100,))
+    doc = the_doc(book_dir)
+    other = replace(doc, kernel={**doc.kernel, "name": "other_kernel", "hash": "2" * 64})
+    name = canonical_file_name(other)
+    (tmp_path / "other.json").write_text(other.dumps())
+    # The autotuner's write of a new page, killed before its page.json is in place.
+    _child(
+        f"""
+        from pathlib import Path
+        from tunebook._book import DirectoryStore, read_document
+        doc = read_document(Path({str(tmp_path / "other.json")!r}))
+        DirectoryStore(Path({str(book_dir)!r})).merge({name!r}, doc)
+        """,
+        kill_at="before_replace:page.json",
+    )
+    assert not (book_dir / pagedir.page_dir_name(name)).exists()  # never a page without page.json
+    for args in (
+        ("merge", book_dir, "-o", tmp_path / "out"),
+        ("merge", book_dir, "-o", book_dir),
+        ("show", book_dir),
+    ):
+        res = python_m_tunebook(*args)
+        assert res.returncode == 0, (args, res.stdout, res.stderr)
+        assert "skipped" not in res.stderr, res.stderr
+    # The same write, not killed: the page is there whole.
+    assert DirectoryStore(book_dir).merge(name, other) is not None
+    assert (book_dir / pagedir.page_dir_name(name) / "page.json").is_file()
+
+
+@pytest.mark.once
+def test_an_empty_page_an_older_tunebook_left_is_no_error_and_prune_removes_it(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    tune_add((100,))
+    doc = the_doc(book_dir)
+    other = replace(doc, kernel={**doc.kernel, "name": "other_kernel", "hash": "2" * 64})
+    empty = book_dir / pagedir.page_dir_name(canonical_file_name(other))
+    (empty / ".tunebook" / "tmp").mkdir(parents=True)  # mkdir, then killed writing page.json
+    (empty / ".tunebook" / "tmp" / "page.json.20618-0.tmp").write_text("")
+    for args in (
+        ("merge", book_dir, "-o", tmp_path / "out"),
+        ("merge", book_dir, "-o", book_dir),
+        ("show", book_dir),
+    ):
+        res = python_m_tunebook(*args)
+        assert res.returncode == 0, (args, res.stdout, res.stderr)
+        assert "skipped" not in res.stderr and "intact" not in res.stderr, res.stderr
+    res = python_m_tunebook("prune", book_dir, "--keep", module_file(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert f"dropped {empty}: an empty page" in res.stdout
+    assert not empty.exists() and len(book_files(book_dir)) == 1
+
+
+@pytest.mark.once
+def test_an_import_killed_while_it_created_its_page_can_be_run_again(tmp_path: Path) -> None:
+    from test_cli import VLLM_NAME, _moe_doc, write_doc
+
+    write_doc(tmp_path / "book", _moe_doc())
+    exported = python_m_tunebook(
+        "export", "--format", "vllm", tmp_path / "book", "-o", tmp_path / "v1", "--kernel", "fused_moe_kernel"
+    )
+    assert exported.returncode == 0, exported.stderr
+    args = (
+        "import",
+        "--format",
+        "vllm",
+        tmp_path / "v1" / VLLM_NAME,
+        "--kernel",
+        "moe",
+        "-o",
+        tmp_path / "imp",
+    )
+    assert python_m_tunebook(*args).returncode == 0
+    (page,) = (p for p in (tmp_path / "imp").iterdir() if p.is_dir() and p.name != pagedir.HIDDEN)
+    (page / "page.json").unlink()  # as an older tunebook left it, killed right after its mkdir
+    for key_file in page.glob("*.json"):
+        key_file.unlink()
+    res = python_m_tunebook(*args)
+    assert res.returncode == 0, res.stderr
+    assert len(the_doc(tmp_path / "imp").entries) == 3
 
 
 # ---------------------------------------------------------------- 3. a reader between two steps
@@ -215,6 +305,36 @@ def test_a_temp_file_a_killed_writer_of_the_same_pid_left_never_fails_a_write(tm
         (tmp / f"page.json.{os.getpid()}-{i}.tmp").write_text("")
     pagedir.ensure_page(page, META)
     assert pagedir.read_page_file(page)[0] is not None
+
+
+@pytest.mark.once
+def test_merge_deletes_what_killed_writers_left_and_prune_names_it(book_dir: Path, tmp_path: Path) -> None:
+    tune_add((100,))
+    (page,) = book_files(book_dir)
+    tmp = page / pagedir.HIDDEN / "tmp"
+    (key_file,) = (p for p in page.glob("*.json") if p.name != "page.json")
+    dead_key = tmp / f"{key_file.name}.12588-610.tmp"  # a killed writer of this key's
+    old = [tmp / "page.json.20618-0.tmp", tmp / f"{key_file.stem}.1796500206569901489-10765-0.json.x1.tmp"]
+    young = tmp / "page.json.q7wz2k.tmp"  # a live writer's, perhaps
+    for path in (dead_key, *old, young):
+        path.write_text("{")
+    hour_ago = time.time() - 2 * 3600  # pagedir.LEFTOVER_AGE_S is an hour
+    for path in old:
+        os.utime(path, (hour_ago, hour_ago))
+    new = book_dir / pagedir.HIDDEN / "new" / f"{page.name}.a1b2c3"  # a page whose creation was killed
+    new.mkdir(parents=True)
+    os.utime(new, (hour_ago, hour_ago))
+    res = python_m_tunebook("merge", book_dir, "-o", book_dir)
+    assert res.returncode == 0, res.stderr
+    assert sorted(tmp.iterdir()) == [young] and not new.exists()
+    # prune drops them too, and says so
+    for path in old:
+        path.write_text("{")
+        os.utime(path, (hour_ago, hour_ago))
+    res = python_m_tunebook("prune", book_dir, "--keep", module_file(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert all(f"dropped {path}: left by a write killed mid-way" in res.stdout for path in old), res.stdout
+    assert sorted(tmp.iterdir()) == [young]
 
 
 # ---------------------------------------------------------------- 7. a file size limit

@@ -188,7 +188,7 @@ def _warn_unusable(path: Path, reason: str | None) -> None:
         warn_unreadable(path, reason)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -226,7 +226,7 @@ def atomic_write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def warn_write_failure(directory: Path, exc: BaseException) -> None:

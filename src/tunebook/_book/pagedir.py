@@ -10,6 +10,7 @@
         .tunebook/pending/<key name>.<time>-<pid>-<n>.json
                                          news a writer could not fold in while the lock was busy
         .tunebook/tmp/                   writes in progress (<file>.<random>.tmp)
+    <book dir>/.tunebook/new/            pages being created, renamed into place whole
 
 A key's name is its key text, readable and reversible: ``[4096,128,"torch.float16"]`` is
 ``4096,128,'torch.float16'.json`` (brackets dropped, ``"`` written ``'``, anything outside
@@ -27,6 +28,7 @@ Contract (tests/test_stores.py, tests/test_book_scale.py):
   writer that holds the lock writes it into the key's file and deletes it. The key's file
   lists the news it holds (``folded``): news is counted once, even where its folder was
   killed before deleting it.
+* **A page appears whole** (``ensure_page``): never a page directory without page.json.
 * **Every file read is checked**: strict JSON, bounded size, a regular file only, and it
   must be this page's (kernel hash, platform id, and the key its name says), else it is
   skipped with one warning.
@@ -36,11 +38,13 @@ Contract (tests/test_stores.py, tests/test_book_scale.py):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import os
 import re
+import shutil
 import stat
 import time
 import urllib.parse
@@ -52,7 +56,7 @@ from .._errors import BookFormatError
 from .._jsonio import key_text as text_of
 from .._jsonio import strict_loads
 from .._warnings import warn_once, warn_unreadable
-from .files import Unusable, atomic_write_text, log, read_regular_file
+from .files import Unusable, atomic_write_text, fsync_dir, log, read_regular_file
 from .records import NEWER, Entry, check_format, check_identity
 
 PAGE_FORMAT = "tunebook-page"
@@ -465,12 +469,22 @@ def _write(path: Path, text: str, tmp_dir: Path) -> None:
     atomic_write_text(path, text, tmp_dir=tmp_dir)
 
 
+def _page_text(meta: Mapping[str, Any]) -> str:
+    data = {"format": PAGE_FORMAT, "version": VERSION, "kernel": meta["kernel"], "platform": meta["platform"]}
+    return json.dumps(data, sort_keys=True, allow_nan=False, indent=1) + "\n"
+
+
 def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
     """Create the page (its directory and page.json) unless it is there for this kernel.
 
+    A new page appears whole (``_create``): a writer killed while it makes one leaves no
+    page without its page.json. (Older tunebooks made the directory, then wrote page.json;
+    such an empty page is read as one without keys, and a writer writes its page.json.)
     A page of another kernel under this name is kept aside, as format 1 keeps such a file.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    text = _page_text(meta)
+    if not os.path.lexists(directory) and _create(directory, text):
+        return
     present = read_page_file(directory)[0]  # an unreadable one is kept aside below, and logged
     if present is None and os.path.lexists(directory / PAGE_FILE):
         # Another process may have created it since it was read (an atomic rename): read it
@@ -487,14 +501,73 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.replace(directory, aside)
             log.warning("tunebook: kept the foreign book %s aside as %s", directory, aside)
-        directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(
-        {"format": PAGE_FORMAT, "version": VERSION, "kernel": meta["kernel"], "platform": meta["platform"]},
-        sort_keys=True,
-        allow_nan=False,
-        indent=1,
-    )
-    _write(directory / PAGE_FILE, text + "\n", _hidden(directory, "tmp"))
+        if not os.path.lexists(directory) and _create(directory, text):
+            return
+    _write(directory / PAGE_FILE, text, _hidden(directory, "tmp"))
+
+
+def _create(directory: Path, page_text: str) -> bool:
+    """Make the page ``directory`` with its page.json in one step: built in the book's
+    ``.tunebook/new/`` under a random name, then renamed to its own. False where a page
+    appeared there meanwhile (another process made it first): ours goes."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = _hidden(directory.parent, "new") / f"{directory.name}.{os.urandom(6).hex()}"
+    staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
+    try:
+        _write(staging / PAGE_FILE, page_text, _hidden(staging, "tmp"))
+        try:
+            os.rename(staging, directory)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return False
+        fsync_dir(directory.parent)
+        return True
+    finally:
+        if os.path.lexists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# A write takes milliseconds: what sits in a page's tmp/ (or a book's new/) for this long is
+# a killed writer's. A live write's temp file is never this old.
+LEFTOVER_AGE_S = 3600.0
+
+
+def stale_leftovers(directory: Path, older_than_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """What writers killed mid-write left under ``directory`` (a page or a book), unchanged
+    for ``older_than_s``: temp files in a page's ``.tunebook/tmp/``, pages being created in a
+    book's ``.tunebook/new/``. They only take space (no reader looks there)."""
+    now = time.time()
+    found = []
+    for sub in ("tmp", "new"):
+        where = directory / HIDDEN / sub
+        for name in _scan(where):
+            with contextlib.suppress(OSError):
+                if now - os.lstat(where / name).st_mtime > older_than_s:
+                    found.append(where / name)
+    return sorted(found)
+
+
+def remove_leftovers(paths: Iterable[Path]) -> int:
+    """Delete ``paths`` (from ``stale_leftovers``); how many went."""
+    removed = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed += 1
+    return removed
+
+
+def is_empty_page(directory: Path) -> bool:
+    """Whether the page ``directory`` holds nothing: no page.json, no key file (nor any other
+    name a person could care for), no pending news. What an older tunebook killed while it
+    created the page left; readers read it as a page without keys."""
+    if any(name != HIDDEN for name in _scan(directory)):
+        return False
+    return not any(name.endswith(".json") for name in _scan(directory / HIDDEN / "pending"))
 
 
 def _holds(path: Path, text: str) -> bool:
@@ -639,6 +712,8 @@ def replace_page(
 
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
+    # What writers killed long ago left: temp files in the page's tmp/, pages being created.
+    remove_leftovers([*stale_leftovers(directory), *stale_leftovers(directory.parent)])
     own = {key_file_name(text): text for text in entries}
     others: dict[str, list[Path]] = {}
     unreadable: list[str] = []
