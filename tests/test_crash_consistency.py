@@ -198,6 +198,72 @@ def test_an_import_killed_while_it_created_its_page_can_be_run_again(tmp_path: P
     assert len(the_doc(tmp_path / "imp").entries) == 3
 
 
+# ---------------------------------------------------------------- 2. refused results at exit
+
+EXIT_CHILD = """
+import os, subprocess, sys
+from pathlib import Path
+import tunebook
+from small_kernels import Replay, add_kernel, block_configs, grid_1d, vectors
+
+def unwritable(path, on):
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if on else 0o755)
+
+replay = Replay({32: 1.0, 64: 2.0})
+add = tunebook.autotune(
+    block_configs(32, 64), key=["n"], do_bench=replay, pre_hook=replay.pre_hook
+)(add_kernel)
+
+def call(n):
+    x, y, out = vectors(n)
+    add[grid_1d(n)](x, y, out, n)
+
+call(100)
+(page,) = [p for p in Path(os.environ["TUNEBOOK_DIR"]).iterdir() if p.name != ".tunebook"]
+unwritable(page, True)  # a remount, a permission fix: for a moment, near the end of the job
+call(1000)
+if os.environ["WRITABLE_AT_EXIT"] == "1":
+    unwritable(page, False)
+print("page", page)
+"""
+
+
+def _unwritable(path: Path, on: bool) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if on else 0o755)
+
+
+def _keys_of(book: Path) -> list[int]:
+    (page,) = book_files(book)
+    store = DirectoryStore(book)
+    doc = store.fetch(page.name + ".json")
+    assert doc is not None
+    return sorted(e.key[0] for e in doc.entries.values())
+
+
+def test_results_a_directory_refused_are_written_at_exit_or_said_lost_with_their_count(
+    book_dir: Path,
+) -> None:
+    proc = _child(EXIT_CHILD, TUNEBOOK_DIR=str(book_dir), WRITABLE_AT_EXIT="1")
+    assert "cannot write to book directory" in proc.stderr  # the refusal, while it lasted
+    assert _keys_of(book_dir) == [100, 1000]  # written at exit, the directory writable again
+    assert "were not written" not in proc.stderr
+    # Still unwritable at exit: said once, with how many results of how many keys, and the fix.
+    other = book_dir.parent / "other"
+    proc = _child(EXIT_CHILD, TUNEBOOK_DIR=str(other), WRITABLE_AT_EXIT="0")
+    page = Path(proc.stdout.split("page ", 1)[1].strip())
+    _unwritable(page, False)
+    said = [line for line in proc.stderr.splitlines() if "were not written to the book directory" in line]
+    assert len(said) == 1, proc.stderr
+    assert "2 result(s) of 1 key(s)" in said[0] and str(other) in said[0] and "TUNEBOOK_DIR" in said[0]
+    assert _keys_of(other) == [100]
+
+
 # ---------------------------------------------------------------- 3. a reader between two steps
 
 
