@@ -393,6 +393,7 @@ def test_merge_deletes_what_killed_writers_left_and_prune_names_it(book_dir: Pat
     res = python_m_tunebook("merge", book_dir, "-o", book_dir)
     assert res.returncode == 0, res.stderr
     assert sorted(tmp.iterdir()) == [young] and not new.exists()
+    assert not (book_dir / pagedir.HIDDEN).exists()  # the book lists as before: its pages only
     # prune drops them too, and says so
     for path in old:
         path.write_text("{")

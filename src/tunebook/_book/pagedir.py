@@ -511,8 +511,14 @@ def _create(directory: Path, page_text: str) -> bool:
     ``.tunebook/new/`` under a random name, then renamed to its own. False where a page
     appeared there meanwhile (another process made it first): ours goes."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = _hidden(directory.parent, "new") / f"{directory.name}.{os.urandom(6).hex()}"
-    staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
+    for attempt in range(3):
+        try:
+            staging = _hidden(directory.parent, "new") / f"{directory.name}.{os.urandom(6).hex()}"
+            staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
+            break
+        except FileNotFoundError:  # another creator's _tidy removed new/ meanwhile: again
+            if attempt == 2:
+                raise
     try:
         _write(staging / PAGE_FILE, page_text, _hidden(staging, "tmp"))
         try:
@@ -526,6 +532,18 @@ def _create(directory: Path, page_text: str) -> bool:
     finally:
         if os.path.lexists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+        _tidy(directory.parent)
+
+
+def _tidy(book: Path) -> None:
+    """Remove the book's ``.tunebook/new/``, then ``.tunebook/``, where empty: a book lists
+    as it did before (its pages only); another creation under way, or a sweep's journal/,
+    keeps them."""
+    for path in (book / HIDDEN / "new", book / HIDDEN):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 
 # A write takes milliseconds: what sits in a page's tmp/ (or a book's new/) for this long is
@@ -713,7 +731,8 @@ def replace_page(
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
     # What writers killed long ago left: temp files in the page's tmp/, pages being created.
-    remove_leftovers([*stale_leftovers(directory), *stale_leftovers(directory.parent)])
+    if remove_leftovers([*stale_leftovers(directory), *stale_leftovers(directory.parent)]):
+        _tidy(directory.parent)
     own = {key_file_name(text): text for text in entries}
     others: dict[str, list[Path]] = {}
     unreadable: list[str] = []
