@@ -112,6 +112,14 @@ def _pending_files(page: Path) -> list[str]:
 # ---------------------------------------------------------------- 1. a page being created
 
 
+def _merge_and_show_go_on(book: Path, tmp_path: Path) -> None:
+    """``merge`` (into another book and into itself) and ``show`` read ``book`` with nothing skipped."""
+    for args in (("merge", book, "-o", tmp_path / "out"), ("merge", book, "-o", book), ("show", book)):
+        res = python_m_tunebook(*args)
+        assert res.returncode == 0, (args, res.stdout, res.stderr)
+        assert "skipped" not in res.stderr and "intact" not in res.stderr, res.stderr
+
+
 @pytest.mark.once
 def test_a_writer_killed_while_it_creates_a_page_leaves_no_page_that_breaks_merge_or_show(
     book_dir: Path, tmp_path: Path
@@ -132,14 +140,7 @@ def test_a_writer_killed_while_it_creates_a_page_leaves_no_page_that_breaks_merg
         kill_at="before_replace:page.json",
     )
     assert not (book_dir / pagedir.page_dir_name(name)).exists()  # never a page without page.json
-    for args in (
-        ("merge", book_dir, "-o", tmp_path / "out"),
-        ("merge", book_dir, "-o", book_dir),
-        ("show", book_dir),
-    ):
-        res = python_m_tunebook(*args)
-        assert res.returncode == 0, (args, res.stdout, res.stderr)
-        assert "skipped" not in res.stderr, res.stderr
+    _merge_and_show_go_on(book_dir, tmp_path)
     # The same write, not killed: the page is there whole.
     assert DirectoryStore(book_dir).merge(name, other) is not None
     assert (book_dir / pagedir.page_dir_name(name) / "page.json").is_file()
@@ -155,14 +156,7 @@ def test_an_empty_page_an_older_tunebook_left_is_no_error_and_prune_removes_it(
     empty = book_dir / pagedir.page_dir_name(canonical_file_name(other))
     (empty / ".tunebook" / "tmp").mkdir(parents=True)  # mkdir, then killed writing page.json
     (empty / ".tunebook" / "tmp" / "page.json.20618-0.tmp").write_text("")
-    for args in (
-        ("merge", book_dir, "-o", tmp_path / "out"),
-        ("merge", book_dir, "-o", book_dir),
-        ("show", book_dir),
-    ):
-        res = python_m_tunebook(*args)
-        assert res.returncode == 0, (args, res.stdout, res.stderr)
-        assert "skipped" not in res.stderr and "intact" not in res.stderr, res.stderr
+    _merge_and_show_go_on(book_dir, tmp_path)
     res = python_m_tunebook("prune", book_dir, "--keep", module_file(tmp_path))
     assert res.returncode == 0, res.stderr
     assert f"dropped {empty}: an empty page" in res.stdout
@@ -178,16 +172,8 @@ def test_an_import_killed_while_it_created_its_page_can_be_run_again(tmp_path: P
         "export", "--format", "vllm", tmp_path / "book", "-o", tmp_path / "v1", "--kernel", "fused_moe_kernel"
     )
     assert exported.returncode == 0, exported.stderr
-    args = (
-        "import",
-        "--format",
-        "vllm",
-        tmp_path / "v1" / VLLM_NAME,
-        "--kernel",
-        "moe",
-        "-o",
-        tmp_path / "imp",
-    )
+    vllm_file = tmp_path / "v1" / VLLM_NAME
+    args = ("import", "--format", "vllm", vllm_file, "--kernel", "moe", "-o", tmp_path / "imp")
     assert python_m_tunebook(*args).returncode == 0
     (page,) = (p for p in (tmp_path / "imp").iterdir() if p.is_dir() and p.name != pagedir.HIDDEN)
     (page / "page.json").unlink()  # as an older tunebook left it, killed right after its mkdir
