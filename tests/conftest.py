@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -87,7 +87,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh writable book for every test; counters zeroed."""
     directory = tmp_path / "book"
     monkeypatch.setenv("TUNEBOOK_DIR", str(directory))
@@ -95,9 +95,13 @@ def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("TUNEBOOK_MODE", raising=False)
     tunebook.reset_stats()
     from tunebook import _warnings
+    from tunebook._book import pages
 
     _warnings.forget()
-    return directory
+    yield directory
+    # What a test's directories refused is the test's business: not written again (and said
+    # lost) at the exit of pytest, long after the test and its directories are gone.
+    pages._refused.clear()
 
 
 def book_files(directory: Path) -> list[Path]:

@@ -108,7 +108,7 @@ def test_a_timeout_shorter_than_the_workers_start_up_says_so_and_records_nothing
     assert not list((tmp_path / "book").rglob("*,*.json"))  # no key file: nothing was recorded
 
 
-def test_ctrl_c_during_an_isolated_search_ends_its_worker_and_job_file(tmp_path: Path) -> None:
+def test_ctrl_c_during_an_isolated_search_ends_its_worker_and_leaves_no_file(tmp_path: Path) -> None:
     """Ctrl-C reached only the caller's thread: the supervising thread and its worker carried
     on, so a program that caught it (a REPL, a notebook, a server) had two workers tuning one
     key, each slowing the other's timings, and a job file was left in the temp directory."""
@@ -141,7 +141,7 @@ def test_ctrl_c_during_an_isolated_search_ends_its_worker_and_job_file(tmp_path:
         def interrupt():
             for _ in range(1200):  # the worker has started and measures its first config
                 time.sleep(0.1)
-                if children() and os.listdir(os.environ["TMPDIR"]):
+                if children():
                     break
             else:
                 print("no worker started", flush=True)

@@ -188,7 +188,7 @@ def _warn_unusable(path: Path, reason: str | None) -> None:
         warn_unreadable(path, reason)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -203,19 +203,15 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str, *, tmp: Path | None = None) -> None:
+def atomic_write_text(path: Path, text: str, *, tmp_dir: Path | None = None) -> None:
     """Replace ``path`` with ``text`` so that no reader ever sees a partial file.
 
-    The temp file is ``tmp`` when given (on the same file system; created, never followed
-    if it is a link), else a new name beside ``path``.
+    The temp file is a new name (``<name>.<random>.tmp``, made by ``mkstemp``: never an
+    existing file or link, and no collision with a file a killed writer of the same PID
+    left) in ``tmp_dir`` when given (on the same file system), else beside ``path``, hidden.
     """
-    if tmp is None:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    else:
-        flags = (
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        )
-        fd, tmp_name = os.open(tmp, flags, 0o600), str(tmp)
+    where, prefix = (tmp_dir, f"{path.name}.") if tmp_dir is not None else (path.parent, f".{path.name}.")
+    fd, tmp_name = tempfile.mkstemp(dir=where, prefix=prefix, suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -230,7 +226,7 @@ def atomic_write_text(path: Path, text: str, *, tmp: Path | None = None) -> None
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def warn_write_failure(directory: Path, exc: BaseException) -> None:
@@ -238,11 +234,25 @@ def warn_write_failure(directory: Path, exc: BaseException) -> None:
     warn_once(
         f"write:{directory}",
         "tunebook: cannot write to book directory %s (%s); what this process records (tuning "
-        "results, and in serve mode the keys it served untuned) is kept in memory only. Point "
-        "TUNEBOOK_DIR at a writable directory to remember it.",
+        "results, and in serve mode the keys it served untuned) is kept in memory only. %s",
         directory,
         _why_not_writable(directory, exc),
+        write_fix(exc),
     )
+
+
+def write_fix(exc: BaseException) -> str:
+    """What a person does about a failed write of the book, by its cause: another directory
+    helps with permissions or a read-only mount, not with a full disk or a file size limit."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "Free some space on its disk (or quota), or point TUNEBOOK_DIR at a directory on another disk."
+    if code == errno.EFBIG:
+        return (
+            "A file grew past the largest this process may write (its file size limit: see `ulimit -f`, "
+            "RLIMIT_FSIZE) or its file system allows: raise the limit for the processes that tune."
+        )
+    return "Point TUNEBOOK_DIR at a writable directory to remember it."
 
 
 def _why_not_writable(directory: Path, exc: BaseException) -> str:

@@ -9,7 +9,8 @@
         .tunebook/locks/<key name>.lock  a writer's lock on one key, held for one small write
         .tunebook/pending/<key name>.<time>-<pid>-<n>.json
                                          news a writer could not fold in while the lock was busy
-        .tunebook/tmp/                   writes in progress
+        .tunebook/tmp/                   writes in progress (<file>.<random>.tmp)
+    <book dir>/.tunebook/new/            pages being created, renamed into place whole
 
 A key's name is its key text, readable and reversible: ``[4096,128,"torch.float16"]`` is
 ``4096,128,'torch.float16'.json`` (brackets dropped, ``"`` written ``'``, anything outside
@@ -24,7 +25,10 @@ Contract (tests/test_stores.py, tests/test_book_scale.py):
   for ``KEY_LOCK_WAIT_S`` (a holder stopped by SIGSTOP, a debugger, a frozen container),
   the writer leaves its news in ``.tunebook/pending/`` instead and returns at once;
   readers fold pending news in (what the key's file holds stands over it), and the next
-  writer that holds the lock writes it into the key's file and deletes it.
+  writer that holds the lock writes it into the key's file and deletes it. The key's file
+  lists the news it holds (``folded``): news is counted once, even where its folder was
+  killed before deleting it.
+* **A page appears whole** (``ensure_page``): never a page directory without page.json.
 * **Every file read is checked**: strict JSON, bounded size, a regular file only, and it
   must be this page's (kernel hash, platform id, and the key its name says), else it is
   skipped with one warning.
@@ -34,15 +38,17 @@ Contract (tests/test_stores.py, tests/test_book_scale.py):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import os
 import re
+import shutil
 import stat
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,7 @@ from .._errors import BookFormatError
 from .._jsonio import key_text as text_of
 from .._jsonio import strict_loads
 from .._warnings import warn_once, warn_unreadable
-from .files import Unusable, atomic_write_text, log, read_regular_file
+from .files import Unusable, atomic_write_text, fsync_dir, log, read_regular_file
 from .records import NEWER, Entry, check_format, check_identity
 
 PAGE_FORMAT = "tunebook-page"
@@ -171,6 +177,15 @@ _PAGE_NAME = re.compile(r".+--(?P<kernel>[0-9a-f]{16})--.+--(?P<platform>[0-9a-f
 
 def _entry_of(path: Path, meta: Mapping[str, Any], key_text: str | None) -> tuple[str, Entry] | None:
     """(key text, entry) of one key file of this page; None if absent or unusable (warned)."""
+    found = _key_file(path, meta, key_text)
+    return None if found is None else (found[0], found[1])
+
+
+def _key_file(
+    path: Path, meta: Mapping[str, Any], key_text: str | None
+) -> tuple[str, Entry, frozenset[str]] | None:
+    """(key text, entry, the ids of the pending news it holds: ``folded``) of one key file
+    (or pending news file) of this page; None if absent or unusable (warned)."""
     try:
         data = _load(path, MAX_ENTRY_BYTES)
         if data is None:
@@ -187,7 +202,9 @@ def _entry_of(path: Path, meta: Mapping[str, Any], key_text: str | None) -> tupl
         actual = text_of(entry.key)
         if key_text is not None and _parsed(key_text) != list(entry.key):
             raise BookFormatError(f"it holds key {actual}, not the key {key_text} its name says")
-        return key_text or actual, entry
+        folded = data.get("folded")
+        ids = frozenset(i for i in folded if isinstance(i, str)) if isinstance(folded, list) else frozenset()
+        return key_text or actual, entry, ids
     except (Unusable, ValueError, OverflowError, RecursionError) as exc:
         _warn(path, exc)
         return None
@@ -212,8 +229,28 @@ def _pending(directory: Path, name: str) -> list[Path]:
     # <key name>.<time>-<pid>-<n>.json, matched whole: a prefix would take the news of other
     # keys whose names start with this one's (key [1,2] and key [1,2.5]), and merge_key
     # deletes what it folds in.
-    own = re.compile(re.escape(_stem(name)) + r"\.\d+-\d+-\d+\.json")
+    own = re.compile(re.escape(_stem(name)) + _PENDING_STAMP)
     return [directory / HIDDEN / "pending" / n for n in sorted(names) if own.fullmatch(n)]
+
+
+_PENDING_STAMP = r"\.(\d+-\d+-\d+)\.json"  # a news file's id: <time>-<pid>-<n>
+
+
+def _news_id(path: Path) -> str:
+    """The id of a pending news file (its ``<time>-<pid>-<n>``), which a key's file that
+    holds its news lists in ``folded``."""
+    found = re.search(_PENDING_STAMP + "$", path.name)
+    return found[1] if found else path.name
+
+
+def _news(pending: list[Path], meta: Mapping[str, Any], key_text: str) -> list[tuple[str, Entry]]:
+    """(id, entry) of each of the key's pending news files that is still there, oldest first."""
+    found = []
+    for path in pending:
+        news = _entry_of(path, meta, key_text)
+        if news is not None:
+            found.append((_news_id(path), news[1]))
+    return found
 
 
 def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry | None:
@@ -222,16 +259,26 @@ def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry |
 
 
 def _read_key(directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]) -> Entry | None:
-    found = _entry_of(directory / key_file_name(key_text), meta, key_text)
-    return _folded(found[1] if found is not None else None, pending, meta, key_text)
+    # The pending news first, then the key's file. A writer writes the key's file with the
+    # news in it and only then deletes the news: a news file gone when it is read was in a
+    # key's file written before this read of it. Read the other way round, the news could
+    # be deleted between the two reads, after the old key's file was read: in neither view.
+    # The file lists the news it holds (``folded``), which is skipped: read in this order,
+    # a reader meets both (a writer killed before it deleted the news, or a write between
+    # the two reads), and a count (``misses``) must not add them twice.
+    news = _news(pending, meta, key_text)
+    found = _key_file(directory / key_file_name(key_text), meta, key_text)
+    if found is None:
+        return _folded(None, news)
+    return _folded(found[1], news, found[2])
 
 
-def _folded(entry: Entry | None, pending: list[Path], meta: Mapping[str, Any], key_text: str) -> Entry | None:
-    """``entry`` with the key's pending news folded in under it (``entry`` stands)."""
-    for path in pending:
-        news = _entry_of(path, meta, key_text)
-        if news is not None:
-            entry = news[1].merged_over(entry)
+def _folded(entry: Entry | None, news: list[tuple[str, Entry]], done: Collection[str] = ()) -> Entry | None:
+    """``entry`` with the key's pending ``news`` folded in under it (``entry`` stands; older
+    news over newer), but for the news whose id is in ``done``: already in ``entry``."""
+    for news_id, item in news:
+        if news_id not in done:
+            entry = item.merged_over(entry)
     return entry
 
 
@@ -311,13 +358,14 @@ def read_key_files(
     news: its own file stands over its other files, and they over the news."""
     if not others:  # the usual case: the key's own file and its news
         return read_key(directory, meta, key_text)
-    own = _entry_of(directory / key_file_name(key_text), meta, key_text)
+    news = _news(_pending(directory, key_file_name(key_text)), meta, key_text)  # first: see _read_key
+    own = _key_file(directory / key_file_name(key_text), meta, key_text)
     entry = own[1] if own is not None else None
     for name in others:
         held = _entry_of(directory / name, meta, None)
         if held is not None and held[0] == key_text:
             entry = held[1].merged_over(entry)
-    return _folded(entry, _pending(directory, key_file_name(key_text)), meta, key_text)
+    return _folded(entry, news, own[2] if own is not None else ())
 
 
 def _scan(directory: Path) -> Iterator[str]:
@@ -346,12 +394,15 @@ def read_all(directory: Path, meta: Mapping[str, Any]) -> dict[str, Entry]:
 # --------------------------------------------------------------------------- writing
 
 
-def entry_text(entry: Entry, meta: Mapping[str, Any], news: bool = False) -> str:
+def entry_text(entry: Entry, meta: Mapping[str, Any], news: bool = False, folded: Iterable[str] = ()) -> str:
     """One key's file: format, version, whose it is, then the entry, one line per result.
-    ``news``: a pending write, which keeps what it ``reopens`` (a key's file never does)."""
+    ``news``: a pending write, which keeps what it ``reopens`` (a key's file never does).
+    ``folded``: the ids of the pending news files this write holds (see ``merge_key``)."""
     data = entry.to_json()
     if news and entry.reopens:
         data["reopens"] = entry.reopens
+    if folded:
+        data["folded"] = sorted(folded)
     head = {
         "format": ENTRY_FORMAT,
         "version": VERSION,
@@ -415,21 +466,25 @@ def _hidden(directory: Path, sub: str) -> Path:
 
 def _write(path: Path, text: str, tmp_dir: Path) -> None:
     """Atomically replace ``path``; the temp file lives in the page's hidden tmp/ directory."""
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}-{next(_counter)}.tmp"
-    try:
-        atomic_write_text(path, text, tmp=tmp)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write_text(path, text, tmp_dir=tmp_dir)
+
+
+def _page_text(meta: Mapping[str, Any]) -> str:
+    data = {"format": PAGE_FORMAT, "version": VERSION, "kernel": meta["kernel"], "platform": meta["platform"]}
+    return json.dumps(data, sort_keys=True, allow_nan=False, indent=1) + "\n"
 
 
 def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
     """Create the page (its directory and page.json) unless it is there for this kernel.
 
+    A new page appears whole (``_create``): a writer killed while it makes one leaves no
+    page without its page.json. (Older tunebooks made the directory, then wrote page.json;
+    such an empty page is read as one without keys, and a writer writes its page.json.)
     A page of another kernel under this name is kept aside, as format 1 keeps such a file.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    text = _page_text(meta)
+    if not os.path.lexists(directory) and _create(directory, text):
+        return
     present = read_page_file(directory)[0]  # an unreadable one is kept aside below, and logged
     if present is None and os.path.lexists(directory / PAGE_FILE):
         # Another process may have created it since it was read (an atomic rename): read it
@@ -446,14 +501,91 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.replace(directory, aside)
             log.warning("tunebook: kept the foreign book %s aside as %s", directory, aside)
-        directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(
-        {"format": PAGE_FORMAT, "version": VERSION, "kernel": meta["kernel"], "platform": meta["platform"]},
-        sort_keys=True,
-        allow_nan=False,
-        indent=1,
-    )
-    _write(directory / PAGE_FILE, text + "\n", _hidden(directory, "tmp"))
+        if not os.path.lexists(directory) and _create(directory, text):
+            return
+    _write(directory / PAGE_FILE, text, _hidden(directory, "tmp"))
+
+
+def _create(directory: Path, page_text: str) -> bool:
+    """Make the page ``directory`` with its page.json in one step: built in the book's
+    ``.tunebook/new/`` under a random name, then renamed to its own. False where a page
+    appeared there meanwhile (another process made it first): ours goes."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):
+        try:
+            staging = _hidden(directory.parent, "new") / f"{directory.name}.{os.urandom(6).hex()}"
+            staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
+            break
+        except FileNotFoundError:  # another creator's _tidy removed new/ meanwhile: again
+            if attempt == 2:
+                raise
+    try:
+        _write(staging / PAGE_FILE, page_text, _hidden(staging, "tmp"))
+        try:
+            os.rename(staging, directory)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return False
+        fsync_dir(directory.parent)
+        return True
+    finally:
+        if os.path.lexists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+        _tidy(directory.parent)
+
+
+def _tidy(book: Path) -> None:
+    """Remove the book's ``.tunebook/new/``, then ``.tunebook/``, where empty: a book lists
+    as it did before (its pages only); another creation under way, or a sweep's journal/,
+    keeps them."""
+    for path in (book / HIDDEN / "new", book / HIDDEN):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+
+
+# A write takes milliseconds: what sits in a page's tmp/ (or a book's new/) for this long is
+# a killed writer's. A live write's temp file is never this old.
+LEFTOVER_AGE_S = 3600.0
+
+
+def stale_leftovers(directory: Path, older_than_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """What writers killed mid-write left under ``directory`` (a page or a book), unchanged
+    for ``older_than_s``: temp files in a page's ``.tunebook/tmp/``, pages being created in a
+    book's ``.tunebook/new/``. They only take space (no reader looks there)."""
+    now = time.time()
+    found = []
+    for sub in ("tmp", "new"):
+        where = directory / HIDDEN / sub
+        for name in _scan(where):
+            with contextlib.suppress(OSError):
+                if now - os.lstat(where / name).st_mtime > older_than_s:
+                    found.append(where / name)
+    return sorted(found)
+
+
+def remove_leftovers(paths: Iterable[Path]) -> int:
+    """Delete ``paths`` (from ``stale_leftovers``); how many went."""
+    removed = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed += 1
+    return removed
+
+
+def is_empty_page(directory: Path) -> bool:
+    """Whether the page ``directory`` holds nothing: no page.json, no key file (nor any other
+    name a person could care for), no pending news. What an older tunebook killed while it
+    created the page left; readers read it as a page without keys."""
+    if any(name != HIDDEN for name in _scan(directory)):
+        return False
+    return not any(name.endswith(".json") for name in _scan(directory / HIDDEN / "pending"))
 
 
 def _holds(path: Path, text: str) -> bool:
@@ -485,43 +617,69 @@ def merge_key(directory: Path, meta: Mapping[str, Any], key_text: str, news: Ent
 
     Holds the key's lock for one read and one write; if another process holds it past
     KEY_LOCK_WAIT_S, the news goes to pending/ and the reader's view is returned at once.
-    Raises OSError when nothing could be written.
+    Raises OSError when nothing could be written (LeaveAlone where the file must stay as it
+    is: a newer tunebook's, or the key grown past MAX_ENTRY_BYTES).
+
+    The file written lists the ids of the pending news it folded in (``folded``), which are
+    deleted after it: a writer killed in between leaves news that every reader and the next
+    writer know is in the file already, so a count (``misses``) is not added twice.
     """
     from filelock import FileLock, Timeout  # deferred: keeps `import tunebook` light
 
     name = key_file_name(key_text)
+    path = directory / name
     lock = FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=KEY_LOCK_WAIT_S)
     try:
         with lock:
             for stale in _hidden(directory, "tmp").glob(f"{glob_escape(name)}.*.tmp"):
                 with contextlib.suppress(OSError):  # a writer of this key died mid-write
                     stale.unlink()
-            if os.path.lexists(directory / name) and _entry_of(directory / name, meta, key_text) is None:
-                _make_room(directory / name, ENTRY_FORMAT)
+            if os.path.lexists(path) and _entry_of(path, meta, key_text) is None:
+                _make_room(path, ENTRY_FORMAT)
             # Pending news that appears while this writer reads was visible before this write
             # is: fold it in too (it stands under this news), so that no reader sees a value
             # of it that this write then overturns. Left: news pending during the write itself.
             for _ in range(3):
-                folded = _pending(directory, name)
-                stored = _read_key(directory, meta, key_text, folded)
-                if _pending(directory, name) == folded:
+                listed = _pending(directory, name)
+                stored = _read_key(directory, meta, key_text, listed)
+                if _pending(directory, name) == listed:
                     break
             merged = news.merged_over(stored)
-            _write(directory / name, entry_text(merged, meta), _hidden(directory, "tmp"))
-            for path in folded:  # now in the key's file
+            text = entry_text(merged, meta, folded=map(_news_id, listed))
+            _fits(path, key_text, text, merged)
+            _write(path, text, _hidden(directory, "tmp"))
+            for done in listed:  # now in the key's file
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    done.unlink()
             return merged
     except Timeout:
         pending = _hidden(directory, "pending")
         stamp = f"{time.time_ns()}-{os.getpid()}-{next(_counter)}"
-        _write(
-            pending / f"{name[: -len('.json')]}.{stamp}.json",
-            entry_text(news, meta, news=True),
-            _hidden(directory, "tmp"),
-        )
+        text = entry_text(news, meta, news=True)
+        _fits(path, key_text, text, news)
+        _write(pending / f"{name[: -len('.json')]}.{stamp}.json", text, _hidden(directory, "tmp"))
         stored = read_key(directory, meta, key_text)
         return stored if stored is not None else news
+
+
+def _fits(path: Path, key_text: str, text: str, entry: Entry) -> None:
+    """Raise LeaveAlone unless ``text`` (what would be written for the key) is within the
+    size every reader of a key's file accepts: past it, the key would read as nothing."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_ENTRY_BYTES:
+        raise LeaveAlone(too_large(path, key_text, size, len(entry.results)))
+
+
+def too_large(path: Path, key_text: str, size: int, configs: int) -> str:
+    # Not trimmed to fit: a process may have decided on any stored result ("what is stored
+    # stands"), and a result dropped would be measured again by the next search of the key.
+    return (
+        f"{path}: key {key_text} would be {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit every "
+        f"reader of a key's file enforces, with its {configs} configs; it was not written (what it "
+        "held before stands and is read as before; no stored result is dropped to make room, as a "
+        "process may have chosen its winner from any of them). Keep fewer configs for this key: tune "
+        "it with a shorter config list, or merge fewer books into it"
+    )
 
 
 def merge_entries(
@@ -572,6 +730,9 @@ def replace_page(
 
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
+    # What writers killed long ago left: temp files in the page's tmp/, pages being created.
+    if remove_leftovers([*stale_leftovers(directory), *stale_leftovers(directory.parent)]):
+        _tidy(directory.parent)
     own = {key_file_name(text): text for text in entries}
     others: dict[str, list[Path]] = {}
     unreadable: list[str] = []
@@ -588,38 +749,43 @@ def replace_page(
         name = key_file_name(text)
         path = directory / name
         with FileLock(str(_hidden(directory, "locks") / f"{_stem(name)}.lock"), timeout=lock_wait_s):
-            current = _entry_of(path, meta, text) if os.path.lexists(path) else None
+            for stale in tmp.glob(f"{glob_escape(name)}.*.tmp"):
+                with contextlib.suppress(OSError):  # a writer of this key died mid-write
+                    stale.unlink()
+            listed = _pending(directory, name)
+            news = _news(listed, meta, text)  # before the key's file: see _read_key
+            current = _key_file(path, meta, text) if os.path.lexists(path) else None
             if current is None and os.path.lexists(path):
                 try:
                     _make_room(path, ENTRY_FORMAT)  # an unreadable file: kept aside
                 except LeaveAlone as exc:
                     left_alone.append(str(exc))
                     continue
+            done_ids = current[2] if current is not None else frozenset()
             decided = entry
+            if fold is not None:
+                # The key as readers see it now (written since read, perhaps), its pending
+                # news folded in once; the caller read it with the same news in it, and
+                # ``fold`` (merge's rule: the larger of two counts) keeps that news once:
+                # folded in again on top, a book merged into itself added its misses twice.
+                seen = _folded(current[1] if current is not None else None, news, done_ids)
+                decided = fold(entry, seen) if seen is not None else entry
             folded: list[Path] = []
-            if fold is not None and current is not None:  # as it is now: written since read, perhaps
-                decided = fold(entry, current[1])
             for other in others.get(text, []):
                 held = _entry_of(other, meta, None)
                 if held is not None and held[0] == text:  # replaced as the key's file is, or folded
                     decided = fold(decided, held[1]) if fold is not None else decided
                     folded.append(other)
-            pending = _pending(directory, name)
-            final = _folded(decided, pending, meta, text)
+            final = decided if fold is not None else _folded(decided, news, done_ids)
             assert final is not None
-            wanted = entry_text(final, meta)
+            wanted = entry_text(final, meta, folded=map(_news_id, listed))
             size = len(wanted.encode("utf-8"))
             if size > MAX_ENTRY_BYTES:
-                left_alone.append(
-                    f"{path}: key {text} would be {size} bytes, over the {MAX_ENTRY_BYTES}-byte limit every "
-                    f"reader of a key's file enforces, with its {len(final.results)} configs; it was not "
-                    "written (what it held before stands). Keep fewer configs for this key: merge fewer "
-                    "books into it, or tune it with a shorter config list"
-                )
+                left_alone.append(too_large(path, text, size, len(final.results)))
                 continue
             if not _holds(path, wanted):  # an unchanged key costs a read, not an fsync
                 _write(path, wanted, tmp)
-            for done_path in [*pending, *folded]:  # now in the key's file
+            for done_path in [*listed, *folded]:  # now in the key's file
                 with contextlib.suppress(OSError):
                     done_path.unlink()
         if done is not None:

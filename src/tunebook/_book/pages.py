@@ -6,7 +6,8 @@ Redis book (``TUNEBOOK_REDIS_URL``, when set), then each read-only directory
 are united; where two layers measured the same config, the earlier layer stands.
 
 Results are recorded into the writable layers (the directory, then Redis); what one of
-them refuses is kept in memory and sent along with its next write. What the page fetches
+them refuses is kept in memory and sent along with its next write, or at the interpreter's
+exit (``write_refused_at_exit``; Redis's outbox sends its own). What the page fetches
 from Redis is copied into the writable directory, so the local book stands on its own when
 Redis is gone. A page that was tuned from a shipped book's results carries them along.
 
@@ -22,8 +23,11 @@ store is shared per process and thread-safe itself.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +37,8 @@ from .. import _settings
 from .._jsonio import key_text as _key_text
 from .._jsonio import parse_key_texts, slug
 from .._warnings import warn_once
-from .pagedir import page_dir_name
+from .files import write_fix
+from .pagedir import LeaveAlone, page_dir_name
 from .records import Document, Entry
 from .stores import BookStore, DirectoryStore
 
@@ -132,6 +137,55 @@ def _only(entry: Entry, declared: Declared) -> Entry:
 NAME_BUDGET = 2048
 
 
+# Pages one of whose writable layers refused results (``Layer.pending``), kept for the
+# interpreter's exit, when ``write_refused_at_exit`` tries them once more: a process whose
+# disk was full, or its directory read-only, for a moment near its end has no later write
+# to carry them. (The Redis store's outbox does the same for its own: redis_store.py.)
+_refused: dict[int, tuple[int, Page]] = {}  # id(page) -> (the pid that holds it, the page)
+EXIT_WRITE_S = 5.0  # at exit, no page is tried once this has passed (a key's lock waits 0.2 s)
+
+
+def write_refused_at_exit(timeout_s: float = EXIT_WRITE_S) -> int:
+    """At the interpreter's exit: write once more what the writable layers refused, a page at
+    a time until ``timeout_s`` has passed, and say (once) how many results of how many keys
+    stay unwritten, why and what to do. Returns how many results stay unwritten."""
+    deadline = time.monotonic() + timeout_s
+    lost: dict[str, tuple[int, int, BaseException | None]] = {}  # store -> (keys, results, why)
+    for pid, page in list(_refused.values()):
+        if pid != os.getpid():  # a forked child's copy of its parent's: the parent's to write
+            continue
+        for layer in page.layers:
+            if not layer.pending or getattr(layer.store, "keeps_unsent", False):
+                continue
+            if time.monotonic() < deadline:
+                layer.push(page.file_name, {}, page)
+            if layer.pending:
+                where = str(getattr(layer.store, "directory", layer.store))
+                keys, results, _ = lost.get(where, (0, 0, None))
+                lost[where] = (
+                    keys + len(layer.pending),
+                    results + sum(len(e.results) for e in layer.pending.values()),
+                    getattr(layer.store, "last_failure", None),
+                )
+    _refused.clear()
+    for where, (keys, results, why) in sorted(lost.items()):
+        warn_once(  # a BookWarning: the book lacks them until a person acts
+            f"unwritten-at-exit:{where}",
+            "tunebook: %d result(s) of %d key(s) this process recorded were not written to the book "
+            "directory %s: it refused them (%s), and again at exit. They are lost with this process; "
+            "the next run that meets those keys tunes them again. %s",
+            results,
+            keys,
+            where,
+            why if why is not None else "not written",
+            "" if why is None or isinstance(why, LeaveAlone) else write_fix(why),
+        )
+    return sum(results for _, results, _ in lost.values())
+
+
+atexit.register(write_refused_at_exit)
+
+
 @dataclass
 class Layer:
     """One store of a page, with what it held for the keys asked so far, and what it has yet
@@ -170,9 +224,12 @@ class Layer:
         stored = self.store.merge(name, page.document(pending))
         if stored is None:
             self.pending = pending
+            _refused[id(page)] = (os.getpid(), page)
             return False
         # A key the store left out was not written (its file must be left alone): offered again.
         self.pending = {k: e for k, e in pending.items() if k not in stored.entries}
+        if self.pending:
+            _refused[id(page)] = (os.getpid(), page)
         self._take(stored, page)
         return True
 
@@ -430,7 +487,7 @@ class Page:
 
     def unsaved(self) -> int:
         """How many results the writable directory refused (a read-only mount, a full disk):
-        this process holds them, and offers them again with its next write."""
+        this process holds them, and offers them again with its next write and at its exit."""
         return sum(
             len(entry.results)
             for layer in self.layers

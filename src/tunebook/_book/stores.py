@@ -100,6 +100,7 @@ class DirectoryStore:
         self.directory = Path(directory)
         self.writable = writable
         self._seen: dict[str, tuple[tuple[int, int, int], Document | None]] = {}
+        self.last_failure: OSError | ValueError | None = None  # why the last write left something out
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.directory)!r}{'' if self.writable else ', writable=False'})"
@@ -200,6 +201,7 @@ class DirectoryStore:
                 directory, {"kernel": doc.kernel, "platform": doc.platform}, doc.entries
             )
         except pagedir.LeaveAlone as exc:
+            self.last_failure = exc
             warn_once(
                 f"write:{directory}",
                 "tunebook: leaving %s as it is: %s; results of this process are kept in memory only",
@@ -208,10 +210,12 @@ class DirectoryStore:
             )
             return None
         except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
+            self.last_failure = exc
             warn_write_failure(self.directory, exc)
             return None
         if left:  # left out of what is returned: the page offers those keys again later
             text, why = next(iter(left.items()))
+            self.last_failure = why
             warn_once(
                 f"write:{directory}:keys",
                 "tunebook: leaving the file of key %s (and %d other key(s)) of %s as it is: %s; "

@@ -2,7 +2,7 @@
 
 * ``supervisor.py`` — :func:`run_jobs`: starts workers, follows their events, records the
   candidate a dead or silent worker was measuring as failed, restarts the worker.
-* ``child.py`` — the worker process itself (``python -m tunebook._worker JOBFILE``).
+* ``child.py`` — the worker process itself (``python -m tunebook._worker -``, its jobs on stdin).
 * ``isolated.py`` — :func:`tune_isolated`: one key of an ``isolate=True`` autotuner, tuned
   in a worker; :func:`record_crash`, the failure record the supervisor's callers write.
 * ``session.py`` — :class:`~.session.WorkerSession`: one long-lived worker

@@ -1,6 +1,6 @@
 """Entry point of a tuning worker process (see child.py):
 
-python -m tunebook._worker JOBFILE     # the jobs in JOBFILE, then exit
+python -m tunebook._worker JOBFILE     # the jobs in JOBFILE (-: on stdin), then exit
 python -m tunebook._worker --serve     # requests from stdin, one per line (units.py)
 """
 

@@ -1,4 +1,4 @@
-"""Inside a tuning worker process: ``python -m tunebook._worker JOBFILE``.
+"""Inside a tuning worker process: ``python -m tunebook._worker -`` (its jobs on stdin).
 
 A job tunes one key of one kernel: ``{"module", "attr", "key_text", "call", "key"}``. The
 worker imports the kernel by module and attribute, rebuilds the call (the kernel's
@@ -167,8 +167,10 @@ def _end_with_parent() -> None:
 
 
 def worker_main(job_file: str) -> int:
+    """``python -m tunebook._worker JOBFILE``: the jobs in JOBFILE (``-``: on stdin, as the
+    supervisor sends them), each tuned in turn, its events on stdout."""
     _become_worker()
-    spec = json.loads(Path(job_file).read_text())
+    spec = json.loads(sys.stdin.read() if job_file == "-" else Path(job_file).read_text())
     import tunebook
     from tunebook import _tuner
 

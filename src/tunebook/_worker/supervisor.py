@@ -1,7 +1,7 @@
 """The supervisor of tuning worker processes (``tunebook tune`` and ``isolate=True``).
 
 A *job* tunes one key of one kernel: ``{"module", "attr", "key_text", "call", "key"}``.
-The worker (``python -m tunebook._worker JOBFILE``, child.py) imports the kernel by module and
+The worker (``python -m tunebook._worker -``, child.py: its jobs on stdin) imports the kernel by module and
 attribute, rebuilds the call (the kernel's ``inputs=`` factory, else tensors of the
 recorded layout and the recorded grids), and calls the kernel in ``tune`` mode, which
 measures and persists as usual. It prints one JSON line per event on stdout:
@@ -26,7 +26,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -127,13 +126,21 @@ def run_jobs(
     except BaseException:
         # Ctrl-C lands here, in the caller's thread: the supervising threads would carry on
         # (a REPL or a server that catches it then had two workers tuning one key, each
-        # slowing the other's timings). They stop their workers and delete their job files.
+        # slowing the other's timings). They stop their workers.
         # (Waited for by events: a join that Ctrl-C interrupted marks its thread ended.)
         stop.set()
         for ended in started:
             ended.wait(timeout=10)
         raise
     return reports
+
+
+def _send_jobs(stdin: Any, queue: list[dict[str, Any]]) -> None:
+    """Write the jobs to a worker's stdin and close it (on a thread: a worker that has not
+    read them yet must not stall the supervisor's watch); a worker already gone is fine."""
+    with contextlib.suppress(OSError, ValueError):
+        with stdin:
+            stdin.write(json.dumps({"jobs": queue}))
 
 
 def _run_one_worker(
@@ -149,14 +156,12 @@ def _run_one_worker(
     stop: threading.Event,
 ) -> list[dict[str, Any]]:
     """One worker process over ``queue``; returns the jobs still to do if it died."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump({"jobs": queue}, fh)
-        job_file = fh.name
     child_env = {**os.environ, **(env or {}), "TUNEBOOK_MODE": "tune", "TUNEBOOK_PROGRESS": "0"}
     if devices:
         child_env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tunebook._worker", job_file],
+        [sys.executable, "-m", "tunebook._worker", "-"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -170,6 +175,9 @@ def _run_one_worker(
     stderr_tail: list[str] = []
 
     threading.Thread(target=keep_tail, args=(proc.stderr, stderr_tail), daemon=True).start()
+    # The jobs go on the worker's stdin, not in a file: a file (the recorded calls, their
+    # shapes and values) outlived every run killed before its clean-up, one per worker.
+    threading.Thread(target=_send_jobs, args=(proc.stdin, queue), daemon=True).start()
 
     def read_stdout() -> None:
         assert proc.stdout is not None
@@ -217,13 +225,11 @@ def _run_one_worker(
                 proc.wait()
                 break
     finally:
-        # Interrupted (Ctrl-C) or done: never leave a worker running on the GPU, or its file.
+        # Interrupted (Ctrl-C) or done: never leave a worker running on the GPU.
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(job_file)
     reader.join(timeout=5)
 
     remaining = [job for job in queue if job["index"] not in finished]

@@ -55,6 +55,10 @@ _OS_FIXES = {
     errno.EROFS: "the file system is mounted read-only; use a path on a writable one",
     errno.ENOSPC: "the disk is full; free some space and run it again",
     errno.EDQUOT: "the disk quota is used up; free some space and run it again",
+    errno.EFBIG: (
+        "a file grew past the largest this process may write (its file size limit: see `ulimit -f`) "
+        "or this file system allows; raise the limit and run it again"
+    ),
     errno.ENOENT: "check that the path exists",
     errno.ENOTDIR: "a part of that path is a file, not a directory",
     errno.EISDIR: "that path is a directory; give a file",
@@ -122,12 +126,12 @@ def writing(what: Path, fix: str, progress: Callable[[], str] | None = None) -> 
         failed = Path(exc.filename).absolute() if exc.filename is not None else target
         ours = failed in (target, target.parent) or failed.parent in (target, target.parent)
         reason = (exc.strerror or str(exc)) if ours else os_error_text(exc)
-        if exc.errno in _SPACE:  # no permission or other directory helps: space does
+        if exc.errno in _SPACE:  # no permission or other directory helps: space (or a limit) does
             fix = _OS_FIXES[exc.errno].capitalize() + "."
         raise click.ClickException(f"cannot write {what}: {reason}. {fix}{done}") from None
 
 
-_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def output_fix(path: Path, choose: str) -> str:

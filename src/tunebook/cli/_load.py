@@ -101,12 +101,15 @@ class Page:
 
 @dataclass
 class Loaded:
-    """What a BOOK argument held: readable pages, skipped files with reasons, leftovers."""
+    """What a BOOK argument held: readable pages, skipped files with reasons, leftovers, and
+    empty pages (``pagedir.is_empty_page``: an older tunebook killed while it created them),
+    which hold nothing to read and are no error."""
 
     source: Path
     pages: list[Page] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     leftovers: list[Path] = field(default_factory=list)
+    empty: list[Path] = field(default_factory=list)
 
     def leftover_kinds(self) -> Iterator[tuple[Path, str, bool]]:
         """Each leftover with what it is and whether ``prune`` removes it (one gone or
@@ -379,7 +382,10 @@ def load(source: Path, stream: bool = False) -> Loaded:
         # Damaged, unless a format-1 file beside names the page (fetch reads it), or a newer
         # tunebook wrote it (its page is not this tunebook's to name: skipped, as it says).
         if meta is None and not beside and not (why or "").startswith(NEWER):
-            damaged.append((directory, why))
+            if why is None and pagedir.is_empty_page(directory):
+                loaded.empty.append(directory)  # nothing lost: it never held a key
+            else:
+                damaged.append((directory, why))
             continue
         streamed = stream and not beside
         doc, skipped = parse_page_meta(directory) if streamed else parse_page(directory)

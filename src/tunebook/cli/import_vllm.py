@@ -318,8 +318,9 @@ def _existing(directory: Path, kernel: str, device: str, name: str, doc: Documen
     path = directory / name
     page_dir = directory / pagedir.page_dir_name(name)
     there = page_dir if page_dir.exists() else path
-    existing = load(there).pages if there.exists() else []
-    if there.exists() and not existing:
+    loaded = load(there) if there.exists() else None
+    existing = loaded.pages if loaded is not None else []
+    if loaded is not None and not existing and not loaded.empty:  # an empty page is reused
         raise click.ClickException(f"{there} exists but is not a readable book; move it away and re-run")
     other = existing[0].doc.kernel.get("name") if existing else kernel
     if other != kernel:  # names alike but for punctuation file under one page name

@@ -236,8 +236,9 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
     except KeyboardInterrupt:
         err().print(f"interrupted: {escape(progress())}", highlight=False)
         raise click.exceptions.Exit(130) from None
+    where = escape(str(output))  # a path may hold [...], which rich would take for markup
     console.print(
-        f"merged {files} book files from {len(books)} inputs into {len(merged)} files in {output}"
+        f"merged {files} book files from {len(books)} inputs into {len(merged)} files in {where}"
         + skipped_inputs(skipped)
     )
     fail_if_left_alone(left_alone)

@@ -4,7 +4,8 @@ Editing a kernel (or a jitted helper it calls) changes its source hash and so it
 id; the old results stay in files nobody reads again. Given the modules that define the
 kernels as they are now, prune deletes the files of the same kernel names and key names
 whose kernel id is not a current one, on this Triton version, and the
-``<name>.corrupt-<time>-<pid>`` copies the library kept aside. Left alone: kernels of
+``<name>.corrupt-<time>-<pid>`` copies the library kept aside, empty pages and the temp
+files of writes killed at least an hour before (``pagedir.stale_leftovers``). Left alone: kernels of
 other names, imported pages
 (``tunebook import``), unreadable files, and, reported, pages of another Triton version
 (the source hash covers Triton's own jitted functions, such as ``tl.sum``, which change
@@ -23,6 +24,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from .._book import pagedir
 from .._book.pages import KernelIdentity
 from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
@@ -74,8 +76,9 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
 
     A file is dropped when its kernel name is one of those kernels' names and its kernel id
     (source hash + key names) is not the one this process computes. Copies of unreadable
-    files a write kept aside (NAME.corrupt-TIME-PID) and pages an interrupted prune left
-    (PAGE.pruning-PID) are dropped too.
+    files a write kept aside (NAME.corrupt-TIME-PID), pages an interrupted prune left
+    (PAGE.pruning-PID), empty pages and the temp files of writes killed an hour ago or more
+    are dropped too.
     """
     # Streamed: prune judges pages by their kernel and platform, never reads their keys (a
     # 200,000-key book was read whole, keys and all, only to be judged by page.json).
@@ -103,6 +106,10 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     # Copies of unreadable files kept aside by a write (beside the pages, or in one) and pages
     # an interrupted prune left; a ``.foreign-*`` page (another kernel's readable book) stays.
     doomed += [(path, what) for path, what, pruned in loaded.leftover_kinds() if pruned]
+    doomed += [(path, "an empty page (a write killed while it created it)") for path in loaded.empty]
+    # Temp files (and pages being created) of writes killed at least an hour ago.
+    where = dict.fromkeys([loaded.source, *(page.path for page in loaded.pages if page.path.is_dir())])
+    doomed += [(path, "left by a write killed mid-way") for d in where for path in pagedir.stale_leftovers(d)]
     console = out()
     verb = "would drop" if dry_run else "dropped"
     failed: list[str] = []
