@@ -9,7 +9,7 @@ import torch
 import triton
 
 import tunebook
-from conftest import book_files, load_module
+from conftest import book_files, load_module, run_python
 from small_kernels import add_kernel, grid_1d, scale_kernel
 from tunebook import _compat, _fingerprint
 from tunebook._jsonio import key_text
@@ -155,12 +155,15 @@ def test_two_partials_or_two_lambdas_are_two_timers_with_their_own_pages(book_di
     first = _tuned_with(functools.partial(timed_by, fast_32))
     second = _tuned_with(functools.partial(timed_by, fast_64))
     assert first[:2] == (32, 2) and second[:2] == (64, 2)
-    assert first[2] != second[2] and first[2].startswith("custom:partial(test_fingerprint.timed_by)#")
+    assert first[2] != second[2] and first[2].startswith("custom:partial(timed_by)#")
     assert _tuned_with(functools.partial(timed_by, dict(fast_32)))[1:] == (0, first[2])  # the same timer
-    third = _tuned_with(lambda fn, quantiles=None: timed_by(fast_32, fn, quantiles))
-    fourth = _tuned_with(lambda fn, quantiles=None: timed_by(fast_64, fn, quantiles))
+    # A lambda is its own code: these two differ in their constants.
+    third = _tuned_with(lambda fn, quantiles=None: timed_by({32: 1.0, 64: 2.0}, fn, quantiles))
+    fourth = _tuned_with(lambda fn, quantiles=None: timed_by({32: 2.0, 64: 1.0}, fn, quantiles))
     assert third[:2] == (32, 2) and fourth[:2] == (64, 2) and third[2] != fourth[2]
-    assert third[2].startswith("custom:test_fingerprint.test_two_partials_or_two_lambdas")
+    assert third[2].startswith(
+        "custom:test_two_partials_or_two_lambdas_are_two_timers_with_their_own_pages.<locals>.<lambda>#"
+    )
     assert len(book_files(book_dir)) == 4
 
 
@@ -179,4 +182,69 @@ def test_a_named_timer_keeps_its_name_and_a_partials_id_names_no_address():
     )
     assert custom_name(functools.partial(timed_by, {32: 1.0})) != custom_name(
         functools.partial(timed_by, {32: 2.0})
+    )
+
+
+TIMERS_APP = """
+import json
+import triton
+import tunebook
+from small_kernels import add_kernel
+
+
+def outer():
+    def bench(fn, quantiles=None, **kw):
+        fn()
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    return bench
+
+
+K1 = tunebook.autotune(
+    [triton.Config({"BLOCK": 32})], key=["n"], do_bench=lambda fn, quantiles=None: [1.0] * 3
+)(add_kernel)
+K2 = tunebook.autotune(
+    [triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})], key=["n", "x_ptr"],
+    do_bench=lambda fn, quantiles=None: [1.0] * 3
+)(add_kernel)
+K3 = tunebook.autotune([triton.Config({"BLOCK": 32})], key=["n"], do_bench=outer())(add_kernel)
+IDS = [k.identity().platform["timer"] for k in (K1, K2, K3)]
+"""
+
+
+def test_a_timers_id_is_the_same_run_as_a_script_or_imported_and_a_nested_function_keeps_its_name(tmp_path):
+    """Found by a review of the timer ids: a function defined in another was renamed (the
+    books tuned with it no longer matched), a lambda's id hashed the statement around it
+    (two equal lambdas on decorator lines that differ in their configs got two ids) and its
+    module (``__main__`` for a script, the module's name once imported)."""
+    (tmp_path / "timers_app.py").write_text(TIMERS_APP)
+    as_script = run_python(TIMERS_APP + '\nprint(json.dumps({"ids": IDS}))\n', cwd=tmp_path)["ids"]
+    imported = run_python(
+        'import json, timers_app; print(json.dumps({"ids": timers_app.IDS}))', cwd=tmp_path
+    )["ids"]
+    lambda_1, lambda_2, nested = as_script
+    assert nested == "custom:outer.<locals>.bench"  # as before the ids changed: its books still match
+    assert lambda_1 == lambda_2 and lambda_1.startswith("custom:<lambda>#")
+    assert imported == as_script
+
+
+def test_a_partials_arguments_name_no_address_in_any_form_and_a_lambda_by_its_code():
+    """Found by a review of the timer ids: only a repr with " at 0x" lost its address, so a
+    partial over a stream (``cuda_stream=0x55d1...``) got a new id, hence a new page, in
+    every process; and two partials over different lambdas shared one id."""
+    from tunebook._bench import custom_name
+
+    class Stream:  # as torch.cuda.Stream's repr
+        def __repr__(self) -> str:
+            return f"<torch.cuda.Stream device=cuda:0 cuda_stream={hex(id(self))}>"
+
+    streams = [Stream() for _ in range(2)]
+    assert custom_name(functools.partial(timed_by, stream=streams[0])) == custom_name(
+        functools.partial(timed_by, stream=streams[1])
+    )
+    assert custom_name(functools.partial(timed_by, key=lambda x: x + 1)) != custom_name(
+        functools.partial(timed_by, key=lambda x: x * 100)
+    )
+    assert custom_name(functools.partial(timed_by, key=lambda x: x + 1)) == custom_name(
+        functools.partial(timed_by, key=lambda x: x + 1)
     )

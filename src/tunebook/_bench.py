@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -154,53 +155,50 @@ def _method_timers(
 def custom_name(timer: Any) -> str:
     """What a user's ``do_bench`` is, for its timer id (``custom:<name>``).
 
-    A named function, method or callable object keeps the name it always had (its
-    ``__qualname__``, else its class's name), so existing books still match. A
-    ``functools.partial`` is named by its function and a hash of its arguments; a lambda or
-    a function defined inside another by its module, qualified name and a hash of its code
-    (its source where Python has it, which survives a Python upgrade): every partial was
-    ``partial`` and every lambda ``<lambda>``, so two different timers shared one page.
+    A named function or method, nested ones included, keeps the name it always had (its
+    ``__qualname__``), and a callable object its class's name, so existing books still
+    match. A lambda is ``<lambda>`` (its qualified name) and a hash of its own code (bytecode,
+    constants, names: not the statement around it, nor its module, which differs between a
+    file run as ``__main__`` and the same file imported). A ``functools.partial`` is named by
+    its function and a hash of its arguments, written without memory addresses: every
+    partial was ``partial`` and every lambda ``<lambda>``, so two different timers shared
+    one page.
 
     >>> import functools, math
     >>> custom_name(math.isclose)
     'isclose'
-    >>> custom_name(functools.partial(math.isclose, rel_tol=0.1)).startswith("partial(math.isclose)#")
+    >>> custom_name(functools.partial(math.isclose, rel_tol=0.1)).startswith("partial(isclose)#")
     True
     >>> custom_name(functools.partial(math.isclose, rel_tol=0.1)) != custom_name(
     ...     functools.partial(math.isclose, rel_tol=0.2))
     True
+    >>> custom_name(lambda f, quantiles=None: 1.0) == custom_name(lambda f, quantiles=None: 1.0)
+    True
     """
     if isinstance(timer, functools.partial):
         arguments = f"{_stable(timer.args)};{_stable(dict(timer.keywords))}"
-        return f"partial({_qualified(timer.func)})#{_short_hash(arguments)}"
+        return f"partial({custom_name(timer.func)})#{_short_hash(arguments)}"
     qualname = getattr(timer, "__qualname__", None)
     code = getattr(timer, "__code__", None)
-    if isinstance(qualname, str) and code is not None and ("<lambda>" in qualname or "<locals>" in qualname):
-        return f"{_qualified(timer)}#{_short_hash(_code_text(timer, code))}"
+    if isinstance(qualname, str) and inspect.iscode(code) and qualname.endswith("<lambda>"):
+        return f"{qualname}#{_short_hash(_code_text(code))}"
     return qualname if isinstance(qualname, str) else type(timer).__name__
-
-
-def _qualified(fn: Any) -> str:
-    if isinstance(fn, functools.partial):
-        return custom_name(fn)
-    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    module = getattr(fn, "__module__", None) or type(fn).__module__
-    return f"{module}.{qualname}"
 
 
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()[:8]
 
 
-def _code_text(fn: Any, code: Any) -> str:
-    """A function's code as text: its source and the names it uses where Python has the
-    source (the same on every Python release), else its bytecode and constants."""
-    names = f"{code.co_names}{code.co_varnames}"
-    try:
-        return inspect.getsource(fn) + names
-    except (OSError, TypeError):
-        consts = [c for c in code.co_consts if not inspect.iscode(c)]
-        return code.co_code.hex() + names + _stable(consts)
+def _code_text(code: Any) -> str:
+    """A function's own code as text: its bytecode, names and constants (a nested function's
+    or lambda's code among them, the same way), with no line numbers or file."""
+    consts = [_code_text(c) if inspect.iscode(c) else _stable(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}{code.co_names}{code.co_varnames}[{','.join(consts)}]"
+
+
+# A memory address in a repr (``<... at 0x7f...>``, ``cuda_stream=0x55d1...``): another in
+# every process, so it is left out of a timer's id.
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
 def _stable(value: Any) -> str:
@@ -213,6 +211,5 @@ def _stable(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ",".join(f"{_stable(k)}:{_stable(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
     if callable(value):
-        return custom_name(value) if isinstance(value, functools.partial) else _qualified(value)
-    text = repr(value)
-    return _qualified(type(value)) if " at 0x" in text else text
+        return custom_name(value)
+    return _ADDRESS.sub("0x", repr(value))
