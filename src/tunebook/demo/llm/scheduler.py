@@ -28,8 +28,10 @@ batching). A finished or aborted request gives its blocks back at once.
 >>> s.finish(a, "stop"); [r.id for r in s.schedule()[1]]               # a's blocks went back
 ['c']
 >>> s.finish(c, "length"); d = s.add(Request("d", [1], SamplingParams(max_tokens=1)))
->>> s.schedule()[0], [r.id for r in s.schedule()[1]]    # b waited through c's prefill
-('decode', ['d'])
+>>> kind, batch = s.schedule(); kind, [r.id for r in batch]   # b waited through c's prefill: b first
+('decode', ['b'])
+>>> kind, batch = s.schedule(); kind, [r.id for r in batch]   # then d's prefill
+('prefill', ['d'])
 """
 
 from __future__ import annotations
