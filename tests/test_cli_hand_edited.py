@@ -28,13 +28,18 @@ pytestmark = pytest.mark.once
 PLATFORM = {"backend": "cuda", "device": "NVIDIA H200", "arch": "90", "triton": "3.6.0", "timer": "events"}
 
 
-def book_of(directory: Path, keys: dict[tuple[Any, ...], list[Any]], version: str = "0.1.0") -> Path:
+def book_of(
+    directory: Path,
+    keys: dict[tuple[Any, ...], list[Any]],
+    version: str = "0.1.0",
+    platform: dict[str, Any] = PLATFORM,
+) -> Path:
     """A format-2 book in ``directory`` of kernel ``k`` (key n, dtype), one key per item; the page."""
     entries = {}
     for key, results in keys.items():
         e = replace(entry([*key, "torch.float16"], results), tunebook=version)
         entries[key_text(e.key)] = e
-    doc = Document({"name": "k", "hash": "cd" * 32, "key": ["n"]}, PLATFORM, entries)
+    doc = Document({"name": "k", "hash": "cd" * 32, "key": ["n"]}, platform, entries)
     name = canonical_file_name(doc)
     assert write_document(directory / name, doc) == []
     return directory / pagedir.page_dir_name(name)
@@ -206,6 +211,29 @@ def test_diff_refuses_two_platform_options_that_name_one_platform(tmp_path: Path
     book_of(tmp_path / "book", {(1,): two_configs()})
     res = invoke("diff", tmp_path / "book", "--platform", "H200", "--platform", "h200", ok=False)
     assert res.exit_code == 2 and "both match the platform" in res.output, res.output
+
+
+def test_diff_platform_filters_match_as_before_the_labels_named_the_runtime_and_sm_count(
+    tmp_path: Path,
+) -> None:
+    """Found by a review: labels now say the CUDA runtime and SM count, so a filter that named
+    one platform (``4`` for the L4) also matched another's ``114 SMs`` and was refused as
+    ambiguous. The device, arch, Triton and timer are matched first, as before; the runtime
+    and SM count only where those match nothing."""
+    l4 = {**PLATFORM, "device": "NVIDIA L4", "arch": "89", "runtime": "cuda 12.4", "sm_count": 58}
+    h100 = {**PLATFORM, "device": "NVIDIA H100 PCIe", "runtime": "cuda 12.8", "sm_count": 114}
+    book_of(tmp_path / "book", {(1,): two_configs()}, platform=l4)
+    book_of(tmp_path / "book", {(1,): two_configs(0.5)}, platform=h100)
+    data = json.loads(
+        invoke(
+            "diff", tmp_path / "book", "--platform", "4", "--platform", "cuda 12.8", "--json", ok=None
+        ).stdout
+    )
+    (pair,) = data["pages"]
+    assert pair["a"]["platform"].startswith("NVIDIA-L4-89") and pair["b"]["platform"].startswith(
+        "NVIDIA-H100"
+    )
+    assert not any(p["platform_id"].startswith("4") for p in (pair["a"], pair["b"]))
 
 
 def test_diff_lists_keys_in_the_order_show_does(tmp_path: Path) -> None:

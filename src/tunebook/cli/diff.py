@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from .._book.records import Entry
 from ._common import echo_json, load_or_fail, out, select_pages, trouble_exits_2, warn_skipped
-from ._load import Page
+from ._load import Page, platform_label
 from ._summary import fmt_key, fmt_time, is_recorded_miss, key_order, miss_hint, short_config
 
 JSON_FORMAT = "tunebook-diff"
@@ -121,15 +121,24 @@ def _index(pages: list[Page], with_platform: bool) -> dict[tuple[str, ...], Page
 
 
 def _select_platform(pages: list[Page], wanted: str) -> list[Page]:
-    """Pages whose platform id starts with, or whose label or device contains, ``wanted``."""
+    """Pages whose platform id starts with ``wanted``, or whose device name, or label without
+    its runtime and SM count, contains it: what a filter matched before labels named those
+    (so a ``4`` for an L4 is not also the ``114 SMs`` of an H100). Where that matches nothing,
+    the whole label: ``cuda 12.8`` picks pages by their runtime."""
     w = wanted.lower()
-    return [
+    chosen = [
         p
         for p in pages
         if p.platform_id.startswith(w)
-        or w in p.platform_label.lower()
+        or w in _short_label(p.doc.platform).lower()
         or w in str(p.doc.platform.get("device", "")).lower()
     ]
+    return chosen or [p for p in pages if w in p.platform_label.lower()]
+
+
+def _short_label(platform: dict[str, Any]) -> str:
+    """A page's label as it was before it named the runtime and SM count."""
+    return platform_label({k: v for k, v in platform.items() if k not in ("runtime", "sm_count")})
 
 
 def diff_data(
@@ -210,7 +219,8 @@ def _print(data: dict[str, Any], name_a: str, name_b: str) -> None:
     multiple=True,
     metavar="X",
     help="Twice: compare two platforms of one book (A, default TUNEBOOK_DIR). X matches a platform "
-    "id prefix, or a substring of its device name or label.",
+    "id prefix, or a substring of its device name or label (its runtime and SM count only where "
+    "nothing else matches).",
 )
 @click.option(
     "--threshold",
