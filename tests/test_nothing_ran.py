@@ -176,3 +176,78 @@ def test_a_launch_in_place_of_configs_of_which_none_ran_says_so_when_it_fails(bo
             raised.value
         )
         assert isinstance(raised.value.__cause__, triton.runtime.errors.InterpreterError)
+
+
+NAN_KERNELS = """
+import os
+import tunebook
+from small_kernels import Replay, add_kernel
+
+replay = Replay({16: 3.0, 32: 1.0, 64: 2.0})
+
+
+def bench(kernel_call, quantiles=None):
+    ms = replay(kernel_call, quantiles)
+    return [float("nan")] * 3 if os.environ.get("TIMER_BROKEN") == "1" else ms
+
+
+kernel = tunebook.autotune(
+    tunebook.Space(BLOCK=[16, 32, 64]), key=["n"], do_bench=bench, pre_hook=replay.pre_hook,
+    isolate=os.environ.get("ISOLATE") == "1",
+)(add_kernel)
+"""
+
+NAN_PROGRAM = """
+import json, os, warnings
+import tunebook, nan_kernels
+from small_kernels import grid_1d, vectors
+
+if os.environ.get("OLD_BOOK") == "1":  # the NaNs a worker or a tunebook before this one recorded
+    from tunebook._book import Entry, Result
+    from tunebook._call import Call
+    from tunebook._jsonio import key_text, stored_key
+
+    k = nan_kernels.kernel
+    x, y, out = vectors(300)
+    key, candidates = k.key_and_candidates(Call.bind(k.arg_names, (x, y, out, 300), {}, grid_1d(300)))
+    results = {
+        k.config_index.id_of(c): Result(k.config_index.record_of(c), None, "no valid timing: [nan, nan, nan]")
+        for c in candidates
+    }
+    k.page().record(key_text(key), Entry(key=stored_key(key), results=results))
+x, y, out = vectors(300)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    nan_kernels.kernel[grid_1d(300)](x, y, out, 300)
+assert (out == x + y).all()
+said = [str(w.message) for w in caught if "none of the" in str(w.message)]
+print(json.dumps({"best": nan_kernels.kernel.best_config.kwargs, "said": said, **tunebook.stats()}))
+"""
+
+
+@pytest.mark.parametrize("isolate", ["0", "1"], ids=["in-process", "isolate"])
+def test_a_broken_timer_then_fixed_tunes_the_key_in_the_next_process_isolated_or_not(isolate, tmp_path):
+    """Found by a review of today's changes: with isolate=True the parent recorded the worker's
+    NaN timings, and every later call, in every process, raised TuningFailed (found no config
+    that runs), also once the timer was fixed. Now the first config runs in their place, as
+    in-process, and the next process with the timer fixed measures the key again."""
+    (tmp_path / "nan_kernels.py").write_text(NAN_KERNELS)
+    env = {"TUNEBOOK_DIR": str(tmp_path / "book"), "ISOLATE": isolate}
+    broken = run_python(NAN_PROGRAM, env={**env, "TIMER_BROKEN": "1"}, cwd=tmp_path)
+    assert broken["best"] == {"BLOCK": 16}  # the first config, in their place
+    (said,) = broken["said"]
+    assert "none of the 3 configs measured" in said and "no valid timing" in said
+    assert "measures them again" in said and "cannot run here (recorded" not in said
+    fixed = run_python(NAN_PROGRAM, env=env, cwd=tmp_path)
+    assert fixed["best"] == {"BLOCK": 32} and fixed["benchmarked"] == 3 and fixed["said"] == []
+
+
+def test_nan_timings_a_book_already_holds_are_measured_again_while_no_config_ran(tmp_path):
+    """Found by a review of today's changes: a book written by a worker or an older tunebook
+    holds a broken timer's NaNs; they were taken for the configs' failures (\"cannot run
+    here\"), never measured again, and the first config was served for good."""
+    (tmp_path / "nan_kernels.py").write_text(NAN_KERNELS)
+    env = {"TUNEBOOK_DIR": str(tmp_path / "book"), "OLD_BOOK": "1"}
+    later = run_python(NAN_PROGRAM, env=env, cwd=tmp_path)
+    assert later["best"] == {"BLOCK": 32} and later["benchmarked"] == 3 and later["said"] == [], later
+    assert all(r.ok for r in results(tmp_path / "book").values())

@@ -627,6 +627,7 @@ def _job(
         progress=Progress(tuner.label, miss.key),
         exchange=exchange,
         label=tuner.label,
+        where=page.file_name if page is not None else "",
     )
 
 

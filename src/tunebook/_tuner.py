@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ from ._bench import Timers, as_triple
 from ._book import Entry, Page, Result, now_iso
 from ._book.records import TIE_TOLERANCE
 from ._errors import NoRecordedGrid
+from ._failures import NO_TIMING, no_timing, says_nothing, to_measure_again
 from ._jsonio import stored_key
 from ._progress import Progress
 from ._search import Budget, choose_strategy, search
@@ -54,8 +55,6 @@ SAVE_EVERY = 4
 SAVE_EVERY_S = 1.0
 # Candidates a search asks for at a time (an exhaustive one without a time budget: all).
 BATCH = 16
-# What time_candidate's result says of a timer's NaN or inf.
-NO_TIMING = "no valid timing"
 
 
 # Measures candidates (indices) in this process: ``(indices, full) -> {index: result}``; a
@@ -97,6 +96,9 @@ class KeyTuning:
     # (_collective.py); ``here`` measures a part of it in this process.
     exchange: Exchange | None = None
     label: str = "kernel"  # the kernel's name in messages
+    # The kernel's page on this device's platform (its file name; "" without one): what is
+    # said once per key is said once per key and platform.
+    where: str = ""
 
 
 class Observer(Protocol):
@@ -105,7 +107,8 @@ class Observer(Protocol):
 
     def candidate(self, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any]) -> None: ...
 
-    def result(self, key_text: str, key: Sequence[Any], cid: str, result: Result) -> None: ...
+    def result(self, key_text: str, key: Sequence[Any], cid: str, result: Result, kept: bool = True) -> None:
+        """``kept``: False for a failure held out of the book (``tune_key``'s ``held``)."""
 
 
 _observer: Observer | None = None
@@ -209,6 +212,7 @@ class Timing:
         self.failures = 0
         self.unexpected: list[BaseException] = []
         self.unexpected_ids: list[str] = []
+        self.expected_ids: set[str] = set()  # timed here, failed with the backend's "cannot run"
         self.said = False  # the first unexpected failure recorded was said
 
     def say_recorded(self) -> None:
@@ -228,6 +232,13 @@ class Timing:
             type(exc).__name__,
             str(exc)[:300],
         )
+
+    def says_nothing(self, cid: str, result: Result) -> bool:
+        """Whether ``result`` may not be its config's failure: by the exception raised here
+        where it was timed here, else (another rank's) by what it says (``_failures.py``)."""
+        if cid in self.expected_ids:
+            return False
+        return cid in self.unexpected_ids or says_nothing(result)
 
     def one(self, i: int, timer: Callable[..., Any], quick: bool) -> Result | None:
         """Time candidate ``i``; None if it was not measured (neither persisted nor a failure)."""
@@ -253,6 +264,8 @@ class Timing:
         if exc is not None and job.is_unexpected(exc):
             self.unexpected.append(exc)
             self.unexpected_ids.append(job.ids[i])
+        elif exc is not None:
+            self.expected_ids.add(job.ids[i])
         if result is not None and not result.ok:
             self.failures += 1
         return result
@@ -287,6 +300,10 @@ def tune_key(job: KeyTuning) -> Outcome:
     start = time.perf_counter()
     n = len(job.configs)
     results: dict[str, Result] = dict(job.known.results) if job.known is not None else {}
+    # Failures that may not be the config's (_failures.py) that a book holds while no config
+    # of the key ran (a worker's, another rank's, an older tunebook's): measured again.
+    for cid in to_measure_again(results, job.ids):
+        del results[cid]
     known = {i: results[cid].median for i, cid in enumerate(job.ids) if cid in results}
     timing = Timing(job)
     entry = job.known
@@ -301,7 +318,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         nonlocal entry, ran
         ran = ran or any(r.ok for r in fresh.values())
         if not ran:
-            doubtful = {cid for cid, r in fresh.items() if cid in timing.unexpected_ids or no_timing(r)}
+            doubtful = {cid for cid, r in fresh.items() if timing.says_nothing(cid, r)}
             held.update((cid, fresh[cid]) for cid in doubtful)
             fresh = {cid: r for cid, r in fresh.items() if cid not in doubtful}
         elif held:
@@ -335,7 +352,8 @@ def tune_key(job: KeyTuning) -> Outcome:
                 save(pending)
                 pending, last_save = {}, time.perf_counter()
             if _observer is not None:
-                _observer.result(job.key_text, job.key, job.ids[i], result)
+                # A result held back is not for the book, there either (_worker/isolated.py).
+                _observer.result(job.key_text, job.key, job.ids[i], result, kept=job.ids[i] not in held)
 
         got = timing.batch(batch, on_result=measured)
         if pending:
@@ -425,9 +443,7 @@ def none_ran(
     n = len(failed)
     if not n:  # nothing measured (a replay without the grids): nothing to say
         return ""
-    reasons = collections.Counter(_first_line(r.error) for r in failed.values())
-    common = "; ".join(f"{count}x {why}" for why, count in reasons.most_common(3))
-    what = f"key {list(job.key)}: none of the {n} configs measured ran ({common})"
+    what = f"key {list(job.key)}: none of the {n} configs measured ran ({common_reasons(failed.values())})"
     if timing.unexpected:
         exc = timing.unexpected[0]
         text = (
@@ -443,25 +459,32 @@ def none_ran(
             log.error("%s", text)
         raise exc
     untimed = sum(1 for r in held.values() if no_timing(r))
+    raised = len(held) - untimed  # another rank's exceptions that may be the call's
     fixes = []
     if untimed:
         fixes.append(
             f"{untimed} gave no valid timing (NaN or inf from the timer, do_bench=): fix the timer; "
             "they are not recorded, so the next process that tunes the key measures them again"
         )
-    if n - untimed:
+    if raised:
         fixes.append(
-            f"{n - untimed} cannot run here (recorded in the book): add configs this device can run "
+            f"{raised} raised errors that may be the call's (another rank's): not recorded, so the "
+            "next process that tunes the key measures them again"
+        )
+    if n - len(held):
+        fixes.append(
+            f"{n - len(held)} cannot run here (recorded in the book): add configs this device can run "
             "(smaller blocks, fewer stages or warps)"
         )
     text = f"tunebook: {job.label} {what}. {'; '.join(fixes)}. The first config is launched in their place"
-    _warnings.warn_once(f"none-ran:{job.label}:{job.key_text}", "%s", text)
+    _warnings.warn_once(f"none-ran:{job.where or job.label}:{job.key_text}", "%s", text)
     return text
 
 
-def no_timing(result: Result) -> bool:
-    """Whether a failed result is a timer's NaN or inf rather than an exception (time_candidate)."""
-    return not result.ok and (result.error or "").startswith(NO_TIMING)
+def common_reasons(failed: Iterable[Result]) -> str:
+    """The three most common reasons of ``failed``, counted: ``6x ValueError: ...; 2x ...``."""
+    reasons = collections.Counter(_first_line(r.error) for r in failed)
+    return "; ".join(f"{count}x {why}" for why, count in reasons.most_common(3))
 
 
 def _first_line(error: str | None) -> str:

@@ -299,9 +299,13 @@ class Entry:
         # kept a config 15% slower than the one its resumed search had screened and confirmed).
         reopening = bool(self.reopens) and base.chosen == self.reopens
         open_search = not base.chosen or reopening
+        # So does a result that ran over a failure: a failure that says nothing about its
+        # config (a timer's NaN, an error of the call; _failures.py) is measured again while no
+        # config of the key has run, and the search that does so decides on what it measured.
         for cid, result in base.results.items():
             mine = results.get(cid)
-            if mine is None or not (open_search and result.quick and not mine.quick):
+            replaced = mine is not None and ((result.quick and not mine.quick) or (not result.ok and mine.ok))
+            if not (open_search and replaced):
                 results[cid] = result
         added = any(cid not in base.results or results[cid] is not base.results[cid] for cid in self.results)
         return replace(

@@ -381,9 +381,14 @@ _STICKY_GPU_ERRORS = (
 )
 
 
+def is_sticky_gpu_error(text: str) -> bool:
+    """Whether an error's text says the launch left the CUDA context unusable."""
+    return any(p in text.lower() for p in _STICKY_GPU_ERRORS)
+
+
 def gpu_context_broken(error: BaseException | None = None) -> str | None:
     """Why this process's GPU context can no longer run kernels, or None if it can."""
-    if error is not None and any(p in str(error).lower() for p in _STICKY_GPU_ERRORS):
+    if error is not None and is_sticky_gpu_error(str(error)):
         return str(error)
     if interpreting():
         return None

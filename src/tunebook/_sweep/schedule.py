@@ -67,6 +67,7 @@ from typing import Any
 
 from .. import _policy
 from .._book import Entry, Result
+from .._failures import to_measure_again
 from .._search import Budget, Strategy, make_strategy
 from .._tuner import _flat, contenders, keeping, search_order, tie_aware_choice
 
@@ -270,6 +271,9 @@ class Sweep:
                     self.persist(key, {}, key.chosen, 0.0)
             return
         key.reopens = known.chosen if known is not None else ""
+        # What may not be the configs' failures, held while none ran: measured again (_failures.py).
+        for cid in to_measure_again(key.results, plan.ids):
+            del key.results[cid]
         strategy = make_strategy(
             plan.strategy,
             [_flat(r) for r in plan.records],

@@ -8,7 +8,8 @@ isolation). It prints one JSON line per event on stdout, which the supervisor fo
 
     {"event": "job", "index": 3}
     {"event": "candidate", "index": 3, "key_text": "...", "key": [...], "cid": "...", "config": {...}}
-    {"event": "result", "index": 3, "key_text": "...", "key": [...], "cid": "...", "result": {...}}
+    {"event": "result", "index": 3, "key_text": "...", "key": [...], "cid": "...", "result": {...},
+     "kept": true}                          (kept false: held out of the book, _tuner.tune_key)
     {"event": "done", "index": 3, "benchmarked": 48, "seconds": 3.1}
     {"event": "error", "index": 3, "reason": "..."}
 """
@@ -130,8 +131,9 @@ class _Reporter:
             }
         )
 
-    def result(self, key_text: str, key: Sequence[Any], cid: str, result: Any) -> None:
-        # The parent keeps every result too: its book may be one this worker cannot write.
+    def result(self, key_text: str, key: Sequence[Any], cid: str, result: Any, kept: bool = True) -> None:
+        # The parent keeps every result kept here too: its book may be one this worker cannot
+        # write. One held out of the book (``kept`` False, _tuner.tune_key) is for progress only.
         _emit(
             {
                 "event": "result",
@@ -140,6 +142,7 @@ class _Reporter:
                 "key": list(key),
                 "cid": cid,
                 "result": result.to_json(),
+                "kept": kept,
             }
         )
         exit_if_gpu_broken(cid, result)

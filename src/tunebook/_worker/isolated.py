@@ -19,14 +19,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import _calls, _compat
+from .. import _calls, _compat, _warnings
 from .._book import Entry, Page, Result, now_iso
 from .._call import Call
 from .._errors import BookFormatError, ConfigurationError, TuningFailed
 from .._jsonio import stored_key
 from .._policy import effective_budget
 from .._progress import Progress
-from .._tuner import Outcome
+from .._tuner import Outcome, common_reasons
 from .supervisor import run_jobs
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ def tune_isolated(
         "key": dict(zip([str(k) for k in tuner.keys], key)),
     }
     start = time.perf_counter()
-    results: dict[str, Result] = {}
+    results: dict[str, Result] = {}  # to record here
+    seen: dict[str, Result] = {}  # every result the worker measured
     # The worker's own progress goes to a pipe nobody shows: this process shows it from the
     # worker's results, as an in-process search would (the cap is the search's, as there).
     progress = Progress(tuner.label, key)
@@ -87,8 +88,11 @@ def tune_isolated(
     def collect(slot: int, event: dict[str, Any]) -> None:
         if event.get("event") == "result" and event.get("key_text") == key_text:
             with contextlib.suppress(BookFormatError, KeyError):
-                results[event["cid"]] = Result.from_json(event["result"], "worker result")
-                progress.update(len(results), max(total, len(results)), best_ms(), "in a worker process")
+                result = Result.from_json(event["result"], "worker result")
+                seen[event["cid"]] = result
+                if event.get("kept", True):  # else held out of the book by the worker's tuning
+                    results[event["cid"]] = result
+                progress.update(len(seen), max(total, len(seen)), best_ms(), "in a worker process")
 
     reports = run_jobs(
         [job],
@@ -102,8 +106,8 @@ def tune_isolated(
     )
     report = reports[0]
     ended = "in a worker process" if report.status == "done" else "its worker failed"
-    progress.close(len(results), max(total, len(results)), best_ms(), ended)
-    if report.status == "error" and not report.crashed and not results:
+    progress.close(len(seen), max(total, len(seen)), best_ms(), ended)
+    if report.status == "error" and not report.crashed and not seen:
         raise TuningFailed(
             f"tunebook: isolated tuning of {tuner.label} key {list(key)}: its worker process "
             f"failed before measuring any config, and nothing was recorded: {report.reason}"
@@ -114,15 +118,28 @@ def tune_isolated(
     if results:
         page.record(key_text, Entry(key=stored_key(key), results=results, updated_at=now_iso()))
     entry = page.get(key_text)
+    benchmarked = max(report.benchmarked, len(seen))  # a restarted worker's "done" counts its own
+    said = ""
     if entry is None or entry.best(list(candidates)) is None:
-        raise TuningFailed(
-            f"tunebook: isolated tuning of {tuner.label} key {list(key)} found no config "
-            f"that runs: {report.reason or 'every config failed'}; `tunebook show` lists each "
-            "config's reason"
+        if report.status != "done":
+            raise TuningFailed(
+                f"tunebook: isolated tuning of {tuner.label} key {list(key)} found no config "
+                f"that runs: {report.reason or 'every config failed'}; `tunebook show` lists each "
+                "config's reason"
+            )
+        # The worker tuned to the end and none ran (it said so, and raised an error that is the
+        # call's): as in this process, the first config is launched in their place (_tuner.none_ran).
+        failed = [r for cid, r in {**(entry.results if entry else {}), **seen}.items() if cid in candidates]
+        said = (
+            f"tunebook: {tuner.label} key {list(key)}: none of the {len(failed)} configs measured in a "
+            f"worker process ran ({common_reasons(failed)}). Those that gave no valid timing (NaN or "
+            "inf from the timer) or raised an error that may be the call's are not recorded, so the "
+            "next process that tunes the key measures them again; the others cannot run here. The "
+            "first config is launched in their place"
         )
-    # Every worker's results: a restarted worker's "done" counts only what it measured itself.
-    benchmarked = max(report.benchmarked, len(results))
-    return Outcome(entry, benchmarked, len(report.crashed), time.perf_counter() - start)
+        _warnings.warn_once(f"none-ran:{page.file_name}:{key_text}", "%s", said)
+        entry = entry or Entry(key=stored_key(key))
+    return Outcome(entry, benchmarked, len(report.crashed), time.perf_counter() - start, none_ran=said)
 
 
 def _sys_path() -> list[str]:

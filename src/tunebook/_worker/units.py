@@ -26,8 +26,9 @@ and the worker answers with JSON lines on stdout, ending each request with ``don
 * **Kept here first.** Each result is appended to this worker's journal at once (the next
   config may take the process down; ``journal.py``), which the next worker folds into its
   book; the driver writes it into its own book when it arrives. A failure that points at
-  the call rather than the config (``unexpected``) is not kept while the key has no config
-  that ran (``ok_known``), as in ``tune_key``.
+  the call rather than the config (``unexpected``: an exception not the backend's, or a
+  timer's NaN or inf) is not kept while the key has no config that ran (``ok_known``), as in
+  ``tune_key``.
 * **Crashes are the supervisor's.** A config that kills the process is blamed by the
   session that runs this worker (``session.py``), which records it through ``record`` in
   the next worker.
@@ -156,6 +157,7 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
 
 def measure(request: Mapping[str, Any], emit: Emit) -> None:
     """Time the configs ``cids`` of the request's key, one result event each."""
+    from .._failures import no_timing
     from .._miss import _bench_function, _precompiler, unexpected_failure
     from .._tuner import time_candidate
     from .child import exit_if_gpu_broken, reporting
@@ -190,7 +192,10 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
             where = {"id": rid, "key_text": ctx.key_text, "key": key, "cid": cid}
             emit({"event": "candidate", **where, "config": record_})
             result, exc = time_candidate(bench, timer, config, record_, quick)
-            unexpected = exc is not None and unexpected_failure(exc)
+            # A timer's NaN or inf is held as the call's exceptions are (_failures.py).
+            unexpected = (exc is not None and unexpected_failure(exc)) or (
+                result is not None and no_timing(result)
+            )
             with reporting:
                 if result is not None:
                     ok_known = ok_known or result.ok

@@ -325,6 +325,8 @@ def _tune(
         )
 
     def on_result(event: dict[str, Any]) -> None:
+        if not event.get("kept", True):  # held out of the book by the worker's tuning
+            return
         received.add(
             event["index"], target[event["index"]], event, Result.from_json(event["result"], "result")
         )
