@@ -166,3 +166,41 @@ def test_a_host_of_one_model_never_asks_for_the_device_on_a_hit(monkeypatch, gpu
     hits = tunebook.stats()["hits"]
     call(kernel, 300)
     assert tunebook.stats()["hits"] == hits + 1
+
+
+class _NanOnA100(fakegpu.DeviceBench):
+    """The A100's timer returns NaN (nothing runs there); the H100's times as usual."""
+
+    inside = False  # whether a timing is under way (its launches are not the call's own)
+
+    def __call__(self, fn: Any, quantiles: Any = None, **kwargs: Any) -> Any:
+        _NanOnA100.inside = True
+        try:
+            out = super().__call__(fn, quantiles, **kwargs)
+        finally:
+            _NanOnA100.inside = False
+        if fakegpu.current()["name"] == A100:
+            return [float("nan")] * 3 if quantiles else float("nan")
+        return out
+
+
+def test_no_config_ran_on_one_gpu_is_not_said_of_a_launch_failure_on_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fakegpu.install(["H100", "A100"], monkeypatch.setattr)
+    bench = _NanOnA100()
+    kernel = tunebook.autotune(bench.configs((256, 32, 64, 128)), key=["n"], do_bench=bench)(add_kernel)
+    x, y, out = torch.randn(300), torch.randn(300), torch.empty(300)
+    with fakegpu.device(1), pytest.warns(tunebook.BookWarning, match="none of the 4 configs"):
+        kernel[grid_1d(300)](x, y, out, 300)  # the A100: no timing, the first config launched
+    real_run = kernel.fn.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:  # the H100's own launch fails; its timings do not
+        if not _NanOnA100.inside:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel.fn, "run", run)
+    with fakegpu.device(0), pytest.raises(RuntimeError, match="illegal memory access") as raised:
+        kernel[grid_1d(300)](x, y, out, 300)  # every config ran here: the launch's own error
+    assert not isinstance(raised.value, tunebook.TuningFailed)

@@ -211,7 +211,9 @@ class Autotuner(_compat.TritonAutotuner):
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
-        self._none_ran: dict[tuple[Any, str], str] = {}  # (key, the config launched) -> no config ran
+        # (platform, key, the config launched) -> no config ran; the platform is None but on a
+        # host of several GPU models, where it is the current device's (_devices.here_model).
+        self._none_ran: dict[tuple[Any, Any, str], str] = {}
         self.set_aside = SetAside(self.label)  # served configs that cannot compile here (_set_aside.py)
         # Where a bucket holds calls with different values, two calls of one key can have
         # different candidates (a Space's arg_constraints and Triton's pruning see the values);
@@ -389,7 +391,7 @@ class Autotuner(_compat.TritonAutotuner):
         if not self._none_ran:
             return
         with self._lock:
-            said = self._none_ran.get((self._key(call), cid))
+            said = self._none_ran.get((_devices.here_model(), self._key(call), cid))
             if said is None:
                 return
             self._hits.clear()
@@ -467,8 +469,12 @@ class Autotuner(_compat.TritonAutotuner):
         resolution = _miss.resolve(self, call, key, candidates)
         config = self.config_index.config(resolution.cid) if resolution.cid is not None else candidates[0]
         dict.__setitem__(self._cache, key, config)
+        # What was said of this key on this platform holds until the key is decided again.
+        where = _devices.here_model()
+        for said in [k for k in self._none_ran if k[0] == where and k[1] == key]:
+            del self._none_ran[said]
         if resolution.none_ran:
-            self._none_ran[(key, self.config_index.id_of(config))] = resolution.none_ran
+            self._none_ran[(where, key, self.config_index.id_of(config))] = resolution.none_ran
         if resolution.source == "served":
             self.counters.fallbacks[0] += 1
             if resolution.unmeasured:

@@ -50,6 +50,12 @@ def current_model() -> Hashable:
     return models()[_compat.current_device_index()]
 
 
+def here_model() -> Hashable | None:
+    """The current device's platform where this process sees GPUs of several models (as
+    :func:`current_model`), else None (one platform: nothing to tell apart)."""
+    return current_model() if mixed() else None
+
+
 class PerPlatform(Generic[T]):
     """One ``T`` per platform of the devices calls run on, made on first use by ``make``;
     it stands for the current device's: an attribute read on it is that one's.
