@@ -92,6 +92,26 @@ def test_a_call_that_no_config_can_run_raises_its_error_naming_how_many_failed(b
     assert results(book_dir) == {}  # nothing that may be the call's fault is recorded
 
 
+def test_a_call_that_raises_one_error_for_every_config_is_stopped_after_eight(book_dir):
+    """Found by a review of the change above: with the decision at the end of the search, an
+    always-raising grid function was said after all 64 configs (each compiled first, on a
+    GPU), where it had been said after 4. Eight alike stop it, whatever the order."""
+    kernel = tunebook.autotune([triton.Config({"BLOCK": 16 * (i + 1)}) for i in range(64)], key=["n"])(
+        add_kernel
+    )
+    seen: set[int] = set()
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        seen.add(meta["BLOCK"])
+        raise ValueError("grid: the call is broken")
+
+    with pytest.raises(ValueError, match="grid: the call is broken") as raised:
+        run(kernel, grid=grid)
+    assert len(seen) == 8
+    assert "none of the 8 configs measured ran" in raised.value.__notes__[0]
+    assert results(book_dir) == {}
+
+
 def nan_bench(kernel_call, quantiles=None):
     kernel_call()
     return [float("nan")] * 3

@@ -55,6 +55,10 @@ SAVE_EVERY = 4
 SAVE_EVERY_S = 1.0
 # Candidates a search asks for at a time (an exhaustive one without a time budget: all).
 BATCH = 16
+# While no config of a key has run, this many measured configs failing with one and the same
+# exception (type and text) that is not a config's own is the call's bug (an always-raising
+# grid function or hook): said now, not after the whole search, each config compiled first.
+SAME_FAILURE_LIMIT = 8
 
 
 # Measures candidates (indices) in this process: ``(indices, full) -> {index: result}``; a
@@ -343,6 +347,8 @@ def tune_key(job: KeyTuning) -> Outcome:
         def measured(i: int, result: Result) -> None:
             nonlocal pending, last_save
             pending[job.ids[i]] = result
+            if not ran and not any(r.ok for r in pending.values()) and same_failure(timing.unexpected):
+                none_ran(job, timing, held, {**results, **pending})  # raises the call's exception
             # Persist as we go (a killed run loses at most this much), but not after every
             # config: each save is a locked, fsynced file write.
             # In a worker (observed) every result is saved at once: the next candidate may
@@ -421,6 +427,21 @@ def tune_key(job: KeyTuning) -> Outcome:
         final = min((r.median for r in results.values()), default=math.inf)
         job.progress.close(len(results), n, final, why)
     return Outcome(entry, timing.measured, timing.failures, seconds, found.stopped, why, said)
+
+
+def same_failure(unexpected: list[BaseException]) -> bool:
+    """Whether the first ``SAME_FAILURE_LIMIT`` unexpected failures are one exception, type
+    and text: the call's, whichever configs raised it.
+
+    >>> same_failure([ValueError("grid")] * 8), same_failure([ValueError("grid")] * 7)
+    (True, False)
+    >>> same_failure([ValueError("BLOCK 32"), *[ValueError("BLOCK 64")] * 7])
+    False
+    """
+    if len(unexpected) < SAME_FAILURE_LIMIT:
+        return False
+    first = unexpected[:SAME_FAILURE_LIMIT]
+    return len({(type(e), str(e)) for e in first}) == 1
 
 
 def known_ids(job: KeyTuning, results: Mapping[str, Result]) -> set[str]:
