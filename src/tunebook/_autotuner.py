@@ -679,8 +679,9 @@ def _check_meta_names(tuner: Autotuner, hooked: bool) -> None:
     """A Space's meta-parameter that is not an argument of the kernel is refused (a typo, or one
     left after an edit): Triton passes it on and the kernel ignores it, so the search times
     identical launches and the parameter meant is never tuned. A hook, a pruning function or a
-    wrapper (``triton.heuristics``) may read such a name: then it is said once, not refused,
-    and so it is for a config list's names (a library's, adopted by ``patch()``)."""
+    wrapper (``triton.heuristics``) may read such a name: then it is said once, not refused.
+    A config list's names (a library's, adopted by ``patch()``) are never refused: said once
+    where no hook, pruning function or wrapper may read them, else not at all."""
     fn, arg_names = tuner.fn, tuner.arg_names
     wrapped = tuner.base_fn is not getattr(fn, "fn", None)
     if tuner.space is not None:
