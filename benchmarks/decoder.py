@@ -134,7 +134,9 @@ def _decode_ms(engine: Any, batch: int, args: argparse.Namespace) -> list[float]
     if running != batch:  # the timed steps would decode fewer sequences than they are named for
         raise RuntimeError(
             f"{running} of the {batch} sequences started in the first prefill, which packs at most "
-            f"{engine.scheduler.max_prefill_tokens} prompt tokens; lower --prompt-len"
+            f"{engine.scheduler.max_prefill_tokens} prompt tokens into a cache of "
+            f"{engine.scheduler.allocator.num_blocks - 1} blocks of {engine.scheduler.block_size} tokens: "
+            "lower --prompt-len or --steps, or give the engine a larger cache"
         )
     for _ in range(args.warmup):
         engine.step()

@@ -710,8 +710,9 @@ def _check_meta_names(tuner: Autotuner, hooked: bool) -> None:
     if tuner.space is not None or not (hooked or wrapped):
         _warnings.warn_once(
             f"meta-names:{tuner.label}:{unknown}",
-            "%s. The kernel ignores it%s (said once)",
+            "%s. The kernel ignores %s%s (said once)",
             text,
+            "it" if len(unknown) == 1 else "them",
             ", unless a hook, prune_configs_by or triton.heuristics reads it" if hooked or wrapped else "",
         )
 
