@@ -10,7 +10,8 @@
         .tunebook/pending/<key name>.<time>-<pid>-<n>.json
                                          news a writer could not fold in while the lock was busy
         .tunebook/tmp/                   writes in progress (<file>.<random>.tmp)
-    <book dir>/.tunebook/new/            pages being created, renamed into place whole
+    <book dir>/.<page name>.creating-<random>/
+                                         a page being created, renamed into place whole
 
 A key's name is its key text, readable and reversible: ``[4096,128,"torch.float16"]`` is
 ``4096,128,'torch.float16'.json`` (brackets dropped, ``"`` written ``'``, anything outside
@@ -507,18 +508,15 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
 
 
 def _create(directory: Path, page_text: str) -> bool:
-    """Make the page ``directory`` with its page.json in one step: built in the book's
-    ``.tunebook/new/`` under a random name, then renamed to its own. False where a page
-    appeared there meanwhile (another process made it first): ours goes."""
+    """Make the page ``directory`` with its page.json in one step: built beside it under a
+    dotted name (``.<page>.creating-<random>``, which every reader skips, older ones too),
+    then renamed to its own. It takes only the book directory's write permission, as a
+    page's own mkdir does: a book shared by several users (mode 1777, or a group's) holds
+    no directory of one user that another must write into. False where a page appeared
+    there meanwhile (another process made it first): ours goes."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(3):
-        try:
-            staging = _hidden(directory.parent, "new") / f"{directory.name}.{os.urandom(6).hex()}"
-            staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
-            break
-        except FileNotFoundError:  # another creator's _tidy removed new/ meanwhile: again
-            if attempt == 2:
-                raise
+    staging = directory.with_name(f".{directory.name[:200]}{CREATING}{os.urandom(6).hex()}")
+    staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
     try:
         _write(staging / PAGE_FILE, page_text, _hidden(staging, "tmp"))
         try:
@@ -532,34 +530,35 @@ def _create(directory: Path, page_text: str) -> bool:
     finally:
         if os.path.lexists(staging):
             shutil.rmtree(staging, ignore_errors=True)
-        _tidy(directory.parent)
 
 
-def _tidy(book: Path) -> None:
-    """Remove the book's ``.tunebook/new/``, then ``.tunebook/``, where empty: a book lists
-    as it did before (its pages only); another creation under way, or a sweep's journal/,
-    keeps them."""
-    for path in (book / HIDDEN / "new", book / HIDDEN):
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
+CREATING = ".creating-"
+# A page being created (``_create``), or one of those a clean-up renamed to delete it
+# (``remove_leftovers``): in the book directory, beside the pages.
+_CREATION = re.compile(r"\..+\.creating-[0-9a-f]{12}")
 
-
-# A write takes milliseconds: what sits in a page's tmp/ (or a book's new/) for this long is
-# a killed writer's. A live write's temp file is never this old.
+# A write takes milliseconds: what sits in a page's tmp/ (or is a page being created) for
+# this long is a killed writer's. A live write's temp file is never this old.
 LEFTOVER_AGE_S = 3600.0
 
 
 def stale_leftovers(directory: Path, older_than_s: float = LEFTOVER_AGE_S) -> list[Path]:
-    """What writers killed mid-write left under ``directory`` (a page or a book), unchanged
-    for ``older_than_s``: temp files in a page's ``.tunebook/tmp/``, pages being created in a
-    book's ``.tunebook/new/``. They only take space (no reader looks there)."""
+    """What writers killed mid-write left in the page ``directory``'s ``.tunebook/tmp/``
+    (temp files), unchanged for ``older_than_s``. They only take space (no reader looks there)."""
+    return _stale(directory / HIDDEN / "tmp", lambda name: True, older_than_s)
+
+
+def stale_creations(book: Path, older_than_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """The pages whose creation was killed (``.<page>.creating-<random>`` directories in the
+    book directory ``book``), unchanged for ``older_than_s``. No reader looks at them."""
+    return [p for p in _stale(book, _CREATION.fullmatch, older_than_s) if p.is_dir() and not p.is_symlink()]
+
+
+def _stale(where: Path, wanted: Callable[[str], object], older_than_s: float) -> list[Path]:
     now = time.time()
     found = []
-    for sub in ("tmp", "new"):
-        where = directory / HIDDEN / sub
-        for name in _scan(where):
+    for name in _scan(where):
+        if wanted(name):
             with contextlib.suppress(OSError):
                 if now - os.lstat(where / name).st_mtime > older_than_s:
                     found.append(where / name)
@@ -567,7 +566,7 @@ def stale_leftovers(directory: Path, older_than_s: float = LEFTOVER_AGE_S) -> li
 
 
 def remove_leftovers(paths: Iterable[Path]) -> int:
-    """Delete ``paths`` (from ``stale_leftovers``); how many went."""
+    """Delete ``paths`` (from ``stale_leftovers`` or ``stale_creations``); how many went."""
     removed = 0
     for path in paths:
         with contextlib.suppress(OSError):
@@ -731,8 +730,7 @@ def replace_page(
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
     # What writers killed long ago left: temp files in the page's tmp/, pages being created.
-    if remove_leftovers([*stale_leftovers(directory), *stale_leftovers(directory.parent)]):
-        _tidy(directory.parent)
+    remove_leftovers([*stale_leftovers(directory), *stale_creations(directory.parent)])
     own = {key_file_name(text): text for text in entries}
     others: dict[str, list[Path]] = {}
     unreadable: list[str] = []

@@ -28,7 +28,7 @@ from .._book import pagedir
 from .._book.pages import KernelIdentity
 from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
-from ._load import PRUNING
+from ._load import PRUNING, is_page_dir
 from ._modules import module_autotuners
 from ._summary import is_imported
 
@@ -107,9 +107,12 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     # an interrupted prune left; a ``.foreign-*`` page (another kernel's readable book) stays.
     doomed += [(path, what) for path, what, pruned in loaded.leftover_kinds() if pruned]
     doomed += [(path, "an empty page (a write killed while it created it)") for path in loaded.empty]
-    # Temp files (and pages being created) of writes killed at least an hour ago.
+    # Temp files, and pages being created, of writes killed at least an hour ago.
     where = dict.fromkeys([loaded.source, *(page.path for page in loaded.pages if page.path.is_dir())])
-    doomed += [(path, "left by a write killed mid-way") for d in where for path in pagedir.stale_leftovers(d)]
+    stale = [path for d in where for path in pagedir.stale_leftovers(d)]
+    if not is_page_dir(loaded.source):  # a book directory, where pages are created
+        stale += pagedir.stale_creations(loaded.source)
+    doomed += [(path, "left by a write killed mid-way") for path in stale]
     console = out()
     verb = "would drop" if dry_run else "dropped"
     failed: list[str] = []

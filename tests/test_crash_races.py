@@ -1,0 +1,112 @@
+"""The directory book at the edges a review of the crash-consistency changes found (one test
+per finding): a book shared by two users, `tunebook prune` against a writer of the page it
+judged empty, `tunebook tune`'s kept results and the exit's warning, a reader between a
+writer's fold and the key's next write, the exit retry's time bound, and the clean-up of a
+page creation whose writer is alive after all.
+
+Every writer, reader and command is a real process on real files; where two must meet at
+one step, one waits at that step for the other (a file each says "here", then "go on").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, book_files
+from test_cli import entry, module_file, result
+from test_crash_consistency import (
+    META,
+    SRC,
+    _child,
+    _pending_files,
+    _pending_news,
+    _unwritable,
+    another_kernel,
+    read_with_writers_between,
+    write_another_kernel,
+)
+from tunebook._book import DirectoryStore, Document, Entry, pagedir
+
+NAME = "k--0123456789abcdef--cpu--0123456789abcdef.json"  # a page of META's kernel
+
+
+def _doc(*keys: int) -> Document:
+    return Document(
+        META["kernel"], META["platform"], {f"[{k}]": entry([k], [result({"BLOCK": 32}, 1.0)]) for k in keys}
+    )
+
+
+def _wait_for(path: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _env(*paths: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [*map(str, paths), str(TESTS), str(SRC), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+
+
+# ---------------------------------------------------------------- 1. a book shared by two users
+
+
+@pytest.fixture
+def shared_book() -> Iterator[Path]:
+    """A book directory anyone may write (mode 1777, as /tmp), under /tmp: pytest's own
+    temporary directories are its user's alone (mode 700)."""
+    book = Path(tempfile.mkdtemp(prefix="tunebook-shared-")) / "book"
+    book.mkdir()
+    book.chmod(0o1777)
+    book.parent.chmod(0o755)
+    yield book
+    shutil.rmtree(book.parent)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="two users need root (a child becomes uid 65534); as one user, nothing in the book is another's",
+)
+def test_a_user_who_can_write_a_shared_book_creates_pages_in_it_whatever_another_left(
+    shared_book: Path,
+) -> None:
+    old = os.umask(0o022)  # the usual umask: what one user creates, another cannot write into
+    try:
+        (shared_book / pagedir.HIDDEN / "journal").mkdir(parents=True)  # what a sweep leaves (root's)
+        assert DirectoryStore(shared_book).merge("root_kernel" + NAME[1:], _doc(1)) is not None
+    finally:
+        os.umask(old)
+    doc_file = shared_book.parent / "doc.json"
+    doc_file.write_text(_doc(2, 3).dumps())
+    doc_file.chmod(0o644)
+    proc = _child(
+        f"""
+        import os, filelock
+        from pathlib import Path
+        from tunebook._book import DirectoryStore, read_document
+        doc = read_document(Path({str(doc_file)!r}))
+        os.setgid(65534)
+        os.setuid(65534)  # nobody, with no capability left
+        print("written", DirectoryStore(Path({str(shared_book)!r})).merge({NAME!r}, doc) is not None)
+        """
+    )
+    assert "written True" in proc.stdout, proc.stderr
+    page = shared_book / pagedir.page_dir_name(NAME)
+    assert page.stat().st_uid == 65534 and (page / "page.json").is_file()
+    assert sorted(p.name for p in page.glob("*.json")) == ["2.json", "3.json", "page.json"]
+    assert not [p for p in shared_book.iterdir() if pagedir.CREATING in p.name]  # nothing left over
