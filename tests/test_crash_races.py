@@ -110,3 +110,91 @@ def test_a_user_who_can_write_a_shared_book_creates_pages_in_it_whatever_another
     assert page.stat().st_uid == 65534 and (page / "page.json").is_file()
     assert sorted(p.name for p in page.glob("*.json")) == ["2.json", "3.json", "page.json"]
     assert not [p for p in shared_book.iterdir() if pagedir.CREATING in p.name]  # nothing left over
+
+
+# ---------------------------------------------------------------- 6. a creation's clean-up
+
+PAUSED_CREATOR = """
+import os, pathlib, time
+_rename = os.rename
+
+def _paused_rename(src, dst, *args, **kwargs):  # a page's creation, stopped before its rename
+    if str(dst) == os.environ["PAGE"]:
+        pathlib.Path(os.environ["HERE"]).write_text(str(src))
+        while not os.path.exists(os.environ["GO"]):
+            time.sleep(0.02)
+        try:
+            return _rename(src, dst, *args, **kwargs)
+        finally:
+            pathlib.Path(os.environ["DONE"]).touch()
+    return _rename(src, dst, *args, **kwargs)
+
+os.rename = _paused_rename
+from tunebook._book import DirectoryStore, read_document
+doc = read_document(pathlib.Path(os.environ["DOC"]))
+store = DirectoryStore(pathlib.Path(os.environ["BOOK"]))
+print("first", store.merge(os.environ["NAME"], doc) is not None, flush=True)
+os.rename = _rename
+print("again", store.merge(os.environ["NAME"], doc) is not None, flush=True)
+"""
+
+# `tunebook merge BOOK -o BOOK`, whose clean-up lets the creator go on at its first removal of
+# a file: the creator's rename, due an hour ago, comes while the stale creation is removed.
+MERGE_MEETING_CREATOR = """
+import os, runpy, sys, time
+_unlink = os.unlink
+
+def _meeting_unlink(path, *args, **kwargs):
+    if str(path).endswith("page.json") and not os.path.exists(os.environ["GO"]):
+        open(os.environ["GO"], "w").close()
+        while not os.path.exists(os.environ["DONE"]):
+            time.sleep(0.02)
+    return _unlink(path, *args, **kwargs)
+
+os.unlink = _meeting_unlink
+sys.argv = ["tunebook", *sys.argv[1:]]
+runpy.run_module("tunebook", run_name="__main__")
+"""
+
+
+def test_removing_a_stale_creation_never_removes_inside_the_page_it_became(tmp_path: Path) -> None:
+    book = tmp_path / "book"
+    DirectoryStore(book).merge("other" + NAME[1:], _doc(1))  # a page: merge cleans up as it writes it
+    (tmp_path / "doc.json").write_text(_doc(2).dumps())
+    page = book / pagedir.page_dir_name(NAME)
+    signals = {k: str(tmp_path / k.lower()) for k in ("HERE", "GO", "DONE")}
+    env = {
+        **_env(),
+        **signals,
+        "BOOK": str(book),
+        "PAGE": str(page),
+        "NAME": NAME,
+        "DOC": str(tmp_path / "doc.json"),
+    }
+    creator = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_CREATOR],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(tmp_path / "here")
+        staging = Path((tmp_path / "here").read_text())
+        hour_ago = time.time() - 2 * 3600  # stopped for two hours (SIGSTOP, a frozen container)
+        os.utime(staging, (hour_ago, hour_ago))
+        merged = subprocess.run(
+            [sys.executable, "-c", MERGE_MEETING_CREATOR, "merge", str(book), "-o", str(book)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        out, errors = creator.communicate(timeout=300)
+    finally:
+        if creator.poll() is None:
+            creator.kill()
+            creator.wait()
+    assert merged.returncode == 0, merged.stderr
+    assert (tmp_path / "go").exists()  # the clean-up did meet the creation
+    # The creator's first write was refused (its creation was gone), its second made the page.
+    assert "first False" in out and "again True" in out, (out, errors)
+    assert (page / "page.json").is_file() and (page / "2.json").is_file()
+    assert not [p for p in book.iterdir() if p.name.startswith(".")]

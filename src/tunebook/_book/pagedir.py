@@ -566,14 +566,25 @@ def _stale(where: Path, wanted: Callable[[str], object], older_than_s: float) ->
 
 
 def remove_leftovers(paths: Iterable[Path]) -> int:
-    """Delete ``paths`` (from ``stale_leftovers`` or ``stale_creations``); how many went."""
+    """Delete ``paths`` (from ``stale_leftovers`` or ``stale_creations``); how many went.
+
+    Each is renamed to a name of its own first (``.doomed.creating-<random>``, a leftover
+    too where its removal is cut short): its writer, alive after all (stopped for an hour,
+    or a clock ahead of the file server's), that renames it into place now finds it gone
+    and its write is refused and offered again. Removed under its old name, the removal
+    went on inside the live page it had become (rmtree works through open directories)."""
     removed = 0
     for path in paths:
+        doomed = path.with_name(f".doomed{CREATING}{os.urandom(6).hex()}")
+        try:
+            os.rename(path, doomed)
+        except OSError:  # gone, or moved by its writer: not ours to remove
+            continue
         with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+            if doomed.is_dir() and not doomed.is_symlink():
+                shutil.rmtree(doomed)
             else:
-                path.unlink()
+                doomed.unlink()
             removed += 1
     return removed
 
