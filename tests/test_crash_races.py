@@ -112,6 +112,24 @@ def test_a_user_who_can_write_a_shared_book_creates_pages_in_it_whatever_another
     assert not [p for p in shared_book.iterdir() if pagedir.CREATING in p.name]  # nothing left over
 
 
+# ---------------------------------------------------------------- 4. a reader between two writes
+
+
+def test_a_reader_never_counts_news_twice_when_the_key_is_written_again_between_its_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "k--x--cpu--p"
+    pagedir.ensure_page(page, META)
+    pagedir.merge_key(page, META, "[1]", Entry((1,), misses=1))  # process A missed the key
+    _pending_news(page, META, "[1]", Entry((1,), misses=1))  # process B too, while the lock was busy
+    assert pagedir.read_key(page, META, "[1]").misses == 2  # type: ignore[union-attr]
+    # Between the reader's two reads: one write folds B's news in (its file lists it in
+    # folded) and deletes it; the key's next write has nothing pending, so no folded list.
+    seen = read_with_writers_between(page, 2, monkeypatch)
+    assert _pending_files(page) == []
+    assert seen is not None and seen.misses == 2  # two processes missed the key
+
+
 # ---------------------------------------------------------------- 6. a creation's clean-up
 
 PAUSED_CREATOR = """

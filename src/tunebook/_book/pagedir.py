@@ -260,18 +260,42 @@ def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry |
 
 
 def _read_key(directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]) -> Entry | None:
-    # The pending news first, then the key's file. A writer writes the key's file with the
-    # news in it and only then deletes the news: a news file gone when it is read was in a
-    # key's file written before this read of it. Read the other way round, the news could
-    # be deleted between the two reads, after the old key's file was read: in neither view.
-    # The file lists the news it holds (``folded``), which is skipped: read in this order,
-    # a reader meets both (a writer killed before it deleted the news, or a write between
-    # the two reads), and a count (``misses``) must not add them twice.
-    news = _news(pending, meta, key_text)
-    found = _key_file(directory / key_file_name(key_text), meta, key_text)
+    news, found = _news_then_file(directory, meta, key_text, pending)
     if found is None:
         return _folded(None, news)
     return _folded(found[1], news, found[2])
+
+
+def _news_then_file(
+    directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]
+) -> tuple[list[tuple[str, Entry]], tuple[str, Entry, frozenset[str]] | None]:
+    """(the key's pending news, its file) as one view: news that the file holds is either
+    listed in its ``folded`` or gone from pending/.
+
+    The pending news first, then the key's file. A writer writes the key's file with the
+    news in it and only then deletes the news: a news file gone when it is read was in a
+    key's file written before this read of it. Read the other way round, the news could be
+    deleted between the two reads, after the old key's file was read: in neither view.
+    The file lists the news it holds (``folded``), which is skipped: read in this order, a
+    reader meets both (a writer killed before it deleted the news, or a write between the
+    two reads), and a count (``misses``) must not add them twice. A news file read, then
+    gone, that the file does not list was folded in between the two reads, and the file
+    read may be a later write that no longer lists it (it lists only the news pending when
+    it was written): the two are read again (at most three times, as ``merge_key`` does).
+    """
+    name = key_file_name(key_text)
+    for _ in range(3):
+        news = _news(pending, meta, key_text)
+        found = _key_file(directory / name, meta, key_text)
+        if not news:  # the usual case: nothing pending, nothing to count twice
+            break
+        now = _pending(directory, name)
+        held = found[2] if found is not None else frozenset()
+        still = {_news_id(path) for path in now}
+        if all(news_id in still or news_id in held for news_id, _ in news):
+            break
+        pending = now
+    return news, found
 
 
 def _folded(entry: Entry | None, news: list[tuple[str, Entry]], done: Collection[str] = ()) -> Entry | None:
@@ -359,8 +383,7 @@ def read_key_files(
     news: its own file stands over its other files, and they over the news."""
     if not others:  # the usual case: the key's own file and its news
         return read_key(directory, meta, key_text)
-    news = _news(_pending(directory, key_file_name(key_text)), meta, key_text)  # first: see _read_key
-    own = _key_file(directory / key_file_name(key_text), meta, key_text)
+    news, own = _news_then_file(directory, meta, key_text, _pending(directory, key_file_name(key_text)))
     entry = own[1] if own is not None else None
     for name in others:
         held = _entry_of(directory / name, meta, None)
@@ -762,7 +785,9 @@ def replace_page(
                 with contextlib.suppress(OSError):  # a writer of this key died mid-write
                     stale.unlink()
             listed = _pending(directory, name)
-            news = _news(listed, meta, text)  # before the key's file: see _read_key
+            # Before the key's file (_news_then_file); under the key's lock, no writer folds
+            # the news in between the two reads.
+            news = _news(listed, meta, text)
             current = _key_file(path, meta, text) if os.path.lexists(path) else None
             if current is None and os.path.lexists(path):
                 try:
