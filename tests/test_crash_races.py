@@ -112,6 +112,47 @@ def test_a_user_who_can_write_a_shared_book_creates_pages_in_it_whatever_another
     assert not [p for p in shared_book.iterdir() if pagedir.CREATING in p.name]  # nothing left over
 
 
+# ---------------------------------------------------------------- 2. prune against a writer
+
+WAITING_KEEP = """
+import os, pathlib, time
+pathlib.Path(os.environ["PRUNE_READY"]).touch()  # the book is read: its pages are judged
+while not os.path.exists(os.environ["PRUNE_GO"]):  # an import that takes seconds (torch)
+    time.sleep(0.02)
+"""
+
+
+def test_prune_keeps_a_page_it_judged_empty_that_a_writer_wrote_to_since(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    other, name = another_kernel(book_dir, tmp_path)
+    empty = book_dir / pagedir.page_dir_name(name)
+    (empty / pagedir.HIDDEN / "tmp").mkdir(parents=True)  # an older tunebook's, killed at its creation
+    keep = tmp_path / "waiting_keep.py"
+    keep.write_text(WAITING_KEEP + module_file(tmp_path).read_text())
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**_env(), "PRUNE_READY": str(ready), "PRUNE_GO": str(go)}
+    prune = subprocess.Popen(
+        [sys.executable, "-m", "tunebook", "prune", str(book_dir), "--keep", str(keep)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(ready)
+        write_another_kernel(book_dir, tmp_path, name)  # its page is that empty page
+        go.touch()
+        out, errors = prune.communicate(timeout=300)
+    finally:
+        if prune.poll() is None:
+            prune.kill()
+            prune.wait()
+    assert prune.returncode == 0, errors
+    assert f"kept {empty}: a writer wrote to it since it was read empty" in out, out
+    assert f"dropped {empty}" not in out
+    fresh = DirectoryStore(book_dir).fetch(name)
+    assert fresh is not None and sorted(fresh.entries) == sorted(other.entries)
+    assert not [p for p in book_dir.iterdir() if ".pruning-" in p.name]
+
+
 # ---------------------------------------------------------------- 4. a reader between two writes
 
 
