@@ -171,6 +171,52 @@ def test_a_reader_never_counts_news_twice_when_the_key_is_written_again_between_
     assert seen is not None and seen.misses == 2  # two processes missed the key
 
 
+# ---------------------------------------------------------------- 5. the exit's time bound
+
+EXIT_BOUND = """
+import atexit, json, os, subprocess, time, warnings
+_stamp = {}
+atexit.register(lambda: print(json.dumps({"exit_s": time.monotonic() - _stamp["t"]}), flush=True))
+from pathlib import Path
+from tunebook._book import Entry, Result, config_record, pagedir, pages
+from tunebook._book.pages import Book, KernelIdentity
+
+def unwritable(path, on):
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if on else 0o755)
+
+def one(i):
+    done = Result(config_record({"BLOCK": 32}, {}), (1.0, 1.0, 1.0), None, "2026-01-01T00:00:00Z")
+    return Entry((i,), {"c": done})
+
+pages.EXIT_WRITE_S = 0.3
+warnings.simplefilter("ignore")  # the refusal's own warning
+page = Book(Path(os.environ["BOOK"])).open(KernelIdentity("k", "h1", ("n",)), {"id": "p"}, "cpu", "p")
+page.record("[0]", one(0))
+directory = Path(os.environ["BOOK"]) / pagedir.page_dir_name(page.file_name)
+unwritable(directory, True)
+page.record_many({f"[{i}]": one(i) for i in range(1, 3001)})
+unwritable(directory, False)  # writable again, near the end of the job: written at exit
+warnings.simplefilter("default")
+print("refused", page.unsaved(), flush=True)
+atexit.register(lambda: _stamp.__setitem__("t", time.monotonic()))  # runs first: last in, first out
+"""
+
+
+def test_the_exit_retry_stops_writing_within_its_bound(tmp_path: Path) -> None:
+    book = tmp_path / "book"
+    proc = _child(EXIT_BOUND, BOOK=str(book))
+    assert "refused 3000" in proc.stdout, proc.stdout
+    exit_s = json.loads(proc.stdout.splitlines()[-1])["exit_s"]
+    (directory,) = book_files(book)
+    written = len(list(directory.glob("*.json"))) - 2  # page.json and key [0]
+    assert 0 < written < 3000 and exit_s < 0.3 + 1.0, (written, exit_s)  # 3000 keys take ~6 s
+    said = [line for line in proc.stderr.splitlines() if "were not written to the book directory" in line]
+    assert len(said) == 1 and f"{3000 - written} result(s) of {3000 - written} key(s)" in said[0], proc.stderr
+
+
 # ---------------------------------------------------------------- 6. a creation's clean-up
 
 PAUSED_CREATOR = """
