@@ -153,6 +153,56 @@ def test_prune_keeps_a_page_it_judged_empty_that_a_writer_wrote_to_since(
     assert not [p for p in book_dir.iterdir() if ".pruning-" in p.name]
 
 
+# ---------------------------------------------------------------- 3. what `tunebook tune` kept
+
+CRASHING_MODULE = """
+import os, signal
+import torch, triton, tunebook
+from small_kernels import add_kernel, grid_1d
+
+def crash(nargs):
+    # This config takes its worker down, once a run (a config that crashes is run again
+    # while its record cannot reach the book: a loop the run's timeout ends, minutes later).
+    if not os.path.exists(os.environ["CRASHED"]):
+        open(os.environ["CRASHED"], "w").close()
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 64}, pre_hook=crash)], key=["n"], inputs=inputs
+)(add_kernel)
+"""
+
+
+@pytest.mark.once
+def test_results_tune_kept_aside_are_not_called_lost_at_exit(book_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "crashmod.py").write_text(CRASHING_MODULE)
+    env = {**_env(tmp_path), "TUNEBOOK_DIR": str(book_dir)}
+
+    def tune(n: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tunebook", "tune", "crashmod:add", "--keys", f"n={n}"],
+            env={**env, "CRASHED": str(tmp_path / f"crashed-{n}")},
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    assert tune(128).returncode == 0  # the page is there
+    (page,) = book_files(book_dir)
+    _unwritable(page, True)  # its directory refuses every write of the next run
+    try:
+        res = tune(256)
+    finally:
+        _unwritable(page, False)
+    assert res.returncode == 1, res.stderr
+    (kept,) = tmp_path.glob("tunebook-unsaved-*")
+    assert f"They are kept in {kept}" in " ".join(res.stderr.split()), res.stderr
+    # The crash the command recorded itself is among them: the exit must not call it lost.
+    assert "were not written to the book" not in res.stderr and "lost" not in res.stderr, res.stderr
+
+
 # ---------------------------------------------------------------- 4. a reader between two writes
 
 

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -175,12 +175,16 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
         warn_once(  # a BookWarning: the book lacks them until a person acts
             f"unwritten-at-exit:{where}",
             "tunebook: %d result(s) of %d key(s) this process recorded were not written to the book "
-            "directory %s: it refused them (%s), and again at exit. They are lost with this process; "
-            "the next run that meets those keys tunes them again. %s",
+            "directory %s: %s, and again at exit. They are lost with this process; %s. %s",
             results,
             keys,
             where,
-            why if why is not None else "not written",
+            f"it refused them ({why})" if why is not None else "it refused them",
+            # A key left alone (a newer tunebook's file, or one past the size limit) still
+            # reads as it did: only this process's new results for it are lost.
+            "what the book holds for those keys stands"
+            if isinstance(why, LeaveAlone)
+            else "the next run that meets those keys tunes them again",
             "" if why is None or isinstance(why, LeaveAlone) else write_fix(why),
         )
     return sum(results for _, results, _ in lost.values())
@@ -201,6 +205,17 @@ def _push_until(layer: Layer, page: Page, deadline: float) -> None:
         # Refused again: no use going on (but past keys left alone, which others do not share).
         if not written and not isinstance(getattr(layer.store, "last_failure", None), LeaveAlone):
             return
+
+
+def forget_refused(pages: Iterable[Page]) -> None:
+    """Drop what ``pages`` hold of refused results: their caller has kept them elsewhere
+    (``tunebook tune``'s ``tunebook-unsaved-*``, or its own write into the book), so the
+    exit neither writes them again nor calls them lost."""
+    for page in pages:
+        for layer in page.layers:
+            if not getattr(layer.store, "keeps_unsent", False):
+                layer.pending = {}
+        _refused.pop(id(page), None)
 
 
 atexit.register(write_refused_at_exit)
