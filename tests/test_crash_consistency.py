@@ -26,7 +26,7 @@ import pytest
 from conftest import TESTS, book_files
 from test_cli import entry, module_file, python_m_tunebook, result, the_doc, tune_add
 from test_pagedir import _holding
-from tunebook._book import DirectoryStore, Entry, pagedir
+from tunebook._book import DirectoryStore, Document, Entry, pagedir
 from tunebook._book.pages import Book, KernelIdentity
 from tunebook.cli._load import canonical_file_name
 
@@ -120,25 +120,36 @@ def _merge_and_show_go_on(book: Path, tmp_path: Path) -> None:
         assert "skipped" not in res.stderr and "intact" not in res.stderr, res.stderr
 
 
-@pytest.mark.once
-def test_a_writer_killed_while_it_creates_a_page_leaves_no_page_that_breaks_merge_or_show(
-    book_dir: Path, tmp_path: Path
-) -> None:
+def another_kernel(book_dir: Path, tmp_path: Path) -> tuple[Document, str]:
+    """A book with a tuned kernel's page, and (the page of another kernel, saved as
+    ``tmp_path/other.json``; its file name in the book), not in the book yet."""
     tune_add((100,))
     doc = the_doc(book_dir)
     other = replace(doc, kernel={**doc.kernel, "name": "other_kernel", "hash": "2" * 64})
-    name = canonical_file_name(other)
     (tmp_path / "other.json").write_text(other.dumps())
-    # The autotuner's write of a new page, killed before its page.json is in place.
+    return other, canonical_file_name(other)
+
+
+def write_another_kernel(book_dir: Path, tmp_path: Path, name: str, kill_at: str | None = None) -> None:
+    """The autotuner's write of ``another_kernel``'s page, in a process of its own."""
     _child(
         f"""
         from pathlib import Path
         from tunebook._book import DirectoryStore, read_document
         doc = read_document(Path({str(tmp_path / "other.json")!r}))
-        DirectoryStore(Path({str(book_dir)!r})).merge({name!r}, doc)
+        assert DirectoryStore(Path({str(book_dir)!r})).merge({name!r}, doc) is not None
         """,
-        kill_at="before_replace:page.json",
+        kill_at=kill_at,
     )
+
+
+@pytest.mark.once
+def test_a_writer_killed_while_it_creates_a_page_leaves_no_page_that_breaks_merge_or_show(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    other, name = another_kernel(book_dir, tmp_path)
+    # The autotuner's write of a new page, killed before its page.json is in place.
+    write_another_kernel(book_dir, tmp_path, name, kill_at="before_replace:page.json")
     assert not (book_dir / pagedir.page_dir_name(name)).exists()  # never a page without page.json
     _merge_and_show_go_on(book_dir, tmp_path)
     # The same write, not killed: the page is there whole.
@@ -150,10 +161,8 @@ def test_a_writer_killed_while_it_creates_a_page_leaves_no_page_that_breaks_merg
 def test_an_empty_page_an_older_tunebook_left_is_no_error_and_prune_removes_it(
     book_dir: Path, tmp_path: Path
 ) -> None:
-    tune_add((100,))
-    doc = the_doc(book_dir)
-    other = replace(doc, kernel={**doc.kernel, "name": "other_kernel", "hash": "2" * 64})
-    empty = book_dir / pagedir.page_dir_name(canonical_file_name(other))
+    _, name = another_kernel(book_dir, tmp_path)
+    empty = book_dir / pagedir.page_dir_name(name)
     (empty / ".tunebook" / "tmp").mkdir(parents=True)  # mkdir, then killed writing page.json
     (empty / ".tunebook" / "tmp" / "page.json.20618-0.tmp").write_text("")
     _merge_and_show_go_on(book_dir, tmp_path)
@@ -253,13 +262,9 @@ def test_results_a_directory_refused_are_written_at_exit_or_said_lost_with_their
 # ---------------------------------------------------------------- 3. a reader between two steps
 
 
-def test_a_reader_never_misses_news_a_writer_folds_in_between_its_reads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    page = tmp_path / "k--x--cpu--p"
-    pagedir.ensure_page(page, META)
-    pagedir.merge_key(page, META, "[1]", entry([1], [result({"BLOCK": 32}, 1.0)]))
-    _pending_news(page, META, "[1]", replace(entry([1], [result({"BLOCK": 64}, 2.0)]), misses=1))
+def read_with_writers_between(page: Path, writers: int, monkeypatch: pytest.MonkeyPatch) -> Entry | None:
+    """Key [1] of ``page`` as a reader reads it while ``writers`` real writes of the key (one
+    process each, adding nothing) come between its first read (the pending news) and the next."""
     writer = f"""
         from pathlib import Path
         from tunebook._book import Entry, pagedir
@@ -268,16 +273,27 @@ def test_a_reader_never_misses_news_a_writer_folds_in_between_its_reads(
     real_load = pagedir._load
     loads: list[Path] = []
 
-    def load_then_let_a_writer_in(path: Path, limit: int) -> Any:
+    def load_then_let_writers_in(path: Path, limit: int) -> Any:
         found = real_load(path, limit)
         loads.append(path)
-        if len(loads) == 1:  # after the reader's first read: a real writer folds the news in
-            _child(writer)
+        if len(loads) == 1:
+            for _ in range(writers):
+                _child(writer)
         return found
 
-    monkeypatch.setattr(pagedir, "_load", load_then_let_a_writer_in)
-    seen = pagedir.read_key(page, META, "[1]")
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(pagedir, "_load", load_then_let_writers_in)
+        return pagedir.read_key(page, META, "[1]")
+
+
+def test_a_reader_never_misses_news_a_writer_folds_in_between_its_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "k--x--cpu--p"
+    pagedir.ensure_page(page, META)
+    pagedir.merge_key(page, META, "[1]", entry([1], [result({"BLOCK": 32}, 1.0)]))
+    _pending_news(page, META, "[1]", replace(entry([1], [result({"BLOCK": 64}, 2.0)]), misses=1))
+    seen = read_with_writers_between(page, 1, monkeypatch)  # one folds the news in
     assert _pending_files(page) == []  # the writer did fold it in, and deleted it
     assert seen is not None and sorted(r.config["kwargs"]["BLOCK"] for r in seen.results.values()) == [32, 64]
     assert seen.misses == 1  # met in the news file and in the key's file: counted once
@@ -373,21 +389,24 @@ def test_merge_deletes_what_killed_writers_left_and_prune_names_it(book_dir: Pat
     hour_ago = time.time() - 2 * 3600  # pagedir.LEFTOVER_AGE_S is an hour
     for path in old:
         os.utime(path, (hour_ago, hour_ago))
-    new = book_dir / pagedir.HIDDEN / "new" / f"{page.name}.a1b2c3"  # a page whose creation was killed
-    new.mkdir(parents=True)
+    new = book_dir / f".{page.name}.creating-a1b2c3d4e5f6"  # a page whose creation was killed
+    (new / pagedir.HIDDEN / "tmp").mkdir(parents=True)
     os.utime(new, (hour_ago, hour_ago))
     res = python_m_tunebook("merge", book_dir, "-o", book_dir)
     assert res.returncode == 0, res.stderr
     assert sorted(tmp.iterdir()) == [young] and not new.exists()
-    assert not (book_dir / pagedir.HIDDEN).exists()  # the book lists as before: its pages only
+    assert sorted(p.name for p in book_dir.iterdir()) == [page.name]  # its pages only
     # prune drops them too, and says so
     for path in old:
         path.write_text("{")
         os.utime(path, (hour_ago, hour_ago))
+    new.mkdir()
+    os.utime(new, (hour_ago, hour_ago))
     res = python_m_tunebook("prune", book_dir, "--keep", module_file(tmp_path))
     assert res.returncode == 0, res.stderr
-    assert all(f"dropped {path}: left by a write killed mid-way" in res.stdout for path in old), res.stdout
-    assert sorted(tmp.iterdir()) == [young]
+    for path in (*old, new):
+        assert f"dropped {path}: left by a write killed mid-way" in res.stdout, res.stdout
+    assert sorted(tmp.iterdir()) == [young] and not new.exists()
 
 
 # ---------------------------------------------------------------- 7. a file size limit

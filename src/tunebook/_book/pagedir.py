@@ -10,7 +10,8 @@
         .tunebook/pending/<key name>.<time>-<pid>-<n>.json
                                          news a writer could not fold in while the lock was busy
         .tunebook/tmp/                   writes in progress (<file>.<random>.tmp)
-    <book dir>/.tunebook/new/            pages being created, renamed into place whole
+    <book dir>/.<page name>.creating-<random>/
+                                         a page being created, renamed into place whole
 
 A key's name is its key text, readable and reversible: ``[4096,128,"torch.float16"]`` is
 ``4096,128,'torch.float16'.json`` (brackets dropped, ``"`` written ``'``, anything outside
@@ -259,18 +260,42 @@ def read_key(directory: Path, meta: Mapping[str, Any], key_text: str) -> Entry |
 
 
 def _read_key(directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]) -> Entry | None:
-    # The pending news first, then the key's file. A writer writes the key's file with the
-    # news in it and only then deletes the news: a news file gone when it is read was in a
-    # key's file written before this read of it. Read the other way round, the news could
-    # be deleted between the two reads, after the old key's file was read: in neither view.
-    # The file lists the news it holds (``folded``), which is skipped: read in this order,
-    # a reader meets both (a writer killed before it deleted the news, or a write between
-    # the two reads), and a count (``misses``) must not add them twice.
-    news = _news(pending, meta, key_text)
-    found = _key_file(directory / key_file_name(key_text), meta, key_text)
+    news, found = _news_then_file(directory, meta, key_text, pending)
     if found is None:
         return _folded(None, news)
     return _folded(found[1], news, found[2])
+
+
+def _news_then_file(
+    directory: Path, meta: Mapping[str, Any], key_text: str, pending: list[Path]
+) -> tuple[list[tuple[str, Entry]], tuple[str, Entry, frozenset[str]] | None]:
+    """(the key's pending news, its file) as one view: news that the file holds is either
+    listed in its ``folded`` or gone from pending/.
+
+    The pending news first, then the key's file. A writer writes the key's file with the
+    news in it and only then deletes the news: a news file gone when it is read was in a
+    key's file written before this read of it. Read the other way round, the news could be
+    deleted between the two reads, after the old key's file was read: in neither view.
+    The file lists the news it holds (``folded``), which is skipped: read in this order, a
+    reader meets both (a writer killed before it deleted the news, or a write between the
+    two reads), and a count (``misses``) must not add them twice. A news file read, then
+    gone, that the file does not list was folded in between the two reads, and the file
+    read may be a later write that no longer lists it (it lists only the news pending when
+    it was written): the two are read again (at most three times, as ``merge_key`` does).
+    """
+    name = key_file_name(key_text)
+    for _ in range(3):
+        news = _news(pending, meta, key_text)
+        found = _key_file(directory / name, meta, key_text)
+        if not news:  # the usual case: nothing pending, nothing to count twice
+            break
+        now = _pending(directory, name)
+        held = found[2] if found is not None else frozenset()
+        still = {_news_id(path) for path in now}
+        if all(news_id in still or news_id in held for news_id, _ in news):
+            break
+        pending = now
+    return news, found
 
 
 def _folded(entry: Entry | None, news: list[tuple[str, Entry]], done: Collection[str] = ()) -> Entry | None:
@@ -358,8 +383,7 @@ def read_key_files(
     news: its own file stands over its other files, and they over the news."""
     if not others:  # the usual case: the key's own file and its news
         return read_key(directory, meta, key_text)
-    news = _news(_pending(directory, key_file_name(key_text)), meta, key_text)  # first: see _read_key
-    own = _key_file(directory / key_file_name(key_text), meta, key_text)
+    news, own = _news_then_file(directory, meta, key_text, _pending(directory, key_file_name(key_text)))
     entry = own[1] if own is not None else None
     for name in others:
         held = _entry_of(directory / name, meta, None)
@@ -507,18 +531,15 @@ def ensure_page(directory: Path, meta: Mapping[str, Any]) -> None:
 
 
 def _create(directory: Path, page_text: str) -> bool:
-    """Make the page ``directory`` with its page.json in one step: built in the book's
-    ``.tunebook/new/`` under a random name, then renamed to its own. False where a page
-    appeared there meanwhile (another process made it first): ours goes."""
+    """Make the page ``directory`` with its page.json in one step: built beside it under a
+    dotted name (``.<page>.creating-<random>``, which every reader skips, older ones too),
+    then renamed to its own. It takes only the book directory's write permission, as a
+    page's own mkdir does: a book shared by several users (mode 1777, or a group's) holds
+    no directory of one user that another must write into. False where a page appeared
+    there meanwhile (another process made it first): ours goes."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(3):
-        try:
-            staging = _hidden(directory.parent, "new") / f"{directory.name}.{os.urandom(6).hex()}"
-            staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
-            break
-        except FileNotFoundError:  # another creator's _tidy removed new/ meanwhile: again
-            if attempt == 2:
-                raise
+    staging = directory.with_name(f".{directory.name[:200]}{CREATING}{os.urandom(6).hex()}")
+    staging.mkdir()  # the mode an ordinary new directory gets: a page is shared
     try:
         _write(staging / PAGE_FILE, page_text, _hidden(staging, "tmp"))
         try:
@@ -532,34 +553,35 @@ def _create(directory: Path, page_text: str) -> bool:
     finally:
         if os.path.lexists(staging):
             shutil.rmtree(staging, ignore_errors=True)
-        _tidy(directory.parent)
 
 
-def _tidy(book: Path) -> None:
-    """Remove the book's ``.tunebook/new/``, then ``.tunebook/``, where empty: a book lists
-    as it did before (its pages only); another creation under way, or a sweep's journal/,
-    keeps them."""
-    for path in (book / HIDDEN / "new", book / HIDDEN):
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
+CREATING = ".creating-"
+# A page being created (``_create``), or one of those a clean-up renamed to delete it
+# (``remove_leftovers``): in the book directory, beside the pages.
+_CREATION = re.compile(r"\..+\.creating-[0-9a-f]{12}")
 
-
-# A write takes milliseconds: what sits in a page's tmp/ (or a book's new/) for this long is
-# a killed writer's. A live write's temp file is never this old.
+# A write takes milliseconds: what sits in a page's tmp/ (or is a page being created) for
+# this long is a killed writer's. A live write's temp file is never this old.
 LEFTOVER_AGE_S = 3600.0
 
 
 def stale_leftovers(directory: Path, older_than_s: float = LEFTOVER_AGE_S) -> list[Path]:
-    """What writers killed mid-write left under ``directory`` (a page or a book), unchanged
-    for ``older_than_s``: temp files in a page's ``.tunebook/tmp/``, pages being created in a
-    book's ``.tunebook/new/``. They only take space (no reader looks there)."""
+    """What writers killed mid-write left in the page ``directory``'s ``.tunebook/tmp/``
+    (temp files), unchanged for ``older_than_s``. They only take space (no reader looks there)."""
+    return _stale(directory / HIDDEN / "tmp", lambda name: True, older_than_s)
+
+
+def stale_creations(book: Path, older_than_s: float = LEFTOVER_AGE_S) -> list[Path]:
+    """The pages whose creation was killed (``.<page>.creating-<random>`` directories in the
+    book directory ``book``), unchanged for ``older_than_s``. No reader looks at them."""
+    return [p for p in _stale(book, _CREATION.fullmatch, older_than_s) if p.is_dir() and not p.is_symlink()]
+
+
+def _stale(where: Path, wanted: Callable[[str], object], older_than_s: float) -> list[Path]:
     now = time.time()
     found = []
-    for sub in ("tmp", "new"):
-        where = directory / HIDDEN / sub
-        for name in _scan(where):
+    for name in _scan(where):
+        if wanted(name):
             with contextlib.suppress(OSError):
                 if now - os.lstat(where / name).st_mtime > older_than_s:
                     found.append(where / name)
@@ -567,14 +589,25 @@ def stale_leftovers(directory: Path, older_than_s: float = LEFTOVER_AGE_S) -> li
 
 
 def remove_leftovers(paths: Iterable[Path]) -> int:
-    """Delete ``paths`` (from ``stale_leftovers``); how many went."""
+    """Delete ``paths`` (from ``stale_leftovers`` or ``stale_creations``); how many went.
+
+    Each is renamed to a name of its own first (``.doomed.creating-<random>``, a leftover
+    too where its removal is cut short): its writer, alive after all (stopped for an hour,
+    or a clock ahead of the file server's), that renames it into place now finds it gone
+    and its write is refused and offered again. Removed under its old name, the removal
+    went on inside the live page it had become (rmtree works through open directories)."""
     removed = 0
     for path in paths:
+        doomed = path.with_name(f".doomed{CREATING}{os.urandom(6).hex()}")
+        try:
+            os.rename(path, doomed)
+        except OSError:  # gone, or moved by its writer: not ours to remove
+            continue
         with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+            if doomed.is_dir() and not doomed.is_symlink():
+                shutil.rmtree(doomed)
             else:
-                path.unlink()
+                doomed.unlink()
             removed += 1
     return removed
 
@@ -731,8 +764,7 @@ def replace_page(
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
     # What writers killed long ago left: temp files in the page's tmp/, pages being created.
-    if remove_leftovers([*stale_leftovers(directory), *stale_leftovers(directory.parent)]):
-        _tidy(directory.parent)
+    remove_leftovers([*stale_leftovers(directory), *stale_creations(directory.parent)])
     own = {key_file_name(text): text for text in entries}
     others: dict[str, list[Path]] = {}
     unreadable: list[str] = []
@@ -753,7 +785,9 @@ def replace_page(
                 with contextlib.suppress(OSError):  # a writer of this key died mid-write
                     stale.unlink()
             listed = _pending(directory, name)
-            news = _news(listed, meta, text)  # before the key's file: see _read_key
+            # Before the key's file (_news_then_file); under the key's lock, no writer folds
+            # the news in between the two reads.
+            news = _news(listed, meta, text)
             current = _key_file(path, meta, text) if os.path.lexists(path) else None
             if current is None and os.path.lexists(path):
                 try:

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -142,14 +142,18 @@ NAME_BUDGET = 2048
 # disk was full, or its directory read-only, for a moment near its end has no later write
 # to carry them. (The Redis store's outbox does the same for its own: redis_store.py.)
 _refused: dict[int, tuple[int, Page]] = {}  # id(page) -> (the pid that holds it, the page)
-EXIT_WRITE_S = 5.0  # at exit, no page is tried once this has passed (a key's lock waits 0.2 s)
+# At exit, no write is begun once this has passed: the clock is read before each batch of
+# EXIT_BATCH keys (a key's write takes ~2 ms; its lock waits 0.2 s at most). Read at exit.
+EXIT_WRITE_S = 5.0
+EXIT_BATCH = 16
 
 
-def write_refused_at_exit(timeout_s: float = EXIT_WRITE_S) -> int:
-    """At the interpreter's exit: write once more what the writable layers refused, a page at
-    a time until ``timeout_s`` has passed, and say (once) how many results of how many keys
-    stay unwritten, why and what to do. Returns how many results stay unwritten."""
-    deadline = time.monotonic() + timeout_s
+def write_refused_at_exit(timeout_s: float | None = None) -> int:
+    """At the interpreter's exit: write once more what the writable layers refused, EXIT_BATCH
+    keys at a time until ``timeout_s`` (``EXIT_WRITE_S``) has passed, and say (once) how many
+    results of how many keys stay unwritten, why and what to do. Returns how many results
+    stay unwritten."""
+    deadline = time.monotonic() + (EXIT_WRITE_S if timeout_s is None else timeout_s)
     lost: dict[str, tuple[int, int, BaseException | None]] = {}  # store -> (keys, results, why)
     for pid, page in list(_refused.values()):
         if pid != os.getpid():  # a forked child's copy of its parent's: the parent's to write
@@ -157,8 +161,7 @@ def write_refused_at_exit(timeout_s: float = EXIT_WRITE_S) -> int:
         for layer in page.layers:
             if not layer.pending or getattr(layer.store, "keeps_unsent", False):
                 continue
-            if time.monotonic() < deadline:
-                layer.push(page.file_name, {}, page)
+            _push_until(layer, page, deadline)
             if layer.pending:
                 where = str(getattr(layer.store, "directory", layer.store))
                 keys, results, _ = lost.get(where, (0, 0, None))
@@ -172,15 +175,47 @@ def write_refused_at_exit(timeout_s: float = EXIT_WRITE_S) -> int:
         warn_once(  # a BookWarning: the book lacks them until a person acts
             f"unwritten-at-exit:{where}",
             "tunebook: %d result(s) of %d key(s) this process recorded were not written to the book "
-            "directory %s: it refused them (%s), and again at exit. They are lost with this process; "
-            "the next run that meets those keys tunes them again. %s",
+            "directory %s: %s, and again at exit. They are lost with this process; %s. %s",
             results,
             keys,
             where,
-            why if why is not None else "not written",
+            f"it refused them ({why})" if why is not None else "it refused them",
+            # A key left alone (a newer tunebook's file, or one past the size limit) still
+            # reads as it did: only this process's new results for it are lost.
+            "what the book holds for those keys stands"
+            if isinstance(why, LeaveAlone)
+            else "the next run that meets those keys tunes them again",
             "" if why is None or isinstance(why, LeaveAlone) else write_fix(why),
         )
     return sum(results for _, results, _ in lost.values())
+
+
+def _push_until(layer: Layer, page: Page, deadline: float) -> None:
+    """Offer ``layer``'s refused keys to its store again, EXIT_BATCH at a time, until a batch
+    is refused again or ``deadline`` has passed; what is not written stays pending."""
+    keys = list(layer.pending)
+    for start in range(0, len(keys), EXIT_BATCH):
+        if time.monotonic() >= deadline:
+            return
+        batch = keys[start : start + EXIT_BATCH]
+        rest = {k: e for k, e in layer.pending.items() if k not in batch}
+        layer.pending = {k: layer.pending[k] for k in batch}
+        written = layer.push(page.file_name, {}, page)
+        layer.pending = {**rest, **layer.pending}
+        # Refused again: no use going on (but past keys left alone, which others do not share).
+        if not written and not isinstance(getattr(layer.store, "last_failure", None), LeaveAlone):
+            return
+
+
+def forget_refused(pages: Iterable[Page]) -> None:
+    """Drop what ``pages`` hold of refused results: their caller has kept them elsewhere
+    (``tunebook tune``'s ``tunebook-unsaved-*``, or its own write into the book), so the
+    exit neither writes them again nor calls them lost."""
+    for page in pages:
+        for layer in page.layers:
+            if not getattr(layer.store, "keeps_unsent", False):
+                layer.pending = {}
+        _refused.pop(id(page), None)
 
 
 atexit.register(write_refused_at_exit)

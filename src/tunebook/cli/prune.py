@@ -17,6 +17,7 @@ book, is told apart by nothing else).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +29,7 @@ from .._book import pagedir
 from .._book.pages import KernelIdentity
 from .._compat import triton_version
 from ._common import book_argument, load_or_fail, out, warn_skipped
-from ._load import PRUNING
+from ._load import PRUNING, is_page_dir
 from ._modules import module_autotuners
 from ._summary import is_imported
 
@@ -44,20 +45,45 @@ def current_kernels(modules: tuple[str, ...]) -> dict[str, list[KernelIdentity]]
     return kernels
 
 
-def _remove_page(page: Path) -> None:
+def _remove_page(page: Path, empty: bool = False) -> bool:
     """Delete a page directory whole or leave it whole. Renamed first (a name with a dot,
     which readers skip): a book directory that forbids deleting its entries refuses the
     rename, before any key file is gone (the page was emptied, then its removal failed), and
     no reader meets a half-deleted page. A removal that fails after the rename puts back the
-    name of what is left."""
+    name of what is left.
+
+    ``empty``: a page judged empty when the book was read, seconds before (the --keep imports
+    come between): a writer may have written its page.json and keys into it since, this
+    being the name its kernel writes to. It is looked at again under its new name, which no
+    writer reaches (their paths name the page), and put back if it holds anything now; or,
+    where a writer made the page anew meanwhile, what it holds is merged into that one.
+    False: it was kept so."""
     doomed = page.with_name(f"{page.name}{PRUNING}{os.getpid()}")
     page.rename(doomed)
+    if empty and not pagedir.is_empty_page(doomed):
+        _put_back(doomed, page)
+        return False
     try:
         shutil.rmtree(doomed)
     except OSError:
         with contextlib.suppress(OSError):
             doomed.rename(page)
         raise
+    return True
+
+
+def _put_back(doomed: Path, page: Path) -> None:
+    try:
+        doomed.rename(page)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+    meta = pagedir.read_page_file(doomed)[0]  # a writer writes page.json before any key
+    if meta is None:
+        raise OSError(f"it was written to since it was read, and {page} made again; it is left as {doomed}")
+    pagedir.merge_entries(page, meta, pagedir.read_all(doomed, meta))
+    shutil.rmtree(doomed)
 
 
 @click.command("prune")
@@ -107,17 +133,27 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
     # an interrupted prune left; a ``.foreign-*`` page (another kernel's readable book) stays.
     doomed += [(path, what) for path, what, pruned in loaded.leftover_kinds() if pruned]
     doomed += [(path, "an empty page (a write killed while it created it)") for path in loaded.empty]
-    # Temp files (and pages being created) of writes killed at least an hour ago.
+    # Temp files, and pages being created, of writes killed at least an hour ago.
     where = dict.fromkeys([loaded.source, *(page.path for page in loaded.pages if page.path.is_dir())])
-    doomed += [(path, "left by a write killed mid-way") for d in where for path in pagedir.stale_leftovers(d)]
+    stale = [path for d in where for path in pagedir.stale_leftovers(d)]
+    if not is_page_dir(loaded.source):  # a book directory, where pages are created
+        stale += pagedir.stale_creations(loaded.source)
+    doomed += [(path, "left by a write killed mid-way") for path in stale]
     console = out()
     verb = "would drop" if dry_run else "dropped"
     failed: list[str] = []
+    spared = 0
     for path, why in doomed:
         if not dry_run:
             try:
                 if path.is_dir() and not path.is_symlink():
-                    _remove_page(path)  # a format-2 page, its locks and pending news
+                    # a format-2 page, its locks and pending news
+                    if not _remove_page(path, empty=path in loaded.empty):
+                        spared += 1
+                        console.print(
+                            f"kept {escape(str(path))}: a writer wrote to it since it was read empty"
+                        )
+                        continue
                 else:
                     path.unlink(missing_ok=True)
                     # The lock older tunebooks kept beside a format-1 file: no owner left.
@@ -127,14 +163,15 @@ def command(book: Path | None, keep: tuple[str, ...], dry_run: bool) -> None:
                 failed.append(f"{path}: {exc.strerror or exc}")
                 continue
         console.print(f"{verb} {escape(str(path))}: {escape(why)}")
+    dropped = len(doomed) - spared - len(failed)
     if failed:  # one error line, and a failing exit status: never "dropped" for what stayed
         raise click.ClickException(
-            f"could not delete {len(failed)} of {len(doomed)} files ({len(doomed) - len(failed)} dropped): "
+            f"could not delete {len(failed)} of {len(doomed) - spared} files ({dropped} dropped): "
             f"{'; '.join(failed[:3])}{'; ...' if len(failed) > 3 else ''}. Check the permissions of "
             f"{loaded.source} (or who holds those files) and run prune again."
         )
     console.print(
-        f"{verb} {len(doomed)} files; kept {kept} current files of {len(kernels)} kernels"
+        f"{verb} {len(doomed) - spared} files; kept {kept} current files of {len(kernels)} kernels"
         f"{'' if not dry_run else ' (dry run: nothing deleted)'}"
     )
     if other_triton:

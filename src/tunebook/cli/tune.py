@@ -30,6 +30,7 @@ from rich.markup import escape
 from .. import _compat, _settings
 from .._autotuner import Autotuner
 from .._book import Entry, Page, Result, now_iso
+from .._book.pages import forget_refused
 from .._calls import validate
 from .._sweep.jobs import key_jobs, miss_jobs
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
@@ -362,6 +363,8 @@ def _keep(received: Received, pages: dict[tuple[str, ...], Page]) -> dict[int, E
     if lost:
         save_to_book(lost, received, pages)
         lost = received.missing(pages)
+    if not lost:  # the crashes this process recorded, that the book refused, are in it now
+        forget_refused(pages.values())
     return lost
 
 
@@ -378,6 +381,7 @@ def _report_lost(
             f"nor kept aside ({os_error_text(exc)}). Free some space or fix the permissions, then run "
             "tunebook tune again."
         ) from None
+    forget_refused(pages.values())  # kept: the exit must not write them again, nor call them lost
     err().print(
         f"[red]not saved[/red]: {count} result(s) of {len(lost)} key(s) could not be written to the book at "
         f"{escape(str(book))} ({escape(why)}). They are kept in {escape(str(kept))}; once the book is "
