@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from . import (
     _buckets,
@@ -45,6 +45,7 @@ from ._book import KernelIdentity, Page, config_id
 from ._call import Call
 from ._configs import ConfigIndex, prune
 from ._errors import ConfigurationError, TuningFailed
+from ._failures import NoneRan
 from ._forksafe import lock_for
 from ._hits import HitTable
 from ._home import KernelHome
@@ -211,9 +212,7 @@ class Autotuner(_compat.TritonAutotuner):
         self._cache = _Cache(self)
         self._overrides: set[Any] = set()  # keys whose config a caller wrote into .cache
         self._announced: set[Any] = set()  # keys printed for TRITON_PRINT_AUTOTUNING
-        # (platform, key, the config launched) -> no config ran; the platform is None but on a
-        # host of several GPU models, where it is the current device's (_devices.here_model).
-        self._none_ran: dict[tuple[Any, Any, str], str] = {}
+        self._none_ran = NoneRan()  # keys where no config ran, per platform (_failures.py)
         self.set_aside = SetAside(self.label)  # served configs that cannot compile here (_set_aside.py)
         # Where a bucket holds calls with different values, two calls of one key can have
         # different candidates (a Space's arg_constraints and Triton's pruning see the values);
@@ -315,34 +314,15 @@ class Autotuner(_compat.TritonAutotuner):
 
     def _by_device(self) -> None:
         """At the first page open or miss: where this process drives GPUs of several models,
-        keep the page, decisions, hit tables, set-asides and Space listing per platform, and
-        pick them by the current device from now on (``_devices.py``). A host of one model
-        (the interpreter included) keeps its one of each, and its hit path asks no device."""
+        keep what belongs to a platform per platform, picked by the current device from now on
+        (``_devices.route``). A host of one model (the interpreter included) keeps its one of
+        each, and its hit path asks no device."""
         if self._devices_known:
             return
         with self._lock:
-            if self._devices_known or not _devices.mixed():
+            if not self._devices_known:
+                _devices.route(self)
                 self._devices_known = True
-                return
-            home, label = self._home, self.label
-            self._home = cast(KernelHome, _devices.PerPlatform(home.sibling, home))
-            self.set_aside = cast(SetAside, _devices.PerPlatform(lambda: SetAside(label), self.set_aside))
-            if self._listing is not None:
-                space, index = self._listing.space, self.config_index
-                self._listing = cast(
-                    SpaceListing,
-                    _devices.PerPlatform(
-                        lambda: SpaceListing(space, index, lambda: self.page().platform), self._listing
-                    ),
-                )
-            if not self._single:  # one config serves every call on every device, from any table
-                self._hits = cast(
-                    HitTable,
-                    _devices.PerPlatform(
-                        lambda: HitTable(self.arg_names, self.keys, self.fn.run, self), self._hits
-                    ),
-                )
-            self._devices_known = True
 
     def _slow_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], grid: Any, warmup: bool) -> Any:
         self._by_device()
@@ -388,10 +368,8 @@ class Autotuner(_compat.TritonAutotuner):
         """A launch in place of configs of which none ran for the key (``_tuner.none_ran``)
         failed: raise ``TuningFailed`` that says so. The key's hits are dropped, so that each
         later call of it says so too."""
-        if not self._none_ran:
-            return
         with self._lock:
-            said = self._none_ran.get((_devices.here_model(), self._key(call), cid))
+            said = self._none_ran.said(self._key(call), cid)
             if said is None:
                 return
             self._hits.clear()
@@ -469,12 +447,7 @@ class Autotuner(_compat.TritonAutotuner):
         resolution = _miss.resolve(self, call, key, candidates)
         config = self.config_index.config(resolution.cid) if resolution.cid is not None else candidates[0]
         dict.__setitem__(self._cache, key, config)
-        # What was said of this key on this platform holds until the key is decided again.
-        where = _devices.here_model()
-        for said in [k for k in self._none_ran if k[0] == where and k[1] == key]:
-            del self._none_ran[said]
-        if resolution.none_ran:
-            self._none_ran[(where, key, self.config_index.id_of(config))] = resolution.none_ran
+        self._none_ran.decided(key, self.config_index.id_of(config), resolution.none_ran)
         if resolution.source == "served":
             self.counters.fallbacks[0] += 1
             if resolution.unmeasured:

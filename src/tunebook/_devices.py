@@ -93,3 +93,28 @@ class PerPlatform(Generic[T]):
 def each(obj: Any) -> list[Any]:
     """``obj``'s every platform's object where it is a :class:`PerPlatform`, else ``[obj]``."""
     return obj.each() if isinstance(obj, PerPlatform) else [obj]
+
+
+def route(tuner: Any) -> None:
+    """Where this process sees GPUs of several models: swap ``tuner``'s (an
+    :class:`~tunebook.Autotuner`'s) home (page, imported tables, timers), set-asides, Space
+    listing and hit tables (decisions included) for :class:`PerPlatform`s, its own becoming
+    the current device's platform's. Its counters and Triton's ``cache`` stay one: a config a
+    caller writes there holds on every device, as in Triton. Called once, under its lock."""
+    if not mixed():
+        return
+    from ._hits import HitTable
+    from ._listing import SpaceListing
+    from ._set_aside import SetAside
+
+    home, label = tuner._home, tuner.label
+    tuner._home = PerPlatform(home.sibling, home)
+    tuner.set_aside = PerPlatform(lambda: SetAside(label), tuner.set_aside)
+    if tuner._listing is not None:
+        space, index = tuner._listing.space, tuner.config_index
+        tuner._listing = PerPlatform(
+            lambda: SpaceListing(space, index, lambda: tuner.page().platform), tuner._listing
+        )
+    if not tuner._single:  # one config serves every call on every device, from any table
+        hits = tuner._hits
+        tuner._hits = PerPlatform(lambda: HitTable(tuner.arg_names, tuner.keys, tuner.fn.run, tuner), hits)

@@ -26,9 +26,11 @@ False
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ._book import Result
 from ._compat import is_sticky_gpu_error
+from ._devices import here_model
 
 # What time_candidate's result says of a timer's NaN or inf.
 NO_TIMING = "no valid timing"
@@ -72,3 +74,35 @@ def to_measure_again(results: Mapping[str, Result], ids: Iterable[str]) -> set[s
     if any(results[cid].ok for cid in mine):
         return set()
     return {cid for cid in mine if says_nothing(results[cid])}
+
+
+class NoneRan:
+    """What was said of each key where no config ran (``_tuner.none_ran``), by the config
+    launched in their place, for the error of that launch if it fails too. Kept per platform
+    (a host of several GPU models: one GPU's "nothing ran" is not another's) and forgotten
+    when the key is decided again. Used under the autotuner's lock.
+
+    >>> record = NoneRan()
+    >>> record.decided(("k",), "a", "none of the 4 configs measured ran"); record.said(("k",), "a")
+    'none of the 4 configs measured ran'
+    >>> record.decided(("k",), "b", ""); record.said(("k",), "a") is None
+    True
+    """
+
+    def __init__(self) -> None:
+        self._said: dict[tuple[Any, Any, str], str] = {}  # (platform, key, config id) -> words
+
+    def decided(self, key: Any, cid: str, said: str) -> None:
+        """``key`` was decided to ``cid`` on this device's platform; ``said`` if no config ran."""
+        if not self._said and not said:
+            return
+        where = here_model()
+        for old in [k for k in self._said if k[0] == where and k[1] == key]:
+            del self._said[old]
+        if said:
+            self._said[(where, key, cid)] = said
+
+    def said(self, key: Any, cid: str) -> str | None:
+        """What was said where ``cid`` was launched for ``key`` in place of configs none of
+        which ran, on this device's platform; None otherwise."""
+        return self._said.get((here_model(), key, cid)) if self._said else None
