@@ -452,7 +452,9 @@ async def _updates(request: Request, queue: asyncio.Queue[Any], front: Front) ->
             if delta:
                 yield delta
             if reason == "error":
-                raise EngineFailed(f"the engine failed while generating: {engine.error!r}")
+                # Its own step's failure (set before the engine told the queue), not the
+                # engine's latest, which may be another request's.
+                raise EngineFailed(f"the engine failed while generating: {request.error!r}")
             if reason is not None:
                 return
     finally:
