@@ -107,3 +107,71 @@ def test_a_500_names_its_own_requests_failure_not_the_engines_latest() -> None:
             assert status == 500 and f"a prefill of {tokens} tokens" in message, message
 
     run(test)
+
+
+def events(body: bytes) -> list[Any]:
+    """A stream's server-sent events, parsed, up to ``[DONE]``."""
+    datas = [line[len(b"data: ") :] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert datas[-1] == b"[DONE]"
+    return [json.loads(d) for d in datas[:-1]]
+
+
+def test_logprobs_in_whole_and_streamed_answers_of_both_endpoints() -> None:
+    """The shapes OpenAI's clients read: /v1/completions' ``logprobs`` (``tokens``,
+    ``token_logprobs``, ``top_logprobs`` with the sampled token among up to N + 1,
+    ``text_offset``) and chat's ``logprobs.content``; streamed, each chunk carries its own
+    tokens' and together they are the whole answer's."""
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+    prompt, n = [5, 6, 7], 3
+
+    async def test() -> None:
+        status, body = await post(
+            app, "/v1/completions", {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 2}
+        )
+        assert status == 200, body
+        [choice] = json.loads(body)["choices"]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
+        assert "".join(lp["tokens"]) == choice["text"]  # ByteTokenizer: every token has its text
+        assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(n)]
+        for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            assert logprob <= 0 and 1 <= len(top) <= 3 and top[token] == logprob
+            assert logprob == max(top.values())  # greedy: the sampled token is the most likely
+
+        status, body = await post(
+            app,
+            "/v1/completions",
+            {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 2, "stream": True},
+        )
+        chunks = [c["choices"][0] for c in events(body)]
+        streamed = [c["logprobs"] for c in chunks if c["logprobs"] is not None]
+        for field in ("tokens", "text_offset", "token_logprobs"):
+            assert [x for s in streamed for x in s[field]] == lp[field], field
+        assert chunks[-1]["finish_reason"] == "length"
+
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": n, "temperature": 0}
+        status, body = await post(app, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2})
+        assert status == 200, body
+        [choice] = json.loads(body)["choices"]
+        content = choice["logprobs"]["content"]
+        assert len(content) == n and "".join(c["token"] for c in content) == choice["message"]["content"]
+        for c in content:
+            assert c["logprob"] <= 0 and c["bytes"] == list(c["token"].encode())
+            assert len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] == c["logprob"]
+            assert c["top_logprobs"][0]["token"] == c["token"]  # greedy
+        status, body = await post(app, "/v1/chat/completions", {**chat, "logprobs": True, "stream": True})
+        deltas = [e["choices"][0] for e in events(body)]
+        assert deltas[0]["logprobs"] is None and deltas[-1]["logprobs"] is None  # the role, the finish
+        streamed_content = [c for d in deltas[1:-1] for c in d["logprobs"]["content"]]
+        assert [c["token"] for c in streamed_content] == [c["token"] for c in content]
+        assert all(c["top_logprobs"] == [] for c in streamed_content)  # top_logprobs left out: 0
+
+        status, body = await post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+        assert json.loads(body)["choices"][0]["logprobs"] is None  # not asked
+
+    engine.start()
+    try:
+        run(test)
+    finally:
+        engine.stop()

@@ -362,6 +362,52 @@ def test_a_failed_decode_fails_its_batch_and_not_the_requests_waiting() -> None:
     assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
 
 
+def test_logprobs_are_the_raw_log_softmax_of_each_steps_logits_for_the_rows_that_asked() -> None:
+    """A request with ``logprobs`` gets, per token, the log-probability of the sampled token
+    and of the most likely ones: ``log_softmax`` of the step's logits (prefill and decode),
+    before temperature; the request beside it that did not ask gets none, and asking
+    changes no token."""
+    engine = tiny_engine()
+    steps: list[torch.Tensor] = []
+    prefill, decode = engine.decoder.prefill, engine.runner.step
+
+    def keep(run: Any) -> Any:
+        def kept(*args: Any) -> torch.Tensor:
+            logits = run(*args)
+            steps.append(logits.clone())
+            return logits
+
+        return kept
+
+    engine.decoder.prefill, engine.runner.step = keep(prefill), keep(decode)  # type: ignore[method-assign]
+    greedy = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=4)
+    hot = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=0, temperature=1.5, seed=3)
+    plain = SamplingParams(max_tokens=3, ignore_eos=True)
+    asked, sampled, silent = (
+        engine.submit([3, 4, 5], greedy),
+        engine.submit([6, 7], hot),
+        engine.submit([8], plain),
+    )
+    while engine.step():
+        pass
+    assert len(steps) == 3 and not silent.logprobs  # a prefill, two decodes
+    for row, request in enumerate((asked, sampled)):
+        assert [e.token for e in request.logprobs] == request.output
+        for logits, entry in zip(steps, request.logprobs):
+            reference = torch.log_softmax(logits[row].float(), dim=-1)  # no temperature
+            assert (
+                entry.logprob == pytest.approx(reference[entry.token].item(), abs=1e-5) and entry.logprob <= 0
+            )
+            values, ids = reference.topk(request.params.logprobs or 0)
+            assert [i for i, _ in entry.top] == ids.tolist()
+            assert [p for _, p in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert all(e.top[0] == (e.token, e.logprob) for e in asked.logprobs)  # greedy: the top one
+    again = tiny_engine().generate([[3, 4, 5], [6, 7]], dataclasses.replace(greedy, logprobs=None))
+    assert again[0].output == asked.output
+    [alone] = tiny_engine().generate([[6, 7]], dataclasses.replace(hot, logprobs=None))
+    assert alone.output == sampled.output  # the same seed draws the same tokens
+
+
 def test_new_requests_at_every_step_do_not_stall_a_running_one() -> None:
     """Prefills go first, but a request arriving before every step (each ending at its
     prefill: max_tokens 1, as a classifier's traffic) stalls no running request: it gets a

@@ -40,7 +40,7 @@ from .graphs import DecodeRunner
 from .kv_cache import KVCache, blocks_for
 from .loading import Weights
 from .ops import Ops, make_ops
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, TokenLogprobs, sample, token_logprobs
 from .scheduler import Request, Scheduler, new_id
 from .tokenizer import TextStream, TokenizerLike
 
@@ -210,12 +210,14 @@ class Engine:
                     [r.output[-1] for r in batch], [r.context - 1 for r in batch], [r.blocks for r in batch]
                 )
             tokens = sample(logits, [r.params for r in batch], self.generator, [r.generator for r in batch])
+            # Only over the rows that asked (none: nothing runs), from the logits as made.
+            logprobs = token_logprobs(logits, tokens, [r.params.logprobs for r in batch])
             new = tokens.tolist()  # waits for the GPU: the next step needs these tokens
         self.steps[kind] += 1
         if kind == "decode":
             self.decode_batches[len(batch)] += 1
-        for request, token in zip(batch, new):
-            self._advance(request, int(token))
+        for request, token, lp in zip(batch, new, logprobs):
+            self._advance(request, int(token), lp)
 
     def _recover(self, plan: tuple[str, list[Request]] | None, exc: BaseException, retry: bool) -> bool:
         """End the requests of a failed step with "error", after running a failed prefill's
@@ -253,10 +255,12 @@ class Engine:
             self.scheduler.finish(request, "error")
             self._notify(request, [], "")
 
-    def _advance(self, request: Request, token: int) -> None:
+    def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.output.append(token)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
         eos = token in self.tokenizer.eos_ids and not request.params.ignore_eos
         delta = "" if eos else request.stream.push([token])
         reason = None
