@@ -285,6 +285,55 @@ def test_a_failed_prefill_fails_only_the_prompt_that_cannot_run() -> None:
     assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1  # bad's came back too
 
 
+def test_a_failed_prefill_whose_requests_all_run_alone_is_no_failure() -> None:
+    """A pack that fails once (a transient error, memory for the pack alone) and whose
+    requests then all run alone: the step succeeded. It used to raise the pack's error
+    anyway (the server's loop logged a failed step; a caller of ``step`` saw an exception
+    though no request failed) and to leave it as :attr:`Engine.error`."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class PackFailsOnce(TorchOps):
+        failed = False
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.failed and x.shape[0] > 3:  # the pack's 5 tokens; alone, 2 and 3
+                self.failed = True
+                raise RuntimeError("out of memory (injected)")
+            return super().silu_and_mul(x)
+
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    prompts = [[1, 2], [3, 4, 5]]
+    alone = [tiny_engine().generate([p], params)[0].output for p in prompts]
+    ops = PackFailsOnce()
+    engine = tiny_engine(ops)  # type: ignore[arg-type]
+    requests = [engine.submit(p, params) for p in prompts]
+    assert engine.step() is True  # the pack failed, each prompt then ran alone: no exception
+    assert ops.failed and engine.error is None
+    assert [(r.finish_reason, r.error, len(r.output)) for r in requests] == [(None, None, 1)] * 2
+    while engine.step():
+        pass
+    assert [(r.finish_reason, r.output) for r in requests] == [("length", out) for out in alone]
+    assert engine.steps["prefill"] == 2 and engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+
+
+def test_each_failed_request_keeps_its_own_error() -> None:
+    """A pack of two whose prompts both fail alone, each with its own error: each request
+    holds the error that ended it (the server's 500 names it), not the engine's latest."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class Fails(TorchOps):
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError(f"a prefill of {x.shape[0]} tokens (injected)")
+
+    engine = tiny_engine(Fails())  # type: ignore[arg-type]
+    short, long = engine.submit([1, 2], SamplingParams()), engine.submit([3, 4, 5], SamplingParams())
+    with pytest.raises(RuntimeError, match="5 tokens"):  # the pack's
+        engine.step()
+    assert (short.finish_reason, long.finish_reason) == ("error", "error")
+    assert "2 tokens" in repr(short.error) and "3 tokens" in repr(long.error)
+    assert engine.error is long.error  # the latest
+
+
 def test_a_failed_decode_fails_its_batch_and_not_the_requests_waiting() -> None:
     from tunebook.demo.llm.ops import TorchOps
 
@@ -311,6 +360,52 @@ def test_a_failed_decode_fails_its_batch_and_not_the_requests_waiting() -> None:
         pass
     assert waiting.finish_reason == "length" and len(waiting.output) == 3
     assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+
+
+def test_logprobs_are_the_raw_log_softmax_of_each_steps_logits_for_the_rows_that_asked() -> None:
+    """A request with ``logprobs`` gets, per token, the log-probability of the sampled token
+    and of the most likely ones: ``log_softmax`` of the step's logits (prefill and decode),
+    before temperature; the request beside it that did not ask gets none, and asking
+    changes no token."""
+    engine = tiny_engine()
+    steps: list[torch.Tensor] = []
+    prefill, decode = engine.decoder.prefill, engine.runner.step
+
+    def keep(run: Any) -> Any:
+        def kept(*args: Any) -> torch.Tensor:
+            logits = run(*args)
+            steps.append(logits.clone())
+            return logits
+
+        return kept
+
+    engine.decoder.prefill, engine.runner.step = keep(prefill), keep(decode)  # type: ignore[method-assign]
+    greedy = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=4)
+    hot = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=0, temperature=1.5, seed=3)
+    plain = SamplingParams(max_tokens=3, ignore_eos=True)
+    asked, sampled, silent = (
+        engine.submit([3, 4, 5], greedy),
+        engine.submit([6, 7], hot),
+        engine.submit([8], plain),
+    )
+    while engine.step():
+        pass
+    assert len(steps) == 3 and not silent.logprobs  # a prefill, two decodes
+    for row, request in enumerate((asked, sampled)):
+        assert [e.token for e in request.logprobs] == request.output
+        for logits, entry in zip(steps, request.logprobs):
+            reference = torch.log_softmax(logits[row].float(), dim=-1)  # no temperature
+            assert (
+                entry.logprob == pytest.approx(reference[entry.token].item(), abs=1e-5) and entry.logprob <= 0
+            )
+            values, ids = reference.topk(request.params.logprobs or 0)
+            assert [i for i, _ in entry.top] == ids.tolist()
+            assert [p for _, p in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert all(e.top[0] == (e.token, e.logprob) for e in asked.logprobs)  # greedy: the top one
+    again = tiny_engine().generate([[3, 4, 5], [6, 7]], dataclasses.replace(greedy, logprobs=None))
+    assert again[0].output == asked.output
+    [alone] = tiny_engine().generate([[6, 7]], dataclasses.replace(hot, logprobs=None))
+    assert alone.output == sampled.output  # the same seed draws the same tokens
 
 
 def test_new_requests_at_every_step_do_not_stall_a_running_one() -> None:

@@ -22,8 +22,11 @@ pytestmark = pytest.mark.once
         ({"seed": 2**64}, "seed"),  # any 64-bit integer is a seed (OpenAI takes negative ones)
         ({"n": 2}, "n"),
         ({"stop": ["a"] * 5}, "stop"),
-        ({"logprobs": 3}, "logprobs"),
-        ({"logprobs": 0}, "logprobs"),  # on /v1/completions: the sampled tokens' own logprobs
+        ({"logprobs": 21}, "logprobs"),  # past MAX_LOGPROBS
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),  # a count on /v1/completions, not chat's flag
+        ({"logprobs": 2.5}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # chat's field: here 'logprobs' is the count
         ({"echo": True}, "echo"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"best_of": 4}, "best_of"),
@@ -39,10 +42,38 @@ def test_defaults_and_edges() -> None:
     params = sampling_params({"logprobs": None, "echo": False, "tools": [], "best_of": 1, "stop": "END"}, 8)
     assert (params.max_tokens, params.temperature, params.top_p, params.stop) == (8, 1.0, 1.0, ("END",))
     assert 0 < sampling_params({"top_p": 0}, 8).top_p < 1e-6  # 0: the top token alone
-    assert sampling_params({"logprobs": False}, 8)  # no count at all, as a flag would say
-    assert sampling_params({"logprobs": 0, "top_logprobs": 0}, 8, chat=True)  # chat's flag: false
-    with pytest.raises(BadRequest, match="'logprobs' is not supported"):
-        sampling_params({"logprobs": True}, 8, chat=True)
+    assert sampling_params({"logprobs": False}, 8).logprobs is None  # no count at all
+    assert sampling_params({}, 8).logprobs is None
+    assert sampling_params({"logprobs": 0, "top_logprobs": 0}, 8, chat=True).logprobs is None  # false
+
+
+def test_logprobs_fields() -> None:
+    """/v1/completions' ``logprobs`` is a count of alternatives (0: the sampled token's own
+    logprob alone); chat's is a flag, ``top_logprobs`` the count; MAX_LOGPROBS at most."""
+    from tunebook.demo.llm.server import MAX_LOGPROBS
+
+    assert MAX_LOGPROBS == 20
+    assert [sampling_params({"logprobs": n}, 8).logprobs for n in (0, 5, 20)] == [0, 5, 20]
+    chat = [
+        ({"logprobs": True}, 0),
+        ({"logprobs": True, "top_logprobs": 20}, 20),
+        ({"logprobs": 1, "top_logprobs": 3}, 3),
+        ({"logprobs": False, "top_logprobs": 0}, None),
+        ({"top_logprobs": None}, None),
+    ]
+    assert [sampling_params(body, 8, chat=True).logprobs for body, _ in chat] == [n for _, n in chat]
+    refused = [
+        ({"logprobs": 21}, "'logprobs' must be an integer in [0, 20]", False),
+        ({"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be an integer in [0, 20]", True),
+        ({"top_logprobs": 3}, "needs 'logprobs': true", True),
+        ({"logprobs": False, "top_logprobs": 1}, "needs 'logprobs': true", True),
+        ({"logprobs": 2}, "'logprobs' must be true or false", True),
+        ({"logprobs": "yes"}, "'logprobs' must be true or false", True),
+    ]
+    for body, words, is_chat in refused:
+        with pytest.raises(BadRequest) as err:
+            sampling_params(body, 8, chat=is_chat)
+        assert words in err.value.message and err.value.status == 400, (body, err.value.message)
 
 
 def test_messages_text_parts_and_roles() -> None:

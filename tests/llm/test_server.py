@@ -242,7 +242,7 @@ def test_what_openai_allows_is_served_or_refused_in_openais_shape(server: Server
     refused = [
         ({"seed": 2**64}, "'seed' must be in"),
         ({"presence_penalty": 1.5}, "'presence_penalty' is not supported"),
-        ({"logprobs": 0}, "'logprobs' is not supported"),  # 0: the sampled tokens' own logprobs
+        ({"logprobs": 21}, "'logprobs' must be an integer in [0, 20]"),  # the limit, named
         ({"response_format": {"type": "json_object"}}, "'response_format' is not supported"),
     ]
     for fields, words in refused:
@@ -350,16 +350,32 @@ def test_a_shutdown_cuts_a_long_stream_after_its_grace_period(tmp_path: Path) ->
         assert time.monotonic() - begun < GRACEFUL_SHUTDOWN_S + 30
 
 
-def test_the_real_model_chats_through_its_template(tmp_path: Path) -> None:
+def test_the_real_model_chats_through_its_template(tmp_path: Path, smollm2: Any) -> None:
     """SmolLM2 (one layer: the interpreter reads its 49152-wide output projection each step)
-    behind the openai client: the GGUF tokenizer, the chat template, streaming."""
+    behind the openai client: the GGUF tokenizer, the chat template; the first token's
+    logprobs equal the log_softmax of transformers' logits with the same weights."""
     import openai
+    import torch
+
+    from tunebook.demo.llm.reference import hf_greedy, hf_model
+    from tunebook.demo.llm.tokenizer import Tokenizer
 
     for server in start_server(tmp_path, "--layers", "1"):
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
         [model] = client.models.list().data
         assert model.id == "smollm2-135m-instruct-1-layers"
+        messages = [{"role": "user", "content": "Hi"}]
         reply = client.chat.completions.create(
-            model=model.id, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+            model=model.id, messages=messages, max_tokens=2, temperature=0, logprobs=True, top_logprobs=3
         )
         assert reply.usage.prompt_tokens == 31 and reply.usage.completion_tokens == 2
+    tokenizer = Tokenizer.from_gguf(smollm2.metadata)
+    prompt = tokenizer.encode(tokenizer.chat_prompt(messages))
+    first = torch.log_softmax(
+        hf_greedy(hf_model(smollm2.config.cut(1), smollm2.state_dict), prompt, 1)[1], -1
+    )
+    values, ids = first.topk(3)
+    [token, *_] = reply.choices[0].logprobs.content
+    assert token.logprob == pytest.approx(values[0].item(), abs=5e-3)  # the kernels' fp32 sums vs torch's
+    assert [bytes(t.bytes) for t in token.top_logprobs] == [tokenizer.token_bytes(int(i)) for i in ids]
+    assert [t.logprob for t in token.top_logprobs] == pytest.approx(values.tolist(), abs=5e-3)

@@ -40,7 +40,7 @@ from .graphs import DecodeRunner
 from .kv_cache import KVCache, blocks_for
 from .loading import Weights
 from .ops import Ops, make_ops
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, TokenLogprobs, sample, token_logprobs
 from .scheduler import Request, Scheduler, new_id
 from .tokenizer import TextStream, TokenizerLike
 
@@ -178,8 +178,11 @@ class Engine:
         and running ones a failed prefill did not touch, go on. The requests of a failed
         prefill of several are first run again one at a time, so that one prompt that cannot
         run (a shape that fails, a long one that runs out of memory) does not take its
-        batch-mates with it. The step's exception is raised again; :attr:`error` holds the
-        latest one (the server names it to the failed requests' clients)."""
+        batch-mates with it. Where that ended any request with "error", the step's exception
+        is raised again; where every one of them then ran, the step succeeded (logged as a
+        warning) and nothing is raised. Each failed request's :attr:`Request.error` is the
+        failure that ended it (the server names it to that request's client); :attr:`error`
+        is the latest that ended any request."""
         plan = None
         try:
             for request in self.scheduler.take_aborted():
@@ -190,9 +193,9 @@ class Engine:
                 return False
             self._run(*plan)
         except BaseException as exc:
-            self.error = exc
-            self._recover(plan, retry=isinstance(exc, Exception))  # not after a Ctrl-C
-            raise
+            if not self._recover(plan, exc, retry=isinstance(exc, Exception)):  # no retry after a Ctrl-C
+                raise
+            log.warning("a prefill of several requests failed (%r); each of them then ran alone", exc)
         return True
 
     def _run(self, kind: str, batch: list[Request]) -> None:
@@ -207,21 +210,24 @@ class Engine:
                     [r.output[-1] for r in batch], [r.context - 1 for r in batch], [r.blocks for r in batch]
                 )
             tokens = sample(logits, [r.params for r in batch], self.generator, [r.generator for r in batch])
+            # Only over the rows that asked (none: nothing runs), from the logits as made.
+            logprobs = token_logprobs(logits, tokens, [r.params.logprobs for r in batch])
             new = tokens.tolist()  # waits for the GPU: the next step needs these tokens
         self.steps[kind] += 1
         if kind == "decode":
             self.decode_batches[len(batch)] += 1
-        for request, token in zip(batch, new):
-            self._advance(request, int(token))
+        for request, token, lp in zip(batch, new, logprobs):
+            self._advance(request, int(token), lp)
 
-    def _recover(self, plan: tuple[str, list[Request]] | None, retry: bool) -> None:
+    def _recover(self, plan: tuple[str, list[Request]] | None, exc: BaseException, retry: bool) -> bool:
         """End the requests of a failed step with "error", after running a failed prefill's
-        requests again alone where ``retry`` (step's docstring)."""
+        requests again alone where ``retry`` (step's docstring). True where they were run
+        again and every one of them ran: the step recovered, and none ended."""
         if plan is None:
             # The queues themselves failed: nothing says whose step it was, and stepping on
             # would fail the same way at once; end every request rather than spin.
-            self._fail([*self.scheduler.running, *self.scheduler.take_waiting()])
-            return
+            self._fail([*self.scheduler.running, *self.scheduler.take_waiting()], exc)
+            return False
         kind, batch = plan
         failed = [r for r in batch if not r.finished]
         alone: list[Request] = []
@@ -229,24 +235,32 @@ class Engine:
             # One with a token already had its prefill, and the step failed after it (in
             # detokenizing): a second prefill would write a second token at its position.
             alone = [r for r in failed if not r.output]
-        self._fail([r for r in failed if r not in alone])
-        for request in alone:
+        ended = [r for r in failed if r not in alone]
+        self._fail(ended, exc)
+        for i, request in enumerate(alone):
             try:
                 self._run("prefill", [request])
-            except Exception as exc:
+            except Exception as again:
                 log.exception("the prefill of request %s alone failed too", request.id)
-                self.error = exc
-                self._fail([request])
+                self._fail([request], again)
+                ended.append(request)
+            except BaseException as again:  # a Ctrl-C: none of the rest runs, nor stays running
+                self._fail(alone[i:], again)
+                raise
+        return bool(alone) and not ended
 
-    def _fail(self, requests: list[Request]) -> None:
+    def _fail(self, requests: list[Request], exc: BaseException) -> None:
         for request in requests:
+            self.error = request.error = exc
             self.scheduler.finish(request, "error")
             self._notify(request, [], "")
 
-    def _advance(self, request: Request, token: int) -> None:
+    def _advance(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.output.append(token)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
         eos = token in self.tokenizer.eos_ids and not request.params.ignore_eos
         delta = "" if eos else request.stream.push([token])
         reason = None

@@ -10,6 +10,14 @@ request with the same seed gets the same tokens; the others share the engine's.
 These are PyTorch operations on the GPU (argmax, softmax, sort, cumsum, multinomial): the
 part of a step that is not the pack's kernels, a few small launches per step.
 
+A request with ``logprobs`` set (0 or more alternatives) also gets, for each token it
+samples, :func:`token_logprobs`: the log-probability of that token and of the
+``logprobs`` most likely ones under the model's own distribution, ``log_softmax`` of the
+raw logits, before temperature and top-p (vLLM's default, its ``raw_logprobs``), so the
+numbers do not depend on how the token was drawn. They are computed only over the rows
+that asked, after the step's logits are made (after a CUDA graph's replay), in one
+transfer; rows that did not ask cost nothing.
+
 >>> logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
 >>> sample(logits, [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.01)]).tolist()
 [1, 0]
@@ -37,6 +45,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
+    # Each sampled token's log-probability and its ``logprobs`` most likely alternatives'
+    # (0: its own alone); None: none computed.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -45,6 +56,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 100]; found {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; found {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be at least 0 (or None); found {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -95,3 +108,46 @@ def _draw(
             bad[:, None], torch.nn.functional.one_hot(logits.argmax(-1), probs.shape[-1]).to(probs), probs
         )
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability, and its step's most likely tokens' (``top``:
+    ``(id, logprob)`` pairs, most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, wanted: Sequence[int | None]
+) -> list[TokenLogprobs | None]:
+    """For each row ``i`` of ``logits`` ``[n, vocab]`` whose ``wanted[i]`` is not None, the
+    log-probability of ``tokens[i]`` and of the ``wanted[i]`` most likely ids, from
+    ``log_softmax`` of the raw logits (module docstring); None for the other rows, which
+    cost nothing.
+
+    >>> logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    >>> a, b = token_logprobs(logits, torch.tensor([1, 0]), [1, None])
+    >>> a.token, round(a.logprob, 4), [(i, round(p, 4)) for i, p in a.top], b
+    (1, -0.1698, [(1, -0.1698)], None)
+    """
+    rows = [i for i, k in enumerate(wanted) if k is not None]
+    out: list[TokenLogprobs | None] = [None] * len(wanted)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    lp = torch.log_softmax(logits[index].float(), dim=-1)
+    chosen = tokens[index].to(device=logits.device, dtype=torch.int64)
+    parts = [chosen.to(lp.dtype)[:, None], lp.gather(1, chosen[:, None])]
+    k = min(max(int(wanted[i] or 0) for i in rows), lp.shape[-1])
+    if k:
+        values, ids = torch.topk(lp, k, dim=-1)
+        parts += [values, ids.to(lp.dtype)]  # ids below 2**24: exact in float32
+    table = torch.cat(parts, dim=1).tolist()  # one transfer for every row that asked
+    for row, i in zip(table, rows):
+        n = min(int(wanted[i] or 0), k)
+        top = tuple((int(t), p) for t, p in zip(row[2 + k : 2 + k + n], row[2 : 2 + n]))
+        out[i] = TokenLogprobs(int(row[0]), row[1], top)
+    return out

@@ -68,6 +68,9 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: Any = None  # a seeded torch.Generator, or None
+    error: BaseException | None = None  # what ended it with "error": its own step's failure
+    # Each output token's TokenLogprobs where params.logprobs is set (appended with it).
+    logprobs: list[Any] = field(default_factory=list)
     stream: Any = None  # the TextStream that turns its ids into text (engine-owned)
 
     @property

@@ -4,12 +4,15 @@ Endpoints (the subset of OpenAI's API a chat client needs):
 
 * ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served;
 * ``POST /v1/completions``: ``prompt`` (a string, or a list of token ids), ``max_tokens``
-  (default 16), ``temperature`` (default 1), ``top_p``, ``stop``, ``seed``, ``stream``;
+  (default 16), ``temperature`` (default 1), ``top_p``, ``stop``, ``seed``, ``stream``,
+  ``logprobs`` (0 to MAX_LOGPROBS alternatives: ``tokens``, ``token_logprobs``,
+  ``top_logprobs``, ``text_offset``);
 * ``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template,
   ``max_completion_tokens`` or ``max_tokens`` (default: up to DEFAULT_CHAT_MAX_TOKENS and
-  the model's length), and the same sampling fields; ``stream`` sends
+  the model's length), and the same sampling fields; ``logprobs: true`` with
+  ``top_logprobs`` (0 to MAX_LOGPROBS): ``logprobs.content``; ``stream`` sends
   ``chat.completion.chunk`` events (``stream_options.include_usage``: a last chunk with the
-  usage);
+  usage), each with the logprobs of its tokens;
 * ``GET /health``: 200 once the server serves (for probes);
 * ``GET /stats``: not OpenAI's: the engine's steps and batch sizes, and
   ``tunebook.stats()`` (configs benchmarked, fallbacks: both 0 when the books answer).
@@ -32,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 import uuid
@@ -40,8 +44,9 @@ from typing import Any
 
 from ..._optional import require
 from .engine import Engine, shown
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs
 from .scheduler import Request
+from .tokenizer import TokenizerLike, token_bytes
 
 # Chat requests without max_tokens may generate up to this many tokens (and the model's
 # remaining length): a runaway answer cannot hold the cache for long.
@@ -58,6 +63,12 @@ ENGINE_STOP_S = 2
 DEFAULT_MAX_BODY_MB = 12
 # A body this large is parsed off the event loop (json.loads of megabytes takes a while).
 PARSE_OFF_LOOP_BYTES = 1 << 20
+# The most alternatives a token's logprobs list (/v1/completions' logprobs, chat's
+# top_logprobs): vLLM's default --max-logprobs, OpenAI's chat limit (its completions' is 5).
+MAX_LOGPROBS = 20
+# A log-probability that is not a finite number (a token of probability 0) is sent as this,
+# as vLLM clamps it: JSON has no -Infinity.
+LOWEST_LOGPROB = -9999.0
 
 log = logging.getLogger("tunebook.demo.llm")
 
@@ -124,9 +135,7 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 # Fields this server does not implement, and the values that ask for nothing.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),  # as chat reads it; /v1/completions: sampling_params
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
+    "echo": (None, False),  # and with it the prompt's logprobs
     "suffix": (None, ""),
     "tools": (None,),
     "functions": (None,),
@@ -148,13 +157,8 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int, *, chat: bool = Fa
         value = body.get(name)
         if value not in allowed and not (value == {} or value == []):
             raise _unsupported(name, value)
-    # Chat reads logprobs as a flag (0 is false); /v1/completions as a count of alternatives,
-    # where 0 still asks for the sampled tokens' own logprobs (OpenAI, vLLM): refused as any
-    # other count is, rather than answered with none.
-    logprobs = body.get("logprobs")
-    if not chat and logprobs is not None and logprobs is not False:
-        raise _unsupported("logprobs", logprobs)
     return SamplingParams(
+        logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         # top_p = 0 keeps the most likely token alone, as a tiny nucleus does.
@@ -163,6 +167,53 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int, *, chat: bool = Fa
         seed=_seed(body),
         stop=_stop(body),
     )
+
+
+def _completion_logprobs(body: Mapping[str, Any]) -> int | None:
+    """/v1/completions' ``logprobs``: how many alternatives each token lists (0: the sampled
+    token's own logprob alone, as OpenAI and vLLM read it); None where not asked."""
+    top = body.get("top_logprobs")
+    if top is not None and top != 0:  # chat's field: the count is logprobs itself here
+        raise BadRequest(
+            "'top_logprobs' is a chat field; on /v1/completions 'logprobs' is the count of "
+            f"alternatives (found {shown(top)})",
+            "top_logprobs",
+        )
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise BadRequest(
+            f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}] (the most alternatives this server "
+            f"lists per token is {MAX_LOGPROBS}); found {shown(value)}",
+            "logprobs",
+        )
+    return value
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """Chat's ``logprobs`` flag (0 and 1 read as false and true) and ``top_logprobs``: the
+    count of alternatives each token lists, or None where not asked."""
+    flag = body.get("logprobs")
+    if not (flag is None or isinstance(flag, bool) or (isinstance(flag, int) and flag in (0, 1))):
+        raise BadRequest(f"'logprobs' must be true or false; found {shown(flag)}", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
+    ):
+        raise BadRequest(
+            f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}] (the most alternatives this server "
+            f"lists per token is {MAX_LOGPROBS}); found {shown(top)}",
+            "top_logprobs",
+        )
+    if not flag:
+        if top:
+            raise BadRequest(
+                f"'top_logprobs' ({top}) needs 'logprobs': true; set it, or leave 'top_logprobs' out",
+                "top_logprobs",
+            )
+        return None
+    return int(top or 0)
 
 
 def _unsupported(name: str, value: Any) -> BadRequest:
@@ -393,16 +444,19 @@ class Front:
     def submit(
         self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl"
     ) -> tuple[Request, asyncio.Queue[Any]]:
-        """Queue a request; its updates arrive on the returned queue as
-        ``(new text, finish_reason)`` pairs, pushed from the engine's thread (SHUTDOWN when
-        the server ends it). Raises ShuttingDown once the server has ended its requests."""
+        """Queue a request; its updates arrive on the returned queue as ``(new text,
+        finish_reason, the new tokens' TokenLogprobs)``, pushed from the engine's thread
+        (SHUTDOWN when the server ends it). Raises ShuttingDown once the server has ended its
+        requests."""
         if self.closed:
             raise ShuttingDown
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def on_update(request: Request, tokens: list[int], delta: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finish_reason))
+            # The engine appends a token's logprobs with it (where asked): the last ones.
+            new = request.logprobs[len(request.output) - len(tokens) :] if request.logprobs else []
+            loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finish_reason, new))
 
         try:
             request = self.engine.submit(
@@ -439,20 +493,26 @@ class ShuttingDown(Exception):
 SHUTDOWN = (None, "shutdown")  # what Front.close puts on the queue of each request in flight
 
 
-async def _updates(request: Request, queue: asyncio.Queue[Any], front: Front) -> AsyncIterator[str]:
-    """The request's text deltas until it finishes; aborts it if the consumer goes away.
-    Raises EngineFailed if the engine ended it with an error, ShuttingDown if the server did."""
+async def _updates(
+    request: Request, queue: asyncio.Queue[Any], front: Front
+) -> AsyncIterator[tuple[str, list[TokenLogprobs]]]:
+    """The request's text deltas, each with its new tokens' logprobs (where the request asked
+    for them: an update may then bring tokens and no text), until it finishes; aborts it if
+    the consumer goes away. Raises EngineFailed if the engine ended it with an error,
+    ShuttingDown if the server did."""
     engine = front.engine
     try:
         while True:
             update = await queue.get()
             if update is SHUTDOWN:
                 raise ShuttingDown
-            delta, reason = update
-            if delta:
-                yield delta
+            delta, reason, logprobs = update
+            if delta or logprobs:
+                yield delta, logprobs
             if reason == "error":
-                raise EngineFailed(f"the engine failed while generating: {engine.error!r}")
+                # Its own step's failure (set before the engine told the queue), not the
+                # engine's latest, which may be another request's.
+                raise EngineFailed(f"the engine failed while generating: {request.error!r}")
             if reason is not None:
                 return
     finally:
@@ -470,7 +530,7 @@ async def _answer(http: Any, request: Request, queue: asyncio.Queue[Any], front:
     first (nothing else would notice: only a streamed response listens for it)."""
 
     async def text() -> str:
-        return "".join([d async for d in _updates(request, queue, front)])
+        return "".join([d async for d, _ in _updates(request, queue, front)])
 
     async def disconnected() -> None:
         while (await http.receive())["type"] != "http.disconnect":
@@ -502,6 +562,58 @@ def _finish(request: Request) -> str:
     return "length" if request.finish_reason == "length" else "stop"
 
 
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else LOWEST_LOGPROB
+
+
+class TokenTexts:
+    """Token ids as logprobs show them: a token's text (its bytes decoded, a part of a
+    character as U+FFFD) and its bytes, remembered (the same alternatives come back)."""
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self.tokenizer = tokenizer
+        self.known: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self.known:
+            raw = token_bytes(self.tokenizer, token)
+            if len(self.known) > 65536:
+                self.known.clear()
+            self.known[token] = (raw.decode(errors="replace"), list(raw))
+        return self.known[token]
+
+    def completion(self, entries: list[TokenLogprobs], offset: int) -> dict[str, Any]:
+        """/v1/completions' ``logprobs`` for ``entries``, whose text starts at ``offset`` of
+        the answer: each ``top_logprobs`` holds the alternatives and the sampled token, as
+        OpenAI and vLLM list them (up to logprobs + 1)."""
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for entry in entries:
+            text = self(entry.token)[0]
+            tokens.append(text)
+            token_logprobs.append(_logprob(entry.logprob))
+            top.append({**{self(i)[0]: _logprob(p) for i, p in entry.top}, text: _logprob(entry.logprob)})
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
+
+    def chat(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
+        """Chat's ``logprobs``: ``content``, a token each, with its ``top_logprobs``."""
+
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            text, raw = self(token)
+            return {"token": text, "logprob": _logprob(logprob), "bytes": raw}
+
+        content = [
+            {**one(e.token, e.logprob), "top_logprobs": [one(i, p) for i, p in e.top]} for e in entries
+        ]
+        return {"content": content}
+
+
 def _sse(payload: Mapping[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -522,6 +634,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
     from starlette.routing import Route
 
     front = Front(engine, model_id)
+    texts = TokenTexts(engine.tokenizer)
     max_body = int(max_body_mb * 2**20)
 
     @asynccontextmanager
@@ -594,16 +707,20 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         req, queue = front.submit(prompt, params)
         head = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model_id}
 
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        def choice(text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         if stream:
             streamed = {**head, "usage": None} if usage else head
 
             async def events() -> AsyncIterator[str]:
+                offset = 0  # where the next token's text starts in the answer (text_offset)
                 try:
-                    async for delta in _updates(req, queue, front):
-                        yield _sse({**streamed, "choices": [choice(delta, None)]})
+                    async for delta, entries in _updates(req, queue, front):
+                        logprobs = texts.completion(entries, offset) if entries else None
+                        if logprobs is not None:
+                            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                        yield _sse({**streamed, "choices": [choice(delta, None, logprobs)]})
                     yield _sse({**streamed, "choices": [choice("", _finish(req))]})
                     if usage:
                         yield _sse({**head, "choices": [], "usage": _usage(req)})
@@ -615,7 +732,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
             return _event_stream(events())
         text = await _answer(request, req, queue, front)
-        return JSONResponse({**head, "choices": [choice(text, _finish(req))], "usage": _usage(req)})
+        logprobs = texts.completion(req.logprobs, 0) if params.logprobs is not None else None
+        return JSONResponse({**head, "choices": [choice(text, _finish(req), logprobs)], "usage": _usage(req)})
 
     async def chat(request: Any) -> Any:
         body = await body_of(request)
@@ -637,17 +755,19 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
             chunk = {**head, "object": "chat.completion.chunk"}
             streamed = {**chunk, "usage": None} if usage else chunk
 
-            def delta(content: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            def delta(content: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
                 return {
                     **streamed,
-                    "choices": [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}],
+                    "choices": [
+                        {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish}
+                    ],
                 }
 
             async def events() -> AsyncIterator[str]:
                 yield _sse(delta({"role": "assistant", "content": ""}, None))
                 try:
-                    async for text in _updates(req, queue, front):
-                        yield _sse(delta({"content": text}, None))
+                    async for text, entries in _updates(req, queue, front):
+                        yield _sse(delta({"content": text}, None, texts.chat(entries) if entries else None))
                     yield _sse(delta({}, _finish(req)))
                     if usage:
                         yield _sse({**chunk, "choices": [], "usage": _usage(req)})
@@ -660,7 +780,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
             return _event_stream(events())
         text = await _answer(request, req, queue, front)
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(req)}
+        logprobs = texts.chat(req.logprobs) if params.logprobs is not None else None
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(req)}
         return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)})
 
     async def model(request: Any) -> Any:

@@ -138,6 +138,18 @@ class Tokenizer:
         """Text of ``ids``, special tokens left out."""
         return str(self.backend.decode(list(ids), skip_special_tokens=True))
 
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one token stands for (a special token: its name's), which may be
+        part of a character: what OpenAI's logprobs call a token's ``bytes``."""
+        if token in self.special:
+            return self.special[token].encode()
+        piece = self.backend.id_to_token(token)
+        if piece is None:
+            return b""
+        table = _byte_level_chars()
+        # A character outside GPT-2's byte alphabet (a token added as text) stands for itself.
+        return b"".join(bytes([table[c]]) if c in table else c.encode() for c in piece)
+
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The model's chat template applied to ``messages``, ending where the assistant's
         answer starts. Raises ValueError if the model has no template or it rejects them."""
@@ -184,6 +196,9 @@ class ByteTokenizer:
 
     def fewest_tokens(self, text: str) -> int:
         return len(text.encode(errors="surrogatepass"))
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if 0 <= token < 256 else f"<{token}>".encode()
 
     def decode(self, ids: Sequence[int]) -> str:
         text, run = [], bytearray()
@@ -286,3 +301,28 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+def token_bytes(tokenizer: TokenizerLike, token: int) -> bytes:
+    """The bytes ``token`` stands for: the tokenizer's ``token_bytes`` where it has one, else
+    its decoded text's (a character cut in two then shows as U+FFFD)."""
+    exact = getattr(tokenizer, "token_bytes", None)
+    return bytes(exact(token)) if exact is not None else tokenizer.decode([token]).encode()
+
+
+_BYTE_LEVEL: dict[str, int] = {}
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> the byte it stands for: printable bytes
+    stand for themselves, the others for chr(256 + n) in byte order."""
+    if not _BYTE_LEVEL:
+        printable = [
+            *range(ord("!"), ord("~") + 1),
+            *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1),
+        ]
+        others = [b for b in range(256) if b not in printable]
+        _BYTE_LEVEL.update({chr(b): b for b in printable})
+        _BYTE_LEVEL.update({chr(256 + n): b for n, b in enumerate(others)})
+    return _BYTE_LEVEL

@@ -1,0 +1,177 @@
+"""The server's app in this process, called as uvicorn calls it (ASGI), on an engine a test
+steps by hand (the app's lifespan, which starts the engine's thread, does not run): what
+the HTTP answers hold when the steps come in an order a test chooses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import torch
+
+from tunebook.demo.llm.config import TINY
+from tunebook.demo.llm.engine import Engine
+from tunebook.demo.llm.loading import random_weights
+from tunebook.demo.llm.ops import TorchOps
+from tunebook.demo.llm.server import create_app
+from tunebook.demo.llm.tokenizer import ByteTokenizer
+
+# The LLM demo: last Triton only (test_engine.py says why).
+pytestmark = pytest.mark.once
+
+
+def tiny_engine(ops: Any = "torch") -> Engine:
+    weights = random_weights(TINY, torch.float32, "cpu")  # the server's --model tiny --random
+    return Engine(weights, ByteTokenizer(), ops=ops, max_batch=4, max_model_len=128)
+
+
+async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    """POST ``body`` to ``app`` as uvicorn would; the status and the whole response body."""
+    raw = json.dumps(body).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    answered = asyncio.Event()
+    sent = False
+    status, chunks = 0, []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await answered.wait()  # the client stays until its answer is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                answered.set()
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not {what} within 10 s")
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())  # type: ignore[arg-type]
+
+
+def test_a_500_names_its_own_requests_failure_not_the_engines_latest() -> None:
+    """Two prompts prefilled in one pack, each failing alone with its own error: each
+    client's 500 names its own. It named the engine's latest error, the other request's
+    (the server read ``engine.error`` as it answered, after both had failed)."""
+
+    class Fails(TorchOps):
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError(f"a prefill of {x.shape[0]} tokens (injected)")
+
+    engine = tiny_engine(Fails())
+    app = create_app(engine, "tiny-random")
+
+    async def test() -> None:
+        answers = [
+            asyncio.ensure_future(post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 2}))
+            for prompt in ([1, 2], [3, 4, 5])
+        ]
+        await until(lambda: len(engine.scheduler.waiting) == 2, "both queued")
+        with pytest.raises(RuntimeError, match="5 tokens"):  # the pack's; then each alone fails
+            engine.step()  # on the event loop: both have failed before either is answered
+        for (status, body), tokens in zip(await asyncio.gather(*answers), (2, 3)):
+            message = json.loads(body)["error"]["message"]
+            assert status == 500 and f"a prefill of {tokens} tokens" in message, message
+
+    run(test)
+
+
+def events(body: bytes) -> list[Any]:
+    """A stream's server-sent events, parsed, up to ``[DONE]``."""
+    datas = [line[len(b"data: ") :] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert datas[-1] == b"[DONE]"
+    return [json.loads(d) for d in datas[:-1]]
+
+
+def test_logprobs_in_whole_and_streamed_answers_of_both_endpoints() -> None:
+    """The shapes OpenAI's clients read: /v1/completions' ``logprobs`` (``tokens``,
+    ``token_logprobs``, ``top_logprobs`` with the sampled token among up to N + 1,
+    ``text_offset``) and chat's ``logprobs.content``; streamed, each chunk carries its own
+    tokens' and together they are the whole answer's."""
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+    prompt, n = [5, 6, 7], 3
+
+    async def test() -> None:
+        status, body = await post(
+            app, "/v1/completions", {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 2}
+        )
+        assert status == 200, body
+        [choice] = json.loads(body)["choices"]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
+        assert "".join(lp["tokens"]) == choice["text"]  # ByteTokenizer: every token has its text
+        assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(n)]
+        for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            assert logprob <= 0 and 1 <= len(top) <= 3 and top[token] == logprob
+            assert logprob == max(top.values())  # greedy: the sampled token is the most likely
+
+        status, body = await post(
+            app,
+            "/v1/completions",
+            {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 2, "stream": True},
+        )
+        chunks = [c["choices"][0] for c in events(body)]
+        streamed = [c["logprobs"] for c in chunks if c["logprobs"] is not None]
+        for field in ("tokens", "text_offset", "token_logprobs"):
+            assert [x for s in streamed for x in s[field]] == lp[field], field
+        assert chunks[-1]["finish_reason"] == "length"
+
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": n, "temperature": 0}
+        status, body = await post(app, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2})
+        assert status == 200, body
+        [choice] = json.loads(body)["choices"]
+        content = choice["logprobs"]["content"]
+        assert len(content) == n and "".join(c["token"] for c in content) == choice["message"]["content"]
+        for c in content:
+            assert c["logprob"] <= 0 and c["bytes"] == list(c["token"].encode())
+            assert len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] == c["logprob"]
+            assert c["top_logprobs"][0]["token"] == c["token"]  # greedy
+        status, body = await post(app, "/v1/chat/completions", {**chat, "logprobs": True, "stream": True})
+        deltas = [e["choices"][0] for e in events(body)]
+        assert deltas[0]["logprobs"] is None and deltas[-1]["logprobs"] is None  # the role, the finish
+        streamed_content = [c for d in deltas[1:-1] for c in d["logprobs"]["content"]]
+        assert [c["token"] for c in streamed_content] == [c["token"] for c in content]
+        assert all(c["top_logprobs"] == [] for c in streamed_content)  # top_logprobs left out: 0
+
+        status, body = await post(app, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+        assert json.loads(body)["choices"][0]["logprobs"] is None  # not asked
+
+    engine.start()
+    try:
+        run(test)
+    finally:
+        engine.stop()

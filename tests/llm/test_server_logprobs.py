@@ -1,0 +1,102 @@
+"""Sampled-token logprobs through the real ``openai`` client, against a real server process
+(``--model tiny --random`` on the pack's kernels in the interpreter, as test_server.py
+starts it): a few tokens, about ten seconds with the server's start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .test_server import MODEL, Server, start_server
+
+# The LLM demo's HTTP front: last Triton only (test_engine.py says why).
+pytestmark = pytest.mark.once
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import openai
+
+    server: Server
+    for server in start_server(tmp_path_factory.mktemp("logprobs"), "--model", "tiny", "--random"):
+        yield openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def first_token_log_softmax(prompt: list[int]) -> Any:
+    """The reference: ``log_softmax`` of the logits the server's model (``--model tiny
+    --random``: the same seeded weights) gives the token after ``prompt``, by the engine's
+    forward on PyTorch ops (the server runs the pack's kernels)."""
+    import torch
+
+    from tunebook.demo.llm.decoder import prefill_batch
+    from tunebook.demo.llm.engine import Engine
+    from tunebook.demo.llm.loading import load_model
+
+    model = load_model("tiny", random=True, dtype=torch.float32, device="cpu")
+    engine = Engine(model.weights, model.tokenizer, ops="torch", max_batch=1, max_model_len=64)
+    blocks = engine.cache.allocator.allocate(1)
+    assert blocks is not None
+    with torch.inference_mode():
+        logits = engine.decoder.prefill(prefill_batch([prompt], [blocks], engine.cache.block_size, "cpu"))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def test_logprobs_through_the_openai_client(client: Any) -> None:
+    """Sampled-token logprobs as the openai client reads them, on both endpoints, whole and
+    streamed: every one at most 0; greedy, the sampled token is the top alternative; the
+    first token's equal PyTorch's log_softmax of the model's logits."""
+    import openai
+
+    prompt = [72, 105, 33]
+    reference = first_token_log_softmax(prompt)
+    completion = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=2, temperature=0, logprobs=3
+    )
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 2
+    assert all(p <= 0 for p in lp.token_logprobs) and lp.text_offset[0] == 0
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 4 and top[token] == logprob == max(top.values())
+    values, ids = reference.topk(3)
+    assert lp.token_logprobs[0] == pytest.approx(values[0].item(), abs=1e-4)
+    expected = {tokenizer_text(int(i)): v for i, v in zip(ids, values.tolist())}
+    assert lp.top_logprobs[0] == pytest.approx(expected, abs=1e-4)
+
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 2
+    for c in content:
+        assert c.logprob <= 0 and c.top_logprobs[0].logprob == c.logprob
+        assert c.top_logprobs[0].token == c.token and len(c.top_logprobs) == 2
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=2,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+        )
+    )
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(c.token, c.logprob) for c in content]
+    with pytest.raises(openai.BadRequestError, match=r"in \[0, 20\]"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21
+        )
+
+
+def tokenizer_text(token: int) -> str:
+    from tunebook.demo.llm.tokenizer import ByteTokenizer
+
+    return ByteTokenizer().token_bytes(token).decode(errors="replace")
