@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-import math
 import sys
 import threading
 import weakref
@@ -34,6 +33,7 @@ from . import (
     _devices,
     _fingerprint,
     _launch,
+    _listing,
     _miss,
     _options,
     _settings,
@@ -50,7 +50,7 @@ from ._forksafe import lock_for
 from ._hits import HitTable
 from ._home import KernelHome
 from ._hooks import Hooks
-from ._listing import SpaceListing
+from ._listing import SpaceListing, candidate_ids
 from ._options import Options
 from ._reads import ArgumentReads
 from ._set_aside import SetAside
@@ -406,13 +406,13 @@ class Autotuner(_compat.TritonAutotuner):
         # without listing the Space (_miss.book_choice); keyed by the results the call allows,
         # as call-dependent decisions are keyed by the candidates.
         choice = _miss.book_choice(self, call, key) if self.space is not None else None
-        candidates: list[Any] | None = None
+        candidates: Sequence[Any] | None = None
         decision_key: Any = key
         if choice is not None:
             decision_key = (key, "book", *choice.allowed)
         elif self._call_dependent:
             candidates = self._candidates(call)
-            decision_key = (key, tuple(self.config_index.id_of(c) for c in candidates))
+            decision_key = (key, tuple(candidate_ids(self.config_index, candidates)))
         decided = self._hits.decisions.get(decision_key)
         if decided is not None:
             config, counter = decided
@@ -422,9 +422,7 @@ class Autotuner(_compat.TritonAutotuner):
         if choice is not None:
             decided = self._book_decision(call, key, choice)
         else:
-            decided = self._decide(
-                call, key, candidates if candidates is not None else self._candidates(call)
-            )
+            decided = self._decide(call, key, self._candidates(call) if candidates is None else candidates)
         self._hits.decisions[decision_key] = decided
         return decided
 
@@ -439,13 +437,17 @@ class Autotuner(_compat.TritonAutotuner):
         resolution = _miss.Resolution(choice.cid, "book", choice.entry)
         return self._settle(call, key, config, resolution, list(choice.allowed.values()))
 
-    def _decide(self, call: Call, key: tuple[Any, ...], candidates: list[Any]) -> tuple[Any, list[int]]:
+    def _decide(self, call: Call, key: tuple[Any, ...], candidates: Sequence[Any]) -> tuple[Any, list[int]]:
         """Resolve a miss (``_miss.py``) and settle it, as Triton's Autotuner.run settles a tuning."""
         if len(candidates) == 1:
             dict.__setitem__(self._cache, key, candidates[0])
             return candidates[0], self.counters.hits
         resolution = _miss.resolve(self, call, key, candidates)
-        config = self.config_index.config(resolution.cid) if resolution.cid is not None else candidates[0]
+        config = (
+            candidates[0]
+            if resolution.cid is None
+            else _listing.config_of(self.config_index, candidates, resolution.cid)
+        )
         dict.__setitem__(self._cache, key, config)
         self._none_ran.decided(key, self.config_index.id_of(config), resolution.none_ran)
         if resolution.source == "served":
@@ -461,19 +463,14 @@ class Autotuner(_compat.TritonAutotuner):
         key: tuple[Any, ...],
         config: Any,
         resolution: _miss.Resolution,
-        candidates: list[Any],
+        candidates: Sequence[Any],
     ) -> tuple[Any, list[int]]:
         """Triton's bookkeeping for a key answered by the book or tuned: ``configs_timings``
         over the candidates, ``bench_time`` and the post-tuning hooks, the hit count, and
         TRITON_PRINT_AUTOTUNING's line."""
         entry = resolution.entry
         results = entry.results if entry is not None else {}
-        self.configs_timings = {}
-        for candidate in candidates:
-            result = results.get(self.config_index.id_of(candidate))
-            self.configs_timings[candidate] = (
-                list(result.ms) if result is not None and result.ms else [math.inf] * 3
-            )
+        self.configs_timings = _listing.configs_timings(self.config_index, candidates, results)
         if resolution.source == "tuned":
             self.bench_time = resolution.seconds
             self.hooks.after_tuning(call, config)
@@ -481,7 +478,7 @@ class Autotuner(_compat.TritonAutotuner):
             self.counters.hits[0] += 1
         if _settings.print_autotuning() and key not in self._announced:
             self._announced.add(key)
-            _miss.announce(self, key, config, resolution, [self.config_index.id_of(c) for c in candidates])
+            _miss.announce(self, key, config, resolution, candidate_ids(self.config_index, candidates))
         return config, self.counters.hits
 
     def _overruled(self, keys: list[Any]) -> None:
@@ -525,12 +522,15 @@ class Autotuner(_compat.TritonAutotuner):
             )
         return _fingerprint.canonical_key(self.arg_names, self.keys, call.args, call.kwargs, self._buckets)
 
-    def _candidates(self, call: Call) -> list[Any]:
-        """The configs this call may run: the list or the Space's feasible configs, pruned as
-        Triton prunes, one per config id."""
+    def _candidates(self, call: Call) -> Sequence[Any]:
+        """The configs this call may run: the list or the Space's feasible configs (made when
+        read, unless pruned), pruned as Triton prunes, one per config id."""
         # The rules see the arguments watched: what they read outside the key keys the hits.
         named = self.reads.watch(call.named)
-        configs = self.configs if self._listing is None else self._listing.allowed(named, self.label)
+        listed = None if self._listing is None else self._listing.allowed(named, self.label)
+        if listed is not None and not (self.early_config_prune or self.perf_model):
+            return listed
+        configs = self.configs if listed is None else list(listed)
         # Triton's pruning of an unbucketed key is per key, as in Triton: its reads are not watched.
         if not (self._rules_see_values and (self.early_config_prune or self.perf_model)):
             return self.config_index.unique(self.prune_configs(call.kwargs, configs))
@@ -548,7 +548,7 @@ class Autotuner(_compat.TritonAutotuner):
             return self.space.declares(record)
         return config_id(record) in self.config_index.declared
 
-    def key_and_candidates(self, call: Call) -> tuple[tuple[Any, ...], list[Any]]:
+    def key_and_candidates(self, call: Call) -> tuple[tuple[Any, ...], Sequence[Any]]:
         """(Triton's key, the candidates) of ``call``, as a miss of it sees them: for a sweep
         that measures a key's candidates in other processes (``tunebook._sweep``)."""
         self._by_device()
@@ -560,7 +560,7 @@ class Autotuner(_compat.TritonAutotuner):
                 self.nargs = None
 
     def _allowed(self, call: Call, config: Any) -> bool:
-        allowed = {self.config_index.id_of(c) for c in self._candidates(call)}
+        allowed = set(candidate_ids(self.config_index, self._candidates(call)))
         return self.config_index.id_of(config) in allowed
 
     # ------------------------------------------------------------------ Triton's methods

@@ -35,6 +35,7 @@ from ._call import Call
 from ._errors import WrongResult
 from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
+from ._listing import SpaceCandidates, candidate_ids
 from ._progress import Progress
 from ._space import platform_allows
 from ._tuner import Exchange, KeyTuning, Outcome, Persist, inputs_restored, tune_key
@@ -72,7 +73,7 @@ class Miss:
     call: Call
     key: tuple[Any, ...]
     text: str  # the key as the book names it
-    candidates: list[Any]
+    candidates: Sequence[Any]
     ids: list[str]
 
     @property
@@ -82,9 +83,9 @@ class Miss:
 
 def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequence[Any]) -> Resolution:
     """Answer a miss of ``key`` among ``candidates`` (see the module docstring)."""
-    miss = Miss(
-        tuner, call, key, _key_text(key), list(candidates), [tuner.config_index.id_of(c) for c in candidates]
-    )
+    # A Space's candidates stay lazy (_listing.SpaceCandidates): a Config is made per point read.
+    listed = candidates if isinstance(candidates, SpaceCandidates) else list(candidates)
+    miss = Miss(tuner, call, key, _key_text(key), listed, candidate_ids(tuner.config_index, candidates))
     mode = "off" if _tensor_keyed(tuner, call) else _settings.mode()
     budget = tuner.options.budget
     page = tuner.page() if mode != "off" else None
@@ -391,7 +392,7 @@ def search_hints(
     page: Page,
     key: tuple[Any, ...],
     ids: list[str],
-    candidates: list[Any],
+    candidates: Sequence[Any],
     near: list[Entry],
 ) -> list[int]:
     """Candidate indices a search of ``key`` measures first, after ``earlier_seeds``: an
@@ -610,7 +611,7 @@ def _job(
         key=stored_key(miss.key),
         configs=configs,
         ids=miss.ids,
-        records=[tuner.config_index.record_of(c) for c in configs],
+        records=_records(tuner, configs),
         known=entry,
         timers=tuner.timers(),
         bench=_bench_function(tuner, miss.call, configs),
@@ -629,6 +630,13 @@ def _job(
         label=tuner.label,
         where=page.file_name if page is not None else "",
     )
+
+
+def _records(tuner: Autotuner, configs: Sequence[Any]) -> Sequence[dict[str, Any]]:
+    """The candidates as the book stores them: a Space's made when read."""
+    if isinstance(configs, SpaceCandidates):
+        return configs.records
+    return [tuner.config_index.record_of(c) for c in configs]
 
 
 def transient_failure(exc: BaseException) -> str | None:

@@ -380,7 +380,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     # unless a time budget must be checked between batches.
     whole = name == "exhaustive" and job.budget.max_seconds is None
     found = search(
-        [_flat(r) for r in job.records],
+        _Flat(job.records),
         measure,
         strategy=name,
         budget=job.budget,
@@ -555,6 +555,22 @@ def time_candidate(
 def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config as one flat dict of parameters, for the strategies."""
     return {**record.get("kwargs", {}), **{k: v for k, v in record.items() if k != "kwargs"}}
+
+
+class _Flat(Sequence[dict[str, Any]]):
+    """The stored configs as the strategies read them (``_flat``), each made when read: the
+    random strategy reads the few it proposes of a Space's 10^5 points."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return _flat(self._records[i])
 
 
 def search_order(seeds: Sequence[int], hints: Sequence[int]) -> list[int]:
