@@ -246,12 +246,15 @@ def run_sweep(
     on_progress: Callable[[SweepProgress], None] | None = None,
     on_result: OnResult | None = None,
     on_event: Callable[[str], None] | None = None,
+    keeps_unsaved: bool = False,
 ) -> SweepReport:
     """Tune ``jobs`` (``tunebook tune``'s: module, attr, key_text, call, key; ``books``
     optional) over every GPU of a Ray cluster; see the module docstring.
 
     ``on_result(job, page, key_text, cid, key, result)`` sees every result persisted;
     ``on_event(text)`` lines worth showing (a crashed config, a lost actor).
+    ``keeps_unsaved``: the caller keeps what the book refused itself and says where
+    (``tunebook tune --ray``): the sweep then does not say they are held by this process only.
     """
     ray = require("ray", feature="tuning on a Ray cluster (--ray)", extra="ray")
     started_here = False
@@ -274,6 +277,7 @@ def run_sweep(
             "or call ray.shutdown() first"
         )
     driver = _Driver(ray, jobs, options, on_progress, on_result, on_event)
+    driver.keeps_unsaved = keeps_unsaved
     try:
         return driver.run()
     finally:
@@ -294,6 +298,7 @@ class _Driver:
     ) -> None:
         self.ray, self.jobs, self.options = ray, jobs, options
         self.on_progress = on_progress
+        self.keeps_unsaved = False  # the caller keeps the results the book refused (run_sweep)
         self.say = on_event or (lambda text: log.warning("tunebook: %s", text))
         self.remote = ray.remote(SweepActor)
         self.env = forwarded_environment(os.environ, os.getcwd(), program_paths())
@@ -443,7 +448,10 @@ class _Driver:
         # A read-only or full book refuses the writes, with one warning: the sweep said "done"
         # and the results lived only in this process. The report counts them.
         self.report.unsaved = sum(page.unsaved() for page in self.pages.pages.values())
-        if self.report.unsaved:
+        # Not under `tunebook tune --ray`, which keeps them aside and says where: there this
+        # line called them held by this process only (lost with it), and told the user to
+        # run the command they were running.
+        if self.report.unsaved and not self.keeps_unsaved:
             self.say(
                 f"{self.report.unsaved} result(s) could not be written to the book (see the warning above); "
                 "they are held by this process only: make the book writable and run the sweep again, "
