@@ -102,6 +102,7 @@ def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     # What a test's directories refused is the test's business: not written again (and said
     # lost) at the exit of pytest, long after the test and its directories are gone.
     pages._refused.clear()
+    pages._refused_misses.clear()
 
 
 def book_files(directory: Path) -> list[Path]:

@@ -34,6 +34,9 @@ SITE = str(Path(__file__).parent / "fakegpu_site")
 GPUS = {
     "H100": {"name": "NVIDIA H100 80GB HBM3", "cc": 90, "sms": 132},
     "A100": {"name": "NVIDIA A100-SXM4-80GB", "cc": 80, "sms": 108},
+    # The H100's name and arch with fewer SMs (a MIG slice, or another board of the same name):
+    # another platform, which only the SM count tells apart.
+    "H100-114": {"name": "NVIDIA H100 80GB HBM3", "cc": 90, "sms": 114},
 }
 # ms per BLOCK on each GPU.
 TIMES = {

@@ -409,3 +409,34 @@ def test_progress_comes_late_seldom_and_only_where_asked(
     now[0] += 10
     gone.add()
     assert not gone.shown and gone.done == 1
+
+
+def test_a_merge_of_many_pages_lists_the_book_directory_once_and_still_removes_dead_creations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """replace_page swept the book directory's killed page creations for every page it wrote:
+    a merge of N pages listed the destination N times. Now once per command."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for name in ("mm", "mm2", "mm3", "mm4"):
+        write_book(src, range(2), range(2), name=name)
+    dest.mkdir()
+    dead = dest / f".{page_name('mm')}{pagedir.CREATING}{'a' * 12}"  # a writer killed 2 h ago
+    young = dest / f".{page_name('mm2')}{pagedir.CREATING}{'b' * 12}"  # a live writer's, perhaps
+    for creation in (dead, young):
+        pagedir.ensure_page(creation, meta())
+    hours_ago = time.time() - 2 * 3600
+    os.utime(dead, (hours_ago, hours_ago))
+    listed: list[Path] = []
+    scan = pagedir._scan
+
+    def counting_scan(directory: Path) -> Any:
+        listed.append(Path(directory))
+        return scan(directory)
+
+    monkeypatch.setattr(pagedir, "_scan", counting_scan)
+    invoke("merge", src, "-o", dest)
+    assert listed.count(dest) == 1, listed.count(dest)  # was 4: once per page written
+    assert not dead.exists() and young.is_dir()
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == sorted(
+        page_name(n) for n in ("mm", "mm2", "mm3", "mm4")
+    )

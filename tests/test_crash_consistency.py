@@ -259,6 +259,60 @@ def test_results_a_directory_refused_are_written_at_exit_or_said_lost_with_their
     assert _keys_of(other) == [100]
 
 
+MISSES_EXIT_CHILD = """
+import os, subprocess
+from pathlib import Path
+import tunebook
+from tunebook import _misses
+from small_kernels import add_kernel, block_configs, grid_1d, vectors
+
+def unwritable(path, on):
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if on else 0o755)
+
+book = Path(os.environ["TUNEBOOK_DIR"])
+book.mkdir(parents=True)
+unwritable(book, True)  # no page can be made in it, for a moment
+add = tunebook.autotune(block_configs(32, 64), key=["n"])(add_kernel)
+again = tunebook.autotune(block_configs(32, 64), key=["n"])(add_kernel)  # meets key 100 too
+for kernel, n in ((add, 100), (add, 1000), (again, 100)):
+    x, y, out = vectors(n)
+    kernel[grid_1d(n)](x, y, out, n)
+assert _misses.flush()  # written, and refused
+if os.environ["WRITABLE_AT_EXIT"] == "1":
+    unwritable(book, False)
+"""
+
+
+def test_serve_mode_misses_a_directory_refused_are_written_at_exit_or_said_lost_with_their_count(
+    tmp_path: Path,
+) -> None:
+    """The miss records `tunebook tune --misses` reads were dropped when the directory refused
+    them (only tuned results were kept for the exit): now kept, retried, or counted."""
+    book = tmp_path / "book"
+    proc = _child(MISSES_EXIT_CHILD, TUNEBOOK_DIR=str(book), TUNEBOOK_MODE="serve", WRITABLE_AT_EXIT="1")
+    assert "cannot write to book directory" in proc.stderr  # the refusal, while it lasted
+    assert "were not written" not in proc.stderr, proc.stderr
+    (page,) = book_files(book)
+    doc = DirectoryStore(book).fetch(page.name + ".json")
+    assert doc is not None
+    assert sorted((e.key[0], e.misses, e.call is not None) for e in doc.entries.values()) == [
+        (100, 2, True),
+        (1000, 1, True),
+    ]
+    # Still unwritable at exit: said once, with the misses counted, never silently dropped.
+    other = tmp_path / "other"
+    proc = _child(MISSES_EXIT_CHILD, TUNEBOOK_DIR=str(other), TUNEBOOK_MODE="serve", WRITABLE_AT_EXIT="0")
+    _unwritable(other, False)
+    said = [line for line in proc.stderr.splitlines() if "were not written to the book directory" in line]
+    assert len(said) == 1, proc.stderr
+    assert "3 serve-mode miss(es) of 2 key(s)" in said[0] and str(other) in said[0], said
+    assert "tune --misses" in said[0] and "TUNEBOOK_DIR" in said[0], said
+    assert book_files(other) == []
+
+
 # ---------------------------------------------------------------- 3. a reader between two steps
 
 

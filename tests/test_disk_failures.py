@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,29 @@ def test_a_book_yet_to_be_created_is_probed_where_it_would_be_made(
     assert problem is not None and problem.startswith("cannot create it in /proc: "), problem
     assert write_problem(tmp_path / "new" / "book") is None
     assert list(tmp_path.iterdir()) == [], "the probe is removed"
+
+
+def test_a_serve_mode_miss_the_directory_refused_goes_with_the_pages_next_miss_record(tmp_path: Path) -> None:
+    """A refused miss record is kept (it was dropped), and the next miss record of its page,
+    once the directory takes it, carries it: the count of the key's misses adds up."""
+    import warnings
+
+    from tunebook._book import DirectoryStore, Document, Entry, pages
+
+    (tmp_path / "a-file").write_text("not a directory")
+    refusing = DirectoryStore(tmp_path / "a-file" / "book")
+    kernel = {"name": "k", "hash": "h", "key": ["n"], "id": "x"}
+    doc = Document(kernel, {"id": "p"}, {"[1]": Entry((1,), misses=1)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BookWarning)
+        assert not pages.write_misses(refusing, "k--x--t--p.json", doc)
+    (tmp_path / "a-file").unlink()  # the directory can be made now
+    later = replace(doc, entries={"[1]": Entry((1,), misses=1), "[2]": Entry((2,), misses=1)})
+    assert pages.write_misses(DirectoryStore(tmp_path / "a-file" / "book"), "k--x--t--p.json", later)
+    stored = DirectoryStore(tmp_path / "a-file" / "book").fetch("k--x--t--p.json")
+    assert stored is not None
+    assert {k: e.misses for k, e in stored.entries.items()} == {"[1]": 2, "[2]": 1}
+    assert pages._refused_misses == {}
 
 
 def test_a_page_counts_the_results_its_directory_refused(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from tunebook._book import Entry, Result
 from tunebook._search import Budget, search
-from tunebook._sweep.driver import SweepError, choose_groups
+from tunebook._sweep.driver import SweepError, choose_groups, group_name
 from tunebook._sweep.schedule import MAX_LOSSES, Plan, Sweep, Unit
 from tunebook._tuner import tie_aware_choice
 
@@ -270,6 +270,23 @@ def test_several_gpu_models_are_refused_unless_asked_with_what_to_do():
     assert choose_groups(counts, each_model=False, gpu_model="NVIDIA H200") == ["NVIDIA H200 (arch 90)"]
     with pytest.raises(SweepError, match="no GPU of model 'A100'"):
         choose_groups(counts, each_model=False, gpu_model="A100")
+
+
+def test_gpus_of_one_name_and_arch_but_another_sm_count_are_two_models_said_so():
+    """An H100 SXM (132 SMs) and a slice or a PCIe part under the same name: a page each, so a
+    group each. Grouped by name and arch alone, the second's timings were filed in the page
+    of whichever worker planned the key."""
+    sxm = {"backend": "cuda", "device": "NVIDIA H100", "arch": 90, "sm_count": 132, "runtime": "cuda 12.8"}
+    cut = {**sxm, "sm_count": 114}
+    assert group_name({**sxm, "triton": "3.6.0"}) != group_name({**cut, "triton": "3.6.0"})
+    assert "114 SMs" in group_name(cut)
+    devices = {group_name(d): d for d in (sxm, cut)}
+    counts = dict.fromkeys(devices, 1)
+    with pytest.raises(SweepError) as refused:
+        choose_groups(counts, each_model=False, gpu_model=None, devices=devices)
+    assert "2 models" in str(refused.value) and "they differ in SM count" in str(refused.value)
+    assert choose_groups(counts, each_model=True, gpu_model=None) == sorted(devices)
+    assert choose_groups(counts, each_model=False, gpu_model="NVIDIA H100") == sorted(devices)
 
 
 def test_each_gpu_model_gets_its_own_search_of_every_key():

@@ -4,7 +4,11 @@
 candidate would launch with), so that ``tunebook tune --misses`` can replay it offline. A
 miss is written to the book (a locked, fsynced file write) by one background thread;
 the kernel call only puts it on a queue. Entries for the same key are coalesced while
-they wait. At interpreter exit the queue is flushed for at most FLUSH_TIMEOUT_S.
+they wait. At interpreter exit the queue is flushed for at most FLUSH_TIMEOUT_S. What the
+directory refuses (read-only, full) is kept (``pages.write_misses``): sent along with the
+page's next miss record, and once more at exit by ``pages.write_refused_at_exit`` (which runs
+after this module's flush: atexit runs last-registered first, and this module imports
+``_book``), which counts what still stays unwritten in its one warning.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from . import _calls
 from ._book import Page
+from ._book.pages import write_misses
 from ._book.records import Document, Entry, now_iso
 from ._call import Call
 from ._forksafe import renew_in_child
@@ -82,7 +87,7 @@ def _run() -> None:
             return
         store, name, doc = item
         try:
-            store.merge(name, doc)  # logs its own failures once; never raises
+            write_misses(store, name, doc)  # logs its own failures once; keeps what was refused
         except Exception:  # a miss record must never take the process down
             log.exception("tunebook: could not record a miss in %s of %r", name, store)
         finally:

@@ -577,6 +577,13 @@ def stale_creations(book: Path, older_than_s: float = LEFTOVER_AGE_S) -> list[Pa
     return [p for p in _stale(book, _CREATION.fullmatch, older_than_s) if p.is_dir() and not p.is_symlink()]
 
 
+def sweep_creations(book: Path) -> int:
+    """Delete the pages whose creation was killed an hour ago or more in the book directory
+    ``book`` (``stale_creations``, ``remove_leftovers``); how many went. One listing of the
+    book directory: a command that writes many pages (``merge``, ``import``) calls it once."""
+    return remove_leftovers(stale_creations(book))
+
+
 def _stale(where: Path, wanted: Callable[[str], object], older_than_s: float) -> list[Path]:
     now = time.time()
     found = []
@@ -763,8 +770,10 @@ def replace_page(
 
     ensure_page(directory, meta)
     tmp = _hidden(directory, "tmp")
-    # What writers killed long ago left: temp files in the page's tmp/, pages being created.
-    remove_leftovers([*stale_leftovers(directory), *stale_creations(directory.parent)])
+    # What writers killed long ago left in the page's tmp/. (Pages whose creation was killed,
+    # in the book directory, are the command's to sweep, once: ``sweep_creations``; swept
+    # here, a merge of 1,000 pages listed the book directory 1,000 times.)
+    remove_leftovers(stale_leftovers(directory))
     own = {key_file_name(text): text for text in entries}
     others: dict[str, list[Path]] = {}
     unreadable: list[str] = []

@@ -7,7 +7,8 @@ are united; where two layers measured the same config, the earlier layer stands.
 
 Results are recorded into the writable layers (the directory, then Redis); what one of
 them refuses is kept in memory and sent along with its next write, or at the interpreter's
-exit (``write_refused_at_exit``; Redis's outbox sends its own). What the page fetches
+exit (``write_refused_at_exit``; Redis's outbox sends its own); so are the serve-mode miss
+records a directory refused (``write_misses``). What the page fetches
 from Redis is copied into the writable directory, so the local book stands on its own when
 Redis is gone. A page that was tuned from a shipped book's results carries them along.
 
@@ -27,6 +28,7 @@ import atexit
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _settings
+from .._forksafe import renew_lock
 from .._jsonio import key_text as _key_text
 from .._jsonio import parse_key_texts, slug
 from .._warnings import warn_once
@@ -142,19 +145,56 @@ NAME_BUDGET = 2048
 # disk was full, or its directory read-only, for a moment near its end has no later write
 # to carry them. (The Redis store's outbox does the same for its own: redis_store.py.)
 _refused: dict[int, tuple[int, Page]] = {}  # id(page) -> (the pid that holds it, the page)
+# Serve-mode miss records (``_misses.py``'s writer thread, through ``write_misses``) that a
+# writable directory refused, per (store, page name): sent along with that page's next miss
+# record, and once more at exit with the refused results. Before, they were dropped: the
+# news ``tunebook tune --misses`` reads was lost without a word. Keyed by the store's
+# directory, not the store: two autotuners of one kernel each have a store of their own.
+_refused_misses: dict[tuple[str, str], tuple[int, BookStore, Document]] = {}  # -> (pid, store, doc)
+_misses_lock = threading.Lock()
+renew_lock(globals(), "_misses_lock", threading.Lock)
 # At exit, no write is begun once this has passed: the clock is read before each batch of
 # EXIT_BATCH keys (a key's write takes ~2 ms; its lock waits 0.2 s at most). Read at exit.
 EXIT_WRITE_S = 5.0
 EXIT_BATCH = 16
 
 
+def write_misses(store: BookStore, name: str, doc: Document) -> bool:
+    """Write serve-mode miss records ``doc`` into page ``name`` of ``store``, with those it
+    refused before; what it refuses now (or leaves out) is kept for the page's next miss
+    record and the exit. True if everything was written."""
+    key = (_where(store), name)
+    with _misses_lock:
+        held = _refused_misses.pop(key, None)
+    if held is not None and held[0] == os.getpid():  # not a forked child's copy of its parent's
+        doc = doc.merged_over(held[2])
+    _hold_misses(store, name, doc, store.merge(name, doc))
+    with _misses_lock:
+        return key not in _refused_misses
+
+
+def _hold_misses(store: BookStore, name: str, doc: Document, stored: Document | None) -> None:
+    """Keep what of ``doc`` is not in ``stored`` (all of it where the write was refused)."""
+    written = stored.entries if stored is not None else {}
+    left = {k: e for k, e in doc.entries.items() if k not in written}
+    if not left:
+        return
+    kept = replace(doc, entries=dict(left))
+    with _misses_lock:
+        before = _refused_misses.get((_where(store), name))
+        if before is not None and before[0] == os.getpid():
+            kept = kept.merged_over(before[2])
+        _refused_misses[(_where(store), name)] = (os.getpid(), store, kept)
+
+
 def write_refused_at_exit(timeout_s: float | None = None) -> int:
-    """At the interpreter's exit: write once more what the writable layers refused, EXIT_BATCH
-    keys at a time until ``timeout_s`` (``EXIT_WRITE_S``) has passed, and say (once) how many
-    results of how many keys stay unwritten, why and what to do. Returns how many results
-    stay unwritten."""
+    """At the interpreter's exit: write once more what the writable layers refused, and the
+    serve-mode miss records a directory refused, EXIT_BATCH keys at a time until ``timeout_s``
+    (``EXIT_WRITE_S``) has passed, and say (once per directory) how many results and misses
+    of how many keys stay unwritten, why and what to do. Returns how many results (misses
+    not counted) stay unwritten."""
     deadline = time.monotonic() + (EXIT_WRITE_S if timeout_s is None else timeout_s)
-    lost: dict[str, tuple[int, int, BaseException | None]] = {}  # store -> (keys, results, why)
+    lost: dict[str, _Unwritten] = {}
     for pid, page in list(_refused.values()):
         if pid != os.getpid():  # a forked child's copy of its parent's: the parent's to write
             continue
@@ -163,31 +203,76 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
                 continue
             _push_until(layer, page, deadline)
             if layer.pending:
-                where = str(getattr(layer.store, "directory", layer.store))
-                keys, results, _ = lost.get(where, (0, 0, None))
-                lost[where] = (
-                    keys + len(layer.pending),
-                    results + sum(len(e.results) for e in layer.pending.values()),
-                    getattr(layer.store, "last_failure", None),
-                )
+                left = lost.setdefault(_where(layer.store), _Unwritten())
+                left.keys += len(layer.pending)
+                left.results += sum(len(e.results) for e in layer.pending.values())
+                left.why = getattr(layer.store, "last_failure", None)
     _refused.clear()
-    for where, (keys, results, why) in sorted(lost.items()):
+    with _misses_lock:
+        me = os.getpid()
+        held = [(st, name, doc) for (_, name), (pid, st, doc) in _refused_misses.items() if pid == me]
+        _refused_misses.clear()
+    for st, name, doc in held:
+        rest = _push_misses_until(st, name, doc, deadline)
+        if rest:
+            left = lost.setdefault(_where(st), _Unwritten())
+            left.miss_keys += len(rest)
+            left.misses += sum(e.misses for e in rest.values())
+            left.why = getattr(st, "last_failure", None)
+    for where, left in sorted(lost.items()):
+        what = [f"{left.results} result(s) of {left.keys} key(s)"] if left.keys else []
+        what += [f"{left.misses} serve-mode miss(es) of {left.miss_keys} key(s)"] if left.miss_keys else []
+        then = ["the next run that meets those keys tunes them again"] if left.keys else []
+        # A miss record is news for `tunebook tune --misses`: without it that command does not
+        # see the key until another serve-mode process meets it.
+        then += ["`tunebook tune --misses` does not see those misses"] if left.miss_keys else []
+        why = left.why
         warn_once(  # a BookWarning: the book lacks them until a person acts
             f"unwritten-at-exit:{where}",
-            "tunebook: %d result(s) of %d key(s) this process recorded were not written to the book "
+            "tunebook: %s this process recorded were not written to the book "
             "directory %s: %s, and again at exit. They are lost with this process; %s. %s",
-            results,
-            keys,
+            " and ".join(what),
             where,
             f"it refused them ({why})" if why is not None else "it refused them",
             # A key left alone (a newer tunebook's file, or one past the size limit) still
-            # reads as it did: only this process's new results for it are lost.
-            "what the book holds for those keys stands"
-            if isinstance(why, LeaveAlone)
-            else "the next run that meets those keys tunes them again",
+            # reads as it did: only this process's news for it is lost.
+            "what the book holds for those keys stands" if isinstance(why, LeaveAlone) else "; ".join(then),
             "" if why is None or isinstance(why, LeaveAlone) else write_fix(why),
         )
-    return sum(results for _, results, _ in lost.values())
+    return sum(left.results for left in lost.values())
+
+
+@dataclass
+class _Unwritten:
+    """What stays unwritten at exit in one directory, and the last reason it gave."""
+
+    keys: int = 0
+    results: int = 0
+    miss_keys: int = 0
+    misses: int = 0
+    why: BaseException | None = None
+
+
+def _where(store: BookStore) -> str:
+    return str(getattr(store, "directory", store))
+
+
+def _push_misses_until(store: BookStore, name: str, doc: Document, deadline: float) -> dict[str, Entry]:
+    """Offer the miss records ``doc`` to ``store`` again, EXIT_BATCH keys at a time, until a
+    batch is refused or ``deadline`` has passed; returns what stays unwritten."""
+    rest = dict(doc.entries)
+    keys = list(rest)
+    for start in range(0, len(keys), EXIT_BATCH):
+        if time.monotonic() >= deadline:
+            break
+        batch = {k: rest[k] for k in keys[start : start + EXIT_BATCH]}
+        stored = store.merge(name, replace(doc, entries=batch))
+        for k in batch:
+            if stored is not None and k in stored.entries:
+                del rest[k]
+        if stored is None and not isinstance(getattr(store, "last_failure", None), LeaveAlone):
+            break  # refused again: no use going on
+    return rest
 
 
 def _push_until(layer: Layer, page: Page, deadline: float) -> None:

@@ -154,20 +154,59 @@ class _Slot:
     last_error: str = ""  # why its last failed unit failed
 
 
+# What a worker's device record (its platform, less the sweep's timer) holds, as a GPU
+# model's name shows it. A platform's identity is all of it: two GPUs that differ in any
+# field file their results under different book pages, so they are never one group.
+_SHOWN = ("device", "backend", "arch", "sm_count", "runtime", "triton")  # the backend: the name's and arch's
+_NAMED = {
+    "device": "name",
+    "arch": "arch",
+    "sm_count": "SM count",
+    "runtime": "runtime",
+    "triton": "Triton version",
+}
+
+
 def group_name(device: Mapping[str, Any]) -> str:
-    """A GPU model as the sweep groups actors: name, arch, runtime and Triton version.
+    """A GPU model as the sweep groups actors: its device record whole (name, arch, SM count,
+    runtime, Triton version, and any other field it holds): an H100 PCIe and an H100 SXM, or a
+    MIG slice and its whole GPU, are a page each, so a group each.
 
     >>> group_name({"device": "NVIDIA H200", "arch": "90", "runtime": "cuda 12.8", "triton": "3.6.0"})
     'NVIDIA H200 (arch 90, cuda 12.8, triton 3.6.0)'
+    >>> group_name({"device": "H100", "arch": 90, "sm_count": 114, "runtime": "cuda 13.0", "triton": "3.6"})
+    'H100 (arch 90, 114 SMs, cuda 13.0, triton 3.6)'
     """
-    return (
-        f"{device.get('device', 'unknown')} (arch {device.get('arch', '?')}, "
-        f"{device.get('runtime', '?')}, triton {device.get('triton', '?')})"
+    parts = [f"arch {device.get('arch', '?')}"]
+    if "sm_count" in device:
+        parts.append(f"{device['sm_count']} SMs")
+    parts += [str(device.get("runtime", "?")), f"triton {device.get('triton', '?')}"]
+    # Fields this record may gain (a MIG profile, say): shown, so that GPUs that differ
+    # there are never one group.
+    parts += [f"{k} {v}" for k, v in sorted(device.items()) if k not in _SHOWN]
+    return f"{device.get('device', 'unknown')} ({', '.join(parts)})"
+
+
+def what_differs(devices: Sequence[Mapping[str, Any]]) -> str:
+    """The fields of the device records ``devices`` that are not the same in all of them.
+
+    >>> what_differs([{"device": "H100", "sm_count": 132}, {"device": "H100", "sm_count": 114}])
+    'SM count'
+    """
+    fields = sorted(
+        {k for d in devices for k in d}, key=lambda k: (list(_NAMED).index(k) if k in _NAMED else 99, k)
     )
+    return ", ".join(_NAMED.get(k, k) for k in fields if len({repr(d.get(k)) for d in devices}) > 1)
 
 
-def choose_groups(counts: Mapping[str, int], each_model: bool, gpu_model: str | None) -> list[str]:
+def choose_groups(
+    counts: Mapping[str, int],
+    each_model: bool,
+    gpu_model: str | None,
+    devices: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[str]:
     """The GPU models a sweep tunes on, or :class:`SweepError` saying why not and what to do.
+    ``devices``: each group's device record, to say what differs between the groups.
 
     >>> choose_groups({"H200 (arch 90)": 2}, False, None)
     ['H200 (arch 90)']
@@ -184,9 +223,12 @@ def choose_groups(counts: Mapping[str, int], each_model: bool, gpu_model: str | 
             )
         return picked
     if len(names) > 1 and not each_model:
+        differs = what_differs(list(devices.values())) if devices else ""
         raise SweepError(
-            f"the cluster has GPUs of {len(names)} models: {_listing(counts)}. A timing on one model says "
-            "nothing about another, so a sweep does not mix them. Tune every key once per model (one "
+            f"the cluster has GPUs of {len(names)} models: {_listing(counts)}"
+            + (f" (they differ in {differs})" if differs else "")
+            + ". A timing on one model says nothing about another, and each is a book page of its "
+            "own, so a sweep does not mix them. Tune every key once per model (one "
             "book page each) with --each-model (each_model=True), or on one model with "
             "--gpu-model NAME (gpu_model=NAME)."
         )
@@ -204,12 +246,15 @@ def run_sweep(
     on_progress: Callable[[SweepProgress], None] | None = None,
     on_result: OnResult | None = None,
     on_event: Callable[[str], None] | None = None,
+    keeps_unsaved: bool = False,
 ) -> SweepReport:
     """Tune ``jobs`` (``tunebook tune``'s: module, attr, key_text, call, key; ``books``
     optional) over every GPU of a Ray cluster; see the module docstring.
 
     ``on_result(job, page, key_text, cid, key, result)`` sees every result persisted;
     ``on_event(text)`` lines worth showing (a crashed config, a lost actor).
+    ``keeps_unsaved``: the caller keeps what the book refused itself and says where
+    (``tunebook tune --ray``): the sweep then does not say they are held by this process only.
     """
     ray = require("ray", feature="tuning on a Ray cluster (--ray)", extra="ray")
     started_here = False
@@ -232,6 +277,7 @@ def run_sweep(
             "or call ray.shutdown() first"
         )
     driver = _Driver(ray, jobs, options, on_progress, on_result, on_event)
+    driver.keeps_unsaved = keeps_unsaved
     try:
         return driver.run()
     finally:
@@ -252,6 +298,7 @@ class _Driver:
     ) -> None:
         self.ray, self.jobs, self.options = ray, jobs, options
         self.on_progress = on_progress
+        self.keeps_unsaved = False  # the caller keeps the results the book refused (run_sweep)
         self.say = on_event or (lambda text: log.warning("tunebook: %s", text))
         self.remote = ray.remote(SweepActor)
         self.env = forwarded_environment(os.environ, os.getcwd(), program_paths())
@@ -326,10 +373,12 @@ class _Driver:
                 + (f": {problems[0]}" if problems else f" within {options.start_timeout_s:.0f} s")
             )
         counts: dict[str, int] = {}
+        devices: dict[str, Mapping[str, Any]] = {}
         for _, info in ready:
             counts[group_name(info["device"])] = counts.get(group_name(info["device"]), 0) + 1
+            devices[group_name(info["device"])] = info["device"]
         try:
-            groups = choose_groups(counts, options.each_model, options.gpu_model)
+            groups = choose_groups(counts, options.each_model, options.gpu_model, devices)
         except SweepError:
             for actor, _ in ready:
                 ray.kill(actor)
@@ -399,7 +448,10 @@ class _Driver:
         # A read-only or full book refuses the writes, with one warning: the sweep said "done"
         # and the results lived only in this process. The report counts them.
         self.report.unsaved = sum(page.unsaved() for page in self.pages.pages.values())
-        if self.report.unsaved:
+        # Not under `tunebook tune --ray`, which keeps them aside and says where: there this
+        # line called them held by this process only (lost with it), and told the user to
+        # run the command they were running.
+        if self.report.unsaved and not self.keeps_unsaved:
             self.say(
                 f"{self.report.unsaved} result(s) could not be written to the book (see the warning above); "
                 "they are held by this process only: make the book writable and run the sweep again, "

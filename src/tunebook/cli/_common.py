@@ -285,7 +285,9 @@ def write_document(
     merge, a live autotuner) is kept. Without it (an import) the decided entry stands. A key
     file a newer tunebook wrote, which this one could not read, stays, and its key is not
     written, as is a key whose file would pass the size every reader accepts. Returns why,
-    one line a key left so. ``done(key text)``: called as each key is written.
+    one line a key left so. ``done(key text)``: called as each key is written. The book
+    directory's killed page creations are the command's to sweep, once for all its pages
+    (``pagedir.sweep_creations``).
     """
     directory = path.parent / pagedir.page_dir_name(path.name)
     meta = {"kernel": doc.kernel, "platform": doc.platform}

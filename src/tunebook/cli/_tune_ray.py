@@ -105,6 +105,7 @@ def _with_progress(jobs: list[dict[str, Any]], options: SweepOptions, on_result:
             on_progress=on_progress,
             on_result=on_result,
             on_event=lambda text: progress.console.print(f"[yellow]{escape(text)}[/yellow]"),
+            keeps_unsaved=True,  # run_on_ray keeps them aside (or writes them) and says so
         )
 
 

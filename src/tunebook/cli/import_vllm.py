@@ -294,6 +294,7 @@ def _write_imports(
     # some devices' pages of the refused import behind.
     pages = [_existing(directory, kernel, device, *imported_page(kernel, names, device, by_device[device]))
              for device in sorted(by_device)]  # fmt: skip
+    pagedir.sweep_creations(directory)  # once for every device's page (one listing of the book)
     for device, path, page_dir, doc, existing in pages:
         replaced, stale = 0, []
         if existing:  # re-import replaces each imported file's entries, keeps the other files'

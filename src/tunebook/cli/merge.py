@@ -147,6 +147,7 @@ def write_merged(
     ``left_alone``. Each key's files are read again as it is written and folded in by
     ``merge_entries``: what another merge or a live autotuner wrote since is kept."""
     directory.mkdir(parents=True, exist_ok=True)
+    pagedir.sweep_creations(directory)  # once for every page written (one listing of the book)
     for name in sorted(merged):
         left = write_document(directory / name, merged[name], fold=merge_entries, done=done)
         left_alone += left
