@@ -107,9 +107,11 @@ def test_a_key_the_book_answers_is_served_without_making_every_config(monkeypatc
 
 def test_ids_and_records_made_from_points_are_those_of_their_configs():
     # Every kind of value an id writes: ints, bools, floats (-0.0 is not 0.0 in an id),
-    # strings, None options (left out), options the Space leaves to Triton's defaults.
+    # strings, None options (left out), None meta-parameters (kept: SPLIT=null), options the
+    # Space leaves to Triton's defaults.
     space = Space(
         BLOCK=[16, 64],
+        SPLIT=[None, 2],
         EVEN=[True, False],
         SHIFT=[-0.0, 1.5],
         MODE=["a,b|c=d", "x"],
@@ -152,3 +154,30 @@ def test_a_call_with_more_candidates_than_large_is_said_once(monkeypatch):
         listing.allowed({}, "big_kernel")
     said = [str(w.message) for w in caught if "64 candidate configs" in str(w.message)]
     assert len(said) == 1 and "big_kernel" in said[0] and "max_configs" in said[0]
+
+
+def test_configs_timings_of_a_space_is_one_rule_with_pruning_hooks_or_without():
+    # A Space's configs_timings lists what the book holds results for; a pruning hook (which
+    # turns the candidates into a list of Configs) does not bring back [inf] * 3 for the rest.
+    space = Space(BLOCK=[16, 32, 64, 128], A=range(5), B=[0], C=[0])
+    sizes, measured = [], []
+    for prune in (None, {"early_config_prune": lambda configs, nargs, **kw: list(configs)}):
+        bench = Flat()
+        kernel = tunebook.autotune(
+            space,
+            key=["n"],
+            prune_configs_by=prune,
+            strategy="random",
+            max_configs=3,
+            do_bench=bench,
+            pre_hook=bench.pre_hook,
+            adaptive=False,
+        )(add_meta)
+        x, y, out = vectors(200)
+        kernel[grid_1d(200)](x, y, out, 200)
+        assert torch.allclose(out, x + y)
+        assert all(t[0] < float("inf") for t in kernel.configs_timings.values())
+        sizes.append(len(kernel.configs_timings))
+        measured.append(len(bench.measured))
+    assert measured == [3, 0]  # the second kernel is answered by the first one's book entry
+    assert sizes == [3, 3]

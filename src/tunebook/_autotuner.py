@@ -470,7 +470,9 @@ class Autotuner(_compat.TritonAutotuner):
         TRITON_PRINT_AUTOTUNING's line."""
         entry = resolution.entry
         results = entry.results if entry is not None else {}
-        self.configs_timings = _listing.configs_timings(self.config_index, candidates, results)
+        self.configs_timings = _listing.configs_timings(
+            self.config_index, candidates, results, measured_only=self.space is not None
+        )
         if resolution.source == "tuned":
             self.bench_time = resolution.seconds
             self.hooks.after_tuning(call, config)
@@ -550,7 +552,9 @@ class Autotuner(_compat.TritonAutotuner):
 
     def key_and_candidates(self, call: Call) -> tuple[tuple[Any, ...], Sequence[Any]]:
         """(Triton's key, the candidates) of ``call``, as a miss of it sees them: for a sweep
-        that measures a key's candidates in other processes (``tunebook._sweep``)."""
+        that measures a key's candidates in other processes (``tunebook._sweep``). For a Space
+        the candidates are a lazy sequence (a Config made when read; not picklable, so send
+        ids or records across processes, or ``list()`` it)."""
         self._by_device()
         with self._lock:
             self.nargs = call.nargs

@@ -80,7 +80,7 @@ class SpaceListing:
             _warnings.warn_once(
                 f"large-space:{label}",
                 "tunebook: %s: a call has %d candidate configs; the first call of each key lists them "
-                "all (about 1 s per 10^5 points, more with arg_constraints), and the exhaustive, "
+                "all (about 0.5-1 s per 10^5 points, more with arg_constraints), and the exhaustive, "
                 "neighbors and bayes strategies read every one. Narrow the Space with constraints or "
                 "fewer values, or tune offline (tunebook tune); strategy='random' with max_configs= "
                 "reads only the points it measures (said once per kernel)",
@@ -128,9 +128,14 @@ class SpaceListing:
         for part in (meta, options):
             fields = []
             for name, default in part:
-                value = point.get(name, default)
-                if value is None:
-                    continue
+                if part is meta:
+                    if name not in point:
+                        continue
+                    value = point[name]  # None included: a record keeps a meta-parameter's None
+                else:
+                    value = point.get(name, default)
+                    if value is None:  # an option of None is left out of the Config
+                        continue
                 # 0.0 and -0.0 (and True and 1) are one dict key, two fields.
                 ref = (name, type(value), value, repr(value) if type(value) is float else None)
                 text = cached.get(ref)
@@ -247,15 +252,18 @@ def config_of(index: ConfigIndex, candidates: Sequence[Any], cid: str) -> Any:
 
 
 def configs_timings(
-    index: ConfigIndex, candidates: Sequence[Any], results: Mapping[str, Any]
+    index: ConfigIndex, candidates: Sequence[Any], results: Mapping[str, Any], measured_only: bool = False
 ) -> dict[Any, list[float]]:
     """Triton's ``configs_timings`` of a decided key: each candidate's timing as the book holds
-    it, ``[inf] * 3`` for one without. A Space's candidates are listed only where the book
-    holds a result (a budgeted search of 10^5 points measured a few): a Config is made per
-    result, not per point."""
+    it, ``[inf] * 3`` for one without. A Space's candidates (``measured_only``, whether or not
+    pruning hooks made them a list) are listed only where the book holds a result (a budgeted
+    search of 10^5 points measured a few): a Config is made per result, not per point."""
     if isinstance(candidates, SpaceCandidates):
         measured = [(k, results[cid]) for k, cid in enumerate(candidates.ids) if cid in results]
         return {candidates[k]: _ms(result) for k, result in measured}
+    if measured_only:
+        listed = ((c, results.get(index.id_of(c))) for c in candidates)
+        return {c: _ms(result) for c, result in listed if result is not None}
     return {c: _ms(results.get(index.id_of(c))) for c in candidates}
 
 
