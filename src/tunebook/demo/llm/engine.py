@@ -25,6 +25,7 @@ Defaults follow the device: on a GPU bfloat16 and CUDA graphs for decode steps; 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -260,7 +261,9 @@ class Engine:
             request.first_token_at = time.perf_counter()
         request.output.append(token)
         if logprobs is not None:
-            request.logprobs.append(logprobs)
+            # Where its text starts: the complete characters decoded before it (a sum of
+            # token texts would count a token holding half a character as a whole one).
+            request.logprobs.append(dataclasses.replace(logprobs, text_offset=request.stream.decoded))
         eos = token in self.tokenizer.eos_ids and not request.params.ignore_eos
         delta = "" if eos else request.stream.push([token])
         reason = None

@@ -582,18 +582,18 @@ class TokenTexts:
             self.known[token] = (raw.decode(errors="replace"), list(raw))
         return self.known[token]
 
-    def completion(self, entries: list[TokenLogprobs], offset: int) -> dict[str, Any]:
-        """/v1/completions' ``logprobs`` for ``entries``, whose text starts at ``offset`` of
-        the answer: each ``top_logprobs`` holds the alternatives and the sampled token, as
-        OpenAI and vLLM list them (up to logprobs + 1)."""
+    def completion(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
+        """/v1/completions' ``logprobs`` for ``entries``: each ``top_logprobs`` holds the
+        alternatives and the sampled token, as OpenAI and vLLM list them (up to logprobs +
+        1). ``text_offset``: where each token's text starts in the answer
+        (:attr:`TokenLogprobs.text_offset`)."""
         tokens, token_logprobs, top, offsets = [], [], [], []
         for entry in entries:
             text = self(entry.token)[0]
             tokens.append(text)
             token_logprobs.append(_logprob(entry.logprob))
             top.append({**{self(i)[0]: _logprob(p) for i, p in entry.top}, text: _logprob(entry.logprob)})
-            offsets.append(offset)
-            offset += len(text)
+            offsets.append(entry.text_offset)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
@@ -714,12 +714,9 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
             streamed = {**head, "usage": None} if usage else head
 
             async def events() -> AsyncIterator[str]:
-                offset = 0  # where the next token's text starts in the answer (text_offset)
                 try:
                     async for delta, entries in _updates(req, queue, front):
-                        logprobs = texts.completion(entries, offset) if entries else None
-                        if logprobs is not None:
-                            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                        logprobs = texts.completion(entries) if entries else None
                         yield _sse({**streamed, "choices": [choice(delta, None, logprobs)]})
                     yield _sse({**streamed, "choices": [choice("", _finish(req))]})
                     if usage:
@@ -732,7 +729,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
             return _event_stream(events())
         text = await _answer(request, req, queue, front)
-        logprobs = texts.completion(req.logprobs, 0) if params.logprobs is not None else None
+        logprobs = texts.completion(req.logprobs) if params.logprobs is not None else None
         return JSONResponse({**head, "choices": [choice(text, _finish(req), logprobs)], "usage": _usage(req)})
 
     async def chat(request: Any) -> Any:
