@@ -210,11 +210,13 @@ def completion_logprobs(app: Any, body: dict[str, Any]) -> Awaitable[tuple[str, 
     return both()
 
 
-def test_text_offsets_of_tokens_cutting_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_offsets_and_names_of_tokens_cutting_characters(monkeypatch: pytest.MonkeyPatch) -> None:
     """Byte tokens cutting characters in parts: each ``text_offset`` is where the token's
-    character starts in the answer, streamed as whole. The offsets added up the tokens'
-    texts, in which each part showed as a whole U+FFFD (the answer's 6 characters ran to
-    12)."""
+    character starts in the answer, streamed as whole; a token that is part of a character
+    is named ``bytes:\\xNN`` (OpenAI's completions' name), so alternatives stay apart. The
+    offsets added up the tokens' texts, in which each part showed as a whole U+FFFD (the
+    answer's 6 characters ran to 12); every part was "\\ufffd", and 5 alternatives
+    collapsed into fewer."""
     answer = "aé€b😀!"
     ids = list(answer.encode())
     forcing(monkeypatch, ids)
@@ -224,11 +226,48 @@ def test_text_offsets_of_tokens_cutting_characters(monkeypatch: pytest.MonkeyPat
     engine.start()
     try:
         text, lp, streamed = asyncio.run(completion_logprobs(app, body))
+        _, raw = asyncio.run(
+            post(
+                app,
+                "/v1/chat/completions",
+                {
+                    "messages": [{"role": "user", "content": "x"}],
+                    "max_tokens": len(ids),
+                    "logprobs": True,
+                    "top_logprobs": 2,
+                },
+            )
+        )
     finally:
         engine.stop()
     assert text == answer
     assert lp["text_offset"] == [0, 1, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]
+    parts = {"é": [r"bytes:\xc3", r"bytes:\xa9"], "€": [r"bytes:\xe2", r"bytes:\x82", r"bytes:\xac"]}
+    parts["😀"] = [r"bytes:\xf0", r"bytes:\x9f", r"bytes:\x98", r"bytes:\x80"]
+    assert lp["tokens"] == [name for c in answer for name in parts.get(c, [c])]
+    assert all(len(top) >= 5 for top in lp["top_logprobs"])  # 5 distinct ids: 5 distinct names
     assert streamed == lp
+    content = json.loads(raw)["choices"][0]["logprobs"]["content"]
+    assert [(c["token"], c["bytes"]) for c in content] == [(t, [b]) for t, b in zip(lp["tokens"], ids)]
+
+
+def test_the_sampled_token_never_overwrites_a_likelier_alternative_of_the_same_name() -> None:
+    """Completions' ``top_logprobs`` is a dict keyed by a token's name: an alternative keeps
+    its value where the sampled token (or a less likely alternative) has the same name. The
+    sampled token's -5.0 replaced the likeliest alternative's -0.007 under one key."""
+    from tunebook.demo.llm.sampling import TokenLogprobs
+    from tunebook.demo.llm.server import TokenTexts
+
+    class Twins(ByteTokenizer):  # ids 300 and 301: the same bytes (a token added as text)
+        def token_bytes(self, token: int) -> bytes:
+            return b"same" if token in (300, 301) else super().token_bytes(token)
+
+    texts = TokenTexts(Twins())
+    top = ((300, -0.007), (200, -4.0), (201, -4.5))
+    [dict_] = texts.completion([TokenLogprobs(301, -5.0, top)])["top_logprobs"]
+    assert dict_ == {"same": -0.007, r"bytes:\xc8": -4.0, r"bytes:\xc9": -4.5}
+    [dict_] = texts.completion([TokenLogprobs(202, -6.0, top)])["top_logprobs"]
+    assert dict_ == {"same": -0.007, r"bytes:\xc8": -4.0, r"bytes:\xc9": -4.5, r"bytes:\xca": -6.0}
 
 
 def test_text_offsets_of_smollm2s_tokens_are_where_their_text_starts(
@@ -258,5 +297,6 @@ def test_text_offsets_of_smollm2s_tokens_are_where_their_text_starts(
         engine.stop()
     assert text == answer and streamed == lp
     assert lp["text_offset"] == [0, 1, 2, 2, 3, 4, 6, 9, 12, 13, 13, 14, 15, 15, 15, 16]
+    assert lp["tokens"][1:4] == [r"bytes: \xe2", r"bytes:\x9d", r"bytes:\xa4"]  # ❤ in three
     for token, offset in zip(lp["tokens"], lp["text_offset"]):
-        assert "\ufffd" in token or answer[offset:].startswith(token), (token, offset)
+        assert token.startswith("bytes:") or answer[offset:].startswith(token), (token, offset)

@@ -566,33 +566,54 @@ def _logprob(value: float) -> float:
     return value if math.isfinite(value) else LOWEST_LOGPROB
 
 
+def token_text(raw: bytes) -> str:
+    r"""How logprobs name a token of bytes ``raw``: its text where they are UTF-8 on their
+    own, else (part of a character) ``bytes:`` and the bytes, as OpenAI's completions name
+    such a token, printable ASCII as itself and any other byte as ``\xNN``: distinct byte
+    strings never share a name, as U+FFFD made every part of a character look alike.
+
+    >>> token_text(" é".encode()), token_text(b" \xe2\x9d"), token_text(b"\\\xff")
+    (' é', 'bytes: \\xe2\\x9d', 'bytes:\\x5c\\xff')
+    """
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
+
+
 class TokenTexts:
-    """Token ids as logprobs show them: a token's text (its bytes decoded, a part of a
-    character as U+FFFD) and its bytes, remembered (the same alternatives come back)."""
+    """Token ids as logprobs show them: a token's text (:func:`token_text`) and its bytes,
+    remembered (the same alternatives come back)."""
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self.tokenizer = tokenizer
         self.known: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token: int) -> tuple[str, list[int]]:
-        if token not in self.known:
+        known = self.known.get(token)
+        if known is None:
             raw = token_bytes(self.tokenizer, token)
             if len(self.known) > 65536:
                 self.known.clear()
-            self.known[token] = (raw.decode(errors="replace"), list(raw))
-        return self.known[token]
+            known = self.known[token] = (token_text(raw), list(raw))
+        return known
 
     def completion(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
         """/v1/completions' ``logprobs`` for ``entries``: each ``top_logprobs`` holds the
         alternatives and the sampled token, as OpenAI and vLLM list them (up to logprobs +
-        1). ``text_offset``: where each token's text starts in the answer
-        (:attr:`TokenLogprobs.text_offset`)."""
+        1); a name already listed keeps its first value, the likeliest (two ids of the same
+        bytes; the sampled token among the alternatives). ``text_offset``: where each
+        token's text starts in the answer (:attr:`TokenLogprobs.text_offset`)."""
         tokens, token_logprobs, top, offsets = [], [], [], []
         for entry in entries:
             text = self(entry.token)[0]
             tokens.append(text)
             token_logprobs.append(_logprob(entry.logprob))
-            top.append({**{self(i)[0]: _logprob(p) for i, p in entry.top}, text: _logprob(entry.logprob)})
+            alternatives: dict[str, float] = {}
+            for i, p in entry.top:
+                alternatives.setdefault(self(i)[0], _logprob(p))
+            alternatives.setdefault(text, _logprob(entry.logprob))
+            top.append(alternatives)
             offsets.append(entry.text_offset)
         return {
             "tokens": tokens,
