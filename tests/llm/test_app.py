@@ -270,6 +270,30 @@ def test_the_sampled_token_never_overwrites_a_likelier_alternative_of_the_same_n
     assert dict_ == {"same": -0.007, r"bytes:\xc8": -4.0, r"bytes:\xc9": -4.5, r"bytes:\xca": -6.0}
 
 
+def test_a_stream_takes_its_tokens_logprobs_from_the_request_as_it_sends_them() -> None:
+    """A streamed request holds no logprobs once its chunks have carried them (a long
+    request kept 15 MiB of them to its end); a whole answer keeps them until it is built."""
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+    requests = []
+    submit = engine.submit
+
+    def kept(*args: Any, **kwargs: Any) -> Any:
+        requests.append(submit(*args, **kwargs))
+        return requests[-1]
+
+    engine.submit = kept  # type: ignore[method-assign]
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 3, "temperature": 0}
+    engine.start()
+    try:
+        _, lp, streamed = asyncio.run(completion_logprobs(app, body))
+    finally:
+        engine.stop()
+    assert streamed == lp and len(lp["tokens"]) == 4
+    whole, stream = requests
+    assert len(whole.logprobs) == 4 and stream.finished and stream.logprobs == []
+
+
 def test_text_offsets_of_smollm2s_tokens_are_where_their_text_starts(
     smollm2: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -442,20 +442,25 @@ class Front:
             raise self._prompt_too_long(f"at least {fewest}", "messages")
 
     def submit(
-        self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl"
+        self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl", *, stream: bool = False
     ) -> tuple[Request, asyncio.Queue[Any]]:
         """Queue a request; its updates arrive on the returned queue as ``(new text,
         finish_reason, the new tokens' TokenLogprobs)``, pushed from the engine's thread
-        (SHUTDOWN when the server ends it). Raises ShuttingDown once the server has ended its
-        requests."""
+        (SHUTDOWN when the server ends it). A ``stream`` takes its tokens' logprobs from the
+        request as they come (its chunks carry them: the request keeps none); a whole answer
+        leaves them in :attr:`Request.logprobs` (its updates carry none) and reads them at the
+        end. Raises ShuttingDown once the server has ended its requests."""
         if self.closed:
             raise ShuttingDown
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def on_update(request: Request, tokens: list[int], delta: str) -> None:
-            # The engine appends a token's logprobs with it (where asked): the last ones.
-            new = request.logprobs[len(request.output) - len(tokens) :] if request.logprobs else []
+            # The engine appends a token's logprobs (where asked) before it tells: on its
+            # thread, as this runs, so none is appended between these two lines.
+            new: list[TokenLogprobs] = []
+            if stream and request.logprobs:
+                new, request.logprobs = request.logprobs, []
             loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finish_reason, new))
 
         try:
@@ -725,7 +730,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         params = sampling_params(body, front.max_tokens(body, prompt, 16))
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
-        req, queue = front.submit(prompt, params)
+        req, queue = front.submit(prompt, params, stream=stream)
         head = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model_id}
 
         def choice(text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
@@ -766,7 +771,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS), chat=True)
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
-        req, queue = front.submit(prompt, params, "chatcmpl")
+        req, queue = front.submit(prompt, params, "chatcmpl", stream=stream)
         head = {"id": req.id, "created": int(time.time()), "model": model_id}
 
         if stream:
