@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -268,6 +269,52 @@ def test_the_sampled_token_never_overwrites_a_likelier_alternative_of_the_same_n
     assert dict_ == {"same": -0.007, r"bytes:\xc8": -4.0, r"bytes:\xc9": -4.5}
     [dict_] = texts.completion([TokenLogprobs(202, -6.0, top)])["top_logprobs"]
     assert dict_ == {"same": -0.007, r"bytes:\xc8": -4.0, r"bytes:\xc9": -4.5, r"bytes:\xca": -6.0}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_whole_answers_logprobs_are_built_and_serialised_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Megabytes of logprobs (8000 tokens of 20 alternatives took 0.7 s) would stall every
+    stream the event loop serves: a whole answer's are built and rendered as JSON on a
+    worker thread. They were on the event loop's."""
+    from starlette.responses import JSONResponse
+
+    from tunebook.demo.llm.server import TokenTexts
+
+    threads: dict[str, set[str]] = {"built": set(), "rendered": set()}
+    for name in ("completion", "chat"):
+        real = getattr(TokenTexts, name)
+
+        def built(self: Any, *args: Any, _real: Any = real) -> Any:
+            threads["built"].add(threading.current_thread().name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(TokenTexts, name, built)
+    render = JSONResponse.render
+
+    def rendered(self: Any, content: Any) -> bytes:
+        if "choices" in content and content["choices"][0]["logprobs"] is not None:
+            threads["rendered"].add(threading.current_thread().name)
+        return render(self, content)
+
+    monkeypatch.setattr(JSONResponse, "render", rendered)
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+    ask = (
+        {"prompt": [5, 6], "logprobs": 20}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 20}
+    )
+    loop_thread = threading.current_thread().name  # asyncio.run's loop runs here
+    engine.start()
+    try:
+        status, raw = asyncio.run(post(app, path, {**ask, "max_tokens": 3}))
+    finally:
+        engine.stop()
+    assert status == 200 and json.loads(raw)["choices"][0]["logprobs"], raw
+    assert threads["built"] and threads["rendered"]
+    assert loop_thread not in threads["built"] | threads["rendered"]
 
 
 def test_a_stream_takes_its_tokens_logprobs_from_the_request_as_it_sends_them() -> None:

@@ -39,7 +39,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ..._optional import require
@@ -588,7 +588,8 @@ def token_text(raw: bytes) -> str:
 
 class TokenTexts:
     """Token ids as logprobs show them: a token's text (:func:`token_text`) and its bytes,
-    remembered (the same alternatives come back)."""
+    remembered (the same alternatives come back). Whole answers build theirs on worker
+    threads, streams on the event loop: a lookup that misses (a race) computes it again."""
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self.tokenizer = tokenizer
@@ -755,8 +756,14 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
             return _event_stream(events())
         text = await _answer(request, req, queue, front)
-        logprobs = texts.completion(req.logprobs) if params.logprobs is not None else None
-        return JSONResponse({**head, "choices": [choice(text, _finish(req), logprobs)], "usage": _usage(req)})
+
+        def whole() -> Any:
+            logprobs = texts.completion(req.logprobs) if params.logprobs is not None else None
+            return JSONResponse(
+                {**head, "choices": [choice(text, _finish(req), logprobs)], "usage": _usage(req)}
+            )
+
+        return await _respond(whole, params)
 
     async def chat(request: Any) -> Any:
         body = await body_of(request)
@@ -802,10 +809,16 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
             return _event_stream(events())
         text = await _answer(request, req, queue, front)
-        message = {"role": "assistant", "content": text}
-        logprobs = texts.chat(req.logprobs) if params.logprobs is not None else None
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(req)}
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)})
+
+        def whole() -> Any:
+            message = {"role": "assistant", "content": text}
+            logprobs = texts.chat(req.logprobs) if params.logprobs is not None else None
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(req)}
+            return JSONResponse(
+                {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)}
+            )
+
+        return await _respond(whole, params)
 
     async def model(request: Any) -> Any:
         wanted = request.path_params["model"]
@@ -875,6 +888,13 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
     )
     app.state.front = front
     return app
+
+
+async def _respond(whole: Callable[[], Any], params: SamplingParams) -> Any:
+    """A whole answer's response, built by ``whole``: off the event loop where it holds
+    logprobs (8000 tokens of 20 alternatives are megabytes of JSON, a fraction of a second
+    to build and serialise, which would stall every stream), as a large body is parsed."""
+    return whole() if params.logprobs is None else await asyncio.to_thread(whole)
 
 
 def _event_stream(events: AsyncIterator[str]) -> Any:
