@@ -316,6 +316,36 @@ def test_a_failed_prefill_whose_requests_all_run_alone_is_no_failure() -> None:
     assert engine.steps["prefill"] == 2 and engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
 
 
+def test_a_request_aborted_while_its_pack_failed_is_not_prefilled_again() -> None:
+    """A client that goes away while its pack's prefill fails: its request ends with
+    "abort" before the retry, and only the others run again alone. It was prefilled again
+    alone (a long prompt's prefill, maybe the memory that failed), then aborted."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class PackFails(TorchOps):
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 3:  # the pack's 5 tokens; alone, 2 and 3
+                engine.abort(gone.id)  # its client disconnects meanwhile
+                raise RuntimeError("out of memory (injected)")
+            return super().silu_and_mul(x)
+
+    engine = tiny_engine(PackFails())  # type: ignore[arg-type]
+    told: list[tuple[str, str | None]] = []
+    gone, kept = (
+        engine.submit(p, SamplingParams(max_tokens=2), lambda r, t, d: told.append((r.id, r.finish_reason)))
+        for p in ([1, 2], [3, 4, 5])
+    )
+    assert engine.step() is True
+    assert (gone.finish_reason, gone.output, gone.error) == ("abort", [], None)
+    assert (kept.finish_reason, len(kept.output)) == (None, 1)
+    assert engine.steps["prefill"] == 1  # kept's alone: gone's never ran again
+    assert (gone.id, "abort") in told and engine.error is None
+    while engine.step():
+        pass
+    assert kept.finish_reason == "length"
+    assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+
+
 def test_each_failed_request_keeps_its_own_error() -> None:
     """A pack of two whose prompts both fail alone, each with its own error: each request
     holds the error that ended it (the server's 500 names it), not the engine's latest."""

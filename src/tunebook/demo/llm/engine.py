@@ -179,16 +179,15 @@ class Engine:
         and running ones a failed prefill did not touch, go on. The requests of a failed
         prefill of several are first run again one at a time, so that one prompt that cannot
         run (a shape that fails, a long one that runs out of memory) does not take its
-        batch-mates with it. Where that ended any request with "error", the step's exception
-        is raised again; where every one of them then ran, the step succeeded (logged as a
-        warning) and nothing is raised. Each failed request's :attr:`Request.error` is the
+        batch-mates with it (one aborted meanwhile ends then, and does not run again). Where
+        that ended any request with "error", the step's exception is raised again; where
+        every one of them then ran, the step succeeded (logged as a warning) and nothing is
+        raised. Each failed request's :attr:`Request.error` is the
         failure that ended it (the server names it to that request's client); :attr:`error`
         is the latest that ended any request."""
         plan = None
         try:
-            for request in self.scheduler.take_aborted():
-                request.finish_reason = "abort"
-                self._notify(request, [], "")
+            self._end_aborted()
             plan = self.scheduler.schedule()
             if plan is None:
                 return False
@@ -238,6 +237,11 @@ class Engine:
             alone = [r for r in failed if not r.output]
         ended = [r for r in failed if r not in alone]
         self._fail(ended, exc)
+        retried = bool(alone)
+        if alone:
+            # Those aborted meanwhile (a client gone) end now, not after a prefill of their own.
+            self._end_aborted()
+            alone = [r for r in alone if not r.finished]
         for i, request in enumerate(alone):
             try:
                 self._run("prefill", [request])
@@ -248,7 +252,12 @@ class Engine:
             except BaseException as again:  # a Ctrl-C: none of the rest runs, nor stays running
                 self._fail(alone[i:], again)
                 raise
-        return bool(alone) and not ended
+        return retried and not ended
+
+    def _end_aborted(self) -> None:
+        for request in self.scheduler.take_aborted():
+            request.finish_reason = "abort"
+            self._notify(request, [], "")
 
     def _fail(self, requests: list[Request], exc: BaseException) -> None:
         for request in requests:
