@@ -4,6 +4,7 @@ continuous batching, stop conditions and sampling on a tiny random model."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -314,6 +315,32 @@ def test_a_failed_prefill_whose_requests_all_run_alone_is_no_failure() -> None:
         pass
     assert [(r.finish_reason, r.output) for r in requests] == [("length", out) for out in alone]
     assert engine.steps["prefill"] == 2 and engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+
+
+def test_a_recovered_prefill_logs_the_failures_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A pack that fails and whose requests all run alone is logged as a warning with the
+    failure's traceback: nothing else tells of it (a kernel that fails only in a pack). The
+    warning held the error's repr alone."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class PackFailsOnce(TorchOps):
+        failed = False
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.failed and x.shape[0] > 3:
+                self.failed = True
+                raise RuntimeError("a kernel that fails in a pack (injected)")
+            return super().silu_and_mul(x)
+
+    engine = tiny_engine(PackFailsOnce())  # type: ignore[arg-type]
+    for prompt in ([1, 2], [3, 4, 5]):
+        engine.submit(prompt, SamplingParams(max_tokens=2))
+    with caplog.at_level(logging.WARNING, logger="tunebook.demo.llm"):
+        assert engine.step() is True
+    [record] = [r for r in caplog.records if "ran alone" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.exc_info is not None
+    assert "a kernel that fails in a pack" in str(record.exc_info[1])
+    assert "silu_and_mul" in caplog.text  # the traceback, to the failing frame
 
 
 def test_a_request_aborted_while_its_pack_failed_is_not_prefilled_again() -> None:

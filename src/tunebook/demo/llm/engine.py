@@ -181,10 +181,10 @@ class Engine:
         run (a shape that fails, a long one that runs out of memory) does not take its
         batch-mates with it (one aborted meanwhile ends then, and does not run again). Where
         that ended any request with "error", the step's exception is raised again; where
-        every one of them then ran, the step succeeded (logged as a warning) and nothing is
-        raised. Each failed request's :attr:`Request.error` is the
-        failure that ended it (the server names it to that request's client); :attr:`error`
-        is the latest that ended any request."""
+        every one of them then ran, the step succeeded (logged as a warning, with the
+        failure's traceback) and nothing is raised. Each failed request's
+        :attr:`Request.error` is the failure that ended it (the server names it to that
+        request's client); :attr:`error` is the latest that ended any request."""
         plan = None
         try:
             self._end_aborted()
@@ -195,7 +195,11 @@ class Engine:
         except BaseException as exc:
             if not self._recover(plan, exc, retry=isinstance(exc, Exception)):  # no retry after a Ctrl-C
                 raise
-            log.warning("a prefill of several requests failed (%r); each of them then ran alone", exc)
+            # Every request went on: nothing else tells of the failure (a kernel that fails
+            # only in a pack), so its traceback is logged here.
+            log.warning(
+                "a prefill of several requests failed (%r); each of them then ran alone", exc, exc_info=exc
+            )
         return True
 
     def _run(self, kind: str, batch: list[Request]) -> None:
