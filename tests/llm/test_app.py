@@ -5,7 +5,9 @@ the HTTP answers hold when the steps come in an order a test chooses."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -175,3 +177,197 @@ def test_logprobs_in_whole_and_streamed_answers_of_both_endpoints() -> None:
         run(test)
     finally:
         engine.stop()
+
+
+def forcing(monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> None:
+    """Every token the engine samples is the next of ``tokens``, in turn (over and over):
+    the model's logits still make the logprobs. For one request at a time."""
+    from tunebook.demo.llm import engine as engine_module
+
+    script = itertools.cycle(tokens)
+
+    def sample(logits: torch.Tensor, params: Any, *rest: Any) -> torch.Tensor:
+        return torch.tensor([next(script) for _ in params])
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+
+
+Logprobs = dict[str, Any]
+
+
+def completion_logprobs(app: Any, body: dict[str, Any]) -> Awaitable[tuple[str, Logprobs, Logprobs]]:
+    """The text and ``logprobs`` of a whole /v1/completions answer, and its streamed
+    chunks' logprobs joined."""
+
+    async def both() -> tuple[str, Logprobs, Logprobs]:
+        status, raw = await post(app, "/v1/completions", body)
+        assert status == 200, raw
+        [choice] = json.loads(raw)["choices"]
+        status, raw = await post(app, "/v1/completions", {**body, "stream": True})
+        chunks = [e["choices"][0]["logprobs"] for e in events(raw) if e["choices"][0]["logprobs"]]
+        streamed = {field: [x for c in chunks for x in c[field]] for field in choice["logprobs"]}
+        return choice["text"], choice["logprobs"], streamed
+
+    return both()
+
+
+def test_text_offsets_and_names_of_tokens_cutting_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte tokens cutting characters in parts: each ``text_offset`` is where the token's
+    character starts in the answer, streamed as whole; a token that is part of a character
+    is named ``bytes:\\xNN`` (OpenAI's completions' name), so alternatives stay apart. The
+    offsets added up the tokens' texts, in which each part showed as a whole U+FFFD (the
+    answer's 6 characters ran to 12); every part was "\\ufffd", and 5 alternatives
+    collapsed into fewer."""
+    answer = "aé€b😀!"
+    ids = list(answer.encode())
+    forcing(monkeypatch, ids)
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+    body = {"prompt": [5, 6, 7], "max_tokens": len(ids), "logprobs": 5}
+    engine.start()
+    try:
+        text, lp, streamed = asyncio.run(completion_logprobs(app, body))
+        _, raw = asyncio.run(
+            post(
+                app,
+                "/v1/chat/completions",
+                {
+                    "messages": [{"role": "user", "content": "x"}],
+                    "max_tokens": len(ids),
+                    "logprobs": True,
+                    "top_logprobs": 2,
+                },
+            )
+        )
+    finally:
+        engine.stop()
+    assert text == answer
+    assert lp["text_offset"] == [0, 1, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5]
+    parts = {"é": [r"bytes:\xc3", r"bytes:\xa9"], "€": [r"bytes:\xe2", r"bytes:\x82", r"bytes:\xac"]}
+    parts["😀"] = [r"bytes:\xf0", r"bytes:\x9f", r"bytes:\x98", r"bytes:\x80"]
+    assert lp["tokens"] == [name for c in answer for name in parts.get(c, [c])]
+    assert all(len(top) >= 5 for top in lp["top_logprobs"])  # 5 distinct ids: 5 distinct names
+    assert streamed == lp
+    content = json.loads(raw)["choices"][0]["logprobs"]["content"]
+    assert [(c["token"], c["bytes"]) for c in content] == [(t, [b]) for t, b in zip(lp["tokens"], ids)]
+
+
+def test_the_sampled_token_never_overwrites_a_likelier_alternative_of_the_same_name() -> None:
+    """Completions' ``top_logprobs`` is a dict keyed by a token's name: an alternative keeps
+    its value where the sampled token (or a less likely alternative) has the same name. The
+    sampled token's -5.0 replaced the likeliest alternative's -0.007 under one key."""
+    from tunebook.demo.llm.sampling import TokenLogprobs
+    from tunebook.demo.llm.server import TokenTexts
+
+    class Twins(ByteTokenizer):  # ids 300 and 301: the same bytes (a token added as text)
+        def token_bytes(self, token: int) -> bytes:
+            return b"same" if token in (300, 301) else super().token_bytes(token)
+
+    texts = TokenTexts(Twins())
+    top = ((300, -0.007), (200, -4.0), (201, -4.5))
+    [dict_] = texts.completion([TokenLogprobs(301, -5.0, top)])["top_logprobs"]
+    assert dict_ == {"same": -0.007, r"bytes:\xc8": -4.0, r"bytes:\xc9": -4.5}
+    [dict_] = texts.completion([TokenLogprobs(202, -6.0, top)])["top_logprobs"]
+    assert dict_ == {"same": -0.007, r"bytes:\xc8": -4.0, r"bytes:\xc9": -4.5, r"bytes:\xca": -6.0}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_whole_answers_logprobs_are_built_and_serialised_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Megabytes of logprobs (8000 tokens of 20 alternatives took 0.7 s) would stall every
+    stream the event loop serves: a whole answer's are built and rendered as JSON on a
+    worker thread. They were on the event loop's."""
+    from starlette.responses import JSONResponse
+
+    from tunebook.demo.llm.server import TokenTexts
+
+    threads: dict[str, set[str]] = {"built": set(), "rendered": set()}
+    for name in ("completion", "chat"):
+        real = getattr(TokenTexts, name)
+
+        def built(self: Any, *args: Any, _real: Any = real) -> Any:
+            threads["built"].add(threading.current_thread().name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(TokenTexts, name, built)
+    render = JSONResponse.render
+
+    def rendered(self: Any, content: Any) -> bytes:
+        if "choices" in content and content["choices"][0]["logprobs"] is not None:
+            threads["rendered"].add(threading.current_thread().name)
+        return render(self, content)
+
+    monkeypatch.setattr(JSONResponse, "render", rendered)
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+    ask = (
+        {"prompt": [5, 6], "logprobs": 20}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 20}
+    )
+    loop_thread = threading.current_thread().name  # asyncio.run's loop runs here
+    engine.start()
+    try:
+        status, raw = asyncio.run(post(app, path, {**ask, "max_tokens": 3}))
+    finally:
+        engine.stop()
+    assert status == 200 and json.loads(raw)["choices"][0]["logprobs"], raw
+    assert threads["built"] and threads["rendered"]
+    assert loop_thread not in threads["built"] | threads["rendered"]
+
+
+def test_a_stream_takes_its_tokens_logprobs_from_the_request_as_it_sends_them() -> None:
+    """A streamed request holds no logprobs once its chunks have carried them (a long
+    request kept 15 MiB of them to its end); a whole answer keeps them until it is built."""
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+    requests = []
+    submit = engine.submit
+
+    def kept(*args: Any, **kwargs: Any) -> Any:
+        requests.append(submit(*args, **kwargs))
+        return requests[-1]
+
+    engine.submit = kept  # type: ignore[method-assign]
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 3, "temperature": 0}
+    engine.start()
+    try:
+        _, lp, streamed = asyncio.run(completion_logprobs(app, body))
+    finally:
+        engine.stop()
+    assert streamed == lp and len(lp["tokens"]) == 4
+    whole, stream = requests
+    assert len(whole.logprobs) == 4 and stream.finished and stream.logprobs == []
+
+
+def test_text_offsets_of_smollm2s_tokens_are_where_their_text_starts(
+    smollm2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SmolLM2's own tokens of an answer with emoji, an accent and CJK (one layer on PyTorch
+    ops; the forced tokens are the answer's): each token whose bytes begin a character is
+    found at its ``text_offset``, one holding the rest of a character sits where that
+    character starts; streamed as whole. 15 of 16 offsets were wrong, the last 25 in a
+    text of 19 characters."""
+    from tunebook.demo.llm.loading import weights_from_state_dict
+    from tunebook.demo.llm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(smollm2.metadata)
+    answer = "I ❤️ 🙂 naïve 日本語 ok"
+    ids = tokenizer.encode(answer)
+    forcing(monkeypatch, ids)
+    weights = weights_from_state_dict(smollm2.config.cut(1), smollm2.state_dict, torch.float32, "cpu")
+    engine = Engine(weights, tokenizer, ops="torch", max_batch=1, max_model_len=64)
+    app = create_app(engine, "smollm2")
+    engine.start()
+    try:
+        text, lp, streamed = asyncio.run(
+            completion_logprobs(app, {"prompt": [57], "max_tokens": len(ids), "logprobs": 1})
+        )
+    finally:
+        engine.stop()
+    assert text == answer and streamed == lp
+    assert lp["text_offset"] == [0, 1, 2, 2, 3, 4, 6, 9, 12, 13, 13, 14, 15, 15, 15, 16]
+    assert lp["tokens"][1:4] == [r"bytes: \xe2", r"bytes:\x9d", r"bytes:\xa4"]  # ❤ in three
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        assert token.startswith("bytes:") or answer[offset:].startswith(token), (token, offset)

@@ -4,6 +4,7 @@ continuous batching, stop conditions and sampling on a tiny random model."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -314,6 +315,62 @@ def test_a_failed_prefill_whose_requests_all_run_alone_is_no_failure() -> None:
         pass
     assert [(r.finish_reason, r.output) for r in requests] == [("length", out) for out in alone]
     assert engine.steps["prefill"] == 2 and engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+
+
+def test_a_recovered_prefill_logs_the_failures_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A pack that fails and whose requests all run alone is logged as a warning with the
+    failure's traceback: nothing else tells of it (a kernel that fails only in a pack). The
+    warning held the error's repr alone."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class PackFailsOnce(TorchOps):
+        failed = False
+
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.failed and x.shape[0] > 3:
+                self.failed = True
+                raise RuntimeError("a kernel that fails in a pack (injected)")
+            return super().silu_and_mul(x)
+
+    engine = tiny_engine(PackFailsOnce())  # type: ignore[arg-type]
+    for prompt in ([1, 2], [3, 4, 5]):
+        engine.submit(prompt, SamplingParams(max_tokens=2))
+    with caplog.at_level(logging.WARNING, logger="tunebook.demo.llm"):
+        assert engine.step() is True
+    [record] = [r for r in caplog.records if "ran alone" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.exc_info is not None
+    assert "a kernel that fails in a pack" in str(record.exc_info[1])
+    assert "silu_and_mul" in caplog.text  # the traceback, to the failing frame
+
+
+def test_a_request_aborted_while_its_pack_failed_is_not_prefilled_again() -> None:
+    """A client that goes away while its pack's prefill fails: its request ends with
+    "abort" before the retry, and only the others run again alone. It was prefilled again
+    alone (a long prompt's prefill, maybe the memory that failed), then aborted."""
+    from tunebook.demo.llm.ops import TorchOps
+
+    class PackFails(TorchOps):
+        def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 3:  # the pack's 5 tokens; alone, 2 and 3
+                engine.abort(gone.id)  # its client disconnects meanwhile
+                raise RuntimeError("out of memory (injected)")
+            return super().silu_and_mul(x)
+
+    engine = tiny_engine(PackFails())  # type: ignore[arg-type]
+    told: list[tuple[str, str | None]] = []
+    gone, kept = (
+        engine.submit(p, SamplingParams(max_tokens=2), lambda r, t, d: told.append((r.id, r.finish_reason)))
+        for p in ([1, 2], [3, 4, 5])
+    )
+    assert engine.step() is True
+    assert (gone.finish_reason, gone.output, gone.error) == ("abort", [], None)
+    assert (kept.finish_reason, len(kept.output)) == (None, 1)
+    assert engine.steps["prefill"] == 1  # kept's alone: gone's never ran again
+    assert (gone.id, "abort") in told and engine.error is None
+    while engine.step():
+        pass
+    assert kept.finish_reason == "length"
+    assert engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
 
 
 def test_each_failed_request_keeps_its_own_error() -> None:

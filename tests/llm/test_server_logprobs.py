@@ -97,6 +97,8 @@ def test_logprobs_through_the_openai_client(client: Any) -> None:
 
 
 def tokenizer_text(token: int) -> str:
+    """A token's name in logprobs (``bytes:\\xNN`` for part of a character)."""
+    from tunebook.demo.llm.server import token_text
     from tunebook.demo.llm.tokenizer import ByteTokenizer
 
-    return ByteTokenizer().token_bytes(token).decode(errors="replace")
+    return token_text(ByteTokenizer().token_bytes(token))

@@ -25,6 +25,7 @@ Defaults follow the device: on a GPU bfloat16 and CUDA graphs for decode steps; 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -178,16 +179,15 @@ class Engine:
         and running ones a failed prefill did not touch, go on. The requests of a failed
         prefill of several are first run again one at a time, so that one prompt that cannot
         run (a shape that fails, a long one that runs out of memory) does not take its
-        batch-mates with it. Where that ended any request with "error", the step's exception
-        is raised again; where every one of them then ran, the step succeeded (logged as a
-        warning) and nothing is raised. Each failed request's :attr:`Request.error` is the
-        failure that ended it (the server names it to that request's client); :attr:`error`
-        is the latest that ended any request."""
+        batch-mates with it (one aborted meanwhile ends then, and does not run again). Where
+        that ended any request with "error", the step's exception is raised again; where
+        every one of them then ran, the step succeeded (logged as a warning, with the
+        failure's traceback) and nothing is raised. Each failed request's
+        :attr:`Request.error` is the failure that ended it (the server names it to that
+        request's client); :attr:`error` is the latest that ended any request."""
         plan = None
         try:
-            for request in self.scheduler.take_aborted():
-                request.finish_reason = "abort"
-                self._notify(request, [], "")
+            self._end_aborted()
             plan = self.scheduler.schedule()
             if plan is None:
                 return False
@@ -195,7 +195,11 @@ class Engine:
         except BaseException as exc:
             if not self._recover(plan, exc, retry=isinstance(exc, Exception)):  # no retry after a Ctrl-C
                 raise
-            log.warning("a prefill of several requests failed (%r); each of them then ran alone", exc)
+            # Every request went on: nothing else tells of the failure (a kernel that fails
+            # only in a pack), so its traceback is logged here.
+            log.warning(
+                "a prefill of several requests failed (%r); each of them then ran alone", exc, exc_info=exc
+            )
         return True
 
     def _run(self, kind: str, batch: list[Request]) -> None:
@@ -237,6 +241,11 @@ class Engine:
             alone = [r for r in failed if not r.output]
         ended = [r for r in failed if r not in alone]
         self._fail(ended, exc)
+        retried = bool(alone)
+        if alone:
+            # Those aborted meanwhile (a client gone) end now, not after a prefill of their own.
+            self._end_aborted()
+            alone = [r for r in alone if not r.finished]
         for i, request in enumerate(alone):
             try:
                 self._run("prefill", [request])
@@ -247,7 +256,12 @@ class Engine:
             except BaseException as again:  # a Ctrl-C: none of the rest runs, nor stays running
                 self._fail(alone[i:], again)
                 raise
-        return bool(alone) and not ended
+        return retried and not ended
+
+    def _end_aborted(self) -> None:
+        for request in self.scheduler.take_aborted():
+            request.finish_reason = "abort"
+            self._notify(request, [], "")
 
     def _fail(self, requests: list[Request], exc: BaseException) -> None:
         for request in requests:
@@ -260,7 +274,9 @@ class Engine:
             request.first_token_at = time.perf_counter()
         request.output.append(token)
         if logprobs is not None:
-            request.logprobs.append(logprobs)
+            # Where its text starts: the complete characters decoded before it (a sum of
+            # token texts would count a token holding half a character as a whole one).
+            request.logprobs.append(dataclasses.replace(logprobs, text_offset=request.stream.decoded))
         eos = token in self.tokenizer.eos_ids and not request.params.ignore_eos
         delta = "" if eos else request.stream.push([token])
         reason = None

@@ -113,11 +113,13 @@ def _draw(
 @dataclass(frozen=True)
 class TokenLogprobs:
     """A sampled token's log-probability, and its step's most likely tokens' (``top``:
-    ``(id, logprob)`` pairs, most likely first)."""
+    ``(id, logprob)`` pairs, most likely first); ``text_offset``: where the token's text
+    starts in the answer, in characters (set by the engine as it decodes the token)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    text_offset: int = 0
 
 
 def token_logprobs(

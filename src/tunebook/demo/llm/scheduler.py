@@ -69,7 +69,9 @@ class Request:
     first_token_at: float | None = None
     generator: Any = None  # a seeded torch.Generator, or None
     error: BaseException | None = None  # what ended it with "error": its own step's failure
-    # Each output token's TokenLogprobs where params.logprobs is set (appended with it).
+    # Each output token's TokenLogprobs where params.logprobs is set (appended with it,
+    # before on_update is told). A listener may take them as they come (the server's streams
+    # do, keeping a long request's memory bounded): then it holds those not yet taken.
     logprobs: list[Any] = field(default_factory=list)
     stream: Any = None  # the TextStream that turns its ids into text (engine-owned)
 

@@ -39,7 +39,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ..._optional import require
@@ -442,20 +442,25 @@ class Front:
             raise self._prompt_too_long(f"at least {fewest}", "messages")
 
     def submit(
-        self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl"
+        self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl", *, stream: bool = False
     ) -> tuple[Request, asyncio.Queue[Any]]:
         """Queue a request; its updates arrive on the returned queue as ``(new text,
         finish_reason, the new tokens' TokenLogprobs)``, pushed from the engine's thread
-        (SHUTDOWN when the server ends it). Raises ShuttingDown once the server has ended its
-        requests."""
+        (SHUTDOWN when the server ends it). A ``stream`` takes its tokens' logprobs from the
+        request as they come (its chunks carry them: the request keeps none); a whole answer
+        leaves them in :attr:`Request.logprobs` (its updates carry none) and reads them at the
+        end. Raises ShuttingDown once the server has ended its requests."""
         if self.closed:
             raise ShuttingDown
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def on_update(request: Request, tokens: list[int], delta: str) -> None:
-            # The engine appends a token's logprobs with it (where asked): the last ones.
-            new = request.logprobs[len(request.output) - len(tokens) :] if request.logprobs else []
+            # The engine appends a token's logprobs (where asked) before it tells: on its
+            # thread, as this runs, so none is appended between these two lines.
+            new: list[TokenLogprobs] = []
+            if stream and request.logprobs:
+                new, request.logprobs = request.logprobs, []
             loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finish_reason, new))
 
         try:
@@ -566,34 +571,56 @@ def _logprob(value: float) -> float:
     return value if math.isfinite(value) else LOWEST_LOGPROB
 
 
+def token_text(raw: bytes) -> str:
+    r"""How logprobs name a token of bytes ``raw``: its text where they are UTF-8 on their
+    own, else (part of a character) ``bytes:`` and the bytes, as OpenAI's completions name
+    such a token, printable ASCII as itself and any other byte as ``\xNN``: distinct byte
+    strings never share a name, as U+FFFD made every part of a character look alike.
+
+    >>> token_text(" é".encode()), token_text(b" \xe2\x9d"), token_text(b"\\\xff")
+    (' é', 'bytes: \\xe2\\x9d', 'bytes:\\x5c\\xff')
+    """
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
+
+
 class TokenTexts:
-    """Token ids as logprobs show them: a token's text (its bytes decoded, a part of a
-    character as U+FFFD) and its bytes, remembered (the same alternatives come back)."""
+    """Token ids as logprobs show them: a token's text (:func:`token_text`) and its bytes,
+    remembered (the same alternatives come back). Whole answers build theirs on worker
+    threads, streams on the event loop: a lookup that misses (a race) computes it again."""
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self.tokenizer = tokenizer
         self.known: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token: int) -> tuple[str, list[int]]:
-        if token not in self.known:
+        known = self.known.get(token)
+        if known is None:
             raw = token_bytes(self.tokenizer, token)
             if len(self.known) > 65536:
                 self.known.clear()
-            self.known[token] = (raw.decode(errors="replace"), list(raw))
-        return self.known[token]
+            known = self.known[token] = (token_text(raw), list(raw))
+        return known
 
-    def completion(self, entries: list[TokenLogprobs], offset: int) -> dict[str, Any]:
-        """/v1/completions' ``logprobs`` for ``entries``, whose text starts at ``offset`` of
-        the answer: each ``top_logprobs`` holds the alternatives and the sampled token, as
-        OpenAI and vLLM list them (up to logprobs + 1)."""
+    def completion(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
+        """/v1/completions' ``logprobs`` for ``entries``: each ``top_logprobs`` holds the
+        alternatives and the sampled token, as OpenAI and vLLM list them (up to logprobs +
+        1); a name already listed keeps its first value, the likeliest (two ids of the same
+        bytes; the sampled token among the alternatives). ``text_offset``: where each
+        token's text starts in the answer (:attr:`TokenLogprobs.text_offset`)."""
         tokens, token_logprobs, top, offsets = [], [], [], []
         for entry in entries:
             text = self(entry.token)[0]
             tokens.append(text)
             token_logprobs.append(_logprob(entry.logprob))
-            top.append({**{self(i)[0]: _logprob(p) for i, p in entry.top}, text: _logprob(entry.logprob)})
-            offsets.append(offset)
-            offset += len(text)
+            alternatives: dict[str, float] = {}
+            for i, p in entry.top:
+                alternatives.setdefault(self(i)[0], _logprob(p))
+            alternatives.setdefault(text, _logprob(entry.logprob))
+            top.append(alternatives)
+            offsets.append(entry.text_offset)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
@@ -704,7 +731,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         params = sampling_params(body, front.max_tokens(body, prompt, 16))
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
-        req, queue = front.submit(prompt, params)
+        req, queue = front.submit(prompt, params, stream=stream)
         head = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model_id}
 
         def choice(text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
@@ -714,12 +741,9 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
             streamed = {**head, "usage": None} if usage else head
 
             async def events() -> AsyncIterator[str]:
-                offset = 0  # where the next token's text starts in the answer (text_offset)
                 try:
                     async for delta, entries in _updates(req, queue, front):
-                        logprobs = texts.completion(entries, offset) if entries else None
-                        if logprobs is not None:
-                            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                        logprobs = texts.completion(entries) if entries else None
                         yield _sse({**streamed, "choices": [choice(delta, None, logprobs)]})
                     yield _sse({**streamed, "choices": [choice("", _finish(req))]})
                     if usage:
@@ -732,8 +756,14 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
             return _event_stream(events())
         text = await _answer(request, req, queue, front)
-        logprobs = texts.completion(req.logprobs, 0) if params.logprobs is not None else None
-        return JSONResponse({**head, "choices": [choice(text, _finish(req), logprobs)], "usage": _usage(req)})
+
+        def whole() -> Any:
+            logprobs = texts.completion(req.logprobs) if params.logprobs is not None else None
+            return JSONResponse(
+                {**head, "choices": [choice(text, _finish(req), logprobs)], "usage": _usage(req)}
+            )
+
+        return await _respond(whole, params)
 
     async def chat(request: Any) -> Any:
         body = await body_of(request)
@@ -748,7 +778,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS), chat=True)
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
-        req, queue = front.submit(prompt, params, "chatcmpl")
+        req, queue = front.submit(prompt, params, "chatcmpl", stream=stream)
         head = {"id": req.id, "created": int(time.time()), "model": model_id}
 
         if stream:
@@ -779,10 +809,16 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
             return _event_stream(events())
         text = await _answer(request, req, queue, front)
-        message = {"role": "assistant", "content": text}
-        logprobs = texts.chat(req.logprobs) if params.logprobs is not None else None
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(req)}
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)})
+
+        def whole() -> Any:
+            message = {"role": "assistant", "content": text}
+            logprobs = texts.chat(req.logprobs) if params.logprobs is not None else None
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(req)}
+            return JSONResponse(
+                {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)}
+            )
+
+        return await _respond(whole, params)
 
     async def model(request: Any) -> Any:
         wanted = request.path_params["model"]
@@ -852,6 +888,13 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
     )
     app.state.front = front
     return app
+
+
+async def _respond(whole: Callable[[], Any], params: SamplingParams) -> Any:
+    """A whole answer's response, built by ``whole``: off the event loop where it holds
+    logprobs (8000 tokens of 20 alternatives are megabytes of JSON, a fraction of a second
+    to build and serialise, which would stall every stream), as a large body is parsed."""
+    return whole() if params.logprobs is None else await asyncio.to_thread(whole)
 
 
 def _event_stream(events: AsyncIterator[str]) -> Any:

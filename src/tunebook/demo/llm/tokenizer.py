@@ -235,6 +235,20 @@ class TextStream:
         self._prefix = 0  # ids[_prefix:_read] decode to the last complete text, _seen
         self._read = 0
         self._seen = ""
+        self._held = 0  # complete characters decoded past _seen, held with half a character
+
+    @property
+    def decoded(self) -> int:
+        """How many complete characters the ids pushed so far decode to: where the text of
+        the next id starts in the answer (its ``text_offset``). A character whose bytes are
+        not all here yet does not count, so an id that completes it starts where it starts;
+        past a stop string's start this runs past the text handed out.
+
+        >>> s = TextStream(ByteTokenizer())
+        >>> [(s.decoded, s.push([b]))[0] for b in "aé€b".encode()] + [s.decoded]
+        [0, 1, 1, 2, 2, 2, 3, 4]
+        """
+        return len(self.text) + len(self.pending) + self._held
 
     def push(self, ids: Sequence[int]) -> str:
         """Add new ids; return the text they complete (maybe empty)."""
@@ -248,7 +262,10 @@ class TextStream:
         ``final``, wait while it ends in half a character (the rest of its bytes may come)."""
         full = self.tokenizer.decode(self.ids[self._prefix :])
         if len(full) <= len(self._seen) or (not final and full.endswith("\ufffd")):
+            # The characters before the half one are complete (decoded, not yet released).
+            self._held = max(len(full.rstrip("\ufffd")) - len(self._seen), 0)
             return ""
+        self._held = 0
         self.pending += full[len(self._seen) :]
         self._prefix, self._read = self._read, len(self.ids)
         self._seen = self.tokenizer.decode(self.ids[self._prefix : self._read])
