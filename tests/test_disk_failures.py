@@ -218,6 +218,46 @@ def test_a_serve_mode_miss_the_directory_refused_goes_with_the_pages_next_miss_r
     assert pages._refused_misses == {}
 
 
+def test_a_miss_record_refused_partway_holds_only_the_keys_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up at the 2nd of 3 keys of a miss record has written the 1st: it was
+    held with the others all the same, and written again at exit: misses add up on merge, so
+    the book counted it twice. Now only the keys not written are held."""
+    import warnings
+
+    from tunebook._book import DirectoryStore, Document, Entry, pages
+
+    book = tmp_path / "book"
+    store = DirectoryStore(book)
+    kernel = {"name": "k", "hash": "h", "key": ["n"], "id": "x"}
+    name = "k--x--t--p.json"
+
+    def misses(*ns: int) -> Document:
+        return Document(kernel, {"id": "p"}, {f"[{n}]": Entry((n,), misses=1) for n in ns})
+
+    assert pages.write_misses(store, name, misses(0))  # the page exists
+    real_fsync = os.fsync
+    synced = []
+
+    def fsync(fd: int) -> None:
+        if _in(book, fd):
+            synced.append(fd)
+            if len(synced) > 1:  # the disk is full from the 2nd key's temp file on
+                raise _no_space()
+        real_fsync(fd)
+
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", BookWarning)
+        patch.setattr(os, "fsync", fsync)
+        assert not pages.write_misses(store, name, misses(1, 2, 3))
+    assert len(synced) == 2
+    assert pages.write_refused_at_exit(5.0) == 0  # space again: the exit writes what was held
+    stored = store.fetch(name)
+    assert stored is not None
+    assert {k: e.misses for k, e in stored.entries.items()} == {"[0]": 1, "[1]": 1, "[2]": 1, "[3]": 1}
+
+
 def test_a_page_counts_the_results_its_directory_refused(tmp_path: Path) -> None:
     """What a sweep's report counts (SweepReport.unsaved): tune_on_ray into a book that refuses
     writes said "done" with one warning, and nothing told the program its results were

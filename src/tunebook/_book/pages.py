@@ -168,14 +168,27 @@ def write_misses(store: BookStore, name: str, doc: Document) -> bool:
         held = _refused_misses.pop(key, None)
     if held is not None and held[0] == os.getpid():  # not a forked child's copy of its parent's
         doc = doc.merged_over(held[2])
-    _hold_misses(store, name, doc, store.merge(name, doc))
+    _hold_misses(store, name, doc, _merge_partly(store, name, doc)[0])
     with _misses_lock:
         return key not in _refused_misses
 
 
-def _hold_misses(store: BookStore, name: str, doc: Document, stored: Document | None) -> None:
-    """Keep what of ``doc`` is not in ``stored`` (all of it where the write was refused)."""
-    written = stored.entries if stored is not None else {}
+def _merge_partly(store: BookStore, name: str, doc: Document) -> tuple[Collection[str], BaseException | None]:
+    """Offer ``doc`` to ``store``: (the keys it wrote, even where it refused the rest partway,
+    and why it refused, or None). A miss record's keys already written must not be offered
+    again: their misses would add up twice."""
+    partly = getattr(store, "merge_partly", None)
+    if partly is not None:
+        stored, written, why = partly(name, doc)
+        return (stored.entries if stored is not None else written), why
+    stored = store.merge(name, doc)
+    if stored is None:
+        return (), getattr(store, "last_failure", None)
+    return stored.entries, None
+
+
+def _hold_misses(store: BookStore, name: str, doc: Document, written: Collection[str]) -> None:
+    """Keep what of ``doc`` is not ``written`` (all of it where the write was refused)."""
     left = {k: e for k, e in doc.entries.items() if k not in written}
     if not left:
         return
@@ -266,11 +279,11 @@ def _push_misses_until(store: BookStore, name: str, doc: Document, deadline: flo
         if time.monotonic() >= deadline:
             break
         batch = {k: rest[k] for k in keys[start : start + EXIT_BATCH]}
-        stored = store.merge(name, replace(doc, entries=batch))
+        written, why = _merge_partly(store, name, replace(doc, entries=batch))
         for k in batch:
-            if stored is not None and k in stored.entries:
+            if k in written:  # written before a refusal partway too: not counted unwritten
                 del rest[k]
-        if stored is None and not isinstance(getattr(store, "last_failure", None), LeaveAlone):
+        if why is not None and not isinstance(why, LeaveAlone):
             break  # refused again: no use going on
     return rest
 
