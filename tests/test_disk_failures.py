@@ -360,3 +360,41 @@ def test_a_page_counts_the_results_its_directory_refused(tmp_path: Path) -> None
     good = Book(tmp_path / "book").open(kernel, {"backend": "t"}, "t", "p")
     good.record("[1]", Entry(key=(1,), results={"B=1|": ok}))
     assert good.unsaved() == 0
+
+
+def test_held_misses_the_writer_is_offering_as_the_process_exits_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    """The miss writer took a page's held records out of the table while it wrote them: an
+    exit whose queue flush gave up meanwhile (slow NFS, a busy lock) neither retried nor
+    counted them. Now they are marked in flight, and counted."""
+    import threading
+
+    from tunebook._book import DirectoryStore, pages
+
+    monkeypatch.setattr(pages, "MISS_RETRY_S", 0.0)
+    store = DirectoryStore(tmp_path / "book")
+    with _disk_full("fsync", tmp_path, monkeypatch):
+        assert not pages.write_misses(store, PAGE, _misses(*range(100)))  # 100 held
+        real = DirectoryStore.merge_partly
+        writing, go_on = threading.Event(), threading.Event()
+
+        def slow(self: Any, name: str, doc: Any) -> Any:
+            writing.set()
+            go_on.wait(30)
+            return real(self, name, doc)
+
+        monkeypatch.setattr(DirectoryStore, "merge_partly", slow)
+        writer = threading.Thread(target=pages.write_misses, args=(store, PAGE, _misses(100)))
+        writer.start()
+        assert writing.wait(30)
+        try:
+            pages.write_refused_at_exit(0.1)  # meanwhile, the exit
+        finally:
+            go_on.set()
+            writer.join(30)
+    said = [w for w in _book_warnings(recwarn) if "were not written" in w]
+    assert len(said) == 1, said
+    assert "101 serve-mode miss(es) of 101 key(s) still being written" in said[0], said
+    pages._held_misses.clear()  # what the writer held again after the exit: nobody's to write
+    pages._held_keys = 0

@@ -172,6 +172,10 @@ class _HeldMisses:
     store: BookStore
     # page name -> (the page's identity, an empty Document; key text -> entry held)
     pages: dict[str, tuple[Document, dict[str, Entry]]] = field(default_factory=dict)
+    # page name -> what of it the writer thread is offering the store right now: counted at
+    # exit (the 5 s flush gave up while the writer was mid-write, slow NFS, a busy lock),
+    # where it was taken out of ``pages`` and neither retried nor counted.
+    flying: dict[str, Document] = field(default_factory=dict)
     retry_at: float = 0.0  # time.monotonic() before which no write is offered
     why: BaseException | None = None  # its last refusal
     final: bool = False  # refused for good: nothing offered again, counts only kept
@@ -220,13 +224,16 @@ def write_misses(store: BookStore, name: str, doc: Document) -> bool:
             for k, entry in doc.entries.items():
                 kept[k] = entry.merged_over(kept.get(k))
             offer = replace(doc, entries=kept)
+            held.flying[name] = offer
     written, why = _merge_partly(store, name, offer)
     left = {k: e for k, e in offer.entries.items() if k not in written}
+    if held is not None:
+        with _misses_lock:
+            held.flying.pop(name, None)
+            # The directory takes records again: forget it once nothing is held.
+            if not left and not held.pages and not held.over_misses and _held_misses.get(where) is held:
+                del _held_misses[where]
     if not left:
-        if held is not None:  # the directory takes records again: forget it once nothing is held
-            with _misses_lock:
-                if not held.pages and not held.over_misses and _held_misses.get(where) is held:
-                    del _held_misses[where]
         return True
     with _misses_lock:
         held = _held_misses.get(where)
@@ -309,10 +316,10 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
     _refused.clear()
     with _misses_lock:
         me = os.getpid()
-        held = [h for h in _held_misses.values() if h.pid == me]
+        held = [(h, list(h.flying.values())) for h in _held_misses.values() if h.pid == me]
         _held_misses.clear()
         _held_keys = 0
-    for h in held:
+    for h, flying in held:
         for name, (identity, kept) in h.pages.items():
             # Once more, even after a refusal for good (counts only then): a directory made
             # writable again (a mount remounted) takes them; one refused batch ends it.
@@ -323,6 +330,11 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
                 left.miss_keys += len(rest)
                 left.misses += sum(e.misses for e in rest.values())
                 left.why = h.why
+        for offer in flying:  # the writer's, still under way: not offered here again
+            left = lost.setdefault(_where(h.store), _Unwritten())
+            left.flying_keys += len(offer.entries)
+            left.flying_misses += sum(e.misses for e in offer.entries.values())
+            left.why = left.why or h.why
         if h.over_misses:
             left = lost.setdefault(_where(h.store), _Unwritten())
             left.over_keys += h.over_keys
@@ -331,17 +343,21 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
     for where, left in sorted(lost.items()):
         what = [f"{left.results} result(s) of {left.keys} key(s)"] if left.keys else []
         what += [f"{left.misses} serve-mode miss(es) of {left.miss_keys} key(s)"] if left.miss_keys else []
-        what += (
-            [f"{left.over_misses} serve-mode miss(es) not kept past the {MAX_HELD_MISS_KEYS} keys held"]
-            if left.over_misses
-            else []
-        )
+        if left.flying_keys:
+            what.append(
+                f"{left.flying_misses} serve-mode miss(es) of {left.flying_keys} key(s) still being "
+                "written by the miss writer as the process exited"
+            )
+        if left.over_misses:
+            what.append(
+                f"{left.over_misses} serve-mode miss(es) not kept past the {MAX_HELD_MISS_KEYS} keys held"
+            )
         then = ["the next run that meets those keys tunes them again"] if left.keys else []
         # A miss record is news for `tunebook tune --misses`: without it that command does not
         # see the key until another serve-mode process meets it.
         then += (
             ["`tunebook tune --misses` does not see those misses"]
-            if left.miss_keys or left.over_misses
+            if left.miss_keys or left.over_misses or left.flying_keys
             else []
         )
         why = left.why
@@ -370,6 +386,8 @@ class _Unwritten:
     misses: int = 0
     over_keys: int = 0
     over_misses: int = 0
+    flying_keys: int = 0
+    flying_misses: int = 0
     why: BaseException | None = None
 
 
