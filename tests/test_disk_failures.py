@@ -398,3 +398,20 @@ def test_held_misses_the_writer_is_offering_as_the_process_exits_are_counted(
     assert "101 serve-mode miss(es) of 101 key(s) still being written" in said[0], said
     pages._held_misses.clear()  # what the writer held again after the exit: nobody's to write
     pages._held_keys = 0
+
+
+def test_a_directory_refused_for_good_is_said_at_the_first_miss_not_again_at_exit(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """A read-only TUNEBOOK_DIR (by design, in a container) warned twice in each process: at the
+    first miss, then at exit with the raw errno text. Now once, at the first miss."""
+    from tunebook._book import DirectoryStore, pages
+
+    (tmp_path / "a-file").write_text("not a directory")
+    store = DirectoryStore(tmp_path / "a-file" / "book")
+    for n in range(40):
+        assert not pages.write_misses(store, PAGE, _misses(n))
+    assert pages.write_refused_at_exit(5.0) == 0
+    said = _book_warnings(recwarn)
+    assert len(said) == 1, said
+    assert "cannot write to book directory" in said[0] and "a part of its path, is a file" in said[0], said

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import _calls
+from . import _calls, _settings
 from ._book import Page
 from ._book.pages import write_misses
 from ._book.records import Document, Entry, now_iso
@@ -51,8 +51,11 @@ renew_in_child(_renew)
 def record(page: Page, key: Sequence[Any], key_text: str, call: Call, candidates: Mapping[str, Any]) -> None:
     """Remember that ``key`` missed, and how to replay ``call``; returns at once.
 
-    ``candidates`` maps each candidate's config id to its Config (for the grids).
+    ``candidates`` maps each candidate's config id to its Config (for the grids). Nothing
+    where TUNEBOOK_RECORD_MISSES=0.
     """
+    if not _settings.record_misses():
+        return
     grids = _calls.evaluate_grids(call.grid, call.nargs, call.kwargs, candidates)
     description: dict[str, Any] | None = _calls.describe_call(call.args, call.kwargs, grids)
     if _calls.validate(description, "call") is not None:

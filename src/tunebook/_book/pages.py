@@ -41,7 +41,7 @@ from .._forksafe import renew_in_child
 from .._jsonio import key_text as _key_text
 from .._jsonio import parse_key_texts, slug
 from .._warnings import warn_once
-from .files import write_fix
+from .files import why_not_writable, write_fix
 from .pagedir import LeaveAlone, page_dir_name
 from .records import Document, Entry
 from .stores import BookStore, DirectoryStore
@@ -313,6 +313,7 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
                 left.keys += len(layer.pending)
                 left.results += sum(len(e.results) for e in layer.pending.values())
                 left.why = getattr(layer.store, "last_failure", None)
+                left.said = False
     _refused.clear()
     with _misses_lock:
         me = os.getpid()
@@ -327,20 +328,25 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
             h.why = why or h.why
             if rest:
                 left = lost.setdefault(_where(h.store), _Unwritten())
+                left.said = left.said and h.final and _refused_for_good(why or h.why)
                 left.miss_keys += len(rest)
                 left.misses += sum(e.misses for e in rest.values())
                 left.why = h.why
         for offer in flying:  # the writer's, still under way: not offered here again
             left = lost.setdefault(_where(h.store), _Unwritten())
+            left.said = False
             left.flying_keys += len(offer.entries)
             left.flying_misses += sum(e.misses for e in offer.entries.values())
             left.why = left.why or h.why
         if h.over_misses:
             left = lost.setdefault(_where(h.store), _Unwritten())
+            left.said = left.said and h.final
             left.over_keys += h.over_keys
             left.over_misses += h.over_misses
             left.why = left.why or h.why
     for where, left in sorted(lost.items()):
+        if left.said:
+            continue
         what = [f"{left.results} result(s) of {left.keys} key(s)"] if left.keys else []
         what += [f"{left.misses} serve-mode miss(es) of {left.miss_keys} key(s)"] if left.miss_keys else []
         if left.flying_keys:
@@ -367,7 +373,11 @@ def write_refused_at_exit(timeout_s: float | None = None) -> int:
             "directory %s: %s, and again at exit. They are lost with this process; %s. %s",
             " and ".join(what),
             where,
-            f"it refused them ({why})" if why is not None else "it refused them",
+            "it refused them"
+            if why is None
+            else f"it refused them ({why})"
+            if isinstance(why, LeaveAlone)
+            else f"it refused them ({why_not_writable(Path(where), why)})",
             # A key left alone (a newer tunebook's file, or one past the size limit) still
             # reads as it did: only this process's news for it is lost.
             "what the book holds for those keys stands" if isinstance(why, LeaveAlone) else "; ".join(then),
@@ -389,6 +399,10 @@ class _Unwritten:
     flying_keys: int = 0
     flying_misses: int = 0
     why: BaseException | None = None
+    # Whether all of it is miss records the directory refused for good: said already, at the
+    # first (``files.warn_write_failure``), not said again at every exit (a pre-fork server's
+    # every worker, with a read-only TUNEBOOK_DIR by design).
+    said: bool = True
 
 
 def _where(store: BookStore) -> str:
