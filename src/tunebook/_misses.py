@@ -5,8 +5,10 @@ candidate would launch with), so that ``tunebook tune --misses`` can replay it o
 miss is written to the book (a locked, fsynced file write) by one background thread;
 the kernel call only puts it on a queue. Entries for the same key are coalesced while
 they wait. At interpreter exit the queue is flushed for at most FLUSH_TIMEOUT_S. What the
-directory refuses (read-only, full) is kept (``pages.write_misses``): sent along with the
-page's next miss record, and once more at exit by ``pages.write_refused_at_exit`` (which runs
+directory refuses (read-only, full) is kept (``pages.write_misses``: at most
+MAX_HELD_MISS_KEYS keys, the rest counted): sent along with a miss record of the page at
+least MISS_RETRY_S later (never before exit after a refusal for good, counts only then),
+and once more at exit by ``pages.write_refused_at_exit`` (which runs
 after this module's flush: atexit runs last-registered first, and this module imports
 ``_book``), which counts what still stays unwritten in its one warning.
 """
