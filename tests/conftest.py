@@ -102,7 +102,8 @@ def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     # What a test's directories refused is the test's business: not written again (and said
     # lost) at the exit of pytest, long after the test and its directories are gone.
     pages._refused.clear()
-    pages._refused_misses.clear()
+    pages._held_misses.clear()
+    pages._held_keys = 0
 
 
 def book_files(directory: Path) -> list[Path]:

@@ -209,6 +209,20 @@ def test_serve_mode_records_replayable_misses(monkeypatch, book_dir):
     assert grids == [(3, 1, 1), (5, 1, 1), (10, 1, 1)]  # cdiv(300, 128), cdiv(300, 64), cdiv(300, 32)
 
 
+def test_serve_mode_records_no_misses_where_told_not_to(monkeypatch, book_dir):
+    """TUNEBOOK_RECORD_MISSES=0: for deployments that never run `tune --misses`, or whose book
+    directory is read-only by design (whose refusal was said at every process's exit)."""
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    monkeypatch.setenv("TUNEBOOK_RECORD_MISSES", "0")
+    kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
+    call(kernel, 300)
+    assert _misses.flush()
+    assert book_files(book_dir) == []
+    monkeypatch.setenv("TUNEBOOK_RECORD_MISSES", "maybe")
+    with pytest.raises(tunebook.ConfigurationError, match="TUNEBOOK_RECORD_MISSES"):
+        tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)
+
+
 @pytest.mark.slow
 def test_tune_misses_offline_then_serve_without_fallback(servekern, monkeypatch, book_dir):
     module = servekern(TUNEBOOK_MODE="serve")

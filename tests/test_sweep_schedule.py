@@ -5,6 +5,7 @@ confirmed, the tie-aware choice) still holds."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -318,3 +319,20 @@ def test_a_search_over_a_decided_key_reopens_it_and_chooses_what_it_finds():
     assert stored.results["B=0"] is decided.results["B=0"]  # what the old search measured stands
     undecided = planned_sweep([plan_of(times)], known=[Entry(key=(1,), results={"B=0": ok(2.0)})])[0]
     assert not undecided.keys[0].reopens
+
+
+def test_a_gpu_model_named_as_before_the_sm_count_is_taken_where_it_names_one_group(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Group names gained ", 132 SMs": the full name an earlier tunebook printed (pinned in a
+    script or CI job) matched nothing. It is taken where it names exactly one group, and said."""
+    h100 = {"device": "NVIDIA H100 80GB HBM3", "arch": "90", "sm_count": 132, "runtime": "cuda 12.8"}
+    h100 = {**h100, "triton": "3.6.0"}
+    old = "NVIDIA H100 80GB HBM3 (arch 90, cuda 12.8, triton 3.6.0)"
+    counts = {group_name(h100): 8, group_name({**h100, "device": "NVIDIA H200"}): 8}
+    with caplog.at_level(logging.WARNING, logger="tunebook"):
+        assert choose_groups(counts, each_model=False, gpu_model=old) == [group_name(h100)]
+    assert any(group_name(h100) in r.getMessage() for r in caplog.records), caplog.text
+    counts[group_name({**h100, "sm_count": 114})] = 2  # the old name fits two groups now
+    with pytest.raises(SweepError, match="matches 2 models"):
+        choose_groups(counts, each_model=False, gpu_model=old)

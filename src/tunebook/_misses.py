@@ -5,8 +5,10 @@ candidate would launch with), so that ``tunebook tune --misses`` can replay it o
 miss is written to the book (a locked, fsynced file write) by one background thread;
 the kernel call only puts it on a queue. Entries for the same key are coalesced while
 they wait. At interpreter exit the queue is flushed for at most FLUSH_TIMEOUT_S. What the
-directory refuses (read-only, full) is kept (``pages.write_misses``): sent along with the
-page's next miss record, and once more at exit by ``pages.write_refused_at_exit`` (which runs
+directory refuses (read-only, full) is kept (``pages.write_misses``: at most
+MAX_HELD_MISS_KEYS keys, the rest counted): sent along with a miss record of the page at
+least MISS_RETRY_S later (never before exit after a refusal for good, counts only then),
+and once more at exit by ``pages.write_refused_at_exit`` (which runs
 after this module's flush: atexit runs last-registered first, and this module imports
 ``_book``), which counts what still stays unwritten in its one warning.
 """
@@ -20,7 +22,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import _calls
+from . import _calls, _settings
 from ._book import Page
 from ._book.pages import write_misses
 from ._book.records import Document, Entry, now_iso
@@ -51,8 +53,11 @@ renew_in_child(_renew)
 def record(page: Page, key: Sequence[Any], key_text: str, call: Call, candidates: Mapping[str, Any]) -> None:
     """Remember that ``key`` missed, and how to replay ``call``; returns at once.
 
-    ``candidates`` maps each candidate's config id to its Config (for the grids).
+    ``candidates`` maps each candidate's config id to its Config (for the grids). Nothing
+    where TUNEBOOK_RECORD_MISSES=0.
     """
+    if not _settings.record_misses():
+        return
     grids = _calls.evaluate_grids(call.grid, call.nargs, call.kwargs, candidates)
     description: dict[str, Any] | None = _calls.describe_call(call.args, call.kwargs, grids)
     if _calls.validate(description, "call") is not None:

@@ -105,6 +105,12 @@ TUNEBOOK_DIRECT_LAUNCH = Setting(
     "0: a hit launches through Triton's JITFunction.run instead of calling the compiled kernel's "
     "launcher itself (read when a config's first hit builds its launcher).",
 )
+TUNEBOOK_RECORD_MISSES = Setting(
+    "TUNEBOOK_RECORD_MISSES",
+    "1",
+    "0: serve mode records no misses (the news `tunebook tune --misses` reads), for deployments that "
+    "never run it, or whose book directory is read-only by design.",
+)
 TRITON_PRINT_AUTOTUNING = Setting(
     "TRITON_PRINT_AUTOTUNING", "0", "Triton's own switch: print the outcome of each tuning to stdout."
 )
@@ -126,6 +132,7 @@ ALL: tuple[Setting, ...] = (
     TUNEBOOK_TIMER,
     TUNEBOOK_SHORT_KERNEL_US,
     TUNEBOOK_DIRECT_LAUNCH,
+    TUNEBOOK_RECORD_MISSES,
     TRITON_PRINT_AUTOTUNING,
     TRITON_INTERPRET,
 )
@@ -245,6 +252,11 @@ def direct_launch() -> bool:
     return _switch(TUNEBOOK_DIRECT_LAUNCH) == "1"
 
 
+def record_misses() -> bool:
+    """Whether serve mode records its misses for `tunebook tune --misses` (``_misses.py``)."""
+    return _switch(TUNEBOOK_RECORD_MISSES) == "1"
+
+
 def print_autotuning() -> bool:
     return TRITON_PRINT_AUTOTUNING.raw().strip().lower() in _TRUE
 
@@ -263,3 +275,4 @@ def check() -> None:
     if redis_url():
         redis_timeout_s()
     direct_launch()
+    record_misses()

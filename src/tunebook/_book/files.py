@@ -236,7 +236,7 @@ def warn_write_failure(directory: Path, exc: BaseException) -> None:
         "tunebook: cannot write to book directory %s (%s); what this process records (tuning "
         "results, and in serve mode the keys it served untuned) is kept in memory only. %s",
         directory,
-        _why_not_writable(directory, exc),
+        why_not_writable(directory, exc),
         write_fix(exc),
     )
 
@@ -255,7 +255,7 @@ def write_fix(exc: BaseException) -> str:
     return "Point TUNEBOOK_DIR at a writable directory to remember it."
 
 
-def _why_not_writable(directory: Path, exc: BaseException) -> str:
+def why_not_writable(directory: Path, exc: BaseException) -> str:
     """The reason a book directory cannot be written, in words that fit the situation."""
     for part in (directory, *directory.parents):
         if part.exists() and not part.is_dir():

@@ -723,13 +723,19 @@ def too_large(path: Path, key_text: str, size: int, configs: int) -> str:
 
 
 def merge_entries(
-    directory: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry]
+    directory: Path,
+    meta: Mapping[str, Any],
+    entries: Mapping[str, Entry],
+    written: dict[str, Entry] | None = None,
 ) -> tuple[dict[str, Entry], dict[str, LeaveAlone]]:
     """``merge_key`` for each entry: (the entries as they now stand, the keys whose file must
     be left alone, and why). A key left alone (a newer tunebook's file, say) does not stop
-    the others. Raises OSError (LeaveAlone for the page's own page.json)."""
+    the others. Raises OSError (LeaveAlone for the page's own page.json) at the first key
+    whose write fails; ``written``, where given, is filled as the keys are written, so that
+    a caller whose call raised knows which keys were written before (a serve-mode miss
+    record offered again would count their misses twice)."""
     ensure_page(directory, meta)
-    merged: dict[str, Entry] = {}
+    merged: dict[str, Entry] = {} if written is None else written
     left: dict[str, LeaveAlone] = {}
     for text, entry in entries.items():
         try:

@@ -193,12 +193,22 @@ class DirectoryStore:
         return meta
 
     def merge(self, name: str, doc: Document) -> Document | None:
+        return self.merge_partly(name, doc)[0]
+
+    def merge_partly(
+        self, name: str, doc: Document
+    ) -> tuple[Document | None, dict[str, Entry], BaseException | None]:
+        """``merge``, with the entries written even where it returns None (a write refused
+        partway: a full disk at the 2nd of 3 keys has written the 1st), and why it refused
+        (None where nothing was refused). Misses add up on merge: what was written must not
+        be offered again."""
+        written: dict[str, Entry] = {}
         if not self.writable:
-            return None
+            return None, written, None
         directory = self.directory / pagedir.page_dir_name(name)
         try:
             merged, left = pagedir.merge_entries(
-                directory, {"kernel": doc.kernel, "platform": doc.platform}, doc.entries
+                directory, {"kernel": doc.kernel, "platform": doc.platform}, doc.entries, written
             )
         except pagedir.LeaveAlone as exc:
             self.last_failure = exc
@@ -208,11 +218,12 @@ class DirectoryStore:
                 directory,
                 exc,
             )
-            return None
+            return None, written, exc
         except (OSError, ValueError) as exc:  # ValueError: a value JSON cannot hold (never expected)
             self.last_failure = exc
             warn_write_failure(self.directory, exc)
-            return None
+            return None, written, exc
+        why: BaseException | None = None
         if left:  # left out of what is returned: the page offers those keys again later
             text, why = next(iter(left.items()))
             self.last_failure = why
@@ -226,11 +237,11 @@ class DirectoryStore:
                 why,
             )
             if not merged:
-                return None
+                return None, written, why
         old = self._format1(name)
         if old is not None and old.kernel.get("hash") != doc.kernel.get("hash"):
             old = None
-        return Document(doc.kernel, doc.platform, _under(merged, old, doc.entries))
+        return Document(doc.kernel, doc.platform, _under(merged, old, doc.entries)), written, why
 
 
 def _under(entries: dict[str, Entry], old: Document | None, keys: Collection[str] | None) -> dict[str, Entry]:

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -217,6 +218,23 @@ def choose_groups(
     if gpu_model is not None:
         picked = [g for g in names if g == gpu_model or g.startswith(gpu_model + " (")]
         if not picked:
+            # The full name tunebook printed before group names gained the SM count: a script
+            # or CI job pinned to it. Taken where it names exactly one group, and said so.
+            picked = [g for g in names if _WITHOUT_SMS.sub("", g) == gpu_model]
+            if len(picked) == 1:
+                log.warning(
+                    "tunebook: --gpu-model %r, a name without the SM count (as tunebook printed it "
+                    "before), is taken as the cluster's %r; pass that name from now on",
+                    gpu_model,
+                    picked[0],
+                )
+                return picked
+            if len(picked) > 1:
+                raise SweepError(
+                    f"--gpu-model {gpu_model!r} (a name without the SM count, as tunebook printed it "
+                    f"before) matches {len(picked)} models of the cluster: {', '.join(picked)}. Pass one "
+                    "of those names, or the device name alone for all of them."
+                )
             raise SweepError(
                 f"no GPU of model {gpu_model!r} in the cluster; it has {_listing(counts)}. Pass one of "
                 "those names to --gpu-model."
@@ -233,6 +251,10 @@ def choose_groups(
             "--gpu-model NAME (gpu_model=NAME)."
         )
     return names
+
+
+# The SM count in a group name (``group_name``), which names of earlier releases lacked.
+_WITHOUT_SMS = re.compile(r", \d+ SMs(?=[,)])")
 
 
 def _listing(counts: Mapping[str, int]) -> str:
