@@ -181,3 +181,19 @@ def test_configs_timings_of_a_space_is_one_rule_with_pruning_hooks_or_without():
         measured.append(len(bench.measured))
     assert measured == [3, 0]  # the second kernel is answered by the first one's book entry
     assert sizes == [3, 3]
+
+
+def test_a_serve_mode_miss_not_recorded_makes_no_config_per_point(monkeypatch):
+    # A serve-mode miss describes its call for the book with every candidate's grid; where no
+    # miss is written (TUNEBOOK_RECORD_MISSES=0), no candidate's Config is made for it.
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    monkeypatch.setenv("TUNEBOOK_RECORD_MISSES", "0")
+    space = Space(BLOCK=[16, 32, 64, 128, 256], A=range(10), B=range(10), C=range(10))
+    kernel = tunebook.autotune(space, key=["n"], adaptive=False)(add_meta)
+    made = _counting(monkeypatch)
+    x, y, out = vectors(300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kernel[grid_1d(300)](x, y, out, 300)
+    assert torch.allclose(out, x + y)
+    assert made[0] <= 2, made[0]

@@ -265,7 +265,9 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
         list(miss.key),
         how,
     )
-    if not aside:  # a key decided again after a set-aside had its miss recorded by the first decision
+    # A key decided again after a set-aside had its miss recorded by the first decision; and
+    # by_id makes every candidate's Config (a Space's too): only where a miss is written.
+    if not aside and page.local is not None and _settings.record_misses():
         _misses.record(page, miss.key, miss.text, miss.call, miss.by_id)
     return Resolution(cid, "served", entry, unmeasured=cid is None or cid != own, counted=counted)
 
