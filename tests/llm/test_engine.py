@@ -315,6 +315,7 @@ def test_a_failed_prefill_whose_requests_all_run_alone_is_no_failure() -> None:
         pass
     assert [(r.finish_reason, r.output) for r in requests] == [("length", out) for out in alone]
     assert engine.steps["prefill"] == 2 and engine.cache.allocator.free_blocks == engine.cache.num_blocks - 1
+    assert engine.failures == {"steps": 0, "recovered_steps": 1, "requests": 0}  # /stats shows it
 
 
 def test_a_recovered_prefill_logs_the_failures_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -389,6 +390,7 @@ def test_each_failed_request_keeps_its_own_error() -> None:
     assert (short.finish_reason, long.finish_reason) == ("error", "error")
     assert "2 tokens" in repr(short.error) and "3 tokens" in repr(long.error)
     assert engine.error is long.error  # the latest
+    assert engine.failures == {"steps": 1, "recovered_steps": 0, "requests": 2}
 
 
 def test_a_failed_decode_fails_its_batch_and_not_the_requests_waiting() -> None:

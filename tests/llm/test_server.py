@@ -117,8 +117,9 @@ def test_models_completion_and_chat(server: Server, client: Any) -> None:
         model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=2, temperature=0
     )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 2
-    stats = server.get("/stats")["tunebook"]
-    assert stats["benchmarked"] == 0  # serve mode: nothing is ever tuned in a request
+    stats = server.get("/stats")
+    assert stats["tunebook"]["benchmarked"] == 0  # serve mode: nothing is ever tuned in a request
+    assert stats["engine"]["failures"] == {"steps": 0, "recovered_steps": 0, "requests": 0}
 
 
 def test_streaming_chat_and_completion(client: Any) -> None:

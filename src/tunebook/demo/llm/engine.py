@@ -134,6 +134,9 @@ class Engine:
         )
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps = {"prefill": 0, "decode": 0}
+        # Steps that failed (raised), failed steps every request of which then ran alone, and
+        # requests ended with "error": /stats shows them (a recovered one only logs otherwise).
+        self.failures = {"steps": 0, "recovered_steps": 0, "requests": 0}
         self.decode_batches: Counter[int] = Counter()  # decode steps by batch size
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -194,7 +197,9 @@ class Engine:
             self._run(*plan)
         except BaseException as exc:
             if not self._recover(plan, exc, retry=isinstance(exc, Exception)):  # no retry after a Ctrl-C
+                self.failures["steps"] += 1
                 raise
+            self.failures["recovered_steps"] += 1
             # Every request went on: nothing else tells of the failure (a kernel that fails
             # only in a pack), so its traceback is logged here.
             log.warning(
@@ -264,6 +269,7 @@ class Engine:
             self._notify(request, [], "")
 
     def _fail(self, requests: list[Request], exc: BaseException) -> None:
+        self.failures["requests"] += len(requests)
         for request in requests:
             self.error = request.error = exc
             self.scheduler.finish(request, "error")

@@ -480,6 +480,7 @@ class Front:
                 **self.engine.describe(),
                 "steps": self.engine.steps,
                 "decode_batches": dict(sorted(self.engine.decode_batches.items())),
+                "failures": dict(self.engine.failures),
             },
             "tunebook": tunebook.stats(),
         }
