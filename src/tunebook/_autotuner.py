@@ -470,9 +470,8 @@ class Autotuner(_compat.TritonAutotuner):
         TRITON_PRINT_AUTOTUNING's line."""
         entry = resolution.entry
         results = entry.results if entry is not None else {}
-        self.configs_timings = _listing.configs_timings(
-            self.config_index, candidates, results, measured_only=self.space is not None
-        )
+        space = self.space is not None
+        self.configs_timings = _listing.configs_timings(self.config_index, candidates, results, space)
         if resolution.source == "tuned":
             self.bench_time = resolution.seconds
             self.hooks.after_tuning(call, config)
@@ -551,10 +550,8 @@ class Autotuner(_compat.TritonAutotuner):
         return config_id(record) in self.config_index.declared
 
     def key_and_candidates(self, call: Call) -> tuple[tuple[Any, ...], Sequence[Any]]:
-        """(Triton's key, the candidates) of ``call``, as a miss of it sees them: for a sweep
-        that measures a key's candidates in other processes (``tunebook._sweep``). For a Space
-        the candidates are a lazy sequence (a Config made when read; not picklable, so send
-        ids or records across processes, or ``list()`` it)."""
+        """(Triton's key, the candidates) of ``call``, as a miss sees them, for a sweep measuring
+        a key in other processes (``tunebook._sweep``). A Space's are lazy, not picklable."""
         self._by_device()
         with self._lock:
             self.nargs = call.nargs
