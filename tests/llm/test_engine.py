@@ -524,3 +524,16 @@ def test_a_stop_string_in_the_last_token_ends_with_stop_though_the_token_ends_in
     assert (plain.text, plain.finish_reason) == ("ok Q: \ufffd", "length")
     assert (by_max_tokens.text, by_max_tokens.finish_reason) == ("ok ", "stop")
     assert (by_max_model_len.text, by_max_model_len.finish_reason) == ("ok ", "stop")
+
+
+def test_greedys_token_is_the_top_alternative_when_logits_tie() -> None:
+    """Two ids of one logit: greedy's argmax and topk may pick different ones; the sampled
+    token is listed first among the ids of its value, so a client reads it as the top one."""
+    from tunebook.demo.llm.sampling import token_logprobs
+
+    logits = torch.zeros(1, 64)
+    logits[0, 40] = logits[0, 7] = 5.0
+    for chosen in (7, 40):
+        [entry] = token_logprobs(logits, torch.tensor([chosen]), [3])
+        assert entry is not None and entry.top[0] == (chosen, entry.logprob)
+        assert {t for t, _ in entry.top[:2]} == {7, 40} and len(entry.top) == 3

@@ -150,6 +150,26 @@ def token_logprobs(
     table = torch.cat(parts, dim=1).tolist()  # one transfer for every row that asked
     for row, i in zip(table, rows):
         n = min(int(wanted[i] or 0), k)
-        top = tuple((int(t), p) for t, p in zip(row[2 + k : 2 + k + n], row[2 : 2 + n]))
-        out[i] = TokenLogprobs(int(row[0]), row[1], top)
+        top = [(int(t), p) for t, p in zip(row[2 + k : 2 + k + n], row[2 : 2 + n])]
+        out[i] = TokenLogprobs(int(row[0]), row[1], _sampled_first_among_ties(top, int(row[0]), row[1]))
     return out
+
+
+def _sampled_first_among_ties(
+    top: list[tuple[int, float]], token: int, logprob: float
+) -> tuple[tuple[int, float], ...]:
+    """``top`` with the sampled token first among the ids of its value: argmax (greedy) and
+    topk may break a tie apart, and a client reads greedy's token as the top alternative.
+
+    >>> _sampled_first_among_ties([(4, -0.7), (9, -0.7), (1, -2.0)], 9, -0.7)
+    ((9, -0.7), (4, -0.7), (1, -2.0))
+    >>> _sampled_first_among_ties([(4, -0.7), (5, -0.7)], 9, -0.7)  # tied, past the top 2
+    ((9, -0.7), (4, -0.7))
+    """
+    for j, (t, p) in enumerate(top):
+        if p == logprob:
+            if t != token:
+                rest = [entry for entry in top if entry[0] != token]
+                top = [*rest[:j], (token, logprob), *rest[j:]][: len(top)]
+            break
+    return tuple(top)
