@@ -197,3 +197,25 @@ def test_a_serve_mode_miss_not_recorded_makes_no_config_per_point(monkeypatch):
         kernel[grid_1d(300)](x, y, out, 300)
     assert torch.allclose(out, x + y)
     assert made[0] <= 2, made[0]
+
+
+def test_checked_outputs_over_a_large_space_make_configs_for_what_they_read(monkeypatch):
+    # check= takes its reference from the first candidate that runs: it reads candidates in
+    # order until one does, not all 10^5.
+    made = _counting(monkeypatch)
+    space = Space(BLOCK=[16, 32, 64, 128, 256], A=range(10), B=range(10), C=range(10), num_stages=range(20))
+    bench = Flat()
+    kernel = tunebook.autotune(
+        space,
+        key=["n"],
+        strategy="random",
+        max_configs=4,
+        do_bench=bench,
+        pre_hook=bench.pre_hook,
+        adaptive=False,
+        check=True,
+    )(add_meta)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    assert torch.allclose(out, x + y) and len(bench.measured) >= 4
+    assert made[0] <= 16, made[0]

@@ -385,7 +385,7 @@ class CheckedBench:
         quantiles: Sequence[float],
     ) -> None:
         self._checker = checker
-        self._candidates = list(candidates)
+        self._candidates = candidates  # read in order until one runs: a Space's Configs made as read
         self._run_once = run_once
         self._timed = timed
         self._quantiles = quantiles
