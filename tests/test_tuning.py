@@ -339,6 +339,20 @@ def test_check_excludes_a_fast_config_that_computes_the_wrong_answer(book_dir):
     )
 
 
+def test_check_with_an_empty_dict_checks_with_the_default_tolerances(book_dir):
+    # check={} (a dict of optional overrides, none given) used to turn checking off.
+    from small_kernels import Replay, block_configs
+
+    replay = Replay({32: 3.0, 64: 2.0, 128: 1.0})
+    checked = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook, check={}
+    )(add_wrong_at_128_kernel)
+    x, y, out = vectors(302)
+    checked[grid_1d(302)](x, y, out, 302)
+    torch.testing.assert_close(out, x + y)
+    assert checked.best_config.kwargs == {"BLOCK": 64}
+
+
 def test_check_with_an_in_place_kernel_keeps_the_callers_inputs(book_dir):
     from small_kernels import accumulate_kernel, block_configs
 

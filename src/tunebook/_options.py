@@ -191,7 +191,7 @@ class Options:
                 f"tunebook.autotune: check= takes True, False or a dict of {', '.join(CHECK_FIELDS)}; "
                 f"found {check!r}"
             )
-        return dict(check) if check else None
+        return dict(check)  # {}: the default tolerances, as check=True
 
     @property
     def budget(self) -> Budget:
