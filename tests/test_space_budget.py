@@ -64,20 +64,29 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return made
 
 
-def test_first_call_over_a_large_space_makes_configs_for_what_it_measures(monkeypatch):
-    made = _counting(monkeypatch)
-    space = Space(BLOCK=[16, 32, 64, 128, 256], A=range(10), B=range(10), C=range(10), num_stages=range(20))
-    assert len(space) == 100_000
-    bench = Flat()
-    kernel = tunebook.autotune(
+LARGE_SPACE = dict(BLOCK=[16, 32, 64, 128, 256], A=range(10), B=range(10), C=range(10), num_stages=range(20))
+
+
+def budgeted(space: Space, bench: Flat, max_configs: int = 4, **options: Any) -> Any:
+    """``add_meta`` tuned over ``space`` by a random search of ``max_configs``, timed by ``bench``."""
+    return tunebook.autotune(
         space,
         key=["n"],
         strategy="random",
-        max_configs=4,
+        max_configs=max_configs,
         do_bench=bench,
         pre_hook=bench.pre_hook,
         adaptive=False,
+        **options,
     )(add_meta)
+
+
+def test_first_call_over_a_large_space_makes_configs_for_what_it_measures(monkeypatch):
+    made = _counting(monkeypatch)
+    space = Space(**LARGE_SPACE)
+    assert len(space) == 100_000
+    bench = Flat()
+    kernel = budgeted(space, bench)
     for n in (300, 301):  # two keys
         x, y, out = vectors(n)
         kernel[grid_1d(n)](x, y, out, n)
@@ -92,13 +101,11 @@ def test_first_call_over_a_large_space_makes_configs_for_what_it_measures(monkey
 
 
 def test_a_key_the_book_answers_is_served_without_making_every_config(monkeypatch):
-    space = Space(BLOCK=[16, 32, 64, 128, 256], A=range(10), B=range(10), C=range(10), num_stages=range(20))
-    bench = Flat()
-    options = dict(strategy="random", max_configs=4, do_bench=bench, pre_hook=bench.pre_hook, adaptive=False)
+    space, bench = Space(**LARGE_SPACE), Flat()
     x, y, out = vectors(300)
-    tunebook.autotune(space, key=["n"], **options)(add_meta)[grid_1d(300)](x, y, out, 300)
+    budgeted(space, bench)[grid_1d(300)](x, y, out, 300)
     made = _counting(monkeypatch)
-    again = tunebook.autotune(space, key=["n"], **options)(add_meta)  # a new process, as far as it knows
+    again = budgeted(space, bench)  # a new process, as far as it knows
     out.fill_(float("nan"))
     again[grid_1d(300)](x, y, out, 300)
     assert torch.allclose(out, x + y) and len(bench.measured) == 4
@@ -163,16 +170,7 @@ def test_configs_timings_of_a_space_is_one_rule_with_pruning_hooks_or_without():
     sizes, measured = [], []
     for prune in (None, {"early_config_prune": lambda configs, nargs, **kw: list(configs)}):
         bench = Flat()
-        kernel = tunebook.autotune(
-            space,
-            key=["n"],
-            prune_configs_by=prune,
-            strategy="random",
-            max_configs=3,
-            do_bench=bench,
-            pre_hook=bench.pre_hook,
-            adaptive=False,
-        )(add_meta)
+        kernel = budgeted(space, bench, max_configs=3, prune_configs_by=prune)
         x, y, out = vectors(200)
         kernel[grid_1d(200)](x, y, out, 200)
         assert torch.allclose(out, x + y)
@@ -203,18 +201,8 @@ def test_checked_outputs_over_a_large_space_make_configs_for_what_they_read(monk
     # check= takes its reference from the first candidate that runs: it reads candidates in
     # order until one does, not all 10^5.
     made = _counting(monkeypatch)
-    space = Space(BLOCK=[16, 32, 64, 128, 256], A=range(10), B=range(10), C=range(10), num_stages=range(20))
     bench = Flat()
-    kernel = tunebook.autotune(
-        space,
-        key=["n"],
-        strategy="random",
-        max_configs=4,
-        do_bench=bench,
-        pre_hook=bench.pre_hook,
-        adaptive=False,
-        check=True,
-    )(add_meta)
+    kernel = budgeted(Space(**LARGE_SPACE), bench, check=True)
     x, y, out = vectors(300)
     kernel[grid_1d(300)](x, y, out, 300)
     assert torch.allclose(out, x + y) and len(bench.measured) >= 4

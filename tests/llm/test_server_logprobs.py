@@ -64,30 +64,15 @@ def test_logprobs_through_the_openai_client(client: Any) -> None:
     expected = {tokenizer_text(int(i)): v for i, v in zip(ids, values.tolist())}
     assert lp.top_logprobs[0] == pytest.approx(expected, abs=1e-4)
 
-    chat = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "x"}],
-        max_tokens=2,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=2,
-    )
+    asked = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2, temperature=0)
+    asked.update(logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(**asked)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens == 2
     for c in content:
         assert c.logprob <= 0 and c.top_logprobs[0].logprob == c.logprob
         assert c.top_logprobs[0].token == c.token and len(c.top_logprobs) == 2
-    chunks = list(
-        client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "x"}],
-            max_tokens=2,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=2,
-            stream=True,
-        )
-    )
+    chunks = list(client.chat.completions.create(**asked, stream=True))
     streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in streamed] == [(c.token, c.logprob) for c in content]
     with pytest.raises(openai.BadRequestError, match=r"in \[0, 20\]"):
