@@ -416,36 +416,41 @@ def _push_misses_until(
     batch is refused or ``deadline`` has passed; returns what stays unwritten, and the last
     refusal (None where none)."""
     rest = dict(doc.entries)
-    refused: BaseException | None = None
-    keys = list(rest)
-    for start in range(0, len(keys), EXIT_BATCH):
-        if time.monotonic() >= deadline:
-            break
-        batch = {k: rest[k] for k in keys[start : start + EXIT_BATCH]}
-        written, why = _merge_partly(store, name, replace(doc, entries=batch))
-        refused = why or refused
-        for k in batch:
+    refused: list[BaseException] = []
+
+    def offer(keys: list[str]) -> bool:
+        written, why = _merge_partly(store, name, replace(doc, entries={k: rest[k] for k in keys}))
+        for k in keys:
             if k in written:  # written before a refusal partway too: not counted unwritten
                 del rest[k]
-        if why is not None and not isinstance(why, LeaveAlone):
-            break  # refused again: no use going on
-    return rest, refused
+        if why is not None:
+            refused.append(why)
+        return why is None or isinstance(why, LeaveAlone)
+
+    _in_batches(list(rest), deadline, offer)
+    return rest, (refused[-1] if refused else None)
 
 
 def _push_until(layer: Layer, page: Page, deadline: float) -> None:
     """Offer ``layer``'s refused keys to its store again, EXIT_BATCH at a time, until a batch
     is refused again or ``deadline`` has passed; what is not written stays pending."""
-    keys = list(layer.pending)
-    for start in range(0, len(keys), EXIT_BATCH):
-        if time.monotonic() >= deadline:
-            return
-        batch = keys[start : start + EXIT_BATCH]
+
+    def offer(batch: list[str]) -> bool:
         rest = {k: e for k, e in layer.pending.items() if k not in batch}
         layer.pending = {k: layer.pending[k] for k in batch}
         written = layer.push(page.file_name, {}, page)
         layer.pending = {**rest, **layer.pending}
-        # Refused again: no use going on (but past keys left alone, which others do not share).
-        if not written and not isinstance(getattr(layer.store, "last_failure", None), LeaveAlone):
+        # Past keys left alone (which others do not share), but not past a refusal.
+        return bool(written) or isinstance(getattr(layer.store, "last_failure", None), LeaveAlone)
+
+    _in_batches(list(layer.pending), deadline, offer)
+
+
+def _in_batches(keys: list[str], deadline: float, offer: Callable[[list[str]], bool]) -> None:
+    """``offer`` EXIT_BATCH of ``keys`` at a time until it returns False (refused again: no use
+    going on) or ``deadline`` has passed."""
+    for start in range(0, len(keys), EXIT_BATCH):
+        if time.monotonic() >= deadline or not offer(keys[start : start + EXIT_BATCH]):
             return
 
 
