@@ -109,12 +109,10 @@ class SpaceListing:
         """A point as the book stores its Config (``ConfigIndex.record_of`` of ``to_config``):
         a Config keeps the values it is given, and has Triton's defaults for the options a
         point leaves out."""
-        if self._defaults is None:
-            self._defaults = _compat.config_options(_compat.Config({}))
         options = self.space.option_names
         meta = {k: v for k, v in point.items() if k not in options}
         given = {k: v for k, v in point.items() if k in options}
-        merged = {**self._defaults, **given}
+        merged = {**self._option_defaults(), **given}
         return config_record(meta, {k: v for k, v in merged.items() if v is not None})
 
     def _id(self, point: Mapping[str, Any]) -> str:
@@ -145,14 +143,19 @@ class SpaceListing:
             texts.append(",".join(fields))
         return "|".join(texts)
 
+    def _option_defaults(self) -> dict[str, Any]:
+        """The options a Config made without them has (Triton's defaults), asked once."""
+        if self._defaults is None:
+            self._defaults = _compat.config_options(_compat.Config({}))
+        return self._defaults
+
     def _field_names(self) -> tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]]:
         """(meta-parameters, options) in the order an id lists them, each with the value a
         point without it has (options: Triton's default; None: left out)."""
-        if self._defaults is None:
-            self._defaults = _compat.config_options(_compat.Config({}))
+        defaults = self._option_defaults()
         names, options = self.space.params, self.space.option_names
         meta = tuple((n, None) for n in sorted(n for n in names if n not in options))
-        opts = tuple((n, self._defaults.get(n)) for n in sorted({*self._defaults, *options}))
+        opts = tuple((n, defaults.get(n)) for n in sorted({*defaults, *options}))
         return meta, opts
 
     def config(self, index: int) -> Any:
