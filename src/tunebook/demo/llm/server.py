@@ -182,11 +182,16 @@ def _completion_logprobs(body: Mapping[str, Any]) -> int | None:
     value = body.get("logprobs")
     if value is None or value is False:
         return None
+    return _alternatives(value, "logprobs")
+
+
+def _alternatives(value: Any, name: str) -> int:
+    """``value`` of field ``name``, a count of alternatives a token lists, checked."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
         raise BadRequest(
-            f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}] (the most alternatives this server "
+            f"'{name}' must be an integer in [0, {MAX_LOGPROBS}] (the most alternatives this server "
             f"lists per token is {MAX_LOGPROBS}); found {shown(value)}",
-            "logprobs",
+            name,
         )
     return value
 
@@ -198,14 +203,8 @@ def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
     if not (flag is None or isinstance(flag, bool) or (isinstance(flag, int) and flag in (0, 1))):
         raise BadRequest(f"'logprobs' must be true or false; found {shown(flag)}", "logprobs")
     top = body.get("top_logprobs")
-    if top is not None and (
-        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
-    ):
-        raise BadRequest(
-            f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}] (the most alternatives this server "
-            f"lists per token is {MAX_LOGPROBS}); found {shown(top)}",
-            "top_logprobs",
-        )
+    if top is not None:
+        top = _alternatives(top, "top_logprobs")
     if not flag:
         if top:
             raise BadRequest(
