@@ -95,15 +95,15 @@ def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("TUNEBOOK_MODE", raising=False)
     tunebook.reset_stats()
     from tunebook import _warnings
-    from tunebook._book import pages
+    from tunebook._book import unwritten
 
     _warnings.forget()
     yield directory
     # What a test's directories refused is the test's business: not written again (and said
     # lost) at the exit of pytest, long after the test and its directories are gone.
-    pages._refused.clear()
-    pages._held_misses.clear()
-    pages._held_keys = 0
+    unwritten._refused.clear()
+    unwritten._held_misses.clear()
+    unwritten._held_keys = 0
 
 
 def book_files(directory: Path) -> list[Path]:

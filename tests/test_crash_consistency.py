@@ -299,7 +299,7 @@ def test_serve_mode_misses_a_directory_refused_are_written_at_exit_or_said_lost_
     doc = DirectoryStore(book).fetch(page.name + ".json")
     assert doc is not None
     # A refusal for good (permissions: EACCES, or EPERM under chattr +i) keeps counts only,
-    # not the call descriptions (memory: pages.MAX_HELD_MISS_KEYS), and waits for the exit.
+    # not the call descriptions (memory: unwritten.MAX_HELD_MISS_KEYS), and waits for the exit.
     assert sorted((e.key[0], e.misses, e.call is not None) for e in doc.entries.values()) == [
         (100, 2, False),
         (1000, 1, False),

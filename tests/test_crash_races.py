@@ -228,7 +228,7 @@ import atexit, json, os, subprocess, time, warnings
 _stamp = {}
 atexit.register(lambda: print(json.dumps({"exit_s": time.monotonic() - _stamp["t"]}), flush=True))
 from pathlib import Path
-from tunebook._book import Entry, Result, config_record, pagedir, pages
+from tunebook._book import Entry, Result, config_record, pagedir, unwritten
 from tunebook._book.pages import Book, KernelIdentity
 
 def unwritable(path, on):
@@ -241,7 +241,7 @@ def one(i):
     done = Result(config_record({"BLOCK": 32}, {}), (1.0, 1.0, 1.0), None, "2026-01-01T00:00:00Z")
     return Entry((i,), {"c": done})
 
-pages.EXIT_WRITE_S = 0.3
+unwritten.EXIT_WRITE_S = 0.3
 warnings.simplefilter("ignore")  # the refusal's own warning
 page = Book(Path(os.environ["BOOK"])).open(KernelIdentity("k", "h1", ("n",)), {"id": "p"}, "cpu", "p")
 page.record("[0]", one(0))

@@ -211,18 +211,18 @@ def test_a_serve_mode_miss_the_directory_refused_goes_with_the_pages_next_miss_r
     once the directory takes it, carries it: the count of the key's misses adds up."""
     import warnings
 
-    from tunebook._book import DirectoryStore, pages
+    from tunebook._book import DirectoryStore, unwritten
 
-    monkeypatch.setattr(pages, "MISS_RETRY_S", 0.0)  # the next miss offers the held ones again
+    monkeypatch.setattr(unwritten, "MISS_RETRY_S", 0.0)  # the next miss offers the held ones again
     store = DirectoryStore(tmp_path / "book")
     with _disk_full("fsync", tmp_path, monkeypatch), warnings.catch_warnings():
         warnings.simplefilter("ignore", BookWarning)
-        assert not pages.write_misses(store, PAGE, _misses(1))
-    assert pages.write_misses(store, PAGE, _misses(1, 2))  # space again
+        assert not unwritten.write_misses(store, PAGE, _misses(1))
+    assert unwritten.write_misses(store, PAGE, _misses(1, 2))  # space again
     stored = store.fetch(PAGE)
     assert stored is not None
     assert {k: e.misses for k, e in stored.entries.items()} == {"[1]": 2, "[2]": 1}
-    assert pages._held_misses == {} and pages._held_keys == 0
+    assert unwritten._held_misses == {} and unwritten._held_keys == 0
 
 
 def _count_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -246,22 +246,22 @@ def test_held_misses_are_capped_and_a_refusing_directory_is_not_offered_every_mi
     re-merged the page's whole held set and offered it to the directory again. Now at most
     MAX_HELD_MISS_KEYS keys are held, what goes past is counted; a miss within MISS_RETRY_S of
     the last refusal is only added to the held set."""
-    from tunebook._book import DirectoryStore, pages
+    from tunebook._book import DirectoryStore, unwritten
 
-    monkeypatch.setattr(pages, "MAX_HELD_MISS_KEYS", 50)
-    monkeypatch.setattr(pages, "MISS_RETRY_S", 3600.0)
+    monkeypatch.setattr(unwritten, "MAX_HELD_MISS_KEYS", 50)
+    monkeypatch.setattr(unwritten, "MISS_RETRY_S", 3600.0)
     offered = _count_writes(monkeypatch)
     store = DirectoryStore(tmp_path / "book")
     with _disk_full("fsync", tmp_path, monkeypatch):
         for n in range(200):
-            assert not pages.write_misses(store, PAGE, _misses(n, call={"args": []}))
-        assert not pages.write_misses(store, PAGE, _misses(7))  # a key already held: adds to it
+            assert not unwritten.write_misses(store, PAGE, _misses(n, call={"args": []}))
+        assert not unwritten.write_misses(store, PAGE, _misses(7))  # a key already held: adds to it
         assert len(offered) == 1, "the first refusal only: the others wait for MISS_RETRY_S"
-        (held,) = pages._held_misses.values()
+        (held,) = unwritten._held_misses.values()
         kept = held.pages[PAGE][1]
-        assert len(kept) == 50 == pages._held_keys and kept["[7]"].misses == 2
+        assert len(kept) == 50 == unwritten._held_keys and kept["[7]"].misses == 2
         assert (held.over_keys, held.over_misses) == (150, 150)
-        assert pages.write_refused_at_exit(5.0) == 0
+        assert unwritten.write_refused_at_exit(5.0) == 0
     said = [w for w in _book_warnings(recwarn) if "were not written" in w]
     assert len(said) == 1, said
     assert "51 serve-mode miss(es) of 50 key(s)" in said[0], said
@@ -276,25 +276,25 @@ def test_a_miss_record_refused_for_good_is_counted_only_until_exit(
     (counts only); at exit they are offered once more."""
     import warnings
 
-    from tunebook._book import DirectoryStore, pages
+    from tunebook._book import DirectoryStore, unwritten
 
-    monkeypatch.setattr(pages, "MISS_RETRY_S", 0.0)  # a refusal for good waits all the same
+    monkeypatch.setattr(unwritten, "MISS_RETRY_S", 0.0)  # a refusal for good waits all the same
     offered = _count_writes(monkeypatch)
     (tmp_path / "a-file").write_text("not a directory")
     store = DirectoryStore(tmp_path / "a-file" / "book")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BookWarning)
         for n in (1, 2, 1):
-            assert not pages.write_misses(store, PAGE, _misses(n, call={"args": []}))
+            assert not unwritten.write_misses(store, PAGE, _misses(n, call={"args": []}))
     assert len(offered) == 1
-    (held,) = pages._held_misses.values()
+    (held,) = unwritten._held_misses.values()
     assert held.final
     assert {k: (e.misses, e.call) for k, e in held.pages[PAGE][1].items()} == {
         "[1]": (2, None),
         "[2]": (1, None),
     }
     (tmp_path / "a-file").unlink()  # the directory can be made now
-    assert pages.write_refused_at_exit(5.0) == 0
+    assert unwritten.write_refused_at_exit(5.0) == 0
     stored = store.fetch(PAGE)
     assert stored is not None
     assert {k: e.misses for k, e in stored.entries.items()} == {"[1]": 2, "[2]": 1}
@@ -308,7 +308,7 @@ def test_a_miss_record_refused_partway_holds_only_the_keys_not_written(
     the book counted it twice. Now only the keys not written are held."""
     import warnings
 
-    from tunebook._book import DirectoryStore, Document, Entry, pages
+    from tunebook._book import DirectoryStore, Document, Entry, unwritten
 
     book = tmp_path / "book"
     store = DirectoryStore(book)
@@ -318,7 +318,7 @@ def test_a_miss_record_refused_partway_holds_only_the_keys_not_written(
     def misses(*ns: int) -> Document:
         return Document(kernel, {"id": "p"}, {f"[{n}]": Entry((n,), misses=1) for n in ns})
 
-    assert pages.write_misses(store, name, misses(0))  # the page exists
+    assert unwritten.write_misses(store, name, misses(0))  # the page exists
     real_fsync = os.fsync
     synced = []
 
@@ -332,9 +332,9 @@ def test_a_miss_record_refused_partway_holds_only_the_keys_not_written(
     with monkeypatch.context() as patch, warnings.catch_warnings():
         warnings.simplefilter("ignore", BookWarning)
         patch.setattr(os, "fsync", fsync)
-        assert not pages.write_misses(store, name, misses(1, 2, 3))
+        assert not unwritten.write_misses(store, name, misses(1, 2, 3))
     assert len(synced) == 2
-    assert pages.write_refused_at_exit(5.0) == 0  # space again: the exit writes what was held
+    assert unwritten.write_refused_at_exit(5.0) == 0  # space again: the exit writes what was held
     stored = store.fetch(name)
     assert stored is not None
     assert {k: e.misses for k, e in stored.entries.items()} == {"[0]": 1, "[1]": 1, "[2]": 1, "[3]": 1}
@@ -370,12 +370,12 @@ def test_held_misses_the_writer_is_offering_as_the_process_exits_are_counted(
     counted them. Now they are marked in flight, and counted."""
     import threading
 
-    from tunebook._book import DirectoryStore, pages
+    from tunebook._book import DirectoryStore, unwritten
 
-    monkeypatch.setattr(pages, "MISS_RETRY_S", 0.0)
+    monkeypatch.setattr(unwritten, "MISS_RETRY_S", 0.0)
     store = DirectoryStore(tmp_path / "book")
     with _disk_full("fsync", tmp_path, monkeypatch):
-        assert not pages.write_misses(store, PAGE, _misses(*range(100)))  # 100 held
+        assert not unwritten.write_misses(store, PAGE, _misses(*range(100)))  # 100 held
         real = DirectoryStore.merge_partly
         writing, go_on = threading.Event(), threading.Event()
 
@@ -385,19 +385,19 @@ def test_held_misses_the_writer_is_offering_as_the_process_exits_are_counted(
             return real(self, name, doc)
 
         monkeypatch.setattr(DirectoryStore, "merge_partly", slow)
-        writer = threading.Thread(target=pages.write_misses, args=(store, PAGE, _misses(100)))
+        writer = threading.Thread(target=unwritten.write_misses, args=(store, PAGE, _misses(100)))
         writer.start()
         assert writing.wait(30)
         try:
-            pages.write_refused_at_exit(0.1)  # meanwhile, the exit
+            unwritten.write_refused_at_exit(0.1)  # meanwhile, the exit
         finally:
             go_on.set()
             writer.join(30)
     said = [w for w in _book_warnings(recwarn) if "were not written" in w]
     assert len(said) == 1, said
     assert "101 serve-mode miss(es) of 101 key(s) still being written" in said[0], said
-    pages._held_misses.clear()  # what the writer held again after the exit: nobody's to write
-    pages._held_keys = 0
+    unwritten._held_misses.clear()  # what the writer held again after the exit: nobody's to write
+    unwritten._held_keys = 0
 
 
 def test_a_directory_refused_for_good_is_said_at_the_first_miss_not_again_at_exit(
@@ -405,13 +405,13 @@ def test_a_directory_refused_for_good_is_said_at_the_first_miss_not_again_at_exi
 ) -> None:
     """A read-only TUNEBOOK_DIR (by design, in a container) warned twice in each process: at the
     first miss, then at exit with the raw errno text. Now once, at the first miss."""
-    from tunebook._book import DirectoryStore, pages
+    from tunebook._book import DirectoryStore, unwritten
 
     (tmp_path / "a-file").write_text("not a directory")
     store = DirectoryStore(tmp_path / "a-file" / "book")
     for n in range(40):
-        assert not pages.write_misses(store, PAGE, _misses(n))
-    assert pages.write_refused_at_exit(5.0) == 0
+        assert not unwritten.write_misses(store, PAGE, _misses(n))
+    assert unwritten.write_refused_at_exit(5.0) == 0
     said = _book_warnings(recwarn)
     assert len(said) == 1, said
     assert "cannot write to book directory" in said[0] and "a part of its path, is a file" in said[0], said

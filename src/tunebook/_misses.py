@@ -5,10 +5,10 @@ candidate would launch with), so that ``tunebook tune --misses`` can replay it o
 miss is written to the book (a locked, fsynced file write) by one background thread;
 the kernel call only puts it on a queue. Entries for the same key are coalesced while
 they wait. At interpreter exit the queue is flushed for at most FLUSH_TIMEOUT_S. What the
-directory refuses (read-only, full) is kept (``pages.write_misses``: at most
+directory refuses (read-only, full) is kept (``unwritten.write_misses``: at most
 MAX_HELD_MISS_KEYS keys, the rest counted): sent along with a miss record of the page at
 least MISS_RETRY_S later (never before exit after a refusal for good, counts only then),
-and once more at exit by ``pages.write_refused_at_exit`` (which runs
+and once more at exit by ``unwritten.write_refused_at_exit`` (which runs
 after this module's flush: atexit runs last-registered first, and this module imports
 ``_book``), which counts what still stays unwritten in its one warning.
 """
@@ -24,8 +24,8 @@ from typing import Any
 
 from . import _calls, _settings
 from ._book import Page
-from ._book.pages import write_misses
 from ._book.records import Document, Entry, now_iso
+from ._book.unwritten import write_misses
 from ._call import Call
 from ._forksafe import renew_in_child
 from ._jsonio import stored_key

@@ -30,7 +30,7 @@ from rich.markup import escape
 from .. import _compat, _settings
 from .._autotuner import Autotuner
 from .._book import Entry, Page, Result, now_iso
-from .._book.pages import forget_refused
+from .._book.unwritten import forget_refused
 from .._calls import validate
 from .._sweep.jobs import key_jobs, miss_jobs
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
