@@ -233,6 +233,22 @@ def test_tolerance_overrides() -> None:
         OutputCheck((out,), {}, rtol={torch.float32: -1.0})
 
 
+def test_a_complex_dtypes_tolerance_is_its_parts_and_other_keys_are_refused() -> None:
+    """Tolerance keys were never checked: {torch.complex64: ...} was taken and ignored (complex
+    is compared as float32 parts), as were 'fp16', integer dtypes and 16."""
+    out = torch.zeros(2, dtype=torch.complex64)
+    for given in ({torch.complex64: 0.5}, {"torch.complex64": 0.5}, {"float32": 0.5}):
+        check = OutputCheck((out,), {}, rtol=given, atol=given)
+        check.reference(lambda: out.copy_(torch.tensor([1 + 1j, 2 - 1j])))
+        assert check.check(lambda: out.copy_(torch.tensor([1.1 + 1j, 2 - 1.1j]))) is None, given
+    assert OutputCheck((out,), {}, rtol={"half": 0.5})._rtol["float16"] == 0.5  # torch.half is float16
+    for key in ("fp16", torch.int32, "int32", 16, "bool", "tensor"):
+        with pytest.raises(ValueError, match=rf"given for {re.escape(repr(key))}, which is not .* float16, "):
+            OutputCheck((out,), {}, rtol={key: 0.5})
+    with pytest.raises(ValueError, match=r"float32 two values, 0\.5 under torch\.complex64 and 0\.1 under"):
+        OutputCheck((out,), {}, atol={torch.complex64: 0.5, "float32": 0.1})
+
+
 def test_keyword_tensors_aliases_and_ignored_scratch() -> None:
     x = torch.arange(4.0)
     out = torch.zeros(4)

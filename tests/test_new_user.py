@@ -107,6 +107,8 @@ def test_every_option_mistake_is_reported_at_decoration():
         {"check": {"atol": "a"}},
         {"check": {"ignore": "out_ptr"}},
         {"check": {"max_bytes": 0.5}},
+        {"check": {"rtol": {"fp16": 0.5}}},  # a tolerance for no dtype (review s41 M3)
+        {"check": {"atol": {torch.int32: 1e-3}}},  # integers are compared exactly
         {"books": [None]},
         {"books": "/a/book"},
         {"name": 5},
@@ -118,6 +120,10 @@ def test_every_option_mistake_is_reported_at_decoration():
             tunebook.autotune(block_configs(32, 64), key=["n"], **bad)
     with pytest.raises(tunebook.ConfigurationError, match="check's ignore names 'out'"):
         tunebook.autotune(block_configs(32, 64), key=["n"], check={"ignore": ["out"]})(add_kernel)
+    with pytest.raises(
+        tunebook.ConfigurationError, match=r"^tunebook.autotune: check rtol is given for 'fp16'"
+    ):
+        tunebook.autotune(block_configs(32, 64), key=["n"], check={"rtol": {"fp16": 0.5}})
 
 
 def test_one_name_given_as_a_string_is_that_name():
