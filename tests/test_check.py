@@ -233,6 +233,22 @@ def test_tolerance_overrides() -> None:
         OutputCheck((out,), {}, rtol={torch.float32: -1.0})
 
 
+def test_a_complex_dtypes_tolerance_is_its_parts_and_other_keys_are_refused() -> None:
+    """Tolerance keys were never checked: {torch.complex64: ...} was taken and ignored (complex
+    is compared as float32 parts), as were 'fp16', integer dtypes and 16."""
+    out = torch.zeros(2, dtype=torch.complex64)
+    for given in ({torch.complex64: 0.5}, {"torch.complex64": 0.5}, {"float32": 0.5}):
+        check = OutputCheck((out,), {}, rtol=given, atol=given)
+        check.reference(lambda: out.copy_(torch.tensor([1 + 1j, 2 - 1j])))
+        assert check.check(lambda: out.copy_(torch.tensor([1.1 + 1j, 2 - 1.1j]))) is None, given
+    assert OutputCheck((out,), {}, rtol={"half": 0.5})._rtol["float16"] == 0.5  # torch.half is float16
+    for key in ("fp16", torch.int32, "int32", 16, "bool", "tensor"):
+        with pytest.raises(ValueError, match=rf"given for {re.escape(repr(key))}, which is not .* float16, "):
+            OutputCheck((out,), {}, rtol={key: 0.5})
+    with pytest.raises(ValueError, match=r"float32 two values, 0\.5 under torch\.complex64 and 0\.1 under"):
+        OutputCheck((out,), {}, atol={torch.complex64: 0.5, "float32": 0.1})
+
+
 def test_keyword_tensors_aliases_and_ignored_scratch() -> None:
     x = torch.arange(4.0)
     out = torch.zeros(4)
@@ -306,3 +322,79 @@ def test_snapshot_larger_than_max_bytes_is_refused_with_the_fix(monkeypatch: pyt
     monkeypatch.setattr("tunebook._check.DEFAULT_MAX_BYTES", 1024)  # the default is what applies
     with pytest.raises(SnapshotTooLarge, match=r"max_bytes=1\.0 KiB"):
         OutputCheck((big, small), {})
+
+
+# ------------------------------------------------- checking in a worker (isolate, tune)
+
+_WORKER_KERNELS = '''
+import triton
+import triton.language as tl
+import tunebook
+from small_kernels import Replay, block_configs
+
+
+@triton.jit
+def sub_at_64_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + y on integers; the BLOCK=64 variant computes x - y, the same on zeros."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x, y = tl.load(x_ptr + offs, mask=mask), tl.load(y_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, x - y if BLOCK == 64 else x + y, mask=mask)
+
+
+def _checked(isolate):
+    replay = Replay({32: 2.0, 64: 1.0})  # the wrong config is the faster
+    return tunebook.autotune(
+        block_configs(32, 64), key=["n"], check=True, isolate=isolate,
+        do_bench=replay, pre_hook=replay.pre_hook,
+    )(sub_at_64_kernel)
+
+
+in_process, isolated = _checked(False), _checked(True)
+'''
+
+
+@pytest.mark.slow
+def test_a_worker_checks_integer_kernels_on_random_integers_not_zeros(tmp_path, monkeypatch) -> None:
+    """A worker (isolate=True, tunebook tune) rebuilds the call from its layout; integer
+    tensors were zeros, on which x - y and x + y agree, and the wrong config won there."""
+    import importlib
+
+    (tmp_path / "worker_check_kernels.py").write_text(_WORKER_KERNELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("worker_check_kernels")
+    for kernel in (module.in_process, module.isolated):
+        monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / f"book {id(kernel)}"))  # one kernel id: a book each
+        x, y = (
+            torch.randint(1, 100, (100,), dtype=torch.int32),
+            torch.randint(1, 100, (100,), dtype=torch.int32),
+        )
+        out = torch.empty(100, dtype=torch.int32)
+        kernel[grid_1d(100)](x, y, out, 100)
+        assert torch.equal(out, x + y) and kernel.best_config.kwargs == {"BLOCK": 32}
+        (key,) = kernel.page().key_names()
+        (wrong,) = [r for r in kernel.page().get(key).results.values() if not r.ok]
+        assert wrong.config["kwargs"] == {"BLOCK": 64} and wrong.error.startswith("WrongResult")
+
+
+def test_rebuilt_integers_are_random_only_when_checked_and_stay_in_bounds() -> None:
+    from tunebook._calls import build_args, describe_call
+
+    ids, counts, table = (
+        torch.zeros(64, dtype=torch.int32),
+        torch.zeros(64, dtype=torch.uint8),
+        torch.zeros(8, 1),
+    )
+    desc = describe_call((ids, counts, table, torch.zeros(64, dtype=torch.bool)), {"lock": counts})
+    (ids, counts, _, flags), kwargs = build_args(desc)
+    assert not (ids.any() or counts.any() or flags.any() or kwargs["lock"].any())  # unchecked: zeros
+    names = ["ids", "counts", "table", "flags"]
+    (ids, counts, _, flags), kwargs = build_args(desc, random_integers=True, names=names, zeroed={"counts"})
+    # Below table's 8 rows (its 1 column is left out: a broadcast, rarely indexed).
+    assert 0 <= int(ids.min()) and int(ids.max()) == 7 and len(set(ids.tolist())) == 8
+    assert 0 < int(flags.sum()) < 64
+    assert not counts.any() and kwargs["lock"].any()  # zeroed by name; a keyword by its own
+    (ids, *_), _ = build_args(describe_call((ids, torch.zeros(1000, 1000)), {}), random_integers=True)
+    assert int(ids.max()) == 15  # at most 16 values, whatever the sizes
+    (ids,), _ = build_args(describe_call((torch.zeros(1, 1, dtype=torch.int64),), {}), random_integers=True)
+    assert int(ids.max()) == 0  # no dimension of 2 or more: nothing is surely in bounds but 0

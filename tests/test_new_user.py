@@ -107,6 +107,10 @@ def test_every_option_mistake_is_reported_at_decoration():
         {"check": {"atol": "a"}},
         {"check": {"ignore": "out_ptr"}},
         {"check": {"max_bytes": 0.5}},
+        {"check": {"rtol": {"fp16": 0.5}}},  # a tolerance for no dtype (review s41 M3)
+        {"check": {"atol": {torch.int32: 1e-3}}},  # integers are compared exactly
+        {"check": {"ignore": None}},  # was Python's TypeError (review s41 L3)
+        {"check": {"max_bytes": 8e9 + 0.5}},  # not a whole number of bytes
         {"books": [None]},
         {"books": "/a/book"},
         {"name": 5},
@@ -118,6 +122,24 @@ def test_every_option_mistake_is_reported_at_decoration():
             tunebook.autotune(block_configs(32, 64), key=["n"], **bad)
     with pytest.raises(tunebook.ConfigurationError, match="check's ignore names 'out'"):
         tunebook.autotune(block_configs(32, 64), key=["n"], check={"ignore": ["out"]})(add_kernel)
+    with pytest.raises(
+        tunebook.ConfigurationError, match=r"^tunebook.autotune: check rtol is given for 'fp16'"
+    ):
+        tunebook.autotune(block_configs(32, 64), key=["n"], check={"rtol": {"fp16": 0.5}})
+    with pytest.raises(
+        tunebook.ConfigurationError, match=r"ignore names 'BLOCK', a meta-parameter \(tl.constexpr"
+    ):
+        tunebook.autotune(block_configs(32, 64), key=["n"], check={"ignore": ["BLOCK"]})(add_kernel)
+    with pytest.raises(
+        tunebook.ConfigurationError, match=r"check=\{'ignore': ...\} takes a list .* found None"
+    ):
+        tunebook.autotune(block_configs(32, 64), key=["n"], check={"ignore": None})
+
+
+def test_check_takes_max_bytes_written_as_a_whole_float():
+    kernel = tunebook.autotune(block_configs(32, 64), key=["n"], check={"max_bytes": 8e9})(add_kernel)
+    assert kernel.options.check == {"max_bytes": 8_000_000_000}
+    assert type(kernel.options.check["max_bytes"]) is int
 
 
 def test_one_name_given_as_a_string_is_that_name():

@@ -51,7 +51,7 @@ from ._hits import HitTable
 from ._home import KernelHome
 from ._hooks import Hooks
 from ._listing import SpaceListing, candidate_ids
-from ._options import Options
+from ._options import Options, refuse_ignored_meta_parameters
 from ._reads import ArgumentReads
 from ._set_aside import SetAside
 from ._space import Space
@@ -185,6 +185,7 @@ class Autotuner(_compat.TritonAutotuner):
         self.restore_value = _names(restore_value or [])
         ignored = _names((self.options.check or {}).get("ignore", ()))
         _check_names(self.base_fn, self.arg_names, self.keys, self.reset_to_zero, self.restore_value, ignored)
+        refuse_ignored_meta_parameters(self.base_fn, ignored)
         self.hooks = Hooks(self.reset_to_zero, self.restore_value, pre_hook, post_hook)
         _check_meta_names(self, bool(pre_hook or post_hook or prune_configs_by))
         prune = prune_configs_by or {}

@@ -16,8 +16,14 @@ candidate config would have used (the grid callable is evaluated at miss time), 
 callable itself cannot be stored.
 
 Rebuilding (``build_args``) makes tensors of that layout filled with random values
-(floats) or zeros (integers and bools). A kernel whose arguments need valid contents
-(index tables, block tables) registers an ``inputs=`` factory with the autotuner; it
+(floating and complex) or zeros (integers and bools). For a kernel that checks its results
+(``check=``), integers are small random values instead and bools random: on zeros, any op
+with f(0) = 0 agrees with any other, and the check would pass a wrong config. The integers
+stay below 16 and below every dimension (of 2 or more) of the call's tensors, so an index
+into one of them stays in bounds; arguments named in ``zeroed`` (locks, semaphores) keep
+zeros. Without a check they stay zeros: the one index always in bounds, and the lock value
+a kernel that spins on a lock expects. A kernel whose arguments need valid contents (index
+tables, block tables, lengths) registers an ``inputs=`` factory with the autotuner; it
 receives the description and returns ``(args, kwargs)``.
 
 Descriptions come from books, which are untrusted: ``validate`` bounds every size and
@@ -27,7 +33,7 @@ accepts only the shapes above, and rebuilding never evaluates anything from them
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ._errors import NoRecordedGrid
@@ -157,7 +163,11 @@ def _torch_dtype(name: str) -> Any:
     return dtype
 
 
-def build_value(item: Mapping[str, Any], device: str | None, generator: Any) -> Any:
+def build_value(
+    item: Mapping[str, Any], device: str | None, generator: Any, integers: int | None = None
+) -> Any:
+    """One argument. ``integers``: None for integer and bool tensors of zeros, else integers
+    drawn from ``range(integers)`` and random bools."""
     ((kind, body),) = item.items()
     if kind == "none":
         return None
@@ -176,14 +186,20 @@ def build_value(item: Mapping[str, Any], device: str | None, generator: Any) -> 
     where = device or body.get("device", "cpu")
     shape, stride = tuple(body["shape"]), tuple(body["stride"])
     t = torch.empty_strided(shape, stride, dtype=dtype, device=where)
-    if not dtype.is_floating_point:
-        return t.zero_()
     # Random, not zeros: zeros run faster than real data on some GPUs. A view whose elements
     # share memory (fewer storage elements than elements: a stride of 0, as expand makes)
     # cannot be written through: its storage is filled instead.
     span = _span(shape, stride)
     filled = t.as_strided((span,), (1,)) if span < math.prod(shape) else t
-    filled.copy_(torch.randn(filled.shape, generator=generator, dtype=torch.float32).to(dtype))
+    if dtype.is_complex:
+        filled.copy_(torch.randn(filled.shape, generator=generator, dtype=torch.complex64))
+    elif dtype.is_floating_point:
+        filled.copy_(torch.randn(filled.shape, generator=generator, dtype=torch.float32).to(dtype))
+    elif integers is None:
+        filled.zero_()
+    else:  # drawn as int64, converted by the copy (randint has no unsigned or bool dtypes)
+        high = 2 if dtype == torch.bool else integers
+        filled.copy_(torch.randint(0, high, filled.shape, generator=generator))
     return t
 
 
@@ -205,15 +221,49 @@ def _triton_dtype(name: str) -> Any:
 
 
 def build_args(
-    desc: Mapping[str, Any], *, device: str | None = None, seed: int = 0
+    desc: Mapping[str, Any],
+    *,
+    device: str | None = None,
+    seed: int = 0,
+    random_integers: bool = False,
+    names: Sequence[str] = (),
+    zeroed: Collection[str] = (),
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Fresh arguments laid out as described (see the module docstring)."""
+    """Fresh arguments laid out as described (see the module docstring).
+
+    ``random_integers``: integer and bool tensors get small random values, not zeros, but
+    for the arguments named in ``zeroed`` (``names``: the positional arguments' names).
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    args = tuple(build_value(a, device, generator) for a in desc["args"])
-    kwargs = {k: build_value(v, device, generator) for k, v in desc.get("kwargs", {}).items()}
+    bound = integer_bound(desc) if random_integers else None
+
+    def build(name: str | None, item: Mapping[str, Any]) -> Any:
+        return build_value(item, device, generator, None if name in zeroed else bound)
+
+    positional = [*names, *[None] * (len(desc["args"]) - len(names))]
+    args = tuple(build(name, a) for name, a in zip(positional, desc["args"]))
+    kwargs = {k: build(k, v) for k, v in desc.get("kwargs", {}).items()}
     return args, kwargs
+
+
+SMALL_INTEGERS = 16  # random integers' bound: small enough for any integer dtype and most indices
+
+
+def integer_bound(desc: Mapping[str, Any]) -> int:
+    """Random integers are drawn below this: 16, and every dimension of 2 or more of the
+    call's tensors, so that an index into one of them stays in bounds (expert ids into the
+    experts' weights [E, N, K]). Dimensions of 1 are left out (a broadcast, a single row:
+    rarely what an index points into); with only those, integers are zeros."""
+    dims = [
+        d
+        for item in [*desc["args"], *desc.get("kwargs", {}).values()]
+        if isinstance(item, dict) and "tensor" in item
+        for d in item["tensor"]["shape"]
+        if d > 1
+    ]
+    return min([SMALL_INTEGERS, *dims]) if dims else 1
 
 
 def grid_from(

@@ -328,16 +328,44 @@ def _tolerances(defaults: Mapping[str, float], given: Tolerance | None, what: st
     pairs = list(given.items()) if isinstance(given, Mapping) else [("*", given)]
     # A "*" entry stands for every dtype, so the defaults do not outrank it.
     out = {} if any(k == "*" for k, _ in pairs) else dict(defaults)
+    given_as: dict[str, Any] = {}
     for dtype, value in pairs:
-        name = dtype.removeprefix("torch.") if isinstance(dtype, str) else _dtype_name(dtype)
+        name = _tolerance_key(dtype, what)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             dtypes = "every dtype" if name == "*" else name
             raise ValueError(
                 f"tunebook: check {what} for {dtypes} is {value!r}; give a number >= 0 "
                 f"(one for every dtype, or a mapping such as {{torch.float16: 1e-2}})."
             )
+        if name in given_as and out[name] != float(value):
+            raise ValueError(
+                f"tunebook: check {what} gives {name} two values, {out[name]!r} under {given_as[name]!r} "
+                f"and {value!r} under {dtype!r} (a complex dtype's tolerance is its parts' dtype's); "
+                "give it one."
+            )
+        given_as[name] = dtype
         out[name] = float(value)
     return out
+
+
+def _tolerance_key(dtype: Any, what: str) -> str:
+    """The table's name for a key of a tolerance mapping: a floating dtype's name, or a complex
+    one's parts' (complex values are compared as their real and imaginary parts); "*" as is."""
+    import torch
+
+    if isinstance(dtype, str) and dtype == "*":
+        return "*"
+    found = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if isinstance(found, torch.dtype) and found.is_complex:
+        found = found.to_real()
+    if isinstance(found, torch.dtype) and found.is_floating_point:
+        return _dtype_name(found)
+    dtypes = {d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+    valid = sorted(_dtype_name(d) for d in dtypes if d.is_floating_point or d.is_complex)
+    raise ValueError(
+        f"tunebook: check {what} is given for {dtype!r}, which is not a floating or complex torch dtype; "
+        f"its keys are torch dtypes or their names ({', '.join(valid)}), or '*' for every dtype."
+    )
 
 
 def _dtype_name(dtype: Any) -> str:

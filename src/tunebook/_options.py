@@ -15,8 +15,9 @@ tunebook._errors.ConfigurationError: tunebook.autotune: unknown strategy 'nosuch
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ class Options:
                     f"tunebook.autotune: check= takes {', '.join(CHECK_FIELDS[:-1])} and {CHECK_FIELDS[-1]}; "
                     f"found {', '.join(sorted(unknown))}"
                 )
-            _check_settings(self.check)
+            object.__setattr__(self, "check", _check_settings(self.check))
 
     def _check_group(self) -> None:
         if self.group is NO_GROUP:
@@ -206,23 +207,59 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_settings(check: Mapping[str, Any]) -> None:
-    """``check=``'s values, whose mistakes failed at the first tuning (never, in serve mode)."""
+def _check_settings(check: Mapping[str, Any]) -> dict[str, Any]:
+    """``check=``'s values, whose mistakes failed at the first tuning (never, in serve mode);
+    returned as the check takes them (``max_bytes=8e9`` as an int, ``ignore`` as a list)."""
     for label in ("rtol", "atol"):
         try:  # the table the check builds at tuning, built now for its errors
             _tolerances({}, check.get(label), label)
         except ValueError as exc:
             raise ConfigurationError(f"tunebook.autotune: {str(exc).removeprefix('tunebook: ')}") from None
+    settings = dict(check)
     ignore = check.get("ignore", ())
-    if isinstance(ignore, str) or not all(isinstance(n, str) for n in ignore):
+    # A collection, not any iterable: a generator read here would be empty at the tuning.
+    if (
+        not isinstance(ignore, Collection)
+        or isinstance(ignore, str | bytes)
+        or not all(isinstance(n, str) for n in ignore)
+    ):
         raise ConfigurationError(
             f"tunebook.autotune: check={{'ignore': ...}} takes a list of argument names; found {ignore!r}"
         )
+    if "ignore" in check:
+        settings["ignore"] = list(ignore)
     max_bytes = check.get("max_bytes")
+    if isinstance(max_bytes, float) and max_bytes.is_integer():  # 8e9, as sizes are often written
+        max_bytes = settings["max_bytes"] = int(max_bytes)
     if max_bytes is not None and not (is_int(max_bytes) and max_bytes > 0):
         raise ConfigurationError(
             f"tunebook.autotune: check={{'max_bytes': ...}} takes a positive integer; found {max_bytes!r}"
         )
+    return settings
+
+
+def refuse_ignored_meta_parameters(base_fn: Callable[..., Any], ignored: Collection[str]) -> None:
+    """check's ``ignore`` naming a meta-parameter (``tl.constexpr``) of the kernel's Python
+    function is refused: only tensor arguments are compared, so it would ignore nothing. A
+    scalar argument cannot be told from a tensor before a call: it is left to do nothing."""
+    params = inspect.signature(base_fn).parameters
+    named = [n for n in ignored if n in params and _is_constexpr(params[n].annotation)]
+    if named:
+        raise ConfigurationError(
+            f"tunebook.autotune: check's ignore names {', '.join(map(repr, named))}, "
+            f"{'a meta-parameter' if len(named) == 1 else 'meta-parameters'} (tl.constexpr) of kernel "
+            f"{base_fn.__name__}: only tensor arguments are compared, so ignoring "
+            f"{'it' if len(named) == 1 else 'them'} does nothing. Name the tensor arguments not to compare."
+        )
+
+
+def _is_constexpr(annotation: Any) -> bool:
+    """Triton's own test (``KernelParam.is_constexpr``), which the interpreter's functions lack:
+    the annotation, as written or as a type's name, mentions constexpr."""
+    if annotation is inspect.Parameter.empty:
+        return False
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return "constexpr" in text
 
 
 def from_arguments(arguments: Mapping[str, Any]) -> Options:

@@ -72,7 +72,16 @@ def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ..
             "register inputs= with tunebook.autotune to tune declared keys"
         )
     else:
-        args, kwargs = _calls.build_args(call, device=_default_device())
+        # A checked kernel's integers are random, else the check compares runs on zeros;
+        # locks and scratch (ignore, reset_to_zero) keep zeros (_calls.build_args).
+        check = tuner.options.check
+        args, kwargs = _calls.build_args(
+            call,
+            device=_default_device(),
+            random_integers=check is not None,
+            names=tuner.arg_names,
+            zeroed={*tuner.reset_to_zero, *(check or {}).get("ignore", ())},
+        )
     if call is None or not call.get("grids"):
         raise ValueError("no launch grid: the recorded call has no grids and inputs= returned grid=None")
     return _of_the_key(
