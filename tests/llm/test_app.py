@@ -256,8 +256,8 @@ def test_the_sampled_token_never_overwrites_a_likelier_alternative_of_the_same_n
     """Completions' ``top_logprobs`` is a dict keyed by a token's name: an alternative keeps
     its value where the sampled token (or a less likely alternative) has the same name. The
     sampled token's -5.0 replaced the likeliest alternative's -0.007 under one key."""
+    from tunebook.demo.llm.logprob_texts import TokenTexts
     from tunebook.demo.llm.sampling import TokenLogprobs
-    from tunebook.demo.llm.server import TokenTexts
 
     class Twins(ByteTokenizer):  # ids 300 and 301: the same bytes (a token added as text)
         def token_bytes(self, token: int) -> bytes:
@@ -280,7 +280,7 @@ def test_a_whole_answers_logprobs_are_built_and_serialised_off_the_event_loop(
     worker thread. They were on the event loop's."""
     from starlette.responses import JSONResponse
 
-    from tunebook.demo.llm.server import TokenTexts
+    from tunebook.demo.llm.logprob_texts import TokenTexts
 
     threads: dict[str, set[str]] = {"built": set(), "rendered": set()}
     for name in ("completion", "chat"):

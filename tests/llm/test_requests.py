@@ -27,7 +27,7 @@ pytestmark = pytest.mark.once
         ({"logprobs": True}, "logprobs"),  # a count on /v1/completions, not chat's flag
         ({"logprobs": 2.5}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # chat's field: here 'logprobs' is the count
-        ({"echo": True}, "echo"),
+        ({"echo": 1}, "echo"),  # true or false
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"best_of": 4}, "best_of"),
     ],
@@ -45,6 +45,19 @@ def test_defaults_and_edges() -> None:
     assert sampling_params({"logprobs": False}, 8).logprobs is None  # no count at all
     assert sampling_params({}, 8).logprobs is None
     assert sampling_params({"logprobs": 0, "top_logprobs": 0}, 8, chat=True).logprobs is None  # false
+
+
+def test_echo_scores_the_prompt_where_logprobs_are_asked() -> None:
+    """``echo`` on /v1/completions: the prompt's logprobs with the answer's where ``logprobs``
+    is asked, and with max_tokens 0 the prompt is scored alone (lm-evaluation-harness's
+    log-likelihood); chat has no ``echo``."""
+    assert sampling_params({"echo": True, "logprobs": 3}, 8).prompt_logprobs == 3
+    assert sampling_params({"echo": True}, 8).prompt_logprobs is None  # the text alone
+    assert sampling_params({"echo": True}, 0).prompt_logprobs == 0  # nothing else to run
+    assert sampling_params({"echo": False, "logprobs": 3}, 8).prompt_logprobs is None
+    with pytest.raises(BadRequest) as err:
+        sampling_params({"echo": True}, 8, chat=True)
+    assert err.value.param == "echo"
 
 
 def test_logprobs_fields() -> None:

@@ -81,9 +81,30 @@ def test_logprobs_through_the_openai_client(client: Any) -> None:
         )
 
 
+def test_a_texts_log_likelihood_as_lm_evaluation_harness_asks_for_it(client: Any) -> None:
+    """lm-evaluation-harness's ``local-completions`` scores a text with ``echo: true``,
+    ``logprobs: 1`` and ``max_tokens`` 1 (or 0) and reads ``token_logprobs`` past the
+    context: through the openai client, the prompt's tokens come first (the first with no
+    logprob), and their sum is the text's log-likelihood under the model."""
+    import torch
+
+    prompt = [72, 105, 33, 32, 65]
+    for max_tokens in (1, 0):
+        completion = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=1, echo=True
+        )
+        lp = completion.choices[0].logprobs
+        assert completion.choices[0].text.startswith("Hi! A")
+        assert len(lp.tokens) == len(prompt) + max_tokens and lp.token_logprobs[0] is None
+        assert completion.usage.completion_tokens == max_tokens
+    reference = [first_token_log_softmax(prompt[:i])[prompt[i]].item() for i in range(1, len(prompt))]
+    assert lp.token_logprobs[1:] == pytest.approx(reference, abs=1e-4)
+    assert sum(lp.token_logprobs[1:]) == pytest.approx(float(torch.tensor(reference).sum()), abs=1e-3)
+
+
 def tokenizer_text(token: int) -> str:
     """A token's name in logprobs (``bytes:\\xNN`` for part of a character)."""
-    from tunebook.demo.llm.server import token_text
+    from tunebook.demo.llm.logprob_texts import token_text
     from tunebook.demo.llm.tokenizer import ByteTokenizer
 
     return token_text(ByteTokenizer().token_bytes(token))

@@ -78,11 +78,21 @@ class Decoder:
 
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
         """Logits ``[batch, vocab]`` of each prompt's last token; writes every token's K/V."""
+        return self.head(self.prefill_states(batch, batch.last_rows))
+
+    def prefill_states(self, batch: PrefillBatch, rows: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``[len(rows), hidden]`` (after the last norm) of the packed
+        tokens ``rows``, whose logits :meth:`head` makes; writes every token's K/V. A scorer
+        keeps every row of a prompt (each token's logits predict the next prompt token)."""
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return self.ops.prefill_attention(q, k, v, batch.cu_seqlens, batch.seq_lens)
 
-        return self._forward(batch.input_ids, batch.positions, batch.slots, attend, batch.last_rows)
+        return self._forward(batch.input_ids, batch.positions, batch.slots, attend, rows)
+
+    def head(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, vocab]`` of final hidden states (the LM head)."""
+        return self.ops.linear(states, self.w.lm_head)
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """Logits ``[batch, vocab]`` of each sequence's new token; writes its K/V first."""
@@ -93,7 +103,7 @@ class Decoder:
                 q, k_cache, v_cache, batch.block_table, batch.context_lens, batch.max_context_len
             )
 
-        return self._forward(batch.input_ids, batch.positions, batch.slots, attend, None)
+        return self.head(self._forward(batch.input_ids, batch.positions, batch.slots, attend, None))
 
     def _forward(
         self,
@@ -124,9 +134,7 @@ class Decoder:
             )
             h = ops.linear(ops.silu_and_mul(ops.linear(x, lw.gate_up)), lw.down)
         x, _ = ops.rms_norm(h, self.w.final_norm, c.rms_eps, residual)
-        if rows is not None:
-            x = x[rows]  # PyTorch: each sequence's last row
-        return ops.linear(x, self.w.lm_head)
+        return x if rows is None else x[rows]  # PyTorch: each sequence's last row (or a scorer's rows)
 
 
 def prefill_batch(

@@ -36,12 +36,12 @@ from typing import Any
 import torch
 
 from ..._compat import interpreting
-from .decoder import Decoder, prefill_batch
+from .decoder import Decoder, PrefillBatch, prefill_batch
 from .graphs import DecodeRunner
 from .kv_cache import KVCache, blocks_for
 from .loading import Weights
 from .ops import Ops, make_ops
-from .sampling import SamplingParams, TokenLogprobs, sample, token_logprobs
+from .sampling import SamplingParams, TokenLogprobs, prompt_token_logprobs, sample, token_logprobs
 from .scheduler import Request, Scheduler, new_id
 from .tokenizer import TextStream, TokenizerLike
 
@@ -213,7 +213,10 @@ class Engine:
                 prefill = prefill_batch(
                     [r.prompt for r in batch], [r.blocks for r in batch], self.cache.block_size, self.device
                 )
-                logits = self.decoder.prefill(prefill)
+                if any(r.params.prompt_logprobs is not None for r in batch):
+                    logits = self._scored_prefill(prefill, batch)
+                else:
+                    logits = self.decoder.prefill(prefill)
             else:
                 logits = self.runner.step(
                     [r.output[-1] for r in batch], [r.context - 1 for r in batch], [r.blocks for r in batch]
@@ -226,7 +229,38 @@ class Engine:
         if kind == "decode":
             self.decode_batches[len(batch)] += 1
         for request, token, lp in zip(batch, new, logprobs):
-            self._advance(request, int(token), lp)
+            if request.params.max_tokens == 0:  # a prompt scored, nothing generated
+                request.text += request.stream.finish()
+                self.scheduler.finish(request, "length")
+                self._notify(request, [], "")
+            else:
+                self._advance(request, int(token), lp)
+
+    def _scored_prefill(self, prefill: PrefillBatch, batch: list[Request]) -> torch.Tensor:
+        """A prefill where some requests score their prompts: the logits of each prompt's
+        last token, as :meth:`Decoder.prefill` gives them, and each scoring request's
+        :attr:`Request.prompt_logprobs` from the final states of its other tokens (made
+        into logits a few hundred rows at a time, not the whole prompt's at once)."""
+        rows: list[int] = []
+        last: list[int] = []
+        spans: list[tuple[Request, int]] = []  # a scoring request, where its rows start in ``rows``
+        start = 0
+        for request, n in zip(batch, prefill.seq_lens):
+            if request.params.prompt_logprobs is not None:
+                spans.append((request, len(rows)))
+                rows.extend(range(start, start + n))
+            else:
+                rows.append(start + n - 1)
+            last.append(len(rows) - 1)
+            start += n
+        states = self.decoder.prefill_states(prefill, torch.tensor(rows, device=self.device))
+        for request, at in spans:
+            k = int(request.params.prompt_logprobs or 0)
+            n = len(request.prompt)
+            request.prompt_logprobs = prompt_token_logprobs(
+                self.decoder.head, states[at : at + n - 1], request.prompt, k
+            )
+        return self.decoder.head(states[torch.tensor(last, device=self.device)])
 
     def _recover(self, plan: tuple[str, list[Request]] | None, exc: BaseException, retry: bool) -> bool:
         """End the requests of a failed step with "error", after running a failed prefill's

@@ -16,7 +16,10 @@ samples, :func:`token_logprobs`: the log-probability of that token and of the
 raw logits, before temperature and top-p (vLLM's default, its ``raw_logprobs``), so the
 numbers do not depend on how the token was drawn. They are computed only over the rows
 that asked, after the step's logits are made (after a CUDA graph's replay), in one
-transfer; rows that did not ask cost nothing.
+transfer; rows that did not ask cost nothing. A request with ``prompt_logprobs`` set gets
+the same for each token of its prompt after the first, from the prefill's logits of the
+token before it (:func:`prompt_token_logprobs`): what a scorer reads (``echo`` on
+/v1/completions, as lm-evaluation-harness asks for the log-likelihood of a text).
 
 >>> logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
 >>> sample(logits, [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.01)]).tolist()
@@ -25,7 +28,7 @@ transfer; rows that did not ask cost nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,16 +51,22 @@ class SamplingParams:
     # Each sampled token's log-probability and its ``logprobs`` most likely alternatives'
     # (0: its own alone); None: none computed.
     logprobs: int | None = None
+    # The same for each prompt token after the first (None: none computed). With it,
+    # ``max_tokens`` may be 0: the prompt is scored, and nothing generated.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1; found {self.max_tokens}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if self.max_tokens < least:
+            raise ValueError(f"max_tokens must be at least {least}; found {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100]; found {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; found {self.top_p}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be at least 0 (or None); found {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be at least 0 (or None); found {value}")
 
     @property
     def greedy(self) -> bool:
@@ -152,6 +161,37 @@ def token_logprobs(
         n = min(int(wanted[i] or 0), k)
         top = [(int(t), p) for t, p in zip(row[2 + k : 2 + k + n], row[2 : 2 + n])]
         out[i] = TokenLogprobs(int(row[0]), row[1], _sampled_first_among_ties(top, int(row[0]), row[1]))
+    return out
+
+
+# Prompt rows whose logits are made at once when a prompt is scored: a row is a vocabulary
+# of logits (128,256 for Llama 3), so 8,192 prompt tokens at once would be 4 GB in fp32.
+PROMPT_ROWS = 512
+
+
+def prompt_token_logprobs(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    states: torch.Tensor,
+    prompt: Sequence[int],
+    k: int,
+    rows: int = PROMPT_ROWS,
+) -> list[TokenLogprobs]:
+    """For each token ``prompt[i]`` after the first, its log-probability (and the ``k`` most
+    likely ids') given the tokens before it: ``states[i - 1]`` (the final hidden state of
+    the token before) through ``logits_of`` (the model's head), ``rows`` rows at a time.
+
+    >>> states = 9 * torch.eye(3)  # a head that is the identity: each state is its logits
+    >>> [(e.token, round(e.logprob, 3)) for e in prompt_token_logprobs(lambda x: x, states, [0, 1, 2], 0)]
+    [(1, -9.0), (2, -9.0)]
+    """
+    out: list[TokenLogprobs] = []
+    targets = torch.tensor(list(prompt[1:]), dtype=torch.int64, device=states.device)
+    for start in range(0, len(prompt) - 1, rows):
+        end = min(start + rows, len(prompt) - 1)
+        logits = logits_of(states[start:end])
+        out.extend(
+            e for e in token_logprobs(logits, targets[start:end], [k] * (end - start)) if e is not None
+        )
     return out
 
 

@@ -74,6 +74,9 @@ class Request:
     # do, keeping a long request's memory bounded): then it holds those not yet taken.
     logprobs: list[Any] = field(default_factory=list)
     stream: Any = None  # the TextStream that turns its ids into text (engine-owned)
+    # Where params.prompt_logprobs is set: each prompt token's after the first (its prefill
+    # sets them, before on_update is told of its first token or its end).
+    prompt_logprobs: list[Any] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -122,7 +125,8 @@ class Scheduler:
         n = len(request.prompt)
         if n == 0:
             raise ValueError("the prompt is empty: it needs at least one token")
-        if n >= self.max_model_len:
+        # A prompt scored with nothing generated (max_tokens 0) may fill the context.
+        if n > self.max_model_len or (n == self.max_model_len and request.params.max_tokens > 0):
             raise ValueError(
                 f"the prompt has {n} tokens; this server's max_model_len is {self.max_model_len}, "
                 "which must leave room for at least one new token"

@@ -6,7 +6,8 @@ Endpoints (the subset of OpenAI's API a chat client needs):
 * ``POST /v1/completions``: ``prompt`` (a string, or a list of token ids), ``max_tokens``
   (default 16), ``temperature`` (default 1), ``top_p``, ``stop``, ``seed``, ``stream``,
   ``logprobs`` (0 to MAX_LOGPROBS alternatives: ``tokens``, ``token_logprobs``,
-  ``top_logprobs``, ``text_offset``);
+  ``top_logprobs``, ``text_offset``), ``echo`` (the prompt's text and, with ``logprobs``,
+  its tokens' logprobs first; ``max_tokens`` may then be 0: a text scored);
 * ``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template,
   ``max_completion_tokens`` or ``max_tokens`` (default: up to DEFAULT_CHAT_MAX_TOKENS and
   the model's length), and the same sampling fields; ``logprobs: true`` with
@@ -35,7 +36,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 import uuid
@@ -44,9 +44,9 @@ from typing import Any
 
 from ..._optional import require
 from .engine import Engine, shown
+from .logprob_texts import Echo, TokenTexts
 from .sampling import SamplingParams, TokenLogprobs
 from .scheduler import Request
-from .tokenizer import TokenizerLike, token_bytes
 
 # Chat requests without max_tokens may generate up to this many tokens (and the model's
 # remaining length): a runaway answer cannot hold the cache for long.
@@ -66,9 +66,6 @@ PARSE_OFF_LOOP_BYTES = 1 << 20
 # The most alternatives a token's logprobs list (/v1/completions' logprobs, chat's
 # top_logprobs): vLLM's default --max-logprobs, OpenAI's chat limit (its completions' is 5).
 MAX_LOGPROBS = 20
-# A log-probability that is not a finite number (a token of probability 0) is sent as this,
-# as vLLM clamps it: JSON has no -Infinity.
-LOWEST_LOGPROB = -9999.0
 
 log = logging.getLogger("tunebook.demo.llm")
 
@@ -135,7 +132,6 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 # Fields this server does not implement, and the values that ask for nothing.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
-    "echo": (None, False),  # and with it the prompt's logprobs
     "suffix": (None, ""),
     "tools": (None,),
     "functions": (None,),
@@ -157,8 +153,19 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int, *, chat: bool = Fa
         value = body.get(name)
         if value not in allowed and not (value == {} or value == []):
             raise _unsupported(name, value)
+    if chat and body.get("echo") not in (None, False):
+        raise _unsupported("echo", body.get("echo"))  # a completions field
+    logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
+    echo = not chat and echo_flag(body)
     return SamplingParams(
-        logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
+        logprobs=logprobs,
+        # An echoed prompt lists its tokens' logprobs with the answer's; with nothing to
+        # generate (max_tokens 0) the prefill still runs, and scores it (cheaply: 0 alternatives).
+        prompt_logprobs=logprobs
+        if echo and logprobs is not None
+        else 0
+        if echo and max_tokens == 0
+        else None,
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         # top_p = 0 keeps the most likely token alone, as a tiny nucleus does.
@@ -257,13 +264,23 @@ def _text(text: str, where: str, param: str) -> str:
     return text
 
 
-def _stream_flag(body: Mapping[str, Any]) -> bool:
-    stream = body.get("stream", False)
-    if stream is None:
+def _flag(body: Mapping[str, Any], name: str) -> bool:
+    """A true-or-false field (absent or null: false)."""
+    value = body.get(name, False)
+    if value is None:
         return False
-    if not isinstance(stream, bool):
-        raise BadRequest(f"'stream' must be true or false; found {shown(stream)}", "stream")
-    return stream
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false; found {shown(value)}", name)
+    return value
+
+
+def echo_flag(body: Mapping[str, Any]) -> bool:
+    """/v1/completions' ``echo``: the answer's text (and logprobs) start with the prompt's."""
+    return _flag(body, "echo")
+
+
+def _stream_flag(body: Mapping[str, Any]) -> bool:
+    return _flag(body, "stream")
 
 
 def _messages(body: Mapping[str, Any], most: int | None = None) -> list[dict[str, str]]:
@@ -413,13 +430,18 @@ class Front:
             code="context_length_exceeded",
         )
 
-    def max_tokens(self, body: Mapping[str, Any], prompt: list[int], default: int | None) -> int:
+    def max_tokens(
+        self, body: Mapping[str, Any], prompt: list[int], default: int | None, least: int = 1
+    ) -> int:
+        """The answer's token budget; ``least`` 0 where the prompt is echoed (scored, as
+        lm-evaluation-harness does, with nothing generated)."""
         limit = self.engine.max_model_len
         room = limit - len(prompt)
-        if room < 1:
+        asked = {body.get("max_completion_tokens"), body.get("max_tokens")}
+        if room < 1 and not (least == 0 and 0 in asked and room == 0):
             raise self._prompt_too_long(str(len(prompt)), "prompt" if "prompt" in body else "messages")
         # Both are checked; OpenAI's current field wins where both are given.
-        given = {name: _integer(body, name, None, 1) for name in ("max_completion_tokens", "max_tokens")}
+        given = {name: _integer(body, name, None, least) for name in ("max_completion_tokens", "max_tokens")}
         for name, value in given.items():
             if value is not None:
                 if value > room:
@@ -499,12 +521,13 @@ SHUTDOWN = (None, "shutdown")  # what Front.close puts on the queue of each requ
 
 
 async def _updates(
-    request: Request, queue: asyncio.Queue[Any], front: Front
-) -> AsyncIterator[tuple[str, list[TokenLogprobs]]]:
+    request: Request, queue: asyncio.Queue[Any], front: Front, echo_first: bool = False
+) -> AsyncIterator[tuple[str | None, list[TokenLogprobs]]]:
     """The request's text deltas, each with its new tokens' logprobs (where the request asked
     for them: an update may then bring tokens and no text), until it finishes; aborts it if
-    the consumer goes away. Raises EngineFailed if the engine ended it with an error,
-    ShuttingDown if the server did."""
+    the consumer goes away. Where ``echo_first``, a ``None`` delta first once its prefill
+    has run (the prompt's turn to be sent). Raises EngineFailed if the engine ended it with
+    an error, ShuttingDown if the server did."""
     engine = front.engine
     try:
         while True:
@@ -512,6 +535,9 @@ async def _updates(
             if update is SHUTDOWN:
                 raise ShuttingDown
             delta, reason, logprobs = update
+            if echo_first and reason not in ("error", "abort"):
+                echo_first = False
+                yield None, []
             if delta or logprobs:
                 yield delta, logprobs
             if reason == "error":
@@ -535,7 +561,7 @@ async def _answer(http: Any, request: Request, queue: asyncio.Queue[Any], front:
     first (nothing else would notice: only a streamed response listens for it)."""
 
     async def text() -> str:
-        return "".join([d async for d, _ in _updates(request, queue, front)])
+        return "".join([d async for d, _ in _updates(request, queue, front) if d is not None])
 
     async def disconnected() -> None:
         while (await http.receive())["type"] != "http.disconnect":
@@ -565,80 +591,6 @@ def _usage(request: Request) -> dict[str, int]:
 
 def _finish(request: Request) -> str:
     return "length" if request.finish_reason == "length" else "stop"
-
-
-def _logprob(value: float) -> float:
-    return value if math.isfinite(value) else LOWEST_LOGPROB
-
-
-def token_text(raw: bytes) -> str:
-    r"""How logprobs name a token of bytes ``raw``: its text where they are UTF-8 on their
-    own, else (part of a character) ``bytes:`` and the bytes, as OpenAI's completions name
-    such a token, printable ASCII as itself and any other byte as ``\xNN``: distinct byte
-    strings never share a name, as U+FFFD made every part of a character look alike.
-
-    >>> token_text(" é".encode()), token_text(b" \xe2\x9d"), token_text(b"\\\xff")
-    (' é', 'bytes: \\xe2\\x9d', 'bytes:\\x5c\\xff')
-    """
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
-
-
-class TokenTexts:
-    """Token ids as logprobs show them: a token's text (:func:`token_text`) and its bytes,
-    remembered (the same alternatives come back). Whole answers build theirs on worker
-    threads, streams on the event loop: a lookup that misses (a race) computes it again."""
-
-    def __init__(self, tokenizer: TokenizerLike) -> None:
-        self.tokenizer = tokenizer
-        self.known: dict[int, tuple[str, list[int]]] = {}
-
-    def __call__(self, token: int) -> tuple[str, list[int]]:
-        known = self.known.get(token)
-        if known is None:
-            raw = token_bytes(self.tokenizer, token)
-            if len(self.known) > 65536:
-                self.known.clear()
-            known = self.known[token] = (token_text(raw), list(raw))
-        return known
-
-    def completion(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
-        """/v1/completions' ``logprobs`` for ``entries``: each ``top_logprobs`` holds the
-        alternatives and the sampled token, as OpenAI and vLLM list them (up to logprobs +
-        1); a name already listed keeps its first value, the likeliest (two ids of the same
-        bytes; the sampled token among the alternatives). ``text_offset``: where each
-        token's text starts in the answer (:attr:`TokenLogprobs.text_offset`)."""
-        tokens, token_logprobs, top, offsets = [], [], [], []
-        for entry in entries:
-            text = self(entry.token)[0]
-            tokens.append(text)
-            token_logprobs.append(_logprob(entry.logprob))
-            alternatives: dict[str, float] = {}
-            for i, p in entry.top:
-                alternatives.setdefault(self(i)[0], _logprob(p))
-            alternatives.setdefault(text, _logprob(entry.logprob))
-            top.append(alternatives)
-            offsets.append(entry.text_offset)
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top,
-            "text_offset": offsets,
-        }
-
-    def chat(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
-        """Chat's ``logprobs``: ``content``, a token each, with its ``top_logprobs``."""
-
-        def one(token: int, logprob: float) -> dict[str, Any]:
-            text, raw = self(token)
-            return {"token": text, "logprob": _logprob(logprob), "bytes": raw}
-
-        content = [
-            {**one(e.token, e.logprob), "top_logprobs": [one(i, p) for i, p in e.top]} for e in entries
-        ]
-        return {"content": content}
 
 
 def _sse(payload: Mapping[str, Any] | str) -> str:
@@ -728,7 +680,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         body = await body_of(request)
         # Tokenizing a large prompt takes seconds: off the event loop, which serves every stream.
         prompt = await asyncio.to_thread(front.completion_prompt, body)
-        params = sampling_params(body, front.max_tokens(body, prompt, 16))
+        echo = echo_flag(body)
+        params = sampling_params(body, front.max_tokens(body, prompt, 16, least=0 if echo else 1))
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
         req, queue = front.submit(prompt, params, stream=stream)
@@ -737,13 +690,27 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         def choice(text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
             return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
+        def echoed() -> Echo:
+            # After the prefill, which scored the prompt where asked (the engine's thread
+            # sets them before it tells of the request's first token or end).
+            return Echo.of(engine.tokenizer, req.prompt, req.prompt_logprobs)
+
         if stream:
             streamed = {**head, "usage": None} if usage else head
 
             async def events() -> AsyncIterator[str]:
+                shift = 0
                 try:
-                    async for delta, entries in _updates(req, queue, front):
-                        logprobs = texts.completion(entries) if entries else None
+                    async for delta, entries in _updates(req, queue, front, echo_first=echo):
+                        if delta is None:  # the prefill is done: the prompt first
+                            prompt_echo = await asyncio.to_thread(echoed)
+                            shift = len(prompt_echo.text)
+                            logprobs = (
+                                texts.completion([], prompt_echo) if params.logprobs is not None else None
+                            )
+                            yield _sse({**streamed, "choices": [choice(prompt_echo.text, None, logprobs)]})
+                            continue
+                        logprobs = texts.completion(entries, None, shift) if entries else None
                         yield _sse({**streamed, "choices": [choice(delta, None, logprobs)]})
                     yield _sse({**streamed, "choices": [choice("", _finish(req))]})
                     if usage:
@@ -758,12 +725,18 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         text = await _answer(request, req, queue, front)
 
         def whole() -> Any:
-            logprobs = texts.completion(req.logprobs) if params.logprobs is not None else None
+            prompt_echo = echoed() if echo else None
+            shift = len(prompt_echo.text) if prompt_echo is not None else 0
+            logprobs = (
+                texts.completion(req.logprobs, prompt_echo, shift) if params.logprobs is not None else None
+            )
+            answer = prompt_echo.text + text if prompt_echo is not None else text
             return JSONResponse(
-                {**head, "choices": [choice(text, _finish(req), logprobs)], "usage": _usage(req)}
+                {**head, "choices": [choice(answer, _finish(req), logprobs)], "usage": _usage(req)}
             )
 
-        return await _respond(whole, params)
+        # An echoed prompt is decoded (and its logprobs built) off the event loop too.
+        return await _respond(whole, params, off_loop=echo)
 
     async def chat(request: Any) -> Any:
         body = await body_of(request)
@@ -890,11 +863,12 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
     return app
 
 
-async def _respond(whole: Callable[[], Any], params: SamplingParams) -> Any:
+async def _respond(whole: Callable[[], Any], params: SamplingParams, off_loop: bool = False) -> Any:
     """A whole answer's response, built by ``whole``: off the event loop where it holds
     logprobs (8000 tokens of 20 alternatives are megabytes of JSON, a fraction of a second
-    to build and serialise, which would stall every stream), as a large body is parsed."""
-    return whole() if params.logprobs is None else await asyncio.to_thread(whole)
+    to build and serialise, which would stall every stream), as a large body is parsed, or
+    where ``off_loop``."""
+    return whole() if params.logprobs is None and not off_loop else await asyncio.to_thread(whole)
 
 
 def _event_stream(events: AsyncIterator[str]) -> Any:
