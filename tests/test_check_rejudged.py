@@ -5,13 +5,20 @@ book, as a user who fixes the kernel's options and runs the program again does."
 
 from __future__ import annotations
 
+import itertools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import triton
+import triton.language as tl
 
+import tunebook
 from conftest import run_python
+from small_kernels import grid_1d
 from tunebook._book import Entry, Result
 from tunebook._failures import Judging, judged_under, stale_verdicts
 
@@ -140,12 +147,49 @@ def test_a_nondeterministic_kernel_is_fixed_by_a_looser_tolerance(book_dir: Path
     strict = noisy(tmp_path, {"ignore": ["noise_ptr"]})
     assert strict["benchmarked"] == 3
     assert all(error.startswith("WrongResult:") for error in strict["results"].values())
+    (none_ran,) = [w for w in strict["warnings"] if "none of the 3 configs measured ran" in w]
+    assert "3 computed a different result (check=) from the reference config BLOCK=32|" in none_ran
+    assert "differed even from its own first run" in none_ran
+    assert "rtol/atol" in none_ran and "smaller blocks" not in none_ran
 
     assert noisy(tmp_path, {"ignore": ["noise_ptr"]})["benchmarked"] == 0  # the same settings
 
     loose = noisy(tmp_path, {"ignore": ["noise_ptr"], "rtol": 0.5, "atol": 0.5})
     assert loose["benchmarked"] == 3 and set(loose["results"].values()) == {"ok"}
     assert not [w for w in loose["warnings"] if "none of the" in w]
+
+
+# ----------------------------------------------------------------- in one process
+
+
+_noise = itertools.count()
+
+
+def _noise_hook(nargs: dict[str, Any]) -> None:
+    nargs["noise_ptr"].fill_(next(_noise) * 1e-2)
+
+
+@triton.jit
+def _noisy_or_too_large_kernel(x_ptr, noise_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + noise; BLOCK=256 cannot run (a failed static assert, as out of resources)."""
+    tl.static_assert(BLOCK <= 128)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(noise_ptr), mask=mask)
+
+
+def test_when_no_config_runs_wrong_results_and_unrunnable_configs_are_told_apart() -> None:
+    configs = [triton.Config({"BLOCK": b}, pre_hook=_noise_hook) for b in (32, 64, 256)]
+    check = {"ignore": ["noise_ptr"]}
+    kernel = tunebook.autotune(configs, key=["n"], check=check)(_noisy_or_too_large_kernel)
+    x, noise, out = torch.ones(100), torch.zeros(1), torch.empty(100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel[grid_1d(100)](x, noise, out, 100)
+    (said,) = [str(w.message) for w in caught if "none of the 3 configs measured ran" in str(w.message)]
+    assert "2 computed a different result (check=) from the reference config BLOCK=32|" in said
+    assert "loosen check='s rtol/atol" in said.lower() and "check={'ignore'" in said
+    assert "1 cannot run here (recorded in the book): add configs this device can run (smaller blocks" in said
 
 
 # ----------------------------------------------------------------- the rule's pieces

@@ -547,14 +547,35 @@ def none_ran(
             f"{raised} raised errors that may be the call's (another rank's): not recorded, so the "
             "next process that tunes the key measures them again"
         )
-    if n - len(held):
+    recorded = [r for cid, r in failed.items() if cid not in held]
+    wrong = sum(1 for r in recorded if is_wrong_result(r))
+    if wrong:
+        fixes.append(wrong_results_fix(wrong, failed))
+    if len(recorded) - wrong:
         fixes.append(
-            f"{n - len(held)} cannot run here (recorded in the book): add configs this device can run "
-            "(smaller blocks, fewer stages or warps)"
+            f"{len(recorded) - wrong} cannot run here (recorded in the book): add configs this device can "
+            "run (smaller blocks, fewer stages or warps)"
         )
     text = f"tunebook: {job.label} {what}. {'; '.join(fixes)}. The first config is launched in their place"
     _warnings.warn_once(f"none-ran:{job.where or job.label}:{job.key_text}", "%s", text)
     return text
+
+
+def wrong_results_fix(wrong: int, failed: Mapping[str, Result]) -> str:
+    """What ``none_ran`` says of ``wrong`` configs that computed another result than the
+    reference under ``check=``, and the fix: these configs ran."""
+    references = {j.reference for r in failed.values() if (j := judged_under(r)) is not None}
+    reference = next(iter(references)) if len(references) == 1 else ""
+    what = f"the reference config {reference}" if reference else "the reference config"
+    own = failed.get(reference)
+    if own is not None and is_wrong_result(own):
+        what += ", which differed even from its own first run: the kernel's results vary from run to run"
+    return (
+        f"{wrong} computed a different result (check=) from {what}. Loosen check='s rtol/atol if such "
+        "results are meant to agree, ignore the arguments that legitimately differ (check={'ignore': "
+        "[...]}), or put a config you trust first: the key's wrong results are judged again under the "
+        "new settings at its next tuning"
+    )
 
 
 def common_reasons(failed: Iterable[Result]) -> str:
