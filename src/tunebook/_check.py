@@ -432,13 +432,34 @@ class CheckedBench:
             return
         self._reference = False
 
+    # What a wrong result says it was judged under (_failures.Judging), set by judge_under.
+    _id_of: Callable[[Any], str] | None = None
+    _settings = ""
+
+    def judge_under(self, id_of: Callable[[Any], str], settings: str) -> None:
+        """Tag every wrong result with the reference's id (``id_of(config)``) and ``settings``
+        (the hash of ``check=``'s settings), so that a key is judged again when they change."""
+        self._id_of, self._settings = id_of, settings
+
+    def judging(self) -> Any:
+        """What this tuning judges under (a ``_failures.Judging``), the reference chosen now if
+        it was not yet; None if no candidate runs (nothing is judged) or judge_under was not
+        called."""
+        from ._failures import Judging
+
+        self._ensure_reference()
+        if self._reference is False or self._id_of is None:
+            return None
+        return Judging(self._id_of(self._reference), self._settings)
+
     def __call__(self, timer: Callable[..., Any], config: Any) -> Any:
         self._ensure_reference()
         if self._reference is not False and id(config) not in self._checked:
             self._checked.add(id(config))
             reason = self._checker.check(lambda: self._run_once(config))
             if reason is not None:
-                raise WrongResult(reason)
+                judging = self.judging()
+                raise WrongResult(reason if judging is None else judging.tag(reason))
         return timer(self._timed(config), quantiles=self._quantiles)
 
     def restore(self) -> None:

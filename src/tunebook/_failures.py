@@ -12,6 +12,12 @@ already holds (written by an older tunebook) are measured again by the next tuni
 The rule reads a result as the book stores it, so that every path (``tune_key``, a worker's
 result, a rank's, a book of another version) applies the same one.
 
+A wrong result is a verdict of ``check=``, which depends on more than the config: the
+reference config it was compared with and the tolerances and ignored arguments. Its reason
+ends with what it was judged under (:class:`Judging`), and a key whose wrong results were
+judged otherwise than the current tuning would judge them is tuned again from scratch
+(:func:`judged_otherwise`); a wrong result an older tunebook wrote (no such ending) stands.
+
 >>> from tunebook._book import Result
 >>> says_nothing(Result({}, None, "no valid timing: [nan, nan, nan]"))
 True
@@ -25,7 +31,10 @@ False
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._book import Result
@@ -35,13 +44,17 @@ from ._devices import here_model
 # What time_candidate's result says of a timer's NaN or inf.
 NO_TIMING = "no valid timing"
 
+# How many characters of a failure's reason the book keeps (time_candidate).
+ERROR_LIMIT = 2000
+WRONG_RESULT = "WrongResult"
+
 # Exception types whose failure is the config's (_compat.unrunnable_config_errors, WrongResult).
 _CONFIG_ERRORS = (
     "OutOfResources",
     "CompileTimeAssertionFailure",
     "CompilationError",
     "PTXASError",
-    "WrongResult",
+    WRONG_RESULT,
 )
 # A failed tl.static_assert on Triton's interpreter (_compat.is_config_specific_error).
 _INTERPRETER_ASSERT = "InterpreterError: AssertionError("
@@ -65,6 +78,11 @@ def says_nothing(result: Result) -> bool:
     # A launch that left the CUDA context unusable: measured again in a process, it would take
     # that process's context down.
     return not is_sticky_gpu_error(error)
+
+
+def is_wrong_result(result: Result) -> bool:
+    """Whether ``result`` is a wrong result under ``check=`` (tagged with its Judging or not)."""
+    return not result.ok and (result.error or "").startswith(WRONG_RESULT + ":")
 
 
 def to_measure_again(results: Mapping[str, Result], ids: Iterable[str]) -> set[str]:
@@ -106,3 +124,138 @@ class NoneRan:
         """What was said where ``cid`` was launched for ``key`` in place of configs none of
         which ran, on this device's platform; None otherwise."""
         return self._said.get((here_model(), key, cid)) if self._said else None
+
+
+# How a wrong result's reason ends: `` [checked against <reference id>; settings <hash>]``.
+_AGAINST = " [checked against "
+_SETTINGS = "; settings "
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What ``check=`` judges a key's candidates under: the id of its reference config and a
+    short hash of its settings (:func:`settings_hash`). A wrong result's reason carries it
+    (:meth:`tag`), readable and parsed back by :func:`judged_under`.
+
+    >>> from tunebook._book import Result
+    >>> judging = Judging("BLOCK=16|", "0123456789ab")
+    >>> error = "WrongResult: " + judging.tag("wrong result: out differs")
+    >>> error
+    'WrongResult: wrong result: out differs [checked against BLOCK=16|; settings 0123456789ab]'
+    >>> judged_under(Result({}, None, error)) == judging
+    True
+    >>> judged_under(Result({}, None, "WrongResult: wrong result: out differs")) is None  # an older book's
+    True
+    """
+
+    reference: str
+    settings: str
+
+    def tag(self, reason: str) -> str:
+        """``reason`` ending with this judging, short enough that the book keeps it whole."""
+        tag = f"{_AGAINST}{self.reference}{_SETTINGS}{self.settings}]"
+        room = ERROR_LIMIT - len(WRONG_RESULT + ": ") - len(tag)
+        if len(reason) > room:
+            reason = reason[: max(room - 3, 0)] + "..."
+        return reason + tag
+
+
+def judged_under(result: Result) -> Judging | None:
+    """What a wrong result was judged under; None for any other result, and for a wrong
+    result an older tunebook recorded (its reason says nothing of it)."""
+    error = result.error or ""
+    if not is_wrong_result(result) or not error.endswith("]"):
+        return None
+    start = error.rfind(_AGAINST)
+    middle = error.rfind(_SETTINGS)
+    if start < 0 or middle < start:
+        return None
+    return Judging(error[start + len(_AGAINST) : middle], error[middle + len(_SETTINGS) : -1])
+
+
+def settings_hash(check: Mapping[str, Any] | None) -> str | None:
+    """A short hash of what ``check=``'s verdicts depend on (the tolerance of every dtype,
+    the ignored arguments; not ``max_bytes``, which refuses a call but judges no config);
+    None where checking is off.
+
+    >>> settings_hash({}) == settings_hash({"max_bytes": 1 << 20}), settings_hash(None)
+    (True, None)
+    >>> settings_hash({}) == settings_hash({"rtol": 0.5})
+    False
+    """
+    if check is None:
+        return None
+    from ._check import DEFAULT_ATOL, DEFAULT_RTOL, _tolerances  # _check imports nothing of ours back
+
+    settings = {
+        "rtol": _tolerances(DEFAULT_RTOL, check.get("rtol"), "rtol"),
+        "atol": _tolerances(DEFAULT_ATOL, check.get("atol"), "atol"),
+        "ignore": sorted(set(check.get("ignore", ()))),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def expected_reference(results: Mapping[str, Result], ids: Iterable[str]) -> str | None:
+    """The config ``check=`` takes as reference for a key, as far as the book tells: the first
+    of ``ids`` (the call's order) not recorded as failing but for a wrong result or a timer's
+    NaN (a config that cannot run fails the reference run too)."""
+    for cid in ids:
+        result = results.get(cid)
+        if result is None or result.ok or is_wrong_result(result) or no_timing(result):
+            return cid
+    return None
+
+
+def judged_otherwise(results: Mapping[str, Result], ids: Iterable[str], now: Judging | None) -> bool:
+    """Whether some wrong result of the candidates ``ids`` was judged under something other
+    than ``now`` (None: ``check=`` is off now): their verdicts no longer hold, and the key is
+    tuned again from scratch, every candidate measured and judged again.
+
+    >>> from tunebook._book import Result
+    >>> wrong = Result({}, None, "WrongResult: " + Judging("a", "h1").tag("wrong result"))
+    >>> results = {"a": Result({}, (1.0, 1.0, 1.0)), "b": wrong}
+    >>> judged_otherwise(results, ["a", "b"], Judging("a", "h1")), judged_otherwise(results, ["a", "b"], None)
+    (False, True)
+    >>> judged_otherwise(results, ["b", "a"], Judging("b", "h1")), judged_otherwise(results, ["a"], None)
+    (True, False)
+    """
+    verdicts = {v for cid in ids if cid in results and (v := judged_under(results[cid])) is not None}
+    return bool(verdicts) and (now is None or verdicts != {now})
+
+
+def stale_verdicts(
+    results: Mapping[str, Result], ids: Sequence[str], check: Mapping[str, Any] | None
+) -> bool:
+    """:func:`judged_otherwise` against what a tuning with ``check=`` (the kernel's option; None:
+    off) would judge under, as far as the book tells (:func:`expected_reference`): decided
+    without running anything, where a key may be answered from the book."""
+    if not any(judged_under(results[cid]) is not None for cid in ids if cid in results):
+        return False  # nothing judged under tags: the common case, without hashing the settings
+    settings = settings_hash(check)
+    if settings is None:
+        return True
+    reference = expected_reference(results, ids)
+    return reference is not None and judged_otherwise(results, ids, Judging(reference, settings))
+
+
+def doubted_reference(results: Mapping[str, Result], ids: Iterable[str]) -> str | None:
+    """The reference config of a key whose every other candidate checked against it, two at
+    least, disagreed with it, while none agreed: then the reference is the likelier one to
+    be wrong. None otherwise.
+
+    >>> from tunebook._book import Result
+    >>> ok = Result({}, (1.0, 1.0, 1.0))
+    >>> wrong = Result({}, None, "WrongResult: " + Judging("a", "h").tag("x"))
+    >>> doubted_reference({"a": ok, "b": wrong, "c": wrong}, "abc")
+    'a'
+    >>> doubted_reference({"a": ok, "b": wrong, "c": wrong, "d": ok}, "abcd") is None
+    True
+    """
+    verdicts = {cid: judged_under(results[cid]) for cid in ids if cid in results}
+    references = {v.reference for v in verdicts.values() if v is not None}
+    if len(references) != 1:
+        return None
+    (reference,) = references
+    disagreed = sum(1 for cid, v in verdicts.items() if v is not None and cid != reference)
+    agreed = any(results[cid].ok for cid in verdicts if cid != reference)
+    return reference if disagreed >= 2 and not agreed else None

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _compat, _distributed, _misses, _policy, _settings, _stats, _tables, _warnings
+from . import _compat, _distributed, _failures, _misses, _policy, _settings, _stats, _tables, _warnings
 from ._bench import QUANTILES
 from ._book import Entry, Page, config_id, config_record
 from ._call import Call
@@ -91,14 +91,15 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     page = tuner.page() if mode != "off" else None
     entry = page.get(miss.text, miss.ids) if page is not None else None
     if page is not None:
-        if entry is None or not _policy.answered(entry, miss.ids, budget):
+        if entry is None or not _policy.answered(entry, miss.ids, budget) or _judged_again(miss, mode, entry):
             # another process (or host, through Redis) may have tuned it meanwhile
             page.refresh(miss.text, declared=miss.ids)
             entry = page.get(miss.text)
         if entry is None or not _policy.answered(entry, miss.ids, budget):
             entry = _renamed(miss, page, budget) or entry
         _warn_undeclared(miss, entry)
-        if _policy.decide(entry, miss.ids, mode, budget, page.settled(miss.text)) == "book":
+        again = _judged_again(miss, mode, entry)
+        if _policy.decide(entry, miss.ids, mode, budget, page.settled(miss.text), again) == "book":
             _stats.add("book_hits")
             return Resolution(entry.best(miss.ids) if entry is not None else None, "book", entry)
         _stats.add("misses")
@@ -119,6 +120,17 @@ def resolve(tuner: Autotuner, call: Call, key: tuple[Any, ...], candidates: Sequ
     cid = outcome.entry.best(miss.ids)
     return Resolution(
         cid, "tuned", outcome.entry, outcome.measured, outcome.seconds, outcome.why, none_ran=outcome.none_ran
+    )
+
+
+def _judged_again(miss: Miss, mode: str, entry: Entry | None) -> bool:
+    """Whether ``tune`` mode tunes the key again because its wrong results were judged under
+    other ``check=`` settings or another reference than a tuning now would judge them under
+    (``_failures.stale_verdicts``)."""
+    return (
+        mode == "tune"
+        and entry is not None
+        and _failures.stale_verdicts(entry.results, miss.ids, miss.tuner.options.check)
     )
 
 
@@ -670,13 +682,15 @@ def _bench_function(
     from ._check import CheckedBench, OutputCheck
 
     checker = OutputCheck(call.args, call.kwargs, names=tuner.arg_names, **tuner.options.check)
-    return CheckedBench(
+    bench = CheckedBench(
         checker,
         candidates,
         run_once=lambda config: tuner.hooks.check_launch(run, call, config, defaults),
         timed=lambda config: tuner.hooks.timed_launch(run, call, config, defaults),
         quantiles=QUANTILES,
     )
+    bench.judge_under(tuner.config_index.id_of, _failures.settings_hash(tuner.options.check) or "")
+    return bench
 
 
 def _precompiler(tuner: Autotuner, call: Call) -> Callable[[list[Any]], None] | None:

@@ -5,7 +5,9 @@ budgeted search already ran for it and ended with a choice (in ``serve`` mode, a
 that ended with a choice: a book tuned with another budget, or a search that converged
 early, still serves its tuned config; in ``tune`` mode too where a read-only book holds
 that choice and the kernel sets no budget of its own: books shipped with an application
-are answers, not a start to search from again). Otherwise ``TUNEBOOK_MODE``
+are answers, not a start to search from again), unless, in ``tune`` mode, its wrong
+results under ``check=`` were judged under other settings or another reference than a
+tuning would judge them under now (``judged_again``). Otherwise ``TUNEBOOK_MODE``
 decides: ``tune`` measures what the book lacks; ``serve`` answers at once with the best
 config it can justify without measuring (the user's ``fallback=``, the key's own partial
 results, the entry of a table imported from this GPU (``tables=``), the key's winner on this
@@ -46,9 +48,18 @@ MAX_SEEDS = 6
 
 
 def decide(
-    entry: Entry | None, ids: Sequence[str], mode: str, budget: Budget, settled: Entry | None = None
+    entry: Entry | None,
+    ids: Sequence[str],
+    mode: str,
+    budget: Budget,
+    settled: Entry | None = None,
+    judged_again: bool = False,
 ) -> Decision:
     """``book`` (answered without measuring), ``tune`` or ``serve`` for a key with candidates ``ids``.
+
+    ``judged_again``: the key's wrong results under ``check=`` were judged under other settings
+    or another reference than a tuning now would judge them under
+    (``_failures.stale_verdicts``); ``tune`` mode tunes it again, however answered it is.
 
     ``settled``: the key's entry in a read-only book. Where tunebook's default budget
     applies (more than SMALL_SPACE candidates, no budget declared by the kernel), its search's
@@ -58,6 +69,8 @@ def decide(
     of every book (a search smaller than it is unfinished), and so does a small space, where
     every candidate is measured: a config added to it is measured, and only that one.
     """
+    if mode == "tune" and judged_again:
+        return "tune"
     if mode != "off" and entry is not None:
         if answered(entry, ids, budget) or (mode == "serve" and chosen_among(entry, ids)):
             return "book"

@@ -8,9 +8,12 @@
 * **Resumable.** Every batch is persisted as soon as it is measured; a run killed halfway
   starts again from the book's results for the key (``known``), which are never re-measured.
 * **Failures are data.** A config that fails to compile or run is stored with its reason
-  and never retried for the key. A failure of the moment (``is_transient``: another thread's
-  launch collided with this one on Triton's interpreter) is measured once more at once, and
-  if it fails so again, it is not stored: a later tuning of the key measures the config.
+  and never retried for the key. A wrong result under ``check=`` is a verdict that holds
+  while what it was judged under does (the reference config, the settings): a key whose
+  verdicts were judged otherwise is tuned again from scratch (``judged_again``). A failure
+  of the moment (``is_transient``: another thread's launch collided with this one on
+  Triton's interpreter) is measured once more at once, and if it fails so again, it is not
+  stored: a later tuning of the key measures the config.
 * **Adaptive.** With a GPU timer, candidates get a short screening measurement; only those
   within CONTENDER_MARGIN of the best are measured in full (successive halving in one step).
 * **Tie-aware.** Among contenders within measurement noise of the fastest, the winner of a
@@ -38,7 +41,17 @@ from ._bench import Timers, as_triple
 from ._book import Entry, Page, Result, now_iso
 from ._book.records import TIE_TOLERANCE
 from ._errors import NoRecordedGrid
-from ._failures import NO_TIMING, no_timing, says_nothing, to_measure_again
+from ._failures import (
+    ERROR_LIMIT,
+    NO_TIMING,
+    doubted_reference,
+    is_wrong_result,
+    judged_otherwise,
+    judged_under,
+    no_timing,
+    says_nothing,
+    to_measure_again,
+)
 from ._jsonio import stored_key
 from ._progress import Progress
 from ._search import Budget, choose_strategy, search
@@ -308,6 +321,12 @@ def tune_key(job: KeyTuning) -> Outcome:
     # of the key ran (a worker's, another rank's, an older tunebook's): measured again.
     for cid in to_measure_again(results, job.ids):
         del results[cid]
+    # Wrong results judged otherwise than this tuning judges: each candidate is measured and
+    # judged again, as a config that agreed with a wrong reference is as doubtful as one that
+    # did not; the new results replace the old in the book (Entry.merged_over).
+    if judged_again(job, results):
+        for cid in job.ids:
+            results.pop(cid, None)
     known = {i: results[cid].median for i, cid in enumerate(job.ids) if cid in results}
     timing = Timing(job)
     entry = job.known
@@ -419,6 +438,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     slower = {cid for cid in slower if cid in confirmed and stored.get(cid) == confirmed[cid]}
     choosable = {cid: r for cid, r in stored.items() if cid not in slower}
     chosen = tie_aware_choice(choosable, job.ids, hints)
+    say_doubted_reference(job, stored)
     seconds = time.perf_counter() - start
     if entry is None or chosen or timing.measured:
         entry = job.persist({}, chosen or "", seconds)
@@ -427,6 +447,41 @@ def tune_key(job: KeyTuning) -> Outcome:
         final = min((r.median for r in results.values()), default=math.inf)
         job.progress.close(len(results), n, final, why)
     return Outcome(entry, timing.measured, timing.failures, seconds, found.stopped, why, said)
+
+
+def judged_again(job: KeyTuning, results: Mapping[str, Result]) -> bool:
+    """Whether the key's wrong results (``check=``) were judged otherwise than this tuning
+    judges: against another reference config than the one its bench runs now, under other
+    settings, or with ``check=`` off now (_failures.judged_otherwise)."""
+    if not any(judged_under(results[cid]) is not None for cid in job.ids if cid in results):
+        return False
+    judging = getattr(job.bench, "judging", None)  # a checking bench's (_check.CheckedBench)
+    if judging is None:
+        return True
+    now = judging()
+    return now is not None and judged_otherwise(results, job.ids, now)
+
+
+def say_doubted_reference(job: KeyTuning, results: Mapping[str, Result]) -> None:
+    """Say once per key when every other candidate checked against the reference config, two
+    at least, disagreed with it while none agreed: the reference is then the likelier one to be
+    wrong (_failures.doubted_reference). One that disagreed with its own earlier run is the
+    kernel's nondeterminism, which ``none_ran`` tells."""
+    reference = doubted_reference(results, job.ids)
+    if reference is None or not results[reference].ok:
+        return
+    wrong = sum(1 for cid in job.ids if cid in results and cid != reference and is_wrong_result(results[cid]))
+    _warnings.warn_once(
+        f"doubted-reference:{job.where or job.label}:{job.key_text}",
+        "tunebook: %s key %s: the %d other configs checked against the reference config %s all computed "
+        "a different result (check=), and none agreed with it: the reference may itself be wrong. Put a "
+        "config you trust first in the list: the key's wrong results are judged again against it at "
+        "its next tuning (in a new process)",
+        job.label,
+        list(job.key),
+        wrong,
+        reference,
+    )
 
 
 def same_failure(unexpected: list[BaseException]) -> bool:
@@ -492,14 +547,35 @@ def none_ran(
             f"{raised} raised errors that may be the call's (another rank's): not recorded, so the "
             "next process that tunes the key measures them again"
         )
-    if n - len(held):
+    recorded = [r for cid, r in failed.items() if cid not in held]
+    wrong = sum(1 for r in recorded if is_wrong_result(r))
+    if wrong:
+        fixes.append(wrong_results_fix(wrong, failed))
+    if len(recorded) - wrong:
         fixes.append(
-            f"{n - len(held)} cannot run here (recorded in the book): add configs this device can run "
-            "(smaller blocks, fewer stages or warps)"
+            f"{len(recorded) - wrong} cannot run here (recorded in the book): add configs this device can "
+            "run (smaller blocks, fewer stages or warps)"
         )
     text = f"tunebook: {job.label} {what}. {'; '.join(fixes)}. The first config is launched in their place"
     _warnings.warn_once(f"none-ran:{job.where or job.label}:{job.key_text}", "%s", text)
     return text
+
+
+def wrong_results_fix(wrong: int, failed: Mapping[str, Result]) -> str:
+    """What ``none_ran`` says of ``wrong`` configs that computed another result than the
+    reference under ``check=``, and the fix: these configs ran."""
+    references = {j.reference for r in failed.values() if (j := judged_under(r)) is not None}
+    reference = next(iter(references)) if len(references) == 1 else ""
+    what = f"the reference config {reference}" if reference else "the reference config"
+    own = failed.get(reference)
+    if own is not None and is_wrong_result(own):
+        what += ", which differed even from its own first run: the kernel's results vary from run to run"
+    return (
+        f"{wrong} computed a different result (check=) from {what}. Loosen check='s rtol/atol if such "
+        "results are meant to agree, ignore the arguments that legitimately differ (check={'ignore': "
+        "[...]}), or put a config you trust first: the key's wrong results are judged again under the "
+        "new settings at its next tuning"
+    )
 
 
 def common_reasons(failed: Iterable[Result]) -> str:
@@ -544,7 +620,8 @@ def time_candidate(
     except NoRecordedGrid:
         return None, None
     except Exception as exc:
-        return Result(dict(record), None, f"{type(exc).__name__}: {exc}".strip()[:2000], now_iso()), exc
+        error = f"{type(exc).__name__}: {exc}".strip()[:ERROR_LIMIT]
+        return Result(dict(record), None, error, now_iso()), exc
     if not all(math.isfinite(v) and v >= 0 for v in ms):
         # A timer's inf or nan means the config did not run (Triton's do_bench and
         # autotuner use inf that way); it is not a time to compare.

@@ -302,9 +302,14 @@ class Entry:
         # So does a result that ran over a failure: a failure that says nothing about its
         # config (a timer's NaN, an error of the call; _failures.py) is measured again while no
         # config of the key has run, and the search that does so decides on what it measured.
+        # And a later wrong result judged otherwise: a key whose check= verdicts were judged
+        # under other settings or against another reference is judged again (_tuner.judged_again),
+        # and the old verdicts would have it judged again in every process.
         for cid, result in base.results.items():
             mine = results.get(cid)
-            replaced = mine is not None and ((result.quick and not mine.quick) or (not result.ok and mine.ok))
+            replaced = mine is not None and (
+                (result.quick and not mine.quick) or (not result.ok and mine.ok) or _judged_anew(result, mine)
+            )
             if not (open_search and replaced):
                 results[cid] = result
         added = any(cid not in base.results or results[cid] is not base.results[cid] for cid in self.results)
@@ -320,6 +325,16 @@ class Entry:
             updated_at=max(base.updated_at, self.updated_at),
             reopens=self.reopens or base.reopens,  # news merged over earlier news stay news
         )
+
+
+def _judged_anew(base: Result, news: Result) -> bool:
+    """Whether ``news`` is a wrong result under ``check=``, no older than ``base``, judged
+    otherwise than ``base`` was (another reference or settings; ``base`` ran or failed otherwise)."""
+    if news.ok or not (news.error or "").startswith("WrongResult:") or news.at < base.at:
+        return False
+    from .._failures import judged_under  # deferred: _failures reads these records
+
+    return judged_under(news) != judged_under(base)
 
 
 NEWER = "written by a newer tunebook"  # how check_format's refusal of a newer file begins
