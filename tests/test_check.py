@@ -5,6 +5,7 @@ CPU interpreter, plus a few PyTorch callables where a kernel would add nothing."
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from small_kernels import (
     sum_kernel,
     vectors,
 )
+from tunebook import _check, _compare
 from tunebook._check import OutputCheck, SnapshotTooLarge
 
 ADD_NAMES = ["x_ptr", "y_ptr", "out_ptr", "n"]
@@ -90,8 +92,8 @@ def test_a_tail_left_unwritten_is_caught_even_when_the_buffer_holds_nan() -> Non
     reason = check.check(launch(_add_tail_bug_kernel, n, x, y, out, BLOCK=64))
     assert reason is not None
     assert "out_ptr differs from the reference config in 8 of 200 elements" in reason
-    assert "8 of them NaN on one side only" in reason
-    assert "first at index (192,)" in reason
+    assert "8 of them NaN in the candidate only" in reason
+    assert "first at index (192,): got nan, ref " in reason
 
 
 def test_a_buggy_reference_makes_every_correct_candidate_disagree() -> None:
@@ -190,7 +192,9 @@ def test_nan_equals_nan_at_the_same_place_only() -> None:
     assert _checked([1.0, nan, inf, -inf], [1.0, nan, inf, -inf]) is None
     reason = _checked([1.0, nan, 3.0], [1.0, 2.0, nan])
     assert reason is not None
-    assert "in 2 of 3 elements" in reason and "2 of them NaN on one side only" in reason
+    assert "in 2 of 3 elements" in reason
+    assert "1 of them NaN in the candidate only, 1 of them NaN in the reference only" in reason
+    assert "first at index (1,): got 2, ref nan" in reason
     assert _checked([1.0, inf], [1.0, -inf]) is not None
     assert _checked([1.0, inf], [1.0, 1e30]) is not None
     assert _checked([1.0, 2.0], [1.0, inf]) is not None
@@ -244,7 +248,7 @@ def test_keyword_tensors_aliases_and_ignored_scratch() -> None:
     assert check.check(lambda: (out.copy_(x * 2), scratch.fill_(9.0))) is None
     assert torch.equal(scratch, torch.zeros(4))
     reason = check.check(lambda: out.copy_(x * 3))
-    assert reason is not None and reason.startswith("wrong result: out and alias differs")
+    assert reason is not None and reason.startswith("wrong result: out and alias differ from")
     # A candidate that scribbles on an input is wrong too.
     reason = check.check(lambda: (out.copy_(x * 2), x.add_(1)))
     assert reason is not None and "argument 0 differs" in reason
@@ -306,3 +310,141 @@ def test_snapshot_larger_than_max_bytes_is_refused_with_the_fix(monkeypatch: pyt
     monkeypatch.setattr("tunebook._check.DEFAULT_MAX_BYTES", 1024)  # the default is what applies
     with pytest.raises(SnapshotTooLarge, match=r"max_bytes=1\.0 KiB"):
         OutputCheck((big, small), {})
+
+
+# ------------------------------------------------------------------ what a reason says
+
+
+def test_the_reason_names_the_reference_the_values_and_how_to_accept_them() -> None:
+    out = torch.zeros(3)
+    check = OutputCheck((out,), {}, names=["out_ptr"])
+    check.reference(lambda: out.copy_(torch.tensor([1.0, 2.0, 3.0])), name="BLOCK=64|num_warps=4")
+    reason = check.check(lambda: out.copy_(torch.tensor([1.0, 5.0, 3.0])))
+    assert reason is not None
+    assert reason.startswith(
+        "wrong result: out_ptr differs from the reference config BLOCK=64|num_warps=4 in 1 "
+    )
+    assert "first at index (1,): got 5, ref 2" in reason
+    assert "give check= a larger rtol/atol for float32, or add out_ptr to its ignore list" in reason
+    assert reason[-1] not in ")]"  # the tuning loop may append a tag
+    ints = torch.zeros(2, dtype=torch.int32)
+    check = OutputCheck((ints,), {}, names=["idx_ptr"])
+    check.reference(lambda: ints.copy_(torch.tensor([0, 1])))
+    reason = check.check(lambda: ints.copy_(torch.tensor([1, 0]))) or ""
+    assert "got 1, ref 0" in reason and "add it to check='s ignore list" in reason and "rtol" not in reason
+
+
+def test_a_reference_that_disagrees_with_its_own_run_says_the_kernel_is_not_deterministic() -> None:
+    from tunebook._check import CheckedBench
+    from tunebook._errors import WrongResult
+
+    out = torch.zeros(2)
+    runs = iter(range(100))
+    configs = ["first", "second"]
+    bench = CheckedBench(
+        OutputCheck((out,), {}, names=["out_ptr"]),
+        configs,
+        run_once=lambda config: out.fill_(float(next(runs))),  # another answer every run
+        timed=lambda config: lambda: None,
+        quantiles=(0.5,),
+    )
+    with pytest.raises(WrongResult) as info:
+        bench(lambda fn, quantiles: [1.0], configs[0])
+    reason = str(info.value)
+    assert "out_ptr differs from its own earlier run in 2 of 2 elements" in reason
+    assert ": the kernel is not deterministic;" in reason and "reference config" not in reason
+
+
+def test_complex_mismatches_are_counted_and_indexed_in_complex_elements() -> None:
+    z = torch.zeros(2, 2, dtype=torch.complex64)
+    check = OutputCheck((z,), {}, names=["out_ptr"])
+    check.reference(lambda: z.fill_(1 + 1j))
+    reason = check.check(lambda: (z.fill_(1 + 1j), z[1, 0].fill_(1 + 3j), z[1, 1].fill_(1 + 5j))) or ""
+    assert "in 2 of 4 elements" in reason
+    assert "first at index (1, 0): got (1+3j), ref (1+1j)" in reason
+
+
+# ------------------------------------------------------------------ dtypes, pieces, memory
+
+
+def test_float8_e8m0_scales_are_compared_exactly() -> None:
+    scales = torch.zeros(4, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    right = torch.tensor([1.0, 2.0, 4.0, 0.5]).to(torch.float8_e8m0fnu)
+    check = OutputCheck((scales,), {}, names=["scale_ptr"])
+    check.reference(lambda: scales.copy_(right))
+    assert check.check(lambda: scales.copy_(right)) is None
+    off = torch.tensor([1.0, 2.0, 8.0, 0.5]).to(torch.float8_e8m0fnu)  # one scale off by 2
+    reason = check.check(lambda: scales.copy_(off)) or ""
+    assert "in 1 of 4 elements" in reason and "tolerance exact" in reason and "got 8, ref 4" in reason
+
+
+def test_a_floating_dtype_without_an_entry_gets_at_most_a_quarter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its fallback, 10 eps, is 2.5 for float8_e5m2 (eps 0.25): outputs of zeros passed.
+    for table in ("DEFAULT_RTOL", "DEFAULT_ATOL"):
+        defaults = {k: v for k, v in getattr(_check, table).items() if k != "float8_e5m2"}
+        monkeypatch.setattr(_check, table, defaults)
+    reason = _checked([1.0, 2.0, 4.0], [0.0, 0.0, 0.0], dtype=torch.float8_e5m2)
+    assert reason is not None and "tolerance 1 + 0.25*|ref|" in reason
+    assert _checked([1.0, 2.0, 4.0], [1.0, 2.5, 4.0], dtype=torch.float8_e5m2) is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nans"),
+    [
+        ("float8_e4m3fn", (0x7F, 0xFF)),
+        ("float8_e5m2", (0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF)),
+        ("float8_e4m3fnuz", (0x80,)),
+        ("float8_e5m2fnuz", (0x80,)),
+        ("float8_e8m0fnu", (0xFF,)),
+    ],
+)
+def test_float8_is_compared_in_its_bytes_every_nan_encoding_alike(dtype: str, nans: tuple[int, ...]) -> None:
+    kind = getattr(torch, dtype)
+    encodings = torch.tensor(nans, dtype=torch.uint8)
+    assert _compare.isnan(encodings.view(kind)).all()
+    assert int(_compare.isnan(torch.arange(256, dtype=torch.uint8).view(kind)).sum()) == len(nans)
+    flipped = encodings.flip(0).view(kind)  # another NaN at every place
+    assert _compare.unchanged(encodings.view(kind), flipped)
+    changed = encodings.clone()
+    changed[0] = 0x38  # a number
+    assert not _compare.unchanged(encodings.view(kind), changed.view(kind))
+
+
+def test_pieces_follow_the_shape_whatever_the_strides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_compare, "CHUNK", 5)  # a 6 x 4 tensor: rows split over several pieces
+    out = torch.zeros(4, 6).t()  # not contiguous
+    check = OutputCheck((out,), {}, names=["out_ptr"])
+    values = torch.arange(24.0).reshape(6, 4)
+    check.reference(lambda: out.copy_(values))
+    assert check._args[0].expected is not None  # _same saw the change, piece by piece
+    wrong = values.clone()
+    wrong[3, 2] = wrong[5, 1] = -1.0
+    reason = check.check(lambda: out.copy_(wrong)) or ""
+    assert "in 2 of 24 elements" in reason and "first at index (3, 2): got -1, ref 14" in reason
+    pieces = list(_compare.pieces(out, 5))
+    assert torch.equal(torch.cat(pieces), out.reshape(-1)) and max(p.numel() for p in pieces) <= 5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak resident size as Linux reports it")
+def test_the_reference_step_on_float8_needs_no_more_than_a_copy_of_the_output() -> None:
+    # _same widened float8 to float32, unchunked: 1.5 GiB more for two 128 MiB arguments.
+    from conftest import run_python  # not at the top: a child process imports this module
+
+    result = run_python(
+        """
+        import json, resource, torch
+        from tunebook import _check, _compare
+        _compare.CHUNK = 1 << 20
+        nbytes = 32 << 20
+        x = torch.full((nbytes,), 0x3C, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        out = torch.zeros(nbytes, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        check = _check.OutputCheck((x, out), {}, names=["x", "out"])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        check.reference(lambda: out.copy_(x))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"extra": (after - before) * 1024, "nbytes": nbytes}))
+        """,
+        # Live memory only: freed pieces go back at once rather than stay in malloc's heap.
+        env={"TRITON_INTERPRET": "0", "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
+    assert result["extra"] < 1.5 * result["nbytes"], result  # the output's copy, and pieces
