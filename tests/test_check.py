@@ -448,3 +448,146 @@ def test_the_reference_step_on_float8_needs_no_more_than_a_copy_of_the_output() 
         env={"TRITON_INTERPRET": "0", "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     assert result["extra"] < 1.5 * result["nbytes"], result  # the output's copy, and pieces
+
+
+# ------------------------------------------------------------------ when the check cannot run
+
+
+def test_a_check_that_cannot_run_is_told_apart_from_a_run_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunebook._check import CheckUnavailable
+
+    out = torch.zeros(3)
+    check = OutputCheck((out,), {}, names=["out_ptr"])
+    with pytest.raises(RuntimeError, match="out of resources") as info:
+        check.reference(lambda: (_ for _ in ()).throw(RuntimeError("out of resources")))
+    assert not isinstance(info.value, CheckUnavailable)
+
+    def no_memory(a: Any, b: Any) -> bool:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(_compare, "unchanged", no_memory)
+    with pytest.raises(CheckUnavailable, match=r"comparing .* raised OutOfMemoryError: CUDA out of memory"):
+        check.reference(lambda: out.fill_(1.0))
+    assert torch.equal(out, torch.zeros(3))  # restored all the same
+    monkeypatch.undo()
+
+    class Unrestorable(torch.Tensor):
+        def copy_(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError('"copy_kernel" not implemented for this dtype')
+
+    packed = torch.zeros(4).as_subclass(Unrestorable)
+    with pytest.raises(CheckUnavailable, match=r"restoring the arguments .* NotImplementedError"):
+        OutputCheck((packed,), {}, names=["q_ptr"]).reference(lambda: None)
+
+
+def test_a_check_that_cannot_run_warns_that_the_key_is_unchecked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tunebook
+    from small_kernels import Replay, block_configs
+
+    def no_memory(a: Any, b: Any) -> bool:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(_compare, "unchanged", no_memory)
+    replay = Replay({32: 2.0, 64: 3.0, 128: 1.0})
+    launches: list[int] = []
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128, pre_hook=lambda nargs: launches.append(nargs["BLOCK"])),
+        key=["n"],
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+        check=True,
+    )(add_wrong_at_128_kernel)
+    x, y, out = vectors(300)
+    with pytest.warns(UserWarning, match=r"check= could not run: comparing .* OutOfMemoryError") as info:
+        kernel[grid_1d(300)](x, y, out, 300)
+    (said,) = [str(w.message) for w in info if "check=" in str(w.message)]
+    assert "add_wrong_at_128_kernel key [300" in said and "the book records for the key is unchecked" in said
+    # The check failed, not the config: no other candidate was launched as a would-be
+    # reference (BLOCK=64: only its timing; the fast wrong BLOCK=128 won, unchecked).
+    assert launches.count(64) == 1 and kernel.best_config.kwargs == {"BLOCK": 128}
+
+
+# ------------------------------------------------------------------ the reference search
+
+
+@triton.jit
+def _add_one_up_to_64_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + 1; a BLOCK over 64 fails its static_assert (as one too large for a GPU would)."""
+    tl.static_assert(BLOCK <= 64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+
+
+FAILING_BLOCKS = [128 * (i + 1) for i in range(6)]
+
+
+def up_to_64_tuned(launched: dict[int, int]) -> Any:
+    """Repro 11's shape: configs that cannot run first, then those that can; a random search of 3."""
+    import tunebook
+
+    def count(nargs: dict[str, Any]) -> None:
+        launched[nargs["BLOCK"]] = launched.get(nargs["BLOCK"], 0) + 1
+
+    configs = [triton.Config({"BLOCK": b}, pre_hook=count) for b in FAILING_BLOCKS] + [
+        triton.Config({"BLOCK": 16}, num_warps=w, pre_hook=count) for w in (1, 2, 4, 8)
+    ]
+    return tunebook.autotune(configs, key=["n"], check=True, strategy="random", max_configs=3, seed=0)(
+        _add_one_up_to_64_kernel
+    )
+
+
+def failed_blocks(kernel: Any, n: int) -> list[int]:
+    """The BLOCKs the book records as failed for key ``n``."""
+    page = kernel.page()
+    results = page.get(next(t for t in page.key_names() if t.startswith(f"[{n},"))).results
+    return sorted(r.config["kwargs"]["BLOCK"] for r in results.values() if not r.ok)
+
+
+def launch_up_to_64(kernel: Any, n: int) -> None:
+    x, out = torch.randn(n), torch.empty(n)
+    kernel[grid_1d(n)](x, out, n)
+    torch.testing.assert_close(out, x + 1)
+
+
+def test_configs_the_reference_search_finds_unable_to_run_are_recorded_and_not_launched_again() -> None:
+    launched: dict[int, int] = {}
+    kernel = up_to_64_tuned(launched)
+    launch_up_to_64(kernel, 100)  # the reference search launches each failing config once, and records it
+    assert all(launched.get(b) == 1 for b in FAILING_BLOCKS), launched
+    assert failed_blocks(kernel, 100) == FAILING_BLOCKS
+    launched.clear()
+    launch_up_to_64(kernel, 200)  # another key: configs that failed for the first are tried last
+    assert sorted(b for b in FAILING_BLOCKS if launched.get(b)) == failed_blocks(kernel, 200)
+    # Another process, another key: it reads the first keys' failures from the book.
+    from conftest import run_python  # not at the top: the child imports this module
+
+    child = run_python(
+        """
+        import json
+        from test_check import failed_blocks, launch_up_to_64, up_to_64_tuned
+        launched = {}
+        kernel = up_to_64_tuned(launched)
+        launch_up_to_64(kernel, 300)
+        tried = sorted(b for b, count in launched.items() if b > 64)
+        print(json.dumps({"tried": tried, "failed": failed_blocks(kernel, 300)}))
+        """
+    )
+    assert child["tried"] == child["failed"], child  # only what its search measured
+
+
+def test_the_book_names_the_reference_config_by_its_id() -> None:
+    import tunebook
+    from small_kernels import Replay, block_configs
+
+    replay = Replay({32: 3.0, 64: 2.0, 128: 1.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook, check=True
+    )(add_wrong_at_128_kernel)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    page = kernel.page()
+    (wrong,) = [r for r in page.get(next(iter(page.key_names()))).results.values() if not r.ok]
+    assert "out_ptr differs from the reference config BLOCK=32|" in (wrong.error or "")

@@ -26,6 +26,10 @@ Contract:
   run changed (the outputs). Construction refuses with :class:`SnapshotTooLarge` when the
   snapshot alone would exceed ``max_bytes``. Comparisons work a piece at a time, float8 in
   its raw bytes (``_compare.py``), so their temporaries stay a few hundred MB at most.
+* **A failing check is not a failing run.** If ``run`` raises, its exception propagates;
+  if restoring or comparing raises in :meth:`OutputCheck.reference` (device memory, a
+  dtype PyTorch cannot copy here), :class:`CheckUnavailable` does: the caller tells
+  a config that cannot run from a check that cannot.
 * **Not thread-safe**: one OutputCheck belongs to one tuning, which the autotuner
   already serializes.
 
@@ -48,12 +52,13 @@ Example (runs on a CPU; ``run`` stands for launching one config of a kernel)::
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _compare
+from . import _compare, _warnings
 from ._errors import SnapshotTooLarge, WrongResult
 
 # Floating tolerances by dtype name. A candidate may sum in another order than the
@@ -92,6 +97,20 @@ DEFAULT_MAX_BYTES = 4 << 30
 _MAX_FALLBACK = 0.25
 
 Tolerance = float | Mapping[Any, float]
+
+
+class CheckUnavailable(RuntimeError):
+    """The check itself could not run: restoring the arguments or comparing them raised
+    (device memory, a dtype PyTorch cannot copy here), not the run it checks."""
+
+
+@contextlib.contextmanager
+def _checking(what: str) -> Iterator[None]:
+    """Raise what fails inside as :class:`CheckUnavailable`, saying it was ``what``."""
+    try:
+        yield
+    except Exception as exc:
+        raise CheckUnavailable(f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -188,21 +207,25 @@ class OutputCheck:
         """Run the reference once on the original inputs and keep what it changed.
 
         ``run`` launches the reference config (or any callable writing the same outputs,
-        e.g. a PyTorch implementation); ``name`` names it in the reasons. If it raises, the
-        inputs are restored and the exception propagates; no reference is set.
+        e.g. a PyTorch implementation); ``name`` names it in the reasons. If ``run`` raises,
+        the inputs are restored and its exception propagates; if restoring the inputs or
+        comparing them raises, :class:`CheckUnavailable` does, from that error. Either way
+        no reference is set.
         """
         import torch
 
-        self.restore()
+        with _checking("restoring the arguments from the snapshot"):
+            self.restore()
         try:
             run()
-            with torch.no_grad():
+            with _checking("comparing the reference's arguments with the snapshot"), torch.no_grad():
                 changed = [
                     None if _compare.unchanged(arg.tensor, arg.original()) else arg.tensor.clone()
                     for arg in self._args
                 ]
         finally:
-            self.restore()
+            with _checking("restoring the arguments from the snapshot"):
+                self.restore()
         for arg, expected in zip(self._args, changed):
             arg.expected = expected
         self._has_reference = True
@@ -347,14 +370,50 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+@dataclass(frozen=True)
+class ReferenceSearch:
+    """Where :class:`CheckedBench` looks for its reference, and whom it tells what it finds.
+
+    The reference is the first candidate, in list order, that runs. Those at ``skip``
+    (recorded unable to run for this key) are not launched for it, and those at ``last``
+    (recorded unable to run for another key) are tried after the others. ``record(i, exc)``
+    hears of each candidate whose launch raised the backend's error for a config that
+    cannot run (``_compat.is_unrunnable_config_error``, as the tuning loop classifies it), to
+    record it as that config's failure. ``ids`` name the candidates, ``where`` the kernel
+    and key, in messages.
+
+    >>> list(ReferenceSearch(skip={0}, last={1}).order(4))
+    [2, 3, 1]
+    """
+
+    ids: Sequence[str] = ()
+    skip: Collection[int] = frozenset()
+    last: Collection[int] = frozenset()
+    record: Callable[[int, BaseException], None] | None = None
+    where: str = "kernel"
+
+    def order(self, n: int) -> Iterator[int]:
+        """The candidates (indices below ``n``) to try as the reference, in turn."""
+        yield from (i for i in range(n) if i not in self.skip and i not in self.last)
+        yield from (i for i in sorted(self.last) if i < n and i not in self.skip)
+
+    def name(self, i: int, candidate: Any) -> str:
+        return self.ids[i] if i < len(self.ids) else str(candidate)
+
+
 class CheckedBench:
     """Benchmarking with ``check=``: before a config is timed the first time, its output is
     compared with the reference config's on the same inputs; a mismatch raises
     :class:`~tunebook.WrongResult`, which the tuning loop records as that config's failure.
 
-    The reference is the first candidate that runs. ``bench(timer, config)`` times with
-    ``timer`` and the launch ``timed(config)`` returns; ``restore()`` puts the caller's
-    inputs back afterwards, so its own launch sees what it passed.
+    The reference is the first candidate that runs (:class:`ReferenceSearch`), found when the
+    first config is measured. A candidate whose launch fails there is passed over; one that
+    cannot run (the backend's error) is recorded through the search, and raises the same
+    error without a launch when measured later. If the check itself fails there
+    (:class:`CheckUnavailable`), the key is measured unchecked and that is said once, loudly.
+    ``bench(timer, config)`` times with ``timer`` and the launch ``timed(config)`` returns;
+    ``restore()`` puts the caller's inputs back afterwards, so its own launch sees what it
+    passed.
     """
 
     def __init__(
@@ -364,26 +423,65 @@ class CheckedBench:
         run_once: Callable[[Any], None],
         timed: Callable[[Any], Callable[[], None]],
         quantiles: Sequence[float],
+        search: ReferenceSearch | None = None,
     ) -> None:
         self._checker = checker
         self._candidates = candidates  # read in order until one runs: a Space's Configs made as read
-        self._run_once = run_once
-        self._timed = timed
+        self._search = search or ReferenceSearch()
+        # id(config) -> the error it raised as a would-be reference, raised again when measured
+        self._cannot_run: dict[int, BaseException] = {}
+        self._run_once = self._unless_cannot_run(run_once)
+        self._timed = self._unless_cannot_run(timed)
         self._quantiles = quantiles
-        self._reference: Any = None  # None: not chosen yet; False: no candidate runs at all
+        self._reference: Any = None  # None: not chosen yet; False: no candidate runs, or no check
+        self._unavailable = False  # the check itself failed (said once)
         self._checked: set[int] = set()
+
+    def _unless_cannot_run(self, launch: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def guarded(config: Any) -> Any:
+            known = self._cannot_run.get(id(config))
+            if known is not None:
+                raise known
+            return launch(config)
+
+        return guarded
 
     def _ensure_reference(self) -> None:
         if self._reference is not None:
             return
-        for candidate in self._candidates:
+        from . import _compat
+
+        self._reference = False  # unless a candidate runs below
+        for i in self._search.order(len(self._candidates)):
+            candidate = self._candidates[i]
+            name = self._search.name(i, candidate)
             try:
-                self._checker.reference(functools.partial(self._run_once, candidate))
-            except Exception:  # it fails again when measured, and is recorded then
+                self._checker.reference(functools.partial(self._run_once, candidate), name=name)
+            except CheckUnavailable as exc:
+                self._give_up(exc)
+                return
+            except Exception as exc:  # the candidate's own launch: the next one is tried
+                if _compat.is_unrunnable_config_error(exc):
+                    self._cannot_run[id(candidate)] = exc
+                    if self._search.record is not None:
+                        self._search.record(i, exc)
                 continue
             self._reference = candidate
             return
-        self._reference = False
+
+    def _give_up(self, exc: CheckUnavailable) -> None:
+        self._unavailable = True
+        # Not raised: a bench's exception is the measured config's failure to the tuning loop,
+        # and a call that runs unchecked, saying so, beats one that fails for the check's sake.
+        _warnings.warn_once(
+            f"check-unavailable:{self._search.where}",
+            "tunebook: %s: check= could not run: %s. The key's configs are measured without checking "
+            "their results, so what the book records for the key is unchecked. Fix the cause (device "
+            "memory, a dtype PyTorch cannot copy here) or set check=False for this kernel, and delete "
+            "the key's file in the page so that the key is tuned again",
+            self._search.where,
+            exc,
+        )
 
     def __call__(self, timer: Callable[..., Any], config: Any) -> Any:
         self._ensure_reference()
@@ -395,4 +493,9 @@ class CheckedBench:
         return timer(self._timed(config), quantiles=self._quantiles)
 
     def restore(self) -> None:
-        self._checker.restore()
+        try:
+            self._checker.restore()
+        except Exception:
+            if not self._unavailable:
+                raise
+            # Said already; the key was measured as without check=, which restores nothing.
