@@ -378,6 +378,17 @@ def test_float8_e8m0_scales_are_compared_exactly() -> None:
     assert "in 1 of 4 elements" in reason and "tolerance exact" in reason and "got 8, ref 4" in reason
 
 
+def test_float4_is_compared_in_its_bytes() -> None:
+    # PyTorch does no arithmetic on float4_e2m1fn_x2: widening it for _same made reference()
+    # raise, and with that fixed, finfo() made every check raise.
+    packed = torch.zeros(3, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    check = OutputCheck((packed,), {}, names=["q_ptr"])
+    check.reference(lambda: packed.view(torch.uint8).copy_(torch.tensor([0x12, 0x34, 0x56])))
+    assert check.check(lambda: packed.view(torch.uint8).copy_(torch.tensor([0x12, 0x34, 0x56]))) is None
+    reason = check.check(lambda: packed.view(torch.uint8).copy_(torch.tensor([0x12, 0x34, 0x57]))) or ""
+    assert "in 1 of 3 elements (tolerance exact, first at index (2,): got byte 0x57, ref byte 0x56)" in reason
+
+
 def test_a_floating_dtype_without_an_entry_gets_at_most_a_quarter(monkeypatch: pytest.MonkeyPatch) -> None:
     # Its fallback, 10 eps, is 2.5 for float8_e5m2 (eps 0.25): outputs of zeros passed.
     for table in ("DEFAULT_RTOL", "DEFAULT_ATOL"):

@@ -67,7 +67,7 @@ class Mismatches:
         self.nan_got += int((wrong & nan_g & ~nan_r).sum())
         self.nan_ref += int((wrong & nan_r & ~nan_g).sum())
         bad = wrong & ~nan_g & ~nan_r
-        if bool(bad.any()):
+        if bool(bad.any()) and (not g.dtype.is_floating_point or widens(g.dtype)):
             err = (widened(g[bad]) - widened(r[bad])).abs()
             self.max_err = max(self.max_err, float(err.max()))
         if self.first < 0:
@@ -131,11 +131,26 @@ def element_dtype(dtype: Any) -> Any:
 
 
 def exact_dtype(dtype: Any) -> bool:
-    """Compared bit for bit: integers, bool, and a float with no mantissa bits (eps 1:
-    ``float8_e8m0fnu``, a power of two, where a ratio of 2 is the smallest error there is)."""
+    """Compared bit for bit: integers, bool, a float with no mantissa bits (eps 1:
+    ``float8_e8m0fnu``, a power of two, where a ratio of 2 is the smallest error there is),
+    and a float PyTorch does no arithmetic on (``float4_e2m1fn_x2``, two values a byte)."""
     import torch
 
-    return not dtype.is_floating_point or torch.finfo(dtype).eps >= 1
+    if not dtype.is_floating_point:
+        return True
+    return not widens(dtype) or torch.finfo(dtype).eps >= 1
+
+
+@functools.lru_cache(maxsize=32)
+def widens(dtype: Any) -> bool:
+    """Whether PyTorch converts ``dtype`` to float64 (not ``float4_e2m1fn_x2``)."""
+    import torch
+
+    try:
+        torch.empty(1, dtype=dtype).to(torch.float64)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 def largest(ref: Any) -> float:
@@ -193,10 +208,9 @@ def nan_bytes(dtype: Any) -> list[tuple[int, int]]:
     format needs no entry here)."""
     import torch
 
-    try:
-        nan = torch.arange(256, dtype=torch.uint8).view(dtype).float().isnan().tolist()
-    except (NotImplementedError, RuntimeError):  # no conversion (float4_e2m1fn_x2: no NaN either)
+    if not widens(dtype):  # float4_e2m1fn_x2: no NaN either
         return []
+    nan = torch.arange(256, dtype=torch.uint8).view(dtype).float().isnan().tolist()
     runs: list[tuple[int, int]] = []
     for value in (v for v in range(256) if nan[v]):
         if runs and runs[-1][1] == value - 1:
@@ -214,7 +228,10 @@ def widened(t: Any, wide: Any = None) -> Any:
 
 
 def shown(x: Any) -> str:
-    """One element (a complex one as its two parts) as a message shows it."""
+    """One element (a complex one as its two parts) as a message shows it; one PyTorch cannot
+    convert as its byte."""
+    if x.dtype.is_floating_point and not widens(x.dtype):
+        return f"byte 0x{int(raw_bits(x)):02x}"
     values = widened(x).tolist() if x.dtype.is_floating_point else x.tolist()
     if isinstance(values, list):  # a complex element's parts
         return str(complex(*values))
