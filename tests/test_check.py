@@ -5,6 +5,7 @@ CPU interpreter, plus a few PyTorch callables where a kernel would add nothing."
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from small_kernels import (
     sum_kernel,
     vectors,
 )
+from tunebook import _check, _compare
 from tunebook._check import OutputCheck, SnapshotTooLarge
 
 ADD_NAMES = ["x_ptr", "y_ptr", "out_ptr", "n"]
@@ -90,8 +92,8 @@ def test_a_tail_left_unwritten_is_caught_even_when_the_buffer_holds_nan() -> Non
     reason = check.check(launch(_add_tail_bug_kernel, n, x, y, out, BLOCK=64))
     assert reason is not None
     assert "out_ptr differs from the reference config in 8 of 200 elements" in reason
-    assert "8 of them NaN on one side only" in reason
-    assert "first at index (192,)" in reason
+    assert "8 of them NaN in the candidate only" in reason
+    assert "first at index (192,): got nan, ref " in reason
 
 
 def test_a_buggy_reference_makes_every_correct_candidate_disagree() -> None:
@@ -190,7 +192,9 @@ def test_nan_equals_nan_at_the_same_place_only() -> None:
     assert _checked([1.0, nan, inf, -inf], [1.0, nan, inf, -inf]) is None
     reason = _checked([1.0, nan, 3.0], [1.0, 2.0, nan])
     assert reason is not None
-    assert "in 2 of 3 elements" in reason and "2 of them NaN on one side only" in reason
+    assert "in 2 of 3 elements" in reason
+    assert "1 of them NaN in the candidate only, 1 of them NaN in the reference only" in reason
+    assert "first at index (1,): got 2, ref nan" in reason
     assert _checked([1.0, inf], [1.0, -inf]) is not None
     assert _checked([1.0, inf], [1.0, 1e30]) is not None
     assert _checked([1.0, 2.0], [1.0, inf]) is not None
@@ -260,7 +264,7 @@ def test_keyword_tensors_aliases_and_ignored_scratch() -> None:
     assert check.check(lambda: (out.copy_(x * 2), scratch.fill_(9.0))) is None
     assert torch.equal(scratch, torch.zeros(4))
     reason = check.check(lambda: out.copy_(x * 3))
-    assert reason is not None and reason.startswith("wrong result: out and alias differs")
+    assert reason is not None and reason.startswith("wrong result: out and alias differ from")
     # A candidate that scribbles on an input is wrong too.
     reason = check.check(lambda: (out.copy_(x * 2), x.add_(1)))
     assert reason is not None and "argument 0 differs" in reason
@@ -398,3 +402,295 @@ def test_rebuilt_integers_are_random_only_when_checked_and_stay_in_bounds() -> N
     assert int(ids.max()) == 15  # at most 16 values, whatever the sizes
     (ids,), _ = build_args(describe_call((torch.zeros(1, 1, dtype=torch.int64),), {}), random_integers=True)
     assert int(ids.max()) == 0  # no dimension of 2 or more: nothing is surely in bounds but 0
+
+
+# ------------------------------------------------------------------ what a reason says
+
+
+def test_the_reason_names_the_reference_the_values_and_how_to_accept_them() -> None:
+    out = torch.zeros(3)
+    check = OutputCheck((out,), {}, names=["out_ptr"])
+    check.reference(lambda: out.copy_(torch.tensor([1.0, 2.0, 3.0])), name="BLOCK=64|num_warps=4")
+    reason = check.check(lambda: out.copy_(torch.tensor([1.0, 5.0, 3.0])))
+    assert reason is not None
+    assert reason.startswith(
+        "wrong result: out_ptr differs from the reference config BLOCK=64|num_warps=4 in 1 "
+    )
+    assert "first at index (1,): got 5, ref 2" in reason
+    assert "give check= a larger rtol/atol for float32, or add out_ptr to its ignore list" in reason
+    assert reason[-1] not in ")]"  # the tuning loop may append a tag
+    ints = torch.zeros(2, dtype=torch.int32)
+    check = OutputCheck((ints,), {}, names=["idx_ptr"])
+    check.reference(lambda: ints.copy_(torch.tensor([0, 1])))
+    reason = check.check(lambda: ints.copy_(torch.tensor([1, 0]))) or ""
+    assert "got 1, ref 0" in reason and "add it to check='s ignore list" in reason and "rtol" not in reason
+
+
+def test_a_reference_that_disagrees_with_its_own_run_says_the_kernel_is_not_deterministic() -> None:
+    from tunebook._check import CheckedBench
+    from tunebook._errors import WrongResult
+
+    out = torch.zeros(2)
+    runs = iter(range(100))
+    configs = ["first", "second"]
+    bench = CheckedBench(
+        OutputCheck((out,), {}, names=["out_ptr"]),
+        configs,
+        run_once=lambda config: out.fill_(float(next(runs))),  # another answer every run
+        timed=lambda config: lambda: None,
+        quantiles=(0.5,),
+    )
+    with pytest.raises(WrongResult) as info:
+        bench(lambda fn, quantiles: [1.0], configs[0])
+    reason = str(info.value)
+    assert "out_ptr differs from its own earlier run in 2 of 2 elements" in reason
+    assert ": the kernel is not deterministic;" in reason and "reference config" not in reason
+
+
+def test_complex_mismatches_are_counted_and_indexed_in_complex_elements() -> None:
+    z = torch.zeros(2, 2, dtype=torch.complex64)
+    check = OutputCheck((z,), {}, names=["out_ptr"])
+    check.reference(lambda: z.fill_(1 + 1j))
+    reason = check.check(lambda: (z.fill_(1 + 1j), z[1, 0].fill_(1 + 3j), z[1, 1].fill_(1 + 5j))) or ""
+    assert "in 2 of 4 elements" in reason
+    assert "first at index (1, 0): got (1+3j), ref (1+1j)" in reason
+
+
+# ------------------------------------------------------------------ dtypes, pieces, memory
+
+
+def test_float8_e8m0_scales_are_compared_exactly() -> None:
+    scales = torch.zeros(4, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    right = torch.tensor([1.0, 2.0, 4.0, 0.5]).to(torch.float8_e8m0fnu)
+    check = OutputCheck((scales,), {}, names=["scale_ptr"])
+    check.reference(lambda: scales.copy_(right))
+    assert check.check(lambda: scales.copy_(right)) is None
+    off = torch.tensor([1.0, 2.0, 8.0, 0.5]).to(torch.float8_e8m0fnu)  # one scale off by 2
+    reason = check.check(lambda: scales.copy_(off)) or ""
+    assert "in 1 of 4 elements" in reason and "tolerance exact" in reason and "got 8, ref 4" in reason
+
+
+def test_float4_is_compared_in_its_bytes() -> None:
+    # PyTorch does no arithmetic on float4_e2m1fn_x2: widening it for _same made reference()
+    # raise, and with that fixed, finfo() made every check raise.
+    packed = torch.zeros(3, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    check = OutputCheck((packed,), {}, names=["q_ptr"])
+    check.reference(lambda: packed.view(torch.uint8).copy_(torch.tensor([0x12, 0x34, 0x56])))
+    assert check.check(lambda: packed.view(torch.uint8).copy_(torch.tensor([0x12, 0x34, 0x56]))) is None
+    reason = check.check(lambda: packed.view(torch.uint8).copy_(torch.tensor([0x12, 0x34, 0x57]))) or ""
+    assert "in 1 of 3 elements (tolerance exact, first at index (2,): got byte 0x57, ref byte 0x56)" in reason
+
+
+def test_a_floating_dtype_without_an_entry_gets_at_most_a_quarter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its fallback, 10 eps, is 2.5 for float8_e5m2 (eps 0.25): outputs of zeros passed.
+    for table in ("DEFAULT_RTOL", "DEFAULT_ATOL"):
+        defaults = {k: v for k, v in getattr(_check, table).items() if k != "float8_e5m2"}
+        monkeypatch.setattr(_check, table, defaults)
+    reason = _checked([1.0, 2.0, 4.0], [0.0, 0.0, 0.0], dtype=torch.float8_e5m2)
+    assert reason is not None and "tolerance 1 + 0.25*|ref|" in reason
+    assert _checked([1.0, 2.0, 4.0], [1.0, 2.5, 4.0], dtype=torch.float8_e5m2) is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nans"),
+    [
+        ("float8_e4m3fn", (0x7F, 0xFF)),
+        ("float8_e5m2", (0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF)),
+        ("float8_e4m3fnuz", (0x80,)),
+        ("float8_e5m2fnuz", (0x80,)),
+        ("float8_e8m0fnu", (0xFF,)),
+    ],
+)
+def test_float8_is_compared_in_its_bytes_every_nan_encoding_alike(dtype: str, nans: tuple[int, ...]) -> None:
+    kind = getattr(torch, dtype)
+    encodings = torch.tensor(nans, dtype=torch.uint8)
+    assert _compare.isnan(encodings.view(kind)).all()
+    assert int(_compare.isnan(torch.arange(256, dtype=torch.uint8).view(kind)).sum()) == len(nans)
+    flipped = encodings.flip(0).view(kind)  # another NaN at every place
+    assert _compare.unchanged(encodings.view(kind), flipped)
+    changed = encodings.clone()
+    changed[0] = 0x38  # a number
+    assert not _compare.unchanged(encodings.view(kind), changed.view(kind))
+
+
+def test_pieces_follow_the_shape_whatever_the_strides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_compare, "CHUNK", 5)  # a 6 x 4 tensor: rows split over several pieces
+    out = torch.zeros(4, 6).t()  # not contiguous
+    check = OutputCheck((out,), {}, names=["out_ptr"])
+    values = torch.arange(24.0).reshape(6, 4)
+    check.reference(lambda: out.copy_(values))
+    assert check._args[0].expected is not None  # _same saw the change, piece by piece
+    wrong = values.clone()
+    wrong[3, 2] = wrong[5, 1] = -1.0
+    reason = check.check(lambda: out.copy_(wrong)) or ""
+    assert "in 2 of 24 elements" in reason and "first at index (3, 2): got -1, ref 14" in reason
+    pieces = list(_compare.pieces(out, 5))
+    assert torch.equal(torch.cat(pieces), out.reshape(-1)) and max(p.numel() for p in pieces) <= 5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak resident size as Linux reports it")
+def test_the_reference_step_on_float8_needs_no_more_than_a_copy_of_the_output() -> None:
+    # _same widened float8 to float32, unchunked: 1.5 GiB more for two 128 MiB arguments.
+    from conftest import run_python  # not at the top: a child process imports this module
+
+    result = run_python(
+        """
+        import json, resource, torch
+        from tunebook import _check, _compare
+        _compare.CHUNK = 1 << 20
+        nbytes = 32 << 20
+        x = torch.full((nbytes,), 0x3C, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        out = torch.zeros(nbytes, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        check = _check.OutputCheck((x, out), {}, names=["x", "out"])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        check.reference(lambda: out.copy_(x))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"extra": (after - before) * 1024, "nbytes": nbytes}))
+        """,
+        # Live memory only: freed pieces go back at once rather than stay in malloc's heap.
+        env={"TRITON_INTERPRET": "0", "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
+    assert result["extra"] < 1.5 * result["nbytes"], result  # the output's copy, and pieces
+
+
+# ------------------------------------------------------------------ when the check cannot run
+
+
+def test_a_check_that_cannot_run_is_told_apart_from_a_run_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunebook._check import CheckUnavailable
+
+    out = torch.zeros(3)
+    check = OutputCheck((out,), {}, names=["out_ptr"])
+    with pytest.raises(RuntimeError, match="out of resources") as info:
+        check.reference(lambda: (_ for _ in ()).throw(RuntimeError("out of resources")))
+    assert not isinstance(info.value, CheckUnavailable)
+
+    def no_memory(a: Any, b: Any) -> bool:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(_compare, "unchanged", no_memory)
+    with pytest.raises(CheckUnavailable, match=r"comparing .* raised OutOfMemoryError: CUDA out of memory"):
+        check.reference(lambda: out.fill_(1.0))
+    assert torch.equal(out, torch.zeros(3))  # restored all the same
+    monkeypatch.undo()
+
+    class Unrestorable(torch.Tensor):
+        def copy_(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError('"copy_kernel" not implemented for this dtype')
+
+    packed = torch.zeros(4).as_subclass(Unrestorable)
+    with pytest.raises(CheckUnavailable, match=r"restoring the arguments .* NotImplementedError"):
+        OutputCheck((packed,), {}, names=["q_ptr"]).reference(lambda: None)
+
+
+def test_a_check_that_cannot_run_warns_that_the_key_is_unchecked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tunebook
+    from small_kernels import Replay, block_configs
+
+    def no_memory(a: Any, b: Any) -> bool:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(_compare, "unchanged", no_memory)
+    replay = Replay({32: 2.0, 64: 3.0, 128: 1.0})
+    launches: list[int] = []
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128, pre_hook=lambda nargs: launches.append(nargs["BLOCK"])),
+        key=["n"],
+        do_bench=replay,
+        pre_hook=replay.pre_hook,
+        check=True,
+    )(add_wrong_at_128_kernel)
+    x, y, out = vectors(300)
+    with pytest.warns(UserWarning, match=r"check= could not run: comparing .* OutOfMemoryError") as info:
+        kernel[grid_1d(300)](x, y, out, 300)
+    (said,) = [str(w.message) for w in info if "check=" in str(w.message)]
+    assert "add_wrong_at_128_kernel key [300" in said and "the book records for the key is unchecked" in said
+    # The check failed, not the config: no other candidate was launched as a would-be
+    # reference (BLOCK=64: only its timing; the fast wrong BLOCK=128 won, unchecked).
+    assert launches.count(64) == 1 and kernel.best_config.kwargs == {"BLOCK": 128}
+
+
+# ------------------------------------------------------------------ the reference search
+
+
+@triton.jit
+def _add_one_up_to_64_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = x + 1; a BLOCK over 64 fails its static_assert (as one too large for a GPU would)."""
+    tl.static_assert(BLOCK <= 64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+
+
+FAILING_BLOCKS = [128 * (i + 1) for i in range(6)]
+
+
+def up_to_64_tuned(launched: dict[int, int]) -> Any:
+    """Repro 11's shape: configs that cannot run first, then those that can; a random search of 3."""
+    import tunebook
+
+    def count(nargs: dict[str, Any]) -> None:
+        launched[nargs["BLOCK"]] = launched.get(nargs["BLOCK"], 0) + 1
+
+    configs = [triton.Config({"BLOCK": b}, pre_hook=count) for b in FAILING_BLOCKS] + [
+        triton.Config({"BLOCK": 16}, num_warps=w, pre_hook=count) for w in (1, 2, 4, 8)
+    ]
+    return tunebook.autotune(configs, key=["n"], check=True, strategy="random", max_configs=3, seed=0)(
+        _add_one_up_to_64_kernel
+    )
+
+
+def failed_blocks(kernel: Any, n: int) -> list[int]:
+    """The BLOCKs the book records as failed for key ``n``."""
+    page = kernel.page()
+    results = page.get(next(t for t in page.key_names() if t.startswith(f"[{n},"))).results
+    return sorted(r.config["kwargs"]["BLOCK"] for r in results.values() if not r.ok)
+
+
+def launch_up_to_64(kernel: Any, n: int) -> None:
+    x, out = torch.randn(n), torch.empty(n)
+    kernel[grid_1d(n)](x, out, n)
+    torch.testing.assert_close(out, x + 1)
+
+
+def test_configs_the_reference_search_finds_unable_to_run_are_recorded_and_not_launched_again() -> None:
+    launched: dict[int, int] = {}
+    kernel = up_to_64_tuned(launched)
+    launch_up_to_64(kernel, 100)  # the reference search launches each failing config once, and records it
+    assert all(launched.get(b) == 1 for b in FAILING_BLOCKS), launched
+    assert failed_blocks(kernel, 100) == FAILING_BLOCKS
+    launched.clear()
+    launch_up_to_64(kernel, 200)  # another key: configs that failed for the first are tried last
+    assert sorted(b for b in FAILING_BLOCKS if launched.get(b)) == failed_blocks(kernel, 200)
+    # Another process, another key: it reads the first keys' failures from the book.
+    from conftest import run_python  # not at the top: the child imports this module
+
+    child = run_python(
+        """
+        import json
+        from test_check import failed_blocks, launch_up_to_64, up_to_64_tuned
+        launched = {}
+        kernel = up_to_64_tuned(launched)
+        launch_up_to_64(kernel, 300)
+        tried = sorted(b for b, count in launched.items() if b > 64)
+        print(json.dumps({"tried": tried, "failed": failed_blocks(kernel, 300)}))
+        """
+    )
+    assert child["tried"] == child["failed"], child  # only what its search measured
+
+
+def test_the_book_names_the_reference_config_by_its_id() -> None:
+    import tunebook
+    from small_kernels import Replay, block_configs
+
+    replay = Replay({32: 3.0, 64: 2.0, 128: 1.0})
+    kernel = tunebook.autotune(
+        block_configs(32, 64, 128), key=["n"], do_bench=replay, pre_hook=replay.pre_hook, check=True
+    )(add_wrong_at_128_kernel)
+    x, y, out = vectors(300)
+    kernel[grid_1d(300)](x, y, out, 300)
+    page = kernel.page()
+    (wrong,) = [r for r in page.get(next(iter(page.key_names()))).results.values() if not r.ok]
+    assert "out_ptr differs from the reference config BLOCK=32|" in (wrong.error or "")

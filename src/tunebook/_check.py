@@ -15,15 +15,21 @@ Contract:
 * **What is compared**: every tensor argument (positional or keyword, not nested in tuples)
   except those named in ``ignore``: outputs, and inputs too, since a config that writes
   out of bounds into an input is as wrong as one that miscomputes its output.
-* **Equality**: integers and bool exactly; floating point within
-  ``atol * max|ref| + rtol * |ref|`` per element (``max|ref|``: the largest finite
-  magnitude in the reference's value of that argument), tolerances per dtype
+* **Equality**: integers, bool and ``float8_e8m0fnu`` (a pure exponent) exactly; floating
+  point within ``atol * max|ref| + rtol * |ref|`` per element (``max|ref|``: the largest
+  finite magnitude in the reference's value of that argument), tolerances per dtype
   (:data:`DEFAULT_RTOL`, :data:`DEFAULT_ATOL`); NaN equals NaN at the same place and
-  nothing else; an infinity equals only the same infinity.
+  nothing else; an infinity equals only the same infinity. Complex tensors are compared
+  as their real and imaginary parts, counted per complex element.
 * **Memory**: the snapshot holds a copy of every tensor argument, on its device (the
   arguments' memory, twice over), and the reference keeps a copy of each argument its
   run changed (the outputs). Construction refuses with :class:`SnapshotTooLarge` when the
-  snapshot alone would exceed ``max_bytes``.
+  snapshot alone would exceed ``max_bytes``. Comparisons work a piece at a time, float8 in
+  its raw bytes (``_compare.py``), so their temporaries stay a few hundred MB at most.
+* **A failing check is not a failing run.** If ``run`` raises, its exception propagates;
+  if restoring or comparing raises in :meth:`OutputCheck.reference` (device memory, a
+  dtype PyTorch cannot copy here), :class:`CheckUnavailable` does: the caller tells
+  a config that cannot run from a check that cannot.
 * **Not thread-safe**: one OutputCheck belongs to one tuning, which the autotuner
   already serializes.
 
@@ -32,23 +38,27 @@ Example (runs on a CPU; ``run`` stands for launching one config of a kernel)::
     >>> import torch
     >>> x, out = torch.arange(4.0), torch.zeros(4)
     >>> check = OutputCheck((x, out), {}, names=["x", "out"])
-    >>> check.reference(lambda: torch.add(x, 1, out=out))
+    >>> check.reference(lambda: torch.add(x, 1, out=out), name="x + 1")
     >>> check.check(lambda: torch.add(x, 1, out=out)) is None
     True
     >>> print(check.check(lambda: torch.sub(x, 1, out=out)))  # doctest: +NORMALIZE_WHITESPACE
-    wrong result: out differs from the reference config in 4 of 4 elements
-    (max abs error 2, tolerance 0.008 + 0.002*|ref|, first at index (0,))
+    wrong result: out differs from the reference config x + 1 in 4 of 4 elements
+    (max abs error 2, tolerance 0.008 + 0.002*|ref|, first at index (0,): got -1, ref 1); to
+    accept differences of this size, give check= a larger rtol/atol for float32, or add out to
+    its ignore list
     >>> check.restore(); out.tolist()
     [0.0, 0.0, 0.0, 0.0]
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import _compare, _warnings
 from ._errors import SnapshotTooLarge, WrongResult
 
 # Floating tolerances by dtype name. A candidate may sum in another order than the
@@ -78,11 +88,29 @@ DEFAULT_ATOL: Mapping[str, float] = dict(DEFAULT_RTOL)
 # Beyond this many bytes of snapshot, OutputCheck refuses (the snapshot lives on the
 # arguments' device, next to them).
 DEFAULT_MAX_BYTES = 4 << 30
-# Elements compared at a time, so that the comparison's fp32 temporaries stay a few
-# hundred MB whatever the size of the argument.
-_CHUNK = 1 << 24
+# The most a floating dtype with no entry above is allowed (rtol, and atol in units of
+# max|ref|): 10 eps alone gave float8_e8m0fnu (eps 1) 10, and any output passed. At an
+# output's largest element the two add up, and an output of zeros passes there once
+# rtol + atol reaches 1; at 0.25 each (float8_e4m3fn's, two of its ulps) a candidate off by
+# half its largest value fails, and the bugs the check exists for are off by the size of
+# the values themselves.
+_MAX_FALLBACK = 0.25
 
 Tolerance = float | Mapping[Any, float]
+
+
+class CheckUnavailable(RuntimeError):
+    """The check itself could not run: restoring the arguments or comparing them raised
+    (device memory, a dtype PyTorch cannot copy here), not the run it checks."""
+
+
+@contextlib.contextmanager
+def _checking(what: str) -> Iterator[None]:
+    """Raise what fails inside as :class:`CheckUnavailable`, saying it was ``what``."""
+    try:
+        yield
+    except Exception as exc:
+        raise CheckUnavailable(f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -135,6 +163,7 @@ class OutputCheck:
         self._atol = _tolerances(DEFAULT_ATOL, atol, "atol")
         self._ignore = frozenset(ignore)
         self._has_reference = False
+        self._reference_name = ""
         positional = list(names or ())
         positional += [f"argument {i}" for i in range(len(positional), len(args))]
         named = [*zip(positional, args), *kwargs.items()]
@@ -174,33 +203,41 @@ class OutputCheck:
             for arg in self._args:
                 arg.target.copy_(arg.snapshot)
 
-    def reference(self, run: Callable[[], Any]) -> None:
+    def reference(self, run: Callable[[], Any], name: str = "") -> None:
         """Run the reference once on the original inputs and keep what it changed.
 
         ``run`` launches the reference config (or any callable writing the same outputs,
-        e.g. a PyTorch implementation). If it raises, the inputs are restored and the
-        exception propagates; no reference is set.
+        e.g. a PyTorch implementation); ``name`` names it in the reasons. If ``run`` raises,
+        the inputs are restored and its exception propagates; if restoring the inputs or
+        comparing them raises, :class:`CheckUnavailable` does, from that error. Either way
+        no reference is set.
         """
         import torch
 
-        self.restore()
+        with _checking("restoring the arguments from the snapshot"):
+            self.restore()
         try:
             run()
-            with torch.no_grad():
+            with _checking("comparing the reference's arguments with the snapshot"), torch.no_grad():
                 changed = [
-                    None if _same(arg.tensor, arg.original()) else arg.tensor.clone() for arg in self._args
+                    None if _compare.unchanged(arg.tensor, arg.original()) else arg.tensor.clone()
+                    for arg in self._args
                 ]
         finally:
-            self.restore()
+            with _checking("restoring the arguments from the snapshot"):
+                self.restore()
         for arg, expected in zip(self._args, changed):
             arg.expected = expected
         self._has_reference = True
+        self._reference_name = name
 
-    def check(self, run: Callable[[], Any]) -> str | None:
+    def check(self, run: Callable[[], Any], *, own: bool = False) -> str | None:
         """Run a candidate once on the original inputs; None if it matches, else why not.
 
         If ``run`` raises, the inputs are restored and the exception propagates (a config
-        that cannot run is the caller's failure to record, not a wrong result).
+        that cannot run is the caller's failure to record, not a wrong result). ``own``:
+        the candidate is the reference config itself, run again (a mismatch then says the
+        kernel is not deterministic).
         """
         import torch
 
@@ -217,76 +254,56 @@ class OutputCheck:
                     if all(n in self._ignore for n in arg.names):
                         continue
                     expected = arg.expected if arg.expected is not None else arg.original()
-                    reason = self._compare(arg.label, arg.tensor, expected)
+                    reason = self._reason(arg, expected, own)
                     if reason is not None:
                         return reason
             return None
         finally:
             self.restore()
 
-    def _compare(self, label: str, got: Any, ref: Any) -> str | None:
-        import torch
-
-        shape = tuple(got.size())
-        dtype = got.dtype
-        if dtype.is_complex:
-            shape += (2,)
-            got, ref = torch.view_as_real(got), torch.view_as_real(ref)
-            dtype = got.dtype
-        got, ref = got.reshape(-1), ref.reshape(-1)
-        exact = not dtype.is_floating_point
-        name = _dtype_name(dtype)
-        rtol = 0.0 if exact else self._rtol.get(name, self._rtol.get("*", _fallback(dtype)))
-        atol = 0.0 if exact else self._atol.get(name, self._atol.get("*", _fallback(dtype)))
-        wide = torch.float64 if dtype == torch.float64 or exact else torch.float32
-        if not exact:
-            # atol is relative to the largest finite reference value (see DEFAULT_ATOL); the
-            # floor keeps an all-zero reference from demanding more than exact zeros.
-            scale = float(torch.finfo(dtype).tiny)
-            for start in range(0, ref.numel(), _CHUNK):
-                r = ref[start : start + _CHUNK].to(wide).abs()
-                r = r[torch.isfinite(r)]
-                if r.numel():
-                    scale = max(scale, float(r.max()))
-            atol *= scale
-        bad = 0
-        nan_bad = 0
-        max_err = -1.0  # over the mismatches with no NaN on either side
-        first = -1
-        for start in range(0, got.numel(), _CHUNK):
-            g, r = got[start : start + _CHUNK], ref[start : start + _CHUNK]
-            if exact:
-                # Compared in their own dtype: int64 beyond 2**53 does not survive float64.
-                wrong = g != r
-                err = (g.to(wide) - r.to(wide)).abs()
-            else:
-                g, r = g.to(wide), r.to(wide)
-                err = (g - r).abs()
-                both_nan = torch.isnan(g) & torch.isnan(r)
-                # g == r covers equal infinities; an infinite reference would make the
-                # tolerance infinite, so only finite references get one.
-                close = torch.isfinite(r) & (err <= atol + rtol * r.abs())
-                wrong = ~((g == r) | both_nan | close)
-                nan_bad += int((wrong & (torch.isnan(g) | torch.isnan(r))).sum())
-            count = int(wrong.sum())
-            if count:
-                if first < 0:
-                    first = start + int(wrong.nonzero()[0, 0])
-                bad += count
-                errs = err[wrong & ~torch.isnan(err)]
-                if errs.numel():
-                    max_err = max(max_err, float(errs.max()))
-        if not bad:
+    def _reason(self, arg: _Arg, ref: Any, own: bool) -> str | None:
+        """Why ``arg`` differs from ``ref`` (its expected value), or None if it does not."""
+        got = arg.tensor
+        part = _compare.element_dtype(got.dtype)
+        exact = _compare.exact_dtype(part)
+        rtol = 0.0 if exact else self._tolerance(self._rtol, part)
+        # atol is relative to the largest finite reference value (see DEFAULT_ATOL).
+        atol = 0.0 if exact else self._tolerance(self._atol, part) * _compare.largest(ref)
+        found = _compare.Mismatches()
+        for g, r in zip(_compare.pieces(got), _compare.pieces(ref)):
+            found.add(g, r, exact, rtol, atol)
+        if not found.count:
             return None
-        parts = [f"max abs error {max_err:.3g}"] if max_err >= 0 else []
+        parts = [f"max abs error {found.max_err:.3g}"] if found.max_err >= 0 else []
         parts.append(f"tolerance {'exact' if exact else f'{atol:.3g} + {rtol:.3g}*|ref|'}")
-        if nan_bad:
-            parts.append(f"{nan_bad} of them NaN on one side only")
-        parts.append(f"first at index {_unravel(first, shape)}")
-        return (
-            f"wrong result: {label} differs from the reference config in {bad} of {got.numel()} elements "
-            f"({', '.join(parts)})"
-        )
+        this, other = ("this run", "the earlier run") if own else ("the candidate", "the reference")
+        if found.nan_got:
+            parts.append(f"{found.nan_got} of them NaN in {this} only")
+        if found.nan_ref:
+            parts.append(f"{found.nan_ref} of them NaN in {other} only")
+        index = _unravel(found.first, tuple(got.size()))
+        parts.append(f"first at index {index}: got {found.got}, ref {found.ref}")
+        verb, them = ("differ", "them") if len(arg.names) > 1 else ("differs", "it")
+        whom = "its own earlier run" if own else f"the reference config {self._reference_name}".strip()
+        head = f"wrong result: {arg.label} {verb} from {whom} in {found.count} of {got.numel()} elements"
+        if exact:
+            accept = f"if {arg.label} may rightly differ between configs, add {them} to check='s ignore list"
+        else:
+            accept = (
+                f"to accept differences of this size, give check= a larger rtol/atol for "
+                f"{_dtype_name(part)}, or add {arg.label} to its ignore list"
+            )
+        why = ": the kernel is not deterministic" if own else ""
+        # No closing bracket at the end: the tuning loop may append a tag to the reason.
+        return f"{head} ({', '.join(parts)}){why}; {accept}"
+
+    def _tolerance(self, table: Mapping[str, float], dtype: Any) -> float:
+        """The tolerance of ``dtype`` in ``table``: its own, else the one for every dtype, else
+        about as many ulps as the defaults allow fp16, at most :data:`_MAX_FALLBACK`."""
+        name = _dtype_name(dtype)
+        if name in table:
+            return table[name]
+        return table.get("*", min(_fallback(dtype), _MAX_FALLBACK))
 
 
 def _restorable(t: Any) -> Any:
@@ -304,19 +321,6 @@ def _restorable(t: Any) -> Any:
             return t.as_strided((span,), (1,), t.storage_offset())
         reach = stride * size
     return t
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Bit-for-bit equal but for NaN payloads: did the run leave this tensor as it was?"""
-    import torch
-
-    if a.dtype.is_complex:
-        a, b = torch.view_as_real(a), torch.view_as_real(b)
-    if not a.dtype.is_floating_point:
-        return bool(torch.equal(a, b))
-    if a.element_size() < 2:  # float8 has no comparison operators
-        a, b = a.float(), b.float()
-    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
 def _tolerances(defaults: Mapping[str, float], given: Tolerance | None, what: str) -> dict[str, float]:
@@ -394,14 +398,50 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+@dataclass(frozen=True)
+class ReferenceSearch:
+    """Where :class:`CheckedBench` looks for its reference, and whom it tells what it finds.
+
+    The reference is the first candidate, in list order, that runs. Those at ``skip``
+    (recorded unable to run for this key) are not launched for it, and those at ``last``
+    (recorded unable to run for another key) are tried after the others. ``record(i, exc)``
+    hears of each candidate whose launch raised the backend's error for a config that
+    cannot run (``_compat.is_unrunnable_config_error``, as the tuning loop classifies it), to
+    record it as that config's failure. ``ids`` name the candidates, ``where`` the kernel
+    and key, in messages.
+
+    >>> list(ReferenceSearch(skip={0}, last={1}).order(4))
+    [2, 3, 1]
+    """
+
+    ids: Sequence[str] = ()
+    skip: Collection[int] = frozenset()
+    last: Collection[int] = frozenset()
+    record: Callable[[int, BaseException], None] | None = None
+    where: str = "kernel"
+
+    def order(self, n: int) -> Iterator[int]:
+        """The candidates (indices below ``n``) to try as the reference, in turn."""
+        yield from (i for i in range(n) if i not in self.skip and i not in self.last)
+        yield from (i for i in sorted(self.last) if i < n and i not in self.skip)
+
+    def name(self, i: int, candidate: Any) -> str:
+        return self.ids[i] if i < len(self.ids) else str(candidate)
+
+
 class CheckedBench:
     """Benchmarking with ``check=``: before a config is timed the first time, its output is
     compared with the reference config's on the same inputs; a mismatch raises
     :class:`~tunebook.WrongResult`, which the tuning loop records as that config's failure.
 
-    The reference is the first candidate that runs. ``bench(timer, config)`` times with
-    ``timer`` and the launch ``timed(config)`` returns; ``restore()`` puts the caller's
-    inputs back afterwards, so its own launch sees what it passed.
+    The reference is the first candidate that runs (:class:`ReferenceSearch`), found when the
+    first config is measured. A candidate whose launch fails there is passed over; one that
+    cannot run (the backend's error) is recorded through the search, and raises the same
+    error without a launch when measured later. If the check itself fails there
+    (:class:`CheckUnavailable`), the key is measured unchecked and that is said once, loudly.
+    ``bench(timer, config)`` times with ``timer`` and the launch ``timed(config)`` returns;
+    ``restore()`` puts the caller's inputs back afterwards, so its own launch sees what it
+    passed.
     """
 
     def __init__(
@@ -411,26 +451,65 @@ class CheckedBench:
         run_once: Callable[[Any], None],
         timed: Callable[[Any], Callable[[], None]],
         quantiles: Sequence[float],
+        search: ReferenceSearch | None = None,
     ) -> None:
         self._checker = checker
         self._candidates = candidates  # read in order until one runs: a Space's Configs made as read
-        self._run_once = run_once
-        self._timed = timed
+        self._search = search or ReferenceSearch()
+        # id(config) -> the error it raised as a would-be reference, raised again when measured
+        self._cannot_run: dict[int, BaseException] = {}
+        self._run_once = self._unless_cannot_run(run_once)
+        self._timed = self._unless_cannot_run(timed)
         self._quantiles = quantiles
-        self._reference: Any = None  # None: not chosen yet; False: no candidate runs at all
+        self._reference: Any = None  # None: not chosen yet; False: no candidate runs, or no check
+        self._unavailable = False  # the check itself failed (said once)
         self._checked: set[int] = set()
+
+    def _unless_cannot_run(self, launch: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def guarded(config: Any) -> Any:
+            known = self._cannot_run.get(id(config))
+            if known is not None:
+                raise known
+            return launch(config)
+
+        return guarded
 
     def _ensure_reference(self) -> None:
         if self._reference is not None:
             return
-        for candidate in self._candidates:
+        from . import _compat
+
+        self._reference = False  # unless a candidate runs below
+        for i in self._search.order(len(self._candidates)):
+            candidate = self._candidates[i]
+            name = self._search.name(i, candidate)
             try:
-                self._checker.reference(functools.partial(self._run_once, candidate))
-            except Exception:  # it fails again when measured, and is recorded then
+                self._checker.reference(functools.partial(self._run_once, candidate), name=name)
+            except CheckUnavailable as exc:
+                self._give_up(exc)
+                return
+            except Exception as exc:  # the candidate's own launch: the next one is tried
+                if _compat.is_unrunnable_config_error(exc):
+                    self._cannot_run[id(candidate)] = exc
+                    if self._search.record is not None:
+                        self._search.record(i, exc)
                 continue
             self._reference = candidate
             return
-        self._reference = False
+
+    def _give_up(self, exc: CheckUnavailable) -> None:
+        self._unavailable = True
+        # Not raised: a bench's exception is the measured config's failure to the tuning loop,
+        # and a call that runs unchecked, saying so, beats one that fails for the check's sake.
+        _warnings.warn_once(
+            f"check-unavailable:{self._search.where}",
+            "tunebook: %s: check= could not run: %s. The key's configs are measured without checking "
+            "their results, so what the book records for the key is unchecked. Fix the cause (device "
+            "memory, a dtype PyTorch cannot copy here) or set check=False for this kernel, and delete "
+            "the key's file in the page so that the key is tuned again",
+            self._search.where,
+            exc,
+        )
 
     # What a wrong result says it was judged under (_failures.Judging), set by judge_under.
     _id_of: Callable[[Any], str] | None = None
@@ -456,11 +535,16 @@ class CheckedBench:
         self._ensure_reference()
         if self._reference is not False and id(config) not in self._checked:
             self._checked.add(id(config))
-            reason = self._checker.check(lambda: self._run_once(config))
+            reason = self._checker.check(lambda: self._run_once(config), own=config is self._reference)
             if reason is not None:
                 judging = self.judging()
                 raise WrongResult(reason if judging is None else judging.tag(reason))
         return timer(self._timed(config), quantiles=self._quantiles)
 
     def restore(self) -> None:
-        self._checker.restore()
+        try:
+            self._checker.restore()
+        except Exception:
+            if not self._unavailable:
+                raise
+            # Said already; the key was measured as without check=, which restores nothing.

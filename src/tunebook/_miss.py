@@ -30,18 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 from . import _compat, _distributed, _failures, _misses, _policy, _settings, _stats, _tables, _warnings
 from ._bench import QUANTILES
-from ._book import Entry, Page, config_id, config_record
+from ._book import Entry, Page, Result, config_id, config_record
 from ._call import Call
 from ._errors import WrongResult
+from ._failures import says_nothing
 from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
 from ._listing import SpaceCandidates, candidate_ids
 from ._progress import Progress
 from ._space import platform_allows
-from ._tuner import Exchange, KeyTuning, Outcome, Persist, inputs_restored, tune_key
+from ._tuner import Exchange, KeyTuning, Outcome, Persist, failure, inputs_restored, tune_key
 
 if TYPE_CHECKING:
     from ._autotuner import Autotuner
+    from ._check import ReferenceSearch
     from ._search import Budget
 
 log = logging.getLogger("tunebook")
@@ -620,16 +622,19 @@ def _job(
     only, as a group's rank does: the protocol writes the decision)."""
     tuner, options = miss.tuner, miss.tuner.options
     configs = miss.candidates
+    records = _records(tuner, configs)
+    persist = Persist(page, miss.text, miss.key, miss.ids[0], entry)
+    search = _reference_search(miss, page, entry, persist, records) if options.check is not None else None
     return KeyTuning(
         key_text=miss.text,
         key=stored_key(miss.key),
         configs=configs,
         ids=miss.ids,
-        records=_records(tuner, configs),
+        records=records,
         known=entry,
         timers=tuner.timers(),
-        bench=_bench_function(tuner, miss.call, configs),
-        persist=Persist(page, miss.text, miss.key, miss.ids[0], entry),
+        bench=_bench_function(tuner, miss.call, configs, search),
+        persist=persist,
         is_unexpected=unexpected_failure,
         is_transient=transient_failure,
         precompile=_precompiler(tuner, miss.call),
@@ -670,10 +675,51 @@ def unexpected_failure(exc: BaseException) -> bool:
     return not isinstance(exc, WrongResult) and not _compat.is_unrunnable_config_error(exc)
 
 
+def _reference_search(
+    miss: Miss, page: Page | None, entry: Entry | None, persist: Persist, records: Sequence[Mapping[str, Any]]
+) -> ReferenceSearch:
+    """Where ``check=`` looks for its reference (``_check.ReferenceSearch``): configs the book
+    records unable to run here are not launched for it (this key's) or tried last (another
+    key's, among those this process has read), and those it finds unable to run are recorded
+    for the key, as when measured. It launches in list order, outside the search's budget, so
+    without this every process and every key launched them again."""
+    from ._check import ReferenceSearch
+
+    position = {cid: i for i, cid in enumerate(miss.ids)}
+    here = _cannot_run(entry.results) if entry is not None else set()
+    others = [e for text, e in page.entries.items() if text != miss.text] if page is not None else []
+    elsewhere = set().union(*(_cannot_run(e.results) for e in others)) - here
+    # Persist takes the seconds since the tuning began, to count each write's share: from
+    # here, a moment before tune_key's own clock starts.
+    begun = time.perf_counter()
+
+    def record(i: int, exc: BaseException) -> None:
+        persist({miss.ids[i]: failure(records[i], exc)}, "", time.perf_counter() - begun)
+
+    return ReferenceSearch(
+        ids=miss.ids,
+        skip={position[cid] for cid in here if cid in position},
+        last={position[cid] for cid in elsewhere if cid in position},
+        record=record,
+        where=f"{miss.tuner.label} key {miss.text}",
+    )
+
+
+def _cannot_run(results: Mapping[str, Result]) -> set[str]:
+    """The configs whose recorded failure says they cannot run here (``_failures.py``); not a
+    wrong result, which is about the reference it was checked against."""
+    return {
+        cid
+        for cid, r in results.items()
+        if not r.ok and not says_nothing(r) and not (r.error or "").startswith(WrongResult.__name__)
+    }
+
+
 def _bench_function(
-    tuner: Autotuner, call: Call, candidates: Sequence[Any]
+    tuner: Autotuner, call: Call, candidates: Sequence[Any], search: ReferenceSearch | None = None
 ) -> Callable[[Callable[..., Any], Any], Any]:
-    """``bench(timer, config) -> timing`` for one key, checked against a reference with ``check=``."""
+    """``bench(timer, config) -> timing`` for one key, checked against a reference with ``check=``
+    (its reference looked for as ``search`` says)."""
     run, defaults = tuner.fn.run, tuner.option_defaults()
     if tuner.options.check is None:
         return lambda timer, config: timer(
@@ -688,6 +734,7 @@ def _bench_function(
         run_once=lambda config: tuner.hooks.check_launch(run, call, config, defaults),
         timed=lambda config: tuner.hooks.timed_launch(run, call, config, defaults),
         quantiles=QUANTILES,
+        search=search,
     )
     bench.judge_under(tuner.config_index.id_of, _failures.settings_hash(tuner.options.check) or "")
     return bench

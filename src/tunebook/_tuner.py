@@ -620,13 +620,17 @@ def time_candidate(
     except NoRecordedGrid:
         return None, None
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}".strip()[:ERROR_LIMIT]
-        return Result(dict(record), None, error, now_iso()), exc
+        return failure(record, exc), exc
     if not all(math.isfinite(v) and v >= 0 for v in ms):
         # A timer's inf or nan means the config did not run (Triton's do_bench and
         # autotuner use inf that way); it is not a time to compare.
         return Result(dict(record), None, f"{NO_TIMING}: {list(ms)}", now_iso()), None
     return Result(dict(record), ms, None, now_iso(), quick=quick), None
+
+
+def failure(record: Mapping[str, Any], exc: BaseException) -> Result:
+    """The result of a config whose launch raised ``exc``, as the book stores it."""
+    return Result(dict(record), None, f"{type(exc).__name__}: {exc}".strip()[:ERROR_LIMIT], now_iso())
 
 
 def _flat(record: Mapping[str, Any]) -> dict[str, Any]:
