@@ -91,11 +91,20 @@ def test_an_echoed_prompt_comes_first_with_its_tokens_logprobs() -> None:
 def test_max_tokens_0_scores_the_prompt_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """lm-evaluation-harness's shape with nothing generated: the prompt's text and logprobs,
     no completion tokens, ``length``; a prompt of the whole context fits (nothing is added
-    to it), one more token does not; without ``echo``, max_tokens 0 is still refused.
-    The prompt's logits are made a few rows at a time (PROMPT_ROWS, here 2): the same."""
+    to it), one more token does not; without ``echo``, max_tokens 0 is still refused. The
+    prompt's logits are made PROMPT_ROWS rows at a time (here 2: the head sees no more than
+    2 rows at once), with the same values; echo without logprobs runs no head over the
+    prompt (one row: its last, as any prefill)."""
     monkeypatch.setattr(sampling, "PROMPT_ROWS", 2)
-    monkeypatch.setattr(sampling.prompt_token_logprobs, "__defaults__", (2,))
     engine = tiny_engine()  # max_model_len 128
+    rows: list[int] = []
+    head = engine.decoder.head
+
+    def counted(states: torch.Tensor) -> torch.Tensor:
+        rows.append(states.shape[0])
+        return head(states)
+
+    monkeypatch.setattr(engine.decoder, "head", counted)
     app = create_app(engine, "tiny-random")
     reference = every_row_log_softmax(PROMPT)
 
@@ -109,23 +118,61 @@ def test_max_tokens_0_scores_the_prompt_alone(monkeypatch: pytest.MonkeyPatch) -
         assert answer["usage"] == {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
         expected = [None] + [reference[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))]
         assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected, abs=1e-4)
+        assert rows == [2, 2, 2, 1]  # 6 rows scored, 2 at a time, then the last row's logits
+        rows.clear()
+        status, raw = await post(app, "/v1/completions", {**body, "logprobs": None})
+        assert status == 200 and json.loads(raw)["choices"][0]["logprobs"] is None and rows == [1]
 
         whole_context = {"prompt": [65] * 128, "max_tokens": 0, "echo": True}
         status, raw = await post(app, "/v1/completions", whole_context)
         assert status == 200 and json.loads(raw)["choices"][0]["text"] == "A" * 128, raw
-        for refused in ({**whole_context, "prompt": [65] * 129}, {**body, "echo": False}):
-            status, raw = await post(app, "/v1/completions", refused)
-            assert status == 400, raw
-        status, raw = await post(
-            app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}
+        status, raw = await post(app, "/v1/completions", {**whole_context, "prompt": [65] * 129})
+        assert (
+            status == 400
+            and "shorten the prompt to at most 128 tokens" in json.loads(raw)["error"]["message"]
         )
-        assert status == 400 and "echo" in json.loads(raw)["error"]["message"]
+        for refused, field in (
+            ({**body, "echo": False}, "max_tokens"),
+            ({**body, "max_tokens": [5]}, "max_tokens"),  # a list: a 400 naming it, not a 500
+            ({**body, "echo": 1}, "echo"),
+        ):
+            status, raw = await post(app, "/v1/completions", refused)
+            assert status == 400 and json.loads(raw)["error"]["param"] == field, raw
+        for echo in (True, 0):
+            status, raw = await post(
+                app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": echo}
+            )
+            assert status == 400 and json.loads(raw)["error"]["param"] == "echo", raw
 
     engine.start()
     try:
         run(test)
     finally:
         engine.stop()
+
+
+def test_a_string_prompt_comes_back_as_sent_and_lone_bytes_as_replacement_characters() -> None:
+    """A string prompt is echoed as sent (OpenAI's and vLLM's echo; its tokens' decoding
+    would drop special tokens). A prompt of ids that never form a character (lone UTF-8
+    lead bytes, which a client may send) is decoded once, each byte's offset where its
+    replacement character starts."""
+    from tunebook.demo.llm.logprob_texts import Echo
+    from tunebook.demo.llm.tokenizer import ByteTokenizer
+
+    engine = tiny_engine()
+    app = create_app(engine, "tiny-random")
+
+    async def test() -> None:
+        status, raw = await post(app, "/v1/completions", {"prompt": "Hi é", "max_tokens": 0, "echo": True})
+        assert status == 200 and json.loads(raw)["choices"][0]["text"] == "Hi é", raw
+
+    engine.start()
+    try:
+        run(test)
+    finally:
+        engine.stop()
+    lone = Echo.of(ByteTokenizer(), [0xE2, 0xE2, 65, 0xC3, 0xA9, 0xE2], [])
+    assert lone.text == "\ufffd\ufffdAé\ufffd" and lone.offsets == [0, 1, 2, 3, 3, 4]
 
 
 def test_a_scored_prompt_in_a_prefill_changes_no_other_requests_tokens() -> None:
@@ -154,8 +201,8 @@ def test_a_scored_prompt_in_a_prefill_changes_no_other_requests_tokens() -> None
     assert requests[0].prompt_logprobs == [] and requests[2].prompt_logprobs == []
 
 
-def test_sampling_params_take_max_tokens_0_only_where_the_prompt_is_scored() -> None:
-    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0
+def test_sampling_params_take_max_tokens_0_only_where_the_prompt_is_echoed() -> None:
+    assert SamplingParams(max_tokens=0, echo=True).max_tokens == 0
     with pytest.raises(ValueError, match="max_tokens must be at least 1; found 0"):
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="prompt_logprobs must be at least 0"):

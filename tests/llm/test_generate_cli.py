@@ -111,18 +111,20 @@ def test_tune_runs_a_prefill_in_every_bucket_a_prompt_can_land_in(
 ) -> None:
     """A prompt has 1 to max_model_len - 1 tokens. The tune command once prefilled only the
     powers of two below max_model_len: with ``--max-model-len 512`` a 257-511-token prompt
-    met a bucket it never tuned. PyTorch ops (nothing to tune: only the plan is checked),
-    the tiny model, one decode step."""
+    met a bucket it never tuned. Nor did it run scored prompts (echo), whose LM head meets
+    row counts no other prefill does. PyTorch ops (nothing to tune: only the plan is
+    checked), the tiny model, one decode step."""
     from tunebook.demo.llm.engine import Engine
     from tunebook.demo.llm.sampling import SamplingParams
     from tunebook.demo.llm.scheduler import Request
     from tunebook.kernels._common import bucket_of
 
     prompts: list[int] = []
+    scored: list[int] = []
     generate = Engine.generate
 
     def spy(self: Engine, batch: Sequence[Sequence[int]], params: SamplingParams) -> list[Request]:
-        prompts.extend(len(p) for p in batch)
+        (scored if params.prompt_logprobs is not None else prompts).extend(len(p) for p in batch)
         return generate(self, batch, params)
 
     monkeypatch.setattr(Engine, "generate", spy)
@@ -141,6 +143,9 @@ def test_tune_runs_a_prefill_in_every_bucket_a_prompt_can_land_in(
     assert main([*args, "--max-model-len", str(top), "--batches", "1", "--contexts", "16"]) == 0
     assert max(prompts) == top - 1
     assert {bucket_of(n) for n in prompts} == {bucket_of(n) for n in range(1, top)}
+    # A scored prompt of n tokens runs the LM head over its n - 1 rows (a prompt may fill the
+    # context when scored alone): every bucket of them.
+    assert max(scored) == top and {bucket_of(n - 1) for n in scored} == {bucket_of(n) for n in range(1, top)}
 
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(

@@ -49,11 +49,11 @@ def test_defaults_and_edges() -> None:
 
 def test_echo_scores_the_prompt_where_logprobs_are_asked() -> None:
     """``echo`` on /v1/completions: the prompt's logprobs with the answer's where ``logprobs``
-    is asked, and with max_tokens 0 the prompt is scored alone (lm-evaluation-harness's
-    log-likelihood); chat has no ``echo``."""
+    is asked, and max_tokens may be 0 (lm-evaluation-harness's log-likelihood: the prompt
+    scored alone); chat has no ``echo``."""
     assert sampling_params({"echo": True, "logprobs": 3}, 8).prompt_logprobs == 3
     assert sampling_params({"echo": True}, 8).prompt_logprobs is None  # the text alone
-    assert sampling_params({"echo": True}, 0).prompt_logprobs == 0  # nothing else to run
+    assert sampling_params({"echo": True}, 0).max_tokens == 0  # a prefill alone, nothing scored
     assert sampling_params({"echo": False, "logprobs": 3}, 8).prompt_logprobs is None
     with pytest.raises(BadRequest) as err:
         sampling_params({"echo": True}, 8, chat=True)

@@ -289,12 +289,14 @@ def _generate(args: argparse.Namespace, on_gpu: bool) -> int:
 def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
     """Every key a serving engine meets (or the batches, contexts and prefills asked for):
     prefills of every power of two below max_model_len and of the longest prompt
-    (max_model_len - 1 tokens), so every prompt length's bucket, and decode steps at every
-    padded batch size and context bucket, run in ``tune`` mode into ``--out``."""
+    (max_model_len - 1 tokens), so every prompt length's bucket, scored prefills (echo) of
+    every bucket of rows the LM head meets, and decode steps at every padded batch size and
+    context bucket, run in ``tune`` mode into ``--out``."""
     import tunebook
 
     from ..._writable import writable_fix, write_problem
     from .kv_cache import blocks_for
+    from .sampling import PROMPT_ROWS, SamplingParams
 
     problem = write_problem(Path(args.out))  # before tuning: its results need somewhere to go
     if problem:
@@ -327,6 +329,11 @@ def _tune(args: argparse.Namespace, on_gpu: bool) -> int:
     prefills = sorted({*powers, top - 1} - {0})
     for n in sizes(args.prefills, prefills):
         engine.generate([[0] * min(n, top - 1)], _one_token())
+    if args.prefills is None:
+        # A scored prompt (echo) runs the LM head over up to PROMPT_ROWS of its rows at once
+        # (a prompt of max_model_len tokens may be scored: max_tokens 0): every bucket of rows.
+        for rows in sorted({p for p in powers if p <= PROMPT_ROWS} | {min(top - 1, PROMPT_ROWS)}):
+            engine.generate([[0] * (rows + 1)], SamplingParams(max_tokens=0, echo=True, prompt_logprobs=0))
     print(f"[{time.perf_counter() - start:7.1f} s] prefills: {tunebook.stats()}", flush=True)
     buckets = sorted({runner.bucket(b) for b in [*powers, top]})
     blocks = list(range(1, blocks_for(runner.bucket(top), engine.cache.block_size) + 1))

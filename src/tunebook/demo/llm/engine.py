@@ -222,14 +222,16 @@ class Engine:
                     [r.output[-1] for r in batch], [r.context - 1 for r in batch], [r.blocks for r in batch]
                 )
             tokens = sample(logits, [r.params for r in batch], self.generator, [r.generator for r in batch])
-            # Only over the rows that asked (none: nothing runs), from the logits as made.
-            logprobs = token_logprobs(logits, tokens, [r.params.logprobs for r in batch])
+            # Only over the rows that asked (none: nothing runs), from the logits as made; not
+            # for a prefill alone (max_tokens 0), whose token is not kept.
+            asked = [r.params.logprobs if r.params.max_tokens else None for r in batch]
+            logprobs = token_logprobs(logits, tokens, asked)
             new = tokens.tolist()  # waits for the GPU: the next step needs these tokens
         self.steps[kind] += 1
         if kind == "decode":
             self.decode_batches[len(batch)] += 1
         for request, token, lp in zip(batch, new, logprobs):
-            if request.params.max_tokens == 0:  # a prompt scored, nothing generated
+            if request.params.max_tokens == 0:  # a prefill alone (an echo's): nothing generated
                 request.text += request.stream.finish()
                 self.scheduler.finish(request, "length")
                 self._notify(request, [], "")

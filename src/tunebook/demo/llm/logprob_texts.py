@@ -11,13 +11,14 @@ after the tokens before it.
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .sampling import TokenLogprobs
-from .tokenizer import TextStream, TokenizerLike, token_bytes
+from .tokenizer import TokenizerLike, token_bytes
 
 # A log-probability that is not a finite number (a token of probability 0) is sent as this,
 # as vLLM clamps it: JSON has no -Infinity.
@@ -68,9 +69,9 @@ class TokenTexts:
         alternatives and the sampled token, as OpenAI and vLLM list them (up to logprobs +
         1); a name already listed keeps its first value, the likeliest (two ids of the same
         bytes; the sampled token among the alternatives). ``text_offset``: where each
-        token's text starts in the answer (:attr:`TokenLogprobs.text_offset`, plus ``shift``:
-        the echoed prompt's length before them). With ``echo``, the prompt's tokens come
-        first, the first with no logprob (``null``: nothing comes before it)."""
+        token's text starts in the answer (:attr:`TokenLogprobs.text_offset`, plus ``shift``,
+        or the echoed prompt's length: the text before them). With ``echo``, the prompt's
+        tokens come first, the first with no logprob (``null``: nothing comes before it)."""
         out: dict[str, list[Any]] = {
             "tokens": [],
             "token_logprobs": [],
@@ -84,6 +85,7 @@ class TokenTexts:
             out["text_offset"].append(0)
             for entry, offset in zip(echo.entries, echo.offsets[1:]):
                 self._add(out, entry, offset)
+            shift = len(echo.text)
         for entry in entries:
             self._add(out, entry, entry.text_offset + shift)
         return out
@@ -114,9 +116,9 @@ class TokenTexts:
 
 @dataclass(frozen=True)
 class Echo:
-    """The prompt a completion echoes: its ``ids``, its ``text`` (decoded from them, so that
-    ``offsets`` index it), where each id's text starts in it, and ``entries``: the
-    logprobs of ``ids[1:]`` (empty where none were asked)."""
+    """The prompt a completion echoes: its ``ids``, its ``text``, where each id's text starts
+    in it (``offsets``, in characters, as the answer's tokens' ``text_offset``), and
+    ``entries``: the logprobs of ``ids[1:]`` (empty where none were asked)."""
 
     ids: list[int]
     text: str
@@ -124,19 +126,43 @@ class Echo:
     entries: list[TokenLogprobs]
 
     @classmethod
-    def of(cls, tokenizer: TokenizerLike, ids: Sequence[int], entries: list[TokenLogprobs]) -> Echo:
-        """Decode ``ids`` one at a time (incrementally: a prompt of 8,000 tokens costs about
-        what its generation's detokenizing would), noting where each starts.
+    def of(
+        cls,
+        tokenizer: TokenizerLike,
+        ids: Sequence[int],
+        entries: list[TokenLogprobs],
+        text: str | None = None,
+    ) -> Echo:
+        """Each id's bytes through one incremental UTF-8 decoder, noting where it starts: after
+        the characters that came out, and those the bytes held back become unless the id
+        goes on with them (it begins with a continuation byte). So a token ending inside a
+        character starts where the character does, and one that completes it too (as
+        :attr:`TextStream.decoded` counts), and a byte that never forms a character is one
+        replacement character. Linear in the prompt whatever its bytes (decoding it as an
+        answer is, re-reading a character that never completes, quadratic: a client's prompt
+        of lone lead bytes took seconds). Special tokens, which the tokenizer's ``decode``
+        leaves out, have no width. ``text``: the prompt as sent, where it was a string (else
+        the ids decoded).
 
         >>> from .tokenizer import ByteTokenizer
         >>> e = Echo.of(ByteTokenizer(), list("aé!".encode()), [])
         >>> e.text, e.offsets
         ('aé!', [0, 1, 1, 2])
+        >>> Echo.of(ByteTokenizer(), [0xE2, 0xE2, 65], []).offsets  # two lone lead bytes, then "A"
+        [0, 1, 2]
         """
-        stream = TextStream(tokenizer)
-        offsets = []
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        special = getattr(tokenizer, "special", {})
+        parts: list[str] = []
+        offsets: list[int] = []
+        decoded = 0
         for token in ids:
-            offsets.append(stream.decoded)
-            stream.push([token])
-        stream.finish()
-        return cls(list(ids), stream.text, offsets, entries)
+            raw = b"" if token in special else token_bytes(tokenizer, token)
+            held = decoder.getstate()[0]
+            goes_on = bool(held) and raw[:1] != b"" and 0x80 <= raw[0] < 0xC0
+            offsets.append(decoded + (0 if goes_on or not held else len(held.decode(errors="replace"))))
+            part = decoder.decode(raw)
+            parts.append(part)
+            decoded += len(part)
+        parts.append(decoder.decode(b"", final=True))
+        return cls(list(ids), "".join(parts) if text is None else text, offsets, entries)

@@ -51,12 +51,14 @@ class SamplingParams:
     # Each sampled token's log-probability and its ``logprobs`` most likely alternatives'
     # (0: its own alone); None: none computed.
     logprobs: int | None = None
-    # The same for each prompt token after the first (None: none computed). With it,
-    # ``max_tokens`` may be 0: the prompt is scored, and nothing generated.
+    # The same for each prompt token after the first (None: none computed).
     prompt_logprobs: int | None = None
+    # The prompt is part of the answer (/v1/completions' echo): ``max_tokens`` may then be 0,
+    # a prefill alone (what a scorer asks; with prompt_logprobs, the prompt scored).
+    echo: bool = False
 
     def __post_init__(self) -> None:
-        least = 0 if self.prompt_logprobs is not None else 1
+        least = 0 if self.echo else 1
         if self.max_tokens < least:
             raise ValueError(f"max_tokens must be at least {least}; found {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
@@ -174,17 +176,19 @@ def prompt_token_logprobs(
     states: torch.Tensor,
     prompt: Sequence[int],
     k: int,
-    rows: int = PROMPT_ROWS,
+    rows: int | None = None,
 ) -> list[TokenLogprobs]:
     """For each token ``prompt[i]`` after the first, its log-probability (and the ``k`` most
-    likely ids') given the tokens before it: ``states[i - 1]`` (the final hidden state of
-    the token before) through ``logits_of`` (the model's head), ``rows`` rows at a time.
+        likely ids') given the tokens before it: ``states[i - 1]`` (the final hidden state of
+        the token before) through ``logits_of`` (the model's head), ``rows`` (PROMPT_ROWS) rows at
+    a time.
 
-    >>> states = 9 * torch.eye(3)  # a head that is the identity: each state is its logits
-    >>> [(e.token, round(e.logprob, 3)) for e in prompt_token_logprobs(lambda x: x, states, [0, 1, 2], 0)]
-    [(1, -9.0), (2, -9.0)]
+        >>> states = 9 * torch.eye(3)  # a head that is the identity: each state is its logits
+        >>> [(e.token, round(e.logprob, 3)) for e in prompt_token_logprobs(lambda x: x, states, [0, 1, 2], 0)]
+        [(1, -9.0), (2, -9.0)]
     """
     out: list[TokenLogprobs] = []
+    rows = rows or PROMPT_ROWS  # read at the call: a setting a test or a server may change
     targets = torch.tensor(list(prompt[1:]), dtype=torch.int64, device=states.device)
     for start in range(0, len(prompt) - 1, rows):
         end = min(start + rows, len(prompt) - 1)

@@ -153,19 +153,15 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int, *, chat: bool = Fa
         value = body.get(name)
         if value not in allowed and not (value == {} or value == []):
             raise _unsupported(name, value)
-    if chat and body.get("echo") not in (None, False):
-        raise _unsupported("echo", body.get("echo"))  # a completions field
+    echo = echo_flag(body)
+    if chat and echo:
+        raise BadRequest("'echo' is a /v1/completions field: a chat answer never repeats the prompt", "echo")
     logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
-    echo = not chat and echo_flag(body)
     return SamplingParams(
         logprobs=logprobs,
-        # An echoed prompt lists its tokens' logprobs with the answer's; with nothing to
-        # generate (max_tokens 0) the prefill still runs, and scores it (cheaply: 0 alternatives).
-        prompt_logprobs=logprobs
-        if echo and logprobs is not None
-        else 0
-        if echo and max_tokens == 0
-        else None,
+        # An echoed prompt lists its tokens' logprobs with the answer's.
+        prompt_logprobs=logprobs if echo else None,
+        echo=echo,
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         # top_p = 0 keeps the most likely token alone, as a tiny nucleus does.
@@ -277,6 +273,14 @@ def _flag(body: Mapping[str, Any], name: str) -> bool:
 def echo_flag(body: Mapping[str, Any]) -> bool:
     """/v1/completions' ``echo``: the answer's text (and logprobs) start with the prompt's."""
     return _flag(body, "echo")
+
+
+def _prompt_string(body: Mapping[str, Any]) -> str | None:
+    """The prompt as sent where it is a string (a batch of one included), else None."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else None
 
 
 def _stream_flag(body: Mapping[str, Any]) -> bool:
@@ -418,14 +422,15 @@ class Front:
             raise self._prompt_too_long(f"at least {fewest}", param)
         return self.engine.tokenizer.encode(text)
 
-    def _prompt_too_long(self, tokens: str, param: str) -> BadRequest:
+    def _prompt_too_long(self, tokens: str, param: str, scored: bool = False) -> BadRequest:
         # Worded and coded as OpenAI and vLLM word it, the phrase and code client libraries
         # match to trim a conversation and retry (LiteLLM, LangChain).
         limit = self.engine.max_model_len
+        need, most = ("nothing more (echo and max_tokens 0)", limit) if scored else ("at least 1", limit - 1)
         return BadRequest(
             f"This model's maximum context length is {limit} tokens. However, your prompt has "
-            f"{tokens} tokens, and the answer needs at least 1: shorten the prompt to at most "
-            f"{limit - 1} tokens, or start the server with a larger --max-model-len",
+            f"{tokens} tokens, and the answer needs {need}: shorten the prompt to at most "
+            f"{most} tokens, or start the server with a larger --max-model-len",
             param,
             code="context_length_exceeded",
         )
@@ -437,11 +442,13 @@ class Front:
         lm-evaluation-harness does, with nothing generated)."""
         limit = self.engine.max_model_len
         room = limit - len(prompt)
-        asked = {body.get("max_completion_tokens"), body.get("max_tokens")}
-        if room < 1 and not (least == 0 and 0 in asked and room == 0):
-            raise self._prompt_too_long(str(len(prompt)), "prompt" if "prompt" in body else "messages")
         # Both are checked; OpenAI's current field wins where both are given.
         given = {name: _integer(body, name, None, least) for name in ("max_completion_tokens", "max_tokens")}
+        asked = next((value for value in given.values() if value is not None), None)
+        if room < 1 and not (asked == 0 and room == 0):  # a prefill alone may fill the context
+            raise self._prompt_too_long(
+                str(len(prompt)), "prompt" if "prompt" in body else "messages", scored=asked == 0
+            )
         for name, value in given.items():
             if value is not None:
                 if value > room:
@@ -561,7 +568,7 @@ async def _answer(http: Any, request: Request, queue: asyncio.Queue[Any], front:
     first (nothing else would notice: only a streamed response listens for it)."""
 
     async def text() -> str:
-        return "".join([d async for d, _ in _updates(request, queue, front) if d is not None])
+        return "".join([d async for d, _ in _updates(request, queue, front) if d])
 
     async def disconnected() -> None:
         while (await http.receive())["type"] != "http.disconnect":
@@ -680,8 +687,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         body = await body_of(request)
         # Tokenizing a large prompt takes seconds: off the event loop, which serves every stream.
         prompt = await asyncio.to_thread(front.completion_prompt, body)
-        echo = echo_flag(body)
-        params = sampling_params(body, front.max_tokens(body, prompt, 16, least=0 if echo else 1))
+        params = sampling_params(body, front.max_tokens(body, prompt, 16, least=0 if echo_flag(body) else 1))
+        echo = params.echo
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
         req, queue = front.submit(prompt, params, stream=stream)
@@ -692,23 +699,30 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
         def echoed() -> Echo:
             # After the prefill, which scored the prompt where asked (the engine's thread
-            # sets them before it tells of the request's first token or end).
-            return Echo.of(engine.tokenizer, req.prompt, req.prompt_logprobs)
+            # sets them before it tells of the request's first token or end). A string
+            # prompt comes back as it was sent (its tokens decode without special tokens).
+            return Echo.of(engine.tokenizer, req.prompt, req.prompt_logprobs, text=_prompt_string(body))
 
         if stream:
             streamed = {**head, "usage": None} if usage else head
+
+            def echo_chunk() -> tuple[str, int]:
+                # Megabytes where a long prompt lists 20 alternatives a token: built and
+                # rendered off the event loop, as a whole answer's are; then let go of.
+                prompt_echo = echoed()
+                req.prompt_logprobs = []
+                logprobs = texts.completion([], prompt_echo) if params.logprobs is not None else None
+                return _sse({**streamed, "choices": [choice(prompt_echo.text, None, logprobs)]}), len(
+                    prompt_echo.text
+                )
 
             async def events() -> AsyncIterator[str]:
                 shift = 0
                 try:
                     async for delta, entries in _updates(req, queue, front, echo_first=echo):
                         if delta is None:  # the prefill is done: the prompt first
-                            prompt_echo = await asyncio.to_thread(echoed)
-                            shift = len(prompt_echo.text)
-                            logprobs = (
-                                texts.completion([], prompt_echo) if params.logprobs is not None else None
-                            )
-                            yield _sse({**streamed, "choices": [choice(prompt_echo.text, None, logprobs)]})
+                            chunk, shift = await asyncio.to_thread(echo_chunk)
+                            yield chunk
                             continue
                         logprobs = texts.completion(entries, None, shift) if entries else None
                         yield _sse({**streamed, "choices": [choice(delta, None, logprobs)]})
@@ -726,10 +740,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
         def whole() -> Any:
             prompt_echo = echoed() if echo else None
-            shift = len(prompt_echo.text) if prompt_echo is not None else 0
-            logprobs = (
-                texts.completion(req.logprobs, prompt_echo, shift) if params.logprobs is not None else None
-            )
+            logprobs = texts.completion(req.logprobs, prompt_echo) if params.logprobs is not None else None
             answer = prompt_echo.text + text if prompt_echo is not None else text
             return JSONResponse(
                 {**head, "choices": [choice(answer, _finish(req), logprobs)], "usage": _usage(req)}
