@@ -179,7 +179,8 @@ x, y, out = vectors(300)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     isolatedkern.add[grid_1d(300)](x, y, out, 300)
-print(json.dumps({"benchmarked": tunebook.stats()["benchmarked"], "warnings": [str(w.message) for w in caught]}))
+said = [str(w.message) for w in caught]
+print(json.dumps({"benchmarked": tunebook.stats()["benchmarked"], "warnings": said}))
 """
 
 

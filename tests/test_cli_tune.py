@@ -272,10 +272,15 @@ def test_a_host_of_two_gpu_models_is_refused_and_one_model_tunes_its_own_misses(
 
 # add_wrong_at_128_kernel computes x - y at BLOCK=128, the first config: the reference of
 # check=, against which the correct configs are the wrong ones.
+# check= comes from CHECKED_CHECK (JSON); inputs= for --keys (tests/test_ray_book.py).
 CHECKED_MODULE = """
 import json, os
-import triton, tunebook
-from small_kernels import Replay, add_wrong_at_128_kernel
+import torch, triton, tunebook
+from small_kernels import Replay, add_wrong_at_128_kernel, grid_1d
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
 
 replay = Replay({32: 3.0, 64: 2.0, 128: 1.0})
 add = tunebook.autotune(
@@ -284,19 +289,21 @@ add = tunebook.autotune(
     check=json.loads(os.environ["CHECKED_CHECK"]),
     do_bench=replay,
     pre_hook=replay.pre_hook,
+    inputs=inputs,
 )(add_wrong_at_128_kernel)
 """
 
 
 def test_tune_judges_a_recorded_miss_again_when_its_check_settings_change_and_only_then(
-    servekern: Any, book_dir: Path, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, book_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`tunebook tune --misses` listed only keys without a choice: a key whose wrong results
     were judged under other check= settings stayed as judged, run after run, where a kernel
     call in tune mode judges it again. And the warning that the reference may itself be wrong
     was said in the worker process, which nobody reads."""
-    name = f"{servekern.name}_checked"
-    (servekern.dir / f"{name}.py").write_text(CHECKED_MODULE)
+    mods = request.getfixturevalue("servekern")  # a directory the workers import from
+    name = f"{mods.name}_checked"
+    (mods.dir / f"{name}.py").write_text(CHECKED_MODULE)
 
     def tune(check: Any) -> str:
         monkeypatch.setenv("CHECKED_CHECK", json.dumps(check))
@@ -324,3 +331,5 @@ def test_tune_judges_a_recorded_miss_again_when_its_check_settings_change_and_on
     (entry,) = doc.entries.values()
     assert all(r.ok for r in entry.results.values()) and entry.best().startswith("BLOCK=128|")
     assert "nothing to tune" in tune({"rtol": 10.0, "atol": 10.0})
+    declared = invoke("tune", f"{name}:add", "--keys", "n=300")  # the key, asked for by name
+    assert "1 of 1 key(s) tuned, 0 config(s) measured" in " ".join(declared.output.split())

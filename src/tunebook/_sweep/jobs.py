@@ -29,11 +29,14 @@ def pending(tuner: Autotuner) -> list[tuple[str, Any]]:
     return [
         (text, entry)
         for text, entry in ((t, page.entries.get(t)) for t in texts)
-        if entry is not None
-        and entry.misses
-        and entry.call is not None
-        and (not entry.chosen or stale_verdicts(entry.results, candidate_ids(tuner, entry), tuner.options.check))
+        if entry is not None and entry.misses and entry.call is not None and _to_tune(tuner, entry)
     ]
+
+
+def _to_tune(tuner: Autotuner, entry: Entry) -> bool:
+    """Whether a tuning of the recorded miss ``entry`` has work: no choice yet, or wrong results
+    that would be judged again (a kernel call in tune mode judges it again too)."""
+    return not entry.chosen or stale_verdicts(entry.results, candidate_ids(tuner, entry), tuner.options.check)
 
 
 def candidate_ids(tuner: Autotuner, entry: Entry) -> list[str]:

@@ -32,8 +32,8 @@ from .._autotuner import Autotuner
 from .._book import Entry, Page, Result, now_iso
 from .._book.unwritten import forget_refused
 from .._calls import validate
-from .._tuner import doubted_reference_warning
 from .._sweep.jobs import candidate_ids, key_jobs, miss_jobs
+from .._tuner import doubted_reference_warning
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
 from .._worker.isolated import worker_path
 from ._common import err, os_error_text, out, output_fix, parse_assignments, write_problem
