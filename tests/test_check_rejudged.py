@@ -159,6 +159,45 @@ def test_a_nondeterministic_kernel_is_fixed_by_a_looser_tolerance(book_dir: Path
     assert not [w for w in loose["warnings"] if "none of the" in w]
 
 
+ISOLATED_MODULE = """
+import triton, tunebook
+from small_kernels import Replay, add_wrong_at_128_kernel
+
+replay = Replay({32: 3.0, 64: 2.0, 128: 1.0})
+configs = [triton.Config({"BLOCK": b}) for b in (128, 64, 32)]
+add = tunebook.autotune(
+    configs, key=["n"], check=True, isolate=True, do_bench=replay, pre_hook=replay.pre_hook
+)(add_wrong_at_128_kernel)
+"""
+ISOLATED = """
+import json, warnings
+import tunebook
+from small_kernels import grid_1d, vectors
+import isolatedkern
+
+x, y, out = vectors(300)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    isolatedkern.add[grid_1d(300)](x, y, out, 300)
+said = [str(w.message) for w in caught]
+print(json.dumps({"benchmarked": tunebook.stats()["benchmarked"], "warnings": said}))
+"""
+
+
+def test_a_doubted_reference_is_said_in_the_process_that_tuned_the_key_in_a_worker(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    """isolate=True: the key is tuned in a worker process, whose warnings go to a stderr
+    nobody reads; the caller says it from the results the worker reports."""
+    (tmp_path / "isolatedkern.py").write_text(ISOLATED_MODULE)
+    first = run_python(ISOLATED, cwd=tmp_path)
+    assert first["benchmarked"] == 3
+    (doubt,) = doubts(first)
+    assert "the 2 other configs checked against the reference config BLOCK=128|" in doubt
+    again = run_python(ISOLATED, cwd=tmp_path)  # answered from the book: nothing measured, nothing said
+    assert again["benchmarked"] == 0 and not doubts(again)
+
+
 # ----------------------------------------------------------------- in one process
 
 

@@ -3,10 +3,13 @@ front, and results a book refuses midway are kept in a file the message names.""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -265,3 +268,68 @@ def test_a_host_of_two_gpu_models_is_refused_and_one_model_tunes_its_own_misses(
         for gpu, doc in tuned.items()
         if doc is not None
     } == {"NVIDIA-A100-SXM4-80GB": {"777": True}, "NVIDIA-H100-80GB-HBM3-90": {"888": False}}
+
+
+# add_wrong_at_128_kernel computes x - y at BLOCK=128, the first config: the reference of
+# check=, against which the correct configs are the wrong ones.
+# check= comes from CHECKED_CHECK (JSON); inputs= for --keys (tests/test_ray_book.py).
+CHECKED_MODULE = """
+import json, os
+import torch, triton, tunebook
+from small_kernels import Replay, add_wrong_at_128_kernel, grid_1d
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.randn(n), torch.empty(n), n), {}
+
+replay = Replay({32: 3.0, 64: 2.0, 128: 1.0})
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": b}) for b in (128, 64, 32)],
+    key=["n"],
+    check=json.loads(os.environ["CHECKED_CHECK"]),
+    do_bench=replay,
+    pre_hook=replay.pre_hook,
+    inputs=inputs,
+)(add_wrong_at_128_kernel)
+"""
+
+
+def test_tune_judges_a_recorded_miss_again_when_its_check_settings_change_and_only_then(
+    request: pytest.FixtureRequest, book_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tunebook tune --misses` listed only keys without a choice: a key whose wrong results
+    were judged under other check= settings stayed as judged, run after run, where a kernel
+    call in tune mode judges it again. And the warning that the reference may itself be wrong
+    was said in the worker process, which nobody reads."""
+    mods = request.getfixturevalue("servekern")  # a directory the workers import from
+    name = f"{mods.name}_checked"
+    (mods.dir / f"{name}.py").write_text(CHECKED_MODULE)
+
+    def tune(check: Any) -> str:
+        monkeypatch.setenv("CHECKED_CHECK", json.dumps(check))
+        sys.modules.pop(name, None)  # the command imports the kernel again, with these settings
+        return " ".join(invoke("tune", "--misses", name).output.split())
+
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")  # a serving process records the miss
+    monkeypatch.setenv("CHECKED_CHECK", "true")
+    x, out = torch.randn(300), torch.empty(300)
+    importlib.import_module(name).add[grid_1d(300)](x, x, out, 300)
+    assert tunebook._misses.flush()
+    monkeypatch.delenv("TUNEBOOK_MODE")
+
+    first = tune(True)
+    assert "1 of 1 key(s) tuned, 3 config(s) measured" in first, first
+    assert "checked against the reference config BLOCK=128|" in first and "may itself be wrong" in first
+    assert "nothing to tune" in tune(True)  # the same settings: nothing is judged again
+
+    loose = tune({"rtol": 10.0, "atol": 10.0})
+    assert "1 of 1 key(s) tuned, 3 config(s) measured" in loose, loose
+    assert "may itself be wrong" not in loose
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    assert all(r.ok for r in entry.results.values()) and entry.best().startswith("BLOCK=128|")
+    assert "nothing to tune" in tune({"rtol": 10.0, "atol": 10.0})
+    declared = invoke("tune", f"{name}:add", "--keys", "n=300")  # the key, asked for by name
+    assert "1 of 1 key(s) tuned, 0 config(s) measured" in " ".join(declared.output.split())

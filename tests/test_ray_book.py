@@ -9,6 +9,7 @@ Kernels run in Triton's interpreter; only what tunebook reads about the device i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 from conftest import TESTS, book_files
 from test_cli import invoke
+from test_cli_tune import CHECKED_MODULE
 from tunebook._book import read_document
 
 ray = pytest.importorskip("ray")
@@ -193,3 +195,30 @@ def test_results_the_book_refuses_partway_through_a_ray_sweep_are_kept_and_said_
     doc = read_document(page)
     assert doc is not None
     assert {e.key[0]: len(e.results) for e in doc.entries.values()} == {n: len(BLOCKS) for n in [100, *keys]}
+
+
+@pytest.mark.slow
+def test_a_ray_sweep_judges_a_key_again_when_its_check_settings_change_and_only_then(
+    cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, book_dir: Path
+) -> None:
+    """The sweep's plan decided without the rule that a miss in tune mode applies: a key whose
+    wrong results were judged under other check= settings kept them, run after run. And the
+    warning that the reference may itself be wrong stayed in the worker process."""
+    name = _module(tmp_path, monkeypatch, CHECKED_MODULE)  # add_wrong_at_128_kernel, BLOCK=128 first
+
+    def sweep(check: Any) -> str:
+        monkeypatch.setenv("CHECKED_CHECK", json.dumps(check))
+        sys.modules.pop(name, None)  # imported again, with these settings, here and in the workers
+        return " ".join(invoke("tune", f"{name}:add", "--keys", "n=100", "--ray").output.split())
+
+    strict = sweep(True)
+    assert "1 of 1 key(s) tuned" in strict and "3 config(s) measured" in strict, strict
+    assert "may itself be wrong" in strict and "reference config BLOCK=128|" in strict, strict
+    loose = sweep({"rtol": 10.0, "atol": 10.0})
+    assert "3 config(s) measured" in loose and "may itself be wrong" not in loose, loose
+    (path,) = book_files(book_dir)
+    doc = read_document(path)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    assert all(r.ok for r in entry.results.values()) and entry.best().startswith("BLOCK=128|")
+    assert "0 config(s) measured" in sweep({"rtol": 10.0, "atol": 10.0})

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
 from tunebook._book import Entry, Result
+from tunebook._failures import Judging, settings_hash
 from tunebook._search import Budget, search
 from tunebook._sweep.driver import SweepError, choose_groups, group_name
 from tunebook._sweep.schedule import MAX_LOSSES, Plan, Sweep, Unit
@@ -336,3 +338,89 @@ def test_a_gpu_model_named_as_before_the_sm_count_is_taken_where_it_names_one_gr
     counts[group_name({**h100, "sm_count": 114})] = 2  # the old name fits two groups now
     with pytest.raises(SweepError, match="matches 2 models"):
         choose_groups(counts, each_model=False, gpu_model=old)
+
+
+# ----------------------------------------------------------------- wrong results judged again
+
+
+def wrong(reference: str, settings: str) -> Result:
+    error = "WrongResult: " + Judging(reference, settings).tag("wrong result: out differs")
+    return Result({"kwargs": {}}, None, error, "t0")
+
+
+STRICT = settings_hash({})
+# B=0 is the reference; B=1 and B=2 were judged wrong against it under the default settings.
+JUDGED = Entry(key=(1,), results={"B=0": ok(1.0), "B=1": wrong("B=0", STRICT), "B=2": wrong("B=0", STRICT)})
+JUDGED = replace(JUDGED, chosen="B=0")
+
+
+def judged_sweep(known: Entry, settings: str | None) -> tuple[Sweep, Recorder]:
+    """A sweep of one key of 3 configs planned over ``known``, under check= ``settings``."""
+    recorder = Recorder()
+    sweep = Sweep(1, ["gpu"], recorder, unit_size=8)
+    unit = sweep.next_unit("gpu")
+    assert unit is not None and unit.kind == "plan" and not unit.judge
+    sweep.planned(unit, plan_of([1.0, 2.0, 3.0], settings=settings), known)
+    return sweep, recorder
+
+
+def judged_plan(sweep: Sweep, reference: str, known: Entry = JUDGED) -> None:
+    """The plan a worker sends back for a judging plan unit (the key's reference, run there),
+    over what the book still holds for the key."""
+    unit = sweep.next_unit("gpu")
+    assert unit is not None and unit.kind == "plan" and unit.judge
+    plan = sweep.keys[0].plan
+    assert plan is not None
+    sweep.planned(unit, replace(plan, reference=reference), known)
+
+
+def test_a_key_judged_as_the_sweep_would_judge_it_is_answered_without_running_anything():
+    sweep, recorder = judged_sweep(JUDGED, settings_hash({"max_bytes": 1 << 20}))  # judges no config
+    assert sweep.finished and sweep.keys[0].answered and sweep.keys[0].chosen == "B=0"
+    assert recorder.results == {}
+
+
+def test_other_check_settings_judge_every_candidate_again_once_the_reference_is_run():
+    """As a miss in tune mode: the book's guess sends a plan that runs the reference (tune_key's
+    confirmation), then every candidate is measured and judged again, and the key reopened."""
+    sweep, recorder = judged_sweep(JUDGED, settings_hash({"rtol": 10.0, "atol": 10.0}))
+    assert not sweep.finished and sweep.keys[0].state == "planning"
+    judged_plan(sweep, "B=0")
+    assert sweep.keys[0].reopens == "B=0" and not sweep.keys[0].results
+    measured = drain(sweep, [[3.0, 1.0, 2.0]])
+    assert {m for m in measured if not m.endswith(":full")} == {"0:B=0", "0:B=1", "0:B=2"}
+    assert recorder.chosen == {0: "B=1"} and all(r.ok for r in recorder.results[0].values())
+
+
+def test_check_turned_off_judges_again_without_a_reference_run():
+    sweep, _ = judged_sweep(JUDGED, None)
+    unit = sweep.next_unit("gpu")
+    assert unit is not None and unit.kind == "measure" and unit.cids == ("B=0", "B=1", "B=2")
+
+
+def test_a_guess_the_reference_run_disproves_measures_only_what_the_key_lacks():
+    """B=3 put first, never measured: the book guesses it is the new reference; the worker finds
+    that it cannot run, B=0 stays the reference, and only B=3 is measured (as in tune_key)."""
+    recorder = Recorder()
+    sweep = Sweep(1, ["gpu"], recorder, unit_size=8)
+    unit = sweep.next_unit("gpu")
+    assert unit is not None
+    plan = plan_of([1.0, 2.0, 3.0, 4.0], settings=STRICT)
+    plan = replace(plan, ids=["B=3", "B=0", "B=1", "B=2"], records=[plan.records[i] for i in (3, 0, 1, 2)])
+    sweep.planned(unit, plan, JUDGED)
+    judged_plan(sweep, "B=0")
+    again = sweep.next_unit("gpu")
+    assert again is not None and again.cids == ("B=3",)
+
+
+def test_a_lost_unit_of_a_key_judged_again_does_not_read_back_the_old_verdicts():
+    sweep, recorder = judged_sweep(JUDGED, None)
+    unit = sweep.next_unit("gpu")
+    assert unit is not None
+    # The worker measured B=0 anew before its actor was lost; the book holds the old verdicts
+    # of the others (an ordinary write does not replace a decided key's results).
+    anew = ok(1.5)
+    sweep.lost(unit, "ActorDiedError", Entry(key=(1,), results={**JUDGED.results, "B=0": anew}))
+    again = sweep.next_unit("gpu")
+    assert again is not None and again.cids == ("B=1", "B=2")
+    assert recorder.results[0] == {"B=0": anew}

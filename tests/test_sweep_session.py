@@ -81,3 +81,41 @@ def test_one_worker_serves_units_and_survives_every_kind_of_bad_config(
     assert doc is not None
     (entry,) = doc.entries.values()
     assert len(entry.results) == 5
+
+
+CHECKED_MODULE = """
+import torch, triton, tunebook
+import triton.language as tl
+from small_kernels import grid_1d
+
+@triton.jit
+def _copy_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    tl.static_assert(BLOCK <= 64)  # BLOCK=128 cannot run, as out of resources on a GPU
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+def inputs(description):
+    n = description["key"]["n"]
+    return grid_1d(n), (torch.randn(n), torch.empty(n), n), {}
+
+copy = tunebook.autotune(
+    [triton.Config({"BLOCK": b}) for b in (128, 32, 64)], key=["n"], check={"rtol": 0.5}, inputs=inputs
+)(_copy_kernel)
+"""
+
+
+def test_a_judging_plan_names_the_reference_a_measure_unit_checks_against(
+    tmp_path: Path, book_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep's driver judges a key's wrong results again only against the reference its
+    workers run (the first candidate that runs), which a judging plan runs and names."""
+    from tunebook._failures import settings_hash
+    from tunebook._worker import units
+
+    (tmp_path / "judgekern.py").write_text(CHECKED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = {"module": "judgekern", "attr": "copy", "key_text": "n=100", "call": None, "key": {"n": 100}}
+    plan = units.plan(job)
+    assert plan["settings"] == settings_hash({"rtol": 0.5}) and "reference" not in plan
+    judged = units.plan({**job, "judge": True})
+    assert judged["reference"].startswith("BLOCK=32|") and judged["ids"][0].startswith("BLOCK=128|")

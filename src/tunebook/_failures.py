@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,19 +223,55 @@ def judged_otherwise(results: Mapping[str, Result], ids: Iterable[str], now: Jud
     return bool(verdicts) and (now is None or verdicts != {now})
 
 
+def tagged(results: Mapping[str, Result], ids: Iterable[str]) -> bool:
+    """Whether some result of the candidates ``ids`` is a wrong result that says what it was
+    judged under: only such a key is ever judged again."""
+    return any(judged_under(results[cid]) is not None for cid in ids if cid in results)
+
+
 def stale_verdicts(
     results: Mapping[str, Result], ids: Sequence[str], check: Mapping[str, Any] | None
 ) -> bool:
-    """:func:`judged_otherwise` against what a tuning with ``check=`` (the kernel's option; None:
-    off) would judge under, as far as the book tells (:func:`expected_reference`): decided
-    without running anything, where a key may be answered from the book."""
-    if not any(judged_under(results[cid]) is not None for cid in ids if cid in results):
-        return False  # nothing judged under tags: the common case, without hashing the settings
-    settings = settings_hash(check)
+    """:func:`stale_under` the settings of ``check=`` (the kernel's option; None: off)."""
+    # Nothing judged under tags is the common case: decided without hashing the settings.
+    return tagged(results, ids) and stale_under(results, ids, settings_hash(check))
+
+
+def stale_under(results: Mapping[str, Result], ids: Sequence[str], settings: str | None) -> bool:
+    """:func:`judged_otherwise` against what a tuning under ``settings`` (:func:`settings_hash`
+    of ``check=``; None: off) would judge under, as far as the book tells
+    (:func:`expected_reference`): decided without running anything, where a key may be
+    answered from the book (a miss, a sweep's plan). A tuning confirms it with
+    :func:`judged_again` before it measures anything again."""
     if settings is None:
-        return True
+        return tagged(results, ids)
     reference = expected_reference(results, ids)
     return reference is not None and judged_otherwise(results, ids, Judging(reference, settings))
+
+
+def judged_again(
+    results: Mapping[str, Result], ids: Sequence[str], judging: Callable[[], Judging | None] | None
+) -> bool:
+    """Whether a tuning of the candidates ``ids`` measures and judges them all again: some
+    wrong result of theirs was judged otherwise than the tuning judges, which ``judging`` says
+    (a checking bench's ``judging``, which runs the reference config if it did not yet; None
+    if ``check=`` is off now). Asked only where a verdict is tagged. The one rule of
+    ``tune_key`` (``_tuner.judged_again``) and a sweep's plan (``_sweep/schedule.py``).
+
+    >>> from tunebook._book import Result
+    >>> wrong = Result({}, None, "WrongResult: " + Judging("a", "h1").tag("wrong result"))
+    >>> results = {"a": Result({}, (1.0, 1.0, 1.0)), "b": wrong}
+    >>> judged_again(results, ["a", "b"], lambda: Judging("a", "h1")), judged_again(results, ["a", "b"], None)
+    (False, True)
+    >>> judged_again(results, ["a", "b"], lambda: None)  # no candidate runs: nothing is judged
+    False
+    """
+    if not tagged(results, ids):
+        return False
+    if judging is None:
+        return True
+    now = judging()
+    return now is not None and judged_otherwise(results, ids, now)
 
 
 def doubted_reference(results: Mapping[str, Result], ids: Iterable[str]) -> str | None:

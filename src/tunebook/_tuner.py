@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from . import _stats, _warnings
+from . import _failures, _stats, _warnings
 from ._bench import Timers, as_triple
 from ._book import Entry, Page, Result, now_iso
 from ._book.records import TIE_TOLERANCE
@@ -46,7 +46,6 @@ from ._failures import (
     NO_TIMING,
     doubted_reference,
     is_wrong_result,
-    judged_otherwise,
     judged_under,
     no_timing,
     says_nothing,
@@ -438,7 +437,7 @@ def tune_key(job: KeyTuning) -> Outcome:
     slower = {cid for cid in slower if cid in confirmed and stored.get(cid) == confirmed[cid]}
     choosable = {cid: r for cid, r in stored.items() if cid not in slower}
     chosen = tie_aware_choice(choosable, job.ids, hints)
-    say_doubted_reference(job, stored)
+    say_doubted_reference(stored, job.ids, job.label, job.key, f"{job.where or job.label}:{job.key_text}")
     seconds = time.perf_counter() - start
     if entry is None or chosen or timing.measured:
         entry = job.persist({}, chosen or "", seconds)
@@ -452,35 +451,39 @@ def tune_key(job: KeyTuning) -> Outcome:
 def judged_again(job: KeyTuning, results: Mapping[str, Result]) -> bool:
     """Whether the key's wrong results (``check=``) were judged otherwise than this tuning
     judges: against another reference config than the one its bench runs now, under other
-    settings, or with ``check=`` off now (_failures.judged_otherwise)."""
-    if not any(judged_under(results[cid]) is not None for cid in job.ids if cid in results):
-        return False
-    judging = getattr(job.bench, "judging", None)  # a checking bench's (_check.CheckedBench)
-    if judging is None:
-        return True
-    now = judging()
-    return now is not None and judged_otherwise(results, job.ids, now)
+    settings, or with ``check=`` off now (_failures.judged_again)."""
+    # A checking bench's (_check.CheckedBench); none where check= is off.
+    return _failures.judged_again(results, job.ids, getattr(job.bench, "judging", None))
 
 
-def say_doubted_reference(job: KeyTuning, results: Mapping[str, Result]) -> None:
-    """Say once per key when every other candidate checked against the reference config, two
-    at least, disagreed with it while none agreed: the reference is then the likelier one to be
-    wrong (_failures.doubted_reference). One that disagreed with its own earlier run is the
-    kernel's nondeterminism, which ``none_ran`` tells."""
-    reference = doubted_reference(results, job.ids)
+def say_doubted_reference(
+    results: Mapping[str, Result], ids: Sequence[str], label: str, key: Sequence[Any], where: str
+) -> None:
+    """Say :func:`doubted_reference_warning` once per key (``where``: its page and key text), as
+    a BookWarning: where the key was tuned, and, from the results its worker process reports,
+    in the process that asked for the tuning (isolate=True), whose user never sees the
+    worker's warnings (``tunebook tune`` and a Ray sweep's driver print it)."""
+    text = doubted_reference_warning(results, ids, label, key)
+    if text:
+        _warnings.warn_once(f"doubted-reference:{where}", "%s", text)
+
+
+def doubted_reference_warning(
+    results: Mapping[str, Result], ids: Sequence[str], label: str, key: Sequence[Any]
+) -> str:
+    """What to say when every other candidate of ``ids`` checked against the reference config,
+    two at least, disagreed with it while none agreed: the reference is then the likelier one
+    to be wrong (_failures.doubted_reference); "" otherwise. One that disagreed with its own
+    earlier run is the kernel's nondeterminism, which ``none_ran`` tells."""
+    reference = doubted_reference(results, ids)
     if reference is None or not results[reference].ok:
-        return
-    wrong = sum(1 for cid in job.ids if cid in results and cid != reference and is_wrong_result(results[cid]))
-    _warnings.warn_once(
-        f"doubted-reference:{job.where or job.label}:{job.key_text}",
-        "tunebook: %s key %s: the %d other configs checked against the reference config %s all computed "
-        "a different result (check=), and none agreed with it: the reference may itself be wrong. Put a "
-        "config you trust first in the list: the key's wrong results are judged again against it at "
-        "its next tuning (in a new process)",
-        job.label,
-        list(job.key),
-        wrong,
-        reference,
+        return ""
+    wrong = sum(1 for cid in ids if cid in results and cid != reference and is_wrong_result(results[cid]))
+    return (
+        f"tunebook: {label} key {list(key)}: the {wrong} other configs checked against the reference config "
+        f"{reference} all computed a different result (check=), and none agreed with it: the reference may "
+        "itself be wrong. Put a config you trust first in the list: the key's wrong results are judged "
+        "again against it at its next tuning (in a new process)"
     )
 
 

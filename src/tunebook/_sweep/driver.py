@@ -39,6 +39,7 @@ from .._errors import BookFormatError, TunebookError
 from .._jsonio import is_number
 from .._optional import require
 from .._options import is_int
+from .._tuner import doubted_reference_warning
 from .._worker import DEFAULT_TIMEOUT_S
 from .._worker.isolated import program_paths
 from .actor import SweepActor, forwarded_environment
@@ -481,6 +482,8 @@ class _Driver:
             )
         self.report.seconds = time.monotonic() - start
         self.report.keys = [self._key_report(k) for k in sweep.keys]
+        for key in sweep.keys:
+            self._say_doubts(key)
         return self.report
 
     def _take_starting(self, ref: Any) -> Any:
@@ -531,7 +534,7 @@ class _Driver:
                 key = sweep.keys[unit.key]
                 job = self.jobs[key.job]
                 if unit.kind == "plan":
-                    ref = slot.actor.plan.remote(job)
+                    ref = slot.actor.plan.remote({**job, "judge": True} if unit.judge else job)
                 else:
                     ref = slot.actor.measure.remote(job, list(unit.cids), unit.full, key.any_ok)
                 slot.out[ref] = unit
@@ -725,6 +728,16 @@ class _Driver:
             eta_s=eta,
             crashed=len(self.report.crashed),
         )
+
+    def _say_doubts(self, key: KeySearch) -> None:
+        """The warning that a key's reference config may itself be wrong (check=), which no
+        worker's warning brings here: said from what its search decided on, as tune_key says it."""
+        plan = key.plan
+        if key.state != "done" or key.answered or plan is None:
+            return
+        text = doubted_reference_warning(key.results, plan.ids, self.pages.of(key).kernel.name, plan.key)
+        if text:
+            self.say(text.removeprefix("tunebook: "))
 
     def _key_report(self, key: KeySearch) -> KeyReport:
         job = self.jobs[key.job]

@@ -11,12 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._book import Entry
+from .._failures import stale_verdicts
+
 if TYPE_CHECKING:
     from .._autotuner import Autotuner
 
 
 def pending(tuner: Autotuner) -> list[tuple[str, Any]]:
-    """Recorded misses of this kernel on this platform that no tuning has finished."""
+    """Recorded misses of this kernel on this platform that no tuning has finished, or whose
+    wrong results under ``check=`` a tuning would judge again (``_failures.stale_verdicts``:
+    the kernel's check settings or its first config changed since)."""
     page = tuner.page()
     texts = sorted(page.keys(fresh=True))  # every key: a tuning run may read the whole book
     page.refresh()  # and what it read of them before
@@ -24,8 +29,25 @@ def pending(tuner: Autotuner) -> list[tuple[str, Any]]:
     return [
         (text, entry)
         for text, entry in ((t, page.entries.get(t)) for t in texts)
-        if entry is not None and entry.misses and entry.call is not None and not entry.chosen
+        if entry is not None and entry.misses and entry.call is not None and _to_tune(tuner, entry)
     ]
+
+
+def _to_tune(tuner: Autotuner, entry: Entry) -> bool:
+    """Whether a tuning of the recorded miss ``entry`` has work: no choice yet, or wrong results
+    that would be judged again (a kernel call in tune mode judges it again too)."""
+    return not entry.chosen or stale_verdicts(entry.results, candidate_ids(tuner, entry), tuner.options.check)
+
+
+def candidate_ids(tuner: Autotuner, entry: Entry) -> list[str]:
+    """The ids of the configs a tuning of ``entry``'s key takes, in order, as far as the kernel
+    and the book tell without its call: the kernel's list (of which the call's pruning may
+    drop some: its worker then finds nothing to judge again and measures nothing), or for a
+    Space, the configs the book holds for the key, the first of its last tuning first."""
+    declared = [tuner.config_index.id_of(config) for config in tuner.configs]
+    if declared:
+        return declared
+    return list(dict.fromkeys([*filter(None, [entry.first]), *entry.results]))
 
 
 def miss_jobs(module: str, attr: str, tuner: Autotuner) -> list[dict[str, Any]]:

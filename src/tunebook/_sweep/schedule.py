@@ -33,6 +33,13 @@ Rules that keep a sweep equal to ``tune_key`` run key by key:
   (``unexpected``) while nothing of the key has run: it is held back, no new unit of the
   key goes out, and if the units out bring nothing that runs either, the key fails with
   that reason and nothing is persisted (``tune_key`` raises the same way).
+* **Wrong results judged again as a miss judges them.** A key whose wrong results under
+  ``check=`` were judged under other settings or another reference than its workers judge
+  now (``_failures.stale_under``, from the book and the plan's ``settings``) is not answered
+  from the book; a second plan (``Unit.judge``) runs its reference on a worker, and only if
+  that confirms it (``_failures.judged_again``, the rule ``tune_key`` applies) is every
+  candidate measured and judged again, the old verdicts neither told nor read back
+  (``KeySearch.judged``).
 * **Keys in order.** Units go out for the earliest key that has one, so keys finish (and
   are decided) in order while later keys fill the workers that would otherwise wait.
 
@@ -67,7 +74,7 @@ from typing import Any
 
 from .. import _policy
 from .._book import Entry, Result
-from .._failures import to_measure_again
+from .._failures import Judging, judged_again, stale_under, tagged, to_measure_again
 from .._search import Budget, Strategy, make_strategy
 from .._tuner import _flat, contenders, keeping, search_order, tie_aware_choice
 
@@ -89,6 +96,7 @@ class Unit:
     full: bool = False
     losses: int = 0
     errors: int = 0  # times a worker failed it for a reason of its own (not a config's)
+    judge: bool = False  # a plan that also runs the key's reference config (Plan.reference)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,15 @@ class Plan:
     seed: int = 0
     budget: Budget = field(default_factory=Budget)
     page: Mapping[str, Any] = field(default_factory=dict)
+    settings: str | None = None  # _failures.settings_hash of the kernel's check= (None: off)
+    # A judging plan's: the config check= takes as reference on the worker ("": none runs).
+    reference: str | None = None
+
+    def judging(self) -> Judging | None:
+        """What a tuning of the key judges under, from a judging plan (_failures.judged_again)."""
+        if not self.reference or self.settings is None:
+            return None
+        return Judging(self.reference, self.settings)
 
     @functools.cached_property
     def positions(self) -> dict[str, int]:
@@ -125,6 +142,8 @@ class Plan:
             seed=int(data.get("seed", 0)),
             budget=Budget(max_configs=max_configs, max_seconds=max_seconds),
             page=dict(data.get("page", {})),
+            settings=data.get("settings"),
+            reference=data.get("reference"),
         )
 
 
@@ -150,6 +169,9 @@ class KeySearch:
     reason: str = ""
     reopens: str = ""  # the chosen its search starts over, if any (Entry.reopens)
     left_out: list[str] = field(default_factory=list)  # configs left unmeasured by lost workers
+    # A key judged again: the results it dropped, which the book still holds until the new
+    # ones replace them (a lost unit's configs are measured again, not read back as these).
+    judged: dict[str, Result] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -254,7 +276,9 @@ class Sweep:
     ) -> None:
         """A plan came back; ``known`` is what the book (and the planning worker's) holds.
         ``same_as``: an earlier job that has the same book key (bucketed keys), tuned once.
-        ``settled``: the key's entry in a read-only book (``_policy.decide``)."""
+        ``settled``: the key's entry in a read-only book (``_policy.decide``). A key whose
+        wrong results may be judged again is planned once more, by a judging plan (see the
+        module docstring)."""
         key = self.keys[unit.key]
         key.out.pop(unit.uid, None)
         key.plan = plan
@@ -262,7 +286,7 @@ class Sweep:
         if same_as is not None:
             key.state, key.answered, key.reason = "done", True, f"the same key as job {same_as}"
             return
-        if known is not None and _policy.decide(known, plan.ids, "tune", plan.budget, settled) == "book":
+        if known is not None and _answered(known, plan, settled):
             key.state, key.answered = "done", True
             key.chosen = known.best(plan.ids)
             if not known.chosen:  # measured to the end by a run that was stopped before deciding
@@ -274,6 +298,14 @@ class Sweep:
         # What may not be the configs' failures, held while none ran: measured again (_failures.py).
         for cid in to_measure_again(key.results, plan.ids):
             del key.results[cid]
+        if tagged(key.results, plan.ids) and plan.settings is not None and plan.reference is None:
+            # Judged again only against the reference a worker runs now, as tune_key confirms
+            # it (a guess from the book may be wrong): planned once more, running it.
+            key.state = "planning"
+            key.queued.append(replace(unit, judge=True))
+            return
+        if judged_again(key.results, plan.ids, plan.judging if plan.settings is not None else None):
+            key.judged = {cid: key.results.pop(cid) for cid in plan.ids if cid in key.results}
         strategy = make_strategy(
             plan.strategy,
             [_flat(r) for r in plan.records],
@@ -342,6 +374,8 @@ class Sweep:
         stored = known.results if known is not None else {}
         if unit.full:  # a confirmation: its configs have quick results already, which do not count
             stored = {cid: r for cid, r in stored.items() if not r.quick}
+        # A key judged again: the old verdicts the book still holds are not its results.
+        stored = {cid: r for cid, r in stored.items() if key.judged.get(cid) != r}
         done = {cid: stored[cid] for cid in unit.cids if cid in stored}
         for cid, result in done.items():
             key.results[cid] = result
@@ -428,3 +462,11 @@ class Sweep:
         key.chosen, key.state = chosen, "done"
         if chosen is not None or key.measured:
             self.persist(key, {}, chosen, 0.0)
+
+
+def _answered(known: Entry, plan: Plan, settled: Entry | None) -> bool:
+    """Whether the book answers the key (``_policy.decide``), as at a miss in tune mode: not
+    where its wrong results under ``check=`` were judged under other settings or another
+    reference than its workers judge now, as far as the book tells (``_failures.stale_under``)."""
+    stale = stale_under(known.results, plan.ids, plan.settings)
+    return _policy.decide(known, plan.ids, "tune", plan.budget, settled, stale) == "book"

@@ -26,7 +26,7 @@ from .._errors import BookFormatError, ConfigurationError, TuningFailed
 from .._jsonio import stored_key
 from .._policy import effective_budget
 from .._progress import Progress
-from .._tuner import Outcome, common_reasons
+from .._tuner import Outcome, common_reasons, say_doubted_reference
 from .supervisor import run_jobs
 
 if TYPE_CHECKING:
@@ -118,6 +118,9 @@ def tune_isolated(
     if results:
         page.record(key_text, Entry(key=stored_key(key), results=results, updated_at=now_iso()))
     entry = page.get(key_text)
+    # What the worker warned of went to its stderr, which nobody reads: said here, from its results.
+    ours = {cid: r for cid, r in {**(entry.results if entry else {}), **seen}.items() if cid in candidates}
+    say_doubted_reference(ours, list(candidates), tuner.label, key, f"{page.file_name}:{key_text}")
     benchmarked = max(report.benchmarked, len(seen))  # a restarted worker's "done" counts its own
     said = ""
     if entry is None or entry.best(list(candidates)) is None:
@@ -129,7 +132,7 @@ def tune_isolated(
             )
         # The worker tuned to the end and none ran (it said so, and raised an error that is the
         # call's): as in this process, the first config is launched in their place (_tuner.none_ran).
-        failed = [r for cid, r in {**(entry.results if entry else {}), **seen}.items() if cid in candidates]
+        failed = list(ours.values())
         said = (
             f"tunebook: {tuner.label} key {list(key)}: none of the {len(failed)} configs measured in a "
             f"worker process ran ({common_reasons(failed)}). Those that gave no valid timing (NaN or "

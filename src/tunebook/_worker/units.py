@@ -3,7 +3,7 @@
 A sweep (``tunebook._sweep``) plans each key once, then hands its candidates out in small
 units to many workers; each request is one JSON line on the worker's stdin:
 
-    {"op": "plan", "id": 1, "job": {...}}
+    {"op": "plan", "id": 1, "job": {...}}                 (the job with "judge": true, see plan)
     {"op": "measure", "id": 2, "job": {...}, "cids": ["BLOCK=64|..."], "full": false, "ok_known": true}
     {"op": "record", "id": 3, "job": {...}, "key": [...], "key_text": "...", "cid": "...",
      "config": {...}, "reason": "..."}
@@ -112,9 +112,12 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
     ``hints`` and ``seeds`` (indices; ``_miss.earlier_seeds``), the ``strategy`` name
     (``auto`` resolved), ``seed``, ``budget`` ([max_configs, max_seconds], the effective
     one), ``adaptive`` (quick then full measurements), ``page`` (kernel, platform, slug and
-    platform id: the book page results go to) and ``known`` (this worker's book's entry for the key, or None).
+    platform id: the book page results go to), ``known`` (this worker's book's entry for the
+    key, or None) and ``settings`` (``_failures.settings_hash`` of ``check=``; None: off).
+    A job with ``judge`` (a key whose wrong results the driver may judge again) also gets
+    ``reference``: the config ``check=`` takes as reference here, run for it ("" if none runs).
     """
-    from .. import _policy
+    from .. import _failures, _policy
     from .._miss import earlier_seeds, rule_hint, search_hints
     from .._search import choose_strategy
     from .._tuner import search_order, with_rule
@@ -152,7 +155,25 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
             "platform_id": ident.platform_id,
         },
         "known": entry.to_json() if entry is not None else None,
+        "settings": _failures.settings_hash(tuner.options.check),
+        **({"reference": reference(ctx)} if job.get("judge") else {}),
     }
+
+
+def reference(ctx: KeyContext) -> str:
+    """The id of the config ``check=`` takes as the key's reference here, as a measure unit's
+    bench takes it (the first candidate that runs), run for it; "" if none runs or checking is off."""
+    from .._miss import _bench_function
+
+    bench = _bench_function(ctx.tuner, ctx.call, ctx.candidates)
+    judging = getattr(bench, "judging", None)  # a checking bench's (_check.CheckedBench)
+    try:
+        now = judging() if judging is not None else None
+    finally:
+        restore = getattr(bench, "restore", None)
+        if restore is not None:
+            restore()
+    return now.reference if now is not None else ""
 
 
 def measure(request: Mapping[str, Any], emit: Emit) -> None:

@@ -32,7 +32,8 @@ from .._autotuner import Autotuner
 from .._book import Entry, Page, Result, now_iso
 from .._book.unwritten import forget_refused
 from .._calls import validate
-from .._sweep.jobs import key_jobs, miss_jobs
+from .._sweep.jobs import candidate_ids, key_jobs, miss_jobs
+from .._tuner import doubted_reference_warning
 from .._worker import DEFAULT_TIMEOUT_S, record_crash, run_jobs
 from .._worker.isolated import worker_path
 from ._common import err, os_error_text, out, output_fix, parse_assignments, write_problem
@@ -173,7 +174,8 @@ def command(
             raise click.ClickException(f"the recorded call for {job['key_text']} is not replayable")
 
     if not jobs:
-        out().print("nothing to tune: no recorded misses without results" if misses else "no keys given")
+        nothing = "nothing to tune: no recorded misses without results, or judged under other check= settings"
+        out().print(nothing if misses else "no keys given")
         return
     if ray_address is not None:
         from .._sweep.driver import SweepOptions
@@ -339,6 +341,7 @@ def _tune(
             _report_lost(lost, received, pages, book)
         raise
     lost = _keep(received, pages)
+    _say_doubts(received, pages, tuners)
     failed = [r for r in reports.values() if r.status != "done"]
     tuned = [r for r in reports.values() if r.status == "done" and r.index not in lost]
     crashed = sum(len(r.crashed) for r in reports.values())
@@ -355,6 +358,26 @@ def _tune(
         _report_lost(lost, received, pages, book)
     if failed or lost:
         raise SystemExit(1)
+
+
+def _say_doubts(
+    received: Received, pages: dict[tuple[str, ...], Page], tuners: dict[tuple[str, str], Autotuner]
+) -> None:
+    """The warning that a key's reference config may itself be wrong (check=), said in its
+    worker, whose stderr nobody reads: said here, from the book and what the workers reported."""
+    said: set[tuple[tuple[str, ...], str]] = set()  # bucketed jobs of one key: said once
+    for keyed in received.by_job.values():
+        if (keyed.target, keyed.key_text) in said:
+            continue
+        said.add((keyed.target, keyed.key_text))
+        page, tuner = pages[keyed.target], tuners[(keyed.target[0], keyed.target[1])]
+        page.refresh(keyed.key_text)
+        known = page.get(keyed.key_text)
+        results = {**(known.results if known is not None else {}), **keyed.results}
+        ids = candidate_ids(tuner, known or Entry(key=tuple(keyed.key), results=results))
+        text = doubted_reference_warning(results, ids, tuner.label, keyed.key)
+        if text:
+            err().print(f"[yellow]{escape(text)}[/yellow]")
 
 
 def _keep(received: Received, pages: dict[tuple[str, ...], Page]) -> dict[int, Entry]:
