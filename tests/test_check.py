@@ -459,6 +459,19 @@ def test_complex_mismatches_are_counted_and_indexed_in_complex_elements() -> Non
 # ------------------------------------------------------------------ dtypes, pieces, memory
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"])
+def test_a_float8_output_of_zeros_is_wrong(dtype: str) -> None:
+    """float8 e5m2's default tolerances were 0.5 and 0.5 x max|ref|: at the largest element
+    they add up to 1, and a candidate that wrote zeros passed at every element."""
+    dtype_ = getattr(torch, dtype)
+    out = torch.zeros(4, dtype=dtype_)
+    right = torch.tensor([1.0, 2.0, 4.0, 8.0]).to(dtype_)
+    check = OutputCheck((out,), {}, names=["out_ptr"])
+    check.reference(lambda: out.copy_(right))
+    assert check.check(lambda: out.copy_(right)) is None
+    assert check.check(lambda: out.zero_()) is not None
+
+
 def test_float8_e8m0_scales_are_compared_exactly() -> None:
     scales = torch.zeros(4, dtype=torch.uint8).view(torch.float8_e8m0fnu)
     right = torch.tensor([1.0, 2.0, 4.0, 0.5]).to(torch.float8_e8m0fnu)
