@@ -198,6 +198,39 @@ def test_a_doubted_reference_is_said_in_the_process_that_tuned_the_key_in_a_work
     assert again["benchmarked"] == 0 and not doubts(again)
 
 
+ISOLATED_NOISY = """
+import json, warnings
+import torch, tunebook
+from small_kernels import grid_1d
+import noisykern
+import isolatednoisy
+
+x, noise, out = torch.ones(100), torch.zeros(1), torch.empty(100)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    isolatednoisy.add[grid_1d(100)](x, noise, out, 100)
+print(json.dumps({"warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def test_a_worker_whose_every_config_computed_a_wrong_result_is_told_the_checks_fix(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    """isolate=True, a kernel whose every run differs: the caller's warning said all of them
+    "cannot run here", the device's fix; they ran, and their fix is check='s."""
+    (tmp_path / "noisykern.py").write_text(NOISY_MODULE)
+    (tmp_path / "isolatednoisy.py").write_text(
+        "import triton, tunebook, noisykern\n"
+        "configs = [triton.Config({'BLOCK': b}, pre_hook=noisykern.noise) for b in (32, 64, 128)]\n"
+        "add = tunebook.autotune(configs, key=['n'], check={'ignore': ['noise_ptr']}, isolate=True)"
+        "(noisykern.add_noise_kernel)\n"
+    )
+    report = run_python(ISOLATED_NOISY, cwd=tmp_path)
+    (said,) = [w for w in report["warnings"] if "worker process ran" in w]
+    assert "3 computed a different result (check=)" in said and "rtol/atol" in said
+    assert "the rest cannot run here" in said
+
+
 # ----------------------------------------------------------------- in one process
 
 

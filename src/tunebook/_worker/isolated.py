@@ -23,10 +23,11 @@ from .. import _calls, _compat, _warnings
 from .._book import Entry, Page, Result, now_iso
 from .._call import Call
 from .._errors import BookFormatError, ConfigurationError, TuningFailed
+from .._failures import is_wrong_result
 from .._jsonio import stored_key
 from .._policy import effective_budget
 from .._progress import Progress
-from .._tuner import Outcome, common_reasons, say_doubted_reference
+from .._tuner import Outcome, common_reasons, say_doubted_reference, wrong_results_fix
 from .supervisor import run_jobs
 
 if TYPE_CHECKING:
@@ -133,12 +134,16 @@ def tune_isolated(
         # The worker tuned to the end and none ran (it said so, and raised an error that is the
         # call's): as in this process, the first config is launched in their place (_tuner.none_ran).
         failed = list(ours.values())
+        wrong = sum(1 for r in failed if is_wrong_result(r))
         said = (
             f"tunebook: {tuner.label} key {list(key)}: none of the {len(failed)} configs measured in a "
-            f"worker process ran ({common_reasons(failed)}). Those that gave no valid timing (NaN or "
-            "inf from the timer) or raised an error that may be the call's are not recorded, so the "
-            "next process that tunes the key measures them again; the others cannot run here. The "
-            "first config is launched in their place"
+            f"worker process ran ({common_reasons(failed)}). "
+            # Wrong results under check= ran: their fix is the check's, not the device's.
+            + (f"{wrong_results_fix(wrong, ours)}. " if wrong else "")
+            + "Those that gave no valid timing (NaN or inf from the timer) or raised an error that "
+            "may be the call's are not recorded, so the next process that tunes the key measures "
+            f"them again; {'the rest' if wrong else 'the others'} cannot run here. The first config is "
+            "launched in their place"
         )
         _warnings.warn_once(f"none-ran:{page.file_name}:{key_text}", "%s", said)
         entry = entry or Entry(key=stored_key(key))
