@@ -193,12 +193,12 @@ def test_a_scored_prompt_in_a_prefill_changes_no_other_requests_tokens() -> None
     assert engine.steps["prefill"] == 1  # one pack
     assert [requests[0].output, requests[2].output] == [r.output for r in alone]
     reference = every_row_log_softmax(PROMPT)
-    scored = requests[1].prompt_logprobs
+    scored = requests[1].prompt_logprobs.entries()
     assert [e.token for e in scored] == PROMPT[1:]
     assert [e.logprob for e in scored] == pytest.approx(
         [reference[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], abs=1e-4
     )
-    assert requests[0].prompt_logprobs == [] and requests[2].prompt_logprobs == []
+    assert requests[0].prompt_logprobs is None and requests[2].prompt_logprobs is None
 
 
 def test_sampling_params_take_max_tokens_0_only_where_the_prompt_is_echoed() -> None:

@@ -150,25 +150,54 @@ def token_logprobs(
     out: list[TokenLogprobs | None] = [None] * len(wanted)
     if not rows:
         return out
+    k = min(max(int(wanted[i] or 0) for i in rows), logits.shape[-1])
     index = torch.tensor(rows, device=logits.device)
-    lp = torch.log_softmax(logits[index].float(), dim=-1)
-    chosen = tokens[index].to(device=logits.device, dtype=torch.int64)
+    table = _table(logits[index], tokens[index], k).tolist()  # one transfer for every row that asked
+    for row, i in zip(table, rows):
+        out[i] = _entry(row, k, min(int(wanted[i] or 0), k))
+    return out
+
+
+def _table(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """``[rows, 2 + 2k]`` on the host: each row's token, its logprob, the ``k`` largest
+    logprobs and their ids (ids below 2**24: exact in float32), in one transfer."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = tokens.to(device=logits.device, dtype=torch.int64)
     parts = [chosen.to(lp.dtype)[:, None], lp.gather(1, chosen[:, None])]
-    k = min(max(int(wanted[i] or 0) for i in rows), lp.shape[-1])
     if k:
         values, ids = torch.topk(lp, k, dim=-1)
-        parts += [values, ids.to(lp.dtype)]  # ids below 2**24: exact in float32
-    table = torch.cat(parts, dim=1).tolist()  # one transfer for every row that asked
-    for row, i in zip(table, rows):
-        n = min(int(wanted[i] or 0), k)
-        top = [(int(t), p) for t, p in zip(row[2 + k : 2 + k + n], row[2 : 2 + n])]
-        out[i] = TokenLogprobs(int(row[0]), row[1], _sampled_first_among_ties(top, int(row[0]), row[1]))
-    return out
+        parts += [values, ids.to(lp.dtype)]
+    return torch.cat(parts, dim=1).cpu()
+
+
+def _entry(row: Sequence[float], k: int, n: int) -> TokenLogprobs:
+    """A row of :func:`_table` (of ``k`` alternatives) as a token's logprobs with ``n`` of them."""
+    token, logprob = int(row[0]), row[1]
+    top = [(int(t), p) for t, p in zip(row[2 + k : 2 + k + n], row[2 : 2 + n])]
+    return TokenLogprobs(token, logprob, _sampled_first_among_ties(top, token, logprob))
 
 
 # Prompt rows whose logits are made at once when a prompt is scored: a row is a vocabulary
 # of logits (128,256 for Llama 3), so 8,192 prompt tokens at once would be 4 GB in fp32.
 PROMPT_ROWS = 512
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A scored prompt's logprobs as the engine keeps them: a table of a few floats a token
+    on the host (:func:`_table`), made into :class:`TokenLogprobs` only by :meth:`entries`,
+    where the answer is built (a Python object per token of an 8,000-token prompt took the
+    engine's thread 45-200 ms, which every decode step waited for)."""
+
+    tables: tuple[torch.Tensor, ...] = ()
+    k: int = 0
+
+    def __len__(self) -> int:
+        return sum(t.shape[0] for t in self.tables)
+
+    def entries(self) -> list[TokenLogprobs]:
+        """Each scored token's logprobs, in the prompt's order (its tokens after the first)."""
+        return [_entry(row, self.k, self.k) for table in self.tables for row in table.tolist()]
 
 
 def prompt_token_logprobs(
@@ -177,26 +206,26 @@ def prompt_token_logprobs(
     prompt: Sequence[int],
     k: int,
     rows: int | None = None,
-) -> list[TokenLogprobs]:
+) -> PromptLogprobs:
     """For each token ``prompt[i]`` after the first, its log-probability (and the ``k`` most
-        likely ids') given the tokens before it: ``states[i - 1]`` (the final hidden state of
-        the token before) through ``logits_of`` (the model's head), ``rows`` (PROMPT_ROWS) rows at
+    likely ids') given the tokens before it: ``states[i - 1]`` (the final hidden state of
+    the token before) through ``logits_of`` (the model's head), ``rows`` (PROMPT_ROWS) rows at
     a time.
 
-        >>> states = 9 * torch.eye(3)  # a head that is the identity: each state is its logits
-        >>> [(e.token, round(e.logprob, 3)) for e in prompt_token_logprobs(lambda x: x, states, [0, 1, 2], 0)]
-        [(1, -9.0), (2, -9.0)]
+    >>> states = 9 * torch.eye(3)  # a head that is the identity: each state is its logits
+    >>> scores = prompt_token_logprobs(lambda x: x, states, [0, 1, 2], 0)
+    >>> [(e.token, round(e.logprob, 3)) for e in scores.entries()]
+    [(1, -9.0), (2, -9.0)]
     """
-    out: list[TokenLogprobs] = []
     rows = rows or PROMPT_ROWS  # read at the call: a setting a test or a server may change
     targets = torch.tensor(list(prompt[1:]), dtype=torch.int64, device=states.device)
+    tables = []
     for start in range(0, len(prompt) - 1, rows):
         end = min(start + rows, len(prompt) - 1)
         logits = logits_of(states[start:end])
-        out.extend(
-            e for e in token_logprobs(logits, targets[start:end], [k] * (end - start)) if e is not None
-        )
-    return out
+        k = min(k, logits.shape[-1])
+        tables.append(_table(logits, targets[start:end], k))
+    return PromptLogprobs(tuple(tables), k)
 
 
 def _sampled_first_among_ties(

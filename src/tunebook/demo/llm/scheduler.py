@@ -74,9 +74,10 @@ class Request:
     # do, keeping a long request's memory bounded): then it holds those not yet taken.
     logprobs: list[Any] = field(default_factory=list)
     stream: Any = None  # the TextStream that turns its ids into text (engine-owned)
-    # Where params.prompt_logprobs is set: each prompt token's after the first (its prefill
-    # sets them, before on_update is told of its first token or its end).
-    prompt_logprobs: list[Any] = field(default_factory=list)
+    # Where params.prompt_logprobs is set: each prompt token's after the first, a
+    # sampling.PromptLogprobs (its prefill sets it, before on_update is told of its first
+    # token or its end); None otherwise.
+    prompt_logprobs: Any = None
 
     @property
     def finished(self) -> bool:

@@ -701,7 +701,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
             # After the prefill, which scored the prompt where asked (the engine's thread
             # sets them before it tells of the request's first token or end). A string
             # prompt comes back as it was sent (its tokens decode without special tokens).
-            return Echo.of(engine.tokenizer, req.prompt, req.prompt_logprobs, text=_prompt_string(body))
+            scores = req.prompt_logprobs.entries() if req.prompt_logprobs is not None else []
+            return Echo.of(engine.tokenizer, req.prompt, scores, text=_prompt_string(body))
 
         if stream:
             streamed = {**head, "usage": None} if usage else head
@@ -710,7 +711,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
                 # Megabytes where a long prompt lists 20 alternatives a token: built and
                 # rendered off the event loop, as a whole answer's are; then let go of.
                 prompt_echo = echoed()
-                req.prompt_logprobs = []
+                req.prompt_logprobs = None
                 logprobs = texts.completion([], prompt_echo) if params.logprobs is not None else None
                 return _sse({**streamed, "choices": [choice(prompt_echo.text, None, logprobs)]}), len(
                     prompt_echo.text
