@@ -381,6 +381,24 @@ def test_a_worker_checks_integer_kernels_on_random_integers_not_zeros(tmp_path, 
         assert wrong.config["kwargs"] == {"BLOCK": 64} and wrong.error.startswith("WrongResult")
 
 
+def test_a_rebuilt_call_keeps_locks_counters_and_scratch_at_zero() -> None:
+    """A worker's rebuilt call: integers named in reset_to_zero, restore_value or check's
+    ignore stay zeros (a spin lock the kernel restores itself starting at a random value
+    hung every config in the worker, while it ran in process)."""
+    import tunebook
+    from small_kernels import block_configs
+    from tunebook._worker.child import zeroed_names
+
+    kernel = tunebook.autotune(
+        block_configs(32),
+        key=["n"],
+        check={"ignore": ["out_ptr"]},
+        reset_to_zero=["x_ptr"],
+        restore_value=["y_ptr"],
+    )(add_kernel)
+    assert zeroed_names(kernel) == {"x_ptr", "y_ptr", "out_ptr"}
+
+
 def test_rebuilt_integers_are_random_only_when_checked_and_stay_in_bounds() -> None:
     from tunebook._calls import build_args, describe_call
 

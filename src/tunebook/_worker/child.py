@@ -50,6 +50,13 @@ def locate(module: str, attr: str) -> Any:
     return obj
 
 
+def zeroed_names(tuner: Any) -> set[str]:
+    """The arguments a rebuilt call keeps at zero whatever the check: locks, counters and
+    scratch (``ignore``, ``reset_to_zero``, ``restore_value``; _calls.build_args). A spin
+    lock that started at a random value hung every config."""
+    return {*tuner.reset_to_zero, *tuner.restore_value, *(tuner.options.check or {}).get("ignore", ())}
+
+
 def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """(grid, args, kwargs) for a job, through the kernel's inputs= factory or the recording."""
     from .. import _calls
@@ -72,15 +79,13 @@ def rebuild_call(tuner: Any, job: Mapping[str, Any]) -> tuple[Any, tuple[Any, ..
             "register inputs= with tunebook.autotune to tune declared keys"
         )
     else:
-        # A checked kernel's integers are random, else the check compares runs on zeros;
-        # locks and scratch (ignore, reset_to_zero) keep zeros (_calls.build_args).
-        check = tuner.options.check
+        # A checked kernel's integers are random, else the check compares runs on zeros.
         args, kwargs = _calls.build_args(
             call,
             device=_default_device(),
-            random_integers=check is not None,
+            random_integers=tuner.options.check is not None,
             names=tuner.arg_names,
-            zeroed={*tuner.reset_to_zero, *(check or {}).get("ignore", ())},
+            zeroed=zeroed_names(tuner),
         )
     if call is None or not call.get("grids"):
         raise ValueError("no launch grid: the recorded call has no grids and inputs= returned grid=None")
