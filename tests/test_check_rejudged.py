@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,12 @@ with warnings.catch_warnings(record=True) as caught:
 """
 
 
-def wrong_at_128(blocks: list[int], check: Any) -> dict[str, Any]:
-    """One process calling add_wrong_at_128_kernel over ``blocks`` (in that order) with ``check``."""
+def wrong_at_128(blocks: list[int], check: Any, book: Path | None = None) -> dict[str, Any]:
+    """One process calling add_wrong_at_128_kernel over ``blocks`` (in that order) with ``check``,
+    on ``book`` (default: the test's TUNEBOOK_DIR)."""
     code = WRONG_AT_128 + "EXPECTED = x + y\n" + REPORT
-    return run_python(code, env={"BLOCKS": json.dumps(blocks), "CHECK": json.dumps(check)})
+    env = {"BLOCKS": json.dumps(blocks), "CHECK": json.dumps(check)}
+    return run_python(code, env=env | ({"TUNEBOOK_DIR": str(book)} if book else {}))
 
 
 def noisy(directory: Path, check: Any) -> dict[str, Any]:
@@ -300,6 +303,45 @@ def test_the_verdicts_of_a_key_judged_again_replace_the_old_ones_in_the_book() -
     # Nor does an ordinary writer's over a decided key.
     late = Entry(key=(1,), results={"a": wrong("b", "h1")})
     assert late.merged_over(base).results["a"] is OK
+
+
+def test_a_merge_keeps_a_wrong_result_over_another_books_success(book_dir: Path, tmp_path: Path) -> None:
+    """A wrong result is a verdict about a run that succeeded: merged with a book tuned without
+    check=, where the buggy config ran and won, it stands and the right config is served."""
+    from click.testing import CliRunner
+
+    from tunebook.cli._app import cli
+
+    checked = wrong_at_128([64, 32, 128], True)
+    assert checked["best"] == 64 and checked["results"]["128"].startswith("WrongResult")
+    unchecked = tmp_path / "unchecked"
+    assert wrong_at_128([64, 32, 128], False, unchecked)["best"] == 128
+    merged = tmp_path / "merged"
+    for books in ((book_dir, unchecked), (unchecked, book_dir)):
+        res = CliRunner().invoke(cli, ["merge", *map(str, books), "-o", str(merged)])
+        assert res.exit_code == 0, res.output
+    served = wrong_at_128([64, 32, 128], True, merged)
+    assert served["benchmarked"] == 0 and served["best"] == 64 and served["correct"]
+    assert served["results"]["128"] == checked["results"]["128"]
+
+
+def test_a_merge_ranks_wrong_results_first_and_never_chooses_one() -> None:
+    from tunebook.cli.merge import merge_entries
+
+    untagged = Result({"kwargs": {}}, None, "WrongResult: wrong result: out differs")
+    oom = Result({"kwargs": {}}, None, "OutOfResources: shared memory")
+    against_a, against_b = wrong("a", "h1"), wrong("b", "h1")
+    checked = Entry(key=(1,), results={"a": OK, "b": against_a, "c": untagged, "d": OK}, chosen="a")
+    # Another book: "b" its reference (ok), "a" and "c" judged against it, "d" out of memory.
+    other = Entry(key=(1,), results={"a": against_b, "b": OK, "c": against_b, "d": oom}, chosen="b")
+    for x, y in ((checked, other), (other, checked)):
+        merged = merge_entries(x, y)
+        # Every verdict stands (a tagged one over an older tunebook's), the success over the failure.
+        assert merged.results == {"a": against_b, "b": against_a, "c": against_b, "d": OK}
+        assert merged.chosen == ""  # both books' choices are wrong results
+        assert stale_verdicts(merged.results, ["a", "b", "c", "d"], {})  # judged again, either order
+        assert stale_verdicts(merged.results, ["b", "a", "c", "d"], {})
+    assert merge_entries(replace(checked, chosen="d"), other).chosen == "d"
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,23 @@
 united per key and results per config. Where two books hold a result for the same (key,
 config), the better measurement stands:
 
-1. a successful timing beats a failure (the config demonstrably runs on this platform; a
-   failure elsewhere may have been a transient one, such as memory held by a neighbour);
-2. between two timings, the smaller median stands — noise on a GPU only ever adds time;
-3. remaining ties (and two failures) go to the smaller (ms, error, at, config) in JSON
-   order, so that the choice never depends on the order of the inputs.
+1. a wrong result under ``check=`` beats everything else: it is a verdict about a run that
+   succeeded, not a failure that may have been transient, and the other book's ``ok`` may
+   be unchecked or the reference run of another judging. Between two wrong results, one
+   that says what it was judged under (``_failures.judged_under``) beats one an older
+   tunebook wrote: a tuning that judges otherwise judges the key again
+   (``_failures.stale_verdicts``), where the untagged verdict would stand for good;
+2. a successful timing beats any other failure (the config demonstrably runs on this
+   platform; a failure elsewhere may have been a transient one, such as memory held by a
+   neighbour);
+3. between two timings, the smaller median stands — noise on a GPU only ever adds time;
+4. remaining ties (and two failures of one kind) go to the smaller (ms, error, at, config)
+   in JSON order, so that the choice never depends on the order of the inputs.
+
+Every input's wrong results stand with what they were judged under (of two on one config,
+one), so a tuning that judges under anything else judges the merged key again: one whose
+inputs judged other configs wrong under different references or settings, whatever it
+judges under. ``chosen`` is only ever a config that no input holds as wrong.
 
 Entry bookkeeping: ``tuned_at`` is the earliest, ``updated_at`` and ``tunebook`` the
 latest, ``tuning_seconds`` the largest (merging a book with itself must not double it).
@@ -31,6 +43,7 @@ from rich.markup import escape
 
 from .._book import pagedir
 from .._book.records import Document, Entry, Result
+from .._failures import is_wrong_result, judged_under
 from ._common import (
     err,
     fail_if_left_alone,
@@ -51,8 +64,10 @@ from ._ticker import Ticker
 
 def _rank(result: Result) -> tuple[object, ...]:
     """Smaller is better; a total order over results (see the module docstring)."""
+    wrong = is_wrong_result(result)
     return (
-        0 if result.ok else 1,
+        0 if wrong else 1 if result.ok else 2,
+        1 if wrong and judged_under(result) is None else 0,
         1 if result.quick else 0,  # a full measurement is better evidence than a screening one
         result.median if result.ok else 0.0,
         json.dumps(result.to_json(), sort_keys=True),
@@ -100,8 +115,9 @@ def _canonical(value: object) -> str:
 
 
 def _merged_choice(a: str, b: str, results: dict[str, Result]) -> str:
-    """Both books' tie-aware choices: the measurably faster one, then the smaller id."""
-    candidates = [c for c in {a, b} if c and c in results]
+    """Both books' tie-aware choices: the measurably faster one, then the smaller id. A config
+    that either book holds as a wrong result (its result in ``results``) is no choice."""
+    candidates = [c for c in {a, b} if c and c in results and results[c].ok]
     if not candidates:
         return ""
     return min(candidates, key=lambda c: (results[c].median, c))
