@@ -85,6 +85,23 @@ def is_wrong_result(result: Result) -> bool:
     return not result.ok and (result.error or "").startswith(WRONG_RESULT + ":")
 
 
+# How a failure that check='s reference search recorded ends (_miss._reference_search): a
+# config the search never chose, not counted against its max_configs (_tuner.tune_key).
+_FOUND_AS_REFERENCE = " (found looking for check='s reference)"
+
+
+def found_as_reference(failure: Result) -> Result:
+    """``failure`` marked as one the reference search recorded; its start, which says what
+    failed (:func:`says_nothing`), is kept."""
+    error = (failure.error or "")[: ERROR_LIMIT - len(_FOUND_AS_REFERENCE)]
+    return replace(failure, error=error + _FOUND_AS_REFERENCE)
+
+
+def by_reference_search(result: Result) -> bool:
+    """Whether ``result`` is a failure :func:`found_as_reference`."""
+    return not result.ok and (result.error or "").endswith(_FOUND_AS_REFERENCE)
+
+
 def to_measure_again(results: Mapping[str, Result], ids: Iterable[str]) -> set[str]:
     """The candidates ``ids`` whose recorded failures in ``results`` are measured again: those
     that say nothing about their config, while none of the candidates has run."""
@@ -274,7 +291,9 @@ def judged_again(
     return now is not None and judged_otherwise(results, ids, now)
 
 
-def superseded(results: Mapping[str, Result], ids: Iterable[str], now: Judging | None, at: str) -> dict[str, Result]:
+def superseded(
+    results: Mapping[str, Result], ids: Iterable[str], now: Judging | None, at: str
+) -> dict[str, Result]:
     """The wrong results of the candidates ``ids`` still judged otherwise than ``now`` (None:
     ``check=`` off) after a tuning that judged the key again: those its budget did not measure
     again. Returned untagged (recorded ``at``), as an older tunebook's are, which judge no key
@@ -295,7 +314,9 @@ def superseded(results: Mapping[str, Result], ids: Iterable[str], now: Judging |
         if result is None or verdict is None or verdict == now:
             continue
         reason = (result.error or "")[: (result.error or "").rfind(_AGAINST)]
-        out[cid] = replace(result, error=f"{reason} (checked against {verdict.reference}, not judged again)", at=at)
+        out[cid] = replace(
+            result, error=f"{reason} (checked against {verdict.reference}, not judged again)", at=at
+        )
     return out
 
 

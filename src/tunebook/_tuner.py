@@ -44,6 +44,7 @@ from ._errors import NoRecordedGrid
 from ._failures import (
     ERROR_LIMIT,
     NO_TIMING,
+    by_reference_search,
     doubted_reference,
     is_wrong_result,
     judged_under,
@@ -329,6 +330,8 @@ def tune_key(job: KeyTuning) -> Outcome:
         for cid in job.ids:
             results.pop(cid, None)
     known = {i: results[cid].median for i, cid in enumerate(job.ids) if cid in results}
+    # Failures check='s reference search recorded: no search chose them (_failures.py).
+    uncounted = {i for i in known if by_reference_search(results[job.ids[i]])}
     timing = Timing(job)
     entry = job.known
 
@@ -409,6 +412,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         seed=job.seed,
         on_progress=on_progress,
         batch_size=n if whole else BATCH,
+        uncounted=uncounted,
     )
     said = "" if ran else none_ran(job, timing, held, results)
 
