@@ -361,3 +361,107 @@ def test_which_changes_judge_a_key_again(check: dict[str, Any] | None, order: li
 
     results = {"a": OK, "b": wrong("a", settings_hash({}) or "")}
     assert stale_verdicts(results, order, check) is stale
+
+
+# add_wrong_at_128_kernel over BLOCK=128 (buggy) and eight correct configs, in ORDER, under a
+# budget of 3 with the random strategy: the first config may run only as the reference.
+BUDGETED = """
+import json, os, warnings
+import torch, triton, tunebook
+from small_kernels import Replay, add_wrong_at_128_kernel, grid_1d, vectors
+
+replay = Replay({32: 3.0, 64: 2.0, 128: 1.0})
+good = [triton.Config({"BLOCK": b}, num_warps=w) for b in (32, 64) for w in (1, 2, 4, 8)]
+bad = [triton.Config({"BLOCK": 128}, num_warps=1)]
+configs = bad + good if os.environ["ORDER"] == "buggy_first" else good + bad
+kernel = tunebook.autotune(
+    configs, key=["n"], check=True, do_bench=replay, pre_hook=replay.pre_hook,
+    max_configs=3, strategy="random", seed=0,
+)(add_wrong_at_128_kernel)
+x, y, out = vectors(300)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    kernel[grid_1d(300)](x, y, out, 300)
+page = kernel.page()
+entry = page.get(next(iter(page.key_names())))
+print(json.dumps({
+    "benchmarked": tunebook.stats()["benchmarked"],
+    "sum": bool(torch.allclose(out, x + y)), "difference": bool(torch.allclose(out, x - y)),
+    "results": {cid: r.error or "ok" for cid, r in entry.results.items()},
+    "warnings": [str(w.message) for w in caught],
+}))
+"""
+
+
+def budgeted(order: str) -> dict[str, Any]:
+    return run_python(BUDGETED, env={"ORDER": order})
+
+
+def test_a_doubted_reference_that_was_never_measured_is_said_and_the_call_runs(book_dir: Path) -> None:
+    first = budgeted("buggy_first")
+    # The reference (BLOCK=128) ran only as the reference: the measured configs all disagreed.
+    assert not any(cid.startswith("BLOCK=128") for cid in first["results"])
+    (doubt,) = doubts(first)
+    assert "the reference config BLOCK=128|" in doubt
+    # None measured ran: the first config is launched in their place, as the docs say.
+    assert first["difference"]
+    again = budgeted("buggy_first")
+    assert again["benchmarked"] == 0 and again["difference"]
+
+
+def test_a_budgeted_search_judging_the_key_again_settles(book_dir: Path) -> None:
+    budgeted("buggy_first")
+    fixed = budgeted("trusted_first")  # judged again: at most 3 configs measured
+    assert fixed["benchmarked"] == 3 and fixed["sum"]
+    assert budgeted("trusted_first")["benchmarked"] == 0
+    assert budgeted("trusted_first")["benchmarked"] == 0
+
+
+TOO_LARGE_MODULE = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def add_one_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    tl.static_assert(BLOCK <= 64)  # as a config out of resources on a GPU
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+"""
+# 20 configs that cannot run, then 20 that can, under a budget of 3; DIE=1 ends the process at
+# its first timing, after the reference search, as a killed tuning does.
+TOO_LARGE_FIRST = """
+import json, os
+import torch, triton, tunebook
+import toolargekern
+
+def bench(fn, quantiles=None):
+    if os.environ.get("DIE") == "1":
+        os._exit(3)
+    fn()
+    return [1.0, 0.99, 1.01]
+
+configs = [triton.Config({"BLOCK": 128 * (i + 1)}) for i in range(20)] + [
+    triton.Config({"BLOCK": 16}, num_warps=w, num_stages=s) for w in (1, 2, 4, 8) for s in range(1, 6)
+]
+kernel = tunebook.autotune(
+    configs, key=["n"], check=True, do_bench=bench, max_configs=3, strategy="random", seed=0
+)(toolargekern.add_one_kernel)
+x, out = torch.randn(100), torch.empty(100)
+kernel[lambda m: (triton.cdiv(100, m["BLOCK"]),)](x, out, 100)
+print(json.dumps({"benchmarked": tunebook.stats()["benchmarked"], "best": kernel.best_config.kwargs["BLOCK"],
+                  "correct": bool(torch.allclose(out, x + 1))}))
+"""
+
+
+def test_a_tuning_killed_after_the_reference_search_is_resumed_within_its_budget(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "toolargekern.py").write_text(TOO_LARGE_MODULE)
+    with pytest.raises(Exception):  # noqa: B017 - the child exits before it prints
+        run_python(TOO_LARGE_FIRST, cwd=tmp_path, env={"DIE": "1"})
+    # The 20 failures the reference search recorded were chosen by no search: not counted.
+    resumed = run_python(TOO_LARGE_FIRST, cwd=tmp_path)
+    assert resumed["benchmarked"] == 3 and resumed["best"] == 16 and resumed["correct"]
+    assert run_python(TOO_LARGE_FIRST, cwd=tmp_path)["benchmarked"] == 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._book import Result
@@ -83,6 +83,23 @@ def says_nothing(result: Result) -> bool:
 def is_wrong_result(result: Result) -> bool:
     """Whether ``result`` is a wrong result under ``check=`` (tagged with its Judging or not)."""
     return not result.ok and (result.error or "").startswith(WRONG_RESULT + ":")
+
+
+# How a failure that check='s reference search recorded ends (_miss._reference_search): a
+# config the search never chose, not counted against its max_configs (_tuner.tune_key).
+_FOUND_AS_REFERENCE = " (found looking for check='s reference)"
+
+
+def found_as_reference(failure: Result) -> Result:
+    """``failure`` marked as one the reference search recorded; its start, which says what
+    failed (:func:`says_nothing`), is kept."""
+    error = (failure.error or "")[: ERROR_LIMIT - len(_FOUND_AS_REFERENCE)]
+    return replace(failure, error=error + _FOUND_AS_REFERENCE)
+
+
+def by_reference_search(result: Result) -> bool:
+    """Whether ``result`` is a failure :func:`found_as_reference`."""
+    return not result.ok and (result.error or "").endswith(_FOUND_AS_REFERENCE)
 
 
 def to_measure_again(results: Mapping[str, Result], ids: Iterable[str]) -> set[str]:
@@ -272,6 +289,35 @@ def judged_again(
         return True
     now = judging()
     return now is not None and judged_otherwise(results, ids, now)
+
+
+def superseded(
+    results: Mapping[str, Result], ids: Iterable[str], now: Judging | None, at: str
+) -> dict[str, Result]:
+    """The wrong results of the candidates ``ids`` still judged otherwise than ``now`` (None:
+    ``check=`` off) after a tuning that judged the key again: those its budget did not measure
+    again. Returned untagged (recorded ``at``), as an older tunebook's are, which judge no key
+    again: else the key was judged again, and measured, in every later process. The config
+    stays failed for the key.
+
+    >>> from tunebook._book import Result
+    >>> wrong = Result({}, None, "WrongResult: " + Judging("a", "h1").tag("wrong result"))
+    >>> superseded({"b": wrong}, ["b"], Judging("c", "h1"), "now")["b"].error
+    'WrongResult: wrong result (checked against a, not judged again)'
+    >>> superseded({"b": wrong}, ["b"], Judging("a", "h1"), "now")
+    {}
+    """
+    out = {}
+    for cid in ids:
+        result = results.get(cid)
+        verdict = judged_under(result) if result is not None else None
+        if result is None or verdict is None or verdict == now:
+            continue
+        reason = (result.error or "")[: (result.error or "").rfind(_AGAINST)]
+        out[cid] = replace(
+            result, error=f"{reason} (checked against {verdict.reference}, not judged again)", at=at
+        )
+    return out
 
 
 def doubted_reference(results: Mapping[str, Result], ids: Iterable[str]) -> str | None:

@@ -694,7 +694,8 @@ def _reference_search(
     begun = time.perf_counter()
 
     def record(i: int, exc: BaseException) -> None:
-        persist({miss.ids[i]: failure(records[i], exc)}, "", time.perf_counter() - begun)
+        marked = _failures.found_as_reference(failure(records[i], exc))
+        persist({miss.ids[i]: marked}, "", time.perf_counter() - begun)
 
     return ReferenceSearch(
         ids=miss.ids,

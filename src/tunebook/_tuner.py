@@ -44,11 +44,13 @@ from ._errors import NoRecordedGrid
 from ._failures import (
     ERROR_LIMIT,
     NO_TIMING,
+    by_reference_search,
     doubted_reference,
     is_wrong_result,
     judged_under,
     no_timing,
     says_nothing,
+    superseded,
     to_measure_again,
 )
 from ._jsonio import stored_key
@@ -323,10 +325,13 @@ def tune_key(job: KeyTuning) -> Outcome:
     # Wrong results judged otherwise than this tuning judges: each candidate is measured and
     # judged again, as a config that agreed with a wrong reference is as doubtful as one that
     # did not; the new results replace the old in the book (Entry.merged_over).
-    if judged_again(job, results):
+    rejudged = judged_again(job, results)
+    if rejudged:
         for cid in job.ids:
             results.pop(cid, None)
     known = {i: results[cid].median for i, cid in enumerate(job.ids) if cid in results}
+    # Failures check='s reference search recorded: no search chose them (_failures.py).
+    uncounted = {i for i in known if by_reference_search(results[job.ids[i]])}
     timing = Timing(job)
     entry = job.known
 
@@ -407,6 +412,7 @@ def tune_key(job: KeyTuning) -> Outcome:
         seed=job.seed,
         on_progress=on_progress,
         batch_size=n if whole else BATCH,
+        uncounted=uncounted,
     )
     said = "" if ran else none_ran(job, timing, held, results)
 
@@ -439,8 +445,10 @@ def tune_key(job: KeyTuning) -> Outcome:
     chosen = tie_aware_choice(choosable, job.ids, hints)
     say_doubted_reference(stored, job.ids, job.label, job.key, f"{job.where or job.label}:{job.key_text}")
     seconds = time.perf_counter() - start
-    if entry is None or chosen or timing.measured:
-        entry = job.persist({}, chosen or "", seconds)
+    # Old verdicts a budgeted search did not replace (_failures.superseded).
+    untagged = superseded(stored, job.ids, judging_now(job), now_iso()) if rejudged else {}
+    if entry is None or chosen or timing.measured or untagged:
+        entry = job.persist(untagged, chosen or "", seconds)
     why = why_stopped(found.stopped, job.budget)
     if job.progress is not None:
         final = min((r.median for r in results.values()), default=math.inf)
@@ -454,6 +462,13 @@ def judged_again(job: KeyTuning, results: Mapping[str, Result]) -> bool:
     settings, or with ``check=`` off now (_failures.judged_again)."""
     # A checking bench's (_check.CheckedBench); none where check= is off.
     return _failures.judged_again(results, job.ids, getattr(job.bench, "judging", None))
+
+
+def judging_now(job: KeyTuning) -> Any:
+    """What the tuning judges under (a ``_failures.Judging``): None where ``check=`` is off
+    or no candidate runs."""
+    judging = getattr(job.bench, "judging", None)
+    return judging() if judging is not None else None
 
 
 def say_doubted_reference(
@@ -474,9 +489,11 @@ def doubted_reference_warning(
     """What to say when every other candidate of ``ids`` checked against the reference config,
     two at least, disagreed with it while none agreed: the reference is then the likelier one
     to be wrong (_failures.doubted_reference); "" otherwise. One that disagreed with its own
-    earlier run is the kernel's nondeterminism, which ``none_ran`` tells."""
+    earlier run is the kernel's nondeterminism, which ``none_ran`` tells. Under a search
+    budget the reference may have run only as the reference, never measured: it agreed with
+    itself then, and the others' verdicts say as much as if it had been."""
     reference = doubted_reference(results, ids)
-    if reference is None or not results[reference].ok:
+    if reference is None or (reference in results and not results[reference].ok):
         return ""
     wrong = sum(1 for cid in ids if cid in results and cid != reference and is_wrong_result(results[cid]))
     return (

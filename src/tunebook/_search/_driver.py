@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +30,10 @@ class Budget:
     """How much a search may spend.
 
     ``max_configs`` counts every candidate with a result for this key, *including* the
-    ``known`` ones: a killed run resumed with the same budget ends where the uninterrupted run
-    would have. ``max_seconds`` is wall time of this call, checked between batches, after the
-    first (a time budget never means no measurement). None is unlimited.
+    ``known`` ones but those ``search`` is told are ``uncounted`` (never chosen by a search):
+    a killed run resumed with the same budget ends where the uninterrupted run would have.
+    ``max_seconds`` is wall time of this call, checked between batches, after the first (a
+    time budget never means no measurement). None is unlimited.
 
     >>> Budget(max_configs=200).max_seconds is None
     True
@@ -121,6 +122,7 @@ def search(
     on_progress: Callable[[int, int, float], None] | None = None,
     batch_size: int = 8,
     clock: Callable[[], float] = time.monotonic,
+    uncounted: Collection[int] = (),
 ) -> SearchResult:
     """Measure candidates chosen by ``strategy`` until the budget or the strategy ends.
 
@@ -129,6 +131,8 @@ def search(
     Exceptions from ``measure`` propagate: whatever it persisted before raising comes back as
     ``known`` next time, and the search resumes without re-measuring it. ``on_progress(done,
     total, best_ms)`` is called after every batch (``done`` includes known results).
+    ``uncounted``: known results that ``budget.max_configs`` does not count (failures found
+    outside the search, by check='s reference search), though they are never measured again.
     """
     if batch_size < 1:
         raise ValueError(f"search: batch_size must be >= 1; found {batch_size}")
@@ -143,7 +147,8 @@ def search(
     for i in sorted(results):
         strat.tell(i, results[i])
 
-    cap = n if budget.max_configs is None else min(n, budget.max_configs)
+    free = sum(1 for i in set(uncounted) if i in results)
+    cap = n if budget.max_configs is None else min(n, budget.max_configs + free)
     start = clock()
     measured: list[int] = []
     trace: list[float] = []
