@@ -234,6 +234,51 @@ def test_a_worker_whose_every_config_computed_a_wrong_result_is_told_the_checks_
     assert "the rest cannot run here" in said
 
 
+OTHER_KEY_MODULE = """
+import triton, triton.language as tl, tunebook
+from small_kernels import Replay
+
+
+@triton.jit
+def kern(x_ptr, out_ptr, n, N: tl.constexpr, BLOCK: tl.constexpr):
+    tl.static_assert(BLOCK <= N)  # BLOCK=64 cannot run for N=32 (as out of resources), can for 128
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + offs, mask=m)
+    tl.store(out_ptr + offs, x - 1 if BLOCK == 16 else x + 1, mask=m)  # BLOCK=16 is wrong
+
+
+replay = Replay({64: 1.0, 32: 2.0, 16: 0.5})
+k = tunebook.autotune([triton.Config({"BLOCK": b}) for b in (64, 32, 16)], key=["N"], check=True,
+                      do_bench=replay, pre_hook=replay.pre_hook)(kern)
+"""
+OTHER_KEY = """
+import json, os, torch, triton, tunebook
+import otherkey
+
+for N in json.loads(os.environ["KEYS"]):
+    x, out = torch.randn(N), torch.empty(N)
+    otherkey.k[lambda m, N=N: (triton.cdiv(N, m["BLOCK"]),)](x, out, N, N=N)
+print(json.dumps({"misses": tunebook.stats()["misses"], "benchmarked": tunebook.stats()["benchmarked"]}))
+"""
+
+
+def test_a_config_that_cannot_run_for_another_key_is_this_keys_reference_where_it_runs(
+    book_dir: Path, tmp_path: Path
+) -> None:
+    """BLOCK=64, first, cannot run for N=32 and runs for N=128. The reference search tried a
+    config that could not run for another key last, so N=128 was judged against 32, while
+    the re-judge rule predicted 64 from N=128's results: every process then missed N=128
+    and ran its reference again. Whether it is demoted also hung on which keys a process
+    had read."""
+    (tmp_path / "otherkey.py").write_text(OTHER_KEY_MODULE)
+    first = run_python(OTHER_KEY, cwd=tmp_path, env={"KEYS": "[32, 128]"})
+    assert first["misses"] == 2
+    for keys in ("[32, 128]", "[128]"):
+        again = run_python(OTHER_KEY, cwd=tmp_path, env={"KEYS": keys})
+        assert (again["misses"], again["benchmarked"]) == (0, 0), (keys, again)
+
+
 # ----------------------------------------------------------------- in one process
 
 

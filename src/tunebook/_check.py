@@ -405,27 +405,24 @@ class ReferenceSearch:
     """Where :class:`CheckedBench` looks for its reference, and whom it tells what it finds.
 
     The reference is the first candidate, in list order, that runs. Those at ``skip``
-    (recorded unable to run for this key) are not launched for it, and those at ``last``
-    (recorded unable to run for another key) are tried after the others. ``record(i, exc)``
+    (recorded unable to run for this key) are not launched for it. ``record(i, exc)``
     hears of each candidate whose launch raised the backend's error for a config that
     cannot run (``_compat.is_unrunnable_config_error``, as the tuning loop classifies it), to
     record it as that config's failure. ``ids`` name the candidates, ``where`` the kernel
     and key, in messages.
 
-    >>> list(ReferenceSearch(skip={0}, last={1}).order(4))
-    [2, 3, 1]
+    >>> list(ReferenceSearch(skip={0, 2}).order(4))
+    [1, 3]
     """
 
     ids: Sequence[str] = ()
     skip: Collection[int] = frozenset()
-    last: Collection[int] = frozenset()
     record: Callable[[int, BaseException], None] | None = None
     where: str = "kernel"
 
     def order(self, n: int) -> Iterator[int]:
         """The candidates (indices below ``n``) to try as the reference, in turn."""
-        yield from (i for i in range(n) if i not in self.skip and i not in self.last)
-        yield from (i for i in sorted(self.last) if i < n and i not in self.skip)
+        return (i for i in range(n) if i not in self.skip)
 
     def name(self, i: int, candidate: Any) -> str:
         return self.ids[i] if i < len(self.ids) else str(candidate)

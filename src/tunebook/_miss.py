@@ -624,7 +624,7 @@ def _job(
     configs = miss.candidates
     records = _records(tuner, configs)
     persist = Persist(page, miss.text, miss.key, miss.ids[0], entry)
-    search = _reference_search(miss, page, entry, persist, records) if options.check is not None else None
+    search = _reference_search(miss, entry, persist, records) if options.check is not None else None
     return KeyTuning(
         key_text=miss.text,
         key=stored_key(miss.key),
@@ -676,19 +676,20 @@ def unexpected_failure(exc: BaseException) -> bool:
 
 
 def _reference_search(
-    miss: Miss, page: Page | None, entry: Entry | None, persist: Persist, records: Sequence[Mapping[str, Any]]
+    miss: Miss, entry: Entry | None, persist: Persist, records: Sequence[Mapping[str, Any]]
 ) -> ReferenceSearch:
     """Where ``check=`` looks for its reference (``_check.ReferenceSearch``): configs the book
-    records unable to run here are not launched for it (this key's) or tried last (another
-    key's, among those this process has read), and those it finds unable to run are recorded
-    for the key, as when measured. It launches in list order, outside the search's budget, so
-    without this every process and every key launched them again."""
+    records unable to run for this key are not launched for it, and those it finds unable to
+    run are recorded for the key, as when measured. It launches in list order, outside the
+    search's budget, so without this every process launched them again. Not another key's
+    records: a config that cannot run for one key may for this one, and the reference is
+    the first config that runs for this key, which is what ``_failures.expected_reference``
+    predicts from this key's results alone (it once tried those last, and a key whose
+    prediction and reference differed was judged again in every process)."""
     from ._check import ReferenceSearch
 
     position = {cid: i for i, cid in enumerate(miss.ids)}
     here = _cannot_run(entry.results) if entry is not None else set()
-    others = [e for text, e in page.entries.items() if text != miss.text] if page is not None else []
-    elsewhere = set().union(*(_cannot_run(e.results) for e in others)) - here
     # Persist takes the seconds since the tuning began, to count each write's share: from
     # here, a moment before tune_key's own clock starts.
     begun = time.perf_counter()
@@ -700,7 +701,6 @@ def _reference_search(
     return ReferenceSearch(
         ids=miss.ids,
         skip={position[cid] for cid in here if cid in position},
-        last={position[cid] for cid in elsewhere if cid in position},
         record=record,
         where=f"{miss.tuner.label} key {miss.text}",
     )
