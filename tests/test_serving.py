@@ -189,6 +189,32 @@ def test_prefer_nearest_serves_a_neighbour_before_the_fallback(monkeypatch, book
     assert tunebook.stats()["benchmarked"] == 0
 
 
+def test_serve_mode_never_launches_a_config_the_keys_results_rule_out(monkeypatch, book_dir, tmp_path):
+    """A key whose tuning ended before any config ran (a killed process) holds only
+    failures: serve mode launched the first config, which the key records as unable to run
+    here, and the call failed. It serves the first config not ruled out."""
+    from tunebook._book import Entry, Result
+
+    call(tunebook.autotune(block_configs(128, 64, 32), key=["n"])(add_kernel), 300)  # the key's text and ids
+    tuned = tunebook.autotune(block_configs(128, 64, 32), key=["n"])(add_kernel).page()
+    (text,) = tuned.key_names()
+    entry = tuned.get(text)
+    assert entry is not None
+    ids = {r.config["kwargs"]["BLOCK"]: cid for cid, r in entry.results.items()}
+    cannot = "OutOfResources: out of resource: shared memory"
+    wrong = "WrongResult: wrong result: out_ptr differs from the reference config"
+    failed = {
+        ids[b]: Result(entry.results[ids[b]].config, None, why) for b, why in ((128, cannot), (64, wrong))
+    }
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "killed"))
+    served = tunebook.autotune(block_configs(128, 64, 32), key=["n"])(add_kernel)
+    served.page().record(text, Entry(key=entry.key, results=failed))
+    monkeypatch.setenv("TUNEBOOK_MODE", "serve")
+    call(served, 300)
+    assert served.best_config.kwargs == {"BLOCK": 32}
+    assert tunebook.stats()["benchmarked"] == 3  # the first tuning's; serve measured nothing
+
+
 def test_serve_mode_records_replayable_misses(monkeypatch, book_dir):
     monkeypatch.setenv("TUNEBOOK_MODE", "serve")
     kernel = tunebook.autotune(block_configs(32, 64, 128), key=["n"])(add_kernel)

@@ -80,6 +80,18 @@ def says_nothing(result: Result) -> bool:
     return not is_sticky_gpu_error(error)
 
 
+def failed_for_good(result: Result) -> bool:
+    """Whether ``result`` is a failure of its config that the book keeps for the key: never
+    measured again, nor served for it.
+
+    >>> failed_for_good(Result({}, None, "OutOfResources: out of resource: shared memory"))
+    True
+    >>> failed_for_good(Result({}, None, "no valid timing: [nan, nan, nan]"))
+    False
+    """
+    return not result.ok and not says_nothing(result)
+
+
 def is_wrong_result(result: Result) -> bool:
     """Whether ``result`` is a wrong result under ``check=`` (tagged with its Judging or not)."""
     return not result.ok and (result.error or "").startswith(WRONG_RESULT + ":")

@@ -33,7 +33,7 @@ from ._bench import QUANTILES
 from ._book import Entry, Page, Result, config_id, config_record
 from ._call import Call
 from ._errors import WrongResult
-from ._failures import says_nothing
+from ._failures import failed_for_good, says_nothing
 from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
 from ._listing import SpaceCandidates, candidate_ids
@@ -248,7 +248,14 @@ def _serve(miss: Miss, entry: Entry | None, page: Page) -> Resolution:
     has not set aside for it (``_set_aside.py``); the key's own results are never set aside."""
     last = miss.tuner.options.prefer_nearest
     aside = miss.tuner.set_aside.of(miss.key)
-    others = _without(miss, aside) if aside else miss
+    # Nor configs the key's own results rule out (cannot run here, a wrong result under
+    # check=): a tuning that ended before any config ran left them, and serve launched them.
+    ruled_out = {
+        cid: "" for cid, r in (entry.results.items() if entry is not None else ()) if failed_for_good(r)
+    }
+    others = _without(miss, {**ruled_out, **aside}) if aside or ruled_out else miss
+    if not others.ids:  # every one ruled out: the chain as it was
+        others = _without(miss, aside) if aside else miss
     own = entry.best(miss.ids) if entry is not None else None
     picked = None if last else _user_fallback(miss)  # its rule sees every candidate, as always
     picked = None if picked in aside else picked
