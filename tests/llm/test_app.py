@@ -30,8 +30,11 @@ def tiny_engine(ops: Any = "torch") -> Engine:
     return Engine(weights, ByteTokenizer(), ops=ops, max_batch=4, max_model_len=128)
 
 
-async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-    """POST ``body`` to ``app`` as uvicorn would; the status and the whole response body."""
+async def post(
+    app: Any, path: str, body: dict[str, Any], leave: asyncio.Event | None = None
+) -> tuple[int, bytes]:
+    """POST ``body`` to ``app`` as uvicorn would; the status and the whole response body.
+    The client stays until its answer is complete, or disconnects once ``leave`` is set."""
     raw = json.dumps(body).encode()
     scope = {
         "type": "http",
@@ -56,7 +59,7 @@ async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         if not sent:
             sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
-        await answered.wait()  # the client stays until its answer is complete
+        await (answered if leave is None else leave).wait()
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
@@ -323,13 +326,13 @@ def test_a_stream_takes_its_tokens_logprobs_from_the_request_as_it_sends_them() 
     engine = tiny_engine()
     app = create_app(engine, "tiny-random")
     requests = []
-    submit = engine.submit
+    queue = engine.queue
 
-    def kept(*args: Any, **kwargs: Any) -> Any:
-        requests.append(submit(*args, **kwargs))
-        return requests[-1]
+    def kept(queued: list[Any]) -> None:
+        requests.extend(queued)
+        queue(queued)
 
-    engine.submit = kept  # type: ignore[method-assign]
+    engine.queue = kept  # type: ignore[method-assign]
     body = {"prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 3, "temperature": 0}
     engine.start()
     try:

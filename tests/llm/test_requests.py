@@ -157,11 +157,12 @@ def test_a_prompt_past_the_context_whatever_its_tokens_is_refused_before_it_is_t
 
     front = Front(SimpleNamespace(tokenizer=Counting(), max_model_len=2048), "m")  # type: ignore[arg-type]
     with pytest.raises(BadRequest) as err:
-        front.completion_prompt({"prompt": "word " * 2_000_000})
+        front.completion_prompts({"prompt": "word " * 2_000_000})
     assert err.value.code == "context_length_exceeded" and err.value.param == "prompt"
     assert "maximum context length is 2048 tokens" in err.value.message and "at least" in err.value.message
     assert Counting.calls == 0
-    assert len(front.completion_prompt({"prompt": "word " * 100})) >= 100 and Counting.calls == 1
+    [(ids, sent)] = front.completion_prompts({"prompt": "word " * 100})
+    assert len(ids) >= 100 and sent == "word " * 100 and Counting.calls == 1
 
 
 def test_of_several_stop_strings_the_earliest_in_the_text_ends_it() -> None:

@@ -102,6 +102,24 @@ def test_a_texts_log_likelihood_as_lm_evaluation_harness_asks_for_it(client: Any
     assert sum(lp.token_logprobs[1:]) == pytest.approx(float(torch.tensor(reference).sum()), abs=1e-3)
 
 
+def test_a_batch_of_token_id_prompts_scored_as_lm_evaluation_harness_sends_it(client: Any) -> None:
+    """lm-evaluation-harness's ``local-completions`` with ``batch_size`` over 1 sends ``prompt``
+    as a list of token-id lists (``echo``, ``logprobs: 1``, ``max_tokens: 1``) and reads the
+    choices by ``index``: through the openai client, a choice per prompt in prompt order,
+    each the text and logprobs of its prompt scored alone; the usage summed. It was a 400."""
+    prompts = [[72, 105, 33, 32, 65], [66, 67], [1, 2, 3, 4]]
+    asked = dict(model=MODEL, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    batch = client.completions.create(prompt=prompts, **asked)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, batch.choices):
+        [alone] = client.completions.create(prompt=prompt, **asked).choices
+        assert choice.text == alone.text and choice.logprobs.tokens == alone.logprobs.tokens
+        assert len(choice.logprobs.tokens) == len(prompt) + 1 and choice.logprobs.token_logprobs[0] is None
+        scores, expected = choice.logprobs.token_logprobs[1:], alone.logprobs.token_logprobs[1:]
+        assert scores == pytest.approx(expected, abs=1e-4)
+    assert batch.usage.prompt_tokens == sum(map(len, prompts)) and batch.usage.completion_tokens == 3
+
+
 def tokenizer_text(token: int) -> str:
     """A token's name in logprobs (``bytes:\\xNN`` for part of a character)."""
     from tunebook.demo.llm.logprob_texts import token_text

@@ -47,6 +47,9 @@ from .tokenizer import TextStream, TokenizerLike
 
 log = logging.getLogger("tunebook.demo.llm")
 
+# What a request calls after each step that changed it: (request, new token ids, new text).
+OnUpdate = Callable[[Request, list[int], str], None]
+
 __all__ = ["Engine", "default_device", "default_dtype"]
 
 
@@ -153,18 +156,36 @@ class Engine:
         request_id: str | None = None,
     ) -> Request:
         """Queue a request (any thread). Raises ValueError if it can never run."""
+        request = self.request(prompt, params, on_update, request_id)
+        self.queue([request])
+        return request
+
+    def request(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        on_update: OnUpdate | None,
+        request_id: str | None,
+    ) -> Request:
+        """A request, checked but not queued (:meth:`queue` queues it, with others). Raises
+        ValueError if it can never run."""
         vocab = self.weights.config.vocab
         bad = [t for t in prompt if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); found {shown(bad[:5])}")
         request = Request(request_id or new_id(), [int(t) for t in prompt], params, on_update)
+        self.scheduler.check(request)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         request.stream = TextStream(self.tokenizer, params.stop)
-        self.scheduler.add(request)
+        return request
+
+    def queue(self, requests: list[Request]) -> None:
+        """Queue requests made by :meth:`request` together (any thread): the next step sees
+        all of them or none, so a client's batch shares its prefill where the limits allow."""
+        self.scheduler.add_all(requests)
         with self._wake:
             self._wake.notify()
-        return request
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step and free its cache (any thread)."""

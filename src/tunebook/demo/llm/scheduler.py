@@ -121,8 +121,22 @@ class Scheduler:
         return min(len(request.prompt) + request.params.max_tokens, self.max_model_len)
 
     def add(self, request: Request) -> Request:
-        """Queue a request. Raises ValueError if it can never run (empty or too long a
-        prompt, or more cache than the whole cache holds)."""
+        """Queue a request. Raises ValueError if it can never run (:meth:`check`)."""
+        self.add_all([request])
+        return request
+
+    def add_all(self, requests: list[Request]) -> None:
+        """Queue several requests together: each is checked first (none is queued if one
+        can never run), then all join the queue at once, so the next schedule sees all or
+        none of them (a client's batch shares its prefill where the limits allow)."""
+        for request in requests:
+            self.check(request)
+        with self._lock:
+            self.waiting.extend(requests)
+
+    def check(self, request: Request) -> None:
+        """Raises ValueError if ``request`` can never run (empty or too long a prompt, or
+        more cache than the whole cache holds)."""
         n = len(request.prompt)
         if n == 0:
             raise ValueError("the prompt is empty: it needs at least one token")
@@ -138,9 +152,6 @@ class Scheduler:
                 f"the request needs {need} cache blocks of {self.block_size} tokens and the cache holds "
                 f"{self.allocator.num_blocks - 1}; ask for fewer max_tokens"
             )
-        with self._lock:
-            self.waiting.append(request)
-        return request
 
     def abort(self, request_id: str) -> None:
         """End a request at the next step (any thread)."""

@@ -3,7 +3,9 @@
 Endpoints (the subset of OpenAI's API a chat client needs):
 
 * ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served;
-* ``POST /v1/completions``: ``prompt`` (a string, or a list of token ids), ``max_tokens``
+* ``POST /v1/completions``: ``prompt`` (a string, or a list of token ids; or a batch of
+  up to MAX_PROMPTS, a list of strings or of token-id lists: a choice each, in prompt
+  order, a request each queued together: ``batch.py``), ``max_tokens``
   (default 16), ``temperature`` (default 1), ``top_p``, ``stop``, ``seed``, ``stream``,
   ``logprobs`` (0 to MAX_LOGPROBS alternatives: ``tokens``, ``token_logprobs``,
   ``top_logprobs``, ``text_offset``), ``echo`` (the prompt's text and, with ``logprobs``,
@@ -27,13 +29,13 @@ error it did not expect (logged; the engine goes on with the next requests); nev
 Streams are server-sent events ending with ``data: [DONE]``. Every request goes to one engine whose
 loop runs on a background thread, so concurrent requests share decode steps. A client
 that disconnects (mid-stream, while waiting, or before a non-streamed answer is complete)
-has its request aborted and its cache freed at the next step.
+has its request (every prompt of a batch) aborted and its cache freed at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -43,6 +45,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ..._optional import require
+from .batch import about_prompt, is_token_id, merged, prompt_list, together
 from .engine import Engine, shown
 from .logprob_texts import Echo, TokenTexts
 from .sampling import SamplingParams, TokenLogprobs
@@ -275,12 +278,9 @@ def echo_flag(body: Mapping[str, Any]) -> bool:
     return _flag(body, "echo")
 
 
-def _prompt_string(body: Mapping[str, Any]) -> str | None:
-    """The prompt as sent where it is a string (a batch of one included), else None."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    return prompt if isinstance(prompt, str) else None
+def _of_prompt(exc: BadRequest, i: int, n: int) -> BadRequest:
+    """``exc``, about prompt ``i`` of ``n``: named where they are a batch."""
+    return BadRequest(about_prompt(exc.message, i, n), exc.param, exc.status, exc.code)
 
 
 def _stream_flag(body: Mapping[str, Any]) -> bool:
@@ -394,25 +394,42 @@ class Front:
                 "model_not_found",
             )
 
-    def completion_prompt(self, body: Mapping[str, Any]) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
+    def completion_prompts(self, body: Mapping[str, Any]) -> list[tuple[list[int], str | None]]:
+        """Each prompt of ``prompt`` (a batch's in order, every one checked before any is
+        queued), as its token ids and the string it was sent as (None for token ids: an
+        echo sends a string back as sent). A refusal names a batch's prompt by its index."""
+        try:
+            prompts = prompt_list(body.get("prompt"))
+        except ValueError as exc:
+            raise BadRequest(str(exc), "prompt") from None
+        out: list[tuple[list[int], str | None]] = []
+        for i, prompt in enumerate(prompts):
+            name = "'prompt'" if len(prompts) == 1 else f"'prompt[{i}]'"
             if not prompt:
-                raise BadRequest("'prompt' is empty: it needs at least one token", "prompt")
-            return self.encode(_text(prompt, "'prompt'", "prompt"), "prompt")
-        if (
-            isinstance(prompt, list)
-            and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
-            return [int(t) for t in prompt]
-        raise BadRequest(
-            "'prompt' must be a non-empty string or a list of token ids (one prompt per request); "
-            f"found {shown(prompt)}",
-            "prompt",
-        )
+                raise BadRequest(f"{name} is empty: it needs at least one token", "prompt")
+            if isinstance(prompt, str):
+                try:
+                    out.append((self.encode(_text(prompt, name, "prompt"), "prompt"), prompt))
+                except BadRequest as exc:
+                    raise _of_prompt(exc, i, len(prompts)) from None
+            elif all(map(is_token_id, prompt)):
+                out.append(([int(t) for t in prompt], None))
+            else:
+                raise BadRequest(f"{name} must be a list of token ids; found {shown(prompt)}", "prompt")
+        return out
+
+    def completion_params(self, body: Mapping[str, Any], prompts: list[list[int]]) -> list[SamplingParams]:
+        """Each prompt's sampling parameters: the request's, with a ``max_tokens`` that fits
+        the prompt (a default one shrinks to fit each)."""
+        least = 0 if echo_flag(body) else 1
+        budgets = []
+        for i, prompt in enumerate(prompts):
+            try:
+                budgets.append(self.max_tokens(body, prompt, 16, least))
+            except BadRequest as exc:
+                raise _of_prompt(exc, i, len(prompts)) from None
+        params = sampling_params(body, budgets[0])
+        return [dataclasses.replace(params, max_tokens=n) if n != budgets[0] else params for n in budgets]
 
     def encode(self, text: str, param: str) -> list[int]:
         """``text``'s tokens. A text that cannot fit the context whatever its tokens is refused
@@ -470,35 +487,48 @@ class Front:
             raise self._prompt_too_long(f"at least {fewest}", "messages")
 
     def submit(
-        self, prompt: list[int], params: SamplingParams, prefix: str = "cmpl", *, stream: bool = False
-    ) -> tuple[Request, asyncio.Queue[Any]]:
-        """Queue a request; its updates arrive on the returned queue as ``(new text,
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        prefix: str = "cmpl",
+        *,
+        stream: bool = False,
+    ) -> tuple[str, list[tuple[Request, asyncio.Queue[Any]]]]:
+        """Queue a request for each prompt, all at once (a batch shares its steps); the
+        answer's id and each request with the queue its updates arrive on, as ``(new text,
         finish_reason, the new tokens' TokenLogprobs)``, pushed from the engine's thread
         (SHUTDOWN when the server ends it). A ``stream`` takes its tokens' logprobs from the
         request as they come (its chunks carry them: the request keeps none); a whole answer
         leaves them in :attr:`Request.logprobs` (its updates carry none) and reads them at the
-        end. Raises ShuttingDown once the server has ended its requests."""
+        end. Raises BadRequest (naming a batch's prompt) where the engine refuses a prompt,
+        and none is queued; ShuttingDown once the server has ended its requests."""
         if self.closed:
             raise ShuttingDown
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        answer_id = f"{prefix}-{uuid.uuid4().hex[:24]}"
 
-        def on_update(request: Request, tokens: list[int], delta: str) -> None:
-            # The engine appends a token's logprobs (where asked) before it tells: on its
-            # thread, as this runs, so none is appended between these two lines.
-            new: list[TokenLogprobs] = []
-            if stream and request.logprobs:
-                new, request.logprobs = request.logprobs, []
-            loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finish_reason, new))
+        def listener(queue: asyncio.Queue[Any]) -> Callable[[Request, list[int], str], None]:
+            def on_update(request: Request, tokens: list[int], delta: str) -> None:
+                # The engine appends a token's logprobs (where asked) before it tells: on its
+                # thread, as this runs, so none is appended between these two lines.
+                new: list[TokenLogprobs] = []
+                if stream and request.logprobs:
+                    new, request.logprobs = request.logprobs, []
+                loop.call_soon_threadsafe(queue.put_nowait, (delta, request.finish_reason, new))
 
-        try:
-            request = self.engine.submit(
-                prompt, params, on_update, request_id=f"{prefix}-{uuid.uuid4().hex[:24]}"
-            )
-        except ValueError as exc:
-            raise BadRequest(str(exc), "prompt") from None
-        self.queues.add(queue)
-        return request, queue
+            return on_update
+
+        made: list[tuple[Request, asyncio.Queue[Any]]] = []
+        for i, (prompt, asked) in enumerate(zip(prompts, params)):
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            request_id = answer_id if len(prompts) == 1 else f"{answer_id}-{i}"
+            try:
+                made.append((self.engine.request(prompt, asked, listener(queue), request_id), queue))
+            except ValueError as exc:
+                raise _of_prompt(BadRequest(str(exc), "prompt"), i, len(prompts)) from None
+        self.engine.queue([request for request, _ in made])
+        self.queues.update(queue for _, queue in made)
+        return answer_id, made
 
     def stats(self) -> dict[str, Any]:
         import tunebook
@@ -563,37 +593,32 @@ class ClientGone(Exception):
     """The client disconnected before its answer was complete (its request is aborted)."""
 
 
-async def _answer(http: Any, request: Request, queue: asyncio.Queue[Any], front: Front) -> str:
-    """The whole text of a non-streamed answer; aborts the request if the client disconnects
-    first (nothing else would notice: only a streamed response listens for it)."""
+async def _answer(http: Any, requests: list[tuple[Request, asyncio.Queue[Any]]], front: Front) -> list[str]:
+    """The whole texts of a non-streamed answer's requests; aborts them all if the client
+    disconnects first (nothing else would notice: only a streamed response listens for it)
+    or one of them fails (EngineFailed naming a batch's prompt)."""
 
-    async def text() -> str:
-        return "".join([d async for d, _ in _updates(request, queue, front) if d])
+    async def text(i: int, request: Request, queue: asyncio.Queue[Any]) -> str:
+        try:
+            return "".join([d async for d, _ in _updates(request, queue, front) if d])
+        except EngineFailed as exc:
+            raise EngineFailed(about_prompt(str(exc), i, len(requests))) from None
 
     async def disconnected() -> None:
         while (await http.receive())["type"] != "http.disconnect":
             pass
 
-    answer, gone = asyncio.ensure_future(text()), asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (answer, gone):
-            if not task.done():
-                task.cancel()  # the answer's cancellation aborts the request (_updates)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-    if not answer.done() or answer.cancelled():
+    # An answer's cancellation aborts its request (_updates).
+    texts = await together([text(i, *pair) for i, pair in enumerate(requests)], disconnected())
+    if texts is None:
         raise ClientGone
-    return answer.result()
+    return texts
 
 
-def _usage(request: Request) -> dict[str, int]:
-    return {
-        "prompt_tokens": len(request.prompt),
-        "completion_tokens": len(request.output),
-        "total_tokens": request.context,
-    }
+def _usage(requests: list[Request]) -> dict[str, int]:
+    """The usage of an answer's requests, summed."""
+    prompt, output = sum(len(r.prompt) for r in requests), sum(len(r.output) for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
 
 
 def _finish(request: Request) -> str:
@@ -685,51 +710,60 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
     async def completions(request: Any) -> Any:
         body = await body_of(request)
-        # Tokenizing a large prompt takes seconds: off the event loop, which serves every stream.
-        prompt = await asyncio.to_thread(front.completion_prompt, body)
-        params = sampling_params(body, front.max_tokens(body, prompt, 16, least=0 if echo_flag(body) else 1))
-        echo = params.echo
+        # Tokenizing large prompts takes seconds: off the event loop, which serves every stream.
+        prompts = await asyncio.to_thread(front.completion_prompts, body)
+        params = front.completion_params(body, [ids for ids, _ in prompts])
+        echo, scored = params[0].echo, params[0].logprobs is not None
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
-        req, queue = front.submit(prompt, params, stream=stream)
-        head = {"id": req.id, "object": "text_completion", "created": int(time.time()), "model": model_id}
+        answer_id, asked = front.submit([ids for ids, _ in prompts], params, stream=stream)
+        reqs = [req for req, _ in asked]
+        head = {"id": answer_id, "object": "text_completion", "created": int(time.time()), "model": model_id}
 
-        def choice(text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
-            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        def choice(i: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        def echoed() -> Echo:
+        def echoed(i: int) -> Echo:
             # After the prefill, which scored the prompt where asked (the engine's thread
             # sets them before it tells of the request's first token or end). A string
             # prompt comes back as it was sent (its tokens decode without special tokens).
+            req = reqs[i]
             scores = req.prompt_logprobs.entries() if req.prompt_logprobs is not None else []
-            return Echo.of(engine.tokenizer, req.prompt, scores, text=_prompt_string(body))
+            return Echo.of(engine.tokenizer, req.prompt, scores, text=prompts[i][1])
 
         if stream:
             streamed = {**head, "usage": None} if usage else head
 
-            def echo_chunk() -> tuple[str, int]:
+            def echo_chunk(i: int) -> tuple[str, int]:
                 # Megabytes where a long prompt lists 20 alternatives a token: built and
                 # rendered off the event loop, as a whole answer's are; then let go of.
-                prompt_echo = echoed()
-                req.prompt_logprobs = None
-                logprobs = texts.completion([], prompt_echo) if params.logprobs is not None else None
-                return _sse({**streamed, "choices": [choice(prompt_echo.text, None, logprobs)]}), len(
+                prompt_echo = echoed(i)
+                reqs[i].prompt_logprobs = None
+                logprobs = texts.completion([], prompt_echo) if scored else None
+                return _sse({**streamed, "choices": [choice(i, prompt_echo.text, None, logprobs)]}), len(
                     prompt_echo.text
                 )
 
-            async def events() -> AsyncIterator[str]:
+            async def choice_events(i: int, req: Request, queue: asyncio.Queue[Any]) -> AsyncIterator[str]:
                 shift = 0
                 try:
                     async for delta, entries in _updates(req, queue, front, echo_first=echo):
                         if delta is None:  # the prefill is done: the prompt first
-                            chunk, shift = await asyncio.to_thread(echo_chunk)
+                            chunk, shift = await asyncio.to_thread(echo_chunk, i)
                             yield chunk
                             continue
                         logprobs = texts.completion(entries, None, shift) if entries else None
-                        yield _sse({**streamed, "choices": [choice(delta, None, logprobs)]})
-                    yield _sse({**streamed, "choices": [choice("", _finish(req))]})
+                        yield _sse({**streamed, "choices": [choice(i, delta, None, logprobs)]})
+                except EngineFailed as exc:
+                    raise EngineFailed(about_prompt(str(exc), i, len(reqs))) from None
+                yield _sse({**streamed, "choices": [choice(i, "", _finish(req))]})
+
+            async def events() -> AsyncIterator[str]:
+                try:
+                    async for chunk in merged([choice_events(i, *pair) for i, pair in enumerate(asked)]):
+                        yield chunk
                     if usage:
-                        yield _sse({**head, "choices": [], "usage": _usage(req)})
+                        yield _sse({**head, "choices": [], "usage": _usage(reqs)})
                 except EngineFailed as exc:
                     yield _sse(error_body(str(exc), None, 500))
                 except ShuttingDown as exc:
@@ -737,18 +771,19 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
                 yield _sse("[DONE]")
 
             return _event_stream(events())
-        text = await _answer(request, req, queue, front)
+        answers = await _answer(request, asked, front)
 
         def whole() -> Any:
-            prompt_echo = echoed() if echo else None
-            logprobs = texts.completion(req.logprobs, prompt_echo) if params.logprobs is not None else None
-            answer = prompt_echo.text + text if prompt_echo is not None else text
-            return JSONResponse(
-                {**head, "choices": [choice(answer, _finish(req), logprobs)], "usage": _usage(req)}
-            )
+            choices = []
+            for i, (req, text) in enumerate(zip(reqs, answers)):
+                prompt_echo = echoed(i) if echo else None
+                logprobs = texts.completion(req.logprobs, prompt_echo) if scored else None
+                answer = prompt_echo.text + text if prompt_echo is not None else text
+                choices.append(choice(i, answer, _finish(req), logprobs))
+            return JSONResponse({**head, "choices": choices, "usage": _usage(reqs)})
 
         # An echoed prompt is decoded (and its logprobs built) off the event loop too.
-        return await _respond(whole, params, off_loop=echo)
+        return await _respond(whole, params[0], off_loop=echo)
 
     async def chat(request: Any) -> Any:
         body = await body_of(request)
@@ -763,8 +798,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS), chat=True)
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
-        req, queue = front.submit(prompt, params, "chatcmpl", stream=stream)
-        head = {"id": req.id, "created": int(time.time()), "model": model_id}
+        answer_id, [(req, queue)] = front.submit([prompt], [params], "chatcmpl", stream=stream)
+        head = {"id": answer_id, "created": int(time.time()), "model": model_id}
 
         if stream:
             chunk = {**head, "object": "chat.completion.chunk"}
@@ -785,7 +820,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
                         yield _sse(delta({"content": text}, None, texts.chat(entries) if entries else None))
                     yield _sse(delta({}, _finish(req)))
                     if usage:
-                        yield _sse({**chunk, "choices": [], "usage": _usage(req)})
+                        yield _sse({**chunk, "choices": [], "usage": _usage([req])})
                 except EngineFailed as exc:
                     yield _sse(error_body(str(exc), None, 500))
                 except ShuttingDown as exc:
@@ -793,14 +828,14 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
                 yield _sse("[DONE]")
 
             return _event_stream(events())
-        text = await _answer(request, req, queue, front)
+        [text] = await _answer(request, [(req, queue)], front)
 
         def whole() -> Any:
             message = {"role": "assistant", "content": text}
             logprobs = texts.chat(req.logprobs) if params.logprobs is not None else None
             choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": _finish(req)}
             return JSONResponse(
-                {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(req)}
+                {**head, "object": "chat.completion", "choices": [choice], "usage": _usage([req])}
             )
 
         return await _respond(whole, params)
