@@ -24,8 +24,10 @@ Contract:
 * **Memory**: the snapshot holds a copy of every tensor argument, on its device (the
   arguments' memory, twice over), and the reference keeps a copy of each argument its
   run changed (the outputs). Construction refuses with :class:`SnapshotTooLarge` when the
-  snapshot alone would exceed ``max_bytes``. Comparisons work a piece at a time, float8 in
-  its raw bytes (``_compare.py``), so their temporaries stay a few hundred MB at most.
+  snapshot alone would exceed ``max_bytes``. Comparisons work a piece at a time
+  (``_compare.py``: whether a run changed an argument in its raw bits, float8 in its bytes;
+  within tolerances, each piece widened to float32), so their temporaries stay a few
+  hundred MB at most.
 * **A failing check is not a failing run.** If ``run`` raises, its exception propagates;
   if restoring or comparing raises in :meth:`OutputCheck.reference` (device memory, a
   dtype PyTorch cannot copy here), :class:`CheckUnavailable` does: the caller tells
