@@ -133,6 +133,8 @@ def test_more_prompts_than_the_limit_and_a_mixed_batch_are_refused() -> None:
         (["a"] * (MAX_PROMPTS + 1), f"at most {MAX_PROMPTS}"),
         (["a", [1, 2]], "mixes strings and token-id lists"),
         ([[1, 2], "a"], "mixes strings and token-id lists"),
+        # A long list of ids with one stray value is a malformed prompt, not a batch of 1000.
+        ([1] * 999 + [True], "must be a non-empty string, a list of token ids, or a batch"),
     ):
         status, raw = asyncio.run(post(app, "/v1/completions", {"prompt": prompts}))
         error = json.loads(raw)["error"]

@@ -63,7 +63,13 @@ def prompt_list(prompt: Any) -> list[Any]:
     """
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(map(is_token_id, prompt))):
         return [prompt]
-    if isinstance(prompt, list) and len(prompt) > MAX_PROMPTS:
+    # Past the limit only a list of prompts (a long list of ids with one stray value is a
+    # malformed prompt, not a batch of a thousand).
+    if (
+        isinstance(prompt, list)
+        and len(prompt) > MAX_PROMPTS
+        and all(isinstance(p, str | list) for p in prompt)
+    ):
         raise ValueError(
             f"'prompt' holds {len(prompt)} prompts; this server takes at most {MAX_PROMPTS} a request: "
             "send the others in further requests"

@@ -151,7 +151,7 @@ def sampling_params(body: Mapping[str, Any], max_tokens: int, *, chat: bool = Fa
     /v1/chat/completions where ``chat``, else /v1/completions."""
     n = _integer(body, "n", 1, 1)
     if n != 1:
-        raise BadRequest(f"'n' must be 1 (one choice per request) on this server; found {n}", "n")
+        raise BadRequest(f"'n' must be 1 (one choice per prompt) on this server; found {n}", "n")
     for name, allowed in _UNSUPPORTED.items():
         value = body.get(name)
         if value not in allowed and not (value == {} or value == []):
