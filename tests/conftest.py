@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("TUNEBOOK_PATH", None)
@@ -109,6 +109,17 @@ def book_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def book_files(directory: Path) -> list[Path]:
     """The book's pages: format-1 files and format-2 page directories (read_document reads both)."""
     return sorted(p for p in directory.glob("*") if p.suffix == ".json" or (p / "page.json").is_file())
+
+
+def only_entry(directory: Path) -> Any:
+    """The one key's entry of the one page a book directory holds."""
+    from tunebook._book import read_document
+
+    (path,) = book_files(directory)
+    doc = read_document(path)
+    assert doc is not None
+    (entry,) = doc.entries.values()
+    return entry
 
 
 def as_format1(page: Path) -> Path:

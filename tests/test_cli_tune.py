@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tunebook
-from conftest import book_files
+from conftest import book_files, only_entry
 from small_kernels import grid_1d
 from test_cli import invoke
 from test_persistence import read_only
@@ -120,10 +120,7 @@ def test_results_a_book_refuses_midway_are_kept_and_named(
     assert str(kept) in res.output and f"tunebook merge {kept} -o {book_dir}" in res.output
     assert book_files(book_dir) == []
     invoke("merge", kept, "-o", book_dir)  # the command the message gives
-    (path,) = book_files(book_dir)
-    doc = read_document(path)
-    assert doc is not None
-    (entry,) = doc.entries.values()
+    entry = only_entry(book_dir)
     assert sorted(r.config["kwargs"]["BLOCK"] for r in entry.results.values() if r.ok) == [32, 64]
 
 
@@ -158,10 +155,7 @@ def test_keys_of_several_names_are_tuned_and_each_name_is_asked_for_once(
     res = invoke("tune", f"{kernel_module}:scaled_add", "--keys", "n=256,scale=2", ok=None)
     assert res.exit_code == 0, res.output
     assert "1 of 1 key(s) tuned" in res.output
-    (path,) = book_files(book_dir)
-    doc = read_document(path)
-    assert doc is not None
-    (entry,) = doc.entries.values()
+    entry = only_entry(book_dir)
     assert list(entry.key[:2]) == [256, 2] and len(entry.results) == 2
     for keys, said in (
         ("n=256", "scale missing"),
@@ -325,10 +319,7 @@ def test_tune_judges_a_recorded_miss_again_when_its_check_settings_change_and_on
     loose = tune({"rtol": 10.0, "atol": 10.0})
     assert "1 of 1 key(s) tuned, 3 config(s) measured" in loose, loose
     assert "may itself be wrong" not in loose
-    (path,) = book_files(book_dir)
-    doc = read_document(path)
-    assert doc is not None
-    (entry,) = doc.entries.values()
+    entry = only_entry(book_dir)
     assert all(r.ok for r in entry.results.values()) and entry.best().startswith("BLOCK=128|")
     assert "nothing to tune" in tune({"rtol": 10.0, "atol": 10.0})
     declared = invoke("tune", f"{name}:add", "--keys", "n=300")  # the key, asked for by name

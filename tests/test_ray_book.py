@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TESTS, book_files
+from conftest import TESTS, book_files, only_entry
 from test_cli import invoke
 from test_cli_tune import CHECKED_MODULE
 from tunebook._book import read_document
@@ -216,9 +216,6 @@ def test_a_ray_sweep_judges_a_key_again_when_its_check_settings_change_and_only_
     assert "may itself be wrong" in strict and "reference config BLOCK=128|" in strict, strict
     loose = sweep({"rtol": 10.0, "atol": 10.0})
     assert "3 config(s) measured" in loose and "may itself be wrong" not in loose, loose
-    (path,) = book_files(book_dir)
-    doc = read_document(path)
-    assert doc is not None
-    (entry,) = doc.entries.values()
+    entry = only_entry(book_dir)
     assert all(r.ok for r in entry.results.values()) and entry.best().startswith("BLOCK=128|")
     assert "0 config(s) measured" in sweep({"rtol": 10.0, "atol": 10.0})

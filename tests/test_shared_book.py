@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import tunebook
-from conftest import book_files, run_python
+from conftest import book_files, only_entry, run_python
 from helpers_reliability import RedisServer
 from redis_fixture import PATIENT, Clock, redis_server  # noqa: F401  (the `server` fixture)
 from redis_fixture import tunebook_warnings as _warnings
@@ -393,10 +393,7 @@ def test_only_declared_configs_are_copied_from_the_fleet_into_the_local_book(
     tuner, replay = _tuner()
     _call(tuner, 300)
     assert replay.measured == []  # served from the fleet's book
-    (path,) = book_files(tmp_path / "narrow-host")
-    doc = read_document(path)
-    assert doc is not None
-    (entry,) = doc.entries.values()
+    entry = only_entry(tmp_path / "narrow-host")
     assert sorted(r.config["kwargs"]["BLOCK"] for r in entry.results.values()) == [16, 32, 64]
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, book_files
-from tunebook._book import read_document
+from conftest import TESTS, only_entry
 from tunebook._worker.session import WorkerSession
 
 # The Ray sweep's long-lived worker: it measures through the tuning code a process's
@@ -76,10 +75,7 @@ def test_one_worker_serves_units_and_survives_every_kind_of_bad_config(
     successor = WorkerSession(env, timeout_s=8)
     successor.start()
     successor.close()
-    (path,) = book_files(book_dir)
-    doc = read_document(path)
-    assert doc is not None
-    (entry,) = doc.entries.values()
+    entry = only_entry(book_dir)
     assert len(entry.results) == 5
 
 
