@@ -471,8 +471,9 @@ class Autotuner(_compat.TritonAutotuner):
         TRITON_PRINT_AUTOTUNING's line."""
         entry = resolution.entry
         results = entry.results if entry is not None else {}
-        space = self.space is not None
-        self.configs_timings = _listing.configs_timings(self.config_index, candidates, results, space)
+        self.configs_timings = _listing.configs_timings(
+            self.config_index, candidates, results, measured_only=self.space is not None
+        )
         if resolution.source == "tuned":
             self.bench_time = resolution.seconds
             self.hooks.after_tuning(call, config)

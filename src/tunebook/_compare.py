@@ -125,9 +125,7 @@ def pieces(t: Any, size: int = 0) -> Iterator[Any]:
 
 def element_dtype(dtype: Any) -> Any:
     """What an element is compared as: a complex dtype's parts' dtype, else itself."""
-    import torch
-
-    return torch.empty(0, dtype=dtype).real.dtype if dtype.is_complex else dtype
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def exact_dtype(dtype: Any) -> bool:

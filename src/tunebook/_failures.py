@@ -263,7 +263,7 @@ def stale_verdicts(
 ) -> bool:
     """:func:`stale_under` the settings of ``check=`` (the kernel's option; None: off)."""
     # Nothing judged under tags is the common case: decided without hashing the settings.
-    return tagged(results, ids) and stale_under(results, ids, settings_hash(check))
+    return tagged(results, ids) and (check is None or stale_under(results, ids, settings_hash(check)))
 
 
 def stale_under(results: Mapping[str, Result], ids: Sequence[str], settings: str | None) -> bool:

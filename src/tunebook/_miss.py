@@ -33,7 +33,7 @@ from ._bench import QUANTILES
 from ._book import Entry, Page, Result, config_id, config_record
 from ._call import Call
 from ._errors import WrongResult
-from ._failures import failed_for_good, says_nothing
+from ._failures import failed_for_good, is_wrong_result
 from ._jsonio import key_text as _key_text
 from ._jsonio import stored_key
 from ._listing import SpaceCandidates, candidate_ids
@@ -716,11 +716,7 @@ def _reference_search(
 def _cannot_run(results: Mapping[str, Result]) -> set[str]:
     """The configs whose recorded failure says they cannot run here (``_failures.py``); not a
     wrong result, which is about the reference it was checked against."""
-    return {
-        cid
-        for cid, r in results.items()
-        if not r.ok and not says_nothing(r) and not (r.error or "").startswith(WrongResult.__name__)
-    }
+    return {cid for cid, r in results.items() if failed_for_good(r) and not is_wrong_result(r)}
 
 
 def _bench_function(
