@@ -268,22 +268,23 @@ class Engine:
         into logits a few hundred rows at a time, not the whole prompt's at once)."""
         rows: list[int] = []
         last: list[int] = []
-        spans: list[tuple[Request, int]] = []  # a scoring request, where its rows start in ``rows``
+        spans: list[tuple[Request, int, int]] = []  # a scoring request, where its rows start, how many
         start = 0
         for request, n in zip(batch, prefill.seq_lens):
             if request.params.prompt_logprobs is not None:
-                spans.append((request, len(rows)))
+                spans.append((request, len(rows), n))
                 rows.extend(range(start, start + n))
             else:
                 rows.append(start + n - 1)
             last.append(len(rows) - 1)
             start += n
         states = self.decoder.prefill_states(prefill, torch.tensor(rows, device=self.device))
-        for request, at in spans:
-            k = int(request.params.prompt_logprobs or 0)
-            n = len(request.prompt)
+        for request, at, n in spans:
             request.prompt_logprobs = prompt_token_logprobs(
-                self.decoder.head, states[at : at + n - 1], request.prompt, k
+                self.decoder.head,
+                states[at : at + n - 1],
+                request.prompt,
+                request.params.prompt_logprobs or 0,
             )
         return self.decoder.head(states[torch.tensor(last, device=self.device)])
 

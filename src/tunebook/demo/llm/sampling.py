@@ -159,15 +159,16 @@ def token_logprobs(
 
 
 def _table(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """``[rows, 2 + 2k]`` on the host: each row's token, its logprob, the ``k`` largest
-    logprobs and their ids (ids below 2**24: exact in float32), in one transfer."""
+    """``[rows, 2 + 2k]``: each row's token, its logprob, the ``k`` largest logprobs and their
+    ids (ids below 2**24: exact in float32), on the logits' device: the caller takes it to
+    the host in one transfer."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = tokens.to(device=logits.device, dtype=torch.int64)
     parts = [chosen.to(lp.dtype)[:, None], lp.gather(1, chosen[:, None])]
     if k:
         values, ids = torch.topk(lp, k, dim=-1)
         parts += [values, ids.to(lp.dtype)]
-    return torch.cat(parts, dim=1).cpu()
+    return torch.cat(parts, dim=1)
 
 
 def _entry(row: Sequence[float], k: int, n: int) -> TokenLogprobs:
@@ -191,9 +192,6 @@ class PromptLogprobs:
 
     tables: tuple[torch.Tensor, ...] = ()
     k: int = 0
-
-    def __len__(self) -> int:
-        return sum(t.shape[0] for t in self.tables)
 
     def entries(self) -> list[TokenLogprobs]:
         """Each scored token's logprobs, in the prompt's order (its tokens after the first)."""
@@ -225,7 +223,8 @@ def prompt_token_logprobs(
         logits = logits_of(states[start:end])
         k = min(k, logits.shape[-1])
         tables.append(_table(logits, targets[start:end], k))
-    return PromptLogprobs(tuple(tables), k)
+    # One transfer for the whole prompt, not one wait for the GPU a chunk.
+    return PromptLogprobs((torch.cat(tables).cpu(),) if tables else (), k)
 
 
 def _sampled_first_among_ties(

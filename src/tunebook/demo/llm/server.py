@@ -413,7 +413,7 @@ class Front:
                 except BadRequest as exc:
                     raise _of_prompt(exc, i, len(prompts)) from None
             elif all(map(is_token_id, prompt)):
-                out.append(([int(t) for t in prompt], None))
+                out.append((prompt, None))  # every one an int (is_token_id); the engine copies them
             else:
                 raise BadRequest(f"{name} must be a list of token ids; found {shown(prompt)}", "prompt")
         return out
@@ -712,11 +712,12 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         body = await body_of(request)
         # Tokenizing large prompts takes seconds: off the event loop, which serves every stream.
         prompts = await asyncio.to_thread(front.completion_prompts, body)
-        params = front.completion_params(body, [ids for ids, _ in prompts])
+        ids = [p for p, _ in prompts]
+        params = front.completion_params(body, ids)
         echo, scored = params[0].echo, params[0].logprobs is not None
         stream = _stream_flag(body)
         usage = _include_usage(body, stream)
-        answer_id, asked = front.submit([ids for ids, _ in prompts], params, stream=stream)
+        answer_id, asked = front.submit(ids, params, stream=stream)
         reqs = [req for req, _ in asked]
         head = {"id": answer_id, "object": "text_completion", "created": int(time.time()), "model": model_id}
 
