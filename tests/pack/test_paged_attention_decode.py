@@ -216,6 +216,20 @@ def test_tma_configs_are_offered_only_where_the_caches_allow_a_box() -> None:
     assert _descriptors(cache.bfloat16(), cache.bfloat16()) == (None, None)
     short_blocks = torch.empty(4, 8, 2, 64, dtype=torch.float16)
     assert _descriptors(short_blocks, short_blocks) == (None, None)
+    head_major = torch.empty(4, 2, PAGE, 64, dtype=torch.float16).permute(0, 2, 1, 3)
+    assert _descriptors(head_major, head_major) == (None, None)
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 16, "SPLITS": 2, "num_warps": 2, "num_stages": 2}])
+def test_head_major_blocks_match_sdpa(gen, config) -> None:  # type: ignore[no-untyped-def]
+    """Blocks stored head-major ([blocks, NK, block_size, head], FlashInfer's HND) and passed
+    as the permuted token-major view: every (block, head) one contiguous run. The kernel reads
+    them through their strides."""
+    cache = paged_cache(gen, LENS, PAGE, 2, 64, torch.float32)
+    for name in ("k_cache", "v_cache"):
+        stored = getattr(cache, name).permute(0, 2, 1, 3).contiguous()
+        setattr(cache, name, stored.permute(0, 2, 1, 3))
+    check(randn(gen, len(LENS), 8, 64, dtype=torch.float32), cache, config=config)
 
 
 def test_descriptors_are_remembered_per_cache_pair_and_let_go_with_it() -> None:
@@ -322,13 +336,16 @@ def test_a_merge_kernel_config_is_measured_with_its_merge(tmp_path) -> None:  # 
 
 
 TUNE_OR_SERVE_A_TMA_GUESS = """
-import importlib, json, torch, tunebook
+import importlib, json, os, torch, tunebook
 from tunebook.kernels import _models
 
 module = importlib.import_module("tunebook.kernels.paged_attention_decode")
 module._tma_here = lambda: True  # as on an H200: the first guess is a TMA config
 shape = {"n_q": 4, "n_kv": 2, "head_size": 16, "page": 16, "context": 200}
 w = _models.workload("paged_attention_decode", shape, 3, torch.float16, "cpu")
+if os.environ.get("HEAD_MAJOR"):  # the same values in head-major blocks (FlashInfer's HND)
+    for name in ("k_cache", "v_cache"):
+        w.tensors[name] = w.tensors[name].permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
 w.run(None)
 t = w.tensors
 ref = torch.zeros(t["q"].shape, dtype=torch.float64)
@@ -340,8 +357,9 @@ for b in range(3):
     probs = torch.softmax(torch.einsum("hd,thd->ht", t["q"][b].double(), k) / 4, -1)
     ref[b] = torch.einsum("ht,thd->hd", probs, v)
 best = module._paged_attention_decode_kernel.best_config
+stats = tunebook.stats()
 print(json.dumps({"error": float((t["out"].double() - ref).abs().max()), "chosen": best.kwargs,
-                  "benchmarked": tunebook.stats()["benchmarked"]}))
+                  "benchmarked": stats["benchmarked"], "fallbacks": stats["fallbacks"]}))
 """
 
 
@@ -357,6 +375,13 @@ def test_a_tma_winner_is_tuned_then_served_from_the_book_by_another_process(tmp_
     served = run_python(TUNE_OR_SERVE_A_TMA_GUESS, env={**env, "TUNEBOOK_MODE": "serve"})
     assert served["chosen"] == tuned["chosen"] and served["benchmarked"] == 0, served
     assert served["error"] < 2e-2, served
+    # The key does not name the caches' layout: head-major blocks, which no box can read,
+    # get a config without TMA (the chain's answer where the winner does not fit), counted
+    # as a fallback, and the right answer.
+    serve_hm = {**env, "TUNEBOOK_MODE": "serve", "HEAD_MAJOR": "1"}
+    head_major = run_python(TUNE_OR_SERVE_A_TMA_GUESS, env=serve_hm)
+    assert head_major["chosen"]["TMA"] == 0 and head_major["benchmarked"] == 0, head_major
+    assert head_major["fallbacks"] == 1 and head_major["error"] < 2e-2, head_major
 
 
 @pytest.mark.parametrize(("head_size", "context"), [(8, 16), (4, 32), (4, 33)])
