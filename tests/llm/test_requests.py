@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tunebook.demo.llm.server import BadRequest, Front, _messages, sampling_params
+from tunebook.demo.llm.request_fields import BadRequest, chat_messages, sampling_params
+from tunebook.demo.llm.server import Front
 
 # The LLM demo: last Triton only (test_engine.py says why).
 pytestmark = pytest.mark.once
@@ -63,7 +64,7 @@ def test_echo_scores_the_prompt_where_logprobs_are_asked() -> None:
 def test_logprobs_fields() -> None:
     """/v1/completions' ``logprobs`` is a count of alternatives (0: the sampled token's own
     logprob alone); chat's is a flag, ``top_logprobs`` the count; MAX_LOGPROBS at most."""
-    from tunebook.demo.llm.server import MAX_LOGPROBS
+    from tunebook.demo.llm.request_fields import MAX_LOGPROBS
 
     assert MAX_LOGPROBS == 20
     assert [sampling_params({"logprobs": n}, 8).logprobs for n in (0, 5, 20)] == [0, 5, 20]
@@ -91,10 +92,10 @@ def test_logprobs_fields() -> None:
 
 def test_messages_text_parts_and_roles() -> None:
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    assert _messages({"messages": [{"role": "developer", "content": parts}]}) == [
+    assert chat_messages({"messages": [{"role": "developer", "content": parts}]}) == [
         {"role": "system", "content": "a\nb"}  # joined as vLLM joins them
     ]
-    assert _messages({"messages": [{"role": "assistant", "content": None}]}) == [
+    assert chat_messages({"messages": [{"role": "assistant", "content": None}]}) == [
         {"role": "assistant", "content": ""}
     ]
     for bad in ([], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}],
@@ -102,7 +103,7 @@ def test_messages_text_parts_and_roles() -> None:
                 [{"role": "user", "content": [{"type": "text", "text": None}]}],
                 [{"role": "user", "content": [{"type": "image_url"}]}]):  # fmt: skip
         with pytest.raises(BadRequest) as err:
-            _messages({"messages": bad})
+            chat_messages({"messages": bad})
         assert err.value.param == "messages"
 
 
@@ -200,7 +201,7 @@ def test_messages_past_the_context_are_refused_before_they_are_read_or_rendered(
     from tunebook.demo.llm.tokenizer import ByteTokenizer
 
     with pytest.raises(BadRequest) as err:
-        _messages({"messages": [{"role": "user", "content": "a"}] * 600}, 512)
+        chat_messages({"messages": [{"role": "user", "content": "a"}] * 600}, 512)
     assert err.value.code == "context_length_exceeded" and "600 messages" in err.value.message
     front = Front(SimpleNamespace(tokenizer=ByteTokenizer(), max_model_len=512), "m")  # type: ignore[arg-type]
     front.check_messages([{"role": "user", "content": "a" * 300}])  # 300 bytes may fit 512 tokens

@@ -48,6 +48,19 @@ from ..._optional import require
 from .batch import about_prompt, is_token_id, merged, prompt_list, together
 from .engine import Engine, shown
 from .logprob_texts import Echo, TokenTexts
+from .request_fields import (
+    BadRequest,
+    chat_messages,
+    count_text,
+    echo_flag,
+    error_body,
+    include_usage,
+    integer,
+    of_prompt,
+    sampling_params,
+    stream_flag,
+    text_field,
+)
 from .sampling import SamplingParams, TokenLogprobs
 from .scheduler import Request
 
@@ -66,265 +79,7 @@ ENGINE_STOP_S = 2
 DEFAULT_MAX_BODY_MB = 12
 # A body this large is parsed off the event loop (json.loads of megabytes takes a while).
 PARSE_OFF_LOOP_BYTES = 1 << 20
-# The most alternatives a token's logprobs list (/v1/completions' logprobs, chat's
-# top_logprobs): vLLM's default --max-logprobs, OpenAI's chat limit (its completions' is 5).
-MAX_LOGPROBS = 20
-
 log = logging.getLogger("tunebook.demo.llm")
-
-
-def _count(n: int) -> str:
-    """A count as a message writes it (a client may send thousands of digits)."""
-    return str(n) if n.bit_length() <= 64 else "more than 2**64"
-
-
-class BadRequest(Exception):
-    """A request the server refuses: status, message, and the field at fault."""
-
-    def __init__(
-        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
-
-
-def error_body(message: str, param: str | None, status: int, code: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# ------------------------------------------------------------------ request fields
-
-
-def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"'{name}' must be a number in [{lo}, {hi}]; found {shown(value)}", name)
-    if not lo <= value <= hi:
-        raise BadRequest(f"'{name}' must be in [{lo}, {hi}]; found {value}", name)
-    return float(value)
-
-
-def _integer(
-    body: Mapping[str, Any], name: str, default: int | None, lo: int, hi: int | None = None
-) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"'{name}' must be an integer >= {lo}; found {shown(value)}", name)
-    if value < lo or (hi is not None and value > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise BadRequest(f"'{name}' must be {bound}; found {shown(value)}", name)
-    return int(value)
-
-
-def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-        return tuple(stop)
-    raise BadRequest(f"'stop' must be a string or a list of up to 4 strings; found {shown(stop)}", "stop")
-
-
-# Fields this server does not implement, and the values that ask for nothing.
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "tools": (None,),
-    "functions": (None,),
-    "logit_bias": (None,),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "response_format": (None, {"type": "text"}),
-    "tool_choice": (None, "none", "auto"),
-}
-
-
-def sampling_params(body: Mapping[str, Any], max_tokens: int, *, chat: bool = False) -> SamplingParams:
-    """The request's sampling fields, checked (``max_tokens`` already resolved), for
-    /v1/chat/completions where ``chat``, else /v1/completions."""
-    n = _integer(body, "n", 1, 1)
-    if n != 1:
-        raise BadRequest(f"'n' must be 1 (one choice per prompt) on this server; found {n}", "n")
-    for name, allowed in _UNSUPPORTED.items():
-        value = body.get(name)
-        if value not in allowed and not (value == {} or value == []):
-            raise _unsupported(name, value)
-    echo = echo_flag(body)
-    if chat and echo:
-        raise BadRequest("'echo' is a /v1/completions field: a chat answer never repeats the prompt", "echo")
-    logprobs = _chat_logprobs(body) if chat else _completion_logprobs(body)
-    return SamplingParams(
-        logprobs=logprobs,
-        # An echoed prompt lists its tokens' logprobs with the answer's.
-        prompt_logprobs=logprobs if echo else None,
-        echo=echo,
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        # top_p = 0 keeps the most likely token alone, as a tiny nucleus does.
-        top_p=max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-9),
-        # OpenAI takes any 64-bit integer; torch's generators take [0, 2**64)
-        seed=_seed(body),
-        stop=_stop(body),
-    )
-
-
-def _completion_logprobs(body: Mapping[str, Any]) -> int | None:
-    """/v1/completions' ``logprobs``: how many alternatives each token lists (0: the sampled
-    token's own logprob alone, as OpenAI and vLLM read it); None where not asked."""
-    top = body.get("top_logprobs")
-    if top is not None and top != 0:  # chat's field: the count is logprobs itself here
-        raise BadRequest(
-            "'top_logprobs' is a chat field; on /v1/completions 'logprobs' is the count of "
-            f"alternatives (found {shown(top)})",
-            "top_logprobs",
-        )
-    value = body.get("logprobs")
-    if value is None or value is False:
-        return None
-    return _alternatives(value, "logprobs")
-
-
-def _alternatives(value: Any, name: str) -> int:
-    """``value`` of field ``name``, a count of alternatives a token lists, checked."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
-        raise BadRequest(
-            f"'{name}' must be an integer in [0, {MAX_LOGPROBS}] (the most alternatives this server "
-            f"lists per token is {MAX_LOGPROBS}); found {shown(value)}",
-            name,
-        )
-    return value
-
-
-def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
-    """Chat's ``logprobs`` flag (0 and 1 read as false and true) and ``top_logprobs``: the
-    count of alternatives each token lists, or None where not asked."""
-    flag = body.get("logprobs")
-    if not (flag is None or isinstance(flag, bool) or (isinstance(flag, int) and flag in (0, 1))):
-        raise BadRequest(f"'logprobs' must be true or false; found {shown(flag)}", "logprobs")
-    top = body.get("top_logprobs")
-    if top is not None:
-        top = _alternatives(top, "top_logprobs")
-    if not flag:
-        if top:
-            raise BadRequest(
-                f"'top_logprobs' ({top}) needs 'logprobs': true; set it, or leave 'top_logprobs' out",
-                "top_logprobs",
-            )
-        return None
-    return int(top or 0)
-
-
-def _unsupported(name: str, value: Any) -> BadRequest:
-    return BadRequest(f"'{name}' is not supported by this server; leave it out (found {shown(value)})", name)
-
-
-def _seed(body: Mapping[str, Any]) -> int | None:
-    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
-    return None if seed is None else seed % 2**64
-
-
-def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
-    """``stream_options.include_usage``: a last chunk carrying the usage, as OpenAI sends.
-    Only with ``stream: true``, as OpenAI and vLLM refuse it otherwise."""
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not stream:
-        raise BadRequest(
-            "'stream_options' is only allowed when 'stream' is true; leave it out or set 'stream': true",
-            "stream_options",
-        )
-    include = options.get("include_usage", False) if isinstance(options, dict) else None
-    if not isinstance(include, bool):
-        raise BadRequest(
-            f"'stream_options' must be an object like {{\"include_usage\": true}}; found {shown(options)}",
-            "stream_options",
-        )
-    return include
-
-
-def _text(text: str, where: str, param: str) -> str:
-    """``text`` if it can be encoded (JSON allows a lone surrogate, UTF-8 does not)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise BadRequest(
-            f"{where} holds an unpaired surrogate ({text[exc.start : exc.end]!a}) at character {exc.start}, "
-            "which is not text; send valid Unicode",
-            param,
-        ) from None
-    return text
-
-
-def _flag(body: Mapping[str, Any], name: str) -> bool:
-    """A true-or-false field (absent or null: false)."""
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise BadRequest(f"'{name}' must be true or false; found {shown(value)}", name)
-    return value
-
-
-def echo_flag(body: Mapping[str, Any]) -> bool:
-    """/v1/completions' ``echo``: the answer's text (and logprobs) start with the prompt's."""
-    return _flag(body, "echo")
-
-
-def _of_prompt(exc: BadRequest, i: int, n: int) -> BadRequest:
-    """``exc``, about prompt ``i`` of ``n``: named where they are a batch."""
-    return BadRequest(about_prompt(exc.message, i, n), exc.param, exc.status, exc.code)
-
-
-def _stream_flag(body: Mapping[str, Any]) -> bool:
-    return _flag(body, "stream")
-
-
-def _messages(body: Mapping[str, Any], most: int | None = None) -> list[dict[str, str]]:
-    """The checked messages; more than ``most`` (the context's tokens: each message takes at
-    least one) are refused before any is read."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest(
-            f"'messages' must be a non-empty list of messages; found {shown(messages)}", "messages"
-        )
-    if most is not None and len(messages) > most:
-        raise BadRequest(
-            f"'messages' holds {len(messages)} messages; this model's context of {most} tokens cannot "
-            "hold them (each takes at least one token)",
-            "messages",
-            code="context_length_exceeded",
-        )
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise BadRequest(
-                f"messages[{i}] must be an object with a role of system, user, assistant or developer; "
-                f"found {shown(m)}",
-                "messages",
-            )
-        content = m.get("content")
-        if content is None and m["role"] == "assistant":  # a replayed turn that only called tools
-            content = ""
-        if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported", "messages")
-            texts = [p.get("text") for p in content]
-            if not all(isinstance(t, str) for t in texts):
-                raise BadRequest(f"messages[{i}].content: a text part's 'text' must be a string", "messages")
-            content = "\n".join(texts)  # as vLLM joins them
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string; found {shown(content)}", "messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _text(content, f"messages[{i}].content", "messages")})
-    return out
 
 
 # ------------------------------------------------------------------ the app
@@ -409,9 +164,9 @@ class Front:
                 raise BadRequest(f"{name} is empty: it needs at least one token", "prompt")
             if isinstance(prompt, str):
                 try:
-                    out.append((self.encode(_text(prompt, name, "prompt"), "prompt"), prompt))
+                    out.append((self.encode(text_field(prompt, name, "prompt"), "prompt"), prompt))
                 except BadRequest as exc:
-                    raise _of_prompt(exc, i, len(prompts)) from None
+                    raise of_prompt(exc, i, len(prompts)) from None
             elif all(map(is_token_id, prompt)):
                 out.append((prompt, None))  # every one an int (is_token_id); the engine copies them
             else:
@@ -427,7 +182,7 @@ class Front:
             try:
                 budgets.append(self.max_tokens(body, prompt, 16, least))
             except BadRequest as exc:
-                raise _of_prompt(exc, i, len(prompts)) from None
+                raise of_prompt(exc, i, len(prompts)) from None
         params = sampling_params(body, budgets[0])
         return [dataclasses.replace(params, max_tokens=n) if n != budgets[0] else params for n in budgets]
 
@@ -460,7 +215,7 @@ class Front:
         limit = self.engine.max_model_len
         room = limit - len(prompt)
         # Both are checked; OpenAI's current field wins where both are given.
-        given = {name: _integer(body, name, None, least) for name in ("max_completion_tokens", "max_tokens")}
+        given = {name: integer(body, name, None, least) for name in ("max_completion_tokens", "max_tokens")}
         asked = next((value for value in given.values() if value is not None), None)
         if room < 1 and not (asked == 0 and room == 0):  # a prefill alone may fill the context
             raise self._prompt_too_long(
@@ -471,8 +226,8 @@ class Front:
                 if value > room:
                     raise BadRequest(
                         f"This model's maximum context length is {limit} tokens. However, you requested "
-                        f"{_count(len(prompt) + value)} tokens ({len(prompt)} in the prompt, "
-                        f"{_count(value)} for the answer as '{name}'): ask for at most {room}",
+                        f"{count_text(len(prompt) + value)} tokens ({len(prompt)} in the prompt, "
+                        f"{count_text(value)} for the answer as '{name}'): ask for at most {room}",
                         name,
                         code="context_length_exceeded",
                     )
@@ -525,7 +280,7 @@ class Front:
             try:
                 made.append((self.engine.request(prompt, asked, listener(queue), request_id), queue))
             except ValueError as exc:
-                raise _of_prompt(BadRequest(str(exc), "prompt"), i, len(prompts)) from None
+                raise of_prompt(BadRequest(str(exc), "prompt"), i, len(prompts)) from None
         self.engine.queue([request for request, _ in made])
         self.queues.update(queue for _, queue in made)
         return answer_id, made
@@ -715,8 +470,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         ids = [p for p, _ in prompts]
         params = front.completion_params(body, ids)
         echo, scored = params[0].echo, params[0].logprobs is not None
-        stream = _stream_flag(body)
-        usage = _include_usage(body, stream)
+        stream = stream_flag(body)
+        usage = include_usage(body, stream)
         answer_id, asked = front.submit(ids, params, stream=stream)
         reqs = [req for req, _ in asked]
         head = {"id": answer_id, "object": "text_completion", "created": int(time.time()), "model": model_id}
@@ -788,7 +543,7 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
 
     async def chat(request: Any) -> Any:
         body = await body_of(request)
-        messages = _messages(body, engine.max_model_len)
+        messages = chat_messages(body, engine.max_model_len)
         front.check_messages(messages)  # before the template renders megabytes
         try:
             prompt = await asyncio.to_thread(
@@ -797,8 +552,8 @@ def create_app(engine: Engine, model_id: str, max_body_mb: float = DEFAULT_MAX_B
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"the messages cannot be rendered and encoded: {exc}", "messages") from None
         params = sampling_params(body, front.max_tokens(body, prompt, DEFAULT_CHAT_MAX_TOKENS), chat=True)
-        stream = _stream_flag(body)
-        usage = _include_usage(body, stream)
+        stream = stream_flag(body)
+        usage = include_usage(body, stream)
         answer_id, [(req, queue)] = front.submit([prompt], [params], "chatcmpl", stream=stream)
         head = {"id": answer_id, "created": int(time.time()), "model": model_id}
 
