@@ -381,6 +381,47 @@ def test_a_worker_checks_integer_kernels_on_random_integers_not_zeros(tmp_path, 
         assert wrong.config["kwargs"] == {"BLOCK": 64} and wrong.error.startswith("WrongResult")
 
 
+_HANGING_REFERENCE = """
+import time
+import triton
+import tunebook
+from small_kernels import add_kernel
+
+
+def _hang(nargs):
+    time.sleep(3600)
+
+
+# The first config, check='s reference, hangs; the random order (this seed) measures 128 first.
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": 32}, pre_hook=_hang)] + [triton.Config({"BLOCK": b}) for b in (64, 128)],
+    key=["n"], check=True, isolate=True, isolate_timeout=12.0, strategy="random", seed=1,
+)(add_kernel)
+"""
+
+
+@pytest.mark.slow
+def test_a_hang_in_the_reference_search_is_blamed_on_the_reference(tmp_path, monkeypatch) -> None:
+    """check= launches its reference (the first config that runs) before the first candidate
+    is measured. A worker named only the candidate to its supervisor, so a reference that
+    hung was blamed on that candidate, the next worker hung on the same reference and blamed
+    the next one: every config ended recorded as hung and the call failed."""
+    import importlib
+
+    (tmp_path / "hanging_reference.py").write_text(_HANGING_REFERENCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("TUNEBOOK_DIR", str(tmp_path / "book"))
+    module = importlib.import_module("hanging_reference")
+    x, y, out = torch.randn(300), torch.randn(300), torch.empty(300)
+    module.add[grid_1d(300)](x, y, out, 300)
+    torch.testing.assert_close(out, x + y)
+    (key,) = module.add.page().key_names()
+    results = {r.config["kwargs"]["BLOCK"]: r for r in module.add.page().get(key).results.values()}
+    assert "timed out" in (results[32].error or ""), results[32]
+    assert results[64].ok and results[128].ok, results
+    assert module.add.best_config.kwargs["BLOCK"] in (64, 128)
+
+
 def test_a_rebuilt_call_keeps_locks_counters_and_scratch_at_zero() -> None:
     """A worker's rebuilt call: integers named in reset_to_zero, restore_value or check's
     ignore stay zeros (a spin lock the kernel restores itself starting at a random value

@@ -115,3 +115,44 @@ def test_a_judging_plan_names_the_reference_a_measure_unit_checks_against(
     assert plan["settings"] == settings_hash({"rtol": 0.5}) and "reference" not in plan
     judged = units.plan({**job, "judge": True})
     assert judged["reference"].startswith("BLOCK=32|") and judged["ids"][0].startswith("BLOCK=128|")
+
+
+HANGING_REFERENCE = """
+import triton, tunebook
+from small_kernels import add_kernel
+from sesskern import _hang, inputs
+
+# The first config, check='s reference, hangs.
+add = tunebook.autotune(
+    [triton.Config({"BLOCK": 16}, pre_hook=_hang)] + [triton.Config({"BLOCK": b}) for b in (32, 64)],
+    key=["n"], check=True, inputs=inputs,
+)(add_kernel)
+"""
+
+
+@pytest.mark.slow
+def test_a_reference_that_hangs_is_blamed_and_passed_over_not_the_measured_config(
+    tmp_path: Path, book_dir: Path
+) -> None:
+    """A unit of configs after the first: check= launches the key's first config as its
+    reference before measuring them. It hung, and the session blamed the config named last,
+    the unit's first, then hung again on the same reference for the next: the unit's configs
+    were all recorded as hung. Now the reference is named before its launch, blamed, and
+    passed over by the key's next searches in the session."""
+    (tmp_path / "sesskern.py").write_text(MODULE)
+    (tmp_path / "hangref.py").write_text(HANGING_REFERENCE)
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(tmp_path)]), "TUNEBOOK_DIR": str(book_dir)}
+    session = WorkerSession(env, timeout_s=8)
+    try:
+        job = {"module": "hangref", "attr": "add", "key_text": "n=300", "call": None, "key": {"n": 300}}
+        ids = session.plan(job)["ids"]
+        out = session.measure(job, ids[1:])
+        assert [c.split("|")[0] for c in out.crashed] == ["BLOCK=16"], out
+        assert "timed out" in out.results[ids[0]]["result"]["error"]
+        for cid in ids[1:]:
+            assert out.results[cid]["result"]["error"] is None, out.results[cid]
+        assert out.error is None and out.restarts == 1
+        again = session.measure(job, ids[2:], full=True)  # the key's next unit: no hang
+        assert again.restarts == 0 and again.results[ids[2]]["result"]["ms"] is not None
+    finally:
+        session.close()

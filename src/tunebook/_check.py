@@ -410,8 +410,8 @@ class ReferenceSearch:
     (recorded unable to run for this key) are not launched for it. ``record(i, exc)``
     hears of each candidate whose launch raised the backend's error for a config that
     cannot run (``_compat.is_unrunnable_config_error``, as the tuning loop classifies it), to
-    record it as that config's failure. ``ids`` name the candidates, ``where`` the kernel
-    and key, in messages.
+    record it as that config's failure; ``announce(i)`` of each before it is launched.
+    ``ids`` name the candidates, ``where`` the kernel and key, in messages.
 
     >>> list(ReferenceSearch(skip={0, 2}).order(4))
     [1, 3]
@@ -421,6 +421,11 @@ class ReferenceSearch:
     skip: Collection[int] = frozenset()
     record: Callable[[int, BaseException], None] | None = None
     where: str = "kernel"
+    # Hears of each candidate just before it is launched as the would-be reference: a worker
+    # tells its supervisor, so that a crash or hang there is blamed on that config, not on
+    # the candidate about to be measured (which the supervisor would record as hung for good,
+    # while the next worker's search hung on the same config again).
+    announce: Callable[[int], None] | None = None
 
     def order(self, n: int) -> Iterator[int]:
         """The candidates (indices below ``n``) to try as the reference, in turn."""
@@ -484,6 +489,8 @@ class CheckedBench:
         for i in self._search.order(len(self._candidates)):
             candidate = self._candidates[i]
             name = self._search.name(i, candidate)
+            if self._search.announce is not None:
+                self._search.announce(i)
             try:
                 self._checker.reference(functools.partial(self._run_once, candidate), name=name)
             except CheckUnavailable as exc:
@@ -520,6 +527,12 @@ class CheckedBench:
         """Tag every wrong result with the reference's id (``id_of(config)``) and ``settings``
         (the hash of ``check=``'s settings), so that a key is judged again when they change."""
         self._id_of, self._settings = id_of, settings
+
+    def find_reference(self) -> None:
+        """Look for the reference now (once), as the first measurement would: a tuning loop
+        that tells a supervisor which config it launches calls this before it names its
+        first candidate, so that the search's own launches are named as theirs."""
+        self._ensure_reference()
 
     def judging(self) -> Any:
         """What this tuning judges under (a ``_failures.Judging``), the reference chosen now if

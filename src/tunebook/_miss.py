@@ -28,7 +28,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _compat, _distributed, _failures, _misses, _policy, _settings, _stats, _tables, _warnings
+from . import (
+    _compat,
+    _distributed,
+    _failures,
+    _misses,
+    _policy,
+    _settings,
+    _stats,
+    _tables,
+    _tuner,
+    _warnings,
+)
 from ._bench import QUANTILES
 from ._book import Entry, Page, Result, config_id, config_record
 from ._call import Call
@@ -705,11 +716,17 @@ def _reference_search(
         marked = _failures.found_as_reference(failure(records[i], exc))
         persist({miss.ids[i]: marked}, "", time.perf_counter() - begun)
 
+    def announce(i: int) -> None:  # to a worker's supervisor (_tuner.observed), if any
+        observer = _tuner._observer
+        if observer is not None:
+            observer.candidate(miss.text, stored_key(miss.key), miss.ids[i], records[i])
+
     return ReferenceSearch(
         ids=miss.ids,
         skip={position[cid] for cid in here if cid in position},
         record=record,
         where=f"{miss.tuner.label} key {miss.text}",
+        announce=announce,
     )
 
 

@@ -262,6 +262,10 @@ class Timing:
         """Time candidate ``i``; None if it was not measured (neither persisted nor a failure)."""
         job = self.job
         if _observer is not None:
+            # check='s reference first: its search names the configs it launches itself
+            find_reference = getattr(job.bench, "find_reference", None)
+            if find_reference is not None:
+                find_reference()
             _observer.candidate(job.key_text, job.key, job.ids[i], job.records[i])
         result, exc = time_candidate(job.bench, timer, job.configs[i], job.records[i], quick)
         if exc is not None and job.is_transient(exc):

@@ -9,7 +9,9 @@ so one worker serves many units; isolation is kept all the same:
 * a worker that **dies** while measuring a config (segfault, illegal memory access, a
   device-side assert) or stays **silent** past ``timeout_s`` (a hang, then killed) costs
   that config: it is returned as failed with the reason, recorded in the book by the next
-  worker, and never retried; the rest of the unit is measured in a fresh worker;
+  worker, and never retried; the rest of the unit is measured in a fresh worker; the same
+  for a config launched as ``check=``'s would-be reference, which the key's later
+  reference searches in this session pass over;
 * a worker that ends itself after a failed config left its GPU context unusable (exit
   code 3, ``child.exit_if_gpu_broken``) has already reported that config; the next one
   carries on;
@@ -72,6 +74,8 @@ class WorkerSession:
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._stderr: list[str] = []
         self._ids = itertools.count(1)
+        # key text -> configs that took a worker down as check='s reference (passed over then)
+        self._not_references: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------------ requests
 
@@ -132,6 +136,7 @@ class WorkerSession:
                 "cids": unit.remaining,
                 "full": full,
                 "ok_known": ok,
+                "not_references": sorted(self._not_references.get(str(job.get("key_text")), ())),
             }
             status, event = self._request(request, unit.follow)
             if status == "done":
@@ -143,6 +148,11 @@ class WorkerSession:
             if unit.current.get("cid") in unit.remaining:
                 self._blame(job, unit.current, event, unit.out)
                 unit.remaining.remove(unit.current["cid"])
+            elif unit.current.get("reference") and "cid" in unit.current:
+                # check='s would-be reference took it down: its own failure, and passed over
+                # by the key's next searches here (they would go down on it again)
+                self._blame(job, unit.current, event, unit.out)
+                self._not_references.setdefault(str(job.get("key_text")), set()).add(unit.current["cid"])
             elif not unit.progressed:
                 deaths += 1
                 if deaths >= _DEATHS_BEFORE_GIVING_UP:

@@ -4,7 +4,8 @@ A sweep (``tunebook._sweep``) plans each key once, then hands its candidates out
 units to many workers; each request is one JSON line on the worker's stdin:
 
     {"op": "plan", "id": 1, "job": {...}}                 (the job with "judge": true, see plan)
-    {"op": "measure", "id": 2, "job": {...}, "cids": ["BLOCK=64|..."], "full": false, "ok_known": true}
+    {"op": "measure", "id": 2, "job": {...}, "cids": ["BLOCK=64|..."], "full": false, "ok_known": true,
+     "not_references": ["BLOCK=32|..."]}
     {"op": "record", "id": 3, "job": {...}, "key": [...], "key_text": "...", "cid": "...",
      "config": {...}, "reason": "..."}
 
@@ -13,6 +14,7 @@ and the worker answers with JSON lines on stdout, ending each request with ``don
 
     {"event": "plan", "id": 1, "plan": {...}}            (see :func:`plan`)
     {"event": "candidate", "id": 2, "key_text": ..., "key": [...], "cid": ..., "config": {...}}
+    {"event": "candidate", ..., "reference": true}       (launched as check='s would-be reference)
     {"event": "result", "id": 2, "key_text": ..., "key": [...], "cid": ..., "result": {...},
      "unexpected": false}                                (result None: skipped, no recorded grid)
     {"event": "done", "id": 2}
@@ -22,7 +24,9 @@ and the worker answers with JSON lines on stdout, ending each request with ``don
   (the kernel's ``inputs=``, else the recorded layout); candidates, ids, the budget, the
   strategy and the hints are the autotuner's own; a config is timed by the same function
   as in ``tune_key`` (quick, or ``full`` for a contender), checked against the key's first
-  config that runs when the kernel has ``check=``.
+  config that runs when the kernel has ``check=`` (each would-be reference named to the
+  session before it is launched, and those that took a worker down passed over:
+  ``not_references``).
 * **Kept here first.** Each result is appended to this worker's journal at once (the next
   config may take the process down; ``journal.py``), which the next worker folds into its
   book; the driver writes it into its own book when it arrives. A failure that points at
@@ -195,9 +199,10 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
         )
     tuner, rid = ctx.tuner, request["id"]
     configs = [by_id[cid] for cid in cids]
+    key = list(stored_key(ctx.key))
     # Every candidate in the key's order, so that check= takes the key's first config that runs
     # as its reference, as a tuning in one process does.
-    bench = _bench_function(tuner, ctx.call, ctx.candidates)
+    bench = _bench_function(tuner, ctx.call, ctx.candidates, _reference_search(ctx, request, key, emit))
     precompile = _precompiler(tuner, ctx.call)
     if precompile is not None:
         precompile(configs)
@@ -205,9 +210,11 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
     full = bool(request.get("full"))
     timer, quick = (timers.full, False) if full else (timers.quick, timers.adaptive)
     page = _page_spec(tuner.page())
-    key = list(stored_key(ctx.key))
     ok_known = bool(request.get("ok_known"))
+    find_reference = getattr(bench, "find_reference", None)  # a checking bench's
     try:
+        if find_reference is not None:
+            find_reference()  # before the first candidate is named: its launches are named as its
         for cid, config in zip(cids, configs):
             record_ = tuner.config_index.record_of(config)
             where = {"id": rid, "key_text": ctx.key_text, "key": key, "cid": cid}
@@ -236,6 +243,28 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
         restore = getattr(bench, "restore", None)
         if restore is not None:
             restore()
+
+
+def _reference_search(ctx: KeyContext, request: Mapping[str, Any], key: list[Any], emit: Emit) -> Any:
+    """Where check= looks for the key's reference in this unit: every candidate in order, less
+    those the session saw take a worker down as the reference (``not_references``), each
+    named to the session (a ``candidate`` event with ``reference``) before it is launched,
+    so that a crash or hang there is blamed on it, not on the config about to be measured."""
+    from .._check import ReferenceSearch
+
+    passed_over = set(request.get("not_references") or ())
+
+    def announce(i: int) -> None:
+        record_ = ctx.tuner.config_index.record_of(ctx.candidates[i])
+        where = {"id": request["id"], "key_text": ctx.key_text, "key": key, "cid": ctx.ids[i]}
+        emit({"event": "candidate", **where, "config": record_, "reference": True})
+
+    return ReferenceSearch(
+        ids=ctx.ids,
+        skip={i for i, cid in enumerate(ctx.ids) if cid in passed_over},
+        where=f"{ctx.tuner.label} key {ctx.key_text}",
+        announce=announce,
+    )
 
 
 def record(request: Mapping[str, Any]) -> None:
