@@ -138,7 +138,8 @@ def test_a_reference_that_hangs_is_blamed_and_passed_over_not_the_measured_confi
     reference before measuring them. It hung, and the session blamed the config named last,
     the unit's first, then hung again on the same reference for the next: the unit's configs
     were all recorded as hung. Now the reference is named before its launch, blamed, and
-    passed over by the key's next searches in the session."""
+    passed over by the key's next searches in the session; a judging plan's search too (it
+    failed the key after three hangs)."""
     (tmp_path / "sesskern.py").write_text(MODULE)
     (tmp_path / "hangref.py").write_text(HANGING_REFERENCE)
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(tmp_path)]), "TUNEBOOK_DIR": str(book_dir)}
@@ -156,3 +157,11 @@ def test_a_reference_that_hangs_is_blamed_and_passed_over_not_the_measured_confi
         assert again.restarts == 0 and again.results[ids[2]]["result"]["ms"] is not None
     finally:
         session.close()
+    # A judging plan runs the reference search too (a fresh session: nothing passed over yet).
+    fresh = WorkerSession(env, timeout_s=8)
+    try:
+        assert fresh.plan({**job, "judge": True})["reference"] == ids[1]
+        unit = fresh.measure(job, ids[1:])
+        assert unit.restarts == 0 and not unit.crashed, unit
+    finally:
+        fresh.close()

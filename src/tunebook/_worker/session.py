@@ -106,18 +106,26 @@ class WorkerSession:
     def plan(self, job: Mapping[str, Any]) -> dict[str, Any]:
         """The key's plan (``units.plan``); raises :class:`WorkerFailed` with the reason."""
         plans: list[dict[str, Any]] = []
+        launched: dict[str, Any] = {}  # check='s would-be reference being run for the plan
 
         def keep(event: dict[str, Any]) -> None:
             if "plan" in event:
                 plans.append(event["plan"])
+            elif event.get("event") == "candidate":
+                launched.clear()
+                launched.update(event)
 
-        status = "not started"
-        for _ in range(_DEATHS_BEFORE_GIVING_UP):
-            status, event = self._request({"op": "plan", "job": dict(job)}, keep)
+        status, deaths = "not started", 0
+        while deaths < _DEATHS_BEFORE_GIVING_UP:
+            launched.clear()
+            request = {"op": "plan", "job": dict(job), "not_references": self._passed_over(job)}
+            status, event = self._request(request, keep)
             if status == "done" and plans:
                 return plans[0]
             if status == "error":
                 raise WorkerFailed(str(event.get("reason", "")))
+            if not self._blamed_reference(job, launched, event, Measured()):
+                deaths += 1
         raise WorkerFailed(f"planning the key, the worker kept dying: {status}")
 
     def measure(
@@ -136,7 +144,7 @@ class WorkerSession:
                 "cids": unit.remaining,
                 "full": full,
                 "ok_known": ok,
-                "not_references": sorted(self._not_references.get(str(job.get("key_text")), ())),
+                "not_references": self._passed_over(job),
             }
             status, event = self._request(request, unit.follow)
             if status == "done":
@@ -148,12 +156,7 @@ class WorkerSession:
             if unit.current.get("cid") in unit.remaining:
                 self._blame(job, unit.current, event, unit.out)
                 unit.remaining.remove(unit.current["cid"])
-            elif unit.current.get("reference") and "cid" in unit.current:
-                # check='s would-be reference took it down: its own failure, and passed over
-                # by the key's next searches here (they would go down on it again)
-                self._blame(job, unit.current, event, unit.out)
-                self._not_references.setdefault(str(job.get("key_text")), set()).add(unit.current["cid"])
-            elif not unit.progressed:
+            elif not self._blamed_reference(job, unit.current, event, unit.out) and not unit.progressed:
                 deaths += 1
                 if deaths >= _DEATHS_BEFORE_GIVING_UP:
                     unit.out.error = f"the worker died {deaths} times before measuring anything: {status}"
@@ -175,6 +178,22 @@ class WorkerSession:
             proc.wait(timeout=10)
 
     # ------------------------------------------------------------------ internals
+
+    def _passed_over(self, job: Mapping[str, Any]) -> list[str]:
+        """The configs the key's reference searches here pass over (``_blamed_reference``)."""
+        return sorted(self._not_references.get(str(job.get("key_text")), ()))
+
+    def _blamed_reference(
+        self, job: Mapping[str, Any], launched: dict[str, Any], gone: dict[str, Any], out: Measured
+    ) -> bool:
+        """Whether the worker went down on check='s would-be reference (the config it named
+        last, ``launched``): then that is its failure (``_blame``), and the key's next
+        reference searches here pass it over (they would go down on it again)."""
+        if not launched.get("reference") or "cid" not in launched:
+            return False
+        self._blame(job, launched, gone, out)
+        self._not_references.setdefault(str(job.get("key_text")), set()).add(launched["cid"])
+        return True
 
     def _blame(
         self, job: Mapping[str, Any], candidate: dict[str, Any], gone: dict[str, Any], out: Measured

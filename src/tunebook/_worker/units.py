@@ -3,7 +3,7 @@
 A sweep (``tunebook._sweep``) plans each key once, then hands its candidates out in small
 units to many workers; each request is one JSON line on the worker's stdin:
 
-    {"op": "plan", "id": 1, "job": {...}}                 (the job with "judge": true, see plan)
+    {"op": "plan", "id": 1, "job": {...}, "not_references": [...]}   (the job with "judge": true, see plan)
     {"op": "measure", "id": 2, "job": {...}, "cids": ["BLOCK=64|..."], "full": false, "ok_known": true,
      "not_references": ["BLOCK=32|..."]}
     {"op": "record", "id": 3, "job": {...}, "key": [...], "key_text": "...", "cid": "...",
@@ -99,7 +99,7 @@ def handle(request: Mapping[str, Any], emit: Emit) -> None:
     """Answer one request (see the module docstring); exceptions are the caller's to report."""
     op, rid = request.get("op"), request.get("id")
     if op == "plan":
-        emit({"event": "plan", "id": rid, "plan": plan(request["job"])})
+        emit({"event": "plan", "id": rid, "plan": plan(request["job"], request, emit)})
     elif op == "measure":
         measure(request, emit)
     elif op == "record":
@@ -109,8 +109,11 @@ def handle(request: Mapping[str, Any], emit: Emit) -> None:
     emit({"event": "done", "id": rid})
 
 
-def plan(job: Mapping[str, Any]) -> dict[str, Any]:
-    """What the driver needs to search one key on this worker's platform.
+def plan(
+    job: Mapping[str, Any], request: Mapping[str, Any] | None = None, emit: Emit | None = None
+) -> dict[str, Any]:
+    """What the driver needs to search one key on this worker's platform (for the plan
+    ``request``, whose reference search names its launches through ``emit``).
 
     ``key``/``key_text`` (the book's), ``ids`` and ``records`` of the candidates in order,
     ``hints`` and ``seeds`` (indices; ``_miss.earlier_seeds``), the ``strategy`` name
@@ -160,16 +163,18 @@ def plan(job: Mapping[str, Any]) -> dict[str, Any]:
         },
         "known": entry.to_json() if entry is not None else None,
         "settings": _failures.settings_hash(tuner.options.check),
-        **({"reference": reference(ctx)} if job.get("judge") else {}),
+        **({"reference": reference(ctx, request, emit)} if job.get("judge") else {}),
     }
 
 
-def reference(ctx: KeyContext) -> str:
+def reference(ctx: KeyContext, request: Mapping[str, Any] | None = None, emit: Emit | None = None) -> str:
     """The id of the config ``check=`` takes as the key's reference here, as a measure unit's
-    bench takes it (the first candidate that runs), run for it; "" if none runs or checking is off."""
+    bench takes it (the first candidate that runs, less the request's ``not_references``;
+    each named through ``emit``), run for it; "" if none runs or checking is off."""
     from .._miss import _bench_function
 
-    bench = _bench_function(ctx.tuner, ctx.call, ctx.candidates)
+    search = _reference_search(ctx, request, list(stored_key(ctx.key)), emit) if request and emit else None
+    bench = _bench_function(ctx.tuner, ctx.call, ctx.candidates, search)
     judging = getattr(bench, "judging", None)  # a checking bench's (_check.CheckedBench)
     try:
         now = judging() if judging is not None else None
