@@ -122,6 +122,10 @@ import triton, tunebook
 from small_kernels import add_kernel
 from sesskern import _hang, inputs
 
+fine = tunebook.autotune(
+    [triton.Config({"BLOCK": b}) for b in (16, 32, 64)], key=["n"], check=True, inputs=inputs
+)(add_kernel)
+
 # The first config, check='s reference, hangs.
 add = tunebook.autotune(
     [triton.Config({"BLOCK": 16}, pre_hook=_hang)] + [triton.Config({"BLOCK": b}) for b in (32, 64)],
@@ -138,8 +142,9 @@ def test_a_reference_that_hangs_is_blamed_and_passed_over_not_the_measured_confi
     reference before measuring them. It hung, and the session blamed the config named last,
     the unit's first, then hung again on the same reference for the next: the unit's configs
     were all recorded as hung. Now the reference is named before its launch, blamed, and
-    passed over by the key's next searches in the session; a judging plan's search too (it
-    failed the key after three hangs)."""
+    passed over by the key's next searches in the session (not another kernel's), and by a
+    new worker's, from the book; a judging plan's search too (it failed the key after three
+    hangs)."""
     (tmp_path / "sesskern.py").write_text(MODULE)
     (tmp_path / "hangref.py").write_text(HANGING_REFERENCE)
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(tmp_path)]), "TUNEBOOK_DIR": str(book_dir)}
@@ -149,19 +154,30 @@ def test_a_reference_that_hangs_is_blamed_and_passed_over_not_the_measured_confi
         ids = session.plan(job)["ids"]
         out = session.measure(job, ids[1:])
         assert [c.split("|")[0] for c in out.crashed] == ["BLOCK=16"], out
-        assert "timed out" in out.results[ids[0]]["result"]["error"]
+        error = out.results[ids[0]]["result"]["error"]
+        assert "timed out" in error and error.endswith("(found looking for check='s reference)")
         for cid in ids[1:]:
             assert out.results[cid]["result"]["error"] is None, out.results[cid]
         assert out.error is None and out.restarts == 1
         again = session.measure(job, ids[2:], full=True)  # the key's next unit: no hang
         assert again.restarts == 0 and again.results[ids[2]]["result"]["ms"] is not None
+        # Another kernel with the same configs and key text: its own reference, BLOCK=16.
+        other = {**job, "attr": "fine"}
+        assert session.plan({**other, "judge": True})["reference"] == ids[0]
     finally:
         session.close()
-    # A judging plan runs the reference search too (a fresh session: nothing passed over yet).
-    fresh = WorkerSession(env, timeout_s=8)
+    # A unit that holds the reference, in a session that has not seen it hang: it hangs once,
+    # its one failure (it was not tried again as the reference, nor measured after).
+    (tmp_path / "hangref2.py").write_text(HANGING_REFERENCE)
+    other_book = {**env, "TUNEBOOK_DIR": str(tmp_path / "other book")}
+    fresh = WorkerSession(other_book, timeout_s=8)
     try:
-        assert fresh.plan({**job, "judge": True})["reference"] == ids[1]
-        unit = fresh.measure(job, ids[1:])
-        assert unit.restarts == 0 and not unit.crashed, unit
+        job2 = {**job, "module": "hangref2"}
+        unit = fresh.measure(job2, ids)
+        assert [c.split("|")[0] for c in unit.crashed] == ["BLOCK=16"] and unit.restarts == 1, unit
+        assert all(unit.results[cid]["result"]["error"] is None for cid in ids[1:]), unit
+        # A judging plan in a new session: the book's record passes the reference over.
+        fresh.close()
+        assert fresh.plan({**job2, "judge": True})["reference"] == ids[1]
     finally:
         fresh.close()

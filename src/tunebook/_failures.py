@@ -105,8 +105,13 @@ _FOUND_AS_REFERENCE = " (found looking for check='s reference)"
 def found_as_reference(failure: Result) -> Result:
     """``failure`` marked as one the reference search recorded; its start, which says what
     failed (:func:`says_nothing`), is kept."""
-    error = (failure.error or "")[: ERROR_LIMIT - len(_FOUND_AS_REFERENCE)]
-    return replace(failure, error=error + _FOUND_AS_REFERENCE)
+    return replace(failure, error=reason_found_as_reference(failure.error or ""))
+
+
+def reason_found_as_reference(reason: str) -> str:
+    """A failure's ``reason`` marked as :func:`found_as_reference` marks it (a supervisor's,
+    for a would-be reference that took its worker down)."""
+    return reason[: ERROR_LIMIT - len(_FOUND_AS_REFERENCE)] + _FOUND_AS_REFERENCE
 
 
 def by_reference_search(result: Result) -> bool:

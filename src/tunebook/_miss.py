@@ -716,17 +716,17 @@ def _reference_search(
         marked = _failures.found_as_reference(failure(records[i], exc))
         persist({miss.ids[i]: marked}, "", time.perf_counter() - begun)
 
-    def announce(i: int) -> None:  # to a worker's supervisor (_tuner.observed), if any
+    def name_launch(i: int) -> None:  # to a worker's supervisor (_tuner.observed), if any
         observer = _tuner._observer
         if observer is not None:
-            observer.candidate(miss.text, stored_key(miss.key), miss.ids[i], records[i])
+            observer.candidate(miss.text, stored_key(miss.key), miss.ids[i], records[i], reference=True)
 
     return ReferenceSearch(
         ids=miss.ids,
         skip={position[cid] for cid in here if cid in position},
         record=record,
         where=f"{miss.tuner.label} key {miss.text}",
-        announce=announce,
+        announce=name_launch,
     )
 
 

@@ -123,7 +123,10 @@ class Observer(Protocol):
     """Told about each candidate of every tuning in this process (a worker process reports them
     to its supervisor, which blames the candidate that was running if the process dies)."""
 
-    def candidate(self, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any]) -> None: ...
+    def candidate(
+        self, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any], reference: bool = False
+    ) -> None:
+        """``reference``: launched as check='s would-be reference, not measured."""
 
     def result(self, key_text: str, key: Sequence[Any], cid: str, result: Result, kept: bool = True) -> None:
         """``kept``: False for a failure held out of the book (``tune_key``'s ``held``)."""

@@ -133,16 +133,12 @@ class _Reporter:
     def __init__(self, index: int) -> None:
         self.index = index
 
-    def candidate(self, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any]) -> None:
+    def candidate(
+        self, key_text: str, key: Sequence[Any], cid: str, record: Mapping[str, Any], reference: bool = False
+    ) -> None:
+        event = {"key_text": key_text, "key": list(key), "cid": cid, "config": dict(record)}
         _emit(
-            {
-                "event": "candidate",
-                "index": self.index,
-                "key_text": key_text,
-                "key": list(key),
-                "cid": cid,
-                "config": dict(record),
-            }
+            {"event": "candidate", "index": self.index, **event, **({"reference": True} if reference else {})}
         )
 
     def result(self, key_text: str, key: Sequence[Any], cid: str, result: Any, kept: bool = True) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._book import now_iso
+from .._failures import reason_found_as_reference
 from .supervisor import DEFAULT_TIMEOUT_S, describe_exit, events_of, keep_tail
 
 _DEATHS_BEFORE_GIVING_UP = 3
@@ -74,8 +75,9 @@ class WorkerSession:
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._stderr: list[str] = []
         self._ids = itertools.count(1)
-        # key text -> configs that took a worker down as check='s reference (passed over then)
-        self._not_references: dict[str, set[str]] = {}
+        # a kernel's key (_kernel_key) -> configs that took a worker down as check='s
+        # reference there (passed over then)
+        self._not_references: dict[tuple[str, str, str], set[str]] = {}
 
     # ------------------------------------------------------------------ requests
 
@@ -115,7 +117,7 @@ class WorkerSession:
                 launched.clear()
                 launched.update(event)
 
-        status, deaths = "not started", 0
+        status, deaths, references = "not started", 0, 0
         while deaths < _DEATHS_BEFORE_GIVING_UP:
             launched.clear()
             request = {"op": "plan", "job": dict(job), "not_references": self._passed_over(job)}
@@ -126,6 +128,10 @@ class WorkerSession:
                 raise WorkerFailed(str(event.get("reason", "")))
             if not self._blamed_reference(job, launched, event, Measured()):
                 deaths += 1
+            else:
+                references += 1
+                if references >= _DEATHS_BEFORE_GIVING_UP:
+                    raise WorkerFailed(_references_down(references, status))
         raise WorkerFailed(f"planning the key, the worker kept dying: {status}")
 
     def measure(
@@ -133,7 +139,7 @@ class WorkerSession:
     ) -> Measured:
         """Measure ``cids`` of the job's key, surviving configs that take the worker down."""
         unit = _Unit(list(cids))
-        deaths = 0
+        deaths = references = 0
         while unit.remaining:
             unit.current.clear()
             unit.progressed = False
@@ -153,10 +159,19 @@ class WorkerSession:
                 unit.out.error = str(event.get("reason", ""))
                 break
             unit.out.restarts += 1
-            if unit.current.get("cid") in unit.remaining:
+            cid = unit.current.get("cid")
+            references = 0 if unit.progressed else references
+            if self._blamed_reference(job, unit.current, event, unit.out):
+                if cid in unit.remaining:  # a config of the unit: that was its measurement
+                    unit.remaining.remove(cid)
+                references += 1
+                if references >= _DEATHS_BEFORE_GIVING_UP and not unit.progressed:
+                    unit.out.error = _references_down(references, status)
+                    break
+            elif cid in unit.remaining:
                 self._blame(job, unit.current, event, unit.out)
-                unit.remaining.remove(unit.current["cid"])
-            elif not self._blamed_reference(job, unit.current, event, unit.out) and not unit.progressed:
+                unit.remaining.remove(cid)
+            elif not unit.progressed:
                 deaths += 1
                 if deaths >= _DEATHS_BEFORE_GIVING_UP:
                     unit.out.error = f"the worker died {deaths} times before measuring anything: {status}"
@@ -181,7 +196,7 @@ class WorkerSession:
 
     def _passed_over(self, job: Mapping[str, Any]) -> list[str]:
         """The configs the key's reference searches here pass over (``_blamed_reference``)."""
-        return sorted(self._not_references.get(str(job.get("key_text")), ()))
+        return sorted(self._not_references.get(_kernel_key(job), ()))
 
     def _blamed_reference(
         self, job: Mapping[str, Any], launched: dict[str, Any], gone: dict[str, Any], out: Measured
@@ -192,7 +207,7 @@ class WorkerSession:
         if not launched.get("reference") or "cid" not in launched:
             return False
         self._blame(job, launched, gone, out)
-        self._not_references.setdefault(str(job.get("key_text")), set()).add(launched["cid"])
+        self._not_references.setdefault(_kernel_key(job), set()).add(launched["cid"])
         return True
 
     def _blame(
@@ -205,6 +220,8 @@ class WorkerSession:
         else:
             reason = f"the worker process died while running this config ({gone.get('exit', '')})"
             reason += f": {gone['detail']}" if gone.get("detail") else ""
+        if candidate.get("reference"):  # as the reference search's own failures: off the budget
+            reason = reason_found_as_reference(reason)
         failure = {"config": candidate.get("config", {}), "ms": None, "error": reason[:2000], "at": now_iso()}
         out.results[cid] = {"result": failure, "unexpected": False}
         out.crashed.append(cid)
@@ -290,6 +307,20 @@ class _Unit:
                 "unexpected": bool(event.get("unexpected")),
             }
             self.remaining.remove(cid)
+
+
+def _kernel_key(job: Mapping[str, Any]) -> tuple[str, str, str]:
+    """A job's kernel and key: two kernels with the same configs and key text are two keys."""
+    return (str(job.get("module")), str(job.get("attr")), str(job.get("key_text")))
+
+
+def _references_down(n: int, status: str) -> str:
+    """Why a plan or unit stops after ``n`` would-be references in a row took workers down."""
+    return (
+        f"{n} configs in a row took the worker down as check='s reference ({status}): the call "
+        "itself, not a config, may hang or crash (its inputs=, or a lock the worker's inputs "
+        "leave unset); each was recorded as failed"
+    )
 
 
 def _ran(entry: Mapping[str, Any]) -> bool:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._failures import reason_found_as_reference
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -246,6 +248,8 @@ def _run_one_worker(
             detail = "".join(stderr_tail).strip().splitlines()[-1:] if stderr_tail else []
             if detail and not timed_out:
                 reason += f": {detail[0][:300]}"
+            if current.get("reference"):  # as the reference search's own failures: off the budget
+                reason = reason_found_as_reference(reason)
             record_failure(dict(current), reason)
             reports[index].crashed.append(current["cid"])
             if on_event is not None:

@@ -252,12 +252,18 @@ def measure(request: Mapping[str, Any], emit: Emit) -> None:
 
 def _reference_search(ctx: KeyContext, request: Mapping[str, Any], key: list[Any], emit: Emit) -> Any:
     """Where check= looks for the key's reference in this unit: every candidate in order, less
-    those the session saw take a worker down as the reference (``not_references``), each
-    named to the session (a ``candidate`` event with ``reference``) before it is launched,
-    so that a crash or hang there is blamed on it, not on the config about to be measured."""
+    those this worker's book records unable to run for the key (as ``_miss`` passes them
+    over in one process) and those the session saw take a worker down as the reference
+    (``not_references``), each named to the session (a ``candidate`` event with
+    ``reference``) before it is launched, so that a crash or hang there is blamed on it, not
+    on the config about to be measured."""
     from .._check import ReferenceSearch
+    from .._miss import _cannot_run
 
-    passed_over = set(request.get("not_references") or ())
+    page = ctx.tuner.page()
+    page.refresh(ctx.key_text)
+    entry = page.get(ctx.key_text)
+    passed_over = set(request.get("not_references") or ()) | (_cannot_run(entry.results) if entry else set())
 
     def announce(i: int) -> None:
         record_ = ctx.tuner.config_index.record_of(ctx.candidates[i])
