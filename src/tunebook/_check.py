@@ -480,7 +480,10 @@ class CheckedBench:
 
         return guarded
 
-    def _ensure_reference(self) -> None:
+    def find_reference(self) -> None:
+        """Look for the reference (once; the first measurement does, if nothing did before). A
+        tuning loop that tells a supervisor which config it launches calls it before it names
+        its first candidate, so that the search's own launches are named as theirs."""
         if self._reference is not None:
             return
         from . import _compat
@@ -528,25 +531,19 @@ class CheckedBench:
         (the hash of ``check=``'s settings), so that a key is judged again when they change."""
         self._id_of, self._settings = id_of, settings
 
-    def find_reference(self) -> None:
-        """Look for the reference now (once), as the first measurement would: a tuning loop
-        that tells a supervisor which config it launches calls this before it names its
-        first candidate, so that the search's own launches are named as theirs."""
-        self._ensure_reference()
-
     def judging(self) -> Any:
         """What this tuning judges under (a ``_failures.Judging``), the reference chosen now if
         it was not yet; None if no candidate runs (nothing is judged) or judge_under was not
         called."""
         from ._failures import Judging
 
-        self._ensure_reference()
+        self.find_reference()
         if self._reference is False or self._id_of is None:
             return None
         return Judging(self._id_of(self._reference), self._settings)
 
     def __call__(self, timer: Callable[..., Any], config: Any) -> Any:
-        self._ensure_reference()
+        self.find_reference()
         if self._reference is not False and id(config) not in self._checked:
             self._checked.add(id(config))
             reason = self._checker.check(lambda: self._run_once(config), own=config is self._reference)

@@ -24,7 +24,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -706,8 +706,6 @@ def _reference_search(
     prediction and reference differed was judged again in every process)."""
     from ._check import ReferenceSearch
 
-    position = {cid: i for i, cid in enumerate(miss.ids)}
-    here = _cannot_run(entry.results) if entry is not None else set()
     # Persist takes the seconds since the tuning began, to count each write's share: from
     # here, a moment before tune_key's own clock starts.
     begun = time.perf_counter()
@@ -723,11 +721,18 @@ def _reference_search(
 
     return ReferenceSearch(
         ids=miss.ids,
-        skip={position[cid] for cid in here if cid in position},
+        skip=cannot_run_positions(miss.ids, entry),
         record=record,
         where=f"{miss.tuner.label} key {miss.text}",
         announce=name_launch,
     )
+
+
+def cannot_run_positions(ids: Sequence[str], entry: Entry | None, also: Collection[str] = ()) -> set[int]:
+    """The positions in ``ids`` of the configs ``entry`` records unable to run for the key
+    (``_cannot_run``) and of those in ``also``: what check='s reference search passes over."""
+    passed_over = (_cannot_run(entry.results) if entry is not None else set()) | set(also)
+    return {i for i, cid in enumerate(ids) if cid in passed_over}
 
 
 def _cannot_run(results: Mapping[str, Result]) -> set[str]:

@@ -330,11 +330,9 @@ class Entry:
 def _judged_anew(base: Result, news: Result) -> bool:
     """Whether ``news`` is a wrong result under ``check=``, no older than ``base``, judged
     otherwise than ``base`` was (another reference or settings; ``base`` ran or failed otherwise)."""
-    if news.ok or not (news.error or "").startswith("WrongResult:") or news.at < base.at:
-        return False
-    from .._failures import judged_under  # deferred: _failures reads these records
+    from .._failures import is_wrong_result, judged_under  # deferred: _failures reads these records
 
-    return judged_under(news) != judged_under(base)
+    return is_wrong_result(news) and news.at >= base.at and judged_under(news) != judged_under(base)
 
 
 NEWER = "written by a newer tunebook"  # how check_format's refusal of a newer file begins

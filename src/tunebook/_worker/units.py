@@ -258,12 +258,11 @@ def _reference_search(ctx: KeyContext, request: Mapping[str, Any], key: list[Any
     ``reference``) before it is launched, so that a crash or hang there is blamed on it, not
     on the config about to be measured."""
     from .._check import ReferenceSearch
-    from .._miss import _cannot_run
+    from .._miss import cannot_run_positions
 
     page = ctx.tuner.page()
     page.refresh(ctx.key_text)
-    entry = page.get(ctx.key_text)
-    passed_over = set(request.get("not_references") or ()) | (_cannot_run(entry.results) if entry else set())
+    skip = cannot_run_positions(ctx.ids, page.get(ctx.key_text), request.get("not_references") or ())
 
     def announce(i: int) -> None:
         record_ = ctx.tuner.config_index.record_of(ctx.candidates[i])
@@ -272,7 +271,7 @@ def _reference_search(ctx: KeyContext, request: Mapping[str, Any], key: list[Any
 
     return ReferenceSearch(
         ids=ctx.ids,
-        skip={i for i, cid in enumerate(ctx.ids) if cid in passed_over},
+        skip=skip,
         where=f"{ctx.tuner.label} key {ctx.key_text}",
         announce=announce,
     )
