@@ -12,9 +12,14 @@ across five samples on an H200). So:
 * each variant reports its median and its p20/p80 over rounds; a ratio between two
   variants is the median of the per-round ratios.
 
-The L2 cache is not flushed between launches: in a server an op's inputs were written by
-the kernel just before it, so small inputs are L2-resident there as here. Inputs larger
-than L2 (50 MB on an H200) stream from HBM either way.
+The L2 cache is not flushed between launches. In a server an op's activations were written
+by the kernel just before it, so small ones are L2-resident there as here. A layer's
+weights and its KV cache were last read a whole step earlier, before every other layer's,
+and are not: where they are smaller than L2 (50 MB on an H200; a decode call over a few MB
+of cache, a 4096 x 4096 weight), every variant of a run, the baselines too, reads them from
+L2 here. Ratios then compare like with like; the absolute times and shares of copy
+bandwidth of such calls are better than a server sees. Inputs larger than L2 stream from
+HBM either way.
 
 Without a GPU (``--dry-run`` under ``TRITON_INTERPRET=1``) the same code runs with a
 wall-clock timer and no graphs, so the scripts are checked end to end on a CPU.
