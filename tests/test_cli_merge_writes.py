@@ -246,6 +246,29 @@ def test_a_file_that_holds_no_key_of_the_page_is_never_deleted(tmp_path: Path) -
     assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"mine": True}  # there, or kept aside
 
 
+def test_a_merge_says_which_pages_it_rewrote_and_which_already_held_the_merge(tmp_path: Path) -> None:
+    """Merging a book into itself rewrites no key file, and says so, where it said "wrote"
+    of every page; where some keys of a page change, the line counts the two apart."""
+    book = tmp_path / "book"
+    page = book / write_book(tmp_path / "first", range(3), range(0, 2)).name
+    invoke("merge", tmp_path / "first", "-o", book)  # the book as a merge writes it
+
+    def stamps() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in page.glob("*.json") if p.name != pagedir.PAGE_FILE}
+
+    before = stamps()
+    res = invoke("merge", book, "-o", book)
+    assert f"unchanged {page} (3 keys already as merged)" in res.output, res.output
+    assert "wrote" not in res.output and stamps() == before
+    more = tmp_path / "more"
+    write_book(more, range(2, 4), range(2, 3))  # key 2 gains a config, key 3 is new
+    res = invoke("merge", more, "-o", book)
+    assert f"wrote {page} (2 keys; 2 already as merged, left as they were)" in res.output, res.output
+    after = stamps()
+    assert all(after[name] == before[name] for name in (pagedir.key_file_name(key(i)) for i in (0, 1)))
+    assert configs_by_key(page) == {0: {0, 1}, 1: {0, 1}, 2: {0, 1, 2}, 3: {2}}
+
+
 # ------------------------------------------------------------------- size limit and skipped input
 
 

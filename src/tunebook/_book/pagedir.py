@@ -751,11 +751,13 @@ def replace_page(
     entries: Mapping[str, Entry],
     lock_wait_s: float,
     fold: Callable[[Entry, Entry], Entry] | None = None,
-    done: Callable[[str], None] | None = None,
+    done: Callable[[str, bool], None] | None = None,
 ) -> list[str]:
     """Write ``entries`` into the page as the command line decided them. Each key's file is
     replaced atomically under its lock (filelock's Timeout, a TimeoutError, past
-    ``lock_wait_s``), and ``done(key text)`` called once it is written (or already held).
+    ``lock_wait_s``), and ``done(key text, changed)`` called once it is written, ``changed``
+    False where the key's files already held what was decided (nothing rewritten, nothing
+    folded in).
 
     ``fold(decided, found)``: what is on disk is read again under the key's lock and folded
     in (``merge``: the caller read the page long before, and another merge or a live
@@ -832,13 +834,15 @@ def replace_page(
             if size > MAX_ENTRY_BYTES:
                 left_alone.append(too_large(path, text, size, len(final.results)))
                 continue
-            if not _holds(path, wanted):  # an unchanged key costs a read, not an fsync
+            rewrite = not _holds(path, wanted)  # an unchanged key costs a read, not an fsync
+            if rewrite:
                 _write(path, wanted, tmp)
+            changed = rewrite or bool(listed or folded)
             for done_path in [*listed, *folded]:  # now in the key's file
                 with contextlib.suppress(OSError):
                     done_path.unlink()
         if done is not None:
-            done(text)
+            done(text, changed)
     for name in unreadable:
         if os.path.lexists(directory / name) and _entry_of(directory / name, meta, None) is None:
             with contextlib.suppress(LeaveAlone):  # a newer tunebook's file is left as it is

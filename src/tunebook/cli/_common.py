@@ -270,7 +270,7 @@ def write_document(
     path: Path,
     doc: Document,
     fold: Callable[[Entry, Entry], Entry] | None = None,
-    done: Callable[[str], None] | None = None,
+    done: Callable[[str, bool], None] | None = None,
 ) -> list[str]:
     """Write ``doc`` into the page that ``path`` names (a format-1 file name), in format 2:
     each key's file replaced atomically (``pagedir.replace_page``: files the caller did not
@@ -285,7 +285,8 @@ def write_document(
     merge, a live autotuner) is kept. Without it (an import) the decided entry stands. A key
     file a newer tunebook wrote, which this one could not read, stays, and its key is not
     written, as is a key whose file would pass the size every reader accepts. Returns why,
-    one line a key left so. ``done(key text)``: called as each key is written. The book
+    one line a key left so. ``done(key text, changed)``: called as each key is written
+    (``changed`` False where its files already held it: ``pagedir.replace_page``). The book
     directory's killed page creations are the command's to sweep, once for all its pages
     (``pagedir.sweep_creations``).
     """

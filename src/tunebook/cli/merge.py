@@ -156,18 +156,45 @@ def write_merged(
     merged: dict[str, Document],
     left_alone: list[str],
     done: Callable[[str], None] | None = None,
-) -> Iterator[tuple[Path, int]]:
+) -> Iterator[tuple[Path, int, int]]:
     """Write each document atomically (see ``write_document``), yielding each page's path
-    once written and how many of its keys were; key files left as they were (a newer
-    tunebook's, one unreadable just now, a key grown past the size limit) are added to
-    ``left_alone``. Each key's files are read again as it is written and folded in by
-    ``merge_entries``: what another merge or a live autotuner wrote since is kept."""
+    once written, how many of its keys were rewritten and how many its files already held
+    as merged (left as they were: merging a book into itself rewrites nothing); key files
+    left as they were for another reason (a newer tunebook's, one unreadable just now, a key
+    grown past the size limit) are added to ``left_alone``. Each key's files are read again
+    as it is written and folded in by ``merge_entries``: what another merge or a live
+    autotuner wrote since is kept. ``done(key text)``: called as each key is done."""
     directory.mkdir(parents=True, exist_ok=True)
     pagedir.sweep_creations(directory)  # once for every page written (one listing of the book)
     for name in sorted(merged):
-        left = write_document(directory / name, merged[name], fold=merge_entries, done=done)
+        held: list[str] = []
+        left = write_document(directory / name, merged[name], fold=merge_entries, done=_counting(held, done))
         left_alone += left
-        yield directory / pagedir.page_dir_name(name), len(merged[name].entries) - len(left)
+        rewritten = len(merged[name].entries) - len(left) - len(held)
+        yield directory / pagedir.page_dir_name(name), rewritten, len(held)
+
+
+def _counting(held: list[str], done: Callable[[str], None] | None) -> Callable[[str, bool], None]:
+    """A key's done-callback for ``write_document`` that lists in ``held`` the keys whose files
+    already held what was written, then calls ``done``."""
+
+    def key_done(text: str, changed: bool) -> None:
+        if not changed:
+            held.append(text)
+        if done is not None:
+            done(text)
+
+    return key_done
+
+
+def page_line(path: Path, written: int, held: int) -> str:
+    """What a merge did to one page: the keys it rewrote, and those whose files already held
+    the merged result (left as they were)."""
+    where = escape(str(path))
+    if not written and held:
+        return f"unchanged {where} ({held} keys already as merged)"
+    unchanged = f"; {held} already as merged, left as they were" if held else ""
+    return f"wrote {where} ({written} keys{unchanged})"
 
 
 def skipped_inputs(count: int) -> str:
@@ -248,8 +275,8 @@ def command(books: tuple[Path, ...], output: Path, dry_run: bool) -> None:
 
     try:
         with writing(output, fix, progress):
-            for path, keys in write_merged(output, merged, left_alone, lambda _: written.add()):
-                console.print(f"wrote {escape(str(path))} ({keys} keys)")
+            for path, keys, held in write_merged(output, merged, left_alone, lambda _: written.add()):
+                console.print(page_line(path, keys, held))
     except KeyboardInterrupt:
         err().print(f"interrupted: {escape(progress())}", highlight=False)
         raise click.exceptions.Exit(130) from None
