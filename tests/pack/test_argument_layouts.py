@@ -226,6 +226,33 @@ def test_a_written_tensor_whose_rows_share_memory_is_refused(case: str) -> None:
         _EXPANDED_WRITES[case]()
 
 
+_NOT_A_TENSOR = {
+    "rms_norm out": lambda: rms_norm(torch.randn(3, 16), torch.ones(16), out=[1]),
+    "rms_norm residual_out": lambda: rms_norm(
+        torch.randn(3, 16), torch.ones(16), residual=torch.randn(3, 16), residual_out=[1]
+    ),
+    "silu_and_mul out": lambda: silu_and_mul(torch.randn(3, 16), out=[1]),
+    "paged_attention_decode out": lambda: paged_attention_decode(
+        torch.randn(3, 2, 16), torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 16),
+        torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, dtype=torch.int64), out=[1],
+    ),
+    "varlen_attention out": lambda: varlen_attention(
+        torch.randn(3, 2, 16), torch.randn(3, 1, 16), torch.randn(3, 1, 16), torch.tensor([0, 3]),
+        torch.tensor([0, 3]), out=[1],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_NOT_A_TENSOR))
+def test_an_output_that_is_not_a_tensor_is_named(case: str) -> None:
+    """It once ended in an AttributeError ('list' object has no attribute 'device')."""
+    op, name = case.split()
+    with pytest.raises(
+        TypeError, match=rf"^tunebook\.kernels\.{op}: {name} must be a torch tensor or None; found list$"
+    ):
+        _NOT_A_TENSOR[case]()
+
+
 def test_meta_tensors_are_refused_by_name_before_any_memory_check() -> None:
     """A meta tensor has no memory (data_ptr() 0): it once reached Triton (or torch's "Cannot
     copy out of meta tensor"), and two of them read as sharing memory."""

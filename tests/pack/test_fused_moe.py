@@ -191,6 +191,11 @@ def test_empty_batch_launches_nothing():
     assert tunebook.stats()["fallbacks"] == 0
 
 
+def _moe_config(**change):
+    """A whole explicit config (vLLM's fields), with ``change`` applied."""
+    return {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1, **change}
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -205,6 +210,26 @@ def test_empty_batch_launches_nothing():
         # zeroed before GEMM 1 reads x: with one expert a token, out=x returned zeros
         (lambda a: {**a, "out": a["x"]}, "out shares memory with x; in-place updates are not supported"),
         (lambda a: {**a, "fp32_precision": "IEEE"}, "fp32_precision must be 'ieee' or 'tf32'; found 'IEEE'"),
+        # a GROUP_SIZE_M of -1 crashed the process, 0 gave wrong results; "ab" was taken for a
+        # pair of configs, (dict, None) failed inside
+        (
+            lambda a: {**a, "config": _moe_config(GROUP_SIZE_M=-1)},
+            "config's GROUP_SIZE_M must be a whole number of at least 1; found -1",
+        ),
+        (lambda a: {**a, "config": _moe_config(GROUP_SIZE_M=0)}, "GROUP_SIZE_M must be a whole number"),
+        (
+            lambda a: {**a, "config": _moe_config(BLOCK_SIZE_M=0)},
+            "config's BLOCK_SIZE_M must be a power of two; found 0",
+        ),
+        (
+            lambda a: {**a, "config": _moe_config(BLOCK_SIZE_K=48)},
+            "config's BLOCK_SIZE_K must be a power of two; found 48",
+        ),
+        (
+            lambda a: {**a, "config": "ab"},
+            "config= takes one config dict or a \\(gemm1, gemm2\\) pair of them; found 'ab'",
+        ),
+        (lambda a: {**a, "config": (_moe_config(), None)}, "config= takes one config dict or a"),
     ],
 )
 def test_errors_say_what_was_expected(change, message):

@@ -110,6 +110,19 @@ def test_empty_inputs_launch_nothing():
     assert tunebook.stats()["fallbacks"] == 0  # no kernel call was made
 
 
+def _config(**change: object) -> dict[str, object]:
+    """A whole explicit config of the pointer kernel, with ``change`` applied."""
+    return {
+        "BLOCK_M": 16,
+        "BLOCK_N": 16,
+        "BLOCK_K": 16,
+        "GROUP_M": 1,
+        "num_warps": 4,
+        "num_stages": 1,
+        **change,
+    }
+
+
 @pytest.mark.parametrize(
     "args,kwargs,message",
     [
@@ -127,6 +140,39 @@ def test_empty_inputs_launch_nothing():
             "config lacks BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages",
         ),
         ((torch.randn(3, 24), torch.randn(40, 24)), {"config": [16, 32]}, "config must be a dict"),
+        # values that reached the kernel: GROUP_M=-1 wrote out of bounds (the interpreter's
+        # process aborted), GROUP_M=0 left rows unwritten, SPLIT_K=0 launched nothing and
+        # returned out as it was, a tile of 12 failed inside Triton
+        (
+            (torch.randn(40, 32), torch.randn(48, 32)),
+            {"config": _config(GROUP_M=-1)},
+            "config's GROUP_M must be a whole number of at least 1; found -1",
+        ),
+        (
+            (torch.randn(40, 32), torch.randn(48, 32)),
+            {"config": _config(GROUP_M=0)},
+            "GROUP_M must be a whole number",
+        ),
+        (
+            (torch.randn(40, 32), torch.randn(48, 32)),
+            {"config": _config(SPLIT_K=0)},
+            "config's SPLIT_K must be a whole number of at least 1; found 0",
+        ),
+        (
+            (torch.randn(40, 32), torch.randn(48, 32)),
+            {"config": _config(BLOCK_M=12)},
+            "config's BLOCK_M must be a power of two; found 12",
+        ),
+        (
+            (torch.randn(40, 32), torch.randn(48, 32)),
+            {"config": _config(BLOCK_N=16.0)},
+            "BLOCK_N must be a power of two; found 16.0",
+        ),
+        (
+            (torch.randn(40, 32), torch.randn(48, 32)),
+            {"config": _config(num_warps=True)},
+            "num_warps must be a power of two; found True",
+        ),
     ],
 )
 def test_errors_say_what_was_expected(args, kwargs, message):

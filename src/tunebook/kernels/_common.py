@@ -392,8 +392,12 @@ def check_device(op: str, device: torch.device, name: str = "the tensors are") -
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
-    """All given tensors are on one device, and it is one Triton can launch on."""
+    """All given tensors are tensors (an ``out=[...]`` was an AttributeError on ``.device``),
+    on one device, and it is one Triton can launch on."""
     present = {n: t for n, t in tensors.items() if t is not None}
+    for name, t in present.items():
+        if not isinstance(t, torch.Tensor):
+            fail(op, f"{name} must be a torch tensor or None; found {type(t).__name__}", TypeError)
     devices = {str(t.device) for t in present.values()}
     if len(devices) > 1:
         found = ", ".join(f"{n} on {t.device}" for n, t in present.items())

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,7 +22,7 @@ import triton.language as tl
 
 from .._compat import interpreting
 from .._forksafe import lock_for
-from ._common import TOKEN_BUCKETS, bucket_of, pow2_at_least
+from ._common import TOKEN_BUCKETS, bucket_of, fail, pow2_at_least
 
 # The pack's books, names and serving buckets (_common.py): every power of two from decode
 # to a long prefill; M=3 -> 4, M=100 -> 128, everything above 8192 shares 8192.
@@ -118,6 +119,27 @@ def _distance(candidate: Mapping[str, Any], wanted: Mapping[str, Any]) -> float:
         elif have != want:
             total += 8.0
     return total
+
+
+def check_launch_values(
+    op: str, config: Mapping[str, Any], powers_of_two: Iterable[str], counts: Iterable[str]
+) -> None:
+    """An explicit config's values as a launch takes them: the names in ``powers_of_two``
+    (tile sizes, ``num_warps``: Triton's tensors and warp groups) powers of two, those in
+    ``counts`` whole numbers of at least 1; names the config leaves out are not checked
+    (``num_stages`` is Triton's to check).
+    Unchecked, ``GROUP_M=-1`` wrote out of bounds (a crash on the interpreter, an illegal
+    address on a GPU), ``SPLIT_K=0`` launched nothing and returned ``out`` as it was, and a
+    tile of 12 failed deep in Triton."""
+    pow2 = set(powers_of_two)
+    for name in [*pow2, *counts]:
+        if name not in config:
+            continue
+        value = config[name]
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not whole or value < 1 or (name in pow2 and value & (value - 1)):
+            need = "a power of two" if name in pow2 else "a whole number of at least 1"
+            fail(op, f"config's {name} must be {need}; found {value!r}")
 
 
 def config_values(config: Any) -> dict[str, Any]:

@@ -71,6 +71,7 @@ from ._gemm_common import (
     SMEM_BYTES,
     acc_per_thread,
     bucket_m,
+    check_launch_values,
     dot_mode,
     mma,
     nearest_config,
@@ -179,6 +180,8 @@ def vllm_config_to_kernel(config: Mapping[str, Any]) -> tuple[dict[str, int], li
             f"vllm_config_to_kernel: the config lacks {', '.join(missing)} (it names {', '.join(MOE_META)}, "
             f"and num_warps, num_stages or their defaults 4 and 3); found {dict(config)}"
         )
+    blocks = [k for k in MOE_META if k.startswith("BLOCK_SIZE_")]
+    check_launch_values("fused_moe", config, (*blocks, "num_warps"), ("GROUP_SIZE_M",))
     out = {k: int(config[k]) for k in MOE_META}
     out["num_warps"] = int(config.get("num_warps", 4))
     out["num_stages"] = int(config.get("num_stages", 3))
@@ -446,9 +449,9 @@ def _check(
 
 def _explicit(config: Any) -> tuple[dict[str, int], dict[str, int]]:
     """``config=``: one vLLM-style dict for both GEMMs (as vLLM uses it), or a pair."""
-    pair = (config, config) if isinstance(config, Mapping) else tuple(config)
-    if len(pair) != 2:
-        fail("fused_moe", "config= takes one config dict or a (gemm1, gemm2) pair of them")
+    pair = (config, config) if isinstance(config, Mapping) else config
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(c, Mapping) for c in pair)):
+        fail("fused_moe", f"config= takes one config dict or a (gemm1, gemm2) pair of them; found {config!r}")
     return vllm_config_to_kernel(pair[0])[0], vllm_config_to_kernel(pair[1])[0]
 
 

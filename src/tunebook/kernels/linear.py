@@ -68,6 +68,7 @@ from ._gemm_common import (
     Scratch,
     acc_per_thread,
     bucket_m,
+    check_launch_values,
     dot_mode,
     mma,
     nearest_config,
@@ -352,6 +353,8 @@ def _check_config(config: Any) -> None:
             f"config lacks {', '.join(missing)}: an explicit config names {', '.join(CONFIG_FIELDS)} "
             f"(and SPLIT_K, default 1); found {dict(config)}",
         )
+    tiles = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")
+    check_launch_values("linear", config, tiles, ("GROUP_M", "SPLIT_K"))
 
 
 def _in_parts(
