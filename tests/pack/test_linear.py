@@ -140,45 +140,31 @@ def _config(**change: object) -> dict[str, object]:
             "config lacks BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages",
         ),
         ((torch.randn(3, 24), torch.randn(40, 24)), {"config": [16, 32]}, "config must be a dict"),
-        # values that reached the kernel: GROUP_M=-1 wrote out of bounds (the interpreter's
-        # process aborted), GROUP_M=0 left rows unwritten, SPLIT_K=0 launched nothing and
-        # returned out as it was, a tile of 12 failed inside Triton
-        (
-            (torch.randn(40, 32), torch.randn(48, 32)),
-            {"config": _config(GROUP_M=-1)},
-            "config's GROUP_M must be a whole number of at least 1; found -1",
-        ),
-        (
-            (torch.randn(40, 32), torch.randn(48, 32)),
-            {"config": _config(GROUP_M=0)},
-            "GROUP_M must be a whole number",
-        ),
-        (
-            (torch.randn(40, 32), torch.randn(48, 32)),
-            {"config": _config(SPLIT_K=0)},
-            "config's SPLIT_K must be a whole number of at least 1; found 0",
-        ),
-        (
-            (torch.randn(40, 32), torch.randn(48, 32)),
-            {"config": _config(BLOCK_M=12)},
-            "config's BLOCK_M must be a power of two; found 12",
-        ),
-        (
-            (torch.randn(40, 32), torch.randn(48, 32)),
-            {"config": _config(BLOCK_N=16.0)},
-            "BLOCK_N must be a power of two; found 16.0",
-        ),
-        (
-            (torch.randn(40, 32), torch.randn(48, 32)),
-            {"config": _config(num_warps=True)},
-            "num_warps must be a power of two; found True",
-        ),
     ],
 )
 def test_errors_say_what_was_expected(args, kwargs, message):
     """Each a ValueError, as docs/kernels.md says of every op (a dtype once gave a TypeError)."""
     with pytest.raises(ValueError, match=message):
         linear(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"GROUP_M": -1}, "config's GROUP_M must be a whole number of at least 1; found -1"),
+        ({"GROUP_M": 0}, "config's GROUP_M must be a whole number of at least 1; found 0"),
+        ({"SPLIT_K": 0}, "config's SPLIT_K must be a whole number of at least 1; found 0"),
+        ({"BLOCK_M": 12}, "config's BLOCK_M must be a power of two; found 12"),
+        ({"BLOCK_N": 16.0}, "config's BLOCK_N must be a power of two; found 16.0"),
+        ({"num_warps": True}, "config's num_warps must be a power of two; found True"),
+    ],
+)
+def test_an_explicit_configs_values_are_checked_before_a_launch(change, message):
+    """They reached the kernel: GROUP_M=-1 wrote out of bounds (the interpreter's process
+    aborted), GROUP_M=0 left rows unwritten, SPLIT_K=0 launched nothing and returned out as
+    it was, a tile of 12 failed inside Triton."""
+    with pytest.raises(ValueError, match=f"^tunebook.kernels.linear: {message}$"):
+        linear(torch.randn(40, 32), torch.randn(48, 32), config=_config(**change))
 
 
 def test_a_bias_or_out_of_the_wrong_kind_is_named():
