@@ -924,6 +924,14 @@ def _call(**changes):  # type: ignore[no-untyped-def]
             r"scale must be a finite number \(or None: head_size \*\* -0.5\); found nan",
         ),
         ({"scale": float("-inf")}, "scale must be a finite number .* found -inf"),
+        # int() took these for a bound without a word
+        (
+            {"max_context_len": "9"},
+            r"max_context_len must be a whole number of at least 0 \(or None: read from the lengths\); "
+            "found a str",
+        ),
+        ({"max_context_len": 9.7}, "max_context_len must be a whole number .* found 9.7"),
+        ({"max_context_len": -3}, "max_context_len must be a whole number .* found -3"),
         # a length one past the table: the bound is the table's tokens, inclusive
         (
             {"context_lens": torch.tensor([3, 33], dtype=torch.int32), "max_context_len": 32},

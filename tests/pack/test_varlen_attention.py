@@ -193,6 +193,14 @@ def _call(**changes):  # type: ignore[no-untyped-def]
         ),
         ({"scale": float("inf")}, "scale must be a finite number .* found inf"),
         ({"scale": "0.1"}, "scale must be a finite number .* found a str"),
+        # a string failed deep in the checks ("'<' not supported between 'str' and 'int'")
+        (
+            {"max_seqlen_q": "3"},
+            r"max_seqlen_q must be a whole number of at least 0 \(or None: read from the lengths\); "
+            "found a str",
+        ),
+        ({"max_seqlen_k": -1}, "max_seqlen_k must be a whole number .* found -1"),
+        ({"max_seqlen_k": True}, "max_seqlen_k must be a whole number .* found True"),
         (
             {
                 "k_cache": torch.zeros(4, PAGE, 2, 64),

@@ -156,6 +156,18 @@ def check_scale(op: str, scale: Any) -> None:
         c.fail(op, f"scale must be a finite number (or None: head_size ** -0.5); found {shown}")
 
 
+def check_length_bound(op: str, name: str, value: Any) -> None:
+    """A caller's bound on lengths (``max_context_len``, ``max_seqlen_q``/``_k``) is None (read
+    from the lengths) or a whole number of at least 0: a string failed deep in the op's
+    checks, and ``int()`` took ``9.7`` or ``-3`` for a bound without a word."""
+    if value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        shown = repr(value) if isinstance(value, numbers.Real) else f"a {type(value).__name__}"
+        what = f"{name} must be a whole number of at least 0 (or None: read from the lengths); found {shown}"
+        c.fail(op, what)
+
+
 def check_offsets(op: str, products: list[tuple[str, str, int, int]]) -> None:
     """:func:`_common.check_offsets` with the attention ops' remedy."""
     c.check_offsets(

@@ -506,6 +506,7 @@ def _paged_attention_decode(
         out=out,
     )  # fmt: skip
     a.check_scale(_OP, scale)
+    a.check_length_bound(_OP, "max_context_len", max_context_len)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     else:

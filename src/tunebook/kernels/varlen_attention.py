@@ -350,6 +350,8 @@ def _varlen_attention(
     if not isinstance(causal, bool):  # a string or a tensor would read as True
         c.fail(_OP, f"causal must be True or False; found {causal!r}")
     a.check_scale(_OP, scale)
+    a.check_length_bound(_OP, "max_seqlen_q", max_seqlen_q)
+    a.check_length_bound(_OP, "max_seqlen_k", max_seqlen_k)
     # The offsets are read (one wait for the GPU) where a max_seqlen is missing, and on the CPU.
     read = max_seqlen_q is None or max_seqlen_k is None or q.device.type == "cpu"
     allocated = out is None
