@@ -391,13 +391,20 @@ def check_device(op: str, device: torch.device, name: str = "the tensors are") -
     )
 
 
-def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
-    """All given tensors are tensors (an ``out=[...]`` was an AttributeError on ``.device``),
-    on one device, and it is one Triton can launch on."""
-    present = {n: t for n, t in tensors.items() if t is not None}
-    for name, t in present.items():
-        if not isinstance(t, torch.Tensor):
+def check_tensors(op: str, **values: Any) -> None:
+    """Each given value is a torch tensor or None; anything else (a list passed as ``out=``)
+    is a TypeError that names it, before any of its attributes is read (that was an
+    AttributeError on ``.device``)."""
+    for name, t in values.items():
+        if t is not None and not isinstance(t, torch.Tensor):
             fail(op, f"{name} must be a torch tensor or None; found {type(t).__name__}", TypeError)
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """All given tensors are tensors (:func:`check_tensors`) on one device, and it is one
+    Triton can launch on."""
+    check_tensors(op, **tensors)
+    present = {n: t for n, t in tensors.items() if t is not None}
     devices = {str(t.device) for t in present.values()}
     if len(devices) > 1:
         found = ", ".join(f"{n} on {t.device}" for n, t in present.items())
@@ -473,14 +480,13 @@ def _rows_meet(a: tuple[int, int, int], b: tuple[int, int, int], delta: int) -> 
 def check_out(
     op: str, name: str, out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, inputs: Mapping[str, Any]
 ) -> None:
-    """``out`` must have the result's shape and dtype, no element written twice
-    (:func:`check_written`) and share no memory with an input.
+    """``out`` (a tensor: every op has run :func:`check_tensors` on it) must have the result's
+    shape and dtype, no element written twice (:func:`check_written`) and share no memory
+    with an input.
 
     In-place updates are refused because tuning reruns the kernel on the call's own
     arguments: an in-place update would be applied once per measurement.
     """
-    if not isinstance(out, torch.Tensor):
-        fail(op, f"{name} must be a torch.Tensor; found {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
         fail(
             op,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import triton
@@ -122,7 +122,7 @@ def _distance(candidate: Mapping[str, Any], wanted: Mapping[str, Any]) -> float:
 
 
 def check_launch_values(
-    op: str, config: Mapping[str, Any], powers_of_two: Iterable[str], counts: Iterable[str]
+    op: str, config: Mapping[str, Any], powers_of_two: Sequence[str], counts: Sequence[str]
 ) -> None:
     """An explicit config's values as a launch takes them: the names in ``powers_of_two``
     (tile sizes, ``num_warps``: Triton's tensors and warp groups) powers of two, those in
@@ -131,14 +131,14 @@ def check_launch_values(
     Unchecked, ``GROUP_M=-1`` wrote out of bounds (a crash on the interpreter, an illegal
     address on a GPU), ``SPLIT_K=0`` launched nothing and returned ``out`` as it was, and a
     tile of 12 failed deep in Triton."""
-    pow2 = set(powers_of_two)
-    for name in [*pow2, *counts]:
+    for name in [*powers_of_two, *counts]:
         if name not in config:
             continue
         value = config[name]
         whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if not whole or value < 1 or (name in pow2 and value & (value - 1)):
-            need = "a power of two" if name in pow2 else "a whole number of at least 1"
+        pow2 = name in powers_of_two
+        if not whole or value < 1 or (pow2 and value & (value - 1)):
+            need = "a power of two" if pow2 else "a whole number of at least 1"
             fail(op, f"config's {name} must be {need}; found {value!r}")
 
 

@@ -58,6 +58,7 @@ from ._common import (
     cdiv,
     check_device,
     check_out,
+    check_tensors,
     fail,
     graph_break,
     max_configs,
@@ -92,6 +93,7 @@ __all__ = [
 ]
 
 MOE_META = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")
+_MOE_POWERS_OF_TWO = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps")
 MAX_ALIGN = 128  # the largest BLOCK_SIZE_M of the Space
 
 
@@ -180,8 +182,7 @@ def vllm_config_to_kernel(config: Mapping[str, Any]) -> tuple[dict[str, int], li
             f"vllm_config_to_kernel: the config lacks {', '.join(missing)} (it names {', '.join(MOE_META)}, "
             f"and num_warps, num_stages or their defaults 4 and 3); found {dict(config)}"
         )
-    blocks = [k for k in MOE_META if k.startswith("BLOCK_SIZE_")]
-    check_launch_values("fused_moe", config, (*blocks, "num_warps"), ("GROUP_SIZE_M",))
+    check_launch_values("fused_moe", config, _MOE_POWERS_OF_TWO, ("GROUP_SIZE_M",))
     out = {k: int(config[k]) for k in MOE_META}
     out["num_warps"] = int(config.get("num_warps", 4))
     out["num_stages"] = int(config.get("num_stages", 3))
@@ -402,8 +403,7 @@ def _check(
     ):
         if not isinstance(t, torch.Tensor):
             fail("fused_moe", f"{name} must be a torch tensor; found {type(t).__name__}", TypeError)
-    if out is not None and not isinstance(out, torch.Tensor):
-        fail("fused_moe", f"out must be a torch tensor or None; found {type(out).__name__}", TypeError)
+    check_tensors("fused_moe", out=out)
     if x.dim() != 2:
         fail("fused_moe", f"x must be [T, H]; found shape {tuple(x.shape)}")
     T, H = x.shape

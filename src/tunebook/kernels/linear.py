@@ -54,6 +54,7 @@ from ._common import (
     cdiv,
     check_device,
     check_out,
+    check_tensors,
     fail,
     graph_break,
     max_configs,
@@ -302,9 +303,7 @@ def _check(x: Any, weight: Any, bias: Any, out: Any, fp32_precision: str, config
         )
     if weight.dim() != 2:
         fail("linear", f"weight must be [N, K] (2-D); found shape {tuple(weight.shape)}")
-    for name, t in (("bias", bias), ("out", out)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            fail("linear", f"{name} must be a torch tensor or None; found {type(t).__name__}", TypeError)
+    check_tensors("linear", bias=bias, out=out)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         fail(
             "linear",
